@@ -1,0 +1,18 @@
+//! `rewind-core`: everything Rewind does except drawing it.
+//!
+//! libvirt access ([`libvirt`]), the description of VMs ([`vm`]), and the [`engine`] that
+//! front ends drive with commands and that answers with events. This crate never depends on
+//! a GUI toolkit; the window, the tray and the CLI in the `rewind` crate are thin layers
+//! over it.
+
+pub mod engine;
+pub mod error;
+pub mod libvirt;
+pub mod qcow2;
+pub mod units;
+pub mod vm;
+
+pub use error::{Error, Result};
+
+/// The version of this build, recorded in everything Rewind writes.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
