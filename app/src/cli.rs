@@ -1,0 +1,201 @@
+//! The command line: argument parsing and the text/JSON front end over `rewind-core`.
+
+use std::io::Write;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use rewind_core::libvirt::{DEFAULT_URI, Hypervisor};
+use rewind_core::units::human_bytes;
+use rewind_core::vm::{Disk, Firmware, VmInfo};
+
+/// Checkpoints and one-click restore for the virtual machines of your workstation.
+///
+/// Without a command, opens the Rewind window.
+#[derive(Debug, Parser)]
+#[command(name = "rewind", version, about, long_about = None)]
+pub struct Args {
+    /// libvirt connection URI, e.g. `qemu:///system` or `qemu+ssh://user@host/system`
+    /// [default: `qemu:///system`]
+    #[arg(
+        long,
+        short = 'c',
+        global = true,
+        value_name = "URI",
+        env = "LIBVIRT_DEFAULT_URI"
+    )]
+    pub connect: Option<String>,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+impl Args {
+    /// The libvirt URI to use.
+    pub fn uri(&self) -> String {
+        self.connect
+            .clone()
+            .filter(|u| !u.trim().is_empty())
+            .unwrap_or_else(|| DEFAULT_URI.to_owned())
+    }
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List the virtual machines with their state, disks, firmware and TPM
+    Vms {
+        /// Print JSON (the format is documented in app/CLI.md) instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs a subcommand, writing its output to `out`.
+pub fn run(args: &Args, command: &Command, out: &mut dyn Write) -> anyhow::Result<()> {
+    match command {
+        Command::Vms { json } => {
+            let hv = Hypervisor::connect(&args.uri())?;
+            let vms = hv.list_vms()?;
+            if *json {
+                serde_json::to_writer_pretty(&mut *out, &vms).context("could not write JSON")?;
+                writeln!(out)?;
+            } else {
+                write_vm_table(out, hv.uri(), &vms)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// How a column of the `rewind vms` table gets a VM's cell.
+type Cell = fn(&VmInfo) -> String;
+
+/// The `rewind vms` table's columns: title, and how to get a VM's cell.
+const COLUMNS: [(&str, Cell); 5] = [
+    ("NAME", |v| v.name.clone()),
+    ("STATE", |v| v.state.label().to_owned()),
+    ("vCPUS", |v| v.vcpus.to_string()),
+    ("MEMORY", |v| human_bytes(v.memory_bytes)),
+    ("FIRMWARE", firmware_label),
+];
+
+/// The `rewind vms` table: one row per VM, then one indented line per disk.
+fn write_vm_table(out: &mut dyn Write, uri: &str, vms: &[VmInfo]) -> std::io::Result<()> {
+    if vms.is_empty() {
+        writeln!(
+            out,
+            "No virtual machines on {uri}. Create one with virt-manager or virt-install, \
+             or connect elsewhere with --connect URI."
+        )?;
+        return Ok(());
+    }
+    let widths: Vec<usize> = COLUMNS
+        .iter()
+        .map(|(title, cell)| {
+            vms.iter()
+                .map(|v| cell(v).chars().count())
+                .chain([title.chars().count()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let row = |out: &mut dyn Write, cells: &[String]| -> std::io::Result<()> {
+        let mut line = String::new();
+        for (cell, w) in cells.iter().zip(&widths) {
+            line.push_str(cell);
+            line.extend(std::iter::repeat_n(
+                ' ',
+                w.saturating_sub(cell.chars().count()) + 2,
+            ));
+        }
+        writeln!(out, "{}", line.trim_end())
+    };
+    row(
+        out,
+        &COLUMNS
+            .iter()
+            .map(|(t, _)| (*t).to_owned())
+            .collect::<Vec<_>>(),
+    )?;
+    for vm in vms {
+        row(out, &COLUMNS.iter().map(|(_, f)| f(vm)).collect::<Vec<_>>())?;
+        for disk in &vm.disks {
+            writeln!(out, "    {}", disk_line(disk))?;
+        }
+    }
+    Ok(())
+}
+
+fn firmware_label(vm: &VmInfo) -> String {
+    let mut label = match &vm.firmware {
+        Firmware::Bios => "BIOS".to_owned(),
+        Firmware::Uefi { secure_boot, .. } if *secure_boot => "UEFI (Secure Boot)".to_owned(),
+        Firmware::Uefi { .. } => "UEFI".to_owned(),
+    };
+    if let Some(tpm) = &vm.tpm {
+        label.push_str(" + TPM");
+        if let Some(v) = &tpm.version {
+            label.push(' ');
+            label.push_str(v);
+        }
+    }
+    label
+}
+
+fn disk_line(disk: &Disk) -> String {
+    let mut parts = vec![disk.target.clone()];
+    parts.push(disk.format.clone().unwrap_or_else(|| "?".into()));
+    if let Some(size) = disk.virtual_size_bytes {
+        parts.push(human_bytes(size));
+    }
+    match disk.path() {
+        Some(path) => parts.push(path.display().to_string()),
+        None => parts.push(format!("{:?}", disk.source).to_lowercase()),
+    }
+    if let Err(why) = disk.protectable() {
+        parts.push(format!("(not protected: {why})"));
+    } else if !disk.backing_chain.is_empty() {
+        parts.push(format!("(backed by {} image(s))", disk.backing_chain.len()));
+    }
+    parts.join("  ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn vms_table_of_test_driver() {
+        let args = Args::parse_from(["rewind", "--connect", "test:///default", "vms"]);
+        let mut out = Vec::new();
+        run(&args, args.command.as_ref().unwrap(), &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let mut lines = text.lines();
+        let header = lines.next().unwrap();
+        assert!(
+            header.starts_with("NAME") && header.contains("STATE"),
+            "{text}"
+        );
+        let row = lines.next().unwrap();
+        assert!(
+            row.starts_with("test ") && row.contains("running"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn vms_json_of_test_driver() {
+        let args = Args::parse_from(["rewind", "-c", "test:///default", "vms", "--json"]);
+        let mut out = Vec::new();
+        run(&args, args.command.as_ref().unwrap(), &mut out).unwrap();
+        let vms: Vec<VmInfo> = serde_json::from_slice(&out).unwrap();
+        assert_eq!(vms.len(), 1);
+        assert_eq!(vms[0].name, "test");
+    }
+}

@@ -1,0 +1,27 @@
+//! `rewind`: the desktop window, the tray icon and the command line, thin layers over
+//! `rewind-core`.
+
+#![forbid(unsafe_code)]
+
+mod cli;
+mod gui;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let args = cli::Args::parse();
+    let result = match &args.command {
+        Some(command) => cli::run(&args, command, &mut std::io::stdout().lock()),
+        None => gui::run(args.uri()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line, `error:` first, the whole cause chain (what failed and what to do).
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
