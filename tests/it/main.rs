@@ -1,0 +1,9 @@
+//! Integration tests: real libvirt daemon, real QEMU guests under TCG, the real `rewind`
+//! binary and a real X server. One test binary, so the tiny guest is built once and at most
+//! two guests run at a time (see `rewind_tests::domain`).
+
+mod cli;
+mod events;
+mod gui;
+mod rewind;
+mod vms;

@@ -1,0 +1,85 @@
+//! Fails (exit 1) if the test suite left anything behind: libvirt domains made by the
+//! harness or using scratch files, scratch folders, or processes using scratch files.
+//! Whatever it finds it also removes, so the next run starts clean.
+//!
+//! `./x test` runs it after `cargo test`.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use rewind_tests::{daemon, domain, scratch};
+
+fn main() -> ExitCode {
+    let root = scratch::root();
+    let mut leaks = Vec::new();
+
+    if Path::new(daemon::LIBVIRT_SOCKET).exists() {
+        match domain::connect() {
+            Ok(conn) => {
+                for dom in conn.list_all_domains(0).unwrap_or_default() {
+                    if domain::marker_pid(&dom).is_some() || domain::uses_files_under(&dom, &root) {
+                        let name = dom.name().unwrap_or_default();
+                        leaks.push(format!("libvirt domain {name:?}"));
+                        if let Err(e) = domain::remove_domain(&dom) {
+                            eprintln!("leak-check: could not remove domain {name:?}: {e}");
+                        }
+                    }
+                }
+            }
+            Err(e) => eprintln!("leak-check: cannot list domains: {e}"),
+        }
+    }
+
+    for pid in processes_using(&root) {
+        leaks.push(format!(
+            "process {pid} ({})",
+            cmdline(pid).chars().take(120).collect::<String>()
+        ));
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status();
+    }
+
+    if let Ok(entries) = std::fs::read_dir(&root) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue; // lock files
+            }
+            leaks.push(format!("scratch path {}", entry.path().display()));
+            let _ = std::fs::remove_dir_all(entry.path())
+                .or_else(|_| std::fs::remove_file(entry.path()));
+        }
+    }
+
+    if leaks.is_empty() {
+        println!("leak-check: no test VMs, scratch files or processes left behind");
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("leak-check: the tests left these behind (now removed):");
+        for leak in &leaks {
+            eprintln!("  - {leak}");
+        }
+        ExitCode::FAILURE
+    }
+}
+
+fn cmdline(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+        .unwrap_or_default()
+}
+
+fn processes_using(root: &Path) -> Vec<u32> {
+    let me = std::process::id();
+    let root = root.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|&pid| pid != me && cmdline(pid).contains(&root))
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -1,0 +1,611 @@
+//! Test VMs: defined from the tiny guest, cleaned up on drop and on panic.
+//!
+//! Every domain the harness defines carries a `<rwt:harness pid=...>` element in its
+//! `<metadata>`. [`sweep_stale`] removes domains whose test process has died (a test killed
+//! with SIGKILL cannot run its destructors); the `leak-check` binary fails the suite if any
+//! marked domain, or any domain using files under the scratch root, is left after it.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use virt::connect::Connect;
+use virt::domain::Domain;
+use virt::sys;
+
+use crate::daemon::URI;
+use crate::scratch::{ScratchDir, pid_alive};
+use crate::{HarnessError, guest_image};
+
+/// XML namespace of the harness marker.
+pub const MARKER_NS: &str = "https://rewind.invalid/test-harness/1";
+
+/// How many guests may run at once: TCG guests each keep a core busy while booting.
+const MAX_RUNNING_GUESTS: usize = 2;
+
+/// Disk image format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Raw file.
+    Raw,
+    /// qcow2 (needed for dirty bitmaps).
+    Qcow2,
+}
+
+impl Format {
+    /// The name libvirt and qemu-img use.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Raw => "raw",
+            Self::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// A disk to create for a test VM.
+#[derive(Debug, Clone)]
+pub struct DiskSpec {
+    /// Target device (`vda`, `vdb`, ...).
+    pub target: String,
+    /// Image format.
+    pub format: Format,
+    /// Virtual size.
+    pub size_bytes: u64,
+    /// Put a qcow2 base image under it (the disk then has a one-image backing chain).
+    pub with_backing_file: bool,
+}
+
+impl DiskSpec {
+    /// A disk of `size_bytes` at `target`.
+    #[must_use]
+    pub fn new(target: &str, format: Format, size_bytes: u64) -> Self {
+        Self {
+            target: target.to_owned(),
+            format,
+            size_bytes,
+            with_backing_file: false,
+        }
+    }
+
+    /// The disk gets a qcow2 base image (only with [`Format::Qcow2`]).
+    #[must_use]
+    pub fn with_backing_file(mut self) -> Self {
+        self.with_backing_file = true;
+        self
+    }
+}
+
+/// Builder for a [`TestVm`].
+#[derive(Debug, Clone)]
+pub struct TestVmBuilder {
+    label: String,
+    name: Option<String>,
+    uefi: bool,
+    tpm: bool,
+    agent_channel: bool,
+    memory_mib: u32,
+    workload: String,
+    disks: Vec<DiskSpec>,
+}
+
+impl TestVmBuilder {
+    /// The exact domain name (default: `rwt-<pid>-<n>-<label>`). Must be unique on the host.
+    #[must_use]
+    pub fn name(mut self, name: &str) -> Self {
+        self.name = Some(name.to_owned());
+        self
+    }
+
+    /// Boot with UEFI (OVMF, q35, SMM) instead of BIOS.
+    #[must_use]
+    pub fn uefi(mut self) -> Self {
+        self.uefi = true;
+        self
+    }
+
+    /// Add an emulated TPM 2.0 (swtpm), like a Windows 11 VM.
+    #[must_use]
+    pub fn tpm(mut self) -> Self {
+        self.tpm = true;
+        self
+    }
+
+    /// Add a QEMU guest agent channel.
+    #[must_use]
+    pub fn agent_channel(mut self) -> Self {
+        self.agent_channel = true;
+        self
+    }
+
+    /// Guest memory.
+    #[must_use]
+    pub fn memory_mib(mut self, mib: u32) -> Self {
+        self.memory_mib = mib;
+        self
+    }
+
+    /// The workload the guest runs on its first disk (see `guest.rs`).
+    #[must_use]
+    pub fn workload(mut self, workload: &str) -> Self {
+        workload.clone_into(&mut self.workload);
+        self
+    }
+
+    /// Replaces the default disk (`vda`, raw, 64 MiB) with these.
+    #[must_use]
+    pub fn disks(mut self, disks: Vec<DiskSpec>) -> Self {
+        self.disks = disks;
+        self
+    }
+
+    /// Creates the disks and defines the domain (not started).
+    pub fn define(self) -> Result<TestVm, HarnessError> {
+        crate::setup()?;
+        let dir = ScratchDir::new(&self.label)?;
+        let image = guest_image()?;
+        let kernel = dir.path().join("vmlinuz");
+        let initrd = dir.path().join("initrd.img");
+        // Per-VM copies: libvirt relabels kernel and initrd while a VM runs.
+        copy(&image.kernel, &kernel)?;
+        copy(&image.initrd, &initrd)?;
+        let mut disks = Vec::new();
+        for spec in &self.disks {
+            disks.push(create_disk(dir.path(), spec)?);
+        }
+        let console = dir.path().join("console.log");
+        let name = self.name.clone().unwrap_or_else(|| {
+            let slug = dir.path().file_name().unwrap_or_default().to_string_lossy();
+            format!("rwt-{slug}")
+        });
+        let xml = domain_xml(&self, &name, &kernel, &initrd, &console, &disks);
+        let conn = connect()?;
+        let dom = conn
+            .define_domain_xml(&xml)
+            .map_err(|e| HarnessError(format!("could not define test VM {name:?}: {e}\n{xml}")))?;
+        let uuid = dom.uuid_string().map_err(HarnessError::libvirt)?;
+        Ok(TestVm {
+            dom,
+            conn,
+            name,
+            uuid,
+            console,
+            disks,
+            slot: None,
+            dir,
+        })
+    }
+}
+
+/// A disk created for a test VM.
+#[derive(Debug, Clone)]
+pub struct TestDisk {
+    /// Target device.
+    pub target: String,
+    /// Format.
+    pub format: Format,
+    /// The image file.
+    pub path: PathBuf,
+    /// Virtual size.
+    pub size_bytes: u64,
+    /// Its backing image, if any.
+    pub backing: Option<PathBuf>,
+}
+
+/// A defined test VM; destroyed, undefined (with NVRAM, TPM state, checkpoints) and its
+/// files removed when dropped, also when the test panics.
+#[derive(Debug)]
+pub struct TestVm {
+    dom: Domain,
+    conn: Connect,
+    /// The domain name.
+    pub name: String,
+    /// The domain UUID.
+    pub uuid: String,
+    console: PathBuf,
+    /// Its disks.
+    pub disks: Vec<TestDisk>,
+    slot: Option<GuestSlot>,
+    // Dropped last: the folder goes after the domain.
+    dir: ScratchDir,
+}
+
+impl TestVm {
+    /// Starts describing a VM; `label` names its scratch folder.
+    #[must_use]
+    pub fn builder(label: &str) -> TestVmBuilder {
+        TestVmBuilder {
+            label: label.to_owned(),
+            name: None,
+            uefi: false,
+            tpm: false,
+            agent_channel: false,
+            memory_mib: 192,
+            workload: "idle".into(),
+            disks: vec![DiskSpec::new("vda", Format::Raw, 64 << 20)],
+        }
+    }
+
+    /// The libvirt domain.
+    #[must_use]
+    pub fn domain(&self) -> &Domain {
+        &self.dom
+    }
+
+    /// The VM's scratch folder.
+    #[must_use]
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The disk with this target.
+    #[must_use]
+    pub fn disk(&self, target: &str) -> &TestDisk {
+        self.disks
+            .iter()
+            .find(|d| d.target == target)
+            .unwrap_or_else(|| panic!("test VM {:?} has no disk {target}", self.name))
+    }
+
+    /// Starts the VM (waiting for a free guest slot first).
+    pub fn start(&mut self) -> Result<(), HarnessError> {
+        if self.slot.is_none() {
+            self.slot = Some(GuestSlot::acquire());
+        }
+        self.dom
+            .create()
+            .map_err(|e| HarnessError(format!("could not start test VM {:?}: {e}", self.name)))?;
+        Ok(())
+    }
+
+    /// Starts the VM and waits until the guest says it is ready.
+    pub fn start_and_wait_ready(&mut self, timeout: Duration) -> Result<(), HarnessError> {
+        self.start()?;
+        self.wait_console("REWIND-GUEST READY", timeout)
+    }
+
+    /// Stops the VM at once (like pulling the plug).
+    pub fn destroy(&mut self) -> Result<(), HarnessError> {
+        if self.dom.is_active().unwrap_or(false) {
+            self.dom.destroy().map_err(HarnessError::libvirt)?;
+        }
+        self.slot = None;
+        Ok(())
+    }
+
+    /// Everything the guest printed on its serial console so far.
+    #[must_use]
+    pub fn console(&self) -> String {
+        std::fs::read(&self.console)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Waits until the console contains `needle`.
+    pub fn wait_console(&self, needle: &str, timeout: Duration) -> Result<(), HarnessError> {
+        self.wait_console_until(timeout, |c| c.contains(needle))
+            .map_err(|tail| {
+                HarnessError(format!(
+                    "test VM {:?} did not print {needle:?} within {timeout:?}; console ends with:\n{tail}",
+                    self.name
+                ))
+            })
+    }
+
+    /// Waits until `done(console)` holds; on timeout returns the console's last lines.
+    pub fn wait_console_until(
+        &self,
+        timeout: Duration,
+        done: impl Fn(&str) -> bool,
+    ) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let console = self.console();
+            if done(&console) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                let lines: Vec<&str> = console.lines().collect();
+                return Err(lines[lines.len().saturating_sub(15)..].join("\n"));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The highest `i` of the `RWSEQ <i> flushed` lines on the console.
+    #[must_use]
+    pub fn last_flushed_record(&self) -> u64 {
+        self.console()
+            .lines()
+            .filter_map(|l| {
+                let rest = l.trim().strip_prefix("RWSEQ ")?;
+                let (i, tail) = rest.split_once(' ')?;
+                (tail.trim() == "flushed")
+                    .then(|| i.parse::<u64>().ok())
+                    .flatten()
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Writes `len` bytes of `byte` at `offset` of disk `target` through QEMU's block layer
+    /// (HMP `qemu-io`), so dirty bitmaps see the write exactly like a guest write.
+    pub fn host_write(
+        &self,
+        target: &str,
+        byte: u8,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), HarnessError> {
+        let alias = self.disk_alias(target)?;
+        let cmd = format!(
+            "qemu-io -d /machine/peripheral/{alias}/virtio-backend \"write -P 0x{byte:02x} {offset} {len}\""
+        );
+        let out = self
+            .dom
+            .qemu_monitor_command(&cmd, sys::VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+            .map_err(HarnessError::libvirt)?;
+        if !out.contains("wrote") {
+            return Err(HarnessError(format!("qemu-io write failed: {out}")));
+        }
+        Ok(())
+    }
+
+    /// The device alias QEMU knows disk `target` by (from the live XML).
+    fn disk_alias(&self, target: &str) -> Result<String, HarnessError> {
+        let xml = self.dom.xml_desc(0).map_err(HarnessError::libvirt)?;
+        let doc = roxml(&xml)?;
+        doc.descendants()
+            .filter(|n| n.has_tag_name("disk"))
+            .find(|d| {
+                d.children()
+                    .any(|c| c.has_tag_name("target") && c.attribute("dev") == Some(target))
+            })
+            .and_then(|d| d.children().find(|c| c.has_tag_name("alias")))
+            .and_then(|a| a.attribute("name"))
+            .map(str::to_owned)
+            .ok_or_else(|| HarnessError(format!("no alias for disk {target}: is the VM running?")))
+    }
+}
+
+impl Drop for TestVm {
+    fn drop(&mut self) {
+        if let Err(e) = remove_domain(&self.dom) {
+            eprintln!("warning: cleaning up test VM {:?}: {e}", self.name);
+        }
+        let _ = &self.conn;
+        self.slot = None;
+    }
+}
+
+fn roxml(xml: &str) -> Result<roxmltree::Document<'_>, HarnessError> {
+    roxmltree::Document::parse(xml).map_err(|e| HarnessError(format!("bad XML from libvirt: {e}")))
+}
+
+/// Opens the test URI.
+pub fn connect() -> Result<Connect, HarnessError> {
+    Connect::open(Some(URI)).map_err(HarnessError::libvirt)
+}
+
+/// Destroys and undefines a domain with everything libvirt keeps for it.
+pub fn remove_domain(dom: &Domain) -> Result<(), HarnessError> {
+    if dom.is_active().unwrap_or(false) {
+        let _ = dom.destroy();
+    }
+    // Checkpoints and snapshots would block undefine; drop their metadata, NVRAM and TPM state.
+    let flags = sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+        | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+        | sys::VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+        | sys::VIR_DOMAIN_UNDEFINE_NVRAM
+        | sys::VIR_DOMAIN_UNDEFINE_TPM;
+    match dom.undefine_flags(flags) {
+        Ok(()) => Ok(()),
+        // Transient or already gone.
+        Err(_) if !dom.is_persistent().unwrap_or(false) => Ok(()),
+        Err(e) => Err(HarnessError::libvirt(e)),
+    }
+}
+
+/// The harness marker's `pid` on a domain, if it carries one.
+#[must_use]
+pub fn marker_pid(dom: &Domain) -> Option<u32> {
+    let xml = dom
+        .metadata(
+            sys::VIR_DOMAIN_METADATA_ELEMENT.cast_signed(),
+            Some(MARKER_NS),
+            0,
+        )
+        .ok()?;
+    let doc = roxmltree::Document::parse(&xml).ok()?;
+    doc.root_element().attribute("pid")?.parse().ok()
+}
+
+/// Whether a domain's XML references a file under `root` (a domain made by a test through
+/// Rewind itself, e.g. a restore as a new VM, carries no marker but uses scratch files).
+#[must_use]
+pub fn uses_files_under(dom: &Domain, root: &Path) -> bool {
+    let root = root.to_string_lossy();
+    dom.xml_desc(sys::VIR_DOMAIN_XML_INACTIVE)
+        .is_ok_and(|xml| xml.contains(root.as_ref()))
+}
+
+/// Removes domains left by test processes that no longer run.
+#[must_use]
+pub fn sweep_stale(conn: &Connect) -> Vec<String> {
+    let mut removed = Vec::new();
+    for dom in conn.list_all_domains(0).unwrap_or_default() {
+        let Some(pid) = marker_pid(&dom) else {
+            continue;
+        };
+        if pid_alive(pid) {
+            continue;
+        }
+        let name = dom.name().unwrap_or_default();
+        if remove_domain(&dom).is_ok() {
+            removed.push(name);
+        }
+    }
+    removed
+}
+
+fn copy(from: &Path, to: &Path) -> Result<(), HarnessError> {
+    std::fs::copy(from, to).map_err(|e| HarnessError::io("copy", from, &e))?;
+    Ok(())
+}
+
+fn create_disk(dir: &Path, spec: &DiskSpec) -> Result<TestDisk, HarnessError> {
+    let path = dir.join(format!("{}.{}", spec.target, spec.format.name()));
+    let mut backing = None;
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(["create", "-q", "-f", spec.format.name()]);
+    if spec.with_backing_file {
+        assert_eq!(
+            spec.format,
+            Format::Qcow2,
+            "only qcow2 disks can have a backing file"
+        );
+        let base = dir.join(format!("{}-base.qcow2", spec.target));
+        run(Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&base)
+            .arg(spec.size_bytes.to_string()))?;
+        cmd.arg("-b").arg(&base).args(["-F", "qcow2"]);
+        backing = Some(base);
+    }
+    cmd.arg(&path).arg(spec.size_bytes.to_string());
+    run(&mut cmd)?;
+    Ok(TestDisk {
+        target: spec.target.clone(),
+        format: spec.format,
+        path,
+        size_bytes: spec.size_bytes,
+        backing,
+    })
+}
+
+fn run(cmd: &mut Command) -> Result<(), HarnessError> {
+    let out = cmd
+        .output()
+        .map_err(|e| HarnessError(format!("could not run {cmd:?}: {e}")))?;
+    if !out.status.success() {
+        return Err(HarnessError(format!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    Ok(())
+}
+
+/// Escapes text for XML content and attribute values.
+#[must_use]
+pub fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&apos;")
+}
+
+fn domain_xml(
+    b: &TestVmBuilder,
+    name: &str,
+    kernel: &Path,
+    initrd: &Path,
+    console: &Path,
+    disks: &[TestDisk],
+) -> String {
+    let e = |p: &Path| xml_escape(&p.to_string_lossy());
+    let (os_attr, machine, features) = if b.uefi {
+        (" firmware='efi'", "q35", "<acpi/><smm state='on'/>")
+    } else {
+        ("", "pc", "<acpi/>")
+    };
+    let first_disk = disks.first().map_or("vda", |d| d.target.as_str());
+    let mut devices = String::new();
+    for d in disks {
+        let _ = writeln!(
+            devices,
+            "<disk type='file' device='disk'><driver name='qemu' type='{}'/>\
+             <source file='{}'/><target dev='{}' bus='virtio'/></disk>",
+            d.format.name(),
+            e(&d.path),
+            d.target
+        );
+    }
+    let _ = writeln!(
+        devices,
+        "<serial type='file'><source path='{}'/><target port='0'/></serial>",
+        e(console)
+    );
+    if b.agent_channel {
+        devices.push_str(
+            "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>\n",
+        );
+    }
+    if b.tpm {
+        devices.push_str("<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>\n");
+    }
+    format!(
+        "<domain type='qemu'>
+  <name>{name}</name>
+  <metadata><rwt:harness xmlns:rwt='{MARKER_NS}' pid='{pid}'/></metadata>
+  <memory unit='MiB'>{mem}</memory>
+  <vcpu>1</vcpu>
+  <os{os_attr}>
+    <type arch='x86_64' machine='{machine}'>hvm</type>
+    <kernel>{kernel}</kernel>
+    <initrd>{initrd}</initrd>
+    <cmdline>console=ttyS0 panic=-1 rw.workload={workload} rw.disk={first_disk}</cmdline>
+  </os>
+  <features>{features}</features>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>restart</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    {devices}
+    <memballoon model='none'/>
+  </devices>
+</domain>",
+        name = xml_escape(name),
+        pid = std::process::id(),
+        mem = b.memory_mib,
+        kernel = e(kernel),
+        initrd = e(initrd),
+        workload = xml_escape(&b.workload),
+    )
+}
+
+/// A permit to run one guest; at most [`MAX_RUNNING_GUESTS`] exist per process.
+#[derive(Debug)]
+struct GuestSlot;
+
+static RUNNING: Mutex<usize> = Mutex::new(0);
+static FREED: Condvar = Condvar::new();
+
+impl GuestSlot {
+    fn acquire() -> Self {
+        let mut running = RUNNING
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        while *running >= MAX_RUNNING_GUESTS {
+            running = FREED
+                .wait(running)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        *running += 1;
+        GuestSlot
+    }
+}
+
+impl Drop for GuestSlot {
+    fn drop(&mut self) {
+        let mut running = RUNNING
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *running -= 1;
+        FREED.notify_one();
+    }
+}

@@ -1,0 +1,38 @@
+//! Running the real `rewind` binary.
+//!
+//! The integration tests belong to the `rewind` package, so cargo builds the binary before
+//! them and passes its path as `env!("CARGO_BIN_EXE_rewind")`; they hand that path in here.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+/// A `rewind` command with a clean environment for libvirt.
+#[must_use]
+pub fn command(binary: &Path) -> Command {
+    let mut cmd = Command::new(binary);
+    cmd.env_remove("LIBVIRT_DEFAULT_URI");
+    cmd
+}
+
+/// Runs `rewind ARGS...` to completion.
+#[must_use]
+pub fn run(binary: &Path, args: &[&str]) -> Output {
+    command(binary)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("could not run {}: {e}", binary.display()))
+}
+
+/// Runs `rewind ARGS...`, asserts success and returns stdout.
+#[must_use]
+pub fn run_ok(binary: &Path, args: &[&str]) -> String {
+    let out = run(binary, args);
+    assert!(
+        out.status.success(),
+        "rewind {args:?} failed with {}:\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("rewind prints UTF-8")
+}
