@@ -1,6 +1,7 @@
 //! `rewind-core`: everything Rewind does except drawing it.
 //!
-//! libvirt access ([`libvirt`]), the description of VMs ([`vm`]), and the [`engine`] that
+//! libvirt access ([`libvirt`]), the description of VMs ([`vm`]), the backup [`store`], and
+//! the [`engine`] that
 //! front ends drive with commands and that answers with events. This crate never depends on
 //! a GUI toolkit; the window, the tray and the CLI in the `rewind` crate are thin layers
 //! over it.
@@ -8,7 +9,9 @@
 pub mod engine;
 pub mod error;
 pub mod libvirt;
+pub mod progress;
 pub mod qcow2;
+pub mod store;
 pub mod units;
 pub mod vm;
 

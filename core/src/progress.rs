@@ -1,0 +1,89 @@
+//! Progress and cancellation, passed into every long loop.
+//!
+//! A [`Control`] is shared (in an `Arc`) between the caller that may cancel and watch, and
+//! the loop that does the work. The loop calls [`Control::check`] at each step and adds to
+//! the progress counters; the UI reads them whenever it repaints. Nothing blocks.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// Cancellation flag and progress counters of one job.
+#[derive(Debug, Default)]
+pub struct Control {
+    cancelled: AtomicBool,
+    done_bytes: AtomicU64,
+    total_bytes: AtomicU64,
+}
+
+/// The job was cancelled by its caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("cancelled")]
+pub struct Cancelled;
+
+impl Control {
+    /// A fresh control: not cancelled, no progress.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Asks the job to stop at its next check.
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`Control::cancel`] was called.
+    #[must_use]
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Relaxed)
+    }
+
+    /// `Err(Cancelled)` once the job has been cancelled.
+    pub fn check(&self) -> Result<(), Cancelled> {
+        if self.is_cancelled() {
+            Err(Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Sets how many bytes the job will process in all.
+    pub fn set_total_bytes(&self, total_bytes: u64) {
+        self.total_bytes.store(total_bytes, Ordering::Relaxed);
+    }
+
+    /// Adds to the total (for jobs that discover their work as they go).
+    pub fn add_total_bytes(&self, bytes: u64) {
+        self.total_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Records that `bytes` more have been processed.
+    pub fn add_done_bytes(&self, bytes: u64) {
+        self.done_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// `(done_bytes, total_bytes)` so far.
+    #[must_use]
+    pub fn progress_bytes(&self) -> (u64, u64) {
+        (
+            self.done_bytes.load(Ordering::Relaxed),
+            self.total_bytes.load(Ordering::Relaxed),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cancel_and_progress() {
+        let c = Control::new();
+        assert_eq!(c.check(), Ok(()));
+        c.set_total_bytes(10);
+        c.add_done_bytes(4);
+        c.add_total_bytes(5);
+        assert_eq!(c.progress_bytes(), (4, 15));
+        c.cancel();
+        assert_eq!(c.check(), Err(Cancelled));
+    }
+}

@@ -1,0 +1,105 @@
+//! `rewind-store.json`: what a store is (format version, id, chunk size, encryption).
+
+use std::path::Path;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::crypto::EncryptionConfig;
+use super::error::StoreError;
+
+/// Name of the file that marks a folder as a store.
+pub const CONFIG_FILE: &str = "rewind-store.json";
+/// The value of the `format` field.
+pub const FORMAT_NAME: &str = "rewind-store";
+/// The store format version this build writes and the highest it reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// Default chunk size, chosen by measurement (see `core/BENCHMARKS.md`).
+pub const DEFAULT_CHUNK_SIZE_BYTES: u32 = 1 << 20;
+/// Smallest and largest chunk sizes a store may use.
+pub const CHUNK_SIZE_RANGE_BYTES: (u32, u32) = (64 << 10, 16 << 20);
+
+/// The contents of `rewind-store.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreConfig {
+    /// Always [`FORMAT_NAME`].
+    pub format: String,
+    /// Format version ([`FORMAT_VERSION`] for stores this build creates).
+    pub version: u32,
+    /// The store's identity: a destination is recognised by it, not by its mount path.
+    pub id: Uuid,
+    /// When the store was created.
+    pub created: DateTime<Utc>,
+    /// Disks are cut into chunks of this size, aligned to disk offsets.
+    pub chunk_size_bytes: u32,
+    /// Present when the store is encrypted.
+    pub encryption: Option<EncryptionConfig>,
+}
+
+/// Just enough of the file to check the version before trusting the rest.
+#[derive(Deserialize)]
+struct Probe {
+    format: String,
+    version: u32,
+}
+
+impl StoreConfig {
+    /// Reads and checks the config of the store at `root`.
+    pub fn read(root: &Path) -> Result<Self, StoreError> {
+        let path = root.join(CONFIG_FILE);
+        if !root.exists() {
+            return Err(StoreError::Missing {
+                path: root.to_path_buf(),
+            });
+        }
+        if !path.exists() {
+            return Err(StoreError::NotAStore {
+                path: root.to_path_buf(),
+            });
+        }
+        let bytes = super::fsutil::read_bounded(&path, 64 << 10, root)?;
+        let damaged = |detail: String| StoreError::Damaged {
+            path: path.clone(),
+            detail,
+            store: root.to_path_buf(),
+        };
+        let probe: Probe = serde_json::from_slice(&bytes).map_err(|e| damaged(e.to_string()))?;
+        if probe.format != FORMAT_NAME {
+            return Err(damaged(format!(
+                "its format is {:?}, not {FORMAT_NAME:?}",
+                probe.format
+            )));
+        }
+        if probe.version > FORMAT_VERSION {
+            return Err(StoreError::NewerFormat {
+                path: root.to_path_buf(),
+                found: probe.version,
+                supported: FORMAT_VERSION,
+            });
+        }
+        if probe.version == 0 {
+            return Err(damaged("its version is 0".into()));
+        }
+        let config: StoreConfig =
+            serde_json::from_slice(&bytes).map_err(|e| damaged(e.to_string()))?;
+        let (min, max) = CHUNK_SIZE_RANGE_BYTES;
+        if !config.chunk_size_bytes.is_power_of_two()
+            || !(min..=max).contains(&config.chunk_size_bytes)
+        {
+            return Err(damaged(format!(
+                "chunk size {} is not a power of two between {min} and {max}",
+                config.chunk_size_bytes
+            )));
+        }
+        Ok(config)
+    }
+
+    /// The JSON written to disk.
+    #[must_use]
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut out = serde_json::to_vec_pretty(self).expect("config serialises");
+        out.push(b'\n');
+        out
+    }
+}

@@ -1,0 +1,238 @@
+//! Errors of the backup store. Each names the file or folder concerned and what to do.
+
+use std::io;
+use std::path::PathBuf;
+
+use super::chunk::ChunkProblem;
+
+/// Everything that can go wrong with a store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The folder does not exist (drive not plugged in, typo).
+    #[error(
+        "no backup store at {path}: the folder does not exist. Check that the drive is \
+         plugged in and mounted, or create a store there with `rewind init {path}`",
+        path = path.display()
+    )]
+    Missing {
+        /// The folder that was given.
+        path: PathBuf,
+    },
+
+    /// The folder exists but holds no store.
+    #[error(
+        "{path} is not a Rewind store (it has no rewind-store.json). Choose the folder that \
+         holds rewind-store.json, or create a store with `rewind init {path}`",
+        path = path.display()
+    )]
+    NotAStore {
+        /// The folder that was given.
+        path: PathBuf,
+    },
+
+    /// `init` into a folder that holds other files.
+    #[error(
+        "cannot create a store in {path}: the folder is not empty. Choose a new or empty \
+         folder, such as {suggestion}",
+        path = path.display(),
+        suggestion = suggestion.display()
+    )]
+    NotEmpty {
+        /// The folder that was given.
+        path: PathBuf,
+        /// A new folder inside it that would do.
+        suggestion: PathBuf,
+    },
+
+    /// `init` where a store already is.
+    #[error("{path} already holds a Rewind store; use it as it is", path = path.display())]
+    AlreadyExists {
+        /// The store's folder.
+        path: PathBuf,
+    },
+
+    /// Written by a newer Rewind.
+    #[error(
+        "the store at {path} has format version {found}, newer than this Rewind understands \
+         (up to {supported}); update Rewind to use this store",
+        path = path.display()
+    )]
+    NewerFormat {
+        /// The store's folder.
+        path: PathBuf,
+        /// Version in the store.
+        found: u32,
+        /// Highest version this build reads.
+        supported: u32,
+    },
+
+    /// A file of the store is not what it must be.
+    #[error(
+        "{path} is damaged: {detail}. Run `rewind verify --in {store}` to see which \
+         checkpoints are affected",
+        path = path.display(),
+        store = store.display()
+    )]
+    Damaged {
+        /// The damaged file.
+        path: PathBuf,
+        /// What is wrong with it.
+        detail: String,
+        /// The store it belongs to.
+        store: PathBuf,
+    },
+
+    /// A chunk a checkpoint needs could not be read back intact.
+    #[error(
+        "chunk {chunk} of the store at {store} is {problem}. Run `rewind verify --in {store}` \
+         to see which checkpoints are affected; a later checkpoint of the same data heals it",
+        store = store.display()
+    )]
+    BadChunk {
+        /// Hex name of the chunk.
+        chunk: String,
+        /// What is wrong.
+        problem: ChunkProblem,
+        /// The store's folder.
+        store: PathBuf,
+    },
+
+    /// The drive is full. What was written so far is not visible; old checkpoints are intact.
+    #[error(
+        "the drive of the store is full (while writing {path}). Free some space on it or \
+         remove old checkpoints with `rewind prune`; existing checkpoints are intact",
+        path = path.display()
+    )]
+    NoSpace {
+        /// The file being written.
+        path: PathBuf,
+    },
+
+    /// Any other I/O failure.
+    #[error("could not {action} {path}: {source}", path = path.display())]
+    Io {
+        /// What was being done ("read", "create", ...).
+        action: &'static str,
+        /// The file or folder.
+        path: PathBuf,
+        /// The system's error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// Encrypted store, no passphrase given.
+    #[error(
+        "the store at {path} is encrypted: give its passphrase (Rewind asks for it in a \
+         terminal, or reads the REWIND_PASSPHRASE environment variable)",
+        path = path.display()
+    )]
+    PassphraseRequired {
+        /// The store's folder.
+        path: PathBuf,
+    },
+
+    /// The passphrase does not open the store's key.
+    #[error(
+        "wrong passphrase for the store at {path}; try again (passphrases are case-sensitive)",
+        path = path.display()
+    )]
+    WrongPassphrase {
+        /// The store's folder.
+        path: PathBuf,
+    },
+
+    /// The encryption settings in `rewind-store.json` are unusable.
+    #[error("the encryption settings of the store at {path} are invalid: {detail}", path = path.display())]
+    BadEncryptionConfig {
+        /// The store's folder.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+
+    /// The system's random number generator failed.
+    #[error("could not get random numbers from the system: {0}")]
+    Random(String),
+
+    /// No checkpoint with this id.
+    #[error(
+        "no checkpoint {id} in the store at {store}; list them with `rewind checkpoints --in {store}`",
+        store = store.display()
+    )]
+    NoSuchCheckpoint {
+        /// The id that was asked for.
+        id: String,
+        /// The store's folder.
+        store: PathBuf,
+    },
+
+    /// A name (VM, disk target, blob, checkpoint id) that cannot be used in the store.
+    #[error("{what} {name:?} cannot be used: {why}")]
+    InvalidName {
+        /// What kind of name.
+        what: &'static str,
+        /// The name.
+        name: String,
+        /// Why not.
+        why: &'static str,
+    },
+
+    /// A caller passed something that makes no sense (a chunk of the wrong length, ...).
+    #[error("{0}")]
+    Invalid(String),
+
+    /// Another process holds the store in a way that excludes this operation.
+    #[error("the store at {path} is busy: {holder}. Try again when it has finished", path = path.display())]
+    Busy {
+        /// The store's folder.
+        path: PathBuf,
+        /// Who holds it, as far as known.
+        holder: String,
+    },
+
+    /// Garbage collection refuses to run while it cannot see every checkpoint.
+    #[error(
+        "garbage collection stopped without deleting anything: {detail}. It would not know \
+         which chunks that checkpoint needs. Run `rewind verify --in {store}`",
+        store = store.display()
+    )]
+    GcUnsafe {
+        /// Which manifest or index could not be read.
+        detail: String,
+        /// The store's folder.
+        store: PathBuf,
+    },
+
+    /// The caller cancelled.
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl From<crate::progress::Cancelled> for StoreError {
+    fn from(_: crate::progress::Cancelled) -> Self {
+        StoreError::Cancelled
+    }
+}
+
+/// Wraps an I/O error, turning "no space left" and "quota exceeded" into [`StoreError::NoSpace`].
+pub(crate) fn io_error(
+    action: &'static str,
+    path: impl Into<PathBuf>,
+    source: io::Error,
+) -> StoreError {
+    let path = path.into();
+    match source.raw_os_error() {
+        Some(code)
+            if code == rustix::io::Errno::NOSPC.raw_os_error()
+                || code == rustix::io::Errno::DQUOT.raw_os_error() =>
+        {
+            StoreError::NoSpace { path }
+        }
+        _ => StoreError::Io {
+            action,
+            path,
+            source,
+        },
+    }
+}

@@ -1,0 +1,82 @@
+//! Prune: remove the checkpoints that the keep rules do not keep (per VM). Their chunks go
+//! at the next garbage collection.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use uuid::Uuid;
+
+use super::error::StoreError;
+use super::retention::{self, KeepReason, KeepRules};
+use super::{LockMode, Store, StoreLock};
+use crate::progress::Control;
+
+/// The decision about one checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PruneDecision {
+    /// VM name.
+    pub vm: String,
+    /// VM UUID.
+    pub vm_uuid: Uuid,
+    /// Checkpoint id.
+    pub id: String,
+    /// Its time.
+    pub time: DateTime<Utc>,
+    /// Kept or removed.
+    pub keep: bool,
+    /// The rules that keep it.
+    pub reasons: Vec<KeepReason>,
+}
+
+impl Store {
+    /// Applies `rules` to every VM's checkpoints (or only `vm`'s), in the local time zone.
+    /// With `dry_run`, only says what it would do. Unreadable manifests are left alone.
+    pub fn prune(
+        &self,
+        rules: &KeepRules,
+        vm: Option<Uuid>,
+        dry_run: bool,
+        control: &Control,
+    ) -> Result<Vec<PruneDecision>, StoreError> {
+        if rules.is_empty() {
+            return Err(StoreError::Invalid(
+                "give at least one keep rule (such as --keep-last 10): with none, every checkpoint would be removed".into(),
+            ));
+        }
+        let _lock = StoreLock::acquire(
+            self.root(),
+            LockMode::Shared,
+            "removing old checkpoints",
+            Some(control),
+        )?;
+        let catalog = self.catalog()?;
+        let mut vms: Vec<Uuid> = catalog.checkpoints.iter().map(|m| m.vm.uuid).collect();
+        vms.sort();
+        vms.dedup();
+        let mut out = Vec::new();
+        for uuid in vms.into_iter().filter(|u| vm.is_none_or(|v| v == *u)) {
+            let mine: Vec<_> = catalog
+                .checkpoints
+                .iter()
+                .filter(|m| m.vm.uuid == uuid)
+                .collect();
+            let items: Vec<(usize, DateTime<Utc>)> =
+                mine.iter().enumerate().map(|(i, m)| (i, m.time)).collect();
+            for decision in retention::plan(&items, rules, &chrono::Local) {
+                let m = mine[decision.key];
+                if !decision.keep && !dry_run {
+                    control.check()?;
+                    self.delete_checkpoint(&uuid, &m.id)?;
+                }
+                out.push(PruneDecision {
+                    vm: m.vm.name.clone(),
+                    vm_uuid: uuid,
+                    id: m.id.clone(),
+                    time: m.time,
+                    keep: decision.keep,
+                    reasons: decision.reasons,
+                });
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,103 @@
+//! Reading a disk or blob back out of the store.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+use super::Store;
+use super::chunk::{ChunkId, ChunkKind};
+use super::error::{StoreError, io_error};
+use super::index::{ENTRIES_PER_PAGE, HOLE, ObjectIndex};
+use crate::progress::Control;
+
+/// Reads one object chunk by chunk. Keeps one index page in memory.
+#[derive(Debug)]
+pub struct ObjectReader<'s> {
+    store: &'s Store,
+    index: ObjectIndex,
+    page: Option<(u64, Vec<ChunkId>)>,
+}
+
+impl Store {
+    /// A reader for `index`, which must belong to this store.
+    pub fn object_reader(&self, index: &ObjectIndex) -> Result<ObjectReader<'_>, StoreError> {
+        index
+            .validate(self.chunk_size_bytes())
+            .map_err(StoreError::Invalid)?;
+        Ok(ObjectReader {
+            store: self,
+            index: index.clone(),
+            page: None,
+        })
+    }
+}
+
+impl ObjectReader<'_> {
+    /// Number of chunk slots.
+    #[must_use]
+    pub fn chunk_count(&self) -> u64 {
+        self.index.chunk_count()
+    }
+
+    /// The chunk id in slot `i` ([`HOLE`] for zeros).
+    pub fn entry(&mut self, i: u64) -> Result<ChunkId, StoreError> {
+        let page_no = i / ENTRIES_PER_PAGE;
+        if self.page.as_ref().is_none_or(|(p, _)| *p != page_no) {
+            let entries = self.store.read_page(&self.index, page_no)?;
+            self.page = Some((page_no, entries));
+        }
+        let (_, entries) = self.page.as_ref().expect("loaded above");
+        entries
+            .get(usize::try_from(i % ENTRIES_PER_PAGE).expect("small"))
+            .copied()
+            .ok_or_else(|| {
+                StoreError::Invalid(format!("chunk {i} is beyond the end of the object"))
+            })
+    }
+
+    /// The content of slot `i`, zeros for a hole.
+    pub fn read(&mut self, i: u64) -> Result<Vec<u8>, StoreError> {
+        let id = self.entry(i)?;
+        let len = usize::try_from(self.index.chunk_len(i)).expect("chunk fits memory");
+        if id == HOLE {
+            return Ok(vec![0; len]);
+        }
+        let data = self.store.read_chunk(&id, ChunkKind::Data)?;
+        if data.len() != len {
+            return Err(StoreError::Damaged {
+                path: self.store.chunk_path(&id),
+                detail: format!("{} bytes where slot {i} needs {len}", data.len()),
+                store: self.store.root().to_path_buf(),
+            });
+        }
+        Ok(data)
+    }
+
+    /// Reads the whole object into memory (for small blobs such as NVRAM).
+    pub fn read_all(&mut self) -> Result<Vec<u8>, StoreError> {
+        let mut out = Vec::with_capacity(usize::try_from(self.index.size_bytes).unwrap_or(0));
+        for i in 0..self.chunk_count() {
+            out.extend_from_slice(&self.read(i)?);
+        }
+        Ok(out)
+    }
+
+    /// Writes the object into `file`, which is set to the object's length; holes are left
+    /// unwritten (sparse), so `file` must be new or already zero there.
+    pub fn write_to_file(&mut self, file: &File, control: &Control) -> Result<(), StoreError> {
+        let chunk = u64::from(self.index.chunk_size_bytes);
+        control.add_total_bytes(self.index.size_bytes);
+        file.set_len(self.index.size_bytes)
+            .map_err(|e| io_error("resize", "the output file", e))?;
+        for i in 0..self.chunk_count() {
+            control.check()?;
+            let len = self.index.chunk_len(i);
+            if self.entry(i)? != HOLE {
+                let data = self.read(i)?;
+                file.write_all_at(&data, i * chunk)
+                    .map_err(|e| io_error("write", "the output file", e))?;
+            }
+            control.add_done_bytes(len);
+        }
+        Ok(())
+    }
+}

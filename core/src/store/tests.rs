@@ -1,0 +1,707 @@
+//! Tests of the store against real files in a temporary folder.
+
+#![allow(clippy::cast_possible_truncation, clippy::type_complexity)]
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use chrono::{TimeZone, Utc};
+use uuid::Uuid;
+use zeroize::Zeroizing;
+
+use super::*;
+use crate::progress::Control;
+
+const CHUNK: u32 = 64 << 10;
+
+fn options() -> InitOptions {
+    InitOptions {
+        chunk_size_bytes: CHUNK,
+        passphrase: None,
+        kdf_cost: KdfCost::FAST_FOR_TESTS,
+    }
+}
+
+fn encrypted_options(pass: &str) -> InitOptions {
+    InitOptions {
+        passphrase: Some(Zeroizing::new(pass.as_bytes().to_vec())),
+        ..options()
+    }
+}
+
+fn vm(name: &str, n: u8) -> VmRef {
+    VmRef {
+        name: name.into(),
+        uuid: Uuid::from_bytes([n; 16]),
+    }
+}
+
+fn new_checkpoint(vm: VmRef, minute: u32) -> NewCheckpoint {
+    NewCheckpoint {
+        vm,
+        time: Utc.with_ymd_and_hms(2026, 11, 25, 7, minute, 0).unwrap(),
+        kind: CheckpointKind::Disk,
+        consistency: Consistency::Crash,
+        domain_xml: "<domain type='qemu'><name>t</name></domain>".into(),
+        parent: None,
+        full_reason: None,
+        labels: vec![],
+    }
+}
+
+/// Deterministic bytes that do not compress.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// A sparse image: noise, a hole, text, a repeat of the first chunk, and a short tail.
+fn make_image(dir: &Path, name: &str, seed: u64) -> (PathBuf, Vec<u8>) {
+    let c = CHUNK as usize;
+    let mut content = vec![0u8; 10 * c + 1000];
+    content[..3 * c].copy_from_slice(&noise(seed, 3 * c));
+    let text = b"Rewind keeps checkpoints of virtual machines. ".repeat(c * 2 / 46 + 1);
+    content[5 * c..7 * c].copy_from_slice(&text[..2 * c]);
+    let first = content[..c].to_vec();
+    content[8 * c..9 * c].copy_from_slice(&first);
+    content[10 * c..].copy_from_slice(&noise(seed + 1, 1000));
+    let path = dir.join(name);
+    write_sparse(&path, &content);
+    (path, content)
+}
+
+/// Writes `content` leaving all-zero chunks as holes.
+fn write_sparse(path: &Path, content: &[u8]) {
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    file.set_len(content.len() as u64).unwrap();
+    for (i, piece) in content.chunks(CHUNK as usize).enumerate() {
+        if piece.iter().any(|&b| b != 0) {
+            file.write_all_at(piece, (i * CHUNK as usize) as u64)
+                .unwrap();
+        }
+    }
+}
+
+fn checkpoint_file(
+    store: &Store,
+    vm: VmRef,
+    minute: u32,
+    image: &Path,
+    base: Option<&ObjectIndex>,
+) -> Manifest {
+    let control = Control::new();
+    let mut writer = store
+        .begin_checkpoint(new_checkpoint(vm, minute), &control)
+        .unwrap();
+    let file = File::open(image).unwrap();
+    let size = file.metadata().unwrap().len();
+    let object = store.ingest_file(&file, size, base, &control).unwrap();
+    writer
+        .add_disk(
+            "vda",
+            Some(image.display().to_string()),
+            Some("raw".into()),
+            object,
+        )
+        .unwrap();
+    writer.add_blob_bytes("nvram", b"EFI variables").unwrap();
+    writer.commit(&control).unwrap()
+}
+
+fn read_back(store: &Store, index: &ObjectIndex, dir: &Path) -> Vec<u8> {
+    let out = dir.join(format!("restored-{}", Uuid::new_v4()));
+    let file = File::create(&out).unwrap();
+    store
+        .object_reader(index)
+        .unwrap()
+        .write_to_file(&file, &Control::new())
+        .unwrap();
+    fs::read(out).unwrap()
+}
+
+fn chunk_files(store: &Store) -> Vec<PathBuf> {
+    fsutil::list_dir(&store.root().join("chunks"))
+        .unwrap()
+        .iter()
+        .flat_map(|d| fsutil::list_dir(d).unwrap())
+        .collect()
+}
+
+#[test]
+fn init_open_and_the_errors_around_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("store");
+    let store = Store::init(&root, &options()).unwrap();
+    assert_eq!(store.chunk_size_bytes(), CHUNK);
+    assert!(!store.is_encrypted());
+    let again = Store::open(&root, None).unwrap();
+    assert_eq!(again.config().id, store.config().id);
+
+    assert!(matches!(
+        Store::init(&root, &options()),
+        Err(StoreError::AlreadyExists { .. })
+    ));
+    let err = Store::open(&tmp.path().join("absent"), None).unwrap_err();
+    assert!(matches!(err, StoreError::Missing { .. }));
+    assert!(err.to_string().contains("plugged in"), "{err}");
+    fs::create_dir(tmp.path().join("other")).unwrap();
+    fs::write(tmp.path().join("other/file.txt"), "x").unwrap();
+    let err = Store::open(&tmp.path().join("other"), None).unwrap_err();
+    assert!(matches!(err, StoreError::NotAStore { .. }), "{err}");
+    let err = Store::init(&tmp.path().join("other"), &options()).unwrap_err();
+    assert!(err.to_string().contains("other/rewind"), "{err}");
+    let bad = InitOptions {
+        chunk_size_bytes: 1000,
+        ..options()
+    };
+    assert!(
+        Store::init(&tmp.path().join("bad"), &bad)
+            .unwrap_err()
+            .to_string()
+            .contains("power of two")
+    );
+}
+
+#[test]
+fn newer_or_damaged_config_is_refused_with_a_clear_message() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("s");
+    Store::init(&root, &options()).unwrap();
+    let path = root.join(config::CONFIG_FILE);
+    let text = fs::read_to_string(&path).unwrap();
+    fs::write(&path, text.replace("\"version\": 1", "\"version\": 7")).unwrap();
+    let err = Store::open(&root, None).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::NewerFormat {
+                found: 7,
+                supported: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("update Rewind"));
+    fs::write(&path, &text[..text.len() / 2]).unwrap();
+    let err = Store::open(&root, None).unwrap_err();
+    assert!(matches!(err, StoreError::Damaged { .. }), "{err}");
+    fs::write(&path, text.replace(&CHUNK.to_string(), "12345")).unwrap();
+    assert!(
+        Store::open(&root, None)
+            .unwrap_err()
+            .to_string()
+            .contains("chunk size")
+    );
+}
+
+#[test]
+fn checkpoint_reads_back_byte_exact_and_holes_cost_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::init(&tmp.path().join("s"), &options()).unwrap();
+    let (image, content) = make_image(tmp.path(), "disk.img", 1);
+    let m = checkpoint_file(&store, vm("win11", 1), 0, &image, None);
+
+    let disk = &m.disks[0];
+    assert_eq!(disk.index.size_bytes, content.len() as u64);
+    // Chunks 0-2 noise, 5-6 text, 8 (a repeat of 0), 10 the tail: 7 non-hole slots.
+    assert_eq!(disk.index.data_bytes, 6 * u64::from(CHUNK) + 1000);
+    assert_eq!(m.logical_bytes, disk.index.data_bytes + 13);
+    assert_eq!(read_back(&store, &disk.index, tmp.path()), content);
+    let nvram = store
+        .object_reader(&m.blobs[0].index)
+        .unwrap()
+        .read_all()
+        .unwrap();
+    assert_eq!(nvram, b"EFI variables");
+    // Distinct data chunks: 3 noise + 2 text + tail + nvram; plus 1 index page each for disk and nvram.
+    assert_eq!(chunk_files(&store).len(), 9);
+
+    let catalog = Store::open(store.root(), None).unwrap().catalog().unwrap();
+    assert_eq!(catalog.checkpoints, vec![m.clone()]);
+    assert!(catalog.unreadable.is_empty());
+    assert_eq!(store.manifest(&m.vm.uuid, &m.id).unwrap(), m);
+    assert!(matches!(
+        store.manifest(&m.vm.uuid, "20200101T000000.000Z"),
+        Err(StoreError::NoSuchCheckpoint { .. })
+    ));
+}
+
+#[test]
+fn unchanged_second_checkpoint_adds_only_its_manifest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::init(&tmp.path().join("s"), &options()).unwrap();
+    let (image, _) = make_image(tmp.path(), "disk.img", 2);
+    let first = checkpoint_file(&store, vm("a", 1), 0, &image, None);
+    let files = chunk_files(&store).len();
+    let second = checkpoint_file(&store, vm("a", 1), 1, &image, Some(&first.disks[0].index));
+    assert_eq!(chunk_files(&store).len(), files);
+    let manifest_len = fs::metadata(store.manifest_path(&second.vm.uuid, &second.id))
+        .unwrap()
+        .len();
+    assert!(
+        second.new_bytes.abs_diff(manifest_len) < 16,
+        "{} vs {manifest_len}",
+        second.new_bytes
+    );
+    assert_eq!(second.disks[0].index, first.disks[0].index);
+}
+
+#[test]
+fn incremental_rewrites_only_the_changed_page() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::init(&tmp.path().join("s"), &options()).unwrap();
+    let c = CHUNK as usize;
+    let chunks = 3 * index::ENTRIES_PER_PAGE as usize + 5;
+    let mut content = noise(3, chunks * c);
+    let image = tmp.path().join("big.img");
+    write_sparse(&image, &content);
+    let first = checkpoint_file(&store, vm("a", 1), 0, &image, None);
+    assert_eq!(first.disks[0].index.pages.len(), 4);
+
+    content[200 * c + 7] ^= 0xff; // one byte in chunk 200, page 1
+    write_sparse(&image, &content);
+    let before = chunk_files(&store).len();
+    let second = checkpoint_file(&store, vm("a", 1), 1, &image, Some(&first.disks[0].index));
+    assert_eq!(
+        chunk_files(&store).len(),
+        before + 2,
+        "one data chunk and one index page"
+    );
+    let (a, b) = (&first.disks[0].index.pages, &second.disks[0].index.pages);
+    assert_eq!((a[0], a[2], a[3]), (b[0], b[2], b[3]));
+    assert_ne!(a[1], b[1]);
+    assert_eq!(
+        read_back(&store, &second.disks[0].index, tmp.path()),
+        content
+    );
+    // The first checkpoint is still complete on its own.
+    content[200 * c + 7] ^= 0xff;
+    assert_eq!(
+        read_back(&store, &first.disks[0].index, tmp.path()),
+        content
+    );
+}
+
+/// Issue 3: an incremental of a 100 GiB disk with 10 MiB changed adds < 1 MiB of
+/// metadata, even with the changes scattered in 64 KiB pieces all over the disk.
+#[test]
+fn incremental_metadata_of_a_100_gib_disk_stays_under_1_mib() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = InitOptions {
+        chunk_size_bytes: 1 << 20,
+        ..options()
+    };
+    let store = Store::init(&tmp.path().join("s"), &opts).unwrap();
+    let size = 100u64 << 30;
+    // A base index whose every slot names a distinct chunk (as a full disk would), built
+    // from synthetic ids: writing 100 GiB of real data would add nothing to the test.
+    let mut base = ObjectIndex::empty(size, 1 << 20);
+    for p in 0..base.page_count() {
+        let entries: Vec<ChunkId> = (0..base.entries_in_page(p))
+            .map(|e| ChunkId(*blake3::hash(&(p * 1000 + e).to_le_bytes()).as_bytes()))
+            .collect();
+        let (id, _) = store
+            .put_chunk(ChunkKind::IndexPage, &index::encode_page(&entries))
+            .unwrap();
+        base.pages[p as usize] = Some(id);
+    }
+    base.data_bytes = size;
+    // 160 changed chunks (10 MiB in 64 KiB pieces), spread evenly; their new content is
+    // already in the store, so everything the checkpoint adds is metadata.
+    let changed = vec![7u8; 1 << 20];
+    store.put_chunk(ChunkKind::Data, &changed).unwrap();
+    let control = Control::new();
+    let mut writer = store
+        .begin_checkpoint(new_checkpoint(vm("big", 9), 0), &control)
+        .unwrap();
+    let mut object = store.object_writer(size, Some(&base)).unwrap();
+    let count = object.chunk_count();
+    for k in 0..160 {
+        object.put(k * count / 160, &changed).unwrap();
+    }
+    let finished = object.finish().unwrap();
+    assert_eq!(
+        finished.new_chunks, 160,
+        "each change lands in its own page"
+    );
+    writer
+        .add_disk("vda", None, Some("qcow2".into()), finished)
+        .unwrap();
+    let m = writer.commit(&control).unwrap();
+    assert!(
+        m.new_bytes < 1 << 20,
+        "metadata added: {} bytes",
+        m.new_bytes
+    );
+}
+
+#[test]
+fn uncommitted_checkpoint_is_invisible_and_its_chunks_are_collected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::init(&tmp.path().join("s"), &options()).unwrap();
+    let (image, _) = make_image(tmp.path(), "d.img", 4);
+    let kept = checkpoint_file(&store, vm("a", 1), 0, &image, None);
+    let kept_files = chunk_files(&store).len();
+    {
+        let control = Control::new();
+        let mut writer = store
+            .begin_checkpoint(new_checkpoint(vm("a", 1), 1), &control)
+            .unwrap();
+        writer.add_blob_bytes("nvram", &noise(99, 100_000)).unwrap();
+        // Dropped without commit, as if the process had died here.
+    }
+    fs::write(store.root().join("tmp/chunk-1-1.tmp"), "half a chunk").unwrap();
+    assert_eq!(store.catalog().unwrap().checkpoints.len(), 1);
+    let report = store.gc(&Control::new()).unwrap();
+    assert_eq!(report.leftovers_removed, 1);
+    assert_eq!(
+        report.chunks_removed, 3,
+        "2 data chunks and the index page of the dropped blob"
+    );
+    assert_eq!(chunk_files(&store).len(), kept_files);
+    assert!(store.verify(false, &Control::new()).unwrap().is_clean());
+    let _ = kept;
+}
+
+#[test]
+fn gc_frees_what_only_deleted_checkpoints_used() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::init(&tmp.path().join("s"), &options()).unwrap();
+    let (a, a_content) = make_image(tmp.path(), "a.img", 5);
+    let (b, _) = make_image(tmp.path(), "b.img", 6);
+    let ma = checkpoint_file(&store, vm("a", 1), 0, &a, None);
+    let mb = checkpoint_file(&store, vm("b", 2), 0, &b, None);
+    assert_eq!(store.gc(&Control::new()).unwrap().chunks_removed, 0);
+    store.delete_checkpoint(&mb.vm.uuid, &mb.id).unwrap();
+    let report = store.gc(&Control::new()).unwrap();
+    // b's noise (3), tail (1) and disk page (1) go; the text and the nvram blob are shared with a.
+    assert_eq!(report.chunks_removed, 5, "{report:?}");
+    assert_eq!(read_back(&store, &ma.disks[0].index, tmp.path()), a_content);
+    assert!(store.verify(false, &Control::new()).unwrap().is_clean());
+}
+
+#[test]
+fn gc_refuses_to_delete_anything_when_a_manifest_is_unreadable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::init(&tmp.path().join("s"), &options()).unwrap();
+    let (a, _) = make_image(tmp.path(), "a.img", 7);
+    let m = checkpoint_file(&store, vm("a", 1), 0, &a, None);
+    let path = store.manifest_path(&m.vm.uuid, &m.id);
+    let text = fs::read(&path).unwrap();
+    fs::write(&path, &text[..text.len() - 20]).unwrap();
+    let files = chunk_files(&store).len();
+    let err = store.gc(&Control::new()).unwrap_err();
+    assert!(matches!(err, StoreError::GcUnsafe { .. }), "{err}");
+    assert!(err.to_string().contains("without deleting anything"));
+    assert_eq!(chunk_files(&store).len(), files);
+}
+
+#[test]
+fn gc_waits_for_a_writer_and_writers_wait_for_gc() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::init(&tmp.path().join("s"), &options()).unwrap();
+    let control = Control::new();
+    let writer = store
+        .begin_checkpoint(new_checkpoint(vm("a", 1), 0), &control)
+        .unwrap();
+    let err = StoreLock::acquire(store.root(), LockMode::Exclusive, "gc", None).unwrap_err();
+    assert!(
+        err.to_string().contains("writing a checkpoint of a"),
+        "{err}"
+    );
+    // A waiting GC can be cancelled.
+    let waiting = Control::new();
+    waiting.cancel();
+    assert!(matches!(store.gc(&waiting), Err(StoreError::Cancelled)));
+    drop(writer);
+    let gc_lock = StoreLock::acquire(store.root(), LockMode::Exclusive, "gc", None).unwrap();
+    let blocked = Control::new();
+    blocked.cancel();
+    assert!(matches!(
+        store.begin_checkpoint(new_checkpoint(vm("a", 1), 0), &blocked),
+        Err(StoreError::Cancelled)
+    ));
+    drop(gc_lock);
+    store
+        .begin_checkpoint(new_checkpoint(vm("a", 1), 0), &Control::new())
+        .unwrap();
+}
+
+#[test]
+fn verify_names_the_checkpoints_a_flipped_bit_breaks_and_a_later_checkpoint_heals_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::init(&tmp.path().join("s"), &options()).unwrap();
+    let (a, content) = make_image(tmp.path(), "a.img", 8);
+    let m1 = checkpoint_file(&store, vm("win", 1), 0, &a, None);
+    let m2 = checkpoint_file(&store, vm("win", 1), 1, &a, None);
+    let (b, _) = make_image(tmp.path(), "b.img", 9);
+    let other = checkpoint_file(&store, vm("other", 2), 0, &b, None);
+    assert!(store.verify(false, &Control::new()).unwrap().is_clean());
+
+    // Flip one bit in the chunk holding the first 64 KiB of a.img.
+    let first_chunk = store.chunk_id(&content[..CHUNK as usize]);
+    let path = store.chunk_path(&first_chunk);
+    let mut bytes = fs::read(&path).unwrap();
+    bytes[100] ^= 0x10;
+    fs::write(&path, bytes).unwrap();
+
+    assert!(
+        store.verify(true, &Control::new()).unwrap().is_clean(),
+        "quick mode checks presence only"
+    );
+    let report = store.verify(false, &Control::new()).unwrap();
+    assert_eq!(report.damaged.len(), 1, "{report:?}");
+    let damage = &report.damaged[0];
+    assert_eq!(damage.chunk, first_chunk.to_hex());
+    let names: Vec<_> = damage
+        .checkpoints
+        .iter()
+        .map(|c| (c.vm.as_str(), c.id.as_str()))
+        .collect();
+    assert_eq!(
+        names,
+        vec![("win", m1.id.as_str()), ("win", m2.id.as_str())]
+    );
+    assert!(
+        !names.iter().any(|(vm, _)| *vm == other.vm.name),
+        "the other VM is not affected"
+    );
+    let moved = damage.moved_to.as_ref().unwrap();
+    assert!(moved.starts_with(store.root().join("damaged")) && moved.exists() && !path.exists());
+    let err = store
+        .object_reader(&m1.disks[0].index)
+        .unwrap()
+        .read(0)
+        .unwrap_err();
+    assert!(err.to_string().contains("missing"), "{err}");
+
+    // Now missing: quick mode sees that too.
+    assert_eq!(
+        store.verify(true, &Control::new()).unwrap().damaged.len(),
+        1
+    );
+    // A new checkpoint of the same data writes the chunk again; both old ones are whole.
+    checkpoint_file(&store, vm("win", 1), 2, &a, None);
+    assert!(store.verify(false, &Control::new()).unwrap().is_clean());
+    assert_eq!(read_back(&store, &m1.disks[0].index, tmp.path()), content);
+}
+
+#[test]
+fn truncated_chunk_is_rewritten_by_the_next_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::init(&tmp.path().join("s"), &options()).unwrap();
+    let (a, content) = make_image(tmp.path(), "a.img", 10);
+    let m1 = checkpoint_file(&store, vm("a", 1), 0, &a, None);
+    // As a power cut can leave a renamed but unflushed file: shorter than its header says.
+    let path = store.chunk_path(&store.chunk_id(&content[..CHUNK as usize]));
+    let len = fs::metadata(&path).unwrap().len();
+    OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    checkpoint_file(&store, vm("a", 1), 1, &a, None);
+    assert_eq!(fs::metadata(&path).unwrap().len(), len);
+    assert_eq!(read_back(&store, &m1.disks[0].index, tmp.path()), content);
+}
+
+#[test]
+fn encrypted_store_round_trip_and_passphrase_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("s");
+    let store = Store::init(&root, &encrypted_options("correct horse")).unwrap();
+    assert!(store.is_encrypted());
+    let (a, content) = make_image(tmp.path(), "a.img", 11);
+    let m = checkpoint_file(&store, vm("Secret VM", 1), 0, &a, None);
+
+    assert!(matches!(
+        Store::open(&root, None),
+        Err(StoreError::PassphraseRequired { .. })
+    ));
+    let err = Store::open(&root, Some(b"wrong")).unwrap_err();
+    assert!(matches!(err, StoreError::WrongPassphrase { .. }));
+    assert!(err.to_string().contains("wrong passphrase"));
+    let store = Store::open(&root, Some(b"correct horse")).unwrap();
+    assert_eq!(store.catalog().unwrap().checkpoints, vec![m.clone()]);
+    assert_eq!(read_back(&store, &m.disks[0].index, tmp.path()), content);
+
+    // Chunk names are keyed: the plain hash of the content names no file.
+    let plain = ChunkId(*blake3::hash(&content[..CHUNK as usize]).as_bytes());
+    assert!(!store.chunk_path(&plain).exists());
+    // Neither the manifest nor any chunk shows the VM's name or the text in the image.
+    let manifest = fs::read(store.manifest_path(&m.vm.uuid, &m.id)).unwrap();
+    assert!(!manifest.windows(9).any(|w| w == b"Secret VM"));
+    for f in chunk_files(&store) {
+        assert!(
+            !fs::read(f)
+                .unwrap()
+                .windows(12)
+                .any(|w| w == b"Rewind keeps")
+        );
+    }
+    // Tampering is detected, not decrypted into garbage.
+    let path = store.manifest_path(&m.vm.uuid, &m.id);
+    let mut bytes = manifest.clone();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 1;
+    fs::write(&path, bytes).unwrap();
+    let catalog = store.catalog().unwrap();
+    assert!(catalog.checkpoints.is_empty());
+    assert!(
+        catalog.unreadable[0]
+            .1
+            .to_string()
+            .contains("authentication"),
+        "{}",
+        catalog.unreadable[0].1
+    );
+    fs::write(&path, &manifest).unwrap();
+    let page = m.disks[0].index.pages[0].unwrap();
+    let mut bytes = fs::read(store.chunk_path(&page)).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    fs::write(store.chunk_path(&page), bytes).unwrap();
+    let report = store.verify(false, &Control::new()).unwrap();
+    assert_eq!(report.damaged[0].kind, "index_page");
+    assert!(
+        report.damaged[0].problem.contains("authentication"),
+        "{}",
+        report.damaged[0].problem
+    );
+}
+
+#[test]
+fn hostile_manifests_are_reported_not_followed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::init(&tmp.path().join("s"), &options()).unwrap();
+    let (a, _) = make_image(tmp.path(), "a.img", 12);
+    let m = checkpoint_file(&store, vm("a", 1), 0, &a, None);
+    let good = serde_json::to_value(&m).unwrap();
+    let dir = store.manifest_dir(&m.vm.uuid);
+    let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>)> = vec![
+        (
+            "traversal",
+            Box::new(|v| v["disks"][0]["target"] = "../../etc/passwd".into()),
+        ),
+        (
+            "absurd size",
+            Box::new(|v| v["disks"][0]["index"]["size_bytes"] = u64::MAX.into()),
+        ),
+        (
+            "page count",
+            Box::new(|v| v["disks"][0]["index"]["pages"] = serde_json::json!([])),
+        ),
+        (
+            "bad chunk id",
+            Box::new(|v| v["disks"][0]["index"]["pages"][0] = "../x".into()),
+        ),
+        ("newer", Box::new(|v| v["format_version"] = 99.into())),
+    ];
+    for (n, (what, edit)) in cases.iter().enumerate() {
+        let mut v = good.clone();
+        edit(&mut v);
+        let id = format!("20200101T00000{n}.000Z");
+        v["id"] = id.clone().into();
+        fs::write(
+            dir.join(format!("{id}.manifest")),
+            serde_json::to_vec(&v).unwrap(),
+        )
+        .unwrap();
+        let catalog = store.catalog().unwrap();
+        assert_eq!(catalog.checkpoints.len(), 1, "{what}");
+        let (path, err) = catalog.unreadable.last().unwrap();
+        assert!(path.ends_with(format!("{id}.manifest")), "{what}");
+        assert!(matches!(err, StoreError::Damaged { .. }), "{what}: {err}");
+        fs::remove_file(path).unwrap();
+    }
+    // A manifest copied under another checkpoint's name is caught too.
+    fs::copy(
+        store.manifest_path(&m.vm.uuid, &m.id),
+        dir.join("20200101T000000.000Z.manifest"),
+    )
+    .unwrap();
+    assert!(
+        store.catalog().unwrap().unreadable[0]
+            .1
+            .to_string()
+            .contains("not what its file name says")
+    );
+}
+
+#[test]
+fn a_full_drive_is_named_as_such() {
+    // /dev/full fails every write with ENOSPC, as a full drive does.
+    let mut full = OpenOptions::new().write(true).open("/dev/full").unwrap();
+    let e = full
+        .write_all(&[0; 4096])
+        .and_then(|()| full.flush())
+        .unwrap_err();
+    let mapped = error::io_error("write", "/dev/full", e);
+    assert!(matches!(mapped, StoreError::NoSpace { .. }));
+    assert!(
+        mapped.to_string().contains("drive of the store is full"),
+        "{mapped}"
+    );
+}
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+        /// Whatever bytes a manifest file holds, listing the store never panics and never
+        /// lists it unless it is a valid manifest.
+        #[test]
+        fn arbitrary_manifest_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let tmp = tempfile::tempdir().unwrap();
+            let store = Store::init(&tmp.path().join("s"), &options()).unwrap();
+            let dir = store.manifest_dir(&Uuid::from_bytes([1; 16]));
+            fs::create_dir_all(&dir).unwrap();
+            fs::write(dir.join("20200101T000000.000Z.manifest"), &bytes).unwrap();
+            let catalog = store.catalog().unwrap();
+            prop_assert!(catalog.checkpoints.is_empty());
+            prop_assert_eq!(catalog.unreadable.len(), 1);
+        }
+
+        /// Random writes into a disk between checkpoints: every checkpoint reads back the
+        /// content it had, whatever came after.
+        #[test]
+        fn every_checkpoint_reads_back_its_own_content(writes in proptest::collection::vec((0usize..40, any::<u8>(), 1usize..3000), 1..6)) {
+            let tmp = tempfile::tempdir().unwrap();
+            let store = Store::init(&tmp.path().join("s"), &InitOptions { chunk_size_bytes: 64 << 10, ..options() }).unwrap();
+            let image = tmp.path().join("d.img");
+            let mut content = vec![0u8; 40 * 4096 + 17];
+            let mut taken = Vec::new();
+            let mut base: Option<ObjectIndex> = None;
+            for (n, (block, value, len)) in writes.iter().enumerate() {
+                let start = block * 4096;
+                let end = (start + len).min(content.len());
+                content[start..end].fill(*value);
+                write_sparse(&image, &content);
+                let m = checkpoint_file(&store, vm("p", 1), u32::try_from(n).unwrap(), &image, base.as_ref());
+                base = Some(m.disks[0].index.clone());
+                taken.push((m, content.clone()));
+            }
+            for (m, expected) in &taken {
+                prop_assert_eq!(&read_back(&store, &m.disks[0].index, tmp.path()), expected);
+            }
+        }
+    }
+}

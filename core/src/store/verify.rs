@@ -1,0 +1,233 @@
+//! Verification: re-read and re-hash every chunk a checkpoint needs (or, quick, check that
+//! each is present), and say which checkpoints each damaged chunk breaks.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::PathBuf;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use uuid::Uuid;
+
+use super::chunk::{ChunkId, ChunkKind, ChunkProblem};
+use super::error::StoreError;
+use super::index::{self, HOLE};
+use super::{LockMode, Manifest, Store, StoreLock, fsutil};
+use crate::progress::Control;
+
+/// A checkpoint named in a report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CheckpointRef {
+    /// VM name when the checkpoint was taken.
+    pub vm: String,
+    /// VM UUID.
+    pub vm_uuid: Uuid,
+    /// Checkpoint id.
+    pub id: String,
+    /// Its time.
+    pub time: DateTime<Utc>,
+}
+
+impl CheckpointRef {
+    /// The reference to `m`.
+    #[must_use]
+    pub fn of(m: &Manifest) -> Self {
+        Self {
+            vm: m.vm.name.clone(),
+            vm_uuid: m.vm.uuid,
+            id: m.id.clone(),
+            time: m.time,
+        }
+    }
+}
+
+/// One damaged or missing chunk.
+#[derive(Debug, Clone, Serialize)]
+pub struct Damage {
+    /// The chunk's name.
+    pub chunk: String,
+    /// `data` or `index_page`.
+    pub kind: &'static str,
+    /// What is wrong.
+    pub problem: String,
+    /// Where the damaged file was moved (missing chunks have none).
+    pub moved_to: Option<PathBuf>,
+    /// The checkpoints that cannot be restored completely because of it.
+    pub checkpoints: Vec<CheckpointRef>,
+}
+
+/// What verification found.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct VerifyReport {
+    /// Whether only presence was checked.
+    pub quick: bool,
+    /// Readable checkpoints checked.
+    pub checkpoints: usize,
+    /// Distinct chunks checked (index pages and data).
+    pub chunks_checked: u64,
+    /// Bytes of data those chunks hold.
+    pub bytes_checked: u64,
+    /// Damaged or missing chunks.
+    pub damaged: Vec<Damage>,
+    /// Manifests that could not be read, with the reason.
+    pub unreadable_manifests: Vec<(PathBuf, String)>,
+}
+
+impl VerifyReport {
+    /// True when nothing is wrong.
+    #[must_use]
+    pub fn is_clean(&self) -> bool {
+        self.damaged.is_empty() && self.unreadable_manifests.is_empty()
+    }
+
+    /// Every checkpoint affected by some damage, each once.
+    #[must_use]
+    pub fn broken_checkpoints(&self) -> Vec<CheckpointRef> {
+        let mut out: Vec<CheckpointRef> = self
+            .damaged
+            .iter()
+            .flat_map(|d| d.checkpoints.iter().cloned())
+            .collect();
+        out.sort_by(|a, b| (a.time, &a.id).cmp(&(b.time, &b.id)));
+        out.dedup();
+        out
+    }
+}
+
+/// Page id → (entries it holds, lengths of its slots, indexes of the checkpoints using it).
+type PageUse = HashMap<ChunkId, (u64, Vec<u64>, Vec<u32>)>;
+
+/// Every index page the checkpoints use, each once.
+fn pages_in_use(checkpoints: &[Manifest]) -> PageUse {
+    let mut pages = PageUse::new();
+    for (n, m) in checkpoints.iter().enumerate() {
+        let n = u32::try_from(n).expect("fewer than 4 billion checkpoints");
+        for idx in m.indexes() {
+            for (p, page) in idx.pages.iter().enumerate() {
+                let Some(page) = page else { continue };
+                let p = p as u64;
+                let entry = pages.entry(*page).or_insert_with(|| {
+                    let lens = (0..idx.entries_in_page(p))
+                        .map(|e| idx.chunk_len(p * index::ENTRIES_PER_PAGE + e))
+                        .collect();
+                    (idx.entries_in_page(p), lens, Vec::new())
+                });
+                if entry.2.last() != Some(&n) {
+                    entry.2.push(n);
+                }
+            }
+        }
+    }
+    pages
+}
+
+impl Store {
+    /// Verifies the store. Damaged chunks are moved to `damaged/`, not deleted, so that a
+    /// later checkpoint of the same data writes them again ("heals" them).
+    pub fn verify(&self, quick: bool, control: &Control) -> Result<VerifyReport, StoreError> {
+        let _lock = StoreLock::acquire(self.root(), LockMode::Shared, "verifying", Some(control))?;
+        let catalog = self.catalog()?;
+        let mut report = VerifyReport {
+            quick,
+            checkpoints: catalog.checkpoints.len(),
+            unreadable_manifests: catalog
+                .unreadable
+                .iter()
+                .map(|(p, e)| (p.clone(), e.to_string()))
+                .collect(),
+            ..VerifyReport::default()
+        };
+        let pages = pages_in_use(&catalog.checkpoints);
+        // data chunk -> (length, pages referring to it)
+        let mut data: HashMap<ChunkId, (u64, Vec<ChunkId>)> = HashMap::new();
+        let mut problems: Vec<(ChunkId, ChunkKind, ChunkProblem, Vec<u32>)> = Vec::new();
+        let mut page_ids: Vec<&ChunkId> = pages.keys().collect();
+        page_ids.sort();
+        for page_id in page_ids {
+            control.check()?;
+            let (entries, lens, users) = &pages[page_id];
+            report.chunks_checked += 1;
+            let decoded = self
+                .load_chunk(page_id, ChunkKind::IndexPage)
+                .and_then(|bytes| {
+                    index::decode_page(&bytes, *entries).map_err(ChunkProblem::BadHeader)
+                });
+            match decoded {
+                Ok(ids) => {
+                    for (id, len) in ids.into_iter().zip(lens) {
+                        if id != HOLE {
+                            let e = data.entry(id).or_insert_with(|| (*len, Vec::new()));
+                            if e.1.last() != Some(page_id) {
+                                e.1.push(*page_id);
+                            }
+                        }
+                    }
+                }
+                Err(problem) => {
+                    problems.push((*page_id, ChunkKind::IndexPage, problem, users.clone()));
+                }
+            }
+        }
+        control.add_total_bytes(data.values().map(|(len, _)| len).sum());
+        let mut data_ids: Vec<&ChunkId> = data.keys().collect();
+        data_ids.sort();
+        for id in data_ids {
+            control.check()?;
+            let (len, via_pages) = &data[id];
+            let result = if quick {
+                self.probe_chunk(id)
+            } else {
+                self.load_chunk(id, ChunkKind::Data).map(|_| ())
+            };
+            report.chunks_checked += 1;
+            report.bytes_checked += len;
+            control.add_done_bytes(*len);
+            if let Err(problem) = result {
+                let mut users: Vec<u32> = via_pages
+                    .iter()
+                    .flat_map(|p| pages[p].2.iter().copied())
+                    .collect();
+                users.sort_unstable();
+                users.dedup();
+                problems.push((*id, ChunkKind::Data, problem, users));
+            }
+        }
+        for (id, kind, problem, users) in problems {
+            let moved_to = match problem {
+                ChunkProblem::Missing | ChunkProblem::Unreadable(_) => None,
+                _ => self.move_aside(&id)?,
+            };
+            report.damaged.push(Damage {
+                chunk: id.to_hex(),
+                kind: match kind {
+                    ChunkKind::Data => "data",
+                    ChunkKind::IndexPage => "index_page",
+                },
+                problem: problem.to_string(),
+                moved_to,
+                checkpoints: users
+                    .iter()
+                    .map(|&n| CheckpointRef::of(&catalog.checkpoints[n as usize]))
+                    .collect(),
+            });
+        }
+        Ok(report)
+    }
+
+    fn move_aside(&self, id: &ChunkId) -> Result<Option<PathBuf>, StoreError> {
+        let from = self.chunk_path(id);
+        let to = self.root().join("damaged").join(format!(
+            "{}-{}",
+            id.to_hex(),
+            Utc::now().format("%Y%m%dT%H%M%S%.3fZ")
+        ));
+        match fs::rename(&from, &to) {
+            Ok(()) => {
+                fsutil::sync_dir(from.parent().expect("chunk path has a parent"))?;
+                Ok(Some(to))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(super::error::io_error("move aside", &from, e)),
+        }
+    }
+}
