@@ -1,12 +1,16 @@
 //! The command line: argument parsing and the text/JSON front end over `rewind-core`.
 
 use std::io::Write;
+use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use rewind_core::libvirt::{DEFAULT_URI, Hypervisor};
+use rewind_core::store::retention::KeepRules;
 use rewind_core::units::human_bytes;
 use rewind_core::vm::{Disk, Firmware, VmInfo};
+
+use crate::store_cli;
 
 /// Checkpoints and one-click restore for the virtual machines of your workstation.
 ///
@@ -48,6 +52,83 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+
+    /// Create a backup store in a folder (new or empty), optionally encrypted
+    Init {
+        /// The folder, e.g. on a removable drive: /media/me/backup/rewind
+        dest: PathBuf,
+        /// Encrypt the store with a passphrase (asked for, or read from `REWIND_PASSPHRASE`)
+        #[arg(long)]
+        encrypt: bool,
+    },
+
+    /// List the checkpoints in a store, of every VM or of one
+    Checkpoints {
+        /// Only this VM (name or UUID)
+        vm: Option<String>,
+        /// The store's folder
+        #[arg(long = "in", value_name = "DEST")]
+        store: PathBuf,
+        /// Print JSON (documented in app/CLI.md)
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Check that every checkpoint in a store is intact; exits with 1 if anything is damaged
+    Verify {
+        /// The store's folder
+        #[arg(long = "in", value_name = "DEST")]
+        store: PathBuf,
+        /// Only check that every chunk is present (much faster; no re-reading of data)
+        #[arg(long)]
+        quick: bool,
+        /// Print JSON (documented in app/CLI.md)
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Remove old checkpoints by keep rules (per VM), then the data only they used
+    Prune {
+        /// Only this VM (name or UUID)
+        vm: Option<String>,
+        /// The store's folder
+        #[arg(long = "in", value_name = "DEST")]
+        store: PathBuf,
+        /// Keep the N newest checkpoints
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        keep_last: u32,
+        /// Keep the newest checkpoint of each of the last N hours that have one
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        keep_hourly: u32,
+        /// Keep the newest checkpoint of each of the last N days that have one
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        keep_daily: u32,
+        /// Keep the newest checkpoint of each of the last N weeks that have one
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        keep_weekly: u32,
+        /// Keep the newest checkpoint of each of the last N months that have one
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        keep_monthly: u32,
+        /// Keep the newest checkpoint of each of the last N years that have one
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        keep_yearly: u32,
+        /// Only say what would be removed
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON (documented in app/CLI.md)
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Remove data that no checkpoint uses any more (prune does this itself)
+    Gc {
+        /// The store's folder
+        #[arg(long = "in", value_name = "DEST")]
+        store: PathBuf,
+        /// Print JSON (documented in app/CLI.md)
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Runs a subcommand, writing its output to `out`.
@@ -63,6 +144,34 @@ pub fn run(args: &Args, command: &Command, out: &mut dyn Write) -> anyhow::Resul
                 write_vm_table(out, hv.uri(), &vms)?;
             }
         }
+        Command::Init { dest, encrypt } => store_cli::init(out, dest, *encrypt)?,
+        Command::Checkpoints { vm, store, json } => {
+            store_cli::checkpoints(out, store, vm.as_deref(), *json)?;
+        }
+        Command::Verify { store, quick, json } => store_cli::verify(out, store, *quick, *json)?,
+        Command::Prune {
+            vm,
+            store,
+            keep_last,
+            keep_hourly,
+            keep_daily,
+            keep_weekly,
+            keep_monthly,
+            keep_yearly,
+            dry_run,
+            json,
+        } => {
+            let rules = KeepRules {
+                last: *keep_last,
+                hourly: *keep_hourly,
+                daily: *keep_daily,
+                weekly: *keep_weekly,
+                monthly: *keep_monthly,
+                yearly: *keep_yearly,
+            };
+            store_cli::prune(out, store, vm.as_deref(), &rules, *dry_run, *json)?;
+        }
+        Command::Gc { store, json } => store_cli::gc(out, store, *json)?,
     }
     Ok(())
 }

@@ -5,6 +5,7 @@
 
 mod cli;
 mod gui;
+mod store_cli;
 
 use std::process::ExitCode;
 

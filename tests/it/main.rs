@@ -6,4 +6,5 @@ mod cli;
 mod events;
 mod gui;
 mod rewind;
+mod store;
 mod vms;

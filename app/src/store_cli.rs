@@ -1,0 +1,479 @@
+//! `rewind init`, `checkpoints`, `verify`, `prune` and `gc`: the store from the command line.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, bail};
+use chrono::{DateTime, Local, Utc};
+use rewind_core::progress::Control;
+use rewind_core::store::retention::KeepRules;
+use rewind_core::store::verify::VerifyReport;
+use rewind_core::store::{InitOptions, Manifest, Store};
+use rewind_core::units::human_bytes;
+use serde::Serialize;
+use zeroize::Zeroizing;
+
+/// Environment variable that holds a store's passphrase (for scripts and tests).
+pub const PASSPHRASE_ENV: &str = "REWIND_PASSPHRASE";
+
+/// The passphrase from the environment or, in a terminal, from a prompt.
+fn passphrase(store: &Path, confirm: bool) -> anyhow::Result<Zeroizing<Vec<u8>>> {
+    if let Some(pass) = std::env::var_os(PASSPHRASE_ENV) {
+        let pass = Zeroizing::new(pass.into_encoded_bytes());
+        if pass.is_empty() {
+            bail!("{PASSPHRASE_ENV} is set but empty; set it to the store's passphrase");
+        }
+        return Ok(pass);
+    }
+    if !std::io::stdin().is_terminal() {
+        bail!(
+            "the store at {} needs a passphrase: run Rewind in a terminal to be asked for it, \
+             or set {PASSPHRASE_ENV}",
+            store.display()
+        );
+    }
+    let first = Zeroizing::new(
+        rpassword::prompt_password(format!("Passphrase for {}: ", store.display()))
+            .context("could not read the passphrase from the terminal")?
+            .into_bytes(),
+    );
+    if first.is_empty() {
+        bail!("an empty passphrase is not allowed");
+    }
+    if confirm {
+        let second = Zeroizing::new(
+            rpassword::prompt_password("Same passphrase again: ")
+                .context("could not read the passphrase from the terminal")?
+                .into_bytes(),
+        );
+        if first != second {
+            bail!("the two passphrases differ; nothing was created");
+        }
+    }
+    Ok(first)
+}
+
+/// Opens a store, asking for its passphrase if it is encrypted.
+pub fn open_store(path: &Path) -> anyhow::Result<Store> {
+    let config = Store::probe(path)?;
+    let pass = match config.encryption {
+        Some(_) => Some(passphrase(path, false)?),
+        None => None,
+    };
+    Ok(Store::open(path, pass.as_ref().map(|p| p.as_slice()))?)
+}
+
+/// `rewind init DEST [--encrypt]`.
+pub fn init(out: &mut dyn Write, dest: &Path, encrypt: bool) -> anyhow::Result<()> {
+    let mut options = InitOptions::default();
+    if encrypt {
+        options.passphrase = Some(passphrase(dest, true)?);
+    }
+    let store = Store::init(dest, &options)?;
+    writeln!(
+        out,
+        "Created {}store {} in {}.",
+        if encrypt { "an encrypted " } else { "" },
+        store.config().id,
+        dest.display()
+    )?;
+    if encrypt {
+        writeln!(
+            out,
+            "Keep the passphrase safe: without it nothing in this store can be restored."
+        )?;
+    }
+    Ok(())
+}
+
+fn local(time: DateTime<Utc>) -> String {
+    time.with_timezone(&Local)
+        .format("%Y-%m-%d %H:%M:%S")
+        .to_string()
+}
+
+/// One checkpoint in `rewind checkpoints --json` (documented in CLI.md).
+#[derive(Serialize)]
+struct CheckpointJson<'a> {
+    id: &'a str,
+    vm: &'a str,
+    vm_uuid: String,
+    time: String,
+    kind: rewind_core::store::CheckpointKind,
+    consistency: rewind_core::store::Consistency,
+    logical_bytes: u64,
+    new_bytes: u64,
+    duration_ms: u64,
+    parent: Option<&'a str>,
+    full_reason: Option<&'a str>,
+    labels: &'a [String],
+    disks: Vec<DiskJson<'a>>,
+    blobs: Vec<&'a str>,
+    program_version: &'a str,
+}
+
+#[derive(Serialize)]
+struct DiskJson<'a> {
+    target: &'a str,
+    size_bytes: u64,
+    data_bytes: u64,
+    source: Option<&'a str>,
+    format: Option<&'a str>,
+}
+
+impl<'a> CheckpointJson<'a> {
+    fn of(m: &'a Manifest) -> Self {
+        Self {
+            id: &m.id,
+            vm: &m.vm.name,
+            vm_uuid: m.vm.uuid.to_string(),
+            time: m.time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            kind: m.kind,
+            consistency: m.consistency,
+            logical_bytes: m.logical_bytes,
+            new_bytes: m.new_bytes,
+            duration_ms: m.duration_ms,
+            parent: m.parent.as_deref(),
+            full_reason: m.full_reason.as_deref(),
+            labels: &m.labels,
+            disks: m
+                .disks
+                .iter()
+                .map(|d| DiskJson {
+                    target: &d.target,
+                    size_bytes: d.index.size_bytes,
+                    data_bytes: d.index.data_bytes,
+                    source: d.source.as_deref(),
+                    format: d.format.as_deref(),
+                })
+                .collect(),
+            blobs: m.blobs.iter().map(|b| b.name.as_str()).collect(),
+            program_version: &m.program_version,
+        }
+    }
+}
+
+/// Whether `filter` (a VM name or UUID) selects `m`.
+fn vm_matches(m: &Manifest, filter: Option<&str>) -> bool {
+    filter.is_none_or(|f| m.vm.name == f || m.vm.uuid.to_string().eq_ignore_ascii_case(f))
+}
+
+/// `rewind checkpoints [VM] --in DEST [--json]`.
+pub fn checkpoints(
+    out: &mut dyn Write,
+    dest: &Path,
+    vm: Option<&str>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let store = open_store(dest)?;
+    let catalog = store.catalog()?;
+    let selected: Vec<&Manifest> = catalog
+        .checkpoints
+        .iter()
+        .filter(|m| vm_matches(m, vm))
+        .collect();
+    if let Some(name) = vm
+        && selected.is_empty()
+        && !catalog.checkpoints.is_empty()
+    {
+        let mut names: Vec<&str> = catalog
+            .checkpoints
+            .iter()
+            .map(|m| m.vm.name.as_str())
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        bail!(
+            "no checkpoints of a VM named {name:?} in {}; it holds checkpoints of: {}",
+            dest.display(),
+            names.join(", ")
+        );
+    }
+    if json {
+        #[derive(Serialize)]
+        struct Listing<'a> {
+            store: StoreJson,
+            checkpoints: Vec<CheckpointJson<'a>>,
+            unreadable: Vec<Unreadable>,
+        }
+        let listing = Listing {
+            store: StoreJson::of(&store),
+            checkpoints: selected.iter().map(|m| CheckpointJson::of(m)).collect(),
+            unreadable: catalog
+                .unreadable
+                .iter()
+                .map(|(p, e)| Unreadable {
+                    path: p.clone(),
+                    error: e.to_string(),
+                })
+                .collect(),
+        };
+        serde_json::to_writer_pretty(&mut *out, &listing)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    if selected.is_empty() {
+        writeln!(out, "No checkpoints in {} yet.", dest.display())?;
+    } else {
+        let rows: Vec<[String; 7]> = selected
+            .iter()
+            .map(|m| {
+                [
+                    m.vm.name.clone(),
+                    m.id.clone(),
+                    local(m.time),
+                    format!("{:?}", m.kind).to_lowercase(),
+                    format!("{:?}", m.consistency).to_lowercase(),
+                    human_bytes(m.logical_bytes),
+                    human_bytes(m.new_bytes),
+                ]
+            })
+            .collect();
+        let header = [
+            "VM",
+            "CHECKPOINT",
+            "TIME",
+            "KIND",
+            "CONSISTENCY",
+            "DATA",
+            "NEW",
+        ]
+        .map(String::from);
+        write_table(out, &header, &rows)?;
+    }
+    for (path, error) in &catalog.unreadable {
+        writeln!(out, "warning: {} cannot be read: {error}", path.display())?;
+    }
+    Ok(())
+}
+
+fn write_table<const N: usize>(
+    out: &mut dyn Write,
+    header: &[String; N],
+    rows: &[[String; N]],
+) -> std::io::Result<()> {
+    let widths: Vec<usize> = (0..N)
+        .map(|c| {
+            rows.iter()
+                .map(|r| r[c].chars().count())
+                .chain([header[c].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for row in std::iter::once(header).chain(rows) {
+        let mut line = String::new();
+        for (cell, w) in row.iter().zip(&widths) {
+            line.push_str(cell);
+            line.extend(std::iter::repeat_n(' ', w - cell.chars().count() + 2));
+        }
+        writeln!(out, "{}", line.trim_end())?;
+    }
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct StoreJson {
+    id: String,
+    path: PathBuf,
+    format_version: u32,
+    encrypted: bool,
+    chunk_size_bytes: u32,
+}
+
+impl StoreJson {
+    fn of(store: &Store) -> Self {
+        Self {
+            id: store.config().id.to_string(),
+            path: store.root().to_path_buf(),
+            format_version: store.config().version,
+            encrypted: store.is_encrypted(),
+            chunk_size_bytes: store.chunk_size_bytes(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Unreadable {
+    path: PathBuf,
+    error: String,
+}
+
+/// `rewind verify --in DEST [--quick] [--json]`. Fails (exit 1) when anything is damaged.
+pub fn verify(out: &mut dyn Write, dest: &Path, quick: bool, json: bool) -> anyhow::Result<()> {
+    let store = open_store(dest)?;
+    let report = store.verify(quick, &Control::new())?;
+    if json {
+        serde_json::to_writer_pretty(&mut *out, &report)?;
+        writeln!(out)?;
+    } else {
+        write_verify_report(out, &report)?;
+    }
+    if !report.is_clean() {
+        let broken = report.broken_checkpoints().len();
+        bail!(
+            "verification found {} damaged or missing chunk(s) breaking {broken} checkpoint(s) and {} unreadable \
+             manifest(s) in {}; the next checkpoint of the same data rewrites damaged chunks",
+            report.damaged.len(),
+            report.unreadable_manifests.len(),
+            dest.display()
+        );
+    }
+    Ok(())
+}
+
+fn write_verify_report(out: &mut dyn Write, report: &VerifyReport) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "Checked {} checkpoint(s): {} chunk(s), {} of data{}.",
+        report.checkpoints,
+        report.chunks_checked,
+        human_bytes(report.bytes_checked),
+        if report.quick {
+            " (quick: presence only)"
+        } else {
+            ""
+        }
+    )?;
+    for d in &report.damaged {
+        writeln!(
+            out,
+            "{} chunk {} is {}.",
+            if d.kind == "data" { "Data" } else { "Index" },
+            d.chunk,
+            d.problem
+        )?;
+        if let Some(to) = &d.moved_to {
+            writeln!(out, "  moved aside to {}", to.display())?;
+        }
+        for c in &d.checkpoints {
+            writeln!(
+                out,
+                "  breaks {} checkpoint {} ({})",
+                c.vm,
+                c.id,
+                local(c.time)
+            )?;
+        }
+    }
+    for (path, error) in &report.unreadable_manifests {
+        writeln!(out, "Manifest {} cannot be read: {error}", path.display())?;
+    }
+    if report.is_clean() {
+        writeln!(out, "Everything is intact.")?;
+    }
+    Ok(())
+}
+
+/// `rewind prune --in DEST --keep-… [--dry-run] [--json]`, then garbage collection.
+pub fn prune(
+    out: &mut dyn Write,
+    dest: &Path,
+    vm: Option<&str>,
+    rules: &KeepRules,
+    dry_run: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let store = open_store(dest)?;
+    let control = Control::new();
+    let vm_uuid = match vm {
+        None => None,
+        Some(filter) => Some(
+            store
+                .catalog()?
+                .checkpoints
+                .iter()
+                .find(|m| vm_matches(m, Some(filter)))
+                .map(|m| m.vm.uuid)
+                .with_context(|| {
+                    format!(
+                        "no checkpoints of a VM named {filter:?} in {}",
+                        dest.display()
+                    )
+                })?,
+        ),
+    };
+    let decisions = store.prune(rules, vm_uuid, dry_run, &control)?;
+    let gc = if dry_run {
+        None
+    } else {
+        Some(store.gc(&control)?)
+    };
+    if json {
+        #[derive(Serialize)]
+        struct PruneJson<'a> {
+            dry_run: bool,
+            decisions: &'a [rewind_core::store::prune::PruneDecision],
+            gc: Option<rewind_core::store::gc::GcReport>,
+        }
+        serde_json::to_writer_pretty(
+            &mut *out,
+            &PruneJson {
+                dry_run,
+                decisions: &decisions,
+                gc,
+            },
+        )?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    for d in &decisions {
+        let reasons: Vec<String> = d
+            .reasons
+            .iter()
+            .map(|r| format!("{r:?}").to_lowercase())
+            .collect();
+        writeln!(
+            out,
+            "{} {} {} ({}){}",
+            if d.keep {
+                "keep  "
+            } else if dry_run {
+                "would remove"
+            } else {
+                "remove"
+            },
+            d.vm,
+            d.id,
+            local(d.time),
+            if reasons.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", reasons.join(", "))
+            }
+        )?;
+    }
+    let removed = decisions.iter().filter(|d| !d.keep).count();
+    match gc {
+        Some(gc) => writeln!(
+            out,
+            "Removed {removed} checkpoint(s); freed {} in {} chunk(s).",
+            human_bytes(gc.bytes_removed),
+            gc.chunks_removed
+        )?,
+        None => writeln!(
+            out,
+            "Dry run: would remove {removed} checkpoint(s); nothing was changed."
+        )?,
+    }
+    Ok(())
+}
+
+/// `rewind gc --in DEST [--json]`.
+pub fn gc(out: &mut dyn Write, dest: &Path, json: bool) -> anyhow::Result<()> {
+    let store = open_store(dest)?;
+    let report = store.gc(&Control::new())?;
+    if json {
+        serde_json::to_writer_pretty(&mut *out, &report)?;
+        writeln!(out)?;
+    } else {
+        writeln!(
+            out,
+            "Removed {} unused chunk(s) ({}); {} chunk(s) in use.",
+            report.chunks_removed,
+            human_bytes(report.bytes_removed),
+            report.chunks_kept
+        )?;
+    }
+    Ok(())
+}

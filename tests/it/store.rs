@@ -1,0 +1,369 @@
+//! The store from the command line: `init`, `checkpoints`, `verify`, `prune`, `gc`, on real
+//! folders. Checkpoints are written with `rewind-core` directly until `rewind checkpoint`
+//! exists (issue 4); everything the user does goes through the real binary.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::{Output, Stdio};
+
+use chrono::{TimeZone, Utc};
+use rewind_core::progress::Control;
+use rewind_core::store::{CheckpointKind, Consistency, Manifest, NewCheckpoint, Store, VmRef};
+use rewind_tests::scratch::ScratchDir;
+use uuid::Uuid;
+
+use crate::rewind;
+
+fn scratch(label: &str) -> ScratchDir {
+    ScratchDir::new(label).expect("scratch folder")
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
+}
+
+/// Writes one checkpoint of `content` as disk `vda` of VM `name`.
+fn write_checkpoint(
+    store: &Store,
+    name: &str,
+    uuid_byte: u8,
+    time: chrono::DateTime<Utc>,
+    content: &[u8],
+    dir: &Path,
+) -> Manifest {
+    let image = dir.join(format!("{name}-{}.img", time.timestamp()));
+    let file = File::create(&image).unwrap();
+    file.set_len(content.len() as u64 + (8 << 20)).unwrap(); // and a hole
+    file.write_all_at(content, 0).unwrap();
+    let size = file.metadata().unwrap().len();
+    let control = Control::new();
+    let new = NewCheckpoint {
+        vm: VmRef {
+            name: name.into(),
+            uuid: Uuid::from_bytes([uuid_byte; 16]),
+        },
+        time,
+        kind: CheckpointKind::Disk,
+        consistency: Consistency::Crash,
+        domain_xml: format!("<domain type='qemu'><name>{name}</name></domain>"),
+        parent: None,
+        full_reason: None,
+        labels: vec![],
+    };
+    let mut writer = store.begin_checkpoint(new, &control).unwrap();
+    let object = store
+        .ingest_file(&File::open(&image).unwrap(), size, None, &control)
+        .unwrap();
+    writer
+        .add_disk(
+            "vda",
+            Some(image.display().to_string()),
+            Some("raw".into()),
+            object,
+        )
+        .unwrap();
+    writer.commit(&control).unwrap()
+}
+
+fn content(seed: u8, len: usize) -> Vec<u8> {
+    let low = |v: usize| v.to_le_bytes()[0];
+    (0..len)
+        .map(|i| low(i).wrapping_mul(31).wrapping_add(seed) ^ low(i >> 11))
+        .collect()
+}
+
+fn fails(out: &Output, words: &[&str]) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "should fail; stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        stderr.starts_with("error: ") && stderr.trim_end().lines().count() == 1,
+        "one `error:` line: {stderr}"
+    );
+    for w in words {
+        assert!(stderr.contains(w), "stderr should mention {w:?}: {stderr}");
+    }
+    stderr
+}
+
+/// A store made with `rewind init`, holding five checkpoints of "Win 11" over three days
+/// and one of "ubuntu".
+fn store_with_history(dir: &ScratchDir) -> (std::path::PathBuf, Vec<Manifest>) {
+    let dest = dir.path().join("backup");
+    let out = rewind::run_ok(&["init", path_str(&dest)]);
+    assert!(out.contains("Created store"), "{out}");
+    assert!(dest.join("rewind-store.json").exists());
+
+    // Two VMs, several checkpoints over three days.
+    let store = Store::open(&dest, None).unwrap();
+    let data = content(1, 3 << 20);
+    let mut taken = Vec::new();
+    for (day, hour) in [(1, 9), (1, 17), (2, 9), (3, 8), (3, 9)] {
+        let time = Utc.with_ymd_and_hms(2026, 3, day, hour, 0, 0).unwrap();
+        taken.push(write_checkpoint(
+            &store,
+            "Win 11",
+            1,
+            time,
+            &data,
+            dir.path(),
+        ));
+    }
+    write_checkpoint(
+        &store,
+        "ubuntu",
+        2,
+        Utc.with_ymd_and_hms(2026, 3, 2, 12, 0, 0).unwrap(),
+        &content(2, 1 << 20),
+        dir.path(),
+    );
+
+    (dest, taken)
+}
+
+#[test]
+fn init_list_and_verify_through_the_cli() {
+    let dir = scratch("store-cli");
+    let empty = dir.path().join("empty");
+    rewind::run_ok(&["init", path_str(&empty)]);
+    let listing = rewind::run_ok(&["checkpoints", "--in", path_str(&empty)]);
+    assert!(listing.contains("No checkpoints"), "{listing}");
+    let (dest, taken) = store_with_history(&dir);
+    let json = rewind::run_ok(&["checkpoints", "--in", path_str(&dest), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let list = v["checkpoints"].as_array().unwrap();
+    assert_eq!(list.len(), 6);
+    let first = &list[0];
+    assert_eq!(first["id"], taken[0].id.as_str());
+    assert_eq!(first["vm"], "Win 11");
+    assert_eq!(first["vm_uuid"], Uuid::from_bytes([1; 16]).to_string());
+    assert_eq!(first["time"], "2026-03-01T09:00:00.000Z");
+    assert_eq!(first["kind"], "disk");
+    assert_eq!(first["consistency"], "crash");
+    assert_eq!(first["logical_bytes"], 3 << 20, "the hole is not data");
+    assert!(first["new_bytes"].as_u64().unwrap() > 0);
+    assert!(
+        list[1]["new_bytes"].as_u64().unwrap() < 4096,
+        "an unchanged disk adds only its manifest"
+    );
+    assert_eq!(v["store"]["encrypted"], false);
+
+    let table = rewind::run_ok(&["checkpoints", "ubuntu", "--in", path_str(&dest)]);
+    assert_eq!(table.lines().count(), 2, "{table}");
+    assert!(
+        table.lines().next().unwrap().starts_with("VM") && table.contains("ubuntu"),
+        "{table}"
+    );
+    fails(
+        &rewind::run(&["checkpoints", "Win 10", "--in", path_str(&dest)]),
+        &["Win 10", "Win 11, ubuntu"],
+    );
+
+    let verified = rewind::run_ok(&["verify", "--in", path_str(&dest)]);
+    assert!(
+        verified.contains("Checked 6 checkpoint(s)") && verified.contains("intact"),
+        "{verified}"
+    );
+}
+
+#[test]
+fn prune_keeps_by_rules_and_dry_run_changes_nothing() {
+    let dir = scratch("store-prune");
+    let (dest, taken) = store_with_history(&dir);
+    // Dry run changes nothing; a real prune keeps the newest two and the newest of each day.
+    let dry = rewind::run_ok(&[
+        "prune",
+        "Win 11",
+        "--in",
+        path_str(&dest),
+        "--keep-last",
+        "1",
+        "--keep-daily",
+        "2",
+        "--dry-run",
+    ]);
+    assert!(
+        dry.contains("would remove") && dry.contains("nothing was changed"),
+        "{dry}"
+    );
+    let pruned = rewind::run_ok(&[
+        "prune",
+        "Win 11",
+        "--in",
+        path_str(&dest),
+        "--keep-last",
+        "1",
+        "--keep-daily",
+        "2",
+        "--json",
+    ]);
+    let p: serde_json::Value = serde_json::from_str(&pruned).unwrap();
+    let kept: Vec<&str> = p["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["keep"] == true)
+        .map(|d| d["id"].as_str().unwrap())
+        .collect();
+    // Newest of day 3 (09:00, also the last) and newest of day 2; day 1 goes.
+    assert_eq!(kept, vec![taken[4].id.as_str(), taken[2].id.as_str()]);
+    let after: serde_json::Value = serde_json::from_str(&rewind::run_ok(&[
+        "checkpoints",
+        "--in",
+        path_str(&dest),
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(
+        after["checkpoints"].as_array().unwrap().len(),
+        3,
+        "two of Win 11 and ubuntu's one"
+    );
+    rewind::run_ok(&["verify", "--in", path_str(&dest)]);
+    fails(
+        &rewind::run(&["prune", "--in", path_str(&dest)]),
+        &["keep rule"],
+    );
+}
+
+#[test]
+fn verify_reports_a_flipped_bit_with_the_checkpoints_it_breaks() {
+    let dir = scratch("store-bitflip");
+    let dest = dir.path().join("s");
+    rewind::run_ok(&["init", path_str(&dest)]);
+    let store = Store::open(&dest, None).unwrap();
+    let data = content(7, 2 << 20);
+    let a = write_checkpoint(
+        &store,
+        "alpha",
+        1,
+        Utc.with_ymd_and_hms(2026, 5, 1, 10, 0, 0).unwrap(),
+        &data,
+        dir.path(),
+    );
+    write_checkpoint(
+        &store,
+        "beta",
+        2,
+        Utc.with_ymd_and_hms(2026, 5, 1, 11, 0, 0).unwrap(),
+        &content(9, 1 << 20),
+        dir.path(),
+    );
+    let first_chunk = store.chunk_id(&data[..store.chunk_size_bytes() as usize]);
+    let path = store.chunk_path(&first_chunk);
+    let mut bytes = fs::read(&path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x04;
+    fs::write(&path, bytes).unwrap();
+
+    let quick = rewind::run(&["verify", "--in", path_str(&dest), "--quick"]);
+    assert!(quick.status.success(), "quick verify checks presence only");
+    let out = rewind::run(&["verify", "--in", path_str(&dest)]);
+    fails(
+        &out,
+        &["1 damaged or missing chunk", "breaking 1 checkpoint"],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&first_chunk.to_hex())
+            && stdout.contains(&format!("breaks alpha checkpoint {}", a.id)),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("breaks beta"), "{stdout}");
+    assert!(stdout.contains("moved aside"), "{stdout}");
+    let json = rewind::run(&["verify", "--in", path_str(&dest), "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(
+        v["damaged"][0]["problem"], "missing",
+        "moved aside by the first run, now missing"
+    );
+    assert_eq!(v["damaged"][0]["checkpoints"][0]["vm"], "alpha");
+}
+
+#[test]
+fn encrypted_store_needs_its_passphrase() {
+    let dir = scratch("store-enc");
+    let dest = dir.path().join("enc");
+    let out = rewind::command()
+        .args(["init", path_str(&dest), "--encrypt"])
+        .env("REWIND_PASSPHRASE", "tr0ub4dor&3")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("encrypted"));
+    let config = fs::read_to_string(dest.join("rewind-store.json")).unwrap();
+    assert!(
+        config.contains("argon2id") && !config.contains("tr0ub4dor"),
+        "{config}"
+    );
+
+    let list = |pass: Option<&str>| {
+        let mut cmd = rewind::command();
+        cmd.args(["checkpoints", "--in", path_str(&dest)])
+            .stdin(Stdio::null());
+        match pass {
+            Some(p) => cmd.env("REWIND_PASSPHRASE", p),
+            None => cmd.env_remove("REWIND_PASSPHRASE"),
+        };
+        cmd.output().unwrap()
+    };
+    let ok = list(Some("tr0ub4dor&3"));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    fails(
+        &list(Some("Tr0ub4dor&3")),
+        &["wrong passphrase", path_str(&dest)],
+    );
+    fails(&list(None), &["needs a passphrase", "REWIND_PASSPHRASE"]);
+}
+
+#[test]
+fn bad_store_paths_get_clear_errors() {
+    let dir = scratch("store-bad");
+    let missing = dir.path().join("not-plugged-in");
+    fails(
+        &rewind::run(&["checkpoints", "--in", path_str(&missing)]),
+        &["does not exist", "plugged in", "rewind init"],
+    );
+    let other = dir.path().join("photos");
+    fs::create_dir(&other).unwrap();
+    File::create(other.join("cat.jpg"))
+        .unwrap()
+        .write_all(b"meow")
+        .unwrap();
+    fails(
+        &rewind::run(&["verify", "--in", path_str(&other)]),
+        &["not a Rewind store", "rewind-store.json"],
+    );
+    fails(
+        &rewind::run(&["init", path_str(&other)]),
+        &["not empty", "photos/rewind"],
+    );
+    let newer = dir.path().join("newer");
+    rewind::run_ok(&["init", path_str(&newer)]);
+    let cfg = newer.join("rewind-store.json");
+    let text = fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"version\": 1", "\"version\": 2");
+    fs::write(&cfg, text).unwrap();
+    fails(
+        &rewind::run(&["checkpoints", "--in", path_str(&newer)]),
+        &["format version 2", "update Rewind"],
+    );
+    fails(
+        &rewind::run(&["init", path_str(&newer)]),
+        &["already holds a Rewind store"],
+    );
+}
