@@ -119,17 +119,15 @@ pub fn plan<K: Clone, Tz: TimeZone>(
         (KeepReason::Yearly, rules.yearly),
     ];
     for (reason, count) in periods {
-        let mut kept = 0;
-        let mut last_bucket = None;
+        // A set, not just the previous bucket: where the clock goes back across a bucket
+        // boundary, a bucket can recur further down the list.
+        let mut seen = std::collections::HashSet::new();
         for d in &mut out {
-            if kept == count {
+            if seen.len() == count as usize {
                 break;
             }
-            let b = bucket(reason, &d.time, tz);
-            if last_bucket != Some(b) {
-                last_bucket = Some(b);
+            if seen.insert(bucket(reason, &d.time, tz)) {
                 d.reasons.push(reason);
-                kept += 1;
             }
         }
     }

@@ -1,0 +1,510 @@
+//! Store benchmark (issue 3): ingest a deterministic 2 GiB image into an empty local store,
+//! again unchanged, then after a 1 % change; read it back; compare with `qemu-img convert`
+//! of the same image. Run with
+//!
+//! ```sh
+//! taskset -c 0 cargo bench -p rewind-core --bench store
+//! ```
+//!
+//! `REWIND_BENCH_DIR` chooses where the ~8 GiB of scratch files go (default: target/bench).
+//! Results go to stdout as a Markdown table; `core/BENCHMARKS.md` keeps them with the
+//! conditions. This is a benchmark, not a test: nothing here passes or fails on timing.
+
+#![allow(
+    clippy::cast_precision_loss,
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss
+)]
+
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use chrono::Utc;
+use rewind_core::progress::Control;
+use rewind_core::store::{
+    CheckpointKind, Consistency, InitOptions, KdfCost, NewCheckpoint, ObjectIndex, Store, VmRef,
+};
+use uuid::Uuid;
+use zeroize::Zeroizing;
+
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+/// Layout: 1 GiB random, 0.5 GiB hole, 0.5 GiB text, 0.5 GiB hole, 0.5 GiB repeats.
+const RANDOM: (u64, u64) = (0, GIB);
+const TEXT: (u64, u64) = (GIB + GIB / 2, GIB / 2);
+const REPEATS: (u64, u64) = (2 * GIB + GIB / 2, GIB / 2);
+const IMAGE_BYTES: u64 = 3 * GIB;
+const DATA_BYTES: u64 = 2 * GIB;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn fill(&mut self, buf: &mut [u8]) {
+        for c in buf.chunks_mut(8) {
+            let v = self.next().to_le_bytes();
+            c.copy_from_slice(&v[..c.len()]);
+        }
+    }
+}
+
+const WORDS: [&str; 32] = [
+    "the",
+    "virtual",
+    "machine",
+    "checkpoint",
+    "restore",
+    "disk",
+    "memory",
+    "window",
+    "store",
+    "chunk",
+    "of",
+    "and",
+    "a",
+    "to",
+    "in",
+    "is",
+    "Rewind",
+    "backup",
+    "drive",
+    "file",
+    "system",
+    "user",
+    "data",
+    "time",
+    "every",
+    "minute",
+    "while",
+    "running",
+    "guest",
+    "host",
+    "kernel",
+    "driver",
+];
+
+fn make_image(path: &Path) {
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    file.set_len(IMAGE_BYTES).unwrap();
+    let mut rng = Rng(0x5EED_1234_ABCD_0001);
+    let mut buf = vec![0u8; 4 * MIB as usize];
+    for off in (RANDOM.0..RANDOM.0 + RANDOM.1).step_by(buf.len()) {
+        rng.fill(&mut buf);
+        file.write_all_at(&buf, off).unwrap();
+    }
+    let mut text = Vec::with_capacity(TEXT.1 as usize + 64);
+    while (text.len() as u64) < TEXT.1 {
+        let w = WORDS[(rng.next() % 32) as usize];
+        text.extend_from_slice(w.as_bytes());
+        text.push(if rng.next().is_multiple_of(12) {
+            b'\n'
+        } else {
+            b' '
+        });
+    }
+    file.write_all_at(&text[..TEXT.1 as usize], TEXT.0).unwrap();
+    // Repeats: 4 MiB-aligned copies of earlier 4 MiB blocks (aligned for every chunk size).
+    for off in (REPEATS.0..REPEATS.0 + REPEATS.1).step_by(buf.len()) {
+        let src_block = rng.next() % ((TEXT.0 + TEXT.1) / buf.len() as u64);
+        let src = src_block * buf.len() as u64;
+        let src = if (RANDOM.1..TEXT.0).contains(&src) {
+            src - RANDOM.1 / 2
+        } else {
+            src
+        }; // skip the hole
+        file.read_exact_at(&mut buf, src).unwrap();
+        file.write_all_at(&buf, off).unwrap();
+    }
+    file.sync_all().unwrap();
+}
+
+/// Changes 1 % of the data (20 MiB) in 64 KiB pieces all over the allocated regions;
+/// returns the changed byte offsets.
+fn change_one_percent(path: &Path) -> Vec<u64> {
+    let file = OpenOptions::new().write(true).open(path).unwrap();
+    let mut rng = Rng(0xC4A_4E5);
+    let mut piece = vec![0u8; 64 << 10];
+    let regions = [RANDOM, TEXT, REPEATS];
+    let mut offsets = Vec::new();
+    for _ in 0..(DATA_BYTES / 100) / piece.len() as u64 {
+        let (start, len) = regions[(rng.next() % 3) as usize];
+        let off = start + (rng.next() % (len / piece.len() as u64)) * piece.len() as u64;
+        rng.fill(&mut piece);
+        file.write_all_at(&piece, off).unwrap();
+        offsets.push(off);
+    }
+    file.sync_all().unwrap();
+    offsets
+}
+
+fn du_bytes(path: &Path) -> u64 {
+    let out = Command::new("du")
+        .args(["-sb", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+fn reset_peak_rss() {
+    let _ = fs::write("/proc/self/clear_refs", "5");
+}
+
+fn peak_rss_mib() -> f64 {
+    let status = fs::read_to_string("/proc/self/status").unwrap();
+    let kib: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    kib / 1024.0
+}
+
+fn drop_caches() -> bool {
+    Command::new("sync").status().is_ok() && fs::write("/proc/sys/vm/drop_caches", "3").is_ok()
+}
+
+struct Row {
+    what: String,
+    secs: f64,
+    logical_bytes: u64,
+    store_bytes_added: u64,
+    peak_rss_mib: f64,
+}
+
+fn timed<T>(f: impl FnOnce() -> T) -> (T, f64) {
+    reset_peak_rss();
+    let t = Instant::now();
+    let v = f();
+    (v, t.elapsed().as_secs_f64())
+}
+
+fn checkpoint(store: &Store, n: u32) -> NewCheckpoint {
+    NewCheckpoint {
+        vm: VmRef {
+            name: "bench".into(),
+            uuid: Uuid::from_bytes([7; 16]),
+        },
+        time: Utc::now() + chrono::Duration::seconds(i64::from(n)),
+        kind: CheckpointKind::Disk,
+        consistency: Consistency::Crash,
+        domain_xml: format!(
+            "<domain><name>bench</name><!-- store {} --></domain>",
+            store.config().id
+        ),
+        parent: None,
+        full_reason: None,
+        labels: vec![],
+    }
+}
+
+/// Ingests the whole file (every chunk read and hashed; unchanged chunks dedup).
+fn ingest(store: &Store, image: &Path, base: Option<&ObjectIndex>, n: u32) -> ObjectIndex {
+    let control = Control::new();
+    let mut w = store
+        .begin_checkpoint(checkpoint(store, n), &control)
+        .unwrap();
+    let object = store
+        .ingest_file(&File::open(image).unwrap(), IMAGE_BYTES, base, &control)
+        .unwrap();
+    w.add_disk("vda", None, Some("raw".into()), object).unwrap();
+    w.commit(&control).unwrap().disks[0].index.clone()
+}
+
+/// Incremental as issue 4 does it: only the chunks a dirty bitmap names are read.
+fn ingest_changed(store: &Store, image: &Path, base: &ObjectIndex, changed: &[u64], n: u32) -> u64 {
+    let control = Control::new();
+    let chunk = u64::from(store.chunk_size_bytes());
+    let mut chunks: Vec<u64> = changed.iter().map(|o| o / chunk).collect();
+    chunks.sort_unstable();
+    chunks.dedup();
+    let file = File::open(image).unwrap();
+    let mut w = store
+        .begin_checkpoint(checkpoint(store, n), &control)
+        .unwrap();
+    let mut object = store.object_writer(IMAGE_BYTES, Some(base)).unwrap();
+    let mut buf = vec![0u8; chunk as usize];
+    for &i in &chunks {
+        let len = object.chunk_len(i) as usize;
+        file.read_exact_at(&mut buf[..len], i * chunk).unwrap();
+        object.put(i, &buf[..len]).unwrap();
+    }
+    w.add_disk("vda", None, Some("raw".into()), object.finish().unwrap())
+        .unwrap();
+    w.commit(&control).unwrap();
+    chunks.len() as u64 * chunk
+}
+
+fn run_variant(dir: &Path, image: &Path, chunk_size: u32, encrypted: bool, rows: &mut Vec<Row>) {
+    let label = format!(
+        "{} KiB chunks{}",
+        chunk_size >> 10,
+        if encrypted { ", encrypted" } else { "" }
+    );
+    let root = dir.join(format!("store-{chunk_size}-{encrypted}"));
+    let _ = fs::remove_dir_all(&root);
+    let options = InitOptions {
+        chunk_size_bytes: chunk_size,
+        passphrase: encrypted.then(|| Zeroizing::new(b"benchmark".to_vec())),
+        kdf_cost: KdfCost::DEFAULT,
+    };
+    let store = Store::init(&root, &options).unwrap();
+    let pristine = dir.join("pristine.img");
+
+    let cached = drop_caches();
+    let before = du_bytes(&root);
+    let (first, secs) = timed(|| ingest(&store, image, None, 0));
+    rows.push(Row {
+        what: format!(
+            "{label}: ingest into empty store{}",
+            if cached { " (cold cache)" } else { "" }
+        ),
+        secs,
+        logical_bytes: DATA_BYTES,
+        store_bytes_added: du_bytes(&root) - before,
+        peak_rss_mib: peak_rss_mib(),
+    });
+
+    // The same into a second, empty store, with the image now in the page cache: what the
+    // store itself costs when reading the source is not the limit.
+    let warm_root = dir.join(format!("store-warm-{chunk_size}-{encrypted}"));
+    let _ = fs::remove_dir_all(&warm_root);
+    let warm = Store::init(&warm_root, &options).unwrap();
+    let (_, secs) = timed(|| ingest(&warm, image, None, 0));
+    rows.push(Row {
+        what: format!("{label}: ingest into empty store (image in page cache)"),
+        secs,
+        logical_bytes: DATA_BYTES,
+        store_bytes_added: du_bytes(&warm_root),
+        peak_rss_mib: peak_rss_mib(),
+    });
+    drop(warm);
+    fs::remove_dir_all(&warm_root).unwrap();
+
+    let before = du_bytes(&root);
+    let (second, secs) = timed(|| ingest(&store, image, Some(&first), 1));
+    rows.push(Row {
+        what: format!("{label}: unchanged, whole image re-read"),
+        secs,
+        logical_bytes: DATA_BYTES,
+        store_bytes_added: du_bytes(&root) - before,
+        peak_rss_mib: peak_rss_mib(),
+    });
+
+    let changed_image = dir.join("changed.img");
+    fs::copy(&pristine, &changed_image).unwrap();
+    let changed = change_one_percent(&changed_image);
+    let before = du_bytes(&root);
+    let (read, secs) = timed(|| ingest_changed(&store, &changed_image, &second, &changed, 2));
+    rows.push(Row {
+        what: format!("{label}: 1 % changed, dirty chunks only"),
+        secs,
+        logical_bytes: read,
+        store_bytes_added: du_bytes(&root) - before,
+        peak_rss_mib: peak_rss_mib(),
+    });
+    // Remove that checkpoint's new chunks again, so the whole-image run has to store them.
+    let latest = store.catalog().unwrap().checkpoints.pop().unwrap();
+    store
+        .delete_checkpoint(&latest.vm.uuid, &latest.id)
+        .unwrap();
+    store.gc(&Control::new()).unwrap();
+    let before = du_bytes(&root);
+    let (_, secs) = timed(|| ingest(&store, &changed_image, Some(&second), 3));
+    rows.push(Row {
+        what: format!("{label}: 1 % changed, whole image re-read"),
+        secs,
+        logical_bytes: DATA_BYTES,
+        store_bytes_added: du_bytes(&root) - before,
+        peak_rss_mib: peak_rss_mib(),
+    });
+    fs::remove_file(&changed_image).unwrap();
+
+    restore(&store, &first, dir, &label, rows);
+    fs::remove_dir_all(&root).unwrap();
+}
+
+/// Restores the first checkpoint to a new file (checked against the image), then reads it
+/// back without writing.
+fn restore(store: &Store, first: &ObjectIndex, dir: &Path, label: &str, rows: &mut Vec<Row>) {
+    let pristine = dir.join("pristine.img");
+    let out = dir.join("restored.img");
+    let cached = drop_caches();
+    let ((), secs) = timed(|| {
+        let file = File::create(&out).unwrap();
+        store
+            .object_reader(first)
+            .unwrap()
+            .write_to_file(&file, &Control::new())
+            .unwrap();
+        file.sync_all().unwrap();
+    });
+    rows.push(Row {
+        what: format!(
+            "{label}: restore to a new file{}",
+            if cached { " (cold cache)" } else { "" }
+        ),
+        secs,
+        logical_bytes: DATA_BYTES,
+        store_bytes_added: 0,
+        peak_rss_mib: peak_rss_mib(),
+    });
+    assert_eq!(
+        blake3_file(&out),
+        blake3_file(&pristine),
+        "restored image differs"
+    );
+    fs::remove_file(&out).unwrap();
+    let ((), secs) = timed(|| {
+        let mut reader = store.object_reader(first).unwrap();
+        for i in 0..reader.chunk_count() {
+            std::hint::black_box(reader.read(i).unwrap());
+        }
+    });
+    rows.push(Row {
+        what: format!("{label}: restore-read only (decode + verify hash)"),
+        secs,
+        logical_bytes: DATA_BYTES,
+        store_bytes_added: 0,
+        peak_rss_mib: peak_rss_mib(),
+    });
+}
+
+fn blake3_file(path: &Path) -> String {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update_reader(File::open(path).unwrap()).unwrap();
+    hasher.finalize().to_hex().to_string()
+}
+
+fn zstd_levels(image: &Path) {
+    let file = File::open(image).unwrap();
+    let mut text = vec![0u8; 64 * MIB as usize];
+    file.read_exact_at(&mut text, TEXT.0).unwrap();
+    let mut random = vec![0u8; 64 * MIB as usize];
+    file.read_exact_at(&mut random, RANDOM.0).unwrap();
+    println!("\n| zstd level | text MB/s | text ratio | random MB/s |\n|---|---|---|---|");
+    for level in [-3, -1, 1, 3, 6] {
+        let t = Instant::now();
+        let mut out = 0;
+        for c in text.chunks(MIB as usize) {
+            out += zstd::bulk::compress(c, level).unwrap().len();
+        }
+        let text_secs = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        for c in random.chunks(MIB as usize) {
+            std::hint::black_box(zstd::bulk::compress(c, level).unwrap());
+        }
+        let random_secs = t.elapsed().as_secs_f64();
+        println!(
+            "| {level} | {:.0} | {:.2} | {:.0} |",
+            64.0 * 1.048_576 / text_secs,
+            text.len() as f64 / out as f64,
+            64.0 * 1.048_576 / random_secs
+        );
+    }
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list" || a == "--test") {
+        return; // `cargo test --benches` probes benches this way; run nothing.
+    }
+    let dir = std::env::var_os("REWIND_BENCH_DIR").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench"),
+        PathBuf::from,
+    );
+    fs::create_dir_all(&dir).unwrap();
+    let image = dir.join("pristine.img");
+    eprintln!("generating {} …", image.display());
+    make_image(&image);
+
+    let mut rows = Vec::new();
+    let ((), secs) = timed(|| {
+        let out = dir.join("baseline.qcow2");
+        let status = Command::new("qemu-img")
+            .args(["convert", "-O", "qcow2"])
+            .arg(&image)
+            .arg(&out)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let f = File::open(&out).unwrap();
+        f.sync_all().unwrap();
+        fs::remove_file(out).unwrap();
+    });
+    rows.push(Row {
+        what: "baseline: qemu-img convert -O qcow2 (plus fsync)".into(),
+        secs,
+        logical_bytes: DATA_BYTES,
+        store_bytes_added: 0,
+        peak_rss_mib: 0.0,
+    });
+    let ((), secs) = timed(|| {
+        let out = dir.join("baseline.raw");
+        let status = Command::new("qemu-img")
+            .args(["convert", "-O", "raw"])
+            .arg(&image)
+            .arg(&out)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        File::open(&out).unwrap().sync_all().unwrap();
+        fs::remove_file(out).unwrap();
+    });
+    rows.push(Row {
+        what: "baseline: qemu-img convert -O raw (plus fsync)".into(),
+        secs,
+        logical_bytes: DATA_BYTES,
+        store_bytes_added: 0,
+        peak_rss_mib: 0.0,
+    });
+
+    let sizes: Vec<u32> = std::env::var("REWIND_BENCH_CHUNK_KIB").map_or_else(
+        |_| vec![256, 1024, 4096],
+        |v| {
+            v.split(',')
+                .map(|s| s.trim().parse::<u32>().unwrap())
+                .collect()
+        },
+    );
+    for kib in sizes {
+        run_variant(&dir, &image, kib << 10, false, &mut rows);
+    }
+    run_variant(&dir, &image, 1 << 20, true, &mut rows);
+
+    println!(
+        "| run | seconds | logical MB/s | store bytes added | peak RSS MiB |\n|---|---|---|---|---|"
+    );
+    for r in &rows {
+        println!(
+            "| {} | {:.2} | {:.0} | {} | {:.0} |",
+            r.what,
+            r.secs,
+            r.logical_bytes as f64 / 1e6 / r.secs,
+            r.store_bytes_added,
+            r.peak_rss_mib
+        );
+    }
+    zstd_levels(&image);
+    fs::remove_file(&image).unwrap();
+}
