@@ -25,7 +25,8 @@ use std::time::Instant;
 use chrono::Utc;
 use rewind_core::progress::Control;
 use rewind_core::store::{
-    CheckpointKind, Consistency, InitOptions, KdfCost, NewCheckpoint, ObjectIndex, Store, VmRef,
+    CheckpointKind, Consistency, InitOptions, KdfCost, Manifest, NewCheckpoint, ObjectIndex, Store,
+    VmRef,
 };
 use uuid::Uuid;
 use zeroize::Zeroizing;
@@ -200,7 +201,7 @@ fn timed<T>(f: impl FnOnce() -> T) -> (T, f64) {
     (v, t.elapsed().as_secs_f64())
 }
 
-fn checkpoint(store: &Store, n: u32) -> NewCheckpoint {
+fn checkpoint(store: &Store, n: u32, parent: Option<&Manifest>) -> NewCheckpoint {
     NewCheckpoint {
         vm: VmRef {
             name: "bench".into(),
@@ -213,27 +214,28 @@ fn checkpoint(store: &Store, n: u32) -> NewCheckpoint {
             "<domain><name>bench</name><!-- store {} --></domain>",
             store.config().id
         ),
-        parent: None,
+        parent: parent.map(|p| p.id.clone()),
         full_reason: None,
         labels: vec![],
     }
 }
 
 /// Ingests the whole file (every chunk read and hashed; unchanged chunks dedup).
-fn ingest(store: &Store, image: &Path, base: Option<&ObjectIndex>, n: u32) -> ObjectIndex {
+fn ingest(store: &Store, image: &Path, parent: Option<&Manifest>, n: u32) -> Manifest {
     let control = Control::new();
     let mut w = store
-        .begin_checkpoint(checkpoint(store, n), &control)
+        .begin_checkpoint(checkpoint(store, n, parent), &control)
         .unwrap();
-    let object = store
+    let base = parent.map(|p| &p.disks[0].index);
+    let object = w
         .ingest_file(&File::open(image).unwrap(), IMAGE_BYTES, base, &control)
         .unwrap();
     w.add_disk("vda", None, Some("raw".into()), object).unwrap();
-    w.commit(&control).unwrap().disks[0].index.clone()
+    w.commit(&control).unwrap()
 }
 
 /// Incremental as issue 4 does it: only the chunks a dirty bitmap names are read.
-fn ingest_changed(store: &Store, image: &Path, base: &ObjectIndex, changed: &[u64], n: u32) -> u64 {
+fn ingest_changed(store: &Store, image: &Path, parent: &Manifest, changed: &[u64], n: u32) -> u64 {
     let control = Control::new();
     let chunk = u64::from(store.chunk_size_bytes());
     let mut chunks: Vec<u64> = changed.iter().map(|o| o / chunk).collect();
@@ -241,9 +243,11 @@ fn ingest_changed(store: &Store, image: &Path, base: &ObjectIndex, changed: &[u6
     chunks.dedup();
     let file = File::open(image).unwrap();
     let mut w = store
-        .begin_checkpoint(checkpoint(store, n), &control)
+        .begin_checkpoint(checkpoint(store, n, Some(parent)), &control)
         .unwrap();
-    let mut object = store.object_writer(IMAGE_BYTES, Some(base)).unwrap();
+    let mut object = w
+        .object_writer(IMAGE_BYTES, Some(&parent.disks[0].index))
+        .unwrap();
     let mut buf = vec![0u8; chunk as usize];
     for &i in &chunks {
         let len = object.chunk_len(i) as usize;
@@ -341,7 +345,7 @@ fn run_variant(dir: &Path, image: &Path, chunk_size: u32, encrypted: bool, rows:
     });
     fs::remove_file(&changed_image).unwrap();
 
-    restore(&store, &first, dir, &label, rows);
+    restore(&store, &first.disks[0].index, dir, &label, rows);
     fs::remove_dir_all(&root).unwrap();
 }
 

@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 
 use chrono::{TimeZone, Utc};
 use rewind_core::progress::Control;
-use rewind_core::store::{CheckpointKind, Consistency, InitOptions, NewCheckpoint, Store, VmRef};
+use rewind_core::store::{
+    CheckpointKind, Consistency, InitOptions, NewCheckpoint, Store, StoreError, VmRef,
+};
 use uuid::Uuid;
 
 const CHUNK: u32 = 64 << 10;
@@ -77,7 +79,7 @@ fn crash_child() {
     let control = Control::new();
     let image = root.parent().unwrap().join("image.raw");
     let catalog = store.catalog().unwrap();
-    let mut base = catalog.checkpoints.last().map(|m| m.disks[0].index.clone());
+    let mut parent = catalog.checkpoints.last().cloned();
     let mut n = catalog
         .checkpoints
         .iter()
@@ -111,16 +113,30 @@ fn crash_child() {
             kind: CheckpointKind::Disk,
             consistency: Consistency::Crash,
             domain_xml: "<domain/>".into(),
-            parent: None,
+            parent: parent.as_ref().map(|p| p.id.clone()),
             full_reason: None,
             labels: vec![],
         };
-        let mut writer = store.begin_checkpoint(new, &control).unwrap();
-        let object = store
+        let mut writer = match store.begin_checkpoint(new.clone(), &control) {
+            Err(StoreError::ParentGone { .. }) => {
+                parent = None;
+                store
+                    .begin_checkpoint(
+                        NewCheckpoint {
+                            parent: None,
+                            ..new
+                        },
+                        &control,
+                    )
+                    .unwrap()
+            }
+            other => other.unwrap(),
+        };
+        let object = writer
             .ingest_file(
                 &File::open(&image).unwrap(),
                 IMAGE_BYTES as u64,
-                base.as_ref(),
+                parent.as_ref().map(|p| &p.disks[0].index),
                 &control,
             )
             .unwrap();
@@ -132,7 +148,7 @@ fn crash_child() {
             .unwrap();
         let m = writer.commit(&control).unwrap();
         println!("COMMITTED {n} {}", m.id);
-        base = Some(m.disks[0].index.clone());
+        parent = Some(m);
         if n % 4 == 3 {
             let oldest = store
                 .catalog()

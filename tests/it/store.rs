@@ -53,7 +53,7 @@ fn write_checkpoint(
         labels: vec![],
     };
     let mut writer = store.begin_checkpoint(new, &control).unwrap();
-    let object = store
+    let object = writer
         .ingest_file(&File::open(&image).unwrap(), size, None, &control)
         .unwrap();
     writer

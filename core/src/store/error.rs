@@ -204,6 +204,19 @@ pub enum StoreError {
         store: PathBuf,
     },
 
+    /// The checkpoint an incremental was to be taken from is no longer in the store.
+    #[error(
+        "checkpoint {id}, which this one was to be incremental from, has been removed from the \
+         store at {store}; take a full checkpoint instead",
+        store = store.display()
+    )]
+    ParentGone {
+        /// The parent's id.
+        id: String,
+        /// The store's folder.
+        store: PathBuf,
+    },
+
     /// The caller cancelled.
     #[error("cancelled")]
     Cancelled,

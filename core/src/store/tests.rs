@@ -101,15 +101,16 @@ fn checkpoint_file(
     vm: VmRef,
     minute: u32,
     image: &Path,
-    base: Option<&ObjectIndex>,
+    parent: Option<&Manifest>,
 ) -> Manifest {
     let control = Control::new();
-    let mut writer = store
-        .begin_checkpoint(new_checkpoint(vm, minute), &control)
-        .unwrap();
+    let mut new = new_checkpoint(vm, minute);
+    new.parent = parent.map(|p| p.id.clone());
+    let mut writer = store.begin_checkpoint(new, &control).unwrap();
     let file = File::open(image).unwrap();
     let size = file.metadata().unwrap().len();
-    let object = store.ingest_file(&file, size, base, &control).unwrap();
+    let base = parent.map(|p| &p.disks[0].index);
+    let object = writer.ingest_file(&file, size, base, &control).unwrap();
     writer
         .add_disk(
             "vda",
@@ -248,7 +249,7 @@ fn unchanged_second_checkpoint_adds_only_its_manifest() {
     let (image, _) = make_image(tmp.path(), "disk.img", 2);
     let first = checkpoint_file(&store, vm("a", 1), 0, &image, None);
     let files = chunk_files(&store).len();
-    let second = checkpoint_file(&store, vm("a", 1), 1, &image, Some(&first.disks[0].index));
+    let second = checkpoint_file(&store, vm("a", 1), 1, &image, Some(&first));
     assert_eq!(chunk_files(&store).len(), files);
     let manifest_len = fs::metadata(store.manifest_path(&second.vm.uuid, &second.id))
         .unwrap()
@@ -276,7 +277,7 @@ fn incremental_rewrites_only_the_changed_page() {
     content[200 * c + 7] ^= 0xff; // one byte in chunk 200, page 1
     write_sparse(&image, &content);
     let before = chunk_files(&store).len();
-    let second = checkpoint_file(&store, vm("a", 1), 1, &image, Some(&first.disks[0].index));
+    let second = checkpoint_file(&store, vm("a", 1), 1, &image, Some(&first));
     assert_eq!(
         chunk_files(&store).len(),
         before + 2,
@@ -440,6 +441,175 @@ fn gc_waits_for_a_writer_and_writers_wait_for_gc() {
     store
         .begin_checkpoint(new_checkpoint(vm("a", 1), 0), &Control::new())
         .unwrap();
+}
+
+type Written = std::sync::Mutex<Vec<(Manifest, Vec<u8>)>>;
+
+/// Writes 12 incremental checkpoints of VM `v`, each changing a little of its disk; falls
+/// back to a full capture when the parent was removed meanwhile.
+fn write_history(
+    root: &Path,
+    dir: &Path,
+    v: u8,
+    written: &Written,
+    parent_gone: &std::sync::atomic::AtomicU32,
+) {
+    use std::sync::atomic::Ordering;
+    let store = Store::open(root, None).unwrap();
+    let image = dir.join(format!("vm{v}.img"));
+    let mut content = noise(u64::from(v), 12 * CHUNK as usize);
+    let mut parent: Option<Manifest> = None;
+    for n in 0..12u32 {
+        let at = (n as usize * 5 + usize::from(v)) % 12 * CHUNK as usize;
+        content[at..at + 1000].copy_from_slice(&noise(u64::from(n) + 100, 1000));
+        write_sparse(&image, &content);
+        let control = Control::new();
+        let mut new = new_checkpoint(vm(&format!("vm{v}"), v), n);
+        new.parent = parent.as_ref().map(|p| p.id.clone());
+        let mut writer = match store.begin_checkpoint(new.clone(), &control) {
+            Err(StoreError::ParentGone { .. }) => {
+                parent_gone.fetch_add(1, Ordering::Relaxed);
+                parent = None;
+                store
+                    .begin_checkpoint(
+                        NewCheckpoint {
+                            parent: None,
+                            ..new
+                        },
+                        &control,
+                    )
+                    .unwrap()
+            }
+            other => other.unwrap(),
+        };
+        let file = File::open(&image).unwrap();
+        let base = parent.as_ref().map(|p| &p.disks[0].index);
+        let object = writer
+            .ingest_file(&file, content.len() as u64, base, &control)
+            .unwrap();
+        writer.add_disk("vda", None, None, object).unwrap();
+        let m = writer.commit(&control).unwrap();
+        written.lock().unwrap().push((m.clone(), content.clone()));
+        parent = Some(m);
+    }
+}
+
+/// Garbage collection and pruning running again and again while two VMs' checkpoints are
+/// written (each thread with its own handle, so its own lock): GC never removes what a
+/// finished or in-flight checkpoint needs, and an incremental whose parent was pruned in
+/// the meantime is refused rather than written against a base that is going away.
+#[test]
+fn gc_and_prune_alongside_writers_never_break_a_checkpoint() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("s");
+    Store::init(&root, &options()).unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(Written::default());
+    let parent_gone = Arc::new(AtomicU32::new(0));
+    let writers: Vec<_> = (1..=2u8)
+        .map(|v| {
+            let (root, dir, written, parent_gone) = (
+                root.clone(),
+                tmp.path().to_path_buf(),
+                written.clone(),
+                parent_gone.clone(),
+            );
+            std::thread::spawn(move || write_history(&root, &dir, v, &written, &parent_gone))
+        })
+        .collect();
+    let collector = {
+        let (root, done) = (root.clone(), done.clone());
+        std::thread::spawn(move || {
+            let store = Store::open(&root, None).unwrap();
+            let mut runs = 0;
+            while !done.load(Ordering::Relaxed) {
+                let rules = retention::KeepRules {
+                    last: 2,
+                    ..Default::default()
+                };
+                store.prune(&rules, None, false, &Control::new()).unwrap();
+                if runs % 3 == 0 {
+                    // As a user deleting the newest checkpoint from the timeline.
+                    let newest = store
+                        .catalog()
+                        .unwrap()
+                        .checkpoints
+                        .into_iter()
+                        .rev()
+                        .find(|m| m.vm.name == "vm1");
+                    if let Some(m) = newest {
+                        match store.delete_checkpoint(&m.vm.uuid, &m.id) {
+                            Ok(()) | Err(StoreError::NoSuchCheckpoint { .. }) => {}
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                }
+                store.gc(&Control::new()).unwrap();
+                runs += 1;
+            }
+            runs
+        })
+    };
+    for w in writers {
+        w.join().unwrap();
+    }
+    done.store(true, Ordering::Relaxed);
+    let gc_runs = collector.join().unwrap();
+    assert!(gc_runs > 0);
+
+    let store = Store::open(&root, None).unwrap();
+    let report = store.verify(false, &Control::new()).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    let catalog = store.catalog().unwrap();
+    assert!(!catalog.checkpoints.is_empty());
+    let written = written.lock().unwrap();
+    for m in &catalog.checkpoints {
+        let (_, content) = written
+            .iter()
+            .find(|(w, _)| w == m)
+            .expect("listed checkpoints were written");
+        assert_eq!(
+            &read_back(&store, &m.disks[0].index, tmp.path()),
+            content,
+            "{} of {}",
+            m.id,
+            m.vm.name
+        );
+    }
+    eprintln!(
+        "{gc_runs} GC runs; {} incrementals refused because their parent was pruned",
+        parent_gone.load(Ordering::Relaxed)
+    );
+}
+
+#[test]
+fn an_incremental_needs_its_parent_to_still_be_there() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::init(&tmp.path().join("s"), &options()).unwrap();
+    let (image, _) = make_image(tmp.path(), "d.img", 21);
+    let first = checkpoint_file(&store, vm("a", 1), 0, &image, None);
+    let (other_image, _) = make_image(tmp.path(), "e.img", 22);
+    let other = checkpoint_file(&store, vm("b", 2), 0, &other_image, None);
+    let control = Control::new();
+    let mut new = new_checkpoint(vm("a", 1), 1);
+    new.parent = Some(first.id.clone());
+    {
+        let writer = store.begin_checkpoint(new.clone(), &control).unwrap();
+        assert_eq!(writer.parent(), Some(&first));
+        // A base that is not the parent's cannot be used: nothing keeps its chunks alive.
+        let size = first.disks[0].index.size_bytes;
+        let err = writer
+            .object_writer(size, Some(&other.disks[0].index))
+            .unwrap_err();
+        assert!(err.to_string().contains("not one of checkpoint"), "{err}");
+    }
+    store.delete_checkpoint(&first.vm.uuid, &first.id).unwrap();
+    let err = store.begin_checkpoint(new, &control).unwrap_err();
+    assert!(matches!(err, StoreError::ParentGone { .. }), "{err}");
+    assert!(err.to_string().contains("take a full checkpoint"), "{err}");
 }
 
 #[test]
@@ -689,14 +859,14 @@ mod properties {
             let image = tmp.path().join("d.img");
             let mut content = vec![0u8; 40 * 4096 + 17];
             let mut taken = Vec::new();
-            let mut base: Option<ObjectIndex> = None;
+            let mut parent: Option<Manifest> = None;
             for (n, (block, value, len)) in writes.iter().enumerate() {
                 let start = block * 4096;
                 let end = (start + len).min(content.len());
                 content[start..end].fill(*value);
                 write_sparse(&image, &content);
-                let m = checkpoint_file(&store, vm("p", 1), u32::try_from(n).unwrap(), &image, base.as_ref());
-                base = Some(m.disks[0].index.clone());
+                let m = checkpoint_file(&store, vm("p", 1), u32::try_from(n).unwrap(), &image, parent.as_ref());
+                parent = Some(m.clone());
                 taken.push((m, content.clone()));
             }
             for (m, expected) in &taken {

@@ -52,6 +52,7 @@ pub struct CheckpointWriter<'s> {
     store: &'s Store,
     _lock: StoreLock,
     new: NewCheckpoint,
+    parent: Option<Manifest>,
     id: String,
     disks: Vec<DiskEntry>,
     blobs: Vec<BlobEntry>,
@@ -81,10 +82,27 @@ impl Store {
             new.time += chrono::Duration::milliseconds(1);
         }
         let id = manifest::checkpoint_id(new.time);
+        // The parent is read under the lock: as long as this writer holds it, garbage
+        // collection cannot remove what the parent references, so the chunks and pages an
+        // incremental shares with it stay in the store.
+        let parent = match &new.parent {
+            None => None,
+            Some(parent_id) => match self.manifest(&new.vm.uuid, parent_id) {
+                Ok(m) => Some(m),
+                Err(StoreError::NoSuchCheckpoint { .. }) => {
+                    return Err(StoreError::ParentGone {
+                        id: parent_id.clone(),
+                        store: self.root().to_path_buf(),
+                    });
+                }
+                Err(e) => return Err(e),
+            },
+        };
         Ok(CheckpointWriter {
             store: self,
             _lock: lock,
             new,
+            parent,
             id,
             disks: Vec::new(),
             blobs: Vec::new(),
@@ -93,10 +111,8 @@ impl Store {
         })
     }
 
-    /// Starts an index for an object of `size_bytes`. With `base` (the same disk in the
-    /// parent checkpoint, of the same size), untouched chunks keep the base's entries and
-    /// untouched index pages are shared, not rewritten.
-    pub fn object_writer(
+    /// Starts an index for an object of `size_bytes` (see [`CheckpointWriter::object_writer`]).
+    pub(crate) fn object_writer(
         &self,
         size_bytes: u64,
         base: Option<&ObjectIndex>,
@@ -128,9 +144,8 @@ impl Store {
         })
     }
 
-    /// Reads a whole file (disk image, NVRAM) into a new object, skipping holes of sparse
-    /// files without reading them. With `base`, only changed pages of the index are written.
-    pub fn ingest_file(
+    /// Reads a whole file into a new object (see [`CheckpointWriter::ingest_file`]).
+    pub(crate) fn ingest_file(
         &self,
         file: &File,
         size_bytes: u64,
@@ -285,7 +300,7 @@ impl ObjectWriter<'_> {
     }
 }
 
-impl CheckpointWriter<'_> {
+impl<'s> CheckpointWriter<'s> {
     /// The id the checkpoint will have.
     #[must_use]
     pub fn id(&self) -> &str {
@@ -296,6 +311,54 @@ impl CheckpointWriter<'_> {
     #[must_use]
     pub fn store(&self) -> &Store {
         self.store
+    }
+
+    /// The parent checkpoint, read when writing began.
+    #[must_use]
+    pub fn parent(&self) -> Option<&Manifest> {
+        self.parent.as_ref()
+    }
+
+    /// `base` must be one of the parent checkpoint's indexes: only then is it certain that
+    /// everything it references is in the store until this checkpoint is committed.
+    fn check_base(&self, base: Option<&ObjectIndex>) -> Result<(), StoreError> {
+        match (base, &self.parent) {
+            (None, _) => Ok(()),
+            (Some(base), Some(parent)) if parent.indexes().any(|i| i == base) => Ok(()),
+            (Some(_), Some(parent)) => Err(StoreError::Invalid(format!(
+                "the base index is not one of checkpoint {}'s",
+                parent.id
+            ))),
+            (Some(_), None) => Err(StoreError::Invalid(
+                "an incremental needs its parent checkpoint named in NewCheckpoint::parent".into(),
+            )),
+        }
+    }
+
+    /// Starts an index for an object of `size_bytes`. With `base` (the same disk in the
+    /// parent checkpoint, of the same size), untouched chunks keep the base's entries and
+    /// untouched index pages are shared, not rewritten.
+    pub fn object_writer(
+        &self,
+        size_bytes: u64,
+        base: Option<&ObjectIndex>,
+    ) -> Result<ObjectWriter<'s>, StoreError> {
+        self.check_base(base)?;
+        self.store.object_writer(size_bytes, base)
+    }
+
+    /// Reads a whole file (disk image, NVRAM) into a new object, skipping holes of sparse
+    /// files without reading them. With `base` (from the parent), only changed pages of the
+    /// index are written.
+    pub fn ingest_file(
+        &self,
+        file: &File,
+        size_bytes: u64,
+        base: Option<&ObjectIndex>,
+        control: &Control,
+    ) -> Result<FinishedObject, StoreError> {
+        self.check_base(base)?;
+        self.store.ingest_file(file, size_bytes, base, control)
     }
 
     /// Adds a finished disk.
