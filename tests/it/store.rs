@@ -367,3 +367,138 @@ fn bad_store_paths_get_clear_errors() {
         &["already holds a Rewind store"],
     );
 }
+
+/// A tmpfs mounted for one test, unmounted when dropped (also when the test fails).
+struct SmallDrive {
+    path: std::path::PathBuf,
+}
+
+impl SmallDrive {
+    fn mount(path: &Path, size_kib: u64) -> Self {
+        assert!(
+            rewind_tests::daemon::is_root(),
+            "this test mounts a small file system and needs root: run it with ./x test"
+        );
+        fs::create_dir_all(path).unwrap();
+        let status = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size_kib}k"),
+                "rewind-test-drive",
+            ])
+            .arg(path)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount tmpfs on {}", path.display());
+        Self {
+            path: path.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for SmallDrive {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+#[test]
+fn a_full_drive_fails_the_new_checkpoint_and_keeps_the_old_ones() {
+    let dir = scratch("store-full");
+    let drive = SmallDrive::mount(&dir.path().join("drive"), 8 << 10);
+    let dest = drive.path.join("rewind");
+    rewind::run_ok(&["init", path_str(&dest)]);
+    let store = Store::open(&dest, None).unwrap();
+    // Incompressible data: 3 MiB fits the 8 MiB drive, another 6 MiB does not.
+    let noise = |seed: u64, len: usize| {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x.to_le_bytes()[3]
+            })
+            .collect::<Vec<u8>>()
+    };
+    let small = noise(1, 3 << 20);
+    let kept = write_checkpoint(
+        &store,
+        "vm",
+        1,
+        Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap(),
+        &small,
+        dir.path(),
+    );
+
+    let big = noise(2, 6 << 20);
+    let image = dir.path().join("big.img");
+    fs::write(&image, &big).unwrap();
+    let control = Control::new();
+    let new = NewCheckpoint {
+        vm: VmRef {
+            name: "vm".into(),
+            uuid: Uuid::from_bytes([1; 16]),
+        },
+        time: Utc.with_ymd_and_hms(2026, 1, 1, 1, 0, 0).unwrap(),
+        kind: CheckpointKind::Disk,
+        consistency: Consistency::Crash,
+        domain_xml: "<domain/>".into(),
+        parent: None,
+        full_reason: None,
+        labels: vec![],
+    };
+    let writer = store.begin_checkpoint(new, &control).unwrap();
+    let err = writer
+        .ingest_file(
+            &File::open(&image).unwrap(),
+            big.len() as u64,
+            None,
+            &control,
+        )
+        .unwrap_err();
+    drop(writer);
+    assert!(
+        err.to_string().contains("drive of the store is full"),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("existing checkpoints are intact"),
+        "{err}"
+    );
+
+    // The earlier checkpoint is listed, verifies, and reads back; the failed one left nothing visible.
+    let listing: serde_json::Value = serde_json::from_str(&rewind::run_ok(&[
+        "checkpoints",
+        "--in",
+        path_str(&dest),
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(listing["checkpoints"].as_array().unwrap().len(), 1);
+    assert_eq!(listing["checkpoints"][0]["id"], kept.id.as_str());
+    rewind::run_ok(&["verify", "--in", path_str(&dest)]);
+    let mut reader = store.object_reader(&kept.disks[0].index).unwrap();
+    let mut back = Vec::new();
+    for i in 0..reader.chunk_count() {
+        back.extend_from_slice(&reader.read(i).unwrap());
+    }
+    assert_eq!(&back[..small.len()], &small[..]);
+    // GC gives the space of the failed attempt back, and the drive takes checkpoints again.
+    let gc: serde_json::Value =
+        serde_json::from_str(&rewind::run_ok(&["gc", "--in", path_str(&dest), "--json"])).unwrap();
+    assert!(gc["bytes_removed"].as_u64().unwrap() > 1 << 20, "{gc}");
+    write_checkpoint(
+        &store,
+        "vm",
+        1,
+        Utc.with_ymd_and_hms(2026, 1, 1, 2, 0, 0).unwrap(),
+        &noise(3, 2 << 20),
+        dir.path(),
+    );
+    rewind::run_ok(&["verify", "--in", path_str(&dest)]);
+}

@@ -40,6 +40,21 @@ fn main() -> ExitCode {
             .status();
     }
 
+    // Mounts under the scratch root (small drives of the store tests), deepest first.
+    let mut mounts: Vec<String> = std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1).map(str::to_owned))
+        .filter(|m| Path::new(m).starts_with(&root))
+        .collect();
+    mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    for mount in mounts {
+        leaks.push(format!("mount {mount}"));
+        let _ = std::process::Command::new("umount")
+            .args(["-l", &mount])
+            .status();
+    }
+
     if let Ok(entries) = std::fs::read_dir(&root) {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -53,7 +68,7 @@ fn main() -> ExitCode {
     }
 
     if leaks.is_empty() {
-        println!("leak-check: no test VMs, scratch files or processes left behind");
+        println!("leak-check: no test VMs, mounts, scratch files or processes left behind");
         ExitCode::SUCCESS
     } else {
         eprintln!("leak-check: the tests left these behind (now removed):");
