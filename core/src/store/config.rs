@@ -103,3 +103,40 @@ impl StoreConfig {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever `rewind-store.json` holds, reading it answers with a config or an error
+        /// naming the file — never a panic.
+        #[test]
+        fn arbitrary_config_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let tmp = tempfile::tempdir().unwrap();
+            std::fs::write(tmp.path().join(CONFIG_FILE), &bytes).unwrap();
+            if let Err(e) = StoreConfig::read(tmp.path()) {
+                prop_assert!(!e.to_string().is_empty());
+            }
+        }
+
+        /// Valid JSON with arbitrary field values: still only Ok or a clear error.
+        #[test]
+        fn arbitrary_config_values_never_panic(version in any::<u32>(), chunk in any::<u32>(), format in "[a-z-]{0,14}") {
+            let tmp = tempfile::tempdir().unwrap();
+            let text = format!(
+                r#"{{"format":"{format}","version":{version},"id":"00000000-0000-4000-8000-000000000000","created":"2026-01-01T00:00:00Z","chunk_size_bytes":{chunk},"encryption":null}}"#
+            );
+            std::fs::write(tmp.path().join(CONFIG_FILE), text).unwrap();
+            let result = StoreConfig::read(tmp.path());
+            let valid = format == FORMAT_NAME && version == FORMAT_VERSION && chunk.is_power_of_two()
+                && (CHUNK_SIZE_RANGE_BYTES.0..=CHUNK_SIZE_RANGE_BYTES.1).contains(&chunk);
+            prop_assert_eq!(result.is_ok(), valid);
+            if format == FORMAT_NAME && version > FORMAT_VERSION {
+                let is_newer = matches!(result, Err(StoreError::NewerFormat { .. }));
+                prop_assert!(is_newer);
+            }
+        }
+    }
+}

@@ -168,6 +168,15 @@ mod tests {
         assert!(huge.validate(1 << 20).is_err());
     }
 
+    proptest::proptest! {
+        #[test]
+        fn decoding_arbitrary_pages_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600), entries in 0u64..200) {
+            if let Ok(ids) = decode_page(&bytes, entries) {
+                proptest::prop_assert_eq!(ids.len() as u64, entries);
+            }
+        }
+    }
+
     #[test]
     fn pages_round_trip_and_check_length() {
         let ids = vec![HOLE, ChunkId([7; 32])];
