@@ -145,7 +145,12 @@ impl Store {
         let encryption = match (&keys, &options.passphrase) {
             (Some(keys), Some(pass)) => Some(
                 keys.wrap(pass, id.as_bytes(), options.kdf_cost)
-                    .map_err(|e| StoreError::Random(e.to_string()))?,
+                    .map_err(|e| match e {
+                        crypto::CryptoError::Random(detail) => StoreError::Random(detail),
+                        other => StoreError::Invalid(format!(
+                            "cannot derive the store's key from the passphrase: {other}"
+                        )),
+                    })?,
             ),
             _ => None,
         };
@@ -196,6 +201,10 @@ impl Store {
                 Keys::unwrap(enc, pass, config.id.as_bytes()).map_err(|e| match e {
                     crypto::CryptoError::WrongPassphrase => StoreError::WrongPassphrase {
                         path: root.to_path_buf(),
+                    },
+                    crypto::CryptoError::BadConfig(detail) => StoreError::BadEncryptionConfig {
+                        path: root.to_path_buf(),
+                        detail,
                     },
                     other => StoreError::BadEncryptionConfig {
                         path: root.to_path_buf(),
