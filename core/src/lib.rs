@@ -9,6 +9,7 @@
 pub mod engine;
 pub mod error;
 pub mod libvirt;
+pub mod nbd;
 pub mod progress;
 pub mod qcow2;
 pub mod store;
