@@ -52,6 +52,11 @@ pub enum Error {
         detail: String,
     },
 
+    /// A caller asked for something that cannot be done as asked (a disk the VM lacks, a
+    /// name libvirt would misread).
+    #[error("{0}")]
+    Invalid(String),
+
     /// Any other connection failure (remote host down, SSH refused, ...).
     #[error(
         "cannot connect to libvirt: {detail}. Check that the host is reachable and its \
@@ -127,7 +132,8 @@ impl Error {
             Self::PermissionDenied { .. }
             | Self::UnsupportedUri { .. }
             | Self::VmNotFound { .. }
-            | Self::BadDomainXml { .. } => false,
+            | Self::BadDomainXml { .. }
+            | Self::Invalid(_) => false,
         }
     }
 }

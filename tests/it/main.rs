@@ -2,6 +2,7 @@
 //! binary and a real X server. One test binary, so the tiny guest is built once and at most
 //! two guests run at a time (see `rewind_tests::domain`).
 
+mod backup;
 mod cli;
 mod events;
 mod gui;

@@ -102,3 +102,153 @@ unsafe extern "C" fn lifecycle_cb(
     // A panic must not unwind into libvirt's C code.
     let _ = catch_unwind(AssertUnwindSafe(|| handler(event)));
 }
+
+// ---- Backups and checkpoints (virDomainBackup*, virDomainCheckpoint*) -------------------
+
+use std::ffi::CString;
+use virt::domain::Domain;
+
+fn c_string(text: &str) -> Result<CString, virt::error::Error> {
+    // A NUL inside is impossible for XML we build and names we validated; report, not panic.
+    CString::new(text).map_err(|_| virt::error::Error::last_error())
+}
+
+/// Takes ownership of a string libvirt allocated, returns it as a `String`.
+///
+/// # Safety
+/// `ptr` must be a non-null, NUL-terminated string allocated by libvirt's allocator, owned
+/// by the caller (as documented for virDomainBackupGetXMLDesc and friends).
+unsafe fn owned_string(ptr: *mut std::ffi::c_char) -> String {
+    // SAFETY: per the function's contract.
+    unsafe {
+        let text = CStr::from_ptr(ptr).to_string_lossy().into_owned();
+        libc::free(ptr.cast::<c_void>());
+        text
+    }
+}
+
+/// virDomainBackupBegin: starts a backup job (push or pull mode per `backup_xml`), creating
+/// the checkpoint described by `checkpoint_xml` at the same instant.
+pub(super) fn backup_begin(
+    dom: &Domain,
+    backup_xml: &str,
+    checkpoint_xml: Option<&str>,
+) -> Result<(), virt::error::Error> {
+    let backup = c_string(backup_xml)?;
+    let checkpoint = checkpoint_xml.map(c_string).transpose()?;
+    // SAFETY: `dom` is a live domain; both strings are NUL-terminated and outlive the call;
+    // a null checkpoint XML means "no checkpoint", as documented.
+    let rc = unsafe {
+        sys::virDomainBackupBegin(
+            dom.as_ptr(),
+            backup.as_ptr(),
+            checkpoint.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
+            0,
+        )
+    };
+    if rc < 0 {
+        return Err(virt::error::Error::last_error());
+    }
+    Ok(())
+}
+
+/// virDomainBackupGetXMLDesc: the running backup job's XML (with libvirt's defaults filled in).
+pub(super) fn backup_xml(dom: &Domain) -> Result<String, virt::error::Error> {
+    // SAFETY: `dom` is live; the result is a caller-owned string or null on error.
+    let ptr = unsafe { sys::virDomainBackupGetXMLDesc(dom.as_ptr(), 0) };
+    if ptr.is_null() {
+        return Err(virt::error::Error::last_error());
+    }
+    // SAFETY: non-null, owned by us, allocated by libvirt.
+    Ok(unsafe { owned_string(ptr) })
+}
+
+/// virDomainAbortJob: ends a pull-mode backup (that is how a pull backup finishes) or
+/// cancels any other job.
+pub(super) fn abort_job(dom: &Domain) -> Result<(), virt::error::Error> {
+    // SAFETY: `dom` is live.
+    if unsafe { sys::virDomainAbortJob(dom.as_ptr()) } < 0 {
+        return Err(virt::error::Error::last_error());
+    }
+    Ok(())
+}
+
+/// Looks up checkpoint `name` of `dom` and runs `f` on its handle, freeing it afterwards.
+fn with_checkpoint<T>(
+    dom: &Domain,
+    name: &str,
+    f: impl FnOnce(sys::virDomainCheckpointPtr) -> Result<T, virt::error::Error>,
+) -> Result<T, virt::error::Error> {
+    let cname = c_string(name)?;
+    // SAFETY: `dom` is live and `cname` NUL-terminated; the result is null or a handle we own.
+    let cp = unsafe { sys::virDomainCheckpointLookupByName(dom.as_ptr(), cname.as_ptr(), 0) };
+    if cp.is_null() {
+        return Err(virt::error::Error::last_error());
+    }
+    let result = f(cp);
+    // SAFETY: `cp` is the handle looked up above, freed exactly once.
+    unsafe { sys::virDomainCheckpointFree(cp) };
+    result
+}
+
+/// The names of `dom`'s checkpoints.
+pub(super) fn checkpoint_names(dom: &Domain) -> Result<Vec<String>, virt::error::Error> {
+    let mut list: *mut sys::virDomainCheckpointPtr = std::ptr::null_mut();
+    // SAFETY: `dom` is live; libvirt fills `list` with `n` handles and a terminating null,
+    // all owned by us.
+    let n = unsafe { sys::virDomainListAllCheckpoints(dom.as_ptr(), &raw mut list, 0) };
+    if n < 0 {
+        return Err(virt::error::Error::last_error());
+    }
+    let mut names = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
+    for i in 0..usize::try_from(n).unwrap_or(0) {
+        // SAFETY: `i < n`, so the element is a valid handle; its name is owned by the handle
+        // and copied before the handle is freed; each handle and the array are freed once.
+        unsafe {
+            let cp = *list.add(i);
+            let name = sys::virDomainCheckpointGetName(cp);
+            if !name.is_null() {
+                names.push(CStr::from_ptr(name).to_string_lossy().into_owned());
+            }
+            sys::virDomainCheckpointFree(cp);
+        }
+    }
+    if !list.is_null() {
+        // SAFETY: the array was allocated by libvirt for us.
+        unsafe { libc::free(list.cast::<c_void>()) };
+    }
+    Ok(names)
+}
+
+/// The XML of checkpoint `name` (with the disks' bitmap names and sizes).
+pub(super) fn checkpoint_xml(dom: &Domain, name: &str) -> Result<String, virt::error::Error> {
+    with_checkpoint(dom, name, |cp| {
+        // SAFETY: `cp` is a live handle; the result is a caller-owned string or null.
+        let ptr = unsafe { sys::virDomainCheckpointGetXMLDesc(cp, 0) };
+        if ptr.is_null() {
+            return Err(virt::error::Error::last_error());
+        }
+        // SAFETY: non-null, owned by us, allocated by libvirt.
+        Ok(unsafe { owned_string(ptr) })
+    })
+}
+
+/// Deletes checkpoint `name`: its bitmaps too, or with `metadata_only` only libvirt's record.
+pub(super) fn checkpoint_delete(
+    dom: &Domain,
+    name: &str,
+    metadata_only: bool,
+) -> Result<(), virt::error::Error> {
+    let flags = if metadata_only {
+        sys::VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY
+    } else {
+        0
+    };
+    with_checkpoint(dom, name, |cp| {
+        // SAFETY: `cp` is a live handle.
+        if unsafe { sys::virDomainCheckpointDelete(cp, flags) } < 0 {
+            return Err(virt::error::Error::last_error());
+        }
+        Ok(())
+    })
+}

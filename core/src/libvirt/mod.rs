@@ -3,6 +3,7 @@
 //!
 //! All libvirt calls block; callers on an async runtime run them with `spawn_blocking`.
 
+pub mod backup;
 mod events;
 mod ffi;
 pub mod xml;

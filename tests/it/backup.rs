@@ -1,0 +1,149 @@
+//! Pull-mode backups of a running guest (issue 4 groundwork): libvirt freezes the disk at
+//! one instant and exports it over NBD while the guest keeps writing; an incremental names
+//! exactly the blocks written since the previous checkpoint.
+
+use std::time::{Duration, Instant};
+
+use rewind_core::libvirt::Hypervisor;
+use rewind_core::nbd::{BASE_ALLOCATION, NbdClient, STATE_DIRTY, STATE_HOLE};
+use rewind_tests::workload::{BLOCK_SIZE, scan_sequence};
+use rewind_tests::{DiskSpec, Format, TestVm, daemon};
+
+const BOOT_TIMEOUT: Duration = Duration::from_mins(2);
+const DISK_BYTES: u64 = 32 << 20;
+
+fn wait_flushed(vm: &TestVm, n: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_mins(2);
+    loop {
+        let k = vm.last_flushed_record();
+        if k >= n {
+            return k;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest flushed only {k} records; console:\n{}",
+            vm.console()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Reads the whole export, asking the server where the data is and skipping holes.
+fn read_export(nbd: &mut NbdClient) -> Vec<u8> {
+    let size = nbd.size_bytes();
+    let mut disk = vec![0u8; usize::try_from(size).unwrap()];
+    for extent in nbd.block_status(BASE_ALLOCATION, 0, size).unwrap() {
+        if extent.flags & STATE_HOLE == 0 {
+            let range = usize::try_from(extent.offset).unwrap()
+                ..usize::try_from(extent.offset + extent.length).unwrap();
+            nbd.read_at(extent.offset, &mut disk[range]).unwrap();
+        }
+    }
+    disk
+}
+
+#[test]
+fn pull_backup_freezes_the_disk_while_the_guest_writes_and_incrementals_name_changed_blocks() {
+    let mut vm = TestVm::builder("pull")
+        .workload("sequence")
+        .disks(vec![DiskSpec::new("vda", Format::Qcow2, DISK_BYTES)])
+        .define()
+        .expect("define the test VM");
+    vm.start_and_wait_ready(BOOT_TIMEOUT).expect("boot");
+    // Past the first 64 KiB bitmap granule (records 1-15), so it is clean later on.
+    wait_flushed(&vm, 40);
+    let hv = Hypervisor::connect(daemon::URI).unwrap();
+    let targets = vec!["vda".to_owned()];
+
+    let socket = vm.dir().join("full.sock");
+    let flushed_before = vm.last_flushed_record();
+    let backup = hv
+        .begin_pull_backup(&vm.name, &socket, &targets, None, Some("rw-1"))
+        .expect("begin a pull backup");
+    let job = backup.job_xml().unwrap();
+    assert!(
+        job.contains("mode='pull'") || job.contains("mode=\"pull\""),
+        "{job}"
+    );
+    let mut nbd =
+        NbdClient::connect(&socket, "vda", &[BASE_ALLOCATION]).expect("connect to the export");
+    assert_eq!(nbd.size_bytes(), DISK_BYTES);
+    // Let the guest write on while the export stays frozen.
+    let flushed_later = wait_flushed(&vm, flushed_before + 15);
+    let frozen = read_export(&mut nbd);
+    nbd.close().unwrap();
+    backup.finish().expect("end the backup job");
+    let scan = scan_sequence(&frozen);
+    assert!(
+        scan.is_consistent_prefix(),
+        "the frozen disk is not crash-consistent: {:?}",
+        scan.problems
+    );
+    assert!(
+        scan.last_valid >= flushed_before,
+        "records flushed before the backup began are missing: {} < {flushed_before}",
+        scan.last_valid
+    );
+    assert!(
+        scan.last_valid < flushed_later,
+        "the export is not frozen: it shows record {} although the backup began at {flushed_before}",
+        scan.last_valid
+    );
+    assert_eq!(
+        hv.checkpoint_names(&vm.name).unwrap(),
+        vec!["rw-1".to_owned()]
+    );
+    assert!(
+        hv.checkpoint_xml(&vm.name, "rw-1")
+            .unwrap()
+            .contains("bitmap")
+    );
+
+    // Incremental from rw-1: the dirty bitmap names the blocks the guest wrote since.
+    let k = wait_flushed(&vm, flushed_later + 20);
+    let socket = vm.dir().join("incr.sock");
+    let backup = hv
+        .begin_pull_backup(&vm.name, &socket, &targets, Some("rw-1"), Some("rw-2"))
+        .expect("begin an incremental");
+    let context = backup.dirty_context("vda").unwrap();
+    let mut nbd = NbdClient::connect(&socket, "vda", &[&context, BASE_ALLOCATION]).unwrap();
+    let dirty: Vec<(u64, u64)> = nbd
+        .block_status(&context, 0, DISK_BYTES)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.flags & STATE_DIRTY != 0)
+        .map(|e| (e.offset, e.end()))
+        .collect();
+    nbd.close().unwrap();
+    backup.finish().unwrap();
+    let is_dirty = |record: u64| {
+        let at = record * BLOCK_SIZE as u64;
+        dirty.iter().any(|(s, e)| (*s..*e).contains(&at))
+    };
+    assert!(
+        !is_dirty(1),
+        "record 1 was written before rw-1 but is reported dirty: {dirty:?}"
+    );
+    assert!(
+        !is_dirty(scan.last_valid.saturating_sub(20)),
+        "an old record is reported dirty: {dirty:?}"
+    );
+    assert!(
+        is_dirty(k),
+        "record {k}, written after rw-1, is not reported dirty: {dirty:?}"
+    );
+    let dirty_bytes: u64 = dirty.iter().map(|(s, e)| e - s).sum();
+    assert!(
+        dirty_bytes < DISK_BYTES / 4,
+        "{dirty_bytes} dirty bytes for ~{} records",
+        k - scan.last_valid
+    );
+    let mut names = hv.checkpoint_names(&vm.name).unwrap();
+    names.sort();
+    assert_eq!(names, vec!["rw-1".to_owned(), "rw-2".to_owned()]);
+    hv.delete_checkpoint(&vm.name, "rw-1").unwrap();
+    assert_eq!(
+        hv.checkpoint_names(&vm.name).unwrap(),
+        vec!["rw-2".to_owned()]
+    );
+}
