@@ -62,6 +62,18 @@ pub enum Command {
         encrypt: bool,
     },
 
+    /// Take a checkpoint of a running VM now (full the first time, then incremental)
+    Checkpoint {
+        /// The VM (name or UUID)
+        vm: String,
+        /// The store's folder; a new, unencrypted store is created there if there is none
+        #[arg(long = "to", value_name = "DEST")]
+        store: PathBuf,
+        /// Print the checkpoint as JSON (as in `rewind checkpoints --json`)
+        #[arg(long)]
+        json: bool,
+    },
+
     /// List the checkpoints in a store, of every VM or of one
     Checkpoints {
         /// Only this VM (name or UUID)
@@ -145,6 +157,9 @@ pub fn run(args: &Args, command: &Command, out: &mut dyn Write) -> anyhow::Resul
             }
         }
         Command::Init { dest, encrypt } => store_cli::init(out, dest, *encrypt)?,
+        Command::Checkpoint { vm, store, json } => {
+            store_cli::checkpoint(out, &args.uri(), vm, store, *json)?;
+        }
         Command::Checkpoints { vm, store, json } => {
             store_cli::checkpoints(out, store, vm.as_deref(), *json)?;
         }

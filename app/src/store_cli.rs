@@ -63,6 +63,65 @@ pub fn open_store(path: &Path) -> anyhow::Result<Store> {
     Ok(Store::open(path, pass.as_ref().map(|p| p.as_slice()))?)
 }
 
+/// `rewind checkpoint VM --to DEST [--json]`.
+pub fn checkpoint(
+    out: &mut dyn Write,
+    uri: &str,
+    vm: &str,
+    dest: &Path,
+    json: bool,
+) -> anyhow::Result<()> {
+    let store = match Store::probe(dest) {
+        Err(rewind_core::store::StoreError::Missing { .. }) => {
+            Store::init(dest, &InitOptions::default())?
+        }
+        Err(rewind_core::store::StoreError::NotAStore { .. })
+            if std::fs::read_dir(dest).is_ok_and(|mut d| d.next().is_none()) =>
+        {
+            Store::init(dest, &InitOptions::default())?
+        }
+        _ => open_store(dest)?,
+    };
+    let hv = rewind_core::libvirt::Hypervisor::connect(uri)?;
+    // The backup job's NBD socket and scratch files. QEMU creates the socket and writes the
+    // scratch file as its own user (libvirt-qemu under qemu:///system), so the folder must
+    // be writable by it; it gets an unguessable name and lives only as long as the job.
+    // (To do: a folder owned by QEMU's user instead of a world-writable one.)
+    let work = std::env::temp_dir().join(format!(
+        "rewind-checkpoint-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir(&work).with_context(|| format!("could not create {}", work.display()))?;
+    std::fs::set_permissions(&work, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+        .with_context(|| format!("could not open {} to QEMU", work.display()))?;
+    let result = rewind_core::checkpoint::take(&hv, &store, vm, &work, &Control::new());
+    let _ = std::fs::remove_dir_all(&work);
+    let m = result?;
+    if json {
+        serde_json::to_writer_pretty(&mut *out, &CheckpointJson::of(&m))?;
+        writeln!(out)?;
+    } else {
+        writeln!(
+            out,
+            "Checkpoint {} of {} taken ({}, {} of data, {} new in the store{}).",
+            m.id,
+            m.vm.name,
+            if m.parent.is_some() {
+                "incremental"
+            } else {
+                "full"
+            },
+            human_bytes(m.logical_bytes),
+            human_bytes(m.new_bytes),
+            m.full_reason
+                .as_deref()
+                .map(|r| format!("; full because {r}"))
+                .unwrap_or_default()
+        )?;
+    }
+    Ok(())
+}
+
 /// `rewind init DEST [--encrypt]`.
 pub fn init(out: &mut dyn Write, dest: &Path, encrypt: bool) -> anyhow::Result<()> {
     let mut options = InitOptions::default();

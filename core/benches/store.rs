@@ -217,6 +217,7 @@ fn checkpoint(store: &Store, n: u32, parent: Option<&Manifest>) -> NewCheckpoint
         parent: parent.map(|p| p.id.clone()),
         full_reason: None,
         labels: vec![],
+        libvirt_checkpoint: None,
     }
 }
 

@@ -6,6 +6,7 @@
 //! a GUI toolkit; the window, the tray and the CLI in the `rewind` crate are thin layers
 //! over it.
 
+pub mod checkpoint;
 pub mod engine;
 pub mod error;
 pub mod libvirt;

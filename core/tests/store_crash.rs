@@ -116,6 +116,7 @@ fn crash_child() {
             parent: parent.as_ref().map(|p| p.id.clone()),
             full_reason: None,
             labels: vec![],
+            libvirt_checkpoint: None,
         };
         let mut writer = match store.begin_checkpoint(new.clone(), &control) {
             Err(StoreError::ParentGone { .. }) => {

@@ -147,3 +147,99 @@ fn pull_backup_freezes_the_disk_while_the_guest_writes_and_incrementals_name_cha
         vec!["rw-2".to_owned()]
     );
 }
+
+/// Reads disk `vda` of a checkpoint back out of the store.
+fn restore_read(store: &rewind_core::store::Store, m: &rewind_core::store::Manifest) -> Vec<u8> {
+    let disk = m
+        .disks
+        .iter()
+        .find(|d| d.target == "vda")
+        .expect("vda in the checkpoint");
+    let mut reader = store.object_reader(&disk.index).unwrap();
+    let mut out = Vec::new();
+    for i in 0..reader.chunk_count() {
+        out.extend_from_slice(&reader.read(i).unwrap());
+    }
+    out
+}
+
+#[test]
+fn rewind_checkpoint_takes_full_then_incremental_and_falls_back_to_full_when_the_chain_breaks() {
+    let mut vm = TestVm::builder("ckpt")
+        .workload("sequence")
+        .disks(vec![DiskSpec::new("vda", Format::Qcow2, DISK_BYTES)])
+        .define()
+        .expect("define the test VM");
+    vm.start_and_wait_ready(BOOT_TIMEOUT).expect("boot");
+    let dir = rewind_tests::scratch::ScratchDir::new("ckpt-store").unwrap();
+    let dest = dir.path().join("store");
+    let dest_str = dest.to_str().unwrap();
+    let take = || -> serde_json::Value {
+        let out = crate::rewind::run_ok(&[
+            "checkpoint",
+            &vm.name,
+            "--to",
+            dest_str,
+            "--json",
+            "--connect",
+            daemon::URI,
+        ]);
+        serde_json::from_str(&out).unwrap()
+    };
+
+    let before_first = wait_flushed(&vm, 10);
+    let first = take();
+    assert!(
+        first["parent"].is_null() && first["full_reason"].is_null(),
+        "{first}"
+    );
+    let before_second = wait_flushed(&vm, before_first + 15);
+    let second = take();
+    assert_eq!(
+        second["parent"], first["id"],
+        "the second checkpoint is incremental: {second}"
+    );
+    let hv = Hypervisor::connect(daemon::URI).unwrap();
+    assert_eq!(
+        hv.checkpoint_names(&vm.name).unwrap().len(),
+        1,
+        "the older libvirt checkpoint was removed"
+    );
+
+    // Break the chain behind Rewind's back: the next checkpoint is full and says why.
+    let name = hv.checkpoint_names(&vm.name).unwrap().remove(0);
+    hv.delete_checkpoint(&vm.name, &name).unwrap();
+    let before_third = wait_flushed(&vm, before_second + 10);
+    let third = take();
+    assert!(third["parent"].is_null(), "{third}");
+    let reason = third["full_reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("no longer has checkpoint"), "{third}");
+
+    // Every checkpoint is a crash-consistent disk holding what was flushed before it.
+    let store = rewind_core::store::Store::open(&dest, None).unwrap();
+    let catalog = store.catalog().unwrap();
+    assert_eq!(catalog.checkpoints.len(), 3);
+    let mut last = 0;
+    for (m, flushed) in catalog
+        .checkpoints
+        .iter()
+        .zip([before_first, before_second, before_third])
+    {
+        let scan = scan_sequence(&restore_read(&store, m));
+        assert!(
+            scan.is_consistent_prefix(),
+            "checkpoint {}: {:?}",
+            m.id,
+            scan.problems
+        );
+        assert!(
+            scan.last_valid >= flushed,
+            "checkpoint {} holds 1..{} but {flushed} were flushed before it",
+            m.id,
+            scan.last_valid
+        );
+        assert!(scan.last_valid > last, "checkpoints advance");
+        last = scan.last_valid;
+    }
+    crate::rewind::run_ok(&["verify", "--in", dest_str]);
+}

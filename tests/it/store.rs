@@ -51,6 +51,7 @@ fn write_checkpoint(
         parent: None,
         full_reason: None,
         labels: vec![],
+        libvirt_checkpoint: None,
     };
     let mut writer = store.begin_checkpoint(new, &control).unwrap();
     let object = writer
@@ -451,6 +452,7 @@ fn a_full_drive_fails_the_new_checkpoint_and_keeps_the_old_ones() {
         parent: None,
         full_reason: None,
         labels: vec![],
+        libvirt_checkpoint: None,
     };
     let writer = store.begin_checkpoint(new, &control).unwrap();
     let err = writer

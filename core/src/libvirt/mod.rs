@@ -101,6 +101,14 @@ impl Hypervisor {
     }
 
     /// Finds a domain by exact name, then by UUID.
+    /// The domain XML of VM `name_or_uuid` (secure: with what restoring it needs).
+    pub fn domain_xml(&self, name_or_uuid: &str) -> Result<String> {
+        let dom = self.lookup(name_or_uuid)?;
+        dom.xml_desc(virt::sys::VIR_DOMAIN_XML_SECURE).map_err(|e| {
+            self.libvirt_error(&format!("read the definition of VM {name_or_uuid:?}"), &e)
+        })
+    }
+
     pub(crate) fn lookup(&self, name_or_uuid: &str) -> Result<Domain> {
         if let Ok(dom) = self.conn.lookup_domain_by_name(name_or_uuid) {
             return Ok(dom);

@@ -93,6 +93,10 @@ pub struct Manifest {
     pub full_reason: Option<String>,
     /// How long taking it took.
     pub duration_ms: u64,
+    /// The libvirt checkpoint (dirty bitmaps) created at this checkpoint's instant, from
+    /// which the next checkpoint into this store can be incremental.
+    #[serde(default)]
+    pub libvirt_checkpoint: Option<String>,
     /// Free-form labels, such as `safety` for the checkpoint taken before a restore.
     #[serde(default)]
     pub labels: Vec<String>,
@@ -163,6 +167,9 @@ impl Manifest {
         }
         for label in &self.labels {
             check_name("label", label).map_err(|e| e.to_string())?;
+        }
+        if let Some(name) = &self.libvirt_checkpoint {
+            check_name("libvirt checkpoint", name).map_err(|e| e.to_string())?;
         }
         Ok(())
     }

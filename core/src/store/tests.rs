@@ -48,6 +48,7 @@ fn new_checkpoint(vm: VmRef, minute: u32) -> NewCheckpoint {
         parent: None,
         full_reason: None,
         labels: vec![],
+        libvirt_checkpoint: None,
     }
 }
 

@@ -32,6 +32,8 @@ pub struct NewCheckpoint {
     pub full_reason: Option<String>,
     /// Labels such as `safety`.
     pub labels: Vec<String>,
+    /// The libvirt checkpoint created at the same instant, if any.
+    pub libvirt_checkpoint: Option<String>,
 }
 
 /// A finished disk or blob index and what writing it added to the store.
@@ -437,6 +439,7 @@ impl<'s> CheckpointWriter<'s> {
             full_reason: self.new.full_reason.clone(),
             duration_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
             labels: self.new.labels.clone(),
+            libvirt_checkpoint: self.new.libvirt_checkpoint.clone(),
             program_version: crate::VERSION.to_owned(),
         };
         manifest
