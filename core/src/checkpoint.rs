@@ -210,14 +210,7 @@ pub fn take(
             )?;
             writer.add_disk(target, source.clone(), format.clone(), object)?;
         }
-        if let Firmware::Uefi {
-            nvram_path: Some(path),
-            ..
-        } = &info.firmware
-            && let Ok(bytes) = std::fs::read(path)
-        {
-            writer.add_blob_bytes("nvram", &bytes)?;
-        }
+        add_firmware_and_tpm(&mut writer, &info)?;
         Ok::<_, CheckpointError>(writer.commit(control)?)
     })();
     let finished = backup.finish();
@@ -236,6 +229,38 @@ pub fn take(
             Err(e)
         }
     }
+}
+
+/// Adds the UEFI variable store (`nvram`) and the emulated TPM's state folder (`tpm`, a
+/// folder blob) — what Windows 11 and `BitLocker` need besides the disks.
+fn add_firmware_and_tpm(
+    writer: &mut CheckpointWriter<'_>,
+    info: &crate::vm::VmInfo,
+) -> Result<(), CheckpointError> {
+    let unreadable = |what: &str, path: &Path, e: std::io::Error| {
+        CheckpointError::Unsupported(format!(
+            "could not read the {what} of VM {:?} at {}: {e}; run Rewind as a user who can read it (root, for qemu:///system)",
+            info.name,
+            path.display()
+        ))
+    };
+    if let Firmware::Uefi {
+        nvram_path: Some(path),
+        ..
+    } = &info.firmware
+        && path.exists()
+    {
+        let bytes = std::fs::read(path).map_err(|e| unreadable("UEFI variables", path, e))?;
+        writer.add_blob_bytes("nvram", &bytes)?;
+    }
+    if let Some(path) = info.tpm.as_ref().and_then(|t| t.state_path.as_ref())
+        && path.exists()
+    {
+        let packed =
+            crate::store::dirblob::pack(path).map_err(|e| unreadable("TPM state", path, e))?;
+        writer.add_blob_bytes("tpm", &packed)?;
+    }
+    Ok(())
 }
 
 /// Starts the pull backup, incremental from `prev` when `full_reason` is `None`; falls

@@ -243,3 +243,81 @@ fn rewind_checkpoint_takes_full_then_incremental_and_falls_back_to_full_when_the
     }
     crate::rewind::run_ok(&["verify", "--in", dest_str]);
 }
+
+#[test]
+fn uefi_tpm_guest_checkpoint_holds_its_nvram_and_tpm_state() {
+    let mut vm = TestVm::builder("ckpt-uefi")
+        .uefi()
+        .tpm()
+        .memory_mib(256)
+        .workload("sequence")
+        .disks(vec![DiskSpec::new("vda", Format::Qcow2, DISK_BYTES)])
+        .define()
+        .expect("define the test VM");
+    vm.start_and_wait_ready(Duration::from_mins(4))
+        .expect("boot with OVMF");
+    let flushed = wait_flushed(&vm, 5);
+    let dir = rewind_tests::scratch::ScratchDir::new("ckpt-uefi-store").unwrap();
+    let dest = dir.path().join("store");
+    let out = crate::rewind::run_ok(&[
+        "checkpoint",
+        &vm.name,
+        "--to",
+        dest.to_str().unwrap(),
+        "--json",
+        "--connect",
+        daemon::URI,
+    ]);
+    let listed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        listed["blobs"],
+        serde_json::json!(["nvram", "tpm"]),
+        "{listed}"
+    );
+
+    let info = Hypervisor::connect(daemon::URI)
+        .unwrap()
+        .vm(&vm.name)
+        .unwrap();
+    let rewind_core::vm::Firmware::Uefi {
+        nvram_path: Some(nvram_path),
+        ..
+    } = &info.firmware
+    else {
+        panic!("not UEFI: {:?}", info.firmware)
+    };
+    let tpm_dir = info
+        .tpm
+        .as_ref()
+        .and_then(|t| t.state_path.clone())
+        .expect("TPM state folder");
+    let store = rewind_core::store::Store::open(&dest, None).unwrap();
+    let m = store.catalog().unwrap().checkpoints.pop().unwrap();
+    let blob = |name: &str| {
+        let b = m.blobs.iter().find(|b| b.name == name).unwrap();
+        store.object_reader(&b.index).unwrap().read_all().unwrap()
+    };
+    // The firmware does not write its variables while the guest just runs its workload.
+    assert_eq!(
+        blob("nvram"),
+        std::fs::read(nvram_path).unwrap(),
+        "NVRAM differs from {}",
+        nvram_path.display()
+    );
+    let files = rewind_core::store::dirblob::unpack(&blob("tpm")).unwrap();
+    assert!(!files.is_empty(), "the TPM state folder was empty");
+    for f in &files {
+        assert_eq!(
+            f.content,
+            std::fs::read(tpm_dir.join(&f.path)).unwrap(),
+            "{}",
+            f.path.display()
+        );
+    }
+    let scan = scan_sequence(&restore_read(&store, &m));
+    assert!(
+        scan.is_consistent_prefix() && scan.last_valid >= flushed,
+        "{:?}",
+        scan.problems
+    );
+}

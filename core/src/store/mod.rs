@@ -15,6 +15,7 @@
 pub mod chunk;
 pub mod config;
 pub mod crypto;
+pub mod dirblob;
 pub mod error;
 mod fsutil;
 pub mod gc;
