@@ -146,9 +146,12 @@ pub fn take(
     control: &Control,
 ) -> Result<Manifest, CheckpointError> {
     let info = hv.vm(vm)?;
+    if info.state == VmState::ShutOff {
+        return take_shut_off(hv, store, &info, work_dir, control);
+    }
     if info.state != VmState::Running {
         return Err(CheckpointError::Unsupported(format!(
-            "VM {vm:?} is {}: live checkpoints need a running VM (shut-off VMs are not supported yet)",
+            "VM {vm:?} is {}: a checkpoint needs it running or shut off; resume it or shut it down first",
             info.state.label()
         )));
     }
@@ -366,4 +369,122 @@ fn read_disk(
     }
     nbd.close().map_err(read_err)?;
     Ok(object.finish()?)
+}
+
+/// `qemu-nbd --read-only` serving one disk file; killed when dropped.
+struct QemuNbd {
+    child: std::process::Child,
+}
+
+impl QemuNbd {
+    /// Serves `file` (format `format`) as export `target` on `socket`. Its shared lock on the
+    /// image keeps QEMU from starting the VM meanwhile (the start fails with a lock error).
+    fn serve(
+        file: &str,
+        format: Option<&str>,
+        target: &str,
+        socket: &Path,
+    ) -> Result<Self, CheckpointError> {
+        let mut cmd = std::process::Command::new("qemu-nbd");
+        cmd.arg("--read-only")
+            .arg("--persistent")
+            .arg(format!("--socket={}", socket.display()))
+            .arg(format!("--export-name={target}"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        if let Some(f) = format {
+            cmd.arg(format!("--format={f}"));
+        }
+        let mut child = cmd.arg(file).spawn().map_err(|e| {
+            CheckpointError::Unsupported(format!(
+                "could not run qemu-nbd to read {file}: {e}; install it (package qemu-utils)"
+            ))
+        })?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                let mut why = String::new();
+                if let Some(mut err) = child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut err, &mut why);
+                }
+                return Err(CheckpointError::Unsupported(format!(
+                    "could not open disk {file} ({status}): {}; is the VM being started?",
+                    why.trim()
+                )));
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(CheckpointError::Unsupported(format!(
+                    "qemu-nbd did not start serving {file} within 10 s"
+                )));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Ok(Self { child })
+    }
+}
+
+impl Drop for QemuNbd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A shut-off VM: every disk file is read through `qemu-nbd --read-only` (which follows
+/// backing chains and holds the VM against a start). There is no dirty bitmap to go by, so
+/// all allocated data is read; unchanged chunks cost nothing new in the store. The chain of
+/// libvirt checkpoints is left alone: the next live checkpoint is incremental from the last
+/// one, which is still right because a shut-off VM writes nothing.
+fn take_shut_off(
+    hv: &Hypervisor,
+    store: &Store,
+    info: &crate::vm::VmInfo,
+    work_dir: &Path,
+    control: &Control,
+) -> Result<Manifest, CheckpointError> {
+    let uuid = Uuid::parse_str(&info.uuid).map_err(|e| {
+        CheckpointError::Unsupported(format!("VM {:?} has an odd UUID: {e}", info.name))
+    })?;
+    let disks = protected_disks(info)?;
+    let new = NewCheckpoint {
+        vm: VmRef {
+            name: info.name.clone(),
+            uuid,
+        },
+        time: Utc::now(),
+        kind: CheckpointKind::Disk,
+        consistency: Consistency::Crash,
+        domain_xml: hv.domain_xml(&info.name)?,
+        parent: None,
+        full_reason: Some("the VM was shut off, so there was no dirty bitmap to go by".into()),
+        labels: vec![],
+        libvirt_checkpoint: None,
+    };
+    let mut writer = store.begin_checkpoint(new, control)?;
+    for (target, _, source, format) in &disks {
+        let Some(file) = source else {
+            return Err(CheckpointError::Unsupported(format!(
+                "disk {target} of VM {:?} has no file",
+                info.name
+            )));
+        };
+        let socket = work_dir.join(format!("rewind-{target}.sock"));
+        let _ = std::fs::remove_file(&socket);
+        let server = QemuNbd::serve(file, format.as_deref(), target, &socket)?;
+        let object = read_disk(&writer, &info.name, &socket, target, None, None, control)?;
+        drop(server);
+        writer.add_disk(target, source.clone(), format.clone(), object)?;
+    }
+    add_firmware_and_tpm(&mut writer, info)?;
+    // Started meanwhile after all (a disk without locking)? Then what was read may be torn.
+    if hv.vm(&info.name)?.state != VmState::ShutOff {
+        return Err(CheckpointError::Unsupported(format!(
+            "VM {:?} was started while its disks were being read; the checkpoint was discarded, take it again",
+            info.name
+        )));
+    }
+    Ok(writer.commit(control)?)
 }

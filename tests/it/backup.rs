@@ -321,3 +321,76 @@ fn uefi_tpm_guest_checkpoint_holds_its_nvram_and_tpm_state() {
         scan.problems
     );
 }
+
+#[test]
+fn shut_off_vm_is_captured_from_its_disk_files_and_starts_again_afterwards() {
+    let mut vm = TestVm::builder("ckpt-off")
+        .workload("sequence")
+        .disks(vec![DiskSpec::new("vda", Format::Qcow2, DISK_BYTES)])
+        .define()
+        .expect("define the test VM");
+    vm.start_and_wait_ready(BOOT_TIMEOUT).expect("boot");
+    let flushed = wait_flushed(&vm, 10);
+    vm.destroy().expect("power the VM off");
+    let dir = rewind_tests::scratch::ScratchDir::new("ckpt-off-store").unwrap();
+    let dest = dir.path().join("store");
+    let dest_str = dest.to_str().unwrap();
+    let out = crate::rewind::run_ok(&[
+        "checkpoint",
+        &vm.name,
+        "--to",
+        dest_str,
+        "--json",
+        "--connect",
+        daemon::URI,
+    ]);
+    let taken: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        taken["full_reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("shut off"),
+        "{taken}"
+    );
+
+    let store = rewind_core::store::Store::open(&dest, None).unwrap();
+    let m = store.catalog().unwrap().checkpoints.pop().unwrap();
+    let frozen = restore_read(&store, &m);
+    let scan = scan_sequence(&frozen);
+    assert!(scan.is_consistent_prefix(), "{:?}", scan.problems);
+    assert!(
+        scan.last_valid >= flushed,
+        "{} < {flushed}",
+        scan.last_valid
+    );
+    // Byte-exact against the guest-visible content of the disk file.
+    let raw = dir.path().join("vda.raw");
+    let status = std::process::Command::new("qemu-img")
+        .args([
+            "convert",
+            "-O",
+            "raw",
+            vm.disk("vda").path.to_str().unwrap(),
+            raw.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(
+        std::fs::read(&raw).unwrap() == frozen,
+        "the checkpoint differs from the disk file"
+    );
+
+    // qemu-nbd is gone and its lock with it: the VM starts, and a live checkpoint follows.
+    vm.start_and_wait_ready(BOOT_TIMEOUT)
+        .expect("the VM starts again after the capture");
+    crate::rewind::run_ok(&[
+        "checkpoint",
+        &vm.name,
+        "--to",
+        dest_str,
+        "--connect",
+        daemon::URI,
+    ]);
+    crate::rewind::run_ok(&["verify", "--in", dest_str]);
+}
