@@ -64,12 +64,13 @@ pub enum Command {
 
     /// Take a checkpoint of a running VM now (full the first time, then incremental)
     Checkpoint {
-        /// The VM (name or UUID)
-        vm: String,
+        /// The VMs (names or UUIDs), one after the other
+        #[arg(required = true)]
+        vm: Vec<String>,
         /// The store's folder; a new, unencrypted store is created there if there is none
         #[arg(long = "to", value_name = "DEST")]
         store: PathBuf,
-        /// Print the checkpoint as JSON (as in `rewind checkpoints --json`)
+        /// Print the new checkpoints as a JSON array (records as in `rewind checkpoints --json`)
         #[arg(long)]
         json: bool,
     },

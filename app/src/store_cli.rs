@@ -63,11 +63,12 @@ pub fn open_store(path: &Path) -> anyhow::Result<Store> {
     Ok(Store::open(path, pass.as_ref().map(|p| p.as_slice()))?)
 }
 
-/// `rewind checkpoint VM --to DEST [--json]`.
+/// `rewind checkpoint VM... --to DEST [--json]`: one VM after the other; a VM that fails
+/// does not stop the others, and the command fails at the end if any did.
 pub fn checkpoint(
     out: &mut dyn Write,
     uri: &str,
-    vm: &str,
+    vms: &[String],
     dest: &Path,
     json: bool,
 ) -> anyhow::Result<()> {
@@ -83,6 +84,66 @@ pub fn checkpoint(
         _ => open_store(dest)?,
     };
     let hv = rewind_core::libvirt::Hypervisor::connect(uri)?;
+    let mut taken = Vec::new();
+    let mut failed = Vec::new();
+    for vm in vms {
+        match checkpoint_one(&hv, &store, vm) {
+            Ok(m) => {
+                if !json {
+                    writeln!(
+                        out,
+                        "Checkpoint {} of {} taken ({}, {} of data, {} new in the store{}).",
+                        m.id,
+                        m.vm.name,
+                        if m.parent.is_some() {
+                            "incremental"
+                        } else {
+                            "full"
+                        },
+                        human_bytes(m.logical_bytes),
+                        human_bytes(m.new_bytes),
+                        m.full_reason
+                            .as_deref()
+                            .map(|r| format!("; full because {r}"))
+                            .unwrap_or_default()
+                    )?;
+                }
+                taken.push(m);
+            }
+            Err(e) => {
+                // Said now, so that it is not lost if a later VM takes long.
+                if vms.len() > 1 {
+                    eprintln!("warning: no checkpoint of {vm}: {e:#}");
+                }
+                failed.push((vm.clone(), e));
+            }
+        }
+    }
+    if json {
+        let list: Vec<CheckpointJson<'_>> = taken.iter().map(CheckpointJson::of).collect();
+        serde_json::to_writer_pretty(&mut *out, &list)?;
+        writeln!(out)?;
+    }
+    match failed.len() {
+        0 => Ok(()),
+        1 if vms.len() == 1 => Err(failed.remove(0).1),
+        n => bail!(
+            "{n} of {} checkpoints failed: {}",
+            vms.len(),
+            failed
+                .iter()
+                .map(|(vm, _)| vm.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+fn checkpoint_one(
+    hv: &rewind_core::libvirt::Hypervisor,
+    store: &Store,
+    vm: &str,
+) -> anyhow::Result<Manifest> {
     // The backup job's NBD socket and scratch files. QEMU creates the socket and writes the
     // scratch file as its own user (libvirt-qemu under qemu:///system), so the folder must
     // be writable by it; it gets an unguessable name and lives only as long as the job.
@@ -94,32 +155,9 @@ pub fn checkpoint(
     std::fs::create_dir(&work).with_context(|| format!("could not create {}", work.display()))?;
     std::fs::set_permissions(&work, std::os::unix::fs::PermissionsExt::from_mode(0o777))
         .with_context(|| format!("could not open {} to QEMU", work.display()))?;
-    let result = rewind_core::checkpoint::take(&hv, &store, vm, &work, &Control::new());
+    let result = rewind_core::checkpoint::take(hv, store, vm, &work, &Control::new());
     let _ = std::fs::remove_dir_all(&work);
-    let m = result?;
-    if json {
-        serde_json::to_writer_pretty(&mut *out, &CheckpointJson::of(&m))?;
-        writeln!(out)?;
-    } else {
-        writeln!(
-            out,
-            "Checkpoint {} of {} taken ({}, {} of data, {} new in the store{}).",
-            m.id,
-            m.vm.name,
-            if m.parent.is_some() {
-                "incremental"
-            } else {
-                "full"
-            },
-            human_bytes(m.logical_bytes),
-            human_bytes(m.new_bytes),
-            m.full_reason
-                .as_deref()
-                .map(|r| format!("; full because {r}"))
-                .unwrap_or_default()
-        )?;
-    }
-    Ok(())
+    Ok(result?)
 }
 
 /// `rewind init DEST [--encrypt]`.

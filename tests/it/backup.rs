@@ -165,7 +165,10 @@ fn restore_read(store: &rewind_core::store::Store, m: &rewind_core::store::Manif
 
 #[test]
 fn rewind_checkpoint_takes_full_then_incremental_and_falls_back_to_full_when_the_chain_breaks() {
+    // Spaces, quotes and non-ASCII letters, as users name their VMs.
+    let odd_name = format!("Büro Win 11 \"Live\" {}", std::process::id());
     let mut vm = TestVm::builder("ckpt")
+        .name(&odd_name)
         .workload("sequence")
         .disks(vec![DiskSpec::new("vda", Format::Qcow2, DISK_BYTES)])
         .define()
@@ -184,7 +187,9 @@ fn rewind_checkpoint_takes_full_then_incremental_and_falls_back_to_full_when_the
             "--connect",
             daemon::URI,
         ]);
-        serde_json::from_str(&out).unwrap()
+        let list: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+        assert_eq!(list.len(), 1, "{out}");
+        list.into_iter().next().unwrap()
     };
 
     let before_first = wait_flushed(&vm, 10);
@@ -268,7 +273,7 @@ fn uefi_tpm_guest_checkpoint_holds_its_nvram_and_tpm_state() {
         "--connect",
         daemon::URI,
     ]);
-    let listed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let listed = serde_json::from_str::<serde_json::Value>(&out).unwrap()[0].clone();
     assert_eq!(
         listed["blobs"],
         serde_json::json!(["nvram", "tpm"]),
@@ -344,7 +349,7 @@ fn shut_off_vm_is_captured_from_its_disk_files_and_starts_again_afterwards() {
         "--connect",
         daemon::URI,
     ]);
-    let taken: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let taken = serde_json::from_str::<serde_json::Value>(&out).unwrap()[0].clone();
     assert!(
         taken["full_reason"]
             .as_str()
@@ -392,5 +397,25 @@ fn shut_off_vm_is_captured_from_its_disk_files_and_starts_again_afterwards() {
         "--connect",
         daemon::URI,
     ]);
+    // Several VMs in one call: one that does not exist does not stop the others.
+    let out = crate::rewind::run(&[
+        "checkpoint",
+        &vm.name,
+        "no such VM",
+        "--to",
+        dest_str,
+        "--json",
+        "--connect",
+        daemon::URI,
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("1 of 2 checkpoints failed: no such VM"),
+        "{stderr}"
+    );
+    let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0]["vm"], vm.name.as_str());
     crate::rewind::run_ok(&["verify", "--in", dest_str]);
 }
