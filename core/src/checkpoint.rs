@@ -136,6 +136,36 @@ fn protected_disks(info: &crate::vm::VmInfo) -> Result<Vec<DiskPlan>, Checkpoint
     Ok(disks)
 }
 
+/// What a Rewind killed in the middle of a checkpoint leaves behind: a pull-backup job that
+/// still runs (it would refuse the next one), and a libvirt checkpoint of this store that no
+/// manifest refers to (it must never become a base, and its bitmaps would pile up).
+fn clean_up_after_killed_runs(
+    hv: &Hypervisor,
+    store: &Store,
+    vm: &str,
+    uuid: &Uuid,
+) -> Result<(), CheckpointError> {
+    if let Some(job) = hv.backup_job_xml(vm)?
+        && job.contains("rewind-nbd.sock")
+    {
+        hv.abort_job(vm)?;
+    }
+    let prefix = chain_prefix(store);
+    let known: Vec<String> = store
+        .catalog()?
+        .checkpoints
+        .into_iter()
+        .filter(|m| m.vm.uuid == *uuid)
+        .filter_map(|m| m.libvirt_checkpoint)
+        .collect();
+    for name in hv.checkpoint_names(vm)? {
+        if name.starts_with(&prefix) && !known.contains(&name) {
+            hv.delete_checkpoint(vm, &name)?;
+        }
+    }
+    Ok(())
+}
+
 /// Takes a checkpoint of the running VM `vm` into `store`. `work_dir` holds the NBD socket
 /// and the scratch files of the backup job, so QEMU must be able to write there.
 pub fn take(
@@ -161,6 +191,7 @@ pub fn take(
     let sizes: Vec<(String, u64)> = disks.iter().map(|d| (d.0.clone(), d.1)).collect();
     let targets: Vec<String> = disks.iter().map(|d| d.0.clone()).collect();
 
+    clean_up_after_killed_runs(hv, store, vm, &uuid)?;
     let prev = previous(store, &uuid)?;
     let full_reason = match &prev {
         None => None,

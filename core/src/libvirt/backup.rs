@@ -161,6 +161,19 @@ impl Hypervisor {
         })
     }
 
+    /// The XML of VM `vm`'s running backup job, if it has one.
+    pub fn backup_job_xml(&self, vm: &str) -> Result<Option<String>> {
+        let dom = self.lookup(vm)?;
+        Ok(ffi::backup_xml(&dom).ok())
+    }
+
+    /// Ends VM `vm`'s running job (such as a backup left by a killed process).
+    pub fn abort_job(&self, vm: &str) -> Result<()> {
+        let dom = self.lookup(vm)?;
+        ffi::abort_job(&dom)
+            .map_err(|e| self.libvirt_error(&format!("end the job of VM {vm:?}"), &e))
+    }
+
     /// Names of VM `vm`'s libvirt checkpoints.
     pub fn checkpoint_names(&self, vm: &str) -> Result<Vec<String>> {
         let dom = self.lookup(vm)?;
