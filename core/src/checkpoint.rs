@@ -233,7 +233,7 @@ pub fn take(
         let mut writer = store.begin_checkpoint(new, control)?;
         for (target, _, source, format) in &disks {
             let context = backup.dirty_context(target);
-            let object = read_disk(
+            let (object, read) = read_disk(
                 &writer,
                 vm,
                 &socket,
@@ -242,6 +242,7 @@ pub fn take(
                 parent.as_ref(),
                 control,
             )?;
+            writer.add_read_bytes(read);
             writer.add_disk(target, source.clone(), format.clone(), object)?;
         }
         add_firmware_and_tpm(&mut writer, &info)?;
@@ -349,7 +350,7 @@ fn read_disk(
     dirty_context: Option<&str>,
     parent: Option<&Manifest>,
     control: &Control,
-) -> Result<crate::store::FinishedObject, CheckpointError> {
+) -> Result<(crate::store::FinishedObject, u64), CheckpointError> {
     let read_err = |source: NbdError| CheckpointError::Read {
         vm: vm.to_owned(),
         target: target.to_owned(),
@@ -391,15 +392,17 @@ fn read_disk(
     chunks.dedup();
     control.add_total_bytes(chunks.len() as u64 * chunk);
     let mut buf = vec![0u8; writer.store().chunk_size_bytes() as usize];
+    let mut read = 0u64;
     for i in chunks {
         control.check().map_err(StoreError::from)?;
         let len = usize::try_from(object.chunk_len(i)).expect("chunk fits memory");
         nbd.read_at(i * chunk, &mut buf[..len]).map_err(read_err)?;
         object.put(i, &buf[..len])?;
         control.add_done_bytes(len as u64);
+        read += len as u64;
     }
     nbd.close().map_err(read_err)?;
-    Ok(object.finish()?)
+    Ok((object.finish()?, read))
 }
 
 /// `qemu-nbd --read-only` serving one disk file; killed when dropped.
@@ -505,8 +508,9 @@ fn take_shut_off(
         let socket = work_dir.join(format!("rewind-{target}.sock"));
         let _ = std::fs::remove_file(&socket);
         let server = QemuNbd::serve(file, format.as_deref(), target, &socket)?;
-        let object = read_disk(&writer, &info.name, &socket, target, None, None, control)?;
+        let (object, read) = read_disk(&writer, &info.name, &socket, target, None, None, control)?;
         drop(server);
+        writer.add_read_bytes(read);
         writer.add_disk(target, source.clone(), format.clone(), object)?;
     }
     add_firmware_and_tpm(&mut writer, info)?;

@@ -93,6 +93,9 @@ pub struct Manifest {
     pub full_reason: Option<String>,
     /// How long taking it took.
     pub duration_ms: u64,
+    /// Bytes read from the VM's disks to take it (an incremental reads only changed chunks).
+    #[serde(default)]
+    pub read_bytes: u64,
     /// The libvirt checkpoint (dirty bitmaps) created at this checkpoint's instant, from
     /// which the next checkpoint into this store can be incremental.
     #[serde(default)]

@@ -59,6 +59,7 @@ pub struct CheckpointWriter<'s> {
     disks: Vec<DiskEntry>,
     blobs: Vec<BlobEntry>,
     new_bytes: u64,
+    read_bytes: u64,
     started: Instant,
 }
 
@@ -109,6 +110,7 @@ impl Store {
             disks: Vec::new(),
             blobs: Vec::new(),
             new_bytes: 0,
+            read_bytes: 0,
             started: Instant::now(),
         })
     }
@@ -387,6 +389,11 @@ impl<'s> CheckpointWriter<'s> {
         Ok(())
     }
 
+    /// Records that `bytes` more were read from the VM to take this checkpoint.
+    pub fn add_read_bytes(&mut self, bytes: u64) {
+        self.read_bytes += bytes;
+    }
+
     /// Adds a finished blob (NVRAM, TPM state, memory).
     pub fn add_blob(&mut self, name: &str, object: FinishedObject) -> Result<(), StoreError> {
         manifest::check_name("blob name", name)?;
@@ -438,6 +445,7 @@ impl<'s> CheckpointWriter<'s> {
             parent: self.new.parent.clone(),
             full_reason: self.new.full_reason.clone(),
             duration_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            read_bytes: self.read_bytes,
             labels: self.new.labels.clone(),
             libvirt_checkpoint: self.new.libvirt_checkpoint.clone(),
             program_version: crate::VERSION.to_owned(),
