@@ -245,6 +245,20 @@ fn rewind_checkpoint_takes_full_then_incremental_and_falls_back_to_full_when_the
         );
         assert!(scan.last_valid > last, "checkpoints advance");
         last = scan.last_valid;
+        // The guest records its uptime every 100 ms: the largest gap between two records
+        // bounds how long it was paused, here across the two checkpoints taken before.
+        let max_gap_cs = scan
+            .records
+            .windows(2)
+            .map(|w| w[1].uptime_cs - w[0].uptime_cs)
+            .max()
+            .unwrap_or(0);
+        eprintln!(
+            "checkpoint {}: records 1..{}, largest gap between records {} ms",
+            m.id,
+            scan.last_valid,
+            max_gap_cs * 10
+        );
     }
     crate::rewind::run_ok(&["verify", "--in", dest_str]);
 }
