@@ -155,9 +155,85 @@ fn checkpoint_one(
     std::fs::create_dir(&work).with_context(|| format!("could not create {}", work.display()))?;
     std::fs::set_permissions(&work, std::os::unix::fs::PermissionsExt::from_mode(0o777))
         .with_context(|| format!("could not open {} to QEMU", work.display()))?;
-    let result = rewind_core::checkpoint::take(hv, store, vm, &work, &Control::new());
+    let control = std::sync::Arc::new(Control::new());
+    let reporter = std::io::stderr()
+        .is_terminal()
+        .then(|| ProgressLine::start(vm, control.clone()));
+    let result = rewind_core::checkpoint::take(hv, store, vm, &work, &control);
+    drop(reporter);
     let _ = std::fs::remove_dir_all(&work);
     Ok(result?)
+}
+
+/// A progress line on a terminal's stderr, redrawn every 200 ms until dropped.
+struct ProgressLine {
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ProgressLine {
+    fn start(vm: &str, control: std::sync::Arc<Control>) -> Self {
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (stop, vm) = (done.clone(), vm.to_owned());
+        let thread = std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (done_bytes, total_bytes) = control.progress_bytes();
+                eprint!("\r\x1b[K{}", progress_text(&vm, done_bytes, total_bytes));
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            eprint!("\r\x1b[K");
+        });
+        Self {
+            done,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for ProgressLine {
+    fn drop(&mut self) {
+        self.done.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// `win11: [#######.............]  35 %  120.0 MiB of 340.0 MiB`.
+fn progress_text(vm: &str, done_bytes: u64, total_bytes: u64) -> String {
+    if total_bytes == 0 {
+        return format!("{vm}: preparing…");
+    }
+    let done = u128::from(done_bytes.min(total_bytes));
+    let total = u128::from(total_bytes);
+    let filled = usize::try_from(done * 20 / total).unwrap_or(20);
+    let percent = done * 100 / total;
+    format!(
+        "{vm}: [{}{}] {:>3} %  {} of {}",
+        "#".repeat(filled),
+        ".".repeat(20 - filled),
+        percent,
+        human_bytes(done_bytes),
+        human_bytes(total_bytes)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_text_shows_bar_percent_and_sizes() {
+        assert_eq!(progress_text("vm", 0, 0), "vm: preparing…");
+        let half = progress_text("win11", 50 << 20, 100 << 20);
+        assert!(
+            half.starts_with("win11: [##########..........]  50 %"),
+            "{half}"
+        );
+        assert!(half.contains("MiB of"), "{half}");
+        let over = progress_text("x", 200, 100);
+        assert!(over.contains("[####################] 100 %"), "{over}");
+    }
 }
 
 /// `rewind init DEST [--encrypt]`.
