@@ -2,7 +2,7 @@
 //! one instant and exports it over NBD while the guest keeps writing; an incremental names
 //! exactly the blocks written since the previous checkpoint.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rewind_core::libvirt::Hypervisor;
 use rewind_core::nbd::{BASE_ALLOCATION, NbdClient, STATE_DIRTY, STATE_HOLE};
@@ -13,19 +13,24 @@ const BOOT_TIMEOUT: Duration = Duration::from_mins(2);
 const DISK_BYTES: u64 = 32 << 20;
 
 fn wait_flushed(vm: &TestVm, n: u64) -> u64 {
-    let deadline = Instant::now() + Duration::from_mins(2);
-    loop {
-        let k = vm.last_flushed_record();
-        if k >= n {
-            return k;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the guest flushed only {k} records; console:\n{}",
-            vm.console()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    vm.wait_flushed(n, Duration::from_mins(2))
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `rewind checkpoint VM --to DEST --json`: the one checkpoint it took.
+fn checkpoint(vm: &str, dest: &std::path::Path) -> serde_json::Value {
+    let out = crate::rewind::run_ok(&[
+        "checkpoint",
+        vm,
+        "--to",
+        dest.to_str().unwrap(),
+        "--json",
+        "--connect",
+        daemon::URI,
+    ]);
+    let list: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(list.len(), 1, "{out}");
+    list.into_iter().next().unwrap()
 }
 
 /// Reads the whole export, asking the server where the data is and skipping holes.
@@ -177,20 +182,7 @@ fn rewind_checkpoint_takes_full_then_incremental_and_falls_back_to_full_when_the
     let dir = rewind_tests::scratch::ScratchDir::new("ckpt-store").unwrap();
     let dest = dir.path().join("store");
     let dest_str = dest.to_str().unwrap();
-    let take = || -> serde_json::Value {
-        let out = crate::rewind::run_ok(&[
-            "checkpoint",
-            &vm.name,
-            "--to",
-            dest_str,
-            "--json",
-            "--connect",
-            daemon::URI,
-        ]);
-        let list: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
-        assert_eq!(list.len(), 1, "{out}");
-        list.into_iter().next().unwrap()
-    };
+    let take = || checkpoint(&vm.name, &dest);
 
     let before_first = wait_flushed(&vm, 10);
     let first = take();
@@ -278,16 +270,7 @@ fn uefi_tpm_guest_checkpoint_holds_its_nvram_and_tpm_state() {
     let flushed = wait_flushed(&vm, 5);
     let dir = rewind_tests::scratch::ScratchDir::new("ckpt-uefi-store").unwrap();
     let dest = dir.path().join("store");
-    let out = crate::rewind::run_ok(&[
-        "checkpoint",
-        &vm.name,
-        "--to",
-        dest.to_str().unwrap(),
-        "--json",
-        "--connect",
-        daemon::URI,
-    ]);
-    let listed = serde_json::from_str::<serde_json::Value>(&out).unwrap()[0].clone();
+    let listed = checkpoint(&vm.name, &dest);
     assert_eq!(
         listed["blobs"],
         serde_json::json!(["nvram", "tpm"]),
@@ -354,16 +337,7 @@ fn shut_off_vm_is_captured_from_its_disk_files_and_starts_again_afterwards() {
     let dir = rewind_tests::scratch::ScratchDir::new("ckpt-off-store").unwrap();
     let dest = dir.path().join("store");
     let dest_str = dest.to_str().unwrap();
-    let out = crate::rewind::run_ok(&[
-        "checkpoint",
-        &vm.name,
-        "--to",
-        dest_str,
-        "--json",
-        "--connect",
-        daemon::URI,
-    ]);
-    let taken = serde_json::from_str::<serde_json::Value>(&out).unwrap()[0].clone();
+    let taken = checkpoint(&vm.name, &dest);
     assert!(
         taken["full_reason"]
             .as_str()
@@ -403,14 +377,7 @@ fn shut_off_vm_is_captured_from_its_disk_files_and_starts_again_afterwards() {
     // qemu-nbd is gone and its lock with it: the VM starts, and a live checkpoint follows.
     vm.start_and_wait_ready(BOOT_TIMEOUT)
         .expect("the VM starts again after the capture");
-    crate::rewind::run_ok(&[
-        "checkpoint",
-        &vm.name,
-        "--to",
-        dest_str,
-        "--connect",
-        daemon::URI,
-    ]);
+    checkpoint(&vm.name, &dest);
     // Several VMs in one call: one that does not exist does not stop the others.
     let out = crate::rewind::run(&[
         "checkpoint",
@@ -448,14 +415,7 @@ fn a_checkpoint_after_a_killed_one_cleans_up_its_job_and_libvirt_checkpoint() {
     let dir = rewind_tests::scratch::ScratchDir::new("ckpt-kill-store").unwrap();
     let dest = dir.path().join("store");
     let dest_str = dest.to_str().unwrap();
-    crate::rewind::run_ok(&[
-        "checkpoint",
-        &vm.name,
-        "--to",
-        dest_str,
-        "--connect",
-        daemon::URI,
-    ]);
+    checkpoint(&vm.name, &dest);
     let store = rewind_core::store::Store::open(&dest, None).unwrap();
     let first = store.catalog().unwrap().checkpoints.pop().unwrap();
     let kept = first.libvirt_checkpoint.clone().unwrap();
@@ -479,16 +439,7 @@ fn a_checkpoint_after_a_killed_one_cleans_up_its_job_and_libvirt_checkpoint() {
     std::mem::forget(job); // as if the process had died: nobody ends the job
     assert!(hv.backup_job_xml(&vm.name).unwrap().is_some());
 
-    let out = crate::rewind::run_ok(&[
-        "checkpoint",
-        &vm.name,
-        "--to",
-        dest_str,
-        "--json",
-        "--connect",
-        daemon::URI,
-    ]);
-    let second = serde_json::from_str::<serde_json::Value>(&out).unwrap()[0].clone();
+    let second = checkpoint(&vm.name, &dest);
     assert_eq!(
         second["parent"],
         first.id.as_str(),
@@ -523,19 +474,7 @@ fn an_incremental_reads_only_what_was_written() {
     vm.start_and_wait_ready(BOOT_TIMEOUT).expect("boot");
     let dir = rewind_tests::scratch::ScratchDir::new("ckpt-incr-store").unwrap();
     let dest = dir.path().join("store");
-    let dest_str = dest.to_str().unwrap();
-    let take = || -> serde_json::Value {
-        let out = crate::rewind::run_ok(&[
-            "checkpoint",
-            &vm.name,
-            "--to",
-            dest_str,
-            "--json",
-            "--connect",
-            daemon::URI,
-        ]);
-        serde_json::from_str::<serde_json::Value>(&out).unwrap()[0].clone()
-    };
+    let take = || checkpoint(&vm.name, &dest);
     let full = take();
     // Three regions, each inside one 1 MiB chunk.
     let regions: [(u64, u64, u8); 3] = [

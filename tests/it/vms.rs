@@ -1,7 +1,7 @@
 //! `rewind vms`: real guests (BIOS and UEFI + TPM), their workload, and what Rewind reports.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rewind_core::vm::{DiskSource, Firmware, VmInfo, VmState};
 use rewind_tests::workload::scan_sequence_file;
@@ -26,21 +26,9 @@ fn listed(uuid: &str) -> VmInfo {
         .unwrap_or_else(|| panic!("VM {uuid} is missing from `rewind vms --json`"))
 }
 
-/// Waits until the guest reports at least `n` flushed records on its console.
 fn wait_flushed(vm: &TestVm, n: u64, timeout: Duration) -> u64 {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let k = vm.last_flushed_record();
-        if k >= n {
-            return k;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the guest flushed only {k} records in {timeout:?}; console:\n{}",
-            vm.console()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    vm.wait_flushed(n, timeout)
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The guest's data disk holds a consistent prefix covering at least what it had flushed.

@@ -314,6 +314,25 @@ impl TestVm {
         }
     }
 
+    /// Waits until the guest reports at least `n` flushed records on its console; returns
+    /// the highest it reported. The error shows the console.
+    pub fn wait_flushed(&self, n: u64, timeout: Duration) -> Result<u64, HarnessError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let k = self.last_flushed_record();
+            if k >= n {
+                return Ok(k);
+            }
+            if Instant::now() >= deadline {
+                return Err(HarnessError(format!(
+                    "the guest flushed only {k} of {n} records in {timeout:?}; console:\n{}",
+                    self.console()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// The highest `i` of the `RWSEQ <i> flushed` lines on the console.
     #[must_use]
     pub fn last_flushed_record(&self) -> u64 {
