@@ -53,14 +53,15 @@ fn chain_prefix(store: &Store) -> String {
     format!("rewind-{}", &store.config().id.simple().to_string()[..12])
 }
 
-/// The last checkpoint of `vm_uuid` in `store` that left a libvirt checkpoint behind.
-fn previous(store: &Store, vm_uuid: &Uuid) -> Result<Option<Manifest>, StoreError> {
+/// This VM's checkpoints in `store` that left a libvirt checkpoint behind, oldest first
+/// (the catalog is read once per checkpoint taken: it reads every manifest).
+fn chained(store: &Store, vm_uuid: &Uuid) -> Result<Vec<Manifest>, StoreError> {
     Ok(store
         .catalog()?
         .checkpoints
         .into_iter()
-        .rev()
-        .find(|m| m.vm.uuid == *vm_uuid && m.libvirt_checkpoint.is_some()))
+        .filter(|m| m.vm.uuid == *vm_uuid && m.libvirt_checkpoint.is_some())
+        .collect())
 }
 
 /// Why `prev` cannot be the base of an incremental, or `None` if it can.
@@ -143,7 +144,7 @@ fn clean_up_after_killed_runs(
     hv: &Hypervisor,
     store: &Store,
     vm: &str,
-    uuid: &Uuid,
+    chained: &[Manifest],
 ) -> Result<(), CheckpointError> {
     if let Some(job) = hv.backup_job_xml(vm)?
         && job.contains("rewind-nbd.sock")
@@ -151,15 +152,12 @@ fn clean_up_after_killed_runs(
         hv.abort_job(vm)?;
     }
     let prefix = chain_prefix(store);
-    let known: Vec<String> = store
-        .catalog()?
-        .checkpoints
-        .into_iter()
-        .filter(|m| m.vm.uuid == *uuid)
-        .filter_map(|m| m.libvirt_checkpoint)
-        .collect();
     for name in hv.checkpoint_names(vm)? {
-        if name.starts_with(&prefix) && !known.contains(&name) {
+        if name.starts_with(&prefix)
+            && !chained
+                .iter()
+                .any(|m| m.libvirt_checkpoint.as_deref() == Some(name.as_str()))
+        {
             hv.delete_checkpoint(vm, &name)?;
         }
     }
@@ -191,8 +189,9 @@ pub fn take(
     let sizes: Vec<(String, u64)> = disks.iter().map(|d| (d.0.clone(), d.1)).collect();
     let targets: Vec<String> = disks.iter().map(|d| d.0.clone()).collect();
 
-    clean_up_after_killed_runs(hv, store, vm, &uuid)?;
-    let prev = previous(store, &uuid)?;
+    let chained = chained(store, &uuid)?;
+    clean_up_after_killed_runs(hv, store, vm, &chained)?;
+    let prev = chained.last().cloned();
     let full_reason = match &prev {
         None => None,
         Some(p) => why_not_incremental(hv, vm, p, &sizes)?,
