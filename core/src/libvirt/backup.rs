@@ -170,8 +170,11 @@ impl Hypervisor {
     /// Ends VM `vm`'s running job (such as a backup left by a killed process).
     pub fn abort_job(&self, vm: &str) -> Result<()> {
         let dom = self.lookup(vm)?;
-        ffi::abort_job(&dom)
-            .map_err(|e| self.libvirt_error(&format!("end the job of VM {vm:?}"), &e))
+        end_job(&dom).map_err(|detail| Error::Libvirt {
+            action: format!("end the job of VM {vm:?}"),
+            detail,
+            connection_lost: !self.is_alive(),
+        })
     }
 
     /// Names of VM `vm`'s libvirt checkpoints.
@@ -230,18 +233,32 @@ impl PullBackup {
     /// Ends the job: the export goes away and the scratch data is released.
     pub fn finish(mut self) -> Result<()> {
         self.active = false;
-        ffi::abort_job(&self.dom).map_err(|e| Error::Libvirt {
+        end_job(&self.dom).map_err(|detail| Error::Libvirt {
             action: format!("end the backup job of VM {:?}", self.vm),
-            detail: e.message().to_owned(),
+            detail,
             connection_lost: false,
         })
     }
 }
 
+/// Aborts the domain's job and waits until libvirt no longer reports it: the abort returns
+/// before QEMU has torn the job down, and a backup begun meanwhile would be refused.
+fn end_job(dom: &Domain) -> std::result::Result<(), String> {
+    ffi::abort_job(dom).map_err(|e| e.message().to_owned())?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while ffi::backup_xml(dom).is_ok() {
+        if std::time::Instant::now() > deadline {
+            return Err("the job was still there 30 s after it was aborted".into());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Ok(())
+}
+
 impl Drop for PullBackup {
     fn drop(&mut self) {
         if self.active {
-            let _ = ffi::abort_job(&self.dom);
+            let _ = end_job(&self.dom);
         }
     }
 }
