@@ -3,7 +3,7 @@
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, anyhow, bail};
 use chrono::{DateTime, Local, Utc};
 use rewind_core::progress::Control;
 use rewind_core::store::retention::KeepRules;
@@ -84,10 +84,15 @@ pub fn checkpoint(
         _ => open_store(dest)?,
     };
     let hv = rewind_core::libvirt::Hypervisor::connect(uri)?;
+    let interrupt = Interrupt::install()?;
     let mut taken = Vec::new();
     let mut failed = Vec::new();
     for vm in vms {
-        match checkpoint_one(&hv, &store, vm) {
+        if interrupt.control().is_cancelled() {
+            failed.push((vm.clone(), anyhow!("cancelled before it began")));
+            continue;
+        }
+        match checkpoint_one(&hv, &store, vm, &interrupt.next_control()) {
             Ok(m) => {
                 if !json {
                     writeln!(
@@ -124,6 +129,21 @@ pub fn checkpoint(
         serde_json::to_writer_pretty(&mut *out, &list)?;
         writeln!(out)?;
     }
+    if interrupt.control().is_cancelled() {
+        let untaken: Vec<&str> = failed.iter().map(|(vm, _)| vm.as_str()).collect();
+        bail!(
+            "cancelled (Ctrl-C): no checkpoint of {} was taken{}",
+            untaken.join(", "),
+            if taken.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; {} checkpoint(s) taken before stay in the store",
+                    taken.len()
+                )
+            }
+        );
+    }
     match failed.len() {
         0 => Ok(()),
         1 if vms.len() == 1 => Err(failed.remove(0).1),
@@ -139,30 +159,105 @@ pub fn checkpoint(
     }
 }
 
+/// Ctrl-C (SIGINT) and SIGTERM cancel the checkpoint being taken: the engine stops at its
+/// next check and cleans up (no checkpoint, no libvirt job, no frozen guest). A second
+/// Ctrl-C exits at once; the next run then cleans up what is left.
+struct Interrupt {
+    current: std::sync::Arc<std::sync::Mutex<std::sync::Arc<Control>>>,
+}
+
+impl Interrupt {
+    fn install() -> anyhow::Result<Self> {
+        let current =
+            std::sync::Arc::new(std::sync::Mutex::new(std::sync::Arc::new(Control::new())));
+        let handler_current = current.clone();
+        ctrlc::set_handler(move || {
+            let control = handler_current
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            if control.is_cancelled() {
+                eprintln!("\nInterrupted again: exiting now; the next run cleans up.");
+                std::process::exit(130);
+            }
+            eprintln!("\nCancelling… (press Ctrl-C again to exit at once)");
+            control.cancel();
+        })
+        .context("could not install the Ctrl-C handler")?;
+        Ok(Self { current })
+    }
+
+    /// The control of the job now running.
+    fn control(&self) -> std::sync::Arc<Control> {
+        self.current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// A fresh control for the next job, cancelled if the user already interrupted.
+    fn next_control(&self) -> std::sync::Arc<Control> {
+        let mut current = self
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let next = std::sync::Arc::new(Control::new());
+        if current.is_cancelled() {
+            next.cancel();
+        }
+        *current = next.clone();
+        next
+    }
+}
+
 fn checkpoint_one(
     hv: &rewind_core::libvirt::Hypervisor,
     store: &Store,
     vm: &str,
+    control: &std::sync::Arc<Control>,
 ) -> anyhow::Result<Manifest> {
     // The backup job's NBD socket and scratch files. QEMU creates the socket and writes the
     // scratch file as its own user (libvirt-qemu under qemu:///system), so the folder must
     // be writable by it; it gets an unguessable name and lives only as long as the job.
     // (To do: a folder owned by QEMU's user instead of a world-writable one.)
+    // The name holds the process id, so a later run removes the folder of a killed one.
+    remove_work_dirs_of_dead_runs();
     let work = std::env::temp_dir().join(format!(
-        "rewind-checkpoint-{}",
+        "rewind-checkpoint-{}-{}",
+        std::process::id(),
         uuid::Uuid::new_v4().simple()
     ));
     std::fs::create_dir(&work).with_context(|| format!("could not create {}", work.display()))?;
     std::fs::set_permissions(&work, std::os::unix::fs::PermissionsExt::from_mode(0o777))
         .with_context(|| format!("could not open {} to QEMU", work.display()))?;
-    let control = std::sync::Arc::new(Control::new());
     let reporter = std::io::stderr()
         .is_terminal()
         .then(|| ProgressLine::start(vm, control.clone()));
-    let result = rewind_core::checkpoint::take(hv, store, vm, &work, &control);
+    let result = rewind_core::checkpoint::take(hv, store, vm, &work, control);
     drop(reporter);
     let _ = std::fs::remove_dir_all(&work);
     Ok(result?)
+}
+
+/// Removes `rewind-checkpoint-<pid>-<uuid>` folders whose process no longer runs.
+fn remove_work_dirs_of_dead_runs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("rewind-checkpoint-"))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// A progress line on a terminal's stderr, redrawn every 200 ms until dropped.
@@ -176,9 +271,25 @@ impl ProgressLine {
         let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (stop, vm) = (done.clone(), vm.to_owned());
         let thread = std::thread::spawn(move || {
+            // The rate is over the last ~2 s (10 samples), so it follows changes quickly.
+            let mut samples = std::collections::VecDeque::new();
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let (done_bytes, total_bytes) = control.progress_bytes();
-                eprint!("\r\x1b[K{}", progress_text(&vm, done_bytes, total_bytes));
+                let now = std::time::Instant::now();
+                samples.push_back((now, done_bytes));
+                if samples.len() > 10 {
+                    samples.pop_front();
+                }
+                let rate = samples.front().and_then(|(t0, d0)| {
+                    let secs = now.duration_since(*t0).as_secs_f64();
+                    #[allow(clippy::cast_precision_loss)]
+                    (secs > 0.5).then(|| (done_bytes - d0) as f64 / secs)
+                });
+                let phase = control.phase();
+                eprint!(
+                    "\r\x1b[K{}",
+                    progress_text(&vm, phase.label(), done_bytes, total_bytes, rate)
+                );
                 std::thread::sleep(std::time::Duration::from_millis(200));
             }
             eprint!("\r\x1b[K");
@@ -200,16 +311,27 @@ impl Drop for ProgressLine {
 }
 
 /// `win11: [#######.............]  35 %  120.0 MiB of 340.0 MiB`.
-fn progress_text(vm: &str, done_bytes: u64, total_bytes: u64) -> String {
+fn progress_text(
+    vm: &str,
+    phase: &str,
+    done_bytes: u64,
+    total_bytes: u64,
+    bytes_per_sec: Option<f64>,
+) -> String {
     if total_bytes == 0 {
-        return format!("{vm}: preparing…");
+        return format!("{vm}: {phase}…");
     }
     let done = u128::from(done_bytes.min(total_bytes));
     let total = u128::from(total_bytes);
     let filled = usize::try_from(done * 20 / total).unwrap_or(20);
     let percent = done * 100 / total;
+    let rate = match bytes_per_sec {
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        Some(r) if r.is_finite() && r >= 0.0 => format!(", {}/s", human_bytes(r as u64)),
+        _ => String::new(),
+    };
     format!(
-        "{vm}: [{}{}] {:>3} %  {} of {}",
+        "{vm}: {phase} [{}{}] {:>3} %  {} of {}{rate}",
         "#".repeat(filled),
         ".".repeat(20 - filled),
         percent,
@@ -224,14 +346,18 @@ mod tests {
 
     #[test]
     fn progress_text_shows_bar_percent_and_sizes() {
-        assert_eq!(progress_text("vm", 0, 0), "vm: preparing…");
-        let half = progress_text("win11", 50 << 20, 100 << 20);
+        assert_eq!(
+            progress_text("vm", "preparing", 0, 0, None),
+            "vm: preparing…"
+        );
+        let half = progress_text("win11", "copying", 50 << 20, 100 << 20, Some(3e8));
         assert!(
-            half.starts_with("win11: [##########..........]  50 %"),
+            half.starts_with("win11: copying [##########..........]  50 %"),
             "{half}"
         );
         assert!(half.contains("MiB of"), "{half}");
-        let over = progress_text("x", 200, 100);
+        assert!(half.ends_with("MiB/s"), "{half}");
+        let over = progress_text("x", "copying", 200, 100, None);
         assert!(over.contains("[####################] 100 %"), "{over}");
     }
 }
@@ -274,6 +400,7 @@ struct CheckpointJson<'a> {
     time: String,
     kind: rewind_core::store::CheckpointKind,
     consistency: rewind_core::store::Consistency,
+    consistency_note: Option<&'a str>,
     logical_bytes: u64,
     new_bytes: u64,
     duration_ms: u64,
@@ -304,6 +431,7 @@ impl<'a> CheckpointJson<'a> {
             time: m.time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             kind: m.kind,
             consistency: m.consistency,
+            consistency_note: m.consistency_note.as_deref(),
             logical_bytes: m.logical_bytes,
             new_bytes: m.new_bytes,
             duration_ms: m.duration_ms,

@@ -31,124 +31,20 @@ use rewind_core::store::{
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
-const MIB: u64 = 1 << 20;
-const GIB: u64 = 1 << 30;
-/// Layout: 1 GiB random, 0.5 GiB hole, 0.5 GiB text, 0.5 GiB hole, 0.5 GiB repeats.
-const RANDOM: (u64, u64) = (0, GIB);
-const TEXT: (u64, u64) = (GIB + GIB / 2, GIB / 2);
-const REPEATS: (u64, u64) = (2 * GIB + GIB / 2, GIB / 2);
-const IMAGE_BYTES: u64 = 3 * GIB;
-const DATA_BYTES: u64 = 2 * GIB;
+mod data;
+use data::{DATA_BYTES, MIB, MIN_IMAGE_BYTES, RANDOM, TEXT, make_image, one_percent_change};
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn fill(&mut self, buf: &mut [u8]) {
-        for c in buf.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
-            c.copy_from_slice(&v[..c.len()]);
-        }
-    }
-}
+const IMAGE_BYTES: u64 = MIN_IMAGE_BYTES;
 
-const WORDS: [&str; 32] = [
-    "the",
-    "virtual",
-    "machine",
-    "checkpoint",
-    "restore",
-    "disk",
-    "memory",
-    "window",
-    "store",
-    "chunk",
-    "of",
-    "and",
-    "a",
-    "to",
-    "in",
-    "is",
-    "Rewind",
-    "backup",
-    "drive",
-    "file",
-    "system",
-    "user",
-    "data",
-    "time",
-    "every",
-    "minute",
-    "while",
-    "running",
-    "guest",
-    "host",
-    "kernel",
-    "driver",
-];
-
-fn make_image(path: &Path) {
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    file.set_len(IMAGE_BYTES).unwrap();
-    let mut rng = Rng(0x5EED_1234_ABCD_0001);
-    let mut buf = vec![0u8; 4 * MIB as usize];
-    for off in (RANDOM.0..RANDOM.0 + RANDOM.1).step_by(buf.len()) {
-        rng.fill(&mut buf);
-        file.write_all_at(&buf, off).unwrap();
-    }
-    let mut text = Vec::with_capacity(TEXT.1 as usize + 64);
-    while (text.len() as u64) < TEXT.1 {
-        let w = WORDS[(rng.next() % 32) as usize];
-        text.extend_from_slice(w.as_bytes());
-        text.push(if rng.next().is_multiple_of(12) {
-            b'\n'
-        } else {
-            b' '
-        });
-    }
-    file.write_all_at(&text[..TEXT.1 as usize], TEXT.0).unwrap();
-    // Repeats: 4 MiB-aligned copies of earlier 4 MiB blocks (aligned for every chunk size).
-    for off in (REPEATS.0..REPEATS.0 + REPEATS.1).step_by(buf.len()) {
-        let src_block = rng.next() % ((TEXT.0 + TEXT.1) / buf.len() as u64);
-        let src = src_block * buf.len() as u64;
-        let src = if (RANDOM.1..TEXT.0).contains(&src) {
-            src - RANDOM.1 / 2
-        } else {
-            src
-        }; // skip the hole
-        file.read_exact_at(&mut buf, src).unwrap();
-        file.write_all_at(&buf, off).unwrap();
-    }
-    file.sync_all().unwrap();
-}
-
-/// Changes 1 % of the data (20 MiB) in 64 KiB pieces all over the allocated regions;
-/// returns the changed byte offsets.
+/// Applies the 1 % change to the image file; returns the changed byte offsets.
 fn change_one_percent(path: &Path) -> Vec<u64> {
     let file = OpenOptions::new().write(true).open(path).unwrap();
-    let mut rng = Rng(0xC4A_4E5);
-    let mut piece = vec![0u8; 64 << 10];
-    let regions = [RANDOM, TEXT, REPEATS];
-    let mut offsets = Vec::new();
-    for _ in 0..(DATA_BYTES / 100) / piece.len() as u64 {
-        let (start, len) = regions[(rng.next() % 3) as usize];
-        let off = start + (rng.next() % (len / piece.len() as u64)) * piece.len() as u64;
-        rng.fill(&mut piece);
-        file.write_all_at(&piece, off).unwrap();
-        offsets.push(off);
+    let change = one_percent_change();
+    for (off, piece) in &change {
+        file.write_all_at(piece, *off).unwrap();
     }
     file.sync_all().unwrap();
-    offsets
+    change.into_iter().map(|(off, _)| off).collect()
 }
 
 fn du_bytes(path: &Path) -> u64 {
@@ -216,6 +112,7 @@ fn checkpoint(store: &Store, n: u32, parent: Option<&Manifest>) -> NewCheckpoint
         ),
         parent: parent.map(|p| p.id.clone()),
         full_reason: None,
+        consistency_note: None,
         labels: vec![],
         libvirt_checkpoint: None,
     }
@@ -441,7 +338,7 @@ fn main() {
     fs::create_dir_all(&dir).unwrap();
     let image = dir.join("pristine.img");
     eprintln!("generating {} …", image.display());
-    make_image(&image);
+    make_image(&image, IMAGE_BYTES);
 
     let mut rows = Vec::new();
     let ((), secs) = timed(|| {

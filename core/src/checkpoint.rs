@@ -15,8 +15,9 @@ use chrono::Utc;
 use uuid::Uuid;
 
 use crate::libvirt::Hypervisor;
+use crate::libvirt::agent::AgentState;
 use crate::nbd::{BASE_ALLOCATION, NbdClient, NbdError, STATE_DIRTY, STATE_HOLE, STATE_ZERO};
-use crate::progress::Control;
+use crate::progress::{Control, Phase};
 use crate::store::{
     CheckpointKind, CheckpointWriter, Consistency, Manifest, NewCheckpoint, Store, StoreError,
     VmRef,
@@ -144,12 +145,18 @@ fn clean_up_after_killed_runs(
     hv: &Hypervisor,
     store: &Store,
     vm: &str,
+    uuid: &Uuid,
     chained: &[Manifest],
 ) -> Result<(), CheckpointError> {
     if let Some(job) = hv.backup_job_xml(vm)?
         && job.contains("rewind-nbd.sock")
     {
         hv.abort_job(vm)?;
+    }
+    if FreezeMarker::left_by_dead_process(uuid) {
+        // A Rewind killed while the guest was frozen: thaw it (harmless if not frozen).
+        hv.thaw_filesystems(vm)?;
+        FreezeMarker::remove(uuid);
     }
     let prefix = chain_prefix(store);
     for name in hv.checkpoint_names(vm)? {
@@ -162,6 +169,15 @@ fn clean_up_after_killed_runs(
         }
     }
     Ok(())
+}
+
+/// The qcow2 disks among `disks`, with their image files.
+fn qcow2_files(disks: &[DiskPlan]) -> Vec<(String, &Path)> {
+    disks
+        .iter()
+        .filter(|d| d.3.as_deref() == Some("qcow2"))
+        .filter_map(|d| d.2.as_deref().map(|p| (d.0.clone(), Path::new(p))))
+        .collect()
 }
 
 /// Takes a checkpoint of the running VM `vm` into `store`. `work_dir` holds the NBD socket
@@ -190,7 +206,8 @@ pub fn take(
     let targets: Vec<String> = disks.iter().map(|d| d.0.clone()).collect();
 
     let chained = chained(store, &uuid)?;
-    clean_up_after_killed_runs(hv, store, vm, &chained)?;
+    clean_up_after_killed_runs(hv, store, vm, &uuid, &chained)?;
+    hv.remove_stale_bitmaps(vm, &qcow2_files(&disks), true)?;
     let prev = chained.last().cloned();
     let full_reason = match &prev {
         None => None,
@@ -204,7 +221,12 @@ pub fn take(
     );
     let socket = work_dir.join("rewind-nbd.sock");
     let _ = std::fs::remove_file(&socket);
-    let (backup, incremental_from, full_reason) = begin_backup(
+    control.set_phase(Phase::Capturing);
+    // Freeze (when an agent answers), mark the instant, thaw at once: the export is
+    // point-in-time, so the guest is frozen only for as long as starting the job takes.
+    let (frozen, consistency, consistency_note) = freeze(hv, vm, &uuid)?;
+    crate::fault::point("after-freeze").map_err(CheckpointError::Unsupported)?;
+    let begun = begin_backup(
         hv,
         vm,
         &socket,
@@ -212,7 +234,9 @@ pub fn take(
         prev.as_ref(),
         full_reason,
         &new_name,
-    )?;
+    );
+    drop(frozen);
+    let (backup, incremental_from, full_reason) = begun?;
     let parent = incremental_from.as_ref().and_then(|_| prev.clone());
     let result = (|| {
         let new = NewCheckpoint {
@@ -222,7 +246,8 @@ pub fn take(
             },
             time,
             kind: CheckpointKind::Disk,
-            consistency: Consistency::Crash,
+            consistency,
+            consistency_note: Some(consistency_note.clone()),
             domain_xml: hv.domain_xml(vm)?,
             parent: parent.as_ref().map(|p| p.id.clone()),
             full_reason: full_reason.clone(),
@@ -230,6 +255,7 @@ pub fn take(
             libvirt_checkpoint: Some(new_name.clone()),
         };
         let mut writer = store.begin_checkpoint(new, control)?;
+        control.set_phase(Phase::Copying);
         for (target, _, source, format) in &disks {
             let context = backup.dirty_context(target);
             let (object, read) = read_disk(
@@ -245,6 +271,7 @@ pub fn take(
             writer.add_disk(target, source.clone(), format.clone(), object)?;
         }
         add_firmware_and_tpm(&mut writer, &info)?;
+        control.set_phase(Phase::Finishing);
         Ok::<_, CheckpointError>(writer.commit(control)?)
     })();
     let finished = backup.finish();
@@ -262,6 +289,112 @@ pub fn take(
             let _ = hv.delete_checkpoint(vm, &new_name);
             Err(e)
         }
+    }
+}
+
+/// A file saying "this process froze VM X's file systems", so that a run after a killed
+/// one knows to thaw them: `<temp dir>/rewind-frozen/<vm uuid>`, holding the process id.
+struct FreezeMarker;
+
+impl FreezeMarker {
+    fn path(uuid: &Uuid) -> std::path::PathBuf {
+        std::env::temp_dir()
+            .join("rewind-frozen")
+            .join(uuid.to_string())
+    }
+
+    fn create(uuid: &Uuid) -> std::io::Result<()> {
+        let path = Self::path(uuid);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(path, std::process::id().to_string())
+    }
+
+    fn remove(uuid: &Uuid) {
+        let _ = std::fs::remove_file(Self::path(uuid));
+    }
+
+    /// Whether a marker is there from a process that no longer runs.
+    fn left_by_dead_process(uuid: &Uuid) -> bool {
+        std::fs::read_to_string(Self::path(uuid)).is_ok_and(|pid| {
+            let pid = pid.trim();
+            pid != std::process::id().to_string() && !Path::new("/proc").join(pid).exists()
+        })
+    }
+}
+
+/// The guest's file systems, frozen by its agent; thawed when dropped, so on every path
+/// (success, error, cancel, panic).
+struct Frozen<'a> {
+    hv: &'a Hypervisor,
+    vm: &'a str,
+    uuid: Uuid,
+}
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        // A failed thaw leaves the marker, so the next run tries again.
+        if self.hv.thaw_filesystems(self.vm).is_ok() {
+            FreezeMarker::remove(&self.uuid);
+        }
+    }
+}
+
+/// Freezes the guest's file systems if a guest agent answers: the guard that thaws them,
+/// the consistency the checkpoint will have, and a note saying why.
+fn freeze<'a>(
+    hv: &'a Hypervisor,
+    vm: &'a str,
+    uuid: &Uuid,
+) -> Result<(Option<Frozen<'a>>, Consistency, String), CheckpointError> {
+    match hv.agent_state(vm)? {
+        AgentState::NotConfigured => {
+            return Ok((
+                None,
+                Consistency::Crash,
+                "the VM has no guest agent channel: add one (virt-manager: Add Hardware > Channel > org.qemu.guest_agent.0) and install the QEMU guest agent in the guest for application-consistent checkpoints".into(),
+            ));
+        }
+        AgentState::NotConnected => {
+            return Ok((
+                None,
+                Consistency::Crash,
+                "the guest agent is not running in the guest: install and start the QEMU guest agent (qemu-guest-agent) for application-consistent checkpoints".into(),
+            ));
+        }
+        AgentState::Connected => {}
+    }
+    FreezeMarker::create(uuid).map_err(|e| {
+        CheckpointError::Unsupported(format!(
+            "could not note the freeze of VM {vm:?} in {}: {e}",
+            FreezeMarker::path(uuid).display()
+        ))
+    })?;
+    let guard = Frozen {
+        hv,
+        vm,
+        uuid: *uuid,
+    };
+    match hv.freeze_filesystems(vm) {
+        Ok(0) => Ok((
+            Some(guard),
+            Consistency::Crash,
+            "the guest agent found no file system to freeze".into(),
+        )),
+        Ok(n) => Ok((
+            Some(guard),
+            Consistency::Application,
+            format!("the guest agent froze {n} file system(s)"),
+        )),
+        // A freeze that failed half-way is thawed by the guard.
+        Err(e) => Ok((
+            Some(guard),
+            Consistency::Crash,
+            format!(
+                "the guest agent could not freeze the file systems, so the checkpoint is crash-consistent: {e}"
+            ),
+        )),
     }
 }
 
@@ -389,18 +522,30 @@ fn read_disk(
         }
     }
     chunks.dedup();
-    control.add_total_bytes(chunks.len() as u64 * chunk);
-    let mut buf = vec![0u8; writer.store().chunk_size_bytes() as usize];
-    let mut read = 0u64;
-    for i in chunks {
-        control.check().map_err(StoreError::from)?;
-        let len = usize::try_from(object.chunk_len(i)).expect("chunk fits memory");
-        nbd.read_at(i * chunk, &mut buf[..len]).map_err(read_err)?;
-        object.put(i, &buf[..len])?;
-        control.add_done_bytes(len as u64);
-        read += len as u64;
+    control.add_total_bytes(chunks.iter().map(|&i| object.chunk_len(i)).sum());
+    // One connection per reader: several reads in flight keep QEMU and the drive busy.
+    let mut readers = Vec::new();
+    for _ in 1..crate::store::reader_count() {
+        readers.push(NbdClient::connect(socket, target, &[]).map_err(read_err)?);
     }
-    nbd.close().map_err(read_err)?;
+    readers.push(nbd);
+    let read_bytes = std::sync::atomic::AtomicU64::new(0);
+    let read_fns: Vec<_> = readers
+        .iter_mut()
+        .map(|client| {
+            let read_bytes = &read_bytes;
+            move |i: u64, buf: &mut [u8]| {
+                client.read_at(i * chunk, buf).map_err(read_err)?;
+                read_bytes.fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                Ok::<_, CheckpointError>(true)
+            }
+        })
+        .collect();
+    object.put_slots(&chunks, control, read_fns)?;
+    let read = read_bytes.into_inner();
+    for client in readers {
+        client.close().map_err(read_err)?;
+    }
     Ok((object.finish()?, read))
 }
 
@@ -493,10 +638,13 @@ fn take_shut_off(
         domain_xml: hv.domain_xml(&info.name)?,
         parent: None,
         full_reason: Some("the VM was shut off, so there was no dirty bitmap to go by".into()),
+        consistency_note: Some("the VM was shut off: its disks are as it left them".into()),
         labels: vec![],
         libvirt_checkpoint: None,
     };
+    hv.remove_stale_bitmaps(&info.name, &qcow2_files(&disks), false)?;
     let mut writer = store.begin_checkpoint(new, control)?;
+    control.set_phase(Phase::Copying);
     for (target, _, source, format) in &disks {
         let Some(file) = source else {
             return Err(CheckpointError::Unsupported(format!(
@@ -520,5 +668,6 @@ fn take_shut_off(
             info.name
         )));
     }
+    control.set_phase(Phase::Finishing);
     Ok(writer.commit(control)?)
 }

@@ -9,6 +9,7 @@
 pub mod checkpoint;
 pub mod engine;
 pub mod error;
+mod fault;
 pub mod libvirt;
 pub mod nbd;
 pub mod progress;

@@ -4,14 +4,52 @@
 //! the loop that does the work. The loop calls [`Control::check`] at each step and adds to
 //! the progress counters; the UI reads them whenever it repaints. Nothing blocks.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 
-/// Cancellation flag and progress counters of one job.
+/// Cancellation flag, phase and progress counters of one job.
 #[derive(Debug, Default)]
 pub struct Control {
     cancelled: AtomicBool,
+    phase: AtomicU8,
     done_bytes: AtomicU64,
     total_bytes: AtomicU64,
+}
+
+/// What a job is doing, for the progress display.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(u8)]
+pub enum Phase {
+    /// Looking at the VM and the store, cleaning up after earlier runs.
+    #[default]
+    Preparing = 0,
+    /// Freezing the guest's file systems and marking the capture instant.
+    Capturing = 1,
+    /// Reading data and writing it into the store.
+    Copying = 2,
+    /// Making the result durable.
+    Finishing = 3,
+}
+
+impl Phase {
+    /// A word for the user.
+    #[must_use]
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Preparing => "preparing",
+            Self::Capturing => "capturing",
+            Self::Copying => "copying",
+            Self::Finishing => "finishing",
+        }
+    }
+
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Self::Capturing,
+            2 => Self::Copying,
+            3 => Self::Finishing,
+            _ => Self::Preparing,
+        }
+    }
 }
 
 /// The job was cancelled by its caller.
@@ -44,6 +82,17 @@ impl Control {
         } else {
             Ok(())
         }
+    }
+
+    /// Records what the job is doing now.
+    pub fn set_phase(&self, phase: Phase) {
+        self.phase.store(phase as u8, Ordering::Relaxed);
+    }
+
+    /// What the job is doing now.
+    #[must_use]
+    pub fn phase(&self) -> Phase {
+        Phase::from_u8(self.phase.load(Ordering::Relaxed))
     }
 
     /// Sets how many bytes the job will process in all.
@@ -79,6 +128,11 @@ mod tests {
     fn cancel_and_progress() {
         let c = Control::new();
         assert_eq!(c.check(), Ok(()));
+        assert_eq!(c.phase(), Phase::Preparing);
+        for phase in [Phase::Capturing, Phase::Copying, Phase::Finishing] {
+            c.set_phase(phase);
+            assert_eq!(c.phase(), phase);
+        }
         c.set_total_bytes(10);
         c.add_done_bytes(4);
         c.add_total_bytes(5);

@@ -115,6 +115,7 @@ fn crash_child() {
             domain_xml: "<domain/>".into(),
             parent: parent.as_ref().map(|p| p.id.clone()),
             full_reason: None,
+            consistency_note: None,
             labels: vec![],
             libvirt_checkpoint: None,
         };

@@ -50,6 +50,7 @@ fn write_checkpoint(
         domain_xml: format!("<domain type='qemu'><name>{name}</name></domain>"),
         parent: None,
         full_reason: None,
+        consistency_note: None,
         labels: vec![],
         libvirt_checkpoint: None,
     };
@@ -451,6 +452,7 @@ fn a_full_drive_fails_the_new_checkpoint_and_keeps_the_old_ones() {
         domain_xml: "<domain/>".into(),
         parent: None,
         full_reason: None,
+        consistency_note: None,
         labels: vec![],
         libvirt_checkpoint: None,
     };

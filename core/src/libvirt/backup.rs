@@ -32,7 +32,7 @@ pub struct PullBackup {
 }
 
 /// Escapes text for an XML attribute or element.
-fn xml_escape(text: &str) -> String {
+pub(super) fn xml_escape(text: &str) -> String {
     text.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
@@ -191,12 +191,16 @@ impl Hypervisor {
             .map_err(|e| self.libvirt_error(&format!("read checkpoint {name:?} of VM {vm:?}"), &e))
     }
 
-    /// Deletes checkpoint `name` of VM `vm` with its bitmaps.
+    /// Deletes checkpoint `name` of VM `vm` with its bitmaps. When the bitmaps cannot be
+    /// deleted (they are already gone: the disk was replaced), libvirt's record of the
+    /// checkpoint is deleted all the same, so that it does not linger.
     pub fn delete_checkpoint(&self, vm: &str, name: &str) -> Result<()> {
         let dom = self.lookup(vm)?;
-        ffi::checkpoint_delete(&dom, name, false).map_err(|e| {
-            self.libvirt_error(&format!("delete checkpoint {name:?} of VM {vm:?}"), &e)
-        })
+        ffi::checkpoint_delete(&dom, name, false)
+            .or_else(|_| ffi::checkpoint_delete(&dom, name, true))
+            .map_err(|e| {
+                self.libvirt_error(&format!("delete checkpoint {name:?} of VM {vm:?}"), &e)
+            })
     }
 }
 

@@ -252,3 +252,38 @@ pub(super) fn checkpoint_delete(
         Ok(())
     })
 }
+
+/// virDomainFSFreeze of every mounted file system, through the guest agent: the number of
+/// file systems frozen.
+pub(super) fn fs_freeze(dom: &Domain) -> Result<u32, virt::error::Error> {
+    // SAFETY: `dom` is live; a null mount-point list with count 0 means "all of them".
+    let n = unsafe { sys::virDomainFSFreeze(dom.as_ptr(), std::ptr::null_mut(), 0, 0) };
+    u32::try_from(n).map_err(|_| virt::error::Error::last_error())
+}
+
+/// virDomainFSThaw of every frozen file system: the number thawed.
+pub(super) fn fs_thaw(dom: &Domain) -> Result<u32, virt::error::Error> {
+    // SAFETY: as in `fs_freeze`.
+    let n = unsafe { sys::virDomainFSThaw(dom.as_ptr(), std::ptr::null_mut(), 0, 0) };
+    u32::try_from(n).map_err(|_| virt::error::Error::last_error())
+}
+
+/// virDomainCheckpointCreateXML with `REDEFINE`: records a checkpoint in libvirt's metadata
+/// for bitmaps that already exist (nothing is created in the images).
+pub(super) fn checkpoint_redefine(dom: &Domain, xml: &str) -> Result<(), virt::error::Error> {
+    let cxml = c_string(xml)?;
+    // SAFETY: `dom` is live and `cxml` NUL-terminated; the result is null or a handle we own.
+    let cp = unsafe {
+        sys::virDomainCheckpointCreateXML(
+            dom.as_ptr(),
+            cxml.as_ptr(),
+            sys::VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE,
+        )
+    };
+    if cp.is_null() {
+        return Err(virt::error::Error::last_error());
+    }
+    // SAFETY: `cp` is the handle just returned, freed exactly once.
+    unsafe { sys::virDomainCheckpointFree(cp) };
+    Ok(())
+}

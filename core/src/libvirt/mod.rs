@@ -3,7 +3,9 @@
 //!
 //! All libvirt calls block; callers on an async runtime run them with `spawn_blocking`.
 
+pub mod agent;
 pub mod backup;
+pub mod bitmaps;
 mod events;
 mod ffi;
 pub mod xml;

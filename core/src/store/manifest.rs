@@ -91,6 +91,10 @@ pub struct Manifest {
     pub parent: Option<String>,
     /// Why a full capture was made where an incremental was possible, if so.
     pub full_reason: Option<String>,
+    /// Why it is only crash-consistent (no guest agent, the agent did not answer), or
+    /// what the guest agent froze for an application-consistent one.
+    #[serde(default)]
+    pub consistency_note: Option<String>,
     /// How long taking it took.
     pub duration_ms: u64,
     /// Bytes read from the VM's disks to take it (an incremental reads only changed chunks).

@@ -22,6 +22,7 @@ pub mod gc;
 pub mod index;
 pub mod lock;
 pub mod manifest;
+mod pipeline;
 pub mod prune;
 pub mod reader;
 pub mod retention;
@@ -42,6 +43,7 @@ pub use error::StoreError;
 pub use index::ObjectIndex;
 pub use lock::{LockMode, StoreLock};
 pub use manifest::{BlobEntry, CheckpointKind, Consistency, DiskEntry, Manifest, VmRef};
+pub use pipeline::reader_count;
 pub use writer::{CheckpointWriter, FinishedObject, NewCheckpoint, ObjectWriter};
 
 use crypto::Keys;

@@ -47,6 +47,7 @@ fn new_checkpoint(vm: VmRef, minute: u32) -> NewCheckpoint {
         domain_xml: "<domain type='qemu'><name>t</name></domain>".into(),
         parent: None,
         full_reason: None,
+        consistency_note: None,
         labels: vec![],
         libvirt_checkpoint: None,
     }
@@ -875,4 +876,83 @@ mod properties {
             }
         }
     }
+}
+
+/// The parallel pipeline builds the very index the sequential `put` builds, holes and
+/// out-of-order completions included; a read error or a cancel stops it cleanly.
+#[test]
+fn parallel_put_matches_sequential_put_and_stops_on_error_or_cancel() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::init(&tmp.path().join("s"), &options()).unwrap();
+    let c = CHUNK as usize;
+    let chunks = 2 * index::ENTRIES_PER_PAGE + 17;
+    let size = chunks * u64::from(CHUNK) - 1000;
+    let content = |i: u64| -> Option<Vec<u8>> {
+        // Every fifth chunk a hole, every seventh all zeros (read, but stored as a hole),
+        // the others noise, some repeated.
+        let len = if i == chunks - 1 { c - 1000 } else { c };
+        match i {
+            _ if i.is_multiple_of(5) => None,
+            _ if i.is_multiple_of(7) => Some(vec![0; len]),
+            _ => Some(noise(i % 40, len)),
+        }
+    };
+    let control = Control::new();
+    let mut sequential = store.object_writer(size, None).unwrap();
+    for i in 0..chunks {
+        match content(i) {
+            Some(data) => sequential.put(i, &data).unwrap(),
+            None => sequential.put_hole(i).unwrap(),
+        }
+    }
+    let sequential = sequential.finish().unwrap();
+
+    let slots: Vec<u64> = (0..chunks).collect();
+    let mut parallel = store.object_writer(size, None).unwrap();
+    let read = |i: u64, buf: &mut [u8]| match content(i) {
+        Some(data) => {
+            buf.copy_from_slice(&data);
+            Ok::<_, StoreError>(true)
+        }
+        None => Ok(false),
+    };
+    parallel.put_slots(&slots, &control, vec![read; 3]).unwrap();
+    let parallel = parallel.finish().unwrap();
+    assert_eq!(parallel.index, sequential.index);
+    assert_eq!(control.progress_bytes().0, size);
+
+    let mut failing = store.object_writer(size, None).unwrap();
+    let fail_at_150 = |i: u64, buf: &mut [u8]| {
+        if i == 150 {
+            return Err(StoreError::Invalid("the disk went away".into()));
+        }
+        buf.fill(1);
+        Ok(true)
+    };
+    let err = failing
+        .put_slots(&slots, &Control::new(), vec![fail_at_150; 2])
+        .unwrap_err();
+    assert!(err.to_string().contains("the disk went away"), "{err}");
+
+    let control = Control::new();
+    let mut cancelled = store.object_writer(size, None).unwrap();
+    let reads = std::sync::atomic::AtomicU64::new(0);
+    let cancel_at_10 = |i: u64, buf: &mut [u8]| {
+        reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if i == 10 {
+            control.cancel();
+        }
+        buf.fill(2);
+        Ok::<_, StoreError>(true)
+    };
+    let err = cancelled
+        .put_slots(&slots, &control, vec![cancel_at_10; 2])
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Cancelled), "{err:?}");
+    // Each of the two readers may have had one more read under way when the cancel came.
+    let reads = reads.into_inner();
+    assert!(
+        (11..=13).contains(&reads),
+        "{reads} reads: reading went on after the cancel"
+    );
 }

@@ -30,6 +30,8 @@ pub struct NewCheckpoint {
     pub parent: Option<String>,
     /// Why it is a full capture, when an incremental was expected.
     pub full_reason: Option<String>,
+    /// Why it is only crash-consistent, or what the guest agent froze.
+    pub consistency_note: Option<String>,
     /// Labels such as `safety`.
     pub labels: Vec<String>,
     /// The libvirt checkpoint created at the same instant, if any.
@@ -158,37 +160,24 @@ impl Store {
     ) -> Result<FinishedObject, StoreError> {
         let mut writer = self.object_writer(size_bytes, base)?;
         let chunk = u64::from(self.chunk_size_bytes());
-        let mut buf = vec![0u8; self.chunk_size_bytes() as usize];
-        let mut offset = 0;
         control.add_total_bytes(size_bytes);
-        while offset < size_bytes {
-            control.check()?;
-            let i = offset / chunk;
-            let len = writer.index.chunk_len(i);
-            // Skip straight over holes: SEEK_DATA finds the next allocated byte.
+        let slots: Vec<u64> = (0..writer.chunk_count()).collect();
+        let read = |i: u64, buf: &mut [u8]| {
+            let offset = i * chunk;
+            // Holes of sparse files are not read: SEEK_DATA finds the next allocated byte.
             let next_data = match rustix::fs::seek(file, rustix::fs::SeekFrom::Data(offset)) {
                 Ok(pos) => pos,
                 Err(rustix::io::Errno::NXIO) => size_bytes,
                 Err(_) => offset, // file system without SEEK_DATA: read everything
             };
-            if next_data >= offset + len {
-                let next_chunk_start = (next_data / chunk) * chunk;
-                let first_hole = i;
-                let end = next_chunk_start.min(size_bytes).max(offset + len);
-                for j in first_hole..end.div_ceil(chunk) {
-                    writer.put_hole(j)?;
-                }
-                control.add_done_bytes(end - offset);
-                offset = end;
-                continue;
+            if next_data >= offset + buf.len() as u64 {
+                return Ok(false);
             }
-            let data = &mut buf[..usize::try_from(len).expect("chunk fits memory")];
-            file.read_exact_at(data, offset)
+            file.read_exact_at(buf, offset)
                 .map_err(|e| io_error("read", "the image file", e))?;
-            writer.put(i, data)?;
-            control.add_done_bytes(len);
-            offset += len;
-        }
+            Ok::<_, StoreError>(true)
+        };
+        writer.put_slots(&slots, control, vec![read; super::pipeline::reader_count()])?;
         writer.finish()
     }
 }
@@ -196,7 +185,7 @@ impl Store {
 /// Builds one object's index chunk by chunk. Keeps one index page in memory.
 #[derive(Debug)]
 pub struct ObjectWriter<'s> {
-    store: &'s Store,
+    pub(super) store: &'s Store,
     index: ObjectIndex,
     /// The page being edited: number, entries, whether they changed.
     page: Option<(u64, Vec<ChunkId>, bool)>,
@@ -231,6 +220,12 @@ impl ObjectWriter<'_> {
             return self.set_entry(i, HOLE);
         }
         let (id, added) = self.store.put_chunk(ChunkKind::Data, data)?;
+        self.put_stored(i, id, added)
+    }
+
+    /// Sets chunk slot `i` to a chunk already in the store; `added` is what storing it
+    /// added (0 when it was there before).
+    pub(crate) fn put_stored(&mut self, i: u64, id: ChunkId, added: u64) -> Result<(), StoreError> {
         if added > 0 {
             self.new_bytes += added;
             self.new_chunks += 1;
@@ -444,6 +439,7 @@ impl<'s> CheckpointWriter<'s> {
             new_bytes: self.new_bytes,
             parent: self.new.parent.clone(),
             full_reason: self.new.full_reason.clone(),
+            consistency_note: self.new.consistency_note.clone(),
             duration_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
             read_bytes: self.read_bytes,
             labels: self.new.labels.clone(),

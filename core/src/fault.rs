@@ -1,0 +1,19 @@
+//! Fault injection for the integration tests: with `REWIND_FAULT=<point>` in the
+//! environment, the named point fails with an error; with `REWIND_FAULT=abort-<point>`, the
+//! process aborts there as if killed. Points: `after-freeze` (the guest's file systems are
+//! frozen, the backup not begun yet). Without the variable nothing happens.
+
+/// Fails or aborts at `point` when `REWIND_FAULT` asks for it.
+pub(crate) fn point(point: &str) -> Result<(), String> {
+    let Ok(wanted) = std::env::var("REWIND_FAULT") else {
+        return Ok(());
+    };
+    if wanted == point {
+        return Err(format!("fault injected at {point} (REWIND_FAULT)"));
+    }
+    if wanted.strip_prefix("abort-") == Some(point) {
+        eprintln!("REWIND_FAULT: aborting at {point}");
+        std::process::abort();
+    }
+    Ok(())
+}
