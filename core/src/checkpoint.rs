@@ -211,7 +211,13 @@ pub fn take(
     let prev = chained.last().cloned();
     let full_reason = match &prev {
         None => None,
-        Some(p) => why_not_incremental(hv, vm, p, &sizes)?,
+        Some(p) => match store.unhealed_damage(p)?.len() {
+            0 => why_not_incremental(hv, vm, p, &sizes)?,
+            n => Some(format!(
+                "verify found {n} damaged chunk(s) in checkpoint {}; a full checkpoint writes them again",
+                p.id
+            )),
+        },
     };
     let time = Utc::now();
     let new_name = format!(

@@ -956,3 +956,35 @@ fn parallel_put_matches_sequential_put_and_stops_on_error_or_cancel() {
         "{reads} reads: reading went on after the cancel"
     );
 }
+
+/// After verify finds damage in a checkpoint, `unhealed_damage` names it (so no incremental
+/// is taken from it), and a checkpoint that writes the same data again heals it.
+#[test]
+fn damage_found_by_verify_is_reported_until_a_later_checkpoint_heals_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::init(&tmp.path().join("s"), &options()).unwrap();
+    let (image, _) = make_image(tmp.path(), "disk.img", 7);
+    let first = checkpoint_file(&store, vm("a", 1), 0, &image, None);
+    assert!(store.unhealed_damage(&first).unwrap().is_empty());
+    // One data chunk of the first checkpoint gets lost, another one corrupted.
+    let ids: Vec<ChunkId> = store.read_page(&first.disks[0].index, 0).unwrap();
+    let data: Vec<&ChunkId> = ids.iter().filter(|id| **id != index::HOLE).collect();
+    fs::remove_file(store.chunk_path(data[0])).unwrap();
+    let path = store.chunk_path(data[1]);
+    let mut bytes = fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    fs::write(&path, bytes).unwrap();
+    let report = store.verify(false, &Control::new()).unwrap();
+    assert_eq!(report.damaged.len(), 2);
+    let mut damaged = store.unhealed_damage(&first).unwrap();
+    damaged.sort();
+    let mut expected = vec![*data[0], *data[1]];
+    expected.sort();
+    assert_eq!(damaged, expected);
+    // A full checkpoint of the same data writes both chunks again.
+    let second = checkpoint_file(&store, vm("a", 1), 1, &image, None);
+    assert!(store.unhealed_damage(&first).unwrap().is_empty());
+    assert!(store.unhealed_damage(&second).unwrap().is_empty());
+    assert!(store.verify(false, &Control::new()).unwrap().is_clean());
+}

@@ -194,7 +194,10 @@ impl Store {
         }
         for (id, kind, problem, users) in problems {
             let moved_to = match problem {
-                ChunkProblem::Missing | ChunkProblem::Unreadable(_) => None,
+                ChunkProblem::Missing | ChunkProblem::Unreadable(_) => {
+                    self.note_missing(&id)?;
+                    None
+                }
                 _ => self.move_aside(&id)?,
             };
             report.damaged.push(Damage {
@@ -212,6 +215,58 @@ impl Store {
             });
         }
         Ok(report)
+    }
+
+    /// Leaves an empty `damaged/<chunk>-missing` file for a chunk that is missing or
+    /// unreadable, so that [`Store::unhealed_damage`] knows of it too.
+    fn note_missing(&self, id: &ChunkId) -> Result<(), StoreError> {
+        let path = self
+            .root()
+            .join("damaged")
+            .join(format!("{}-missing", id.to_hex()));
+        fs::write(&path, b"").map_err(|e| super::error::io_error("create", &path, e))
+    }
+
+    /// The chunks that `verify` found damaged or missing and that are still not whole in
+    /// the store (a later checkpoint holding the same data rewrites — heals — them), among
+    /// those that checkpoint `m` needs. An incremental must not be taken from a checkpoint
+    /// with such damage: it would share the damage. Cheap when nothing was ever damaged.
+    pub fn unhealed_damage(&self, m: &Manifest) -> Result<Vec<ChunkId>, StoreError> {
+        let damaged_dir = self.root().join("damaged");
+        let mut unhealed = std::collections::HashSet::new();
+        for path in fsutil::list_dir(&damaged_dir)? {
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            let Some(id) = name.split('-').next().and_then(ChunkId::from_hex) else {
+                continue;
+            };
+            if !Self::chunk_file_is_whole(&self.chunk_path(&id)) {
+                unhealed.insert(id);
+            }
+        }
+        if unhealed.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut found = Vec::new();
+        for idx in m.indexes() {
+            for (p, page) in idx.pages.iter().enumerate() {
+                let Some(page) = page else { continue };
+                if unhealed.contains(page) {
+                    found.push(*page);
+                    continue;
+                }
+                match self.read_page(idx, p as u64) {
+                    Ok(ids) => found.extend(ids.into_iter().filter(|id| unhealed.contains(id))),
+                    // A page that cannot be read is damage of its own.
+                    Err(_) => found.push(*page),
+                }
+            }
+        }
+        found.sort();
+        found.dedup();
+        Ok(found)
     }
 
     fn move_aside(&self, id: &ChunkId) -> Result<Option<PathBuf>, StoreError> {
