@@ -216,19 +216,17 @@ fn checkpoint_one(
     vm: &str,
     control: &std::sync::Arc<Control>,
 ) -> anyhow::Result<Manifest> {
-    // The backup job's NBD socket and scratch files. QEMU creates the socket and writes the
-    // scratch file as its own user (libvirt-qemu under qemu:///system), so the folder must
-    // be writable by it; it gets an unguessable name and lives only as long as the job.
-    // (To do: a folder owned by QEMU's user instead of a world-writable one.)
+    // The backup jobs' folders go in here: one per VM, made by the engine so that only that
+    // VM's QEMU can write there. QEMU only needs to pass through this one.
     // The name holds the process id, so a later run removes the folder of a killed one.
     remove_work_dirs_of_dead_runs();
     let work = std::env::temp_dir().join(format!(
         "rewind-checkpoint-{}-{}",
         std::process::id(),
-        uuid::Uuid::new_v4().simple()
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
     ));
     std::fs::create_dir(&work).with_context(|| format!("could not create {}", work.display()))?;
-    std::fs::set_permissions(&work, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+    std::fs::set_permissions(&work, std::os::unix::fs::PermissionsExt::from_mode(0o711))
         .with_context(|| format!("could not open {} to QEMU", work.display()))?;
     let reporter = std::io::stderr()
         .is_terminal()

@@ -180,8 +180,72 @@ fn qcow2_files(disks: &[DiskPlan]) -> Vec<(String, &Path)> {
         .collect()
 }
 
-/// Takes a checkpoint of the running VM `vm` into `store`. `work_dir` holds the NBD socket
-/// and the scratch files of the backup job, so QEMU must be able to write there.
+/// The user and group QEMU runs VM as, from the DAC label of its live XML (`+64055:+64055`).
+fn qemu_owner(live_xml: &str) -> Option<(u32, u32)> {
+    let doc = roxmltree::Document::parse(live_xml).ok()?;
+    let label = doc
+        .descendants()
+        .find(|n| n.has_tag_name("seclabel") && n.attribute("model") == Some("dac"))?
+        .children()
+        .find(|n| n.has_tag_name("label"))?
+        .text()?;
+    let (user, group) = label.trim().split_once(':')?;
+    Some((
+        user.strip_prefix('+')?.parse().ok()?,
+        group.strip_prefix('+')?.parse().ok()?,
+    ))
+}
+
+/// A folder for one VM's backup job inside `work_dir`, writable by that VM's QEMU and by
+/// nobody else: owned by QEMU's user when Rewind runs as root (`qemu:///system`), private
+/// when QEMU runs as Rewind's own user (`qemu:///session`). Only when neither holds (a
+/// desktop user driving `qemu:///system`) is it open to all, under an unguessable name.
+fn job_dir(
+    work_dir: &Path,
+    vm_uuid: &Uuid,
+    live_xml: &str,
+) -> Result<std::path::PathBuf, CheckpointError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    // Short: the socket's whole path must fit the 107 bytes a Unix socket address allows.
+    let dir = work_dir.join(format!(
+        "{}-{}",
+        &vm_uuid.simple().to_string()[..8],
+        &Uuid::new_v4().simple().to_string()[..8]
+    ));
+    if dir.join("rewind-nbd.sock").as_os_str().len() > 107 {
+        return Err(CheckpointError::Unsupported(format!(
+            "the work folder {} has too long a path for the backup's socket; use a shorter one (TMPDIR)",
+            work_dir.display()
+        )));
+    }
+    let failed = |what: &str, e: std::io::Error| {
+        CheckpointError::Unsupported(format!(
+            "could not {what} the backup folder {}: {e}",
+            dir.display()
+        ))
+    };
+    std::fs::create_dir(&dir).map_err(|e| failed("create", e))?;
+    // A new folder belongs to the effective user: that is who Rewind runs as.
+    let me = std::os::unix::fs::MetadataExt::uid(
+        &std::fs::metadata(&dir).map_err(|e| failed("look at", e))?,
+    );
+    let mode = match qemu_owner(live_xml) {
+        Some((uid, _)) if uid == me => 0o700,
+        Some((uid, gid)) if me == 0 => {
+            std::os::unix::fs::chown(&dir, Some(uid), Some(gid))
+                .map_err(|e| failed("hand QEMU", e))?;
+            0o700
+        }
+        _ => 0o777,
+    };
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| failed("set the permissions of", e))?;
+    Ok(dir)
+}
+
+/// Takes a checkpoint of the running VM `vm` into `store`. `work_dir` is where a folder
+/// for the NBD socket and the scratch files of the backup job is made (and removed after):
+/// QEMU must be able to reach it (no private parent folders).
 pub fn take(
     hv: &Hypervisor,
     store: &Store,
@@ -203,7 +267,6 @@ pub fn take(
         .map_err(|e| CheckpointError::Unsupported(format!("VM {vm:?} has an odd UUID: {e}")))?;
     let disks = protected_disks(&info)?;
     let sizes: Vec<(String, u64)> = disks.iter().map(|d| (d.0.clone(), d.1)).collect();
-    let targets: Vec<String> = disks.iter().map(|d| d.0.clone()).collect();
 
     let chained = chained(store, &uuid)?;
     clean_up_after_killed_runs(hv, store, vm, &uuid, &chained)?;
@@ -225,8 +288,57 @@ pub fn take(
         chain_prefix(store),
         time.format("%Y%m%dT%H%M%S%3fZ")
     );
-    let socket = work_dir.join("rewind-nbd.sock");
-    let _ = std::fs::remove_file(&socket);
+    let job_dir = job_dir(work_dir, &uuid, &hv.domain_xml(vm)?)?;
+    let plan = LivePlan {
+        vm,
+        info: &info,
+        uuid,
+        new_name,
+        time,
+        prev,
+        full_reason,
+        disks: &disks,
+    };
+    let result = take_live(hv, store, plan, &job_dir, control);
+    let _ = std::fs::remove_dir_all(&job_dir);
+    result
+}
+
+/// What was decided before a live capture.
+struct LivePlan<'a> {
+    vm: &'a str,
+    info: &'a crate::vm::VmInfo,
+    uuid: Uuid,
+    /// The libvirt checkpoint to create.
+    new_name: String,
+    time: chrono::DateTime<Utc>,
+    /// The last checkpoint of this VM in this store with a libvirt checkpoint.
+    prev: Option<Manifest>,
+    /// Why not incremental from `prev`, if so.
+    full_reason: Option<String>,
+    disks: &'a [DiskPlan],
+}
+
+/// The live capture, with the job folder made.
+fn take_live(
+    hv: &Hypervisor,
+    store: &Store,
+    plan: LivePlan<'_>,
+    job_dir: &Path,
+    control: &Control,
+) -> Result<Manifest, CheckpointError> {
+    let LivePlan {
+        vm,
+        info,
+        uuid,
+        new_name,
+        time,
+        prev,
+        full_reason,
+        disks,
+    } = plan;
+    let targets: Vec<String> = disks.iter().map(|d| d.0.clone()).collect();
+    let socket = job_dir.join("rewind-nbd.sock");
     control.set_phase(Phase::Capturing);
     // Freeze (when an agent answers), mark the instant, thaw at once: the export is
     // point-in-time, so the guest is frozen only for as long as starting the job takes.
@@ -262,7 +374,7 @@ pub fn take(
         };
         let mut writer = store.begin_checkpoint(new, control)?;
         control.set_phase(Phase::Copying);
-        for (target, _, source, format) in &disks {
+        for (target, _, source, format) in disks {
             let context = backup.dirty_context(target);
             let (object, read) = read_disk(
                 &writer,
@@ -276,7 +388,7 @@ pub fn take(
             writer.add_read_bytes(read);
             writer.add_disk(target, source.clone(), format.clone(), object)?;
         }
-        add_firmware_and_tpm(&mut writer, &info)?;
+        add_firmware_and_tpm(&mut writer, info)?;
         control.set_phase(Phase::Finishing);
         Ok::<_, CheckpointError>(writer.commit(control)?)
     })();
@@ -572,6 +684,8 @@ impl QemuNbd {
         let mut cmd = std::process::Command::new("qemu-nbd");
         cmd.arg("--read-only")
             .arg("--persistent")
+            // One connection per reader, plus the one asking for the allocation map.
+            .arg(format!("--shared={}", crate::store::reader_count() + 1))
             .arg(format!("--socket={}", socket.display()))
             .arg(format!("--export-name={target}"))
             .stdin(std::process::Stdio::null())
@@ -676,4 +790,19 @@ fn take_shut_off(
     }
     control.set_phase(Phase::Finishing);
     Ok(writer.commit(control)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qemu_owner_comes_from_the_dac_label() {
+        let xml = "<domain><seclabel type='dynamic' model='apparmor'><label>libvirt-x</label></seclabel>\
+                   <seclabel type='dynamic' model='dac' relabel='yes'><label>+64055:+108</label></seclabel></domain>";
+        assert_eq!(qemu_owner(xml), Some((64055, 108)));
+        assert_eq!(qemu_owner("<domain/>"), None);
+        let by_name = "<domain><seclabel model='dac'><label>qemu:kvm</label></seclabel></domain>";
+        assert_eq!(qemu_owner(by_name), None);
+    }
 }
