@@ -2,6 +2,7 @@
 //! one instant and exports it over NBD while the guest keeps writing; an incremental names
 //! exactly the blocks written since the previous checkpoint.
 
+use std::path::Path;
 use std::time::Duration;
 
 use rewind_core::libvirt::Hypervisor;
@@ -17,20 +18,8 @@ fn wait_flushed(vm: &TestVm, n: u64) -> u64 {
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// `rewind checkpoint VM --to DEST --json`: the one checkpoint it took.
-fn checkpoint(vm: &str, dest: &std::path::Path) -> serde_json::Value {
-    let out = crate::rewind::run_ok(&[
-        "checkpoint",
-        vm,
-        "--to",
-        dest.to_str().unwrap(),
-        "--json",
-        "--connect",
-        daemon::URI,
-    ]);
-    let list: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
-    assert_eq!(list.len(), 1, "{out}");
-    list.into_iter().next().unwrap()
+fn checkpoint(vm: &str, dest: &Path) -> serde_json::Value {
+    crate::rewind::checkpoint_json(vm, dest)
 }
 
 /// Reads the whole export, asking the server where the data is and skipping holes.

@@ -2,7 +2,9 @@
 //! binary and a real X server. One test binary, so the tiny guest is built once and at most
 //! two guests run at a time (see `rewind_tests::domain`).
 
+mod agent;
 mod backup;
+mod chain;
 mod cli;
 mod events;
 mod gui;

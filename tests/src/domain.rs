@@ -16,6 +16,7 @@ use virt::domain::Domain;
 use virt::sys;
 
 use crate::daemon::URI;
+use crate::guest::{AGENT_MARKER, ERROR_MARKER, FSWRITE_PREFIX};
 use crate::scratch::{ScratchDir, pid_alive};
 use crate::{HarnessError, guest_image};
 
@@ -24,6 +25,9 @@ pub const MARKER_NS: &str = "https://rewind.invalid/test-harness/1";
 
 /// How many guests may run at once: TCG guests each keep a core busy while booting.
 const MAX_RUNNING_GUESTS: usize = 2;
+
+/// Seconds libvirt waits for the guest agent's reply to one command (TCG guests are slow).
+const AGENT_COMMAND_TIMEOUT_S: i32 = 20;
 
 /// Disk image format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +82,17 @@ impl DiskSpec {
     }
 }
 
+/// How much of the QEMU guest agent a test VM gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Agent {
+    /// No channel.
+    None,
+    /// The `org.qemu.guest_agent.0` channel, no agent in the guest.
+    Channel,
+    /// The channel, and the guest runs `qemu-ga` on it.
+    Running,
+}
+
 /// Builder for a [`TestVm`].
 #[derive(Debug, Clone)]
 pub struct TestVmBuilder {
@@ -85,7 +100,8 @@ pub struct TestVmBuilder {
     name: Option<String>,
     uefi: bool,
     tpm: bool,
-    agent_channel: bool,
+    agent: Agent,
+    filesystem: Option<String>,
     memory_mib: u32,
     workload: String,
     disks: Vec<DiskSpec>,
@@ -116,7 +132,24 @@ impl TestVmBuilder {
     /// Add a QEMU guest agent channel.
     #[must_use]
     pub fn agent_channel(mut self) -> Self {
-        self.agent_channel = true;
+        self.agent = self.agent.max(Agent::Channel);
+        self
+    }
+
+    /// Add the agent channel and run the real QEMU guest agent in the guest (`rw.agent=1`,
+    /// see `guest.rs`); wait for it with [`TestVm::wait_agent_ready`].
+    #[must_use]
+    pub fn guest_agent(mut self) -> Self {
+        self.agent = Agent::Running;
+        self
+    }
+
+    /// Put an ext4 file system on disk `target` (unless it holds one already) and mount it on
+    /// `/mnt/<target>` in the guest (`rw.fs=<target>`); the `fswrite` workload writes to it.
+    /// `target` must be one of the VM's disks.
+    #[must_use]
+    pub fn filesystem(mut self, target: &str) -> Self {
+        self.filesystem = Some(target.to_owned());
         self
     }
 
@@ -143,6 +176,31 @@ impl TestVmBuilder {
 
     /// Creates the disks and defines the domain (not started).
     pub fn define(self) -> Result<TestVm, HarnessError> {
+        if let Some(fs) = &self.filesystem
+            && !self.disks.iter().any(|d| &d.target == fs)
+        {
+            return Err(HarnessError(format!(
+                "filesystem({fs:?}): the test VM has no such disk (its disks: {})",
+                self.disks
+                    .iter()
+                    .map(|d| d.target.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        let plain_name = |name: &str| {
+            !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        };
+        if let Some(fs) = &self.filesystem
+            && !plain_name(fs)
+        {
+            return Err(HarnessError(format!(
+                "filesystem({fs:?}): the guest takes plain disk names such as \"vdb\""
+            )));
+        }
         crate::setup()?;
         let dir = ScratchDir::new(&self.label)?;
         let image = guest_image()?;
@@ -221,7 +279,8 @@ impl TestVm {
             name: None,
             uefi: false,
             tpm: false,
-            agent_channel: false,
+            agent: Agent::None,
+            filesystem: None,
             memory_mib: 192,
             workload: "idle".into(),
             disks: vec![DiskSpec::new("vda", Format::Raw, 64 << 20)],
@@ -349,6 +408,107 @@ impl TestVm {
             .unwrap_or(0)
     }
 
+    /// Waits until the guest's QEMU agent (see [`TestVmBuilder::guest_agent`]) runs and
+    /// answers `guest-ping` through libvirt. Fails as soon as the guest prints an error line.
+    pub fn wait_agent_ready(&self, timeout: Duration) -> Result<(), HarnessError> {
+        let deadline = Instant::now() + timeout;
+        self.wait_console_until(timeout, |c| {
+            c.contains(AGENT_MARKER) || c.contains(ERROR_MARKER)
+        })
+        .map_err(|tail| {
+            HarnessError(format!(
+                "test VM {:?} did not start its guest agent within {timeout:?} (was it built \
+                 with .guest_agent()?); console ends with:\n{tail}",
+                self.name
+            ))
+        })?;
+        if let Some(error) = self.console().lines().find(|l| l.contains(ERROR_MARKER)) {
+            return Err(HarnessError(format!(
+                "test VM {:?} failed to start its guest agent: {}",
+                self.name,
+                error.trim()
+            )));
+        }
+        // The agent holds its port open; libvirt learns that from QEMU a moment later.
+        loop {
+            match self.agent_command(r#"{"execute":"guest-ping"}"#) {
+                Ok(_) => return Ok(()),
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(HarnessError(format!(
+                        "the guest agent of test VM {:?} runs but does not answer within \
+                         {timeout:?}: {e}",
+                        self.name
+                    )));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
+    }
+
+    /// Sends one command to the guest agent through libvirt (`virDomainQemuAgentCommand`),
+    /// e.g. `{"execute":"guest-fsfreeze-status"}`, and returns the reply's `return` value.
+    pub fn agent_command(&self, command: &str) -> Result<serde_json::Value, HarnessError> {
+        let reply = self
+            .dom
+            .qemu_agent_command(command, AGENT_COMMAND_TIMEOUT_S, 0)
+            .map_err(|e| {
+                HarnessError(format!(
+                    "guest agent command {command} to test VM {:?} failed: {}",
+                    self.name,
+                    e.message()
+                ))
+            })?;
+        let mut value: serde_json::Value = serde_json::from_str(&reply).map_err(|e| {
+            HarnessError(format!(
+                "guest agent reply to {command} is not JSON ({e}): {reply}"
+            ))
+        })?;
+        value
+            .get_mut("return")
+            .map(serde_json::Value::take)
+            .ok_or_else(|| {
+                HarnessError(format!(
+                    "guest agent reply to {command} has no \"return\": {reply}"
+                ))
+            })
+    }
+
+    /// The highest `i` of the `RWFS <i> synced` lines of the `fswrite` workload; 0 if none.
+    #[must_use]
+    pub fn last_fs_record(&self) -> u64 {
+        self.console()
+            .lines()
+            .filter_map(|l| {
+                let rest = l.trim().strip_prefix(FSWRITE_PREFIX)?;
+                let (i, tail) = rest.split_once(' ')?;
+                (tail.trim() == "synced")
+                    .then(|| i.parse::<u64>().ok())
+                    .flatten()
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Waits until the `fswrite` workload reports line `n` or a later one as synced; returns
+    /// the highest it reported. The error shows the console.
+    pub fn wait_fs_record(&self, n: u64, timeout: Duration) -> Result<u64, HarnessError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let k = self.last_fs_record();
+            if k >= n {
+                return Ok(k);
+            }
+            if Instant::now() >= deadline {
+                return Err(HarnessError(format!(
+                    "the guest synced only {k} of {n} file system lines in {timeout:?}; \
+                     console:\n{}",
+                    self.console()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Writes `len` bytes of `byte` at `offset` of disk `target` through QEMU's block layer
     /// (HMP `qemu-io`), so dirty bitmaps see the write exactly like a guest write.
     pub fn host_write(
@@ -358,9 +518,60 @@ impl TestVm {
         offset: u64,
         len: u64,
     ) -> Result<(), HarnessError> {
+        self.qemu_io_write(target, &format!("-P 0x{byte:02x}"), offset, len)
+    }
+
+    /// Replaces the contents of disk `target` (VM not running) with the raw image `raw`,
+    /// holes staying holes (`qemu-img convert -n --target-is-zero`).
+    pub fn fill_disk(&self, target: &str, raw: &Path) -> Result<(), HarnessError> {
+        let disk = self.disk(target);
+        let out = Command::new("qemu-img")
+            .args(["convert", "-n", "--target-is-zero", "-f", "raw", "-O"])
+            .arg(disk.format.name())
+            .arg(raw)
+            .arg(&disk.path)
+            .output()
+            .map_err(|e| HarnessError(format!("could not run qemu-img: {e}")))?;
+        if !out.status.success() {
+            return Err(HarnessError(format!(
+                "qemu-img could not fill {}: {}",
+                disk.path.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Grows disk `target` of the running VM to `size_bytes` (`virsh blockresize`).
+    pub fn resize_disk(&self, target: &str, size_bytes: u64) -> Result<(), HarnessError> {
+        self.dom
+            .block_resize(target, size_bytes, sys::VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+            .map(drop)
+            .map_err(HarnessError::libvirt)
+    }
+
+    /// Writes the first `len` bytes of `file` (readable by QEMU's user) at `offset` of disk
+    /// `target`, through QEMU's block layer like [`TestVm::host_write`].
+    pub fn host_write_file(
+        &self,
+        target: &str,
+        file: &Path,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), HarnessError> {
+        self.qemu_io_write(target, &format!("-s {}", file.display()), offset, len)
+    }
+
+    fn qemu_io_write(
+        &self,
+        target: &str,
+        source: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), HarnessError> {
         let alias = self.disk_alias(target)?;
         let cmd = format!(
-            "qemu-io -d /machine/peripheral/{alias}/virtio-backend \"write -P 0x{byte:02x} {offset} {len}\""
+            "qemu-io -d /machine/peripheral/{alias}/virtio-backend \"write {source} {offset} {len}\""
         );
         let out = self
             .dom
@@ -547,6 +758,13 @@ fn domain_xml(
         ("", "pc", "<acpi/>")
     };
     let first_disk = disks.first().map_or("vda", |d| d.target.as_str());
+    let mut options = String::new();
+    if b.agent == Agent::Running {
+        options.push_str(" rw.agent=1");
+    }
+    if let Some(fs) = &b.filesystem {
+        let _ = write!(options, " rw.fs={}", xml_escape(fs));
+    }
     let mut devices = String::new();
     for d in disks {
         let _ = writeln!(
@@ -563,7 +781,7 @@ fn domain_xml(
         "<serial type='file'><source path='{}'/><target port='0'/></serial>",
         e(console)
     );
-    if b.agent_channel {
+    if b.agent != Agent::None {
         devices.push_str(
             "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>\n",
         );
@@ -581,7 +799,7 @@ fn domain_xml(
     <type arch='x86_64' machine='{machine}'>hvm</type>
     <kernel>{kernel}</kernel>
     <initrd>{initrd}</initrd>
-    <cmdline>console=ttyS0 panic=-1 rw.workload={workload} rw.disk={first_disk}</cmdline>
+    <cmdline>console=ttyS0 panic=-1 rw.workload={workload} rw.disk={first_disk}{options}</cmdline>
   </os>
   <features>{features}</features>
   <on_poweroff>destroy</on_poweroff>

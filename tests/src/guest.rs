@@ -1,29 +1,56 @@
 //! The tiny test guest: a Debian cloud kernel plus an initramfs of static busybox, the
-//! virtio modules and an `/init` script that runs a named workload.
+//! virtio modules, the QEMU guest agent, `mke2fs` and an `/init` script that runs a named
+//! workload.
 //!
-//! [`build_guest_image`] downloads `linux-image-<release>-cloud-amd64` and `busybox-static`
-//! with `apt-get download`, unpacks them with `dpkg -x`, writes the initramfs (an
-//! uncompressed cpio "newc" archive, written here) and caches the result under
+//! [`build_guest_image`] downloads `linux-image-<release>-cloud-amd64`, `busybox-static` and
+//! the [`TOOL_PACKAGES`] (`qemu-guest-agent`, `e2fsprogs` and the libraries their programs
+//! link against) with `apt-get download`, unpacks them with `dpkg -x`, writes the initramfs
+//! (an uncompressed cpio "newc" archive, written here) and caches the result under
 //! `<cache_root>/<key>/{vmlinuz,initrd.img}`. The key names the kernel package and version,
-//! the busybox version and a hash of everything that goes into the initramfs (the `/init`
-//! script included), so editing the script builds a new image.
+//! the busybox version, a hash of the tool packages' versions and a hash of everything else
+//! that goes into the initramfs (the `/init` script included), so editing the script builds
+//! a new image.
+//!
+//! `qemu-ga` and `mke2fs` are dynamically linked. Their shared libraries are taken from the
+//! downloaded packages, not from the host: the downloaded dynamic loader lists them
+//! (`ld-linux-x86-64.so.2 --library-path <unpacked libs> --list <program>`), and the build
+//! fails with a clear message if a library resolves outside the unpacked packages. The
+//! loader goes to `/lib64/ld-linux-x86-64.so.2` in the initramfs and the libraries to
+//! `/lib/x86_64-linux-gnu/`, where the loader looks by default.
 //!
 //! # Guest behaviour
 //! Boot it directly (`<kernel>`, `<initrd>`, `<cmdline>`) with `console=ttyS0` and:
-//! - `rw.workload=NAME`: `idle` (the default) or `sequence`;
+//! - `rw.workload=NAME`: `idle` (the default), `sequence` or `fswrite`;
 //! - `rw.disk=DEV`: the disk the workload uses, default `vda`; `none` to not wait for one;
+//! - `rw.fs=DEV`: put an ext4 file system on disk `DEV` (a plain name such as `vdb`; made with
+//!   `mke2fs -t ext4` unless the disk already holds an ext2/3/4 file system, which is kept)
+//!   and mount it on `/mnt/DEV`, then print [`FS_MARKER`]` /dev/DEV ext4 (new|existing)
+//!   mounted on /mnt/DEV`;
+//! - `rw.agent=1`: run the QEMU guest agent (`qemu-ga -m virtio-serial`) on the virtio port
+//!   named `org.qemu.guest_agent.0` (the domain needs that channel), after the file system is
+//!   mounted, and print [`AGENT_MARKER`]` pid=N port=/dev/vportXpY uptime=SECONDS` once it
+//!   holds the port open. Without the channel the guest prints an error after 30 s. If
+//!   `qemu-ga` exits later, the guest prints an error line with the end of its log;
 //! - `rw.verbose=1`: keep the kernel's console messages (otherwise `/init` lowers the console
 //!   log level to errors only, so kernel lines don't interleave with the markers).
 //!
-//! On the console the guest prints [`READY_MARKER`]` workload=NAME` once the disk exists,
-//! then runs the workload. Any failure prints a line starting with [`ERROR_MARKER`] and the
-//! guest then idles (it never exits: PID 1 exiting would panic the kernel). An unknown
-//! workload prints an error line and no READY line.
+//! On the console the guest prints [`READY_MARKER`]` workload=NAME` once the disk exists and
+//! the file system and agent asked for are up, then runs the workload. Any failure prints a
+//! line starting with [`ERROR_MARKER`] and the guest then idles (it never exits: PID 1
+//! exiting would panic the kernel). An unknown workload or a malformed `rw.agent`/`rw.fs`
+//! prints an error line and no READY line.
 //!
 //! The `sequence` workload writes record `i` (1, 2, 3, ...) to 4096-byte block `i` of the disk
 //! about every 100 ms, with `dd ... conv=notrunc,sync,fsync` (one fork per record), then prints
 //! `RWSEQ <i> flushed`. See `workload.rs` for the record format and the host-side parser.
 //! When the disk is full it prints `RWSEQ done: disk full after <i>` and idles.
+//!
+//! The `fswrite` workload needs `rw.fs=DEV`. About every 100 ms it appends the line
+//! `RWFS <i> uptime=<seconds>` to `/mnt/DEV/rwfs.log`, syncs that file system
+//! (`sync -f`, one fork per line), then prints `RWFS <i> synced`. Numbering continues after
+//! the file's last line, so it keeps rising across reboots. While the file system is frozen
+//! (`virDomainFSFreeze`, `guest-fsfreeze-freeze`) the append blocks, so the lines stop
+//! until it is thawed.
 
 use std::fmt::Write as _;
 use std::fs::{self, File};
@@ -38,6 +65,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub const READY_MARKER: &str = "REWIND-GUEST READY";
 /// Start of every error line the guest prints.
 pub const ERROR_MARKER: &str = "REWIND-GUEST ERROR";
+/// Start of the line the guest prints once `qemu-ga` holds its port open (`rw.agent=1`).
+pub const AGENT_MARKER: &str = "REWIND-GUEST AGENT RUNNING";
+/// Start of the line the guest prints once the `rw.fs` file system is mounted.
+pub const FS_MARKER: &str = "REWIND-GUEST FS";
+/// Start of the line the `fswrite` workload prints after each synced line (`RWFS <i> synced`).
+pub const FSWRITE_PREFIX: &str = "RWFS ";
 
 /// The cached guest, ready for direct kernel boot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,13 +94,43 @@ const MODULES: &[&str] = &[
     "virtio_console",
 ];
 
+/// Packages besides the kernel and busybox: `qemu-ga` and `mke2fs`, the glibc loader and the
+/// shared libraries those two load (the loader must find each one in these, or the build
+/// fails). Names are Debian 12's.
+pub const TOOL_PACKAGES: &[&str] = &[
+    "qemu-guest-agent",
+    "e2fsprogs",
+    "libc6",
+    "libglib2.0-0",
+    "libpcre2-8-0",
+    "libudev1",
+    "libnuma1",
+    "liburing2",
+    "libext2fs2",
+    "libcom-err2",
+    "libblkid1",
+    "libuuid1",
+];
+
+/// Dynamically linked programs put into the initramfs: where each package may have it
+/// (merged `/usr` or not), and where `/init` runs it from.
+const TOOL_PROGRAMS: &[(&[&str], &str)] = &[
+    (&["usr/sbin/qemu-ga", "sbin/qemu-ga"], "usr/sbin/qemu-ga"),
+    (&["sbin/mke2fs", "usr/sbin/mke2fs"], "usr/sbin/mke2fs"),
+];
+
+/// The x86-64 glibc dynamic loader, as programs name it (`PT_INTERP`).
+const INTERPRETER: &str = "lib64/ld-linux-x86-64.so.2";
+/// Where the initramfs keeps the shared libraries (a default search folder of the loader).
+const LIBRARY_DIR: &str = "lib/x86_64-linux-gnu";
+
 /// Bumped whenever the way the image is put together changes, to invalidate old caches.
-const BUILDER_REVISION: &str = "rewind-guest-builder-1";
+const BUILDER_REVISION: &str = "rewind-guest-builder-2";
 
 /// `/init`, run by the kernel as PID 1 through `#!/bin/busybox sh`.
 ///
-/// Kept cheap under TCG: everything in the loops is an ash builtin except the one `dd` per
-/// record; sleeping is `read -t` on a FIFO nobody writes to, which needs no fork.
+/// Kept cheap under TCG: everything in the loops is an ash builtin except the one `dd` (or
+/// `sync`) per record; sleeping is `read -t` on a FIFO nobody writes to, which needs no fork.
 const INIT_SCRIPT: &str = r#"#!/bin/busybox sh
 # Rewind test guest: PID 1. Never exits (that would panic the kernel).
 /bin/busybox mount -t proc proc /proc
@@ -81,12 +144,16 @@ set -f
 workload=idle
 disk=vda
 verbose=0
+agent=0
+fs=
 read -r cmdline < /proc/cmdline
 for arg in $cmdline; do
     case "$arg" in
         rw.workload=*) workload=${arg#rw.workload=} ;;
         rw.disk=*) disk=${arg#rw.disk=} ;;
         rw.verbose=*) verbose=${arg#rw.verbose=} ;;
+        rw.agent=*) agent=${arg#rw.agent=} ;;
+        rw.fs=*) fs=${arg#rw.fs=} ;;
     esac
 done
 [ "$verbose" = 1 ] || echo 4 > /proc/sys/kernel/printk
@@ -97,24 +164,107 @@ exec 9<>/tmp/nap
 nap() { read -r -t "$1" _ <&9; }
 idle_forever() { while :; do nap 3600; done; }
 fail() { echo "REWIND-GUEST ERROR $*"; idle_forever; }
+uptime_s() { read -r up _ < /proc/uptime; }
 
 for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk virtio_console; do
     insmod "/lib/modules/$m.ko" || echo "REWIND-GUEST ERROR insmod $m failed"
 done
 
 case "$workload" in
-    idle|sequence) ;;
+    idle|sequence|fswrite) ;;
     *) fail "unknown workload=$workload" ;;
 esac
+case "$agent" in
+    0|1) ;;
+    *) fail "rw.agent=$agent: expected 0 or 1" ;;
+esac
+case "$fs" in
+    *[!a-z0-9]*) fail "rw.fs=$fs: expected a disk name such as vdb" ;;
+esac
+[ "$workload" != fswrite ] || [ -n "$fs" ] || fail "workload fswrite needs a file system: add rw.fs=DEV"
 
-if [ "$disk" != none ]; then
+wait_block() {
     n=0
-    while [ ! -b "/dev/$disk" ]; do
+    while [ ! -b "/dev/$1" ]; do
         n=$((n + 1))
-        [ "$n" -le 600 ] || fail "disk /dev/$disk did not appear"
+        [ "$n" -le 600 ] || fail "disk /dev/$1 did not appear"
         nap 0.1
     done
-fi
+}
+
+# rw.fs=DEV: an ext4 file system on /dev/DEV (made unless DEV already holds an ext2/3/4 one),
+# mounted on /mnt/DEV.
+mount_fs() {
+    wait_block "$fs"
+    dev=/dev/$fs
+    mnt=/mnt/$fs
+    magic=$(hexdump -s 1080 -n 2 -e '2/1 "%02x"' "$dev") || fail "cannot read $dev"
+    how=existing
+    if [ "$magic" != 53ef ]; then
+        how=new
+        # mke2fs would wait for the kernel's random pool (seconds under TCG) to make the UUID
+        # and directory hash seed; the kernel's UUIDs do not wait. Inode tables and journal
+        # are zeroed now, so the kernel does not write them in the background later.
+        read -r uuid < /proc/sys/kernel/random/uuid
+        read -r seed < /proc/sys/kernel/random/uuid
+        /usr/sbin/mke2fs -q -F -t ext4 -L rwfs -U "$uuid" \
+            -E nodiscard,lazy_itable_init=0,lazy_journal_init=0,hash_seed="$seed" "$dev" \
+            || fail "mke2fs -t ext4 $dev failed"
+    fi
+    mkdir -p "$mnt"
+    mount -t ext4 "$dev" "$mnt" || fail "mounting $dev on $mnt failed"
+    echo "REWIND-GUEST FS $dev ext4 ($how) mounted on $mnt"
+}
+
+# rw.agent=1: the QEMU guest agent on the virtio port named org.qemu.guest_agent.0.
+start_agent() {
+    name=org.qemu.guest_agent.0
+    port=
+    n=0
+    while :; do
+        set +f
+        for f in /sys/class/virtio-ports/*/name; do
+            [ -r "$f" ] || continue
+            read -r pname < "$f"
+            [ "$pname" != "$name" ] || { p=${f%/name}; port=/dev/${p##*/}; }
+        done
+        set -f
+        [ -z "$port" ] || [ ! -c "$port" ] || break
+        n=$((n + 1))
+        [ "$n" -le 300 ] || fail "no virtio port named $name after 30 s (does the domain have the agent channel?)"
+        nap 0.1
+    done
+    mkdir -p /dev/virtio-ports /run/qemu-ga
+    ln -sf "$port" "/dev/virtio-ports/$name"
+    (
+        /usr/sbin/qemu-ga -m virtio-serial -p "$port" -t /run/qemu-ga >/run/qemu-ga.log 2>&1
+        echo "REWIND-GUEST ERROR qemu-ga exited with status $?: $(tail -n 5 /run/qemu-ga.log)"
+    ) &
+    # Running once it holds the port open.
+    n=0
+    while :; do
+        pid=$(pidof qemu-ga)
+        if [ -n "$pid" ]; then
+            set +f
+            for f in /proc/$pid/fd/*; do
+                if [ "$f" -ef "$port" ]; then
+                    set -f
+                    uptime_s
+                    echo "REWIND-GUEST AGENT RUNNING pid=$pid port=$port uptime=$up"
+                    return
+                fi
+            done
+            set -f
+        fi
+        n=$((n + 1))
+        [ "$n" -le 600 ] || fail "qemu-ga did not open $port within 60 s: $(tail -n 5 /run/qemu-ga.log)"
+        nap 0.1
+    done
+}
+
+[ "$disk" = none ] || wait_block "$disk"
+[ -z "$fs" ] || mount_fs
+[ "$agent" != 1 ] || start_agent
 
 echo "REWIND-GUEST READY workload=$workload"
 
@@ -142,9 +292,33 @@ sequence() {
     idle_forever
 }
 
+# Appends line i to /mnt/FS/rwfs.log, syncs the file system, then prints "RWFS <i> synced".
+# Numbering continues after the file's last line. A write blocks while the file system is
+# frozen, so the lines stop until it is thawed.
+fswrite() {
+    file=/mnt/$fs/rwfs.log
+    i=0
+    if [ -s "$file" ]; then
+        set -- $(tail -n 1 "$file")
+        [ "$1" != RWFS ] || i=$2
+        case "$i" in
+            ''|*[!0-9]*) i=0 ;;
+        esac
+    fi
+    while :; do
+        i=$((i + 1))
+        uptime_s
+        echo "RWFS $i uptime=$up" >> "$file" || fail "appending line $i to $file failed"
+        sync -f "$file" || fail "syncing the file system of $file failed"
+        echo "RWFS $i synced"
+        nap 0.1
+    done
+}
+
 case "$workload" in
     idle) idle_forever ;;
     sequence) sequence ;;
+    fswrite) fswrite ;;
 esac
 "#;
 
@@ -239,6 +413,8 @@ struct Packages {
     kernel_release: String,
     /// `1:1.35.0-4+deb12u1+b1`
     busybox_version: String,
+    /// Each of [`TOOL_PACKAGES`] with its candidate version, in that order.
+    tools: Vec<(String, String)>,
 }
 
 const APT_HINT: &str = "the package lists are probably missing or stale: run `apt-get update` \
@@ -263,18 +439,27 @@ fn resolve_packages() -> io::Result<Packages> {
         .to_owned();
     let kernel_release = kernel_package["linux-image-".len()..].to_owned();
     let policy = run_apt(
-        Command::new("apt-cache").args(["policy", &kernel_package, "busybox-static"]),
+        Command::new("apt-cache")
+            .args(["policy", &kernel_package, "busybox-static"])
+            .args(TOOL_PACKAGES),
         &format!(
-            "looking up the versions of {kernel_package} and busybox-static (apt-cache policy)"
+            "looking up the versions of {kernel_package}, busybox-static and {} \
+             (apt-cache policy)",
+            TOOL_PACKAGES.join(", ")
         ),
     )?;
     let kernel_package_version = candidate_version(&policy, &kernel_package)?;
     let busybox_version = candidate_version(&policy, "busybox-static")?;
+    let tools = TOOL_PACKAGES
+        .iter()
+        .map(|&name| Ok((name.to_owned(), candidate_version(&policy, name)?)))
+        .collect::<io::Result<_>>()?;
     Ok(Packages {
         kernel_package,
         kernel_package_version,
         kernel_release,
         busybox_version,
+        tools,
     })
 }
 
@@ -343,15 +528,34 @@ fn fnv1a64(data: &[u8], mut hash: u64) -> u64 {
     hash
 }
 
-/// Hash of everything that goes into the initramfs besides the packages.
+const FNV_OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// Hash of everything that goes into the initramfs besides the packages' contents: which
+/// modules, packages and programs, where they go, and the `/init` script.
 fn initramfs_contents_hash() -> u64 {
-    let mut h = 0xcbf2_9ce4_8422_2325;
+    let mut h = FNV_OFFSET_BASIS;
     h = fnv1a64(BUILDER_REVISION.as_bytes(), h);
-    for m in MODULES {
-        h = fnv1a64(m.as_bytes(), h);
+    let names = MODULES
+        .iter()
+        .chain(TOOL_PACKAGES)
+        .chain(
+            TOOL_PROGRAMS
+                .iter()
+                .flat_map(|(from, to)| from.iter().chain([to])),
+        )
+        .chain([&INTERPRETER, &LIBRARY_DIR]);
+    for name in names {
+        h = fnv1a64(name.as_bytes(), h);
         h = fnv1a64(b"\0", h);
     }
     fnv1a64(INIT_SCRIPT.as_bytes(), h)
+}
+
+/// Hash of the tool packages' names and versions (too many to spell out in the cache key).
+fn tools_hash(tools: &[(String, String)]) -> u64 {
+    tools.iter().fold(FNV_OFFSET_BASIS, |h, (name, version)| {
+        fnv1a64(format!("{name}={version}\n").as_bytes(), h)
+    })
 }
 
 /// Folder-name-safe form of a package version (`1:1.35.0-4+deb12u1+b1` → `1_1.35.0-4+deb12u1+b1`).
@@ -369,10 +573,11 @@ fn sanitize(s: &str) -> String {
 
 fn cache_key(p: &Packages, contents_hash: u64) -> String {
     format!(
-        "{}_{}_busybox-{}_init-{contents_hash:016x}",
+        "{}_{}_busybox-{}_tools-{:016x}_init-{contents_hash:016x}",
         p.kernel_release,
         sanitize(&p.kernel_package_version),
-        sanitize(&p.busybox_version)
+        sanitize(&p.busybox_version),
+        tools_hash(&p.tools)
     )
 }
 
@@ -440,14 +645,21 @@ fn build_into(dir: &Path, p: &Packages, contents_hash: u64) -> io::Result<()> {
     fs::create_dir(&debs)?;
     fs::create_dir(&root)?;
 
-    let kernel_spec = format!("{}={}", p.kernel_package, p.kernel_package_version);
-    let busybox_spec = format!("busybox-static={}", p.busybox_version);
+    let mut specs = vec![
+        format!("{}={}", p.kernel_package, p.kernel_package_version),
+        format!("busybox-static={}", p.busybox_version),
+    ];
+    specs.extend(
+        p.tools
+            .iter()
+            .map(|(name, version)| format!("{name}={version}")),
+    );
     run_apt(
         Command::new("apt-get")
             .current_dir(&debs)
             .args(["-q", "-o", "APT::Sandbox::User=root", "download"])
-            .args([&kernel_spec, &busybox_spec]),
-        &format!("apt-get download {kernel_spec} {busybox_spec}"),
+            .args(&specs),
+        &format!("apt-get download {}", specs.join(" ")),
     )?;
     for item in fs::read_dir(&debs)? {
         let deb = item?.path();
@@ -471,19 +683,24 @@ fn build_into(dir: &Path, p: &Packages, contents_hash: u64) -> io::Result<()> {
     .ok_or_else(|| io::Error::other(format!("{} has no modules folder", p.kernel_package)))?;
     let busybox = first_existing(&[root.join("bin/busybox"), root.join("usr/bin/busybox")])
         .ok_or_else(|| io::Error::other("busybox-static has no bin/busybox"))?;
+    let tools = tool_files(&root)?;
 
     let initrd = dir.join("initrd.img");
-    write_initramfs(&initrd, &busybox, &module_dir)?;
+    write_initramfs(&initrd, &busybox, &module_dir, &tools)?;
     let kernel = dir.join("vmlinuz");
     fs::copy(&vmlinuz, &kernel).map_err(|e| with_path(&e, "copy", &vmlinuz))?;
-    fs::write(
-        dir.join(META_FILE),
-        format!(
-            "kernel_package={}\nkernel_package_version={}\nkernel_release={}\n\
-             busybox_version={}\ninit_hash={contents_hash:016x}\n",
-            p.kernel_package, p.kernel_package_version, p.kernel_release, p.busybox_version
-        ),
-    )?;
+    let mut meta = format!(
+        "kernel_package={}\nkernel_package_version={}\nkernel_release={}\n\
+         busybox_version={}\ninit_hash={contents_hash:016x}\n",
+        p.kernel_package, p.kernel_package_version, p.kernel_release, p.busybox_version
+    );
+    for (name, version) in &p.tools {
+        let _ = writeln!(meta, "tool_package={name}={version}");
+    }
+    for tool in &tools {
+        let _ = writeln!(meta, "tool_file=/{}", tool.dest);
+    }
+    fs::write(dir.join(META_FILE), meta)?;
 
     fs::remove_dir_all(&debs)?;
     fs::remove_dir_all(&root)?;
@@ -497,19 +714,223 @@ fn first_existing(candidates: &[PathBuf]) -> Option<PathBuf> {
     candidates.iter().find(|p| p.exists()).cloned()
 }
 
-fn write_initramfs(out: &Path, busybox: &Path, module_dir: &Path) -> io::Result<()> {
+/// A file of the unpacked tool packages that goes into the initramfs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ToolFile {
+    /// Its path in the initramfs, without the leading `/` (`usr/sbin/qemu-ga`).
+    dest: String,
+    /// The file in the unpacked packages, symlinks resolved.
+    source: PathBuf,
+    /// Its mode bits in the initramfs.
+    perm: u32,
+}
+
+/// The programs of [`TOOL_PROGRAMS`], the dynamic loader and every shared library the
+/// programs load, all from the packages unpacked in `root`.
+///
+/// The libraries are those the unpacked loader itself resolves (`--list`) with only the
+/// unpacked library folders on its search path; one it finds nowhere, or only on the host
+/// (through the host's loader cache), is an error naming it.
+fn tool_files(root: &Path) -> io::Result<Vec<ToolFile>> {
+    let root = fs::canonicalize(root).map_err(|e| with_path(&e, "resolve", root))?;
+    let loader = resolve_in_root(&root, INTERPRETER)?.ok_or_else(|| {
+        io::Error::other(format!(
+            "the unpacked packages have no /{INTERPRETER} (libc6 provides it)"
+        ))
+    })?;
+    let search_path =
+        std::env::join_paths([LIBRARY_DIR, &format!("usr/{LIBRARY_DIR}")].map(|d| root.join(d)))
+            .map_err(|e| io::Error::other(format!("unusable library search path: {e}")))?;
+    let mut files = std::collections::BTreeMap::new();
+    files.insert(INTERPRETER.to_owned(), (loader.clone(), 0o755));
+    for &(candidates, dest) in TOOL_PROGRAMS {
+        let mut program = None;
+        for candidate in candidates {
+            program = resolve_in_root(&root, candidate)?;
+            if program.is_some() {
+                break;
+            }
+        }
+        let program = program.ok_or_else(|| {
+            io::Error::other(format!(
+                "none of the packages {} holds {}",
+                TOOL_PACKAGES.join(", "),
+                candidates.join(" or ")
+            ))
+        })?;
+        let out = Command::new(&loader)
+            .env_remove("LD_LIBRARY_PATH")
+            .env_remove("LD_PRELOAD")
+            .arg("--library-path")
+            .arg(&search_path)
+            .arg("--list")
+            .arg(&program)
+            .output()
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot run the unpacked loader {}: {e}", loader.display()),
+                )
+            })?;
+        let listing = String::from_utf8_lossy(&out.stdout);
+        let libraries = parse_loader_list(&listing).map_err(|missing| {
+            io::Error::other(format!(
+                "/{dest} needs {missing}, which none of the packages {} holds: add the \
+                 package that has it to TOOL_PACKAGES",
+                TOOL_PACKAGES.join(", ")
+            ))
+        })?;
+        if !out.status.success() || libraries.is_empty() {
+            return Err(io::Error::other(format!(
+                "listing the shared libraries of /{dest} with {} --list failed ({}): {} {}",
+                loader.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim(),
+                listing.trim()
+            )));
+        }
+        for (name, path) in libraries {
+            if let Some(interpreter) = name.strip_prefix('/') {
+                if interpreter != INTERPRETER {
+                    return Err(io::Error::other(format!(
+                        "/{dest} asks for the loader {name}, expected /{INTERPRETER}"
+                    )));
+                }
+                continue;
+            }
+            let outside = || {
+                io::Error::other(format!(
+                    "/{dest} needs {name}, which none of the packages {} holds (the loader \
+                     found {path} instead): add the package that has it to TOOL_PACKAGES",
+                    TOOL_PACKAGES.join(", ")
+                ))
+            };
+            let relative = Path::new(&path)
+                .strip_prefix(&root)
+                .map_err(|_| outside())?;
+            let source =
+                resolve_in_root(&root, &relative.to_string_lossy())?.ok_or_else(outside)?;
+            files.insert(format!("{LIBRARY_DIR}/{name}"), (source, 0o644));
+        }
+        files.insert(dest.to_owned(), (program, 0o755));
+    }
+    Ok(files
+        .into_iter()
+        .map(|(dest, (source, perm))| ToolFile { dest, source, perm })
+        .collect())
+}
+
+/// `(name, path)` of each `NAME => PATH (0xADDRESS)` line the loader's `--list` prints (the
+/// loader itself is listed under the path programs ask for it by); lines without `=>`, such
+/// as the vDSO's, are skipped. The error lists the libraries it did not find.
+fn parse_loader_list(listing: &str) -> Result<Vec<(String, String)>, String> {
+    let mut found = Vec::new();
+    let mut missing = Vec::new();
+    for line in listing.lines() {
+        let Some((name, rest)) = line.trim().split_once(" => ") else {
+            continue;
+        };
+        let rest = rest.trim();
+        if rest.starts_with("not found") {
+            missing.push(name.trim());
+            continue;
+        }
+        let path = rest.rsplit_once(" (0x").map_or(rest, |(path, _)| path);
+        found.push((name.trim().to_owned(), path.to_owned()));
+    }
+    if missing.is_empty() {
+        Ok(found)
+    } else {
+        Err(missing.join(", "))
+    }
+}
+
+/// `path` (relative to `root`) with every symlink followed as if `root` were `/`: packages
+/// hold absolute links (`lib64/ld-linux-x86-64.so.2 -> /lib/x86_64-linux-gnu/...`) that must
+/// not lead to the host's files. `None` if it does not exist in `root`.
+fn resolve_in_root(root: &Path, path: &str) -> io::Result<Option<PathBuf>> {
+    use std::ffi::OsString;
+    use std::path::Component;
+
+    /// The components still to walk, last first.
+    fn push_reversed(pending: &mut Vec<OsString>, path: &Path) {
+        for c in path.components().rev() {
+            match c {
+                Component::Normal(name) => pending.push(name.to_owned()),
+                Component::ParentDir => pending.push("..".into()),
+                Component::CurDir | Component::RootDir | Component::Prefix(_) => {}
+            }
+        }
+    }
+
+    let mut pending = Vec::new();
+    push_reversed(&mut pending, Path::new(path));
+    let mut resolved = PathBuf::new();
+    let mut links = 0;
+    while let Some(name) = pending.pop() {
+        if name == ".." {
+            resolved.pop();
+            continue;
+        }
+        let candidate = resolved.join(&name);
+        let full = root.join(&candidate);
+        let meta = match fs::symlink_metadata(&full) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(with_path(&e, "inspect", &full)),
+        };
+        if !meta.file_type().is_symlink() {
+            resolved = candidate;
+            continue;
+        }
+        links += 1;
+        if links > 40 {
+            return Err(io::Error::other(format!(
+                "too many symbolic links below {} resolving {path}",
+                root.display()
+            )));
+        }
+        let target = fs::read_link(&full).map_err(|e| with_path(&e, "read the link", &full))?;
+        if target.is_absolute() {
+            resolved = PathBuf::new();
+        }
+        push_reversed(&mut pending, &target);
+    }
+    Ok(Some(root.join(resolved)))
+}
+
+fn write_initramfs(
+    out: &Path,
+    busybox: &Path,
+    module_dir: &Path,
+    tools: &[ToolFile],
+) -> io::Result<()> {
     let file = File::create(out).map_err(|e| with_path(&e, "create", out))?;
     let mut cpio = CpioWriter::new(BufWriter::new(file));
-    for d in [
+    // Every folder before what it holds: a sorted set lists "usr" before "usr/sbin".
+    let mut dirs: std::collections::BTreeSet<&str> = [
         "bin",
         "dev",
         "lib",
         "lib/modules",
+        "mnt",
         "proc",
         "root",
+        "run",
         "sys",
         "tmp",
-    ] {
+    ]
+    .into();
+    for tool in tools {
+        dirs.extend(
+            Path::new(&tool.dest)
+                .ancestors()
+                .skip(1)
+                .filter_map(Path::to_str)
+                .filter(|d| !d.is_empty()),
+        );
+    }
+    for d in dirs {
         cpio.dir(d, 0o755)?;
     }
     // The kernel opens /dev/console for PID 1's stdio before /init mounts devtmpfs.
@@ -521,6 +942,10 @@ fn write_initramfs(out: &Path, busybox: &Path, module_dir: &Path) -> io::Result<
     for name in MODULES {
         let module = load_module(module_dir, name)?;
         cpio.file(&format!("lib/modules/{name}.ko"), 0o644, &module)?;
+    }
+    for tool in tools {
+        let bytes = fs::read(&tool.source).map_err(|e| with_path(&e, "read", &tool.source))?;
+        cpio.file(&tool.dest, tool.perm, &bytes)?;
     }
     cpio.finish()?.flush()
 }
@@ -687,6 +1112,82 @@ mod tests {
     fn init_script_markers_match_constants() {
         assert!(INIT_SCRIPT.contains(&format!("echo \"{READY_MARKER} workload=$workload\"")));
         assert!(INIT_SCRIPT.contains(&format!("echo \"{ERROR_MARKER} $*\"")));
+        assert!(INIT_SCRIPT.contains(&format!("echo \"{AGENT_MARKER} pid=")));
+        assert!(INIT_SCRIPT.contains(&format!("echo \"{FS_MARKER} $dev ext4")));
+        assert!(INIT_SCRIPT.contains(&format!("echo \"{FSWRITE_PREFIX}$i synced\"")));
+    }
+
+    #[test]
+    fn init_script_runs_the_programs_it_is_given() {
+        for (_, dest) in TOOL_PROGRAMS {
+            assert!(
+                INIT_SCRIPT.contains(&format!("/{dest} ")),
+                "/init never runs /{dest}"
+            );
+        }
+    }
+
+    #[test]
+    fn loader_listing_is_parsed() {
+        let listing = "\tlinux-vdso.so.1 (0x00007ffd5b9e8000)\n\
+            \tlibudev.so.1 => /c/root dir/usr/lib/x86_64-linux-gnu/libudev.so.1 (0x00007f27)\n\
+            \t/lib64/ld-linux-x86-64.so.2 => /c/root dir/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 (0x7f)\n";
+        assert_eq!(
+            parse_loader_list(listing).unwrap(),
+            vec![
+                (
+                    "libudev.so.1".to_owned(),
+                    "/c/root dir/usr/lib/x86_64-linux-gnu/libudev.so.1".to_owned()
+                ),
+                (
+                    "/lib64/ld-linux-x86-64.so.2".to_owned(),
+                    "/c/root dir/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2".to_owned()
+                ),
+            ]
+        );
+        let missing = "\tlibfoo.so.1 => not found\n\tlibc.so.6 => /r/libc.so.6 (0x1)\n\
+                       \tlibbar.so.2 => not found\n";
+        assert_eq!(
+            parse_loader_list(missing).unwrap_err(),
+            "libfoo.so.1, libbar.so.2"
+        );
+    }
+
+    #[test]
+    fn symlinks_resolve_inside_the_unpacked_root() {
+        let root = std::env::temp_dir().join(format!("rewind-guest-links-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir_all(root.join("lib/x86_64-linux-gnu")).unwrap();
+        fs::create_dir_all(root.join("lib64")).unwrap();
+        fs::write(root.join("lib/x86_64-linux-gnu/ld.so"), b"loader").unwrap();
+        fs::write(root.join("lib/x86_64-linux-gnu/libx.so.1.2"), b"x").unwrap();
+        let link = |target: &str, at: &str| {
+            std::os::unix::fs::symlink(target, root.join(at)).unwrap();
+        };
+        // Absolute, as in libc6: must not lead to the host's /lib.
+        link("/lib/x86_64-linux-gnu/ld.so", "lib64/ld.so");
+        link("libx.so.1.2", "lib/x86_64-linux-gnu/libx.so.1");
+        link("../lib/x86_64-linux-gnu/libx.so.1", "lib64/libx.so.1");
+        link("/nowhere", "lib64/dangling");
+        link("loop-b", "lib64/loop-a");
+        link("loop-a", "lib64/loop-b");
+
+        let resolve = |p: &str| resolve_in_root(&root, p);
+        let lib = root.join("lib/x86_64-linux-gnu");
+        assert_eq!(resolve("lib64/ld.so").unwrap(), Some(lib.join("ld.so")));
+        assert_eq!(resolve("/lib64/ld.so").unwrap(), Some(lib.join("ld.so")));
+        assert_eq!(
+            resolve("lib64/libx.so.1").unwrap(),
+            Some(lib.join("libx.so.1.2"))
+        );
+        assert_eq!(
+            resolve("lib64/../lib64/ld.so").unwrap(),
+            Some(lib.join("ld.so"))
+        );
+        assert_eq!(resolve("lib64/dangling").unwrap(), None);
+        assert_eq!(resolve("usr/sbin/missing").unwrap(), None);
+        assert!(resolve("lib64/loop-a").is_err());
+        fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]
@@ -745,11 +1246,24 @@ mod tests {
             kernel_package_version: "6.1.192-2".into(),
             kernel_release: "6.1.0-56-cloud-amd64".into(),
             busybox_version: "1:1.35.0-4+deb12u1+b1".into(),
+            tools: vec![("qemu-guest-agent".into(), "1:7.2+dfsg-7+deb12u18+b3".into())],
         };
         let key = cache_key(&p, 0xabc);
+        let tools = format!("{:016x}", tools_hash(&p.tools));
         assert_eq!(
             key,
-            "6.1.0-56-cloud-amd64_6.1.192-2_busybox-1_1.35.0-4+deb12u1+b1_init-0000000000000abc"
+            format!(
+                "6.1.0-56-cloud-amd64_6.1.192-2_busybox-1_1.35.0-4+deb12u1+b1_tools-{tools}\
+                 _init-0000000000000abc"
+            )
         );
+        assert!(
+            key.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._+-".contains(c))
+        );
+        // Another version of any tool package is another image.
+        let mut newer = p.tools.clone();
+        newer[0].1.push_str("+deb12u19");
+        assert_ne!(tools_hash(&newer), tools_hash(&p.tools));
     }
 }

@@ -1,0 +1,247 @@
+//! Checkpoint benchmark (issue 4): a running VM whose 4 GiB qcow2 disk holds 2 GiB of mixed
+//! data (the store benchmark's image). A full checkpoint, then an incremental after 1 % of
+//! the data changed, compared with `qemu-img convert -O qcow2` of the same disk in the same
+//! run; the guest's pause is read from its own uptime records. Run with
+//!
+//! ```sh
+//! cargo bench -p rewind-tests --bench checkpoint
+//! ```
+//!
+//! as root, like the integration tests (it starts libvirt itself). Needs ~10 GiB under the
+//! test scratch root (`REWIND_TEST_SCRATCH`, default `/var/tmp/rewind-tests`). Prints a
+//! Markdown table; `core/BENCHMARKS.md` keeps the results with their conditions. Nothing
+//! here passes or fails on timing.
+
+#![allow(
+    clippy::cast_precision_loss,
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::too_many_lines
+)]
+
+#[path = "../../core/benches/data/mod.rs"]
+mod data;
+
+use std::fs::{self, File};
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use data::{DATA_BYTES, GIB, MIB, make_image, one_percent_change};
+use rewind_core::checkpoint;
+use rewind_core::libvirt::Hypervisor;
+use rewind_core::progress::{Control, Phase};
+use rewind_core::store::{InitOptions, Manifest, Store};
+use rewind_tests::scratch::{ScratchDir, create_open_dir};
+use rewind_tests::workload::scan_sequence_file;
+use rewind_tests::{DiskSpec, Format, TestVm, daemon};
+
+const DISK_BYTES: u64 = 4 * GIB;
+
+fn drop_caches() {
+    let ok = Command::new("sync").status().is_ok_and(|s| s.success())
+        && fs::write("/proc/sys/vm/drop_caches", "3").is_ok();
+    assert!(ok, "could not drop the page cache (run as root)");
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().expect("run a command");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `qemu-img convert -O qcow2` of the running VM's disk (`-U`: it is in use) plus an fsync
+/// of the result, as a user's copy would need to be durable too.
+fn qemu_img_convert(disk: &Path, out: &Path) -> f64 {
+    let t = Instant::now();
+    run(Command::new("qemu-img")
+        .args(["convert", "-U", "-f", "qcow2", "-O", "qcow2"])
+        .arg(disk)
+        .arg(out));
+    File::open(out).unwrap().sync_all().unwrap();
+    let secs = t.elapsed().as_secs_f64();
+    fs::remove_file(out).unwrap();
+    secs
+}
+
+/// One timed checkpoint, with the guest records flushed just before it and when its
+/// capture instant had passed (the phase turned to copying).
+struct Timed {
+    manifest: Manifest,
+    secs: f64,
+    records: (u64, u64),
+}
+
+fn take(hv: &Hypervisor, store: &Store, vm: &TestVm, work: &Path) -> Timed {
+    let control = Arc::new(Control::new());
+    let finished = Arc::new(AtomicBool::new(false));
+    let before = vm.last_flushed_record();
+    let watcher = std::thread::scope(|s| {
+        let (control2, finished2) = (control.clone(), finished.clone());
+        let watch = s.spawn(move || {
+            while !finished2.load(Ordering::Relaxed) {
+                if control2.phase() == Phase::Copying {
+                    return vm.last_flushed_record();
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            vm.last_flushed_record()
+        });
+        let t = Instant::now();
+        let manifest = checkpoint::take(hv, store, &vm.name, work, &control)
+            .unwrap_or_else(|e| panic!("checkpoint failed: {e}"));
+        let secs = t.elapsed().as_secs_f64();
+        finished.store(true, Ordering::Relaxed);
+        (manifest, secs, watch.join().unwrap())
+    });
+    let (manifest, secs, at_capture) = watcher;
+    Timed {
+        manifest,
+        secs,
+        records: (before, at_capture),
+    }
+}
+
+fn main() {
+    rewind_tests::setup().unwrap_or_else(|e| panic!("{e}"));
+    let scratch = ScratchDir::new("bench-checkpoint").unwrap();
+    let dir = scratch.path();
+
+    eprintln!("generating 2 GiB of mixed data on a 4 GiB disk …");
+    let raw = dir.join("mixed.raw");
+    make_image(&raw, DISK_BYTES);
+    let mut vm = TestVm::builder("bench")
+        .workload("sequence")
+        .memory_mib(256)
+        .disks(vec![
+            DiskSpec::new("vda", Format::Qcow2, 64 * MIB),
+            DiskSpec::new("vdb", Format::Qcow2, DISK_BYTES),
+        ])
+        .define()
+        .unwrap();
+    let disk = vm.disk("vdb").path.clone();
+    vm.fill_disk("vdb", &raw).unwrap();
+    fs::remove_file(&raw).unwrap();
+    vm.start_and_wait_ready(Duration::from_mins(2)).unwrap();
+    vm.wait_flushed(20, Duration::from_mins(2)).unwrap();
+
+    let hv = Hypervisor::connect(daemon::URI).unwrap();
+    let work = dir.join("work");
+    create_open_dir(&work).unwrap();
+    let out = dir.join("copy.qcow2");
+    let mut rows: Vec<(String, f64, String)> = Vec::new();
+
+    drop_caches();
+    let convert_cold = qemu_img_convert(&disk, &out);
+    rows.push((
+        "baseline: qemu-img convert -O qcow2 + fsync (cold cache)".into(),
+        convert_cold,
+        String::new(),
+    ));
+    drop_caches();
+    let store_a = Store::init(&dir.join("store-a"), &InitOptions::default()).unwrap();
+    let full_cold = take(&hv, &store_a, &vm, &work);
+    let convert_warm = qemu_img_convert(&disk, &out);
+    rows.push((
+        "baseline: qemu-img convert -O qcow2 + fsync (disk in page cache)".into(),
+        convert_warm,
+        String::new(),
+    ));
+    let store_b = Store::init(&dir.join("store-b"), &InitOptions::default()).unwrap();
+    let full_warm = take(&hv, &store_b, &vm, &work);
+    for (what, t, convert) in [
+        ("full checkpoint (cold cache)", &full_cold, convert_cold),
+        (
+            "full checkpoint (disk in page cache)",
+            &full_warm,
+            convert_warm,
+        ),
+    ] {
+        assert!(t.manifest.parent.is_none());
+        rows.push((
+            what.into(),
+            t.secs,
+            format!(
+                "{:.2}× qemu-img; read {} MB, {:.0} MB/s; {} MB new in the store",
+                t.secs / convert,
+                t.manifest.read_bytes / 1_000_000,
+                DATA_BYTES as f64 / 1e6 / t.secs,
+                t.manifest.new_bytes / 1_000_000
+            ),
+        ));
+    }
+
+    // 1 %: 320 pieces of 64 KiB of new random data, written through QEMU's block layer so
+    // the dirty bitmaps see them like guest writes.
+    let pieces = dir.join("pieces");
+    create_open_dir(&pieces).unwrap();
+    for (n, (offset, piece)) in one_percent_change().iter().enumerate() {
+        let file = pieces.join(format!("{n}"));
+        fs::write(&file, piece).unwrap();
+        vm.host_write_file("vdb", &file, *offset, piece.len() as u64)
+            .unwrap();
+    }
+    let incr = take(&hv, &store_a, &vm, &work);
+    assert_eq!(
+        incr.manifest.parent.as_deref(),
+        Some(full_cold.manifest.id.as_str()),
+        "the second checkpoint into store A should be incremental: {:?}",
+        incr.manifest.full_reason
+    );
+    rows.push((
+        "incremental after 1 % (20 MiB in 320 pieces) changed".into(),
+        incr.secs,
+        format!(
+            "read {} MB; {} MB new in the store",
+            incr.manifest.read_bytes / 1_000_000,
+            incr.manifest.new_bytes / 1_000_000
+        ),
+    ));
+
+    // The guest's pause: its records are ~100 ms apart; the largest gap around each
+    // capture instant, against the median gap of the whole run.
+    vm.destroy().unwrap();
+    let scan = scan_sequence_file(&vm.disk("vda").path, "qcow2").unwrap();
+    assert!(scan.is_consistent_prefix(), "{:?}", scan.problems);
+    let gaps_cs: Vec<(u64, u64)> = scan
+        .records
+        .windows(2)
+        .map(|w| (w[1].index, w[1].uptime_cs - w[0].uptime_cs))
+        .collect();
+    let mut sorted: Vec<u64> = gaps_cs.iter().map(|g| g.1).collect();
+    sorted.sort_unstable();
+    let median_cs = sorted[sorted.len() / 2];
+    for (what, t) in [
+        ("full (cold)", &full_cold),
+        ("full (warm)", &full_warm),
+        ("incremental", &incr),
+    ] {
+        let (from, to) = (t.records.0, t.records.1 + 2);
+        let worst_cs = gaps_cs
+            .iter()
+            .filter(|(i, _)| (from..=to).contains(i))
+            .map(|g| g.1)
+            .max()
+            .unwrap_or(0);
+        rows.push((
+            format!("guest: largest record gap around the capture instant, {what}"),
+            worst_cs as f64 / 100.0,
+            format!(
+                "records {from}..{to}; median gap over the run {} ms, so a pause of at most {} ms",
+                median_cs * 10,
+                worst_cs.saturating_sub(median_cs) * 10
+            ),
+        ));
+    }
+
+    println!("| run | seconds | notes |");
+    println!("|---|---|---|");
+    for (what, secs, notes) in rows {
+        println!("| {what} | {secs:.2} | {notes} |");
+    }
+}
