@@ -184,6 +184,22 @@ impl Header {
     }
 }
 
+/// Compresses with zstd, reusing one compression context per thread (creating one per
+/// chunk cost allocations and table set-up for every megabyte).
+fn compress(data: &[u8]) -> Option<Vec<u8>> {
+    thread_local! {
+        static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    COMPRESSOR.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        if cell.is_none() {
+            *cell = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
+        }
+        cell.as_mut()?.compress(data).ok()
+    })
+}
+
 /// Encodes a chunk file: header, then the (compressed, then sealed) content. Content that
 /// does not shrink is stored as it is, which also makes reading it back cheaper.
 pub fn encode(
@@ -198,9 +214,7 @@ pub fn encode(
         .ok_or_else(|| {
             super::StoreError::Invalid(format!("a chunk of {} bytes is too large", data.len()))
         })?;
-    let compressed = zstd::bulk::compress(data, ZSTD_LEVEL)
-        .ok()
-        .filter(|c| c.len() < data.len());
+    let compressed = compress(data).filter(|c| c.len() < data.len());
     let (body, is_compressed) = match &compressed {
         Some(c) => (c.as_slice(), true),
         None => (data, false),

@@ -30,6 +30,11 @@ pub(crate) fn write_new_file(path: &Path, bytes: &[u8], durable: bool) -> Result
     if durable {
         file.sync_all()
             .map_err(|e| io_error("flush to disk", path, e))?;
+    } else {
+        // Start writing it out now, without waiting: otherwise the kernel holds back
+        // gigabytes of chunk files until the commit's syncfs, which then writes them all
+        // while nothing else happens. Only a hint, so failure does not matter.
+        let _ = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed);
     }
     Ok(())
 }
