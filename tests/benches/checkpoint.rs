@@ -69,18 +69,44 @@ fn qemu_img_convert(disk: &Path, out: &Path) -> f64 {
     secs
 }
 
+/// CPU seconds (user + system) process `pid` used so far, all threads.
+fn cpu_secs(pid: &str) -> f64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) end with ") ".
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .map_or(vec![], |(_, rest)| rest.split(' ').collect());
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<f64>().ok()))
+        .sum();
+    ticks / 100.0
+}
+
+/// The QEMU process of VM `name`.
+fn qemu_pid(name: &str) -> String {
+    fs::read_to_string(format!("/run/libvirt/qemu/{name}.pid"))
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
 /// One timed checkpoint, with the guest records flushed just before it and when its
 /// capture instant had passed (the phase turned to copying).
 struct Timed {
     manifest: Manifest,
     secs: f64,
     records: (u64, u64),
+    /// CPU seconds used meanwhile by Rewind (this process) and by the VM's QEMU.
+    cpu: (f64, f64),
 }
 
 fn take(hv: &Hypervisor, store: &Store, vm: &TestVm, work: &Path) -> Timed {
     let control = Arc::new(Control::new());
     let finished = Arc::new(AtomicBool::new(false));
     let before = vm.last_flushed_record();
+    let qemu = qemu_pid(&vm.name);
+    let cpu_before = (cpu_secs("self"), cpu_secs(&qemu));
     let watcher = std::thread::scope(|s| {
         let (control2, finished2) = (control.clone(), finished.clone());
         let watch = s.spawn(move || {
@@ -104,6 +130,10 @@ fn take(hv: &Hypervisor, store: &Store, vm: &TestVm, work: &Path) -> Timed {
         manifest,
         secs,
         records: (before, at_capture),
+        cpu: (
+            cpu_secs("self") - cpu_before.0,
+            cpu_secs(&qemu) - cpu_before.1,
+        ),
     }
 }
 
@@ -136,45 +166,77 @@ fn main() {
     let out = dir.join("copy.qcow2");
     let mut rows: Vec<(String, f64, String)> = Vec::new();
 
-    drop_caches();
-    let convert_cold = qemu_img_convert(&disk, &out);
-    rows.push((
-        "baseline: qemu-img convert -O qcow2 + fsync (cold cache)".into(),
-        convert_cold,
-        String::new(),
-    ));
-    drop_caches();
-    let store_a = Store::init(&dir.join("store-a"), &InitOptions::default()).unwrap();
-    let full_cold = take(&hv, &store_a, &vm, &work);
-    let convert_warm = qemu_img_convert(&disk, &out);
-    rows.push((
-        "baseline: qemu-img convert -O qcow2 + fsync (disk in page cache)".into(),
-        convert_warm,
-        String::new(),
-    ));
-    let store_b = Store::init(&dir.join("store-b"), &InitOptions::default()).unwrap();
-    let full_warm = take(&hv, &store_b, &vm, &work);
-    for (what, t, convert) in [
-        ("full checkpoint (cold cache)", &full_cold, convert_cold),
-        (
-            "full checkpoint (disk in page cache)",
-            &full_warm,
-            convert_warm,
-        ),
-    ] {
-        assert!(t.manifest.parent.is_none());
+    // Rounds alternate qemu-img and Rewind, each from a cold cache and then again with the
+    // disk in the page cache; every full checkpoint goes into a new store. The first
+    // round's cold store is kept for the incremental.
+    let rounds: usize = std::env::var("REWIND_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3);
+    let mut timed_full: Vec<(&str, f64, Timed)> = Vec::new();
+    let mut store_a = None;
+    for round in 1..=rounds {
+        for cold in [true, false] {
+            if cold {
+                drop_caches();
+            }
+            let convert = qemu_img_convert(&disk, &out);
+            if cold {
+                drop_caches();
+            }
+            let path = dir.join(format!("store-{round}-{cold}"));
+            let store = Store::init(&path, &InitOptions::default()).unwrap();
+            let t = take(&hv, &store, &vm, &work);
+            assert!(t.manifest.parent.is_none());
+            let label = if cold {
+                "cold cache"
+            } else {
+                "disk in page cache"
+            };
+            rows.push((
+                format!("round {round}, {label}: qemu-img convert -O qcow2 + fsync"),
+                convert,
+                String::new(),
+            ));
+            rows.push((
+                format!("round {round}, {label}: full checkpoint"),
+                t.secs,
+                format!(
+                    "{:.2}× qemu-img; read {} MB, {:.0} MB/s; {} MB new in the store; CPU: Rewind {:.1} s, QEMU {:.1} s",
+                    t.secs / convert,
+                    t.manifest.read_bytes / 1_000_000,
+                    DATA_BYTES as f64 / 1e6 / t.secs,
+                    t.manifest.new_bytes / 1_000_000,
+                    t.cpu.0,
+                    t.cpu.1
+                ),
+            ));
+            if round == 1 && cold {
+                store_a = Some(store);
+            } else {
+                drop(store);
+                fs::remove_dir_all(&path).unwrap();
+            }
+            timed_full.push((label, convert, t));
+        }
+    }
+    for label in ["cold cache", "disk in page cache"] {
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let of = |f: &dyn Fn(&(&str, f64, Timed)) -> f64| {
+            median(timed_full.iter().filter(|t| t.0 == label).map(f).collect())
+        };
+        let (convert, full) = (of(&|t| t.1), of(&|t| t.2.secs));
         rows.push((
-            what.into(),
-            t.secs,
-            format!(
-                "{:.2}× qemu-img; read {} MB, {:.0} MB/s; {} MB new in the store",
-                t.secs / convert,
-                t.manifest.read_bytes / 1_000_000,
-                DATA_BYTES as f64 / 1e6 / t.secs,
-                t.manifest.new_bytes / 1_000_000
-            ),
+            format!("**median of {rounds}, {label}: full checkpoint**"),
+            full,
+            format!("qemu-img median {convert:.2} s: **{:.2}×**", full / convert),
         ));
     }
+    let store_a = store_a.expect("at least one round");
+    let full_cold = &timed_full[0].2;
 
     // 1 %: 320 pieces of 64 KiB of new random data, written through QEMU's block layer so
     // the dirty bitmaps see them like guest writes.
@@ -216,11 +278,11 @@ fn main() {
     let mut sorted: Vec<u64> = gaps_cs.iter().map(|g| g.1).collect();
     sorted.sort_unstable();
     let median_cs = sorted[sorted.len() / 2];
-    for (what, t) in [
-        ("full (cold)", &full_cold),
-        ("full (warm)", &full_warm),
-        ("incremental", &incr),
-    ] {
+    let captures = timed_full
+        .iter()
+        .map(|(label, _, t)| (format!("full ({label})"), t))
+        .chain([("incremental".to_owned(), &incr)]);
+    for (what, t) in captures {
         let (from, to) = (t.records.0, t.records.1 + 2);
         let worst_cs = gaps_cs
             .iter()
