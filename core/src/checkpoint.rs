@@ -70,7 +70,7 @@ fn why_not_incremental(
     hv: &Hypervisor,
     vm: &str,
     prev: &Manifest,
-    disks: &[(String, u64)],
+    disks: &[DiskPlan],
 ) -> Result<Option<String>, crate::Error> {
     let Some(name) = prev.libvirt_checkpoint.as_deref() else {
         return Ok(Some(
@@ -85,13 +85,14 @@ fn why_not_incremental(
     let xml = hv.checkpoint_xml(vm, name)?;
     let doc = roxmltree::Document::parse(&xml)
         .map_err(|e| crate::Error::Invalid(format!("checkpoint {name} has unreadable XML: {e}")))?;
-    for (target, size) in disks {
+    for (target, size, _, format) in disks {
         let has_bitmap = doc.descendants().any(|n| {
             n.has_tag_name("disk")
                 && n.attribute("name") == Some(target)
                 && n.attribute("checkpoint") == Some("bitmap")
         });
-        if !has_bitmap {
+        // Raw images cannot hold bitmaps: they are read whole every time.
+        if !has_bitmap && format.as_deref() == Some("qcow2") {
             return Ok(Some(format!(
                 "libvirt checkpoint {name} has no bitmap for disk {target}"
             )));
@@ -266,7 +267,6 @@ pub fn take(
     let uuid = Uuid::parse_str(&info.uuid)
         .map_err(|e| CheckpointError::Unsupported(format!("VM {vm:?} has an odd UUID: {e}")))?;
     let disks = protected_disks(&info)?;
-    let sizes: Vec<(String, u64)> = disks.iter().map(|d| (d.0.clone(), d.1)).collect();
 
     let chained = chained(store, &uuid)?;
     clean_up_after_killed_runs(hv, store, vm, &uuid, &chained)?;
@@ -275,7 +275,7 @@ pub fn take(
     let full_reason = match &prev {
         None => None,
         Some(p) => match store.unhealed_damage(p)?.len() {
-            0 => why_not_incremental(hv, vm, p, &sizes)?,
+            0 => why_not_incremental(hv, vm, p, &disks)?,
             n => Some(format!(
                 "verify found {n} damaged chunk(s) in checkpoint {}; a full checkpoint writes them again",
                 p.id

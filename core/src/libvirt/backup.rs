@@ -27,7 +27,8 @@ pub struct PullBackup {
     vm: String,
     socket: PathBuf,
     targets: Vec<String>,
-    incremental: bool,
+    /// The disks exported with a dirty bitmap (incremental).
+    incremental_targets: Vec<String>,
     active: bool,
 }
 
@@ -55,17 +56,17 @@ fn check_name(what: &str, name: &str) -> Result<()> {
 }
 
 /// The backup XML for a pull-mode job over `socket` of `targets` (other disks are skipped).
+/// With `incremental_from`, the disks in `bitmap_targets` are incremental from that
+/// checkpoint and the other targets (raw images, which cannot hold bitmaps) are full.
 #[must_use]
 pub fn pull_backup_xml(
     socket: &Path,
     targets: &[String],
     all_disks: &[String],
     incremental_from: Option<&str>,
+    bitmap_targets: &[String],
 ) -> String {
     let mut xml = String::from("<domainbackup mode='pull'>\n");
-    if let Some(from) = incremental_from {
-        let _ = writeln!(xml, "  <incremental>{}</incremental>", xml_escape(from));
-    }
     let _ = writeln!(
         xml,
         "  <server transport='unix' socket='{}'/>\n  <disks>",
@@ -73,12 +74,20 @@ pub fn pull_backup_xml(
     );
     for disk in all_disks {
         if targets.contains(disk) {
+            let mode = match incremental_from {
+                Some(from) if bitmap_targets.contains(disk) => format!(
+                    " backupmode='incremental' incremental='{}'",
+                    xml_escape(from)
+                ),
+                Some(_) => " backupmode='full'".to_owned(),
+                None => String::new(),
+            };
             // Copy-before-write keeps the old content of blocks the guest overwrites during
             // the backup in a scratch file next to the socket (libvirt 9 does not pick one).
             let scratch = socket.with_file_name(format!("scratch-{disk}.qcow2"));
             let _ = writeln!(
                 xml,
-                "    <disk name='{}' backup='yes' type='file'>\n      <scratch file='{}'/>\n    </disk>",
+                "    <disk name='{}' backup='yes' type='file'{mode}>\n      <scratch file='{}'/>\n    </disk>",
                 xml_escape(disk),
                 xml_escape(&scratch.display().to_string())
             );
@@ -147,8 +156,24 @@ impl Hypervisor {
         if let Some(missing) = targets.iter().find(|t| !all_disks.contains(t)) {
             return Err(Error::Invalid(format!("VM {vm:?} has no disk {missing:?}")));
         }
-        let backup = pull_backup_xml(socket, targets, &all_disks, incremental_from);
-        let checkpoint = new_checkpoint.map(|n| checkpoint_xml(n, targets, &all_disks));
+        // Only qcow2 images can hold the persistent bitmaps of a checkpoint.
+        let bitmap_targets: Vec<String> = targets
+            .iter()
+            .filter(|t| {
+                info.disks
+                    .iter()
+                    .any(|d| &d.target == *t && d.format.as_deref() == Some("qcow2"))
+            })
+            .cloned()
+            .collect();
+        let backup = pull_backup_xml(
+            socket,
+            targets,
+            &all_disks,
+            incremental_from,
+            &bitmap_targets,
+        );
+        let checkpoint = new_checkpoint.map(|n| checkpoint_xml(n, &bitmap_targets, &all_disks));
         ffi::backup_begin(&dom, &backup, checkpoint.as_deref())
             .map_err(|e| self.libvirt_error(&format!("start a backup of VM {vm:?}"), &e))?;
         Ok(PullBackup {
@@ -156,7 +181,11 @@ impl Hypervisor {
             vm: vm.to_owned(),
             socket: socket.to_path_buf(),
             targets: targets.to_vec(),
-            incremental: incremental_from.is_some(),
+            incremental_targets: if incremental_from.is_some() {
+                bitmap_targets
+            } else {
+                Vec::new()
+            },
             active: true,
         })
     }
@@ -221,7 +250,9 @@ impl PullBackup {
     /// backup is incremental from (`None` for a full backup).
     #[must_use]
     pub fn dirty_context(&self, target: &str) -> Option<String> {
-        self.incremental
+        self.incremental_targets
+            .iter()
+            .any(|t| t == target)
             .then(|| format!("qemu:dirty-bitmap:backup-{target}"))
     }
 
@@ -273,12 +304,14 @@ mod tests {
 
     #[test]
     fn xml_of_an_incremental_pull_backup() {
-        let disks = vec!["vda".to_owned(), "vdb".to_owned()];
+        let disks = vec!["vda".to_owned(), "vdb".to_owned(), "vdc".to_owned()];
+        // vda (qcow2) incremental, vdb (raw) full, vdc not backed up.
         let xml = pull_backup_xml(
             Path::new("/run/r&d/nbd.sock"),
-            &disks[..1],
+            &disks[..2],
             &disks,
             Some("rw-1"),
+            &disks[..1],
         );
         let doc = roxmltree::Document::parse(&xml).unwrap();
         let root = doc.root_element();
@@ -291,16 +324,25 @@ mod tests {
         let backed: Vec<_> = root
             .descendants()
             .filter(|n| n.has_tag_name("disk"))
-            .map(|n| (n.attribute("name").unwrap(), n.attribute("backup").unwrap()))
+            .map(|n| {
+                (
+                    n.attribute("name").unwrap(),
+                    n.attribute("backup").unwrap(),
+                    n.attribute("backupmode"),
+                    n.attribute("incremental"),
+                )
+            })
             .collect();
-        assert_eq!(backed, vec![("vda", "yes"), ("vdb", "no")]);
         assert_eq!(
-            root.descendants()
-                .find(|n| n.has_tag_name("incremental"))
-                .unwrap()
-                .text(),
-            Some("rw-1")
+            backed,
+            vec![
+                ("vda", "yes", Some("incremental"), Some("rw-1")),
+                ("vdb", "yes", Some("full"), None),
+                ("vdc", "no", None, None)
+            ]
         );
+        let full = pull_backup_xml(Path::new("/s"), &disks[..1], &disks, None, &disks[..1]);
+        assert!(!full.contains("backupmode"), "{full}");
         let cp = checkpoint_xml("rw-2", &disks[..1], &disks);
         assert!(roxmltree::Document::parse(&cp).is_ok());
         assert!(cp.contains("name='vdb' checkpoint='no'"));
