@@ -22,7 +22,9 @@
 //! - a clean goodbye (`NBD_OPT_ABORT` during the handshake, `NBD_CMD_DISC` after it) on
 //!   [`NbdClient::close`] or drop.
 //!
-//! It does not implement: writing (`NBD_CMD_WRITE`, `FLUSH`, `TRIM`, `WRITE_ZEROES`, `CACHE`);
+//! - `NBD_CMD_WRITE` ([`NbdClient::write_at`]) and `NBD_CMD_FLUSH` ([`NbdClient::flush`]);
+//!
+//! It does not implement: `NBD_CMD_TRIM`, `WRITE_ZEROES`, `CACHE`;
 //! TCP and TLS; the oldstyle and non-fixed newstyle handshakes, and the `NBD_OPT_EXPORT_NAME`
 //! fallback for servers without `NBD_OPT_GO` (QEMU, nbdkit and nbd-server all have it);
 //! `NBD_OPT_LIST` and `NBD_OPT_LIST_META_CONTEXT`; the experimental extended headers (64-bit
@@ -258,7 +260,7 @@ pub enum NbdError {
         socket: PathBuf,
         /// The export.
         export: String,
-        /// What was being done: `read` or `report the status of`.
+        /// What was being done: `read`, `write`, `flush` or `report the status of`.
         command: &'static str,
         /// The first byte of the request.
         offset: u64,
@@ -268,6 +270,15 @@ pub enum NbdError {
         code: u32,
         /// The server's own words, if any.
         message: String,
+    },
+
+    /// A write to an export the server offers read-only.
+    #[error("the NBD server at {socket} offers export {export:?} read-only: it cannot be written", socket = socket.display())]
+    ReadOnly {
+        /// The server's socket.
+        socket: PathBuf,
+        /// The export.
+        export: String,
     },
 
     /// A name given to [`NbdClient::connect`] cannot be sent.
@@ -321,8 +332,10 @@ pub struct NbdClient {
     requested: Vec<String>,
     /// The contexts the server selected, with their ids.
     contexts: Vec<(String, u32)>,
-    /// Largest `NBD_CMD_READ` sent.
+    /// Largest `NBD_CMD_READ` or `NBD_CMD_WRITE` sent.
     max_read_bytes: usize,
+    /// Whether the server said the export is read-only.
+    read_only: bool,
     next_cookie: u64,
 }
 
@@ -367,7 +380,11 @@ const INFO_EXPORT: u16 = 0;
 const INFO_BLOCK_SIZE: u16 = 3;
 
 const CMD_READ: u16 = 0;
+const CMD_WRITE: u16 = 1;
 const CMD_DISC: u16 = 2;
+const CMD_FLUSH: u16 = 3;
+/// Transmission flag: the export cannot be written.
+const TRANSMISSION_READ_ONLY: u16 = 1 << 1;
 const CMD_BLOCK_STATUS: u16 = 7;
 
 const REPLY_FLAG_DONE: u16 = 1 << 0;
@@ -434,6 +451,7 @@ impl NbdClient {
             requested: Vec::new(),
             contexts: Vec::new(),
             max_read_bytes: MAX_READ_BYTES,
+            read_only: false,
             next_cookie: 1,
         };
         if let Err(error) = client.handshake(meta_contexts) {
@@ -465,6 +483,36 @@ impl NbdClient {
                 at += piece.len() as u64;
             }
             Ok(())
+        })
+    }
+
+    /// Writes `data` at `offset`, in requests of at most 32 MiB (less if the server asks for
+    /// less). Durable only after [`NbdClient::flush`].
+    pub fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), NbdError> {
+        self.transmit(|this| {
+            this.check_range(offset, data.len() as u64)?;
+            if this.read_only {
+                return Err(NbdError::ReadOnly {
+                    socket: this.socket.clone(),
+                    export: this.export.clone(),
+                });
+            }
+            let mut at = offset;
+            for piece in data.chunks(this.max_read_bytes) {
+                let length = u32::try_from(piece.len()).expect("pieces are at most 32 MiB");
+                let cookie = this.send_request_with(CMD_WRITE, at, length, piece)?;
+                this.recv_ack(cookie, "write", &(at..at + u64::from(length)))?;
+                at += piece.len() as u64;
+            }
+            Ok(())
+        })
+    }
+
+    /// Asks the server to make every completed write durable (`NBD_CMD_FLUSH`).
+    pub fn flush(&mut self) -> Result<(), NbdError> {
+        self.transmit(|this| {
+            let cookie = this.send_request(CMD_FLUSH, 0, 0)?;
+            this.recv_ack(cookie, "flush", &(0..0))
         })
     }
 
@@ -607,9 +655,8 @@ impl NbdClient {
                     let mut fields = Fields(&reply.data);
                     match fields.u16() {
                         Some(INFO_EXPORT) => {
-                            // 64 bits size, 16 bits transmission flags (none of which matter
-                            // to a reader).
-                            let (Some(size), Some(_flags), true) =
+                            // 64 bits size, 16 bits transmission flags.
+                            let (Some(size), Some(flags), true) =
                                 (fields.u64(), fields.u16(), fields.0.is_empty())
                             else {
                                 return Err(self.protocol(format!(
@@ -618,6 +665,7 @@ impl NbdClient {
                                 )));
                             };
                             size_bytes = Some(size);
+                            self.read_only = flags & TRANSMISSION_READ_ONLY != 0;
                         }
                         Some(INFO_BLOCK_SIZE) => {
                             let (Some(_minimum), Some(_preferred), Some(maximum), true) = (
@@ -1026,6 +1074,63 @@ impl NbdClient {
                 request.start
             ))),
         }
+    }
+
+    /// The reply to a command that returns no data (write, flush): a simple reply, or
+    /// structured chunks that are errors or a final NONE.
+    fn recv_ack(
+        &mut self,
+        cookie: u64,
+        command: &'static str,
+        request: &Range<u64>,
+    ) -> Result<(), NbdError> {
+        let mut failure = None;
+        loop {
+            match self.recv_reply(cookie)? {
+                Reply::Simple { error: 0 } => return Ok(()),
+                Reply::Simple { error } => {
+                    return Err(self.command_failed(command, request, error, String::new()));
+                }
+                Reply::Chunk {
+                    flags,
+                    kind,
+                    length,
+                } => {
+                    match kind {
+                        REPLY_TYPE_NONE => self.check_none_chunk(flags, length)?,
+                        kind if kind & REPLY_TYPE_ERROR_BIT != 0 => {
+                            let error = self.recv_error_chunk(kind, length)?;
+                            failure.get_or_insert(error);
+                        }
+                        kind => {
+                            return Err(self.protocol(format!(
+                                "a {command} request was answered with chunk type {kind}"
+                            )));
+                        }
+                    }
+                    if flags & REPLY_FLAG_DONE != 0 {
+                        break;
+                    }
+                }
+            }
+        }
+        match failure {
+            Some((code, message)) => Err(self.command_failed(command, request, code, message)),
+            None => Ok(()),
+        }
+    }
+
+    /// Sends a request followed by its payload (a write's data).
+    fn send_request_with(
+        &mut self,
+        command: u16,
+        offset: u64,
+        length: u32,
+        payload: &[u8],
+    ) -> Result<u64, NbdError> {
+        let cookie = self.send_request(command, offset, length)?;
+        self.send(payload)?;
+        Ok(cookie)
     }
 
     fn send_request(&mut self, command: u16, offset: u64, length: u32) -> Result<u64, NbdError> {
@@ -1896,6 +2001,39 @@ mod tests {
     }
 
     #[test]
+    fn write_and_flush_replies_errors_and_protocol_breaks() {
+        let mut script = fake::handshake(1 << 20, &[]);
+        script.extend(fake::none(1)); // write 1: done
+        script.extend(fake::simple(0, 2)); // flush 2: a simple reply is fine too
+        script.extend(fake::error(REPLY_FLAG_DONE, 3, 28, "no space")); // write 3
+        script.extend(fake::simple(0, 4)); // write 4, after the error
+        script.extend(fake::data(REPLY_FLAG_DONE, 5, 0, &[9; 16])); // data for a flush
+        let mut client = fake::connect(script, &[]).unwrap();
+        client.write_at(0, &[7; 100]).unwrap();
+        client.flush().unwrap();
+        let error = client.write_at(4096, &[7; 100]).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                NbdError::CommandFailed {
+                    code: 28,
+                    command: "write",
+                    ..
+                }
+            ),
+            "{error:?}"
+        );
+        assert!(error.to_string().contains("no space"), "{error}");
+        client.write_at(0, &[7; 10]).unwrap();
+        let error = client.flush().unwrap_err();
+        assert!(matches!(error, NbdError::Protocol { .. }), "{error:?}");
+        assert!(matches!(
+            client.flush().unwrap_err(),
+            NbdError::Unusable { .. }
+        ));
+    }
+
+    #[test]
     fn server_errors_keep_the_connection_usable() {
         let mut script = fake::handshake(1 << 20, &[(1, BASE_ALLOCATION)]);
         // An error chunk between data chunks, then success on the next request.
@@ -2120,16 +2258,18 @@ mod tests {
 
         impl Server {
             fn start(dir: &Path, format: &str, image: &Path, extra: &[&str]) -> Server {
+                let mut args = vec!["--read-only"];
+                args.extend_from_slice(extra);
+                Self::start_writable(dir, format, image, &args)
+            }
+
+            /// Like [`Server::start`], but writable unless `extra` says `--read-only`.
+            fn start_writable(dir: &Path, format: &str, image: &Path, extra: &[&str]) -> Server {
                 let socket = dir.join("nbd.sock");
                 let child = Command::new("qemu-nbd")
                     .arg(format!("--socket={}", socket.display()))
                     .arg(format!("--format={format}"))
-                    .args([
-                        "--read-only",
-                        "--persistent",
-                        "--shared=4",
-                        "--export-name=vda",
-                    ])
+                    .args(["--persistent", "--shared=4", "--export-name=vda"])
                     .args(extra)
                     .arg(image)
                     .stdin(Stdio::null())
@@ -2231,6 +2371,55 @@ mod tests {
                 length,
                 flags,
             }
+        }
+
+        #[test]
+        fn writes_and_flush_reach_the_image_and_read_only_exports_refuse_them() {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("disk.qcow2");
+            let size = 8 * MIB;
+            let mut expected = image(&path, "qcow2", size, None, &[(0x11, 0, KIB_64)]);
+            {
+                let server = Server::start_writable(dir.path(), "qcow2", &path, &[]);
+                let mut nbd = server.connect(&[]);
+                // Unaligned, across a cluster boundary, and up to the last byte.
+                let writes: [(u64, Vec<u8>); 3] = [
+                    (MIB - 100, vec![0xab; 70_000]),
+                    (3 * MIB, (0..=255u8).cycle().take(2 << 20).collect()),
+                    (size - 10, vec![0xcd; 10]),
+                ];
+                for (offset, data) in &writes {
+                    nbd.write_at(*offset, data).unwrap();
+                    let at = usize::try_from(*offset).unwrap();
+                    expected[at..at + data.len()].copy_from_slice(data);
+                }
+                nbd.flush().unwrap();
+                let mut back = vec![0; usize::try_from(size).unwrap()];
+                nbd.read_at(0, &mut back).unwrap();
+                assert!(back == expected, "reads after writes differ");
+                let err = nbd.write_at(size - 1, &[1, 2]).unwrap_err();
+                assert!(matches!(err, NbdError::OutOfRange { .. }), "{err}");
+                nbd.close().unwrap();
+            }
+            // The image itself holds the writes (read by qemu-img, not through the server).
+            let raw = dir.path().join("back.raw");
+            run(Command::new("qemu-img")
+                .args(["convert", "-f", "qcow2", "-O", "raw"])
+                .arg(&path)
+                .arg(&raw));
+            assert!(
+                std::fs::read(&raw).unwrap() == expected,
+                "the image differs"
+            );
+
+            let server = Server::start(dir.path(), "qcow2", &path, &[]);
+            let mut nbd = server.connect(&[]);
+            let err = nbd.write_at(0, &[1]).unwrap_err();
+            assert!(matches!(err, NbdError::ReadOnly { .. }), "{err}");
+            assert!(err.to_string().contains("read-only"), "{err}");
+            let mut first = [0u8; 4];
+            nbd.read_at(0, &mut first).unwrap();
+            assert_eq!(first, [0x11; 4], "still usable after the refusal");
         }
 
         #[test]
