@@ -133,6 +133,26 @@ pub enum Command {
         json: bool,
     },
 
+    /// Write one disk of a checkpoint to a standalone image file (qcow2 or raw)
+    Export {
+        /// The VM (name or UUID, as in the store)
+        vm: String,
+        /// The checkpoint's id, or `latest`
+        checkpoint: String,
+        /// The store's folder
+        #[arg(long = "from", value_name = "DEST")]
+        store: PathBuf,
+        /// The disk's target, e.g. `vda` (`rewind checkpoints --json` lists them)
+        #[arg(long)]
+        disk: String,
+        /// The image file to create (it must not exist)
+        #[arg(long)]
+        out: PathBuf,
+        /// Image format
+        #[arg(long, value_enum, default_value_t = ExportFormat::Qcow2)]
+        format: ExportFormat,
+    },
+
     /// Remove data that no checkpoint uses any more (prune does this itself)
     Gc {
         /// The store's folder
@@ -142,6 +162,24 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `rewind export --format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// qcow2: only the data is allocated
+    Qcow2,
+    /// raw: a sparse file
+    Raw,
+}
+
+impl ExportFormat {
+    fn image(self) -> rewind_core::restore::ImageFormat {
+        match self {
+            Self::Qcow2 => rewind_core::restore::ImageFormat::Qcow2,
+            Self::Raw => rewind_core::restore::ImageFormat::Raw,
+        }
+    }
 }
 
 /// Runs a subcommand, writing its output to `out`.
@@ -188,6 +226,14 @@ pub fn run(args: &Args, command: &Command, out: &mut dyn Write) -> anyhow::Resul
             store_cli::prune(out, store, vm.as_deref(), &rules, *dry_run, *json)?;
         }
         Command::Gc { store, json } => store_cli::gc(out, store, *json)?,
+        Command::Export {
+            vm,
+            checkpoint,
+            store,
+            disk,
+            out: file,
+            format,
+        } => store_cli::export(out, store, vm, checkpoint, disk, file, format.image())?,
     }
     Ok(())
 }

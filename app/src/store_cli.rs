@@ -778,3 +778,68 @@ pub fn gc(out: &mut dyn Write, dest: &Path, json: bool) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The checkpoint `id` (or `latest`) of VM `vm` (name or UUID) in `store`.
+fn find_checkpoint(store: &Store, dest: &Path, vm: &str, id: &str) -> anyhow::Result<Manifest> {
+    let catalog = store.catalog()?;
+    let of_vm: Vec<Manifest> = catalog
+        .checkpoints
+        .into_iter()
+        .filter(|m| vm_matches(m, Some(vm)))
+        .collect();
+    if of_vm.is_empty() {
+        bail!(
+            "no checkpoints of a VM named {vm:?} in {}; `rewind checkpoints --in {}` lists what it holds",
+            dest.display(),
+            dest.display()
+        );
+    }
+    let found = if id == "latest" {
+        of_vm.last().cloned()
+    } else {
+        of_vm.iter().find(|m| m.id == id).cloned()
+    };
+    found.with_context(|| {
+        format!(
+            "VM {vm:?} has no checkpoint {id:?} in {}; its checkpoints are {} (or say `latest`)",
+            dest.display(),
+            of_vm
+                .iter()
+                .map(|m| m.id.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })
+}
+
+/// `rewind export VM CHECKPOINT --from DEST --disk TARGET --out FILE [--format qcow2|raw]`.
+pub fn export(
+    out: &mut dyn Write,
+    dest: &Path,
+    vm: &str,
+    checkpoint: &str,
+    disk: &str,
+    file: &Path,
+    format: rewind_core::restore::ImageFormat,
+) -> anyhow::Result<()> {
+    let store = open_store(dest)?;
+    let m = find_checkpoint(&store, dest, vm, checkpoint)?;
+    // Ctrl-C cancels: the half-written image is removed.
+    let control = Interrupt::install()?.next_control();
+    let reporter = std::io::stderr()
+        .is_terminal()
+        .then(|| ProgressLine::start(&m.vm.name, control.clone()));
+    let result = rewind_core::restore::export_disk(&store, &m, disk, file, format, &control);
+    drop(reporter);
+    let data_bytes = result?;
+    writeln!(
+        out,
+        "Wrote disk {disk} of checkpoint {} of {} to {} ({}, {} of data).",
+        m.id,
+        m.vm.name,
+        file.display(),
+        format.name(),
+        human_bytes(data_bytes)
+    )?;
+    Ok(())
+}

@@ -18,6 +18,7 @@ use crate::libvirt::Hypervisor;
 use crate::libvirt::agent::AgentState;
 use crate::nbd::{BASE_ALLOCATION, NbdClient, NbdError, STATE_DIRTY, STATE_HOLE, STATE_ZERO};
 use crate::progress::{Control, Phase};
+use crate::qemu_nbd::QemuNbd;
 use crate::store::{
     CheckpointKind, CheckpointWriter, Consistency, Manifest, NewCheckpoint, Store, StoreError,
     VmRef,
@@ -667,70 +668,6 @@ fn read_disk(
     Ok((object.finish()?, read))
 }
 
-/// `qemu-nbd --read-only` serving one disk file; killed when dropped.
-struct QemuNbd {
-    child: std::process::Child,
-}
-
-impl QemuNbd {
-    /// Serves `file` (format `format`) as export `target` on `socket`. Its shared lock on the
-    /// image keeps QEMU from starting the VM meanwhile (the start fails with a lock error).
-    fn serve(
-        file: &str,
-        format: Option<&str>,
-        target: &str,
-        socket: &Path,
-    ) -> Result<Self, CheckpointError> {
-        let mut cmd = std::process::Command::new("qemu-nbd");
-        cmd.arg("--read-only")
-            .arg("--persistent")
-            // One connection per reader, plus the one asking for the allocation map.
-            .arg(format!("--shared={}", crate::store::reader_count() + 1))
-            .arg(format!("--socket={}", socket.display()))
-            .arg(format!("--export-name={target}"))
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped());
-        if let Some(f) = format {
-            cmd.arg(format!("--format={f}"));
-        }
-        let mut child = cmd.arg(file).spawn().map_err(|e| {
-            CheckpointError::Unsupported(format!(
-                "could not run qemu-nbd to read {file}: {e}; install it (package qemu-utils)"
-            ))
-        })?;
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while std::os::unix::net::UnixStream::connect(socket).is_err() {
-            if let Ok(Some(status)) = child.try_wait() {
-                let mut why = String::new();
-                if let Some(mut err) = child.stderr.take() {
-                    let _ = std::io::Read::read_to_string(&mut err, &mut why);
-                }
-                return Err(CheckpointError::Unsupported(format!(
-                    "could not open disk {file} ({status}): {}; is the VM being started?",
-                    why.trim()
-                )));
-            }
-            if std::time::Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(CheckpointError::Unsupported(format!(
-                    "qemu-nbd did not start serving {file} within 10 s"
-                )));
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        Ok(Self { child })
-    }
-}
-
-impl Drop for QemuNbd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A shut-off VM: every disk file is read through `qemu-nbd --read-only` (which follows
 /// backing chains and holds the VM against a start). There is no dirty bitmap to go by, so
 /// all allocated data is read; unchanged chunks cost nothing new in the store. The chain of
@@ -774,7 +711,8 @@ fn take_shut_off(
         };
         let socket = work_dir.join(format!("rewind-{target}.sock"));
         let _ = std::fs::remove_file(&socket);
-        let server = QemuNbd::serve(file, format.as_deref(), target, &socket)?;
+        let server = QemuNbd::serve(file, format.as_deref(), target, &socket, false)
+            .map_err(CheckpointError::Unsupported)?;
         let (object, read) = read_disk(&writer, &info.name, &socket, target, None, None, control)?;
         drop(server);
         writer.add_read_bytes(read);

@@ -14,6 +14,8 @@ pub mod libvirt;
 pub mod nbd;
 pub mod progress;
 pub mod qcow2;
+mod qemu_nbd;
+pub mod restore;
 pub mod store;
 pub mod units;
 pub mod vm;

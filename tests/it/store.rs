@@ -506,3 +506,127 @@ fn a_full_drive_fails_the_new_checkpoint_and_keeps_the_old_ones() {
     );
     rewind::run_ok(&["verify", "--in", path_str(&dest)]);
 }
+
+/// `rewind export VM ID --from DEST --disk TARGET --out FILE [--format F]`.
+fn export(dest: &Path, vm: &str, id: &str, disk: &str, out: &Path, format: &str) -> Output {
+    rewind::run(&[
+        "export",
+        vm,
+        id,
+        "--from",
+        path_str(dest),
+        "--disk",
+        disk,
+        "--out",
+        path_str(out),
+        "--format",
+        format,
+    ])
+}
+
+/// Checks a qcow2 image with `qemu-img check` and returns its contents.
+fn qcow2_contents(image: &Path, dir: &Path) -> Vec<u8> {
+    let check = std::process::Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(image)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "qemu-img check: {}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    let back = dir.join(format!("back-{}.raw", Uuid::new_v4().simple()));
+    let convert = std::process::Command::new("qemu-img")
+        .args(["convert", "-f", "qcow2", "-O", "raw"])
+        .arg(image)
+        .arg(&back)
+        .output()
+        .unwrap();
+    assert!(convert.status.success());
+    let bytes = fs::read(&back).unwrap();
+    fs::remove_file(&back).unwrap();
+    bytes
+}
+
+/// `rewind export`: a checkpoint's disk as a raw or qcow2 image that other tools read back
+/// byte for byte; bad input is refused with a message naming what to do.
+#[test]
+fn export_writes_a_disk_as_raw_and_qcow2_images_and_refuses_bad_input() {
+    let dir = scratch("export");
+    let (dest, taken) = store_with_history(&dir);
+    // Every "Win 11" checkpoint holds this, followed by an 8 MiB hole.
+    let mut expected = content(1, 3 << 20);
+    expected.resize((3 << 20) + (8 << 20), 0);
+
+    let raw = dir.path().join("win11.raw");
+    let out = export(&dest, "Win 11", "latest", "vda", &raw, "raw");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.contains(&taken[4].id),
+        "{said}"
+    );
+    assert!(
+        fs::read(&raw).unwrap() == expected,
+        "the raw export differs"
+    );
+
+    let qcow2 = dir.path().join("win11.qcow2");
+    let out = export(&dest, "Win 11", &taken[1].id, "vda", &qcow2, "qcow2");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        qcow2_contents(&qcow2, dir.path()) == expected,
+        "the qcow2 export differs"
+    );
+
+    let new = dir.path().join("new.qcow2");
+    fails(
+        &export(&dest, "Win 11", "latest", "vda", &raw, "raw"),
+        &["already exists"],
+    );
+    fails(
+        &export(&dest, "Win 11", "latest", "sdz", &new, "qcow2"),
+        &["no disk", "vda"],
+    );
+    fails(
+        &export(&dest, "Win 12", "latest", "vda", &new, "qcow2"),
+        &["Win 12", "rewind checkpoints"],
+    );
+    fails(
+        &export(
+            &dest,
+            "Win 11",
+            "20200101T000000.000Z",
+            "vda",
+            &new,
+            "qcow2",
+        ),
+        &[&taken[0].id, "latest"],
+    );
+    assert!(!new.exists(), "a refused export left a file");
+}
+
+/// A damaged chunk stops `rewind export`, which names it and leaves no image behind.
+#[test]
+fn export_stops_at_a_damaged_chunk_and_leaves_nothing() {
+    let dir = scratch("export-damaged");
+    let (dest, _) = store_with_history(&dir);
+    let store = Store::open(&dest, None).unwrap();
+    let data = content(1, 3 << 20);
+    let first_chunk = store.chunk_id(&data[..store.chunk_size_bytes() as usize]);
+    let path = store.chunk_path(&first_chunk);
+    let mut bytes = fs::read(&path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x04;
+    fs::write(&path, bytes).unwrap();
+    let new = dir.path().join("new.img");
+    for format in ["raw", "qcow2"] {
+        let out = export(&dest, "Win 11", "latest", "vda", &new, format);
+        fails(&out, &[&first_chunk.to_hex()[..16]]);
+        assert!(!new.exists(), "a failed {format} export left a file");
+    }
+}

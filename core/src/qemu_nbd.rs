@@ -1,0 +1,68 @@
+//! `qemu-nbd`, for disk files no VM has open: read-only to capture a shut-off VM, writable
+//! to write an exported or restored image (QEMU's own code handles every image format).
+
+use std::path::Path;
+
+/// `qemu-nbd` serving one disk file, read-only or writable; killed when dropped.
+pub(crate) struct QemuNbd {
+    child: std::process::Child,
+}
+
+impl QemuNbd {
+    /// Serves `file` (format `format`) as export `target` on `socket`. Its lock on the image
+    /// (shared when read-only) keeps QEMU from starting a VM on it meanwhile (the start fails
+    /// with a lock error).
+    pub(crate) fn serve(
+        file: &str,
+        format: Option<&str>,
+        target: &str,
+        socket: &Path,
+        writable: bool,
+    ) -> Result<Self, String> {
+        let mut cmd = std::process::Command::new("qemu-nbd");
+        if !writable {
+            cmd.arg("--read-only");
+        }
+        cmd.arg("--persistent")
+            // One connection per reader, plus the one asking for the allocation map.
+            .arg(format!("--shared={}", crate::store::reader_count() + 1))
+            .arg(format!("--socket={}", socket.display()))
+            .arg(format!("--export-name={target}"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        if let Some(f) = format {
+            cmd.arg(format!("--format={f}"));
+        }
+        let mut child = cmd.arg(file).spawn().map_err(|e| {
+            format!("could not run qemu-nbd to open {file}: {e}; install it (package qemu-utils)")
+        })?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                let mut why = String::new();
+                if let Some(mut err) = child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut err, &mut why);
+                }
+                return Err(format!(
+                    "could not open disk {file} ({status}): {}; is a VM using it?",
+                    why.trim()
+                ));
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("qemu-nbd did not start serving {file} within 10 s"));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Ok(Self { child })
+    }
+}
+
+impl Drop for QemuNbd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
