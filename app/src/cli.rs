@@ -153,6 +153,44 @@ pub enum Command {
         format: ExportFormat,
     },
 
+    /// Bring a VM back to a checkpoint: in place (undoable), or as a new VM beside it
+    ///
+    /// In place, the VM is shut down, a safety checkpoint of its current state is taken,
+    /// only the chunks that differ are written back, everything written is read back and
+    /// checked, then UEFI variables, TPM state and definition are restored and the VM starts
+    /// again if it was running. `rewind undo-restore` goes back to the safety checkpoint.
+    Restore {
+        /// The VM (name or UUID, as in the store)
+        vm: String,
+        /// The checkpoint's id, or `latest`
+        checkpoint: String,
+        /// The store's folder
+        #[arg(long = "from", value_name = "DEST")]
+        store: PathBuf,
+        /// Restore as a new VM of this name (new UUID and MAC addresses) beside the original
+        #[arg(long = "as", value_name = "NEW_NAME")]
+        as_name: Option<String>,
+        /// Folder for the new VM's disks [default: where the original's disks were]
+        #[arg(long, value_name = "DIR", requires = "as_name")]
+        disk_dir: Option<PathBuf>,
+        #[command(flatten)]
+        how: RestoreHow,
+        /// Take no safety checkpoint first (the restore then cannot be undone)
+        #[arg(long)]
+        no_safety_checkpoint: bool,
+    },
+
+    /// Undo the last restore of a VM: restore its newest safety checkpoint
+    UndoRestore {
+        /// The VM (name or UUID, as in the store)
+        vm: String,
+        /// The store's folder
+        #[arg(long = "from", value_name = "DEST")]
+        store: PathBuf,
+        #[command(flatten)]
+        how: RestoreHow,
+    },
+
     /// Remove data that no checkpoint uses any more (prune does this itself)
     Gc {
         /// The store's folder
@@ -162,6 +200,33 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Options shared by `restore` and `undo-restore`.
+#[derive(Debug, clap::Args)]
+pub struct RestoreHow {
+    /// Leave the VM shut off afterwards (by default it starts again if it was running)
+    #[arg(long)]
+    no_start: bool,
+    /// Pull the plug instead of asking the guest to shut down (unsaved work in it is lost)
+    #[arg(long)]
+    force_off: bool,
+    /// Seconds the guest gets to shut down before it is forced off
+    #[arg(long, value_name = "SECS", default_value_t = 120)]
+    shutdown_timeout: u64,
+    /// Print what was done as JSON (documented in app/CLI.md)
+    #[arg(long)]
+    json: bool,
+}
+
+impl RestoreHow {
+    fn options(&self, safety_checkpoint: bool) -> rewind_core::restore::RestoreOptions {
+        rewind_core::restore::RestoreOptions {
+            stop: crate::restore_cli::stop_mode(self.force_off, self.shutdown_timeout),
+            safety_checkpoint,
+            start: self.no_start.then_some(false),
+        }
+    }
 }
 
 /// `rewind export --format`.
@@ -234,6 +299,38 @@ pub fn run(args: &Args, command: &Command, out: &mut dyn Write) -> anyhow::Resul
             out: file,
             format,
         } => store_cli::export(out, store, vm, checkpoint, disk, file, format.image())?,
+        Command::Restore {
+            vm,
+            checkpoint,
+            store,
+            as_name,
+            disk_dir,
+            how,
+            no_safety_checkpoint,
+        } => {
+            let restore = crate::restore_cli::RestoreArgs {
+                dest: store,
+                vm,
+                checkpoint,
+                as_name: as_name.as_deref(),
+                disk_dir: disk_dir.as_deref(),
+                options: how.options(!*no_safety_checkpoint),
+                json: how.json,
+            };
+            crate::restore_cli::restore(out, &args.uri(), &restore)?;
+        }
+        Command::UndoRestore { vm, store, how } => {
+            let restore = crate::restore_cli::RestoreArgs {
+                dest: store,
+                vm,
+                checkpoint: "latest",
+                as_name: None,
+                disk_dir: None,
+                options: how.options(true),
+                json: how.json,
+            };
+            crate::restore_cli::undo_restore(out, &args.uri(), &restore)?;
+        }
     }
     Ok(())
 }

@@ -5,6 +5,7 @@
 
 mod cli;
 mod gui;
+mod restore_cli;
 mod store_cli;
 
 use std::process::ExitCode;

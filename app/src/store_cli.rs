@@ -162,12 +162,12 @@ pub fn checkpoint(
 /// Ctrl-C (SIGINT) and SIGTERM cancel the checkpoint being taken: the engine stops at its
 /// next check and cleans up (no checkpoint, no libvirt job, no frozen guest). A second
 /// Ctrl-C exits at once; the next run then cleans up what is left.
-struct Interrupt {
+pub(crate) struct Interrupt {
     current: std::sync::Arc<std::sync::Mutex<std::sync::Arc<Control>>>,
 }
 
 impl Interrupt {
-    fn install() -> anyhow::Result<Self> {
+    pub(crate) fn install() -> anyhow::Result<Self> {
         let current =
             std::sync::Arc::new(std::sync::Mutex::new(std::sync::Arc::new(Control::new())));
         let handler_current = current.clone();
@@ -196,7 +196,7 @@ impl Interrupt {
     }
 
     /// A fresh control for the next job, cancelled if the user already interrupted.
-    fn next_control(&self) -> std::sync::Arc<Control> {
+    pub(crate) fn next_control(&self) -> std::sync::Arc<Control> {
         let mut current = self
             .current
             .lock()
@@ -210,30 +210,50 @@ impl Interrupt {
     }
 }
 
+/// A folder for one job's sockets and scratch files, removed when dropped. The engine
+/// makes one folder per VM inside it that only that VM's QEMU can write; QEMU only needs to
+/// pass through this one. The name holds the process id, so a later run removes the folder
+/// of a killed one.
+pub(crate) struct WorkDir(PathBuf);
+
+impl WorkDir {
+    pub(crate) fn new() -> anyhow::Result<Self> {
+        remove_work_dirs_of_dead_runs();
+        let work = std::env::temp_dir().join(format!(
+            "rewind-checkpoint-{}-{}",
+            std::process::id(),
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        ));
+        std::fs::create_dir(&work)
+            .with_context(|| format!("could not create {}", work.display()))?;
+        std::fs::set_permissions(&work, std::os::unix::fs::PermissionsExt::from_mode(0o711))
+            .with_context(|| format!("could not open {} to QEMU", work.display()))?;
+        Ok(Self(work))
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 fn checkpoint_one(
     hv: &rewind_core::libvirt::Hypervisor,
     store: &Store,
     vm: &str,
     control: &std::sync::Arc<Control>,
 ) -> anyhow::Result<Manifest> {
-    // The backup jobs' folders go in here: one per VM, made by the engine so that only that
-    // VM's QEMU can write there. QEMU only needs to pass through this one.
-    // The name holds the process id, so a later run removes the folder of a killed one.
-    remove_work_dirs_of_dead_runs();
-    let work = std::env::temp_dir().join(format!(
-        "rewind-checkpoint-{}-{}",
-        std::process::id(),
-        &uuid::Uuid::new_v4().simple().to_string()[..12]
-    ));
-    std::fs::create_dir(&work).with_context(|| format!("could not create {}", work.display()))?;
-    std::fs::set_permissions(&work, std::os::unix::fs::PermissionsExt::from_mode(0o711))
-        .with_context(|| format!("could not open {} to QEMU", work.display()))?;
+    let work = WorkDir::new()?;
     let reporter = std::io::stderr()
         .is_terminal()
         .then(|| ProgressLine::start(vm, control.clone()));
-    let result = rewind_core::checkpoint::take(hv, store, vm, &work, control);
+    let result = rewind_core::checkpoint::take(hv, store, vm, work.path(), control);
     drop(reporter);
-    let _ = std::fs::remove_dir_all(&work);
     Ok(result?)
 }
 
@@ -259,13 +279,13 @@ fn remove_work_dirs_of_dead_runs() {
 }
 
 /// A progress line on a terminal's stderr, redrawn every 200 ms until dropped.
-struct ProgressLine {
+pub(crate) struct ProgressLine {
     done: std::sync::Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl ProgressLine {
-    fn start(vm: &str, control: std::sync::Arc<Control>) -> Self {
+    pub(crate) fn start(vm: &str, control: std::sync::Arc<Control>) -> Self {
         let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (stop, vm) = (done.clone(), vm.to_owned());
         let thread = std::thread::spawn(move || {
@@ -383,7 +403,7 @@ pub fn init(out: &mut dyn Write, dest: &Path, encrypt: bool) -> anyhow::Result<(
     Ok(())
 }
 
-fn local(time: DateTime<Utc>) -> String {
+pub(crate) fn local(time: DateTime<Utc>) -> String {
     time.with_timezone(&Local)
         .format("%Y-%m-%d %H:%M:%S")
         .to_string()
@@ -455,7 +475,7 @@ impl<'a> CheckpointJson<'a> {
 }
 
 /// Whether `filter` (a VM name or UUID) selects `m`.
-fn vm_matches(m: &Manifest, filter: Option<&str>) -> bool {
+pub(crate) fn vm_matches(m: &Manifest, filter: Option<&str>) -> bool {
     filter.is_none_or(|f| m.vm.name == f || m.vm.uuid.to_string().eq_ignore_ascii_case(f))
 }
 
@@ -780,7 +800,12 @@ pub fn gc(out: &mut dyn Write, dest: &Path, json: bool) -> anyhow::Result<()> {
 }
 
 /// The checkpoint `id` (or `latest`) of VM `vm` (name or UUID) in `store`.
-fn find_checkpoint(store: &Store, dest: &Path, vm: &str, id: &str) -> anyhow::Result<Manifest> {
+pub(crate) fn find_checkpoint(
+    store: &Store,
+    dest: &Path,
+    vm: &str,
+    id: &str,
+) -> anyhow::Result<Manifest> {
     let catalog = store.catalog()?;
     let of_vm: Vec<Manifest> = catalog
         .checkpoints

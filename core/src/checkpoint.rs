@@ -18,7 +18,7 @@ use crate::libvirt::Hypervisor;
 use crate::libvirt::agent::AgentState;
 use crate::nbd::{BASE_ALLOCATION, NbdClient, NbdError, STATE_DIRTY, STATE_HOLE, STATE_ZERO};
 use crate::progress::{Control, Phase};
-use crate::qemu_nbd::QemuNbd;
+use crate::qemu_nbd::{Access, QemuNbd};
 use crate::store::{
     CheckpointKind, CheckpointWriter, Consistency, Manifest, NewCheckpoint, Store, StoreError,
     VmRef,
@@ -245,9 +245,31 @@ fn job_dir(
     Ok(dir)
 }
 
-/// Takes a checkpoint of the running VM `vm` into `store`. `work_dir` is where a folder
-/// for the NBD socket and the scratch files of the backup job is made (and removed after):
-/// QEMU must be able to reach it (no private parent folders).
+/// How to take a checkpoint, beyond the defaults.
+#[derive(Debug, Clone)]
+pub struct TakeOptions {
+    /// Labels for the checkpoint, such as `safety`.
+    pub labels: Vec<String>,
+    /// For a shut-off VM: leave out disks whose file is gone instead of failing (a safety
+    /// checkpoint before a restore keeps what is still there).
+    pub skip_missing_disks: bool,
+    /// The phase shown while data is copied ([`Phase::SafetyCheckpoint`] inside a restore).
+    pub copy_phase: Phase,
+}
+
+impl Default for TakeOptions {
+    fn default() -> Self {
+        Self {
+            labels: Vec::new(),
+            skip_missing_disks: false,
+            copy_phase: Phase::Copying,
+        }
+    }
+}
+
+/// Takes a checkpoint of the VM `vm` (running or shut off) into `store`. `work_dir` is
+/// where a folder for the NBD socket and the scratch files of the backup job is made (and
+/// removed after): QEMU must be able to reach it (no private parent folders).
 pub fn take(
     hv: &Hypervisor,
     store: &Store,
@@ -255,9 +277,36 @@ pub fn take(
     work_dir: &Path,
     control: &Control,
 ) -> Result<Manifest, CheckpointError> {
+    take_with(hv, store, vm, work_dir, &TakeOptions::default(), control)
+}
+
+/// [`take`], with options.
+pub fn take_with(
+    hv: &Hypervisor,
+    store: &Store,
+    vm: &str,
+    work_dir: &Path,
+    options: &TakeOptions,
+    control: &Control,
+) -> Result<Manifest, CheckpointError> {
     let info = hv.vm(vm)?;
+    if let Ok(uuid) = Uuid::parse_str(&info.uuid)
+        && let Some((marker, running)) = crate::restore::marker::RestoreMarker::left_for(&uuid)
+    {
+        return Err(CheckpointError::Unsupported(if running {
+            format!(
+                "VM {vm:?} is being restored (to checkpoint {}) by process {}; take the checkpoint when that is done",
+                marker.checkpoint, marker.pid
+            )
+        } else {
+            format!(
+                "the restore of VM {vm:?} to checkpoint {} was cut short and left its disks half-written, so no checkpoint is taken of them: run that restore again, or `rewind undo-restore` to go back to how the VM was before",
+                marker.checkpoint
+            )
+        }));
+    }
     if info.state == VmState::ShutOff {
-        return take_shut_off(hv, store, &info, work_dir, control);
+        return take_shut_off(hv, store, &info, work_dir, options, control);
     }
     if info.state != VmState::Running {
         return Err(CheckpointError::Unsupported(format!(
@@ -292,6 +341,7 @@ pub fn take(
     let job_dir = job_dir(work_dir, &uuid, &hv.domain_xml(vm)?)?;
     let plan = LivePlan {
         vm,
+        labels: options.labels.clone(),
         info: &info,
         uuid,
         new_name,
@@ -308,6 +358,7 @@ pub fn take(
 /// What was decided before a live capture.
 struct LivePlan<'a> {
     vm: &'a str,
+    labels: Vec<String>,
     info: &'a crate::vm::VmInfo,
     uuid: Uuid,
     /// The libvirt checkpoint to create.
@@ -330,6 +381,7 @@ fn take_live(
 ) -> Result<Manifest, CheckpointError> {
     let LivePlan {
         vm,
+        labels,
         info,
         uuid,
         new_name,
@@ -370,7 +422,7 @@ fn take_live(
             domain_xml: hv.domain_xml(vm)?,
             parent: parent.as_ref().map(|p| p.id.clone()),
             full_reason: full_reason.clone(),
-            labels: vec![],
+            labels: labels.clone(),
             libvirt_checkpoint: Some(new_name.clone()),
         };
         let mut writer = store.begin_checkpoint(new, control)?;
@@ -668,22 +720,86 @@ fn read_disk(
     Ok((object.finish()?, read))
 }
 
+/// The disks of a shut-off VM whose image holds the bitmap of `prev`'s libvirt checkpoint
+/// and kept their size since, and why the others must be read whole.
+fn shut_off_bitmaps(
+    store: &Store,
+    prev: &Manifest,
+    disks: &[DiskPlan],
+) -> Result<(Vec<String>, Option<String>), CheckpointError> {
+    let name = prev.libvirt_checkpoint.as_deref().unwrap_or_default();
+    let damaged = store.unhealed_damage(prev)?.len();
+    let mut with_bitmap = Vec::new();
+    let mut full_reason = None;
+    for (target, size, path, format) in disks {
+        let same_size = prev
+            .disks
+            .iter()
+            .any(|d| d.target == *target && d.index.size_bytes == *size);
+        let has_bitmap = format.as_deref() == Some("qcow2")
+            && path.as_deref().is_some_and(|path| {
+                crate::libvirt::bitmaps::qcow2_bitmaps(Path::new(path))
+                    .is_ok_and(|b| b.iter().any(|b| b == name))
+            });
+        if damaged == 0 && same_size && has_bitmap {
+            with_bitmap.push(target.clone());
+        } else if format.as_deref() == Some("qcow2") && full_reason.is_none() {
+            full_reason = Some(if damaged > 0 {
+                format!(
+                    "verify found {damaged} damaged chunk(s) in checkpoint {}; a full checkpoint writes them again",
+                    prev.id
+                )
+            } else if same_size {
+                format!(
+                    "the VM is shut off and disk {target} holds no bitmap of libvirt checkpoint {name}"
+                )
+            } else {
+                format!(
+                    "disk {target} is new or was resized since checkpoint {}",
+                    prev.id
+                )
+            });
+        }
+    }
+    Ok((with_bitmap, full_reason))
+}
+
 /// A shut-off VM: every disk file is read through `qemu-nbd --read-only` (which follows
-/// backing chains and holds the VM against a start). There is no dirty bitmap to go by, so
-/// all allocated data is read; unchanged chunks cost nothing new in the store. The chain of
-/// libvirt checkpoints is left alone: the next live checkpoint is incremental from the last
-/// one, which is still right because a shut-off VM writes nothing.
+/// backing chains and holds the VM against a start). When the store's last checkpoint with a
+/// libvirt checkpoint left its persistent dirty bitmap in a qcow2 disk, `qemu-nbd` exports
+/// that bitmap and only the chunks written since are read (QEMU records every write through
+/// its block layer in the bitmap, also after the VM stopped: by `qemu-nbd`, `qemu-io`, a
+/// restore); otherwise all allocated data is read, and unchanged chunks cost nothing new in
+/// the store. The chain of libvirt checkpoints is left alone: the next live checkpoint is
+/// still incremental from the same one.
 fn take_shut_off(
     hv: &Hypervisor,
     store: &Store,
     info: &crate::vm::VmInfo,
     work_dir: &Path,
+    options: &TakeOptions,
     control: &Control,
 ) -> Result<Manifest, CheckpointError> {
     let uuid = Uuid::parse_str(&info.uuid).map_err(|e| {
         CheckpointError::Unsupported(format!("VM {:?} has an odd UUID: {e}", info.name))
     })?;
-    let disks = protected_disks(info)?;
+    let mut disks = protected_disks(info)?;
+    if options.skip_missing_disks {
+        disks.retain(|d| d.2.as_deref().is_some_and(|p| Path::new(p).exists()));
+        if disks.is_empty() {
+            return Err(CheckpointError::Unsupported(format!(
+                "none of the disk files of VM {:?} is there",
+                info.name
+            )));
+        }
+    }
+    hv.remove_stale_bitmaps(&info.name, &qcow2_files(&disks), false)?;
+    let prev = chained(store, &uuid)?.pop();
+    let (with_bitmap, full_reason) = match &prev {
+        Some(p) => shut_off_bitmaps(store, p, &disks)?,
+        None => (Vec::new(), None),
+    };
+    let parent = prev.filter(|_| !with_bitmap.is_empty());
     let new = NewCheckpoint {
         vm: VmRef {
             name: info.name.clone(),
@@ -693,15 +809,14 @@ fn take_shut_off(
         kind: CheckpointKind::Disk,
         consistency: Consistency::Crash,
         domain_xml: hv.domain_xml(&info.name)?,
-        parent: None,
-        full_reason: Some("the VM was shut off, so there was no dirty bitmap to go by".into()),
+        parent: parent.as_ref().map(|p| p.id.clone()),
+        full_reason,
         consistency_note: Some("the VM was shut off: its disks are as it left them".into()),
-        labels: vec![],
+        labels: options.labels.clone(),
         libvirt_checkpoint: None,
     };
-    hv.remove_stale_bitmaps(&info.name, &qcow2_files(&disks), false)?;
     let mut writer = store.begin_checkpoint(new, control)?;
-    control.set_phase(Phase::Copying);
+    control.set_phase(options.copy_phase);
     for (target, _, source, format) in &disks {
         let Some(file) = source else {
             return Err(CheckpointError::Unsupported(format!(
@@ -711,9 +826,38 @@ fn take_shut_off(
         };
         let socket = work_dir.join(format!("rewind-{target}.sock"));
         let _ = std::fs::remove_file(&socket);
-        let server = QemuNbd::serve(file, format.as_deref(), target, &socket, false)
-            .map_err(CheckpointError::Unsupported)?;
-        let (object, read) = read_disk(&writer, &info.name, &socket, target, None, None, control)?;
+        let bitmap = parent
+            .as_ref()
+            .filter(|_| with_bitmap.contains(target))
+            .and_then(|p| p.libvirt_checkpoint.as_deref());
+        let serve = |bitmap| {
+            QemuNbd::serve(
+                file,
+                format.as_deref(),
+                target,
+                &socket,
+                Access::ReadOnly { bitmap },
+            )
+        };
+        // A bitmap QEMU could not store when it stopped (it was killed) is inconsistent:
+        // qemu-nbd refuses it, and the disk is read whole.
+        let (server, bitmap) = match serve(bitmap) {
+            Ok(server) => (server, bitmap),
+            Err(_) if bitmap.is_some() => {
+                (serve(None).map_err(CheckpointError::Unsupported)?, None)
+            }
+            Err(e) => return Err(CheckpointError::Unsupported(e)),
+        };
+        let context = bitmap.map(|b| format!("qemu:dirty-bitmap:{b}"));
+        let (object, read) = read_disk(
+            &writer,
+            &info.name,
+            &socket,
+            target,
+            context.as_deref(),
+            parent.as_ref(),
+            control,
+        )?;
         drop(server);
         writer.add_read_bytes(read);
         writer.add_disk(target, source.clone(), format.clone(), object)?;

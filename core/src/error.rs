@@ -111,6 +111,10 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+
+    /// The caller cancelled the operation.
+    #[error("cancelled")]
+    Cancelled,
 }
 
 impl Error {
@@ -133,7 +137,8 @@ impl Error {
             | Self::UnsupportedUri { .. }
             | Self::VmNotFound { .. }
             | Self::BadDomainXml { .. }
-            | Self::Invalid(_) => false,
+            | Self::Invalid(_)
+            | Self::Cancelled => false,
         }
     }
 }

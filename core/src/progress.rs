@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 #[derive(Debug, Default)]
 pub struct Control {
     cancelled: AtomicBool,
+    cancel_deferred: AtomicBool,
     phase: AtomicU8,
     done_bytes: AtomicU64,
     total_bytes: AtomicU64,
@@ -28,6 +29,18 @@ pub enum Phase {
     Copying = 2,
     /// Making the result durable.
     Finishing = 3,
+    /// Shutting a VM down (before a restore).
+    Stopping = 4,
+    /// Taking the safety checkpoint of the current state (before a restore).
+    SafetyCheckpoint = 5,
+    /// Writing what differs back to the disks.
+    Writing = 6,
+    /// Reading what was written back and checking it.
+    Verifying = 7,
+    /// Undoing a restore that was cancelled or failed half-way.
+    RollingBack = 8,
+    /// Starting the VM again.
+    Starting = 9,
 }
 
 impl Phase {
@@ -39,6 +52,12 @@ impl Phase {
             Self::Capturing => "capturing",
             Self::Copying => "copying",
             Self::Finishing => "finishing",
+            Self::Stopping => "shutting the VM down",
+            Self::SafetyCheckpoint => "safety checkpoint",
+            Self::Writing => "writing",
+            Self::Verifying => "verifying",
+            Self::RollingBack => "rolling back",
+            Self::Starting => "starting the VM",
         }
     }
 
@@ -47,6 +66,12 @@ impl Phase {
             1 => Self::Capturing,
             2 => Self::Copying,
             3 => Self::Finishing,
+            4 => Self::Stopping,
+            5 => Self::SafetyCheckpoint,
+            6 => Self::Writing,
+            7 => Self::Verifying,
+            8 => Self::RollingBack,
+            9 => Self::Starting,
             _ => Self::Preparing,
         }
     }
@@ -75,9 +100,15 @@ impl Control {
         self.cancelled.load(Ordering::Relaxed)
     }
 
-    /// `Err(Cancelled)` once the job has been cancelled.
+    /// While `deferred`, [`Control::check`] lets the job go on although it was cancelled
+    /// (for a stretch that must not stop half-way); the cancel takes effect after.
+    pub fn defer_cancel(&self, deferred: bool) {
+        self.cancel_deferred.store(deferred, Ordering::Relaxed);
+    }
+
+    /// `Err(Cancelled)` once the job has been cancelled (unless the cancel is deferred).
     pub fn check(&self) -> Result<(), Cancelled> {
-        if self.is_cancelled() {
+        if self.is_cancelled() && !self.cancel_deferred.load(Ordering::Relaxed) {
             Err(Cancelled)
         } else {
             Ok(())
@@ -87,6 +118,14 @@ impl Control {
     /// Records what the job is doing now.
     pub fn set_phase(&self, phase: Phase) {
         self.phase.store(phase as u8, Ordering::Relaxed);
+    }
+
+    /// Moves to the next phase of a job with several (a restore: stopping, writing,
+    /// verifying): progress starts again from zero for it.
+    pub fn start_phase(&self, phase: Phase) {
+        self.set_phase(phase);
+        self.done_bytes.store(0, Ordering::Relaxed);
+        self.total_bytes.store(0, Ordering::Relaxed);
     }
 
     /// What the job is doing now.
@@ -129,7 +168,17 @@ mod tests {
         let c = Control::new();
         assert_eq!(c.check(), Ok(()));
         assert_eq!(c.phase(), Phase::Preparing);
-        for phase in [Phase::Capturing, Phase::Copying, Phase::Finishing] {
+        for phase in [
+            Phase::Capturing,
+            Phase::Copying,
+            Phase::Finishing,
+            Phase::Stopping,
+            Phase::SafetyCheckpoint,
+            Phase::Writing,
+            Phase::Verifying,
+            Phase::RollingBack,
+            Phase::Starting,
+        ] {
             c.set_phase(phase);
             assert_eq!(c.phase(), phase);
         }
@@ -137,7 +186,10 @@ mod tests {
         c.add_done_bytes(4);
         c.add_total_bytes(5);
         assert_eq!(c.progress_bytes(), (4, 15));
+        c.defer_cancel(true);
         c.cancel();
+        assert_eq!(c.check(), Ok(()), "deferred");
+        c.defer_cancel(false);
         assert_eq!(c.check(), Err(Cancelled));
     }
 }

@@ -8,6 +8,20 @@ pub(crate) struct QemuNbd {
     child: std::process::Child,
 }
 
+/// How `qemu-nbd` serves an image.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Access<'a> {
+    /// Read-only, optionally exporting a persistent dirty bitmap of the image as the
+    /// `qemu:dirty-bitmap:<name>` metadata context (blocks written since it was created).
+    ReadOnly {
+        /// The bitmap to export.
+        bitmap: Option<&'a str>,
+    },
+    /// Writable; writes of zeros become holes (zero clusters), so restored holes cost no
+    /// space. Persistent bitmaps in the image record these writes like a VM's own.
+    Writable,
+}
+
 impl QemuNbd {
     /// Serves `file` (format `format`) as export `target` on `socket`. Its lock on the image
     /// (shared when read-only) keeps QEMU from starting a VM on it meanwhile (the start fails
@@ -17,11 +31,19 @@ impl QemuNbd {
         format: Option<&str>,
         target: &str,
         socket: &Path,
-        writable: bool,
+        access: Access<'_>,
     ) -> Result<Self, String> {
         let mut cmd = std::process::Command::new("qemu-nbd");
-        if !writable {
-            cmd.arg("--read-only");
+        match access {
+            Access::ReadOnly { bitmap } => {
+                cmd.arg("--read-only");
+                if let Some(b) = bitmap {
+                    cmd.arg(format!("--bitmap={b}"));
+                }
+            }
+            Access::Writable => {
+                cmd.args(["--discard=unmap", "--detect-zeroes=unmap"]);
+            }
         }
         cmd.arg("--persistent")
             // One connection per reader, plus the one asking for the allocation map.

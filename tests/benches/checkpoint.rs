@@ -273,7 +273,7 @@ fn main() {
     let gaps_cs: Vec<(u64, u64)> = scan
         .records
         .windows(2)
-        .map(|w| (w[1].index, w[1].uptime_cs - w[0].uptime_cs))
+        .map(|w| (w[1].index, w[1].uptime_cs.saturating_sub(w[0].uptime_cs)))
         .collect();
     let mut sorted: Vec<u64> = gaps_cs.iter().map(|g| g.1).collect();
     sorted.sort_unstable();

@@ -8,6 +8,7 @@ mod chain;
 mod cli;
 mod events;
 mod gui;
+mod restore;
 mod rewind;
 mod store;
 mod vms;

@@ -43,6 +43,8 @@
 //! The `sequence` workload writes record `i` (1, 2, 3, ...) to 4096-byte block `i` of the disk
 //! about every 100 ms, with `dd ... conv=notrunc,sync,fsync` (one fork per record), then prints
 //! `RWSEQ <i> flushed`. See `workload.rs` for the record format and the host-side parser.
+//! It first prints `RWSEQ resume after <k>`: numbering continues after the records already
+//! on the disk (0 on a new disk), so a restored guest carries on from its checkpoint.
 //! When the disk is full it prints `RWSEQ done: disk full after <i>` and idles.
 //!
 //! The `fswrite` workload needs `rw.fs=DEV`. About every 100 ms it appends the line
@@ -273,7 +275,22 @@ sequence() {
     dev=/dev/$disk
     read -r sectors < "/sys/class/block/$disk/size"
     last=$((sectors / 8 - 1))
+    # Continue after the records already on the disk (a restored disk holds 1..k): they
+    # are contiguous from block 1, so a binary search over the blocks finds the last one.
+    has_record() {
+        [ "$(dd if="$dev" bs=4096 skip="$1" count=1 status=none | head -c 16)" = "$(printf 'RWSEQ %010d' "$1")" ]
+    }
     i=0
+    if has_record 1; then
+        lo=1
+        hi=$last
+        while [ "$lo" -lt "$hi" ]; do
+            mid=$(( (lo + hi + 1) / 2 ))
+            if has_record "$mid"; then lo=$mid; else hi=$((mid - 1)); fi
+        done
+        i=$lo
+    fi
+    echo "RWSEQ resume after $i"
     while [ "$i" -lt "$last" ]; do
         i=$((i + 1))
         read -r up _ < /proc/uptime

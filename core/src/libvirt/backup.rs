@@ -33,7 +33,7 @@ pub struct PullBackup {
 }
 
 /// Escapes text for an XML attribute or element.
-pub(super) fn xml_escape(text: &str) -> String {
+pub(crate) fn xml_escape(text: &str) -> String {
     text.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")

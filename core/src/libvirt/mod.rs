@@ -8,6 +8,7 @@ pub mod backup;
 pub mod bitmaps;
 mod events;
 mod ffi;
+pub mod lifecycle;
 pub mod xml;
 
 use std::path::{Path, PathBuf};
@@ -54,6 +55,28 @@ impl Hypervisor {
     #[must_use]
     pub fn uri(&self) -> &str {
         &self.uri
+    }
+
+    /// Whether the daemon runs on this machine (`qemu:///system`), so that its files are
+    /// this machine's files; `qemu+ssh://host/system` is another host's.
+    #[must_use]
+    pub fn is_local(&self) -> bool {
+        self.uri
+            .split_once("://")
+            .is_some_and(|(_, rest)| rest.starts_with('/'))
+    }
+
+    /// Where libvirt keeps the UEFI variables of VM `name` when its definition names no
+    /// file (`<nvramDir>/<name>_VARS.fd`), on the daemon's host.
+    #[must_use]
+    pub fn default_nvram_path(&self, name: &str) -> Option<PathBuf> {
+        daemon_dir(&self.uri, "qemu/nvram").map(|dir| dir.join(format!("{name}_VARS.fd")))
+    }
+
+    /// The folder of the emulated TPM's state of the VM with this UUID, on the daemon's host.
+    #[must_use]
+    pub fn tpm_state_dir(&self, uuid: &str) -> Option<PathBuf> {
+        daemon_dir(&self.uri, "swtpm").map(|root| root.join(uuid))
     }
 
     /// Whether the connection still works (the daemon may have restarted).
@@ -200,7 +223,7 @@ impl Hypervisor {
     /// per-daemon root (libvirt's `swtpmStorageDir`), unless the XML names one.
     fn with_tpm_state_path(&self, mut tpm: Tpm, uuid: &str) -> Tpm {
         if tpm.backend == "emulator" && tpm.state_path.is_none() {
-            tpm.state_path = daemon_dir(&self.uri, "swtpm").map(|root| root.join(uuid));
+            tpm.state_path = self.tpm_state_dir(uuid);
         }
         tpm
     }
@@ -212,8 +235,7 @@ impl Hypervisor {
         if let Firmware::Uefi { nvram_path, .. } = &mut firmware
             && nvram_path.is_none()
         {
-            *nvram_path =
-                daemon_dir(&self.uri, "qemu/nvram").map(|dir| dir.join(format!("{name}_VARS.fd")));
+            *nvram_path = self.default_nvram_path(name);
         }
         firmware
     }

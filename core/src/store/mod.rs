@@ -43,7 +43,7 @@ pub use error::StoreError;
 pub use index::ObjectIndex;
 pub use lock::{LockMode, StoreLock};
 pub use manifest::{BlobEntry, CheckpointKind, Consistency, DiskEntry, Manifest, VmRef};
-pub use pipeline::reader_count;
+pub use pipeline::{for_each_slot, reader_count};
 pub use writer::{CheckpointWriter, FinishedObject, NewCheckpoint, ObjectWriter};
 
 use crypto::Keys;

@@ -22,8 +22,103 @@ pub fn reader_count() -> usize {
     std::thread::available_parallelism().map_or(2, |n| (n.get() + 1).clamp(2, 5))
 }
 
-/// What a worker made of slot number `seq` in the list: `None` for a hole.
-type Done<E> = (usize, Result<Option<(ChunkId, u64)>, E>);
+/// What a worker made of slot number `seq` in the list.
+type Done<T, E> = (usize, Result<T, E>);
+
+/// Runs one worker thread per element of `workers` over `slots` (ascending chunk slot
+/// numbers): each worker takes the next slot, fills a buffer of `lens[seq]` bytes' capacity
+/// and turns it into a `T` (reading, hashing, storing, writing — whatever the caller's
+/// closure does), while the calling thread hands the results to `apply` strictly in slot
+/// order. Cancellation is checked before each slot; progress (`lens`) is counted as results
+/// are applied. On the first error nothing more is started and that error is returned.
+///
+/// Memory stays bounded: one buffer per worker; out-of-order results wait as `T`s.
+pub fn for_each_slot<T, E, W>(
+    slots: &[u64],
+    lens: &[usize],
+    control: &Control,
+    workers: Vec<W>,
+    mut apply: impl FnMut(u64, T) -> Result<(), E>,
+) -> Result<(), E>
+where
+    T: Send,
+    E: From<StoreError> + Send,
+    W: FnMut(u64, &mut Vec<u8>) -> Result<T, E> + Send,
+{
+    if workers.is_empty() {
+        return Err(StoreError::Invalid("no worker to process the chunks".into()).into());
+    }
+    if lens.len() != slots.len() {
+        return Err(StoreError::Invalid("one length per chunk slot is needed".into()).into());
+    }
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let (done_tx, done_rx) = mpsc::channel::<Done<T, E>>();
+    std::thread::scope(|scope| {
+        for mut work in workers {
+            let done_tx = done_tx.clone();
+            let (next, stop) = (&next, &stop);
+            std::thread::Builder::new()
+                .name("rewind-chunks".into())
+                .spawn_scoped(scope, move || {
+                    let mut buf = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        let seq = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(&i) = slots.get(seq) else { break };
+                        let result = control
+                            .check()
+                            .map_err(|c| E::from(StoreError::from(c)))
+                            .and_then(|()| {
+                                buf.clear();
+                                buf.resize(lens[seq], 0);
+                                work(i, &mut buf)
+                            });
+                        if result.is_err() {
+                            stop.store(true, Ordering::Relaxed);
+                        }
+                        if done_tx.send((seq, result)).is_err() {
+                            break;
+                        }
+                    }
+                })
+                .expect("threads can be started");
+        }
+        drop(done_tx);
+
+        let mut waiting = BTreeMap::new();
+        let mut applied = 0;
+        let mut outcome = Ok(());
+        // Ends when every worker has stopped (all slots done, or an error).
+        for (seq, result) in &done_rx {
+            if outcome.is_err() {
+                continue;
+            }
+            waiting.insert(seq, result);
+            while let Some(result) = waiting.remove(&applied) {
+                if let Err(e) = result.and_then(|value| apply(slots[applied], value)) {
+                    stop.store(true, Ordering::Relaxed);
+                    outcome = Err(e);
+                    break;
+                }
+                control.add_done_bytes(lens[applied] as u64);
+                applied += 1;
+            }
+        }
+        if outcome.is_ok() && applied < slots.len() {
+            // A worker stopped on an error that is still waiting behind a gap.
+            outcome = waiting.into_values().find_map(Result::err).map_or_else(
+                || {
+                    Err(StoreError::Invalid(
+                        "the chunks were left unfinished by their workers".into(),
+                    )
+                    .into())
+                },
+                Err,
+            );
+        }
+        outcome
+    })
+}
 
 impl ObjectWriter<'_> {
     /// Sets every slot in `slots` (ascending), one worker thread per reader in `readers`.
@@ -58,77 +153,23 @@ impl ObjectWriter<'_> {
             .iter()
             .map(|&i| usize::try_from(self.chunk_len(i)).expect("chunk fits memory"))
             .collect();
-        let next = AtomicUsize::new(0);
-        let stop = AtomicBool::new(false);
-        let (done_tx, done_rx) = mpsc::channel::<Done<E>>();
-        std::thread::scope(|scope| {
-            for mut read in readers {
-                let done_tx = done_tx.clone();
-                let (next, stop, lens) = (&next, &stop, &lens);
-                scope.spawn(move || {
-                    let mut buf = Vec::new();
-                    while !stop.load(Ordering::Relaxed) {
-                        let seq = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(&i) = slots.get(seq) else { break };
-                        let result = (|| {
-                            control.check().map_err(StoreError::from)?;
-                            buf.resize(lens[seq], 0);
-                            if !read(i, &mut buf)? || buf.iter().all(|&b| b == 0) {
-                                return Ok(None);
-                            }
-                            Ok(Some(store.put_chunk(ChunkKind::Data, &buf)?))
-                        })();
-                        if result.is_err() {
-                            stop.store(true, Ordering::Relaxed);
-                        }
-                        if done_tx.send((seq, result)).is_err() {
-                            break;
-                        }
+        let workers: Vec<_> = readers
+            .into_iter()
+            .map(|mut read| {
+                move |i: u64, buf: &mut Vec<u8>| -> Result<Option<(ChunkId, u64)>, E> {
+                    if !read(i, buf)? || buf.iter().all(|&b| b == 0) {
+                        return Ok(None);
                     }
-                });
-            }
-            drop(done_tx);
-
-            let mut waiting = BTreeMap::new();
-            let mut applied = 0;
-            let mut outcome = Ok(());
-            // Ends when every worker has stopped (all slots done, or an error).
-            for (seq, result) in &done_rx {
-                if outcome.is_err() {
-                    continue;
+                    Ok(Some(store.put_chunk(ChunkKind::Data, buf)?))
                 }
-                waiting.insert(seq, result);
-                while let Some(result) = waiting.remove(&applied) {
-                    let i = slots[applied];
-                    let applied_one = result.and_then(|stored| {
-                        match stored {
-                            None => self.put_hole(i)?,
-                            Some((id, added)) => self.put_stored(i, id, added)?,
-                        }
-                        Ok(())
-                    });
-                    if let Err(e) = applied_one {
-                        stop.store(true, Ordering::Relaxed);
-                        outcome = Err(e);
-                        break;
-                    }
-                    control.add_done_bytes(lens[applied] as u64);
-                    applied += 1;
-                }
+            })
+            .collect();
+        for_each_slot(slots, &lens, control, workers, |i, stored| {
+            match stored {
+                None => self.put_hole(i)?,
+                Some((id, added)) => self.put_stored(i, id, added)?,
             }
-            if outcome.is_ok() && applied < slots.len() {
-                // A worker stopped on an error that is still waiting behind a gap.
-                outcome = waiting.into_values().find_map(Result::err).map_or_else(
-                    || {
-                        Err(StoreError::Invalid(
-                            "the object was left unfinished by its readers".into(),
-                        )
-                        .into())
-                    },
-                    Err,
-                );
-            }
-            outcome
+            Ok(())
         })
     }
 }

@@ -1,0 +1,202 @@
+//! `rewind restore` and `rewind undo-restore`.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, bail};
+use rewind_core::libvirt::Hypervisor;
+use rewind_core::libvirt::lifecycle::StopMode;
+use rewind_core::restore::{
+    ComparedBy, NewVm, RestoreOptions, RestoreReport, SAFETY_LABEL, restore_as_new,
+    restore_in_place,
+};
+use rewind_core::store::{Manifest, Store};
+use rewind_core::units::human_bytes;
+
+use crate::store_cli::{
+    Interrupt, ProgressLine, WorkDir, find_checkpoint, local, open_store, vm_matches,
+};
+
+/// What `rewind restore` was asked to do.
+#[derive(Debug)]
+pub struct RestoreArgs<'a> {
+    /// The store's folder.
+    pub dest: &'a Path,
+    /// The VM, as in the store.
+    pub vm: &'a str,
+    /// A checkpoint id or `latest`.
+    pub checkpoint: &'a str,
+    /// Restore as a new VM of this name.
+    pub as_name: Option<&'a str>,
+    /// Where a new VM's disks go.
+    pub disk_dir: Option<&'a Path>,
+    /// Options of the restore.
+    pub options: RestoreOptions,
+    /// Print JSON.
+    pub json: bool,
+}
+
+/// The stop mode from `--force-off` and `--shutdown-timeout`.
+pub fn stop_mode(force_off: bool, shutdown_timeout_secs: u64) -> StopMode {
+    if force_off {
+        StopMode::Force
+    } else {
+        StopMode::Graceful {
+            timeout_secs: shutdown_timeout_secs,
+            force_after: true,
+        }
+    }
+}
+
+/// `rewind restore VM CHECKPOINT --from DEST [--as NEW_NAME] ...`.
+pub fn restore(out: &mut dyn Write, uri: &str, args: &RestoreArgs<'_>) -> anyhow::Result<()> {
+    let store = open_store(args.dest)?;
+    let m = find_checkpoint(&store, args.dest, args.vm, args.checkpoint)?;
+    run(out, uri, &store, &m, args)
+}
+
+/// `rewind undo-restore VM --from DEST`: restores the newest safety checkpoint.
+pub fn undo_restore(out: &mut dyn Write, uri: &str, args: &RestoreArgs<'_>) -> anyhow::Result<()> {
+    let store = open_store(args.dest)?;
+    let safety = store
+        .catalog()?
+        .checkpoints
+        .into_iter()
+        .rfind(|m| vm_matches(m, Some(args.vm)) && m.labels.iter().any(|l| l == SAFETY_LABEL))
+        .with_context(|| {
+            format!(
+                "VM {:?} has no safety checkpoint in {}: nothing to undo (a restore that was asked for no safety checkpoint cannot be undone)",
+                args.vm,
+                args.dest.display()
+            )
+        })?;
+    run(out, uri, &store, &safety, args)
+}
+
+fn run(
+    out: &mut dyn Write,
+    uri: &str,
+    store: &Store,
+    m: &Manifest,
+    args: &RestoreArgs<'_>,
+) -> anyhow::Result<()> {
+    let hv = Hypervisor::connect(uri)?;
+    let work = WorkDir::new()?;
+    // Ctrl-C cancels: the VM is put back as it was.
+    let control = Interrupt::install()?.next_control();
+    let label = args.as_name.unwrap_or(&m.vm.name);
+    let reporter = std::io::stderr()
+        .is_terminal()
+        .then(|| ProgressLine::start(label, control.clone()));
+    let result = match args.as_name {
+        None => restore_in_place(&hv, store, m, &args.options, work.path(), &control),
+        Some(name) => {
+            let disk_dir = match args.disk_dir {
+                Some(dir) => dir.to_path_buf(),
+                None => default_disk_dir(m),
+            };
+            let new = NewVm {
+                name: name.to_owned(),
+                disk_dir,
+            };
+            restore_as_new(&hv, store, m, &new, &args.options, work.path(), &control)
+        }
+    };
+    drop(reporter);
+    let report = result?;
+    if args.json {
+        serde_json::to_writer_pretty(&mut *out, &report)?;
+        writeln!(out)?;
+    } else {
+        write_report(out, args.dest, m, &report)?;
+    }
+    if let Some(e) = &report.start_error {
+        bail!("VM {:?} was restored, but it did not start: {e}", report.vm);
+    }
+    Ok(())
+}
+
+/// Beside the checkpoint's first disk, where the original VM kept its disks.
+fn default_disk_dir(m: &Manifest) -> PathBuf {
+    m.disks
+        .iter()
+        .find_map(|d| d.source.as_deref())
+        .and_then(|p| Path::new(p).parent())
+        .map_or_else(
+            || PathBuf::from("/var/lib/libvirt/images"),
+            Path::to_path_buf,
+        )
+}
+
+fn write_report(
+    out: &mut dyn Write,
+    dest: &Path,
+    m: &Manifest,
+    report: &RestoreReport,
+) -> std::io::Result<()> {
+    if report.mode == "new_vm" {
+        writeln!(
+            out,
+            "Restored checkpoint {} of {} ({}) as a new VM {}.",
+            m.id,
+            m.vm.name,
+            local(m.time),
+            report.vm
+        )?;
+    } else {
+        writeln!(
+            out,
+            "Restored {} to checkpoint {} ({}).",
+            report.vm,
+            m.id,
+            local(m.time)
+        )?;
+    }
+    match (&report.safety_checkpoint, &report.safety_note) {
+        (Some(id), _) => writeln!(
+            out,
+            "  Its state from before is kept as safety checkpoint {id}; undo with `rewind undo-restore {:?} --from {}`.",
+            report.vm,
+            dest.display()
+        )?,
+        (None, Some(note)) => writeln!(out, "  No safety checkpoint: {note}.")?,
+        (None, None) => {}
+    }
+    for d in &report.disks {
+        let how = match d.compared_by {
+            ComparedBy::SafetyCheckpoint => "compared with the safety checkpoint",
+            ComparedBy::Hashing => "compared by reading the disk",
+            ComparedBy::NewFile => "new file",
+        };
+        writeln!(
+            out,
+            "  {}: {} of {} chunk(s) written ({}; {how}), read back and verified; {}",
+            d.target,
+            d.chunks_written,
+            d.chunks,
+            human_bytes(d.bytes_written),
+            d.path.display()
+        )?;
+    }
+    let mut extra = Vec::new();
+    if report.nvram {
+        extra.push("UEFI variables");
+    }
+    if report.tpm {
+        extra.push("TPM state");
+    }
+    if !extra.is_empty() {
+        writeln!(out, "  {} restored.", extra.join(" and "))?;
+    }
+    writeln!(
+        out,
+        "  {} in {}.{} s.",
+        if report.started {
+            "VM started"
+        } else {
+            "VM left shut off"
+        },
+        report.duration_ms / 1000,
+        report.duration_ms % 1000 / 100
+    )
+}

@@ -1,0 +1,447 @@
+//! Bringing a checkpoint back: in place (the VM stopped, a safety checkpoint of its current
+//! state taken first so that the restore can be undone, only the chunks that differ
+//! written, everything read back and checked before the VM starts again), as a new VM
+//! beside the original, on another libvirt host, or as a standalone image (`rewind export`).
+//!
+//! Every chunk is checked against its hash as it is read from the store, and every chunk
+//! written is read back from the disk and checked again, so a damaged store or a failing
+//! drive gives an error, never a VM that runs on wrong data.
+//!
+//! A restore in place goes:
+//!
+//! 1. stop the VM (shutdown with a timeout, then force — as the caller chooses);
+//! 2. take a safety checkpoint of what is there now, labelled `safety` (from a dirty bitmap
+//!    when the store has a chain, so it reads little); its index says exactly what each
+//!    chunk of the current disks holds;
+//! 3. note on the host that the restore is writing ([`marker`]);
+//! 4. per disk, write the chunks where the safety checkpoint and the restored one differ
+//!    (disk files that are gone are created again, resized disks get their old size),
+//!    flush, read them back and check them;
+//! 5. UEFI variables, TPM state and the domain definition (defined anew if the VM was
+//!    deleted);
+//! 6. start the VM if it ran before.
+//!
+//! A cancel or an error while writing rolls the disks back to the safety checkpoint. The
+//! dirty bitmaps of every store's chain saw the writes (they go through QEMU's block layer),
+//! so the next checkpoint into any store is still a true incremental.
+
+mod disk;
+pub mod domain_xml;
+pub mod marker;
+mod vm;
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+pub use disk::{ComparedBy, DiskRestore};
+pub use vm::{NewVm, restore_as_new, restore_in_place};
+
+use crate::checkpoint::CheckpointError;
+use crate::libvirt::lifecycle::StopMode;
+use crate::progress::Control;
+use crate::store::index::HOLE;
+use crate::store::{Manifest, Store, StoreError};
+
+/// The label of a checkpoint taken just before a restore.
+pub const SAFETY_LABEL: &str = "safety";
+
+/// The format of an exported image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageFormat {
+    /// A sparse raw file: holes stay holes.
+    Raw,
+    /// A qcow2 image: only the data is allocated.
+    Qcow2,
+}
+
+impl ImageFormat {
+    /// The name tools use (`raw`, `qcow2`).
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Raw => "raw",
+            Self::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// What can go wrong while restoring or exporting.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The store.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// libvirt or the VM.
+    #[error(transparent)]
+    Libvirt(#[from] crate::Error),
+    /// The safety checkpoint could not be taken: nothing was changed.
+    #[error(
+        "the safety checkpoint of the VM's current state could not be taken, so nothing was restored: {0}"
+    )]
+    Safety(#[source] Box<CheckpointError>),
+    /// The checkpoint has no such disk.
+    #[error("checkpoint {id} of VM {vm:?} has no disk {target:?}; it has: {available}")]
+    NoSuchDisk {
+        /// The checkpoint.
+        id: String,
+        /// The VM's name.
+        vm: String,
+        /// The disk asked for.
+        target: String,
+        /// The disks it has.
+        available: String,
+    },
+    /// The output file is there already.
+    #[error("{} already exists; choose another name or remove it first", .0.display())]
+    Exists(PathBuf),
+    /// Writing a disk or file.
+    #[error("could not write {}: {detail}", path.display())]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        detail: String,
+    },
+    /// What was written did not read back as the checkpoint has it.
+    #[error(
+        "the restored disk {} failed verification: {detail}. The drive under it may be failing",
+        path.display()
+    )]
+    Verify {
+        /// The image.
+        path: PathBuf,
+        /// Which chunk.
+        detail: String,
+    },
+    /// The restore cannot be done as asked.
+    #[error("{0}")]
+    Invalid(String),
+    /// The restore failed or was cancelled part-way; what state the VM was left in.
+    #[error("{cause}; {outcome}")]
+    Stopped {
+        /// What stopped it.
+        #[source]
+        cause: Box<RestoreError>,
+        /// Where that leaves the VM, in words for the user.
+        outcome: String,
+    },
+    /// Cancelled before anything was changed.
+    #[error("cancelled; nothing was changed")]
+    Cancelled,
+}
+
+impl RestoreError {
+    /// Whether the restore was cancelled (rather than failing).
+    #[must_use]
+    pub fn is_cancel(&self) -> bool {
+        match self {
+            Self::Cancelled
+            | Self::Store(StoreError::Cancelled)
+            | Self::Libvirt(crate::Error::Cancelled) => true,
+            Self::Stopped { cause, .. } => cause.is_cancel(),
+            _ => false,
+        }
+    }
+}
+
+/// How to restore.
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    /// How to stop the VM if it runs.
+    pub stop: StopMode,
+    /// Take a safety checkpoint of the current state first (so that the restore can be
+    /// undone). Without one, a restore cut short cannot be rolled back.
+    pub safety_checkpoint: bool,
+    /// Start the VM afterwards: `None` starts it if it was running before (in place) or
+    /// always (a new VM).
+    pub start: Option<bool>,
+}
+
+impl Default for RestoreOptions {
+    fn default() -> Self {
+        Self {
+            stop: StopMode::default(),
+            safety_checkpoint: true,
+            start: None,
+        }
+    }
+}
+
+/// What a restore did (`rewind restore --json`).
+#[derive(Debug, Clone, Serialize)]
+#[allow(clippy::struct_excessive_bools)] // a report: each is a yes-or-no fact about what was done
+pub struct RestoreReport {
+    /// The VM restored (its name now).
+    pub vm: String,
+    /// Its UUID.
+    pub vm_uuid: String,
+    /// The checkpoint restored.
+    pub checkpoint: String,
+    /// The libvirt connection it was restored through.
+    pub uri: String,
+    /// `in_place` or `new_vm`.
+    pub mode: &'static str,
+    /// How the VM was stopped: `was_off`, `shut_down`, `forced`, or null for a new VM.
+    pub stopped: Option<&'static str>,
+    /// The safety checkpoint taken first (undo with `rewind undo-restore`).
+    pub safety_checkpoint: Option<String>,
+    /// Why there is no safety checkpoint.
+    pub safety_note: Option<String>,
+    /// Per disk: what was compared, written and verified.
+    pub disks: Vec<DiskRestore>,
+    /// UEFI variables written back.
+    pub nvram: bool,
+    /// TPM state written back.
+    pub tpm: bool,
+    /// The VM had to be defined anew (it had been deleted, or is new).
+    pub defined: bool,
+    /// The VM was started.
+    pub started: bool,
+    /// Why starting it failed, if it did (the restore itself succeeded).
+    pub start_error: Option<String>,
+    /// Bytes written to disks.
+    pub bytes_written: u64,
+    /// How long it took.
+    pub duration_ms: u64,
+}
+
+/// Writes disk `target` of checkpoint `m` to a new file `out` in `format`, reading every
+/// written chunk back; returns the bytes of data written (holes are not written). Nothing
+/// is left at `out` if it fails or is cancelled.
+pub fn export_disk(
+    store: &Store,
+    m: &Manifest,
+    target: &str,
+    out: &Path,
+    format: ImageFormat,
+    control: &Control,
+) -> Result<u64, RestoreError> {
+    let Some(disk) = m.disks.iter().find(|d| d.target == target) else {
+        return Err(RestoreError::NoSuchDisk {
+            id: m.id.clone(),
+            vm: m.vm.name.clone(),
+            target: target.to_owned(),
+            available: m
+                .disks
+                .iter()
+                .map(|d| d.target.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
+    };
+    disk::create_image(out, format.name(), disk.index.size_bytes)?;
+    let empty = vec![HOLE; usize::try_from(disk.index.chunk_count()).unwrap_or(0)];
+    let result = disk::make_equal(
+        store,
+        target,
+        out,
+        format.name(),
+        &disk.index,
+        Some((empty, ComparedBy::NewFile)),
+        &std::env::temp_dir(),
+        control,
+        &mut Vec::new(),
+    );
+    match result {
+        Ok(_) => Ok(disk.index.data_bytes),
+        Err(e) => {
+            let _ = std::fs::remove_file(out);
+            Err(e)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{
+        CheckpointKind, Consistency, InitOptions, KdfCost, NewCheckpoint, ObjectIndex, VmRef,
+    };
+    use std::fs::File;
+    use std::os::unix::fs::FileExt;
+    use std::process::Command;
+
+    const CHUNK: usize = 64 << 10;
+
+    fn run(cmd: &mut Command) {
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A store holding one checkpoint of `content` (as a raw image) as disk `vda`.
+    fn checkpointed(dir: &Path, content: &[u8]) -> (Store, ObjectIndex) {
+        let options = InitOptions {
+            chunk_size_bytes: u32::try_from(CHUNK).unwrap(),
+            passphrase: None,
+            kdf_cost: KdfCost::FAST_FOR_TESTS,
+        };
+        let store = Store::init(&dir.join("store"), &options).unwrap();
+        let image = dir.join("original.raw");
+        std::fs::write(&image, content).unwrap();
+        let control = Control::new();
+        let new = NewCheckpoint {
+            vm: VmRef {
+                name: "t".into(),
+                uuid: uuid::Uuid::from_bytes([3; 16]),
+            },
+            time: chrono::Utc::now(),
+            kind: CheckpointKind::Disk,
+            consistency: Consistency::Crash,
+            domain_xml: "<domain/>".into(),
+            parent: None,
+            full_reason: None,
+            consistency_note: None,
+            labels: vec![],
+            libvirt_checkpoint: None,
+        };
+        let mut writer = store.begin_checkpoint(new, &control).unwrap();
+        let object = writer
+            .ingest_file(
+                &File::open(&image).unwrap(),
+                content.len() as u64,
+                None,
+                &control,
+            )
+            .unwrap();
+        writer.add_disk("vda", None, None, object).unwrap();
+        let m = writer.commit(&control).unwrap();
+        (store, m.disks[0].index.clone())
+    }
+
+    fn qcow2_bytes(image: &Path, dir: &Path) -> Vec<u8> {
+        let raw = dir.join("back.raw");
+        let _ = std::fs::remove_file(&raw);
+        run(Command::new("qemu-img")
+            .args(["convert", "-f", "qcow2", "-O", "raw"])
+            .arg(image)
+            .arg(&raw));
+        std::fs::read(&raw).unwrap()
+    }
+
+    #[test]
+    fn a_disk_is_made_equal_writing_only_what_differs_and_verifying_it() {
+        let dir = tempfile::tempdir().unwrap();
+        // 64 chunks: noise, with chunks 20..24 zeros (a hole in the checkpoint).
+        let mut content: Vec<u8> = (0..64 * CHUNK)
+            .map(|i| u8::try_from(((i * 2_654_435_761usize) >> 13) % 251).unwrap())
+            .collect();
+        content[20 * CHUNK..24 * CHUNK].fill(0);
+        let (store, index) = checkpointed(dir.path(), &content);
+        let disk = dir.path().join("disk.qcow2");
+        run(Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "qcow2"])
+            .arg(dir.path().join("original.raw"))
+            .arg(&disk));
+        // The guest changed three chunks since: one overwritten, one by a single byte, and
+        // data where the checkpoint has a hole.
+        run(Command::new("qemu-io")
+            .args(["-f", "qcow2"])
+            .args([
+                "-c",
+                &format!("write -P 0x77 {} {}", 3 * CHUNK, CHUNK),
+                "-c",
+                &format!("write -P 0x01 {} 1", 10 * CHUNK + 100),
+                "-c",
+                &format!("write -P 0x55 {} 4096", 21 * CHUNK),
+            ])
+            .arg(&disk));
+        assert!(qcow2_bytes(&disk, dir.path()) != content);
+
+        let control = Control::new();
+        let work = dir.path();
+        let restore = |disk: &Path, format: &str| {
+            disk::make_equal(
+                &store,
+                "vda",
+                disk,
+                format,
+                &index,
+                None,
+                work,
+                &control,
+                &mut Vec::new(),
+            )
+        };
+        let report = restore(&disk, "qcow2").unwrap();
+        assert_eq!(report.chunks, 64);
+        assert_eq!(report.compared_by, ComparedBy::Hashing);
+        assert_eq!(report.chunks_written, 3, "{report:?}");
+        assert_eq!(report.chunks_verified, 3, "{report:?}");
+        assert_eq!(report.bytes_written, 3 * CHUNK as u64);
+        assert!(
+            qcow2_bytes(&disk, dir.path()) == content,
+            "restored disk differs"
+        );
+        let again = restore(&disk, "qcow2").unwrap();
+        assert_eq!(again.chunks_written, 0, "nothing differs any more");
+
+        // Raw disks too.
+        let raw = dir.path().join("disk.raw");
+        std::fs::write(&raw, &content).unwrap();
+        File::options()
+            .write(true)
+            .open(&raw)
+            .unwrap()
+            .write_all_at(&[9; 10], 5 * CHUNK as u64)
+            .unwrap();
+        let report = restore(&raw, "raw").unwrap();
+        assert_eq!(report.chunks_written, 1);
+        assert!(std::fs::read(&raw).unwrap() == content);
+
+        // Told what is there (a safety checkpoint of it), nothing is read to compare: a
+        // slot claimed to differ is written, one claimed equal is not.
+        let mut claimed = disk::entries(&store, &index).unwrap();
+        claimed[7] = crate::store::ChunkId([1; 32]);
+        let mut written = Vec::new();
+        let report = disk::make_equal(
+            &store,
+            "vda",
+            &raw,
+            "raw",
+            &index,
+            Some((claimed, ComparedBy::SafetyCheckpoint)),
+            work,
+            &control,
+            &mut written,
+        )
+        .unwrap();
+        assert_eq!((report.chunks_written, written), (1, vec![7]));
+
+        // A disk of another size is refused, untouched.
+        run(Command::new("qemu-img")
+            .args(["resize", "-f", "qcow2"])
+            .arg(&disk)
+            .arg("+1M"));
+        let err = restore(&disk, "qcow2").unwrap_err();
+        assert!(
+            err.to_string().contains("bytes, the checkpoint's disk"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_damaged_chunk_stops_the_write_and_names_the_chunk() {
+        let dir = tempfile::tempdir().unwrap();
+        let content: Vec<u8> = (0..8 * CHUNK)
+            .map(|i| u8::try_from(i % 241).unwrap())
+            .collect();
+        let (store, index) = checkpointed(dir.path(), &content);
+        let bad = disk::entries(&store, &index).unwrap()[2];
+        let path = store.chunk_path(&bad);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x40;
+        std::fs::write(&path, bytes).unwrap();
+        let out = dir.path().join("export.qcow2");
+        let m = store.catalog().unwrap().checkpoints.pop().unwrap();
+        let err =
+            export_disk(&store, &m, "vda", &out, ImageFormat::Qcow2, &Control::new()).unwrap_err();
+        assert!(err.to_string().contains(&bad.to_hex()), "{err}");
+        assert!(!out.exists(), "the half-written image is removed");
+    }
+}

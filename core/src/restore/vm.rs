@@ -1,0 +1,901 @@
+//! Restoring a whole VM: in place (see the module documentation of [`super`]) or as a new
+//! VM beside the original.
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use uuid::Uuid;
+
+use super::disk::{self, ComparedBy, DiskRestore};
+use super::domain_xml::{self, DiskPlace, Rewrite};
+use super::marker::{RestoreMarker, state_dir};
+use super::{RestoreError, RestoreOptions, RestoreReport, SAFETY_LABEL};
+use crate::checkpoint::{self, TakeOptions};
+use crate::libvirt::Hypervisor;
+use crate::libvirt::lifecycle::Stopped;
+use crate::libvirt::xml::{DomainXml, parse_domain};
+use crate::progress::{Control, Phase};
+use crate::store::index::HOLE;
+use crate::store::{DiskEntry, Manifest, Store};
+use crate::vm::Firmware;
+
+fn parsed(m: &Manifest) -> Result<DomainXml, RestoreError> {
+    parse_domain(&m.domain_xml).map_err(|e| {
+        RestoreError::Invalid(format!(
+            "the domain definition in checkpoint {} of VM {:?} cannot be read ({e}); export its disks with `rewind export` instead",
+            m.id, m.vm.name
+        ))
+    })
+}
+
+fn stopped_label(s: Stopped) -> &'static str {
+    match s {
+        Stopped::WasOff => "was_off",
+        Stopped::ShutDown => "shut_down",
+        Stopped::Forced => "forced",
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename, so that a crash leaves
+/// the old file or the new one; keeps the owner of a file it replaces.
+fn write_file_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), RestoreError> {
+    use std::io::Write as _;
+    let failed = |e: std::io::Error| RestoreError::Write {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    };
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    std::fs::create_dir_all(dir).map_err(failed)?;
+    let owner = std::fs::metadata(path).ok().map(|m| {
+        use std::os::unix::fs::MetadataExt as _;
+        (m.uid(), m.gid())
+    });
+    let tmp = dir.join(format!(
+        ".{}.rewind-{}",
+        path.file_name().unwrap_or_default().to_string_lossy(),
+        std::process::id()
+    ));
+    let result = (|| {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::chown(&tmp, Some(uid), Some(gid))?;
+        }
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(failed)
+}
+
+/// The user libvirt runs `swtpm` as (`swtpm_user` in qemu.conf; `tss` by default).
+fn swtpm_owner() -> Option<(u32, u32)> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        (fields.first() == Some(&"tss") && fields.len() > 3)
+            .then(|| Some((fields[2].parse().ok()?, fields[3].parse().ok()?)))
+            .flatten()
+    })
+}
+
+/// Replaces the TPM state folder `dir` with the content of a folder blob: unpacked next to
+/// it, then swapped in, so that a failure leaves the old state.
+fn replace_tpm_state(dir: &Path, blob: &[u8]) -> Result<(), RestoreError> {
+    let failed = |e: std::io::Error| RestoreError::Write {
+        path: dir.to_path_buf(),
+        detail: e.to_string(),
+    };
+    let files = crate::store::dirblob::unpack(blob).map_err(|detail| {
+        RestoreError::Invalid(format!(
+            "the TPM state in the checkpoint cannot be unpacked: {detail}"
+        ))
+    })?;
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    let name = dir.file_name().unwrap_or_default().to_string_lossy();
+    let fresh = parent.join(format!(".{name}.rewind-new"));
+    let old = parent.join(format!(".{name}.rewind-old"));
+    let _ = std::fs::remove_dir_all(&fresh);
+    let _ = std::fs::remove_dir_all(&old);
+    let owner = std::fs::metadata(dir)
+        .ok()
+        .map(|m| {
+            use std::os::unix::fs::MetadataExt as _;
+            (m.uid(), m.gid())
+        })
+        .or_else(swtpm_owner);
+    let result = (|| {
+        std::fs::create_dir_all(parent)?;
+        std::fs::create_dir(&fresh)?;
+        for f in &files {
+            let path = fresh.join(&f.path);
+            if let Some(d) = path.parent() {
+                std::fs::create_dir_all(d)?;
+            }
+            std::fs::write(&path, &f.content)?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(f.mode & 0o7777))?;
+        }
+        // swtpm runs as its own user and must own its state (libvirt fixes the files of
+        // the state folder when the VM starts, not the folders).
+        if let Some((uid, gid)) = owner {
+            chown_tree(&fresh, uid, gid)?;
+        }
+        std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o700))?;
+        if dir.exists() {
+            std::fs::rename(dir, &old)?;
+        }
+        std::fs::rename(&fresh, dir)?;
+        let _ = std::fs::remove_dir_all(&old);
+        std::fs::File::open(parent)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&fresh);
+        if !dir.exists() && old.exists() {
+            let _ = std::fs::rename(&old, dir);
+        }
+    }
+    result.map_err(failed)
+}
+
+fn chown_tree(path: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid))?;
+    if path.is_dir() {
+        for entry in std::fs::read_dir(path)? {
+            chown_tree(&entry?.path(), uid, gid)?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes the checkpoint's UEFI variables and TPM state where the restored VM keeps them;
+/// returns whether there was each.
+fn write_firmware_state(
+    store: &Store,
+    m: &Manifest,
+    nvram_path: Option<&Path>,
+    tpm_dir: Option<&Path>,
+) -> Result<(bool, bool), RestoreError> {
+    let blob = |name: &str| -> Result<Option<Vec<u8>>, RestoreError> {
+        match m.blobs.iter().find(|b| b.name == name) {
+            Some(b) => Ok(Some(store.object_reader(&b.index)?.read_all()?)),
+            None => Ok(None),
+        }
+    };
+    let nvram = match (blob("nvram")?, nvram_path) {
+        (Some(bytes), Some(path)) => {
+            write_file_atomic(path, &bytes, 0o600)?;
+            true
+        }
+        (Some(_), None) => {
+            return Err(RestoreError::Invalid(format!(
+                "checkpoint {} holds UEFI variables but it is not known where this libvirt host keeps them",
+                m.id
+            )));
+        }
+        (None, _) => false,
+    };
+    let tpm = match (blob("tpm")?, tpm_dir) {
+        (Some(bytes), Some(dir)) => {
+            replace_tpm_state(dir, &bytes)?;
+            true
+        }
+        (Some(_), None) => {
+            return Err(RestoreError::Invalid(format!(
+                "checkpoint {} holds TPM state but it is not known where this libvirt host keeps it",
+                m.id
+            )));
+        }
+        (None, _) => false,
+    };
+    Ok((nvram, tpm))
+}
+
+/// One disk of the checkpoint, as far as the in-place restore got with it.
+#[derive(Debug)]
+struct DiskProgress {
+    target: String,
+    path: PathBuf,
+    format: String,
+    created: bool,
+    resized: bool,
+    written: Vec<u64>,
+}
+
+/// `qemu-img info`'s virtual size of an image.
+fn image_size(path: &Path, format: &str) -> Result<u64, RestoreError> {
+    let out = std::process::Command::new("qemu-img")
+        .args(["info", "--output=json", "-f", format])
+        .arg(path)
+        .output()
+        .map_err(|e| RestoreError::Write {
+            path: path.to_path_buf(),
+            detail: format!("could not run qemu-img: {e}; install qemu-utils"),
+        })?;
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    info["virtual-size"]
+        .as_u64()
+        .ok_or_else(|| RestoreError::Write {
+            path: path.to_path_buf(),
+            detail: format!(
+                "qemu-img cannot read it as {format}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        })
+}
+
+/// Restores one disk of `m` in place. `known` is the safety checkpoint, whose disk (same
+/// file, same size) says what the file holds now.
+fn restore_disk(
+    store: &Store,
+    d: &DiskEntry,
+    known: Option<&Manifest>,
+    work_dir: &Path,
+    control: &Control,
+    progress: &mut DiskProgress,
+) -> Result<DiskRestore, RestoreError> {
+    let path = progress.path.clone();
+    let n = usize::try_from(d.index.chunk_count()).unwrap_or(0);
+    let current = if path.exists() {
+        if image_size(&path, &progress.format)? == d.index.size_bytes {
+            match known.and_then(|s| same_disk(s, d)) {
+                Some(s) => Some((
+                    disk::entries(store, &s.index)?,
+                    ComparedBy::SafetyCheckpoint,
+                )),
+                None => None,
+            }
+        } else {
+            disk::resize_image(&path, &progress.format, d.index.size_bytes)?;
+            progress.resized = true;
+            None
+        }
+    } else {
+        disk::create_image(&path, &progress.format, d.index.size_bytes)?;
+        progress.created = true;
+        Some((vec![HOLE; n], ComparedBy::NewFile))
+    };
+    disk::make_equal(
+        store,
+        &d.target,
+        &path,
+        &progress.format,
+        &d.index,
+        current,
+        work_dir,
+        control,
+        &mut progress.written,
+    )
+}
+
+/// The disk of checkpoint `s` that is the same image file as `d`, with the same size.
+fn same_disk<'a>(s: &'a Manifest, d: &DiskEntry) -> Option<&'a DiskEntry> {
+    s.disks.iter().find(|x| {
+        x.target == d.target && x.source == d.source && x.index.size_bytes == d.index.size_bytes
+    })
+}
+
+/// Puts the disks touched so far back as the checkpoint `back` has them (without letting
+/// a cancel interrupt that). `safety_is_current` says whether `back` was taken right
+/// before this restore, so that each disk's content is known without hashing it.
+fn roll_back(
+    store: &Store,
+    m: &Manifest,
+    back: &Manifest,
+    safety_is_current: bool,
+    touched: &[DiskProgress],
+    work_dir: &Path,
+) -> Result<(), RestoreError> {
+    let control = Control::new();
+    for p in touched.iter().rev() {
+        if p.created {
+            std::fs::remove_file(&p.path).map_err(|e| RestoreError::Write {
+                path: p.path.clone(),
+                detail: format!("could not remove the disk file the restore created: {e}"),
+            })?;
+            continue;
+        }
+        let Some(old) = back
+            .disks
+            .iter()
+            .find(|x| x.target == p.target && x.source.as_deref() == p.path.to_str())
+        else {
+            return Err(RestoreError::Invalid(format!(
+                "the safety checkpoint {} has no copy of disk {}",
+                back.id, p.target
+            )));
+        };
+        let current = match m.disks.iter().find(|d| d.target == p.target) {
+            Some(d) if safety_is_current && !p.resized => {
+                let mut ids = disk::entries(store, &old.index)?;
+                let restored = disk::entries(store, &d.index)?;
+                for &i in &p.written {
+                    let i = usize::try_from(i).expect("slot fits");
+                    ids[i] = restored[i];
+                }
+                Some((ids, ComparedBy::SafetyCheckpoint))
+            }
+            _ => None,
+        };
+        if image_size(&p.path, &p.format)? != old.index.size_bytes {
+            disk::resize_image(&p.path, &p.format, old.index.size_bytes)?;
+        }
+        disk::make_equal(
+            store,
+            &p.target,
+            &p.path,
+            &p.format,
+            &old.index,
+            current,
+            work_dir,
+            &control,
+            &mut Vec::new(),
+        )?;
+    }
+    Ok(())
+}
+
+/// What an in-place restore found out before changing anything.
+struct InPlace<'a> {
+    hv: &'a Hypervisor,
+    store: &'a Store,
+    m: &'a Manifest,
+    work_dir: &'a Path,
+    /// The VM's name now (it may have been renamed since the checkpoint).
+    name: String,
+    uuid: String,
+    /// The VM as it is defined now, if it is.
+    existing: Option<crate::vm::VmInfo>,
+    was_running: bool,
+    /// A restore of this VM that was cut short.
+    interrupted: Option<RestoreMarker>,
+    nvram_path: Option<PathBuf>,
+    tpm_dir: Option<PathBuf>,
+}
+
+impl<'a> InPlace<'a> {
+    fn prepare(
+        hv: &'a Hypervisor,
+        store: &'a Store,
+        m: &'a Manifest,
+        work_dir: &'a Path,
+    ) -> Result<Self, RestoreError> {
+        let uuid = m.vm.uuid.to_string();
+        if !hv.is_local() {
+            return Err(RestoreError::Invalid(format!(
+                "restoring in place works on this machine's libvirt only; to bring VM {:?} back on {}, restore it as a new VM there (--as NAME)",
+                m.vm.name,
+                hv.uri()
+            )));
+        }
+        let checkpoint_xml = parsed(m)?;
+        let existing = if hv.has_vm(&uuid) {
+            Some(hv.vm(&uuid)?)
+        } else {
+            None
+        };
+        if existing.is_none() && hv.has_vm(&m.vm.name) {
+            return Err(RestoreError::Invalid(format!(
+                "a different VM is called {:?} on this host now (not the one checkpoint {} was taken of); restore the checkpoint as a new VM with another name (--as NAME)",
+                m.vm.name, m.id
+            )));
+        }
+        let name = existing
+            .as_ref()
+            .map_or_else(|| m.vm.name.clone(), |v| v.name.clone());
+        let interrupted = match RestoreMarker::left_for(&m.vm.uuid) {
+            Some((marker, true)) => {
+                return Err(RestoreError::Invalid(format!(
+                    "VM {name:?} is being restored (to checkpoint {}) by process {}; wait for that to finish",
+                    marker.checkpoint, marker.pid
+                )));
+            }
+            Some((marker, false)) => Some(marker),
+            None => None,
+        };
+        if let Some(d) = m.disks.iter().find(|d| d.source.is_none()) {
+            return Err(RestoreError::Invalid(format!(
+                "checkpoint {} does not say where disk {} of VM {name:?} was kept; restore it as a new VM (--as NAME) instead",
+                m.id, d.target
+            )));
+        }
+        let nvram_path = checkpoint_xml.firmware.nvram_path().cloned().or_else(|| {
+            match checkpoint_xml.firmware {
+                Firmware::Uefi { .. } => hv.default_nvram_path(&name),
+                Firmware::Bios => None,
+            }
+        });
+        let tpm_dir = checkpoint_xml
+            .tpm
+            .as_ref()
+            .and_then(|t| t.state_path.clone())
+            .or_else(|| hv.tpm_state_dir(&uuid));
+        Ok(Self {
+            hv,
+            store,
+            m,
+            work_dir,
+            was_running: existing.as_ref().is_some_and(|v| v.state.is_active()),
+            name,
+            uuid,
+            existing,
+            interrupted,
+            nvram_path,
+            tpm_dir,
+        })
+    }
+
+    /// Starts the VM again if it ran before (after a failure that changed nothing).
+    fn restart(&self) {
+        if self.was_running {
+            let _ = self.hv.start_vm(&self.name);
+        }
+    }
+
+    /// The safety checkpoint, or why there is none.
+    fn safety(
+        &self,
+        options: &RestoreOptions,
+        control: &Control,
+    ) -> Result<(Option<Manifest>, Option<String>), RestoreError> {
+        let readable_disk = self.existing.as_ref().is_some_and(|v| {
+            v.protected_disks()
+                .any(|d| d.path().is_some_and(|p| p.exists()))
+        });
+        let skipped = |why: String| Ok((None, Some(why)));
+        if !options.safety_checkpoint {
+            return skipped("the restore was asked to take no safety checkpoint".into());
+        }
+        if let Some(marker) = &self.interrupted {
+            return skipped(format!(
+                "an earlier restore (to checkpoint {}) was cut short and left the disks half-written; {}",
+                marker.checkpoint,
+                marker.safety_checkpoint.as_ref().map_or_else(
+                    || "it had no safety checkpoint".to_owned(),
+                    |s| format!("its safety checkpoint {s} stays the way back")
+                )
+            ));
+        }
+        if self.existing.is_none() {
+            return skipped("the VM was not defined on this host".into());
+        }
+        if !readable_disk {
+            return skipped("none of the VM's disk files was there".into());
+        }
+        let take = TakeOptions {
+            labels: vec![SAFETY_LABEL.to_owned()],
+            skip_missing_disks: true,
+            copy_phase: Phase::SafetyCheckpoint,
+        };
+        match checkpoint::take_with(
+            self.hv,
+            self.store,
+            &self.name,
+            self.work_dir,
+            &take,
+            control,
+        ) {
+            Ok(s) => Ok((Some(s), None)),
+            Err(checkpoint::CheckpointError::Store(crate::store::StoreError::Cancelled)) => {
+                Err(RestoreError::Cancelled)
+            }
+            Err(e) => Err(RestoreError::Safety(Box::new(e))),
+        }
+    }
+
+    /// Disks, firmware state and definition; `touched` records how far it got.
+    fn write(
+        &self,
+        safety: Option<&Manifest>,
+        control: &Control,
+        touched: &mut Vec<DiskProgress>,
+        reports: &mut Vec<DiskRestore>,
+    ) -> Result<(bool, bool), RestoreError> {
+        let m = self.m;
+        for d in &m.disks {
+            touched.push(DiskProgress {
+                target: d.target.clone(),
+                path: PathBuf::from(d.source.as_deref().expect("checked in prepare")),
+                format: d.format.clone().unwrap_or_else(|| "raw".into()),
+                created: false,
+                resized: false,
+                written: Vec::new(),
+            });
+            let progress = touched.last_mut().expect("just pushed");
+            reports.push(restore_disk(
+                self.store,
+                d,
+                safety,
+                self.work_dir,
+                control,
+                progress,
+            )?);
+        }
+        control.start_phase(Phase::Finishing);
+        let firmware = write_firmware_state(
+            self.store,
+            m,
+            self.nvram_path.as_deref(),
+            self.tpm_dir.as_deref(),
+        )?;
+        let xml = if self.name == m.vm.name {
+            m.domain_xml.clone()
+        } else {
+            domain_xml::rewrite(
+                &m.domain_xml,
+                &Rewrite {
+                    name: Some(self.name.clone()),
+                    ..Rewrite::default()
+                },
+            )
+            .map_err(RestoreError::Invalid)?
+        };
+        self.hv.define_vm(&xml)?;
+        Ok(firmware)
+    }
+
+    /// After a cancel or an error while writing: back to `way_back` if there is one; the
+    /// error to return says where that leaves the VM.
+    fn after_failure(
+        &self,
+        cause: RestoreError,
+        way_back: Option<&Manifest>,
+        safety_is_current: bool,
+        touched: &[DiskProgress],
+        control: &Control,
+    ) -> RestoreError {
+        let name = &self.name;
+        let cancelled = cause.is_cancel();
+        let outcome = match way_back {
+            None => format!(
+                "VM {name:?} is shut off and its disks may be half-written; there is no safety checkpoint to go back to, so run the same restore again"
+            ),
+            Some(back) => {
+                control.start_phase(Phase::RollingBack);
+                let rolled = roll_back(
+                    self.store,
+                    self.m,
+                    back,
+                    safety_is_current,
+                    touched,
+                    self.work_dir,
+                )
+                .and_then(|()| {
+                    write_firmware_state(
+                        self.store,
+                        back,
+                        self.nvram_path.as_deref(),
+                        self.tpm_dir.as_deref(),
+                    )
+                    .map(drop)
+                });
+                match rolled {
+                    Ok(()) if cancelled => {
+                        RestoreMarker::remove(&self.m.vm.uuid);
+                        self.restart();
+                        format!(
+                            "VM {name:?} is as it was before the restore{}",
+                            if self.was_running {
+                                " and runs again"
+                            } else {
+                                ""
+                            }
+                        )
+                    }
+                    Ok(()) => {
+                        RestoreMarker::remove(&self.m.vm.uuid);
+                        format!(
+                            "VM {name:?} was put back as it was before the restore (safety checkpoint {}) and left shut off",
+                            back.id
+                        )
+                    }
+                    Err(e) => format!(
+                        "putting VM {name:?} back failed too ({e}); it is shut off with its disks half-written: run `rewind undo-restore` to go back to safety checkpoint {}",
+                        back.id
+                    ),
+                }
+            }
+        };
+        RestoreError::Stopped {
+            cause: Box::new(cause),
+            outcome,
+        }
+    }
+}
+
+/// Starts VM `name` if `wanted`: whether it started, and why not.
+fn start_if(
+    hv: &Hypervisor,
+    name: &str,
+    wanted: bool,
+    control: &Control,
+) -> (bool, Option<String>) {
+    if !wanted {
+        return (false, None);
+    }
+    control.start_phase(Phase::Starting);
+    match hv.start_vm(name) {
+        Ok(()) => (true, None),
+        Err(e) => (false, Some(e.to_string())),
+    }
+}
+
+fn elapsed_ms(started: Instant) -> u64 {
+    u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Restores checkpoint `m` of its VM in place on the host of `hv` (see [`super`]).
+pub fn restore_in_place(
+    hv: &Hypervisor,
+    store: &Store,
+    m: &Manifest,
+    options: &RestoreOptions,
+    work_dir: &Path,
+    control: &Control,
+) -> Result<RestoreReport, RestoreError> {
+    let started = Instant::now();
+    let t = InPlace::prepare(hv, store, m, work_dir)?;
+
+    // 1. Stop the VM.
+    control.start_phase(Phase::Stopping);
+    let stopped = match &t.existing {
+        Some(_) => hv
+            .stop_vm(&t.name, options.stop, control)
+            .map_err(|e| match e {
+                crate::Error::Cancelled => RestoreError::Cancelled,
+                other => other.into(),
+            })?,
+        None => Stopped::WasOff,
+    };
+
+    // 2. The safety checkpoint. Until the first write, a failure leaves the VM as it was.
+    control.start_phase(Phase::SafetyCheckpoint);
+    let (safety, safety_note) = t.safety(options, control).inspect_err(|_| t.restart())?;
+    let way_back = match (&safety, &t.interrupted) {
+        (Some(s), _) => Some(s.clone()),
+        (None, Some(marker)) => marker
+            .safety_checkpoint
+            .as_deref()
+            .and_then(|id| store.manifest(&m.vm.uuid, id).ok()),
+        (None, None) => None,
+    };
+
+    // 3. Note that the disks are being written.
+    let marker = RestoreMarker {
+        checkpoint: m.id.clone(),
+        safety_checkpoint: way_back.as_ref().map(|s| s.id.clone()),
+        store: store.root().to_path_buf(),
+        pid: std::process::id(),
+    };
+    if let Err(e) = marker.write(&m.vm.uuid) {
+        t.restart();
+        return Err(RestoreError::Write {
+            path: state_dir(),
+            detail: format!("could not note the restore there: {e}"),
+        });
+    }
+
+    // 4.-5. Disks, firmware state, definition. Without a way back, a cancel waits until
+    // the restore is complete: a half-written VM with nothing to go back to is worse.
+    control.start_phase(Phase::Writing);
+    control.defer_cancel(way_back.is_none());
+    let mut touched = Vec::new();
+    let mut disks = Vec::new();
+    let result = t.write(safety.as_ref(), control, &mut touched, &mut disks);
+    control.defer_cancel(false);
+    let (nvram, tpm) = result.map_err(|cause| {
+        t.after_failure(
+            cause,
+            way_back.as_ref(),
+            safety.is_some(),
+            &touched,
+            control,
+        )
+    })?;
+    RestoreMarker::remove(&m.vm.uuid);
+
+    // 6. Start it again.
+    let (started_vm, start_error) =
+        start_if(hv, &t.name, options.start.unwrap_or(t.was_running), control);
+    Ok(RestoreReport {
+        vm: t.name.clone(),
+        vm_uuid: t.uuid.clone(),
+        checkpoint: m.id.clone(),
+        uri: hv.uri().to_owned(),
+        mode: "in_place",
+        stopped: Some(stopped_label(stopped)),
+        safety_checkpoint: safety.map(|s| s.id),
+        safety_note,
+        bytes_written: disks.iter().map(|r| r.bytes_written).sum(),
+        disks,
+        nvram,
+        tpm,
+        defined: t.existing.is_none(),
+        started: started_vm,
+        start_error,
+        duration_ms: elapsed_ms(started),
+    })
+}
+
+/// Where a restored VM is created.
+#[derive(Debug, Clone)]
+pub struct NewVm {
+    /// Its name.
+    pub name: String,
+    /// The folder its disk files go in.
+    pub disk_dir: PathBuf,
+}
+
+/// A file name part made from a VM name: no `/`, no control characters.
+fn file_safe(name: &str) -> String {
+    name.chars()
+        .map(|c| if c == '/' || c.is_control() { '_' } else { c })
+        .collect()
+}
+
+/// Restores checkpoint `m` as a new VM `new.name` on the host of `hv`, beside the original:
+/// a new UUID and new MAC addresses, its disks in `new.disk_dir`, its own UEFI variables and
+/// TPM state. The original VM is not touched.
+pub fn restore_as_new(
+    hv: &Hypervisor,
+    store: &Store,
+    m: &Manifest,
+    new: &NewVm,
+    options: &RestoreOptions,
+    work_dir: &Path,
+    control: &Control,
+) -> Result<RestoreReport, RestoreError> {
+    let started = Instant::now();
+    if !hv.is_local() {
+        return Err(RestoreError::Invalid(format!(
+            "restoring to another host ({}) is not supported yet",
+            hv.uri()
+        )));
+    }
+    let checkpoint_xml = parsed(m)?;
+    if new.name.trim().is_empty() {
+        return Err(RestoreError::Invalid("the new VM needs a name".into()));
+    }
+    if hv.has_vm(&new.name) {
+        return Err(RestoreError::Invalid(format!(
+            "a VM called {:?} exists already; choose another name",
+            new.name
+        )));
+    }
+    let uuid = Uuid::new_v4().to_string();
+    let places: Vec<DiskPlace> = m
+        .disks
+        .iter()
+        .map(|d| {
+            let format = d.format.clone().unwrap_or_else(|| "raw".into());
+            let ext = if format == "qcow2" { "qcow2" } else { "img" };
+            DiskPlace {
+                target: d.target.clone(),
+                path: new
+                    .disk_dir
+                    .join(format!("{}-{}.{ext}", file_safe(&new.name), d.target)),
+                format,
+            }
+        })
+        .collect();
+    if let Some(p) = places.iter().find(|p| p.path.exists()) {
+        return Err(RestoreError::Exists(p.path.clone()));
+    }
+    let uefi = matches!(checkpoint_xml.firmware, Firmware::Uefi { .. });
+    let nvram_path = if uefi {
+        let path = hv.default_nvram_path(&new.name).ok_or_else(|| {
+            RestoreError::Invalid(format!(
+                "it is not known where libvirt keeps UEFI variables on {}",
+                hv.uri()
+            ))
+        })?;
+        if path.exists() {
+            return Err(RestoreError::Exists(path));
+        }
+        Some(path)
+    } else {
+        None
+    };
+    let tpm_dir = checkpoint_xml
+        .tpm
+        .as_ref()
+        .and_then(|_| hv.tpm_state_dir(&uuid));
+
+    let mut created: Vec<PathBuf> = Vec::new();
+    let plan = NewPlan {
+        uuid: &uuid,
+        places: &places,
+        nvram_path: nvram_path.as_deref(),
+        tpm_dir: tpm_dir.as_deref(),
+    };
+    let (reports, nvram, tpm) =
+        write_new(hv, store, m, new, &plan, work_dir, control, &mut created).inspect_err(|_| {
+            for path in created.iter().rev() {
+                let _ = std::fs::remove_file(path).or_else(|_| std::fs::remove_dir_all(path));
+            }
+        })?;
+    let (started_vm, start_error) = start_if(hv, &new.name, options.start.unwrap_or(true), control);
+    Ok(RestoreReport {
+        vm: new.name.clone(),
+        vm_uuid: uuid,
+        checkpoint: m.id.clone(),
+        uri: hv.uri().to_owned(),
+        mode: "new_vm",
+        stopped: None,
+        safety_checkpoint: None,
+        safety_note: None,
+        bytes_written: reports.iter().map(|r| r.bytes_written).sum(),
+        disks: reports,
+        nvram,
+        tpm,
+        defined: true,
+        started: started_vm,
+        start_error,
+        duration_ms: elapsed_ms(started),
+    })
+}
+
+/// Where the parts of a new VM go.
+struct NewPlan<'a> {
+    uuid: &'a str,
+    places: &'a [DiskPlace],
+    nvram_path: Option<&'a Path>,
+    tpm_dir: Option<&'a Path>,
+}
+
+/// Writes a new VM's disks, firmware state and definition; every file made is pushed to
+/// `created` (for the caller to remove on failure).
+#[allow(clippy::too_many_arguments)]
+fn write_new(
+    hv: &Hypervisor,
+    store: &Store,
+    m: &Manifest,
+    new: &NewVm,
+    plan: &NewPlan<'_>,
+    work_dir: &Path,
+    control: &Control,
+    created: &mut Vec<PathBuf>,
+) -> Result<(Vec<DiskRestore>, bool, bool), RestoreError> {
+    control.start_phase(Phase::Writing);
+    let mut reports = Vec::new();
+    for (d, place) in m.disks.iter().zip(plan.places) {
+        disk::create_image(&place.path, &place.format, d.index.size_bytes)?;
+        created.push(place.path.clone());
+        let empty = vec![HOLE; usize::try_from(d.index.chunk_count()).unwrap_or(0)];
+        reports.push(disk::make_equal(
+            store,
+            &d.target,
+            &place.path,
+            &place.format,
+            &d.index,
+            Some((empty, ComparedBy::NewFile)),
+            work_dir,
+            control,
+            &mut Vec::new(),
+        )?);
+    }
+    control.start_phase(Phase::Finishing);
+    created.extend(plan.nvram_path.map(Path::to_path_buf));
+    created.extend(plan.tpm_dir.map(Path::to_path_buf));
+    let (nvram, tpm) = write_firmware_state(store, m, plan.nvram_path, plan.tpm_dir)?;
+    let xml = domain_xml::rewrite(
+        &m.domain_xml,
+        &Rewrite {
+            name: Some(new.name.clone()),
+            uuid: Some(plan.uuid.to_owned()),
+            new_macs: true,
+            disks: plan.places.to_vec(),
+            nvram: plan.nvram_path.map(Path::to_path_buf),
+            rename_logs: Some((m.vm.name.clone(), new.name.clone())),
+            drop_emulator: false,
+            eject_removable: false,
+        },
+    )
+    .map_err(RestoreError::Invalid)?;
+    hv.define_vm(&xml)?;
+    Ok((reports, nvram, tpm))
+}
