@@ -45,7 +45,13 @@ impl QemuNbd {
                 cmd.args(["--discard=unmap", "--detect-zeroes=unmap"]);
             }
         }
-        cmd.arg("--persistent")
+        // Not `--persistent`: the server ends when its last client disconnects, so a Rewind
+        // killed mid-way does not leave it holding the image's lock. The pid file appears
+        // only once the socket listens (qemu-nbd's documented behaviour): the clients must
+        // not connect and disconnect before the real work begins.
+        let pid_file = socket.with_extension("pid");
+        let _ = std::fs::remove_file(&pid_file);
+        cmd.arg(format!("--pid-file={}", pid_file.display()))
             // One connection per reader, plus the one asking for the allocation map.
             .arg(format!("--shared={}", crate::store::reader_count() + 1))
             .arg(format!("--socket={}", socket.display()))
@@ -60,7 +66,7 @@ impl QemuNbd {
             format!("could not run qemu-nbd to open {file}: {e}; install it (package qemu-utils)")
         })?;
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        while !pid_file.exists() {
             if let Ok(Some(status)) = child.try_wait() {
                 let mut why = String::new();
                 if let Some(mut err) = child.stderr.take() {

@@ -257,3 +257,409 @@ fn a_vm_deleted_with_its_disks_comes_back_from_the_store_alone() {
     vm.start().unwrap();
     wait_resumed_after(&vm, last_record(&store, &m));
 }
+
+/// The UEFI variables and TPM state folder of a test VM.
+fn firmware_state(vm: &TestVm) -> (PathBuf, PathBuf) {
+    let info = rewind_core::libvirt::Hypervisor::connect(daemon::URI)
+        .unwrap()
+        .vm(&vm.name)
+        .unwrap();
+    let nvram = info.firmware.nvram_path().expect("UEFI VM").clone();
+    let tpm = info
+        .tpm
+        .and_then(|t| t.state_path)
+        .expect("TPM state folder");
+    (nvram, tpm)
+}
+
+/// Every file under `dir`, relative path -> content.
+fn files_under(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let content = std::fs::read(&path).unwrap();
+                out.push((path.strip_prefix(dir).unwrap().to_path_buf(), content));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn in_place_restore_of_a_uefi_tpm_guest_brings_back_disk_nvram_and_tpm_state() {
+    let mut vm = TestVm::builder("restore-uefi")
+        .uefi()
+        .tpm()
+        .memory_mib(256)
+        .workload("sequence")
+        .disks(vec![DiskSpec::new("vda", Format::Qcow2, 32 << 20)])
+        .define()
+        .expect("define the test VM");
+    vm.start_and_wait_ready(Duration::from_mins(4))
+        .expect("boot with OVMF");
+    vm.wait_flushed(5, BOOT_TIMEOUT).unwrap();
+    let dir = ScratchDir::new("restore-uefi-store").unwrap();
+    let dest = dir.path().join("store");
+    let dest_str = dest.to_str().unwrap();
+    let taken = crate::rewind::checkpoint_json(&vm.name, &dest);
+    let id = taken["id"].as_str().unwrap().to_owned();
+    let (nvram, tpm_dir) = firmware_state(&vm);
+    let tpm_then = files_under(&tpm_dir);
+    assert!(!tpm_then.is_empty());
+
+    // The guest goes on, then its disk is overwritten, its UEFI variables are garbled and
+    // its TPM state is deleted.
+    vm.wait_flushed(vm.last_flushed_record() + 10, BOOT_TIMEOUT)
+        .unwrap();
+    vm.host_write("vda", 0xee, 0, 2 << 20).unwrap();
+    vm.destroy().unwrap();
+    let mut garbled = std::fs::read(&nvram).unwrap();
+    let middle = garbled.len() / 2;
+    garbled[middle..middle + 64].fill(0x5a);
+    std::fs::write(&nvram, &garbled).unwrap();
+    std::fs::remove_dir_all(&tpm_dir).unwrap();
+
+    let report = rewind_json(&["restore", &vm.name, &id, "--from", dest_str]);
+    assert_eq!(report["stopped"], "was_off");
+    assert_eq!(report["nvram"], true, "{report}");
+    assert_eq!(report["tpm"], true, "{report}");
+    assert_eq!(report["started"], false, "it was off, so it stays off");
+    let store = open(&dest);
+    let m = manifest(&store, &id);
+    let blob = |name: &str| {
+        let b = m.blobs.iter().find(|b| b.name == name).unwrap();
+        store.object_reader(&b.index).unwrap().read_all().unwrap()
+    };
+    assert!(
+        image_bytes(&vm.disk("vda").path, "qcow2") == checkpoint_bytes(&store, &m, "vda"),
+        "the disk is not the checkpoint's"
+    );
+    assert!(
+        std::fs::read(&nvram).unwrap() == blob("nvram"),
+        "NVRAM not restored"
+    );
+    assert_eq!(files_under(&tpm_dir), tpm_then, "TPM state not restored");
+    // The safety checkpoint kept the garbled variables (and knew there was no TPM state).
+    let safety = manifest(&store, report["safety_checkpoint"].as_str().unwrap());
+    let b = safety.blobs.iter().find(|b| b.name == "nvram").unwrap();
+    assert!(store.object_reader(&b.index).unwrap().read_all().unwrap() == garbled);
+    assert!(safety.blobs.iter().all(|b| b.name != "tpm"));
+
+    // It boots with its TPM (swtpm must accept the restored state) and carries on.
+    vm.start_and_wait_ready(Duration::from_mins(4))
+        .expect("the restored UEFI + TPM guest boots");
+    wait_resumed_after(&vm, last_record(&store, &m));
+}
+
+/// Removes a VM that a test made through Rewind (not through the harness), also on panic.
+struct RestoredVm(String);
+
+impl Drop for RestoredVm {
+    fn drop(&mut self) {
+        let Ok(hv) = rewind_core::libvirt::Hypervisor::connect(daemon::URI) else {
+            return;
+        };
+        if hv.has_vm(&self.0) {
+            let control = rewind_core::progress::Control::new();
+            let force = rewind_core::libvirt::lifecycle::StopMode::Force;
+            let _ = hv.stop_vm(&self.0, force, &control);
+            let _ = hv.undefine_vm(&self.0);
+        }
+    }
+}
+
+#[test]
+fn restore_as_a_new_vm_runs_beside_the_original() {
+    let mut vm = TestVm::builder("restore-new")
+        .workload("sequence")
+        .disks(vec![DiskSpec::new("vda", Format::Qcow2, 32 << 20)])
+        .define()
+        .expect("define the test VM");
+    vm.start_and_wait_ready(BOOT_TIMEOUT).expect("boot");
+    vm.wait_flushed(5, BOOT_TIMEOUT).unwrap();
+    let dir = ScratchDir::new("restore-new-store").unwrap();
+    let dest = dir.path().join("store");
+    let dest_str = dest.to_str().unwrap();
+    let taken = crate::rewind::checkpoint_json(&vm.name, &dest);
+    let id = taken["id"].as_str().unwrap();
+    let copy = format!("{} Kopie", vm.name);
+    let _cleanup = RestoredVm(copy.clone());
+    let disks = dir.path().join("copy disks");
+
+    // Refused with what to do: a name in use, a checkpoint or VM that is not there.
+    let stderr = rewind_fails(&[
+        "restore", &vm.name, id, "--from", dest_str, "--as", &vm.name,
+    ]);
+    assert!(
+        stderr.contains("exists already; choose another name"),
+        "{stderr}"
+    );
+    let stderr = rewind_fails(&[
+        "restore",
+        &vm.name,
+        "20200101T000000.000Z",
+        "--from",
+        dest_str,
+    ]);
+    assert!(stderr.contains("or say `latest`"), "{stderr}");
+    let stderr = rewind_fails(&["restore", "nobody", "latest", "--from", dest_str]);
+    assert!(
+        stderr.contains("no checkpoints of a VM named \"nobody\""),
+        "{stderr}"
+    );
+
+    let report = rewind_json(&[
+        "restore",
+        &vm.name,
+        id,
+        "--from",
+        dest_str,
+        "--as",
+        &copy,
+        "--disk-dir",
+        disks.to_str().unwrap(),
+    ]);
+    assert_eq!(report["mode"], "new_vm");
+    assert_eq!(report["started"], true, "{report}");
+    assert_ne!(report["vm_uuid"], vm.uuid.as_str());
+    let path = PathBuf::from(report["disks"][0]["path"].as_str().unwrap());
+    assert!(path.starts_with(&disks), "{report}");
+
+    let hv = rewind_core::libvirt::Hypervisor::connect(daemon::URI).unwrap();
+    assert!(hv.vm(&copy).unwrap().state.is_active() && vm.domain().is_active().unwrap());
+    let mac = |xml: &str| {
+        let start = xml.find("<mac address='").map(|i| i + 14)?;
+        Some(xml[start..start + 17].to_owned())
+    };
+    let (new_xml, old_xml) = (
+        hv.domain_xml(&copy).unwrap(),
+        hv.domain_xml(&vm.name).unwrap(),
+    );
+    if let (Some(a), Some(b)) = (mac(&new_xml), mac(&old_xml)) {
+        assert_ne!(a, b, "the copy has its own MAC address");
+    }
+    // The copy carries on from the checkpoint on its own console; the original goes on.
+    let console = vm.dir().join(format!("{copy}-console.log"));
+    let store = open(&dest);
+    let k = last_record(&store, &manifest(&store, id));
+    let resumed = format!("RWSEQ resume after {k}");
+    let deadline = std::time::Instant::now() + BOOT_TIMEOUT;
+    loop {
+        let text = std::fs::read_to_string(&console).unwrap_or_default();
+        if text.lines().any(|l| l.trim() == resumed) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the copy did not print {resumed:?} in {}: {text}",
+            console.display()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let before = vm.last_flushed_record();
+    vm.wait_flushed(before + 5, BOOT_TIMEOUT).unwrap();
+    assert!(
+        image_bytes(&path, "qcow2")[..4096 * 2]
+            == checkpoint_bytes(&store, &manifest(&store, id), "vda")[..4096 * 2]
+    );
+    // Restoring it again under the same name is refused: it exists now.
+    let stderr = rewind_fails(&["restore", &vm.name, id, "--from", dest_str, "--as", &copy]);
+    assert!(stderr.contains("exists already"), "{stderr}");
+}
+
+#[test]
+fn a_damaged_chunk_stops_the_restore_before_the_vm_starts_and_puts_the_disks_back() {
+    let mut vm = TestVm::builder("restore-damaged")
+        .workload("sequence")
+        .disks(vec![
+            DiskSpec::new("vda", Format::Qcow2, 32 << 20),
+            DiskSpec::new("vdb", Format::Qcow2, 64 << 20),
+        ])
+        .define()
+        .expect("define the test VM");
+    let data = random_file(vm.dir(), "data.raw", 32);
+    vm.fill_disk("vdb", &data).unwrap();
+    vm.start_and_wait_ready(BOOT_TIMEOUT).expect("boot");
+    let dir = ScratchDir::new("restore-damaged-store").unwrap();
+    let dest = dir.path().join("store");
+    let dest_str = dest.to_str().unwrap();
+    let taken = crate::rewind::checkpoint_json(&vm.name, &dest);
+    let id = taken["id"].as_str().unwrap().to_owned();
+    vm.host_write("vdb", 0x77, 5 << 20, 1 << 20).unwrap();
+    vm.host_write("vdb", 0x78, 9 << 20, 1 << 20).unwrap();
+
+    // The chunk the restore needs for vdb's slot 9 goes bad on the drive.
+    let store = open(&dest);
+    let m = manifest(&store, &id);
+    let vdb = m.disks.iter().find(|d| d.target == "vdb").unwrap();
+    let bad = store.read_page(&vdb.index, 0).unwrap()[9];
+    let path = store.chunk_path(&bad);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+
+    let stderr = rewind_fails(&["restore", &vm.name, &id, "--from", dest_str, "--force-off"]);
+    assert!(
+        stderr.contains(&bad.to_hex()),
+        "names the damaged chunk: {stderr}"
+    );
+    assert!(stderr.contains("rewind verify"), "{stderr}");
+    assert!(
+        stderr.contains("put back as it was before the restore")
+            && stderr.contains("left shut off"),
+        "{stderr}"
+    );
+    assert!(!vm.domain().is_active().unwrap(), "the VM must not start");
+    let store = open(&dest);
+    let safety = store
+        .catalog()
+        .unwrap()
+        .checkpoints
+        .into_iter()
+        .rfind(|c| c.labels.iter().any(|l| l == "safety"))
+        .expect("the safety checkpoint is kept");
+    for target in ["vda", "vdb"] {
+        assert!(
+            image_bytes(&vm.disk(target).path, "qcow2")
+                == checkpoint_bytes(&store, &safety, target),
+            "{target} is not as it was before the restore"
+        );
+    }
+    // Nothing is left half-done: the VM can be checkpointed and started.
+    crate::rewind::checkpoint_json(&vm.name, &dest);
+    vm.start_and_wait_ready(BOOT_TIMEOUT).expect("boot again");
+}
+
+/// A process whose command line names `path`, if any.
+fn process_using(path: &str) -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            (pid != std::process::id() && String::from_utf8_lossy(&cmdline).contains(path))
+                .then_some(pid)
+        })
+}
+
+/// The note a running restore of the VM with this UUID keeps on the host.
+fn marker_path(uuid: &str) -> PathBuf {
+    rewind_core::restore::marker::state_dir()
+        .join("restoring")
+        .join(format!("{uuid}.json"))
+}
+
+/// Starts `rewind restore VM ID --from DEST --force-off` and waits until it writes disks.
+fn restore_until_writing(vm: &TestVm, id: &str, dest: &str) -> std::process::Child {
+    let mut child = crate::rewind::command()
+        .args(["restore", &vm.name, id, "--from", dest, "--force-off"])
+        .args(["--connect", daemon::URI])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !marker_path(&vm.uuid).exists() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("rewind restore ended ({status}) before it wrote anything");
+        }
+        assert!(
+            start.elapsed() < Duration::from_mins(2),
+            "the restore never began writing"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child
+}
+
+#[test]
+fn ctrl_c_mid_restore_puts_the_vm_back_and_a_killed_restore_is_finished_by_the_next() {
+    let mut vm = TestVm::builder("restore-cancel")
+        .disks(vec![
+            DiskSpec::new("vda", Format::Raw, 16 << 20),
+            DiskSpec::new("vdb", Format::Qcow2, 1 << 30),
+        ])
+        .define()
+        .expect("define the test VM");
+    // The checkpoint holds one 640 MiB of random data, the disk another: every chunk differs,
+    // so writing takes a while.
+    let then = random_file(vm.dir(), "then.raw", 640);
+    vm.fill_disk("vdb", &then).unwrap();
+    std::fs::remove_file(&then).unwrap();
+    let dir = ScratchDir::new("restore-cancel-store").unwrap();
+    let dest = dir.path().join("store");
+    let dest_str = dest.to_str().unwrap();
+    let taken = crate::rewind::checkpoint_json(&vm.name, &dest);
+    let id = taken["id"].as_str().unwrap().to_owned();
+    let now = random_file(vm.dir(), "now.raw", 640);
+    vm.fill_disk("vdb", &now).unwrap();
+    std::fs::remove_file(&now).unwrap();
+    let current = image_bytes(&vm.disk("vdb").path, "qcow2");
+    vm.start_and_wait_ready(BOOT_TIMEOUT).expect("boot");
+
+    // Ctrl-C while the disks are written: back as before, running again.
+    let child = restore_until_writing(&vm, &id, dest_str);
+    run(Command::new("kill").args(["-INT", &child.id().to_string()]));
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("cancelled")
+            && stderr.contains("is as it was before the restore and runs again"),
+        "{stderr}"
+    );
+    assert!(vm.domain().is_active().unwrap(), "the VM runs again");
+    assert!(
+        image_bytes(&vm.disk("vdb").path, "qcow2") == current,
+        "vdb is not as it was before the cancelled restore"
+    );
+    assert!(
+        !marker_path(&vm.uuid).exists(),
+        "the restore's note is left"
+    );
+
+    // SIGKILL while writing: nothing can roll back, and the half-written disks are not
+    // taken for the VM's state …
+    let mut child = restore_until_writing(&vm, &id, dest_str);
+    std::thread::sleep(Duration::from_millis(300));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // No qemu-nbd of the killed restore stays behind holding the image.
+    let vdb = vm.disk("vdb").path.to_string_lossy().into_owned();
+    let start = std::time::Instant::now();
+    while let Some(pid) = process_using(&vdb) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "process {pid} still serves {vdb} after its restore was killed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stderr = rewind_fails(&["checkpoint", &vm.name, "--to", dest_str]);
+    assert!(stderr.contains("was cut short"), "{stderr}");
+    // … until the restore is run again, which finishes it.
+    let report = rewind_json(&["restore", &vm.name, &id, "--from", dest_str, "--force-off"]);
+    assert!(
+        report["safety_note"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("cut short"),
+        "{report}"
+    );
+    let store = open(&dest);
+    assert!(
+        image_bytes(&vm.disk("vdb").path, "qcow2")
+            == checkpoint_bytes(&store, &manifest(&store, &id), "vdb"),
+        "vdb is not the checkpoint's after the second restore"
+    );
+    assert!(!marker_path(&vm.uuid).exists());
+    crate::rewind::checkpoint_json(&vm.name, &dest);
+    crate::rewind::run_ok(&["verify", "--in", dest_str]);
+}
