@@ -6,6 +6,8 @@
 //! - [`domain::TestVm`] defines a guest from the tiny image and removes it on drop.
 //! - [`guest`] builds the guest from Debian packages; [`workload`] reads what it wrote.
 //! - [`rewind`] runs the `rewind` binary; [`xvfb`] starts an X server for the window.
+//! - [`sshd::Sshd`] is an OpenSSH server on loopback: the local daemon as a remote host;
+//!   [`pool::TestPool`] a storage pool in a scratch folder.
 
 // A harness reports failures by panicking with a message; documenting each panic adds nothing.
 #![allow(clippy::missing_panics_doc)]
@@ -13,8 +15,10 @@
 pub mod daemon;
 pub mod domain;
 pub mod guest;
+pub mod pool;
 pub mod rewind;
 pub mod scratch;
+pub mod sshd;
 pub mod workload;
 pub mod xvfb;
 

@@ -287,3 +287,19 @@ pub(super) fn checkpoint_redefine(dom: &Domain, xml: &str) -> Result<(), virt::e
     unsafe { sys::virDomainCheckpointFree(cp) };
     Ok(())
 }
+
+// ---- Sparse streams (virStreamSendHole) -----------------------------------------------
+
+use virt::stream::Stream;
+
+/// virStreamSendHole: on a sparse stream (an upload opened with
+/// `VIR_STORAGE_VOL_UPLOAD_SPARSE_STREAM`), tells the receiving end to skip `len_bytes`,
+/// which then read as zeroes. Only the length crosses the connection.
+pub(super) fn stream_send_hole(stream: &Stream, len_bytes: i64) -> Result<(), virt::error::Error> {
+    // SAFETY: `stream` is a live stream (the wrapper holds a reference until it drops, which
+    // cannot happen during this call); libvirt defines no flags for this call, 0 is required.
+    if unsafe { sys::virStreamSendHole(stream.as_ptr(), len_bytes, 0) } < 0 {
+        return Err(virt::error::Error::last_error());
+    }
+    Ok(())
+}

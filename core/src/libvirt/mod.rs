@@ -9,6 +9,7 @@ pub mod bitmaps;
 mod events;
 mod ffi;
 pub mod lifecycle;
+pub mod volumes;
 pub mod xml;
 
 use std::path::{Path, PathBuf};
