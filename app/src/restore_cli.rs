@@ -165,6 +165,7 @@ fn write_report(
     for d in &report.disks {
         let how = match d.compared_by {
             ComparedBy::SafetyCheckpoint => "compared with the safety checkpoint",
+            ComparedBy::DirtyBitmap => "compared by reading what the dirty bitmap marks",
             ComparedBy::Hashing => "compared by reading the disk",
             ComparedBy::NewFile => "new file",
         };

@@ -18,8 +18,12 @@ pub(crate) enum Access<'a> {
         bitmap: Option<&'a str>,
     },
     /// Writable; writes of zeros become holes (zero clusters), so restored holes cost no
-    /// space. Persistent bitmaps in the image record these writes like a VM's own.
-    Writable,
+    /// space. Persistent bitmaps in the image record these writes like a VM's own; one of
+    /// them may be exported as for a read-only export.
+    Writable {
+        /// The bitmap to export.
+        bitmap: Option<&'a str>,
+    },
 }
 
 impl QemuNbd {
@@ -34,16 +38,18 @@ impl QemuNbd {
         access: Access<'_>,
     ) -> Result<Self, String> {
         let mut cmd = std::process::Command::new("qemu-nbd");
-        match access {
+        let bitmap = match access {
             Access::ReadOnly { bitmap } => {
                 cmd.arg("--read-only");
-                if let Some(b) = bitmap {
-                    cmd.arg(format!("--bitmap={b}"));
-                }
+                bitmap
             }
-            Access::Writable => {
+            Access::Writable { bitmap } => {
                 cmd.args(["--discard=unmap", "--detect-zeroes=unmap"]);
+                bitmap
             }
+        };
+        if let Some(b) = bitmap {
+            cmd.arg(format!("--bitmap={b}"));
         }
         // Not `--persistent`: the server ends when its last client disconnects, so a Rewind
         // killed mid-way does not leave it holding the image's lock. The pid file appears

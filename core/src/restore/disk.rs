@@ -4,10 +4,16 @@
 //! true).
 //!
 //! A restore compares before it writes: it knows, chunk by chunk, what the file holds now
-//! (from a checkpoint just taken of it, or by hashing what is there, or because the file is
-//! new) and writes only the chunks that differ. Then it reads every written chunk back and
-//! checks it against the checkpoint's hash; the others are equal by that comparison.
+//! (from a checkpoint just taken of it; from the image's persistent dirty bitmap of an
+//! earlier checkpoint — outside the extents it marks, the image still holds that
+//! checkpoint's chunks — reading only the chunks it marks; by hashing everything; or
+//! because the file is new) and writes only the chunks that differ. Where the restored
+//! chunk is the bitmap's checkpoint's, only the dirty extents inside it are written (the
+//! rest of the chunk already holds those bytes). Every chunk written is read back at once
+//! and compared with the checkpoint's bytes (whose hash was checked as they were read from
+//! the store); the chunks not written are equal by the comparison.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -25,6 +31,9 @@ use crate::store::{ChunkId, ChunkKind, ObjectIndex, Store, StoreError, for_each_
 pub enum ComparedBy {
     /// A checkpoint of the disk taken just before (the safety checkpoint).
     SafetyCheckpoint,
+    /// The dirty bitmap of an earlier checkpoint in the image: only the chunks it marks
+    /// were read and hashed.
+    DirtyBitmap,
     /// Every allocated chunk read and hashed.
     Hashing,
     /// The file was created by the restore: it held only zeros.
@@ -50,6 +59,25 @@ pub struct DiskRestore {
     pub bytes_written: u64,
     /// Chunk slots read back and found as the checkpoint has them.
     pub chunks_verified: u64,
+}
+
+/// What an image is known to hold before anything of it is read.
+#[derive(Debug)]
+pub(crate) enum Current {
+    /// Exactly these chunks: a checkpoint of the image just taken, or a new, empty file.
+    Known(Vec<ChunkId>, ComparedBy),
+    /// Not known: found by reading (from the dirty bitmap if there is one, else all).
+    Unknown,
+}
+
+/// A persistent dirty bitmap in the image, created with the libvirt checkpoint of `base`:
+/// outside the extents it marks, the image holds exactly `base`'s chunks.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Since<'a> {
+    /// The bitmap's name.
+    pub bitmap: &'a str,
+    /// The disk's index in the checkpoint the bitmap counts from.
+    pub base: &'a ObjectIndex,
 }
 
 /// Every slot's chunk id of `index`.
@@ -88,7 +116,12 @@ fn nbd_failed(path: &Path, e: &NbdError) -> RestoreError {
 impl DiskSession {
     /// Serves `file` (format `format`) for writing; the socket goes in a private folder of
     /// this process under `work_dir`.
-    pub(crate) fn open(file: &Path, format: &str, work_dir: &Path) -> Result<Self, RestoreError> {
+    pub(crate) fn open(
+        file: &Path,
+        format: &str,
+        bitmap: Option<&str>,
+        work_dir: &Path,
+    ) -> Result<Self, RestoreError> {
         let write_err = |detail: String| RestoreError::Write {
             path: file.to_path_buf(),
             detail,
@@ -104,12 +137,16 @@ impl DiskSession {
             let file_str = file
                 .to_str()
                 .ok_or_else(|| write_err("the path is not UTF-8".into()))?;
-            let server = QemuNbd::serve(file_str, Some(format), "disk", &socket, Access::Writable)
+            let access = Access::Writable { bitmap };
+            let server = QemuNbd::serve(file_str, Some(format), "disk", &socket, access)
                 .map_err(write_err)?;
+            let context = bitmap.map(crate::nbd::dirty_bitmap_context);
+            let mut contexts = vec![BASE_ALLOCATION];
+            contexts.extend(context.as_deref());
             let mut clients = Vec::new();
             for _ in 0..crate::store::reader_count() {
                 clients.push(
-                    NbdClient::connect(&socket, "disk", &[BASE_ALLOCATION])
+                    NbdClient::connect(&socket, "disk", &contexts)
                         .map_err(|e| nbd_failed(file, &e))?,
                 );
             }
@@ -136,33 +173,46 @@ impl DiskSession {
         self.size_bytes
     }
 
-    /// What the image holds now, chunk by chunk: unallocated slots are holes without being
-    /// read; the others are read and hashed (all-zero slots count as holes, as in the store).
-    pub(crate) fn scan(
+    /// The extents of the image's dirty bitmap `bitmap` (written since it was created).
+    pub(crate) fn dirty_extents(&mut self, bitmap: &str) -> Result<Vec<(u64, u64)>, RestoreError> {
+        let context = crate::nbd::dirty_bitmap_context(bitmap);
+        let extents = self.clients[0]
+            .block_status(&context, 0, self.size_bytes)
+            .map_err(|e| nbd_failed(&self.path, &e))?;
+        Ok(extents
+            .into_iter()
+            .filter(|e| e.flags & crate::nbd::STATE_DIRTY != 0 && e.length > 0)
+            .map(|e| (e.offset, e.end()))
+            .collect())
+    }
+
+    /// The slots the allocated (non-hole, non-zero) extents of the image touch.
+    fn allocated_slots(&mut self, chunk: u64) -> Result<Vec<u64>, RestoreError> {
+        let extents = self.clients[0]
+            .block_status(BASE_ALLOCATION, 0, self.size_bytes)
+            .map_err(|e| nbd_failed(&self.path, &e))?;
+        Ok(slots_of(
+            extents
+                .into_iter()
+                .filter(|e| e.length > 0 && e.flags & (STATE_HOLE | STATE_ZERO) == 0)
+                .map(|e| (e.offset, e.end())),
+            chunk,
+        ))
+    }
+
+    /// Reads and hashes the chunks in `slots` (all-zero ones count as holes, as in the
+    /// store), setting them in `ids`.
+    fn hash_slots(
         &mut self,
         store: &Store,
         index: &ObjectIndex,
+        slots: &[u64],
+        ids: &mut [ChunkId],
         control: &Control,
-    ) -> Result<Vec<ChunkId>, RestoreError> {
+    ) -> Result<(), RestoreError> {
         let chunk = u64::from(index.chunk_size_bytes);
         let path = self.path.clone();
-        let mut ids = vec![HOLE; usize::try_from(index.chunk_count()).unwrap_or(0)];
-        let mut slots: Vec<u64> = Vec::new();
-        let extents = self.clients[0]
-            .block_status(BASE_ALLOCATION, 0, self.size_bytes)
-            .map_err(|e| nbd_failed(&path, &e))?;
-        for e in extents {
-            if e.length > 0 && e.flags & (STATE_HOLE | STATE_ZERO) == 0 {
-                let (first, last) = (e.offset / chunk, (e.end() - 1) / chunk);
-                let from = if slots.last() == Some(&first) {
-                    first + 1
-                } else {
-                    first
-                };
-                slots.extend(from..=last);
-            }
-        }
-        let lens = lens(index, &slots);
+        let lens = lens(index, slots);
         control.add_total_bytes(lens.iter().map(|&l| l as u64).sum());
         let workers: Vec<_> = self
             .clients
@@ -181,25 +231,30 @@ impl DiskSession {
                 }
             })
             .collect();
-        for_each_slot(&slots, &lens, control, workers, |i, id| {
+        for_each_slot(slots, &lens, control, workers, |i, id| {
             ids[usize::try_from(i).expect("slot fits")] = id;
             Ok(())
-        })?;
-        Ok(ids)
+        })
     }
 
     /// Writes the checkpoint's content of every slot in `slots` (zeros for holes, which
-    /// become holes in the image). Each slot written is pushed to `written` as it
-    /// completes, so that a caller can undo a write cut short.
+    /// become holes in the image) — only the byte ranges `partial` names for a slot, the
+    /// whole chunk for the others — and reads each chunk straight back, comparing it with
+    /// the checkpoint's bytes. Each slot done is pushed to `written`, so that a caller can
+    /// undo a write cut short. Flushes at the end, also after an error.
     pub(crate) fn write(
         &mut self,
         store: &Store,
         index: &ObjectIndex,
-        wanted: &[ChunkId],
-        slots: &[u64],
+        plan: &WritePlan<'_>,
         control: &Control,
         written: &mut Vec<u64>,
     ) -> Result<u64, RestoreError> {
+        let WritePlan {
+            wanted,
+            slots,
+            partial,
+        } = *plan;
         let chunk = u64::from(index.chunk_size_bytes);
         let path = self.path.clone();
         let lens = lens(index, slots);
@@ -209,33 +264,53 @@ impl DiskSession {
             .iter_mut()
             .map(|client| {
                 let path = &path;
+                let mut back = Vec::new();
                 move |i: u64, buf: &mut Vec<u8>| -> Result<u64, RestoreError> {
                     let id = wanted[usize::try_from(i).expect("slot fits")];
+                    let len = usize::try_from(index.chunk_len(i)).expect("fits");
                     // `buf` comes zeroed: a hole is written as zeros.
                     let data = if id == HOLE {
                         std::mem::take(buf)
                     } else {
                         store.read_chunk(&id, ChunkKind::Data)?
                     };
-                    if data.len() != usize::try_from(index.chunk_len(i)).expect("fits") {
+                    if data.len() != len {
                         return Err(StoreError::Damaged {
                             path: store.chunk_path(&id),
-                            detail: format!(
-                                "{} bytes where slot {i} needs {}",
-                                data.len(),
-                                index.chunk_len(i)
-                            ),
+                            detail: format!("{} bytes where slot {i} needs {len}", data.len()),
                             store: store.root().to_path_buf(),
                         }
                         .into());
                     }
+                    let whole = [(0, len as u64)];
+                    let ranges = partial.get(&i).map_or(&whole[..], Vec::as_slice);
+                    let mut bytes = 0;
+                    for &(from, to) in ranges {
+                        let from = usize::try_from(from).expect("within a chunk");
+                        let to = usize::try_from(to).expect("within a chunk");
+                        client
+                            .write_at(i * chunk + from as u64, &data[from..to])
+                            .map_err(|e| nbd_failed(path, &e))?;
+                        bytes += (to - from) as u64;
+                    }
+                    back.resize(len, 0);
                     client
-                        .write_at(i * chunk, &data)
+                        .read_at(i * chunk, &mut back)
                         .map_err(|e| nbd_failed(path, &e))?;
+                    if back != data {
+                        return Err(RestoreError::Verify {
+                            path: path.clone(),
+                            detail: format!(
+                                "chunk {i} (bytes {} to {}) does not read back as written",
+                                i * chunk,
+                                i * chunk + len as u64
+                            ),
+                        });
+                    }
                     if id == HOLE {
                         *buf = data;
                     }
-                    Ok(index.chunk_len(i))
+                    Ok(bytes)
                 }
             })
             .collect();
@@ -258,52 +333,52 @@ impl DiskSession {
         }
         Ok(())
     }
+}
 
-    /// Reads every slot in `slots` back and checks it against `wanted`.
-    pub(crate) fn verify(
-        &mut self,
-        store: &Store,
-        index: &ObjectIndex,
-        wanted: &[ChunkId],
-        slots: &[u64],
-        control: &Control,
-    ) -> Result<(), RestoreError> {
-        let chunk = u64::from(index.chunk_size_bytes);
-        let path = self.path.clone();
-        let lens = lens(index, slots);
-        control.add_total_bytes(lens.iter().map(|&l| l as u64).sum());
-        let workers: Vec<_> = self
-            .clients
-            .iter_mut()
-            .map(|client| {
-                let path = &path;
-                move |i: u64, buf: &mut Vec<u8>| -> Result<(), RestoreError> {
-                    client
-                        .read_at(i * chunk, buf)
-                        .map_err(|e| nbd_failed(path, &e))?;
-                    let id = wanted[usize::try_from(i).expect("slot fits")];
-                    let same = if id == HOLE {
-                        buf.iter().all(|&b| b == 0)
-                    } else {
-                        store.chunk_id(buf) == id
-                    };
-                    if same {
-                        Ok(())
-                    } else {
-                        Err(RestoreError::Verify {
-                            path: path.clone(),
-                            detail: format!(
-                                "chunk {i} (bytes {} to {}) does not read back as the checkpoint has it",
-                                i * chunk,
-                                i * chunk + buf.len() as u64
-                            ),
-                        })
-                    }
-                }
-            })
-            .collect();
-        for_each_slot(slots, &lens, control, workers, |_, ()| Ok(()))
+/// What [`DiskSession::write`] writes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WritePlan<'a> {
+    /// The checkpoint's chunk of every slot.
+    pub wanted: &'a [ChunkId],
+    /// The slots to write, ascending.
+    pub slots: &'a [u64],
+    /// For some slots, the only byte ranges (inside the slot) to write.
+    pub partial: &'a BTreeMap<u64, Vec<(u64, u64)>>,
+}
+
+/// The slots that byte ranges `[start, end)` touch, ascending, each once.
+fn slots_of(ranges: impl IntoIterator<Item = (u64, u64)>, chunk: u64) -> Vec<u64> {
+    let mut slots: Vec<u64> = Vec::new();
+    for (start, end) in ranges {
+        let (first, last) = (start / chunk, (end - 1) / chunk);
+        let from = if slots.last().is_some_and(|&l| l >= first) {
+            slots.last().expect("checked") + 1
+        } else {
+            first
+        };
+        slots.extend(from..=last);
     }
+    slots
+}
+
+/// For each slot the dirty `extents` touch, the byte ranges inside it (relative to its
+/// start).
+fn ranges_in_slots(extents: &[(u64, u64)], index: &ObjectIndex) -> BTreeMap<u64, Vec<(u64, u64)>> {
+    let chunk = u64::from(index.chunk_size_bytes);
+    let mut map: BTreeMap<u64, Vec<(u64, u64)>> = BTreeMap::new();
+    for &(start, end) in extents {
+        let end = end.min(index.size_bytes);
+        let mut at = start;
+        while at < end {
+            let slot = at / chunk;
+            let slot_end = ((slot + 1) * chunk).min(end);
+            map.entry(slot)
+                .or_default()
+                .push((at - slot * chunk, slot_end - slot * chunk));
+            at = slot_end;
+        }
+    }
+    map
 }
 
 fn lens(index: &ObjectIndex, slots: &[u64]) -> Vec<usize> {
@@ -324,9 +399,10 @@ pub(crate) fn differing(current: &[ChunkId], wanted: &[ChunkId]) -> Vec<u64> {
         .collect()
 }
 
-/// Makes `file` (format `format`, the checkpoint's size) hold exactly `index`: compares with
-/// `current` (what the file holds, chunk by chunk, or `None` to hash it), writes what
-/// differs, reads it back. `written` collects the slots written, for an undo.
+/// Makes `file` (format `format`, the checkpoint's size) hold exactly `index`: works out
+/// what differs from `current` (reading what it must, with `since`'s dirty bitmap if the
+/// image has it), writes that and reads it back. `written` collects the slots written, for
+/// an undo.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn make_equal(
     store: &Store,
@@ -334,13 +410,23 @@ pub(crate) fn make_equal(
     file: &Path,
     format: &str,
     index: &ObjectIndex,
-    current: Option<(Vec<ChunkId>, ComparedBy)>,
+    current: Current,
+    since: Option<Since<'_>>,
     work_dir: &Path,
     control: &Control,
     written: &mut Vec<u64>,
 ) -> Result<DiskRestore, RestoreError> {
     let wanted = entries(store, index)?;
-    let mut session = DiskSession::open(file, format, work_dir)?;
+    let since = since.filter(|s| s.base.size_bytes == index.size_bytes);
+    // A bitmap QEMU could not store when it stopped (it was killed) is inconsistent, and
+    // qemu-nbd refuses it: then without.
+    let (mut session, since) = match since {
+        Some(s) => match DiskSession::open(file, format, Some(s.bitmap), work_dir) {
+            Ok(session) => (session, Some(s)),
+            Err(_) => (DiskSession::open(file, format, None, work_dir)?, None),
+        },
+        None => (DiskSession::open(file, format, None, work_dir)?, None),
+    };
     if session.size_bytes() != index.size_bytes {
         return Err(RestoreError::Write {
             path: file.to_path_buf(),
@@ -351,9 +437,30 @@ pub(crate) fn make_equal(
             ),
         });
     }
-    let (current, compared_by) = match current {
-        Some(known) => known,
-        None => (session.scan(store, index, control)?, ComparedBy::Hashing),
+    let chunk = u64::from(index.chunk_size_bytes);
+    let mut dirty = None;
+    if let Some(s) = since {
+        let extents = session.dirty_extents(s.bitmap)?;
+        dirty = Some((
+            entries(store, s.base)?,
+            ranges_in_slots(&extents, index),
+            extents,
+        ));
+    }
+    let (current, compared_by) = match (current, &dirty) {
+        (Current::Known(ids, how), _) => (ids, how),
+        (Current::Unknown, Some((base, _, extents))) => {
+            let mut ids = base.clone();
+            let slots = slots_of(extents.iter().copied(), chunk);
+            session.hash_slots(store, index, &slots, &mut ids, control)?;
+            (ids, ComparedBy::DirtyBitmap)
+        }
+        (Current::Unknown, None) => {
+            let mut ids = vec![HOLE; wanted.len()];
+            let slots = session.allocated_slots(chunk)?;
+            session.hash_slots(store, index, &slots, &mut ids, control)?;
+            (ids, ComparedBy::Hashing)
+        }
     };
     if current.len() != wanted.len() {
         return Err(RestoreError::Invalid(format!(
@@ -363,8 +470,25 @@ pub(crate) fn make_equal(
         )));
     }
     let slots = differing(&current, &wanted);
-    let bytes_written = session.write(store, index, &wanted, &slots, control, written)?;
-    session.verify(store, index, &wanted, &slots, control)?;
+    // Where the restored chunk is the one the bitmap counts from, only its dirty extents
+    // differ from it.
+    let partial: BTreeMap<u64, Vec<(u64, u64)>> = match &dirty {
+        Some((base, ranges, _)) => slots
+            .iter()
+            .filter(|&&i| {
+                base[usize::try_from(i).expect("slot fits")]
+                    == wanted[usize::try_from(i).expect("slot fits")]
+            })
+            .filter_map(|i| ranges.get(i).map(|r| (*i, r.clone())))
+            .collect(),
+        None => BTreeMap::new(),
+    };
+    let plan = WritePlan {
+        wanted: &wanted,
+        slots: &slots,
+        partial: &partial,
+    };
+    let bytes_written = session.write(store, index, &plan, control, written)?;
     Ok(DiskRestore {
         target: target.to_owned(),
         path: file.to_path_buf(),

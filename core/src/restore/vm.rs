@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use uuid::Uuid;
 
-use super::disk::{self, ComparedBy, DiskRestore};
+use super::disk::{self, ComparedBy, Current, DiskRestore, Since};
 use super::domain_xml::{self, DiskPlace, Rewrite};
 use super::marker::{RestoreMarker, state_dir};
 use super::{RestoreError, RestoreOptions, RestoreReport, SAFETY_LABEL};
@@ -229,11 +229,13 @@ fn image_size(path: &Path, format: &str) -> Result<u64, RestoreError> {
 }
 
 /// Restores one disk of `m` in place. `known` is the safety checkpoint, whose disk (same
-/// file, same size) says what the file holds now.
+/// file, same size) says what the file holds now; `chain` the store's last checkpoint with
+/// a libvirt checkpoint, whose dirty bitmap may be in the image.
 fn restore_disk(
     store: &Store,
     d: &DiskEntry,
     known: Option<&Manifest>,
+    chain: Option<&Manifest>,
     work_dir: &Path,
     control: &Control,
     progress: &mut DiskProgress,
@@ -243,21 +245,21 @@ fn restore_disk(
     let current = if path.exists() {
         if image_size(&path, &progress.format)? == d.index.size_bytes {
             match known.and_then(|s| same_disk(s, d)) {
-                Some(s) => Some((
+                Some(s) => Current::Known(
                     disk::entries(store, &s.index)?,
                     ComparedBy::SafetyCheckpoint,
-                )),
-                None => None,
+                ),
+                None => Current::Unknown,
             }
         } else {
             disk::resize_image(&path, &progress.format, d.index.size_bytes)?;
             progress.resized = true;
-            None
+            Current::Unknown
         }
     } else {
         disk::create_image(&path, &progress.format, d.index.size_bytes)?;
         progress.created = true;
-        Some((vec![HOLE; n], ComparedBy::NewFile))
+        Current::Known(vec![HOLE; n], ComparedBy::NewFile)
     };
     disk::make_equal(
         store,
@@ -266,10 +268,21 @@ fn restore_disk(
         &progress.format,
         &d.index,
         current,
+        since(chain, d, &progress.format),
         work_dir,
         control,
         &mut progress.written,
     )
+}
+
+/// The dirty bitmap the store's last chained checkpoint left in disk `d`'s image, if any.
+fn since<'a>(chain: Option<&'a Manifest>, d: &DiskEntry, format: &str) -> Option<Since<'a>> {
+    let chain = chain?;
+    (format == "qcow2").then_some(())?;
+    Some(Since {
+        bitmap: chain.libvirt_checkpoint.as_deref()?,
+        base: &same_disk(chain, d)?.index,
+    })
 }
 
 /// The disk of checkpoint `s` that is the same image file as `d`, with the same size.
@@ -287,6 +300,7 @@ fn roll_back(
     m: &Manifest,
     back: &Manifest,
     safety_is_current: bool,
+    chain: Option<&Manifest>,
     touched: &[DiskProgress],
     work_dir: &Path,
 ) -> Result<(), RestoreError> {
@@ -317,9 +331,9 @@ fn roll_back(
                     let i = usize::try_from(i).expect("slot fits");
                     ids[i] = restored[i];
                 }
-                Some((ids, ComparedBy::SafetyCheckpoint))
+                Current::Known(ids, ComparedBy::SafetyCheckpoint)
             }
-            _ => None,
+            _ => Current::Unknown,
         };
         if image_size(&p.path, &p.format)? != old.index.size_bytes {
             disk::resize_image(&p.path, &p.format, old.index.size_bytes)?;
@@ -331,6 +345,7 @@ fn roll_back(
             &p.format,
             &old.index,
             current,
+            since(chain, old, &p.format),
             work_dir,
             &control,
             &mut Vec::new(),
@@ -355,6 +370,9 @@ struct InPlace<'a> {
     interrupted: Option<RestoreMarker>,
     nvram_path: Option<PathBuf>,
     tpm_dir: Option<PathBuf>,
+    /// The store's last checkpoint of the VM with a libvirt checkpoint: its dirty bitmaps
+    /// in the images say what was written since.
+    chain: Option<Manifest>,
 }
 
 impl<'a> InPlace<'a> {
@@ -414,11 +432,17 @@ impl<'a> InPlace<'a> {
             .as_ref()
             .and_then(|t| t.state_path.clone())
             .or_else(|| hv.tpm_state_dir(&uuid));
+        let chain = store
+            .catalog()?
+            .checkpoints
+            .into_iter()
+            .rfind(|c| c.vm.uuid == m.vm.uuid && c.libvirt_checkpoint.is_some());
         Ok(Self {
             hv,
             store,
             m,
             work_dir,
+            chain,
             was_running: existing.as_ref().is_some_and(|v| v.state.is_active()),
             name,
             uuid,
@@ -510,6 +534,7 @@ impl<'a> InPlace<'a> {
                 self.store,
                 d,
                 safety,
+                self.chain.as_ref(),
                 self.work_dir,
                 control,
                 progress,
@@ -561,6 +586,7 @@ impl<'a> InPlace<'a> {
                     self.m,
                     back,
                     safety_is_current,
+                    self.chain.as_ref(),
                     touched,
                     self.work_dir,
                 )
@@ -872,7 +898,8 @@ fn write_new(
             &place.path,
             &place.format,
             &d.index,
-            Some((empty, ComparedBy::NewFile)),
+            Current::Known(empty, ComparedBy::NewFile),
+            None,
             work_dir,
             control,
             &mut Vec::new(),
