@@ -95,8 +95,27 @@ impl QemuNbd {
 }
 
 impl Drop for QemuNbd {
+    /// qemu-nbd ends by itself once its clients are gone, and it must close the image
+    /// cleanly: a writable qcow2 marks its persistent dirty bitmaps in use while open and
+    /// stores them on close, so a server killed outright leaves them inconsistent, and the
+    /// next checkpoint or restore cannot use them. So: wait for it, then ask it to stop
+    /// (SIGTERM, which it handles by closing cleanly), and kill it only if it hangs.
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        let started = std::time::Instant::now();
+        let mut asked = false;
+        while matches!(self.child.try_wait(), Ok(None)) {
+            let waited = started.elapsed();
+            if waited > std::time::Duration::from_secs(30) {
+                let _ = self.child.kill();
+                break;
+            }
+            if !asked && waited > std::time::Duration::from_secs(2) {
+                let pid = rustix::process::Pid::from_child(&self.child);
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+                asked = true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         let _ = self.child.wait();
     }
 }

@@ -45,6 +45,16 @@ fn checkpoint_bytes(store: &Store, m: &Manifest, target: &str) -> Vec<u8> {
         .unwrap()
 }
 
+/// Asserts that the VM's disks `targets` hold exactly what checkpoint `m` has.
+fn assert_disks_are(vm: &TestVm, store: &Store, m: &Manifest, targets: &[&str], what: &str) {
+    for target in targets {
+        assert!(
+            image_bytes(&vm.disk(target).path, "qcow2") == checkpoint_bytes(store, m, target),
+            "{target} is not {what}"
+        );
+    }
+}
+
 fn open(dest: &Path) -> Store {
     Store::open(dest, None).unwrap()
 }
@@ -108,6 +118,39 @@ fn random_file(dir: &Path, name: &str, mib: u32) -> PathBuf {
         .arg(format!("of={}", path.display())));
     std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
     path
+}
+
+/// After the VM ran again: a restore without a safety checkpoint lets the dirty bitmap alone
+/// say what to compare (only the chunks it marks are read), and is exact.
+fn restore_without_safety_checkpoint_reads_what_the_bitmap_marks(
+    vm: &mut TestVm,
+    dest_str: &str,
+    id: &str,
+) {
+    vm.start_and_wait_ready(BOOT_TIMEOUT).expect("boot again");
+    vm.host_write("vdb", 0x51, 200 << 20, 64 << 10).unwrap();
+    let quick = rewind_json(&[
+        "restore",
+        &vm.name,
+        id,
+        "--from",
+        dest_str,
+        "--force-off",
+        "--no-start",
+        "--no-safety-checkpoint",
+    ]);
+    eprintln!("restore without safety checkpoint: {quick:#}");
+    assert_eq!(quick["disks"][1]["compared_by"], "dirty_bitmap", "{quick}");
+    assert!(quick["safety_checkpoint"].is_null());
+    let store = open(&PathBuf::from(dest_str));
+    let m = manifest(&store, id);
+    assert_disks_are(
+        vm,
+        &store,
+        &m,
+        &["vdb"],
+        "the checkpoint's after a restore without safety checkpoint",
+    );
 }
 
 #[test]
@@ -193,13 +236,15 @@ fn delta_restore_writes_only_what_changed_and_undo_brings_back_the_state_before(
     assert_eq!(undo["checkpoint"], safety_id, "{undo}");
     assert_eq!(undo["started"], false);
     let store = open(&dest);
-    for target in ["vda", "vdb"] {
-        let disk = vm.disk(target);
-        assert!(
-            image_bytes(&disk.path, "qcow2") == checkpoint_bytes(&store, &safety, target),
-            "{target} is not as it was before the restore"
-        );
-    }
+    assert_disks_are(
+        &vm,
+        &store,
+        &safety,
+        &["vda", "vdb"],
+        "as it was before the restore",
+    );
+
+    restore_without_safety_checkpoint_reads_what_the_bitmap_marks(&mut vm, dest_str, &id);
 
     // The chain of incrementals stayed true: the next checkpoint (of the shut-off VM, from
     // its dirty bitmap) is incremental and holds exactly what is on the disks.
@@ -207,12 +252,13 @@ fn delta_restore_writes_only_what_changed_and_undo_brings_back_the_state_before(
     assert_eq!(next["parent"], id.as_str(), "{next}");
     let store = open(&dest);
     let next = manifest(&store, next["id"].as_str().unwrap());
-    for target in ["vda", "vdb"] {
-        assert!(
-            image_bytes(&vm.disk(target).path, "qcow2") == checkpoint_bytes(&store, &next, target),
-            "{target}: the checkpoint after the restores differs from the disk"
-        );
-    }
+    assert_disks_are(
+        &vm,
+        &store,
+        &next,
+        &["vda", "vdb"],
+        "what the checkpoint after the restores holds",
+    );
     crate::rewind::run_ok(&["verify", "--in", dest_str]);
 }
 
