@@ -171,8 +171,17 @@ pub enum Command {
         #[arg(long = "as", value_name = "NEW_NAME")]
         as_name: Option<String>,
         /// Folder for the new VM's disks [default: where the original's disks were]
-        #[arg(long, value_name = "DIR", requires = "as_name")]
+        #[arg(
+            long,
+            value_name = "DIR",
+            requires = "as_name",
+            conflicts_with = "pool"
+        )]
         disk_dir: Option<PathBuf>,
+        /// Storage pool for the disks of a new VM, or of the VM brought back onto another
+        /// host with --connect URI [default there: `default`]
+        #[arg(long, value_name = "POOL")]
+        pool: Option<String>,
         #[command(flatten)]
         how: RestoreHow,
         /// Take no safety checkpoint first (the restore then cannot be undone)
@@ -305,6 +314,7 @@ pub fn run(args: &Args, command: &Command, out: &mut dyn Write) -> anyhow::Resul
             store,
             as_name,
             disk_dir,
+            pool,
             how,
             no_safety_checkpoint,
         } => {
@@ -314,6 +324,7 @@ pub fn run(args: &Args, command: &Command, out: &mut dyn Write) -> anyhow::Resul
                 checkpoint,
                 as_name: as_name.as_deref(),
                 disk_dir: disk_dir.as_deref(),
+                pool: pool.as_deref(),
                 options: how.options(!*no_safety_checkpoint),
                 json: how.json,
             };
@@ -326,6 +337,7 @@ pub fn run(args: &Args, command: &Command, out: &mut dyn Write) -> anyhow::Resul
                 checkpoint: "latest",
                 as_name: None,
                 disk_dir: None,
+                pool: None,
                 options: how.options(true),
                 json: how.json,
             };

@@ -7,7 +7,7 @@ use anyhow::{Context as _, bail};
 use rewind_core::libvirt::Hypervisor;
 use rewind_core::libvirt::lifecycle::StopMode;
 use rewind_core::restore::{
-    ComparedBy, NewVm, RestoreOptions, RestoreReport, SAFETY_LABEL, restore_as_new,
+    ComparedBy, DiskStorage, NewVm, RestoreOptions, RestoreReport, SAFETY_LABEL, restore_as_new,
     restore_in_place,
 };
 use rewind_core::store::{Manifest, Store};
@@ -30,6 +30,8 @@ pub struct RestoreArgs<'a> {
     pub as_name: Option<&'a str>,
     /// Where a new VM's disks go.
     pub disk_dir: Option<&'a Path>,
+    /// The storage pool a new VM's disks go in (on another host: `default` unless given).
+    pub pool: Option<&'a str>,
     /// Options of the restore.
     pub options: RestoreOptions,
     /// Print JSON.
@@ -88,19 +90,28 @@ fn run(
     let reporter = std::io::stderr()
         .is_terminal()
         .then(|| ProgressLine::start(label, control.clone()));
-    let result = match args.as_name {
-        None => restore_in_place(&hv, store, m, &args.options, work.path(), &control),
-        Some(name) => {
-            let disk_dir = match args.disk_dir {
-                Some(dir) => dir.to_path_buf(),
-                None => default_disk_dir(m),
-            };
-            let new = NewVm {
-                name: name.to_owned(),
-                disk_dir,
-            };
-            restore_as_new(&hv, store, m, &new, &args.options, work.path(), &control)
-        }
+    let local = hv.is_local();
+    if local && args.as_name.is_none() && args.pool.is_some() {
+        drop(reporter);
+        bail!(
+            "--pool is for restoring as a new VM (--as NAME) or onto another host (--connect URI); a restore in place writes the disks where they were"
+        );
+    }
+    let result = if local && args.as_name.is_none() {
+        restore_in_place(&hv, store, m, &args.options, work.path(), &control)
+    } else {
+        // As a new VM, or the VM itself onto another host (the workstation is gone).
+        let storage = match (args.pool, args.disk_dir) {
+            (Some(pool), _) => DiskStorage::Pool(pool.to_owned()),
+            (None, Some(dir)) => DiskStorage::Folder(dir.to_path_buf()),
+            (None, None) if local => DiskStorage::Folder(default_disk_dir(m)),
+            (None, None) => DiskStorage::Pool("default".to_owned()),
+        };
+        let new = NewVm {
+            name: args.as_name.map(str::to_owned),
+            storage,
+        };
+        restore_as_new(&hv, store, m, &new, &args.options, work.path(), &control)
     };
     drop(reporter);
     let report = result?;
@@ -143,6 +154,16 @@ fn write_report(
             local(m.time),
             report.vm
         )?;
+    } else if report.mode == "other_host" {
+        writeln!(
+            out,
+            "Restored checkpoint {} of {} ({}) as VM {} on {}.",
+            m.id,
+            m.vm.name,
+            local(m.time),
+            report.vm,
+            report.uri
+        )?;
     } else {
         writeln!(
             out,
@@ -169,9 +190,14 @@ fn write_report(
             ComparedBy::Hashing => "compared by reading the disk",
             ComparedBy::NewFile => "new file",
         };
+        let checked = if d.chunks_verified > 0 || d.chunks_written == 0 {
+            "read back and verified"
+        } else {
+            "each chunk checked as read from the store"
+        };
         writeln!(
             out,
-            "  {}: {} of {} chunk(s) written ({}; {how}), read back and verified; {}",
+            "  {}: {} of {} chunk(s) written ({}; {how}), {checked}; {}",
             d.target,
             d.chunks_written,
             d.chunks,

@@ -38,7 +38,7 @@ use rewind_core::libvirt::Hypervisor;
 use rewind_core::libvirt::lifecycle::StopMode;
 use rewind_core::progress::{Control, Phase};
 use rewind_core::restore::{
-    NewVm, RestoreOptions, RestoreReport, restore_as_new, restore_in_place,
+    DiskStorage, NewVm, RestoreOptions, RestoreReport, restore_as_new, restore_in_place,
 };
 use rewind_core::store::{InitOptions, Manifest, Store};
 use rewind_tests::scratch::{ScratchDir, create_open_dir};
@@ -183,8 +183,8 @@ fn main() {
             }
             let name = format!("{}-copy", vm.name);
             let new = NewVm {
-                name: name.clone(),
-                disk_dir: copies.clone(),
+                name: Some(name.clone()),
+                storage: DiskStorage::Folder(copies.clone()),
             };
             let options = RestoreOptions {
                 start: Some(false),

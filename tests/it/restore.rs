@@ -445,7 +445,7 @@ fn restore_as_a_new_vm_runs_beside_the_original() {
         "restore", &vm.name, id, "--from", dest_str, "--as", &vm.name,
     ]);
     assert!(
-        stderr.contains("exists already; choose another name"),
+        stderr.contains("exists already on") && stderr.contains("choose another name"),
         "{stderr}"
     );
     let stderr = rewind_fails(&[
@@ -710,4 +710,105 @@ fn ctrl_c_mid_restore_puts_the_vm_back_and_a_killed_restore_is_finished_by_the_n
     assert!(!marker_path(&vm.uuid).exists());
     crate::rewind::checkpoint_json(&vm.name, &dest);
     crate::rewind::run_ok(&["verify", "--in", dest_str]);
+}
+
+/// The workstation is gone: the VM (UEFI, TPM) is brought back from the store alone on
+/// another host, reached only through a `qemu+ssh://` URI (a real sshd on loopback; the
+/// "other host" is this machine's daemon, so the test can look at the files).
+#[test]
+fn a_uefi_tpm_vm_comes_back_on_another_host_over_ssh_from_the_store_alone() {
+    let mut vm = TestVm::builder("restore-elsewhere")
+        .uefi()
+        .tpm()
+        .memory_mib(256)
+        .workload("sequence")
+        .disks(vec![DiskSpec::new("vda", Format::Qcow2, 32 << 20)])
+        .define()
+        .expect("define the test VM");
+    vm.start_and_wait_ready(Duration::from_mins(4))
+        .expect("boot with OVMF");
+    vm.wait_flushed(5, BOOT_TIMEOUT).unwrap();
+    let dir = ScratchDir::new("restore-elsewhere-store").unwrap();
+    let dest = dir.path().join("store");
+    let dest_str = dest.to_str().unwrap();
+    let id = crate::rewind::checkpoint_json(&vm.name, &dest)["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let sshd = rewind_tests::sshd::Sshd::start().unwrap_or_else(|e| panic!("{e}"));
+    let uri = sshd.libvirt_uri();
+    let pool = rewind_tests::pool::TestPool::create("restore-elsewhere-pool")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let restore_there = |extra: &[&str]| {
+        let mut cmd = crate::rewind::command();
+        cmd.args(["restore", &vm.name, &id, "--from", dest_str, "--json"])
+            .args(["--connect", &uri, "--pool", pool.name()])
+            .args(extra);
+        cmd.output().unwrap()
+    };
+
+    // While the VM is there, it is not made twice.
+    let out = restore_there(&[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("is defined on") && stderr.contains("--as NAME"),
+        "{stderr}"
+    );
+
+    // Gone: definition, NVRAM, TPM state, disk.
+    rewind_tests::domain::remove_domain(vm.domain()).unwrap();
+    std::fs::remove_file(&vm.disk("vda").path).unwrap();
+    let swtpm_log = PathBuf::from(format!("/var/log/swtpm/libvirt/qemu/{}-swtpm.log", vm.name));
+    let log_before = std::fs::read_to_string(&swtpm_log)
+        .unwrap_or_default()
+        .len();
+
+    let out = restore_there(&[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!("restore on another host: {report:#}");
+    assert_eq!(report["mode"], "other_host");
+    assert_eq!(report["vm_uuid"], vm.uuid.as_str(), "the same VM: {report}");
+    assert_eq!(report["started"], true, "{report}");
+    assert_eq!(
+        (report["nvram"].clone(), report["tpm"].clone()),
+        (true.into(), true.into())
+    );
+    let disk = PathBuf::from(report["disks"][0]["path"].as_str().unwrap());
+    assert!(disk.starts_with(pool.path()), "{report}");
+
+    // Its disk is the checkpoint's, it boots with its own TPM (swtpm made no new one) and
+    // carries on from the checkpoint, logging beside its disk there.
+    let store = open(&dest);
+    let m = manifest(&store, &id);
+    let console = pool.path().join("console.log");
+    let resumed = format!("RWSEQ resume after {}", last_record(&store, &m));
+    let deadline = std::time::Instant::now() + Duration::from_mins(4);
+    while !std::fs::read_to_string(&console)
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.trim() == resumed)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the VM restored over ssh did not print {resumed:?} in {}",
+            console.display()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let records = rewind_tests::workload::scan_sequence(&image_bytes(&disk, "qcow2"));
+    assert!(records.is_consistent_prefix(), "{:?}", records.problems);
+    let log = std::fs::read_to_string(&swtpm_log).unwrap_or_default();
+    assert!(
+        !log.get(log_before..)
+            .unwrap_or_default()
+            .contains("manufacturing"),
+        "swtpm made a new TPM instead of using the restored state"
+    );
+    vm.destroy().unwrap();
 }

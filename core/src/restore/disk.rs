@@ -31,8 +31,9 @@ use crate::store::{ChunkId, ChunkKind, ObjectIndex, Store, StoreError, for_each_
 pub enum ComparedBy {
     /// A checkpoint of the disk taken just before (the safety checkpoint).
     SafetyCheckpoint,
-    /// The dirty bitmap of an earlier checkpoint in the image: only the chunks it marks
-    /// were read and hashed.
+    /// The dirty bitmap of an earlier checkpoint in the image: nothing was read to
+    /// compare; the chunks it marks were written (their dirty extents), and the others
+    /// where that checkpoint differs from the restored one.
     DirtyBitmap,
     /// Every allocated chunk read and hashed.
     Hashing,
@@ -119,9 +120,10 @@ impl DiskSession {
     pub(crate) fn open(
         file: &Path,
         format: &str,
-        bitmap: Option<&str>,
+        access: Access<'_>,
         work_dir: &Path,
     ) -> Result<Self, RestoreError> {
+        let (Access::ReadOnly { bitmap } | Access::Writable { bitmap }) = access;
         let write_err = |detail: String| RestoreError::Write {
             path: file.to_path_buf(),
             detail,
@@ -137,7 +139,6 @@ impl DiskSession {
             let file_str = file
                 .to_str()
                 .ok_or_else(|| write_err("the path is not UTF-8".into()))?;
-            let access = Access::Writable { bitmap };
             let server = QemuNbd::serve(file_str, Some(format), "disk", &socket, access)
                 .map_err(write_err)?;
             let context = bitmap.map(crate::nbd::dirty_bitmap_context);
@@ -421,11 +422,16 @@ pub(crate) fn make_equal(
     // A bitmap QEMU could not store when it stopped (it was killed) is inconsistent, and
     // qemu-nbd refuses it: then without.
     let (mut session, since) = match since {
-        Some(s) => match DiskSession::open(file, format, Some(s.bitmap), work_dir) {
-            Ok(session) => (session, Some(s)),
-            Err(_) => (DiskSession::open(file, format, None, work_dir)?, None),
-        },
-        None => (DiskSession::open(file, format, None, work_dir)?, None),
+        Some(s) => {
+            let access = Access::Writable {
+                bitmap: Some(s.bitmap),
+            };
+            match DiskSession::open(file, format, access, work_dir) {
+                Ok(session) => (session, Some(s)),
+                Err(_) => (DiskSession::open(file, format, WRITABLE, work_dir)?, None),
+            }
+        }
+        None => (DiskSession::open(file, format, WRITABLE, work_dir)?, None),
     };
     if session.size_bytes() != index.size_bytes {
         return Err(RestoreError::Write {
@@ -447,29 +453,34 @@ pub(crate) fn make_equal(
             extents,
         ));
     }
-    let (current, compared_by) = match (current, &dirty) {
-        (Current::Known(ids, how), _) => (ids, how),
+    let (slots, compared_by) = match (current, &dirty) {
+        (Current::Known(ids, how), _) => {
+            if ids.len() != wanted.len() {
+                return Err(RestoreError::Invalid(format!(
+                    "disk {target}: the current content is known for {} chunks, the checkpoint has {}",
+                    ids.len(),
+                    wanted.len()
+                )));
+            }
+            (differing(&ids, &wanted), how)
+        }
+        // Nothing needs reading: a chunk the bitmap does not mark holds the bitmap's
+        // checkpoint's content, so it is written if that differs from the restored one; a
+        // marked chunk is written anyway (only its dirty extents, where it can).
         (Current::Unknown, Some((base, _, extents))) => {
-            let mut ids = base.clone();
-            let slots = slots_of(extents.iter().copied(), chunk);
-            session.hash_slots(store, index, &slots, &mut ids, control)?;
-            (ids, ComparedBy::DirtyBitmap)
+            let mut slots = slots_of(extents.iter().copied(), chunk);
+            slots.extend(differing(base, &wanted));
+            slots.sort_unstable();
+            slots.dedup();
+            (slots, ComparedBy::DirtyBitmap)
         }
         (Current::Unknown, None) => {
             let mut ids = vec![HOLE; wanted.len()];
-            let slots = session.allocated_slots(chunk)?;
-            session.hash_slots(store, index, &slots, &mut ids, control)?;
-            (ids, ComparedBy::Hashing)
+            let allocated = session.allocated_slots(chunk)?;
+            session.hash_slots(store, index, &allocated, &mut ids, control)?;
+            (differing(&ids, &wanted), ComparedBy::Hashing)
         }
     };
-    if current.len() != wanted.len() {
-        return Err(RestoreError::Invalid(format!(
-            "disk {target}: the current content is known for {} chunks, the checkpoint has {}",
-            current.len(),
-            wanted.len()
-        )));
-    }
-    let slots = differing(&current, &wanted);
     // Where the restored chunk is the one the bitmap counts from, only its dirty extents
     // differ from it.
     let partial: BTreeMap<u64, Vec<(u64, u64)>> = match &dirty {
@@ -499,6 +510,49 @@ pub(crate) fn make_equal(
         bytes_written,
         chunks_verified: slots.len() as u64,
     })
+}
+
+const WRITABLE: Access<'static> = Access::Writable { bitmap: None };
+
+/// Reads image `file` back and checks every chunk against `index` — after a write that
+/// could not check as it went (an upload into a storage pool); returns the number of data
+/// chunks checked.
+pub(crate) fn verify_image(
+    store: &Store,
+    file: &Path,
+    format: &str,
+    index: &ObjectIndex,
+    work_dir: &Path,
+    control: &Control,
+) -> Result<u64, RestoreError> {
+    let wanted = entries(store, index)?;
+    let access = Access::ReadOnly { bitmap: None };
+    let mut session = DiskSession::open(file, format, access, work_dir)?;
+    let chunk = u64::from(index.chunk_size_bytes);
+    let mut ids = vec![HOLE; wanted.len()];
+    if session.size_bytes() == index.size_bytes {
+        let slots = session.allocated_slots(chunk)?;
+        session.hash_slots(store, index, &slots, &mut ids, control)?;
+    }
+    match differing(&ids, &wanted).first() {
+        _ if session.size_bytes() != index.size_bytes => Err(RestoreError::Verify {
+            path: file.to_path_buf(),
+            detail: format!(
+                "it is {} bytes, the checkpoint's disk {} bytes",
+                session.size_bytes(),
+                index.size_bytes
+            ),
+        }),
+        Some(i) => Err(RestoreError::Verify {
+            path: file.to_path_buf(),
+            detail: format!(
+                "chunk {i} (bytes {} to {}) is not as the checkpoint has it",
+                i * chunk,
+                i * chunk + index.chunk_len(*i)
+            ),
+        }),
+        None => Ok(wanted.iter().filter(|&&id| id != HOLE).count() as u64),
+    }
 }
 
 /// Creates an empty image of `size_bytes` at `path` (format `qcow2` or `raw`), with its

@@ -41,6 +41,9 @@ pub struct Rewrite {
     /// Serial and console logs written to files are renamed from the old VM name to the
     /// new one (`old`, `new`), so that two VMs do not write one file.
     pub rename_logs: Option<(String, String)>,
+    /// Put those logs in this folder (on another host, the lost host's folders are not
+    /// there).
+    pub logs_dir: Option<PathBuf>,
     /// Drop `<emulator>`, so that another host uses its own QEMU binary.
     pub drop_emulator: bool,
     /// Eject CD-ROMs and floppies (their images are host files another host lacks).
@@ -148,10 +151,10 @@ pub fn rewrite(xml: &str, rewrite: &Rewrite) -> Result<String, String> {
                     edits.remove(mac);
                 }
             }
-            "serial" | "console" | "channel" | "parallel" => {
-                if let Some((old, new)) = &rewrite.rename_logs {
-                    log_files(&mut edits, device, old, new);
-                }
+            "serial" | "console" | "channel" | "parallel"
+                if rewrite.rename_logs.is_some() || rewrite.logs_dir.is_some() =>
+            {
+                log_files(&mut edits, device, rewrite);
             }
             _ => {}
         }
@@ -206,7 +209,7 @@ fn disk(edits: &mut Edits, disk: Node<'_, '_>, rewrite: &Rewrite) -> Result<(), 
 }
 
 /// `<source path='…/old.log'/>` and `<log file='…'/>` of a file-backed character device.
-fn log_files(edits: &mut Edits, device: Node<'_, '_>, old: &str, new: &str) {
+fn log_files(edits: &mut Edits, device: Node<'_, '_>, rewrite: &Rewrite) {
     if device.attribute("type") != Some("file") && child(device, "log").is_none() {
         return;
     }
@@ -217,19 +220,26 @@ fn log_files(edits: &mut Edits, device: Node<'_, '_>, old: &str, new: &str) {
             _ => continue,
         };
         if let Some(a) = node.attributes().find(|a| a.name() == attr) {
-            edits.replace(
-                a.range_value(),
-                xml_escape(&renamed_log(Path::new(a.value()), old, new)),
-            );
+            let mut path = PathBuf::from(a.value());
+            if let Some((old, new)) = &rewrite.rename_logs {
+                path = PathBuf::from(renamed_log(&path, old, new));
+            }
+            if let (Some(dir), Some(file)) = (&rewrite.logs_dir, path.file_name()) {
+                path = dir.join(file);
+            }
+            edits.replace(a.range_value(), xml_escape(&path.display().to_string()));
         }
     }
 }
 
 /// `/var/log/vm/win11.log` for `win11` → `win11-copy`: `/var/log/vm/win11-copy.log`; a name
 /// without the old VM's name gets the new one in front (`console.log` → `win11-copy-console.log`).
+/// The same name for both leaves it as it is.
 fn renamed_log(path: &Path, old: &str, new: &str) -> String {
     let file = path.file_name().unwrap_or_default().to_string_lossy();
-    let renamed = if !old.is_empty() && file.contains(old) {
+    let renamed = if old == new {
+        file.into_owned()
+    } else if !old.is_empty() && file.contains(old) {
         file.replacen(old, new, 1)
     } else {
         format!("{new}-{file}")
@@ -312,6 +322,7 @@ mod tests {
             ],
             nvram: Some("/var/lib/libvirt/qemu/nvram/copy_VARS.fd".into()),
             rename_logs: Some(("win 11 \"home\"".into(), "win 11 <copy>".into())),
+            logs_dir: None,
             drop_emulator: false,
             eject_removable: false,
         };
@@ -356,11 +367,13 @@ mod tests {
         let rw = Rewrite {
             drop_emulator: true,
             eject_removable: true,
+            logs_dir: Some("/pool/dir".into()),
             ..Rewrite::default()
         };
         let out = rewrite(LIVE, &rw).unwrap();
         let d = parsed(&out);
         assert!(!out.contains("<emulator>"), "{out}");
+        assert_eq!(out.matches("'/pool/dir/console.log'").count(), 2, "{out}");
         assert!(d.disks[2].path().is_none(), "{:?}", d.disks[2]);
         assert_eq!(d.disks.len(), 3);
         assert_eq!(d.name, "win 11 \"home\"", "untouched");

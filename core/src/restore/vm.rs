@@ -5,10 +5,8 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use uuid::Uuid;
-
 use super::disk::{self, ComparedBy, Current, DiskRestore, Since};
-use super::domain_xml::{self, DiskPlace, Rewrite};
+use super::domain_xml::{self, Rewrite};
 use super::marker::{RestoreMarker, state_dir};
 use super::{RestoreError, RestoreOptions, RestoreReport, SAFETY_LABEL};
 use crate::checkpoint::{self, TakeOptions};
@@ -20,7 +18,7 @@ use crate::store::index::HOLE;
 use crate::store::{DiskEntry, Manifest, Store};
 use crate::vm::Firmware;
 
-fn parsed(m: &Manifest) -> Result<DomainXml, RestoreError> {
+pub(super) fn parsed(m: &Manifest) -> Result<DomainXml, RestoreError> {
     parse_domain(&m.domain_xml).map_err(|e| {
         RestoreError::Invalid(format!(
             "the domain definition in checkpoint {} of VM {:?} cannot be read ({e}); export its disks with `rewind export` instead",
@@ -152,20 +150,27 @@ fn chown_tree(path: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The content of blob `name` (`nvram`, `tpm`) of checkpoint `m`, if it has one.
+pub(super) fn blob(
+    store: &Store,
+    m: &Manifest,
+    name: &str,
+) -> Result<Option<Vec<u8>>, RestoreError> {
+    match m.blobs.iter().find(|b| b.name == name) {
+        Some(b) => Ok(Some(store.object_reader(&b.index)?.read_all()?)),
+        None => Ok(None),
+    }
+}
+
 /// Writes the checkpoint's UEFI variables and TPM state where the restored VM keeps them;
 /// returns whether there was each.
-fn write_firmware_state(
+pub(super) fn write_firmware_state(
     store: &Store,
     m: &Manifest,
     nvram_path: Option<&Path>,
     tpm_dir: Option<&Path>,
 ) -> Result<(bool, bool), RestoreError> {
-    let blob = |name: &str| -> Result<Option<Vec<u8>>, RestoreError> {
-        match m.blobs.iter().find(|b| b.name == name) {
-            Some(b) => Ok(Some(store.object_reader(&b.index)?.read_all()?)),
-            None => Ok(None),
-        }
-    };
+    let blob = |name: &str| blob(store, m, name);
     let nvram = match (blob("nvram")?, nvram_path) {
         (Some(bytes), Some(path)) => {
             write_file_atomic(path, &bytes, 0o600)?;
@@ -634,7 +639,7 @@ impl<'a> InPlace<'a> {
 }
 
 /// Starts VM `name` if `wanted`: whether it started, and why not.
-fn start_if(
+pub(super) fn start_if(
     hv: &Hypervisor,
     name: &str,
     wanted: bool,
@@ -650,7 +655,7 @@ fn start_if(
     }
 }
 
-fn elapsed_ms(started: Instant) -> u64 {
+pub(super) fn elapsed_ms(started: Instant) -> u64 {
     u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
@@ -745,184 +750,4 @@ pub fn restore_in_place(
         start_error,
         duration_ms: elapsed_ms(started),
     })
-}
-
-/// Where a restored VM is created.
-#[derive(Debug, Clone)]
-pub struct NewVm {
-    /// Its name.
-    pub name: String,
-    /// The folder its disk files go in.
-    pub disk_dir: PathBuf,
-}
-
-/// A file name part made from a VM name: no `/`, no control characters.
-fn file_safe(name: &str) -> String {
-    name.chars()
-        .map(|c| if c == '/' || c.is_control() { '_' } else { c })
-        .collect()
-}
-
-/// Restores checkpoint `m` as a new VM `new.name` on the host of `hv`, beside the original:
-/// a new UUID and new MAC addresses, its disks in `new.disk_dir`, its own UEFI variables and
-/// TPM state. The original VM is not touched.
-pub fn restore_as_new(
-    hv: &Hypervisor,
-    store: &Store,
-    m: &Manifest,
-    new: &NewVm,
-    options: &RestoreOptions,
-    work_dir: &Path,
-    control: &Control,
-) -> Result<RestoreReport, RestoreError> {
-    let started = Instant::now();
-    if !hv.is_local() {
-        return Err(RestoreError::Invalid(format!(
-            "restoring to another host ({}) is not supported yet",
-            hv.uri()
-        )));
-    }
-    let checkpoint_xml = parsed(m)?;
-    if new.name.trim().is_empty() {
-        return Err(RestoreError::Invalid("the new VM needs a name".into()));
-    }
-    if hv.has_vm(&new.name) {
-        return Err(RestoreError::Invalid(format!(
-            "a VM called {:?} exists already; choose another name",
-            new.name
-        )));
-    }
-    let uuid = Uuid::new_v4().to_string();
-    let places: Vec<DiskPlace> = m
-        .disks
-        .iter()
-        .map(|d| {
-            let format = d.format.clone().unwrap_or_else(|| "raw".into());
-            let ext = if format == "qcow2" { "qcow2" } else { "img" };
-            DiskPlace {
-                target: d.target.clone(),
-                path: new
-                    .disk_dir
-                    .join(format!("{}-{}.{ext}", file_safe(&new.name), d.target)),
-                format,
-            }
-        })
-        .collect();
-    if let Some(p) = places.iter().find(|p| p.path.exists()) {
-        return Err(RestoreError::Exists(p.path.clone()));
-    }
-    let uefi = matches!(checkpoint_xml.firmware, Firmware::Uefi { .. });
-    let nvram_path = if uefi {
-        let path = hv.default_nvram_path(&new.name).ok_or_else(|| {
-            RestoreError::Invalid(format!(
-                "it is not known where libvirt keeps UEFI variables on {}",
-                hv.uri()
-            ))
-        })?;
-        if path.exists() {
-            return Err(RestoreError::Exists(path));
-        }
-        Some(path)
-    } else {
-        None
-    };
-    let tpm_dir = checkpoint_xml
-        .tpm
-        .as_ref()
-        .and_then(|_| hv.tpm_state_dir(&uuid));
-
-    let mut created: Vec<PathBuf> = Vec::new();
-    let plan = NewPlan {
-        uuid: &uuid,
-        places: &places,
-        nvram_path: nvram_path.as_deref(),
-        tpm_dir: tpm_dir.as_deref(),
-    };
-    let (reports, nvram, tpm) =
-        write_new(hv, store, m, new, &plan, work_dir, control, &mut created).inspect_err(|_| {
-            for path in created.iter().rev() {
-                let _ = std::fs::remove_file(path).or_else(|_| std::fs::remove_dir_all(path));
-            }
-        })?;
-    let (started_vm, start_error) = start_if(hv, &new.name, options.start.unwrap_or(true), control);
-    Ok(RestoreReport {
-        vm: new.name.clone(),
-        vm_uuid: uuid,
-        checkpoint: m.id.clone(),
-        uri: hv.uri().to_owned(),
-        mode: "new_vm",
-        stopped: None,
-        safety_checkpoint: None,
-        safety_note: None,
-        bytes_written: reports.iter().map(|r| r.bytes_written).sum(),
-        disks: reports,
-        nvram,
-        tpm,
-        defined: true,
-        started: started_vm,
-        start_error,
-        duration_ms: elapsed_ms(started),
-    })
-}
-
-/// Where the parts of a new VM go.
-struct NewPlan<'a> {
-    uuid: &'a str,
-    places: &'a [DiskPlace],
-    nvram_path: Option<&'a Path>,
-    tpm_dir: Option<&'a Path>,
-}
-
-/// Writes a new VM's disks, firmware state and definition; every file made is pushed to
-/// `created` (for the caller to remove on failure).
-#[allow(clippy::too_many_arguments)]
-fn write_new(
-    hv: &Hypervisor,
-    store: &Store,
-    m: &Manifest,
-    new: &NewVm,
-    plan: &NewPlan<'_>,
-    work_dir: &Path,
-    control: &Control,
-    created: &mut Vec<PathBuf>,
-) -> Result<(Vec<DiskRestore>, bool, bool), RestoreError> {
-    control.start_phase(Phase::Writing);
-    let mut reports = Vec::new();
-    for (d, place) in m.disks.iter().zip(plan.places) {
-        disk::create_image(&place.path, &place.format, d.index.size_bytes)?;
-        created.push(place.path.clone());
-        let empty = vec![HOLE; usize::try_from(d.index.chunk_count()).unwrap_or(0)];
-        reports.push(disk::make_equal(
-            store,
-            &d.target,
-            &place.path,
-            &place.format,
-            &d.index,
-            Current::Known(empty, ComparedBy::NewFile),
-            None,
-            work_dir,
-            control,
-            &mut Vec::new(),
-        )?);
-    }
-    control.start_phase(Phase::Finishing);
-    created.extend(plan.nvram_path.map(Path::to_path_buf));
-    created.extend(plan.tpm_dir.map(Path::to_path_buf));
-    let (nvram, tpm) = write_firmware_state(store, m, plan.nvram_path, plan.tpm_dir)?;
-    let xml = domain_xml::rewrite(
-        &m.domain_xml,
-        &Rewrite {
-            name: Some(new.name.clone()),
-            uuid: Some(plan.uuid.to_owned()),
-            new_macs: true,
-            disks: plan.places.to_vec(),
-            nvram: plan.nvram_path.map(Path::to_path_buf),
-            rename_logs: Some((m.vm.name.clone(), new.name.clone())),
-            drop_emulator: false,
-            eject_removable: false,
-        },
-    )
-    .map_err(RestoreError::Invalid)?;
-    hv.define_vm(&xml)?;
-    Ok((reports, nvram, tpm))
 }

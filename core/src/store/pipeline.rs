@@ -4,7 +4,11 @@
 //! pages are loaded and written once each, exactly as by the sequential
 //! [`ObjectWriter::put`]. Several reads in flight also keep the drive under the VM busy.
 //!
-//! Memory stays bounded: one chunk buffer per worker; out-of-order results wait as ids.
+//! [`for_each_slot`] is the same machinery for any per-chunk work with in-order results (a
+//! restore's writes and reads, an upload).
+//!
+//! Memory stays bounded: one chunk buffer per worker, and at most two results per worker
+//! waiting to be applied.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -22,6 +26,9 @@ pub fn reader_count() -> usize {
     std::thread::available_parallelism().map_or(2, |n| (n.get() + 1).clamp(2, 5))
 }
 
+/// How far ahead of the slowest slot the workers may run, per worker.
+pub const AHEAD_PER_WORKER: usize = 4;
+
 /// What a worker made of slot number `seq` in the list.
 type Done<T, E> = (usize, Result<T, E>);
 
@@ -32,7 +39,9 @@ type Done<T, E> = (usize, Result<T, E>);
 /// order. Cancellation is checked before each slot; progress (`lens`) is counted as results
 /// are applied. On the first error nothing more is started and that error is returned.
 ///
-/// Memory stays bounded: one buffer per worker; out-of-order results wait as `T`s.
+/// Memory stays bounded: one buffer per worker, and no worker starts a slot more than
+/// [`AHEAD_PER_WORKER`] × workers slots past the first one not yet applied, so at most that
+/// many results wait (when applying is the slow part, such as an upload).
 pub fn for_each_slot<T, E, W>(
     slots: &[u64],
     lens: &[usize],
@@ -53,11 +62,13 @@ where
     }
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
+    let applied_so_far = AtomicUsize::new(0);
+    let ahead = AHEAD_PER_WORKER * workers.len();
     let (done_tx, done_rx) = mpsc::channel::<Done<T, E>>();
     std::thread::scope(|scope| {
         for mut work in workers {
             let done_tx = done_tx.clone();
-            let (next, stop) = (&next, &stop);
+            let (next, stop, applied_so_far) = (&next, &stop, &applied_so_far);
             std::thread::Builder::new()
                 .name("rewind-chunks".into())
                 .spawn_scoped(scope, move || {
@@ -65,6 +76,14 @@ where
                     while !stop.load(Ordering::Relaxed) {
                         let seq = next.fetch_add(1, Ordering::Relaxed);
                         let Some(&i) = slots.get(seq) else { break };
+                        while seq >= applied_so_far.load(Ordering::Relaxed) + ahead
+                            && !stop.load(Ordering::Relaxed)
+                        {
+                            std::thread::sleep(std::time::Duration::from_micros(200));
+                        }
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
                         let result = control
                             .check()
                             .map_err(|c| E::from(StoreError::from(c)))
@@ -102,6 +121,7 @@ where
                 }
                 control.add_done_bytes(lens[applied] as u64);
                 applied += 1;
+                applied_so_far.store(applied, Ordering::Relaxed);
             }
         }
         if outcome.is_ok() && applied < slots.len() {

@@ -949,10 +949,11 @@ fn parallel_put_matches_sequential_put_and_stops_on_error_or_cancel() {
         .put_slots(&slots, &control, vec![cancel_at_10; 2])
         .unwrap_err();
     assert!(matches!(err, StoreError::Cancelled), "{err:?}");
-    // Each of the two readers may have had one more read under way when the cancel came.
+    // Each of the two readers may have had one more read under way when the cancel came
+    // (and a slot claimed just before it may never be read).
     let reads = reads.into_inner();
     assert!(
-        (11..=13).contains(&reads),
+        (10..=13).contains(&reads),
         "{reads} reads: reading went on after the cancel"
     );
 }

@@ -1,0 +1,403 @@
+//! Restoring a checkpoint as a VM that is not there: a new VM beside the original (another
+//! name, a new UUID and MAC addresses), or the VM itself on another libvirt host when the
+//! workstation is gone (the disaster-recovery case).
+//!
+//! On this machine, disks are image files in a folder (or volumes in a storage pool), written
+//! through `qemu-nbd` and read back like an in-place restore's. On another host, Rewind has
+//! only the libvirt connection (`qemu+ssh://user@host/system`): disks are uploaded into
+//! volumes of a storage pool there ([`crate::libvirt::volumes`]), holes as holes, each chunk
+//! checked against its hash as it leaves the store; the UEFI variables and TPM state are
+//! written through libvirt too. The definition there uses that host's QEMU (no `<emulator>`),
+//! has its CD-ROMs ejected (their images are files of the lost host) and keeps its serial
+//! logs beside its disks.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use uuid::Uuid;
+
+use super::disk::{self, ComparedBy, Current, DiskRestore};
+use super::domain_xml::{self, DiskPlace, Rewrite};
+use super::vm::{blob, elapsed_ms, parsed, start_if, write_firmware_state};
+use super::{RestoreError, RestoreOptions, RestoreReport};
+use crate::libvirt::Hypervisor;
+use crate::progress::{Control, Phase};
+use crate::store::index::HOLE;
+use crate::store::{ChunkKind, DiskEntry, Manifest, Store, for_each_slot};
+use crate::vm::Firmware;
+
+/// Where a restored VM's disks go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskStorage {
+    /// Image files in a folder of this machine.
+    Folder(PathBuf),
+    /// Volumes in a storage pool of the libvirt host (this machine or another).
+    Pool(String),
+}
+
+/// The VM a checkpoint is restored as.
+#[derive(Debug, Clone)]
+pub struct NewVm {
+    /// Its name; `None` keeps the checkpoint's name, UUID and MAC addresses (the VM itself,
+    /// brought back on a host that does not have it).
+    pub name: Option<String>,
+    /// Where its disks go.
+    pub storage: DiskStorage,
+}
+
+/// A file name part made from a VM name: no `/`, no control characters.
+fn file_safe(name: &str) -> String {
+    name.chars()
+        .map(|c| if c == '/' || c.is_control() { '_' } else { c })
+        .collect()
+}
+
+/// What was made so far, to be removed if the restore fails.
+#[derive(Debug, Default)]
+struct Made {
+    files: Vec<PathBuf>,
+    volumes: Vec<(String, String)>,
+    defined: Option<String>,
+}
+
+impl Made {
+    fn remove(&self, hv: &Hypervisor) {
+        // Undefining takes the VM's NVRAM and TPM state with it.
+        if let Some(name) = &self.defined {
+            let _ = hv.undefine_vm(name);
+        }
+        for (pool, volume) in &self.volumes {
+            let _ = hv.delete_volume(pool, volume);
+        }
+        for path in self.files.iter().rev() {
+            let _ = std::fs::remove_file(path).or_else(|_| std::fs::remove_dir_all(path));
+        }
+    }
+}
+
+/// Restores checkpoint `m` as the VM `new` on the host of `hv` (see the module doc). The
+/// original VM, if it is there, is not touched.
+pub fn restore_as_new(
+    hv: &Hypervisor,
+    store: &Store,
+    m: &Manifest,
+    new: &NewVm,
+    options: &RestoreOptions,
+    work_dir: &Path,
+    control: &Control,
+) -> Result<RestoreReport, RestoreError> {
+    let started = Instant::now();
+    let plan = Plan::make(hv, m, new)?;
+    let mut made = Made::default();
+    let written = plan
+        .write(hv, store, m, work_dir, control, &mut made)
+        .inspect_err(|_| made.remove(hv))?;
+    let (disks, nvram, tpm) = written;
+    let (started_vm, start_error) =
+        start_if(hv, &plan.name, options.start.unwrap_or(true), control);
+    Ok(RestoreReport {
+        vm: plan.name.clone(),
+        vm_uuid: plan.uuid.clone(),
+        checkpoint: m.id.clone(),
+        uri: hv.uri().to_owned(),
+        mode: if plan.local { "new_vm" } else { "other_host" },
+        stopped: None,
+        safety_checkpoint: None,
+        safety_note: None,
+        bytes_written: disks.iter().map(|r| r.bytes_written).sum(),
+        disks,
+        nvram,
+        tpm,
+        defined: true,
+        started: started_vm,
+        start_error,
+        duration_ms: elapsed_ms(started),
+    })
+}
+
+/// Where everything of the new VM goes, checked before anything is written.
+struct Plan {
+    name: String,
+    uuid: String,
+    /// A new identity (name, UUID, MAC addresses), or the checkpoint's own.
+    fresh: bool,
+    local: bool,
+    storage: DiskStorage,
+    /// Per disk of the checkpoint: file name (folder: the path).
+    files: Vec<(PathBuf, String)>,
+    nvram_path: Option<PathBuf>,
+    tpm_dir: Option<PathBuf>,
+}
+
+impl Plan {
+    fn make(hv: &Hypervisor, m: &Manifest, new: &NewVm) -> Result<Self, RestoreError> {
+        let checkpoint_xml = parsed(m)?;
+        let local = hv.is_local();
+        let uri = hv.uri();
+        let fresh = new.name.is_some();
+        let name = new.name.clone().unwrap_or_else(|| m.vm.name.clone());
+        if name.trim().is_empty() {
+            return Err(RestoreError::Invalid("the new VM needs a name".into()));
+        }
+        let uuid = if fresh {
+            Uuid::new_v4().to_string()
+        } else {
+            m.vm.uuid.to_string()
+        };
+        if !fresh && hv.has_vm(&uuid) {
+            return Err(RestoreError::Invalid(format!(
+                "VM {:?} (UUID {uuid}) is defined on {uri} already; restore it in place on that host, or as a new VM with --as NAME",
+                m.vm.name
+            )));
+        }
+        if hv.has_vm(&name) {
+            return Err(RestoreError::Invalid(format!(
+                "a VM called {name:?} exists already on {uri}; choose another name (--as NAME)"
+            )));
+        }
+        if matches!(new.storage, DiskStorage::Folder(_)) && !local {
+            return Err(RestoreError::Invalid(format!(
+                "on another host ({uri}) Rewind can write disks only into a storage pool: give --pool NAME (`virsh -c {uri} pool-list` lists them)"
+            )));
+        }
+        let mut files = Vec::new();
+        for d in &m.disks {
+            let format = d.format.clone().unwrap_or_else(|| "raw".into());
+            let ext = if format == "qcow2" { "qcow2" } else { "img" };
+            let file = format!("{}-{}.{ext}", file_safe(&name), d.target);
+            match &new.storage {
+                DiskStorage::Folder(dir) => {
+                    let path = dir.join(&file);
+                    if path.exists() {
+                        return Err(RestoreError::Exists(path));
+                    }
+                    files.push((path, format));
+                }
+                DiskStorage::Pool(pool) => {
+                    if hv.volume_exists(pool, &file)? {
+                        return Err(RestoreError::Invalid(format!(
+                            "a volume {file:?} exists already in pool {pool:?} on {uri}; remove it, or restore under another name (--as NAME)"
+                        )));
+                    }
+                    files.push((PathBuf::from(file), format));
+                }
+            }
+        }
+        let nvram_path = match checkpoint_xml.firmware {
+            Firmware::Uefi { .. } => Some(hv.default_nvram_path(&name).ok_or_else(|| {
+                RestoreError::Invalid(format!(
+                    "it is not known where libvirt keeps UEFI variables on {uri}"
+                ))
+            })?),
+            Firmware::Bios => None,
+        };
+        if let Some(path) = nvram_path.as_ref().filter(|p| local && p.exists()) {
+            return Err(RestoreError::Exists(path.clone()));
+        }
+        let tpm_dir = checkpoint_xml
+            .tpm
+            .as_ref()
+            .and_then(|_| hv.tpm_state_dir(&uuid));
+        Ok(Self {
+            name,
+            uuid,
+            fresh,
+            local,
+            storage: new.storage.clone(),
+            files,
+            nvram_path,
+            tpm_dir,
+        })
+    }
+
+    /// Disks, definition, firmware state; everything made goes into `made`.
+    fn write(
+        &self,
+        hv: &Hypervisor,
+        store: &Store,
+        m: &Manifest,
+        work_dir: &Path,
+        control: &Control,
+        made: &mut Made,
+    ) -> Result<(Vec<DiskRestore>, bool, bool), RestoreError> {
+        control.start_phase(Phase::Writing);
+        let mut reports = Vec::new();
+        let mut places = Vec::new();
+        for (d, (file, format)) in m.disks.iter().zip(&self.files) {
+            let (path, report) = match &self.storage {
+                DiskStorage::Folder(_) => {
+                    disk::create_image(file, format, d.index.size_bytes)?;
+                    made.files.push(file.clone());
+                    let empty = vec![HOLE; usize::try_from(d.index.chunk_count()).unwrap_or(0)];
+                    let report = disk::make_equal(
+                        store,
+                        &d.target,
+                        file,
+                        format,
+                        &d.index,
+                        Current::Known(empty, ComparedBy::NewFile),
+                        None,
+                        work_dir,
+                        control,
+                        &mut Vec::new(),
+                    )?;
+                    (file.clone(), report)
+                }
+                DiskStorage::Pool(pool) => {
+                    let volume = file.display().to_string();
+                    let path = upload(hv, store, d, pool, &volume, format, control)?;
+                    made.volumes.push((pool.clone(), volume));
+                    // On this machine the volume can be read back; on another host only
+                    // the store side was checked (each chunk against its hash).
+                    let verified = if self.local {
+                        disk::verify_image(store, &path, format, &d.index, work_dir, control)?
+                    } else {
+                        0
+                    };
+                    let report = DiskRestore {
+                        target: d.target.clone(),
+                        path: path.clone(),
+                        format: format.clone(),
+                        compared_by: ComparedBy::NewFile,
+                        chunks: d.index.chunk_count(),
+                        chunks_written: d.index.chunk_count(),
+                        bytes_written: d.index.data_bytes,
+                        chunks_verified: verified,
+                    };
+                    (path, report)
+                }
+            };
+            places.push(DiskPlace {
+                target: d.target.clone(),
+                path,
+                format: format.clone(),
+            });
+            reports.push(report);
+        }
+        control.start_phase(Phase::Finishing);
+        let xml = domain_xml::rewrite(
+            &m.domain_xml,
+            &Rewrite {
+                name: self.fresh.then(|| self.name.clone()),
+                uuid: self.fresh.then(|| self.uuid.clone()),
+                new_macs: self.fresh,
+                nvram: self.nvram_path.clone(),
+                rename_logs: Some((m.vm.name.clone(), self.name.clone())),
+                // On another host: beside the disks, its own QEMU, no CD-ROM images.
+                logs_dir: (!self.local)
+                    .then(|| places.first().and_then(|p| p.path.parent()))
+                    .flatten()
+                    .map(Path::to_path_buf),
+                drop_emulator: !self.local,
+                eject_removable: !self.local,
+                disks: places,
+            },
+        )
+        .map_err(RestoreError::Invalid)?;
+        if self.local {
+            made.files.extend(self.nvram_path.clone());
+            made.files.extend(self.tpm_dir.clone());
+            let firmware = write_firmware_state(
+                store,
+                m,
+                self.nvram_path.as_deref(),
+                self.tpm_dir.as_deref(),
+            )?;
+            hv.define_vm(&xml)?;
+            made.defined = Some(self.name.clone());
+            Ok((reports, firmware.0, firmware.1))
+        } else {
+            // Defined first: undefining it takes the NVRAM and TPM state written after.
+            hv.define_vm(&xml)?;
+            made.defined = Some(self.name.clone());
+            let firmware = self.write_firmware_there(hv, store, m)?;
+            Ok((reports, firmware.0, firmware.1))
+        }
+    }
+
+    /// UEFI variables and TPM state onto another host, through libvirt.
+    fn write_firmware_there(
+        &self,
+        hv: &Hypervisor,
+        store: &Store,
+        m: &Manifest,
+    ) -> Result<(bool, bool), RestoreError> {
+        let mut nvram = false;
+        if let (Some(bytes), Some(path)) = (blob(store, m, "nvram")?, &self.nvram_path) {
+            hv.write_host_file(path, &bytes, 0o600)?;
+            nvram = true;
+        }
+        let mut tpm = false;
+        if let (Some(bytes), Some(dir)) = (blob(store, m, "tpm")?, &self.tpm_dir) {
+            let files = crate::store::dirblob::unpack(&bytes).map_err(|detail| {
+                RestoreError::Invalid(format!(
+                    "the TPM state in the checkpoint cannot be unpacked: {detail}"
+                ))
+            })?;
+            for f in &files {
+                hv.write_host_file(&dir.join(&f.path), &f.content, f.mode & 0o7777)?;
+            }
+            tpm = true;
+        }
+        Ok((nvram, tpm))
+    }
+}
+
+/// Uploads disk `d` of a checkpoint into a new volume `volume` of `pool` on the host of
+/// `hv`: chunks are read and checked in parallel and streamed in order, holes as holes.
+fn upload(
+    hv: &Hypervisor,
+    store: &Store,
+    d: &DiskEntry,
+    pool: &str,
+    volume: &str,
+    format: &str,
+    control: &Control,
+) -> Result<PathBuf, RestoreError> {
+    let wanted = disk::entries(store, &d.index)?;
+    let slots: Vec<u64> = (0..d.index.chunk_count()).collect();
+    let lens: Vec<usize> = slots
+        .iter()
+        .map(|&i| usize::try_from(d.index.chunk_len(i)).expect("chunk fits memory"))
+        .collect();
+    control.add_total_bytes(d.index.size_bytes);
+    // The volume writer counts progress and checks for a cancel on `control`.
+    let quiet = Control::new();
+    let mut failure = None;
+    let uploaded = hv.create_volume_with(
+        pool,
+        volume,
+        format,
+        d.index.size_bytes,
+        control,
+        &mut |writer| {
+            let workers: Vec<_> = (0..crate::store::reader_count())
+                .map(|_| {
+                    |i: u64, _: &mut Vec<u8>| -> Result<Option<Vec<u8>>, RestoreError> {
+                        match wanted[usize::try_from(i).expect("slot fits")] {
+                            HOLE => Ok(None),
+                            id => Ok(Some(store.read_chunk(&id, ChunkKind::Data)?)),
+                        }
+                    }
+                })
+                .collect();
+            let streamed = for_each_slot(&slots, &lens, &quiet, workers, |i, data| {
+                match data {
+                    Some(bytes) => writer.write(&bytes),
+                    None => writer.hole(d.index.chunk_len(i)),
+                }
+                .map_err(RestoreError::Libvirt)
+            });
+            match streamed {
+                Ok(()) => Ok(()),
+                Err(RestoreError::Libvirt(e)) => Err(e),
+                Err(other) => {
+                    let message = other.to_string();
+                    failure = Some(other);
+                    Err(crate::Error::Invalid(message))
+                }
+            }
+        },
+    );
+    uploaded.map_err(|e| failure.take().unwrap_or(RestoreError::Libvirt(e)))
+}
