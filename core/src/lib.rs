@@ -14,6 +14,7 @@ pub mod libvirt;
 pub mod nbd;
 pub mod progress;
 pub mod qcow2;
+pub mod qcow2_new;
 mod qemu_nbd;
 pub mod restore;
 pub mod store;

@@ -79,11 +79,24 @@ struct Timed {
     report: RestoreReport,
     secs: f64,
     phases: Vec<(Phase, f64)>,
+    /// CPU seconds of this process (Rewind) and of its finished children (qemu-nbd).
+    cpu: (f64, f64),
+}
+
+/// CPU seconds (user + system) of this process and of its children that have ended.
+fn cpu_secs() -> (f64, f64) {
+    let stat = fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<f64> = stat.rsplit_once(") ").map_or(vec![], |(_, rest)| {
+        rest.split(' ').map(|f| f.parse().unwrap_or(0.0)).collect()
+    });
+    let field = |i: usize| fields.get(i).copied().unwrap_or(0.0) / 100.0;
+    (field(11) + field(12), field(13) + field(14))
 }
 
 fn timed(restore: impl FnOnce(&Control) -> RestoreReport) -> Timed {
     let control = Arc::new(Control::new());
     let done = Arc::new(AtomicBool::new(false));
+    let cpu_before = cpu_secs();
     let started = Instant::now();
     let (report, phases) = std::thread::scope(|scope| {
         let (watched, finished) = (control.clone(), done.clone());
@@ -105,20 +118,28 @@ fn timed(restore: impl FnOnce(&Control) -> RestoreReport) -> Timed {
         done.store(true, Ordering::Relaxed);
         (report, watch.join().unwrap())
     });
+    let secs = started.elapsed().as_secs_f64();
+    let cpu_after = cpu_secs();
     Timed {
         report,
-        secs: started.elapsed().as_secs_f64(),
+        secs,
         phases,
+        cpu: (cpu_after.0 - cpu_before.0, cpu_after.1 - cpu_before.1),
     }
 }
 
 fn phase_text(t: &Timed) -> String {
-    t.phases
+    let phases = t
+        .phases
         .iter()
         .filter(|(_, s)| *s >= 0.005)
         .map(|(p, s)| format!("{} {s:.2} s", p.label()))
         .collect::<Vec<_>>()
-        .join(", ")
+        .join(", ");
+    format!(
+        "{phases}; CPU: Rewind {:.1} s, qemu-nbd {:.1} s",
+        t.cpu.0, t.cpu.1
+    )
 }
 
 /// 1 % of the data: 320 pieces of 64 KiB of new random data through QEMU's block layer.
@@ -245,6 +266,11 @@ fn main() {
         ));
     }
 
+    if std::env::var("REWIND_BENCH_ONLY").is_ok_and(|v| v == "full") {
+        print_rows(rows);
+        return;
+    }
+
     // Delta restores in place of the running VM after 1 % changed.
     let pieces = dir.join("pieces");
     create_open_dir(&pieces).unwrap();
@@ -311,7 +337,10 @@ fn main() {
         ));
     }
     vm.destroy().unwrap();
+    print_rows(rows);
+}
 
+fn print_rows(rows: Vec<(String, f64, String)>) {
     println!("| run | seconds | notes |");
     println!("|---|---|---|");
     for (what, secs, notes) in rows {

@@ -28,6 +28,7 @@
 mod disk;
 pub mod domain_xml;
 pub mod marker;
+mod new_image;
 mod new_vm;
 mod vm;
 
@@ -42,7 +43,6 @@ pub use vm::restore_in_place;
 use crate::checkpoint::CheckpointError;
 use crate::libvirt::lifecycle::StopMode;
 use crate::progress::Control;
-use crate::store::index::HOLE;
 use crate::store::{Manifest, Store, StoreError};
 
 /// The label of a checkpoint taken just before a restore.
@@ -232,20 +232,11 @@ pub fn export_disk(
                 .join(", "),
         });
     };
-    disk::create_image(out, format.name(), disk.index.size_bytes)?;
-    let empty = vec![HOLE; usize::try_from(disk.index.chunk_count()).unwrap_or(0)];
-    let result = disk::make_equal(
-        store,
-        target,
-        out,
-        format.name(),
-        &disk.index,
-        disk::Current::Known(empty, ComparedBy::NewFile),
-        None,
-        &std::env::temp_dir(),
-        control,
-        &mut Vec::new(),
-    );
+    if out.exists() {
+        return Err(RestoreError::Exists(out.to_path_buf()));
+    }
+    let result =
+        new_image::write_new_image(store, target, out, format.name(), &disk.index, control);
     match result {
         Ok(_) => Ok(disk.index.data_bytes),
         Err(e) => {

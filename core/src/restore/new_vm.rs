@@ -225,6 +225,13 @@ impl Plan {
         let mut places = Vec::new();
         for (d, (file, format)) in m.disks.iter().zip(&self.files) {
             let (path, report) = match &self.storage {
+                DiskStorage::Folder(_) if super::new_image::writes(format) => {
+                    made.files.push(file.clone());
+                    let report = super::new_image::write_new_image(
+                        store, &d.target, file, format, &d.index, control,
+                    )?;
+                    (file.clone(), report)
+                }
                 DiskStorage::Folder(_) => {
                     disk::create_image(file, format, d.index.size_bytes)?;
                     made.files.push(file.clone());

@@ -261,6 +261,16 @@ fn restore_disk(
             progress.resized = true;
             Current::Unknown
         }
+    } else if super::new_image::writes(&progress.format) {
+        progress.created = true;
+        return super::new_image::write_new_image(
+            store,
+            &d.target,
+            &path,
+            &progress.format,
+            &d.index,
+            control,
+        );
     } else {
         disk::create_image(&path, &progress.format, d.index.size_bytes)?;
         progress.created = true;

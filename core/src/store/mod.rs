@@ -325,6 +325,14 @@ impl Store {
             })
     }
 
+    /// Asks the kernel to start reading a chunk's file now (for a reader that knows what it
+    /// will read next: a cold store on a spinning or USB drive then streams). Only a hint.
+    pub(crate) fn prefetch_chunk(&self, id: &ChunkId) {
+        if let Ok(file) = File::open(self.chunk_path(id)) {
+            let _ = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::WillNeed);
+        }
+    }
+
     /// Like [`Store::read_chunk`], with the bare problem.
     pub(crate) fn load_chunk(
         &self,

@@ -1,0 +1,283 @@
+//! Writing a checkpoint's disk into a new image file (a full restore into a file that is not
+//! there, `rewind export`): the worker threads decode chunks and write them straight into
+//! the file — a sparse raw file at their place, or qcow2 data clusters in the order they
+//! come ([`crate::qcow2_new`] writes the metadata at the end) — skipping 64 KiB pieces that
+//! are all zeros. Each piece is read back from the file at once and compared with what was
+//! meant; the file is flushed to the drive, and `qemu-img check` confirms the structure of a
+//! qcow2 image. No `qemu-nbd` is in the way, so both cores work (QEMU's reading of these
+//! images is what the tests check, byte for byte).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt as _;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::RestoreError;
+use super::disk::{ComparedBy, DiskRestore, entries};
+use crate::progress::Control;
+use crate::qcow2_new::{self, CLUSTER_BYTES};
+use crate::store::index::HOLE;
+use crate::store::{ChunkKind, ObjectIndex, Store, StoreError, for_each_slot};
+
+/// How many chunk files ahead of the workers the kernel is asked to read.
+const PREFETCH_CHUNKS: u64 = 32;
+
+/// Whether Rewind writes new images of this format itself.
+#[must_use]
+pub(crate) fn writes(format: &str) -> bool {
+    matches!(format, "raw" | "qcow2")
+}
+
+fn write_error(path: &Path, e: &std::io::Error) -> RestoreError {
+    RestoreError::Write {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    }
+}
+
+/// A new image being written.
+struct NewImage<'a> {
+    file: File,
+    path: &'a Path,
+    qcow2: bool,
+    /// qcow2: the next free host cluster (cluster 0 is the header).
+    next_cluster: AtomicU64,
+}
+
+impl<'a> NewImage<'a> {
+    fn create(path: &'a Path, format: &str, size_bytes: u64) -> Result<Self, RestoreError> {
+        let qcow2 = match format {
+            "qcow2" => true,
+            "raw" => false,
+            other => {
+                return Err(RestoreError::Invalid(format!(
+                    "Rewind writes new images as raw or qcow2, not {other}"
+                )));
+            }
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| RestoreError::Write {
+                path: path.to_path_buf(),
+                detail: format!("could not create its folder: {e}"),
+            })?;
+        }
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    RestoreError::Exists(path.to_path_buf())
+                } else {
+                    write_error(path, &e)
+                }
+            })?;
+        if !qcow2 {
+            file.set_len(size_bytes)
+                .map_err(|e| write_error(path, &e))?;
+        }
+        Ok(Self {
+            file,
+            path,
+            qcow2,
+            next_cluster: AtomicU64::new(1),
+        })
+    }
+
+    /// Writes the 64 KiB pieces of slot `i` (at `offset` in the disk) that are not all
+    /// zeros, reading each back into `back` to compare; returns the bytes written and, for
+    /// qcow2, the guest-to-host cluster mapping of the pieces.
+    fn write_chunk(
+        &self,
+        offset: u64,
+        data: &[u8],
+        back: &mut Vec<u8>,
+    ) -> Result<(u64, Vec<(u64, u64)>), RestoreError> {
+        let cluster = usize::try_from(CLUSTER_BYTES).expect("64 KiB");
+        let pieces: Vec<(u64, &[u8])> = (0u64..)
+            .zip(data.chunks(cluster))
+            .filter(|(_, p)| p.iter().any(|&b| b != 0))
+            .collect();
+        let first_host = if self.qcow2 {
+            self.next_cluster
+                .fetch_add(pieces.len() as u64, Ordering::Relaxed)
+        } else {
+            0
+        };
+        let mut mapped = Vec::with_capacity(pieces.len());
+        let mut bytes = 0;
+        for (host, (n, piece)) in (first_host..).zip(&pieces) {
+            let guest_at = offset + n * CLUSTER_BYTES;
+            let at = if self.qcow2 {
+                mapped.push((guest_at / CLUSTER_BYTES, host));
+                host * CLUSTER_BYTES
+            } else {
+                guest_at
+            };
+            self.file
+                .write_all_at(piece, at)
+                .map_err(|e| write_error(self.path, &e))?;
+            back.resize(piece.len(), 0);
+            self.file
+                .read_exact_at(back, at)
+                .map_err(|e| write_error(self.path, &e))?;
+            // Start writing it to the drive now (only a hint): the final flush then has
+            // little left to do, and the page cache does not fill with the whole disk.
+            let _ = rustix::fs::fadvise(
+                &self.file,
+                at,
+                std::num::NonZeroU64::new(piece.len() as u64),
+                rustix::fs::Advice::DontNeed,
+            );
+            if back != piece {
+                return Err(RestoreError::Verify {
+                    path: self.path.to_path_buf(),
+                    detail: format!(
+                        "bytes {guest_at} to {} of the disk do not read back as written",
+                        guest_at + piece.len() as u64
+                    ),
+                });
+            }
+            bytes += piece.len() as u64;
+        }
+        Ok((bytes, mapped))
+    }
+
+    /// The qcow2 metadata, then everything durable; `qemu-img check` of a qcow2 image.
+    fn finish(self, size_bytes: u64, mapping: &BTreeMap<u64, u64>) -> Result<(), RestoreError> {
+        if self.qcow2 {
+            let data_clusters = self.next_cluster.load(Ordering::Relaxed) - 1;
+            for (at, bytes) in qcow2_new::metadata(size_bytes, data_clusters, mapping) {
+                self.file
+                    .write_all_at(&bytes, at)
+                    .map_err(|e| write_error(self.path, &e))?;
+            }
+        }
+        self.file
+            .sync_all()
+            .map_err(|e| write_error(self.path, &e))?;
+        if let Some(dir) = self.path.parent() {
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| write_error(dir, &e))?;
+        }
+        if self.qcow2 {
+            check_qcow2(self.path)?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes disk `target` (`index`) into a new file `path` of `format` (`raw` or `qcow2`);
+/// the file must not exist. On failure the caller removes it.
+pub(crate) fn write_new_image(
+    store: &Store,
+    target: &str,
+    path: &Path,
+    format: &str,
+    index: &ObjectIndex,
+    control: &Control,
+) -> Result<DiskRestore, RestoreError> {
+    if !u64::from(index.chunk_size_bytes).is_multiple_of(CLUSTER_BYTES) {
+        return Err(RestoreError::Invalid(format!(
+            "chunks of {} bytes are not whole 64 KiB pieces",
+            index.chunk_size_bytes
+        )));
+    }
+    let image = NewImage::create(path, format, index.size_bytes)?;
+    let wanted = entries(store, index)?;
+    let slots: Vec<u64> = (0..index.chunk_count())
+        .filter(|&i| wanted[usize::try_from(i).expect("slot fits")] != HOLE)
+        .collect();
+    let lens: Vec<usize> = slots
+        .iter()
+        .map(|&i| usize::try_from(index.chunk_len(i)).expect("chunk fits memory"))
+        .collect();
+    control.add_total_bytes(lens.iter().map(|&l| l as u64).sum());
+    let chunk = u64::from(index.chunk_size_bytes);
+    let workers: Vec<_> = (0..crate::store::reader_count())
+        .map(|_| {
+            let (image, wanted) = (&image, &wanted);
+            let mut back = Vec::new();
+            move |i: u64, _: &mut Vec<u8>| -> Result<(u64, Vec<(u64, u64)>), RestoreError> {
+                let id = wanted[usize::try_from(i).expect("slot fits")];
+                let data = store.read_chunk(&id, ChunkKind::Data)?;
+                if data.len() as u64 != index.chunk_len(i) {
+                    return Err(StoreError::Damaged {
+                        path: store.chunk_path(&id),
+                        detail: format!(
+                            "{} bytes where slot {i} needs {}",
+                            data.len(),
+                            index.chunk_len(i)
+                        ),
+                        store: store.root().to_path_buf(),
+                    }
+                    .into());
+                }
+                image.write_chunk(i * chunk, &data, &mut back)
+            }
+        })
+        .collect();
+    let mut mapping = BTreeMap::new();
+    let mut bytes_written = 0;
+    // A reader ahead of the workers has the kernel fetch the next chunk files.
+    let applied = AtomicU64::new(0);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            for (n, &i) in (0u64..).zip(&slots) {
+                while n >= applied.load(Ordering::Relaxed) + PREFETCH_CHUNKS {
+                    if done.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                store.prefetch_chunk(&wanted[usize::try_from(i).expect("slot fits")]);
+            }
+        });
+        let result = for_each_slot(&slots, &lens, control, workers, |_, (bytes, mapped)| {
+            bytes_written += bytes;
+            mapping.extend(mapped);
+            applied.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        });
+        done.store(true, Ordering::Relaxed);
+        result
+    })?;
+    image.finish(index.size_bytes, &mapping)?;
+    Ok(DiskRestore {
+        target: target.to_owned(),
+        path: path.to_path_buf(),
+        format: format.to_owned(),
+        compared_by: ComparedBy::NewFile,
+        chunks: index.chunk_count(),
+        chunks_written: slots.len() as u64,
+        bytes_written,
+        chunks_verified: slots.len() as u64,
+    })
+}
+
+/// `qemu-img check`: QEMU agrees with the image's structure.
+fn check_qcow2(path: &Path) -> Result<(), RestoreError> {
+    let out = std::process::Command::new("qemu-img")
+        .args(["check", "-q", "-f", "qcow2"])
+        .arg(path)
+        .output()
+        .map_err(|e| RestoreError::Write {
+            path: path.to_path_buf(),
+            detail: format!("could not run qemu-img to check it: {e}; install qemu-utils"),
+        })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(RestoreError::Verify {
+            path: path.to_path_buf(),
+            detail: format!(
+                "qemu-img check finds it unsound: {}",
+                String::from_utf8_lossy(&out.stdout).trim()
+            ),
+        })
+    }
+}
