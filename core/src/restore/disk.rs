@@ -6,12 +6,12 @@
 //! A restore compares before it writes: it knows, chunk by chunk, what the file holds now
 //! (from a checkpoint just taken of it; from the image's persistent dirty bitmap of an
 //! earlier checkpoint — outside the extents it marks, the image still holds that
-//! checkpoint's chunks — reading only the chunks it marks; by hashing everything; or
-//! because the file is new) and writes only the chunks that differ. Where the restored
-//! chunk is the bitmap's checkpoint's, only the dirty extents inside it are written (the
-//! rest of the chunk already holds those bytes). Every chunk written is read back at once
-//! and compared with the checkpoint's bytes (whose hash was checked as they were read from
-//! the store); the chunks not written are equal by the comparison.
+//! checkpoint's chunks, so nothing needs reading; by hashing everything; or because the file
+//! is new) and writes only the chunks that differ. Where the restored chunk is the bitmap's
+//! checkpoint's, only the dirty extents inside it are written (the rest of the chunk already
+//! holds those bytes, as every incremental of that chain trusts). Everything written is read
+//! back at once and compared with the checkpoint's bytes (whose hash was checked as they
+//! came out of the store); the chunks not written are equal by the comparison.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -240,8 +240,9 @@ impl DiskSession {
 
     /// Writes the checkpoint's content of every slot in `slots` (zeros for holes, which
     /// become holes in the image) — only the byte ranges `partial` names for a slot, the
-    /// whole chunk for the others — and reads each chunk straight back, comparing it with
-    /// the checkpoint's bytes. Each slot done is pushed to `written`, so that a caller can
+    /// whole chunk for the others — and reads what it wrote straight back, comparing it
+    /// with the checkpoint's bytes (the rest of a partly written chunk is the bitmap's
+    /// checkpoint's, as every incremental of that chain trusts). Each slot done is pushed to `written`, so that a caller can
     /// undo a write cut short. Flushes at the end, also after an error.
     pub(crate) fn write(
         &mut self,
@@ -289,24 +290,24 @@ impl DiskSession {
                     for &(from, to) in ranges {
                         let from = usize::try_from(from).expect("within a chunk");
                         let to = usize::try_from(to).expect("within a chunk");
+                        let at = i * chunk + from as u64;
                         client
-                            .write_at(i * chunk + from as u64, &data[from..to])
+                            .write_at(at, &data[from..to])
                             .map_err(|e| nbd_failed(path, &e))?;
+                        back.resize(to - from, 0);
+                        client
+                            .read_at(at, &mut back)
+                            .map_err(|e| nbd_failed(path, &e))?;
+                        if back != data[from..to] {
+                            return Err(RestoreError::Verify {
+                                path: path.clone(),
+                                detail: format!(
+                                    "bytes {at} to {} do not read back as written",
+                                    at + (to - from) as u64
+                                ),
+                            });
+                        }
                         bytes += (to - from) as u64;
-                    }
-                    back.resize(len, 0);
-                    client
-                        .read_at(i * chunk, &mut back)
-                        .map_err(|e| nbd_failed(path, &e))?;
-                    if back != data {
-                        return Err(RestoreError::Verify {
-                            path: path.clone(),
-                            detail: format!(
-                                "chunk {i} (bytes {} to {}) does not read back as written",
-                                i * chunk,
-                                i * chunk + len as u64
-                            ),
-                        });
                     }
                     if id == HOLE {
                         *buf = data;
@@ -418,6 +419,22 @@ pub(crate) fn make_equal(
     written: &mut Vec<u64>,
 ) -> Result<DiskRestore, RestoreError> {
     let wanted = entries(store, index)?;
+    // Known to be equal already (a disk the safety checkpoint shows unchanged): nothing to
+    // open or write.
+    if let Current::Known(ids, how) = &current
+        && *ids == wanted
+    {
+        return Ok(DiskRestore {
+            target: target.to_owned(),
+            path: file.to_path_buf(),
+            format: format.to_owned(),
+            compared_by: *how,
+            chunks: index.chunk_count(),
+            chunks_written: 0,
+            bytes_written: 0,
+            chunks_verified: 0,
+        });
+    }
     let since = since.filter(|s| s.base.size_bytes == index.size_bytes);
     // A bitmap QEMU could not store when it stopped (it was killed) is inconsistent, and
     // qemu-nbd refuses it: then without.

@@ -1,5 +1,7 @@
 //! Fails (exit 1) if the test suite left anything behind: libvirt domains made by the
-//! harness or using scratch files, scratch folders, or processes using scratch files.
+//! harness or using scratch files, storage pools on scratch folders (or Rewind's transient
+//! file pools), notes of unfinished restores of scratch stores, scratch folders, mounts, or
+//! processes using scratch files.
 //! Whatever it finds it also removes, so the next run starts clean.
 //!
 //! `./x test` runs it after `cargo test`.
@@ -27,6 +29,39 @@ fn main() -> ExitCode {
                 }
             }
             Err(e) => eprintln!("leak-check: cannot list domains: {e}"),
+        }
+        // Storage pools on scratch folders, and the transient pools Rewind makes to write
+        // files through libvirt.
+        if let Ok(conn) = domain::connect() {
+            for pool in conn.list_all_storage_pools(0).unwrap_or_default() {
+                let name = pool.name().unwrap_or_default();
+                let on_scratch = rewind_tests::pool::pool_targets()
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|(n, path)| *n == name && path.starts_with(&root));
+                if on_scratch || name.starts_with(rewind_core::libvirt::volumes::FILE_POOL_PREFIX) {
+                    leaks.push(format!("storage pool {name:?}"));
+                    let _ = pool.destroy();
+                    let _ = pool.undefine();
+                }
+            }
+        }
+    }
+
+    // Notes of restores that never finished, for stores in scratch folders.
+    let restoring = rewind_core::restore::marker::state_dir().join("restoring");
+    for entry in std::fs::read_dir(&restoring)
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let marker: Option<rewind_core::restore::marker::RestoreMarker> =
+            std::fs::read(entry.path())
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+        if marker.is_some_and(|m| m.store.starts_with(&root)) {
+            leaks.push(format!("restore note {}", entry.path().display()));
+            let _ = std::fs::remove_file(entry.path());
         }
     }
 
@@ -68,7 +103,9 @@ fn main() -> ExitCode {
     }
 
     if leaks.is_empty() {
-        println!("leak-check: no test VMs, mounts, scratch files or processes left behind");
+        println!(
+            "leak-check: no test VMs, pools, restore notes, mounts, scratch files or processes left behind"
+        );
         ExitCode::SUCCESS
     } else {
         eprintln!("leak-check: the tests left these behind (now removed):");
