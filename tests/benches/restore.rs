@@ -24,16 +24,17 @@
     clippy::too_many_lines
 )]
 
+mod common;
 #[path = "../../core/benches/data/mod.rs"]
 mod data;
 
-use std::fs::{self, File};
+use std::fs;
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use common::{drop_caches, qemu_img_convert};
 use data::{DATA_BYTES, GIB, MIB, make_image, one_percent_change};
 use rewind_core::checkpoint;
 use rewind_core::libvirt::Hypervisor;
@@ -47,34 +48,6 @@ use rewind_tests::scratch::{ScratchDir, create_open_dir};
 use rewind_tests::{DiskSpec, Format, TestVm, daemon};
 
 const DISK_BYTES: u64 = 4 * GIB;
-
-fn drop_caches() {
-    let ok = Command::new("sync").status().is_ok_and(|s| s.success())
-        && fs::write("/proc/sys/vm/drop_caches", "3").is_ok();
-    assert!(ok, "could not drop the page cache (run as root)");
-}
-
-fn run(cmd: &mut Command) {
-    let out = cmd.output().expect("run a command");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// `qemu-img convert -O qcow2` of the disk (`-U`: the VM may run) plus an fsync.
-fn qemu_img_convert(disk: &Path, out: &Path) -> f64 {
-    let t = Instant::now();
-    run(Command::new("qemu-img")
-        .args(["convert", "-U", "-f", "qcow2", "-O", "qcow2"])
-        .arg(disk)
-        .arg(out));
-    File::open(out).unwrap().sync_all().unwrap();
-    let secs = t.elapsed().as_secs_f64();
-    fs::remove_file(out).unwrap();
-    secs
-}
 
 /// A restore run with the time spent in each phase.
 struct Timed {

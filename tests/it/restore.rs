@@ -55,6 +55,32 @@ fn assert_disks_are(vm: &TestVm, store: &Store, m: &Manifest, targets: &[&str], 
     }
 }
 
+/// A store in a scratch folder holding one checkpoint of `vm`: the folder (removed when
+/// dropped), the store's path, and the checkpoint's id.
+fn store_with_checkpoint(vm: &TestVm, label: &str) -> (ScratchDir, PathBuf, String) {
+    let dir = ScratchDir::new(label).unwrap();
+    let dest = dir.path().join("store");
+    let taken = crate::rewind::checkpoint_json(&vm.name, &dest);
+    let id = taken["id"].as_str().unwrap().to_owned();
+    (dir, dest, id)
+}
+
+/// A UEFI + TPM test guest running the sequence workload, booted and writing.
+fn booted_uefi_tpm_guest(label: &str) -> TestVm {
+    let mut vm = TestVm::builder(label)
+        .uefi()
+        .tpm()
+        .memory_mib(256)
+        .workload("sequence")
+        .disks(vec![DiskSpec::new("vda", Format::Qcow2, 32 << 20)])
+        .define()
+        .expect("define the test VM");
+    vm.start_and_wait_ready(Duration::from_mins(4))
+        .expect("boot with OVMF");
+    vm.wait_flushed(5, BOOT_TIMEOUT).unwrap();
+    vm
+}
+
 fn open(dest: &Path) -> Store {
     Store::open(dest, None).unwrap()
 }
@@ -167,11 +193,8 @@ fn delta_restore_writes_only_what_changed_and_undo_brings_back_the_state_before(
     vm.fill_disk("vdb", &data).unwrap();
     vm.start_and_wait_ready(BOOT_TIMEOUT).expect("boot");
     vm.wait_flushed(5, BOOT_TIMEOUT).unwrap();
-    let dir = ScratchDir::new("restore-delta-store").unwrap();
-    let dest = dir.path().join("store");
+    let (_dir, dest, id) = store_with_checkpoint(&vm, "restore-delta-store");
     let dest_str = dest.to_str().unwrap();
-    let first = crate::rewind::checkpoint_json(&vm.name, &dest);
-    let id = first["id"].as_str().unwrap().to_owned();
 
     // Three 64 KiB writes in three different 1 MiB chunks of vdb, through QEMU (the dirty
     // bitmap sees them as it sees the guest's), while the guest goes on writing to vda.
@@ -281,10 +304,8 @@ fn a_vm_deleted_with_its_disks_comes_back_from_the_store_alone() {
         .expect("define the test VM");
     vm.start_and_wait_ready(BOOT_TIMEOUT).expect("boot");
     vm.wait_flushed(8, BOOT_TIMEOUT).unwrap();
-    let dir = ScratchDir::new("restore-gone-store").unwrap();
-    let dest = dir.path().join("store");
+    let (_dir, dest, _) = store_with_checkpoint(&vm, "restore-gone-store");
     let dest_str = dest.to_str().unwrap();
-    crate::rewind::checkpoint_json(&vm.name, &dest);
 
     // Gone: the definition (with libvirt's records of its checkpoints) and the disk file.
     rewind_tests::domain::remove_domain(vm.domain()).unwrap();
@@ -351,22 +372,9 @@ fn files_under(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 
 #[test]
 fn in_place_restore_of_a_uefi_tpm_guest_brings_back_disk_nvram_and_tpm_state() {
-    let mut vm = TestVm::builder("restore-uefi")
-        .uefi()
-        .tpm()
-        .memory_mib(256)
-        .workload("sequence")
-        .disks(vec![DiskSpec::new("vda", Format::Qcow2, 32 << 20)])
-        .define()
-        .expect("define the test VM");
-    vm.start_and_wait_ready(Duration::from_mins(4))
-        .expect("boot with OVMF");
-    vm.wait_flushed(5, BOOT_TIMEOUT).unwrap();
-    let dir = ScratchDir::new("restore-uefi-store").unwrap();
-    let dest = dir.path().join("store");
+    let mut vm = booted_uefi_tpm_guest("restore-uefi");
+    let (_dir, dest, id) = store_with_checkpoint(&vm, "restore-uefi-store");
     let dest_str = dest.to_str().unwrap();
-    let taken = crate::rewind::checkpoint_json(&vm.name, &dest);
-    let id = taken["id"].as_str().unwrap().to_owned();
     let (nvram, tpm_dir) = firmware_state(&vm);
     let tpm_then = files_under(&tpm_dir);
     assert!(!tpm_then.is_empty());
@@ -441,11 +449,9 @@ fn restore_as_a_new_vm_runs_beside_the_original() {
         .expect("define the test VM");
     vm.start_and_wait_ready(BOOT_TIMEOUT).expect("boot");
     vm.wait_flushed(5, BOOT_TIMEOUT).unwrap();
-    let dir = ScratchDir::new("restore-new-store").unwrap();
-    let dest = dir.path().join("store");
+    let (dir, dest, id) = store_with_checkpoint(&vm, "restore-new-store");
     let dest_str = dest.to_str().unwrap();
-    let taken = crate::rewind::checkpoint_json(&vm.name, &dest);
-    let id = taken["id"].as_str().unwrap();
+    let id = id.as_str();
     let copy = format!("{} Kopie", vm.name);
     let _cleanup = RestoredVm(copy.clone());
     let disks = dir.path().join("copy disks");
@@ -544,11 +550,8 @@ fn a_damaged_chunk_stops_the_restore_before_the_vm_starts_and_puts_the_disks_bac
     let data = random_file(vm.dir(), "data.raw", 32);
     vm.fill_disk("vdb", &data).unwrap();
     vm.start_and_wait_ready(BOOT_TIMEOUT).expect("boot");
-    let dir = ScratchDir::new("restore-damaged-store").unwrap();
-    let dest = dir.path().join("store");
+    let (_dir, dest, id) = store_with_checkpoint(&vm, "restore-damaged-store");
     let dest_str = dest.to_str().unwrap();
-    let taken = crate::rewind::checkpoint_json(&vm.name, &dest);
-    let id = taken["id"].as_str().unwrap().to_owned();
     vm.host_write("vdb", 0x77, 5 << 20, 1 << 20).unwrap();
     vm.host_write("vdb", 0x78, 9 << 20, 1 << 20).unwrap();
 
@@ -652,11 +655,8 @@ fn ctrl_c_mid_restore_puts_the_vm_back_and_a_killed_restore_is_finished_by_the_n
     let then = random_file(vm.dir(), "then.raw", 640);
     vm.fill_disk("vdb", &then).unwrap();
     std::fs::remove_file(&then).unwrap();
-    let dir = ScratchDir::new("restore-cancel-store").unwrap();
-    let dest = dir.path().join("store");
+    let (_dir, dest, id) = store_with_checkpoint(&vm, "restore-cancel-store");
     let dest_str = dest.to_str().unwrap();
-    let taken = crate::rewind::checkpoint_json(&vm.name, &dest);
-    let id = taken["id"].as_str().unwrap().to_owned();
     let now = random_file(vm.dir(), "now.raw", 640);
     vm.fill_disk("vdb", &now).unwrap();
     std::fs::remove_file(&now).unwrap();
@@ -727,24 +727,9 @@ fn ctrl_c_mid_restore_puts_the_vm_back_and_a_killed_restore_is_finished_by_the_n
 /// "other host" is this machine's daemon, so the test can look at the files).
 #[test]
 fn a_uefi_tpm_vm_comes_back_on_another_host_over_ssh_from_the_store_alone() {
-    let mut vm = TestVm::builder("restore-elsewhere")
-        .uefi()
-        .tpm()
-        .memory_mib(256)
-        .workload("sequence")
-        .disks(vec![DiskSpec::new("vda", Format::Qcow2, 32 << 20)])
-        .define()
-        .expect("define the test VM");
-    vm.start_and_wait_ready(Duration::from_mins(4))
-        .expect("boot with OVMF");
-    vm.wait_flushed(5, BOOT_TIMEOUT).unwrap();
-    let dir = ScratchDir::new("restore-elsewhere-store").unwrap();
-    let dest = dir.path().join("store");
+    let mut vm = booted_uefi_tpm_guest("restore-elsewhere");
+    let (_dir, dest, id) = store_with_checkpoint(&vm, "restore-elsewhere-store");
     let dest_str = dest.to_str().unwrap();
-    let id = crate::rewind::checkpoint_json(&vm.name, &dest)["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
     let sshd = rewind_tests::sshd::Sshd::start().unwrap_or_else(|e| panic!("{e}"));
     let uri = sshd.libvirt_uri();
     let pool = rewind_tests::pool::TestPool::create("restore-elsewhere-pool")

@@ -572,6 +572,34 @@ pub(crate) fn verify_image(
     }
 }
 
+/// Runs `qemu-img ARGS... PATH EXTRA...` on the image `path`: its output if it succeeded,
+/// else what it said on stderr (stdout for `check`, which reports there).
+pub(crate) fn qemu_img(
+    args: &[&str],
+    path: &Path,
+    extra: &[&str],
+) -> Result<Result<std::process::Output, String>, RestoreError> {
+    let out = std::process::Command::new("qemu-img")
+        .args(args)
+        .arg(path)
+        .args(extra)
+        .output()
+        .map_err(|e| RestoreError::Write {
+            path: path.to_path_buf(),
+            detail: format!("could not run qemu-img: {e}; install qemu-utils"),
+        })?;
+    if out.status.success() {
+        Ok(Ok(out))
+    } else {
+        let said = if out.stderr.is_empty() {
+            &out.stdout
+        } else {
+            &out.stderr
+        };
+        Ok(Err(String::from_utf8_lossy(said).trim().to_owned()))
+    }
+}
+
 /// Creates an empty image of `size_bytes` at `path` (format `qcow2` or `raw`), with its
 /// folder; refuses to replace a file.
 pub(crate) fn create_image(path: &Path, format: &str, size_bytes: u64) -> Result<(), RestoreError> {
@@ -586,42 +614,23 @@ pub(crate) fn create_image(path: &Path, format: &str, size_bytes: u64) -> Result
         std::fs::create_dir_all(dir)
             .map_err(|e| write_err(format!("could not create its folder: {e}")))?;
     }
-    let out = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", format])
-        .arg(path)
-        .arg(size_bytes.to_string())
-        .output()
-        .map_err(|e| write_err(format!("could not run qemu-img: {e}; install qemu-utils")))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(write_err(
-            String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        ))
-    }
+    qemu_img(
+        &["create", "-q", "-f", format],
+        path,
+        &[&size_bytes.to_string()],
+    )?
+    .map(drop)
+    .map_err(write_err)
 }
 
 /// Sets the guest-visible size of the image `path` (the VM is off; shrinking drops what is
 /// beyond the new end, which a safety checkpoint holds).
 pub(crate) fn resize_image(path: &Path, format: &str, size_bytes: u64) -> Result<(), RestoreError> {
-    let out = std::process::Command::new("qemu-img")
-        .args(["resize", "-q", "--shrink", "-f", format])
-        .arg(path)
-        .arg(size_bytes.to_string())
-        .output()
-        .map_err(|e| RestoreError::Write {
+    let size = size_bytes.to_string();
+    qemu_img(&["resize", "-q", "--shrink", "-f", format], path, &[&size])?
+        .map(drop)
+        .map_err(|said| RestoreError::Write {
             path: path.to_path_buf(),
-            detail: format!("could not run qemu-img: {e}; install qemu-utils"),
-        })?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(RestoreError::Write {
-            path: path.to_path_buf(),
-            detail: format!(
-                "could not give it the checkpoint's size: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
+            detail: format!("could not give it the checkpoint's size: {said}"),
         })
-    }
 }

@@ -261,23 +261,10 @@ pub(crate) fn write_new_image(
 
 /// `qemu-img check`: QEMU agrees with the image's structure.
 fn check_qcow2(path: &Path) -> Result<(), RestoreError> {
-    let out = std::process::Command::new("qemu-img")
-        .args(["check", "-q", "-f", "qcow2"])
-        .arg(path)
-        .output()
-        .map_err(|e| RestoreError::Write {
+    super::disk::qemu_img(&["check", "-q", "-f", "qcow2"], path, &[])?
+        .map(drop)
+        .map_err(|said| RestoreError::Verify {
             path: path.to_path_buf(),
-            detail: format!("could not run qemu-img to check it: {e}; install qemu-utils"),
-        })?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(RestoreError::Verify {
-            path: path.to_path_buf(),
-            detail: format!(
-                "qemu-img check finds it unsound: {}",
-                String::from_utf8_lossy(&out.stdout).trim()
-            ),
+            detail: format!("qemu-img check finds it unsound: {said}"),
         })
-    }
 }

@@ -213,24 +213,16 @@ struct DiskProgress {
 
 /// `qemu-img info`'s virtual size of an image.
 fn image_size(path: &Path, format: &str) -> Result<u64, RestoreError> {
-    let out = std::process::Command::new("qemu-img")
-        .args(["info", "--output=json", "-f", format])
-        .arg(path)
-        .output()
-        .map_err(|e| RestoreError::Write {
-            path: path.to_path_buf(),
-            detail: format!("could not run qemu-img: {e}; install qemu-utils"),
-        })?;
-    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    info["virtual-size"]
-        .as_u64()
-        .ok_or_else(|| RestoreError::Write {
-            path: path.to_path_buf(),
-            detail: format!(
-                "qemu-img cannot read it as {format}: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-        })
+    let cannot = |said: String| RestoreError::Write {
+        path: path.to_path_buf(),
+        detail: format!("qemu-img cannot read it as {format}: {said}"),
+    };
+    let out =
+        disk::qemu_img(&["info", "--output=json", "-f", format], path, &[])?.map_err(cannot)?;
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .ok()
+        .and_then(|info| info["virtual-size"].as_u64())
+        .ok_or_else(|| cannot("no virtual size in its report".into()))
 }
 
 /// Restores one disk of `m` in place. `known` is the safety checkpoint, whose disk (same
