@@ -61,7 +61,19 @@ impl Store {
                 .collect();
             let items: Vec<(usize, DateTime<Utc>)> =
                 mine.iter().enumerate().map(|(i, m)| (i, m.time)).collect();
-            for decision in retention::plan(&items, rules, &chrono::Local) {
+            // The newest safety checkpoint stays whatever the rules say: it is what
+            // `rewind undo-restore` goes back to.
+            let newest_safety = mine
+                .iter()
+                .enumerate()
+                .filter(|(_, m)| m.labels.iter().any(|l| l == crate::restore::SAFETY_LABEL))
+                .max_by_key(|(_, m)| m.time)
+                .map(|(i, _)| i);
+            for mut decision in retention::plan(&items, rules, &chrono::Local) {
+                if Some(decision.key) == newest_safety {
+                    decision.keep = true;
+                    decision.reasons.push(retention::KeepReason::Safety);
+                }
                 let m = mine[decision.key];
                 if !decision.keep && !dry_run {
                     control.check()?;

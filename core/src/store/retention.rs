@@ -60,6 +60,9 @@ pub enum KeepReason {
     Monthly,
     /// Newest of its year.
     Yearly,
+    /// The VM's newest safety checkpoint (taken before a restore), kept so that the
+    /// restore can be undone; not a rule of [`plan`], the caller adds it.
+    Safety,
 }
 
 /// The decision for one checkpoint.
@@ -86,7 +89,7 @@ fn bucket<Tz: TimeZone>(reason: KeepReason, time: &DateTime<Utc>, tz: &Tz) -> (i
             (w.year(), w.week(), 0, 0)
         }
         KeepReason::Monthly => (t.year(), t.month(), 0, 0),
-        KeepReason::Yearly | KeepReason::Last => (t.year(), 0, 0, 0),
+        KeepReason::Yearly | KeepReason::Last | KeepReason::Safety => (t.year(), 0, 0, 0),
     }
 }
 

@@ -989,3 +989,46 @@ fn damage_found_by_verify_is_reported_until_a_later_checkpoint_heals_it() {
     assert!(store.unhealed_damage(&second).unwrap().is_empty());
     assert!(store.verify(false, &Control::new()).unwrap().is_clean());
 }
+
+#[test]
+fn prune_keeps_the_newest_safety_checkpoint_whatever_the_rules() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::init(&tmp.path().join("s"), &options()).unwrap();
+    let control = Control::new();
+    let take = |minute: u32, safety: bool| {
+        let mut new = new_checkpoint(vm("win11", 1), minute);
+        if safety {
+            new.labels = vec![crate::restore::SAFETY_LABEL.to_owned()];
+        }
+        let mut writer = store.begin_checkpoint(new, &control).unwrap();
+        writer
+            .add_blob_bytes("nvram", &[u8::try_from(minute).unwrap(); 100])
+            .unwrap();
+        writer.commit(&control).unwrap().id
+    };
+    let old_safety = take(1, true);
+    let safety = take(2, true);
+    let plain: Vec<String> = (3..6).map(|m| take(m, false)).collect();
+    let rules = crate::store::retention::KeepRules {
+        last: 1,
+        ..Default::default()
+    };
+    let decisions = store.prune(&rules, None, false, &control).unwrap();
+    let kept: Vec<&str> = decisions
+        .iter()
+        .filter(|d| d.keep)
+        .map(|d| d.id.as_str())
+        .collect();
+    assert_eq!(
+        kept,
+        vec![plain[2].as_str(), safety.as_str()],
+        "{decisions:?}"
+    );
+    let why = decisions.iter().find(|d| d.id == safety).unwrap();
+    assert_eq!(
+        why.reasons,
+        vec![crate::store::retention::KeepReason::Safety]
+    );
+    assert!(decisions.iter().any(|d| d.id == old_safety && !d.keep));
+    assert_eq!(store.catalog().unwrap().checkpoints.len(), 2);
+}
