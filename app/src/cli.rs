@@ -200,6 +200,71 @@ pub enum Command {
         how: RestoreHow,
     },
 
+    /// Protect a VM: checkpoints by themselves at an interval into a destination, thinned out
+    /// by keep rules (run `rewind daemon` or the window to have them taken)
+    Protect {
+        /// The VM (name or UUID)
+        vm: String,
+        /// Where the checkpoints go: a folder (a store is created there if it is new or
+        /// empty; a removable drive is recognised by its store wherever it is mounted)
+        #[arg(long = "to", value_name = "DEST")]
+        dest: String,
+        /// How often: 15m, 2h, 1d, 1w … (5 minutes to 1 week) [default: 15m]
+        #[arg(long, value_name = "INTERVAL")]
+        every: Option<String>,
+        #[command(flatten)]
+        keep: KeepArgs,
+        /// Take one early once the VM has written this much since the last (e.g. 2G)
+        #[arg(long, value_name = "SIZE")]
+        activity: Option<String>,
+        /// Do not freeze the guest's file systems (checkpoints are then crash-consistent)
+        #[arg(long)]
+        no_quiesce: bool,
+        /// Checkpoints with memory too (not available in this version yet)
+        #[arg(long)]
+        full_state: bool,
+        /// File with the passphrase of an encrypted store (for unattended checkpoints)
+        #[arg(long, value_name = "FILE")]
+        passphrase_file: Option<PathBuf>,
+    },
+
+    /// Stop protecting a VM (its checkpoints stay)
+    Unprotect {
+        /// The VM (name or UUID)
+        vm: String,
+    },
+
+    /// Pause protection of one VM, or of all
+    Pause {
+        /// The VM [default: all]
+        vm: Option<String>,
+    },
+
+    /// Resume protection of one VM, or of all
+    Resume {
+        /// The VM [default: all]
+        vm: Option<String>,
+    },
+
+    /// Each protected VM: its last checkpoint, the next one, whether its destinations are there
+    Status {
+        /// Print JSON (documented in app/CLI.md)
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// What every scheduled checkpoint did, of every VM or of one
+    History {
+        /// Only this VM (name or UUID)
+        vm: Option<String>,
+        /// Print JSON (documented in app/CLI.md)
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Run the scheduler without a window (the systemd user unit in packaging/ runs this)
+    Daemon,
+
     /// Remove data that no checkpoint uses any more (prune does this itself)
     Gc {
         /// The store's folder
@@ -209,6 +274,42 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `--keep-*` of `rewind protect`.
+#[derive(Debug, clap::Args)]
+pub struct KeepArgs {
+    /// Keep the N newest checkpoints
+    #[arg(long = "keep-last", value_name = "N", default_value_t = 0)]
+    last: u32,
+    /// Keep the newest of each of the last N hours
+    #[arg(long = "keep-hourly", value_name = "N", default_value_t = 0)]
+    hourly: u32,
+    /// Keep the newest of each of the last N days
+    #[arg(long = "keep-daily", value_name = "N", default_value_t = 0)]
+    daily: u32,
+    /// Keep the newest of each of the last N weeks
+    #[arg(long = "keep-weekly", value_name = "N", default_value_t = 0)]
+    weekly: u32,
+    /// Keep the newest of each of the last N months
+    #[arg(long = "keep-monthly", value_name = "N", default_value_t = 0)]
+    monthly: u32,
+    /// Keep the newest of each of the last N years
+    #[arg(long = "keep-yearly", value_name = "N", default_value_t = 0)]
+    yearly: u32,
+}
+
+impl KeepArgs {
+    fn rules(&self) -> KeepRules {
+        KeepRules {
+            last: self.last,
+            hourly: self.hourly,
+            daily: self.daily,
+            weekly: self.weekly,
+            monthly: self.monthly,
+            yearly: self.yearly,
+        }
+    }
 }
 
 /// Options shared by `restore` and `undo-restore`.
@@ -257,6 +358,7 @@ impl ExportFormat {
 }
 
 /// Runs a subcommand, writing its output to `out`.
+#[allow(clippy::too_many_lines)] // one short arm per command
 pub fn run(args: &Args, command: &Command, out: &mut dyn Write) -> anyhow::Result<()> {
     match command {
         Command::Vms { json } => {
@@ -330,6 +432,37 @@ pub fn run(args: &Args, command: &Command, out: &mut dyn Write) -> anyhow::Resul
             };
             crate::restore_cli::restore(out, &args.uri(), &restore)?;
         }
+        Command::Protect {
+            vm,
+            dest,
+            every,
+            keep,
+            activity,
+            no_quiesce,
+            full_state,
+            passphrase_file,
+        } => {
+            let protect = crate::protect_cli::ProtectArgs {
+                vm,
+                dest,
+                every: every.as_deref(),
+                keep: keep.rules(),
+                activity: activity.as_deref(),
+                no_quiesce: *no_quiesce,
+                full_state: *full_state,
+                passphrase_file: passphrase_file.as_deref(),
+                uri: args.connect.as_deref().filter(|u| !u.trim().is_empty()),
+            };
+            crate::protect_cli::protect(out, &args.uri(), &protect)?;
+        }
+        Command::Unprotect { vm } => crate::protect_cli::unprotect(out, vm)?,
+        Command::Pause { vm } => crate::protect_cli::set_paused(out, vm.as_deref(), true)?,
+        Command::Resume { vm } => crate::protect_cli::set_paused(out, vm.as_deref(), false)?,
+        Command::Status { json } => crate::protect_cli::status(out, *json)?,
+        Command::History { vm, json } => {
+            crate::protect_cli::show_history(out, vm.as_deref(), *json)?;
+        }
+        Command::Daemon => crate::daemon::run()?,
         Command::UndoRestore { vm, store, how } => {
             let restore = crate::restore_cli::RestoreArgs {
                 dest: store,

@@ -4,7 +4,10 @@
 #![forbid(unsafe_code)]
 
 mod cli;
+mod daemon;
 mod gui;
+mod notify;
+mod protect_cli;
 mod restore_cli;
 mod store_cli;
 

@@ -255,6 +255,9 @@ pub struct TakeOptions {
     pub skip_missing_disks: bool,
     /// The phase shown while data is copied ([`Phase::SafetyCheckpoint`] inside a restore).
     pub copy_phase: Phase,
+    /// Freeze the guest's file systems through its agent when it has one (off: always
+    /// crash-consistent, for guests whose applications dislike being frozen).
+    pub quiesce: bool,
 }
 
 impl Default for TakeOptions {
@@ -263,6 +266,7 @@ impl Default for TakeOptions {
             labels: Vec::new(),
             skip_missing_disks: false,
             copy_phase: Phase::Copying,
+            quiesce: true,
         }
     }
 }
@@ -341,6 +345,7 @@ pub fn take_with(
     let job_dir = job_dir(work_dir, &uuid, &hv.domain_xml(vm)?)?;
     let plan = LivePlan {
         vm,
+        quiesce: options.quiesce,
         labels: options.labels.clone(),
         info: &info,
         uuid,
@@ -358,6 +363,7 @@ pub fn take_with(
 /// What was decided before a live capture.
 struct LivePlan<'a> {
     vm: &'a str,
+    quiesce: bool,
     labels: Vec<String>,
     info: &'a crate::vm::VmInfo,
     uuid: Uuid,
@@ -381,6 +387,7 @@ fn take_live(
 ) -> Result<Manifest, CheckpointError> {
     let LivePlan {
         vm,
+        quiesce,
         labels,
         info,
         uuid,
@@ -395,7 +402,15 @@ fn take_live(
     control.set_phase(Phase::Capturing);
     // Freeze (when an agent answers), mark the instant, thaw at once: the export is
     // point-in-time, so the guest is frozen only for as long as starting the job takes.
-    let (frozen, consistency, consistency_note) = freeze(hv, vm, &uuid)?;
+    let (frozen, consistency, consistency_note) = if quiesce {
+        freeze(hv, vm, &uuid)?
+    } else {
+        (
+            None,
+            Consistency::Crash,
+            "freezing the guest's file systems is turned off in this VM's policy (quiesce)".into(),
+        )
+    };
     crate::fault::point("after-freeze").map_err(CheckpointError::Unsupported)?;
     let begun = begin_backup(
         hv,

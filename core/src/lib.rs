@@ -7,19 +7,25 @@
 //! over it.
 
 pub mod checkpoint;
+pub mod config;
+pub mod destination;
 pub mod engine;
 pub mod error;
 mod fault;
+pub mod history;
 pub mod libvirt;
+pub mod log;
 pub mod nbd;
 pub mod progress;
 pub mod qcow2;
 pub mod qcow2_new;
 mod qemu_nbd;
 pub mod restore;
+pub mod scheduler;
 pub mod store;
 pub mod units;
 pub mod vm;
+pub mod workdir;
 
 pub use error::{Error, Result};
 

@@ -8,6 +8,7 @@ mod chain;
 mod cli;
 mod events;
 mod gui;
+mod protect;
 mod remote;
 mod restore;
 mod rewind;

@@ -169,3 +169,23 @@ impl Hypervisor {
             .map_err(|e| self.libvirt_error(&format!("read the definition of VM {vm:?}"), &e))
     }
 }
+
+impl Hypervisor {
+    /// Bytes the running VM `vm` has written to its protected disks since QEMU started
+    /// (libvirt's block statistics); `None` when the VM is not running.
+    pub fn written_bytes(&self, vm: &str) -> Result<Option<u64>> {
+        let info = self.vm(vm)?;
+        if info.state != VmState::Running {
+            return Ok(None);
+        }
+        let dom = self.lookup(vm)?;
+        let mut total = 0u64;
+        for disk in info.protected_disks() {
+            let stats = dom.block_stats(&disk.target).map_err(|e| {
+                self.libvirt_error(&format!("read the disk statistics of VM {vm:?}"), &e)
+            })?;
+            total = total.saturating_add(u64::try_from(stats.wr_bytes).unwrap_or(0));
+        }
+        Ok(Some(total))
+    }
+}

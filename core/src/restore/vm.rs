@@ -501,6 +501,7 @@ impl<'a> InPlace<'a> {
             labels: vec![SAFETY_LABEL.to_owned()],
             skip_missing_disks: true,
             copy_phase: Phase::SafetyCheckpoint,
+            quiesce: true,
         };
         match checkpoint::take_with(
             self.hv,

@@ -1,0 +1,635 @@
+//! `rewind protect`, `unprotect`, `pause`, `resume`, `status` and `history`: automatic
+//! protection from the command line. They edit the configuration file (which a running
+//! scheduler picks up by itself) and read the history and the scheduler's status.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, bail};
+use chrono::{DateTime, Local, Utc};
+use rewind_core::config::{self, Config, Destination, Protection};
+use rewind_core::destination::{self, Availability};
+use rewind_core::history::{self, Outcome, Record};
+use rewind_core::libvirt::Hypervisor;
+use rewind_core::scheduler::policy::{self, Why};
+use rewind_core::scheduler::status::{self as live, Status};
+use rewind_core::store::retention::KeepRules;
+use rewind_core::store::{InitOptions, Store, StoreError};
+use rewind_core::units::human_bytes;
+use serde::Serialize;
+
+/// What `rewind protect` was asked.
+#[derive(Debug)]
+pub struct ProtectArgs<'a> {
+    /// The VM.
+    pub vm: &'a str,
+    /// The destination: a folder or `ssh://` URL.
+    pub dest: &'a str,
+    /// `--every`.
+    pub every: Option<&'a str>,
+    /// `--keep-*` (all 0: keep the defaults).
+    pub keep: KeepRules,
+    /// `--activity`.
+    pub activity: Option<&'a str>,
+    /// `--no-quiesce`.
+    pub no_quiesce: bool,
+    /// `--full-state`.
+    pub full_state: bool,
+    /// `--passphrase-file`.
+    pub passphrase_file: Option<&'a Path>,
+    /// `--connect` was given explicitly.
+    pub uri: Option<&'a str>,
+}
+
+fn load() -> anyhow::Result<(Config, PathBuf)> {
+    let path = config::config_path();
+    Ok((Config::load(&path)?, path))
+}
+
+/// Parses a size such as `2G`, `500M` (bytes when bare).
+fn parse_size(text: &str) -> anyhow::Result<u64> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    let n: u64 = n
+        .parse()
+        .with_context(|| format!("{text:?} is not an amount; write it like 2G or 500M"))?;
+    let factor: u64 = match unit
+        .trim()
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
+        "" => 1,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        "T" => 1 << 40,
+        other => bail!("{other:?} is not a size unit; use K, M, G or T (as in 2G)"),
+    };
+    n.checked_mul(factor)
+        .with_context(|| format!("{text:?} is too large"))
+}
+
+/// The store at a folder destination: created if the folder is missing or empty, opened
+/// (with the passphrase file if encrypted) otherwise.
+fn folder_store(dest: &Path, passphrase_file: Option<&Path>) -> anyhow::Result<Store> {
+    match Store::probe(dest) {
+        Err(StoreError::Missing { .. }) => Ok(Store::init(dest, &InitOptions::default())?),
+        Err(StoreError::NotAStore { .. })
+            if std::fs::read_dir(dest).is_ok_and(|mut d| d.next().is_none()) =>
+        {
+            Ok(Store::init(dest, &InitOptions::default())?)
+        }
+        Err(e) => Err(e.into()),
+        Ok(c) if c.encryption.is_some() => {
+            let Some(file) = passphrase_file else {
+                bail!(
+                    "the store at {} is encrypted: checkpoints taken by themselves need its passphrase in a file only you can read; give it with --passphrase-file FILE",
+                    dest.display()
+                );
+            };
+            let pass = std::fs::read_to_string(file).with_context(|| {
+                format!("could not read the passphrase from {}", file.display())
+            })?;
+            Ok(Store::open(
+                dest,
+                Some(pass.trim_end_matches(['\n', '\r']).as_bytes()),
+            )?)
+        }
+        Ok(_) => Ok(Store::open(dest, None)?),
+    }
+}
+
+/// Whether two paths are on the same file system.
+fn same_device(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev(),
+        _ => false,
+    }
+}
+
+/// The destination `args.dest` in `config` (added if new, recognised by its store's ID):
+/// its name, location, and a warning if it shares a disk with the VM.
+fn destination_for(
+    config: &mut Config,
+    args: &ProtectArgs<'_>,
+    info: &rewind_core::vm::VmInfo,
+) -> anyhow::Result<(String, String, Option<String>)> {
+    if args.dest.starts_with("ssh://") {
+        bail!(
+            "ssh:// destinations are not wired into protection yet; use a folder (a removable drive) for now"
+        );
+    }
+    let folder = std::path::absolute(args.dest)
+        .with_context(|| format!("{} is not a usable path", args.dest))?;
+    let store = folder_store(&folder, args.passphrase_file)?;
+    let on_vm_disk = info
+        .protected_disks()
+        .filter_map(|d| d.path())
+        .any(|disk| same_device(disk, &folder));
+    let warning = on_vm_disk.then(|| {
+        format!(
+            "warning: {} is on the same disk as the VM's own disks; if that disk fails, the checkpoints go with it. A removable drive or another host is safer.",
+            folder.display()
+        )
+    });
+    let (store_id, location) = (store.config().id, folder.display().to_string());
+    if let Some(d) = config
+        .destinations
+        .iter()
+        .find(|d| d.store_id == Some(store_id))
+    {
+        return Ok((d.name.clone(), location, warning));
+    }
+    let stem = Path::new(&location)
+        .components()
+        .filter_map(|c| c.as_os_str().to_str())
+        .rfind(|c| *c != "rewind" && *c != "/")
+        .unwrap_or("backup")
+        .to_owned();
+    let mut name = stem.clone();
+    let mut n = 2;
+    while config.destination(&name).is_some() {
+        name = format!("{stem}-{n}");
+        n += 1;
+    }
+    config.destinations.push(Destination {
+        name: name.clone(),
+        location: location.clone(),
+        store_id: Some(store_id),
+        passphrase_file: args.passphrase_file.map(Path::to_path_buf),
+    });
+    Ok((name, location, warning))
+}
+
+/// `rewind protect VM --to DEST ...`.
+pub fn protect(
+    out: &mut dyn Write,
+    default_uri: &str,
+    args: &ProtectArgs<'_>,
+) -> anyhow::Result<()> {
+    if args.full_state {
+        bail!(
+            "full-state checkpoints (memory too) are not available in this version yet; protect the VM without --full-state for disk checkpoints"
+        );
+    }
+    let (mut config, path) = load()?;
+    if let Some(uri) = args.uri {
+        uri.clone_into(&mut config.uri);
+    } else if config.vms.is_empty() {
+        default_uri.clone_into(&mut config.uri);
+    }
+    let hv = Hypervisor::connect(&config.uri)?;
+    let info = hv.vm(args.vm)?;
+    let interval_secs = match args.every {
+        Some(every) => config::parse_interval(every).map_err(anyhow::Error::msg)?,
+        None => config::DEFAULT_INTERVAL_SECS,
+    };
+    config::check_interval(interval_secs).map_err(anyhow::Error::msg)?;
+    let activity_bytes = args.activity.map(parse_size).transpose()?;
+
+    let (name, location, warning) = destination_for(&mut config, args, &info)?;
+    let existing = config
+        .vms
+        .iter()
+        .position(|p| p.uuid.as_deref() == Some(info.uuid.as_str()) || p.vm == info.name);
+    let mut protection = existing.map(|i| config.vms.remove(i)).unwrap_or_default();
+    protection.vm.clone_from(&info.name);
+    protection.uuid = Some(info.uuid.clone());
+    if !protection.destinations.contains(&name) {
+        protection.destinations.push(name.clone());
+    }
+    protection.interval_secs = interval_secs;
+    if !args.keep.is_empty() {
+        protection.keep = args.keep;
+    } else if existing.is_none() {
+        protection.keep = config::default_keep();
+    }
+    protection.activity_bytes = activity_bytes.or(protection.activity_bytes);
+    protection.quiesce = !args.no_quiesce;
+    config.vms.push(protection.clone());
+    config.save(&path)?;
+
+    writeln!(
+        out,
+        "Protecting {}: a checkpoint every {} into {name} ({location}), keeping {}.",
+        info.name,
+        interval_text(interval_secs),
+        keep_text(&protection.keep)
+    )?;
+    if let Some(w) = warning {
+        writeln!(out, "{w}")?;
+    }
+    match Status::read_live(&live::status_path()) {
+        Some(s) => writeln!(
+            out,
+            "The scheduler ({}, process {}) takes the first checkpoint now.",
+            s.program, s.pid
+        )?,
+        None => writeln!(
+            out,
+            "No scheduler runs yet: start the Rewind window, or `rewind daemon` (packaging/rewind.service runs it at login). It takes the first checkpoint at once."
+        )?,
+    }
+    Ok(())
+}
+
+fn interval_text(secs: u64) -> String {
+    match secs {
+        s if s % 604_800 == 0 => format!("{} week(s)", s / 604_800),
+        s if s % 86_400 == 0 => format!("{} day(s)", s / 86_400),
+        s if s % 3600 == 0 => format!("{} hour(s)", s / 3600),
+        s if s % 60 == 0 => format!("{} minute(s)", s / 60),
+        s => format!("{s} seconds"),
+    }
+}
+
+fn keep_text(k: &KeepRules) -> String {
+    let parts: Vec<String> = [
+        (k.last, "last"),
+        (k.hourly, "hourly"),
+        (k.daily, "daily"),
+        (k.weekly, "weekly"),
+        (k.monthly, "monthly"),
+        (k.yearly, "yearly"),
+    ]
+    .iter()
+    .filter(|(n, _)| *n > 0)
+    .map(|(n, what)| format!("{n} {what}"))
+    .collect();
+    parts.join(", ")
+}
+
+/// `rewind unprotect VM`.
+pub fn unprotect(out: &mut dyn Write, vm: &str) -> anyhow::Result<()> {
+    let (mut config, path) = load()?;
+    let Some(i) = config.vms.iter().position(|p| {
+        p.vm == vm
+            || p.uuid
+                .as_deref()
+                .is_some_and(|u| u.eq_ignore_ascii_case(vm))
+    }) else {
+        bail!("{vm:?} is not protected; `rewind status` lists the protected VMs");
+    };
+    let p = config.vms.remove(i);
+    config.save(&path)?;
+    writeln!(
+        out,
+        "{} is no longer protected. Its checkpoints stay in {}.",
+        p.vm,
+        p.destinations.join(", ")
+    )?;
+    Ok(())
+}
+
+/// `rewind pause [VM]` / `rewind resume [VM]`.
+pub fn set_paused(out: &mut dyn Write, vm: Option<&str>, paused: bool) -> anyhow::Result<()> {
+    let (mut config, path) = load()?;
+    let word = if paused { "paused" } else { "resumed" };
+    match vm {
+        None => {
+            config.paused = paused;
+            if !paused {
+                for p in &mut config.vms {
+                    p.paused = false;
+                }
+            }
+            config.save(&path)?;
+            writeln!(out, "Protection of every VM {word}.")?;
+        }
+        Some(vm) => {
+            let Some(p) = config.vms.iter_mut().find(|p| p.vm == vm) else {
+                bail!("{vm:?} is not protected; `rewind status` lists the protected VMs");
+            };
+            p.paused = paused;
+            config.save(&path)?;
+            writeln!(out, "Protection of {vm} {word}.")?;
+            if !paused && config.paused {
+                writeln!(
+                    out,
+                    "(All protection is still paused: `rewind resume` without a VM.)"
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One destination of one VM in `rewind status --json`.
+#[derive(Debug, Serialize)]
+struct DestinationJson {
+    name: String,
+    location: String,
+    available: bool,
+    found_at: Option<String>,
+    reason: Option<String>,
+    last_checkpoint: Option<String>,
+    last_success: Option<DateTime<Utc>>,
+    last_attempt: Option<DateTime<Utc>>,
+    failures: u32,
+    last_error: Option<String>,
+    next_run: DateTime<Utc>,
+    next_why: Why,
+    stale: bool,
+    running: Option<live::RunningJob>,
+}
+
+#[derive(Debug, Serialize)]
+struct VmJson {
+    vm: String,
+    uuid: Option<String>,
+    paused: bool,
+    interval_secs: u64,
+    keep: KeepRules,
+    destinations: Vec<DestinationJson>,
+}
+
+#[derive(Debug, Serialize)]
+struct SchedulerJson {
+    running: bool,
+    pid: Option<u32>,
+    program: Option<String>,
+    since: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Serialize)]
+struct StatusJson {
+    config: PathBuf,
+    config_error: Option<String>,
+    paused: bool,
+    scheduler: SchedulerJson,
+    vms: Vec<VmJson>,
+}
+
+fn status_json() -> StatusJson {
+    let path = config::config_path();
+    let (config, error) = Config::load_or_last_good(&path);
+    let records = history::read(&history::history_path());
+    let live = Status::read_live(&live::status_path());
+    let roots = destination::watch_roots(&config);
+    let now = Utc::now();
+    let vms = config
+        .vms
+        .iter()
+        .map(|p| VmJson {
+            vm: p.vm.clone(),
+            uuid: p.uuid.clone(),
+            paused: config.paused || p.paused,
+            interval_secs: p.interval_secs,
+            keep: p.keep,
+            destinations: p
+                .destinations
+                .iter()
+                .filter_map(|d| config.destination(d))
+                .map(|d| destination_json(p, d, &records, live.as_ref(), &roots, now))
+                .collect(),
+        })
+        .collect();
+    StatusJson {
+        config: path,
+        config_error: error
+            .map(|e| e.to_string())
+            .or_else(|| live.as_ref().and_then(|s| s.config_error.clone())),
+        paused: config.paused,
+        scheduler: SchedulerJson {
+            running: live.is_some(),
+            pid: live.as_ref().map(|s| s.pid),
+            program: live.as_ref().map(|s| s.program.clone()),
+            since: live.as_ref().map(|s| s.started),
+        },
+        vms,
+    }
+}
+
+fn destination_json(
+    p: &Protection,
+    d: &Destination,
+    records: &[Record],
+    live: Option<&Status>,
+    roots: &[PathBuf],
+    now: DateTime<Utc>,
+) -> DestinationJson {
+    let track = history::track(records, &p.vm, p.uuid.as_deref(), &d.name);
+    let last_ok = records
+        .iter()
+        .rev()
+        .find(|r| r.destination == d.name && r.vm == p.vm && r.outcome == Outcome::Ok);
+    let last = records
+        .iter()
+        .rev()
+        .find(|r| r.destination == d.name && r.vm == p.vm);
+    let (available, found_at, reason) = match destination::locate(d, roots) {
+        Availability::Folder(path) => (true, Some(path.display().to_string()), None),
+        Availability::Remote(l) => (true, Some(l), None),
+        Availability::Missing { reason } => (false, None, Some(reason)),
+    };
+    let (next_run, next_why) = live
+        .and_then(|s| {
+            s.next
+                .iter()
+                .find(|n| n.vm == p.vm && n.destination == d.name)
+                .map(|n| (n.at, n.why))
+        })
+        .unwrap_or_else(|| {
+            let (at, why) = policy::next_run(p, &track, now);
+            (at.max(now), why)
+        });
+    DestinationJson {
+        name: d.name.clone(),
+        location: d.location.clone(),
+        available,
+        found_at,
+        reason,
+        last_checkpoint: last_ok.and_then(|r| r.checkpoint.clone()),
+        last_success: track.last_success,
+        last_attempt: track.last_attempt,
+        failures: track.failures,
+        last_error: last
+            .filter(|r| r.outcome == Outcome::Failed)
+            .and_then(|r| r.error.clone()),
+        next_run,
+        next_why,
+        stale: track.last_success.is_some() && policy::is_stale(p, &track, now, now),
+        running: live.and_then(|s| {
+            s.running
+                .iter()
+                .find(|j| j.vm == p.vm && j.destination == d.name)
+                .cloned()
+        }),
+    }
+}
+
+fn local(t: DateTime<Utc>) -> String {
+    t.with_timezone(&Local).format("%Y-%m-%d %H:%M").to_string()
+}
+
+fn ago(t: DateTime<Utc>) -> String {
+    let secs = (Utc::now() - t).num_seconds().max(0);
+    match secs {
+        s if s < 90 => format!("{s} s ago"),
+        s if s < 5400 => format!("{} min ago", s / 60),
+        s if s < 172_800 => format!("{} h ago", s / 3600),
+        s => format!("{} days ago", s / 86_400),
+    }
+}
+
+/// `rewind status [--json]`.
+pub fn status(out: &mut dyn Write, json: bool) -> anyhow::Result<()> {
+    let s = status_json();
+    if json {
+        serde_json::to_writer_pretty(&mut *out, &s)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    match (&s.scheduler.pid, &s.scheduler.program) {
+        (Some(pid), Some(program)) => writeln!(out, "Scheduler: runs ({program}, process {pid}).")?,
+        _ => writeln!(
+            out,
+            "Scheduler: not running — nothing is protected until the Rewind window or `rewind daemon` runs."
+        )?,
+    }
+    if s.paused {
+        writeln!(out, "All protection is paused (`rewind resume`).")?;
+    }
+    if let Some(e) = &s.config_error {
+        writeln!(out, "Configuration: {e}")?;
+    }
+    if s.vms.is_empty() {
+        writeln!(
+            out,
+            "No VM is protected yet: `rewind protect VM --to FOLDER`."
+        )?;
+    }
+    for vm in &s.vms {
+        writeln!(
+            out,
+            "{}{}: every {}, keeping {}",
+            vm.vm,
+            if vm.paused { " (paused)" } else { "" },
+            interval_text(vm.interval_secs),
+            keep_text(&vm.keep)
+        )?;
+        for d in &vm.destinations {
+            let last = d.last_success.map_or_else(
+                || "no checkpoint yet".to_owned(),
+                |t| format!("last checkpoint {}", ago(t)),
+            );
+            writeln!(
+                out,
+                "  {} ({}): {}; {last}{}",
+                d.name,
+                d.found_at.as_deref().unwrap_or(&d.location),
+                if d.available { "present" } else { "MISSING" },
+                if d.stale { " — TOO OLD" } else { "" }
+            )?;
+            if let Some(reason) = &d.reason {
+                writeln!(out, "    {reason}")?;
+            }
+            if let Some(job) = &d.running {
+                writeln!(
+                    out,
+                    "    checkpoint under way ({}, {} of {}) — do not unplug this drive now",
+                    job.phase,
+                    human_bytes(job.done_bytes),
+                    human_bytes(job.total_bytes)
+                )?;
+            } else {
+                writeln!(
+                    out,
+                    "    next: {} ({})",
+                    local(d.next_run),
+                    d.next_why.label()
+                )?;
+            }
+            if let Some(e) = &d.last_error {
+                writeln!(
+                    out,
+                    "    last attempt failed ({} time(s) in a row): {e}",
+                    d.failures
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `rewind history [VM] [--json]`.
+pub fn show_history(out: &mut dyn Write, vm: Option<&str>, json: bool) -> anyhow::Result<()> {
+    let records: Vec<Record> = history::read(&history::history_path())
+        .into_iter()
+        .filter(|r| {
+            vm.is_none_or(|v| {
+                r.vm == v
+                    || r.vm_uuid
+                        .as_deref()
+                        .is_some_and(|u| u.eq_ignore_ascii_case(v))
+            })
+        })
+        .collect();
+    if json {
+        serde_json::to_writer_pretty(&mut *out, &records)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    if records.is_empty() {
+        writeln!(out, "No jobs have run yet.")?;
+    }
+    for r in &records {
+        let what = match (r.outcome, &r.checkpoint) {
+            (Outcome::Ok, Some(id)) => format!(
+                "checkpoint {id} ({}, {} new{})",
+                if r.incremental == Some(true) {
+                    "incremental"
+                } else {
+                    "full"
+                },
+                human_bytes(r.new_bytes),
+                if r.pruned > 0 {
+                    format!(", {} old removed", r.pruned)
+                } else {
+                    String::new()
+                }
+            ),
+            (Outcome::Ok, None) => "done".into(),
+            (Outcome::Failed, _) => format!("FAILED: {}", r.error.as_deref().unwrap_or("?")),
+            (Outcome::Cancelled, _) => "cancelled".into(),
+        };
+        writeln!(
+            out,
+            "{}  {} -> {} ({}): {what}",
+            local(r.started),
+            r.vm,
+            r.destination,
+            r.trigger.label()
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_intervals_read_and_print_like_people_write_them() {
+        assert_eq!(parse_size("2G").unwrap(), 2 << 30);
+        assert_eq!(parse_size("500MiB").unwrap(), 500 << 20);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("lots").is_err());
+        assert!(
+            parse_size("3Q")
+                .unwrap_err()
+                .to_string()
+                .contains("size unit")
+        );
+        assert_eq!(interval_text(900), "15 minute(s)");
+        assert_eq!(interval_text(7200), "2 hour(s)");
+        assert_eq!(interval_text(20), "20 seconds");
+        assert_eq!(
+            keep_text(&config::default_keep()),
+            "4 last, 24 hourly, 7 daily, 4 weekly, 6 monthly"
+        );
+    }
+}

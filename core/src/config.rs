@@ -1,0 +1,654 @@
+//! Rewind's configuration: which VMs are protected, how often, where their checkpoints go
+//! and how long they are kept. One RON file, `config.ron` in the XDG config folder
+//! (`~/.config/rewind/`, or `$REWIND_CONFIG_DIR`), written by `rewind protect` and the
+//! window and editable by hand:
+//!
+//! ```ron
+//! (
+//!     uri: "qemu:///system",
+//!     destinations: [
+//!         (name: "usb", location: "/media/me/backup/rewind", store_id: Some("6a1f…")),
+//!     ],
+//!     vms: [
+//!         (vm: "win11", destinations: ["usb"], interval_secs: 900,
+//!          keep: (last: 4, hourly: 24, daily: 7, weekly: 4, monthly: 6, yearly: 0)),
+//!     ],
+//! )
+//! ```
+//!
+//! Every field has a default, so a short file is a valid one. Loading reports the file,
+//! line and column of a syntax error and what was expected; a file that does not load
+//! never replaces the configuration in use ([`ConfigWatcher`] keeps the last good one), and
+//! saving is atomic (a temporary file renamed over the old one). Each configuration that
+//! loads is also copied to `config.last-good.ron`, which is used when `config.ron` is
+//! broken at start.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::store::retention::KeepRules;
+
+/// The shortest interval between scheduled checkpoints.
+pub const MIN_INTERVAL_SECS: u64 = 5 * 60;
+/// The longest.
+pub const MAX_INTERVAL_SECS: u64 = 7 * 24 * 3600;
+/// The default: every 15 minutes.
+pub const DEFAULT_INTERVAL_SECS: u64 = 15 * 60;
+/// Set to `1` to allow intervals below [`MIN_INTERVAL_SECS`] (for tests only).
+pub const SHORT_INTERVALS_ENV: &str = "REWIND_ALLOW_SHORT_INTERVALS";
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The libvirt connection.
+    pub uri: String,
+    /// Where checkpoints go.
+    pub destinations: Vec<Destination>,
+    /// The protected VMs.
+    pub vms: Vec<Protection>,
+    /// All protection paused.
+    pub paused: bool,
+    /// How many checkpoints may run at once (across VMs; one per VM always).
+    pub max_concurrent_jobs: u32,
+    /// More folders where removable drives appear (besides `/media/$USER`,
+    /// `/run/media/$USER` and `/mnt`).
+    pub watch_paths: Vec<PathBuf>,
+    /// Desktop notifications.
+    pub notifications: Notifications,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            uri: crate::libvirt::DEFAULT_URI.to_owned(),
+            destinations: Vec::new(),
+            vms: Vec::new(),
+            paused: false,
+            max_concurrent_jobs: 1,
+            watch_paths: Vec::new(),
+            notifications: Notifications::default(),
+        }
+    }
+}
+
+/// A place checkpoints go: a store in a folder (typically on a removable drive) or on
+/// another host over SSH.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Destination {
+    /// A short name the VMs' policies refer to.
+    pub name: String,
+    /// A folder, or `ssh://[user@]host[:port]/path`.
+    pub location: String,
+    /// The store's identity: a drive is recognised by it wherever it is mounted, and a
+    /// folder holding another store (or none: an empty mount point) is never written to.
+    #[serde(default)]
+    pub store_id: Option<Uuid>,
+    /// A file holding the passphrase of an encrypted store (readable only by you).
+    #[serde(default)]
+    pub passphrase_file: Option<PathBuf>,
+}
+
+/// Disk-only or full-state checkpoints.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// Disks, UEFI variables, TPM state.
+    #[default]
+    Disk,
+    /// Also memory and device state (not supported by this version yet).
+    Full,
+}
+
+/// How one VM is protected.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Protection {
+    /// The VM's name.
+    pub vm: String,
+    /// Its UUID, when known (found by it if renamed).
+    pub uuid: Option<String>,
+    /// Names of its destinations.
+    pub destinations: Vec<String>,
+    /// Seconds between checkpoints.
+    pub interval_secs: u64,
+    /// Take one early once the VM has written this many bytes since the last one.
+    pub activity_bytes: Option<u64>,
+    /// What to keep in each destination.
+    pub keep: KeepRules,
+    /// Disk-only or full-state.
+    pub kind: Kind,
+    /// Freeze the guest's file systems through its agent (application consistency).
+    pub quiesce: bool,
+    /// Warn once the newest checkpoint in a destination is older than this.
+    pub stale_after_secs: Option<u64>,
+    /// This VM's protection paused.
+    pub paused: bool,
+}
+
+impl Default for Protection {
+    fn default() -> Self {
+        Self {
+            vm: String::new(),
+            uuid: None,
+            destinations: Vec::new(),
+            interval_secs: DEFAULT_INTERVAL_SECS,
+            activity_bytes: None,
+            keep: default_keep(),
+            kind: Kind::Disk,
+            quiesce: true,
+            stale_after_secs: None,
+            paused: false,
+        }
+    }
+}
+
+impl Protection {
+    /// How old the newest checkpoint may get before the user is told: the policy's own, or
+    /// a day, or three intervals if that is longer.
+    #[must_use]
+    pub fn stale_after(&self) -> Duration {
+        Duration::from_secs(
+            self.stale_after_secs
+                .unwrap_or_else(|| (3 * self.interval_secs).max(24 * 3600)),
+        )
+    }
+}
+
+/// The retention of a newly protected VM: the last 4, 24 hourly, 7 daily, 4 weekly,
+/// 6 monthly.
+#[must_use]
+pub fn default_keep() -> KeepRules {
+    KeepRules {
+        last: 4,
+        hourly: 24,
+        daily: 7,
+        weekly: 4,
+        monthly: 6,
+        yearly: 0,
+    }
+}
+
+/// When the user hears from Rewind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Notifications {
+    /// A checkpoint failed.
+    pub on_failure: bool,
+    /// A destination's newest checkpoint is older than its VM's policy allows.
+    pub on_stale: bool,
+    /// A checkpoint succeeded.
+    pub on_success: bool,
+}
+
+impl Default for Notifications {
+    fn default() -> Self {
+        Self {
+            on_failure: true,
+            on_stale: true,
+            on_success: false,
+        }
+    }
+}
+
+/// What is wrong with a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// Not valid RON, or not what Rewind expects where it is.
+    #[error(
+        "the configuration file has an error at line {line}, column {column}: {message}. Fix it there; until then the last good configuration is used ({})",
+        path.display()
+    )]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What the parser expected or found.
+        message: String,
+    },
+    /// Well-formed but not sensible.
+    #[error("the configuration file is not usable: {what}. Fix it; until then the last good configuration is used ({})", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
+    },
+    /// Could not be read or written.
+    #[error("could not {action} the configuration file: {detail} ({})", path.display())]
+    Io {
+        /// What Rewind was doing.
+        action: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The OS's words.
+        detail: String,
+    },
+}
+
+/// The folder of Rewind's configuration: `$REWIND_CONFIG_DIR`, else the XDG config folder
+/// (`~/.config/rewind`).
+#[must_use]
+pub fn config_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("REWIND_CONFIG_DIR") {
+        return PathBuf::from(dir);
+    }
+    directories::ProjectDirs::from("", "", "rewind").map_or_else(
+        || PathBuf::from(".rewind"),
+        |dirs| dirs.config_dir().to_path_buf(),
+    )
+}
+
+/// The configuration file.
+#[must_use]
+pub fn config_path() -> PathBuf {
+    config_dir().join("config.ron")
+}
+
+fn last_good_path(path: &Path) -> PathBuf {
+    path.with_extension("last-good.ron")
+}
+
+/// Parses an interval such as `90s`, `15m`, `2h`, `1d`, `1w` (a bare number is seconds).
+pub fn parse_interval(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (number, unit) = text
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((text, ""), |at| text.split_at(at));
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not an interval; write it like 15m, 2h, 1d or 1w"))?;
+    let factor = match unit.trim() {
+        "" | "s" => 1,
+        "m" | "min" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        other => {
+            return Err(format!(
+                "{other:?} is not a unit of time; use s, m, h, d or w (as in 15m)"
+            ));
+        }
+    };
+    n.checked_mul(factor)
+        .ok_or_else(|| format!("{text:?} is too long an interval"))
+}
+
+/// Whether intervals below the minimum are allowed (tests).
+fn short_intervals_allowed() -> bool {
+    std::env::var_os(SHORT_INTERVALS_ENV).is_some_and(|v| v == "1")
+}
+
+/// Checks an interval against the allowed range.
+pub fn check_interval(secs: u64) -> Result<(), String> {
+    let min = if short_intervals_allowed() {
+        1
+    } else {
+        MIN_INTERVAL_SECS
+    };
+    if (min..=MAX_INTERVAL_SECS).contains(&secs) {
+        Ok(())
+    } else {
+        Err(format!(
+            "an interval of {secs} s is outside 5 minutes to 1 week ({MIN_INTERVAL_SECS} to {MAX_INTERVAL_SECS} s)"
+        ))
+    }
+}
+
+impl Config {
+    /// Parses `text` (the content of `path`, for messages) and checks it.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: Self = ron::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: path.to_path_buf(),
+            line: e.span.start.line,
+            column: e.span.start.col,
+            message: e.code.to_string(),
+        })?;
+        config.validate().map_err(|what| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            what,
+        })?;
+        Ok(config)
+    }
+
+    /// Checks what RON cannot: ranges, names referred to, duplicates.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_concurrent_jobs == 0 {
+            return Err("max_concurrent_jobs must be at least 1".into());
+        }
+        let mut names = Vec::new();
+        for d in &self.destinations {
+            if d.name.trim().is_empty() {
+                return Err("a destination has an empty name".into());
+            }
+            if names.contains(&&d.name) {
+                return Err(format!("two destinations are called {:?}", d.name));
+            }
+            if d.location.trim().is_empty() {
+                return Err(format!("destination {:?} has no location", d.name));
+            }
+            names.push(&d.name);
+        }
+        let mut vms = Vec::new();
+        for p in &self.vms {
+            if p.vm.trim().is_empty() {
+                return Err("a protected VM has no name (field vm)".into());
+            }
+            if vms.contains(&&p.vm) {
+                return Err(format!("VM {:?} is protected twice", p.vm));
+            }
+            vms.push(&p.vm);
+            check_interval(p.interval_secs).map_err(|e| format!("VM {:?}: {e}", p.vm))?;
+            if p.destinations.is_empty() {
+                return Err(format!("VM {:?} has no destination", p.vm));
+            }
+            if let Some(missing) = p.destinations.iter().find(|d| !names.contains(d)) {
+                return Err(format!(
+                    "VM {:?} names destination {missing:?}, which is not in destinations",
+                    p.vm
+                ));
+            }
+            if p.keep.is_empty() {
+                return Err(format!(
+                    "VM {:?} keeps nothing (every keep rule is 0); keep at least the last one",
+                    p.vm
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads `path`: a missing file is the empty default configuration.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                let config = Self::parse(&text, path)?;
+                // The last good one, for a start with a broken file.
+                let _ = write_atomic(&last_good_path(path), text.as_bytes());
+                Ok(config)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(ConfigError::Io {
+                action: "read",
+                path: path.to_path_buf(),
+                detail: e.to_string(),
+            }),
+        }
+    }
+
+    /// Loads `path`, or when it is broken the last good copy of it: the configuration and
+    /// the error that made Rewind fall back, if any.
+    #[must_use]
+    pub fn load_or_last_good(path: &Path) -> (Self, Option<ConfigError>) {
+        match Self::load(path) {
+            Ok(config) => (config, None),
+            Err(e) => {
+                let last = std::fs::read_to_string(last_good_path(path))
+                    .ok()
+                    .and_then(|text| Self::parse(&text, path).ok())
+                    .unwrap_or_default();
+                (last, Some(e))
+            }
+        }
+    }
+
+    /// Writes the configuration to `path` atomically (and as the last good one).
+    pub fn save(&self, path: &Path) -> Result<(), ConfigError> {
+        self.validate().map_err(|what| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            what,
+        })?;
+        let pretty = ron::ser::PrettyConfig::new()
+            .depth_limit(4)
+            .struct_names(false);
+        let mut text = ron::ser::to_string_pretty(self, pretty).map_err(|e| ConfigError::Io {
+            action: "write",
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+        text.insert_str(
+            0,
+            "// Rewind's configuration (documented in Rewind's app/CLI.md, `rewind protect`).\n",
+        );
+        text.push('\n');
+        write_atomic(path, text.as_bytes())?;
+        let _ = write_atomic(&last_good_path(path), text.as_bytes());
+        Ok(())
+    }
+
+    /// The destination called `name`.
+    #[must_use]
+    pub fn destination(&self, name: &str) -> Option<&Destination> {
+        self.destinations.iter().find(|d| d.name == name)
+    }
+
+    /// The protection of VM `name_or_uuid`.
+    #[must_use]
+    pub fn protection(&self, name_or_uuid: &str) -> Option<&Protection> {
+        self.vms.iter().find(|p| {
+            p.vm == name_or_uuid
+                || p.uuid
+                    .as_deref()
+                    .is_some_and(|u| u.eq_ignore_ascii_case(name_or_uuid))
+        })
+    }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ConfigError> {
+    use std::io::Write as _;
+    let io = |action: &'static str, e: std::io::Error| ConfigError::Io {
+        action,
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| io("create the folder of", e))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name().unwrap_or_default().to_string_lossy(),
+        std::process::id()
+    ));
+    let result = (|| {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(|e| io("write", e))
+}
+
+/// Watches the configuration file and hands every version that loads to `on_change`, and
+/// every error (with line and column) to `on_error`; the configuration in use stays the
+/// last good one. Dropping it stops watching.
+pub struct ConfigWatcher {
+    _watcher: notify::RecommendedWatcher,
+}
+
+impl std::fmt::Debug for ConfigWatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConfigWatcher")
+    }
+}
+
+impl ConfigWatcher {
+    /// Starts watching `path` (its folder is created if missing: notify cannot watch
+    /// what does not exist).
+    pub fn start(
+        path: &Path,
+        on_change: impl Fn(Result<Config, ConfigError>) + Send + 'static,
+    ) -> Result<Self, ConfigError> {
+        use notify::Watcher as _;
+        let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        std::fs::create_dir_all(&dir).map_err(|e| ConfigError::Io {
+            action: "create the folder of",
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+        let file = path.to_path_buf();
+        let name = file.file_name().map(std::ffi::OsStr::to_os_string);
+        let mut last: Option<String> = std::fs::read_to_string(&file).ok();
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                let Ok(event) = event else { return };
+                if !event.paths.iter().any(|p| p.file_name() == name.as_deref()) {
+                    return;
+                }
+                // Editors write in several steps; react to the content, once per change.
+                let now = std::fs::read_to_string(&file).ok();
+                if now == last || now.is_none() {
+                    return;
+                }
+                last.clone_from(&now);
+                on_change(Config::load(&file));
+            })
+            .map_err(|e| ConfigError::Io {
+                action: "watch",
+                path: path.to_path_buf(),
+                detail: e.to_string(),
+            })?;
+        watcher
+            .watch(&dir, notify::RecursiveMode::NonRecursive)
+            .map_err(|e| ConfigError::Io {
+                action: "watch",
+                path: path.to_path_buf(),
+                detail: e.to_string(),
+            })?;
+        Ok(Self { _watcher: watcher })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Config {
+        Config {
+            destinations: vec![Destination {
+                name: "usb".into(),
+                location: "/media/me/backup/rewind".into(),
+                store_id: Some(Uuid::from_bytes([7; 16])),
+                passphrase_file: None,
+            }],
+            vms: vec![Protection {
+                vm: "Büro \"Win 11\"".into(),
+                destinations: vec!["usb".into()],
+                ..Protection::default()
+            }],
+            ..Config::default()
+        }
+    }
+
+    #[test]
+    fn saved_configuration_loads_back_and_a_short_file_gets_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.ron");
+        sample().save(&path).unwrap();
+        assert_eq!(Config::load(&path).unwrap(), sample());
+        let short = r#"(vms: [(vm: "a", destinations: ["d"])], destinations: [(name: "d", location: "/x")])"#;
+        let config = Config::parse(short, &path).unwrap();
+        assert_eq!(config.vms[0].interval_secs, DEFAULT_INTERVAL_SECS);
+        assert_eq!(config.vms[0].keep, default_keep());
+        assert!(config.vms[0].quiesce);
+        assert_eq!(config.uri, "qemu:///system");
+        assert_eq!(
+            Config::load(&dir.path().join("none.ron")).unwrap(),
+            Config::default()
+        );
+    }
+
+    #[test]
+    fn a_syntax_error_names_line_and_column_and_the_last_good_one_is_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.ron");
+        sample().save(&path).unwrap();
+        std::fs::write(
+            &path,
+            "(\n  uri: \"qemu:///system\",\n  vms: [ (vm: 3) ],\n)",
+        )
+        .unwrap();
+        let e = Config::load(&path).unwrap_err();
+        let ConfigError::Syntax { line, column, .. } = &e else {
+            panic!("{e:?}")
+        };
+        assert_eq!((*line, *column), (3, 14), "{e}");
+        assert!(e.to_string().contains("line 3, column 14"), "{e}");
+        let (config, error) = Config::load_or_last_good(&path);
+        assert_eq!(config, sample());
+        assert!(error.is_some());
+        let unknown = "(vms: [], colour: 3)";
+        let e = Config::parse(unknown, &path).unwrap_err();
+        assert!(e.to_string().contains("colour"), "{e}");
+    }
+
+    #[test]
+    fn nonsense_is_refused_with_what_is_wrong() {
+        let path = Path::new("c.ron");
+        let mut c = sample();
+        c.vms[0].destinations = vec!["nas".into()];
+        assert!(
+            Config::parse(&ron::to_string(&c).unwrap(), path)
+                .unwrap_err()
+                .to_string()
+                .contains("names destination \"nas\"")
+        );
+        let mut c = sample();
+        c.vms[0].interval_secs = 60;
+        assert!(c.validate().unwrap_err().contains("5 minutes to 1 week"));
+        let mut c = sample();
+        c.vms[0].keep = KeepRules::default();
+        assert!(c.validate().unwrap_err().contains("keeps nothing"));
+        let mut c = sample();
+        c.vms.push(c.vms[0].clone());
+        assert!(c.validate().unwrap_err().contains("protected twice"));
+    }
+
+    #[test]
+    fn intervals_read_like_people_write_them() {
+        assert_eq!(parse_interval("15m"), Ok(900));
+        assert_eq!(parse_interval("2h"), Ok(7200));
+        assert_eq!(parse_interval("1w"), Ok(604_800));
+        assert_eq!(parse_interval("90"), Ok(90));
+        assert!(
+            parse_interval("15 parsecs")
+                .unwrap_err()
+                .contains("unit of time")
+        );
+        assert!(parse_interval("soon").unwrap_err().contains("like 15m"));
+        assert!(check_interval(300).is_ok() && check_interval(604_800).is_ok());
+        assert!(check_interval(604_801).is_err());
+    }
+
+    #[test]
+    fn the_watcher_hands_over_good_versions_and_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.ron");
+        sample().save(&path).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let _watcher = ConfigWatcher::start(&path, move |r| {
+            let _ = tx.send(r);
+        })
+        .unwrap();
+        let mut changed = sample();
+        changed.paused = true;
+        changed.save(&path).unwrap();
+        let got = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(got.unwrap(), changed);
+        std::fs::write(&path, "(paused: maybe)").unwrap();
+        let got = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(
+            matches!(got, Err(ConfigError::Syntax { line: 1, .. })),
+            "{got:?}"
+        );
+    }
+}

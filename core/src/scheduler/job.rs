@@ -1,0 +1,194 @@
+//! One scheduled job: a checkpoint of one VM into one destination, then that destination's
+//! retention for the VM and garbage collection. Runs on a blocking thread; everything it
+//! does checks the job's [`Control`], so stopping Rewind stops it cleanly (the checkpoint
+//! engine leaves nothing half-done behind).
+
+use chrono::Utc;
+
+use super::policy::Why;
+use crate::checkpoint::{CheckpointError, TakeOptions};
+use crate::config::{Destination, Kind, Protection};
+use crate::destination::Availability;
+use crate::history::{Outcome, Record};
+use crate::libvirt::Hypervisor;
+use crate::progress::Control;
+use crate::store::{Store, StoreError};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    /// The libvirt connection.
+    pub uri: String,
+    /// The VM's policy.
+    pub protection: Protection,
+    /// The destination.
+    pub destination: Destination,
+    /// Where its store was found.
+    pub found: Availability,
+    /// Why it runs.
+    pub why: Why,
+}
+
+/// A failure, with whether trying later can help.
+struct Failure {
+    message: String,
+    retryable: bool,
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Self {
+        let retryable = matches!(
+            e,
+            StoreError::Missing { .. }
+                | StoreError::Busy { .. }
+                | StoreError::Io { .. }
+                | StoreError::NoSpace { .. }
+        );
+        Self {
+            message: e.to_string(),
+            retryable,
+        }
+    }
+}
+
+impl From<crate::Error> for Failure {
+    fn from(e: crate::Error) -> Self {
+        Self {
+            retryable: e.is_retryable(),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<CheckpointError> for Failure {
+    fn from(e: CheckpointError) -> Self {
+        match e {
+            CheckpointError::Libvirt(e) => e.into(),
+            CheckpointError::Store(e) => e.into(),
+            other => Self {
+                retryable: matches!(other, CheckpointError::Read { .. }),
+                message: other.to_string(),
+            },
+        }
+    }
+}
+
+fn open_store(spec: &JobSpec) -> Result<Store, Failure> {
+    let passphrase = match &spec.destination.passphrase_file {
+        Some(file) => Some(
+            std::fs::read_to_string(file)
+                .map_err(|e| Failure {
+                    message: format!(
+                        "could not read the passphrase of destination {:?} from {}: {e}",
+                        spec.destination.name,
+                        file.display()
+                    ),
+                    retryable: false,
+                })?
+                .trim_end_matches(['\n', '\r'])
+                .as_bytes()
+                .to_vec(),
+        ),
+        None => None,
+    };
+    let pass = passphrase.as_deref();
+    match &spec.found {
+        Availability::Folder(path) => Ok(Store::open(path, pass)?),
+        Availability::Remote(location) => Ok(open_remote(location, pass)?),
+        Availability::Missing { reason } => Err(Failure {
+            message: reason.clone(),
+            retryable: true,
+        }),
+    }
+}
+
+/// Where the job wrote, for the record.
+fn location_text(found: &Availability) -> Option<String> {
+    match found {
+        Availability::Folder(p) => Some(p.display().to_string()),
+        Availability::Remote(l) => Some(l.clone()),
+        Availability::Missing { .. } => None,
+    }
+}
+
+/// Runs the job and says how it went.
+#[must_use]
+pub fn run(spec: &JobSpec, control: &Control) -> Record {
+    let started = Utc::now();
+    let mut record = Record {
+        vm: spec.protection.vm.clone(),
+        vm_uuid: spec.protection.uuid.clone(),
+        destination: spec.destination.name.clone(),
+        location: location_text(&spec.found),
+        trigger: spec.why,
+        started,
+        finished: started,
+        outcome: Outcome::Ok,
+        checkpoint: None,
+        incremental: None,
+        read_bytes: 0,
+        new_bytes: 0,
+        pruned: 0,
+        error: None,
+        retryable: false,
+    };
+    if let Err(failure) = run_into(spec, control, &mut record) {
+        record.outcome = if control.is_cancelled() {
+            Outcome::Cancelled
+        } else {
+            Outcome::Failed
+        };
+        record.error = Some(failure.message);
+        record.retryable = failure.retryable;
+    }
+    record.finished = Utc::now();
+    record
+}
+
+fn run_into(spec: &JobSpec, control: &Control, record: &mut Record) -> Result<(), Failure> {
+    if spec.protection.kind == Kind::Full {
+        return Err(Failure {
+            message: format!(
+                "VM {:?} is set to full-state checkpoints, which this version of Rewind cannot take yet; set kind: disk in its policy",
+                spec.protection.vm
+            ),
+            retryable: false,
+        });
+    }
+    let store = open_store(spec)?;
+    let hv = Hypervisor::connect(&spec.uri)?;
+    let vm = match &spec.protection.uuid {
+        Some(uuid) if hv.has_vm(uuid) => uuid.clone(),
+        _ => spec.protection.vm.clone(),
+    };
+    let work = crate::workdir::WorkDir::new().map_err(|e| Failure {
+        message: format!("could not make a work folder in the temporary folder: {e}"),
+        retryable: true,
+    })?;
+    let options = TakeOptions {
+        quiesce: spec.protection.quiesce,
+        ..TakeOptions::default()
+    };
+    let m = crate::checkpoint::take_with(&hv, &store, &vm, work.path(), &options, control)?;
+    record.vm.clone_from(&m.vm.name);
+    record.vm_uuid = Some(m.vm.uuid.to_string());
+    record.checkpoint = Some(m.id.clone());
+    record.incremental = Some(m.parent.is_some());
+    record.read_bytes = m.read_bytes;
+    record.new_bytes = m.new_bytes;
+    // Retention for this VM in this destination, then the data only removed ones used.
+    let decisions = store.prune(&spec.protection.keep, Some(m.vm.uuid), false, control)?;
+    let removed = decisions.iter().filter(|d| !d.keep).count();
+    record.pruned = u32::try_from(removed).unwrap_or(u32::MAX);
+    if removed > 0 {
+        store.gc(control)?;
+    }
+    Ok(())
+}
+
+// TEMPORARY until remote stores land (helper-2): replace with Store::open_at.
+fn open_remote(location: &str, _pass: Option<&[u8]>) -> Result<Store, StoreError> {
+    Err(StoreError::Invalid(format!(
+        "{location}: remote stores are not wired in yet"
+    )))
+}

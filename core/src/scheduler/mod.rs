@@ -1,0 +1,610 @@
+//! The scheduler: takes every protected VM's checkpoints by itself, on `tokio`.
+//!
+//! One loop owns the state. It wakes when a checkpoint is due, when a job ends, when the
+//! configuration file changes ([`crate::config::ConfigWatcher`]; a broken file is reported
+//! with line and column and the last good configuration stays in use), when a file system
+//! is mounted or unmounted (a backup drive plugged in: `/proc/self/mountinfo` changes), and
+//! at least every few seconds while a due checkpoint waits for its drive. For each VM and
+//! destination it asks [`policy`] whether a checkpoint is due (from the job history), looks
+//! for the destination's store ([`crate::destination`]: by its ID, never an empty mount
+//! point) and starts [`job`]s on blocking threads — never two on one VM, at most
+//! `max_concurrent_jobs` at once. Each job's outcome goes into the history
+//! ([`crate::history`]); what runs now, what is missing and what comes next goes into
+//! `status.json` in the state folder for `rewind status`. Stopping it cancels the running
+//! jobs (they clean up after themselves) and waits for them.
+//!
+//! Only one scheduler may run per user: callers hold an [`instance::SchedulerLock`].
+//!
+//! Activity trigger: libvirt reports the bytes a running VM has written to each disk since
+//! QEMU started (`virDomainBlockStats`); the loop reads them every minute for VMs whose
+//! policy has `activity_bytes`, and a checkpoint comes early once the VM wrote that much
+//! since the last one began (a restart of the VM starts the count again).
+
+pub mod instance;
+pub mod job;
+pub mod policy;
+pub mod status;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::mpsc;
+
+use crate::config::{Config, ConfigError, ConfigWatcher};
+use crate::destination::{self, Availability};
+use crate::history::{self, Outcome, Record};
+use crate::progress::Control;
+use policy::Why;
+use status::{DestinationStatus, NextRun, RunningJob, Status};
+
+/// Requests to a running scheduler.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Command {
+    /// Take a checkpoint of this VM (or of every protected VM) into each destination now.
+    RunNow {
+        /// The VM's name; `None` for all.
+        vm: Option<String>,
+    },
+    /// Cancel the running jobs, wait for them, stop.
+    Shutdown,
+}
+
+/// What the scheduler reports.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Event {
+    /// A job began.
+    Started {
+        /// The VM.
+        vm: String,
+        /// The destination.
+        destination: String,
+        /// Why.
+        why: Why,
+    },
+    /// A job ended (also in the history).
+    Finished(Box<Record>),
+    /// A destination's store is not there (reported when that changes).
+    DestinationMissing {
+        /// The destination.
+        destination: String,
+        /// What is missing, for the user.
+        reason: String,
+    },
+    /// A destination's store is there (again).
+    DestinationFound {
+        /// The destination.
+        destination: String,
+        /// Where.
+        location: String,
+    },
+    /// A VM's newest checkpoint in a destination is older than its policy allows.
+    Stale {
+        /// The VM.
+        vm: String,
+        /// The destination.
+        destination: String,
+        /// Its newest checkpoint there, if any.
+        last_success: Option<DateTime<Utc>>,
+        /// Why (drive missing, failures).
+        why: String,
+    },
+    /// A new version of the configuration is in use.
+    ConfigReloaded,
+    /// The configuration file does not load; the last good one stays in use.
+    ConfigError(ConfigError),
+    /// The scheduler stopped.
+    Stopped,
+}
+
+/// Receives the scheduler's events (on its thread: return quickly).
+pub type EventSink = Arc<dyn Fn(Event) + Send + Sync>;
+
+enum Msg {
+    Command(Command),
+    Config(Result<Config, ConfigError>),
+    Mounts,
+    Done { vm: String, record: Box<Record> },
+    Written(HashMap<String, u64>),
+}
+
+/// A running scheduler; dropping it stops it (and waits for its jobs).
+pub struct SchedulerHandle {
+    tx: mpsc::Sender<Msg>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for SchedulerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SchedulerHandle")
+    }
+}
+
+impl SchedulerHandle {
+    /// Queues a command without blocking; `false` if the scheduler is gone or busy.
+    #[must_use]
+    pub fn send(&self, command: Command) -> bool {
+        self.tx.try_send(Msg::Command(command)).is_ok()
+    }
+
+    /// Stops the scheduler: running jobs are cancelled and waited for.
+    pub fn stop(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        let _ = self.tx.try_send(Msg::Command(Command::Shutdown));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for SchedulerHandle {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+/// Where the scheduler keeps and finds things.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    /// The configuration file.
+    pub config: PathBuf,
+    /// The job history.
+    pub history: PathBuf,
+    /// The live status file.
+    pub status: PathBuf,
+}
+
+impl Default for Paths {
+    fn default() -> Self {
+        Self {
+            config: crate::config::config_path(),
+            history: history::history_path(),
+            status: status::status_path(),
+        }
+    }
+}
+
+/// Starts the scheduler on its own thread. `lock` proves no other one runs; `program`
+/// names the caller in the status (`rewind daemon`, `the Rewind window`).
+pub fn start(
+    paths: Paths,
+    lock: instance::SchedulerLock,
+    program: &str,
+    events: EventSink,
+) -> std::io::Result<SchedulerHandle> {
+    let (tx, rx) = mpsc::channel(256);
+    let loop_tx = tx.clone();
+    let program = program.to_owned();
+    let thread = std::thread::Builder::new()
+        .name("rewind-scheduler".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .max_blocking_threads(16)
+                .build()
+                .expect("a tokio runtime starts");
+            runtime.block_on(run(paths, program, events, loop_tx, rx));
+            drop(lock);
+        })?;
+    Ok(SchedulerHandle {
+        tx,
+        thread: Some(thread),
+    })
+}
+
+/// The loop's state.
+struct State {
+    paths: Paths,
+    program: String,
+    config: Config,
+    config_error: Option<String>,
+    records: Vec<Record>,
+    running: HashMap<String, RunningJob>,
+    controls: HashMap<String, Arc<Control>>,
+    /// Destination name → what was last found.
+    found: BTreeMap<String, Availability>,
+    /// VM name → bytes written since its last checkpoint began (when reported).
+    written: HashMap<String, u64>,
+    /// VM name → the block statistics' count when its last checkpoint began.
+    written_base: HashMap<String, u64>,
+    /// (VM, destination) → when a stale warning was last given.
+    warned_stale: HashMap<(String, String), DateTime<Utc>>,
+    /// When the scheduler began (for VMs never checkpointed).
+    since: DateTime<Utc>,
+    /// VMs asked to run now.
+    manual: Vec<String>,
+    started: DateTime<Utc>,
+}
+
+async fn run(
+    paths: Paths,
+    program: String,
+    events: EventSink,
+    tx: mpsc::Sender<Msg>,
+    mut rx: mpsc::Receiver<Msg>,
+) {
+    let (config, error) = Config::load_or_last_good(&paths.config);
+    if let Some(e) = &error {
+        events(Event::ConfigError(e.clone()));
+    }
+    let watch_tx = tx.clone();
+    let _watcher = ConfigWatcher::start(&paths.config, move |r| {
+        let _ = watch_tx.try_send(Msg::Config(r));
+    })
+    .map_err(|e| events(Event::ConfigError(e)))
+    .ok();
+    spawn_mount_watch(tx.clone());
+    let mut state = State {
+        records: history::read(&paths.history),
+        paths,
+        program,
+        config,
+        config_error: error.map(|e| e.to_string()),
+        running: HashMap::new(),
+        controls: HashMap::new(),
+        found: BTreeMap::new(),
+        written: HashMap::new(),
+        written_base: HashMap::new(),
+        warned_stale: HashMap::new(),
+        since: Utc::now(),
+        manual: Vec::new(),
+        started: Utc::now(),
+    };
+    let mut last_activity_poll: Option<std::time::Instant> = None;
+    let mut stopping = false;
+    loop {
+        if stopping {
+            if state.running.is_empty() {
+                break;
+            }
+            let Some(msg) = rx.recv().await else { break };
+            let _ = state.handle(msg, &events);
+            state.write_status();
+            continue;
+        }
+        let wait = state.start_due_jobs(&events, &tx);
+        state.warn_stale(&events);
+        if last_activity_poll.is_none_or(|t| t.elapsed() >= Duration::from_mins(1)) {
+            last_activity_poll = Some(std::time::Instant::now());
+            state.poll_activity(&tx);
+        }
+        state.write_status();
+        let msg = tokio::select! {
+            msg = rx.recv() => msg,
+            () = tokio::time::sleep(wait) => continue,
+        };
+        let Some(msg) = msg else { break };
+        stopping = state.handle(msg, &events);
+    }
+    let _ = std::fs::remove_file(&state.paths.status);
+    events(Event::Stopped);
+}
+
+/// Wakes the loop when a file system is mounted or unmounted.
+fn spawn_mount_watch(tx: mpsc::Sender<Msg>) {
+    let _ = std::thread::Builder::new()
+        .name("rewind-mounts".into())
+        .spawn(move || {
+            let mut last = std::fs::read("/proc/self/mountinfo").unwrap_or_default();
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+                if tx.is_closed() {
+                    return;
+                }
+                let now = std::fs::read("/proc/self/mountinfo").unwrap_or_default();
+                if now != last {
+                    last = now;
+                    let _ = tx.try_send(Msg::Mounts);
+                }
+            }
+        });
+}
+
+impl State {
+    /// Starts what is due; returns how long to sleep at most.
+    fn start_due_jobs(&mut self, events: &EventSink, tx: &mpsc::Sender<Msg>) -> Duration {
+        let now = Utc::now();
+        let mut wait = Duration::from_mins(1);
+        let roots = destination::watch_roots(&self.config);
+        let max_jobs = usize::try_from(self.config.max_concurrent_jobs.max(1)).unwrap_or(1);
+        let manual = std::mem::take(&mut self.manual);
+        for p in self.config.vms.clone() {
+            let asked = manual.iter().any(|m| m == &p.vm);
+            if (self.config.paused || p.paused) && !asked {
+                continue;
+            }
+            if self.running.contains_key(&p.vm) {
+                if asked {
+                    self.manual.push(p.vm.clone());
+                }
+                continue;
+            }
+            for dest_name in &p.destinations {
+                let Some(dest) = self.config.destination(dest_name).cloned() else {
+                    continue;
+                };
+                let mut track = history::track(&self.records, &p.vm, p.uuid.as_deref(), dest_name);
+                track.written_since_bytes = self.written.get(&p.vm).copied();
+                let (at, mut why) = policy::next_run(&p, &track, now);
+                if asked {
+                    why = Why::Manual;
+                } else if at > now {
+                    let until = (at - now).to_std().unwrap_or_default();
+                    wait = wait.min(until + Duration::from_millis(50));
+                    continue;
+                }
+                let found = destination::locate(&dest, &roots);
+                self.note_found(dest_name, &found, events);
+                if matches!(found, Availability::Missing { .. }) {
+                    // Due, but its drive is not there: look again soon (a mount also wakes).
+                    wait = wait.min(Duration::from_secs(5));
+                    continue;
+                }
+                if self.running.len() >= max_jobs {
+                    wait = wait.min(Duration::from_secs(5));
+                    if asked {
+                        self.manual.push(p.vm.clone());
+                    }
+                    break;
+                }
+                self.spawn_job(&p, &dest, &found, why, events, tx);
+                break; // one job per VM at a time
+            }
+        }
+        wait
+    }
+
+    fn note_found(&mut self, dest: &str, found: &Availability, events: &EventSink) {
+        if self.found.get(dest) == Some(found) {
+            return;
+        }
+        match found {
+            Availability::Missing { reason } => events(Event::DestinationMissing {
+                destination: dest.to_owned(),
+                reason: reason.clone(),
+            }),
+            Availability::Folder(path) => events(Event::DestinationFound {
+                destination: dest.to_owned(),
+                location: path.display().to_string(),
+            }),
+            Availability::Remote(location) => events(Event::DestinationFound {
+                destination: dest.to_owned(),
+                location: location.clone(),
+            }),
+        }
+        self.found.insert(dest.to_owned(), found.clone());
+    }
+
+    fn spawn_job(
+        &mut self,
+        p: &crate::config::Protection,
+        dest: &crate::config::Destination,
+        found: &Availability,
+        why: Why,
+        events: &EventSink,
+        tx: &mpsc::Sender<Msg>,
+    ) {
+        let control = Arc::new(Control::new());
+        let spec = job::JobSpec {
+            uri: self.config.uri.clone(),
+            protection: p.clone(),
+            destination: dest.clone(),
+            found: found.clone(),
+            why,
+        };
+        self.running.insert(
+            p.vm.clone(),
+            RunningJob {
+                vm: p.vm.clone(),
+                destination: dest.name.clone(),
+                location: match found {
+                    Availability::Folder(path) => path.display().to_string(),
+                    Availability::Remote(l) => l.clone(),
+                    Availability::Missing { .. } => String::new(),
+                },
+                since: Utc::now(),
+                why,
+                phase: String::new(),
+                done_bytes: 0,
+                total_bytes: 0,
+            },
+        );
+        self.controls.insert(p.vm.clone(), control.clone());
+        // The activity count starts again with this checkpoint.
+        if let Some(&base) = self.written.get(&p.vm) {
+            let old = self.written_base.get(&p.vm).copied().unwrap_or(0);
+            self.written_base.insert(p.vm.clone(), old + base);
+        }
+        self.written.remove(&p.vm);
+        events(Event::Started {
+            vm: p.vm.clone(),
+            destination: dest.name.clone(),
+            why,
+        });
+        let tx = tx.clone();
+        let vm = p.vm.clone();
+        tokio::task::spawn_blocking(move || {
+            let record = job::run(&spec, &control);
+            let _ = tx.blocking_send(Msg::Done {
+                vm,
+                record: Box::new(record),
+            });
+        });
+    }
+
+    /// Returns whether the scheduler is stopping.
+    fn handle(&mut self, msg: Msg, events: &EventSink) -> bool {
+        match msg {
+            Msg::Command(Command::Shutdown) => {
+                for control in self.controls.values() {
+                    control.cancel();
+                }
+                return true;
+            }
+            Msg::Command(Command::RunNow { vm }) => match vm {
+                Some(vm) => self.manual.push(vm),
+                None => self.manual = self.config.vms.iter().map(|p| p.vm.clone()).collect(),
+            },
+            Msg::Config(Ok(config)) => {
+                self.config = config;
+                self.config_error = None;
+                events(Event::ConfigReloaded);
+            }
+            Msg::Config(Err(e)) => {
+                self.config_error = Some(e.to_string());
+                events(Event::ConfigError(e));
+            }
+            Msg::Mounts => {}
+            Msg::Done { vm, record } => {
+                self.running.remove(&vm);
+                self.controls.remove(&vm);
+                if let Err(e) = history::append(&self.paths.history, &record) {
+                    events(Event::ConfigError(ConfigError::Io {
+                        action: "append to the history next to",
+                        path: self.paths.history.clone(),
+                        detail: e.to_string(),
+                    }));
+                }
+                if record.outcome == Outcome::Ok {
+                    self.warned_stale
+                        .remove(&(record.vm.clone(), record.destination.clone()));
+                }
+                self.records.push((*record).clone());
+                events(Event::Finished(record));
+            }
+            Msg::Written(counts) => {
+                for (vm, total) in counts {
+                    let base = *self.written_base.entry(vm.clone()).or_insert(total);
+                    // A restarted VM counts from zero again.
+                    let since = if total < base {
+                        self.written_base.insert(vm.clone(), 0);
+                        total
+                    } else {
+                        total - base
+                    };
+                    self.written.insert(vm, since);
+                }
+            }
+        }
+        false
+    }
+
+    /// Reads how much the VMs with an activity trigger have written (off the loop).
+    fn poll_activity(&self, tx: &mpsc::Sender<Msg>) {
+        let vms: Vec<String> = self
+            .config
+            .vms
+            .iter()
+            .filter(|p| p.activity_bytes.is_some())
+            .map(|p| p.uuid.clone().unwrap_or_else(|| p.vm.clone()))
+            .collect();
+        if vms.is_empty() {
+            return;
+        }
+        let names: Vec<String> = self
+            .config
+            .vms
+            .iter()
+            .filter(|p| p.activity_bytes.is_some())
+            .map(|p| p.vm.clone())
+            .collect();
+        let uri = self.config.uri.clone();
+        let tx = tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let Ok(hv) = crate::libvirt::Hypervisor::connect(&uri) else {
+                return;
+            };
+            let counts = vms
+                .iter()
+                .zip(names)
+                .filter_map(|(id, name)| Some((name, hv.written_bytes(id).ok()??)))
+                .collect();
+            let _ = tx.blocking_send(Msg::Written(counts));
+        });
+    }
+
+    fn warn_stale(&mut self, events: &EventSink) {
+        let now = Utc::now();
+        for p in &self.config.vms {
+            if self.config.paused || p.paused {
+                continue;
+            }
+            for dest in &p.destinations {
+                let track = history::track(&self.records, &p.vm, p.uuid.as_deref(), dest);
+                if !policy::is_stale(p, &track, self.since, now) {
+                    continue;
+                }
+                let key = (p.vm.clone(), dest.clone());
+                if self
+                    .warned_stale
+                    .get(&key)
+                    .is_some_and(|t| now - *t < chrono::Duration::hours(12))
+                {
+                    continue;
+                }
+                self.warned_stale.insert(key, now);
+                let why = match self.found.get(dest) {
+                    Some(Availability::Missing { reason }) => reason.clone(),
+                    _ if track.failures > 0 => "the last checkpoints failed".into(),
+                    _ => "no checkpoint could be taken".into(),
+                };
+                events(Event::Stale {
+                    vm: p.vm.clone(),
+                    destination: dest.clone(),
+                    last_success: track.last_success,
+                    why,
+                });
+            }
+        }
+    }
+
+    fn write_status(&mut self) {
+        for (vm, job) in &mut self.running {
+            if let Some(c) = self.controls.get(vm) {
+                let (done, total) = c.progress_bytes();
+                job.done_bytes = done;
+                job.total_bytes = total;
+                c.phase().label().clone_into(&mut job.phase);
+            }
+        }
+        let now = Utc::now();
+        let mut next = Vec::new();
+        for p in &self.config.vms {
+            for dest in &p.destinations {
+                let mut track = history::track(&self.records, &p.vm, p.uuid.as_deref(), dest);
+                track.written_since_bytes = self.written.get(&p.vm).copied();
+                let (at, why) = policy::next_run(p, &track, now);
+                next.push(NextRun {
+                    vm: p.vm.clone(),
+                    destination: dest.clone(),
+                    at: at.max(now),
+                    why,
+                    paused: self.config.paused || p.paused,
+                });
+            }
+        }
+        let status = Status {
+            pid: std::process::id(),
+            program: self.program.clone(),
+            started: self.started,
+            updated: now,
+            paused: self.config.paused,
+            config_error: self.config_error.clone(),
+            running: self.running.values().cloned().collect(),
+            destinations: self
+                .found
+                .iter()
+                .map(|(name, found)| DestinationStatus::of(name, found))
+                .collect(),
+            next,
+        };
+        let _ = status.write(&self.paths.status);
+    }
+}

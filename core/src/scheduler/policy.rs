@@ -1,0 +1,243 @@
+//! When to take the next checkpoint of a VM into a destination: pure, no clock, no I/O,
+//! tested with literal times.
+//!
+//! - A VM never checkpointed into a destination is checkpointed at once.
+//! - Then every `interval_secs` after the last success. A run that was missed — the host
+//!   slept, the drive was unplugged for a week — is caught up once as soon as possible,
+//!   not once per missed interval: the next one is counted from that success.
+//! - Early, once the VM has written `activity_bytes` since the last checkpoint (but not
+//!   within [`MIN_ACTIVITY_GAP_SECS`] of it).
+//! - After a failure, again after a back-off that doubles from a minute up to an hour (never
+//!   longer than the interval), so a flapping network is not hammered and a fixed problem
+//!   is picked up soon.
+
+use chrono::{DateTime, Duration, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::config::Protection;
+
+/// No activity-triggered checkpoint sooner than this after the last one.
+pub const MIN_ACTIVITY_GAP_SECS: i64 = 5 * 60;
+/// The first retry after a failure.
+pub const FIRST_RETRY_SECS: i64 = 60;
+/// The longest back-off.
+pub const MAX_RETRY_SECS: i64 = 3600;
+
+/// What is known about one VM's checkpoints into one destination.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Track {
+    /// The last checkpoint that succeeded.
+    pub last_success: Option<DateTime<Utc>>,
+    /// The last attempt, successful or not.
+    pub last_attempt: Option<DateTime<Utc>>,
+    /// Failures since the last success.
+    pub failures: u32,
+    /// Bytes the VM wrote since the last checkpoint began, when libvirt reports it.
+    pub written_since_bytes: Option<u64>,
+}
+
+/// Why a checkpoint runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Why {
+    /// There is none in this destination yet.
+    First,
+    /// Its interval is up.
+    Due,
+    /// At least one interval was missed (asleep, drive absent): one run catches up.
+    CatchUp,
+    /// The VM wrote more than its policy's amount since the last one.
+    Activity,
+    /// The last attempt failed.
+    Retry,
+    /// Asked for ("Checkpoint now").
+    Manual,
+}
+
+impl Why {
+    /// A word for the user.
+    #[must_use]
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::First => "first checkpoint",
+            Self::Due => "scheduled",
+            Self::CatchUp => "catching up",
+            Self::Activity => "the VM wrote a lot",
+            Self::Retry => "retry after a failure",
+            Self::Manual => "asked for",
+        }
+    }
+}
+
+/// The back-off after `failures` failures in a row.
+#[must_use]
+pub fn retry_after(failures: u32, interval_secs: u64) -> Duration {
+    let exp = failures.saturating_sub(1).min(20);
+    let secs = FIRST_RETRY_SECS
+        .saturating_mul(1 << exp)
+        .min(MAX_RETRY_SECS)
+        .min(i64::try_from(interval_secs).unwrap_or(i64::MAX));
+    Duration::seconds(secs)
+}
+
+/// When the next checkpoint is due and why (a time in the past means now).
+#[must_use]
+pub fn next_run(policy: &Protection, track: &Track, now: DateTime<Utc>) -> (DateTime<Utc>, Why) {
+    let interval = Duration::seconds(i64::try_from(policy.interval_secs).unwrap_or(i64::MAX));
+    if track.failures > 0
+        && let Some(attempt) = track.last_attempt
+    {
+        return (
+            attempt + retry_after(track.failures, policy.interval_secs),
+            Why::Retry,
+        );
+    }
+    let Some(success) = track.last_success else {
+        return (now, Why::First);
+    };
+    if let (Some(limit), Some(written)) = (policy.activity_bytes, track.written_since_bytes)
+        && written >= limit
+    {
+        return (
+            (success + Duration::seconds(MIN_ACTIVITY_GAP_SECS)).max(now),
+            Why::Activity,
+        );
+    }
+    let due = success + interval;
+    if now >= due + interval {
+        (due, Why::CatchUp)
+    } else {
+        (due, Why::Due)
+    }
+}
+
+/// Whether a checkpoint should start now.
+#[must_use]
+pub fn is_due(policy: &Protection, track: &Track, now: DateTime<Utc>) -> Option<Why> {
+    let (at, why) = next_run(policy, track, now);
+    (at <= now).then_some(why)
+}
+
+/// Whether the newest checkpoint is older than the policy allows (or there has been none
+/// for that long since `protected_since`).
+#[must_use]
+pub fn is_stale(
+    policy: &Protection,
+    track: &Track,
+    protected_since: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> bool {
+    let limit = Duration::from_std(policy.stale_after()).unwrap_or(Duration::MAX);
+    now - track.last_success.unwrap_or(protected_since) > limit
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn at(h: u32, m: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 12, 1, h, m, 0).unwrap()
+    }
+
+    fn every(minutes: u64) -> Protection {
+        Protection {
+            vm: "win11".into(),
+            destinations: vec!["usb".into()],
+            interval_secs: minutes * 60,
+            ..Protection::default()
+        }
+    }
+
+    fn after(success: DateTime<Utc>) -> Track {
+        Track {
+            last_success: Some(success),
+            last_attempt: Some(success),
+            ..Track::default()
+        }
+    }
+
+    #[test]
+    fn first_at_once_then_every_interval() {
+        let p = every(15);
+        assert_eq!(
+            next_run(&p, &Track::default(), at(9, 0)),
+            (at(9, 0), Why::First)
+        );
+        let t = after(at(9, 0));
+        assert_eq!(next_run(&p, &t, at(9, 5)), (at(9, 15), Why::Due));
+        assert_eq!(is_due(&p, &t, at(9, 14)), None);
+        assert_eq!(is_due(&p, &t, at(9, 15)), Some(Why::Due));
+    }
+
+    #[test]
+    fn a_week_asleep_is_caught_up_once() {
+        let p = every(15);
+        let t = after(at(9, 0));
+        let a_week_later = at(9, 0) + Duration::days(7);
+        assert_eq!(is_due(&p, &t, a_week_later), Some(Why::CatchUp));
+        // That one run counts: the next is an interval after it, not the 671 missed ones.
+        let caught_up = after(a_week_later);
+        assert_eq!(
+            is_due(&p, &caught_up, a_week_later + Duration::minutes(1)),
+            None
+        );
+        assert_eq!(
+            next_run(&p, &caught_up, a_week_later).0,
+            a_week_later + Duration::minutes(15)
+        );
+    }
+
+    #[test]
+    fn failures_back_off_from_a_minute_to_an_hour_and_never_past_the_interval() {
+        let p = every(4 * 60);
+        let failing = |n| Track {
+            last_success: Some(at(8, 0)),
+            last_attempt: Some(at(9, 0)),
+            failures: n,
+            written_since_bytes: None,
+        };
+        assert_eq!(next_run(&p, &failing(1), at(9, 0)), (at(9, 1), Why::Retry));
+        assert_eq!(next_run(&p, &failing(2), at(9, 0)).0, at(9, 2));
+        assert_eq!(next_run(&p, &failing(4), at(9, 0)).0, at(9, 8));
+        assert_eq!(next_run(&p, &failing(7), at(9, 0)).0, at(10, 0));
+        assert_eq!(next_run(&p, &failing(40), at(9, 0)).0, at(10, 0));
+        let short = every(5);
+        assert_eq!(next_run(&short, &failing(9), at(9, 0)).0, at(9, 5));
+    }
+
+    #[test]
+    fn much_writing_brings_the_next_one_forward_but_not_too_soon() {
+        let mut p = every(60);
+        p.activity_bytes = Some(1 << 30);
+        let mut t = after(at(9, 0));
+        t.written_since_bytes = Some(2 << 30);
+        assert_eq!(next_run(&p, &t, at(9, 2)), (at(9, 5), Why::Activity));
+        assert_eq!(is_due(&p, &t, at(9, 6)), Some(Why::Activity));
+        t.written_since_bytes = Some(1 << 20);
+        assert_eq!(is_due(&p, &t, at(9, 6)), None);
+        // Without a report from libvirt, only the interval counts.
+        t.written_since_bytes = None;
+        assert_eq!(next_run(&p, &t, at(9, 6)), (at(10, 0), Why::Due));
+    }
+
+    #[test]
+    fn stale_after_the_policy_s_limit() {
+        let mut p = every(15);
+        p.stale_after_secs = Some(3 * 86_400);
+        let t = after(at(9, 0));
+        assert!(!is_stale(&p, &t, at(0, 0), at(9, 0) + Duration::days(2)));
+        assert!(is_stale(&p, &t, at(0, 0), at(9, 0) + Duration::days(4)));
+        // Never one: counted from when protection began.
+        assert!(is_stale(
+            &p,
+            &Track::default(),
+            at(0, 0),
+            at(0, 0) + Duration::days(4)
+        ));
+        // The default limit: a day, or three intervals if longer.
+        let weekly = every(7 * 24 * 60);
+        assert_eq!(weekly.stale_after().as_secs(), 21 * 86_400);
+        assert_eq!(every(15).stale_after().as_secs(), 86_400);
+    }
+}

@@ -1,0 +1,60 @@
+//! A folder for one job's sockets and scratch files, removed when dropped. The checkpoint
+//! engine makes one folder per VM inside it that only that VM's QEMU can write; QEMU only
+//! needs to pass through this one (mode 0711). The name holds the process id, so a later run
+//! removes the folder of a killed one.
+
+use std::path::{Path, PathBuf};
+
+/// The folder; removed with everything in it when dropped.
+#[derive(Debug)]
+pub struct WorkDir(PathBuf);
+
+const PREFIX: &str = "rewind-checkpoint-";
+
+impl WorkDir {
+    /// Makes a new one in the temporary folder (first removing those of dead processes).
+    pub fn new() -> std::io::Result<Self> {
+        remove_those_of_dead_processes();
+        let work = std::env::temp_dir().join(format!(
+            "{PREFIX}{}-{}",
+            std::process::id(),
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        ));
+        std::fs::create_dir(&work)?;
+        std::fs::set_permissions(&work, std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
+        Ok(Self(work))
+    }
+
+    /// Its path.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Removes `rewind-checkpoint-<pid>-<uuid>` folders whose process no longer runs.
+fn remove_those_of_dead_processes() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(PREFIX))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}

@@ -1,0 +1,380 @@
+//! Automatic protection (issue 6): `rewind protect` and `rewind daemon` against a real
+//! guest — checkpoints by themselves at an interval, retention, status and history, one
+//! scheduler at a time, a broken configuration file, and a removable drive that is
+//! unplugged (nothing written to the bare mount point) and plugged in again elsewhere
+//! (found by its store's ID, caught up at once).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rewind_tests::scratch::ScratchDir;
+use rewind_tests::{DiskSpec, Format, TestVm, daemon};
+
+const BOOT_TIMEOUT: Duration = Duration::from_mins(2);
+
+/// Rewind's configuration and state folders for one test, so that tests do not see each
+/// other's (or the user's) configuration.
+struct Home {
+    dir: ScratchDir,
+}
+
+impl Home {
+    fn new(label: &str) -> Self {
+        Self {
+            dir: ScratchDir::new(label).unwrap(),
+        }
+    }
+
+    fn config_dir(&self) -> PathBuf {
+        self.dir.path().join("config")
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    fn config_file(&self) -> PathBuf {
+        self.config_dir().join("config.ron")
+    }
+
+    /// `rewind ARGS...` with this home.
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = crate::rewind::command();
+        cmd.args(args)
+            .args(["--connect", daemon::URI])
+            .env("REWIND_CONFIG_DIR", self.config_dir())
+            .env("REWIND_STATE_DIR", self.state_dir())
+            .env(rewind_core::config::SHORT_INTERVALS_ENV, "1");
+        cmd
+    }
+
+    fn run_ok(&self, args: &[&str]) -> String {
+        let out = self.command(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "rewind {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let text = self.run_ok(args);
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+    }
+
+    fn ok_checkpoints(&self) -> Vec<serde_json::Value> {
+        self.json(&["history", "--json"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["outcome"] == "ok")
+            .cloned()
+            .collect()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.state_dir().join("rewind.log")).unwrap_or_default()
+    }
+
+    /// Starts `rewind daemon`; it is stopped when the guard drops.
+    fn daemon(&self) -> Daemon {
+        let stderr = std::fs::File::create(self.dir.path().join("daemon.stderr")).unwrap();
+        let child = self
+            .command(&["daemon"])
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        Daemon { child: Some(child) }
+    }
+}
+
+/// A running `rewind daemon`, killed when dropped (also when the test fails).
+struct Daemon {
+    child: Option<Child>,
+}
+
+impl Daemon {
+    /// SIGTERM, as systemd sends: it must stop cleanly and soon.
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let child = self.child.as_mut().unwrap();
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                start.elapsed() < Duration::from_mins(1),
+                "rewind daemon did not stop within a minute of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Waits until `ready()` holds, failing after `limit` with `what` and the daemon's log.
+fn wait_for(home: &Home, limit: Duration, what: &str, mut ready: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ready() {
+        assert!(
+            start.elapsed() < limit,
+            "{what} did not happen within {limit:?}; daemon log:\n{}",
+            home.log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn booted_guest(label: &str) -> TestVm {
+    let mut vm = TestVm::builder(label)
+        .workload("sequence")
+        .disks(vec![DiskSpec::new("vda", Format::Qcow2, 32 << 20)])
+        .define()
+        .expect("define the test VM");
+    vm.start_and_wait_ready(BOOT_TIMEOUT).expect("boot");
+    vm.wait_flushed(3, BOOT_TIMEOUT).unwrap();
+    vm
+}
+
+#[test]
+fn the_daemon_takes_checkpoints_by_itself_thins_them_out_and_survives_a_broken_config() {
+    let vm = booted_guest("protect-daemon");
+    let home = Home::new("protect-daemon-home");
+    let store = home.dir.path().join("store");
+    let store_str = store.to_str().unwrap();
+    let said = home.run_ok(&[
+        "protect",
+        &vm.name,
+        "--to",
+        store_str,
+        "--every",
+        "20s",
+        "--keep-last",
+        "2",
+    ]);
+    assert!(said.contains("every 20 seconds"), "{said}");
+    // Below the minimum without the test switch.
+    let out = crate::rewind::command()
+        .args(["protect", &vm.name, "--to", store_str, "--every", "1m"])
+        .args(["--connect", daemon::URI])
+        .env("REWIND_CONFIG_DIR", home.config_dir())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("5 minutes to 1 week"),
+        "{stderr}"
+    );
+
+    let started = Instant::now();
+    let mut daemon = home.daemon();
+    wait_for(&home, Duration::from_secs(80), "three checkpoints", || {
+        home.ok_checkpoints().len() >= 3
+    });
+    eprintln!("three checkpoints in {:?}", started.elapsed());
+
+    // Only one scheduler at a time, and it says which one runs.
+    let out = home.command(&["daemon"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a second daemon ran");
+    assert!(
+        stderr.contains("already runs in process") && stderr.contains("rewind daemon"),
+        "{stderr}"
+    );
+
+    // Retention: two kept in the store, the history says what went.
+    let listing = home.json(&["checkpoints", "--in", store_str, "--json"]);
+    let kept: Vec<&str> = listing["checkpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
+    let history = home.ok_checkpoints();
+    assert!(kept.len() <= 2, "keep-last 2 left {kept:?}");
+    assert!(
+        history
+            .iter()
+            .map(|r| r["pruned"].as_u64().unwrap())
+            .sum::<u64>()
+            >= 1
+    );
+    let newest = history.last().unwrap();
+    assert!(
+        kept.contains(&newest["checkpoint"].as_str().unwrap()),
+        "{kept:?} {newest}"
+    );
+    assert_eq!(newest["incremental"], true, "{newest}");
+
+    let status = home.json(&["status", "--json"]);
+    assert_eq!(status["scheduler"]["running"], true, "{status}");
+    assert_eq!(status["scheduler"]["program"], "rewind daemon");
+    let dest = &status["vms"][0]["destinations"][0];
+    assert_eq!(dest["available"], true, "{status}");
+    assert!(dest["last_success"].is_string(), "{status}");
+    assert!(dest["last_checkpoint"].is_string(), "{status}");
+
+    // A broken configuration file: said with line and column, and the daemon goes on with
+    // the last good one.
+    let good = std::fs::read_to_string(home.config_file()).unwrap();
+    std::fs::write(home.config_file(), "(\n  vms: [\n    (vm: 42),\n  ],\n)\n").unwrap();
+    wait_for(
+        &home,
+        Duration::from_secs(20),
+        "the configuration error in the log",
+        || home.log().contains("line 3, column"),
+    );
+    let status = home.json(&["status", "--json"]);
+    assert!(
+        status["config_error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("line 3, column"),
+        "{status}"
+    );
+    let before = home.ok_checkpoints().len();
+    wait_for(
+        &home,
+        Duration::from_mins(1),
+        "a checkpoint under the last good configuration",
+        || home.ok_checkpoints().len() > before,
+    );
+    std::fs::write(home.config_file(), good).unwrap();
+
+    let stopped = daemon.terminate();
+    assert!(stopped.success(), "rewind daemon exited with {stopped}");
+    let status = home.json(&["status", "--json"]);
+    assert_eq!(status["scheduler"]["running"], false, "{status}");
+    let history = home.run_ok(&["history", &vm.name]);
+    assert!(history.contains("incremental"), "{history}");
+    crate::rewind::run_ok(&["verify", "--in", store_str]);
+}
+
+/// A mount under the scratch folder, unmounted when dropped.
+struct Mount(PathBuf);
+
+impl Mount {
+    fn bind(from: &Path, to: &Path) -> Self {
+        std::fs::create_dir_all(to).unwrap();
+        let status = Command::new("mount")
+            .args(["--bind"])
+            .arg(from)
+            .arg(to)
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "mount --bind {} {}",
+            from.display(),
+            to.display()
+        );
+        Self(to.to_path_buf())
+    }
+
+    fn unmount(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn an_unplugged_drive_is_never_written_and_is_caught_up_when_it_comes_back_elsewhere() {
+    let vm = booted_guest("protect-drive");
+    let home = Home::new("protect-drive-home");
+    // The "drive": a folder bind-mounted under a watched folder, as udisks mounts drives.
+    let drive = home.dir.path().join("drive");
+    std::fs::create_dir_all(&drive).unwrap();
+    let media = home.dir.path().join("media");
+    let plugged = Mount::bind(&drive, &media.join("BACKUP"));
+    let dest = media.join("BACKUP/rewind");
+    home.run_ok(&[
+        "protect",
+        &vm.name,
+        "--to",
+        dest.to_str().unwrap(),
+        "--every",
+        "1h",
+    ]);
+    let mut config = rewind_core::config::Config::load(&home.config_file()).unwrap();
+    config.watch_paths = vec![media.clone()];
+    config.save(&home.config_file()).unwrap();
+    assert!(
+        drive.join("rewind/rewind-store.json").exists(),
+        "the store is on the drive"
+    );
+
+    // Unplugged: the mount point is an empty folder.
+    plugged.unmount();
+    let mount_point = media.join("BACKUP");
+    let _daemon = home.daemon();
+    wait_for(
+        &home,
+        Duration::from_secs(30),
+        "status saying the drive is missing",
+        || {
+            let status = home.json(&["status", "--json"]);
+            let d = &status["vms"][0]["destinations"][0];
+            d["available"] == false
+                && d["reason"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("not plugged in")
+        },
+    );
+    std::thread::sleep(Duration::from_secs(6));
+    let written: Vec<_> = std::fs::read_dir(&mount_point).unwrap().collect();
+    assert!(
+        written.is_empty(),
+        "something was written to the bare mount point: {written:?}"
+    );
+    assert!(home.ok_checkpoints().is_empty());
+    let text = home.run_ok(&["status"]);
+    assert!(text.contains("MISSING"), "{text}");
+
+    // Plugged in again, under another name: found by its ID, caught up at once.
+    let _again = Mount::bind(&drive, &media.join("BACKUP1"));
+    wait_for(
+        &home,
+        Duration::from_mins(1),
+        "the catch-up checkpoint",
+        || !home.ok_checkpoints().is_empty(),
+    );
+    let record = home.ok_checkpoints().remove(0);
+    assert_eq!(
+        record["location"].as_str().unwrap(),
+        media.join("BACKUP1/rewind").to_str().unwrap(),
+        "{record}"
+    );
+    assert_eq!(record["trigger"], "first", "{record}");
+    assert!(std::fs::read_dir(&mount_point).unwrap().next().is_none());
+    let listing = crate::rewind::run_ok(&[
+        "checkpoints",
+        "--in",
+        media.join("BACKUP1/rewind").to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(
+        listing.contains(record["checkpoint"].as_str().unwrap()),
+        "{listing}"
+    );
+}
