@@ -378,3 +378,121 @@ fn an_unplugged_drive_is_never_written_and_is_caught_up_when_it_comes_back_elsew
         "{listing}"
     );
 }
+
+/// A private session bus with a monitor on it and a daemon using it; all stopped when
+/// dropped.
+struct Session {
+    bus_pid: u32,
+    monitor: Child,
+    daemon: Daemon,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if self.daemon.child.is_some() {
+            let _ = self.daemon.terminate();
+        }
+        let _ = self.monitor.kill();
+        let _ = self.monitor.wait();
+        let _ = Command::new("kill").arg(self.bus_pid.to_string()).status();
+    }
+}
+
+impl Session {
+    /// Starts a bus, a monitor of notification calls writing to `monitor_log`, and `rewind
+    /// daemon` of `home` on that bus.
+    fn start(home: &Home, monitor_log: &Path) -> Self {
+        let out = Command::new("dbus-daemon")
+            .args(["--session", "--fork", "--print-address=1", "--print-pid=1"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut lines = text.lines();
+        let address = lines.next().unwrap().trim().to_owned();
+        let bus_pid: u32 = lines.next().unwrap().trim().parse().unwrap();
+        let monitor = Command::new("dbus-monitor")
+            .args([
+                "--address",
+                &address,
+                "interface=org.freedesktop.Notifications",
+            ])
+            .stdout(std::fs::File::create(monitor_log).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        let stderr = std::fs::File::create(home.dir.path().join("daemon.stderr")).unwrap();
+        let child = home
+            .command(&["daemon"])
+            .env("DBUS_SESSION_BUS_ADDRESS", &address)
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        Self {
+            bus_pid,
+            monitor,
+            daemon: Daemon { child: Some(child) },
+        }
+    }
+}
+
+#[test]
+fn a_failed_checkpoint_is_notified_on_the_desktop_bus_and_logged() {
+    rewind_tests::setup().unwrap();
+    let home = Home::new("protect-notify-home");
+    let store = home.dir.path().join("store");
+    crate::rewind::run_ok(&["init", store.to_str().unwrap()]);
+    let id = rewind_core::store::Store::probe(&store).unwrap().id;
+    let config = rewind_core::config::Config {
+        uri: daemon::URI.into(),
+        destinations: vec![rewind_core::config::Destination {
+            name: "usb".into(),
+            location: store.display().to_string(),
+            store_id: Some(id),
+            passphrase_file: None,
+        }],
+        vms: vec![rewind_core::config::Protection {
+            vm: "rwt-no-such-vm".into(),
+            destinations: vec!["usb".into()],
+            ..rewind_core::config::Protection::default()
+        }],
+        ..rewind_core::config::Config::default()
+    };
+    config.save(&home.config_file()).unwrap();
+    let monitor = home.dir.path().join("bus.log");
+    let _session = Session::start(&home, &monitor);
+    wait_for(
+        &home,
+        Duration::from_secs(30),
+        "the failure in the log",
+        || home.log().contains("FAILED"),
+    );
+    let log = home.log();
+    assert!(
+        log.contains("no virtual machine is called \"rwt-no-such-vm\""),
+        "{log}"
+    );
+    // There is a session bus but no notification service: the message goes to the log.
+    assert!(log.contains("(no desktop notification:"), "{log}");
+    wait_for(
+        &home,
+        Duration::from_secs(10),
+        "the Notify call on the bus",
+        || {
+            std::fs::read_to_string(&monitor)
+                .unwrap_or_default()
+                .contains("Checkpoint of rwt-no-such-vm failed")
+        },
+    );
+    let bus = std::fs::read_to_string(&monitor).unwrap();
+    assert!(bus.contains("member=Notify"), "{bus}");
+    let history = home.json(&["history", "--json"]);
+    assert_eq!(history[0]["outcome"], "failed", "{history}");
+    assert_eq!(history[0]["retryable"], false, "{history}");
+}
