@@ -269,7 +269,11 @@ async fn run(
             state.write_status();
             continue;
         }
-        let wait = state.start_due_jobs(&events, &tx);
+        let mut wait = state.start_due_jobs(&events, &tx);
+        if !state.running.is_empty() {
+            // Keep status.json's progress of the running jobs current.
+            wait = wait.min(Duration::from_secs(1));
+        }
         state.warn_stale(&events);
         if last_activity_poll.is_none_or(|t| t.elapsed() >= Duration::from_mins(1)) {
             last_activity_poll = Some(std::time::Instant::now());

@@ -1,0 +1,260 @@
+//! Long jobs the window starts: checkpoint now, restore (in place, as a new VM, undo),
+//! verify, delete, export. Each runs on a blocking thread with its own [`Control`], which the
+//! engine reads for progress and the window's Cancel button cancels.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use uuid::Uuid;
+
+use super::catalog::{self, CheckpointSummary};
+use crate::config::Config;
+use crate::destination;
+use crate::libvirt::Hypervisor;
+use crate::progress::Control;
+use crate::restore::{ImageFormat, NewVm, RestoreOptions, RestoreReport};
+use crate::store::verify::VerifyReport;
+use crate::store::{Manifest, Store};
+
+/// A job's number, unique in one engine.
+pub type JobId = u64;
+
+/// What to do.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum JobRequest {
+    /// A checkpoint of this VM (name or UUID) now, into each of its destinations.
+    Checkpoint {
+        /// The VM.
+        vm: String,
+    },
+    /// Restore a checkpoint.
+    Restore {
+        /// The destination it is in.
+        destination: String,
+        /// The VM it belongs to.
+        vm_uuid: Uuid,
+        /// Its id.
+        checkpoint: String,
+        /// How.
+        options: RestoreOptions,
+        /// As a new VM (or onto another host); `None`: in place.
+        as_new: Option<NewVm>,
+    },
+    /// Restore the VM's newest safety checkpoint in that destination.
+    UndoRestore {
+        /// The destination.
+        destination: String,
+        /// The VM.
+        vm_uuid: Uuid,
+        /// How.
+        options: RestoreOptions,
+    },
+    /// Verify a destination's store.
+    Verify {
+        /// The destination.
+        destination: String,
+    },
+    /// Delete a checkpoint (its data goes at the next garbage collection).
+    Delete {
+        /// The destination.
+        destination: String,
+        /// The VM.
+        vm_uuid: Uuid,
+        /// The checkpoint.
+        checkpoint: String,
+    },
+    /// Write one disk of a checkpoint to an image file.
+    Export {
+        /// The destination.
+        destination: String,
+        /// The VM.
+        vm_uuid: Uuid,
+        /// The checkpoint.
+        checkpoint: String,
+        /// The disk's target.
+        disk: String,
+        /// The file to create.
+        out: PathBuf,
+        /// Its format.
+        format: ImageFormat,
+    },
+}
+
+impl JobRequest {
+    /// A few words for the progress bar.
+    #[must_use]
+    pub fn label(&self) -> String {
+        match self {
+            Self::Checkpoint { vm } => format!("Checkpoint of {vm}"),
+            Self::Restore {
+                checkpoint, as_new, ..
+            } => match as_new {
+                None => format!("Restore to {checkpoint}"),
+                Some(_) => format!("Restore of {checkpoint} as a new VM"),
+            },
+            Self::UndoRestore { .. } => "Undo restore".into(),
+            Self::Verify { destination } => format!("Verify {destination}"),
+            Self::Delete { checkpoint, .. } => format!("Delete {checkpoint}"),
+            Self::Export { disk, .. } => format!("Export of {disk}"),
+        }
+    }
+}
+
+/// What a job produced.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum JobOutput {
+    /// Checkpoints taken.
+    Checkpoints(Vec<CheckpointSummary>),
+    /// A restore done.
+    Restored(Box<RestoreReport>),
+    /// A store verified.
+    Verified(Box<VerifyReport>),
+    /// A checkpoint deleted.
+    Deleted,
+    /// A disk exported, to this file.
+    Exported(PathBuf),
+}
+
+fn store_of(config: &Config, name: &str) -> Result<Store, String> {
+    let dest = config
+        .destination(name)
+        .ok_or_else(|| format!("there is no destination called {name:?} in the configuration"))?;
+    let found = destination::locate(dest, &destination::watch_roots(config));
+    catalog::open(dest, &found)
+}
+
+fn manifest(store: &Store, vm: &Uuid, id: &str) -> Result<Manifest, String> {
+    store.manifest(vm, id).map_err(|e| e.to_string())
+}
+
+/// Runs `request` to the end (or until `control` is cancelled).
+pub fn run(
+    config: &Config,
+    request: &JobRequest,
+    control: &Arc<Control>,
+) -> Result<JobOutput, String> {
+    let work = crate::workdir::WorkDir::new()
+        .map_err(|e| format!("could not make a work folder in the temporary folder: {e}"))?;
+    let hv = || Hypervisor::connect(&config.uri).map_err(|e| e.to_string());
+    match request {
+        JobRequest::Checkpoint { vm } => checkpoint_now(config, vm, work.path(), control),
+        JobRequest::Restore {
+            destination,
+            vm_uuid,
+            checkpoint,
+            options,
+            as_new,
+        } => {
+            let store = store_of(config, destination)?;
+            let m = manifest(&store, vm_uuid, checkpoint)?;
+            let hv = hv()?;
+            let report = match as_new {
+                None => {
+                    crate::restore::restore_in_place(&hv, &store, &m, options, work.path(), control)
+                }
+                Some(new) => crate::restore::restore_as_new(
+                    &hv,
+                    &store,
+                    &m,
+                    new,
+                    options,
+                    work.path(),
+                    control,
+                ),
+            }
+            .map_err(|e| e.to_string())?;
+            Ok(JobOutput::Restored(Box::new(report)))
+        }
+        JobRequest::UndoRestore {
+            destination,
+            vm_uuid,
+            options,
+        } => {
+            let store = store_of(config, destination)?;
+            let safety = store
+                .catalog()
+                .map_err(|e| e.to_string())?
+                .checkpoints
+                .into_iter()
+                .rfind(|m| {
+                    m.vm.uuid == *vm_uuid
+                        && m.labels.iter().any(|l| l == crate::restore::SAFETY_LABEL)
+                })
+                .ok_or("there is no safety checkpoint to go back to")?;
+            let hv = hv()?;
+            let report = crate::restore::restore_in_place(
+                &hv,
+                &store,
+                &safety,
+                options,
+                work.path(),
+                control,
+            )
+            .map_err(|e| e.to_string())?;
+            Ok(JobOutput::Restored(Box::new(report)))
+        }
+        JobRequest::Verify { destination } => {
+            let store = store_of(config, destination)?;
+            let report = store.verify(false, control).map_err(|e| e.to_string())?;
+            Ok(JobOutput::Verified(Box::new(report)))
+        }
+        JobRequest::Delete {
+            destination,
+            vm_uuid,
+            checkpoint,
+        } => {
+            let store = store_of(config, destination)?;
+            store
+                .delete_checkpoint(vm_uuid, checkpoint)
+                .map_err(|e| e.to_string())?;
+            Ok(JobOutput::Deleted)
+        }
+        JobRequest::Export {
+            destination,
+            vm_uuid,
+            checkpoint,
+            disk,
+            out,
+            format,
+        } => {
+            let store = store_of(config, destination)?;
+            let m = manifest(&store, vm_uuid, checkpoint)?;
+            crate::restore::export_disk(&store, &m, disk, out, *format, control)
+                .map_err(|e| e.to_string())?;
+            Ok(JobOutput::Exported(out.clone()))
+        }
+    }
+}
+
+/// A checkpoint of `vm` now into each of its destinations.
+fn checkpoint_now(
+    config: &Config,
+    vm: &str,
+    work: &std::path::Path,
+    control: &Arc<Control>,
+) -> Result<JobOutput, String> {
+    let protection = config.protection(vm);
+    let destinations: Vec<String> = protection
+        .map(|p| p.destinations.clone())
+        .unwrap_or_default();
+    if destinations.is_empty() {
+        return Err(format!(
+            "{vm} has no destination yet: protect it first (Settings, or `rewind protect`)"
+        ));
+    }
+    let hv = Hypervisor::connect(&config.uri).map_err(|e| e.to_string())?;
+    let options = crate::checkpoint::TakeOptions {
+        quiesce: protection.is_none_or(|p| p.quiesce),
+        ..crate::checkpoint::TakeOptions::default()
+    };
+    let mut taken = Vec::new();
+    for d in &destinations {
+        let store = store_of(config, d)?;
+        let m = crate::checkpoint::take_with(&hv, &store, vm, work, &options, control)
+            .map_err(|e| e.to_string())?;
+        taken.push(CheckpointSummary::of(&m));
+    }
+    Ok(JobOutput::Checkpoints(taken))
+}
