@@ -8,7 +8,7 @@ use chrono::{DateTime, Local, Utc};
 use rewind_core::progress::Control;
 use rewind_core::store::retention::KeepRules;
 use rewind_core::store::verify::VerifyReport;
-use rewind_core::store::{InitOptions, Manifest, Store};
+use rewind_core::store::{InitOptions, Location, Manifest, Store, StoreError};
 use rewind_core::units::human_bytes;
 use serde::Serialize;
 use zeroize::Zeroizing;
@@ -53,14 +53,25 @@ fn passphrase(store: &Path, confirm: bool) -> anyhow::Result<Zeroizing<Vec<u8>>>
     Ok(first)
 }
 
-/// Opens a store, asking for its passphrase if it is encrypted.
-pub fn open_store(path: &Path) -> anyhow::Result<Store> {
-    let config = Store::probe(path)?;
-    let pass = match config.encryption {
-        Some(_) => Some(passphrase(path, false)?),
-        None => None,
-    };
-    Ok(Store::open(path, pass.as_ref().map(|p| p.as_slice()))?)
+/// Where a store is, from a `DEST` argument: a folder, or `ssh://[user@]host[:port]/path`.
+pub(crate) fn location(dest: &Path) -> anyhow::Result<Location> {
+    match dest.to_str() {
+        Some(text) => Ok(Location::parse(text)?),
+        // Not UTF-8: surely no URL.
+        None => Ok(Location::Local(dest.to_path_buf())),
+    }
+}
+
+/// Opens a store (a folder, or `ssh://…`), asking for its passphrase if it is encrypted.
+pub fn open_store(dest: &Path) -> anyhow::Result<Store> {
+    let location = location(dest)?;
+    match Store::open_at(&location, None) {
+        Err(StoreError::PassphraseRequired { path }) => {
+            let pass = passphrase(&path, false)?;
+            Ok(Store::open_at(&location, Some(pass.as_slice()))?)
+        }
+        other => Ok(other?),
+    }
 }
 
 /// `rewind checkpoint VM... --to DEST [--json]`: one VM after the other; a VM that fails
@@ -72,16 +83,18 @@ pub fn checkpoint(
     dest: &Path,
     json: bool,
 ) -> anyhow::Result<()> {
-    let store = match Store::probe(dest) {
-        Err(rewind_core::store::StoreError::Missing { .. }) => {
-            Store::init(dest, &InitOptions::default())?
+    let location = location(dest)?;
+    let store = match Store::open_at(&location, None) {
+        Err(StoreError::Missing { .. }) => Store::init_at(&location, &InitOptions::default())?,
+        // An empty folder becomes a store; one holding other things stays as it is.
+        Err(not_a_store @ StoreError::NotAStore { .. }) => {
+            match Store::init_at(&location, &InitOptions::default()) {
+                Err(StoreError::NotEmpty { .. }) => return Err(not_a_store.into()),
+                created => created?,
+            }
         }
-        Err(rewind_core::store::StoreError::NotAStore { .. })
-            if std::fs::read_dir(dest).is_ok_and(|mut d| d.next().is_none()) =>
-        {
-            Store::init(dest, &InitOptions::default())?
-        }
-        _ => open_store(dest)?,
+        Err(StoreError::PassphraseRequired { .. }) => open_store(dest)?,
+        opened => opened?,
     };
     let hv = rewind_core::libvirt::Hypervisor::connect(uri)?;
     let interrupt = Interrupt::install()?;
@@ -382,11 +395,12 @@ mod tests {
 
 /// `rewind init DEST [--encrypt]`.
 pub fn init(out: &mut dyn Write, dest: &Path, encrypt: bool) -> anyhow::Result<()> {
+    let location = location(dest)?;
     let mut options = InitOptions::default();
     if encrypt {
         options.passphrase = Some(passphrase(dest, true)?);
     }
-    let store = Store::init(dest, &options)?;
+    let store = Store::init_at(&location, &options)?;
     writeln!(
         out,
         "Created {}store {} in {}.",

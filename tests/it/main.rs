@@ -10,6 +10,7 @@ mod events;
 mod gui;
 mod protect;
 mod remote;
+mod remote_store;
 mod restore;
 mod rewind;
 mod store;

@@ -14,6 +14,11 @@
 //! in the scratch folder that runs `ssh` with this server's `known_hosts` and no user
 //! configuration: host keys are verified, nothing outside the scratch folder is read or
 //! written. [`Sshd::libssh_uri`] gives the same server through libvirt's `libssh` transport.
+//!
+//! Remote stores (`ssh://…`) go through the `ssh` command too, which Rewind points at an
+//! `ssh_config` file with `REWIND_SSH_CONFIG`: [`Sshd::write_ssh_config`] writes one whose
+//! Host alias reaches this server with this folder's key and `known_hosts`, and SFTP is
+//! served by sshd's own `internal-sftp`.
 
 use std::fmt::Write as _;
 use std::fs;
@@ -131,6 +136,40 @@ impl Sshd {
         )
     }
 
+    /// Writes an `ssh_config` file (for `ssh -F`, or Rewind's `REWIND_SSH_CONFIG`) in which
+    /// Host `alias` is this server as root, with this folder's client key and `known_hosts`,
+    /// strict host-key checking and no prompts; returns its path. `known_hosts` replaces
+    /// the server's own `known_hosts` file when given (e.g. an empty one, to see an unknown
+    /// host refused).
+    pub fn write_ssh_config(
+        &self,
+        alias: &str,
+        known_hosts: Option<&Path>,
+    ) -> Result<PathBuf, HarnessError> {
+        let known = known_hosts.map_or_else(|| self.known_hosts(), Path::to_path_buf);
+        let config = format!(
+            "# Test-only: Host {alias} is the test sshd of {dir}.\n\
+             Host {alias}\n\
+             \x20 HostName 127.0.0.1\n\
+             \x20 Port {port}\n\
+             \x20 User root\n\
+             \x20 IdentityFile {key}\n\
+             \x20 IdentitiesOnly yes\n\
+             \x20 UserKnownHostsFile {known}\n\
+             \x20 GlobalKnownHostsFile /dev/null\n\
+             \x20 StrictHostKeyChecking yes\n\
+             \x20 BatchMode yes\n\
+             \x20 ConnectTimeout 10\n",
+            dir = self.dir.path().display(),
+            port = self.port,
+            key = self.client_key().display(),
+            known = known.display(),
+        );
+        let path = self.dir.path().join(format!("ssh_config-{alias}"));
+        write(&path, config.as_bytes())?;
+        Ok(path)
+    }
+
     /// Whether the server process still runs.
     pub fn is_running(&mut self) -> bool {
         self.child
@@ -207,7 +246,8 @@ impl Sshd {
              UseDNS no\n\
              PrintMotd no\n\
              X11Forwarding no\n\
-             MaxStartups 50\n",
+             MaxStartups 50\n\
+             Subsystem sftp internal-sftp\n",
             port = self.port
         );
         write(&self.dir.path().join("sshd_config"), config.as_bytes())?;

@@ -6,8 +6,9 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use super::backend::Backend;
 use super::crypto::EncryptionConfig;
-use super::error::StoreError;
+use super::error::{StoreError, io_error};
 
 /// Name of the file that marks a folder as a store.
 pub const CONFIG_FILE: &str = "rewind-store.json";
@@ -47,22 +48,25 @@ struct Probe {
 impl StoreConfig {
     /// Reads and checks the config of the store at `root`.
     pub fn read(root: &Path) -> Result<Self, StoreError> {
+        Self::read_in(&Backend::Local(root.to_path_buf()))
+    }
+
+    /// Reads and checks the config of the store in `fs`.
+    pub(crate) fn read_in(fs: &Backend) -> Result<Self, StoreError> {
+        let root = fs.display(Path::new(""));
         let path = root.join(CONFIG_FILE);
-        if !root.exists() {
-            return Err(StoreError::Missing {
-                path: root.to_path_buf(),
-            });
+        let look = |e| io_error("look at", &root, e);
+        if !fs.exists(Path::new("")).map_err(look)? {
+            return Err(StoreError::Missing { path: root.clone() });
         }
-        if !path.exists() {
-            return Err(StoreError::NotAStore {
-                path: root.to_path_buf(),
-            });
+        if !fs.exists(Path::new(CONFIG_FILE)).map_err(look)? {
+            return Err(StoreError::NotAStore { path: root.clone() });
         }
-        let bytes = super::fsutil::read_bounded(&path, 64 << 10, root)?;
+        let bytes = fs.read_bounded(Path::new(CONFIG_FILE), 64 << 10, &root)?;
         let damaged = |detail: String| StoreError::Damaged {
             path: path.clone(),
             detail,
-            store: root.to_path_buf(),
+            store: root.clone(),
         };
         let probe: Probe = serde_json::from_slice(&bytes).map_err(|e| damaged(e.to_string()))?;
         if probe.format != FORMAT_NAME {
@@ -73,7 +77,7 @@ impl StoreConfig {
         }
         if probe.version > FORMAT_VERSION {
             return Err(StoreError::NewerFormat {
-                path: root.to_path_buf(),
+                path: root.clone(),
                 found: probe.version,
                 supported: FORMAT_VERSION,
             });

@@ -220,6 +220,152 @@ pub enum StoreError {
     /// The caller cancelled.
     #[error("cancelled")]
     Cancelled,
+
+    /// A store location that cannot be used as written.
+    #[error("{input:?} is not a usable store location: {why}")]
+    BadLocation {
+        /// What was given.
+        input: String,
+        /// What is wrong with it.
+        why: String,
+    },
+
+    /// The store's host could not be reached (down, network cut, sshd not running).
+    #[error(
+        "cannot reach the host of the store: {detail}. Check that the host is up and its SSH \
+         server runs, then try again ({location})"
+    )]
+    Unreachable {
+        /// The store, `ssh://…`.
+        location: String,
+        /// What ssh said.
+        detail: String,
+    },
+
+    /// ssh refused the host: its key is not known, or it changed.
+    #[error(
+        "ssh refused the host key of {host}: {detail}. If you trust this host, run `{accept}` \
+         once and accept its key (a changed key can also mean that someone intercepts the \
+         connection: ask the host's owner first), then try again ({location})"
+    )]
+    HostKey {
+        /// The store, `ssh://…`.
+        location: String,
+        /// The host as given.
+        host: String,
+        /// What ssh said.
+        detail: String,
+        /// The command that asks to accept the key.
+        accept: String,
+    },
+
+    /// ssh could not log in (no key it accepts, agent not running, password needed).
+    #[error(
+        "ssh could not log in to {host}: {detail}. Rewind logs in like `{command}` does, \
+         without asking for a password: set up a key (ssh-copy-id) or an ssh agent, or the \
+         user and key in ~/.ssh/config ({location})"
+    )]
+    Login {
+        /// The store, `ssh://…`.
+        location: String,
+        /// The host as given.
+        host: String,
+        /// What ssh said.
+        detail: String,
+        /// The command Rewind's connection is equivalent to.
+        command: String,
+    },
+
+    /// ssh failed in some other way (bad configuration, no `ssh` program).
+    #[error("ssh could not connect to the host of the store: {detail} ({location})")]
+    Ssh {
+        /// The store, `ssh://…`.
+        location: String,
+        /// What went wrong.
+        detail: String,
+    },
+
+    /// The connection to the store's host broke during an operation.
+    #[error(
+        "the connection to the host of the store was lost while trying to {action} {path}: \
+         {detail}. Nothing in the store is damaged (the unfinished operation left at most \
+         temporary files); try again when the host is reachable",
+        path = path.display()
+    )]
+    ConnectionLost {
+        /// What was being done.
+        action: &'static str,
+        /// The file or folder, `ssh://…`.
+        path: PathBuf,
+        /// What failed.
+        detail: String,
+    },
+
+    /// The SFTP server lacks an operation the store needs to stay consistent.
+    #[error(
+        "the SFTP server of the store's host lacks {missing}, which Rewind needs to write a \
+         store without risking damage (OpenSSH's sftp-server has it; ask the host's owner to \
+         use it) ({location})"
+    )]
+    ServerUnsupported {
+        /// The store, `ssh://…`.
+        location: String,
+        /// What is missing.
+        missing: String,
+    },
+
+    /// Another process took this process's lock of a remote store over, judging it stale.
+    #[error(
+        "this process lost its lock of the store at {path}: {detail}. Nothing was committed; \
+         try again",
+        path = path.display()
+    )]
+    LockLost {
+        /// The store.
+        path: PathBuf,
+        /// What happened.
+        detail: String,
+    },
+}
+
+impl StoreError {
+    /// Whether this is a failure to reach a remote store (connecting, or a connection that
+    /// broke) rather than something about the store's content.
+    #[must_use]
+    pub fn is_connection_failure(&self) -> bool {
+        matches!(
+            self,
+            Self::Unreachable { .. }
+                | Self::HostKey { .. }
+                | Self::Login { .. }
+                | Self::Ssh { .. }
+                | Self::ConnectionLost { .. }
+                | Self::ServerUnsupported { .. }
+        )
+    }
+
+    /// Whether trying the same operation again later can succeed without the user changing
+    /// anything: the host or drive comes back, the link returns, another process finishes.
+    #[must_use]
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Missing { .. }
+            | Self::Busy { .. }
+            | Self::Unreachable { .. }
+            | Self::ConnectionLost { .. }
+            | Self::LockLost { .. } => true,
+            Self::Io { source, .. } => matches!(
+                source.kind(),
+                io::ErrorKind::Interrupted
+                    | io::ErrorKind::TimedOut
+                    | io::ErrorKind::WouldBlock
+                    | io::ErrorKind::NotConnected
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::ConnectionReset
+            ),
+            _ => false,
+        }
+    }
 }
 
 impl From<crate::progress::Cancelled> for StoreError {
@@ -235,6 +381,23 @@ pub(crate) fn io_error(
     source: io::Error,
 ) -> StoreError {
     let path = path.into();
+    if source
+        .get_ref()
+        .is_some_and(<dyn std::error::Error + Send + Sync>::is::<super::backend::RemoteFailure>)
+    {
+        let inner = source
+            .into_inner()
+            .and_then(|inner| inner.downcast::<super::backend::RemoteFailure>().ok())
+            .expect("checked above");
+        return match *inner {
+            super::backend::RemoteFailure::Lost(detail) => StoreError::ConnectionLost {
+                action,
+                path,
+                detail,
+            },
+            super::backend::RemoteFailure::Connect(error) => error,
+        };
+    }
     match source.raw_os_error() {
         Some(code)
             if code == rustix::io::Errno::NOSPC.raw_os_error()

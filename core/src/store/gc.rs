@@ -9,14 +9,16 @@
 //! read, so GC killed at any instant removes only unreferenced chunks.
 
 use std::collections::HashSet;
-use std::fs;
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use super::backend::is_remote_failure;
 use super::chunk::ChunkId;
 use super::error::StoreError;
+use super::error::io_error;
 use super::index::HOLE;
-use super::{LockMode, Store, StoreLock, fsutil};
+use super::{LockMode, Store};
 use crate::progress::Control;
 
 /// What garbage collection did.
@@ -35,12 +37,7 @@ pub struct GcReport {
 impl Store {
     /// Removes every chunk no checkpoint references, and leftovers of killed writers.
     pub fn gc(&self, control: &Control) -> Result<GcReport, StoreError> {
-        let lock = StoreLock::acquire(
-            self.root(),
-            LockMode::Exclusive,
-            "removing unused chunks",
-            Some(control),
-        )?;
+        let lock = self.lock(LockMode::Exclusive, "removing unused chunks", Some(control))?;
         let mut report = GcReport {
             leftovers_removed: self.clean_leftovers(&lock)?,
             ..GcReport::default()
@@ -74,10 +71,23 @@ impl Store {
                 }
             }
         }
-        for prefix in fsutil::list_dir(&self.root().join("chunks"))? {
+        // Nothing is deleted by a holder whose lock was taken over (remote stores).
+        lock.check_held()?;
+        let chunks = Path::new("chunks");
+        for prefix in self.fs.list_names(chunks)? {
             control.check()?;
-            for path in fsutil::list_dir(&prefix)? {
-                let name = path.file_name().unwrap_or_default().to_string_lossy();
+            let prefix = chunks.join(prefix);
+            // A listing over SFTP carries the lengths; locally, only unused chunks are
+            // looked at.
+            let entries: Vec<(String, Option<u64>)> = if self.fs.is_local() {
+                let names = self.fs.list_names(&prefix)?;
+                names.into_iter().map(|n| (n, None)).collect()
+            } else {
+                let listed = self.fs.list(&prefix)?;
+                listed.into_iter().map(|e| (e.name, Some(e.len))).collect()
+            };
+            let mut unused: Vec<(PathBuf, u64)> = Vec::new();
+            for (name, len) in entries {
                 let Some(id) = ChunkId::from_hex(&name) else {
                     continue;
                 };
@@ -85,10 +95,21 @@ impl Store {
                     report.chunks_kept += 1;
                     continue;
                 }
-                let size = fs::metadata(&path).map_or(0, |m| m.len());
-                if fs::remove_file(&path).is_ok() {
-                    report.chunks_removed += 1;
-                    report.bytes_removed += size;
+                let path = prefix.join(&name);
+                let size = len.unwrap_or_else(|| self.fs.len(&path).unwrap_or(0));
+                unused.push((path, size));
+            }
+            let paths: Vec<PathBuf> = unused.iter().map(|(p, _)| p.clone()).collect();
+            for ((path, size), result) in unused.iter().zip(self.fs.remove_files(&paths)) {
+                match result {
+                    Ok(()) => {
+                        report.chunks_removed += 1;
+                        report.bytes_removed += size;
+                    }
+                    Err(e) if is_remote_failure(&e) => {
+                        return Err(io_error("remove", self.root().join(path), e));
+                    }
+                    Err(_) => {}
                 }
             }
         }

@@ -7,13 +7,19 @@
 //! leaves a stale lock behind. Each holder also writes `locks/holder-<pid>-<n>` describing
 //! itself, so that a process that has to wait can say for whom; files left by killed
 //! processes are removed by the next exclusive holder.
+//!
+//! A store on another host cannot be flocked: there, holders keep lock files instead
+//! (`lockfile.rs`), with the same shared/exclusive meaning. A process that uses the folder
+//! directly (on that host) respects those files too.
 
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::backend::Backend;
 use super::error::{StoreError, io_error};
 use super::fsutil;
+use super::lockfile::{self, RemoteLock};
 use crate::progress::Control;
 
 /// Shared or exclusive.
@@ -28,9 +34,19 @@ pub enum LockMode {
 /// A held lock; released on drop.
 #[derive(Debug)]
 pub struct StoreLock {
-    file: File,
-    holder_file: Option<PathBuf>,
+    held: Held,
     mode: LockMode,
+}
+
+#[derive(Debug)]
+enum Held {
+    /// `flock(2)` on `locks/store.lock`, and the holder file.
+    Local {
+        file: File,
+        holder_file: Option<PathBuf>,
+    },
+    /// A lock file of a remote store.
+    Remote(RemoteLock),
 }
 
 fn lock_dir(root: &Path) -> PathBuf {
@@ -78,33 +94,39 @@ impl StoreLock {
             .write(true)
             .open(&path)
             .map_err(|e| io_error("open the lock file", &path, e))?;
+        let remote_holders = Backend::Local(root.to_path_buf());
         loop {
             let attempt = match mode {
                 LockMode::Shared => file.try_lock_shared(),
                 LockMode::Exclusive => file.try_lock(),
             };
-            match attempt {
-                Ok(()) => break,
-                Err(TryLockError::WouldBlock) => match wait {
-                    Some(control) => {
-                        control.check()?;
-                        std::thread::sleep(Duration::from_millis(100));
+            let holder = match attempt {
+                // Processes on other hosts hold the store with lock files.
+                Ok(()) => {
+                    let others = lockfile::fresh_conflicts(&remote_holders, mode, None)?;
+                    if others.is_empty() {
+                        break;
                     }
-                    None => {
-                        return Err(StoreError::Busy {
-                            path: root.to_path_buf(),
-                            holder: describe_holders(root),
-                        });
-                    }
-                },
+                    let _ = file.unlock();
+                    others.join("; ")
+                }
+                Err(TryLockError::WouldBlock) => describe_holders(root),
                 Err(TryLockError::Error(e)) => return Err(io_error("lock", &path, e)),
+            };
+            match wait {
+                Some(control) => {
+                    control.check()?;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                None => {
+                    return Err(StoreError::Busy {
+                        path: root.to_path_buf(),
+                        holder,
+                    });
+                }
             }
         }
-        let mut lock = Self {
-            file,
-            holder_file: None,
-            mode,
-        };
+        let mut holder_file = None;
         if mode == LockMode::Exclusive {
             // Nobody else holds the store: holder files still present are from killed processes.
             for stale in fsutil::list_dir(&dir)? {
@@ -124,9 +146,52 @@ impl StoreLock {
             chrono::Local::now().format("%Y-%m-%d %H:%M:%S")
         );
         if fs::write(&holder, text).is_ok() {
-            lock.holder_file = Some(holder);
+            holder_file = Some(holder);
         }
-        Ok(lock)
+        Ok(Self {
+            held: Held::Local { file, holder_file },
+            mode,
+        })
+    }
+
+    /// Takes the lock of the store in `fs` (whose messages name it `store`), as
+    /// [`StoreLock::acquire`] does.
+    pub(crate) fn acquire_in(
+        fs: &Backend,
+        store: &Path,
+        mode: LockMode,
+        purpose: &str,
+        wait: Option<&Control>,
+    ) -> Result<Self, StoreError> {
+        match fs {
+            Backend::Local(root) => Self::acquire(root, mode, purpose, wait),
+            Backend::Sftp(_) => Ok(Self {
+                held: Held::Remote(RemoteLock::acquire(fs, store, mode, purpose, wait)?),
+                mode,
+            }),
+        }
+    }
+
+    /// [`StoreLock::try_exclusive`] for the store in `fs`.
+    pub(crate) fn try_exclusive_in(
+        fs: &Backend,
+        store: &Path,
+        purpose: &str,
+    ) -> Result<Option<Self>, StoreError> {
+        match Self::acquire_in(fs, store, LockMode::Exclusive, purpose, None) {
+            Ok(lock) => Ok(Some(lock)),
+            Err(StoreError::Busy { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Fails if the lock is no longer held: a remote lock that another process removed as
+    /// stale. (A local lock cannot be lost.)
+    pub(crate) fn check_held(&self) -> Result<(), StoreError> {
+        match &self.held {
+            Held::Local { .. } => Ok(()),
+            Held::Remote(lock) => lock.check_held(),
+        }
     }
 
     /// Tries to take the lock exclusively without waiting; `None` when others hold it.
@@ -146,9 +211,12 @@ impl StoreLock {
 
     /// Turns an exclusive lock into a shared one (others may then join).
     pub fn downgrade(&mut self) -> Result<(), StoreError> {
-        self.file
-            .lock_shared()
-            .map_err(|e| io_error("lock", "locks/store.lock", e))?;
+        match &mut self.held {
+            Held::Local { file, .. } => file
+                .lock_shared()
+                .map_err(|e| io_error("lock", "locks/store.lock", e))?,
+            Held::Remote(lock) => lock.downgrade()?,
+        }
         self.mode = LockMode::Shared;
         Ok(())
     }
@@ -156,9 +224,11 @@ impl StoreLock {
 
 impl Drop for StoreLock {
     fn drop(&mut self) {
-        if let Some(holder) = &self.holder_file {
-            let _ = fs::remove_file(holder);
+        if let Held::Local { file, holder_file } = &self.held {
+            if let Some(holder) = holder_file {
+                let _ = fs::remove_file(holder);
+            }
+            let _ = file.unlock();
         }
-        let _ = self.file.unlock();
     }
 }

@@ -12,6 +12,7 @@
 //! locks/                       the store lock and its holders
 //! ```
 
+mod backend;
 pub mod chunk;
 pub mod config;
 pub mod crypto;
@@ -20,17 +21,18 @@ pub mod error;
 mod fsutil;
 pub mod gc;
 pub mod index;
+pub mod location;
 pub mod lock;
+pub mod lockfile;
 pub mod manifest;
 mod pipeline;
 pub mod prune;
 pub mod reader;
 pub mod retention;
+mod sftp;
 pub mod verify;
 pub mod writer;
 
-use std::fs::{self, File};
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use chrono::Utc;
@@ -41,11 +43,14 @@ pub use config::StoreConfig;
 pub use crypto::KdfCost;
 pub use error::StoreError;
 pub use index::ObjectIndex;
+pub use location::{Location, SshLocation};
 pub use lock::{LockMode, StoreLock};
 pub use manifest::{BlobEntry, CheckpointKind, Consistency, DiskEntry, Manifest, VmRef};
 pub use pipeline::{for_each_slot, reader_count};
+pub use sftp::SSH_CONFIG_ENV;
 pub use writer::{CheckpointWriter, FinishedObject, NewCheckpoint, ObjectWriter};
 
+use backend::{Backend, Durability, is_remote_failure};
 use crypto::Keys;
 use error::io_error;
 
@@ -72,7 +77,10 @@ impl Default for InitOptions {
 
 /// An open store.
 pub struct Store {
+    /// How the store is named in messages: its folder, or `ssh://…` for a remote one.
     root: PathBuf,
+    location: Location,
+    fs: Backend,
     config: StoreConfig,
     keys: Option<Keys>,
 }
@@ -80,7 +88,7 @@ pub struct Store {
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
-            .field("root", &self.root)
+            .field("location", &self.location.to_string())
             .field("id", &self.config.id)
             .field("encrypted", &self.keys.is_some())
             .finish_non_exhaustive()
@@ -104,26 +112,37 @@ Do not change files in it by hand. Point Rewind at this folder to list and resto
 impl Store {
     /// Creates a store in `root`, which must be new or empty.
     pub fn init(root: &Path, options: &InitOptions) -> Result<Self, StoreError> {
-        if root.join(config::CONFIG_FILE).exists() {
-            return Err(StoreError::AlreadyExists {
-                path: root.to_path_buf(),
-            });
+        Self::init_in(
+            Location::from(root),
+            Backend::Local(root.to_path_buf()),
+            options,
+        )
+    }
+
+    /// Creates a store at `location` (a folder here or on another host), which must be new
+    /// or empty.
+    pub fn init_at(location: &Location, options: &InitOptions) -> Result<Self, StoreError> {
+        Self::init_in(location.clone(), Self::connect(location)?, options)
+    }
+
+    fn init_in(location: Location, fs: Backend, options: &InitOptions) -> Result<Self, StoreError> {
+        let root = fs.display(Path::new(""));
+        let here = Path::new("");
+        let look = |e| io_error("look at", &root, e);
+        if fs.exists(Path::new(config::CONFIG_FILE)).map_err(look)? {
+            return Err(StoreError::AlreadyExists { path: root });
         }
-        if root.exists() {
-            if !root.is_dir() {
+        if fs.exists(here).map_err(look)? {
+            if !fs.is_dir(here).map_err(look)? {
                 return Err(StoreError::Invalid(format!(
                     "{} exists and is not a folder",
                     root.display()
                 )));
             }
-            if fs::read_dir(root)
-                .map_err(|e| io_error("list", root, e))?
-                .next()
-                .is_some()
-            {
+            if !fs.list_names(here)?.is_empty() {
                 return Err(StoreError::NotEmpty {
-                    path: root.to_path_buf(),
                     suggestion: root.join("rewind"),
+                    path: root,
                 });
             }
         }
@@ -136,9 +155,9 @@ impl Store {
                 options.chunk_size_bytes
             )));
         }
-        fsutil::create_dir_durable(root)?;
+        fs.create_dir_durable(here)?;
         for dir in DIRS {
-            fsutil::create_dir_durable(&root.join(dir))?;
+            fs.create_dir_durable(Path::new(dir))?;
         }
         let id = Uuid::new_v4();
         let keys = match &options.passphrase {
@@ -165,15 +184,25 @@ impl Store {
             chunk_size_bytes: options.chunk_size_bytes,
             encryption,
         };
-        let tmp = root.join("tmp");
-        fsutil::write_atomic(&tmp, &root.join("README.txt"), README.as_bytes())?;
+        let tmp = Path::new("tmp");
+        fs.write_atomic(tmp, Path::new("README.txt"), README.as_bytes())?;
         // The config is written last: a folder is a store only once it is complete.
-        fsutil::write_atomic(&tmp, &root.join(config::CONFIG_FILE), &config.to_json())?;
+        fs.write_atomic(tmp, Path::new(config::CONFIG_FILE), &config.to_json())?;
         Ok(Self {
-            root: root.to_path_buf(),
+            root,
+            location,
+            fs,
             config,
             keys,
         })
+    }
+
+    /// The backend for `location`: the folder, or a new SSH connection to its host.
+    fn connect(location: &Location) -> Result<Backend, StoreError> {
+        match location {
+            Location::Local(path) => Ok(Backend::Local(path.clone())),
+            Location::Ssh(ssh) => Ok(Backend::Sftp(sftp::Remote::connect(ssh)?)),
+        }
     }
 
     /// Reads a store's config without opening it (to learn whether it needs a passphrase).
@@ -181,49 +210,84 @@ impl Store {
         StoreConfig::read(root)
     }
 
+    /// [`Store::probe`] of a store here or on another host.
+    pub fn probe_at(location: &Location) -> Result<StoreConfig, StoreError> {
+        let fs = Self::connect(location)?;
+        StoreConfig::read_in(&fs)
+    }
+
     /// Opens the store at `root`; an encrypted store needs its passphrase.
     pub fn open(root: &Path, passphrase: Option<&[u8]>) -> Result<Self, StoreError> {
-        let config = StoreConfig::read(root)?;
+        Self::open_in(
+            Location::from(root),
+            Backend::Local(root.to_path_buf()),
+            passphrase,
+        )
+    }
+
+    /// Opens the store at `location` (a folder here or on another host); an encrypted store
+    /// needs its passphrase.
+    pub fn open_at(location: &Location, passphrase: Option<&[u8]>) -> Result<Self, StoreError> {
+        Self::open_in(location.clone(), Self::connect(location)?, passphrase)
+    }
+
+    fn open_in(
+        location: Location,
+        fs: Backend,
+        passphrase: Option<&[u8]>,
+    ) -> Result<Self, StoreError> {
+        let root = fs.display(Path::new(""));
+        let config = StoreConfig::read_in(&fs)?;
         for dir in DIRS {
-            if !root.join(dir).is_dir() {
+            if !fs
+                .is_dir(Path::new(dir))
+                .map_err(|e| io_error("look at", fs.display(Path::new(dir)), e))?
+            {
                 return Err(StoreError::Damaged {
                     path: root.join(dir),
                     detail: "the folder is missing".into(),
-                    store: root.to_path_buf(),
+                    store: root.clone(),
                 });
             }
         }
         let keys = match (&config.encryption, passphrase) {
             (None, _) => None,
             (Some(_), None) => {
-                return Err(StoreError::PassphraseRequired {
-                    path: root.to_path_buf(),
-                });
+                return Err(StoreError::PassphraseRequired { path: root });
             }
             (Some(enc), Some(pass)) => Some(
                 Keys::unwrap(enc, pass, config.id.as_bytes()).map_err(|e| match e {
-                    crypto::CryptoError::WrongPassphrase => StoreError::WrongPassphrase {
-                        path: root.to_path_buf(),
-                    },
+                    crypto::CryptoError::WrongPassphrase => {
+                        StoreError::WrongPassphrase { path: root.clone() }
+                    }
                     crypto::CryptoError::BadConfig(detail) => StoreError::BadEncryptionConfig {
-                        path: root.to_path_buf(),
+                        path: root.clone(),
                         detail,
                     },
                     other => StoreError::BadEncryptionConfig {
-                        path: root.to_path_buf(),
+                        path: root.clone(),
                         detail: other.to_string(),
                     },
                 })?,
             ),
         };
         Ok(Self {
-            root: root.to_path_buf(),
+            root,
+            location,
+            fs,
             config,
             keys,
         })
     }
 
-    /// The store's folder.
+    /// Where the store is.
+    #[must_use]
+    pub fn location(&self) -> &Location {
+        &self.location
+    }
+
+    /// The store's folder (for a store on another host: `ssh://user@host:port/path`, which
+    /// names it in messages and is no path on this machine).
     #[must_use]
     pub fn root(&self) -> &Path {
         &self.root
@@ -256,28 +320,29 @@ impl Store {
         }
     }
 
-    /// Path of a chunk's file.
+    /// Path of a chunk's file (as [`Store::root`] names the store).
     #[must_use]
     pub fn chunk_path(&self, id: &ChunkId) -> PathBuf {
-        let hex = id.to_hex();
-        self.root.join("chunks").join(&hex[..4]).join(hex)
+        self.root.join(Self::chunk_rel(id))
     }
 
-    fn tmp_dir(&self) -> PathBuf {
-        self.root.join("tmp")
+    /// A chunk's file, inside the store.
+    fn chunk_rel(id: &ChunkId) -> PathBuf {
+        let hex = id.to_hex();
+        Path::new("chunks").join(&hex[..4]).join(hex)
+    }
+
+    fn tmp_dir() -> &'static Path {
+        Path::new("tmp")
     }
 
     /// Whether a chunk file is present with a sound header and the length it announces
     /// (a file cut short by a power loss does not count: it gets rewritten).
-    fn chunk_file_is_whole(path: &Path) -> bool {
-        let Ok(mut file) = File::open(path) else {
+    fn chunk_file_is_whole(&self, rel: &Path) -> bool {
+        let Ok((header, len)) = self.fs.read_prefix(rel, chunk::HEADER_BYTES) else {
             return false;
         };
-        let Ok(meta) = file.metadata() else {
-            return false;
-        };
-        let mut header = [0u8; chunk::HEADER_BYTES];
-        file.read_exact(&mut header).is_ok() && chunk::Header::parse(&header, meta.len()).is_ok()
+        header.len() == chunk::HEADER_BYTES && chunk::Header::parse(&header, len).is_ok()
     }
 
     /// Stores a chunk unless the store has it. Returns its id and the bytes it added (0 if
@@ -288,36 +353,44 @@ impl Store {
         data: &[u8],
     ) -> Result<(ChunkId, u64), StoreError> {
         let id = self.chunk_id(data);
-        let path = self.chunk_path(&id);
-        if Self::chunk_file_is_whole(&path) {
+        let rel = Self::chunk_rel(&id);
+        if self.chunk_file_is_whole(&rel) {
             return Ok((id, 0));
         }
         let bytes = chunk::encode(kind, &id, data, self.keys.as_ref())?;
-        let tmp = self.tmp_dir().join(fsutil::temp_name("chunk"));
-        fsutil::write_new_file(&tmp, &bytes, false)?;
-        let renamed = fs::rename(&tmp, &path).or_else(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                let dir = path.parent().expect("chunk paths have a parent");
-                match fs::create_dir(dir) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                    Err(e) => return Err(e),
+        let tmp = Self::tmp_dir().join(self.fs.temp_name("chunk"));
+        match &self.fs {
+            Backend::Local(_) => {
+                self.fs.write_new(&tmp, &bytes, Durability::AtCommit)?;
+                let renamed = self.fs.rename(&tmp, &rel).or_else(|e| {
+                    if e.kind() == std::io::ErrorKind::NotFound {
+                        let dir = rel.parent().expect("chunk paths have a parent");
+                        match self.fs.create_dir(dir) {
+                            Ok(()) => {}
+                            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                            Err(e) => return Err(e),
+                        }
+                        self.fs.rename(&tmp, &rel)
+                    } else {
+                        Err(e)
+                    }
+                });
+                if let Err(e) = renamed {
+                    let _ = self.fs.remove_file(&tmp);
+                    return Err(io_error("store chunk", self.chunk_path(&id), e));
                 }
-                fs::rename(&tmp, &path)
-            } else {
-                Err(e)
             }
-        });
-        if let Err(e) = renamed {
-            let _ = fs::remove_file(&tmp);
-            return Err(io_error("store chunk", &path, e));
+            // Written, renamed into place and fsynced in one go (no syncfs over SFTP).
+            Backend::Sftp(remote) => remote
+                .put_file(&tmp, &rel, &bytes, false)
+                .map_err(|e| io_error("store chunk", self.chunk_path(&id), e))?,
         }
         Ok((id, bytes.len() as u64))
     }
 
     /// Reads a chunk back, checking it against its name.
     pub fn read_chunk(&self, id: &ChunkId, kind: ChunkKind) -> Result<Vec<u8>, StoreError> {
-        self.load_chunk(id, kind)
+        self.load_chunk(id, kind)?
             .map_err(|problem| StoreError::BadChunk {
                 chunk: id.to_hex(),
                 problem,
@@ -328,47 +401,45 @@ impl Store {
     /// Asks the kernel to start reading a chunk's file now (for a reader that knows what it
     /// will read next: a cold store on a spinning or USB drive then streams). Only a hint.
     pub(crate) fn prefetch_chunk(&self, id: &ChunkId) {
-        if let Ok(file) = File::open(self.chunk_path(id)) {
-            let _ = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::WillNeed);
-        }
+        self.fs.prefetch(&Self::chunk_rel(id));
     }
 
-    /// Like [`Store::read_chunk`], with the bare problem.
+    /// Like [`Store::read_chunk`], with the bare problem; the outer error is a failure to
+    /// reach the store at all (a lost connection), which says nothing about the chunk.
     pub(crate) fn load_chunk(
         &self,
         id: &ChunkId,
         kind: ChunkKind,
-    ) -> Result<Vec<u8>, ChunkProblem> {
-        let path = self.chunk_path(id);
-        let file = match fs::read(&path) {
+    ) -> Result<Result<Vec<u8>, ChunkProblem>, StoreError> {
+        let rel = Self::chunk_rel(id);
+        let max = (chunk::HEADER_BYTES + chunk::MAX_CHUNK_BYTES * 2) as u64;
+        let file = match self.fs.read(&rel, max) {
             Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(ChunkProblem::Missing);
+            Err(e) if is_remote_failure(&e) => {
+                return Err(io_error("read", self.chunk_path(id), e));
             }
-            Err(e) => return Err(ChunkProblem::Unreadable(e.to_string())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Err(ChunkProblem::Missing));
+            }
+            Err(e) => return Ok(Err(ChunkProblem::Unreadable(e.to_string()))),
         };
-        chunk::decode(&file, kind, id, self.keys.as_ref())
+        Ok(chunk::decode(&file, kind, id, self.keys.as_ref()))
     }
 
     /// Checks only that a chunk file is there with a sound header (quick verify).
-    pub(crate) fn probe_chunk(&self, id: &ChunkId) -> Result<(), ChunkProblem> {
-        let path = self.chunk_path(id);
-        let mut file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(ChunkProblem::Missing);
+    pub(crate) fn probe_chunk(&self, id: &ChunkId) -> Result<Result<(), ChunkProblem>, StoreError> {
+        let rel = Self::chunk_rel(id);
+        let (header, len) = match self.fs.read_prefix(&rel, chunk::HEADER_BYTES) {
+            Ok(found) => found,
+            Err(e) if is_remote_failure(&e) => {
+                return Err(io_error("read", self.chunk_path(id), e));
             }
-            Err(e) => return Err(ChunkProblem::Unreadable(e.to_string())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Err(ChunkProblem::Missing));
+            }
+            Err(e) => return Ok(Err(ChunkProblem::Unreadable(e.to_string()))),
         };
-        let len = file
-            .metadata()
-            .map_err(|e| ChunkProblem::Unreadable(e.to_string()))?
-            .len();
-        let mut header = [0u8; chunk::HEADER_BYTES];
-        let n = file
-            .read(&mut header)
-            .map_err(|e| ChunkProblem::Unreadable(e.to_string()))?;
-        chunk::Header::parse(&header[..n], len).map(|_| ())
+        Ok(chunk::Header::parse(&header, len).map(|_| ()))
     }
 
     /// The entries of index page `page` of `index`.
@@ -385,14 +456,26 @@ impl Store {
         })
     }
 
-    fn manifest_dir(&self, vm_uuid: &Uuid) -> PathBuf {
-        self.root
-            .join("manifests")
-            .join(vm_uuid.hyphenated().to_string())
+    /// A VM's manifest folder, inside the store.
+    fn manifest_dir_rel(vm_uuid: &Uuid) -> PathBuf {
+        Path::new("manifests").join(vm_uuid.hyphenated().to_string())
     }
 
+    /// A manifest, inside the store.
+    fn manifest_rel(vm_uuid: &Uuid, id: &str) -> PathBuf {
+        Self::manifest_dir_rel(vm_uuid).join(format!("{id}.manifest"))
+    }
+
+    /// Path of a VM's manifest folder (as [`Store::root`] names the store).
+    #[cfg(test)]
+    fn manifest_dir(&self, vm_uuid: &Uuid) -> PathBuf {
+        self.root.join(Self::manifest_dir_rel(vm_uuid))
+    }
+
+    /// Path of a manifest's file (as [`Store::root`] names the store).
+    #[cfg(test)]
     fn manifest_path(&self, vm_uuid: &Uuid, id: &str) -> PathBuf {
-        self.manifest_dir(vm_uuid).join(format!("{id}.manifest"))
+        self.root.join(Self::manifest_rel(vm_uuid, id))
     }
 
     fn manifest_aad(vm_uuid: &Uuid, id: &str) -> Vec<u8> {
@@ -417,16 +500,19 @@ impl Store {
 
     fn read_manifest_file(
         &self,
-        path: &Path,
+        rel: &Path,
         vm_uuid: &Uuid,
         id: &str,
     ) -> Result<Manifest, StoreError> {
+        let path = self.root.join(rel);
         let damaged = |detail: String| StoreError::Damaged {
-            path: path.to_path_buf(),
+            path: path.clone(),
             detail,
             store: self.root.clone(),
         };
-        let bytes = fsutil::read_bounded(path, manifest::MAX_MANIFEST_BYTES, &self.root)?;
+        let bytes = self
+            .fs
+            .read_bounded(rel, manifest::MAX_MANIFEST_BYTES, &self.root)?;
         let json = match &self.keys {
             None => bytes,
             Some(keys) => {
@@ -459,35 +545,30 @@ impl Store {
     /// Every checkpoint in the store (the store's own catalog), oldest first.
     pub fn catalog(&self) -> Result<Catalog, StoreError> {
         let mut catalog = Catalog::default();
-        for vm_dir in fsutil::list_dir(&self.root.join("manifests"))? {
-            let name = vm_dir
-                .file_name()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .into_owned();
+        let manifests = Path::new("manifests");
+        for name in self.fs.list_names(manifests)? {
+            let vm_dir = manifests.join(&name);
             let Ok(vm_uuid) = Uuid::parse_str(&name) else {
                 catalog.unreadable.push((
-                    vm_dir.clone(),
+                    self.root.join(&vm_dir),
                     StoreError::Damaged {
-                        path: vm_dir,
+                        path: self.root.join(&vm_dir),
                         detail: "not a VM UUID".into(),
                         store: self.root.clone(),
                     },
                 ));
                 continue;
             };
-            for file in fsutil::list_dir(&vm_dir)? {
-                let file_name = file
-                    .file_name()
-                    .unwrap_or_default()
-                    .to_string_lossy()
-                    .into_owned();
+            for file_name in self.fs.list_names(&vm_dir)? {
                 let Some(id) = file_name.strip_suffix(".manifest") else {
                     continue;
                 };
+                let file = vm_dir.join(&file_name);
                 match self.read_manifest_file(&file, &vm_uuid, id) {
                     Ok(m) => catalog.checkpoints.push(m),
-                    Err(e) => catalog.unreadable.push((file, e)),
+                    // Not the manifest's fault: the whole listing fails.
+                    Err(e) if e.is_connection_failure() => return Err(e),
+                    Err(e) => catalog.unreadable.push((self.root.join(&file), e)),
                 }
             }
         }
@@ -500,41 +581,66 @@ impl Store {
     /// One checkpoint of one VM.
     pub fn manifest(&self, vm_uuid: &Uuid, id: &str) -> Result<Manifest, StoreError> {
         manifest::check_name("checkpoint id", id)?;
-        let path = self.manifest_path(vm_uuid, id);
-        if !path.exists() {
+        let rel = Self::manifest_rel(vm_uuid, id);
+        if !self
+            .fs
+            .exists(&rel)
+            .map_err(|e| io_error("look at", self.root.join(&rel), e))?
+        {
             return Err(StoreError::NoSuchCheckpoint {
                 id: id.to_owned(),
                 store: self.root.clone(),
             });
         }
-        self.read_manifest_file(&path, vm_uuid, id)
+        self.read_manifest_file(&rel, vm_uuid, id)
     }
 
     /// Removes a checkpoint's manifest (its chunks go at the next garbage collection).
     pub fn delete_checkpoint(&self, vm_uuid: &Uuid, id: &str) -> Result<(), StoreError> {
         manifest::check_name("checkpoint id", id)?;
-        let path = self.manifest_path(vm_uuid, id);
-        match fs::remove_file(&path) {
-            Ok(()) => fsutil::sync_dir(&self.manifest_dir(vm_uuid)),
+        let rel = Self::manifest_rel(vm_uuid, id);
+        match self.fs.remove_file(&rel) {
+            Ok(()) => self.fs.sync_dir(&Self::manifest_dir_rel(vm_uuid)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 Err(StoreError::NoSuchCheckpoint {
                     id: id.to_owned(),
                     store: self.root.clone(),
                 })
             }
-            Err(e) => Err(io_error("remove", &path, e)),
+            Err(e) => Err(io_error("remove", self.root.join(&rel), e)),
         }
     }
 
     /// Removes what killed writers left in `tmp/`. Needs the exclusive lock.
     fn clean_leftovers(&self, _exclusive: &StoreLock) -> Result<u64, StoreError> {
+        let tmp = Self::tmp_dir();
+        let files: Vec<PathBuf> = self
+            .fs
+            .list_names(tmp)?
+            .iter()
+            .map(|name| tmp.join(name))
+            .collect();
         let mut removed = 0;
-        for path in fsutil::list_dir(&self.tmp_dir())? {
-            if fs::remove_file(&path).is_ok() {
-                removed += 1;
+        for result in self.fs.remove_files(&files) {
+            match result {
+                Ok(()) => removed += 1,
+                Err(e) if is_remote_failure(&e) => {
+                    return Err(io_error("remove", self.root.join(tmp), e));
+                }
+                Err(_) => {}
             }
         }
         Ok(removed)
+    }
+
+    /// Takes the store lock (see [`StoreLock`]; on another host, lock files).
+    pub(crate) fn lock(
+        &self,
+        mode: LockMode,
+        purpose: &str,
+        wait: Option<&crate::progress::Control>,
+    ) -> Result<StoreLock, StoreError> {
+        StoreLock::acquire_in(&self.fs, &self.root, mode, purpose, wait)
     }
 
     /// Takes the shared lock for writing, first cleaning leftovers if nobody else is in.
@@ -543,12 +649,12 @@ impl Store {
         purpose: &str,
         control: &crate::progress::Control,
     ) -> Result<StoreLock, StoreError> {
-        if let Some(mut lock) = StoreLock::try_exclusive(&self.root, purpose)? {
+        if let Some(mut lock) = StoreLock::try_exclusive_in(&self.fs, &self.root, purpose)? {
             self.clean_leftovers(&lock)?;
             lock.downgrade()?;
             return Ok(lock);
         }
-        StoreLock::acquire(&self.root, LockMode::Shared, purpose, Some(control))
+        self.lock(LockMode::Shared, purpose, Some(control))
     }
 }
 

@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use super::error::StoreError;
 use super::retention::{self, KeepReason, KeepRules};
-use super::{LockMode, Store, StoreLock};
+use super::{LockMode, Store};
 use crate::progress::Control;
 
 /// The decision about one checkpoint.
@@ -42,12 +42,7 @@ impl Store {
                 "give at least one keep rule (such as --keep-last 10): with none, every checkpoint would be removed".into(),
             ));
         }
-        let _lock = StoreLock::acquire(
-            self.root(),
-            LockMode::Shared,
-            "removing old checkpoints",
-            Some(control),
-        )?;
+        let _lock = self.lock(LockMode::Shared, "removing old checkpoints", Some(control))?;
         let catalog = self.catalog()?;
         let mut vms: Vec<Uuid> = catalog.checkpoints.iter().map(|m| m.vm.uuid).collect();
         vms.sort();

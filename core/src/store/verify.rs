@@ -2,17 +2,17 @@
 //! each is present), and say which checkpoints each damaged chunk breaks.
 
 use std::collections::HashMap;
-use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use uuid::Uuid;
 
+use super::backend::Durability;
 use super::chunk::{ChunkId, ChunkKind, ChunkProblem};
 use super::error::StoreError;
 use super::index::{self, HOLE};
-use super::{LockMode, Manifest, Store, StoreLock, fsutil};
+use super::{LockMode, Manifest, Store};
 use crate::progress::Control;
 
 /// A checkpoint named in a report.
@@ -125,7 +125,7 @@ impl Store {
     /// Verifies the store. Damaged chunks are moved to `damaged/`, not deleted, so that a
     /// later checkpoint of the same data writes them again ("heals" them).
     pub fn verify(&self, quick: bool, control: &Control) -> Result<VerifyReport, StoreError> {
-        let _lock = StoreLock::acquire(self.root(), LockMode::Shared, "verifying", Some(control))?;
+        let _lock = self.lock(LockMode::Shared, "verifying", Some(control))?;
         let catalog = self.catalog()?;
         let mut report = VerifyReport {
             quick,
@@ -148,7 +148,7 @@ impl Store {
             let (entries, lens, users) = &pages[page_id];
             report.chunks_checked += 1;
             let decoded = self
-                .load_chunk(page_id, ChunkKind::IndexPage)
+                .load_chunk(page_id, ChunkKind::IndexPage)?
                 .and_then(|bytes| {
                     index::decode_page(&bytes, *entries).map_err(ChunkProblem::BadHeader)
                 });
@@ -175,9 +175,9 @@ impl Store {
             control.check()?;
             let (len, via_pages) = &data[id];
             let result = if quick {
-                self.probe_chunk(id)
+                self.probe_chunk(id)?
             } else {
-                self.load_chunk(id, ChunkKind::Data).map(|_| ())
+                self.load_chunk(id, ChunkKind::Data)?.map(|_| ())
             };
             report.chunks_checked += 1;
             report.bytes_checked += len;
@@ -220,11 +220,21 @@ impl Store {
     /// Leaves an empty `damaged/<chunk>-missing` file for a chunk that is missing or
     /// unreadable, so that [`Store::unhealed_damage`] knows of it too.
     fn note_missing(&self, id: &ChunkId) -> Result<(), StoreError> {
-        let path = self
-            .root()
-            .join("damaged")
-            .join(format!("{}-missing", id.to_hex()));
-        fs::write(&path, b"").map_err(|e| super::error::io_error("create", &path, e))
+        let rel = Path::new("damaged").join(format!("{}-missing", id.to_hex()));
+        match &self.fs.local_path(&rel) {
+            // As it always was: created or emptied.
+            Some(path) => {
+                std::fs::write(path, b"").map_err(|e| super::error::io_error("create", path, e))
+            }
+            None => match self.fs.write_new(&rel, b"", Durability::AtCommit) {
+                Err(StoreError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::AlreadyExists =>
+                {
+                    Ok(())
+                }
+                other => other,
+            },
+        }
     }
 
     /// The chunks that `verify` found damaged or missing and that are still not whole in
@@ -232,17 +242,12 @@ impl Store {
     /// those that checkpoint `m` needs. An incremental must not be taken from a checkpoint
     /// with such damage: it would share the damage. Cheap when nothing was ever damaged.
     pub fn unhealed_damage(&self, m: &Manifest) -> Result<Vec<ChunkId>, StoreError> {
-        let damaged_dir = self.root().join("damaged");
         let mut unhealed = std::collections::HashSet::new();
-        for path in fsutil::list_dir(&damaged_dir)? {
-            let name = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or_default();
+        for name in self.fs.list_names(Path::new("damaged"))? {
             let Some(id) = name.split('-').next().and_then(ChunkId::from_hex) else {
                 continue;
             };
-            if !Self::chunk_file_is_whole(&self.chunk_path(&id)) {
+            if !self.chunk_file_is_whole(&Self::chunk_rel(&id)) {
                 unhealed.insert(id);
             }
         }
@@ -270,19 +275,20 @@ impl Store {
     }
 
     fn move_aside(&self, id: &ChunkId) -> Result<Option<PathBuf>, StoreError> {
-        let from = self.chunk_path(id);
-        let to = self.root().join("damaged").join(format!(
+        let from = Self::chunk_rel(id);
+        let to = Path::new("damaged").join(format!(
             "{}-{}",
             id.to_hex(),
             Utc::now().format("%Y%m%dT%H%M%S%.3fZ")
         ));
-        match fs::rename(&from, &to) {
+        match self.fs.rename(&from, &to) {
             Ok(()) => {
-                fsutil::sync_dir(from.parent().expect("chunk path has a parent"))?;
-                Ok(Some(to))
+                self.fs
+                    .sync_dir(from.parent().expect("chunk path has a parent"))?;
+                Ok(Some(self.root().join(to)))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(super::error::io_error("move aside", &from, e)),
+            Err(e) => Err(super::error::io_error("move aside", self.chunk_path(id), e)),
         }
     }
 }

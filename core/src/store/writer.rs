@@ -10,7 +10,7 @@ use super::chunk::{ChunkId, ChunkKind};
 use super::error::{StoreError, io_error};
 use super::index::{self, ENTRIES_PER_PAGE, HOLE, ObjectIndex};
 use super::manifest::{self, BlobEntry, CheckpointKind, Consistency, DiskEntry, Manifest, VmRef};
-use super::{Store, StoreLock, fsutil};
+use super::{Store, StoreLock};
 use crate::progress::Control;
 
 /// What the caller knows about a checkpoint before writing its data.
@@ -54,7 +54,7 @@ pub struct FinishedObject {
 #[derive(Debug)]
 pub struct CheckpointWriter<'s> {
     store: &'s Store,
-    _lock: StoreLock,
+    lock: StoreLock,
     new: NewCheckpoint,
     parent: Option<Manifest>,
     id: String,
@@ -80,10 +80,12 @@ impl Store {
         let mut new = new;
         // Ids are the capture time in milliseconds; two captures of one VM in the same
         // millisecond get the next free one.
-        while self
-            .manifest_path(&new.vm.uuid, &manifest::checkpoint_id(new.time))
-            .exists()
-        {
+        while {
+            let rel = Self::manifest_rel(&new.vm.uuid, &manifest::checkpoint_id(new.time));
+            self.fs
+                .exists(&rel)
+                .map_err(|e| io_error("look at", self.root().join(&rel), e))?
+        } {
             new.time += chrono::Duration::milliseconds(1);
         }
         let id = manifest::checkpoint_id(new.time);
@@ -105,7 +107,7 @@ impl Store {
         };
         Ok(CheckpointWriter {
             store: self,
-            _lock: lock,
+            lock,
             new,
             parent,
             id,
@@ -455,12 +457,15 @@ impl<'s> CheckpointWriter<'s> {
         let bytes = store.encode_manifest(&manifest)?;
         // 1. every chunk durable, 2. the manifest durable under a temporary name, renamed
         // into place, 3. its directory durable.
-        fsutil::sync_filesystem(store.root())?;
-        let dir = store.manifest_dir(&manifest.vm.uuid);
-        fsutil::create_dir_durable(&dir)?;
-        fsutil::write_atomic(
-            &store.tmp_dir(),
-            &store.manifest_path(&manifest.vm.uuid, &manifest.id),
+        store.fs.sync_all()?;
+        let dir = Store::manifest_dir_rel(&manifest.vm.uuid);
+        store.fs.create_dir_durable(&dir)?;
+        // On another host the lock is a lock file: if another process took it as stale
+        // (this one was cut off for long), garbage collection may have run meanwhile.
+        self.lock.check_held()?;
+        store.fs.write_atomic(
+            Store::tmp_dir(),
+            &Store::manifest_rel(&manifest.vm.uuid, &manifest.id),
             &bytes,
         )?;
         Ok(manifest)
