@@ -84,15 +84,11 @@ fn describe(event: &Event, wants: Notifications) -> (String, Option<(String, Str
             let age = last_success.map_or_else(
                 || "there is no checkpoint".to_owned(),
                 |t| {
-                    let days = (chrono::Utc::now() - t).num_days();
-                    if days >= 1 {
-                        format!("the last checkpoint is {days} day(s) old")
-                    } else {
-                        format!(
-                            "the last checkpoint is {} hour(s) old",
-                            (chrono::Utc::now() - t).num_hours()
-                        )
-                    }
+                    let secs = u64::try_from((chrono::Utc::now() - t).num_seconds()).unwrap_or(0);
+                    format!(
+                        "the last checkpoint is {} old",
+                        rewind_core::units::human_age_secs(secs)
+                    )
                 },
             );
             let line = format!("{vm} in {destination}: {age}: {why}");

@@ -14,8 +14,7 @@ use rewind_core::libvirt::Hypervisor;
 use rewind_core::scheduler::policy::{self, Why};
 use rewind_core::scheduler::status::{self as live, Status};
 use rewind_core::store::retention::KeepRules;
-use rewind_core::store::{InitOptions, Store, StoreError};
-use rewind_core::units::human_bytes;
+use rewind_core::units::{human_age_secs, human_bytes, interval_text};
 use serde::Serialize;
 
 /// What `rewind protect` was asked.
@@ -71,45 +70,6 @@ fn parse_size(text: &str) -> anyhow::Result<u64> {
         .with_context(|| format!("{text:?} is too large"))
 }
 
-/// The store at a folder destination: created if the folder is missing or empty, opened
-/// (with the passphrase file if encrypted) otherwise.
-fn folder_store(dest: &Path, passphrase_file: Option<&Path>) -> anyhow::Result<Store> {
-    match Store::probe(dest) {
-        Err(StoreError::Missing { .. }) => Ok(Store::init(dest, &InitOptions::default())?),
-        Err(StoreError::NotAStore { .. })
-            if std::fs::read_dir(dest).is_ok_and(|mut d| d.next().is_none()) =>
-        {
-            Ok(Store::init(dest, &InitOptions::default())?)
-        }
-        Err(e) => Err(e.into()),
-        Ok(c) if c.encryption.is_some() => {
-            let Some(file) = passphrase_file else {
-                bail!(
-                    "the store at {} is encrypted: checkpoints taken by themselves need its passphrase in a file only you can read; give it with --passphrase-file FILE",
-                    dest.display()
-                );
-            };
-            let pass = std::fs::read_to_string(file).with_context(|| {
-                format!("could not read the passphrase from {}", file.display())
-            })?;
-            Ok(Store::open(
-                dest,
-                Some(pass.trim_end_matches(['\n', '\r']).as_bytes()),
-            )?)
-        }
-        Ok(_) => Ok(Store::open(dest, None)?),
-    }
-}
-
-/// Whether two paths are on the same file system.
-fn same_device(a: &Path, b: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt as _;
-    match (std::fs::metadata(a), std::fs::metadata(b)) {
-        (Ok(a), Ok(b)) => a.dev() == b.dev(),
-        _ => false,
-    }
-}
-
 /// The destination `args.dest` in `config` (added if new, recognised by its store's ID):
 /// its name, location, and a warning if it shares a disk with the VM.
 fn destination_for(
@@ -124,44 +84,21 @@ fn destination_for(
     }
     let folder = std::path::absolute(args.dest)
         .with_context(|| format!("{} is not a usable path", args.dest))?;
-    let store = folder_store(&folder, args.passphrase_file)?;
+    let passphrase = args
+        .passphrase_file
+        .map_or(destination::Passphrase::None, destination::Passphrase::File);
+    let added = destination::add_folder(config, &folder, passphrase)?;
     let on_vm_disk = info
         .protected_disks()
         .filter_map(|d| d.path())
-        .any(|disk| same_device(disk, &folder));
+        .any(|disk| destination::same_device(disk, &folder));
     let warning = on_vm_disk.then(|| {
         format!(
             "warning: {} is on the same disk as the VM's own disks; if that disk fails, the checkpoints go with it. A removable drive or another host is safer.",
             folder.display()
         )
     });
-    let (store_id, location) = (store.config().id, folder.display().to_string());
-    if let Some(d) = config
-        .destinations
-        .iter()
-        .find(|d| d.store_id == Some(store_id))
-    {
-        return Ok((d.name.clone(), location, warning));
-    }
-    let stem = Path::new(&location)
-        .components()
-        .filter_map(|c| c.as_os_str().to_str())
-        .rfind(|c| *c != "rewind" && *c != "/")
-        .unwrap_or("backup")
-        .to_owned();
-    let mut name = stem.clone();
-    let mut n = 2;
-    while config.destination(&name).is_some() {
-        name = format!("{stem}-{n}");
-        n += 1;
-    }
-    config.destinations.push(Destination {
-        name: name.clone(),
-        location: location.clone(),
-        store_id: Some(store_id),
-        passphrase_file: args.passphrase_file.map(Path::to_path_buf),
-    });
-    Ok((name, location, warning))
+    Ok((added.name, added.location, warning))
 }
 
 /// `rewind protect VM --to DEST ...`.
@@ -234,16 +171,6 @@ pub fn protect(
         )?,
     }
     Ok(())
-}
-
-fn interval_text(secs: u64) -> String {
-    match secs {
-        s if s % 604_800 == 0 => format!("{} week(s)", s / 604_800),
-        s if s % 86_400 == 0 => format!("{} day(s)", s / 86_400),
-        s if s % 3600 == 0 => format!("{} hour(s)", s / 3600),
-        s if s % 60 == 0 => format!("{} minute(s)", s / 60),
-        s => format!("{s} seconds"),
-    }
 }
 
 fn keep_text(k: &KeepRules) -> String {
@@ -466,13 +393,8 @@ fn local(t: DateTime<Utc>) -> String {
 }
 
 fn ago(t: DateTime<Utc>) -> String {
-    let secs = (Utc::now() - t).num_seconds().max(0);
-    match secs {
-        s if s < 90 => format!("{s} s ago"),
-        s if s < 5400 => format!("{} min ago", s / 60),
-        s if s < 172_800 => format!("{} h ago", s / 3600),
-        s => format!("{} days ago", s / 86_400),
-    }
+    let secs = u64::try_from((Utc::now() - t).num_seconds()).unwrap_or(0);
+    format!("{} ago", human_age_secs(secs))
 }
 
 /// `rewind status [--json]`.
@@ -624,9 +546,6 @@ mod tests {
                 .to_string()
                 .contains("size unit")
         );
-        assert_eq!(interval_text(900), "15 minute(s)");
-        assert_eq!(interval_text(7200), "2 hour(s)");
-        assert_eq!(interval_text(20), "20 seconds");
         assert_eq!(
             keep_text(&config::default_keep()),
             "4 last, 24 hourly, 7 daily, 4 weekly, 6 monthly"

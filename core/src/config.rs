@@ -59,6 +59,23 @@ pub struct Config {
     pub watch_paths: Vec<PathBuf>,
     /// Desktop notifications.
     pub notifications: Notifications,
+    /// Before a restore, how long a running VM gets to shut down when asked before it is
+    /// turned off.
+    pub shutdown_timeout_secs: u64,
+}
+
+/// The default of [`Config::shutdown_timeout_secs`].
+pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u64 = 120;
+
+impl Config {
+    /// How the window's restores stop a running VM.
+    #[must_use]
+    pub fn stop_mode(&self) -> crate::libvirt::lifecycle::StopMode {
+        crate::libvirt::lifecycle::StopMode::Graceful {
+            timeout_secs: self.shutdown_timeout_secs,
+            force_after: true,
+        }
+    }
 }
 
 impl Default for Config {
@@ -71,6 +88,7 @@ impl Default for Config {
             max_concurrent_jobs: 1,
             watch_paths: Vec::new(),
             notifications: Notifications::default(),
+            shutdown_timeout_secs: DEFAULT_SHUTDOWN_TIMEOUT_SECS,
         }
     }
 }

@@ -12,6 +12,7 @@
 use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
+use zeroize::Zeroizing;
 
 use crate::config::{Config, Destination};
 use crate::store::Store;
@@ -94,6 +95,263 @@ pub fn locate(dest: &Destination, roots: &[PathBuf]) -> Availability {
     Availability::Missing { reason }
 }
 
+/// Why a destination could not be added.
+#[derive(Debug, thiserror::Error)]
+pub enum AddError {
+    /// The store could not be opened or created.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// The folder holds an encrypted store and no passphrase was given.
+    #[error(
+        "the store at {path} is encrypted: give its passphrase (a file only you can read, with --passphrase-file, or type it in the window)"
+    )]
+    NeedsPassphrase {
+        /// The store's folder.
+        path: PathBuf,
+    },
+    /// A passphrase file could not be read or written.
+    #[error("could not {action} the passphrase file {path}: {detail}")]
+    PassphraseFile {
+        /// `read` or `write`.
+        action: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        detail: String,
+    },
+    /// Not an absolute path.
+    #[error("{0} is not a full path to a folder; choose the folder again (it must start with /)")]
+    NotAbsolute(String),
+}
+
+/// A destination added to (or found in) a configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Added {
+    /// Its name in the configuration.
+    pub name: String,
+    /// Where its store is.
+    pub location: String,
+    /// A new store was created.
+    pub created: bool,
+    /// It was in the configuration already (recognised by its store's ID).
+    pub existed: bool,
+}
+
+/// What the passphrase of a folder store comes from.
+#[derive(Debug, Clone, Copy)]
+pub enum Passphrase<'a> {
+    /// None: a plain store, or fail if the folder holds an encrypted one.
+    None,
+    /// A file holding it (one line), kept as the destination's passphrase file.
+    File(&'a Path),
+    /// Typed in: a new store is encrypted with it, an existing one opened with it; it is
+    /// kept in a file only the user can read in `keys_dir` so checkpoints can run by
+    /// themselves.
+    Typed {
+        /// The passphrase.
+        passphrase: &'a [u8],
+        /// Where the passphrase file goes.
+        keys_dir: &'a Path,
+    },
+}
+
+fn read_passphrase_file(file: &Path) -> Result<Zeroizing<Vec<u8>>, AddError> {
+    let text = std::fs::read(file).map_err(|e| AddError::PassphraseFile {
+        action: "read",
+        path: file.to_path_buf(),
+        detail: e.to_string(),
+    })?;
+    let text = Zeroizing::new(text);
+    let end = text
+        .iter()
+        .rposition(|b| *b != b'\n' && *b != b'\r')
+        .map_or(0, |i| i + 1);
+    Ok(Zeroizing::new(text[..end].to_vec()))
+}
+
+/// Writes `passphrase` to a new file only the user can read (mode 0600, written then
+/// renamed into place).
+fn write_passphrase_file(
+    keys_dir: &Path,
+    id: Uuid,
+    passphrase: &[u8],
+) -> Result<PathBuf, AddError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = keys_dir.join(format!("{id}.passphrase"));
+    let fail = |e: std::io::Error| AddError::PassphraseFile {
+        action: "write",
+        path: path.clone(),
+        detail: e.to_string(),
+    };
+    std::fs::create_dir_all(keys_dir).map_err(fail)?;
+    let _ = std::fs::set_permissions(
+        keys_dir,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    );
+    let tmp = keys_dir.join(format!(".{id}.passphrase.{}", std::process::id()));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(fail)?;
+    f.write_all(passphrase)
+        .and_then(|()| f.sync_all())
+        .map_err(fail)?;
+    std::fs::rename(&tmp, &path).map_err(fail)?;
+    Ok(path)
+}
+
+/// The store in folder `dir`: opened if there is one, created if the folder is missing or
+/// empty (encrypted when a passphrase is given). Returns it and whether it is new.
+///
+/// # Errors
+/// The folder holds something else, the store cannot be opened (wrong passphrase,
+/// newer format) or created, or it is encrypted and no passphrase was given.
+pub fn open_or_create_folder(
+    dir: &Path,
+    passphrase: Option<&[u8]>,
+) -> Result<(crate::store::Store, bool), AddError> {
+    use crate::store::{InitOptions, StoreError};
+    let init = || {
+        let options = InitOptions {
+            passphrase: passphrase.map(|p| Zeroizing::new(p.to_vec())),
+            ..InitOptions::default()
+        };
+        Store::init(dir, &options).map(|s| (s, true))
+    };
+    match Store::probe(dir) {
+        Err(StoreError::Missing { .. }) => Ok(init()?),
+        Err(StoreError::NotAStore { .. })
+            if std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none()) =>
+        {
+            Ok(init()?)
+        }
+        Err(e) => Err(e.into()),
+        Ok(c) if c.encryption.is_some() => match passphrase {
+            Some(p) => Ok((Store::open(dir, Some(p))?, false)),
+            None => Err(AddError::NeedsPassphrase {
+                path: dir.to_path_buf(),
+            }),
+        },
+        Ok(_) => Ok((Store::open(dir, None)?, false)),
+    }
+}
+
+/// Adds the store in folder `dir` to `config` as a destination (creating the store if the
+/// folder is missing or empty), or finds it there already by its store ID. The name is
+/// the folder's (or its drive's) name, made unique.
+///
+/// # Errors
+/// See [`open_or_create_folder`]; also when a passphrase file cannot be read or written.
+pub fn add_folder(
+    config: &mut Config,
+    dir: &Path,
+    passphrase: Passphrase<'_>,
+) -> Result<Added, AddError> {
+    if !dir.is_absolute() {
+        return Err(AddError::NotAbsolute(dir.display().to_string()));
+    }
+    let pass = match passphrase {
+        Passphrase::None => None,
+        Passphrase::File(f) => Some(read_passphrase_file(f)?),
+        Passphrase::Typed { passphrase, .. } => Some(Zeroizing::new(passphrase.to_vec())),
+    };
+    let (store, created) = open_or_create_folder(dir, pass.as_deref().map(Vec::as_slice))?;
+    let store_id = store.config().id;
+    let encrypted = store.config().encryption.is_some();
+    let location = dir.display().to_string();
+    if let Some(d) = config
+        .destinations
+        .iter_mut()
+        .find(|d| d.store_id == Some(store_id))
+    {
+        location.clone_into(&mut d.location);
+        return Ok(Added {
+            name: d.name.clone(),
+            location,
+            created,
+            existed: true,
+        });
+    }
+    let passphrase_file = match (encrypted, passphrase) {
+        (false, _) | (true, Passphrase::None) => None,
+        (true, Passphrase::File(f)) => Some(f.to_path_buf()),
+        (
+            true,
+            Passphrase::Typed {
+                passphrase,
+                keys_dir,
+            },
+        ) => Some(write_passphrase_file(keys_dir, store_id, passphrase)?),
+    };
+    let name = unique_name(config, dir);
+    config.destinations.push(Destination {
+        name: name.clone(),
+        location: location.clone(),
+        store_id: Some(store_id),
+        passphrase_file,
+    });
+    Ok(Added {
+        name,
+        location,
+        created,
+        existed: false,
+    })
+}
+
+/// A destination name from the folder (`/media/me/BACKUP/rewind` → `BACKUP`), unique in
+/// `config`.
+fn unique_name(config: &Config, dir: &Path) -> String {
+    let stem = dir
+        .components()
+        .filter_map(|c| c.as_os_str().to_str())
+        .rfind(|c| *c != "rewind" && *c != "/")
+        .unwrap_or("backup")
+        .to_owned();
+    let mut name = stem.clone();
+    let mut n = 2;
+    while config.destination(&name).is_some() {
+        name = format!("{stem}-{n}");
+        n += 1;
+    }
+    name
+}
+
+/// Whether two paths are on the same file system (a store on the VM's own disk does not
+/// survive that disk's failure). Paths that do not exist yet are judged by their nearest
+/// existing parent.
+#[must_use]
+pub fn same_device(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let dev = |p: &Path| {
+        p.ancestors()
+            .find_map(|p| std::fs::metadata(p).ok())
+            .map(|m| m.dev())
+    };
+    matches!((dev(a), dev(b)), (Some(a), Some(b)) if a == b)
+}
+
+/// The folders a removable drive is usually mounted under that hold a folder now (the
+/// drives plugged in), for the first-run guide to suggest.
+#[must_use]
+pub fn removable_drives(config: &Config) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = watch_roots(config)
+        .iter()
+        .filter_map(|r| std::fs::read_dir(r).ok())
+        .flat_map(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_dir())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 /// The folders one and two levels below `root`, and a `rewind` folder in each (where
 /// `rewind protect` suggests putting a store on a drive).
 fn candidates(root: &Path) -> Vec<PathBuf> {
@@ -114,6 +372,77 @@ fn candidates(root: &Path) -> Vec<PathBuf> {
 mod tests {
     use super::*;
     use crate::store::InitOptions;
+
+    #[test]
+    fn adding_a_folder_creates_a_store_and_adding_it_again_finds_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        let folder = dir.path().join("BACKUP/rewind");
+        let added = add_folder(&mut config, &folder, Passphrase::None).unwrap();
+        assert!(added.created && !added.existed);
+        assert_eq!(added.name, "BACKUP");
+        assert!(Store::probe(&folder).is_ok());
+        let again = add_folder(&mut config, &folder, Passphrase::None).unwrap();
+        assert!(!again.created && again.existed);
+        assert_eq!(config.destinations.len(), 1);
+        // Another store under the same name gets a number.
+        let other = dir.path().join("x/BACKUP");
+        assert_eq!(
+            add_folder(&mut config, &other, Passphrase::None)
+                .unwrap()
+                .name,
+            "BACKUP-2"
+        );
+        // A folder holding other things is refused, not taken over.
+        let busy = dir.path().join("busy");
+        std::fs::create_dir_all(&busy).unwrap();
+        std::fs::write(busy.join("photo.jpg"), b"x").unwrap();
+        let e = add_folder(&mut config, &busy, Passphrase::None).unwrap_err();
+        assert!(e.to_string().contains(&busy.display().to_string()), "{e}");
+        assert!(matches!(
+            add_folder(&mut config, Path::new("relative"), Passphrase::None),
+            Err(AddError::NotAbsolute(_))
+        ));
+    }
+
+    #[test]
+    fn a_typed_passphrase_encrypts_the_new_store_and_is_kept_private() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys");
+        let folder = dir.path().join("enc");
+        let mut config = Config::default();
+        let typed = Passphrase::Typed {
+            passphrase: b"correct horse",
+            keys_dir: &keys,
+        };
+        add_folder(&mut config, &folder, typed).unwrap();
+        assert!(Store::probe(&folder).unwrap().encryption.is_some());
+        let file = config.destinations[0].passphrase_file.clone().unwrap();
+        assert_eq!(std::fs::read(&file).unwrap(), b"correct horse");
+        assert_eq!(
+            std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        // Without it, or with a wrong one, the store is not added.
+        let mut fresh = Config::default();
+        assert!(matches!(
+            add_folder(&mut fresh, &folder, Passphrase::None),
+            Err(AddError::NeedsPassphrase { .. })
+        ));
+        let wrong = Passphrase::Typed {
+            passphrase: b"wrong",
+            keys_dir: &keys,
+        };
+        assert!(add_folder(&mut fresh, &folder, wrong).is_err());
+        assert!(fresh.destinations.is_empty());
+        // With the file, it is.
+        add_folder(&mut fresh, &folder, Passphrase::File(&file)).unwrap();
+        assert_eq!(
+            fresh.destinations[0].passphrase_file.as_deref(),
+            Some(file.as_path())
+        );
+    }
 
     #[test]
     fn a_store_is_found_by_its_id_wherever_the_drive_is_mounted() {

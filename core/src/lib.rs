@@ -16,6 +16,7 @@ pub mod history;
 pub mod libvirt;
 pub mod log;
 pub mod nbd;
+pub mod overview;
 pub mod progress;
 pub mod qcow2;
 pub mod qcow2_new;

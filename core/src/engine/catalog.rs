@@ -2,7 +2,10 @@
 //! summary of every checkpoint in it (the full manifests hold the domain XML and the
 //! indexes, which the timeline does not need).
 
+use std::path::{Path, PathBuf};
+
 use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::config::{Config, Destination};
@@ -42,6 +45,8 @@ pub struct CheckpointSummary {
     pub disks: Vec<String>,
     /// Whether the last verify of this store found it damaged.
     pub damaged: bool,
+    /// When a verify last found it whole (read back every chunk it needs).
+    pub verified: Option<DateTime<Utc>>,
 }
 
 impl CheckpointSummary {
@@ -64,7 +69,21 @@ impl CheckpointSummary {
             labels: m.labels.clone(),
             disks: m.disks.iter().map(|d| d.target.clone()).collect(),
             damaged: false,
+            verified: None,
         }
+    }
+
+    /// Marks it as the last verify of its store found it.
+    fn apply(&mut self, record: Option<&VerifyRecord>) {
+        let Some(r) = record else { return };
+        if self.time >= r.started {
+            return; // taken after that verify began
+        }
+        self.damaged = r
+            .broken
+            .iter()
+            .any(|(vm, id)| *vm == self.vm_uuid && *id == self.id);
+        self.verified = (!self.damaged && !r.quick).then_some(r.finished);
     }
 
     /// Whether it is a safety checkpoint (taken before a restore).
@@ -89,6 +108,47 @@ pub struct DestinationView {
     pub error: Option<String>,
 }
 
+/// What the last verify of a store found, kept in Rewind's state folder
+/// (`verified/<store id>.json`) so the timeline can mark checkpoints verified or damaged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyRecord {
+    /// When it began (checkpoints taken later were not checked).
+    pub started: DateTime<Utc>,
+    /// When it ended.
+    pub finished: DateTime<Utc>,
+    /// Only presence was checked.
+    pub quick: bool,
+    /// Checkpoints found damaged: (VM UUID, checkpoint id).
+    pub broken: Vec<(Uuid, String)>,
+}
+
+fn verify_record_path(state_dir: &Path, store_id: Uuid) -> PathBuf {
+    state_dir.join("verified").join(format!("{store_id}.json"))
+}
+
+/// Keeps `record` as the last verify of store `store_id` (written then renamed).
+///
+/// # Errors
+/// The state folder cannot be written.
+pub fn save_verify_record(
+    state_dir: &Path,
+    store_id: Uuid,
+    record: &VerifyRecord,
+) -> std::io::Result<()> {
+    let path = verify_record_path(state_dir, store_id);
+    let dir = path.parent().unwrap_or(state_dir);
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".{store_id}.json.{}", std::process::id()));
+    std::fs::write(&tmp, serde_json::to_vec(record).expect("serialises"))?;
+    std::fs::rename(&tmp, &path)
+}
+
+/// The last verify of store `store_id`, if one was kept (and can be read).
+#[must_use]
+pub fn verify_record(state_dir: &Path, store_id: Uuid) -> Option<VerifyRecord> {
+    serde_json::from_slice(&std::fs::read(verify_record_path(state_dir, store_id)).ok()?).ok()
+}
+
 /// Opens the store of a destination found at `found` (with its passphrase file).
 pub(crate) fn open(dest: &Destination, found: &Availability) -> Result<Store, String> {
     let pass = match &dest.passphrase_file {
@@ -110,9 +170,9 @@ pub(crate) fn open(dest: &Destination, found: &Availability) -> Result<Store, St
     }
 }
 
-/// Looks at every destination of `config` now.
+/// Looks at every destination of `config` now; `state_dir` holds the verify records.
 #[must_use]
-pub fn scan(config: &Config) -> Vec<DestinationView> {
+pub fn scan(config: &Config, state_dir: &Path) -> Vec<DestinationView> {
     let roots = destination::watch_roots(config);
     config
         .destinations
@@ -121,12 +181,19 @@ pub fn scan(config: &Config) -> Vec<DestinationView> {
             let found = destination::locate(d, &roots);
             let (checkpoints, error) = match &found {
                 Availability::Missing { .. } => (Vec::new(), None),
-                _ => match open(d, &found).and_then(|s| s.catalog().map_err(|e| e.to_string())) {
-                    Ok(catalog) => (
+                _ => match open(d, &found).and_then(|s| {
+                    let record = verify_record(state_dir, s.config().id);
+                    s.catalog().map(|c| (c, record)).map_err(|e| e.to_string())
+                }) {
+                    Ok((catalog, record)) => (
                         catalog
                             .checkpoints
                             .iter()
-                            .map(CheckpointSummary::of)
+                            .map(|m| {
+                                let mut c = CheckpointSummary::of(m);
+                                c.apply(record.as_ref());
+                                c
+                            })
                             .collect(),
                         None,
                     ),

@@ -129,9 +129,11 @@ fn manifest(store: &Store, vm: &Uuid, id: &str) -> Result<Manifest, String> {
     store.manifest(vm, id).map_err(|e| e.to_string())
 }
 
-/// Runs `request` to the end (or until `control` is cancelled).
+/// Runs `request` to the end (or until `control` is cancelled); `state_dir` keeps what a
+/// verify found.
 pub fn run(
     config: &Config,
+    state_dir: &std::path::Path,
     request: &JobRequest,
     control: &Arc<Control>,
 ) -> Result<JobOutput, String> {
@@ -171,35 +173,8 @@ pub fn run(
             destination,
             vm_uuid,
             options,
-        } => {
-            let store = store_of(config, destination)?;
-            let safety = store
-                .catalog()
-                .map_err(|e| e.to_string())?
-                .checkpoints
-                .into_iter()
-                .rfind(|m| {
-                    m.vm.uuid == *vm_uuid
-                        && m.labels.iter().any(|l| l == crate::restore::SAFETY_LABEL)
-                })
-                .ok_or("there is no safety checkpoint to go back to")?;
-            let hv = hv()?;
-            let report = crate::restore::restore_in_place(
-                &hv,
-                &store,
-                &safety,
-                options,
-                work.path(),
-                control,
-            )
-            .map_err(|e| e.to_string())?;
-            Ok(JobOutput::Restored(Box::new(report)))
-        }
-        JobRequest::Verify { destination } => {
-            let store = store_of(config, destination)?;
-            let report = store.verify(false, control).map_err(|e| e.to_string())?;
-            Ok(JobOutput::Verified(Box::new(report)))
-        }
+        } => undo_restore(config, destination, vm_uuid, options, work.path(), control),
+        JobRequest::Verify { destination } => verify(config, state_dir, destination, control),
         JobRequest::Delete {
             destination,
             vm_uuid,
@@ -257,4 +232,52 @@ fn checkpoint_now(
         taken.push(CheckpointSummary::of(&m));
     }
     Ok(JobOutput::Checkpoints(taken))
+}
+
+fn undo_restore(
+    config: &Config,
+    destination: &str,
+    vm_uuid: &Uuid,
+    options: &crate::restore::RestoreOptions,
+    work: &std::path::Path,
+    control: &Arc<Control>,
+) -> Result<JobOutput, String> {
+    let store = store_of(config, destination)?;
+    let safety = store
+        .catalog()
+        .map_err(|e| e.to_string())?
+        .checkpoints
+        .into_iter()
+        .rfind(|m| {
+            m.vm.uuid == *vm_uuid && m.labels.iter().any(|l| l == crate::restore::SAFETY_LABEL)
+        })
+        .ok_or("there is no safety checkpoint to go back to")?;
+    let hv = Hypervisor::connect(&config.uri).map_err(|e| e.to_string())?;
+    let report = crate::restore::restore_in_place(&hv, &store, &safety, options, work, control)
+        .map_err(|e| e.to_string())?;
+    Ok(JobOutput::Restored(Box::new(report)))
+}
+
+fn verify(
+    config: &Config,
+    state_dir: &std::path::Path,
+    destination: &str,
+    control: &Arc<Control>,
+) -> Result<JobOutput, String> {
+    let store = store_of(config, destination)?;
+    let started = chrono::Utc::now();
+    let report = store.verify(false, control).map_err(|e| e.to_string())?;
+    let record = catalog::VerifyRecord {
+        started,
+        finished: chrono::Utc::now(),
+        quick: report.quick,
+        broken: report
+            .broken_checkpoints()
+            .into_iter()
+            .map(|c| (c.vm_uuid, c.id))
+            .collect(),
+    };
+    // The report stands even if the record cannot be kept; the marks are a convenience.
+    let _ = catalog::save_verify_record(state_dir, store.config().id, &record);
+    Ok(JobOutput::Verified(Box::new(report)))
 }

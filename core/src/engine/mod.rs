@@ -48,6 +48,17 @@ pub enum Command {
     Cancel(JobId),
     /// Save this configuration (the scheduler picks it up).
     SaveConfig(Box<Config>),
+    /// Add the store in this folder as a destination (created if the folder is missing or
+    /// empty), answered by [`Event::DestinationAdded`].
+    AddFolderDestination {
+        /// The folder.
+        folder: std::path::PathBuf,
+        /// Its passphrase (encrypts a new store; opens an encrypted one), kept in a file only
+        /// the user can read so checkpoints run by themselves.
+        passphrase: Option<zeroize::Zeroizing<String>>,
+        /// The VMs' disk images: the answer warns if the folder is on the same disk.
+        vm_disks: Vec<std::path::PathBuf>,
+    },
     /// Have the scheduler take a checkpoint of this VM (or of all) now; without a
     /// scheduler of this window's, the engine takes it itself.
     CheckpointNow {
@@ -122,6 +133,15 @@ pub enum Event {
         job: JobId,
         /// What it does, in a few words.
         label: String,
+        /// What was asked.
+        request: Arc<JobRequest>,
+    },
+    /// The answer to [`Command::AddFolderDestination`] (the configuration follows).
+    DestinationAdded {
+        /// The destination, or why it could not be added.
+        result: Result<crate::destination::Added, String>,
+        /// Set when the folder is on the same disk as a VM's disk images.
+        warning: Option<String>,
     },
     /// How far a job is.
     JobProgress {
@@ -311,25 +331,33 @@ impl Protection {
         }
         self.scanning = true;
         let config = self.config.clone();
+        let state_dir = self.paths.state_dir();
         let tx = inner.clone();
         tokio::task::spawn_blocking(move || {
-            let _ = tx.blocking_send(Inner::Scanned(catalog::scan(&config)));
+            let _ = tx.blocking_send(Inner::Scanned(catalog::scan(&config, &state_dir)));
         });
     }
 
-    fn start_job(&mut self, request: JobRequest, inner: &mpsc::Sender<Inner>) -> (JobId, String) {
+    fn start_job(&mut self, request: JobRequest, inner: &mpsc::Sender<Inner>) -> Event {
         let job = self.next_job;
         self.next_job += 1;
         let control = Arc::new(Control::new());
         self.jobs.insert(job, control.clone());
         let label = request.label();
+        let request = Arc::new(request);
         let config = self.config.clone();
+        let state_dir = self.paths.state_dir();
         let tx = inner.clone();
+        let run = request.clone();
         tokio::task::spawn_blocking(move || {
-            let result = jobs::run(&config, &request, &control);
+            let result = jobs::run(&config, &state_dir, &run, &control);
             let _ = tx.blocking_send(Inner::JobDone(job, result));
         });
-        (job, label)
+        Event::JobStarted {
+            job,
+            label,
+            request,
+        }
     }
 }
 
@@ -540,8 +568,16 @@ impl Engine {
         match command {
             Command::RefreshCheckpoints => p.scan(inner),
             Command::Start(request) => {
-                let (job, label) = p.start_job(request, inner);
-                self.emit(Event::JobStarted { job, label }).await;
+                let started = p.start_job(request, inner);
+                self.emit(started).await;
+            }
+            Command::AddFolderDestination {
+                folder,
+                passphrase,
+                vm_disks,
+            } => {
+                self.add_folder_destination(p, folder, passphrase, vm_disks, inner)
+                    .await;
             }
             Command::Cancel(job) => {
                 if let Some(c) = p.jobs.get(&job) {
@@ -587,12 +623,77 @@ impl Engine {
                         None => p.config.vms.iter().map(|v| v.vm.clone()).collect(),
                     };
                     for vm in vms {
-                        let (job, label) = p.start_job(JobRequest::Checkpoint { vm }, inner);
-                        self.emit(Event::JobStarted { job, label }).await;
+                        let started = p.start_job(JobRequest::Checkpoint { vm }, inner);
+                        self.emit(started).await;
                     }
                 }
             }
             Command::RefreshVms | Command::Shutdown => {}
+        }
+    }
+
+    /// Adds a folder destination to the configuration and saves it (off the loop: creating
+    /// an encrypted store derives a key, which takes a moment).
+    async fn add_folder_destination(
+        &self,
+        p: &mut Protection,
+        folder: std::path::PathBuf,
+        passphrase: Option<zeroize::Zeroizing<String>>,
+        vm_disks: Vec<std::path::PathBuf>,
+        inner: &mpsc::Sender<Inner>,
+    ) {
+        let mut config = p.config.clone();
+        let path = p.paths.config.clone();
+        let keys_dir = path
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+            .join("keys");
+        let done = tokio::task::spawn_blocking(move || {
+            let pass = match &passphrase {
+                Some(text) => crate::destination::Passphrase::Typed {
+                    passphrase: text.as_bytes(),
+                    keys_dir: &keys_dir,
+                },
+                None => crate::destination::Passphrase::None,
+            };
+            let added = crate::destination::add_folder(&mut config, &folder, pass)
+                .map_err(|e| e.to_string())?;
+            config.save(&path).map_err(|e| e.to_string())?;
+            let warning = vm_disks
+                .iter()
+                .any(|d| crate::destination::same_device(d, &folder))
+                .then(|| {
+                    format!(
+                        "{} is on the same disk as virtual machine disks: if that disk fails, the checkpoints are lost with it. A removable drive or another host is safer.",
+                        folder.display()
+                    )
+                });
+            Ok::<_, String>((added, config, warning))
+        })
+        .await
+        .unwrap_or_else(|join| Err(format!("internal error: {join}")));
+        match done {
+            Ok((added, config, warning)) => {
+                p.config = config.clone();
+                self.emit(Event::DestinationAdded {
+                    result: Ok(added),
+                    warning,
+                })
+                .await;
+                self.emit(Event::Config {
+                    config: Arc::new(config),
+                    error: None,
+                })
+                .await;
+                p.scan(inner);
+            }
+            Err(e) => {
+                self.emit(Event::DestinationAdded {
+                    result: Err(e),
+                    warning: None,
+                })
+                .await;
+            }
         }
     }
 

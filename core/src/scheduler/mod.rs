@@ -161,6 +161,17 @@ pub struct Paths {
     pub status: PathBuf,
 }
 
+impl Paths {
+    /// Rewind's state folder (the status file's).
+    #[must_use]
+    pub fn state_dir(&self) -> PathBuf {
+        self.status.parent().map_or_else(
+            crate::restore::marker::state_dir,
+            std::path::Path::to_path_buf,
+        )
+    }
+}
+
 impl Default for Paths {
     fn default() -> Self {
         Self {
