@@ -29,6 +29,10 @@ pub struct Args {
     )]
     pub connect: Option<String>,
 
+    /// Start in the tray without showing the window (what starting at login does)
+    #[arg(long)]
+    pub minimized: bool,
+
     #[command(subcommand)]
     pub command: Option<Command>,
 }

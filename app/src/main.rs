@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+mod autostart;
 mod cli;
 mod daemon;
 mod gui;
@@ -19,7 +20,10 @@ fn main() -> ExitCode {
     let args = cli::Args::parse();
     let result = match &args.command {
         Some(command) => cli::run(&args, command, &mut std::io::stdout().lock()),
-        None => gui::run(args.uri()),
+        None => gui::run(gui::RunOptions {
+            uri: args.connect.clone().filter(|u| !u.trim().is_empty()),
+            minimized: args.minimized,
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,51 +1,107 @@
-//! The desktop window (eframe/egui).
+//! The desktop window (eframe/egui) and the tray icon.
 //!
 //! Split like rerun's viewer: [`RewindApp::logic`] drains engine events into [`UiState`]
 //! within a time budget; the `*_ui` functions draw that state and return [`Command`]s for
-//! the engine, doing nothing themselves. The UI thread never waits on libvirt: the engine
-//! wakes it with `request_repaint` when something arrives, and an idle window does not
-//! repaint at all.
+//! the engine, doing nothing themselves. The UI thread never waits on libvirt, disks or the
+//! network: the engine wakes it with `request_repaint` when something arrives, and an idle
+//! window repaints only once a minute (for "5 min ago").
+//!
+//! The window hosts the scheduler unless `rewind daemon` runs one. With a tray, closing the
+//! window hides it and Rewind keeps protecting; without one, closing asks first.
 
+pub mod dialogs;
+pub mod settings;
+pub mod setup;
+pub mod state;
+#[cfg(test)]
+mod tests;
+pub mod timeline;
+mod tray;
 mod vm_list;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use rewind_core::engine::{self, Command, EngineHandle, Event};
-use rewind_core::vm::VmInfo;
+use rewind_core::engine::{self, Command, EngineHandle, EngineOptions};
+use rewind_core::scheduler::Paths;
 
+pub use state::{Connection, UiState};
+pub use tray::{Tray, TrayAction, TrayState};
 pub use vm_list::main_ui;
 
 /// How long one frame may spend applying engine events.
 const EVENT_BUDGET: Duration = Duration::from_millis(10);
+/// An idle window redraws this often, for the ages and the "now" line.
+const CLOCK_REPAINT: Duration = Duration::from_mins(1);
+/// The key of the window's preferences in eframe's storage.
+const PREFS_KEY: &str = "rewind-prefs";
 
 /// The application icon, also shipped in `assets/` for the desktop entry.
 const ICON_PNG: &[u8] = include_bytes!("../../../assets/rewind-256.png");
 
-/// Opens the window and runs until it is closed.
-pub fn run(uri: String) -> anyhow::Result<()> {
+/// Commands the UI asks for in one frame.
+pub type Commands = Vec<Command>;
+
+/// How to open the window.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The libvirt URI given on the command line (else the configuration's).
+    pub uri: Option<String>,
+    /// Start in the tray, without showing the window.
+    pub minimized: bool,
+}
+
+/// Opens the window and runs until it is closed (or, with a tray, until Quit).
+pub fn run(options: RunOptions) -> anyhow::Result<()> {
+    let config_uri =
+        rewind_core::config::Config::load_or_last_good(&rewind_core::config::config_path())
+            .0
+            .uri;
+    let uri = options.uri.clone().unwrap_or(config_uri);
     let mut viewport = egui::ViewportBuilder::default()
         .with_title("Rewind")
         .with_app_id("rewind")
-        .with_inner_size([960.0, 600.0])
-        .with_min_inner_size([560.0, 360.0]);
+        .with_inner_size([1040.0, 680.0])
+        .with_min_inner_size([640.0, 420.0]);
     match load_icon() {
         Ok(icon) => viewport = viewport.with_icon(icon),
         Err(e) => eprintln!("warning: the window icon could not be loaded: {e:#}"),
     }
-    let options = eframe::NativeOptions {
+    let native = eframe::NativeOptions {
         viewport,
         persist_window: true,
         ..Default::default()
     };
     eframe::run_native(
         "rewind",
-        options,
+        native,
         Box::new(move |cc| {
             let ctx = cc.egui_ctx.clone();
-            let engine = engine::spawn(uri.clone(), Arc::new(move || ctx.request_repaint()))?;
-            Ok(Box::new(RewindApp::new(engine, uri)))
+            let waker_ctx = ctx.clone();
+            let engine = engine::spawn_with(
+                EngineOptions {
+                    uri: uri.clone(),
+                    host_scheduler: true,
+                    paths: Paths::default(),
+                },
+                Arc::new(move || waker_ctx.request_repaint()),
+            )?;
+            let mut app = RewindApp::new(engine, uri, options.uri.is_some());
+            if let Some(storage) = cc.storage
+                && let Some(prefs) = eframe::get_value::<Prefs>(storage, PREFS_KEY)
+            {
+                prefs.apply(&mut app.state);
+            }
+            app.start_tray(&ctx);
+            if options.minimized {
+                if app.state.tray_shown {
+                    ctx.send_viewport_cmd(egui::ViewportCommand::Visible(false));
+                } else {
+                    eprintln!("note: no tray to start in, so the window opens");
+                }
+            }
+            Ok(Box::new(app))
         }),
     )
     .map_err(|e| anyhow::anyhow!("{e}"))
@@ -67,89 +123,87 @@ fn load_icon() -> anyhow::Result<egui::IconData> {
     })
 }
 
-/// Connection to libvirt as the window shows it.
-#[derive(Debug, Clone, Default)]
-pub enum Connection {
-    /// Not connected yet.
-    #[default]
-    Connecting,
-    /// Connected.
-    Connected,
-    /// Failed; the engine retries by itself.
-    Failed {
-        /// What went wrong and what to do.
-        message: String,
-        /// When the next attempt happens.
-        retry_at: Instant,
-    },
+/// What the window remembers between runs (its size and panel sizes egui keeps itself).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Prefs {
+    timeline_span_secs: f64,
+    selected_vm: Option<String>,
+    setup_dismissed: bool,
 }
 
-/// Everything the window draws, filled from engine events.
-#[derive(Debug, Default)]
-pub struct UiState {
-    /// The libvirt URI.
-    pub uri: String,
-    /// Connection state.
-    pub connection: Connection,
-    /// VMs, sorted by name; `None` until the first list arrives.
-    pub vms: Option<Vec<VmInfo>>,
-    /// UUID of the selected VM.
-    pub selected: Option<String>,
-    /// The last failure of an operation, shown until dismissed.
-    pub last_error: Option<String>,
-}
-
-impl UiState {
-    /// Applies one engine event.
-    pub fn apply(&mut self, event: Event) {
-        match event {
-            Event::Connected { uri } => {
-                self.uri = uri;
-                self.connection = Connection::Connected;
-            }
-            Event::ConnectionFailed { error, retry_in } => {
-                self.connection = Connection::Failed {
-                    message: error.to_string(),
-                    retry_at: Instant::now() + retry_in,
-                };
-            }
-            Event::Vms(vms) => {
-                if let Some(sel) = &self.selected
-                    && !vms.iter().any(|v| &v.uuid == sel)
-                {
-                    self.selected = None;
-                }
-                if self.selected.is_none() {
-                    self.selected = vms.first().map(|v| v.uuid.clone());
-                }
-                self.vms = Some(vms);
-            }
-            Event::Failed { error } => self.last_error = Some(error.to_string()),
-            // The refreshed list follows; nothing to show for the event itself yet.
-            _ => {}
+impl Prefs {
+    fn of(state: &UiState) -> Self {
+        Self {
+            timeline_span_secs: state.timeline.span_secs,
+            selected_vm: state.selected.clone(),
+            setup_dismissed: state.setup_dismissed,
         }
+    }
+
+    fn apply(self, state: &mut UiState) {
+        if self.timeline_span_secs.is_finite() && self.timeline_span_secs > 0.0 {
+            state.timeline.span_secs = self.timeline_span_secs;
+        }
+        state.selected = self.selected_vm;
+        state.setup_dismissed = self.setup_dismissed;
     }
 }
 
-struct RewindApp {
+/// The window: the engine's handle, what it shows, and the tray.
+pub struct RewindApp {
     engine: EngineHandle,
-    state: UiState,
+    /// What the window shows.
+    pub state: UiState,
+    /// The URI was given on the command line (a changed configuration does not move it).
+    uri_pinned: bool,
+    tray: Option<Tray>,
+    tray_actions: Arc<Mutex<Vec<TrayAction>>>,
+    tray_look: Option<(TrayState, bool, String)>,
+    hidden: bool,
 }
 
 impl RewindApp {
-    fn new(engine: EngineHandle, uri: String) -> Self {
+    /// A window over `engine`.
+    pub fn new(engine: EngineHandle, uri: String, uri_pinned: bool) -> Self {
         Self {
             engine,
             state: UiState {
                 uri,
                 ..UiState::default()
             },
+            uri_pinned,
+            tray: None,
+            tray_actions: Arc::default(),
+            tray_look: None,
+            hidden: false,
         }
     }
-}
 
-impl eframe::App for RewindApp {
-    fn logic(&mut self, ctx: &egui::Context, _frame: &mut eframe::Frame) {
+    fn start_tray(&mut self, ctx: &egui::Context) {
+        let actions = self.tray_actions.clone();
+        let ctx = ctx.clone();
+        match Tray::spawn(Arc::new(move |action| {
+            actions
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(action);
+            ctx.request_repaint();
+        })) {
+            Ok(tray) => {
+                self.state.tray_shown = tray.is_shown();
+                self.tray = Some(tray);
+            }
+            Err(e) => {
+                eprintln!(
+                    "note: no tray icon ({e:#}); closing the window asks before it stops protection"
+                );
+            }
+        }
+    }
+
+    /// Applies waiting engine events (within the frame's budget) and the clock.
+    pub fn drain_events(&mut self, ctx: &egui::Context) {
+        self.state.now = chrono::Utc::now();
         let start = Instant::now();
         while start.elapsed() < EVENT_BUDGET {
             let Some(event) = self.engine.try_recv() else {
@@ -161,6 +215,141 @@ impl eframe::App for RewindApp {
             // More events are waiting: come back next frame.
             ctx.request_repaint();
         }
+    }
+
+    /// Sends the frame's commands to the engine.
+    pub fn send(&mut self, commands: Commands) {
+        for command in commands {
+            if !self.engine.send(command) {
+                self.state.last_error =
+                    Some("Rewind's engine is busy or has stopped; try again in a moment.".into());
+            }
+        }
+    }
+
+    /// One frame of the window without eframe (the `ui` part), for tests.
+    #[cfg(test)]
+    pub fn frame_ui(&mut self, ui: &mut egui::Ui) {
+        self.drain_events(ui.ctx());
+        let commands = main_ui(ui, &mut self.state);
+        self.send(commands);
+    }
+
+    fn handle_tray(&mut self, ctx: &egui::Context) {
+        let actions = std::mem::take(
+            &mut *self
+                .tray_actions
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        for action in actions {
+            match action {
+                TrayAction::CheckpointAll => self.send(vec![Command::CheckpointNow { vm: None }]),
+                TrayAction::Pause | TrayAction::Resume => {
+                    if let Some(config) = &self.state.config {
+                        let mut c = (**config).clone();
+                        c.paused = action == TrayAction::Pause;
+                        self.send(vec![Command::SaveConfig(Box::new(c))]);
+                    }
+                }
+                TrayAction::Open => {
+                    self.hidden = false;
+                    ctx.send_viewport_cmd(egui::ViewportCommand::Visible(true));
+                    ctx.send_viewport_cmd(egui::ViewportCommand::Minimized(false));
+                    ctx.send_viewport_cmd(egui::ViewportCommand::Focus);
+                }
+                TrayAction::Quit => self.state.quit = true,
+            }
+        }
+        let Some(tray) = &self.tray else { return };
+        self.state.tray_shown = tray.is_shown();
+        let look = tray_look(&self.state);
+        if self.tray_look.as_ref() != Some(&look) {
+            tray.set(look.0, look.1, &look.2);
+            self.tray_look = Some(look);
+        }
+    }
+
+    fn handle_close(&mut self, ctx: &egui::Context) {
+        if self.state.quit {
+            ctx.send_viewport_cmd(egui::ViewportCommand::Close);
+            return;
+        }
+        if ctx.input(|i| i.viewport().close_requested()) {
+            ctx.send_viewport_cmd(egui::ViewportCommand::CancelClose);
+            if self.state.tray_shown {
+                self.hidden = true;
+                ctx.send_viewport_cmd(egui::ViewportCommand::Visible(false));
+            } else {
+                self.state.dialog = Some(dialogs::Dialog::CloseWithoutTray);
+            }
+        }
+    }
+
+    /// A configuration naming another libvirt URI: connect the window there.
+    fn follow_uri(&mut self, ctx: &egui::Context) {
+        let Some(config) = &self.state.config else {
+            return;
+        };
+        if self.uri_pinned || config.uri == self.state.uri || self.state.busy() {
+            return;
+        }
+        let uri = config.uri.clone();
+        let waker_ctx = ctx.clone();
+        match engine::spawn_with(
+            EngineOptions {
+                uri: uri.clone(),
+                host_scheduler: true,
+                paths: Paths::default(),
+            },
+            Arc::new(move || waker_ctx.request_repaint()),
+        ) {
+            Ok(engine) => {
+                // The old engine stops (and hands over the scheduler) as it drops.
+                self.engine = engine;
+                self.state = UiState {
+                    uri,
+                    timeline: self.state.timeline.clone(),
+                    setup_dismissed: self.state.setup_dismissed,
+                    tray_shown: self.state.tray_shown,
+                    ..UiState::default()
+                };
+            }
+            Err(e) => self.state.last_error = Some(format!("could not connect to {uri}: {e}")),
+        }
+    }
+}
+
+/// The tray's icon, pause state and tooltip for `state`.
+fn tray_look(state: &UiState) -> (TrayState, bool, String) {
+    let protected = state.config.as_ref().map_or(0, |c| c.vms.len());
+    let icon = if state.busy() {
+        TrayState::Running
+    } else if state.needs_attention() || matches!(state.connection, Connection::Failed { .. }) {
+        TrayState::Attention
+    } else if protected == 0 {
+        TrayState::Idle
+    } else {
+        TrayState::Protected
+    };
+    let tooltip = match icon {
+        TrayState::Running => "Rewind — taking a checkpoint".to_owned(),
+        TrayState::Attention => "Rewind — needs attention: open it to see why".to_owned(),
+        TrayState::Idle => "Rewind — no VM protected yet".to_owned(),
+        TrayState::Protected if state.paused() => {
+            format!("Rewind — protection of {protected} VM(s) paused")
+        }
+        TrayState::Protected => format!("Rewind — {protected} VM(s) protected"),
+    };
+    (icon, state.paused(), tooltip)
+}
+
+impl eframe::App for RewindApp {
+    fn logic(&mut self, ctx: &egui::Context, _frame: &mut eframe::Frame) {
+        self.drain_events(ctx);
+        self.handle_tray(ctx);
+        self.handle_close(ctx);
+        self.follow_uri(ctx);
         if let Connection::Failed { retry_at, .. } = self.state.connection {
             // Keep the "retrying in N s" countdown current, once a second.
             ctx.request_repaint_after(
@@ -168,18 +357,21 @@ impl eframe::App for RewindApp {
                     .saturating_duration_since(Instant::now())
                     .min(Duration::from_secs(1)),
             );
+        } else if !self.hidden {
+            ctx.request_repaint_after(CLOCK_REPAINT);
         }
     }
 
     fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
-        for command in main_ui(ui, &mut self.state) {
-            if !self.engine.send(command) {
-                self.state.last_error =
-                    Some("Rewind's engine is busy or has stopped; try again in a moment.".into());
-            }
-        }
+        let commands = main_ui(ui, &mut self.state);
+        self.send(commands);
+    }
+
+    fn save(&mut self, storage: &mut dyn eframe::Storage) {
+        eframe::set_value(storage, PREFS_KEY, &Prefs::of(&self.state));
+    }
+
+    fn on_exit(&mut self) {
+        let _ = self.engine.send(Command::Shutdown);
     }
 }
-
-/// Commands the UI asks for in one frame.
-pub type Commands = Vec<Command>;

@@ -1,14 +1,24 @@
-//! The main screen: the VM list on the left, the selected VM's details in the middle.
+//! The main screen: the VM list on the left; the selected VM's protection, its checkpoint
+//! timeline and the selected checkpoint's details in the middle; activity at the bottom.
 
 use std::fmt::Write as _;
 use std::time::Instant;
 
+use chrono::Local;
 use egui::{Color32, RichText};
-use rewind_core::engine::Command;
-use rewind_core::units::human_bytes;
+use rewind_core::engine::catalog::CheckpointSummary;
+use rewind_core::engine::jobs::JobRequest;
+use rewind_core::engine::{Command, SchedulerView};
+use rewind_core::history::Outcome;
+use rewind_core::overview::{Badge, VmOverview};
+use rewind_core::units::{human_age_secs, human_bytes, interval_text};
 use rewind_core::vm::{Disk, Firmware, VmInfo, VmState};
 
-use super::{Commands, Connection, UiState};
+use super::dialogs::{Dialog, dialogs_ui, job_progress_ui};
+use super::settings::{SettingsState, SettingsTab, settings_ui};
+use super::state::{CheckpointKey, Connection, UiState};
+use super::timeline::{Lane, Marks, kind_text, timeline_ui};
+use super::{Commands, setup};
 
 /// Draws the whole window and returns what the user asked for.
 #[must_use]
@@ -17,15 +27,13 @@ pub fn main_ui(ui: &mut egui::Ui, state: &mut UiState) -> Commands {
     egui::Panel::top("top_bar").show(ui, |ui| {
         top_bar_ui(ui, state, &mut commands);
     });
-    if let Some(message) = state.last_error.clone() {
-        egui::Panel::bottom("error_bar").show(ui, |ui| {
-            ui.horizontal_wrapped(|ui| {
-                ui.colored_label(ui.visuals().error_fg_color, format!("⚠ {message}"));
-                if ui.button("Dismiss").clicked() {
-                    state.last_error = None;
-                }
-            });
-        });
+    messages_ui(ui, state);
+    let connected_with_vms = matches!(&state.vms, Some(v) if !v.is_empty());
+    if connected_with_vms {
+        egui::Panel::bottom("activity")
+            .resizable(true)
+            .default_size(150.0)
+            .show(ui, |ui| activity_ui(ui, state, &mut commands));
     }
     match (&state.connection, &state.vms) {
         (Connection::Failed { message, retry_at }, None) => {
@@ -51,26 +59,78 @@ pub fn main_ui(ui: &mut egui::Ui, state: &mut UiState) -> Commands {
         (_, Some(_)) => {
             egui::Panel::left("vm_list")
                 .resizable(true)
-                .default_size(240.0)
+                .default_size(250.0)
                 .show(ui, |ui| vm_list_ui(ui, state));
             egui::CentralPanel::default().show(ui, |ui| {
-                let selected = state.vms.as_ref().and_then(|vms| {
-                    vms.iter()
-                        .find(|v| Some(&v.uuid) == state.selected.as_ref())
-                });
-                match selected {
-                    Some(vm) => vm_details_ui(ui, vm),
-                    None => {
+                egui::ScrollArea::vertical().show(ui, |ui| {
+                    if setup::needed(state) {
+                        setup::setup_ui(ui, state, &mut commands);
+                    } else if let Some(vm) = state.selected_vm().cloned() {
+                        vm_ui(ui, state, &vm, &mut commands);
+                    } else {
                         ui.label("Select a virtual machine on the left.");
                     }
-                }
+                });
             });
         }
     }
+    if state.settings.is_some() {
+        settings_ui(ui, state, &mut commands);
+    }
+    dialogs_ui(ui, state, &mut commands);
     commands
 }
 
-fn top_bar_ui(ui: &mut egui::Ui, state: &UiState, commands: &mut Commands) {
+fn messages_ui(ui: &mut egui::Ui, state: &mut UiState) {
+    if let Some(message) = state.last_error.clone() {
+        egui::Panel::bottom("error_bar").show(ui, |ui| {
+            ui.horizontal_wrapped(|ui| {
+                ui.colored_label(ui.visuals().error_fg_color, format!("⚠ {message}"));
+                if ui.button("Dismiss").clicked() {
+                    state.last_error = None;
+                }
+            });
+        });
+    }
+    if let Some(error) = state.config_error.clone() {
+        egui::Panel::bottom("config_error_bar").show(ui, |ui| {
+            ui.colored_label(
+                ui.visuals().warn_fg_color,
+                format!("⚠ The configuration file does not load, so the last good one is in use: {error}"),
+            );
+        });
+    }
+    if let Some(notice) = state.notice.clone() {
+        egui::Panel::bottom("notice_bar").show(ui, |ui| {
+            ui.horizontal_wrapped(|ui| {
+                ui.label(format!("ℹ {notice}"));
+                if ui.button("OK").clicked() {
+                    state.notice = None;
+                }
+            });
+        });
+    }
+}
+
+/// Who protects, in a few words.
+fn scheduler_text(state: &UiState) -> (Color32, String) {
+    let green = Color32::from_rgb(60, 170, 90);
+    let amber = Color32::from_rgb(220, 160, 40);
+    if state.paused() {
+        return (amber, "Protection paused".into());
+    }
+    match &state.scheduler {
+        Some(SchedulerView::Here) => (green, "Protecting (this window)".into()),
+        Some(SchedulerView::Elsewhere { holder, status }) => match status {
+            Some(_) => (green, format!("Protecting ({holder})")),
+            None => (amber, format!("Protection run by {holder}")),
+        },
+        Some(SchedulerView::None) => (amber, "No scheduler runs".into()),
+        None => (Color32::GRAY, String::new()),
+    }
+}
+
+fn top_bar_ui(ui: &mut egui::Ui, state: &mut UiState, commands: &mut Commands) {
     ui.horizontal(|ui| {
         ui.heading("Rewind");
         ui.separator();
@@ -84,15 +144,61 @@ fn top_bar_ui(ui: &mut egui::Ui, state: &UiState, commands: &mut Commands) {
         };
         ui.colored_label(dot, "⏺");
         ui.label(text);
+        let (color, text) = scheduler_text(state);
+        if !text.is_empty() {
+            ui.separator();
+            ui.colored_label(color, text);
+        }
         ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
+            if ui
+                .button("⚙ Settings")
+                .on_hover_text("Destinations, protection, connection, start at login")
+                .clicked()
+            {
+                let tab = if state
+                    .config
+                    .as_ref()
+                    .is_some_and(|c| c.destinations.is_empty())
+                {
+                    SettingsTab::Destinations
+                } else {
+                    SettingsTab::Protection
+                };
+                state.settings = Some(SettingsState::open(state, tab));
+            }
             let refresh = ui
                 .add_enabled(
                     matches!(state.connection, Connection::Connected),
                     egui::Button::new("⟳ Refresh"),
                 )
-                .on_hover_text("List the virtual machines again");
+                .on_hover_text("List the virtual machines and checkpoints again");
             if refresh.clicked() {
                 commands.push(Command::RefreshVms);
+                commands.push(Command::RefreshCheckpoints);
+            }
+            if let Some(config) = state.config.clone()
+                && !config.vms.is_empty()
+            {
+                let (label, hint) = if config.paused {
+                    ("▶ Resume protection", "Take checkpoints on schedule again")
+                } else {
+                    (
+                        "⏸ Pause protection",
+                        "Stop taking scheduled checkpoints until resumed",
+                    )
+                };
+                if ui.button(label).on_hover_text(hint).clicked() {
+                    let mut c = (*config).clone();
+                    c.paused = !c.paused;
+                    commands.push(Command::SaveConfig(Box::new(c)));
+                }
+                if ui
+                    .button("Checkpoint all now")
+                    .on_hover_text("Take a checkpoint of every protected VM now")
+                    .clicked()
+                {
+                    commands.push(Command::CheckpointNow { vm: None });
+                }
             }
         });
     });
@@ -130,26 +236,517 @@ fn no_vms_ui(ui: &mut egui::Ui, uri: &str) {
     });
 }
 
+/// The badge's colour.
+pub fn badge_color(ui: &egui::Ui, badge: &Badge) -> Color32 {
+    match badge {
+        Badge::Protected => Color32::from_rgb(60, 170, 90),
+        Badge::Paused => Color32::from_rgb(220, 160, 40),
+        Badge::Failing { .. } => ui.visuals().error_fg_color,
+        Badge::NotProtected => ui.visuals().weak_text_color(),
+    }
+}
+
+fn ago_text(state: &UiState, t: chrono::DateTime<chrono::Utc>) -> String {
+    let secs = u64::try_from((state.now - t).num_seconds()).unwrap_or(0);
+    format!("{} ago", human_age_secs(secs))
+}
+
 fn vm_list_ui(ui: &mut egui::Ui, state: &mut UiState) {
     ui.add_space(4.0);
     ui.label(RichText::new("Virtual machines").strong());
     ui.add_space(4.0);
-    let Some(vms) = &state.vms else { return };
+    let Some(vms) = state.vms.clone() else { return };
     egui::ScrollArea::vertical().show(ui, |ui| {
-        for vm in vms {
+        for vm in &vms {
             let selected = state.selected.as_ref() == Some(&vm.uuid);
+            let overview = state.overview(vm);
+            let running = state.checkpointing(vm);
             ui.horizontal(|ui| {
                 ui.label(RichText::new(state_dot(vm.state)).color(state_color(ui, vm.state)))
                     .on_hover_text(vm.state.label());
                 let response = ui
                     .selectable_label(selected, &vm.name)
                     .on_hover_text(format!("{} — {}", vm.name, vm.state.label()));
-                if response.clicked() {
+                if response.clicked() && !selected {
                     state.selected = Some(vm.uuid.clone());
+                    state.checkpoint = None;
+                }
+                if running {
+                    ui.spinner().on_hover_text("A checkpoint is being taken");
                 }
             });
+            if let Some(o) = &overview {
+                ui.horizontal_wrapped(|ui| {
+                    ui.add_space(18.0);
+                    let badge = ui.label(
+                        RichText::new(o.badge.label())
+                            .small()
+                            .color(badge_color(ui, &o.badge)),
+                    );
+                    if let Badge::Failing { why } = &o.badge {
+                        badge.on_hover_text(why);
+                    }
+                    if let Some(t) = o.last_checkpoint {
+                        ui.label(
+                            RichText::new(format!("· last {}", ago_text(state, t)))
+                                .small()
+                                .weak(),
+                        );
+                    }
+                    for d in &o.destinations {
+                        let (mark, color) = if d.available {
+                            ("⏺", Color32::from_rgb(60, 170, 90))
+                        } else {
+                            ("○", ui.visuals().warn_fg_color)
+                        };
+                        ui.label(
+                            RichText::new(format!("{mark} {}", d.name))
+                                .small()
+                                .color(color),
+                        )
+                        .on_hover_text(&d.detail);
+                    }
+                });
+            }
+            ui.add_space(2.0);
         }
     });
+}
+
+/// The lanes of `vm`'s timeline: its destinations, then any other destination that holds
+/// checkpoints of it.
+fn lanes_of<'a>(state: &'a UiState, vm: &VmInfo, overview: Option<&VmOverview>) -> Vec<Lane<'a>> {
+    let Some(destinations) = state.destinations.as_deref() else {
+        return Vec::new();
+    };
+    let mut names: Vec<&str> = overview
+        .map(|o| o.destinations.iter().map(|d| d.name.as_str()).collect())
+        .unwrap_or_default();
+    for d in destinations {
+        if !names.contains(&d.destination.name.as_str())
+            && d.checkpoints
+                .iter()
+                .any(|c| c.vm_uuid.to_string() == vm.uuid)
+        {
+            names.push(&d.destination.name);
+        }
+    }
+    names
+        .into_iter()
+        .filter_map(|n| destinations.iter().find(|d| d.destination.name == n))
+        .map(|d| Lane {
+            name: &d.destination.name,
+            available: d.error.is_none()
+                && !matches!(
+                    d.found,
+                    rewind_core::destination::Availability::Missing { .. }
+                ),
+            checkpoints: d
+                .checkpoints
+                .iter()
+                .filter(|c| c.vm_uuid.to_string() == vm.uuid)
+                .collect(),
+        })
+        .collect()
+}
+
+fn vm_ui(ui: &mut egui::Ui, state: &mut UiState, vm: &VmInfo, commands: &mut Commands) {
+    let overview = state.overview(vm);
+    ui.horizontal(|ui| {
+        ui.heading(&vm.name);
+        ui.label(RichText::new(vm.state.label()).color(state_color(ui, vm.state)));
+        if let Some(o) = &overview {
+            ui.label(
+                RichText::new(o.badge.label())
+                    .strong()
+                    .color(badge_color(ui, &o.badge)),
+            );
+        }
+    });
+    protection_summary_ui(ui, state, vm, overview.as_ref(), commands);
+    ui.add_space(6.0);
+    let lanes = lanes_of(state, vm, overview.as_ref());
+    let marks = Marks {
+        now: state.now,
+        next_run: overview.as_ref().and_then(|o| o.next_run),
+        selected: state.checkpoint.as_ref(),
+    };
+    let mut view = state.timeline.clone();
+    let chosen = if lanes.is_empty() {
+        ui.label(
+            RichText::new("No checkpoints of this VM yet. Protect it and its checkpoints appear here on a timeline.")
+                .weak(),
+        );
+        None
+    } else {
+        timeline_ui(ui, &mut view, &lanes, marks)
+    };
+    drop(lanes);
+    state.timeline = view;
+    if let Some(key) = chosen {
+        state.checkpoint = Some(key);
+    }
+    ui.add_space(8.0);
+    if let Some(key) = state.checkpoint.clone()
+        && let Some(c) = state.summary(&key).cloned()
+    {
+        checkpoint_details_ui(ui, state, &key, &c, commands);
+    } else if state.destinations.as_ref().is_some_and(|d| !d.is_empty()) {
+        ui.label(
+            RichText::new("Select a checkpoint on the timeline to see it and restore it.").weak(),
+        );
+    }
+    ui.add_space(8.0);
+    egui::CollapsingHeader::new("About this VM")
+        .default_open(false)
+        .show(ui, |ui| vm_facts_ui(ui, vm));
+}
+
+fn protection_summary_ui(
+    ui: &mut egui::Ui,
+    state: &mut UiState,
+    vm: &VmInfo,
+    overview: Option<&VmOverview>,
+    commands: &mut Commands,
+) {
+    let protection = state
+        .config
+        .as_deref()
+        .and_then(|c| rewind_core::overview::protection_of(c, &vm.name, &vm.uuid))
+        .cloned();
+    ui.horizontal_wrapped(|ui| match (&protection, overview) {
+        (Some(p), Some(o)) => {
+            let mut text = format!(
+                "A checkpoint every {} into {}",
+                interval_text(p.interval_secs),
+                p.destinations.join(", ")
+            );
+            match o.last_checkpoint {
+                Some(t) => {
+                    let _ = write!(text, "; the last {}", ago_text(state, t));
+                }
+                None => text.push_str("; none yet"),
+            }
+            if let Some(next) = o.next_run {
+                let _ = write!(
+                    text,
+                    "; next at {}",
+                    next.with_timezone(&Local).format("%H:%M")
+                );
+            }
+            ui.label(text);
+        }
+        _ => {
+            ui.label("Not protected: no checkpoints are taken of this VM.");
+        }
+    });
+    if let Some(Badge::Failing { why }) = overview.map(|o| &o.badge) {
+        ui.colored_label(ui.visuals().error_fg_color, format!("⚠ {why}"));
+    }
+    ui.horizontal(|ui| {
+        let busy = state.checkpointing(vm);
+        if protection.is_some() {
+            if ui
+                .add_enabled(!busy, egui::Button::new("Checkpoint now"))
+                .on_hover_text("Take a checkpoint of this VM now, into each of its destinations")
+                .clicked()
+            {
+                commands.push(Command::CheckpointNow {
+                    vm: Some(vm.name.clone()),
+                });
+            }
+            if ui.button("Protection settings…").clicked() {
+                let mut s = SettingsState::open(state, SettingsTab::Protection);
+                s.vm = Some(vm.uuid.clone());
+                state.settings = Some(s);
+            }
+        } else if ui
+            .button("Protect this VM…")
+            .on_hover_text("Choose where and how often its checkpoints are taken")
+            .clicked()
+        {
+            let mut s = SettingsState::open(state, SettingsTab::Protection);
+            s.vm = Some(vm.uuid.clone());
+            s.start_protecting(state, vm);
+            state.settings = Some(s);
+        }
+        if busy {
+            ui.spinner();
+            ui.label("Taking a checkpoint…");
+        }
+    });
+}
+
+#[allow(clippy::too_many_lines)] // the details grid and its actions, as shown
+fn checkpoint_details_ui(
+    ui: &mut egui::Ui,
+    state: &mut UiState,
+    key: &CheckpointKey,
+    c: &CheckpointSummary,
+    commands: &mut Commands,
+) {
+    egui::Frame::group(ui.style()).show(ui, |ui| {
+        ui.set_width(ui.available_width());
+        ui.label(
+            RichText::new(format!(
+                "Checkpoint of {}",
+                c.time.with_timezone(&Local).format("%A %-d %B %Y, %H:%M:%S")
+            ))
+            .strong(),
+        );
+        egui::Grid::new("checkpoint_facts")
+            .num_columns(2)
+            .spacing([16.0, 3.0])
+            .show(ui, |ui| {
+                let fact = |ui: &mut egui::Ui, name: &str, value: String| {
+                    ui.label(RichText::new(name).weak());
+                    ui.label(value);
+                    ui.end_row();
+                };
+                fact(ui, "Kind", kind_text(c).to_owned());
+                if let Some(note) = &c.consistency_note {
+                    fact(ui, "Consistency", note.clone());
+                }
+                fact(ui, "Data", human_bytes(c.logical_bytes));
+                fact(
+                    ui,
+                    "New in the store",
+                    format!(
+                        "{}{}",
+                        human_bytes(c.new_bytes),
+                        if c.incremental { " (incremental)" } else { " (full)" }
+                    ),
+                );
+                if let Some(why) = &c.full_reason {
+                    fact(ui, "Why full", why.clone());
+                }
+                #[allow(clippy::cast_precision_loss)]
+                fact(ui, "Took", format!("{:.1} s", c.duration_ms as f64 / 1000.0));
+                fact(ui, "Destination", key.destination.clone());
+                fact(ui, "Disks", c.disks.join(", "));
+                fact(
+                    ui,
+                    "Verification",
+                    if c.damaged {
+                        "damaged: the last verify found missing or bad data".to_owned()
+                    } else if let Some(t) = c.verified {
+                        format!("verified {}", t.with_timezone(&Local).format("%Y-%m-%d %H:%M"))
+                    } else {
+                        "not verified yet".to_owned()
+                    },
+                );
+                if c.is_safety() {
+                    fact(ui, "Label", "safety checkpoint (taken before a restore)".to_owned());
+                }
+                fact(ui, "ID", c.id.clone());
+            });
+        ui.add_space(6.0);
+        let restoring = state.restore_running();
+        ui.horizontal_wrapped(|ui| {
+            let restore = ui
+                .add_enabled(!restoring && !c.damaged, egui::Button::new(RichText::new("⟲ Restore…").strong()))
+                .on_hover_text("Bring the VM back to this checkpoint")
+                .on_disabled_hover_text(if c.damaged {
+                    "This checkpoint is damaged; restore another one"
+                } else {
+                    "A restore is running"
+                });
+            if restore.clicked() {
+                state.dialog = Some(Dialog::ConfirmRestore {
+                    key: key.clone(),
+                    safety: true,
+                });
+            }
+            if ui
+                .add_enabled(!restoring && !c.damaged, egui::Button::new("Restore as new VM…"))
+                .on_hover_text("Make a copy of the VM as it was then, next to it")
+                .clicked()
+            {
+                let folder = state
+                    .selected_vm()
+                    .and_then(|v| v.protected_disks().find_map(|d| d.path().and_then(|p| p.parent())).map(|p| p.display().to_string()))
+                    .unwrap_or_else(|| "/var/lib/libvirt/images".into());
+                state.dialog = Some(Dialog::RestoreAsNew {
+                    key: key.clone(),
+                    name: format!("{} (restored {})", c.vm, c.time.with_timezone(&Local).format("%Y-%m-%d %H%M")),
+                    folder,
+                });
+            }
+            if ui
+                .add_enabled(!c.damaged, egui::Button::new("Export disk…"))
+                .on_hover_text("Write one disk as it was then to an image file")
+                .clicked()
+            {
+                let home = std::env::var("HOME").unwrap_or_else(|_| "/tmp".into());
+                let disk = c.disks.first().cloned().unwrap_or_default();
+                state.dialog = Some(Dialog::Export {
+                    key: key.clone(),
+                    path: format!("{home}/{}-{disk}-{}.qcow2", c.vm.replace('/', "_"), c.id),
+                    disk,
+                    qcow2: true,
+                });
+            }
+            let verifying = state.jobs.iter().any(|j| {
+                j.running() && matches!(&*j.request, JobRequest::Verify { destination } if *destination == key.destination)
+            });
+            if ui
+                .add_enabled(!verifying, egui::Button::new("Verify"))
+                .on_hover_text(format!(
+                    "Read back every checkpoint in {} and check it (marks damaged ones)",
+                    key.destination
+                ))
+                .clicked()
+            {
+                commands.push(Command::Start(JobRequest::Verify {
+                    destination: key.destination.clone(),
+                }));
+            }
+            if ui
+                .add_enabled(!restoring, egui::Button::new("Delete…"))
+                .on_hover_text("Remove this checkpoint from the store")
+                .clicked()
+            {
+                state.dialog = Some(Dialog::ConfirmDelete { key: key.clone() });
+            }
+        });
+    });
+}
+
+/// Running jobs (this window's and the scheduler's) and the recent history.
+#[allow(clippy::too_many_lines)] // three short sections of one panel
+fn activity_ui(ui: &mut egui::Ui, state: &mut UiState, commands: &mut Commands) {
+    ui.add_space(2.0);
+    ui.label(RichText::new("Activity").strong());
+    egui::ScrollArea::vertical()
+        .auto_shrink([false, false])
+        .show(ui, |ui| {
+            let mut cancel = None;
+            let mut dismiss = None;
+            for job in &state.jobs {
+                ui.horizontal(|ui| {
+                    ui.label(&job.label);
+                    match &job.result {
+                        None => {
+                            ui.add_sized([280.0, 18.0], |ui: &mut egui::Ui| {
+                                job_progress_ui(ui, job);
+                                ui.label("")
+                            });
+                            if ui
+                                .add_enabled(!job.cancelling, egui::Button::new("Cancel"))
+                                .clicked()
+                            {
+                                cancel = Some(job.id);
+                            }
+                        }
+                        Some(Ok(_)) => {
+                            ui.colored_label(Color32::from_rgb(60, 170, 90), "done");
+                            if ui.small_button("✖").on_hover_text("Dismiss").clicked() {
+                                dismiss = Some(job.id);
+                            }
+                        }
+                        Some(Err(e)) => {
+                            ui.colored_label(ui.visuals().error_fg_color, format!("failed: {e}"));
+                            if ui.small_button("✖").on_hover_text("Dismiss").clicked() {
+                                dismiss = Some(job.id);
+                            }
+                        }
+                    }
+                });
+            }
+            if let Some(id) = cancel {
+                commands.push(Command::Cancel(id));
+                if let Some(j) = state.jobs.iter_mut().find(|j| j.id == id) {
+                    j.cancelling = true;
+                }
+            }
+            if let Some(id) = dismiss {
+                state.jobs.retain(|j| j.id != id);
+            }
+            for r in state.scheduled_running() {
+                ui.horizontal(|ui| {
+                    ui.spinner();
+                    #[allow(clippy::cast_precision_loss)]
+                    let fraction = if r.total_bytes > 0 {
+                        r.done_bytes as f32 / r.total_bytes as f32
+                    } else {
+                        0.0
+                    };
+                    ui.label(format!(
+                        "Checkpoint of {} into {} ({})",
+                        r.vm,
+                        r.destination,
+                        r.why.label()
+                    ));
+                    ui.add(
+                        egui::ProgressBar::new(fraction)
+                            .desired_width(240.0)
+                            .text(format!(
+                                "{} — {} of {}",
+                                r.phase,
+                                human_bytes(r.done_bytes),
+                                human_bytes(r.total_bytes)
+                            )),
+                    );
+                });
+            }
+            ui.add_space(4.0);
+            ui.label(RichText::new("Recent").weak());
+            let vm_name = state.selected_vm().map(|v| v.name.clone());
+            let mut shown = 0;
+            for r in state.history.iter().rev() {
+                if shown >= 20 {
+                    break;
+                }
+                shown += 1;
+                ui.horizontal_wrapped(|ui| {
+                    let when = r
+                        .finished
+                        .with_timezone(&Local)
+                        .format("%a %H:%M")
+                        .to_string();
+                    ui.label(RichText::new(when).weak());
+                    let strong = vm_name.as_deref() == Some(r.vm.as_str());
+                    let name = if strong {
+                        RichText::new(&r.vm).strong()
+                    } else {
+                        RichText::new(&r.vm)
+                    };
+                    ui.label(name);
+                    ui.label(format!("into {}", r.destination));
+                    match r.outcome {
+                        Outcome::Ok => {
+                            ui.colored_label(
+                                Color32::from_rgb(60, 170, 90),
+                                format!(
+                                    "checkpoint taken, {} new{}",
+                                    human_bytes(r.new_bytes),
+                                    if r.pruned > 0 {
+                                        format!(", {} old one(s) removed", r.pruned)
+                                    } else {
+                                        String::new()
+                                    }
+                                ),
+                            );
+                        }
+                        Outcome::Failed => {
+                            ui.colored_label(
+                                ui.visuals().error_fg_color,
+                                format!(
+                                    "failed: {}",
+                                    r.error.as_deref().unwrap_or("no reason given")
+                                ),
+                            );
+                        }
+                        Outcome::Cancelled => {
+                            ui.label(RichText::new("cancelled").weak());
+                        }
+                    }
+                });
+            }
+            if shown == 0 {
+                ui.label(RichText::new("Nothing yet.").weak());
+            }
+        });
 }
 
 fn state_color(ui: &egui::Ui, state: VmState) -> Color32 {
@@ -170,10 +767,7 @@ fn state_dot(state: VmState) -> &'static str {
     }
 }
 
-fn vm_details_ui(ui: &mut egui::Ui, vm: &VmInfo) {
-    ui.heading(&vm.name);
-    ui.label(RichText::new(vm.state.label()).strong());
-    ui.add_space(8.0);
+fn vm_facts_ui(ui: &mut egui::Ui, vm: &VmInfo) {
     egui::Grid::new("vm_facts")
         .num_columns(2)
         .spacing([16.0, 4.0])
@@ -292,7 +886,9 @@ mod tests {
         harness.get_by_label("test").click();
         harness.run();
         assert_eq!(harness.state().selected.as_deref(), Some(vm.uuid.as_str()));
-        // The details panel shows the VM's facts.
+        // The VM's facts are a click away.
+        harness.get_by_label("About this VM").click();
+        harness.run();
         harness.get_by_label(&vm.uuid);
         harness.get_by_label("running");
     }
@@ -312,7 +908,13 @@ mod tests {
         harness.get_by_label("⟳ Refresh").click();
         harness.run();
         sent.extend(harness.state().1.iter().cloned());
-        assert!(matches!(sent.as_slice(), [Command::RefreshVms]), "{sent:?}");
+        assert!(
+            matches!(
+                sent.as_slice(),
+                [Command::RefreshVms, Command::RefreshCheckpoints]
+            ),
+            "{sent:?}"
+        );
     }
 
     #[test]

@@ -1,0 +1,669 @@
+//! Dialogs: the restore confirmation that says in plain words what will happen, the
+//! restore's progress and result with "Undo restore", restore as a new VM, export, delete,
+//! and the question asked on closing when no tray can keep Rewind running.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use chrono::Local;
+use egui::RichText;
+use rewind_core::engine::Command;
+use rewind_core::engine::catalog::CheckpointSummary;
+use rewind_core::engine::jobs::{JobOutput, JobRequest};
+use rewind_core::progress::Phase;
+use rewind_core::restore::{DiskStorage, ImageFormat, NewVm, RestoreOptions, RestoreReport};
+use rewind_core::units::{human_age_secs, human_bytes};
+use rewind_core::vm::{VmInfo, VmState};
+
+use super::Commands;
+use super::state::{CheckpointKey, JobView, UiState};
+use super::timeline::kind_text;
+
+/// An open dialog.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dialog {
+    /// "Restore win11 to …?"
+    ConfirmRestore {
+        /// The checkpoint.
+        key: CheckpointKey,
+        /// Keep the current state as a safety checkpoint first.
+        safety: bool,
+    },
+    /// Restore as a new VM.
+    RestoreAsNew {
+        /// The checkpoint.
+        key: CheckpointKey,
+        /// The new VM's name.
+        name: String,
+        /// The folder for its disks.
+        folder: String,
+    },
+    /// Write one disk to an image file.
+    Export {
+        /// The checkpoint.
+        key: CheckpointKey,
+        /// The disk's target.
+        disk: String,
+        /// The file to write.
+        path: String,
+        /// qcow2 (else raw).
+        qcow2: bool,
+    },
+    /// "Delete this checkpoint?"
+    ConfirmDelete {
+        /// The checkpoint.
+        key: CheckpointKey,
+    },
+    /// Closing without a tray: stop protecting?
+    CloseWithoutTray,
+}
+
+fn when(c: &CheckpointSummary) -> String {
+    c.time
+        .with_timezone(&Local)
+        .format("%A %-d %B %Y at %H:%M")
+        .to_string()
+}
+
+/// Draws the open dialog (if any) and the restore window (while a restore runs or its
+/// result is shown).
+pub fn dialogs_ui(ui: &mut egui::Ui, state: &mut UiState, commands: &mut Commands) {
+    if let Some(dialog) = state.dialog.clone() {
+        let keep = match &dialog {
+            Dialog::ConfirmRestore { key, safety } => {
+                confirm_restore_ui(ui, state, key, *safety, commands)
+            }
+            Dialog::RestoreAsNew { key, name, folder } => {
+                restore_as_new_ui(ui, state, key, name, folder, commands)
+            }
+            Dialog::Export {
+                key,
+                disk,
+                path,
+                qcow2,
+            } => export_ui(ui, state, key, disk, path, *qcow2, commands),
+            Dialog::ConfirmDelete { key } => confirm_delete_ui(ui, state, key, commands),
+            Dialog::CloseWithoutTray => close_without_tray_ui(ui, state),
+        };
+        if !keep {
+            state.dialog = None;
+        }
+    }
+    if state.restore_job.is_some() {
+        restore_window_ui(ui, state, commands);
+    }
+}
+
+/// A modal with a title; returns false when closed with Escape or a click outside.
+fn modal<R>(
+    ui: &egui::Ui,
+    id: &str,
+    title: &str,
+    add: impl FnOnce(&mut egui::Ui) -> R,
+) -> (R, bool) {
+    let response = egui::Modal::new(egui::Id::unique(id)).show(ui.ctx(), |ui| {
+        ui.set_max_width(520.0);
+        ui.heading(title);
+        ui.add_space(6.0);
+        add(ui)
+    });
+    let dismissed = response.should_close();
+    (response.inner, !dismissed)
+}
+
+/// The VM a checkpoint belongs to, as it is now (if it exists here).
+fn vm_of<'a>(state: &'a UiState, key: &CheckpointKey) -> Option<&'a VmInfo> {
+    let uuid = key.vm_uuid.to_string();
+    state.vms.as_ref()?.iter().find(|v| v.uuid == uuid)
+}
+
+/// The plain-words list of what an in-place restore does.
+pub fn restore_steps(
+    vm: Option<&VmInfo>,
+    c: &CheckpointSummary,
+    destination: &str,
+    safety: bool,
+    shutdown_timeout_secs: u64,
+) -> Vec<String> {
+    let name = vm.map_or(c.vm.as_str(), |v| v.name.as_str());
+    let running = vm.is_some_and(|v| v.state == VmState::Running || v.state == VmState::Paused);
+    let mut steps = Vec::new();
+    if vm.is_none() {
+        steps.push(format!(
+            "{name} is not on this host any more: it is defined again from the checkpoint."
+        ));
+    } else if running {
+        steps.push(format!(
+            "{name} is shut down: asked first, turned off if it has not stopped after {}. Save your work in it first.",
+            rewind_core::units::interval_text(shutdown_timeout_secs)
+        ));
+    } else {
+        steps.push(format!(
+            "{name} is off and stays off while its disks are rewritten."
+        ));
+    }
+    if safety && vm.is_some() {
+        steps.push(format!(
+            "Its current state is kept as a safety checkpoint in {destination}, so you can undo this restore."
+        ));
+    } else if vm.is_some() {
+        steps.push(
+            "Its current state is NOT kept: changes since then are lost for good.".to_owned(),
+        );
+    }
+    steps.push(format!(
+        "Its disks ({}) are rewritten to how they were then; only what differs is written, then read back and checked.",
+        c.disks.join(", ")
+    ));
+    if running {
+        steps.push(format!("{name} starts again."));
+    }
+    steps
+}
+
+fn confirm_restore_ui(
+    ui: &mut egui::Ui,
+    state: &mut UiState,
+    key: &CheckpointKey,
+    safety: bool,
+    commands: &mut Commands,
+) -> bool {
+    let Some(c) = state.summary(key).cloned() else {
+        return false;
+    };
+    let vm = vm_of(state, key).cloned();
+    let name = vm.as_ref().map_or(c.vm.clone(), |v| v.name.clone());
+    let mut safety_now = safety;
+    let mut close = false;
+    let stop = state
+        .config
+        .as_ref()
+        .map(|c| c.stop_mode())
+        .unwrap_or_default();
+    let timeout_secs = match stop {
+        rewind_core::libvirt::lifecycle::StopMode::Graceful { timeout_secs, .. } => timeout_secs,
+        rewind_core::libvirt::lifecycle::StopMode::Force => 0,
+    };
+    let age = u64::try_from((state.now - c.time).num_seconds()).unwrap_or(0);
+    let ((), keep) = modal(ui, "confirm_restore", &format!("Restore {name}?"), |ui| {
+        ui.label(format!(
+            "Back to {} ({} ago), {}.",
+            when(&c),
+            human_age_secs(age),
+            kind_text(&c)
+        ));
+        ui.add_space(6.0);
+        ui.label(RichText::new("What happens:").strong());
+        for (i, step) in restore_steps(vm.as_ref(), &c, &key.destination, safety_now, timeout_secs)
+            .iter()
+            .enumerate()
+        {
+            ui.label(format!("{}. {step}", i + 1));
+        }
+        ui.add_space(6.0);
+        ui.label(RichText::new("What it costs:").strong());
+        ui.label(format!(
+            "{name} is unavailable until it is done. The checkpoint holds {} of data; it is compared with the disks and what differs is written.{}",
+            human_bytes(c.logical_bytes),
+            if safety_now && vm.is_some() {
+                " The safety checkpoint adds what changed since the last checkpoint to the store."
+            } else {
+                ""
+            }
+        ));
+        if vm.is_some() {
+            ui.add_space(6.0);
+            ui.checkbox(
+                &mut safety_now,
+                "Keep the current state as a safety checkpoint (recommended)",
+            );
+        }
+        ui.add_space(10.0);
+        ui.horizontal(|ui| {
+            let restore = ui.add(egui::Button::new(RichText::new("Restore").strong()));
+            if restore.clicked() {
+                commands.push(Command::Start(JobRequest::Restore {
+                    destination: key.destination.clone(),
+                    vm_uuid: key.vm_uuid,
+                    checkpoint: key.id.clone(),
+                    options: RestoreOptions {
+                        safety_checkpoint: safety_now,
+                        stop,
+                        ..RestoreOptions::default()
+                    },
+                    as_new: None,
+                }));
+                close = true;
+            }
+            if ui.button("Cancel").clicked() {
+                close = true;
+            }
+        });
+    });
+    if let Some(Dialog::ConfirmRestore { safety, .. }) = &mut state.dialog {
+        *safety = safety_now;
+    }
+    keep && !close
+}
+
+fn restore_as_new_ui(
+    ui: &mut egui::Ui,
+    state: &mut UiState,
+    key: &CheckpointKey,
+    name: &str,
+    folder: &str,
+    commands: &mut Commands,
+) -> bool {
+    let Some(c) = state.summary(key).cloned() else {
+        return false;
+    };
+    let mut name_now = name.to_owned();
+    let mut folder_now = folder.to_owned();
+    let mut close = false;
+    let taken = state
+        .vms
+        .as_ref()
+        .is_some_and(|vms| vms.iter().any(|v| v.name == name_now.trim()));
+    let ((), keep) = modal(ui, "restore_as_new", "Restore as a new VM", |ui| {
+        ui.label(format!(
+            "A copy of {} as it was on {}, next to the original (which is not touched). It gets its own UUID and network addresses.",
+            c.vm,
+            when(&c)
+        ));
+        ui.add_space(6.0);
+        egui::Grid::new("as_new_grid")
+            .num_columns(2)
+            .show(ui, |ui| {
+                let label = ui.label("Name of the new VM");
+                ui.text_edit_singleline(&mut name_now).labelled_by(label.id);
+                ui.end_row();
+                let label = ui.label("Folder for its disks");
+                ui.text_edit_singleline(&mut folder_now)
+                    .labelled_by(label.id);
+                ui.end_row();
+            });
+        let problem = if name_now.trim().is_empty() {
+            Some("Give the new VM a name.".to_owned())
+        } else if taken {
+            Some(format!(
+                "A VM called {} exists already; choose another name.",
+                name_now.trim()
+            ))
+        } else if !folder_now.starts_with('/') {
+            Some("The folder must be a full path (starting with /).".to_owned())
+        } else {
+            None
+        };
+        if let Some(p) = &problem {
+            ui.colored_label(ui.visuals().warn_fg_color, p);
+        }
+        ui.add_space(8.0);
+        ui.horizontal(|ui| {
+            if ui
+                .add_enabled(problem.is_none(), egui::Button::new("Restore as new VM"))
+                .clicked()
+            {
+                commands.push(Command::Start(JobRequest::Restore {
+                    destination: key.destination.clone(),
+                    vm_uuid: key.vm_uuid,
+                    checkpoint: key.id.clone(),
+                    options: RestoreOptions::default(),
+                    as_new: Some(NewVm {
+                        name: Some(name_now.trim().to_owned()),
+                        storage: DiskStorage::Folder(PathBuf::from(folder_now.trim())),
+                    }),
+                }));
+                close = true;
+            }
+            if ui.button("Cancel").clicked() {
+                close = true;
+            }
+        });
+    });
+    if let Some(Dialog::RestoreAsNew { name, folder, .. }) = &mut state.dialog {
+        *name = name_now;
+        *folder = folder_now;
+    }
+    keep && !close
+}
+
+#[allow(clippy::too_many_arguments)] // one dialog's fields
+fn export_ui(
+    ui: &mut egui::Ui,
+    state: &mut UiState,
+    key: &CheckpointKey,
+    disk: &str,
+    path: &str,
+    qcow2: bool,
+    commands: &mut Commands,
+) -> bool {
+    let Some(c) = state.summary(key).cloned() else {
+        return false;
+    };
+    let mut disk_now = disk.to_owned();
+    let mut path_now = path.to_owned();
+    let mut qcow2_now = qcow2;
+    let mut close = false;
+    let ((), keep) = modal(ui, "export", "Export a disk", |ui| {
+        ui.label(format!(
+            "Writes one disk of {} as it was on {} to an image file you can open or attach elsewhere.",
+            c.vm,
+            when(&c)
+        ));
+        ui.add_space(6.0);
+        egui::Grid::new("export_grid")
+            .num_columns(2)
+            .show(ui, |ui| {
+                let label = ui.label("Disk");
+                egui::ComboBox::from_id_salt("export_disk")
+                    .selected_text(disk_now.clone())
+                    .show_ui(ui, |ui| {
+                        for d in &c.disks {
+                            ui.selectable_value(&mut disk_now, d.clone(), d);
+                        }
+                    })
+                    .response
+                    .labelled_by(label.id);
+                ui.end_row();
+                ui.label("Format");
+                ui.horizontal(|ui| {
+                    ui.radio_value(&mut qcow2_now, true, "qcow2");
+                    ui.radio_value(&mut qcow2_now, false, "raw");
+                });
+                ui.end_row();
+                let label = ui.label("File");
+                ui.text_edit_singleline(&mut path_now).labelled_by(label.id);
+                ui.end_row();
+            });
+        let problem = (!path_now.trim().starts_with('/'))
+            .then_some("The file must be a full path (starting with /).");
+        if let Some(p) = problem {
+            ui.colored_label(ui.visuals().warn_fg_color, p);
+        }
+        ui.add_space(8.0);
+        ui.horizontal(|ui| {
+            if ui
+                .add_enabled(problem.is_none(), egui::Button::new("Export"))
+                .clicked()
+            {
+                commands.push(Command::Start(JobRequest::Export {
+                    destination: key.destination.clone(),
+                    vm_uuid: key.vm_uuid,
+                    checkpoint: key.id.clone(),
+                    disk: disk_now.clone(),
+                    out: PathBuf::from(path_now.trim()),
+                    format: if qcow2_now {
+                        ImageFormat::Qcow2
+                    } else {
+                        ImageFormat::Raw
+                    },
+                }));
+                close = true;
+            }
+            if ui.button("Cancel").clicked() {
+                close = true;
+            }
+        });
+    });
+    if let Some(Dialog::Export {
+        disk, path, qcow2, ..
+    }) = &mut state.dialog
+    {
+        *disk = disk_now;
+        *path = path_now;
+        *qcow2 = qcow2_now;
+    }
+    keep && !close
+}
+
+fn confirm_delete_ui(
+    ui: &mut egui::Ui,
+    state: &UiState,
+    key: &CheckpointKey,
+    commands: &mut Commands,
+) -> bool {
+    let Some(c) = state.summary(key).cloned() else {
+        return false;
+    };
+    let mut close = false;
+    let ((), keep) = modal(ui, "confirm_delete", "Delete this checkpoint?", |ui| {
+        ui.label(format!(
+            "The checkpoint of {} from {} is removed from {}. Others are not affected; the space it alone used is freed at the next clean-up.",
+            c.vm,
+            when(&c),
+            key.destination
+        ));
+        ui.add_space(8.0);
+        ui.horizontal(|ui| {
+            if ui.button("Delete").clicked() {
+                commands.push(Command::Start(JobRequest::Delete {
+                    destination: key.destination.clone(),
+                    vm_uuid: key.vm_uuid,
+                    checkpoint: key.id.clone(),
+                }));
+                close = true;
+            }
+            if ui.button("Cancel").clicked() {
+                close = true;
+            }
+        });
+    });
+    keep && !close
+}
+
+fn close_without_tray_ui(ui: &mut egui::Ui, state: &mut UiState) -> bool {
+    let mut close = false;
+    let ((), keep) = modal(ui, "close_without_tray", "Stop protecting?", |ui| {
+        ui.label(
+            "There is no tray on this desktop to keep Rewind running in. Closing the window stops automatic checkpoints until you open Rewind again (or run `rewind daemon`, see packaging/rewind.service).",
+        );
+        ui.add_space(8.0);
+        ui.horizontal(|ui| {
+            if ui.button("Quit and stop protecting").clicked() {
+                state.quit = true;
+                close = true;
+            }
+            if ui.button("Keep Rewind open").clicked() {
+                close = true;
+            }
+        });
+    });
+    keep && !close
+}
+
+fn phase_text(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Preparing => "Preparing",
+        Phase::Capturing => "Capturing",
+        Phase::Copying => "Copying data into the store",
+        Phase::Finishing => "Finishing",
+        Phase::Stopping => "Shutting the VM down",
+        Phase::SafetyCheckpoint => "Keeping the current state as a safety checkpoint",
+        Phase::Writing => "Writing the disks back",
+        Phase::Verifying => "Reading back and checking",
+        Phase::RollingBack => "Undoing what was written",
+        Phase::Starting => "Starting the VM",
+    }
+}
+
+/// A job's progress bar with rate and time left.
+pub fn job_progress_ui(ui: &mut egui::Ui, job: &JobView) {
+    #[allow(clippy::cast_precision_loss)] // a fraction for display
+    let fraction = if job.total_bytes > 0 {
+        job.done_bytes as f32 / job.total_bytes as f32
+    } else {
+        0.0
+    };
+    let mut text = phase_text(job.phase).to_owned();
+    if job.total_bytes > 0 {
+        let _ = write!(
+            text,
+            " — {} of {}",
+            human_bytes(job.done_bytes),
+            human_bytes(job.total_bytes)
+        );
+    }
+    if let Some(rate) = job.rate.rate_bytes_per_sec() {
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let rate = rate as u64;
+        let _ = write!(text, ", {}/s", human_bytes(rate));
+        if let Some(left) = job.rate.time_left(job.done_bytes, job.total_bytes) {
+            let _ = write!(text, ", {} left", human_age_secs(left.as_secs()));
+        }
+    }
+    let bar = egui::ProgressBar::new(fraction).text(text);
+    let bar = if job.total_bytes == 0 {
+        bar.animate(true)
+    } else {
+        bar
+    };
+    ui.add(bar);
+}
+
+fn report_lines(r: &RestoreReport) -> Vec<String> {
+    #[allow(clippy::cast_precision_loss)] // seconds for display
+    let secs = r.duration_ms as f64 / 1000.0;
+    let mut lines = vec![format!(
+        "{} is back to checkpoint {}: {} written to {} disk(s) in {:.1} s, all read back and checked.",
+        r.vm,
+        r.checkpoint,
+        human_bytes(r.bytes_written),
+        r.disks.len(),
+        secs
+    )];
+    if r.started {
+        lines.push(format!("{} was started again.", r.vm));
+    }
+    if let Some(e) = &r.start_error {
+        lines.push(format!("It could not be started: {e}"));
+    }
+    if let Some(s) = &r.safety_checkpoint {
+        lines.push(format!(
+            "Its state from before is kept as safety checkpoint {s}."
+        ));
+    }
+    if let Some(n) = &r.safety_note {
+        lines.push(n.clone());
+    }
+    lines
+}
+
+fn restore_window_ui(ui: &mut egui::Ui, state: &mut UiState, commands: &mut Commands) {
+    let Some(job) = state
+        .restore_job
+        .and_then(|id| state.jobs.iter().find(|j| j.id == id).cloned())
+    else {
+        state.restore_job = None;
+        return;
+    };
+    let mut close = false;
+    let stop_mode = state
+        .config
+        .as_ref()
+        .map(|c| c.stop_mode())
+        .unwrap_or_default();
+    let title = match &*job.request {
+        JobRequest::UndoRestore { .. } => "Undoing the restore",
+        _ => "Restoring",
+    };
+    egui::Modal::new(egui::Id::unique("restore_window")).show(ui.ctx(), |ui| {
+        ui.set_min_width(460.0);
+        ui.set_max_width(560.0);
+        ui.heading(title);
+        ui.label(&job.label);
+        ui.add_space(6.0);
+        match &job.result {
+            None => {
+                job_progress_ui(ui, &job);
+                ui.add_space(6.0);
+                let cancel = ui.add_enabled(!job.cancelling, egui::Button::new("Cancel"));
+                if cancel.clicked() {
+                    commands.push(Command::Cancel(job.id));
+                    if let Some(j) = state.jobs.iter_mut().find(|j| j.id == job.id) {
+                        j.cancelling = true;
+                    }
+                }
+                if job.cancelling {
+                    ui.label("Cancelling: what was written is being undone…");
+                }
+            }
+            Some(Ok(JobOutput::Restored(report))) => {
+                ui.label(RichText::new("Restore complete").strong());
+                for line in report_lines(report) {
+                    ui.label(line);
+                }
+                ui.add_space(8.0);
+                ui.horizontal(|ui| {
+                    let undo = match &*job.request {
+                        JobRequest::Restore {
+                            destination,
+                            vm_uuid,
+                            as_new: None,
+                            ..
+                        } if report.safety_checkpoint.is_some() => {
+                            Some((destination.clone(), *vm_uuid))
+                        }
+                        _ => None,
+                    };
+                    if let Some((destination, vm_uuid)) = undo
+                        && ui
+                            .button("Undo restore")
+                            .on_hover_text("Go back to the state from before this restore")
+                            .clicked()
+                    {
+                        commands.push(Command::Start(JobRequest::UndoRestore {
+                            destination,
+                            vm_uuid,
+                            options: RestoreOptions {
+                                // Undoing keeps nothing of the restored state: it is the checkpoint.
+                                safety_checkpoint: false,
+                                stop: stop_mode,
+                                ..RestoreOptions::default()
+                            },
+                        }));
+                        close = true;
+                    }
+                    if ui.button("Close").clicked() {
+                        close = true;
+                    }
+                });
+            }
+            Some(Ok(_)) => {
+                close = true;
+            }
+            Some(Err(e)) => {
+                ui.colored_label(ui.visuals().error_fg_color, "The restore did not complete");
+                ui.label(e);
+                ui.add_space(8.0);
+                if ui.button("Close").clicked() {
+                    close = true;
+                }
+            }
+        }
+    });
+    if close {
+        state.restore_job = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_steps_say_what_happens_to_a_running_vm() {
+        let hv = rewind_core::libvirt::Hypervisor::connect("test:///default").unwrap();
+        let vm = hv.list_vms().unwrap().remove(0);
+        let c = super::super::timeline::tests::sample(chrono::Utc::now());
+        let steps = restore_steps(Some(&vm), &c, "usb", true, 120);
+        assert!(steps[0].contains("shut down"), "{steps:?}");
+        assert!(steps[0].contains("2 minutes"), "{steps:?}");
+        assert!(steps[1].contains("safety checkpoint in usb"), "{steps:?}");
+        assert!(steps[2].contains("vda"), "{steps:?}");
+        assert!(steps[3].contains("starts again"), "{steps:?}");
+        let steps = restore_steps(Some(&vm), &c, "usb", false, 120);
+        assert!(steps[1].contains("NOT kept"), "{steps:?}");
+        let steps = restore_steps(None, &c, "usb", true, 120);
+        assert!(steps[0].contains("defined again"), "{steps:?}");
+    }
+}

@@ -1,0 +1,647 @@
+//! The settings window: destinations (a drive or folder, with the folder picker, optionally
+//! encrypted), per-VM protection (interval, destinations, retention, kind, consistency),
+//! the libvirt connection, start at login and notifications.
+//!
+//! It edits a draft of the configuration; "Save" sends it to the engine, which writes it
+//! (the scheduler picks it up). Adding a destination goes to the engine at once, since it
+//! creates or opens a store.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, mpsc};
+
+use egui::RichText;
+use rewind_core::config::{self, Config, Kind, Protection};
+use rewind_core::destination::Added;
+use rewind_core::engine::Command;
+use rewind_core::units::{human_bytes, interval_text};
+use rewind_core::vm::VmInfo;
+use zeroize::Zeroizing;
+
+use super::Commands;
+use super::state::UiState;
+
+/// The tabs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SettingsTab {
+    /// Where checkpoints go.
+    Destinations,
+    /// Which VMs, how often, how many kept.
+    Protection,
+    /// Connection, start at login, notifications.
+    General,
+}
+
+/// Intervals offered (others typed in the configuration stay as they are).
+const INTERVALS_SECS: [u64; 8] = [
+    5 * 60,
+    15 * 60,
+    30 * 60,
+    3600,
+    2 * 3600,
+    4 * 3600,
+    12 * 3600,
+    86_400,
+];
+
+/// What the settings window edits.
+#[derive(Debug)]
+pub struct SettingsState {
+    /// The open tab.
+    pub tab: SettingsTab,
+    /// The configuration being edited.
+    pub draft: Config,
+    /// The configuration it was made from (unsaved changes are the difference).
+    pub base: Config,
+    /// The VM (UUID) shown in the protection tab.
+    pub vm: Option<String>,
+    /// The folder to add.
+    pub folder: String,
+    /// Encrypt a new store.
+    pub encrypt: bool,
+    /// Its passphrase, twice.
+    pub passphrase: Zeroizing<String>,
+    /// The passphrase again.
+    pub passphrase_again: Zeroizing<String>,
+    /// A destination is being added.
+    pub adding: bool,
+    /// What adding the last destination said.
+    pub add_message: Option<Result<String, String>>,
+    /// The folder picker's answer, while it is open.
+    picker: Option<mpsc::Receiver<Option<PathBuf>>>,
+    /// Start at login (as found when the window opened, then as set).
+    pub autostart: bool,
+    /// What setting start at login said (written off the UI thread).
+    autostart_result: Arc<Mutex<Option<String>>>,
+    /// The libvirt URI typed in.
+    pub uri: String,
+}
+
+impl SettingsState {
+    /// Opens on `tab`, editing the configuration in use.
+    pub fn open(state: &UiState, tab: SettingsTab) -> Self {
+        let config = state.config.as_deref().cloned().unwrap_or_default();
+        Self {
+            tab,
+            uri: config.uri.clone(),
+            draft: config.clone(),
+            base: config,
+            vm: state.selected.clone(),
+            folder: String::new(),
+            encrypt: false,
+            passphrase: Zeroizing::default(),
+            passphrase_again: Zeroizing::default(),
+            adding: false,
+            add_message: None,
+            picker: None,
+            autostart: crate::autostart::is_enabled(),
+            autostart_result: Arc::default(),
+        }
+    }
+
+    /// Adds a protection for `vm` to the draft (into the first destination, if any).
+    pub fn start_protecting(&mut self, state: &UiState, vm: &VmInfo) {
+        let _ = state;
+        if rewind_core::overview::protection_of(&self.draft, &vm.name, &vm.uuid).is_none() {
+            self.draft.vms.push(Protection {
+                vm: vm.name.clone(),
+                uuid: Some(vm.uuid.clone()),
+                destinations: self
+                    .draft
+                    .destinations
+                    .first()
+                    .map(|d| vec![d.name.clone()])
+                    .unwrap_or_default(),
+                ..Protection::default()
+            });
+        }
+    }
+
+    /// The engine saved a configuration: new destinations show in the draft.
+    pub fn config_changed(&mut self, config: &Config) {
+        for d in &config.destinations {
+            if !self.draft.destinations.iter().any(|x| x.name == d.name) {
+                self.draft.destinations.push(d.clone());
+            }
+            if !self.base.destinations.iter().any(|x| x.name == d.name) {
+                self.base.destinations.push(d.clone());
+            }
+        }
+    }
+
+    /// The engine's answer to adding a destination.
+    pub fn destination_added(&mut self, result: Result<Added, String>, warning: Option<String>) {
+        self.adding = false;
+        self.add_message = Some(result.map(|a| {
+            let mut text = if a.existed {
+                format!("{} is already a destination ({}).", a.location, a.name)
+            } else if a.created {
+                format!(
+                    "Created a new store at {} as destination {}.",
+                    a.location, a.name
+                )
+            } else {
+                format!(
+                    "Added the store at {} as destination {}.",
+                    a.location, a.name
+                )
+            };
+            if let Some(w) = warning {
+                text.push_str("\n⚠ ");
+                text.push_str(&w);
+            }
+            // A VM being protected without a destination gets this one.
+            for p in &mut self.draft.vms {
+                if p.destinations.is_empty() {
+                    p.destinations.push(a.name.clone());
+                }
+            }
+            text
+        }));
+        self.folder.clear();
+        self.passphrase = Zeroizing::default();
+        self.passphrase_again = Zeroizing::default();
+    }
+
+    /// Whether the draft differs from what is saved.
+    pub fn unsaved(&self) -> bool {
+        self.draft != self.base
+    }
+
+    /// What is wrong with the draft, if anything (Save is refused until fixed).
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for p in &self.draft.vms {
+            if p.destinations.is_empty() {
+                out.push(format!(
+                    "{} has no destination: tick one, or add a drive first.",
+                    p.vm
+                ));
+            }
+            if p.keep.is_empty() {
+                out.push(format!(
+                    "{} keeps nothing: keep at least the last checkpoint.",
+                    p.vm
+                ));
+            }
+            if let Err(e) = config::check_interval(p.interval_secs) {
+                out.push(format!("{}: {e}", p.vm));
+            }
+        }
+        out
+    }
+}
+
+/// Draws the settings window.
+pub fn settings_ui(ui: &mut egui::Ui, state: &mut UiState, commands: &mut Commands) {
+    let Some(mut s) = state.settings.take() else {
+        return;
+    };
+    let mut open = true;
+    let mut close = false;
+    egui::Window::new("Settings")
+        .id(egui::Id::unique("settings_window"))
+        .open(&mut open)
+        .default_size([640.0, 480.0])
+        .collapsible(false)
+        .show(ui.ctx(), |ui| {
+            ui.horizontal(|ui| {
+                ui.selectable_value(&mut s.tab, SettingsTab::Destinations, "Destinations");
+                ui.selectable_value(&mut s.tab, SettingsTab::Protection, "Protection");
+                ui.selectable_value(&mut s.tab, SettingsTab::General, "General");
+            });
+            ui.separator();
+            egui::ScrollArea::vertical()
+                .max_height(380.0)
+                .show(ui, |ui| match s.tab {
+                    SettingsTab::Destinations => destinations_ui(ui, state, &mut s, commands),
+                    SettingsTab::Protection => protection_ui(ui, state, &mut s),
+                    SettingsTab::General => general_ui(ui, &mut s),
+                });
+            ui.separator();
+            let problems = s.problems();
+            for p in &problems {
+                ui.colored_label(ui.visuals().warn_fg_color, p);
+            }
+            ui.horizontal(|ui| {
+                let save = ui.add_enabled(
+                    s.unsaved() && problems.is_empty(),
+                    egui::Button::new("Save"),
+                );
+                if save.clicked() {
+                    commands.push(Command::SaveConfig(Box::new(s.draft.clone())));
+                    s.base = s.draft.clone();
+                }
+                if ui
+                    .add_enabled(s.unsaved(), egui::Button::new("Discard changes"))
+                    .clicked()
+                {
+                    s.draft = s.base.clone();
+                }
+                if ui.button("Close").clicked() {
+                    close = true;
+                }
+                if s.unsaved() {
+                    ui.label(RichText::new("Unsaved changes").weak());
+                }
+            });
+        });
+    if open && !close {
+        state.settings = Some(s);
+    }
+}
+
+fn destinations_ui(
+    ui: &mut egui::Ui,
+    state: &UiState,
+    s: &mut SettingsState,
+    commands: &mut Commands,
+) {
+    ui.label(RichText::new("Where checkpoints go").strong());
+    ui.label(
+        RichText::new(
+            "A removable drive is best: checkpoints on the disk the VMs are on do not survive that disk failing.",
+        )
+        .weak(),
+    );
+    ui.add_space(4.0);
+    let views = state.destinations.as_deref().map_or(&[][..], |d| &d[..]);
+    let mut remove = None;
+    egui::Grid::new("destinations_grid")
+        .num_columns(4)
+        .striped(true)
+        .spacing([12.0, 4.0])
+        .show(ui, |ui| {
+            for d in &s.draft.destinations {
+                ui.label(RichText::new(&d.name).strong());
+                ui.label(&d.location);
+                match views.iter().find(|v| v.destination.name == d.name) {
+                    Some(v) => {
+                        let count = v.checkpoints.len();
+                        let size: u64 = v.checkpoints.iter().map(|c| c.new_bytes).sum();
+                        match (&v.found, &v.error) {
+                            (_, Some(e)) => ui.colored_label(ui.visuals().error_fg_color, e),
+                            (rewind_core::destination::Availability::Missing { reason }, None) => {
+                                ui.colored_label(ui.visuals().warn_fg_color, "absent").on_hover_text(reason)
+                            }
+                            _ => ui.label(format!("{count} checkpoints, {}", human_bytes(size))),
+                        };
+                    }
+                    None => {
+                        ui.label(RichText::new("not saved yet").weak());
+                    }
+                }
+                let used = s.draft.vms.iter().any(|p| p.destinations.contains(&d.name));
+                if ui
+                    .button("Remove")
+                    .on_hover_text(if used {
+                        "Stop using it (VMs protected into it lose it; the store and its checkpoints stay on the drive)"
+                    } else {
+                        "Stop using it (the store and its checkpoints stay on the drive)"
+                    })
+                    .clicked()
+                {
+                    remove = Some(d.name.clone());
+                }
+                ui.end_row();
+            }
+        });
+    if s.draft.destinations.is_empty() {
+        ui.label(RichText::new("No destination yet.").weak());
+    }
+    if let Some(name) = remove {
+        s.draft.destinations.retain(|d| d.name != name);
+        for p in &mut s.draft.vms {
+            p.destinations.retain(|d| *d != name);
+        }
+    }
+    ui.add_space(8.0);
+    ui.label(RichText::new("Add a drive or folder").strong());
+    add_folder_ui(ui, state, s, commands);
+}
+
+/// The drive-or-folder form, shared by the settings and the first-run guide.
+pub fn add_folder_ui(
+    ui: &mut egui::Ui,
+    state: &UiState,
+    s: &mut SettingsState,
+    commands: &mut Commands,
+) {
+    if let Some(rx) = &s.picker {
+        match rx.try_recv() {
+            Ok(Some(path)) => {
+                s.folder = path.display().to_string();
+                s.picker = None;
+            }
+            Ok(None) | Err(mpsc::TryRecvError::Disconnected) => s.picker = None,
+            Err(mpsc::TryRecvError::Empty) => {}
+        }
+    }
+    ui.horizontal(|ui| {
+        let label = ui.label("Folder");
+        ui.add(
+            egui::TextEdit::singleline(&mut s.folder)
+                .hint_text("/media/you/BACKUP/rewind")
+                .desired_width(320.0),
+        )
+        .labelled_by(label.id);
+        let browse = ui.add_enabled(s.picker.is_none(), egui::Button::new("Browse…"));
+        if browse.clicked() {
+            s.picker = Some(pick_folder(ui.ctx().clone()));
+        }
+    });
+    ui.checkbox(&mut s.encrypt, "Encrypt the new store with a passphrase");
+    if s.encrypt {
+        egui::Grid::new("passphrase_grid")
+            .num_columns(2)
+            .show(ui, |ui| {
+                let label = ui.label("Passphrase");
+                ui.add(egui::TextEdit::singleline(&mut *s.passphrase).password(true))
+                    .labelled_by(label.id);
+                ui.end_row();
+                let label = ui.label("Passphrase again");
+                ui.add(egui::TextEdit::singleline(&mut *s.passphrase_again).password(true))
+                    .labelled_by(label.id);
+                ui.end_row();
+            });
+        ui.label(
+            RichText::new(
+                "Without the passphrase nobody can read the checkpoints — not even you. Rewind keeps it in a file only you can read, so checkpoints run by themselves.",
+            )
+            .weak(),
+        );
+    }
+    let problem = if s.folder.trim().is_empty() {
+        Some("Choose a folder (on a removable drive, ideally).")
+    } else if !s.folder.trim().starts_with('/') {
+        Some("The folder must be a full path (starting with /).")
+    } else if s.encrypt && s.passphrase.len() < 8 {
+        Some("The passphrase needs 8 characters or more.")
+    } else if s.encrypt && *s.passphrase != *s.passphrase_again {
+        Some("The two passphrases differ.")
+    } else {
+        None
+    };
+    ui.horizontal(|ui| {
+        let add = ui.add_enabled(
+            problem.is_none() && !s.adding,
+            egui::Button::new("Add destination"),
+        );
+        if add.clicked() {
+            let vm_disks = state
+                .vms
+                .iter()
+                .flatten()
+                .flat_map(|v| {
+                    v.protected_disks()
+                        .filter_map(|d| d.path().cloned())
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            commands.push(Command::AddFolderDestination {
+                folder: PathBuf::from(s.folder.trim()),
+                passphrase: s.encrypt.then(|| Zeroizing::new((*s.passphrase).clone())),
+                vm_disks,
+            });
+            s.adding = true;
+            s.add_message = None;
+        }
+        if s.adding {
+            ui.spinner();
+            ui.label("Opening the store…");
+        } else if let Some(p) = problem
+            && !s.folder.is_empty()
+        {
+            ui.label(RichText::new(p).weak());
+        }
+    });
+    match &s.add_message {
+        Some(Ok(text)) => {
+            ui.label(text);
+        }
+        Some(Err(e)) => {
+            ui.colored_label(ui.visuals().error_fg_color, e);
+        }
+        None => {}
+    }
+}
+
+/// Opens the desktop's folder picker on a thread of its own; the answer arrives on the
+/// channel and wakes the window.
+fn pick_folder(ctx: egui::Context) -> mpsc::Receiver<Option<PathBuf>> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let start = ["/media", "/run/media", "/mnt"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.is_dir())
+            .unwrap_or_else(|| PathBuf::from("/"));
+        // The dialog blocks this thread only (the desktop portal, or zenity without one).
+        let picked = rfd::FileDialog::new()
+            .set_title("Choose a folder for Rewind's checkpoints")
+            .set_directory(start)
+            .pick_folder();
+        let _ = tx.send(picked);
+        ctx.request_repaint();
+    });
+    rx
+}
+
+#[allow(clippy::too_many_lines)] // one form, top to bottom as the user reads it
+fn protection_ui(ui: &mut egui::Ui, state: &UiState, s: &mut SettingsState) {
+    let Some(vms) = &state.vms else {
+        ui.label("Connecting to libvirt…");
+        return;
+    };
+    if vms.is_empty() {
+        ui.label("There are no virtual machines yet.");
+        return;
+    }
+    let selected =
+        s.vm.clone()
+            .filter(|u| vms.iter().any(|v| &v.uuid == u))
+            .unwrap_or_else(|| vms[0].uuid.clone());
+    let vm = vms
+        .iter()
+        .find(|v| v.uuid == selected)
+        .cloned()
+        .unwrap_or_else(|| vms[0].clone());
+    ui.horizontal(|ui| {
+        let label = ui.label("Virtual machine");
+        egui::ComboBox::from_id_salt("protection_vm")
+            .selected_text(vm.name.clone())
+            .show_ui(ui, |ui| {
+                for v in vms {
+                    if ui.selectable_label(v.uuid == vm.uuid, &v.name).clicked() {
+                        s.vm = Some(v.uuid.clone());
+                    }
+                }
+            })
+            .response
+            .labelled_by(label.id);
+    });
+    let index = s
+        .draft
+        .vms
+        .iter()
+        .position(|p| p.uuid.as_deref() == Some(vm.uuid.as_str()))
+        .or_else(|| {
+            s.draft
+                .vms
+                .iter()
+                .position(|p| p.uuid.is_none() && p.vm == vm.name)
+        });
+    let mut protected = index.is_some();
+    if ui
+        .checkbox(&mut protected, format!("Protect {}", vm.name))
+        .changed()
+    {
+        if protected {
+            s.vm = Some(vm.uuid.clone());
+            s.start_protecting(state, &vm);
+        } else if let Some(i) = index {
+            s.draft.vms.remove(i);
+        }
+        return;
+    }
+    let Some(i) = index else {
+        ui.label(RichText::new("Not protected: Rewind takes no checkpoints of it.").weak());
+        return;
+    };
+    let names: Vec<String> = s
+        .draft
+        .destinations
+        .iter()
+        .map(|d| d.name.clone())
+        .collect();
+    let p = &mut s.draft.vms[i];
+    egui::Grid::new("protection_grid")
+        .num_columns(2)
+        .spacing([16.0, 6.0])
+        .show(ui, |ui| {
+            let label = ui.label("Every");
+            egui::ComboBox::from_id_salt("interval")
+                .selected_text(interval_text(p.interval_secs))
+                .show_ui(ui, |ui| {
+                    for secs in INTERVALS_SECS {
+                        ui.selectable_value(&mut p.interval_secs, secs, interval_text(secs));
+                    }
+                })
+                .response
+                .labelled_by(label.id);
+            ui.end_row();
+            ui.label("Into");
+            ui.vertical(|ui| {
+                if names.is_empty() {
+                    ui.label(RichText::new("No destination yet: add one in Destinations.").weak());
+                }
+                for name in &names {
+                    let mut on = p.destinations.contains(name);
+                    if ui.checkbox(&mut on, name).changed() {
+                        if on {
+                            p.destinations.push(name.clone());
+                        } else {
+                            p.destinations.retain(|d| d != name);
+                        }
+                    }
+                }
+            });
+            ui.end_row();
+            ui.label("Keep");
+            ui.vertical(|ui| {
+                let k = &mut p.keep;
+                let rule = |ui: &mut egui::Ui, value: &mut u32, what: &str| {
+                    ui.horizontal(|ui| {
+                        let value = ui.add(egui::DragValue::new(value).range(0..=999));
+                        let label = ui.label(what);
+                        value.labelled_by(label.id);
+                    });
+                };
+                rule(ui, &mut k.last, "most recent");
+                rule(ui, &mut k.hourly, "hourly (newest of each hour)");
+                rule(ui, &mut k.daily, "daily");
+                rule(ui, &mut k.weekly, "weekly");
+                rule(ui, &mut k.monthly, "monthly");
+                rule(ui, &mut k.yearly, "yearly");
+            });
+            ui.end_row();
+            ui.label("What");
+            ui.vertical(|ui| {
+                ui.radio_value(&mut p.kind, Kind::Disk, "Disks (and UEFI variables, TPM state)");
+                ui.add_enabled(false, egui::RadioButton::new(p.kind == Kind::Full, "Full state: memory too"))
+                    .on_disabled_hover_text("Full-state checkpoints are not available in this version yet");
+                ui.checkbox(
+                    &mut p.quiesce,
+                    "Freeze the guest's file systems first (application-consistent; needs the QEMU guest agent)",
+                );
+            });
+            ui.end_row();
+            ui.label("Paused");
+            ui.checkbox(&mut p.paused, "Take no scheduled checkpoints of this VM for now");
+            ui.end_row();
+        });
+}
+
+fn general_ui(ui: &mut egui::Ui, s: &mut SettingsState) {
+    ui.label(RichText::new("Connection").strong());
+    ui.horizontal(|ui| {
+        let label = ui.label("libvirt URI");
+        ui.add(egui::TextEdit::singleline(&mut s.uri).desired_width(280.0))
+            .labelled_by(label.id)
+            .labelled_by(label.id);
+    });
+    if s.uri.trim() != s.draft.uri {
+        s.draft.uri = s.uri.trim().to_owned();
+    }
+    ui.label(
+        RichText::new("qemu:///session for your own VMs, qemu:///system for the system's (virt-manager's default). The window reconnects when saved.")
+            .weak(),
+    );
+    ui.add_space(8.0);
+    ui.label(RichText::new("Start").strong());
+    let mut autostart = s.autostart;
+    if ui
+        .checkbox(&mut autostart, "Start Rewind at login (in the tray)")
+        .changed()
+    {
+        s.autostart = autostart;
+        let result = s.autostart_result.clone();
+        let ctx = ui.ctx().clone();
+        std::thread::spawn(move || {
+            let outcome = std::env::current_exe()
+                .map_err(anyhow::Error::from)
+                .and_then(|exe| crate::autostart::set_enabled(autostart, &exe));
+            *result
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(match outcome {
+                Ok(()) if autostart => "Rewind starts at login.".to_owned(),
+                Ok(()) => "Rewind no longer starts at login.".to_owned(),
+                Err(e) => format!("{e:#}"),
+            });
+            ctx.request_repaint();
+        });
+    }
+    if let Some(text) = s
+        .autostart_result
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .as_ref()
+    {
+        ui.label(RichText::new(text).weak());
+    }
+    ui.add_space(8.0);
+    ui.label(RichText::new("Notifications").strong());
+    let n = &mut s.draft.notifications;
+    ui.checkbox(&mut n.on_failure, "When a checkpoint fails");
+    ui.checkbox(
+        &mut n.on_stale,
+        "When a VM's newest checkpoint gets old (drive missing for long)",
+    );
+    ui.checkbox(&mut n.on_success, "When a checkpoint succeeds");
+    ui.add_space(8.0);
+    ui.label(RichText::new("Work").strong());
+    ui.horizontal(|ui| {
+        let value = ui.add(egui::DragValue::new(&mut s.draft.max_concurrent_jobs).range(1..=8));
+        let label = ui.label("checkpoints at once (of different VMs)");
+        value.labelled_by(label.id);
+    });
+}

@@ -1,0 +1,591 @@
+//! Tests of the window with `egui_kittest`, finding widgets by their labels as a screen
+//! reader would: snapshots of the main screens (fixed data and clock, compared with the
+//! images in `app/tests/snapshots/`; `UPDATE_SNAPSHOTS=1` rewrites them), the first run
+//! against the real engine on libvirt's test driver, and restore + undo from the window
+//! against the real engine and a real tiny guest.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, TimeZone as _, Utc};
+use egui::accesskit::Role;
+use egui_kittest::Harness;
+use egui_kittest::kittest::Queryable as _;
+use rewind_core::config::{Config, Destination, Protection};
+use rewind_core::destination::Availability;
+use rewind_core::engine::catalog::{CheckpointSummary, DestinationView};
+use rewind_core::engine::jobs::JobOutput;
+use rewind_core::engine::{self, EngineOptions, SchedulerView};
+use rewind_core::history::{Outcome, Record};
+use rewind_core::libvirt::Hypervisor;
+use rewind_core::scheduler::Paths;
+use rewind_core::scheduler::policy::Why;
+use rewind_core::store::{CheckpointKind, Consistency, InitOptions, Store};
+
+use super::dialogs::Dialog;
+use super::state::{CheckpointKey, Connection, UiState};
+use super::{RewindApp, main_ui};
+
+const WINDOW: egui::Vec2 = egui::Vec2::new(1100.0, 740.0);
+
+fn fixed_now() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 12, 1, 12, 0, 0).unwrap()
+}
+
+/// A checkpoint of the test driver's VM at `t`.
+fn summary(vm_uuid: uuid::Uuid, t: DateTime<Utc>, new_mib: u64) -> CheckpointSummary {
+    CheckpointSummary {
+        id: t.format("%Y%m%dT%H%M%SZ").to_string(),
+        vm: "test".into(),
+        vm_uuid,
+        time: t,
+        kind: CheckpointKind::Disk,
+        consistency: Consistency::Application,
+        consistency_note: Some("file systems frozen by the guest agent".into()),
+        incremental: true,
+        full_reason: None,
+        logical_bytes: 20 << 30,
+        new_bytes: new_mib << 20,
+        duration_ms: 4200,
+        labels: Vec::new(),
+        disks: vec!["vda".into()],
+        damaged: false,
+        verified: None,
+    }
+}
+
+/// The window as it looks with the test driver's VM protected into a drive that holds a
+/// few days of checkpoints (one crash-consistent, one damaged, one safety checkpoint).
+fn fixture() -> UiState {
+    let hv = Hypervisor::connect("test:///default").unwrap();
+    let vms = hv.list_vms().unwrap();
+    let vm = &vms[0];
+    let uuid: uuid::Uuid = vm.uuid.parse().unwrap();
+    let now = fixed_now();
+    let mut checkpoints: Vec<CheckpointSummary> = (0..72)
+        .map(|h| {
+            summary(
+                uuid,
+                now - chrono::Duration::hours(72 - h) + chrono::Duration::minutes(3),
+                1 + (h.unsigned_abs() * 37) % 900,
+            )
+        })
+        .collect();
+    checkpoints[10].consistency = Consistency::Crash;
+    checkpoints[10].consistency_note = Some("no guest agent answered".into());
+    checkpoints[20].damaged = true;
+    for c in &mut checkpoints[..40] {
+        c.verified = Some(now - chrono::Duration::hours(30));
+    }
+    checkpoints[60].labels = vec!["safety".into()];
+    checkpoints[0].incremental = false;
+    checkpoints[0].new_bytes = 12 << 30;
+    let destination = Destination {
+        name: "BACKUP".into(),
+        location: "/media/me/BACKUP/rewind".into(),
+        store_id: None,
+        passphrase_file: None,
+    };
+    let config = Config {
+        uri: "test:///default".into(),
+        destinations: vec![destination.clone()],
+        vms: vec![Protection {
+            vm: vm.name.clone(),
+            uuid: Some(vm.uuid.clone()),
+            destinations: vec!["BACKUP".into()],
+            interval_secs: 3600,
+            ..Protection::default()
+        }],
+        ..Config::default()
+    };
+    let last = checkpoints.last().unwrap().time;
+    let history = vec![Record {
+        vm: vm.name.clone(),
+        vm_uuid: Some(vm.uuid.clone()),
+        destination: "BACKUP".into(),
+        location: Some("/media/me/BACKUP/rewind".into()),
+        trigger: Why::Due,
+        started: last,
+        finished: last + chrono::Duration::seconds(4),
+        outcome: Outcome::Ok,
+        checkpoint: Some(checkpoints.last().unwrap().id.clone()),
+        incremental: Some(true),
+        read_bytes: 300 << 20,
+        new_bytes: 120 << 20,
+        pruned: 1,
+        error: None,
+        retryable: false,
+    }];
+    let selected = CheckpointKey::of("BACKUP", &checkpoints[66]);
+    UiState {
+        uri: "test:///default".into(),
+        connection: Connection::Connected,
+        selected: Some(vm.uuid.clone()),
+        vms: Some(vms),
+        config: Some(Arc::new(config)),
+        destinations: Some(Arc::new(vec![DestinationView {
+            destination,
+            found: Availability::Folder("/media/me/BACKUP/rewind".into()),
+            checkpoints,
+            error: None,
+        }])),
+        history: Arc::new(history),
+        scheduler: Some(SchedulerView::Here),
+        checkpoint: Some(selected),
+        now,
+        ..UiState::default()
+    }
+}
+
+fn harness(state: UiState) -> Harness<'static, UiState> {
+    Harness::builder().with_size(WINDOW).wgpu().build_ui_state(
+        |ui, state: &mut UiState| {
+            let _ = main_ui(ui, state);
+        },
+        state,
+    )
+}
+
+#[test]
+fn main_screen_snapshot() {
+    let mut h = harness(fixture());
+    h.run();
+    // What the user relies on is there, by label.
+    h.get_by_label("⟲ Restore…");
+    h.get_by_label("Restore as new VM…");
+    h.get_by_label("Export disk…");
+    h.get_by_label("Verify");
+    h.get_by_label("Delete…");
+    h.get_by_label("Checkpoint now");
+    assert!(h.query_all_by_label_contains("Checkpoint 2026-").count() > 20);
+    h.get_by_label_contains("(damaged)");
+    h.get_by_label_contains("Next checkpoint");
+    h.snapshot("main_screen");
+}
+
+#[test]
+fn restore_confirmation_snapshot_says_what_happens() {
+    let mut state = fixture();
+    state.dialog = Some(Dialog::ConfirmRestore {
+        key: state.checkpoint.clone().unwrap(),
+        safety: true,
+    });
+    let mut h = harness(state);
+    h.run();
+    h.get_by_label_contains("safety checkpoint in BACKUP");
+    h.get_by_label_contains("is shut down");
+    h.get_by_label_contains("starts again");
+    h.snapshot("restore_confirmation");
+    // Unticking the safety checkpoint says what that costs.
+    h.get_by_label("Keep the current state as a safety checkpoint (recommended)")
+        .click();
+    h.run();
+    h.get_by_label_contains("NOT kept");
+}
+
+#[test]
+fn first_run_snapshot_suggests_a_drive_and_warns_about_the_same_disk() {
+    let mut state = fixture();
+    state.config = Some(Arc::new(Config {
+        uri: "test:///default".into(),
+        ..Config::default()
+    }));
+    state.destinations = Some(Arc::default());
+    state.history = Arc::default();
+    state.checkpoint = None;
+    let mut h = harness(state);
+    h.step();
+    h.get_by_label("Welcome to Rewind");
+    h.get_by_label_contains("do not survive that disk failing");
+    h.get_by_label("Browse…");
+    // The drive list comes from a thread; let it arrive, then freeze the picture.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while h.query_by_label_contains("Drives found").is_none()
+        && h.query_by_label_contains("No removable drive").is_none()
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+        h.step();
+    }
+    h.get_by_label("Folder").focus();
+    h.step();
+    h.get_by_label("Folder").type_text("relative/path");
+    h.step();
+    h.get_by_label_contains("must be a full path");
+}
+
+#[test]
+fn settings_protection_tab_snapshot() {
+    let mut state = fixture();
+    let s = super::settings::SettingsState::open(&state, super::settings::SettingsTab::Protection);
+    state.settings = Some(s);
+    let mut h = harness(state);
+    h.run();
+    h.get_by_label("Protect test");
+    h.get_by_role_and_label(Role::CheckBox, "BACKUP");
+    h.snapshot("settings_protection");
+    // Unticking the only destination is refused until fixed.
+    h.get_by_role_and_label(Role::CheckBox, "BACKUP").click();
+    h.run();
+    h.get_by_label_contains("has no destination");
+}
+
+#[test]
+fn the_timeline_zooms_pans_and_follows_now_again() {
+    let mut h = harness(fixture());
+    h.run();
+    h.get_by_label("Hours").click();
+    h.run();
+    assert!((h.state().timeline.span_secs - 12.0 * 3600.0).abs() < 1.0);
+    h.get_by_label("◀").click();
+    h.run();
+    assert!(h.state().timeline.end.is_some(), "panned back");
+    h.get_by_label("Now").click();
+    h.run();
+    assert_eq!(h.state().timeline.end, None);
+    // The keyboard moves between checkpoints.
+    let before = h.state().checkpoint.clone().unwrap();
+    let label = super::timeline::marker_label(h.state().summary(&before).unwrap());
+    h.get_by_label(&label).focus();
+    h.run();
+    h.key_press(egui::Key::ArrowLeft);
+    h.run();
+    let after = h.state().checkpoint.clone().unwrap();
+    assert_ne!(after, before);
+    assert!(h.state().summary(&after).unwrap().time < h.state().summary(&before).unwrap().time);
+}
+
+// ---- Against the real engine ------------------------------------------------------------
+
+/// Steps the window until `done` holds (the engine answers on its own threads).
+fn wait_for<S>(
+    h: &mut Harness<'_, S>,
+    what: &str,
+    timeout: Duration,
+    mut done: impl FnMut(&Harness<'_, S>) -> bool,
+) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        h.step();
+        if done(h) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A few frames, so windows that just opened have their final size and place before the
+/// test clicks into them (clicks go to where a widget was last drawn).
+fn settle<S>(h: &mut Harness<'_, S>) {
+    for _ in 0..3 {
+        h.step();
+    }
+}
+
+fn paths(dir: &Path) -> Paths {
+    Paths {
+        config: dir.join("config.ron"),
+        history: dir.join("history.jsonl"),
+        status: dir.join("status.json"),
+    }
+}
+
+fn app_harness(uri: &str, dir: &Path) -> Harness<'static, RewindApp> {
+    let engine = engine::spawn_with(
+        EngineOptions {
+            uri: uri.into(),
+            host_scheduler: false,
+            paths: paths(dir),
+        },
+        Arc::new(|| {}),
+    )
+    .unwrap();
+    Harness::builder().with_size(WINDOW).build_ui_state(
+        |ui, app: &mut RewindApp| app.frame_ui(ui),
+        RewindApp::new(engine, uri.into(), true),
+    )
+}
+
+#[test]
+fn first_run_adds_a_drive_and_protects_a_vm_with_the_real_engine() {
+    let dir = rewind_tests::scratch::ScratchDir::new("gui-first-run").unwrap();
+    let drive = dir.path().join("BACKUP");
+    let mut h = app_harness("test:///default", dir.path());
+    wait_for(
+        &mut h,
+        "the first-run guide",
+        Duration::from_secs(20),
+        |h| h.query_by_label("Welcome to Rewind").is_some(),
+    );
+    h.get_by_label("Folder").focus();
+    h.get_by_label("Folder")
+        .type_text(&drive.join("rewind").display().to_string());
+    h.step();
+    h.get_by_label("Add destination").click();
+    wait_for(
+        &mut h,
+        "step 2 of the guide",
+        Duration::from_secs(20),
+        |h| h.query_by_label_contains("Step 2 of 2").is_some(),
+    );
+    assert!(
+        Store::probe(&drive.join("rewind")).is_ok(),
+        "the store was created on the drive"
+    );
+    h.get_by_label("Start protecting").click();
+    wait_for(&mut h, "the VM protected", Duration::from_secs(20), |h| {
+        h.state()
+            .state
+            .config
+            .as_ref()
+            .is_some_and(|c| c.vms.len() == 1)
+    });
+    let saved = Config::load(&dir.path().join("config.ron")).unwrap();
+    assert_eq!(saved.vms[0].vm, "test");
+    assert_eq!(saved.vms[0].destinations, ["BACKUP"]);
+    assert_eq!(
+        saved.destinations[0].location,
+        drive.join("rewind").display().to_string()
+    );
+    // The guide is gone; the VM shows as protected.
+    wait_for(&mut h, "the VM screen", Duration::from_secs(10), |h| {
+        h.query_by_label("Welcome to Rewind").is_none()
+            && h.query_all_by_label("protected").next().is_some()
+    });
+}
+
+/// The last record of the sequence workload a checkpoint's `vda` holds.
+fn last_record(store: &Store, vm_uuid: &uuid::Uuid, id: &str) -> u64 {
+    let m = store.manifest(vm_uuid, id).unwrap();
+    let disk = m.disks.iter().find(|d| d.target == "vda").unwrap();
+    let bytes = store
+        .object_reader(&disk.index)
+        .unwrap()
+        .read_all()
+        .unwrap();
+    let scan = rewind_tests::workload::scan_sequence(&bytes);
+    assert!(scan.is_consistent_prefix(), "{:?}", scan.problems);
+    scan.last_valid
+}
+
+fn wait_resumed_after(vm: &rewind_tests::TestVm, k: u64) {
+    let resumed = format!("RWSEQ resume after {k}");
+    vm.wait_console_until(Duration::from_mins(3), |c| {
+        c.lines().any(|l| l.trim() == resumed)
+    })
+    .unwrap_or_else(|tail| {
+        panic!("the guest did not print {resumed:?}; console ends with:\n{tail}")
+    });
+}
+
+#[test]
+#[allow(clippy::too_many_lines)] // one user story, step by step
+fn checkpoint_restore_and_undo_from_the_window_with_a_real_guest() {
+    use rewind_tests::{DiskSpec, Format, TestVm, daemon};
+    rewind_tests::setup().unwrap();
+    let mut vm = TestVm::builder("gui-restore")
+        .workload("sequence")
+        .disks(vec![DiskSpec::new("vda", Format::Qcow2, 32 << 20)])
+        .define()
+        .expect("define the test VM");
+    vm.start_and_wait_ready(Duration::from_mins(3))
+        .expect("boot");
+    vm.wait_flushed(3, Duration::from_mins(2)).unwrap();
+    let dir = rewind_tests::scratch::ScratchDir::new("gui-restore-state").unwrap();
+    let store_dir = dir.path().join("store");
+    let store = Store::init(&store_dir, &InitOptions::default()).unwrap();
+    let config = Config {
+        uri: daemon::URI.into(),
+        destinations: vec![Destination {
+            name: "usb".into(),
+            location: store_dir.display().to_string(),
+            store_id: Some(store.config().id),
+            passphrase_file: None,
+        }],
+        vms: vec![Protection {
+            vm: vm.name.clone(),
+            uuid: Some(vm.uuid.clone()),
+            destinations: vec!["usb".into()],
+            ..Protection::default()
+        }],
+        // The tiny guest ignores the power button: turn it off after 2 s.
+        shutdown_timeout_secs: 2,
+        ..Config::default()
+    };
+    config.save(&dir.path().join("config.ron")).unwrap();
+    let vm_uuid: uuid::Uuid = vm.uuid.parse().unwrap();
+
+    let mut h = app_harness(daemon::URI, dir.path());
+    wait_for(&mut h, "the VM in the list", Duration::from_secs(30), |h| {
+        h.query_all_by_label(&vm.name).next().is_some()
+    });
+    h.query_all_by_label(&vm.name).next().unwrap().click();
+    wait_for(&mut h, "Checkpoint now", Duration::from_secs(10), |h| {
+        h.query_by_label("Checkpoint now").is_some()
+    });
+    h.get_by_label("Checkpoint now").click();
+    wait_for(
+        &mut h,
+        "a checkpoint on the timeline",
+        Duration::from_mins(3),
+        |h| {
+            h.query_all_by_label_contains("Checkpoint 20")
+                .next()
+                .is_some()
+        },
+    );
+    let first = store.catalog().unwrap().checkpoints;
+    assert_eq!(first.len(), 1);
+    let k = last_record(&store, &vm_uuid, &first[0].id);
+    // The guest goes on writing: what the restore must take back.
+    vm.wait_flushed(k + 5, Duration::from_mins(2)).unwrap();
+
+    h.get_all_by_label_contains("Checkpoint 20")
+        .next()
+        .unwrap()
+        .click();
+    h.step();
+    h.get_by_label("⟲ Restore…").click();
+    let question = format!("Restore {}?", vm.name);
+    wait_for(
+        &mut h,
+        "the restore question",
+        Duration::from_secs(5),
+        |h| h.query_by_label(&question).is_some(),
+    );
+    h.get_by_label_contains("safety checkpoint in usb");
+    settle(&mut h);
+    h.get_by_label("Restore").click();
+    let mut saw_progress = false;
+    wait_for(
+        &mut h,
+        "the restore to complete",
+        Duration::from_mins(4),
+        |h| {
+            saw_progress |= h.query_by_label("Restoring").is_some();
+            h.query_by_label("Restore complete").is_some()
+                || h.query_by_label("The restore did not complete").is_some()
+        },
+    );
+    assert!(
+        h.query_by_label("Restore complete").is_some(),
+        "the restore failed: {:?}",
+        h.state().state.jobs
+    );
+    assert!(saw_progress, "the restore window showed its progress");
+    // The guest carried on from the checkpoint.
+    wait_resumed_after(&vm, k);
+    let safety = h
+        .state()
+        .state
+        .jobs
+        .iter()
+        .find_map(|j| match &j.result {
+            Some(Ok(JobOutput::Restored(r))) => r.safety_checkpoint.clone(),
+            _ => None,
+        })
+        .expect("a safety checkpoint was taken");
+    let k_safety = last_record(&store, &vm_uuid, &safety);
+    assert!(
+        k_safety >= k + 5,
+        "the safety checkpoint holds what the guest wrote after ({k_safety} vs {k})"
+    );
+
+    // Undo: back to the state from just before the restore. (A few frames first: the
+    // result window may still be finding its size and place.)
+    settle(&mut h);
+    h.get_by_label("Undo restore").click();
+    let mut saw_undo = false;
+    let deadline = Instant::now() + Duration::from_mins(4);
+    loop {
+        h.step();
+        saw_undo |= h.query_by_label("Undoing the restore").is_some();
+        let finished_restores = h
+            .state()
+            .state
+            .jobs
+            .iter()
+            .filter(|j| j.is_restore() && !j.running())
+            .count();
+        if finished_restores == 2
+            && (h.query_by_label("Restore complete").is_some()
+                || h.query_by_label("The restore did not complete").is_some())
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for the undo; jobs: {:#?}",
+            h.state()
+                .state
+                .jobs
+                .iter()
+                .map(|j| (
+                    &j.label,
+                    j.phase,
+                    j.result.as_ref().map(|r| r.as_ref().map(|_| ()))
+                ))
+                .collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        h.query_by_label("Restore complete").is_some(),
+        "the undo failed: {:?}",
+        h.state().state.jobs
+    );
+    assert!(saw_undo, "the undo showed its own window");
+    wait_resumed_after(&vm, k_safety);
+    settle(&mut h);
+    h.get_by_label("Close").click();
+    h.step();
+    assert!(h.state().state.restore_job.is_none());
+}
+
+/// The window's sources: every symbol they draw needs a glyph in the built-in fonts (a
+/// missing one draws as a box).
+const SOURCES: [&str; 7] = [
+    include_str!("mod.rs"),
+    include_str!("vm_list.rs"),
+    include_str!("timeline.rs"),
+    include_str!("dialogs.rs"),
+    include_str!("settings.rs"),
+    include_str!("setup.rs"),
+    include_str!("state.rs"),
+];
+
+#[test]
+fn every_symbol_the_window_uses_has_a_glyph() {
+    let mut used: Vec<char> = SOURCES
+        .iter()
+        .flat_map(|s| s.chars())
+        .filter(|c| !c.is_ascii())
+        .collect();
+    used.sort_unstable();
+    used.dedup();
+    let missing = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let found = missing.clone();
+    let mut h = Harness::new_ui(move |ui| {
+        let mut m = found.lock().unwrap();
+        m.clear();
+        for &c in &used {
+            if !ui
+                .ctx()
+                .fonts_mut(|f| f.has_glyph(&egui::FontId::proportional(12.0), c))
+            {
+                m.push(c);
+            }
+        }
+    });
+    h.step();
+    assert!(
+        missing.lock().unwrap().is_empty(),
+        "no glyph for {:?}",
+        missing.lock().unwrap()
+    );
+}
