@@ -77,16 +77,16 @@ fn destination_for(
     args: &ProtectArgs<'_>,
     info: &rewind_core::vm::VmInfo,
 ) -> anyhow::Result<(String, String, Option<String>)> {
-    if args.dest.starts_with("ssh://") {
-        bail!(
-            "ssh:// destinations are not wired into protection yet; use a folder (a removable drive) for now"
-        );
-    }
-    let folder = std::path::absolute(args.dest)
-        .with_context(|| format!("{} is not a usable path", args.dest))?;
     let passphrase = args
         .passphrase_file
         .map_or(destination::Passphrase::None, destination::Passphrase::File);
+    if args.dest.contains("://") {
+        let location = rewind_core::store::Location::parse(args.dest)?;
+        let added = destination::add_at(config, &location, passphrase)?;
+        return Ok((added.name, added.location, None));
+    }
+    let folder = std::path::absolute(args.dest)
+        .with_context(|| format!("{} is not a usable path", args.dest))?;
     let added = destination::add_folder(config, &folder, passphrase)?;
     let on_vm_disk = info
         .protected_disks()

@@ -15,7 +15,7 @@ use uuid::Uuid;
 use zeroize::Zeroizing;
 
 use crate::config::{Config, Destination};
-use crate::store::Store;
+use crate::store::{Location, Store, StoreError};
 
 /// Where a destination's store is now.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -214,30 +214,71 @@ pub fn open_or_create_folder(
     dir: &Path,
     passphrase: Option<&[u8]>,
 ) -> Result<(crate::store::Store, bool), AddError> {
+    open_or_create(&Location::Local(dir.to_path_buf()), passphrase)
+}
+
+/// [`open_or_create_folder`] for a folder here or on another host (`ssh://…`).
+///
+/// # Errors
+/// As [`open_or_create_folder`]; for another host also when it cannot be reached or its
+/// host key is not accepted.
+pub fn open_or_create(
+    location: &Location,
+    passphrase: Option<&[u8]>,
+) -> Result<(crate::store::Store, bool), AddError> {
     use crate::store::{InitOptions, StoreError};
     let init = || {
         let options = InitOptions {
             passphrase: passphrase.map(|p| Zeroizing::new(p.to_vec())),
             ..InitOptions::default()
         };
-        Store::init(dir, &options).map(|s| (s, true))
+        Store::init_at(location, &options).map(|s| (s, true))
     };
-    match Store::probe(dir) {
+    let empty_here = |dir: &Path| std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none());
+    match Store::probe_at(location) {
         Err(StoreError::Missing { .. }) => Ok(init()?),
+        // An empty folder here becomes a store; on another host, creating it refuses a
+        // folder that is not empty.
         Err(StoreError::NotAStore { .. })
-            if std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none()) =>
+            if match location {
+                Location::Local(dir) => empty_here(dir),
+                Location::Ssh(_) => true,
+            } =>
         {
             Ok(init()?)
         }
         Err(e) => Err(e.into()),
         Ok(c) if c.encryption.is_some() => match passphrase {
-            Some(p) => Ok((Store::open(dir, Some(p))?, false)),
+            Some(p) => Ok((Store::open_at(location, Some(p))?, false)),
             None => Err(AddError::NeedsPassphrase {
-                path: dir.to_path_buf(),
+                path: PathBuf::from(location.to_string()),
             }),
         },
-        Ok(_) => Ok((Store::open(dir, None)?, false)),
+        Ok(_) => Ok((Store::open_at(location, None)?, false)),
     }
+}
+
+/// Opens the store of remote destination `dest` (`ssh://…`) and checks that it is the
+/// store the destination was made for.
+///
+/// # Errors
+/// The location is malformed, the host cannot be reached, or the store there is another
+/// one (or cannot be opened).
+pub fn open_remote(dest: &Destination, passphrase: Option<&[u8]>) -> Result<Store, StoreError> {
+    let location = Location::parse(&dest.location)?;
+    let store = Store::open_at(&location, passphrase)?;
+    if let Some(id) = dest.store_id
+        && store.config().id != id
+    {
+        return Err(StoreError::Invalid(format!(
+            "{} holds another store (ID {}) than destination {:?} was made for (ID {id}); \
+             point the destination at its own store, or remove it and add this one",
+            dest.location,
+            store.config().id,
+            dest.name
+        )));
+    }
+    Ok(store)
 }
 
 /// Adds the store in folder `dir` to `config` as a destination (creating the store if the
@@ -254,15 +295,30 @@ pub fn add_folder(
     if !dir.is_absolute() {
         return Err(AddError::NotAbsolute(dir.display().to_string()));
     }
+    add_at(config, &Location::Local(dir.to_path_buf()), passphrase)
+}
+
+/// [`add_folder`] for a folder here or on another host (`ssh://[user@]host[:port]/path`);
+/// a remote destination is named after its host.
+///
+/// # Errors
+/// As [`add_folder`]; for another host also when it cannot be reached or its host key is
+/// not accepted.
+pub fn add_at(
+    config: &mut Config,
+    location: &Location,
+    passphrase: Passphrase<'_>,
+) -> Result<Added, AddError> {
     let pass = match passphrase {
         Passphrase::None => None,
         Passphrase::File(f) => Some(read_passphrase_file(f)?),
         Passphrase::Typed { passphrase, .. } => Some(Zeroizing::new(passphrase.to_vec())),
     };
-    let (store, created) = open_or_create_folder(dir, pass.as_deref().map(Vec::as_slice))?;
+    let (store, created) = open_or_create(location, pass.as_deref().map(Vec::as_slice))?;
     let store_id = store.config().id;
     let encrypted = store.config().encryption.is_some();
-    let location = dir.display().to_string();
+    let place = location;
+    let location = place.to_string();
     if let Some(d) = config
         .destinations
         .iter_mut()
@@ -287,7 +343,10 @@ pub fn add_folder(
             },
         ) => Some(write_passphrase_file(keys_dir, store_id, passphrase)?),
     };
-    let name = unique_name(config, dir);
+    let name = match place {
+        Location::Local(dir) => unique_name(config, dir),
+        Location::Ssh(ssh) => unique_name(config, &Path::new("/").join(&ssh.host)),
+    };
     config.destinations.push(Destination {
         name: name.clone(),
         location: location.clone(),

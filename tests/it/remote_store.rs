@@ -683,3 +683,134 @@ fn an_encrypted_store_on_another_host_needs_its_passphrase_and_gives_the_disk_ba
         "the export differs from the disk"
     );
 }
+
+/// Issue 6: a VM protected into an `ssh://` destination is checkpointed by `rewind daemon`
+/// on its own; with the server down the runs fail (and are retried), nothing in the store
+/// breaks, and once it is back the next run succeeds and `verify` is clean.
+#[test]
+#[allow(clippy::too_many_lines)] // one user story, step by step
+fn the_daemon_protects_a_vm_into_an_ssh_store_and_gets_over_the_server_going_away() {
+    let mut vm = TestVm::builder("remote-protect")
+        .workload("sequence")
+        .disks(vec![DiskSpec::new("vda", Format::Qcow2, 32 << 20)])
+        .define()
+        .expect("define the test VM");
+    vm.start_and_wait_ready(BOOT_TIMEOUT).expect("boot");
+    vm.wait_flushed(3, BOOT_TIMEOUT).unwrap();
+    let mut remote = Remote::start("remote-protect");
+    let (url, path) = remote.store("protected");
+    let home = remote.dir.path().join("home");
+    let with_home = |cmd: &mut Command| {
+        cmd.args(["--connect", daemon::URI])
+            .env("REWIND_CONFIG_DIR", home.join("config"))
+            .env("REWIND_STATE_DIR", home.join("state"))
+            .env(rewind_core::config::SHORT_INTERVALS_ENV, "1");
+    };
+    let run_ok = |remote: &Remote, args: &[&str]| {
+        let mut cmd = remote.command(args);
+        with_home(&mut cmd);
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "rewind {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let history = |remote: &Remote| -> Vec<serde_json::Value> {
+        serde_json::from_str::<serde_json::Value>(&run_ok(remote, &["history", "--json"]))
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let ok_count = |h: &[serde_json::Value]| h.iter().filter(|r| r["outcome"] == "ok").count();
+
+    // Protect creates the store on the host and names the destination after it.
+    let said = run_ok(
+        &remote,
+        &["protect", &vm.name, "--to", &url, "--every", "20s"],
+    );
+    assert!(said.contains("every 20 seconds"), "{said}");
+    assert!(
+        Store::probe(&path).is_ok(),
+        "protect made the store: {said}"
+    );
+
+    let mut cmd = remote.command(&["daemon"]);
+    with_home(&mut cmd);
+    let mut daemon = DaemonGuard(
+        cmd.stdout(Stdio::null())
+            .stderr(File::create(remote.dir.path().join("daemon.stderr")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let daemon_log = || fs::read_to_string(home.join("state/rewind.log")).unwrap_or_default();
+    let wait = |what: &str, limit: Duration, ready: &mut dyn FnMut() -> bool| {
+        let start = Instant::now();
+        while !ready() {
+            assert!(
+                start.elapsed() < limit,
+                "{what} did not happen within {limit:?}; daemon log:\n{}",
+                daemon_log()
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    };
+    wait(
+        "a first checkpoint over ssh",
+        Duration::from_mins(2),
+        &mut || ok_count(&history(&remote)) >= 1,
+    );
+    let status: serde_json::Value =
+        serde_json::from_str(&run_ok(&remote, &["status", "--json"])).unwrap();
+    let dest = &status["vms"][0]["destinations"][0];
+    assert!(dest["last_checkpoint"].is_string(), "{status}");
+
+    // The host goes away: runs fail and say why, and are retried.
+    remote.sshd.kill();
+    let ok_before = ok_count(&history(&remote));
+    wait(
+        "a run failing with the host down",
+        Duration::from_mins(2),
+        &mut || history(&remote).iter().any(|r| r["outcome"] != "ok"),
+    );
+    let failed = history(&remote)
+        .into_iter()
+        .rfind(|r| r["outcome"] != "ok")
+        .unwrap();
+    assert!(
+        failed["error"].is_string(),
+        "the failure says why: {failed}"
+    );
+    // Back again: the next run succeeds.
+    remote.sshd.restart().unwrap();
+    wait(
+        "a checkpoint after the host came back",
+        Duration::from_mins(2),
+        &mut || ok_count(&history(&remote)) > ok_before,
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &daemon.0.id().to_string()])
+        .status();
+    let _ = daemon.0.wait();
+
+    let listing: serde_json::Value =
+        serde_json::from_str(&run_ok(&remote, &["checkpoints", "--in", &url, "--json"])).unwrap();
+    assert!(
+        listing["checkpoints"].as_array().unwrap().len() >= 2,
+        "{listing}"
+    );
+    let verified = run_ok(&remote, &["verify", "--in", &url]);
+    assert!(verified.contains("Everything is intact"), "{verified}");
+}
+
+/// Kills the daemon when the test ends, pass or fail.
+struct DaemonGuard(std::process::Child);
+
+impl Drop for DaemonGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -163,9 +163,9 @@ pub(crate) fn open(dest: &Destination, found: &Availability) -> Result<Store, St
     };
     match found {
         Availability::Folder(path) => Store::open(path, pass.as_deref()).map_err(|e| e.to_string()),
-        Availability::Remote(location) => Err(format!(
-            "ssh:// destinations cannot be shown by this version yet ({location})"
-        )),
+        Availability::Remote(_) => {
+            destination::open_remote(dest, pass.as_deref()).map_err(|e| e.to_string())
+        }
         Availability::Missing { reason } => Err(reason.clone()),
     }
 }

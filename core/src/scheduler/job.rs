@@ -94,7 +94,7 @@ fn open_store(spec: &JobSpec) -> Result<Store, Failure> {
     let pass = passphrase.as_deref();
     match &spec.found {
         Availability::Folder(path) => Ok(Store::open(path, pass)?),
-        Availability::Remote(location) => Ok(open_remote(location, pass)?),
+        Availability::Remote(_) => Ok(crate::destination::open_remote(&spec.destination, pass)?),
         Availability::Missing { reason } => Err(Failure {
             message: reason.clone(),
             retryable: true,
@@ -184,11 +184,4 @@ fn run_into(spec: &JobSpec, control: &Control, record: &mut Record) -> Result<()
         store.gc(control)?;
     }
     Ok(())
-}
-
-// TEMPORARY until remote stores land (helper-2): replace with Store::open_at.
-fn open_remote(location: &str, _pass: Option<&[u8]>) -> Result<Store, StoreError> {
-    Err(StoreError::Invalid(format!(
-        "{location}: remote stores are not wired in yet"
-    )))
 }
