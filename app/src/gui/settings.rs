@@ -45,6 +45,7 @@ const INTERVALS_SECS: [u64; 8] = [
 
 /// What the settings window edits.
 #[derive(Debug)]
+#[allow(clippy::struct_excessive_bools)] // one per checkbox or wait of the form
 pub struct SettingsState {
     /// The open tab.
     pub tab: SettingsTab,
@@ -74,6 +75,14 @@ pub struct SettingsState {
     autostart_result: Arc<Mutex<Option<String>>>,
     /// The libvirt URI typed in.
     pub uri: String,
+    /// The settings add a folder on another host rather than here.
+    pub remote: bool,
+    /// The `ssh://` address typed in.
+    pub remote_url: String,
+    /// A connection test is under way.
+    pub testing: bool,
+    /// What the last connection test said.
+    pub test_message: Option<Result<String, String>>,
 }
 
 impl SettingsState {
@@ -95,6 +104,18 @@ impl SettingsState {
             picker: None,
             autostart: crate::autostart::is_enabled(),
             autostart_result: Arc::default(),
+            remote: false,
+            remote_url: String::new(),
+            testing: false,
+            test_message: None,
+        }
+    }
+
+    /// The answer to a connection test (ignored when the address changed since).
+    pub fn destination_tested(&mut self, location: &str, result: Result<String, String>) {
+        if location == self.remote_url.trim() {
+            self.testing = false;
+            self.test_message = Some(result);
         }
     }
 
@@ -315,8 +336,101 @@ fn destinations_ui(
         }
     }
     ui.add_space(8.0);
-    ui.label(RichText::new("Add a drive or folder").strong());
-    add_folder_ui(ui, state, s, commands);
+    ui.horizontal(|ui| {
+        ui.label(RichText::new("Add").strong());
+        ui.radio_value(&mut s.remote, false, "a drive or folder here");
+        ui.radio_value(&mut s.remote, true, "a folder on another host (SSH)");
+    });
+    if s.remote {
+        add_remote_ui(ui, s, commands);
+    } else {
+        add_folder_ui(ui, state, s, commands);
+    }
+}
+
+/// What is wrong with an `ssh://` address typed in, said before the engine is asked.
+fn remote_url_problem(url: &str) -> Option<&'static str> {
+    let url = url.trim();
+    if url.is_empty() {
+        Some("Type the address of the folder on the other host.")
+    } else if !url.starts_with("ssh://") {
+        Some("The address starts with ssh://, e.g. ssh://you@nas/srv/rewind.")
+    } else if !url["ssh://".len()..].contains('/') {
+        Some("Add the folder on that host after its name, e.g. ssh://you@nas/srv/rewind.")
+    } else {
+        None
+    }
+}
+
+/// The form for a store on another host: the address, a connection test, and the same
+/// encryption choice as for a folder.
+fn add_remote_ui(ui: &mut egui::Ui, s: &mut SettingsState, commands: &mut Commands) {
+    ui.label(
+        RichText::new(
+            "Rewind logs in with your own SSH set-up (~/.ssh/config, keys, agent, known_hosts); the host must already be known and reachable without a password prompt.",
+        )
+        .weak(),
+    );
+    ui.horizontal(|ui| {
+        let label = ui.label("Address");
+        let edit = ui
+            .add(
+                egui::TextEdit::singleline(&mut s.remote_url)
+                    .hint_text("ssh://you@nas/srv/rewind")
+                    .desired_width(320.0),
+            )
+            .labelled_by(label.id);
+        if edit.changed() {
+            s.test_message = None;
+            s.testing = false;
+        }
+        let test = ui.add_enabled(
+            remote_url_problem(&s.remote_url).is_none() && !s.testing,
+            egui::Button::new("Test connection"),
+        );
+        if test.clicked() {
+            commands.push(Command::TestDestination {
+                location: s.remote_url.trim().to_owned(),
+            });
+            s.testing = true;
+            s.test_message = None;
+        }
+        if s.testing {
+            ui.spinner();
+            ui.label("Connecting…");
+        }
+    });
+    match &s.test_message {
+        Some(Ok(text)) => {
+            ui.colored_label(ui.visuals().hyperlink_color, text);
+        }
+        Some(Err(e)) => {
+            ui.colored_label(ui.visuals().error_fg_color, e);
+        }
+        None => {}
+    }
+    passphrase_ui(ui, s);
+    let problem = remote_url_problem(&s.remote_url).or_else(|| passphrase_problem(s));
+    add_button_ui(
+        ui,
+        s,
+        problem,
+        |s| Command::AddRemoteDestination {
+            url: s.remote_url.trim().to_owned(),
+            passphrase: s.encrypt.then(|| Zeroizing::new((*s.passphrase).clone())),
+        },
+        commands,
+    );
+}
+
+fn passphrase_problem(s: &SettingsState) -> Option<&'static str> {
+    if s.encrypt && s.passphrase.len() < 8 {
+        Some("The passphrase needs 8 characters or more.")
+    } else if s.encrypt && *s.passphrase != *s.passphrase_again {
+        Some("The two passphrases differ.")
+    } else {
+        None
+    }
 }
 
 /// The drive-or-folder form, shared by the settings and the first-run guide.
@@ -349,6 +463,39 @@ pub fn add_folder_ui(
             s.picker = Some(pick_folder(ui.ctx().clone()));
         }
     });
+    passphrase_ui(ui, s);
+    let problem = if s.folder.trim().is_empty() {
+        Some("Choose a folder (on a removable drive, ideally).")
+    } else if !s.folder.trim().starts_with('/') {
+        Some("The folder must be a full path (starting with /).")
+    } else {
+        passphrase_problem(s)
+    };
+    let vm_disks: Vec<PathBuf> = state
+        .vms
+        .iter()
+        .flatten()
+        .flat_map(|v| {
+            v.protected_disks()
+                .filter_map(|d| d.path().cloned())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    add_button_ui(
+        ui,
+        s,
+        problem,
+        move |s| Command::AddFolderDestination {
+            folder: PathBuf::from(s.folder.trim()),
+            passphrase: s.encrypt.then(|| Zeroizing::new((*s.passphrase).clone())),
+            vm_disks: vm_disks.clone(),
+        },
+        commands,
+    );
+}
+
+/// Whether to encrypt a new store, and its passphrase twice.
+fn passphrase_ui(ui: &mut egui::Ui, s: &mut SettingsState) {
     ui.checkbox(&mut s.encrypt, "Encrypt the new store with a passphrase");
     if s.encrypt {
         egui::Grid::new("passphrase_grid")
@@ -370,16 +517,21 @@ pub fn add_folder_ui(
             .weak(),
         );
     }
-    let problem = if s.folder.trim().is_empty() {
-        Some("Choose a folder (on a removable drive, ideally).")
-    } else if !s.folder.trim().starts_with('/') {
-        Some("The folder must be a full path (starting with /).")
-    } else if s.encrypt && s.passphrase.len() < 8 {
-        Some("The passphrase needs 8 characters or more.")
-    } else if s.encrypt && *s.passphrase != *s.passphrase_again {
-        Some("The two passphrases differ.")
+}
+
+/// "Add destination" (enabled once `problem` is `None`), the wait for the engine's answer,
+/// and what it said.
+fn add_button_ui(
+    ui: &mut egui::Ui,
+    s: &mut SettingsState,
+    problem: Option<&str>,
+    command: impl Fn(&SettingsState) -> Command,
+    commands: &mut Commands,
+) {
+    let typed = if s.remote {
+        !s.remote_url.is_empty()
     } else {
-        None
+        !s.folder.is_empty()
     };
     ui.horizontal(|ui| {
         let add = ui.add_enabled(
@@ -387,21 +539,7 @@ pub fn add_folder_ui(
             egui::Button::new("Add destination"),
         );
         if add.clicked() {
-            let vm_disks = state
-                .vms
-                .iter()
-                .flatten()
-                .flat_map(|v| {
-                    v.protected_disks()
-                        .filter_map(|d| d.path().cloned())
-                        .collect::<Vec<_>>()
-                })
-                .collect();
-            commands.push(Command::AddFolderDestination {
-                folder: PathBuf::from(s.folder.trim()),
-                passphrase: s.encrypt.then(|| Zeroizing::new((*s.passphrase).clone())),
-                vm_disks,
-            });
+            commands.push(command(s));
             s.adding = true;
             s.add_message = None;
         }
@@ -409,7 +547,7 @@ pub fn add_folder_ui(
             ui.spinner();
             ui.label("Opening the store…");
         } else if let Some(p) = problem
-            && !s.folder.is_empty()
+            && typed
         {
             ui.label(RichText::new(p).weak());
         }

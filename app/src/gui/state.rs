@@ -347,6 +347,11 @@ impl UiState {
                     self.last_error = Some(e);
                 }
             }
+            Event::DestinationTested { location, result } => {
+                if let Some(settings) = &mut self.settings {
+                    settings.destination_tested(&location, result);
+                }
+            }
             // The refreshed list follows; nothing to show for the event itself yet.
             _ => {}
         }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, TimeZone as _, Utc};
 use egui::accesskit::Role;
 use egui_kittest::Harness;
-use egui_kittest::kittest::Queryable as _;
+use egui_kittest::kittest::{NodeT as _, Queryable as _};
 use rewind_core::config::{Config, Destination, Protection};
 use rewind_core::destination::Availability;
 use rewind_core::engine::catalog::{CheckpointSummary, DestinationView};
@@ -229,6 +229,59 @@ fn settings_protection_tab_snapshot() {
     h.get_by_role_and_label(Role::CheckBox, "BACKUP").click();
     h.run();
     h.get_by_label_contains("has no destination");
+}
+
+#[test]
+fn a_remote_host_is_tested_then_added_from_the_settings() {
+    use rewind_core::engine::{Command, Event};
+    let mut state = fixture();
+    state.settings = Some(super::settings::SettingsState::open(
+        &state,
+        super::settings::SettingsTab::Destinations,
+    ));
+    let mut h = Harness::builder().with_size(WINDOW).build_ui_state(
+        |ui, s: &mut (UiState, Vec<Command>)| {
+            let commands = main_ui(ui, &mut s.0);
+            s.1.extend(commands);
+        },
+        (state, Vec::new()),
+    );
+    h.step();
+    h.get_by_label("a folder on another host (SSH)").click();
+    h.step();
+    h.get_by_label("Address").focus();
+    h.step();
+    h.get_by_label("Address").type_text("nas:/srv/rewind");
+    h.step();
+    h.get_by_label_contains("starts with ssh://");
+    assert!(
+        h.get_by_label("Test connection")
+            .accesskit_node()
+            .is_disabled(),
+        "a malformed address cannot be tested"
+    );
+    h.state_mut().0.settings.as_mut().unwrap().remote_url = "ssh://me@nas/srv/rewind".into();
+    h.step();
+    settle(&mut h);
+    h.get_by_label("Test connection").click();
+    h.step();
+    let asked = h.state().1.iter().any(|c| {
+        matches!(c, Command::TestDestination { location } if location == "ssh://me@nas/srv/rewind")
+    });
+    assert!(asked, "{:?}", h.state().1);
+    h.state_mut().0.apply(Event::DestinationTested {
+        location: "ssh://me@nas/srv/rewind".into(),
+        result: Err("nas: the host key is not known; run ssh me@nas once".into()),
+    });
+    h.step();
+    h.get_by_label_contains("host key is not known");
+    settle(&mut h);
+    h.get_by_label("Add destination").click();
+    h.step();
+    let added = h.state().1.iter().any(|c| {
+        matches!(c, Command::AddRemoteDestination { url, passphrase: None } if url == "ssh://me@nas/srv/rewind")
+    });
+    assert!(added, "{:?}", h.state().1);
 }
 
 #[test]

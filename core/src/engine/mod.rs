@@ -59,6 +59,21 @@ pub enum Command {
         /// The VMs' disk images: the answer warns if the folder is on the same disk.
         vm_disks: Vec<std::path::PathBuf>,
     },
+    /// Add the store in a folder on another host (`ssh://[user@]host[:port]/path`) as a
+    /// destination (created if the folder is missing or empty), answered by
+    /// [`Event::DestinationAdded`].
+    AddRemoteDestination {
+        /// The `ssh://` URL.
+        url: String,
+        /// Its passphrase, as for [`Command::AddFolderDestination`].
+        passphrase: Option<zeroize::Zeroizing<String>>,
+    },
+    /// Try to reach a destination that is not added yet (`ssh://…` or a folder) and say
+    /// what is there, answered by [`Event::DestinationTested`].
+    TestDestination {
+        /// The folder or `ssh://` URL.
+        location: String,
+    },
     /// Have the scheduler take a checkpoint of this VM (or of all) now; without a
     /// scheduler of this window's, the engine takes it itself.
     CheckpointNow {
@@ -142,6 +157,14 @@ pub enum Event {
         result: Result<crate::destination::Added, String>,
         /// Set when the folder is on the same disk as a VM's disk images.
         warning: Option<String>,
+    },
+    /// The answer to [`Command::TestDestination`].
+    DestinationTested {
+        /// The location as asked.
+        location: String,
+        /// What is there ("a store with 12 checkpoints", "an empty folder: a new store
+        /// will be made"), or why it could not be reached.
+        result: Result<String, String>,
     },
     /// How far a job is.
     JobProgress {
@@ -576,7 +599,19 @@ impl Engine {
                 passphrase,
                 vm_disks,
             } => {
-                self.add_folder_destination(p, folder, passphrase, vm_disks, inner)
+                self.add_destination(p, AddTarget::Folder { folder, vm_disks }, passphrase, inner)
+                    .await;
+            }
+            Command::AddRemoteDestination { url, passphrase } => {
+                self.add_destination(p, AddTarget::Remote(url), passphrase, inner)
+                    .await;
+            }
+            Command::TestDestination { location } => {
+                let tested = location.clone();
+                let result = tokio::task::spawn_blocking(move || test_destination(&tested))
+                    .await
+                    .unwrap_or_else(|join| Err(format!("internal error: {join}")));
+                self.emit(Event::DestinationTested { location, result })
                     .await;
             }
             Command::Cancel(job) => {
@@ -634,12 +669,11 @@ impl Engine {
 
     /// Adds a folder destination to the configuration and saves it (off the loop: creating
     /// an encrypted store derives a key, which takes a moment).
-    async fn add_folder_destination(
+    async fn add_destination(
         &self,
         p: &mut Protection,
-        folder: std::path::PathBuf,
+        target: AddTarget,
         passphrase: Option<zeroize::Zeroizing<String>>,
-        vm_disks: Vec<std::path::PathBuf>,
         inner: &mpsc::Sender<Inner>,
     ) {
         let mut config = p.config.clone();
@@ -656,18 +690,34 @@ impl Engine {
                 },
                 None => crate::destination::Passphrase::None,
             };
-            let added = crate::destination::add_folder(&mut config, &folder, pass)
-                .map_err(|e| e.to_string())?;
+            let (added, warning) = match &target {
+                AddTarget::Folder { folder, vm_disks } => {
+                    let added = crate::destination::add_folder(&mut config, folder, pass)
+                        .map_err(|e| e.to_string())?;
+                    let warning = vm_disks
+                        .iter()
+                        .any(|d| crate::destination::same_device(d, folder))
+                        .then(|| {
+                            format!(
+                                "{} is on the same disk as virtual machine disks: if that disk fails, the checkpoints are lost with it. A removable drive or another host is safer.",
+                                folder.display()
+                            )
+                        });
+                    (added, warning)
+                }
+                AddTarget::Remote(url) => {
+                    let location = crate::store::Location::parse(url).map_err(|e| e.to_string())?;
+                    if !location.is_remote() {
+                        return Err(format!(
+                            "{url} is not an ssh:// address; write ssh://[user@]host[:port]/folder"
+                        ));
+                    }
+                    let added = crate::destination::add_at(&mut config, &location, pass)
+                        .map_err(|e| e.to_string())?;
+                    (added, None)
+                }
+            };
             config.save(&path).map_err(|e| e.to_string())?;
-            let warning = vm_disks
-                .iter()
-                .any(|d| crate::destination::same_device(d, &folder))
-                .then(|| {
-                    format!(
-                        "{} is on the same disk as virtual machine disks: if that disk fails, the checkpoints are lost with it. A removable drive or another host is safer.",
-                        folder.display()
-                    )
-                });
             Ok::<_, String>((added, config, warning))
         })
         .await
@@ -843,6 +893,52 @@ fn panicked(action: &str, join: &tokio::task::JoinError) -> Error {
     }
 }
 
+/// Where [`Command::AddFolderDestination`] and [`Command::AddRemoteDestination`] add.
+enum AddTarget {
+    Folder {
+        folder: std::path::PathBuf,
+        vm_disks: Vec<std::path::PathBuf>,
+    },
+    Remote(String),
+}
+
+/// What is at `location` (for [`Command::TestDestination`]): a store (how many
+/// checkpoints, encrypted or not), a place where one can be made, or why it cannot be
+/// reached.
+fn test_destination(location: &str) -> Result<String, String> {
+    use crate::store::{Location, Store, StoreError};
+    let place = Location::parse(location.trim()).map_err(|e| e.to_string())?;
+    let host = match &place {
+        Location::Ssh(ssh) => format!("Reached {}. ", ssh.host),
+        Location::Local(_) => String::new(),
+    };
+    match Store::probe_at(&place) {
+        Ok(c) if c.encryption.is_some() => Ok(format!(
+            "{host}There is an encrypted Rewind store (ID {}): adding it needs its passphrase.",
+            c.id
+        )),
+        Ok(c) => {
+            let count = Store::open_at(&place, None)
+                .and_then(|s| s.catalog())
+                .map(|cat| cat.checkpoints.len());
+            Ok(match count {
+                Ok(n) => format!(
+                    "{host}There is a Rewind store (ID {}) with {n} checkpoint(s).",
+                    c.id
+                ),
+                Err(e) => format!("{host}There is a Rewind store (ID {}), but: {e}", c.id),
+            })
+        }
+        Err(StoreError::Missing { .. }) => Ok(format!(
+            "{host}The folder does not exist yet: adding it creates a new store there."
+        )),
+        Err(StoreError::NotAStore { .. }) => Ok(format!(
+            "{host}The folder holds no Rewind store: adding it creates one if the folder is empty."
+        )),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -876,6 +972,61 @@ mod tests {
             }
         }
         None
+    }
+
+    #[test]
+    fn a_destination_test_says_what_is_there_before_it_is_added() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut engine = engine("test:///default", dir.path(), Arc::new(|| {}));
+        let mut ask = |location: String| -> Result<String, String> {
+            assert!(engine.send(Command::TestDestination {
+                location: location.clone()
+            }));
+            while let Some(ev) = engine.recv_timeout(Duration::from_secs(10)) {
+                if let Event::DestinationTested {
+                    location: l,
+                    result,
+                } = ev
+                {
+                    assert_eq!(l, location);
+                    return result;
+                }
+            }
+            panic!("no answer for {location}");
+        };
+        let missing = dir.path().join("new");
+        let said = ask(missing.display().to_string()).unwrap();
+        assert!(said.contains("does not exist yet"), "{said}");
+        let store_dir = dir.path().join("store");
+        crate::store::Store::init(&store_dir, &crate::store::InitOptions::default()).unwrap();
+        let said = ask(store_dir.display().to_string()).unwrap();
+        assert!(
+            said.contains("Rewind store") && said.contains("0 checkpoint"),
+            "{said}"
+        );
+        let other = dir.path().join("other");
+        std::fs::create_dir(&other).unwrap();
+        std::fs::write(other.join("notes.txt"), "x").unwrap();
+        let said = ask(other.display().to_string()).unwrap();
+        assert!(said.contains("no Rewind store"), "{said}");
+        let bad = ask("nas:/srv/rewind".into()).unwrap_err();
+        assert!(bad.contains("ssh://"), "{bad}");
+        // Adding a remote destination refuses a folder path, saying what to write.
+        assert!(engine.send(Command::AddRemoteDestination {
+            url: store_dir.display().to_string(),
+            passphrase: None,
+        }));
+        loop {
+            match engine.recv_timeout(Duration::from_secs(10)) {
+                Some(Event::DestinationAdded { result, .. }) => {
+                    let e = result.unwrap_err();
+                    assert!(e.contains("ssh://[user@]host"), "{e}");
+                    break;
+                }
+                Some(_) => {}
+                None => panic!("no answer to AddRemoteDestination"),
+            }
+        }
     }
 
     #[test]
