@@ -374,23 +374,6 @@ fn export_vda(remote: &Remote, url: &str, vm: &str, out: &Path) -> Vec<u8> {
     fs::read(out).unwrap()
 }
 
-/// Removes a VM that a test made through Rewind (not through the harness), also on panic.
-struct RestoredVm(String);
-
-impl Drop for RestoredVm {
-    fn drop(&mut self) {
-        let Ok(hv) = rewind_core::libvirt::Hypervisor::connect(daemon::URI) else {
-            return;
-        };
-        if hv.has_vm(&self.0) {
-            let control = Control::new();
-            let force = rewind_core::libvirt::lifecycle::StopMode::Force;
-            let _ = hv.stop_vm(&self.0, force, &control);
-            let _ = hv.undefine_vm(&self.0);
-        }
-    }
-}
-
 /// A running VM checkpointed into an `ssh://` store (full, then incremental) with the
 /// binary: listed, verified, exported and restored as a new VM from there, byte for byte
 /// what the folder itself holds.
@@ -439,7 +422,7 @@ fn a_running_vm_checkpointed_to_an_ssh_store_comes_back_from_it_byte_for_byte() 
     assert!(exported == expected, "the export over ssh differs");
 
     let copy = format!("{}-copy", vm.name);
-    let _cleanup = RestoredVm(copy.clone());
+    let _cleanup = rewind_tests::RestoredVm(copy.clone());
     let disks = remote.dir.path().join("copy disks");
     let report = json(
         &remote,

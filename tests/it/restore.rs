@@ -423,23 +423,6 @@ fn in_place_restore_of_a_uefi_tpm_guest_brings_back_disk_nvram_and_tpm_state() {
     wait_resumed_after(&vm, last_record(&store, &m));
 }
 
-/// Removes a VM that a test made through Rewind (not through the harness), also on panic.
-struct RestoredVm(String);
-
-impl Drop for RestoredVm {
-    fn drop(&mut self) {
-        let Ok(hv) = rewind_core::libvirt::Hypervisor::connect(daemon::URI) else {
-            return;
-        };
-        if hv.has_vm(&self.0) {
-            let control = rewind_core::progress::Control::new();
-            let force = rewind_core::libvirt::lifecycle::StopMode::Force;
-            let _ = hv.stop_vm(&self.0, force, &control);
-            let _ = hv.undefine_vm(&self.0);
-        }
-    }
-}
-
 #[test]
 fn restore_as_a_new_vm_runs_beside_the_original() {
     let mut vm = TestVm::builder("restore-new")
@@ -453,7 +436,7 @@ fn restore_as_a_new_vm_runs_beside_the_original() {
     let dest_str = dest.to_str().unwrap();
     let id = id.as_str();
     let copy = format!("{} Kopie", vm.name);
-    let _cleanup = RestoredVm(copy.clone());
+    let _cleanup = rewind_tests::RestoredVm(copy.clone());
     let disks = dir.path().join("copy disks");
 
     // Refused with what to do: a name in use, a checkpoint or VM that is not there.

@@ -851,3 +851,22 @@ impl Drop for GuestSlot {
         FREED.notify_one();
     }
 }
+
+/// Removes a VM that a test made through Rewind (not through the harness), also on panic:
+/// forced off and undefined when dropped.
+#[derive(Debug)]
+pub struct RestoredVm(pub String);
+
+impl Drop for RestoredVm {
+    fn drop(&mut self) {
+        let Ok(hv) = rewind_core::libvirt::Hypervisor::connect(URI) else {
+            return;
+        };
+        if hv.has_vm(&self.0) {
+            let control = rewind_core::progress::Control::new();
+            let force = rewind_core::libvirt::lifecycle::StopMode::Force;
+            let _ = hv.stop_vm(&self.0, force, &control);
+            let _ = hv.undefine_vm(&self.0);
+        }
+    }
+}

@@ -26,7 +26,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-pub use domain::{DiskSpec, Format, TestVm};
+pub use domain::{DiskSpec, Format, RestoredVm, TestVm};
 
 /// A harness failure, with a message saying what to do.
 #[derive(Debug, Clone)]
