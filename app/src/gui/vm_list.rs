@@ -319,6 +319,11 @@ fn lanes_of<'a>(state: &'a UiState, vm: &VmInfo, overview: Option<&VmOverview>) 
     let Some(destinations) = state.destinations.as_deref() else {
         return Vec::new();
     };
+    // Parsed once: formatting every checkpoint's UUID each frame costs milliseconds with
+    // thousands of checkpoints.
+    let Ok(uuid) = vm.uuid.parse::<uuid::Uuid>() else {
+        return Vec::new();
+    };
     let mut names: Vec<&str> = overview
         .map(|o| o.destinations.iter().map(|d| d.name.as_str()).collect())
         .unwrap_or_default();
@@ -326,7 +331,7 @@ fn lanes_of<'a>(state: &'a UiState, vm: &VmInfo, overview: Option<&VmOverview>) 
         if !names.contains(&d.destination.name.as_str())
             && d.checkpoints
                 .iter()
-                .any(|c| c.vm_uuid.to_string() == vm.uuid)
+                .any(|c| c.vm_uuid == uuid)
         {
             names.push(&d.destination.name);
         }
@@ -344,7 +349,7 @@ fn lanes_of<'a>(state: &'a UiState, vm: &VmInfo, overview: Option<&VmOverview>) 
             checkpoints: d
                 .checkpoints
                 .iter()
-                .filter(|c| c.vm_uuid.to_string() == vm.uuid)
+                .filter(|c| c.vm_uuid == uuid)
                 .collect(),
         })
         .collect()

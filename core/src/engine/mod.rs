@@ -400,7 +400,12 @@ fn watch(paths: &Paths, inner: &mpsc::Sender<Inner>) -> Vec<Box<dyn std::any::An
         let tx = inner.clone();
         let name = paths.status.file_name().map(std::ffi::OsStr::to_os_string);
         let watcher = notify::recommended_watcher(move |e: notify::Result<notify::Event>| {
-            if e.is_ok_and(|e| e.paths.iter().any(|p| p.file_name() == name.as_deref())) {
+            // Only changes: reading the file (ours included) raises access events, and
+            // answering those would read it again, for ever.
+            if e.is_ok_and(|e| {
+                !matches!(e.kind, notify::EventKind::Access(_))
+                    && e.paths.iter().any(|p| p.file_name() == name.as_deref())
+            }) {
                 let _ = tx.try_send(Inner::Status);
             }
         });
@@ -972,6 +977,46 @@ mod tests {
             }
         }
         None
+    }
+
+    /// An idle engine (scheduler included) sends next to nothing, so an idle window does
+    /// not redraw: once it read its own status file, the read itself used to be taken for
+    /// a change, and the engine answered with status events tens of thousands of times a
+    /// second.
+    #[test]
+    fn an_idle_engine_with_its_scheduler_stays_quiet() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut engine = spawn_with(
+            EngineOptions {
+                uri: "test:///default".into(),
+                host_scheduler: true,
+                paths: Paths {
+                    config: dir.path().join("config.ron"),
+                    history: dir.path().join("history.jsonl"),
+                    status: dir.path().join("status.json"),
+                },
+            },
+            Arc::new(|| {}),
+        )
+        .unwrap();
+        // The start: connection, lists, configuration, the scheduler's first status.
+        let settle = std::time::Instant::now();
+        while settle.elapsed() < Duration::from_secs(2) {
+            let _ = engine.recv_timeout(Duration::from_millis(100));
+        }
+        let mut seen = Vec::new();
+        let quiet = std::time::Instant::now();
+        while quiet.elapsed() < Duration::from_secs(4) {
+            if let Some(ev) = engine.recv_timeout(Duration::from_millis(100)) {
+                seen.push(format!("{ev:?}").chars().take(60).collect::<String>());
+            }
+        }
+        assert!(
+            seen.len() <= 4,
+            "{} events in 4 idle seconds: {:?}",
+            seen.len(),
+            &seen[..seen.len().min(5)]
+        );
     }
 
     #[test]
