@@ -491,6 +491,9 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ConfigError> {
 /// last good one. Dropping it stops watching.
 pub struct ConfigWatcher {
     _watcher: notify::RecommendedWatcher,
+    /// How often the file was read after an event (for tests: an unchanged file is not
+    /// read over and over).
+    reads: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for ConfigWatcher {
@@ -516,13 +519,20 @@ impl ConfigWatcher {
         let file = path.to_path_buf();
         let name = file.file_name().map(std::ffi::OsStr::to_os_string);
         let mut last: Option<String> = std::fs::read_to_string(&file).ok();
+        let reads = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = reads.clone();
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
                 let Ok(event) = event else { return };
-                if !event.paths.iter().any(|p| p.file_name() == name.as_deref()) {
+                // Reads raise access events too, this watcher's own read below included:
+                // answering those would read the file again and again, for ever.
+                if matches!(event.kind, notify::EventKind::Access(_))
+                    || !event.paths.iter().any(|p| p.file_name() == name.as_deref())
+                {
                     return;
                 }
                 // Editors write in several steps; react to the content, once per change.
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let now = std::fs::read_to_string(&file).ok();
                 if now == last || now.is_none() {
                     return;
@@ -542,7 +552,10 @@ impl ConfigWatcher {
                 path: path.to_path_buf(),
                 detail: e.to_string(),
             })?;
-        Ok(Self { _watcher: watcher })
+        Ok(Self {
+            _watcher: watcher,
+            reads,
+        })
     }
 }
 
@@ -645,6 +658,21 @@ mod tests {
         assert!(parse_interval("soon").unwrap_err().contains("like 15m"));
         assert!(check_interval(300).is_ok() && check_interval(604_800).is_ok());
         assert!(check_interval(604_801).is_err());
+    }
+
+    /// Reading the file raises inotify access events; the watcher must not take its own
+    /// read for a change (it did, and spun a core each for the window's two watchers).
+    #[test]
+    fn the_watcher_leaves_an_unchanged_file_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.ron");
+        sample().save(&path).unwrap();
+        let watcher = ConfigWatcher::start(&path, |_| {}).unwrap();
+        // Someone else reads it (as the scheduler and the window do).
+        let _ = std::fs::read_to_string(&path).unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+        let reads = watcher.reads.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(reads, 0, "an unchanged file was read {reads} times");
     }
 
     #[test]
