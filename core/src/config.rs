@@ -498,7 +498,12 @@ pub struct ConfigWatcher {
 
 impl std::fmt::Debug for ConfigWatcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ConfigWatcher")
+        f.debug_struct("ConfigWatcher")
+            .field(
+                "reads",
+                &self.reads.load(std::sync::atomic::Ordering::Relaxed),
+            )
+            .finish_non_exhaustive()
     }
 }
 
