@@ -9,6 +9,8 @@
 //! The window hosts the scheduler unless `rewind daemon` runs one. With a tray, closing the
 //! window hides it and Rewind keeps protecting; without one, closing asks first.
 
+#[cfg(test)]
+mod bench;
 pub mod dialogs;
 pub mod settings;
 pub mod setup;
