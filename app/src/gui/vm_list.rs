@@ -329,9 +329,7 @@ fn lanes_of<'a>(state: &'a UiState, vm: &VmInfo, overview: Option<&VmOverview>) 
         .unwrap_or_default();
     for d in destinations {
         if !names.contains(&d.destination.name.as_str())
-            && d.checkpoints
-                .iter()
-                .any(|c| c.vm_uuid == uuid)
+            && d.checkpoints.iter().any(|c| c.vm_uuid == uuid)
         {
             names.push(&d.destination.name);
         }
@@ -346,11 +344,7 @@ fn lanes_of<'a>(state: &'a UiState, vm: &VmInfo, overview: Option<&VmOverview>) 
                     d.found,
                     rewind_core::destination::Availability::Missing { .. }
                 ),
-            checkpoints: d
-                .checkpoints
-                .iter()
-                .filter(|c| c.vm_uuid == uuid)
-                .collect(),
+            checkpoints: d.checkpoints.iter().filter(|c| c.vm_uuid == uuid).collect(),
         })
         .collect()
 }
