@@ -13,9 +13,7 @@ use rewind_core::restore::{
 use rewind_core::store::{Manifest, Store};
 use rewind_core::units::human_bytes;
 
-use crate::store_cli::{
-    Interrupt, ProgressLine, WorkDir, find_checkpoint, local, open_store, vm_matches,
-};
+use crate::store_cli::{Interrupt, ProgressLine, find_checkpoint, local, open_store, vm_matches};
 
 /// What `rewind restore` was asked to do.
 #[derive(Debug)]
@@ -83,7 +81,7 @@ fn run(
     args: &RestoreArgs<'_>,
 ) -> anyhow::Result<()> {
     let hv = Hypervisor::connect(uri)?;
-    let work = WorkDir::new()?;
+    let work = super::store_cli::work_dir()?;
     // Ctrl-C cancels: the VM is put back as it was.
     let control = Interrupt::install()?.next_control();
     let label = args.as_name.unwrap_or(&m.vm.name);

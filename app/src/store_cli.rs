@@ -10,6 +10,7 @@ use rewind_core::store::retention::KeepRules;
 use rewind_core::store::verify::VerifyReport;
 use rewind_core::store::{InitOptions, Location, Manifest, Store, StoreError};
 use rewind_core::units::human_bytes;
+use rewind_core::workdir::WorkDir;
 use serde::Serialize;
 use zeroize::Zeroizing;
 
@@ -223,36 +224,15 @@ impl Interrupt {
     }
 }
 
-/// A folder for one job's sockets and scratch files, removed when dropped. The engine
-/// makes one folder per VM inside it that only that VM's QEMU can write; QEMU only needs to
-/// pass through this one. The name holds the process id, so a later run removes the folder
-/// of a killed one.
-pub(crate) struct WorkDir(PathBuf);
-
-impl WorkDir {
-    pub(crate) fn new() -> anyhow::Result<Self> {
-        remove_work_dirs_of_dead_runs();
-        let work = std::env::temp_dir().join(format!(
-            "rewind-checkpoint-{}-{}",
-            std::process::id(),
-            &uuid::Uuid::new_v4().simple().to_string()[..12]
-        ));
-        std::fs::create_dir(&work)
-            .with_context(|| format!("could not create {}", work.display()))?;
-        std::fs::set_permissions(&work, std::os::unix::fs::PermissionsExt::from_mode(0o711))
-            .with_context(|| format!("could not open {} to QEMU", work.display()))?;
-        Ok(Self(work))
-    }
-
-    pub(crate) fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for WorkDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A folder for one job's sockets and scratch files (core's [`WorkDir`]), with a message
+/// that names it when it cannot be made.
+pub(crate) fn work_dir() -> anyhow::Result<WorkDir> {
+    WorkDir::new().with_context(|| {
+        format!(
+            "could not make a work folder in {} (set TMPDIR to a writable folder)",
+            std::env::temp_dir().display()
+        )
+    })
 }
 
 fn checkpoint_one(
@@ -261,34 +241,13 @@ fn checkpoint_one(
     vm: &str,
     control: &std::sync::Arc<Control>,
 ) -> anyhow::Result<Manifest> {
-    let work = WorkDir::new()?;
+    let work = work_dir()?;
     let reporter = std::io::stderr()
         .is_terminal()
         .then(|| ProgressLine::start(vm, control.clone()));
     let result = rewind_core::checkpoint::take(hv, store, vm, work.path(), control);
     drop(reporter);
     Ok(result?)
-}
-
-/// Removes `rewind-checkpoint-<pid>-<uuid>` folders whose process no longer runs.
-fn remove_work_dirs_of_dead_runs() {
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("rewind-checkpoint-"))
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|pid| pid.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists() {
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
-    }
 }
 
 /// A progress line on a terminal's stderr, redrawn every 200 ms until dropped.
