@@ -155,10 +155,10 @@ fn clean_up_after_killed_runs(
     {
         hv.abort_job(vm)?;
     }
-    if FreezeMarker::left_by_dead_process(uuid) {
+    if FROZEN.left_by_dead_process(uuid) {
         // A Rewind killed while the guest was frozen: thaw it (harmless if not frozen).
         hv.thaw_filesystems(vm)?;
-        FreezeMarker::remove(uuid);
+        FROZEN.remove(uuid);
     }
     let prefix = chain_prefix(store);
     for name in hv.checkpoint_names(vm)? {
@@ -258,6 +258,9 @@ pub struct TakeOptions {
     /// Freeze the guest's file systems through its agent when it has one (off: always
     /// crash-consistent, for guests whose applications dislike being frozen).
     pub quiesce: bool,
+    /// Memory and device state too (a running VM only), so that restoring it resumes the
+    /// VM where it was.
+    pub full_state: bool,
 }
 
 impl Default for TakeOptions {
@@ -267,6 +270,7 @@ impl Default for TakeOptions {
             skip_missing_disks: false,
             copy_phase: Phase::Copying,
             quiesce: true,
+            full_state: false,
         }
     }
 }
@@ -309,6 +313,15 @@ pub fn take_with(
             )
         }));
     }
+    if let Ok(uuid) = Uuid::parse_str(&info.uuid) {
+        resume_after_killed_run(hv, vm, &uuid)?;
+    }
+    let info = hv.vm(vm)?;
+    if info.state == VmState::ShutOff && options.full_state {
+        return Err(CheckpointError::Unsupported(format!(
+            "VM {vm:?} is shut off, so it has no memory to save; take a disk checkpoint (without --full-state)"
+        )));
+    }
     if info.state == VmState::ShutOff {
         return take_shut_off(hv, store, &info, work_dir, options, control);
     }
@@ -346,6 +359,7 @@ pub fn take_with(
     let plan = LivePlan {
         vm,
         quiesce: options.quiesce,
+        full_state: options.full_state,
         labels: options.labels.clone(),
         info: &info,
         uuid,
@@ -355,7 +369,7 @@ pub fn take_with(
         full_reason,
         disks: &disks,
     };
-    let result = take_live(hv, store, plan, &job_dir, control);
+    let result = take_live(hv, store, &plan, &job_dir, control);
     let _ = std::fs::remove_dir_all(&job_dir);
     result
 }
@@ -364,6 +378,8 @@ pub fn take_with(
 struct LivePlan<'a> {
     vm: &'a str,
     quiesce: bool,
+    /// Memory and device state too.
+    full_state: bool,
     labels: Vec<String>,
     info: &'a crate::vm::VmInfo,
     uuid: Uuid,
@@ -381,29 +397,44 @@ struct LivePlan<'a> {
 fn take_live(
     hv: &Hypervisor,
     store: &Store,
-    plan: LivePlan<'_>,
+    plan: &LivePlan<'_>,
     job_dir: &Path,
     control: &Control,
 ) -> Result<Manifest, CheckpointError> {
-    let LivePlan {
-        vm,
-        quiesce,
-        labels,
-        info,
-        uuid,
-        new_name,
-        time,
-        prev,
-        full_reason,
-        disks,
-    } = plan;
-    let targets: Vec<String> = disks.iter().map(|d| d.0.clone()).collect();
+    let targets: Vec<String> = plan.disks.iter().map(|d| d.0.clone()).collect();
     let socket = job_dir.join("rewind-nbd.sock");
     control.set_phase(Phase::Capturing);
-    // Freeze (when an agent answers), mark the instant, thaw at once: the export is
-    // point-in-time, so the guest is frozen only for as long as starting the job takes.
-    let (frozen, consistency, consistency_note) = if quiesce {
-        freeze(hv, vm, &uuid)?
+    let captured = if plan.full_state {
+        capture_full_state(hv, plan, &socket, &targets)?
+    } else {
+        capture_disks(hv, plan, &socket, &targets)?
+    };
+    copy_captured(hv, store, plan, captured, &socket, control)
+}
+
+/// The capture instant, and what was captured at it.
+struct Captured {
+    backup: crate::libvirt::backup::PullBackup,
+    /// The libvirt checkpoint the export's dirty bitmaps are relative to, if incremental.
+    incremental_from: Option<String>,
+    full_reason: Option<String>,
+    kind: CheckpointKind,
+    consistency: Consistency,
+    consistency_note: String,
+    /// The VM's saved memory and device state (full state only).
+    memory: Option<std::fs::File>,
+}
+
+/// Disks only: freeze (when an agent answers), mark the instant, thaw at once. The export
+/// is point-in-time, so the guest is frozen only for as long as starting the job takes.
+fn capture_disks(
+    hv: &Hypervisor,
+    plan: &LivePlan<'_>,
+    socket: &Path,
+    targets: &[String],
+) -> Result<Captured, CheckpointError> {
+    let (frozen, consistency, consistency_note) = if plan.quiesce {
+        freeze(hv, plan.vm, &plan.uuid)?
     } else {
         (
             None,
@@ -412,42 +443,149 @@ fn take_live(
         )
     };
     crate::fault::point("after-freeze").map_err(CheckpointError::Unsupported)?;
-    let begun = begin_backup(
-        hv,
-        vm,
-        &socket,
-        &targets,
-        prev.as_ref(),
-        full_reason,
-        &new_name,
-    );
+    let begun = begin_backup(hv, plan, socket, targets);
     drop(frozen);
     let (backup, incremental_from, full_reason) = begun?;
-    let parent = incremental_from.as_ref().and_then(|_| prev.clone());
+    Ok(Captured {
+        backup,
+        incremental_from,
+        full_reason,
+        kind: CheckpointKind::Disk,
+        consistency,
+        consistency_note,
+        memory: None,
+    })
+}
+
+/// Memory, device state and disks of one instant, the straightforward way: libvirt's
+/// managed save stops the VM with its state in a file; the VM is started again from that
+/// file, paused; the disk export begins (its instant is the saved one, as the paused VM
+/// writes nothing); the VM runs on. The guest is paused for the save, QEMU's start and the
+/// resume; the image is copied afterwards from a descriptor opened before the start (libvirt
+/// removes the file once the VM resumed from it).
+///
+/// The guest's file systems are not frozen: the memory holds everything in flight, and a
+/// guest frozen in its saved state would wake up frozen.
+fn capture_full_state(
+    hv: &Hypervisor,
+    plan: &LivePlan<'_>,
+    socket: &Path,
+    targets: &[String],
+) -> Result<Captured, CheckpointError> {
+    let vm = plan.vm;
+    if hv.managed_save_path(&plan.info.name).is_none() {
+        return Err(CheckpointError::Unsupported(format!(
+            "full-state checkpoints need the libvirt daemon on this machine (qemu:///system or qemu:///session), not {}; take a disk checkpoint instead",
+            hv.uri()
+        )));
+    }
+    if hv.has_managed_save(vm)? {
+        return Err(CheckpointError::Unsupported(format!(
+            "VM {vm:?} already has saved state (libvirt managed save) that a start would resume; start it or remove that state (virsh managedsave-remove) first"
+        )));
+    }
+    SAVED.create(&plan.uuid)?;
+    let paused_at = std::time::Instant::now();
+    // From here until the guard is dropped, the VM is saved or paused: the guard lets it
+    // run again on every path (a killed Rewind leaves the SAVED marker for the next run).
+    let resume = Resume {
+        hv,
+        vm,
+        uuid: plan.uuid,
+    };
+    let memory = hv.managed_save(vm)?;
+    crate::fault::point("after-save").map_err(CheckpointError::Unsupported)?;
+    hv.start_vm_paused(vm)?;
+    let begun = begin_backup(hv, plan, socket, targets);
+    drop(resume);
+    let pause_ms = paused_at.elapsed().as_millis();
+    let (backup, incremental_from, full_reason) = begun?;
+    Ok(Captured {
+        backup,
+        incremental_from,
+        full_reason,
+        kind: CheckpointKind::Full,
+        consistency: Consistency::Crash,
+        consistency_note: format!(
+            "memory, devices and disks of one instant (the VM was paused for {pause_ms} ms to save them): restoring it resumes the VM where it was; its disks alone are crash-consistent"
+        ),
+        memory: Some(memory),
+    })
+}
+
+/// The saved or paused VM of a full-state capture, let run again when dropped.
+struct Resume<'a> {
+    hv: &'a Hypervisor,
+    vm: &'a str,
+    uuid: Uuid,
+}
+
+impl Drop for Resume<'_> {
+    fn drop(&mut self) {
+        // A failure leaves the marker, so the next run tries again.
+        if self.hv.resume_saved(self.vm).is_ok() {
+            SAVED.remove(&self.uuid);
+        }
+    }
+}
+
+/// A run killed during a full-state capture may have left the VM saved or paused: let it
+/// run again.
+fn resume_after_killed_run(hv: &Hypervisor, vm: &str, uuid: &Uuid) -> Result<(), CheckpointError> {
+    if SAVED.left_by_dead_process(uuid) {
+        hv.resume_saved(vm)?;
+        SAVED.remove(uuid);
+    }
+    Ok(())
+}
+
+/// Streams what was captured into a new checkpoint and commits it.
+fn copy_captured(
+    hv: &Hypervisor,
+    store: &Store,
+    plan: &LivePlan<'_>,
+    captured: Captured,
+    socket: &Path,
+    control: &Control,
+) -> Result<Manifest, CheckpointError> {
+    let vm = plan.vm;
+    let Captured {
+        backup,
+        incremental_from,
+        full_reason,
+        kind,
+        consistency,
+        consistency_note,
+        memory,
+    } = captured;
+    let parent = incremental_from.as_ref().and_then(|_| plan.prev.clone());
     let result = (|| {
         let new = NewCheckpoint {
             vm: VmRef {
-                name: info.name.clone(),
-                uuid,
+                name: plan.info.name.clone(),
+                uuid: plan.uuid,
             },
-            time,
-            kind: CheckpointKind::Disk,
+            time: plan.time,
+            kind,
             consistency,
             consistency_note: Some(consistency_note.clone()),
             domain_xml: hv.domain_xml(vm)?,
             parent: parent.as_ref().map(|p| p.id.clone()),
             full_reason: full_reason.clone(),
-            labels: labels.clone(),
-            libvirt_checkpoint: Some(new_name.clone()),
+            labels: plan.labels.clone(),
+            libvirt_checkpoint: Some(plan.new_name.clone()),
         };
         let mut writer = store.begin_checkpoint(new, control)?;
         control.set_phase(Phase::Copying);
-        for (target, _, source, format) in disks {
+        if let Some(file) = &memory {
+            add_memory(&mut writer, vm, file, control)?;
+        }
+        for (target, _, source, format) in plan.disks {
             let context = backup.dirty_context(target);
             let (object, read) = read_disk(
                 &writer,
                 vm,
-                &socket,
+                socket,
                 target,
                 context.as_deref(),
                 parent.as_ref(),
@@ -456,7 +594,7 @@ fn take_live(
             writer.add_read_bytes(read);
             writer.add_disk(target, source.clone(), format.clone(), object)?;
         }
-        add_firmware_and_tpm(&mut writer, info)?;
+        add_firmware_and_tpm(&mut writer, plan.info)?;
         control.set_phase(Phase::Finishing);
         Ok::<_, CheckpointError>(writer.commit(control)?)
     })();
@@ -465,45 +603,89 @@ fn take_live(
         Ok(manifest) => {
             finished?;
             // The previous libvirt checkpoint of this store is no longer needed.
-            if let Some(old) = prev.as_ref().and_then(|p| p.libvirt_checkpoint.as_deref()) {
+            if let Some(old) = plan
+                .prev
+                .as_ref()
+                .and_then(|p| p.libvirt_checkpoint.as_deref())
+            {
                 let _ = hv.delete_checkpoint(vm, old);
             }
             Ok(manifest)
         }
         Err(e) => {
             // No manifest refers to the new libvirt checkpoint: it must not become a base.
-            let _ = hv.delete_checkpoint(vm, &new_name);
+            let _ = hv.delete_checkpoint(vm, &plan.new_name);
             Err(e)
         }
     }
 }
 
-/// A file saying "this process froze VM X's file systems", so that a run after a killed
-/// one knows to thaw them: `<temp dir>/rewind-frozen/<vm uuid>`, holding the process id.
-struct FreezeMarker;
+/// Adds the saved memory and device state as blob `memory`, chunked like a disk (pages
+/// that did not change since the last full-state checkpoint cost nothing new where they
+/// line up in the image).
+fn add_memory(
+    writer: &mut CheckpointWriter<'_>,
+    vm: &str,
+    file: &std::fs::File,
+    control: &Control,
+) -> Result<(), CheckpointError> {
+    let size = file
+        .metadata()
+        .map_err(|e| {
+            CheckpointError::Unsupported(format!(
+                "could not read the size of the saved state of VM {vm:?}: {e}"
+            ))
+        })?
+        .len();
+    control.add_total_bytes(size);
+    let object = writer.ingest_file(file, size, None, control)?;
+    writer.add_read_bytes(size);
+    writer.add_blob(MEMORY_BLOB, object)?;
+    Ok(())
+}
 
-impl FreezeMarker {
-    fn path(uuid: &Uuid) -> std::path::PathBuf {
-        std::env::temp_dir()
-            .join("rewind-frozen")
-            .join(uuid.to_string())
+/// The blob holding a full-state checkpoint's memory and device state: a libvirt save
+/// image (`virDomainSave` format), which `virDomainRestore` resumes the VM from.
+pub const MEMORY_BLOB: &str = "memory";
+
+/// A file saying "this process froze VM X's file systems" (or "saved VM X's state and has
+/// not resumed it yet"), so that a run after a killed one knows to thaw (resume) it:
+/// `<temp dir>/<folder>/<vm uuid>`, holding the process id.
+struct Marker(&'static str);
+
+fn unwritable_note(path: &Path, e: &std::io::Error) -> CheckpointError {
+    CheckpointError::Unsupported(format!(
+        "could not write the note {} (kept in case Rewind is stopped mid-way): {e}; check the temporary folder (TMPDIR)",
+        path.display()
+    ))
+}
+
+/// The guest's file systems are frozen.
+const FROZEN: Marker = Marker("rewind-frozen");
+/// The VM was saved (managed save) for a full-state checkpoint and may not run yet.
+const SAVED: Marker = Marker("rewind-saved");
+
+impl Marker {
+    fn path(&self, uuid: &Uuid) -> std::path::PathBuf {
+        std::env::temp_dir().join(self.0).join(uuid.to_string())
     }
 
-    fn create(uuid: &Uuid) -> std::io::Result<()> {
-        let path = Self::path(uuid);
+    fn create(&self, uuid: &Uuid) -> Result<(), CheckpointError> {
+        let path = self.path(uuid);
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
+            std::fs::create_dir_all(dir).map_err(|e| unwritable_note(&path, &e))?;
         }
-        std::fs::write(path, std::process::id().to_string())
+        std::fs::write(&path, std::process::id().to_string())
+            .map_err(|e| unwritable_note(&path, &e))
     }
 
-    fn remove(uuid: &Uuid) {
-        let _ = std::fs::remove_file(Self::path(uuid));
+    fn remove(&self, uuid: &Uuid) {
+        let _ = std::fs::remove_file(self.path(uuid));
     }
 
     /// Whether a marker is there from a process that no longer runs.
-    fn left_by_dead_process(uuid: &Uuid) -> bool {
-        std::fs::read_to_string(Self::path(uuid)).is_ok_and(|pid| {
+    fn left_by_dead_process(&self, uuid: &Uuid) -> bool {
+        std::fs::read_to_string(self.path(uuid)).is_ok_and(|pid| {
             let pid = pid.trim();
             pid != std::process::id().to_string() && !Path::new("/proc").join(pid).exists()
         })
@@ -522,7 +704,7 @@ impl Drop for Frozen<'_> {
     fn drop(&mut self) {
         // A failed thaw leaves the marker, so the next run tries again.
         if self.hv.thaw_filesystems(self.vm).is_ok() {
-            FreezeMarker::remove(&self.uuid);
+            FROZEN.remove(&self.uuid);
         }
     }
 }
@@ -551,12 +733,7 @@ fn freeze<'a>(
         }
         AgentState::Connected => {}
     }
-    FreezeMarker::create(uuid).map_err(|e| {
-        CheckpointError::Unsupported(format!(
-            "could not note the freeze of VM {vm:?} in {}: {e}",
-            FreezeMarker::path(uuid).display()
-        ))
-    })?;
+    FROZEN.create(uuid)?;
     let guard = Frozen {
         hv,
         vm,
@@ -616,16 +793,13 @@ fn add_firmware_and_tpm(
     Ok(())
 }
 
-/// Starts the pull backup, incremental from `prev` when `full_reason` is `None`; falls
-/// back to a full one (saying why) when libvirt refuses the incremental.
+/// Starts the pull backup, incremental from the plan's `prev` unless it has a
+/// `full_reason`; falls back to a full one (saying why) when libvirt refuses the incremental.
 fn begin_backup(
     hv: &Hypervisor,
-    vm: &str,
+    plan: &LivePlan<'_>,
     socket: &Path,
     targets: &[String],
-    prev: Option<&Manifest>,
-    full_reason: Option<String>,
-    new_name: &str,
 ) -> Result<
     (
         crate::libvirt::backup::PullBackup,
@@ -634,8 +808,9 @@ fn begin_backup(
     ),
     CheckpointError,
 > {
-    let mut full_reason = full_reason;
-    let mut incremental_from = match (prev, &full_reason) {
+    let (vm, new_name) = (plan.vm, plan.new_name.as_str());
+    let mut full_reason = plan.full_reason.clone();
+    let mut incremental_from = match (&plan.prev, &full_reason) {
         (Some(p), None) => p.libvirt_checkpoint.clone(),
         _ => None,
     };

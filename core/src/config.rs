@@ -118,7 +118,7 @@ pub enum Kind {
     /// Disks, UEFI variables, TPM state.
     #[default]
     Disk,
-    /// Also memory and device state (not supported by this version yet).
+    /// Also memory and device state: restoring resumes the VM where it was.
     Full,
 }
 
@@ -140,6 +140,10 @@ pub struct Protection {
     pub keep: KeepRules,
     /// Disk-only or full-state.
     pub kind: Kind,
+    /// With `kind: disk`: make a checkpoint full-state whenever the VM's newest full-state
+    /// one in that destination is older than this ("full state every hour, disk-only every
+    /// 10 minutes").
+    pub full_state_every_secs: Option<u64>,
     /// Freeze the guest's file systems through its agent (application consistency).
     pub quiesce: bool,
     /// Warn once the newest checkpoint in a destination is older than this.
@@ -158,6 +162,7 @@ impl Default for Protection {
             activity_bytes: None,
             keep: default_keep(),
             kind: Kind::Disk,
+            full_state_every_secs: None,
             quiesce: true,
             stale_after_secs: None,
             paused: false,
@@ -364,6 +369,16 @@ impl Config {
             }
             vms.push(&p.vm);
             check_interval(p.interval_secs).map_err(|e| format!("VM {:?}: {e}", p.vm))?;
+            if let Some(every) = p.full_state_every_secs {
+                check_interval(every)
+                    .map_err(|e| format!("VM {:?}: full_state_every_secs: {e}", p.vm))?;
+                if p.kind == Kind::Full {
+                    return Err(format!(
+                        "VM {:?} has kind: full (every checkpoint full-state) and full_state_every_secs; keep one: kind: disk with full_state_every_secs mixes the two",
+                        p.vm
+                    ));
+                }
+            }
             if p.destinations.is_empty() {
                 return Err(format!("VM {:?} has no destination", p.vm));
             }

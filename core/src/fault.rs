@@ -1,7 +1,9 @@
 //! Fault injection for the integration tests: with `REWIND_FAULT=<point>` in the
 //! environment, the named point fails with an error; with `REWIND_FAULT=abort-<point>`, the
 //! process aborts there as if killed. Points: `after-freeze` (the guest's file systems are
-//! frozen, the backup not begun yet). Without the variable nothing happens.
+//! frozen, the backup not begun yet), `after-save` (a full-state capture saved the VM,
+//! which is shut off with its state in libvirt's managed save image). Without the variable
+//! nothing happens.
 
 /// Fails or aborts at `point` when `REWIND_FAULT` asks for it.
 pub(crate) fn point(point: &str) -> Result<(), String> {

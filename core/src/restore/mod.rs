@@ -128,6 +128,21 @@ pub enum RestoreError {
         /// Where that leaves the VM, in words for the user.
         outcome: String,
     },
+    /// The saved memory of a full-state checkpoint could not be read back whole: nothing
+    /// was written.
+    #[error(
+        "the saved memory of checkpoint {id} of VM {vm:?} is damaged or unreadable, so nothing was restored: {detail}. {outcome}"
+    )]
+    Memory {
+        /// The checkpoint.
+        id: String,
+        /// The VM's name.
+        vm: String,
+        /// What is wrong with it.
+        detail: String,
+        /// Where that leaves the VM, in words for the user.
+        outcome: String,
+    },
     /// Cancelled before anything was changed.
     #[error("cancelled; nothing was changed")]
     Cancelled,
@@ -200,6 +215,9 @@ pub struct RestoreReport {
     pub defined: bool,
     /// The VM was started.
     pub started: bool,
+    /// It resumed from the checkpoint's saved memory (a full-state checkpoint) instead of
+    /// booting.
+    pub resumed: bool,
     /// Why starting it failed, if it did (the restore itself succeeded).
     pub start_error: Option<String>,
     /// Bytes written to disks.

@@ -110,6 +110,9 @@ pub fn restore_as_new(
         tpm,
         defined: true,
         started: started_vm,
+        // A copy boots from its disks: the saved memory belongs to the original VM (its
+        // devices, MAC addresses and disk paths).
+        resumed: false,
         start_error,
         duration_ms: elapsed_ms(started),
     })

@@ -1,7 +1,7 @@
 //! Restoring a whole VM: in place (see the module documentation of [`super`]) or as a new
 //! VM beside the original.
 
-use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -502,6 +502,7 @@ impl<'a> InPlace<'a> {
             skip_missing_disks: true,
             copy_phase: Phase::SafetyCheckpoint,
             quiesce: true,
+            full_state: false,
         };
         match checkpoint::take_with(
             self.hv,
@@ -641,6 +642,120 @@ impl<'a> InPlace<'a> {
     }
 }
 
+/// A full-state checkpoint's saved memory, written out for libvirt to resume the VM from;
+/// the file is removed when dropped.
+struct SavedMemory(PathBuf);
+
+impl Drop for SavedMemory {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl InPlace<'_> {
+    /// Writes the checkpoint's saved memory to a file in the work folder, every chunk
+    /// checked against its hash, and has libvirt read its header; `None` for a disk-only
+    /// checkpoint. The error names the damage.
+    fn saved_memory(&self, control: &Control) -> Result<Option<SavedMemory>, RestoreError> {
+        let m = self.m;
+        let Some(b) = m.blobs.iter().find(|b| b.name == checkpoint::MEMORY_BLOB) else {
+            return Ok(None);
+        };
+        let saved = SavedMemory(self.work_dir.join(format!(
+            "rewind-memory-{}-{}.save",
+            self.uuid,
+            std::process::id()
+        )));
+        let damaged = |detail: String| RestoreError::Memory {
+            id: m.id.clone(),
+            vm: self.name.clone(),
+            detail,
+            outcome: String::new(),
+        };
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&saved.0)
+            .map_err(|e| RestoreError::Write {
+                path: saved.0.clone(),
+                detail: e.to_string(),
+            })?;
+        control.add_total_bytes(b.index.size_bytes);
+        match self
+            .store
+            .object_reader(&b.index)?
+            .write_to_file(&file, control)
+        {
+            Ok(()) => {}
+            Err(crate::store::StoreError::Cancelled) => return Err(RestoreError::Cancelled),
+            Err(e) => return Err(damaged(e.to_string())),
+        }
+        drop(file);
+        self.hv
+            .saved_state_xml(&saved.0)
+            .map_err(|e| damaged(e.to_string()))?;
+        Ok(Some(saved))
+    }
+
+    /// [`Self::saved_memory`], with the error saying where a damaged image leaves the VM:
+    /// shut off with its disks untouched (and nothing running); after other errors the VM
+    /// runs again if it ran.
+    fn checked_memory(
+        &self,
+        safety: Option<&Manifest>,
+        control: &Control,
+    ) -> Result<Option<SavedMemory>, RestoreError> {
+        self.saved_memory(control).map_err(|e| match e {
+            RestoreError::Memory { id, vm, detail, .. } => RestoreError::Memory {
+                outcome: format!(
+                    "VM {vm:?} is shut off with its disks as they were (nothing was written{}); start it to go on from there, or restore another checkpoint",
+                    safety
+                        .map(|s| format!("; safety checkpoint {} holds them too", s.id))
+                        .unwrap_or_default()
+                ),
+                id,
+                vm,
+                detail,
+            },
+            other => {
+                self.restart();
+                other
+            }
+        })
+    }
+}
+
+/// Starts VM `name` if `wanted`, from `memory` if there is that: whether it started, why
+/// not, and whether it resumed from the memory.
+fn start_or_resume(
+    hv: &Hypervisor,
+    name: &str,
+    wanted: bool,
+    memory: Option<&SavedMemory>,
+    control: &Control,
+) -> (bool, Option<String>, bool) {
+    match memory {
+        Some(saved) if wanted => {
+            control.start_phase(Phase::Starting);
+            match hv.restore_saved_state(&saved.0, false) {
+                Ok(()) => (true, None, true),
+                Err(e) => (
+                    false,
+                    Some(format!(
+                        "{e}; the disks are restored: start the VM to boot it from them"
+                    )),
+                    false,
+                ),
+            }
+        }
+        _ => {
+            let (started, error) = start_if(hv, name, wanted, control);
+            (started, error, false)
+        }
+    }
+}
+
 /// Starts VM `name` if `wanted`: whether it started, and why not.
 pub(super) fn start_if(
     hv: &Hypervisor,
@@ -698,6 +813,13 @@ pub fn restore_in_place(
         (None, None) => None,
     };
 
+    // A full-state checkpoint's memory is read back whole before anything is written.
+    let memory = if options.start.unwrap_or(true) {
+        t.checked_memory(safety.as_ref(), control)?
+    } else {
+        None
+    };
+
     // 3. Note that the disks are being written.
     let marker = RestoreMarker {
         checkpoint: m.id.clone(),
@@ -732,9 +854,12 @@ pub fn restore_in_place(
     })?;
     RestoreMarker::remove(&m.vm.uuid);
 
-    // 6. Start it again.
-    let (started_vm, start_error) =
-        start_if(hv, &t.name, options.start.unwrap_or(t.was_running), control);
+    // 6. Start it again: resumed from the saved memory of a full-state checkpoint (which
+    // is restored to run, the way it was taken), booted otherwise.
+    let start = options.start.unwrap_or(t.was_running || memory.is_some());
+    let (started_vm, start_error, resumed) =
+        start_or_resume(hv, &t.name, start, memory.as_ref(), control);
+    drop(memory);
     Ok(RestoreReport {
         vm: t.name.clone(),
         vm_uuid: t.uuid.clone(),
@@ -750,6 +875,7 @@ pub fn restore_in_place(
         tpm,
         defined: t.existing.is_none(),
         started: started_vm,
+        resumed,
         start_error,
         duration_ms: elapsed_ms(started),
     })

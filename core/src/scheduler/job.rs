@@ -5,14 +5,15 @@
 
 use chrono::Utc;
 
-use super::policy::Why;
+use super::policy::{self, Why};
 use crate::checkpoint::{CheckpointError, TakeOptions};
-use crate::config::{Destination, Kind, Protection};
+use crate::config::{Destination, Protection};
 use crate::destination::Availability;
 use crate::history::{Outcome, Record};
 use crate::libvirt::Hypervisor;
 use crate::progress::Control;
-use crate::store::{Store, StoreError};
+use crate::store::{CheckpointKind, Store, StoreError};
+use crate::vm::VmState;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -146,15 +147,6 @@ pub fn run(spec: &JobSpec, control: &Control) -> Record {
 }
 
 fn run_into(spec: &JobSpec, control: &Control, record: &mut Record) -> Result<(), Failure> {
-    if spec.protection.kind == Kind::Full {
-        return Err(Failure {
-            message: format!(
-                "VM {:?} is set to full-state checkpoints, which this version of Rewind cannot take yet; set kind: disk in its policy",
-                spec.protection.vm
-            ),
-            retryable: false,
-        });
-    }
     let store = open_store(spec)?;
     let hv = Hypervisor::connect(&spec.uri)?;
     let vm = match &spec.protection.uuid {
@@ -165,8 +157,31 @@ fn run_into(spec: &JobSpec, control: &Control, record: &mut Record) -> Result<()
         message: format!("could not make a work folder in the temporary folder: {e}"),
         retryable: true,
     })?;
+    // Only a mixed policy needs to know when the last full-state one was.
+    let last_full_state = if spec.protection.full_state_every_secs.is_some() {
+        store
+            .catalog()?
+            .checkpoints
+            .iter()
+            .filter(|m| m.kind == CheckpointKind::Full)
+            .filter(|m| {
+                Some(m.vm.uuid.to_string()) == spec.protection.uuid
+                    || m.vm.name == spec.protection.vm
+            })
+            .map(|m| m.time)
+            .max()
+    } else {
+        None
+    };
+    let running = hv.vm(&vm).is_ok_and(|v| v.state == VmState::Running);
     let options = TakeOptions {
         quiesce: spec.protection.quiesce,
+        full_state: policy::wants_full_state(
+            &spec.protection,
+            running,
+            last_full_state,
+            Utc::now(),
+        ),
         ..TakeOptions::default()
     };
     let m = crate::checkpoint::take_with(&hv, &store, &vm, work.path(), &options, control)?;

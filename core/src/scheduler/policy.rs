@@ -118,6 +118,29 @@ pub fn is_due(policy: &Protection, track: &Track, now: DateTime<Utc>) -> Option<
     (at <= now).then_some(why)
 }
 
+/// Whether the next checkpoint should hold memory and device state too: always with
+/// `kind: full`; with `kind: disk` and `full_state_every_secs`, when the newest full-state
+/// checkpoint (`last_full_state`, in the destination at hand) is that old or there is none.
+/// Only a running VM has memory to save: a shut-off one gets a disk checkpoint.
+#[must_use]
+pub fn wants_full_state(
+    policy: &Protection,
+    running: bool,
+    last_full_state: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> bool {
+    if !running {
+        return false;
+    }
+    match (policy.kind, policy.full_state_every_secs) {
+        (crate::config::Kind::Full, _) => true,
+        (crate::config::Kind::Disk, None) => false,
+        (crate::config::Kind::Disk, Some(every_secs)) => last_full_state.is_none_or(|t| {
+            now - t >= Duration::seconds(i64::try_from(every_secs).unwrap_or(i64::MAX))
+        }),
+    }
+}
+
 /// Whether the newest checkpoint is older than the policy allows (or there has been none
 /// for that long since `protected_since`).
 #[must_use]
@@ -155,6 +178,26 @@ mod tests {
             last_attempt: Some(success),
             ..Track::default()
         }
+    }
+
+    #[test]
+    fn full_state_every_hour_and_disk_only_in_between() {
+        let mut p = every(10);
+        p.full_state_every_secs = Some(3600);
+        // None yet: the first one holds the memory.
+        assert!(wants_full_state(&p, true, None, at(9, 0)));
+        // Then disk-only until the newest full-state one is an hour old.
+        assert!(!wants_full_state(&p, true, Some(at(9, 0)), at(9, 10)));
+        assert!(!wants_full_state(&p, true, Some(at(9, 0)), at(9, 59)));
+        assert!(wants_full_state(&p, true, Some(at(9, 0)), at(10, 0)));
+        // A shut-off VM has no memory to save.
+        assert!(!wants_full_state(&p, false, None, at(9, 0)));
+        // kind: full means every one; kind: disk alone none.
+        let mut full = every(10);
+        full.kind = crate::config::Kind::Full;
+        assert!(wants_full_state(&full, true, Some(at(9, 9)), at(9, 10)));
+        assert!(!wants_full_state(&full, false, Some(at(8, 0)), at(9, 10)));
+        assert!(!wants_full_state(&every(10), true, None, at(9, 10)));
     }
 
     #[test]
