@@ -77,6 +77,10 @@ pub enum Command {
         /// Print the new checkpoints as a JSON array (records as in `rewind checkpoints --json`)
         #[arg(long)]
         json: bool,
+        /// Save memory and device state too (running VMs only): restoring the checkpoint
+        /// resumes the VM where it was instead of booting it. The VM pauses for a moment
+        #[arg(long)]
+        full_state: bool,
     },
 
     /// List the checkpoints in a store, of every VM or of one
@@ -224,9 +228,13 @@ pub enum Command {
         /// Do not freeze the guest's file systems (checkpoints are then crash-consistent)
         #[arg(long)]
         no_quiesce: bool,
-        /// Checkpoints with memory too (not available in this version yet)
-        #[arg(long)]
+        /// Every checkpoint with memory and device state too, so that restoring one resumes
+        /// the VM where it was (it pauses for a moment at each)
+        #[arg(long, conflicts_with = "full_state_every")]
         full_state: bool,
+        /// Disk-only checkpoints, and one with memory too this often (e.g. 1h)
+        #[arg(long, value_name = "INTERVAL")]
+        full_state_every: Option<String>,
         /// File with the passphrase of an encrypted store (for unattended checkpoints)
         #[arg(long, value_name = "FILE")]
         passphrase_file: Option<PathBuf>,
@@ -376,8 +384,13 @@ pub fn run(args: &Args, command: &Command, out: &mut dyn Write) -> anyhow::Resul
             }
         }
         Command::Init { dest, encrypt } => store_cli::init(out, dest, *encrypt)?,
-        Command::Checkpoint { vm, store, json } => {
-            store_cli::checkpoint(out, &args.uri(), vm, store, *json)?;
+        Command::Checkpoint {
+            vm,
+            store,
+            json,
+            full_state,
+        } => {
+            store_cli::checkpoint(out, &args.uri(), vm, store, *json, *full_state)?;
         }
         Command::Checkpoints { vm, store, json } => {
             store_cli::checkpoints(out, store, vm.as_deref(), *json)?;
@@ -444,6 +457,7 @@ pub fn run(args: &Args, command: &Command, out: &mut dyn Write) -> anyhow::Resul
             activity,
             no_quiesce,
             full_state,
+            full_state_every,
             passphrase_file,
         } => {
             let protect = crate::protect_cli::ProtectArgs {
@@ -454,6 +468,7 @@ pub fn run(args: &Args, command: &Command, out: &mut dyn Write) -> anyhow::Resul
                 activity: activity.as_deref(),
                 no_quiesce: *no_quiesce,
                 full_state: *full_state,
+                full_state_every: full_state_every.as_deref(),
                 passphrase_file: passphrase_file.as_deref(),
                 uri: args.connect.as_deref().filter(|u| !u.trim().is_empty()),
             };

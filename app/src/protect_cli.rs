@@ -34,6 +34,8 @@ pub struct ProtectArgs<'a> {
     pub no_quiesce: bool,
     /// `--full-state`.
     pub full_state: bool,
+    /// `--full-state-every`.
+    pub full_state_every: Option<&'a str>,
     /// `--passphrase-file`.
     pub passphrase_file: Option<&'a Path>,
     /// `--connect` was given explicitly.
@@ -107,11 +109,6 @@ pub fn protect(
     default_uri: &str,
     args: &ProtectArgs<'_>,
 ) -> anyhow::Result<()> {
-    if args.full_state {
-        bail!(
-            "full-state checkpoints (memory too) are not available in this version yet; protect the VM without --full-state for disk checkpoints"
-        );
-    }
     let (mut config, path) = load()?;
     if let Some(uri) = args.uri {
         uri.clone_into(&mut config.uri);
@@ -126,6 +123,14 @@ pub fn protect(
     };
     config::check_interval(interval_secs).map_err(anyhow::Error::msg)?;
     let activity_bytes = args.activity.map(parse_size).transpose()?;
+    let full_state_every_secs = args
+        .full_state_every
+        .map(|every| {
+            let secs = config::parse_interval(every).map_err(anyhow::Error::msg)?;
+            config::check_interval(secs).map_err(|e| anyhow::anyhow!("--full-state-every: {e}"))?;
+            Ok::<_, anyhow::Error>(secs)
+        })
+        .transpose()?;
 
     let (name, location, warning) = destination_for(&mut config, args, &info)?;
     let existing = config
@@ -146,14 +151,24 @@ pub fn protect(
     }
     protection.activity_bytes = activity_bytes.or(protection.activity_bytes);
     protection.quiesce = !args.no_quiesce;
+    protection.kind = if args.full_state {
+        config::Kind::Full
+    } else {
+        config::Kind::Disk
+    };
+    protection.full_state_every_secs = full_state_every_secs;
     config.vms.push(protection.clone());
     config.save(&path)?;
 
     writeln!(
         out,
-        "Protecting {}: a checkpoint every {} into {name} ({location}), keeping {}.",
+        "Protecting {}: a {}checkpoint every {} into {name} ({location}){}, keeping {}.",
         info.name,
+        if args.full_state { "full-state " } else { "" },
         interval_text(interval_secs),
+        full_state_every_secs
+            .map(|secs| format!(", with memory too every {}", interval_text(secs)))
+            .unwrap_or_default(),
         keep_text(&protection.keep)
     )?;
     if let Some(w) = warning {

@@ -75,14 +75,15 @@ pub fn open_store(dest: &Path) -> anyhow::Result<Store> {
     }
 }
 
-/// `rewind checkpoint VM... --to DEST [--json]`: one VM after the other; a VM that fails
-/// does not stop the others, and the command fails at the end if any did.
+/// `rewind checkpoint VM... --to DEST [--json] [--full-state]`: one VM after the other; a VM
+/// that fails does not stop the others, and the command fails at the end if any did.
 pub fn checkpoint(
     out: &mut dyn Write,
     uri: &str,
     vms: &[String],
     dest: &Path,
     json: bool,
+    full_state: bool,
 ) -> anyhow::Result<()> {
     let location = location(dest)?;
     let store = match Store::open_at(&location, None) {
@@ -106,14 +107,19 @@ pub fn checkpoint(
             failed.push((vm.clone(), anyhow!("cancelled before it began")));
             continue;
         }
-        match checkpoint_one(&hv, &store, vm, &interrupt.next_control()) {
+        match checkpoint_one(&hv, &store, vm, full_state, &interrupt.next_control()) {
             Ok(m) => {
                 if !json {
                     writeln!(
                         out,
-                        "Checkpoint {} of {} taken ({}, {} of data, {} new in the store{}).",
+                        "Checkpoint {} of {} taken ({}{}, {} of data, {} new in the store{}).",
                         m.id,
                         m.vm.name,
+                        if m.kind == rewind_core::store::CheckpointKind::Full {
+                            "full state with memory, disks "
+                        } else {
+                            ""
+                        },
                         if m.parent.is_some() {
                             "incremental"
                         } else {
@@ -239,13 +245,18 @@ fn checkpoint_one(
     hv: &rewind_core::libvirt::Hypervisor,
     store: &Store,
     vm: &str,
+    full_state: bool,
     control: &std::sync::Arc<Control>,
 ) -> anyhow::Result<Manifest> {
     let work = work_dir()?;
     let reporter = std::io::stderr()
         .is_terminal()
         .then(|| ProgressLine::start(vm, control.clone()));
-    let result = rewind_core::checkpoint::take(hv, store, vm, work.path(), control);
+    let options = rewind_core::checkpoint::TakeOptions {
+        full_state,
+        ..rewind_core::checkpoint::TakeOptions::default()
+    };
+    let result = rewind_core::checkpoint::take_with(hv, store, vm, work.path(), &options, control);
     drop(reporter);
     Ok(result?)
 }

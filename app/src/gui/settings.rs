@@ -705,8 +705,13 @@ fn protection_ui(ui: &mut egui::Ui, state: &UiState, s: &mut SettingsState) {
             ui.label("What");
             ui.vertical(|ui| {
                 ui.radio_value(&mut p.kind, Kind::Disk, "Disks (and UEFI variables, TPM state)");
-                ui.add_enabled(false, egui::RadioButton::new(p.kind == Kind::Full, "Full state: memory too"))
-                    .on_disabled_hover_text("Full-state checkpoints are not available in this version yet");
+                ui.radio_value(
+                    &mut p.kind,
+                    Kind::Full,
+                    "Full state: memory too, so a restore resumes the VM where it was",
+                )
+                .on_hover_text("The VM pauses for a moment at each checkpoint while its memory is saved");
+                full_state_every_ui(ui, p);
                 ui.checkbox(
                     &mut p.quiesce,
                     "Freeze the guest's file systems first (application-consistent; needs the QEMU guest agent)",
@@ -717,6 +722,30 @@ fn protection_ui(ui: &mut egui::Ui, state: &UiState, s: &mut SettingsState) {
             ui.checkbox(&mut p.paused, "Take no scheduled checkpoints of this VM for now");
             ui.end_row();
         });
+}
+
+/// With disk checkpoints: "and one with memory too every N hours".
+fn full_state_every_ui(ui: &mut egui::Ui, p: &mut rewind_core::config::Protection) {
+    if p.kind != Kind::Disk {
+        p.full_state_every_secs = None;
+        return;
+    }
+    ui.horizontal(|ui| {
+        let mut on = p.full_state_every_secs.is_some();
+        if ui
+            .checkbox(&mut on, "and one with memory too every")
+            .changed()
+        {
+            p.full_state_every_secs = on.then_some(3600);
+        }
+        if let Some(secs) = p.full_state_every_secs.as_mut() {
+            let mut hours = (*secs / 3600).max(1);
+            let value = ui.add(egui::DragValue::new(&mut hours).range(1..=168));
+            let label = ui.label("hours");
+            value.labelled_by(label.id);
+            *secs = hours * 3600;
+        }
+    });
 }
 
 fn general_ui(ui: &mut egui::Ui, s: &mut SettingsState) {
