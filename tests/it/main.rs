@@ -7,6 +7,7 @@ mod backup;
 mod chain;
 mod cli;
 mod events;
+mod fullstate;
 mod gui;
 mod protect;
 mod remote;

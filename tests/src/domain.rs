@@ -408,6 +408,28 @@ impl TestVm {
             .unwrap_or(0)
     }
 
+    /// The `RWCNT <n> <uptime cs>` lines of the `counter` workload on the console so far:
+    /// `(n, uptime_cs)` in order.
+    #[must_use]
+    pub fn counter_lines(&self) -> Vec<(u64, u64)> {
+        self.console().lines().filter_map(counter_line).collect()
+    }
+
+    /// Waits until the `counter` workload printed a counter of at least `n`; returns the
+    /// last line's `(n, uptime_cs)`.
+    pub fn wait_counter(&self, n: u64, timeout: Duration) -> Result<(u64, u64), HarnessError> {
+        self.wait_console_until(timeout, |_| {
+            self.counter_lines().last().is_some_and(|&(k, _)| k >= n)
+        })
+        .map_err(|tail| {
+            HarnessError(format!(
+                "test VM {:?} did not count to {n} within {timeout:?}; console ends with:\n{tail}",
+                self.name
+            ))
+        })?;
+        Ok(*self.counter_lines().last().expect("waited for it"))
+    }
+
     /// Waits until the guest's QEMU agent (see [`TestVmBuilder::guest_agent`]) runs and
     /// answers `guest-ping` through libvirt. Fails as soon as the guest prints an error line.
     pub fn wait_agent_ready(&self, timeout: Duration) -> Result<(), HarnessError> {
@@ -818,6 +840,14 @@ fn domain_xml(
         initrd = e(initrd),
         workload = xml_escape(&b.workload),
     )
+}
+
+/// The `(n, uptime_cs)` of a `RWCNT <n> <uptime cs>` console line of the `counter`
+/// workload.
+#[must_use]
+pub fn counter_line(line: &str) -> Option<(u64, u64)> {
+    let mut fields = line.trim().strip_prefix("RWCNT ")?.split(' ');
+    Some((fields.next()?.parse().ok()?, fields.next()?.parse().ok()?))
 }
 
 /// A permit to run one guest; at most [`MAX_RUNNING_GUESTS`] exist per process.

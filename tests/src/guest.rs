@@ -20,7 +20,7 @@
 //!
 //! # Guest behaviour
 //! Boot it directly (`<kernel>`, `<initrd>`, `<cmdline>`) with `console=ttyS0` and:
-//! - `rw.workload=NAME`: `idle` (the default), `sequence` or `fswrite`;
+//! - `rw.workload=NAME`: `idle` (the default), `sequence`, `fswrite` or `counter`;
 //! - `rw.disk=DEV`: the disk the workload uses, default `vda`; `none` to not wait for one;
 //! - `rw.fs=DEV`: put an ext4 file system on disk `DEV` (a plain name such as `vdb`; made with
 //!   `mke2fs -t ext4` unless the disk already holds an ext2/3/4 file system, which is kept)
@@ -46,6 +46,12 @@
 //! It first prints `RWSEQ resume after <k>`: numbering continues after the records already
 //! on the disk (0 on a new disk), so a restored guest carries on from its checkpoint.
 //! When the disk is full it prints `RWSEQ done: disk full after <i>` and idles.
+//!
+//! The `counter` workload keeps a counter only in memory (a shell variable, 1 after each
+//! boot) and about every 100 ms increments it, writes `RWCNT <n: 10 digits> <uptime in
+//! centiseconds: 12 digits>` to 4096-byte block 1 of the disk (fsynced), then prints
+//! `RWCNT <n> <uptime cs>`. A guest resumed from saved memory carries on counting; a
+//! rebooted one starts again at 1 with a small uptime.
 //!
 //! The `fswrite` workload needs `rw.fs=DEV`. About every 100 ms it appends the line
 //! `RWFS <i> uptime=<seconds>` to `/mnt/DEV/rwfs.log`, syncs that file system
@@ -173,7 +179,7 @@ for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_p
 done
 
 case "$workload" in
-    idle|sequence|fswrite) ;;
+    idle|sequence|fswrite|counter) ;;
     *) fail "unknown workload=$workload" ;;
 esac
 case "$agent" in
@@ -332,10 +338,31 @@ fswrite() {
     done
 }
 
+# A counter kept only in memory, written to block 1 of the disk and printed every ~100 ms.
+counter() {
+    [ "$disk" != none ] || fail "workload counter needs a disk"
+    dev=/dev/$disk
+    n=0
+    while :; do
+        n=$((n + 1))
+        read -r up _ < /proc/uptime
+        sec=${up%.*}
+        frac=${up#*.}
+        frac=${frac#0}
+        cs=$((sec * 100 + frac))
+        printf 'RWCNT %010d %012d\n' "$n" "$cs" > /tmp/counter
+        dd if=/tmp/counter of="$dev" bs=4096 seek=1 count=1 conv=notrunc,sync,fsync status=none \
+            || fail "writing counter $n to $dev failed"
+        echo "RWCNT $n $cs"
+        nap 0.1
+    done
+}
+
 case "$workload" in
     idle) idle_forever ;;
     sequence) sequence ;;
     fswrite) fswrite ;;
+    counter) counter ;;
 esac
 "#;
 

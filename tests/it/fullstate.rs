@@ -1,0 +1,306 @@
+//! Full-state checkpoints (issue 8): memory and devices with the disks, so that restoring
+//! resumes the guest where it was instead of booting it; a disk-only restore boots; a
+//! damaged memory image stops the restore before anything runs.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rewind_core::store::Store;
+use rewind_tests::domain::counter_line;
+use rewind_tests::scratch::ScratchDir;
+use rewind_tests::{DiskSpec, Format, TestVm, daemon};
+
+const BOOT_TIMEOUT: Duration = Duration::from_mins(2);
+const READY: &str = "REWIND-GUEST READY";
+
+/// `rewind ARGS... --json --connect <test URI>`, which must succeed: its JSON.
+fn rewind_json(args: &[&str]) -> serde_json::Value {
+    let mut all = args.to_vec();
+    all.extend(["--json", "--connect", daemon::URI]);
+    let out = crate::rewind::run_ok(&all);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// A checkpoint of `vm` into `dest` through the CLI, full-state or not: its record.
+fn checkpoint(vm: &TestVm, dest: &Path, full_state: bool) -> serde_json::Value {
+    let dest = dest.to_str().unwrap();
+    let mut args = vec!["checkpoint", vm.name.as_str(), "--to", dest];
+    if full_state {
+        args.push("--full-state");
+    }
+    let mut list = rewind_json(&args);
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+    list[0].take()
+}
+
+/// What the guest printed after the last time its counter went back (a restore): the
+/// first counter line from then on, and whether it booted on the way (a READY line since
+/// the counter line before). The console file may also have been started anew by QEMU.
+fn after_last_restore(vm: &TestVm) -> ((u64, u64), bool) {
+    let console = vm.console();
+    let lines: Vec<&str> = console.lines().collect();
+    let counted: Vec<(usize, (u64, u64))> = lines
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| counter_line(l).map(|c| (i, c)))
+        .collect();
+    let drop_at = (1..counted.len())
+        .rfind(|&k| counted[k].1.0 < counted[k - 1].1.0)
+        .unwrap_or(0);
+    let from_line = if drop_at == 0 {
+        0
+    } else {
+        counted[drop_at - 1].0
+    };
+    let booted = lines[from_line..counted[drop_at].0]
+        .iter()
+        .any(|l| l.contains(READY));
+    (counted[drop_at].1, booted)
+}
+
+/// Waits until the guest counts again after a restore: see [`after_last_restore`].
+fn wait_counting_after_restore(vm: &TestVm) -> ((u64, u64), bool) {
+    vm.wait_console_until(BOOT_TIMEOUT, |_| {
+        let lines = vm.counter_lines();
+        let n = lines.len();
+        // At least five lines in a row counting up at the end.
+        n >= 5 && lines[n - 5..].windows(2).all(|w| w[1].0 == w[0].0 + 1)
+    })
+    .unwrap_or_else(|tail| panic!("the guest does not count; console ends with:\n{tail}"));
+    after_last_restore(vm)
+}
+
+/// A test guest running the `counter` workload, booted and counted to `n`.
+fn counting_guest(label: &str, n: u64) -> TestVm {
+    let mut vm = TestVm::builder(label)
+        .memory_mib(256)
+        .workload("counter")
+        .disks(vec![DiskSpec::new("vda", Format::Qcow2, 32 << 20)])
+        .define()
+        .expect("define the test VM");
+    vm.start_and_wait_ready(BOOT_TIMEOUT).expect("boot");
+    vm.wait_counter(n, BOOT_TIMEOUT).unwrap();
+    vm
+}
+
+#[test]
+fn a_full_state_restore_resumes_the_guest_and_a_disk_restore_boots_it() {
+    let vm = counting_guest("fullstate", 10);
+    let dir = ScratchDir::new("fullstate-store").unwrap();
+    let dest = dir.path().join("store");
+    let dest_str = dest.to_str().unwrap();
+
+    // A full-state checkpoint: the guest keeps running, without a reboot.
+    let (n_before, cs_before) = *vm.counter_lines().last().unwrap();
+    let full = checkpoint(&vm, &dest, true);
+    // QEMU started again from the saved state may have begun the console file anew.
+    let (n_after, cs_after) = vm.wait_counter(n_before + 1, BOOT_TIMEOUT).unwrap();
+    assert_eq!(full["kind"], "full", "{full}");
+    assert!(
+        full["blobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b == "memory"),
+        "{full}"
+    );
+    let note = full["consistency_note"].as_str().unwrap();
+    assert!(note.contains("paused for"), "{note}");
+    eprintln!(
+        "full-state checkpoint: {note}; took {} ms",
+        full["duration_ms"]
+    );
+    let (n_on, cs_on) = vm.wait_counter(n_after + 10, BOOT_TIMEOUT).unwrap();
+    assert!(
+        cs_on > cs_after && cs_after >= cs_before,
+        "the guest's uptime went on: {cs_before} -> {cs_after} -> {cs_on}"
+    );
+    assert!(
+        vm.console().matches(READY).count() <= 1,
+        "the guest must not boot again"
+    );
+    let full_id = full["id"].as_str().unwrap().to_owned();
+
+    // It counts on well past the checkpoint; then the full-state checkpoint is restored.
+    let (n_later, cs_later) = vm.wait_counter(n_on + 30, BOOT_TIMEOUT).unwrap();
+    let report = rewind_json(&[
+        "restore",
+        &vm.name,
+        &full_id,
+        "--from",
+        dest_str,
+        "--force-off",
+    ]);
+    assert_eq!(report["resumed"], true, "{report}");
+    assert_eq!(report["started"], true, "{report}");
+    let ((n1, cs1), booted) = wait_counting_after_restore(&vm);
+    assert!(!booted, "a full-state restore must not boot the guest");
+    assert!(
+        n_before < n1 && n1 <= n_after + 2 && n1 < n_later,
+        "the counter goes on from the checkpoint's ({n_before}..={n_after}), not from {n_later} or 1: {n1}"
+    );
+    assert!(
+        cs1 >= cs_before && cs1 < cs_later,
+        "the uptime goes on from the checkpoint's ({cs_before} cs), not from {cs_later} cs or 0: {cs1}"
+    );
+
+    // A disk-only checkpoint restored: the guest boots, its counter starts again at 1.
+    let disk = checkpoint(&vm, &dest, false);
+    assert_eq!(disk["kind"], "disk", "{disk}");
+    let disk_id = disk["id"].as_str().unwrap().to_owned();
+    let (n_now, _) = vm
+        .wait_counter(vm.counter_lines().last().unwrap().0 + 5, BOOT_TIMEOUT)
+        .unwrap();
+    let report = rewind_json(&[
+        "restore",
+        &vm.name,
+        &disk_id,
+        "--from",
+        dest_str,
+        "--force-off",
+    ]);
+    assert_eq!(report["resumed"], false, "{report}");
+    assert_eq!(report["started"], true, "{report}");
+    let ((n2, cs2), booted) = wait_counting_after_restore(&vm);
+    assert!(booted, "a disk-only restore boots the guest");
+    assert_eq!(
+        n2, 1,
+        "the in-memory counter starts again after a boot (was {n_now})"
+    );
+    assert!(cs2 < cs1, "the uptime starts again: {cs2} cs");
+}
+
+#[test]
+fn a_damaged_memory_image_stops_the_restore_before_anything_runs() {
+    let mut vm = counting_guest("fullstate-damaged", 5);
+    let dir = ScratchDir::new("fullstate-damaged-store").unwrap();
+    let dest = dir.path().join("store");
+    let full = checkpoint(&vm, &dest, true);
+    let id = full["id"].as_str().unwrap().to_owned();
+    vm.wait_counter(vm.counter_lines().last().unwrap().0 + 10, BOOT_TIMEOUT)
+        .unwrap();
+
+    // A chunk of the memory image goes bad on the drive.
+    let store = Store::open(&dest, None).unwrap();
+    let m = store
+        .catalog()
+        .unwrap()
+        .checkpoints
+        .into_iter()
+        .find(|c| c.id == id)
+        .unwrap();
+    let memory = m.blobs.iter().find(|b| b.name == "memory").unwrap();
+    let ids = store.read_page(&memory.index, 0).unwrap();
+    let bad = ids[ids.len() / 2];
+    let path = store.chunk_path(&bad);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+
+    let args = [
+        "restore",
+        vm.name.as_str(),
+        id.as_str(),
+        "--from",
+        dest.to_str().unwrap(),
+        "--force-off",
+        "--connect",
+        daemon::URI,
+    ];
+    let out = crate::rewind::run(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the restore must fail");
+    assert!(stderr.contains("saved memory"), "{stderr}");
+    assert!(
+        stderr.contains(&bad.to_hex()),
+        "names the damaged chunk: {stderr}"
+    );
+    assert!(stderr.contains("nothing was written"), "{stderr}");
+    assert!(!vm.domain().is_active().unwrap(), "nothing may run");
+    let store = Store::open(&dest, None).unwrap();
+    let safety = store
+        .catalog()
+        .unwrap()
+        .checkpoints
+        .into_iter()
+        .rfind(|c| c.labels.iter().any(|l| l == "safety"))
+        .expect("the safety checkpoint is kept");
+    assert!(stderr.contains(&safety.id), "{stderr}");
+    // The disk is as it was before the restore: the safety checkpoint's.
+    let restored = store
+        .object_reader(&safety.disks[0].index)
+        .unwrap()
+        .read_all()
+        .unwrap();
+    let raw = vm.dir().join("now.raw");
+    let status = std::process::Command::new("qemu-img")
+        .args(["convert", "-U", "-O", "raw"])
+        .arg(&vm.disk("vda").path)
+        .arg(&raw)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(
+        std::fs::read(&raw).unwrap() == restored,
+        "vda was not left as it was"
+    );
+    std::fs::remove_file(&raw).unwrap();
+    // The VM starts again from its disks.
+    vm.start_and_wait_ready(BOOT_TIMEOUT).expect("boot again");
+}
+
+#[test]
+fn a_capture_failing_or_killed_while_the_vm_is_saved_loses_nothing() {
+    let vm = counting_guest("fullstate-killed", 5);
+    let dir = ScratchDir::new("fullstate-killed-store").unwrap();
+    let dest = dir.path().join("store");
+    let full_state_command = |fault: &str| {
+        let mut cmd = crate::rewind::checkpoint_command(&vm.name, &dest);
+        cmd.arg("--full-state").env("REWIND_FAULT", fault);
+        cmd.output().unwrap()
+    };
+    let counting_on_from = |n: u64| {
+        let (k, _) = vm.wait_counter(n + 1, BOOT_TIMEOUT).unwrap();
+        let ((first, _), booted) = after_last_restore(&vm);
+        assert!(!booted, "the guest must not boot again");
+        assert!(first > 1, "the counter must go on, not start again");
+        k
+    };
+
+    // An error while the VM is saved: the command fails, the VM runs on where it was.
+    let (n, _) = *vm.counter_lines().last().unwrap();
+    let out = full_state_command("after-save");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("fault injected"),
+        "{stderr}"
+    );
+    assert!(vm.domain().is_active().unwrap(), "the VM must run again");
+    let n = counting_on_from(n);
+
+    // Killed while the VM is saved: it is off with its state kept by libvirt, and the next
+    // run resumes it, then takes its checkpoint.
+    let out = full_state_command("abort-after-save");
+    assert!(!out.status.success());
+    assert!(
+        !vm.domain().is_active().unwrap(),
+        "the kill came while saved"
+    );
+    let next = checkpoint(&vm, &dest, true);
+    assert_eq!(next["kind"], "full", "{next}");
+    assert!(
+        vm.domain().is_active().unwrap(),
+        "the next run resumed the VM"
+    );
+    counting_on_from(n);
+    assert_eq!(
+        Store::open(&dest, None)
+            .unwrap()
+            .catalog()
+            .unwrap()
+            .checkpoints
+            .len(),
+        1
+    );
+}
