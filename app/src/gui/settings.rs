@@ -732,10 +732,12 @@ fn full_state_every_ui(ui: &mut egui::Ui, p: &mut rewind_core::config::Protectio
     }
     ui.horizontal(|ui| {
         let mut on = p.full_state_every_secs.is_some();
-        if ui
-            .checkbox(&mut on, "and one with memory too every")
-            .changed()
-        {
+        let text = if on {
+            "and the memory too, every"
+        } else {
+            "and the memory too, now and then (full state)"
+        };
+        if ui.checkbox(&mut on, text).changed() {
             p.full_state_every_secs = on.then_some(3600);
         }
         if let Some(secs) = p.full_state_every_secs.as_mut() {
