@@ -216,7 +216,9 @@ fn write_report(
     writeln!(
         out,
         "  {} in {}.{} s.",
-        if report.started {
+        if report.resumed {
+            "VM resumed from the checkpoint's saved memory"
+        } else if report.started {
             "VM started"
         } else {
             "VM left shut off"

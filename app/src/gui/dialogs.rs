@@ -155,7 +155,11 @@ pub fn restore_steps(
         "Its disks ({}) are rewritten to how they were then; only what differs is written, then read back and checked.",
         c.disks.join(", ")
     ));
-    if running {
+    if c.kind == rewind_core::store::CheckpointKind::Full {
+        steps.push(format!(
+            "{name} then resumes exactly where it was at that moment, with the programs that were open (from the checkpoint's saved memory; no boot)."
+        ));
+    } else if running {
         steps.push(format!("{name} starts again."));
     }
     steps
@@ -531,7 +535,12 @@ fn report_lines(r: &RestoreReport) -> Vec<String> {
         r.disks.len(),
         secs
     )];
-    if r.started {
+    if r.resumed {
+        lines.push(format!(
+            "{} resumed where it was at that moment (from its saved memory).",
+            r.vm
+        ));
+    } else if r.started {
         lines.push(format!("{} was started again.", r.vm));
     }
     if let Some(e) = &r.start_error {
@@ -665,5 +674,12 @@ mod tests {
         assert!(steps[1].contains("NOT kept"), "{steps:?}");
         let steps = restore_steps(None, &c, "usb", true, 120);
         assert!(steps[0].contains("defined again"), "{steps:?}");
+        let mut full = c.clone();
+        full.kind = rewind_core::store::CheckpointKind::Full;
+        let steps = restore_steps(Some(&vm), &full, "usb", true, 120);
+        assert!(
+            steps[3].contains("resumes exactly where it was"),
+            "{steps:?}"
+        );
     }
 }
