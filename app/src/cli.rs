@@ -326,13 +326,19 @@ impl KeepArgs {
 
 /// Options shared by `restore` and `undo-restore`.
 #[derive(Debug, clap::Args)]
+#[allow(clippy::struct_excessive_bools)] // command-line switches, each its own flag
 pub struct RestoreHow {
     /// Leave the VM shut off afterwards (by default it starts again if it was running)
     #[arg(long)]
     no_start: bool,
     /// Pull the plug instead of asking the guest to shut down (unsaved work in it is lost)
-    #[arg(long)]
+    #[arg(long, conflicts_with = "save_state")]
     force_off: bool,
+    /// Instead of shutting a running VM down, save its memory and devices into the safety
+    /// checkpoint: nothing of the running session is lost, and undoing the restore resumes
+    /// the VM where it was
+    #[arg(long)]
+    save_state: bool,
     /// Seconds the guest gets to shut down before it is forced off
     #[arg(long, value_name = "SECS", default_value_t = 120)]
     shutdown_timeout: u64,
@@ -344,7 +350,11 @@ pub struct RestoreHow {
 impl RestoreHow {
     fn options(&self, safety_checkpoint: bool) -> rewind_core::restore::RestoreOptions {
         rewind_core::restore::RestoreOptions {
-            stop: crate::restore_cli::stop_mode(self.force_off, self.shutdown_timeout),
+            stop: if self.save_state {
+                rewind_core::libvirt::lifecycle::StopMode::Save
+            } else {
+                crate::restore_cli::stop_mode(self.force_off, self.shutdown_timeout)
+            },
             safety_checkpoint,
             start: self.no_start.then_some(false),
         }

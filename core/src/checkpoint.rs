@@ -323,7 +323,7 @@ pub fn take_with(
         )));
     }
     if info.state == VmState::ShutOff {
-        return take_shut_off(hv, store, &info, work_dir, options, control);
+        return take_shut_off(hv, store, &info, work_dir, options, None, control);
     }
     if info.state != VmState::Running {
         return Err(CheckpointError::Unsupported(format!(
@@ -954,6 +954,28 @@ fn shut_off_bitmaps(
     Ok((with_bitmap, full_reason))
 }
 
+/// A checkpoint of VM `vm`, which [`Hypervisor::managed_save`] just stopped with its state
+/// in `memory`: a full-state checkpoint of its disk files and that state. The VM stays off
+/// (its managed save image is left to the caller).
+pub fn take_saved(
+    hv: &Hypervisor,
+    store: &Store,
+    vm: &str,
+    work_dir: &Path,
+    options: &TakeOptions,
+    memory: &std::fs::File,
+    control: &Control,
+) -> Result<Manifest, CheckpointError> {
+    let info = hv.vm(vm)?;
+    if info.state != VmState::ShutOff {
+        return Err(CheckpointError::Unsupported(format!(
+            "VM {vm:?} is {}, not saved and shut off",
+            info.state.label()
+        )));
+    }
+    take_shut_off(hv, store, &info, work_dir, options, Some(memory), control)
+}
+
 /// A shut-off VM: every disk file is read through `qemu-nbd --read-only` (which follows
 /// backing chains and holds the VM against a start). When the store's last checkpoint with a
 /// libvirt checkpoint left its persistent dirty bitmap in a qcow2 disk, `qemu-nbd` exports
@@ -968,6 +990,7 @@ fn take_shut_off(
     info: &crate::vm::VmInfo,
     work_dir: &Path,
     options: &TakeOptions,
+    memory: Option<&std::fs::File>,
     control: &Control,
 ) -> Result<Manifest, CheckpointError> {
     let uuid = Uuid::parse_str(&info.uuid).map_err(|e| {
@@ -996,17 +1019,28 @@ fn take_shut_off(
             uuid,
         },
         time: Utc::now(),
-        kind: CheckpointKind::Disk,
+        kind: if memory.is_some() {
+            CheckpointKind::Full
+        } else {
+            CheckpointKind::Disk
+        },
         consistency: Consistency::Crash,
         domain_xml: hv.domain_xml(&info.name)?,
         parent: parent.as_ref().map(|p| p.id.clone()),
         full_reason,
-        consistency_note: Some("the VM was shut off: its disks are as it left them".into()),
+        consistency_note: Some(if memory.is_some() {
+            "the VM's running state was saved (managed save) with its disks: restoring it resumes the VM where it was".into()
+        } else {
+            "the VM was shut off: its disks are as it left them".into()
+        }),
         labels: options.labels.clone(),
         libvirt_checkpoint: None,
     };
     let mut writer = store.begin_checkpoint(new, control)?;
     control.set_phase(options.copy_phase);
+    if let Some(file) = memory {
+        add_memory(&mut writer, &info.name, file, control)?;
+    }
     for (target, _, source, format) in &disks {
         let Some(file) = source else {
             return Err(CheckpointError::Unsupported(format!(

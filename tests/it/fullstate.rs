@@ -84,7 +84,8 @@ fn counting_guest(label: &str, n: u64) -> TestVm {
 }
 
 #[test]
-fn a_full_state_restore_resumes_the_guest_and_a_disk_restore_boots_it() {
+fn a_full_state_restore_resumes_the_guest_a_disk_restore_boots_it_and_undo_resumes_the_saved_session()
+ {
     let vm = counting_guest("fullstate", 10);
     let dir = ScratchDir::new("fullstate-store").unwrap();
     let dest = dir.path().join("store");
@@ -145,6 +146,8 @@ fn a_full_state_restore_resumes_the_guest_and_a_disk_restore_boots_it() {
     );
 
     // A disk-only checkpoint restored: the guest boots, its counter starts again at 1.
+    // With --save-state the running session goes into the safety checkpoint instead of
+    // being shut down, so undoing the restore resumes it.
     let disk = checkpoint(&vm, &dest, false);
     assert_eq!(disk["kind"], "disk", "{disk}");
     let disk_id = disk["id"].as_str().unwrap().to_owned();
@@ -157,10 +160,12 @@ fn a_full_state_restore_resumes_the_guest_and_a_disk_restore_boots_it() {
         &disk_id,
         "--from",
         dest_str,
-        "--force-off",
+        "--save-state",
     ]);
+    assert_eq!(report["stopped"], "saved", "{report}");
     assert_eq!(report["resumed"], false, "{report}");
     assert_eq!(report["started"], true, "{report}");
+    let safety_id = report["safety_checkpoint"].as_str().unwrap().to_owned();
     let ((n2, cs2), booted) = wait_counting_after_restore(&vm);
     assert!(booted, "a disk-only restore boots the guest");
     assert_eq!(
@@ -168,6 +173,27 @@ fn a_full_state_restore_resumes_the_guest_and_a_disk_restore_boots_it() {
         "the in-memory counter starts again after a boot (was {n_now})"
     );
     assert!(cs2 < cs1, "the uptime starts again: {cs2} cs");
+    let listed = rewind_json(&["checkpoints", &vm.name, "--in", dest_str]);
+    let safety = listed["checkpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == safety_id.as_str())
+        .unwrap();
+    assert_eq!(
+        safety["kind"], "full",
+        "the saved session is kept: {safety}"
+    );
+
+    // Undo: back to the session as it was when the restore began, without a boot.
+    let report = rewind_json(&["undo-restore", &vm.name, "--from", dest_str, "--force-off"]);
+    assert_eq!(report["resumed"], true, "{report}");
+    let ((n3, _), booted) = wait_counting_after_restore(&vm);
+    assert!(!booted, "undoing resumes the saved session");
+    assert!(
+        n_now < n3 && n3 <= n_now + 30,
+        "the counter goes on from just before the restore ({n_now}): {n3}"
+    );
 }
 
 #[test]

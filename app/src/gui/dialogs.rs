@@ -186,7 +186,8 @@ fn confirm_restore_ui(
         .unwrap_or_default();
     let timeout_secs = match stop {
         rewind_core::libvirt::lifecycle::StopMode::Graceful { timeout_secs, .. } => timeout_secs,
-        rewind_core::libvirt::lifecycle::StopMode::Force => 0,
+        rewind_core::libvirt::lifecycle::StopMode::Force
+        | rewind_core::libvirt::lifecycle::StopMode::Save => 0,
     };
     let age = u64::try_from((state.now - c.time).num_seconds()).unwrap_or(0);
     let ((), keep) = modal(ui, "confirm_restore", &format!("Restore {name}?"), |ui| {

@@ -20,6 +20,11 @@ pub enum StopMode {
     },
     /// Pull the plug at once (what `virsh destroy` does): the guest's unsaved data is lost.
     Force,
+    /// Save the running VM's memory and device state (libvirt managed save): nothing of the
+    /// running session is lost. A restore keeps that state in its safety checkpoint, so
+    /// undoing the restore resumes the VM where it was. [`Hypervisor::stop_vm`] leaves it
+    /// in libvirt's care (the next start resumes it).
+    Save,
 }
 
 impl Default for StopMode {
@@ -40,6 +45,8 @@ pub enum Stopped {
     ShutDown,
     /// It was forced off.
     Forced,
+    /// Its running state was saved (managed save).
+    Saved,
 }
 
 impl Hypervisor {
@@ -63,6 +70,10 @@ impl Hypervisor {
                 .map_err(|e| self.libvirt_error(&format!("force VM {vm:?} off"), &e))
         };
         match mode {
+            StopMode::Save => {
+                drop(self.managed_save(vm)?);
+                Ok(Stopped::Saved)
+            }
             StopMode::Force => {
                 force()?;
                 self.wait_shut_off(vm, Duration::from_secs(30))?;

@@ -56,6 +56,13 @@ impl Hypervisor {
         })
     }
 
+    /// Discards VM `vm`'s managed save image: its next start boots it.
+    pub fn remove_managed_save(&self, vm: &str) -> Result<()> {
+        let dom = self.lookup(vm)?;
+        dom.managed_save_remove(0)
+            .map_err(|e| self.libvirt_error(&format!("remove the saved state of VM {vm:?}"), &e))
+    }
+
     /// Starts the shut-off VM `vm` paused (resuming its managed save image if it has one).
     pub fn start_vm_paused(&self, vm: &str) -> Result<()> {
         let dom = self.lookup(vm)?;

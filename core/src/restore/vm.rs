@@ -11,7 +11,7 @@ use super::marker::{RestoreMarker, state_dir};
 use super::{RestoreError, RestoreOptions, RestoreReport, SAFETY_LABEL};
 use crate::checkpoint::{self, TakeOptions};
 use crate::libvirt::Hypervisor;
-use crate::libvirt::lifecycle::Stopped;
+use crate::libvirt::lifecycle::{StopMode, Stopped};
 use crate::libvirt::xml::{DomainXml, parse_domain};
 use crate::progress::{Control, Phase};
 use crate::store::index::HOLE;
@@ -32,6 +32,7 @@ fn stopped_label(s: Stopped) -> &'static str {
         Stopped::WasOff => "was_off",
         Stopped::ShutDown => "shut_down",
         Stopped::Forced => "forced",
+        Stopped::Saved => "saved",
     }
 }
 
@@ -471,6 +472,7 @@ impl<'a> InPlace<'a> {
     fn safety(
         &self,
         options: &RestoreOptions,
+        saved: Option<&std::fs::File>,
         control: &Control,
     ) -> Result<(Option<Manifest>, Option<String>), RestoreError> {
         let readable_disk = self.existing.as_ref().is_some_and(|v| {
@@ -504,14 +506,26 @@ impl<'a> InPlace<'a> {
             quiesce: true,
             full_state: false,
         };
-        match checkpoint::take_with(
-            self.hv,
-            self.store,
-            &self.name,
-            self.work_dir,
-            &take,
-            control,
-        ) {
+        let taken = match saved {
+            Some(memory) => checkpoint::take_saved(
+                self.hv,
+                self.store,
+                &self.name,
+                self.work_dir,
+                &take,
+                memory,
+                control,
+            ),
+            None => checkpoint::take_with(
+                self.hv,
+                self.store,
+                &self.name,
+                self.work_dir,
+                &take,
+                control,
+            ),
+        };
+        match taken {
             Ok(s) => Ok((Some(s), None)),
             Err(checkpoint::CheckpointError::Store(crate::store::StoreError::Cancelled)) => {
                 Err(RestoreError::Cancelled)
@@ -791,7 +805,12 @@ pub fn restore_in_place(
 
     // 1. Stop the VM.
     control.start_phase(Phase::Stopping);
+    let mut saved = None;
     let stopped = match &t.existing {
+        Some(_) if options.stop == StopMode::Save && t.was_running => {
+            saved = Some(hv.managed_save(&t.name)?);
+            Stopped::Saved
+        }
         Some(_) => hv
             .stop_vm(&t.name, options.stop, control)
             .map_err(|e| match e {
@@ -803,7 +822,17 @@ pub fn restore_in_place(
 
     // 2. The safety checkpoint. Until the first write, a failure leaves the VM as it was.
     control.start_phase(Phase::SafetyCheckpoint);
-    let (safety, safety_note) = t.safety(options, control).inspect_err(|_| t.restart())?;
+    let (safety, safety_note) = t
+        .safety(options, saved.as_ref(), control)
+        .inspect_err(|_| t.restart())?;
+    // The saved state is in the safety checkpoint now (or unwanted): the disks are about
+    // to change under it, so libvirt must not resume from it.
+    if saved.take().is_some()
+        && let Err(e) = hv.remove_managed_save(&t.name)
+    {
+        t.restart();
+        return Err(e.into());
+    }
     let way_back = match (&safety, &t.interrupted) {
         (Some(s), _) => Some(s.clone()),
         (None, Some(marker)) => marker
