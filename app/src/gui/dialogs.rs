@@ -28,6 +28,8 @@ pub enum Dialog {
         key: CheckpointKey,
         /// Keep the current state as a safety checkpoint first.
         safety: bool,
+        /// Save the running session (memory too) into it instead of shutting the VM down.
+        save_state: bool,
     },
     /// Restore as a new VM.
     RestoreAsNew {
@@ -70,9 +72,11 @@ fn when(c: &CheckpointSummary) -> String {
 pub fn dialogs_ui(ui: &mut egui::Ui, state: &mut UiState, commands: &mut Commands) {
     if let Some(dialog) = state.dialog.clone() {
         let keep = match &dialog {
-            Dialog::ConfirmRestore { key, safety } => {
-                confirm_restore_ui(ui, state, key, *safety, commands)
-            }
+            Dialog::ConfirmRestore {
+                key,
+                safety,
+                save_state,
+            } => confirm_restore_ui(ui, state, key, (*safety, *save_state), commands),
             Dialog::RestoreAsNew { key, name, folder } => {
                 restore_as_new_ui(ui, state, key, name, folder, commands)
             }
@@ -118,19 +122,25 @@ fn vm_of<'a>(state: &'a UiState, key: &CheckpointKey) -> Option<&'a VmInfo> {
 }
 
 /// The plain-words list of what an in-place restore does.
+/// `choices`: a safety checkpoint, and the running session saved into it.
 pub fn restore_steps(
     vm: Option<&VmInfo>,
     c: &CheckpointSummary,
     destination: &str,
-    safety: bool,
+    choices: (bool, bool),
     shutdown_timeout_secs: u64,
 ) -> Vec<String> {
+    let (safety, save_state) = choices;
     let name = vm.map_or(c.vm.as_str(), |v| v.name.as_str());
     let running = vm.is_some_and(|v| v.state == VmState::Running || v.state == VmState::Paused);
     let mut steps = Vec::new();
     if vm.is_none() {
         steps.push(format!(
             "{name} is not on this host any more: it is defined again from the checkpoint."
+        ));
+    } else if running && save_state {
+        steps.push(format!(
+            "{name} is paused and its running session saved (memory too): nothing of it is lost."
         ));
     } else if running {
         steps.push(format!(
@@ -165,19 +175,40 @@ pub fn restore_steps(
     steps
 }
 
+/// The safety checkpoint's check boxes.
+fn restore_choices_ui(ui: &mut egui::Ui, running: bool, safety: &mut bool, save_state: &mut bool) {
+    ui.add_space(6.0);
+    ui.checkbox(
+        safety,
+        "Keep the current state as a safety checkpoint (recommended)",
+    );
+    if running {
+        ui.add_enabled(
+            *safety,
+            egui::Checkbox::new(
+                save_state,
+                "Save its running session instead of shutting it down (undo resumes it)",
+            ),
+        );
+    }
+}
+
+/// `choices`: keep a safety checkpoint, and save the running session into it.
 fn confirm_restore_ui(
     ui: &mut egui::Ui,
     state: &mut UiState,
     key: &CheckpointKey,
-    safety: bool,
+    choices: (bool, bool),
     commands: &mut Commands,
 ) -> bool {
+    let (safety, save_state) = choices;
     let Some(c) = state.summary(key).cloned() else {
         return false;
     };
     let vm = vm_of(state, key).cloned();
     let name = vm.as_ref().map_or(c.vm.clone(), |v| v.name.clone());
     let mut safety_now = safety;
+    let mut save_now = save_state;
     let mut close = false;
     let stop = state
         .config
@@ -189,6 +220,9 @@ fn confirm_restore_ui(
         rewind_core::libvirt::lifecycle::StopMode::Force
         | rewind_core::libvirt::lifecycle::StopMode::Save => 0,
     };
+    let running = vm
+        .as_ref()
+        .is_some_and(|v| v.state == VmState::Running || v.state == VmState::Paused);
     let age = u64::try_from((state.now - c.time).num_seconds()).unwrap_or(0);
     let ((), keep) = modal(ui, "confirm_restore", &format!("Restore {name}?"), |ui| {
         ui.label(format!(
@@ -199,10 +233,15 @@ fn confirm_restore_ui(
         ));
         ui.add_space(6.0);
         ui.label(RichText::new("What happens:").strong());
-        for (i, step) in restore_steps(vm.as_ref(), &c, &key.destination, safety_now, timeout_secs)
-            .iter()
-            .enumerate()
-        {
+        let saving = save_now && safety_now && running;
+        let steps = restore_steps(
+            vm.as_ref(),
+            &c,
+            &key.destination,
+            (safety_now, saving),
+            timeout_secs,
+        );
+        for (i, step) in steps.iter().enumerate() {
             ui.label(format!("{}. {step}", i + 1));
         }
         ui.add_space(6.0);
@@ -217,11 +256,7 @@ fn confirm_restore_ui(
             }
         ));
         if vm.is_some() {
-            ui.add_space(6.0);
-            ui.checkbox(
-                &mut safety_now,
-                "Keep the current state as a safety checkpoint (recommended)",
-            );
+            restore_choices_ui(ui, running, &mut safety_now, &mut save_now);
         }
         ui.add_space(10.0);
         ui.horizontal(|ui| {
@@ -233,7 +268,11 @@ fn confirm_restore_ui(
                     checkpoint: key.id.clone(),
                     options: RestoreOptions {
                         safety_checkpoint: safety_now,
-                        stop,
+                        stop: if saving {
+                            rewind_core::libvirt::lifecycle::StopMode::Save
+                        } else {
+                            stop
+                        },
                         ..RestoreOptions::default()
                     },
                     as_new: None,
@@ -245,8 +284,12 @@ fn confirm_restore_ui(
             }
         });
     });
-    if let Some(Dialog::ConfirmRestore { safety, .. }) = &mut state.dialog {
+    if let Some(Dialog::ConfirmRestore {
+        safety, save_state, ..
+    }) = &mut state.dialog
+    {
         *safety = safety_now;
+        *save_state = save_now;
     }
     keep && !close
 }
@@ -665,19 +708,19 @@ mod tests {
         let hv = rewind_core::libvirt::Hypervisor::connect("test:///default").unwrap();
         let vm = hv.list_vms().unwrap().remove(0);
         let c = super::super::timeline::tests::sample(chrono::Utc::now());
-        let steps = restore_steps(Some(&vm), &c, "usb", true, 120);
+        let steps = restore_steps(Some(&vm), &c, "usb", (true, false), 120);
         assert!(steps[0].contains("shut down"), "{steps:?}");
         assert!(steps[0].contains("2 minutes"), "{steps:?}");
         assert!(steps[1].contains("safety checkpoint in usb"), "{steps:?}");
         assert!(steps[2].contains("vda"), "{steps:?}");
         assert!(steps[3].contains("starts again"), "{steps:?}");
-        let steps = restore_steps(Some(&vm), &c, "usb", false, 120);
+        let steps = restore_steps(Some(&vm), &c, "usb", (false, false), 120);
         assert!(steps[1].contains("NOT kept"), "{steps:?}");
-        let steps = restore_steps(None, &c, "usb", true, 120);
+        let steps = restore_steps(None, &c, "usb", (true, false), 120);
         assert!(steps[0].contains("defined again"), "{steps:?}");
         let mut full = c.clone();
         full.kind = rewind_core::store::CheckpointKind::Full;
-        let steps = restore_steps(Some(&vm), &full, "usb", true, 120);
+        let steps = restore_steps(Some(&vm), &full, "usb", (true, false), 120);
         assert!(
             steps[3].contains("resumes exactly where it was"),
             "{steps:?}"

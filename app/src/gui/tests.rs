@@ -170,6 +170,7 @@ fn restore_confirmation_snapshot_says_what_happens() {
     state.dialog = Some(Dialog::ConfirmRestore {
         key: state.checkpoint.clone().unwrap(),
         safety: true,
+        save_state: false,
     });
     let mut h = harness(state);
     h.run();
@@ -182,6 +183,38 @@ fn restore_confirmation_snapshot_says_what_happens() {
         .click();
     h.run();
     h.get_by_label_contains("NOT kept");
+}
+
+#[test]
+fn saving_the_running_session_is_offered_and_asked_of_the_engine() {
+    use rewind_core::engine::Command;
+    use rewind_core::engine::jobs::JobRequest;
+    use rewind_core::libvirt::lifecycle::StopMode;
+    let mut state = fixture();
+    state.dialog = Some(Dialog::ConfirmRestore {
+        key: state.checkpoint.clone().unwrap(),
+        safety: true,
+        save_state: false,
+    });
+    let mut h = Harness::builder().with_size(WINDOW).build_ui_state(
+        |ui, s: &mut (UiState, Vec<Command>)| {
+            let commands = main_ui(ui, &mut s.0);
+            s.1.extend(commands);
+        },
+        (state, Vec::new()),
+    );
+    h.run();
+    h.get_by_label("Save its running session instead of shutting it down (undo resumes it)")
+        .click();
+    h.run();
+    h.get_by_label_contains("running session saved (memory too)");
+    h.get_by_label("Restore").click();
+    h.run();
+    let asked = h.state().1.iter().any(|c| {
+        matches!(c, Command::Start(JobRequest::Restore { options, .. })
+            if options.stop == StopMode::Save && options.safety_checkpoint)
+    });
+    assert!(asked, "{:?}", h.state().1);
 }
 
 #[test]

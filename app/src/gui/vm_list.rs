@@ -554,6 +554,7 @@ fn checkpoint_details_ui(
                 state.dialog = Some(Dialog::ConfirmRestore {
                     key: key.clone(),
                     safety: true,
+                    save_state: false,
                 });
             }
             if ui
