@@ -496,3 +496,75 @@ fn a_failed_checkpoint_is_notified_on_the_desktop_bus_and_logged() {
     assert_eq!(history[0]["outcome"], "failed", "{history}");
     assert_eq!(history[0]["retryable"], false, "{history}");
 }
+
+#[test]
+fn the_daemon_takes_full_state_checkpoints_as_often_as_the_policy_says_and_disk_ones_between() {
+    let vm = booted_guest("protect-fullstate");
+    let home = Home::new("protect-fullstate-home");
+    let store = home.dir.path().join("store");
+    let store_str = store.to_str().unwrap();
+    let said = home.run_ok(&[
+        "protect",
+        &vm.name,
+        "--to",
+        store_str,
+        "--every",
+        "8s",
+        "--full-state-every",
+        "30s",
+        "--keep-last",
+        "50",
+    ]);
+    assert!(said.contains("with memory too every 30 seconds"), "{said}");
+    let _daemon = home.daemon();
+    let taken = || -> Vec<(String, chrono::DateTime<chrono::Utc>)> {
+        let listing = home.json(&["checkpoints", "--in", store_str, "--json"]);
+        listing["checkpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                (
+                    c["kind"].as_str().unwrap().to_owned(),
+                    c["time"].as_str().unwrap().parse().unwrap(),
+                )
+            })
+            .collect()
+    };
+    wait_for(
+        &home,
+        Duration::from_secs(150),
+        "two full-state checkpoints",
+        || taken().iter().filter(|t| t.0 == "full").count() >= 2,
+    );
+    let taken = taken();
+    let kinds: Vec<&str> = taken.iter().map(|t| t.0.as_str()).collect();
+    assert_eq!(
+        kinds[0], "full",
+        "the first one holds the memory: {kinds:?}"
+    );
+    assert!(kinds.contains(&"disk"), "disk-only ones between: {kinds:?}");
+    let fulls: Vec<_> = taken
+        .iter()
+        .filter(|t| t.0 == "full")
+        .map(|t| t.1)
+        .collect();
+    for pair in fulls.windows(2) {
+        assert!(
+            pair[1] - pair[0] >= chrono::Duration::seconds(30),
+            "full-state ones at least 30 s apart: {taken:?}"
+        );
+    }
+    // The guest ran on all along: the records on its disk come from one boot.
+    let store = rewind_core::store::Store::open(&store, None).unwrap();
+    let last = store.catalog().unwrap().checkpoints.pop().unwrap();
+    let vda = store
+        .object_reader(&last.disks[0].index)
+        .unwrap()
+        .read_all()
+        .unwrap();
+    let scan = rewind_tests::workload::scan_sequence(&vda);
+    assert!(scan.is_consistent_prefix(), "{:?}", scan.problems);
+    assert_eq!(scan.boots, 1, "the guest booted again");
+    drop(vm);
+}
