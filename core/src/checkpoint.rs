@@ -9,6 +9,7 @@
 //! checkpoint was not committed is deleted again, and the previous one of this store is
 //! deleted once the new one is committed, so bitmaps do not pile up in the qcow2 files.
 
+use std::fmt::Write as _;
 use std::path::Path;
 
 use chrono::Utc;
@@ -247,6 +248,7 @@ fn job_dir(
 
 /// How to take a checkpoint, beyond the defaults.
 #[derive(Debug, Clone)]
+#[allow(clippy::struct_excessive_bools)] // independent switches of one call
 pub struct TakeOptions {
     /// Labels for the checkpoint, such as `safety`.
     pub labels: Vec<String>,
@@ -261,6 +263,9 @@ pub struct TakeOptions {
     /// Memory and device state too (a running VM only), so that restoring it resumes the
     /// VM where it was.
     pub full_state: bool,
+    /// With `full_state`: the managed-save way (the VM paused for seconds) instead of the
+    /// live way, as [`FULL_STATE_WAY_ENV`]`=save` also asks (to compare the two).
+    pub managed_save: bool,
 }
 
 impl Default for TakeOptions {
@@ -271,6 +276,7 @@ impl Default for TakeOptions {
             copy_phase: Phase::Copying,
             quiesce: true,
             full_state: false,
+            managed_save: false,
         }
     }
 }
@@ -360,6 +366,8 @@ pub fn take_with(
         vm,
         quiesce: options.quiesce,
         full_state: options.full_state,
+        managed_save: options.managed_save
+            || std::env::var(FULL_STATE_WAY_ENV).is_ok_and(|w| w == "save"),
         labels: options.labels.clone(),
         info: &info,
         uuid,
@@ -380,6 +388,8 @@ struct LivePlan<'a> {
     quiesce: bool,
     /// Memory and device state too.
     full_state: bool,
+    /// ... the managed-save way.
+    managed_save: bool,
     labels: Vec<String>,
     info: &'a crate::vm::VmInfo,
     uuid: Uuid,
@@ -405,16 +415,157 @@ fn take_live(
     let socket = job_dir.join("rewind-nbd.sock");
     control.set_phase(Phase::Capturing);
     let captured = if plan.full_state {
-        capture_full_state(hv, plan, &socket, &targets)?
+        // The live way first (a pause of a fraction of a second, see
+        // `capture_full_state_live`); the managed save where libvirt refuses it.
+        let live = if plan.managed_save {
+            Err("the managed save was asked for".to_owned())
+        } else {
+            capture_full_state_live(hv, plan, job_dir)?
+        };
+        match live {
+            Ok(captured) => captured,
+            Err(live_error) => {
+                let mut captured = capture_full_state(hv, plan, &socket, &targets)?;
+                if !plan.managed_save {
+                    let _ = write!(
+                        captured.consistency_note,
+                        "; saved with the VM paused because the live snapshot failed: {live_error}"
+                    );
+                }
+                captured
+            }
+        }
     } else {
         capture_disks(hv, plan, &socket, &targets)?
     };
-    copy_captured(hv, store, plan, captured, &socket, control)
+    copy_captured(hv, store, plan, captured, job_dir, control)
+}
+
+/// Set to `save` to take full-state checkpoints the managed-save way instead of the live
+/// way (for the benchmark that compares them, and tests).
+pub const FULL_STATE_WAY_ENV: &str = "REWIND_FULL_STATE_WAY";
+
+/// Memory, device state and disks of one instant, the live way: libvirt saves the memory
+/// while the guest runs and, at the end, pauses it only to put every protected disk on a
+/// new overlay (a live external snapshot). The images under the overlays then hold that
+/// instant; they are read through `qemu-nbd --read-only` (with the previous checkpoint's
+/// persistent bitmap, which the images keep, for an incremental), then the overlays are
+/// merged back (active block commit and pivot).
+///
+/// Measured against the managed save (`tests/benches/fullstate.rs`, `core/BENCHMARKS.md`):
+/// the guest pauses for a fraction of a second instead of seconds, because QEMU neither
+/// stops nor restarts; the cost is that the guest's writes during the copy go to overlays
+/// beside its disks (disk space for what it writes meanwhile) and are merged back after.
+/// The new libvirt checkpoint is made just before the snapshot, so its bitmaps cover the
+/// snapshot's instant with a little to spare (an incremental from it reads those blocks
+/// again: never too little).
+///
+/// `Ok(Err(why))` when the live snapshot cannot be taken (nothing was changed: the caller
+/// falls back to the managed save); `Err` for a failure after it.
+fn capture_full_state_live(
+    hv: &Hypervisor,
+    plan: &LivePlan<'_>,
+    job_dir: &Path,
+) -> Result<Result<Captured, String>, CheckpointError> {
+    use crate::libvirt::live_snapshot::OVERLAY_MARK;
+    let vm = plan.vm;
+    if !hv.is_local() {
+        return Ok(Err("the daemon is not on this machine".into()));
+    }
+    let mut overlays = Vec::new();
+    for (target, _, source, _) in plan.disks {
+        let Some(path) = source else {
+            return Ok(Err(format!("disk {target} is not a file")));
+        };
+        let short = &Uuid::new_v4().simple().to_string()[..8];
+        overlays.push((
+            target.clone(),
+            std::path::PathBuf::from(format!("{path}{OVERLAY_MARK}{short}.qcow2")),
+        ));
+    }
+    let targets: Vec<String> = plan.disks.iter().map(|d| d.0.clone()).collect();
+    let domain_xml = hv.domain_xml(vm)?;
+    if let Err(e) = hv.create_checkpoint(vm, &plan.new_name, &targets) {
+        return Ok(Err(e.to_string()));
+    }
+    let memory_path = job_dir.join("memory.save");
+    let started = std::time::Instant::now();
+    if let Err(e) = hv.live_external_snapshot(vm, &memory_path, &overlays) {
+        let _ = hv.delete_checkpoint(vm, &plan.new_name);
+        for (_, file) in &overlays {
+            let _ = std::fs::remove_file(file);
+        }
+        return Ok(Err(e.to_string()));
+    }
+    let snapshot_ms = started.elapsed().as_millis();
+    let frozen = FrozenDisks::Overlays(overlays);
+    if let Err(e) = crate::fault::point("after-live-snapshot") {
+        let _ = frozen.end(hv, vm);
+        let _ = hv.delete_checkpoint(vm, &plan.new_name);
+        return Err(CheckpointError::Unsupported(e));
+    }
+    let memory = std::fs::File::open(&memory_path).map_err(|e| {
+        CheckpointError::Unsupported(format!(
+            "could not read the saved memory of VM {vm:?} at {}: {e}",
+            memory_path.display()
+        ))
+    });
+    let memory = match memory {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = frozen.end(hv, vm);
+            return Err(e);
+        }
+    };
+    let incremental_from = match (&plan.prev, &plan.full_reason) {
+        (Some(p), None) => p.libvirt_checkpoint.clone(),
+        _ => None,
+    };
+    Ok(Ok(Captured {
+        source: frozen,
+        incremental_from,
+        full_reason: plan.full_reason.clone(),
+        kind: CheckpointKind::Full,
+        consistency: Consistency::Crash,
+        consistency_note: format!(
+            "memory, devices and disks of one instant, saved while the VM ran (a live snapshot of {snapshot_ms} ms; the guest paused only to switch its disks): restoring it resumes the VM where it was; its disks alone are crash-consistent"
+        ),
+        memory: Some(memory),
+        domain_xml,
+    }))
+}
+
+/// The disks as they were at the capture instant.
+enum FrozenDisks {
+    /// libvirt's pull-backup export (NBD).
+    Export(crate::libvirt::backup::PullBackup),
+    /// The images under a live snapshot's overlays (target, overlay file), which the VM
+    /// writes to until they are merged back.
+    Overlays(Vec<(String, std::path::PathBuf)>),
+}
+
+impl FrozenDisks {
+    /// Ends the export, or merges the overlays back (every one is tried).
+    fn end(self, hv: &Hypervisor, vm: &str) -> Result<(), CheckpointError> {
+        match self {
+            Self::Export(backup) => Ok(backup.finish()?),
+            Self::Overlays(overlays) => {
+                let mut first_error = None;
+                for (target, file) in &overlays {
+                    if let Err(e) = hv.commit_overlay(vm, target, file) {
+                        first_error.get_or_insert(e);
+                    }
+                }
+                first_error.map_or(Ok(()), |e| Err(e.into()))
+            }
+        }
+    }
 }
 
 /// The capture instant, and what was captured at it.
 struct Captured {
-    backup: crate::libvirt::backup::PullBackup,
+    /// Where the frozen disks are read from.
+    source: FrozenDisks,
     /// The libvirt checkpoint the export's dirty bitmaps are relative to, if incremental.
     incremental_from: Option<String>,
     full_reason: Option<String>,
@@ -423,6 +574,8 @@ struct Captured {
     consistency_note: String,
     /// The VM's saved memory and device state (full state only).
     memory: Option<std::fs::File>,
+    /// The domain XML at the instant (before a live snapshot put the disks on overlays).
+    domain_xml: String,
 }
 
 /// Disks only: freeze (when an agent answers), mark the instant, thaw at once. The export
@@ -433,6 +586,7 @@ fn capture_disks(
     socket: &Path,
     targets: &[String],
 ) -> Result<Captured, CheckpointError> {
+    let domain_xml = hv.domain_xml(plan.vm)?;
     let (frozen, consistency, consistency_note) = if plan.quiesce {
         freeze(hv, plan.vm, &plan.uuid)?
     } else {
@@ -447,13 +601,14 @@ fn capture_disks(
     drop(frozen);
     let (backup, incremental_from, full_reason) = begun?;
     Ok(Captured {
-        backup,
+        source: FrozenDisks::Export(backup),
         incremental_from,
         full_reason,
         kind: CheckpointKind::Disk,
         consistency,
         consistency_note,
         memory: None,
+        domain_xml,
     })
 }
 
@@ -484,6 +639,7 @@ fn capture_full_state(
             "VM {vm:?} already has saved state (libvirt managed save) that a start would resume; start it or remove that state (virsh managedsave-remove) first"
         )));
     }
+    let domain_xml = hv.domain_xml(vm)?;
     SAVED.create(&plan.uuid)?;
     let paused_at = std::time::Instant::now();
     // From here until the guard is dropped, the VM is saved or paused: the guard lets it
@@ -501,7 +657,7 @@ fn capture_full_state(
     let pause_ms = paused_at.elapsed().as_millis();
     let (backup, incremental_from, full_reason) = begun?;
     Ok(Captured {
-        backup,
+        source: FrozenDisks::Export(backup),
         incremental_from,
         full_reason,
         kind: CheckpointKind::Full,
@@ -510,6 +666,7 @@ fn capture_full_state(
             "memory, devices and disks of one instant (the VM was paused for {pause_ms} ms to save them): restoring it resumes the VM where it was; its disks alone are crash-consistent"
         ),
         memory: Some(memory),
+        domain_xml,
     })
 }
 
@@ -536,6 +693,8 @@ fn resume_after_killed_run(hv: &Hypervisor, vm: &str, uuid: &Uuid) -> Result<(),
         hv.resume_saved(vm)?;
         SAVED.remove(uuid);
     }
+    // Overlays of a live snapshot that was never merged back (the VM runs on them).
+    hv.commit_left_overlays(vm)?;
     Ok(())
 }
 
@@ -545,18 +704,19 @@ fn copy_captured(
     store: &Store,
     plan: &LivePlan<'_>,
     captured: Captured,
-    socket: &Path,
+    job_dir: &Path,
     control: &Control,
 ) -> Result<Manifest, CheckpointError> {
     let vm = plan.vm;
     let Captured {
-        backup,
+        source,
         incremental_from,
         full_reason,
         kind,
         consistency,
         consistency_note,
         memory,
+        domain_xml,
     } = captured;
     let parent = incremental_from.as_ref().and_then(|_| plan.prev.clone());
     let result = (|| {
@@ -569,7 +729,7 @@ fn copy_captured(
             kind,
             consistency,
             consistency_note: Some(consistency_note.clone()),
-            domain_xml: hv.domain_xml(vm)?,
+            domain_xml: domain_xml.clone(),
             parent: parent.as_ref().map(|p| p.id.clone()),
             full_reason: full_reason.clone(),
             labels: plan.labels.clone(),
@@ -580,25 +740,44 @@ fn copy_captured(
         if let Some(file) = &memory {
             add_memory(&mut writer, vm, file, control)?;
         }
-        for (target, _, source, format) in plan.disks {
-            let context = backup.dirty_context(target);
-            let (object, read) = read_disk(
-                &writer,
-                vm,
-                socket,
-                target,
-                context.as_deref(),
-                parent.as_ref(),
-                control,
-            )?;
+        for (target, _, disk_source, format) in plan.disks {
+            let (object, read) = match &source {
+                FrozenDisks::Export(backup) => read_disk(
+                    &writer,
+                    vm,
+                    &job_dir.join("rewind-nbd.sock"),
+                    target,
+                    backup.dirty_context(target).as_deref(),
+                    parent.as_ref(),
+                    control,
+                )?,
+                FrozenDisks::Overlays(_) => {
+                    let bitmap = incremental_from
+                        .as_deref()
+                        .filter(|_| format.as_deref() == Some("qcow2"));
+                    read_disk_file(
+                        &writer,
+                        &DiskFile {
+                            vm,
+                            target,
+                            file: disk_source.as_deref().unwrap_or_default(),
+                            format: format.as_deref(),
+                            bitmap,
+                        },
+                        parent.as_ref(),
+                        job_dir,
+                        control,
+                    )?
+                }
+            };
             writer.add_read_bytes(read);
-            writer.add_disk(target, source.clone(), format.clone(), object)?;
+            writer.add_disk(target, disk_source.clone(), format.clone(), object)?;
         }
         add_firmware_and_tpm(&mut writer, plan.info)?;
         control.set_phase(Phase::Finishing);
         Ok::<_, CheckpointError>(writer.commit(control)?)
     })();
-    let finished = backup.finish();
+    let finished = source.end(hv, vm);
     match result {
         Ok(manifest) => {
             finished?;
@@ -618,6 +797,59 @@ fn copy_captured(
             Err(e)
         }
     }
+}
+
+/// A disk image file to read into a checkpoint.
+struct DiskFile<'a> {
+    vm: &'a str,
+    target: &'a str,
+    file: &'a str,
+    format: Option<&'a str>,
+    /// The persistent bitmap in the image whose dirty blocks are read (an incremental).
+    bitmap: Option<&'a str>,
+}
+
+/// Reads a disk image (not written meanwhile) through `qemu-nbd --read-only`: the chunks
+/// its bitmap names, on top of `parent`'s index, or all its data when there is no bitmap
+/// or qemu-nbd refuses it (a bitmap QEMU could not store when it was killed is
+/// inconsistent).
+fn read_disk_file(
+    writer: &CheckpointWriter<'_>,
+    disk: &DiskFile<'_>,
+    parent: Option<&Manifest>,
+    work_dir: &Path,
+    control: &Control,
+) -> Result<(crate::store::FinishedObject, u64), CheckpointError> {
+    let socket = work_dir.join(format!("rewind-{}.sock", disk.target));
+    let _ = std::fs::remove_file(&socket);
+    let serve = |bitmap| {
+        QemuNbd::serve(
+            disk.file,
+            disk.format,
+            disk.target,
+            &socket,
+            Access::ReadOnly { bitmap },
+        )
+    };
+    let (server, bitmap) = match serve(disk.bitmap) {
+        Ok(server) => (server, disk.bitmap),
+        Err(_) if disk.bitmap.is_some() => {
+            (serve(None).map_err(CheckpointError::Unsupported)?, None)
+        }
+        Err(e) => return Err(CheckpointError::Unsupported(e)),
+    };
+    let context = bitmap.map(|b| format!("qemu:dirty-bitmap:{b}"));
+    let read = read_disk(
+        writer,
+        disk.vm,
+        &socket,
+        disk.target,
+        context.as_deref(),
+        parent,
+        control,
+    );
+    drop(server);
+    read
 }
 
 /// Adds the saved memory and device state as blob `memory`, chunked like a disk (pages
@@ -1048,41 +1280,23 @@ fn take_shut_off(
                 info.name
             )));
         };
-        let socket = work_dir.join(format!("rewind-{target}.sock"));
-        let _ = std::fs::remove_file(&socket);
         let bitmap = parent
             .as_ref()
             .filter(|_| with_bitmap.contains(target))
             .and_then(|p| p.libvirt_checkpoint.as_deref());
-        let serve = |bitmap| {
-            QemuNbd::serve(
-                file,
-                format.as_deref(),
-                target,
-                &socket,
-                Access::ReadOnly { bitmap },
-            )
-        };
-        // A bitmap QEMU could not store when it stopped (it was killed) is inconsistent:
-        // qemu-nbd refuses it, and the disk is read whole.
-        let (server, bitmap) = match serve(bitmap) {
-            Ok(server) => (server, bitmap),
-            Err(_) if bitmap.is_some() => {
-                (serve(None).map_err(CheckpointError::Unsupported)?, None)
-            }
-            Err(e) => return Err(CheckpointError::Unsupported(e)),
-        };
-        let context = bitmap.map(|b| format!("qemu:dirty-bitmap:{b}"));
-        let (object, read) = read_disk(
+        let (object, read) = read_disk_file(
             &writer,
-            &info.name,
-            &socket,
-            target,
-            context.as_deref(),
+            &DiskFile {
+                vm: &info.name,
+                target,
+                file,
+                format: format.as_deref(),
+                bitmap,
+            },
             parent.as_ref(),
+            work_dir,
             control,
         )?;
-        drop(server);
         writer.add_read_bytes(read);
         writer.add_disk(target, source.clone(), format.clone(), object)?;
     }

@@ -2,8 +2,9 @@
 //! environment, the named point fails with an error; with `REWIND_FAULT=abort-<point>`, the
 //! process aborts there as if killed. Points: `after-freeze` (the guest's file systems are
 //! frozen, the backup not begun yet), `after-save` (a full-state capture saved the VM,
-//! which is shut off with its state in libvirt's managed save image). Without the variable
-//! nothing happens.
+//! which is shut off with its state in libvirt's managed save image), `after-live-snapshot`
+//! (a live full-state capture put the VM's disks on overlays). Without the variable nothing
+//! happens.
 
 /// Fails or aborts at `point` when `REWIND_FAULT` asks for it.
 pub(crate) fn point(point: &str) -> Result<(), String> {

@@ -1,8 +1,9 @@
 //! Full-state checkpoint benchmark (issue 8): a 1 GiB test guest running the `counter`
 //! workload (a line every ~100 ms). For each round: a disk-only checkpoint (the baseline
-//! pause: the pull backup's instant) and a full-state one (managed save, start paused from
-//! the saved state, backup begun, resume), into a local store. Measured: the total time of
-//! each, the pause Rewind reports, and the guest-visible pause — the longest time, seen from
+//! pause: the pull backup's instant), a full-state one the managed-save way (managed save,
+//! start paused from the saved state, backup begun, resume) and one the live way (live
+//! external snapshot, base images read, overlays merged back), into a local store.
+//! Measured: the total time of each, the pause Rewind reports, and the guest-visible pause — the longest time, seen from
 //! the host, during which the guest printed no new counter line around the checkpoint
 //! (the console is polled every 10 ms; the normal gap is ~100–150 ms under TCG). Then, a
 //! minute after the last one, another full-state checkpoint: the store bytes it added.
@@ -70,15 +71,18 @@ fn watched<T>(vm: &TestVm, f: impl FnOnce() -> T) -> (T, f64, f64) {
     (out, secs, gap)
 }
 
-fn take(
-    hv: &Hypervisor,
-    store: &Store,
-    vm: &TestVm,
-    work: &std::path::Path,
-    full: bool,
-) -> Manifest {
+/// How a benchmarked checkpoint is taken.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Way {
+    Disk,
+    ManagedSave,
+    Live,
+}
+
+fn take(hv: &Hypervisor, store: &Store, vm: &TestVm, work: &std::path::Path, way: Way) -> Manifest {
     let options = TakeOptions {
-        full_state: full,
+        full_state: way != Way::Disk,
+        managed_save: way == Way::ManagedSave,
         ..TakeOptions::default()
     };
     checkpoint::take_with(hv, store, &vm.name, work, &options, &Control::new())
@@ -115,14 +119,14 @@ fn main() {
 
     println!("| run | total s | guest-visible pause ms | notes |");
     println!("|---|---|---|---|");
-    let mut last_full = None;
+    let mut last = None;
     for round in 1..=rounds {
         vm.wait_counter(
             vm.counter_lines().last().map_or(0, |c| c.0) + 20,
             Duration::from_mins(1),
         )
         .unwrap();
-        let (m, secs, gap) = watched(&vm, || take(&hv, &store, &vm, &work, false));
+        let (m, secs, gap) = watched(&vm, || take(&hv, &store, &vm, &work, Way::Disk));
         println!(
             "| round {round}: disk-only checkpoint | {secs:.2} | {:.0} | {} MB new |",
             gap * 1000.0,
@@ -133,21 +137,31 @@ fn main() {
             Duration::from_mins(1),
         )
         .unwrap();
-        let (m, secs, gap) = watched(&vm, || take(&hv, &store, &vm, &work, true));
-        println!(
-            "| round {round}: full-state checkpoint (managed save) | {secs:.2} | {:.0} | memory image {} MB, {} MB new in the store; {} |",
-            gap * 1000.0,
-            memory_bytes(&m) / 1_000_000,
-            m.new_bytes / 1_000_000,
-            m.consistency_note.as_deref().unwrap_or_default()
-        );
-        last_full = Some(m);
+        for (way, what) in [
+            (Way::ManagedSave, "managed save"),
+            (Way::Live, "live snapshot"),
+        ] {
+            vm.wait_counter(
+                vm.counter_lines().last().map_or(0, |c| c.0) + 20,
+                Duration::from_mins(1),
+            )
+            .unwrap();
+            let (m, secs, gap) = watched(&vm, || take(&hv, &store, &vm, &work, way));
+            println!(
+                "| round {round}: full-state checkpoint ({what}) | {secs:.2} | {:.0} | memory image {} MB, {} MB new in the store; {} |",
+                gap * 1000.0,
+                memory_bytes(&m) / 1_000_000,
+                m.new_bytes / 1_000_000,
+                m.consistency_note.as_deref().unwrap_or_default()
+            );
+            last = Some(m);
+        }
     }
-    let first = last_full.expect("at least one round");
+    let first = last.expect("at least one round");
     std::thread::sleep(Duration::from_mins(1));
-    let (m, secs, gap) = watched(&vm, || take(&hv, &store, &vm, &work, true));
+    let (m, secs, gap) = watched(&vm, || take(&hv, &store, &vm, &work, Way::Live));
     println!(
-        "| full-state checkpoint a minute after the last | {secs:.2} | {:.0} | memory image {} MB (before: {} MB), {} bytes new in the store |",
+        "| full-state checkpoint a minute after the last (live) | {secs:.2} | {:.0} | memory image {} MB (before: {} MB), {} bytes new in the store |",
         gap * 1000.0,
         memory_bytes(&m) / 1_000_000,
         memory_bytes(&first) / 1_000_000,

@@ -83,6 +83,35 @@ fn counting_guest(label: &str, n: u64) -> TestVm {
     vm
 }
 
+/// The live way merged its overlays back and kept the store's chain true: a write made
+/// after checkpoint `id` is in the next checkpoint, an incremental from it.
+fn assert_the_chain_goes_on_from(vm: &TestVm, dest: &Path, id: &str) {
+    assert!(
+        !vm.domain().xml_desc(0).unwrap().contains(".rewind-live-"),
+        "the overlays are merged back"
+    );
+    vm.host_write("vda", 0x5a, 8 << 20, 1 << 20).unwrap();
+    let after = checkpoint(vm, dest, false);
+    assert_eq!(after["parent"], id, "incremental from it: {after}");
+    let store = Store::open(dest, None).unwrap();
+    let m = store
+        .catalog()
+        .unwrap()
+        .checkpoints
+        .into_iter()
+        .find(|c| c.id == after["id"].as_str().unwrap())
+        .unwrap();
+    let vda = store
+        .object_reader(&m.disks[0].index)
+        .unwrap()
+        .read_all()
+        .unwrap();
+    assert!(
+        vda[8 << 20..9 << 20].iter().all(|&b| b == 0x5a),
+        "the incremental after the live snapshot misses a write"
+    );
+}
+
 #[test]
 fn a_full_state_restore_resumes_the_guest_a_disk_restore_boots_it_and_undo_resumes_the_saved_session()
  {
@@ -106,7 +135,7 @@ fn a_full_state_restore_resumes_the_guest_a_disk_restore_boots_it_and_undo_resum
         "{full}"
     );
     let note = full["consistency_note"].as_str().unwrap();
-    assert!(note.contains("paused for"), "{note}");
+    assert!(note.contains("live snapshot"), "taken the live way: {note}");
     eprintln!(
         "full-state checkpoint: {note}; took {} ms",
         full["duration_ms"]
@@ -121,6 +150,7 @@ fn a_full_state_restore_resumes_the_guest_a_disk_restore_boots_it_and_undo_resum
         "the guest must not boot again"
     );
     let full_id = full["id"].as_str().unwrap().to_owned();
+    assert_the_chain_goes_on_from(&vm, &dest, &full_id);
 
     // It counts on well past the checkpoint; then the full-state checkpoint is restored.
     let (n_later, cs_later) = vm.wait_counter(n_on + 30, BOOT_TIMEOUT).unwrap();
@@ -277,26 +307,70 @@ fn a_damaged_memory_image_stops_the_restore_before_anything_runs() {
 }
 
 #[test]
-fn a_capture_failing_or_killed_while_the_vm_is_saved_loses_nothing() {
+fn a_capture_failing_or_killed_mid_way_loses_nothing_either_way() {
     let vm = counting_guest("fullstate-killed", 5);
     let dir = ScratchDir::new("fullstate-killed-store").unwrap();
     let dest = dir.path().join("store");
-    let full_state_command = |fault: &str| {
+    let full_state_command = |way: &str, fault: &str| {
         let mut cmd = crate::rewind::checkpoint_command(&vm.name, &dest);
-        cmd.arg("--full-state").env("REWIND_FAULT", fault);
+        cmd.arg("--full-state")
+            .env("REWIND_FAULT", fault)
+            .env(rewind_core::checkpoint::FULL_STATE_WAY_ENV, way);
         cmd.output().unwrap()
     };
+    // Past `n`, and never booted again: the counter only rises, and the console shows at
+    // most the first boot (QEMU started again from saved state begins it anew).
     let counting_on_from = |n: u64| {
         let (k, _) = vm.wait_counter(n + 1, BOOT_TIMEOUT).unwrap();
-        let ((first, _), booted) = after_last_restore(&vm);
-        assert!(!booted, "the guest must not boot again");
-        assert!(first > 1, "the counter must go on, not start again");
+        let lines = vm.counter_lines();
+        assert!(
+            lines.windows(2).all(|w| w[1].0 > w[0].0),
+            "the counter went back: the guest booted again"
+        );
+        let boots = vm.console().matches(READY).count();
+        assert!(
+            boots == 1 || (boots == 0 && lines[0].0 > 1),
+            "the guest booted again"
+        );
         k
     };
+    let on_overlays = || vm.domain().xml_desc(0).unwrap().contains(".rewind-live-");
+    let overlay_files = || {
+        std::fs::read_dir(vm.dir())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().contains(".rewind-live-"))
+            .count()
+    };
 
-    // An error while the VM is saved: the command fails, the VM runs on where it was.
+    // The live way. An error while the VM runs on overlays: they are merged back.
     let (n, _) = *vm.counter_lines().last().unwrap();
-    let out = full_state_command("after-save");
+    let out = full_state_command("live", "after-live-snapshot");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("fault injected"),
+        "{stderr}"
+    );
+    assert!(
+        !on_overlays() && overlay_files() == 0,
+        "the overlays are merged and gone"
+    );
+    let n = counting_on_from(n);
+    // Killed there: the VM runs on the overlays; the next run merges them, then works.
+    let out = full_state_command("live", "abort-after-live-snapshot");
+    assert!(!out.status.success());
+    assert!(on_overlays(), "the kill came while on overlays");
+    let n = counting_on_from(n);
+    let next = checkpoint(&vm, &dest, true);
+    assert_eq!(next["kind"], "full", "{next}");
+    assert!(
+        !on_overlays() && overlay_files() == 0,
+        "the next run merged them"
+    );
+    let n = counting_on_from(n);
+
+    // The managed-save way. An error while the VM is saved: it runs on where it was.
+    let out = full_state_command("save", "after-save");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && stderr.contains("fault injected"),
@@ -304,10 +378,9 @@ fn a_capture_failing_or_killed_while_the_vm_is_saved_loses_nothing() {
     );
     assert!(vm.domain().is_active().unwrap(), "the VM must run again");
     let n = counting_on_from(n);
-
-    // Killed while the VM is saved: it is off with its state kept by libvirt, and the next
-    // run resumes it, then takes its checkpoint.
-    let out = full_state_command("abort-after-save");
+    // Killed while saved: it is off with its state kept by libvirt, and the next run
+    // resumes it, then takes its checkpoint.
+    let out = full_state_command("save", "abort-after-save");
     assert!(!out.status.success());
     assert!(
         !vm.domain().is_active().unwrap(),
@@ -327,6 +400,6 @@ fn a_capture_failing_or_killed_while_the_vm_is_saved_loses_nothing() {
             .unwrap()
             .checkpoints
             .len(),
-        1
+        2
     );
 }

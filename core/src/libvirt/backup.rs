@@ -99,6 +99,30 @@ pub fn pull_backup_xml(
     xml
 }
 
+/// The VM's disks (not CD-ROMs), and those of `targets` that can hold a checkpoint's
+/// bitmap: only qcow2 images can hold persistent bitmaps.
+pub(super) fn checkpoint_disks(
+    info: &crate::vm::VmInfo,
+    targets: &[String],
+) -> (Vec<String>, Vec<String>) {
+    let all = info
+        .disks
+        .iter()
+        .filter(|d| d.device == crate::vm::DiskDevice::Disk)
+        .map(|d| d.target.clone())
+        .collect();
+    let bitmaps = targets
+        .iter()
+        .filter(|t| {
+            info.disks
+                .iter()
+                .any(|d| &d.target == *t && d.format.as_deref() == Some("qcow2"))
+        })
+        .cloned()
+        .collect();
+    (all, bitmaps)
+}
+
 /// The checkpoint XML: a bitmap on each of `targets`, none on the others.
 #[must_use]
 pub fn checkpoint_xml(name: &str, targets: &[String], all_disks: &[String]) -> String {
@@ -147,25 +171,10 @@ impl Hypervisor {
         }
         let info = self.vm(vm)?;
         let dom = self.lookup(vm)?;
-        let all_disks: Vec<String> = info
-            .disks
-            .iter()
-            .filter(|d| d.device == crate::vm::DiskDevice::Disk)
-            .map(|d| d.target.clone())
-            .collect();
+        let (all_disks, bitmap_targets) = checkpoint_disks(&info, targets);
         if let Some(missing) = targets.iter().find(|t| !all_disks.contains(t)) {
             return Err(Error::Invalid(format!("VM {vm:?} has no disk {missing:?}")));
         }
-        // Only qcow2 images can hold the persistent bitmaps of a checkpoint.
-        let bitmap_targets: Vec<String> = targets
-            .iter()
-            .filter(|t| {
-                info.disks
-                    .iter()
-                    .any(|d| &d.target == *t && d.format.as_deref() == Some("qcow2"))
-            })
-            .cloned()
-            .collect();
         let backup = pull_backup_xml(
             socket,
             targets,

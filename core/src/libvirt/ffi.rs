@@ -288,6 +288,85 @@ pub(super) fn checkpoint_redefine(dom: &Domain, xml: &str) -> Result<(), virt::e
     Ok(())
 }
 
+/// virDomainCheckpointCreateXML: a new checkpoint (dirty bitmaps) of `dom` as `xml` says.
+pub(super) fn checkpoint_create(dom: &Domain, xml: &str) -> Result<(), virt::error::Error> {
+    let cxml = c_string(xml)?;
+    // SAFETY: `dom` is live and `cxml` NUL-terminated; the result is null or a handle we own.
+    let cp = unsafe { sys::virDomainCheckpointCreateXML(dom.as_ptr(), cxml.as_ptr(), 0) };
+    if cp.is_null() {
+        return Err(virt::error::Error::last_error());
+    }
+    // SAFETY: `cp` is the handle just returned, freed exactly once.
+    unsafe { sys::virDomainCheckpointFree(cp) };
+    Ok(())
+}
+
+// ---- Block jobs (an active commit of an overlay back into its base) -------------------
+
+/// virDomainBlockCommit with `ACTIVE`: starts merging disk `target`'s active overlay into
+/// its backing image.
+pub(super) fn block_commit_active(dom: &Domain, target: &str) -> Result<(), virt::error::Error> {
+    let disk = c_string(target)?;
+    // SAFETY: `dom` is live and `disk` NUL-terminated; null base and top mean "the backing
+    // image" and "the active layer", as documented.
+    let rc = unsafe {
+        sys::virDomainBlockCommit(
+            dom.as_ptr(),
+            disk.as_ptr(),
+            std::ptr::null(),
+            std::ptr::null(),
+            0,
+            sys::VIR_DOMAIN_BLOCK_COMMIT_ACTIVE,
+        )
+    };
+    if rc < 0 {
+        return Err(virt::error::Error::last_error());
+    }
+    Ok(())
+}
+
+/// virDomainGetBlockJobInfo: `(cur, end)` of disk `target`'s block job, `None` without one.
+pub(super) fn block_job_progress(
+    dom: &Domain,
+    target: &str,
+) -> Result<Option<(u64, u64)>, virt::error::Error> {
+    let disk = c_string(target)?;
+    let mut info = sys::virDomainBlockJobInfo {
+        type_: 0,
+        bandwidth: 0,
+        cur: 0,
+        end: 0,
+    };
+    // SAFETY: `dom` is live, `disk` NUL-terminated, `info` a valid struct to fill.
+    let rc =
+        unsafe { sys::virDomainGetBlockJobInfo(dom.as_ptr(), disk.as_ptr(), &raw mut info, 0) };
+    match rc {
+        rc if rc < 0 => Err(virt::error::Error::last_error()),
+        0 => Ok(None),
+        _ => Ok(Some((info.cur, info.end))),
+    }
+}
+
+/// virDomainBlockJobAbort, with `PIVOT` when `pivot`: ends disk `target`'s block job (an
+/// active commit that reached its ready state switches the disk to the base image).
+pub(super) fn block_job_abort(
+    dom: &Domain,
+    target: &str,
+    pivot: bool,
+) -> Result<(), virt::error::Error> {
+    let disk = c_string(target)?;
+    let flags = if pivot {
+        sys::VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT
+    } else {
+        0
+    };
+    // SAFETY: `dom` is live and `disk` NUL-terminated.
+    if unsafe { sys::virDomainBlockJobAbort(dom.as_ptr(), disk.as_ptr(), flags) } < 0 {
+        return Err(virt::error::Error::last_error());
+    }
+    Ok(())
+}
+
 // ---- Sparse streams (virStreamSendHole) -----------------------------------------------
 
 use virt::stream::Stream;

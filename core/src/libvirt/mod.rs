@@ -9,6 +9,7 @@ pub mod bitmaps;
 mod events;
 mod ffi;
 pub mod lifecycle;
+pub mod live_snapshot;
 mod saved_state;
 pub mod volumes;
 pub mod xml;

@@ -505,6 +505,7 @@ impl<'a> InPlace<'a> {
             copy_phase: Phase::SafetyCheckpoint,
             quiesce: true,
             full_state: false,
+            managed_save: false,
         };
         let taken = match saved {
             Some(memory) => checkpoint::take_saved(
