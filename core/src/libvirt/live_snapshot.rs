@@ -82,13 +82,15 @@ impl Hypervisor {
         };
         ffi::block_commit_active(&dom, target)
             .map_err(|e| failed("merge the live snapshot's overlay back into", &e))?;
-        // Ready once everything is copied: then libvirt can pivot to the base.
+        // Ready once everything is copied: then libvirt can pivot to the base. libvirt shows
+        // cur == end only then (an empty overlay is reported as 1 of 1); a pivot tried a
+        // moment too early is refused and tried again.
         let deadline = Instant::now() + Duration::from_mins(10);
         loop {
             match ffi::block_job_progress(&dom, target)
                 .map_err(|e| failed("follow the merge of", &e))?
             {
-                Some((cur, end)) if cur == end && end > 0 => {
+                Some((cur, end)) if cur == end => {
                     match ffi::block_job_abort(&dom, target, true) {
                         Ok(()) => break,
                         // Not ready after all: a little longer.
