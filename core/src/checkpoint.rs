@@ -1,7 +1,8 @@
 //! Taking a checkpoint of a running VM into a store: a pull-mode backup frozen at one
 //! instant, read over NBD and streamed into the store — full the first time, then
 //! incremental from the dirty bitmaps of the libvirt checkpoint made by the previous
-//! checkpoint *into the same store*.
+//! checkpoint *into the same store*. A full-state checkpoint also holds the VM's memory and
+//! device state, taken live (see `capture_full_state_live`) or by managed save.
 //!
 //! The chain cannot lie: the previous checkpoint's libvirt checkpoint must still exist,
 //! cover every disk with a bitmap, and the disks must have kept their size; otherwise a
@@ -319,10 +320,11 @@ pub fn take_with(
             )
         }));
     }
-    if let Ok(uuid) = Uuid::parse_str(&info.uuid) {
-        resume_after_killed_run(hv, vm, &uuid)?;
-    }
-    let info = hv.vm(vm)?;
+    // Only read again when a killed run's leftovers changed the VM's state.
+    let info = match Uuid::parse_str(&info.uuid) {
+        Ok(uuid) if resume_after_killed_run(hv, vm, &uuid, &info)? => hv.vm(vm)?,
+        _ => info,
+    };
     if info.state == VmState::ShutOff && options.full_state {
         return Err(CheckpointError::Unsupported(format!(
             "VM {vm:?} is shut off, so it has no memory to save; take a disk checkpoint (without --full-state)"
@@ -688,14 +690,22 @@ impl Drop for Resume<'_> {
 
 /// A run killed during a full-state capture may have left the VM saved or paused: let it
 /// run again.
-fn resume_after_killed_run(hv: &Hypervisor, vm: &str, uuid: &Uuid) -> Result<(), CheckpointError> {
+/// Whether it changed anything.
+fn resume_after_killed_run(
+    hv: &Hypervisor,
+    vm: &str,
+    uuid: &Uuid,
+    info: &crate::vm::VmInfo,
+) -> Result<bool, CheckpointError> {
+    let mut changed = false;
     if SAVED.left_by_dead_process(uuid) {
         hv.resume_saved(vm)?;
         SAVED.remove(uuid);
+        changed = true;
     }
     // Overlays of a live snapshot that was never merged back (the VM runs on them).
-    hv.commit_left_overlays(vm)?;
-    Ok(())
+    changed |= hv.commit_left_overlays(vm, info)?;
+    Ok(changed)
 }
 
 /// Streams what was captured into a new checkpoint and commits it.

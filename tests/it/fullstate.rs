@@ -70,15 +70,21 @@ fn wait_counting_after_restore(vm: &TestVm) -> ((u64, u64), bool) {
     after_last_restore(vm)
 }
 
-/// A test guest running the `counter` workload, booted and counted to `n`.
-fn counting_guest(label: &str, n: u64) -> TestVm {
+/// A booted 256 MiB test guest with one 32 MiB qcow2 disk, running `workload`.
+fn booted_guest(label: &str, workload: &str) -> TestVm {
     let mut vm = TestVm::builder(label)
         .memory_mib(256)
-        .workload("counter")
+        .workload(workload)
         .disks(vec![DiskSpec::new("vda", Format::Qcow2, 32 << 20)])
         .define()
         .expect("define the test VM");
     vm.start_and_wait_ready(BOOT_TIMEOUT).expect("boot");
+    vm
+}
+
+/// A test guest running the `counter` workload, booted and counted to `n`.
+fn counting_guest(label: &str, n: u64) -> TestVm {
+    let vm = booted_guest(label, "counter");
     vm.wait_counter(n, BOOT_TIMEOUT).unwrap();
     vm
 }
@@ -407,13 +413,7 @@ fn a_capture_failing_or_killed_mid_way_loses_nothing_either_way() {
 #[test]
 fn a_guest_that_writes_nothing_gets_a_live_full_state_checkpoint_too() {
     // Its overlay stays empty: merging it back must not wait for data that never comes.
-    let mut vm = TestVm::builder("fullstate-idle")
-        .memory_mib(256)
-        .workload("idle")
-        .disks(vec![DiskSpec::new("vda", Format::Qcow2, 32 << 20)])
-        .define()
-        .expect("define the test VM");
-    vm.start_and_wait_ready(BOOT_TIMEOUT).expect("boot");
+    let vm = booted_guest("fullstate-idle", "idle");
     let dir = ScratchDir::new("fullstate-idle-store").unwrap();
     let dest = dir.path().join("store");
     let started = std::time::Instant::now();

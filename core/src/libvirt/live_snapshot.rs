@@ -135,22 +135,23 @@ impl Hypervisor {
         })
     }
 
-    /// Merges back the overlays of a live snapshot that a killed Rewind left VM `vm` on.
-    pub fn commit_left_overlays(&self, vm: &str) -> Result<()> {
-        let info = self.vm(vm)?;
+    /// Merges back the overlays of a live snapshot that a killed Rewind left VM `vm` on
+    /// (`info`, as read just before); whether there were any.
+    pub fn commit_left_overlays(&self, vm: &str, info: &crate::vm::VmInfo) -> Result<bool> {
         if !info.state.is_active() {
-            return Ok(());
+            return Ok(false);
         }
+        let mut found = false;
         for d in &info.disks {
             if let Some(path) = d.path()
                 && path
                     .file_name()
                     .is_some_and(|n| n.to_string_lossy().contains(OVERLAY_MARK))
             {
-                let path = path.clone();
-                self.commit_overlay(vm, &d.target, &path)?;
+                self.commit_overlay(vm, &d.target, path)?;
+                found = true;
             }
         }
-        Ok(())
+        Ok(found)
     }
 }

@@ -1,7 +1,9 @@
 //! A VM's memory and device state saved to a file and brought back: what a full-state
 //! checkpoint captures and what restoring one resumes.
 //!
-//! Capturing uses libvirt's *managed save* (`virDomainManagedSave`): the VM stops with its
+//! The managed-save way of a full-state checkpoint (the fallback of the live way in
+//! `live_snapshot`, and a restore's `--save-state`) uses libvirt's *managed save*
+//! (`virDomainManagedSave`): the VM stops with its
 //! state in the daemon's save folder, and starting it again resumes it there. Rewind opens
 //! that image before starting the VM, so after libvirt removes the file on start the open
 //! descriptor still reads it. Should Rewind die in between, nothing is lost: the image
@@ -102,18 +104,13 @@ impl Hypervisor {
     }
 
     /// Resumes a VM from the saved state file `path` (the VM must be defined and shut off,
-    /// its disks as they were when the state was saved): running, or paused if `paused`.
-    pub fn restore_saved_state(&self, path: &Path, paused: bool) -> Result<()> {
+    /// its disks as they were when the state was saved), running.
+    pub fn restore_saved_state(&self, path: &Path) -> Result<()> {
         let file = path
             .to_str()
             .ok_or_else(|| Error::Invalid(format!("the path {} is not UTF-8", path.display())))?;
-        let flags = if paused {
-            virt::sys::VIR_DOMAIN_SAVE_PAUSED
-        } else {
-            virt::sys::VIR_DOMAIN_SAVE_RUNNING
-        };
         self.conn
-            .restore_domain_flags(file, None, flags)
+            .restore_domain_flags(file, None, virt::sys::VIR_DOMAIN_SAVE_RUNNING)
             .map_err(|e| {
                 self.libvirt_error(
                     &format!("resume the VM from its saved state in {}", path.display()),

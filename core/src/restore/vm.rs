@@ -753,7 +753,7 @@ fn start_or_resume(
     match memory {
         Some(saved) if wanted => {
             control.start_phase(Phase::Starting);
-            match hv.restore_saved_state(&saved.0, false) {
+            match hv.restore_saved_state(&saved.0) {
                 Ok(()) => (true, None, true),
                 Err(e) => (
                     false,
