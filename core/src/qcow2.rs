@@ -126,6 +126,31 @@ pub fn backing_chain(path: &Path) -> std::io::Result<Vec<BackingImage>> {
     Ok(chain)
 }
 
+/// The guest-visible size of the qcow2 image `path`, from its header (`size`, bytes 24–31);
+/// an error of kind `InvalidData` if the file does not start with a qcow2 v2/v3 header.
+pub fn virtual_size(path: &Path) -> std::io::Result<u64> {
+    let mut header = [0u8; 32];
+    File::open(path)?.read_exact(&mut header).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, "qcow2 header is truncated")
+        } else {
+            e
+        }
+    })?;
+    let be = |at: usize, len: usize| {
+        header[at..at + len]
+            .iter()
+            .fold(0u64, |v, &b| v << 8 | u64::from(b))
+    };
+    if be(0, 4) != u64::from(MAGIC) || !(2..=3).contains(&be(4, 4)) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "not a qcow2 version 2 or 3 image",
+        ));
+    }
+    Ok(be(24, 8))
+}
+
 fn is_qcow2(path: &Path) -> bool {
     read_header(path).is_ok_and(|h| h.get(..4) == Some(&MAGIC.to_be_bytes()))
 }
@@ -211,6 +236,32 @@ mod tests {
         for n in 0..h.len() {
             let _ = parse_header(&h[..n]);
         }
+    }
+
+    #[test]
+    fn virtual_size_of_real_images_matches_qemu_img() {
+        let dir = std::env::temp_dir().join(format!("rewind-qcow2-size-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let image = dir.join("disk.qcow2");
+        let created = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&image)
+            .arg("3221291008") // 3 GiB + 64 KiB
+            .status();
+        let size = virtual_size(&image);
+        let mut not_qcow2 = header(None);
+        not_qcow2[4..8].copy_from_slice(&9u32.to_be_bytes());
+        std::fs::write(dir.join("v9.qcow2"), &not_qcow2).unwrap();
+        std::fs::write(dir.join("short.qcow2"), &not_qcow2[..20]).unwrap();
+        let v9 = virtual_size(&dir.join("v9.qcow2"));
+        let short = virtual_size(&dir.join("short.qcow2"));
+        let missing = virtual_size(&dir.join("missing.qcow2"));
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(created.unwrap().success(), "qemu-img create");
+        assert_eq!(size.unwrap(), 3_221_291_008);
+        assert_eq!(v9.unwrap_err().kind(), std::io::ErrorKind::InvalidData);
+        assert_eq!(short.unwrap_err().kind(), std::io::ErrorKind::InvalidData);
+        assert_eq!(missing.unwrap_err().kind(), std::io::ErrorKind::NotFound);
     }
 
     #[test]

@@ -88,7 +88,8 @@ impl QemuNbd {
                 let _ = child.wait();
                 return Err(format!("qemu-nbd did not start serving {file} within 10 s"));
             }
-            std::thread::sleep(std::time::Duration::from_millis(20));
+            // qemu-nbd listens within ~10 ms: poll often, every wait here delays a restore.
+            std::thread::sleep(std::time::Duration::from_millis(1));
         }
         Ok(Self { child })
     }
@@ -114,7 +115,7 @@ impl Drop for QemuNbd {
                 let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
                 asked = true;
             }
-            std::thread::sleep(std::time::Duration::from_millis(5));
+            std::thread::sleep(std::time::Duration::from_millis(1));
         }
         let _ = self.child.wait();
     }

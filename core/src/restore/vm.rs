@@ -214,6 +214,20 @@ struct DiskProgress {
 
 /// `qemu-img info`'s virtual size of an image.
 fn image_size(path: &Path, format: &str) -> Result<u64, RestoreError> {
+    // Read directly where that is simple (a restore in place asks for every disk, and
+    // qemu-img costs a process each time); qemu-img for the rest and to explain a failure.
+    let direct = match format {
+        "qcow2" => crate::qcow2::virtual_size(path).ok(),
+        // A block device's length is not in its metadata.
+        "raw" => std::fs::metadata(path)
+            .ok()
+            .filter(std::fs::Metadata::is_file)
+            .map(|m| m.len()),
+        _ => None,
+    };
+    if let Some(size_bytes) = direct {
+        return Ok(size_bytes);
+    }
     let cannot = |said: String| RestoreError::Write {
         path: path.to_path_buf(),
         detail: format!("qemu-img cannot read it as {format}: {said}"),
