@@ -257,6 +257,9 @@ impl DiskSession {
             slots,
             partial,
         } = *plan;
+        if slots.is_empty() {
+            return Ok(0);
+        }
         let chunk = u64::from(index.chunk_size_bytes);
         let path = self.path.clone();
         let lens = lens(index, slots);
@@ -270,8 +273,9 @@ impl DiskSession {
                 move |i: u64, buf: &mut Vec<u8>| -> Result<u64, RestoreError> {
                     let id = wanted[usize::try_from(i).expect("slot fits")];
                     let len = usize::try_from(index.chunk_len(i)).expect("fits");
-                    // `buf` comes zeroed: a hole is written as zeros.
+                    // A hole is written as zeros (kept between holes: `buf` is unused else).
                     let data = if id == HOLE {
+                        buf.fill(0);
                         std::mem::take(buf)
                     } else {
                         store.read_chunk(&id, ChunkKind::Data)?

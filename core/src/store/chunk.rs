@@ -200,6 +200,22 @@ fn compress(data: &[u8]) -> Option<Vec<u8>> {
     })
 }
 
+/// Decompresses zstd data of at most `capacity` bytes, reusing one decompression context
+/// per thread (a restore decodes chunk after chunk on each of its threads).
+fn decompress(data: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    thread_local! {
+        static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    DECOMPRESSOR.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        if cell.is_none() {
+            *cell = Some(zstd::bulk::Decompressor::new()?);
+        }
+        cell.as_mut().expect("just set").decompress(data, capacity)
+    })
+}
+
 /// Encodes a chunk file: header, then the (compressed, then sealed) content. Content that
 /// does not shrink is stored as it is, which also makes reading it back cheaper.
 pub fn encode(
@@ -258,14 +274,15 @@ fn aad(header: &[u8; HEADER_BYTES], id: &ChunkId) -> Vec<u8> {
 }
 
 /// Decodes a whole chunk file and checks it against its name. `keys` must be the store's
-/// (a plain chunk in an encrypted store is rejected: it could have been planted).
+/// (a plain chunk in an encrypted store is rejected: it could have been planted). Takes the
+/// file's bytes so that content stored as it is comes back without another copy.
 pub fn decode(
-    file: &[u8],
+    mut file: Vec<u8>,
     expected_kind: ChunkKind,
     id: &ChunkId,
     keys: Option<&Keys>,
 ) -> Result<Vec<u8>, ChunkProblem> {
-    let header = Header::parse(file, file.len() as u64)?;
+    let header = Header::parse(&file, file.len() as u64)?;
     if header.kind != expected_kind {
         return Err(ChunkProblem::BadHeader(format!(
             "it holds {:?} where {expected_kind:?} was expected",
@@ -279,21 +296,20 @@ pub fn decode(
             "it is not encrypted but the store is".into()
         }));
     }
-    let payload = &file[HEADER_BYTES..];
-    let opened;
-    let body = match keys {
+    let opened = match keys {
         Some(keys) => {
             let header_bytes: &[u8; HEADER_BYTES] =
                 file[..HEADER_BYTES].try_into().expect("parsed");
-            opened = keys
-                .open(payload, &aad(header_bytes, id))
-                .map_err(|_| ChunkProblem::Tampered)?;
-            opened.as_slice()
+            Some(
+                keys.open(&file[HEADER_BYTES..], &aad(header_bytes, id))
+                    .map_err(|_| ChunkProblem::Tampered)?,
+            )
         }
-        None => payload,
+        None => None,
     };
-    let plain = if header.compressed {
-        let out = zstd::bulk::decompress(body, header.plain_len as usize)
+    let body = opened.as_deref().unwrap_or(&file[HEADER_BYTES..]);
+    let decompressed = if header.compressed {
+        let out = decompress(body, header.plain_len as usize)
             .map_err(|e| ChunkProblem::Undecodable(e.to_string()))?;
         if out.len() != header.plain_len as usize {
             return Err(ChunkProblem::Undecodable(format!(
@@ -302,23 +318,30 @@ pub fn decode(
                 header.plain_len
             )));
         }
-        out
+        Some(out)
     } else {
         if body.len() != header.plain_len as usize {
             return Err(ChunkProblem::BadHeader(
                 "stored length does not match".into(),
             ));
         }
-        body.to_vec()
+        None
     };
+    let plain = decompressed.as_deref().unwrap_or(body);
     let actual = match keys {
-        Some(keys) => ChunkId(keys.chunk_id(&plain)),
-        None => ChunkId(*blake3::hash(&plain).as_bytes()),
+        Some(keys) => ChunkId(keys.chunk_id(plain)),
+        None => ChunkId(*blake3::hash(plain).as_bytes()),
     };
     if actual != *id {
         return Err(ChunkProblem::HashMismatch);
     }
-    Ok(plain)
+    Ok(match (decompressed, opened) {
+        (Some(plain), _) | (None, Some(plain)) => plain,
+        (None, None) => {
+            file.drain(..HEADER_BYTES);
+            file
+        }
+    })
 }
 
 #[cfg(test)]
@@ -337,14 +360,14 @@ mod tests {
         let id = plain_id(&text);
         let file = encode(ChunkKind::Data, &id, &text, None).unwrap();
         assert!(file.len() < text.len() / 10, "text compresses");
-        assert_eq!(decode(&file, ChunkKind::Data, &id, None).unwrap(), text);
+        assert_eq!(decode(file, ChunkKind::Data, &id, None).unwrap(), text);
 
         let random: Vec<u8> = (0..70_000u32)
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
             .collect();
         let id = plain_id(&random);
         let file = encode(ChunkKind::Data, &id, &random, None).unwrap();
-        assert_eq!(decode(&file, ChunkKind::Data, &id, None).unwrap(), random);
+        assert_eq!(decode(file, ChunkKind::Data, &id, None).unwrap(), random);
     }
 
     #[test]
@@ -353,19 +376,19 @@ mod tests {
         let id = plain_id(&data);
         let file = encode(ChunkKind::Data, &id, &data, None).unwrap();
         assert!(matches!(
-            decode(&file, ChunkKind::IndexPage, &id, None),
+            decode(file.clone(), ChunkKind::IndexPage, &id, None),
             Err(ChunkProblem::BadHeader(_))
         ));
         assert_eq!(
-            decode(&file, ChunkKind::Data, &plain_id(b"other"), None),
+            decode(file.clone(), ChunkKind::Data, &plain_id(b"other"), None),
             Err(ChunkProblem::HashMismatch)
         );
         assert!(matches!(
-            decode(&file[..file.len() - 1], ChunkKind::Data, &id, None),
+            decode(file[..file.len() - 1].to_vec(), ChunkKind::Data, &id, None),
             Err(ChunkProblem::Truncated(_))
         ));
         assert!(matches!(
-            decode(&file[..5], ChunkKind::Data, &id, None),
+            decode(file[..5].to_vec(), ChunkKind::Data, &id, None),
             Err(ChunkProblem::Truncated(_))
         ));
     }
@@ -384,7 +407,7 @@ mod tests {
         #[test]
         fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
             let id = plain_id(b"content");
-            let _ = decode(&bytes, ChunkKind::Data, &id, None);
+            let _ = decode(bytes, ChunkKind::Data, &id, None);
         }
 
         /// Any single flipped bit in a plain chunk file is detected.
@@ -394,7 +417,7 @@ mod tests {
             let mut file = encode(ChunkKind::Data, &id, &data, None).unwrap();
             let i = pos.index(file.len());
             file[i] ^= 1 << bit;
-            prop_assert!(decode(&file, ChunkKind::Data, &id, None).is_err());
+            prop_assert!(decode(file, ChunkKind::Data, &id, None).is_err());
         }
     }
 }

@@ -423,7 +423,7 @@ impl Store {
             }
             Err(e) => return Ok(Err(ChunkProblem::Unreadable(e.to_string()))),
         };
-        Ok(chunk::decode(&file, kind, id, self.keys.as_ref()))
+        Ok(chunk::decode(file, kind, id, self.keys.as_ref()))
     }
 
     /// Checks only that a chunk file is there with a sound header (quick verify).

@@ -33,7 +33,8 @@ pub const AHEAD_PER_WORKER: usize = 4;
 type Done<T, E> = (usize, Result<T, E>);
 
 /// Runs one worker thread per element of `workers` over `slots` (ascending chunk slot
-/// numbers): each worker takes the next slot, fills a buffer of `lens[seq]` bytes' capacity
+/// numbers): each worker takes the next slot, gets a buffer of `lens[seq]` bytes (holding
+/// whatever that worker's previous slot left in it, zeros at first), fills it
 /// and turns it into a `T` (reading, hashing, storing, writing — whatever the caller's
 /// closure does), while the calling thread hands the results to `apply` strictly in slot
 /// order. Cancellation is checked before each slot; progress (`lens`) is counted as results
@@ -88,7 +89,8 @@ where
                             .check()
                             .map_err(|c| E::from(StoreError::from(c)))
                             .and_then(|()| {
-                                buf.clear();
+                                // Not zeroed again for every slot: most workers fill
+                                // the buffer or do not use it at all.
                                 buf.resize(lens[seq], 0);
                                 work(i, &mut buf)
                             });
