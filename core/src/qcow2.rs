@@ -37,27 +37,17 @@ pub struct BackingRef {
 /// `InvalidData` when the bytes are not a sane qcow2 header.
 pub fn parse_header(header: &[u8]) -> std::io::Result<Option<BackingRef>> {
     let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
-    // Every field access goes through here: no offset taken from the file can overflow or
+    // Every field access goes through here or `be_field`: no offset taken from the file can overflow or
     // index out of bounds.
     let bytes = |at: usize, len: usize, what: &str| -> std::io::Result<&[u8]> {
         at.checked_add(len)
             .and_then(|end| header.get(at..end))
             .ok_or_else(|| bad(what))
     };
-    let be32 = |at: usize| -> std::io::Result<u32> {
-        let b = bytes(at, 4, "qcow2 header is truncated")?;
-        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-    };
-    let be64 = |at: usize| -> std::io::Result<u64> {
-        Ok(u64::from(be32(at)?) << 32 | u64::from(be32(at + 4)?))
-    };
-    if be32(0)? != MAGIC {
-        return Err(bad("not a qcow2 image (bad magic)"));
-    }
+    let be32 = |at: usize| be_field(header, at, 4).map(|v| u32::try_from(v).expect("4 bytes"));
+    let be64 = |at: usize| be_field(header, at, 8);
+    check_start(header)?;
     let version = be32(4)?;
-    if !(2..=3).contains(&version) {
-        return Err(bad("unsupported qcow2 version"));
-    }
     let name_offset = be64(8)?;
     let name_len = be32(16)?;
     if name_offset == 0 || name_len == 0 {
@@ -129,26 +119,33 @@ pub fn backing_chain(path: &Path) -> std::io::Result<Vec<BackingImage>> {
 /// The guest-visible size of the qcow2 image `path`, from its header (`size`, bytes 24–31);
 /// an error of kind `InvalidData` if the file does not start with a qcow2 v2/v3 header.
 pub fn virtual_size(path: &Path) -> std::io::Result<u64> {
-    let mut header = [0u8; 32];
-    File::open(path)?.read_exact(&mut header).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            std::io::Error::new(std::io::ErrorKind::InvalidData, "qcow2 header is truncated")
-        } else {
-            e
-        }
-    })?;
-    let be = |at: usize, len: usize| {
-        header[at..at + len]
-            .iter()
-            .fold(0u64, |v, &b| v << 8 | u64::from(b))
-    };
-    if be(0, 4) != u64::from(MAGIC) || !(2..=3).contains(&be(4, 4)) {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "not a qcow2 version 2 or 3 image",
-        ));
+    let mut header = Vec::with_capacity(32);
+    File::open(path)?.take(32).read_to_end(&mut header)?;
+    check_start(&header)?;
+    be_field(&header, 24, 8)
+}
+
+/// Checks the magic and version a qcow2 header starts with.
+fn check_start(header: &[u8]) -> std::io::Result<()> {
+    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
+    if be_field(header, 0, 4)? != u64::from(MAGIC) {
+        return Err(bad("not a qcow2 image (bad magic)"));
     }
-    Ok(be(24, 8))
+    if !(2..=3).contains(&be_field(header, 4, 4)?) {
+        return Err(bad("unsupported qcow2 version"));
+    }
+    Ok(())
+}
+
+/// The big-endian field of `len` (at most 8) bytes at `at`; `InvalidData` if the header
+/// ends before it.
+fn be_field(header: &[u8], at: usize, len: usize) -> std::io::Result<u64> {
+    at.checked_add(len)
+        .and_then(|end| header.get(at..end))
+        .map(|b| b.iter().fold(0u64, |v, &b| v << 8 | u64::from(b)))
+        .ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, "qcow2 header is truncated")
+        })
 }
 
 fn is_qcow2(path: &Path) -> bool {
