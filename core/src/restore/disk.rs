@@ -9,9 +9,12 @@
 //! checkpoint's chunks, so nothing needs reading; by hashing everything; or because the file
 //! is new) and writes only the chunks that differ. Where the restored chunk is the bitmap's
 //! checkpoint's, only the dirty extents inside it are written (the rest of the chunk already
-//! holds those bytes, as every incremental of that chain trusts). Everything written is read
-//! back at once and compared with the checkpoint's bytes (whose hash was checked as they
-//! came out of the store); the chunks not written are equal by the comparison.
+//! holds those bytes, as every incremental of that chain trusts) — and only the 64 KiB
+//! pieces of the stored chunk that those extents touch are read from the store and checked
+//! against the chunk's piece tree, where it has one (`FORMAT.md`, "Piece trees").
+//! Everything written is read back at once and compared with the checkpoint's bytes (whose
+//! hash was checked as they came out of the store); the chunks not written are equal by
+//! the comparison.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -273,12 +276,20 @@ impl DiskSession {
                 move |i: u64, buf: &mut Vec<u8>| -> Result<u64, RestoreError> {
                     let id = wanted[usize::try_from(i).expect("slot fits")];
                     let len = usize::try_from(index.chunk_len(i)).expect("fits");
-                    // A hole is written as zeros (kept between holes: `buf` is unused else).
-                    let data = if id == HOLE {
-                        buf.fill(0);
-                        std::mem::take(buf)
-                    } else {
-                        store.read_chunk(&id, ChunkKind::Data)?
+                    let ranges = partial.get(&i);
+                    // A hole is written as zeros (`buf` holds whatever its previous slot
+                    // left). Where only some ranges are written, only the pieces of the
+                    // chunk they touch are read and checked, into `buf`.
+                    let data = match ranges {
+                        _ if id == HOLE => {
+                            buf.fill(0);
+                            std::mem::take(buf)
+                        }
+                        Some(ranges) => {
+                            store.read_chunk_ranges(&id, ranges, buf)?;
+                            std::mem::take(buf)
+                        }
+                        None => store.read_chunk(&id, ChunkKind::Data)?,
                     };
                     if data.len() != len {
                         return Err(StoreError::Damaged {
@@ -289,7 +300,7 @@ impl DiskSession {
                         .into());
                     }
                     let whole = [(0, len as u64)];
-                    let ranges = partial.get(&i).map_or(&whole[..], Vec::as_slice);
+                    let ranges = ranges.map_or(&whole[..], Vec::as_slice);
                     let mut bytes = 0;
                     for &(from, to) in ranges {
                         let from = usize::try_from(from).expect("within a chunk");
@@ -313,7 +324,7 @@ impl DiskSession {
                         }
                         bytes += (to - from) as u64;
                     }
-                    if id == HOLE {
+                    if id == HOLE || partial.contains_key(&i) {
                         *buf = data;
                     }
                     Ok(bytes)

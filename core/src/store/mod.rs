@@ -352,12 +352,22 @@ impl Store {
         kind: ChunkKind,
         data: &[u8],
     ) -> Result<(ChunkId, u64), StoreError> {
-        let id = self.chunk_id(data);
+        // A data chunk gets a tree where the store's format has them: the id then comes
+        // from the pieces' hashes (the same BLAKE3, computed piece by piece).
+        let tree = (kind == ChunkKind::Data
+            && self.keys.is_none()
+            && self.config.version >= config::TREES_SINCE_VERSION
+            && chunk::takes_tree(data.len()))
+        .then(|| chunk::piece_tree(data));
+        let id = match &tree {
+            Some(tree) => chunk::tree_root(tree),
+            None => self.chunk_id(data),
+        };
         let rel = Self::chunk_rel(&id);
         if self.chunk_file_is_whole(&rel) {
             return Ok((id, 0));
         }
-        let bytes = chunk::encode(kind, &id, data, self.keys.as_ref())?;
+        let bytes = chunk::encode(kind, &id, data, self.keys.as_ref(), tree.as_deref())?;
         let tmp = Self::tmp_dir().join(self.fs.temp_name("chunk"));
         match &self.fs {
             Backend::Local(_) => {
@@ -418,12 +428,46 @@ impl Store {
             Err(e) if is_remote_failure(&e) => {
                 return Err(io_error("read", self.chunk_path(id), e));
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(Err(ChunkProblem::Missing));
-            }
-            Err(e) => return Ok(Err(ChunkProblem::Unreadable(e.to_string()))),
+            Err(e) => return Ok(Err(file_problem(&e))),
         };
         Ok(chunk::decode(file, kind, id, self.keys.as_ref()))
+    }
+
+    /// Reads what `ranges` (byte ranges of the content, not empty) need of data chunk `id`
+    /// into `out`, which is set to the chunk's length: where the chunk has a tree, only the
+    /// pieces the ranges touch are read and checked (see [`chunk::decode_ranges`]); the
+    /// rest of `out` is then left as it was. Otherwise the whole chunk is read and checked.
+    pub(crate) fn read_chunk_ranges(
+        &self,
+        id: &ChunkId,
+        ranges: &[(u64, u64)],
+        out: &mut Vec<u8>,
+    ) -> Result<(), StoreError> {
+        let rel = Self::chunk_rel(id);
+        let keys = self.keys.as_ref();
+        let decoded = if let Some(path) = self.fs.local_path(&rel) {
+            std::fs::File::open(&path)
+                .and_then(|f| Ok((f.metadata()?.len(), f)))
+                .map_err(|e| file_problem(&e))
+                .and_then(|(len, file)| chunk::decode_ranges(&file, len, id, keys, ranges, out))
+        } else {
+            // Over SFTP the file comes whole; only the pieces needed are checked.
+            let max = (chunk::HEADER_BYTES + chunk::MAX_CHUNK_BYTES * 2) as u64;
+            match self.fs.read(&rel, max) {
+                Ok(bytes) => {
+                    chunk::decode_ranges(&bytes[..], bytes.len() as u64, id, keys, ranges, out)
+                }
+                Err(e) if is_remote_failure(&e) => {
+                    return Err(io_error("read", self.chunk_path(id), e));
+                }
+                Err(e) => Err(file_problem(&e)),
+            }
+        };
+        decoded.map(drop).map_err(|problem| StoreError::BadChunk {
+            chunk: id.to_hex(),
+            problem,
+            store: self.root.clone(),
+        })
     }
 
     /// Checks only that a chunk file is there with a sound header (quick verify).
@@ -434,10 +478,7 @@ impl Store {
             Err(e) if is_remote_failure(&e) => {
                 return Err(io_error("read", self.chunk_path(id), e));
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(Err(ChunkProblem::Missing));
-            }
-            Err(e) => return Ok(Err(ChunkProblem::Unreadable(e.to_string()))),
+            Err(e) => return Ok(Err(file_problem(&e))),
         };
         Ok(chunk::Header::parse(&header, len).map(|_| ()))
     }
@@ -655,6 +696,15 @@ impl Store {
             return Ok(lock);
         }
         self.lock(LockMode::Shared, purpose, Some(control))
+    }
+}
+
+/// What a failure to open or read a chunk's file says about the chunk.
+fn file_problem(e: &std::io::Error) -> ChunkProblem {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        ChunkProblem::Missing
+    } else {
+        ChunkProblem::Unreadable(e.to_string())
     }
 }
 

@@ -186,14 +186,21 @@ fn newer_or_damaged_config_is_refused_with_a_clear_message() {
     Store::init(&root, &options()).unwrap();
     let path = root.join(config::CONFIG_FILE);
     let text = fs::read_to_string(&path).unwrap();
-    fs::write(&path, text.replace("\"version\": 1", "\"version\": 7")).unwrap();
+    fs::write(
+        &path,
+        text.replace(
+            &format!("\"version\": {}", config::FORMAT_VERSION),
+            "\"version\": 7",
+        ),
+    )
+    .unwrap();
     let err = Store::open(&root, None).unwrap_err();
     assert!(
         matches!(
             err,
             StoreError::NewerFormat {
                 found: 7,
-                supported: 1,
+                supported: config::FORMAT_VERSION,
                 ..
             }
         ),
@@ -1042,4 +1049,60 @@ fn prune_keeps_the_newest_safety_checkpoint_whatever_the_rules() {
     );
     assert!(decisions.iter().any(|d| d.id == old_safety && !d.keep));
     assert_eq!(store.catalog().unwrap().checkpoints.len(), 2);
+}
+
+/// Format 2 gives each data chunk of a plain store a tree of its 64 KiB pieces, so that a
+/// restore can read and check only the pieces it writes; a store made with format 1 keeps
+/// being written without trees (the Rewind that made it can still read it), and both read
+/// back the same.
+#[test]
+fn chunks_get_piece_trees_from_format_2_and_format_1_stores_stay_readable_as_they_are() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = InitOptions {
+        chunk_size_bytes: 1 << 20,
+        ..options()
+    };
+    let data = noise(5, 1 << 20);
+    let ranges = [(3 << 16, (3 << 16) + 99)];
+    for version in [1, config::FORMAT_VERSION] {
+        let root = tmp.path().join(format!("v{version}"));
+        Store::init(&root, &opts).unwrap();
+        let path = root.join(config::CONFIG_FILE);
+        let text = fs::read_to_string(&path).unwrap();
+        let current = format!("\"version\": {}", config::FORMAT_VERSION);
+        fs::write(
+            &path,
+            text.replace(&current, &format!("\"version\": {version}")),
+        )
+        .unwrap();
+        let store = Store::open(&root, None).unwrap();
+        assert_eq!(store.config().version, version);
+        let (id, added) = store.put_chunk(ChunkKind::Data, &data).unwrap();
+        assert_eq!(
+            id,
+            ChunkId(*blake3::hash(&data).as_bytes()),
+            "the same name either way"
+        );
+        let file = fs::read(store.chunk_path(&id)).unwrap();
+        let has_tree = file[7] == 1;
+        assert_eq!(has_tree, version >= 2, "format {version}");
+        assert_eq!(
+            added as usize,
+            16 + (1 << 20) + if has_tree { 16 * 32 } else { 0 }
+        );
+        assert_eq!(store.read_chunk(&id, ChunkKind::Data).unwrap(), data);
+        let mut out = Vec::new();
+        store.read_chunk_ranges(&id, &ranges, &mut out).unwrap();
+        assert_eq!(out[3 << 16..4 << 16], data[3 << 16..4 << 16]);
+        // A flipped bit in the piece read is an error naming the chunk.
+        let mut bad = file.clone();
+        let at = file.len() - (1 << 20) + (3 << 16) + 7;
+        bad[at] ^= 1;
+        fs::write(store.chunk_path(&id), &bad).unwrap();
+        let err = store.read_chunk_ranges(&id, &ranges, &mut out).unwrap_err();
+        assert!(err.to_string().contains(&id.to_hex()), "{err}");
+        fs::remove_file(store.chunk_path(&id)).unwrap();
+        let err = store.read_chunk_ranges(&id, &ranges, &mut out).unwrap_err();
+        assert!(err.to_string().contains("missing"), "{err}");
+    }
 }

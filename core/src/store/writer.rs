@@ -428,7 +428,8 @@ impl<'s> CheckpointWriter<'s> {
             .chain(self.blobs.iter().map(|b| b.index.data_bytes))
             .sum();
         let mut manifest = Manifest {
-            format_version: super::config::FORMAT_VERSION,
+            // The store's own version: a manifest never needs more than its store.
+            format_version: store.config().version,
             id: self.id.clone(),
             vm: self.new.vm.clone(),
             time: self.new.time,
