@@ -5,9 +5,11 @@
 //! made a full restore 1.5–1.8× slower than `qemu-img convert`; see `core/BENCHMARKS.md`).
 //!
 //! Layout (QEMU's `docs/interop/qcow2.txt`, all integers big-endian): cluster 0 holds the
-//! header; data clusters follow from cluster 1 in the order they were written; after them
-//! come the L2 tables that map any data, the L1 table, the refcount table and the refcount
-//! blocks, which give every cluster up to the end a refcount of 1. A guest cluster without
+//! header; data clusters follow from cluster 1 (reserved 16 per 1 MiB chunk, in the
+//! chunks' order, so the file is laid out as the disk is, whatever order they are written
+//! in; a reserved cluster that only had zeros stays a free hole); after them come the L2
+//! tables that map any data, the L1 table, the refcount table and the refcount blocks,
+//! which give the header, every written data cluster and the metadata a refcount of 1. A guest cluster without
 //! mapping reads as zeros (there is no backing file), so zeros take no room. `qemu-img check`
 //! accepts the result, and QEMU reads, writes and adds dirty bitmaps to it like any image
 //! it made itself (tested below and in the restore tests).
@@ -30,8 +32,9 @@ const HEADER_BYTES: usize = 104;
 
 /// The writes that finish a new image: `(byte offset, bytes)`, header last.
 ///
-/// `size_bytes` is the guest-visible size (rounded up to 512 bytes); data clusters `1..=data_clusters` of the file
-/// are already written; `mapping` maps guest cluster numbers to those host clusters.
+/// `size_bytes` is the guest-visible size (rounded up to 512 bytes); data clusters
+/// `1..=data_clusters` of the file are reserved for data; `mapping` maps guest cluster
+/// numbers to those of them that were written (the others stay free, holes in the file).
 #[must_use]
 pub fn metadata(
     size_bytes: u64,
@@ -82,7 +85,13 @@ pub fn metadata(
         );
     }
     let mut refcount_blocks = vec![0; to_usize(blocks * CLUSTER_BYTES)];
-    for cluster in 0..end {
+    // The header, the data clusters that hold data, and the metadata; a data cluster
+    // reserved but never written stays free.
+    let metadata_clusters = 1 + data_clusters..end;
+    for cluster in std::iter::once(0)
+        .chain(mapping.values().copied())
+        .chain(metadata_clusters)
+    {
         let at = to_usize(cluster * 2);
         refcount_blocks[at..at + 2].copy_from_slice(&1u16.to_be_bytes());
     }
@@ -154,13 +163,14 @@ mod tests {
     }
 
     /// Writes an image of `size` whose guest clusters `data` hold a pattern, in the given
-    /// (shuffled) host order; returns the guest bytes QEMU should see.
-    fn image(path: &std::path::Path, size: u64, data: &[u64]) -> Vec<u8> {
+    /// (shuffled) host order, every `stride`th reserved data cluster used; returns the guest
+    /// bytes QEMU should see.
+    fn image(path: &std::path::Path, size: u64, data: &[u64], stride: u64) -> Vec<u8> {
         let file = std::fs::File::create(path).unwrap();
         let mut expected = vec![0u8; usize::try_from(size).unwrap()];
         let mut mapping = BTreeMap::new();
         for (n, &guest) in data.iter().enumerate() {
-            let host = n as u64 + 1;
+            let host = n as u64 * stride + 1;
             let pattern = u8::try_from(guest % 251).unwrap() | 1;
             let cluster = vec![pattern; usize::try_from(CLUSTER_BYTES).unwrap()];
             file.write_all_at(&cluster, host * CLUSTER_BYTES).unwrap();
@@ -169,7 +179,7 @@ mod tests {
             expected[start..end].fill(pattern);
             mapping.insert(guest, host);
         }
-        for (at, bytes) in metadata(size, data.len() as u64, &mapping) {
+        for (at, bytes) in metadata(size, data.len() as u64 * stride, &mapping) {
             file.write_all_at(&bytes, at).unwrap();
         }
         expected
@@ -192,7 +202,7 @@ mod tests {
         // a partial last cluster.
         let size = (5 << 28) + 12_288;
         let last = size / CLUSTER_BYTES;
-        let expected = image(&path, size, &[17, 3, 9000, 8191, 8192, last, 20_000]);
+        let expected = image(&path, size, &[17, 3, 9000, 8191, 8192, last, 20_000], 1);
         run(Command::new("qemu-img")
             .args(["check", "-f", "qcow2"])
             .arg(&path));
@@ -219,11 +229,40 @@ mod tests {
         assert!(guest_bytes(&path) == expected);
     }
 
+    /// A full restore reserves 16 clusters per chunk and leaves those of zero pieces
+    /// unwritten: they are free, not leaked, and QEMU allocates from them.
+    #[test]
+    fn reserved_clusters_left_unwritten_stay_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gaps.qcow2");
+        let mut expected = image(&path, 64 << 20, &[40, 2, 300, 7], 3);
+        let check = run(Command::new("qemu-img")
+            .args(["check", "--output=json", "-f", "qcow2"])
+            .arg(&path));
+        let check: serde_json::Value = serde_json::from_str(&check).unwrap();
+        assert_eq!(check["leaks"], serde_json::Value::Null, "{check}");
+        assert_eq!(check["allocated-clusters"], 4, "{check}");
+        let file_len = std::fs::metadata(&path).unwrap().len();
+        run(Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", "write -P 0x55 0 128k"])
+            .arg(&path));
+        expected[..128 << 10].fill(0x55);
+        assert!(guest_bytes(&path) == expected);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            file_len,
+            "QEMU put the new clusters into the free ones"
+        );
+        run(Command::new("qemu-img")
+            .args(["check", "-f", "qcow2"])
+            .arg(&path));
+    }
+
     #[test]
     fn an_empty_image_and_one_needing_two_refcount_blocks_are_sound() {
         let dir = tempfile::tempdir().unwrap();
         let empty = dir.path().join("empty.qcow2");
-        image(&empty, 1 << 30, &[]);
+        image(&empty, 1 << 30, &[], 1);
         run(Command::new("qemu-img")
             .args(["check", "-f", "qcow2"])
             .arg(&empty));

@@ -41,12 +41,18 @@ struct NewImage<'a> {
     file: File,
     path: &'a Path,
     qcow2: bool,
-    /// qcow2: the next free host cluster (cluster 0 is the header).
-    next_cluster: AtomicU64,
+    /// qcow2: host clusters reserved per chunk slot (the slot of rank `r` among those
+    /// with data gets clusters `1 + r × this` onwards; cluster 0 is the header).
+    clusters_per_chunk: u64,
 }
 
 impl<'a> NewImage<'a> {
-    fn create(path: &'a Path, format: &str, size_bytes: u64) -> Result<Self, RestoreError> {
+    fn create(
+        path: &'a Path,
+        format: &str,
+        size_bytes: u64,
+        chunk_bytes: u64,
+    ) -> Result<Self, RestoreError> {
         let qcow2 = match format {
             "qcow2" => true,
             "raw" => false,
@@ -82,33 +88,30 @@ impl<'a> NewImage<'a> {
             file,
             path,
             qcow2,
-            next_cluster: AtomicU64::new(1),
+            clusters_per_chunk: chunk_bytes.div_ceil(CLUSTER_BYTES),
         })
     }
 
-    /// Writes the 64 KiB pieces of slot `i` (at `offset` in the disk) that are not all
-    /// zeros, reading each back into `back` to compare; returns the bytes written and, for
-    /// qcow2, the guest-to-host cluster mapping of the pieces.
+    /// Writes the 64 KiB pieces of the slot of rank `rank` among those with data (at
+    /// `offset` in the disk) that are not all zeros, reading each back into `back` to
+    /// compare; returns the bytes written and, for qcow2, the guest-to-host cluster mapping
+    /// of the pieces.
     fn write_chunk(
         &self,
+        rank: u64,
         offset: u64,
         data: &[u8],
         back: &mut Vec<u8>,
     ) -> Result<(u64, Vec<(u64, u64)>), RestoreError> {
         let cluster = usize::try_from(CLUSTER_BYTES).expect("64 KiB");
-        let pieces: Vec<(u64, &[u8])> = (0u64..)
+        let first_host = 1 + rank * self.clusters_per_chunk;
+        let pieces = (0u64..)
             .zip(data.chunks(cluster))
-            .filter(|(_, p)| p.iter().any(|&b| b != 0))
-            .collect();
-        let first_host = if self.qcow2 {
-            self.next_cluster
-                .fetch_add(pieces.len() as u64, Ordering::Relaxed)
-        } else {
-            0
-        };
-        let mut mapped = Vec::with_capacity(pieces.len());
+            .filter(|(_, p)| p.iter().any(|&b| b != 0));
+        let mut mapped = Vec::new();
         let mut bytes = 0;
-        for (host, (n, piece)) in (first_host..).zip(&pieces) {
+        for (n, piece) in pieces {
+            let host = first_host + n;
             let guest_at = offset + n * CLUSTER_BYTES;
             let at = if self.qcow2 {
                 mapped.push((guest_at / CLUSTER_BYTES, host));
@@ -146,9 +149,14 @@ impl<'a> NewImage<'a> {
     }
 
     /// The qcow2 metadata, then everything durable; `qemu-img check` of a qcow2 image.
-    fn finish(self, size_bytes: u64, mapping: &BTreeMap<u64, u64>) -> Result<(), RestoreError> {
+    fn finish(
+        self,
+        size_bytes: u64,
+        chunks_with_data: u64,
+        mapping: &BTreeMap<u64, u64>,
+    ) -> Result<(), RestoreError> {
         if self.qcow2 {
-            let data_clusters = self.next_cluster.load(Ordering::Relaxed) - 1;
+            let data_clusters = chunks_with_data * self.clusters_per_chunk;
             for (at, bytes) in qcow2_new::metadata(size_bytes, data_clusters, mapping) {
                 self.file
                     .write_all_at(&bytes, at)
@@ -186,20 +194,21 @@ pub(crate) fn write_new_image(
             index.chunk_size_bytes
         )));
     }
-    let image = NewImage::create(path, format, index.size_bytes)?;
+    let chunk = u64::from(index.chunk_size_bytes);
+    let image = NewImage::create(path, format, index.size_bytes, chunk)?;
     let wanted = entries(store, index)?;
     let slots: Vec<u64> = (0..index.chunk_count())
         .filter(|&i| wanted[usize::try_from(i).expect("slot fits")] != HOLE)
         .collect();
-    let lens: Vec<usize> = slots
+    let order = two_cursors(&slots);
+    let lens: Vec<usize> = order
         .iter()
         .map(|&i| usize::try_from(index.chunk_len(i)).expect("chunk fits memory"))
         .collect();
     control.add_total_bytes(lens.iter().map(|&l| l as u64).sum());
-    let chunk = u64::from(index.chunk_size_bytes);
     let workers: Vec<_> = (0..crate::store::reader_count())
         .map(|_| {
-            let (image, wanted) = (&image, &wanted);
+            let (image, wanted, slots) = (&image, &wanted, &slots);
             let mut back = Vec::new();
             move |i: u64, _: &mut Vec<u8>| -> Result<(u64, Vec<(u64, u64)>), RestoreError> {
                 let id = wanted[usize::try_from(i).expect("slot fits")];
@@ -216,7 +225,8 @@ pub(crate) fn write_new_image(
                     }
                     .into());
                 }
-                image.write_chunk(i * chunk, &data, &mut back)
+                let rank = slots.binary_search(&i).expect("a slot of the list") as u64;
+                image.write_chunk(rank, i * chunk, &data, &mut back)
             }
         })
         .collect();
@@ -227,7 +237,7 @@ pub(crate) fn write_new_image(
     let done = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|scope| {
         scope.spawn(|| {
-            for (n, &i) in (0u64..).zip(&slots) {
+            for (n, &i) in (0u64..).zip(&order) {
                 while n >= applied.load(Ordering::Relaxed) + PREFETCH_CHUNKS {
                     if done.load(Ordering::Relaxed) {
                         return;
@@ -237,7 +247,7 @@ pub(crate) fn write_new_image(
                 store.prefetch_chunk(&wanted[usize::try_from(i).expect("slot fits")]);
             }
         });
-        let result = for_each_slot(&slots, &lens, control, workers, |_, (bytes, mapped)| {
+        let result = for_each_slot(&order, &lens, control, workers, |_, (bytes, mapped)| {
             bytes_written += bytes;
             mapping.extend(mapped);
             applied.fetch_add(1, Ordering::Relaxed);
@@ -246,7 +256,7 @@ pub(crate) fn write_new_image(
         done.store(true, Ordering::Relaxed);
         result
     })?;
-    image.finish(index.size_bytes, &mapping)?;
+    image.finish(index.size_bytes, slots.len() as u64, &mapping)?;
     Ok(DiskRestore {
         target: target.to_owned(),
         path: path.to_path_buf(),
@@ -259,6 +269,23 @@ pub(crate) fn write_new_image(
     })
 }
 
+/// The order to restore `slots` (ascending) in: alternately one from the first half and
+/// one from the second. A disk's content comes in regions — incompressible data whose
+/// restore waits on reading the store, text or binaries whose restore waits on the cores
+/// decompressing it — and two cursors far apart keep both the drive and the cores busy.
+/// (With 2 GiB of mixed data from a cold cache, restoring in disk order left the cores
+/// half idle while the 1 GiB of random data was read, then the drive idle while the text
+/// was decompressed.)
+fn two_cursors(slots: &[u64]) -> Vec<u64> {
+    let (first, second) = slots.split_at(slots.len().div_ceil(2));
+    let mut order = Vec::with_capacity(slots.len());
+    for (n, &slot) in first.iter().enumerate() {
+        order.push(slot);
+        order.extend(second.get(n));
+    }
+    order
+}
+
 /// `qemu-img check`: QEMU agrees with the image's structure.
 fn check_qcow2(path: &Path) -> Result<(), RestoreError> {
     super::disk::qemu_img(&["check", "-q", "-f", "qcow2"], path, &[])?
@@ -267,4 +294,17 @@ fn check_qcow2(path: &Path) -> Result<(), RestoreError> {
             path: path.to_path_buf(),
             detail: format!("qemu-img check finds it unsound: {said}"),
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::two_cursors;
+
+    #[test]
+    fn two_cursors_alternate_between_the_halves_and_keep_every_slot_once() {
+        assert_eq!(two_cursors(&[]), Vec::<u64>::new());
+        assert_eq!(two_cursors(&[4]), vec![4]);
+        assert_eq!(two_cursors(&[1, 2, 3, 4, 5]), vec![1, 4, 2, 5, 3]);
+        assert_eq!(two_cursors(&[0, 7, 8, 9]), vec![0, 8, 7, 9]);
+    }
 }

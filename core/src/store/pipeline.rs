@@ -32,11 +32,11 @@ pub const AHEAD_PER_WORKER: usize = 4;
 /// What a worker made of slot number `seq` in the list.
 type Done<T, E> = (usize, Result<T, E>);
 
-/// Runs one worker thread per element of `workers` over `slots` (ascending chunk slot
-/// numbers): each worker takes the next slot, gets a buffer of `lens[seq]` bytes (holding
+/// Runs one worker thread per element of `workers` over `slots` (chunk slot numbers, in
+/// the order they are to be done): each worker takes the next slot, gets a buffer of `lens[seq]` bytes (holding
 /// whatever that worker's previous slot left in it, zeros at first), fills it
 /// and turns it into a `T` (reading, hashing, storing, writing — whatever the caller's
-/// closure does), while the calling thread hands the results to `apply` strictly in slot
+/// closure does), while the calling thread hands the results to `apply` strictly in list
 /// order. Cancellation is checked before each slot; progress (`lens`) is counted as results
 /// are applied. On the first error nothing more is started and that error is returned.
 ///
