@@ -356,13 +356,19 @@ fn bad_store_paths_get_clear_errors() {
     let newer = dir.path().join("newer");
     rewind::run_ok(&["init", path_str(&newer)]);
     let cfg = newer.join("rewind-store.json");
-    let text = fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("\"version\": 1", "\"version\": 2");
+    let current = rewind_core::store::config::FORMAT_VERSION;
+    let text = fs::read_to_string(&cfg).unwrap().replace(
+        &format!("\"version\": {current}"),
+        &format!("\"version\": {}", current + 1),
+    );
+    assert!(
+        text.contains(&format!("\"version\": {}", current + 1)),
+        "{text}"
+    );
     fs::write(&cfg, text).unwrap();
     fails(
         &rewind::run(&["checkpoints", "--in", path_str(&newer)]),
-        &["format version 2", "update Rewind"],
+        &[&format!("format version {}", current + 1), "update Rewind"],
     );
     fails(
         &rewind::run(&["init", path_str(&newer)]),

@@ -131,14 +131,14 @@ mod tests {
 
         /// Valid JSON with arbitrary field values: still only Ok or a clear error.
         #[test]
-        fn arbitrary_config_values_never_panic(version in any::<u32>(), chunk in any::<u32>(), format in "[a-z-]{0,14}") {
+        fn arbitrary_config_values_never_panic(version in prop_oneof![0..=FORMAT_VERSION + 1, any::<u32>()], chunk in any::<u32>(), format in "[a-z-]{0,14}") {
             let tmp = tempfile::tempdir().unwrap();
             let text = format!(
                 r#"{{"format":"{format}","version":{version},"id":"00000000-0000-4000-8000-000000000000","created":"2026-01-01T00:00:00Z","chunk_size_bytes":{chunk},"encryption":null}}"#
             );
             std::fs::write(tmp.path().join(CONFIG_FILE), text).unwrap();
             let result = StoreConfig::read(tmp.path());
-            let valid = format == FORMAT_NAME && version == FORMAT_VERSION && chunk.is_power_of_two()
+            let valid = format == FORMAT_NAME && (1..=FORMAT_VERSION).contains(&version) && chunk.is_power_of_two()
                 && (CHUNK_SIZE_RANGE_BYTES.0..=CHUNK_SIZE_RANGE_BYTES.1).contains(&chunk);
             prop_assert_eq!(result.is_ok(), valid);
             if format == FORMAT_NAME && version > FORMAT_VERSION {
