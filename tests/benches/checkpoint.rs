@@ -71,6 +71,8 @@ struct Timed {
     records: (u64, u64),
     /// CPU seconds used meanwhile by Rewind (this process) and by the VM's QEMU.
     cpu: (f64, f64),
+    /// How long each phase took.
+    phases: String,
 }
 
 fn take(hv: &Hypervisor, store: &Store, vm: &TestVm, work: &Path) -> Timed {
@@ -81,27 +83,43 @@ fn take(hv: &Hypervisor, store: &Store, vm: &TestVm, work: &Path) -> Timed {
     let cpu_before = (cpu_secs("self"), cpu_secs(&qemu));
     let watcher = std::thread::scope(|s| {
         let (control2, finished2) = (control.clone(), finished.clone());
+        let t = Instant::now();
         let watch = s.spawn(move || {
+            // When each phase was first seen (every 5 ms), and the record flushed when
+            // copying began.
+            let mut seen: Vec<(Phase, f64)> = Vec::new();
+            let mut at_capture = None;
             while !finished2.load(Ordering::Relaxed) {
-                if control2.phase() == Phase::Copying {
-                    return vm.last_flushed_record();
+                let phase = control2.phase();
+                if seen.last().is_none_or(|(p, _)| *p != phase) {
+                    seen.push((phase, t.elapsed().as_secs_f64()));
+                }
+                if phase == Phase::Copying && at_capture.is_none() {
+                    at_capture = Some(vm.last_flushed_record());
                 }
                 std::thread::sleep(Duration::from_millis(5));
             }
-            vm.last_flushed_record()
+            (at_capture.unwrap_or_else(|| vm.last_flushed_record()), seen)
         });
-        let t = Instant::now();
         let manifest = checkpoint::take(hv, store, &vm.name, work, &control)
             .unwrap_or_else(|e| panic!("checkpoint failed: {e}"));
         let secs = t.elapsed().as_secs_f64();
         finished.store(true, Ordering::Relaxed);
-        (manifest, secs, watch.join().unwrap())
+        let (at_capture, mut seen) = watch.join().unwrap();
+        seen.push((Phase::Finishing, secs));
+        let phases = seen
+            .windows(2)
+            .map(|w| format!("{} {:.2} s", w[0].0.label(), w[1].1 - w[0].1))
+            .collect::<Vec<_>>()
+            .join(", ");
+        (manifest, secs, (at_capture, phases))
     });
-    let (manifest, secs, at_capture) = watcher;
+    let (manifest, secs, (at_capture, phases)) = watcher;
     Timed {
         manifest,
         secs,
         records: (before, at_capture),
+        phases,
         cpu: (
             cpu_secs("self") - cpu_before.0,
             cpu_secs(&qemu) - cpu_before.1,
@@ -174,13 +192,14 @@ fn main() {
                 format!("round {round}, {label}: full checkpoint"),
                 t.secs,
                 format!(
-                    "{:.2}× qemu-img; read {} MB, {:.0} MB/s; {} MB new in the store; CPU: Rewind {:.1} s, QEMU {:.1} s",
+                    "{:.2}× qemu-img; read {} MB, {:.0} MB/s; {} MB new in the store; CPU: Rewind {:.1} s, QEMU {:.1} s; {}",
                     t.secs / convert,
                     t.manifest.read_bytes / 1_000_000,
                     DATA_BYTES as f64 / 1e6 / t.secs,
                     t.manifest.new_bytes / 1_000_000,
                     t.cpu.0,
-                    t.cpu.1
+                    t.cpu.1,
+                    t.phases
                 ),
             ));
             if round == 1 && cold {
@@ -231,9 +250,10 @@ fn main() {
         "incremental after 1 % (20 MiB in 320 pieces) changed".into(),
         incr.secs,
         format!(
-            "read {} MB; {} MB new in the store",
+            "read {} MB; {} MB new in the store; {}",
             incr.manifest.read_bytes / 1_000_000,
-            incr.manifest.new_bytes / 1_000_000
+            incr.manifest.new_bytes / 1_000_000,
+            incr.phases
         ),
     ));
 
