@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{drop_caches, qemu_img_convert};
+use common::{drop_caches, qemu_img_convert_cpu};
 use data::{DATA_BYTES, GIB, MIB, make_image, one_percent_change};
 use rewind_core::checkpoint;
 use rewind_core::libvirt::Hypervisor;
@@ -170,7 +170,7 @@ fn main() {
             if cold {
                 drop_caches();
             }
-            let convert = qemu_img_convert(&disk, &out);
+            let (convert, convert_cpu) = qemu_img_convert_cpu(&disk, &out);
             if cold {
                 drop_caches();
             }
@@ -186,7 +186,7 @@ fn main() {
             rows.push((
                 format!("round {round}, {label}: qemu-img convert -O qcow2 + fsync"),
                 convert,
-                String::new(),
+                format!("CPU: qemu-img {convert_cpu:.1} s"),
             ));
             rows.push((
                 format!("round {round}, {label}: full checkpoint"),

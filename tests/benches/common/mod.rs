@@ -28,13 +28,41 @@ pub fn run(cmd: &mut Command) {
 /// Seconds for `qemu-img convert -O qcow2` of the disk (`-U`: the VM may run) plus an fsync
 /// of the result, as a user's copy would need to be durable too. The copy is removed.
 pub fn qemu_img_convert(disk: &Path, out: &Path) -> f64 {
+    qemu_img_convert_cpu(disk, out).0
+}
+
+/// [`qemu_img_convert`], and the CPU seconds (user + system) `qemu-img` used.
+pub fn qemu_img_convert_cpu(disk: &Path, out: &Path) -> (f64, f64) {
     let t = Instant::now();
-    run(Command::new("qemu-img")
-        .args(["convert", "-U", "-f", "qcow2", "-O", "qcow2"])
+    // bash's `times` prints its children's user and system time on its second line.
+    let output = Command::new("bash")
+        .args([
+            "-c",
+            r#"qemu-img convert -U -f qcow2 -O qcow2 "$1" "$2" && times"#,
+            "bash",
+        ])
         .arg(disk)
-        .arg(out));
+        .arg(out)
+        .output()
+        .expect("run qemu-img");
+    assert!(
+        output.status.success(),
+        "qemu-img convert failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     File::open(out).unwrap().sync_all().unwrap();
     let secs = t.elapsed().as_secs_f64();
     fs::remove_file(out).unwrap();
-    secs
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let cpu = stdout
+        .lines()
+        .nth(1)
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|t| {
+            let (m, s) = t.strip_suffix('s')?.split_once('m')?;
+            Some(m.parse::<f64>().ok()? * 60.0 + s.parse::<f64>().ok()?)
+        })
+        .sum();
+    (secs, cpu)
 }
