@@ -506,6 +506,42 @@ mod tests {
         );
     }
 
+    /// Copies of one chunk at several places are decoded once and written to each.
+    #[test]
+    fn an_export_writes_every_copy_of_a_repeated_chunk() {
+        let dir = tempfile::tempdir().unwrap();
+        let chunk = |seed: u8| -> Vec<u8> {
+            let mut out = vec![0; CHUNK];
+            blake3::Hasher::new()
+                .update(&[seed])
+                .finalize_xof()
+                .fill(&mut out);
+            out
+        };
+        let (a, b, c) = (chunk(1), chunk(2), chunk(3));
+        let mut content = Vec::new();
+        for part in [&a, &b, &a, &vec![0; CHUNK], &b, &a, &c, &a, &b] {
+            content.extend_from_slice(part);
+        }
+        content.extend_from_slice(&a[..CHUNK / 2]); // a shorter last slot
+        let (store, index) = checkpointed(dir.path(), &content);
+        let m = store.catalog().unwrap().checkpoints.pop().unwrap();
+        for format in [ImageFormat::Qcow2, ImageFormat::Raw] {
+            let out = dir.path().join(format!("export.{}", format.name()));
+            let control = Control::new();
+            let written = export_disk(&store, &m, "vda", &out, format, &control).unwrap();
+            assert_eq!(written, index.data_bytes);
+            // Eight and a half chunks of data (the zeros are a hole), each counted once.
+            let data_bytes = (8 * CHUNK + CHUNK / 2) as u64;
+            assert_eq!(control.progress_bytes(), (data_bytes, data_bytes));
+            let back = match format {
+                ImageFormat::Qcow2 => qcow2_bytes(&out, dir.path()),
+                ImageFormat::Raw => std::fs::read(&out).unwrap(),
+            };
+            assert!(back == content, "{} export differs", format.name());
+        }
+    }
+
     #[test]
     fn a_damaged_chunk_stops_the_write_and_names_the_chunk() {
         let dir = tempfile::tempdir().unwrap();

@@ -7,7 +7,7 @@
 //! qcow2 image. No `qemu-nbd` is in the way, so both cores work (QEMU's reading of these
 //! images is what the tests check, byte for byte).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::os::unix::fs::FileExt as _;
 use std::path::Path;
@@ -18,7 +18,7 @@ use super::disk::{ComparedBy, DiskRestore, entries};
 use crate::progress::Control;
 use crate::qcow2_new::{self, CLUSTER_BYTES};
 use crate::store::index::HOLE;
-use crate::store::{ChunkKind, ObjectIndex, Store, StoreError, for_each_slot};
+use crate::store::{ChunkId, ChunkKind, ObjectIndex, Store, StoreError, for_each_slot};
 
 /// How many chunk files ahead of the workers the kernel is asked to read.
 const PREFETCH_CHUNKS: u64 = 32;
@@ -200,33 +200,56 @@ pub(crate) fn write_new_image(
     let slots: Vec<u64> = (0..index.chunk_count())
         .filter(|&i| wanted[usize::try_from(i).expect("slot fits")] != HOLE)
         .collect();
-    let order = two_cursors(&slots);
+    // Each chunk is read, decoded and checked once, and written to every slot that holds
+    // it (copies of the same data in a disk are stored once, and restored from one
+    // decoding). A group is named by its first slot.
+    let mut groups: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    let mut first_slot_of: HashMap<ChunkId, u64> = HashMap::new();
+    for &i in &slots {
+        let first = *first_slot_of
+            .entry(wanted[usize::try_from(i).expect("slot fits")])
+            .or_insert(i);
+        groups.entry(first).or_default().push(i);
+    }
+    let firsts: Vec<u64> = groups.keys().copied().collect();
+    let order = two_cursors(&firsts);
     let lens: Vec<usize> = order
         .iter()
-        .map(|&i| usize::try_from(index.chunk_len(i)).expect("chunk fits memory"))
+        .map(|first| {
+            groups[first]
+                .iter()
+                .map(|&i| usize::try_from(index.chunk_len(i)).expect("chunk fits memory"))
+                .sum()
+        })
         .collect();
     control.add_total_bytes(lens.iter().map(|&l| l as u64).sum());
     let workers: Vec<_> = (0..crate::store::reader_count())
         .map(|_| {
-            let (image, wanted, slots) = (&image, &wanted, &slots);
+            let (image, wanted, slots, groups) = (&image, &wanted, &slots, &groups);
             let mut back = Vec::new();
-            move |i: u64, _: &mut Vec<u8>| -> Result<(u64, Vec<(u64, u64)>), RestoreError> {
-                let id = wanted[usize::try_from(i).expect("slot fits")];
+            move |first: u64, _: &mut Vec<u8>| -> Result<(u64, Vec<(u64, u64)>), RestoreError> {
+                let id = wanted[usize::try_from(first).expect("slot fits")];
                 let data = store.read_chunk(&id, ChunkKind::Data)?;
-                if data.len() as u64 != index.chunk_len(i) {
-                    return Err(StoreError::Damaged {
-                        path: store.chunk_path(&id),
-                        detail: format!(
-                            "{} bytes where slot {i} needs {}",
-                            data.len(),
-                            index.chunk_len(i)
-                        ),
-                        store: store.root().to_path_buf(),
+                let (mut bytes, mut mapped) = (0, Vec::new());
+                for &i in &groups[&first] {
+                    if data.len() as u64 != index.chunk_len(i) {
+                        return Err(StoreError::Damaged {
+                            path: store.chunk_path(&id),
+                            detail: format!(
+                                "{} bytes where slot {i} needs {}",
+                                data.len(),
+                                index.chunk_len(i)
+                            ),
+                            store: store.root().to_path_buf(),
+                        }
+                        .into());
                     }
-                    .into());
+                    let rank = slots.binary_search(&i).expect("a slot of the list") as u64;
+                    let (b, m) = image.write_chunk(rank, i * chunk, &data, &mut back)?;
+                    bytes += b;
+                    mapped.extend(m);
                 }
-                let rank = slots.binary_search(&i).expect("a slot of the list") as u64;
-                image.write_chunk(rank, i * chunk, &data, &mut back)
+                Ok((bytes, mapped))
             }
         })
         .collect();
