@@ -542,6 +542,36 @@ mod tests {
         }
     }
 
+    /// Chunks of several pieces with zero pieces between and at their ends: each run of
+    /// pieces with data is written where it belongs, in both formats, and a disk whose
+    /// size is no whole number of pieces keeps its short last piece.
+    #[test]
+    fn an_export_writes_runs_of_pieces_around_zero_pieces() {
+        let dir = tempfile::tempdir().unwrap();
+        const CHUNK_4: usize = 4 * CHUNK;
+        let mut content = vec![0; 6 * CHUNK_4 + 3 * CHUNK + 4096];
+        blake3::Hasher::new()
+            .update(b"runs")
+            .finalize_xof()
+            .fill(&mut content);
+        // Zero pieces: a chunk's first, its last, two in the middle of one, a whole chunk.
+        for piece in [0, 7, 9, 10, 12, 13, 14, 15, 25] {
+            content[piece * CHUNK..(piece + 1) * CHUNK].fill(0);
+        }
+        let (store, index) = checkpointed_in_chunks(dir.path(), &content, CHUNK_4);
+        let m = store.catalog().unwrap().checkpoints.pop().unwrap();
+        for format in [ImageFormat::Qcow2, ImageFormat::Raw] {
+            let out = dir.path().join(format!("runs.{}", format.name()));
+            let written = export_disk(&store, &m, "vda", &out, format, &Control::new()).unwrap();
+            assert_eq!(written, index.data_bytes);
+            let back = match format {
+                ImageFormat::Qcow2 => qcow2_bytes(&out, dir.path()),
+                ImageFormat::Raw => std::fs::read(&out).unwrap(),
+            };
+            assert!(back == content, "{} export differs", format.name());
+        }
+    }
+
     #[test]
     fn a_damaged_chunk_stops_the_write_and_names_the_chunk() {
         let dir = tempfile::tempdir().unwrap();

@@ -93,9 +93,12 @@ impl<'a> NewImage<'a> {
     }
 
     /// Writes the 64 KiB pieces of the slot of rank `rank` among those with data (at
-    /// `offset` in the disk) that are not all zeros, reading each back into `back` to
+    /// `offset` in the disk) that are not all zeros, reading them back into `back` to
     /// compare; returns the bytes written and, for qcow2, the guest-to-host cluster mapping
-    /// of the pieces.
+    /// of the pieces. Pieces next to each other are next to each other in the file too
+    /// (qcow2: the slot's clusters are reserved in a row), so each run of them is one
+    /// write, one read and one writeback request (per 64 KiB piece, the small writeback
+    /// requests and the file's lock cost a profiled restore a fifth of its CPU time).
     fn write_chunk(
         &self,
         rank: u64,
@@ -105,24 +108,36 @@ impl<'a> NewImage<'a> {
     ) -> Result<(u64, Vec<(u64, u64)>), RestoreError> {
         let cluster = usize::try_from(CLUSTER_BYTES).expect("64 KiB");
         let first_host = 1 + rank * self.clusters_per_chunk;
-        let pieces = (0u64..)
-            .zip(data.chunks(cluster))
-            .filter(|(_, p)| p.iter().any(|&b| b != 0));
+        let with_data: Vec<bool> = data
+            .chunks(cluster)
+            .map(|p| p.iter().any(|&b| b != 0))
+            .collect();
         let mut mapped = Vec::new();
         let mut bytes = 0;
-        for (n, piece) in pieces {
-            let host = first_host + n;
-            let guest_at = offset + n * CLUSTER_BYTES;
+        let mut n = 0;
+        while n < with_data.len() {
+            if !with_data[n] {
+                n += 1;
+                continue;
+            }
+            let run_end = (n..with_data.len())
+                .find(|&k| !with_data[k])
+                .unwrap_or(with_data.len());
+            let run = &data[n * cluster..(run_end * cluster).min(data.len())];
+            let guest_at = offset + n as u64 * CLUSTER_BYTES;
             let at = if self.qcow2 {
-                mapped.push((guest_at / CLUSTER_BYTES, host));
-                host * CLUSTER_BYTES
+                for k in n..run_end {
+                    let k = k as u64;
+                    mapped.push((offset / CLUSTER_BYTES + k, first_host + k));
+                }
+                (first_host + n as u64) * CLUSTER_BYTES
             } else {
                 guest_at
             };
             self.file
-                .write_all_at(piece, at)
+                .write_all_at(run, at)
                 .map_err(|e| write_error(self.path, &e))?;
-            back.resize(piece.len(), 0);
+            back.resize(run.len(), 0);
             self.file
                 .read_exact_at(back, at)
                 .map_err(|e| write_error(self.path, &e))?;
@@ -131,19 +146,20 @@ impl<'a> NewImage<'a> {
             let _ = rustix::fs::fadvise(
                 &self.file,
                 at,
-                std::num::NonZeroU64::new(piece.len() as u64),
+                std::num::NonZeroU64::new(run.len() as u64),
                 rustix::fs::Advice::DontNeed,
             );
-            if back != piece {
+            if back.as_slice() != run {
                 return Err(RestoreError::Verify {
                     path: self.path.to_path_buf(),
                     detail: format!(
                         "bytes {guest_at} to {} of the disk do not read back as written",
-                        guest_at + piece.len() as u64
+                        guest_at + run.len() as u64
                     ),
                 });
             }
-            bytes += piece.len() as u64;
+            bytes += run.len() as u64;
+            n = run_end;
         }
         Ok((bytes, mapped))
     }
