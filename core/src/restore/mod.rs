@@ -547,8 +547,8 @@ mod tests {
     /// size is no whole number of pieces keeps its short last piece.
     #[test]
     fn an_export_writes_runs_of_pieces_around_zero_pieces() {
-        let dir = tempfile::tempdir().unwrap();
         const CHUNK_4: usize = 4 * CHUNK;
+        let dir = tempfile::tempdir().unwrap();
         let mut content = vec![0; 6 * CHUNK_4 + 3 * CHUNK + 4096];
         blake3::Hasher::new()
             .update(b"runs")
