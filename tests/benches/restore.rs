@@ -1,8 +1,9 @@
 //! Restore benchmark (issue 5): the checkpoint benchmark's VM (a 4 GiB qcow2 disk holding
 //! 2 GiB of mixed data), checkpointed live into a local store. Then:
 //!
-//! - a full restore of that checkpoint (as a new VM: every chunk decoded, written through
-//!   qemu-nbd into a new qcow2, flushed, read back and checked), against
+//! - a full restore of that checkpoint (as a new VM: every chunk read from the store and
+//!   hash-checked once, written straight into a new qcow2 file, read back and compared,
+//!   flushed, `qemu-img check`), against
 //!   `qemu-img convert -O qcow2` of the same disk plus an fsync, in the same run, from a
 //!   cold cache and with the data in the page cache;
 //! - delta restores in place after 1 % of the data changed (320 pieces of 64 KiB written
