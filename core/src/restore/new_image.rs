@@ -229,16 +229,7 @@ pub(crate) fn write_new_image(
     }
     let firsts: Vec<u64> = groups.keys().copied().collect();
     let order = two_cursors(&firsts);
-    let lens: Vec<usize> = order
-        .iter()
-        .map(|first| {
-            groups[first]
-                .iter()
-                .map(|&i| usize::try_from(index.chunk_len(i)).expect("chunk fits memory"))
-                .sum()
-        })
-        .collect();
-    control.add_total_bytes(lens.iter().map(|&l| l as u64).sum());
+    control.add_total_bytes(slots.iter().map(|&i| index.chunk_len(i)).sum());
     let workers: Vec<_> = (0..crate::store::reader_count())
         .map(|_| {
             let (image, wanted, slots, groups) = (&image, &wanted, &slots, &groups);
@@ -247,7 +238,10 @@ pub(crate) fn write_new_image(
                 let id = wanted[usize::try_from(first).expect("slot fits")];
                 let data = store.read_chunk(&id, ChunkKind::Data)?;
                 let (mut bytes, mut mapped) = (0, Vec::new());
+                // Progress is counted here, slot by slot, and a cancel is seen between the
+                // slots of a chunk held by many.
                 for &i in &groups[&first] {
+                    control.check().map_err(StoreError::from)?;
                     if data.len() as u64 != index.chunk_len(i) {
                         return Err(StoreError::Damaged {
                             path: store.chunk_path(&id),
@@ -264,6 +258,7 @@ pub(crate) fn write_new_image(
                     let (b, m) = image.write_chunk(rank, i * chunk, &data, &mut back)?;
                     bytes += b;
                     mapped.extend(m);
+                    control.add_done_bytes(index.chunk_len(i));
                 }
                 Ok((bytes, mapped))
             }
@@ -286,12 +281,21 @@ pub(crate) fn write_new_image(
                 store.prefetch_chunk(&wanted[usize::try_from(i).expect("slot fits")]);
             }
         });
-        let result = for_each_slot(&order, &lens, control, workers, |_, (bytes, mapped)| {
-            bytes_written += bytes;
-            mapping.extend(mapped);
-            applied.fetch_add(1, Ordering::Relaxed);
-            Ok(())
-        });
+        // The workers count progress themselves (a chunk may fill many slots), and take no
+        // buffer from the pipeline (they decode into their own).
+        let no_buffers = vec![0; order.len()];
+        let result = for_each_slot(
+            &order,
+            &no_buffers,
+            control,
+            workers,
+            |_, (bytes, mapped)| {
+                bytes_written += bytes;
+                mapping.extend(mapped);
+                applied.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            },
+        );
         done.store(true, Ordering::Relaxed);
         result
     })?;
