@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{drop_caches, qemu_img_convert_cpu};
+use common::{drop_caches, qemu_img_convert};
 use data::{DATA_BYTES, GIB, MIB, make_image, one_percent_change};
 use rewind_core::checkpoint;
 use rewind_core::libvirt::Hypervisor;
@@ -172,7 +172,7 @@ fn main() {
             if cold {
                 drop_caches();
             }
-            let (convert, convert_cpu) = qemu_img_convert_cpu(&disk, &out);
+            let (convert, convert_cpu) = qemu_img_convert(&disk, &out);
             if cold {
                 drop_caches();
             }

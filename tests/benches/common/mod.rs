@@ -15,46 +15,35 @@ pub fn drop_caches() {
     assert!(ok, "could not drop the page cache (run as root)");
 }
 
-/// Runs a command that must succeed.
-pub fn run(cmd: &mut Command) {
+/// Runs a command that must succeed; returns what it printed.
+pub fn run(cmd: &mut Command) -> std::process::Output {
     let out = cmd.output().expect("run a command");
     assert!(
         out.status.success(),
         "{cmd:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    out
 }
 
 /// Seconds for `qemu-img convert -O qcow2` of the disk (`-U`: the VM may run) plus an fsync
-/// of the result, as a user's copy would need to be durable too. The copy is removed.
-pub fn qemu_img_convert(disk: &Path, out: &Path) -> f64 {
-    qemu_img_convert_cpu(disk, out).0
-}
-
-/// [`qemu_img_convert`], and the CPU seconds (user + system) `qemu-img` used.
-pub fn qemu_img_convert_cpu(disk: &Path, out: &Path) -> (f64, f64) {
+/// of the result, as a user's copy would need to be durable too, and the CPU seconds (user +
+/// system) `qemu-img` used. The copy is removed.
+pub fn qemu_img_convert(disk: &Path, out: &Path) -> (f64, f64) {
     let t = Instant::now();
     // bash's `times` prints its children's user and system time on its second line.
-    let output = Command::new("bash")
+    let output = run(Command::new("bash")
         .args([
             "-c",
             r#"qemu-img convert -U -f qcow2 -O qcow2 "$1" "$2" && times"#,
             "bash",
         ])
         .arg(disk)
-        .arg(out)
-        .output()
-        .expect("run qemu-img");
-    assert!(
-        output.status.success(),
-        "qemu-img convert failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+        .arg(out));
     File::open(out).unwrap().sync_all().unwrap();
     let secs = t.elapsed().as_secs_f64();
     fs::remove_file(out).unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let cpu = stdout
+    let cpu = String::from_utf8_lossy(&output.stdout)
         .lines()
         .nth(1)
         .unwrap_or_default()
