@@ -218,21 +218,21 @@ pub(crate) fn write_new_image(
         .collect();
     // Each chunk is read, decoded and checked once, and written to every slot that holds
     // it (copies of the same data in a disk are stored once, and restored from one
-    // decoding). A group is named by its first slot.
-    let mut groups: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
-    let mut first_slot_of: HashMap<ChunkId, u64> = HashMap::new();
+    // decoding). The workers are handed each chunk's first slot.
+    let mut slots_of: HashMap<ChunkId, Vec<u64>> = HashMap::new();
     for &i in &slots {
-        let first = *first_slot_of
+        slots_of
             .entry(wanted[usize::try_from(i).expect("slot fits")])
-            .or_insert(i);
-        groups.entry(first).or_default().push(i);
+            .or_default()
+            .push(i);
     }
-    let firsts: Vec<u64> = groups.keys().copied().collect();
+    let mut firsts: Vec<u64> = slots_of.values().map(|s| s[0]).collect();
+    firsts.sort_unstable();
     let order = two_cursors(&firsts);
     control.add_total_bytes(slots.iter().map(|&i| index.chunk_len(i)).sum());
     let workers: Vec<_> = (0..crate::store::reader_count())
         .map(|_| {
-            let (image, wanted, slots, groups) = (&image, &wanted, &slots, &groups);
+            let (image, wanted, slots, slots_of) = (&image, &wanted, &slots, &slots_of);
             let mut back = Vec::new();
             move |first: u64, _: &mut Vec<u8>| -> Result<(u64, Vec<(u64, u64)>), RestoreError> {
                 let id = wanted[usize::try_from(first).expect("slot fits")];
@@ -240,7 +240,7 @@ pub(crate) fn write_new_image(
                 let (mut bytes, mut mapped) = (0, Vec::new());
                 // Progress is counted here, slot by slot, and a cancel is seen between the
                 // slots of a chunk held by many.
-                for &i in &groups[&first] {
+                for &i in &slots_of[&id] {
                     control.check().map_err(StoreError::from)?;
                     if data.len() as u64 != index.chunk_len(i) {
                         return Err(StoreError::Damaged {
