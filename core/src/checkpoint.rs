@@ -16,6 +16,7 @@ use std::path::Path;
 use chrono::Utc;
 use uuid::Uuid;
 
+use crate::firmware::FirmwareState;
 use crate::libvirt::Hypervisor;
 use crate::libvirt::agent::AgentState;
 use crate::nbd::{BASE_ALLOCATION, NbdClient, NbdError, STATE_DIRTY, STATE_HOLE, STATE_ZERO};
@@ -25,7 +26,7 @@ use crate::store::{
     CheckpointKind, CheckpointWriter, Consistency, Manifest, NewCheckpoint, Store, StoreError,
     VmRef,
 };
-use crate::vm::{Firmware, VmState};
+use crate::vm::VmState;
 
 /// What can go wrong while taking a checkpoint.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +37,9 @@ pub enum CheckpointError {
     /// The store.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The VM's UEFI variables or TPM state.
+    #[error(transparent)]
+    Firmware(#[from] crate::firmware::FirmwareError),
     /// Reading the frozen disks.
     #[error("could not read disk {target} of VM {vm:?} from the backup export: {source}")]
     Read {
@@ -501,11 +505,21 @@ fn capture_full_state_live(
     }
     let snapshot_ms = started.elapsed().as_millis();
     let frozen = FrozenDisks::Overlays(overlays);
+    // As close to the saved instant as can be: the memory's TPM blobs are of its end.
+    let firmware = FirmwareState::read(plan.info);
     if let Err(e) = crate::fault::point("after-live-snapshot") {
         let _ = frozen.end(hv, vm);
         let _ = hv.delete_checkpoint(vm, &plan.new_name);
         return Err(CheckpointError::Unsupported(e));
     }
+    let firmware = match firmware {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = frozen.end(hv, vm);
+            let _ = hv.delete_checkpoint(vm, &plan.new_name);
+            return Err(e.into());
+        }
+    };
     let memory = std::fs::File::open(&memory_path).map_err(|e| {
         CheckpointError::Unsupported(format!(
             "could not read the saved memory of VM {vm:?} at {}: {e}",
@@ -534,6 +548,7 @@ fn capture_full_state_live(
         ),
         memory: Some(memory),
         domain_xml,
+        firmware,
     }))
 }
 
@@ -578,6 +593,8 @@ struct Captured {
     memory: Option<std::fs::File>,
     /// The domain XML at the instant (before a live snapshot put the disks on overlays).
     domain_xml: String,
+    /// The UEFI variables and TPM state at the instant.
+    firmware: FirmwareState,
 }
 
 /// Disks only: freeze (when an agent answers), mark the instant, thaw at once. The export
@@ -602,6 +619,13 @@ fn capture_disks(
     let begun = begin_backup(hv, plan, socket, targets);
     drop(frozen);
     let (backup, incremental_from, full_reason) = begun?;
+    let firmware = match FirmwareState::read(plan.info) {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = backup.finish();
+            return Err(e.into());
+        }
+    };
     Ok(Captured {
         source: FrozenDisks::Export(backup),
         incremental_from,
@@ -611,6 +635,7 @@ fn capture_disks(
         consistency_note,
         memory: None,
         domain_xml,
+        firmware,
     })
 }
 
@@ -653,6 +678,8 @@ fn capture_full_state(
     };
     let memory = hv.managed_save(vm)?;
     crate::fault::point("after-save").map_err(CheckpointError::Unsupported)?;
+    // The VM is off: its firmware state is the saved instant's.
+    let firmware = FirmwareState::read(plan.info)?;
     hv.start_vm_paused(vm)?;
     let begun = begin_backup(hv, plan, socket, targets);
     drop(resume);
@@ -669,6 +696,7 @@ fn capture_full_state(
         ),
         memory: Some(memory),
         domain_xml,
+        firmware,
     })
 }
 
@@ -727,6 +755,7 @@ fn copy_captured(
         consistency_note,
         memory,
         domain_xml,
+        firmware,
     } = captured;
     let parent = incremental_from.as_ref().and_then(|_| plan.prev.clone());
     let result = (|| {
@@ -783,7 +812,7 @@ fn copy_captured(
             writer.add_read_bytes(read);
             writer.add_disk(target, disk_source.clone(), format.clone(), object)?;
         }
-        add_firmware_and_tpm(&mut writer, plan.info)?;
+        firmware.add_to(&mut writer)?;
         control.set_phase(Phase::Finishing);
         Ok::<_, CheckpointError>(writer.commit(control)?)
     })();
@@ -1001,38 +1030,6 @@ fn freeze<'a>(
             ),
         )),
     }
-}
-
-/// Adds the UEFI variable store (`nvram`) and the emulated TPM's state folder (`tpm`, a
-/// folder blob) — what Windows 11 and `BitLocker` need besides the disks.
-fn add_firmware_and_tpm(
-    writer: &mut CheckpointWriter<'_>,
-    info: &crate::vm::VmInfo,
-) -> Result<(), CheckpointError> {
-    let unreadable = |what: &str, path: &Path, e: std::io::Error| {
-        CheckpointError::Unsupported(format!(
-            "could not read the {what} of VM {:?} at {}: {e}; run Rewind as a user who can read it (root, for qemu:///system)",
-            info.name,
-            path.display()
-        ))
-    };
-    if let Firmware::Uefi {
-        nvram_path: Some(path),
-        ..
-    } = &info.firmware
-        && path.exists()
-    {
-        let bytes = std::fs::read(path).map_err(|e| unreadable("UEFI variables", path, e))?;
-        writer.add_blob_bytes("nvram", &bytes)?;
-    }
-    if let Some(path) = info.tpm.as_ref().and_then(|t| t.state_path.as_ref())
-        && path.exists()
-    {
-        let packed =
-            crate::store::dirblob::pack(path).map_err(|e| unreadable("TPM state", path, e))?;
-        writer.add_blob_bytes("tpm", &packed)?;
-    }
-    Ok(())
 }
 
 /// Starts the pull backup, incremental from the plan's `prev` unless it has a
@@ -1310,7 +1307,7 @@ fn take_shut_off(
         writer.add_read_bytes(read);
         writer.add_disk(target, source.clone(), format.clone(), object)?;
     }
-    add_firmware_and_tpm(&mut writer, info)?;
+    FirmwareState::read(info)?.add_to(&mut writer)?;
     // Started meanwhile after all (a disk without locking)? Then what was read may be torn.
     if hv.vm(&info.name)?.state != VmState::ShutOff {
         return Err(CheckpointError::Unsupported(format!(

@@ -12,6 +12,7 @@ pub mod destination;
 pub mod engine;
 pub mod error;
 mod fault;
+pub mod firmware;
 pub mod history;
 pub mod libvirt;
 pub mod log;

@@ -77,6 +77,9 @@ pub enum RestoreError {
     /// libvirt or the VM.
     #[error(transparent)]
     Libvirt(#[from] crate::Error),
+    /// The checkpoint's UEFI variables or TPM state.
+    #[error(transparent)]
+    Firmware(#[from] crate::firmware::FirmwareError),
     /// The safety checkpoint could not be taken: nothing was changed.
     #[error(
         "the safety checkpoint of the VM's current state could not be taken, so nothing was restored: {0}"

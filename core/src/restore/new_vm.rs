@@ -18,8 +18,9 @@ use uuid::Uuid;
 
 use super::disk::{self, ComparedBy, Current, DiskRestore};
 use super::domain_xml::{self, DiskPlace, Rewrite};
-use super::vm::{blob, elapsed_ms, parsed, start_if, write_firmware_state};
+use super::vm::{elapsed_ms, parsed, start_if};
 use super::{RestoreError, RestoreOptions, RestoreReport};
+use crate::firmware::SavedFirmware;
 use crate::libvirt::Hypervisor;
 use crate::progress::{Control, Phase};
 use crate::store::index::HOLE;
@@ -87,7 +88,7 @@ pub fn restore_as_new(
     control: &Control,
 ) -> Result<RestoreReport, RestoreError> {
     let started = Instant::now();
-    let plan = Plan::make(hv, m, new)?;
+    let plan = Plan::make(hv, store, m, new)?;
     let mut made = Made::default();
     let written = plan
         .write(hv, store, m, work_dir, control, &mut made)
@@ -130,10 +131,17 @@ struct Plan {
     files: Vec<(PathBuf, String)>,
     nvram_path: Option<PathBuf>,
     tpm_dir: Option<PathBuf>,
+    /// The checkpoint's UEFI variables and TPM state, read and checked.
+    firmware: SavedFirmware,
 }
 
 impl Plan {
-    fn make(hv: &Hypervisor, m: &Manifest, new: &NewVm) -> Result<Self, RestoreError> {
+    fn make(
+        hv: &Hypervisor,
+        store: &Store,
+        m: &Manifest,
+        new: &NewVm,
+    ) -> Result<Self, RestoreError> {
         let checkpoint_xml = parsed(m)?;
         let local = hv.is_local();
         let uri = hv.uri();
@@ -201,6 +209,7 @@ impl Plan {
             .tpm
             .as_ref()
             .and_then(|_| hv.tpm_state_dir(&uuid));
+        let firmware = SavedFirmware::load(store, m)?;
         Ok(Self {
             name,
             uuid,
@@ -210,6 +219,7 @@ impl Plan {
             files,
             nvram_path,
             tpm_dir,
+            firmware,
         })
     }
 
@@ -307,12 +317,9 @@ impl Plan {
         if self.local {
             made.files.extend(self.nvram_path.clone());
             made.files.extend(self.tpm_dir.clone());
-            let firmware = write_firmware_state(
-                store,
-                m,
-                self.nvram_path.as_deref(),
-                self.tpm_dir.as_deref(),
-            )?;
+            let firmware = self
+                .firmware
+                .write_local(self.nvram_path.as_deref(), self.tpm_dir.as_deref())?;
             hv.define_vm(&xml)?;
             made.defined = Some(self.name.clone());
             Ok((reports, firmware.0, firmware.1))
@@ -320,32 +327,22 @@ impl Plan {
             // Defined first: undefining it takes the NVRAM and TPM state written after.
             hv.define_vm(&xml)?;
             made.defined = Some(self.name.clone());
-            let firmware = self.write_firmware_there(hv, store, m)?;
+            let firmware = self.write_firmware_there(hv)?;
             Ok((reports, firmware.0, firmware.1))
         }
     }
 
     /// UEFI variables and TPM state onto another host, through libvirt.
-    fn write_firmware_there(
-        &self,
-        hv: &Hypervisor,
-        store: &Store,
-        m: &Manifest,
-    ) -> Result<(bool, bool), RestoreError> {
+    fn write_firmware_there(&self, hv: &Hypervisor) -> Result<(bool, bool), RestoreError> {
         let mut nvram = false;
-        if let (Some(bytes), Some(path)) = (blob(store, m, "nvram")?, &self.nvram_path) {
-            hv.write_host_file(path, &bytes, 0o600)?;
+        if let (Some(bytes), Some(path)) = (&self.firmware.nvram, &self.nvram_path) {
+            hv.write_host_file(path, bytes, 0o600)?;
             nvram = true;
         }
         let mut tpm = false;
-        if let (Some(bytes), Some(dir)) = (blob(store, m, "tpm")?, &self.tpm_dir) {
-            let files = crate::store::dirblob::unpack(&bytes).map_err(|detail| {
-                RestoreError::Invalid(format!(
-                    "the TPM state in the checkpoint cannot be unpacked: {detail}"
-                ))
-            })?;
-            for f in &files {
-                hv.write_host_file(&dir.join(&f.path), &f.content, f.mode & 0o7777)?;
+        if let (Some(files), Some(dir)) = (&self.firmware.tpm, &self.tpm_dir) {
+            for f in files {
+                hv.write_host_file(&dir.join(&f.path), &f.content, f.mode & 0o640)?;
             }
             tpm = true;
         }

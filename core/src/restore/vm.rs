@@ -1,7 +1,7 @@
 //! Restoring a whole VM: in place (see the module documentation of [`super`]) or as a new
 //! VM beside the original.
 
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -10,6 +10,7 @@ use super::domain_xml::{self, Rewrite};
 use super::marker::{RestoreMarker, state_dir};
 use super::{RestoreError, RestoreOptions, RestoreReport, SAFETY_LABEL};
 use crate::checkpoint::{self, TakeOptions};
+use crate::firmware::SavedFirmware;
 use crate::libvirt::Hypervisor;
 use crate::libvirt::lifecycle::{StopMode, Stopped};
 use crate::libvirt::xml::{DomainXml, parse_domain};
@@ -34,171 +35,6 @@ fn stopped_label(s: Stopped) -> &'static str {
         Stopped::Forced => "forced",
         Stopped::Saved => "saved",
     }
-}
-
-/// Writes `bytes` to `path` through a temporary file and a rename, so that a crash leaves
-/// the old file or the new one; keeps the owner of a file it replaces.
-fn write_file_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), RestoreError> {
-    use std::io::Write as _;
-    let failed = |e: std::io::Error| RestoreError::Write {
-        path: path.to_path_buf(),
-        detail: e.to_string(),
-    };
-    let dir = path.parent().unwrap_or(Path::new("/"));
-    std::fs::create_dir_all(dir).map_err(failed)?;
-    let owner = std::fs::metadata(path).ok().map(|m| {
-        use std::os::unix::fs::MetadataExt as _;
-        (m.uid(), m.gid())
-    });
-    let tmp = dir.join(format!(
-        ".{}.rewind-{}",
-        path.file_name().unwrap_or_default().to_string_lossy(),
-        std::process::id()
-    ));
-    let result = (|| {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
-        if let Some((uid, gid)) = owner {
-            std::os::unix::fs::chown(&tmp, Some(uid), Some(gid))?;
-        }
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(failed)
-}
-
-/// The user libvirt runs `swtpm` as (`swtpm_user` in qemu.conf; `tss` by default).
-fn swtpm_owner() -> Option<(u32, u32)> {
-    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
-    passwd.lines().find_map(|line| {
-        let fields: Vec<&str> = line.split(':').collect();
-        (fields.first() == Some(&"tss") && fields.len() > 3)
-            .then(|| Some((fields[2].parse().ok()?, fields[3].parse().ok()?)))
-            .flatten()
-    })
-}
-
-/// Replaces the TPM state folder `dir` with the content of a folder blob: unpacked next to
-/// it, then swapped in, so that a failure leaves the old state.
-fn replace_tpm_state(dir: &Path, blob: &[u8]) -> Result<(), RestoreError> {
-    let failed = |e: std::io::Error| RestoreError::Write {
-        path: dir.to_path_buf(),
-        detail: e.to_string(),
-    };
-    let files = crate::store::dirblob::unpack(blob).map_err(|detail| {
-        RestoreError::Invalid(format!(
-            "the TPM state in the checkpoint cannot be unpacked: {detail}"
-        ))
-    })?;
-    let parent = dir.parent().unwrap_or(Path::new("/"));
-    let name = dir.file_name().unwrap_or_default().to_string_lossy();
-    let fresh = parent.join(format!(".{name}.rewind-new"));
-    let old = parent.join(format!(".{name}.rewind-old"));
-    let _ = std::fs::remove_dir_all(&fresh);
-    let _ = std::fs::remove_dir_all(&old);
-    let owner = std::fs::metadata(dir)
-        .ok()
-        .map(|m| {
-            use std::os::unix::fs::MetadataExt as _;
-            (m.uid(), m.gid())
-        })
-        .or_else(swtpm_owner);
-    let result = (|| {
-        std::fs::create_dir_all(parent)?;
-        std::fs::create_dir(&fresh)?;
-        for f in &files {
-            let path = fresh.join(&f.path);
-            if let Some(d) = path.parent() {
-                std::fs::create_dir_all(d)?;
-            }
-            std::fs::write(&path, &f.content)?;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(f.mode & 0o7777))?;
-        }
-        // swtpm runs as its own user and must own its state (libvirt fixes the files of
-        // the state folder when the VM starts, not the folders).
-        if let Some((uid, gid)) = owner {
-            chown_tree(&fresh, uid, gid)?;
-        }
-        std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o700))?;
-        if dir.exists() {
-            std::fs::rename(dir, &old)?;
-        }
-        std::fs::rename(&fresh, dir)?;
-        let _ = std::fs::remove_dir_all(&old);
-        std::fs::File::open(parent)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&fresh);
-        if !dir.exists() && old.exists() {
-            let _ = std::fs::rename(&old, dir);
-        }
-    }
-    result.map_err(failed)
-}
-
-fn chown_tree(path: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
-    std::os::unix::fs::lchown(path, Some(uid), Some(gid))?;
-    if path.is_dir() {
-        for entry in std::fs::read_dir(path)? {
-            chown_tree(&entry?.path(), uid, gid)?;
-        }
-    }
-    Ok(())
-}
-
-/// The content of blob `name` (`nvram`, `tpm`) of checkpoint `m`, if it has one.
-pub(super) fn blob(
-    store: &Store,
-    m: &Manifest,
-    name: &str,
-) -> Result<Option<Vec<u8>>, RestoreError> {
-    match m.blobs.iter().find(|b| b.name == name) {
-        Some(b) => Ok(Some(store.object_reader(&b.index)?.read_all()?)),
-        None => Ok(None),
-    }
-}
-
-/// Writes the checkpoint's UEFI variables and TPM state where the restored VM keeps them;
-/// returns whether there was each.
-pub(super) fn write_firmware_state(
-    store: &Store,
-    m: &Manifest,
-    nvram_path: Option<&Path>,
-    tpm_dir: Option<&Path>,
-) -> Result<(bool, bool), RestoreError> {
-    let blob = |name: &str| blob(store, m, name);
-    let nvram = match (blob("nvram")?, nvram_path) {
-        (Some(bytes), Some(path)) => {
-            write_file_atomic(path, &bytes, 0o600)?;
-            true
-        }
-        (Some(_), None) => {
-            return Err(RestoreError::Invalid(format!(
-                "checkpoint {} holds UEFI variables but it is not known where this libvirt host keeps them",
-                m.id
-            )));
-        }
-        (None, _) => false,
-    };
-    let tpm = match (blob("tpm")?, tpm_dir) {
-        (Some(bytes), Some(dir)) => {
-            replace_tpm_state(dir, &bytes)?;
-            true
-        }
-        (Some(_), None) => {
-            return Err(RestoreError::Invalid(format!(
-                "checkpoint {} holds TPM state but it is not known where this libvirt host keeps it",
-                m.id
-            )));
-        }
-        (None, _) => false,
-    };
-    Ok((nvram, tpm))
 }
 
 /// One disk of the checkpoint, as far as the in-place restore got with it.
@@ -392,6 +228,8 @@ struct InPlace<'a> {
     interrupted: Option<RestoreMarker>,
     nvram_path: Option<PathBuf>,
     tpm_dir: Option<PathBuf>,
+    /// The checkpoint's UEFI variables and TPM state, read and checked.
+    firmware: SavedFirmware,
     /// The store's last checkpoint of the VM with a libvirt checkpoint: its dirty bitmaps
     /// in the images say what was written since.
     chain: Option<Manifest>,
@@ -459,6 +297,7 @@ impl<'a> InPlace<'a> {
             .checkpoints
             .into_iter()
             .rfind(|c| c.vm.uuid == m.vm.uuid && c.libvirt_checkpoint.is_some());
+        let firmware = SavedFirmware::load(store, m)?;
         Ok(Self {
             hv,
             store,
@@ -472,6 +311,7 @@ impl<'a> InPlace<'a> {
             interrupted,
             nvram_path,
             tpm_dir,
+            firmware,
         })
     }
 
@@ -579,12 +419,9 @@ impl<'a> InPlace<'a> {
             )?);
         }
         control.start_phase(Phase::Finishing);
-        let firmware = write_firmware_state(
-            self.store,
-            m,
-            self.nvram_path.as_deref(),
-            self.tpm_dir.as_deref(),
-        )?;
+        let firmware = self
+            .firmware
+            .write_local(self.nvram_path.as_deref(), self.tpm_dir.as_deref())?;
         let xml = if self.name == m.vm.name {
             m.domain_xml.clone()
         } else {
@@ -629,13 +466,9 @@ impl<'a> InPlace<'a> {
                     self.work_dir,
                 )
                 .and_then(|()| {
-                    write_firmware_state(
-                        self.store,
-                        back,
-                        self.nvram_path.as_deref(),
-                        self.tpm_dir.as_deref(),
-                    )
-                    .map(drop)
+                    SavedFirmware::load(self.store, back)?
+                        .write_local(self.nvram_path.as_deref(), self.tpm_dir.as_deref())?;
+                    Ok(())
                 });
                 match rolled {
                     Ok(()) if cancelled => {
