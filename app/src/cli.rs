@@ -342,6 +342,10 @@ pub struct RestoreHow {
     /// Seconds the guest gets to shut down before it is forced off
     #[arg(long, value_name = "SECS", default_value_t = 120)]
     shutdown_timeout: u64,
+    /// Of a full-state checkpoint, put back only the disks, UEFI variables and TPM state and
+    /// boot the VM from them, instead of resuming it where it was from its saved memory
+    #[arg(long)]
+    disk_only: bool,
     /// Print what was done as JSON (documented in app/CLI.md)
     #[arg(long)]
     json: bool,
@@ -357,6 +361,7 @@ impl RestoreHow {
             },
             safety_checkpoint,
             start: self.no_start.then_some(false),
+            disk_only: self.disk_only,
         }
     }
 }

@@ -22,6 +22,7 @@ use crate::libvirt::agent::AgentState;
 use crate::nbd::{BASE_ALLOCATION, NbdClient, NbdError, STATE_DIRTY, STATE_HOLE, STATE_ZERO};
 use crate::progress::{Control, Phase};
 use crate::qemu_nbd::{Access, QemuNbd};
+use crate::staging::Staging;
 use crate::store::{
     CheckpointKind, CheckpointWriter, Consistency, Manifest, NewCheckpoint, Store, StoreError,
     VmRef,
@@ -40,6 +41,9 @@ pub enum CheckpointError {
     /// The VM's UEFI variables or TPM state.
     #[error(transparent)]
     Firmware(#[from] crate::firmware::FirmwareError),
+    /// No room for the saved memory.
+    #[error(transparent)]
+    Staging(#[from] crate::staging::StagingError),
     /// Reading the frozen disks.
     #[error("could not read disk {target} of VM {vm:?} from the backup export: {source}")]
     Read {
@@ -203,6 +207,16 @@ fn qemu_owner(live_xml: &str) -> Option<(u32, u32)> {
         group.strip_prefix('+')?.parse().ok()?,
     ))
 }
+
+/// The owner to give a folder that the VM's QEMU (or libvirt on its behalf) writes into:
+/// QEMU's user when Rewind runs as root and QEMU as someone else.
+fn hand_to_qemu(live_xml: &str) -> Option<(u32, u32)> {
+    let me = rustix::process::geteuid().as_raw();
+    qemu_owner(live_xml).filter(|&(uid, _)| me == 0 && uid != me)
+}
+
+/// What a saved memory image holds besides the RAM (device state, the header), at most.
+const DEVICE_STATE_MARGIN_BYTES: u64 = 64 << 20;
 
 /// A folder for one VM's backup job inside `work_dir`, writable by that VM's QEMU and by
 /// nobody else: owned by QEMU's user when Rewind runs as root (`qemu:///system`), private
@@ -426,7 +440,7 @@ fn take_live(
         let live = if plan.managed_save {
             Err("the managed save was asked for".to_owned())
         } else {
-            capture_full_state_live(hv, plan, job_dir)?
+            capture_full_state_live(hv, plan)?
         };
         match live {
             Ok(captured) => captured,
@@ -471,7 +485,6 @@ pub const FULL_STATE_WAY_ENV: &str = "REWIND_FULL_STATE_WAY";
 fn capture_full_state_live(
     hv: &Hypervisor,
     plan: &LivePlan<'_>,
-    job_dir: &Path,
 ) -> Result<Result<Captured, String>, CheckpointError> {
     use crate::libvirt::live_snapshot::OVERLAY_MARK;
     let vm = plan.vm;
@@ -491,10 +504,23 @@ fn capture_full_state_live(
     }
     let targets: Vec<String> = plan.disks.iter().map(|d| d.0.clone()).collect();
     let domain_xml = hv.domain_xml(vm)?;
+    // The memory goes beside the first disk, never into a shared /tmp (see `staging`).
+    let beside = overlays[0].1.parent().unwrap_or(Path::new("/"));
+    let staging = match Staging::new(
+        beside,
+        plan.info
+            .memory_bytes
+            .saturating_add(DEVICE_STATE_MARGIN_BYTES),
+        &format!("save the memory of VM {vm:?}"),
+        hand_to_qemu(&domain_xml),
+    ) {
+        Ok(s) => s,
+        Err(e) => return Ok(Err(e.to_string())),
+    };
     if let Err(e) = hv.create_checkpoint(vm, &plan.new_name, &targets) {
         return Ok(Err(e.to_string()));
     }
-    let memory_path = job_dir.join("memory.save");
+    let memory_path = staging.path().join("memory.save");
     let started = std::time::Instant::now();
     if let Err(e) = hv.live_external_snapshot(vm, &memory_path, &overlays) {
         let _ = hv.delete_checkpoint(vm, &plan.new_name);
@@ -526,6 +552,8 @@ fn capture_full_state_live(
             memory_path.display()
         ))
     });
+    // Read through the open file from here on: nothing is left behind whatever happens.
+    drop(staging);
     let memory = match memory {
         Ok(m) => m,
         Err(e) => {
@@ -655,12 +683,19 @@ fn capture_full_state(
     targets: &[String],
 ) -> Result<Captured, CheckpointError> {
     let vm = plan.vm;
-    if hv.managed_save_path(&plan.info.name).is_none() {
+    let Some(save_path) = hv.managed_save_path(&plan.info.name) else {
         return Err(CheckpointError::Unsupported(format!(
             "full-state checkpoints need the libvirt daemon on this machine (qemu:///system or qemu:///session), not {}; take a disk checkpoint instead",
             hv.uri()
         )));
-    }
+    };
+    crate::staging::check_room(
+        save_path.parent().unwrap_or(Path::new("/")),
+        plan.info
+            .memory_bytes
+            .saturating_add(DEVICE_STATE_MARGIN_BYTES),
+        &format!("save the memory of VM {vm:?}"),
+    )?;
     if hv.has_managed_save(vm)? {
         return Err(CheckpointError::Unsupported(format!(
             "VM {vm:?} already has saved state (libvirt managed save) that a start would resume; start it or remove that state (virsh managedsave-remove) first"

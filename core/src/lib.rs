@@ -24,6 +24,7 @@ pub mod qcow2_new;
 mod qemu_nbd;
 pub mod restore;
 pub mod scheduler;
+pub mod staging;
 pub mod store;
 pub mod units;
 pub mod vm;

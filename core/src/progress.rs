@@ -41,6 +41,9 @@ pub enum Phase {
     RollingBack = 8,
     /// Starting the VM again.
     Starting = 9,
+    /// Reading a full-state checkpoint's saved memory back out of the store (before a
+    /// restore touches the VM).
+    ReadingMemory = 10,
 }
 
 impl Phase {
@@ -58,6 +61,7 @@ impl Phase {
             Self::Verifying => "verifying",
             Self::RollingBack => "rolling back",
             Self::Starting => "starting the VM",
+            Self::ReadingMemory => "reading the saved memory",
         }
     }
 
@@ -72,6 +76,7 @@ impl Phase {
             7 => Self::Verifying,
             8 => Self::RollingBack,
             9 => Self::Starting,
+            10 => Self::ReadingMemory,
             _ => Self::Preparing,
         }
     }
@@ -178,6 +183,7 @@ mod tests {
             Phase::Verifying,
             Phase::RollingBack,
             Phase::Starting,
+            Phase::ReadingMemory,
         ] {
             c.set_phase(phase);
             assert_eq!(c.phase(), phase);

@@ -13,6 +13,7 @@ mod protect;
 mod remote;
 mod remote_store;
 mod restore;
+mod resume;
 mod rewind;
 mod store;
 mod vms;

@@ -16,7 +16,7 @@ use virt::domain::Domain;
 use virt::sys;
 
 use crate::daemon::URI;
-use crate::guest::{AGENT_MARKER, ERROR_MARKER, FSWRITE_PREFIX};
+use crate::guest::{AGENT_MARKER, ERROR_MARKER, FSWRITE_PREFIX, TPM_PREFIX};
 use crate::scratch::{ScratchDir, pid_alive};
 use crate::{HarnessError, guest_image};
 
@@ -495,6 +495,12 @@ impl TestVm {
             })
     }
 
+    /// Runs `/bin/rwtpm COMMAND [ARG]` in the guest (see `guest::TPM_SCRIPT`; needs
+    /// `.uefi().tpm().guest_agent()` and a running agent) and waits for what it printed.
+    pub fn tpm(&self, command: &str, arg: Option<&str>) -> Result<TpmState, HarnessError> {
+        run_tpm(&self.dom, &self.console, command, arg)
+    }
+
     /// The highest `i` of the `RWFS <i> synced` lines of the `fswrite` workload; 0 if none.
     #[must_use]
     pub fn last_fs_record(&self) -> u64 {
@@ -840,6 +846,99 @@ fn domain_xml(
         initrd = e(initrd),
         workload = xml_escape(&b.workload),
     )
+}
+
+/// What the guest's TPM held when `/bin/rwtpm` printed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TpmState {
+    /// PCR 16 (SHA-256 bank), hex: volatile state, reset at every boot.
+    pub pcr16: String,
+    /// The NV counter at index 0x01500016, hex, or `none` before the first count: permanent
+    /// state, kept across boots.
+    pub counter: String,
+}
+
+/// [`TestVm::tpm`] for the domain called `vm` whose serial console goes to `console` (a VM
+/// that Rewind restored as a copy, say).
+pub fn guest_tpm(
+    vm: &str,
+    console: &Path,
+    command: &str,
+    arg: Option<&str>,
+) -> Result<TpmState, HarnessError> {
+    let conn = connect()?;
+    let dom = conn
+        .lookup_domain_by_name(vm)
+        .map_err(HarnessError::libvirt)?;
+    run_tpm(&dom, console, command, arg)
+}
+
+fn run_tpm(
+    dom: &Domain,
+    console: &Path,
+    command: &str,
+    arg: Option<&str>,
+) -> Result<TpmState, HarnessError> {
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let tag = format!(
+        "t{}-{}",
+        std::process::id(),
+        CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let mut args = vec![command.to_owned()];
+    args.extend(arg.map(str::to_owned));
+    args.push(tag.clone());
+    let request = serde_json::json!({
+        "execute": "guest-exec",
+        "arguments": {"path": "/bin/rwtpm", "arg": args},
+    })
+    .to_string();
+    // After a snapshot or a restore, libvirt takes a moment to see the agent again.
+    let asked = Instant::now();
+    while let Err(e) = dom.qemu_agent_command(&request, AGENT_COMMAND_TIMEOUT_S, 0) {
+        if asked.elapsed() > Duration::from_mins(1) {
+            return Err(HarnessError(format!(
+                "guest-exec of rwtpm {command} failed: {e}"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let read = || {
+        std::fs::read(console)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    };
+    let prefix = format!("{TPM_PREFIX}{tag} ");
+    let error = format!("{ERROR_MARKER} rwtpm");
+    let deadline = Instant::now() + Duration::from_mins(1);
+    loop {
+        let text = read();
+        if let Some(rest) = text.lines().find_map(|l| l.trim().strip_prefix(&prefix)) {
+            let field = |name: &str| {
+                rest.split(' ')
+                    .find_map(|f| f.strip_prefix(name))
+                    .map(str::to_owned)
+                    .ok_or_else(|| HarnessError(format!("rwtpm printed no {name}: {rest}")))
+            };
+            return Ok(TpmState {
+                pcr16: field("pcr16=")?,
+                counter: field("counter=")?,
+            });
+        }
+        if let Some(line) = text.lines().find(|l| l.contains(&error)) {
+            return Err(HarnessError(format!(
+                "rwtpm {command} failed: {}",
+                line.trim()
+            )));
+        }
+        if Instant::now() >= deadline {
+            return Err(HarnessError(format!(
+                "rwtpm {command} printed nothing within a minute; console ends with:\n{}",
+                text.lines().rev().take(15).collect::<Vec<_>>().join("\n")
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// The `(n, uptime_cs)` of a `RWCNT <n> <uptime cs>` console line of the `counter`

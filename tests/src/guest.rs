@@ -59,6 +59,9 @@
 //! the file's last line, so it keeps rising across reboots. While the file system is frozen
 //! (`virDomainFSFreeze`, `guest-fsfreeze-freeze`) the append blocks, so the lines stop
 //! until it is thawed.
+//!
+//! `/bin/rwtpm` ([`TPM_SCRIPT`]), started through the guest agent, puts values into the
+//! guest's TPM 2.0 (a domain with `<tpm>`) and prints what it holds.
 
 use std::fmt::Write as _;
 use std::fs::{self, File};
@@ -77,6 +80,8 @@ pub const ERROR_MARKER: &str = "REWIND-GUEST ERROR";
 pub const AGENT_MARKER: &str = "REWIND-GUEST AGENT RUNNING";
 /// Start of the line the guest prints once the `rw.fs` file system is mounted.
 pub const FS_MARKER: &str = "REWIND-GUEST FS";
+/// Start of the line `/bin/rwtpm` prints (`RWTPM <tag> pcr16=<hex> counter=<hex>`).
+pub const TPM_PREFIX: &str = "RWTPM ";
 /// Start of the line the `fswrite` workload prints after each synced line (`RWFS <i> synced`).
 pub const FSWRITE_PREFIX: &str = "RWFS ";
 
@@ -366,6 +371,65 @@ case "$workload" in
 esac
 "#;
 
+/// `/bin/rwtpm`, run through the guest agent (`guest-exec`): TPM 2.0 commands written raw to
+/// `/dev/tpm0` (busybox has no TPM tools), so a test can put values into the guest's TPM
+/// and read them back after a restore:
+/// - `rwtpm extend HEX64 TAG`: extends PCR 16 (volatile state) with a SHA-256 digest;
+/// - `rwtpm count TAG`: increments an NV counter at index 0x01500016 (permanent state),
+///   defining it first if it is not there;
+/// - `rwtpm show TAG`: changes nothing.
+///
+/// Each prints [`TPM_PREFIX`]`TAG pcr16=<64 hex> counter=<16 hex>` on the console once done, or
+/// an [`ERROR_MARKER`] line naming the command and the TPM's response code.
+pub const TPM_SCRIPT: &str = r#"#!/bin/sh
+export PATH=/bin
+exec >/dev/console 2>&1
+# A password session with the empty password: TPM_RS_PW, no nonce, no attributes, no HMAC.
+auth=400000090000000000
+nv=01500016
+# One command (hex) in, its response (hex) out, on one open of the TPM.
+tpm() {
+    echo "$1" | xxd -r -p > /tmp/rwtpm.cmd
+    exec 3<>/dev/tpm0 || return 1
+    dd if=/tmp/rwtpm.cmd bs=4096 count=1 status=none >&3
+    dd bs=4096 count=1 status=none <&3 | xxd -p | tr -d '\n'
+    exec 3>&-
+}
+rc() { echo "$1" | cut -c13-20; }
+# check NAME COMMAND [CODE]: runs COMMAND; fails unless the TPM answers success (or CODE).
+check() {
+    r=$(tpm "$2")
+    code=$(rc "$r")
+    [ "$code" = 00000000 ] || [ "$code" = "$3" ] && return 0
+    echo "REWIND-GUEST ERROR rwtpm $1: TPM response code $code ($r)"
+    exit 1
+}
+case "$1" in
+    extend)
+        tag=$3
+        [ ${#2} -eq 64 ] || { echo "REWIND-GUEST ERROR rwtpm extend: want 64 hex digits"; exit 1; }
+        check pcr-extend "800200000041000001820000001000000009${auth}00000001000b$2"
+        ;;
+    count)
+        tag=$2
+        # TPM_RC_NV_DEFINED (0x14c): defined by an earlier count.
+        check nv-define "80020000002d0000012a4000000100000009${auth}0000000e${nv}000b0204001400000008" 0000014c
+        check nv-increment "80020000001f00000134${nv}${nv}00000009${auth}"
+        ;;
+    show) tag=$2 ;;
+    *) echo "REWIND-GUEST ERROR rwtpm: unknown command $1"; exit 1 ;;
+esac
+r=$(tpm 8001000000140000017e00000001000b03000001)
+[ "$(rc "$r")" = 00000000 ] || { echo "REWIND-GUEST ERROR rwtpm pcr-read: $r"; exit 1; }
+pcr=$(echo "$r" | tail -c 65)
+r=$(tpm "8002000000230000014e${nv}${nv}00000009${auth}00080000")
+case "$(rc "$r")" in
+    00000000) counter=$(echo "$r" | cut -c33-48) ;;
+    *) counter=none ;;
+esac
+echo "RWTPM $tag pcr16=$pcr counter=$counter"
+"#;
+
 /// Builds (once per cache key) or reuses the cached guest; safe when several test processes
 /// call it at once.
 ///
@@ -592,7 +656,8 @@ fn initramfs_contents_hash() -> u64 {
         h = fnv1a64(name.as_bytes(), h);
         h = fnv1a64(b"\0", h);
     }
-    fnv1a64(INIT_SCRIPT.as_bytes(), h)
+    h = fnv1a64(INIT_SCRIPT.as_bytes(), h);
+    fnv1a64(TPM_SCRIPT.as_bytes(), h)
 }
 
 /// Hash of the tool packages' names and versions (too many to spell out in the cache key).
@@ -980,6 +1045,7 @@ fn write_initramfs(
     // The kernel opens /dev/console for PID 1's stdio before /init mounts devtmpfs.
     cpio.char_device("dev/console", 0o600, 5, 1)?;
     cpio.file("init", 0o755, INIT_SCRIPT.as_bytes())?;
+    cpio.file("bin/rwtpm", 0o755, TPM_SCRIPT.as_bytes())?;
     let busybox_bytes = fs::read(busybox).map_err(|e| with_path(&e, "read", busybox))?;
     cpio.file("bin/busybox", 0o755, &busybox_bytes)?;
     cpio.symlink("bin/sh", "busybox")?;

@@ -7,62 +7,72 @@
 //! libvirtd restarts; [`TestPool::create`] destroys those of test processes that died.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use virt::connect::Connect;
 use virt::storage_pool::StoragePool;
 
 use crate::HarnessError;
-use crate::scratch::{ScratchDir, owner_pid, pid_alive};
+use crate::scratch::{ScratchDir, Tmpfs, owner_pid, pid_alive};
 
 /// A transient `dir` pool named `rwt-<scratch folder>` over its own scratch folder.
 #[derive(Debug)]
 pub struct TestPool {
     pool: StoragePool,
     name: String,
+    // Dropped last: the folder (or tmpfs) goes after the pool.
+    backing: Backing,
+}
+
+/// The folder under a test pool.
+#[derive(Debug)]
+enum Backing {
+    Dir(ScratchDir),
     /// A tmpfs mounted on the folder, unmounted after the pool is destroyed.
-    mounted: Option<PathBuf>,
-    // Dropped last: the folder goes after the pool.
-    dir: ScratchDir,
+    Tmpfs(Tmpfs),
+}
+
+impl Backing {
+    fn path(&self) -> &Path {
+        match self {
+            Self::Dir(d) => d.path(),
+            Self::Tmpfs(t) => t.path(),
+        }
+    }
 }
 
 impl TestPool {
     /// Creates the folder and the pool; `label` names both.
     pub fn create(label: &str) -> Result<Self, HarnessError> {
-        Self::create_in(ScratchDir::new(label)?, None)
+        Self::create_in(ScratchDir::new(label)?)
     }
 
     /// A pool of only `size_bytes` (a tmpfs mounted on its folder, which needs root), to see
     /// what happens when it fills up.
     pub fn create_small(label: &str, size_bytes: u64) -> Result<Self, HarnessError> {
-        let dir = ScratchDir::new(label)?;
-        let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o"])
-            .arg(format!("size={size_bytes},mode=0755"))
-            .arg("rewind-test-pool")
-            .arg(dir.path())
-            .status()
-            .map_err(|e| HarnessError(format!("could not run mount: {e}")))?;
-        if !status.success() {
-            return Err(HarnessError(format!(
-                "could not mount a tmpfs on {} ({status}): this test needs root, run it with \
-                 ./x test",
-                dir.path().display()
-            )));
-        }
-        let mounted = dir.path().to_path_buf();
-        Self::create_in(dir, Some(mounted))
+        let tmpfs = Tmpfs::mount(label, size_bytes)?;
+        let conn = crate::domain::connect()?;
+        sweep_stale(&conn);
+        let slug = tmpfs
+            .path()
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy();
+        let name = format!("rwt-{slug}");
+        Self::create_named(&conn, name, Backing::Tmpfs(tmpfs))
     }
 
-    fn create_in(dir: ScratchDir, mounted: Option<PathBuf>) -> Result<Self, HarnessError> {
-        let mut unmount = Unmount(mounted);
+    fn create_in(dir: ScratchDir) -> Result<Self, HarnessError> {
         let conn = crate::domain::connect()?;
         sweep_stale(&conn);
         let slug = dir.path().file_name().unwrap_or_default().to_string_lossy();
         let name = format!("rwt-{slug}");
+        Self::create_named(&conn, name, Backing::Dir(dir))
+    }
+
+    fn create_named(conn: &Connect, name: String, backing: Backing) -> Result<Self, HarnessError> {
         let xml = format!(
             "<pool type='dir'><name>{name}</name><target><path>{}</path></target></pool>",
-            dir.path().display()
+            backing.path().display()
         );
         let pool = conn.create_storage_pool_xml(&xml, 0).map_err(|e| {
             HarnessError(format!("could not create test pool {name:?}: {e}\n{xml}"))
@@ -70,8 +80,7 @@ impl TestPool {
         Ok(Self {
             pool,
             name,
-            mounted: unmount.0.take(),
-            dir,
+            backing,
         })
     }
 
@@ -84,7 +93,7 @@ impl TestPool {
     /// The pool's folder.
     #[must_use]
     pub fn path(&self) -> &Path {
-        self.dir.path()
+        self.backing.path()
     }
 
     /// Whether the pool is still active.
@@ -100,18 +109,6 @@ impl Drop for TestPool {
             && let Err(e) = self.pool.destroy()
         {
             eprintln!("warning: could not destroy test pool {:?}: {e}", self.name);
-        }
-        drop(Unmount(self.mounted.take()));
-    }
-}
-
-/// Unmounts a test tmpfs when dropped.
-struct Unmount(Option<PathBuf>);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        if let Some(path) = self.0.take() {
-            let _ = Command::new("umount").arg(&path).status();
         }
     }
 }

@@ -71,6 +71,53 @@ impl Drop for ScratchDir {
     }
 }
 
+/// A scratch folder with a tmpfs of a given size mounted on it (needs root): unmounted, then
+/// removed, when dropped, also when the test panics.
+#[derive(Debug)]
+pub struct Tmpfs {
+    mounted: bool,
+    // Dropped after the unmount.
+    dir: ScratchDir,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size_bytes` (mode 0755) on a new scratch folder named after `label`.
+    pub fn mount(label: &str, size_bytes: u64) -> Result<Self, HarnessError> {
+        let dir = ScratchDir::new(label)?;
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o"])
+            .arg(format!("size={size_bytes},mode=0755"))
+            .arg("rewind-test-tmpfs")
+            .arg(dir.path())
+            .status()
+            .map_err(|e| HarnessError(format!("could not run mount: {e}")))?;
+        if !status.success() {
+            return Err(HarnessError(format!(
+                "could not mount a tmpfs on {} ({status}): this test needs root, run it with \
+                 ./x test",
+                dir.path().display()
+            )));
+        }
+        Ok(Self { mounted: true, dir })
+    }
+
+    /// The mount point.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        if std::mem::take(&mut self.mounted) {
+            let _ = std::process::Command::new("umount")
+                .arg(self.dir.path())
+                .status();
+        }
+    }
+}
+
 /// The process id a scratch entry belongs to, from its `<pid>-...` name.
 #[must_use]
 pub fn owner_pid(name: &str) -> Option<u32> {

@@ -531,6 +531,7 @@ fn phase_text(phase: Phase) -> &'static str {
         Phase::Verifying => "Reading back and checking",
         Phase::RollingBack => "Undoing what was written",
         Phase::Starting => "Starting the VM",
+        Phase::ReadingMemory => "Reading back the saved memory",
     }
 }
 

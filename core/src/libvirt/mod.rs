@@ -10,6 +10,7 @@ mod events;
 mod ffi;
 pub mod lifecycle;
 pub mod live_snapshot;
+pub mod save_image;
 mod saved_state;
 pub mod volumes;
 pub mod xml;

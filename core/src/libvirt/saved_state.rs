@@ -103,18 +103,45 @@ impl Hypervisor {
         })
     }
 
-    /// Resumes a VM from the saved state file `path` (the VM must be defined and shut off,
-    /// its disks as they were when the state was saved), running.
-    pub fn restore_saved_state(&self, path: &Path) -> Result<()> {
+    /// Resumes a VM from the saved state file `path` (its disks as they were when the state
+    /// was saved), running; `xml`, when given, is the definition to run it with (libvirt
+    /// checks that the guest cannot tell the difference). The VM may be defined and shut
+    /// off, or not defined at all.
+    pub fn restore_saved_state(&self, path: &Path, xml: Option<&str>) -> Result<()> {
         let file = path
             .to_str()
             .ok_or_else(|| Error::Invalid(format!("the path {} is not UTF-8", path.display())))?;
         self.conn
-            .restore_domain_flags(file, None, virt::sys::VIR_DOMAIN_SAVE_RUNNING)
+            .restore_domain_flags(file, xml, virt::sys::VIR_DOMAIN_SAVE_RUNNING)
             .map_err(|e| {
                 self.libvirt_error(
                     &format!("resume the VM from its saved state in {}", path.display()),
                     &e,
+                )
+            })
+    }
+}
+
+impl Hypervisor {
+    /// Whether the daemon has the secret with this UUID (an emulated TPM's state can be
+    /// encrypted with one).
+    #[must_use]
+    pub fn has_secret(&self, uuid: &str) -> bool {
+        self.conn.lookup_secret_by_uuid_string(uuid).is_ok()
+    }
+
+    /// Why the daemon cannot run a guest of this architecture, machine type and domain type
+    /// (`kvm`, `qemu`), if it cannot: its QEMU does not offer them.
+    #[must_use]
+    pub fn cannot_run(&self, arch: &str, machine: &str, virt_type: &str) -> Option<String> {
+        self.conn
+            .domain_capabilities(None, Some(arch), Some(machine), Some(virt_type), 0)
+            .err()
+            .map(|e| {
+                format!(
+                    "the libvirt daemon at {} cannot run machine type {machine} ({arch}, {virt_type}): {}",
+                    self.uri,
+                    e.message()
                 )
             })
     }

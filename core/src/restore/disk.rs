@@ -131,10 +131,11 @@ impl DiskSession {
             path: file.to_path_buf(),
             detail,
         };
+        // Short: the socket's whole path must fit the 107 bytes a Unix socket address
+        // allows, and `work_dir` is this process's own already.
         let dir = work_dir.join(format!(
-            "rewind-nbd-{}-{}",
-            std::process::id(),
-            &uuid::Uuid::new_v4().simple().to_string()[..12]
+            "nbd-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
         ));
         std::fs::create_dir(&dir).map_err(|e| write_err(e.to_string()))?;
         let opened = (|| {

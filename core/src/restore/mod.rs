@@ -30,6 +30,7 @@ pub mod domain_xml;
 pub mod marker;
 mod new_image;
 mod new_vm;
+pub mod resume;
 mod vm;
 
 use std::path::{Path, PathBuf};
@@ -131,20 +132,17 @@ pub enum RestoreError {
         /// Where that leaves the VM, in words for the user.
         outcome: String,
     },
-    /// The saved memory of a full-state checkpoint could not be read back whole: nothing
-    /// was written.
+    /// A full-state checkpoint cannot resume the VM (see [`resume`]): nothing was changed.
     #[error(
-        "the saved memory of checkpoint {id} of VM {vm:?} is damaged or unreadable, so nothing was restored: {detail}. {outcome}"
+        "checkpoint {id} of VM {vm:?} cannot resume the VM where it was: {reason}. Nothing was changed. To put back its disks, UEFI variables and TPM state and boot the VM from them instead, restore it disks-only (--disk-only; in the window: Restore disks only)"
     )]
-    Memory {
+    CannotResume {
         /// The checkpoint.
         id: String,
         /// The VM's name.
         vm: String,
-        /// What is wrong with it.
-        detail: String,
-        /// Where that leaves the VM, in words for the user.
-        outcome: String,
+        /// Why not.
+        reason: String,
     },
     /// Cancelled before anything was changed.
     #[error("cancelled; nothing was changed")]
@@ -176,6 +174,9 @@ pub struct RestoreOptions {
     /// Start the VM afterwards: `None` starts it if it was running before (in place) or
     /// always (a new VM).
     pub start: Option<bool>,
+    /// Of a full-state checkpoint, put back only the disks, UEFI variables and TPM state,
+    /// and boot the VM from them instead of resuming its saved memory.
+    pub disk_only: bool,
 }
 
 impl Default for RestoreOptions {
@@ -184,6 +185,7 @@ impl Default for RestoreOptions {
             stop: StopMode::default(),
             safety_checkpoint: true,
             start: None,
+            disk_only: false,
         }
     }
 }

@@ -1,13 +1,13 @@
 //! Restoring a whole VM: in place (see the module documentation of [`super`]) or as a new
 //! VM beside the original.
 
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::disk::{self, ComparedBy, Current, DiskRestore, Since};
 use super::domain_xml::{self, Rewrite};
 use super::marker::{RestoreMarker, state_dir};
+use super::resume::{self, Identity, Place, Staged};
 use super::{RestoreError, RestoreOptions, RestoreReport, SAFETY_LABEL};
 use crate::checkpoint::{self, TakeOptions};
 use crate::firmware::SavedFirmware;
@@ -504,87 +504,38 @@ impl<'a> InPlace<'a> {
     }
 }
 
-/// A full-state checkpoint's saved memory, written out for libvirt to resume the VM from;
-/// the file is removed when dropped.
-struct SavedMemory(PathBuf);
-
-impl Drop for SavedMemory {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-impl InPlace<'_> {
-    /// Writes the checkpoint's saved memory to a file in the work folder, every chunk
-    /// checked against its hash, and has libvirt read its header; `None` for a disk-only
-    /// checkpoint. The error names the damage.
-    fn saved_memory(&self, control: &Control) -> Result<Option<SavedMemory>, RestoreError> {
-        let m = self.m;
-        let Some(b) = m.blobs.iter().find(|b| b.name == checkpoint::MEMORY_BLOB) else {
-            return Ok(None);
-        };
-        let saved = SavedMemory(self.work_dir.join(format!(
-            "rewind-memory-{}-{}.save",
-            self.uuid,
-            std::process::id()
-        )));
-        let damaged = |detail: String| RestoreError::Memory {
-            id: m.id.clone(),
-            vm: self.name.clone(),
-            detail,
-            outcome: String::new(),
-        };
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&saved.0)
-            .map_err(|e| RestoreError::Write {
-                path: saved.0.clone(),
-                detail: e.to_string(),
-            })?;
-        control.add_total_bytes(b.index.size_bytes);
-        match self
-            .store
-            .object_reader(&b.index)?
-            .write_to_file(&file, control)
-        {
-            Ok(()) => {}
-            Err(crate::store::StoreError::Cancelled) => return Err(RestoreError::Cancelled),
-            Err(e) => return Err(damaged(e.to_string())),
-        }
-        drop(file);
-        self.hv
-            .saved_state_xml(&saved.0)
-            .map_err(|e| damaged(e.to_string()))?;
-        Ok(Some(saved))
-    }
-
-    /// [`Self::saved_memory`], with the error saying where a damaged image leaves the VM:
-    /// shut off with its disks untouched (and nothing running); after other errors the VM
-    /// runs again if it ran.
-    fn checked_memory(
+impl<'a> InPlace<'a> {
+    /// A full-state checkpoint's memory, checked and written out beside the VM's first
+    /// disk for the resume (`None`: a disk-only checkpoint, or no resume asked for).
+    fn staged_memory(
         &self,
-        safety: Option<&Manifest>,
+        options: &RestoreOptions,
         control: &Control,
-    ) -> Result<Option<SavedMemory>, RestoreError> {
-        self.saved_memory(control).map_err(|e| match e {
-            RestoreError::Memory { id, vm, detail, .. } => RestoreError::Memory {
-                outcome: format!(
-                    "VM {vm:?} is shut off with its disks as they were (nothing was written{}); start it to go on from there, or restore another checkpoint",
-                    safety
-                        .map(|s| format!("; safety checkpoint {} holds them too", s.id))
-                        .unwrap_or_default()
-                ),
-                id,
-                vm,
-                detail,
-            },
-            other => {
-                self.restart();
-                other
-            }
-        })
+    ) -> Result<Option<Staged<'a>>, RestoreError> {
+        if options.start == Some(false) || options.disk_only {
+            return Ok(None);
+        }
+        let dir = self
+            .m
+            .disks
+            .first()
+            .and_then(|d| d.source.as_deref())
+            .and_then(|p| Path::new(p).parent())
+            .map_or_else(|| PathBuf::from("/"), Path::to_path_buf);
+        // The VM may have been renamed since: it resumes under its name now.
+        let identity = (self.name != self.m.vm.name).then_some(Identity {
+            name: &self.name,
+            uuid: None,
+        });
+        resume::stage(
+            self.hv,
+            self.store,
+            self.m,
+            &self.name,
+            Place::Beside(&dir),
+            identity,
+            control,
+        )
     }
 }
 
@@ -594,13 +545,13 @@ fn start_or_resume(
     hv: &Hypervisor,
     name: &str,
     wanted: bool,
-    memory: Option<&SavedMemory>,
+    memory: Option<&Staged<'_>>,
     control: &Control,
 ) -> (bool, Option<String>, bool) {
     match memory {
         Some(saved) if wanted => {
             control.start_phase(Phase::Starting);
-            match hv.restore_saved_state(&saved.0) {
+            match hv.restore_saved_state(&saved.path, None) {
                 Ok(()) => (true, None, true),
                 Err(e) => (
                     false,
@@ -651,6 +602,10 @@ pub fn restore_in_place(
     let started = Instant::now();
     let t = InPlace::prepare(hv, store, m, work_dir)?;
 
+    // 0. A full-state checkpoint's memory is checked and written out beside the VM's disks
+    // while the VM still runs: a resume that cannot work is said before anything changes.
+    let memory = t.staged_memory(options, control)?;
+
     // 1. Stop the VM.
     control.start_phase(Phase::Stopping);
     let mut saved = None;
@@ -688,13 +643,6 @@ pub fn restore_in_place(
             .as_deref()
             .and_then(|id| store.manifest(&m.vm.uuid, id).ok()),
         (None, None) => None,
-    };
-
-    // A full-state checkpoint's memory is read back whole before anything is written.
-    let memory = if options.start.unwrap_or(true) {
-        t.checked_memory(safety.as_ref(), control)?
-    } else {
-        None
     };
 
     // 3. Note that the disks are being written.
