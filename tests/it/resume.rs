@@ -27,6 +27,7 @@ fn uefi_tpm_guest(label: &str) -> TestVm {
     let mut vm = TestVm::builder(label)
         .uefi()
         .tpm()
+        .nic()
         .guest_agent()
         .memory_mib(256)
         .workload("sequence")
@@ -279,6 +280,7 @@ fn full_state_checkpoints_of_a_uefi_tpm_guest_resume_as_a_new_vm_and_on_another_
         "the copy's TPM holds the checkpoint's values"
     );
     assert!(vm.domain().is_active().unwrap(), "the original runs on");
+    assert_unplugged_with_the_originals_mac(&vm, &copy);
     drop(copy_vm);
 
     // The workstation is gone: the VM, its disk, NVRAM and TPM state. It comes back from the
@@ -324,5 +326,32 @@ fn full_state_checkpoints_of_a_uefi_tpm_guest_resume_as_a_new_vm_and_on_another_
     assert!(
         left.is_empty(),
         "the staged memory image is removed: {left:?}"
+    );
+}
+
+/// A copy resumed beside `vm` runs with the original's MAC address, which its guest knows,
+/// unplugged; its definition has an address of its own for its next boot.
+fn assert_unplugged_with_the_originals_mac(vm: &TestVm, copy: &str) {
+    let mac = |xml: &str| {
+        let start = xml.find("<mac address='").map(|i| i + 14)?;
+        Some(xml[start..start + 17].to_owned())
+    };
+    let original = mac(&vm.domain().xml_desc(0).unwrap()).expect("a MAC address");
+    let conn = rewind_tests::domain::connect().unwrap();
+    let copy_dom = conn.lookup_domain_by_name(copy).unwrap();
+    let running = copy_dom.xml_desc(0).unwrap();
+    assert_eq!(
+        mac(&running).as_deref(),
+        Some(original.as_str()),
+        "{running}"
+    );
+    assert!(running.contains("<link state='down'/>"), "{running}");
+    let defined = copy_dom
+        .xml_desc(rewind_tests::virt::sys::VIR_DOMAIN_XML_INACTIVE)
+        .unwrap();
+    assert_ne!(
+        mac(&defined).as_deref(),
+        Some(original.as_str()),
+        "{defined}"
     );
 }

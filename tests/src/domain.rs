@@ -100,6 +100,7 @@ pub struct TestVmBuilder {
     name: Option<String>,
     uefi: bool,
     tpm: bool,
+    nic: bool,
     agent: Agent,
     filesystem: Option<String>,
     memory_mib: u32,
@@ -119,6 +120,13 @@ impl TestVmBuilder {
     #[must_use]
     pub fn uefi(mut self) -> Self {
         self.uefi = true;
+        self
+    }
+
+    /// Add a network card (virtio, on QEMU's user-mode network: nothing on the host).
+    #[must_use]
+    pub fn nic(mut self) -> Self {
+        self.nic = true;
         self
     }
 
@@ -279,6 +287,7 @@ impl TestVm {
             name: None,
             uefi: false,
             tpm: false,
+            nic: false,
             agent: Agent::None,
             filesystem: None,
             memory_mib: 192,
@@ -649,6 +658,8 @@ fn roxml(xml: &str) -> Result<roxmltree::Document<'_>, HarnessError> {
 
 /// Opens the test URI.
 pub fn connect() -> Result<Connect, HarnessError> {
+    // Errors come back as values; libvirt need not print them too (retries would flood).
+    virt::error::clear_error_callback();
     Connect::open(Some(URI)).map_err(HarnessError::libvirt)
 }
 
@@ -816,6 +827,9 @@ fn domain_xml(
     }
     if b.tpm {
         devices.push_str("<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>\n");
+    }
+    if b.nic {
+        devices.push_str("<interface type='user'><model type='virtio'/></interface>\n");
     }
     format!(
         "<domain type='qemu'>

@@ -27,6 +27,8 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 pub use domain::{DiskSpec, Format, RestoredVm, TestVm};
+/// The libvirt bindings the harness uses, for tests that look at a domain themselves.
+pub use virt;
 
 /// A harness failure, with a message saying what to do.
 #[derive(Debug, Clone)]

@@ -287,12 +287,24 @@ impl PullBackup {
 
 /// Aborts the domain's job and waits until libvirt no longer reports it: the abort returns
 /// before QEMU has torn the job down, and a backup begun meanwhile would be refused.
+///
+/// That can take libvirt half a minute. libvirt 9.0 handles QEMU's events on one worker
+/// thread, and when the guest agent's port opens or closes during a backup (the agent
+/// starts or stops in the guest; always when a VM saved by a managed save runs again), the
+/// handler of that event waits up to 30 s for the domain's job lock, which the backup
+/// holds, before it gives up; the end of the backup is queued behind it. Seen here: an
+/// abort took 28 s after the guest's agent was stopped mid-backup. So the wait is long
+/// enough for that to pass, twice.
 fn end_job(dom: &Domain) -> std::result::Result<(), String> {
+    const PATIENCE: std::time::Duration = std::time::Duration::from_secs(75);
     ffi::abort_job(dom).map_err(|e| e.message().to_owned())?;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let deadline = std::time::Instant::now() + PATIENCE;
     while ffi::backup_xml(dom).is_ok() {
         if std::time::Instant::now() > deadline {
-            return Err("the job was still there 30 s after it was aborted".into());
+            return Err(format!(
+                "the job was still there {} s after it was aborted; look at libvirtd's log",
+                PATIENCE.as_secs()
+            ));
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }

@@ -26,6 +26,7 @@ pub struct DiskPlace {
 
 /// What to change.
 #[derive(Debug, Clone, Default)]
+#[allow(clippy::struct_excessive_bools)] // independent changes, each asked for on its own
 pub struct Rewrite {
     /// New `<name>`.
     pub name: Option<String>,
@@ -48,6 +49,9 @@ pub struct Rewrite {
     pub drop_emulator: bool,
     /// Eject CD-ROMs and floppies (their images are host files another host lacks).
     pub eject_removable: bool,
+    /// Unplug every network card (`<link state='down'/>`): a copy resumed with the
+    /// original's MAC addresses must not meet it on the network.
+    pub links_down: bool,
 }
 
 /// Byte-range edits of one document, applied back to front.
@@ -146,9 +150,14 @@ pub fn rewrite(xml: &str, rewrite: &Rewrite) -> Result<String, String> {
     for device in devices.children().filter(Node::is_element) {
         match device.tag_name().name() {
             "disk" => disk(&mut edits, device, rewrite)?,
-            "interface" if rewrite.new_macs => {
-                if let Some(mac) = child(device, "mac") {
+            "interface" => {
+                if rewrite.new_macs
+                    && let Some(mac) = child(device, "mac")
+                {
                     edits.remove(mac);
+                }
+                if rewrite.links_down {
+                    unplug(&mut edits, device);
                 }
             }
             "serial" | "console" | "channel" | "parallel"
@@ -206,6 +215,17 @@ fn disk(edits: &mut Edits, disk: Node<'_, '_>, rewrite: &Rewrite) -> Result<(), 
         edits.replace(at..at, format!("<driver name='qemu' type='{format}'/>"));
     }
     Ok(())
+}
+
+/// Sets `<link state='down'/>` in a network card.
+fn unplug(edits: &mut Edits, interface: Node<'_, '_>) {
+    const DOWN: &str = "<link state='down'/>";
+    if let Some(link) = child(interface, "link") {
+        edits.replace(link.range(), DOWN);
+    } else if let Some(last) = interface.last_element_child() {
+        let at = last.range().end;
+        edits.replace(at..at, DOWN);
+    }
 }
 
 /// `<source path='…/old.log'/>` and `<log file='…'/>` of a file-backed character device.
@@ -325,6 +345,7 @@ mod tests {
             logs_dir: None,
             drop_emulator: false,
             eject_removable: false,
+            links_down: false,
         };
         let out = rewrite(LIVE, &rw).unwrap();
         let d = parsed(&out);
@@ -377,6 +398,29 @@ mod tests {
         assert!(d.disks[2].path().is_none(), "{:?}", d.disks[2]);
         assert_eq!(d.disks.len(), 3);
         assert_eq!(d.name, "win 11 \"home\"", "untouched");
+    }
+
+    #[test]
+    fn a_resumed_copy_keeps_its_mac_addresses_with_its_network_cards_unplugged() {
+        let rw = Rewrite {
+            links_down: true,
+            ..Rewrite::default()
+        };
+        let out = rewrite(LIVE, &rw).unwrap();
+        assert!(
+            out.contains(
+                "<mac address='52:54:00:12:34:56'/>\n      <source network='default'/><link state='down'/>\n    </interface>"
+            ),
+            "{out}"
+        );
+        // One that says how its link is already is set down, not given a second one.
+        let up = LIVE.replace(
+            "<source network='default'/>",
+            "<source network='default'/><link state='up'/>",
+        );
+        let out = rewrite(&up, &rw).unwrap();
+        assert_eq!(out.matches("<link ").count(), 1, "{out}");
+        assert!(out.contains("<link state='down'/>"), "{out}");
     }
 
     #[test]

@@ -18,6 +18,7 @@ use uuid::Uuid;
 
 use super::disk::{self, ComparedBy, Current, DiskRestore};
 use super::domain_xml::{self, DiskPlace, Rewrite};
+use super::resume::{self, Identity, Place};
 use super::vm::{elapsed_ms, parsed, start_if};
 use super::{RestoreError, RestoreOptions, RestoreReport};
 use crate::firmware::SavedFirmware;
@@ -89,13 +90,48 @@ pub fn restore_as_new(
 ) -> Result<RestoreReport, RestoreError> {
     let started = Instant::now();
     let plan = Plan::make(hv, store, m, new)?;
+    // A full-state checkpoint's memory is checked and written out first: a resume that
+    // cannot work is said before anything is made.
+    let memory = if options.start == Some(false) || options.disk_only {
+        None
+    } else {
+        let place = match &plan.storage {
+            DiskStorage::Folder(dir) => Place::Beside(dir),
+            DiskStorage::Pool(pool) => Place::Pool(pool),
+        };
+        let identity = plan.fresh.then_some(Identity {
+            name: &plan.name,
+            uuid: Some(&plan.uuid),
+        });
+        resume::stage(hv, store, m, &plan.name, place, identity, control)?
+    };
     let mut made = Made::default();
     let written = plan
         .write(hv, store, m, work_dir, control, &mut made)
         .inspect_err(|_| made.remove(hv))?;
     let (disks, nvram, tpm) = written;
-    let (started_vm, start_error) =
-        start_if(hv, &plan.name, options.start.unwrap_or(true), control);
+    let (started_vm, start_error, resumed) = if let Some(saved) = &memory {
+        control.start_phase(Phase::Starting);
+        match plan
+            .running_xml(&saved.xml, m, &disks)
+            .map_err(RestoreError::Invalid)
+            .and_then(|xml| Ok(hv.restore_saved_state(&saved.path, Some(&xml))?))
+        {
+            Ok(()) => (true, None, true),
+            Err(e) => (
+                false,
+                Some(format!(
+                    "it could not be resumed from its saved memory ({e}); it is defined with its disks restored: start it to boot it from them"
+                )),
+                false,
+            ),
+        }
+    } else {
+        let (started_vm, start_error) =
+            start_if(hv, &plan.name, options.start.unwrap_or(true), control);
+        (started_vm, start_error, false)
+    };
+    drop(memory);
     Ok(RestoreReport {
         vm: plan.name.clone(),
         vm_uuid: plan.uuid.clone(),
@@ -111,9 +147,7 @@ pub fn restore_as_new(
         tpm,
         defined: true,
         started: started_vm,
-        // A copy boots from its disks: the saved memory belongs to the original VM (its
-        // devices, MAC addresses and disk paths).
-        resumed: false,
+        resumed,
         start_error,
         duration_ms: elapsed_ms(started),
     })
@@ -301,16 +335,7 @@ impl Plan {
                 name: self.fresh.then(|| self.name.clone()),
                 uuid: self.fresh.then(|| self.uuid.clone()),
                 new_macs: self.fresh,
-                nvram: self.nvram_path.clone(),
-                rename_logs: Some((m.vm.name.clone(), self.name.clone())),
-                // On another host: beside the disks, its own QEMU, no CD-ROM images.
-                logs_dir: (!self.local)
-                    .then(|| places.first().and_then(|p| p.path.parent()))
-                    .flatten()
-                    .map(Path::to_path_buf),
-                drop_emulator: !self.local,
-                eject_removable: !self.local,
-                disks: places,
+                ..self.placed(m, places)
             },
         )
         .map_err(RestoreError::Invalid)?;
@@ -330,6 +355,49 @@ impl Plan {
             let firmware = self.write_firmware_there(hv)?;
             Ok((reports, firmware.0, firmware.1))
         }
+    }
+
+    /// Where the new VM's parts are: disks at `places`, its UEFI variables, its logs; on
+    /// another host beside its disks, with that host's QEMU and no CD-ROM images.
+    fn placed(&self, m: &Manifest, places: Vec<DiskPlace>) -> Rewrite {
+        Rewrite {
+            nvram: self.nvram_path.clone(),
+            rename_logs: Some((m.vm.name.clone(), self.name.clone())),
+            logs_dir: (!self.local)
+                .then(|| places.first().and_then(|p| p.path.parent()))
+                .flatten()
+                .map(Path::to_path_buf),
+            drop_emulator: !self.local,
+            eject_removable: !self.local,
+            disks: places,
+            ..Rewrite::default()
+        }
+    }
+
+    /// The definition the VM resumes with: the one saved with its memory (`saved`, already
+    /// carrying the new name and UUID), with its parts where they are now and, for a copy
+    /// beside the original, its network cards unplugged (see [`resume`]).
+    fn running_xml(
+        &self,
+        saved: &str,
+        m: &Manifest,
+        disks: &[DiskRestore],
+    ) -> Result<String, String> {
+        let places = disks
+            .iter()
+            .map(|d| DiskPlace {
+                target: d.target.clone(),
+                path: d.path.clone(),
+                format: d.format.clone(),
+            })
+            .collect();
+        domain_xml::rewrite(
+            saved,
+            &Rewrite {
+                links_down: self.fresh,
+                ..self.placed(m, places)
+            },
+        )
     }
 
     /// UEFI variables and TPM state onto another host, through libvirt.
