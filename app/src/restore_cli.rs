@@ -213,6 +213,12 @@ fn write_report(
     if !extra.is_empty() {
         writeln!(out, "  {} restored.", extra.join(" and "))?;
     }
+    if report.network_unplugged {
+        writeln!(
+            out,
+            "  Its network cards are unplugged: until its next boot it has the original's MAC addresses, which its programs know. Connect them when the original is off (virsh domif-setlink)."
+        )?;
+    }
     writeln!(
         out,
         "  {} in {}.{} s.",

@@ -286,10 +286,17 @@ impl ProgressLine {
                     #[allow(clippy::cast_precision_loss)]
                     (secs > 0.5).then(|| (done_bytes - d0) as f64 / secs)
                 });
-                let phase = control.phase();
+                let phase = match control.force_off_in() {
+                    Some(left) => format!(
+                        "{} (turned off in {} s; Ctrl-C leaves it running)",
+                        control.phase().label(),
+                        left.as_secs()
+                    ),
+                    None => control.phase().label().to_owned(),
+                };
                 eprint!(
                     "\r\x1b[K{}",
-                    progress_text(&vm, phase.label(), done_bytes, total_bytes, rate)
+                    progress_text(&vm, &phase, done_bytes, total_bytes, rate)
                 );
                 std::thread::sleep(std::time::Duration::from_millis(200));
             }

@@ -5,6 +5,7 @@
 //! the progress counters; the UI reads them whenever it repaints. Nothing blocks.
 
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Cancellation flag, phase and progress counters of one job.
 #[derive(Debug, Default)]
@@ -14,6 +15,11 @@ pub struct Control {
     phase: AtomicU8,
     done_bytes: AtomicU64,
     total_bytes: AtomicU64,
+    /// While the job waits for a guest to shut down: when it turns the VM off (ms since
+    /// the Unix epoch; 0 when not waiting).
+    force_off_at_ms: AtomicU64,
+    /// Turning the VM off now, without waiting for the guest any longer, was asked for.
+    force_off_now: AtomicBool,
 }
 
 /// What a job is doing, for the progress display.
@@ -154,6 +160,40 @@ impl Control {
         self.done_bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
+    /// Notes that the job waits for a guest to shut down until `deadline`, when it turns the
+    /// VM off (`None`: it no longer waits).
+    pub fn set_force_off_at(&self, deadline: Option<SystemTime>) {
+        let ms = deadline.map_or(0, |d| {
+            d.duration_since(UNIX_EPOCH).map_or(1, |since| {
+                u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+            })
+        });
+        self.force_off_at_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// While the job waits for a guest to shut down: how long until it turns the VM off.
+    #[must_use]
+    pub fn force_off_in(&self) -> Option<Duration> {
+        match self.force_off_at_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => {
+                let at = UNIX_EPOCH + Duration::from_millis(ms);
+                Some(at.duration_since(SystemTime::now()).unwrap_or_default())
+            }
+        }
+    }
+
+    /// Asks a job that waits for a guest to shut down to turn the VM off now.
+    pub fn force_off_now(&self) {
+        self.force_off_now.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`Control::force_off_now`] was called.
+    #[must_use]
+    pub fn force_off_asked(&self) -> bool {
+        self.force_off_now.load(Ordering::Relaxed)
+    }
+
     /// `(done_bytes, total_bytes)` so far.
     #[must_use]
     pub fn progress_bytes(&self) -> (u64, u64) {
@@ -197,5 +237,21 @@ mod tests {
         assert_eq!(c.check(), Ok(()), "deferred");
         c.defer_cancel(false);
         assert_eq!(c.check(), Err(Cancelled));
+    }
+
+    #[test]
+    fn a_shutdown_countdown_and_turning_off_now() {
+        let c = Control::new();
+        assert_eq!(c.force_off_in(), None, "not waiting");
+        c.set_force_off_at(Some(SystemTime::now() + Duration::from_secs(90)));
+        let left = c.force_off_in().unwrap();
+        assert!(left > Duration::from_secs(85) && left <= Duration::from_secs(90));
+        c.set_force_off_at(Some(SystemTime::now() - Duration::from_secs(1)));
+        assert_eq!(c.force_off_in(), Some(Duration::ZERO), "overdue: now");
+        assert!(!c.force_off_asked());
+        c.force_off_now();
+        assert!(c.force_off_asked());
+        c.set_force_off_at(None);
+        assert_eq!(c.force_off_in(), None);
     }
 }

@@ -790,3 +790,73 @@ fn a_uefi_tpm_vm_comes_back_on_another_host_over_ssh_from_the_store_alone() {
     );
     vm.destroy().unwrap();
 }
+
+#[test]
+fn a_guest_that_ignores_the_power_button_gets_a_countdown_and_is_turned_off_when_asked() {
+    use rewind_core::libvirt::lifecycle::StopMode;
+    use rewind_core::progress::{Control, Phase};
+    use rewind_core::restore::RestoreOptions;
+    const TIMEOUT: Duration = Duration::from_mins(10);
+    // The tiny guest has no ACPI daemon: the power button does nothing.
+    let mut vm = TestVm::builder("restore-countdown")
+        .workload("sequence")
+        .disks(vec![DiskSpec::new("vda", Format::Qcow2, 32 << 20)])
+        .define()
+        .expect("define the test VM");
+    vm.start_and_wait_ready(BOOT_TIMEOUT).expect("boot");
+    vm.wait_flushed(5, BOOT_TIMEOUT).unwrap();
+    let (_dir, dest, id) = store_with_checkpoint(&vm, "restore-countdown-store");
+    vm.wait_flushed(vm.last_flushed_record() + 10, BOOT_TIMEOUT)
+        .unwrap();
+
+    let hv = rewind_core::libvirt::Hypervisor::connect(daemon::URI).unwrap();
+    let store = open(&dest);
+    let m = manifest(&store, &id);
+    let work = rewind_core::workdir::WorkDir::new().unwrap();
+    let control = Control::new();
+    let options = RestoreOptions {
+        stop: StopMode::Graceful {
+            timeout_secs: TIMEOUT.as_secs(),
+            force_after: true,
+        },
+        ..RestoreOptions::default()
+    };
+    let started = std::time::Instant::now();
+    let report = std::thread::scope(|s| {
+        let restore = s.spawn(|| {
+            rewind_core::restore::restore_in_place(&hv, &store, &m, &options, work.path(), &control)
+        });
+        // The countdown shows while the guest is asked to shut down, and runs down.
+        let deadline = std::time::Instant::now() + BOOT_TIMEOUT;
+        let first = loop {
+            if let Some(left) = control.force_off_in() {
+                break left;
+            }
+            assert!(
+                std::time::Instant::now() < deadline && !restore.is_finished(),
+                "no countdown while shutting the guest down"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert_eq!(control.phase(), Phase::Stopping);
+        assert!(first <= TIMEOUT, "{first:?}");
+        std::thread::sleep(Duration::from_millis(1500));
+        let later = control.force_off_in().expect("still waiting");
+        assert!(later < first, "it counts down: {first:?} then {later:?}");
+        assert!(
+            vm.domain().is_active().unwrap(),
+            "the guest ignored the power button"
+        );
+        control.force_off_now();
+        restore.join().unwrap()
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(report.stopped, Some("forced"), "{report:?}");
+    assert!(
+        started.elapsed() < TIMEOUT,
+        "turned off when asked, not after the whole wait"
+    );
+    assert_eq!(control.force_off_in(), None, "no countdown after the wait");
+    assert!(report.started, "it runs again: {report:?}");
+    wait_resumed_after(&vm, last_record(&store, &m));
+}

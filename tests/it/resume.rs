@@ -266,6 +266,7 @@ fn full_state_checkpoints_of_a_uefi_tpm_guest_resume_as_a_new_vm_and_on_another_
     );
     assert_eq!(report["mode"], "new_vm", "{report}");
     assert_eq!(report["resumed"], true, "{report}");
+    assert_eq!(report["network_unplugged"], true, "{report}");
     assert_ne!(report["vm_uuid"], vm.uuid.as_str());
     let copy_console = vm.dir().join(format!("{copy}-console.log"));
     let read_copy = || {

@@ -7,16 +7,16 @@ use std::path::PathBuf;
 
 use chrono::Local;
 use egui::RichText;
-use rewind_core::engine::Command;
 use rewind_core::engine::catalog::CheckpointSummary;
-use rewind_core::engine::jobs::{JobOutput, JobRequest};
+use rewind_core::engine::jobs::{JobError, JobOutput, JobRequest};
+use rewind_core::engine::{Command, ResumeKey};
 use rewind_core::progress::Phase;
 use rewind_core::restore::{DiskStorage, ImageFormat, NewVm, RestoreOptions, RestoreReport};
 use rewind_core::units::{human_age_secs, human_bytes};
 use rewind_core::vm::{VmInfo, VmState};
 
 use super::Commands;
-use super::state::{CheckpointKey, JobView, UiState};
+use super::state::{CheckpointKey, JobView, ResumeCheck, UiState};
 use super::timeline::kind_text;
 
 /// An open dialog.
@@ -30,6 +30,8 @@ pub enum Dialog {
         safety: bool,
         /// Save the running session (memory too) into it instead of shutting the VM down.
         save_state: bool,
+        /// Of a full-state checkpoint: put back the disks only and boot, not resume.
+        disk_only: bool,
     },
     /// Restore as a new VM.
     RestoreAsNew {
@@ -39,6 +41,8 @@ pub enum Dialog {
         name: String,
         /// The folder for its disks.
         folder: String,
+        /// Of a full-state checkpoint: put back the disks only and boot, not resume.
+        disk_only: bool,
     },
     /// Write one disk to an image file.
     Export {
@@ -76,10 +80,24 @@ pub fn dialogs_ui(ui: &mut egui::Ui, state: &mut UiState, commands: &mut Command
                 key,
                 safety,
                 save_state,
-            } => confirm_restore_ui(ui, state, key, (*safety, *save_state), commands),
-            Dialog::RestoreAsNew { key, name, folder } => {
-                restore_as_new_ui(ui, state, key, name, folder, commands)
-            }
+                disk_only,
+            } => confirm_restore_ui(
+                ui,
+                state,
+                key,
+                RestoreChoices {
+                    safety: *safety,
+                    save_state: *save_state,
+                    disk_only: *disk_only,
+                },
+                commands,
+            ),
+            Dialog::RestoreAsNew {
+                key,
+                name,
+                folder,
+                disk_only,
+            } => restore_as_new_ui(ui, state, key, (name, folder, *disk_only), commands),
             Dialog::Export {
                 key,
                 disk,
@@ -91,6 +109,8 @@ pub fn dialogs_ui(ui: &mut egui::Ui, state: &mut UiState, commands: &mut Command
         };
         if !keep {
             state.dialog = None;
+            // A later opening asks again: the store or the host may have changed.
+            state.resume_checks.clear();
         }
     }
     if state.restore_job.is_some() {
@@ -121,16 +141,30 @@ fn vm_of<'a>(state: &'a UiState, key: &CheckpointKey) -> Option<&'a VmInfo> {
     state.vms.as_ref()?.iter().find(|v| v.uuid == uuid)
 }
 
+/// What the user chose in the restore dialog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestoreChoices {
+    /// Keep the current state as a safety checkpoint first.
+    pub safety: bool,
+    /// Save the running session into it instead of shutting the VM down.
+    pub save_state: bool,
+    /// Of a full-state checkpoint: the disks only, and a boot.
+    pub disk_only: bool,
+}
+
 /// The plain-words list of what an in-place restore does.
-/// `choices`: a safety checkpoint, and the running session saved into it.
 pub fn restore_steps(
     vm: Option<&VmInfo>,
     c: &CheckpointSummary,
     destination: &str,
-    choices: (bool, bool),
+    choices: RestoreChoices,
     shutdown_timeout_secs: u64,
 ) -> Vec<String> {
-    let (safety, save_state) = choices;
+    let RestoreChoices {
+        safety,
+        save_state,
+        disk_only,
+    } = choices;
     let name = vm.map_or(c.vm.as_str(), |v| v.name.as_str());
     let running = vm.is_some_and(|v| v.state == VmState::Running || v.state == VmState::Paused);
     let mut steps = Vec::new();
@@ -142,9 +176,13 @@ pub fn restore_steps(
         steps.push(format!(
             "{name} is paused and its running session saved (memory too): nothing of it is lost."
         ));
+    } else if running && shutdown_timeout_secs == 0 {
+        steps.push(format!(
+            "{name} is turned off at once. Save your work in it first."
+        ));
     } else if running {
         steps.push(format!(
-            "{name} is shut down: asked first, turned off if it has not stopped after {}. Save your work in it first.",
+            "{name} is shut down: asked first, turned off if it has not stopped after {} (or when you say so). Save your work in it first.",
             rewind_core::units::interval_text(shutdown_timeout_secs)
         ));
     } else {
@@ -165,9 +203,14 @@ pub fn restore_steps(
         "Its disks ({}) are rewritten to how they were then; only what differs is written, then read back and checked.",
         c.disks.join(", ")
     ));
-    if c.kind == rewind_core::store::CheckpointKind::Full {
+    let full = c.kind == rewind_core::store::CheckpointKind::Full;
+    if full && !disk_only {
         steps.push(format!(
             "{name} then resumes exactly where it was at that moment, with the programs that were open (from the checkpoint's saved memory; no boot)."
+        ));
+    } else if full && running {
+        steps.push(format!(
+            "{name} then boots from the restored disks: the programs that were open at that moment are not brought back."
         ));
     } else if running {
         steps.push(format!("{name} starts again."));
@@ -193,33 +236,113 @@ fn restore_choices_ui(ui: &mut egui::Ui, running: bool, safety: &mut bool, save_
     }
 }
 
-/// `choices`: keep a safety checkpoint, and save the running session into it.
-fn confirm_restore_ui(
-    ui: &mut egui::Ui,
-    state: &mut UiState,
-    key: &CheckpointKey,
-    choices: (bool, bool),
-    commands: &mut Commands,
-) -> bool {
-    let (safety, save_state) = choices;
-    let Some(c) = state.summary(key).cloned() else {
-        return false;
-    };
-    let vm = vm_of(state, key).cloned();
-    let name = vm.as_ref().map_or(c.vm.clone(), |v| v.name.clone());
-    let mut safety_now = safety;
-    let mut save_now = save_state;
-    let mut close = false;
+/// "What it costs": how long the VM is away, and what the restore and its safety
+/// checkpoint read and write.
+fn costs_ui(ui: &mut egui::Ui, name: &str, c: &CheckpointSummary, safety: bool) {
+    ui.label(RichText::new("What it costs:").strong());
+    ui.label(format!(
+        "{name} is unavailable until it is done. The checkpoint holds {} of data; it is compared with the disks and what differs is written.{}",
+        human_bytes(c.logical_bytes),
+        if safety {
+            " The safety checkpoint adds what changed since the last checkpoint to the store."
+        } else {
+            ""
+        }
+    ));
+}
+
+/// How the settings say a VM is stopped for a restore, and how long its guest gets to shut
+/// down (0: it is turned off at once).
+fn stop_mode(state: &UiState) -> (rewind_core::libvirt::lifecycle::StopMode, u64) {
+    use rewind_core::libvirt::lifecycle::StopMode;
     let stop = state
         .config
         .as_ref()
         .map(|c| c.stop_mode())
         .unwrap_or_default();
     let timeout_secs = match stop {
-        rewind_core::libvirt::lifecycle::StopMode::Graceful { timeout_secs, .. } => timeout_secs,
-        rewind_core::libvirt::lifecycle::StopMode::Force
-        | rewind_core::libvirt::lifecycle::StopMode::Save => 0,
+        StopMode::Graceful { timeout_secs, .. } => timeout_secs,
+        StopMode::Force | StopMode::Save => 0,
     };
+    (stop, timeout_secs)
+}
+
+/// Whether a full-state checkpoint can resume its VM: asks the engine the first time.
+fn resume_check(state: &mut UiState, key: &CheckpointKey, commands: &mut Commands) -> ResumeCheck {
+    state
+        .resume_checks
+        .entry(key.clone())
+        .or_insert_with(|| {
+            commands.push(Command::CheckResume(ResumeKey {
+                destination: key.destination.clone(),
+                vm_uuid: key.vm_uuid,
+                checkpoint: key.id.clone(),
+            }));
+            ResumeCheck::Checking
+        })
+        .clone()
+}
+
+/// For a full-state checkpoint: whether it can resume the VM, and the choice to restore
+/// the disks only (forced when it cannot). Returns whether a resume is impossible.
+fn resume_choice_ui(
+    ui: &mut egui::Ui,
+    check: &ResumeCheck,
+    name: &str,
+    disk_only: &mut bool,
+) -> bool {
+    ui.add_space(6.0);
+    let impossible = match check {
+        ResumeCheck::Checking => {
+            ui.horizontal(|ui| {
+                ui.spinner();
+                ui.label(format!("Checking that the checkpoint can resume {name}…"));
+            });
+            false
+        }
+        ResumeCheck::Possible => false,
+        ResumeCheck::Impossible(why) => {
+            ui.colored_label(
+                ui.visuals().error_fg_color,
+                format!("This checkpoint cannot resume {name} where it was: {why}"),
+            );
+            *disk_only = true;
+            true
+        }
+    };
+    ui.add_enabled(
+        !impossible,
+        egui::Checkbox::new(
+            disk_only,
+            "Restore its disks only and boot it from them, instead of resuming it",
+        ),
+    );
+    impossible
+}
+
+fn confirm_restore_ui(
+    ui: &mut egui::Ui,
+    state: &mut UiState,
+    key: &CheckpointKey,
+    choices: RestoreChoices,
+    commands: &mut Commands,
+) -> bool {
+    let Some(c) = state.summary(key).cloned() else {
+        return false;
+    };
+    let full = c.kind == rewind_core::store::CheckpointKind::Full;
+    let check = if full {
+        resume_check(state, key, commands)
+    } else {
+        ResumeCheck::Possible
+    };
+    let vm = vm_of(state, key).cloned();
+    let name = vm.as_ref().map_or(c.vm.clone(), |v| v.name.clone());
+    let mut safety_now = choices.safety;
+    let mut save_now = choices.save_state;
+    let mut disk_only_now = choices.disk_only || matches!(check, ResumeCheck::Impossible(_));
+    let mut close = false;
+    let (stop, timeout_secs) = stop_mode(state);
     let running = vm
         .as_ref()
         .is_some_and(|v| v.state == VmState::Running || v.state == VmState::Paused);
@@ -238,29 +361,32 @@ fn confirm_restore_ui(
             vm.as_ref(),
             &c,
             &key.destination,
-            (safety_now, saving),
+            RestoreChoices {
+                safety: safety_now,
+                save_state: saving,
+                disk_only: disk_only_now,
+            },
             timeout_secs,
         );
         for (i, step) in steps.iter().enumerate() {
             ui.label(format!("{}. {step}", i + 1));
         }
         ui.add_space(6.0);
-        ui.label(RichText::new("What it costs:").strong());
-        ui.label(format!(
-            "{name} is unavailable until it is done. The checkpoint holds {} of data; it is compared with the disks and what differs is written.{}",
-            human_bytes(c.logical_bytes),
-            if safety_now && vm.is_some() {
-                " The safety checkpoint adds what changed since the last checkpoint to the store."
-            } else {
-                ""
-            }
-        ));
+        costs_ui(ui, &name, &c, safety_now && vm.is_some());
         if vm.is_some() {
             restore_choices_ui(ui, running, &mut safety_now, &mut save_now);
         }
+        if full {
+            resume_choice_ui(ui, &check, &name, &mut disk_only_now);
+        }
         ui.add_space(10.0);
         ui.horizontal(|ui| {
-            let restore = ui.add(egui::Button::new(RichText::new("Restore").strong()));
+            let label = if full && disk_only_now {
+                "Restore disks only"
+            } else {
+                "Restore"
+            };
+            let restore = ui.add(egui::Button::new(RichText::new(label).strong()));
             if restore.clicked() {
                 commands.push(Command::Start(JobRequest::Restore {
                     destination: key.destination.clone(),
@@ -273,6 +399,7 @@ fn confirm_restore_ui(
                         } else {
                             stop
                         },
+                        disk_only: full && disk_only_now,
                         ..RestoreOptions::default()
                     },
                     as_new: None,
@@ -285,28 +412,40 @@ fn confirm_restore_ui(
         });
     });
     if let Some(Dialog::ConfirmRestore {
-        safety, save_state, ..
+        safety,
+        save_state,
+        disk_only,
+        ..
     }) = &mut state.dialog
     {
         *safety = safety_now;
         *save_state = save_now;
+        *disk_only = disk_only_now;
     }
     keep && !close
 }
 
+/// `fields`: the new VM's name, the folder for its disks, disks only.
 fn restore_as_new_ui(
     ui: &mut egui::Ui,
     state: &mut UiState,
     key: &CheckpointKey,
-    name: &str,
-    folder: &str,
+    fields: (&str, &str, bool),
     commands: &mut Commands,
 ) -> bool {
+    let (name, folder, disk_only) = fields;
     let Some(c) = state.summary(key).cloned() else {
         return false;
     };
+    let full = c.kind == rewind_core::store::CheckpointKind::Full;
+    let check = if full {
+        resume_check(state, key, commands)
+    } else {
+        ResumeCheck::Possible
+    };
     let mut name_now = name.to_owned();
     let mut folder_now = folder.to_owned();
+    let mut disk_only_now = disk_only || matches!(check, ResumeCheck::Impossible(_));
     let mut close = false;
     let taken = state
         .vms
@@ -318,6 +457,11 @@ fn restore_as_new_ui(
             c.vm,
             when(&c)
         ));
+        if full && !disk_only_now {
+            ui.label(
+                "It resumes where the VM was at that moment. Until its next boot it keeps the original's network addresses, which its programs know, with its network cards unplugged: connect them when the original is off.",
+            );
+        }
         ui.add_space(6.0);
         egui::Grid::new("as_new_grid")
             .num_columns(2)
@@ -345,6 +489,9 @@ fn restore_as_new_ui(
         if let Some(p) = &problem {
             ui.colored_label(ui.visuals().warn_fg_color, p);
         }
+        if full {
+            resume_choice_ui(ui, &check, "the copy", &mut disk_only_now);
+        }
         ui.add_space(8.0);
         ui.horizontal(|ui| {
             if ui
@@ -355,7 +502,10 @@ fn restore_as_new_ui(
                     destination: key.destination.clone(),
                     vm_uuid: key.vm_uuid,
                     checkpoint: key.id.clone(),
-                    options: RestoreOptions::default(),
+                    options: RestoreOptions {
+                        disk_only: full && disk_only_now,
+                        ..RestoreOptions::default()
+                    },
                     as_new: Some(NewVm {
                         name: Some(name_now.trim().to_owned()),
                         storage: DiskStorage::Folder(PathBuf::from(folder_now.trim())),
@@ -368,9 +518,16 @@ fn restore_as_new_ui(
             }
         });
     });
-    if let Some(Dialog::RestoreAsNew { name, folder, .. }) = &mut state.dialog {
+    if let Some(Dialog::RestoreAsNew {
+        name,
+        folder,
+        disk_only,
+        ..
+    }) = &mut state.dialog
+    {
         *name = name_now;
         *folder = folder_now;
+        *disk_only = disk_only_now;
     }
     keep && !close
 }
@@ -544,6 +701,10 @@ pub fn job_progress_ui(ui: &mut egui::Ui, job: &JobView) {
         0.0
     };
     let mut text = phase_text(job.phase).to_owned();
+    if let Some(left) = job.force_off_in {
+        let secs = left.as_secs();
+        let _ = write!(text, " — turned off in {}:{:02}", secs / 60, secs % 60);
+    }
     if job.total_bytes > 0 {
         let _ = write!(
             text,
@@ -588,6 +749,11 @@ fn report_lines(r: &RestoreReport) -> Vec<String> {
     } else if r.started {
         lines.push(format!("{} was started again.", r.vm));
     }
+    if r.network_unplugged {
+        lines.push(
+            "Its network cards are unplugged: until its next boot it has the original's network addresses. Connect them when the original is off.".to_owned(),
+        );
+    }
     if let Some(e) = &r.start_error {
         lines.push(format!("It could not be started: {e}"));
     }
@@ -602,6 +768,79 @@ fn report_lines(r: &RestoreReport) -> Vec<String> {
     lines
 }
 
+/// The same restore, disks only, when `error` says that is what can still be done.
+fn disk_only_retry(request: &JobRequest, error: &JobError) -> Option<JobRequest> {
+    if !error.disk_only_possible {
+        return None;
+    }
+    let mut again = request.clone();
+    match &mut again {
+        JobRequest::Restore { options, .. } | JobRequest::UndoRestore { options, .. } => {
+            options.disk_only = true;
+            Some(again)
+        }
+        _ => None,
+    }
+}
+
+/// While a restore waits for the guest to shut down (the progress bar counts down), a
+/// button to turn the VM off now.
+fn shutdown_countdown_ui(ui: &mut egui::Ui, job: &JobView, commands: &mut Commands) -> bool {
+    let Some(left) = job.force_off_in else {
+        return false;
+    };
+    ui.add_space(4.0);
+    ui.horizontal(|ui| {
+        ui.label(if left.is_zero() {
+            "The guest did not shut down: it is turned off now.".to_owned()
+        } else {
+            "The guest was asked to shut down.".to_owned()
+        });
+        let button = ui
+            .add_enabled(!job.forcing_off, egui::Button::new("Turn off now"))
+            .on_hover_text(
+                "Pull the plug without waiting any longer: unsaved work in the VM is lost",
+            );
+        if button.clicked() {
+            commands.push(Command::ForceOff(job.id));
+            return true;
+        }
+        false
+    })
+    .inner
+}
+
+/// A restore that failed: what went wrong, and the disks-only restore when that is what
+/// can still be done (the checkpoint cannot resume the VM and nothing was changed).
+/// Returns whether to close.
+fn restore_failed_ui(
+    ui: &mut egui::Ui,
+    job: &JobView,
+    error: &JobError,
+    commands: &mut Commands,
+) -> bool {
+    ui.colored_label(ui.visuals().error_fg_color, "The restore did not complete");
+    ui.label(&error.message);
+    ui.add_space(8.0);
+    ui.horizontal(|ui| {
+        let mut close = false;
+        if let Some(again) = disk_only_retry(&job.request, error)
+            && ui
+                .button(RichText::new("Restore disks only").strong())
+                .on_hover_text(
+                    "Put back the checkpoint's disks, UEFI variables and TPM state, and boot the VM from them",
+                )
+                .clicked()
+        {
+            commands.push(Command::Start(again));
+            close = true;
+        }
+        close |= ui.button("Close").clicked();
+        close
+    })
+    .inner
+}
+
 fn restore_window_ui(ui: &mut egui::Ui, state: &mut UiState, commands: &mut Commands) {
     let Some(job) = state
         .restore_job
@@ -611,11 +850,7 @@ fn restore_window_ui(ui: &mut egui::Ui, state: &mut UiState, commands: &mut Comm
         return;
     };
     let mut close = false;
-    let stop_mode = state
-        .config
-        .as_ref()
-        .map(|c| c.stop_mode())
-        .unwrap_or_default();
+    let (stop_mode, _) = stop_mode(state);
     let title = match &*job.request {
         JobRequest::UndoRestore { .. } => "Undoing the restore",
         _ => "Restoring",
@@ -629,6 +864,11 @@ fn restore_window_ui(ui: &mut egui::Ui, state: &mut UiState, commands: &mut Comm
         match &job.result {
             None => {
                 job_progress_ui(ui, &job);
+                if shutdown_countdown_ui(ui, &job, commands)
+                    && let Some(j) = state.jobs.iter_mut().find(|j| j.id == job.id)
+                {
+                    j.forcing_off = true;
+                }
                 ui.add_space(6.0);
                 let cancel = ui.add_enabled(!job.cancelling, egui::Button::new("Cancel"));
                 if cancel.clicked() {
@@ -685,14 +925,7 @@ fn restore_window_ui(ui: &mut egui::Ui, state: &mut UiState, commands: &mut Comm
             Some(Ok(_)) => {
                 close = true;
             }
-            Some(Err(e)) => {
-                ui.colored_label(ui.visuals().error_fg_color, "The restore did not complete");
-                ui.label(e);
-                ui.add_space(8.0);
-                if ui.button("Close").clicked() {
-                    close = true;
-                }
-            }
+            Some(Err(e)) => close = restore_failed_ui(ui, &job, e, commands),
         }
     });
     if close {
@@ -709,21 +942,33 @@ mod tests {
         let hv = rewind_core::libvirt::Hypervisor::connect("test:///default").unwrap();
         let vm = hv.list_vms().unwrap().remove(0);
         let c = super::super::timeline::tests::sample(chrono::Utc::now());
-        let steps = restore_steps(Some(&vm), &c, "usb", (true, false), 120);
+        let choose = |safety, disk_only| RestoreChoices {
+            safety,
+            save_state: false,
+            disk_only,
+        };
+        let steps = restore_steps(Some(&vm), &c, "usb", choose(true, false), 120);
         assert!(steps[0].contains("shut down"), "{steps:?}");
         assert!(steps[0].contains("2 minutes"), "{steps:?}");
         assert!(steps[1].contains("safety checkpoint in usb"), "{steps:?}");
         assert!(steps[2].contains("vda"), "{steps:?}");
         assert!(steps[3].contains("starts again"), "{steps:?}");
-        let steps = restore_steps(Some(&vm), &c, "usb", (false, false), 120);
+        let steps = restore_steps(Some(&vm), &c, "usb", choose(false, false), 120);
         assert!(steps[1].contains("NOT kept"), "{steps:?}");
-        let steps = restore_steps(None, &c, "usb", (true, false), 120);
+        let steps = restore_steps(None, &c, "usb", choose(true, false), 120);
         assert!(steps[0].contains("defined again"), "{steps:?}");
+        let steps = restore_steps(Some(&vm), &c, "usb", choose(true, false), 0);
+        assert!(steps[0].contains("turned off at once"), "{steps:?}");
         let mut full = c.clone();
         full.kind = rewind_core::store::CheckpointKind::Full;
-        let steps = restore_steps(Some(&vm), &full, "usb", (true, false), 120);
+        let steps = restore_steps(Some(&vm), &full, "usb", choose(true, false), 120);
         assert!(
             steps[3].contains("resumes exactly where it was"),
+            "{steps:?}"
+        );
+        let steps = restore_steps(Some(&vm), &full, "usb", choose(true, true), 120);
+        assert!(
+            steps[3].contains("boots from the restored disks"),
             "{steps:?}"
         );
     }

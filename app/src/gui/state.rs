@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use rewind_core::config::Config;
 use rewind_core::engine::catalog::{CheckpointSummary, DestinationView};
-use rewind_core::engine::jobs::{JobId, JobOutput, JobRequest};
+use rewind_core::engine::jobs::{JobError, JobId, JobOutput, JobRequest};
 use rewind_core::engine::{Event, SchedulerView};
 use rewind_core::history::Record;
 use rewind_core::overview::{self, VmOverview};
@@ -128,9 +128,24 @@ pub struct JobView {
     /// Its rate.
     pub rate: RateMeter,
     /// How it ended, once it has.
-    pub result: Option<Result<JobOutput, String>>,
+    pub result: Option<Result<JobOutput, JobError>>,
     /// Cancel was asked for.
     pub cancelling: bool,
+    /// While it waits for a guest to shut down: how long until it turns the VM off.
+    pub force_off_in: Option<Duration>,
+    /// Turning the VM off now was asked for.
+    pub forcing_off: bool,
+}
+
+/// Whether a full-state checkpoint can resume its VM, as the engine found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResumeCheck {
+    /// Asked, no answer yet.
+    Checking,
+    /// It can.
+    Possible,
+    /// It cannot, and why.
+    Impossible(String),
 }
 
 impl JobView {
@@ -185,6 +200,9 @@ pub struct UiState {
     pub dialog: Option<Dialog>,
     /// The restore job the restore window follows.
     pub restore_job: Option<JobId>,
+    /// What the engine said of full-state checkpoints' resumes (asked when the restore
+    /// dialog opens).
+    pub resume_checks: std::collections::HashMap<CheckpointKey, ResumeCheck>,
     /// The settings window, when open.
     pub settings: Option<SettingsState>,
     /// The user closed the first-run guide.
@@ -219,6 +237,7 @@ impl Default for UiState {
             timeline: TimelineView::default(),
             dialog: None,
             restore_job: None,
+            resume_checks: std::collections::HashMap::new(),
             settings: None,
             setup_dismissed: false,
             setup: super::setup::SetupState::default(),
@@ -296,6 +315,8 @@ impl UiState {
                     rate: RateMeter::new(now),
                     result: None,
                     cancelling: false,
+                    force_off_in: None,
+                    forcing_off: false,
                 };
                 if view.is_restore() {
                     self.restore_job = Some(job);
@@ -307,12 +328,28 @@ impl UiState {
                 phase,
                 done_bytes,
                 total_bytes,
+                force_off_in,
             } => {
                 if let Some(j) = self.jobs.iter_mut().find(|j| j.id == job) {
                     j.rate.update(phase, done_bytes, now);
                     j.phase = phase;
                     j.done_bytes = done_bytes;
                     j.total_bytes = total_bytes;
+                    j.force_off_in = force_off_in;
+                }
+            }
+            Event::ResumeChecked { key, result } => {
+                let key = CheckpointKey {
+                    destination: key.destination,
+                    vm_uuid: key.vm_uuid,
+                    id: key.checkpoint,
+                };
+                // Kept only while the dialog that asked is open.
+                if let Some(check) = self.resume_checks.get_mut(&key) {
+                    *check = match result {
+                        Ok(()) => ResumeCheck::Possible,
+                        Err(why) => ResumeCheck::Impossible(why),
+                    };
                 }
             }
             Event::JobFinished { job, result } => {

@@ -171,6 +171,7 @@ fn restore_confirmation_snapshot_says_what_happens() {
         key: state.checkpoint.clone().unwrap(),
         safety: true,
         save_state: false,
+        disk_only: false,
     });
     let mut h = harness(state);
     h.run();
@@ -195,6 +196,7 @@ fn saving_the_running_session_is_offered_and_asked_of_the_engine() {
         key: state.checkpoint.clone().unwrap(),
         safety: true,
         save_state: false,
+        disk_only: false,
     });
     let mut h = Harness::builder().with_size(WINDOW).build_ui_state(
         |ui, s: &mut (UiState, Vec<Command>)| {
@@ -215,6 +217,152 @@ fn saving_the_running_session_is_offered_and_asked_of_the_engine() {
             if options.stop == StopMode::Save && options.safety_checkpoint)
     });
     assert!(asked, "{:?}", h.state().1);
+}
+
+/// A harness over `state` that keeps the commands the window gives.
+fn commanding_harness(
+    state: UiState,
+) -> Harness<'static, (UiState, Vec<rewind_core::engine::Command>)> {
+    Harness::builder().with_size(WINDOW).wgpu().build_ui_state(
+        |ui, s: &mut (UiState, Vec<rewind_core::engine::Command>)| {
+            let commands = main_ui(ui, &mut s.0);
+            s.1.extend(commands);
+        },
+        (state, Vec::new()),
+    )
+}
+
+/// The fixture with its selected checkpoint a full-state one, and the restore dialog open.
+fn full_state_restore_dialog() -> UiState {
+    let mut state = fixture();
+    let key = state.checkpoint.clone().unwrap();
+    let mut views = (**state.destinations.as_ref().unwrap()).clone();
+    for c in &mut views[0].checkpoints {
+        if c.id == key.id {
+            c.kind = CheckpointKind::Full;
+        }
+    }
+    state.destinations = Some(Arc::new(views));
+    state.dialog = Some(Dialog::ConfirmRestore {
+        key,
+        safety: true,
+        save_state: false,
+        disk_only: false,
+    });
+    state
+}
+
+#[test]
+fn a_full_state_checkpoint_that_cannot_resume_says_why_and_offers_its_disks_alone() {
+    use rewind_core::engine::jobs::JobRequest;
+    use rewind_core::engine::{Command, Event, ResumeKey};
+    let state = full_state_restore_dialog();
+    let key = state.checkpoint.clone().unwrap();
+    // The spinner keeps repainting: a few frames, not "until it settles".
+    let mut h = commanding_harness(state);
+    h.run_steps(4);
+    // Opening the dialog asks the engine, once, and says it is looking.
+    let asked: Vec<_> = h
+        .state()
+        .1
+        .iter()
+        .filter(|c| matches!(c, Command::CheckResume(_)))
+        .collect();
+    assert_eq!(asked.len(), 1, "{:?}", h.state().1);
+    h.get_by_label_contains("Checking that the checkpoint can resume");
+    h.get_by_label_contains("resumes exactly where it was");
+    h.state_mut().0.apply(Event::ResumeChecked {
+        key: ResumeKey {
+            destination: key.destination.clone(),
+            vm_uuid: key.vm_uuid,
+            checkpoint: key.id.clone(),
+        },
+        result: Err("chunk 0badc0de of its saved memory is damaged in the store".into()),
+    });
+    h.run_steps(4);
+    h.get_by_label_contains("cannot resume test where it was: chunk 0badc0de");
+    h.get_by_label_contains("boots from the restored disks");
+    h.get_by_label("Restore disks only").click();
+    h.run_steps(4);
+    let started = h.state().1.iter().find_map(|c| match c {
+        Command::Start(JobRequest::Restore { options, .. }) => Some(options.clone()),
+        _ => None,
+    });
+    assert!(
+        started.is_some_and(|o| o.disk_only),
+        "a disk-only restore is asked for: {:?}",
+        h.state().1
+    );
+}
+
+#[test]
+fn the_restore_window_counts_the_shutdown_down_and_turns_the_vm_off_when_asked() {
+    use rewind_core::engine::jobs::{JobError, JobRequest};
+    use rewind_core::engine::{Command, Event};
+    use rewind_core::progress::Phase;
+    let mut state = fixture();
+    let key = state.checkpoint.clone().unwrap();
+    let request = JobRequest::Restore {
+        destination: key.destination.clone(),
+        vm_uuid: key.vm_uuid,
+        checkpoint: key.id.clone(),
+        options: rewind_core::restore::RestoreOptions::default(),
+        as_new: None,
+    };
+    state.apply(Event::JobStarted {
+        job: 7,
+        label: "Restore to 20261201T090300Z".into(),
+        request: Arc::new(request),
+    });
+    state.apply(Event::JobProgress {
+        job: 7,
+        phase: Phase::Stopping,
+        done_bytes: 0,
+        total_bytes: 0,
+        force_off_in: Some(Duration::from_secs(100)),
+    });
+    let mut h = commanding_harness(state);
+    h.run_steps(4);
+    // In the restore window and in the activity list.
+    assert_eq!(
+        h.query_all_by_label_contains("Shutting the VM down — turned off in 1:40")
+            .count(),
+        2
+    );
+    h.get_by_label_contains("The guest was asked to shut down");
+    h.get_by_label("Turn off now").click();
+    h.run_steps(4);
+    assert!(
+        h.state()
+            .1
+            .iter()
+            .any(|c| matches!(c, Command::ForceOff(7))),
+        "{:?}",
+        h.state().1
+    );
+    assert!(
+        h.get_by_label("Turn off now")
+            .accesskit_node()
+            .is_disabled(),
+        "asked once"
+    );
+    // A resume that turns out impossible once it runs (a damaged chunk) offers the disks.
+    h.state_mut().0.apply(Event::JobFinished {
+        job: 7,
+        result: Err(JobError {
+            message: "checkpoint x of VM \"test\" cannot resume the VM where it was".into(),
+            disk_only_possible: true,
+        }),
+    });
+    h.run_steps(4);
+    h.get_by_label("The restore did not complete");
+    h.get_by_label("Restore disks only").click();
+    h.run_steps(4);
+    let again = h.state().1.iter().rev().find_map(|c| match c {
+        Command::Start(JobRequest::Restore { options, .. }) => Some(options.clone()),
+        _ => None,
+    });
+    assert!(again.is_some_and(|o| o.disk_only), "{:?}", h.state().1);
 }
 
 #[test]

@@ -555,6 +555,7 @@ fn checkpoint_details_ui(
                     key: key.clone(),
                     safety: true,
                     save_state: false,
+                    disk_only: false,
                 });
             }
             if ui
@@ -570,6 +571,7 @@ fn checkpoint_details_ui(
                     key: key.clone(),
                     name: format!("{} (restored {})", c.vm, c.time.with_timezone(&Local).format("%Y-%m-%d %H%M")),
                     folder,
+                    disk_only: false,
                 });
             }
             if ui

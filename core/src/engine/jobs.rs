@@ -101,6 +101,46 @@ impl JobRequest {
     }
 }
 
+/// Why a job failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobError {
+    /// What failed and what to do.
+    pub message: String,
+    /// A restore of a full-state checkpoint found that it cannot resume the VM and changed
+    /// nothing: the same checkpoint can be restored disks-only (booting the VM).
+    pub disk_only_possible: bool,
+}
+
+impl std::fmt::Display for JobError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<String> for JobError {
+    fn from(message: String) -> Self {
+        Self {
+            message,
+            disk_only_possible: false,
+        }
+    }
+}
+
+impl From<&str> for JobError {
+    fn from(message: &str) -> Self {
+        message.to_owned().into()
+    }
+}
+
+impl From<crate::restore::RestoreError> for JobError {
+    fn from(e: crate::restore::RestoreError) -> Self {
+        Self {
+            disk_only_possible: matches!(e, crate::restore::RestoreError::CannotResume { .. }),
+            message: e.to_string(),
+        }
+    }
+}
+
 /// What a job produced.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -136,12 +176,12 @@ pub fn run(
     state_dir: &std::path::Path,
     request: &JobRequest,
     control: &Arc<Control>,
-) -> Result<JobOutput, String> {
+) -> Result<JobOutput, JobError> {
     let work = crate::workdir::WorkDir::new()
         .map_err(|e| format!("could not make a work folder in the temporary folder: {e}"))?;
     let hv = || Hypervisor::connect(&config.uri).map_err(|e| e.to_string());
     match request {
-        JobRequest::Checkpoint { vm } => checkpoint_now(config, vm, work.path(), control),
+        JobRequest::Checkpoint { vm } => Ok(checkpoint_now(config, vm, work.path(), control)?),
         JobRequest::Restore {
             destination,
             vm_uuid,
@@ -165,8 +205,7 @@ pub fn run(
                     work.path(),
                     control,
                 ),
-            }
-            .map_err(|e| e.to_string())?;
+            }?;
             Ok(JobOutput::Restored(Box::new(report)))
         }
         JobRequest::UndoRestore {
@@ -174,7 +213,7 @@ pub fn run(
             vm_uuid,
             options,
         } => undo_restore(config, destination, vm_uuid, options, work.path(), control),
-        JobRequest::Verify { destination } => verify(config, state_dir, destination, control),
+        JobRequest::Verify { destination } => Ok(verify(config, state_dir, destination, control)?),
         JobRequest::Delete {
             destination,
             vm_uuid,
@@ -241,7 +280,7 @@ fn undo_restore(
     options: &crate::restore::RestoreOptions,
     work: &std::path::Path,
     control: &Arc<Control>,
-) -> Result<JobOutput, String> {
+) -> Result<JobOutput, JobError> {
     let store = store_of(config, destination)?;
     let safety = store
         .catalog()
@@ -253,9 +292,26 @@ fn undo_restore(
         })
         .ok_or("there is no safety checkpoint to go back to")?;
     let hv = Hypervisor::connect(&config.uri).map_err(|e| e.to_string())?;
-    let report = crate::restore::restore_in_place(&hv, &store, &safety, options, work, control)
-        .map_err(|e| e.to_string())?;
+    let report = crate::restore::restore_in_place(&hv, &store, &safety, options, work, control)?;
     Ok(JobOutput::Restored(Box::new(report)))
+}
+
+/// Whether checkpoint `checkpoint` of VM `vm_uuid` in `destination` can resume the VM
+/// (see [`crate::restore::resume::check`]): `Err` says why not.
+pub fn check_resume(
+    config: &Config,
+    destination: &str,
+    vm_uuid: &Uuid,
+    checkpoint: &str,
+) -> Result<(), String> {
+    let store = store_of(config, destination)?;
+    let m = manifest(&store, vm_uuid, checkpoint)?;
+    let hv = Hypervisor::connect(&config.uri).map_err(|e| e.to_string())?;
+    match crate::restore::resume::check(&hv, &store, &m, &m.vm.name) {
+        Ok(_) => Ok(()),
+        Err(crate::restore::RestoreError::CannotResume { reason, .. }) => Err(reason),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn verify(

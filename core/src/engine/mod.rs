@@ -32,7 +32,7 @@ use crate::scheduler::status::Status;
 use crate::scheduler::{Event as SchedEvent, Paths, SchedulerHandle};
 use crate::vm::VmInfo;
 use catalog::DestinationView;
-use jobs::{JobId, JobOutput, JobRequest};
+use jobs::{JobError, JobId, JobOutput, JobRequest};
 
 /// Requests from a front end.
 #[derive(Debug, Clone)]
@@ -46,6 +46,11 @@ pub enum Command {
     Start(JobRequest),
     /// Cancel a running job (it stops at its next check and cleans up).
     Cancel(JobId),
+    /// A job waiting for a guest to shut down (before a restore) turns the VM off now.
+    ForceOff(JobId),
+    /// Find out whether a full-state checkpoint can resume its VM (before a restore is
+    /// asked for), answered by [`Event::ResumeChecked`].
+    CheckResume(ResumeKey),
     /// Save this configuration (the scheduler picks it up).
     SaveConfig(Box<Config>),
     /// Add the store in this folder as a destination (created if the folder is missing or
@@ -82,6 +87,17 @@ pub enum Command {
     },
     /// Stop the engine (and its scheduler: running jobs are cancelled and waited for).
     Shutdown,
+}
+
+/// A checkpoint, for [`Command::CheckResume`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ResumeKey {
+    /// The destination it is in.
+    pub destination: String,
+    /// Its VM.
+    pub vm_uuid: uuid::Uuid,
+    /// Its id.
+    pub checkpoint: String,
 }
 
 /// Who runs the scheduler.
@@ -176,13 +192,22 @@ pub enum Event {
         done_bytes: u64,
         /// Bytes in all (for this phase).
         total_bytes: u64,
+        /// While it waits for a guest to shut down: how long until it turns the VM off.
+        force_off_in: Option<Duration>,
     },
     /// A job ended.
     JobFinished {
         /// Its number.
         job: JobId,
         /// What it did, or what went wrong and what to do.
-        result: Result<JobOutput, String>,
+        result: Result<JobOutput, JobError>,
+    },
+    /// The answer to [`Command::CheckResume`].
+    ResumeChecked {
+        /// The checkpoint asked about.
+        key: ResumeKey,
+        /// `Err`: why it cannot resume its VM (a disk-only restore still can be done).
+        result: Result<(), String>,
     },
 }
 
@@ -328,7 +353,8 @@ enum Inner {
     Status,
     Mounts,
     Scheduled(SchedEvent),
-    JobDone(JobId, Result<JobOutput, String>),
+    JobDone(JobId, Result<JobOutput, JobError>),
+    ResumeChecked(ResumeKey, Result<(), String>),
     Scanned(Vec<DestinationView>),
 }
 
@@ -577,6 +603,9 @@ impl Engine {
                 self.emit(Event::JobFinished { job, result }).await;
                 p.scan(inner);
             }
+            Inner::ResumeChecked(key, result) => {
+                self.emit(Event::ResumeChecked { key, result }).await;
+            }
             Inner::Scanned(views) => {
                 p.scanning = false;
                 self.emit(Event::Destinations(Arc::new(views))).await;
@@ -623,6 +652,24 @@ impl Engine {
                 if let Some(c) = p.jobs.get(&job) {
                     c.cancel();
                 }
+            }
+            Command::ForceOff(job) => {
+                if let Some(c) = p.jobs.get(&job) {
+                    c.force_off_now();
+                }
+            }
+            Command::CheckResume(key) => {
+                let config = p.config.clone();
+                let tx = inner.clone();
+                tokio::task::spawn_blocking(move || {
+                    let result = jobs::check_resume(
+                        &config,
+                        &key.destination,
+                        &key.vm_uuid,
+                        &key.checkpoint,
+                    );
+                    let _ = tx.blocking_send(Inner::ResumeChecked(key, result));
+                });
             }
             Command::SaveConfig(config) => {
                 let path = p.paths.config.clone();
@@ -760,6 +807,7 @@ impl Engine {
                 phase: control.phase(),
                 done_bytes,
                 total_bytes,
+                force_off_in: control.force_off_in(),
             })
             .await;
         }

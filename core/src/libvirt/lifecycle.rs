@@ -92,15 +92,10 @@ impl Hypervisor {
                         return Err(self.libvirt_error(&format!("shut VM {vm:?} down"), &e));
                     }
                 } else {
-                    let deadline = Instant::now() + Duration::from_secs(timeout_secs);
-                    while Instant::now() < deadline {
-                        if control.is_cancelled() {
-                            return Err(Error::Cancelled);
-                        }
-                        if !dom.is_active().unwrap_or(true) {
-                            return Ok(Stopped::ShutDown);
-                        }
-                        std::thread::sleep(Duration::from_millis(100));
+                    let waited = self.wait_for_shutdown(&dom, timeout_secs, control);
+                    control.set_force_off_at(None);
+                    if let Some(result) = waited {
+                        return result;
                     }
                 }
                 if !dom.is_active().unwrap_or(true) {
@@ -116,6 +111,31 @@ impl Hypervisor {
                 Ok(Stopped::Forced)
             }
         }
+    }
+
+    /// Waits up to `timeout_secs` for the guest to shut down, showing the countdown on
+    /// `control`: `Some` when it did or the wait was cancelled, `None` when it is time to
+    /// turn it off (the time is up, or [`Control::force_off_now`] was asked).
+    #[allow(clippy::unused_self)] // one of the lifecycle steps, beside the others
+    fn wait_for_shutdown(
+        &self,
+        dom: &virt::domain::Domain,
+        timeout_secs: u64,
+        control: &Control,
+    ) -> Option<Result<Stopped>> {
+        let timeout = Duration::from_secs(timeout_secs);
+        let deadline = Instant::now() + timeout;
+        control.set_force_off_at(Some(std::time::SystemTime::now() + timeout));
+        while Instant::now() < deadline && !control.force_off_asked() {
+            if control.is_cancelled() {
+                return Some(Err(Error::Cancelled));
+            }
+            if !dom.is_active().unwrap_or(true) {
+                return Some(Ok(Stopped::ShutDown));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        None
     }
 
     fn wait_shut_off(&self, vm: &str, limit: Duration) -> Result<()> {

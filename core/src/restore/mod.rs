@@ -223,6 +223,9 @@ pub struct RestoreReport {
     /// It resumed from the checkpoint's saved memory (a full-state checkpoint) instead of
     /// booting.
     pub resumed: bool,
+    /// A copy resumed beside the original: its network cards start unplugged, as it runs
+    /// with the original's MAC addresses until its next boot.
+    pub network_unplugged: bool,
     /// Why starting it failed, if it did (the restore itself succeeded).
     pub start_error: Option<String>,
     /// Bytes written to disks.

@@ -148,6 +148,7 @@ pub fn restore_as_new(
         defined: true,
         started: started_vm,
         resumed,
+        network_unplugged: resumed && plan.fresh,
         start_error,
         duration_ms: elapsed_ms(started),
     })

@@ -701,6 +701,7 @@ pub fn restore_in_place(
         defined: t.existing.is_none(),
         started: started_vm,
         resumed,
+        network_unplugged: false,
         start_error,
         duration_ms: elapsed_ms(started),
     })
