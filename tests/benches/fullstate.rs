@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 
 use rewind_core::checkpoint::{self, TakeOptions};
 use rewind_core::libvirt::Hypervisor;
-use rewind_core::progress::Control;
+use rewind_core::libvirt::lifecycle::StopMode;
+use rewind_core::progress::{Control, Phase};
+use rewind_core::restore::{RestoreOptions, restore_in_place};
 use rewind_core::store::{InitOptions, Manifest, Store};
 use rewind_tests::scratch::{ScratchDir, create_open_dir};
 use rewind_tests::{DiskSpec, Format, TestVm, daemon};
@@ -87,6 +89,54 @@ fn take(hv: &Hypervisor, store: &Store, vm: &TestVm, work: &std::path::Path, way
     };
     checkpoint::take_with(hv, store, &vm.name, work, &options, &Control::new())
         .unwrap_or_else(|e| panic!("checkpoint failed: {e}"))
+}
+
+/// Restores `m` in place (the VM forced off; `disk_only`: booted rather than resumed) and
+/// returns how long each phase of the restore took, in order.
+fn restore_phases(
+    hv: &Hypervisor,
+    store: &Store,
+    m: &Manifest,
+    work: &std::path::Path,
+    disk_only: bool,
+) -> Vec<(Phase, f64)> {
+    let control = Control::new();
+    let options = RestoreOptions {
+        stop: StopMode::Force,
+        disk_only,
+        ..RestoreOptions::default()
+    };
+    let done = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let watcher = scope.spawn(|| {
+            let mut phases: Vec<(Phase, Instant)> = vec![(control.phase(), Instant::now())];
+            while !done.load(Ordering::Relaxed) {
+                let now = control.phase();
+                if phases.last().is_some_and(|(p, _)| *p != now) {
+                    phases.push((now, Instant::now()));
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            phases.push((Phase::Preparing, Instant::now()));
+            phases
+                .windows(2)
+                .map(|w| (w[0].0, w[1].1.duration_since(w[0].1).as_secs_f64()))
+                .collect::<Vec<_>>()
+        });
+        let report = restore_in_place(hv, store, m, &options, work, &control)
+            .unwrap_or_else(|e| panic!("restore failed: {e}"));
+        assert_eq!(report.resumed, !disk_only, "{report:?}");
+        done.store(true, Ordering::Relaxed);
+        watcher.join().unwrap()
+    })
+}
+
+fn phases_text(phases: &[(Phase, f64)]) -> String {
+    phases
+        .iter()
+        .map(|(p, secs)| format!("{} {secs:.2} s", p.label()))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn memory_bytes(m: &Manifest) -> u64 {
@@ -167,5 +217,33 @@ fn main() {
         memory_bytes(&first) / 1_000_000,
         m.new_bytes
     );
+
+    // Restores of that checkpoint: resumed (its memory read back while the VM still runs),
+    // and, as the baseline, its disks only (a boot).
+    for (disk_only, what) in [(false, "resumed"), (true, "disks only, booted (baseline)")] {
+        vm.wait_counter(
+            vm.counter_lines().last().map_or(0, |c| c.0) + 20,
+            Duration::from_mins(2),
+        )
+        .unwrap();
+        let (phases, secs, _) = watched(&vm, || restore_phases(&hv, &store, &m, &work, disk_only));
+        // Until the guest counts again: the VM's whole time away, seen from the host.
+        let back = Instant::now();
+        let counted = vm.counter_lines().last().map_or(0, |c| c.0);
+        let _ = vm.wait_console_until(Duration::from_mins(2), |_| {
+            vm.counter_lines().last().is_some_and(|c| c.0 != counted)
+        });
+        let reading: f64 = phases
+            .iter()
+            .filter(|(p, _)| *p == Phase::ReadingMemory)
+            .map(|(_, s)| s)
+            .sum();
+        println!(
+            "| full-state restore in place, {what} | {secs:.2} | {:.0} | VM away {:.2} s (restore minus reading its memory, plus until the guest counted again); {} |",
+            (secs - reading + back.elapsed().as_secs_f64()) * 1000.0,
+            secs - reading + back.elapsed().as_secs_f64(),
+            phases_text(&phases)
+        );
+    }
     vm.destroy().unwrap();
 }

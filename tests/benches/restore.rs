@@ -260,6 +260,7 @@ fn main() {
                 stop: StopMode::Force,
                 safety_checkpoint: safety,
                 start: Some(false),
+                ..RestoreOptions::default()
             };
             let t = timed(|control| {
                 restore_in_place(&hv, &store, &c1, &options, &work, control)

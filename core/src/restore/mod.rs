@@ -9,7 +9,11 @@
 //!
 //! A restore in place goes:
 //!
-//! 1. stop the VM (shutdown with a timeout, then force — as the caller chooses);
+//! 0. for a full-state checkpoint, while the VM still runs: check what resuming it needs and
+//!    write its saved memory out beside the VM's disks, every chunk checked ([`resume`]);
+//!    a resume that cannot work is an error here, before anything is changed;
+//! 1. stop the VM (shutdown with a timeout — counted down on the job's [`Control`], which
+//!    can also ask to turn it off at once — then force, as the caller chooses);
 //! 2. take a safety checkpoint of what is there now, labelled `safety` (from a dirty bitmap
 //!    when the store has a chain, so it reads little); its index says exactly what each
 //!    chunk of the current disks holds;
@@ -19,7 +23,7 @@
 //!    flush, read them back and check them;
 //! 5. UEFI variables, TPM state and the domain definition (defined anew if the VM was
 //!    deleted);
-//! 6. start the VM if it ran before.
+//! 6. start the VM if it ran before, or resume it from the staged memory.
 //!
 //! A cancel or an error while writing rolls the disks back to the safety checkpoint. The
 //! dirty bitmaps of every store's chain saw the writes (they go through QEMU's block layer),
