@@ -78,7 +78,7 @@ impl Staging {
             source,
         };
         std::fs::create_dir_all(beside).map_err(failed)?;
-        remove_those_of_dead_processes(beside);
+        crate::workdir::remove_dead_runs(beside, PREFIX);
         check_room(beside, needed_bytes, purpose)?;
         let dir = beside.join(format!(
             "{PREFIX}{}-{}",
@@ -135,27 +135,6 @@ pub fn check_room(dir: &Path, needed_bytes: u64, purpose: &str) -> Result<(), St
 pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
     let stat = rustix::fs::statvfs(dir)?;
     Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
-}
-
-/// Removes `.rewind-staging-<pid>-…` folders in `dir` whose process no longer runs.
-fn remove_those_of_dead_processes(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix(PREFIX))
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|pid| pid.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists() {
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
-    }
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ const PREFIX: &str = "rewind-checkpoint-";
 impl WorkDir {
     /// Makes a new one in the temporary folder (first removing those of dead processes).
     pub fn new() -> std::io::Result<Self> {
-        remove_those_of_dead_processes();
+        remove_dead_runs(&std::env::temp_dir(), PREFIX);
         let work = std::env::temp_dir().join(format!(
             "{PREFIX}{}-{}",
             std::process::id(),
@@ -38,16 +38,17 @@ impl Drop for WorkDir {
     }
 }
 
-/// Removes `rewind-checkpoint-<pid>-<uuid>` folders whose process no longer runs.
-fn remove_those_of_dead_processes() {
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+/// Removes the folders in `dir` named `<prefix><pid>-…` whose process no longer runs (what
+/// a killed Rewind left).
+pub(crate) fn remove_dead_runs(dir: &Path, prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
     for entry in entries.flatten() {
         let name = entry.file_name();
         let Some(pid) = name
             .to_str()
-            .and_then(|n| n.strip_prefix(PREFIX))
+            .and_then(|n| n.strip_prefix(prefix))
             .and_then(|rest| rest.split('-').next())
             .and_then(|pid| pid.parse::<u32>().ok())
         else {

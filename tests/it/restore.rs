@@ -65,6 +65,19 @@ fn store_with_checkpoint(vm: &TestVm, label: &str) -> (ScratchDir, PathBuf, Stri
     (dir, dest, id)
 }
 
+/// A booted BIOS test guest with one 32 MiB qcow2 disk writing sequence records, `records`
+/// of them flushed already.
+fn booted_sequence_guest(label: &str, records: u64) -> TestVm {
+    let mut vm = TestVm::builder(label)
+        .workload("sequence")
+        .disks(vec![DiskSpec::new("vda", Format::Qcow2, 32 << 20)])
+        .define()
+        .expect("define the test VM");
+    vm.start_and_wait_ready(BOOT_TIMEOUT).expect("boot");
+    vm.wait_flushed(records, BOOT_TIMEOUT).unwrap();
+    vm
+}
+
 /// A UEFI + TPM test guest running the sequence workload, booted and writing.
 fn booted_uefi_tpm_guest(label: &str) -> TestVm {
     let mut vm = TestVm::builder(label)
@@ -297,13 +310,7 @@ fn delta_restore_writes_only_what_changed_and_undo_brings_back_the_state_before(
 
 #[test]
 fn a_vm_deleted_with_its_disks_comes_back_from_the_store_alone() {
-    let mut vm = TestVm::builder("restore-gone")
-        .workload("sequence")
-        .disks(vec![DiskSpec::new("vda", Format::Qcow2, 32 << 20)])
-        .define()
-        .expect("define the test VM");
-    vm.start_and_wait_ready(BOOT_TIMEOUT).expect("boot");
-    vm.wait_flushed(8, BOOT_TIMEOUT).unwrap();
+    let mut vm = booted_sequence_guest("restore-gone", 8);
     let (_dir, dest, _) = store_with_checkpoint(&vm, "restore-gone-store");
     let dest_str = dest.to_str().unwrap();
 
@@ -425,13 +432,7 @@ fn in_place_restore_of_a_uefi_tpm_guest_brings_back_disk_nvram_and_tpm_state() {
 
 #[test]
 fn restore_as_a_new_vm_runs_beside_the_original() {
-    let mut vm = TestVm::builder("restore-new")
-        .workload("sequence")
-        .disks(vec![DiskSpec::new("vda", Format::Qcow2, 32 << 20)])
-        .define()
-        .expect("define the test VM");
-    vm.start_and_wait_ready(BOOT_TIMEOUT).expect("boot");
-    vm.wait_flushed(5, BOOT_TIMEOUT).unwrap();
+    let vm = booted_sequence_guest("restore-new", 5);
     let (dir, dest, id) = store_with_checkpoint(&vm, "restore-new-store");
     let dest_str = dest.to_str().unwrap();
     let id = id.as_str();
@@ -798,13 +799,7 @@ fn a_guest_that_ignores_the_power_button_gets_a_countdown_and_is_turned_off_when
     use rewind_core::restore::RestoreOptions;
     const TIMEOUT: Duration = Duration::from_mins(10);
     // The tiny guest has no ACPI daemon: the power button does nothing.
-    let mut vm = TestVm::builder("restore-countdown")
-        .workload("sequence")
-        .disks(vec![DiskSpec::new("vda", Format::Qcow2, 32 << 20)])
-        .define()
-        .expect("define the test VM");
-    vm.start_and_wait_ready(BOOT_TIMEOUT).expect("boot");
-    vm.wait_flushed(5, BOOT_TIMEOUT).unwrap();
+    let vm = booted_sequence_guest("restore-countdown", 5);
     let (_dir, dest, id) = store_with_checkpoint(&vm, "restore-countdown-store");
     vm.wait_flushed(vm.last_flushed_record() + 10, BOOT_TIMEOUT)
         .unwrap();
