@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use rewind_core::store::Store;
 use rewind_tests::domain::counter_line;
-use rewind_tests::scratch::ScratchDir;
+use rewind_tests::scratch::{ScratchDir, Tmpfs};
 use rewind_tests::{DiskSpec, Format, TestVm, daemon};
 
 const BOOT_TIMEOUT: Duration = Duration::from_mins(2);
@@ -241,6 +241,58 @@ fn a_damaged_memory_image_is_found_before_the_vm_is_touched_and_a_disk_only_rest
     let id = full["id"].as_str().unwrap().to_owned();
     vm.wait_counter(vm.counter_lines().last().unwrap().0 + 10, BOOT_TIMEOUT)
         .unwrap();
+
+    // No room beside the new VM's disks for the saved memory: said before anything is made;
+    // its disks alone fit.
+    let small = Tmpfs::mount("small", 64 << 20).unwrap();
+    let copy = format!("{} copy", vm.name);
+    let copy_vm = rewind_tests::RestoredVm(copy.clone());
+    let as_copy = |extra: &[&str]| {
+        let mut args = vec![
+            "restore",
+            vm.name.as_str(),
+            id.as_str(),
+            "--from",
+            dest.to_str().unwrap(),
+            "--as",
+            copy.as_str(),
+            "--disk-dir",
+            small.path().to_str().unwrap(),
+            "--connect",
+            daemon::URI,
+        ];
+        args.extend(extra);
+        crate::rewind::run(&args)
+    };
+    let out = as_copy(&[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("not enough room")
+            && stderr.contains("Nothing was changed")
+            && stderr.contains("--disk-only"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_dir(small.path()).unwrap().count(),
+        0,
+        "nothing was made there"
+    );
+    let hv = rewind_core::libvirt::Hypervisor::connect(daemon::URI).unwrap();
+    assert!(!hv.has_vm(&copy), "no VM was defined");
+    let out = as_copy(&["--disk-only", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (report["started"].clone(), report["resumed"].clone()),
+        (true.into(), false.into()),
+        "{report}"
+    );
+    drop(copy_vm);
 
     // A chunk of the memory image goes bad on the drive.
     let store = Store::open(&dest, None).unwrap();

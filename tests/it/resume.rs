@@ -245,44 +245,9 @@ fn full_state_checkpoints_of_a_uefi_tpm_guest_resume_as_a_new_vm_and_on_another_
     let at_saved = change_tpm(&vm, 0x55);
     let (saved, k_saved) = full_state_checkpoint(&vm, &dest, tmp, "save");
 
-    // As a new VM beside the original, from the live one.
-    let copy = format!("{} copie «résumée»", vm.name);
-    let copy_vm = rewind_tests::RestoredVm(copy.clone());
-    let disks = dir.path().join("copy disks");
-    let report = rewind_json(
-        tmp,
-        daemon::URI,
-        &[
-            "restore",
-            &vm.name,
-            &live,
-            "--from",
-            dest_str,
-            "--as",
-            &copy,
-            "--disk-dir",
-            disks.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(report["mode"], "new_vm", "{report}");
-    assert_eq!(report["resumed"], true, "{report}");
-    assert_eq!(report["network_unplugged"], true, "{report}");
-    assert_ne!(report["vm_uuid"], vm.uuid.as_str());
-    let copy_console = vm.dir().join(format!("{copy}-console.log"));
-    let read_copy = || {
-        std::fs::read(&copy_console)
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default()
-    };
-    assert_resumed_after(&read_copy, "", k_live, "as a new VM");
-    assert_eq!(
-        guest_tpm(&copy, &copy_console, "show", None).unwrap(),
-        at_live,
-        "the copy's TPM holds the checkpoint's values"
-    );
-    assert!(vm.domain().is_active().unwrap(), "the original runs on");
-    assert_unplugged_with_the_originals_mac(&vm, &copy);
-    drop(copy_vm);
+    // As a new VM beside the original, from each.
+    resumes_as_a_copy(&vm, tmp, &dir, &live, k_live, &at_live, "live");
+    resumes_as_a_copy(&vm, tmp, &dir, &saved, k_saved, &at_saved, "managed save");
 
     // The workstation is gone: the VM, its disk, NVRAM and TPM state. It comes back from the
     // store alone onto "another host" (this daemon, through SSH) from the managed-save one.
@@ -328,6 +293,58 @@ fn full_state_checkpoints_of_a_uefi_tpm_guest_resume_as_a_new_vm_and_on_another_
         left.is_empty(),
         "the staged memory image is removed: {left:?}"
     );
+}
+
+/// Restores full-state checkpoint `id` of `vm` (in the store in `dir`) as a copy beside it
+/// and checks that the copy resumed from it (records right after its last one `k`, its TPM
+/// holding `tpm`), unplugged, while the original runs on; then removes the copy.
+fn resumes_as_a_copy(
+    vm: &TestVm,
+    tmp: &Path,
+    dir: &ScratchDir,
+    id: &str,
+    k: u64,
+    tpm: &TpmState,
+    way: &str,
+) {
+    let copy = format!("{} copie «résumée» {way}", vm.name);
+    let copy_vm = rewind_tests::RestoredVm(copy.clone());
+    let disks = dir.path().join(format!("copy disks {way}"));
+    let dest = dir.path().join("store");
+    let report = rewind_json(
+        tmp,
+        daemon::URI,
+        &[
+            "restore",
+            &vm.name,
+            id,
+            "--from",
+            dest.to_str().unwrap(),
+            "--as",
+            &copy,
+            "--disk-dir",
+            disks.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(report["mode"], "new_vm", "{way}: {report}");
+    assert_eq!(report["resumed"], true, "{way}: {report}");
+    assert_eq!(report["network_unplugged"], true, "{way}: {report}");
+    assert_ne!(report["vm_uuid"], vm.uuid.as_str());
+    let copy_console = vm.dir().join(format!("{copy}-console.log"));
+    let read_copy = || {
+        std::fs::read(&copy_console)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    };
+    assert_resumed_after(&read_copy, "", k, &format!("{way}, as a new VM"));
+    assert_eq!(
+        &guest_tpm(&copy, &copy_console, "show", None).unwrap(),
+        tpm,
+        "{way}: the copy's TPM holds the checkpoint's values"
+    );
+    assert!(vm.domain().is_active().unwrap(), "the original runs on");
+    assert_unplugged_with_the_originals_mac(vm, &copy);
+    drop(copy_vm);
 }
 
 /// A copy resumed beside `vm` runs with the original's MAC address, which its guest knows,
