@@ -232,18 +232,9 @@ fn a_full_state_restore_resumes_the_guest_a_disk_restore_boots_it_and_undo_resum
     );
 }
 
-#[test]
-fn a_damaged_memory_image_is_found_before_the_vm_is_touched_and_a_disk_only_restore_boots() {
-    let vm = counting_guest("fullstate-damaged", 5);
-    let dir = ScratchDir::new("fullstate-damaged-store").unwrap();
-    let dest = dir.path().join("store");
-    let full = checkpoint(&vm, &dest, true);
-    let id = full["id"].as_str().unwrap().to_owned();
-    vm.wait_counter(vm.counter_lines().last().unwrap().0 + 10, BOOT_TIMEOUT)
-        .unwrap();
-
-    // No room beside the new VM's disks for the saved memory: said before anything is made;
-    // its disks alone fit.
+/// Restoring full-state checkpoint `id` as a copy whose disk folder has no room for the
+/// saved memory is refused before anything is made; its disks alone fit, and boot.
+fn refused_for_want_of_room_beside_a_copys_disks(vm: &TestVm, dest: &Path, id: &str) {
     let small = Tmpfs::mount("small", 64 << 20).unwrap();
     let copy = format!("{} copy", vm.name);
     let copy_vm = rewind_tests::RestoredVm(copy.clone());
@@ -251,7 +242,7 @@ fn a_damaged_memory_image_is_found_before_the_vm_is_touched_and_a_disk_only_rest
         let mut args = vec![
             "restore",
             vm.name.as_str(),
-            id.as_str(),
+            id,
             "--from",
             dest.to_str().unwrap(),
             "--as",
@@ -293,6 +284,19 @@ fn a_damaged_memory_image_is_found_before_the_vm_is_touched_and_a_disk_only_rest
         "{report}"
     );
     drop(copy_vm);
+}
+
+#[test]
+fn a_damaged_memory_image_is_found_before_the_vm_is_touched_and_a_disk_only_restore_boots() {
+    let vm = counting_guest("fullstate-damaged", 5);
+    let dir = ScratchDir::new("fullstate-damaged-store").unwrap();
+    let dest = dir.path().join("store");
+    let full = checkpoint(&vm, &dest, true);
+    let id = full["id"].as_str().unwrap().to_owned();
+    vm.wait_counter(vm.counter_lines().last().unwrap().0 + 10, BOOT_TIMEOUT)
+        .unwrap();
+
+    refused_for_want_of_room_beside_a_copys_disks(&vm, &dest, &id);
 
     // A chunk of the memory image goes bad on the drive.
     let store = Store::open(&dest, None).unwrap();

@@ -260,6 +260,31 @@ mod tests {
         assert!(err.contains("does not fit"), "{err}");
     }
 
+    proptest::proptest! {
+        /// A memory blob comes from a store anyone may have written: any bytes give an
+        /// answer, never a panic, and a head written back keeps its length.
+        #[test]
+        fn any_bytes_are_read_or_refused_without_a_panic(
+            xml_len in 0usize..200,
+            pad in 0usize..64,
+            flips in proptest::collection::vec((0usize..400, proptest::prelude::any::<u8>()), 0..6),
+            cut in 0usize..400,
+        ) {
+            let mut image = head(&"x".repeat(xml_len), "<c/>", pad);
+            for (at, byte) in flips {
+                if let Some(b) = image.get_mut(at) {
+                    *b = byte;
+                }
+            }
+            image.truncate(cut.max(1));
+            if let Ok(parsed) = SaveImageHead::parse(&image)
+                && let Ok(again) = parsed.with_xml(parsed.xml())
+            {
+                proptest::prop_assert_eq!(again.len(), parsed.len());
+            }
+        }
+    }
+
     #[test]
     fn a_head_from_a_host_of_the_other_byte_order_is_read_and_written_in_its_order() {
         let mut image = head("<domain/>", "<c/>", 64);
