@@ -172,20 +172,60 @@ fn assert_resumed_after(console: &dyn Fn() -> String, before: &str, k: u64, what
     );
 }
 
+/// A full-state checkpoint: its id, the last sequence record its disk holds, and what the
+/// guest's TPM held when it was taken.
+struct Taken {
+    id: String,
+    k: u64,
+    tpm: TpmState,
+}
+
+/// A UEFI + TPM guest, `TMPDIR` on a small tmpfs, a store, and a full-state checkpoint
+/// taken each way, the guest's TPM changed (`digest_bytes`) before each.
+struct BothWays {
+    vm: TestVm,
+    tmpfs: Tmpfs,
+    dir: ScratchDir,
+    live: Taken,
+    saved: Taken,
+}
+
+fn both_ways(label: &str, digest_bytes: (u8, u8)) -> BothWays {
+    let vm = uefi_tpm_guest(label);
+    let tmpfs = Tmpfs::mount("t", SMALL_TMP_BYTES).unwrap();
+    let dir = ScratchDir::new(&format!("{label}-store")).unwrap();
+    let dest = dir.path().join("store");
+    let take = |digest_byte, way| {
+        let tpm = change_tpm(&vm, digest_byte);
+        let (id, k) = full_state_checkpoint(&vm, &dest, tmpfs.path(), way);
+        Taken { id, k, tpm }
+    };
+    let live = take(digest_bytes.0, "live");
+    let saved = take(digest_bytes.1, "save");
+    assert_ne!(live.tpm, saved.tpm);
+    BothWays {
+        vm,
+        tmpfs,
+        dir,
+        live,
+        saved,
+    }
+}
+
 #[test]
 fn full_state_checkpoints_of_a_uefi_tpm_guest_resume_in_place_both_ways() {
-    let vm = uefi_tpm_guest("resume-in-place");
-    let tmpfs = Tmpfs::mount("t", SMALL_TMP_BYTES).unwrap();
+    let BothWays {
+        vm,
+        tmpfs,
+        dir,
+        live,
+        saved,
+    } = both_ways("resume-in-place", (0x11, 0x22));
     let tmp = tmpfs.path();
-    let dir = ScratchDir::new("resume-in-place-store").unwrap();
     let dest = dir.path().join("store");
     let dest_str = dest.to_str().unwrap();
-
-    let at_live = change_tpm(&vm, 0x11);
-    let (live, k_live) = full_state_checkpoint(&vm, &dest, tmp, "live");
-    let at_saved = change_tpm(&vm, 0x22);
-    assert_ne!(at_saved, at_live);
-    let (saved, k_saved) = full_state_checkpoint(&vm, &dest, tmp, "save");
+    let (at_live, k_live, at_saved, k_saved) = (live.tpm, live.k, saved.tpm, saved.k);
+    let (live, saved) = (live.id, saved.id);
     vm.wait_flushed(k_saved + 20, BOOT_TIMEOUT).unwrap();
 
     // Back to the live one: the TPM goes back from (0x22, 2) to (0x11, 1).
@@ -233,21 +273,21 @@ fn restore_resumes(
 
 #[test]
 fn full_state_checkpoints_of_a_uefi_tpm_guest_resume_as_a_new_vm_and_on_another_host() {
-    let vm = uefi_tpm_guest("resume-elsewhere");
-    let tmpfs = Tmpfs::mount("t", SMALL_TMP_BYTES).unwrap();
+    let BothWays {
+        vm,
+        tmpfs,
+        dir,
+        live,
+        saved,
+    } = both_ways("resume-elsewhere", (0x44, 0x55));
     let tmp = tmpfs.path();
-    let dir = ScratchDir::new("resume-elsewhere-store").unwrap();
     let dest = dir.path().join("store");
     let dest_str = dest.to_str().unwrap();
 
-    let at_live = change_tpm(&vm, 0x44);
-    let (live, k_live) = full_state_checkpoint(&vm, &dest, tmp, "live");
-    let at_saved = change_tpm(&vm, 0x55);
-    let (saved, k_saved) = full_state_checkpoint(&vm, &dest, tmp, "save");
-
     // As a new VM beside the original, from each.
-    resumes_as_a_copy(&vm, tmp, &dir, &live, k_live, &at_live, "live");
-    resumes_as_a_copy(&vm, tmp, &dir, &saved, k_saved, &at_saved, "managed save");
+    resumes_as_a_copy(&vm, tmp, &dir, &live, "live");
+    resumes_as_a_copy(&vm, tmp, &dir, &saved, "managed save");
+    let (at_saved, k_saved, saved) = (saved.tpm, saved.k, saved.id);
 
     // The workstation is gone: the VM, its disk, NVRAM and TPM state. It comes back from the
     // store alone onto "another host" (this daemon, through SSH) from the managed-save one.
@@ -295,18 +335,12 @@ fn full_state_checkpoints_of_a_uefi_tpm_guest_resume_as_a_new_vm_and_on_another_
     );
 }
 
-/// Restores full-state checkpoint `id` of `vm` (in the store in `dir`) as a copy beside it
-/// and checks that the copy resumed from it (records right after its last one `k`, its TPM
-/// holding `tpm`), unplugged, while the original runs on; then removes the copy.
-fn resumes_as_a_copy(
-    vm: &TestVm,
-    tmp: &Path,
-    dir: &ScratchDir,
-    id: &str,
-    k: u64,
-    tpm: &TpmState,
-    way: &str,
-) {
+/// Restores full-state checkpoint `taken` of `vm` (in the store in `dir`) as a copy beside
+/// it and checks that the copy resumed from it (records right after its last one, its TPM
+/// holding what it held then), unplugged, while the original runs on; then removes the copy.
+fn resumes_as_a_copy(vm: &TestVm, tmp: &Path, dir: &ScratchDir, taken: &Taken, way: &str) {
+    let Taken { id, k, tpm } = taken;
+    let k = *k;
     let copy = format!("{} copie «résumée» {way}", vm.name);
     let copy_vm = rewind_tests::RestoredVm(copy.clone());
     let disks = dir.path().join(format!("copy disks {way}"));
