@@ -6,7 +6,6 @@
 //! `X-GNOME-Autostart-enabled=false`). Turning autostart off deletes the file; Rewind installs
 //! no system-wide entry that would need hiding.
 
-use std::ffi::OsString;
 use std::fs;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -34,19 +33,10 @@ pub fn set_enabled(enabled: bool, exe: &Path) -> anyhow::Result<()> {
     set_enabled_in(&config, enabled, exe)
 }
 
-/// The XDG config folder: `$XDG_CONFIG_HOME`, or `$HOME/.config` when that is unset, empty or
-/// relative (the Base Directory spec says to ignore relative paths).
+/// The XDG config folder: `$XDG_CONFIG_HOME`, or `$HOME/.config` (see
+/// [`rewind_core::paths::user_config_home`]).
 fn config_home() -> Option<PathBuf> {
-    config_home_from(
-        std::env::var_os("XDG_CONFIG_HOME"),
-        std::env::var_os("HOME"),
-    )
-}
-
-fn config_home_from(xdg_config_home: Option<OsString>, home: Option<OsString>) -> Option<PathBuf> {
-    let absolute =
-        |value: Option<OsString>| value.map(PathBuf::from).filter(|path| path.is_absolute());
-    absolute(xdg_config_home).or_else(|| absolute(home).map(|home| home.join(".config")))
+    rewind_core::paths::user_config_home()
 }
 
 /// The entry's path under the config folder `config`.
@@ -277,29 +267,6 @@ mod tests {
         text.lines()
             .find_map(|line| line.strip_prefix(key)?.strip_prefix('='))
             .unwrap_or_else(|| panic!("no {key}= in\n{text}"))
-    }
-
-    #[test]
-    fn config_home_prefers_an_absolute_xdg_config_home() {
-        let some = |s: &str| Some(OsString::from(s));
-        assert_eq!(
-            config_home_from(some("/x/config"), some("/home/u")),
-            Some(PathBuf::from("/x/config"))
-        );
-        assert_eq!(
-            config_home_from(None, some("/home/u")),
-            Some(PathBuf::from("/home/u/.config"))
-        );
-        assert_eq!(
-            config_home_from(some(""), some("/home/u")),
-            Some(PathBuf::from("/home/u/.config"))
-        );
-        assert_eq!(
-            config_home_from(some("relative"), some("/home/u")),
-            Some(PathBuf::from("/home/u/.config"))
-        );
-        assert_eq!(config_home_from(None, None), None);
-        assert_eq!(config_home_from(None, some("not/absolute")), None);
     }
 
     #[test]

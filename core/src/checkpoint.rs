@@ -20,6 +20,7 @@ use crate::firmware::FirmwareState;
 use crate::libvirt::Hypervisor;
 use crate::libvirt::agent::AgentState;
 use crate::nbd::{BASE_ALLOCATION, NbdClient, NbdError, STATE_DIRTY, STATE_HOLE, STATE_ZERO};
+use crate::notes::{FROZEN, ProcessNote, SAVED};
 use crate::progress::{Control, Phase};
 use crate::qemu_nbd::{Access, QemuNbd};
 use crate::staging::Staging;
@@ -324,7 +325,7 @@ pub fn take_with(
 ) -> Result<Manifest, CheckpointError> {
     let info = hv.vm(vm)?;
     if let Ok(uuid) = Uuid::parse_str(&info.uuid)
-        && let Some((marker, running)) = crate::restore::marker::RestoreMarker::left_for(&uuid)
+        && let Some((marker, running)) = crate::notes::RestoreMarker::left_for(&uuid)
     {
         return Err(CheckpointError::Unsupported(if running {
             format!(
@@ -702,7 +703,7 @@ fn capture_full_state(
         )));
     }
     let domain_xml = hv.domain_xml(vm)?;
-    SAVED.create(&plan.uuid)?;
+    leave_note(&SAVED, &plan.uuid)?;
     let paused_at = std::time::Instant::now();
     // From here until the guard is dropped, the VM is saved or paused: the guard lets it
     // run again on every path (a killed Rewind leaves the SAVED marker for the next run).
@@ -954,11 +955,7 @@ fn add_memory(
 /// image (`virDomainSave` format), which `virDomainRestore` resumes the VM from.
 pub const MEMORY_BLOB: &str = "memory";
 
-/// A file saying "this process froze VM X's file systems" (or "saved VM X's state and has
-/// not resumed it yet"), so that a run after a killed one knows to thaw (resume) it:
-/// `<temp dir>/<folder>/<vm uuid>`, holding the process id.
-struct Marker(&'static str);
-
+/// The error for a note that cannot be left (see [`crate::notes`]).
 fn unwritable_note(path: &Path, e: &std::io::Error) -> CheckpointError {
     CheckpointError::Unsupported(format!(
         "could not write the note {} (kept in case Rewind is stopped mid-way): {e}; check the temporary folder (TMPDIR)",
@@ -966,36 +963,10 @@ fn unwritable_note(path: &Path, e: &std::io::Error) -> CheckpointError {
     ))
 }
 
-/// The guest's file systems are frozen.
-const FROZEN: Marker = Marker("rewind-frozen");
-/// The VM was saved (managed save) for a full-state checkpoint and may not run yet.
-const SAVED: Marker = Marker("rewind-saved");
-
-impl Marker {
-    fn path(&self, uuid: &Uuid) -> std::path::PathBuf {
-        std::env::temp_dir().join(self.0).join(uuid.to_string())
-    }
-
-    fn create(&self, uuid: &Uuid) -> Result<(), CheckpointError> {
-        let path = self.path(uuid);
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| unwritable_note(&path, &e))?;
-        }
-        std::fs::write(&path, std::process::id().to_string())
-            .map_err(|e| unwritable_note(&path, &e))
-    }
-
-    fn remove(&self, uuid: &Uuid) {
-        let _ = std::fs::remove_file(self.path(uuid));
-    }
-
-    /// Whether a marker is there from a process that no longer runs.
-    fn left_by_dead_process(&self, uuid: &Uuid) -> bool {
-        std::fs::read_to_string(self.path(uuid)).is_ok_and(|pid| {
-            let pid = pid.trim();
-            pid != std::process::id().to_string() && !Path::new("/proc").join(pid).exists()
-        })
-    }
+/// [`crate::notes::ProcessNote::create`], with the error a checkpoint gives.
+fn leave_note(note: &ProcessNote, uuid: &Uuid) -> Result<(), CheckpointError> {
+    note.create(uuid)
+        .map_err(|e| unwritable_note(&note.path(uuid), &e))
 }
 
 /// The guest's file systems, frozen by its agent; thawed when dropped, so on every path
@@ -1039,7 +1010,7 @@ fn freeze<'a>(
         }
         AgentState::Connected => {}
     }
-    FROZEN.create(uuid)?;
+    leave_note(&FROZEN, uuid)?;
     let guard = Frozen {
         hv,
         vm,

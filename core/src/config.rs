@@ -256,23 +256,10 @@ pub enum ConfigError {
     },
 }
 
-/// The folder of Rewind's configuration: `$REWIND_CONFIG_DIR`, else the XDG config folder
-/// (`~/.config/rewind`).
-#[must_use]
-pub fn config_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("REWIND_CONFIG_DIR") {
-        return PathBuf::from(dir);
-    }
-    directories::ProjectDirs::from("", "", "rewind").map_or_else(
-        || PathBuf::from(".rewind"),
-        |dirs| dirs.config_dir().to_path_buf(),
-    )
-}
-
 /// The configuration file.
 #[must_use]
 pub fn config_path() -> PathBuf {
-    config_dir().join("config.ron")
+    crate::paths::config_dir().join("config.ron")
 }
 
 fn last_good_path(path: &Path) -> PathBuf {

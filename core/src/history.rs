@@ -74,7 +74,7 @@ pub struct Record {
 /// The history file in Rewind's state folder.
 #[must_use]
 pub fn history_path() -> PathBuf {
-    crate::restore::marker::state_dir().join("history.jsonl")
+    crate::paths::state_dir().join("history.jsonl")
 }
 
 fn rotated(path: &Path) -> PathBuf {

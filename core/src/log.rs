@@ -20,7 +20,7 @@ pub struct LogFile {
 /// The log file in the state folder.
 #[must_use]
 pub fn log_path() -> PathBuf {
-    crate::restore::marker::state_dir().join("rewind.log")
+    crate::paths::state_dir().join("rewind.log")
 }
 
 fn numbered(path: &Path, n: u32) -> PathBuf {

@@ -597,9 +597,7 @@ fn process_using(path: &str) -> Option<u32> {
 
 /// The note a running restore of the VM with this UUID keeps on the host.
 fn marker_path(uuid: &str) -> PathBuf {
-    rewind_core::restore::marker::state_dir()
-        .join("restoring")
-        .join(format!("{uuid}.json"))
+    rewind_core::notes::restoring_dir().join(format!("{uuid}.json"))
 }
 
 /// Starts `rewind restore VM ID --from DEST --force-off` and waits until it writes disks.

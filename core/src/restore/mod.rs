@@ -31,7 +31,6 @@
 
 mod disk;
 pub mod domain_xml;
-pub mod marker;
 mod new_image;
 mod new_vm;
 pub mod resume;

@@ -6,7 +6,6 @@ use std::time::Instant;
 
 use super::disk::{self, ComparedBy, Current, DiskRestore, Since};
 use super::domain_xml::{self, Rewrite};
-use super::marker::{RestoreMarker, state_dir};
 use super::resume::{self, Identity, Place, Staged};
 use super::{RestoreError, RestoreOptions, RestoreReport, SAFETY_LABEL};
 use crate::checkpoint::{self, TakeOptions};
@@ -14,6 +13,7 @@ use crate::firmware::SavedFirmware;
 use crate::libvirt::Hypervisor;
 use crate::libvirt::lifecycle::{StopMode, Stopped};
 use crate::libvirt::xml::{DomainXml, parse_domain};
+use crate::notes::RestoreMarker;
 use crate::progress::{Control, Phase};
 use crate::store::index::HOLE;
 use crate::store::{DiskEntry, Manifest, Store};
@@ -655,7 +655,7 @@ pub fn restore_in_place(
     if let Err(e) = marker.write(&m.vm.uuid) {
         t.restart();
         return Err(RestoreError::Write {
-            path: state_dir(),
+            path: crate::notes::restoring_dir(),
             detail: format!("could not note the restore there: {e}"),
         });
     }

@@ -37,7 +37,7 @@ pub struct SchedulerLock {
 /// The lock file.
 #[must_use]
 pub fn lock_path() -> PathBuf {
-    crate::restore::marker::state_dir().join("scheduler.lock")
+    crate::paths::state_dir().join("scheduler.lock")
 }
 
 impl SchedulerLock {

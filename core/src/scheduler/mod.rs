@@ -165,10 +165,9 @@ impl Paths {
     /// Rewind's state folder (the status file's).
     #[must_use]
     pub fn state_dir(&self) -> PathBuf {
-        self.status.parent().map_or_else(
-            crate::restore::marker::state_dir,
-            std::path::Path::to_path_buf,
-        )
+        self.status
+            .parent()
+            .map_or_else(crate::paths::state_dir, std::path::Path::to_path_buf)
     }
 }
 

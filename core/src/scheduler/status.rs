@@ -105,7 +105,7 @@ pub struct Status {
 /// The status file.
 #[must_use]
 pub fn status_path() -> PathBuf {
-    crate::restore::marker::state_dir().join("status.json")
+    crate::paths::state_dir().join("status.json")
 }
 
 impl Status {

@@ -49,16 +49,15 @@ fn main() -> ExitCode {
     }
 
     // Notes of restores that never finished, for stores in scratch folders.
-    let restoring = rewind_core::restore::marker::state_dir().join("restoring");
+    let restoring = rewind_core::notes::restoring_dir();
     for entry in std::fs::read_dir(&restoring)
         .into_iter()
         .flatten()
         .flatten()
     {
-        let marker: Option<rewind_core::restore::marker::RestoreMarker> =
-            std::fs::read(entry.path())
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok());
+        let marker: Option<rewind_core::notes::RestoreMarker> = std::fs::read(entry.path())
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
         if marker.is_some_and(|m| m.store.starts_with(&root)) {
             leaks.push(format!("restore note {}", entry.path().display()));
             let _ = std::fs::remove_file(entry.path());
