@@ -11,7 +11,7 @@ use rewind_core::config::{self, Config, Destination, Protection};
 use rewind_core::destination::{self, Availability};
 use rewind_core::history::{self, Outcome, Record};
 use rewind_core::libvirt::Hypervisor;
-use rewind_core::scheduler::policy::{self, Why};
+use rewind_core::policy::{self, Why};
 use rewind_core::scheduler::status::{self as live, Status};
 use rewind_core::store::retention::KeepRules;
 use rewind_core::units::{human_age_secs, human_bytes, interval_text};

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::scheduler::policy::{Track, Why};
+use crate::policy::{Track, Why};
 
 /// The file is rotated past this size.
 pub const ROTATE_BYTES: u64 = 8 << 20;

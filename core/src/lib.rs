@@ -18,8 +18,8 @@ pub mod libvirt;
 pub mod log;
 pub mod nbd;
 pub mod notes;
-pub mod overview;
 pub mod paths;
+pub mod policy;
 pub mod progress;
 pub mod qcow2;
 pub mod qcow2_new;
@@ -29,6 +29,7 @@ pub mod scheduler;
 pub mod staging;
 pub mod store;
 pub mod units;
+pub mod view;
 pub mod vm;
 pub mod workdir;
 

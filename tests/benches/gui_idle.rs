@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 
 use rewind_core::config::{Config, Destination, Protection};
 use rewind_core::history::{self, Outcome, Record};
-use rewind_core::scheduler::policy::Why;
+use rewind_core::policy::Why;
 use rewind_core::store::{InitOptions, Store};
 use rewind_tests::scratch::ScratchDir;
 use rewind_tests::target_dir;

@@ -36,9 +36,9 @@ use egui_kittest::kittest::Queryable as _;
 use rewind_core::config::{Config, Destination, Protection};
 use rewind_core::destination::Availability;
 use rewind_core::engine::SchedulerView;
-use rewind_core::engine::catalog::{CheckpointSummary, DestinationView};
 use rewind_core::libvirt::Hypervisor;
 use rewind_core::store::{CheckpointKind, Consistency};
+use rewind_core::view::catalog::{CheckpointSummary, DestinationView};
 
 use super::main_ui;
 use super::state::{CheckpointKey, Connection, UiState};

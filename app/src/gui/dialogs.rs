@@ -7,12 +7,12 @@ use std::path::PathBuf;
 
 use chrono::Local;
 use egui::RichText;
-use rewind_core::engine::catalog::CheckpointSummary;
 use rewind_core::engine::jobs::{JobError, JobOutput, JobRequest};
 use rewind_core::engine::{Command, ResumeKey};
 use rewind_core::progress::Phase;
 use rewind_core::restore::{DiskStorage, ImageFormat, NewVm, RestoreOptions, RestoreReport};
 use rewind_core::units::{human_age_secs, human_bytes};
+use rewind_core::view::catalog::CheckpointSummary;
 use rewind_core::vm::{VmInfo, VmState};
 
 use super::Commands;

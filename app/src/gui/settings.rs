@@ -122,7 +122,7 @@ impl SettingsState {
     /// Adds a protection for `vm` to the draft (into the first destination, if any).
     pub fn start_protecting(&mut self, state: &UiState, vm: &VmInfo) {
         let _ = state;
-        if rewind_core::overview::protection_of(&self.draft, &vm.name, &vm.uuid).is_none() {
+        if rewind_core::view::overview::protection_of(&self.draft, &vm.name, &vm.uuid).is_none() {
             self.draft.vms.push(Protection {
                 vm: vm.name.clone(),
                 uuid: Some(vm.uuid.clone()),

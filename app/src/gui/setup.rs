@@ -133,7 +133,7 @@ pub fn setup_ui(ui: &mut egui::Ui, state: &mut UiState, commands: &mut Commands)
         {
             let mut c = (*config).clone();
             for vm in vms.iter().filter(|v| setup.chosen.contains(&v.uuid)) {
-                if rewind_core::overview::protection_of(&c, &vm.name, &vm.uuid).is_none() {
+                if rewind_core::view::overview::protection_of(&c, &vm.name, &vm.uuid).is_none() {
                     c.vms.push(Protection {
                         vm: vm.name.clone(),
                         uuid: Some(vm.uuid.clone()),

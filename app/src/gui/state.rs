@@ -6,13 +6,13 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use rewind_core::config::Config;
-use rewind_core::engine::catalog::{CheckpointSummary, DestinationView};
 use rewind_core::engine::jobs::{JobError, JobId, JobOutput, JobRequest};
 use rewind_core::engine::{Event, SchedulerView};
 use rewind_core::history::Record;
-use rewind_core::overview::{self, VmOverview};
 use rewind_core::progress::Phase;
 use rewind_core::scheduler::status::{RunningJob, Status};
+use rewind_core::view::catalog::{CheckpointSummary, DestinationView};
+use rewind_core::view::overview::{self, VmOverview};
 use rewind_core::vm::VmInfo;
 use uuid::Uuid;
 

@@ -14,14 +14,14 @@ use egui_kittest::Harness;
 use egui_kittest::kittest::{NodeT as _, Queryable as _};
 use rewind_core::config::{Config, Destination, Protection};
 use rewind_core::destination::Availability;
-use rewind_core::engine::catalog::{CheckpointSummary, DestinationView};
 use rewind_core::engine::jobs::JobOutput;
 use rewind_core::engine::{self, EngineOptions, SchedulerView};
 use rewind_core::history::{Outcome, Record};
 use rewind_core::libvirt::Hypervisor;
+use rewind_core::policy::Why;
 use rewind_core::scheduler::Paths;
-use rewind_core::scheduler::policy::Why;
 use rewind_core::store::{CheckpointKind, Consistency, InitOptions, Store};
+use rewind_core::view::catalog::{CheckpointSummary, DestinationView};
 
 use super::dialogs::Dialog;
 use super::state::{CheckpointKey, Connection, UiState};

@@ -11,9 +11,9 @@
 
 use chrono::{DateTime, Datelike as _, Local, TimeZone as _, Utc};
 use egui::{Align2, Color32, FontId, Pos2, Rect, Sense, Stroke, Vec2};
-use rewind_core::engine::catalog::CheckpointSummary;
 use rewind_core::store::{CheckpointKind, Consistency};
 use rewind_core::units::human_bytes;
+use rewind_core::view::catalog::CheckpointSummary;
 
 use super::state::CheckpointKey;
 

@@ -6,12 +6,12 @@ use std::time::Instant;
 
 use chrono::Local;
 use egui::{Color32, RichText};
-use rewind_core::engine::catalog::CheckpointSummary;
 use rewind_core::engine::jobs::JobRequest;
 use rewind_core::engine::{Command, SchedulerView};
 use rewind_core::history::Outcome;
-use rewind_core::overview::{Badge, VmOverview};
 use rewind_core::units::{human_age_secs, human_bytes, interval_text};
+use rewind_core::view::catalog::CheckpointSummary;
+use rewind_core::view::overview::{Badge, VmOverview};
 use rewind_core::vm::{Disk, Firmware, VmInfo, VmState};
 
 use super::dialogs::{Dialog, dialogs_ui, job_progress_ui};
@@ -411,7 +411,7 @@ fn protection_summary_ui(
     let protection = state
         .config
         .as_deref()
-        .and_then(|c| rewind_core::overview::protection_of(c, &vm.name, &vm.uuid))
+        .and_then(|c| rewind_core::view::overview::protection_of(c, &vm.name, &vm.uuid))
         .cloned();
     ui.horizontal_wrapped(|ui| match (&protection, overview) {
         (Some(p), Some(o)) => {

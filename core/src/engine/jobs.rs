@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
-use super::catalog::{self, CheckpointSummary};
 use crate::config::Config;
 use crate::destination;
 use crate::libvirt::Hypervisor;
@@ -15,6 +14,7 @@ use crate::progress::Control;
 use crate::restore::{ImageFormat, NewVm, RestoreOptions, RestoreReport};
 use crate::store::verify::VerifyReport;
 use crate::store::{Manifest, Store};
+use crate::view::catalog::{self, CheckpointSummary};
 
 /// A job's number, unique in one engine.
 pub type JobId = u64;
@@ -288,7 +288,7 @@ fn undo_restore(
         .checkpoints
         .into_iter()
         .rfind(|m| {
-            m.vm.uuid == *vm_uuid && m.labels.iter().any(|l| l == crate::restore::SAFETY_LABEL)
+            m.vm.uuid == *vm_uuid && m.labels.iter().any(|l| l == crate::store::SAFETY_LABEL)
         })
         .ok_or("there is no safety checkpoint to go back to")?;
     let hv = Hypervisor::connect(&config.uri).map_err(|e| e.to_string())?;

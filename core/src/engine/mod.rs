@@ -13,7 +13,6 @@
 //! The window's long jobs ([`jobs`]: checkpoint now, restore, undo, verify, delete, export)
 //! run on blocking threads; while any runs, their progress is sent four times a second.
 
-pub mod catalog;
 pub mod jobs;
 
 use std::collections::HashMap;
@@ -30,8 +29,8 @@ use crate::libvirt::{Hypervisor, Subscription, VmEvent};
 use crate::progress::{Control, Phase};
 use crate::scheduler::status::Status;
 use crate::scheduler::{Event as SchedEvent, Paths, SchedulerHandle};
+use crate::view::catalog::{self, DestinationView};
 use crate::vm::VmInfo;
-use catalog::DestinationView;
 use jobs::{JobError, JobId, JobOutput, JobRequest};
 
 /// Requests from a front end.

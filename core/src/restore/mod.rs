@@ -49,8 +49,7 @@ use crate::libvirt::lifecycle::StopMode;
 use crate::progress::Control;
 use crate::store::{Manifest, Store, StoreError};
 
-/// The label of a checkpoint taken just before a restore.
-pub const SAFETY_LABEL: &str = "safety";
+pub use crate::store::SAFETY_LABEL;
 
 /// The format of an exported image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

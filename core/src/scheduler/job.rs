@@ -5,12 +5,12 @@
 
 use chrono::Utc;
 
-use super::policy::{self, Why};
 use crate::checkpoint::{CheckpointError, TakeOptions};
 use crate::config::{Destination, Protection};
 use crate::destination::Availability;
 use crate::history::{Outcome, Record};
 use crate::libvirt::Hypervisor;
+use crate::policy::{self, Why};
 use crate::progress::Control;
 use crate::store::{CheckpointKind, Store, StoreError};
 use crate::vm::VmState;

@@ -22,7 +22,6 @@
 
 pub mod instance;
 pub mod job;
-pub mod policy;
 pub mod status;
 
 use std::collections::{BTreeMap, HashMap};
@@ -36,8 +35,8 @@ use tokio::sync::mpsc;
 use crate::config::{Config, ConfigError, ConfigWatcher};
 use crate::destination::{self, Availability};
 use crate::history::{self, Outcome, Record};
+use crate::policy::{self, Why};
 use crate::progress::Control;
-use policy::Why;
 use status::{DestinationStatus, NextRun, RunningJob, Status};
 
 /// Requests to a running scheduler.

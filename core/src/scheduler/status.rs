@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::policy::Why;
 use crate::destination::Availability;
+use crate::policy::Why;
 
 /// A job under way.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -61,6 +61,10 @@ pub struct BlobEntry {
     pub index: ObjectIndex,
 }
 
+/// The label of a checkpoint taken just before a restore, to undo it with (prune keeps the
+/// newest of each VM whatever the keep rules say).
+pub const SAFETY_LABEL: &str = "safety";
+
 /// A checkpoint's manifest (`manifests/<vm-uuid>/<id>.manifest`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {

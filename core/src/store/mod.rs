@@ -45,7 +45,9 @@ pub use error::StoreError;
 pub use index::ObjectIndex;
 pub use location::{Location, SshLocation};
 pub use lock::{LockMode, StoreLock};
-pub use manifest::{BlobEntry, CheckpointKind, Consistency, DiskEntry, Manifest, VmRef};
+pub use manifest::{
+    BlobEntry, CheckpointKind, Consistency, DiskEntry, Manifest, SAFETY_LABEL, VmRef,
+};
 pub use pipeline::{for_each_slot, reader_count};
 pub use sftp::SSH_CONFIG_ENV;
 pub use writer::{CheckpointWriter, FinishedObject, NewCheckpoint, ObjectWriter};

@@ -61,7 +61,7 @@ impl Store {
             let newest_safety = mine
                 .iter()
                 .enumerate()
-                .filter(|(_, m)| m.labels.iter().any(|l| l == crate::restore::SAFETY_LABEL))
+                .filter(|(_, m)| m.labels.iter().any(|l| l == super::SAFETY_LABEL))
                 .max_by_key(|(_, m)| m.time)
                 .map(|(i, _)| i);
             for mut decision in retention::plan(&items, rules, &chrono::Local) {

@@ -1016,7 +1016,7 @@ fn prune_keeps_the_newest_safety_checkpoint_whatever_the_rules() {
     let take = |minute: u32, safety: bool| {
         let mut new = new_checkpoint(vm("win11", 1), minute);
         if safety {
-            new.labels = vec![crate::restore::SAFETY_LABEL.to_owned()];
+            new.labels = vec![super::SAFETY_LABEL.to_owned()];
         }
         let mut writer = store.begin_checkpoint(new, &control).unwrap();
         writer

@@ -89,9 +89,7 @@ impl CheckpointSummary {
     /// Whether it is a safety checkpoint (taken before a restore).
     #[must_use]
     pub fn is_safety(&self) -> bool {
-        self.labels
-            .iter()
-            .any(|l| l == crate::restore::SAFETY_LABEL)
+        self.labels.iter().any(|l| l == crate::store::SAFETY_LABEL)
     }
 }
 

@@ -8,9 +8,9 @@ use chrono::{DateTime, Utc};
 
 use crate::config::{Config, Protection};
 use crate::destination::Availability;
-use crate::engine::catalog::DestinationView;
 use crate::history::{self, Outcome, Record};
-use crate::scheduler::policy;
+use crate::policy;
+use crate::view::catalog::DestinationView;
 
 /// A VM's protection in a word.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -236,9 +236,9 @@ fn failing(
 mod tests {
     use super::*;
     use crate::config::Destination;
-    use crate::engine::catalog::CheckpointSummary;
-    use crate::scheduler::policy::Why;
+    use crate::policy::Why;
     use crate::store::{CheckpointKind, Consistency};
+    use crate::view::catalog::CheckpointSummary;
     use chrono::{Duration, TimeZone};
 
     const UUID: &str = "5b1c1f0e-0000-4000-8000-000000000001";
