@@ -7,7 +7,6 @@
 //! no system-wide entry that would need hiding.
 
 use std::fs;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
@@ -168,36 +167,15 @@ fn escape_string(value: &str) -> String {
     }
 }
 
-/// Writes `path` so that it is either the old file or the whole new one: a temporary file
-/// beside it, flushed to disk, then renamed over it.
+/// Writes `path` so that it is either the old file or the whole new one
+/// ([`rewind_core::atomic_file`]).
 fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().map_or_else(
-        || ENTRY_NAME.into(),
-        |name| name.to_string_lossy().into_owned(),
-    );
-    let temp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let written = (|| {
-        let mut file = fs::File::create(&temp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        fs::rename(&temp, path)
-    })();
-    if let Err(e) = written {
-        let _ = fs::remove_file(&temp);
-        return Err(e).with_context(|| {
-            format!(
-                "could not write the autostart entry; check that the folder is writable and \
-                 the disk not full: {}",
-                path.display()
-            )
-        });
-    }
-    // Make the rename itself durable; the entry is already complete either way.
-    if let Ok(dir) = fs::File::open(dir) {
-        let _ = dir.sync_all();
-    }
-    Ok(())
+    rewind_core::atomic_file::write(path, bytes, 0o644).with_context(|| {
+        format!(
+            "could not write the autostart entry; check that the folder is writable and the disk not full: {}",
+            path.display()
+        )
+    })
 }
 
 #[cfg(test)]

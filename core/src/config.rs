@@ -462,30 +462,11 @@ impl Config {
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ConfigError> {
-    use std::io::Write as _;
-    let io = |action: &'static str, e: std::io::Error| ConfigError::Io {
-        action,
+    crate::atomic_file::write(path, bytes, 0o644).map_err(|e| ConfigError::Io {
+        action: "write",
         path: path.to_path_buf(),
         detail: e.to_string(),
-    };
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| io("create the folder of", e))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name().unwrap_or_default().to_string_lossy(),
-        std::process::id()
-    ));
-    let result = (|| {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(|e| io("write", e))
+    })
 }
 
 /// Watches the configuration file and hands every version that loads to `on_change`, and

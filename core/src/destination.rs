@@ -176,8 +176,6 @@ fn write_passphrase_file(
     id: Uuid,
     passphrase: &[u8],
 ) -> Result<PathBuf, AddError> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
     let path = keys_dir.join(format!("{id}.passphrase"));
     let fail = |e: std::io::Error| AddError::PassphraseFile {
         action: "write",
@@ -185,22 +183,12 @@ fn write_passphrase_file(
         detail: e.to_string(),
     };
     std::fs::create_dir_all(keys_dir).map_err(fail)?;
-    let _ = std::fs::set_permissions(
+    std::fs::set_permissions(
         keys_dir,
         std::os::unix::fs::PermissionsExt::from_mode(0o700),
-    );
-    let tmp = keys_dir.join(format!(".{id}.passphrase.{}", std::process::id()));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(fail)?;
-    f.write_all(passphrase)
-        .and_then(|()| f.sync_all())
-        .map_err(fail)?;
-    std::fs::rename(&tmp, &path).map_err(fail)?;
+    )
+    .map_err(fail)?;
+    crate::atomic_file::write(&path, passphrase, 0o600).map_err(fail)?;
     Ok(path)
 }
 

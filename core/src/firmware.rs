@@ -35,7 +35,7 @@
 //!   VM is saved), so that a boot finds the permanent state the memory had.
 
 use std::io;
-use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 
 use crate::store::dirblob::{self, PackedFile};
@@ -208,7 +208,12 @@ impl SavedFirmware {
         };
         let nvram = match (&self.nvram, nvram_path) {
             (Some(bytes), Some(path)) => {
-                write_file_atomic(path, bytes, 0o600)?;
+                crate::atomic_file::write(path, bytes, 0o600).map_err(|source| {
+                    FirmwareError::Write {
+                        path: path.to_path_buf(),
+                        source,
+                    }
+                })?;
                 true
             }
             (Some(_), None) => return Err(no_place("UEFI variables")),
@@ -224,39 +229,6 @@ impl SavedFirmware {
         };
         Ok((nvram, tpm))
     }
-}
-
-/// Writes `bytes` to `path` through a temporary file and a rename, so that a crash leaves
-/// the old file or the new one; keeps the owner of a file it replaces.
-fn write_file_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FirmwareError> {
-    use std::io::Write as _;
-    let failed = |source| FirmwareError::Write {
-        path: path.to_path_buf(),
-        source,
-    };
-    let dir = path.parent().unwrap_or(Path::new("/"));
-    std::fs::create_dir_all(dir).map_err(failed)?;
-    let owner = std::fs::metadata(path).ok().map(|m| (m.uid(), m.gid()));
-    let tmp = dir.join(format!(
-        ".{}.rewind-{}",
-        path.file_name().unwrap_or_default().to_string_lossy(),
-        std::process::id()
-    ));
-    let result = (|| {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
-        if let Some((uid, gid)) = owner {
-            std::os::unix::fs::chown(&tmp, Some(uid), Some(gid))?;
-        }
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(failed)
 }
 
 /// The user and group libvirt runs swtpm as: `swtpm_user` and `swtpm_group` of
@@ -358,6 +330,7 @@ fn hand_over(path: &Path, owner: Option<(u32, u32)>) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt as _;
 
     fn mode(path: &Path) -> u32 {
         std::fs::metadata(path).unwrap().permissions().mode() & 0o7777

@@ -6,6 +6,7 @@
 //! a GUI toolkit; the window, the tray and the CLI in the `rewind` crate are thin layers
 //! over it.
 
+pub mod atomic_file;
 pub mod checkpoint;
 pub mod config;
 pub mod destination;

@@ -42,16 +42,8 @@ fn path(vm: &Uuid) -> PathBuf {
 impl RestoreMarker {
     /// Writes the marker of VM `vm` (durably: it must outlive a power cut).
     pub fn write(&self, vm: &Uuid) -> std::io::Result<()> {
-        use std::io::Write as _;
-        let path = path(vm);
-        let dir = path.parent().expect("has a folder");
-        std::fs::create_dir_all(dir)?;
-        let tmp = dir.join(format!(".{vm}.tmp"));
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(&serde_json::to_vec(self).expect("serialises"))?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
-        std::fs::File::open(dir)?.sync_all()
+        let bytes = serde_json::to_vec(self).map_err(std::io::Error::other)?;
+        crate::atomic_file::write(&path(vm), &bytes, 0o644)
     }
 
     /// The marker of VM `vm` left by another process, if there is one, and whether that

@@ -111,11 +111,8 @@ pub fn status_path() -> PathBuf {
 impl Status {
     /// Writes it atomically.
     pub fn write(&self, path: &Path) -> std::io::Result<()> {
-        let dir = path.parent().unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir)?;
-        let tmp = dir.join(format!(".status.json.{}", std::process::id()));
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self).expect("serialises"))?;
-        std::fs::rename(&tmp, path)
+        let bytes = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
+        crate::atomic_file::write(path, &bytes, 0o644)
     }
 
     /// The status of a scheduler that runs now, if one does.

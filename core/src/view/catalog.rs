@@ -133,12 +133,8 @@ pub fn save_verify_record(
     store_id: Uuid,
     record: &VerifyRecord,
 ) -> std::io::Result<()> {
-    let path = verify_record_path(state_dir, store_id);
-    let dir = path.parent().unwrap_or(state_dir);
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(".{store_id}.json.{}", std::process::id()));
-    std::fs::write(&tmp, serde_json::to_vec(record).expect("serialises"))?;
-    std::fs::rename(&tmp, &path)
+    let bytes = serde_json::to_vec(record).map_err(std::io::Error::other)?;
+    crate::atomic_file::write(&verify_record_path(state_dir, store_id), &bytes, 0o644)
 }
 
 /// The last verify of store `store_id`, if one was kept (and can be read).
