@@ -1,6 +1,6 @@
 //! `rewind daemon`: the scheduler without a window (for a `systemd --user` unit), logging
-//! to stderr and to Rewind's log file, with desktop notifications where the policy asks for
-//! them. SIGTERM or Ctrl-C stops it cleanly: running checkpoints are cancelled (they leave
+//! to stderr and to Rewind's log (the journal, else a file: [`crate::logging`]), with
+//! desktop notifications where the policy asks for them. SIGTERM or Ctrl-C stops it cleanly: running checkpoints are cancelled (they leave
 //! nothing behind) and waited for.
 
 use std::sync::Arc;
@@ -8,7 +8,6 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use rewind_core::config::{Config, Notifications};
 use rewind_core::history::Outcome;
-use rewind_core::log::{LogFile, log_path};
 use rewind_core::scheduler::{self, Event, Paths, instance::SchedulerLock};
 use rewind_core::units::human_bytes;
 
@@ -110,33 +109,30 @@ fn describe(event: &Event, wants: Notifications) -> (String, Option<(String, Str
 /// `rewind daemon`.
 pub fn run() -> anyhow::Result<()> {
     let lock = SchedulerLock::acquire("rewind daemon")?;
-    let log = Arc::new(LogFile::new(log_path()));
+    let log = crate::logging::init(true);
     let notifier = Arc::new(Notifier::new());
     let paths = Paths::default();
     let config_path = paths.config.clone();
-    let say = {
-        let log = log.clone();
-        move |line: &str| {
-            eprintln!("rewind daemon: {line}");
-            log.line(line);
-        }
-    };
-    say(&format!(
-        "starting (process {}; configuration {}; log {})",
+    tracing::info!(
+        "starting (process {}; configuration {}; log: {})",
         std::process::id(),
         config_path.display(),
-        log.path().display()
-    ));
-    let sink_say = say.clone();
+        log.destination
+    );
     let events: scheduler::EventSink = Arc::new(move |event: Event| {
         // The notification settings as they are now (the file may change).
         let wants = Config::load_or_last_good(&config_path).0.notifications;
+        let failed = matches!(&event, Event::Finished(r) if r.outcome == Outcome::Failed);
         let (line, note) = describe(&event, wants);
-        sink_say(&line);
+        if failed {
+            tracing::warn!("{line}");
+        } else {
+            tracing::info!("{line}");
+        }
         if let Some((summary, body)) = note
             && let Err(e) = notifier.notify(&summary, &body)
         {
-            sink_say(&format!("(no desktop notification: {e}) {summary}: {body}"));
+            tracing::warn!("(no desktop notification: {e}) {summary}: {body}");
         }
     });
     let handle = scheduler::start(paths, lock, "rewind daemon", events)
@@ -147,7 +143,7 @@ pub fn run() -> anyhow::Result<()> {
     })
     .context("could not install the signal handler")?;
     let _ = rx.recv();
-    say("stopping: cancelling running checkpoints and waiting for them");
+    tracing::info!("stopping: cancelling running checkpoints and waiting for them");
     handle.stop();
     Ok(())
 }

@@ -7,6 +7,7 @@ mod autostart;
 mod cli;
 mod daemon;
 mod gui;
+mod logging;
 mod notify;
 mod protect_cli;
 mod restore_cli;
@@ -18,6 +19,10 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let args = cli::Args::parse();
+    // The daemon sets its log up itself, with its lines on stderr too.
+    if !matches!(args.command, Some(cli::Command::Daemon)) {
+        logging::init(false);
+    }
     let result = match &args.command {
         Some(command) => cli::run(&args, command, &mut std::io::stdout().lock()),
         None => gui::run(gui::RunOptions {

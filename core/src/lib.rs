@@ -16,7 +16,6 @@ mod fault;
 pub mod firmware;
 pub mod history;
 pub mod libvirt;
-pub mod log;
 pub mod nbd;
 pub mod notes;
 pub mod paths;
