@@ -16,6 +16,7 @@ use std::path::Path;
 use chrono::Utc;
 use uuid::Uuid;
 
+use crate::cleanup::OrWarn as _;
 use crate::firmware::FirmwareState;
 use crate::libvirt::Hypervisor;
 use crate::libvirt::agent::AgentState;
@@ -399,7 +400,7 @@ pub fn take_with(
         disks: &disks,
     };
     let result = take_live(hv, store, &plan, &job_dir, control);
-    let _ = std::fs::remove_dir_all(&job_dir);
+    crate::cleanup::remove_dir_all(&job_dir);
     result
 }
 
@@ -523,27 +524,39 @@ fn capture_full_state_live(
     }
     let memory_path = staging.path().join("memory.save");
     let started = std::time::Instant::now();
+    let drop_checkpoint = || {
+        hv.delete_checkpoint(vm, &plan.new_name)
+            .or_warn(format_args!(
+                "delete libvirt checkpoint {} of VM {vm:?}",
+                plan.new_name
+            ));
+    };
     if let Err(e) = hv.live_external_snapshot(vm, &memory_path, &overlays) {
-        let _ = hv.delete_checkpoint(vm, &plan.new_name);
+        drop_checkpoint();
         for (_, file) in &overlays {
-            let _ = std::fs::remove_file(file);
+            crate::cleanup::remove_file(file);
         }
         return Ok(Err(e.to_string()));
     }
     let snapshot_ms = started.elapsed().as_millis();
+    // Undoes the snapshot after a failure: the overlays merged back, the checkpoint gone.
+    let abandon = |frozen: FrozenDisks| {
+        frozen
+            .end(hv, vm)
+            .or_warn(format_args!("merge the overlays of VM {vm:?} back"));
+        drop_checkpoint();
+    };
     let frozen = FrozenDisks::Overlays(overlays);
     // As close to the saved instant as can be: the memory's TPM blobs are of its end.
     let firmware = FirmwareState::read(plan.info);
     if let Err(e) = crate::fault::point("after-live-snapshot") {
-        let _ = frozen.end(hv, vm);
-        let _ = hv.delete_checkpoint(vm, &plan.new_name);
+        abandon(frozen);
         return Err(CheckpointError::Unsupported(e));
     }
     let firmware = match firmware {
         Ok(f) => f,
         Err(e) => {
-            let _ = frozen.end(hv, vm);
-            let _ = hv.delete_checkpoint(vm, &plan.new_name);
+            abandon(frozen);
             return Err(e.into());
         }
     };
@@ -558,7 +571,7 @@ fn capture_full_state_live(
     let memory = match memory {
         Ok(m) => m,
         Err(e) => {
-            let _ = frozen.end(hv, vm);
+            abandon(frozen);
             return Err(e);
         }
     };
@@ -651,7 +664,9 @@ fn capture_disks(
     let firmware = match FirmwareState::read(plan.info) {
         Ok(f) => f,
         Err(e) => {
-            let _ = backup.finish();
+            backup
+                .finish()
+                .or_warn(format_args!("end the backup job of VM {:?}", plan.vm));
             return Err(e.into());
         }
     };
@@ -862,13 +877,19 @@ fn copy_captured(
                 .as_ref()
                 .and_then(|p| p.libvirt_checkpoint.as_deref())
             {
-                let _ = hv.delete_checkpoint(vm, old);
+                hv.delete_checkpoint(vm, old).or_warn(format_args!(
+                    "delete the previous libvirt checkpoint {old} of VM {vm:?}"
+                ));
             }
             Ok(manifest)
         }
         Err(e) => {
             // No manifest refers to the new libvirt checkpoint: it must not become a base.
-            let _ = hv.delete_checkpoint(vm, &plan.new_name);
+            hv.delete_checkpoint(vm, &plan.new_name)
+                .or_warn(format_args!(
+                    "delete libvirt checkpoint {} of VM {vm:?}",
+                    plan.new_name
+                ));
             Err(e)
         }
     }
@@ -896,7 +917,7 @@ fn read_disk_file(
     control: &Control,
 ) -> Result<(crate::store::FinishedObject, u64), CheckpointError> {
     let socket = work_dir.join(format!("rewind-{}.sock", disk.target));
-    let _ = std::fs::remove_file(&socket);
+    crate::cleanup::remove_file(&socket);
     let serve = |bitmap| {
         QemuNbd::serve(
             disk.file,

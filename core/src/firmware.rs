@@ -38,6 +38,7 @@ use std::io;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 
+use crate::cleanup::OrWarn as _;
 use crate::store::dirblob::{self, PackedFile};
 use crate::store::{CheckpointWriter, Manifest, Store, StoreError};
 use crate::vm::{Firmware, VmInfo};
@@ -281,8 +282,8 @@ fn replace_tpm_state(
     let name = dir.file_name().unwrap_or_default().to_string_lossy();
     let fresh = parent.join(format!(".{name}.rewind-new"));
     let old = parent.join(format!(".{name}.rewind-old"));
-    let _ = std::fs::remove_dir_all(&fresh);
-    let _ = std::fs::remove_dir_all(&old);
+    crate::cleanup::remove_dir_all(&fresh);
+    crate::cleanup::remove_dir_all(&old);
     let result = (|| {
         std::fs::create_dir_all(parent)?;
         std::fs::create_dir(&fresh)?;
@@ -301,13 +302,17 @@ fn replace_tpm_state(
             std::fs::rename(dir, &old)?;
         }
         std::fs::rename(&fresh, dir)?;
-        let _ = std::fs::remove_dir_all(&old);
+        crate::cleanup::remove_dir_all(&old);
         std::fs::File::open(parent)?.sync_all()
     })();
     if result.is_err() {
-        let _ = std::fs::remove_dir_all(&fresh);
+        crate::cleanup::remove_dir_all(&fresh);
         if !dir.exists() && old.exists() {
-            let _ = std::fs::rename(&old, dir);
+            std::fs::rename(&old, dir).or_warn(format_args!(
+                "put the TPM state back from {} to {}",
+                old.display(),
+                dir.display()
+            ));
         }
     }
     result.map_err(failed)

@@ -8,6 +8,7 @@
 
 pub mod atomic_file;
 pub mod checkpoint;
+mod cleanup;
 pub mod config;
 pub mod destination;
 pub mod engine;

@@ -60,7 +60,7 @@ impl RestoreMarker {
 
     /// Removes the marker of VM `vm`.
     pub fn remove(vm: &Uuid) {
-        let _ = std::fs::remove_file(path(vm));
+        crate::cleanup::remove_file(&path(vm));
     }
 }
 
@@ -90,7 +90,7 @@ impl ProcessNote {
 
     /// Takes the note of VM `uuid` away.
     pub(crate) fn remove(&self, uuid: &Uuid) {
-        let _ = std::fs::remove_file(self.path(uuid));
+        crate::cleanup::remove_file(&self.path(uuid));
     }
 
     /// Whether a note is there from a process that no longer runs.

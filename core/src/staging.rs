@@ -108,7 +108,7 @@ impl Staging {
 impl Drop for Staging {
     fn drop(&mut self) {
         // One left behind is removed by the next run that stages beside it.
-        let _ = std::fs::remove_dir_all(&self.dir);
+        crate::cleanup::remove_dir_all(&self.dir);
     }
 }
 

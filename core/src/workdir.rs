@@ -34,7 +34,7 @@ impl WorkDir {
 
 impl Drop for WorkDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        crate::cleanup::remove_dir_all(&self.0);
     }
 }
 
@@ -55,7 +55,7 @@ pub(crate) fn remove_dead_runs(dir: &Path, prefix: &str) {
             continue;
         };
         if pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists() {
-            let _ = std::fs::remove_dir_all(entry.path());
+            crate::cleanup::remove_dir_all(&entry.path());
         }
     }
 }

@@ -106,7 +106,7 @@ pub(crate) struct DiskSession {
 impl Drop for DiskSession {
     fn drop(&mut self) {
         self.clients.clear();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        crate::cleanup::remove_dir_all(&self.dir);
     }
 }
 
@@ -167,7 +167,7 @@ impl DiskSession {
                 dir,
             }),
             Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
+                crate::cleanup::remove_dir_all(&dir);
                 Err(e)
             }
         }

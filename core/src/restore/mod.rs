@@ -268,7 +268,7 @@ pub fn export_disk(
     match result {
         Ok(_) => Ok(disk.index.data_bytes),
         Err(e) => {
-            let _ = std::fs::remove_file(out);
+            crate::cleanup::remove_file(out);
             Err(e)
         }
     }
@@ -341,7 +341,7 @@ mod tests {
 
     fn qcow2_bytes(image: &Path, dir: &Path) -> Vec<u8> {
         let raw = dir.join("back.raw");
-        let _ = std::fs::remove_file(&raw);
+        crate::cleanup::remove_file(&raw);
         run(Command::new("qemu-img")
             .args(["convert", "-f", "qcow2", "-O", "raw"])
             .arg(image)

@@ -21,6 +21,7 @@ use super::domain_xml::{self, DiskPlace, Rewrite};
 use super::resume::{self, Identity, Place};
 use super::vm::{elapsed_ms, parsed, start_if};
 use super::{RestoreError, RestoreOptions, RestoreReport};
+use crate::cleanup::OrWarn as _;
 use crate::firmware::SavedFirmware;
 use crate::libvirt::Hypervisor;
 use crate::progress::{Control, Phase};
@@ -66,13 +67,20 @@ impl Made {
     fn remove(&self, hv: &Hypervisor) {
         // Undefining takes the VM's NVRAM and TPM state with it.
         if let Some(name) = &self.defined {
-            let _ = hv.undefine_vm(name);
+            hv.undefine_vm(name)
+                .or_warn(format_args!("undefine the half-restored VM {name:?}"));
         }
         for (pool, volume) in &self.volumes {
-            let _ = hv.delete_volume(pool, volume);
+            hv.delete_volume(pool, volume).or_warn(format_args!(
+                "delete the half-written volume {volume:?} in pool {pool:?}"
+            ));
         }
         for path in self.files.iter().rev() {
-            let _ = std::fs::remove_file(path).or_else(|_| std::fs::remove_dir_all(path));
+            if path.is_dir() {
+                crate::cleanup::remove_dir_all(path);
+            } else {
+                crate::cleanup::remove_file(path);
+            }
         }
     }
 }

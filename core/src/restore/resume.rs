@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 
 use super::RestoreError;
 use crate::checkpoint::MEMORY_BLOB;
+use crate::cleanup::OrWarn as _;
 use crate::libvirt::Hypervisor;
 use crate::libvirt::save_image::SaveImageHead;
 use crate::progress::{Control, Phase};
@@ -208,7 +209,9 @@ enum Held {
 impl Drop for Staged<'_> {
     fn drop(&mut self) {
         if let Held::Volume { pool, name } = &self.held {
-            let _ = self.hv.delete_volume(pool, name);
+            self.hv.delete_volume(pool, name).or_warn(format_args!(
+                "delete the staged memory image {name:?} in pool {pool:?}"
+            ));
         }
     }
 }

@@ -9,6 +9,7 @@ use super::domain_xml::{self, Rewrite};
 use super::resume::{self, Identity, Place, Staged};
 use super::{RestoreError, RestoreOptions, RestoreReport, SAFETY_LABEL};
 use crate::checkpoint::{self, TakeOptions};
+use crate::cleanup::OrWarn as _;
 use crate::firmware::SavedFirmware;
 use crate::libvirt::Hypervisor;
 use crate::libvirt::lifecycle::{StopMode, Stopped};
@@ -318,7 +319,9 @@ impl<'a> InPlace<'a> {
     /// Starts the VM again if it ran before (after a failure that changed nothing).
     fn restart(&self) {
         if self.was_running {
-            let _ = self.hv.start_vm(&self.name);
+            self.hv
+                .start_vm(&self.name)
+                .or_warn(format_args!("start VM {:?} again", self.name));
         }
     }
 
