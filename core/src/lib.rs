@@ -17,6 +17,7 @@ mod fault;
 pub mod firmware;
 pub mod history;
 pub mod libvirt;
+pub mod mounts;
 pub mod nbd;
 pub mod notes;
 pub mod paths;

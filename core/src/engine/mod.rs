@@ -442,19 +442,13 @@ fn watch(paths: &Paths, inner: &mpsc::Sender<Inner>) -> Vec<Box<dyn std::any::An
         }
     }
     let tx = inner.clone();
-    let _ = std::thread::Builder::new()
-        .name("rewind-engine-mounts".into())
-        .spawn(move || {
-            let mut last = std::fs::read("/proc/self/mountinfo").unwrap_or_default();
-            while !tx.is_closed() {
-                std::thread::sleep(Duration::from_secs(1));
-                let now = std::fs::read("/proc/self/mountinfo").unwrap_or_default();
-                if now != last {
-                    last = now;
-                    let _ = tx.try_send(Inner::Mounts);
-                }
-            }
-        });
+    // A full channel already holds a wake-up; a closed one means the engine is stopping.
+    match crate::mounts::watch("rewind-engine-mounts", move || {
+        let _ = tx.try_send(Inner::Mounts);
+    }) {
+        Ok(w) => watchers.push(Box::new(w)),
+        Err(e) => tracing::warn!("drives plugged in will be noticed only at the next look: {e}"),
+    }
     watchers
 }
 

@@ -249,7 +249,15 @@ async fn run(
     })
     .map_err(|e| events(Event::ConfigError(e)))
     .ok();
-    spawn_mount_watch(tx.clone());
+    // Wakes the loop when a file system is mounted or unmounted.
+    let mount_tx = tx.clone();
+    let _mounts = crate::mounts::watch("rewind-mounts", move || {
+        // A full channel already holds a wake-up; a closed one means the loop ended.
+        let _ = mount_tx.try_send(Msg::Mounts);
+    })
+    .inspect_err(|e| {
+        tracing::warn!("drives plugged in will be noticed only at the next look: {e}");
+    });
     let mut state = State {
         records: history::read(&paths.history),
         paths,
@@ -298,26 +306,6 @@ async fn run(
     }
     let _ = std::fs::remove_file(&state.paths.status);
     events(Event::Stopped);
-}
-
-/// Wakes the loop when a file system is mounted or unmounted.
-fn spawn_mount_watch(tx: mpsc::Sender<Msg>) {
-    let _ = std::thread::Builder::new()
-        .name("rewind-mounts".into())
-        .spawn(move || {
-            let mut last = std::fs::read("/proc/self/mountinfo").unwrap_or_default();
-            loop {
-                std::thread::sleep(Duration::from_secs(1));
-                if tx.is_closed() {
-                    return;
-                }
-                let now = std::fs::read("/proc/self/mountinfo").unwrap_or_default();
-                if now != last {
-                    last = now;
-                    let _ = tx.try_send(Msg::Mounts);
-                }
-            }
-        });
 }
 
 impl State {
