@@ -27,6 +27,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use crate::cleanup::OrWarn as _;
 use uuid::Uuid;
 
 use crate::store::retention::KeepRules;
@@ -391,7 +393,8 @@ impl Config {
             Ok(text) => {
                 let config = Self::parse(&text, path)?;
                 // The last good one, for a start with a broken file.
-                let _ = write_atomic(&last_good_path(path), text.as_bytes());
+                write_atomic(&last_good_path(path), text.as_bytes())
+                    .or_warn("keep the last good configuration");
                 Ok(config)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
@@ -439,7 +442,8 @@ impl Config {
         );
         text.push('\n');
         write_atomic(path, text.as_bytes())?;
-        let _ = write_atomic(&last_good_path(path), text.as_bytes());
+        write_atomic(&last_good_path(path), text.as_bytes())
+            .or_warn("keep the last good configuration");
         Ok(())
     }
 

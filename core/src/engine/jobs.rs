@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
+use crate::cleanup::OrWarn as _;
 use crate::config::Config;
 use crate::destination;
 use crate::libvirt::Hypervisor;
@@ -334,6 +335,7 @@ fn verify(
             .collect(),
     };
     // The report stands even if the record cannot be kept; the marks are a convenience.
-    let _ = catalog::save_verify_record(state_dir, store.config().id, &record);
+    catalog::save_verify_record(state_dir, store.config().id, &record)
+        .or_warn("keep the verify's findings in the state folder");
     Ok(JobOutput::Verified(Box::new(report)))
 }

@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+use crate::cleanup::OrWarn as _;
 use crate::config::{Config, ConfigWatcher};
 use crate::error::Error;
 use crate::history::Record;
@@ -269,8 +270,10 @@ impl Drop for EngineHandle {
         // engine waiting to send, so the join below cannot hang.
         self.commands = None;
         self.events.close();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("the engine's thread panicked");
         }
     }
 }
@@ -421,7 +424,7 @@ fn watch(paths: &Paths, inner: &mpsc::Sender<Inner>) -> Vec<Box<dyn std::any::An
     }
     // The scheduler's status file (ours or the daemon's) and plugged-in drives.
     if let Some(dir) = paths.status.parent() {
-        let _ = std::fs::create_dir_all(dir);
+        std::fs::create_dir_all(dir).or_warn(format_args!("create {}", dir.display()));
         let tx = inner.clone();
         let name = paths.status.file_name().map(std::ffi::OsStr::to_os_string);
         let watcher = notify::recommended_watcher(move |e: notify::Result<notify::Event>| {

@@ -32,6 +32,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
 
+use crate::cleanup::OrWarn as _;
 use crate::config::{Config, ConfigError, ConfigWatcher};
 use crate::destination::{self, Availability};
 use crate::history::{self, Outcome, Record};
@@ -137,8 +138,10 @@ impl SchedulerHandle {
 
     fn stop_and_join(&mut self) {
         let _ = self.tx.try_send(Msg::Command(Command::Shutdown));
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        if let Some(t) = self.thread.take()
+            && t.join().is_err()
+        {
+            tracing::error!("the scheduler's thread panicked");
         }
     }
 }
@@ -282,7 +285,8 @@ async fn run(
                 break;
             }
             let Some(msg) = rx.recv().await else { break };
-            let _ = state.handle(msg, &events);
+            // Already stopping: whether this message asks to stop too makes no difference.
+            state.handle(msg, &events);
             state.write_status();
             continue;
         }
@@ -304,7 +308,7 @@ async fn run(
         let Some(msg) = msg else { break };
         stopping = state.handle(msg, &events);
     }
-    let _ = std::fs::remove_file(&state.paths.status);
+    crate::cleanup::remove_file(&state.paths.status);
     events(Event::Stopped);
 }
 
@@ -606,6 +610,9 @@ impl State {
                 .collect(),
             next,
         };
-        let _ = status.write(&self.paths.status);
+        status.write(&self.paths.status).or_warn(format_args!(
+            "write the status to {}",
+            self.paths.status.display()
+        ));
     }
 }
