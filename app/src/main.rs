@@ -3,7 +3,6 @@
 
 #![forbid(unsafe_code)]
 
-mod autostart;
 mod cli;
 mod daemon;
 mod gui;

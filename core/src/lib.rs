@@ -7,6 +7,7 @@
 //! over it.
 
 pub mod atomic_file;
+pub mod autostart;
 pub mod checkpoint;
 mod cleanup;
 pub mod config;

@@ -7,7 +7,7 @@
 //! creates or opens a store.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::mpsc;
 
 use egui::RichText;
 use rewind_core::config::{self, Config, Kind, Protection};
@@ -69,10 +69,8 @@ pub struct SettingsState {
     pub add_message: Option<Result<String, String>>,
     /// The folder picker's answer, while it is open.
     picker: Option<mpsc::Receiver<Option<PathBuf>>>,
-    /// Start at login (as found when the window opened, then as set).
+    /// Start at login (as the engine found it when the settings opened, then as set).
     pub autostart: bool,
-    /// What setting start at login said (written off the UI thread).
-    autostart_result: Arc<Mutex<Option<String>>>,
     /// The libvirt URI typed in.
     pub uri: String,
     /// The settings add a folder on another host rather than here.
@@ -102,8 +100,7 @@ impl SettingsState {
             adding: false,
             add_message: None,
             picker: None,
-            autostart: crate::autostart::is_enabled(),
-            autostart_result: Arc::default(),
+            autostart: state.autostart.unwrap_or(false),
             remote: false,
             remote_url: String::new(),
             testing: false,
@@ -236,7 +233,9 @@ pub fn settings_ui(ui: &mut egui::Ui, state: &mut UiState, commands: &mut Comman
                 .show(ui, |ui| match s.tab {
                     SettingsTab::Destinations => destinations_ui(ui, state, &mut s, commands),
                     SettingsTab::Protection => protection_ui(ui, state, &mut s),
-                    SettingsTab::General => general_ui(ui, &mut s),
+                    SettingsTab::General => {
+                        general_ui(ui, &mut s, state.autostart_note.as_deref(), commands);
+                    }
                 });
             ui.separator();
             let problems = s.problems();
@@ -750,7 +749,13 @@ fn full_state_every_ui(ui: &mut egui::Ui, p: &mut rewind_core::config::Protectio
     });
 }
 
-fn general_ui(ui: &mut egui::Ui, s: &mut SettingsState) {
+/// `autostart_note`: what came of turning start at login on or off.
+fn general_ui(
+    ui: &mut egui::Ui,
+    s: &mut SettingsState,
+    autostart_note: Option<&str>,
+    commands: &mut Commands,
+) {
     ui.label(RichText::new("Connection").strong());
     ui.horizontal(|ui| {
         let label = ui.label("libvirt URI");
@@ -773,28 +778,9 @@ fn general_ui(ui: &mut egui::Ui, s: &mut SettingsState) {
         .changed()
     {
         s.autostart = autostart;
-        let result = s.autostart_result.clone();
-        let ctx = ui.ctx().clone();
-        std::thread::spawn(move || {
-            let outcome = std::env::current_exe()
-                .map_err(anyhow::Error::from)
-                .and_then(|exe| crate::autostart::set_enabled(autostart, &exe));
-            *result
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(match outcome {
-                Ok(()) if autostart => "Rewind starts at login.".to_owned(),
-                Ok(()) => "Rewind no longer starts at login.".to_owned(),
-                Err(e) => format!("{e:#}"),
-            });
-            ctx.request_repaint();
-        });
+        commands.push(Command::SetAutostart(autostart));
     }
-    if let Some(text) = s
-        .autostart_result
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .as_ref()
-    {
+    if let Some(text) = autostart_note {
         ui.label(RichText::new(text).weak());
     }
     ui.add_space(8.0);

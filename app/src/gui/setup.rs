@@ -2,9 +2,6 @@
 //! which VMs to protect. It shows while there is no destination or nothing is protected,
 //! until the user skips it.
 
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-
 use egui::RichText;
 use rewind_core::config::Protection;
 use rewind_core::engine::Command;
@@ -19,8 +16,7 @@ use super::state::UiState;
 pub struct SetupState {
     /// The destination form.
     pub form: Option<SettingsState>,
-    /// Drives found under the usual mount folders (looked for off the UI thread).
-    drives: Arc<Mutex<Option<Vec<PathBuf>>>>,
+    /// The engine was asked for the drives plugged in.
     looked: bool,
     /// VMs ticked for protection (UUIDs).
     pub chosen: Vec<String>,
@@ -57,25 +53,12 @@ pub fn setup_ui(ui: &mut egui::Ui, state: &mut UiState, commands: &mut Commands)
         );
         if !setup.looked {
             setup.looked = true;
-            let found = setup.drives.clone();
-            let config = (*config).clone();
-            let ctx = ui.ctx().clone();
-            std::thread::spawn(move || {
-                let drives = rewind_core::destination::removable_drives(&config);
-                *found
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(drives);
-                ctx.request_repaint();
-            });
+            commands.push(Command::ScanDrives);
         }
         let form = setup
             .form
             .get_or_insert_with(|| SettingsState::open(state, SettingsTab::Destinations));
-        let drives = setup
-            .drives
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
+        let drives = state.drives.clone();
         match drives.as_deref() {
             Some([]) => {
                 ui.label(RichText::new("No removable drive is plugged in now.").weak());

@@ -200,6 +200,12 @@ pub struct UiState {
     pub dialog: Option<Dialog>,
     /// The restore job the restore window follows.
     pub restore_job: Option<JobId>,
+    /// Whether Rewind starts at login (`None` until the engine says).
+    pub autostart: Option<bool>,
+    /// What came of turning start at login on or off.
+    pub autostart_note: Option<String>,
+    /// Mount points of removable drives (`None` until the engine looked).
+    pub drives: Option<Vec<std::path::PathBuf>>,
     /// What the engine said of full-state checkpoints' resumes (asked when the restore
     /// dialog opens).
     pub resume_checks: std::collections::HashMap<CheckpointKey, ResumeCheck>,
@@ -238,6 +244,9 @@ impl Default for UiState {
             dialog: None,
             restore_job: None,
             resume_checks: std::collections::HashMap::new(),
+            autostart: None,
+            autostart_note: None,
+            drives: None,
             settings: None,
             setup_dismissed: false,
             setup: super::setup::SetupState::default(),
@@ -336,6 +345,17 @@ impl UiState {
                     j.done_bytes = done_bytes;
                     j.total_bytes = total_bytes;
                     j.force_off_in = force_off_in;
+                }
+            }
+            Event::DrivesFound(drives) => self.drives = Some(drives),
+            Event::Autostart { enabled, changed } => {
+                self.autostart = Some(enabled);
+                if let Some(changed) = changed {
+                    self.autostart_note = Some(match changed {
+                        Ok(()) if enabled => "Rewind starts at login.".to_owned(),
+                        Ok(()) => "Rewind no longer starts at login.".to_owned(),
+                        Err(e) => e,
+                    });
                 }
             }
             Event::ResumeChecked { key, result } => {

@@ -375,20 +375,27 @@ fn first_run_snapshot_suggests_a_drive_and_warns_about_the_same_disk() {
     state.destinations = Some(Arc::default());
     state.history = Arc::default();
     state.checkpoint = None;
-    let mut h = harness(state);
+    let mut h = commanding_harness(state);
     h.step();
     h.get_by_label("Welcome to Rewind");
     h.get_by_label_contains("do not survive that disk failing");
     h.get_by_label("Browse…");
-    // The drive list comes from a thread; let it arrive, then freeze the picture.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while h.query_by_label_contains("Drives found").is_none()
-        && h.query_by_label_contains("No removable drive").is_none()
-        && Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(20));
-        h.step();
-    }
+    // The window asks the engine for the drives (it does no I/O itself), once.
+    let asked = h
+        .state()
+        .1
+        .iter()
+        .filter(|c| matches!(c, rewind_core::engine::Command::ScanDrives))
+        .count();
+    assert_eq!(asked, 1, "{:?}", h.state().1);
+    h.state_mut()
+        .0
+        .apply(rewind_core::engine::Event::DrivesFound(vec![
+            "/media/me/USB STICK".into(),
+        ]));
+    h.step();
+    h.get_by_label_contains("Drives found");
+    h.get_by_label("/media/me/USB STICK");
     h.get_by_label("Folder").focus();
     h.step();
     h.get_by_label("Folder").type_text("relative/path");

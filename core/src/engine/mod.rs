@@ -51,6 +51,12 @@ pub enum Command {
     /// Find out whether a full-state checkpoint can resume its VM (before a restore is
     /// asked for), answered by [`Event::ResumeChecked`].
     CheckResume(ResumeKey),
+    /// Look for removable drives (to suggest one for checkpoints), answered by
+    /// [`Event::DrivesFound`].
+    ScanDrives,
+    /// Start Rewind at login, or not (the XDG autostart entry), answered by
+    /// [`Event::Autostart`].
+    SetAutostart(bool),
     /// Save this configuration (the scheduler picks it up).
     SaveConfig(Box<Config>),
     /// Add the store in this folder as a destination (created if the folder is missing or
@@ -201,6 +207,16 @@ pub enum Event {
         job: JobId,
         /// What it did, or what went wrong and what to do.
         result: Result<JobOutput, JobError>,
+    },
+    /// The mount points of removable drives (the answer to [`Command::ScanDrives`]).
+    DrivesFound(Vec<std::path::PathBuf>),
+    /// Whether Rewind starts at login: at start, and after [`Command::SetAutostart`] (with
+    /// what went wrong, if that failed).
+    Autostart {
+        /// Whether it does now.
+        enabled: bool,
+        /// The answer to a [`Command::SetAutostart`]: `Err` says why the change was not made.
+        changed: Option<Result<(), String>>,
     },
     /// The answer to [`Command::CheckResume`].
     ResumeChecked {
@@ -356,7 +372,8 @@ enum Inner {
     Mounts,
     Scheduled(SchedEvent),
     JobDone(JobId, Result<JobOutput, JobError>),
-    ResumeChecked(ResumeKey, Result<(), String>),
+    /// An event made off the loop, to send on.
+    Emit(Event),
     Scanned(Vec<DestinationView>),
 }
 
@@ -477,6 +494,14 @@ impl Engine {
         })
         .await;
         let watchers = watch(&options.paths, inner);
+        let tx = inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let enabled = crate::autostart::is_enabled();
+            let _ = tx.blocking_send(Inner::Emit(Event::Autostart {
+                enabled,
+                changed: None,
+            }));
+        });
         let mut protection = Protection {
             paths: options.paths.clone(),
             config,
@@ -599,9 +624,7 @@ impl Engine {
                 self.emit(Event::JobFinished { job, result }).await;
                 p.scan(inner);
             }
-            Inner::ResumeChecked(key, result) => {
-                self.emit(Event::ResumeChecked { key, result }).await;
-            }
+            Inner::Emit(event) => self.emit(event).await,
             Inner::Scanned(views) => {
                 p.scanning = false;
                 self.emit(Event::Destinations(Arc::new(views))).await;
@@ -654,18 +677,8 @@ impl Engine {
                     c.force_off_now();
                 }
             }
-            Command::CheckResume(key) => {
-                let config = p.config.clone();
-                let tx = inner.clone();
-                tokio::task::spawn_blocking(move || {
-                    let result = jobs::check_resume(
-                        &config,
-                        &key.destination,
-                        &key.vm_uuid,
-                        &key.checkpoint,
-                    );
-                    let _ = tx.blocking_send(Inner::ResumeChecked(key, result));
-                });
+            Command::ScanDrives | Command::SetAutostart(_) | Command::CheckResume(_) => {
+                answer_off_the_loop(command, p.config.clone(), inner.clone());
             }
             Command::SaveConfig(config) => {
                 let path = p.paths.config.clone();
@@ -949,6 +962,37 @@ enum AddTarget {
         vm_disks: Vec<std::path::PathBuf>,
     },
     Remote(String),
+}
+
+/// Answers a command that reads or writes files on a blocking thread, so the loop goes on
+/// meanwhile: the answer comes back as an event.
+fn answer_off_the_loop(command: Command, config: Config, tx: mpsc::Sender<Inner>) {
+    tokio::task::spawn_blocking(move || {
+        let event = match command {
+            Command::ScanDrives => {
+                Event::DrivesFound(crate::destination::removable_drives(&config))
+            }
+            Command::SetAutostart(enabled) => {
+                let changed = std::env::current_exe()
+                    .map_err(|e| format!("could not find Rewind's own program: {e}"))
+                    .and_then(|exe| {
+                        crate::autostart::set_enabled(enabled, &exe).map_err(|e| e.to_string())
+                    });
+                Event::Autostart {
+                    enabled: crate::autostart::is_enabled(),
+                    changed: Some(changed),
+                }
+            }
+            Command::CheckResume(key) => {
+                let result =
+                    jobs::check_resume(&config, &key.destination, &key.vm_uuid, &key.checkpoint);
+                Event::ResumeChecked { key, result }
+            }
+            _ => return,
+        };
+        // A closed channel: the engine is stopping, nobody waits for the answer.
+        let _ = tx.blocking_send(Inner::Emit(event));
+    });
 }
 
 /// What is at `location` (for [`Command::TestDestination`]): a store (how many

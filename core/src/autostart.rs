@@ -9,7 +9,38 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context as _, bail};
+/// What can go wrong when turning start at login on or off.
+#[derive(Debug, thiserror::Error)]
+pub enum AutostartError {
+    /// Neither `$XDG_CONFIG_HOME` nor `$HOME` says where the folder is.
+    #[error(
+        "cannot tell where the autostart folder is: neither XDG_CONFIG_HOME nor HOME is set to an absolute path. Set HOME and try again"
+    )]
+    NoConfigFolder,
+    /// The program's path cannot go into a desktop entry.
+    #[error("cannot start Rewind at login from {what}; {fix}: {}", path.display())]
+    ProgramPath {
+        /// What is wrong with it.
+        what: &'static str,
+        /// What to do.
+        fix: &'static str,
+        /// The path.
+        path: PathBuf,
+    },
+    /// Writing or removing the entry failed.
+    #[error("could not {action} ({source}); {fix}: {}", path.display())]
+    Io {
+        /// What Rewind was doing.
+        action: &'static str,
+        /// What to do.
+        fix: &'static str,
+        /// The file or folder.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
 
 /// The argument the entry passes so that Rewind starts in the tray, without a window.
 pub const MINIMIZED_FLAG: &str = "--minimized";
@@ -18,24 +49,22 @@ pub const MINIMIZED_FLAG: &str = "--minimized";
 const ENTRY_NAME: &str = "rewind.desktop";
 
 /// Whether Rewind starts at login (an enabled entry exists).
+#[must_use]
 pub fn is_enabled() -> bool {
     config_home().is_some_and(|config| is_enabled_in(&config))
 }
 
 /// Turns starting at login on (writing an entry that runs `exe` [`MINIMIZED_FLAG`]) or off
 /// (removing the entry).
-pub fn set_enabled(enabled: bool, exe: &Path) -> anyhow::Result<()> {
-    let config = config_home().context(
-        "cannot tell where the autostart folder is: neither XDG_CONFIG_HOME nor HOME is set \
-         to an absolute path. Set HOME and try again",
-    )?;
+pub fn set_enabled(enabled: bool, exe: &Path) -> Result<(), AutostartError> {
+    let config = config_home().ok_or(AutostartError::NoConfigFolder)?;
     set_enabled_in(&config, enabled, exe)
 }
 
 /// The XDG config folder: `$XDG_CONFIG_HOME`, or `$HOME/.config` (see
-/// [`rewind_core::paths::user_config_home`]).
+/// [`crate::paths::user_config_home`]).
 fn config_home() -> Option<PathBuf> {
-    rewind_core::paths::user_config_home()
+    crate::paths::user_config_home()
 }
 
 /// The entry's path under the config folder `config`.
@@ -70,55 +99,63 @@ fn entry_is_enabled(text: &str) -> bool {
     true
 }
 
-fn set_enabled_in(config: &Path, enabled: bool, exe: &Path) -> anyhow::Result<()> {
+fn set_enabled_in(config: &Path, enabled: bool, exe: &Path) -> Result<(), AutostartError> {
     let path = entry_path(config);
     if enabled {
         let text = entry_text(exe)?;
         let dir = path.parent().unwrap_or(config);
-        fs::create_dir_all(dir).with_context(|| {
-            format!(
-                "could not create the autostart folder; check that you may write there: {}",
-                dir.display()
-            )
+        fs::create_dir_all(dir).map_err(|source| AutostartError::Io {
+            action: "create the autostart folder",
+            fix: "check that you may write there",
+            path: dir.to_path_buf(),
+            source,
         })?;
-        write_atomically(&path, text.as_bytes())
+        crate::atomic_file::write(&path, text.as_bytes(), 0o644).map_err(|source| {
+            AutostartError::Io {
+                action: "write the autostart entry",
+                fix: "check that the folder is writable and the disk not full",
+                path: path.clone(),
+                source,
+            }
+        })
     } else {
         match fs::remove_file(&path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e).with_context(|| {
-                format!(
-                    "could not remove the autostart entry; delete it by hand to stop Rewind \
-                     starting at login: {}",
-                    path.display()
-                )
+            Err(source) => Err(AutostartError::Io {
+                action: "remove the autostart entry",
+                fix: "delete it by hand to stop Rewind starting at login",
+                path,
+                source,
             }),
         }
     }
 }
 
 /// The entry that starts `exe` in the tray.
-fn entry_text(exe: &Path) -> anyhow::Result<String> {
+fn entry_text(exe: &Path) -> Result<String, AutostartError> {
+    let refuse = |what, fix| AutostartError::ProgramPath {
+        what,
+        fix,
+        path: exe.to_path_buf(),
+    };
     let Some(exe_text) = exe.to_str() else {
-        bail!(
-            "cannot start Rewind at login from a path that is not valid UTF-8 (desktop entries \
-             are UTF-8); move or link the program to a plain path: {}",
-            exe.display()
-        );
+        return Err(refuse(
+            "a path that is not valid UTF-8 (desktop entries are UTF-8)",
+            "move or link the program to a plain path",
+        ));
     };
     if !exe.is_absolute() {
-        bail!(
-            "cannot start Rewind at login from a relative path (the session starts it from \
-             another folder); give the program's absolute path: {}",
-            exe.display()
-        );
+        return Err(refuse(
+            "a relative path (the session starts it from another folder)",
+            "give the program's absolute path",
+        ));
     }
     if exe_text.chars().any(char::is_control) {
-        bail!(
-            "cannot start Rewind at login from a path with control characters (such as a line \
-             break) in it; move or link the program to a plain path: {}",
-            exe.display()
-        );
+        return Err(refuse(
+            "a path with control characters (such as a line break) in it",
+            "move or link the program to a plain path",
+        ));
     }
     Ok(format!(
         "# Written by Rewind (\"Start at login\"). Turn that setting off, or delete this file,\n\
@@ -167,21 +204,10 @@ fn escape_string(value: &str) -> String {
     }
 }
 
-/// Writes `path` so that it is either the old file or the whole new one
-/// ([`rewind_core::atomic_file`]).
-fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    rewind_core::atomic_file::write(path, bytes, 0o644).with_context(|| {
-        format!(
-            "could not write the autostart entry; check that the folder is writable and the disk not full: {}",
-            path.display()
-        )
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rewind_tests::scratch::ScratchDir;
+    use tempfile::TempDir as ScratchDir;
 
     /// Undoes [`escape_string`] and [`quote_exec_arg`] the way a desktop reads `Exec`: first
     /// the string escapes, then the quoting. Returns the arguments.
@@ -319,7 +345,7 @@ mod tests {
 
     #[test]
     fn turning_it_on_and_off_writes_and_removes_the_entry() {
-        let dir = ScratchDir::new("autostart").unwrap();
+        let dir = ScratchDir::new().unwrap();
         let config = dir.path().join("config");
         let exe = Path::new("/usr/local/bin/rewind");
         assert!(!is_enabled_in(&config));
@@ -352,7 +378,7 @@ mod tests {
 
     #[test]
     fn an_entry_switched_off_by_the_desktop_reads_as_off() {
-        let dir = ScratchDir::new("autostart-hidden").unwrap();
+        let dir = ScratchDir::new().unwrap();
         let config = dir.path().to_path_buf();
         set_enabled_in(&config, true, Path::new("/usr/bin/rewind")).unwrap();
         let path = entry_path(&config);
@@ -366,7 +392,7 @@ mod tests {
 
     #[test]
     fn a_folder_that_cannot_be_made_is_an_error_naming_it() {
-        let dir = ScratchDir::new("autostart-blocked").unwrap();
+        let dir = ScratchDir::new().unwrap();
         // A file where the config folder should be.
         let config = dir.path().join("config");
         fs::write(&config, "not a folder").unwrap();
