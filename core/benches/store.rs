@@ -10,6 +10,8 @@
 //! Results go to stdout as a Markdown table; `core/BENCHMARKS.md` keeps them with the
 //! conditions. This is a benchmark, not a test: nothing here passes or fails on timing.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is how it fails
+
 #![allow(
     clippy::cast_precision_loss,
     clippy::cast_possible_truncation,

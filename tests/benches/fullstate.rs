@@ -15,6 +15,8 @@
 //! as root (it starts libvirt itself). `REWIND_BENCH_ROUNDS=N` (default 3). Prints a
 //! Markdown table; `core/BENCHMARKS.md` keeps the results. Nothing here passes or fails.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is how it fails
+
 #![allow(clippy::cast_precision_loss)]
 
 use std::sync::Arc;

@@ -2,6 +2,8 @@
 //! binary and a real X server. One test binary, so the tiny guest is built once and at most
 //! two guests run at a time (see `rewind_tests::domain`).
 
+#![allow(clippy::unwrap_used)] // test code: a panic is how it fails
+
 mod agent;
 mod backup;
 mod chain;

@@ -6,6 +6,8 @@
 //!
 //! `./x test` runs it after `cargo test`.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is how it fails
+
 use std::path::Path;
 use std::process::ExitCode;
 
