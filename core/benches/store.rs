@@ -11,7 +11,6 @@
 //! conditions. This is a benchmark, not a test: nothing here passes or fails on timing.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is how it fails
-
 #![allow(
     clippy::cast_precision_loss,
     clippy::cast_possible_truncation,

@@ -7,7 +7,6 @@
 //! `WRITING n hash`, `COMMITTED n id` and `DELETING n` lines.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is how it fails
-
 #![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 
 use std::collections::HashMap;

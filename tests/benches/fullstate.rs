@@ -16,7 +16,6 @@
 //! Markdown table; `core/BENCHMARKS.md` keeps the results. Nothing here passes or fails.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is how it fails
-
 #![allow(clippy::cast_precision_loss)]
 
 use std::sync::Arc;

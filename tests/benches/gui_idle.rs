@@ -26,7 +26,6 @@
 //! timing.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is how it fails
-
 #![allow(
     clippy::cast_precision_loss,
     clippy::cast_possible_truncation,

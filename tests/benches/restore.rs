@@ -20,7 +20,6 @@
 //! table; `core/BENCHMARKS.md` keeps the results. Nothing here passes or fails on timing.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is how it fails
-
 #![allow(
     clippy::cast_precision_loss,
     clippy::cast_possible_truncation,

@@ -9,7 +9,8 @@
 //! - [`sshd::Sshd`] is an OpenSSH server on loopback: the local daemon as a remote host;
 //!   [`pool::TestPool`] a storage pool in a scratch folder.
 
-#![allow(clippy::unwrap_used)] // test code: a panic is how it fails
+#![allow(clippy::unwrap_used)]
+// test code: a panic is how it fails
 
 // A harness reports failures by panicking with a message; documenting each panic adds nothing.
 #![allow(clippy::missing_panics_doc)]
