@@ -44,6 +44,17 @@ impl Hypervisor {
     /// Says whether the daemon is down, the user lacks permission, the URI is not understood,
     /// or the host cannot be reached, and what to do about each.
     pub fn connect(uri: &str) -> Result<Self> {
+        // Rewind drives QEMU (and libvirt's test driver in unit tests). Any other
+        // hypervisor is refused here, before libvirt's client would hand an unknown
+        // scheme to the daemon and answer "daemon not running" when none is up.
+        let driver = uri.split("://").next().unwrap_or_default();
+        let driver = driver.split('+').next().unwrap_or_default();
+        if !matches!(driver, "qemu" | "test") {
+            return Err(Error::UnsupportedUri {
+                uri: uri.to_owned(),
+                detail: format!("\"{driver}\" is not a QEMU connection"),
+            });
+        }
         ensure_event_loop();
         let conn = Connect::open(Some(uri)).map_err(|e| classify_connect_error(uri, &e))?;
         // Notice a dead daemon or a cut network within ~15 s instead of hanging forever.
