@@ -19,7 +19,6 @@ pub mod firmware;
 pub mod history;
 pub mod libvirt;
 pub mod mounts;
-pub mod nbd;
 pub mod notes;
 pub mod paths;
 pub mod policy;

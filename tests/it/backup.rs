@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use rewind_core::libvirt::Hypervisor;
-use rewind_core::nbd::{BASE_ALLOCATION, NbdClient, STATE_DIRTY, STATE_HOLE};
+use rewind_nbd::{BASE_ALLOCATION, NbdClient, STATE_DIRTY, STATE_HOLE};
 use rewind_tests::workload::{BLOCK_SIZE, scan_sequence};
 use rewind_tests::{DiskSpec, Format, TestVm, daemon};
 

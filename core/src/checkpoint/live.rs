@@ -7,12 +7,12 @@ use std::path::Path;
 use crate::cleanup::OrWarn as _;
 use crate::firmware::FirmwareState;
 use crate::libvirt::Hypervisor;
-use crate::nbd::{BASE_ALLOCATION, NbdClient, NbdError, STATE_DIRTY, STATE_HOLE, STATE_ZERO};
 use crate::progress::{Control, Phase};
 use crate::qemu_nbd::{Access, QemuNbd};
 use crate::store::{
     CheckpointKind, CheckpointWriter, Consistency, Manifest, NewCheckpoint, Store, VmRef,
 };
+use rewind_nbd::{BASE_ALLOCATION, NbdClient, NbdError, STATE_DIRTY, STATE_HOLE, STATE_ZERO};
 
 use super::full_state::{capture_full_state, capture_full_state_live};
 use super::guards::freeze;

@@ -31,7 +31,6 @@ use chrono::Utc;
 use uuid::Uuid;
 
 use crate::libvirt::Hypervisor;
-use crate::nbd::NbdError;
 use crate::progress::{Control, Phase};
 use crate::store::{Manifest, Store, StoreError};
 use crate::vm::VmState;
@@ -41,6 +40,7 @@ use plan::{
     LivePlan, chain_prefix, chained, clean_up_after_killed_runs, job_dir, protected_disks,
     qcow2_files, why_not_incremental,
 };
+use rewind_nbd::NbdError;
 use shut_off::take_shut_off;
 
 pub use shut_off::take_saved;

@@ -1,7 +1,7 @@
 //! Pull-mode backups: libvirt freezes a point-in-time view of a running VM's disks and QEMU
 //! exports it over NBD on a Unix socket, while the VM keeps running (copy-before-write keeps
 //! the old content of blocks the guest overwrites meanwhile). Rewind reads only what it
-//! needs from that export with [`crate::nbd::NbdClient`] and ends the job.
+//! needs from that export with [`rewind_nbd::NbdClient`] and ends the job.
 //!
 //! A backup can also create a libvirt checkpoint (persistent dirty bitmaps in the qcow2
 //! images) at the same instant, and can be incremental from an earlier checkpoint: the

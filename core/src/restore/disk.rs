@@ -22,11 +22,11 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::RestoreError;
-use crate::nbd::{BASE_ALLOCATION, NbdClient, NbdError, STATE_HOLE, STATE_ZERO};
 use crate::progress::Control;
 use crate::qemu_nbd::{Access, QemuNbd};
 use crate::store::index::HOLE;
 use crate::store::{ChunkId, ChunkKind, ObjectIndex, Store, StoreError, for_each_slot};
+use rewind_nbd::{BASE_ALLOCATION, NbdClient, NbdError, STATE_HOLE, STATE_ZERO};
 
 /// How the current content of a disk was known before writing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -145,7 +145,7 @@ impl DiskSession {
                 .ok_or_else(|| write_err("the path is not UTF-8".into()))?;
             let server = QemuNbd::serve(file_str, Some(format), "disk", &socket, access)
                 .map_err(write_err)?;
-            let context = bitmap.map(crate::nbd::dirty_bitmap_context);
+            let context = bitmap.map(rewind_nbd::dirty_bitmap_context);
             let mut contexts = vec![BASE_ALLOCATION];
             contexts.extend(context.as_deref());
             let mut clients = Vec::new();
@@ -180,13 +180,13 @@ impl DiskSession {
 
     /// The extents of the image's dirty bitmap `bitmap` (written since it was created).
     pub(crate) fn dirty_extents(&mut self, bitmap: &str) -> Result<Vec<(u64, u64)>, RestoreError> {
-        let context = crate::nbd::dirty_bitmap_context(bitmap);
+        let context = rewind_nbd::dirty_bitmap_context(bitmap);
         let extents = self.clients[0]
             .block_status(&context, 0, self.size_bytes)
             .map_err(|e| nbd_failed(&self.path, &e))?;
         Ok(extents
             .into_iter()
-            .filter(|e| e.flags & crate::nbd::STATE_DIRTY != 0 && e.length > 0)
+            .filter(|e| e.flags & rewind_nbd::STATE_DIRTY != 0 && e.length > 0)
             .map(|e| (e.offset, e.end()))
             .collect())
     }
