@@ -24,7 +24,6 @@ pub mod paths;
 pub mod policy;
 pub mod progress;
 pub mod qcow2;
-pub mod qcow2_new;
 mod qemu_nbd;
 pub mod restore;
 pub mod scheduler;

@@ -196,7 +196,7 @@ impl Hypervisor {
                 && disk.format.as_deref() == Some("qcow2")
                 && let Some(path) = disk.path()
             {
-                disk.backing_chain = qcow2::backing_chain(path).unwrap_or_default();
+                disk.backing_chain = qcow2::read::backing_chain(path).unwrap_or_default();
             }
         }
 

@@ -1,7 +1,7 @@
 //! Writing a checkpoint's disk into a new image file (a full restore into a file that is not
 //! there, `rewind export`): the worker threads decode chunks and write them straight into
 //! the file — a sparse raw file at their place, or qcow2 data clusters in the order they
-//! come ([`crate::qcow2_new`] writes the metadata at the end) — skipping 64 KiB pieces that
+//! come ([`crate::qcow2::write`] writes the metadata at the end) — skipping 64 KiB pieces that
 //! are all zeros. Each piece is read back from the file at once and compared with what was
 //! meant; the file is flushed to the drive, and `qemu-img check` confirms the structure of a
 //! qcow2 image. No `qemu-nbd` is in the way, so both cores work (QEMU's reading of these
@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use super::RestoreError;
 use super::disk::{ComparedBy, DiskRestore, entries};
 use crate::progress::Control;
-use crate::qcow2_new::{self, CLUSTER_BYTES};
+use crate::qcow2::write::{self as qcow2_write, CLUSTER_BYTES};
 use crate::store::index::HOLE;
 use crate::store::{ChunkId, ChunkKind, ObjectIndex, Store, StoreError, for_each_slot};
 
@@ -173,7 +173,7 @@ impl<'a> NewImage<'a> {
     ) -> Result<(), RestoreError> {
         if self.qcow2 {
             let data_clusters = chunks_with_data * self.clusters_per_chunk;
-            for (at, bytes) in qcow2_new::metadata(size_bytes, data_clusters, mapping) {
+            for (at, bytes) in qcow2_write::metadata(size_bytes, data_clusters, mapping) {
                 self.file
                     .write_all_at(&bytes, at)
                     .map_err(|e| write_error(self.path, &e))?;

@@ -54,7 +54,7 @@ fn image_size(path: &Path, format: &str) -> Result<u64, RestoreError> {
     // Read directly where that is simple (a restore in place asks for every disk, and
     // qemu-img costs a process each time); qemu-img for the rest and to explain a failure.
     let direct = match format {
-        "qcow2" => crate::qcow2::virtual_size(path).ok(),
+        "qcow2" => crate::qcow2::read::virtual_size(path).ok(),
         // A block device's length is not in its metadata.
         "raw" => std::fs::metadata(path)
             .ok()

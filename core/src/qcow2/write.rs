@@ -16,11 +16,11 @@
 
 use std::collections::BTreeMap;
 
+use super::MAGIC;
+
 /// Bytes of one cluster.
 pub const CLUSTER_BYTES: u64 = 1 << CLUSTER_BITS;
 const CLUSTER_BITS: u32 = 16;
-/// `QFI\xfb`.
-const MAGIC: u32 = 0x5146_49fb;
 /// L2 and L1 entries: the cluster is used exactly once (refcount 1).
 const COPIED: u64 = 1 << 63;
 /// 8-byte entries per L2 table (one cluster).

@@ -9,10 +9,9 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+use super::MAGIC;
 use crate::vm::BackingImage;
 
-/// `QFI\xfb`.
-const MAGIC: u32 = 0x5146_49fb;
 /// Header extension type naming the backing file's format.
 const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 /// The spec limits backing file names to 1023 bytes.
