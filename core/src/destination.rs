@@ -110,14 +110,15 @@ pub enum AddError {
         path: PathBuf,
     },
     /// A passphrase file could not be read or written.
-    #[error("could not {action} the passphrase file {path}: {detail}")]
+    #[error("could not {action} the passphrase file {}: {source}", path.display())]
     PassphraseFile {
         /// `read` or `write`.
         action: &'static str,
         /// The file.
         path: PathBuf,
         /// Why.
-        detail: String,
+        #[source]
+        source: std::io::Error,
     },
     /// Not an absolute path.
     #[error("{0} is not a full path to a folder; choose the folder again (it must start with /)")]
@@ -156,12 +157,16 @@ pub enum Passphrase<'a> {
 }
 
 fn read_passphrase_file(file: &Path) -> Result<Zeroizing<Vec<u8>>, AddError> {
-    let text = std::fs::read(file).map_err(|e| AddError::PassphraseFile {
+    passphrase_from(file).map_err(|source| AddError::PassphraseFile {
         action: "read",
         path: file.to_path_buf(),
-        detail: e.to_string(),
-    })?;
-    let text = Zeroizing::new(text);
+        source,
+    })
+}
+
+/// The passphrase in `file`: its first line, without the line break.
+fn passphrase_from(file: &Path) -> std::io::Result<Zeroizing<Vec<u8>>> {
+    let text = Zeroizing::new(std::fs::read(file)?);
     let end = text
         .iter()
         .rposition(|b| *b != b'\n' && *b != b'\r')
@@ -177,10 +182,10 @@ fn write_passphrase_file(
     passphrase: &[u8],
 ) -> Result<PathBuf, AddError> {
     let path = keys_dir.join(format!("{id}.passphrase"));
-    let fail = |e: std::io::Error| AddError::PassphraseFile {
+    let fail = |source: std::io::Error| AddError::PassphraseFile {
         action: "write",
         path: path.clone(),
-        detail: e.to_string(),
+        source,
     };
     std::fs::create_dir_all(keys_dir).map_err(fail)?;
     std::fs::set_permissions(
@@ -267,6 +272,72 @@ pub fn open_remote(dest: &Destination, passphrase: Option<&[u8]>) -> Result<Stor
         )));
     }
     Ok(store)
+}
+
+/// Why a configured destination's store could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// Its passphrase file could not be read.
+    #[error(
+        "could not read the passphrase of destination {destination:?} from {}: {source}; \
+         check the file, or add the destination again with its passphrase",
+        file.display()
+    )]
+    PassphraseFile {
+        /// The destination.
+        destination: String,
+        /// The passphrase file.
+        file: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The store is away for now ([`Availability::Missing`]).
+    #[error("{reason}")]
+    Missing {
+        /// What is missing and what to do.
+        reason: String,
+    },
+    /// The store did not open.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl OpenError {
+    /// Whether opening it later can succeed without the user changing anything: the
+    /// drive or host comes back.
+    #[must_use]
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Missing { .. } => true,
+            Self::Store(e) => e.is_retryable(),
+            Self::PassphraseFile { .. } => false,
+        }
+    }
+}
+
+/// Opens the store of destination `dest`, found at `found`, with its passphrase file.
+///
+/// # Errors
+/// The store is not there now, its passphrase file cannot be read, or it does not open.
+pub fn open(dest: &Destination, found: &Availability) -> Result<Store, OpenError> {
+    let pass = match &dest.passphrase_file {
+        Some(file) => Some(
+            passphrase_from(file).map_err(|source| OpenError::PassphraseFile {
+                destination: dest.name.clone(),
+                file: file.clone(),
+                source,
+            })?,
+        ),
+        None => None,
+    };
+    match found {
+        Availability::Folder(path) => Ok(Store::open(path, pass.as_deref().map(|p| &p[..]))?),
+        Availability::Remote(_) => Ok(open_remote(dest, pass.as_deref().map(|p| &p[..]))?),
+        Availability::Missing { reason } => Err(OpenError::Missing {
+            reason: reason.clone(),
+        }),
+    }
 }
 
 /// Adds the store in folder `dir` to `config` as a destination (creating the store if the

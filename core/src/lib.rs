@@ -17,6 +17,7 @@ pub mod error;
 mod fault;
 pub mod firmware;
 pub mod history;
+pub mod job_error;
 pub mod libvirt;
 pub mod mounts;
 pub mod notes;

@@ -770,7 +770,7 @@ fn report_lines(r: &RestoreReport) -> Vec<String> {
 
 /// The same restore, disks only, when `error` says that is what can still be done.
 fn disk_only_retry(request: &JobRequest, error: &JobError) -> Option<JobRequest> {
-    if !error.disk_only_possible {
+    if !error.disk_only_possible() {
         return None;
     }
     let mut again = request.clone();

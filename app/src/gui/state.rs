@@ -354,7 +354,7 @@ impl UiState {
                     self.autostart_note = Some(match changed {
                         Ok(()) if enabled => "Rewind starts at login.".to_owned(),
                         Ok(()) => "Rewind no longer starts at login.".to_owned(),
-                        Err(e) => e,
+                        Err(e) => e.message,
                     });
                 }
             }
@@ -368,7 +368,7 @@ impl UiState {
                 if let Some(check) = self.resume_checks.get_mut(&key) {
                     *check = match result {
                         Ok(()) => ResumeCheck::Possible,
-                        Err(why) => ResumeCheck::Impossible(why),
+                        Err(why) => ResumeCheck::Impossible(why.message),
                     };
                 }
             }
@@ -396,6 +396,8 @@ impl UiState {
                 }
             }
             Event::DestinationAdded { result, warning } => {
+                // The forms show the words; the kind is not needed there.
+                let result = result.map_err(|e| e.message);
                 if let Some(settings) = &mut self.settings {
                     settings.destination_added(result, warning);
                 } else if let Some(form) = &mut self.setup.form {
@@ -406,7 +408,7 @@ impl UiState {
             }
             Event::DestinationTested { location, result } => {
                 if let Some(settings) = &mut self.settings {
-                    settings.destination_tested(&location, result);
+                    settings.destination_tested(&location, result.map_err(|e| e.message));
                 }
             }
             // The refreshed list follows; nothing to show for the event itself yet.

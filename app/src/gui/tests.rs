@@ -14,7 +14,7 @@ use egui_kittest::Harness;
 use egui_kittest::kittest::{NodeT as _, Queryable as _};
 use rewind_core::config::{Config, Destination, Protection};
 use rewind_core::destination::Availability;
-use rewind_core::engine::jobs::JobOutput;
+use rewind_core::engine::jobs::{ErrorKind, JobError, JobOutput};
 use rewind_core::engine::{self, EngineOptions, SchedulerView};
 use rewind_core::history::{Outcome, Record};
 use rewind_core::libvirt::Hypervisor;
@@ -277,7 +277,10 @@ fn a_full_state_checkpoint_that_cannot_resume_says_why_and_offers_its_disks_alon
             vm_uuid: key.vm_uuid,
             checkpoint: key.id.clone(),
         },
-        result: Err("chunk 0badc0de of its saved memory is damaged in the store".into()),
+        result: Err(JobError::new(
+            ErrorKind::CannotResume,
+            "chunk 0badc0de of its saved memory is damaged in the store",
+        )),
     });
     h.run_steps(4);
     h.get_by_label_contains("cannot resume test where it was: chunk 0badc0de");
@@ -297,7 +300,7 @@ fn a_full_state_checkpoint_that_cannot_resume_says_why_and_offers_its_disks_alon
 
 #[test]
 fn the_restore_window_counts_the_shutdown_down_and_turns_the_vm_off_when_asked() {
-    use rewind_core::engine::jobs::{JobError, JobRequest};
+    use rewind_core::engine::jobs::JobRequest;
     use rewind_core::engine::{Command, Event};
     use rewind_core::progress::Phase;
     let mut state = fixture();
@@ -349,10 +352,10 @@ fn the_restore_window_counts_the_shutdown_down_and_turns_the_vm_off_when_asked()
     // A resume that turns out impossible once it runs (a damaged chunk) offers the disks.
     h.state_mut().0.apply(Event::JobFinished {
         job: 7,
-        result: Err(JobError {
-            message: "checkpoint x of VM \"test\" cannot resume the VM where it was".into(),
-            disk_only_possible: true,
-        }),
+        result: Err(JobError::new(
+            ErrorKind::CannotResume,
+            "checkpoint x of VM \"test\" cannot resume the VM where it was",
+        )),
     });
     h.run_steps(4);
     h.get_by_label("The restore did not complete");
@@ -459,7 +462,10 @@ fn a_remote_host_is_tested_then_added_from_the_settings() {
     assert!(asked, "{:?}", h.state().1);
     h.state_mut().0.apply(Event::DestinationTested {
         location: "ssh://me@nas/srv/rewind".into(),
-        result: Err("nas: the host key is not known; run ssh me@nas once".into()),
+        result: Err(JobError::new(
+            ErrorKind::PermissionDenied,
+            "nas: the host key is not known; run ssh me@nas once",
+        )),
     });
     h.step();
     h.get_by_label_contains("host key is not known");

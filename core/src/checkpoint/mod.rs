@@ -76,6 +76,21 @@ pub enum CheckpointError {
     Unsupported(String),
 }
 
+impl CheckpointError {
+    /// Whether taking the checkpoint again later can succeed without the user changing
+    /// anything: libvirt's and the store's own answer, and a read of the backup export
+    /// that broke off (the next job starts a new export).
+    #[must_use]
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Libvirt(e) => e.is_retryable(),
+            Self::Store(e) => e.is_retryable(),
+            Self::Read { .. } => true,
+            Self::Firmware(_) | Self::Staging(_) | Self::Unsupported(_) => false,
+        }
+    }
+}
+
 /// How to take a checkpoint, beyond the defaults.
 #[derive(Debug, Clone)]
 #[allow(clippy::struct_excessive_bools)] // independent switches of one call

@@ -17,6 +17,8 @@ use crate::store::verify::VerifyReport;
 use crate::store::{Manifest, Store};
 use crate::view::catalog::{self, CheckpointSummary};
 
+pub use crate::job_error::{ErrorKind, JobError};
+
 /// A job's number, unique in one engine.
 pub type JobId = u64;
 
@@ -102,46 +104,6 @@ impl JobRequest {
     }
 }
 
-/// Why a job failed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JobError {
-    /// What failed and what to do.
-    pub message: String,
-    /// A restore of a full-state checkpoint found that it cannot resume the VM and changed
-    /// nothing: the same checkpoint can be restored disks-only (booting the VM).
-    pub disk_only_possible: bool,
-}
-
-impl std::fmt::Display for JobError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl From<String> for JobError {
-    fn from(message: String) -> Self {
-        Self {
-            message,
-            disk_only_possible: false,
-        }
-    }
-}
-
-impl From<&str> for JobError {
-    fn from(message: &str) -> Self {
-        message.to_owned().into()
-    }
-}
-
-impl From<crate::restore::RestoreError> for JobError {
-    fn from(e: crate::restore::RestoreError) -> Self {
-        Self {
-            disk_only_possible: matches!(e, crate::restore::RestoreError::CannotResume { .. }),
-            message: e.to_string(),
-        }
-    }
-}
-
 /// What a job produced.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -158,16 +120,19 @@ pub enum JobOutput {
     Exported(PathBuf),
 }
 
-fn store_of(config: &Config, name: &str) -> Result<Store, String> {
-    let dest = config
-        .destination(name)
-        .ok_or_else(|| format!("there is no destination called {name:?} in the configuration"))?;
+fn store_of(config: &Config, name: &str) -> Result<Store, JobError> {
+    let dest = config.destination(name).ok_or_else(|| {
+        JobError::new(
+            ErrorKind::NotConfigured,
+            format!("there is no destination called {name:?} in the configuration"),
+        )
+    })?;
     let found = destination::locate(dest, &destination::watch_roots(config));
-    catalog::open(dest, &found)
+    Ok(destination::open(dest, &found)?)
 }
 
-fn manifest(store: &Store, vm: &Uuid, id: &str) -> Result<Manifest, String> {
-    store.manifest(vm, id).map_err(|e| e.to_string())
+fn manifest(store: &Store, vm: &Uuid, id: &str) -> Result<Manifest, JobError> {
+    Ok(store.manifest(vm, id)?)
 }
 
 /// Runs `request` to the end (or until `control` is cancelled); `state_dir` keeps what a
@@ -178,9 +143,8 @@ pub fn run(
     request: &JobRequest,
     control: &Arc<Control>,
 ) -> Result<JobOutput, JobError> {
-    let work = crate::workdir::WorkDir::new()
-        .map_err(|e| format!("could not make a work folder in the temporary folder: {e}"))?;
-    let hv = || Hypervisor::connect(&config.uri).map_err(|e| e.to_string());
+    let work = crate::workdir::WorkDir::new().map_err(JobError::work_folder)?;
+    let hv = || Hypervisor::connect(&config.uri);
     match request {
         JobRequest::Checkpoint { vm } => Ok(checkpoint_now(config, vm, work.path(), control)?),
         JobRequest::Restore {
@@ -221,9 +185,7 @@ pub fn run(
             checkpoint,
         } => {
             let store = store_of(config, destination)?;
-            store
-                .delete_checkpoint(vm_uuid, checkpoint)
-                .map_err(|e| e.to_string())?;
+            store.delete_checkpoint(vm_uuid, checkpoint)?;
             Ok(JobOutput::Deleted)
         }
         JobRequest::Export {
@@ -236,8 +198,7 @@ pub fn run(
         } => {
             let store = store_of(config, destination)?;
             let m = manifest(&store, vm_uuid, checkpoint)?;
-            crate::restore::export_disk(&store, &m, disk, out, *format, control)
-                .map_err(|e| e.to_string())?;
+            crate::restore::export_disk(&store, &m, disk, out, *format, control)?;
             Ok(JobOutput::Exported(out.clone()))
         }
     }
@@ -249,17 +210,20 @@ fn checkpoint_now(
     vm: &str,
     work: &std::path::Path,
     control: &Arc<Control>,
-) -> Result<JobOutput, String> {
+) -> Result<JobOutput, JobError> {
     let protection = config.protection(vm);
     let destinations: Vec<String> = protection
         .map(|p| p.destinations.clone())
         .unwrap_or_default();
     if destinations.is_empty() {
-        return Err(format!(
-            "{vm} has no destination yet: protect it first (Settings, or `rewind protect`)"
+        return Err(JobError::new(
+            ErrorKind::NotConfigured,
+            format!(
+                "{vm} has no destination yet: protect it first (Settings, or `rewind protect`)"
+            ),
         ));
     }
-    let hv = Hypervisor::connect(&config.uri).map_err(|e| e.to_string())?;
+    let hv = Hypervisor::connect(&config.uri)?;
     let options = crate::checkpoint::TakeOptions {
         quiesce: protection.is_none_or(|p| p.quiesce),
         ..crate::checkpoint::TakeOptions::default()
@@ -267,8 +231,7 @@ fn checkpoint_now(
     let mut taken = Vec::new();
     for d in &destinations {
         let store = store_of(config, d)?;
-        let m = crate::checkpoint::take_with(&hv, &store, vm, work, &options, control)
-            .map_err(|e| e.to_string())?;
+        let m = crate::checkpoint::take_with(&hv, &store, vm, work, &options, control)?;
         taken.push(CheckpointSummary::of(&m));
     }
     Ok(JobOutput::Checkpoints(taken))
@@ -284,34 +247,41 @@ fn undo_restore(
 ) -> Result<JobOutput, JobError> {
     let store = store_of(config, destination)?;
     let safety = store
-        .catalog()
-        .map_err(|e| e.to_string())?
+        .catalog()?
         .checkpoints
         .into_iter()
         .rfind(|m| {
             m.vm.uuid == *vm_uuid && m.labels.iter().any(|l| l == crate::store::SAFETY_LABEL)
         })
-        .ok_or("there is no safety checkpoint to go back to")?;
-    let hv = Hypervisor::connect(&config.uri).map_err(|e| e.to_string())?;
+        .ok_or_else(|| {
+            JobError::new(
+                ErrorKind::NotFound,
+                "there is no safety checkpoint to go back to",
+            )
+        })?;
+    let hv = Hypervisor::connect(&config.uri)?;
     let report = crate::restore::restore_in_place(&hv, &store, &safety, options, work, control)?;
     Ok(JobOutput::Restored(Box::new(report)))
 }
 
 /// Whether checkpoint `checkpoint` of VM `vm_uuid` in `destination` can resume the VM
-/// (see [`crate::restore::resume::check`]): `Err` says why not.
+/// (see [`crate::restore::resume::check`]): `Err` says why not ([`ErrorKind::CannotResume`]
+/// with just the reason as its message), or why that could not be found out.
 pub fn check_resume(
     config: &Config,
     destination: &str,
     vm_uuid: &Uuid,
     checkpoint: &str,
-) -> Result<(), String> {
+) -> Result<(), JobError> {
     let store = store_of(config, destination)?;
     let m = manifest(&store, vm_uuid, checkpoint)?;
-    let hv = Hypervisor::connect(&config.uri).map_err(|e| e.to_string())?;
+    let hv = Hypervisor::connect(&config.uri)?;
     match crate::restore::resume::check(&hv, &store, &m, &m.vm.name) {
         Ok(_) => Ok(()),
-        Err(crate::restore::RestoreError::CannotResume { reason, .. }) => Err(reason),
-        Err(e) => Err(e.to_string()),
+        Err(crate::restore::RestoreError::CannotResume { reason, .. }) => {
+            Err(JobError::new(ErrorKind::CannotResume, reason))
+        }
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -320,10 +290,10 @@ fn verify(
     state_dir: &std::path::Path,
     destination: &str,
     control: &Arc<Control>,
-) -> Result<JobOutput, String> {
+) -> Result<JobOutput, JobError> {
     let store = store_of(config, destination)?;
     let started = chrono::Utc::now();
-    let report = store.verify(false, control).map_err(|e| e.to_string())?;
+    let report = store.verify(false, control)?;
     let record = catalog::VerifyRecord {
         started,
         finished: chrono::Utc::now(),

@@ -32,7 +32,7 @@ use crate::scheduler::status::Status;
 use crate::scheduler::{Event as SchedEvent, Paths, SchedulerHandle};
 use crate::view::catalog::{self, DestinationView};
 use crate::vm::VmInfo;
-use jobs::{JobError, JobId, JobOutput, JobRequest};
+use jobs::{ErrorKind, JobError, JobId, JobOutput, JobRequest};
 
 /// Requests from a front end.
 #[derive(Debug, Clone)]
@@ -176,7 +176,7 @@ pub enum Event {
     /// The answer to [`Command::AddFolderDestination`] (the configuration follows).
     DestinationAdded {
         /// The destination, or why it could not be added.
-        result: Result<crate::destination::Added, String>,
+        result: Result<crate::destination::Added, JobError>,
         /// Set when the folder is on the same disk as a VM's disk images.
         warning: Option<String>,
     },
@@ -186,7 +186,7 @@ pub enum Event {
         location: String,
         /// What is there ("a store with 12 checkpoints", "an empty folder: a new store
         /// will be made"), or why it could not be reached.
-        result: Result<String, String>,
+        result: Result<String, JobError>,
     },
     /// How far a job is.
     JobProgress {
@@ -216,14 +216,15 @@ pub enum Event {
         /// Whether it does now.
         enabled: bool,
         /// The answer to a [`Command::SetAutostart`]: `Err` says why the change was not made.
-        changed: Option<Result<(), String>>,
+        changed: Option<Result<(), JobError>>,
     },
     /// The answer to [`Command::CheckResume`].
     ResumeChecked {
         /// The checkpoint asked about.
         key: ResumeKey,
-        /// `Err`: why it cannot resume its VM (a disk-only restore still can be done).
-        result: Result<(), String>,
+        /// `Err`: why it cannot resume its VM (a disk-only restore still can be done), or
+        /// why that could not be found out.
+        result: Result<(), JobError>,
     },
 }
 
@@ -663,7 +664,7 @@ impl Engine {
                 let tested = location.clone();
                 let result = tokio::task::spawn_blocking(move || test_destination(&tested))
                     .await
-                    .unwrap_or_else(|join| Err(format!("internal error: {join}")));
+                    .unwrap_or_else(|join| Err(JobError::internal(&join)));
                 self.emit(Event::DestinationTested { location, result })
                     .await;
             }
@@ -753,8 +754,7 @@ impl Engine {
             };
             let (added, warning) = match &target {
                 AddTarget::Folder { folder, vm_disks } => {
-                    let added = crate::destination::add_folder(&mut config, folder, pass)
-                        .map_err(|e| e.to_string())?;
+                    let added = crate::destination::add_folder(&mut config, folder, pass)?;
                     let warning = vm_disks
                         .iter()
                         .any(|d| crate::destination::same_device(d, folder))
@@ -767,22 +767,24 @@ impl Engine {
                     (added, warning)
                 }
                 AddTarget::Remote(url) => {
-                    let location = crate::store::Location::parse(url).map_err(|e| e.to_string())?;
+                    let location = crate::store::Location::parse(url)?;
                     if !location.is_remote() {
-                        return Err(format!(
-                            "{url} is not an ssh:// address; write ssh://[user@]host[:port]/folder"
+                        return Err(JobError::new(
+                            ErrorKind::Invalid,
+                            format!(
+                                "{url} is not an ssh:// address; write ssh://[user@]host[:port]/folder"
+                            ),
                         ));
                     }
-                    let added = crate::destination::add_at(&mut config, &location, pass)
-                        .map_err(|e| e.to_string())?;
+                    let added = crate::destination::add_at(&mut config, &location, pass)?;
                     (added, None)
                 }
             };
-            config.save(&path).map_err(|e| e.to_string())?;
-            Ok::<_, String>((added, config, warning))
+            config.save(&path)?;
+            Ok::<_, JobError>((added, config, warning))
         })
         .await
-        .unwrap_or_else(|join| Err(format!("internal error: {join}")));
+        .unwrap_or_else(|join| Err(JobError::internal(&join)));
         match done {
             Ok((added, config, warning)) => {
                 p.config = config.clone();
@@ -974,10 +976,13 @@ fn answer_off_the_loop(command: Command, config: Config, tx: mpsc::Sender<Inner>
             }
             Command::SetAutostart(enabled) => {
                 let changed = std::env::current_exe()
-                    .map_err(|e| format!("could not find Rewind's own program: {e}"))
-                    .and_then(|exe| {
-                        crate::autostart::set_enabled(enabled, &exe).map_err(|e| e.to_string())
-                    });
+                    .map_err(|e| {
+                        JobError::new(
+                            ErrorKind::Failed,
+                            format!("could not find Rewind's own program: {e}"),
+                        )
+                    })
+                    .and_then(|exe| Ok(crate::autostart::set_enabled(enabled, &exe)?));
                 Event::Autostart {
                     enabled: crate::autostart::is_enabled(),
                     changed: Some(changed),
@@ -998,9 +1003,9 @@ fn answer_off_the_loop(command: Command, config: Config, tx: mpsc::Sender<Inner>
 /// What is at `location` (for [`Command::TestDestination`]): a store (how many
 /// checkpoints, encrypted or not), a place where one can be made, or why it cannot be
 /// reached.
-fn test_destination(location: &str) -> Result<String, String> {
+fn test_destination(location: &str) -> Result<String, JobError> {
     use crate::store::{Location, Store, StoreError};
-    let place = Location::parse(location.trim()).map_err(|e| e.to_string())?;
+    let place = Location::parse(location.trim())?;
     let host = match &place {
         Location::Ssh(ssh) => format!("Reached {}. ", ssh.host),
         Location::Local(_) => String::new(),
@@ -1028,7 +1033,7 @@ fn test_destination(location: &str) -> Result<String, String> {
         Err(StoreError::NotAStore { .. }) => Ok(format!(
             "{host}The folder holds no Rewind store: adding it creates one if the folder is empty."
         )),
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -1111,7 +1116,7 @@ mod tests {
     fn a_destination_test_says_what_is_there_before_it_is_added() {
         let dir = tempfile::tempdir().unwrap();
         let mut engine = engine("test:///default", dir.path(), Arc::new(|| {}));
-        let mut ask = |location: String| -> Result<String, String> {
+        let mut ask = |location: String| -> Result<String, JobError> {
             assert!(engine.send(Command::TestDestination {
                 location: location.clone()
             }));
@@ -1143,7 +1148,7 @@ mod tests {
         let said = ask(other.display().to_string()).unwrap();
         assert!(said.contains("no Rewind store"), "{said}");
         let bad = ask("nas:/srv/rewind".into()).unwrap_err();
-        assert!(bad.contains("ssh://"), "{bad}");
+        assert!(bad.message.contains("ssh://"), "{bad}");
         // Adding a remote destination refuses a folder path, saying what to write.
         assert!(engine.send(Command::AddRemoteDestination {
             url: store_dir.display().to_string(),
@@ -1153,7 +1158,7 @@ mod tests {
             match engine.recv_timeout(Duration::from_secs(10)) {
                 Some(Event::DestinationAdded { result, .. }) => {
                     let e = result.unwrap_err();
-                    assert!(e.contains("ssh://[user@]host"), "{e}");
+                    assert!(e.message.contains("ssh://[user@]host"), "{e}");
                     break;
                 }
                 Some(_) => {}

@@ -152,6 +152,26 @@ pub enum RestoreError {
 }
 
 impl RestoreError {
+    /// Whether the same restore can succeed later without the user changing anything:
+    /// the answer of what stopped it.
+    #[must_use]
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Store(e) => e.is_retryable(),
+            Self::Libvirt(e) => e.is_retryable(),
+            Self::Safety(e) => e.is_retryable(),
+            Self::Stopped { cause, .. } => cause.is_retryable(),
+            Self::Firmware(_)
+            | Self::NoSuchDisk { .. }
+            | Self::Exists(_)
+            | Self::Write { .. }
+            | Self::Verify { .. }
+            | Self::Invalid(_)
+            | Self::CannotResume { .. }
+            | Self::Cancelled => false,
+        }
+    }
+
     /// Whether the restore was cancelled (rather than failing).
     #[must_use]
     pub fn is_cancel(&self) -> bool {

@@ -5,14 +5,15 @@
 
 use chrono::Utc;
 
-use crate::checkpoint::{CheckpointError, TakeOptions};
+use crate::checkpoint::TakeOptions;
 use crate::config::{Destination, Protection};
 use crate::destination::Availability;
 use crate::history::{Outcome, Record};
+use crate::job_error::JobError;
 use crate::libvirt::Hypervisor;
 use crate::policy::{self, Why};
 use crate::progress::Control;
-use crate::store::{CheckpointKind, Store, StoreError};
+use crate::store::CheckpointKind;
 use crate::vm::VmState;
 
 /// What to run.
@@ -28,79 +29,6 @@ pub struct JobSpec {
     pub found: Availability,
     /// Why it runs.
     pub why: Why,
-}
-
-/// A failure, with whether trying later can help.
-struct Failure {
-    message: String,
-    retryable: bool,
-}
-
-impl From<StoreError> for Failure {
-    fn from(e: StoreError) -> Self {
-        let retryable = matches!(
-            e,
-            StoreError::Missing { .. }
-                | StoreError::Busy { .. }
-                | StoreError::Io { .. }
-                | StoreError::NoSpace { .. }
-        );
-        Self {
-            message: e.to_string(),
-            retryable,
-        }
-    }
-}
-
-impl From<crate::Error> for Failure {
-    fn from(e: crate::Error) -> Self {
-        Self {
-            retryable: e.is_retryable(),
-            message: e.to_string(),
-        }
-    }
-}
-
-impl From<CheckpointError> for Failure {
-    fn from(e: CheckpointError) -> Self {
-        match e {
-            CheckpointError::Libvirt(e) => e.into(),
-            CheckpointError::Store(e) => e.into(),
-            other => Self {
-                retryable: matches!(other, CheckpointError::Read { .. }),
-                message: other.to_string(),
-            },
-        }
-    }
-}
-
-fn open_store(spec: &JobSpec) -> Result<Store, Failure> {
-    let passphrase = match &spec.destination.passphrase_file {
-        Some(file) => Some(
-            std::fs::read_to_string(file)
-                .map_err(|e| Failure {
-                    message: format!(
-                        "could not read the passphrase of destination {:?} from {}: {e}",
-                        spec.destination.name,
-                        file.display()
-                    ),
-                    retryable: false,
-                })?
-                .trim_end_matches(['\n', '\r'])
-                .as_bytes()
-                .to_vec(),
-        ),
-        None => None,
-    };
-    let pass = passphrase.as_deref();
-    match &spec.found {
-        Availability::Folder(path) => Ok(Store::open(path, pass)?),
-        Availability::Remote(_) => Ok(crate::destination::open_remote(&spec.destination, pass)?),
-        Availability::Missing { reason } => Err(Failure {
-            message: reason.clone(),
-            retryable: true,
-        }),
-    }
 }
 
 /// Where the job wrote, for the record.
@@ -146,17 +74,14 @@ pub fn run(spec: &JobSpec, control: &Control) -> Record {
     record
 }
 
-fn run_into(spec: &JobSpec, control: &Control, record: &mut Record) -> Result<(), Failure> {
-    let store = open_store(spec)?;
+fn run_into(spec: &JobSpec, control: &Control, record: &mut Record) -> Result<(), JobError> {
+    let store = crate::destination::open(&spec.destination, &spec.found)?;
     let hv = Hypervisor::connect(&spec.uri)?;
     let vm = match &spec.protection.uuid {
         Some(uuid) if hv.has_vm(uuid) => uuid.clone(),
         _ => spec.protection.vm.clone(),
     };
-    let work = crate::workdir::WorkDir::new().map_err(|e| Failure {
-        message: format!("could not make a work folder in the temporary folder: {e}"),
-        retryable: true,
-    })?;
+    let work = crate::workdir::WorkDir::new().map_err(JobError::work_folder)?;
     // Only a mixed policy needs to know when the last full-state one was.
     let last_full_state = if spec.protection.full_state_every_secs.is_some() {
         store

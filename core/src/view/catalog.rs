@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use crate::config::{Config, Destination};
 use crate::destination::{self, Availability};
-use crate::store::{CheckpointKind, Consistency, Manifest, Store};
+use crate::store::{CheckpointKind, Consistency, Manifest};
 
 /// One checkpoint as the timeline shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,27 +143,6 @@ pub fn verify_record(state_dir: &Path, store_id: Uuid) -> Option<VerifyRecord> {
     serde_json::from_slice(&std::fs::read(verify_record_path(state_dir, store_id)).ok()?).ok()
 }
 
-/// Opens the store of a destination found at `found` (with its passphrase file).
-pub(crate) fn open(dest: &Destination, found: &Availability) -> Result<Store, String> {
-    let pass = match &dest.passphrase_file {
-        Some(file) => Some(
-            std::fs::read_to_string(file)
-                .map_err(|e| format!("could not read the passphrase file {}: {e}", file.display()))?
-                .trim_end_matches(['\n', '\r'])
-                .as_bytes()
-                .to_vec(),
-        ),
-        None => None,
-    };
-    match found {
-        Availability::Folder(path) => Store::open(path, pass.as_deref()).map_err(|e| e.to_string()),
-        Availability::Remote(_) => {
-            destination::open_remote(dest, pass.as_deref()).map_err(|e| e.to_string())
-        }
-        Availability::Missing { reason } => Err(reason.clone()),
-    }
-}
-
 /// Looks at every destination of `config` now; `state_dir` holds the verify records.
 #[must_use]
 pub fn scan(config: &Config, state_dir: &Path) -> Vec<DestinationView> {
@@ -175,9 +154,9 @@ pub fn scan(config: &Config, state_dir: &Path) -> Vec<DestinationView> {
             let found = destination::locate(d, &roots);
             let (checkpoints, error) = match &found {
                 Availability::Missing { .. } => (Vec::new(), None),
-                _ => match open(d, &found).and_then(|s| {
+                _ => match destination::open(d, &found).and_then(|s| {
                     let record = verify_record(state_dir, s.config().id);
-                    s.catalog().map(|c| (c, record)).map_err(|e| e.to_string())
+                    Ok((s.catalog()?, record))
                 }) {
                     Ok((catalog, record)) => (
                         catalog
@@ -191,7 +170,7 @@ pub fn scan(config: &Config, state_dir: &Path) -> Vec<DestinationView> {
                             .collect(),
                         None,
                     ),
-                    Err(e) => (Vec::new(), Some(e)),
+                    Err(e) => (Vec::new(), Some(e.to_string())),
                 },
             };
             DestinationView {
