@@ -142,13 +142,23 @@ pub fn simple(error: u32, cookie: u64) -> Vec<u8> {
 /// (reads past its end see end-of-file rather than hang). What the client sends is
 /// read and ignored.
 pub fn connect(script: Vec<u8>, contexts: &[&str]) -> Result<NbdClient, NbdError> {
+    connect_served(script, contexts).0
+}
+
+/// [`connect`], and the server's thread, which ends once the client has hung up.
+fn connect_served(
+    script: Vec<u8>,
+    contexts: &[&str],
+) -> (Result<NbdClient, NbdError>, thread::JoinHandle<()>) {
     let (client, mut server) = UnixStream::pair().unwrap();
-    thread::spawn(move || {
-        let _ = server.write_all(&script);
-        let _ = server.shutdown(Shutdown::Write);
-        let _ = io::copy(&mut server, &mut io::sink());
+    let server_thread = thread::spawn(move || {
+        // The client may hang up early; the script ends there.
+        drop(server.write_all(&script));
+        drop(server.shutdown(Shutdown::Write));
+        drop(io::copy(&mut server, &mut io::sink()));
     });
-    NbdClient::negotiate(client, Path::new("/run/fake.sock"), "vda", contexts)
+    let client = NbdClient::negotiate(client, Path::new("/run/fake.sock"), "vda", contexts);
+    (client, server_thread)
 }
 
 /// One whole conversation in which the server says `script`: the handshake, then a read,
@@ -158,9 +168,17 @@ pub fn connect(script: Vec<u8>, contexts: &[&str]) -> Result<NbdClient, NbdError
 /// the corpus replay test runs.
 pub fn converse(script: &[u8]) {
     const DIRTY: &str = "qemu:dirty-bitmap:backup-vda";
-    let Ok(mut client) = connect(script.to_vec(), &[crate::BASE_ALLOCATION, DIRTY]) else {
-        return;
-    };
+    let (client, served) = connect_served(script.to_vec(), &[crate::BASE_ALLOCATION, DIRTY]);
+    if let Ok(client) = client {
+        talk(client);
+    }
+    // Every conversation ends with its server: nothing outlives one input.
+    served.join().expect("the fake server does not panic");
+}
+
+/// What [`converse`] asks after the handshake.
+fn talk(mut client: NbdClient) {
+    const DIRTY: &str = "qemu:dirty-bitmap:backup-vda";
     let length = client.size_bytes().min(64 << 10);
     let mut buf = vec![0; usize::try_from(length).expect("at most 64 KiB")];
     drop(client.read_at(0, &mut buf));
