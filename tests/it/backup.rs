@@ -295,7 +295,7 @@ fn uefi_tpm_guest_checkpoint_holds_its_nvram_and_tpm_state() {
         "NVRAM differs from {}",
         nvram_path.display()
     );
-    let files = rewind_core::store::dirblob::unpack(&blob("tpm")).unwrap();
+    let files = rewind_core::store::unpack_files(&blob("tpm")).unwrap();
     assert!(!files.is_empty(), "the TPM state folder was empty");
     for f in &files {
         assert_eq!(

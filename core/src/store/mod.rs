@@ -13,17 +13,17 @@
 //! ```
 
 mod backend;
-pub mod chunk;
+pub(crate) mod chunk;
 pub mod config;
-pub mod crypto;
-pub mod dirblob;
+pub(crate) mod crypto;
+pub(crate) mod dirblob;
 pub mod error;
 mod fsutil;
 pub mod gc;
-pub mod index;
+pub(crate) mod index;
 pub mod location;
 pub mod lock;
-pub mod lockfile;
+pub(crate) mod lockfile;
 pub mod manifest;
 mod pipeline;
 pub mod prune;
@@ -41,6 +41,7 @@ use uuid::Uuid;
 pub use chunk::{ChunkId, ChunkKind, ChunkProblem};
 pub use config::StoreConfig;
 pub use crypto::KdfCost;
+pub use dirblob::{PackedFile, unpack as unpack_files};
 pub use error::StoreError;
 pub use index::ObjectIndex;
 pub use location::{Location, SshLocation};
