@@ -92,12 +92,13 @@ pub enum Error {
     },
 
     /// libvirt returned XML Rewind cannot make sense of.
-    #[error("libvirt returned a domain description Rewind cannot read: {detail} (VM {vm:?})")]
+    #[error("libvirt returned a domain description Rewind cannot read: {source} (VM {vm:?})")]
     BadDomainXml {
         /// The VM concerned.
         vm: String,
         /// What is wrong.
-        detail: String,
+        #[source]
+        source: crate::libvirt::xml::XmlError,
     },
 
     /// A file-system operation failed.

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use virt::domain::Domain;
 
 use super::{Hypervisor, ffi};
+use crate::cleanup::OrWarn as _;
 use crate::error::{Error, Result};
 
 /// A running pull-mode backup job. Ends the job when dropped.
@@ -208,10 +209,8 @@ impl Hypervisor {
     /// Ends VM `vm`'s running job (such as a backup left by a killed process).
     pub fn abort_job(&self, vm: &str) -> Result<()> {
         let dom = self.lookup(vm)?;
-        end_job(&dom).map_err(|detail| Error::Libvirt {
-            action: format!("end the job of VM {vm:?}"),
-            detail,
-            connection_lost: !self.is_alive(),
+        end_job(&dom, &format!("end the job of VM {vm:?}"), &|| {
+            !self.is_alive()
         })
     }
 
@@ -277,11 +276,11 @@ impl PullBackup {
     /// Ends the job: the export goes away and the scratch data is released.
     pub fn finish(mut self) -> Result<()> {
         self.active = false;
-        end_job(&self.dom).map_err(|detail| Error::Libvirt {
-            action: format!("end the backup job of VM {:?}", self.vm),
-            detail,
-            connection_lost: false,
-        })
+        end_job(
+            &self.dom,
+            &format!("end the backup job of VM {:?}", self.vm),
+            &|| false,
+        )
     }
 }
 
@@ -295,16 +294,24 @@ impl PullBackup {
 /// holds, before it gives up; the end of the backup is queued behind it. Seen here: an
 /// abort took 28 s after the guest's agent was stopped mid-backup. So the wait is long
 /// enough for that to pass, twice.
-fn end_job(dom: &Domain) -> std::result::Result<(), String> {
+///
+/// `action` names what was being done in the error, and `connection_lost` says whether the
+/// connection went with it.
+fn end_job(dom: &Domain, action: &str, connection_lost: &dyn Fn() -> bool) -> Result<()> {
     const PATIENCE: std::time::Duration = std::time::Duration::from_secs(75);
-    ffi::abort_job(dom).map_err(|e| e.message().to_owned())?;
+    let failed = |detail: String| Error::Libvirt {
+        action: action.to_owned(),
+        detail,
+        connection_lost: connection_lost(),
+    };
+    ffi::abort_job(dom).map_err(|e| failed(e.message().to_owned()))?;
     let deadline = std::time::Instant::now() + PATIENCE;
     while ffi::backup_xml(dom).is_ok() {
         if std::time::Instant::now() > deadline {
-            return Err(format!(
+            return Err(failed(format!(
                 "the job was still there {} s after it was aborted; look at libvirtd's log",
                 PATIENCE.as_secs()
-            ));
+            )));
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
@@ -314,7 +321,9 @@ fn end_job(dom: &Domain) -> std::result::Result<(), String> {
 impl Drop for PullBackup {
     fn drop(&mut self) {
         if self.active {
-            let _ = end_job(&self.dom);
+            // Dropped mid-way (an error or a panic unwinding): end the job, or say why not.
+            let action = format!("end the backup job of VM {:?}", self.vm);
+            end_job(&self.dom, &action, &|| false).or_warn("clean up after the backup");
         }
     }
 }

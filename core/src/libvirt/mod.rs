@@ -168,9 +168,9 @@ impl Hypervisor {
         let xml_text = dom
             .xml_desc(0)
             .map_err(|e| self.libvirt_error(&what("read the definition"), &e))?;
-        let parsed = xml::parse_domain(&xml_text).map_err(|detail| Error::BadDomainXml {
+        let parsed = xml::parse_domain(&xml_text).map_err(|source| Error::BadDomainXml {
             vm: label.clone(),
-            detail,
+            source,
         })?;
         let (state, _reason) = dom
             .state()

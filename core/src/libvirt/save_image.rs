@@ -48,52 +48,84 @@ fn put_word(bytes: &mut [u8], at: usize, v: u32, swapped: bool) {
     bytes[at..at + 4].copy_from_slice(&v.to_ne_bytes());
 }
 
+/// What is wrong with a save image's head, or with a new domain XML for it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SaveImageError {
+    /// Fewer bytes than a header.
+    #[error("it is shorter than a libvirt save image's header")]
+    TooShort,
+    /// libvirt began the save and never finished it.
+    #[error("it is a save that libvirt never finished (magic LibvirtQemudPart)")]
+    Unfinished,
+    /// Another kind of file.
+    #[error("it is not a libvirt save image (no LibvirtQemudSave magic)")]
+    NotASaveImage,
+    /// A format version Rewind does not know.
+    #[error("its save format version {0} is not the one Rewind knows ({VERSION})")]
+    Version(u32),
+    /// A header that claims more XML than any libvirt writes.
+    #[error("its header claims {0} bytes of XML")]
+    DataTooLong(u32),
+    /// The head ends before its header says.
+    #[error("it is cut short inside its header")]
+    CutShort,
+    /// The domain XML has no terminating NUL.
+    #[error("its domain XML does not end")]
+    XmlUnterminated,
+    /// The domain XML is not UTF-8.
+    #[error("its domain XML is not UTF-8")]
+    XmlNotUtf8,
+    /// The migration cookie's offset points outside the head.
+    #[error("its migration cookie is outside its header")]
+    CookieOutside,
+    /// A new domain XML holds a NUL byte.
+    #[error("the new domain XML holds a NUL byte")]
+    XmlHasNul,
+    /// A new domain XML is longer than the room the image has for it.
+    #[error("the new domain XML ({len} bytes) does not fit the {room} bytes the image has for it")]
+    XmlTooLong {
+        /// Its length.
+        len: usize,
+        /// The room.
+        room: usize,
+    },
+}
+
 impl SaveImageHead {
     /// The whole head's length (header and data), from an image's first [`HEADER_LEN`]
     /// bytes or more.
-    pub fn len_from(first: &[u8]) -> Result<usize, String> {
-        let header = first
-            .get(..HEADER_LEN)
-            .ok_or("it is shorter than a libvirt save image's header")?;
+    pub fn len_from(first: &[u8]) -> Result<usize, SaveImageError> {
+        let header = first.get(..HEADER_LEN).ok_or(SaveImageError::TooShort)?;
         match &header[..16] {
             m if m == MAGIC => {}
-            m if m == PARTIAL_MAGIC => {
-                return Err(
-                    "it is a save that libvirt never finished (magic LibvirtQemudPart)".into(),
-                );
-            }
-            _ => return Err("it is not a libvirt save image (no LibvirtQemudSave magic)".into()),
+            m if m == PARTIAL_MAGIC => return Err(SaveImageError::Unfinished),
+            _ => return Err(SaveImageError::NotASaveImage),
         }
         let swapped = match word(header, 16, false) {
             VERSION => false,
             v if v.swap_bytes() == VERSION => true,
-            v => {
-                return Err(format!(
-                    "its save format version {v} is not the one Rewind knows ({VERSION})"
-                ));
-            }
+            v => return Err(SaveImageError::Version(v)),
         };
         let data_len = word(header, 20, swapped);
         if data_len > MAX_DATA_LEN {
-            return Err(format!("its header claims {data_len} bytes of XML"));
+            return Err(SaveImageError::DataTooLong(data_len));
         }
         Ok(HEADER_LEN + data_len as usize)
     }
 
     /// Reads a head (at least [`SaveImageHead::len_from`] bytes; more are ignored).
-    pub fn parse(bytes: &[u8]) -> Result<Self, String> {
+    pub fn parse(bytes: &[u8]) -> Result<Self, SaveImageError> {
         let len = Self::len_from(bytes)?;
-        let bytes = bytes
-            .get(..len)
-            .ok_or("it is cut short inside its header")?;
+        let bytes = bytes.get(..len).ok_or(SaveImageError::CutShort)?;
         let swapped = word(bytes, 16, false) != VERSION;
         let data = &bytes[HEADER_LEN..];
         let xml_end = data
             .iter()
             .position(|&b| b == 0)
-            .ok_or("its domain XML does not end")?;
+            .ok_or(SaveImageError::XmlUnterminated)?;
         let xml = std::str::from_utf8(&data[..xml_end])
-            .map_err(|_| "its domain XML is not UTF-8".to_owned())?
+            .map_err(|_| SaveImageError::XmlNotUtf8)?
             .to_owned();
         let cookie_at = word(bytes, 32, swapped) as usize;
         let cookie = if cookie_at == 0 {
@@ -102,7 +134,7 @@ impl SaveImageHead {
             let rest = data
                 .get(cookie_at..)
                 .filter(|_| cookie_at > xml_end)
-                .ok_or("its migration cookie is outside its header")?;
+                .ok_or(SaveImageError::CookieOutside)?;
             let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
             rest[..end].to_vec()
         };
@@ -135,9 +167,9 @@ impl SaveImageHead {
 
     /// The same head of the same length with `xml` as the domain XML (the cookie kept), to
     /// write over the image's first [`SaveImageHead::len`] bytes.
-    pub fn with_xml(&self, xml: &str) -> Result<Vec<u8>, String> {
+    pub fn with_xml(&self, xml: &str) -> Result<Vec<u8>, SaveImageError> {
         if xml.as_bytes().contains(&0) {
-            return Err("the new domain XML holds a NUL byte".into());
+            return Err(SaveImageError::XmlHasNul);
         }
         let mut data = Vec::with_capacity(self.data_len);
         data.extend_from_slice(xml.as_bytes());
@@ -151,11 +183,10 @@ impl SaveImageHead {
             at
         };
         if data.len() > self.data_len {
-            return Err(format!(
-                "the new domain XML ({} bytes) does not fit the {} bytes the image has for it",
-                xml.len(),
-                self.data_len
-            ));
+            return Err(SaveImageError::XmlTooLong {
+                len: xml.len(),
+                room: self.data_len,
+            });
         }
         data.resize(self.data_len, 0);
         let mut out = self.header.to_vec();
@@ -253,11 +284,11 @@ mod tests {
         ];
         for (bytes, says) in cases {
             let err = SaveImageHead::parse(&bytes).expect_err(says);
-            assert!(err.contains(says), "{err} (expected {says:?})");
+            assert!(err.to_string().contains(says), "{err} (expected {says:?})");
         }
         let parsed = SaveImageHead::parse(&good).unwrap();
         let err = parsed.with_xml(&"x".repeat(100)).unwrap_err();
-        assert!(err.contains("does not fit"), "{err}");
+        assert!(err.to_string().contains("does not fit"), "{err}");
     }
 
     proptest::proptest! {

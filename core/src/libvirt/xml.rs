@@ -42,24 +42,36 @@ pub struct DomainXml {
 /// The name of the QEMU guest agent's virtio-serial channel.
 pub const GUEST_AGENT_CHANNEL: &str = "org.qemu.guest_agent.0";
 
+/// What is wrong with a domain definition.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum XmlError {
+    /// It is not XML.
+    #[error("not well-formed XML: {0}")]
+    NotXml(#[from] roxmltree::Error),
+    /// Its root is another element.
+    #[error("expected a <domain> element, found <{0}>")]
+    NotADomain(String),
+    /// A required element or attribute is missing.
+    #[error("{0}")]
+    Missing(&'static str),
+}
+
 /// Parses a domain XML document.
 ///
 /// # Errors
-/// Returns a message saying what is malformed or missing.
-pub fn parse_domain(xml: &str) -> Result<DomainXml, String> {
-    let doc = Document::parse(xml).map_err(|e| format!("not well-formed XML: {e}"))?;
+/// Says what is malformed or missing.
+pub fn parse_domain(xml: &str) -> Result<DomainXml, XmlError> {
+    let doc = Document::parse(xml)?;
     let root = doc.root_element();
     if root.tag_name().name() != "domain" {
-        return Err(format!(
-            "expected a <domain> element, found <{}>",
-            root.tag_name().name()
-        ));
+        return Err(XmlError::NotADomain(root.tag_name().name().to_owned()));
     }
     let name = child_text(root, "name")
-        .ok_or("the domain has no <name>")?
+        .ok_or(XmlError::Missing("the domain has no <name>"))?
         .to_owned();
     let uuid = child_text(root, "uuid")
-        .ok_or("the domain has no <uuid>")?
+        .ok_or(XmlError::Missing("the domain has no <uuid>"))?
         .trim()
         .to_ascii_lowercase();
     let hypervisor = root.attribute("type").unwrap_or("unknown").to_owned();
@@ -204,11 +216,11 @@ fn parse_guest_agent(devices: Node<'_, '_>) -> GuestAgent {
     }
 }
 
-fn parse_disk(disk: Node<'_, '_>) -> Result<Disk, String> {
+fn parse_disk(disk: Node<'_, '_>) -> Result<Disk, XmlError> {
     let target_node = child(disk, "target");
     let target = target_node
         .and_then(|t| t.attribute("dev"))
-        .ok_or("a <disk> has no <target dev=...>")?
+        .ok_or(XmlError::Missing("a <disk> has no <target dev=...>"))?
         .to_owned();
     let bus = target_node
         .and_then(|t| t.attribute("bus"))

@@ -27,7 +27,7 @@ use super::RestoreError;
 use crate::checkpoint::MEMORY_BLOB;
 use crate::cleanup::OrWarn as _;
 use crate::libvirt::Hypervisor;
-use crate::libvirt::save_image::SaveImageHead;
+use crate::libvirt::save_image::{SaveImageError, SaveImageHead};
 use crate::progress::{Control, Phase};
 use crate::staging::Staging;
 use crate::store::{Manifest, ObjectIndex, Store, StoreError};
@@ -67,27 +67,34 @@ fn memory_index(m: &Manifest) -> Option<&ObjectIndex> {
 }
 
 /// Reads the head of the saved image from the store.
-fn read_head(store: &Store, index: &ObjectIndex) -> Result<SaveImageHead, String> {
-    let mut reader = store.object_reader(index).map_err(|e| e.to_string())?;
+fn read_head(store: &Store, index: &ObjectIndex) -> Result<SaveImageHead, HeadError> {
+    let mut reader = store.object_reader(index)?;
     let mut bytes = Vec::new();
     let mut slot = 0;
     loop {
         let needed = match SaveImageHead::len_from(&bytes) {
             Ok(len) => len,
-            Err(_) if bytes.len() < crate::libvirt::save_image::HEADER_LEN => {
-                crate::libvirt::save_image::HEADER_LEN
-            }
-            Err(e) => return Err(e),
+            Err(SaveImageError::TooShort) => crate::libvirt::save_image::HEADER_LEN,
+            Err(e) => return Err(e.into()),
         };
         if bytes.len() >= needed {
-            return SaveImageHead::parse(&bytes);
+            return Ok(SaveImageHead::parse(&bytes)?);
         }
         if slot == reader.chunk_count() {
-            return Err("it ends inside its header".into());
+            return Err(SaveImageError::CutShort.into());
         }
-        bytes.extend_from_slice(&reader.read(slot).map_err(|e| e.to_string())?);
+        bytes.extend_from_slice(&reader.read(slot)?);
         slot += 1;
     }
+}
+
+/// Why the head of a saved image could not be read from the store.
+#[derive(Debug, thiserror::Error)]
+enum HeadError {
+    #[error(transparent)]
+    Image(#[from] SaveImageError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
 }
 
 /// What the libvirt host lacks to run `xml` (the definition in a saved image), if anything.
