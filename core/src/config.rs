@@ -244,7 +244,7 @@ pub enum ConfigError {
         /// The file.
         path: PathBuf,
         /// What is wrong.
-        what: String,
+        what: ConfigProblem,
     },
     /// Could not be read or written.
     #[error("could not {action} the configuration file: {detail} ({})", path.display())]
@@ -268,29 +268,45 @@ fn last_good_path(path: &Path) -> PathBuf {
     path.with_extension("last-good.ron")
 }
 
+/// What is wrong with an interval.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum IntervalError {
+    /// Not a number with a unit.
+    #[error("{0:?} is not an interval; write it like 15m, 2h, 1d or 1w")]
+    NotAnInterval(String),
+    /// An unknown unit.
+    #[error("{0:?} is not a unit of time; use s, m, h, d or w (as in 15m)")]
+    Unit(String),
+    /// More seconds than fit.
+    #[error("{0:?} is too long an interval")]
+    TooLong(String),
+    /// Outside what Rewind allows.
+    #[error(
+        "an interval of {0} s is outside 5 minutes to 1 week ({MIN_INTERVAL_SECS} to {MAX_INTERVAL_SECS} s)"
+    )]
+    OutOfRange(u64),
+}
+
 /// Parses an interval such as `90s`, `15m`, `2h`, `1d`, `1w` (a bare number is seconds).
-pub fn parse_interval(text: &str) -> Result<u64, String> {
+pub fn parse_interval(text: &str) -> Result<u64, IntervalError> {
     let text = text.trim();
     let (number, unit) = text
         .find(|c: char| !c.is_ascii_digit())
         .map_or((text, ""), |at| text.split_at(at));
     let n: u64 = number
         .parse()
-        .map_err(|_| format!("{text:?} is not an interval; write it like 15m, 2h, 1d or 1w"))?;
+        .map_err(|_| IntervalError::NotAnInterval(text.to_owned()))?;
     let factor = match unit.trim() {
         "" | "s" => 1,
         "m" | "min" => 60,
         "h" => 3600,
         "d" => 86_400,
         "w" => 7 * 86_400,
-        other => {
-            return Err(format!(
-                "{other:?} is not a unit of time; use s, m, h, d or w (as in 15m)"
-            ));
-        }
+        other => return Err(IntervalError::Unit(other.to_owned())),
     };
     n.checked_mul(factor)
-        .ok_or_else(|| format!("{text:?} is too long an interval"))
+        .ok_or_else(|| IntervalError::TooLong(text.to_owned()))
 }
 
 /// Whether intervals below the minimum are allowed (tests).
@@ -299,7 +315,7 @@ fn short_intervals_allowed() -> bool {
 }
 
 /// Checks an interval against the allowed range.
-pub fn check_interval(secs: u64) -> Result<(), String> {
+pub fn check_interval(secs: u64) -> Result<(), IntervalError> {
     let min = if short_intervals_allowed() {
         1
     } else {
@@ -308,10 +324,61 @@ pub fn check_interval(secs: u64) -> Result<(), String> {
     if (min..=MAX_INTERVAL_SECS).contains(&secs) {
         Ok(())
     } else {
-        Err(format!(
-            "an interval of {secs} s is outside 5 minutes to 1 week ({MIN_INTERVAL_SECS} to {MAX_INTERVAL_SECS} s)"
-        ))
+        Err(IntervalError::OutOfRange(secs))
     }
+}
+
+/// What a configuration gets wrong that its syntax cannot say.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigProblem {
+    /// `max_concurrent_jobs: 0`.
+    #[error("max_concurrent_jobs must be at least 1")]
+    NoJobs,
+    /// A destination without a name.
+    #[error("a destination has an empty name")]
+    UnnamedDestination,
+    /// Two destinations with one name.
+    #[error("two destinations are called {0:?}")]
+    DestinationTwice(String),
+    /// A destination without a location.
+    #[error("destination {0:?} has no location")]
+    NoLocation(String),
+    /// A protected VM without a name.
+    #[error("a protected VM has no name (field vm)")]
+    UnnamedVm,
+    /// A VM protected twice.
+    #[error("VM {0:?} is protected twice")]
+    VmTwice(String),
+    /// A VM's interval.
+    #[error("VM {vm:?}: {field}{source}")]
+    Interval {
+        /// The VM.
+        vm: String,
+        /// `""` or `"full_state_every_secs: "`.
+        field: &'static str,
+        /// What is wrong with it.
+        source: IntervalError,
+    },
+    /// Both every checkpoint full-state and a full-state interval.
+    #[error(
+        "VM {0:?} has kind: full (every checkpoint full-state) and full_state_every_secs; keep one: kind: disk with full_state_every_secs mixes the two"
+    )]
+    FullTwice(String),
+    /// A VM without a destination.
+    #[error("VM {0:?} has no destination")]
+    NoDestination(String),
+    /// A VM naming a destination that is not there.
+    #[error("VM {vm:?} names destination {missing:?}, which is not in destinations")]
+    UnknownDestination {
+        /// The VM.
+        vm: String,
+        /// The name.
+        missing: String,
+    },
+    /// A VM that keeps nothing.
+    #[error("VM {0:?} keeps nothing (every keep rule is 0); keep at least the last one")]
+    KeepsNothing(String),
 }
 
 impl Config {
@@ -331,57 +398,58 @@ impl Config {
     }
 
     /// Checks what RON cannot: ranges, names referred to, duplicates.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigProblem> {
+        use ConfigProblem as P;
         if self.max_concurrent_jobs == 0 {
-            return Err("max_concurrent_jobs must be at least 1".into());
+            return Err(P::NoJobs);
         }
         let mut names = Vec::new();
         for d in &self.destinations {
             if d.name.trim().is_empty() {
-                return Err("a destination has an empty name".into());
+                return Err(P::UnnamedDestination);
             }
             if names.contains(&&d.name) {
-                return Err(format!("two destinations are called {:?}", d.name));
+                return Err(P::DestinationTwice(d.name.clone()));
             }
             if d.location.trim().is_empty() {
-                return Err(format!("destination {:?} has no location", d.name));
+                return Err(P::NoLocation(d.name.clone()));
             }
             names.push(&d.name);
         }
         let mut vms = Vec::new();
         for p in &self.vms {
             if p.vm.trim().is_empty() {
-                return Err("a protected VM has no name (field vm)".into());
+                return Err(P::UnnamedVm);
             }
             if vms.contains(&&p.vm) {
-                return Err(format!("VM {:?} is protected twice", p.vm));
+                return Err(P::VmTwice(p.vm.clone()));
             }
             vms.push(&p.vm);
-            check_interval(p.interval_secs).map_err(|e| format!("VM {:?}: {e}", p.vm))?;
+            let interval = |field, secs| {
+                check_interval(secs).map_err(|source| P::Interval {
+                    vm: p.vm.clone(),
+                    field,
+                    source,
+                })
+            };
+            interval("", p.interval_secs)?;
             if let Some(every) = p.full_state_every_secs {
-                check_interval(every)
-                    .map_err(|e| format!("VM {:?}: full_state_every_secs: {e}", p.vm))?;
+                interval("full_state_every_secs: ", every)?;
                 if p.kind == Kind::Full {
-                    return Err(format!(
-                        "VM {:?} has kind: full (every checkpoint full-state) and full_state_every_secs; keep one: kind: disk with full_state_every_secs mixes the two",
-                        p.vm
-                    ));
+                    return Err(P::FullTwice(p.vm.clone()));
                 }
             }
             if p.destinations.is_empty() {
-                return Err(format!("VM {:?} has no destination", p.vm));
+                return Err(P::NoDestination(p.vm.clone()));
             }
             if let Some(missing) = p.destinations.iter().find(|d| !names.contains(d)) {
-                return Err(format!(
-                    "VM {:?} names destination {missing:?}, which is not in destinations",
-                    p.vm
-                ));
+                return Err(P::UnknownDestination {
+                    vm: p.vm.clone(),
+                    missing: missing.clone(),
+                });
             }
             if p.keep.is_empty() {
-                return Err(format!(
-                    "VM {:?} keeps nothing (every keep rule is 0); keep at least the last one",
-                    p.vm
-                ));
+                return Err(P::KeepsNothing(p.vm.clone()));
             }
         }
         Ok(())
@@ -627,13 +695,28 @@ mod tests {
         );
         let mut c = sample();
         c.vms[0].interval_secs = 60;
-        assert!(c.validate().unwrap_err().contains("5 minutes to 1 week"));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("5 minutes to 1 week")
+        );
         let mut c = sample();
         c.vms[0].keep = KeepRules::default();
-        assert!(c.validate().unwrap_err().contains("keeps nothing"));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("keeps nothing")
+        );
         let mut c = sample();
         c.vms.push(c.vms[0].clone());
-        assert!(c.validate().unwrap_err().contains("protected twice"));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("protected twice")
+        );
     }
 
     #[test]
@@ -645,9 +728,15 @@ mod tests {
         assert!(
             parse_interval("15 parsecs")
                 .unwrap_err()
+                .to_string()
                 .contains("unit of time")
         );
-        assert!(parse_interval("soon").unwrap_err().contains("like 15m"));
+        assert!(
+            parse_interval("soon")
+                .unwrap_err()
+                .to_string()
+                .contains("like 15m")
+        );
         assert!(check_interval(300).is_ok() && check_interval(604_800).is_ok());
         assert!(check_interval(604_801).is_err());
     }

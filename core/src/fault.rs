@@ -6,13 +6,18 @@
 //! (a live full-state capture put the VM's disks on overlays). Without the variable nothing
 //! happens.
 
+/// A failure injected on purpose.
+#[derive(Debug, thiserror::Error)]
+#[error("fault injected at {0} (REWIND_FAULT)")]
+pub struct Injected(&'static str);
+
 /// Fails or aborts at `point` when `REWIND_FAULT` asks for it.
-pub(crate) fn point(point: &str) -> Result<(), String> {
+pub(crate) fn point(point: &'static str) -> Result<(), Injected> {
     let Ok(wanted) = std::env::var("REWIND_FAULT") else {
         return Ok(());
     };
     if wanted == point {
-        return Err(format!("fault injected at {point} (REWIND_FAULT)"));
+        return Err(Injected(point));
     }
     if wanted.strip_prefix("abort-") == Some(point) {
         eprintln!("REWIND_FAULT: aborting at {point}");

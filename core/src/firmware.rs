@@ -182,10 +182,10 @@ impl SavedFirmware {
         let tpm = blob(store, m, TPM_BLOB)
             .map_err(|e| damaged("TPM state", e))?
             .map(|bytes| {
-                dirblob::unpack(&bytes).map_err(|detail| FirmwareError::Damaged {
+                dirblob::unpack(&bytes).map_err(|e| FirmwareError::Damaged {
                     what: "TPM state",
                     id: m.id.clone(),
-                    detail,
+                    detail: e.to_string(),
                 })
             })
             .transpose()?;

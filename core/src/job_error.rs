@@ -164,7 +164,7 @@ fn store_kind(e: &StoreError) -> ErrorKind {
         | S::HostKey { .. }
         | S::Login { .. } => ErrorKind::PermissionDenied,
         S::NoSpace { .. } => ErrorKind::NoSpace,
-        S::Damaged { .. } | S::BadChunk { .. } => ErrorKind::Damaged,
+        S::Damaged { .. } | S::BadChunk { .. } | S::BadIndex(_) => ErrorKind::Damaged,
         S::Busy { .. } | S::GcUnsafe { .. } => ErrorKind::Busy,
         S::NoSuchCheckpoint { .. } | S::ParentGone { .. } => ErrorKind::NotFound,
         S::Cancelled => ErrorKind::Cancelled,
@@ -213,7 +213,9 @@ fn restore_kind(e: &RestoreError) -> ErrorKind {
         RestoreError::CannotResume { .. } => ErrorKind::CannotResume,
         RestoreError::Cancelled => ErrorKind::Cancelled,
         RestoreError::NoSuchDisk { .. } => ErrorKind::NotFound,
-        RestoreError::Exists(_) | RestoreError::Invalid(_) => ErrorKind::Invalid,
+        RestoreError::Exists(_) | RestoreError::Invalid(_) | RestoreError::DomainXml(_) => {
+            ErrorKind::Invalid
+        }
         RestoreError::Verify { .. } => ErrorKind::Damaged,
         _ => ErrorKind::Failed,
     }

@@ -26,6 +26,35 @@ pub(crate) enum Access<'a> {
     },
 }
 
+/// Why `qemu-nbd` did not serve a disk.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum QemuNbdError {
+    /// It could not be started.
+    #[error("could not run qemu-nbd to open {file}: {source}; install it (package qemu-utils)")]
+    Spawn {
+        /// The image.
+        file: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// It ended before serving.
+    #[error("could not open disk {file} ({status}): {said}; is a VM using it?")]
+    Exited {
+        /// The image.
+        file: String,
+        /// How it ended.
+        status: std::process::ExitStatus,
+        /// What it said.
+        said: String,
+    },
+    /// It did not serve in time.
+    #[error("qemu-nbd did not start serving {file} within 10 s")]
+    Slow {
+        /// The image.
+        file: String,
+    },
+}
+
 impl QemuNbd {
     /// Serves `file` (format `format`) as export `target` on `socket`. Its lock on the image
     /// (shared when read-only) keeps QEMU from starting a VM on it meanwhile (the start fails
@@ -36,7 +65,7 @@ impl QemuNbd {
         target: &str,
         socket: &Path,
         access: Access<'_>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, QemuNbdError> {
         let mut cmd = std::process::Command::new("qemu-nbd");
         let bitmap = match access {
             Access::ReadOnly { bitmap } => {
@@ -68,25 +97,33 @@ impl QemuNbd {
         if let Some(f) = format {
             cmd.arg(format!("--format={f}"));
         }
-        let mut child = cmd.arg(file).spawn().map_err(|e| {
-            format!("could not run qemu-nbd to open {file}: {e}; install it (package qemu-utils)")
-        })?;
+        let mut child = cmd
+            .arg(file)
+            .spawn()
+            .map_err(|source| QemuNbdError::Spawn {
+                file: file.to_owned(),
+                source,
+            })?;
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while !pid_file.exists() {
             if let Ok(Some(status)) = child.try_wait() {
-                let mut why = String::new();
+                let mut said = String::new();
                 if let Some(mut err) = child.stderr.take() {
-                    let _ = std::io::Read::read_to_string(&mut err, &mut why);
+                    // What it said is a courtesy; the exit status is the error.
+                    drop(std::io::Read::read_to_string(&mut err, &mut said));
                 }
-                return Err(format!(
-                    "could not open disk {file} ({status}): {}; is a VM using it?",
-                    why.trim()
-                ));
+                return Err(QemuNbdError::Exited {
+                    file: file.to_owned(),
+                    status,
+                    said: said.trim().to_owned(),
+                });
             }
             if std::time::Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!("qemu-nbd did not start serving {file} within 10 s"));
+                return Err(QemuNbdError::Slow {
+                    file: file.to_owned(),
+                });
             }
             // qemu-nbd listens within ~10 ms: poll often, every wait here delays a restore.
             std::thread::sleep(std::time::Duration::from_millis(1));

@@ -107,7 +107,7 @@ impl NbdClient {
                     let range = self.chunk_range(&request, at, u64::from(data_length))?;
                     filled
                         .insert(&range)
-                        .map_err(|detail| self.protocol(detail))?;
+                        .map_err(|e| self.protocol(e.to_string()))?;
                     let piece = offset_in(&request, &range);
                     self.recv(&mut buf[piece])?;
                 }
@@ -125,7 +125,7 @@ impl NbdClient {
                     let range = self.chunk_range(&request, at, u64::from(hole_length))?;
                     filled
                         .insert(&range)
-                        .map_err(|detail| self.protocol(detail))?;
+                        .map_err(|e| self.protocol(e.to_string()))?;
                     buf[offset_in(&request, &range)].fill(0);
                 }
                 REPLY_TYPE_NONE => self.check_none_chunk(flags, chunk_length)?,
@@ -460,6 +460,16 @@ impl NbdClient {
     }
 }
 
+/// Why a read reply's chunk cannot be taken.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CoverageError {
+    #[error("two chunks of a read reply overlap at offset {0}")]
+    Overlap(u64),
+    #[error("a read reply is split into more than {MAX_READ_FRAGMENTS} separate pieces")]
+    Fragmented,
+}
+
+/// The parts of one read request that reply chunks have filled: sorted, disjoint ranges,
 /// with touching neighbours merged (a server replying in order leaves just one).
 #[derive(Default)]
 pub(crate) struct Coverage {
@@ -468,7 +478,7 @@ pub(crate) struct Coverage {
 
 impl Coverage {
     /// Records `range`, which must not overlap anything filled before.
-    pub(crate) fn insert(&mut self, range: &Range<u64>) -> Result<(), String> {
+    pub(crate) fn insert(&mut self, range: &Range<u64>) -> Result<(), CoverageError> {
         // Ranges before `first` end before `range` starts, without touching it.
         let first = self.ranges.partition_point(|r| r.end < range.start);
         let mut merged = range.clone();
@@ -480,19 +490,14 @@ impl Coverage {
                 break;
             }
             if r.start < range.end && range.start < r.end {
-                return Err(format!(
-                    "two chunks of a read reply overlap at offset {}",
-                    r.start.max(range.start)
-                ));
+                return Err(CoverageError::Overlap(r.start.max(range.start)));
             }
             merged.start = merged.start.min(r.start);
             merged.end = merged.end.max(r.end);
             last += 1;
         }
         if first == last && self.ranges.len() >= MAX_READ_FRAGMENTS {
-            return Err(format!(
-                "a read reply is split into more than {MAX_READ_FRAGMENTS} separate pieces"
-            ));
+            return Err(CoverageError::Fragmented);
         }
         self.ranges.splice(first..last, [merged]);
         Ok(())

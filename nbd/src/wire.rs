@@ -71,6 +71,7 @@ pub(crate) const MAX_EXTENTS_PER_CHUNK: u64 = 1 << 20;
 /// The length of one `NBD_CMD_BLOCK_STATUS` request; longer ranges take several.
 pub(crate) const STATUS_WINDOW_BYTES: u32 = 1 << 31;
 
+/// One reply during option haggling.
 pub(crate) struct OptionReply {
     pub(crate) kind: u32,
     pub(crate) data: Vec<u8>,
@@ -111,7 +112,6 @@ impl<'a> Fields<'a> {
     }
 }
 
-/// The parts of one read request that reply chunks have filled: sorted, disjoint ranges,
 /// Refuses names the protocol cannot carry, before anything is sent.
 pub(crate) fn check_names(
     socket: &Path,

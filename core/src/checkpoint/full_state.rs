@@ -35,21 +35,41 @@ pub(super) const DEVICE_STATE_MARGIN_BYTES: u64 = 64 << 20;
 /// snapshot's instant with a little to spare (an incremental from it reads those blocks
 /// again: never too little).
 ///
+/// Why a full-state checkpoint is not taken live (the managed save takes it instead).
+#[derive(Debug, thiserror::Error)]
+pub(super) enum NoLiveSnapshot {
+    /// Asked for.
+    #[error("the managed save was asked for")]
+    ManagedSaveAsked,
+    /// The overlays would be on another host.
+    #[error("the daemon is not on this machine")]
+    Remote,
+    /// A disk that is not a file cannot get an overlay beside it.
+    #[error("disk {0} is not a file")]
+    NotAFile(String),
+    /// No room for the memory beside the disks.
+    #[error(transparent)]
+    Staging(crate::staging::StagingError),
+    /// libvirt refused the checkpoint or the snapshot.
+    #[error(transparent)]
+    Libvirt(crate::Error),
+}
+
 /// `Ok(Err(why))` when the live snapshot cannot be taken (nothing was changed: the caller
 /// falls back to the managed save); `Err` for a failure after it.
 pub(super) fn capture_full_state_live(
     hv: &Hypervisor,
     plan: &LivePlan<'_>,
-) -> Result<Result<Captured, String>, CheckpointError> {
+) -> Result<Result<Captured, NoLiveSnapshot>, CheckpointError> {
     use crate::libvirt::live_snapshot::OVERLAY_MARK;
     let vm = plan.vm;
     if !hv.is_local() {
-        return Ok(Err("the daemon is not on this machine".into()));
+        return Ok(Err(NoLiveSnapshot::Remote));
     }
     let mut overlays = Vec::new();
     for (target, _, source, _) in plan.disks {
         let Some(path) = source else {
-            return Ok(Err(format!("disk {target} is not a file")));
+            return Ok(Err(NoLiveSnapshot::NotAFile(target.clone())));
         };
         let short = &Uuid::new_v4().simple().to_string()[..8];
         overlays.push((
@@ -70,10 +90,10 @@ pub(super) fn capture_full_state_live(
         hand_to_qemu(&domain_xml),
     ) {
         Ok(s) => s,
-        Err(e) => return Ok(Err(e.to_string())),
+        Err(e) => return Ok(Err(NoLiveSnapshot::Staging(e))),
     };
     if let Err(e) = hv.create_checkpoint(vm, &plan.new_name, &targets) {
-        return Ok(Err(e.to_string()));
+        return Ok(Err(NoLiveSnapshot::Libvirt(e)));
     }
     let memory_path = staging.path().join("memory.save");
     let started = std::time::Instant::now();
@@ -89,7 +109,7 @@ pub(super) fn capture_full_state_live(
         for (_, file) in &overlays {
             crate::cleanup::remove_file(file);
         }
-        return Ok(Err(e.to_string()));
+        return Ok(Err(NoLiveSnapshot::Libvirt(e)));
     }
     let snapshot_ms = started.elapsed().as_millis();
     // Undoes the snapshot after a failure: the overlays merged back, the checkpoint gone.
@@ -104,7 +124,7 @@ pub(super) fn capture_full_state_live(
     let firmware = FirmwareState::read(plan.info);
     if let Err(e) = crate::fault::point("after-live-snapshot") {
         abandon(frozen);
-        return Err(CheckpointError::Unsupported(e));
+        return Err(e.into());
     }
     let firmware = match firmware {
         Ok(f) => f,
@@ -192,7 +212,7 @@ pub(super) fn capture_full_state(
         uuid: plan.uuid,
     };
     let memory = hv.managed_save(vm)?;
-    crate::fault::point("after-save").map_err(CheckpointError::Unsupported)?;
+    crate::fault::point("after-save")?;
     // The VM is off: its firmware state is the saved instant's.
     let firmware = FirmwareState::read(plan.info)?;
     hv.start_vm_paused(vm)?;

@@ -14,7 +14,7 @@ use crate::store::{
 };
 use rewind_nbd::{BASE_ALLOCATION, NbdClient, NbdError, STATE_DIRTY, STATE_HOLE, STATE_ZERO};
 
-use super::full_state::{capture_full_state, capture_full_state_live};
+use super::full_state::{NoLiveSnapshot, capture_full_state, capture_full_state_live};
 use super::guards::freeze;
 use super::plan::LivePlan;
 use super::{CheckpointError, MEMORY_BLOB};
@@ -34,7 +34,7 @@ pub(super) fn take_live(
         // The live way first (a pause of a fraction of a second, see
         // `capture_full_state_live`); the managed save where libvirt refuses it.
         let live = if plan.managed_save {
-            Err("the managed save was asked for".to_owned())
+            Err(NoLiveSnapshot::ManagedSaveAsked)
         } else {
             capture_full_state_live(hv, plan)?
         };
@@ -120,7 +120,7 @@ pub(super) fn capture_disks(
             "freezing the guest's file systems is turned off in this VM's policy (quiesce)".into(),
         )
     };
-    crate::fault::point("after-freeze").map_err(CheckpointError::Unsupported)?;
+    crate::fault::point("after-freeze")?;
     let begun = begin_backup(hv, plan, socket, targets);
     drop(frozen);
     let (backup, incremental_from, full_reason) = begun?;
@@ -288,10 +288,11 @@ pub(super) fn read_disk_file(
     };
     let (server, bitmap) = match serve(disk.bitmap) {
         Ok(server) => (server, disk.bitmap),
-        Err(_) if disk.bitmap.is_some() => {
-            (serve(None).map_err(CheckpointError::Unsupported)?, None)
-        }
-        Err(e) => return Err(CheckpointError::Unsupported(e)),
+        Err(_) if disk.bitmap.is_some() => (
+            serve(None).map_err(|e| CheckpointError::Unsupported(e.to_string()))?,
+            None,
+        ),
+        Err(e) => return Err(CheckpointError::Unsupported(e.to_string())),
     };
     let context = bitmap.map(|b| format!("qemu:dirty-bitmap:{b}"));
     let read = read_disk(

@@ -74,6 +74,9 @@ pub enum CheckpointError {
     /// Not possible in the VM's state.
     #[error("{0}")]
     Unsupported(String),
+    /// A test asked for a failure here (`REWIND_FAULT`).
+    #[error(transparent)]
+    Injected(#[from] crate::fault::Injected),
 }
 
 impl CheckpointError {
@@ -86,7 +89,9 @@ impl CheckpointError {
             Self::Libvirt(e) => e.is_retryable(),
             Self::Store(e) => e.is_retryable(),
             Self::Read { .. } => true,
-            Self::Firmware(_) | Self::Staging(_) | Self::Unsupported(_) => false,
+            Self::Firmware(_) | Self::Staging(_) | Self::Unsupported(_) | Self::Injected(_) => {
+                false
+            }
         }
     }
 }

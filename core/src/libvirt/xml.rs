@@ -55,6 +55,12 @@ pub enum XmlError {
     /// A required element or attribute is missing.
     #[error("{0}")]
     Missing(&'static str),
+    /// A disk without a type (file, block, network…).
+    #[error("disk {0} has no type")]
+    DiskWithoutType(String),
+    /// Two changes to the same text (a bug in the rewrite).
+    #[error("two changes to the domain XML overlap")]
+    Overlap,
 }
 
 /// Parses a domain XML document.

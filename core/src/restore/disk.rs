@@ -144,7 +144,7 @@ impl DiskSession {
                 .to_str()
                 .ok_or_else(|| write_err("the path is not UTF-8".into()))?;
             let server = QemuNbd::serve(file_str, Some(format), "disk", &socket, access)
-                .map_err(write_err)?;
+                .map_err(|e| write_err(e.to_string()))?;
             let context = bitmap.map(rewind_nbd::dirty_bitmap_context);
             let mut contexts = vec![BASE_ALLOCATION];
             contexts.extend(context.as_deref());
@@ -594,7 +594,7 @@ pub(crate) fn qemu_img(
     args: &[&str],
     path: &Path,
     extra: &[&str],
-) -> Result<Result<std::process::Output, String>, RestoreError> {
+) -> Result<Result<std::process::Output, QemuImgFailed>, RestoreError> {
     let out = std::process::Command::new("qemu-img")
         .args(args)
         .arg(path)
@@ -612,9 +612,16 @@ pub(crate) fn qemu_img(
         } else {
             &out.stderr
         };
-        Ok(Err(String::from_utf8_lossy(said).trim().to_owned()))
+        Ok(Err(QemuImgFailed(
+            String::from_utf8_lossy(said).trim().to_owned(),
+        )))
     }
 }
+
+/// `qemu-img` ran and failed: what it said.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct QemuImgFailed(String);
 
 /// Creates an empty image of `size_bytes` at `path` (format `qcow2` or `raw`), with its
 /// folder; refuses to replace a file.
@@ -636,7 +643,7 @@ pub(crate) fn create_image(path: &Path, format: &str, size_bytes: u64) -> Result
         &[&size_bytes.to_string()],
     )?
     .map(drop)
-    .map_err(write_err)
+    .map_err(|said| write_err(said.to_string()))
 }
 
 /// Sets the guest-visible size of the image `path` (the VM is off; shrinking drops what is

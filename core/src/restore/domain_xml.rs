@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use roxmltree::{Document, Node};
 
 use crate::libvirt::backup::xml_escape;
+use crate::libvirt::xml::XmlError;
 
 /// Where one disk of the restored VM is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,11 +69,11 @@ impl Edits {
         self.replace(node.range(), "");
     }
 
-    fn apply(mut self, xml: &str) -> Result<String, String> {
+    fn apply(mut self, xml: &str) -> Result<String, XmlError> {
         self.list.sort_by_key(|(r, _)| (r.start, r.end));
         for pair in self.list.windows(2) {
             if pair[0].0.end > pair[1].0.start {
-                return Err("two changes to the domain XML overlap".into());
+                return Err(XmlError::Overlap);
             }
         }
         let mut out = xml.to_owned();
@@ -105,17 +106,19 @@ fn set_text(edits: &mut Edits, node: Node<'_, '_>, text: &str) {
 }
 
 /// Applies `rewrite` to domain XML `xml`.
-pub fn rewrite(xml: &str, rewrite: &Rewrite) -> Result<String, String> {
-    let doc =
-        Document::parse(xml).map_err(|e| format!("the domain XML is not well-formed: {e}"))?;
+pub fn rewrite(xml: &str, rewrite: &Rewrite) -> Result<String, XmlError> {
+    let doc = Document::parse(xml)?;
     let root = doc.root_element();
     if !root.has_tag_name("domain") {
-        return Err("the XML does not describe a domain".into());
+        return Err(XmlError::NotADomain(root.tag_name().name().to_owned()));
     }
     let mut edits = Edits { list: Vec::new() };
-    for (tag, value) in [("name", &rewrite.name), ("uuid", &rewrite.uuid)] {
+    for (tag, missing, value) in [
+        ("name", "the domain has no <name>", &rewrite.name),
+        ("uuid", "the domain has no <uuid>", &rewrite.uuid),
+    ] {
         if let Some(value) = value {
-            let node = child(root, tag).ok_or(format!("the domain XML has no <{tag}>"))?;
+            let node = child(root, tag).ok_or(XmlError::Missing(missing))?;
             set_text(&mut edits, node, value);
         }
     }
@@ -171,7 +174,7 @@ pub fn rewrite(xml: &str, rewrite: &Rewrite) -> Result<String, String> {
     edits.apply(xml)
 }
 
-fn disk(edits: &mut Edits, disk: Node<'_, '_>, rewrite: &Rewrite) -> Result<(), String> {
+fn disk(edits: &mut Edits, disk: Node<'_, '_>, rewrite: &Rewrite) -> Result<(), XmlError> {
     let target = child(disk, "target").and_then(|t| t.attribute("dev"));
     let place = rewrite
         .disks
@@ -190,7 +193,7 @@ fn disk(edits: &mut Edits, disk: Node<'_, '_>, rewrite: &Rewrite) -> Result<(), 
     let path = xml_escape(&place.path.display().to_string());
     match disk.attributes().find(|a| a.name() == "type") {
         Some(t) => edits.replace(t.range_value(), "file"),
-        None => return Err(format!("disk {} has no type", place.target)),
+        None => return Err(XmlError::DiskWithoutType(place.target.clone())),
     }
     if let Some(source) = child(disk, "source") {
         edits.replace(source.range(), format!("<source file='{path}'/>"));

@@ -125,6 +125,9 @@ pub enum RestoreError {
     /// The restore cannot be done as asked.
     #[error("{0}")]
     Invalid(String),
+    /// The checkpoint's domain definition cannot be rewritten for its new place.
+    #[error("the checkpoint's domain definition cannot be used: {0}")]
+    DomainXml(#[from] crate::libvirt::xml::XmlError),
     /// The restore failed or was cancelled part-way; what state the VM was left in.
     #[error("{cause}; {outcome}")]
     Stopped {
@@ -167,6 +170,7 @@ impl RestoreError {
             | Self::Write { .. }
             | Self::Verify { .. }
             | Self::Invalid(_)
+            | Self::DomainXml(_)
             | Self::CannotResume { .. }
             | Self::Cancelled => false,
         }

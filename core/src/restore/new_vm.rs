@@ -122,7 +122,7 @@ pub fn restore_as_new(
         control.start_phase(Phase::Starting);
         match plan
             .running_xml(&saved.xml, m, &disks)
-            .map_err(RestoreError::Invalid)
+            .map_err(RestoreError::from)
             .and_then(|xml| Ok(hv.restore_saved_state(&saved.path, Some(&xml))?))
         {
             Ok(()) => (true, None, true),
@@ -347,7 +347,7 @@ impl Plan {
                 ..self.placed(m, places)
             },
         )
-        .map_err(RestoreError::Invalid)?;
+        .map_err(RestoreError::from)?;
         if self.local {
             made.files.extend(self.nvram_path.clone());
             made.files.extend(self.tpm_dir.clone());
@@ -391,7 +391,7 @@ impl Plan {
         saved: &str,
         m: &Manifest,
         disks: &[DiskRestore],
-    ) -> Result<String, String> {
+    ) -> Result<String, crate::libvirt::xml::XmlError> {
         let places = disks
             .iter()
             .map(|d| DiskPlace {

@@ -69,8 +69,8 @@ fn image_size(path: &Path, format: &str) -> Result<u64, RestoreError> {
         path: path.to_path_buf(),
         detail: format!("qemu-img cannot read it as {format}: {said}"),
     };
-    let out =
-        disk::qemu_img(&["info", "--output=json", "-f", format], path, &[])?.map_err(cannot)?;
+    let out = disk::qemu_img(&["info", "--output=json", "-f", format], path, &[])?
+        .map_err(|said| cannot(said.to_string()))?;
     serde_json::from_slice::<serde_json::Value>(&out.stdout)
         .ok()
         .and_then(|info| info["virtual-size"].as_u64())
@@ -435,7 +435,7 @@ impl<'a> InPlace<'a> {
                     ..Rewrite::default()
                 },
             )
-            .map_err(RestoreError::Invalid)?
+            .map_err(RestoreError::from)?
         };
         self.hv.define_vm(&xml)?;
         Ok(firmware)

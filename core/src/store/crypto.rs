@@ -161,7 +161,7 @@ impl Keys {
         context: &[u8],
         cost: KdfCost,
     ) -> Result<EncryptionConfig, CryptoError> {
-        let params = argon2_params(cost).map_err(CryptoError::Kdf)?;
+        let params = argon2_params(cost).map_err(|e| CryptoError::Kdf(e.to_string()))?;
         let mut salt = [0u8; SALT_BYTES];
         fill_random(&mut salt)?;
         let mut wrapping_key = Zeroizing::new([0u8; KEY_BYTES]);
@@ -213,7 +213,7 @@ impl Keys {
             iterations: config.kdf_iterations,
             parallelism: config.kdf_parallelism,
         })
-        .map_err(CryptoError::BadConfig)?;
+        .map_err(|e| CryptoError::BadConfig(e.to_string()))?;
 
         let salt = decode_hex("salt_hex", &config.salt_hex, MAX_SALT_BYTES)?;
         if salt.len() < SALT_BYTES {
@@ -335,37 +335,48 @@ fn fill_random(bytes: &mut [u8]) -> Result<(), CryptoError> {
     getrandom::fill(bytes).map_err(|e| CryptoError::Random(e.to_string()))
 }
 
+/// A key derivation cost that Rewind or Argon2 refuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KdfCostError {
+    /// More memory than Rewind allows.
+    #[error(
+        "the key derivation asks for {0} KiB of memory; at most {MAX_KDF_MEMORY_KIB} KiB (4 GiB) is allowed"
+    )]
+    Memory(u32),
+    /// More iterations than Rewind allows.
+    #[error("the key derivation asks for {0} iterations; at most {MAX_KDF_ITERATIONS} are allowed")]
+    Iterations(u32),
+    /// More lanes than Rewind allows.
+    #[error("the key derivation asks for {0} lanes; at most {MAX_KDF_PARALLELISM} are allowed")]
+    Parallelism(u32),
+    /// Argon2 refuses the combination.
+    #[error("Argon2id cannot run with {} KiB, {} iterations and {} lanes: {source}", cost.memory_kib, cost.iterations, cost.parallelism)]
+    Argon2 {
+        /// The cost.
+        cost: KdfCost,
+        /// Argon2's reason.
+        source: argon2::Error,
+    },
+}
+
 /// Checks a KDF cost against Rewind's limits and Argon2's; the error says what is wrong.
-fn argon2_params(cost: KdfCost) -> Result<argon2::Params, String> {
+fn argon2_params(cost: KdfCost) -> Result<argon2::Params, KdfCostError> {
     let KdfCost {
         memory_kib,
         iterations,
         parallelism,
     } = cost;
     if memory_kib > MAX_KDF_MEMORY_KIB {
-        return Err(format!(
-            "the key derivation asks for {memory_kib} KiB of memory; at most \
-             {MAX_KDF_MEMORY_KIB} KiB (4 GiB) is allowed"
-        ));
+        return Err(KdfCostError::Memory(memory_kib));
     }
     if iterations > MAX_KDF_ITERATIONS {
-        return Err(format!(
-            "the key derivation asks for {iterations} iterations; at most \
-             {MAX_KDF_ITERATIONS} are allowed"
-        ));
+        return Err(KdfCostError::Iterations(iterations));
     }
     if parallelism > MAX_KDF_PARALLELISM {
-        return Err(format!(
-            "the key derivation asks for {parallelism} lanes; at most \
-             {MAX_KDF_PARALLELISM} are allowed"
-        ));
+        return Err(KdfCostError::Parallelism(parallelism));
     }
-    argon2::Params::new(memory_kib, iterations, parallelism, Some(KEY_BYTES)).map_err(|e| {
-        format!(
-            "Argon2id cannot run with {memory_kib} KiB, {iterations} iterations and \
-             {parallelism} lanes: {e}"
-        )
-    })
+    argon2::Params::new(memory_kib, iterations, parallelism, Some(KEY_BYTES))
+        .map_err(|source| KdfCostError::Argon2 { cost, source })
 }
 
 /// Argon2's working memory, wiped when dropped: its final blocks determine the derived key.

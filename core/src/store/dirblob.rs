@@ -68,28 +68,50 @@ pub struct PackedFile {
     pub content: Vec<u8>,
 }
 
+/// What is wrong with a folder blob.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DirBlobError {
+    /// It does not start like one.
+    #[error("not a folder blob (no RWDIR1 header)")]
+    NotADirBlob,
+    /// It ends inside a file's entry.
+    #[error("the folder blob is truncated")]
+    Truncated,
+    /// A path that is not UTF-8.
+    #[error("a path is not UTF-8")]
+    PathNotUtf8,
+    /// A file bigger than memory can hold.
+    #[error("a file is too large")]
+    TooLarge,
+    /// A path that would lead out of the folder.
+    #[error("the path {0:?} would leave the folder")]
+    LeavesFolder(String),
+    /// More files than any TPM state has.
+    #[error("more than {MAX_FILES} files")]
+    TooManyFiles,
+}
+
 /// Unpacks a folder blob, refusing anything that could write outside the folder.
-pub fn unpack(bytes: &[u8]) -> Result<Vec<PackedFile>, String> {
-    let body = bytes
-        .strip_prefix(MAGIC)
-        .ok_or("not a folder blob (no RWDIR1 header)")?;
+pub fn unpack(bytes: &[u8]) -> Result<Vec<PackedFile>, DirBlobError> {
+    let body = bytes.strip_prefix(MAGIC).ok_or(DirBlobError::NotADirBlob)?;
     let mut cursor = Cursor { rest: body };
     let mut files = Vec::new();
     while !cursor.rest.is_empty() {
         let name_len = usize::from(u16::from_le_bytes(cursor.array()?));
         let name = std::str::from_utf8(cursor.take(name_len)?)
-            .map_err(|_| "a path is not UTF-8".to_owned())?
+            .map_err(|_| DirBlobError::PathNotUtf8)?
             .to_owned();
         let mode = u32::from_le_bytes(cursor.array()?);
         let size = usize::try_from(u64::from_le_bytes(cursor.array()?))
-            .map_err(|_| "a file is too large".to_owned())?;
+            .map_err(|_| DirBlobError::TooLarge)?;
         let content = cursor.take(size)?.to_vec();
         let path = PathBuf::from(&name);
         if name.is_empty() || !path.components().all(|c| matches!(c, Component::Normal(_))) {
-            return Err(format!("the path {name:?} would leave the folder"));
+            return Err(DirBlobError::LeavesFolder(name));
         }
         if files.len() == MAX_FILES {
-            return Err(format!("more than {MAX_FILES} files"));
+            return Err(DirBlobError::TooManyFiles);
         }
         files.push(PackedFile {
             path,
@@ -106,16 +128,16 @@ struct Cursor<'a> {
 }
 
 impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DirBlobError> {
         if self.rest.len() < n {
-            return Err("the folder blob is truncated".into());
+            return Err(DirBlobError::Truncated);
         }
         let (head, tail) = self.rest.split_at(n);
         self.rest = tail;
         Ok(head)
     }
 
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], String> {
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], DirBlobError> {
         Ok(self.take(N)?.try_into().expect("N bytes"))
     }
 }

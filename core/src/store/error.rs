@@ -217,6 +217,14 @@ pub enum StoreError {
         store: PathBuf,
     },
 
+    /// An object's index is inconsistent.
+    #[error(transparent)]
+    BadIndex(#[from] super::index::IndexError),
+
+    /// A manifest about to be written is inconsistent.
+    #[error(transparent)]
+    BadManifest(#[from] super::manifest::ManifestError),
+
     /// The caller cancelled.
     #[error("cancelled")]
     Cancelled,

@@ -83,35 +83,74 @@ impl ObjectIndex {
     }
 
     /// Checks the index's own consistency; `Err` says what is wrong.
-    pub fn validate(&self, store_chunk_size_bytes: u32) -> Result<(), String> {
+    pub fn validate(&self, store_chunk_size_bytes: u32) -> Result<(), IndexError> {
         if self.chunk_size_bytes != store_chunk_size_bytes {
-            return Err(format!(
-                "chunk size {} differs from the store's {store_chunk_size_bytes}",
-                self.chunk_size_bytes
-            ));
+            return Err(IndexError::ChunkSize {
+                found: self.chunk_size_bytes,
+                store: store_chunk_size_bytes,
+            });
         }
         if self.size_bytes > MAX_OBJECT_BYTES {
-            return Err(format!(
-                "size {} is beyond the 256 TiB limit",
-                self.size_bytes
-            ));
+            return Err(IndexError::TooBig(self.size_bytes));
         }
         if self.pages.len() as u64 != self.page_count() {
-            return Err(format!(
-                "{} index pages where a size of {} needs {}",
-                self.pages.len(),
-                self.size_bytes,
-                self.page_count()
-            ));
+            return Err(IndexError::PageCount {
+                pages: self.pages.len(),
+                size: self.size_bytes,
+                needs: self.page_count(),
+            });
         }
         if self.data_bytes > self.size_bytes {
-            return Err(format!(
-                "{} data bytes in an object of {}",
-                self.data_bytes, self.size_bytes
-            ));
+            return Err(IndexError::DataBytes {
+                data: self.data_bytes,
+                size: self.size_bytes,
+            });
         }
         Ok(())
     }
+}
+
+/// What is inconsistent in an object's index.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum IndexError {
+    /// Made for chunks of another size.
+    #[error("chunk size {found} differs from the store's {store}")]
+    ChunkSize {
+        /// The index's.
+        found: u32,
+        /// The store's.
+        store: u32,
+    },
+    /// Bigger than any object may be.
+    #[error("size {0} is beyond the 256 TiB limit")]
+    TooBig(u64),
+    /// The wrong number of index pages for its size.
+    #[error("{pages} index pages where a size of {size} needs {needs}")]
+    PageCount {
+        /// Pages it has.
+        pages: usize,
+        /// Its size in bytes.
+        size: u64,
+        /// Pages that size needs.
+        needs: u64,
+    },
+    /// An index page of the wrong length.
+    #[error("index page of {bytes} bytes where {entries} entries take {}", entries * 32)]
+    PageBytes {
+        /// Its length.
+        bytes: usize,
+        /// The entries it must hold.
+        entries: u64,
+    },
+    /// More data bytes than bytes.
+    #[error("{data} data bytes in an object of {size}")]
+    DataBytes {
+        /// Data bytes it claims.
+        data: u64,
+        /// Its size.
+        size: u64,
+    },
 }
 
 /// Encodes a page's entries.
@@ -121,13 +160,12 @@ pub fn encode_page(entries: &[ChunkId]) -> Vec<u8> {
 }
 
 /// Decodes a page that must hold exactly `expected_entries`.
-pub fn decode_page(bytes: &[u8], expected_entries: u64) -> Result<Vec<ChunkId>, String> {
+pub fn decode_page(bytes: &[u8], expected_entries: u64) -> Result<Vec<ChunkId>, IndexError> {
     if bytes.len() as u64 != expected_entries * 32 {
-        return Err(format!(
-            "index page of {} bytes where {expected_entries} entries take {}",
-            bytes.len(),
-            expected_entries * 32
-        ));
+        return Err(IndexError::PageBytes {
+            bytes: bytes.len(),
+            entries: expected_entries,
+        });
     }
     Ok(bytes
         .chunks_exact(32)
@@ -158,7 +196,10 @@ mod tests {
     fn absurd_indexes_are_rejected() {
         let mut i = ObjectIndex::empty(1 << 30, 1 << 20);
         i.pages.push(None);
-        assert!(i.validate(1 << 20).unwrap_err().contains("index pages"));
+        assert!(matches!(
+            i.validate(1 << 20).unwrap_err(),
+            IndexError::PageCount { .. }
+        ));
         let huge = ObjectIndex {
             size_bytes: u64::MAX,
             chunk_size_bytes: 1 << 20,

@@ -88,7 +88,7 @@ impl Location {
             }
             None => (None, authority),
         };
-        let (host, port) = split_host_port(host_port).map_err(bad)?;
+        let (host, port) = split_host_port(host_port).map_err(|e| bad(e.to_string()))?;
         if path.is_empty() || path == "/" {
             return Err(bad(format!(
                 "it names no folder on the host; give the store's absolute path, e.g. \
@@ -212,39 +212,54 @@ impl fmt::Display for Location {
     }
 }
 
+/// What is wrong with the `host[:port]` part of an `ssh://` location.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum HostPortError {
+    #[error("an IPv6 address opened with [ is not closed with ]")]
+    Unclosed,
+    #[error("unexpected {0:?} after the IPv6 address")]
+    AfterV6(String),
+    #[error("an IPv6 address must be written in brackets: ssh://[::1]/path")]
+    BareV6,
+    #[error("it names no host; write ssh://[user@]host[:port]/path")]
+    NoHost,
+    #[error("{0:?} is not a host name")]
+    BadHost(String),
+    #[error("{0:?} is not a port number (1 to 65535)")]
+    BadPort(String),
+}
+
 /// `host`, `host:port`, `[v6]` or `[v6]:port`.
-fn split_host_port(text: &str) -> Result<(String, Option<u16>), String> {
+fn split_host_port(text: &str) -> Result<(String, Option<u16>), HostPortError> {
     let (host, port) = if let Some(rest) = text.strip_prefix('[') {
         let Some((host, after)) = rest.split_once(']') else {
-            return Err("an IPv6 address opened with [ is not closed with ]".into());
+            return Err(HostPortError::Unclosed);
         };
         match after {
             "" => (host, None),
             _ => match after.strip_prefix(':') {
                 Some(port) => (host, Some(port)),
-                None => return Err(format!("unexpected {after:?} after the IPv6 address")),
+                None => return Err(HostPortError::AfterV6(after.to_owned())),
             },
         }
     } else {
         match text.split_once(':') {
             Some((host, port)) if !port.contains(':') => (host, Some(port)),
-            Some(_) => {
-                return Err("an IPv6 address must be written in brackets: ssh://[::1]/path".into());
-            }
+            Some(_) => return Err(HostPortError::BareV6),
             None => (text, None),
         }
     };
     if host.is_empty() {
-        return Err("it names no host; write ssh://[user@]host[:port]/path".into());
+        return Err(HostPortError::NoHost);
     }
     if host.starts_with('-') || host.contains(|c: char| c.is_whitespace() || c == '@') {
-        return Err(format!("{host:?} is not a host name"));
+        return Err(HostPortError::BadHost(host.to_owned()));
     }
     let port = match port {
         None => None,
         Some(p) => match p.parse::<u16>() {
             Ok(n) if n > 0 => Some(n),
-            _ => return Err(format!("{p:?} is not a port number (1 to 65535)")),
+            _ => return Err(HostPortError::BadPort(p.to_owned())),
         },
     };
     Ok((host.to_owned(), port))

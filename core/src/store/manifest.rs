@@ -146,41 +146,74 @@ pub fn check_name(what: &'static str, name: &str) -> Result<(), super::StoreErro
     }
 }
 
+/// What is wrong with a manifest.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ManifestError {
+    /// A format this version of Rewind does not read.
+    #[error("format version {0} is not supported")]
+    Version(u32),
+    /// A name that cannot be a file name or label.
+    #[error(transparent)]
+    Name(Box<super::StoreError>),
+    /// Two disks (or blobs) with one name.
+    #[error("{0} {1} appears twice")]
+    Twice(&'static str, String),
+    /// An inconsistent index.
+    #[error("{what} {name}: {source}")]
+    Index {
+        /// `disk` or `blob`.
+        what: &'static str,
+        /// Its target or name.
+        name: String,
+        /// What is wrong.
+        #[source]
+        source: super::index::IndexError,
+    },
+}
+
 impl Manifest {
     /// Checks everything a hostile or damaged manifest could get wrong; `Err` says what.
-    pub fn validate(&self, chunk_size_bytes: u32) -> Result<(), String> {
+    pub fn validate(&self, chunk_size_bytes: u32) -> Result<(), ManifestError> {
         if self.format_version == 0 || self.format_version > super::config::FORMAT_VERSION {
-            return Err(format!(
-                "format version {} is not supported",
-                self.format_version
-            ));
+            return Err(ManifestError::Version(self.format_version));
         }
-        check_name("checkpoint id", &self.id).map_err(|e| e.to_string())?;
+        let name =
+            |what, name: &str| check_name(what, name).map_err(|e| ManifestError::Name(Box::new(e)));
+        name("checkpoint id", &self.id)?;
         let mut targets = std::collections::HashSet::new();
         for disk in &self.disks {
-            check_name("disk target", &disk.target).map_err(|e| e.to_string())?;
+            name("disk target", &disk.target)?;
             if !targets.insert(disk.target.as_str()) {
-                return Err(format!("disk {} appears twice", disk.target));
+                return Err(ManifestError::Twice("disk", disk.target.clone()));
             }
             disk.index
                 .validate(chunk_size_bytes)
-                .map_err(|e| format!("disk {}: {e}", disk.target))?;
+                .map_err(|source| ManifestError::Index {
+                    what: "disk",
+                    name: disk.target.clone(),
+                    source,
+                })?;
         }
         let mut names = std::collections::HashSet::new();
         for blob in &self.blobs {
-            check_name("blob name", &blob.name).map_err(|e| e.to_string())?;
+            name("blob name", &blob.name)?;
             if !names.insert(blob.name.as_str()) {
-                return Err(format!("blob {} appears twice", blob.name));
+                return Err(ManifestError::Twice("blob", blob.name.clone()));
             }
             blob.index
                 .validate(chunk_size_bytes)
-                .map_err(|e| format!("blob {}: {e}", blob.name))?;
+                .map_err(|source| ManifestError::Index {
+                    what: "blob",
+                    name: blob.name.clone(),
+                    source,
+                })?;
         }
         for label in &self.labels {
-            check_name("label", label).map_err(|e| e.to_string())?;
+            name("label", label)?;
         }
-        if let Some(name) = &self.libvirt_checkpoint {
-            check_name("libvirt checkpoint", name).map_err(|e| e.to_string())?;
+        if let Some(checkpoint) = &self.libvirt_checkpoint {
+            name("libvirt checkpoint", checkpoint)?;
         }
         Ok(())
     }

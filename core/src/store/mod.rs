@@ -493,9 +493,9 @@ impl Store {
             return Ok(vec![index::HOLE; usize::try_from(entries).unwrap_or(0)]);
         };
         let bytes = self.read_chunk(id, ChunkKind::IndexPage)?;
-        index::decode_page(&bytes, entries).map_err(|detail| StoreError::Damaged {
+        index::decode_page(&bytes, entries).map_err(|e| StoreError::Damaged {
             path: self.chunk_path(id),
-            detail,
+            detail: e.to_string(),
             store: self.root.clone(),
         })
     }
@@ -576,7 +576,7 @@ impl Store {
             serde_json::from_slice(&json).map_err(|e| damaged(e.to_string()))?;
         manifest
             .validate(self.config.chunk_size_bytes)
-            .map_err(damaged)?;
+            .map_err(|e| damaged(e.to_string()))?;
         if manifest.vm.uuid != *vm_uuid || manifest.id != id {
             return Err(damaged(format!(
                 "it describes checkpoint {} of VM {}, not what its file name says",

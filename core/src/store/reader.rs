@@ -20,9 +20,7 @@ pub struct ObjectReader<'s> {
 impl Store {
     /// A reader for `index`, which must belong to this store.
     pub fn object_reader(&self, index: &ObjectIndex) -> Result<ObjectReader<'_>, StoreError> {
-        index
-            .validate(self.chunk_size_bytes())
-            .map_err(StoreError::Invalid)?;
+        index.validate(self.chunk_size_bytes())?;
         Ok(ObjectReader {
             store: self,
             index: index.clone(),

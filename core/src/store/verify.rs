@@ -150,7 +150,8 @@ impl Store {
             let decoded = self
                 .load_chunk(page_id, ChunkKind::IndexPage)?
                 .and_then(|bytes| {
-                    index::decode_page(&bytes, *entries).map_err(ChunkProblem::BadHeader)
+                    index::decode_page(&bytes, *entries)
+                        .map_err(|e| ChunkProblem::BadHeader(e.to_string()))
                 });
             match decoded {
                 Ok(ids) => {

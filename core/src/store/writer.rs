@@ -126,8 +126,7 @@ impl Store {
         base: Option<&ObjectIndex>,
     ) -> Result<ObjectWriter<'_>, StoreError> {
         let index = if let Some(base) = base {
-            base.validate(self.chunk_size_bytes())
-                .map_err(StoreError::Invalid)?;
+            base.validate(self.chunk_size_bytes())?;
             if base.size_bytes != size_bytes {
                 return Err(StoreError::Invalid(format!(
                     "the base index is for {} bytes, not {size_bytes}: take a full capture after a resize",
@@ -449,9 +448,7 @@ impl<'s> CheckpointWriter<'s> {
             libvirt_checkpoint: self.new.libvirt_checkpoint.clone(),
             program_version: crate::VERSION.to_owned(),
         };
-        manifest
-            .validate(store.chunk_size_bytes())
-            .map_err(StoreError::Invalid)?;
+        manifest.validate(store.chunk_size_bytes())?;
         // Count the manifest itself (its size barely depends on this number).
         let estimate = store.encode_manifest(&manifest)?.len() as u64;
         manifest.new_bytes += estimate;
