@@ -135,7 +135,7 @@ pub fn run() -> anyhow::Result<()> {
             tracing::warn!("(no desktop notification: {e}) {summary}: {body}");
         }
     });
-    let handle = scheduler::start(paths, lock, "rewind daemon", events)
+    let handle = scheduler::start(paths, lock, "rewind daemon", events, scheduler::Watch::Own)
         .context("could not start the scheduler")?;
     let (tx, rx) = std::sync::mpsc::channel();
     ctrlc::set_handler(move || {

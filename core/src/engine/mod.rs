@@ -526,6 +526,7 @@ impl Engine {
                         lock,
                         "the Rewind window",
                         sink,
+                        crate::scheduler::Watch::Host,
                     ) {
                         Ok(handle) => protection.scheduler = Some(handle),
                         Err(e) => {
@@ -583,21 +584,29 @@ impl Engine {
 
     async fn handle_inner(&self, p: &mut Protection, msg: Inner, inner: &mpsc::Sender<Inner>) {
         match msg {
-            Inner::Config(Ok(config)) => {
-                p.config = config.clone();
-                self.emit(Event::Config {
-                    config: Arc::new(config),
-                    error: None,
-                })
-                .await;
-                p.scan(inner);
-            }
-            Inner::Config(Err(e)) => {
-                self.emit(Event::Config {
-                    config: Arc::new(p.config.clone()),
-                    error: Some(e.to_string()),
-                })
-                .await;
+            Inner::Config(r) => {
+                // The one watcher of the file: the hosted scheduler hears of it from here.
+                if let Some(s) = &p.scheduler {
+                    s.config_changed(r.clone());
+                }
+                match r {
+                    Ok(config) => {
+                        p.config = config.clone();
+                        self.emit(Event::Config {
+                            config: Arc::new(config),
+                            error: None,
+                        })
+                        .await;
+                        p.scan(inner);
+                    }
+                    Err(e) => {
+                        self.emit(Event::Config {
+                            config: Arc::new(p.config.clone()),
+                            error: Some(e.to_string()),
+                        })
+                        .await;
+                    }
+                }
             }
             Inner::Status => {
                 if p.scheduler.is_some() {
@@ -608,7 +617,12 @@ impl Engine {
                     self.emit_scheduler(p).await;
                 }
             }
-            Inner::Mounts => p.scan(inner),
+            Inner::Mounts => {
+                if let Some(s) = &p.scheduler {
+                    s.mounts_changed();
+                }
+                p.scan(inner);
+            }
             Inner::Scheduled(ev) => {
                 let finished = matches!(ev, SchedEvent::Finished(_));
                 self.emit(Event::Scheduled(Arc::new(ev))).await;
@@ -1110,6 +1124,51 @@ mod tests {
             seen.len(),
             &seen[..seen.len().min(5)]
         );
+    }
+
+    /// The engine's one watcher of the configuration passes a hand edit on to the
+    /// scheduler it hosts (which watches nothing itself): the scheduler's status file soon
+    /// says what the edited file says.
+    #[test]
+    fn a_hand_edit_of_the_configuration_reaches_the_hosted_scheduler() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths {
+            config: dir.path().join("config.ron"),
+            history: dir.path().join("history.jsonl"),
+            status: dir.path().join("status.json"),
+        };
+        let mut engine = spawn_with(
+            EngineOptions {
+                uri: "test:///default".into(),
+                host_scheduler: true,
+                paths: paths.clone(),
+            },
+            Arc::new(|| {}),
+        )
+        .unwrap();
+        let status_paused = || Status::read_live(&paths.status).map(|s| s.paused);
+        let started = std::time::Instant::now();
+        while status_paused() != Some(false) {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "no status from the scheduler"
+            );
+            let _ = engine.recv_timeout(Duration::from_millis(100));
+        }
+        // An edit by hand (not through the engine): only a watcher can notice it.
+        let config = Config {
+            paused: true,
+            ..Config::default()
+        };
+        config.save(&paths.config).unwrap();
+        let edited = std::time::Instant::now();
+        while status_paused() != Some(true) {
+            assert!(
+                edited.elapsed() < Duration::from_secs(20),
+                "the hosted scheduler never heard of the edit"
+            );
+            let _ = engine.recv_timeout(Duration::from_millis(100));
+        }
     }
 
     #[test]

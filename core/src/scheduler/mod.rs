@@ -112,6 +112,17 @@ enum Msg {
     Written(HashMap<String, u64>),
 }
 
+/// Who watches the configuration file and the mounts for the scheduler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Watch {
+    /// The scheduler itself (`rewind daemon`, where nothing else watches).
+    Own,
+    /// Its host, which watches them anyway and passes each change on with
+    /// [`SchedulerHandle::config_changed`] and [`SchedulerHandle::mounts_changed`]: one
+    /// watcher for each, however many parts need to know.
+    Host,
+}
+
 /// A running scheduler; dropping it stops it (and waits for its jobs).
 pub struct SchedulerHandle {
     tx: mpsc::Sender<Msg>,
@@ -129,6 +140,22 @@ impl SchedulerHandle {
     #[must_use]
     pub fn send(&self, command: Command) -> bool {
         self.tx.try_send(Msg::Command(command)).is_ok()
+    }
+
+    /// The configuration file changed (or became unreadable): what it now says. For a
+    /// scheduler started with [`Watch::Host`].
+    pub fn config_changed(&self, config: Result<Config, ConfigError>) {
+        // A full channel is a stopping or stuck loop; it reads the file again when it starts.
+        if self.tx.try_send(Msg::Config(config)).is_err() {
+            tracing::warn!("the scheduler did not take the new configuration");
+        }
+    }
+
+    /// A file system was mounted or unmounted. For a scheduler started with
+    /// [`Watch::Host`].
+    pub fn mounts_changed(&self) {
+        // A full channel already holds a wake-up; a closed one means the loop ended.
+        drop(self.tx.try_send(Msg::Mounts));
     }
 
     /// Stops the scheduler: running jobs are cancelled and waited for.
@@ -190,6 +217,7 @@ pub fn start(
     lock: instance::SchedulerLock,
     program: &str,
     events: EventSink,
+    watch: Watch,
 ) -> std::io::Result<SchedulerHandle> {
     let (tx, rx) = mpsc::channel(256);
     let loop_tx = tx.clone();
@@ -202,7 +230,7 @@ pub fn start(
                 .max_blocking_threads(16)
                 .build()
                 .expect("a tokio runtime starts");
-            runtime.block_on(run(paths, program, events, loop_tx, rx));
+            runtime.block_on(run(paths, program, events, watch, loop_tx, rx));
             drop(lock);
         })?;
     Ok(SchedulerHandle {
@@ -239,6 +267,7 @@ async fn run(
     paths: Paths,
     program: String,
     events: EventSink,
+    watch: Watch,
     tx: mpsc::Sender<Msg>,
     mut rx: mpsc::Receiver<Msg>,
 ) {
@@ -246,21 +275,7 @@ async fn run(
     if let Some(e) = &error {
         events(Event::ConfigError(e.clone()));
     }
-    let watch_tx = tx.clone();
-    let _watcher = ConfigWatcher::start(&paths.config, move |r| {
-        let _ = watch_tx.try_send(Msg::Config(r));
-    })
-    .map_err(|e| events(Event::ConfigError(e)))
-    .ok();
-    // Wakes the loop when a file system is mounted or unmounted.
-    let mount_tx = tx.clone();
-    let _mounts = crate::mounts::watch("rewind-mounts", move || {
-        // A full channel already holds a wake-up; a closed one means the loop ended.
-        let _ = mount_tx.try_send(Msg::Mounts);
-    })
-    .inspect_err(|e| {
-        tracing::warn!("drives plugged in will be noticed only at the next look: {e}");
-    });
+    let _watchers = (watch == Watch::Own).then(|| own_watchers(&paths, &events, &tx));
     let mut state = State {
         records: history::read(&paths.history),
         paths,
@@ -310,6 +325,34 @@ async fn run(
     }
     crate::cleanup::remove_file(&state.paths.status);
     events(Event::Stopped);
+}
+
+/// The configuration file's watcher and the mount watcher, for [`Watch::Own`]; they stop
+/// when dropped.
+fn own_watchers(
+    paths: &Paths,
+    events: &EventSink,
+    tx: &mpsc::Sender<Msg>,
+) -> (Option<ConfigWatcher>, Option<crate::mounts::MountWatch>) {
+    let watch_tx = tx.clone();
+    let config = ConfigWatcher::start(&paths.config, move |r| {
+        if watch_tx.try_send(Msg::Config(r)).is_err() {
+            tracing::warn!("the scheduler did not take the new configuration");
+        }
+    })
+    .map_err(|e| events(Event::ConfigError(e)))
+    .ok();
+    // Wakes the loop when a file system is mounted or unmounted.
+    let mount_tx = tx.clone();
+    let mounts = crate::mounts::watch("rewind-mounts", move || {
+        // A full channel already holds a wake-up; a closed one means the loop ended.
+        drop(mount_tx.try_send(Msg::Mounts));
+    })
+    .inspect_err(|e| {
+        tracing::warn!("drives plugged in will be noticed only at the next look: {e}");
+    })
+    .ok();
+    (config, mounts)
 }
 
 impl State {
