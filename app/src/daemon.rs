@@ -139,10 +139,12 @@ pub fn run() -> anyhow::Result<()> {
         .context("could not start the scheduler")?;
     let (tx, rx) = std::sync::mpsc::channel();
     ctrlc::set_handler(move || {
-        let _ = tx.send(());
+        // A second signal finds the receiver gone: the daemon is stopping already.
+        tx.send(()).ok();
     })
     .context("could not install the signal handler")?;
-    let _ = rx.recv();
+    // An error means the handler is gone, which is also a reason to stop.
+    rx.recv().ok();
     tracing::info!("stopping: cancelling running checkpoints and waiting for them");
     handle.stop();
     Ok(())

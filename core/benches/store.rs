@@ -62,7 +62,7 @@ fn du_bytes(path: &Path) -> u64 {
 }
 
 fn reset_peak_rss() {
-    let _ = fs::write("/proc/self/clear_refs", "5");
+    drop(fs::write("/proc/self/clear_refs", "5"));
 }
 
 fn peak_rss_mib() -> f64 {
@@ -166,7 +166,7 @@ fn run_variant(dir: &Path, image: &Path, chunk_size: u32, encrypted: bool, rows:
         if encrypted { ", encrypted" } else { "" }
     );
     let root = dir.join(format!("store-{chunk_size}-{encrypted}"));
-    let _ = fs::remove_dir_all(&root);
+    drop(fs::remove_dir_all(&root));
     let options = InitOptions {
         chunk_size_bytes: chunk_size,
         passphrase: encrypted.then(|| Zeroizing::new(b"benchmark".to_vec())),
@@ -192,7 +192,7 @@ fn run_variant(dir: &Path, image: &Path, chunk_size: u32, encrypted: bool, rows:
     // The same into a second, empty store, with the image now in the page cache: what the
     // store itself costs when reading the source is not the limit.
     let warm_root = dir.join(format!("store-warm-{chunk_size}-{encrypted}"));
-    let _ = fs::remove_dir_all(&warm_root);
+    drop(fs::remove_dir_all(&warm_root));
     let warm = Store::init(&warm_root, &options).unwrap();
     let (_, secs) = timed(|| ingest(&warm, image, None, 0));
     rows.push(Row {

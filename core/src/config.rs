@@ -763,7 +763,7 @@ mod tests {
         sample().save(&path).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         let _watcher = ConfigWatcher::start(&path, move |r| {
-            let _ = tx.send(r);
+            drop(tx.send(r));
         })
         .unwrap();
         let mut changed = sample();

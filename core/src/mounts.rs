@@ -80,7 +80,7 @@ mod tests {
         let counted = calls.clone();
         let watch = watch("test-mounts", move || {
             counted.fetch_add(1, Ordering::Relaxed);
-            let _ = tx.send(());
+            tx.send(()).ok();
         })
         .unwrap();
         std::thread::sleep(Duration::from_millis(300));
@@ -99,9 +99,11 @@ mod tests {
                 .unwrap();
             assert!(mounted.success());
             let seen = rx.recv_timeout(Duration::from_secs(10));
-            let _ = std::process::Command::new("umount")
-                .arg(dir.path())
-                .status();
+            drop(
+                std::process::Command::new("umount")
+                    .arg(dir.path())
+                    .status(),
+            );
             assert!(seen.is_ok(), "the mount was noticed");
         }
         drop(watch);

@@ -85,7 +85,7 @@ impl QemuNbd {
         // only once the socket listens (qemu-nbd's documented behaviour): the clients must
         // not connect and disconnect before the real work begins.
         let pid_file = socket.with_extension("pid");
-        let _ = std::fs::remove_file(&pid_file);
+        crate::cleanup::remove_file(&pid_file);
         cmd.arg(format!("--pid-file={}", pid_file.display()))
             // One connection per reader, plus the one asking for the allocation map.
             .arg(format!("--shared={}", crate::store::reader_count() + 1))
@@ -119,8 +119,9 @@ impl QemuNbd {
                 });
             }
             if std::time::Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
+                // Its end is all that is wanted; an error means it has ended already.
+                drop(child.kill());
+                drop(child.wait());
                 return Err(QemuNbdError::Slow {
                     file: file.to_owned(),
                 });
@@ -144,16 +145,20 @@ impl Drop for QemuNbd {
         while matches!(self.child.try_wait(), Ok(None)) {
             let waited = started.elapsed();
             if waited > std::time::Duration::from_secs(30) {
-                let _ = self.child.kill();
+                // An error means it has ended already.
+                drop(self.child.kill());
                 break;
             }
             if !asked && waited > std::time::Duration::from_secs(2) {
                 let pid = rustix::process::Pid::from_child(&self.child);
-                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+                if let Err(e) = rustix::process::kill_process(pid, rustix::process::Signal::TERM) {
+                    tracing::debug!("qemu-nbd did not take SIGTERM (it has ended already?): {e}");
+                }
                 asked = true;
             }
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
-        let _ = self.child.wait();
+        // Reaps it; an error means it was reaped already.
+        drop(self.child.wait());
     }
 }

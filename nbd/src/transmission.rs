@@ -36,7 +36,8 @@ impl NbdClient {
             {
                 // The spec asks clients to disconnect when the server shuts down.
                 self.phase = Phase::Closed;
-                let _ = self.send_request(CMD_DISC, 0, 0);
+                // A goodbye to a server going away; its error is the one being returned.
+                drop(self.send_request(CMD_DISC, 0, 0));
             }
         }
         result

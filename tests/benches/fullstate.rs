@@ -231,9 +231,9 @@ fn main() {
         // Until the guest counts again: the VM's whole time away, seen from the host.
         let back = Instant::now();
         let counted = vm.counter_lines().last().map_or(0, |c| c.0);
-        let _ = vm.wait_console_until(Duration::from_mins(2), |_| {
+        drop(vm.wait_console_until(Duration::from_mins(2), |_| {
             vm.counter_lines().last().is_some_and(|c| c.0 != counted)
-        });
+        }));
         let reading: f64 = phases
             .iter()
             .filter(|(p, _)| *p == Phase::ReadingMemory)

@@ -58,8 +58,8 @@ struct App(Child);
 
 impl Drop for App {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        drop(self.0.kill());
+        drop(self.0.wait());
     }
 }
 
@@ -120,7 +120,7 @@ fn binary() -> PathBuf {
 fn node_xml(dir: &Path) -> String {
     let mut xml = String::from("<node>\n");
     for i in 1..=VMS {
-        let _ = write!(
+        write!(
             xml,
             "  <domain type='test'>\n    <name>idle-vm-{i}</name>\n    \
              <uuid>6f1e0c52-7a4b-4c8e-9d2a-00000000000{i}</uuid>\n    \
@@ -129,7 +129,8 @@ fn node_xml(dir: &Path) -> String {
              <disk type='file' device='disk'><source file='{}/disk{i}.qcow2'/>\
              <target dev='vda' bus='virtio'/></disk>\n    </devices>\n  </domain>\n",
             dir.display()
-        );
+        )
+        .expect("writing to a String cannot fail");
     }
     xml.push_str("</node>\n");
     xml

@@ -315,7 +315,7 @@ fn uefi_tpm_guest_checkpoint_holds_its_nvram_and_tpm_state() {
 
 /// The guest-visible content of the shut-off VM's `vda`, through a raw copy at `raw`.
 fn disk_file_bytes(vm: &TestVm, raw: &Path) -> Vec<u8> {
-    let _ = std::fs::remove_file(raw);
+    drop(std::fs::remove_file(raw));
     let status = std::process::Command::new("qemu-img")
         .args(["convert", "-O", "raw"])
         .arg(&vm.disk("vda").path)

@@ -26,7 +26,7 @@ fn start_and_stop_events_arrive() {
     let (tx, rx) = mpsc::channel();
     let _subscription = hv
         .subscribe(move |ev| {
-            let _ = tx.send(ev);
+            drop(tx.send(ev));
         })
         .expect("subscribe");
 

@@ -16,8 +16,8 @@ struct App(std::process::Child);
 
 impl Drop for App {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        drop(self.0.kill());
+        drop(self.0.wait());
     }
 }
 

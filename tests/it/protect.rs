@@ -100,9 +100,11 @@ impl Daemon {
     /// SIGTERM, as systemd sends: it must stop cleanly and soon.
     fn terminate(&mut self) -> std::process::ExitStatus {
         let child = self.child.as_mut().unwrap();
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
+        drop(
+            Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status(),
+        );
         let start = Instant::now();
         loop {
             if let Some(status) = child.try_wait().unwrap() {
@@ -121,8 +123,8 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+            drop(child.kill());
+            drop(child.wait());
         }
     }
 }
@@ -293,7 +295,7 @@ impl Mount {
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
+        drop(Command::new("umount").arg(&self.0).status());
     }
 }
 
@@ -392,9 +394,9 @@ impl Drop for Session {
         if self.daemon.child.is_some() {
             let _ = self.daemon.terminate();
         }
-        let _ = self.monitor.kill();
-        let _ = self.monitor.wait();
-        let _ = Command::new("kill").arg(self.bus_pid.to_string()).status();
+        drop(self.monitor.kill());
+        drop(self.monitor.wait());
+        drop(Command::new("kill").arg(self.bus_pid.to_string()).status());
     }
 }
 

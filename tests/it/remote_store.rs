@@ -338,7 +338,7 @@ fn json(remote: &Remote, args: &[&str]) -> serde_json::Value {
 /// The guest-visible bytes of a disk image.
 fn image_bytes(path: &Path, format: &str) -> Vec<u8> {
     let raw = path.with_extension("compare.raw");
-    let _ = fs::remove_file(&raw);
+    drop(fs::remove_file(&raw));
     let out = Command::new("qemu-img")
         .args(["convert", "-U", "-f", format, "-O", "raw"])
         .arg(path)
@@ -357,7 +357,7 @@ fn image_bytes(path: &Path, format: &str) -> Vec<u8> {
 
 /// `rewind export VM latest --from URL --disk vda` as raw: the bytes.
 fn export_vda(remote: &Remote, url: &str, vm: &str, out: &Path) -> Vec<u8> {
-    let _ = fs::remove_file(out);
+    drop(fs::remove_file(out));
     remote.run_ok(&[
         "export",
         vm,
@@ -773,10 +773,12 @@ fn the_daemon_protects_a_vm_into_an_ssh_store_and_gets_over_the_server_going_awa
         Duration::from_mins(2),
         &mut || ok_count(&history(&remote)) > ok_before,
     );
-    let _ = Command::new("kill")
-        .args(["-TERM", &daemon.0.id().to_string()])
-        .status();
-    let _ = daemon.0.wait();
+    drop(
+        Command::new("kill")
+            .args(["-TERM", &daemon.0.id().to_string()])
+            .status(),
+    );
+    drop(daemon.0.wait());
 
     let listing: serde_json::Value =
         serde_json::from_str(&run_ok(&remote, &["checkpoints", "--in", &url, "--json"])).unwrap();
@@ -793,7 +795,7 @@ struct DaemonGuard(std::process::Child);
 
 impl Drop for DaemonGuard {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        drop(self.0.kill());
+        drop(self.0.wait());
     }
 }

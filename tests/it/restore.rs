@@ -25,7 +25,7 @@ fn run(cmd: &mut Command) {
 /// The guest-visible bytes of a disk image (also of a running VM's: `-U`).
 fn image_bytes(path: &Path, format: &str) -> Vec<u8> {
     let raw = path.with_extension("compare.raw");
-    let _ = std::fs::remove_file(&raw);
+    drop(std::fs::remove_file(&raw));
     run(Command::new("qemu-img")
         .args(["convert", "-U", "-f", format, "-O", "raw"])
         .arg(path)

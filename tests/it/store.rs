@@ -408,9 +408,11 @@ impl SmallDrive {
 
 impl Drop for SmallDrive {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg(&self.path)
-            .status();
+        drop(
+            std::process::Command::new("umount")
+                .arg(&self.path)
+                .status(),
+        );
     }
 }
 

@@ -21,8 +21,8 @@ pub const URI: &str = "qemu:///system";
 pub fn ensure_libvirt() -> Result<(), HarnessError> {
     let _lock = crate::scratch::lock_file("daemon")?;
     if !socket_answers(VIRTLOGD_SOCKET) {
-        let _ = std::fs::remove_file(VIRTLOGD_SOCKET);
-        let _ = std::fs::remove_file(VIRTLOGD_ADMIN_SOCKET);
+        drop(std::fs::remove_file(VIRTLOGD_SOCKET));
+        drop(std::fs::remove_file(VIRTLOGD_ADMIN_SOCKET));
         spawn_daemon("virtlogd")?;
         wait_for("virtlogd", || socket_answers(VIRTLOGD_SOCKET))?;
     }
@@ -30,7 +30,7 @@ pub fn ensure_libvirt() -> Result<(), HarnessError> {
         return Ok(());
     }
     if !socket_answers(LIBVIRT_SOCKET) {
-        let _ = std::fs::remove_file(LIBVIRT_SOCKET);
+        drop(std::fs::remove_file(LIBVIRT_SOCKET));
         spawn_daemon("libvirtd")?;
     }
     wait_for("libvirtd", connects)

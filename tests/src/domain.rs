@@ -666,7 +666,7 @@ pub fn connect() -> Result<Connect, HarnessError> {
 /// Destroys and undefines a domain with everything libvirt keeps for it.
 pub fn remove_domain(dom: &Domain) -> Result<(), HarnessError> {
     if dom.is_active().unwrap_or(false) {
-        let _ = dom.destroy();
+        drop(dom.destroy());
     }
     // Checkpoints and snapshots would block undefine; drop their metadata, NVRAM and TPM state.
     let flags = sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
@@ -802,24 +802,26 @@ fn domain_xml(
         options.push_str(" rw.agent=1");
     }
     if let Some(fs) = &b.filesystem {
-        let _ = write!(options, " rw.fs={}", xml_escape(fs));
+        write!(options, " rw.fs={}", xml_escape(fs)).expect("writing to a String cannot fail");
     }
     let mut devices = String::new();
     for d in disks {
-        let _ = writeln!(
+        writeln!(
             devices,
             "<disk type='file' device='disk'><driver name='qemu' type='{}'/>\
              <source file='{}'/><target dev='{}' bus='virtio'/></disk>",
             d.format.name(),
             e(&d.path),
             d.target
-        );
+        )
+        .expect("writing to a String cannot fail");
     }
-    let _ = writeln!(
+    writeln!(
         devices,
         "<serial type='file'><source path='{}'/><target port='0'/></serial>",
         e(console)
-    );
+    )
+    .expect("writing to a String cannot fail");
     if b.agent != Agent::None {
         devices.push_str(
             "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>\n",
@@ -1008,8 +1010,8 @@ impl Drop for RestoredVm {
         if hv.has_vm(&self.0) {
             let control = rewind_core::progress::Control::new();
             let force = rewind_core::libvirt::lifecycle::StopMode::Force;
-            let _ = hv.stop_vm(&self.0, force, &control);
-            let _ = hv.undefine_vm(&self.0);
+            drop(hv.stop_vm(&self.0, force, &control));
+            drop(hv.undefine_vm(&self.0));
         }
     }
 }

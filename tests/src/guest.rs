@@ -498,7 +498,7 @@ fn build_or_reuse(cache_root: &Path) -> io::Result<GuestImage> {
         fs::rename(&tmp, &entry).map_err(|e| with_path(&e, "rename into place", &entry))
     });
     if let Err(e) = built {
-        let _ = fs::remove_dir_all(&tmp);
+        drop(fs::remove_dir_all(&tmp));
         return Err(e);
     }
     drop(lock);
@@ -804,10 +804,10 @@ fn build_into(dir: &Path, p: &Packages, contents_hash: u64) -> io::Result<()> {
         p.kernel_package, p.kernel_package_version, p.kernel_release, p.busybox_version
     );
     for (name, version) in &p.tools {
-        let _ = writeln!(meta, "tool_package={name}={version}");
+        writeln!(meta, "tool_package={name}={version}").expect("writing to a String cannot fail");
     }
     for tool in &tools {
-        let _ = writeln!(meta, "tool_file=/{}", tool.dest);
+        writeln!(meta, "tool_file=/{}", tool.dest).expect("writing to a String cannot fail");
     }
     fs::write(dir.join(META_FILE), meta)?;
 
@@ -1178,7 +1178,7 @@ impl<W: Write> CpioWriter<W> {
         let mut header = String::with_capacity(110);
         header.push_str("070701");
         for f in fields {
-            let _ = write!(header, "{f:08X}");
+            write!(header, "{f:08X}").expect("writing to a String cannot fail");
         }
         self.put(header.as_bytes())?;
         self.put(name.as_bytes())?;
@@ -1266,7 +1266,7 @@ mod tests {
     #[test]
     fn symlinks_resolve_inside_the_unpacked_root() {
         let root = std::env::temp_dir().join(format!("rewind-guest-links-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&root);
+        drop(fs::remove_dir_all(&root));
         fs::create_dir_all(root.join("lib/x86_64-linux-gnu")).unwrap();
         fs::create_dir_all(root.join("lib64")).unwrap();
         fs::write(root.join("lib/x86_64-linux-gnu/ld.so"), b"loader").unwrap();

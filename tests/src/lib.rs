@@ -113,7 +113,7 @@ fn sweep_stale_scratch() {
         if let Some(pid) = scratch::owner_pid(&name)
             && !scratch::pid_alive(pid)
         {
-            let _ = std::fs::remove_dir_all(entry.path());
+            drop(std::fs::remove_dir_all(entry.path()));
         }
     }
 }

@@ -146,8 +146,8 @@ fn sweep_stale(conn: &Connect) {
         if let Some(pid) = name.strip_prefix("rwt-").and_then(owner_pid)
             && !pid_alive(pid)
         {
-            let _ = pool.destroy();
-            let _ = pool.undefine();
+            drop(pool.destroy());
+            drop(pool.undefine());
         }
     }
 }

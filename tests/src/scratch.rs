@@ -111,9 +111,11 @@ impl Tmpfs {
 impl Drop for Tmpfs {
     fn drop(&mut self) {
         if std::mem::take(&mut self.mounted) {
-            let _ = std::process::Command::new("umount")
-                .arg(self.dir.path())
-                .status();
+            drop(
+                std::process::Command::new("umount")
+                    .arg(self.dir.path())
+                    .status(),
+            );
         }
     }
 }

@@ -201,8 +201,8 @@ impl Sshd {
             tree.extend(new);
         }
         signal("KILL", &tree);
-        let _ = child.kill();
-        let _ = child.wait();
+        drop(child.kill());
+        drop(child.wait());
     }
 
     /// Starts the server again after [`Sshd::kill`], on the same port with the same keys;
@@ -256,7 +256,8 @@ impl Sshd {
             fs::read_to_string(&host_pub).map_err(|e| HarnessError::io("read", &host_pub, &e))?;
         // `ssh` looks a non-standard port up as `[host]:port`.
         let mut known = String::new();
-        let _ = writeln!(known, "[127.0.0.1]:{} {}", self.port, key.trim());
+        writeln!(known, "[127.0.0.1]:{} {}", self.port, key.trim())
+            .expect("writing to a String cannot fail");
         write(&self.known_hosts(), known.as_bytes())
     }
 
@@ -267,7 +268,7 @@ impl Sshd {
                 .map_err(|e| HarnessError::io("create", Path::new(PRIVSEP_DIR), &e))?;
         }
         let log = self.dir.path().join("sshd.log");
-        let _ = fs::remove_file(&log);
+        drop(fs::remove_file(&log));
         let child = Command::new(SSHD)
             .arg("-D")
             .arg("-f")
@@ -375,7 +376,7 @@ fn banner_answers(port: u16) -> bool {
     let Ok(mut stream) = TcpStream::connect((Ipv4Addr::LOCALHOST, port)) else {
         return false;
     };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    drop(stream.set_read_timeout(Some(Duration::from_secs(2))));
     let mut greeting = [0u8; 8];
     stream.read_exact(&mut greeting).is_ok() && greeting.starts_with(b"SSH-2.0-")
 }
@@ -384,12 +385,14 @@ fn signal(name: &str, pids: &[u32]) {
     if pids.is_empty() {
         return;
     }
-    let _ = Command::new("kill")
-        .arg(format!("-{name}"))
-        .args(pids.iter().map(u32::to_string))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
+    drop(
+        Command::new("kill")
+            .arg(format!("-{name}"))
+            .args(pids.iter().map(u32::to_string))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status(),
+    );
 }
 
 /// Processes whose parent is in `parents`.

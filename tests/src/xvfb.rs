@@ -43,8 +43,8 @@ impl Xvfb {
             number.push(char::from(byte[0]));
         }
         if number.trim().is_empty() {
-            let _ = child.kill();
-            let _ = child.wait();
+            drop(child.kill());
+            drop(child.wait());
             return Err(HarnessError(
                 "Xvfb exited without reporting a display".into(),
             ));
@@ -136,7 +136,7 @@ impl Xvfb {
 
 impl Drop for Xvfb {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        drop(self.child.kill());
+        drop(self.child.wait());
     }
 }

@@ -471,7 +471,7 @@ fn bench_window_frame_time_with_10000_checkpoints() {
         {
             let mut h = Harness::builder().with_size(WINDOW).build_ui_state(
                 |ui, s: &mut UiState| {
-                    let _ = main_ui(ui, s);
+                    drop(main_ui(ui, s));
                 },
                 window_state(n, view.clone()),
             );
@@ -516,7 +516,7 @@ fn bench_window_frame_time_with_10000_checkpoints() {
                 };
                 let t = Instant::now();
                 let output = ctx.run_ui(raw, |ui| {
-                    let _ = main_ui(ui, &mut state);
+                    drop(main_ui(ui, &mut state));
                 });
                 let pass_time = t.elapsed();
                 let t = Instant::now();

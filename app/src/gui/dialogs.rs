@@ -703,22 +703,25 @@ pub fn job_progress_ui(ui: &mut egui::Ui, job: &JobView) {
     let mut text = phase_text(job.phase).to_owned();
     if let Some(left) = job.force_off_in {
         let secs = left.as_secs();
-        let _ = write!(text, " — turned off in {}:{:02}", secs / 60, secs % 60);
+        write!(text, " — turned off in {}:{:02}", secs / 60, secs % 60)
+            .expect("writing to a String cannot fail");
     }
     if job.total_bytes > 0 {
-        let _ = write!(
+        write!(
             text,
             " — {} of {}",
             human_bytes(job.done_bytes),
             human_bytes(job.total_bytes)
-        );
+        )
+        .expect("writing to a String cannot fail");
     }
     if let Some(rate) = job.rate.rate_bytes_per_sec() {
         #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
         let rate = rate as u64;
-        let _ = write!(text, ", {}/s", human_bytes(rate));
+        write!(text, ", {}/s", human_bytes(rate)).expect("writing to a String cannot fail");
         if let Some(left) = job.rate.time_left(job.done_bytes, job.total_bytes) {
-            let _ = write!(text, ", {} left", human_age_secs(left.as_secs()));
+            write!(text, ", {} left", human_age_secs(left.as_secs()))
+                .expect("writing to a String cannot fail");
         }
     }
     let bar = egui::ProgressBar::new(fraction).text(text);

@@ -374,6 +374,8 @@ impl eframe::App for RewindApp {
     }
 
     fn on_exit(&mut self) {
-        let _ = self.engine.send(Command::Shutdown);
+        if !self.engine.send(Command::Shutdown) {
+            tracing::warn!("the engine had stopped already");
+        }
     }
 }

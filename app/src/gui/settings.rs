@@ -577,7 +577,8 @@ fn pick_folder(ctx: egui::Context) -> mpsc::Receiver<Option<PathBuf>> {
             .set_title("Choose a folder for Rewind's checkpoints")
             .set_directory(start)
             .pick_folder();
-        let _ = tx.send(picked);
+        // A receiver gone: the settings were closed meanwhile; the choice is not wanted.
+        drop(tx.send(picked));
         ctx.request_repaint();
     });
     rx

@@ -141,7 +141,7 @@ fn fixture() -> UiState {
 fn harness(state: UiState) -> Harness<'static, UiState> {
     Harness::builder().with_size(WINDOW).wgpu().build_ui_state(
         |ui, state: &mut UiState| {
-            let _ = main_ui(ui, state);
+            drop(main_ui(ui, state));
         },
         state,
     )

@@ -114,7 +114,9 @@ impl Tray {
                 stopped: stopped_rx,
             }),
             Ok(Err(e)) => {
-                let _ = worker.join();
+                if worker.join().is_err() {
+                    tracing::warn!("the tray's thread panicked while starting");
+                }
                 Err(e)
             }
             // The worker notices that nobody waits any more and closes its connection.
@@ -156,8 +158,10 @@ impl Drop for Tray {
         // Closing the connection takes the icon off the bus. Wait a little, but never hang the
         // app's exit on a stuck bus: then the thread is left to finish on its own.
         if self.stopped.recv_timeout(STOP_TIMEOUT).is_ok() {
-            if let Some(worker) = self.worker.take() {
-                let _ = worker.join();
+            if let Some(worker) = self.worker.take()
+                && worker.join().is_err()
+            {
+                tracing::warn!("the tray's thread panicked while stopping");
             }
         } else {
             eprintln!(
@@ -201,7 +205,8 @@ fn run_worker(
     let handle = match item.spawn() {
         Ok(handle) => handle,
         Err(e) => {
-            let _ = ready.send(Err(explain_spawn_error(e)));
+            // A receiver gone has stopped waiting for the tray.
+            drop(ready.send(Err(explain_spawn_error(e))));
             return;
         }
     };
@@ -233,7 +238,8 @@ fn run_worker(
     }
     handle.shutdown().wait();
     shown.store(false, Ordering::Release);
-    let _ = stopped.send(());
+    // A receiver gone has stopped waiting for the tray to end.
+    stopped.send(()).ok();
 }
 
 /// Turns ksni's error into one that says what is missing and what to do.
@@ -692,8 +698,8 @@ mod tests {
 
         impl Drop for Bus {
             fn drop(&mut self) {
-                let _ = self.daemon.kill();
-                let _ = self.daemon.wait();
+                drop(self.daemon.kill());
+                drop(self.daemon.wait());
             }
         }
 
@@ -702,8 +708,8 @@ mod tests {
 
         impl Drop for ChildGuard {
             fn drop(&mut self) {
-                let _ = self.0.kill();
-                let _ = self.0.wait();
+                drop(self.0.kill());
+                drop(self.0.wait());
             }
         }
 
@@ -1043,7 +1049,7 @@ mod tests {
             let host = Host::start();
             let (actions_tx, actions) = mpsc::sync_channel(16);
             let tray = Tray::spawn(Arc::new(move |action| {
-                let _ = actions_tx.try_send(action);
+                actions_tx.try_send(action).ok();
             }))
             .unwrap();
             assert!(tray.is_shown());

@@ -422,16 +422,18 @@ fn protection_summary_ui(
             );
             match o.last_checkpoint {
                 Some(t) => {
-                    let _ = write!(text, "; the last {}", ago_text(state, t));
+                    write!(text, "; the last {}", ago_text(state, t))
+                        .expect("writing to a String cannot fail");
                 }
                 None => text.push_str("; none yet"),
             }
             if let Some(next) = o.next_run {
-                let _ = write!(
+                write!(
                     text,
                     "; next at {}",
                     next.with_timezone(&Local).format("%H:%M")
-                );
+                )
+                .expect("writing to a String cannot fail");
             }
             ui.label(text);
         }
@@ -849,7 +851,7 @@ fn firmware_text(firmware: &Firmware) -> String {
                 "UEFI".to_owned()
             };
             if let Some(p) = nvram_path {
-                let _ = write!(s, ", NVRAM {}", p.display());
+                write!(s, ", NVRAM {}", p.display()).expect("writing to a String cannot fail");
             }
             s
         }
@@ -879,7 +881,7 @@ mod tests {
         let vm = state.vms.as_ref().unwrap()[0].clone();
         let mut harness = Harness::new_ui_state(
             |ui, state: &mut UiState| {
-                let _ = main_ui(ui, state);
+                drop(main_ui(ui, state));
             },
             std::mem::take(&mut state),
         );
@@ -931,7 +933,7 @@ mod tests {
         };
         let mut harness = Harness::new_ui_state(
             |ui, state: &mut UiState| {
-                let _ = main_ui(ui, state);
+                drop(main_ui(ui, state));
             },
             state,
         );

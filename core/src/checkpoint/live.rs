@@ -43,10 +43,11 @@ pub(super) fn take_live(
             Err(live_error) => {
                 let mut captured = capture_full_state(hv, plan, &socket, &targets)?;
                 if !plan.managed_save {
-                    let _ = write!(
+                    write!(
                         captured.consistency_note,
                         "; saved with the VM paused because the live snapshot failed: {live_error}"
-                    );
+                    )
+                    .expect("writing to a String cannot fail");
                 }
                 captured
             }

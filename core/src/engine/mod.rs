@@ -403,7 +403,8 @@ impl Protection {
         let state_dir = self.paths.state_dir();
         let tx = inner.clone();
         tokio::task::spawn_blocking(move || {
-            let _ = tx.blocking_send(Inner::Scanned(catalog::scan(&config, &state_dir)));
+            // A closed channel: the engine is stopping, nobody waits for the scan.
+            drop(tx.blocking_send(Inner::Scanned(catalog::scan(&config, &state_dir))));
         });
     }
 
@@ -420,7 +421,8 @@ impl Protection {
         let run = request.clone();
         tokio::task::spawn_blocking(move || {
             let result = jobs::run(&config, &state_dir, &run, &control);
-            let _ = tx.blocking_send(Inner::JobDone(job, result));
+            // A closed channel: the engine is stopping; the job was cancelled with it.
+            drop(tx.blocking_send(Inner::JobDone(job, result)));
         });
         Event::JobStarted {
             job,
@@ -436,7 +438,8 @@ fn watch(paths: &Paths, inner: &mpsc::Sender<Inner>) -> Vec<Box<dyn std::any::An
     let mut watchers: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
     let tx = inner.clone();
     if let Ok(w) = ConfigWatcher::start(&paths.config, move |r| {
-        let _ = tx.try_send(Inner::Config(r));
+        // Waits for room rather than lose an edit; a closed channel: the engine is stopping.
+        drop(tx.blocking_send(Inner::Config(r)));
     }) {
         watchers.push(Box::new(w));
     }
@@ -452,7 +455,8 @@ fn watch(paths: &Paths, inner: &mpsc::Sender<Inner>) -> Vec<Box<dyn std::any::An
                 !matches!(e.kind, notify::EventKind::Access(_))
                     && e.paths.iter().any(|p| p.file_name() == name.as_deref())
             }) {
-                let _ = tx.try_send(Inner::Status);
+                // A full channel already holds a wake-up; a closed one: the engine stops.
+                drop(tx.try_send(Inner::Status));
             }
         });
         if let Ok(mut w) = watcher {
@@ -465,7 +469,7 @@ fn watch(paths: &Paths, inner: &mpsc::Sender<Inner>) -> Vec<Box<dyn std::any::An
     let tx = inner.clone();
     // A full channel already holds a wake-up; a closed one means the engine is stopping.
     match crate::mounts::watch("rewind-engine-mounts", move || {
-        let _ = tx.try_send(Inner::Mounts);
+        drop(tx.try_send(Inner::Mounts));
     }) {
         Ok(w) => watchers.push(Box::new(w)),
         Err(e) => tracing::warn!("drives plugged in will be noticed only at the next look: {e}"),
@@ -498,10 +502,11 @@ impl Engine {
         let tx = inner.clone();
         tokio::task::spawn_blocking(move || {
             let enabled = crate::autostart::is_enabled();
-            let _ = tx.blocking_send(Inner::Emit(Event::Autostart {
+            // A closed channel: the engine is stopping, nobody waits for the answer.
+            drop(tx.blocking_send(Inner::Emit(Event::Autostart {
                 enabled,
                 changed: None,
-            }));
+            })));
         });
         let mut protection = Protection {
             paths: options.paths.clone(),
@@ -519,7 +524,12 @@ impl Engine {
                 Ok(lock) => {
                     let tx = inner.clone();
                     let sink: crate::scheduler::EventSink = Arc::new(move |ev| {
-                        let _ = tx.try_send(Inner::Scheduled(ev));
+                        // Called inside the scheduler's runtime, so it must not block. A
+                        // full channel loses this report (the history file keeps the job's
+                        // record); a closed one: the engine is stopping.
+                        if tx.try_send(Inner::Scheduled(ev)).is_err() {
+                            tracing::debug!("a scheduler event was not passed to the window");
+                        }
                     });
                     match crate::scheduler::start(
                         options.paths.clone(),
@@ -727,7 +737,11 @@ impl Engine {
             }
             Command::CheckpointNow { vm } => {
                 if let Some(s) = &p.scheduler {
-                    let _ = s.send(crate::scheduler::Command::RunNow { vm });
+                    if !s.send(crate::scheduler::Command::RunNow { vm }) {
+                        tracing::warn!(
+                            "the scheduler did not take \"checkpoint now\": it is stopping or busy"
+                        );
+                    }
                 } else {
                     let vms: Vec<String> = match vm {
                         Some(vm) => vec![vm],
@@ -885,8 +899,10 @@ impl Engine {
                     for control in protection.jobs.values() {
                         control.cancel();
                     }
-                    if let Some(s) = protection.scheduler.take() {
-                        let _ = tokio::task::spawn_blocking(move || s.stop()).await;
+                    if let Some(s) = protection.scheduler.take()
+                        && let Err(e) = tokio::task::spawn_blocking(move || s.stop()).await
+                    {
+                        tracing::warn!("the scheduler did not stop cleanly: {e}");
                     }
                     return;
                 }
@@ -1010,7 +1026,7 @@ fn answer_off_the_loop(command: Command, config: Config, tx: mpsc::Sender<Inner>
             _ => return,
         };
         // A closed channel: the engine is stopping, nobody waits for the answer.
-        let _ = tx.blocking_send(Inner::Emit(event));
+        drop(tx.blocking_send(Inner::Emit(event)));
     });
 }
 

@@ -68,11 +68,12 @@ pub fn pull_backup_xml(
     bitmap_targets: &[String],
 ) -> String {
     let mut xml = String::from("<domainbackup mode='pull'>\n");
-    let _ = writeln!(
+    writeln!(
         xml,
         "  <server transport='unix' socket='{}'/>\n  <disks>",
         xml_escape(&socket.display().to_string())
-    );
+    )
+    .expect("writing to a String cannot fail");
     for disk in all_disks {
         if targets.contains(disk) {
             let mode = match incremental_from {
@@ -86,14 +87,15 @@ pub fn pull_backup_xml(
             // Copy-before-write keeps the old content of blocks the guest overwrites during
             // the backup in a scratch file next to the socket (libvirt 9 does not pick one).
             let scratch = socket.with_file_name(format!("scratch-{disk}.qcow2"));
-            let _ = writeln!(
+            writeln!(
                 xml,
                 "    <disk name='{}' backup='yes' type='file'{mode}>\n      <scratch file='{}'/>\n    </disk>",
                 xml_escape(disk),
                 xml_escape(&scratch.display().to_string())
-            );
+            ).expect("writing to a String cannot fail");
         } else {
-            let _ = writeln!(xml, "    <disk name='{}' backup='no'/>", xml_escape(disk));
+            writeln!(xml, "    <disk name='{}' backup='no'/>", xml_escape(disk))
+                .expect("writing to a String cannot fail");
         }
     }
     xml.push_str("  </disks>\n</domainbackup>\n");
@@ -137,11 +139,12 @@ pub fn checkpoint_xml(name: &str, targets: &[String], all_disks: &[String]) -> S
         } else {
             "no"
         };
-        let _ = writeln!(
+        writeln!(
             xml,
             "    <disk name='{}' checkpoint='{kind}'/>",
             xml_escape(disk)
-        );
+        )
+        .expect("writing to a String cannot fail");
     }
     xml.push_str("  </disks>\n</domaincheckpoint>\n");
     xml

@@ -113,11 +113,12 @@ impl Hypervisor {
             "<domaincheckpoint><name>{escaped}</name><creationTime>1</creationTime><disks>"
         );
         for target in targets {
-            let _ = write!(
+            write!(
                 xml,
                 "<disk name='{}' checkpoint='bitmap' bitmap='{escaped}'/>",
                 xml_escape(target)
-            );
+            )
+            .expect("writing to a String cannot fail");
         }
         xml.push_str("</disks></domaincheckpoint>");
         let what = format!("remove the stale bitmap {name:?} of VM {vm:?}");

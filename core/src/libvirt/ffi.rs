@@ -100,7 +100,9 @@ unsafe extern "C" fn lifecycle_cb(
         detail,
     };
     // A panic must not unwind into libvirt's C code.
-    let _ = catch_unwind(AssertUnwindSafe(|| handler(event)));
+    if catch_unwind(AssertUnwindSafe(|| handler(event))).is_err() {
+        tracing::error!("a handler of libvirt's VM events panicked; that event was dropped");
+    }
 }
 
 // ---- Backups and checkpoints (virDomainBackup*, virDomainCheckpoint*) -------------------

@@ -48,19 +48,20 @@ impl Hypervisor {
         for d in &info.disks {
             match overlays.iter().find(|(t, _)| *t == d.target) {
                 Some((t, file)) => {
-                    let _ = write!(
+                    write!(
                         xml,
                         "<disk name='{}' snapshot='external'><driver type='qcow2'/><source file='{}'/></disk>",
                         xml_escape(t),
                         xml_escape(&file.to_string_lossy())
-                    );
+                    ).expect("writing to a String cannot fail");
                 }
                 None => {
-                    let _ = write!(
+                    write!(
                         xml,
                         "<disk name='{}' snapshot='no'/>",
                         xml_escape(&d.target)
-                    );
+                    )
+                    .expect("writing to a String cannot fail");
                 }
             }
         }

@@ -59,7 +59,7 @@ impl Hypervisor {
         let conn = Connect::open(Some(uri)).map_err(|e| classify_connect_error(uri, &e))?;
         // Notice a dead daemon or a cut network within ~15 s instead of hanging forever.
         // Not every driver supports keep-alives (the test driver does not); that is fine.
-        let _ = conn.set_keep_alive(5, 3);
+        drop(conn.set_keep_alive(5, 3));
         Ok(Self {
             conn,
             uri: uri.to_owned(),

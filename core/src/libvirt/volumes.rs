@@ -72,6 +72,7 @@ use virt::sys;
 
 use super::backup::xml_escape;
 use super::{Hypervisor, ffi};
+use crate::cleanup::OrWarn as _;
 use crate::error::{Error, Result};
 use crate::progress::Control;
 
@@ -278,7 +279,7 @@ impl Drop for DeleteOnDrop {
     fn drop(&mut self) {
         for vol in &self.0 {
             // Best effort: if the connection is gone, so is any way to clean up.
-            let _ = vol.delete(0);
+            vol.delete(0).or_warn("remove a volume left half-written");
         }
     }
 }
@@ -305,7 +306,9 @@ impl FolderPool {
 impl Drop for FolderPool {
     fn drop(&mut self) {
         if self.stop_after {
-            let _ = self.pool.destroy();
+            self.pool
+                .destroy()
+                .or_warn("stop the storage pool made for the restore");
         }
     }
 }
@@ -446,7 +449,7 @@ impl Hypervisor {
                 .map_err(|e| self.upload_error(pool, name, &e)),
             Err(e) => {
                 // The error that stopped the upload is the one to report.
-                let _ = stream.abort();
+                drop(stream.abort());
                 Err(e)
             }
         }
@@ -536,11 +539,13 @@ impl Hypervisor {
                     Ok(n) if n > 0 => sent += n.cast_unsigned(),
                     Ok(_) => {
                         let e = virt::error::Error::last_error();
-                        let _ = stream.abort();
+                        // The error that stopped the upload is the one to report.
+                        drop(stream.abort());
                         return Err(self.storage_error(&action("write"), &e));
                     }
                     Err(e) => {
-                        let _ = stream.abort();
+                        // The error that stopped the upload is the one to report.
+                        drop(stream.abort());
                         return Err(self.storage_error(&action("write"), &e));
                     }
                 }
@@ -702,7 +707,7 @@ impl Hypervisor {
                     let mut list = String::new();
                     for (i, n) in names.iter().enumerate() {
                         let sep = if i == 0 { "" } else { ", " };
-                        let _ = write!(list, "{sep}{n:?}");
+                        write!(list, "{sep}{n:?}").expect("writing to a String cannot fail");
                     }
                     format!("choose one of the active pools: {list}")
                 };
@@ -844,7 +849,8 @@ fn volume_xml(name: &str, format: VolumeFormat, size_bytes: u64, mode: Option<u3
     let perms = mode.map_or_else(String::new, |m| {
         format!("<permissions><mode>{m:04o}</mode></permissions>")
     });
-    let _ = write!(xml, "<target>{target}{perms}</target></volume>");
+    write!(xml, "<target>{target}{perms}</target></volume>")
+        .expect("writing to a String cannot fail");
     xml
 }
 

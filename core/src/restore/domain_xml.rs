@@ -96,7 +96,8 @@ fn set_text(edits: &mut Edits, node: Node<'_, '_>, text: &str) {
         let tag = node.tag_name().name();
         let mut attrs = String::new();
         for a in node.attributes() {
-            let _ = write!(attrs, " {}='{}'", a.name(), xml_escape(a.value()));
+            write!(attrs, " {}='{}'", a.name(), xml_escape(a.value()))
+                .expect("writing to a String cannot fail");
         }
         edits.replace(
             node.range(),

@@ -143,12 +143,14 @@ impl<'a> NewImage<'a> {
                 .map_err(|e| write_error(self.path, &e))?;
             // Start writing it to the drive now (only a hint): the final flush then has
             // little left to do, and the page cache does not fill with the whole disk.
-            let _ = rustix::fs::fadvise(
+            if let Err(e) = rustix::fs::fadvise(
                 &self.file,
                 at,
                 std::num::NonZeroU64::new(run.len() as u64),
                 rustix::fs::Advice::DontNeed,
-            );
+            ) {
+                tracing::debug!("fadvise(DONTNEED) on the new image: {e}");
+            }
             if back.as_slice() != run {
                 return Err(RestoreError::Verify {
                     path: self.path.to_path_buf(),

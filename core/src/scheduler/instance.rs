@@ -66,7 +66,8 @@ impl SchedulerLock {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
                 let mut holder = String::new();
-                let _ = file.read_to_string(&mut holder);
+                // Who holds it is a courtesy for the message; the lock is the answer.
+                drop(file.read_to_string(&mut holder));
                 let holder = holder.trim();
                 return Err(InstanceError::AlreadyRunning {
                     holder: if holder.is_empty() {

@@ -164,7 +164,9 @@ impl SchedulerHandle {
     }
 
     fn stop_and_join(&mut self) {
-        let _ = self.tx.try_send(Msg::Command(Command::Shutdown));
+        // A closed channel: the loop has ended already; a full one still sees the
+        // handle's channel close when the thread is joined below.
+        drop(self.tx.try_send(Msg::Command(Command::Shutdown)));
         if let Some(t) = self.thread.take()
             && t.join().is_err()
         {
@@ -480,10 +482,12 @@ impl State {
         let vm = p.vm.clone();
         tokio::task::spawn_blocking(move || {
             let record = job::run(&spec, &control);
-            let _ = tx.blocking_send(Msg::Done {
+            // A closed channel: the loop is gone, which it is only after waiting for its jobs
+            // (or after a panic, which the thread's join reports).
+            drop(tx.blocking_send(Msg::Done {
                 vm,
                 record: Box::new(record),
-            });
+            }));
         });
     }
 
@@ -574,7 +578,8 @@ impl State {
                 .zip(names)
                 .filter_map(|(id, name)| Some((name, hv.written_bytes(id).ok()??)))
                 .collect();
-            let _ = tx.blocking_send(Msg::Written(counts));
+            // A closed channel: the scheduler stopped and needs no counts.
+            drop(tx.blocking_send(Msg::Written(counts)));
         });
     }
 

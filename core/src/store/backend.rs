@@ -381,7 +381,10 @@ impl Backend {
         if let Self::Local(root) = self
             && let Ok(file) = File::open(Self::local(root, rel))
         {
-            let _ = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::WillNeed);
+            // Only a hint.
+            if let Err(e) = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::WillNeed) {
+                tracing::debug!("fadvise(WILLNEED) on {}: {e}", rel.display());
+            }
         }
     }
 

@@ -34,7 +34,9 @@ pub(crate) fn write_new_file(path: &Path, bytes: &[u8], durable: bool) -> Result
         // Start writing it out now, without waiting: otherwise the kernel holds back
         // gigabytes of chunk files until the commit's syncfs, which then writes them all
         // while nothing else happens. Only a hint, so failure does not matter.
-        let _ = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed);
+        if let Err(e) = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed) {
+            tracing::debug!("fadvise(DONTNEED): {e}");
+        }
     }
     Ok(())
 }
@@ -59,7 +61,7 @@ pub(crate) fn write_atomic(tmp_dir: &Path, dest: &Path, bytes: &[u8]) -> Result<
     let tmp = tmp_dir.join(temp_name("atomic"));
     write_new_file(&tmp, bytes, true)?;
     if let Err(e) = fs::rename(&tmp, dest) {
-        let _ = fs::remove_file(&tmp);
+        crate::cleanup::remove_file(&tmp);
         return Err(io_error("rename into place", dest, e));
     }
     sync_dir(parent(dest))

@@ -174,10 +174,10 @@ impl SshLocation {
     pub fn ssh_command(&self) -> String {
         let mut command = String::from("ssh");
         if let Some(config) = &self.ssh_config {
-            let _ = write!(command, " -F {}", config.display());
+            write!(command, " -F {}", config.display()).expect("writing to a String cannot fail");
         }
         if let Some(port) = self.port {
-            let _ = write!(command, " -p {port}");
+            write!(command, " -p {port}").expect("writing to a String cannot fail");
         }
         command.push(' ');
         command.push_str(&self.destination());

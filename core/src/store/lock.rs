@@ -20,6 +20,7 @@ use super::backend::Backend;
 use super::error::{StoreError, io_error};
 use super::fsutil;
 use super::lockfile::{self, RemoteLock};
+use crate::cleanup::OrWarn as _;
 use crate::progress::Control;
 
 /// Shared or exclusive.
@@ -107,7 +108,7 @@ impl StoreLock {
                     if others.is_empty() {
                         break;
                     }
-                    let _ = file.unlock();
+                    file.unlock().or_warn("release the store's lock");
                     others.join("; ")
                 }
                 Err(TryLockError::WouldBlock) => describe_holders(root),
@@ -134,7 +135,7 @@ impl StoreLock {
                     .file_name()
                     .is_some_and(|n| n.to_string_lossy().starts_with("holder-"))
                 {
-                    let _ = fs::remove_file(stale);
+                    crate::cleanup::remove_file(&stale);
                 }
             }
         }
@@ -226,9 +227,10 @@ impl Drop for StoreLock {
     fn drop(&mut self) {
         if let Held::Local { file, holder_file } = &self.held {
             if let Some(holder) = holder_file {
-                let _ = fs::remove_file(holder);
+                crate::cleanup::remove_file(holder);
             }
-            let _ = file.unlock();
+            // Closing the file releases the lock in any case.
+            drop(file.unlock());
         }
     }
 }

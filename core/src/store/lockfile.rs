@@ -36,6 +36,7 @@ use serde::{Deserialize, Serialize};
 use super::LockMode;
 use super::backend::{Backend, Durability, is_remote_failure};
 use super::error::{StoreError, io_error};
+use crate::cleanup::OrWarn as _;
 use crate::progress::Control;
 
 /// How often a holder refreshes its lock file.
@@ -418,14 +419,18 @@ impl RemoteLock {
 impl Drop for RemoteLock {
     fn drop(&mut self) {
         drop(self.stop.take());
-        if let Some(thread) = self.refresher.take() {
-            let _ = thread.join();
+        if let Some(thread) = self.refresher.take()
+            && thread.join().is_err()
+        {
+            tracing::warn!("the store lock's refresher thread panicked");
         }
         // With the connection gone, the file stays: it is stale for every taker at once on
         // this machine (this lock is no longer live), and for others after STALE_AFTER.
         if self.fs.is_connected() {
             let rel = lock_rel(&self.name.lock().unwrap_or_else(PoisonError::into_inner));
-            let _ = self.fs.remove_file(&rel);
+            self.fs
+                .remove_file(&rel)
+                .or_warn("remove the store's lock file on the remote host");
         }
         live_tokens()
             .lock()

@@ -53,6 +53,7 @@ pub use pipeline::{for_each_slot, reader_count};
 pub use sftp::SSH_CONFIG_ENV;
 pub use writer::{CheckpointWriter, FinishedObject, NewCheckpoint, ObjectWriter};
 
+use crate::cleanup::OrWarn as _;
 use backend::{Backend, Durability, is_remote_failure};
 use crypto::Keys;
 use error::io_error;
@@ -389,7 +390,9 @@ impl Store {
                     }
                 });
                 if let Err(e) = renamed {
-                    let _ = self.fs.remove_file(&tmp);
+                    self.fs
+                        .remove_file(&tmp)
+                        .or_warn(format_args!("remove {}", tmp.display()));
                     return Err(io_error("store chunk", self.chunk_path(&id), e));
                 }
             }

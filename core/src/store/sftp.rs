@@ -263,7 +263,8 @@ async fn open_sftp(location: SshLocation) -> Result<Sftp, StoreError> {
         missing.push("fsync@openssh.com (durable writes)");
     }
     if !missing.is_empty() {
-        let _ = sftp.close().await;
+        // The missing features are the error to report.
+        drop(sftp.close().await);
         return Err(StoreError::ServerUnsupported {
             location: location.to_string(),
             missing: missing.join(" and "),
@@ -387,7 +388,8 @@ impl Remote {
         let runtime = self.runtime.as_ref()?;
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         runtime.spawn(async move {
-            let _ = tx.send(tokio::time::timeout(timeout, future).await.ok());
+            // A receiver gone has stopped waiting; the result has nowhere to go.
+            drop(tx.send(tokio::time::timeout(timeout, future).await.ok()));
         });
         rx.recv().ok().flatten()
     }
@@ -433,7 +435,8 @@ impl Remote {
         if let Some(runtime) = &self.runtime {
             runtime.spawn(async move {
                 if let Ok(conn) = Arc::try_unwrap(conn) {
-                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.sftp.close()).await;
+                    // Closing politely; the connection ends with the session either way.
+                    drop(tokio::time::timeout(CLOSE_TIMEOUT, conn.sftp.close()).await);
                 }
             });
         }
@@ -643,7 +646,9 @@ impl Remote {
                 };
                 if let Err(e) = renamed {
                     drop(file);
-                    let _ = fs.remove_file(&tmp).await;
+                    if let Err(gone) = fs.remove_file(&tmp).await {
+                        tracing::warn!("could not remove {}: {gone}", tmp.display());
+                    }
                     return Err(e);
                 }
                 file.sync_all().await?;
@@ -876,7 +881,7 @@ impl Drop for Remote {
             // master, from the session's destructor).
             let _ = self.block(
                 async move {
-                    let _ = conn.sftp.close().await;
+                    drop(conn.sftp.close().await);
                 },
                 CLOSE_TIMEOUT,
             );

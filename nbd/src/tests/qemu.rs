@@ -40,12 +40,14 @@ impl Server {
         while !server.socket.exists() {
             if let Some(status) = server.child.try_wait().unwrap() {
                 let mut stderr = String::new();
-                let _ = server
-                    .child
-                    .stderr
-                    .take()
-                    .unwrap()
-                    .read_to_string(&mut stderr);
+                drop(
+                    server
+                        .child
+                        .stderr
+                        .take()
+                        .unwrap()
+                        .read_to_string(&mut stderr),
+                );
                 panic!("qemu-nbd exited with {status}: {stderr}");
             }
             assert!(Instant::now() < deadline, "qemu-nbd made no socket in 10 s");
@@ -73,8 +75,8 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        drop(self.child.kill());
+        drop(self.child.wait());
     }
 }
 

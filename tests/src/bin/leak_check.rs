@@ -43,8 +43,8 @@ fn main() -> ExitCode {
                     .any(|(n, path)| *n == name && path.starts_with(&root));
                 if on_scratch || name.starts_with(rewind_core::libvirt::volumes::FILE_POOL_PREFIX) {
                     leaks.push(format!("storage pool {name:?}"));
-                    let _ = pool.destroy();
-                    let _ = pool.undefine();
+                    drop(pool.destroy());
+                    drop(pool.undefine());
                 }
             }
         }
@@ -62,7 +62,7 @@ fn main() -> ExitCode {
             .and_then(|b| serde_json::from_slice(&b).ok());
         if marker.is_some_and(|m| m.store.starts_with(&root)) {
             leaks.push(format!("restore note {}", entry.path().display()));
-            let _ = std::fs::remove_file(entry.path());
+            drop(std::fs::remove_file(entry.path()));
         }
     }
 
@@ -71,9 +71,11 @@ fn main() -> ExitCode {
             "process {pid} ({})",
             cmdline(pid).chars().take(120).collect::<String>()
         ));
-        let _ = std::process::Command::new("kill")
-            .args(["-9", &pid.to_string()])
-            .status();
+        drop(
+            std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status(),
+        );
     }
 
     // Mounts under the scratch root (small drives of the store tests), deepest first.
@@ -86,9 +88,11 @@ fn main() -> ExitCode {
     mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
     for mount in mounts {
         leaks.push(format!("mount {mount}"));
-        let _ = std::process::Command::new("umount")
-            .args(["-l", &mount])
-            .status();
+        drop(
+            std::process::Command::new("umount")
+                .args(["-l", &mount])
+                .status(),
+        );
     }
 
     if let Ok(entries) = std::fs::read_dir(&root) {
@@ -98,8 +102,10 @@ fn main() -> ExitCode {
                 continue; // lock files
             }
             leaks.push(format!("scratch path {}", entry.path().display()));
-            let _ = std::fs::remove_dir_all(entry.path())
-                .or_else(|_| std::fs::remove_file(entry.path()));
+            drop(
+                std::fs::remove_dir_all(entry.path())
+                    .or_else(|_| std::fs::remove_file(entry.path())),
+            );
         }
     }
 
