@@ -1,0 +1,105 @@
+//! The engine's answers to the front end's commands.
+
+use super::{
+    AddTarget, Arc, Command, Engine, Error, Event, Inner, JobError, JobRequest, Protection,
+    answer_off_the_loop, mpsc, test_destination,
+};
+
+impl Engine {
+    pub(super) async fn handle_command(
+        &self,
+        p: &mut Protection,
+        command: Command,
+        inner: &mpsc::Sender<Inner>,
+    ) {
+        match command {
+            Command::RefreshCheckpoints => p.scan(inner),
+            Command::Start(request) => {
+                let started = p.start_job(request, inner);
+                self.emit(started).await;
+            }
+            Command::AddFolderDestination {
+                folder,
+                passphrase,
+                vm_disks,
+            } => {
+                self.add_destination(p, AddTarget::Folder { folder, vm_disks }, passphrase, inner)
+                    .await;
+            }
+            Command::AddRemoteDestination { url, passphrase } => {
+                self.add_destination(p, AddTarget::Remote(url), passphrase, inner)
+                    .await;
+            }
+            Command::TestDestination { location } => {
+                let tested = location.clone();
+                let result = tokio::task::spawn_blocking(move || test_destination(&tested))
+                    .await
+                    .unwrap_or_else(|join| Err(JobError::internal(&join)));
+                self.emit(Event::DestinationTested { location, result })
+                    .await;
+            }
+            Command::Cancel(job) => {
+                if let Some(c) = p.jobs.get(&job) {
+                    c.cancel();
+                }
+            }
+            Command::ForceOff(job) => {
+                if let Some(c) = p.jobs.get(&job) {
+                    c.force_off_now();
+                }
+            }
+            Command::ScanDrives | Command::SetAutostart(_) | Command::CheckResume(_) => {
+                answer_off_the_loop(command, p.config.clone(), inner.clone());
+            }
+            Command::SaveConfig(config) => {
+                let path = p.paths.config.clone();
+                let saved =
+                    tokio::task::spawn_blocking(move || config.save(&path).map(|()| config))
+                        .await
+                        .unwrap_or_else(|join| {
+                            Err(crate::config::ConfigError::Io {
+                                action: "write",
+                                path: p.paths.config.clone(),
+                                detail: join.to_string(),
+                            })
+                        });
+                match saved {
+                    Ok(config) => {
+                        p.config = (*config).clone();
+                        self.emit(Event::Config {
+                            config: Arc::new(*config),
+                            error: None,
+                        })
+                        .await;
+                        p.scan(inner);
+                    }
+                    Err(e) => {
+                        self.emit(Event::Failed {
+                            error: Arc::new(Error::Invalid(e.to_string())),
+                        })
+                        .await;
+                    }
+                }
+            }
+            Command::CheckpointNow { vm } => {
+                if let Some(s) = &p.scheduler {
+                    if !s.send(crate::scheduler::Command::RunNow { vm }) {
+                        tracing::warn!(
+                            "the scheduler did not take \"checkpoint now\": it is stopping or busy"
+                        );
+                    }
+                } else {
+                    let vms: Vec<String> = match vm {
+                        Some(vm) => vec![vm],
+                        None => p.config.vms.iter().map(|v| v.vm.clone()).collect(),
+                    };
+                    for vm in vms {
+                        let started = p.start_job(JobRequest::Checkpoint { vm }, inner);
+                        self.emit(started).await;
+                    }
+                }
+            }
+            Command::RefreshVms | Command::Shutdown => {}
+        }
+    }
+}

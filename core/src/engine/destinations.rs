@@ -1,0 +1,168 @@
+//! Adding and testing destinations: the slow parts run off the loop.
+
+use super::{
+    Arc, Command, Config, Engine, ErrorKind, Event, Inner, JobError, Protection, jobs, mpsc,
+};
+
+/// Where [`Command::AddFolderDestination`] and [`Command::AddRemoteDestination`] add.
+pub(super) enum AddTarget {
+    Folder {
+        folder: std::path::PathBuf,
+        vm_disks: Vec<std::path::PathBuf>,
+    },
+    Remote(String),
+}
+
+impl Engine {
+    /// Adds a folder destination to the configuration and saves it (off the loop: creating
+    /// an encrypted store derives a key, which takes a moment).
+    pub(super) async fn add_destination(
+        &self,
+        p: &mut Protection,
+        target: AddTarget,
+        passphrase: Option<zeroize::Zeroizing<String>>,
+        inner: &mpsc::Sender<Inner>,
+    ) {
+        let mut config = p.config.clone();
+        let path = p.paths.config.clone();
+        let keys_dir = path
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+            .join("keys");
+        let done = tokio::task::spawn_blocking(move || {
+            let pass = match &passphrase {
+                Some(text) => crate::destination::Passphrase::Typed {
+                    passphrase: text.as_bytes(),
+                    keys_dir: &keys_dir,
+                },
+                None => crate::destination::Passphrase::None,
+            };
+            let (added, warning) = match &target {
+                AddTarget::Folder { folder, vm_disks } => {
+                    let added = crate::destination::add_folder(&mut config, folder, pass)?;
+                    let warning = vm_disks
+                        .iter()
+                        .any(|d| crate::destination::same_device(d, folder))
+                        .then(|| {
+                            format!(
+                                "{} is on the same disk as virtual machine disks: if that disk fails, the checkpoints are lost with it. A removable drive or another host is safer.",
+                                folder.display()
+                            )
+                        });
+                    (added, warning)
+                }
+                AddTarget::Remote(url) => {
+                    let location = crate::store::Location::parse(url)?;
+                    if !location.is_remote() {
+                        return Err(JobError::new(
+                            ErrorKind::Invalid,
+                            format!(
+                                "{url} is not an ssh:// address; write ssh://[user@]host[:port]/folder"
+                            ),
+                        ));
+                    }
+                    let added = crate::destination::add_at(&mut config, &location, pass)?;
+                    (added, None)
+                }
+            };
+            config.save(&path)?;
+            Ok::<_, JobError>((added, config, warning))
+        })
+        .await
+        .unwrap_or_else(|join| Err(JobError::internal(&join)));
+        match done {
+            Ok((added, config, warning)) => {
+                p.config = config.clone();
+                self.emit(Event::DestinationAdded {
+                    result: Ok(added),
+                    warning,
+                })
+                .await;
+                self.emit(Event::Config {
+                    config: Arc::new(config),
+                    error: None,
+                })
+                .await;
+                p.scan(inner);
+            }
+            Err(e) => {
+                self.emit(Event::DestinationAdded {
+                    result: Err(e),
+                    warning: None,
+                })
+                .await;
+            }
+        }
+    }
+}
+
+/// Answers a command that reads or writes files on a blocking thread, so the loop goes on
+/// meanwhile: the answer comes back as an event.
+pub(super) fn answer_off_the_loop(command: Command, config: Config, tx: mpsc::Sender<Inner>) {
+    tokio::task::spawn_blocking(move || {
+        let event = match command {
+            Command::ScanDrives => {
+                Event::DrivesFound(crate::destination::removable_drives(&config))
+            }
+            Command::SetAutostart(enabled) => {
+                let changed = std::env::current_exe()
+                    .map_err(|e| {
+                        JobError::new(
+                            ErrorKind::Failed,
+                            format!("could not find Rewind's own program: {e}"),
+                        )
+                    })
+                    .and_then(|exe| Ok(crate::autostart::set_enabled(enabled, &exe)?));
+                Event::Autostart {
+                    enabled: crate::autostart::is_enabled(),
+                    changed: Some(changed),
+                }
+            }
+            Command::CheckResume(key) => {
+                let result =
+                    jobs::check_resume(&config, &key.destination, &key.vm_uuid, &key.checkpoint);
+                Event::ResumeChecked { key, result }
+            }
+            _ => return,
+        };
+        // A closed channel: the engine is stopping, nobody waits for the answer.
+        drop(tx.blocking_send(Inner::Emit(event)));
+    });
+}
+
+/// What is at `location` (for [`Command::TestDestination`]): a store (how many
+/// checkpoints, encrypted or not), a place where one can be made, or why it cannot be
+/// reached.
+pub(super) fn test_destination(location: &str) -> Result<String, JobError> {
+    use crate::store::{Location, Store, StoreError};
+    let place = Location::parse(location.trim())?;
+    let host = match &place {
+        Location::Ssh(ssh) => format!("Reached {}. ", ssh.host),
+        Location::Local(_) => String::new(),
+    };
+    match Store::probe_at(&place) {
+        Ok(c) if c.encryption.is_some() => Ok(format!(
+            "{host}There is an encrypted Rewind store (ID {}): adding it needs its passphrase.",
+            c.id
+        )),
+        Ok(c) => {
+            let count = Store::open_at(&place, None)
+                .and_then(|s| s.catalog())
+                .map(|cat| cat.checkpoints.len());
+            Ok(match count {
+                Ok(n) => format!(
+                    "{host}There is a Rewind store (ID {}) with {n} checkpoint(s).",
+                    c.id
+                ),
+                Err(e) => format!("{host}There is a Rewind store (ID {}), but: {e}", c.id),
+            })
+        }
+        Err(StoreError::Missing { .. }) => Ok(format!(
+            "{host}The folder does not exist yet: adding it creates a new store there."
+        )),
+        Err(StoreError::NotAStore { .. }) => Ok(format!(
+            "{host}The folder holds no Rewind store: adding it creates one if the folder is empty."
+        )),
+        Err(e) => Err(e.into()),
+    }
+}

@@ -1,0 +1,213 @@
+//! What a front end says to the engine ([`Command`]) and what the engine answers and
+//! reports ([`Event`]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::jobs::{JobError, JobId, JobOutput, JobRequest};
+use crate::config::Config;
+use crate::error::Error;
+use crate::history::Record;
+use crate::libvirt::VmEvent;
+use crate::progress::Phase;
+use crate::scheduler::Event as SchedEvent;
+use crate::scheduler::status::Status;
+use crate::view::catalog::DestinationView;
+use crate::vm::VmInfo;
+
+/// Requests from a front end.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Command {
+    /// List the VMs again now.
+    RefreshVms,
+    /// Look at every destination and its checkpoints again now.
+    RefreshCheckpoints,
+    /// Start a long job.
+    Start(JobRequest),
+    /// Cancel a running job (it stops at its next check and cleans up).
+    Cancel(JobId),
+    /// A job waiting for a guest to shut down (before a restore) turns the VM off now.
+    ForceOff(JobId),
+    /// Find out whether a full-state checkpoint can resume its VM (before a restore is
+    /// asked for), answered by [`Event::ResumeChecked`].
+    CheckResume(ResumeKey),
+    /// Look for removable drives (to suggest one for checkpoints), answered by
+    /// [`Event::DrivesFound`].
+    ScanDrives,
+    /// Start Rewind at login, or not (the XDG autostart entry), answered by
+    /// [`Event::Autostart`].
+    SetAutostart(bool),
+    /// Save this configuration (the scheduler picks it up).
+    SaveConfig(Box<Config>),
+    /// Add the store in this folder as a destination (created if the folder is missing or
+    /// empty), answered by [`Event::DestinationAdded`].
+    AddFolderDestination {
+        /// The folder.
+        folder: std::path::PathBuf,
+        /// Its passphrase (encrypts a new store; opens an encrypted one), kept in a file only
+        /// the user can read so checkpoints run by themselves.
+        passphrase: Option<zeroize::Zeroizing<String>>,
+        /// The VMs' disk images: the answer warns if the folder is on the same disk.
+        vm_disks: Vec<std::path::PathBuf>,
+    },
+    /// Add the store in a folder on another host (`ssh://[user@]host[:port]/path`) as a
+    /// destination (created if the folder is missing or empty), answered by
+    /// [`Event::DestinationAdded`].
+    AddRemoteDestination {
+        /// The `ssh://` URL.
+        url: String,
+        /// Its passphrase, as for [`Command::AddFolderDestination`].
+        passphrase: Option<zeroize::Zeroizing<String>>,
+    },
+    /// Try to reach a destination that is not added yet (`ssh://…` or a folder) and say
+    /// what is there, answered by [`Event::DestinationTested`].
+    TestDestination {
+        /// The folder or `ssh://` URL.
+        location: String,
+    },
+    /// Have the scheduler take a checkpoint of this VM (or of all) now; without a
+    /// scheduler of this window's, the engine takes it itself.
+    CheckpointNow {
+        /// The VM; `None` for every protected VM.
+        vm: Option<String>,
+    },
+    /// Stop the engine (and its scheduler: running jobs are cancelled and waited for).
+    Shutdown,
+}
+
+/// A checkpoint, for [`Command::CheckResume`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ResumeKey {
+    /// The destination it is in.
+    pub destination: String,
+    /// Its VM.
+    pub vm_uuid: uuid::Uuid,
+    /// Its id.
+    pub checkpoint: String,
+}
+
+/// Who runs the scheduler.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SchedulerView {
+    /// This engine runs it.
+    Here,
+    /// Another process does (`rewind daemon`): what it said it does, if it runs.
+    Elsewhere {
+        /// Who holds the scheduler's lock.
+        holder: String,
+        /// Its live status.
+        status: Option<Box<Status>>,
+    },
+    /// None runs, and this engine was not asked to run one.
+    None,
+}
+
+/// What the engine reports.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Event {
+    /// Connected (or reconnected) to libvirt.
+    Connected {
+        /// The URI in use.
+        uri: String,
+    },
+    /// The connection failed or was lost; the engine retries by itself after `retry_in`.
+    ConnectionFailed {
+        /// What went wrong and what to do.
+        error: Arc<Error>,
+        /// When the engine tries again.
+        retry_in: Duration,
+    },
+    /// The current list of VMs.
+    Vms(Vec<VmInfo>),
+    /// A VM changed state (the list follows shortly).
+    VmChanged(VmEvent),
+    /// An operation failed.
+    Failed {
+        /// What went wrong and what to do.
+        error: Arc<Error>,
+    },
+    /// The configuration in use, and why the file does not load if it does not.
+    Config {
+        /// The configuration.
+        config: Arc<Config>,
+        /// What is wrong with the file (the last good configuration is in use).
+        error: Option<String>,
+    },
+    /// Every destination as found now, with its checkpoints.
+    Destinations(Arc<Vec<DestinationView>>),
+    /// The job history.
+    History(Arc<Vec<Record>>),
+    /// Who runs the scheduler, and what it does.
+    Scheduler(SchedulerView),
+    /// Something the scheduler of this engine reported.
+    Scheduled(Arc<SchedEvent>),
+    /// The live status of this engine's own scheduler.
+    SchedulerStatus(Box<Status>),
+    /// A job began.
+    JobStarted {
+        /// Its number.
+        job: JobId,
+        /// What it does, in a few words.
+        label: String,
+        /// What was asked.
+        request: Arc<JobRequest>,
+    },
+    /// The answer to [`Command::AddFolderDestination`] (the configuration follows).
+    DestinationAdded {
+        /// The destination, or why it could not be added.
+        result: Result<crate::destination::Added, JobError>,
+        /// Set when the folder is on the same disk as a VM's disk images.
+        warning: Option<String>,
+    },
+    /// The answer to [`Command::TestDestination`].
+    DestinationTested {
+        /// The location as asked.
+        location: String,
+        /// What is there ("a store with 12 checkpoints", "an empty folder: a new store
+        /// will be made"), or why it could not be reached.
+        result: Result<String, JobError>,
+    },
+    /// How far a job is.
+    JobProgress {
+        /// Its number.
+        job: JobId,
+        /// What it does now.
+        phase: Phase,
+        /// Bytes done.
+        done_bytes: u64,
+        /// Bytes in all (for this phase).
+        total_bytes: u64,
+        /// While it waits for a guest to shut down: how long until it turns the VM off.
+        force_off_in: Option<Duration>,
+    },
+    /// A job ended.
+    JobFinished {
+        /// Its number.
+        job: JobId,
+        /// What it did, or what went wrong and what to do.
+        result: Result<JobOutput, JobError>,
+    },
+    /// The mount points of removable drives (the answer to [`Command::ScanDrives`]).
+    DrivesFound(Vec<std::path::PathBuf>),
+    /// Whether Rewind starts at login: at start, and after [`Command::SetAutostart`] (with
+    /// what went wrong, if that failed).
+    Autostart {
+        /// Whether it does now.
+        enabled: bool,
+        /// The answer to a [`Command::SetAutostart`]: `Err` says why the change was not made.
+        changed: Option<Result<(), JobError>>,
+    },
+    /// The answer to [`Command::CheckResume`].
+    ResumeChecked {
+        /// The checkpoint asked about.
+        key: ResumeKey,
+        /// `Err`: why it cannot resume its VM (a disk-only restore still can be done), or
+        /// why that could not be found out.
+        result: Result<(), JobError>,
+    },
+}
+
+/// Called after each event so a sleeping front end wakes up and drains the channel.
+pub type Waker = Arc<dyn Fn() + Send + Sync>;
