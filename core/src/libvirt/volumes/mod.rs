@@ -62,7 +62,7 @@
 //!   naming the pool. [`Hypervisor::pool_available_bytes`] lets a caller check beforehand.
 
 use std::fmt::Write as _;
-use std::path::{Component, Path, PathBuf};
+use std::path::PathBuf;
 
 use virt::error::{ErrorNumber, ErrorNumberEnum};
 use virt::storage_pool::StoragePool;
@@ -76,6 +76,12 @@ use crate::cleanup::OrWarn as _;
 use crate::error::{Error, Result};
 use crate::progress::Control;
 
+mod host_files;
+mod writer;
+
+use writer::VolumeFormat;
+pub use writer::VolumeWriter;
+
 /// Most bytes sent in one stream message: libvirt's RPC payload limit is 256 KiB
 /// (`VIR_NET_MESSAGE_LEGACY_PAYLOAD_MAX`, a little less than 256 KiB, splits the rest).
 const SEND_PIECE_BYTES: usize = 256 << 10;
@@ -88,183 +94,6 @@ const UPLOAD_SUFFIX: &str = ".rewind-upload";
 
 /// Name prefix of the transient pools [`Hypervisor::write_host_file`] creates.
 pub const FILE_POOL_PREFIX: &str = "rewind-files-";
-
-/// The image formats a new volume can have.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum VolumeFormat {
-    Raw,
-    Qcow2,
-}
-
-impl VolumeFormat {
-    fn parse(format: &str) -> Result<Self> {
-        match format {
-            "raw" => Ok(Self::Raw),
-            "qcow2" => Ok(Self::Qcow2),
-            other => Err(Error::Invalid(format!(
-                "Rewind can create volumes as \"raw\" or \"qcow2\" images, not {other:?}"
-            ))),
-        }
-    }
-}
-
-/// What [`Hypervisor::create_volume_with`] hands its `fill` closure: accepts the volume's
-/// content front to back, as data ([`VolumeWriter::write`]) and holes
-/// ([`VolumeWriter::hole`]), covering exactly its size.
-pub struct VolumeWriter<'a> {
-    hv: &'a Hypervisor,
-    stream: &'a Stream,
-    control: &'a Control,
-    pool: &'a str,
-    volume: &'a str,
-    size_bytes: u64,
-    position: u64,
-    /// Zeroes accepted but not sent yet (consecutive holes go as one).
-    pending_hole_bytes: u64,
-    sent_data_bytes: u64,
-}
-
-impl VolumeWriter<'_> {
-    /// Appends `data`. Pieces of 64 KiB that are all zeroes are sent as holes.
-    ///
-    /// # Errors
-    /// [`Error::Cancelled`] once the job's control is cancelled; an error if `data` runs past
-    /// the volume's size or libvirt refuses it (pool full, connection lost).
-    pub fn write(&mut self, data: &[u8]) -> Result<()> {
-        self.control.check().map_err(|_| Error::Cancelled)?;
-        self.advance(data.len() as u64)?;
-        let mut run_start = 0;
-        let mut at = 0;
-        while at < data.len() {
-            let end = (at + ZERO_BLOCK_BYTES).min(data.len());
-            if is_zero(&data[at..end]) {
-                self.send_data(&data[run_start..at])?;
-                self.pending_hole_bytes += (end - at) as u64;
-                self.control.add_done_bytes((end - at) as u64);
-                run_start = end;
-            }
-            at = end;
-        }
-        self.send_data(&data[run_start..])
-    }
-
-    /// Appends `len_bytes` of zeroes that take no room (a hole), sending only their length.
-    ///
-    /// # Errors
-    /// [`Error::Cancelled`] once the job's control is cancelled; an error if the hole runs
-    /// past the volume's size.
-    pub fn hole(&mut self, len_bytes: u64) -> Result<()> {
-        self.control.check().map_err(|_| Error::Cancelled)?;
-        self.advance(len_bytes)?;
-        self.pending_hole_bytes += len_bytes;
-        self.control.add_done_bytes(len_bytes);
-        Ok(())
-    }
-
-    /// How many bytes of the volume have been given so far (data and holes).
-    #[must_use]
-    pub fn position(&self) -> u64 {
-        self.position
-    }
-
-    /// The volume's size: what data and holes must add up to.
-    #[must_use]
-    pub fn size_bytes(&self) -> u64 {
-        self.size_bytes
-    }
-
-    /// How many bytes went over the connection as data (the rest went as holes).
-    #[must_use]
-    pub fn sent_data_bytes(&self) -> u64 {
-        self.sent_data_bytes
-    }
-
-    fn advance(&mut self, len_bytes: u64) -> Result<()> {
-        match self.position.checked_add(len_bytes) {
-            Some(end) if end <= self.size_bytes => {
-                self.position = end;
-                Ok(())
-            }
-            _ => Err(Error::Invalid(format!(
-                "the content given for volume {:?} runs past its size of {} bytes (at byte \
-                 {}, {len_bytes} more): this is a bug in Rewind, please report it (pool {:?})",
-                self.volume, self.size_bytes, self.position, self.pool
-            ))),
-        }
-    }
-
-    fn send_data(&mut self, data: &[u8]) -> Result<()> {
-        if data.is_empty() {
-            return Ok(());
-        }
-        self.flush_hole()?;
-        for piece in data.chunks(SEND_PIECE_BYTES) {
-            self.control.check().map_err(|_| Error::Cancelled)?;
-            let mut sent = 0;
-            while sent < piece.len() {
-                let n = self
-                    .stream
-                    .send(&piece[sent..])
-                    .map_err(|e| self.hv.upload_error(self.pool, self.volume, &e))?;
-                match usize::try_from(n) {
-                    Ok(n) if n > 0 => sent += n,
-                    _ => {
-                        return Err(self.hv.upload_error(
-                            self.pool,
-                            self.volume,
-                            &virt::error::Error::last_error(),
-                        ));
-                    }
-                }
-            }
-            self.sent_data_bytes += piece.len() as u64;
-            self.control.add_done_bytes(piece.len() as u64);
-        }
-        Ok(())
-    }
-
-    fn flush_hole(&mut self) -> Result<()> {
-        if self.pending_hole_bytes == 0 {
-            return Ok(());
-        }
-        // Sizes are checked to fit an i64 when the volume is created.
-        let len = i64::try_from(self.pending_hole_bytes).expect("volume sizes fit an i64");
-        ffi::stream_send_hole(self.stream, len)
-            .map_err(|e| self.hv.upload_error(self.pool, self.volume, &e))?;
-        self.pending_hole_bytes = 0;
-        Ok(())
-    }
-
-    /// Checks that the content covered the whole volume and sends the last hole.
-    fn finish(&mut self) -> Result<()> {
-        if self.position != self.size_bytes {
-            return Err(Error::Invalid(format!(
-                "the content given for volume {:?} ends at byte {} of its {} bytes: this is a \
-                 bug in Rewind, please report it (pool {:?})",
-                self.volume, self.position, self.size_bytes, self.pool
-            )));
-        }
-        self.flush_hole()
-    }
-}
-
-impl std::fmt::Debug for VolumeWriter<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VolumeWriter")
-            .field("pool", &self.pool)
-            .field("volume", &self.volume)
-            .field("size_bytes", &self.size_bytes)
-            .field("position", &self.position)
-            .field("sent_data_bytes", &self.sent_data_bytes)
-            .finish_non_exhaustive()
-    }
-}
-
-/// Whether `data` holds only zeroes (compared 4 KiB at a time, which vectorises).
-fn is_zero(data: &[u8]) -> bool {
-    data.chunks(4096)
-        .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0)
-}
 
 /// Deletes the volumes it holds when dropped, unless disarmed: nothing half-made stays.
 struct DeleteOnDrop(Vec<StorageVol>);
@@ -280,35 +109,6 @@ impl Drop for DeleteOnDrop {
         for vol in &self.0 {
             // Best effort: if the connection is gone, so is any way to clean up.
             vol.delete(0).or_warn("remove a volume left half-written");
-        }
-    }
-}
-
-/// A pool used to reach one folder, and what to do with it afterwards.
-struct FolderPool {
-    pool: StoragePool,
-    /// Destroy it when done: a transient pool Rewind created, or a defined pool that was
-    /// inactive and that Rewind started for the moment.
-    stop_after: bool,
-}
-
-impl FolderPool {
-    /// Destroys the pool if Rewind made or started it.
-    fn release(mut self) -> std::result::Result<(), virt::error::Error> {
-        if std::mem::take(&mut self.stop_after) && self.pool.is_active().unwrap_or(false) {
-            self.pool.destroy()
-        } else {
-            Ok(())
-        }
-    }
-}
-
-impl Drop for FolderPool {
-    fn drop(&mut self) {
-        if self.stop_after {
-            self.pool
-                .destroy()
-                .or_warn("stop the storage pool made for the restore");
         }
     }
 }
@@ -453,175 +253,6 @@ impl Hypervisor {
                 Err(e)
             }
         }
-    }
-
-    /// Writes `bytes` as the file at absolute `path` on the libvirt host, with permission bits
-    /// `mode` (e.g. `0o600`), through libvirt only: creates missing folders, replaces an
-    /// existing file. For a VM's NVRAM and its TPM state files; see the module documentation
-    /// for how, and for the owner and mode of what it creates.
-    ///
-    /// The file is not replaced atomically (libvirt cannot rename): if this fails, the file
-    /// is gone or partly written, and writing it again repairs it.
-    ///
-    /// # Errors
-    /// `path` is not an absolute path to a file, a pool that cannot hold files (not a folder
-    /// pool) already owns its folder, the host refuses the folder or file, or the connection
-    /// is lost.
-    pub fn write_host_file(&self, path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
-        let (dir, file_name) = split_host_path(path)?;
-        if mode > 0o7777 {
-            return Err(Error::Invalid(format!(
-                "file permissions are 12 bits (at most 0o7777), not {mode:#o} ({})",
-                path.display()
-            )));
-        }
-        let folder = self.folder_pool(&dir)?;
-        let written = self.write_file_volume(&folder.pool, path, &file_name, bytes, mode);
-        let released = folder.release().map_err(|e| {
-            self.storage_error(
-                &format!(
-                    "stop the temporary storage pool Rewind used to reach {}",
-                    dir.display()
-                ),
-                &e,
-            )
-        });
-        written.and(released)
-    }
-
-    fn write_file_volume(
-        &self,
-        pool: &StoragePool,
-        path: &Path,
-        file_name: &str,
-        bytes: &[u8],
-        mode: u32,
-    ) -> Result<()> {
-        let action = |verb: &str| format!("{verb} {}", path.display());
-        match pool.lookup_storage_vol_by_name(file_name) {
-            Ok(old) => {
-                let kind = old
-                    .info()
-                    .map_err(|e| self.storage_error(&action("look at"), &e))?
-                    .kind;
-                if kind != sys::VIR_STORAGE_VOL_FILE {
-                    return Err(in_the_way(path, &self.uri));
-                }
-                old.delete(0)
-                    .map_err(|e| self.storage_error(&action("remove the old file"), &e))?;
-            }
-            Err(e) if is_code(&e, ErrorNumber::NoStorageVolume) => {}
-            Err(e) => return Err(self.storage_error(&action("look for"), &e)),
-        }
-        let len = bytes.len() as u64;
-        let vol = StorageVol::create_xml(
-            pool,
-            &volume_xml(file_name, VolumeFormat::Raw, len, Some(mode)),
-            0,
-        )
-        .map_err(|e| {
-            if is_code(&e, ErrorNumber::StorageVolExist) || e.message().contains("exists already") {
-                in_the_way(path, &self.uri)
-            } else {
-                self.storage_error(&action("create"), &e)
-            }
-        })?;
-        let cleanup = DeleteOnDrop(vec![vol.clone()]);
-        if !bytes.is_empty() {
-            let stream = Stream::new(&self.conn, 0)
-                .map_err(|e| self.storage_error("open a stream to upload a file", &e))?;
-            vol.upload(&stream, 0, len, 0)
-                .map_err(|e| self.storage_error(&action("write"), &e))?;
-            let mut sent = 0;
-            while sent < bytes.len() {
-                let end = (sent + SEND_PIECE_BYTES).min(bytes.len());
-                match stream.send(&bytes[sent..end]) {
-                    Ok(n) if n > 0 => sent += n.cast_unsigned(),
-                    Ok(_) => {
-                        let e = virt::error::Error::last_error();
-                        // The error that stopped the upload is the one to report.
-                        drop(stream.abort());
-                        return Err(self.storage_error(&action("write"), &e));
-                    }
-                    Err(e) => {
-                        // The error that stopped the upload is the one to report.
-                        drop(stream.abort());
-                        return Err(self.storage_error(&action("write"), &e));
-                    }
-                }
-            }
-            stream
-                .finish()
-                .map_err(|e| self.storage_error(&action("write"), &e))?;
-        }
-        cleanup.disarm();
-        Ok(())
-    }
-
-    /// A pool whose target is folder `dir`: an existing one (started for the moment if it is
-    /// inactive) or a new transient `dir` pool, building the folder if it is missing.
-    fn folder_pool(&self, dir: &Path) -> Result<FolderPool> {
-        let reach = |e: &virt::error::Error| {
-            self.storage_error(
-                &format!("reach folder {} through a storage pool", dir.display()),
-                e,
-            )
-        };
-        let pools = self.conn.list_all_storage_pools(0).map_err(|e| reach(&e))?;
-        for pool in pools {
-            let Ok(xml) = pool.xml_desc(0) else { continue };
-            let Some((kind, target)) = pool_target(&xml) else {
-                continue;
-            };
-            if normalize(Path::new(&target)).as_deref() != Some(dir) {
-                continue;
-            }
-            let name = pool.name().unwrap_or_default();
-            if !matches!(kind.as_str(), "dir" | "fs" | "netfs") {
-                return Err(Error::Invalid(format!(
-                    "storage pool {name:?} (type {kind}) owns this folder but cannot hold \
-                     files, and libvirt allows one pool per folder: write the file elsewhere \
-                     ({}, {})",
-                    dir.display(),
-                    self.uri
-                )));
-            }
-            let active = pool.is_active().map_err(|e| reach(&e))?;
-            if active {
-                // Files written there without libvirt must be known before one is replaced.
-                pool.refresh(0).map_err(|e| reach(&e))?;
-            } else {
-                pool.create(0).map_err(|e| reach(&e))?;
-            }
-            // A transient pool of Rewind's own, left by a crash, goes once it has served.
-            let leftover =
-                name.starts_with(FILE_POOL_PREFIX) && !pool.is_persistent().unwrap_or(true);
-            return Ok(FolderPool {
-                pool,
-                stop_after: !active || leftover,
-            });
-        }
-        let name = format!(
-            "{FILE_POOL_PREFIX}{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..12]
-        );
-        let xml = format!(
-            "<pool type='dir'><name>{name}</name><target><path>{}</path></target></pool>",
-            xml_escape(&dir.to_string_lossy())
-        );
-        let pool = match self.conn.create_storage_pool_xml(&xml, 0) {
-            Ok(pool) => pool,
-            // Only a missing folder is built: building an existing one could change its mode.
-            Err(e) if e.message().contains("No such file or directory") => self
-                .conn
-                .create_storage_pool_xml(&xml, sys::VIR_STORAGE_POOL_CREATE_WITH_BUILD)
-                .map_err(|e| reach(&e))?,
-            Err(e) => return Err(reach(&e)),
-        };
-        Ok(FolderPool {
-            pool,
-            stop_after: true,
-        })
     }
 
     /// The names of the active storage pools, sorted.
@@ -808,14 +439,6 @@ fn no_space_error(pool: &str, name: &str, e: &virt::error::Error) -> Error {
     }
 }
 
-fn in_the_way(path: &Path, uri: &str) -> Error {
-    Error::Invalid(format!(
-        "something that is not a file (a folder, a device, a socket?) is where Rewind would \
-         write a file: move it away on that host and try again ({}, {uri})",
-        path.display()
-    ))
-}
-
 /// Volume names are file names in the pool's folder: no `/`, not `.` or `..`, no NUL.
 fn check_volume_name(name: &str) -> Result<()> {
     if name.is_empty()
@@ -854,64 +477,12 @@ fn volume_xml(name: &str, format: VolumeFormat, size_bytes: u64, mode: Option<u3
     xml
 }
 
-/// Splits an absolute host path into its normalized folder and its file name.
-fn split_host_path(path: &Path) -> Result<(PathBuf, String)> {
-    let bad = |why: &str| {
-        Error::Invalid(format!(
-            "{why}: Rewind writes files on a libvirt host by absolute path ({})",
-            path.display()
-        ))
-    };
-    let clean = normalize(path).ok_or_else(|| bad("the path must be absolute, without '..'"))?;
-    let name = clean
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| bad("the path must end in a file name in UTF-8"))?
-        .to_owned();
-    check_volume_name(&name)?;
-    let dir = clean
-        .parent()
-        .ok_or_else(|| bad("the path must name a file in a folder"))?
-        .to_path_buf();
-    Ok((dir, name))
-}
-
-/// `path` without `.` components and repeated or trailing slashes; `None` if it is relative
-/// or has `..` (whose meaning depends on symbolic links on the host).
-fn normalize(path: &Path) -> Option<PathBuf> {
-    if !path.is_absolute() {
-        return None;
-    }
-    let mut out = PathBuf::from("/");
-    for component in path.components() {
-        match component {
-            Component::RootDir | Component::CurDir => {}
-            Component::Normal(part) => out.push(part),
-            Component::ParentDir | Component::Prefix(_) => return None,
-        }
-    }
-    Some(out)
-}
-
-/// The type and target path of a storage pool, from its XML.
-fn pool_target(xml: &str) -> Option<(String, String)> {
-    let doc = roxmltree::Document::parse(xml).ok()?;
-    let root = doc.root_element();
-    let kind = root.attribute("type")?.to_owned();
-    let path = root
-        .children()
-        .find(|n| n.has_tag_name("target"))?
-        .children()
-        .find(|n| n.has_tag_name("path"))?
-        .text()?
-        .trim()
-        .to_owned();
-    Some((kind, path))
-}
-
 #[cfg(test)]
 mod tests {
+    use super::host_files::{pool_target, split_host_path};
+    use super::writer::is_zero;
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn paths_split_into_folder_and_file() {
