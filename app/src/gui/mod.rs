@@ -9,8 +9,10 @@
 //! The window hosts the scheduler unless `rewind daemon` runs one. With a tray, closing the
 //! window hides it and Rewind keeps protecting; without one, closing asks first.
 
+mod activity;
 #[cfg(test)]
 mod bench;
+mod details;
 pub mod dialogs;
 pub mod settings;
 pub mod setup;

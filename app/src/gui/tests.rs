@@ -796,11 +796,15 @@ fn checkpoint_restore_and_undo_from_the_window_with_a_real_guest() {
 
 /// The window's sources: every symbol they draw needs a glyph in the built-in fonts (a
 /// missing one draws as a box).
-const SOURCES: [&str; 7] = [
+const SOURCES: [&str; 11] = [
     include_str!("mod.rs"),
     include_str!("vm_list.rs"),
+    include_str!("details.rs"),
+    include_str!("activity.rs"),
     include_str!("timeline.rs"),
-    include_str!("dialogs.rs"),
+    include_str!("dialogs/mod.rs"),
+    include_str!("dialogs/restore.rs"),
+    include_str!("dialogs/progress.rs"),
     include_str!("settings.rs"),
     include_str!("setup.rs"),
     include_str!("state.rs"),

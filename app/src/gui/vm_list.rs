@@ -6,18 +6,17 @@ use std::time::Instant;
 
 use chrono::Local;
 use egui::{Color32, RichText};
-use rewind_core::engine::jobs::JobRequest;
 use rewind_core::engine::{Command, SchedulerView};
-use rewind_core::history::Outcome;
-use rewind_core::units::{human_age_secs, human_bytes, interval_text};
-use rewind_core::view::catalog::CheckpointSummary;
+use rewind_core::units::{human_age_secs, interval_text};
 use rewind_core::view::overview::{Badge, VmOverview};
-use rewind_core::vm::{Disk, Firmware, VmInfo, VmState};
+use rewind_core::vm::{VmInfo, VmState};
 
-use super::dialogs::{Dialog, dialogs_ui, job_progress_ui};
+use super::activity::activity_ui;
+use super::details::{checkpoint_details_ui, vm_facts_ui};
+use super::dialogs::dialogs_ui;
 use super::settings::{SettingsState, SettingsTab, settings_ui};
-use super::state::{CheckpointKey, Connection, UiState};
-use super::timeline::{Lane, Marks, kind_text, timeline_ui};
+use super::state::{Connection, UiState};
+use super::timeline::{Lane, Marks, timeline_ui};
 use super::{Commands, setup};
 
 /// Draws the whole window and returns what the user asked for.
@@ -113,7 +112,7 @@ fn messages_ui(ui: &mut egui::Ui, state: &mut UiState) {
 }
 
 /// Who protects, in a few words.
-fn scheduler_text(state: &UiState) -> (Color32, String) {
+pub(super) fn scheduler_text(state: &UiState) -> (Color32, String) {
     let green = Color32::from_rgb(60, 170, 90);
     let amber = Color32::from_rgb(220, 160, 40);
     if state.paused() {
@@ -246,7 +245,7 @@ pub fn badge_color(ui: &egui::Ui, badge: &Badge) -> Color32 {
     }
 }
 
-fn ago_text(state: &UiState, t: chrono::DateTime<chrono::Utc>) -> String {
+pub(super) fn ago_text(state: &UiState, t: chrono::DateTime<chrono::Utc>) -> String {
     let secs = u64::try_from((state.now - t).num_seconds()).unwrap_or(0);
     format!("{} ago", human_age_secs(secs))
 }
@@ -478,282 +477,7 @@ fn protection_summary_ui(
     });
 }
 
-#[allow(clippy::too_many_lines)] // the details grid and its actions, as shown
-fn checkpoint_details_ui(
-    ui: &mut egui::Ui,
-    state: &mut UiState,
-    key: &CheckpointKey,
-    c: &CheckpointSummary,
-    commands: &mut Commands,
-) {
-    egui::Frame::group(ui.style()).show(ui, |ui| {
-        ui.set_width(ui.available_width());
-        ui.label(
-            RichText::new(format!(
-                "Checkpoint of {}",
-                c.time.with_timezone(&Local).format("%A %-d %B %Y, %H:%M:%S")
-            ))
-            .strong(),
-        );
-        egui::Grid::new("checkpoint_facts")
-            .num_columns(2)
-            .spacing([16.0, 3.0])
-            .show(ui, |ui| {
-                let fact = |ui: &mut egui::Ui, name: &str, value: String| {
-                    ui.label(RichText::new(name).weak());
-                    ui.label(value);
-                    ui.end_row();
-                };
-                fact(ui, "Kind", kind_text(c).to_owned());
-                if let Some(note) = &c.consistency_note {
-                    fact(ui, "Consistency", note.clone());
-                }
-                fact(ui, "Data", human_bytes(c.logical_bytes));
-                fact(
-                    ui,
-                    "New in the store",
-                    format!(
-                        "{}{}",
-                        human_bytes(c.new_bytes),
-                        if c.incremental { " (incremental)" } else { " (full)" }
-                    ),
-                );
-                if let Some(why) = &c.full_reason {
-                    fact(ui, "Why full", why.clone());
-                }
-                #[allow(clippy::cast_precision_loss)]
-                fact(ui, "Took", format!("{:.1} s", c.duration_ms as f64 / 1000.0));
-                fact(ui, "Destination", key.destination.clone());
-                fact(ui, "Disks", c.disks.join(", "));
-                fact(
-                    ui,
-                    "Verification",
-                    if c.damaged {
-                        "damaged: the last verify found missing or bad data".to_owned()
-                    } else if let Some(t) = c.verified {
-                        format!("verified {}", t.with_timezone(&Local).format("%Y-%m-%d %H:%M"))
-                    } else {
-                        "not verified yet".to_owned()
-                    },
-                );
-                if c.is_safety() {
-                    fact(ui, "Label", "safety checkpoint (taken before a restore)".to_owned());
-                }
-                fact(ui, "ID", c.id.clone());
-            });
-        ui.add_space(6.0);
-        let restoring = state.restore_running();
-        ui.horizontal_wrapped(|ui| {
-            let restore = ui
-                .add_enabled(!restoring && !c.damaged, egui::Button::new(RichText::new("⟲ Restore…").strong()))
-                .on_hover_text("Bring the VM back to this checkpoint")
-                .on_disabled_hover_text(if c.damaged {
-                    "This checkpoint is damaged; restore another one"
-                } else {
-                    "A restore is running"
-                });
-            if restore.clicked() {
-                state.dialog = Some(Dialog::ConfirmRestore {
-                    key: key.clone(),
-                    safety: true,
-                    save_state: false,
-                    disk_only: false,
-                });
-            }
-            if ui
-                .add_enabled(!restoring && !c.damaged, egui::Button::new("Restore as new VM…"))
-                .on_hover_text("Make a copy of the VM as it was then, next to it")
-                .clicked()
-            {
-                let folder = state
-                    .selected_vm()
-                    .and_then(|v| v.protected_disks().find_map(|d| d.path().and_then(|p| p.parent())).map(|p| p.display().to_string()))
-                    .unwrap_or_else(|| "/var/lib/libvirt/images".into());
-                state.dialog = Some(Dialog::RestoreAsNew {
-                    key: key.clone(),
-                    name: format!("{} (restored {})", c.vm, c.time.with_timezone(&Local).format("%Y-%m-%d %H%M")),
-                    folder,
-                    disk_only: false,
-                });
-            }
-            if ui
-                .add_enabled(!c.damaged, egui::Button::new("Export disk…"))
-                .on_hover_text("Write one disk as it was then to an image file")
-                .clicked()
-            {
-                let home = std::env::var("HOME").unwrap_or_else(|_| "/tmp".into());
-                let disk = c.disks.first().cloned().unwrap_or_default();
-                state.dialog = Some(Dialog::Export {
-                    key: key.clone(),
-                    path: format!("{home}/{}-{disk}-{}.qcow2", c.vm.replace('/', "_"), c.id),
-                    disk,
-                    qcow2: true,
-                });
-            }
-            let verifying = state.jobs.iter().any(|j| {
-                j.running() && matches!(&*j.request, JobRequest::Verify { destination } if *destination == key.destination)
-            });
-            if ui
-                .add_enabled(!verifying, egui::Button::new("Verify"))
-                .on_hover_text(format!(
-                    "Read back every checkpoint in {} and check it (marks damaged ones)",
-                    key.destination
-                ))
-                .clicked()
-            {
-                commands.push(Command::Start(JobRequest::Verify {
-                    destination: key.destination.clone(),
-                }));
-            }
-            if ui
-                .add_enabled(!restoring, egui::Button::new("Delete…"))
-                .on_hover_text("Remove this checkpoint from the store")
-                .clicked()
-            {
-                state.dialog = Some(Dialog::ConfirmDelete { key: key.clone() });
-            }
-        });
-    });
-}
-
-/// Running jobs (this window's and the scheduler's) and the recent history.
-#[allow(clippy::too_many_lines)] // three short sections of one panel
-fn activity_ui(ui: &mut egui::Ui, state: &mut UiState, commands: &mut Commands) {
-    ui.add_space(2.0);
-    ui.label(RichText::new("Activity").strong());
-    egui::ScrollArea::vertical()
-        .auto_shrink([false, false])
-        .show(ui, |ui| {
-            let mut cancel = None;
-            let mut dismiss = None;
-            for job in &state.jobs {
-                ui.horizontal(|ui| {
-                    ui.label(&job.label);
-                    match &job.result {
-                        None => {
-                            ui.add_sized([280.0, 18.0], |ui: &mut egui::Ui| {
-                                job_progress_ui(ui, job);
-                                ui.label("")
-                            });
-                            if ui
-                                .add_enabled(!job.cancelling, egui::Button::new("Cancel"))
-                                .clicked()
-                            {
-                                cancel = Some(job.id);
-                            }
-                        }
-                        Some(Ok(_)) => {
-                            ui.colored_label(Color32::from_rgb(60, 170, 90), "done");
-                            if ui.small_button("✖").on_hover_text("Dismiss").clicked() {
-                                dismiss = Some(job.id);
-                            }
-                        }
-                        Some(Err(e)) => {
-                            ui.colored_label(ui.visuals().error_fg_color, format!("failed: {e}"));
-                            if ui.small_button("✖").on_hover_text("Dismiss").clicked() {
-                                dismiss = Some(job.id);
-                            }
-                        }
-                    }
-                });
-            }
-            if let Some(id) = cancel {
-                commands.push(Command::Cancel(id));
-                if let Some(j) = state.jobs.iter_mut().find(|j| j.id == id) {
-                    j.cancelling = true;
-                }
-            }
-            if let Some(id) = dismiss {
-                state.jobs.retain(|j| j.id != id);
-            }
-            for r in state.scheduled_running() {
-                ui.horizontal(|ui| {
-                    ui.spinner();
-                    #[allow(clippy::cast_precision_loss)]
-                    let fraction = if r.total_bytes > 0 {
-                        r.done_bytes as f32 / r.total_bytes as f32
-                    } else {
-                        0.0
-                    };
-                    ui.label(format!(
-                        "Checkpoint of {} into {} ({})",
-                        r.vm,
-                        r.destination,
-                        r.why.label()
-                    ));
-                    ui.add(
-                        egui::ProgressBar::new(fraction)
-                            .desired_width(240.0)
-                            .text(format!(
-                                "{} — {} of {}",
-                                r.phase,
-                                human_bytes(r.done_bytes),
-                                human_bytes(r.total_bytes)
-                            )),
-                    );
-                });
-            }
-            ui.add_space(4.0);
-            ui.label(RichText::new("Recent").weak());
-            let vm_name = state.selected_vm().map(|v| v.name.clone());
-            let mut shown = 0;
-            for r in state.history.iter().rev() {
-                if shown >= 20 {
-                    break;
-                }
-                shown += 1;
-                ui.horizontal_wrapped(|ui| {
-                    let when = r
-                        .finished
-                        .with_timezone(&Local)
-                        .format("%a %H:%M")
-                        .to_string();
-                    ui.label(RichText::new(when).weak());
-                    let strong = vm_name.as_deref() == Some(r.vm.as_str());
-                    let name = if strong {
-                        RichText::new(&r.vm).strong()
-                    } else {
-                        RichText::new(&r.vm)
-                    };
-                    ui.label(name);
-                    ui.label(format!("into {}", r.destination));
-                    match r.outcome {
-                        Outcome::Ok => {
-                            ui.colored_label(
-                                Color32::from_rgb(60, 170, 90),
-                                format!(
-                                    "checkpoint taken, {} new{}",
-                                    human_bytes(r.new_bytes),
-                                    if r.pruned > 0 {
-                                        format!(", {} old one(s) removed", r.pruned)
-                                    } else {
-                                        String::new()
-                                    }
-                                ),
-                            );
-                        }
-                        Outcome::Failed => {
-                            ui.colored_label(
-                                ui.visuals().error_fg_color,
-                                format!(
-                                    "failed: {}",
-                                    r.error.as_deref().unwrap_or("no reason given")
-                                ),
-                            );
-                        }
-                        Outcome::Cancelled => {
-                            ui.label(RichText::new("cancelled").weak());
-                        }
-                    }
-                });
-            }
-            if shown == 0 {
-                ui.label(RichText::new("Nothing yet.").weak());
-            }
-        });
-}
-
-fn state_color(ui: &egui::Ui, state: VmState) -> Color32 {
+pub(super) fn state_color(ui: &egui::Ui, state: VmState) -> Color32 {
     match state {
         VmState::Running => Color32::from_rgb(60, 170, 90),
         VmState::Paused | VmState::PmSuspended => Color32::from_rgb(220, 160, 40),
@@ -762,99 +486,12 @@ fn state_color(ui: &egui::Ui, state: VmState) -> Color32 {
     }
 }
 
-fn state_dot(state: VmState) -> &'static str {
+pub(super) fn state_dot(state: VmState) -> &'static str {
     match state {
         VmState::Running => "▶",
         VmState::Paused | VmState::PmSuspended => "⏸",
         VmState::Crashed => "✖",
         _ => "■",
-    }
-}
-
-fn vm_facts_ui(ui: &mut egui::Ui, vm: &VmInfo) {
-    egui::Grid::new("vm_facts")
-        .num_columns(2)
-        .spacing([16.0, 4.0])
-        .show(ui, |ui| {
-            let fact = |ui: &mut egui::Ui, name: &str, value: String| {
-                ui.label(RichText::new(name).weak());
-                ui.label(value);
-                ui.end_row();
-            };
-            fact(ui, "vCPUs", vm.vcpus.to_string());
-            fact(ui, "Memory", human_bytes(vm.memory_bytes));
-            fact(ui, "Firmware", firmware_text(&vm.firmware));
-            fact(
-                ui,
-                "TPM",
-                vm.tpm.as_ref().map_or_else(
-                    || "none".to_owned(),
-                    |t| {
-                        format!(
-                            "{} {} ({})",
-                            t.model,
-                            t.version.as_deref().unwrap_or(""),
-                            t.backend
-                        )
-                    },
-                ),
-            );
-            fact(
-                ui,
-                "Guest agent",
-                match (vm.guest_agent.channel, vm.guest_agent.connected) {
-                    (false, _) => "no channel".to_owned(),
-                    (true, true) => "connected".to_owned(),
-                    (true, false) => "channel present, not connected".to_owned(),
-                },
-            );
-            fact(ui, "UUID", vm.uuid.clone());
-        });
-    ui.add_space(12.0);
-    ui.label(RichText::new("Disks").strong());
-    egui::Grid::new("vm_disks")
-        .num_columns(4)
-        .striped(true)
-        .spacing([16.0, 4.0])
-        .show(ui, |ui| {
-            for disk in &vm.disks {
-                disk_row_ui(ui, disk);
-            }
-        });
-}
-
-fn disk_row_ui(ui: &mut egui::Ui, disk: &Disk) {
-    ui.label(&disk.target);
-    ui.label(disk.format.as_deref().unwrap_or("—"));
-    ui.label(disk.virtual_size_bytes.map_or("—".to_owned(), human_bytes));
-    let path = disk
-        .path()
-        .map_or_else(|| "no medium".to_owned(), |p| p.display().to_string());
-    match disk.protectable() {
-        Ok(()) => ui.label(path),
-        Err(why) => ui.label(RichText::new(format!("{path} — not protected: {why}")).weak()),
-    };
-    ui.end_row();
-}
-
-fn firmware_text(firmware: &Firmware) -> String {
-    match firmware {
-        Firmware::Bios => "BIOS".to_owned(),
-        Firmware::Uefi {
-            secure_boot,
-            nvram_path,
-            ..
-        } => {
-            let mut s = if *secure_boot {
-                "UEFI with Secure Boot".to_owned()
-            } else {
-                "UEFI".to_owned()
-            };
-            if let Some(p) = nvram_path {
-                write!(s, ", NVRAM {}", p.display()).expect("writing to a String cannot fail");
-            }
-            s
-        }
     }
 }
 
