@@ -116,6 +116,9 @@ pub struct TakeOptions {
     /// With `full_state`: the managed-save way (the VM paused for seconds) instead of the
     /// live way, as [`FULL_STATE_WAY_ENV`]`=save` also asks (to compare the two).
     pub managed_save: bool,
+    /// The VM's checkpoints in the store as the caller has just read them
+    /// ([`Store::vm_catalog`]), so that the job reads them once; `None`: read them here.
+    pub known: Option<Vec<Manifest>>,
 }
 
 impl Default for TakeOptions {
@@ -127,6 +130,7 @@ impl Default for TakeOptions {
             quiesce: true,
             full_state: false,
             managed_save: false,
+            known: None,
         }
     }
 }
@@ -192,7 +196,7 @@ pub fn take_with(
         .map_err(|e| CheckpointError::Unsupported(format!("VM {vm:?} has an odd UUID: {e}")))?;
     let disks = protected_disks(&info)?;
 
-    let chained = chained(store, &uuid)?;
+    let chained = chained(store, &uuid, options.known.as_deref())?;
     clean_up_after_killed_runs(hv, store, vm, &uuid, &chained)?;
     hv.remove_stale_bitmaps(vm, &qcow2_files(&disks), true)?;
     let prev = chained.last().cloned();

@@ -18,14 +18,24 @@ pub(super) fn chain_prefix(store: &Store) -> String {
     format!("rewind-{}", &store.config().id.simple().to_string()[..12])
 }
 
-/// This VM's checkpoints in `store` that left a libvirt checkpoint behind, oldest first
-/// (the catalog is read once per checkpoint taken: it reads every manifest).
-pub(super) fn chained(store: &Store, vm_uuid: &Uuid) -> Result<Vec<Manifest>, StoreError> {
-    Ok(store
-        .catalog()?
-        .checkpoints
-        .into_iter()
+/// This VM's checkpoints in `store` that left a libvirt checkpoint behind, oldest first:
+/// from `known` (what the caller read) or, without it, from the VM's manifests.
+pub(super) fn chained(
+    store: &Store,
+    vm_uuid: &Uuid,
+    known: Option<&[Manifest]>,
+) -> Result<Vec<Manifest>, StoreError> {
+    let read;
+    let all = if let Some(known) = known {
+        known
+    } else {
+        read = store.vm_catalog(vm_uuid)?.checkpoints;
+        &read[..]
+    };
+    Ok(all
+        .iter()
         .filter(|m| m.vm.uuid == *vm_uuid && m.libvirt_checkpoint.is_some())
+        .cloned()
         .collect())
 }
 

@@ -113,7 +113,7 @@ pub(super) fn take_shut_off(
         }
     }
     hv.remove_stale_bitmaps(&info.name, &qcow2_files(&disks), false)?;
-    let prev = chained(store, &uuid)?.pop();
+    let prev = chained(store, &uuid, options.known.as_deref())?.pop();
     let (with_bitmap, full_reason) = match &prev {
         Some(p) => shut_off_bitmaps(store, p, &disks)?,
         None => (Vec::new(), None),

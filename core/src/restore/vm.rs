@@ -361,8 +361,7 @@ impl<'a> InPlace<'a> {
             skip_missing_disks: true,
             copy_phase: Phase::SafetyCheckpoint,
             quiesce: true,
-            full_state: false,
-            managed_save: false,
+            ..TakeOptions::default()
         };
         let taken = match saved {
             Some(memory) => checkpoint::take_saved(

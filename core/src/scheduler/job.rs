@@ -82,23 +82,28 @@ fn run_into(spec: &JobSpec, control: &Control, record: &mut Record) -> Result<()
         _ => spec.protection.vm.clone(),
     };
     let work = crate::workdir::WorkDir::new().map_err(JobError::work_folder)?;
+    let info = hv.vm(&vm).ok();
+    // The VM's checkpoints in this store, read once for the whole job: the full-state
+    // policy, the chain of the new checkpoint and the retention after it all use them.
+    let uuid = info
+        .as_ref()
+        .and_then(|i| uuid::Uuid::parse_str(&i.uuid).ok());
+    let known = match uuid {
+        Some(u) => Some(store.vm_catalog(&u)?.checkpoints),
+        None => None,
+    };
     // Only a mixed policy needs to know when the last full-state one was.
     let last_full_state = if spec.protection.full_state_every_secs.is_some() {
-        store
-            .catalog()?
-            .checkpoints
+        known
             .iter()
+            .flatten()
             .filter(|m| m.kind == CheckpointKind::Full)
-            .filter(|m| {
-                Some(m.vm.uuid.to_string()) == spec.protection.uuid
-                    || m.vm.name == spec.protection.vm
-            })
             .map(|m| m.time)
             .max()
     } else {
         None
     };
-    let running = hv.vm(&vm).is_ok_and(|v| v.state == VmState::Running);
+    let running = info.is_some_and(|v| v.state == VmState::Running);
     let options = TakeOptions {
         quiesce: spec.protection.quiesce,
         full_state: policy::wants_full_state(
@@ -107,6 +112,7 @@ fn run_into(spec: &JobSpec, control: &Control, record: &mut Record) -> Result<()
             last_full_state,
             Utc::now(),
         ),
+        known,
         ..TakeOptions::default()
     };
     let m = crate::checkpoint::take_with(&hv, &store, &vm, work.path(), &options, control)?;
@@ -117,7 +123,18 @@ fn run_into(spec: &JobSpec, control: &Control, record: &mut Record) -> Result<()
     record.read_bytes = m.read_bytes;
     record.new_bytes = m.new_bytes;
     // Retention for this VM in this destination, then the data only removed ones used.
-    let decisions = store.prune(&spec.protection.keep, Some(m.vm.uuid), false, control)?;
+    let vm_uuid = m.vm.uuid;
+    let decisions = match options.known {
+        Some(mut known) if uuid == Some(vm_uuid) => {
+            known.push(m);
+            let catalog = crate::store::Catalog {
+                checkpoints: known,
+                unreadable: Vec::new(),
+            };
+            store.prune_known(&catalog, &spec.protection.keep, Some(vm_uuid), control)?
+        }
+        _ => store.prune(&spec.protection.keep, Some(vm_uuid), false, control)?,
+    };
     let removed = decisions.iter().filter(|d| !d.keep).count();
     record.pruned = u32::try_from(removed).unwrap_or(u32::MAX);
     if removed > 0 {

@@ -87,6 +87,8 @@ pub struct Store {
     fs: Backend,
     config: StoreConfig,
     keys: Option<Keys>,
+    /// Manifest files read through this handle (see [`Store::manifests_read`]).
+    manifests_read: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Store {
@@ -198,6 +200,7 @@ impl Store {
             fs,
             config,
             keys,
+            manifests_read: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -281,6 +284,7 @@ impl Store {
             fs,
             config,
             keys,
+            manifests_read: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -551,6 +555,8 @@ impl Store {
         vm_uuid: &Uuid,
         id: &str,
     ) -> Result<Manifest, StoreError> {
+        self.manifests_read
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = self.root.join(rel);
         let damaged = |detail: String| StoreError::Damaged {
             path: path.clone(),
@@ -606,23 +612,60 @@ impl Store {
                 ));
                 continue;
             };
-            for file_name in self.fs.list_names(&vm_dir)? {
-                let Some(id) = file_name.strip_suffix(".manifest") else {
-                    continue;
-                };
-                let file = vm_dir.join(&file_name);
-                match self.read_manifest_file(&file, &vm_uuid, id) {
-                    Ok(m) => catalog.checkpoints.push(m),
-                    // Not the manifest's fault: the whole listing fails.
-                    Err(e) if e.is_connection_failure() => return Err(e),
-                    Err(e) => catalog.unreadable.push((self.root.join(&file), e)),
-                }
-            }
+            self.read_vm_dir(&vm_dir, &vm_uuid, &mut catalog)?;
         }
         catalog
             .checkpoints
             .sort_by(|a, b| (a.time, &a.id).cmp(&(b.time, &b.id)));
         Ok(catalog)
+    }
+
+    /// The checkpoints of one VM (the part of [`Store::catalog`] that is about it): one
+    /// folder read instead of all. A VM with no checkpoints here has an empty catalog.
+    pub fn vm_catalog(&self, vm_uuid: &Uuid) -> Result<Catalog, StoreError> {
+        let mut catalog = Catalog::default();
+        let vm_dir = Path::new("manifests").join(vm_uuid.hyphenated().to_string());
+        let there = self
+            .fs
+            .exists(&vm_dir)
+            .map_err(|e| io_error("look at", self.root.join(&vm_dir), e))?;
+        if there {
+            self.read_vm_dir(&vm_dir, vm_uuid, &mut catalog)?;
+        }
+        catalog
+            .checkpoints
+            .sort_by(|a, b| (a.time, &a.id).cmp(&(b.time, &b.id)));
+        Ok(catalog)
+    }
+
+    /// Reads the manifests in one VM's folder into `catalog`.
+    fn read_vm_dir(
+        &self,
+        vm_dir: &Path,
+        vm_uuid: &Uuid,
+        catalog: &mut Catalog,
+    ) -> Result<(), StoreError> {
+        for file_name in self.fs.list_names(vm_dir)? {
+            let Some(id) = file_name.strip_suffix(".manifest") else {
+                continue;
+            };
+            let file = vm_dir.join(&file_name);
+            match self.read_manifest_file(&file, vm_uuid, id) {
+                Ok(m) => catalog.checkpoints.push(m),
+                // Not the manifest's fault: the whole listing fails.
+                Err(e) if e.is_connection_failure() => return Err(e),
+                Err(e) => catalog.unreadable.push((self.root.join(&file), e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// How many manifest files this handle has read: every one costs a read (a round trip
+    /// over SSH), so jobs read each once. For diagnostics and tests.
+    #[must_use]
+    pub fn manifests_read(&self) -> u64 {
+        self.manifests_read
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// One checkpoint of one VM.

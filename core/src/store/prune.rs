@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use super::error::StoreError;
 use super::retention::{self, KeepReason, KeepRules};
-use super::{LockMode, Store};
+use super::{Catalog, LockMode, Store};
 use crate::progress::Control;
 
 /// The decision about one checkpoint.
@@ -43,7 +43,41 @@ impl Store {
             ));
         }
         let _lock = self.lock(LockMode::Shared, "removing old checkpoints", Some(control))?;
-        let catalog = self.catalog()?;
+        let catalog = match vm {
+            Some(uuid) => self.vm_catalog(&uuid)?,
+            None => self.catalog()?,
+        };
+        self.prune_in(&catalog, rules, vm, dry_run, control)
+    }
+
+    /// [`Store::prune`] over checkpoints the caller has read already (a scheduled job reads
+    /// its VM's once, and adds the one it took). The caller holds no lock; this takes the
+    /// shared one for the deletions. Checkpoints added meanwhile by another writer are not
+    /// in `catalog`, so they are kept.
+    pub fn prune_known(
+        &self,
+        catalog: &Catalog,
+        rules: &KeepRules,
+        vm: Option<Uuid>,
+        control: &Control,
+    ) -> Result<Vec<PruneDecision>, StoreError> {
+        if rules.is_empty() {
+            return Err(StoreError::Invalid(
+                "give at least one keep rule (such as --keep-last 10): with none, every checkpoint would be removed".into(),
+            ));
+        }
+        let _lock = self.lock(LockMode::Shared, "removing old checkpoints", Some(control))?;
+        self.prune_in(catalog, rules, vm, false, control)
+    }
+
+    fn prune_in(
+        &self,
+        catalog: &Catalog,
+        rules: &KeepRules,
+        vm: Option<Uuid>,
+        dry_run: bool,
+        control: &Control,
+    ) -> Result<Vec<PruneDecision>, StoreError> {
         let mut vms: Vec<Uuid> = catalog.checkpoints.iter().map(|m| m.vm.uuid).collect();
         vms.sort();
         vms.dedup();
@@ -72,7 +106,11 @@ impl Store {
                 let m = mine[decision.key];
                 if !decision.keep && !dry_run {
                     control.check()?;
-                    self.delete_checkpoint(&uuid, &m.id)?;
+                    match self.delete_checkpoint(&uuid, &m.id) {
+                        // Deleted meanwhile (by hand, or another prune): gone either way.
+                        Err(StoreError::NoSuchCheckpoint { .. }) => {}
+                        other => other?,
+                    }
                 }
                 out.push(PruneDecision {
                     vm: m.vm.name.clone(),

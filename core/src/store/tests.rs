@@ -1106,3 +1106,72 @@ fn chunks_get_piece_trees_from_format_2_and_format_1_stores_stay_readable_as_the
         assert!(err.to_string().contains("missing"), "{err}");
     }
 }
+
+/// A VM's catalog reads that VM's manifests only; pruning what was read already reads
+/// none, and leaves alone a checkpoint added meanwhile by another writer.
+#[test]
+fn a_vm_catalog_reads_one_vm_and_prune_known_reads_nothing_more() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::init(&dir.path().join("s"), &options()).unwrap();
+    let control = Control::new();
+    let take = |vm: VmRef, minute: u32| {
+        let mut writer = store
+            .begin_checkpoint(new_checkpoint(vm, minute), &control)
+            .unwrap();
+        writer.add_blob_bytes("nvram", &[1; 10]).unwrap();
+        writer.commit(&control).unwrap()
+    };
+    for minute in 0..3 {
+        take(vm("a", 1), minute);
+        take(vm("b", 2), 10 + minute);
+    }
+    let before = store.manifests_read();
+    let a = store.vm_catalog(&vm("a", 1).uuid).unwrap();
+    assert_eq!(a.checkpoints.len(), 3);
+    assert!(a.checkpoints.iter().all(|m| m.vm.name == "a"));
+    assert!(a.checkpoints.windows(2).all(|w| w[0].time <= w[1].time));
+    assert_eq!(
+        store.manifests_read() - before,
+        3,
+        "only VM a's manifests are read"
+    );
+    let all = store.manifests_read();
+    assert_eq!(store.catalog().unwrap().checkpoints.len(), 6);
+    assert_eq!(store.manifests_read() - all, 6);
+    assert!(
+        store
+            .vm_catalog(&vm("c", 3).uuid)
+            .unwrap()
+            .checkpoints
+            .is_empty()
+    );
+
+    // Another writer adds one for VM a after the job read its catalog.
+    let added_meanwhile = take(vm("a", 1), 30);
+    let rules = crate::store::retention::KeepRules {
+        last: 1,
+        ..Default::default()
+    };
+    let read = store.manifests_read();
+    let decisions = store
+        .prune_known(&a, &rules, Some(vm("a", 1).uuid), &control)
+        .unwrap();
+    assert_eq!(
+        store.manifests_read(),
+        read,
+        "pruning what was read reads nothing"
+    );
+    assert_eq!(decisions.iter().filter(|d| !d.keep).count(), 2);
+    let left: Vec<String> = store
+        .vm_catalog(&vm("a", 1).uuid)
+        .unwrap()
+        .checkpoints
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(left, vec![a.checkpoints[2].id.clone(), added_meanwhile.id]);
+    // Pruning again with the same stale view: the ones deleted already are no error.
+    store
+        .prune_known(&a, &rules, Some(vm("a", 1).uuid), &control)
+        .unwrap();
+}
