@@ -261,46 +261,58 @@ fn checkpoint_one(
     Ok(result?)
 }
 
-/// A progress line on a terminal's stderr, redrawn every 200 ms until dropped.
+/// A progress bar on a terminal's stderr (indicatif), following a job's [`Control`] every
+/// 200 ms until dropped: the phase, then once the size is known a bar, the bytes and the
+/// rate.
 pub(crate) struct ProgressLine {
     done: std::sync::Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+/// While the size is unknown: `win11: preparing…`.
+const WAITING: &str = "{prefix}: {msg}…";
+/// `win11: copying [#######>............]  35 %  120.00 MiB of 340.00 MiB, 88.20 MiB/s`.
+const COPYING: &str = "{prefix}: {msg} [{bar:20}] {percent:>3} %  {binary_bytes} of {binary_total_bytes}, {binary_bytes_per_sec}";
+
+fn style(template: &str) -> indicatif::ProgressStyle {
+    indicatif::ProgressStyle::with_template(template)
+        .expect("the templates are valid (tested)")
+        .progress_chars("#>.")
+}
+
 impl ProgressLine {
     pub(crate) fn start(vm: &str, control: std::sync::Arc<Control>) -> Self {
         let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (stop, vm) = (done.clone(), vm.to_owned());
+        let stop = done.clone();
+        let bar = indicatif::ProgressBar::with_draw_target(
+            None,
+            indicatif::ProgressDrawTarget::stderr_with_hz(5),
+        )
+        .with_style(style(WAITING))
+        .with_prefix(vm.to_owned());
         let thread = std::thread::spawn(move || {
-            // The rate is over the last ~2 s (10 samples), so it follows changes quickly.
-            let mut samples = std::collections::VecDeque::new();
+            let mut sized = false;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let (done_bytes, total_bytes) = control.progress_bytes();
-                let now = std::time::Instant::now();
-                samples.push_back((now, done_bytes));
-                if samples.len() > 10 {
-                    samples.pop_front();
+                if total_bytes > 0 && !sized {
+                    bar.set_style(style(COPYING));
+                    sized = true;
                 }
-                let rate = samples.front().and_then(|(t0, d0)| {
-                    let secs = now.duration_since(*t0).as_secs_f64();
-                    #[allow(clippy::cast_precision_loss)]
-                    (secs > 0.5).then(|| (done_bytes - d0) as f64 / secs)
-                });
-                let phase = match control.force_off_in() {
+                if total_bytes > 0 {
+                    bar.set_length(total_bytes);
+                    bar.set_position(done_bytes.min(total_bytes));
+                }
+                bar.set_message(match control.force_off_in() {
                     Some(left) => format!(
                         "{} (turned off in {} s; Ctrl-C leaves it running)",
                         control.phase().label(),
                         left.as_secs()
                     ),
                     None => control.phase().label().to_owned(),
-                };
-                eprint!(
-                    "\r\x1b[K{}",
-                    progress_text(&vm, &phase, done_bytes, total_bytes, rate)
-                );
+                });
                 std::thread::sleep(std::time::Duration::from_millis(200));
             }
-            eprint!("\r\x1b[K");
+            bar.finish_and_clear();
         });
         Self {
             done,
@@ -320,55 +332,104 @@ impl Drop for ProgressLine {
     }
 }
 
-/// `win11: [#######.............]  35 %  120.0 MiB of 340.0 MiB`.
-fn progress_text(
-    vm: &str,
-    phase: &str,
-    done_bytes: u64,
-    total_bytes: u64,
-    bytes_per_sec: Option<f64>,
-) -> String {
-    if total_bytes == 0 {
-        return format!("{vm}: {phase}…");
-    }
-    let done = u128::from(done_bytes.min(total_bytes));
-    let total = u128::from(total_bytes);
-    let filled = usize::try_from(done * 20 / total).unwrap_or(20);
-    let percent = done * 100 / total;
-    let rate = match bytes_per_sec {
-        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-        Some(r) if r.is_finite() && r >= 0.0 => format!(", {}/s", human_bytes(r as u64)),
-        _ => String::new(),
-    };
-    format!(
-        "{vm}: {phase} [{}{}] {:>3} %  {} of {}{rate}",
-        "#".repeat(filled),
-        ".".repeat(20 - filled),
-        percent,
-        human_bytes(done_bytes),
-        human_bytes(total_bytes)
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// A terminal that keeps the last line drawn.
+    #[derive(Debug, Default)]
+    struct Screen(std::sync::Mutex<String>);
+
+    impl indicatif::TermLike for Screen {
+        fn width(&self) -> u16 {
+            120
+        }
+        fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn write_line(&self, line: &str) -> std::io::Result<()> {
+            self.write_str(line)
+        }
+        fn write_str(&self, text: &str) -> std::io::Result<()> {
+            self.0.lock().unwrap().push_str(text);
+            Ok(())
+        }
+        fn clear_line(&self) -> std::io::Result<()> {
+            self.0.lock().unwrap().clear();
+            Ok(())
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// What the bar draws on a terminal: the VM, the phase, then, once the size is known,
+    /// the bar, the percentage and the sizes.
     #[test]
-    fn progress_text_shows_bar_percent_and_sizes() {
-        assert_eq!(
-            progress_text("vm", "preparing", 0, 0, None),
-            "vm: preparing…"
-        );
-        let half = progress_text("win11", "copying", 50 << 20, 100 << 20, Some(3e8));
+    fn the_progress_bar_shows_phase_bar_percent_and_sizes() {
+        let screen = std::sync::Arc::new(Screen::default());
+        let target = indicatif::ProgressDrawTarget::term_like(Box::new(ArcScreen(screen.clone())));
+        let bar = indicatif::ProgressBar::with_draw_target(None, target)
+            .with_style(style(WAITING))
+            .with_prefix("win11")
+            .with_message("preparing");
+        bar.tick();
+        assert_eq!(screen.0.lock().unwrap().trim(), "win11: preparing…");
+        bar.set_style(style(COPYING));
+        bar.set_length(100 << 20);
+        bar.set_message("copying");
+        bar.set_position(50 << 20);
+        bar.tick();
+        let line = screen.0.lock().unwrap().clone();
         assert!(
-            half.starts_with("win11: copying [##########..........]  50 %"),
-            "{half}"
+            line.starts_with(
+                "win11: copying [##########>.........]  50 %  50.00 MiB of 100.00 MiB"
+            ),
+            "{line}"
         );
-        assert!(half.contains("MiB of"), "{half}");
-        assert!(half.ends_with("MiB/s"), "{half}");
-        let over = progress_text("x", "copying", 200, 100, None);
-        assert!(over.contains("[####################] 100 %"), "{over}");
+    }
+
+    /// The screen shared with the test that reads it.
+    #[derive(Debug)]
+    struct ArcScreen(std::sync::Arc<Screen>);
+
+    impl indicatif::TermLike for ArcScreen {
+        fn width(&self) -> u16 {
+            self.0.width()
+        }
+        fn move_cursor_up(&self, n: usize) -> std::io::Result<()> {
+            self.0.move_cursor_up(n)
+        }
+        fn move_cursor_down(&self, n: usize) -> std::io::Result<()> {
+            self.0.move_cursor_down(n)
+        }
+        fn move_cursor_right(&self, n: usize) -> std::io::Result<()> {
+            self.0.move_cursor_right(n)
+        }
+        fn move_cursor_left(&self, n: usize) -> std::io::Result<()> {
+            self.0.move_cursor_left(n)
+        }
+        fn write_line(&self, line: &str) -> std::io::Result<()> {
+            self.0.write_line(line)
+        }
+        fn write_str(&self, text: &str) -> std::io::Result<()> {
+            self.0.write_str(text)
+        }
+        fn clear_line(&self) -> std::io::Result<()> {
+            self.0.clear_line()
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            self.0.flush()
+        }
     }
 }
 
