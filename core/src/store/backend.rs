@@ -6,7 +6,7 @@
 //! SFTP there is neither `syncfs` nor fsync of a folder: each chunk file is renamed into
 //! place (`posix-rename@openssh.com`: rename(2), atomic and replacing) and then fsynced
 //! (`fsync@openssh.com`) through its still-open handle, so the commit has nothing left to
-//! flush; see `sftp.rs`.
+//! flush; see `sftp/`.
 //!
 //! Errors are `io::Error`s as from the local file system, so that every caller maps them
 //! the same way ([`super::error::io_error`]). A broken connection is an `io::Error` that
@@ -329,7 +329,7 @@ impl Backend {
         match self {
             Self::Local(root) => fsutil::sync_dir(&Self::local(root, rel)),
             // SFTP cannot fsync a folder. Creations and renames over SFTP are made durable
-            // by the fsync of the file concerned (see `sftp.rs`); a removal becomes durable
+            // by the fsync of the file concerned (see `sftp/`); a removal becomes durable
             // with the server's next journal commit, in order with everything after it.
             Self::Sftp(_) => {
                 let _ = rel;
