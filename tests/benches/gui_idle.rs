@@ -256,6 +256,47 @@ fn switches(pid: u32) -> u64 {
         .sum()
 }
 
+/// Context switches of `pid`'s threads, summed by thread name: who wakes up.
+fn switches_by_thread(pid: u32) -> std::collections::BTreeMap<String, u64> {
+    let mut by_name = std::collections::BTreeMap::new();
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return by_name;
+    };
+    for t in tasks.flatten() {
+        let name = fs::read_to_string(t.path().join("comm"))
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        let path = t.path().join("status").display().to_string();
+        *by_name.entry(name).or_insert(0) += status_field_of(&path, "voluntary_ctxt_switches")
+            + status_field_of(&path, "nonvoluntary_ctxt_switches");
+    }
+    by_name
+}
+
+/// The threads that woke most between `before` and `after`, as wake-ups a second.
+fn top_wakers(
+    before: &std::collections::BTreeMap<String, u64>,
+    after: &std::collections::BTreeMap<String, u64>,
+    secs: f64,
+) -> String {
+    let mut rates: Vec<(f64, &str)> = after
+        .iter()
+        .map(|(name, n)| {
+            let was = before.get(name).copied().unwrap_or(0);
+            (n.saturating_sub(was) as f64 / secs, name.as_str())
+        })
+        .filter(|(rate, _)| *rate >= 0.05)
+        .collect();
+    rates.sort_by(|a, b| b.0.total_cmp(&a.0));
+    rates
+        .iter()
+        .take(6)
+        .map(|(rate, name)| format!("{name} {rate:.2}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The Xvfb this process started (our child named `Xvfb`).
 fn xvfb_pid() -> Option<u32> {
     let me = std::process::id().to_string();
@@ -330,6 +371,7 @@ fn run_case(case: Case, uri: &str, store_dir: &Path, idle: Duration) -> Figures 
     let xvfb = xvfb_pid();
     let xvfb_ticks = || xvfb.map_or(0, cpu_ticks);
     let (cpu0, sw0, x0) = (cpu_ticks(pid), switches(pid), xvfb_ticks());
+    let by_thread0 = switches_by_thread(pid);
     let start = Instant::now();
     let mut last = cpu0;
     let mut max_second = 0;
@@ -341,6 +383,7 @@ fn run_case(case: Case, uri: &str, store_dir: &Path, idle: Duration) -> Figures 
     }
     let secs = start.elapsed().as_secs_f64();
     let (cpu1, sw1, x1) = (cpu_ticks(pid), switches(pid), xvfb_ticks());
+    let wakers = top_wakers(&by_thread0, &switches_by_thread(pid), secs);
     let visible = if window_visible(&x).is_some() {
         "mapped"
     } else {
@@ -362,6 +405,7 @@ fn run_case(case: Case, uri: &str, store_dir: &Path, idle: Duration) -> Figures 
     if let Some(e) = failed.first() {
         notes.push(format!("job error: {e}"));
     }
+    notes.push(format!("wake-ups/s by thread: {wakers}"));
     let figures = Figures {
         cpu_percent: (cpu1 - cpu0) as f64 / TICKS_PER_SEC / secs * 100.0,
         max_second_percent: max_second as f64 / TICKS_PER_SEC * 100.0,
