@@ -5,6 +5,7 @@
 
 mod cli;
 mod daemon;
+mod error_text;
 mod gui;
 mod logging;
 mod notify;
@@ -32,8 +33,9 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // One line, `error:` first, the whole cause chain (what failed and what to do).
-            eprintln!("error: {e:#}");
+            // One line, `error:` first, the whole cause chain (what failed and what to do),
+            // each cause once.
+            eprintln!("error: {}", error_text::one_line(&e));
             ExitCode::FAILURE
         }
     }

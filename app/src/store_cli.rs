@@ -138,7 +138,10 @@ pub fn checkpoint(
             Err(e) => {
                 // Said now, so that it is not lost if a later VM takes long.
                 if vms.len() > 1 {
-                    eprintln!("warning: no checkpoint of {vm}: {e:#}");
+                    eprintln!(
+                        "warning: no checkpoint of {vm}: {}",
+                        crate::error_text::one_line(&e)
+                    );
                 }
                 failed.push((vm.clone(), e));
             }

@@ -70,7 +70,10 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
         .with_min_inner_size([640.0, 420.0]);
     match load_icon() {
         Ok(icon) => viewport = viewport.with_icon(icon),
-        Err(e) => eprintln!("warning: the window icon could not be loaded: {e:#}"),
+        Err(e) => eprintln!(
+            "warning: the window icon could not be loaded: {}",
+            crate::error_text::one_line(&e)
+        ),
     }
     let native = eframe::NativeOptions {
         viewport,
@@ -199,7 +202,8 @@ impl RewindApp {
             }
             Err(e) => {
                 eprintln!(
-                    "note: no tray icon ({e:#}); closing the window asks before it stops protection"
+                    "note: no tray icon ({}); closing the window asks before it stops protection",
+                    crate::error_text::one_line(&e)
                 );
             }
         }
