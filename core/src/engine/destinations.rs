@@ -1,8 +1,6 @@
 //! Adding and testing destinations: the slow parts run off the loop.
 
-use super::{
-    Arc, Command, Config, Engine, ErrorKind, Event, Inner, JobError, Protection, jobs, mpsc,
-};
+use super::{Command, Config, Engine, ErrorKind, Event, Inner, JobError, Protection, jobs, mpsc};
 
 /// Where [`Command::AddFolderDestination`] and [`Command::AddRemoteDestination`] add.
 pub(super) enum AddTarget {
@@ -72,18 +70,12 @@ impl Engine {
         .unwrap_or_else(|join| Err(JobError::internal(&join)));
         match done {
             Ok((added, config, warning)) => {
-                p.config = config.clone();
                 self.emit(Event::DestinationAdded {
                     result: Ok(added),
                     warning,
                 })
                 .await;
-                self.emit(Event::Config {
-                    config: Arc::new(config),
-                    error: None,
-                })
-                .await;
-                p.scan(inner);
+                self.adopt_config(p, config, inner).await;
             }
             Err(e) => {
                 self.emit(Event::DestinationAdded {

@@ -106,6 +106,23 @@ pub(super) fn watch(
 }
 
 impl Engine {
+    /// Takes `config` as the configuration: the front ends hear of it, and the
+    /// destinations are looked at again.
+    pub(super) async fn adopt_config(
+        &self,
+        p: &mut Protection,
+        config: Config,
+        inner: &mpsc::Sender<Inner>,
+    ) {
+        p.config = config.clone();
+        self.emit(Event::Config {
+            config: Arc::new(config),
+            error: None,
+        })
+        .await;
+        p.scan(inner);
+    }
+
     /// Loads the configuration, starts the watchers and the scheduler.
     pub(super) async fn start_protection(
         &self,
@@ -225,15 +242,7 @@ impl Engine {
                     s.config_changed(r.clone());
                 }
                 match r {
-                    Ok(config) => {
-                        p.config = config.clone();
-                        self.emit(Event::Config {
-                            config: Arc::new(config),
-                            error: None,
-                        })
-                        .await;
-                        p.scan(inner);
-                    }
+                    Ok(config) => self.adopt_config(p, config, inner).await,
                     Err(e) => {
                         self.emit(Event::Config {
                             config: Arc::new(p.config.clone()),

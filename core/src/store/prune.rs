@@ -27,6 +27,16 @@ pub struct PruneDecision {
     pub reasons: Vec<KeepReason>,
 }
 
+/// Keep rules that keep nothing would remove every checkpoint: refused.
+fn refuse_no_rules(rules: &KeepRules) -> Result<(), StoreError> {
+    if rules.is_empty() {
+        return Err(StoreError::Invalid(
+            "give at least one keep rule (such as --keep-last 10): with none, every checkpoint would be removed".into(),
+        ));
+    }
+    Ok(())
+}
+
 impl Store {
     /// Applies `rules` to every VM's checkpoints (or only `vm`'s), in the local time zone.
     /// With `dry_run`, only says what it would do. Unreadable manifests are left alone.
@@ -37,11 +47,7 @@ impl Store {
         dry_run: bool,
         control: &Control,
     ) -> Result<Vec<PruneDecision>, StoreError> {
-        if rules.is_empty() {
-            return Err(StoreError::Invalid(
-                "give at least one keep rule (such as --keep-last 10): with none, every checkpoint would be removed".into(),
-            ));
-        }
+        refuse_no_rules(rules)?;
         let _lock = self.lock(LockMode::Shared, "removing old checkpoints", Some(control))?;
         let catalog = match vm {
             Some(uuid) => self.vm_catalog(&uuid)?,
@@ -61,11 +67,7 @@ impl Store {
         vm: Option<Uuid>,
         control: &Control,
     ) -> Result<Vec<PruneDecision>, StoreError> {
-        if rules.is_empty() {
-            return Err(StoreError::Invalid(
-                "give at least one keep rule (such as --keep-last 10): with none, every checkpoint would be removed".into(),
-            ));
-        }
+        refuse_no_rules(rules)?;
         let _lock = self.lock(LockMode::Shared, "removing old checkpoints", Some(control))?;
         self.prune_in(catalog, rules, vm, false, control)
     }
