@@ -1,8 +1,9 @@
-//! The engine's answers to the front end's commands.
+//! The engine's answers to the front end's commands; those that touch files are answered
+//! off the loop ([`answer_off_the_loop`]).
 
 use super::{
-    AddTarget, Arc, Command, Engine, Error, Event, Inner, JobError, JobRequest, Protection,
-    answer_off_the_loop, mpsc, test_destination,
+    AddTarget, Arc, Command, Config, Engine, Error, ErrorKind, Event, Inner, JobError, JobRequest,
+    Protection, jobs, mpsc, test_destination,
 };
 
 impl Engine {
@@ -102,4 +103,38 @@ impl Engine {
             Command::RefreshVms | Command::Shutdown => {}
         }
     }
+}
+
+/// Answers a command that reads or writes files on a blocking thread, so the loop goes on
+/// meanwhile: the answer comes back as an event.
+pub(super) fn answer_off_the_loop(command: Command, config: Config, tx: mpsc::Sender<Inner>) {
+    tokio::task::spawn_blocking(move || {
+        let event = match command {
+            Command::ScanDrives => {
+                Event::DrivesFound(crate::destination::removable_drives(&config))
+            }
+            Command::SetAutostart(enabled) => {
+                let changed = std::env::current_exe()
+                    .map_err(|e| {
+                        JobError::new(
+                            ErrorKind::Failed,
+                            format!("could not find Rewind's own program: {e}"),
+                        )
+                    })
+                    .and_then(|exe| Ok(crate::autostart::set_enabled(enabled, &exe)?));
+                Event::Autostart {
+                    enabled: crate::autostart::is_enabled(),
+                    changed: Some(changed),
+                }
+            }
+            Command::CheckResume(key) => {
+                let result =
+                    jobs::check_resume(&config, &key.destination, &key.vm_uuid, &key.checkpoint);
+                Event::ResumeChecked { key, result }
+            }
+            _ => return,
+        };
+        // A closed channel: the engine is stopping, nobody waits for the answer.
+        drop(tx.blocking_send(Inner::Emit(event)));
+    });
 }

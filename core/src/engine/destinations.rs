@@ -1,6 +1,6 @@
 //! Adding and testing destinations: the slow parts run off the loop.
 
-use super::{Command, Config, Engine, ErrorKind, Event, Inner, JobError, Protection, jobs, mpsc};
+use super::{Engine, ErrorKind, Event, Inner, JobError, Protection, mpsc};
 
 /// Where [`Command::AddFolderDestination`] and [`Command::AddRemoteDestination`] add.
 pub(super) enum AddTarget {
@@ -86,40 +86,6 @@ impl Engine {
             }
         }
     }
-}
-
-/// Answers a command that reads or writes files on a blocking thread, so the loop goes on
-/// meanwhile: the answer comes back as an event.
-pub(super) fn answer_off_the_loop(command: Command, config: Config, tx: mpsc::Sender<Inner>) {
-    tokio::task::spawn_blocking(move || {
-        let event = match command {
-            Command::ScanDrives => {
-                Event::DrivesFound(crate::destination::removable_drives(&config))
-            }
-            Command::SetAutostart(enabled) => {
-                let changed = std::env::current_exe()
-                    .map_err(|e| {
-                        JobError::new(
-                            ErrorKind::Failed,
-                            format!("could not find Rewind's own program: {e}"),
-                        )
-                    })
-                    .and_then(|exe| Ok(crate::autostart::set_enabled(enabled, &exe)?));
-                Event::Autostart {
-                    enabled: crate::autostart::is_enabled(),
-                    changed: Some(changed),
-                }
-            }
-            Command::CheckResume(key) => {
-                let result =
-                    jobs::check_resume(&config, &key.destination, &key.vm_uuid, &key.checkpoint);
-                Event::ResumeChecked { key, result }
-            }
-            _ => return,
-        };
-        // A closed channel: the engine is stopping, nobody waits for the answer.
-        drop(tx.blocking_send(Inner::Emit(event)));
-    });
 }
 
 /// What is at `location` (for [`Command::TestDestination`]): a store (how many

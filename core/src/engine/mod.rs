@@ -37,7 +37,7 @@ mod destinations;
 mod protection;
 mod protocol;
 
-use destinations::{AddTarget, answer_off_the_loop, test_destination};
+use destinations::{AddTarget, test_destination};
 use protection::Protection;
 pub use protocol::{Command, Event, ResumeKey, SchedulerView, Waker};
 
