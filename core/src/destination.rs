@@ -18,7 +18,7 @@ use crate::config::{Config, Destination};
 use crate::store::{Location, Store, StoreError};
 
 /// Where a destination's store is now.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Availability {
     /// A store with the right ID, in this folder.
     Folder(PathBuf),
@@ -126,7 +126,7 @@ pub enum AddError {
 }
 
 /// A destination added to (or found in) a configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Added {
     /// Its name in the configuration.
     pub name: String,

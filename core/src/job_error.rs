@@ -59,6 +59,79 @@ pub struct JobError {
     pub source: Option<Arc<dyn std::error::Error + Send + Sync>>,
 }
 
+/// How a [`JobError`] crosses the service's socket: its typed fields, and the words of each
+/// error under it (the typed errors themselves stay in the process that met them).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct WireJobError {
+    kind: ErrorKind,
+    retryable: bool,
+    message: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    causes: Vec<String>,
+}
+
+/// An error under a [`JobError`] that came over the socket: its words and its own cause.
+#[derive(Debug)]
+struct RemoteCause {
+    text: String,
+    source: Option<Box<RemoteCause>>,
+}
+
+impl std::fmt::Display for RemoteCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl std::error::Error for RemoteCause {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|s| s as &(dyn std::error::Error + 'static))
+    }
+}
+
+impl serde::Serialize for JobError {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut causes = Vec::new();
+        let mut next: Option<&(dyn std::error::Error + 'static)> = self
+            .source
+            .as_deref()
+            .map(|s| s as &(dyn std::error::Error + 'static));
+        while let Some(e) = next {
+            causes.push(e.to_string());
+            next = e.source();
+        }
+        WireJobError {
+            kind: self.kind,
+            retryable: self.retryable,
+            message: self.message.clone(),
+            causes,
+        }
+        .serialize(serializer)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for JobError {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let wire = WireJobError::deserialize(deserializer)?;
+        let source = wire
+            .causes
+            .into_iter()
+            .rev()
+            .fold(None, |source, text| {
+                Some(Box::new(RemoteCause { text, source }))
+            })
+            .map(|c| Arc::new(*c) as Arc<dyn std::error::Error + Send + Sync>);
+        Ok(Self {
+            kind: wire.kind,
+            retryable: wire.retryable,
+            message: wire.message,
+            source,
+        })
+    }
+}
+
 impl PartialEq for JobError {
     /// Equal when they say the same (the sources are not compared).
     fn eq(&self, other: &Self) -> bool {

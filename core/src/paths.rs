@@ -2,7 +2,7 @@
 //!
 //! | folder | what is in it | where |
 //! |---|---|---|
-//! | configuration | `config.ron` (what is protected where), store passphrase files | `$REWIND_CONFIG_DIR`, else the XDG config folder (`~/.config/rewind`) |
+//! | configuration | `config.ron` (what is protected where), store passphrase files | `$REWIND_CONFIG_DIR`, else `/etc/rewind` for root (the protection service's), else the XDG config folder (`~/.config/rewind`) |
 //! | state | job history, the scheduler's status and lock, notes of restores under way, verify records, the log | `$REWIND_STATE_DIR`, else `/var/lib/rewind` for root, else the XDG state folder (`~/.local/state/rewind`) |
 //!
 //! The two variables override everything (tests, and several Rewinds on one machine). The
@@ -25,6 +25,9 @@ fn project() -> Option<directories::ProjectDirs> {
 pub fn config_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os(CONFIG_DIR_ENV) {
         return PathBuf::from(dir);
+    }
+    if rustix::process::geteuid().is_root() {
+        return PathBuf::from("/etc/rewind");
     }
     project().map_or_else(
         || PathBuf::from(".rewind"),

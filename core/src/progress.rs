@@ -23,7 +23,7 @@ pub struct Control {
 }
 
 /// What a job is doing, for the progress display.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[repr(u8)]
 pub enum Phase {
     /// Looking at the VM and the store, cleaning up after earlier runs.

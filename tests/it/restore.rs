@@ -844,7 +844,7 @@ fn a_guest_that_ignores_the_power_button_gets_a_countdown_and_is_turned_off_when
         restore.join().unwrap()
     })
     .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(report.stopped, Some("forced"), "{report:?}");
+    assert_eq!(report.stopped.as_deref(), Some("forced"), "{report:?}");
     assert!(
         started.elapsed() < TIMEOUT,
         "turned off when asked, not after the whole wait"

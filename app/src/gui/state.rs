@@ -457,7 +457,7 @@ impl UiState {
         self.scheduled_running().iter().any(|r| r.vm == vm.name)
             || self.jobs.iter().any(|j| {
                 j.running()
-                    && matches!(&*j.request, JobRequest::Checkpoint { vm: v } if *v == vm.name || *v == vm.uuid)
+                    && matches!(&*j.request, JobRequest::Checkpoint { vm: v, .. } if *v == vm.name || *v == vm.uuid)
             })
     }
 

@@ -2,7 +2,7 @@
 //! off the loop ([`answer_off_the_loop`]).
 
 use super::{
-    AddTarget, Arc, Command, Config, Engine, Error, ErrorKind, Event, Inner, JobError, JobRequest,
+    AddTarget, Arc, Command, Config, Engine, ErrorKind, Event, Inner, JobError, JobRequest,
     Protection, jobs, mpsc, test_destination,
 };
 
@@ -76,7 +76,7 @@ impl Engine {
                     }
                     Err(e) => {
                         self.emit(Event::Failed {
-                            error: Arc::new(Error::Invalid(e.to_string())),
+                            error: JobError::new(ErrorKind::Invalid, e.to_string()),
                         })
                         .await;
                     }
@@ -95,7 +95,12 @@ impl Engine {
                         None => p.config.vms.iter().map(|v| v.vm.clone()).collect(),
                     };
                     for vm in vms {
-                        let started = p.start_job(JobRequest::Checkpoint { vm }, inner);
+                        let request = JobRequest::Checkpoint {
+                            vm,
+                            destination: None,
+                            full_state: false,
+                        };
+                        let started = p.start_job(request, inner);
                         self.emit(started).await;
                     }
                 }

@@ -15,7 +15,7 @@ use crate::progress::Control;
 use crate::restore::{ImageFormat, NewVm, RestoreOptions, RestoreReport};
 use crate::store::verify::VerifyReport;
 use crate::store::{Manifest, Store};
-use crate::view::catalog::{self, CheckpointSummary};
+use crate::view::catalog;
 
 pub use crate::job_error::{ErrorKind, JobError};
 
@@ -23,13 +23,20 @@ pub use crate::job_error::{ErrorKind, JobError};
 pub type JobId = u64;
 
 /// What to do.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub enum JobRequest {
-    /// A checkpoint of this VM (name or UUID) now, into each of its destinations.
+    /// A checkpoint of this VM (name or UUID) now, into each of its destinations (or into
+    /// the one named).
     Checkpoint {
         /// The VM.
         vm: String,
+        /// Only into this destination (which the VM need not be protected into).
+        #[serde(default)]
+        destination: Option<String>,
+        /// With its memory (running VMs only); else as the VM's policy says.
+        #[serde(default)]
+        full_state: bool,
     },
     /// Restore a checkpoint.
     Restore {
@@ -89,7 +96,7 @@ impl JobRequest {
     #[must_use]
     pub fn label(&self) -> String {
         match self {
-            Self::Checkpoint { vm } => format!("Checkpoint of {vm}"),
+            Self::Checkpoint { vm, .. } => format!("Checkpoint of {vm}"),
             Self::Restore {
                 checkpoint, as_new, ..
             } => match as_new {
@@ -105,11 +112,11 @@ impl JobRequest {
 }
 
 /// What a job produced.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub enum JobOutput {
     /// Checkpoints taken.
-    Checkpoints(Vec<CheckpointSummary>),
+    Checkpoints(Vec<Manifest>),
     /// A restore done.
     Restored(Box<RestoreReport>),
     /// A store verified.
@@ -146,7 +153,18 @@ pub fn run(
     let work = crate::workdir::WorkDir::new().map_err(JobError::work_folder)?;
     let hv = || Hypervisor::connect(&config.uri);
     match request {
-        JobRequest::Checkpoint { vm } => Ok(checkpoint_now(config, vm, work.path(), control)?),
+        JobRequest::Checkpoint {
+            vm,
+            destination,
+            full_state,
+        } => Ok(checkpoint_now(
+            config,
+            vm,
+            destination.as_deref(),
+            *full_state,
+            work.path(),
+            control,
+        )?),
         JobRequest::Restore {
             destination,
             vm_uuid,
@@ -208,13 +226,18 @@ pub fn run(
 fn checkpoint_now(
     config: &Config,
     vm: &str,
+    only_into: Option<&str>,
+    full_state: bool,
     work: &std::path::Path,
     control: &Arc<Control>,
 ) -> Result<JobOutput, JobError> {
     let protection = config.protection(vm);
-    let destinations: Vec<String> = protection
-        .map(|p| p.destinations.clone())
-        .unwrap_or_default();
+    let destinations: Vec<String> = match only_into {
+        Some(d) => vec![d.to_owned()],
+        None => protection
+            .map(|p| p.destinations.clone())
+            .unwrap_or_default(),
+    };
     if destinations.is_empty() {
         return Err(JobError::new(
             ErrorKind::NotConfigured,
@@ -226,13 +249,14 @@ fn checkpoint_now(
     let hv = Hypervisor::connect(&config.uri)?;
     let options = crate::checkpoint::TakeOptions {
         quiesce: protection.is_none_or(|p| p.quiesce),
+        full_state,
         ..crate::checkpoint::TakeOptions::default()
     };
     let mut taken = Vec::new();
     for d in &destinations {
         let store = store_of(config, d)?;
         let m = crate::checkpoint::take_with(&hv, &store, vm, work, &options, control)?;
-        taken.push(CheckpointSummary::of(&m));
+        taken.push(m);
     }
     Ok(JobOutput::Checkpoints(taken))
 }

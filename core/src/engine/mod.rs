@@ -62,6 +62,22 @@ pub struct EngineHandle {
 }
 
 impl EngineHandle {
+    /// A handle over channels that something else feeds: the protection service's client,
+    /// which carries the commands over a socket and brings the events back. Dropping the
+    /// handle closes `commands`, after which `thread` must end; it is then joined.
+    #[must_use]
+    pub fn from_channels(
+        commands: mpsc::Sender<Command>,
+        events: mpsc::Receiver<Event>,
+        thread: std::thread::JoinHandle<()>,
+    ) -> Self {
+        Self {
+            commands: Some(commands),
+            events,
+            thread: Some(thread),
+        }
+    }
+
     /// Queues a command without blocking. Returns `false` if the engine is gone or its queue
     /// is full (the front end may show that the engine is busy).
     #[must_use]
@@ -233,7 +249,7 @@ impl Engine {
                     }
                     Err(error) => {
                         self.emit(Event::ConnectionFailed {
-                            error: Arc::new(error),
+                            error: JobError::from(error),
                             retry_in: retry,
                         })
                         .await;
@@ -330,7 +346,7 @@ impl Engine {
             Ok(vms) => self.emit(Event::Vms(vms)).await,
             Err(error) => {
                 self.emit(Event::Failed {
-                    error: Arc::new(error),
+                    error: JobError::from(error),
                 })
                 .await;
             }
@@ -606,7 +622,16 @@ mod tests {
         );
         match next_libvirt(&mut engine) {
             Some(Event::ConnectionFailed { error, retry_in }) => {
-                assert!(matches!(*error, Error::DaemonNotRunning { .. }));
+                assert_eq!(error.kind, ErrorKind::Unavailable);
+                assert!(error.retryable, "{error:?}");
+                assert!(
+                    error
+                        .source
+                        .as_deref()
+                        .and_then(|s| s.downcast_ref::<Error>())
+                        .is_some_and(|e| matches!(e, Error::DaemonNotRunning { .. })),
+                    "{error:?}"
+                );
                 assert_eq!(retry_in, RETRY_FIRST);
             }
             other => panic!("expected a connection failure, got {other:?}"),

@@ -178,9 +178,10 @@ impl Engine {
                         Ok(handle) => protection.scheduler = Some(handle),
                         Err(e) => {
                             self.emit(Event::Failed {
-                                error: Arc::new(Error::Invalid(format!(
-                                    "the scheduler could not start: {e}"
-                                ))),
+                                error: JobError::new(
+                                    ErrorKind::Failed,
+                                    format!("the scheduler could not start: {e}"),
+                                ),
                             })
                             .await;
                         }
@@ -191,7 +192,7 @@ impl Engine {
                 }
                 Err(e) => {
                     self.emit(Event::Failed {
-                        error: Arc::new(Error::Invalid(e.to_string())),
+                        error: JobError::new(ErrorKind::Failed, e.to_string()),
                     })
                     .await;
                 }

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use super::jobs::{JobError, JobId, JobOutput, JobRequest};
 use crate::config::Config;
-use crate::error::Error;
 use crate::history::Record;
 use crate::libvirt::VmEvent;
 use crate::progress::Phase;
@@ -16,7 +15,7 @@ use crate::view::catalog::DestinationView;
 use crate::vm::VmInfo;
 
 /// Requests from a front end.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub enum Command {
     /// List the VMs again now.
@@ -77,7 +76,7 @@ pub enum Command {
 }
 
 /// A checkpoint, for [`Command::CheckResume`].
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct ResumeKey {
     /// The destination it is in.
     pub destination: String,
@@ -88,7 +87,7 @@ pub struct ResumeKey {
 }
 
 /// Who runs the scheduler.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum SchedulerView {
     /// This engine runs it.
     Here,
@@ -104,7 +103,7 @@ pub enum SchedulerView {
 }
 
 /// What the engine reports.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub enum Event {
     /// Connected (or reconnected) to libvirt.
@@ -115,7 +114,7 @@ pub enum Event {
     /// The connection failed or was lost; the engine retries by itself after `retry_in`.
     ConnectionFailed {
         /// What went wrong and what to do.
-        error: Arc<Error>,
+        error: JobError,
         /// When the engine tries again.
         retry_in: Duration,
     },
@@ -126,7 +125,7 @@ pub enum Event {
     /// An operation failed.
     Failed {
         /// What went wrong and what to do.
-        error: Arc<Error>,
+        error: JobError,
     },
     /// The configuration in use, and why the file does not load if it does not.
     Config {

@@ -8,7 +8,7 @@ use crate::progress::Control;
 use crate::vm::VmState;
 
 /// How to stop a VM that runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum StopMode {
     /// Ask the guest to shut down (ACPI power button, or the guest agent), wait up to
     /// `timeout_secs`, then pull the plug if `force_after` (otherwise fail).

@@ -29,7 +29,7 @@ use crate::store::{ChunkId, ChunkKind, ObjectIndex, Store, StoreError, for_each_
 use rewind_nbd::{BASE_ALLOCATION, NbdClient, NbdError, STATE_HOLE, STATE_ZERO};
 
 /// How the current content of a disk was known before writing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ComparedBy {
     /// A checkpoint of the disk taken just before (the safety checkpoint).
@@ -45,7 +45,7 @@ pub enum ComparedBy {
 }
 
 /// What restoring one disk did.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct DiskRestore {
     /// Guest target (`vda`).
     pub target: String,

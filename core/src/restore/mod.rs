@@ -52,7 +52,7 @@ use crate::store::{Manifest, Store, StoreError};
 pub use crate::store::SAFETY_LABEL;
 
 /// The format of an exported image.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ImageFormat {
     /// A sparse raw file: holes stay holes.
     Raw,
@@ -190,7 +190,7 @@ impl RestoreError {
 }
 
 /// How to restore.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct RestoreOptions {
     /// How to stop the VM if it runs.
     pub stop: StopMode,
@@ -217,7 +217,7 @@ impl Default for RestoreOptions {
 }
 
 /// What a restore did (`rewind restore --json`).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 #[allow(clippy::struct_excessive_bools)] // a report: each is a yes-or-no fact about what was done
 pub struct RestoreReport {
     /// The VM restored (its name now).
@@ -229,9 +229,9 @@ pub struct RestoreReport {
     /// The libvirt connection it was restored through.
     pub uri: String,
     /// `in_place`, `new_vm` (on this machine) or `other_host`.
-    pub mode: &'static str,
+    pub mode: String,
     /// How the VM was stopped: `was_off`, `shut_down`, `forced`, or null for a new VM.
-    pub stopped: Option<&'static str>,
+    pub stopped: Option<String>,
     /// The safety checkpoint taken first (undo with `rewind undo-restore`).
     pub safety_checkpoint: Option<String>,
     /// Why there is no safety checkpoint.

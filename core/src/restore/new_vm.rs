@@ -30,7 +30,7 @@ use crate::store::{ChunkKind, DiskEntry, Manifest, Store, for_each_slot};
 use crate::vm::Firmware;
 
 /// Where a restored VM's disks go.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum DiskStorage {
     /// Image files in a folder of this machine.
     Folder(PathBuf),
@@ -39,7 +39,7 @@ pub enum DiskStorage {
 }
 
 /// The VM a checkpoint is restored as.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct NewVm {
     /// Its name; `None` keeps the checkpoint's name, UUID and MAC addresses (the VM itself,
     /// brought back on a host that does not have it).
@@ -145,7 +145,7 @@ pub fn restore_as_new(
         vm_uuid: plan.uuid.clone(),
         checkpoint: m.id.clone(),
         uri: hv.uri().to_owned(),
-        mode: if plan.local { "new_vm" } else { "other_host" },
+        mode: if plan.local { "new_vm" } else { "other_host" }.into(),
         stopped: None,
         safety_checkpoint: None,
         safety_note: None,

@@ -54,7 +54,7 @@ pub enum Command {
 }
 
 /// What the scheduler reports.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub enum Event {
     /// A job began.
@@ -96,7 +96,7 @@ pub enum Event {
     /// A new version of the configuration is in use.
     ConfigReloaded,
     /// The configuration file does not load; the last good one stays in use.
-    ConfigError(ConfigError),
+    ConfigError(crate::job_error::JobError),
     /// The scheduler stopped.
     Stopped,
 }
@@ -275,7 +275,7 @@ async fn run(
 ) {
     let (config, error) = Config::load_or_last_good(&paths.config);
     if let Some(e) = &error {
-        events(Event::ConfigError(e.clone()));
+        events(Event::ConfigError(e.clone().into()));
     }
     let _watchers = (watch == Watch::Own).then(|| own_watchers(&paths, &events, &tx));
     let mut state = State {
@@ -342,7 +342,7 @@ fn own_watchers(
             tracing::warn!("the scheduler did not take the new configuration");
         }
     })
-    .map_err(|e| events(Event::ConfigError(e)))
+    .map_err(|e| events(Event::ConfigError(e.into())))
     .ok();
     // Wakes the loop when a file system is mounted or unmounted.
     let mount_tx = tx.clone();
@@ -511,18 +511,21 @@ impl State {
             }
             Msg::Config(Err(e)) => {
                 self.config_error = Some(e.to_string());
-                events(Event::ConfigError(e));
+                events(Event::ConfigError(e.into()));
             }
             Msg::Mounts => {}
             Msg::Done { vm, record } => {
                 self.running.remove(&vm);
                 self.controls.remove(&vm);
                 if let Err(e) = history::append(&self.paths.history, &record) {
-                    events(Event::ConfigError(ConfigError::Io {
-                        action: "append to the history next to",
-                        path: self.paths.history.clone(),
-                        detail: e.to_string(),
-                    }));
+                    events(Event::ConfigError(
+                        ConfigError::Io {
+                            action: "append to the history next to",
+                            path: self.paths.history.clone(),
+                            detail: e.to_string(),
+                        }
+                        .into(),
+                    ));
                 }
                 if record.outcome == Outcome::Ok {
                     self.warned_stale

@@ -16,7 +16,7 @@ use super::{LockMode, Manifest, Store};
 use crate::progress::Control;
 
 /// A checkpoint named in a report.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct CheckpointRef {
     /// VM name when the checkpoint was taken.
     pub vm: String,
@@ -42,12 +42,12 @@ impl CheckpointRef {
 }
 
 /// One damaged or missing chunk.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Damage {
     /// The chunk's name.
     pub chunk: String,
     /// `data` or `index_page`.
-    pub kind: &'static str,
+    pub kind: String,
     /// What is wrong.
     pub problem: String,
     /// Where the damaged file was moved (missing chunks have none).
@@ -57,7 +57,7 @@ pub struct Damage {
 }
 
 /// What verification found.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct VerifyReport {
     /// Whether only presence was checked.
     pub quick: bool,
@@ -206,7 +206,8 @@ impl Store {
                 kind: match kind {
                     ChunkKind::Data => "data",
                     ChunkKind::IndexPage => "index_page",
-                },
+                }
+                .into(),
                 problem: problem.to_string(),
                 moved_to,
                 checkpoints: users

@@ -13,7 +13,7 @@ use crate::destination::{self, Availability};
 use crate::store::{CheckpointKind, Consistency, Manifest};
 
 /// One checkpoint as the timeline shows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CheckpointSummary {
     /// Its id.
     pub id: String,
@@ -94,7 +94,7 @@ impl CheckpointSummary {
 }
 
 /// A destination as the window shows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DestinationView {
     /// Its configuration.
     pub destination: Destination,
