@@ -277,6 +277,11 @@ pub enum Command {
     /// Run the scheduler without a window (the systemd user unit in packaging/ runs this)
     Daemon,
 
+    /// Run the protection service, as root: it does every protection job, and the window,
+    /// the tray and the CLI of users in the `libvirt` group are its clients (the systemd
+    /// unit packaging/rewind-service.service runs this)
+    Service,
+
     /// Remove data that no checkpoint uses any more (prune does this itself)
     Gc {
         /// The store's folder
@@ -387,6 +392,9 @@ impl ExportFormat {
 /// Runs a subcommand, writing its output to `out`.
 #[allow(clippy::too_many_lines)] // one short arm per command
 pub fn run(args: &Args, command: &Command, out: &mut dyn Write) -> anyhow::Result<()> {
+    if let Some(done) = through_service(args, command, out) {
+        return done;
+    }
     match command {
         Command::Vms { json } => {
             let hv = Hypervisor::connect(&args.uri())?;
@@ -497,6 +505,7 @@ pub fn run(args: &Args, command: &Command, out: &mut dyn Write) -> anyhow::Resul
             crate::protect_cli::show_history(out, vm.as_deref(), *json)?;
         }
         Command::Daemon => crate::daemon::run()?,
+        Command::Service => crate::service::run(&args.uri())?,
         Command::UndoRestore { vm, store, how } => {
             let restore = crate::restore_cli::RestoreArgs {
                 dest: store,
@@ -512,6 +521,76 @@ pub fn run(args: &Args, command: &Command, out: &mut dyn Write) -> anyhow::Resul
         }
     }
     Ok(())
+}
+
+/// Runs `command` through the protection service if it is one that goes there and the
+/// service runs (or must run: for a user who is not root). `None`: run it here.
+fn through_service(
+    args: &Args,
+    command: &Command,
+    out: &mut dyn Write,
+) -> Option<anyhow::Result<()>> {
+    use crate::service_cli::{self as remote, RestoreAsk, Route};
+    let goes = match command {
+        Command::Vms { .. } | Command::Checkpoint { .. } | Command::UndoRestore { .. } => true,
+        Command::Restore {
+            as_name,
+            disk_dir,
+            pool,
+            ..
+        } => as_name.is_none() && disk_dir.is_none() && pool.is_none(),
+        _ => false,
+    };
+    if !goes {
+        return None;
+    }
+    let mut session = match remote::route(args.connect.as_deref()) {
+        Ok(Route::Direct) => return None,
+        Ok(Route::Service(session)) => session,
+        Err(e) => return Some(Err(e)),
+    };
+    let session = &mut *session;
+    Some(match command {
+        Command::Vms { json } => remote::vms(out, session, *json, |out, uri, vms| {
+            Ok(write_vm_table(out, uri, vms)?)
+        }),
+        Command::Checkpoint {
+            vm,
+            store,
+            json,
+            full_state,
+        } => remote::checkpoint(out, session, vm, store, *json, *full_state),
+        Command::Restore {
+            vm,
+            checkpoint,
+            store,
+            how,
+            no_safety_checkpoint,
+            ..
+        } => remote::restore(
+            out,
+            session,
+            &RestoreAsk {
+                dest: store,
+                vm,
+                checkpoint: Some(checkpoint),
+                options: how.options(!*no_safety_checkpoint),
+                json: how.json,
+            },
+        ),
+        Command::UndoRestore { vm, store, how } => remote::restore(
+            out,
+            session,
+            &RestoreAsk {
+                dest: store,
+                vm,
+                checkpoint: None,
+                options: how.options(true),
+                json: how.json,
+            },
+        ),
+        _ => return None,
+    })
 }
 
 /// How a column of the `rewind vms` table gets a VM's cell.

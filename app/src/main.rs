@@ -11,6 +11,8 @@ mod logging;
 mod notify;
 mod protect_cli;
 mod restore_cli;
+mod service;
+mod service_cli;
 mod store_cli;
 
 use std::process::ExitCode;
@@ -20,7 +22,10 @@ use clap::Parser;
 fn main() -> ExitCode {
     let args = cli::Args::parse();
     // The daemon sets its log up itself, with its lines on stderr too.
-    if !matches!(args.command, Some(cli::Command::Daemon)) {
+    if !matches!(
+        args.command,
+        Some(cli::Command::Daemon | cli::Command::Service)
+    ) {
         logging::init(false);
     }
     let result = match &args.command {

@@ -117,7 +117,16 @@ fn run(
         serde_json::to_writer_pretty(&mut *out, &report)?;
         writeln!(out)?;
     } else {
-        write_report(out, args.dest, m, &report)?;
+        write_report(
+            out,
+            args.dest,
+            &Restored {
+                id: &m.id,
+                vm: &m.vm.name,
+                time: m.time,
+            },
+            &report,
+        )?;
     }
     if let Some(e) = &report.start_error {
         bail!("VM {:?} was restored, but it did not start: {e}", report.vm);
@@ -137,10 +146,17 @@ fn default_disk_dir(m: &Manifest) -> PathBuf {
         )
 }
 
-fn write_report(
+/// The checkpoint a report is about, as the text names it.
+pub(crate) struct Restored<'a> {
+    pub id: &'a str,
+    pub vm: &'a str,
+    pub time: chrono::DateTime<chrono::Utc>,
+}
+
+pub(crate) fn write_report(
     out: &mut dyn Write,
     dest: &Path,
-    m: &Manifest,
+    m: &Restored<'_>,
     report: &RestoreReport,
 ) -> std::io::Result<()> {
     if report.mode == "new_vm" {
@@ -148,7 +164,7 @@ fn write_report(
             out,
             "Restored checkpoint {} of {} ({}) as a new VM {}.",
             m.id,
-            m.vm.name,
+            m.vm,
             local(m.time),
             report.vm
         )?;
@@ -157,7 +173,7 @@ fn write_report(
             out,
             "Restored checkpoint {} of {} ({}) as VM {} on {}.",
             m.id,
-            m.vm.name,
+            m.vm,
             local(m.time),
             report.vm,
             report.uri

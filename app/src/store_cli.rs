@@ -110,28 +110,7 @@ pub fn checkpoint(
         match checkpoint_one(&hv, &store, vm, full_state, &interrupt.next_control()) {
             Ok(m) => {
                 if !json {
-                    writeln!(
-                        out,
-                        "Checkpoint {} of {} taken ({}{}, {} of data, {} new in the store{}).",
-                        m.id,
-                        m.vm.name,
-                        if m.kind == rewind_core::store::CheckpointKind::Full {
-                            "full state with memory, disks "
-                        } else {
-                            ""
-                        },
-                        if m.parent.is_some() {
-                            "incremental"
-                        } else {
-                            "full"
-                        },
-                        human_bytes(m.logical_bytes),
-                        human_bytes(m.new_bytes),
-                        m.full_reason
-                            .as_deref()
-                            .map(|r| format!("; full because {r}"))
-                            .unwrap_or_default()
-                    )?;
+                    say_taken(out, &m)?;
                 }
                 taken.push(m);
             }
@@ -167,6 +146,14 @@ pub fn checkpoint(
             }
         );
     }
+    failures(vms, failed)
+}
+
+/// The end of `rewind checkpoint VM...`: fine, the one VM's error, or which VMs failed.
+pub(crate) fn failures(
+    vms: &[String],
+    mut failed: Vec<(String, anyhow::Error)>,
+) -> anyhow::Result<()> {
     match failed.len() {
         0 => Ok(()),
         1 if vms.len() == 1 => Err(failed.remove(0).1),
@@ -180,6 +167,32 @@ pub fn checkpoint(
                 .join(", ")
         ),
     }
+}
+
+/// The line that says a checkpoint was taken.
+pub(crate) fn say_taken(out: &mut dyn Write, m: &Manifest) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "Checkpoint {} of {} taken ({}{}, {} of data, {} new in the store{}).",
+        m.id,
+        m.vm.name,
+        if m.kind == rewind_core::store::CheckpointKind::Full {
+            "full state with memory, disks "
+        } else {
+            ""
+        },
+        if m.parent.is_some() {
+            "incremental"
+        } else {
+            "full"
+        },
+        human_bytes(m.logical_bytes),
+        human_bytes(m.new_bytes),
+        m.full_reason
+            .as_deref()
+            .map(|r| format!("; full because {r}"))
+            .unwrap_or_default()
+    )
 }
 
 /// Ctrl-C (SIGINT) and SIGTERM cancel the checkpoint being taken: the engine stops at its
@@ -468,7 +481,7 @@ pub(crate) fn local(time: DateTime<Utc>) -> String {
 
 /// One checkpoint in `rewind checkpoints --json` (documented in CLI.md).
 #[derive(Serialize)]
-struct CheckpointJson<'a> {
+pub(crate) struct CheckpointJson<'a> {
     id: &'a str,
     vm: &'a str,
     vm_uuid: String,
@@ -498,7 +511,7 @@ struct DiskJson<'a> {
 }
 
 impl<'a> CheckpointJson<'a> {
-    fn of(m: &'a Manifest) -> Self {
+    pub(crate) fn of(m: &'a Manifest) -> Self {
         Self {
             id: &m.id,
             vm: &m.vm.name,

@@ -17,5 +17,6 @@ mod remote_store;
 mod restore;
 mod resume;
 mod rewind;
+mod service;
 mod store;
 mod vms;

@@ -21,7 +21,9 @@ pub mod guest;
 pub mod pool;
 pub mod rewind;
 pub mod scratch;
+pub mod service;
 pub mod sshd;
+pub mod users;
 pub mod workload;
 pub mod xvfb;
 

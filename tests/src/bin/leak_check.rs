@@ -13,6 +13,14 @@ use std::process::ExitCode;
 
 use rewind_tests::{daemon, domain, scratch};
 
+/// Users made for tests and left behind.
+fn remove_test_users(leaks: &mut Vec<String>) {
+    for name in rewind_tests::users::leftover() {
+        leaks.push(format!("test user {name:?}"));
+        drop(std::process::Command::new("userdel").arg(&name).status());
+    }
+}
+
 fn main() -> ExitCode {
     let root = scratch::root();
     let mut leaks = Vec::new();
@@ -49,6 +57,8 @@ fn main() -> ExitCode {
             }
         }
     }
+
+    remove_test_users(&mut leaks);
 
     // Notes of restores that never finished, for stores in scratch folders.
     let restoring = rewind_core::notes::restoring_dir();

@@ -1,0 +1,43 @@
+//! `rewind service`: the protection service (`rewind_service`), run as root by the system
+//! unit `packaging/rewind-service.service`. It logs to stderr and to the journal (else to
+//! `/var/lib/rewind/rewind.log`). SIGTERM or Ctrl-C stops it cleanly: running jobs are
+//! cancelled (they leave nothing behind) and waited for, and the socket is removed.
+
+use anyhow::Context as _;
+use rewind_core::scheduler::Paths;
+use rewind_service::{ServiceOptions, socket_path};
+
+/// `rewind service`.
+pub fn run(uri: &str) -> anyhow::Result<()> {
+    if !rustix::process::geteuid().is_root() {
+        anyhow::bail!(
+            "the protection service runs as root (it reads VM files only root may read): \
+             start it with `systemctl start rewind`, or run `rewind service` as root"
+        );
+    }
+    let log = crate::logging::init(true);
+    let options = ServiceOptions {
+        uri: uri.to_owned(),
+        socket: socket_path(),
+        paths: Paths::default(),
+    };
+    tracing::info!(
+        "starting (process {}; configuration {}; log: {})",
+        std::process::id(),
+        options.paths.config.display(),
+        log.destination
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    ctrlc::set_handler(move || {
+        // A second signal finds the receiver gone: the service is stopping already.
+        tx.send(()).ok();
+    })
+    .context("could not install the signal handler")?;
+    let running = rewind_service::start(options)?;
+    // An error means the handler is gone, which is also a reason to stop.
+    rx.recv().ok();
+    tracing::info!("stopping: cancelling running jobs and waiting for them");
+    running.stop();
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,434 @@
+//! The CLI's VM commands through the protection service: `vms`, `checkpoint`, `restore`
+//! and `undo-restore` go to the service when it runs, so that a user in the `libvirt` group
+//! needs no access to VM files, QEMU's sockets or the stores. Root with no service running
+//! does the work directly (scripts, disaster recovery on a bare host); anyone else is told
+//! how to start the service.
+//!
+//! The output is the same either way: the same lines, the same JSON.
+
+use std::io::{IsTerminal as _, Write};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context as _, anyhow, bail};
+use rewind_core::config::Config;
+use rewind_core::engine::jobs::{JobError, JobId, JobOutput, JobRequest};
+use rewind_core::engine::{Command, Event};
+use rewind_core::progress::Control;
+use rewind_core::restore::{RestoreOptions, RestoreReport, SAFETY_LABEL};
+use rewind_core::view::catalog::{CheckpointSummary, DestinationView};
+use rewind_core::vm::VmInfo;
+use rewind_service::{ConnectError, Connection};
+
+use crate::store_cli::{CheckpointJson, ProgressLine, say_taken};
+
+/// Where a command runs.
+pub enum Route {
+    /// Through the service.
+    Service(Box<Session>),
+    /// Here, in this process (root with no service).
+    Direct,
+}
+
+/// Goes through the service if it runs; directly if it does not and this is root, or if
+/// the user named another libvirt connection than the service's (only root can then work).
+///
+/// # Errors
+/// The service refused this user, or it is not running and this is not root.
+pub fn route(connect: Option<&str>) -> anyhow::Result<Route> {
+    let root = rustix::process::geteuid().is_root();
+    match rewind_service::connect("cli") {
+        Ok(connection) => {
+            if let Some(uri) = connect
+                && uri != connection.welcome().uri
+                && root
+            {
+                return Ok(Route::Direct);
+            }
+            Ok(Route::Service(Box::new(Session::new(connection))))
+        }
+        Err(e) if e.is_not_running() && root => Ok(Route::Direct),
+        Err(ConnectError::Refused(why)) => Err(why.into()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A connection to the service and what it said of the state so far.
+pub struct Session {
+    connection: Connection,
+    config: Option<Arc<Config>>,
+    vms: Option<Vec<VmInfo>>,
+    destinations: Option<Arc<Vec<DestinationView>>>,
+}
+
+impl Session {
+    fn new(connection: Connection) -> Self {
+        Self {
+            connection,
+            config: None,
+            vms: None,
+            destinations: None,
+        }
+    }
+
+    /// Reads events (keeping the state they carry) until `want` finds what it waits for.
+    fn wait<T>(&mut self, mut want: impl FnMut(&Event) -> Option<T>) -> anyhow::Result<T> {
+        loop {
+            let event = self
+                .connection
+                .next_event()
+                .context("lost the connection to Rewind's protection service")?
+                .ok_or_else(|| {
+                    anyhow!(
+                        "Rewind's protection service closed the connection (it may be \
+                         stopping): try again"
+                    )
+                })?;
+            match &event {
+                Event::Config { config, .. } => self.config = Some(config.clone()),
+                Event::Vms(vms) => self.vms = Some(vms.clone()),
+                Event::Destinations(d) => self.destinations = Some(d.clone()),
+                _ => {}
+            }
+            if let Some(found) = want(&event) {
+                return Ok(found);
+            }
+        }
+    }
+
+    fn send(&mut self, command: Command) -> anyhow::Result<()> {
+        self.connection
+            .send(command)
+            .context("lost the connection to Rewind's protection service")
+    }
+
+    /// The VMs, as the service lists them.
+    fn vms(&mut self) -> anyhow::Result<Vec<VmInfo>> {
+        if let Some(vms) = &self.vms {
+            return Ok(vms.clone());
+        }
+        self.wait(|e| match e {
+            Event::Vms(vms) => Some(Ok(vms.clone())),
+            Event::ConnectionFailed { error, .. } => Some(Err(error.clone())),
+            _ => None,
+        })?
+        .map_err(|e| anyhow::Error::new(e).context("the protection service cannot reach libvirt"))
+    }
+
+    fn config(&mut self) -> anyhow::Result<Arc<Config>> {
+        if let Some(c) = &self.config {
+            return Ok(c.clone());
+        }
+        self.wait(|e| match e {
+            Event::Config { config, .. } => Some(config.clone()),
+            _ => None,
+        })
+    }
+
+    /// The service's destination that `dest` names (by name, folder or URL); added to the
+    /// service's configuration if it is a folder or URL it does not have yet (a folder
+    /// only if this user may write there).
+    fn destination(&mut self, dest: &Path) -> anyhow::Result<String> {
+        let config = self.config()?;
+        let said = dest.to_string_lossy();
+        let folder =
+            if said.starts_with("ssh://") {
+                None
+            } else {
+                Some(std::path::absolute(dest).with_context(|| {
+                    format!("could not make {} an absolute path", dest.display())
+                })?)
+            };
+        let same = |location: &str| match &folder {
+            Some(f) => Path::new(location.trim_end_matches('/')) == f.as_path(),
+            None => location == said,
+        };
+        if let Some(d) = config
+            .destinations
+            .iter()
+            .find(|d| d.name == said || same(&d.location))
+        {
+            return Ok(d.name.clone());
+        }
+        let passphrase = std::env::var("REWIND_PASSPHRASE")
+            .ok()
+            .map(zeroize::Zeroizing::new);
+        self.send(match folder {
+            Some(folder) => Command::AddFolderDestination {
+                folder,
+                passphrase,
+                vm_disks: Vec::new(),
+            },
+            None => Command::AddRemoteDestination {
+                url: said.into_owned(),
+                passphrase,
+            },
+        })?;
+        let added = self.wait(|e| match e {
+            Event::DestinationAdded { result, .. } => Some(result.clone()),
+            _ => None,
+        })?;
+        Ok(added?.name)
+    }
+
+    /// Starts `request` and follows it to its end, with a progress line on a terminal and
+    /// Ctrl-C cancelling it.
+    fn run_job(&mut self, request: JobRequest, label: &str) -> anyhow::Result<JobOutput> {
+        let asked = serde_json::to_value(&request)?;
+        self.send(Command::Start(request))?;
+        let job = self.wait(|e| match e {
+            Event::JobStarted { job, request, .. }
+                if serde_json::to_value(&**request).is_ok_and(|r| r == asked) =>
+            {
+                Some(Ok(*job))
+            }
+            Event::Failed { error } => Some(Err(error.clone())),
+            _ => None,
+        })??;
+        let canceller = self.connection.canceller()?;
+        *CURRENT
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((job, canceller));
+        let control = Arc::new(Control::new());
+        let reporter = std::io::stderr()
+            .is_terminal()
+            .then(|| ProgressLine::start(label, control.clone()));
+        let mut shown = 0;
+        let result = self.wait(|e| match e {
+            Event::JobProgress {
+                job: j,
+                phase,
+                done_bytes,
+                total_bytes,
+                ..
+            } if *j == job => {
+                control.set_phase(*phase);
+                control.set_total_bytes(*total_bytes);
+                if *done_bytes < shown {
+                    shown = 0; // a new phase counts from zero
+                    control.set_total_bytes(*total_bytes);
+                }
+                control.add_done_bytes(done_bytes - shown);
+                shown = *done_bytes;
+                None
+            }
+            Event::JobFinished { job: j, result } if *j == job => Some(result.clone()),
+            _ => None,
+        });
+        *CURRENT
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        drop(reporter);
+        Ok(result??)
+    }
+}
+
+/// The job being followed, for Ctrl-C to cancel.
+static CURRENT: Mutex<Option<(JobId, rewind_service::client::Canceller)>> = Mutex::new(None);
+
+/// Ctrl-C and SIGTERM cancel the job being followed (the service stops it and cleans up);
+/// a second one leaves at once, and the job goes on in the service.
+fn install_interrupt() -> anyhow::Result<()> {
+    let pressed = std::sync::atomic::AtomicBool::new(false);
+    ctrlc::set_handler(move || {
+        if pressed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        if let Ok(mut current) = CURRENT.lock()
+            && let Some((job, canceller)) = current.as_mut()
+        {
+            eprintln!("cancelling…");
+            if let Err(e) = canceller.cancel(*job) {
+                eprintln!("could not ask the service to cancel: {e}");
+            }
+        }
+    })
+    .context("could not install the signal handler")
+}
+
+/// `rewind vms` through the service.
+pub fn vms(
+    out: &mut dyn Write,
+    session: &mut Session,
+    json: bool,
+    write_table: impl FnOnce(&mut dyn Write, &str, &[VmInfo]) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let vms = session.vms()?;
+    if json {
+        serde_json::to_writer_pretty(&mut *out, &vms).context("could not write JSON")?;
+        writeln!(out)?;
+        Ok(())
+    } else {
+        let uri = session.connection.welcome().uri.clone();
+        write_table(out, &uri, &vms)
+    }
+}
+
+/// `rewind checkpoint VM... --to DEST` through the service.
+pub fn checkpoint(
+    out: &mut dyn Write,
+    session: &mut Session,
+    vms: &[String],
+    dest: &Path,
+    json: bool,
+    full_state: bool,
+) -> anyhow::Result<()> {
+    let destination = session.destination(dest)?;
+    install_interrupt()?;
+    let mut taken = Vec::new();
+    let mut failed: Vec<(String, anyhow::Error)> = Vec::new();
+    for vm in vms {
+        let request = JobRequest::Checkpoint {
+            vm: vm.clone(),
+            destination: Some(destination.clone()),
+            full_state,
+        };
+        match session.run_job(request, vm) {
+            Ok(JobOutput::Checkpoints(manifests)) => {
+                for m in manifests {
+                    if !json {
+                        say_taken(out, &m)?;
+                    }
+                    taken.push(m);
+                }
+            }
+            Ok(other) => failed.push((vm.clone(), anyhow!("unexpected answer {other:?}"))),
+            Err(e) => {
+                if vms.len() > 1 {
+                    eprintln!(
+                        "warning: no checkpoint of {vm}: {}",
+                        crate::error_text::one_line(&e)
+                    );
+                }
+                let cancelled = e
+                    .downcast_ref::<JobError>()
+                    .is_some_and(|j| j.kind == rewind_core::job_error::ErrorKind::Cancelled);
+                failed.push((vm.clone(), e));
+                if cancelled {
+                    break;
+                }
+            }
+        }
+    }
+    if json {
+        let list: Vec<CheckpointJson<'_>> = taken.iter().map(CheckpointJson::of).collect();
+        serde_json::to_writer_pretty(&mut *out, &list)?;
+        writeln!(out)?;
+    }
+    crate::store_cli::failures(vms, failed)
+}
+
+/// What `restore` and `undo-restore` ask.
+pub struct RestoreAsk<'a> {
+    /// The store's folder or URL, or a destination's name.
+    pub dest: &'a Path,
+    /// The VM (name or UUID, as in the store).
+    pub vm: &'a str,
+    /// The checkpoint's id or `latest`; `None`: the newest safety checkpoint (undo).
+    pub checkpoint: Option<&'a str>,
+    /// How.
+    pub options: RestoreOptions,
+    /// Print JSON.
+    pub json: bool,
+}
+
+fn checkpoints_of(view: &DestinationView, vm: &str) -> Vec<CheckpointSummary> {
+    view.checkpoints
+        .iter()
+        .filter(|c| c.vm == vm || c.vm_uuid.to_string() == vm.to_ascii_lowercase())
+        .cloned()
+        .collect()
+}
+
+/// `rewind restore VM CHECKPOINT --from DEST` (in place) and `rewind undo-restore VM --from
+/// DEST` through the service.
+pub fn restore(
+    out: &mut dyn Write,
+    session: &mut Session,
+    ask: &RestoreAsk<'_>,
+) -> anyhow::Result<()> {
+    let destination = session.destination(ask.dest)?;
+    session.send(Command::RefreshCheckpoints)?;
+    let view = session.wait(|e| match e {
+        Event::Destinations(all) => all
+            .iter()
+            .find(|d| d.destination.name == destination)
+            .cloned(),
+        _ => None,
+    })?;
+    if let Some(error) = &view.error {
+        bail!("could not read the store of {destination}: {error}");
+    }
+    let of_vm = checkpoints_of(&view, ask.vm);
+    let dest = ask.dest.display();
+    let chosen = match ask.checkpoint {
+        _ if of_vm.is_empty() => bail!(
+            "no checkpoints of a VM named {:?} in {dest}; `rewind checkpoints --in {dest}` \
+             lists what it holds",
+            ask.vm
+        ),
+        Some("latest") => of_vm.last().cloned(),
+        Some(id) => of_vm.iter().find(|c| c.id == id).cloned(),
+        None => of_vm
+            .iter()
+            .rfind(|c| c.labels.iter().any(|l| l == SAFETY_LABEL))
+            .cloned(),
+    };
+    let Some(chosen) = chosen else {
+        match ask.checkpoint {
+            Some(id) => bail!(
+                "VM {:?} has no checkpoint {id:?} in {dest}; its checkpoints are {} (or say \
+                 `latest`)",
+                ask.vm,
+                of_vm
+                    .iter()
+                    .map(|c| c.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            None => bail!(
+                "VM {:?} has no safety checkpoint in {dest}: nothing to undo (a restore that \
+                 was asked for no safety checkpoint cannot be undone)",
+                ask.vm
+            ),
+        }
+    };
+    install_interrupt()?;
+    let request = match ask.checkpoint {
+        Some(_) => JobRequest::Restore {
+            destination,
+            vm_uuid: chosen.vm_uuid,
+            checkpoint: chosen.id.clone(),
+            options: ask.options.clone(),
+            as_new: None,
+        },
+        None => JobRequest::UndoRestore {
+            destination,
+            vm_uuid: chosen.vm_uuid,
+            options: ask.options.clone(),
+        },
+    };
+    let report: RestoreReport = match session.run_job(request, &chosen.vm)? {
+        JobOutput::Restored(report) => *report,
+        other => bail!("the service answered the restore with {other:?}"),
+    };
+    if ask.json {
+        serde_json::to_writer_pretty(&mut *out, &report)?;
+        writeln!(out)?;
+    } else {
+        crate::restore_cli::write_report(
+            out,
+            ask.dest,
+            &crate::restore_cli::Restored {
+                id: &chosen.id,
+                vm: &chosen.vm,
+                time: chosen.time,
+            },
+            &report,
+        )?;
+    }
+    if let Some(e) = &report.start_error {
+        bail!("VM {:?} was restored, but it did not start: {e}", report.vm);
+    }
+    Ok(())
+}

@@ -1,0 +1,178 @@
+//! The protection service (issue 18): a normal user in the `libvirt` group uses the CLI
+//! through `rewind service` (run as root, as its system unit does) to list VMs and take,
+//! restore and undo a checkpoint of a UEFI + TPM guest; a user outside the group is refused.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rewind_core::store::{Manifest, Store};
+use rewind_tests::scratch::ScratchDir;
+use rewind_tests::service::TestService;
+use rewind_tests::users::TestUser;
+use rewind_tests::{DiskSpec, Format, TestVm};
+
+const BOOT_TIMEOUT: Duration = Duration::from_mins(4);
+
+/// The `rewind` binary where a normal user can run it (the build folder may be private).
+fn binary_for_users(dir: &Path) -> std::path::PathBuf {
+    let copy = dir.join("rewind");
+    std::fs::copy(env!("CARGO_BIN_EXE_rewind"), &copy).unwrap();
+    copy
+}
+
+fn json(out: &std::process::Output, what: &str) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{what} failed with {}:\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{what}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+fn image_bytes(path: &Path) -> Vec<u8> {
+    let raw = path.with_extension("compare.raw");
+    let status = std::process::Command::new("qemu-img")
+        .args(["convert", "-U", "-f", "qcow2", "-O", "raw"])
+        .arg(path)
+        .arg(&raw)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let bytes = std::fs::read(&raw).unwrap();
+    std::fs::remove_file(&raw).unwrap();
+    bytes
+}
+
+fn checkpoint_disk(store: &Store, id: &str) -> (Manifest, Vec<u8>) {
+    let m = store
+        .catalog()
+        .unwrap()
+        .checkpoints
+        .into_iter()
+        .find(|m| m.id == id)
+        .unwrap_or_else(|| panic!("no checkpoint {id}"));
+    let disk = m.disks.iter().find(|d| d.target == "vda").unwrap();
+    let bytes = store
+        .object_reader(&disk.index)
+        .unwrap()
+        .read_all()
+        .unwrap();
+    (m, bytes)
+}
+
+#[test]
+fn a_user_in_the_libvirt_group_checkpoints_restores_and_undoes_through_the_service() {
+    let mut vm = TestVm::builder("svc-uefi")
+        .uefi()
+        .tpm()
+        .memory_mib(256)
+        .workload("sequence")
+        .disks(vec![DiskSpec::new("vda", Format::Qcow2, 32 << 20)])
+        .define()
+        .expect("define the test VM");
+    vm.start_and_wait_ready(BOOT_TIMEOUT)
+        .expect("boot with OVMF");
+    vm.wait_flushed(5, BOOT_TIMEOUT).unwrap();
+
+    let dir = ScratchDir::new("svc").unwrap();
+    let rewind = binary_for_users(dir.path());
+    let service = TestService::start(&rewind, dir.path()).unwrap();
+    let user = TestUser::create(true).unwrap();
+    let outsider = TestUser::create(false).unwrap();
+    let home = dir.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    user.own(&home).unwrap();
+    let store_dir = home.join("store");
+    let store_arg = store_dir.to_str().unwrap();
+    let env = [("REWIND_SOCKET", service.socket())];
+    let as_user = |args: &[&str]| user.run(&rewind, args, &env);
+
+    // The VMs, as the service sees them.
+    let vms = json(&as_user(&["vms", "--json"]), "rewind vms");
+    assert!(
+        vms.as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["name"] == vm.name.as_str()),
+        "{vms}"
+    );
+
+    // A checkpoint into a folder of the user's, with the UEFI variables and TPM state.
+    let taken = json(
+        &as_user(&["checkpoint", &vm.name, "--to", store_arg, "--json"]),
+        "rewind checkpoint",
+    );
+    let id = taken[0]["id"].as_str().unwrap().to_owned();
+    let blobs = taken[0]["blobs"].as_array().unwrap();
+    assert!(
+        blobs.contains(&"nvram".into()) && blobs.contains(&"tpm".into()),
+        "{taken}"
+    );
+
+    // The disk is overwritten; the user restores the checkpoint, byte for byte.
+    vm.host_write("vda", 0xee, 0, 2 << 20).unwrap();
+    vm.destroy().unwrap();
+    let changed = image_bytes(&vm.disk("vda").path);
+    let report = json(
+        &as_user(&["restore", &vm.name, &id, "--from", store_arg, "--json"]),
+        "rewind restore",
+    );
+    assert_eq!(report["nvram"], true, "{report}");
+    assert_eq!(report["tpm"], true, "{report}");
+    let store = Store::open(&store_dir, None).unwrap();
+    let (_, then) = checkpoint_disk(&store, &id);
+    assert!(
+        image_bytes(&vm.disk("vda").path) == then,
+        "the disk is not the checkpoint's"
+    );
+
+    // And undoes it: the disk is as it was before the restore.
+    let undone = json(
+        &as_user(&["undo-restore", &vm.name, "--from", store_arg, "--json"]),
+        "rewind undo-restore",
+    );
+    assert_eq!(
+        undone["checkpoint"], report["safety_checkpoint"],
+        "{undone}"
+    );
+    assert!(
+        image_bytes(&vm.disk("vda").path) == changed,
+        "the undo did not bring back the disk as it was before the restore"
+    );
+
+    // A folder the user may not write in is refused, and nothing is made there.
+    let refused = as_user(&["checkpoint", &vm.name, "--to", "/root/rewind-nope"]);
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("may not write in /root"), "{said}");
+    assert!(!Path::new("/root/rewind-nope").exists());
+
+    // A user outside the group is refused by the service, which names the group.
+    let out = outsider.run(&rewind, &["vms"], &env);
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("\"libvirt\" group") && said.contains(outsider.name()),
+        "{said}"
+    );
+    drop(service);
+    drop(vm);
+}
+
+#[test]
+fn a_user_is_told_how_to_start_the_service_when_it_is_not_running() {
+    let dir = ScratchDir::new("svc-none").unwrap();
+    let rewind = binary_for_users(dir.path());
+    let user = TestUser::create(true).unwrap();
+    let socket = dir.path().join("none.sock");
+    let out = user.run(&rewind, &["vms"], &[("REWIND_SOCKET", &socket)]);
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("protection service is not running") && said.contains("rewind service"),
+        "{said}"
+    );
+}

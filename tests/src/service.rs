@@ -1,0 +1,98 @@
+//! Rewind's protection service for a test: `rewind service` (the system unit's `ExecStart`)
+//! started by hand, as root, with its socket, configuration and state in a scratch folder;
+//! stopped with SIGTERM (as systemd stops it) when dropped, also when the test panics.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use crate::HarnessError;
+
+/// A running service.
+#[derive(Debug)]
+pub struct TestService {
+    child: Child,
+    socket: PathBuf,
+    config_dir: PathBuf,
+}
+
+impl TestService {
+    /// Starts `binary service` with everything of its own under `dir` (which the clients
+    /// must be able to reach), and waits for its socket.
+    pub fn start(binary: &Path, dir: &Path) -> Result<Self, HarnessError> {
+        let socket = dir.join("rewind.sock");
+        let config_dir = dir.join("config");
+        let child = Command::new(binary)
+            .arg("service")
+            .env_remove("LIBVIRT_DEFAULT_URI")
+            .env("REWIND_SOCKET", &socket)
+            .env("REWIND_CONFIG_DIR", &config_dir)
+            .env("REWIND_STATE_DIR", dir.join("state"))
+            .stdout(std::process::Stdio::null())
+            .stderr(
+                std::fs::File::create(dir.join("service.log"))
+                    .map_err(|e| HarnessError::io("create", &dir.join("service.log"), &e))?,
+            )
+            .spawn()
+            .map_err(|e| HarnessError::io("start", binary, &e))?;
+        let mut service = Self {
+            child,
+            socket,
+            config_dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(&service.socket).is_err() {
+            if let Ok(Some(status)) = service.child.try_wait() {
+                return Err(HarnessError(format!(
+                    "rewind service exited with {status}: {}",
+                    std::fs::read_to_string(dir.join("service.log")).unwrap_or_default()
+                )));
+            }
+            if Instant::now() > deadline {
+                service.stop();
+                return Err(HarnessError(
+                    "rewind service did not listen within 30 s".into(),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(service)
+    }
+
+    /// Its socket (`REWIND_SOCKET` for clients).
+    #[must_use]
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Its configuration folder.
+    #[must_use]
+    pub fn config_dir(&self) -> &Path {
+        &self.config_dir
+    }
+
+    fn stop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            drop(
+                Command::new("kill")
+                    .args(["-TERM", &pid.to_string()])
+                    .status(),
+            );
+        }
+        let deadline = Instant::now() + Duration::from_mins(2);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        drop(self.child.kill());
+        drop(self.child.wait());
+    }
+}
+
+impl Drop for TestService {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
