@@ -928,7 +928,9 @@ fn run_tpm(
     let error = format!("{ERROR_MARKER} rwtpm");
     let deadline = Instant::now() + Duration::from_mins(1);
     loop {
-        let text = read();
+        let mut text = read();
+        // Only whole lines: the guest may be half-way through writing the last one.
+        text.truncate(text.rfind('\n').map_or(0, |i| i + 1));
         if let Some(rest) = text.lines().find_map(|l| l.trim().strip_prefix(&prefix)) {
             let field = |name: &str| {
                 rest.split(' ')
