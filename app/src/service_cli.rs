@@ -15,10 +15,10 @@ use rewind_core::config::Config;
 use rewind_core::engine::jobs::{JobError, JobId, JobOutput, JobRequest};
 use rewind_core::engine::{Command, Event};
 use rewind_core::progress::Control;
-use rewind_core::restore::{RestoreOptions, RestoreReport, SAFETY_LABEL};
-use rewind_core::view::catalog::{CheckpointSummary, DestinationView};
+use rewind_core::restore::{RestoreOptions, RestoreReport};
+use rewind_core::view::catalog::DestinationView;
 use rewind_core::vm::VmInfo;
-use rewind_service::{ConnectError, Connection};
+use rewind_service::Connection;
 
 use crate::store_cli::{CheckpointJson, ProgressLine, say_taken};
 
@@ -48,7 +48,6 @@ pub fn route(connect: Option<&str>) -> anyhow::Result<Route> {
             Ok(Route::Service(Box::new(Session::new(connection))))
         }
         Err(e) if e.is_not_running() && root => Ok(Route::Direct),
-        Err(ConnectError::Refused(why)) => Err(why.into()),
         Err(e) => Err(e.into()),
     }
 }
@@ -58,6 +57,7 @@ pub struct Session {
     connection: Connection,
     config: Option<Arc<Config>>,
     vms: Option<Vec<VmInfo>>,
+    /// The newest list of destinations and their checkpoints.
     destinations: Option<Arc<Vec<DestinationView>>>,
 }
 
@@ -123,6 +123,39 @@ impl Session {
             Event::Config { config, .. } => Some(config.clone()),
             _ => None,
         })
+    }
+
+    /// The UUID of VM `vm` (a name or a UUID): of the VM on this host, else of the VM of
+    /// that name whose checkpoints are in `destination` (a VM deleted from the host).
+    fn vm_uuid(&mut self, vm: &str, destination: &str, dest: &Path) -> anyhow::Result<uuid::Uuid> {
+        if let Ok(uuid) = uuid::Uuid::parse_str(vm) {
+            return Ok(uuid);
+        }
+        if let Some(host_vm) = self.vms()?.iter().find(|v| v.name == vm) {
+            return uuid::Uuid::parse_str(&host_vm.uuid)
+                .with_context(|| format!("libvirt gave VM {vm:?} a malformed UUID"));
+        }
+        let views = match &self.destinations {
+            Some(views) => views.clone(),
+            None => self.wait(|e| match e {
+                Event::Destinations(all) => Some(all.clone()),
+                _ => None,
+            })?,
+        };
+        views
+            .iter()
+            .filter(|d| d.destination.name == destination)
+            .flat_map(|d| &d.checkpoints)
+            .rfind(|c| c.vm == vm)
+            .map(|c| c.vm_uuid)
+            .with_context(|| {
+                format!(
+                    "there is no VM named {vm:?} on this host and no checkpoint of one in {}; \
+                     `rewind checkpoints --in {}` lists what it holds",
+                    dest.display(),
+                    dest.display()
+                )
+            })
     }
 
     /// The service's destination that `dest` names (by name, folder or URL); added to the
@@ -193,23 +226,16 @@ impl Session {
         let reporter = std::io::stderr()
             .is_terminal()
             .then(|| ProgressLine::start(label, control.clone()));
-        let mut shown = 0;
         let result = self.wait(|e| match e {
             Event::JobProgress {
                 job: j,
                 phase,
                 done_bytes,
                 total_bytes,
-                ..
+                force_off_in,
             } if *j == job => {
-                control.set_phase(*phase);
-                control.set_total_bytes(*total_bytes);
-                if *done_bytes < shown {
-                    shown = 0; // a new phase counts from zero
-                    control.set_total_bytes(*total_bytes);
-                }
-                control.add_done_bytes(done_bytes - shown);
-                shown = *done_bytes;
+                control.mirror(*phase, *done_bytes, *total_bytes);
+                control.set_force_off_at(force_off_in.map(|d| std::time::SystemTime::now() + d));
                 None
             }
             Event::JobFinished { job: j, result } if *j == job => Some(result.clone()),
@@ -332,83 +358,32 @@ pub struct RestoreAsk<'a> {
     pub json: bool,
 }
 
-fn checkpoints_of(view: &DestinationView, vm: &str) -> Vec<CheckpointSummary> {
-    view.checkpoints
-        .iter()
-        .filter(|c| c.vm == vm || c.vm_uuid.to_string() == vm.to_ascii_lowercase())
-        .cloned()
-        .collect()
-}
-
 /// `rewind restore VM CHECKPOINT --from DEST` (in place) and `rewind undo-restore VM --from
-/// DEST` through the service.
+/// DEST` through the service. Which checkpoint `latest` (or the newest safety checkpoint)
+/// is, the service finds when the job runs, so that one taken a moment ago counts.
 pub fn restore(
     out: &mut dyn Write,
     session: &mut Session,
     ask: &RestoreAsk<'_>,
 ) -> anyhow::Result<()> {
     let destination = session.destination(ask.dest)?;
-    session.send(Command::RefreshCheckpoints)?;
-    let view = session.wait(|e| match e {
-        Event::Destinations(all) => all
-            .iter()
-            .find(|d| d.destination.name == destination)
-            .cloned(),
-        _ => None,
-    })?;
-    if let Some(error) = &view.error {
-        bail!("could not read the store of {destination}: {error}");
-    }
-    let of_vm = checkpoints_of(&view, ask.vm);
-    let dest = ask.dest.display();
-    let chosen = match ask.checkpoint {
-        _ if of_vm.is_empty() => bail!(
-            "no checkpoints of a VM named {:?} in {dest}; `rewind checkpoints --in {dest}` \
-             lists what it holds",
-            ask.vm
-        ),
-        Some("latest") => of_vm.last().cloned(),
-        Some(id) => of_vm.iter().find(|c| c.id == id).cloned(),
-        None => of_vm
-            .iter()
-            .rfind(|c| c.labels.iter().any(|l| l == SAFETY_LABEL))
-            .cloned(),
-    };
-    let Some(chosen) = chosen else {
-        match ask.checkpoint {
-            Some(id) => bail!(
-                "VM {:?} has no checkpoint {id:?} in {dest}; its checkpoints are {} (or say \
-                 `latest`)",
-                ask.vm,
-                of_vm
-                    .iter()
-                    .map(|c| c.id.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-            None => bail!(
-                "VM {:?} has no safety checkpoint in {dest}: nothing to undo (a restore that \
-                 was asked for no safety checkpoint cannot be undone)",
-                ask.vm
-            ),
-        }
-    };
+    let vm_uuid = session.vm_uuid(ask.vm, &destination, ask.dest)?;
     install_interrupt()?;
     let request = match ask.checkpoint {
-        Some(_) => JobRequest::Restore {
+        Some(checkpoint) => JobRequest::Restore {
             destination,
-            vm_uuid: chosen.vm_uuid,
-            checkpoint: chosen.id.clone(),
+            vm_uuid,
+            checkpoint: checkpoint.to_owned(),
             options: ask.options.clone(),
             as_new: None,
         },
         None => JobRequest::UndoRestore {
             destination,
-            vm_uuid: chosen.vm_uuid,
+            vm_uuid,
             options: ask.options.clone(),
         },
     };
-    let report: RestoreReport = match session.run_job(request, &chosen.vm)? {
+    let report: RestoreReport = match session.run_job(request, ask.vm)? {
         JobOutput::Restored(report) => *report,
         other => bail!("the service answered the restore with {other:?}"),
     };
@@ -420,9 +395,9 @@ pub fn restore(
             out,
             ask.dest,
             &crate::restore_cli::Restored {
-                id: &chosen.id,
-                vm: &chosen.vm,
-                time: chosen.time,
+                id: &report.checkpoint,
+                vm: &report.vm,
+                time: report.checkpoint_time,
             },
             &report,
         )?;

@@ -155,6 +155,14 @@ impl Control {
         self.total_bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
+    /// Shows the progress of a job that runs elsewhere (in the protection service), as it
+    /// reported it: this control then mirrors it for a progress line.
+    pub fn mirror(&self, phase: Phase, done_bytes: u64, total_bytes: u64) {
+        self.set_phase(phase);
+        self.done_bytes.store(done_bytes, Ordering::Relaxed);
+        self.total_bytes.store(total_bytes, Ordering::Relaxed);
+    }
+
     /// Records that `bytes` more have been processed.
     pub fn add_done_bytes(&self, bytes: u64) {
         self.done_bytes.fetch_add(bytes, Ordering::Relaxed);

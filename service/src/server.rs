@@ -479,7 +479,12 @@ fn serve(hub: &Hub, mut stream: UnixStream) {
                 }
             }
             Ok(Some(ToService::Hello { .. })) => {}
+            // A client that exits without closing first resets the connection: an end
+            // like any other.
             Ok(None) => break,
+            Err(wire::FrameError::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                break;
+            }
             Err(e) => {
                 tracing::info!("client {id}: {e}; dropped");
                 break;
@@ -557,5 +562,67 @@ fn dispatch(hub: &Hub, peer: &Peer, command: Command) -> Option<Event> {
             )
             .retryable(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rewind_core::progress::Phase;
+
+    fn started(job: JobId) -> Event {
+        Event::JobStarted {
+            job,
+            label: format!("job {job}"),
+            request: Arc::new(JobRequest::Verify {
+                destination: "usb".into(),
+            }),
+        }
+    }
+
+    fn progress(job: JobId, done_bytes: u64) -> Event {
+        Event::JobProgress {
+            job,
+            phase: Phase::Copying,
+            done_bytes,
+            total_bytes: 100,
+            force_off_in: None,
+        }
+    }
+
+    fn describe(events: &[Event]) -> Vec<String> {
+        events
+            .iter()
+            .map(|e| match e {
+                Event::Vms(vms) => format!("vms {}", vms.len()),
+                Event::JobStarted { job, .. } => format!("started {job}"),
+                Event::JobProgress {
+                    job, done_bytes, ..
+                } => format!("progress {job} {done_bytes}"),
+                other => format!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_new_client_gets_the_newest_state_and_the_running_jobs_with_their_progress() {
+        let mut s = Snapshot::default();
+        s.apply(&Event::Vms(Vec::new()));
+        s.apply(&started(1));
+        s.apply(&progress(1, 10));
+        s.apply(&started(2));
+        s.apply(&progress(1, 60));
+        s.apply(&Event::DrivesFound(Vec::new())); // an answer, not state
+        s.apply(&Event::JobFinished {
+            job: 2,
+            result: Err(JobError::new(ErrorKind::Cancelled, "cancelled")),
+        });
+        assert_eq!(
+            describe(&s.replay()),
+            ["vms 0", "started 1", "progress 1 60"]
+        );
+        // Progress of a job that never began for this service is not kept.
+        s.apply(&progress(7, 1));
+        assert_eq!(describe(&s.replay()).len(), 3);
     }
 }

@@ -14,6 +14,7 @@ use rewind_core::store::{
     CheckpointKind, Consistency, InitOptions, Location, LockMode, Manifest, NewCheckpoint,
     SSH_CONFIG_ENV, Store, StoreError, StoreLock, VmRef,
 };
+use rewind_tests::compare::image_bytes;
 use rewind_tests::scratch::ScratchDir;
 use rewind_tests::sshd::Sshd;
 use rewind_tests::{DiskSpec, Format, TestVm, daemon};
@@ -333,26 +334,6 @@ fn json(remote: &Remote, args: &[&str]) -> serde_json::Value {
     all.extend(["--json", "--connect", daemon::URI]);
     let out = remote.run_ok(&all);
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
-}
-
-/// The guest-visible bytes of a disk image.
-fn image_bytes(path: &Path, format: &str) -> Vec<u8> {
-    let raw = path.with_extension("compare.raw");
-    drop(fs::remove_file(&raw));
-    let out = Command::new("qemu-img")
-        .args(["convert", "-U", "-f", format, "-O", "raw"])
-        .arg(path)
-        .arg(&raw)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let bytes = fs::read(&raw).unwrap();
-    fs::remove_file(&raw).unwrap();
-    bytes
 }
 
 /// `rewind export VM latest --from URL --disk vda` as raw: the bytes.

@@ -7,6 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use rewind_core::store::{Manifest, Store};
+use rewind_tests::compare::{checkpoint_bytes, image_bytes};
 use rewind_tests::scratch::ScratchDir;
 use rewind_tests::workload::scan_sequence;
 use rewind_tests::{DiskSpec, Format, TestVm, daemon};
@@ -20,29 +21,6 @@ fn run(cmd: &mut Command) {
         "{cmd:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// The guest-visible bytes of a disk image (also of a running VM's: `-U`).
-fn image_bytes(path: &Path, format: &str) -> Vec<u8> {
-    let raw = path.with_extension("compare.raw");
-    drop(std::fs::remove_file(&raw));
-    run(Command::new("qemu-img")
-        .args(["convert", "-U", "-f", format, "-O", "raw"])
-        .arg(path)
-        .arg(&raw));
-    let bytes = std::fs::read(&raw).unwrap();
-    std::fs::remove_file(&raw).unwrap();
-    bytes
-}
-
-/// Disk `target` of checkpoint `m`, read back out of the store.
-fn checkpoint_bytes(store: &Store, m: &Manifest, target: &str) -> Vec<u8> {
-    let disk = m.disks.iter().find(|d| d.target == target).unwrap();
-    store
-        .object_reader(&disk.index)
-        .unwrap()
-        .read_all()
-        .unwrap()
 }
 
 /// Asserts that the VM's disks `targets` hold exactly what checkpoint `m` has.
@@ -80,12 +58,7 @@ fn booted_sequence_guest(label: &str, records: u64) -> TestVm {
 
 /// A UEFI + TPM test guest running the sequence workload, booted and writing.
 fn booted_uefi_tpm_guest(label: &str) -> TestVm {
-    let mut vm = TestVm::builder(label)
-        .uefi()
-        .tpm()
-        .memory_mib(256)
-        .workload("sequence")
-        .disks(vec![DiskSpec::new("vda", Format::Qcow2, 32 << 20)])
+    let mut vm = TestVm::uefi_tpm_builder(label)
         .define()
         .expect("define the test VM");
     vm.start_and_wait_ready(Duration::from_mins(4))

@@ -13,7 +13,7 @@ use std::time::Duration;
 use rewind_core::store::Store;
 use rewind_tests::domain::{TpmState, guest_tpm};
 use rewind_tests::scratch::{ScratchDir, Tmpfs};
-use rewind_tests::{DiskSpec, Format, TestVm, daemon};
+use rewind_tests::{TestVm, daemon};
 
 const BOOT_TIMEOUT: Duration = Duration::from_mins(4);
 const READY: &str = "REWIND-GUEST READY";
@@ -24,14 +24,9 @@ const SMALL_TMP_BYTES: u64 = 64 << 20;
 /// 40 MiB more of its memory filled with random data (so the saved memory is larger than the
 /// small tmpfs).
 fn uefi_tpm_guest(label: &str) -> TestVm {
-    let mut vm = TestVm::builder(label)
-        .uefi()
-        .tpm()
+    let mut vm = TestVm::uefi_tpm_builder(label)
         .nic()
         .guest_agent()
-        .memory_mib(256)
-        .workload("sequence")
-        .disks(vec![DiskSpec::new("vda", Format::Qcow2, 32 << 20)])
         .define()
         .expect("define the test VM");
     vm.start_and_wait_ready(BOOT_TIMEOUT)

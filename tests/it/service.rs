@@ -5,11 +5,12 @@
 use std::path::Path;
 use std::time::Duration;
 
-use rewind_core::store::{Manifest, Store};
+use rewind_core::store::Store;
+use rewind_tests::TestVm;
+use rewind_tests::compare::{checkpoint_bytes, image_bytes};
 use rewind_tests::scratch::ScratchDir;
 use rewind_tests::service::TestService;
 use rewind_tests::users::TestUser;
-use rewind_tests::{DiskSpec, Format, TestVm};
 
 const BOOT_TIMEOUT: Duration = Duration::from_mins(4);
 
@@ -32,45 +33,19 @@ fn json(out: &std::process::Output, what: &str) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("{what}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
-fn image_bytes(path: &Path) -> Vec<u8> {
-    let raw = path.with_extension("compare.raw");
-    let status = std::process::Command::new("qemu-img")
-        .args(["convert", "-U", "-f", "qcow2", "-O", "raw"])
-        .arg(path)
-        .arg(&raw)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let bytes = std::fs::read(&raw).unwrap();
-    std::fs::remove_file(&raw).unwrap();
-    bytes
+fn checkpoint_vda(store: &Store, id: &str) -> Vec<u8> {
+    let m = store.manifest(&store_vm(store), id).unwrap();
+    checkpoint_bytes(store, &m, "vda")
 }
 
-fn checkpoint_disk(store: &Store, id: &str) -> (Manifest, Vec<u8>) {
-    let m = store
-        .catalog()
-        .unwrap()
-        .checkpoints
-        .into_iter()
-        .find(|m| m.id == id)
-        .unwrap_or_else(|| panic!("no checkpoint {id}"));
-    let disk = m.disks.iter().find(|d| d.target == "vda").unwrap();
-    let bytes = store
-        .object_reader(&disk.index)
-        .unwrap()
-        .read_all()
-        .unwrap();
-    (m, bytes)
+/// The one VM whose checkpoints the store holds.
+fn store_vm(store: &Store) -> uuid::Uuid {
+    store.catalog().unwrap().checkpoints[0].vm.uuid
 }
 
 #[test]
 fn a_user_in_the_libvirt_group_checkpoints_restores_and_undoes_through_the_service() {
-    let mut vm = TestVm::builder("svc-uefi")
-        .uefi()
-        .tpm()
-        .memory_mib(256)
-        .workload("sequence")
-        .disks(vec![DiskSpec::new("vda", Format::Qcow2, 32 << 20)])
+    let mut vm = TestVm::uefi_tpm_builder("svc-uefi")
         .define()
         .expect("define the test VM");
     vm.start_and_wait_ready(BOOT_TIMEOUT)
@@ -115,17 +90,18 @@ fn a_user_in_the_libvirt_group_checkpoints_restores_and_undoes_through_the_servi
     // The disk is overwritten; the user restores the checkpoint, byte for byte.
     vm.host_write("vda", 0xee, 0, 2 << 20).unwrap();
     vm.destroy().unwrap();
-    let changed = image_bytes(&vm.disk("vda").path);
+    let changed = image_bytes(&vm.disk("vda").path, "qcow2");
+    // `latest` is the one just taken, however fresh the service's own view of the store.
     let report = json(
-        &as_user(&["restore", &vm.name, &id, "--from", store_arg, "--json"]),
+        &as_user(&["restore", &vm.name, "latest", "--from", store_arg, "--json"]),
         "rewind restore",
     );
+    assert_eq!(report["checkpoint"], id.as_str(), "{report}");
     assert_eq!(report["nvram"], true, "{report}");
     assert_eq!(report["tpm"], true, "{report}");
     let store = Store::open(&store_dir, None).unwrap();
-    let (_, then) = checkpoint_disk(&store, &id);
     assert!(
-        image_bytes(&vm.disk("vda").path) == then,
+        image_bytes(&vm.disk("vda").path, "qcow2") == checkpoint_vda(&store, &id),
         "the disk is not the checkpoint's"
     );
 
@@ -139,7 +115,7 @@ fn a_user_in_the_libvirt_group_checkpoints_restores_and_undoes_through_the_servi
         "{undone}"
     );
     assert!(
-        image_bytes(&vm.disk("vda").path) == changed,
+        image_bytes(&vm.disk("vda").path, "qcow2") == changed,
         "the undo did not bring back the disk as it was before the restore"
     );
 

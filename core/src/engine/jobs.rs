@@ -138,8 +138,23 @@ fn store_of(config: &Config, name: &str) -> Result<Store, JobError> {
     Ok(destination::open(dest, &found)?)
 }
 
+/// Checkpoint `id` of the VM, or its newest if `id` is `latest` (found when the job runs,
+/// so that a checkpoint taken a moment ago counts).
 fn manifest(store: &Store, vm: &Uuid, id: &str) -> Result<Manifest, JobError> {
-    Ok(store.manifest(vm, id)?)
+    if id != "latest" {
+        return Ok(store.manifest(vm, id)?);
+    }
+    store.vm_catalog(vm)?.checkpoints.pop().ok_or_else(|| {
+        JobError::new(
+            ErrorKind::NotFound,
+            format!(
+                "the store at {} holds no checkpoint of VM {vm}; list what it holds with \
+                 `rewind checkpoints --in {}`",
+                store.root().display(),
+                store.root().display()
+            ),
+        )
+    })
 }
 
 /// Runs `request` to the end (or until `control` is cancelled); `state_dir` keeps what a
@@ -280,7 +295,10 @@ fn undo_restore(
         .ok_or_else(|| {
             JobError::new(
                 ErrorKind::NotFound,
-                "there is no safety checkpoint to go back to",
+                format!(
+                    "there is no safety checkpoint of this VM in {destination} to go back to: \
+                     nothing to undo (a restore asked to take none cannot be undone)"
+                ),
             )
         })?;
     let hv = Hypervisor::connect(&config.uri)?;

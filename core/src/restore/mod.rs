@@ -226,6 +226,8 @@ pub struct RestoreReport {
     pub vm_uuid: String,
     /// The checkpoint restored.
     pub checkpoint: String,
+    /// The instant it captured.
+    pub checkpoint_time: chrono::DateTime<chrono::Utc>,
     /// The libvirt connection it was restored through.
     pub uri: String,
     /// `in_place`, `new_vm` (on this machine) or `other_host`.

@@ -144,6 +144,7 @@ pub fn restore_as_new(
         vm: plan.name.clone(),
         vm_uuid: plan.uuid.clone(),
         checkpoint: m.id.clone(),
+        checkpoint_time: m.time,
         uri: hv.uri().to_owned(),
         mode: if plan.local { "new_vm" } else { "other_host" }.into(),
         stopped: None,

@@ -691,6 +691,7 @@ pub fn restore_in_place(
         vm: t.name.clone(),
         vm_uuid: t.uuid.clone(),
         checkpoint: m.id.clone(),
+        checkpoint_time: m.time,
         uri: hv.uri().to_owned(),
         mode: "in_place".into(),
         stopped: Some(stopped_label(stopped).into()),
