@@ -5,9 +5,10 @@
 use std::io::BufReader;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use rewind_core::engine::{Command, EngineHandle, Event, Waker};
-use rewind_core::job_error::JobError;
+use rewind_core::job_error::{ErrorKind, JobError};
 use tokio::sync::mpsc;
 
 use crate::wire::{self, FrameError, FromService, ToService};
@@ -175,66 +176,225 @@ impl Connection {
             Some(FromService::Welcome { .. }) | None => Ok(None),
         }
     }
+}
 
-    /// Turns the connection into an engine handle, as if the engine ran here: its
-    /// commands go over the socket, and the service's events come back to it (after each,
-    /// `waker` is called). When the service goes away, the handle reports it with
-    /// [`Event::ConnectionFailed`] and its channel ends.
-    ///
-    /// # Errors
-    /// The threads that carry the messages could not be started.
-    pub fn into_engine(self, waker: Waker) -> std::io::Result<EngineHandle> {
-        let (command_tx, mut command_rx) = mpsc::channel::<Command>(64);
-        let (event_tx, event_rx) = mpsc::channel::<Event>(256);
-        let Self {
+/// How soon a window tries the service again after failing to reach it; doubled up to
+/// [`RETRY_MAX`] while it keeps failing.
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+/// The longest wait between two tries.
+const RETRY_MAX: Duration = Duration::from_secs(15);
+
+/// An engine handle whose engine is the protection service at `socket`, as if it ran
+/// here: commands go over the socket, the service's events come back (after each, `waker`
+/// is called). It connects by itself, and again whenever the connection is lost (the
+/// service restarted), saying so meanwhile with [`Event::ConnectionFailed`].
+///
+/// Two commands are answered here, as the user who runs the client, because they are that
+/// user's own matter: the removable drives they mounted, and starting Rewind at their
+/// login ([`rewind_core::engine::answer_for_this_user`]).
+///
+/// # Errors
+/// The thread that carries the messages could not be started.
+pub fn engine(client: &str, socket: PathBuf, waker: Waker) -> std::io::Result<EngineHandle> {
+    let (command_tx, command_rx) = mpsc::channel::<Command>(64);
+    let (event_tx, event_rx) = mpsc::channel::<Event>(256);
+    let client = client.to_owned();
+    let thread = std::thread::Builder::new()
+        .name("rewind-service-link".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    tracing::error!("could not start the service link's runtime: {e}");
+                    return;
+                }
+            };
+            let link = Link {
+                client,
+                socket,
+                events: event_tx,
+                waker,
+                config: rewind_core::config::Config::default(),
+            };
+            runtime.block_on(link.run(command_rx));
+        })?;
+    Ok(EngineHandle::from_channels(command_tx, event_rx, thread))
+}
+
+/// The client's side of [`engine`].
+struct Link {
+    client: String,
+    socket: PathBuf,
+    events: mpsc::Sender<Event>,
+    waker: Waker,
+    /// The configuration as the service last said (for the drive scan's folders).
+    config: rewind_core::config::Config,
+}
+
+/// Why one connection ended.
+enum Ended {
+    /// The handle was dropped: stop.
+    Closed,
+    /// The service went away: try again.
+    Lost,
+}
+
+impl Link {
+    async fn emit(&self, event: Event) -> bool {
+        let sent = self.events.send(event).await.is_ok();
+        if sent {
+            (self.waker)();
+        }
+        sent
+    }
+
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        let mut retry = RETRY_FIRST;
+        // Starting at login is this user's, whatever the service says.
+        self.emit(Event::Autostart {
+            enabled: rewind_core::autostart::is_enabled(),
+            changed: None,
+        })
+        .await;
+        loop {
+            let error = match connect_to(&self.socket, &self.client) {
+                Ok(connection) => {
+                    retry = RETRY_FIRST;
+                    match self.serve(connection, &mut commands).await {
+                        Ended::Closed => return,
+                        Ended::Lost => JobError::new(
+                            ErrorKind::Unavailable,
+                            "the connection to Rewind's protection service was lost (it may \
+                             be restarting)",
+                        )
+                        .retryable(),
+                    }
+                }
+                Err(ConnectError::Refused(why)) => why,
+                Err(e) => JobError::new(ErrorKind::Unavailable, e.to_string()).retryable(),
+            };
+            if !self
+                .emit(Event::ConnectionFailed {
+                    error,
+                    retry_in: retry,
+                })
+                .await
+            {
+                return;
+            }
+            let wait = tokio::time::sleep(retry);
+            tokio::pin!(wait);
+            loop {
+                tokio::select! {
+                    () = &mut wait => break,
+                    command = commands.recv() => match command {
+                        None => return,
+                        Some(command) => {
+                            if !self.answer_here(&command).await {
+                                self.emit(Event::Failed {
+                                    error: JobError::new(
+                                        ErrorKind::Unavailable,
+                                        "Rewind's protection service cannot be reached now, so \
+                                         this was not done: try again once it is back",
+                                    )
+                                    .retryable(),
+                                })
+                                .await;
+                            }
+                        }
+                    },
+                }
+            }
+            retry = (retry * 2).min(RETRY_MAX);
+        }
+    }
+
+    /// Answers a command this user's side answers, whether connected or not.
+    async fn answer_here(&self, command: &Command) -> bool {
+        let config = self.config.clone();
+        let command = command.clone();
+        let answer = tokio::task::spawn_blocking(move || {
+            rewind_core::engine::answer_for_this_user(&command, &config)
+        })
+        .await
+        .ok()
+        .flatten();
+        match answer {
+            Some(event) => {
+                self.emit(event).await;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// One connection, until the handle is dropped or the service goes away.
+    async fn serve(
+        &mut self,
+        connection: Connection,
+        commands: &mut mpsc::Receiver<Command>,
+    ) -> Ended {
+        let Connection {
             mut stream,
             mut input,
             mut line,
             ..
-        } = self;
-        let reader_stream = stream.try_clone()?;
+        } = connection;
+        let Ok(reader_stream) = stream.try_clone() else {
+            return Ended::Lost;
+        };
+        let (incoming_tx, mut incoming) = mpsc::channel::<Event>(256);
         let reader = std::thread::Builder::new()
             .name("rewind-service-in".into())
             .spawn(move || {
-                loop {
-                    let event = match wire::read::<FromService>(&mut input, &mut line) {
-                        Ok(Some(FromService::Event(event))) => event,
-                        Ok(Some(_)) => continue,
-                        Ok(None) | Err(_) => {
-                            let lost = Event::ConnectionFailed {
-                                error: JobError::new(
-                                    rewind_core::job_error::ErrorKind::Unavailable,
-                                    "the connection to Rewind's protection service was lost",
-                                )
-                                .retryable(),
-                                retry_in: std::time::Duration::from_secs(5),
-                            };
-                            if event_tx.blocking_send(lost).is_ok() {
-                                waker();
-                            }
-                            return;
+                while let Ok(Some(message)) = wire::read::<FromService>(&mut input, &mut line) {
+                    if let FromService::Event(event) = message
+                        && incoming_tx.blocking_send(event).is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        let Ok(reader) = reader else {
+            return Ended::Lost;
+        };
+        let ended = loop {
+            tokio::select! {
+                event = incoming.recv() => match event {
+                    Some(event) => {
+                        if let Event::Config { config, .. } = &event {
+                            self.config = (**config).clone();
                         }
-                    };
-                    if event_tx.blocking_send(event).is_err() {
-                        return; // the handle is gone
+                        if !self.emit(event).await {
+                            break Ended::Closed;
+                        }
                     }
-                    waker();
-                }
-            })?;
-        let writer = std::thread::Builder::new()
-            .name("rewind-service-out".into())
-            .spawn(move || {
-                while let Some(command) = command_rx.blocking_recv() {
-                    if wire::write(&mut stream, &ToService::Command(command)).is_err() {
-                        break;
+                    None => break Ended::Lost,
+                },
+                command = commands.recv() => match command {
+                    None => break Ended::Closed,
+                    Some(command) => {
+                        if self.answer_here(&command).await {
+                            continue;
+                        }
+                        if wire::write(&mut stream, &ToService::Command(command)).is_err() {
+                            break Ended::Lost;
+                        }
                     }
-                }
-                // The handle is gone (or the service): end the reading side too.
-                reader_stream.shutdown(std::net::Shutdown::Both).ok();
-                if reader.join().is_err() {
-                    tracing::error!("the service connection's reading thread panicked");
-                }
-            })?;
-        Ok(EngineHandle::from_channels(command_tx, event_rx, writer))
+                },
+            }
+        };
+        reader_stream.shutdown(std::net::Shutdown::Both).ok();
+        drop(incoming);
+        if tokio::task::spawn_blocking(move || reader.join())
+            .await
+            .map_or(true, |joined| joined.is_err())
+        {
+            tracing::error!("the service connection's reading thread panicked");
+        }
+        ended
     }
 }

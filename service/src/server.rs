@@ -23,7 +23,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use rewind_core::engine::jobs::{JobId, JobRequest};
-use rewind_core::engine::{self, Command, EngineHandle, EngineOptions, Event};
+use rewind_core::engine::{self, Command, EngineHandle, EngineOptions, Event, SchedulerView};
 use rewind_core::job_error::{ErrorKind, JobError};
 use rewind_core::restore::DiskStorage;
 use rewind_core::scheduler::Paths;
@@ -31,6 +31,8 @@ use rewind_core::scheduler::Paths;
 use crate::access::{self, Peer};
 use crate::wire::{self, FromService, ToService};
 
+/// Who protects, as the clients show it ("Protecting (the protection service)").
+const HOLDER: &str = "the protection service";
 /// Events queued for one client before it counts as stuck and is cut off.
 const CLIENT_QUEUE: usize = 4096;
 /// How long a new connection has to say hello.
@@ -86,7 +88,6 @@ struct Snapshot {
     destinations: Option<Event>,
     history: Option<Event>,
     scheduler: Option<Event>,
-    scheduler_status: Option<Event>,
     /// Running jobs: how each began, and its newest progress.
     jobs: BTreeMap<JobId, (Event, Option<Event>)>,
 }
@@ -100,7 +101,6 @@ impl Snapshot {
             Event::Destinations(_) => &mut self.destinations,
             Event::History(_) => &mut self.history,
             Event::Scheduler(_) => &mut self.scheduler,
-            Event::SchedulerStatus(_) => &mut self.scheduler_status,
             Event::JobStarted { job, .. } => {
                 self.jobs.insert(*job, (event.clone(), None));
                 return;
@@ -120,6 +120,23 @@ impl Snapshot {
         *slot = Some(event.clone());
     }
 
+    /// The engine's scheduler, as its clients see it: not theirs ("this window"), but the
+    /// service's, with its live status.
+    fn as_clients_see(&self, event: Event) -> Event {
+        let status = match event {
+            Event::Scheduler(SchedulerView::Here) => match &self.scheduler {
+                Some(Event::Scheduler(SchedulerView::Elsewhere { status, .. })) => status.clone(),
+                _ => None,
+            },
+            Event::SchedulerStatus(status) => Some(status),
+            other => return other,
+        };
+        Event::Scheduler(SchedulerView::Elsewhere {
+            holder: HOLDER.into(),
+            status,
+        })
+    }
+
     fn replay(&self) -> Vec<Event> {
         let state = [
             &self.connection,
@@ -128,7 +145,6 @@ impl Snapshot {
             &self.destinations,
             &self.history,
             &self.scheduler,
-            &self.scheduler_status,
         ];
         let mut events: Vec<Event> = state.into_iter().flatten().cloned().collect();
         for (started, progress) in self.jobs.values() {
@@ -163,6 +179,8 @@ struct Hub {
     woken: Mutex<bool>,
     wake: Condvar,
     uri: String,
+    /// Set when the service stops: no new clients.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -187,6 +205,7 @@ impl Hub {
                 continue;
             }
             let mut clients = lock(&self.clients);
+            let event = clients.snapshot.as_clients_see(event);
             clients.snapshot.apply(&event);
             clients
                 .list
@@ -246,6 +265,12 @@ impl Running {
     }
 
     fn shut_down(&mut self) {
+        let hub = &self.hub;
+        if hub.stopping.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        // Wake the accepting thread so that it sees the service stopping and ends.
+        drop(UnixStream::connect(&self.socket));
         // Dropping the engine's handle ends it: its scheduler cancels running jobs and
         // waits for them to clean up.
         let engine = lock(&self.hub.engine).take();
@@ -257,7 +282,10 @@ impl Running {
         {
             tracing::error!("the service's fan-out thread panicked");
         }
-        lock(&self.hub.clients).list.clear();
+        // Every client learns at once that the service is gone.
+        for client in lock(&self.hub.clients).list.drain(..) {
+            client.socket.shutdown(std::net::Shutdown::Both).ok();
+        }
         if let Err(e) = std::fs::remove_file(&self.socket)
             && e.kind() != std::io::ErrorKind::NotFound
         {
@@ -285,6 +313,7 @@ pub fn start(options: ServiceOptions) -> Result<Running, ServiceError> {
         woken: Mutex::new(false),
         wake: Condvar::new(),
         uri: options.uri.clone(),
+        stopping: std::sync::atomic::AtomicBool::new(false),
     });
     let waker_hub = Arc::downgrade(&hub);
     let waker: engine::Waker = Arc::new(move || {
@@ -296,7 +325,7 @@ pub fn start(options: ServiceOptions) -> Result<Running, ServiceError> {
     let handle = engine::spawn_with(
         EngineOptions {
             uri: options.uri,
-            host_scheduler: true,
+            scheduler: Some("Rewind's protection service"),
             paths: options.paths,
         },
         waker,
@@ -333,6 +362,9 @@ pub fn start(options: ServiceOptions) -> Result<Running, ServiceError> {
                 let Some(hub) = accept_hub.upgrade() else {
                     return;
                 };
+                if hub.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
                 match stream {
                     Ok(stream) => {
                         if let Err(e) = std::thread::Builder::new()
@@ -444,6 +476,9 @@ fn serve(hub: &Hub, mut stream: UnixStream) {
     let Some(client) = handshake(hub, &peer, &mut stream, &mut input, &mut line) else {
         return;
     };
+    if hub.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+        return; // it would not be told when the service goes
+    }
     let (events, queue) = std::sync::mpsc::sync_channel(CLIENT_QUEUE);
     let Ok(cut_off) = stream.try_clone() else {
         return;
@@ -621,8 +656,32 @@ mod tests {
             describe(&s.replay()),
             ["vms 0", "started 1", "progress 1 60"]
         );
+        // The scheduler is the service's, with its newest status.
+        let here = s.as_clients_see(Event::Scheduler(SchedulerView::Here));
+        s.apply(&here);
+        let status = rewind_core::scheduler::status::Status {
+            pid: 1,
+            program: "rewind service".into(),
+            started: chrono::Utc::now(),
+            updated: chrono::Utc::now(),
+            paused: false,
+            config_error: None,
+            running: Vec::new(),
+            destinations: Vec::new(),
+            next: Vec::new(),
+        };
+        let live = s.as_clients_see(Event::SchedulerStatus(Box::new(status.clone())));
+        s.apply(&live);
+        let again = s.as_clients_see(Event::Scheduler(SchedulerView::Here));
+        assert!(
+            matches!(&again, Event::Scheduler(SchedulerView::Elsewhere { holder, status: Some(s) })
+                if holder == HOLDER && **s == status),
+            "{again:?}"
+        );
+        s.apply(&again);
+        assert_eq!(describe(&s.replay()).len(), 4);
         // Progress of a job that never began for this service is not kept.
         s.apply(&progress(7, 1));
-        assert_eq!(describe(&s.replay()).len(), 3);
+        assert_eq!(describe(&s.replay()).len(), 4);
     }
 }

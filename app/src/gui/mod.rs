@@ -86,15 +86,9 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
         Box::new(move |cc| {
             let ctx = cc.egui_ctx.clone();
             let waker_ctx = ctx.clone();
-            let engine = engine::spawn_with(
-                EngineOptions {
-                    uri: uri.clone(),
-                    host_scheduler: true,
-                    paths: Paths::default(),
-                },
-                Arc::new(move || waker_ctx.request_repaint()),
-            )?;
-            let mut app = RewindApp::new(engine, uri, options.uri.is_some());
+            let waker: engine::Waker = Arc::new(move || waker_ctx.request_repaint());
+            let (engine, through_service) = start_engine(options.uri.is_some(), &uri, waker)?;
+            let mut app = RewindApp::new(engine, uri, options.uri.is_some() || through_service);
             if let Some(storage) = cc.storage
                 && let Some(prefs) = eframe::get_value::<Prefs>(storage, PREFS_KEY)
             {
@@ -116,6 +110,35 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
         "could not open the Rewind window. Is a graphical session running (DISPLAY or \
          WAYLAND_DISPLAY set)? Command-line use works without one: see `rewind --help`",
     )
+}
+
+/// The window's engine, and whether it is the protection service's. It is whenever the
+/// service runs, and always for a user who is not root (only the service can do the work
+/// then; until it runs, the window says so and keeps trying). Root with no service, or with
+/// a libvirt URI named on the command line, gets an engine of the window's own.
+fn start_engine(
+    uri_named: bool,
+    uri: &str,
+    waker: engine::Waker,
+) -> std::io::Result<(EngineHandle, bool)> {
+    let socket = rewind_service::socket_path();
+    let root = rustix::process::geteuid().is_root();
+    let service_runs = || std::os::unix::net::UnixStream::connect(&socket).is_ok();
+    if !uri_named && (!root || service_runs()) {
+        return Ok((
+            rewind_service::client::engine("window", socket, waker)?,
+            true,
+        ));
+    }
+    let engine = engine::spawn_with(
+        EngineOptions {
+            uri: uri.to_owned(),
+            scheduler: Some(engine::THE_WINDOW),
+            paths: Paths::default(),
+        },
+        waker,
+    )?;
+    Ok((engine, false))
 }
 
 fn load_icon() -> anyhow::Result<egui::IconData> {
@@ -307,7 +330,7 @@ impl RewindApp {
         match engine::spawn_with(
             EngineOptions {
                 uri: uri.clone(),
-                host_scheduler: true,
+                scheduler: Some(engine::THE_WINDOW),
                 paths: Paths::default(),
             },
             Arc::new(move || waker_ctx.request_repaint()),

@@ -546,7 +546,7 @@ fn app_harness(uri: &str, dir: &Path) -> Harness<'static, RewindApp> {
     let engine = engine::spawn_with(
         EngineOptions {
             uri: uri.into(),
-            host_scheduler: false,
+            scheduler: None,
             paths: paths(dir),
         },
         Arc::new(|| {}),
@@ -603,6 +603,85 @@ fn first_run_adds_a_drive_and_protects_a_vm_with_the_real_engine() {
     wait_for(&mut h, "the VM screen", Duration::from_secs(10), |h| {
         h.query_by_label("Welcome to Rewind").is_none()
             && h.query_all_by_label("protected").next().is_some()
+    });
+}
+
+/// The protection service for a window test, in this process: its socket, configuration
+/// and state in `dir`.
+fn service_in(dir: &Path) -> rewind_service::Running {
+    rewind_service::start(rewind_service::ServiceOptions {
+        uri: "test:///default".into(),
+        socket: dir.join("s.sock"),
+        paths: paths(dir),
+    })
+    .unwrap()
+}
+
+#[test]
+fn the_window_works_through_the_protection_service_and_comes_back_when_it_restarts() {
+    let dir = rewind_tests::scratch::ScratchDir::new("gui-service").unwrap();
+    let drive = dir.path().join("BACKUP");
+    let service = service_in(dir.path());
+    let engine =
+        rewind_service::client::engine("window", dir.path().join("s.sock"), Arc::new(|| {}))
+            .unwrap();
+    let mut h = Harness::builder().with_size(WINDOW).build_ui_state(
+        |ui, app: &mut RewindApp| app.frame_ui(ui),
+        RewindApp::new(engine, "test:///default".into(), true),
+    );
+    // The first-run guide, answered by the service: the drive's store is made and the VM
+    // protected in the service's configuration.
+    wait_for(
+        &mut h,
+        "the first-run guide",
+        Duration::from_secs(20),
+        |h| h.query_by_label("Welcome to Rewind").is_some(),
+    );
+    h.get_by_label("Folder").focus();
+    h.get_by_label("Folder")
+        .type_text(&drive.join("rewind").display().to_string());
+    h.step();
+    h.get_by_label("Add destination").click();
+    wait_for(
+        &mut h,
+        "step 2 of the guide",
+        Duration::from_secs(20),
+        |h| h.query_by_label_contains("Step 2 of 2").is_some(),
+    );
+    h.get_by_label("Start protecting").click();
+    // The service's scheduler takes the VM's first checkpoint at once; libvirt's test
+    // driver has no backups, so the window shows that attempt as failing, from the
+    // service's history.
+    let failing = |h: &Harness<'_, RewindApp>| {
+        h.query_all_by_label("failing").next().is_some()
+            && h.state().state.history.iter().any(|r| r.vm == "test")
+    };
+    wait_for(
+        &mut h,
+        "the service's first attempt",
+        Duration::from_secs(30),
+        failing,
+    );
+    let saved = Config::load(&dir.path().join("config.ron")).unwrap();
+    assert_eq!(saved.vms[0].vm, "test");
+    assert!(Store::probe(&drive.join("rewind")).is_ok());
+    // The scheduler shown is the service's, not the window's.
+    let shown = super::vm_list::scheduler_text(&h.state().state).1;
+    assert!(shown.contains("the protection service"), "{shown:?}");
+
+    // The service stops: the window says so, and keeps trying.
+    service.stop();
+    wait_for(
+        &mut h,
+        "the lost connection",
+        Duration::from_secs(20),
+        |h| matches!(h.state().state.connection, Connection::Failed { .. }),
+    );
+    // It is back: the window reconnects by itself and shows the protection again.
+    let _service = service_in(dir.path());
+    h.state_mut().state.history = Vec::new().into();
+    wait_for(&mut h, "the reconnection", Duration::from_secs(40), |h| {
+        matches!(h.state().state.connection, Connection::Connected) && failing(h)
     });
 }
 

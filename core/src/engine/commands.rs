@@ -115,31 +115,44 @@ impl Engine {
 pub(super) fn answer_off_the_loop(command: Command, config: Config, tx: mpsc::Sender<Inner>) {
     tokio::task::spawn_blocking(move || {
         let event = match command {
-            Command::ScanDrives => {
-                Event::DrivesFound(crate::destination::removable_drives(&config))
-            }
-            Command::SetAutostart(enabled) => {
-                let changed = std::env::current_exe()
-                    .map_err(|e| {
-                        JobError::new(
-                            ErrorKind::Failed,
-                            format!("could not find Rewind's own program: {e}"),
-                        )
-                    })
-                    .and_then(|exe| Ok(crate::autostart::set_enabled(enabled, &exe)?));
-                Event::Autostart {
-                    enabled: crate::autostart::is_enabled(),
-                    changed: Some(changed),
-                }
-            }
             Command::CheckResume(key) => {
                 let result =
                     jobs::check_resume(&config, &key.destination, &key.vm_uuid, &key.checkpoint);
                 Event::ResumeChecked { key, result }
             }
-            _ => return,
+            other => match answer_for_this_user(&other, &config) {
+                Some(event) => event,
+                None => return,
+            },
         };
         // A closed channel: the engine is stopping, nobody waits for the answer.
         drop(tx.blocking_send(Inner::Emit(event)));
     });
+}
+
+/// Answers the commands that are the user's own matter, not the engine's: the removable
+/// drives this user has mounted ([`Command::ScanDrives`]) and starting Rewind at this
+/// user's login ([`Command::SetAutostart`]). A window whose engine runs in the protection
+/// service answers these itself, as its user. Reads and writes files: call it off the UI
+/// thread. `None` for every other command.
+#[must_use]
+pub fn answer_for_this_user(command: &Command, config: &Config) -> Option<Event> {
+    Some(match command {
+        Command::ScanDrives => Event::DrivesFound(crate::destination::removable_drives(config)),
+        Command::SetAutostart(enabled) => {
+            let changed = std::env::current_exe()
+                .map_err(|e| {
+                    JobError::new(
+                        ErrorKind::Failed,
+                        format!("could not find Rewind's own program: {e}"),
+                    )
+                })
+                .and_then(|exe| Ok(crate::autostart::set_enabled(*enabled, &exe)?));
+            Event::Autostart {
+                enabled: crate::autostart::is_enabled(),
+                changed: Some(changed),
+            }
+        }
+        _ => return None,
+    })
 }

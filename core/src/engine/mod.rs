@@ -37,6 +37,7 @@ mod destinations;
 mod protection;
 mod protocol;
 
+pub use commands::answer_for_this_user;
 use destinations::{AddTarget, test_destination};
 use protection::Protection;
 pub use protocol::{Command, Event, ResumeKey, SchedulerView, Waker};
@@ -121,14 +122,18 @@ impl Drop for EngineHandle {
     }
 }
 
+/// The name of a window's own scheduler.
+pub const THE_WINDOW: &str = "the Rewind window";
+
 /// How to start an engine.
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
     /// The libvirt URI.
     pub uri: String,
-    /// Run the scheduler here unless another process runs one (the window does; tests
-    /// of the VM list do not).
-    pub host_scheduler: bool,
+    /// Run the scheduler here, under this name ("the Rewind window", "Rewind's protection
+    /// service"), unless another process runs one; `None`: no scheduler (tests of the VM
+    /// list).
+    pub scheduler: Option<&'static str>,
     /// Where the configuration, history and status are.
     pub paths: Paths,
 }
@@ -141,7 +146,7 @@ pub fn spawn(uri: String, waker: Waker) -> std::io::Result<EngineHandle> {
     spawn_with(
         EngineOptions {
             uri,
-            host_scheduler: false,
+            scheduler: None,
             paths: Paths::default(),
         },
         waker,
@@ -372,7 +377,7 @@ mod tests {
         spawn_with(
             EngineOptions {
                 uri: uri.into(),
-                host_scheduler: false,
+                scheduler: None,
                 paths: Paths {
                     config: dir.join("config.ron"),
                     history: dir.join("history.jsonl"),
@@ -407,7 +412,7 @@ mod tests {
         let mut engine = spawn_with(
             EngineOptions {
                 uri: "test:///default".into(),
-                host_scheduler: true,
+                scheduler: Some(THE_WINDOW),
                 paths: Paths {
                     config: dir.path().join("config.ron"),
                     history: dir.path().join("history.jsonl"),
@@ -451,7 +456,7 @@ mod tests {
         let mut engine = spawn_with(
             EngineOptions {
                 uri: "test:///default".into(),
-                host_scheduler: true,
+                scheduler: Some(THE_WINDOW),
                 paths: paths.clone(),
             },
             Arc::new(|| {}),

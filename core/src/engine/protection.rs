@@ -156,8 +156,9 @@ impl Engine {
             rescan: false,
             _watchers: watchers,
         };
-        if options.host_scheduler {
-            match crate::scheduler::instance::SchedulerLock::acquire("the Rewind window") {
+        if let Some(program) = options.scheduler {
+            let lock = crate::scheduler::instance::lock_path_in(&options.paths.state_dir());
+            match crate::scheduler::instance::SchedulerLock::acquire_at(&lock, program) {
                 Ok(lock) => {
                     let tx = inner.clone();
                     let sink: crate::scheduler::EventSink = Arc::new(move |ev| {
@@ -171,7 +172,7 @@ impl Engine {
                     match crate::scheduler::start(
                         options.paths.clone(),
                         lock,
-                        "the Rewind window",
+                        program,
                         sink,
                         crate::scheduler::Watch::Host,
                     ) {

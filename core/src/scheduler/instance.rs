@@ -37,7 +37,13 @@ pub struct SchedulerLock {
 /// The lock file.
 #[must_use]
 pub fn lock_path() -> PathBuf {
-    crate::paths::state_dir().join("scheduler.lock")
+    lock_path_in(&crate::paths::state_dir())
+}
+
+/// The lock file in state folder `state_dir`.
+#[must_use]
+pub fn lock_path_in(state_dir: &std::path::Path) -> PathBuf {
+    state_dir.join("scheduler.lock")
 }
 
 impl SchedulerLock {
