@@ -558,28 +558,28 @@ fn app_harness(uri: &str, dir: &Path) -> Harness<'static, RewindApp> {
     )
 }
 
-#[test]
-fn first_run_adds_a_drive_and_protects_a_vm_with_the_real_engine() {
-    let dir = rewind_tests::scratch::ScratchDir::new("gui-first-run").unwrap();
-    let drive = dir.path().join("BACKUP");
-    let mut h = app_harness("test:///default", dir.path());
-    wait_for(
-        &mut h,
-        "the first-run guide",
-        Duration::from_secs(20),
-        |h| h.query_by_label("Welcome to Rewind").is_some(),
-    );
+/// The first-run guide's first step: the drive's folder typed in and added; returns on
+/// step 2.
+fn add_drive_in_the_guide(h: &mut Harness<'_, RewindApp>, drive: &Path) {
+    wait_for(h, "the first-run guide", Duration::from_secs(20), |h| {
+        h.query_by_label("Welcome to Rewind").is_some()
+    });
     h.get_by_label("Folder").focus();
     h.get_by_label("Folder")
         .type_text(&drive.join("rewind").display().to_string());
     h.step();
     h.get_by_label("Add destination").click();
-    wait_for(
-        &mut h,
-        "step 2 of the guide",
-        Duration::from_secs(20),
-        |h| h.query_by_label_contains("Step 2 of 2").is_some(),
-    );
+    wait_for(h, "step 2 of the guide", Duration::from_secs(20), |h| {
+        h.query_by_label_contains("Step 2 of 2").is_some()
+    });
+}
+
+#[test]
+fn first_run_adds_a_drive_and_protects_a_vm_with_the_real_engine() {
+    let dir = rewind_tests::scratch::ScratchDir::new("gui-first-run").unwrap();
+    let drive = dir.path().join("BACKUP");
+    let mut h = app_harness("test:///default", dir.path());
+    add_drive_in_the_guide(&mut h, &drive);
     assert!(
         Store::probe(&drive.join("rewind")).is_ok(),
         "the store was created on the drive"
@@ -631,23 +631,7 @@ fn the_window_works_through_the_protection_service_and_comes_back_when_it_restar
     );
     // The first-run guide, answered by the service: the drive's store is made and the VM
     // protected in the service's configuration.
-    wait_for(
-        &mut h,
-        "the first-run guide",
-        Duration::from_secs(20),
-        |h| h.query_by_label("Welcome to Rewind").is_some(),
-    );
-    h.get_by_label("Folder").focus();
-    h.get_by_label("Folder")
-        .type_text(&drive.join("rewind").display().to_string());
-    h.step();
-    h.get_by_label("Add destination").click();
-    wait_for(
-        &mut h,
-        "step 2 of the guide",
-        Duration::from_secs(20),
-        |h| h.query_by_label_contains("Step 2 of 2").is_some(),
-    );
+    add_drive_in_the_guide(&mut h, &drive);
     h.get_by_label("Start protecting").click();
     // The service's scheduler takes the VM's first checkpoint at once; libvirt's test
     // driver has no backups, so the window shows that attempt as failing, from the
