@@ -152,3 +152,99 @@ fn a_user_is_told_how_to_start_the_service_when_it_is_not_running() {
         "{said}"
     );
 }
+
+/// Kills the window when dropped, also when the test panics.
+struct Window(std::process::Child);
+
+impl Drop for Window {
+    fn drop(&mut self) {
+        drop(self.0.kill());
+        drop(self.0.wait());
+    }
+}
+
+#[test]
+fn the_window_of_a_user_in_the_libvirt_group_runs_through_the_service_under_xvfb() {
+    let vm = TestVm::builder("svc-win")
+        .name("Rewind service window VM")
+        .define()
+        .expect("define the test VM");
+    let dir = ScratchDir::new("svc-win").unwrap();
+    let rewind = binary_for_users(dir.path());
+    let service = TestService::start(&rewind, dir.path()).unwrap();
+    let user = TestUser::create(true).unwrap();
+    let x = rewind_tests::xvfb::Xvfb::start(1280, 800).unwrap();
+    let home = x.home();
+    std::fs::create_dir_all(&home).unwrap();
+    user.own(&home).unwrap();
+    user.own(&x.runtime_dir()).unwrap();
+    let display = std::path::PathBuf::from(x.display());
+    let (config, data, state, cache) = (
+        home.join("config"),
+        home.join("data"),
+        home.join("state"),
+        home.join("cache"),
+    );
+    let log = dir.path().join("window.log");
+    let mut cmd = user.command(
+        &rewind,
+        &[
+            ("REWIND_SOCKET", service.socket()),
+            ("DISPLAY", &display),
+            ("HOME", &home),
+            ("XDG_RUNTIME_DIR", &x.runtime_dir()),
+            ("XDG_CONFIG_HOME", &config),
+            ("XDG_DATA_HOME", &data),
+            ("XDG_STATE_HOME", &state),
+            ("XDG_CACHE_HOME", &cache),
+        ],
+    );
+    let mut window = Window(
+        cmd.stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    x.wait_window("Rewind", Duration::from_mins(1))
+        .unwrap_or_else(|e| panic!("{e}; window log:\n{}", log_text()));
+
+    // The service let the window in, as that user.
+    let service_log = || std::fs::read_to_string(service.log()).unwrap_or_default();
+    let let_in = format!("{} (uid", user.name());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !service_log()
+        .lines()
+        .any(|l| l.contains(&let_in) && l.contains("(window) connected"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the service never let the window in; service log:\n{}\nwindow log:\n{}",
+            service_log(),
+            log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // It runs on: the VM list comes from the service (the user cannot reach libvirt's
+    // files), kept as a picture for CI.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        window.0.try_wait().unwrap().is_none(),
+        "the window exited: {}",
+        log_text()
+    );
+    assert!(
+        !log_text()
+            .lines()
+            .any(|l| l.starts_with("error") || l.contains("ERROR")),
+        "the window logged an error:\n{}",
+        log_text()
+    );
+    let artifacts = rewind_tests::target_dir().join("test-artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    x.screenshot(&artifacts.join("rewind-window-through-service.png"))
+        .expect("screenshot");
+    drop(window);
+    drop(service);
+    drop(vm);
+}

@@ -14,6 +14,7 @@ pub struct TestService {
     child: Child,
     socket: PathBuf,
     config_dir: PathBuf,
+    log: PathBuf,
 }
 
 impl TestService {
@@ -39,6 +40,7 @@ impl TestService {
             child,
             socket,
             config_dir,
+            log: dir.join("service.log"),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::os::unix::net::UnixStream::connect(&service.socket).is_err() {
@@ -63,6 +65,12 @@ impl TestService {
     #[must_use]
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// Its log (stderr).
+    #[must_use]
+    pub fn log(&self) -> &Path {
+        &self.log
     }
 
     /// Its configuration folder.

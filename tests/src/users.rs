@@ -1,5 +1,5 @@
 //! Normal users for tests that run Rewind as the home user would: made with `useradd`
-//! (in the `libvirt` group or not), commands run as them with `runuser`, and removed when
+//! (in the `libvirt` group or not), commands run as them with `setpriv`, and removed when
 //! dropped, also when the test panics. Their names start with `rwt` (the leak check looks
 //! for any left behind).
 
@@ -66,17 +66,35 @@ impl TestUser {
             .map_err(|e| HarnessError::io("make private", dir, &e))
     }
 
-    /// `program ARGS...` run as this user, with `envs` set, to completion.
+    /// `program` as this user (with their groups), with `envs` set (arguments and the rest
+    /// to add). `setpriv` execs it as its own process, so the child's PID is the
+    /// program's (a test can kill it).
     #[must_use]
-    pub fn run(&self, program: &Path, args: &[&str], envs: &[(&str, &Path)]) -> Output {
-        let mut cmd = Command::new("runuser");
-        cmd.args(["-u", &self.name, "--", "env"]);
+    pub fn command(&self, program: &Path, envs: &[(&str, &Path)]) -> Command {
+        let mut cmd = Command::new("setpriv");
+        cmd.args([
+            "--reuid",
+            &self.name,
+            "--regid",
+            &self.name,
+            "--init-groups",
+            "--",
+        ])
+        .arg("env");
         for (key, value) in envs {
             cmd.arg(format!("{key}={}", value.display()));
         }
-        cmd.arg(program).args(args);
-        cmd.output()
-            .unwrap_or_else(|e| panic!("could not run runuser: {e}"))
+        cmd.arg(program);
+        cmd
+    }
+
+    /// `program ARGS...` run as this user, with `envs` set, to completion.
+    #[must_use]
+    pub fn run(&self, program: &Path, args: &[&str], envs: &[(&str, &Path)]) -> Output {
+        self.command(program, envs)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("could not run setpriv: {e}"))
     }
 }
 

@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use rewind_core::engine::{self, Command, EngineHandle, EngineOptions};
+use rewind_core::engine::{self, Command, EngineHandle, EngineOptions, SchedulerView};
 use rewind_core::scheduler::Paths;
 
 pub use state::{Connection, UiState};
@@ -224,10 +224,7 @@ impl RewindApp {
                 self.tray = Some(tray);
             }
             Err(e) => {
-                eprintln!(
-                    "note: no tray icon ({}); closing the window asks before it stops protection",
-                    crate::error_text::one_line(&e)
-                );
+                eprintln!("note: no tray icon ({})", crate::error_text::one_line(&e));
             }
         }
     }
@@ -311,8 +308,13 @@ impl RewindApp {
             if self.state.tray_shown {
                 self.hidden = true;
                 ctx.send_viewport_cmd(egui::ViewportCommand::Visible(false));
-            } else {
+            } else if self.state.scheduler == Some(SchedulerView::Here) {
+                // Closing ends this window's scheduler: ask first.
                 self.state.dialog = Some(dialogs::Dialog::CloseWithoutTray);
+            } else {
+                // Protection goes on elsewhere (the protection service): just close.
+                self.state.quit = true;
+                ctx.send_viewport_cmd(egui::ViewportCommand::Close);
             }
         }
     }
