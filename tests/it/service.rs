@@ -43,6 +43,44 @@ fn store_vm(store: &Store) -> uuid::Uuid {
     store.catalog().unwrap().checkpoints[0].vm.uuid
 }
 
+/// The service's history record of checkpoint `id` (its state folder is `dir/state`).
+fn record_of(dir: &Path, id: &str) -> rewind_core::history::Record {
+    rewind_core::history::read(&dir.join("state/history.jsonl"))
+        .into_iter()
+        .find(|r| r.checkpoint.as_deref() == Some(id))
+        .unwrap_or_else(|| panic!("checkpoint {id} is not in the service's history"))
+}
+
+/// Protects `vm` into the service's first destination, keeping the newest checkpoint
+/// only (paused, so that the timer takes none meanwhile), as the window's settings would;
+/// returns once the service uses it.
+fn protect_keeping_the_newest_only(service: &TestService, vm: &str) {
+    let config_path = service.config_dir().join("config.ron");
+    let mut config = rewind_core::config::Config::load(&config_path).unwrap();
+    config.vms.push(rewind_core::config::Protection {
+        vm: vm.to_owned(),
+        destinations: vec![config.destinations[0].name.clone()],
+        keep: rewind_core::store::retention::KeepRules {
+            last: 1,
+            ..Default::default()
+        },
+        paused: true,
+        ..Default::default()
+    });
+    config.save(&config_path).unwrap();
+    // The service uses it once it says so to a client.
+    let mut watcher = rewind_service::connect_to(service.socket(), "test").unwrap();
+    loop {
+        match watcher.next_event().unwrap() {
+            Some(rewind_core::engine::Event::Config { config, .. }) if !config.vms.is_empty() => {
+                return;
+            }
+            Some(_) => {}
+            None => panic!("the service closed the connection"),
+        }
+    }
+}
+
 #[test]
 fn a_user_in_the_libvirt_group_checkpoints_restores_and_undoes_through_the_service() {
     let mut vm = TestVm::uefi_tpm_builder("svc-uefi")
@@ -119,7 +157,32 @@ fn a_user_in_the_libvirt_group_checkpoints_restores_and_undoes_through_the_servi
         "the undo did not bring back the disk as it was before the restore"
     );
 
-    // A folder the user may not write in is refused, and nothing is made there.
+    // "Checkpoint now" from the CLI is the scheduler's job: its record is in the service's
+    // history, and the VM's keep rules apply once it is protected there.
+    let first = record_of(dir.path(), &id);
+    assert_eq!(first.trigger, rewind_core::policy::Why::Manual);
+    assert_eq!(first.outcome, rewind_core::history::Outcome::Ok);
+    protect_keeping_the_newest_only(&service, &vm.name);
+    let again = json(
+        &as_user(&["checkpoint", &vm.name, "--to", store_arg, "--json"]),
+        "rewind checkpoint (protected)",
+    );
+    let newest = again[0]["id"].as_str().unwrap().to_owned();
+    let record = record_of(dir.path(), &newest);
+    assert!(record.pruned >= 1, "{record:?}");
+    let ids: Vec<String> = Store::open(&store_dir, None)
+        .unwrap()
+        .catalog()
+        .unwrap()
+        .checkpoints
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    assert!(
+        ids.contains(&newest) && !ids.contains(&id),
+        "keep rules not applied: {ids:?}"
+    );
+
     let refused = as_user(&["checkpoint", &vm.name, "--to", "/root/rewind-nope"]);
     assert!(!refused.status.success());
     let said = String::from_utf8_lossy(&refused.stderr);

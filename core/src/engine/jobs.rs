@@ -127,13 +127,17 @@ pub enum JobOutput {
     Exported(PathBuf),
 }
 
+fn no_destination(name: &str) -> JobError {
+    JobError::new(
+        ErrorKind::NotConfigured,
+        format!("there is no destination called {name:?} in the configuration"),
+    )
+}
+
 fn store_of(config: &Config, name: &str) -> Result<Store, JobError> {
-    let dest = config.destination(name).ok_or_else(|| {
-        JobError::new(
-            ErrorKind::NotConfigured,
-            format!("there is no destination called {name:?} in the configuration"),
-        )
-    })?;
+    let dest = config
+        .destination(name)
+        .ok_or_else(|| no_destination(name))?;
     let found = destination::locate(dest, &destination::watch_roots(config));
     Ok(destination::open(dest, &found)?)
 }
@@ -157,14 +161,16 @@ fn manifest(store: &Store, vm: &Uuid, id: &str) -> Result<Manifest, JobError> {
     })
 }
 
-/// Runs `request` to the end (or until `control` is cancelled); `state_dir` keeps what a
+/// Runs `request` to the end (or until `control` is cancelled); `paths` say where the
+/// history is (a checkpoint's record goes there) and the state folder, which keeps what a
 /// verify found.
 pub fn run(
     config: &Config,
-    state_dir: &std::path::Path,
+    paths: &crate::scheduler::Paths,
     request: &JobRequest,
     control: &Arc<Control>,
 ) -> Result<JobOutput, JobError> {
+    let state_dir = &paths.state_dir();
     let work = crate::workdir::WorkDir::new().map_err(JobError::work_folder)?;
     let hv = || Hypervisor::connect(&config.uri);
     match request {
@@ -172,14 +178,14 @@ pub fn run(
             vm,
             destination,
             full_state,
-        } => Ok(checkpoint_now(
+        } => checkpoint_now(
             config,
+            &paths.history,
             vm,
             destination.as_deref(),
             *full_state,
-            work.path(),
             control,
-        )?),
+        ),
         JobRequest::Restore {
             destination,
             vm_uuid,
@@ -238,12 +244,16 @@ pub fn run(
 }
 
 /// A checkpoint of `vm` now into each of its destinations.
+/// "Checkpoint now" of one VM, into each of its destinations (or into the one named): the
+/// same job as the scheduler's (capture, history, retention, garbage collection), with the
+/// VM's keep rules where it is protected into that destination, and none (all kept) where
+/// it is not.
 fn checkpoint_now(
     config: &Config,
+    history: &std::path::Path,
     vm: &str,
     only_into: Option<&str>,
     full_state: bool,
-    work: &std::path::Path,
     control: &Arc<Control>,
 ) -> Result<JobOutput, JobError> {
     let protection = config.protection(vm);
@@ -261,17 +271,34 @@ fn checkpoint_now(
             ),
         ));
     }
-    let hv = Hypervisor::connect(&config.uri)?;
-    let options = crate::checkpoint::TakeOptions {
-        quiesce: protection.is_none_or(|p| p.quiesce),
-        full_state,
-        ..crate::checkpoint::TakeOptions::default()
-    };
+    let roots = destination::watch_roots(config);
     let mut taken = Vec::new();
-    for d in &destinations {
-        let store = store_of(config, d)?;
-        let m = crate::checkpoint::take_with(&hv, &store, vm, work, &options, control)?;
-        taken.push(m);
+    for name in &destinations {
+        let dest = config
+            .destination(name)
+            .ok_or_else(|| no_destination(name))?;
+        let policy = match protection {
+            Some(p) if p.destinations.contains(name) => p.clone(),
+            _ => crate::config::Protection {
+                vm: vm.to_owned(),
+                destinations: vec![name.clone()],
+                keep: crate::store::retention::KeepRules::default(),
+                quiesce: protection.is_none_or(|p| p.quiesce),
+                ..crate::config::Protection::default()
+            },
+        };
+        let spec = crate::scheduler::job::JobSpec {
+            uri: config.uri.clone(),
+            protection: policy,
+            destination: dest.clone(),
+            found: destination::locate(dest, &roots),
+            why: crate::policy::Why::Manual,
+            force_full_state: full_state,
+        };
+        let (record, result) = crate::scheduler::job::run_for(&spec, control);
+        crate::history::append(history, &record)
+            .or_warn(format_args!("append to the history {}", history.display()));
+        taken.push(result?);
     }
     Ok(JobOutput::Checkpoints(taken))
 }

@@ -41,11 +41,11 @@ impl Protection {
         let label = request.label();
         let request = Arc::new(request);
         let config = self.config.clone();
-        let state_dir = self.paths.state_dir();
+        let paths = self.paths.clone();
         let tx = inner.clone();
         let run = request.clone();
         tokio::task::spawn_blocking(move || {
-            let result = jobs::run(&config, &state_dir, &run, &control);
+            let result = jobs::run(&config, &paths, &run, &control);
             // A closed channel: the engine is stopping; the job was cancelled with it.
             drop(tx.blocking_send(Inner::JobDone(job, result)));
         });
@@ -282,7 +282,15 @@ impl Engine {
             }
             Inner::JobDone(job, result) => {
                 p.jobs.remove(&job);
+                let took = matches!(result, Ok(JobOutput::Checkpoints(_)));
                 self.emit(Event::JobFinished { job, result }).await;
+                if took {
+                    // Its records went into the history, as a scheduled job's do.
+                    self.emit(Event::History(Arc::new(crate::history::read(
+                        &p.paths.history,
+                    ))))
+                    .await;
+                }
                 p.scan(inner);
             }
             Inner::Emit(event) => self.emit(event).await,

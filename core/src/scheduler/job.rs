@@ -13,7 +13,7 @@ use crate::job_error::JobError;
 use crate::libvirt::Hypervisor;
 use crate::policy::{self, Why};
 use crate::progress::Control;
-use crate::store::CheckpointKind;
+use crate::store::{CheckpointKind, Manifest};
 use crate::vm::VmState;
 
 /// What to run.
@@ -29,6 +29,9 @@ pub struct JobSpec {
     pub found: Availability,
     /// Why it runs.
     pub why: Why,
+    /// Take it with the VM's memory whatever the policy says (`rewind checkpoint
+    /// --full-state`).
+    pub force_full_state: bool,
 }
 
 /// Where the job wrote, for the record.
@@ -43,6 +46,13 @@ fn location_text(found: &Availability) -> Option<String> {
 /// Runs the job and says how it went.
 #[must_use]
 pub fn run(spec: &JobSpec, control: &Control) -> Record {
+    run_for(spec, control).0
+}
+
+/// Runs the job: how it went, for the history, and the checkpoint it took (or why none).
+/// Every trigger runs this: the timer, a drive plugged in, "Checkpoint now" from the
+/// window, the tray or the CLI.
+pub fn run_for(spec: &JobSpec, control: &Control) -> (Record, Result<Manifest, JobError>) {
     let started = Utc::now();
     let mut record = Record {
         vm: spec.protection.vm.clone(),
@@ -61,20 +71,21 @@ pub fn run(spec: &JobSpec, control: &Control) -> Record {
         error: None,
         retryable: false,
     };
-    if let Err(failure) = run_into(spec, control, &mut record) {
+    let taken = run_into(spec, control, &mut record);
+    if let Err(failure) = &taken {
         record.outcome = if control.is_cancelled() {
             Outcome::Cancelled
         } else {
             Outcome::Failed
         };
-        record.error = Some(failure.message);
+        record.error = Some(failure.message.clone());
         record.retryable = failure.retryable;
     }
     record.finished = Utc::now();
-    record
+    (record, taken)
 }
 
-fn run_into(spec: &JobSpec, control: &Control, record: &mut Record) -> Result<(), JobError> {
+fn run_into(spec: &JobSpec, control: &Control, record: &mut Record) -> Result<Manifest, JobError> {
     let store = crate::destination::open(&spec.destination, &spec.found)?;
     let hv = Hypervisor::connect(&spec.uri)?;
     let vm = match &spec.protection.uuid {
@@ -106,12 +117,8 @@ fn run_into(spec: &JobSpec, control: &Control, record: &mut Record) -> Result<()
     let running = info.is_some_and(|v| v.state == VmState::Running);
     let options = TakeOptions {
         quiesce: spec.protection.quiesce,
-        full_state: policy::wants_full_state(
-            &spec.protection,
-            running,
-            last_full_state,
-            Utc::now(),
-        ),
+        full_state: spec.force_full_state
+            || policy::wants_full_state(&spec.protection, running, last_full_state, Utc::now()),
         known,
         ..TakeOptions::default()
     };
@@ -122,11 +129,15 @@ fn run_into(spec: &JobSpec, control: &Control, record: &mut Record) -> Result<()
     record.incremental = Some(m.parent.is_some());
     record.read_bytes = m.read_bytes;
     record.new_bytes = m.new_bytes;
-    // Retention for this VM in this destination, then the data only removed ones used.
+    // Retention for this VM in this destination, then the data only removed ones used. A
+    // destination the VM is not protected into has no keep rules: all is kept.
+    if spec.protection.keep.is_empty() {
+        return Ok(m);
+    }
     let vm_uuid = m.vm.uuid;
     let decisions = match options.known {
         Some(mut known) if uuid == Some(vm_uuid) => {
-            known.push(m);
+            known.push(m.clone());
             let catalog = crate::store::Catalog {
                 checkpoints: known,
                 unreadable: Vec::new(),
@@ -140,5 +151,5 @@ fn run_into(spec: &JobSpec, control: &Control, record: &mut Record) -> Result<()
     if removed > 0 {
         store.gc(control)?;
     }
-    Ok(())
+    Ok(m)
 }

@@ -448,6 +448,7 @@ impl State {
             destination: dest.clone(),
             found: found.clone(),
             why,
+            force_full_state: false,
         };
         self.running.insert(
             p.vm.clone(),
