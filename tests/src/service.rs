@@ -21,10 +21,20 @@ impl TestService {
     /// Starts `binary service` with everything of its own under `dir` (which the clients
     /// must be able to reach), and waits for its socket.
     pub fn start(binary: &Path, dir: &Path) -> Result<Self, HarnessError> {
+        Self::start_with(binary, dir, &[])
+    }
+
+    /// [`TestService::start`] with more environment variables (benchmarks).
+    pub fn start_with(
+        binary: &Path,
+        dir: &Path,
+        envs: &[(&str, &str)],
+    ) -> Result<Self, HarnessError> {
         let socket = dir.join("rewind.sock");
         let config_dir = dir.join("config");
         let child = Command::new(binary)
             .arg("service")
+            .envs(envs.iter().copied())
             .env_remove("LIBVIRT_DEFAULT_URI")
             .env("REWIND_SOCKET", &socket)
             .env("REWIND_CONFIG_DIR", &config_dir)
@@ -65,6 +75,12 @@ impl TestService {
     #[must_use]
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// Its process.
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Its log (stderr).
