@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{drop_caches, qemu_img_convert};
+use common::{cpu_secs, drop_caches, qemu_img_convert};
 use data::{DATA_BYTES, GIB, MIB, make_image, one_percent_change};
 use rewind_core::checkpoint;
 use rewind_core::libvirt::Hypervisor;
@@ -43,20 +43,6 @@ use rewind_tests::workload::scan_sequence_file;
 use rewind_tests::{DiskSpec, Format, TestVm, daemon};
 
 const DISK_BYTES: u64 = 4 * GIB;
-
-/// CPU seconds (user + system) process `pid` used so far, all threads.
-fn cpu_secs(pid: &str) -> f64 {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) end with ") ".
-    let fields: Vec<&str> = stat
-        .rsplit_once(") ")
-        .map_or(vec![], |(_, rest)| rest.split(' ').collect());
-    let ticks: f64 = [11, 12]
-        .iter()
-        .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<f64>().ok()))
-        .sum();
-    ticks / 100.0
-}
 
 /// The QEMU process of VM `name`.
 fn qemu_pid(name: &str) -> String {

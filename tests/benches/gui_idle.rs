@@ -33,18 +33,21 @@
     clippy::too_many_lines
 )]
 
+mod common;
+
 use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{binary, status_field, status_field_of};
+
 use rewind_core::config::{Config, Destination, Protection};
 use rewind_core::history::{self, Outcome, Record};
 use rewind_core::policy::Why;
 use rewind_core::store::{InitOptions, Store};
 use rewind_tests::scratch::ScratchDir;
-use rewind_tests::target_dir;
 use rewind_tests::xvfb::Xvfb;
 
 const VMS: usize = 5;
@@ -103,17 +106,6 @@ struct Figures {
     visible: &'static str,
     jobs: usize,
     notes: String,
-}
-
-fn binary() -> PathBuf {
-    let path = std::env::var_os("REWIND_BIN")
-        .map_or_else(|| target_dir().join("release/rewind"), PathBuf::from);
-    assert!(
-        path.is_file(),
-        "{} is missing: run `cargo build --release -p rewind` first (or set REWIND_BIN)",
-        path.display()
-    );
-    path
 }
 
 /// The test driver's node: `VMS` running domains.
@@ -225,20 +217,6 @@ fn cpu_ticks(pid: u32) -> u64 {
         .iter()
         .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
         .sum()
-}
-
-/// A field of `/proc/PID/status`, as its leading number (kB for sizes).
-fn status_field(pid: u32, name: &str) -> u64 {
-    status_field_of(&format!("/proc/{pid}/status"), name)
-}
-
-fn status_field_of(path: &str, name: &str) -> u64 {
-    fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 /// Context switches of every thread of `pid`: how often it woke up.

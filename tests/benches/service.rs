@@ -36,11 +36,14 @@
     clippy::too_many_lines
 )]
 
+mod common;
+
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{binary, cpu_secs, status_field};
 use rewind_core::config::{Config, Destination, Protection};
 use rewind_core::engine::jobs::JobRequest;
 use rewind_core::engine::{self, Command, EngineHandle, EngineOptions, Event, SchedulerView};
@@ -48,45 +51,12 @@ use rewind_core::scheduler::Paths;
 use rewind_core::store::{InitOptions, Store};
 use rewind_tests::scratch::ScratchDir;
 use rewind_tests::service::TestService;
-use rewind_tests::{DiskSpec, Format, TestVm, daemon, target_dir};
+use rewind_tests::{DiskSpec, Format, TestVm, daemon};
 
 const VMS: usize = 5;
 const ROUNDS: usize = 5;
 /// Each VM's disk, full of random data.
 const DISK_BYTES: u64 = 256 << 20;
-
-fn binary() -> PathBuf {
-    let path = std::env::var_os("REWIND_BIN")
-        .map_or_else(|| target_dir().join("release/rewind"), PathBuf::from);
-    assert!(
-        path.is_file(),
-        "{} is missing: run `cargo build --release -p rewind` first (or set REWIND_BIN)",
-        path.display()
-    );
-    path
-}
-
-fn status_field(pid: u32, name: &str) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-/// CPU seconds (user + system) of every thread of `pid` so far.
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(") ")
-        .map_or(vec![], |(_, rest)| rest.split(' ').collect());
-    let ticks: f64 = [11, 12]
-        .iter()
-        .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<f64>().ok()))
-        .sum();
-    ticks / 100.0
-}
 
 fn paths(dir: &Path) -> Paths {
     Paths {
@@ -274,9 +244,9 @@ fn idle_service(
     }
     let first_secs = t0.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_secs(10));
-    let (cpu0, at0) = (cpu_secs(pid), Instant::now());
+    let (cpu0, at0) = (cpu_secs(&pid.to_string()), Instant::now());
     std::thread::sleep(idle);
-    let cpu = (cpu_secs(pid) - cpu0) / at0.elapsed().as_secs_f64() * 100.0;
+    let cpu = (cpu_secs(&pid.to_string()) - cpu0) / at0.elapsed().as_secs_f64() * 100.0;
     let figures = Idle {
         first_secs,
         cpu,

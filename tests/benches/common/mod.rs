@@ -1,5 +1,5 @@
-//! What the checkpoint and restore benchmarks share: commands, the page cache, the
-//! `qemu-img convert` baseline.
+//! What the benchmarks share: commands, the page cache, the `qemu-img convert` baseline,
+//! the release binary, and what `/proc` says of a process.
 
 #![allow(dead_code)]
 
@@ -54,4 +54,48 @@ pub fn qemu_img_convert(disk: &Path, out: &Path) -> (f64, f64) {
         })
         .sum();
     (secs, cpu)
+}
+
+/// The `rewind` binary to measure: `target/release/rewind`, or `REWIND_BIN`.
+pub fn binary() -> std::path::PathBuf {
+    let path = std::env::var_os("REWIND_BIN").map_or_else(
+        || rewind_tests::target_dir().join("release/rewind"),
+        std::path::PathBuf::from,
+    );
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build --release -p rewind` first (or set REWIND_BIN)",
+        path.display()
+    );
+    path
+}
+
+/// CPU seconds (user + system) process `pid` (a number or `self`) used so far, all
+/// threads.
+pub fn cpu_secs(pid: &str) -> f64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) end with ") ".
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .map_or(vec![], |(_, rest)| rest.split(' ').collect());
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<f64>().ok()))
+        .sum();
+    ticks / 100.0
+}
+
+/// A number field (`VmRSS` in KiB, `Threads`) of `/proc/PID/status`.
+pub fn status_field(pid: u32, name: &str) -> u64 {
+    status_field_of(&format!("/proc/{pid}/status"), name)
+}
+
+/// A number field of a `status` file (`/proc/PID/status`, `/proc/PID/task/TID/status`).
+pub fn status_field_of(path: &str, name: &str) -> u64 {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
