@@ -1,6 +1,7 @@
 //! The real `rewind` window in a real X server, with a real protected VM: it opens, lists
 //! the VM, protects it by itself (the window runs the scheduler when no daemon does), and
-//! leaves a screenshot for CI to keep (`target/test-artifacts/rewind-window.png`).
+//! leaves a screenshot for CI to keep (`target/test-artifacts/rewind-window.png`); and two
+//! launches give one window.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -141,4 +142,63 @@ fn the_window_protects_a_running_vm_under_xvfb_and_leaves_a_screenshot() {
         log_text()
     );
     assert!(!log_text().contains("panicked"), "{}", log_text());
+}
+
+/// Visible top-level windows titled "Rewind" on the display.
+fn rewind_windows(x: &Xvfb) -> usize {
+    let out = Command::new("xdotool")
+        .args(["search", "--onlyvisible", "--name", "^Rewind$"])
+        .env("DISPLAY", x.display())
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+#[test]
+fn a_second_launch_brings_the_first_window_forward_and_a_killed_one_is_replaced() {
+    let x = Xvfb::start(1024, 700).expect("Xvfb");
+    let home = x.home();
+    std::fs::create_dir_all(&home).unwrap();
+    let launch = |log: &str| {
+        let mut cmd = rewind_in(&home, &[]);
+        x.configure(&mut cmd);
+        App(cmd
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(home.join(log)).unwrap())
+            .spawn()
+            .expect("start rewind"))
+    };
+    let mut first = launch("first.log");
+    x.wait_window("Rewind", Duration::from_mins(1))
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    // The second launch hands over to the first and leaves.
+    let mut second = rewind_in(&home, &[]);
+    x.configure(&mut second);
+    let out = second.output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("open already"),
+        "{out:?}"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(rewind_windows(&x), 1);
+    assert!(
+        first.0.try_wait().unwrap().is_none(),
+        "the first window quit"
+    );
+
+    // A window that was killed leaves its socket behind; the next launch opens anew.
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while rewind_windows(&x) > 0 {
+        assert!(Instant::now() < deadline, "the killed window stays");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut third = launch("third.log");
+    x.wait_window("Rewind", Duration::from_mins(1))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(third.0.try_wait().unwrap().is_none(), "the new window quit");
+    assert_eq!(rewind_windows(&x), 1);
 }

@@ -14,6 +14,7 @@ mod activity;
 mod bench;
 mod details;
 pub mod dialogs;
+mod instance;
 pub mod settings;
 pub mod setup;
 pub mod state;
@@ -75,12 +76,24 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
             crate::error_text::one_line(&e)
         ),
     }
+    let mut listener = match instance::claim() {
+        Ok(instance::Instance::Shown) => {
+            eprintln!("Rewind is open already: its window was brought to the front");
+            return Ok(());
+        }
+        Ok(instance::Instance::First(listener)) => Some(listener),
+        Err(e) => {
+            eprintln!("note: a second launch will open a second window ({e})");
+            None
+        }
+    };
+    let first = listener.is_some();
     let native = eframe::NativeOptions {
         viewport,
         persist_window: true,
         ..Default::default()
     };
-    eframe::run_native(
+    let result = eframe::run_native(
         "rewind",
         native,
         Box::new(move |cc| {
@@ -95,6 +108,17 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
                 prefs.apply(&mut app.state);
             }
             app.start_tray(&ctx);
+            if let Some(listener) = listener.take() {
+                let actions = app.tray_actions.clone();
+                let ctx = ctx.clone();
+                instance::listen(listener, move || {
+                    actions
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push(TrayAction::Open);
+                    ctx.request_repaint();
+                })?;
+            }
             if options.minimized {
                 if app.state.tray_shown {
                     ctx.send_viewport_cmd(egui::ViewportCommand::Visible(false));
@@ -104,9 +128,11 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
             }
             Ok(Box::new(app))
         }),
-    )
-    .map_err(|e| anyhow::anyhow!("{e}"))
-    .context(
+    );
+    if first {
+        instance::release();
+    }
+    result.map_err(|e| anyhow::anyhow!("{e}")).context(
         "could not open the Rewind window. Is a graphical session running (DISPLAY or \
          WAYLAND_DISPLAY set)? Command-line use works without one: see `rewind --help`",
     )
