@@ -52,8 +52,12 @@ pub struct Config {
     pub destinations: Vec<Destination>,
     /// The protected VMs.
     pub vms: Vec<Protection>,
-    /// All protection paused.
+    /// All protection paused until resumed.
     pub paused: bool,
+    /// All protection paused until then (a pause "for 1 hour" or "until tomorrow": it ends
+    /// by itself).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub paused_until: Option<chrono::DateTime<chrono::Utc>>,
     /// How many checkpoints may run at once (across VMs; one per VM always).
     pub max_concurrent_jobs: u32,
     /// More folders where removable drives appear (besides `/media/$USER`,
@@ -70,6 +74,45 @@ pub struct Config {
 pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u64 = 120;
 
 impl Config {
+    /// Whether all protection is paused at `now` (until resumed, or until a time to come).
+    #[must_use]
+    pub fn paused_at(&self, now: chrono::DateTime<chrono::Utc>) -> bool {
+        self.paused || self.paused_until.is_some_and(|t| now < t)
+    }
+
+    /// Whether `protection`'s scheduled checkpoints are paused at `now` (all protection, or
+    /// this VM's).
+    #[must_use]
+    pub fn vm_paused_at(
+        &self,
+        protection: &Protection,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> bool {
+        protection.paused || self.paused_at(now)
+    }
+
+    /// Pauses all protection as chosen at `now`.
+    pub fn pause<Tz: chrono::TimeZone>(
+        &mut self,
+        pause: crate::pause::Pause,
+        now: &chrono::DateTime<Tz>,
+    ) {
+        self.paused_until = pause.ends(now);
+        self.paused = self.paused_until.is_none();
+    }
+
+    /// Resumes all protection (a timed pause too).
+    pub fn resume(&mut self) {
+        self.paused = false;
+        self.paused_until = None;
+    }
+
+    /// How the global pause reads now ("paused until 15:40"), if protection is paused.
+    #[must_use]
+    pub fn pause_text(&self) -> Option<String> {
+        crate::pause::describe(self.paused, self.paused_until, &chrono::Local::now())
+    }
+
     /// How the window's restores stop a running VM.
     #[must_use]
     pub fn stop_mode(&self) -> crate::libvirt::lifecycle::StopMode {
@@ -87,6 +130,7 @@ impl Default for Config {
             destinations: Vec::new(),
             vms: Vec::new(),
             paused: false,
+            paused_until: None,
             max_concurrent_jobs: 1,
             watch_paths: Vec::new(),
             notifications: Notifications::default(),
@@ -638,6 +682,34 @@ mod tests {
             }],
             ..Config::default()
         }
+    }
+
+    #[test]
+    fn a_timed_pause_is_saved_and_ends_by_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.ron");
+        let now = chrono::Utc::now();
+        let mut config = sample();
+        config.pause(crate::pause::Pause::ForAnHour, &now);
+        assert!(!config.paused);
+        config.save(&path).unwrap();
+        let loaded = Config::load(&path).unwrap();
+        assert_eq!(loaded, config);
+        assert!(loaded.paused_at(now));
+        assert!(loaded.vm_paused_at(&loaded.vms[0], now + chrono::Duration::minutes(59)));
+        assert!(!loaded.paused_at(now + chrono::Duration::minutes(61)));
+        config.pause(crate::pause::Pause::UntilResumed, &now);
+        assert!(config.paused && config.paused_until.is_none());
+        assert!(config.paused_at(now + chrono::Duration::days(400)));
+        config.resume();
+        assert!(!config.paused_at(now));
+        // A file without the field (an older Rewind's) is not paused.
+        assert_eq!(
+            Config::parse("(paused: false)", &path)
+                .unwrap()
+                .paused_until,
+            None
+        );
     }
 
     #[test]

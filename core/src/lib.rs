@@ -22,6 +22,7 @@ pub mod libvirt;
 pub mod mounts;
 pub mod notes;
 pub mod paths;
+pub mod pause;
 pub mod policy;
 pub mod progress;
 pub mod qcow2;

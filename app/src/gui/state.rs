@@ -466,9 +466,17 @@ impl UiState {
         !self.scheduled_running().is_empty() || self.jobs.iter().any(JobView::running)
     }
 
-    /// Whether all protection is paused.
+    /// Whether all protection is paused (until resumed, or a timed pause not yet over).
     pub fn paused(&self) -> bool {
-        self.config.as_ref().is_some_and(|c| c.paused)
+        self.config.as_ref().is_some_and(|c| c.paused_at(self.now))
+    }
+
+    /// How the pause reads ("paused until 15:40"), while protection is paused.
+    pub fn pause_text(&self) -> Option<String> {
+        self.config
+            .as_ref()
+            .filter(|_| self.paused())
+            .and_then(|c| c.pause_text())
     }
 
     /// Whether some protected VM needs the user's attention.

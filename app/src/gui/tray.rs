@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use ksni::blocking::TrayMethods as _;
+use rewind_core::pause::Pause;
 
 /// What the icon shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,8 +36,8 @@ pub enum TrayState {
 pub enum TrayAction {
     /// "Checkpoint all now".
     CheckpointAll,
-    /// "Pause protection".
-    Pause,
+    /// "Pause for 1 hour", "Pause until tomorrow", "Pause until I resume".
+    Pause(Pause),
     /// "Resume protection".
     Resume,
     /// "Open Rewind", or a left click on the icon.
@@ -369,25 +370,24 @@ enum MenuEntry {
     Separator,
 }
 
-/// The tray menu; the pause entry says what clicking it will do.
+/// The tray menu: "Resume" while paused, else the three ways to pause.
 fn menu_model(paused: bool) -> Vec<MenuEntry> {
-    let pause = if paused {
-        MenuEntry::Item {
+    let mut menu = vec![MenuEntry::Item {
+        label: "Checkpoint all now",
+        action: TrayAction::CheckpointAll,
+    }];
+    if paused {
+        menu.push(MenuEntry::Item {
             label: "Resume protection",
             action: TrayAction::Resume,
-        }
+        });
     } else {
-        MenuEntry::Item {
-            label: "Pause protection",
-            action: TrayAction::Pause,
-        }
-    };
-    vec![
-        MenuEntry::Item {
-            label: "Checkpoint all now",
-            action: TrayAction::CheckpointAll,
-        },
-        pause,
+        menu.extend(Pause::ALL.map(|pause| MenuEntry::Item {
+            label: pause.label(),
+            action: TrayAction::Pause(pause),
+        }));
+    }
+    menu.extend([
         MenuEntry::Separator,
         MenuEntry::Item {
             label: "Open Rewind",
@@ -397,7 +397,8 @@ fn menu_model(paused: bool) -> Vec<MenuEntry> {
             label: "Quit",
             action: TrayAction::Quit,
         },
-    ]
+    ]);
+    menu
 }
 
 /// The four status icons as SNI pixmaps, decoded once.
@@ -546,7 +547,9 @@ mod tests {
             labels(&menu),
             [
                 "Checkpoint all now",
-                "Pause protection",
+                "Pause for 1 hour",
+                "Pause until tomorrow",
+                "Pause until I resume",
                 "---",
                 "Open Rewind",
                 "Quit"
@@ -563,7 +566,9 @@ mod tests {
             actions,
             [
                 TrayAction::CheckpointAll,
-                TrayAction::Pause,
+                TrayAction::Pause(Pause::ForAnHour),
+                TrayAction::Pause(Pause::UntilTomorrow),
+                TrayAction::Pause(Pause::UntilResumed),
                 TrayAction::Open,
                 TrayAction::Quit
             ]
@@ -1078,7 +1083,9 @@ mod tests {
                 labels(&item.menu()),
                 [
                     "Checkpoint all now",
-                    "Pause protection",
+                    "Pause for 1 hour",
+                    "Pause until tomorrow",
+                    "Pause until I resume",
                     "---",
                     "Open Rewind",
                     "Quit"
@@ -1112,7 +1119,7 @@ mod tests {
             wait_for("the last update", || {
                 (item.string("Status") == "Active" && item.icon() != attention_icon).then_some(())
             });
-            assert_eq!(labels(&item.menu())[1], "Pause protection");
+            assert_eq!(labels(&item.menu())[1], "Pause for 1 hour");
             assert_eq!(item.tooltip().1, "all protected");
 
             // Clicks reach `on_action`.
@@ -1121,8 +1128,11 @@ mod tests {
                 actions.recv_timeout(PATIENCE),
                 Ok(TrayAction::CheckpointAll)
             );
-            item.click("Pause protection");
-            assert_eq!(actions.recv_timeout(PATIENCE), Ok(TrayAction::Pause));
+            item.click("Pause until tomorrow");
+            assert_eq!(
+                actions.recv_timeout(PATIENCE),
+                Ok(TrayAction::Pause(Pause::UntilTomorrow))
+            );
             item.click("Open Rewind");
             assert_eq!(actions.recv_timeout(PATIENCE), Ok(TrayAction::Open));
             item.click("Quit");

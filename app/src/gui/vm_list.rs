@@ -7,6 +7,7 @@ use std::time::Instant;
 use chrono::Local;
 use egui::{Color32, RichText};
 use rewind_core::engine::{Command, SchedulerView};
+use rewind_core::pause::Pause;
 use rewind_core::units::{human_age_secs, interval_text};
 use rewind_core::view::overview::{Badge, VmOverview};
 use rewind_core::vm::{VmInfo, VmState};
@@ -116,7 +117,10 @@ pub(super) fn scheduler_text(state: &UiState) -> (Color32, String) {
     let green = Color32::from_rgb(60, 170, 90);
     let amber = Color32::from_rgb(220, 160, 40);
     if state.paused() {
-        return (amber, "Protection paused".into());
+        let text = state
+            .pause_text()
+            .map_or_else(|| "Protection paused".into(), |t| format!("Protection {t}"));
+        return (amber, text);
     }
     match &state.scheduler {
         Some(SchedulerView::Here) => (green, "Protecting (this window)".into()),
@@ -178,18 +182,29 @@ fn top_bar_ui(ui: &mut egui::Ui, state: &mut UiState, commands: &mut Commands) {
             if let Some(config) = state.config.clone()
                 && !config.vms.is_empty()
             {
-                let (label, hint) = if config.paused {
-                    ("▶ Resume protection", "Take checkpoints on schedule again")
+                if state.paused() {
+                    if ui
+                        .button("▶ Resume protection")
+                        .on_hover_text("Take checkpoints on schedule again")
+                        .clicked()
+                    {
+                        let mut c = (*config).clone();
+                        c.resume();
+                        commands.push(Command::SaveConfig(Box::new(c)));
+                    }
                 } else {
-                    (
-                        "⏸ Pause protection",
-                        "Stop taking scheduled checkpoints until resumed",
-                    )
-                };
-                if ui.button(label).on_hover_text(hint).clicked() {
-                    let mut c = (*config).clone();
-                    c.paused = !c.paused;
-                    commands.push(Command::SaveConfig(Box::new(c)));
+                    ui.menu_button("⏸ Pause protection", |ui| {
+                        for pause in Pause::ALL {
+                            if ui.button(pause.label()).clicked() {
+                                let mut c = (*config).clone();
+                                c.pause(pause, &Local::now());
+                                commands.push(Command::SaveConfig(Box::new(c)));
+                                ui.close();
+                            }
+                        }
+                    })
+                    .response
+                    .on_hover_text("Take no scheduled checkpoints for a while");
                 }
                 if ui
                     .button("Checkpoint all now")

@@ -362,12 +362,16 @@ impl State {
     fn start_due_jobs(&mut self, events: &EventSink, tx: &mpsc::Sender<Msg>) -> Duration {
         let now = Utc::now();
         let mut wait = Duration::from_mins(1);
+        if let Some(ends) = self.config.paused_until.filter(|t| *t > now) {
+            // A timed pause ends by itself: be awake for it.
+            wait = wait.min((ends - now).to_std().unwrap_or_default());
+        }
         let roots = destination::watch_roots(&self.config);
         let max_jobs = usize::try_from(self.config.max_concurrent_jobs.max(1)).unwrap_or(1);
         let manual = std::mem::take(&mut self.manual);
         for p in self.config.vms.clone() {
             let asked = manual.iter().any(|m| m == &p.vm);
-            if (self.config.paused || p.paused) && !asked {
+            if self.config.vm_paused_at(&p, now) && !asked {
                 continue;
             }
             if self.running.contains_key(&p.vm) {
@@ -590,7 +594,7 @@ impl State {
     fn warn_stale(&mut self, events: &EventSink) {
         let now = Utc::now();
         for p in &self.config.vms {
-            if self.config.paused || p.paused {
+            if self.config.vm_paused_at(p, now) {
                 continue;
             }
             for dest in &p.destinations {
@@ -643,7 +647,7 @@ impl State {
                     destination: dest.clone(),
                     at: at.max(now),
                     why,
-                    paused: self.config.paused || p.paused,
+                    paused: self.config.vm_paused_at(p, now),
                 });
             }
         }
@@ -652,7 +656,7 @@ impl State {
             program: self.program.clone(),
             started: self.started,
             updated: now,
-            paused: self.config.paused,
+            paused: self.config.paused_at(now),
             config_error: self.config_error.clone(),
             running: self.running.values().cloned().collect(),
             destinations: self

@@ -143,7 +143,7 @@ pub fn vm_overview(
             }
         })
         .collect();
-    let paused = config.paused || protection.paused;
+    let paused = config.vm_paused_at(protection, now);
     let tracks: Vec<(String, policy::Track)> = protection
         .destinations
         .iter()
