@@ -277,6 +277,10 @@ pub enum Command {
     /// Run the scheduler without a window (the systemd user unit in packaging/ runs this)
     Daemon,
 
+    /// Show Rewind's tray icon and send its desktop notifications, as a client of the
+    /// protection service (started at login; the window is opened from its menu)
+    Tray,
+
     /// Run the protection service, as root: it does every protection job, and the window,
     /// the tray and the CLI of users in the `libvirt` group are its clients (the systemd
     /// unit packaging/rewind-service.service runs this)
@@ -505,6 +509,7 @@ pub fn run(args: &Args, command: &Command, out: &mut dyn Write) -> anyhow::Resul
             crate::protect_cli::show_history(out, vm.as_deref(), *json)?;
         }
         Command::Daemon => crate::daemon::run()?,
+        Command::Tray => crate::tray_app::run()?,
         Command::Service => crate::service::run(&args.uri())?,
         Command::UndoRestore { vm, store, how } => {
             let restore = crate::restore_cli::RestoreArgs {

@@ -14,6 +14,7 @@ mod restore_cli;
 mod service;
 mod service_cli;
 mod store_cli;
+mod tray_app;
 
 use std::process::ExitCode;
 

@@ -4,6 +4,11 @@
 
 use std::collections::HashMap;
 
+use rewind_core::config::Notifications;
+use rewind_core::history::Outcome;
+use rewind_core::scheduler::Event;
+use rewind_core::units::human_bytes;
+
 /// Sends notifications; connects to the session bus on first use.
 #[derive(Debug, Default)]
 pub struct Notifier {
@@ -49,5 +54,109 @@ impl Notifier {
         )
         .map_err(|e| anyhow::anyhow!("no notification service answered ({e})"))?;
         Ok(())
+    }
+}
+
+/// What an event means for the user: a log line, and a notification if one is due.
+pub fn describe(event: &Event, wants: Notifications) -> (String, Option<(String, String)>) {
+    match event {
+        Event::Started {
+            vm,
+            destination,
+            why,
+        } => (
+            format!(
+                "checkpoint of {vm} into {destination} begins ({})",
+                why.label()
+            ),
+            None,
+        ),
+        Event::Finished(r) => match r.outcome {
+            Outcome::Ok => {
+                let line = format!(
+                    "checkpoint {} of {} into {} taken: {} new, {} old removed",
+                    r.checkpoint.as_deref().unwrap_or("?"),
+                    r.vm,
+                    r.destination,
+                    human_bytes(r.new_bytes),
+                    r.pruned
+                );
+                let note = wants.on_success.then(|| {
+                    (
+                        format!("{} is protected", r.vm),
+                        format!("New checkpoint in {}.", r.destination),
+                    )
+                });
+                (line, note)
+            }
+            Outcome::Failed => {
+                let error = r.error.as_deref().unwrap_or("unknown error");
+                let line = format!(
+                    "checkpoint of {} into {} FAILED{}: {error}",
+                    r.vm,
+                    r.destination,
+                    if r.retryable { " (will retry)" } else { "" }
+                );
+                let note = wants
+                    .on_failure
+                    .then(|| (format!("Checkpoint of {} failed", r.vm), error.to_owned()));
+                (line, note)
+            }
+            Outcome::Cancelled => (
+                format!("checkpoint of {} into {} cancelled", r.vm, r.destination),
+                None,
+            ),
+        },
+        Event::DestinationMissing {
+            destination,
+            reason,
+        } => (
+            format!("destination {destination} missing: {reason}"),
+            wants.on_failure.then(|| {
+                (
+                    format!("Checkpoints wait for {destination}"),
+                    format!(
+                        "{reason}. The checkpoints that are due are taken as soon as it is \
+                         back."
+                    ),
+                )
+            }),
+        ),
+        Event::DestinationFound {
+            destination,
+            location,
+        } => (
+            format!("destination {destination} found at {location}"),
+            None,
+        ),
+        Event::Stale {
+            vm,
+            destination,
+            last_success,
+            why,
+        } => {
+            let age = last_success.map_or_else(
+                || "there is no checkpoint".to_owned(),
+                |t| {
+                    let secs = u64::try_from((chrono::Utc::now() - t).num_seconds()).unwrap_or(0);
+                    format!(
+                        "the last checkpoint is {} old",
+                        rewind_core::units::human_age_secs(secs)
+                    )
+                },
+            );
+            let line = format!("{vm} in {destination}: {age}: {why}");
+            let note = wants.on_stale.then(|| {
+                (
+                    format!("{vm} needs a checkpoint"),
+                    format!("In {destination}, {age}. {why}"),
+                )
+            });
+            (line, note)
+        }
+        Event::ConfigReloaded => ("configuration reloaded".into(), None),
+        Event::ConfigError(e) => (format!("configuration: {e}"), None),
+        Event::Stopped => ("scheduler stopped".into(), None),
+        _ => (format!("{event:?}"), None),
     }
 }

@@ -198,7 +198,14 @@ fn a_second_launch_brings_the_first_window_forward_and_a_killed_one_is_replaced(
     }
     let mut third = launch("third.log");
     x.wait_window("Rewind", Duration::from_mins(1))
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}; the new window {:?} said:\n{}\nthe killed one said:\n{}",
+                third.0.try_wait(),
+                std::fs::read_to_string(home.join("third.log")).unwrap_or_default(),
+                std::fs::read_to_string(home.join("first.log")).unwrap_or_default()
+            )
+        });
     assert!(third.0.try_wait().unwrap().is_none(), "the new window quit");
     assert_eq!(rewind_windows(&x), 1);
 }

@@ -311,3 +311,180 @@ fn the_window_of_a_user_in_the_libvirt_group_runs_through_the_service_under_xvfb
     drop(service);
     drop(vm);
 }
+
+/// A user's session bus (`dbus-daemon --session`, run as that user), with `dbus-monitor`
+/// writing the notification calls on it to a file; both stopped when dropped.
+struct UserSession {
+    address: String,
+    bus_pid: u32,
+    monitor: std::process::Child,
+    tray: Option<std::process::Child>,
+}
+
+impl UserSession {
+    fn start(user: &TestUser, monitor_log: &Path) -> Self {
+        let out = user.run(
+            Path::new("dbus-daemon"),
+            &["--session", "--fork", "--print-address=1", "--print-pid=1"],
+            &[],
+        );
+        assert!(out.status.success(), "dbus-daemon: {out:?}");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut lines = text.lines();
+        let address = lines.next().unwrap().trim().to_owned();
+        let bus_pid = lines.next().unwrap().trim().parse().unwrap();
+        let monitor = user
+            .command(Path::new("dbus-monitor"), &[])
+            .args([
+                "--address",
+                &address,
+                "interface=org.freedesktop.Notifications",
+            ])
+            .stdout(std::fs::File::create(monitor_log).unwrap())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        Self {
+            address,
+            bus_pid,
+            monitor,
+            tray: None,
+        }
+    }
+}
+
+impl Drop for UserSession {
+    fn drop(&mut self) {
+        for child in self.tray.iter_mut().chain([&mut self.monitor]) {
+            drop(child.kill());
+            drop(child.wait());
+        }
+        drop(
+            std::process::Command::new("kill")
+                .arg(self.bus_pid.to_string())
+                .status(),
+        );
+    }
+}
+
+/// VM `rwt-no-such-vm` protected into `store` (the checkpoint fails: there is no such VM)
+/// and `rwt-vm-on-the-drive` into a drive that is not plugged in (`usb` at `drive`), all
+/// paused.
+fn failing_and_missing(store: &Path, drive: &Path, id: uuid::Uuid) -> rewind_core::config::Config {
+    let destination = |name: &str, location: &Path, id| rewind_core::config::Destination {
+        name: name.into(),
+        location: location.display().to_string(),
+        store_id: Some(id),
+        passphrase_file: None,
+    };
+    let protection = |vm: &str, dest: &str| rewind_core::config::Protection {
+        vm: vm.into(),
+        destinations: vec![dest.into()],
+        ..Default::default()
+    };
+    rewind_core::config::Config {
+        uri: rewind_tests::daemon::URI.into(),
+        destinations: vec![
+            destination("here", store, id),
+            destination("usb", drive, uuid::Uuid::new_v4()),
+        ],
+        vms: vec![
+            protection("rwt-no-such-vm", "here"),
+            protection("rwt-vm-on-the-drive", "usb"),
+        ],
+        // Paused until the tray listens (the service does not replay what happened).
+        paused: true,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn the_tray_of_a_user_in_the_group_sends_one_notification_per_failure_and_per_missing_drive() {
+    rewind_tests::setup().unwrap();
+    let dir = ScratchDir::new("svc-tray").unwrap();
+    let rewind = binary_for_users(dir.path());
+    // One VM protected into a store here that fails (it does not exist), one into a
+    // drive that is not plugged in.
+    let store = dir.path().join("store");
+    crate::rewind::run_ok(&["init", store.to_str().unwrap()]);
+    let id = Store::probe(&store).unwrap().id;
+    let mut config = failing_and_missing(&store, &dir.path().join("usb-drive"), id);
+    std::fs::create_dir_all(dir.path().join("config")).unwrap();
+    config.save(&dir.path().join("config/config.ron")).unwrap();
+    let service = TestService::start(&rewind, dir.path()).unwrap();
+
+    let user = TestUser::create(true).unwrap();
+    let home = dir.path().join("home");
+    let runtime = dir.path().join("runtime");
+    for d in [&home, &runtime] {
+        std::fs::create_dir_all(d).unwrap();
+        user.own(d).unwrap();
+    }
+    let bus_log = dir.path().join("bus.log");
+    let mut session = UserSession::start(&user, &bus_log);
+    let tray_log = dir.path().join("tray.log");
+    session.tray = Some(
+        user.command(
+            &rewind,
+            &[
+                ("REWIND_SOCKET", service.socket()),
+                ("DBUS_SESSION_BUS_ADDRESS", Path::new(&session.address)),
+                ("HOME", &home),
+                ("XDG_RUNTIME_DIR", &runtime),
+            ],
+        )
+        .arg("tray")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&tray_log).unwrap())
+        .spawn()
+        .unwrap(),
+    );
+    let logs = || {
+        format!(
+            "tray log:\n{}\nservice log:\n{}\nbus:\n{}",
+            std::fs::read_to_string(&tray_log).unwrap_or_default(),
+            std::fs::read_to_string(service.log()).unwrap_or_default(),
+            std::fs::read_to_string(&bus_log).unwrap_or_default()
+        )
+    };
+    let wait = |what: &str, secs: u64, done: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+        while !done() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what} within {secs} s:\n{}",
+                logs()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let let_in = format!("{} (uid", user.name());
+    wait("the service let the tray in", 30, &|| {
+        std::fs::read_to_string(service.log())
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.contains(&let_in) && l.contains("(tray) connected"))
+    });
+
+    config.paused = false;
+    config.save(&dir.path().join("config/config.ron")).unwrap();
+    let bus = || std::fs::read_to_string(&bus_log).unwrap_or_default();
+    let failure = "string \"Checkpoint of rwt-no-such-vm failed\"";
+    let missing = "string \"Checkpoints wait for usb\"";
+    wait("both notifications", 60, &|| {
+        bus().contains(failure) && bus().contains(missing)
+    });
+    // Time for a second one to show, had it been sent.
+    std::thread::sleep(Duration::from_secs(10));
+    let bus = bus();
+    assert_eq!(bus.matches(failure).count(), 1, "{}", logs());
+    assert_eq!(bus.matches(missing).count(), 1, "{}", logs());
+    assert!(bus.contains("no virtual machine is called"), "{}", logs());
+    assert!(bus.contains("is not plugged in"), "{}", logs());
+    // Sent on the user's own bus (only the tray is on it), and the tray runs on.
+    assert!(
+        session.tray.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "the tray exited:\n{}",
+        logs()
+    );
+}

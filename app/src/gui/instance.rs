@@ -1,7 +1,7 @@
-//! One window per user: the first window listens on a socket in the user's runtime folder
-//! (`$XDG_RUNTIME_DIR/rewind-window.sock`); a second launch finds it there, asks it to come
-//! to the front, and leaves. A socket left by a window that was killed is found dead (the
-//! connection is refused) and taken over.
+//! One window, and one tray, per user: the first one listens on a socket in the user's
+//! runtime folder (`$XDG_RUNTIME_DIR/rewind-window.sock`, `rewind-tray.sock`); a second
+//! launch finds it there, asks it to come to the front, and leaves. A socket left by a
+//! process that was killed is found dead (the connection is refused) and taken over.
 
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -10,16 +10,29 @@ use std::path::PathBuf;
 /// What a second launch says.
 const SHOW: &str = "show";
 
-/// The socket of this user's window.
-fn socket_path() -> PathBuf {
+/// Which single-instance process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The window.
+    Window,
+    /// The tray icon (`rewind tray`).
+    Tray,
+}
+
+/// The socket of this user's window or tray.
+fn socket_path(role: Role) -> PathBuf {
+    let name = match role {
+        Role::Window => "window",
+        Role::Tray => "tray",
+    };
     std::env::var_os("XDG_RUNTIME_DIR").map_or_else(
         || {
             std::env::temp_dir().join(format!(
-                "rewind-window-{}.sock",
+                "rewind-{name}-{}.sock",
                 rustix::process::getuid().as_raw()
             ))
         },
-        |dir| PathBuf::from(dir).join("rewind-window.sock"),
+        |dir| PathBuf::from(dir).join(format!("rewind-{name}.sock")),
     )
 }
 
@@ -42,8 +55,8 @@ fn show(path: &std::path::Path) -> std::io::Result<()> {
 ///
 /// # Errors
 /// The socket can be neither reached nor made (the window then runs without it).
-pub fn claim() -> std::io::Result<Instance> {
-    let path = socket_path();
+pub fn claim(role: Role) -> std::io::Result<Instance> {
+    let path = socket_path(role);
     for _ in 0..2 {
         if show(&path).is_ok() {
             return Ok(Instance::Shown);
@@ -84,9 +97,9 @@ pub fn listen(
         })
 }
 
-/// Removes the socket as the first window ends.
-pub fn release() {
-    let path = socket_path();
+/// Removes the socket as the first window (or tray) ends.
+pub fn release(role: Role) {
+    let path = socket_path(role);
     if let Err(e) = std::fs::remove_file(&path)
         && e.kind() != std::io::ErrorKind::NotFound
     {

@@ -14,14 +14,14 @@ mod activity;
 mod bench;
 mod details;
 pub mod dialogs;
-mod instance;
+pub mod instance;
 pub mod settings;
 pub mod setup;
 pub mod state;
 #[cfg(test)]
 mod tests;
 pub mod timeline;
-mod tray;
+pub mod tray;
 mod vm_list;
 
 use std::sync::{Arc, Mutex, PoisonError};
@@ -59,6 +59,11 @@ pub struct RunOptions {
 
 /// Opens the window and runs until it is closed (or, with a tray, until Quit).
 pub fn run(options: RunOptions) -> anyhow::Result<()> {
+    let through_service = goes_through_service(options.uri.is_some());
+    if options.minimized && through_service {
+        // Start at login, as an older autostart entry asks: the tray is its own process now.
+        return crate::tray_app::run();
+    }
     let config_uri =
         rewind_core::config::Config::load_or_last_good(&rewind_core::config::config_path())
             .0
@@ -76,7 +81,7 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
             crate::error_text::one_line(&e)
         ),
     }
-    let mut listener = match instance::claim() {
+    let mut listener = match instance::claim(instance::Role::Window) {
         Ok(instance::Instance::Shown) => {
             eprintln!("Rewind is open already: its window was brought to the front");
             return Ok(());
@@ -100,14 +105,18 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
             let ctx = cc.egui_ctx.clone();
             let waker_ctx = ctx.clone();
             let waker: engine::Waker = Arc::new(move || waker_ctx.request_repaint());
-            let (engine, through_service) = start_engine(options.uri.is_some(), &uri, waker)?;
+            let engine = start_engine(through_service, &uri, waker)?;
             let mut app = RewindApp::new(engine, uri, options.uri.is_some() || through_service);
             if let Some(storage) = cc.storage
                 && let Some(prefs) = eframe::get_value::<Prefs>(storage, PREFS_KEY)
             {
                 prefs.apply(&mut app.state);
             }
-            app.start_tray(&ctx);
+            if !through_service {
+                // The window hosts protection itself: its tray icon lives here. Through the
+                // service, the tray is a process of its own (`rewind tray`).
+                app.start_tray(&ctx);
+            }
             if let Some(listener) = listener.take() {
                 let actions = app.tray_actions.clone();
                 let ctx = ctx.clone();
@@ -130,7 +139,7 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
         }),
     );
     if first {
-        instance::release();
+        instance::release(instance::Role::Window);
     }
     result.map_err(|e| anyhow::anyhow!("{e}")).context(
         "could not open the Rewind window. Is a graphical session running (DISPLAY or \
@@ -138,33 +147,33 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
     )
 }
 
-/// The window's engine, and whether it is the protection service's. It is whenever the
+/// Whether the window (or the tray) works through the protection service: whenever the
 /// service runs, and always for a user who is not root (only the service can do the work
 /// then; until it runs, the window says so and keeps trying). Root with no service, or with
-/// a libvirt URI named on the command line, gets an engine of the window's own.
+/// a libvirt URI named on the command line, works by itself.
+fn goes_through_service(uri_named: bool) -> bool {
+    let root = rustix::process::geteuid().is_root();
+    !uri_named
+        && (!root || std::os::unix::net::UnixStream::connect(rewind_service::socket_path()).is_ok())
+}
+
+/// The window's engine: the protection service's, or one of the window's own.
 fn start_engine(
-    uri_named: bool,
+    through_service: bool,
     uri: &str,
     waker: engine::Waker,
-) -> std::io::Result<(EngineHandle, bool)> {
-    let socket = rewind_service::socket_path();
-    let root = rustix::process::geteuid().is_root();
-    let service_runs = || std::os::unix::net::UnixStream::connect(&socket).is_ok();
-    if !uri_named && (!root || service_runs()) {
-        return Ok((
-            rewind_service::client::engine("window", socket, waker)?,
-            true,
-        ));
+) -> std::io::Result<EngineHandle> {
+    if through_service {
+        return rewind_service::client::engine("window", rewind_service::socket_path(), waker);
     }
-    let engine = engine::spawn_with(
+    engine::spawn_with(
         EngineOptions {
             uri: uri.to_owned(),
             scheduler: Some(engine::THE_WINDOW),
             paths: Paths::default(),
         },
         waker,
-    )?;
-    Ok((engine, false))
+    )
 }
 
 fn load_icon() -> anyhow::Result<egui::IconData> {
@@ -299,10 +308,17 @@ impl RewindApp {
         for action in actions {
             match action {
                 TrayAction::CheckpointAll => self.send(vec![Command::CheckpointNow { vm: None }]),
-                TrayAction::Pause | TrayAction::Resume => {
+                TrayAction::Pause(pause) => {
                     if let Some(config) = &self.state.config {
                         let mut c = (**config).clone();
-                        c.paused = action == TrayAction::Pause;
+                        c.pause(pause, &chrono::Local::now());
+                        self.send(vec![Command::SaveConfig(Box::new(c))]);
+                    }
+                }
+                TrayAction::Resume => {
+                    if let Some(config) = &self.state.config {
+                        let mut c = (**config).clone();
+                        c.resume();
                         self.send(vec![Command::SaveConfig(Box::new(c))]);
                     }
                 }
@@ -380,7 +396,7 @@ impl RewindApp {
 }
 
 /// The tray's icon, pause state and tooltip for `state`.
-fn tray_look(state: &UiState) -> (TrayState, bool, String) {
+pub(crate) fn tray_look(state: &UiState) -> (TrayState, bool, String) {
     let protected = state.config.as_ref().map_or(0, |c| c.vms.len());
     let icon = if state.busy() {
         TrayState::Running
@@ -395,9 +411,10 @@ fn tray_look(state: &UiState) -> (TrayState, bool, String) {
         TrayState::Running => "Rewind — taking a checkpoint".to_owned(),
         TrayState::Attention => "Rewind — needs attention: open it to see why".to_owned(),
         TrayState::Idle => "Rewind — no VM protected yet".to_owned(),
-        TrayState::Protected if state.paused() => {
-            format!("Rewind — protection of {protected} VM(s) paused")
-        }
+        TrayState::Protected if state.paused() => format!(
+            "Rewind — protection of {protected} VM(s) {}",
+            state.pause_text().unwrap_or_else(|| "paused".into())
+        ),
         TrayState::Protected => format!("Rewind — {protected} VM(s) protected"),
     };
     (icon, state.paused(), tooltip)
