@@ -257,6 +257,121 @@ fn idle_service(
     (service, figures)
 }
 
+/// A session bus for the clients (`dbus-daemon --session`); stopped when dropped.
+struct Bus {
+    address: String,
+    pid: u32,
+}
+
+impl Bus {
+    fn start() -> Self {
+        let out = std::process::Command::new("dbus-daemon")
+            .args(["--session", "--fork", "--print-address=1", "--print-pid=1"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "dbus-daemon: {out:?}");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut lines = text.lines();
+        Self {
+            address: lines.next().unwrap().trim().to_owned(),
+            pid: lines.next().unwrap().trim().parse().unwrap(),
+        }
+    }
+}
+
+impl Drop for Bus {
+    fn drop(&mut self) {
+        drop(
+            std::process::Command::new("kill")
+                .arg(self.pid.to_string())
+                .status(),
+        );
+    }
+}
+
+/// Kills a client when dropped.
+struct Client(std::process::Child);
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        drop(self.0.kill());
+        drop(self.0.wait());
+    }
+}
+
+/// CPU (% of one core), `VmRSS`, `VmHWM` (MiB) and threads of `pid` over `idle`.
+fn measure(pid: u32, idle: Duration) -> (f64, f64, f64, u64) {
+    let (cpu0, at0) = (cpu_secs(&pid.to_string()), Instant::now());
+    std::thread::sleep(idle);
+    let cpu = (cpu_secs(&pid.to_string()) - cpu0) / at0.elapsed().as_secs_f64() * 100.0;
+    (
+        cpu,
+        status_field(pid, "VmRSS") as f64 / 1024.0,
+        status_field(pid, "VmHWM") as f64 / 1024.0,
+        status_field(pid, "Threads"),
+    )
+}
+
+/// `rewind tray` as a client of the service at `socket`, its icon shown by a tray host on
+/// a session bus, measured for `idle` after 10 s; then the window as the same service's
+/// client under Xvfb for `window_idle` (the baseline: what a window left open costs).
+fn clients_idle(
+    bin: &Path,
+    dir: &Path,
+    socket: &Path,
+    idle: Duration,
+    window_idle: Duration,
+) -> [(f64, f64, f64, u64); 2] {
+    let bus = Bus::start();
+    let host = rewind_tests::tray_host::TrayHost::start_on(&bus.address).unwrap();
+    let runtime = dir.join("runtime");
+    fs::create_dir_all(&runtime).unwrap();
+    fs::set_permissions(
+        &runtime,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    let tray = Client(
+        std::process::Command::new(bin)
+            .arg("tray")
+            .env("REWIND_SOCKET", socket)
+            .env("DBUS_SESSION_BUS_ADDRESS", &bus.address)
+            .env("XDG_RUNTIME_DIR", &runtime)
+            .env("HOME", dir)
+            .stderr(fs::File::create(dir.join("tray.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let t0 = Instant::now();
+    while host.registered().is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the tray icon did not register: {}",
+            fs::read_to_string(dir.join("tray.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(10));
+    let tray_figures = measure(tray.0.id(), idle);
+    drop(tray);
+
+    let x = rewind_tests::xvfb::Xvfb::start(1280, 800).unwrap();
+    fs::create_dir_all(x.home()).unwrap();
+    let mut cmd = std::process::Command::new(bin);
+    x.configure(&mut cmd);
+    let window = Client(
+        cmd.env("REWIND_SOCKET", socket)
+            .env_remove("DBUS_SESSION_BUS_ADDRESS")
+            .stderr(fs::File::create(dir.join("window.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    x.wait_window("Rewind", Duration::from_mins(1)).unwrap();
+    std::thread::sleep(Duration::from_secs(10));
+    let window_figures = measure(window.0.id(), window_idle);
+    [tray_figures, window_figures]
+}
+
 fn main() {
     let idle = Duration::from_secs(
         std::env::var("REWIND_IDLE_SECS")
@@ -316,6 +431,15 @@ fn main() {
             .unwrap();
     let through = latencies(&mut remote, &vms);
     drop(remote);
+    let tray_idle = Duration::from_secs(
+        std::env::var("REWIND_TRAY_IDLE_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(600),
+    );
+    let clients_dir = dir.path().join("clients");
+    fs::create_dir_all(&clients_dir).unwrap();
+    let [tray, window] = clients_idle(&bin, &clients_dir, service.socket(), tray_idle, idle);
     drop(service);
     let local_dir = dir.path().join("local");
     fs::create_dir_all(&local_dir).unwrap();
@@ -370,6 +494,15 @@ fn main() {
         ms(median(through.scheduled.clone())),
         ms(median(own.scheduled.clone()))
     );
+    println!("\n## The service's clients, idle\n");
+    println!("| process | measured for | CPU (one core = 100 %) | VmRSS | VmHWM | threads |");
+    println!("|---|---|---|---|---|---|");
+    for (name, secs, (cpu, rss, hwm, threads)) in [
+        ("`rewind tray` (icon shown)", tray_idle.as_secs(), tray),
+        ("the window (baseline)", idle.as_secs(), window),
+    ] {
+        println!("| {name} | {secs} s | {cpu:.3} % | {rss:.1} MiB | {hwm:.1} MiB | {threads} |");
+    }
     println!("\nEach round (ms): through the service");
     for (a, b) in through.started.iter().zip(&through.progress) {
         println!("- started {}, progress {}", ms(*a), ms(*b));

@@ -24,6 +24,7 @@ pub mod rewind;
 pub mod scratch;
 pub mod service;
 pub mod sshd;
+pub mod tray_host;
 pub mod users;
 pub mod workload;
 pub mod xvfb;

@@ -633,6 +633,7 @@ mod tests {
         use std::time::Instant;
 
         use rewind_tests::scratch::ScratchDir;
+        use rewind_tests::tray_host::TrayHost;
         use zbus::zvariant::{OwnedValue, Value};
 
         use super::*;
@@ -801,71 +802,6 @@ mod tests {
                 Ok("watcher") => with_a_tray_host(),
                 Ok(other) => panic!("unknown scenario {other:?}"),
                 Err(_) => eprintln!("not in a child process: nothing to do"),
-            }
-        }
-
-        /// A minimal `StatusNotifierWatcher`: records who registers.
-        struct Watcher {
-            items: Arc<Mutex<Vec<String>>>,
-        }
-
-        #[zbus::interface(name = "org.kde.StatusNotifierWatcher")]
-        #[allow(clippy::unused_self)] // D-Bus methods and properties take `&self`
-        impl Watcher {
-            fn register_status_notifier_item(&self, service: &str) {
-                self.items.lock().unwrap().push(service.to_owned());
-            }
-
-            fn register_status_notifier_host(&self, service: &str) {
-                let _ = service;
-            }
-
-            #[zbus(property)]
-            fn registered_status_notifier_items(&self) -> Vec<String> {
-                self.items.lock().unwrap().clone()
-            }
-
-            #[zbus(property)]
-            fn is_status_notifier_host_registered(&self) -> bool {
-                true
-            }
-
-            #[zbus(property)]
-            fn protocol_version(&self) -> i32 {
-                0
-            }
-        }
-
-        /// A running watcher; dropping it closes its connection, so its name goes away.
-        struct Host {
-            _connection: zbus::blocking::Connection,
-            items: Arc<Mutex<Vec<String>>>,
-        }
-
-        impl Host {
-            fn start() -> Host {
-                let items = Arc::new(Mutex::new(Vec::new()));
-                let connection = zbus::blocking::connection::Builder::session()
-                    .unwrap()
-                    .serve_at(
-                        "/StatusNotifierWatcher",
-                        Watcher {
-                            items: Arc::clone(&items),
-                        },
-                    )
-                    .unwrap()
-                    .name(WATCHER_NAME)
-                    .unwrap()
-                    .build()
-                    .unwrap();
-                Host {
-                    _connection: connection,
-                    items,
-                }
-            }
-
-            fn registered(&self) -> Vec<String> {
-                self.items.lock().unwrap().clone()
             }
         }
 
@@ -1051,7 +987,7 @@ mod tests {
         }
 
         fn with_a_tray_host() {
-            let host = Host::start();
+            let host = TrayHost::start().unwrap();
             let (actions_tx, actions) = mpsc::sync_channel(16);
             let tray = Tray::spawn(Arc::new(move |action| {
                 actions_tx.try_send(action).ok();
@@ -1143,7 +1079,7 @@ mod tests {
             // The host goes away and comes back: the icon follows.
             drop(host);
             wait_for("the icon to be gone", || (!tray.is_shown()).then_some(()));
-            let host = Host::start();
+            let host = TrayHost::start().unwrap();
             wait_for("the icon to be back", || tray.is_shown().then_some(()));
             let again = wait_for("the item to register again", || {
                 host.registered().first().cloned()
