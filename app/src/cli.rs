@@ -246,10 +246,16 @@ pub enum Command {
         vm: String,
     },
 
-    /// Pause protection of one VM, or of all
+    /// Pause protection of one VM, or of all (until resumed, or for a while)
     Pause {
         /// The VM [default: all]
         vm: Option<String>,
+        /// Pause all protection for one hour (it resumes by itself)
+        #[arg(long, conflicts_with_all = ["vm", "until_tomorrow"])]
+        for_an_hour: bool,
+        /// Pause all protection until 06:00 tomorrow, local time (it resumes by itself)
+        #[arg(long, conflicts_with = "vm")]
+        until_tomorrow: bool,
     },
 
     /// Resume protection of one VM, or of all
@@ -502,8 +508,21 @@ pub fn run(args: &Args, command: &Command, out: &mut dyn Write) -> anyhow::Resul
             crate::protect_cli::protect(out, &args.uri(), &protect)?;
         }
         Command::Unprotect { vm } => crate::protect_cli::unprotect(out, vm)?,
-        Command::Pause { vm } => crate::protect_cli::set_paused(out, vm.as_deref(), true)?,
-        Command::Resume { vm } => crate::protect_cli::set_paused(out, vm.as_deref(), false)?,
+        Command::Pause {
+            vm,
+            for_an_hour,
+            until_tomorrow,
+        } => {
+            let pause = if *for_an_hour {
+                rewind_core::pause::Pause::ForAnHour
+            } else if *until_tomorrow {
+                rewind_core::pause::Pause::UntilTomorrow
+            } else {
+                rewind_core::pause::Pause::UntilResumed
+            };
+            crate::protect_cli::set_paused(out, vm.as_deref(), Some(pause))?;
+        }
+        Command::Resume { vm } => crate::protect_cli::set_paused(out, vm.as_deref(), None)?,
         Command::Status { json } => crate::protect_cli::status(out, *json)?,
         Command::History { vm, json } => {
             crate::protect_cli::show_history(out, vm.as_deref(), *json)?;

@@ -226,20 +226,34 @@ pub fn unprotect(out: &mut dyn Write, vm: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `rewind pause [VM]` / `rewind resume [VM]`.
-pub fn set_paused(out: &mut dyn Write, vm: Option<&str>, paused: bool) -> anyhow::Result<()> {
+/// `rewind pause [VM] [--for-an-hour | --until-tomorrow]` (`Some`) / `rewind resume [VM]`
+/// (`None`).
+pub fn set_paused(
+    out: &mut dyn Write,
+    vm: Option<&str>,
+    pause: Option<rewind_core::pause::Pause>,
+) -> anyhow::Result<()> {
     let (mut config, path) = load()?;
+    let paused = pause.is_some();
     let word = if paused { "paused" } else { "resumed" };
     match vm {
         None => {
-            config.paused = paused;
-            if !paused {
+            if let Some(pause) = pause {
+                config.pause(pause, &chrono::Local::now());
+            } else {
+                config.resume();
                 for p in &mut config.vms {
                     p.paused = false;
                 }
             }
             config.save(&path)?;
-            writeln!(out, "Protection of every VM {word}.")?;
+            match config
+                .pause_text()
+                .filter(|_| config.paused_until.is_some())
+            {
+                Some(text) => writeln!(out, "Protection of every VM {text}.")?,
+                None => writeln!(out, "Protection of every VM {word}.")?,
+            }
         }
         Some(vm) => {
             let Some(p) = config.vms.iter_mut().find(|p| p.vm == vm) else {
@@ -248,7 +262,7 @@ pub fn set_paused(out: &mut dyn Write, vm: Option<&str>, paused: bool) -> anyhow
             p.paused = paused;
             config.save(&path)?;
             writeln!(out, "Protection of {vm} {word}.")?;
-            if !paused && config.paused {
+            if !paused && config.paused_at(Utc::now()) {
                 writeln!(
                     out,
                     "(All protection is still paused: `rewind resume` without a VM.)"
@@ -301,6 +315,8 @@ struct StatusJson {
     config: PathBuf,
     config_error: Option<String>,
     paused: bool,
+    /// When a timed pause ends (while it lasts).
+    paused_until: Option<chrono::DateTime<Utc>>,
     scheduler: SchedulerJson,
     vms: Vec<VmJson>,
 }
@@ -318,7 +334,7 @@ fn status_json() -> StatusJson {
         .map(|p| VmJson {
             vm: p.vm.clone(),
             uuid: p.uuid.clone(),
-            paused: config.paused || p.paused,
+            paused: config.vm_paused_at(p, now),
             interval_secs: p.interval_secs,
             keep: p.keep,
             destinations: p
@@ -334,7 +350,8 @@ fn status_json() -> StatusJson {
         config_error: error
             .map(|e| e.to_string())
             .or_else(|| live.as_ref().and_then(|s| s.config_error.clone())),
-        paused: config.paused,
+        paused: config.paused_at(now),
+        paused_until: config.paused_until.filter(|t| *t > now),
         scheduler: SchedulerJson {
             running: live.is_some(),
             pid: live.as_ref().map(|s| s.pid),
@@ -428,7 +445,13 @@ pub fn status(out: &mut dyn Write, json: bool) -> anyhow::Result<()> {
         )?,
     }
     if s.paused {
-        writeln!(out, "All protection is paused (`rewind resume`).")?;
+        let text = rewind_core::pause::describe(
+            s.paused_until.is_none(),
+            s.paused_until,
+            &chrono::Local::now(),
+        )
+        .unwrap_or_else(|| "paused".into());
+        writeln!(out, "All protection is {text} (`rewind resume`).")?;
     }
     if let Some(e) = &s.config_error {
         writeln!(out, "Configuration: {e}")?;

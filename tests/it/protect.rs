@@ -444,14 +444,11 @@ impl Session {
     }
 }
 
-#[test]
-fn a_failed_checkpoint_is_notified_on_the_desktop_bus_and_logged() {
-    rewind_tests::setup().unwrap();
-    let home = Home::new("protect-notify-home");
-    let store = home.dir.path().join("store");
-    crate::rewind::run_ok(&["init", store.to_str().unwrap()]);
-    let id = rewind_core::store::Store::probe(&store).unwrap().id;
-    let config = rewind_core::config::Config {
+/// VM `rwt-no-such-vm` protected into `store`: every checkpoint fails at once (there is no
+/// such VM) and leaves a record, with no guest to boot.
+fn failing_config(store: &Path) -> rewind_core::config::Config {
+    let id = rewind_core::store::Store::probe(store).unwrap().id;
+    rewind_core::config::Config {
         uri: daemon::URI.into(),
         destinations: vec![rewind_core::config::Destination {
             name: "usb".into(),
@@ -465,8 +462,82 @@ fn a_failed_checkpoint_is_notified_on_the_desktop_bus_and_logged() {
             ..rewind_core::config::Protection::default()
         }],
         ..rewind_core::config::Config::default()
-    };
+    }
+}
+
+#[test]
+fn a_timed_pause_holds_the_schedule_says_when_it_ends_and_ends_by_itself() {
+    rewind_tests::setup().unwrap();
+    let home = Home::new("protect-pause-home");
+    let store = home.dir.path().join("store");
+    crate::rewind::run_ok(&["init", store.to_str().unwrap()]);
+    failing_config(&store).save(&home.config_file()).unwrap();
+
+    // The CLI's three pauses, and resume.
+    let said = home.run_ok(&["pause", "--for-an-hour"]);
+    assert!(
+        said.contains("Protection of every VM paused until "),
+        "{said}"
+    );
+    let status = home.json(&["status", "--json"]);
+    assert_eq!(status["paused"], true, "{status}");
+    let until: chrono::DateTime<chrono::Utc> =
+        serde_json::from_value(status["paused_until"].clone()).unwrap();
+    let left = until - chrono::Utc::now();
+    assert!(
+        left > chrono::Duration::minutes(58) && left <= chrono::Duration::hours(1),
+        "{status}"
+    );
+    assert_eq!(status["vms"][0]["paused"], true, "{status}");
+    let text = home.run_ok(&["status"]);
+    assert!(text.contains("All protection is paused until "), "{text}");
+    let said = home.run_ok(&["pause", "--until-tomorrow"]);
+    assert!(said.contains("paused until tomorrow 06:00"), "{said}");
+    let refused = home
+        .command(&["pause", "rwt-no-such-vm", "--for-an-hour"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success(), "{refused:?}");
+    home.run_ok(&["pause"]);
+    let status = home.json(&["status", "--json"]);
+    assert_eq!(
+        (&status["paused"], &status["paused_until"]),
+        (&serde_json::Value::Bool(true), &serde_json::Value::Null),
+        "{status}"
+    );
+    home.run_ok(&["resume"]);
+    assert_eq!(home.json(&["status", "--json"])["paused"], false);
+
+    // A pause that ends in 8 s: the scheduler takes nothing before, and starts by itself
+    // after, with nobody resuming.
+    let mut config = rewind_core::config::Config::load(&home.config_file()).unwrap();
+    let ends = chrono::Utc::now() + chrono::Duration::seconds(8);
+    config.paused_until = Some(ends);
     config.save(&home.config_file()).unwrap();
+    let _daemon = home.daemon();
+    let history = || home.json(&["history", "--json"]);
+    while chrono::Utc::now() < ends - chrono::Duration::seconds(1) {
+        assert_eq!(history(), serde_json::json!([]), "a job ran while paused");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    wait_for(
+        &home,
+        Duration::from_secs(30),
+        "the first job after the pause",
+        || !history().as_array().unwrap().is_empty(),
+    );
+    let first: chrono::DateTime<chrono::Utc> =
+        serde_json::from_value(history()[0]["started"].clone()).unwrap();
+    assert!(first >= ends, "started {first}, the pause ended {ends}");
+}
+
+#[test]
+fn a_failed_checkpoint_is_notified_on_the_desktop_bus_and_logged() {
+    rewind_tests::setup().unwrap();
+    let home = Home::new("protect-notify-home");
+    let store = home.dir.path().join("store");
+    crate::rewind::run_ok(&["init", store.to_str().unwrap()]);
+    failing_config(&store).save(&home.config_file()).unwrap();
     let monitor = home.dir.path().join("bus.log");
     let _session = Session::start(&home, &monitor);
     wait_for(
