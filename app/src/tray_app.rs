@@ -258,23 +258,10 @@ mod tests {
     use rewind_core::scheduler::Event as SchedEvent;
 
     fn failed_record(vm: &str) -> Record {
-        let t = chrono::Utc::now();
         Record {
-            vm: vm.into(),
-            vm_uuid: None,
-            destination: "usb".into(),
-            location: None,
-            trigger: rewind_core::policy::Why::Due,
-            started: t,
-            finished: t,
             outcome: Outcome::Failed,
-            checkpoint: None,
-            incremental: None,
-            read_bytes: 0,
-            new_bytes: 0,
-            pruned: 0,
             error: Some("no virtual machine is called \"x\"".into()),
-            retryable: false,
+            ..Record::starting(vm, "usb", rewind_core::policy::Why::Due, chrono::Utc::now())
         }
     }
 

@@ -488,3 +488,168 @@ fn the_tray_of_a_user_in_the_group_sends_one_notification_per_failure_and_per_mi
         logs()
     );
 }
+
+/// The service's history record of the interrupted job, as a client gets it on connecting.
+fn interrupted_in_history(socket: &Path) -> Option<rewind_core::history::Record> {
+    let mut client = rewind_service::connect_to(socket, "test").unwrap();
+    loop {
+        match client.next_event().unwrap() {
+            Some(rewind_core::engine::Event::History(records)) => {
+                return records
+                    .iter()
+                    .find(|r| {
+                        r.error
+                            .as_deref()
+                            .is_some_and(|e| e.starts_with("interrupted:"))
+                    })
+                    .cloned();
+            }
+            Some(_) => {}
+            None => panic!("the service closed the connection"),
+        }
+    }
+}
+
+/// A running VM whose disk holds `mib` MiB that do not compress, so that copying it takes
+/// a while.
+fn running_with_random_data(label: &str, mib: u32) -> TestVm {
+    let mut vm = TestVm::builder(label)
+        .workload("idle")
+        .disks(vec![rewind_tests::DiskSpec::new(
+            "vda",
+            rewind_tests::Format::Qcow2,
+            512 << 20,
+        )])
+        .define()
+        .expect("define the test VM");
+    let raw = vm.dir().join("random.raw");
+    let dd = std::process::Command::new("dd")
+        .args([
+            "if=/dev/urandom",
+            "bs=1M",
+            &format!("count={mib}"),
+            "status=none",
+        ])
+        .arg(format!("of={}", raw.display()))
+        .status()
+        .unwrap();
+    assert!(dd.success());
+    vm.fill_disk("vda", &raw).unwrap();
+    std::fs::remove_file(&raw).unwrap();
+    vm.start_and_wait_ready(BOOT_TIMEOUT).expect("boot");
+    vm
+}
+
+/// `vm` protected into the store at `store` (destination `here`), paused: only what a
+/// client asks for runs.
+fn protected_paused(store: &Path, vm: &str) -> rewind_core::config::Config {
+    let id = Store::probe(store).unwrap().id;
+    rewind_core::config::Config {
+        uri: rewind_tests::daemon::URI.into(),
+        destinations: vec![rewind_core::config::Destination {
+            name: "here".into(),
+            location: store.display().to_string(),
+            store_id: Some(id),
+            passphrase_file: None,
+        }],
+        vms: vec![rewind_core::config::Protection {
+            vm: vm.into(),
+            destinations: vec!["here".into()],
+            paused: true,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_service_killed_mid_checkpoint_says_so_when_it_starts_again_and_stops_the_backup_it_left() {
+    use rewind_core::engine::{Command, Event, jobs::JobRequest};
+    let vm = running_with_random_data("svc-kill", 384);
+    let dir = ScratchDir::new("svc-kill").unwrap();
+    let store = dir.path().join("store");
+    crate::rewind::run_ok(&["init", store.to_str().unwrap()]);
+    let config = protected_paused(&store, &vm.name);
+    std::fs::create_dir_all(dir.path().join("config")).unwrap();
+    config.save(&dir.path().join("config/config.ron")).unwrap();
+    let mut service =
+        TestService::start(env!("CARGO_BIN_EXE_rewind").as_ref(), dir.path()).unwrap();
+
+    // "Checkpoint now", as the window sends it; the service is killed while it copies.
+    let mut client = rewind_service::connect_to(service.socket(), "test").unwrap();
+    client
+        .send(Command::Start(JobRequest::Checkpoint {
+            vm: vm.name.clone(),
+            destination: None,
+            full_state: false,
+        }))
+        .unwrap();
+    let hv = rewind_core::libvirt::Hypervisor::connect(rewind_tests::daemon::URI).unwrap();
+    loop {
+        match client.next_event().unwrap() {
+            Some(Event::JobProgress { done_bytes, .. })
+                if done_bytes > 0 && hv.backup_job_xml(&vm.name).unwrap().is_some() =>
+            {
+                break;
+            }
+            Some(Event::JobFinished { result, .. }) => {
+                panic!("the checkpoint ended before it could be interrupted: {result:?}")
+            }
+            Some(_) => {}
+            None => panic!("the service closed the connection"),
+        }
+    }
+    service.kill();
+    // What a killed service leaves: QEMU's backup job, and the job on record as under way.
+    assert!(hv.backup_job_xml(&vm.name).unwrap().is_some());
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("state/running"))
+            .unwrap()
+            .count(),
+        1
+    );
+    assert!(
+        client.next_event().unwrap().is_none(),
+        "the connection stays"
+    );
+
+    // Its next start stops the backup, and says what became of the job, with the reason.
+    let service = TestService::start(env!("CARGO_BIN_EXE_rewind").as_ref(), dir.path()).unwrap();
+    let interrupted = interrupted_in_history(service.socket()).unwrap_or_else(|| {
+        panic!(
+            "no interrupted job in the history:\n{}",
+            std::fs::read_to_string(service.log()).unwrap_or_default()
+        )
+    });
+    assert_eq!(interrupted.vm, vm.name);
+    assert_eq!(interrupted.outcome, rewind_core::history::Outcome::Failed);
+    assert!(
+        interrupted
+            .error
+            .unwrap()
+            .contains("stopped while this job ran")
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while hv.backup_job_xml(&vm.name).unwrap().is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the backup job runs on:\n{}",
+            std::fs::read_to_string(service.log()).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("state/running"))
+            .unwrap()
+            .count(),
+        0
+    );
+    // And the next checkpoint is whole: the store verifies, nothing half-written counts.
+    let out = crate::rewind::command()
+        .args(["checkpoint", &vm.name, "--to", "here", "--json"])
+        .env("REWIND_SOCKET", service.socket())
+        .output()
+        .unwrap();
+    json(&out, "rewind checkpoint after the kill");
+    crate::rewind::run_ok(&["verify", "--in", store.to_str().unwrap()]);
+}

@@ -95,7 +95,18 @@ impl TestService {
         &self.config_dir
     }
 
+    /// Kills it with SIGKILL, as a crash or the OOM killer would (nothing of it runs on:
+    /// no cleanup, no goodbye to clients), and reaps it.
+    pub fn kill(&mut self) {
+        drop(self.child.kill());
+        drop(self.child.wait());
+    }
+
     fn stop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            // Ended (or killed) already: its PID may be another process's by now.
+            return;
+        }
         if let Ok(pid) = i32::try_from(self.child.id()) {
             drop(
                 Command::new("kill")

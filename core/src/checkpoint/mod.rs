@@ -38,7 +38,7 @@ use full_state::resume_after_killed_run;
 use live::take_live;
 use plan::{
     LivePlan, chain_prefix, chained, clean_up_after_killed_runs, job_dir, protected_disks,
-    qcow2_files, why_not_incremental,
+    qcow2_files, stop_what_killed_runs_left, why_not_incremental,
 };
 use rewind_nbd::NbdError;
 use shut_off::take_shut_off;
@@ -146,6 +146,28 @@ pub fn take(
     control: &Control,
 ) -> Result<Manifest, CheckpointError> {
     take_with(hv, store, vm, work_dir, &TakeOptions::default(), control)
+}
+
+/// After a process that died during a checkpoint of `vm` (name or UUID) on `uri`: stops
+/// the backup job it left running in QEMU and thaws the guest if it left it frozen, at once
+/// rather than at the VM's next checkpoint. Its libvirt checkpoint, which no manifest
+/// refers to, goes at that next checkpoint (that needs the store). Returns whether there
+/// was anything to stop; a VM that is gone or not running has nothing.
+///
+/// # Errors
+/// libvirt could not be reached, or refused to stop the job.
+pub fn stop_interrupted(uri: &str, vm: &str) -> Result<bool, CheckpointError> {
+    let hv = Hypervisor::connect(uri)?;
+    let Ok(info) = hv.vm(vm) else {
+        return Ok(false);
+    };
+    if info.state != VmState::Running && info.state != VmState::Paused {
+        return Ok(false);
+    }
+    let Ok(uuid) = Uuid::parse_str(&info.uuid) else {
+        return Ok(false);
+    };
+    stop_what_killed_runs_left(&hv, &info.name, &uuid)
 }
 
 /// [`take`], with options.

@@ -123,16 +123,7 @@ pub(super) fn clean_up_after_killed_runs(
     uuid: &Uuid,
     chained: &[Manifest],
 ) -> Result<(), CheckpointError> {
-    if let Some(job) = hv.backup_job_xml(vm)?
-        && job.contains("rewind-nbd.sock")
-    {
-        hv.abort_job(vm)?;
-    }
-    if FROZEN.left_by_dead_process(uuid) {
-        // A Rewind killed while the guest was frozen: thaw it (harmless if not frozen).
-        hv.thaw_filesystems(vm)?;
-        FROZEN.remove(uuid);
-    }
+    stop_what_killed_runs_left(hv, vm, uuid)?;
     let prefix = chain_prefix(store);
     for name in hv.checkpoint_names(vm)? {
         if name.starts_with(&prefix)
@@ -144,6 +135,30 @@ pub(super) fn clean_up_after_killed_runs(
         }
     }
     Ok(())
+}
+
+/// What a killed run leaves running in the VM: its pull-backup job (QEMU goes on exporting
+/// the disks and filling the scratch file) and, if it died during the freeze, frozen file
+/// systems. Returns whether there was anything to stop.
+pub(super) fn stop_what_killed_runs_left(
+    hv: &Hypervisor,
+    vm: &str,
+    uuid: &Uuid,
+) -> Result<bool, CheckpointError> {
+    let mut stopped = false;
+    if let Some(job) = hv.backup_job_xml(vm)?
+        && job.contains("rewind-nbd.sock")
+    {
+        hv.abort_job(vm)?;
+        stopped = true;
+    }
+    if FROZEN.left_by_dead_process(uuid) {
+        // A Rewind killed while the guest was frozen: thaw it (harmless if not frozen).
+        hv.thaw_filesystems(vm)?;
+        FROZEN.remove(uuid);
+        stopped = true;
+    }
+    Ok(stopped)
 }
 
 /// The qcow2 disks among `disks`, with their image files.

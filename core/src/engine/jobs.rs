@@ -295,9 +295,15 @@ fn checkpoint_now(
             why: crate::policy::Why::Manual,
             force_full_state: full_state,
         };
+        let in_flight = crate::history::begin(history, &spec.record())
+            .inspect_err(|e| tracing::warn!("the job of {vm} is not on record as it runs: {e}"))
+            .ok();
         let (record, result) = crate::scheduler::job::run_for(&spec, control);
         crate::history::append(history, &record)
             .or_warn(format_args!("append to the history {}", history.display()));
+        if let Some(job) = in_flight {
+            job.end();
+        }
         taken.push(result?);
     }
     Ok(JobOutput::Checkpoints(taken))

@@ -43,6 +43,23 @@ fn location_text(found: &Availability) -> Option<String> {
     }
 }
 
+impl JobSpec {
+    /// The job's record as it starts (what [`crate::history::begin`] keeps while it runs).
+    #[must_use]
+    pub fn record(&self) -> Record {
+        Record {
+            vm_uuid: self.protection.uuid.clone(),
+            location: location_text(&self.found),
+            ..Record::starting(
+                &self.protection.vm,
+                &self.destination.name,
+                self.why,
+                Utc::now(),
+            )
+        }
+    }
+}
+
 /// Runs the job and says how it went.
 #[must_use]
 pub fn run(spec: &JobSpec, control: &Control) -> Record {
@@ -53,24 +70,7 @@ pub fn run(spec: &JobSpec, control: &Control) -> Record {
 /// Every trigger runs this: the timer, a drive plugged in, "Checkpoint now" from the
 /// window, the tray or the CLI.
 pub fn run_for(spec: &JobSpec, control: &Control) -> (Record, Result<Manifest, JobError>) {
-    let started = Utc::now();
-    let mut record = Record {
-        vm: spec.protection.vm.clone(),
-        vm_uuid: spec.protection.uuid.clone(),
-        destination: spec.destination.name.clone(),
-        location: location_text(&spec.found),
-        trigger: spec.why,
-        started,
-        finished: started,
-        outcome: Outcome::Ok,
-        checkpoint: None,
-        incremental: None,
-        read_bytes: 0,
-        new_bytes: 0,
-        pruned: 0,
-        error: None,
-        retryable: false,
-    };
+    let mut record = spec.record();
     let taken = run_into(spec, control, &mut record);
     if let Err(failure) = &taken {
         record.outcome = if control.is_cancelled() {

@@ -108,7 +108,11 @@ enum Msg {
     Command(Command),
     Config(Result<Config, ConfigError>),
     Mounts,
-    Done { vm: String, record: Box<Record> },
+    Done {
+        vm: String,
+        record: Box<Record>,
+        in_flight: Option<history::InFlight>,
+    },
     Written(HashMap<String, u64>),
 }
 
@@ -241,6 +245,48 @@ pub fn start(
     })
 }
 
+/// Jobs that were under way when the last scheduler of this state folder died (killed, a
+/// power cut): each becomes a failed record that says so, is reported as finished (the
+/// clients' history shows it, the tray tells the user), and what it left running in its VM
+/// (QEMU's backup job, a frozen guest) is stopped now rather than at the next checkpoint.
+async fn recover_interrupted(paths: &Paths, uri: &str, events: &EventSink) {
+    let interrupted = history::recover_interrupted(&paths.history);
+    let mut vms = std::collections::BTreeSet::new();
+    for record in interrupted {
+        tracing::warn!(
+            "the checkpoint of {} into {} that began {} was interrupted (Rewind stopped while it ran)",
+            record.vm,
+            record.destination,
+            record.started
+        );
+        vms.insert(record.vm.clone());
+        events(Event::Finished(Box::new(record)));
+    }
+    if vms.is_empty() {
+        return;
+    }
+    let uri = uri.to_owned();
+    // Before any job starts (one of the same VM would find the same leftovers), but never
+    // held up long by a libvirt that does not answer: its jobs clean up then.
+    let stopping = tokio::task::spawn_blocking(move || {
+        for vm in vms {
+            match crate::checkpoint::stop_interrupted(&uri, &vm) {
+                Ok(true) => tracing::info!("stopped what the interrupted checkpoint left in {vm}"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(
+                    "could not stop what the interrupted checkpoint left in {vm} ({e}); its next checkpoint does"
+                ),
+            }
+        }
+    });
+    if tokio::time::timeout(Duration::from_secs(30), stopping)
+        .await
+        .is_err()
+    {
+        tracing::warn!("libvirt is slow to answer: the next checkpoints clean up instead");
+    }
+}
+
 /// The loop's state.
 struct State {
     paths: Paths,
@@ -278,6 +324,7 @@ async fn run(
         events(Event::ConfigError(e.clone().into()));
     }
     let _watchers = (watch == Watch::Own).then(|| own_watchers(&paths, &events, &tx));
+    recover_interrupted(&paths, &config.uri, &events).await;
     let mut state = State {
         records: history::read(&paths.history),
         paths,
@@ -485,6 +532,9 @@ impl State {
         });
         let tx = tx.clone();
         let vm = p.vm.clone();
+        let in_flight = history::begin(&self.paths.history, &spec.record())
+            .inspect_err(|e| tracing::warn!("the job of {vm} is not on record as it runs: {e}"))
+            .ok();
         tokio::task::spawn_blocking(move || {
             let record = job::run(&spec, &control);
             // A closed channel: the loop is gone, which it is only after waiting for its jobs
@@ -492,6 +542,7 @@ impl State {
             drop(tx.blocking_send(Msg::Done {
                 vm,
                 record: Box::new(record),
+                in_flight,
             }));
         });
     }
@@ -519,10 +570,18 @@ impl State {
                 events(Event::ConfigError(e.into()));
             }
             Msg::Mounts => {}
-            Msg::Done { vm, record } => {
+            Msg::Done {
+                vm,
+                record,
+                in_flight,
+            } => {
                 self.running.remove(&vm);
                 self.controls.remove(&vm);
-                if let Err(e) = history::append(&self.paths.history, &record) {
+                let appended = history::append(&self.paths.history, &record);
+                if let Some(job) = in_flight {
+                    job.end();
+                }
+                if let Err(e) = appended {
                     events(Event::ConfigError(
                         ConfigError::Io {
                             action: "append to the history next to",
