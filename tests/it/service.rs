@@ -489,25 +489,30 @@ fn the_tray_of_a_user_in_the_group_sends_one_notification_per_failure_and_per_mi
     );
 }
 
-/// The service's history record of the interrupted job, as a client gets it on connecting.
+/// The service's history record of the interrupted job, as a client gets it on connecting
+/// (the history a new client is sent first), within 30 s.
 fn interrupted_in_history(socket: &Path) -> Option<rewind_core::history::Record> {
-    let mut client = rewind_service::connect_to(socket, "test").unwrap();
-    loop {
-        match client.next_event().unwrap() {
-            Some(rewind_core::engine::Event::History(records)) => {
-                return records
-                    .iter()
-                    .find(|r| {
-                        r.error
-                            .as_deref()
-                            .is_some_and(|e| e.starts_with("interrupted:"))
-                    })
-                    .cloned();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        let mut client = rewind_service::connect_to(socket, "test").unwrap();
+        let records = loop {
+            match client.next_event().unwrap() {
+                Some(rewind_core::engine::Event::History(records)) => break records,
+                Some(_) => {}
+                None => panic!("the service closed the connection"),
             }
-            Some(_) => {}
-            None => panic!("the service closed the connection"),
+        };
+        let found = records.iter().find(|r| {
+            r.error
+                .as_deref()
+                .is_some_and(|e| e.starts_with("interrupted:"))
+        });
+        if let Some(record) = found {
+            return Some(record.clone());
         }
+        std::thread::sleep(Duration::from_millis(200));
     }
+    None
 }
 
 /// A running VM whose disk holds `mib` MiB that do not compress, so that copying it takes
