@@ -658,3 +658,74 @@ fn a_service_killed_mid_checkpoint_says_so_when_it_starts_again_and_stops_the_ba
     json(&out, "rewind checkpoint after the kill");
     crate::rewind::run_ok(&["verify", "--in", store.to_str().unwrap()]);
 }
+
+#[test]
+fn a_client_killed_mid_job_leaves_it_running_and_the_next_window_is_shown_it_to_the_end() {
+    use rewind_core::engine::{Event, jobs::JobOutput, jobs::JobRequest};
+    let vm = running_with_random_data("svc-client-kill", 384);
+    let dir = ScratchDir::new("svc-client-kill").unwrap();
+    let rewind = binary_for_users(dir.path());
+    let store = dir.path().join("store");
+    crate::rewind::run_ok(&["init", store.to_str().unwrap()]);
+    std::fs::create_dir_all(dir.path().join("config")).unwrap();
+    protected_paused(&store, &vm.name)
+        .save(&dir.path().join("config/config.ron"))
+        .unwrap();
+    let service = TestService::start(&rewind, dir.path()).unwrap();
+    let user = TestUser::create(true).unwrap();
+
+    // The user's "Checkpoint now" (the CLI, a process of theirs); killed while it copies.
+    let mut cli = user
+        .command(&rewind, &[("REWIND_SOCKET", service.socket())])
+        .args(["checkpoint", &vm.name, "--to", "here"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let hv = rewind_core::libvirt::Hypervisor::connect(rewind_tests::daemon::URI).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_mins(1);
+    while hv.backup_job_xml(&vm.name).unwrap().is_none() {
+        assert!(
+            cli.try_wait().unwrap().is_none(),
+            "the checkpoint ended before it could be interrupted"
+        );
+        assert!(std::time::Instant::now() < deadline, "no backup job began");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cli.kill().unwrap();
+    cli.wait().unwrap();
+
+    // A window that opens now is shown the job as it runs, then how it ended.
+    let mut window = rewind_service::connect_to(service.socket(), "window").unwrap();
+    let mut job = None;
+    let mut progress = false;
+    let taken = loop {
+        match window.next_event().unwrap() {
+            Some(Event::JobStarted {
+                job: id, request, ..
+            }) => {
+                assert!(
+                    matches!(&*request, JobRequest::Checkpoint { vm: v, .. } if *v == vm.name),
+                    "{request:?}"
+                );
+                job = Some(id);
+            }
+            Some(Event::JobProgress { job: id, .. }) if Some(id) == job => progress = true,
+            Some(Event::JobFinished { job: id, result }) if Some(id) == job => match result {
+                Ok(JobOutput::Checkpoints(taken)) => break taken,
+                other => panic!("the job did not finish well: {other:?}"),
+            },
+            Some(_) => {}
+            None => panic!("the service closed the connection"),
+        }
+    };
+    assert!(progress, "the running job's progress was not shown");
+    assert_eq!(taken.len(), 1);
+    // It is the whole checkpoint, in the store and in the history, as a manual one.
+    let store = Store::open(&store, None).unwrap();
+    assert_eq!(store.catalog().unwrap().checkpoints.len(), 1);
+    let record = record_of(dir.path(), &taken[0].id);
+    assert_eq!(record.outcome, rewind_core::history::Outcome::Ok);
+    assert_eq!(record.trigger, rewind_core::policy::Why::Manual);
+    crate::rewind::run_ok(&["verify", "--in", dir.path().join("store").to_str().unwrap()]);
+}
