@@ -27,6 +27,7 @@ pub fn run(uri: &str) -> anyhow::Result<()> {
         options.paths.config.display(),
         log.destination
     );
+    adopt_older_configuration(&options.paths);
     let (tx, rx) = std::sync::mpsc::channel();
     ctrlc::set_handler(move || {
         // A second signal finds the receiver gone: the service is stopping already.
@@ -40,4 +41,34 @@ pub fn run(uri: &str) -> anyhow::Result<()> {
     running.stop();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// On the first start: an older Rewind's configuration, keys and history move here
+/// (`rewind_service::upgrade`). Only for the installed service's own folders, or where
+/// `$REWIND_LEGACY_HOMES` names the homes: a service with a folder of its own for a test
+/// must not take a configuration from this host's homes.
+fn adopt_older_configuration(paths: &rewind_core::scheduler::Paths) {
+    use rewind_service::upgrade;
+    let own_folders = std::env::var_os(rewind_core::paths::CONFIG_DIR_ENV).is_none();
+    if !own_folders && std::env::var_os(upgrade::LEGACY_HOMES_ENV).is_none() {
+        return;
+    }
+    match upgrade::adopt_if_new(paths, &upgrade::places_on_this_host()) {
+        Ok(Some(adopted)) => {
+            tracing::info!(
+                "moved the configuration of {} from {} ({} protected VMs, {} passphrase files into {}, {} history records); the old files are left as they were",
+                adopted.from.owner,
+                adopted.from.config_dir.display(),
+                adopted.vms,
+                adopted.keys,
+                paths.config.display(),
+                adopted.records
+            );
+            for note in adopted.notes {
+                tracing::warn!("{note}");
+            }
+        }
+        Ok(None) => {}
+        Err(e) => tracing::error!("{}", crate::error_text::one_line(&anyhow::Error::new(e))),
+    }
 }

@@ -10,6 +10,7 @@
 pub mod access;
 pub mod client;
 pub mod server;
+pub mod upgrade;
 pub mod wire;
 
 pub use client::{ConnectError, Connection, connect, connect_to, socket_path};

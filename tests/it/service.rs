@@ -729,3 +729,129 @@ fn a_client_killed_mid_job_leaves_it_running_and_the_next_window_is_shown_it_to_
     assert_eq!(record.trigger, rewind_core::policy::Why::Manual);
     crate::rewind::run_ok(&["verify", "--in", dir.path().join("store").to_str().unwrap()]);
 }
+
+/// Runs `rewind daemon` with an older Rewind's folders until it has taken a checkpoint;
+/// that checkpoint's ID.
+fn first_checkpoint_of_the_older_scheduler(old_config: &Path, old_state: &Path) -> String {
+    let mut daemon = crate::rewind::command()
+        .arg("daemon")
+        .env("REWIND_CONFIG_DIR", old_config)
+        .env("REWIND_STATE_DIR", old_state)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_mins(3);
+    let first_id = loop {
+        let records = rewind_core::history::read(&old_state.join("history.jsonl"));
+        if let Some(id) = records.iter().find_map(|r| r.checkpoint.clone()) {
+            break id;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the older scheduler took no checkpoint: {records:?}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    drop(
+        std::process::Command::new("kill")
+            .args(["-TERM", &daemon.id().to_string()])
+            .status(),
+    );
+    daemon.wait().unwrap();
+    first_id
+}
+
+#[test]
+fn the_first_start_moves_an_older_configuration_with_its_keys_and_history_and_chains_go_on() {
+    let mut vm = TestVm::builder("svc-upgrade")
+        .define()
+        .expect("define the test VM");
+    vm.start_and_wait_ready(BOOT_TIMEOUT).expect("boot");
+    let dir = ScratchDir::new("svc-upgrade").unwrap();
+    // An older Rewind, run as root, kept everything in root's home folders.
+    let home = dir.path().join("root-home");
+    let (old_config, old_state) = (
+        home.join(".config/rewind"),
+        home.join(".local/state/rewind"),
+    );
+    let store = dir.path().join("drive/rewind");
+    // Its passphrase file, where the user kept it.
+    let passphrase = home.join("backup-passphrase");
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::write(&passphrase, "an older secret\n").unwrap();
+    let older = |args: &[&str]| {
+        let out = crate::rewind::command()
+            .args(args)
+            .args(["--connect", rewind_tests::daemon::URI])
+            .env("REWIND_CONFIG_DIR", &old_config)
+            .env("REWIND_STATE_DIR", &old_state)
+            .env("REWIND_PASSPHRASE", "an older secret")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "rewind {args:?}: {out:?}");
+        out
+    };
+    older(&[
+        "protect",
+        &vm.name,
+        "--to",
+        store.to_str().unwrap(),
+        "--passphrase-file",
+        passphrase.to_str().unwrap(),
+    ]);
+    // Its scheduler (`rewind daemon`) took the first checkpoint, on record in its history.
+    let first_id = first_checkpoint_of_the_older_scheduler(&old_config, &old_state);
+
+    // The service's first start takes it over.
+    let service_dir = dir.path().join("service");
+    std::fs::create_dir_all(&service_dir).unwrap();
+    let home_text = home.display().to_string();
+    let service = TestService::start_with(
+        env!("CARGO_BIN_EXE_rewind").as_ref(),
+        &service_dir,
+        &[("REWIND_LEGACY_HOMES", home_text.as_str())],
+    )
+    .unwrap();
+    let config = rewind_core::config::Config::load(&service_dir.join("config/config.ron")).unwrap();
+    assert_eq!(config.vms[0].vm, vm.name);
+    let key = config.destinations[0].passphrase_file.clone().unwrap();
+    assert!(key.starts_with(service_dir.join("config/keys")), "{key:?}");
+    assert_eq!(std::fs::read(&key).unwrap(), b"an older secret\n");
+    let history = rewind_core::history::read(&service_dir.join("state/history.jsonl"));
+    assert!(
+        history
+            .iter()
+            .any(|r| r.checkpoint.as_deref() == Some(first_id.as_str())),
+        "{history:?}"
+    );
+    let log = std::fs::read_to_string(service.log()).unwrap();
+    assert!(log.contains("moved the configuration of"), "{log}");
+
+    // The next checkpoint, through the service, goes on in the same chain: an incremental
+    // on top of the older Rewind's, in the same encrypted store.
+    let next = json(
+        &crate::rewind::command()
+            .args([
+                "checkpoint",
+                &vm.name,
+                "--to",
+                &config.destinations[0].name,
+                "--json",
+            ])
+            .env("REWIND_SOCKET", service.socket())
+            .output()
+            .unwrap(),
+        "rewind checkpoint through the service",
+    );
+    assert_eq!(next[0]["parent"], first_id.as_str(), "{next}");
+    assert!(next[0]["full_reason"].is_null(), "{next}");
+    let (read, size) = (
+        next[0]["read_bytes"].as_u64().unwrap(),
+        next[0]["disks"][0]["size_bytes"].as_u64().unwrap(),
+    );
+    assert!(
+        read < size / 4,
+        "an incremental reads what changed only: {next}"
+    );
+}
