@@ -28,6 +28,19 @@ pub fn run(uri: &str) -> anyhow::Result<()> {
         log.destination
     );
     adopt_older_configuration(&options.paths);
+    // Its own key for stores on other hosts, unless the environment names an ssh_config.
+    if std::env::var_os(rewind_core::store::SSH_CONFIG_ENV).is_none() {
+        let dir = rewind_core::paths::config_dir().join("ssh");
+        match rewind_core::ssh_identity::ensure(&dir) {
+            Ok(identity) => {
+                tracing::info!("SSH key for stores on other hosts: {}", identity.public_key);
+                rewind_core::ssh_identity::use_for_stores(identity);
+            }
+            Err(e) => tracing::error!(
+                "no SSH key of its own ({e}): stores on other hosts cannot be reached"
+            ),
+        }
+    }
     let (tx, rx) = std::sync::mpsc::channel();
     ctrlc::set_handler(move || {
         // A second signal finds the receiver gone: the service is stopping already.

@@ -29,6 +29,7 @@ pub mod qcow2;
 mod qemu_nbd;
 pub mod restore;
 pub mod scheduler;
+pub mod ssh_identity;
 pub mod staging;
 pub mod store;
 pub mod units;

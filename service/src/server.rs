@@ -88,6 +88,7 @@ struct Snapshot {
     destinations: Option<Event>,
     history: Option<Event>,
     scheduler: Option<Event>,
+    ssh_identity: Option<Event>,
     /// Running jobs: how each began, and its newest progress.
     jobs: BTreeMap<JobId, (Event, Option<Event>)>,
 }
@@ -101,6 +102,7 @@ impl Snapshot {
             Event::Destinations(_) => &mut self.destinations,
             Event::History(_) => &mut self.history,
             Event::Scheduler(_) => &mut self.scheduler,
+            Event::SshIdentity { .. } => &mut self.ssh_identity,
             Event::JobStarted { job, .. } => {
                 self.jobs.insert(*job, (event.clone(), None));
                 return;
@@ -145,6 +147,7 @@ impl Snapshot {
             &self.destinations,
             &self.history,
             &self.scheduler,
+            &self.ssh_identity,
         ];
         let mut events: Vec<Event> = state.into_iter().flatten().cloned().collect();
         for (started, progress) in self.jobs.values() {

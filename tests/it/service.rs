@@ -855,3 +855,129 @@ fn the_first_start_moves_an_older_configuration_with_its_keys_and_history_and_ch
         "an incremental reads what changed only: {next}"
     );
 }
+
+/// The next event on `client` that `want` takes, skipping the others.
+fn next_matching<T>(
+    client: &mut rewind_service::Connection,
+    mut want: impl FnMut(rewind_core::engine::Event) -> Option<T>,
+) -> T {
+    loop {
+        match client.next_event().unwrap() {
+            Some(event) => {
+                if let Some(found) = want(event) {
+                    return found;
+                }
+            }
+            None => panic!("the service closed the connection"),
+        }
+    }
+}
+
+/// The answer to the test of `url`.
+fn tested_answer(
+    client: &mut rewind_service::Connection,
+    url: &str,
+) -> Result<String, rewind_core::job_error::JobError> {
+    next_matching(client, |e| match e {
+        rewind_core::engine::Event::DestinationTested { location, result } if location == url => {
+            Some(result)
+        }
+        _ => None,
+    })
+}
+
+#[test]
+fn the_service_logs_in_to_a_store_host_with_its_own_key_once_the_user_confirmed_the_host() {
+    use rewind_core::engine::{Command, Event};
+    rewind_tests::setup().unwrap();
+    let sshd = rewind_tests::sshd::Sshd::start().unwrap();
+    let dir = ScratchDir::new("svc-ssh").unwrap();
+    let service = TestService::start(env!("CARGO_BIN_EXE_rewind").as_ref(), dir.path()).unwrap();
+    let mut window = rewind_service::connect_to(service.socket(), "window").unwrap();
+
+    // The window shows the service's own public key; the key is the service's, in its
+    // configuration folder, not anyone's home.
+    let key = next_matching(&mut window, |e| match e {
+        Event::SshIdentity { public_key } => Some(public_key),
+        _ => None,
+    });
+    assert!(key.starts_with("ssh-ed25519 "), "{key}");
+    let own = std::fs::read_to_string(dir.path().join("config/ssh/id_ed25519.pub")).unwrap();
+    assert_eq!(own.trim(), key);
+
+    // First contact: the host's key is unknown. The test is refused, and the window is
+    // shown the key's fingerprint, the same as the host's own.
+    let remote = dir.path().join("on-the-host/rewind");
+    let url = format!("ssh://root@127.0.0.1:{}{}", sshd.port(), remote.display());
+    window
+        .send(Command::TestDestination {
+            location: url.clone(),
+        })
+        .unwrap();
+    let keys = next_matching(&mut window, |e| match e {
+        Event::HostKeyUnknown { location, keys, .. } if location == url => Some(keys),
+        _ => None,
+    });
+    let tested = tested_answer(&mut window, &url);
+    assert!(
+        tested
+            .as_ref()
+            .is_err_and(|e| e.message.contains("host key")),
+        "{tested:?}"
+    );
+    let host_key = sshd.dir().join("host_ed25519.pub");
+    let theirs = std::process::Command::new("ssh-keygen")
+        .arg("-lf")
+        .arg(&host_key)
+        .output()
+        .unwrap();
+    let theirs = String::from_utf8_lossy(&theirs.stdout).into_owned();
+    let shown = keys
+        .iter()
+        .find(|k| k.kind == "ED25519")
+        .unwrap_or_else(|| panic!("no ED25519 key among {keys:?}"));
+    assert!(theirs.contains(&shown.fingerprint), "{theirs} vs {shown:?}");
+
+    // The user puts the service's key on the host and trusts the fingerprint: the host is
+    // reached, with nothing from a home.
+    let mut authorized = std::fs::OpenOptions::new()
+        .append(true)
+        .open(sshd.dir().join("authorized_keys"))
+        .unwrap();
+    std::io::Write::write_all(&mut authorized, format!("{key}\n").as_bytes()).unwrap();
+    window
+        .send(Command::TrustHostKey {
+            location: url.clone(),
+            line: shown.line.clone(),
+        })
+        .unwrap();
+    let tested = tested_answer(&mut window, &url);
+    assert!(
+        tested
+            .as_ref()
+            .is_ok_and(|t| t.contains("does not exist yet")),
+        "{tested:?}\n{}",
+        std::fs::read_to_string(service.log()).unwrap_or_default()
+    );
+    let pinned = std::fs::read_to_string(dir.path().join("config/ssh/known_hosts")).unwrap();
+    assert_eq!(pinned.trim(), shown.line);
+
+    // Adding it makes the store there, logged in as the service.
+    window
+        .send(Command::AddRemoteDestination {
+            url: url.clone(),
+            passphrase: None,
+        })
+        .unwrap();
+    let added = next_matching(&mut window, |e| match e {
+        Event::DestinationAdded { result, .. } => Some(result),
+        _ => None,
+    });
+    assert!(added.is_ok(), "{added:?}");
+    assert!(Store::probe(&remote).is_ok());
+    assert!(
+        sshd.log().contains("Accepted publickey for root"),
+        "{}",
+        sshd.log()
+    );
+}

@@ -81,6 +81,9 @@ pub struct SettingsState {
     pub testing: bool,
     /// What the last connection test said.
     pub test_message: Option<Result<String, String>>,
+    /// A host met for the first time, whose key the user is asked to confirm: the location
+    /// tested, the host as shown, its keys.
+    pub unknown_host: Option<(String, String, Vec<rewind_core::ssh_identity::HostKey>)>,
 }
 
 impl SettingsState {
@@ -105,6 +108,19 @@ impl SettingsState {
             remote_url: String::new(),
             testing: false,
             test_message: None,
+            unknown_host: None,
+        }
+    }
+
+    /// A host met for the first time (ignored when the address changed since).
+    pub fn host_key_unknown(
+        &mut self,
+        location: &str,
+        host: String,
+        keys: Vec<rewind_core::ssh_identity::HostKey>,
+    ) {
+        if location == self.remote_url.trim() {
+            self.unknown_host = Some((location.to_owned(), host, keys));
         }
     }
 
@@ -341,7 +357,7 @@ fn destinations_ui(
         ui.radio_value(&mut s.remote, true, "a folder on another host (SSH)");
     });
     if s.remote {
-        add_remote_ui(ui, s, commands);
+        add_remote_ui(ui, state.ssh_public_key.as_deref(), s, commands);
     } else {
         add_folder_ui(ui, state, s, commands);
     }
@@ -363,13 +379,38 @@ fn remote_url_problem(url: &str) -> Option<&'static str> {
 
 /// The form for a store on another host: the address, a connection test, and the same
 /// encryption choice as for a folder.
-fn add_remote_ui(ui: &mut egui::Ui, s: &mut SettingsState, commands: &mut Commands) {
-    ui.label(
-        RichText::new(
-            "Rewind logs in with your own SSH set-up (~/.ssh/config, keys, agent, known_hosts); the host must already be known and reachable without a password prompt.",
-        )
-        .weak(),
-    );
+fn add_remote_ui(
+    ui: &mut egui::Ui,
+    service_key: Option<&str>,
+    s: &mut SettingsState,
+    commands: &mut Commands,
+) {
+    if let Some(key) = service_key {
+        ui.label(
+            RichText::new(
+                "Rewind's protection service logs in with a key of its own. Add this line to ~/.ssh/authorized_keys of the account on the host:",
+            )
+            .weak(),
+        );
+        ui.horizontal(|ui| {
+            let mut shown = key.to_owned();
+            ui.add(
+                egui::TextEdit::singleline(&mut shown)
+                    .font(egui::TextStyle::Monospace)
+                    .desired_width(480.0),
+            );
+            if ui.button("Copy").clicked() {
+                ui.ctx().copy_text(key.to_owned());
+            }
+        });
+    } else {
+        ui.label(
+            RichText::new(
+                "Rewind logs in with your own SSH set-up (~/.ssh/config, keys, agent, known_hosts); the host must be reachable without a password prompt.",
+            )
+            .weak(),
+        );
+    }
     ui.horizontal(|ui| {
         let label = ui.label("Address");
         let edit = ui
@@ -382,6 +423,7 @@ fn add_remote_ui(ui: &mut egui::Ui, s: &mut SettingsState, commands: &mut Comman
         if edit.changed() {
             s.test_message = None;
             s.testing = false;
+            s.unknown_host = None;
         }
         let test = ui.add_enabled(
             remote_url_problem(&s.remote_url).is_none() && !s.testing,
@@ -399,6 +441,7 @@ fn add_remote_ui(ui: &mut egui::Ui, s: &mut SettingsState, commands: &mut Comman
             ui.label("Connecting…");
         }
     });
+    host_key_ui(ui, s, commands);
     match &s.test_message {
         Some(Ok(text)) => {
             ui.colored_label(ui.visuals().hyperlink_color, text);
@@ -420,6 +463,43 @@ fn add_remote_ui(ui: &mut egui::Ui, s: &mut SettingsState, commands: &mut Comman
         },
         commands,
     );
+}
+
+/// A host met for the first time: its key's fingerprint, to compare with the host's own,
+/// and whether to trust it.
+fn host_key_ui(ui: &mut egui::Ui, s: &mut SettingsState, commands: &mut Commands) {
+    let Some((location, host, keys)) = s.unknown_host.clone() else {
+        return;
+    };
+    egui::Frame::group(ui.style()).show(ui, |ui| {
+        ui.label(RichText::new(format!("First connection to {host}")).strong());
+        ui.label(
+            "Is this your host? Compare its key with the one the host itself shows (on it: ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub). A different key can mean that someone is in between.",
+        );
+        let key = keys
+            .iter()
+            .find(|k| k.kind == "ED25519")
+            .or_else(|| keys.first());
+        if let Some(key) = key {
+            ui.label(RichText::new(format!("{} key {}", key.kind, key.fingerprint)).monospace());
+        }
+        ui.horizontal(|ui| {
+            if let Some(key) = key
+                && ui.button("Trust this host").clicked()
+            {
+                commands.push(Command::TrustHostKey {
+                    location: location.clone(),
+                    line: key.line.clone(),
+                });
+                s.unknown_host = None;
+                s.testing = true;
+                s.test_message = None;
+            }
+            if ui.button("Cancel").clicked() {
+                s.unknown_host = None;
+            }
+        });
+    });
 }
 
 fn passphrase_problem(s: &SettingsState) -> Option<&'static str> {

@@ -188,6 +188,8 @@ pub struct UiState {
     pub history: Arc<Vec<Record>>,
     /// Who runs the scheduler.
     pub scheduler: Option<SchedulerView>,
+    /// The protection service's SSH public key (for a host's `authorized_keys`).
+    pub ssh_public_key: Option<String>,
     /// The live status of this window's own scheduler.
     pub own_status: Option<Box<Status>>,
     /// Jobs this window started, newest last (finished ones stay until dismissed).
@@ -237,6 +239,7 @@ impl Default for UiState {
             destinations: None,
             history: Arc::default(),
             scheduler: None,
+            ssh_public_key: None,
             own_status: None,
             jobs: Vec::new(),
             checkpoint: None,
@@ -406,6 +409,16 @@ impl UiState {
                     self.last_error = Some(e);
                 }
             }
+            Event::HostKeyUnknown {
+                location,
+                host,
+                keys,
+            } => {
+                if let Some(settings) = &mut self.settings {
+                    settings.host_key_unknown(&location, host, keys);
+                }
+            }
+            Event::SshIdentity { public_key } => self.ssh_public_key = Some(public_key),
             Event::DestinationTested { location, result } => {
                 if let Some(settings) = &mut self.settings {
                     settings.destination_tested(&location, result.map_err(|e| e.message));

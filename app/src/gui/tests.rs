@@ -469,6 +469,34 @@ fn a_remote_host_is_tested_then_added_from_the_settings() {
     });
     h.step();
     h.get_by_label_contains("host key is not known");
+    // Through the service: its own key to put on the host, and the unknown host's
+    // fingerprint to confirm; trusting it pins that key and tests again.
+    let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExample rewind-service@host";
+    h.state_mut().0.apply(Event::SshIdentity {
+        public_key: key.into(),
+    });
+    h.state_mut().0.apply(Event::HostKeyUnknown {
+        location: "ssh://me@nas/srv/rewind".into(),
+        host: "nas".into(),
+        keys: vec![rewind_core::ssh_identity::HostKey {
+            line: "nas ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINas".into(),
+            fingerprint: "SHA256:abcdefgh".into(),
+            kind: "ED25519".into(),
+        }],
+    });
+    h.step();
+    h.get_by_label_contains("logs in with a key of its own");
+    h.get_by_label_contains("First connection to nas");
+    h.get_by_label("ED25519 key SHA256:abcdefgh");
+    h.get_by_label("Trust this host").click();
+    h.step();
+    let trusted = h.state().1.iter().any(|c| {
+        matches!(c, Command::TrustHostKey { location, line }
+            if location == "ssh://me@nas/srv/rewind" && line.starts_with("nas ssh-ed25519"))
+    });
+    assert!(trusted, "{:?}", h.state().1);
+    h.step();
+    assert!(h.query_by_label_contains("First connection to").is_none());
     settle(&mut h);
     h.get_by_label("Add destination").click();
     h.step();

@@ -3,7 +3,7 @@
 
 use super::{
     AddTarget, Arc, Command, Config, Engine, ErrorKind, Event, Inner, JobError, JobRequest,
-    Protection, jobs, mpsc, test_destination,
+    Protection, jobs, mpsc,
 };
 
 impl Engine {
@@ -31,13 +31,9 @@ impl Engine {
                 self.add_destination(p, AddTarget::Remote(url), passphrase, inner)
                     .await;
             }
-            Command::TestDestination { location } => {
-                let tested = location.clone();
-                let result = tokio::task::spawn_blocking(move || test_destination(&tested))
-                    .await
-                    .unwrap_or_else(|join| Err(JobError::internal(&join)));
-                self.emit(Event::DestinationTested { location, result })
-                    .await;
+            Command::TestDestination { location } => self.test_destination(location, None).await,
+            Command::TrustHostKey { location, line } => {
+                self.test_destination(location, Some(line)).await;
             }
             Command::Cancel(job) => {
                 if let Some(c) = p.jobs.get(&job) {

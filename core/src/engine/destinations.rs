@@ -12,6 +12,44 @@ pub(super) enum AddTarget {
 }
 
 impl Engine {
+    /// Answers [`Command::TestDestination`], and [`Command::TrustHostKey`] (`trust`: the
+    /// confirmed key's line, pinned first), off the loop.
+    pub(super) async fn test_destination(&self, location: String, trust: Option<String>) {
+        let tested = location.clone();
+        let (result, unknown) = tokio::task::spawn_blocking(move || {
+            if let Some(line) = trust {
+                let pinned = crate::ssh_identity::known_hosts_for_stores()
+                    .ok_or_else(|| {
+                        JobError::new(
+                            ErrorKind::Invalid,
+                            "cannot tell where known_hosts is: HOME is not set",
+                        )
+                    })
+                    .and_then(|known| {
+                        crate::ssh_identity::trust(&known, &line)
+                            .map_err(|e| JobError::new(ErrorKind::Failed, e.to_string()))
+                    });
+                if let Err(e) = pinned {
+                    return (Err(e), None);
+                }
+            }
+            match probe_destination(&tested) {
+                Ok(text) => (Ok(text), None),
+                Err(failed) => {
+                    let (e, unknown) = *failed;
+                    (Err(e), unknown)
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|join| (Err(JobError::internal(&join)), None));
+        if let Some(event) = unknown {
+            self.emit(event).await;
+        }
+        self.emit(Event::DestinationTested { location, result })
+            .await;
+    }
+
     /// Adds a folder destination to the configuration and saves it (off the loop: creating
     /// an encrypted store derives a key, which takes a moment).
     pub(super) async fn add_destination(
@@ -90,21 +128,48 @@ impl Engine {
 
 /// What is at `location` (for [`Command::TestDestination`]): a store (how many
 /// checkpoints, encrypted or not), a place where one can be made, or why it cannot be
-/// reached.
-pub(super) fn test_destination(location: &str) -> Result<String, JobError> {
+/// reached; with the keys of a host met for the first time (the user may trust one and
+/// test again).
+fn probe_destination(location: &str) -> Result<String, Box<(JobError, Option<Event>)>> {
+    use crate::store::{Location, StoreError};
+    let place = Location::parse(location.trim()).map_err(|e| Box::new((e.into(), None)))?;
+    match probe(&place) {
+        Ok(text) => Ok(text),
+        Err(e @ StoreError::HostKey { changed: false, .. }) => {
+            let Location::Ssh(ssh) = &place else {
+                return Err(Box::new((e.into(), None)));
+            };
+            let host = match ssh.port {
+                Some(port) => format!("{}:{port}", ssh.host),
+                None => ssh.host.clone(),
+            };
+            let unknown = crate::ssh_identity::scan(&ssh.host, ssh.port)
+                .inspect_err(|scan| tracing::warn!("could not read the keys of {host}: {scan}"))
+                .ok()
+                .map(|keys| Event::HostKeyUnknown {
+                    location: location.to_owned(),
+                    host,
+                    keys,
+                });
+            Err(Box::new((e.into(), unknown)))
+        }
+        Err(e) => Err(Box::new((e.into(), None))),
+    }
+}
+
+fn probe(place: &crate::store::Location) -> Result<String, crate::store::StoreError> {
     use crate::store::{Location, Store, StoreError};
-    let place = Location::parse(location.trim())?;
-    let host = match &place {
+    let host = match place {
         Location::Ssh(ssh) => format!("Reached {}. ", ssh.host),
         Location::Local(_) => String::new(),
     };
-    match Store::probe_at(&place) {
+    match Store::probe_at(place) {
         Ok(c) if c.encryption.is_some() => Ok(format!(
             "{host}There is an encrypted Rewind store (ID {}): adding it needs its passphrase.",
             c.id
         )),
         Ok(c) => {
-            let count = Store::open_at(&place, None)
+            let count = Store::open_at(place, None)
                 .and_then(|s| s.catalog())
                 .map(|cat| cat.checkpoints.len());
             Ok(match count {
@@ -121,6 +186,6 @@ pub(super) fn test_destination(location: &str) -> Result<String, JobError> {
         Err(StoreError::NotAStore { .. }) => Ok(format!(
             "{host}The folder holds no Rewind store: adding it creates one if the folder is empty."
         )),
-        Err(e) => Err(e.into()),
+        Err(e) => Err(e),
     }
 }

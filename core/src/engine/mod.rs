@@ -38,7 +38,7 @@ mod protection;
 mod protocol;
 
 pub use commands::answer_for_this_user;
-use destinations::{AddTarget, test_destination};
+use destinations::AddTarget;
 use protection::Protection;
 pub use protocol::{Command, Event, ResumeKey, SchedulerView, Waker};
 

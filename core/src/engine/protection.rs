@@ -200,6 +200,12 @@ impl Engine {
             }
         }
         self.emit_scheduler(&protection).await;
+        if let Some(identity) = crate::ssh_identity::in_use() {
+            self.emit(Event::SshIdentity {
+                public_key: identity.public_key.clone(),
+            })
+            .await;
+        }
         self.emit(Event::History(Arc::new(crate::history::read(
             &protection.paths.history,
         ))))

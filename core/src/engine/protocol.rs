@@ -59,6 +59,14 @@ pub enum Command {
         /// Its passphrase, as for [`Command::AddFolderDestination`].
         passphrase: Option<zeroize::Zeroizing<String>>,
     },
+    /// Pin a host key that the user confirmed (one [`crate::ssh_identity::HostKey::line`]
+    /// of an [`Event::HostKeyUnknown`]), then test `location` again.
+    TrustHostKey {
+        /// The `ssh://` location that met the key.
+        location: String,
+        /// The key's `known_hosts` line.
+        line: String,
+    },
     /// Try to reach a destination that is not added yet (`ssh://…` or a folder) and say
     /// what is there, answered by [`Event::DestinationTested`].
     TestDestination {
@@ -159,6 +167,22 @@ pub enum Event {
         result: Result<crate::destination::Added, JobError>,
         /// Set when the folder is on the same disk as a VM's disk images.
         warning: Option<String>,
+    },
+    /// The first connection to a host whose key is not known yet: its keys, for the user
+    /// to compare with the host's own before [`Command::TrustHostKey`].
+    HostKeyUnknown {
+        /// The `ssh://` location tested.
+        location: String,
+        /// The host (and port) as shown.
+        host: String,
+        /// The keys it presents.
+        keys: Vec<crate::ssh_identity::HostKey>,
+    },
+    /// The protection service's own SSH public key, for the `authorized_keys` of a host that
+    /// holds a store (sent when the engine starts, where the service has one).
+    SshIdentity {
+        /// One `authorized_keys` line.
+        public_key: String,
     },
     /// The answer to [`Command::TestDestination`].
     DestinationTested {

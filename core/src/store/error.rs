@@ -265,6 +265,8 @@ pub enum StoreError {
         detail: String,
         /// The command that asks to accept the key.
         accept: String,
+        /// The key changed since it was accepted (else it was never known).
+        changed: bool,
     },
 
     /// ssh could not log in (no key it accepts, agent not running, password needed).

@@ -28,8 +28,9 @@ pub struct SshLocation {
     /// The store's folder on that host: absolute, without a trailing `/`.
     pub path: PathBuf,
     /// An `ssh_config` file to use instead of `~/.ssh/config` (`ssh -F`). [`Location::parse`]
-    /// takes it from the `REWIND_SSH_CONFIG` environment variable, for tests and unusual
-    /// setups; it is not part of the location's text.
+    /// takes it from the `REWIND_SSH_CONFIG` environment variable (tests and unusual
+    /// setups), else from the protection service's own identity
+    /// ([`crate::ssh_identity::for_stores`]); it is not part of the location's text.
     pub ssh_config: Option<PathBuf>,
 }
 
@@ -122,7 +123,8 @@ impl Location {
             path: PathBuf::from(clean),
             ssh_config: std::env::var_os(super::sftp::SSH_CONFIG_ENV)
                 .filter(|c| !c.is_empty())
-                .map(PathBuf::from),
+                .map(PathBuf::from)
+                .or_else(crate::ssh_identity::for_stores),
         }))
     }
 

@@ -51,7 +51,8 @@ pub(super) fn connect_error(location: &SshLocation, e: &openssh::Error) -> Store
         || lower.contains("host key is known")
         || lower.contains("host key for")
     {
-        let detail = if lower.contains("changed") {
+        let changed = lower.contains("changed");
+        let detail = if changed {
             "its key has changed since it was accepted".to_owned()
         } else {
             "its key is not in known_hosts".to_owned()
@@ -61,6 +62,7 @@ pub(super) fn connect_error(location: &SshLocation, e: &openssh::Error) -> Store
             host: location.host.clone(),
             detail,
             accept: location.ssh_command(),
+            changed,
         };
     }
     if kind == io::ErrorKind::PermissionDenied || lower.contains("permission denied") {
