@@ -513,13 +513,7 @@ pub fn run(args: &Args, command: &Command, out: &mut dyn Write) -> anyhow::Resul
             for_an_hour,
             until_tomorrow,
         } => {
-            let pause = if *for_an_hour {
-                rewind_core::pause::Pause::ForAnHour
-            } else if *until_tomorrow {
-                rewind_core::pause::Pause::UntilTomorrow
-            } else {
-                rewind_core::pause::Pause::UntilResumed
-            };
+            let pause = pause_asked(*for_an_hour, *until_tomorrow);
             crate::protect_cli::set_paused(out, vm.as_deref(), Some(pause))?;
         }
         Command::Resume { vm } => crate::protect_cli::set_paused(out, vm.as_deref(), None)?,
@@ -547,6 +541,17 @@ pub fn run(args: &Args, command: &Command, out: &mut dyn Write) -> anyhow::Resul
     Ok(())
 }
 
+/// The pause `rewind pause` asks for.
+fn pause_asked(for_an_hour: bool, until_tomorrow: bool) -> rewind_core::pause::Pause {
+    if for_an_hour {
+        rewind_core::pause::Pause::ForAnHour
+    } else if until_tomorrow {
+        rewind_core::pause::Pause::UntilTomorrow
+    } else {
+        rewind_core::pause::Pause::UntilResumed
+    }
+}
+
 /// Runs `command` through the protection service if it is one that goes there and the
 /// service runs (or must run: for a user who is not root). `None`: run it here.
 fn through_service(
@@ -556,7 +561,11 @@ fn through_service(
 ) -> Option<anyhow::Result<()>> {
     use crate::service_cli::{self as remote, RestoreAsk, Route};
     let goes = match command {
-        Command::Vms { .. } | Command::Checkpoint { .. } | Command::UndoRestore { .. } => true,
+        Command::Vms { .. }
+        | Command::Checkpoint { .. }
+        | Command::UndoRestore { .. }
+        | Command::Pause { .. }
+        | Command::Resume { .. } => true,
         Command::Restore {
             as_name,
             disk_dir,
@@ -575,6 +584,17 @@ fn through_service(
     };
     let session = &mut *session;
     Some(match command {
+        Command::Pause {
+            vm,
+            for_an_hour,
+            until_tomorrow,
+        } => remote::set_paused(
+            out,
+            session,
+            vm.as_deref(),
+            Some(pause_asked(*for_an_hour, *until_tomorrow)),
+        ),
+        Command::Resume { vm } => remote::set_paused(out, session, vm.as_deref(), None),
         Command::Vms { json } => remote::vms(out, session, *json, |out, uri, vms| {
             Ok(write_vm_table(out, uri, vms)?)
         }),

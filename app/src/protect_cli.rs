@@ -227,50 +227,58 @@ pub fn unprotect(out: &mut dyn Write, vm: &str) -> anyhow::Result<()> {
 }
 
 /// `rewind pause [VM] [--for-an-hour | --until-tomorrow]` (`Some`) / `rewind resume [VM]`
-/// (`None`).
+/// (`None`), on this user's own configuration file.
 pub fn set_paused(
     out: &mut dyn Write,
     vm: Option<&str>,
     pause: Option<rewind_core::pause::Pause>,
 ) -> anyhow::Result<()> {
     let (mut config, path) = load()?;
+    let said = apply_pause(&mut config, vm, pause)?;
+    config.save(&path)?;
+    writeln!(out, "{said}")?;
+    Ok(())
+}
+
+/// Pauses or resumes in `config` as `rewind pause`/`resume` ask; what to tell the user.
+///
+/// # Errors
+/// `vm` is not protected.
+pub fn apply_pause(
+    config: &mut Config,
+    vm: Option<&str>,
+    pause: Option<rewind_core::pause::Pause>,
+) -> anyhow::Result<String> {
     let paused = pause.is_some();
     let word = if paused { "paused" } else { "resumed" };
-    match vm {
-        None => {
-            if let Some(pause) = pause {
-                config.pause(pause, &chrono::Local::now());
-            } else {
-                config.resume();
-                for p in &mut config.vms {
-                    p.paused = false;
-                }
+    let Some(vm) = vm else {
+        if let Some(pause) = pause {
+            config.pause(pause, &chrono::Local::now());
+        } else {
+            config.resume();
+            for p in &mut config.vms {
+                p.paused = false;
             }
-            config.save(&path)?;
+        }
+        return Ok(
             match config
                 .pause_text()
                 .filter(|_| config.paused_until.is_some())
             {
-                Some(text) => writeln!(out, "Protection of every VM {text}.")?,
-                None => writeln!(out, "Protection of every VM {word}.")?,
-            }
-        }
-        Some(vm) => {
-            let Some(p) = config.vms.iter_mut().find(|p| p.vm == vm) else {
-                bail!("{vm:?} is not protected; `rewind status` lists the protected VMs");
-            };
-            p.paused = paused;
-            config.save(&path)?;
-            writeln!(out, "Protection of {vm} {word}.")?;
-            if !paused && config.paused_at(Utc::now()) {
-                writeln!(
-                    out,
-                    "(All protection is still paused: `rewind resume` without a VM.)"
-                )?;
-            }
-        }
+                Some(text) => format!("Protection of every VM {text}."),
+                None => format!("Protection of every VM {word}."),
+            },
+        );
+    };
+    let Some(p) = config.vms.iter_mut().find(|p| p.vm == vm) else {
+        bail!("{vm:?} is not protected; `rewind status` lists the protected VMs");
+    };
+    p.paused = paused;
+    let mut said = format!("Protection of {vm} {word}.");
+    if !paused && config.paused_at(Utc::now()) {
+        said.push_str("\n(All protection is still paused: `rewind resume` without a VM.)");
     }
-    Ok(())
+    Ok(said)
 }
 
 /// One destination of one VM in `rewind status --json`.

@@ -407,3 +407,28 @@ pub fn restore(
     }
     Ok(())
 }
+
+/// `rewind pause`/`rewind resume` through the service: its configuration changes, and the
+/// answer waits until it uses the new one.
+///
+/// # Errors
+/// The VM is not protected, the service refused the change, or the connection was lost.
+pub fn set_paused(
+    out: &mut dyn Write,
+    session: &mut Session,
+    vm: Option<&str>,
+    pause: Option<rewind_core::pause::Pause>,
+) -> anyhow::Result<()> {
+    let mut config = (*session.config()?).clone();
+    let said = crate::protect_cli::apply_pause(&mut config, vm, pause)?;
+    session.send(Command::SaveConfig(Box::new(config.clone())))?;
+    session
+        .wait(|e| match e {
+            Event::Config { config: now, .. } if **now == config => Some(Ok(())),
+            Event::Failed { error } => Some(Err(error.clone())),
+            _ => None,
+        })?
+        .map_err(|e| anyhow::Error::new(e).context("the protection service did not change it"))?;
+    writeln!(out, "{said}")?;
+    Ok(())
+}

@@ -981,3 +981,40 @@ fn the_service_logs_in_to_a_store_host_with_its_own_key_once_the_user_confirmed_
         sshd.log()
     );
 }
+
+#[test]
+fn a_user_pauses_and_resumes_the_services_protection_from_the_cli() {
+    rewind_tests::setup().unwrap();
+    let dir = ScratchDir::new("svc-pause").unwrap();
+    let rewind = binary_for_users(dir.path());
+    let store = dir.path().join("store");
+    crate::rewind::run_ok(&["init", store.to_str().unwrap()]);
+    let id = Store::probe(&store).unwrap().id;
+    std::fs::create_dir_all(dir.path().join("config")).unwrap();
+    let config_path = dir.path().join("config/config.ron");
+    failing_and_missing(&store, &dir.path().join("usb-drive"), id)
+        .save(&config_path)
+        .unwrap();
+    let service = TestService::start(&rewind, dir.path()).unwrap();
+    let user = TestUser::create(true).unwrap();
+    let env = [("REWIND_SOCKET", service.socket())];
+    let said = |args: &[&str]| {
+        let out = user.run(&rewind, args, &env);
+        assert!(out.status.success(), "rewind {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let service_config = || rewind_core::config::Config::load(&config_path).unwrap();
+
+    assert!(said(&["resume"]).contains("every VM resumed"));
+    assert!(!service_config().paused);
+    let text = said(&["pause", "--for-an-hour"]);
+    assert!(text.contains("paused until"), "{text}");
+    let until = service_config().paused_until.unwrap();
+    let left = until - chrono::Utc::now();
+    assert!(left > chrono::Duration::minutes(58), "{until}");
+    said(&["pause", "rwt-no-such-vm"]);
+    assert!(service_config().vms[0].paused);
+    said(&["resume"]);
+    let config = service_config();
+    assert!(!config.paused && config.paused_until.is_none() && !config.vms[0].paused);
+}
