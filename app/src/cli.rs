@@ -565,7 +565,8 @@ fn through_service(
         | Command::Checkpoint { .. }
         | Command::UndoRestore { .. }
         | Command::Pause { .. }
-        | Command::Resume { .. } => true,
+        | Command::Resume { .. }
+        | Command::Status { .. } => true,
         Command::Restore {
             as_name,
             disk_dir,
@@ -595,6 +596,7 @@ fn through_service(
             Some(pause_asked(*for_an_hour, *until_tomorrow)),
         ),
         Command::Resume { vm } => remote::set_paused(out, session, vm.as_deref(), None),
+        Command::Status { json } => remote::status(out, session, *json),
         Command::Vms { json } => remote::vms(out, session, *json, |out, uri, vms| {
             Ok(write_vm_table(out, uri, vms)?)
         }),

@@ -329,12 +329,49 @@ struct StatusJson {
     vms: Vec<VmJson>,
 }
 
-fn status_json() -> StatusJson {
-    let path = config::config_path();
-    let (config, error) = Config::load_or_last_good(&path);
-    let records = history::read(&history::history_path());
-    let live = Status::read_live(&live::status_path());
-    let roots = destination::watch_roots(&config);
+/// What `rewind status` reports from: this user's files, or what the protection service
+/// says.
+pub struct StatusInputs {
+    /// The configuration file shown.
+    pub path: PathBuf,
+    /// The configuration in use.
+    pub config: Config,
+    /// Why the file does not load, if it does not.
+    pub error: Option<String>,
+    /// The job history.
+    pub records: Vec<Record>,
+    /// The scheduler's live status, if it runs.
+    pub live: Option<Status>,
+    /// Where each destination's store is now.
+    pub found: Box<dyn Fn(&Destination) -> Availability>,
+}
+
+impl StatusInputs {
+    /// From this user's own files.
+    fn local() -> Self {
+        let path = config::config_path();
+        let (config, error) = Config::load_or_last_good(&path);
+        let roots = destination::watch_roots(&config);
+        Self {
+            path,
+            error: error.map(|e| e.to_string()),
+            config,
+            records: history::read(&history::history_path()),
+            live: Status::read_live(&live::status_path()),
+            found: Box::new(move |d| destination::locate(d, &roots)),
+        }
+    }
+}
+
+fn status_json(inputs: StatusInputs) -> StatusJson {
+    let StatusInputs {
+        path,
+        config,
+        error,
+        records,
+        live,
+        found,
+    } = inputs;
     let now = Utc::now();
     let vms = config
         .vms
@@ -349,15 +386,13 @@ fn status_json() -> StatusJson {
                 .destinations
                 .iter()
                 .filter_map(|d| config.destination(d))
-                .map(|d| destination_json(p, d, &records, live.as_ref(), &roots, now))
+                .map(|d| destination_json(p, d, &records, live.as_ref(), found(d), now))
                 .collect(),
         })
         .collect();
     StatusJson {
         config: path,
-        config_error: error
-            .map(|e| e.to_string())
-            .or_else(|| live.as_ref().and_then(|s| s.config_error.clone())),
+        config_error: error.or_else(|| live.as_ref().and_then(|s| s.config_error.clone())),
         paused: config.paused_at(now),
         paused_until: config.paused_until.filter(|t| *t > now),
         scheduler: SchedulerJson {
@@ -375,7 +410,7 @@ fn destination_json(
     d: &Destination,
     records: &[Record],
     live: Option<&Status>,
-    roots: &[PathBuf],
+    found: Availability,
     now: DateTime<Utc>,
 ) -> DestinationJson {
     let track = history::track(records, &p.vm, p.uuid.as_deref(), &d.name);
@@ -387,7 +422,7 @@ fn destination_json(
         .iter()
         .rev()
         .find(|r| r.destination == d.name && r.vm == p.vm);
-    let (available, found_at, reason) = match destination::locate(d, roots) {
+    let (available, found_at, reason) = match found {
         Availability::Folder(path) => (true, Some(path.display().to_string()), None),
         Availability::Remote(l) => (true, Some(l), None),
         Availability::Missing { reason } => (false, None, Some(reason)),
@@ -439,7 +474,12 @@ fn ago(t: DateTime<Utc>) -> String {
 
 /// `rewind status [--json]`.
 pub fn status(out: &mut dyn Write, json: bool) -> anyhow::Result<()> {
-    let s = status_json();
+    status_of(out, json, StatusInputs::local())
+}
+
+/// `rewind status [--json]` from `inputs`.
+pub fn status_of(out: &mut dyn Write, json: bool, inputs: StatusInputs) -> anyhow::Result<()> {
+    let s = status_json(inputs);
     if json {
         serde_json::to_writer_pretty(&mut *out, &s)?;
         writeln!(out)?;

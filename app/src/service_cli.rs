@@ -432,3 +432,54 @@ pub fn set_paused(
     writeln!(out, "{said}")?;
     Ok(())
 }
+
+/// `rewind status` through the service: its configuration, history, scheduler and drives.
+///
+/// # Errors
+/// The connection was lost.
+pub fn status(out: &mut dyn Write, session: &mut Session, json: bool) -> anyhow::Result<()> {
+    use rewind_core::engine::SchedulerView;
+    let config = session.config()?;
+    let mut records = None;
+    let mut live = None;
+    session.wait(|e| {
+        match e {
+            Event::History(h) => records = Some(h.as_ref().clone()),
+            Event::Scheduler(view) => {
+                live = Some(match view {
+                    SchedulerView::Elsewhere { status, .. } => status.as_deref().cloned(),
+                    _ => None,
+                });
+            }
+            _ => {}
+        }
+        (records.is_some() && live.is_some()).then_some(())
+    })?;
+    if session.destinations.is_none() {
+        session.wait(|e| matches!(e, Event::Destinations(_)).then_some(()))?;
+    }
+    let views = session.destinations.clone().unwrap_or_default();
+    let found = move |d: &rewind_core::config::Destination| {
+        views
+            .iter()
+            .find(|v| v.destination.name == d.name)
+            .map_or_else(
+                || rewind_core::destination::Availability::Missing {
+                    reason: "the protection service has not looked yet".into(),
+                },
+                |v| v.found.clone(),
+            )
+    };
+    crate::protect_cli::status_of(
+        out,
+        json,
+        crate::protect_cli::StatusInputs {
+            path: std::path::PathBuf::from("the protection service's configuration"),
+            config: (*config).clone(),
+            error: None,
+            records: records.unwrap_or_default(),
+            live: live.flatten(),
+            found: Box::new(found),
+        },
+    )
+}

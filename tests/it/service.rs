@@ -1012,6 +1012,25 @@ fn a_user_pauses_and_resumes_the_services_protection_from_the_cli() {
     let until = service_config().paused_until.unwrap();
     let left = until - chrono::Utc::now();
     assert!(left > chrono::Duration::minutes(58), "{until}");
+    // `rewind status` says so, from the service: its VMs, its drives, its scheduler.
+    let status: serde_json::Value = serde_json::from_str(&said(&["status", "--json"])).unwrap();
+    assert_eq!(status["paused"], true, "{status}");
+    assert!(status["paused_until"].is_string(), "{status}");
+    assert_eq!(status["scheduler"]["running"], true, "{status}");
+    let vms = status["vms"].as_array().unwrap();
+    assert_eq!(vms.len(), 2, "{status}");
+    let on_the_drive = vms
+        .iter()
+        .find(|v| v["vm"] == "rwt-vm-on-the-drive")
+        .unwrap();
+    assert_eq!(
+        on_the_drive["destinations"][0]["available"], false,
+        "{status}"
+    );
+    let here = vms.iter().find(|v| v["vm"] == "rwt-no-such-vm").unwrap();
+    assert_eq!(here["destinations"][0]["available"], true, "{status}");
+    let text = said(&["status"]);
+    assert!(text.contains("All protection is paused until"), "{text}");
     said(&["pause", "rwt-no-such-vm"]);
     assert!(service_config().vms[0].paused);
     said(&["resume"]);
