@@ -31,7 +31,10 @@ pub enum Availability {
     },
 }
 
-/// The folders searched for removable drives.
+/// The folders searched for removable drives: the user's own (`/media/$USER`,
+/// `/run/media/$USER`), `/mnt`, and the configuration's. Root (the protection service, which
+/// protects for every user) searches every user's folder under `/media` and `/run/media`,
+/// where the desktop mounts each user's drives.
 #[must_use]
 pub fn watch_roots(config: &Config) -> Vec<PathBuf> {
     let user = std::env::var("USER")
@@ -42,8 +45,32 @@ pub fn watch_roots(config: &Config) -> Vec<PathBuf> {
         Path::new("/run/media").join(&user),
         PathBuf::from("/mnt"),
     ];
+    if rustix::process::geteuid().is_root() {
+        for base in ["/media", "/run/media"] {
+            for dir in user_media_dirs(Path::new(base)) {
+                if !roots.contains(&dir) {
+                    roots.push(dir);
+                }
+            }
+        }
+    }
     roots.extend(config.watch_paths.iter().cloned());
     roots
+}
+
+/// The folders right below `base` (`/media/alice`, `/media/bob`), sorted; none if `base`
+/// cannot be read. Links are not followed.
+fn user_media_dirs(base: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return Vec::new();
+    };
+    let mut dirs: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path())
+        .collect();
+    dirs.sort();
+    dirs
 }
 
 /// Whether `dir` holds the store `id` (or any store, for `None`).
@@ -489,6 +516,21 @@ fn candidates(root: &Path) -> Vec<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_users_media_folder_is_a_root_and_links_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        for user in ["bob", "alice"] {
+            std::fs::create_dir(dir.path().join(user)).unwrap();
+        }
+        std::fs::write(dir.path().join("a-file"), b"").unwrap();
+        std::os::unix::fs::symlink("/etc", dir.path().join("link")).unwrap();
+        assert_eq!(
+            user_media_dirs(dir.path()),
+            [dir.path().join("alice"), dir.path().join("bob")]
+        );
+        assert!(user_media_dirs(&dir.path().join("none")).is_empty());
+    }
     use crate::store::InitOptions;
 
     #[test]
