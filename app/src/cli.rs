@@ -566,7 +566,8 @@ fn through_service(
         | Command::UndoRestore { .. }
         | Command::Pause { .. }
         | Command::Resume { .. }
-        | Command::Status { .. } => true,
+        | Command::Status { .. }
+        | Command::History { .. } => true,
         Command::Restore {
             as_name,
             disk_dir,
@@ -597,6 +598,7 @@ fn through_service(
         ),
         Command::Resume { vm } => remote::set_paused(out, session, vm.as_deref(), None),
         Command::Status { json } => remote::status(out, session, *json),
+        Command::History { vm, json } => remote::history(out, session, vm.as_deref(), *json),
         Command::Vms { json } => remote::vms(out, session, *json, |out, uri, vms| {
             Ok(write_vm_table(out, uri, vms)?)
         }),

@@ -565,7 +565,17 @@ pub fn status_of(out: &mut dyn Write, json: bool, inputs: StatusInputs) -> anyho
 
 /// `rewind history [VM] [--json]`.
 pub fn show_history(out: &mut dyn Write, vm: Option<&str>, json: bool) -> anyhow::Result<()> {
-    let records: Vec<Record> = history::read(&history::history_path())
+    show_records(out, history::read(&history::history_path()), vm, json)
+}
+
+/// `rewind history [VM] [--json]` of `records` (this user's, or the service's).
+pub fn show_records(
+    out: &mut dyn Write,
+    records: Vec<Record>,
+    vm: Option<&str>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let records: Vec<Record> = records
         .into_iter()
         .filter(|r| {
             vm.is_none_or(|v| {

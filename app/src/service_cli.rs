@@ -483,3 +483,20 @@ pub fn status(out: &mut dyn Write, session: &mut Session, json: bool) -> anyhow:
         },
     )
 }
+
+/// `rewind history` through the service: its job history.
+///
+/// # Errors
+/// The connection was lost.
+pub fn history(
+    out: &mut dyn Write,
+    session: &mut Session,
+    vm: Option<&str>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let records = session.wait(|e| match e {
+        Event::History(h) => Some(h.as_ref().clone()),
+        _ => None,
+    })?;
+    crate::protect_cli::show_records(out, records, vm, json)
+}

@@ -1031,6 +1031,23 @@ fn a_user_pauses_and_resumes_the_services_protection_from_the_cli() {
     assert_eq!(here["destinations"][0]["available"], true, "{status}");
     let text = said(&["status"]);
     assert!(text.contains("All protection is paused until"), "{text}");
+    // And `rewind history`: the service's, where the failed first checkpoint (taken when
+    // protection resumed) is.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let history = loop {
+        let history: serde_json::Value =
+            serde_json::from_str(&said(&["history", "rwt-no-such-vm", "--json"])).unwrap();
+        if !history.as_array().unwrap().is_empty() {
+            break history;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no job in the history"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert_eq!(history[0]["vm"], "rwt-no-such-vm", "{history}");
+    assert_eq!(history[0]["outcome"], "failed", "{history}");
     said(&["pause", "rwt-no-such-vm"]);
     assert!(service_config().vms[0].paused);
     said(&["resume"]);
