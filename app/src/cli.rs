@@ -482,30 +482,10 @@ pub fn run(args: &Args, command: &Command, out: &mut dyn Write) -> anyhow::Resul
             };
             crate::restore_cli::restore(out, &args.uri(), &restore)?;
         }
-        Command::Protect {
-            vm,
-            dest,
-            every,
-            keep,
-            activity,
-            no_quiesce,
-            full_state,
-            full_state_every,
-            passphrase_file,
-        } => {
-            let protect = crate::protect_cli::ProtectArgs {
-                vm,
-                dest,
-                every: every.as_deref(),
-                keep: keep.rules(),
-                activity: activity.as_deref(),
-                no_quiesce: *no_quiesce,
-                full_state: *full_state,
-                full_state_every: full_state_every.as_deref(),
-                passphrase_file: passphrase_file.as_deref(),
-                uri: args.connect.as_deref().filter(|u| !u.trim().is_empty()),
-            };
-            crate::protect_cli::protect(out, &args.uri(), &protect)?;
+        Command::Protect { .. } => {
+            if let Some(protect) = protect_args(args, command) {
+                crate::protect_cli::protect(out, &args.uri(), &protect)?;
+            }
         }
         Command::Unprotect { vm } => crate::protect_cli::unprotect(out, vm)?,
         Command::Pause {
@@ -541,6 +521,39 @@ pub fn run(args: &Args, command: &Command, out: &mut dyn Write) -> anyhow::Resul
     Ok(())
 }
 
+/// What `rewind protect` asks for (`None` for another command).
+fn protect_args<'a>(
+    args: &'a Args,
+    command: &'a Command,
+) -> Option<crate::protect_cli::ProtectArgs<'a>> {
+    let Command::Protect {
+        vm,
+        dest,
+        every,
+        keep,
+        activity,
+        no_quiesce,
+        full_state,
+        full_state_every,
+        passphrase_file,
+    } = command
+    else {
+        return None;
+    };
+    Some(crate::protect_cli::ProtectArgs {
+        vm,
+        dest,
+        every: every.as_deref(),
+        keep: keep.rules(),
+        activity: activity.as_deref(),
+        no_quiesce: *no_quiesce,
+        full_state: *full_state,
+        full_state_every: full_state_every.as_deref(),
+        passphrase_file: passphrase_file.as_deref(),
+        uri: args.connect.as_deref().filter(|u| !u.trim().is_empty()),
+    })
+}
+
 /// The pause `rewind pause` asks for.
 fn pause_asked(for_an_hour: bool, until_tomorrow: bool) -> rewind_core::pause::Pause {
     if for_an_hour {
@@ -567,7 +580,9 @@ fn through_service(
         | Command::Pause { .. }
         | Command::Resume { .. }
         | Command::Status { .. }
-        | Command::History { .. } => true,
+        | Command::History { .. }
+        | Command::Protect { .. }
+        | Command::Unprotect { .. } => true,
         Command::Restore {
             as_name,
             disk_dir,
@@ -599,6 +614,9 @@ fn through_service(
         Command::Resume { vm } => remote::set_paused(out, session, vm.as_deref(), None),
         Command::Status { json } => remote::status(out, session, *json),
         Command::History { vm, json } => remote::history(out, session, vm.as_deref(), *json),
+        Command::Protect { .. } => protect_args(args, command)
+            .map_or(Ok(()), |protect| remote::protect(out, session, &protect)),
+        Command::Unprotect { vm } => remote::unprotect(out, session, vm),
         Command::Vms { json } => remote::vms(out, session, *json, |out, uri, vms| {
             Ok(write_vm_table(out, uri, vms)?)
         }),

@@ -103,7 +103,7 @@ fn destination_for(
     Ok((added.name, added.location, warning))
 }
 
-/// `rewind protect VM --to DEST ...`.
+/// `rewind protect VM --to DEST ...`, on this user's own configuration file.
 pub fn protect(
     out: &mut dyn Write,
     default_uri: &str,
@@ -117,60 +117,11 @@ pub fn protect(
     }
     let hv = Hypervisor::connect(&config.uri)?;
     let info = hv.vm(args.vm)?;
-    let interval_secs = match args.every {
-        Some(every) => config::parse_interval(every).map_err(anyhow::Error::msg)?,
-        None => config::DEFAULT_INTERVAL_SECS,
-    };
-    config::check_interval(interval_secs).map_err(anyhow::Error::msg)?;
-    let activity_bytes = args.activity.map(parse_size).transpose()?;
-    let full_state_every_secs = args
-        .full_state_every
-        .map(|every| {
-            let secs = config::parse_interval(every).map_err(anyhow::Error::msg)?;
-            config::check_interval(secs).map_err(|e| anyhow::anyhow!("--full-state-every: {e}"))?;
-            Ok::<_, anyhow::Error>(secs)
-        })
-        .transpose()?;
-
+    let policy = Policy::of(args)?;
     let (name, location, warning) = destination_for(&mut config, args, &info)?;
-    let existing = config
-        .vms
-        .iter()
-        .position(|p| p.uuid.as_deref() == Some(info.uuid.as_str()) || p.vm == info.name);
-    let mut protection = existing.map(|i| config.vms.remove(i)).unwrap_or_default();
-    protection.vm.clone_from(&info.name);
-    protection.uuid = Some(info.uuid.clone());
-    if !protection.destinations.contains(&name) {
-        protection.destinations.push(name.clone());
-    }
-    protection.interval_secs = interval_secs;
-    if !args.keep.is_empty() {
-        protection.keep = args.keep;
-    } else if existing.is_none() {
-        protection.keep = config::default_keep();
-    }
-    protection.activity_bytes = activity_bytes.or(protection.activity_bytes);
-    protection.quiesce = !args.no_quiesce;
-    protection.kind = if args.full_state {
-        config::Kind::Full
-    } else {
-        config::Kind::Disk
-    };
-    protection.full_state_every_secs = full_state_every_secs;
-    config.vms.push(protection.clone());
+    let said = protect_in(&mut config, &info, &name, &location, args, &policy);
     config.save(&path)?;
-
-    writeln!(
-        out,
-        "Protecting {}: a {}checkpoint every {} into {name} ({location}){}, keeping {}.",
-        info.name,
-        if args.full_state { "full-state " } else { "" },
-        interval_text(interval_secs),
-        full_state_every_secs
-            .map(|secs| format!(", with memory too every {}", interval_text(secs)))
-            .unwrap_or_default(),
-        keep_text(&protection.keep)
-    )?;
+    writeln!(out, "{said}")?;
     if let Some(w) = warning {
         writeln!(out, "{w}")?;
     }
@@ -186,6 +137,89 @@ pub fn protect(
         )?,
     }
     Ok(())
+}
+
+/// The intervals `rewind protect` asks for, checked.
+pub struct Policy {
+    interval_secs: u64,
+    activity_bytes: Option<u64>,
+    full_state_every_secs: Option<u64>,
+}
+
+impl Policy {
+    /// From the command line.
+    ///
+    /// # Errors
+    /// An interval or size that does not parse or is out of range.
+    pub fn of(args: &ProtectArgs<'_>) -> anyhow::Result<Self> {
+        let interval_secs = match args.every {
+            Some(every) => config::parse_interval(every).map_err(anyhow::Error::msg)?,
+            None => config::DEFAULT_INTERVAL_SECS,
+        };
+        config::check_interval(interval_secs).map_err(anyhow::Error::msg)?;
+        let full_state_every_secs = args
+            .full_state_every
+            .map(|every| {
+                let secs = config::parse_interval(every).map_err(anyhow::Error::msg)?;
+                config::check_interval(secs)
+                    .map_err(|e| anyhow::anyhow!("--full-state-every: {e}"))?;
+                Ok::<_, anyhow::Error>(secs)
+            })
+            .transpose()?;
+        Ok(Self {
+            interval_secs,
+            activity_bytes: args.activity.map(parse_size).transpose()?,
+            full_state_every_secs,
+        })
+    }
+}
+
+/// Protects `info` into destination `name` in `config` as `args` ask (replacing its old
+/// policy); what to tell the user.
+pub fn protect_in(
+    config: &mut Config,
+    info: &rewind_core::vm::VmInfo,
+    name: &str,
+    location: &str,
+    args: &ProtectArgs<'_>,
+    policy: &Policy,
+) -> String {
+    let existing = config
+        .vms
+        .iter()
+        .position(|p| p.uuid.as_deref() == Some(info.uuid.as_str()) || p.vm == info.name);
+    let mut protection = existing.map(|i| config.vms.remove(i)).unwrap_or_default();
+    protection.vm.clone_from(&info.name);
+    protection.uuid = Some(info.uuid.clone());
+    if !protection.destinations.iter().any(|d| d == name) {
+        protection.destinations.push(name.to_owned());
+    }
+    protection.interval_secs = policy.interval_secs;
+    if !args.keep.is_empty() {
+        protection.keep = args.keep;
+    } else if existing.is_none() {
+        protection.keep = config::default_keep();
+    }
+    protection.activity_bytes = policy.activity_bytes.or(protection.activity_bytes);
+    protection.quiesce = !args.no_quiesce;
+    protection.kind = if args.full_state {
+        config::Kind::Full
+    } else {
+        config::Kind::Disk
+    };
+    protection.full_state_every_secs = policy.full_state_every_secs;
+    config.vms.push(protection.clone());
+    format!(
+        "Protecting {}: a {}checkpoint every {} into {name} ({location}){}, keeping {}.",
+        info.name,
+        if args.full_state { "full-state " } else { "" },
+        interval_text(policy.interval_secs),
+        policy
+            .full_state_every_secs
+            .map(|secs| format!(", with memory too every {}", interval_text(secs)))
+            .unwrap_or_default(),
+        keep_text(&protection.keep)
+    )
 }
 
 fn keep_text(k: &KeepRules) -> String {
@@ -204,9 +238,20 @@ fn keep_text(k: &KeepRules) -> String {
     parts.join(", ")
 }
 
-/// `rewind unprotect VM`.
+/// `rewind unprotect VM`, on this user's own configuration file.
 pub fn unprotect(out: &mut dyn Write, vm: &str) -> anyhow::Result<()> {
     let (mut config, path) = load()?;
+    let said = unprotect_in(&mut config, vm)?;
+    config.save(&path)?;
+    writeln!(out, "{said}")?;
+    Ok(())
+}
+
+/// Stops protecting `vm` (name or UUID) in `config`; what to tell the user.
+///
+/// # Errors
+/// It is not protected.
+pub fn unprotect_in(config: &mut Config, vm: &str) -> anyhow::Result<String> {
     let Some(i) = config.vms.iter().position(|p| {
         p.vm == vm
             || p.uuid
@@ -216,14 +261,11 @@ pub fn unprotect(out: &mut dyn Write, vm: &str) -> anyhow::Result<()> {
         bail!("{vm:?} is not protected; `rewind status` lists the protected VMs");
     };
     let p = config.vms.remove(i);
-    config.save(&path)?;
-    writeln!(
-        out,
+    Ok(format!(
         "{} is no longer protected. Its checkpoints stay in {}.",
         p.vm,
         p.destinations.join(", ")
-    )?;
-    Ok(())
+    ))
 }
 
 /// `rewind pause [VM] [--for-an-hour | --until-tomorrow]` (`Some`) / `rewind resume [VM]`

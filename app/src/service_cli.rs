@@ -162,6 +162,18 @@ impl Session {
     /// service's configuration if it is a folder or URL it does not have yet (a folder
     /// only if this user may write there).
     fn destination(&mut self, dest: &Path) -> anyhow::Result<String> {
+        let passphrase = std::env::var("REWIND_PASSPHRASE")
+            .ok()
+            .map(zeroize::Zeroizing::new);
+        self.destination_with(dest, passphrase)
+    }
+
+    /// [`Session::destination`] with the passphrase of a store it adds.
+    fn destination_with(
+        &mut self,
+        dest: &Path,
+        passphrase: Option<zeroize::Zeroizing<String>>,
+    ) -> anyhow::Result<String> {
         let config = self.config()?;
         let said = dest.to_string_lossy();
         let folder =
@@ -183,9 +195,6 @@ impl Session {
         {
             return Ok(d.name.clone());
         }
-        let passphrase = std::env::var("REWIND_PASSPHRASE")
-            .ok()
-            .map(zeroize::Zeroizing::new);
         self.send(match folder {
             Some(folder) => Command::AddFolderDestination {
                 folder,
@@ -408,6 +417,18 @@ pub fn restore(
     Ok(())
 }
 
+/// Has the service save `config`, and waits until it uses it.
+fn save_config(session: &mut Session, config: &Config) -> anyhow::Result<()> {
+    session.send(Command::SaveConfig(Box::new(config.clone())))?;
+    session
+        .wait(|e| match e {
+            Event::Config { config: now, .. } if **now == *config => Some(Ok(())),
+            Event::Failed { error } => Some(Err(error.clone())),
+            _ => None,
+        })?
+        .map_err(|e| anyhow::Error::new(e).context("the protection service did not change it"))
+}
+
 /// `rewind pause`/`rewind resume` through the service: its configuration changes, and the
 /// answer waits until it uses the new one.
 ///
@@ -421,15 +442,84 @@ pub fn set_paused(
 ) -> anyhow::Result<()> {
     let mut config = (*session.config()?).clone();
     let said = crate::protect_cli::apply_pause(&mut config, vm, pause)?;
-    session.send(Command::SaveConfig(Box::new(config.clone())))?;
-    session
-        .wait(|e| match e {
-            Event::Config { config: now, .. } if **now == config => Some(Ok(())),
-            Event::Failed { error } => Some(Err(error.clone())),
-            _ => None,
-        })?
-        .map_err(|e| anyhow::Error::new(e).context("the protection service did not change it"))?;
+    save_config(session, &config)?;
     writeln!(out, "{said}")?;
+    Ok(())
+}
+
+/// `rewind unprotect VM` through the service.
+///
+/// # Errors
+/// The VM is not protected, or the service refused the change.
+pub fn unprotect(out: &mut dyn Write, session: &mut Session, vm: &str) -> anyhow::Result<()> {
+    let mut config = (*session.config()?).clone();
+    let said = crate::protect_cli::unprotect_in(&mut config, vm)?;
+    save_config(session, &config)?;
+    writeln!(out, "{said}")?;
+    Ok(())
+}
+
+/// `rewind protect VM --to DEST ...` through the service: the destination is one the
+/// service has (by name, folder or URL) or is added (a folder only if this user may write
+/// there; a passphrase file is read here, as this user, and kept by the service), then the
+/// VM's policy goes into the service's configuration.
+///
+/// # Errors
+/// The VM or the destination cannot be had, or the service refused the change.
+pub fn protect(
+    out: &mut dyn Write,
+    session: &mut Session,
+    args: &crate::protect_cli::ProtectArgs<'_>,
+) -> anyhow::Result<()> {
+    if let Some(uri) = args.uri
+        && uri != session.connection.welcome().uri
+    {
+        bail!(
+            "the protection service protects the VMs of {}, not of {uri}",
+            session.connection.welcome().uri
+        );
+    }
+    let info = session
+        .vms()?
+        .into_iter()
+        .find(|v| v.name == args.vm || v.uuid.eq_ignore_ascii_case(args.vm))
+        .ok_or_else(|| {
+            anyhow!(
+                "there is no VM called {:?}; `rewind vms` lists them",
+                args.vm
+            )
+        })?;
+    let policy = crate::protect_cli::Policy::of(args)?;
+    let passphrase = args
+        .passphrase_file
+        .map(|file| {
+            std::fs::read_to_string(file)
+                .map(|text| zeroize::Zeroizing::new(text.trim_end_matches(['\n', '\r']).to_owned()))
+                .with_context(|| format!("could not read the passphrase file {}", file.display()))
+        })
+        .transpose()?;
+    let name = session.destination_with(Path::new(args.dest), passphrase)?;
+    let config = match session.config.clone() {
+        Some(c) if c.destination(&name).is_some() => c,
+        _ => session.wait(|e| match e {
+            Event::Config { config, .. } if config.destination(&name).is_some() => {
+                Some(config.clone())
+            }
+            _ => None,
+        })?,
+    };
+    let mut config = (*config).clone();
+    let location = config
+        .destination(&name)
+        .map(|d| d.location.clone())
+        .unwrap_or_default();
+    let said = crate::protect_cli::protect_in(&mut config, &info, &name, &location, args, &policy);
+    save_config(session, &config)?;
+    writeln!(out, "{said}")?;
+    writeln!(
+        out,
+        "The protection service takes the first checkpoint now, and the next ones on schedule."
+    )?;
     Ok(())
 }
 

@@ -1054,3 +1054,65 @@ fn a_user_pauses_and_resumes_the_services_protection_from_the_cli() {
     let config = service_config();
     assert!(!config.paused && config.paused_until.is_none() && !config.vms[0].paused);
 }
+
+#[test]
+fn a_user_protects_and_unprotects_a_vm_in_the_service_from_the_cli() {
+    let vm = TestVm::builder("svc-protect")
+        .define()
+        .expect("define the test VM");
+    let dir = ScratchDir::new("svc-protect").unwrap();
+    let rewind = binary_for_users(dir.path());
+    let service = TestService::start(&rewind, dir.path()).unwrap();
+    let user = TestUser::create(true).unwrap();
+    let home = dir.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    user.own(&home).unwrap();
+    let store = home.join("backup");
+    let passphrase = home.join("passphrase");
+    std::fs::write(&passphrase, "a user's secret\n").unwrap();
+    user.own(&passphrase).unwrap();
+    let env = [("REWIND_SOCKET", service.socket())];
+    let run = |args: &[&str]| user.run(&rewind, args, &env);
+    let config_path = dir.path().join("config/config.ron");
+
+    // A folder the user may not write is refused, and nothing is protected.
+    let refused = run(&["protect", &vm.name, "--to", "/root/rewind-not-theirs"]);
+    assert!(!refused.status.success(), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("may not write"),
+        "{refused:?}"
+    );
+
+    // Their own folder, encrypted with their passphrase file: the service protects the VM.
+    let out = run(&[
+        "protect",
+        &vm.name,
+        "--to",
+        store.to_str().unwrap(),
+        "--every",
+        "1h",
+        "--keep-last",
+        "3",
+        "--passphrase-file",
+        passphrase.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("a checkpoint every 1 hour"),
+        "{out:?}"
+    );
+    let config = rewind_core::config::Config::load(&config_path).unwrap();
+    let p = config.protection(&vm.name).unwrap();
+    assert_eq!((p.interval_secs, p.keep.last), (3600, 3));
+    let dest = config.destination(&p.destinations[0]).unwrap();
+    assert_eq!(Path::new(&dest.location), store.as_path());
+    // The passphrase is kept by the service, not in the user's home.
+    let key = dest.passphrase_file.clone().unwrap();
+    assert!(key.starts_with(dir.path().join("config")), "{key:?}");
+    assert!(Store::probe(&store).unwrap().encryption.is_some());
+
+    let out = run(&["unprotect", &vm.name]);
+    assert!(out.status.success(), "{out:?}");
+    let config = rewind_core::config::Config::load(&config_path).unwrap();
+    assert!(config.protection(&vm.name).is_none());
+}
