@@ -1109,6 +1109,16 @@ fn a_user_protects_and_unprotects_a_vm_in_the_service_from_the_cli() {
     // The passphrase is kept by the service, not in the user's home.
     let key = dest.passphrase_file.clone().unwrap();
     assert!(key.starts_with(dir.path().join("config")), "{key:?}");
+    // Root's alone: no other user may read the key or list the keys.
+    let mode = |p: &Path| {
+        let m = std::fs::metadata(p).unwrap();
+        (
+            std::os::unix::fs::MetadataExt::uid(&m),
+            std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777,
+        )
+    };
+    assert_eq!(mode(&key), (0, 0o600));
+    assert_eq!(mode(key.parent().unwrap()), (0, 0o700));
     assert!(Store::probe(&store).unwrap().encryption.is_some());
 
     let out = run(&["unprotect", &vm.name]);
