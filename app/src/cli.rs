@@ -591,6 +591,14 @@ fn through_service(
         } => as_name.is_none() && disk_dir.is_none() && pool.is_none(),
         _ => false,
     };
+    if let Command::Verify { store, quick, json } = command {
+        // One of the service's destinations is verified by the service; any other store
+        // here, as this user (also when the service does not run).
+        let Ok(Route::Service(mut session)) = remote::route(args.connect.as_deref()) else {
+            return None;
+        };
+        return remote::verify(out, &mut session, store, *quick, *json);
+    }
     if !goes {
         return None;
     }

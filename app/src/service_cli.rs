@@ -168,13 +168,33 @@ impl Session {
         self.destination_with(dest, passphrase)
     }
 
+    /// The service's destination that `dest` names (its name, folder or URL), if any.
+    fn configured(&mut self, dest: &Path) -> anyhow::Result<Option<String>> {
+        let config = self.config()?;
+        let said = dest.to_string_lossy();
+        let folder = (!said.starts_with("ssh://"))
+            .then(|| std::path::absolute(dest).ok())
+            .flatten();
+        let same = |location: &str| match &folder {
+            Some(f) => Path::new(location.trim_end_matches('/')) == f.as_path(),
+            None => location == said,
+        };
+        Ok(config
+            .destinations
+            .iter()
+            .find(|d| d.name == said || same(&d.location))
+            .map(|d| d.name.clone()))
+    }
+
     /// [`Session::destination`] with the passphrase of a store it adds.
     fn destination_with(
         &mut self,
         dest: &Path,
         passphrase: Option<zeroize::Zeroizing<String>>,
     ) -> anyhow::Result<String> {
-        let config = self.config()?;
+        if let Some(name) = self.configured(dest)? {
+            return Ok(name);
+        }
         let said = dest.to_string_lossy();
         let folder =
             if said.starts_with("ssh://") {
@@ -184,17 +204,6 @@ impl Session {
                     format!("could not make {} an absolute path", dest.display())
                 })?)
             };
-        let same = |location: &str| match &folder {
-            Some(f) => Path::new(location.trim_end_matches('/')) == f.as_path(),
-            None => location == said,
-        };
-        if let Some(d) = config
-            .destinations
-            .iter()
-            .find(|d| d.name == said || same(&d.location))
-        {
-            return Ok(d.name.clone());
-        }
         self.send(match folder {
             Some(folder) => Command::AddFolderDestination {
                 folder,
@@ -589,4 +598,34 @@ pub fn history(
         _ => None,
     })?;
     crate::protect_cli::show_records(out, records, vm, json)
+}
+
+/// `rewind verify --in DEST` of one of the service's destinations, by the service.
+/// `None`: `dest` is not one of them (it is verified here, as this user).
+///
+/// # Errors
+/// The job failed, or found damage.
+pub fn verify(
+    out: &mut dyn Write,
+    session: &mut Session,
+    dest: &Path,
+    quick: bool,
+    json: bool,
+) -> Option<anyhow::Result<()>> {
+    let destination = match session.configured(dest) {
+        Ok(Some(name)) => name,
+        Ok(None) => return None,
+        Err(e) => return Some(Err(e)),
+    };
+    let label = format!("Verifying {destination}");
+    Some(
+        session
+            .run_job(JobRequest::Verify { destination, quick }, &label)
+            .and_then(|output| match output {
+                JobOutput::Verified(report) => {
+                    crate::store_cli::say_verified(out, &report, dest, json)
+                }
+                other => Err(anyhow!("the service answered {other:?} to a verify")),
+            }),
+    )
 }

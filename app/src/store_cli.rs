@@ -694,11 +694,24 @@ struct Unreadable {
 pub fn verify(out: &mut dyn Write, dest: &Path, quick: bool, json: bool) -> anyhow::Result<()> {
     let store = open_store(dest)?;
     let report = store.verify(quick, &Control::new())?;
+    say_verified(out, &report, dest, json)
+}
+
+/// Prints a verify's report (as JSON with `json`); an error if it found damage.
+///
+/// # Errors
+/// The report shows damage, or the output could not be written.
+pub fn say_verified(
+    out: &mut dyn Write,
+    report: &VerifyReport,
+    dest: &Path,
+    json: bool,
+) -> anyhow::Result<()> {
     if json {
-        serde_json::to_writer_pretty(&mut *out, &report)?;
+        serde_json::to_writer_pretty(&mut *out, report)?;
         writeln!(out)?;
     } else {
-        write_verify_report(out, &report)?;
+        write_verify_report(out, report)?;
     }
     if !report.is_clean() {
         let broken = report.broken_checkpoints().len();

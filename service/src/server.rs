@@ -614,6 +614,7 @@ mod tests {
             label: format!("job {job}"),
             request: Arc::new(JobRequest::Verify {
                 destination: "usb".into(),
+                quick: false,
             }),
         }
     }

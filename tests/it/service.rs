@@ -1121,6 +1121,12 @@ fn a_user_protects_and_unprotects_a_vm_in_the_service_from_the_cli() {
     assert_eq!(mode(key.parent().unwrap()), (0, 0o700));
     assert!(Store::probe(&store).unwrap().encryption.is_some());
 
+    // The service verifies its destination: the user needs no passphrase for it.
+    let out = run(&["verify", "--in", store.to_str().unwrap(), "--json"]);
+    let report = json(&out, "rewind verify through the service");
+    assert_eq!(report["checkpoints"], 0, "{report}");
+    assert!(report["damaged"].as_array().unwrap().is_empty(), "{report}");
+
     let out = run(&["unprotect", &vm.name]);
     assert!(out.status.success(), "{out:?}");
     let config = rewind_core::config::Config::load(&config_path).unwrap();

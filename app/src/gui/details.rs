@@ -129,7 +129,7 @@ pub(super) fn checkpoint_details_ui(
                 });
             }
             let verifying = state.jobs.iter().any(|j| {
-                j.running() && matches!(&*j.request, JobRequest::Verify { destination } if *destination == key.destination)
+                j.running() && matches!(&*j.request, JobRequest::Verify { destination, .. } if *destination == key.destination)
             });
             if ui
                 .add_enabled(!verifying, egui::Button::new("Verify"))
@@ -141,6 +141,7 @@ pub(super) fn checkpoint_details_ui(
             {
                 commands.push(Command::Start(JobRequest::Verify {
                     destination: key.destination.clone(),
+                    quick: false,
                 }));
             }
             if ui

@@ -64,6 +64,9 @@ pub enum JobRequest {
     Verify {
         /// The destination.
         destination: String,
+        /// Only check that every chunk is there (not read and hashed).
+        #[serde(default)]
+        quick: bool,
     },
     /// Delete a checkpoint (its data goes at the next garbage collection).
     Delete {
@@ -104,7 +107,7 @@ impl JobRequest {
                 Some(_) => format!("Restore of {checkpoint} as a new VM"),
             },
             Self::UndoRestore { .. } => "Undo restore".into(),
-            Self::Verify { destination } => format!("Verify {destination}"),
+            Self::Verify { destination, .. } => format!("Verify {destination}"),
             Self::Delete { checkpoint, .. } => format!("Delete {checkpoint}"),
             Self::Export { disk, .. } => format!("Export of {disk}"),
         }
@@ -217,7 +220,9 @@ pub fn run(
             vm_uuid,
             options,
         } => undo_restore(config, destination, vm_uuid, options, work.path(), control),
-        JobRequest::Verify { destination } => Ok(verify(config, state_dir, destination, control)?),
+        JobRequest::Verify { destination, quick } => {
+            Ok(verify(config, state_dir, destination, *quick, control)?)
+        }
         JobRequest::Delete {
             destination,
             vm_uuid,
@@ -364,11 +369,12 @@ fn verify(
     config: &Config,
     state_dir: &std::path::Path,
     destination: &str,
+    quick: bool,
     control: &Arc<Control>,
 ) -> Result<JobOutput, JobError> {
     let store = store_of(config, destination)?;
     let started = chrono::Utc::now();
-    let report = store.verify(false, control)?;
+    let report = store.verify(quick, control)?;
     let record = catalog::VerifyRecord {
         started,
         finished: chrono::Utc::now(),
