@@ -247,7 +247,7 @@ pub fn start(
 
 /// Jobs that were under way when the last scheduler of this state folder died (killed, a
 /// power cut): each becomes a failed record that says so, is reported as finished (the
-/// clients' history shows it, the tray tells the user), and what it left running in its VM
+/// clients' history shows it; a tray connected then tells the user), and what it left running in its VM
 /// (QEMU's backup job, a frozen guest) is stopped now rather than at the next checkpoint.
 async fn recover_interrupted(paths: &Paths, uri: &str, events: &EventSink) {
     let interrupted = history::recover_interrupted(&paths.history);
