@@ -17,11 +17,23 @@ pub struct Xvfb {
 }
 
 impl Xvfb {
-    /// Starts Xvfb on a free display (it picks one and reports it through `-displayfd`).
+    /// Starts Xvfb on a free display (it picks one and reports it through `-displayfd`),
+    /// never resetting between clients.
     pub fn start(width: u32, height: u32) -> Result<Self, HarnessError> {
         let dir = ScratchDir::new("xvfb")?;
         let mut child = Command::new("Xvfb")
-            .args(["-displayfd", "1", "-nolisten", "tcp", "-screen", "0"])
+            // `-noreset`: an X server resets when its last client leaves (a window a test
+            // killed), and while it does, a new client cannot connect ("Failed to open
+            // connection to X server": the next window of the same test).
+            .args([
+                "-displayfd",
+                "1",
+                "-nolisten",
+                "tcp",
+                "-noreset",
+                "-screen",
+                "0",
+            ])
             .arg(format!("{width}x{height}x24"))
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
