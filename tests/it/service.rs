@@ -312,6 +312,16 @@ fn the_window_of_a_user_in_the_libvirt_group_runs_through_the_service_under_xvfb
     drop(vm);
 }
 
+/// A scratch folder for a service test, with a new store in `store/` and the service's
+/// `config/` folder made.
+fn scratch_with_store(label: &str) -> (ScratchDir, std::path::PathBuf) {
+    let dir = ScratchDir::new(label).unwrap();
+    let store = dir.path().join("store");
+    crate::rewind::run_ok(&["init", store.to_str().unwrap()]);
+    std::fs::create_dir_all(dir.path().join("config")).unwrap();
+    (dir, store)
+}
+
 /// A user's session bus (`dbus-daemon --session`, run as that user), with `dbus-monitor`
 /// writing the notification calls on it to a file; both stopped when dropped.
 struct UserSession {
@@ -401,15 +411,12 @@ fn failing_and_missing(store: &Path, drive: &Path, id: uuid::Uuid) -> rewind_cor
 #[test]
 fn the_tray_of_a_user_in_the_group_sends_one_notification_per_failure_and_per_missing_drive() {
     rewind_tests::setup().unwrap();
-    let dir = ScratchDir::new("svc-tray").unwrap();
+    let (dir, store) = scratch_with_store("svc-tray");
     let rewind = binary_for_users(dir.path());
     // One VM protected into a store here that fails (it does not exist), one into a
     // drive that is not plugged in.
-    let store = dir.path().join("store");
-    crate::rewind::run_ok(&["init", store.to_str().unwrap()]);
     let id = Store::probe(&store).unwrap().id;
     let mut config = failing_and_missing(&store, &dir.path().join("usb-drive"), id);
-    std::fs::create_dir_all(dir.path().join("config")).unwrap();
     config.save(&dir.path().join("config/config.ron")).unwrap();
     let service = TestService::start(&rewind, dir.path()).unwrap();
 
@@ -571,11 +578,8 @@ fn protected_paused(store: &Path, vm: &str) -> rewind_core::config::Config {
 fn a_service_killed_mid_checkpoint_says_so_when_it_starts_again_and_stops_the_backup_it_left() {
     use rewind_core::engine::{Command, Event, jobs::JobRequest};
     let vm = running_with_random_data("svc-kill", 384);
-    let dir = ScratchDir::new("svc-kill").unwrap();
-    let store = dir.path().join("store");
-    crate::rewind::run_ok(&["init", store.to_str().unwrap()]);
+    let (dir, store) = scratch_with_store("svc-kill");
     let config = protected_paused(&store, &vm.name);
-    std::fs::create_dir_all(dir.path().join("config")).unwrap();
     config.save(&dir.path().join("config/config.ron")).unwrap();
     let mut service =
         TestService::start(env!("CARGO_BIN_EXE_rewind").as_ref(), dir.path()).unwrap();
@@ -663,11 +667,8 @@ fn a_service_killed_mid_checkpoint_says_so_when_it_starts_again_and_stops_the_ba
 fn a_client_killed_mid_job_leaves_it_running_and_the_next_window_is_shown_it_to_the_end() {
     use rewind_core::engine::{Event, jobs::JobOutput, jobs::JobRequest};
     let vm = running_with_random_data("svc-client-kill", 384);
-    let dir = ScratchDir::new("svc-client-kill").unwrap();
+    let (dir, store) = scratch_with_store("svc-client-kill");
     let rewind = binary_for_users(dir.path());
-    let store = dir.path().join("store");
-    crate::rewind::run_ok(&["init", store.to_str().unwrap()]);
-    std::fs::create_dir_all(dir.path().join("config")).unwrap();
     protected_paused(&store, &vm.name)
         .save(&dir.path().join("config/config.ron"))
         .unwrap();
@@ -990,12 +991,9 @@ fn the_service_logs_in_to_a_store_host_with_its_own_key_once_the_user_confirmed_
 #[test]
 fn a_user_pauses_and_resumes_the_services_protection_from_the_cli() {
     rewind_tests::setup().unwrap();
-    let dir = ScratchDir::new("svc-pause").unwrap();
+    let (dir, store) = scratch_with_store("svc-pause");
     let rewind = binary_for_users(dir.path());
-    let store = dir.path().join("store");
-    crate::rewind::run_ok(&["init", store.to_str().unwrap()]);
     let id = Store::probe(&store).unwrap().id;
-    std::fs::create_dir_all(dir.path().join("config")).unwrap();
     let config_path = dir.path().join("config/config.ron");
     failing_and_missing(&store, &dir.path().join("usb-drive"), id)
         .save(&config_path)
