@@ -39,8 +39,18 @@ pub struct HostKey {
 /// What can go wrong.
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
-    /// An OpenSSH program could not be run or failed.
-    #[error("{program} failed: {detail}. Install OpenSSH's client (package openssh-client)")]
+    /// An OpenSSH program is not there or could not be started.
+    #[error(
+        "could not run {program} ({detail}); install OpenSSH's client (package openssh-client)"
+    )]
+    Missing {
+        /// Which.
+        program: &'static str,
+        /// Why.
+        detail: String,
+    },
+    /// An OpenSSH program ran and failed.
+    #[error("{program} failed: {detail}")]
     Program {
         /// Which.
         program: &'static str,
@@ -75,7 +85,7 @@ fn io<'a>(
 }
 
 fn run(program: &'static str, cmd: &mut Command) -> Result<String, IdentityError> {
-    let out = cmd.output().map_err(|e| IdentityError::Program {
+    let out = cmd.output().map_err(|e| IdentityError::Missing {
         program,
         detail: e.to_string(),
     })?;
@@ -211,7 +221,10 @@ pub fn scan(host: &str, port: Option<u16>) -> Result<Vec<HostKey>, IdentityError
     if keys.is_empty() {
         return Err(IdentityError::Program {
             program: "ssh-keyscan",
-            detail: format!("{host} port {port} presented no key (is an SSH server there?)"),
+            detail: format!(
+                "{host} port {port} presented no key: check that an SSH server runs there and \
+                 that the address and port are right"
+            ),
         });
     }
     Ok(keys)
