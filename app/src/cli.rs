@@ -432,23 +432,11 @@ pub fn run(args: &Args, command: &Command, out: &mut dyn Write) -> anyhow::Resul
         Command::Prune {
             vm,
             store,
-            keep_last,
-            keep_hourly,
-            keep_daily,
-            keep_weekly,
-            keep_monthly,
-            keep_yearly,
             dry_run,
             json,
+            ..
         } => {
-            let rules = KeepRules {
-                last: *keep_last,
-                hourly: *keep_hourly,
-                daily: *keep_daily,
-                weekly: *keep_weekly,
-                monthly: *keep_monthly,
-                yearly: *keep_yearly,
-            };
+            let rules = prune_rules(command).unwrap_or_default();
             store_cli::prune(out, store, vm.as_deref(), &rules, *dry_run, *json)?;
         }
         Command::Gc { store, json } => store_cli::gc(out, store, *json)?,
@@ -567,6 +555,10 @@ fn pause_asked(for_an_hour: bool, until_tomorrow: bool) -> rewind_core::pause::P
 
 /// Runs `command` through the protection service if it is one that goes there and the
 /// service runs (or must run: for a user who is not root). `None`: run it here.
+///
+/// The VM commands always go there. The store commands go there for the service's own
+/// destinations (whose passphrases only it holds); any other store is read here, as this
+/// user, also when the service does not run.
 fn through_service(
     args: &Args,
     command: &Command,
@@ -576,6 +568,7 @@ fn through_service(
     let goes = match command {
         Command::Vms { .. }
         | Command::Checkpoint { .. }
+        | Command::Restore { .. }
         | Command::UndoRestore { .. }
         | Command::Pause { .. }
         | Command::Resume { .. }
@@ -583,32 +576,29 @@ fn through_service(
         | Command::History { .. }
         | Command::Protect { .. }
         | Command::Unprotect { .. } => true,
-        Command::Restore {
-            as_name,
-            disk_dir,
-            pool,
-            ..
-        } => as_name.is_none() && disk_dir.is_none() && pool.is_none(),
-        _ => false,
-    };
-    if let Command::Verify { store, quick, json } = command {
-        // One of the service's destinations is verified by the service; any other store
-        // here, as this user (also when the service does not run).
-        let Ok(Route::Service(mut session)) = remote::route(args.connect.as_deref()) else {
+        Command::Verify { .. }
+        | Command::Checkpoints { .. }
+        | Command::Prune { .. }
+        | Command::Gc { .. }
+        | Command::Export { .. } => false,
+        Command::Init { .. } | Command::Daemon | Command::Tray | Command::Service => {
             return None;
-        };
-        return remote::verify(out, &mut session, store, *quick, *json);
-    }
-    if !goes {
-        return None;
-    }
+        }
+    };
     let mut session = match remote::route(args.connect.as_deref()) {
         Ok(Route::Direct) => return None,
         Ok(Route::Service(session)) => session,
+        // A store command reads any other store here: only the service's own ones need it.
+        Err(_) if !goes => return None,
         Err(e) => return Some(Err(e)),
     };
     let session = &mut *session;
     Some(match command {
+        Command::Verify { .. }
+        | Command::Checkpoints { .. }
+        | Command::Prune { .. }
+        | Command::Gc { .. }
+        | Command::Export { .. } => return store_through_service(session, command, out),
         Command::Pause {
             vm,
             for_an_hour,
@@ -638,9 +628,11 @@ fn through_service(
             vm,
             checkpoint,
             store,
+            as_name,
+            disk_dir,
+            pool,
             how,
             no_safety_checkpoint,
-            ..
         } => remote::restore(
             out,
             session,
@@ -648,6 +640,9 @@ fn through_service(
                 dest: store,
                 vm,
                 checkpoint: Some(checkpoint),
+                as_name: as_name.as_deref(),
+                disk_dir: disk_dir.as_deref(),
+                pool: pool.as_deref(),
                 options: how.options(!*no_safety_checkpoint),
                 json: how.json,
             },
@@ -659,11 +654,94 @@ fn through_service(
                 dest: store,
                 vm,
                 checkpoint: None,
+                as_name: None,
+                disk_dir: None,
+                pool: None,
                 options: how.options(true),
                 json: how.json,
             },
         ),
-        _ => return None,
+        Command::Init { .. } | Command::Daemon | Command::Tray | Command::Service => {
+            return None;
+        }
+    })
+}
+
+/// A store command for one of the service's destinations, by the service. `None`: the
+/// store is not one of them (it is read here).
+fn store_through_service(
+    session: &mut crate::service_cli::Session,
+    command: &Command,
+    out: &mut dyn Write,
+) -> Option<anyhow::Result<()>> {
+    use crate::service_cli::{self as remote, ExportAsk, PruneAsk};
+    match command {
+        Command::Verify { store, quick, json } => {
+            remote::verify(out, session, store, *quick, *json)
+        }
+        Command::Checkpoints { vm, store, json } => {
+            remote::checkpoints(out, session, store, vm.as_deref(), *json)
+        }
+        Command::Prune {
+            vm,
+            store,
+            dry_run,
+            json,
+            ..
+        } => {
+            let ask = PruneAsk {
+                dest: store,
+                vm: vm.as_deref(),
+                rules: prune_rules(command)?,
+                dry_run: *dry_run,
+                json: *json,
+            };
+            remote::prune(out, session, &ask)
+        }
+        Command::Gc { store, json } => remote::gc(out, session, store, *json),
+        Command::Export {
+            vm,
+            checkpoint,
+            store,
+            disk,
+            out: file,
+            format,
+        } => {
+            let ask = ExportAsk {
+                dest: store,
+                vm,
+                checkpoint,
+                disk,
+                file,
+                format: format.image(),
+            };
+            remote::export(out, session, &ask)
+        }
+        _ => None,
+    }
+}
+
+/// The keep rules of `rewind prune` (`None` for another command).
+fn prune_rules(command: &Command) -> Option<KeepRules> {
+    let Command::Prune {
+        keep_last,
+        keep_hourly,
+        keep_daily,
+        keep_weekly,
+        keep_monthly,
+        keep_yearly,
+        ..
+    } = command
+    else {
+        return None;
+    };
+    Some(KeepRules {
+        last: *keep_last,
+        hourly: *keep_hourly,
+        daily: *keep_daily,
+        weekly: *keep_weekly,
+        monthly: *keep_monthly,
+        yearly: *keep_yearly,
     })
 }
 

@@ -135,7 +135,7 @@ fn run(
 }
 
 /// Beside the checkpoint's first disk, where the original VM kept its disks.
-fn default_disk_dir(m: &Manifest) -> PathBuf {
+pub(crate) fn default_disk_dir(m: &Manifest) -> PathBuf {
     m.disks
         .iter()
         .find_map(|d| d.source.as_deref())

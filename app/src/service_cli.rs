@@ -12,10 +12,12 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context as _, anyhow, bail};
 use rewind_core::config::Config;
+use rewind_core::engine::jobs::Listing;
 use rewind_core::engine::jobs::{JobError, JobId, JobOutput, JobRequest};
 use rewind_core::engine::{Command, Event};
 use rewind_core::progress::Control;
-use rewind_core::restore::{RestoreOptions, RestoreReport};
+use rewind_core::restore::{DiskStorage, ImageFormat, NewVm, RestoreOptions, RestoreReport};
+use rewind_core::store::retention::KeepRules;
 use rewind_core::view::catalog::DestinationView;
 use rewind_core::vm::VmInfo;
 use rewind_service::Connection;
@@ -222,14 +224,28 @@ impl Session {
         Ok(added?.name)
     }
 
+    /// The checkpoints in the service's destination `destination`.
+    fn listing(&mut self, destination: &str) -> anyhow::Result<Listing> {
+        let label = format!("Reading {destination}");
+        match self.run_job(
+            JobRequest::List {
+                destination: destination.to_owned(),
+            },
+            &label,
+        )? {
+            JobOutput::Listed(listing) => Ok(*listing),
+            other => bail!("the service answered {other:?} to a list"),
+        }
+    }
+
     /// Starts `request` and follows it to its end, with a progress line on a terminal and
     /// Ctrl-C cancelling it.
     fn run_job(&mut self, request: JobRequest, label: &str) -> anyhow::Result<JobOutput> {
-        let asked = serde_json::to_value(&request)?;
+        let asked = as_sent(&request)?;
         self.send(Command::Start(request))?;
         let job = self.wait(|e| match e {
             Event::JobStarted { job, request, .. }
-                if serde_json::to_value(&**request).is_ok_and(|r| r == asked) =>
+                if as_sent(request).is_ok_and(|r| r == asked) =>
             {
                 Some(Ok(*job))
             }
@@ -267,6 +283,16 @@ impl Session {
     }
 }
 
+/// `request` as a client sends it, to know the job the service started for it: the
+/// service fills in who owns what it writes.
+fn as_sent(request: &JobRequest) -> serde_json::Result<serde_json::Value> {
+    let mut request = request.clone();
+    if let JobRequest::Export { owner, .. } = &mut request {
+        *owner = None;
+    }
+    serde_json::to_value(&request)
+}
+
 /// The job being followed, for Ctrl-C to cancel.
 static CURRENT: Mutex<Option<(JobId, rewind_service::client::Canceller)>> = Mutex::new(None);
 
@@ -278,13 +304,18 @@ fn install_interrupt() -> anyhow::Result<()> {
         if pressed.swap(true, std::sync::atomic::Ordering::SeqCst) {
             std::process::exit(130);
         }
-        if let Ok(mut current) = CURRENT.lock()
-            && let Some((job, canceller)) = current.as_mut()
-        {
-            eprintln!("cancelling…");
-            if let Err(e) = canceller.cancel(*job) {
-                eprintln!("could not ask the service to cancel: {e}");
+        let mut current = CURRENT
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match current.as_mut() {
+            Some((job, canceller)) => {
+                eprintln!("cancelling…");
+                if let Err(e) = canceller.cancel(*job) {
+                    eprintln!("could not ask the service to cancel: {e}");
+                }
             }
+            // No job runs yet (or any more): nothing to stop but this process.
+            None => std::process::exit(130),
         }
     })
     .context("could not install the signal handler")
@@ -370,6 +401,12 @@ pub struct RestoreAsk<'a> {
     pub vm: &'a str,
     /// The checkpoint's id or `latest`; `None`: the newest safety checkpoint (undo).
     pub checkpoint: Option<&'a str>,
+    /// The new VM's name (`restore --as`); `None`: in place.
+    pub as_name: Option<&'a str>,
+    /// Folder for the new VM's disks.
+    pub disk_dir: Option<&'a Path>,
+    /// Storage pool for the new VM's disks.
+    pub pool: Option<&'a str>,
     /// How.
     pub options: RestoreOptions,
     /// Print JSON.
@@ -384,8 +421,35 @@ pub fn restore(
     session: &mut Session,
     ask: &RestoreAsk<'_>,
 ) -> anyhow::Result<()> {
+    if ask.as_name.is_none() && ask.pool.is_some() {
+        bail!(
+            "--pool is for restoring as a new VM (--as NAME) or onto another host (--connect \
+             URI, as root); a restore in place writes the disks where they were"
+        );
+    }
     let destination = session.destination(ask.dest)?;
     let vm_uuid = session.vm_uuid(ask.vm, &destination, ask.dest)?;
+    let as_new = match ask.as_name {
+        None => None,
+        Some(name) => Some(NewVm {
+            name: Some(name.to_owned()),
+            storage: match (ask.pool, ask.disk_dir) {
+                (Some(pool), _) => DiskStorage::Pool(pool.to_owned()),
+                (None, Some(dir)) => DiskStorage::Folder(absolute(dir)?),
+                (None, None) => {
+                    // Beside the original's disks, as a restore here does.
+                    let listing = session.listing(&destination)?;
+                    let m = crate::store_cli::find_in(
+                        listing.checkpoints,
+                        ask.dest,
+                        &vm_uuid.to_string(),
+                        ask.checkpoint.unwrap_or("latest"),
+                    )?;
+                    DiskStorage::Folder(crate::restore_cli::default_disk_dir(&m))
+                }
+            },
+        }),
+    };
     install_interrupt()?;
     let request = match ask.checkpoint {
         Some(checkpoint) => JobRequest::Restore {
@@ -393,7 +457,7 @@ pub fn restore(
             vm_uuid,
             checkpoint: checkpoint.to_owned(),
             options: ask.options.clone(),
-            as_new: None,
+            as_new,
         },
         None => JobRequest::UndoRestore {
             destination,
@@ -628,4 +692,171 @@ pub fn verify(
                 other => Err(anyhow!("the service answered {other:?} to a verify")),
             }),
     )
+}
+
+/// A path as the service must get it: absolute (it does not share this process's current
+/// folder).
+fn absolute(path: &Path) -> anyhow::Result<std::path::PathBuf> {
+    std::path::absolute(path)
+        .with_context(|| format!("could not make {} an absolute path", path.display()))
+}
+
+/// The service's destination that `dest` names, for a store command that the service does
+/// for its own destinations. `None`: `dest` is not one of them, and the command runs here,
+/// as this user.
+fn served(session: &mut Session, dest: &Path) -> Option<anyhow::Result<String>> {
+    session.configured(dest).transpose()
+}
+
+/// `rewind checkpoints [VM] --in DEST` of one of the service's destinations, read by the
+/// service. `None`: `dest` is not one of them.
+///
+/// # Errors
+/// The store cannot be read, or holds no checkpoint of `vm`.
+pub fn checkpoints(
+    out: &mut dyn Write,
+    session: &mut Session,
+    dest: &Path,
+    vm: Option<&str>,
+    json: bool,
+) -> Option<anyhow::Result<()>> {
+    let destination = served(session, dest)?;
+    Some(destination.and_then(|destination| {
+        let listing = session.listing(&destination)?;
+        crate::store_cli::show_listing(out, dest, &listing, vm, json)
+    }))
+}
+
+/// What `prune` asks.
+pub struct PruneAsk<'a> {
+    /// The store's folder or URL, or a destination's name.
+    pub dest: &'a Path,
+    /// Only this VM (name or UUID, as in the store).
+    pub vm: Option<&'a str>,
+    /// What to keep.
+    pub rules: KeepRules,
+    /// Only say what would go.
+    pub dry_run: bool,
+    /// Print JSON.
+    pub json: bool,
+}
+
+/// `rewind prune --in DEST ...` of one of the service's destinations, by the service.
+/// `None`: `dest` is not one of them.
+///
+/// # Errors
+/// The job failed.
+pub fn prune(
+    out: &mut dyn Write,
+    session: &mut Session,
+    ask: &PruneAsk<'_>,
+) -> Option<anyhow::Result<()>> {
+    let destination = served(session, ask.dest)?;
+    Some(destination.and_then(|destination| {
+        let vm_uuid = match ask.vm {
+            None => None,
+            Some(vm) => Some(crate::store_cli::vm_in(
+                &session.listing(&destination)?.checkpoints,
+                ask.dest,
+                vm,
+            )?),
+        };
+        install_interrupt()?;
+        let label = format!("Pruning {destination}");
+        let request = JobRequest::Prune {
+            destination,
+            vm_uuid,
+            rules: ask.rules,
+            dry_run: ask.dry_run,
+        };
+        match session.run_job(request, &label)? {
+            JobOutput::Pruned { decisions, gc } => {
+                crate::store_cli::say_pruned(out, &decisions, gc, ask.dry_run, ask.json)
+            }
+            other => bail!("the service answered {other:?} to a prune"),
+        }
+    }))
+}
+
+/// `rewind gc --in DEST` of one of the service's destinations, by the service. `None`:
+/// `dest` is not one of them.
+///
+/// # Errors
+/// The job failed.
+pub fn gc(
+    out: &mut dyn Write,
+    session: &mut Session,
+    dest: &Path,
+    json: bool,
+) -> Option<anyhow::Result<()>> {
+    let destination = served(session, dest)?;
+    Some(destination.and_then(|destination| {
+        install_interrupt()?;
+        let label = format!("Collecting {destination}");
+        match session.run_job(JobRequest::Gc { destination }, &label)? {
+            JobOutput::Collected(report) => crate::store_cli::say_collected(out, &report, json),
+            other => bail!("the service answered {other:?} to a garbage collection"),
+        }
+    }))
+}
+
+/// What `export` asks.
+pub struct ExportAsk<'a> {
+    /// The store's folder or URL, or a destination's name.
+    pub dest: &'a Path,
+    /// The VM (name or UUID, as in the store).
+    pub vm: &'a str,
+    /// The checkpoint's id or `latest`.
+    pub checkpoint: &'a str,
+    /// The disk's target.
+    pub disk: &'a str,
+    /// The image file to create.
+    pub file: &'a Path,
+    /// Its format.
+    pub format: ImageFormat,
+}
+
+/// `rewind export ... --from DEST` of one of the service's destinations, by the service:
+/// the image is written where this user may write, and is this user's. `None`: `dest` is
+/// not one of them.
+///
+/// # Errors
+/// The job failed, or this user may not write the file.
+pub fn export(
+    out: &mut dyn Write,
+    session: &mut Session,
+    ask: &ExportAsk<'_>,
+) -> Option<anyhow::Result<()>> {
+    let destination = served(session, ask.dest)?;
+    Some(destination.and_then(|destination| {
+        let vm_uuid = session.vm_uuid(ask.vm, &destination, ask.dest)?;
+        let file = absolute(ask.file)?;
+        install_interrupt()?;
+        let request = JobRequest::Export {
+            destination,
+            vm_uuid,
+            checkpoint: ask.checkpoint.to_owned(),
+            disk: ask.disk.to_owned(),
+            out: file,
+            format: ask.format,
+            owner: None,
+        };
+        match session.run_job(request, ask.vm)? {
+            JobOutput::Exported {
+                checkpoint,
+                vm,
+                file,
+                data_bytes,
+            } => crate::store_cli::say_exported(
+                out,
+                &checkpoint,
+                &vm,
+                ask.disk,
+                &file,
+                ask.format,
+                data_bytes,
+            ),
+            other => bail!("the service answered {other:?} to an export"),
+        }
+    }))
 }

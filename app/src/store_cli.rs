@@ -1,10 +1,11 @@
 //! `rewind init`, `checkpoints`, `verify`, `prune` and `gc`: the store from the command line.
 
 use std::io::{IsTerminal, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context as _, anyhow, bail};
 use chrono::{DateTime, Local, Utc};
+use rewind_core::engine::jobs::{Listing, StoreFacts};
 use rewind_core::progress::Control;
 use rewind_core::store::retention::KeepRules;
 use rewind_core::store::verify::VerifyReport;
@@ -557,17 +558,28 @@ pub fn checkpoints(
     json: bool,
 ) -> anyhow::Result<()> {
     let store = open_store(dest)?;
-    let catalog = store.catalog()?;
-    let selected: Vec<&Manifest> = catalog
+    show_listing(out, dest, &Listing::of(&store)?, vm, json)
+}
+
+/// Prints a store's list of checkpoints (of every VM, or of `vm`) as `rewind checkpoints`
+/// does.
+pub(crate) fn show_listing(
+    out: &mut dyn Write,
+    dest: &Path,
+    listing: &Listing,
+    vm: Option<&str>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let selected: Vec<&Manifest> = listing
         .checkpoints
         .iter()
         .filter(|m| vm_matches(m, vm))
         .collect();
     if let Some(name) = vm
         && selected.is_empty()
-        && !catalog.checkpoints.is_empty()
+        && !listing.checkpoints.is_empty()
     {
-        let mut names: Vec<&str> = catalog
+        let mut names: Vec<&str> = listing
             .checkpoints
             .iter()
             .map(|m| m.vm.name.as_str())
@@ -582,24 +594,21 @@ pub fn checkpoints(
     }
     if json {
         #[derive(Serialize)]
-        struct Listing<'a> {
-            store: StoreJson,
+        struct ListingJson<'a> {
+            store: &'a StoreFacts,
             checkpoints: Vec<CheckpointJson<'a>>,
-            unreadable: Vec<Unreadable>,
+            unreadable: Vec<Unreadable<'a>>,
         }
-        let listing = Listing {
-            store: StoreJson::of(&store),
+        let json = ListingJson {
+            store: &listing.store,
             checkpoints: selected.iter().map(|m| CheckpointJson::of(m)).collect(),
-            unreadable: catalog
+            unreadable: listing
                 .unreadable
                 .iter()
-                .map(|(p, e)| Unreadable {
-                    path: p.clone(),
-                    error: e.to_string(),
-                })
+                .map(|(path, error)| Unreadable { path, error })
                 .collect(),
         };
-        serde_json::to_writer_pretty(&mut *out, &listing)?;
+        serde_json::to_writer_pretty(&mut *out, &json)?;
         writeln!(out)?;
         return Ok(());
     }
@@ -632,7 +641,7 @@ pub fn checkpoints(
         .map(String::from);
         write_table(out, &header, &rows)?;
     }
-    for (path, error) in &catalog.unreadable {
+    for (path, error) in &listing.unreadable {
         writeln!(out, "warning: {} cannot be read: {error}", path.display())?;
     }
     Ok(())
@@ -664,30 +673,9 @@ fn write_table<const N: usize>(
 }
 
 #[derive(Serialize)]
-struct StoreJson {
-    id: String,
-    path: PathBuf,
-    format_version: u32,
-    encrypted: bool,
-    chunk_size_bytes: u32,
-}
-
-impl StoreJson {
-    fn of(store: &Store) -> Self {
-        Self {
-            id: store.config().id.to_string(),
-            path: store.root().to_path_buf(),
-            format_version: store.config().version,
-            encrypted: store.is_encrypted(),
-            chunk_size_bytes: store.chunk_size_bytes(),
-        }
-    }
-}
-
-#[derive(Serialize)]
-struct Unreadable {
-    path: PathBuf,
-    error: String,
+struct Unreadable<'a> {
+    path: &'a Path,
+    error: &'a str,
 }
 
 /// `rewind verify --in DEST [--quick] [--json]`. Fails (exit 1) when anything is damaged.
@@ -782,20 +770,7 @@ pub fn prune(
     let control = Control::new();
     let vm_uuid = match vm {
         None => None,
-        Some(filter) => Some(
-            store
-                .catalog()?
-                .checkpoints
-                .iter()
-                .find(|m| vm_matches(m, Some(filter)))
-                .map(|m| m.vm.uuid)
-                .with_context(|| {
-                    format!(
-                        "no checkpoints of a VM named {filter:?} in {}",
-                        dest.display()
-                    )
-                })?,
-        ),
+        Some(filter) => Some(vm_in(&store.catalog()?.checkpoints, dest, filter)?),
     };
     let decisions = store.prune(rules, vm_uuid, dry_run, &control)?;
     let gc = if dry_run {
@@ -803,6 +778,37 @@ pub fn prune(
     } else {
         Some(store.gc(&control)?)
     };
+    say_pruned(out, &decisions, gc, dry_run, json)
+}
+
+/// The UUID of the VM (name or UUID) that has checkpoints among `checkpoints` of the store
+/// at `dest`.
+pub(crate) fn vm_in(
+    checkpoints: &[Manifest],
+    dest: &Path,
+    filter: &str,
+) -> anyhow::Result<uuid::Uuid> {
+    checkpoints
+        .iter()
+        .find(|m| vm_matches(m, Some(filter)))
+        .map(|m| m.vm.uuid)
+        .with_context(|| {
+            format!(
+                "no checkpoints of a VM named {filter:?} in {}; `rewind checkpoints --in {}` lists what it holds",
+                dest.display(),
+                dest.display()
+            )
+        })
+}
+
+/// Prints what a prune did, as `rewind prune` does.
+pub(crate) fn say_pruned(
+    out: &mut dyn Write,
+    decisions: &[rewind_core::store::prune::PruneDecision],
+    gc: Option<rewind_core::store::gc::GcReport>,
+    dry_run: bool,
+    json: bool,
+) -> anyhow::Result<()> {
     if json {
         #[derive(Serialize)]
         struct PruneJson<'a> {
@@ -814,14 +820,14 @@ pub fn prune(
             &mut *out,
             &PruneJson {
                 dry_run,
-                decisions: &decisions,
+                decisions,
                 gc,
             },
         )?;
         writeln!(out)?;
         return Ok(());
     }
-    for d in &decisions {
+    for d in decisions {
         let reasons: Vec<String> = d
             .reasons
             .iter()
@@ -867,8 +873,17 @@ pub fn prune(
 pub fn gc(out: &mut dyn Write, dest: &Path, json: bool) -> anyhow::Result<()> {
     let store = open_store(dest)?;
     let report = store.gc(&Control::new())?;
+    say_collected(out, &report, json)
+}
+
+/// Prints what a garbage collection did, as `rewind gc` does.
+pub(crate) fn say_collected(
+    out: &mut dyn Write,
+    report: &rewind_core::store::gc::GcReport,
+    json: bool,
+) -> anyhow::Result<()> {
     if json {
-        serde_json::to_writer_pretty(&mut *out, &report)?;
+        serde_json::to_writer_pretty(&mut *out, report)?;
         writeln!(out)?;
     } else {
         writeln!(
@@ -889,9 +904,18 @@ pub(crate) fn find_checkpoint(
     vm: &str,
     id: &str,
 ) -> anyhow::Result<Manifest> {
-    let catalog = store.catalog()?;
-    let of_vm: Vec<Manifest> = catalog
-        .checkpoints
+    find_in(store.catalog()?.checkpoints, dest, vm, id)
+}
+
+/// The checkpoint `id` (or `latest`) of VM `vm` (name or UUID) among `checkpoints` of the
+/// store at `dest`.
+pub(crate) fn find_in(
+    checkpoints: Vec<Manifest>,
+    dest: &Path,
+    vm: &str,
+    id: &str,
+) -> anyhow::Result<Manifest> {
+    let of_vm: Vec<Manifest> = checkpoints
         .into_iter()
         .filter(|m| vm_matches(m, Some(vm)))
         .collect();
@@ -940,11 +964,22 @@ pub fn export(
     let result = rewind_core::restore::export_disk(&store, &m, disk, file, format, &control);
     drop(reporter);
     let data_bytes = result?;
+    say_exported(out, &m.id, &m.vm.name, disk, file, format, data_bytes)
+}
+
+/// Prints what an export wrote, as `rewind export` does.
+pub(crate) fn say_exported(
+    out: &mut dyn Write,
+    id: &str,
+    vm: &str,
+    disk: &str,
+    file: &Path,
+    format: rewind_core::restore::ImageFormat,
+    data_bytes: u64,
+) -> anyhow::Result<()> {
     writeln!(
         out,
-        "Wrote disk {disk} of checkpoint {} of {} to {} ({}, {} of data).",
-        m.id,
-        m.vm.name,
+        "Wrote disk {disk} of checkpoint {id} of {vm} to {} ({}, {} of data).",
         file.display(),
         format.name(),
         human_bytes(data_bytes)

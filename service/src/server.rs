@@ -22,10 +22,10 @@ use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use rewind_core::engine::jobs::{JobId, JobRequest};
+use rewind_core::engine::jobs::{JobId, JobRequest, Owner};
 use rewind_core::engine::{self, Command, EngineHandle, EngineOptions, Event, SchedulerView};
 use rewind_core::job_error::{ErrorKind, JobError};
-use rewind_core::restore::DiskStorage;
+use rewind_core::restore::{DiskStorage, NewVm};
 use rewind_core::scheduler::Paths;
 
 use crate::access::{self, Peer};
@@ -567,9 +567,23 @@ fn written_path(command: &Command) -> Option<&Path> {
     }
 }
 
+/// Whether `command` writes the disks of a VM restored as a new one.
+fn is_new_vm_disks(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::Start(JobRequest::Restore {
+            as_new: Some(NewVm {
+                storage: DiskStorage::Folder(_),
+                ..
+            }),
+            ..
+        })
+    )
+}
+
 /// Passes a client's command to the engine, or answers it here: the event for this
 /// client alone, if any.
-fn dispatch(hub: &Hub, peer: &Peer, command: Command) -> Option<Event> {
+fn dispatch(hub: &Hub, peer: &Peer, mut command: Command) -> Option<Event> {
     match &command {
         Command::Shutdown => {
             tracing::info!("{} asked the service to stop: ignored", peer.describe());
@@ -580,6 +594,7 @@ fn dispatch(hub: &Hub, peer: &Peer, command: Command) -> Option<Event> {
     }
     if let Some(path) = written_path(&command)
         && let Err(refusal) = access::may_write(peer, path)
+        && !(is_new_vm_disks(&command) && access::libvirt_image_folder(&hub.uri, path))
     {
         return Some(match command {
             Command::AddFolderDestination { .. } => Event::DestinationAdded {
@@ -587,6 +602,13 @@ fn dispatch(hub: &Hub, peer: &Peer, command: Command) -> Option<Event> {
                 warning: None,
             },
             _ => Event::Failed { error: refusal },
+        });
+    }
+    if let Command::Start(JobRequest::Export { owner, .. }) = &mut command {
+        // What the service writes for a user is that user's, whatever the client said.
+        *owner = (peer.uid != 0).then_some(Owner {
+            uid: peer.uid,
+            gid: peer.gid,
         });
     }
     if hub.send_to_engine(command) {

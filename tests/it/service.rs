@@ -1261,3 +1261,303 @@ fn every_trigger_leaves_the_same_record_and_applies_retention() {
         records.last().unwrap().checkpoint.as_ref()
     );
 }
+
+/// Writes `len` bytes of `byte` at `offset` of the qcow2 disk of a shut-off VM.
+fn write_offline(disk: &Path, byte: u8, offset: u64, len: u64) {
+    let out = std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c"])
+        .arg(format!("write -P 0x{byte:02x} {offset} {len}"))
+        .arg(disk)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "qemu-io: {out:?}");
+}
+
+/// A shut-off VM with two checkpoints in an encrypted store in a folder of a user in the
+/// `libvirt` group, taken through the service, which got the passphrase with the first:
+/// the user's commands after that go without it.
+struct UsersEncryptedStore {
+    vm: TestVm,
+    service: TestService,
+    user: TestUser,
+    rewind: std::path::PathBuf,
+    home: std::path::PathBuf,
+    store: std::path::PathBuf,
+    /// The two checkpoints, oldest first.
+    ids: Vec<String>,
+    dir: ScratchDir,
+}
+
+impl UsersEncryptedStore {
+    fn new(label: &str) -> Self {
+        let vm = TestVm::builder(label)
+            .disks(vec![rewind_tests::DiskSpec::new(
+                "vda",
+                rewind_tests::Format::Qcow2,
+                64 << 20,
+            )])
+            .define()
+            .expect("define the test VM");
+        let disk = vm.disk("vda").path.clone();
+        write_offline(&disk, 0x5a, 0, 1 << 20);
+        let dir = ScratchDir::new(label).unwrap();
+        let rewind = binary_for_users(dir.path());
+        let service = TestService::start(&rewind, dir.path()).unwrap();
+        let user = TestUser::create(true).unwrap();
+        let home = dir.path().join("home");
+        std::fs::create_dir(&home).unwrap();
+        user.own(&home).unwrap();
+        let store = home.join("store");
+        let store_arg = store.to_str().unwrap();
+        let with_passphrase = [
+            ("REWIND_SOCKET", service.socket()),
+            (
+                "REWIND_PASSPHRASE",
+                Path::new("a passphrase only the service keeps"),
+            ),
+        ];
+        let out = user.run(&rewind, &["init", "--encrypt", store_arg], &with_passphrase);
+        assert!(out.status.success(), "rewind init: {out:?}");
+        let mut ids = Vec::new();
+        for round in 0..2 {
+            write_offline(&disk, 0x10 + round, 4 << 20, 1 << 20);
+            let out = user.run(
+                &rewind,
+                &["checkpoint", &vm.name, "--to", store_arg, "--json"],
+                &with_passphrase,
+            );
+            let taken = json(&out, "rewind checkpoint");
+            ids.push(taken[0]["id"].as_str().unwrap().to_owned());
+        }
+        Self {
+            vm,
+            service,
+            user,
+            rewind,
+            home,
+            store,
+            ids,
+            dir,
+        }
+    }
+
+    /// `rewind ARGS` as the user, in their folder, without the passphrase.
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        self.user
+            .command(&self.rewind, &[("REWIND_SOCKET", self.service.socket())])
+            .args(args)
+            .current_dir(&self.home)
+            .output()
+            .unwrap()
+    }
+
+    fn store_arg(&self) -> &str {
+        self.store.to_str().unwrap()
+    }
+}
+
+/// The checkpoints a `rewind prune --json` removed (or would have).
+fn removed_by(report: &serde_json::Value) -> Vec<String> {
+    report["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["keep"] == false)
+        .map(|d| d["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn a_user_lists_exports_and_prunes_the_services_encrypted_store_without_its_passphrase() {
+    let fixture = UsersEncryptedStore::new("svc-store");
+    let (vm, store_arg) = (&fixture.vm, fixture.store_arg());
+    let as_user = |args: &[&str]| fixture.run(args);
+    let home = &fixture.home;
+
+    // Without the passphrase, the service reads its destination for the user.
+    let listing = json(
+        &as_user(&["checkpoints", &vm.name, "--in", store_arg, "--json"]),
+        "rewind checkpoints",
+    );
+    assert_eq!(listing["store"]["encrypted"], true, "{listing}");
+    let ids: Vec<&str> = listing["checkpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, fixture.ids, "{listing}");
+    let table = as_user(&["checkpoints", "--in", store_arg]);
+    assert!(table.status.success(), "{table:?}");
+    assert!(
+        String::from_utf8_lossy(&table.stdout).contains(ids[1]),
+        "{table:?}"
+    );
+
+    // An export to a path relative to the user's folder is written there, and is theirs.
+    let export = |to: &str| {
+        let line = format!(
+            "export {} latest --from {store_arg} --disk vda --out {to}",
+            vm.name
+        );
+        as_user(&line.split(' ').collect::<Vec<_>>())
+    };
+    let out = export("vda.qcow2");
+    assert!(out.status.success(), "rewind export: {out:?}");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains(ids[1]) && said.contains("vda.qcow2"),
+        "{said}"
+    );
+    let exported = home.join("vda.qcow2");
+    let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&exported).unwrap());
+    let user_uid = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(home).unwrap());
+    assert_eq!(owner, user_uid, "the exported image is not the user's");
+    let disk_now = image_bytes(&vm.disk("vda").path, "qcow2");
+    assert!(
+        image_bytes(&exported, "qcow2") == disk_now,
+        "the exported image is not the disk as checkpointed"
+    );
+    // Where the user may not write, the service writes nothing either.
+    let refused = export("/root/rewind-nope.qcow2");
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("may not write in /root"), "{said}");
+    assert!(!Path::new("/root/rewind-nope.qcow2").exists());
+
+    // Prune: a dry run changes nothing; the real one keeps the newest and frees data.
+    let dry = json(
+        &as_user(&[
+            "prune",
+            "--in",
+            store_arg,
+            "--keep-last",
+            "1",
+            "--dry-run",
+            "--json",
+        ]),
+        "rewind prune --dry-run",
+    );
+    assert_eq!(removed_by(&dry), [ids[0]], "{dry}");
+    assert!(dry["gc"].is_null(), "{dry}");
+    let pruned = json(
+        &as_user(&[
+            "prune",
+            &vm.name,
+            "--in",
+            store_arg,
+            "--keep-last",
+            "1",
+            "--json",
+        ]),
+        "rewind prune",
+    );
+    assert_eq!(removed_by(&pruned), [ids[0]], "{pruned}");
+    assert!(
+        pruned["gc"]["chunks_removed"].as_u64().unwrap() >= 1,
+        "{pruned}"
+    );
+    let after = json(
+        &as_user(&["checkpoints", "--in", store_arg, "--json"]),
+        "rewind checkpoints (after prune)",
+    );
+    assert_eq!(after["checkpoints"].as_array().unwrap().len(), 1, "{after}");
+    let gc = json(&as_user(&["gc", "--in", store_arg, "--json"]), "rewind gc");
+    assert_eq!(gc["chunks_removed"], 0, "{gc}");
+}
+
+#[test]
+fn a_user_restores_as_new_vms_through_the_service_where_qemu_can_reach_the_disks() {
+    let fixture = UsersEncryptedStore::new("svc-as-new");
+    let (vm, store_arg) = (&fixture.vm, fixture.store_arg());
+    let as_user = |args: &[&str]| fixture.run(args);
+    let (home, dir) = (&fixture.home, &fixture.dir);
+    let disk_now = image_bytes(&vm.disk("vda").path, "qcow2");
+    let latest = fixture.ids[1].as_str();
+
+    // Restored as a new VM beside the original, its disk in a folder of the user's.
+    let copy = format!("{}-copy", vm.name);
+    let _copy = rewind_tests::RestoredVm(copy.clone());
+    let disks = home.join("disks");
+    let out = as_user(&[
+        "restore",
+        &vm.name,
+        "latest",
+        "--from",
+        store_arg,
+        "--as",
+        &copy,
+        "--disk-dir",
+        "disks",
+        "--json",
+    ]);
+    // QEMU, its own user, cannot reach the user's private folder: the copy is there but
+    // cannot start, and the user is told why and what to do.
+    assert!(!out.status.success(), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("did not start") && said.contains("QEMU runs as its own user"),
+        "{said}"
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["vm"], copy.as_str(), "{report}");
+    assert_eq!(report["defined"], true, "{report}");
+    assert_eq!(report["checkpoint"], latest, "{report}");
+    let hv = rewind_core::libvirt::Hypervisor::connect(rewind_tests::daemon::URI).unwrap();
+    assert!(hv.has_vm(&copy), "the new VM is not defined");
+    let copied = disks.join(format!("{copy}-vda.qcow2"));
+    assert!(
+        image_bytes(&copied, "qcow2") == disk_now,
+        "the new VM's disk is not the checkpoint's"
+    );
+
+    // Into a folder of root's the user may not write, nothing is written...
+    let elsewhere = format!("{}-elsewhere", vm.name);
+    let _elsewhere = rewind_tests::RestoredVm(elsewhere.clone());
+    let roots = dir.path().join("roots");
+    std::fs::create_dir(&roots).unwrap();
+    let roots_only = std::os::unix::fs::PermissionsExt::from_mode(0o755);
+    std::fs::set_permissions(&roots, roots_only).unwrap();
+    let refused = as_user(&[
+        "restore",
+        &vm.name,
+        "latest",
+        "--from",
+        store_arg,
+        "--as",
+        &elsewhere,
+        "--disk-dir",
+        roots.to_str().unwrap(),
+    ]);
+    assert!(!refused.status.success(), "{refused:?}");
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("may not write in"), "{said}");
+    assert!(!hv.has_vm(&elsewhere));
+    // ...but into the folder of a libvirt storage pool, where libvirt would let the user
+    // create disks, the copy is written, and starts.
+    let pool = rewind_tests::pool::TestPool::create("svc-pool").unwrap();
+    let roots_only = std::os::unix::fs::PermissionsExt::from_mode(0o755);
+    std::fs::set_permissions(pool.path(), roots_only).unwrap();
+    let pooled = format!("{}-pooled", vm.name);
+    let _pooled = rewind_tests::RestoredVm(pooled.clone());
+    let report = json(
+        &as_user(&[
+            "restore",
+            &vm.name,
+            "latest",
+            "--from",
+            store_arg,
+            "--as",
+            &pooled,
+            "--disk-dir",
+            pool.path().to_str().unwrap(),
+            "--json",
+        ]),
+        "rewind restore --as into a pool's folder",
+    );
+    assert_eq!(report["started"], true, "{report}");
+    assert!(
+        image_bytes(&pool.path().join(format!("{pooled}-vda.qcow2")), "qcow2") == disk_now,
+        "the pooled copy's disk is not the checkpoint's"
+    );
+}

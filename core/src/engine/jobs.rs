@@ -1,5 +1,5 @@
-//! Long jobs the window starts: checkpoint now, restore (in place, as a new VM, undo),
-//! verify, delete, export. Each runs on a blocking thread with its own [`Control`], which the
+//! Long jobs the window and the CLI start: checkpoint now, restore (in place, as a new VM,
+//! undo), verify, delete, export, prune, garbage collection, and reading a store's list. Each runs on a blocking thread with its own [`Control`], which the
 //! engine reads for progress and the window's Cancel button cancels.
 
 use std::path::PathBuf;
@@ -13,6 +13,9 @@ use crate::destination;
 use crate::libvirt::Hypervisor;
 use crate::progress::Control;
 use crate::restore::{ImageFormat, NewVm, RestoreOptions, RestoreReport};
+use crate::store::gc::GcReport;
+use crate::store::prune::PruneDecision;
+use crate::store::retention::KeepRules;
 use crate::store::verify::VerifyReport;
 use crate::store::{Manifest, Store};
 use crate::view::catalog;
@@ -91,7 +94,102 @@ pub enum JobRequest {
         out: PathBuf,
         /// Its format.
         format: ImageFormat,
+        /// Who gets the file once it is written (the user who asked a service running as
+        /// root); `None`: it stays the writer's. The service sets this itself.
+        #[serde(default)]
+        owner: Option<Owner>,
     },
+    /// Remove old checkpoints of a destination's store by keep rules, then the data only
+    /// they used.
+    Prune {
+        /// The destination.
+        destination: String,
+        /// Only this VM's checkpoints; `None`: every VM's, each by the rules.
+        vm_uuid: Option<Uuid>,
+        /// What to keep.
+        rules: KeepRules,
+        /// Only say what would go.
+        #[serde(default)]
+        dry_run: bool,
+    },
+    /// Remove the data no checkpoint in a destination's store uses any more.
+    Gc {
+        /// The destination.
+        destination: String,
+    },
+    /// Read the list of checkpoints in a destination's store.
+    List {
+        /// The destination.
+        destination: String,
+    },
+}
+
+/// A user and group that a written file is handed to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Owner {
+    /// The user.
+    pub uid: u32,
+    /// The group.
+    pub gid: u32,
+}
+
+/// What a store says of itself.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StoreFacts {
+    /// Its ID.
+    pub id: String,
+    /// Where it is.
+    pub path: PathBuf,
+    /// Its format's version.
+    pub format_version: u32,
+    /// Whether it is encrypted.
+    pub encrypted: bool,
+    /// The size of its chunks.
+    pub chunk_size_bytes: u32,
+}
+
+impl StoreFacts {
+    /// What `store` says of itself.
+    #[must_use]
+    pub fn of(store: &Store) -> Self {
+        Self {
+            id: store.config().id.to_string(),
+            path: store.root().to_path_buf(),
+            format_version: store.config().version,
+            encrypted: store.is_encrypted(),
+            chunk_size_bytes: store.chunk_size_bytes(),
+        }
+    }
+}
+
+/// A store's checkpoints.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Listing {
+    /// The store.
+    pub store: StoreFacts,
+    /// Its readable checkpoints, oldest first.
+    pub checkpoints: Vec<Manifest>,
+    /// Manifest files that cannot be read, with why.
+    pub unreadable: Vec<(PathBuf, String)>,
+}
+
+impl Listing {
+    /// The list of `store`'s checkpoints.
+    ///
+    /// # Errors
+    /// The store cannot be read.
+    pub fn of(store: &Store) -> Result<Self, crate::store::StoreError> {
+        let catalog = store.catalog()?;
+        Ok(Self {
+            store: StoreFacts::of(store),
+            checkpoints: catalog.checkpoints,
+            unreadable: catalog
+                .unreadable
+                .into_iter()
+                .map(|(path, e)| (path, e.to_string()))
+                .collect(),
+        })
+    }
 }
 
 impl JobRequest {
@@ -110,6 +208,9 @@ impl JobRequest {
             Self::Verify { destination, .. } => format!("Verify {destination}"),
             Self::Delete { checkpoint, .. } => format!("Delete {checkpoint}"),
             Self::Export { disk, .. } => format!("Export of {disk}"),
+            Self::Prune { destination, .. } => format!("Removing old checkpoints in {destination}"),
+            Self::Gc { destination } => format!("Removing unused data in {destination}"),
+            Self::List { destination } => format!("Reading the checkpoints in {destination}"),
         }
     }
 }
@@ -126,8 +227,28 @@ pub enum JobOutput {
     Verified(Box<VerifyReport>),
     /// A checkpoint deleted.
     Deleted,
-    /// A disk exported, to this file.
-    Exported(PathBuf),
+    /// A disk exported.
+    Exported {
+        /// The checkpoint's id.
+        checkpoint: String,
+        /// The VM's name in it.
+        vm: String,
+        /// The image file written.
+        file: PathBuf,
+        /// The bytes of data in it.
+        data_bytes: u64,
+    },
+    /// Old checkpoints removed (or, in a dry run, found).
+    Pruned {
+        /// What became of each checkpoint.
+        decisions: Vec<PruneDecision>,
+        /// What the garbage collection after it freed (`None` in a dry run).
+        gc: Option<GcReport>,
+    },
+    /// Unused data removed.
+    Collected(GcReport),
+    /// A store's checkpoints.
+    Listed(Box<Listing>),
 }
 
 fn no_destination(name: &str) -> JobError {
@@ -232,6 +353,25 @@ pub fn run(
             store.delete_checkpoint(vm_uuid, checkpoint)?;
             Ok(JobOutput::Deleted)
         }
+        JobRequest::Export { .. } | JobRequest::Prune { .. } => store_job(config, request, control),
+        JobRequest::Gc { destination } => {
+            let store = store_of(config, destination)?;
+            Ok(JobOutput::Collected(store.gc(control)?))
+        }
+        JobRequest::List { destination } => {
+            let store = store_of(config, destination)?;
+            Ok(JobOutput::Listed(Box::new(Listing::of(&store)?)))
+        }
+    }
+}
+
+/// The export and prune jobs.
+fn store_job(
+    config: &Config,
+    request: &JobRequest,
+    control: &Arc<Control>,
+) -> Result<JobOutput, JobError> {
+    match request {
         JobRequest::Export {
             destination,
             vm_uuid,
@@ -239,13 +379,64 @@ pub fn run(
             disk,
             out,
             format,
+            owner,
         } => {
             let store = store_of(config, destination)?;
             let m = manifest(&store, vm_uuid, checkpoint)?;
-            crate::restore::export_disk(&store, &m, disk, out, *format, control)?;
-            Ok(JobOutput::Exported(out.clone()))
+            let data_bytes = crate::restore::export_disk(&store, &m, disk, out, *format, control)?;
+            if let Some(owner) = owner
+                && let Err(e) = hand_over(out, *owner)
+            {
+                crate::cleanup::remove_file(out);
+                return Err(JobError::new(
+                    ErrorKind::Failed,
+                    format!(
+                        "could not give the exported image {} to its user: {e}; it was removed",
+                        out.display()
+                    ),
+                ));
+            }
+            Ok(JobOutput::Exported {
+                checkpoint: m.id,
+                vm: m.vm.name,
+                file: out.clone(),
+                data_bytes,
+            })
         }
+        JobRequest::Prune {
+            destination,
+            vm_uuid,
+            rules,
+            dry_run,
+        } => {
+            let store = store_of(config, destination)?;
+            let decisions = store.prune(rules, *vm_uuid, *dry_run, control)?;
+            let gc = if *dry_run {
+                None
+            } else {
+                Some(store.gc(control)?)
+            };
+            Ok(JobOutput::Pruned { decisions, gc })
+        }
+        _ => Err(JobError::internal(&"not an export or prune")),
     }
+}
+
+/// Gives the file just written at `path` to `owner`: only a regular file with no other
+/// name (never what a link put in its place meanwhile points to).
+fn hand_over(path: &std::path::Path, owner: Owner) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+    let file = std::fs::File::options()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits().cast_signed())
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() || meta.nlink() != 1 {
+        return Err(std::io::Error::other(
+            "it is no longer the file that was written (replaced meanwhile)",
+        ));
+    }
+    std::os::unix::fs::fchown(&file, Some(owner.uid), Some(owner.gid))
 }
 
 /// A checkpoint of `vm` now into each of its destinations.

@@ -289,6 +289,7 @@ impl Engine {
             Inner::JobDone(job, result) => {
                 p.jobs.remove(&job);
                 let took = matches!(result, Ok(JobOutput::Checkpoints(_)));
+                let changed_nothing = matches!(result, Ok(JobOutput::Listed(_)));
                 self.emit(Event::JobFinished { job, result }).await;
                 if took {
                     // Its records went into the history, as a scheduled job's do.
@@ -297,7 +298,9 @@ impl Engine {
                     ))))
                     .await;
                 }
-                p.scan(inner);
+                if !changed_nothing {
+                    p.scan(inner);
+                }
             }
             Inner::Emit(event) => self.emit(event).await,
             Inner::Scanned(views) => {

@@ -584,7 +584,22 @@ pub(super) fn start_if(
     control.start_phase(Phase::Starting);
     match hv.start_vm(name) {
         Ok(()) => (true, None),
-        Err(e) => (false, Some(e.to_string())),
+        Err(e) => (false, Some(with_advice(e.to_string()))),
+    }
+}
+
+/// Why a restored VM did not start, with what to do where libvirt does not say it: QEMU
+/// runs as its own user, which cannot reach disks in a private folder (a home folder).
+fn with_advice(error: String) -> String {
+    if error.contains("Cannot access storage file") && error.contains("Permission denied") {
+        format!(
+            "{error}. QEMU runs as its own user and cannot reach that folder: restore into a \
+             folder it can read, such as /var/lib/libvirt/images, or let it through each \
+             folder above the disks (for example `setfacl -m u:libvirt-qemu:x FOLDER`), then \
+             start the VM"
+        )
+    } else {
+        error
     }
 }
 

@@ -11,7 +11,7 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::backend::is_remote_failure;
 use super::chunk::ChunkId;
@@ -22,7 +22,7 @@ use super::{LockMode, Store};
 use crate::progress::Control;
 
 /// What garbage collection did.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GcReport {
     /// Chunks still referenced.
     pub chunks_kept: u64,

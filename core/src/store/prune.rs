@@ -2,7 +2,7 @@
 //! at the next garbage collection.
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::error::StoreError;
@@ -11,7 +11,7 @@ use super::{Catalog, LockMode, Store};
 use crate::progress::Control;
 
 /// The decision about one checkpoint.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PruneDecision {
     /// VM name.
     pub vm: String,

@@ -45,7 +45,7 @@ impl KeepRules {
 }
 
 /// Why a checkpoint is kept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum KeepReason {
     /// Among the newest N.

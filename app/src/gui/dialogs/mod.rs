@@ -218,6 +218,7 @@ fn export_ui(
                     } else {
                         ImageFormat::Raw
                     },
+                    owner: None,
                 }));
                 close = true;
             }

@@ -266,6 +266,22 @@ impl Hypervisor {
         Ok(names)
     }
 
+    /// The folders of the active storage pools of type `dir`: where libvirt itself lets its
+    /// clients create disk images.
+    pub fn folder_pool_paths(&self) -> Result<Vec<std::path::PathBuf>> {
+        let pools = self
+            .conn
+            .list_all_storage_pools(sys::VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE)
+            .map_err(|e| self.storage_error("list the storage pools", &e))?;
+        Ok(pools
+            .iter()
+            .filter_map(|p| p.xml_desc(0).ok())
+            .filter_map(|xml| host_files::pool_target(&xml))
+            .filter(|(kind, _)| kind == "dir")
+            .map(|(_, path)| std::path::PathBuf::from(path))
+            .collect())
+    }
+
     /// How many bytes pool `pool` has free, as libvirt last saw it (refreshed first).
     pub fn pool_available_bytes(&self, pool: &str) -> Result<u64> {
         let pool_obj = self.active_pool(pool)?;
