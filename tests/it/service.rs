@@ -524,14 +524,28 @@ fn interrupted_in_history(socket: &Path) -> Option<rewind_core::history::Record>
 
 /// A running VM whose disk holds `mib` MiB that do not compress, so that copying it takes
 /// a while.
+/// A user in the `libvirt` group, and a private folder of theirs in `dir`.
+fn user_with_home(dir: &Path) -> (TestUser, std::path::PathBuf) {
+    let user = TestUser::create(true).unwrap();
+    let home = dir.join("home");
+    std::fs::create_dir(&home).unwrap();
+    user.own(&home).unwrap();
+    (user, home)
+}
+
+/// Disk `vda`, a qcow2 image of `size_bytes`.
+fn one_qcow2_disk(size_bytes: u64) -> Vec<rewind_tests::DiskSpec> {
+    vec![rewind_tests::DiskSpec::new(
+        "vda",
+        rewind_tests::Format::Qcow2,
+        size_bytes,
+    )]
+}
+
 fn running_with_random_data(label: &str, mib: u32) -> TestVm {
     let mut vm = TestVm::builder(label)
         .workload("idle")
-        .disks(vec![rewind_tests::DiskSpec::new(
-            "vda",
-            rewind_tests::Format::Qcow2,
-            512 << 20,
-        )])
+        .disks(one_qcow2_disk(512 << 20))
         .define()
         .expect("define the test VM");
     let raw = vm.dir().join("random.raw");
@@ -1066,10 +1080,7 @@ fn a_user_protects_and_unprotects_a_vm_in_the_service_from_the_cli() {
     let dir = ScratchDir::new("svc-protect").unwrap();
     let rewind = binary_for_users(dir.path());
     let service = TestService::start(&rewind, dir.path()).unwrap();
-    let user = TestUser::create(true).unwrap();
-    let home = dir.path().join("home");
-    std::fs::create_dir(&home).unwrap();
-    user.own(&home).unwrap();
+    let (user, home) = user_with_home(dir.path());
     let store = home.join("backup");
     let passphrase = home.join("passphrase");
     std::fs::write(&passphrase, "a user's secret\n").unwrap();
@@ -1291,11 +1302,7 @@ struct UsersEncryptedStore {
 impl UsersEncryptedStore {
     fn new(label: &str) -> Self {
         let vm = TestVm::builder(label)
-            .disks(vec![rewind_tests::DiskSpec::new(
-                "vda",
-                rewind_tests::Format::Qcow2,
-                64 << 20,
-            )])
+            .disks(one_qcow2_disk(64 << 20))
             .define()
             .expect("define the test VM");
         let disk = vm.disk("vda").path.clone();
@@ -1303,10 +1310,7 @@ impl UsersEncryptedStore {
         let dir = ScratchDir::new(label).unwrap();
         let rewind = binary_for_users(dir.path());
         let service = TestService::start(&rewind, dir.path()).unwrap();
-        let user = TestUser::create(true).unwrap();
-        let home = dir.path().join("home");
-        std::fs::create_dir(&home).unwrap();
-        user.own(&home).unwrap();
+        let (user, home) = user_with_home(dir.path());
         let store = home.join("store");
         let store_arg = store.to_str().unwrap();
         let with_passphrase = [
@@ -1475,22 +1479,19 @@ fn a_user_restores_as_new_vms_through_the_service_where_qemu_can_reach_the_disks
     let disk_now = image_bytes(&vm.disk("vda").path, "qcow2");
     let latest = fixture.ids[1].as_str();
 
+    let restore_as = |name: &str, folder: &str| {
+        let line = format!(
+            "restore {} latest --from {store_arg} --as {name} --disk-dir {folder} --json",
+            vm.name
+        );
+        as_user(&line.split(' ').collect::<Vec<_>>())
+    };
+
     // Restored as a new VM beside the original, its disk in a folder of the user's.
     let copy = format!("{}-copy", vm.name);
     let _copy = rewind_tests::RestoredVm(copy.clone());
     let disks = home.join("disks");
-    let out = as_user(&[
-        "restore",
-        &vm.name,
-        "latest",
-        "--from",
-        store_arg,
-        "--as",
-        &copy,
-        "--disk-dir",
-        "disks",
-        "--json",
-    ]);
+    let out = restore_as(&copy, "disks");
     // QEMU, its own user, cannot reach the user's private folder: the copy is there but
     // cannot start, and the user is told why and what to do.
     assert!(!out.status.success(), "{out:?}");
@@ -1518,17 +1519,7 @@ fn a_user_restores_as_new_vms_through_the_service_where_qemu_can_reach_the_disks
     std::fs::create_dir(&roots).unwrap();
     let roots_only = std::os::unix::fs::PermissionsExt::from_mode(0o755);
     std::fs::set_permissions(&roots, roots_only).unwrap();
-    let refused = as_user(&[
-        "restore",
-        &vm.name,
-        "latest",
-        "--from",
-        store_arg,
-        "--as",
-        &elsewhere,
-        "--disk-dir",
-        roots.to_str().unwrap(),
-    ]);
+    let refused = restore_as(&elsewhere, roots.to_str().unwrap());
     assert!(!refused.status.success(), "{refused:?}");
     let said = String::from_utf8_lossy(&refused.stderr);
     assert!(said.contains("may not write in"), "{said}");
@@ -1541,18 +1532,7 @@ fn a_user_restores_as_new_vms_through_the_service_where_qemu_can_reach_the_disks
     let pooled = format!("{}-pooled", vm.name);
     let _pooled = rewind_tests::RestoredVm(pooled.clone());
     let report = json(
-        &as_user(&[
-            "restore",
-            &vm.name,
-            "latest",
-            "--from",
-            store_arg,
-            "--as",
-            &pooled,
-            "--disk-dir",
-            pool.path().to_str().unwrap(),
-            "--json",
-        ]),
+        &restore_as(&pooled, pool.path().to_str().unwrap()),
         "rewind restore --as into a pool's folder",
     );
     assert_eq!(report["started"], true, "{report}");
