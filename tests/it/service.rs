@@ -226,90 +226,219 @@ impl Drop for Window {
     }
 }
 
+/// What the window did, or the test fails with the window's log.
+fn in_window<T>(log: &Path, what: Result<T, rewind_tests::HarnessError>) -> T {
+    what.unwrap_or_else(|e| {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        panic!("{e}; window log:\n{text}")
+    })
+}
+
+/// The service's events as they come, read on a thread of their own: the service cuts
+/// off a client that does not take its events, and the test is busy with the window.
+struct Events(std::sync::mpsc::Receiver<rewind_core::engine::Event>);
+
+impl Events {
+    fn follow(socket: &Path) -> Self {
+        let mut client = rewind_service::connect_to(socket, "test").unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            while let Ok(Some(event)) = client.next_event() {
+                if tx.send(event).is_err() {
+                    return;
+                }
+            }
+        });
+        Self(rx)
+    }
+
+    /// Waits (for minutes at most) until the service reports the end of a job that
+    /// `started` picks out by its request, and gives its result.
+    fn job_result(
+        &self,
+        started: impl Fn(&rewind_core::engine::jobs::JobRequest) -> bool,
+    ) -> Result<rewind_core::engine::jobs::JobOutput, rewind_core::job_error::JobError> {
+        use rewind_core::engine::Event;
+        let deadline = std::time::Instant::now() + BOOT_TIMEOUT;
+        let next = || {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            self.0
+                .recv_timeout(left)
+                .expect("the job did not end within minutes, or the service went away")
+        };
+        let job = loop {
+            if let Event::JobStarted { job, request, .. } = next()
+                && started(&request)
+            {
+                break job;
+            }
+        };
+        loop {
+            if let Event::JobFinished { job: j, result } = next()
+                && j == job
+            {
+                return result;
+            }
+        }
+    }
+}
+
+/// Fails if the window exited or logged an error.
+fn still_clean(window: &mut Window, log: &Path) {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    assert!(
+        window.0.try_wait().unwrap().is_none(),
+        "the window exited: {text}"
+    );
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.starts_with("error") || l.contains("ERROR")),
+        "the window logged an error:\n{text}"
+    );
+}
+
+/// The window, run as `user` on the display of `x` in the session whose bus is at `bus`,
+/// as a client of the service at `socket`; its log goes to `log`.
+fn window_of(
+    user: &TestUser,
+    rewind: &Path,
+    socket: &Path,
+    x: &rewind_tests::xvfb::Xvfb,
+    bus: &str,
+    log: &Path,
+) -> Window {
+    let home = x.home();
+    let display = std::path::PathBuf::from(x.display());
+    let mut cmd = user.command(
+        rewind,
+        &[
+            ("REWIND_SOCKET", socket),
+            ("DISPLAY", &display),
+            ("DBUS_SESSION_BUS_ADDRESS", Path::new(bus)),
+            ("HOME", &home),
+            ("XDG_RUNTIME_DIR", &x.runtime_dir()),
+            ("XDG_CONFIG_HOME", &home.join("config")),
+            ("XDG_DATA_HOME", &home.join("data")),
+            ("XDG_STATE_HOME", &home.join("state")),
+            ("XDG_CACHE_HOME", &home.join("cache")),
+        ],
+    );
+    Window(
+        cmd.stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap(),
+    )
+}
+
 #[test]
-fn the_window_of_a_user_in_the_libvirt_group_runs_through_the_service_under_xvfb() {
-    let vm = TestVm::builder("svc-win")
+fn the_window_of_a_user_in_the_libvirt_group_checkpoints_restores_and_undoes_through_the_service() {
+    use rewind_core::engine::jobs::JobRequest;
+    let mut vm = TestVm::uefi_tpm_builder("svc-win")
         .name("Rewind service window VM")
         .define()
         .expect("define the test VM");
-    let dir = ScratchDir::new("svc-win").unwrap();
+    vm.start_and_wait_ready(BOOT_TIMEOUT)
+        .expect("boot with OVMF");
+    vm.wait_flushed(5, BOOT_TIMEOUT).unwrap();
+    let (dir, store) = scratch_with_store("svc-win");
+    protected_paused(&store, &vm.name)
+        .save(&dir.path().join("config/config.ron"))
+        .unwrap();
     let rewind = binary_for_users(dir.path());
     let service = TestService::start(&rewind, dir.path()).unwrap();
+    let events = Events::follow(service.socket());
     let user = TestUser::create(true).unwrap();
     let x = rewind_tests::xvfb::Xvfb::start(1280, 800).unwrap();
     let home = x.home();
     std::fs::create_dir_all(&home).unwrap();
     user.own(&home).unwrap();
     user.own(&x.runtime_dir()).unwrap();
-    let display = std::path::PathBuf::from(x.display());
-    let (config, data, state, cache) = (
-        home.join("config"),
-        home.join("data"),
-        home.join("state"),
-        home.join("cache"),
-    );
+    // The user's desktop session, with its accessibility bus: the test reads the window
+    // and clicks in it as a screen reader would.
+    let desktop = rewind_tests::a11y::Session::start(&user, &home, &x.runtime_dir()).unwrap();
     let log = dir.path().join("window.log");
-    let mut cmd = user.command(
+    let mut window = window_of(
+        &user,
         &rewind,
-        &[
-            ("REWIND_SOCKET", service.socket()),
-            ("DISPLAY", &display),
-            ("HOME", &home),
-            ("XDG_RUNTIME_DIR", &x.runtime_dir()),
-            ("XDG_CONFIG_HOME", &config),
-            ("XDG_DATA_HOME", &data),
-            ("XDG_STATE_HOME", &state),
-            ("XDG_CACHE_HOME", &cache),
-        ],
-    );
-    let mut window = Window(
-        cmd.stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
+        service.socket(),
+        &x,
+        desktop.address(),
+        &log,
     );
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
     x.wait_window("Rewind", Duration::from_mins(1))
         .unwrap_or_else(|e| panic!("{e}; window log:\n{}", log_text()));
 
-    // The service let the window in, as that user.
-    let service_log = || std::fs::read_to_string(service.log()).unwrap_or_default();
-    let let_in = format!("{} (uid", user.name());
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !service_log()
-        .lines()
-        .any(|l| l.contains(&let_in) && l.contains("(window) connected"))
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the service never let the window in; service log:\n{}\nwindow log:\n{}",
-            service_log(),
-            log_text()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    // It runs on: the VM list comes from the service (the user cannot reach libvirt's
-    // files), kept as a picture for CI.
-    std::thread::sleep(Duration::from_secs(2));
+    // The VM is listed (the service lists it: the user cannot reach libvirt's files), and
+    // "Checkpoint now" takes a checkpoint with its UEFI variables and TPM state.
+    let wait = Duration::from_secs(30);
+    in_window(&log, desktop.click(&vm.name, wait));
+    in_window(&log, desktop.click("Checkpoint now", wait));
+    // The scheduler's job, as the timer's: its record is in the service's history.
+    let record = history_of_at_least(dir.path(), 1).remove(0);
+    assert_eq!(
+        record.outcome,
+        rewind_core::history::Outcome::Ok,
+        "{record:?}"
+    );
+    let id = record.checkpoint.unwrap();
+    let taken = Store::open(&store, None)
+        .unwrap()
+        .manifest(&record.vm_uuid.unwrap().parse().unwrap(), &id)
+        .unwrap();
+    let blobs: Vec<&str> = taken.blobs.iter().map(|b| b.name.as_str()).collect();
     assert!(
-        window.0.try_wait().unwrap().is_none(),
-        "the window exited: {}",
-        log_text()
+        blobs.contains(&"nvram") && blobs.contains(&"tpm"),
+        "{blobs:?}"
+    );
+    let on_timeline = in_window(
+        &log,
+        desktop.wait_for("the checkpoint", wait, |n| {
+            n.clickable && n.name.starts_with("Checkpoint 20")
+        }),
+    );
+
+    // The disk is overwritten and the VM is off; the user restores the checkpoint from
+    // the timeline: byte for byte.
+    vm.host_write("vda", 0xee, 0, 2 << 20).unwrap();
+    vm.destroy().unwrap();
+    let changed = image_bytes(&vm.disk("vda").path, "qcow2");
+    in_window(&log, desktop.click(&on_timeline.name, wait));
+    in_window(&log, desktop.click("⟲ Restore…", wait));
+    in_window(&log, desktop.click("Restore", wait));
+    let restored = events.job_result(|r| matches!(r, JobRequest::Restore { .. }));
+    assert!(restored.is_ok(), "the window's restore: {restored:?}");
+    in_window(
+        &log,
+        desktop.wait_for("\"Restore complete\"", wait, |n| {
+            n.name == "Restore complete"
+        }),
+    );
+    let store_now = Store::open(&store, None).unwrap();
+    assert!(
+        image_bytes(&vm.disk("vda").path, "qcow2") == checkpoint_vda(&store_now, &id),
+        "the disk is not the checkpoint's"
+    );
+
+    // And undoes it from the same window: the disk is as it was before the restore.
+    in_window(&log, desktop.click("Undo restore", wait));
+    let undone = events.job_result(|r| matches!(r, JobRequest::UndoRestore { .. }));
+    assert!(undone.is_ok(), "the window's undo: {undone:?}");
+    in_window(
+        &log,
+        desktop.wait_for("the undo's result", wait, |n| n.name == "Restore complete"),
     );
     assert!(
-        !log_text()
-            .lines()
-            .any(|l| l.starts_with("error") || l.contains("ERROR")),
-        "the window logged an error:\n{}",
-        log_text()
+        image_bytes(&vm.disk("vda").path, "qcow2") == changed,
+        "the undo did not bring back the disk as it was before the restore"
     );
+    still_clean(&mut window, &log);
     let artifacts = rewind_tests::target_dir().join("test-artifacts");
     std::fs::create_dir_all(&artifacts).unwrap();
     x.screenshot(&artifacts.join("rewind-window-through-service.png"))
         .expect("screenshot");
-    drop(window);
-    drop(service);
-    drop(vm);
 }
 
 /// A scratch folder for a service test, with a new store in `store/` and the service's
@@ -1163,26 +1292,62 @@ fn history_of_at_least(dir: &Path, count: usize) -> Vec<rewind_core::history::Re
     }
 }
 
-#[test]
-fn every_trigger_leaves_the_same_record_and_applies_retention() {
-    use rewind_core::engine::Command;
-    use rewind_core::history::Outcome;
-    use rewind_core::policy::Why;
-    let vm = TestVm::builder("svc-triggers")
-        .define()
-        .expect("define the test VM");
-    let dir = ScratchDir::new("svc-triggers").unwrap();
-    let rewind = binary_for_users(dir.path());
-    // The drive is not plugged in when the service starts.
-    let store = dir.path().join("drive/rewind");
-    crate::rewind::run_ok(&["init", store.to_str().unwrap()]);
-    let mut config = protected_paused(&store, &vm.name);
+/// `vm` protected into `store` (destination `here`) hourly, every checkpoint with its
+/// memory, keeping the newest one only.
+fn full_state_keeping_one(store: &Path, vm: &str) -> rewind_core::config::Config {
+    let mut config = protected_paused(store, vm);
     config.vms[0].paused = false;
     config.vms[0].interval_secs = 3600;
     config.vms[0].keep = rewind_core::store::retention::KeepRules {
         last: 1,
         ..Default::default()
     };
+    config.vms[0].kind = rewind_core::config::Kind::Full;
+    config
+}
+
+/// Fails unless the newest checkpoint in the store at `store`, taken by `trigger`, holds
+/// the VM's memory.
+fn newest_is_full_state(store: &Path, trigger: &str) {
+    let newest = Store::open(store, None)
+        .unwrap()
+        .catalog()
+        .unwrap()
+        .checkpoints
+        .pop()
+        .unwrap();
+    assert_eq!(
+        newest.kind,
+        rewind_core::store::CheckpointKind::Full,
+        "the checkpoint of {trigger} is not full-state: {newest:?}"
+    );
+}
+
+/// Waits until no job of the service whose folder is `dir` is on record as running.
+fn no_job_running(dir: &Path) {
+    let running = dir.join("state/running");
+    let deadline = std::time::Instant::now() + BOOT_TIMEOUT;
+    while std::fs::read_dir(&running).is_ok_and(|mut d| d.next().is_some()) {
+        assert!(std::time::Instant::now() < deadline, "a job never ended");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn every_trigger_leaves_the_same_record_and_applies_retention_and_the_full_state_policy() {
+    use rewind_core::engine::Command;
+    use rewind_core::history::Outcome;
+    use rewind_core::policy::Why;
+    let mut vm = TestVm::builder("svc-triggers")
+        .define()
+        .expect("define the test VM");
+    vm.start_and_wait_ready(BOOT_TIMEOUT).expect("boot");
+    let dir = ScratchDir::new("svc-triggers").unwrap();
+    let rewind = binary_for_users(dir.path());
+    // The drive is not plugged in when the service starts.
+    let store = dir.path().join("drive/rewind");
+    crate::rewind::run_ok(&["init", store.to_str().unwrap()]);
+    let mut config = full_state_keeping_one(&store, &vm.name);
     std::fs::create_dir_all(dir.path().join("config")).unwrap();
     config.save(&dir.path().join("config/config.ron")).unwrap();
     let unplugged = dir.path().join("drive-away");
@@ -1201,8 +1366,10 @@ fn every_trigger_leaves_the_same_record_and_applies_retention() {
 
     // 1. The drive is plugged in: the due first checkpoint runs.
     std::fs::rename(&unplugged, dir.path().join("drive")).unwrap();
+    let newest_is_full_state = |trigger: &str| newest_is_full_state(&store, trigger);
     let plugged = history_of_at_least(dir.path(), 1);
     assert_eq!(plugged[0].trigger, Why::First, "{plugged:?}");
+    newest_is_full_state("the drive plug-in");
     // 2. The timer, every 8 s (a test-only interval the service allows).
     let mut window = rewind_service::connect_to(service.socket(), "window").unwrap();
     let mut save = |config: &rewind_core::config::Config| {
@@ -1218,10 +1385,13 @@ fn every_trigger_leaves_the_same_record_and_applies_retention() {
     save(&config);
     let timer = history_of_at_least(dir.path(), 2);
     assert_eq!(timer[1].trigger, Why::Due, "{timer:?}");
+    newest_is_full_state("the timer");
 
     // The timer paused; 3. the window's "Checkpoint now", 4. the tray's, 5. the CLI's.
     config.vms[0].paused = true;
     save(&config);
+    // A timer job that had begun ends first.
+    no_job_running(dir.path());
     let before = history_of_at_least(dir.path(), 2).len();
     window
         .send(Command::CheckpointNow {
@@ -1229,9 +1399,11 @@ fn every_trigger_leaves_the_same_record_and_applies_retention() {
         })
         .unwrap();
     history_of_at_least(dir.path(), before + 1);
+    newest_is_full_state("the window");
     let mut tray = rewind_service::connect_to(service.socket(), "tray").unwrap();
     tray.send(Command::CheckpointNow { vm: None }).unwrap();
     history_of_at_least(dir.path(), before + 2);
+    newest_is_full_state("the tray");
     let user = TestUser::create(true).unwrap();
     let out = user.run(
         &rewind,
@@ -1240,6 +1412,7 @@ fn every_trigger_leaves_the_same_record_and_applies_retention() {
     );
     assert!(out.status.success(), "{out:?}");
     let records = history_of_at_least(dir.path(), before + 3);
+    newest_is_full_state("the CLI");
 
     // Every record says the same things, and retention ran after each: one checkpoint is
     // left, the newest.
@@ -1371,6 +1544,27 @@ fn removed_by(report: &serde_json::Value) -> Vec<String> {
         .collect()
 }
 
+/// Fails if a user outside the `libvirt` group can read the store of `fixture` or the
+/// service's keys.
+fn outsider_reads_none_of(fixture: &UsersEncryptedStore) {
+    let outsider = TestUser::create(false).unwrap();
+    let mut secrets: Vec<std::path::PathBuf> =
+        std::fs::read_dir(fixture.service.config_dir().join("keys"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+    assert!(!secrets.is_empty(), "the service keeps no key");
+    secrets.push(fixture.store.join("rewind-store.json"));
+    for secret in &secrets {
+        let out = outsider.run(Path::new("cat"), &[secret.to_str().unwrap()], &[]);
+        assert!(
+            !out.status.success(),
+            "{} can be read by a user outside the group",
+            secret.display()
+        );
+    }
+}
+
 #[test]
 fn a_user_lists_exports_and_prunes_the_services_encrypted_store_without_its_passphrase() {
     let fixture = UsersEncryptedStore::new("svc-store");
@@ -1468,6 +1662,9 @@ fn a_user_lists_exports_and_prunes_the_services_encrypted_store_without_its_pass
     assert_eq!(after["checkpoints"].as_array().unwrap().len(), 1, "{after}");
     let gc = json(&as_user(&["gc", "--in", store_arg, "--json"]), "rewind gc");
     assert_eq!(gc["chunks_removed"], 0, "{gc}");
+
+    // A user outside the group can read none of it: not the store, not the service's key.
+    outsider_reads_none_of(&fixture);
 }
 
 #[test]

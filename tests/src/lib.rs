@@ -15,6 +15,7 @@
 // A harness reports failures by panicking with a message; documenting each panic adds nothing.
 #![allow(clippy::missing_panics_doc)]
 
+pub mod a11y;
 pub mod compare;
 pub mod daemon;
 pub mod domain;
