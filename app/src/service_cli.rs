@@ -33,21 +33,26 @@ pub enum Route {
 }
 
 /// Goes through the service if it runs; directly if it does not and this is root, or if
-/// the user named another libvirt connection than the service's (only root can then work).
+/// root named another libvirt connection than the service's.
 ///
 /// # Errors
-/// The service refused this user, or it is not running and this is not root.
+/// The service refused this user, or it is not running and this is not root, or this user
+/// named another libvirt connection than the service's (the service works on its own
+/// only; never on another host by mistake).
 pub fn route(connect: Option<&str>) -> anyhow::Result<Route> {
     let root = rustix::process::geteuid().is_root();
     match rewind_service::connect("cli") {
         Ok(connection) => {
-            if let Some(uri) = connect
-                && uri != connection.welcome().uri
-                && root
-            {
-                return Ok(Route::Direct);
+            let theirs = &connection.welcome().uri;
+            match connect {
+                Some(uri) if uri != theirs && root => Ok(Route::Direct),
+                Some(uri) if uri != theirs => bail!(
+                    "Rewind's protection service works with the VMs of {theirs}, not of {uri}; \
+                     leave out --connect (and LIBVIRT_DEFAULT_URI), or run this as root \
+                     (sudo rewind …) to work with {uri} directly"
+                ),
+                _ => Ok(Route::Service(Box::new(Session::new(connection)))),
             }
-            Ok(Route::Service(Box::new(Session::new(connection))))
         }
         Err(e) if e.is_not_running() && root => Ok(Route::Direct),
         Err(e) => Err(e.into()),
@@ -544,14 +549,6 @@ pub fn protect(
     session: &mut Session,
     args: &crate::protect_cli::ProtectArgs<'_>,
 ) -> anyhow::Result<()> {
-    if let Some(uri) = args.uri
-        && uri != session.connection.welcome().uri
-    {
-        bail!(
-            "the protection service protects the VMs of {}, not of {uri}",
-            session.connection.welcome().uri
-        );
-    }
     let info = session
         .vms()?
         .into_iter()

@@ -1737,4 +1737,21 @@ fn a_user_restores_as_new_vms_through_the_service_where_qemu_can_reach_the_disks
         image_bytes(&pool.path().join(format!("{pooled}-vda.qcow2")), "qcow2") == disk_now,
         "the pooled copy's disk is not the checkpoint's"
     );
+
+    // Another host than the service's is refused, not quietly taken for its own.
+    let elsewhere = as_user(&[
+        "--connect",
+        "qemu+ssh://elsewhere.invalid/system",
+        "restore",
+        &vm.name,
+        "latest",
+        "--from",
+        store_arg,
+    ]);
+    assert!(!elsewhere.status.success());
+    let said = String::from_utf8_lossy(&elsewhere.stderr);
+    assert!(
+        said.contains("works with the VMs of qemu:///system"),
+        "{said}"
+    );
 }
