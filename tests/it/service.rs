@@ -428,7 +428,7 @@ fn the_window_of_a_user_in_the_libvirt_group_checkpoints_restores_and_undoes_thr
     assert!(undone.is_ok(), "the window's undo: {undone:?}");
     in_window(
         &log,
-        desktop.wait_for("the undo's result", wait, |n| n.name == "Restore complete"),
+        desktop.wait_for("the undo's result", wait, |n| n.name == "Restore undone"),
     );
     assert!(
         image_bytes(&vm.disk("vda").path, "qcow2") == changed,

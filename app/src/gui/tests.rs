@@ -851,7 +851,7 @@ fn checkpoint_restore_and_undo_from_the_window_with_a_real_guest() {
             .filter(|j| j.is_restore() && !j.running())
             .count();
         if finished_restores == 2
-            && (h.query_by_label("Restore complete").is_some()
+            && (h.query_by_label("Restore undone").is_some()
                 || h.query_by_label("The restore did not complete").is_some())
         {
             break;
@@ -873,7 +873,7 @@ fn checkpoint_restore_and_undo_from_the_window_with_a_real_guest() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(
-        h.query_by_label("Restore complete").is_some(),
+        h.query_by_label("Restore undone").is_some(),
         "the undo failed: {:?}",
         h.state().state.jobs
     );

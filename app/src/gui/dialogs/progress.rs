@@ -215,8 +215,20 @@ pub(super) fn restore_window_ui(ui: &mut egui::Ui, state: &mut UiState, commands
                 }
             }
             Some(Ok(JobOutput::Restored(report))) => {
-                ui.label(RichText::new("Restore complete").strong());
+                let undo = matches!(&*job.request, JobRequest::UndoRestore { .. });
+                ui.label(
+                    RichText::new(if undo {
+                        "Restore undone"
+                    } else {
+                        "Restore complete"
+                    })
+                    .strong(),
+                );
                 for line in report_lines(report) {
+                    // An undo takes no safety checkpoint by design: nothing to tell.
+                    if undo && report.safety_note.as_ref() == Some(&line) {
+                        continue;
+                    }
                     ui.label(line);
                 }
                 ui.add_space(8.0);
