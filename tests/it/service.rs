@@ -1755,3 +1755,125 @@ fn a_user_restores_as_new_vms_through_the_service_where_qemu_can_reach_the_disks
         "{said}"
     );
 }
+
+/// The bus name of the tray item that registered with `panel` (waited for); the tray logs
+/// to `log`.
+fn icon_shown(panel: &rewind_tests::tray_host::TrayHost, log: &Path) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(item) = panel.registered().pop() {
+            return item;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the tray showed no icon; its log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits until the service's configuration at `config` has all protection paused (`want`)
+/// or not, and gives when the pause ends.
+fn paused_in(config: &Path, want: bool, log: &Path) -> Option<chrono::DateTime<chrono::Utc>> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = rewind_core::config::Config::load(config)
+            .unwrap()
+            .paused_until;
+        if now.is_some() == want {
+            return now;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "protection {} paused; the tray's log:\n{}",
+            if want { "never" } else { "stayed" },
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn the_tray_of_a_user_in_the_group_checkpoints_all_pauses_and_resumes_through_the_service() {
+    let vm = TestVm::builder("svc-tray-menu")
+        .disks(one_qcow2_disk(64 << 20))
+        .define()
+        .expect("define the test VM");
+    let (dir, store) = scratch_with_store("svc-tray-menu");
+    let config_path = dir.path().join("config/config.ron");
+    protected_paused(&store, &vm.name)
+        .save(&config_path)
+        .unwrap();
+    let rewind = binary_for_users(dir.path());
+    let service = TestService::start(&rewind, dir.path()).unwrap();
+    let (user, home) = user_with_home(dir.path());
+    let runtime = home.join("run");
+    std::fs::create_dir(&runtime).unwrap();
+    user.own(&runtime).unwrap();
+    let desktop = rewind_tests::a11y::Session::start(&user, &home, &runtime).unwrap();
+    let panel = rewind_tests::tray_host::TrayHost::start_on(desktop.address()).unwrap();
+    let log = dir.path().join("tray.log");
+    let mut tray = user.command(
+        &rewind,
+        &[
+            ("REWIND_SOCKET", service.socket()),
+            ("DBUS_SESSION_BUS_ADDRESS", Path::new(desktop.address())),
+            ("HOME", &home),
+            ("XDG_RUNTIME_DIR", &runtime),
+        ],
+    );
+    let _tray = Window(
+        tray.arg("tray")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let tray_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let item = icon_shown(&panel, &log);
+    let bus = desktop.session_bus().unwrap();
+    let click = |label: &str| {
+        rewind_tests::tray_host::click(&bus, &item, label)
+            .unwrap_or_else(|e| panic!("{e}; the tray's log:\n{}", tray_log()));
+    };
+
+    // "Checkpoint all now": the service's job, on record in its history.
+    click("Checkpoint all now");
+    let record = history_of_at_least(dir.path(), 1).remove(0);
+    assert_eq!(record.vm, vm.name);
+    assert_eq!(
+        record.trigger,
+        rewind_core::policy::Why::Manual,
+        "{record:?}"
+    );
+    assert_eq!(
+        record.outcome,
+        rewind_core::history::Outcome::Ok,
+        "{record:?}"
+    );
+
+    // "Pause for 1 hour" pauses all protection in the service for about an hour; the menu
+    // then offers "Resume protection", which ends the pause.
+    let until = |want: bool| paused_in(&config_path, want, &log);
+    click("Pause for 1 hour");
+    let ends = until(true).unwrap() - chrono::Utc::now();
+    assert!(
+        ends > chrono::TimeDelta::minutes(55) && ends <= chrono::TimeDelta::hours(1),
+        "{ends}"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !rewind_tests::tray_host::menu(&bus, &item)
+        .unwrap()
+        .iter()
+        .any(|(_, l)| l == "Resume protection")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no \"Resume protection\""
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    click("Resume protection");
+    until(false);
+}

@@ -4,7 +4,8 @@
 //! coordinates. The window publishes its tree through AccessKit once the session's
 //! accessibility bus says assistive technology is on.
 //!
-//! [`Session`] gives a user a session bus and an accessibility bus (at-spi2-core's
+//! [`Session`] gives a user a session bus (which lets root in as well, so that a test can
+//! play the desktop's panel) and an accessibility bus (at-spi2-core's
 //! `at-spi-bus-launcher`, run as that user); both stop when it is dropped.
 
 use std::os::unix::process::CommandExt as _;
@@ -67,9 +68,19 @@ impl Session {
                 "{LAUNCHER} is missing: install at-spi2-core (./x test does)"
             )));
         }
+        // The user's session bus as a desktop has it, and root let in too (as on the
+        // accessibility bus): the test plays the panel and the screen reader.
+        let config = runtime_dir.join("session-bus.conf");
+        std::fs::write(
+            &config,
+            "<busconfig>\n  <include>/usr/share/dbus-1/session.conf</include>\n  \
+             <policy context=\"default\"><allow user=\"root\"/></policy>\n</busconfig>\n",
+        )
+        .map_err(|e| HarnessError::io("write", &config, &e))?;
+        let config_arg = format!("--config-file={}", config.display());
         let out = user.run(
             Path::new("dbus-daemon"),
-            &["--session", "--fork", "--print-address=1", "--print-pid=1"],
+            &[&config_arg, "--fork", "--print-address=1", "--print-pid=1"],
             &[("HOME", home), ("XDG_RUNTIME_DIR", runtime_dir)],
         );
         if !out.status.success() {
@@ -119,6 +130,16 @@ impl Session {
     #[must_use]
     pub fn address(&self) -> &str {
         &self.address
+    }
+
+    /// A connection of root's to the user's session bus.
+    ///
+    /// # Errors
+    /// The bus does not answer.
+    pub fn session_bus(&self) -> Result<zbus::blocking::Connection, HarnessError> {
+        zbus::blocking::connection::Builder::address(self.address.as_str())
+            .and_then(zbus::blocking::connection::Builder::build)
+            .map_err(fail("connect to the session bus"))
     }
 
     fn call<B, R>(

@@ -105,3 +105,85 @@ impl TrayHost {
             .clone()
     }
 }
+
+/// The object path of a tray item's menu (`com.canonical.dbusmenu`).
+const MENU_PATH: &str = "/MenuBar";
+const MENU_INTERFACE: &str = "com.canonical.dbusmenu";
+
+/// A dbusmenu layout node: id, properties, children (each a node in a variant).
+type LayoutNode = (
+    i32,
+    std::collections::HashMap<String, zbus::zvariant::OwnedValue>,
+    Vec<zbus::zvariant::OwnedValue>,
+);
+
+fn unwrap_variant(value: zbus::zvariant::Value<'_>) -> zbus::zvariant::Value<'_> {
+    match value {
+        zbus::zvariant::Value::Value(inner) => unwrap_variant(*inner),
+        other => other,
+    }
+}
+
+/// The entries of the menu of the tray item `item` on `bus`: id and label, in order.
+///
+/// # Errors
+/// The item does not answer, or its menu is malformed.
+pub fn menu(
+    bus: &zbus::blocking::Connection,
+    item: &str,
+) -> Result<Vec<(i32, String)>, HarnessError> {
+    let fail = |e: &dyn std::fmt::Display| HarnessError(format!("the tray's menu: {e}"));
+    let reply = bus
+        .call_method(
+            Some(item),
+            MENU_PATH,
+            Some(MENU_INTERFACE),
+            "GetLayout",
+            &(0i32, -1i32, Vec::<&str>::new()),
+        )
+        .map_err(|e| fail(&e))?;
+    let (_revision, (_root, _props, children)): (u32, LayoutNode) =
+        reply.body().deserialize().map_err(|e| fail(&e))?;
+    children
+        .into_iter()
+        .map(|child| {
+            let (id, props, _children): LayoutNode =
+                unwrap_variant(zbus::zvariant::Value::from(child))
+                    .try_into()
+                    .map_err(|e| fail(&e))?;
+            let label = props
+                .get("label")
+                .and_then(|v| v.try_clone().ok())
+                .and_then(|v| String::try_from(unwrap_variant(zbus::zvariant::Value::from(v))).ok())
+                .unwrap_or_default();
+            Ok((id, label))
+        })
+        .collect()
+}
+
+/// Clicks the entry labelled `label` in the menu of the tray item `item` on `bus`, as the
+/// panel does when the user picks it.
+///
+/// # Errors
+/// There is no such entry, or the item does not answer.
+pub fn click(
+    bus: &zbus::blocking::Connection,
+    item: &str,
+    label: &str,
+) -> Result<(), HarnessError> {
+    let entries = menu(bus, item)?;
+    let id = entries
+        .iter()
+        .find(|(_, l)| l == label)
+        .map(|(id, _)| *id)
+        .ok_or_else(|| HarnessError(format!("no {label:?} in the tray's menu: {entries:?}")))?;
+    bus.call_method(
+        Some(item),
+        MENU_PATH,
+        Some(MENU_INTERFACE),
+        "Event",
+        &(id, "clicked", zbus::zvariant::Value::from(0i32), 0u32),
+    )
+    .map(drop)
+    .map_err(|e| HarnessError(format!("clicking {label:?} in the tray's menu: {e}")))
+}
