@@ -576,14 +576,13 @@ fn through_service(
         | Command::History { .. }
         | Command::Protect { .. }
         | Command::Unprotect { .. } => true,
-        Command::Verify { .. }
+        Command::Init { .. }
+        | Command::Verify { .. }
         | Command::Checkpoints { .. }
         | Command::Prune { .. }
         | Command::Gc { .. }
         | Command::Export { .. } => false,
-        Command::Init { .. } | Command::Daemon | Command::Tray | Command::Service => {
-            return None;
-        }
+        Command::Daemon | Command::Tray | Command::Service => return None,
     };
     let mut session = match remote::route(args.connect.as_deref()) {
         Ok(Route::Direct) => return None,
@@ -594,6 +593,7 @@ fn through_service(
     };
     let session = &mut *session;
     Some(match command {
+        Command::Init { dest, encrypt } => return remote::init(out, session, dest, *encrypt),
         Command::Verify { .. }
         | Command::Checkpoints { .. }
         | Command::Prune { .. }
@@ -661,9 +661,7 @@ fn through_service(
                 json: how.json,
             },
         ),
-        Command::Init { .. } | Command::Daemon | Command::Tray | Command::Service => {
-            return None;
-        }
+        Command::Daemon | Command::Tray | Command::Service => return None,
     })
 }
 

@@ -857,3 +857,55 @@ pub fn export(
         }
     }))
 }
+
+/// `rewind init DEST [--encrypt]` with the service running: the service makes the store
+/// in a folder this user may write to (new or empty), keeps its passphrase, and has it as a
+/// destination from then on. A store on another host is made here, as this user.
+///
+/// # Errors
+/// There is a store there already, the folder is not empty or not this user's to write,
+/// or the passphrase could not be had.
+pub fn init(
+    out: &mut dyn Write,
+    session: &mut Session,
+    dest: &Path,
+    encrypt: bool,
+) -> Option<anyhow::Result<()>> {
+    if dest.to_string_lossy().starts_with("ssh://") {
+        return None;
+    }
+    Some((|| {
+        let folder = absolute(dest)?;
+        if folder.join("rewind-store.json").exists() {
+            bail!(
+                "{} holds a Rewind store already: use it as it is (`rewind checkpoints --in {}`), \
+                 or choose another folder",
+                dest.display(),
+                dest.display()
+            );
+        }
+        let passphrase = if encrypt {
+            let bytes = crate::store_cli::passphrase(dest, true)?;
+            Some(zeroize::Zeroizing::new(
+                String::from_utf8(bytes.to_vec())
+                    .context("the passphrase is not valid UTF-8 text")?,
+            ))
+        } else {
+            None
+        };
+        let name = session.destination_with(&folder, passphrase)?;
+        let id = rewind_core::store::Store::probe(&folder)
+            .map(|c| format!(" {}", c.id))
+            .unwrap_or_default();
+        writeln!(
+            out,
+            "Created {}store{id} in {}; the protection service keeps it as destination {name:?}.",
+            if encrypt { "an encrypted " } else { "" },
+            dest.display()
+        )?;
+        if encrypt {
+            crate::store_cli::say_keep_passphrase(out)?;
+        }
+        Ok(())
+    })())
+}

@@ -19,7 +19,7 @@ use zeroize::Zeroizing;
 pub const PASSPHRASE_ENV: &str = "REWIND_PASSPHRASE";
 
 /// The passphrase from the environment or, in a terminal, from a prompt.
-fn passphrase(store: &Path, confirm: bool) -> anyhow::Result<Zeroizing<Vec<u8>>> {
+pub(crate) fn passphrase(store: &Path, confirm: bool) -> anyhow::Result<Zeroizing<Vec<u8>>> {
     if let Some(pass) = std::env::var_os(PASSPHRASE_ENV) {
         let pass = Zeroizing::new(pass.into_encoded_bytes());
         if pass.is_empty() {
@@ -466,12 +466,17 @@ pub fn init(out: &mut dyn Write, dest: &Path, encrypt: bool) -> anyhow::Result<(
         dest.display()
     )?;
     if encrypt {
-        writeln!(
-            out,
-            "Keep the passphrase safe: without it nothing in this store can be restored."
-        )?;
+        say_keep_passphrase(out)?;
     }
     Ok(())
+}
+
+/// The advice after an encrypted store is made.
+pub(crate) fn say_keep_passphrase(out: &mut dyn Write) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "Keep the passphrase safe: without it nothing in this store can be restored."
+    )
 }
 
 pub(crate) fn local(time: DateTime<Utc>) -> String {

@@ -1458,8 +1458,8 @@ fn write_offline(disk: &Path, byte: u8, offset: u64, len: u64) {
 }
 
 /// A shut-off VM with two checkpoints in an encrypted store in a folder of a user in the
-/// `libvirt` group, taken through the service, which got the passphrase with the first:
-/// the user's commands after that go without it.
+/// `libvirt` group, made (`rewind init`) and taken through the service, which got the
+/// passphrase with the store: the user's commands after that go without it.
 struct UsersEncryptedStore {
     vm: TestVm,
     service: TestService,
@@ -1493,8 +1493,20 @@ impl UsersEncryptedStore {
                 Path::new("a passphrase only the service keeps"),
             ),
         ];
-        let out = user.run(&rewind, &["init", "--encrypt", store_arg], &with_passphrase);
+        // The service makes the store in the user's folder and keeps its passphrase; a
+        // second init there is refused.
+        let init = || user.run(&rewind, &["init", "--encrypt", store_arg], &with_passphrase);
+        let out = init();
         assert!(out.status.success(), "rewind init: {out:?}");
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            said.contains("the protection service keeps it as destination"),
+            "{said}"
+        );
+        let again = init();
+        assert!(!again.status.success(), "{again:?}");
+        let said = String::from_utf8_lossy(&again.stderr);
+        assert!(said.contains("holds a Rewind store already"), "{said}");
         let mut ids = Vec::new();
         for round in 0..2 {
             write_offline(&disk, 0x10 + round, 4 << 20, 1 << 20);
