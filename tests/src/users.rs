@@ -98,8 +98,58 @@ impl TestUser {
     }
 }
 
+/// The user ID of the user called `name`, from the user database.
+fn uid_of(name: &str) -> Option<u32> {
+    std::fs::read_to_string("/etc/passwd")
+        .ok()?
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.first() == Some(&name))
+        .and_then(|f| f.get(2)?.parse().ok())
+}
+
+/// The processes that run as user `uid` (the owner of `/proc/PID` is the process's user).
+fn processes_of(uid: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let meta = e.metadata().ok()?;
+            (std::os::unix::fs::MetadataExt::uid(&meta) == uid).then_some(pid)
+        })
+        .collect()
+}
+
+/// Stops whatever still runs as user `name` (a session bus, an accessibility bus and what
+/// they started), and waits until it is gone: `userdel` refuses a user with processes.
+/// Politely first, then with SIGKILL.
+pub fn stop_processes_of(name: &str) {
+    let Some(uid) = uid_of(name) else {
+        return;
+    };
+    for attempt in 0..60 {
+        let pids = processes_of(uid);
+        if pids.is_empty() {
+            return;
+        }
+        let signal = if attempt < 20 { "-TERM" } else { "-KILL" };
+        for pid in pids {
+            drop(
+                Command::new("kill")
+                    .args([signal, &pid.to_string()])
+                    .stderr(std::process::Stdio::null())
+                    .status(),
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 impl Drop for TestUser {
     fn drop(&mut self) {
+        stop_processes_of(&self.name);
         if let Err(e) = run(
             Command::new("userdel").arg(&self.name),
             &format!("userdel {}", self.name),

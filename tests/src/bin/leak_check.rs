@@ -17,14 +17,7 @@ use rewind_tests::{daemon, domain, scratch};
 fn remove_test_users(leaks: &mut Vec<String>) {
     for name in rewind_tests::users::leftover() {
         leaks.push(format!("test user {name:?}"));
-        // What still runs as that user (a session bus, an accessibility bus) goes first:
-        // userdel refuses a user with processes.
-        drop(
-            std::process::Command::new("pkill")
-                .args(["-KILL", "-u", &name])
-                .status(),
-        );
-        std::thread::sleep(std::time::Duration::from_millis(200));
+        rewind_tests::users::stop_processes_of(&name);
         drop(std::process::Command::new("userdel").arg(&name).status());
     }
 }
