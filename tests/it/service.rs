@@ -819,20 +819,24 @@ fn a_client_killed_mid_job_leaves_it_running_and_the_next_window_is_shown_it_to_
     let user = TestUser::create(true).unwrap();
 
     // The user's "Checkpoint now" (the CLI, a process of theirs); killed while it copies.
+    let said = dir.path().join("cli.log");
     let mut cli = user
         .command(&rewind, &[("REWIND_SOCKET", service.socket())])
         .args(["checkpoint", &vm.name, "--to", "here"])
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&said).unwrap())
         .spawn()
         .unwrap();
     let hv = rewind_core::libvirt::Hypervisor::connect(rewind_tests::daemon::URI).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_mins(1);
     while hv.backup_job_xml(&vm.name).unwrap().is_none() {
-        assert!(
-            cli.try_wait().unwrap().is_none(),
-            "the checkpoint ended before it could be interrupted"
-        );
+        if let Some(status) = cli.try_wait().unwrap() {
+            panic!(
+                "the checkpoint ended ({status}) before it could be interrupted: {}\nservice log:\n{}",
+                std::fs::read_to_string(&said).unwrap_or_default(),
+                std::fs::read_to_string(service.log()).unwrap_or_default()
+            );
+        }
         assert!(std::time::Instant::now() < deadline, "no backup job began");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -1888,4 +1892,87 @@ fn the_tray_of_a_user_in_the_group_checkpoints_all_pauses_and_resumes_through_th
     }
     click("Resume protection");
     until(false);
+}
+
+#[test]
+fn a_window_killed_mid_checkpoint_leaves_the_job_running_and_the_next_window_shows_it() {
+    let vm = running_with_random_data("svc-win-kill", 384);
+    let (dir, store) = scratch_with_store("svc-win-kill");
+    protected_paused(&store, &vm.name)
+        .save(&dir.path().join("config/config.ron"))
+        .unwrap();
+    let rewind = binary_for_users(dir.path());
+    let service = TestService::start(&rewind, dir.path()).unwrap();
+    let user = TestUser::create(true).unwrap();
+    let x = rewind_tests::xvfb::Xvfb::start(1280, 800).unwrap();
+    let home = x.home();
+    std::fs::create_dir_all(&home).unwrap();
+    user.own(&home).unwrap();
+    user.own(&x.runtime_dir()).unwrap();
+    let desktop = rewind_tests::a11y::Session::start(&user, &home, &x.runtime_dir()).unwrap();
+    let wait = Duration::from_secs(30);
+
+    // "Checkpoint now" in the window, which is killed while the service copies.
+    let log = dir.path().join("window.log");
+    let mut first = window_of(
+        &user,
+        &rewind,
+        service.socket(),
+        &x,
+        desktop.address(),
+        &log,
+    );
+    in_window(&log, x.wait_window("Rewind", Duration::from_mins(1)));
+    in_window(&log, desktop.click(&vm.name, wait));
+    in_window(&log, desktop.click("Checkpoint now", wait));
+    let hv = rewind_core::libvirt::Hypervisor::connect(rewind_tests::daemon::URI).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_mins(1);
+    while hv.backup_job_xml(&vm.name).unwrap().is_none() {
+        assert!(
+            history_of_at_least(dir.path(), 0).is_empty(),
+            "the checkpoint ended before the window could be killed"
+        );
+        assert!(std::time::Instant::now() < deadline, "no backup job began");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+
+    // The job goes on to its end in the service: the whole checkpoint, on record.
+    let log = dir.path().join("window-again.log");
+    let mut again = window_of(
+        &user,
+        &rewind,
+        service.socket(),
+        &x,
+        desktop.address(),
+        &log,
+    );
+    let record = history_of_at_least(dir.path(), 1).remove(0);
+    assert_eq!(
+        record.outcome,
+        rewind_core::history::Outcome::Ok,
+        "{record:?}"
+    );
+    assert_eq!(
+        record.trigger,
+        rewind_core::policy::Why::Manual,
+        "{record:?}"
+    );
+    let taken = Store::open(&store, None)
+        .unwrap()
+        .catalog()
+        .unwrap()
+        .checkpoints;
+    assert_eq!(taken.len(), 1);
+    assert_eq!(record.checkpoint.as_ref(), Some(&taken[0].id));
+    crate::rewind::run_ok(&["verify", "--in", store.to_str().unwrap()]);
+    // And the window opened meanwhile shows it.
+    in_window(
+        &log,
+        desktop.wait_for("the checkpoint in the activity", wait, |n| {
+            n.name.starts_with("checkpoint taken")
+        }),
+    );
+    still_clean(&mut again, &log);
 }
