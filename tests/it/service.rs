@@ -1772,6 +1772,23 @@ fn a_user_restores_as_new_vms_through_the_service_where_qemu_can_reach_the_disks
     );
 }
 
+/// The first record in the history of the service whose folder is `dir` (waited for):
+/// fails unless it is a manual checkpoint that went well.
+fn first_manual_ok(dir: &Path) -> rewind_core::history::Record {
+    let record = history_of_at_least(dir, 1).remove(0);
+    assert_eq!(
+        record.outcome,
+        rewind_core::history::Outcome::Ok,
+        "{record:?}"
+    );
+    assert_eq!(
+        record.trigger,
+        rewind_core::policy::Why::Manual,
+        "{record:?}"
+    );
+    record
+}
+
 /// The bus name of the tray item that registered with `panel` (waited for); the tray logs
 /// to `log`.
 fn icon_shown(panel: &rewind_tests::tray_host::TrayHost, log: &Path) -> String {
@@ -1856,18 +1873,8 @@ fn the_tray_of_a_user_in_the_group_checkpoints_all_pauses_and_resumes_through_th
 
     // "Checkpoint all now": the service's job, on record in its history.
     click("Checkpoint all now");
-    let record = history_of_at_least(dir.path(), 1).remove(0);
+    let record = first_manual_ok(dir.path());
     assert_eq!(record.vm, vm.name);
-    assert_eq!(
-        record.trigger,
-        rewind_core::policy::Why::Manual,
-        "{record:?}"
-    );
-    assert_eq!(
-        record.outcome,
-        rewind_core::history::Outcome::Ok,
-        "{record:?}"
-    );
 
     // "Pause for 1 hour" pauses all protection in the service for about an hour; the menu
     // then offers "Resume protection", which ends the pause.
@@ -1948,17 +1955,7 @@ fn a_window_killed_mid_checkpoint_leaves_the_job_running_and_the_next_window_sho
         desktop.address(),
         &log,
     );
-    let record = history_of_at_least(dir.path(), 1).remove(0);
-    assert_eq!(
-        record.outcome,
-        rewind_core::history::Outcome::Ok,
-        "{record:?}"
-    );
-    assert_eq!(
-        record.trigger,
-        rewind_core::policy::Why::Manual,
-        "{record:?}"
-    );
+    let record = first_manual_ok(dir.path());
     let taken = Store::open(&store, None)
         .unwrap()
         .catalog()
