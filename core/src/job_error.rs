@@ -237,7 +237,9 @@ fn store_kind(e: &StoreError) -> ErrorKind {
         | S::HostKey { .. }
         | S::Login { .. } => ErrorKind::PermissionDenied,
         S::NoSpace { .. } => ErrorKind::NoSpace,
-        S::Damaged { .. } | S::BadChunk { .. } | S::BadIndex(_) => ErrorKind::Damaged,
+        S::Damaged { .. } | S::BadChunk { .. } | S::BadIndex(_) | S::Refused { .. } => {
+            ErrorKind::Damaged
+        }
         S::Busy { .. } | S::GcUnsafe { .. } => ErrorKind::Busy,
         S::NoSuchCheckpoint { .. } | S::ParentGone { .. } => ErrorKind::NotFound,
         S::Cancelled => ErrorKind::Cancelled,

@@ -258,6 +258,62 @@ fn the_store_api_over_ssh_writes_the_same_store_as_a_folder() {
 
 /// A host whose key is not in `known_hosts`, or does not match it, is refused with the
 /// command that accepts it; a malformed location is refused before any connection.
+/// Names and contents of the files in `dir`.
+fn tree_digest(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out: Vec<(String, Vec<u8>)> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                fs::read(e.path()).unwrap_or_default(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn links_planted_in_a_store_over_ssh_are_refused_as_far_as_sftp_tells() {
+    let remote = Remote::start("remote-links");
+    let (url, path) = remote.store("linked");
+    let location = remote.location(&url);
+    let store = Store::init_at(&location, &InitOptions::default()).unwrap();
+    let image = remote.dir.path().join("image.raw");
+    fs::write(&image, noise(3, 3 << 20)).unwrap();
+    write_checkpoint(&store, &image, 0);
+    drop(store);
+    let canary = remote.dir.path().join("canary");
+    fs::create_dir(&canary).unwrap();
+    fs::write(canary.join("precious.txt"), "the user's thesis").unwrap();
+    fs::write(canary.join("chunk-1-1.tmp"), "not Rewind's").unwrap();
+    let before = tree_digest(&canary);
+
+    // tmp/ as a link: opening the store refuses it (SFTP follows links on the server, so
+    // the link is caught by looking at each folder itself, and by every listing).
+    fs::remove_dir_all(path.join("tmp")).unwrap();
+    std::os::unix::fs::symlink(&canary, path.join("tmp")).unwrap();
+    let err = Store::open_at(&location, None).unwrap_err();
+    assert!(
+        matches!(err, StoreError::Refused { .. }) && err.to_string().contains("symbolic link"),
+        "{err}"
+    );
+    fs::remove_file(path.join("tmp")).unwrap();
+    fs::create_dir(path.join("tmp")).unwrap();
+
+    // A chunk folder as a link (named as one could be): garbage collection refuses to go in.
+    let store = Store::open_at(&location, None).unwrap();
+    std::os::unix::fs::symlink(&canary, path.join("chunks/ffff")).unwrap();
+    let err = store.gc(&Control::new()).unwrap_err();
+    assert!(matches!(err, StoreError::Refused { .. }), "{err}");
+    assert_eq!(
+        tree_digest(&canary),
+        before,
+        "nothing outside the store changed"
+    );
+}
+
 #[test]
 fn an_unknown_or_changed_host_key_is_refused_with_how_to_accept_it() {
     let remote = Remote::start("remote-hostkey");

@@ -13,21 +13,20 @@
 //! wraps a [`RemoteFailure`]; `io_error` turns it into [`StoreError::ConnectionLost`] (or
 //! the connection error), never into "missing" or "damaged".
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use super::error::{StoreError, io_error};
-use super::fsutil;
+use super::local::{self, LocalRoot};
 use super::sftp::Remote;
 
 /// Where the store's files are.
 #[derive(Debug, Clone)]
 pub(crate) enum Backend {
-    /// A folder on this machine.
-    Local(PathBuf),
+    /// A folder on this machine, reached safely (see `local`).
+    Local(LocalRoot),
     /// A folder on another host, over one shared SFTP session.
     Sftp(Arc<Remote>),
 }
@@ -101,12 +100,9 @@ impl std::fmt::Display for TooLarge {
 impl std::error::Error for TooLarge {}
 
 impl Backend {
-    fn local(root: &Path, rel: &Path) -> PathBuf {
-        if rel.as_os_str().is_empty() {
-            root.to_path_buf()
-        } else {
-            root.join(rel)
-        }
+    /// A folder on this machine.
+    pub(crate) fn local(path: &Path) -> Self {
+        Self::Local(LocalRoot::new(path.to_path_buf()))
     }
 
     /// Whether the store is on this machine.
@@ -114,10 +110,10 @@ impl Backend {
         matches!(self, Self::Local(_))
     }
 
-    /// `rel` as a path on this machine, for a local store.
-    pub(crate) fn local_path(&self, rel: &Path) -> Option<PathBuf> {
+    /// The store's folder, for a local store.
+    pub(crate) fn local_root(&self) -> Option<&LocalRoot> {
         match self {
-            Self::Local(root) => Some(Self::local(root, rel)),
+            Self::Local(root) => Some(root),
             Self::Sftp(_) => None,
         }
     }
@@ -125,8 +121,15 @@ impl Backend {
     /// How `rel` is named in messages: the local path, or `ssh://host/path/rel`.
     pub(crate) fn display(&self, rel: &Path) -> PathBuf {
         match self {
-            Self::Local(root) => Self::local(root, rel),
-            Self::Sftp(remote) => Self::local(&remote.display_root(), rel),
+            Self::Local(root) => root.join(rel),
+            Self::Sftp(remote) => {
+                let root = remote.display_root();
+                if rel.as_os_str().is_empty() {
+                    root
+                } else {
+                    root.join(rel)
+                }
+            }
         }
     }
 
@@ -134,23 +137,23 @@ impl Backend {
     /// that several hosts may write, to this process among those of other hosts).
     pub(crate) fn temp_name(&self, prefix: &str) -> String {
         match self {
-            Self::Local(_) => fsutil::temp_name(prefix),
+            Self::Local(_) => local::temp_name(prefix),
             Self::Sftp(remote) => remote.temp_name(prefix),
         }
     }
 
-    /// Whether `rel` exists. Locally, like [`Path::exists`] (errors count as absent).
+    /// Whether `rel` exists. Locally, a link, device or FIFO there is an error.
     pub(crate) fn exists(&self, rel: &Path) -> io::Result<bool> {
         match self {
-            Self::Local(root) => Ok(Self::local(root, rel).exists()),
+            Self::Local(root) => root.exists(rel),
             Self::Sftp(remote) => remote.exists(rel),
         }
     }
 
-    /// Whether `rel` is a folder. Locally, like [`Path::is_dir`].
+    /// Whether `rel` is a folder.
     pub(crate) fn is_dir(&self, rel: &Path) -> io::Result<bool> {
         match self {
-            Self::Local(root) => Ok(Self::local(root, rel).is_dir()),
+            Self::Local(root) => root.is_dir(rel),
             Self::Sftp(remote) => remote.is_dir(rel),
         }
     }
@@ -158,16 +161,16 @@ impl Backend {
     /// The length of file `rel`.
     pub(crate) fn len(&self, rel: &Path) -> io::Result<u64> {
         match self {
-            Self::Local(root) => fs::metadata(Self::local(root, rel)).map(|m| m.len()),
+            Self::Local(root) => root.open_read(rel)?.metadata().map(|m| m.len()),
             Self::Sftp(remote) => remote.len(rel),
         }
     }
 
-    /// The whole of file `rel`. Over SFTP, a file longer than `max_bytes` is an error that
-    /// wraps [`TooLarge`]; locally the bound is the caller's (`read_bounded`).
+    /// The whole of file `rel`. A file longer than `max_bytes` is an error that wraps
+    /// [`TooLarge`].
     pub(crate) fn read(&self, rel: &Path, max_bytes: u64) -> io::Result<Vec<u8>> {
         match self {
-            Self::Local(root) => fs::read(Self::local(root, rel)),
+            Self::Local(root) => root.read(rel, max_bytes),
             Self::Sftp(remote) => remote.read(rel, max_bytes),
         }
     }
@@ -180,36 +183,26 @@ impl Backend {
         max_bytes: u64,
         store: &Path,
     ) -> Result<Vec<u8>, StoreError> {
-        match self {
-            Self::Local(root) => fsutil::read_bounded(&Self::local(root, rel), max_bytes, store),
-            Self::Sftp(remote) => match remote.read(rel, max_bytes) {
-                Ok(bytes) => Ok(bytes),
-                Err(e)
-                    if e.get_ref()
-                        .is_some_and(<dyn std::error::Error + Send + Sync>::is::<TooLarge>) =>
-                {
-                    Err(StoreError::Damaged {
-                        path: self.display(rel),
-                        detail: format!("{e}, more than the {max_bytes} such a file can be"),
-                        store: store.to_path_buf(),
-                    })
-                }
-                Err(e) => Err(io_error("read", self.display(rel), e)),
-            },
+        match self.read(rel, max_bytes) {
+            Ok(bytes) => Ok(bytes),
+            Err(e)
+                if e.get_ref()
+                    .is_some_and(<dyn std::error::Error + Send + Sync>::is::<TooLarge>) =>
+            {
+                Err(StoreError::Damaged {
+                    path: self.display(rel),
+                    detail: format!("{e}, more than the {max_bytes} such a file can be"),
+                    store: store.to_path_buf(),
+                })
+            }
+            Err(e) => Err(io_error("read", self.display(rel), e)),
         }
     }
 
     /// The first `n` bytes of `rel` (fewer if it is shorter) and its length.
     pub(crate) fn read_prefix(&self, rel: &Path, n: usize) -> io::Result<(Vec<u8>, u64)> {
         match self {
-            Self::Local(root) => {
-                let mut file = File::open(Self::local(root, rel))?;
-                let len = file.metadata()?.len();
-                let mut prefix = vec![0u8; n];
-                let got = file.read(&mut prefix)?;
-                prefix.truncate(got);
-                Ok((prefix, len))
-            }
+            Self::Local(root) => root.read_prefix(rel, n),
             Self::Sftp(remote) => remote.read_prefix(rel, n),
         }
     }
@@ -222,26 +215,18 @@ impl Backend {
         durability: Durability,
     ) -> Result<(), StoreError> {
         match self {
-            Self::Local(root) => fsutil::write_new_file(
-                &Self::local(root, rel),
-                bytes,
-                durability == Durability::Now,
-            ),
+            Self::Local(root) => root.write_new(rel, bytes, durability == Durability::Now),
             // Nothing like syncfs over SFTP: every file is durable before it is renamed.
-            Self::Sftp(remote) => remote
-                .write_new(rel, bytes, durability == Durability::Now)
-                .map_err(|e| io_error("create", self.display(rel), e)),
+            Self::Sftp(remote) => remote.write_new(rel, bytes, durability == Durability::Now),
         }
+        .map_err(|e| io_error("create", self.display(rel), e))
     }
 
     /// Writes `bytes` over the start of the existing file `rel` (never creating it): a lock
     /// file's refresh, which also tells whether someone removed it.
     pub(crate) fn rewrite_existing(&self, rel: &Path, bytes: &[u8]) -> io::Result<()> {
         match self {
-            Self::Local(root) => OpenOptions::new()
-                .write(true)
-                .open(Self::local(root, rel))?
-                .write_all(bytes),
+            Self::Local(root) => root.open_write(rel)?.write_all(bytes),
             Self::Sftp(remote) => remote.rewrite_existing(rel, bytes),
         }
     }
@@ -249,7 +234,7 @@ impl Backend {
     /// Renames `from` to `to`, replacing `to` atomically if it exists.
     pub(crate) fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         match self {
-            Self::Local(root) => fs::rename(Self::local(root, from), Self::local(root, to)),
+            Self::Local(root) => root.rename(from, to),
             Self::Sftp(remote) => remote.rename(from, to),
         }
     }
@@ -257,15 +242,15 @@ impl Backend {
     /// Creates folder `rel`; an existing one is an `AlreadyExists` error.
     pub(crate) fn create_dir(&self, rel: &Path) -> io::Result<()> {
         match self {
-            Self::Local(root) => fs::create_dir(Self::local(root, rel)),
+            Self::Local(root) => root.create_dir(rel),
             Self::Sftp(remote) => remote.create_dir(rel),
         }
     }
 
-    /// Removes file `rel`.
+    /// Removes file `rel` (locally, refusing anything but a file).
     pub(crate) fn remove_file(&self, rel: &Path) -> io::Result<()> {
         match self {
-            Self::Local(root) => fs::remove_file(Self::local(root, rel)),
+            Self::Local(root) => root.remove_file(rel),
             Self::Sftp(remote) => remote.remove_file(rel),
         }
     }
@@ -279,70 +264,51 @@ impl Backend {
     }
 
     /// The entries of folder `rel`, sorted by name, without `.` and `..`; nothing when it
-    /// does not exist.
+    /// does not exist. A link, device or FIFO in it is an error.
     pub(crate) fn list(&self, rel: &Path) -> Result<Vec<Entry>, StoreError> {
         match self {
-            Self::Local(root) => {
-                let dir = Self::local(root, rel);
-                let mut out = Vec::new();
-                for path in fsutil::list_dir(&dir)? {
-                    let meta = fs::symlink_metadata(&path).ok();
-                    out.push(Entry {
-                        name: path
-                            .file_name()
-                            .unwrap_or_default()
-                            .to_string_lossy()
-                            .into_owned(),
-                        len: meta.as_ref().map_or(0, fs::Metadata::len),
-                        modified: meta.and_then(|m| m.modified().ok()),
-                    });
-                }
-                Ok(out)
-            }
+            Self::Local(root) => root.list(rel, true),
             Self::Sftp(remote) => match remote.list(rel) {
-                Ok(entries) => Ok(entries),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
-                Err(e) => Err(io_error("list", self.display(rel), e)),
+                other => other,
             },
         }
+        .map_err(|e| io_error("list", self.display(rel), e))
     }
 
     /// The names in folder `rel`, sorted; nothing when it does not exist.
     pub(crate) fn list_names(&self, rel: &Path) -> Result<Vec<String>, StoreError> {
         match self {
             // Without the metadata the store never needed locally.
-            Self::Local(root) => Ok(fsutil::list_dir(&Self::local(root, rel))?
-                .iter()
-                .map(|p| {
-                    p.file_name()
-                        .unwrap_or_default()
-                        .to_string_lossy()
-                        .into_owned()
-                })
-                .collect()),
-            Self::Sftp(_) => Ok(self.list(rel)?.into_iter().map(|e| e.name).collect()),
+            Self::Local(root) => root
+                .list(rel, false)
+                .map_err(|e| io_error("list", self.display(rel), e)),
+            Self::Sftp(_) => self.list(rel),
         }
+        .map(|entries| entries.into_iter().map(|e| e.name).collect())
     }
 
     /// Makes folder `rel`'s entries (creations, renames, removals) durable.
     pub(crate) fn sync_dir(&self, rel: &Path) -> Result<(), StoreError> {
         match self {
-            Self::Local(root) => fsutil::sync_dir(&Self::local(root, rel)),
+            Self::Local(root) => root
+                .sync_dir(rel)
+                .map_err(|e| io_error("flush to disk", self.display(rel), e)),
             // SFTP cannot fsync a folder. Creations and renames over SFTP are made durable
             // by the fsync of the file concerned (see `sftp/`); a removal becomes durable
             // with the server's next journal commit, in order with everything after it.
-            Self::Sftp(_) => {
-                let _ = rel;
-                Ok(())
-            }
+            Self::Sftp(_) => Ok(()),
         }
     }
 
-    /// Makes everything written since the last call durable (the commit's step 2).
+    /// Makes everything written since the store was opened durable; fails if the drive
+    /// reported a write error meanwhile.
     pub(crate) fn sync_all(&self) -> Result<(), StoreError> {
         match self {
-            Self::Local(root) => fsutil::sync_filesystem(root),
-            // Every chunk was fsynced under its name as it was stored.
+            Self::Local(root) => root
+                .sync_all()
+                .map_err(|e| io_error("flush to disk", root.path(), e)),
+            // Every chunk was fsynced as it was stored.
             Self::Sftp(_) => Ok(()),
         }
     }
@@ -356,30 +322,28 @@ impl Backend {
         bytes: &[u8],
     ) -> Result<(), StoreError> {
         match self {
-            Self::Local(root) => {
-                fsutil::write_atomic(&Self::local(root, tmp_dir), &Self::local(root, dest), bytes)
-            }
+            Self::Local(root) => root.write_atomic(tmp_dir, dest, bytes),
             // fsynced before the rename, and again after it (which makes the rename durable).
-            Self::Sftp(remote) => remote
-                .put_file(&tmp_dir.join(self.temp_name("atomic")), dest, bytes, true)
-                .map_err(|e| io_error("write", self.display(dest), e)),
+            Self::Sftp(remote) => {
+                remote.put_file(&tmp_dir.join(self.temp_name("atomic")), dest, bytes, true)
+            }
         }
+        .map_err(|e| io_error("write", self.display(dest), e))
     }
 
     /// Creates folder `rel` (and missing parents) and makes its creation durable.
     pub(crate) fn create_dir_durable(&self, rel: &Path) -> Result<(), StoreError> {
         match self {
-            Self::Local(root) => fsutil::create_dir_durable(&Self::local(root, rel)),
-            Self::Sftp(remote) => remote
-                .create_dir_durable(rel)
-                .map_err(|e| io_error("create the folder", self.display(rel), e)),
+            Self::Local(root) => root.create_dir_durable(rel),
+            Self::Sftp(remote) => remote.create_dir_durable(rel),
         }
+        .map_err(|e| io_error("create the folder", self.display(rel), e))
     }
 
     /// Asks for file `rel` to be read ahead (a hint; only a local store takes it).
     pub(crate) fn prefetch(&self, rel: &Path) {
         if let Self::Local(root) = self
-            && let Ok(file) = File::open(Self::local(root, rel))
+            && let Ok(file) = root.open_read(rel)
         {
             // Only a hint.
             if let Err(e) = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::WillNeed) {

@@ -52,7 +52,7 @@ struct Probe {
 impl StoreConfig {
     /// Reads and checks the config of the store at `root`.
     pub fn read(root: &Path) -> Result<Self, StoreError> {
-        Self::read_in(&Backend::Local(root.to_path_buf()))
+        Self::read_in(&Backend::local(root))
     }
 
     /// Reads and checks the config of the store in `fs`.

@@ -109,6 +109,22 @@ pub enum StoreError {
         path: PathBuf,
     },
 
+    /// Something in the store that Rewind refuses to follow or use: a link, a device, a
+    /// path that leads out of the store. Nothing outside the store was touched.
+    #[error(
+        "refused {path}: {detail}. A Rewind store holds only plain files and folders, so \
+         someone or something else put this there. Rewind never follows or uses it, and \
+         touched nothing outside the store. Look at what it is, remove it, then run \
+         `rewind verify` on the store",
+        path = path.display()
+    )]
+    Refused {
+        /// What was refused.
+        path: PathBuf,
+        /// Why.
+        detail: String,
+    },
+
     /// Any other I/O failure.
     #[error("could not {action} {path}: {source}", path = path.display())]
     Io {
@@ -406,6 +422,21 @@ pub(crate) fn io_error(
                 detail,
             },
             super::backend::RemoteFailure::Connect(error) => error,
+        };
+    }
+    if let Some(refusal) = super::local::Refusal::of(&source) {
+        return StoreError::Refused {
+            path,
+            detail: refusal.to_string(),
+        };
+    }
+    if let Some(inside) = source
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<super::local::Inside>())
+    {
+        return StoreError::Refused {
+            path: path.join(inside.name.file_name().unwrap_or_default()),
+            detail: inside.refusal.to_string(),
         };
     }
     match source.raw_os_error() {

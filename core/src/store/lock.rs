@@ -12,13 +12,13 @@
 //! (`lockfile.rs`), with the same shared/exclusive meaning. A process that uses the folder
 //! directly (on that host) respects those files too.
 
-use std::fs::{self, File, OpenOptions, TryLockError};
+use std::fs::{self, File, TryLockError};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::backend::Backend;
 use super::error::{StoreError, io_error};
-use super::fsutil;
+use super::local::{self, LocalRoot};
 use super::lockfile::{self, RemoteLock};
 use crate::cleanup::OrWarn as _;
 use crate::progress::Control;
@@ -44,32 +44,37 @@ enum Held {
     /// `flock(2)` on `locks/store.lock`, and the holder file.
     Local {
         file: File,
+        /// The holder file, inside the store.
         holder_file: Option<PathBuf>,
+        root: LocalRoot,
     },
     /// A lock file of a remote store.
     Remote(RemoteLock),
 }
 
-fn lock_dir(root: &Path) -> PathBuf {
-    root.join("locks")
-}
+const LOCK_DIR: &str = "locks";
 
 fn host_name() -> String {
     fs::read_to_string("/proc/sys/kernel/hostname")
         .map_or_else(|_| "this host".into(), |s| s.trim().to_owned())
 }
 
-/// What the current holders said about themselves.
-fn describe_holders(root: &Path) -> String {
-    let mut who: Vec<String> = fsutil::list_dir(&lock_dir(root))
+/// The holder files in `locks/`.
+fn holder_files(root: &LocalRoot) -> Vec<PathBuf> {
+    root.list(Path::new(LOCK_DIR), false)
         .unwrap_or_default()
+        .into_iter()
+        .filter(|e| e.name.starts_with("holder-"))
+        .map(|e| Path::new(LOCK_DIR).join(e.name))
+        .collect()
+}
+
+/// What the current holders said about themselves.
+fn describe_holders(root: &LocalRoot) -> String {
+    let mut who: Vec<String> = holder_files(root)
         .iter()
-        .filter(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("holder-"))
-        })
-        .filter_map(|p| fs::read_to_string(p).ok())
-        .map(|s| s.trim().to_owned())
+        .filter_map(|rel| root.read(rel, 4096).ok())
+        .map(|s| String::from_utf8_lossy(&s).trim().to_owned())
         .collect();
     if who.is_empty() {
         who.push("another Rewind process".into());
@@ -86,16 +91,22 @@ impl StoreLock {
         purpose: &str,
         wait: Option<&Control>,
     ) -> Result<Self, StoreError> {
-        let dir = lock_dir(root);
-        fsutil::create_dir_durable(&dir)?;
-        let path = dir.join("store.lock");
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| io_error("open the lock file", &path, e))?;
-        let remote_holders = Backend::Local(root.to_path_buf());
+        Self::acquire_in(&Backend::local(root), root, mode, purpose, wait)
+    }
+
+    fn acquire_local(
+        fs: &Backend,
+        root: &LocalRoot,
+        mode: LockMode,
+        purpose: &str,
+        wait: Option<&Control>,
+    ) -> Result<Self, StoreError> {
+        let dir = Path::new(LOCK_DIR);
+        fs.create_dir_durable(dir)?;
+        let rel = dir.join("store.lock");
+        let file = root
+            .open_or_create(&rel)
+            .map_err(|e| io_error("open the lock file", root.join(&rel), e))?;
         loop {
             let attempt = match mode {
                 LockMode::Shared => file.try_lock_shared(),
@@ -104,7 +115,7 @@ impl StoreLock {
             let holder = match attempt {
                 // Processes on other hosts hold the store with lock files.
                 Ok(()) => {
-                    let others = lockfile::fresh_conflicts(&remote_holders, mode, None)?;
+                    let others = lockfile::fresh_conflicts(fs, mode, None)?;
                     if others.is_empty() {
                         break;
                     }
@@ -112,7 +123,9 @@ impl StoreLock {
                     others.join("; ")
                 }
                 Err(TryLockError::WouldBlock) => describe_holders(root),
-                Err(TryLockError::Error(e)) => return Err(io_error("lock", &path, e)),
+                Err(TryLockError::Error(e)) => {
+                    return Err(io_error("lock", root.join(&rel), e));
+                }
             };
             match wait {
                 Some(control) => {
@@ -121,36 +134,36 @@ impl StoreLock {
                 }
                 None => {
                     return Err(StoreError::Busy {
-                        path: root.to_path_buf(),
+                        path: root.path().to_path_buf(),
                         holder,
                     });
                 }
             }
         }
-        let mut holder_file = None;
         if mode == LockMode::Exclusive {
             // Nobody else holds the store: holder files still present are from killed processes.
-            for stale in fsutil::list_dir(&dir)? {
-                if stale
-                    .file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("holder-"))
-                {
-                    crate::cleanup::remove_file(&stale);
-                }
+            for stale in holder_files(root) {
+                root.remove_file(&stale)
+                    .or_warn(format_args!("remove {}", root.join(&stale).display()));
             }
         }
-        let holder = dir.join(fsutil::temp_name("holder").trim_end_matches(".tmp"));
+        let holder = dir.join(local::temp_name("holder").trim_end_matches(".tmp"));
         let text = format!(
             "process {} on {}: {purpose} (since {})\n",
             std::process::id(),
             host_name(),
             chrono::Local::now().format("%Y-%m-%d %H:%M:%S")
         );
-        if fs::write(&holder, text).is_ok() {
-            holder_file = Some(holder);
-        }
+        let holder_file = root
+            .write_new(&holder, text.as_bytes(), false)
+            .is_ok()
+            .then_some(holder);
         Ok(Self {
-            held: Held::Local { file, holder_file },
+            held: Held::Local {
+                file,
+                holder_file,
+                root: root.clone(),
+            },
             mode,
         })
     }
@@ -165,7 +178,7 @@ impl StoreLock {
         wait: Option<&Control>,
     ) -> Result<Self, StoreError> {
         match fs {
-            Backend::Local(root) => Self::acquire(root, mode, purpose, wait),
+            Backend::Local(root) => Self::acquire_local(fs, root, mode, purpose, wait),
             Backend::Sftp(_) => Ok(Self {
                 held: Held::Remote(RemoteLock::acquire(fs, store, mode, purpose, wait)?),
                 mode,
@@ -225,9 +238,15 @@ impl StoreLock {
 
 impl Drop for StoreLock {
     fn drop(&mut self) {
-        if let Held::Local { file, holder_file } = &self.held {
+        if let Held::Local {
+            file,
+            holder_file,
+            root,
+        } = &self.held
+        {
             if let Some(holder) = holder_file {
-                crate::cleanup::remove_file(holder);
+                root.remove_file(holder)
+                    .or_warn(format_args!("remove {}", root.join(holder).display()));
             }
             // Closing the file releases the lock in any case.
             drop(file.unlock());

@@ -575,7 +575,7 @@ mod tests {
     #[test]
     fn protocol_on_a_folder() {
         let tmp = tempfile::tempdir().unwrap();
-        let fs = Backend::Local(tmp.path().to_path_buf());
+        let fs = Backend::local(tmp.path());
         let store = tmp.path();
         let first = RemoteLock::acquire(&fs, store, LockMode::Shared, "a", None).unwrap();
         let second = RemoteLock::acquire(&fs, store, LockMode::Shared, "b", None).unwrap();

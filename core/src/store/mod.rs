@@ -18,9 +18,9 @@ pub mod config;
 pub(crate) mod crypto;
 pub(crate) mod dirblob;
 pub mod error;
-mod fsutil;
 pub mod gc;
 pub(crate) mod index;
+pub(crate) mod local;
 pub mod location;
 pub mod lock;
 pub(crate) mod lockfile;
@@ -53,7 +53,6 @@ pub use pipeline::{for_each_slot, reader_count};
 pub use sftp::SSH_CONFIG_ENV;
 pub use writer::{CheckpointWriter, FinishedObject, NewCheckpoint, ObjectWriter};
 
-use crate::cleanup::OrWarn as _;
 use backend::{Backend, Durability, is_remote_failure};
 use crypto::Keys;
 use error::io_error;
@@ -89,6 +88,18 @@ pub struct Store {
     keys: Option<Keys>,
     /// Manifest files read through this handle (see [`Store::manifests_read`]).
     manifests_read: std::sync::atomic::AtomicU64,
+    /// Chunks written under `tmp/` and not yet named (see [`Store::publish_chunks`]).
+    pending: std::sync::Mutex<Pending>,
+}
+
+/// Chunk files written but not yet renamed to their names: a chunk gets its name only once
+/// its content is on the drive, so that no name ever stands for a torn file.
+#[derive(Debug, Default)]
+struct Pending {
+    /// Which chunks (so that one written twice in a job is written once).
+    ids: std::collections::HashSet<ChunkId>,
+    /// Their files under `tmp/`, and their names.
+    files: Vec<(PathBuf, PathBuf)>,
 }
 
 impl std::fmt::Debug for Store {
@@ -118,11 +129,7 @@ Do not change files in it by hand. Point Rewind at this folder to list and resto
 impl Store {
     /// Creates a store in `root`, which must be new or empty.
     pub fn init(root: &Path, options: &InitOptions) -> Result<Self, StoreError> {
-        Self::init_in(
-            Location::from(root),
-            Backend::Local(root.to_path_buf()),
-            options,
-        )
+        Self::init_in(Location::from(root), Backend::local(root), options)
     }
 
     /// Creates a store at `location` (a folder here or on another host), which must be new
@@ -201,13 +208,14 @@ impl Store {
             config,
             keys,
             manifests_read: std::sync::atomic::AtomicU64::new(0),
+            pending: std::sync::Mutex::default(),
         })
     }
 
     /// The backend for `location`: the folder, or a new SSH connection to its host.
     fn connect(location: &Location) -> Result<Backend, StoreError> {
         match location {
-            Location::Local(path) => Ok(Backend::Local(path.clone())),
+            Location::Local(path) => Ok(Backend::local(path)),
             Location::Ssh(ssh) => Ok(Backend::Sftp(sftp::Remote::connect(ssh)?)),
         }
     }
@@ -225,11 +233,7 @@ impl Store {
 
     /// Opens the store at `root`; an encrypted store needs its passphrase.
     pub fn open(root: &Path, passphrase: Option<&[u8]>) -> Result<Self, StoreError> {
-        Self::open_in(
-            Location::from(root),
-            Backend::Local(root.to_path_buf()),
-            passphrase,
-        )
+        Self::open_in(Location::from(root), Backend::local(root), passphrase)
     }
 
     /// Opens the store at `location` (a folder here or on another host); an encrypted store
@@ -285,6 +289,7 @@ impl Store {
             config,
             keys,
             manifests_read: std::sync::atomic::AtomicU64::new(0),
+            pending: std::sync::Mutex::default(),
         })
     }
 
@@ -354,7 +359,7 @@ impl Store {
     }
 
     /// Stores a chunk unless the store has it. Returns its id and the bytes it added (0 if
-    /// it was there). Not durable until [`fsutil::sync_filesystem`] — commit does that.
+    /// it was there). Not durable until the commit.
     pub(crate) fn put_chunk(
         &self,
         kind: ChunkKind,
@@ -378,34 +383,71 @@ impl Store {
         let bytes = chunk::encode(kind, &id, data, self.keys.as_ref(), tree.as_deref())?;
         let tmp = Self::tmp_dir().join(self.fs.temp_name("chunk"));
         match &self.fs {
+            // Written under tmp/ now, named at the commit once it is on the drive.
             Backend::Local(_) => {
-                self.fs.write_new(&tmp, &bytes, Durability::AtCommit)?;
-                let renamed = self.fs.rename(&tmp, &rel).or_else(|e| {
-                    if e.kind() == std::io::ErrorKind::NotFound {
-                        let dir = rel.parent().expect("chunk paths have a parent");
-                        match self.fs.create_dir(dir) {
-                            Ok(()) => {}
-                            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                            Err(e) => return Err(e),
-                        }
-                        self.fs.rename(&tmp, &rel)
-                    } else {
-                        Err(e)
-                    }
-                });
-                if let Err(e) = renamed {
-                    self.fs
-                        .remove_file(&tmp)
-                        .or_warn(format_args!("remove {}", tmp.display()));
-                    return Err(io_error("store chunk", self.chunk_path(&id), e));
+                if !self.pending().ids.insert(id) {
+                    return Ok((id, 0));
                 }
+                if let Err(e) = self.fs.write_new(&tmp, &bytes, Durability::AtCommit) {
+                    self.pending().ids.remove(&id);
+                    return Err(e);
+                }
+                self.pending().files.push((tmp, rel));
             }
-            // Written, renamed into place and fsynced in one go (no syncfs over SFTP).
+            // Written, fsynced, renamed into place and fsynced again in one go (no syncfs
+            // over SFTP).
             Backend::Sftp(remote) => remote
-                .put_file(&tmp, &rel, &bytes, false)
+                .put_file(&tmp, &rel, &bytes, true)
                 .map_err(|e| io_error("store chunk", self.chunk_path(&id), e))?,
         }
         Ok((id, bytes.len() as u64))
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Makes every chunk stored so far durable and gives each its name: flushes the drive
+    /// (`syncfs`, which also reports any write error since the store was opened), renames
+    /// each file from `tmp/` into place, and flushes again so the names are durable too.
+    /// A chunk's name therefore never stands for a file a power cut could have torn, and
+    /// nothing refers to a chunk before this returns (the commit writes the manifest after).
+    pub(crate) fn publish_chunks(
+        &self,
+        control: &crate::progress::Control,
+    ) -> Result<(), StoreError> {
+        let files = {
+            let mut pending = self.pending();
+            pending.ids.clear();
+            std::mem::take(&mut pending.files)
+        };
+        self.fs.sync_all()?;
+        if files.is_empty() {
+            return Ok(());
+        }
+        for (tmp, rel) in &files {
+            control.check()?;
+            let renamed = self.fs.rename(tmp, rel).or_else(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    let dir = rel.parent().expect("chunk paths have a parent");
+                    match self.fs.create_dir(dir) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                        Err(e) => return Err(e),
+                    }
+                    self.fs.rename(tmp, rel)
+                } else {
+                    Err(e)
+                }
+            });
+            if let Err(e) = renamed {
+                // What is left under tmp/ goes with the next writer's clean-up.
+                return Err(io_error("store chunk", self.root.join(rel), e));
+            }
+        }
+        self.fs.sync_all()
     }
 
     /// Reads a chunk back, checking it against its name.
@@ -455,8 +497,8 @@ impl Store {
     ) -> Result<(), StoreError> {
         let rel = Self::chunk_rel(id);
         let keys = self.keys.as_ref();
-        let decoded = if let Some(path) = self.fs.local_path(&rel) {
-            std::fs::File::open(&path)
+        let decoded = if let Some(root) = self.fs.local_root() {
+            root.open_read(&rel)
                 .and_then(|f| Ok((f.metadata()?.len(), f)))
                 .map_err(|e| file_problem(&e))
                 .and_then(|(len, file)| chunk::decode_ranges(&file, len, id, keys, ranges, out))
@@ -703,6 +745,8 @@ impl Store {
 
     /// Removes what killed writers left in `tmp/`. Needs the exclusive lock.
     fn clean_leftovers(&self, _exclusive: &StoreLock) -> Result<u64, StoreError> {
+        // Chunks that a writer dropped without its commit left through this handle go too.
+        *self.pending() = Pending::default();
         let tmp = Self::tmp_dir();
         let files: Vec<PathBuf> = self
             .fs

@@ -223,19 +223,13 @@ impl Store {
     /// unreadable, so that [`Store::unhealed_damage`] knows of it too.
     fn note_missing(&self, id: &ChunkId) -> Result<(), StoreError> {
         let rel = Path::new("damaged").join(format!("{}-missing", id.to_hex()));
-        match &self.fs.local_path(&rel) {
-            // As it always was: created or emptied.
-            Some(path) => {
-                std::fs::write(path, b"").map_err(|e| super::error::io_error("create", path, e))
+        match self.fs.write_new(&rel, b"", Durability::AtCommit) {
+            Err(StoreError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::AlreadyExists =>
+            {
+                Ok(())
             }
-            None => match self.fs.write_new(&rel, b"", Durability::AtCommit) {
-                Err(StoreError::Io { source, .. })
-                    if source.kind() == std::io::ErrorKind::AlreadyExists =>
-                {
-                    Ok(())
-                }
-                other => other,
-            },
+            other => other,
         }
     }
 

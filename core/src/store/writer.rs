@@ -455,7 +455,7 @@ impl<'s> CheckpointWriter<'s> {
         let bytes = store.encode_manifest(&manifest)?;
         // 1. every chunk durable, 2. the manifest durable under a temporary name, renamed
         // into place, 3. its directory durable.
-        store.fs.sync_all()?;
+        store.publish_chunks(control)?;
         let dir = Store::manifest_dir_rel(&manifest.vm.uuid);
         store.fs.create_dir_durable(&dir)?;
         // On another host the lock is a lock file: if another process took it as stale

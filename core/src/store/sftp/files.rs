@@ -7,27 +7,53 @@ use super::{
     SystemTime, TooLarge, io, is_failure, is_not_found,
 };
 
+use crate::store::local::{Inside, Refusal};
+
+/// Why an entry of type `kind` is refused: anything but a file or folder (a server that
+/// does not say is trusted to have made a file).
+fn refusal(kind: Option<openssh_sftp_client::metadata::FileType>) -> Option<Refusal> {
+    let kind = kind?;
+    let name = if kind.is_symlink() {
+        "symbolic link"
+    } else if kind.is_fifo() {
+        "FIFO"
+    } else if kind.is_socket() {
+        "socket"
+    } else if kind.is_block_device() {
+        "block device"
+    } else if kind.is_char_device() {
+        "character device"
+    } else {
+        return None;
+    };
+    Some(Refusal::Special(name))
+}
+
 impl Remote {
-    pub(crate) fn exists(&self, rel: &Path) -> io::Result<bool> {
+    /// What `rel` itself is (not following a link): a file, a folder or nothing; anything
+    /// else is refused.
+    fn kind(&self, rel: &Path) -> io::Result<Option<bool>> {
         let path = self.path(rel);
         self.call(|c| async move {
-            match c.sftp.fs().metadata(&path).await {
-                Ok(_) => Ok(true),
-                Err(SftpError::SftpError(_, _)) => Ok(false),
+            match c.sftp.fs().symlink_metadata(&path).await {
+                Ok(meta) => match refusal(meta.file_type()) {
+                    Some(refused) => Err(OpError::from(refused.into_io())),
+                    None => Ok(Some(meta.file_type().is_some_and(|t| t.is_dir()))),
+                },
+                Err(SftpError::SftpError(_, _)) => Ok(None),
                 Err(e) => Err(e.into()),
             }
         })
     }
 
+    /// Whether `rel` exists (a link, device or FIFO there is refused).
+    pub(crate) fn exists(&self, rel: &Path) -> io::Result<bool> {
+        Ok(self.kind(rel)?.is_some())
+    }
+
+    /// Whether `rel` is a folder (a link, device or FIFO there is refused).
     pub(crate) fn is_dir(&self, rel: &Path) -> io::Result<bool> {
-        let path = self.path(rel);
-        self.call(|c| async move {
-            match c.sftp.fs().metadata(&path).await {
-                Ok(meta) => Ok(meta.file_type().is_some_and(|t| t.is_dir())),
-                Err(SftpError::SftpError(_, _)) => Ok(false),
-                Err(e) => Err(e.into()),
-            }
-        })
+        Ok(self.kind(rel)? == Some(true))
     }
 
     pub(crate) fn len(&self, rel: &Path) -> io::Result<u64> {
@@ -313,6 +339,7 @@ impl Remote {
     /// The entries of a folder, sorted by name.
     pub(crate) fn list(&self, rel: &Path) -> io::Result<Vec<Entry>> {
         let path = self.path(rel);
+        let rel = rel.to_path_buf();
         self.call(|c| async move {
             let dir = c.sftp.fs().open_dir(&path).await?;
             let mut entries = std::pin::pin!(dir.read_dir());
@@ -327,6 +354,15 @@ impl Remote {
                     continue;
                 }
                 let meta = entry.metadata();
+                if let Some(refused) = refusal(meta.file_type()) {
+                    return Err(OpError::from(io::Error::new(
+                        io::ErrorKind::PermissionDenied,
+                        Inside {
+                            name: rel.join(&name),
+                            refusal: refused,
+                        },
+                    )));
+                }
                 out.push(Entry {
                     name,
                     len: meta.len().unwrap_or(0),

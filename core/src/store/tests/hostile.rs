@@ -1,0 +1,348 @@
+//! A store is input that anyone may have written: links, devices and FIFOs planted in it
+//! are refused, never followed, and nothing outside the store changes (issue 19).
+
+use std::fmt::Write as _;
+use std::os::unix::fs::{PermissionsExt, symlink};
+
+use super::*;
+
+/// A folder outside the store with files in it, and a digest of everything in it.
+struct Canary {
+    dir: PathBuf,
+}
+
+impl Canary {
+    fn new(parent: &Path) -> Self {
+        let dir = parent.join("canary");
+        fs::create_dir_all(dir.join("inner")).unwrap();
+        fs::write(dir.join("precious.txt"), "the user's thesis").unwrap();
+        fs::write(dir.join("inner/notes"), noise(5, 10_000)).unwrap();
+        // Named like what a store holds, to tempt whatever follows a link into here.
+        fs::write(dir.join("chunk-1-1.tmp"), "not Rewind's").unwrap();
+        fs::write(dir.join("store.lock"), "not Rewind's").unwrap();
+        Self { dir }
+    }
+
+    /// Names, kinds, modes, lengths and contents of everything in the folder.
+    fn digest(&self) -> String {
+        fn walk(dir: &Path, out: &mut String) {
+            let mut entries: Vec<_> = fs::read_dir(dir).unwrap().map(|e| e.unwrap()).collect();
+            entries.sort_by_key(fs::DirEntry::file_name);
+            for entry in entries {
+                let meta = fs::symlink_metadata(entry.path()).unwrap();
+                writeln!(
+                    out,
+                    "{} {:o} {}",
+                    entry.path().display(),
+                    meta.permissions().mode(),
+                    meta.len()
+                )
+                .unwrap();
+                if meta.is_dir() {
+                    walk(&entry.path(), out);
+                } else if meta.is_file() {
+                    out.push_str(&blake3::hash(&fs::read(entry.path()).unwrap()).to_hex());
+                    out.push('\n');
+                }
+            }
+        }
+        let mut out = String::new();
+        walk(&self.dir, &mut out);
+        out
+    }
+}
+
+/// A store with one checkpoint, a canary beside it, and the canary's digest.
+fn store_and_canary(tmp: &Path) -> (Store, Manifest, Canary, String) {
+    let store = Store::init(&tmp.join("s"), &options()).unwrap();
+    let (image, _) = make_image(tmp, "d.img", 7);
+    let m = checkpoint_file(&store, vm("a", 1), 0, &image, None);
+    let canary = Canary::new(tmp);
+    let digest = canary.digest();
+    (store, m, canary, digest)
+}
+
+/// Replaces folder `rel` of the store with a link to the canary.
+fn plant_link(store: &Store, rel: &str, canary: &Canary) {
+    let path = store.root().join(rel);
+    if path.is_dir() {
+        fs::remove_dir_all(&path).unwrap();
+    } else if path.exists() {
+        fs::remove_file(&path).unwrap();
+    }
+    symlink(&canary.dir, &path).unwrap();
+}
+
+fn assert_refused(e: &StoreError, what: &str) {
+    let text = e.to_string();
+    assert!(
+        matches!(e, StoreError::Refused { .. }),
+        "{what}: not a refusal: {e:?}"
+    );
+    assert!(
+        text.contains("touched nothing outside the store"),
+        "{what}: {text}"
+    );
+}
+
+#[test]
+fn gc_through_a_linked_tmp_folder_is_refused_and_empties_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, _, canary, digest) = store_and_canary(tmp.path());
+    plant_link(&store, "tmp", &canary);
+    let err = store.gc(&Control::new()).unwrap_err();
+    assert_refused(&err, "gc");
+    assert!(err.to_string().contains("/s/tmp"), "names the link: {err}");
+    assert_eq!(canary.digest(), digest);
+}
+
+#[test]
+fn verify_never_writes_through_a_link_in_damaged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, m, canary, digest) = store_and_canary(tmp.path());
+    // A missing chunk makes verify note it in damaged/.
+    let id = store.read_page(&m.disks[0].index, 0).unwrap()[0];
+    fs::remove_file(store.chunk_path(&id)).unwrap();
+    plant_link(&store, "damaged", &canary);
+    let err = store.verify(false, &Control::new()).unwrap_err();
+    assert_refused(&err, "verify");
+    assert_eq!(canary.digest(), digest);
+
+    // A link named as the note itself, to a file outside.
+    fs::remove_file(store.root().join("damaged")).unwrap();
+    fs::create_dir(store.root().join("damaged")).unwrap();
+    symlink(
+        canary.dir.join("precious.txt"),
+        store
+            .root()
+            .join(format!("damaged/{}-missing", id.to_hex())),
+    )
+    .unwrap();
+    let outcome = store.verify(false, &Control::new());
+    assert_eq!(canary.digest(), digest, "the thesis is not truncated");
+    let err = outcome
+        .err()
+        .or_else(|| store.unhealed_damage(&m).err())
+        .expect("the link is reported");
+    assert_refused(&err, "verify's note");
+}
+
+#[test]
+fn links_in_every_folder_of_a_store_are_refused() {
+    for rel in ["chunks", "manifests", "locks", "damaged", "tmp"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let (store, m, canary, digest) = store_and_canary(tmp.path());
+        let root = store.root().to_path_buf();
+        drop(store);
+        plant_link_at(&root, rel, &canary);
+        // Opening checks the folders; every use after that must refuse as well.
+        let opened = Store::open(&root, None);
+        let err = match opened {
+            Err(e) => e,
+            Ok(store) => {
+                let results: Vec<Result<(), StoreError>> = vec![
+                    store.catalog().map(drop),
+                    store.gc(&Control::new()).map(drop),
+                    store.verify(false, &Control::new()).map(drop),
+                    read_all(&store, &m, tmp.path()),
+                ];
+                results
+                    .into_iter()
+                    .find_map(Result::err)
+                    .unwrap_or_else(|| panic!("{rel}: nothing refused the link"))
+            }
+        };
+        assert_refused(&err, rel);
+        assert_eq!(canary.digest(), digest, "{rel}");
+    }
+}
+
+fn plant_link_at(root: &Path, rel: &str, canary: &Canary) {
+    let path = root.join(rel);
+    fs::remove_dir_all(&path).unwrap();
+    symlink(&canary.dir, &path).unwrap();
+}
+
+fn read_all(store: &Store, m: &Manifest, dir: &Path) -> Result<(), StoreError> {
+    let out = dir.join("out");
+    let file = File::create(&out).unwrap();
+    store
+        .object_reader(&m.disks[0].index)?
+        .write_to_file(&file, &Control::new())
+}
+
+#[test]
+fn a_linked_chunk_prefix_folder_or_chunk_file_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, m, canary, digest) = store_and_canary(tmp.path());
+    let id = store.read_page(&m.disks[0].index, 0).unwrap()[0];
+    let chunk = store.chunk_path(&id);
+    // The chunk file as a link to a copy of itself outside: well-formed, and still refused.
+    let outside = canary.dir.join("copy");
+    fs::copy(&chunk, &outside).unwrap();
+    fs::remove_file(&chunk).unwrap();
+    symlink(&outside, &chunk).unwrap();
+    let digest_with_copy = canary.digest();
+    let err = store.read_chunk(&id, ChunkKind::Data).unwrap_err();
+    assert!(
+        err.to_string().contains("symbolic link"),
+        "says what it is: {err}"
+    );
+    let err = store.gc(&Control::new()).unwrap_err();
+    assert_refused(&err, "gc over a linked chunk");
+    assert_eq!(canary.digest(), digest_with_copy);
+    fs::remove_file(&outside).unwrap();
+    assert_eq!(canary.digest(), digest);
+
+    // The prefix folder as a link.
+    let prefix = chunk.parent().unwrap().to_path_buf();
+    fs::remove_dir_all(&prefix).unwrap();
+    symlink(&canary.dir, &prefix).unwrap();
+    let err = store.read_chunk(&id, ChunkKind::Data).unwrap_err();
+    assert!(err.to_string().contains("symbolic link"), "{err}");
+    assert_refused(&store.gc(&Control::new()).unwrap_err(), "gc");
+    assert_eq!(canary.digest(), digest);
+}
+
+#[test]
+fn a_linked_config_file_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, _, canary, digest) = store_and_canary(tmp.path());
+    let root = store.root().to_path_buf();
+    let config = root.join(config::CONFIG_FILE);
+    fs::copy(&config, canary.dir.join("config")).unwrap();
+    fs::remove_file(&config).unwrap();
+    symlink(canary.dir.join("config"), &config).unwrap();
+    let digest = {
+        let _ = digest;
+        canary.digest()
+    };
+    assert_refused(&Store::open(&root, None).unwrap_err(), "open");
+    assert_refused(&Store::probe(&root).unwrap_err(), "probe");
+    assert_eq!(canary.digest(), digest);
+}
+
+#[test]
+fn fifos_and_devices_in_a_store_are_refused_without_blocking_or_opening() {
+    use rustix::fs::{FileType, Mode, mknodat};
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, m, canary, digest) = store_and_canary(tmp.path());
+    // A FIFO among the leftovers in tmp/: opening it for reading would block forever.
+    let fifo = store.root().join("tmp/chunk-9-9.tmp");
+    mknodat(
+        rustix::fs::CWD,
+        &fifo,
+        FileType::Fifo,
+        Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap();
+    assert_refused(&store.gc(&Control::new()).unwrap_err(), "gc over a FIFO");
+    fs::remove_file(&fifo).unwrap();
+    // A chunk replaced by a FIFO: reading it must not hang.
+    let id = store.read_page(&m.disks[0].index, 0).unwrap()[0];
+    fs::remove_file(store.chunk_path(&id)).unwrap();
+    mknodat(
+        rustix::fs::CWD,
+        store.chunk_path(&id),
+        FileType::Fifo,
+        Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap();
+    let err = store.read_chunk(&id, ChunkKind::Data).unwrap_err();
+    assert!(err.to_string().contains("FIFO"), "{err}");
+    fs::remove_file(store.chunk_path(&id)).unwrap();
+    // A character device (/dev/null's numbers) as a manifest. Only root may make one.
+    let manifest = store.root().join(format!(
+        "manifests/{}/{}.manifest",
+        m.vm.uuid.hyphenated(),
+        m.id
+    ));
+    fs::remove_file(&manifest).unwrap();
+    match mknodat(
+        rustix::fs::CWD,
+        &manifest,
+        FileType::CharacterDevice,
+        Mode::from_raw_mode(0o600),
+        rustix::fs::makedev(1, 3),
+    ) {
+        Ok(()) => {
+            let err = store.catalog().unwrap_err();
+            assert_refused(&err, "a device as a manifest");
+            assert!(err.to_string().contains("character device"), "{err}");
+        }
+        Err(e) => eprintln!("no device made ({e}): not root"),
+    }
+    assert_eq!(canary.digest(), digest);
+}
+
+#[test]
+fn a_manifest_name_or_path_that_leaves_the_store_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, m, canary, digest) = store_and_canary(tmp.path());
+    for id in ["../../canary/precious", "/etc/passwd", "..", ""] {
+        let err = store.manifest(&m.vm.uuid, id).unwrap_err();
+        assert!(
+            !matches!(err, StoreError::NoSuchCheckpoint { .. }) || !id.contains('/'),
+            "{id}: {err}"
+        );
+        assert!(store.delete_checkpoint(&m.vm.uuid, id).is_err(), "{id}");
+    }
+    assert_eq!(canary.digest(), digest);
+}
+
+#[test]
+fn everything_a_store_holds_is_private_whatever_the_umask() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, _, _, _) = store_and_canary(tmp.path());
+    // The lock's holder file exists only while a lock is held.
+    let lock = StoreLock::acquire(store.root(), LockMode::Shared, "test", None).unwrap();
+    let mut seen = 0;
+    let mut stack = vec![store.root().to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let mode = fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{}", dir.display());
+        for entry in fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let meta = fs::symlink_metadata(&path).unwrap();
+            if meta.is_dir() {
+                stack.push(path);
+            } else {
+                assert_eq!(
+                    meta.permissions().mode() & 0o777,
+                    0o600,
+                    "{}",
+                    path.display()
+                );
+                seen += 1;
+            }
+        }
+    }
+    drop(lock);
+    assert!(seen > 8, "looked at {seen} files");
+}
+
+#[test]
+fn a_chunk_gets_its_name_only_once_it_is_on_the_drive() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::init(&tmp.path().join("s"), &options()).unwrap();
+    let data = noise(11, CHUNK as usize);
+    let (id, added) = store.put_chunk(ChunkKind::Data, &data).unwrap();
+    assert!(added > 0);
+    assert!(
+        !store.chunk_path(&id).exists(),
+        "named before the commit flushed it"
+    );
+    let (_, again) = store.put_chunk(ChunkKind::Data, &data).unwrap();
+    assert_eq!(again, 0, "written once per job");
+    assert_eq!(
+        fs::read_dir(store.root().join("tmp")).unwrap().count(),
+        1,
+        "one file under tmp/"
+    );
+    store.publish_chunks(&Control::new()).unwrap();
+    assert!(store.chunk_path(&id).exists());
+    assert_eq!(fs::read_dir(store.root().join("tmp")).unwrap().count(), 0);
+    assert_eq!(store.read_chunk(&id, ChunkKind::Data).unwrap(), data);
+}
