@@ -55,6 +55,17 @@ pub(crate) fn passphrase(store: &Path, confirm: bool) -> anyhow::Result<Zeroizin
     Ok(first)
 }
 
+/// The passphrase in [`PASSPHRASE_ENV`], if it is set.
+fn given_passphrase() -> anyhow::Result<Option<Zeroizing<Vec<u8>>>> {
+    match std::env::var_os(PASSPHRASE_ENV) {
+        None => Ok(None),
+        Some(pass) if pass.is_empty() => {
+            bail!("{PASSPHRASE_ENV} is set but empty; set it to the store's passphrase")
+        }
+        Some(pass) => Ok(Some(Zeroizing::new(pass.into_encoded_bytes()))),
+    }
+}
+
 /// Where a store is, from a `DEST` argument: a folder, or `ssh://[user@]host[:port]/path`.
 pub(crate) fn location(dest: &Path) -> anyhow::Result<Location> {
     match dest.to_str() {
@@ -67,7 +78,10 @@ pub(crate) fn location(dest: &Path) -> anyhow::Result<Location> {
 /// Opens a store (a folder, or `ssh://…`), asking for its passphrase if it is encrypted.
 pub fn open_store(dest: &Path) -> anyhow::Result<Store> {
     let location = location(dest)?;
-    match Store::open_at(&location, None) {
+    // A passphrase in the environment is given from the start: a store whose header says
+    // "not encrypted" then refuses it rather than being written in plaintext.
+    let given = given_passphrase()?;
+    match Store::open_at(&location, given.as_deref().map(Vec::as_slice)) {
         Err(StoreError::PassphraseRequired { path }) => {
             let pass = passphrase(&path, false)?;
             Ok(Store::open_at(&location, Some(pass.as_slice()))?)
@@ -87,7 +101,8 @@ pub fn checkpoint(
     full_state: bool,
 ) -> anyhow::Result<()> {
     let location = location(dest)?;
-    let store = match Store::open_at(&location, None) {
+    let given = given_passphrase()?;
+    let store = match Store::open_at(&location, given.as_deref().map(Vec::as_slice)) {
         Err(StoreError::Missing { .. }) => Store::init_at(&location, &InitOptions::default())?,
         // An empty folder becomes a store; one holding other things stays as it is.
         Err(not_a_store @ StoreError::NotAStore { .. }) => {

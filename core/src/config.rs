@@ -155,6 +155,20 @@ pub struct Destination {
     /// A file holding the passphrase of an encrypted store (readable only by you).
     #[serde(default)]
     pub passphrase_file: Option<PathBuf>,
+    /// A secret of this destination (64 hexadecimal digits), whose proof it wrote into its
+    /// store when it was added: a store that only copies the ID lacks the proof and is
+    /// refused. Absent for destinations added by an older Rewind (found by ID alone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_secret: Option<String>,
+}
+
+impl Destination {
+    /// The secret's bytes, if it has a well-formed one.
+    #[must_use]
+    pub fn secret_bytes(&self) -> Option<zeroize::Zeroizing<Vec<u8>>> {
+        let bytes = hex::decode(self.store_secret.as_deref()?).ok()?;
+        (bytes.len() == 32).then(|| zeroize::Zeroizing::new(bytes))
+    }
 }
 
 /// Disk-only or full-state checkpoints.
@@ -674,6 +688,7 @@ mod tests {
                 location: "/media/me/backup/rewind".into(),
                 store_id: Some(Uuid::from_bytes([7; 16])),
                 passphrase_file: None,
+                store_secret: None,
             }],
             vms: vec![Protection {
                 vm: "Büro \"Win 11\"".into(),

@@ -358,13 +358,70 @@ pub fn open(dest: &Destination, found: &Availability) -> Result<Store, OpenError
         ),
         None => None,
     };
-    match found {
-        Availability::Folder(path) => Ok(Store::open(path, pass.as_deref().map(|p| &p[..]))?),
-        Availability::Remote(_) => Ok(open_remote(dest, pass.as_deref().map(|p| &p[..]))?),
-        Availability::Missing { reason } => Err(OpenError::Missing {
-            reason: reason.clone(),
-        }),
+    let store = match found {
+        Availability::Folder(path) => Store::open(path, pass.as_deref().map(|p| &p[..])),
+        Availability::Remote(_) => open_remote(dest, pass.as_deref().map(|p| &p[..])),
+        Availability::Missing { reason } => {
+            return Err(OpenError::Missing {
+                reason: reason.clone(),
+            });
+        }
     }
+    .map_err(|e| match e {
+        // The destination's own passphrase does not open a store with its ID: not its store.
+        StoreError::WrongPassphrase { path } if dest.store_id.is_some() => {
+            StoreError::NotTheStore {
+                path,
+                destination: dest.name.clone(),
+                detail: "the destination's passphrase does not open it".into(),
+            }
+        }
+        other => other,
+    })?;
+    check_proof(dest, &store)?;
+    Ok(store)
+}
+
+/// A new destination secret, whose proof is written into `store` (a store that copies the
+/// ID lacks it); as hex, for [`Destination::store_secret`].
+fn new_proof(store: &Store) -> Result<String, StoreError> {
+    let mut secret = Zeroizing::new([0u8; 32]);
+    getrandom::fill(&mut *secret).map_err(|e| StoreError::Random(e.to_string()))?;
+    store.write_proof(&*secret)?;
+    Ok(hex::encode(*secret))
+}
+
+/// Checks that `store` holds the proof of `dest`'s secret. A destination added by an older
+/// Rewind has none: its store is recognised by ID alone, as it was.
+fn check_proof(dest: &Destination, store: &Store) -> Result<(), StoreError> {
+    if dest.passphrase_file.is_some() && !store.is_encrypted() {
+        // Not reached through Store::open (a passphrase for a plain store is refused there),
+        // kept so that no path lets an encrypted destination write in plaintext.
+        return Err(StoreError::NotEncrypted {
+            path: store.root().to_path_buf(),
+        });
+    }
+    let Some(secret) = dest.secret_bytes() else {
+        if dest.store_secret.is_some() {
+            return Err(StoreError::NotTheStore {
+                path: store.root().to_path_buf(),
+                destination: dest.name.clone(),
+                detail: "the destination's secret in the configuration is malformed".into(),
+            });
+        }
+        tracing::debug!(
+            "destination {:?} has no secret (added by an older Rewind): its store is known by ID alone",
+            dest.name
+        );
+        return Ok(());
+    };
+    store
+        .check_proof(&secret)
+        .map_err(|detail| StoreError::NotTheStore {
+            path: store.root().to_path_buf(),
+            destination: dest.name.clone(),
+            detail,
+        })
 }
 
 /// Adds the store in folder `dir` to `config` as a destination (creating the store if the
@@ -411,6 +468,10 @@ pub fn add_at(
         .find(|d| d.store_id == Some(store_id))
     {
         location.clone_into(&mut d.location);
+        // Added again: one added by an older Rewind (known by ID alone) gets its proof.
+        if d.store_secret.is_none() {
+            d.store_secret = Some(new_proof(&store)?);
+        }
         return Ok(Added {
             name: d.name.clone(),
             location,
@@ -433,11 +494,13 @@ pub fn add_at(
         Location::Local(dir) => unique_name(config, dir),
         Location::Ssh(ssh) => unique_name(config, &Path::new("/").join(&ssh.host)),
     };
+    let store_secret = Some(new_proof(&store)?);
     config.destinations.push(Destination {
         name: name.clone(),
         location: location.clone(),
         store_id: Some(store_id),
         passphrase_file,
+        store_secret,
     });
     Ok(Added {
         name,
@@ -565,6 +628,92 @@ mod tests {
         ));
     }
 
+    /// A folder holding a copy of `store`'s header and folders, and nothing else: a store
+    /// with a copied ID.
+    fn impostor_of(store: &Path, at: &Path) {
+        for dir in ["chunks", "manifests", "tmp", "damaged", "locks"] {
+            std::fs::create_dir_all(at.join(dir)).unwrap();
+        }
+        std::fs::copy(
+            store.join("rewind-store.json"),
+            at.join("rewind-store.json"),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn a_store_that_copies_a_destinations_id_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        let folder = dir.path().join("REAL");
+        add_folder(&mut config, &folder, Passphrase::None).unwrap();
+        let dest = config.destinations[0].clone();
+        assert!(dest.secret_bytes().is_some());
+        open(&dest, &Availability::Folder(folder.clone())).unwrap();
+        let fake = dir.path().join("FAKE");
+        impostor_of(&folder, &fake);
+        assert_eq!(Store::probe(&fake).unwrap().id, dest.store_id.unwrap());
+        let err = open(&dest, &Availability::Folder(fake.clone())).unwrap_err();
+        assert!(
+            matches!(err, OpenError::Store(StoreError::NotTheStore { .. })),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("copied ID"), "{err}");
+        // Nothing was written into it.
+        assert_eq!(std::fs::read_dir(fake.join("chunks")).unwrap().count(), 0);
+
+        // A destination added by an older Rewind has no secret: found by ID, as before, and
+        // adding it again gives it its proof.
+        let mut legacy = dest.clone();
+        legacy.store_secret = None;
+        open(&legacy, &Availability::Folder(fake.clone())).unwrap();
+        config.destinations[0].store_secret = None;
+        add_folder(&mut config, &folder, Passphrase::None).unwrap();
+        let upgraded = config.destinations[0].clone();
+        assert!(upgraded.store_secret.is_some());
+        open(&upgraded, &Availability::Folder(folder)).unwrap();
+        assert!(open(&upgraded, &Availability::Folder(fake)).is_err());
+    }
+
+    #[test]
+    fn an_encrypted_destination_refuses_a_store_with_its_id_but_another_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys");
+        let mut config = Config::default();
+        let folder = dir.path().join("REAL");
+        let typed = Passphrase::Typed {
+            passphrase: b"correct horse",
+            keys_dir: &keys,
+        };
+        add_folder(&mut config, &folder, typed).unwrap();
+        let dest = config.destinations[0].clone();
+        // Someone makes their own encrypted store and gives it the destination's ID.
+        let fake = dir.path().join("FAKE");
+        Store::init(
+            &fake,
+            &InitOptions {
+                passphrase: Some(Zeroizing::new(b"theirs".to_vec())),
+                kdf_cost: crate::store::KdfCost::FAST_FOR_TESTS,
+                ..InitOptions::default()
+            },
+        )
+        .unwrap();
+        let header = fake.join("rewind-store.json");
+        let text = std::fs::read_to_string(&header).unwrap();
+        let theirs = Store::probe(&fake).unwrap().id.to_string();
+        std::fs::write(
+            &header,
+            text.replace(&theirs, &dest.store_id.unwrap().to_string()),
+        )
+        .unwrap();
+        let err = open(&dest, &Availability::Folder(fake)).unwrap_err();
+        assert!(
+            matches!(err, OpenError::Store(StoreError::NotTheStore { .. })),
+            "{err:?}"
+        );
+        open(&dest, &Availability::Folder(folder)).unwrap();
+    }
+
     #[test]
     fn a_typed_passphrase_encrypts_the_new_store_and_is_kept_private() {
         use std::os::unix::fs::PermissionsExt as _;
@@ -615,6 +764,7 @@ mod tests {
             location: drive.join("rewind").display().to_string(),
             store_id: Some(id),
             passphrase_file: None,
+            store_secret: None,
         };
         let roots = vec![dir.path().join("media")];
         assert_eq!(

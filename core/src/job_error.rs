@@ -235,11 +235,16 @@ fn store_kind(e: &StoreError) -> ErrorKind {
         S::PassphraseRequired { .. }
         | S::WrongPassphrase { .. }
         | S::HostKey { .. }
-        | S::Login { .. } => ErrorKind::PermissionDenied,
+        | S::Login { .. }
+        | S::NotEncrypted { .. } => ErrorKind::PermissionDenied,
         S::NoSpace { .. } => ErrorKind::NoSpace,
-        S::Damaged { .. } | S::BadChunk { .. } | S::BadIndex(_) | S::Refused { .. } => {
-            ErrorKind::Damaged
-        }
+        S::Damaged { .. }
+        | S::BadChunk { .. }
+        | S::BadIndex(_)
+        | S::Refused { .. }
+        | S::HeaderTampered { .. }
+        | S::EncryptedContent { .. }
+        | S::NotTheStore { .. } => ErrorKind::Damaged,
         S::Busy { .. } | S::GcUnsafe { .. } => ErrorKind::Busy,
         S::NoSuchCheckpoint { .. } | S::ParentGone { .. } => ErrorKind::NotFound,
         S::Cancelled => ErrorKind::Cancelled,

@@ -304,6 +304,7 @@ mod tests {
             location: "/media/alice/usb/rewind".into(),
             store_id: Some(uuid::Uuid::from_bytes([3; 16])),
             passphrase_file: Some(key.clone()),
+            store_secret: None,
         });
         config.save(&place.config_dir.join("config.ron")).unwrap();
         std::fs::create_dir_all(&place.state_dir).unwrap();
@@ -348,6 +349,7 @@ mod tests {
             location: "/media/alice/usb/rewind".into(),
             store_id: None,
             passphrase_file: Some(link.clone()),
+            store_secret: None,
         });
         config.save(&place.config_dir.join("config.ron")).unwrap();
         let paths = paths_in(&dir.path().join("new"));

@@ -168,6 +168,7 @@ fn write_config(case: Case, uri: &str, dirs: &AppDirs, store_dir: &Path) -> usiz
         location: store_dir.display().to_string(),
         store_id: Some(store.config().id),
         passphrase_file: None,
+        store_secret: None,
     }];
     config.vms = (1..=VMS)
         .map(|i| Protection {

@@ -79,6 +79,7 @@ fn protecting(vms: &[TestVm], store: &Path) -> Config {
             location: store.display().to_string(),
             store_id: Some(id),
             passphrase_file: None,
+            store_secret: None,
         }],
         vms: vms
             .iter()

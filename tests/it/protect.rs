@@ -455,6 +455,7 @@ fn failing_config(store: &Path) -> rewind_core::config::Config {
             location: store.display().to_string(),
             store_id: Some(id),
             passphrase_file: None,
+            store_secret: None,
         }],
         vms: vec![rewind_core::config::Protection {
             vm: "rwt-no-such-vm".into(),

@@ -515,6 +515,7 @@ fn failing_and_missing(store: &Path, drive: &Path, id: uuid::Uuid) -> rewind_cor
         location: location.display().to_string(),
         store_id: Some(id),
         passphrase_file: None,
+        store_secret: None,
     };
     let protection = |vm: &str, dest: &str| rewind_core::config::Protection {
         vm: vm.into(),
@@ -706,6 +707,7 @@ fn protected_paused(store: &Path, vm: &str) -> rewind_core::config::Config {
             location: store.display().to_string(),
             store_id: Some(id),
             passphrase_file: None,
+            store_secret: None,
         }],
         vms: vec![rewind_core::config::Protection {
             vm: vm.into(),

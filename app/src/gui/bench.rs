@@ -414,6 +414,7 @@ fn window_state(n: usize, view: TimelineView) -> UiState {
         location: "/media/me/BACKUP/rewind".into(),
         store_id: None,
         passphrase_file: None,
+        store_secret: None,
     };
     let config = Config {
         uri: "test:///default".into(),

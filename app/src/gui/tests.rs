@@ -86,6 +86,7 @@ fn fixture() -> UiState {
         location: "/media/me/BACKUP/rewind".into(),
         store_id: None,
         passphrase_file: None,
+        store_secret: None,
     };
     let config = Config {
         uri: "test:///default".into(),
@@ -744,6 +745,7 @@ fn checkpoint_restore_and_undo_from_the_window_with_a_real_guest() {
             location: store_dir.display().to_string(),
             store_id: Some(store.config().id),
             passphrase_file: None,
+            store_secret: None,
         }],
         vms: vec![Protection {
             vm: vm.name.clone(),

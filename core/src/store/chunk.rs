@@ -163,7 +163,7 @@ pub struct Header {
     /// What the chunk holds.
     pub kind: ChunkKind,
     compressed: bool,
-    encrypted: bool,
+    pub(crate) encrypted: bool,
     /// The payload starts with the chaining values of the content's pieces.
     tree: bool,
     /// Length of the content once decoded.

@@ -40,6 +40,11 @@ pub struct StoreConfig {
     pub chunk_size_bytes: u32,
     /// Present when the store is encrypted.
     pub encryption: Option<EncryptionConfig>,
+    /// In an encrypted store: the MAC of everything above, with a key derived from the
+    /// store's key ([`StoreConfig::authenticated_bytes`]). Absent in stores made before
+    /// Rewind wrote it; added the next time such a store is written with its passphrase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac_hex: Option<String>,
 }
 
 /// Just enough of the file to check the version before trusting the rest.
@@ -101,6 +106,15 @@ impl StoreConfig {
             )));
         }
         Ok(config)
+    }
+
+    /// The bytes the header's MAC covers: every field but the MAC itself, as compact JSON
+    /// in the order of the fields (so the same header always gives the same bytes).
+    #[must_use]
+    pub fn authenticated_bytes(&self) -> Vec<u8> {
+        let mut copy = self.clone();
+        copy.mac_hex = None;
+        serde_json::to_vec(&copy).expect("config serialises")
     }
 
     /// The JSON written to disk.

@@ -258,6 +258,17 @@ impl Keys {
         *blake3::keyed_hash(&self.master[CHUNK_ID], data).as_bytes()
     }
 
+    /// MAC of a store's header (`rewind-store.json` without its `mac_hex`), with a key
+    /// derived from the master key: a header changed by anyone without the key is found.
+    #[must_use]
+    pub fn header_mac(&self, header: &[u8]) -> [u8; 32] {
+        let key = Zeroizing::new(blake3::derive_key(
+            "rewind-store 2026-12 header mac",
+            self.master.as_flattened(),
+        ));
+        *blake3::keyed_hash(&key, header).as_bytes()
+    }
+
     /// Authenticated encryption with the encryption key: returns `nonce (24 random bytes) ‖
     /// ciphertext ‖ tag (16)`, [`SEAL_OVERHEAD_BYTES`] longer than `plaintext`. `aad` is
     /// authenticated but not stored: [`Keys::open`] must be given the same.

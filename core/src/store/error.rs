@@ -167,6 +167,68 @@ pub enum StoreError {
         detail: String,
     },
 
+    /// The header of an encrypted store does not match its MAC (or its MAC is malformed).
+    #[error(
+        "the header of the store at {path} (rewind-store.json) fails its check: {detail}. \
+         Someone without the store's key changed it, or it is damaged. Rewind writes nothing \
+         to this store. If you did not change it yourself, do not use this drive for \
+         backups; your checkpoints are readable only from a store whose header is intact",
+        path = path.display()
+    )]
+    HeaderTampered {
+        /// The store's folder.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+
+    /// A passphrase was given for a store whose header says it is not encrypted.
+    #[error(
+        "a passphrase was given for the store at {path}, but its rewind-store.json says it is \
+         not encrypted. If you made it without encryption, use it without a passphrase (unset \
+         REWIND_PASSPHRASE, or add the destination again without one). If you made it \
+         encrypted, its header was changed to make Rewind write in plaintext: nothing was \
+         written; do not use this drive",
+        path = path.display()
+    )]
+    NotEncrypted {
+        /// The store's folder.
+        path: PathBuf,
+    },
+
+    /// A store whose header says "not encrypted" holds encrypted manifests or chunks.
+    #[error(
+        "the store at {path} says it is not encrypted, but {found} is encrypted: its header \
+         was changed, or encrypted and plain stores were mixed. Rewind writes nothing in \
+         plaintext into it. Open it with its passphrase after restoring its original \
+         rewind-store.json, or use another store",
+        path = path.display(),
+        found = found.display()
+    )]
+    EncryptedContent {
+        /// The store's folder.
+        path: PathBuf,
+        /// An encrypted file found in it.
+        found: PathBuf,
+    },
+
+    /// A destination's store is not the one it was made for: its ID matches, its proof not.
+    #[error(
+        "{path} holds a store with the ID of destination {destination:?}, but not the proof \
+         that the destination keeps for its own store ({detail}): it is another store with a \
+         copied ID, or the proof file was removed. Nothing was written. If this really is \
+         your store, remove the destination and add it again",
+        path = path.display()
+    )]
+    NotTheStore {
+        /// The store's folder.
+        path: PathBuf,
+        /// The destination's name.
+        destination: String,
+        /// What is wrong.
+        detail: String,
+    },
+
     /// The system's random number generator failed.
     #[error("could not get random numbers from the system: {0}")]
     Random(String),

@@ -189,14 +189,18 @@ impl Store {
             ),
             _ => None,
         };
-        let config = StoreConfig {
+        let mut config = StoreConfig {
             format: config::FORMAT_NAME.into(),
             version: config::FORMAT_VERSION,
             id,
             created: Utc::now(),
             chunk_size_bytes: options.chunk_size_bytes,
             encryption,
+            mac_hex: None,
         };
+        if let Some(keys) = &keys {
+            config.mac_hex = Some(hex::encode(keys.header_mac(&config.authenticated_bytes())));
+        }
         let tmp = Path::new("tmp");
         fs.write_atomic(tmp, Path::new("README.txt"), README.as_bytes())?;
         // The config is written last: a folder is a store only once it is complete.
@@ -262,7 +266,10 @@ impl Store {
             }
         }
         let keys = match (&config.encryption, passphrase) {
-            (None, _) => None,
+            (None, None) => None,
+            // Ignoring it would let a header edited to "not encrypted" turn the next
+            // checkpoint into plaintext.
+            (None, Some(_)) => return Err(StoreError::NotEncrypted { path: root }),
             (Some(_), None) => {
                 return Err(StoreError::PassphraseRequired { path: root });
             }
@@ -282,6 +289,9 @@ impl Store {
                 })?,
             ),
         };
+        if let Some(keys) = &keys {
+            check_header_mac(&config, keys, &root)?;
+        }
         Ok(Self {
             root,
             location,
@@ -783,14 +793,163 @@ impl Store {
         purpose: &str,
         control: &crate::progress::Control,
     ) -> Result<StoreLock, StoreError> {
+        self.refuse_plaintext_into_encrypted()?;
         if let Some(mut lock) = StoreLock::try_exclusive_in(&self.fs, &self.root, purpose)? {
             self.clean_leftovers(&lock)?;
+            self.authenticate_legacy_header(&lock)?;
             lock.downgrade()?;
             return Ok(lock);
         }
         self.lock(LockMode::Shared, purpose, Some(control))
     }
 }
+
+/// Checks an encrypted store's header against its MAC. A header without one is from a
+/// Rewind that did not write it yet (it is added at the next write, see
+/// [`Store::authenticate_legacy_header`]).
+fn check_header_mac(config: &StoreConfig, keys: &Keys, root: &Path) -> Result<(), StoreError> {
+    let Some(mac_hex) = &config.mac_hex else {
+        tracing::info!(
+            "the header of the store at {} has no MAC yet (made by an older Rewind)",
+            root.display()
+        );
+        return Ok(());
+    };
+    let tampered = |detail: &str| StoreError::HeaderTampered {
+        path: root.to_path_buf(),
+        detail: detail.to_owned(),
+    };
+    let found: [u8; 32] = hex::decode(mac_hex)
+        .ok()
+        .and_then(|bytes| bytes.try_into().ok())
+        .ok_or_else(|| tampered("its MAC is not 64 hexadecimal digits"))?;
+    let expected = keys.header_mac(&config.authenticated_bytes());
+    // Constant time is not needed (the MAC is no secret), but costs nothing.
+    if blake3::Hash::from(found) == blake3::Hash::from(expected) {
+        Ok(())
+    } else {
+        Err(tampered(
+            "its MAC does not match its content (format, version, ID, chunk size or encryption \
+             settings were changed)",
+        ))
+    }
+}
+
+impl Store {
+    /// Gives the header of an encrypted store made before headers had a MAC its MAC (under
+    /// the exclusive lock, written atomically). A header with one is left as it is.
+    fn authenticate_legacy_header(&self, _exclusive: &StoreLock) -> Result<(), StoreError> {
+        let Some(keys) = &self.keys else {
+            return Ok(());
+        };
+        if self.config.mac_hex.is_some() {
+            return Ok(());
+        }
+        let mut config = self.config.clone();
+        config.mac_hex = Some(hex::encode(keys.header_mac(&config.authenticated_bytes())));
+        self.fs.write_atomic(
+            Self::tmp_dir(),
+            Path::new(config::CONFIG_FILE),
+            &config.to_json(),
+        )?;
+        tracing::info!(
+            "added a MAC to the header of the store at {}",
+            self.root.display()
+        );
+        Ok(())
+    }
+
+    /// Refuses to write into a store whose header says "not encrypted" when its manifests
+    /// (or, with none, a chunk) are encrypted: a header edited to downgrade the store must
+    /// not turn the next checkpoint into plaintext.
+    fn refuse_plaintext_into_encrypted(&self) -> Result<(), StoreError> {
+        if self.keys.is_some() {
+            return Ok(());
+        }
+        let encrypted = |found: &Path| StoreError::EncryptedContent {
+            path: self.root.clone(),
+            found: self.root.join(found),
+        };
+        let manifests = Path::new("manifests");
+        let mut any_manifest = false;
+        for vm in self.fs.list_names(manifests)? {
+            let dir = manifests.join(vm);
+            let Some(name) = self
+                .fs
+                .list_names(&dir)?
+                .into_iter()
+                .find(|n| n.ends_with(".manifest"))
+            else {
+                continue;
+            };
+            any_manifest = true;
+            let file = dir.join(name);
+            let (prefix, _) = self
+                .fs
+                .read_prefix(&file, 4)
+                .map_err(|e| io_error("read", self.root.join(&file), e))?;
+            if prefix == b"RWME" {
+                return Err(encrypted(&file));
+            }
+        }
+        if any_manifest {
+            return Ok(());
+        }
+        let chunks = Path::new("chunks");
+        let Some(prefix) = self.fs.list_names(chunks)?.into_iter().next() else {
+            return Ok(());
+        };
+        let dir = chunks.join(prefix);
+        let Some(name) = self.fs.list_names(&dir)?.into_iter().next() else {
+            return Ok(());
+        };
+        let file = dir.join(name);
+        let (header, len) = self
+            .fs
+            .read_prefix(&file, chunk::HEADER_BYTES)
+            .map_err(|e| io_error("read", self.root.join(&file), e))?;
+        match chunk::Header::parse(&header, len) {
+            Ok(h) if h.encrypted => Err(encrypted(&file)),
+            _ => Ok(()),
+        }
+    }
+
+    /// The file that holds the proof of destination secret `secret`, inside the store.
+    fn proof_rel(secret: &[u8]) -> PathBuf {
+        let name = blake3::derive_key("rewind-store 2026-12 proof name", secret);
+        Path::new(PROOFS_DIR).join(hex::encode(&name[..8]))
+    }
+
+    /// What the proof of `secret` for this store is.
+    fn proof_of(&self, secret: &[u8]) -> String {
+        let key = zeroize::Zeroizing::new(blake3::derive_key("rewind-store 2026-12 proof", secret));
+        hex::encode(blake3::keyed_hash(&key, self.config.id.as_bytes()).as_bytes()) + "\n"
+    }
+
+    /// Writes the proof that a destination with secret `secret` knows this store (see
+    /// `FORMAT.md`, "Proofs"): another store given this one's ID lacks it.
+    pub fn write_proof(&self, secret: &[u8]) -> Result<(), StoreError> {
+        self.fs.create_dir_durable(Path::new(PROOFS_DIR))?;
+        self.fs.write_atomic(
+            Self::tmp_dir(),
+            &Self::proof_rel(secret),
+            self.proof_of(secret).as_bytes(),
+        )
+    }
+
+    /// Whether this store holds the proof of `secret`: `Err` with what is wrong if not.
+    pub fn check_proof(&self, secret: &[u8]) -> Result<(), String> {
+        let rel = Self::proof_rel(secret);
+        match self.fs.read_bounded(&rel, 1024, &self.root) {
+            Ok(found) if found == self.proof_of(secret).as_bytes() => Ok(()),
+            Ok(_) => Err(format!("{} does not match", self.root.join(&rel).display())),
+            Err(e) => Err(format!("{e}")),
+        }
+    }
+}
+
+/// Where proofs of destinations are kept (`FORMAT.md`, "Proofs").
+const PROOFS_DIR: &str = "proofs";
 
 /// What a failure to open or read a chunk's file says about the chunk.
 fn file_problem(e: &std::io::Error) -> ChunkProblem {

@@ -75,8 +75,13 @@ impl Store {
         for label in &new.labels {
             manifest::check_name("label", label)?;
         }
-        let lock =
-            self.lock_for_writing(&format!("writing a checkpoint of {}", new.vm.name), control)?;
+        // An encrypted store's lock files do not name the VM (anyone may read them).
+        let purpose = if self.is_encrypted() {
+            "writing a checkpoint".to_owned()
+        } else {
+            format!("writing a checkpoint of {}", new.vm.name)
+        };
+        let lock = self.lock_for_writing(&purpose, control)?;
         let mut new = new;
         // Ids are the capture time in milliseconds; two captures of one VM in the same
         // millisecond get the next free one.

@@ -254,6 +254,7 @@ mod tests {
             location: "/media/me/usb/rewind".into(),
             store_id: None,
             passphrase_file: None,
+            store_secret: None,
         });
         c.vms.push(Protection {
             vm: "win11".into(),

@@ -346,3 +346,157 @@ fn a_chunk_gets_its_name_only_once_it_is_on_the_drive() {
     assert_eq!(fs::read_dir(store.root().join("tmp")).unwrap().count(), 0);
     assert_eq!(store.read_chunk(&id, ChunkKind::Data).unwrap(), data);
 }
+
+/// Rewrites the store's `rewind-store.json` through `edit` of its JSON.
+fn edit_header(root: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = root.join(config::CONFIG_FILE);
+    let mut json: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    edit(&mut json);
+    fs::write(&path, serde_json::to_vec_pretty(&json).unwrap()).unwrap();
+}
+
+fn encrypted_store_with_a_checkpoint(tmp: &Path) -> (PathBuf, Manifest) {
+    let root = tmp.join("enc");
+    let store = Store::init(&root, &encrypted_options("pass")).unwrap();
+    assert!(store.config().mac_hex.is_some(), "a new header has its MAC");
+    let (image, _) = make_image(tmp, "d.img", 3);
+    let m = checkpoint_file(&store, vm("secret-vm", 4), 0, &image, None);
+    (root, m)
+}
+
+#[test]
+fn a_changed_encrypted_header_is_refused_before_anything_is_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (root, _) = encrypted_store_with_a_checkpoint(tmp.path());
+    let original = fs::read(root.join(config::CONFIG_FILE)).unwrap();
+    let edits: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>)> = vec![
+        (
+            "chunk size",
+            Box::new(|j| j["chunk_size_bytes"] = (CHUNK * 2).into()),
+        ),
+        ("version", Box::new(|j| j["version"] = 1.into())),
+        (
+            "creation time",
+            Box::new(|j| j["created"] = "2020-01-01T00:00:00Z".into()),
+        ),
+        (
+            "KDF cost",
+            Box::new(|j| {
+                let now = j["encryption"]["kdf_iterations"].as_u64().unwrap();
+                j["encryption"]["kdf_iterations"] = (now + 1).into();
+            }),
+        ),
+        ("MAC", Box::new(|j| j["mac_hex"] = "00".repeat(32).into())),
+        ("MAC length", Box::new(|j| j["mac_hex"] = "abc".into())),
+    ];
+    for (what, edit) in edits {
+        fs::write(root.join(config::CONFIG_FILE), &original).unwrap();
+        edit_header(&root, edit);
+        let chunks_before = fs::read_dir(root.join("chunks")).unwrap().count();
+        match Store::open(&root, Some(b"pass")) {
+            Err(e @ StoreError::HeaderTampered { .. }) => {
+                assert!(e.to_string().contains("writes nothing"), "{what}: {e}");
+            }
+            // A changed KDF cost changes the key the passphrase gives: the key does not
+            // open, which is refused just as well.
+            Err(StoreError::WrongPassphrase { .. }) if what == "KDF cost" => {}
+            other => panic!("{what}: {other:?}"),
+        }
+        assert_eq!(
+            fs::read_dir(root.join("chunks")).unwrap().count(),
+            chunks_before
+        );
+    }
+    fs::write(root.join(config::CONFIG_FILE), &original).unwrap();
+    Store::open(&root, Some(b"pass")).unwrap();
+}
+
+#[test]
+fn a_header_downgraded_to_plaintext_never_gets_plaintext_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (root, _) = encrypted_store_with_a_checkpoint(tmp.path());
+    edit_header(&root, |j| {
+        j["encryption"] = serde_json::Value::Null;
+        j.as_object_mut().unwrap().remove("mac_hex");
+    });
+    // With the passphrase (flag, environment or configuration): refused at once.
+    let err = Store::open(&root, Some(b"pass")).unwrap_err();
+    assert!(matches!(err, StoreError::NotEncrypted { .. }), "{err:?}");
+    // Without: it opens (it says it is plain), but nothing is written into it.
+    let store = Store::open(&root, None).unwrap();
+    let chunks_before = chunk_files(&store);
+    let (image, _) = make_image(tmp.path(), "e.img", 9);
+    let control = Control::new();
+    let err = store
+        .begin_checkpoint(new_checkpoint(vm("secret-vm", 4), 1), &control)
+        .map(drop)
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::EncryptedContent { .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("plaintext"), "{err}");
+    assert_eq!(chunk_files(&store), chunks_before);
+    let _ = image;
+
+    // With no manifest left, an encrypted chunk gives it away just as well.
+    fs::remove_dir_all(root.join("manifests")).unwrap();
+    fs::create_dir(root.join("manifests")).unwrap();
+    let err = store
+        .begin_checkpoint(new_checkpoint(vm("secret-vm", 4), 1), &control)
+        .map(drop)
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::EncryptedContent { .. }),
+        "{err:?}"
+    );
+    assert_eq!(chunk_files(&store), chunks_before);
+}
+
+#[test]
+fn a_passphrase_for_a_plain_store_is_an_error_not_ignored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, _, _, _) = store_and_canary(tmp.path());
+    let err = Store::open(store.root(), Some(b"pass")).unwrap_err();
+    assert!(matches!(err, StoreError::NotEncrypted { .. }), "{err:?}");
+}
+
+#[test]
+fn an_encrypted_header_from_before_macs_is_accepted_and_gets_its_mac_at_the_next_write() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (root, m) = encrypted_store_with_a_checkpoint(tmp.path());
+    edit_header(&root, |j| {
+        j.as_object_mut().unwrap().remove("mac_hex");
+    });
+    let store = Store::open(&root, Some(b"pass")).unwrap();
+    assert!(store.config().mac_hex.is_none());
+    let (image, _) = make_image(tmp.path(), "d.img", 3);
+    checkpoint_file(&store, vm("secret-vm", 4), 1, &image, Some(&m));
+    let upgraded = Store::open(&root, Some(b"pass")).unwrap();
+    assert!(upgraded.config().mac_hex.is_some(), "the MAC was added");
+    // From then on, a change is found.
+    edit_header(&root, |j| j["chunk_size_bytes"] = (CHUNK * 2).into());
+    assert!(matches!(
+        Store::open(&root, Some(b"pass")),
+        Err(StoreError::HeaderTampered { .. })
+    ));
+}
+
+#[test]
+fn lock_files_of_an_encrypted_store_do_not_name_the_vm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (root, _) = encrypted_store_with_a_checkpoint(tmp.path());
+    let store = Store::open(&root, Some(b"pass")).unwrap();
+    let control = Control::new();
+    let writer = store
+        .begin_checkpoint(new_checkpoint(vm("secret-vm", 4), 5), &control)
+        .unwrap();
+    let mut seen = 0;
+    for entry in fs::read_dir(root.join("locks")).unwrap() {
+        let text = fs::read_to_string(entry.unwrap().path()).unwrap();
+        assert!(!text.contains("secret-vm"), "{text}");
+        seen += 1;
+    }
+    assert!(seen >= 2, "the lock and a holder file");
+    drop(writer);
+}
