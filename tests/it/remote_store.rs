@@ -258,6 +258,57 @@ fn the_store_api_over_ssh_writes_the_same_store_as_a_folder() {
 
 /// A host whose key is not in `known_hosts`, or does not match it, is refused with the
 /// command that accepts it; a malformed location is refused before any connection.
+/// A local writer and a garbage collection over SSH on the same store, 20 times: the
+/// writer reuses chunks that only a removed checkpoint referenced, and the collection starts
+/// while the writer holds them. The collection must wait for the writer (it sees the local
+/// holder's lock file), so no chunk the writer committed is lost.
+#[test]
+fn a_local_writer_and_gc_over_ssh_never_lose_a_chunk() {
+    let remote = Remote::start("remote-lock-race");
+    let (url, path) = remote.store("shared");
+    let local = Store::init(&path, &InitOptions::default()).unwrap();
+    let over_ssh = Store::open_at(&remote.location(&url), None).unwrap();
+    let image = remote.dir.path().join("image.raw");
+    for round in 0..20u32 {
+        let content = noise(100 + u64::from(round), 3 << 20);
+        fs::write(&image, &content).unwrap();
+        // The chunks of `content`, referenced by nothing once its checkpoint is removed.
+        let gone = write_checkpoint(&local, &image, 2 * round);
+        local.delete_checkpoint(&gone.vm.uuid, &gone.id).unwrap();
+        let control = Control::new();
+        let mut writer = local
+            .begin_checkpoint(new_checkpoint(2 * round + 1), &control)
+            .unwrap();
+        let file = File::open(&image).unwrap();
+        let object = writer
+            .ingest_file(&file, content.len() as u64, None, &control)
+            .unwrap();
+        assert_eq!(object.new_bytes, 0, "round {round}: the chunks were reused");
+        let (started, gc_started) = std::sync::mpsc::channel();
+        let gc = std::thread::scope(|scope| {
+            let gc = scope.spawn(|| {
+                started.send(()).unwrap();
+                over_ssh.gc(&Control::new())
+            });
+            gc_started.recv().unwrap();
+            // Give the collection time to reach the lock (and, were it not to wait, to
+            // delete), then commit.
+            std::thread::sleep(Duration::from_millis(300));
+            writer
+                .add_disk("vda", None, Some("raw".into()), object)
+                .unwrap();
+            let kept = writer.commit(&control).unwrap();
+            let report = gc.join().unwrap().unwrap();
+            (kept, report)
+        });
+        let (kept, _report) = gc;
+        assert_eq!(read_disk(&local, &kept), content, "round {round}");
+    }
+    let report = local.verify(true, &Control::new()).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(lock_files(&path), Vec::<String>::new(), "no lock file left");
+}
+
 /// Names and contents of the files in `dir`.
 fn tree_digest(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let mut out: Vec<(String, Vec<u8>)> = fs::read_dir(dir)

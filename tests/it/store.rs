@@ -515,6 +515,87 @@ fn a_full_drive_fails_the_new_checkpoint_and_keeps_the_old_ones() {
     rewind::run_ok(&["verify", "--in", path_str(&dest)]);
 }
 
+/// A drive that fills up with a VM's checkpoints under "keep the last 2": the checkpoint
+/// that does not fit fails, `make_room` removes now what the rules would remove after it
+/// (never the newest), and the same checkpoint then succeeds without anyone's help.
+#[test]
+fn a_full_drive_makes_room_within_the_keep_rules_and_the_next_checkpoint_fits() {
+    use rewind_core::store::retention::KeepRules;
+    let dir = scratch("store-room");
+    let drive = SmallDrive::mount(&dir.path().join("drive"), 20 << 10);
+    let store = Store::init(&drive.path.join("rewind"), &Default::default()).unwrap();
+    let rules = KeepRules {
+        last: 2,
+        ..KeepRules::default()
+    };
+    let vm = Uuid::from_bytes([1; 16]);
+    let noise = |seed: u64| {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..7 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x.to_le_bytes()[3]
+            })
+            .collect::<Vec<u8>>()
+    };
+    let at = |hour: u32| Utc.with_ymd_and_hms(2026, 1, 1, hour, 0, 0).unwrap();
+    // Two 7 MiB checkpoints fit the 20 MiB drive; a third does not.
+    let first = write_checkpoint(&store, "vm", 1, at(0), &noise(1), dir.path());
+    let second_content = noise(2);
+    let second = write_checkpoint(&store, "vm", 1, at(1), &second_content, dir.path());
+    let third_content = noise(3);
+    let try_third = || {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            write_checkpoint(&store, "vm", 1, at(2), &third_content, dir.path())
+        }))
+    };
+    assert!(
+        try_third().is_err(),
+        "the third checkpoint fits: no full drive to test"
+    );
+    let (decisions, gc) = store.make_room(&rules, vm, at(2), &Control::new()).unwrap();
+    let removed: Vec<&str> = decisions
+        .iter()
+        .filter(|d| !d.keep)
+        .map(|d| d.id.as_str())
+        .collect();
+    assert_eq!(removed, [first.id.as_str()], "only what the rules let go");
+    assert!(gc.bytes_removed > 7 << 20, "{gc:?}");
+    let third = try_third().expect("the checkpoint fits once room is made");
+    let ids: Vec<String> = store
+        .catalog()
+        .unwrap()
+        .checkpoints
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(ids, [second.id.clone(), third.id.clone()]);
+    for (m, content) in [(&second, &second_content), (&third, &third_content)] {
+        let back = store
+            .object_reader(&m.disks[0].index)
+            .unwrap()
+            .read_all()
+            .unwrap();
+        assert_eq!(&back[..content.len()], &content[..]);
+    }
+    assert!(store.verify(true, &Control::new()).unwrap().is_clean());
+
+    // With one checkpoint left, nothing may go: no room is made, and the error says so.
+    let one = KeepRules {
+        last: 1,
+        ..KeepRules::default()
+    };
+    store.delete_checkpoint(&vm, &second.id).unwrap();
+    let (decisions, _) = store.make_room(&one, vm, at(3), &Control::new()).unwrap();
+    assert!(
+        decisions.iter().all(|d| d.keep),
+        "the newest stays: {decisions:?}"
+    );
+    assert!(store.manifest(&vm, &third.id).is_ok());
+}
+
 /// `rewind export VM ID --from DEST --disk TARGET --out FILE [--format F]`.
 fn export(dest: &Path, vm: &str, id: &str, disk: &str, out: &Path, format: &str) -> Output {
     rewind::run(&[

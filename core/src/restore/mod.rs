@@ -47,6 +47,7 @@ pub use vm::restore_in_place;
 use crate::checkpoint::CheckpointError;
 use crate::libvirt::lifecycle::StopMode;
 use crate::progress::Control;
+use crate::store::LockMode;
 use crate::store::{Manifest, Store, StoreError};
 
 pub use crate::store::SAFETY_LABEL;
@@ -289,6 +290,8 @@ pub fn export_disk(
     if out.exists() {
         return Err(RestoreError::Exists(out.to_path_buf()));
     }
+    // Garbage collection must not remove what is being read.
+    let _lock = store.lock(LockMode::Shared, "exporting a disk", Some(control))?;
     let result =
         new_image::write_new_image(store, target, out, format.name(), &disk.index, control);
     match result {

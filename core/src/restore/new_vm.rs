@@ -25,6 +25,7 @@ use crate::cleanup::OrWarn as _;
 use crate::firmware::SavedFirmware;
 use crate::libvirt::Hypervisor;
 use crate::progress::{Control, Phase};
+use crate::store::LockMode;
 use crate::store::index::HOLE;
 use crate::store::{ChunkKind, DiskEntry, Manifest, Store, for_each_slot};
 use crate::vm::Firmware;
@@ -97,6 +98,8 @@ pub fn restore_as_new(
     control: &Control,
 ) -> Result<RestoreReport, RestoreError> {
     let started = Instant::now();
+    // Garbage collection must not remove what is being read.
+    let _lock = store.lock(LockMode::Shared, "restoring a checkpoint", Some(control))?;
     let plan = Plan::make(hv, store, m, new)?;
     // A full-state checkpoint's memory is checked and written out first: a resume that
     // cannot work is said before anything is made.

@@ -16,6 +16,7 @@ use crate::libvirt::lifecycle::{StopMode, Stopped};
 use crate::libvirt::xml::{DomainXml, parse_domain};
 use crate::notes::RestoreMarker;
 use crate::progress::{Control, Phase};
+use crate::store::LockMode;
 use crate::store::index::HOLE;
 use crate::store::{DiskEntry, Manifest, Store};
 use crate::vm::Firmware;
@@ -617,6 +618,8 @@ pub fn restore_in_place(
     control: &Control,
 ) -> Result<RestoreReport, RestoreError> {
     let started = Instant::now();
+    // Garbage collection must not remove what is being read.
+    let _lock = store.lock(LockMode::Shared, "restoring a checkpoint", Some(control))?;
     let t = InPlace::prepare(hv, store, m, work_dir)?;
 
     // 0. A full-state checkpoint's memory is checked and written out beside the VM's disks

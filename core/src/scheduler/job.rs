@@ -9,7 +9,7 @@ use crate::checkpoint::TakeOptions;
 use crate::config::{Destination, Protection};
 use crate::destination::Availability;
 use crate::history::{Outcome, Record};
-use crate::job_error::JobError;
+use crate::job_error::{ErrorKind, JobError};
 use crate::libvirt::Hypervisor;
 use crate::policy::{self, Why};
 use crate::progress::Control;
@@ -115,14 +115,46 @@ fn run_into(spec: &JobSpec, control: &Control, record: &mut Record) -> Result<Ma
         None
     };
     let running = info.is_some_and(|v| v.state == VmState::Running);
-    let options = TakeOptions {
+    let mut options = TakeOptions {
         quiesce: spec.protection.quiesce,
         full_state: spec.force_full_state
             || policy::wants_full_state(&spec.protection, running, last_full_state, Utc::now()),
         known,
         ..TakeOptions::default()
     };
-    let m = crate::checkpoint::take_with(&hv, &store, &vm, work.path(), &options, control)?;
+    let m = match crate::checkpoint::take_with(&hv, &store, &vm, work.path(), &options, control)
+        .map_err(JobError::from)
+    {
+        // A full drive: remove now what the keep rules would remove after this checkpoint,
+        // and try once more. Without it, a full drive would stay full for good (retention
+        // runs only after a checkpoint succeeds).
+        Err(full) if full.kind == ErrorKind::NoSpace && !spec.protection.keep.is_empty() => {
+            let Some(vm_uuid) = uuid else {
+                return Err(full);
+            };
+            let (decisions, gc) =
+                store.make_room(&spec.protection.keep, vm_uuid, Utc::now(), control)?;
+            let removed = decisions.iter().filter(|d| !d.keep).count();
+            record.pruned = u32::try_from(removed).unwrap_or(u32::MAX);
+            if removed == 0 && gc.bytes_removed == 0 {
+                return Err(JobError::new(
+                    ErrorKind::NoSpace,
+                    format!(
+                        "{} The keep rules allow removing nothing more: free space on the \
+                         drive, keep fewer checkpoints, or use a larger drive",
+                        full.message
+                    ),
+                ));
+            }
+            tracing::info!(
+                "the store was full: removed {removed} old checkpoints ({} bytes freed), trying again",
+                gc.bytes_removed
+            );
+            options.known = Some(store.vm_catalog(&vm_uuid)?.checkpoints);
+            crate::checkpoint::take_with(&hv, &store, &vm, work.path(), &options, control)?
+        }
+        other => other?,
+    };
     record.vm.clone_from(&m.vm.name);
     record.vm_uuid = Some(m.vm.uuid.to_string());
     record.checkpoint = Some(m.id.clone());
@@ -147,7 +179,9 @@ fn run_into(spec: &JobSpec, control: &Control, record: &mut Record) -> Result<Ma
         _ => store.prune(&spec.protection.keep, Some(vm_uuid), false, control)?,
     };
     let removed = decisions.iter().filter(|d| !d.keep).count();
-    record.pruned = u32::try_from(removed).unwrap_or(u32::MAX);
+    record.pruned = record
+        .pruned
+        .saturating_add(u32::try_from(removed).unwrap_or(u32::MAX));
     if removed > 0 {
         store.gc(control)?;
     }

@@ -28,7 +28,7 @@ pub struct GcReport {
     pub chunks_kept: u64,
     /// Chunks removed.
     pub chunks_removed: u64,
-    /// Bytes freed.
+    /// Bytes freed (by chunks and leftovers).
     pub bytes_removed: u64,
     /// Temporary files of killed writers removed.
     pub leftovers_removed: u64,
@@ -38,8 +38,10 @@ impl Store {
     /// Removes every chunk no checkpoint references, and leftovers of killed writers.
     pub fn gc(&self, control: &Control) -> Result<GcReport, StoreError> {
         let lock = self.lock(LockMode::Exclusive, "removing unused chunks", Some(control))?;
+        let (leftovers_removed, leftover_bytes) = self.clean_leftovers(&lock)?;
         let mut report = GcReport {
-            leftovers_removed: self.clean_leftovers(&lock)?,
+            leftovers_removed,
+            bytes_removed: leftover_bytes,
             ..GcReport::default()
         };
         let catalog = self.catalog()?;

@@ -1,25 +1,27 @@
-//! Who may use the store at once.
+//! Who may use the store at once: one protocol for every process, on this host or another.
 //!
-//! `locks/store.lock` is held with `flock(2)`: shared by everything that writes or reads
-//! checkpoints (several checkpoints may be written at once — chunk writes are idempotent
-//! and manifests have distinct names), exclusive by garbage collection and by the clean-up
-//! of leftovers. The kernel releases a lock when its process dies, so a killed Rewind never
-//! leaves a stale lock behind. Each holder also writes `locks/holder-<pid>-<n>` describing
-//! itself, so that a process that has to wait can say for whom; files left by killed
-//! processes are removed by the next exclusive holder.
+//! Every holder keeps a lock file in `locks/` (`lockfile.rs`): `shared-<token>.lock` or
+//! `exclusive-<token>.lock`, naming its host, machine and boot ID, process and purpose,
+//! refreshed every minute (its lease). Writers, readers (restore, export), verify and prune
+//! hold the lock shared; garbage collection and the clean-up of leftovers exclusively. A
+//! taker creates its file, then looks at the others: of two takers, at least one sees the
+//! other, so two conflicting holders never both go ahead. A lock file whose holder is gone
+//! (its process no longer runs on this machine, its machine has booted since, or it has not
+//! been refreshed for ten minutes) is stale: the next taker removes it and logs whose it was.
 //!
-//! A store on another host cannot be flocked: there, holders keep lock files instead
-//! (`lockfile.rs`), with the same shared/exclusive meaning. A process that uses the folder
-//! directly (on that host) respects those files too.
+//! A process on the store's own machine also holds `locks/store.lock` with `flock(2)`
+//! first: local processes then wait for each other in the kernel, which releases the lock of
+//! a process that dies at once. Processes on other hosts (over SSH) see local holders by
+//! their lock files, and local holders see them the same way.
 
-use std::fs::{self, File, TryLockError};
-use std::path::{Path, PathBuf};
+use std::fs::{File, TryLockError};
+use std::path::Path;
 use std::time::Duration;
 
 use super::backend::Backend;
 use super::error::{StoreError, io_error};
-use super::local::{self, LocalRoot};
-use super::lockfile::{self, RemoteLock};
+use super::local::LocalRoot;
+use super::lockfile::{self, FileLock};
 use crate::cleanup::OrWarn as _;
 use crate::progress::Control;
 
@@ -41,45 +43,21 @@ pub struct StoreLock {
 
 #[derive(Debug)]
 enum Held {
-    /// `flock(2)` on `locks/store.lock`, and the holder file.
-    Local {
-        file: File,
-        /// The holder file, inside the store.
-        holder_file: Option<PathBuf>,
-        root: LocalRoot,
-    },
+    /// `flock(2)` on `locks/store.lock`, and a lock file as on another host.
+    Local { file: File, lock: FileLock },
     /// A lock file of a remote store.
-    Remote(RemoteLock),
+    Remote(FileLock),
 }
 
 const LOCK_DIR: &str = "locks";
 
-fn host_name() -> String {
-    fs::read_to_string("/proc/sys/kernel/hostname")
-        .map_or_else(|_| "this host".into(), |s| s.trim().to_owned())
-}
-
-/// The holder files in `locks/`.
-fn holder_files(root: &LocalRoot) -> Vec<PathBuf> {
-    root.list(Path::new(LOCK_DIR), false)
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|e| e.name.starts_with("holder-"))
-        .map(|e| Path::new(LOCK_DIR).join(e.name))
-        .collect()
-}
-
-/// What the current holders said about themselves.
-fn describe_holders(root: &LocalRoot) -> String {
-    let mut who: Vec<String> = holder_files(root)
-        .iter()
-        .filter_map(|rel| root.read(rel, 4096).ok())
-        .map(|s| String::from_utf8_lossy(&s).trim().to_owned())
-        .collect();
-    if who.is_empty() {
-        who.push("another Rewind process".into());
+/// What the holders of the other lock files say about themselves (`flock` holders are
+/// busy with their own).
+fn describe_holders(fs: &Backend, mode: LockMode) -> String {
+    match lockfile::fresh_conflicts(fs, mode, None) {
+        Ok(who) if !who.is_empty() => who.join("; "),
+        _ => "another Rewind process".into(),
     }
-    who.join("; ")
 }
 
 impl StoreLock {
@@ -97,6 +75,7 @@ impl StoreLock {
     fn acquire_local(
         fs: &Backend,
         root: &LocalRoot,
+        store: &Path,
         mode: LockMode,
         purpose: &str,
         wait: Option<&Control>,
@@ -113,16 +92,24 @@ impl StoreLock {
                 LockMode::Exclusive => file.try_lock(),
             };
             let holder = match attempt {
-                // Processes on other hosts hold the store with lock files.
-                Ok(()) => {
-                    let others = lockfile::fresh_conflicts(fs, mode, None)?;
-                    if others.is_empty() {
-                        break;
+                // Then the lock file, which processes on other hosts see.
+                Ok(()) => match FileLock::acquire(fs, store, mode, purpose, None) {
+                    Ok(lock) => {
+                        if mode == LockMode::Exclusive {
+                            remove_legacy_holder_files(root);
+                        }
+                        return Ok(Self {
+                            held: Held::Local { file, lock },
+                            mode,
+                        });
                     }
-                    file.unlock().or_warn("release the store's lock");
-                    others.join("; ")
-                }
-                Err(TryLockError::WouldBlock) => describe_holders(root),
+                    Err(StoreError::Busy { holder, .. }) => {
+                        file.unlock().or_warn("release the store's lock");
+                        holder
+                    }
+                    Err(e) => return Err(e),
+                },
+                Err(TryLockError::WouldBlock) => describe_holders(fs, mode),
                 Err(TryLockError::Error(e)) => {
                     return Err(io_error("lock", root.join(&rel), e));
                 }
@@ -134,38 +121,12 @@ impl StoreLock {
                 }
                 None => {
                     return Err(StoreError::Busy {
-                        path: root.path().to_path_buf(),
+                        path: store.to_path_buf(),
                         holder,
                     });
                 }
             }
         }
-        if mode == LockMode::Exclusive {
-            // Nobody else holds the store: holder files still present are from killed processes.
-            for stale in holder_files(root) {
-                root.remove_file(&stale)
-                    .or_warn(format_args!("remove {}", root.join(&stale).display()));
-            }
-        }
-        let holder = dir.join(local::temp_name("holder").trim_end_matches(".tmp"));
-        let text = format!(
-            "process {} on {}: {purpose} (since {})\n",
-            std::process::id(),
-            host_name(),
-            chrono::Local::now().format("%Y-%m-%d %H:%M:%S")
-        );
-        let holder_file = root
-            .write_new(&holder, text.as_bytes(), false)
-            .is_ok()
-            .then_some(holder);
-        Ok(Self {
-            held: Held::Local {
-                file,
-                holder_file,
-                root: root.clone(),
-            },
-            mode,
-        })
     }
 
     /// Takes the lock of the store in `fs` (whose messages name it `store`), as
@@ -178,9 +139,9 @@ impl StoreLock {
         wait: Option<&Control>,
     ) -> Result<Self, StoreError> {
         match fs {
-            Backend::Local(root) => Self::acquire_local(fs, root, mode, purpose, wait),
+            Backend::Local(root) => Self::acquire_local(fs, root, store, mode, purpose, wait),
             Backend::Sftp(_) => Ok(Self {
-                held: Held::Remote(RemoteLock::acquire(fs, store, mode, purpose, wait)?),
+                held: Held::Remote(FileLock::acquire(fs, store, mode, purpose, wait)?),
                 mode,
             }),
         }
@@ -199,12 +160,11 @@ impl StoreLock {
         }
     }
 
-    /// Fails if the lock is no longer held: a remote lock that another process removed as
-    /// stale. (A local lock cannot be lost.)
+    /// Fails if the lock is no longer held: its lock file was removed by a process that
+    /// took it as stale (this one was paused or cut off for long).
     pub(crate) fn check_held(&self) -> Result<(), StoreError> {
         match &self.held {
-            Held::Local { .. } => Ok(()),
-            Held::Remote(lock) => lock.check_held(),
+            Held::Local { lock, .. } | Held::Remote(lock) => lock.check_held(),
         }
     }
 
@@ -226,9 +186,11 @@ impl StoreLock {
     /// Turns an exclusive lock into a shared one (others may then join).
     pub fn downgrade(&mut self) -> Result<(), StoreError> {
         match &mut self.held {
-            Held::Local { file, .. } => file
-                .lock_shared()
-                .map_err(|e| io_error("lock", "locks/store.lock", e))?,
+            Held::Local { file, lock } => {
+                file.lock_shared()
+                    .map_err(|e| io_error("lock", "locks/store.lock", e))?;
+                lock.downgrade()?;
+            }
             Held::Remote(lock) => lock.downgrade()?,
         }
         self.mode = LockMode::Shared;
@@ -238,18 +200,23 @@ impl StoreLock {
 
 impl Drop for StoreLock {
     fn drop(&mut self) {
-        if let Held::Local {
-            file,
-            holder_file,
-            root,
-        } = &self.held
-        {
-            if let Some(holder) = holder_file {
-                root.remove_file(holder)
-                    .or_warn(format_args!("remove {}", root.join(holder).display()));
-            }
-            // Closing the file releases the lock in any case.
+        if let Held::Local { file, .. } = &self.held {
+            // Closing the file releases the lock in any case; the lock file goes with the
+            // FileLock's drop.
             drop(file.unlock());
+        }
+    }
+}
+
+/// Removes the `holder-*` files that Rewind before December 2026 left in `locks/` (under
+/// the exclusive lock: nobody else holds the store).
+fn remove_legacy_holder_files(root: &LocalRoot) {
+    let dir = Path::new(LOCK_DIR);
+    for entry in root.list(dir, false).unwrap_or_default() {
+        if entry.name.starts_with("holder-") {
+            let rel = dir.join(&entry.name);
+            root.remove_file(&rel)
+                .or_warn(format_args!("remove {}", root.join(&rel).display()));
         }
     }
 }

@@ -1,4 +1,5 @@
-//! The store lock of a store on another host, where `flock(2)` cannot reach: lock files.
+//! Lock files: the store lock as every process sees it, on this host or another (where
+//! `flock(2)` cannot reach).
 //!
 //! Every holder creates its own file in `locks/`, named for its mode and a random token:
 //! `shared-<token>.lock` or `exclusive-<token>.lock`, holding a JSON [`Record`] (host,
@@ -71,6 +72,10 @@ pub struct Record {
     pub purpose: String,
     /// Since when (by the holder's clock).
     pub since: DateTime<Utc>,
+    /// How long the file stays valid without a refresh (seconds); the holder refreshes it
+    /// well within. Absent in files of an older Rewind: [`STALE_AFTER`].
+    #[serde(default)]
+    pub lease_secs: Option<u64>,
 }
 
 impl Record {
@@ -162,7 +167,12 @@ pub fn is_stale(
     live: &dyn Fn(&str) -> bool,
     start_of: &dyn Fn(u32) -> Option<u64>,
 ) -> bool {
-    if age > STALE_AFTER {
+    let lease = record
+        .and_then(|r| r.lease_secs)
+        .map_or(STALE_AFTER, Duration::from_secs)
+        // A lease is no shorter than the refresh, and none keeps a store for more than a day.
+        .clamp(REFRESH_INTERVAL * 2, Duration::from_hours(24));
+    if age > lease {
         return true;
     }
     let Some(record) = record else {
@@ -257,6 +267,14 @@ pub(crate) fn fresh_conflicts(
             _ => Duration::ZERO,
         };
         if is_stale(record.as_ref(), age, me, &is_live, &process_start) {
+            tracing::warn!(
+                "removed the stale lock {} of {} (last refreshed {} s ago)",
+                fs.display(&rel).display(),
+                record
+                    .as_ref()
+                    .map_or_else(|| "an unknown holder".into(), Record::describe),
+                age.as_secs()
+            );
             match fs.remove_file(&rel) {
                 Err(e) if is_remote_failure(&e) => {
                     return Err(io_error("remove", fs.display(&rel), e));
@@ -274,7 +292,7 @@ pub(crate) fn fresh_conflicts(
 
 /// A held lock of a remote store; released on drop.
 #[derive(Debug)]
-pub(crate) struct RemoteLock {
+pub(crate) struct FileLock {
     fs: Backend,
     store: PathBuf,
     token: String,
@@ -291,7 +309,7 @@ fn new_token() -> Result<String, StoreError> {
     Ok(hex::encode(bytes))
 }
 
-impl RemoteLock {
+impl FileLock {
     /// Takes the lock (see the module documentation). Without `wait`, a lock held by others
     /// is [`StoreError::Busy`]; with it, waits (cancellably) until it is free.
     pub(crate) fn acquire(
@@ -314,6 +332,7 @@ impl RemoteLock {
                 pid_start: me.pid_start,
                 purpose: purpose.to_owned(),
                 since: Utc::now(),
+                lease_secs: Some(STALE_AFTER.as_secs()),
             };
             let bytes = serde_json::to_vec(&record).expect("records serialise");
             let name = file_name(mode, &token);
@@ -416,7 +435,7 @@ impl RemoteLock {
     }
 }
 
-impl Drop for RemoteLock {
+impl Drop for FileLock {
     fn drop(&mut self) {
         drop(self.stop.take());
         if let Some(thread) = self.refresher.take()
@@ -465,6 +484,7 @@ mod tests {
             since: DateTime::parse_from_rfc3339("2026-05-01T10:00:00Z")
                 .unwrap()
                 .with_timezone(&Utc),
+            lease_secs: None,
         }
     }
 
@@ -577,20 +597,20 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let fs = Backend::local(tmp.path());
         let store = tmp.path();
-        let first = RemoteLock::acquire(&fs, store, LockMode::Shared, "a", None).unwrap();
-        let second = RemoteLock::acquire(&fs, store, LockMode::Shared, "b", None).unwrap();
-        let err = RemoteLock::acquire(&fs, store, LockMode::Exclusive, "gc", None).unwrap_err();
+        let first = FileLock::acquire(&fs, store, LockMode::Shared, "a", None).unwrap();
+        let second = FileLock::acquire(&fs, store, LockMode::Shared, "b", None).unwrap();
+        let err = FileLock::acquire(&fs, store, LockMode::Exclusive, "gc", None).unwrap_err();
         let msg = err.to_string();
         assert!(
             msg.contains("busy") && msg.contains(": a (since") && msg.contains(": b (since"),
             "{msg}"
         );
         drop((first, second));
-        let mut gc = RemoteLock::acquire(&fs, store, LockMode::Exclusive, "gc", None).unwrap();
-        assert!(RemoteLock::acquire(&fs, store, LockMode::Shared, "w", None).is_err());
+        let mut gc = FileLock::acquire(&fs, store, LockMode::Exclusive, "gc", None).unwrap();
+        assert!(FileLock::acquire(&fs, store, LockMode::Shared, "w", None).is_err());
         gc.downgrade().unwrap();
         gc.check_held().unwrap();
-        let writer = RemoteLock::acquire(&fs, store, LockMode::Shared, "w", None).unwrap();
+        let writer = FileLock::acquire(&fs, store, LockMode::Shared, "w", None).unwrap();
         drop((gc, writer));
         assert_eq!(
             fs.list(Path::new(LOCKS)).unwrap().len(),
@@ -607,7 +627,7 @@ mod tests {
             .join(LOCKS)
             .join(file_name(LockMode::Exclusive, "dead"));
         std::fs::write(&dead_file, serde_json::to_vec(&dead).unwrap()).unwrap();
-        let s = RemoteLock::acquire(&fs, store, LockMode::Shared, "after a crash", None).unwrap();
+        let s = FileLock::acquire(&fs, store, LockMode::Shared, "after a crash", None).unwrap();
         assert!(!dead_file.exists());
         // A holder whose file was removed finds out.
         let own = tmp

@@ -754,27 +754,29 @@ impl Store {
     }
 
     /// Removes what killed writers left in `tmp/`. Needs the exclusive lock.
-    fn clean_leftovers(&self, _exclusive: &StoreLock) -> Result<u64, StoreError> {
+    fn clean_leftovers(&self, _exclusive: &StoreLock) -> Result<(u64, u64), StoreError> {
         // Chunks that a writer dropped without its commit left through this handle go too.
         *self.pending() = Pending::default();
         let tmp = Self::tmp_dir();
-        let files: Vec<PathBuf> = self
-            .fs
-            .list_names(tmp)?
-            .iter()
-            .map(|name| tmp.join(name))
-            .collect();
-        let mut removed = 0;
-        for result in self.fs.remove_files(&files) {
+        let entries = self.fs.list(tmp)?;
+        let files: Vec<PathBuf> = entries.iter().map(|e| tmp.join(&e.name)).collect();
+        let (mut removed, mut bytes) = (0, 0);
+        for (entry, result) in entries.iter().zip(self.fs.remove_files(&files)) {
             match result {
-                Ok(()) => removed += 1,
+                Ok(()) => {
+                    removed += 1;
+                    bytes += entry.len;
+                }
                 Err(e) if is_remote_failure(&e) => {
                     return Err(io_error("remove", self.root.join(tmp), e));
                 }
-                Err(_) => {}
+                Err(e) => tracing::warn!(
+                    "could not remove {}: {e}",
+                    self.root.join(tmp).join(&entry.name).display()
+                ),
             }
         }
-        Ok(removed)
+        Ok((removed, bytes))
     }
 
     /// Takes the store lock (see [`StoreLock`]; on another host, lock files).
@@ -795,7 +797,10 @@ impl Store {
     ) -> Result<StoreLock, StoreError> {
         self.refuse_plaintext_into_encrypted()?;
         if let Some(mut lock) = StoreLock::try_exclusive_in(&self.fs, &self.root, purpose)? {
-            self.clean_leftovers(&lock)?;
+            let (removed, bytes) = self.clean_leftovers(&lock)?;
+            if removed > 0 {
+                tracing::info!("removed {removed} files ({bytes} bytes) that killed writers left");
+            }
             self.authenticate_legacy_header(&lock)?;
             lock.downgrade()?;
             return Ok(lock);

@@ -53,7 +53,7 @@ impl Store {
             Some(uuid) => self.vm_catalog(&uuid)?,
             None => self.catalog()?,
         };
-        self.prune_in(&catalog, rules, vm, dry_run, control)
+        self.prune_in(&catalog, rules, vm, dry_run, None, control)
     }
 
     /// [`Store::prune`] over checkpoints the caller has read already (a scheduled job reads
@@ -69,7 +69,29 @@ impl Store {
     ) -> Result<Vec<PruneDecision>, StoreError> {
         refuse_no_rules(rules)?;
         let _lock = self.lock(LockMode::Shared, "removing old checkpoints", Some(control))?;
-        self.prune_in(catalog, rules, vm, false, control)
+        self.prune_in(catalog, rules, vm, false, None, control)
+    }
+
+    /// Makes room for the next checkpoint of `vm` in a store that ran out of space: removes
+    /// now what `rules` would remove once that checkpoint is taken (as if it were taken at
+    /// `upcoming`), never the VM's newest checkpoint nor its newest safety checkpoint, then
+    /// collects the data only they used. Returns what was removed and freed; nothing
+    /// removed and nothing freed means there is no room to be made within the rules.
+    pub fn make_room(
+        &self,
+        rules: &KeepRules,
+        vm: Uuid,
+        upcoming: DateTime<Utc>,
+        control: &Control,
+    ) -> Result<(Vec<PruneDecision>, super::gc::GcReport), StoreError> {
+        refuse_no_rules(rules)?;
+        let decisions = {
+            let _lock = self.lock(LockMode::Shared, "removing old checkpoints", Some(control))?;
+            let catalog = self.vm_catalog(&vm)?;
+            self.prune_in(&catalog, rules, Some(vm), false, Some(upcoming), control)?
+        };
+        let gc = self.gc(control)?;
+        Ok((decisions, gc))
     }
 
     fn prune_in(
@@ -78,6 +100,7 @@ impl Store {
         rules: &KeepRules,
         vm: Option<Uuid>,
         dry_run: bool,
+        upcoming: Option<DateTime<Utc>>,
         control: &Control,
     ) -> Result<Vec<PruneDecision>, StoreError> {
         let mut vms: Vec<Uuid> = catalog.checkpoints.iter().map(|m| m.vm.uuid).collect();
@@ -90,8 +113,20 @@ impl Store {
                 .iter()
                 .filter(|m| m.vm.uuid == uuid)
                 .collect();
-            let items: Vec<(usize, DateTime<Utc>)> =
-                mine.iter().enumerate().map(|(i, m)| (i, m.time)).collect();
+            // The checkpoint about to be taken counts, as the one it will be (`None`).
+            let items: Vec<(Option<usize>, DateTime<Utc>)> = mine
+                .iter()
+                .enumerate()
+                .map(|(i, m)| (Some(i), m.time))
+                .chain(upcoming.map(|t| (None, t)))
+                .collect();
+            // ...but it is not taken yet: the newest there is stays.
+            let newest = upcoming.and(
+                mine.iter()
+                    .enumerate()
+                    .max_by_key(|(_, m)| m.time)
+                    .map(|(i, _)| i),
+            );
             // The newest safety checkpoint stays whatever the rules say: it is what
             // `rewind undo-restore` goes back to.
             let newest_safety = mine
@@ -101,11 +136,18 @@ impl Store {
                 .max_by_key(|(_, m)| m.time)
                 .map(|(i, _)| i);
             for mut decision in retention::plan(&items, rules, &chrono::Local) {
-                if Some(decision.key) == newest_safety {
+                let Some(key) = decision.key else {
+                    continue;
+                };
+                if Some(key) == newest_safety {
                     decision.keep = true;
                     decision.reasons.push(retention::KeepReason::Safety);
                 }
-                let m = mine[decision.key];
+                if Some(key) == newest && !decision.keep {
+                    decision.keep = true;
+                    decision.reasons.push(retention::KeepReason::Last);
+                }
+                let m = mine[key];
                 if !decision.keep && !dry_run {
                     control.check()?;
                     match self.delete_checkpoint(&uuid, &m.id) {
