@@ -265,12 +265,10 @@ impl Interrupt {
 /// A folder for one job's sockets and scratch files (core's [`WorkDir`]), with a message
 /// that names it when it cannot be made.
 pub(crate) fn work_dir() -> anyhow::Result<WorkDir> {
-    WorkDir::new().with_context(|| {
-        format!(
-            "could not make a work folder in {} (set TMPDIR to a writable folder)",
-            std::env::temp_dir().display()
-        )
-    })
+    WorkDir::new().context(
+        "could not make a folder for the job in Rewind's work folder (set REWIND_WORK_DIR \
+         to a private folder of yours to use another)",
+    )
 }
 
 fn checkpoint_one(

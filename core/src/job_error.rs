@@ -165,7 +165,9 @@ impl JobError {
         Self {
             kind: ErrorKind::Failed,
             retryable: true,
-            message: format!("could not make a work folder in the temporary folder: {source}"),
+            message: format!(
+                "could not make a folder for the job in Rewind's work folder: {source}"
+            ),
             source: Some(Arc::new(source)),
         }
     }

@@ -9,7 +9,8 @@
 //!   `<state dir>/restoring/<vm uuid>.json` ([`crate::paths::state_dir`]), written durably.
 //! - [`FROZEN`] and [`SAVED`]: this process froze a VM's file systems, or saved its state
 //!   for a full-state checkpoint and has not let it run again; a later run thaws or
-//!   resumes it. `<temp dir>/rewind-frozen|rewind-saved/<vm uuid>`, holding the process id.
+//!   resumes it. `<runtime dir>/frozen|saved/<vm uuid>` ([`crate::paths::runtime_dir`],
+//!   private to Rewind's user), holding the process id.
 
 use std::path::{Path, PathBuf};
 
@@ -64,38 +65,42 @@ impl RestoreMarker {
     }
 }
 
-/// A note "process P is in the middle of something with VM X" in the temporary folder.
+/// A note "process P is in the middle of something with VM X" in the runtime folder.
 #[derive(Debug)]
 pub(crate) struct ProcessNote(&'static str);
 
 /// The guest's file systems are frozen.
-pub(crate) const FROZEN: ProcessNote = ProcessNote("rewind-frozen");
+pub(crate) const FROZEN: ProcessNote = ProcessNote("frozen");
 /// The VM was saved (managed save) for a full-state checkpoint and may not run yet.
-pub(crate) const SAVED: ProcessNote = ProcessNote("rewind-saved");
+pub(crate) const SAVED: ProcessNote = ProcessNote("saved");
 
 impl ProcessNote {
-    /// Where the note of VM `uuid` is.
-    pub(crate) fn path(&self, uuid: &Uuid) -> PathBuf {
-        std::env::temp_dir().join(self.0).join(uuid.to_string())
+    /// Where the note of VM `uuid` is (its folder made private on the way).
+    pub(crate) fn path(&self, uuid: &Uuid) -> std::io::Result<PathBuf> {
+        let dir = crate::paths::runtime_dir()?.join(self.0);
+        crate::paths::private_dir(&dir, 0o700)?;
+        Ok(dir.join(uuid.to_string()))
     }
 
     /// Leaves the note for VM `uuid`, naming this process.
     pub(crate) fn create(&self, uuid: &Uuid) -> std::io::Result<()> {
-        let path = self.path(uuid);
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        std::fs::write(&path, std::process::id().to_string())
+        std::fs::write(self.path(uuid)?, std::process::id().to_string())
     }
 
     /// Takes the note of VM `uuid` away.
     pub(crate) fn remove(&self, uuid: &Uuid) {
-        crate::cleanup::remove_file(&self.path(uuid));
+        match self.path(uuid) {
+            Ok(path) => crate::cleanup::remove_file(&path),
+            Err(e) => tracing::warn!("could not reach the note of VM {uuid}: {e}"),
+        }
     }
 
     /// Whether a note is there from a process that no longer runs.
     pub(crate) fn left_by_dead_process(&self, uuid: &Uuid) -> bool {
-        std::fs::read_to_string(self.path(uuid)).is_ok_and(|pid| {
+        let Ok(path) = self.path(uuid) else {
+            return false;
+        };
+        std::fs::read_to_string(path).is_ok_and(|pid| {
             let pid = pid.trim();
             pid != std::process::id().to_string() && !Path::new("/proc").join(pid).exists()
         })

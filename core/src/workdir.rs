@@ -1,7 +1,8 @@
-//! A folder for one job's sockets and scratch files, removed when dropped. The checkpoint
-//! engine makes one folder per VM inside it that only that VM's QEMU can write; QEMU only
-//! needs to pass through this one (mode 0711). The name holds the process id, so a later run
-//! removes the folder of a killed one.
+//! A folder for one job's sockets and scratch files, removed when dropped, in Rewind's
+//! private work folder ([`crate::paths::work_dir`]; never a shared name in `/tmp`). The
+//! checkpoint engine makes one folder per VM inside it that only that VM's QEMU can write;
+//! QEMU only needs to pass through this one (mode 0711). The name holds the process id, so
+//! a later run removes the folder of a killed one.
 
 use std::path::{Path, PathBuf};
 
@@ -12,10 +13,14 @@ pub struct WorkDir(PathBuf);
 const PREFIX: &str = "rewind-checkpoint-";
 
 impl WorkDir {
-    /// Makes a new one in the temporary folder (first removing those of dead processes).
+    /// Makes a new one in the work folder (first removing those of dead processes).
+    ///
+    /// # Errors
+    /// The work folder cannot be made private, or the new folder cannot be made.
     pub fn new() -> std::io::Result<Self> {
-        remove_dead_runs(&std::env::temp_dir(), PREFIX);
-        let work = std::env::temp_dir().join(format!(
+        let base = crate::paths::work_dir()?;
+        remove_dead_runs(&base, PREFIX);
+        let work = base.join(format!(
             "{PREFIX}{}-{}",
             std::process::id(),
             &uuid::Uuid::new_v4().simple().to_string()[..12]

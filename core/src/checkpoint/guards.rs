@@ -15,15 +15,19 @@ use super::CheckpointError;
 /// The error for a note that cannot be left (see [`crate::notes`]).
 pub(super) fn unwritable_note(path: &Path, e: &std::io::Error) -> CheckpointError {
     CheckpointError::Unsupported(format!(
-        "could not write the note {} (kept in case Rewind is stopped mid-way): {e}; check the temporary folder (TMPDIR)",
+        "could not write the note {} (kept in case Rewind is stopped mid-way): {e}; check Rewind's runtime folder (/run/rewind for the service)",
         path.display()
     ))
 }
 
 /// [`crate::notes::ProcessNote::create`], with the error a checkpoint gives.
 pub(super) fn leave_note(note: &ProcessNote, uuid: &Uuid) -> Result<(), CheckpointError> {
-    note.create(uuid)
-        .map_err(|e| unwritable_note(&note.path(uuid), &e))
+    note.create(uuid).map_err(|e| match note.path(uuid) {
+        Ok(path) => unwritable_note(&path, &e),
+        Err(_) => CheckpointError::Unsupported(format!(
+            "could not write a note (kept in case Rewind is stopped mid-way): {e}"
+        )),
+    })
 }
 
 /// The guest's file systems, frozen by its agent; thawed when dropped, so on every path

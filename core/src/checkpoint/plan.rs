@@ -211,7 +211,7 @@ pub(super) fn job_dir(
     ));
     if dir.join("rewind-nbd.sock").as_os_str().len() > 107 {
         return Err(CheckpointError::Unsupported(format!(
-            "the work folder {} has too long a path for the backup's socket; use a shorter one (TMPDIR)",
+            "the work folder {} has too long a path for the backup's socket; use a shorter one (REWIND_WORK_DIR)",
             work_dir.display()
         )));
     }

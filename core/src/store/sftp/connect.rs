@@ -6,12 +6,14 @@ use super::{
     SessionBuilder, Sftp, SftpOptions, SshLocation, StoreError, io,
 };
 
-/// Folder for the ssh control sockets: the user's runtime folder, else the temp folder.
+/// Folder for the ssh control sockets: Rewind's private runtime folder
+/// ([`crate::paths::runtime_dir`]), else the temporary folder (where `openssh` makes a
+/// private folder of its own, under a random name).
 pub(super) fn control_dir() -> PathBuf {
-    std::env::var_os("XDG_RUNTIME_DIR")
-        .map(PathBuf::from)
-        .filter(|p| p.is_absolute() && p.is_dir())
-        .unwrap_or_else(std::env::temp_dir)
+    crate::paths::runtime_dir().unwrap_or_else(|e| {
+        tracing::warn!("ssh's control socket goes to the temporary folder: {e}");
+        std::env::temp_dir()
+    })
 }
 
 /// ssh's message in one line, without its banners.
