@@ -68,7 +68,10 @@ impl StoreConfig {
         if !fs.exists(Path::new("")).map_err(look)? {
             return Err(StoreError::Missing { path: root.clone() });
         }
-        if !fs.exists(Path::new(CONFIG_FILE)).map_err(look)? {
+        if !fs
+            .exists(Path::new(CONFIG_FILE))
+            .map_err(|e| io_error("look at", &path, e))?
+        {
             return Err(StoreError::NotAStore { path: root.clone() });
         }
         let bytes = fs.read_bounded(Path::new(CONFIG_FILE), 64 << 10, &root)?;

@@ -487,7 +487,9 @@ impl Store {
         let max = (chunk::HEADER_BYTES + chunk::MAX_CHUNK_BYTES * 2) as u64;
         let file = match self.fs.read(&rel, max) {
             Ok(bytes) => bytes,
-            Err(e) if is_remote_failure(&e) => {
+            // A lost connection, or a link or device where the chunk should be: not the
+            // chunk's damage (which a later checkpoint heals), but something to refuse.
+            Err(e) if is_remote_failure(&e) || local::Refusal::of(&e).is_some() => {
                 return Err(io_error("read", self.chunk_path(id), e));
             }
             Err(e) => return Ok(Err(file_problem(&e))),
@@ -508,7 +510,13 @@ impl Store {
         let rel = Self::chunk_rel(id);
         let keys = self.keys.as_ref();
         let decoded = if let Some(root) = self.fs.local_root() {
-            root.open_read(&rel)
+            let opened = match root.open_read(&rel) {
+                Err(e) if local::Refusal::of(&e).is_some() => {
+                    return Err(io_error("read", self.chunk_path(id), e));
+                }
+                other => other,
+            };
+            opened
                 .and_then(|f| Ok((f.metadata()?.len(), f)))
                 .map_err(|e| file_problem(&e))
                 .and_then(|(len, file)| chunk::decode_ranges(&file, len, id, keys, ranges, out))
@@ -537,7 +545,7 @@ impl Store {
         let rel = Self::chunk_rel(id);
         let (header, len) = match self.fs.read_prefix(&rel, chunk::HEADER_BYTES) {
             Ok(found) => found,
-            Err(e) if is_remote_failure(&e) => {
+            Err(e) if is_remote_failure(&e) || local::Refusal::of(&e).is_some() => {
                 return Err(io_error("read", self.chunk_path(id), e));
             }
             Err(e) => return Ok(Err(file_problem(&e))),

@@ -500,3 +500,481 @@ fn lock_files_of_an_encrypted_store_do_not_name_the_vm() {
     assert!(seen >= 2, "the lock and a holder file");
     drop(writer);
 }
+
+/// One crafted store of the corpus: what is done to a copy of a sound store, what Rewind is
+/// then asked to do with it, and words its error must contain.
+struct Crafted {
+    name: &'static str,
+    /// Made from the encrypted store (passphrase "pass") rather than the plain one.
+    encrypted: bool,
+    craft: Box<dyn Fn(&Path, &Manifest, &Canary)>,
+    action: Action,
+    says: &'static [&'static str],
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Action {
+    /// Open the store and list it.
+    Open,
+    /// Open it with a passphrase and list it.
+    OpenWith(&'static str),
+    /// Read every checkpoint's first disk back.
+    Read,
+    /// Verify it (reading everything).
+    Verify,
+    /// Collect garbage.
+    Gc,
+    /// Begin a new checkpoint.
+    Write,
+}
+
+fn run(root: &Path, action: Action, tmp: &Path) -> Result<(), StoreError> {
+    let pass = match action {
+        Action::OpenWith(p) => Some(p.as_bytes()),
+        _ => None,
+    };
+    let store = Store::open(root, pass)?;
+    let catalog = store.catalog()?;
+    match action {
+        Action::Open | Action::OpenWith(_) => match catalog.unreadable.into_iter().next() {
+            Some((_, e)) => Err(e),
+            None => Ok(()),
+        },
+        Action::Read => {
+            if let Some((_, e)) = catalog.unreadable.into_iter().next() {
+                return Err(e);
+            }
+            for m in &catalog.checkpoints {
+                read_all(&store, m, tmp)?;
+            }
+            Ok(())
+        }
+        Action::Verify => {
+            let report = store.verify(false, &Control::new())?;
+            match (report.damaged.first(), report.unreadable_manifests.first()) {
+                (Some(d), _) => Err(StoreError::Invalid(format!(
+                    "verify: chunk {} {}",
+                    d.chunk, d.problem
+                ))),
+                (None, Some((path, e))) => Err(StoreError::Invalid(format!(
+                    "verify: {} {e}",
+                    path.display()
+                ))),
+                (None, None) => Ok(()),
+            }
+        }
+        Action::Gc => store.gc(&Control::new()).map(drop),
+        Action::Write => store
+            .begin_checkpoint(new_checkpoint(vm("a", 1), 30), &Control::new())
+            .map(drop),
+    }
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for entry in fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+fn manifest_file(root: &Path, m: &Manifest) -> PathBuf {
+    root.join(format!(
+        "manifests/{}/{}.manifest",
+        m.vm.uuid.hyphenated(),
+        m.id
+    ))
+}
+
+fn edit_manifest(root: &Path, m: &Manifest, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = manifest_file(root, m);
+    let mut json: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    edit(&mut json);
+    fs::write(&path, serde_json::to_vec(&json).unwrap()).unwrap();
+}
+
+/// The first data chunk of `m`'s first disk, and the file of its first index page.
+fn first_chunk(root: &Path, m: &Manifest) -> (PathBuf, PathBuf) {
+    let store = Store::open(root, None).unwrap();
+    let id = store.read_page(&m.disks[0].index, 0).unwrap()[0];
+    let page = m.disks[0].index.pages[0].unwrap();
+    (store.chunk_path(&id), store.chunk_path(&page))
+}
+
+fn replace_with_link(path: &Path, to: &Path) {
+    if path.is_dir() {
+        fs::remove_dir_all(path).unwrap();
+    } else {
+        fs::remove_file(path).unwrap();
+    }
+    symlink(to, path).unwrap();
+}
+
+fn replace_with_fifo(path: &Path) {
+    fs::remove_file(path).unwrap();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        path,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap();
+}
+
+#[allow(clippy::too_many_lines)] // the corpus, one entry per crafted store
+fn corpus() -> Vec<Crafted> {
+    let link_folder = |rel: &'static str, action: Action| Crafted {
+        name: rel,
+        encrypted: false,
+        craft: Box::new(move |root, _, canary| replace_with_link(&root.join(rel), &canary.dir)),
+        action,
+        says: &["symbolic link", "touched nothing outside the store"],
+    };
+    let header = |name, edit: fn(&mut serde_json::Value), says: &'static [&'static str]| Crafted {
+        name,
+        encrypted: false,
+        craft: Box::new(move |root, _, _| edit_header(root, edit)),
+        action: Action::Open,
+        says,
+    };
+    let manifest =
+        |name, edit: fn(&mut serde_json::Value), says: &'static [&'static str]| Crafted {
+            name,
+            encrypted: false,
+            craft: Box::new(move |root, m, _| edit_manifest(root, m, edit)),
+            action: Action::Open,
+            says,
+        };
+    vec![
+        link_folder("tmp", Action::Gc),
+        link_folder("damaged", Action::Verify),
+        link_folder("chunks", Action::Open),
+        link_folder("manifests", Action::Open),
+        link_folder("locks", Action::Write),
+        Crafted {
+            name: "a linked chunk prefix folder",
+            encrypted: false,
+            craft: Box::new(|root, m, canary| {
+                let (chunk, _) = first_chunk(root, m);
+                replace_with_link(chunk.parent().unwrap(), &canary.dir);
+            }),
+            action: Action::Read,
+            says: &["symbolic link"],
+        },
+        Crafted {
+            name: "an extra linked chunk prefix folder",
+            encrypted: false,
+            craft: Box::new(|root, _, canary| {
+                symlink(&canary.dir, root.join("chunks/ffff")).unwrap();
+            }),
+            action: Action::Gc,
+            says: &["symbolic link", "chunks/ffff"],
+        },
+        Crafted {
+            name: "a chunk linked to a file outside",
+            encrypted: false,
+            craft: Box::new(|root, m, canary| {
+                let (chunk, _) = first_chunk(root, m);
+                replace_with_link(&chunk, &canary.dir.join("precious.txt"));
+            }),
+            action: Action::Read,
+            says: &["symbolic link"],
+        },
+        Crafted {
+            name: "a linked VM folder of manifests",
+            encrypted: false,
+            craft: Box::new(|root, m, canary| {
+                let dir = manifest_file(root, m).parent().unwrap().to_path_buf();
+                replace_with_link(&dir, &canary.dir);
+            }),
+            action: Action::Open,
+            says: &["symbolic link"],
+        },
+        Crafted {
+            name: "a linked manifest",
+            encrypted: false,
+            craft: Box::new(|root, m, canary| {
+                replace_with_link(&manifest_file(root, m), &canary.dir.join("precious.txt"));
+            }),
+            action: Action::Open,
+            says: &["symbolic link"],
+        },
+        Crafted {
+            name: "a linked header",
+            encrypted: false,
+            craft: Box::new(|root, _, canary| {
+                fs::copy(
+                    root.join(config::CONFIG_FILE),
+                    canary.dir.join("inner/header"),
+                )
+                .unwrap();
+                replace_with_link(
+                    &root.join(config::CONFIG_FILE),
+                    &canary.dir.join("inner/header"),
+                );
+            }),
+            action: Action::Open,
+            says: &["symbolic link"],
+        },
+        Crafted {
+            name: "a FIFO among the leftovers",
+            encrypted: false,
+            craft: Box::new(|root, _, _| {
+                fs::write(root.join("tmp/x.tmp"), b"").unwrap();
+                replace_with_fifo(&root.join("tmp/x.tmp"));
+            }),
+            action: Action::Gc,
+            says: &["FIFO"],
+        },
+        Crafted {
+            name: "a FIFO as a chunk",
+            encrypted: false,
+            craft: Box::new(|root, m, _| replace_with_fifo(&first_chunk(root, m).0)),
+            action: Action::Read,
+            says: &["FIFO"],
+        },
+        Crafted {
+            name: "a FIFO as a manifest",
+            encrypted: false,
+            craft: Box::new(|root, m, _| replace_with_fifo(&manifest_file(root, m))),
+            action: Action::Open,
+            says: &["FIFO"],
+        },
+        header(
+            "a newer version",
+            |j| j["version"] = 999.into(),
+            &["newer", "update Rewind"],
+        ),
+        header("version 0", |j| j["version"] = 0.into(), &["version is 0"]),
+        header(
+            "another format",
+            |j| j["format"] = "borg".into(),
+            &["format"],
+        ),
+        header(
+            "a chunk size that is no power of two",
+            |j| j["chunk_size_bytes"] = 1_000_000.into(),
+            &["power of two"],
+        ),
+        header(
+            "a huge chunk size",
+            |j| j["chunk_size_bytes"] = (1u64 << 40).into(),
+            &["rewind-store.json", "damaged"],
+        ),
+        Crafted {
+            name: "a truncated header",
+            encrypted: false,
+            craft: Box::new(|root, _, _| {
+                let path = root.join(config::CONFIG_FILE);
+                let bytes = fs::read(&path).unwrap();
+                fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+            }),
+            action: Action::Open,
+            says: &["rewind-store.json", "damaged"],
+        },
+        Crafted {
+            name: "a header of 100 MiB",
+            encrypted: false,
+            craft: Box::new(|root, _, _| {
+                let file = File::create(root.join(config::CONFIG_FILE)).unwrap();
+                file.set_len(100 << 20).unwrap();
+            }),
+            action: Action::Open,
+            says: &["more than the"],
+        },
+        manifest(
+            "a disk of 2^62 bytes",
+            |j| j["disks"][0]["index"]["size_bytes"] = (1u64 << 62).into(),
+            &["damaged"],
+        ),
+        manifest(
+            "a page count that does not match the size",
+            |j| {
+                let pages = j["disks"][0]["index"]["pages"].as_array_mut().unwrap();
+                let first = pages[0].clone();
+                pages.extend(std::iter::repeat_n(first, 10_000));
+            },
+            &["damaged"],
+        ),
+        manifest(
+            "a disk target leaving the store",
+            |j| j["disks"][0]["target"] = "../../etc".into(),
+            &["damaged"],
+        ),
+        manifest(
+            "a blob name that is an absolute path",
+            |j| j["blobs"][0]["name"] = "/etc/passwd".into(),
+            &["damaged"],
+        ),
+        manifest(
+            "an id that is not its file's",
+            |j| j["id"] = "../../../canary/precious".into(),
+            &["damaged"],
+        ),
+        manifest(
+            "another VM's UUID",
+            |j| j["vm"]["uuid"] = Uuid::from_bytes([9; 16]).to_string().into(),
+            &["damaged", "not what its file name says"],
+        ),
+        Crafted {
+            name: "a manifest of 100 MiB",
+            encrypted: false,
+            craft: Box::new(|root, m, _| {
+                File::create(manifest_file(root, m))
+                    .unwrap()
+                    .set_len(100 << 20)
+                    .unwrap();
+            }),
+            action: Action::Open,
+            says: &["more than the"],
+        },
+        Crafted {
+            name: "a truncated chunk",
+            encrypted: false,
+            craft: Box::new(|root, m, _| {
+                let (chunk, _) = first_chunk(root, m);
+                let bytes = fs::read(&chunk).unwrap();
+                fs::write(&chunk, &bytes[..bytes.len() / 3]).unwrap();
+            }),
+            action: Action::Read,
+            says: &["chunk", "verify"],
+        },
+        Crafted {
+            name: "a chunk whose header claims 4 GiB",
+            encrypted: false,
+            craft: Box::new(|root, m, _| {
+                let (chunk, _) = first_chunk(root, m);
+                let mut bytes = fs::read(&chunk).unwrap();
+                bytes[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+                fs::write(&chunk, &bytes).unwrap();
+            }),
+            action: Action::Read,
+            says: &["chunk"],
+        },
+        Crafted {
+            name: "a truncated index page",
+            encrypted: false,
+            craft: Box::new(|root, m, _| {
+                let (_, page) = first_chunk(root, m);
+                let bytes = fs::read(&page).unwrap();
+                fs::write(&page, &bytes[..20]).unwrap();
+            }),
+            action: Action::Read,
+            says: &["chunk"],
+        },
+        Crafted {
+            name: "an encrypted store's header downgraded to plain, opened with its passphrase",
+            encrypted: true,
+            craft: Box::new(|root, _, _| {
+                edit_header(root, |j| j["encryption"] = serde_json::Value::Null);
+            }),
+            action: Action::OpenWith("pass"),
+            says: &["not encrypted", "nothing was written"],
+        },
+        Crafted {
+            name: "an encrypted store's header downgraded to plain, written to",
+            encrypted: true,
+            craft: Box::new(|root, _, _| {
+                edit_header(root, |j| {
+                    j["encryption"] = serde_json::Value::Null;
+                    j.as_object_mut().unwrap().remove("mac_hex");
+                });
+            }),
+            action: Action::Write,
+            says: &["plaintext"],
+        },
+        Crafted {
+            name: "an encrypted store's header with another chunk size",
+            encrypted: true,
+            craft: Box::new(|root, _, _| {
+                edit_header(root, |j| j["chunk_size_bytes"] = (CHUNK * 4).into());
+            }),
+            action: Action::OpenWith("pass"),
+            says: &["fails its check", "writes nothing"],
+        },
+        Crafted {
+            name: "an encrypted store's manifest swapped for another's",
+            encrypted: true,
+            craft: Box::new(|root, m, _| {
+                let dir = manifest_file(root, m).parent().unwrap().to_path_buf();
+                let mut files: Vec<PathBuf> = fs::read_dir(&dir)
+                    .unwrap()
+                    .map(|e| e.unwrap().path())
+                    .collect();
+                files.sort();
+                fs::copy(&files[1], &files[0]).unwrap();
+            }),
+            action: Action::OpenWith("pass"),
+            says: &["fails authentication"],
+        },
+        Crafted {
+            name: "a chunk with another chunk's content",
+            encrypted: false,
+            craft: Box::new(|root, m, _| {
+                let (chunk, page) = first_chunk(root, m);
+                fs::copy(page, chunk).unwrap();
+            }),
+            action: Action::Verify,
+            says: &["verify: chunk"],
+        },
+    ]
+}
+
+#[test]
+fn a_corpus_of_hostile_stores_is_refused_with_clear_errors_and_touches_nothing_outside() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    let m = {
+        let store = Store::init(&base, &options()).unwrap();
+        let (image, _) = make_image(tmp.path(), "d.img", 21);
+        let first = checkpoint_file(&store, vm("a", 1), 0, &image, None);
+        checkpoint_file(&store, vm("a", 1), 1, &image, Some(&first));
+        first
+    };
+    let encrypted = tmp.path().join("encrypted");
+    let m_encrypted = {
+        let store = Store::init(&encrypted, &encrypted_options("pass")).unwrap();
+        let (image, _) = make_image(tmp.path(), "e.img", 22);
+        let first = checkpoint_file(&store, vm("a", 1), 0, &image, None);
+        checkpoint_file(&store, vm("a", 1), 1, &image, Some(&first));
+        first
+    };
+    let corpus = corpus();
+    assert!(corpus.len() >= 25, "{} crafted stores", corpus.len());
+    let mut failures = Vec::new();
+    for (n, crafted) in corpus.iter().enumerate() {
+        let case = tmp.path().join(format!("case-{n}"));
+        let root = case.join("store");
+        let (from, m) = if crafted.encrypted {
+            (&encrypted, &m_encrypted)
+        } else {
+            (&base, &m)
+        };
+        copy_tree(from, &root);
+        let canary = Canary::new(&case);
+        (crafted.craft)(&root, m, &canary);
+        let digest = canary.digest();
+        let outcome = run(&root, crafted.action, &case);
+        let text = match &outcome {
+            Ok(()) => "no error".to_owned(),
+            Err(e) => e.to_string(),
+        };
+        eprintln!("{}: {text}", crafted.name);
+        if outcome.is_ok() || !crafted.says.iter().all(|w| text.contains(w)) {
+            failures.push(format!("{} ({:?}): {text}", crafted.name, crafted.action));
+        }
+        if canary.digest() != digest {
+            failures.push(format!(
+                "{}: the canary outside the store changed",
+                crafted.name
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
