@@ -335,6 +335,12 @@ fn links_planted_in_a_store_over_ssh_are_refused_as_far_as_sftp_tells() {
     fs::write(&image, noise(3, 3 << 20)).unwrap();
     write_checkpoint(&store, &image, 0);
     drop(store);
+    // Every folder Rewind made there is private to the SSH user.
+    for dir in ["", "chunks", "manifests", "tmp", "locks"] {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = fs::metadata(path.join(dir)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{dir:?} is {mode:o}");
+    }
     let canary = remote.dir.path().join("canary");
     fs::create_dir(&canary).unwrap();
     fs::write(canary.join("precious.txt"), "the user's thesis").unwrap();

@@ -175,7 +175,7 @@ impl Remote {
                 let renamed = match fs.rename(&tmp, &dest).await.map_err(OpError::from) {
                     Err(e) if is_not_found(&e) => {
                         let dir = dest.parent().unwrap_or(Path::new("/"));
-                        match fs.create_dir(dir).await.map_err(OpError::from) {
+                        match make_private_dir(&mut fs, dir).await.map_err(OpError::from) {
                             Ok(()) => {}
                             Err(e) if is_failure(&e) => {} // there already (made by another writer)
                             Err(e) => return Err(e),
@@ -221,7 +221,10 @@ impl Remote {
         let path = self.path(rel);
         self.call(|c| async move {
             let mut fs = c.sftp.fs();
-            match fs.create_dir(&path).await.map_err(OpError::from) {
+            match make_private_dir(&mut fs, &path)
+                .await
+                .map_err(OpError::from)
+            {
                 Err(e) if is_failure(&e) && fs.metadata(&path).await.is_ok() => {
                     Err(io::Error::new(io::ErrorKind::AlreadyExists, "the folder exists").into())
                 }
@@ -260,7 +263,7 @@ impl Remote {
             // A folder's creation is made durable by the next fsync on that file system
             // (SFTP cannot fsync a folder): the store's files are all fsynced.
             for dir in missing.iter().rev() {
-                match fs.create_dir(dir).await.map_err(OpError::from) {
+                match make_private_dir(&mut fs, dir).await.map_err(OpError::from) {
                     Err(e) if is_failure(&e) && fs.metadata(dir).await.is_ok() => {}
                     other => other?,
                 }
@@ -375,6 +378,18 @@ impl Remote {
             Ok(out)
         })
     }
+}
+
+/// Creates folder `path` on the server with mode 0700 (masked by the server's umask), as
+/// every folder Rewind makes in a store.
+async fn make_private_dir(
+    fs: &mut openssh_sftp_client::fs::Fs,
+    path: &Path,
+) -> Result<(), SftpError> {
+    fs.dir_builder()
+        .permissions(openssh_sftp_client::metadata::Permissions::from(0o700))
+        .create(path)
+        .await
 }
 
 /// Reads `n` bytes at `offset` of `file` (fewer at the end of the file).
