@@ -211,7 +211,13 @@ fn disk(edits: &mut Edits, disk: Node<'_, '_>, rewrite: &Rewrite) -> Result<(), 
         if let Some(t) = driver.attributes().find(|a| a.name() == "type") {
             edits.replace(t.range_value(), format);
         } else {
-            let at = driver.range().start + "<driver".len();
+            // Right after the element's name as written: `<driver`, or `<p:driver` with a
+            // prefix (whose length is anyone's, in a checkpoint's XML).
+            let tag = &disk.document().input_text()[driver.range()];
+            let name_len = tag[1..]
+                .find(|c: char| c.is_whitespace() || c == '/' || c == '>')
+                .unwrap_or(tag.len() - 1);
+            let at = driver.range().start + 1 + name_len;
             edits.replace(at..at, format!(" type='{format}'"));
         }
     } else {
@@ -462,5 +468,47 @@ mod tests {
             ..Rewrite::default()
         };
         assert!(rewrite("<domain/>", &rw).is_err());
+    }
+
+    /// A `<driver>` without a type gets one after its name, whatever prefix the name has
+    /// (found by the `domain_xml` fuzz target: the type went 7 bytes after the `<`, inside
+    /// a longer name, and inside a character of a non-ASCII one, which panicked).
+    #[test]
+    fn a_driver_with_a_prefix_gets_its_type_after_its_name() {
+        let rw = Rewrite {
+            disks: vec![DiskPlace {
+                target: "vda".into(),
+                path: "/r/vda.qcow2".into(),
+                format: "qcow2".into(),
+            }],
+            ..Rewrite::default()
+        };
+        for (driver, expected) in [
+            ("<driver/>", "<driver type='qcow2'/>"),
+            (
+                "<driver\tcache='none'>",
+                "<driver type='qcow2'\tcache='none'>",
+            ),
+            (
+                "<q:driver xmlns:q='urn:x'/>",
+                "<q:driver type='qcow2' xmlns:q='urn:x'/>",
+            ),
+            (
+                "<aaaaa\u{e9}:driver xmlns:aaaaa\u{e9}='urn:x'/>",
+                "<aaaaa\u{e9}:driver type='qcow2' xmlns:aaaaa\u{e9}='urn:x'/>",
+            ),
+        ] {
+            let end = if driver.ends_with("/>") {
+                ""
+            } else {
+                "</driver>"
+            };
+            let xml = format!(
+                "<domain><name>a</name><uuid>u</uuid><devices><disk type='file'>{driver}{end}<target dev='vda'/></disk></devices></domain>"
+            );
+            let out = rewrite(&xml, &rw).unwrap();
+            assert!(out.contains(expected), "{out}");
+            assert!(Document::parse(&out).is_ok(), "{out}");
+        }
     }
 }
