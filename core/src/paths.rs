@@ -160,12 +160,12 @@ mod tests {
         use std::os::unix::fs::PermissionsExt as _;
         let tmp = tempfile::tempdir().unwrap();
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
-        let made = tmp.path().join("a/b/work");
-        private_dir(&made, 0o711).unwrap();
-        assert_eq!(mode(&made), 0o711);
-        private_dir(&made, 0o700).unwrap();
+        let work_folder = tmp.path().join("a/b/work");
+        private_dir(&work_folder, 0o711).unwrap();
+        assert_eq!(mode(&work_folder), 0o711);
+        private_dir(&work_folder, 0o700).unwrap();
         assert_eq!(
-            mode(&made),
+            mode(&work_folder),
             0o700,
             "the same folder again, with its mode set"
         );

@@ -154,9 +154,79 @@ pub fn is_stale(
     now - track.last_success.unwrap_or(protected_since) > limit
 }
 
+/// The rotating check re-hashes the data of every store in this many shares, one a day:
+/// every chunk at least every four weeks.
+pub const VERIFY_SHARES: u32 = 28;
+/// The rotating check's pace: one share per this long, unless some are overdue.
+pub const VERIFY_SHARE_EVERY: chrono::TimeDelta = chrono::TimeDelta::hours(20);
+/// A share not re-hashed for this long is overdue: it is checked without waiting its turn
+/// (after the store was away, say), so that no chunk goes four weeks unchecked.
+pub const VERIFY_SHARE_OVERDUE: chrono::TimeDelta = chrono::TimeDelta::days(27);
+
+/// Which share of a store's data the rotating check re-hashes now, given when each share
+/// last was (`shares`, any length: missing ones never were): the one checked longest ago,
+/// if a share is due at all — none was checked in the last [`VERIFY_SHARE_EVERY`], or the
+/// oldest is overdue. `None` while nothing is due.
+#[must_use]
+pub fn next_verify_share(shares: &[Option<DateTime<Utc>>], now: DateTime<Utc>) -> Option<u32> {
+    let at = |k: u32| shares.get(k as usize).copied().flatten();
+    let oldest = (0..VERIFY_SHARES).min_by_key(|&k| at(k))?;
+    let latest = (0..VERIFY_SHARES).filter_map(at).max();
+    // A share never checked is not overdue: a store new to the check is read one share a
+    // day, not all at once.
+    let overdue = at(oldest).is_some_and(|t| now - t > VERIFY_SHARE_OVERDUE);
+    let paced = latest.is_none_or(|t| now - t >= VERIFY_SHARE_EVERY);
+    (paced || overdue).then_some(oldest)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The rotating check, day by day with a fake clock: one share a day, every share
+    /// within four weeks; after the store was away, the overdue shares at once; and every
+    /// chunk re-hashed at least every 28 days over a year of daily runs.
+    #[test]
+    fn the_rotating_check_re_hashes_every_share_within_four_weeks() {
+        use chrono::TimeZone as _;
+        let day0 = Utc.with_ymd_and_hms(2026, 1, 1, 3, 0, 0).unwrap();
+        let mut shares: Vec<Option<DateTime<Utc>>> = Vec::new();
+        // A new store: one share a day, the first at once.
+        assert_eq!(next_verify_share(&shares, day0), Some(0));
+        let mut longest_gap = chrono::TimeDelta::zero();
+        let mut checks = 0;
+        // The scheduler looks every few minutes; simulate hourly looks for a year.
+        for hour in 0..24 * 365 {
+            let now = day0 + chrono::TimeDelta::hours(hour);
+            if let Some(k) = next_verify_share(&shares, now) {
+                shares.resize(VERIFY_SHARES as usize, None);
+                if let Some(before) = shares[k as usize] {
+                    longest_gap = longest_gap.max(now - before);
+                }
+                shares[k as usize] = Some(now);
+                checks += 1;
+                assert!(
+                    next_verify_share(&shares, now).is_none(),
+                    "two shares at {now} with none overdue"
+                );
+            }
+        }
+        assert!(
+            longest_gap <= chrono::TimeDelta::days(28),
+            "a share waited {longest_gap}"
+        );
+        assert!((360..=460).contains(&checks), "{checks} checks in a year");
+
+        // The drive was away for 40 days: every share is overdue and they run back to back.
+        let back = day0 + chrono::TimeDelta::days(365 + 40);
+        let mut run = 0;
+        while let Some(k) = next_verify_share(&shares, back) {
+            shares[k as usize] = Some(back);
+            run += 1;
+            assert!(run <= VERIFY_SHARES, "the overdue ones never end");
+        }
+        assert_eq!(run, VERIFY_SHARES);
+    }
     use chrono::TimeZone;
 
     fn at(h: u32, m: u32) -> DateTime<Utc> {

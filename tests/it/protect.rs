@@ -642,3 +642,81 @@ fn the_daemon_takes_full_state_checkpoints_as_often_as_the_policy_says_and_disk_
     assert_eq!(scan.boots, 1, "the guest booted again");
     drop(vm);
 }
+
+/// The daemon's rotating check: with a destination whose store has a share due, it
+/// re-hashes that share by itself, finds the bit flipped in a chunk of it, names the
+/// checkpoint that chunk breaks in its record, and moves the chunk aside.
+#[test]
+fn the_daemon_re_hashes_a_share_of_each_store_by_itself_and_finds_damage_there() {
+    use rewind_core::store::verify::share_of;
+    use rewind_core::store::{InitOptions, Store};
+    use rewind_core::view::catalog::{VerifyRecord, save_verify_record, verify_record};
+    let home = Home::new("rotating-check");
+    let store_dir = home.dir.path().join("store");
+    let store = Store::init(
+        &store_dir,
+        &InitOptions {
+            chunk_size_bytes: 64 << 10,
+            ..InitOptions::default()
+        },
+    )
+    .unwrap();
+    // A checkpoint of 2 MiB of noise, through the store API.
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let content: Vec<u8> = (0..2 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()[3]
+        })
+        .collect();
+    let m = crate::store::write_checkpoint(
+        &store,
+        "rotating",
+        5,
+        chrono::Utc::now(),
+        &content,
+        home.dir.path(),
+    );
+    let id = store.read_page(&m.disks[0].index, 0).unwrap()[0];
+    let of = rewind_core::policy::VERIFY_SHARES;
+    let share = share_of(&id, of);
+    // Every other share was checked 21 hours ago: the one holding the chunk is due.
+    let then = chrono::Utc::now() - chrono::TimeDelta::hours(21);
+    let mut record = None;
+    for k in (0..of).filter(|&k| k != share) {
+        record = Some(VerifyRecord::with_share(record, k, then, then, Vec::new()));
+    }
+    let state = home.state_dir();
+    save_verify_record(&state, store.config().id, &record.unwrap()).unwrap();
+    let chunk = store.chunk_path(&id);
+    let mut bytes = std::fs::read(&chunk).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    std::fs::write(&chunk, &bytes).unwrap();
+    let mut config = failing_config(&store_dir);
+    config.vms.clear();
+    std::fs::create_dir_all(home.config_dir()).unwrap();
+    config.save(&home.config_file()).unwrap();
+
+    let _daemon = home.daemon();
+    let store_id = store.config().id;
+    wait_for(
+        &home,
+        Duration::from_mins(2),
+        "the rotating check of the due share",
+        || {
+            verify_record(&state, store_id)
+                .is_some_and(|r| r.shares.get(share as usize).copied().flatten().is_some())
+        },
+    );
+    let record = verify_record(&state, store_id).unwrap();
+    assert_eq!(record.broken, [(m.vm.uuid, m.id.clone())], "{record:?}");
+    assert!(!chunk.exists(), "the damaged chunk is moved aside");
+    assert_eq!(
+        record.fully_checked(),
+        Some(then),
+        "every share is now checked, the oldest 21 hours ago"
+    );
+}

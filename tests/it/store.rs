@@ -25,7 +25,7 @@ fn path_str(p: &Path) -> &str {
 }
 
 /// Writes one checkpoint of `content` as disk `vda` of VM `name`.
-fn write_checkpoint(
+pub(crate) fn write_checkpoint(
     store: &Store,
     name: &str,
     uuid_byte: u8,

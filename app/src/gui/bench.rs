@@ -442,6 +442,7 @@ fn window_state(n: usize, view: TimelineView) -> UiState {
             found: Availability::Folder("/media/me/BACKUP/rewind".into()),
             checkpoints,
             error: None,
+            fully_checked: None,
         }])),
         scheduler: Some(SchedulerView::Here),
         checkpoint: selected,

@@ -319,7 +319,19 @@ fn destinations_ui(
                             (rewind_core::destination::Availability::Missing { reason }, None) => {
                                 ui.colored_label(ui.visuals().warn_fg_color, "absent").on_hover_text(reason)
                             }
-                            _ => ui.label(format!("{count} checkpoints, {}", human_bytes(size))),
+                            _ => ui
+                                .label(format!(
+                                    "{count} checkpoints, {} · {}",
+                                    human_bytes(size),
+                                    v.fully_checked.map_or_else(
+                                        || "not checked whole yet".to_owned(),
+                                        |t| format!(
+                                            "checked whole {}",
+                                            t.with_timezone(&chrono::Local).format("%Y-%m-%d")
+                                        )
+                                    )
+                                ))
+                                .on_hover_text(fully_checked_text(v.fully_checked)),
                         };
                     }
                     None => {
@@ -880,4 +892,17 @@ fn general_ui(
         let label = ui.label("checkpoints at once (of different VMs)");
         value.labelled_by(label.id);
     });
+}
+
+/// When every chunk of a destination's store was last re-hashed, for the destinations list.
+fn fully_checked_text(at: Option<chrono::DateTime<chrono::Utc>>) -> String {
+    match at {
+        Some(t) => format!(
+            "Every chunk re-read and checked since {} (a share of the store is checked each day)",
+            t.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M")
+        ),
+        None => "Not fully checked yet: a share of the store is re-read and checked each day, \
+                 all of it within four weeks"
+            .to_owned(),
+    }
 }

@@ -130,6 +130,7 @@ fn fixture() -> UiState {
             found: Availability::Folder("/media/me/BACKUP/rewind".into()),
             checkpoints,
             error: None,
+            fully_checked: None,
         }])),
         history: Arc::new(history),
         scheduler: Some(SchedulerView::Here),

@@ -566,15 +566,24 @@ fn verify(
     let store = store_of(config, destination)?;
     let started = chrono::Utc::now();
     let report = store.verify(quick, control)?;
-    let record = catalog::VerifyRecord {
-        started,
-        finished: chrono::Utc::now(),
-        quick: report.quick,
-        broken: report
-            .broken_checkpoints()
-            .into_iter()
-            .map(|c| (c.vm_uuid, c.id))
-            .collect(),
+    let broken = report
+        .broken_checkpoints()
+        .into_iter()
+        .map(|c| (c.vm_uuid, c.id))
+        .collect();
+    let record = if report.quick {
+        // Presence only: no chunk was re-hashed, so the rotating check's shares stay.
+        catalog::VerifyRecord {
+            started,
+            finished: chrono::Utc::now(),
+            quick: true,
+            broken,
+            shares: catalog::verify_record(state_dir, store.config().id)
+                .map(|r| r.shares)
+                .unwrap_or_default(),
+        }
+    } else {
+        catalog::VerifyRecord::full(started, chrono::Utc::now(), broken)
     };
     // The report stands even if the record cannot be kept; the marks are a convenience.
     catalog::save_verify_record(state_dir, store.config().id, &record)

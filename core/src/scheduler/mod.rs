@@ -93,12 +93,75 @@ pub enum Event {
         /// Why (drive missing, failures).
         why: String,
     },
+    /// The rotating check re-hashed a share of a destination's store (see
+    /// [`crate::policy::next_verify_share`]).
+    Checked {
+        /// The destination.
+        destination: String,
+        /// Which share of how many.
+        share: (u32, u32),
+        /// Checkpoints it found damaged.
+        broken: Vec<crate::store::verify::CheckpointRef>,
+        /// Why it could not check, if it could not.
+        error: Option<crate::job_error::JobError>,
+    },
     /// A new version of the configuration is in use.
     ConfigReloaded,
     /// The configuration file does not load; the last good one stays in use.
     ConfigError(crate::job_error::JobError),
     /// The scheduler stopped.
     Stopped,
+}
+
+/// Re-hashes share `share` of `dest`'s store and keeps the result with `last` (the store's
+/// verify record so far) in `state_dir`.
+fn check_share(
+    dest: &crate::config::Destination,
+    found: &Availability,
+    share: u32,
+    last: Option<crate::view::catalog::VerifyRecord>,
+    state_dir: &std::path::Path,
+    control: &Control,
+) -> Event {
+    use crate::view::catalog::{VerifyRecord, save_verify_record};
+    let of = policy::VERIFY_SHARES;
+    let started = Utc::now();
+    let checked = destination::open(dest, found)
+        .map_err(crate::job_error::JobError::from)
+        .and_then(|store| {
+            let report = store.verify_share(share, of, control)?;
+            Ok((store.config().id, report))
+        });
+    match checked {
+        Ok((store_id, report)) => {
+            let broken = report.broken_checkpoints();
+            let record = VerifyRecord::with_share(
+                last,
+                share,
+                started,
+                Utc::now(),
+                broken.iter().map(|c| (c.vm_uuid, c.id.clone())).collect(),
+            );
+            if let Err(e) = save_verify_record(state_dir, store_id, &record) {
+                tracing::warn!(
+                    "the rotating check's record of {} is not kept: {e}",
+                    dest.name
+                );
+            }
+            Event::Checked {
+                destination: dest.name.clone(),
+                share: (share, of),
+                broken,
+                error: None,
+            }
+        }
+        Err(e) => Event::Checked {
+            destination: dest.name.clone(),
+            share: (share, of),
+            broken: Vec::new(),
+            error: Some(e),
+        },
+    }
 }
 
 /// Receives the scheduler's events (on its thread: return quickly).
@@ -114,6 +177,8 @@ enum Msg {
         in_flight: Option<history::InFlight>,
     },
     Written(HashMap<String, u64>),
+    /// The rotating check of a destination ended.
+    Checked(Box<Event>),
 }
 
 /// Who watches the configuration file and the mounts for the scheduler.
@@ -309,6 +374,8 @@ struct State {
     /// VMs asked to run now.
     manual: Vec<String>,
     started: DateTime<Utc>,
+    /// The rotating check running now: its destination and control.
+    checking: Option<(String, Arc<Control>)>,
 }
 
 async fn run(
@@ -340,12 +407,13 @@ async fn run(
         since: Utc::now(),
         manual: Vec::new(),
         started: Utc::now(),
+        checking: None,
     };
     let mut last_activity_poll: Option<std::time::Instant> = None;
     let mut stopping = false;
     loop {
         if stopping {
-            if state.running.is_empty() {
+            if state.running.is_empty() && state.checking.is_none() {
                 break;
             }
             let Some(msg) = rx.recv().await else { break };
@@ -459,7 +527,39 @@ impl State {
                 break; // one job per VM at a time
             }
         }
+        self.start_due_check(now, &roots, tx);
         wait
+    }
+
+    /// Starts the rotating check of a destination whose store is here and has a share due,
+    /// when no checkpoint runs (one check at a time, never during a pause).
+    fn start_due_check(&mut self, now: DateTime<Utc>, roots: &[PathBuf], tx: &mpsc::Sender<Msg>) {
+        if !self.running.is_empty() || self.checking.is_some() || self.config.paused_at(now) {
+            return;
+        }
+        let state_dir = self.paths.state_dir();
+        for dest in &self.config.destinations {
+            let Some(store_id) = dest.store_id else {
+                continue;
+            };
+            let last = crate::view::catalog::verify_record(&state_dir, store_id);
+            let shares = last.as_ref().map(|r| r.shares.clone()).unwrap_or_default();
+            let Some(share) = policy::next_verify_share(&shares, now) else {
+                continue;
+            };
+            let found = destination::locate(dest, roots);
+            if matches!(found, Availability::Missing { .. }) {
+                continue;
+            }
+            let control = Arc::new(Control::new());
+            self.checking = Some((dest.name.clone(), control.clone()));
+            let (dest, tx, state_dir) = (dest.clone(), tx.clone(), state_dir.clone());
+            tokio::task::spawn_blocking(move || {
+                let event = check_share(&dest, &found, share, last, &state_dir, &control);
+                drop(tx.blocking_send(Msg::Checked(Box::new(event))));
+            });
+            return;
+        }
     }
 
     fn note_found(&mut self, dest: &str, found: &Availability, events: &EventSink) {
@@ -554,6 +654,9 @@ impl State {
                 for control in self.controls.values() {
                     control.cancel();
                 }
+                if let Some((_, control)) = &self.checking {
+                    control.cancel();
+                }
                 return true;
             }
             Msg::Command(Command::RunNow { vm }) => match vm {
@@ -597,6 +700,18 @@ impl State {
                 }
                 self.records.push((*record).clone());
                 events(Event::Finished(record));
+            }
+            Msg::Checked(event) => {
+                self.checking = None;
+                if let Event::Checked {
+                    destination,
+                    error: Some(e),
+                    ..
+                } = &*event
+                {
+                    tracing::warn!("the rotating check of {destination} did not run: {e}");
+                }
+                events(*event);
             }
             Msg::Written(counts) => {
                 for (vm, total) in counts {

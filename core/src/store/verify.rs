@@ -71,6 +71,17 @@ pub struct VerifyReport {
     pub damaged: Vec<Damage>,
     /// Manifests that could not be read, with the reason.
     pub unreadable_manifests: Vec<(PathBuf, String)>,
+    /// For a rotating check: which share of the data chunks was re-hashed, and of how many
+    /// (`None`: all of them).
+    #[serde(default)]
+    pub share: Option<(u32, u32)>,
+}
+
+/// The share (of `of`) that data chunk `id` belongs to in a rotating check: chunk names are
+/// uniform, so each share holds about `1/of` of the data.
+#[must_use]
+pub fn share_of(id: &ChunkId, of: u32) -> u32 {
+    u32::from(u16::from_le_bytes([id.0[0], id.0[1]])) % of.max(1)
 }
 
 impl VerifyReport {
@@ -125,6 +136,32 @@ impl Store {
     /// Verifies the store. Damaged chunks are moved to `damaged/`, not deleted, so that a
     /// later checkpoint of the same data writes them again ("heals" them).
     pub fn verify(&self, quick: bool, control: &Control) -> Result<VerifyReport, StoreError> {
+        self.verify_in(quick, None, control)
+    }
+
+    /// Verifies share `share` of `of` of the store's data chunks (see [`share_of`]), and
+    /// every index page: the step of a rotating check that re-hashes all data over `of`
+    /// runs. Damage is handled as [`Store::verify`] does.
+    pub fn verify_share(
+        &self,
+        share: u32,
+        of: u32,
+        control: &Control,
+    ) -> Result<VerifyReport, StoreError> {
+        if of == 0 || share >= of {
+            return Err(StoreError::Invalid(format!(
+                "share {share} of {of} does not exist"
+            )));
+        }
+        self.verify_in(false, Some((share, of)), control)
+    }
+
+    fn verify_in(
+        &self,
+        quick: bool,
+        share: Option<(u32, u32)>,
+        control: &Control,
+    ) -> Result<VerifyReport, StoreError> {
         let _lock = self.lock(LockMode::Shared, "verifying", Some(control))?;
         let catalog = self.catalog()?;
         let mut report = VerifyReport {
@@ -135,6 +172,7 @@ impl Store {
                 .iter()
                 .map(|(p, e)| (p.clone(), e.to_string()))
                 .collect(),
+            share,
             ..VerifyReport::default()
         };
         let pages = pages_in_use(&catalog.checkpoints);
@@ -168,6 +206,9 @@ impl Store {
                     problems.push((*page_id, ChunkKind::IndexPage, problem, users.clone()));
                 }
             }
+        }
+        if let Some((k, of)) = share {
+            data.retain(|id, _| share_of(id, of) == k);
         }
         control.add_total_bytes(data.values().map(|(len, _)| len).sum());
         let mut data_ids: Vec<&ChunkId> = data.keys().collect();

@@ -76,14 +76,17 @@ impl CheckpointSummary {
     /// Marks it as the last verify of its store found it.
     fn apply(&mut self, record: Option<&VerifyRecord>) {
         let Some(r) = record else { return };
-        if self.time >= r.started {
-            return; // taken after that verify began
+        if self.time >= r.started && r.fully_checked().is_none_or(|t| self.time >= t) {
+            return; // taken after the checks began
         }
         self.damaged = r
             .broken
             .iter()
             .any(|(vm, id)| *vm == self.vm_uuid && *id == self.id);
-        self.verified = (!self.damaged && !r.quick).then_some(r.finished);
+        // Whole when a full verify began after it was taken, or when every share of the
+        // rotating check was re-hashed after that.
+        let whole = r.fully_checked().is_some_and(|t| self.time < t);
+        self.verified = (!self.damaged && whole).then_some(r.finished);
     }
 
     /// Whether it is a safety checkpoint (taken before a restore).
@@ -104,6 +107,10 @@ pub struct DestinationView {
     pub checkpoints: Vec<CheckpointSummary>,
     /// Why the store could not be read, if it could not.
     pub error: Option<String>,
+    /// Since when every chunk of its store has been re-hashed (by a full verify or the
+    /// rotating check), if it has.
+    #[serde(default)]
+    pub fully_checked: Option<DateTime<Utc>>,
 }
 
 /// What the last verify of a store found, kept in Rewind's state folder
@@ -118,6 +125,76 @@ pub struct VerifyRecord {
     pub quick: bool,
     /// Checkpoints found damaged: (VM UUID, checkpoint id).
     pub broken: Vec<(Uuid, String)>,
+    /// The rotating check ([`crate::policy::VERIFY_SHARES`] shares of the data): when the
+    /// re-hash of each share last began. A full verify sets them all.
+    #[serde(default)]
+    pub shares: Vec<Option<DateTime<Utc>>>,
+}
+
+impl VerifyRecord {
+    /// A full verify (not quick) that began at `started`: every share is re-hashed then.
+    #[must_use]
+    pub fn full(
+        started: DateTime<Utc>,
+        finished: DateTime<Utc>,
+        broken: Vec<(Uuid, String)>,
+    ) -> Self {
+        Self {
+            started,
+            finished,
+            quick: false,
+            broken,
+            shares: vec![Some(started); crate::policy::VERIFY_SHARES as usize],
+        }
+    }
+
+    /// Adds the rotating check of share `share` (begun at `started`, ended at `finished`,
+    /// finding `broken`) to the last record, if any.
+    #[must_use]
+    pub fn with_share(
+        last: Option<Self>,
+        share: u32,
+        started: DateTime<Utc>,
+        finished: DateTime<Utc>,
+        broken: Vec<(Uuid, String)>,
+    ) -> Self {
+        let mut record = last.unwrap_or(Self {
+            // No full verify: nothing is marked verified by it.
+            started: DateTime::<Utc>::MIN_UTC,
+            finished: DateTime::<Utc>::MIN_UTC,
+            quick: true,
+            broken: Vec::new(),
+            shares: Vec::new(),
+        });
+        record
+            .shares
+            .resize(crate::policy::VERIFY_SHARES as usize, None);
+        if let Some(slot) = record.shares.get_mut(share as usize) {
+            *slot = Some(started);
+        }
+        for b in broken {
+            if !record.broken.contains(&b) {
+                record.broken.push(b);
+            }
+        }
+        record.finished = record.finished.max(finished);
+        record
+    }
+
+    /// Since when every chunk has been re-hashed at least once: the oldest share's check
+    /// (`None` while some share never was). Checkpoints taken before it were checked whole.
+    #[must_use]
+    pub fn fully_checked(&self) -> Option<DateTime<Utc>> {
+        if self.shares.len() < crate::policy::VERIFY_SHARES as usize {
+            return (!self.quick).then_some(self.started);
+        }
+        self.shares
+            .iter()
+            .copied()
+            .collect::<Option<Vec<_>>>()?
+            .into_iter()
+            .min()
+    }
 }
 
 fn verify_record_path(state_dir: &Path, store_id: Uuid) -> PathBuf {
@@ -152,24 +229,31 @@ pub fn scan(config: &Config, state_dir: &Path) -> Vec<DestinationView> {
         .iter()
         .map(|d| {
             let found = destination::locate(d, &roots);
+            let mut fully_checked = d
+                .store_id
+                .and_then(|id| verify_record(state_dir, id))
+                .and_then(|r| r.fully_checked());
             let (checkpoints, error) = match &found {
                 Availability::Missing { .. } => (Vec::new(), None),
                 _ => match destination::open(d, &found).and_then(|s| {
                     let record = verify_record(state_dir, s.config().id);
                     Ok((s.catalog()?, record))
                 }) {
-                    Ok((catalog, record)) => (
-                        catalog
-                            .checkpoints
-                            .iter()
-                            .map(|m| {
-                                let mut c = CheckpointSummary::of(m);
-                                c.apply(record.as_ref());
-                                c
-                            })
-                            .collect(),
-                        None,
-                    ),
+                    Ok((catalog, record)) => {
+                        fully_checked = record.as_ref().and_then(VerifyRecord::fully_checked);
+                        (
+                            catalog
+                                .checkpoints
+                                .iter()
+                                .map(|m| {
+                                    let mut c = CheckpointSummary::of(m);
+                                    c.apply(record.as_ref());
+                                    c
+                                })
+                                .collect(),
+                            None,
+                        )
+                    }
                     Err(e) => (Vec::new(), Some(e.to_string())),
                 },
             };
@@ -178,7 +262,98 @@ pub fn scan(config: &Config, state_dir: &Path) -> Vec<DestinationView> {
                 found,
                 checkpoints,
                 error,
+                fully_checked,
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::VERIFY_SHARES;
+    use chrono::TimeZone as _;
+
+    fn summary(time: DateTime<Utc>, id: &str) -> CheckpointSummary {
+        let mut c = CheckpointSummary::of(&crate::store::Manifest {
+            format_version: 2,
+            id: id.into(),
+            vm: crate::store::VmRef {
+                name: "vm".into(),
+                uuid: Uuid::from_bytes([1; 16]),
+            },
+            time,
+            kind: crate::store::CheckpointKind::Disk,
+            consistency: crate::store::Consistency::Crash,
+            domain_xml: String::new(),
+            disks: Vec::new(),
+            blobs: Vec::new(),
+            logical_bytes: 0,
+            new_bytes: 0,
+            parent: None,
+            full_reason: None,
+            consistency_note: None,
+            duration_ms: 0,
+            read_bytes: 0,
+            labels: Vec::new(),
+            libvirt_checkpoint: None,
+            program_version: String::new(),
+        });
+        c.verified = None;
+        c
+    }
+
+    /// A checkpoint is marked verified once every share of the rotating check was re-hashed
+    /// after it was taken, and "checked whole" is the oldest share's time.
+    #[test]
+    fn the_rotating_checks_shares_add_up_to_a_whole_check() {
+        let day = |d: u32| Utc.with_ymd_and_hms(2026, 3, d, 4, 0, 0).unwrap();
+        let old = summary(day(1) - chrono::TimeDelta::days(1), "old");
+        let mut record = None;
+        for k in 0..VERIFY_SHARES {
+            let at = day(1 + k);
+            let r = VerifyRecord::with_share(record, k, at, at, Vec::new());
+            if k + 1 < VERIFY_SHARES {
+                assert_eq!(r.fully_checked(), None, "after {} shares", k + 1);
+                let mut c = old.clone();
+                c.apply(Some(&r));
+                assert_eq!(c.verified, None);
+            }
+            record = Some(r);
+        }
+        let record = record.unwrap();
+        assert_eq!(record.fully_checked(), Some(day(1)));
+        let mut c = old.clone();
+        c.apply(Some(&record));
+        assert!(c.verified.is_some() && !c.damaged);
+        // Taken after the first share's check: not yet whole.
+        let mut late = summary(day(2), "late");
+        late.apply(Some(&record));
+        assert_eq!(late.verified, None);
+        // Damage found by a share marks it, and a full verify starts afresh.
+        let broken = VerifyRecord::with_share(
+            Some(record),
+            3,
+            day(29),
+            day(29),
+            vec![(old.vm_uuid, old.id.clone())],
+        );
+        let mut c = old.clone();
+        c.apply(Some(&broken));
+        assert!(c.damaged && c.verified.is_none());
+        let full = VerifyRecord::full(day(30), day(30), Vec::new());
+        assert_eq!(full.fully_checked(), Some(day(30)));
+        let mut c = old;
+        c.apply(Some(&full));
+        assert!(!c.damaged && c.verified.is_some());
+        // A record from before shares existed (a full verify's): as it always was.
+        let legacy = VerifyRecord {
+            started: day(5),
+            finished: day(5),
+            quick: false,
+            broken: Vec::new(),
+            shares: Vec::new(),
+        };
+        assert_eq!(legacy.fully_checked(), Some(day(5)));
+    }
 }

@@ -293,6 +293,7 @@ mod tests {
             found,
             checkpoints,
             error: None,
+            fully_checked: None,
         }
     }
 

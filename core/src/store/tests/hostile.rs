@@ -978,3 +978,53 @@ fn a_corpus_of_hostile_stores_is_refused_with_clear_errors_and_touches_nothing_o
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+#[test]
+fn the_shares_of_a_rotating_check_cover_every_chunk_once_and_find_damage_in_theirs() {
+    use super::super::verify::share_of;
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::init(&tmp.path().join("s"), &options()).unwrap();
+    let (image, _) = make_image(tmp.path(), "d.img", 31);
+    let m = checkpoint_file(&store, vm("a", 1), 0, &image, None);
+    let full = store.verify(false, &Control::new()).unwrap();
+    let of = crate::policy::VERIFY_SHARES;
+    let pages = m
+        .indexes()
+        .map(|i| i.pages.iter().flatten().count() as u64)
+        .sum::<u64>();
+    let mut data_checked = 0;
+    let mut bytes = 0;
+    for k in 0..of {
+        let report = store.verify_share(k, of, &Control::new()).unwrap();
+        assert!(report.is_clean());
+        assert_eq!(report.share, Some((k, of)));
+        data_checked += report.chunks_checked - pages;
+        bytes += report.bytes_checked;
+    }
+    assert_eq!(
+        data_checked,
+        full.chunks_checked - pages,
+        "each data chunk once"
+    );
+    assert_eq!(bytes, full.bytes_checked);
+    assert!(store.verify_share(of, of, &Control::new()).is_err());
+
+    // A flipped bit in one chunk: only its share's run finds it.
+    let id = store.read_page(&m.disks[0].index, 0).unwrap()[0];
+    let path = store.chunk_path(&id);
+    let mut bytes = fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    fs::write(&path, &bytes).unwrap();
+    let mine = share_of(&id, of);
+    let other = (mine + 1) % of;
+    assert!(
+        store
+            .verify_share(other, of, &Control::new())
+            .unwrap()
+            .is_clean()
+    );
+    let found = store.verify_share(mine, of, &Control::new()).unwrap();
+    assert_eq!(found.damaged.len(), 1, "{found:?}");
+    assert_eq!(found.broken_checkpoints()[0].id, m.id);
+}
