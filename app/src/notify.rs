@@ -154,6 +154,45 @@ pub fn describe(event: &Event, wants: Notifications) -> (String, Option<(String,
             });
             (line, note)
         }
+        Event::Checked {
+            destination,
+            share: (k, of),
+            broken,
+            error,
+        } => match error {
+            Some(e) => (
+                format!("the daily check of {destination} (share {k} of {of}) did not run: {e}"),
+                None,
+            ),
+            None if broken.is_empty() => (
+                format!("the daily check of {destination} (share {k} of {of}) found it whole"),
+                None,
+            ),
+            None => {
+                let names: Vec<String> = broken
+                    .iter()
+                    .map(|c| format!("{} of {}", c.id, c.vm))
+                    .collect();
+                let line = format!(
+                    "the daily check of {destination} (share {k} of {of}) found damage: {} \
+                     cannot be restored completely",
+                    names.join(", ")
+                );
+                let note = wants.on_failure.then(|| {
+                    (
+                        format!("Damaged checkpoints in {destination}"),
+                        format!(
+                            "{} checkpoint(s) cannot be restored completely ({}). A later \
+                             checkpoint of the same data heals them; run `rewind verify` on \
+                             the store to see all.",
+                            broken.len(),
+                            names.join(", ")
+                        ),
+                    )
+                });
+                (line, note)
+            }
+        },
         Event::ConfigReloaded => ("configuration reloaded".into(), None),
         Event::ConfigError(e) => (format!("configuration: {e}"), None),
         Event::Stopped => ("scheduler stopped".into(), None),

@@ -382,6 +382,34 @@ pub fn open(dest: &Destination, found: &Availability) -> Result<Store, OpenError
     Ok(store)
 }
 
+/// Gives destination `name` of `config`, added by an older Rewind (known by its store's ID
+/// alone), a secret and writes its proof into its store, if that store is here now. Returns
+/// whether it did (the caller then saves `config`). A destination with a secret, or whose
+/// store is away or does not open, is left as it is.
+///
+/// # Errors
+/// The proof cannot be written.
+pub fn add_missing_proof(config: &mut Config, name: &str) -> Result<bool, OpenError> {
+    let roots = watch_roots(config);
+    let Some(dest) = config.destination(name).cloned() else {
+        return Ok(false);
+    };
+    if dest.store_secret.is_some() || dest.store_id.is_none() {
+        return Ok(false);
+    }
+    let found = locate(&dest, &roots);
+    if matches!(found, Availability::Missing { .. }) {
+        return Ok(false);
+    }
+    let store = open(&dest, &found)?;
+    let secret = new_proof(&store)?;
+    if let Some(d) = config.destinations.iter_mut().find(|d| d.name == name) {
+        d.store_secret = Some(secret);
+    }
+    tracing::info!("destination {name:?} now knows its store by a proof, not by its ID alone");
+    Ok(true)
+}
+
 /// A new destination secret, whose proof is written into `store` (a store that copies the
 /// ID lacks it); as hex, for [`Destination::store_secret`].
 fn new_proof(store: &Store) -> Result<String, StoreError> {
@@ -663,7 +691,7 @@ mod tests {
         assert_eq!(std::fs::read_dir(fake.join("chunks")).unwrap().count(), 0);
 
         // A destination added by an older Rewind has no secret: found by ID, as before, and
-        // adding it again gives it its proof.
+        // gets its proof the first time its store is here (or when added again).
         let mut legacy = dest.clone();
         legacy.store_secret = None;
         open(&legacy, &Availability::Folder(fake.clone())).unwrap();
@@ -671,8 +699,19 @@ mod tests {
         add_folder(&mut config, &folder, Passphrase::None).unwrap();
         let upgraded = config.destinations[0].clone();
         assert!(upgraded.store_secret.is_some());
+        open(&upgraded, &Availability::Folder(folder.clone())).unwrap();
+        assert!(open(&upgraded, &Availability::Folder(fake.clone())).is_err());
+        // ...or by itself, the first time its store is here.
+        config.destinations[0].store_secret = None;
+        assert!(add_missing_proof(&mut config, "REAL").unwrap());
+        let upgraded = config.destinations[0].clone();
+        assert!(upgraded.store_secret.is_some());
         open(&upgraded, &Availability::Folder(folder)).unwrap();
         assert!(open(&upgraded, &Availability::Folder(fake)).is_err());
+        assert!(
+            !add_missing_proof(&mut config, "REAL").unwrap(),
+            "only once"
+        );
     }
 
     #[test]

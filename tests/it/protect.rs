@@ -719,4 +719,14 @@ fn the_daemon_re_hashes_a_share_of_each_store_by_itself_and_finds_damage_there()
         Some(then),
         "every share is now checked, the oldest 21 hours ago"
     );
+    // The daemon says so (and notifies, as for a failure).
+    wait_for(
+        &home,
+        Duration::from_secs(30),
+        "the damage in the log",
+        || {
+            let log = home.log();
+            log.contains("found damage") && log.contains(&m.id)
+        },
+    );
 }

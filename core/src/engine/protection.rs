@@ -276,6 +276,13 @@ impl Engine {
                 p.scan(inner);
             }
             Inner::Scheduled(ev) => {
+                if let SchedEvent::DestinationFound { destination, .. } = &ev
+                    && p.config
+                        .destination(destination)
+                        .is_some_and(|d| d.store_secret.is_none() && d.store_id.is_some())
+                {
+                    add_missing_proof(p.paths.config.clone(), destination.clone());
+                }
                 let finished = matches!(ev, SchedEvent::Finished(_));
                 self.emit(Event::Scheduled(Arc::new(ev))).await;
                 if finished {
@@ -312,4 +319,27 @@ impl Engine {
             }
         }
     }
+}
+
+/// Gives destination `name`, added by an older Rewind, its proof now that its store is here
+/// (off the loop), and saves the configuration: the engine's watcher then takes it in.
+fn add_missing_proof(path: std::path::PathBuf, name: String) {
+    tokio::task::spawn_blocking(move || {
+        let mut config = match Config::load(&path) {
+            Ok(config) => config,
+            Err(e) => {
+                tracing::warn!("destination {name:?} keeps no proof yet: {e}");
+                return;
+            }
+        };
+        match crate::destination::add_missing_proof(&mut config, &name) {
+            Ok(true) => {
+                if let Err(e) = config.save(&path) {
+                    tracing::warn!("the proof of destination {name:?} is not kept: {e}");
+                }
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!("destination {name:?} keeps no proof yet: {e}"),
+        }
+    });
 }
