@@ -156,46 +156,56 @@ pub fn describe(event: &Event, wants: Notifications) -> (String, Option<(String,
         }
         Event::Checked {
             destination,
-            share: (k, of),
+            share,
             broken,
             error,
-        } => match error {
-            Some(e) => (
-                format!("the daily check of {destination} (share {k} of {of}) did not run: {e}"),
-                None,
-            ),
-            None if broken.is_empty() => (
-                format!("the daily check of {destination} (share {k} of {of}) found it whole"),
-                None,
-            ),
-            None => {
-                let names: Vec<String> = broken
-                    .iter()
-                    .map(|c| format!("{} of {}", c.id, c.vm))
-                    .collect();
-                let line = format!(
-                    "the daily check of {destination} (share {k} of {of}) found damage: {} \
-                     cannot be restored completely",
-                    names.join(", ")
-                );
-                let note = wants.on_failure.then(|| {
-                    (
-                        format!("Damaged checkpoints in {destination}"),
-                        format!(
-                            "{} checkpoint(s) cannot be restored completely ({}). A later \
-                             checkpoint of the same data heals them; run `rewind verify` on \
-                             the store to see all.",
-                            broken.len(),
-                            names.join(", ")
-                        ),
-                    )
-                });
-                (line, note)
-            }
-        },
+        } => describe_check(destination, *share, broken, error.as_ref(), wants),
         Event::ConfigReloaded => ("configuration reloaded".into(), None),
         Event::ConfigError(e) => (format!("configuration: {e}"), None),
         Event::Stopped => ("scheduler stopped".into(), None),
         _ => (format!("{event:?}"), None),
     }
+}
+
+/// What the daily check of `destination` (share `k` of `of`) means for the user.
+fn describe_check(
+    destination: &str,
+    (k, of): (u32, u32),
+    broken: &[rewind_core::store::verify::CheckpointRef],
+    error: Option<&rewind_core::job_error::JobError>,
+    wants: Notifications,
+) -> (String, Option<(String, String)>) {
+    if let Some(e) = error {
+        return (
+            format!("the daily check of {destination} (share {k} of {of}) did not run: {e}"),
+            None,
+        );
+    }
+    if broken.is_empty() {
+        return (
+            format!("the daily check of {destination} (share {k} of {of}) found it whole"),
+            None,
+        );
+    }
+    let names: Vec<String> = broken
+        .iter()
+        .map(|c| format!("{} of {}", c.id, c.vm))
+        .collect();
+    let line = format!(
+        "the daily check of {destination} (share {k} of {of}) found damage: {} cannot be \
+         restored completely",
+        names.join(", ")
+    );
+    let note = wants.on_failure.then(|| {
+        (
+            format!("Damaged checkpoints in {destination}"),
+            format!(
+                "{} checkpoint(s) cannot be restored completely ({}). A later checkpoint of \
+                 the same data heals them; run `rewind verify` on the store to see all.",
+                broken.len(),
+                names.join(", ")
+            ),
+        )
+    });
+    (line, note)
 }
