@@ -134,26 +134,7 @@ pub fn describe(event: &Event, wants: Notifications) -> (String, Option<(String,
             destination,
             last_success,
             why,
-        } => {
-            let age = last_success.map_or_else(
-                || "there is no checkpoint".to_owned(),
-                |t| {
-                    let secs = u64::try_from((chrono::Utc::now() - t).num_seconds()).unwrap_or(0);
-                    format!(
-                        "the last checkpoint is {} old",
-                        rewind_core::units::human_age_secs(secs)
-                    )
-                },
-            );
-            let line = format!("{vm} in {destination}: {age}: {why}");
-            let note = wants.on_stale.then(|| {
-                (
-                    format!("{vm} needs a checkpoint"),
-                    format!("In {destination}, {age}. {why}"),
-                )
-            });
-            (line, note)
-        }
+        } => describe_stale(vm, destination, *last_success, why, wants),
         Event::Checked {
             destination,
             share,
@@ -205,6 +186,34 @@ fn describe_check(
                 broken.len(),
                 names.join(", ")
             ),
+        )
+    });
+    (line, note)
+}
+
+/// What a stale VM (no checkpoint for longer than its policy allows) means for the user.
+fn describe_stale(
+    vm: &str,
+    destination: &str,
+    last_success: Option<chrono::DateTime<chrono::Utc>>,
+    why: &str,
+    wants: Notifications,
+) -> (String, Option<(String, String)>) {
+    let age = last_success.map_or_else(
+        || "there is no checkpoint".to_owned(),
+        |t| {
+            let secs = u64::try_from((chrono::Utc::now() - t).num_seconds()).unwrap_or(0);
+            format!(
+                "the last checkpoint is {} old",
+                rewind_core::units::human_age_secs(secs)
+            )
+        },
+    );
+    let line = format!("{vm} in {destination}: {age}: {why}");
+    let note = wants.on_stale.then(|| {
+        (
+            format!("{vm} needs a checkpoint"),
+            format!("In {destination}, {age}. {why}"),
         )
     });
     (line, note)
