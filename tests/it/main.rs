@@ -11,6 +11,7 @@ mod cli;
 mod events;
 mod fullstate;
 mod gui;
+mod powercut;
 mod protect;
 mod remote;
 mod remote_store;
