@@ -94,6 +94,59 @@ impl Hypervisor {
         daemon_dir(&self.uri, "swtpm").map(|root| root.join(uuid))
     }
 
+    /// The folder where libvirt keeps UEFI variable stores (`nvramDir`), on the daemon's
+    /// host.
+    #[must_use]
+    pub fn nvram_dir(&self) -> Option<PathBuf> {
+        daemon_dir(&self.uri, "qemu/nvram")
+    }
+
+    /// The folder under which libvirt keeps each emulated TPM's state (`swtpmStorageDir`),
+    /// on the daemon's host.
+    #[must_use]
+    pub fn swtpm_dir(&self) -> Option<PathBuf> {
+        daemon_dir(&self.uri, "swtpm")
+    }
+
+    /// The UEFI and BIOS firmware files the daemon offers for guests of this architecture,
+    /// machine type and domain type (`<os><loader><value>` of its domain capabilities),
+    /// and for its defaults of this architecture (a machine type or domain type this host
+    /// lacks still gets the firmware it has); none if it cannot say.
+    #[must_use]
+    pub fn firmware_files(
+        &self,
+        arch: Option<&str>,
+        machine: Option<&str>,
+        virt_type: Option<&str>,
+    ) -> Vec<PathBuf> {
+        let mut files = Vec::new();
+        for (machine, virt_type) in [(machine, virt_type), (None, None)] {
+            let Ok(caps) = self
+                .conn
+                .domain_capabilities(None, arch, machine, virt_type, 0)
+            else {
+                continue;
+            };
+            let Ok(doc) = roxmltree::Document::parse(&caps) else {
+                continue;
+            };
+            let values = doc
+                .root_element()
+                .children()
+                .filter(|n| n.has_tag_name("os"))
+                .flat_map(|os| os.children().filter(|n| n.has_tag_name("loader")))
+                .flat_map(|loader| loader.children().filter(|n| n.has_tag_name("value")))
+                .filter_map(|value| value.text())
+                .map(|text| PathBuf::from(text.trim()));
+            for file in values {
+                if !files.contains(&file) {
+                    files.push(file);
+                }
+            }
+        }
+        files
+    }
+
     /// Whether the connection still works (the daemon may have restarted).
     #[must_use]
     pub fn is_alive(&self) -> bool {

@@ -92,6 +92,9 @@ const ZERO_BLOCK_BYTES: usize = 64 << 10;
 /// Suffix of the temporary raw volume a qcow2 volume is converted from.
 const UPLOAD_SUFFIX: &str = ".rewind-upload";
 
+/// libvirt's own folder for disk images; where virt-manager puts a new VM's disks.
+pub const LIBVIRT_IMAGES: &str = "/var/lib/libvirt/images";
+
 /// Name prefix of the transient pools [`Hypervisor::write_host_file`] creates.
 pub const FILE_POOL_PREFIX: &str = "rewind-files-";
 
@@ -268,7 +271,7 @@ impl Hypervisor {
 
     /// The folders of the active storage pools of type `dir`: where libvirt itself lets its
     /// clients create disk images.
-    pub fn folder_pool_paths(&self) -> Result<Vec<std::path::PathBuf>> {
+    pub fn folder_pool_paths(&self) -> Result<Vec<PathBuf>> {
         let pools = self
             .conn
             .list_all_storage_pools(sys::VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE)
@@ -278,8 +281,51 @@ impl Hypervisor {
             .filter_map(|p| p.xml_desc(0).ok())
             .filter_map(|xml| host_files::pool_target(&xml))
             .filter(|(kind, _)| kind == "dir")
-            .map(|(_, path)| std::path::PathBuf::from(path))
+            .map(|(_, path)| PathBuf::from(path))
             .collect())
+    }
+
+    /// Where libvirt lets its clients keep disk images on this host: [`LIBVIRT_IMAGES`] and
+    /// the folders of the active storage pools of type `dir` (as libvirt says, never as a
+    /// store says). The transient pools Rewind itself makes to reach a folder for a moment
+    /// ([`FILE_POOL_PREFIX`]) do not count.
+    pub fn storage_folders(&self) -> Result<Vec<PathBuf>> {
+        let pools = self
+            .conn
+            .list_all_storage_pools(sys::VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE)
+            .map_err(|e| self.storage_error("list the storage pools", &e))?;
+        let mut folders = vec![PathBuf::from(LIBVIRT_IMAGES)];
+        for pool in &pools {
+            if pool
+                .name()
+                .map_or(true, |name| name.starts_with(FILE_POOL_PREFIX))
+            {
+                continue;
+            }
+            let target = pool
+                .xml_desc(0)
+                .ok()
+                .and_then(|x| host_files::pool_target(&x));
+            if let Some((kind, path)) = target
+                && kind == "dir"
+                && !folders.iter().any(|f| f.as_os_str() == path.as_str())
+            {
+                folders.push(PathBuf::from(path));
+            }
+        }
+        Ok(folders)
+    }
+
+    /// The target folder of the active storage pool `pool` (for a `dir` pool, where its
+    /// volumes are files), as libvirt says.
+    pub fn pool_folder(&self, pool: &str) -> Result<Option<PathBuf>> {
+        let pool_obj = self.active_pool(pool)?;
+        let xml = pool_obj
+            .xml_desc(0)
+            .map_err(|e| self.storage_error(&format!("read storage pool {pool:?}"), &e))?;
+        Ok(host_files::pool_target(&xml)
+            .filter(|(kind, _)| kind == "dir")
+            .map(|(_, path)| PathBuf::from(path)))
     }
 
     /// How many bytes pool `pool` has free, as libvirt last saw it (refreshed first).
