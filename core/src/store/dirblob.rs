@@ -107,7 +107,7 @@ pub fn unpack(bytes: &[u8]) -> Result<Vec<PackedFile>, DirBlobError> {
             .map_err(|_| DirBlobError::TooLarge)?;
         let content = cursor.take(size)?.to_vec();
         let path = PathBuf::from(&name);
-        if name.is_empty() || !path.components().all(|c| matches!(c, Component::Normal(_))) {
+        if !plain_relative(&name) || !path.components().all(|c| matches!(c, Component::Normal(_))) {
             return Err(DirBlobError::LeavesFolder(name));
         }
         if files.len() == MAX_FILES {
@@ -120,6 +120,17 @@ pub fn unpack(bytes: &[u8]) -> Result<Vec<PackedFile>, DirBlobError> {
         });
     }
     Ok(files)
+}
+
+/// Whether `name` is a plain path below a folder, as [`pack`] writes them: `/`-separated
+/// names, none empty, `.` or `..`, and no NUL (a store may hold anything; `Path` would
+/// quietly drop a `.` or a doubled `/`).
+fn plain_relative(name: &str) -> bool {
+    !name.is_empty()
+        && !name.contains('\0')
+        && name
+            .split('/')
+            .all(|part| !part.is_empty() && part != "." && part != "..")
 }
 
 /// Reads a folder blob front to back; running out of bytes is an error.
@@ -172,7 +183,18 @@ mod tests {
 
     #[test]
     fn paths_leaving_the_folder_are_refused() {
-        for bad in ["../x", "/etc/passwd", "a/../../b", ""] {
+        for bad in [
+            "../x",
+            "/etc/passwd",
+            "a/../../b",
+            "",
+            ".",
+            "a/./b",
+            "a//b",
+            "a/",
+            "tpm2/\0x",
+            "..",
+        ] {
             let mut blob = MAGIC.to_vec();
             blob.extend_from_slice(&u16::try_from(bad.len()).unwrap().to_le_bytes());
             blob.extend_from_slice(bad.as_bytes());
