@@ -39,6 +39,7 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 
 use crate::cleanup::OrWarn as _;
+use crate::restore::confine::Confined;
 use crate::store::dirblob::{self, PackedFile};
 use crate::store::{CheckpointWriter, Manifest, Store, StoreError};
 use crate::vm::{Firmware, VmInfo};
@@ -197,12 +198,16 @@ impl SavedFirmware {
     }
 
     /// Writes it where this machine's libvirt keeps the restored VM's state; returns
-    /// whether there was each.
+    /// whether there was each. The places are [`Confined`]: a restore checked them against
+    /// what the VM is and where libvirt keeps NVRAM and TPM state
+    /// ([`crate::restore::confine`]), never taken from a store as they are.
     pub fn write_local(
         &self,
-        nvram_path: Option<&Path>,
-        tpm_dir: Option<&Path>,
+        nvram_path: Option<&Confined>,
+        tpm_dir: Option<&Confined>,
     ) -> Result<(bool, bool), FirmwareError> {
+        let nvram_path = nvram_path.map(Confined::path);
+        let tpm_dir = tpm_dir.map(Confined::path);
         let no_place = |what| FirmwareError::NoPlace {
             what,
             id: self.id.clone(),
@@ -285,6 +290,12 @@ fn replace_tpm_state(
     crate::cleanup::remove_dir_all(&fresh);
     crate::cleanup::remove_dir_all(&old);
     let result = (|| {
+        // Never through a link: what is replaced (and deleted) is this folder.
+        if std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(io::Error::other(
+                "it is a symbolic link; Rewind replaces only a real TPM state folder",
+            ));
+        }
         std::fs::create_dir_all(parent)?;
         std::fs::create_dir(&fresh)?;
         for f in files {
@@ -382,6 +393,30 @@ mod tests {
             .filter(|n| n.to_string_lossy().starts_with('.'))
             .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    #[test]
+    fn a_tpm_state_folder_that_is_a_link_is_not_replaced_through_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let elsewhere = tmp.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        std::fs::write(elsewhere.join("keep"), b"canary").unwrap();
+        let dir = tmp.path().join("0c7e5a4e-0000-4000-8000-000000000002");
+        std::os::unix::fs::symlink(&elsewhere, &dir).unwrap();
+        let files = vec![PackedFile {
+            path: "tpm2/tpm2-00.permall".into(),
+            mode: 0o600,
+            content: b"state".to_vec(),
+        }];
+        let err = replace_tpm_state(&dir, &files, None).unwrap_err();
+        assert!(err.to_string().contains("symbolic link"), "{err}");
+        assert_eq!(std::fs::read(elsewhere.join("keep")).unwrap(), b"canary");
+        assert!(
+            std::fs::symlink_metadata(&dir)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
     }
 
     #[test]

@@ -29,6 +29,7 @@
 //! dirty bitmaps of every store's chain saw the writes (they go through QEMU's block layer),
 //! so the next checkpoint into any store is still a true incremental.
 
+pub mod confine;
 mod disk;
 pub mod domain_xml;
 mod new_image;
@@ -153,6 +154,22 @@ pub enum RestoreError {
     /// Cancelled before anything was changed.
     #[error("cancelled; nothing was changed")]
     Cancelled,
+    /// The checkpoint would have the restore touch what is not the VM's (see [`confine`]):
+    /// nothing was changed.
+    #[error(
+        "checkpoint {id} of VM {vm:?} was refused, and nothing was changed: {refusal}. {advice}"
+    )]
+    Refused {
+        /// The checkpoint.
+        id: String,
+        /// The VM's name.
+        vm: String,
+        /// What was refused, and why.
+        #[source]
+        refusal: Box<confine::Refusal>,
+        /// What the user can do.
+        advice: String,
+    },
 }
 
 impl RestoreError {
@@ -173,6 +190,7 @@ impl RestoreError {
             | Self::Invalid(_)
             | Self::DomainXml(_)
             | Self::CannotResume { .. }
+            | Self::Refused { .. }
             | Self::Cancelled => false,
         }
     }
@@ -255,6 +273,10 @@ pub struct RestoreReport {
     /// A copy resumed beside the original: its network cards start unplugged, as it runs
     /// with the original's MAC addresses until its next boot.
     pub network_unplugged: bool,
+    /// What was changed in the checkpoint's definition to make it safe for this host
+    /// (see [`confine`]), in words.
+    #[serde(default)]
+    pub made_safe: Vec<String>,
     /// Why starting it failed, if it did (the restore itself succeeded).
     pub start_error: Option<String>,
     /// Bytes written to disks.

@@ -16,10 +16,11 @@ use std::time::Instant;
 
 use uuid::Uuid;
 
+use super::confine::{self, Confined, Mode, Role, Rules};
 use super::disk::{self, ComparedBy, Current, DiskRestore};
 use super::domain_xml::{self, DiskPlace, Rewrite};
 use super::resume::{self, Identity, Place};
-use super::vm::{elapsed_ms, parsed, start_if};
+use super::vm::{elapsed_ms, log_made_safe, parsed, refused, start_if};
 use super::{RestoreError, RestoreOptions, RestoreReport};
 use crate::cleanup::OrWarn as _;
 use crate::firmware::SavedFirmware;
@@ -114,20 +115,26 @@ pub fn restore_as_new(
             name: &plan.name,
             uuid: Some(&plan.uuid),
         });
-        resume::stage(hv, store, m, &plan.name, place, identity, control)?
+        // The definition saved with the memory, as the copy would run with it.
+        let check = |saved: &str| plan.checked(m, saved, &plan.predicted, true);
+        resume::stage(hv, store, m, &plan.name, place, identity, &check, control)?
     };
     let mut made = Made::default();
     let written = plan
         .write(hv, store, m, work_dir, control, &mut made)
         .inspect_err(|_| made.remove(hv))?;
-    let (disks, nvram, tpm) = written;
+    let (disks, nvram, tpm, mut made_safe) = written;
     let (started_vm, start_error, resumed) = if let Some(saved) = &memory {
         control.start_phase(Phase::Starting);
-        match plan
-            .running_xml(&saved.xml, m, &disks)
-            .map_err(RestoreError::from)
-            .and_then(|xml| Ok(hv.restore_saved_state(&saved.path, Some(&xml))?))
-        {
+        match plan.running_xml(&saved.xml, m, &disks).and_then(|safe| {
+            log_made_safe(m, &plan.name, &safe.changes);
+            for change in safe.changes {
+                if !made_safe.contains(&change) {
+                    made_safe.push(change);
+                }
+            }
+            Ok(hv.restore_saved_state(&saved.path, Some(&safe.xml))?)
+        }) {
             Ok(()) => (true, None, true),
             Err(e) => (
                 false,
@@ -161,6 +168,7 @@ pub fn restore_as_new(
         started: started_vm,
         resumed,
         network_unplugged: resumed && plan.fresh,
+        made_safe,
         start_error,
         duration_ms: elapsed_ms(started),
     })
@@ -175,9 +183,15 @@ struct Plan {
     local: bool,
     storage: DiskStorage,
     /// Per disk of the checkpoint: file name (folder: the path).
-    files: Vec<(PathBuf, String)>,
-    nvram_path: Option<PathBuf>,
-    tpm_dir: Option<PathBuf>,
+    files: Vec<DiskFile>,
+    /// Where the disks will be, as far as known before they are written.
+    predicted: Vec<DiskPlace>,
+    /// Where the serial and console logs go: beside the disks.
+    logs_dir: Option<PathBuf>,
+    nvram_path: Option<Confined>,
+    tpm_dir: Option<Confined>,
+    /// What this restore may touch on the host.
+    rules: Rules,
     /// The checkpoint's UEFI variables and TPM state, read and checked.
     firmware: SavedFirmware,
 }
@@ -218,29 +232,31 @@ impl Plan {
                 "on another host ({uri}) Rewind can write disks only into a storage pool: give --pool NAME (`virsh -c {uri} pool-list` lists them)"
             )));
         }
-        let mut files = Vec::new();
-        for d in &m.disks {
-            let format = d.format.clone().unwrap_or_else(|| "raw".into());
-            let ext = if format == "qcow2" { "qcow2" } else { "img" };
-            let file = format!("{}-{}.{ext}", file_safe(&name), d.target);
-            match &new.storage {
-                DiskStorage::Folder(dir) => {
-                    let path = dir.join(&file);
-                    if path.exists() {
-                        return Err(RestoreError::Exists(path));
-                    }
-                    files.push((path, format));
-                }
-                DiskStorage::Pool(pool) => {
-                    if hv.volume_exists(pool, &file)? {
-                        return Err(RestoreError::Invalid(format!(
-                            "a volume {file:?} exists already in pool {pool:?} on {uri}; remove it, or restore under another name (--as NAME)"
-                        )));
-                    }
-                    files.push((PathBuf::from(file), format));
-                }
+        // The new VM's own folder: the one the user chose, or its pool's.
+        let storage = match &new.storage {
+            DiskStorage::Folder(dir) => {
+                DiskStorage::Folder(std::path::absolute(dir).map_err(|e| RestoreError::Write {
+                    path: dir.clone(),
+                    detail: e.to_string(),
+                })?)
             }
-        }
+            DiskStorage::Pool(pool) => DiskStorage::Pool(pool.clone()),
+        };
+        let folder = match &storage {
+            DiskStorage::Folder(dir) => Some(dir.clone()),
+            DiskStorage::Pool(pool) => hv.pool_folder(pool)?,
+        };
+        let mut rules = confine::rules_for(
+            hv,
+            &name,
+            &uuid,
+            &m.vm.uuid.to_string(),
+            true,
+            folder.as_deref(),
+            &checkpoint_xml,
+        )?;
+        let refused = |refusal| refused(m, &name, Mode::NewVm, refusal);
+        let (files, predicted) = disk_files(hv, m, &name, &storage, folder.as_deref(), &mut rules)?;
         let nvram_path = match checkpoint_xml.firmware {
             Firmware::Uefi { .. } => Some(hv.default_nvram_path(&name).ok_or_else(|| {
                 RestoreError::Invalid(format!(
@@ -256,18 +272,62 @@ impl Plan {
             .tpm
             .as_ref()
             .and_then(|_| hv.tpm_state_dir(&uuid));
+        let nvram_path = nvram_path
+            .map(|p| rules.confine(Role::Nvram, &p, "the new VM's UEFI variable store"))
+            .transpose()
+            .map_err(refused)?;
+        let tpm_dir = tpm_dir
+            .map(|p| rules.confine(Role::TpmState, &p, "the new VM's TPM state folder"))
+            .transpose()
+            .map_err(refused)?;
         let firmware = SavedFirmware::load(store, m)?;
-        Ok(Self {
+        let plan = Self {
             name,
             uuid,
             fresh,
             local,
-            storage: new.storage.clone(),
+            storage,
             files,
+            predicted,
+            logs_dir: folder,
             nvram_path,
             tpm_dir,
+            rules,
             firmware,
-        })
+        };
+        // The definition as it will be, checked before anything is written.
+        plan.checked(m, &m.domain_xml, &plan.predicted, false)?;
+        Ok(plan)
+    }
+
+    /// Definition `xml` (the checkpoint's, or the one saved with its memory when
+    /// `running`) rewritten for the new VM with its disks at `places`, checked and made
+    /// safe ([`confine`]).
+    fn checked(
+        &self,
+        m: &Manifest,
+        xml: &str,
+        places: &[DiskPlace],
+        running: bool,
+    ) -> Result<confine::domain::Safe, RestoreError> {
+        let xml = domain_xml::rewrite(
+            xml,
+            &Rewrite {
+                name: self.fresh.then(|| self.name.clone()),
+                uuid: self.fresh.then(|| self.uuid.clone()),
+                new_macs: self.fresh && !running,
+                links_down: self.fresh && running,
+                ..self.placed(m, places.to_vec())
+            },
+        )?;
+        let mut rules = self.rules.clone();
+        rules.own_new.extend(places.iter().map(|p| p.path.clone()));
+        rules
+            .placed_disks
+            .retain(|t| !places.iter().any(|p| &p.target == t));
+        rules
+            .check_domain(&xml)
+            .map_err(|refusal| refused(m, &self.name, Mode::NewVm, refusal))
     }
 
     /// Disks, definition, firmware state; everything made goes into `made`.
@@ -279,7 +339,7 @@ impl Plan {
         work_dir: &Path,
         control: &Control,
         made: &mut Made,
-    ) -> Result<(Vec<DiskRestore>, bool, bool), RestoreError> {
+    ) -> Result<(Vec<DiskRestore>, bool, bool, Vec<String>), RestoreError> {
         control.start_phase(Phase::Writing);
         let mut reports = Vec::new();
         let mut places = Vec::new();
@@ -342,44 +402,42 @@ impl Plan {
             reports.push(report);
         }
         control.start_phase(Phase::Finishing);
-        let xml = domain_xml::rewrite(
-            &m.domain_xml,
-            &Rewrite {
-                name: self.fresh.then(|| self.name.clone()),
-                uuid: self.fresh.then(|| self.uuid.clone()),
-                new_macs: self.fresh,
-                ..self.placed(m, places)
-            },
-        )
-        .map_err(RestoreError::from)?;
+        // Checked again where the disks really are (a pool names its volumes itself).
+        let safe = self.checked(m, &m.domain_xml, &places, false)?;
+        log_made_safe(m, &self.name, &safe.changes);
         if self.local {
-            made.files.extend(self.nvram_path.clone());
-            made.files.extend(self.tpm_dir.clone());
+            made.files
+                .extend(self.nvram_path.iter().map(|p| p.to_path_buf()));
+            made.files
+                .extend(self.tpm_dir.iter().map(|p| p.to_path_buf()));
             let firmware = self
                 .firmware
-                .write_local(self.nvram_path.as_deref(), self.tpm_dir.as_deref())?;
-            hv.define_vm(&xml)?;
+                .write_local(self.nvram_path.as_ref(), self.tpm_dir.as_ref())?;
+            hv.define_vm(&safe.xml)?;
             made.defined = Some(self.name.clone());
-            Ok((reports, firmware.0, firmware.1))
+            Ok((reports, firmware.0, firmware.1, safe.changes))
         } else {
             // Defined first: undefining it takes the NVRAM and TPM state written after.
-            hv.define_vm(&xml)?;
+            hv.define_vm(&safe.xml)?;
             made.defined = Some(self.name.clone());
             let firmware = self.write_firmware_there(hv)?;
-            Ok((reports, firmware.0, firmware.1))
+            Ok((reports, firmware.0, firmware.1, safe.changes))
         }
     }
 
-    /// Where the new VM's parts are: disks at `places`, its UEFI variables, its logs; on
-    /// another host beside its disks, with that host's QEMU and no CD-ROM images.
+    /// Where the new VM's parts are: disks at `places`, its UEFI variables, its logs beside
+    /// its disks (its own folder, not the original's); on another host with that host's
+    /// QEMU and no CD-ROM images.
     fn placed(&self, m: &Manifest, places: Vec<DiskPlace>) -> Rewrite {
         Rewrite {
-            nvram: self.nvram_path.clone(),
+            nvram: self.nvram_path.as_ref().map(|p| p.to_path_buf()),
             rename_logs: Some((m.vm.name.clone(), self.name.clone())),
-            logs_dir: (!self.local)
-                .then(|| places.first().and_then(|p| p.path.parent()))
-                .flatten()
-                .map(Path::to_path_buf),
+            logs_dir: self.logs_dir.clone().or_else(|| {
+                places
+                    .first()
+                    .and_then(|p| p.path.parent())
+                    .map(Path::to_path_buf)
+            }),
             drop_emulator: !self.local,
             eject_removable: !self.local,
             disks: places,
@@ -395,8 +453,8 @@ impl Plan {
         saved: &str,
         m: &Manifest,
         disks: &[DiskRestore],
-    ) -> Result<String, crate::libvirt::xml::XmlError> {
-        let places = disks
+    ) -> Result<confine::domain::Safe, RestoreError> {
+        let places: Vec<DiskPlace> = disks
             .iter()
             .map(|d| DiskPlace {
                 target: d.target.clone(),
@@ -404,13 +462,7 @@ impl Plan {
                 format: d.format.clone(),
             })
             .collect();
-        domain_xml::rewrite(
-            saved,
-            &Rewrite {
-                links_down: self.fresh,
-                ..self.placed(m, places)
-            },
-        )
+        self.checked(m, saved, &places, true)
     }
 
     /// UEFI variables and TPM state onto another host, through libvirt.
@@ -429,6 +481,66 @@ impl Plan {
         }
         Ok((nvram, tpm))
     }
+}
+
+/// A new disk's file (for a pool: the volume's name) and its format.
+type DiskFile = (PathBuf, String);
+
+/// Per disk of checkpoint `m`, the new VM `name`'s file (for a pool: the volume's name),
+/// checked, and where it will be if that is known before it is written (`folder`: the
+/// pool's); what is not known is left to `rules` as a disk the restore places itself.
+fn disk_files(
+    hv: &Hypervisor,
+    m: &Manifest,
+    name: &str,
+    storage: &DiskStorage,
+    folder: Option<&Path>,
+    rules: &mut Rules,
+) -> Result<(Vec<DiskFile>, Vec<DiskPlace>), RestoreError> {
+    let uri = hv.uri();
+    let refused = |refusal| refused(m, name, Mode::NewVm, refusal);
+    let mut files = Vec::new();
+    let mut predicted = Vec::new();
+    for d in &m.disks {
+        let format = d.format.clone().unwrap_or_else(|| "raw".into());
+        Rules::check_disk(&d.target, &format).map_err(refused)?;
+        let ext = if format == "qcow2" { "qcow2" } else { "img" };
+        let file = format!("{}-{}.{ext}", file_safe(name), d.target);
+        let path = match storage {
+            DiskStorage::Folder(dir) => {
+                let path = dir.join(&file);
+                if path.exists() {
+                    return Err(RestoreError::Exists(path));
+                }
+                files.push((path.clone(), format.clone()));
+                Some(path)
+            }
+            DiskStorage::Pool(pool) => {
+                if hv.volume_exists(pool, &file)? {
+                    return Err(RestoreError::Invalid(format!(
+                        "a volume {file:?} exists already in pool {pool:?} on {uri}; remove it, or restore under another name (--as NAME)"
+                    )));
+                }
+                files.push((PathBuf::from(&file), format.clone()));
+                folder.as_ref().map(|f| f.join(&file))
+            }
+        };
+        match path {
+            Some(path) => {
+                let what = format!("disk {}'s new image", d.target);
+                rules.confine(Role::Disk, &path, &what).map_err(refused)?;
+                rules.own_new.push(path.clone());
+                predicted.push(DiskPlace {
+                    target: d.target.clone(),
+                    path,
+                    format,
+                });
+            }
+            // A pool that is no folder: libvirt names its volumes.
+            None => rules.placed_disks.push(d.target.clone()),
+        }
+    }
+    Ok((files, predicted))
 }
 
 /// Uploads disk `d` of a checkpoint into a new volume `volume` of `pool` on the host of

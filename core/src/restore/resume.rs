@@ -197,6 +197,11 @@ pub struct Staged<'a> {
     pub path: PathBuf,
     /// The definition it holds (with the new identity, if one was given).
     pub xml: String,
+    /// For a restore in place: the definition to resume with instead of the one it holds,
+    /// when that had to be made safe ([`super::confine`]).
+    pub resume_xml: Option<String>,
+    /// What was changed to make it safe, in words.
+    pub made_safe: Vec<String>,
     held: Held,
 }
 
@@ -224,7 +229,10 @@ impl Drop for Staged<'_> {
 }
 
 /// Stages the saved memory of checkpoint `m` at `place` for a resume of VM `vm` (see the
-/// module documentation): `None` for a disk-only checkpoint.
+/// module documentation): `None` for a disk-only checkpoint. `confine` checks the
+/// definition saved with it, which comes from the store too, before anything is written
+/// ([`super::confine`]), and returns it made safe.
+#[allow(clippy::too_many_arguments)] // the one call's context, spelled out
 pub fn stage<'a>(
     hv: &'a Hypervisor,
     store: &Store,
@@ -232,6 +240,7 @@ pub fn stage<'a>(
     vm: &str,
     place: Place<'_>,
     identity: Option<Identity<'_>>,
+    confine: &dyn Fn(&str) -> Result<super::confine::domain::Safe, RestoreError>,
     control: &Control,
 ) -> Result<Option<Staged<'a>>, RestoreError> {
     let Some(saved) = check(hv, store, m, vm)? else {
@@ -262,6 +271,8 @@ pub fn stage<'a>(
             (xml, Some(bytes))
         }
     };
+    let safe = confine(&xml)?;
+    let resume_xml = (safe.xml != xml).then_some(safe.xml);
     control.start_phase(Phase::ReadingMemory);
     let written = match place {
         Place::Beside(dir) => write_beside(store, m, vm, index, dir, new_head.as_deref(), control),
@@ -282,6 +293,8 @@ pub fn stage<'a>(
         hv,
         path,
         xml,
+        resume_xml,
+        made_safe: safe.changes,
         held,
     };
     hv.saved_state_xml(&staged.path).map_err(|e| {

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use super::confine::{self, Confined, Mode, Role, Rules};
 use super::disk::{self, ComparedBy, Current, DiskRestore, Since};
 use super::domain_xml::{self, Rewrite};
 use super::resume::{self, Identity, Place, Staged};
@@ -20,6 +21,37 @@ use crate::store::LockMode;
 use crate::store::index::HOLE;
 use crate::store::{DiskEntry, Manifest, Store};
 use crate::vm::Firmware;
+
+/// The error of a restore of checkpoint `m` as VM `vm` that `refusal` stopped.
+pub(super) fn refused(
+    m: &Manifest,
+    vm: &str,
+    mode: Mode,
+    refusal: confine::Refusal,
+) -> RestoreError {
+    tracing::warn!(
+        checkpoint = %m.id,
+        vm,
+        "restore refused before anything was changed: {refusal}"
+    );
+    RestoreError::Refused {
+        id: m.id.clone(),
+        vm: vm.to_owned(),
+        advice: confine::advice(&refusal, mode),
+        refusal: Box::new(refusal),
+    }
+}
+
+/// Says in the log what was changed in a definition to make it safe.
+pub(super) fn log_made_safe(m: &Manifest, vm: &str, changes: &[String]) {
+    for change in changes {
+        tracing::warn!(
+            checkpoint = %m.id,
+            vm,
+            "the checkpoint's definition was made safe for this host: {change}"
+        );
+    }
+}
 
 pub(super) fn parsed(m: &Manifest) -> Result<DomainXml, RestoreError> {
     parse_domain(&m.domain_xml).map_err(|e| {
@@ -214,6 +246,93 @@ fn roll_back(
     Ok(())
 }
 
+/// Everything an in-place restore writes, checked before anything changes ([`confine`]).
+struct Places {
+    /// What this restore may touch on this host.
+    rules: Rules,
+    mode: Mode,
+    /// Each disk's image.
+    disks: Vec<Confined>,
+    nvram: Option<Confined>,
+    tpm: Option<Confined>,
+    /// The definition to define, made safe.
+    xml: String,
+    /// What was changed in it to make it safe.
+    made_safe: Vec<String>,
+}
+
+impl Places {
+    /// Checks every place checkpoint `m` would have the restore of VM `name` (defined on
+    /// this host if `defined`) write, and its definition `checkpoint`.
+    fn check(
+        hv: &Hypervisor,
+        m: &Manifest,
+        name: &str,
+        defined: bool,
+        checkpoint: &DomainXml,
+    ) -> Result<Self, RestoreError> {
+        let uuid = m.vm.uuid.to_string();
+        let nvram =
+            checkpoint
+                .firmware
+                .nvram_path()
+                .cloned()
+                .or_else(|| match checkpoint.firmware {
+                    Firmware::Uefi { .. } => hv.default_nvram_path(name),
+                    Firmware::Bios => None,
+                });
+        let tpm = checkpoint
+            .tpm
+            .as_ref()
+            .and_then(|t| t.state_path.clone())
+            .or_else(|| hv.tpm_state_dir(&uuid));
+        let mode = if defined {
+            Mode::InPlace
+        } else {
+            Mode::InPlaceUndefined
+        };
+        let rules = confine::rules_for(hv, name, &uuid, &uuid, false, None, checkpoint)?;
+        let refused = |refusal| refused(m, name, mode, refusal);
+        let mut disks = Vec::new();
+        for d in &m.disks {
+            let format = d.format.as_deref().unwrap_or("raw");
+            Rules::check_format(&d.target, format).map_err(refused)?;
+            let source = Path::new(d.source.as_deref().expect("checked in prepare"));
+            let what = format!("disk {}'s image", d.target);
+            disks.push(rules.confine(Role::Disk, source, &what).map_err(refused)?);
+        }
+        let nvram = nvram
+            .map(|p| rules.confine(Role::Nvram, &p, "the UEFI variable store"))
+            .transpose()
+            .map_err(refused)?;
+        let tpm = tpm
+            .map(|p| rules.confine(Role::TpmState, &p, "the TPM state folder"))
+            .transpose()
+            .map_err(refused)?;
+        let xml = if name == m.vm.name {
+            m.domain_xml.clone()
+        } else {
+            domain_xml::rewrite(
+                &m.domain_xml,
+                &Rewrite {
+                    name: Some(name.to_owned()),
+                    ..Rewrite::default()
+                },
+            )?
+        };
+        let safe = rules.check_domain(&xml).map_err(refused)?;
+        Ok(Self {
+            rules,
+            mode,
+            disks,
+            nvram,
+            tpm,
+            xml: safe.xml,
+            made_safe: safe.changes,
+        })
+    }
+}
+
 /// What an in-place restore found out before changing anything.
 struct InPlace<'a> {
     hv: &'a Hypervisor,
@@ -228,8 +347,8 @@ struct InPlace<'a> {
     was_running: bool,
     /// A restore of this VM that was cut short.
     interrupted: Option<RestoreMarker>,
-    nvram_path: Option<PathBuf>,
-    tpm_dir: Option<PathBuf>,
+    /// Where it writes, checked.
+    places: Places,
     /// The checkpoint's UEFI variables and TPM state, read and checked.
     firmware: SavedFirmware,
     /// The store's last checkpoint of the VM with a libvirt checkpoint: its dirty bitmaps
@@ -283,17 +402,10 @@ impl<'a> InPlace<'a> {
                 m.id, d.target
             )));
         }
-        let nvram_path = checkpoint_xml.firmware.nvram_path().cloned().or_else(|| {
-            match checkpoint_xml.firmware {
-                Firmware::Uefi { .. } => hv.default_nvram_path(&name),
-                Firmware::Bios => None,
-            }
-        });
-        let tpm_dir = checkpoint_xml
-            .tpm
-            .as_ref()
-            .and_then(|t| t.state_path.clone())
-            .or_else(|| hv.tpm_state_dir(&uuid));
+        // Before anything changes: every path the checkpoint names is checked against what
+        // the VM is on this host and where libvirt keeps VMs.
+        let places = Places::check(hv, m, &name, existing.is_some(), &checkpoint_xml)?;
+
         let chain = store
             .catalog()?
             .checkpoints
@@ -311,8 +423,7 @@ impl<'a> InPlace<'a> {
             uuid,
             existing,
             interrupted,
-            nvram_path,
-            tpm_dir,
+            places,
             firmware,
         })
     }
@@ -401,10 +512,10 @@ impl<'a> InPlace<'a> {
         reports: &mut Vec<DiskRestore>,
     ) -> Result<(bool, bool), RestoreError> {
         let m = self.m;
-        for d in &m.disks {
+        for (d, path) in m.disks.iter().zip(&self.places.disks) {
             touched.push(DiskProgress {
                 target: d.target.clone(),
-                path: PathBuf::from(d.source.as_deref().expect("checked in prepare")),
+                path: path.to_path_buf(),
                 format: d.format.clone().unwrap_or_else(|| "raw".into()),
                 created: false,
                 resized: false,
@@ -424,20 +535,8 @@ impl<'a> InPlace<'a> {
         control.start_phase(Phase::Finishing);
         let firmware = self
             .firmware
-            .write_local(self.nvram_path.as_deref(), self.tpm_dir.as_deref())?;
-        let xml = if self.name == m.vm.name {
-            m.domain_xml.clone()
-        } else {
-            domain_xml::rewrite(
-                &m.domain_xml,
-                &Rewrite {
-                    name: Some(self.name.clone()),
-                    ..Rewrite::default()
-                },
-            )
-            .map_err(RestoreError::from)?
-        };
-        self.hv.define_vm(&xml)?;
+            .write_local(self.places.nvram.as_ref(), self.places.tpm.as_ref())?;
+        self.hv.define_vm(&self.places.xml)?;
         Ok(firmware)
     }
 
@@ -470,7 +569,7 @@ impl<'a> InPlace<'a> {
                 )
                 .and_then(|()| {
                     SavedFirmware::load(self.store, back)?
-                        .write_local(self.nvram_path.as_deref(), self.tpm_dir.as_deref())?;
+                        .write_local(self.places.nvram.as_ref(), self.places.tpm.as_ref())?;
                     Ok(())
                 });
                 match rolled {
@@ -518,25 +617,30 @@ impl<'a> InPlace<'a> {
         if options.start == Some(false) || options.disk_only {
             return Ok(None);
         }
-        let dir = self
-            .m
-            .disks
-            .first()
-            .and_then(|d| d.source.as_deref())
-            .and_then(|p| Path::new(p).parent())
-            .map_or_else(|| PathBuf::from("/"), Path::to_path_buf);
+        // Beside the VM's first disk, whose place is checked.
+        let Some(dir) = self.places.disks.first().and_then(|p| p.parent()) else {
+            return Ok(None);
+        };
         // The VM may have been renamed since: it resumes under its name now.
         let identity = (self.name != self.m.vm.name).then_some(Identity {
             name: &self.name,
             uuid: None,
         });
+        // The definition saved with the memory comes from the store too.
+        let check = |xml: &str| {
+            self.places
+                .rules
+                .check_domain(xml)
+                .map_err(|refusal| refused(self.m, &self.name, self.places.mode, refusal))
+        };
         resume::stage(
             self.hv,
             self.store,
             self.m,
             &self.name,
-            Place::Beside(&dir),
+            Place::Beside(dir),
             identity,
+            &check,
             control,
         )
     }
@@ -554,7 +658,7 @@ fn start_or_resume(
     match memory {
         Some(saved) if wanted => {
             control.start_phase(Phase::Starting);
-            match hv.restore_saved_state(&saved.path, None) {
+            match hv.restore_saved_state(&saved.path, saved.resume_xml.as_deref()) {
                 Ok(()) => (true, None, true),
                 Err(e) => (
                     false,
@@ -621,6 +725,7 @@ pub fn restore_in_place(
     // Garbage collection must not remove what is being read.
     let _lock = store.lock(LockMode::Shared, "restoring a checkpoint", Some(control))?;
     let t = InPlace::prepare(hv, store, m, work_dir)?;
+    log_made_safe(m, &t.name, &t.places.made_safe);
 
     // 0. A full-state checkpoint's memory is checked and written out beside the VM's disks
     // while the VM still runs: a resume that cannot work is said before anything changes.
@@ -704,6 +809,12 @@ pub fn restore_in_place(
     let start = options.start.unwrap_or(t.was_running || memory.is_some());
     let (started_vm, start_error, resumed) =
         start_or_resume(hv, &t.name, start, memory.as_ref(), control);
+    let mut made_safe = t.places.made_safe.clone();
+    for change in memory.iter().flat_map(|saved| &saved.made_safe) {
+        if !made_safe.contains(change) {
+            made_safe.push(change.clone());
+        }
+    }
     drop(memory);
     Ok(RestoreReport {
         vm: t.name.clone(),
@@ -723,6 +834,7 @@ pub fn restore_in_place(
         started: started_vm,
         resumed,
         network_unplugged: false,
+        made_safe,
         start_error,
         duration_ms: elapsed_ms(started),
     })
