@@ -12,6 +12,8 @@ use rewind_tests::scratch::ScratchDir;
 use rewind_tests::workload::scan_sequence;
 use rewind_tests::{DiskSpec, Format, TestVm, daemon};
 
+mod confine;
+
 const BOOT_TIMEOUT: Duration = Duration::from_mins(2);
 
 fn run(cmd: &mut Command) {
@@ -293,6 +295,25 @@ fn a_vm_deleted_with_its_disks_comes_back_from_the_store_alone() {
     let stderr = rewind_fails(&["checkpoints", &vm.name, "--in", "/nonexistent/store"]);
     assert!(stderr.contains("does not exist"), "{stderr}");
 
+    // Not defined any more, the VM may have its files only where libvirt keeps VMs: its
+    // scratch folder is no storage pool, so the restore is refused before it makes
+    // anything, and says what to do.
+    let stderr = rewind_fails(&["restore", &vm.name, "latest", "--from", dest_str]);
+    assert!(
+        stderr.contains("was refused, and nothing was changed")
+            && stderr.contains(&format!(
+                "disk vda's image \"{}\"",
+                vm.disk("vda").path.display()
+            ))
+            && stderr.contains("virsh pool-define-as"),
+        "{stderr}"
+    );
+    assert!(!vm.disk("vda").path.exists(), "nothing was made");
+    let hv = rewind_core::libvirt::Hypervisor::connect(daemon::URI).unwrap();
+    assert!(!hv.has_vm(&vm.uuid), "nothing was defined");
+
+    // As a real user's VM is, its folder is a libvirt storage pool: it comes back.
+    let _pool = rewind_tests::pool::TestPool::over(vm.dir()).unwrap_or_else(|e| panic!("{e}"));
     let report = rewind_json(&["restore", &vm.name, "latest", "--from", dest_str]);
     assert_eq!(report["defined"], true, "{report}");
     assert_eq!(report["stopped"], "was_off");
@@ -465,8 +486,9 @@ fn restore_as_a_new_vm_runs_beside_the_original() {
     if let (Some(a), Some(b)) = (mac(&new_xml), mac(&old_xml)) {
         assert_ne!(a, b, "the copy has its own MAC address");
     }
-    // The copy carries on from the checkpoint on its own console; the original goes on.
-    let console = vm.dir().join(format!("{copy}-console.log"));
+    // The copy carries on from the checkpoint on its own console, beside its disks (not
+    // in the original's folder); the original goes on.
+    let console = disks.join(format!("{copy}-console.log"));
     let store = open(&dest);
     let k = last_record(&store, &manifest(&store, id));
     let resumed = format!("RWSEQ resume after {k}");
@@ -706,9 +728,11 @@ fn a_uefi_tpm_vm_comes_back_on_another_host_over_ssh_from_the_store_alone() {
         "{stderr}"
     );
 
-    // Gone: definition, NVRAM, TPM state, disk.
+    // Gone: definition, NVRAM, TPM state, disk. What the VM boots from (the test guest's
+    // kernel) is in a storage pool, as a real VM's files are.
     rewind_tests::domain::remove_domain(vm.domain()).unwrap();
     std::fs::remove_file(&vm.disk("vda").path).unwrap();
+    let _vm_pool = rewind_tests::pool::TestPool::over(vm.dir()).unwrap_or_else(|e| panic!("{e}"));
     let swtpm_log = PathBuf::from(format!("/var/log/swtpm/libvirt/qemu/{}-swtpm.log", vm.name));
     let log_before = std::fs::read_to_string(&swtpm_log)
         .unwrap_or_default()

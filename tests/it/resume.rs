@@ -291,6 +291,9 @@ fn full_state_checkpoints_of_a_uefi_tpm_guest_resume_as_a_new_vm_and_on_another_
         .unwrap_or_else(|e| panic!("{e}"));
     rewind_tests::domain::remove_domain(vm.domain()).unwrap();
     std::fs::remove_file(&vm.disk("vda").path).unwrap();
+    // What the VM boots from (the test guest's kernel) is in a storage pool, as a real VM's
+    // files are: a VM not defined may have its files only there.
+    let _vm_pool = rewind_tests::pool::TestPool::over(vm.dir()).unwrap_or_else(|e| panic!("{e}"));
     let report = rewind_json(
         tmp,
         &sshd.libvirt_uri(),
@@ -359,7 +362,8 @@ fn resumes_as_a_copy(vm: &TestVm, tmp: &Path, dir: &ScratchDir, taken: &Taken, w
     assert_eq!(report["resumed"], true, "{way}: {report}");
     assert_eq!(report["network_unplugged"], true, "{way}: {report}");
     assert_ne!(report["vm_uuid"], vm.uuid.as_str());
-    let copy_console = vm.dir().join(format!("{copy}-console.log"));
+    // Its console is beside its disks, not in the original's folder.
+    let copy_console = disks.join(format!("{copy}-console.log"));
     let read_copy = || {
         std::fs::read(&copy_console)
             .map(|b| String::from_utf8_lossy(&b).into_owned())

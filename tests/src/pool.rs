@@ -29,6 +29,8 @@ enum Backing {
     Dir(ScratchDir),
     /// A tmpfs mounted on the folder, unmounted after the pool is destroyed.
     Tmpfs(Tmpfs),
+    /// A folder the test owns otherwise (a test VM's); it stays when the pool goes.
+    Over(PathBuf),
 }
 
 impl Backing {
@@ -36,6 +38,7 @@ impl Backing {
         match self {
             Self::Dir(d) => d.path(),
             Self::Tmpfs(t) => t.path(),
+            Self::Over(p) => p,
         }
     }
 }
@@ -59,6 +62,17 @@ impl TestPool {
             .to_string_lossy();
         let name = format!("rwt-{slug}");
         Self::create_named(&conn, name, Backing::Tmpfs(tmpfs))
+    }
+
+    /// A pool over `folder`, a scratch folder the test already has (a test VM's, whose
+    /// files are then in a libvirt storage pool, as a real user's VM is): named after it,
+    /// destroyed on drop; the folder is left to its owner.
+    pub fn over(folder: &Path) -> Result<Self, HarnessError> {
+        let conn = crate::domain::connect()?;
+        sweep_stale(&conn);
+        let slug = folder.file_name().unwrap_or_default().to_string_lossy();
+        let name = format!("rwt-{slug}");
+        Self::create_named(&conn, name, Backing::Over(folder.to_path_buf()))
     }
 
     fn create_in(dir: ScratchDir) -> Result<Self, HarnessError> {
