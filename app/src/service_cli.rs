@@ -202,6 +202,16 @@ impl Session {
         if let Some(name) = self.configured(dest)? {
             return Ok(name);
         }
+        Ok(self.add_destination(dest, passphrase)?.name)
+    }
+
+    /// Asks the service to add `dest` as a destination (making a store there if there is
+    /// none, with `passphrase`); what it did.
+    fn add_destination(
+        &mut self,
+        dest: &Path,
+        passphrase: Option<zeroize::Zeroizing<String>>,
+    ) -> anyhow::Result<rewind_core::destination::Added> {
         let said = dest.to_string_lossy();
         let folder =
             if said.starts_with("ssh://") {
@@ -226,7 +236,7 @@ impl Session {
             Event::DestinationAdded { result, .. } => Some(result.clone()),
             _ => None,
         })?;
-        Ok(added?.name)
+        Ok(added?)
     }
 
     /// The checkpoints in the service's destination `destination`.
@@ -876,13 +886,18 @@ pub fn init(
     }
     Some((|| {
         let folder = absolute(dest)?;
-        if folder.join("rewind-store.json").exists() {
-            bail!(
+        let already = || {
+            anyhow!(
                 "{} holds a Rewind store already: use it as it is (`rewind checkpoints --in {}`), \
                  or choose another folder",
                 dest.display(),
                 dest.display()
-            );
+            )
+        };
+        // What this user sees; the service's own stores are private to it, so it is asked
+        // too (below).
+        if folder.join("rewind-store.json").exists() || session.configured(&folder)?.is_some() {
+            return Err(already());
         }
         let passphrase = if encrypt {
             let bytes = crate::store_cli::passphrase(dest, true)?;
@@ -893,7 +908,17 @@ pub fn init(
         } else {
             None
         };
-        let name = session.destination_with(&folder, passphrase)?;
+        let added = session.add_destination(&folder, passphrase)?;
+        if !added.created {
+            bail!(
+                "{} holds a Rewind store already; the protection service has it as destination \
+                 {:?} now. Use it as it is (`rewind checkpoints --in {}`)",
+                dest.display(),
+                added.name,
+                dest.display()
+            );
+        }
+        let name = added.name;
         let id = rewind_core::store::Store::probe(&folder)
             .map(|c| format!(" {}", c.id))
             .unwrap_or_default();

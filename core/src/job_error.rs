@@ -295,9 +295,10 @@ fn restore_kind(e: &RestoreError) -> ErrorKind {
         RestoreError::CannotResume { .. } => ErrorKind::CannotResume,
         RestoreError::Cancelled => ErrorKind::Cancelled,
         RestoreError::NoSuchDisk { .. } => ErrorKind::NotFound,
-        RestoreError::Exists(_) | RestoreError::Invalid(_) | RestoreError::DomainXml(_) => {
-            ErrorKind::Invalid
-        }
+        RestoreError::Exists(_)
+        | RestoreError::Invalid(_)
+        | RestoreError::DomainXml(_)
+        | RestoreError::Refused { .. } => ErrorKind::Invalid,
         RestoreError::Verify { .. } => ErrorKind::Damaged,
         _ => ErrorKind::Failed,
     }

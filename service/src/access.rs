@@ -122,24 +122,26 @@ fn nearest_existing(path: &Path) -> PathBuf {
     }
 }
 
-/// libvirt's own folder for disk images; where virt-manager puts a new VM's disks.
-pub const LIBVIRT_IMAGES: &str = "/var/lib/libvirt/images";
-
 /// Whether `folder` is one where libvirt itself lets its clients create disk images:
-/// [`LIBVIRT_IMAGES`] or the folder of an active storage pool of type `dir` of `uri` (as
-/// libvirt says, never as a store says). A user in the `libvirt` group may have the
-/// service write a new VM's disks there: libvirt would let them create volumes there
-/// themselves, and QEMU can reach them, which it cannot in a private home folder.
+/// [`rewind_core::libvirt::volumes::LIBVIRT_IMAGES`] or the folder of an active storage pool of type
+/// `dir` of `uri` (as libvirt says, never as a store says; the same folders a restore
+/// confines a VM's files to, [`rewind_core::libvirt::Hypervisor::storage_folders`]). A user
+/// in the `libvirt` group may have the service write a new VM's disks there: libvirt would
+/// let them create volumes there themselves, and QEMU can reach them, which it cannot in a
+/// private home folder.
 #[must_use]
 pub fn libvirt_image_folder(uri: &str, folder: &Path) -> bool {
     let Ok(folder) = folder.canonicalize() else {
         return false;
     };
-    let mut allowed = vec![PathBuf::from(LIBVIRT_IMAGES)];
-    match rewind_core::libvirt::Hypervisor::connect(uri).and_then(|hv| hv.folder_pool_paths()) {
-        Ok(pools) => allowed.extend(pools),
-        Err(e) => tracing::warn!("could not list the storage pools of {uri}: {e}"),
-    }
+    let allowed =
+        match rewind_core::libvirt::Hypervisor::connect(uri).and_then(|hv| hv.storage_folders()) {
+            Ok(folders) => folders,
+            Err(e) => {
+                tracing::warn!("could not list the storage pools of {uri}: {e}");
+                vec![PathBuf::from(rewind_core::libvirt::volumes::LIBVIRT_IMAGES)]
+            }
+        };
     allowed
         .iter()
         .filter_map(|p| p.canonicalize().ok())

@@ -269,22 +269,6 @@ impl Hypervisor {
         Ok(names)
     }
 
-    /// The folders of the active storage pools of type `dir`: where libvirt itself lets its
-    /// clients create disk images.
-    pub fn folder_pool_paths(&self) -> Result<Vec<PathBuf>> {
-        let pools = self
-            .conn
-            .list_all_storage_pools(sys::VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE)
-            .map_err(|e| self.storage_error("list the storage pools", &e))?;
-        Ok(pools
-            .iter()
-            .filter_map(|p| p.xml_desc(0).ok())
-            .filter_map(|xml| host_files::pool_target(&xml))
-            .filter(|(kind, _)| kind == "dir")
-            .map(|(_, path)| PathBuf::from(path))
-            .collect())
-    }
-
     /// Where libvirt lets its clients keep disk images on this host: [`LIBVIRT_IMAGES`] and
     /// the folders of the active storage pools of type `dir` (as libvirt says, never as a
     /// store says). The transient pools Rewind itself makes to reach a folder for a moment
