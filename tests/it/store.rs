@@ -523,7 +523,11 @@ fn a_full_drive_makes_room_within_the_keep_rules_and_the_next_checkpoint_fits() 
     use rewind_core::store::retention::KeepRules;
     let dir = scratch("store-room");
     let drive = SmallDrive::mount(&dir.path().join("drive"), 20 << 10);
-    let store = Store::init(&drive.path.join("rewind"), &Default::default()).unwrap();
+    let store = Store::init(
+        &drive.path.join("rewind"),
+        &rewind_core::store::InitOptions::default(),
+    )
+    .unwrap();
     let rules = KeepRules {
         last: 2,
         ..KeepRules::default()

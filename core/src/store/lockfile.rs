@@ -256,23 +256,34 @@ pub(crate) fn fresh_conflicts(
             continue;
         }
         let rel = lock_rel(&entry.name);
-        let record = match fs.read(&rel, MAX_RECORD_BYTES) {
-            Ok(bytes) => serde_json::from_slice::<Record>(&bytes).ok(),
+        // A holder's file gets its name only once it is written whole (see `acquire`), so
+        // one that reads but is no record was torn by a power cut (or written by hand):
+        // nobody holds it.
+        let (record, torn) = match fs.read(&rel, MAX_RECORD_BYTES) {
+            Ok(bytes) => match serde_json::from_slice::<Record>(&bytes) {
+                Ok(record) => (Some(record), false),
+                Err(_) => (None, true),
+            },
             Err(e) if is_remote_failure(&e) => return Err(io_error("read", fs.display(&rel), e)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // just released
-            Err(_) => None,
+            Err(_) => (None, false),
         };
         let age = match (now, entry.modified) {
             (Some(now), Some(then)) => now.duration_since(then).unwrap_or_default(),
             _ => Duration::ZERO,
         };
-        if is_stale(record.as_ref(), age, me, &is_live, &process_start) {
+        if torn || is_stale(record.as_ref(), age, me, &is_live, &process_start) {
             tracing::warn!(
                 "removed the stale lock {} of {} (last refreshed {} s ago)",
                 fs.display(&rel).display(),
-                record
-                    .as_ref()
-                    .map_or_else(|| "an unknown holder".into(), Record::describe),
+                record.as_ref().map_or_else(
+                    || if torn {
+                        "nobody (it is torn, as a power cut leaves a file never synced)".into()
+                    } else {
+                        "an unknown holder".into()
+                    },
+                    Record::describe
+                ),
                 age.as_secs()
             );
             match fs.remove_file(&rel) {
@@ -290,7 +301,43 @@ pub(crate) fn fresh_conflicts(
     Ok(busy)
 }
 
-/// A held lock of a remote store; released on drop.
+/// Removes the `new-*.tmp` files that takers killed between writing and naming their lock
+/// file left in `locks/` (under the exclusive lock; one younger than a minute may be a
+/// taker's right now, and stays).
+fn remove_abandoned_new_files(fs: &Backend, own: &str) -> Result<(), StoreError> {
+    let entries = fs.list(Path::new(LOCKS))?;
+    let now = entries
+        .iter()
+        .find(|e| e.name == own)
+        .and_then(|e| e.modified);
+    for entry in entries {
+        // Exactly the names `acquire` gives (lowercase, as every name in a store).
+        let ours = entry
+            .name
+            .strip_prefix("new-")
+            .and_then(|rest| rest.strip_suffix(".tmp"))
+            .is_some_and(|token| token.bytes().all(|b| b.is_ascii_hexdigit()));
+        if !ours {
+            continue;
+        }
+        let age = match (now, entry.modified) {
+            (Some(now), Some(then)) => now.duration_since(then).unwrap_or_default(),
+            _ => Duration::ZERO,
+        };
+        if age > REFRESH_INTERVAL {
+            let rel = lock_rel(&entry.name);
+            match fs.remove_file(&rel) {
+                Err(e) if is_remote_failure(&e) => {
+                    return Err(io_error("remove", fs.display(&rel), e));
+                }
+                other => other.or_warn(format_args!("remove {}", fs.display(&rel).display())),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A held lock file (of a store here or on another host); released on drop.
 #[derive(Debug)]
 pub(crate) struct FileLock {
     fs: Backend,
@@ -350,10 +397,21 @@ impl FileLock {
                 stop: None,
                 refresher: None,
             };
-            // From here on, dropping `lock` removes the file again.
-            fs.write_new(&rel, &bytes, Durability::AtCommit)?;
+            // Written whole under a name no taker reads, then renamed: a lock file that
+            // is no record is therefore torn, never one being written. From here on,
+            // dropping `lock` removes the file again.
+            let new = lock_rel(&format!("new-{token}.tmp"));
+            fs.write_new(&new, &bytes, Durability::AtCommit)?;
+            if let Err(e) = fs.rename(&new, &rel) {
+                fs.remove_file(&new)
+                    .or_warn(format_args!("remove {}", fs.display(&new).display()));
+                return Err(io_error("name the lock file", fs.display(&rel), e));
+            }
             let busy = fresh_conflicts(fs, mode, Some(&name))?;
             if busy.is_empty() {
+                if mode == LockMode::Exclusive {
+                    remove_abandoned_new_files(fs, &name)?;
+                }
                 lock.start_refresher(bytes);
                 return Ok(lock);
             }
