@@ -662,15 +662,7 @@ fn the_daemon_re_hashes_a_share_of_each_store_by_itself_and_finds_damage_there()
     )
     .unwrap();
     // A checkpoint of 2 MiB of noise, through the store API.
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    let content: Vec<u8> = (0..2 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()[3]
-        })
-        .collect();
+    let content = rewind_tests::noise(1, 2 << 20);
     let m = crate::store::write_checkpoint(
         &store,
         "rotating",

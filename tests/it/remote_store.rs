@@ -17,7 +17,7 @@ use rewind_core::store::{
 use rewind_tests::compare::image_bytes;
 use rewind_tests::scratch::ScratchDir;
 use rewind_tests::sshd::Sshd;
-use rewind_tests::{DiskSpec, Format, TestVm, daemon};
+use rewind_tests::{DiskSpec, Format, TestVm, daemon, noise};
 use uuid::Uuid;
 
 /// The Host alias of the test sshd in the `ssh_config` the tests write.
@@ -93,19 +93,6 @@ fn fails(out: &Output, words: &[&str]) -> String {
         assert!(stderr.contains(w), "stderr should mention {w:?}: {stderr}");
     }
     stderr
-}
-
-/// Deterministic, barely compressible bytes.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()[3]
-        })
-        .collect()
 }
 
 fn new_checkpoint(minute: u32) -> NewCheckpoint {

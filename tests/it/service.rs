@@ -17,7 +17,15 @@ const BOOT_TIMEOUT: Duration = Duration::from_mins(4);
 /// The `rewind` binary where a normal user can run it (the build folder may be private).
 fn binary_for_users(dir: &Path) -> std::path::PathBuf {
     let copy = dir.join("rewind");
-    std::fs::copy(env!("CARGO_BIN_EXE_rewind"), &copy).unwrap();
+    // Copied by `cp`, not by this process: a copy written here is open for writing while
+    // other test threads fork, and a child that inherited that descriptor keeps the new
+    // binary "busy" (ETXTBSY) until it execs, which once failed the service's start in CI.
+    let status = std::process::Command::new("cp")
+        .arg(env!("CARGO_BIN_EXE_rewind"))
+        .arg(&copy)
+        .status()
+        .unwrap();
+    assert!(status.success(), "cp the binary to {}", copy.display());
     copy
 }
 

@@ -424,17 +424,7 @@ fn a_full_drive_fails_the_new_checkpoint_and_keeps_the_old_ones() {
     rewind::run_ok(&["init", path_str(&dest)]);
     let store = Store::open(&dest, None).unwrap();
     // Incompressible data: 3 MiB fits the 8 MiB drive, another 6 MiB does not.
-    let noise = |seed: u64, len: usize| {
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x.to_le_bytes()[3]
-            })
-            .collect::<Vec<u8>>()
-    };
+    let noise = rewind_tests::noise;
     let small = noise(1, 3 << 20);
     let kept = write_checkpoint(
         &store,
@@ -533,17 +523,7 @@ fn a_full_drive_makes_room_within_the_keep_rules_and_the_next_checkpoint_fits() 
         ..KeepRules::default()
     };
     let vm = Uuid::from_bytes([1; 16]);
-    let noise = |seed: u64| {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..7 << 20)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x.to_le_bytes()[3]
-            })
-            .collect::<Vec<u8>>()
-    };
+    let noise = |seed: u64| rewind_tests::noise(seed, 7 << 20);
     let at = |hour: u32| Utc.with_ymd_and_hms(2026, 1, 1, hour, 0, 0).unwrap();
     // Two 7 MiB checkpoints fit the 20 MiB drive; a third does not.
     let first = write_checkpoint(&store, "vm", 1, at(0), &noise(1), dir.path());

@@ -67,6 +67,21 @@ impl HarnessError {
     }
 }
 
+/// `len` bytes that do not compress, the same for the same `seed` and different for
+/// different seeds (xorshift).
+#[must_use]
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()[3]
+        })
+        .collect()
+}
+
 /// The workspace's `target` folder (the test executable lives in `target/<profile>/deps`).
 #[must_use]
 pub fn target_dir() -> PathBuf {
