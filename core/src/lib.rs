@@ -16,6 +16,9 @@ pub mod engine;
 pub mod error;
 mod fault;
 pub mod firmware;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod history;
 pub mod job_error;
 pub mod libvirt;
