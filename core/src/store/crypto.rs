@@ -191,11 +191,25 @@ impl Keys {
     ///   minimums), or malformed hex or lengths. All of this is checked before any memory is
     ///   allocated for the KDF.
     /// - [`CryptoError::Kdf`] if the KDF's memory cannot be allocated.
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn unwrap(
         config: &EncryptionConfig,
         passphrase: &[u8],
         context: &[u8],
     ) -> Result<Keys, CryptoError> {
+        Self::unwrap_either(config, passphrase, &[context]).map(|(keys, _)| keys)
+    }
+
+    /// [`Keys::unwrap`] trying each of `contexts` in turn (the passphrase's key is derived
+    /// once): the keys, and which context they were wrapped with.
+    ///
+    /// # Errors
+    /// As [`Keys::unwrap`]; [`CryptoError::WrongPassphrase`] when no context fits.
+    pub fn unwrap_either(
+        config: &EncryptionConfig,
+        passphrase: &[u8],
+        contexts: &[&[u8]],
+    ) -> Result<(Keys, usize), CryptoError> {
         if config.cipher != CIPHER_NAME {
             return Err(CryptoError::BadConfig(format!(
                 "unknown cipher {:?} (this version of Rewind knows {CIPHER_NAME:?})",
@@ -243,12 +257,17 @@ impl Keys {
         // Decrypt straight into the zeroizing buffer: the master key is never anywhere else.
         // (Poly1305 is checked before anything is decrypted, so a wrong key writes nothing.)
         let mut keys = Keys::zeroed();
-        let buffer =
-            InOutBuf::new(ciphertext, keys.master.as_flattened_mut()).map_err(|_| bad_length())?;
-        cipher(&wrapping_key)
-            .decrypt_inout_detached(nonce.into(), context, buffer, tag.into())
-            .map_err(|_| CryptoError::WrongPassphrase)?;
-        Ok(keys)
+        for (n, context) in contexts.iter().enumerate() {
+            let buffer = InOutBuf::new(ciphertext, keys.master.as_flattened_mut())
+                .map_err(|_| bad_length())?;
+            if cipher(&wrapping_key)
+                .decrypt_inout_detached(nonce.into(), context, buffer, tag.into())
+                .is_ok()
+            {
+                return Ok((keys, n));
+            }
+        }
+        Err(CryptoError::WrongPassphrase)
     }
 
     /// Keyed BLAKE3 (with the chunk-id key) of a chunk's plaintext: chunk names reveal nothing

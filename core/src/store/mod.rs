@@ -179,7 +179,7 @@ impl Store {
         };
         let encryption = match (&keys, &options.passphrase) {
             (Some(keys), Some(pass)) => Some(
-                keys.wrap(pass, id.as_bytes(), options.kdf_cost)
+                keys.wrap(pass, &key_context(&id, true), options.kdf_cost)
                     .map_err(|e| match e {
                         crypto::CryptoError::Random(detail) => StoreError::Random(detail),
                         other => StoreError::Invalid(format!(
@@ -265,16 +265,27 @@ impl Store {
                 });
             }
         }
-        let keys = match (&config.encryption, passphrase) {
-            (None, None) => None,
+        let (keys, legacy) = match (&config.encryption, passphrase) {
+            (None, None) => (None, false),
             // Ignoring it would let a header edited to "not encrypted" turn the next
             // checkpoint into plaintext.
             (None, Some(_)) => return Err(StoreError::NotEncrypted { path: root }),
             (Some(_), None) => {
                 return Err(StoreError::PassphraseRequired { path: root });
             }
-            (Some(enc), Some(pass)) => Some(
-                Keys::unwrap(enc, pass, config.id.as_bytes()).map_err(|e| match e {
+            (Some(enc), Some(pass)) => {
+                // A store made since headers have a MAC wraps its key with a context that
+                // says so, which nobody without the passphrase can undo: its header's MAC
+                // cannot simply be removed. A store made before takes the older context.
+                let (keys, context) = Keys::unwrap_either(
+                    enc,
+                    pass,
+                    &[
+                        &key_context(&config.id, true),
+                        &key_context(&config.id, false),
+                    ],
+                )
+                .map_err(|e| match e {
                     crypto::CryptoError::WrongPassphrase => {
                         StoreError::WrongPassphrase { path: root.clone() }
                     }
@@ -286,13 +297,14 @@ impl Store {
                         path: root.clone(),
                         detail: other.to_string(),
                     },
-                })?,
-            ),
+                })?;
+                (Some(keys), context == 1)
+            }
         };
         if let Some(keys) = &keys {
-            check_header_mac(&config, keys, &root)?;
+            check_header_mac(&config, keys, &root, !legacy)?;
         }
-        Ok(Self {
+        let mut store = Self {
             root,
             location,
             fs,
@@ -300,7 +312,11 @@ impl Store {
             keys,
             manifests_read: std::sync::atomic::AtomicU64::new(0),
             pending: std::sync::Mutex::default(),
-        })
+        };
+        if let (true, Some(pass)) = (legacy, passphrase) {
+            store.authenticate_legacy_header(pass);
+        }
+        Ok(store)
     }
 
     /// Where the store is.
@@ -809,7 +825,6 @@ impl Store {
             if removed > 0 {
                 tracing::info!("removed {removed} files ({bytes} bytes) that killed writers left");
             }
-            self.authenticate_legacy_header(&lock)?;
             lock.downgrade()?;
             return Ok(lock);
         }
@@ -817,20 +832,38 @@ impl Store {
     }
 }
 
-/// Checks an encrypted store's header against its MAC. A header without one is from a
-/// Rewind that did not write it yet (it is added at the next write, see
-/// [`Store::authenticate_legacy_header`]).
-fn check_header_mac(config: &StoreConfig, keys: &Keys, root: &Path) -> Result<(), StoreError> {
+/// What an encrypted store's key is wrapped with (besides the passphrase): its ID, and for a
+/// store whose header has a MAC a mark of it (`FORMAT.md`, "Encryption").
+fn key_context(id: &Uuid, header_mac: bool) -> Vec<u8> {
+    let mut context = id.as_bytes().to_vec();
+    if header_mac {
+        context.extend_from_slice(b" rewind-store header mac");
+    }
+    context
+}
+
+/// Checks an encrypted store's header against its MAC. A header without one is refused when
+/// the key says the store has one (`required`); otherwise it is from a Rewind that did not
+/// write one yet (it gets one, see [`Store::authenticate_legacy_header`]).
+fn check_header_mac(
+    config: &StoreConfig,
+    keys: &Keys,
+    root: &Path,
+    required: bool,
+) -> Result<(), StoreError> {
+    let tampered = |detail: &str| StoreError::HeaderTampered {
+        path: root.to_path_buf(),
+        detail: detail.to_owned(),
+    };
     let Some(mac_hex) = &config.mac_hex else {
+        if required {
+            return Err(tampered("its MAC was removed"));
+        }
         tracing::info!(
             "the header of the store at {} has no MAC yet (made by an older Rewind)",
             root.display()
         );
         return Ok(());
-    };
-    let tampered = |detail: &str| StoreError::HeaderTampered {
-        path: root.to_path_buf(),
-        detail: detail.to_owned(),
     };
     let found: [u8; 32] = hex::decode(mac_hex)
         .ok()
@@ -849,27 +882,49 @@ fn check_header_mac(config: &StoreConfig, keys: &Keys, root: &Path) -> Result<()
 }
 
 impl Store {
-    /// Gives the header of an encrypted store made before headers had a MAC its MAC (under
-    /// the exclusive lock, written atomically). A header with one is left as it is.
-    fn authenticate_legacy_header(&self, _exclusive: &StoreLock) -> Result<(), StoreError> {
+    /// Gives the header of an encrypted store made before headers had a MAC its MAC, and
+    /// wraps its key again with the context that says so (same passphrase, same cost, a new
+    /// salt), written atomically. Best effort: a store that cannot be written now (a
+    /// read-only drive) stays as it was and gets it another time.
+    fn authenticate_legacy_header(&mut self, passphrase: &[u8]) {
         let Some(keys) = &self.keys else {
-            return Ok(());
+            return;
         };
-        if self.config.mac_hex.is_some() {
-            return Ok(());
+        let Some(enc) = &self.config.encryption else {
+            return;
+        };
+        let cost = KdfCost {
+            memory_kib: enc.kdf_memory_kib,
+            iterations: enc.kdf_iterations,
+            parallelism: enc.kdf_parallelism,
+        };
+        let upgraded = keys
+            .wrap(passphrase, &key_context(&self.config.id, true), cost)
+            .map_err(|e| StoreError::Invalid(e.to_string()))
+            .and_then(|encryption| {
+                let mut config = self.config.clone();
+                config.encryption = Some(encryption);
+                config.mac_hex = Some(hex::encode(keys.header_mac(&config.authenticated_bytes())));
+                self.fs.write_atomic(
+                    Self::tmp_dir(),
+                    Path::new(config::CONFIG_FILE),
+                    &config.to_json(),
+                )?;
+                Ok(config)
+            });
+        match upgraded {
+            Ok(config) => {
+                self.config = config;
+                tracing::info!(
+                    "added a MAC to the header of the store at {}",
+                    self.root.display()
+                );
+            }
+            Err(e) => tracing::warn!(
+                "the header of the store at {} keeps no MAC for now: {e}",
+                self.root.display()
+            ),
         }
-        let mut config = self.config.clone();
-        config.mac_hex = Some(hex::encode(keys.header_mac(&config.authenticated_bytes())));
-        self.fs.write_atomic(
-            Self::tmp_dir(),
-            Path::new(config::CONFIG_FILE),
-            &config.to_json(),
-        )?;
-        tracing::info!(
-            "added a MAC to the header of the store at {}",
-            self.root.display()
-        );
-        Ok(())
     }
 
     /// Refuses to write into a store whose header says "not encrypted" when its manifests

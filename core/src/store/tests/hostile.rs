@@ -462,20 +462,61 @@ fn a_passphrase_for_a_plain_store_is_an_error_not_ignored() {
 }
 
 #[test]
-fn an_encrypted_header_from_before_macs_is_accepted_and_gets_its_mac_at_the_next_write() {
+fn a_header_whose_mac_was_removed_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (root, _) = encrypted_store_with_a_checkpoint(tmp.path());
+    edit_header(&root, |j| {
+        j.as_object_mut().unwrap().remove("mac_hex");
+        j["chunk_size_bytes"] = (CHUNK * 2).into();
+    });
+    let err = Store::open(&root, Some(b"pass")).unwrap_err();
+    assert!(
+        matches!(&err, StoreError::HeaderTampered { detail, .. } if detail.contains("removed")),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn an_encrypted_header_from_before_macs_is_accepted_and_gets_its_mac_when_opened() {
     let tmp = tempfile::tempdir().unwrap();
     let (root, m) = encrypted_store_with_a_checkpoint(tmp.path());
+    // As an older Rewind made it: the key wrapped with the store's ID alone, and no MAC.
+    {
+        let store = Store::open(&root, Some(b"pass")).unwrap();
+        let keys = store.keys.as_ref().unwrap();
+        let legacy = keys
+            .wrap(
+                b"pass",
+                store.config().id.as_bytes(),
+                KdfCost::FAST_FOR_TESTS,
+            )
+            .unwrap();
+        let mut config = store.config().clone();
+        config.encryption = Some(legacy);
+        config.mac_hex = None;
+        fs::write(root.join(config::CONFIG_FILE), config.to_json()).unwrap();
+    }
+    assert!(Store::probe(&root).unwrap().mac_hex.is_none());
+    let store = Store::open(&root, Some(b"pass")).unwrap();
+    assert!(
+        store.config().mac_hex.is_some(),
+        "given its MAC when opened"
+    );
+    let on_disk = Store::probe(&root).unwrap();
+    assert!(on_disk.mac_hex.is_some(), "and written");
+    let (image, _) = make_image(tmp.path(), "d.img", 3);
+    checkpoint_file(&store, vm("secret-vm", 4), 1, &image, Some(&m));
+    // From then on its MAC can be neither changed nor removed.
+    let header = fs::read(root.join(config::CONFIG_FILE)).unwrap();
+    edit_header(&root, |j| j["chunk_size_bytes"] = (CHUNK * 2).into());
+    assert!(matches!(
+        Store::open(&root, Some(b"pass")),
+        Err(StoreError::HeaderTampered { .. })
+    ));
+    fs::write(root.join(config::CONFIG_FILE), &header).unwrap();
     edit_header(&root, |j| {
         j.as_object_mut().unwrap().remove("mac_hex");
     });
-    let store = Store::open(&root, Some(b"pass")).unwrap();
-    assert!(store.config().mac_hex.is_none());
-    let (image, _) = make_image(tmp.path(), "d.img", 3);
-    checkpoint_file(&store, vm("secret-vm", 4), 1, &image, Some(&m));
-    let upgraded = Store::open(&root, Some(b"pass")).unwrap();
-    assert!(upgraded.config().mac_hex.is_some(), "the MAC was added");
-    // From then on, a change is found.
-    edit_header(&root, |j| j["chunk_size_bytes"] = (CHUNK * 2).into());
     assert!(matches!(
         Store::open(&root, Some(b"pass")),
         Err(StoreError::HeaderTampered { .. })
