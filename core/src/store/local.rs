@@ -434,10 +434,16 @@ impl LocalRoot {
             let mut kind = entry.file_type();
             let mut stat = None;
             if with_metadata || kind == FileType::Unknown {
-                let found =
-                    rustix::fs::statat(&dir_fd, entry.file_name(), AtFlags::SYMLINK_NOFOLLOW)?;
-                kind = stat_kind(&found);
-                stat = Some(found);
+                match rustix::fs::statat(&dir_fd, entry.file_name(), AtFlags::SYMLINK_NOFOLLOW) {
+                    Ok(found) => {
+                        kind = stat_kind(&found);
+                        stat = Some(found);
+                    }
+                    // Removed since the folder was read (a lock released, a leftover
+                    // cleaned by another process): not there any more.
+                    Err(rustix::io::Errno::NOENT) => continue,
+                    Err(e) => return Err(e.into()),
+                }
             }
             let name = OsStr::from_bytes(name);
             if !matches!(kind, FileType::RegularFile | FileType::Directory) {
