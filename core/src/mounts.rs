@@ -66,6 +66,11 @@ pub fn watch(name: &str, on_change: impl Fn() + Send + 'static) -> std::io::Resu
     Ok(MountWatch { _stop: stop_write })
 }
 
+/// Held by a test of this crate that changes the host's mount table, and by one that must
+/// see no change in it.
+#[cfg(test)]
+pub(crate) static MOUNT_TABLE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -91,6 +96,11 @@ mod tests {
         );
         // A real change needs root (mount); ./x test runs as root.
         if rustix::process::geteuid().is_root() {
+            // Other tests of this binary watch the mounts too (an idle engine must stay
+            // quiet): they do not run while this one changes the mount table.
+            let _quiet = MOUNT_TABLE
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             let dir = tempfile::tempdir().unwrap();
             let mounted = std::process::Command::new("mount")
                 .args(["-t", "tmpfs", "-o", "size=1m", "rewind-unit-test"])

@@ -408,6 +408,10 @@ mod tests {
     /// second.
     #[test]
     fn an_idle_engine_with_its_scheduler_stays_quiet() {
+        // A mount made by another test meanwhile would rightly wake the engine.
+        let _no_mounts = crate::mounts::MOUNT_TABLE
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let dir = tempfile::tempdir().unwrap();
         let mut engine = spawn_with(
             EngineOptions {
