@@ -1029,4 +1029,4 @@ fn file_problem(e: &std::io::Error) -> ChunkProblem {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

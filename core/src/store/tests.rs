@@ -54,7 +54,7 @@ fn new_checkpoint(vm: VmRef, minute: u32) -> NewCheckpoint {
 }
 
 /// Deterministic bytes that do not compress.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
+pub(crate) fn noise(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..len)
         .map(|_| {
