@@ -373,6 +373,33 @@ pub(super) fn begin_backup(
     Ok((backup, incremental_from, full_reason))
 }
 
+/// For each chunk slot that the byte ranges `extents` (sorted) touch, the pieces
+/// ([`crate::store::PIECE_BYTES`]) of it they touch, sorted.
+fn changed_pieces(extents: &[(u64, u64)], chunk: u64, size: u64) -> Vec<(u64, Vec<usize>)> {
+    let piece = crate::store::PIECE_BYTES as u64;
+    let mut out: Vec<(u64, Vec<usize>)> = Vec::new();
+    for &(start, end) in extents {
+        let end = end.min(size);
+        let mut at = start - start % piece;
+        while at < end {
+            let (slot, k) = (
+                at / chunk,
+                usize::try_from(at % chunk / piece).expect("small"),
+            );
+            match out.last_mut() {
+                Some((i, pieces)) if *i == slot => {
+                    if pieces.last() != Some(&k) {
+                        pieces.push(k);
+                    }
+                }
+                _ => out.push((slot, vec![k])),
+            }
+            at += piece;
+        }
+    }
+    out
+}
+
 /// Reads one frozen disk from the export into the store: the chunks a dirty bitmap names
 /// (incremental, on top of the parent's index) or every allocated chunk (full).
 pub(super) fn read_disk(
@@ -411,19 +438,13 @@ pub(super) fn read_disk(
             flags & (STATE_HOLE | STATE_ZERO) == 0
         }),
     };
-    let mut chunks: Vec<u64> = Vec::new();
-    for e in nbd.block_status(context, 0, size).map_err(read_err)? {
-        if wanted(e.flags) && e.length > 0 {
-            let (first, last) = (e.offset / chunk, (e.end() - 1) / chunk);
-            if chunks.last() == Some(&first) {
-                chunks.extend(first + 1..=last);
-            } else {
-                chunks.extend(first..=last);
-            }
-        }
-    }
-    chunks.dedup();
-    control.add_total_bytes(chunks.iter().map(|&i| object.chunk_len(i)).sum());
+    let extents: Vec<(u64, u64)> = nbd
+        .block_status(context, 0, size)
+        .map_err(read_err)?
+        .into_iter()
+        .filter(|e| wanted(e.flags) && e.length > 0)
+        .map(|e| (e.offset, e.end()))
+        .collect();
     // One connection per reader: several reads in flight keep QEMU and the drive busy.
     let mut readers = Vec::new();
     for _ in 1..crate::store::reader_count() {
@@ -435,14 +456,49 @@ pub(super) fn read_disk(
         .iter_mut()
         .map(|client| {
             let read_bytes = &read_bytes;
-            move |i: u64, buf: &mut [u8]| {
-                client.read_at(i * chunk, buf).map_err(read_err)?;
+            move |offset: u64, buf: &mut [u8]| {
+                client.read_at(offset, buf).map_err(read_err)?;
                 read_bytes.fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                Ok::<_, CheckpointError>(true)
+                Ok::<_, CheckpointError>(())
             }
         })
         .collect();
-    object.put_slots(&chunks, control, read_fns)?;
+    if base.is_some() {
+        // An incremental: only the pieces the dirty bitmap marks are read, and a slot
+        // little changed is stored as a patch over what its parent held.
+        let changes = changed_pieces(&extents, chunk, size);
+        control.add_total_bytes(
+            changes
+                .iter()
+                .map(|(i, pieces)| {
+                    ((pieces.len() * crate::store::PIECE_BYTES) as u64).min(object.chunk_len(*i))
+                })
+                .sum(),
+        );
+        object.put_changed(&changes, control, read_fns)?;
+    } else {
+        let mut chunks: Vec<u64> = Vec::new();
+        for &(start, end) in &extents {
+            let (first, last) = (start / chunk, (end - 1) / chunk);
+            if chunks.last() == Some(&first) {
+                chunks.extend(first + 1..=last);
+            } else {
+                chunks.extend(first..=last);
+            }
+        }
+        chunks.dedup();
+        control.add_total_bytes(chunks.iter().map(|&i| object.chunk_len(i)).sum());
+        let read_fns: Vec<_> = read_fns
+            .into_iter()
+            .map(|mut read| {
+                move |i: u64, buf: &mut [u8]| {
+                    read(i * chunk, buf)?;
+                    Ok::<_, CheckpointError>(true)
+                }
+            })
+            .collect();
+        object.put_slots(&chunks, control, read_fns)?;
+    }
     let read = read_bytes.into_inner();
     for client in readers {
         client.close().map_err(read_err)?;

@@ -16,9 +16,11 @@ const ZSTD_LEVEL: i32 = 1;
 /// restore writing back a few dirty extents of a chunk reads and checks only those.
 pub const PIECE_BYTES: usize = 64 << 10;
 /// Length of a BLAKE3 chaining value, one per piece in a tree.
-const CV_BYTES: usize = 32;
+pub const CV_BYTES: usize = 32;
 /// Length of each entry of the frame table of a compressed chunk with a tree.
-const FRAME_LEN_BYTES: usize = 4;
+pub(super) const FRAME_LEN_BYTES: usize = 4;
+/// A piece's BLAKE3 chaining value.
+pub type Cv = [u8; CV_BYTES];
 
 /// Whether a data chunk of `plain_len` bytes in an unencrypted store of format 2 or later
 /// carries a tree: its length is a power of two of at least two pieces, so every piece is
@@ -39,7 +41,9 @@ pub fn piece_tree(data: &[u8]) -> Vec<[u8; CV_BYTES]> {
         .collect()
 }
 
-fn piece_cv(k: usize, piece: &[u8]) -> [u8; CV_BYTES] {
+/// The BLAKE3 chaining value of piece number `k` of a chunk.
+#[must_use]
+pub fn piece_cv(k: usize, piece: &[u8]) -> [u8; CV_BYTES] {
     use blake3::hazmat::HasherExt;
     blake3::Hasher::new()
         .set_input_offset((k * PIECE_BYTES) as u64)
@@ -119,6 +123,9 @@ pub enum ChunkKind {
     Data = 1,
     /// A page of an index: the chunk ids of up to 128 data chunks.
     IndexPage = 2,
+    /// Data as the pieces in which it differs from another data chunk, its base (store
+    /// format 3; see `patch.rs`). Read where data is expected.
+    Patch = 3,
 }
 
 impl ChunkKind {
@@ -126,6 +133,7 @@ impl ChunkKind {
         match b {
             1 => Some(Self::Data),
             2 => Some(Self::IndexPage),
+            3 => Some(Self::Patch),
             _ => None,
         }
     }
@@ -162,17 +170,17 @@ pub enum ChunkProblem {
 pub struct Header {
     /// What the chunk holds.
     pub kind: ChunkKind,
-    compressed: bool,
+    pub(super) compressed: bool,
     pub(crate) encrypted: bool,
     /// The payload starts with the chaining values of the content's pieces.
-    tree: bool,
+    pub(super) tree: bool,
     /// Length of the content once decoded.
     pub plain_len: u32,
-    payload_len: u32,
+    pub(super) payload_len: u32,
 }
 
 impl Header {
-    fn to_bytes(self) -> [u8; HEADER_BYTES] {
+    pub(super) fn to_bytes(self) -> [u8; HEADER_BYTES] {
         let mut h = [0u8; HEADER_BYTES];
         h[..4].copy_from_slice(MAGIC);
         h[4] = self.kind as u8;
@@ -214,8 +222,13 @@ impl Header {
                 "claims {plain_len} bytes, more than any chunk"
             )));
         }
+        if kind == ChunkKind::Patch && (!tree || encrypted) {
+            return Err(ChunkProblem::BadHeader(
+                "a patch without a tree, or encrypted, is not of this format".into(),
+            ));
+        }
         if tree {
-            if kind != ChunkKind::Data || encrypted || !takes_tree(plain_len as usize) {
+            if kind == ChunkKind::IndexPage || encrypted || !takes_tree(plain_len as usize) {
                 return Err(ChunkProblem::BadHeader(
                     "it has a tree where none can be".into(),
                 ));
@@ -259,7 +272,7 @@ impl Header {
 
 /// Runs `f` with this thread's zstd compression context (creating one per chunk cost
 /// allocations and table set-up for every megabyte).
-fn with_compressor<T>(
+pub(super) fn with_compressor<T>(
     f: impl FnOnce(&mut zstd::bulk::Compressor<'static>) -> Option<T>,
 ) -> Option<T> {
     thread_local! {
@@ -318,7 +331,7 @@ fn compress(data: &[u8], pieces: bool) -> Option<Vec<u8>> {
 }
 
 /// Decompresses one zstd frame of exactly `out.len()` bytes into `out`.
-fn decompress_into(frame: &[u8], out: &mut [u8]) -> Result<(), ChunkProblem> {
+pub(super) fn decompress_into(frame: &[u8], out: &mut [u8]) -> Result<(), ChunkProblem> {
     let got = with_decompressor(|zstd| zstd.decompress_to_buffer(frame, out))
         .map_err(|e| ChunkProblem::Undecodable(e.to_string()))?;
     if got == out.len() {
@@ -334,7 +347,10 @@ fn decompress_into(frame: &[u8], out: &mut [u8]) -> Result<(), ChunkProblem> {
 /// The byte ranges (inside the body) of the frames of a compressed body with a tree, from
 /// its table of frame lengths (`table`, one `u32` per piece); `body_len` is the whole
 /// body's length, table included.
-fn frame_ranges(table: &[u8], body_len: usize) -> Result<Vec<(usize, usize)>, ChunkProblem> {
+pub(super) fn frame_ranges(
+    table: &[u8],
+    body_len: usize,
+) -> Result<Vec<(usize, usize)>, ChunkProblem> {
     let mut at = table.len();
     let ranges: Vec<(usize, usize)> = table
         .chunks_exact(FRAME_LEN_BYTES)
@@ -431,7 +447,7 @@ fn aad(header: &[u8; HEADER_BYTES], id: &ChunkId) -> Vec<u8> {
 }
 
 /// Checks what `header` says against what the caller expects of the chunk.
-fn check_header(
+pub(super) fn check_header(
     header: Header,
     expected_kind: ChunkKind,
     keys: Option<&Keys>,
@@ -453,7 +469,7 @@ fn check_header(
 }
 
 /// The tree stored at the start of a payload, checked against the chunk's name.
-fn stored_tree(bytes: &[u8], id: &ChunkId) -> Result<Vec<[u8; CV_BYTES]>, ChunkProblem> {
+pub(super) fn stored_tree(bytes: &[u8], id: &ChunkId) -> Result<Vec<[u8; CV_BYTES]>, ChunkProblem> {
     let tree: Vec<[u8; CV_BYTES]> = bytes
         .chunks_exact(CV_BYTES)
         .map(|cv| cv.try_into().expect("exact chunks"))
@@ -538,6 +554,114 @@ pub fn decode(
     })
 }
 
+/// Whether a chunk file (its first bytes at least) is a patch.
+#[must_use]
+pub fn is_patch(file: &[u8]) -> bool {
+    file.len() > 4 && &file[..4] == MAGIC && file[4] == ChunkKind::Patch as u8
+}
+
+/// The pieces (sorted, each once) that byte ranges of a chunk's content touch.
+#[must_use]
+pub fn pieces_of(ranges: &[(u64, u64)]) -> Vec<usize> {
+    let mut pieces: Vec<usize> = ranges
+        .iter()
+        .filter(|&&(from, to)| from < to)
+        .flat_map(|&(from, to)| {
+            let first = usize::try_from(from).unwrap_or(usize::MAX) / PIECE_BYTES;
+            let last = usize::try_from(to - 1).unwrap_or(usize::MAX) / PIECE_BYTES;
+            first..=last
+        })
+        .collect();
+    pieces.sort_unstable();
+    pieces.dedup();
+    pieces
+}
+
+#[allow(clippy::needless_pass_by_value)] // used as `map_err(unreadable)`
+fn unreadable(e: std::io::Error) -> ChunkProblem {
+    match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => ChunkProblem::Truncated(e.to_string()),
+        _ => ChunkProblem::Unreadable(e.to_string()),
+    }
+}
+
+/// Reads the tree of a data chunk file that has one (`header`, already parsed from it),
+/// checked against the chunk's name.
+pub(super) fn read_tree<F: ReadAt + ?Sized>(
+    file: &F,
+    header: Header,
+    id: &ChunkId,
+) -> Result<Vec<Cv>, ChunkProblem> {
+    if !header.tree || header.kind != ChunkKind::Data {
+        return Err(ChunkProblem::BadHeader("it has no tree".into()));
+    }
+    let mut tree_bytes = vec![0; header.tree_bytes()];
+    file.read_exact_at(&mut tree_bytes, HEADER_BYTES as u64)
+        .map_err(unreadable)?;
+    stored_tree(&tree_bytes, id)
+}
+
+/// For a data chunk file with a tree (`header`, already parsed from it): reads its tree,
+/// checked against the chunk's name, then reads (decompressing each piece's own frame)
+/// pieces `pieces` (sorted, each once, each < the chunk's piece count) into `out` (set to
+/// the content's length), each checked against the tree. The rest of `out` is left as it
+/// was. Returns the tree.
+pub(super) fn read_tree_pieces<F: ReadAt + ?Sized>(
+    file: &F,
+    header: Header,
+    id: &ChunkId,
+    pieces: &[usize],
+    out: &mut Vec<u8>,
+) -> Result<Vec<Cv>, ChunkProblem> {
+    let tree = read_tree(file, header, id)?;
+    let plain_len = header.plain_len as usize;
+    if pieces.iter().any(|&k| k >= tree.len()) {
+        return Err(ChunkProblem::BadHeader(format!(
+            "it holds {plain_len} bytes, fewer than the pieces to read need"
+        )));
+    }
+    out.resize(plain_len, 0);
+    let tree_len = header.tree_bytes();
+    let body_at = (HEADER_BYTES + tree_len) as u64;
+    let body_len = header.payload_len as usize - tree_len;
+    if header.compressed {
+        let mut table = vec![0; plain_len / PIECE_BYTES * FRAME_LEN_BYTES];
+        if table.len() > body_len {
+            return Err(ChunkProblem::BadHeader(
+                "its frame table is cut short".into(),
+            ));
+        }
+        file.read_exact_at(&mut table, body_at)
+            .map_err(unreadable)?;
+        let frames = frame_ranges(&table, body_len)?;
+        let mut frame = Vec::new();
+        for &k in pieces {
+            let (from, to) = frames[k];
+            frame.resize(to - from, 0);
+            file.read_exact_at(&mut frame, body_at + from as u64)
+                .map_err(unreadable)?;
+            decompress_into(&frame, &mut out[k * PIECE_BYTES..(k + 1) * PIECE_BYTES])?;
+        }
+    } else {
+        if body_len != plain_len {
+            return Err(ChunkProblem::BadHeader(
+                "stored length does not match".into(),
+            ));
+        }
+        for &k in pieces {
+            let piece = &mut out[k * PIECE_BYTES..(k + 1) * PIECE_BYTES];
+            file.read_exact_at(piece, body_at + (k * PIECE_BYTES) as u64)
+                .map_err(unreadable)?;
+        }
+    }
+    for &k in pieces {
+        if piece_cv(k, &out[k * PIECE_BYTES..(k + 1) * PIECE_BYTES]) != tree[k] {
+            return Err(ChunkProblem::HashMismatch);
+        }
+    }
+    Ok(tree)
+}
+
 /// A chunk file to read parts of: an open file, or its bytes already in memory.
 pub trait ReadAt {
     /// Fills `buf` from `offset`.
@@ -576,10 +700,6 @@ pub fn decode_ranges<F: ReadAt + ?Sized>(
     ranges: &[(u64, u64)],
     out: &mut Vec<u8>,
 ) -> Result<bool, ChunkProblem> {
-    let unreadable = |e: std::io::Error| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => ChunkProblem::Truncated(e.to_string()),
-        _ => ChunkProblem::Unreadable(e.to_string()),
-    };
     let whole = |out: &mut Vec<u8>| -> Result<bool, ChunkProblem> {
         let len = usize::try_from(file_len)
             .ok()
@@ -606,58 +726,8 @@ pub fn decode_ranges<F: ReadAt + ?Sized>(
     if !header.tree || ranges.is_empty() {
         return whole(out);
     }
-    let mut tree_bytes = vec![0; header.tree_bytes()];
-    file.read_exact_at(&mut tree_bytes, HEADER_BYTES as u64)
-        .map_err(unreadable)?;
-    let tree = stored_tree(&tree_bytes, id)?;
-    let mut pieces: Vec<usize> = ranges
-        .iter()
-        .flat_map(|&(from, to)| {
-            let first = usize::try_from(from).expect("within a chunk") / PIECE_BYTES;
-            let last = usize::try_from(to - 1).expect("within a chunk") / PIECE_BYTES;
-            first..=last
-        })
-        .collect();
-    pieces.sort_unstable();
-    pieces.dedup();
-    out.resize(plain_len, 0);
-    let body_at = (HEADER_BYTES + tree_bytes.len()) as u64;
-    let body_len = header.payload_len as usize - tree_bytes.len();
-    if header.compressed {
-        let mut table = vec![0; plain_len / PIECE_BYTES * FRAME_LEN_BYTES];
-        if table.len() > body_len {
-            return Err(ChunkProblem::BadHeader(
-                "its frame table is cut short".into(),
-            ));
-        }
-        file.read_exact_at(&mut table, body_at)
-            .map_err(unreadable)?;
-        let frames = frame_ranges(&table, body_len)?;
-        let mut frame = Vec::new();
-        for &k in &pieces {
-            let (from, to) = frames[k];
-            frame.resize(to - from, 0);
-            file.read_exact_at(&mut frame, body_at + from as u64)
-                .map_err(unreadable)?;
-            decompress_into(&frame, &mut out[k * PIECE_BYTES..(k + 1) * PIECE_BYTES])?;
-        }
-    } else {
-        if body_len != plain_len {
-            return Err(ChunkProblem::BadHeader(
-                "stored length does not match".into(),
-            ));
-        }
-        for &k in &pieces {
-            let piece = &mut out[k * PIECE_BYTES..(k + 1) * PIECE_BYTES];
-            file.read_exact_at(piece, body_at + (k * PIECE_BYTES) as u64)
-                .map_err(unreadable)?;
-        }
-    }
-    for &k in &pieces {
-        if piece_cv(k, &out[k * PIECE_BYTES..(k + 1) * PIECE_BYTES]) != tree[k] {
-            return Err(ChunkProblem::HashMismatch);
-        }
-    }
+    let pieces = pieces_of(ranges);
+    read_tree_pieces(file, header, id, &pieces, out)?;
     Ok(true)
 }
 

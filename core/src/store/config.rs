@@ -15,11 +15,16 @@ pub const CONFIG_FILE: &str = "rewind-store.json";
 /// The value of the `format` field.
 pub const FORMAT_NAME: &str = "rewind-store";
 /// The store format version this build writes and the highest it reads.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// The first format version whose data chunks carry a tree of their pieces' hashes
 /// (`FORMAT.md`, "Chunk files"); a store of an older version keeps being written as it is,
 /// so that the Rewind that made it can still read it.
 pub const TREES_SINCE_VERSION: u32 = 2;
+/// The first format version whose unencrypted stores hold *patches*: data chunks kept as
+/// the pieces in which they differ from another (`FORMAT.md`, "Patches"), and index pages
+/// that name their bases. An older unencrypted store is upgraded to it when it is first
+/// written to (only its header's version changes).
+pub const PATCHES_SINCE_VERSION: u32 = 3;
 /// Default chunk size, chosen by measurement (see `core/BENCHMARKS.md`).
 pub const DEFAULT_CHUNK_SIZE_BYTES: u32 = 1 << 20;
 /// Smallest and largest chunk sizes a store may use.

@@ -60,16 +60,23 @@ impl Store {
                     if !marked.insert(*page) {
                         continue; // a shared page: its entries are marked already
                     }
-                    let entries =
-                        self.read_page(idx, p as u64)
-                            .map_err(|e| StoreError::GcUnsafe {
-                                detail: format!(
-                                    "an index page of checkpoint {} of {} is unreadable ({e})",
-                                    m.id, m.vm.name
-                                ),
-                                store: self.root().to_path_buf(),
-                            })?;
-                    marked.extend(entries.into_iter().filter(|e| *e != HOLE));
+                    let entries = self.read_page_with_bases(idx, p as u64).map_err(|e| {
+                        StoreError::GcUnsafe {
+                            detail: format!(
+                                "an index page of checkpoint {} of {} is unreadable ({e})",
+                                m.id, m.vm.name
+                            ),
+                            store: self.root().to_path_buf(),
+                        }
+                    })?;
+                    // A patch's base is kept as long as the patch.
+                    marked.extend(
+                        entries
+                            .ids
+                            .into_iter()
+                            .chain(entries.bases)
+                            .filter(|e| *e != HOLE),
+                    );
                 }
             }
         }

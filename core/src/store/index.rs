@@ -143,6 +143,9 @@ pub enum IndexError {
         /// The entries it must hold.
         entries: u64,
     },
+    /// A base given for a hole, or a chunk named as its own base.
+    #[error("a page names a base for a hole, or a chunk as its own base")]
+    BadBase,
     /// More data bytes than bytes.
     #[error("{data} data bytes in an object of {size}")]
     DataBytes {
@@ -153,24 +156,84 @@ pub enum IndexError {
     },
 }
 
+/// One page's entries, and for each the base of the patch it names ([`HOLE`] for a
+/// chunk that is not a patch, and for a hole).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    /// The chunk ids.
+    pub ids: Vec<ChunkId>,
+    /// The patches' bases, one per entry.
+    pub bases: Vec<ChunkId>,
+}
+
+impl Page {
+    /// A page of `entries` holes.
+    #[must_use]
+    pub fn holes(entries: usize) -> Self {
+        Self {
+            ids: vec![HOLE; entries],
+            bases: vec![HOLE; entries],
+        }
+    }
+}
+
 /// Encodes a page's entries.
 #[must_use]
 pub fn encode_page(entries: &[ChunkId]) -> Vec<u8> {
     entries.iter().flat_map(|id| id.0).collect()
 }
 
-/// Decodes a page that must hold exactly `expected_entries`.
-pub fn decode_page(bytes: &[u8], expected_entries: u64) -> Result<Vec<ChunkId>, IndexError> {
-    if bytes.len() as u64 != expected_entries * 32 {
-        return Err(IndexError::PageBytes {
-            bytes: bytes.len(),
-            entries: expected_entries,
-        });
+/// Encodes a page: its ids and, if any entry is a patch (store format 3), the bases after
+/// them.
+#[must_use]
+pub fn encode_page_with_bases(page: &Page) -> Vec<u8> {
+    let mut bytes = encode_page(&page.ids);
+    if page.bases.iter().any(|b| *b != HOLE) {
+        bytes.extend(page.bases.iter().flat_map(|b| b.0));
     }
-    Ok(bytes
-        .chunks_exact(32)
-        .map(|c| ChunkId(c.try_into().expect("32 bytes")))
-        .collect())
+    bytes
+}
+
+/// Decodes a page that must hold exactly `expected_entries`: its ids.
+pub fn decode_page(bytes: &[u8], expected_entries: u64) -> Result<Vec<ChunkId>, IndexError> {
+    decode_page_with_bases(bytes, expected_entries).map(|page| page.ids)
+}
+
+/// Decodes a page that must hold exactly `expected_entries`: ids, then (store format 3,
+/// when any entry is a patch) as many bases. A hole has no base, and no chunk is its own.
+pub fn decode_page_with_bases(bytes: &[u8], expected_entries: u64) -> Result<Page, IndexError> {
+    let ids_len = expected_entries.saturating_mul(32);
+    let bad = || IndexError::PageBytes {
+        bytes: bytes.len(),
+        entries: expected_entries,
+    };
+    let with_bases = if bytes.len() as u64 == ids_len {
+        false
+    } else if bytes.len() as u64 == ids_len.saturating_mul(2) && expected_entries > 0 {
+        true
+    } else {
+        return Err(bad());
+    };
+    let decode = |part: &[u8]| -> Vec<ChunkId> {
+        part.chunks_exact(32)
+            .map(|c| ChunkId(c.try_into().expect("32 bytes")))
+            .collect()
+    };
+    let split = usize::try_from(ids_len).map_err(|_| bad())?;
+    let ids = decode(&bytes[..split]);
+    let bases = if with_bases {
+        decode(&bytes[split..])
+    } else {
+        vec![HOLE; ids.len()]
+    };
+    if ids
+        .iter()
+        .zip(&bases)
+        .any(|(id, base)| *base != HOLE && (*id == HOLE || id == base))
+    {
+        return Err(IndexError::BadBase);
+    }
+    Ok(Page { ids, bases })
 }
 
 #[cfg(test)]
@@ -225,5 +288,35 @@ mod tests {
         assert_eq!(decode_page(&bytes, 2).unwrap(), ids);
         assert!(decode_page(&bytes, 3).is_err());
         assert!(decode_page(&bytes[..40], 2).is_err());
+    }
+
+    #[test]
+    fn pages_with_bases_round_trip_and_reject_bases_of_holes() {
+        let page = Page {
+            ids: vec![HOLE, ChunkId([7; 32]), ChunkId([8; 32])],
+            bases: vec![HOLE, ChunkId([9; 32]), HOLE],
+        };
+        let bytes = encode_page_with_bases(&page);
+        assert_eq!(bytes.len(), 3 * 64);
+        assert_eq!(decode_page_with_bases(&bytes, 3).unwrap(), page);
+        assert_eq!(decode_page(&bytes, 3).unwrap(), page.ids);
+        // Without any patch, a page is what format 2 wrote.
+        let plain = Page {
+            ids: page.ids.clone(),
+            bases: vec![HOLE; 3],
+        };
+        assert_eq!(encode_page_with_bases(&plain), encode_page(&plain.ids));
+        let mut bad = page.clone();
+        bad.bases[0] = ChunkId([1; 32]);
+        assert_eq!(
+            decode_page_with_bases(&encode_page_with_bases(&bad), 3),
+            Err(IndexError::BadBase)
+        );
+        let mut own = page;
+        own.bases[2] = own.ids[2];
+        assert_eq!(
+            decode_page_with_bases(&encode_page_with_bases(&own), 3),
+            Err(IndexError::BadBase)
+        );
     }
 }

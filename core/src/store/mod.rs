@@ -25,6 +25,8 @@ pub mod location;
 pub mod lock;
 pub(crate) mod lockfile;
 pub mod manifest;
+pub(crate) mod patch;
+mod pieces;
 mod pipeline;
 pub mod prune;
 pub mod reader;
@@ -38,7 +40,7 @@ use std::path::{Path, PathBuf};
 use chrono::Utc;
 use uuid::Uuid;
 
-pub use chunk::{ChunkId, ChunkKind, ChunkProblem};
+pub use chunk::{ChunkId, ChunkKind, ChunkProblem, PIECE_BYTES};
 pub use config::StoreConfig;
 pub use crypto::KdfCost;
 pub use dirblob::{PackedFile, unpack as unpack_files};
@@ -90,6 +92,11 @@ pub struct Store {
     manifests_read: std::sync::atomic::AtomicU64,
     /// Chunks written under `tmp/` and not yet named (see [`Store::publish_chunks`]).
     pending: std::sync::Mutex<Pending>,
+    /// The format version written: the header's, or [`config::FORMAT_VERSION`] once an
+    /// older store was upgraded by this handle (see [`Store::upgrade_format`]).
+    version: std::sync::atomic::AtomicU32,
+    /// The name of an all-zero chunk of the store's chunk size (not a chunk: a hole).
+    zero_id: std::sync::OnceLock<ChunkId>,
 }
 
 /// Chunk files written but not yet renamed to their names: a chunk gets its name only once
@@ -213,6 +220,8 @@ impl Store {
             keys,
             manifests_read: std::sync::atomic::AtomicU64::new(0),
             pending: std::sync::Mutex::default(),
+            version: std::sync::atomic::AtomicU32::new(config::FORMAT_VERSION),
+            zero_id: std::sync::OnceLock::new(),
         })
     }
 
@@ -304,6 +313,7 @@ impl Store {
         if let Some(keys) = &keys {
             check_header_mac(&config, keys, &root, !legacy)?;
         }
+        let version = config.version;
         let mut store = Self {
             root,
             location,
@@ -312,6 +322,8 @@ impl Store {
             keys,
             manifests_read: std::sync::atomic::AtomicU64::new(0),
             pending: std::sync::Mutex::default(),
+            version: std::sync::atomic::AtomicU32::new(version),
+            zero_id: std::sync::OnceLock::new(),
         };
         if let (true, Some(pass)) = (legacy, passphrase) {
             store.authenticate_legacy_header(pass);
@@ -384,6 +396,29 @@ impl Store {
         header.len() == chunk::HEADER_BYTES && chunk::Header::parse(&header, len).is_ok()
     }
 
+    /// The format version this handle writes: the header's, or the current one once it
+    /// upgraded the store.
+    #[must_use]
+    pub fn format_version(&self) -> u32 {
+        self.version.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether data chunks get a tree of their pieces (unencrypted stores of format 2 on).
+    fn takes_trees(&self) -> bool {
+        self.keys.is_none() && self.format_version() >= config::TREES_SINCE_VERSION
+    }
+
+    /// Whether the writer may keep data as patches (unencrypted stores of format 3 on).
+    pub(crate) fn takes_patches(&self) -> bool {
+        self.keys.is_none() && self.format_version() >= config::PATCHES_SINCE_VERSION
+    }
+
+    /// Whether the store has chunk `id`: written by this handle for the coming commit, or
+    /// present with a sound header and the length it announces.
+    fn has_chunk(&self, id: &ChunkId) -> bool {
+        self.pending().ids.contains(id) || self.chunk_file_is_whole(&Self::chunk_rel(id))
+    }
+
     /// Stores a chunk unless the store has it. Returns its id and the bytes it added (0 if
     /// it was there). Not durable until the commit.
     pub(crate) fn put_chunk(
@@ -393,29 +428,39 @@ impl Store {
     ) -> Result<(ChunkId, u64), StoreError> {
         // A data chunk gets a tree where the store's format has them: the id then comes
         // from the pieces' hashes (the same BLAKE3, computed piece by piece).
-        let tree = (kind == ChunkKind::Data
-            && self.keys.is_none()
-            && self.config.version >= config::TREES_SINCE_VERSION
-            && chunk::takes_tree(data.len()))
-        .then(|| chunk::piece_tree(data));
+        let tree = (kind == ChunkKind::Data && self.takes_trees() && chunk::takes_tree(data.len()))
+            .then(|| chunk::piece_tree(data));
         let id = match &tree {
             Some(tree) => chunk::tree_root(tree),
             None => self.chunk_id(data),
         };
-        let rel = Self::chunk_rel(&id);
+        let added = self.put_encoded(&id, || {
+            chunk::encode(kind, &id, data, self.keys.as_ref(), tree.as_deref())
+        })?;
+        Ok((id, added))
+    }
+
+    /// Stores the file `encode` makes under the name `id`, unless the store has it.
+    /// Returns the bytes it added (0 if it was there). Not durable until the commit.
+    fn put_encoded(
+        &self,
+        id: &ChunkId,
+        encode: impl FnOnce() -> Result<Vec<u8>, StoreError>,
+    ) -> Result<u64, StoreError> {
+        let rel = Self::chunk_rel(id);
         if self.chunk_file_is_whole(&rel) {
-            return Ok((id, 0));
+            return Ok(0);
         }
-        let bytes = chunk::encode(kind, &id, data, self.keys.as_ref(), tree.as_deref())?;
+        let bytes = encode()?;
         let tmp = Self::tmp_dir().join(self.fs.temp_name("chunk"));
         match &self.fs {
             // Written under tmp/ now, named at the commit once it is on the drive.
             Backend::Local(_) => {
-                if !self.pending().ids.insert(id) {
-                    return Ok((id, 0));
+                if !self.pending().ids.insert(*id) {
+                    return Ok(0);
                 }
                 if let Err(e) = self.fs.write_new(&tmp, &bytes, Durability::AtCommit) {
-                    self.pending().ids.remove(&id);
+                    self.pending().ids.remove(id);
                     return Err(e);
                 }
                 self.pending().files.push((tmp, rel));
@@ -424,9 +469,9 @@ impl Store {
             // over SFTP).
             Backend::Sftp(remote) => remote
                 .put_file(&tmp, &rel, &bytes, true)
-                .map_err(|e| io_error("store chunk", self.chunk_path(&id), e))?,
+                .map_err(|e| io_error("store chunk", self.chunk_path(id), e))?,
         }
-        Ok((id, bytes.len() as u64))
+        Ok(bytes.len() as u64)
     }
 
     fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
@@ -510,6 +555,10 @@ impl Store {
             }
             Err(e) => return Ok(Err(file_problem(&e))),
         };
+        if kind == ChunkKind::Data && chunk::is_patch(&file) {
+            let mut out = Vec::new();
+            return Ok(self.read_patch(&file, id, None, &mut out)?.map(|_| out));
+        }
         Ok(chunk::decode(file, kind, id, self.keys.as_ref()))
     }
 
@@ -523,33 +572,22 @@ impl Store {
         ranges: &[(u64, u64)],
         out: &mut Vec<u8>,
     ) -> Result<(), StoreError> {
-        let rel = Self::chunk_rel(id);
         let keys = self.keys.as_ref();
-        let decoded = if let Some(root) = self.fs.local_root() {
-            let opened = match root.open_read(&rel) {
-                Err(e) if local::Refusal::of(&e).is_some() => {
-                    return Err(io_error("read", self.chunk_path(id), e));
+        let decoded = match self.open_chunk(id)? {
+            Err(problem) => Err(problem),
+            Ok(file) if file.is_patch() => {
+                let pieces = chunk::pieces_of(ranges);
+                match file.into_bytes() {
+                    Ok(bytes) => self.read_patch(&bytes, id, Some(&pieces), out)?.map(drop),
+                    Err(problem) => Err(problem),
                 }
-                other => other,
-            };
-            opened
-                .and_then(|f| Ok((f.metadata()?.len(), f)))
-                .map_err(|e| file_problem(&e))
-                .and_then(|(len, file)| chunk::decode_ranges(&file, len, id, keys, ranges, out))
-        } else {
-            // Over SFTP the file comes whole; only the pieces needed are checked.
-            let max = (chunk::HEADER_BYTES + chunk::MAX_CHUNK_BYTES * 2) as u64;
-            match self.fs.read(&rel, max) {
-                Ok(bytes) => {
-                    chunk::decode_ranges(&bytes[..], bytes.len() as u64, id, keys, ranges, out)
-                }
-                Err(e) if is_remote_failure(&e) => {
-                    return Err(io_error("read", self.chunk_path(id), e));
-                }
-                Err(e) => Err(file_problem(&e)),
+            }
+            Ok(file) => {
+                let len = file.len();
+                chunk::decode_ranges(&file, len, id, keys, ranges, out).map(drop)
             }
         };
-        decoded.map(drop).map_err(|problem| StoreError::BadChunk {
+        decoded.map_err(|problem| StoreError::BadChunk {
             chunk: id.to_hex(),
             problem,
             store: self.root.clone(),
@@ -577,6 +615,24 @@ impl Store {
         };
         let bytes = self.read_chunk(id, ChunkKind::IndexPage)?;
         index::decode_page(&bytes, entries).map_err(|e| StoreError::Damaged {
+            path: self.chunk_path(id),
+            detail: e.to_string(),
+            store: self.root.clone(),
+        })
+    }
+
+    /// The entries of index page `page` of `index`, with their bases (store format 3).
+    pub(crate) fn read_page_with_bases(
+        &self,
+        index: &ObjectIndex,
+        page: u64,
+    ) -> Result<index::Page, StoreError> {
+        let entries = index.entries_in_page(page);
+        let Some(Some(id)) = usize::try_from(page).ok().and_then(|p| index.pages.get(p)) else {
+            return Ok(index::Page::holes(usize::try_from(entries).unwrap_or(0)));
+        };
+        let bytes = self.read_chunk(id, ChunkKind::IndexPage)?;
+        index::decode_page_with_bases(&bytes, entries).map_err(|e| StoreError::Damaged {
             path: self.chunk_path(id),
             detail: e.to_string(),
             store: self.root.clone(),
@@ -820,6 +876,7 @@ impl Store {
         control: &crate::progress::Control,
     ) -> Result<StoreLock, StoreError> {
         self.refuse_plaintext_into_encrypted()?;
+        self.upgrade_format()?;
         if let Some(mut lock) = StoreLock::try_exclusive_in(&self.fs, &self.root, purpose)? {
             let (removed, bytes) = self.clean_leftovers(&lock)?;
             if removed > 0 {
@@ -829,6 +886,35 @@ impl Store {
             return Ok(lock);
         }
         self.lock(LockMode::Shared, purpose, Some(control))
+    }
+}
+
+impl Store {
+    /// Upgrades an unencrypted store of an older format to the current one before it is
+    /// first written to: only the header's version changes (written atomically), since
+    /// everything the older format holds is read as it is. From then on an older Rewind
+    /// refuses the store (asking to be updated) instead of misreading a patch. Encrypted
+    /// stores keep their format: patches are not yet written there.
+    fn upgrade_format(&self) -> Result<(), StoreError> {
+        if self.keys.is_some() || self.format_version() >= config::FORMAT_VERSION {
+            return Ok(());
+        }
+        let mut config = self.config.clone();
+        let from = config.version;
+        config.version = config::FORMAT_VERSION;
+        self.fs.write_atomic(
+            Self::tmp_dir(),
+            Path::new(config::CONFIG_FILE),
+            &config.to_json(),
+        )?;
+        self.version
+            .store(config::FORMAT_VERSION, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(
+            "upgraded the store at {} from format {from} to {}",
+            self.root.display(),
+            config::FORMAT_VERSION
+        );
+        Ok(())
     }
 }
 

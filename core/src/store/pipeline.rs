@@ -14,8 +14,10 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 
-use super::chunk::{ChunkId, ChunkKind};
+use super::chunk::{ChunkId, PIECE_BYTES};
 use super::error::StoreError;
+use super::index::HOLE;
+use super::pieces::Stored;
 use super::writer::ObjectWriter;
 use crate::progress::Control;
 
@@ -175,23 +177,134 @@ impl ObjectWriter<'_> {
             .iter()
             .map(|&i| usize::try_from(self.chunk_len(i)).expect("chunk fits memory"))
             .collect();
+        // What each slot held in the index this one started from (an incremental's
+        // parent): a changed slot is stored over it, as a patch where little changed.
+        let parents = self.parent_entries(slots)?;
+        let parent_of =
+            |i: u64| -> ChunkId { slots.binary_search(&i).map_or(HOLE, |seq| parents[seq].0) };
         let workers: Vec<_> = readers
             .into_iter()
             .map(|mut read| {
-                move |i: u64, buf: &mut Vec<u8>| -> Result<Option<(ChunkId, u64)>, E> {
-                    if !read(i, buf)? || buf.iter().all(|&b| b == 0) {
-                        return Ok(None);
+                move |i: u64, buf: &mut Vec<u8>| -> Result<Stored, E> {
+                    if !read(i, buf)? {
+                        return Ok(Stored::hole());
                     }
-                    Ok(Some(store.put_chunk(ChunkKind::Data, buf)?))
+                    let parent = parent_of(i);
+                    let known = if parent == HOLE || buf.iter().all(|&b| b == 0) {
+                        None
+                    } else {
+                        store.known(&parent)?
+                    };
+                    Ok(store.put_data_over(known.as_ref(), buf)?)
                 }
             })
             .collect();
         for_each_slot(slots, &lens, control, workers, |i, stored| {
-            match stored {
-                None => self.put_hole(i)?,
-                Some((id, added)) => self.put_stored(i, id, added)?,
-            }
+            self.apply(i, stored)?;
             Ok(())
         })
     }
+
+    fn apply(&mut self, i: u64, stored: Stored) -> Result<(), StoreError> {
+        if stored.id == HOLE {
+            self.put_hole(i)
+        } else {
+            self.put_stored(i, stored.id, stored.base, stored.added)
+        }
+    }
+
+    /// Sets every slot in `changes` (ascending slots, each with the pieces that may have
+    /// changed since the index this one started from: sorted piece numbers) with one worker
+    /// per reader in `readers`. A reader fills the buffer it is given with the object's
+    /// bytes from the offset it is given. Where the slot's previous content is a chunk (or
+    /// patch) with a tree, only the changed pieces are read, and stored as a patch if at
+    /// most half of the slot differs from its base; otherwise the whole slot is read and
+    /// stored as [`ObjectWriter::put_slots`] does. Progress counts the bytes to read.
+    pub fn put_changed<E, R>(
+        &mut self,
+        changes: &[(u64, Vec<usize>)],
+        control: &Control,
+        readers: Vec<R>,
+    ) -> Result<(), E>
+    where
+        E: From<StoreError> + Send,
+        R: FnMut(u64, &mut [u8]) -> Result<(), E> + Send,
+    {
+        let slots: Vec<u64> = changes.iter().map(|(i, _)| *i).collect();
+        if slots.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(StoreError::Invalid("the changed slots are not in order".into()).into());
+        }
+        if let Some(&bad) = slots.iter().find(|&&i| i >= self.chunk_count()) {
+            return Err(StoreError::Invalid(format!(
+                "chunk {bad} is beyond the end of an object of {} chunks",
+                self.chunk_count()
+            ))
+            .into());
+        }
+        if readers.is_empty() {
+            return Err(StoreError::Invalid("no reader to fill the object with".into()).into());
+        }
+        let store = self.store;
+        let chunk = u64::from(store.chunk_size_bytes());
+        let slot_lens: Vec<usize> = slots
+            .iter()
+            .map(|&i| usize::try_from(self.chunk_len(i)).expect("chunk fits memory"))
+            .collect();
+        let lens: Vec<usize> = changes
+            .iter()
+            .zip(&slot_lens)
+            .map(|((_, pieces), &len)| (pieces.len() * PIECE_BYTES).min(len))
+            .collect();
+        let parents = self.parent_entries(&slots)?;
+        let (slots, parents, slot_lens) = (&slots, &parents, &slot_lens);
+        let workers: Vec<_> = readers
+            .into_iter()
+            .map(|mut read| {
+                move |i: u64, buf: &mut Vec<u8>| -> Result<Stored, E> {
+                    let seq = slots.binary_search(&i).expect("a slot of the list");
+                    let len = slot_lens[seq];
+                    let pieces = &changes[seq].1;
+                    let parent = parents[seq].0;
+                    let known = if parent == HOLE {
+                        None
+                    } else {
+                        store.known(&parent)?
+                    };
+                    buf.resize(len, 0);
+                    let Some(known) = known.filter(|k| {
+                        k.tree.len() * PIECE_BYTES == len
+                            && pieces.iter().all(|&p| p < k.tree.len())
+                    }) else {
+                        read(i * chunk, buf)?;
+                        return Ok(store.put_data_over(None, buf)?);
+                    };
+                    for (first, end) in runs(pieces) {
+                        let (from, to) = (first * PIECE_BYTES, end * PIECE_BYTES);
+                        read(i * chunk + from as u64, &mut buf[from..to])?;
+                    }
+                    let dirty: Vec<(usize, &[u8])> = pieces
+                        .iter()
+                        .map(|&k| (k, &buf[k * PIECE_BYTES..(k + 1) * PIECE_BYTES]))
+                        .collect();
+                    Ok(store.put_pieces_over(&known, &dirty)?)
+                }
+            })
+            .collect();
+        for_each_slot(slots, &lens, control, workers, |i, stored| {
+            self.apply(i, stored)?;
+            Ok(())
+        })
+    }
+}
+
+/// Runs of consecutive piece numbers in `pieces` (sorted), as `(first, last + 1)`.
+fn runs(pieces: &[usize]) -> Vec<(usize, usize)> {
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    for &k in pieces {
+        match out.last_mut() {
+            Some(run) if run.1 == k => run.1 = k + 1,
+            _ => out.push((k, k + 1)),
+        }
+    }
+    out
 }

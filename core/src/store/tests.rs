@@ -1188,3 +1188,4 @@ fn a_vm_catalog_reads_one_vm_and_prune_known_reads_nothing_more() {
 }
 
 mod hostile;
+mod patches;

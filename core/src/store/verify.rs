@@ -132,6 +132,70 @@ fn pages_in_use(checkpoints: &[Manifest]) -> PageUse {
     pages
 }
 
+/// Data chunk → (length, pages referring to it, the base they name for it).
+type DataUse = HashMap<ChunkId, (u64, Vec<ChunkId>, ChunkId)>;
+/// A chunk found damaged, and which checkpoints (by number) need it.
+type Problem = (ChunkId, ChunkKind, ChunkProblem, Vec<u32>);
+
+/// Notes the data chunks index page `page_id` (`page`, with slots of `lens`) needs, and a
+/// patch's base with it: a patch's base is checked as a chunk of the same checkpoints. Two
+/// pages that disagree on a patch's base are a problem of the page.
+fn note_data(
+    data: &mut DataUse,
+    problems: &mut Vec<Problem>,
+    page_id: &ChunkId,
+    page: &index::Page,
+    lens: &[u64],
+    users: &[u32],
+) {
+    let mut needed = Vec::new();
+    for ((id, base), len) in page.ids.iter().zip(&page.bases).zip(lens) {
+        if *id != HOLE {
+            needed.push((*id, *base, *len));
+        }
+        if *base != HOLE {
+            needed.push((*base, HOLE, *len));
+        }
+    }
+    for (id, base, len) in needed {
+        let e = data.entry(id).or_insert_with(|| (len, Vec::new(), base));
+        if e.1.last() != Some(page_id) {
+            e.1.push(*page_id);
+        }
+        if e.2 != base {
+            problems.push((
+                *page_id,
+                ChunkKind::IndexPage,
+                ChunkProblem::BadHeader(format!(
+                    "it names another base for chunk {id} than another page does"
+                )),
+                users.to_vec(),
+            ));
+        }
+    }
+}
+
+/// That a data chunk's base (`found`: [`HOLE`] for a whole chunk) is the one its index
+/// pages name (`named`): garbage collection keeps what the pages name.
+fn same_base(found: ChunkId, named: ChunkId) -> Result<(), ChunkProblem> {
+    let say = |id: ChunkId| {
+        if id == HOLE {
+            "none".to_owned()
+        } else {
+            id.to_hex()
+        }
+    };
+    if found == named {
+        Ok(())
+    } else {
+        Err(ChunkProblem::BadHeader(format!(
+            "its base is {}, its index pages say {}",
+            say(found),
+            say(named)
+        )))
+    }
+}
+
 impl Store {
     /// Verifies the store. Damaged chunks are moved to `damaged/`, not deleted, so that a
     /// later checkpoint of the same data writes them again ("heals" them).
@@ -176,9 +240,8 @@ impl Store {
             ..VerifyReport::default()
         };
         let pages = pages_in_use(&catalog.checkpoints);
-        // data chunk -> (length, pages referring to it)
-        let mut data: HashMap<ChunkId, (u64, Vec<ChunkId>)> = HashMap::new();
-        let mut problems: Vec<(ChunkId, ChunkKind, ChunkProblem, Vec<u32>)> = Vec::new();
+        let mut data = DataUse::new();
+        let mut problems: Vec<Problem> = Vec::new();
         let mut page_ids: Vec<&ChunkId> = pages.keys().collect();
         page_ids.sort();
         for page_id in page_ids {
@@ -188,20 +251,11 @@ impl Store {
             let decoded = self
                 .load_chunk(page_id, ChunkKind::IndexPage)?
                 .and_then(|bytes| {
-                    index::decode_page(&bytes, *entries)
+                    index::decode_page_with_bases(&bytes, *entries)
                         .map_err(|e| ChunkProblem::BadHeader(e.to_string()))
                 });
             match decoded {
-                Ok(ids) => {
-                    for (id, len) in ids.into_iter().zip(lens) {
-                        if id != HOLE {
-                            let e = data.entry(id).or_insert_with(|| (*len, Vec::new()));
-                            if e.1.last() != Some(page_id) {
-                                e.1.push(*page_id);
-                            }
-                        }
-                    }
-                }
+                Ok(page) => note_data(&mut data, &mut problems, page_id, &page, lens, users),
                 Err(problem) => {
                     problems.push((*page_id, ChunkKind::IndexPage, problem, users.clone()));
                 }
@@ -210,16 +264,17 @@ impl Store {
         if let Some((k, of)) = share {
             data.retain(|id, _| share_of(id, of) == k);
         }
-        control.add_total_bytes(data.values().map(|(len, _)| len).sum());
+        control.add_total_bytes(data.values().map(|(len, _, _)| len).sum());
         let mut data_ids: Vec<&ChunkId> = data.keys().collect();
         data_ids.sort();
         for id in data_ids {
             control.check()?;
-            let (len, via_pages) = &data[id];
+            let (len, via_pages, base) = &data[id];
             let result = if quick {
                 self.probe_chunk(id)?
             } else {
-                self.load_chunk(id, ChunkKind::Data)?.map(|_| ())
+                self.check_data_chunk(id)?
+                    .and_then(|found| same_base(found, *base))
             };
             report.chunks_checked += 1;
             report.bytes_checked += len;
@@ -245,7 +300,7 @@ impl Store {
             report.damaged.push(Damage {
                 chunk: id.to_hex(),
                 kind: match kind {
-                    ChunkKind::Data => "data",
+                    ChunkKind::Data | ChunkKind::Patch => "data",
                     ChunkKind::IndexPage => "index_page",
                 }
                 .into(),
@@ -299,8 +354,13 @@ impl Store {
                     found.push(*page);
                     continue;
                 }
-                match self.read_page(idx, p as u64) {
-                    Ok(ids) => found.extend(ids.into_iter().filter(|id| unhealed.contains(id))),
+                match self.read_page_with_bases(idx, p as u64) {
+                    Ok(page) => found.extend(
+                        page.ids
+                            .into_iter()
+                            .chain(page.bases)
+                            .filter(|id| unhealed.contains(id)),
+                    ),
                     // A page that cannot be read is damage of its own.
                     Err(_) => found.push(*page),
                 }

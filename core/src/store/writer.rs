@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 
 use super::chunk::{ChunkId, ChunkKind};
 use super::error::{StoreError, io_error};
-use super::index::{self, ENTRIES_PER_PAGE, HOLE, ObjectIndex};
+use super::index::{self, ENTRIES_PER_PAGE, HOLE, ObjectIndex, Page};
 use super::manifest::{self, BlobEntry, CheckpointKind, Consistency, DiskEntry, Manifest, VmRef};
 use super::{Store, StoreLock};
 use crate::progress::Control;
@@ -149,6 +149,7 @@ impl Store {
         };
         Ok(ObjectWriter {
             store: self,
+            base: base.cloned(),
             index,
             page: None,
             new_bytes: 0,
@@ -194,7 +195,9 @@ pub struct ObjectWriter<'s> {
     pub(super) store: &'s Store,
     index: ObjectIndex,
     /// The page being edited: number, entries, whether they changed.
-    page: Option<(u64, Vec<ChunkId>, bool)>,
+    page: Option<(u64, Page, bool)>,
+    /// The index this one started from (the parent's), to store slots over.
+    base: Option<ObjectIndex>,
     new_bytes: u64,
     new_chunks: u64,
 }
@@ -223,20 +226,50 @@ impl ObjectWriter<'_> {
             )));
         }
         if data.iter().all(|&b| b == 0) {
-            return self.set_entry(i, HOLE);
+            return self.set_entry(i, HOLE, HOLE);
         }
         let (id, added) = self.store.put_chunk(ChunkKind::Data, data)?;
-        self.put_stored(i, id, added)
+        self.put_stored(i, id, HOLE, added)
     }
 
-    /// Sets chunk slot `i` to a chunk already in the store; `added` is what storing it
-    /// added (0 when it was there before).
-    pub(crate) fn put_stored(&mut self, i: u64, id: ChunkId, added: u64) -> Result<(), StoreError> {
+    /// Sets chunk slot `i` to a chunk already in the store (a patch over `base`, or whole
+    /// when `base` is [`HOLE`]); `added` is what storing it added (0 when it was there
+    /// before).
+    pub(crate) fn put_stored(
+        &mut self,
+        i: u64,
+        id: ChunkId,
+        base: ChunkId,
+        added: u64,
+    ) -> Result<(), StoreError> {
         if added > 0 {
             self.new_bytes += added;
             self.new_chunks += 1;
         }
-        self.set_entry(i, id)
+        self.set_entry(i, id, base)
+    }
+
+    /// The entries (and bases) of the index this one started from at `slots` (ascending),
+    /// holes where it has none: what each slot's new content is stored over.
+    pub(crate) fn parent_entries(
+        &self,
+        slots: &[u64],
+    ) -> Result<Vec<(ChunkId, ChunkId)>, StoreError> {
+        let Some(base) = &self.base else {
+            return Ok(vec![(HOLE, HOLE); slots.len()]);
+        };
+        let mut page: Option<(u64, Page)> = None;
+        let mut out = Vec::with_capacity(slots.len());
+        for &i in slots {
+            let page_no = i / ENTRIES_PER_PAGE;
+            if page.as_ref().is_none_or(|(p, _)| *p != page_no) {
+                page = Some((page_no, self.store.read_page_with_bases(base, page_no)?));
+            }
+            let (_, entries) = page.as_ref().expect("loaded above");
+            let e = usize::try_from(i % ENTRIES_PER_PAGE).expect("small");
+            out.push((entries.ids[e], entries.bases[e]));
+        }
+        Ok(out)
     }
 
     /// Marks chunk slot `i` as zeros / unallocated.
@@ -246,19 +279,20 @@ impl ObjectWriter<'_> {
                 "chunk {i} is beyond the end of the object"
             )));
         }
-        self.set_entry(i, HOLE)
+        self.set_entry(i, HOLE, HOLE)
     }
 
-    fn set_entry(&mut self, i: u64, id: ChunkId) -> Result<(), StoreError> {
+    fn set_entry(&mut self, i: u64, id: ChunkId, base: ChunkId) -> Result<(), StoreError> {
         let page_no = i / ENTRIES_PER_PAGE;
         if self.page.as_ref().is_none_or(|(p, _, _)| *p != page_no) {
             self.flush_page()?;
-            let entries = self.store.read_page(&self.index, page_no)?;
+            let entries = self.store.read_page_with_bases(&self.index, page_no)?;
             self.page = Some((page_no, entries, false));
         }
         let len = self.index.chunk_len(i);
         let (_, entries, dirty) = self.page.as_mut().expect("loaded above");
-        let slot = &mut entries[usize::try_from(i % ENTRIES_PER_PAGE).expect("small")];
+        let e = usize::try_from(i % ENTRIES_PER_PAGE).expect("small");
+        let slot = &mut entries.ids[e];
         if *slot != id {
             if *slot == HOLE {
                 self.index.data_bytes += len;
@@ -266,6 +300,10 @@ impl ObjectWriter<'_> {
                 self.index.data_bytes -= len;
             }
             *slot = id;
+            *dirty = true;
+        }
+        if entries.bases[e] != base {
+            entries.bases[e] = base;
             *dirty = true;
         }
         Ok(())
@@ -278,12 +316,13 @@ impl ObjectWriter<'_> {
         if !dirty {
             return Ok(());
         }
-        let id = if entries.iter().all(|e| *e == HOLE) {
+        let id = if entries.ids.iter().all(|e| *e == HOLE) {
             None
         } else {
-            let (id, added) = self
-                .store
-                .put_chunk(ChunkKind::IndexPage, &index::encode_page(&entries))?;
+            let (id, added) = self.store.put_chunk(
+                ChunkKind::IndexPage,
+                &index::encode_page_with_bases(&entries),
+            )?;
             if added > 0 {
                 self.new_bytes += added;
                 self.new_chunks += 1;
@@ -433,7 +472,7 @@ impl<'s> CheckpointWriter<'s> {
             .sum();
         let mut manifest = Manifest {
             // The store's own version: a manifest never needs more than its store.
-            format_version: store.config().version,
+            format_version: store.format_version(),
             id: self.id.clone(),
             vm: self.new.vm.clone(),
             time: self.new.time,

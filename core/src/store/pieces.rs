@@ -1,0 +1,443 @@
+//! Reading and writing data a piece at a time (store format 3): patches over bases, and
+//! what an incremental needs to store only the pieces that changed.
+//!
+//! Every data entry of an index is a whole chunk or a patch ([`super::patch`]); its
+//! content is the same either way, and everything that reads data ([`Store::read_chunk`],
+//! [`Store::read_chunk_ranges`]) resolves a patch over its base by itself.
+
+use std::fs::File;
+
+use super::Store;
+use super::backend::is_remote_failure;
+use super::chunk::{self, ChunkId, ChunkKind, ChunkProblem, Cv, PIECE_BYTES, ReadAt};
+use super::error::{StoreError, io_error};
+use super::index::HOLE;
+use super::local;
+use super::patch::{self, Patch};
+
+/// A chunk file opened for reading: on a local drive an open file, over SFTP its bytes.
+pub(crate) enum ChunkFile {
+    /// An open file and its length.
+    Local(File, u64),
+    /// The whole file.
+    Bytes(Vec<u8>),
+}
+
+impl ReadAt for ChunkFile {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        match self {
+            Self::Local(file, _) => file.read_exact_at(buf, offset),
+            Self::Bytes(bytes) => bytes[..].read_exact_at(buf, offset),
+        }
+    }
+}
+
+impl ChunkFile {
+    /// The file's length.
+    pub(crate) fn len(&self) -> u64 {
+        match self {
+            Self::Local(_, len) => *len,
+            Self::Bytes(bytes) => bytes.len() as u64,
+        }
+    }
+
+    /// Whether it is a patch.
+    pub(crate) fn is_patch(&self) -> bool {
+        let mut head = [0; 5];
+        self.read_exact_at(&mut head, 0).is_ok() && chunk::is_patch(&head)
+    }
+
+    /// The whole file (a patch is at most half a chunk and some).
+    pub(crate) fn into_bytes(self) -> Result<Vec<u8>, ChunkProblem> {
+        match self {
+            Self::Bytes(bytes) => Ok(bytes),
+            Self::Local(file, len) => {
+                let len = usize::try_from(len)
+                    .ok()
+                    .filter(|&n| n <= chunk::HEADER_BYTES + 2 * chunk::MAX_CHUNK_BYTES)
+                    .ok_or_else(|| ChunkProblem::BadHeader(format!("{len} bytes is too long")))?;
+                let mut bytes = vec![0; len];
+                file.read_exact_at(&mut bytes, 0)
+                    .map_err(|e| ChunkProblem::Unreadable(e.to_string()))?;
+                Ok(bytes)
+            }
+        }
+    }
+}
+
+/// What the writer knows of a data entry it may store the next content of a slot over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Known {
+    /// The entry: a whole chunk's name, or a patch's.
+    pub entry: ChunkId,
+    /// The patch's base ([`HOLE`] for a whole chunk).
+    pub base: ChunkId,
+    /// The name of the content.
+    pub content: ChunkId,
+    /// The content's piece tree.
+    pub tree: Vec<Cv>,
+}
+
+/// Where a slot's content was stored, and what that added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Stored {
+    /// The entry ([`HOLE`] for zeros).
+    pub id: ChunkId,
+    /// Its base if it is a patch, else [`HOLE`].
+    pub base: ChunkId,
+    /// Bytes added to the store (0 when it was there).
+    pub added: u64,
+}
+
+impl Stored {
+    pub(crate) fn hole() -> Self {
+        Self {
+            id: HOLE,
+            base: HOLE,
+            added: 0,
+        }
+    }
+
+    fn kept(known: &Known) -> Self {
+        Self {
+            id: known.entry,
+            base: known.base,
+            added: 0,
+        }
+    }
+}
+
+impl Store {
+    /// Opens chunk `id` for reading. The inner error is the chunk's problem (missing,
+    /// unreadable); the outer one a failure to reach the store, or something in the store
+    /// to refuse (a link where the chunk should be).
+    pub(crate) fn open_chunk(
+        &self,
+        id: &ChunkId,
+    ) -> Result<Result<ChunkFile, ChunkProblem>, StoreError> {
+        let rel = Self::chunk_rel(id);
+        if let Some(root) = self.fs.local_root() {
+            let opened = match root.open_read(&rel) {
+                Err(e) if local::Refusal::of(&e).is_some() => {
+                    return Err(io_error("read", self.chunk_path(id), e));
+                }
+                other => other,
+            };
+            Ok(opened
+                .and_then(|f| {
+                    let len = f.metadata()?.len();
+                    Ok(ChunkFile::Local(f, len))
+                })
+                .map_err(|e| super::file_problem(&e)))
+        } else {
+            let max = (chunk::HEADER_BYTES + chunk::MAX_CHUNK_BYTES * 2) as u64;
+            match self.fs.read(&rel, max) {
+                Ok(bytes) => Ok(Ok(ChunkFile::Bytes(bytes))),
+                Err(e) if is_remote_failure(&e) => Err(io_error("read", self.chunk_path(id), e)),
+                Err(e) => Ok(Err(super::file_problem(&e))),
+            }
+        }
+    }
+
+    /// Reads the pieces `wanted` (sorted; all when `None`) of the content of patch `id`
+    /// (its whole `file`) into `out`, set to the content's length: those the patch holds
+    /// from it, the others from its base, each checked against the content's tree. The
+    /// inner error is the patch's problem; a problem of its base is the outer error, which
+    /// names the base.
+    pub(crate) fn read_patch(
+        &self,
+        file: &[u8],
+        id: &ChunkId,
+        wanted: Option<&[usize]>,
+        out: &mut Vec<u8>,
+    ) -> Result<Result<Patch, ChunkProblem>, StoreError> {
+        let patch = match Patch::parse(file, id) {
+            Ok(patch) => patch,
+            Err(problem) => return Ok(Err(problem)),
+        };
+        out.resize(patch.content_len(), 0);
+        let all: Vec<usize> = (0..patch.tree.len()).collect();
+        let wanted = wanted.unwrap_or(&all);
+        if wanted.iter().any(|&k| k >= patch.tree.len()) {
+            return Ok(Err(ChunkProblem::BadHeader(format!(
+                "it holds {} bytes, fewer than the pieces to read need",
+                patch.content_len()
+            ))));
+        }
+        let missing = match patch.read_pieces(file, wanted, out) {
+            Ok(missing) => missing,
+            Err(problem) => return Ok(Err(problem)),
+        };
+        if missing.is_empty() {
+            return Ok(Ok(patch));
+        }
+        let base_problem = |problem| StoreError::BadChunk {
+            chunk: patch.base.to_hex(),
+            problem,
+            store: self.root.clone(),
+        };
+        let base = self.open_chunk(&patch.base)?.map_err(base_problem)?;
+        let mut head = [0; chunk::HEADER_BYTES];
+        base.read_exact_at(&mut head, 0)
+            .map_err(|e| base_problem(ChunkProblem::Truncated(e.to_string())))?;
+        let header = chunk::Header::parse(&head, base.len()).map_err(base_problem)?;
+        if header.plain_len as usize != patch.content_len() || header.kind != ChunkKind::Data {
+            return Err(base_problem(ChunkProblem::BadHeader(
+                "it is not a whole data chunk of its patch's length".into(),
+            )));
+        }
+        let base_tree = chunk::read_tree_pieces(&base, header, &patch.base, &missing, out)
+            .map_err(base_problem)?;
+        // The pieces the patch does not hold must be the base's: otherwise the patch is
+        // wrong about them.
+        if missing.iter().any(|&k| base_tree[k] != patch.tree[k]) {
+            return Ok(Err(ChunkProblem::HashMismatch));
+        }
+        Ok(Ok(patch))
+    }
+
+    /// Checks a data chunk file by itself (as verification does): a whole chunk decoded
+    /// and checked against its name; a patch parsed and every piece it holds checked,
+    /// without its base. Returns the patch's base ([`HOLE`] for a whole chunk).
+    pub(crate) fn check_data_chunk(
+        &self,
+        id: &ChunkId,
+    ) -> Result<Result<ChunkId, ChunkProblem>, StoreError> {
+        let file = match self.open_chunk(id)?.and_then(ChunkFile::into_bytes) {
+            Ok(file) => file,
+            Err(problem) => return Ok(Err(problem)),
+        };
+        if !chunk::is_patch(&file) {
+            return Ok(chunk::decode(file, ChunkKind::Data, id, self.keys.as_ref()).map(|_| HOLE));
+        }
+        Ok(Patch::parse(&file, id).and_then(|patch| {
+            let mut out = vec![0; patch.content_len()];
+            patch.read_pieces(&file, &patch.held, &mut out)?;
+            Ok(patch.base)
+        }))
+    }
+
+    /// What the writer needs of entry `id` to store a slot's next content over it: its
+    /// content's name and tree, and its base if it is a patch. `None` for a chunk without
+    /// a tree (of an older format, encrypted, or shorter than two pieces), or one that
+    /// cannot be read as it should: the writer then stores the next content whole.
+    pub(crate) fn known(&self, id: &ChunkId) -> Result<Option<Known>, StoreError> {
+        if *id == HOLE || !self.takes_patches() {
+            return Ok(None);
+        }
+        let Ok(file) = self.open_chunk(id)? else {
+            return Ok(None);
+        };
+        if file.is_patch() {
+            let Ok(bytes) = file.into_bytes() else {
+                return Ok(None);
+            };
+            return Ok(Patch::parse(&bytes, id).ok().map(|patch| Known {
+                entry: *id,
+                base: patch.base,
+                content: patch.content,
+                tree: patch.tree,
+            }));
+        }
+        let mut head = [0; chunk::HEADER_BYTES];
+        if file.read_exact_at(&mut head, 0).is_err() {
+            return Ok(None);
+        }
+        let Ok(header) = chunk::Header::parse(&head, file.len()) else {
+            return Ok(None);
+        };
+        Ok(chunk::read_tree(&file, header, id).ok().map(|tree| Known {
+            entry: *id,
+            base: HOLE,
+            content: *id,
+            tree,
+        }))
+    }
+
+    /// The whole chunk a patch over `known` would be based on, and its tree: `known`
+    /// itself when it is whole, else its base.
+    fn base_for(&self, known: &Known) -> Result<Option<(ChunkId, Vec<Cv>)>, StoreError> {
+        if known.base == HOLE {
+            return Ok(Some((known.entry, known.tree.clone())));
+        }
+        Ok(self
+            .known(&known.base)?
+            .filter(|base| base.base == HOLE && base.tree.len() == known.tree.len())
+            .map(|base| (base.entry, base.tree)))
+    }
+
+    /// The name of an all-zero chunk of the store's chunk size.
+    fn zero_id(&self) -> ChunkId {
+        *self.zero_id.get_or_init(|| {
+            let zeros = vec![0; self.chunk_size_bytes() as usize];
+            if chunk::takes_tree(zeros.len()) {
+                chunk::tree_root(&chunk::piece_tree(&zeros))
+            } else {
+                self.chunk_id(&zeros)
+            }
+        })
+    }
+
+    /// Stores a patch of `content` (tree `tree`) over `base`, holding `held`.
+    fn put_patch(
+        &self,
+        content: &ChunkId,
+        base: &ChunkId,
+        tree: &[Cv],
+        held: &[(usize, &[u8])],
+    ) -> Result<Stored, StoreError> {
+        let id = patch::name(content, base);
+        let added = self.put_encoded(&id, || patch::encode(content, base, tree, held))?;
+        Ok(Stored {
+            id,
+            base: *base,
+            added,
+        })
+    }
+
+    /// Stores `data`, the whole new content of a slot whose previous content was `parent`
+    /// (`None`: none known, a full capture, or a hole): unchanged, it keeps the parent's
+    /// entry; a content the store has whole is shared; one that differs in at most half
+    /// its pieces from the parent's base (or from the parent, when that is whole) is kept
+    /// as a patch; anything else is stored whole. All-zero data is a hole.
+    pub(crate) fn put_data_over(
+        &self,
+        parent: Option<&Known>,
+        data: &[u8],
+    ) -> Result<Stored, StoreError> {
+        if data.iter().all(|&b| b == 0) {
+            return Ok(Stored::hole());
+        }
+        let Some(parent) =
+            parent.filter(|p| self.takes_patches() && p.tree.len() * PIECE_BYTES == data.len())
+        else {
+            let (id, added) = self.put_chunk(ChunkKind::Data, data)?;
+            return Ok(Stored {
+                id,
+                base: HOLE,
+                added,
+            });
+        };
+        let tree = chunk::piece_tree(data);
+        let id = chunk::tree_root(&tree);
+        if id == parent.content {
+            return Ok(Stored::kept(parent));
+        }
+        if !self.has_chunk(&id)
+            && let Some((base, base_tree)) = self.base_for(parent)?
+        {
+            let differ = patch::differing(&tree, &base_tree);
+            if patch::worth_it(differ.len(), tree.len()) {
+                let held: Vec<(usize, &[u8])> = differ
+                    .iter()
+                    .map(|&k| (k, &data[k * PIECE_BYTES..(k + 1) * PIECE_BYTES]))
+                    .collect();
+                return self.put_patch(&id, &base, &tree, &held);
+            }
+        }
+        self.put_whole(&id, data, &tree)
+    }
+
+    fn put_whole(&self, id: &ChunkId, data: &[u8], tree: &[Cv]) -> Result<Stored, StoreError> {
+        let added = self.put_encoded(id, || {
+            chunk::encode(ChunkKind::Data, id, data, None, Some(tree))
+        })?;
+        Ok(Stored {
+            id: *id,
+            base: HOLE,
+            added,
+        })
+    }
+
+    /// Stores the new content of a slot whose previous content was `parent` and of which
+    /// only the pieces in `dirty` (sorted by piece, each [`PIECE_BYTES`]) may have changed:
+    /// the new content's name comes from the parent's tree with those pieces' hashes
+    /// replaced, so nothing else of the slot is read unless it is stored whole. Otherwise
+    /// as [`Store::put_data_over`].
+    pub(crate) fn put_pieces_over(
+        &self,
+        parent: &Known,
+        dirty: &[(usize, &[u8])],
+    ) -> Result<Stored, StoreError> {
+        let mut tree = parent.tree.clone();
+        for (k, piece) in dirty {
+            if *k >= tree.len() || piece.len() != PIECE_BYTES {
+                return Err(StoreError::Invalid(format!(
+                    "piece {k} of {} bytes does not fit a chunk of {} pieces",
+                    piece.len(),
+                    tree.len()
+                )));
+            }
+            tree[*k] = chunk::piece_cv(*k, piece);
+        }
+        let id = chunk::tree_root(&tree);
+        if id == parent.content {
+            return Ok(Stored::kept(parent));
+        }
+        if id == self.zero_id() {
+            return Ok(Stored::hole());
+        }
+        if self.has_chunk(&id) {
+            return Ok(Stored {
+                id,
+                base: HOLE,
+                added: 0,
+            });
+        }
+        let mut content = Vec::new();
+        let put_dirty = |content: &mut Vec<u8>| {
+            for (k, piece) in dirty {
+                content[k * PIECE_BYTES..(k + 1) * PIECE_BYTES].copy_from_slice(piece);
+            }
+        };
+        if let Some((base, base_tree)) = self.base_for(parent)? {
+            let differ = patch::differing(&tree, &base_tree);
+            if patch::worth_it(differ.len(), tree.len()) {
+                // The differing pieces not written now are the parent's (a patch, then).
+                let from_parent: Vec<usize> = differ
+                    .iter()
+                    .copied()
+                    .filter(|k| dirty.binary_search_by_key(k, |(d, _)| *d).is_err())
+                    .collect();
+                content.resize(tree.len() * PIECE_BYTES, 0);
+                if !from_parent.is_empty() {
+                    self.read_pieces_of(&parent.entry, &from_parent, &mut content)?;
+                }
+                put_dirty(&mut content);
+                let held: Vec<(usize, &[u8])> = differ
+                    .iter()
+                    .map(|&k| (k, &content[k * PIECE_BYTES..(k + 1) * PIECE_BYTES]))
+                    .collect();
+                return self.put_patch(&id, &base, &tree, &held);
+            }
+        }
+        content = self.read_chunk(&parent.entry, ChunkKind::Data)?;
+        if content.len() != tree.len() * PIECE_BYTES {
+            return Err(StoreError::Damaged {
+                path: self.chunk_path(&parent.entry),
+                detail: format!(
+                    "{} bytes where its tree has {} pieces",
+                    content.len(),
+                    tree.len()
+                ),
+                store: self.root.clone(),
+            });
+        }
+        put_dirty(&mut content);
+        self.put_whole(&id, &content, &tree)
+    }
+
+    /// Reads pieces `pieces` (sorted) of data entry `id` into `out` (its length), checked.
+    fn read_pieces_of(
+        &self,
+        id: &ChunkId,
+        pieces: &[usize],
+        out: &mut Vec<u8>,
+    ) -> Result<(), StoreError> {
+        let ranges: Vec<(u64, u64)> = pieces
+            .iter()
+            .map(|&k| ((k * PIECE_BYTES) as u64, ((k + 1) * PIECE_BYTES) as u64))
+            .collect();
+        self.read_chunk_ranges(id, &ranges, out)
+    }
+}
