@@ -27,6 +27,7 @@ pub mod notes;
 pub mod paths;
 pub mod pause;
 pub mod policy;
+pub mod priority;
 pub mod progress;
 pub mod qcow2;
 mod qemu_nbd;

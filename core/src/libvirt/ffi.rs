@@ -1,7 +1,7 @@
 //! The few libvirt calls the `virt` crate does not wrap, made safe here.
 //!
-//! This is the only module of `rewind-core` allowed to use `unsafe`. Each `unsafe` block
-//! says which libvirt contract makes it sound. Callbacks from libvirt's event loop never
+//! This and [`crate::priority`] are the only modules of `rewind-core` allowed to use
+//! `unsafe`. Each `unsafe` block says which libvirt contract makes it sound. Callbacks from libvirt's event loop never
 //! unwind into C: they catch panics.
 
 #![allow(unsafe_code)]
