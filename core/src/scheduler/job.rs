@@ -1,7 +1,8 @@
 //! One scheduled job: a checkpoint of one VM into one destination, then that destination's
 //! retention for the VM and garbage collection. Runs on a blocking thread; everything it
 //! does checks the job's [`Control`], so stopping Rewind stops it cleanly (the checkpoint
-//! engine leaves nothing half-done behind).
+//! engine leaves nothing half-done behind). An automatic job runs at a low CPU and I/O
+//! priority ([`crate::priority`]), so the user's VMs come first.
 
 use chrono::Utc;
 
@@ -12,6 +13,7 @@ use crate::history::{Outcome, Record};
 use crate::job_error::{ErrorKind, JobError};
 use crate::libvirt::Hypervisor;
 use crate::policy::{self, Why};
+use crate::priority::Priority;
 use crate::progress::Control;
 use crate::store::{CheckpointKind, Manifest};
 use crate::vm::VmState;
@@ -44,6 +46,14 @@ fn location_text(found: &Availability) -> Option<String> {
 }
 
 impl JobSpec {
+    /// The priority the job runs at: [`Priority::BACKGROUND`] when nobody waits for it (the
+    /// timer, a drive plugged in, the VM's activity, a retry), its caller's when the user
+    /// asked for it now.
+    #[must_use]
+    pub fn priority(&self) -> Option<Priority> {
+        (self.why != Why::Manual).then_some(Priority::BACKGROUND)
+    }
+
     /// The job's record as it starts (what [`crate::history::begin`] keeps while it runs).
     #[must_use]
     pub fn record(&self) -> Record {
@@ -68,8 +78,13 @@ pub fn run(spec: &JobSpec, control: &Control) -> Record {
 
 /// Runs the job: how it went, for the history, and the checkpoint it took (or why none).
 /// Every trigger runs this: the timer, a drive plugged in, "Checkpoint now" from the
-/// window, the tray or the CLI.
+/// window, the tray or the CLI. An automatic one runs at [`JobSpec::priority`], on a
+/// thread of its own.
 pub fn run_for(spec: &JobSpec, control: &Control) -> (Record, Result<Manifest, JobError>) {
+    crate::priority::run_at(spec.priority(), "rewind-job", || run_here(spec, control))
+}
+
+fn run_here(spec: &JobSpec, control: &Control) -> (Record, Result<Manifest, JobError>) {
     let mut record = spec.record();
     let taken = run_into(spec, control, &mut record);
     if let Err(failure) = &taken {
@@ -186,4 +201,37 @@ fn run_into(spec: &JobSpec, control: &Control, record: &mut Record) -> Result<Ma
         store.gc(control)?;
     }
     Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_job_nobody_asked_for_now_runs_at_the_background_priority() {
+        let spec = |why| JobSpec {
+            uri: "test:///default".into(),
+            protection: Protection::default(),
+            destination: Destination {
+                name: "d".into(),
+                location: "/nowhere".into(),
+                store_id: None,
+                passphrase_file: None,
+                store_secret: None,
+            },
+            found: Availability::Folder("/nowhere".into()),
+            why,
+            force_full_state: false,
+        };
+        for why in [
+            Why::First,
+            Why::Due,
+            Why::CatchUp,
+            Why::Activity,
+            Why::Retry,
+        ] {
+            assert_eq!(spec(why).priority(), Some(Priority::BACKGROUND), "{why:?}");
+        }
+        assert_eq!(spec(Why::Manual).priority(), None);
+    }
 }

@@ -8,7 +8,8 @@
 //! destination it asks [`policy`] whether a checkpoint is due (from the job history), looks
 //! for the destination's store ([`crate::destination`]: by its ID, never an empty mount
 //! point) and starts [`job`]s on blocking threads — never two on one VM, at most
-//! `max_concurrent_jobs` at once. Each job's outcome goes into the history
+//! `max_concurrent_jobs` at once; the jobs it starts by itself, and the rotating check, run at
+//! a low CPU and I/O priority ([`crate::priority`]). Each job's outcome goes into the history
 //! ([`crate::history`]); what runs now, what is missing and what comes next goes into
 //! `status.json` in the state folder for `rewind status`. Stopping it cancels the running
 //! jobs (they clean up after themselves) and waits for them.
@@ -555,7 +556,11 @@ impl State {
             self.checking = Some((dest.name.clone(), control.clone()));
             let (dest, tx, state_dir) = (dest.clone(), tx.clone(), state_dir.clone());
             tokio::task::spawn_blocking(move || {
-                let event = check_share(&dest, &found, share, last, &state_dir, &control);
+                let event = crate::priority::run_at(
+                    Some(crate::priority::Priority::BACKGROUND),
+                    "rewind-check",
+                    || check_share(&dest, &found, share, last, &state_dir, &control),
+                );
                 drop(tx.blocking_send(Msg::Checked(Box::new(event))));
             });
             return;
