@@ -349,95 +349,48 @@ impl Store {
         })
     }
 
-    /// Stores the new content of a slot whose previous content was `parent` and of which
-    /// only the pieces in `dirty` (sorted by piece, each [`PIECE_BYTES`]) may have changed:
-    /// the new content's name comes from the parent's tree with those pieces' hashes
-    /// replaced, so nothing else of the slot is read unless it is stored whole. Otherwise
-    /// as [`Store::put_data_over`].
-    pub(crate) fn put_pieces_over(
-        &self,
-        parent: &Known,
-        dirty: &[(usize, &[u8])],
-    ) -> Result<Stored, StoreError> {
-        let mut tree = parent.tree.clone();
-        for (k, piece) in dirty {
-            if *k >= tree.len() || piece.len() != PIECE_BYTES {
-                return Err(StoreError::Invalid(format!(
-                    "piece {k} of {} bytes does not fit a chunk of {} pieces",
-                    piece.len(),
-                    tree.len()
-                )));
-            }
-            tree[*k] = chunk::piece_cv(*k, piece);
-        }
-        let id = chunk::tree_root(&tree);
+    /// What storing a slot's new content (tree `tree`) over `parent` comes to without
+    /// storing anything: the parent's entry when the content is the same, a hole when it
+    /// is all zeros, the whole chunk the store has when it has one; `None` otherwise.
+    pub(crate) fn settled(&self, parent: &Known, tree: &[Cv]) -> Option<Stored> {
+        let id = chunk::tree_root(tree);
         if id == parent.content {
-            return Ok(Stored::kept(parent));
-        }
-        if id == self.zero_id() {
-            return Ok(Stored::hole());
-        }
-        if self.has_chunk(&id) {
-            return Ok(Stored {
+            Some(Stored::kept(parent))
+        } else if id == self.zero_id() {
+            Some(Stored::hole())
+        } else if self.has_chunk(&id) {
+            Some(Stored {
                 id,
                 base: HOLE,
                 added: 0,
-            });
+            })
+        } else {
+            None
         }
-        let mut content = Vec::new();
-        let put_dirty = |content: &mut Vec<u8>| {
-            for (k, piece) in dirty {
-                content[k * PIECE_BYTES..(k + 1) * PIECE_BYTES].copy_from_slice(piece);
-            }
-        };
-        if let Some((base, base_tree)) = self.base_for(parent)? {
-            let differ = patch::differing(&tree, &base_tree);
-            if patch::worth_it(differ.len(), tree.len()) {
-                // The differing pieces not written now are the parent's (a patch, then).
-                let from_parent: Vec<usize> = differ
-                    .iter()
-                    .copied()
-                    .filter(|k| dirty.binary_search_by_key(k, |(d, _)| *d).is_err())
-                    .collect();
-                content.resize(tree.len() * PIECE_BYTES, 0);
-                if !from_parent.is_empty() {
-                    self.read_pieces_of(&parent.entry, &from_parent, &mut content)?;
-                }
-                put_dirty(&mut content);
-                let held: Vec<(usize, &[u8])> = differ
-                    .iter()
-                    .map(|&k| (k, &content[k * PIECE_BYTES..(k + 1) * PIECE_BYTES]))
-                    .collect();
-                return self.put_patch(&id, &base, &tree, &held);
-            }
-        }
-        content = self.read_chunk(&parent.entry, ChunkKind::Data)?;
-        if content.len() != tree.len() * PIECE_BYTES {
-            return Err(StoreError::Damaged {
-                path: self.chunk_path(&parent.entry),
-                detail: format!(
-                    "{} bytes where its tree has {} pieces",
-                    content.len(),
-                    tree.len()
-                ),
-                store: self.root.clone(),
-            });
-        }
-        put_dirty(&mut content);
-        self.put_whole(&id, &content, &tree)
     }
 
-    /// Reads pieces `pieces` (sorted) of data entry `id` into `out` (its length), checked.
-    fn read_pieces_of(
+    /// The whole chunk (and its tree) a patch of a slot's next content would be over,
+    /// where the slot held `parent`.
+    pub(crate) fn patch_base(
         &self,
-        id: &ChunkId,
-        pieces: &[usize],
-        out: &mut Vec<u8>,
-    ) -> Result<(), StoreError> {
-        let ranges: Vec<(u64, u64)> = pieces
-            .iter()
-            .map(|&k| ((k * PIECE_BYTES) as u64, ((k + 1) * PIECE_BYTES) as u64))
+        parent: &Known,
+    ) -> Result<Option<(ChunkId, Vec<Cv>)>, StoreError> {
+        self.base_for(parent)
+    }
+
+    /// Stores the patch of the content `data` (its tree `tree`) over `base` (tree
+    /// `base_tree`), holding the pieces in which they differ.
+    pub(crate) fn put_patch_of(
+        &self,
+        data: &[u8],
+        tree: &[Cv],
+        base: &ChunkId,
+        base_tree: &[Cv],
+    ) -> Result<Stored, StoreError> {
+        let held: Vec<(usize, &[u8])> = patch::differing(tree, base_tree)
+            .into_iter()
+            .map(|k| (k, &data[k * PIECE_BYTES..(k + 1) * PIECE_BYTES]))
             .collect();
-        self.read_chunk_ranges(id, &ranges, out)
+        self.put_patch(&chunk::tree_root(tree), base, tree, &held)
     }
 }

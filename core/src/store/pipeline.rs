@@ -14,10 +14,11 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 
-use super::chunk::{ChunkId, PIECE_BYTES};
+use super::chunk::{self, ChunkId, PIECE_BYTES};
 use super::error::StoreError;
 use super::index::HOLE;
-use super::pieces::Stored;
+use super::patch;
+use super::pieces::{Known, Stored};
 use super::writer::ObjectWriter;
 use crate::progress::Control;
 
@@ -278,15 +279,14 @@ impl ObjectWriter<'_> {
                         read(i * chunk, buf)?;
                         return Ok(store.put_data_over(None, buf)?);
                     };
-                    for (first, end) in runs(pieces) {
-                        let (from, to) = (first * PIECE_BYTES, end * PIECE_BYTES);
-                        read(i * chunk + from as u64, &mut buf[from..to])?;
-                    }
-                    let dirty: Vec<(usize, &[u8])> = pieces
-                        .iter()
-                        .map(|&k| (k, &buf[k * PIECE_BYTES..(k + 1) * PIECE_BYTES]))
-                        .collect();
-                    Ok(store.put_pieces_over(&known, &dirty)?)
+                    let fetch = |wanted: &[usize], buf: &mut Vec<u8>| -> Result<(), E> {
+                        for (first, end) in runs(wanted) {
+                            let (from, to) = (first * PIECE_BYTES, end * PIECE_BYTES);
+                            read(i * chunk + from as u64, &mut buf[from..to])?;
+                        }
+                        Ok(())
+                    };
+                    store_changed(store, &known, pieces, buf, fetch)
                 }
             })
             .collect();
@@ -295,6 +295,55 @@ impl ObjectWriter<'_> {
             Ok(())
         })
     }
+}
+
+/// Stores the new content of a slot that held `known`, of which only `pieces` may have
+/// changed: `fetch` reads pieces of the slot from the source into the buffer. Reads the
+/// changed pieces, then only what a patch needs, or everything if it is stored whole.
+fn store_changed<E: From<StoreError>>(
+    store: &super::Store,
+    known: &Known,
+    pieces: &[usize],
+    buf: &mut Vec<u8>,
+    mut fetch: impl FnMut(&[usize], &mut Vec<u8>) -> Result<(), E>,
+) -> Result<Stored, E> {
+    let n = known.tree.len();
+    let mut have = vec![false; n];
+    // The new content's tree: the parent's, with the hashes of the pieces read.
+    let mut tree = known.tree.clone();
+    let hash = |tree: &mut [chunk::Cv], have: &mut [bool], wanted: &[usize], buf: &[u8]| {
+        for &k in wanted {
+            tree[k] = chunk::piece_cv(k, &buf[k * PIECE_BYTES..(k + 1) * PIECE_BYTES]);
+            have[k] = true;
+        }
+    };
+    fetch(pieces, buf)?;
+    hash(&mut tree, &mut have, pieces, buf);
+    if let Some(done) = store.settled(known, &tree) {
+        return Ok(done);
+    }
+    // A patch needs the pieces in which the content differs from the base; those not
+    // read yet are read too (from the source, never from the store: a checkpoint does not
+    // depend on its parent's chunks being sound), their hashes taken from what was read.
+    if let Some((base, base_tree)) = store.patch_base(known)? {
+        let differ = patch::differing(&tree, &base_tree);
+        if patch::worth_it(differ.len(), n) {
+            let extra: Vec<usize> = differ.into_iter().filter(|&k| !have[k]).collect();
+            fetch(&extra, buf)?;
+            hash(&mut tree, &mut have, &extra, buf);
+            let differ = patch::differing(&tree, &base_tree);
+            if patch::worth_it(differ.len(), n) && differ.iter().all(|&k| have[k]) {
+                if let Some(done) = store.settled(known, &tree) {
+                    return Ok(done);
+                }
+                return Ok(store.put_patch_of(buf, &tree, &base, &base_tree)?);
+            }
+        }
+    }
+    // Stored whole: the rest is read as well.
+    let rest: Vec<usize> = (0..n).filter(|&k| !have[k]).collect();
+    fetch(&rest, buf)?;
+    Ok(store.put_data_over(Some(known), buf)?)
 }
 
 /// Runs of consecutive piece numbers in `pieces` (sorted), as `(first, last + 1)`.
