@@ -7,6 +7,10 @@
 //! ```
 //!
 //! `REWIND_BENCH_DIR` chooses where the ~8 GiB of scratch files go (default: target/bench).
+//! `REWIND_BENCH_CHAIN=100` first takes a chain of 100 incrementals (a new 1 % change
+//! each) and restores the latest against a full checkpoint of the same image.
+//! `REWIND_BENCH_CHUNK_KIB=1024` limits the chunk sizes tried; `REWIND_BENCH_NO_ENCRYPTED`
+//! skips the encrypted store.
 //! Results go to stdout as a Markdown table; `core/BENCHMARKS.md` keeps them with the
 //! conditions. This is a benchmark, not a test: nothing here passes or fails on timing.
 
@@ -33,7 +37,10 @@ use uuid::Uuid;
 use zeroize::Zeroizing;
 
 mod data;
-use data::{DATA_BYTES, MIB, MIN_IMAGE_BYTES, RANDOM, TEXT, make_image, one_percent_change};
+use data::{
+    DATA_BYTES, MIB, MIN_IMAGE_BYTES, RANDOM, TEXT, make_image, one_percent_change,
+    one_percent_change_seeded,
+};
 
 const IMAGE_BYTES: u64 = MIN_IMAGE_BYTES;
 
@@ -248,6 +255,130 @@ fn run_variant(dir: &Path, image: &Path, chunk_size: u32, encrypted: bool, rows:
     fs::remove_dir_all(&root).unwrap();
 }
 
+/// A chain of `rounds` incrementals, each after another 1 % change (dirty chunks only),
+/// into a store with 1 MiB chunks; then the latest restored, against the same image's full
+/// checkpoint in a new store restored the same way (issue 20: a long chain of patches must
+/// not make a restore slower).
+fn chain(dir: &Path, image: &Path, rounds: u32, rows: &mut Vec<Row>) {
+    let options = InitOptions {
+        chunk_size_bytes: 1 << 20,
+        passphrase: None,
+        kdf_cost: KdfCost::DEFAULT,
+    };
+    let root = dir.join("store-chain");
+    drop(fs::remove_dir_all(&root));
+    let store = Store::init(&root, &options).unwrap();
+    let changing = dir.join("chain.img");
+    fs::copy(image, &changing).unwrap();
+    let mut latest = ingest(&store, &changing, None, 0);
+    let full_bytes = du_bytes(&root);
+    let (mut added, mut secs_sum) = (Vec::new(), 0.0);
+    for n in 1..=rounds {
+        let file = OpenOptions::new().write(true).open(&changing).unwrap();
+        let change = one_percent_change_seeded(0x5EED_0000 + u64::from(n));
+        for (off, piece) in &change {
+            file.write_all_at(piece, *off).unwrap();
+        }
+        let offsets: Vec<u64> = change.iter().map(|(o, _)| *o).collect();
+        let before = du_bytes(&root);
+        let ((), secs) = timed(|| {
+            ingest_changed(&store, &changing, &latest, &offsets, n);
+        });
+        secs_sum += secs;
+        latest = store.catalog().unwrap().checkpoints.pop().unwrap();
+        added.push(du_bytes(&root) - before);
+    }
+    added.sort_unstable();
+    eprintln!(
+        "chain: full {full_bytes} bytes; {rounds} incrementals added {} bytes in all, median {}, \
+         min {}, max {}; {:.2} s per incremental; store {} bytes",
+        added.iter().sum::<u64>(),
+        added[added.len() / 2],
+        added[0],
+        added[added.len() - 1],
+        secs_sum / f64::from(rounds),
+        du_bytes(&root)
+    );
+    let fresh_root = dir.join("store-chain-full");
+    drop(fs::remove_dir_all(&fresh_root));
+    let fresh = Store::init(&fresh_root, &options).unwrap();
+    let full = ingest(&fresh, &changing, None, 0);
+    for round in 1..=3 {
+        for (what, store, m) in [
+            (format!("latest of a chain of {rounds}"), &store, &latest),
+            (
+                "full checkpoint of the same image".to_owned(),
+                &fresh,
+                &full,
+            ),
+        ] {
+            restore_to_file(
+                store,
+                &m.disks[0].index,
+                dir,
+                &changing,
+                &format!("round {round}: {what}"),
+                rows,
+            );
+        }
+    }
+    fs::remove_file(&changing).unwrap();
+    fs::remove_dir_all(&root).unwrap();
+    fs::remove_dir_all(&fresh_root).unwrap();
+}
+
+/// Restores an index to a new file (cold cache, synced), checks it against `expected`,
+/// then reads it back without writing.
+fn restore_to_file(
+    store: &Store,
+    index: &ObjectIndex,
+    dir: &Path,
+    expected: &Path,
+    label: &str,
+    rows: &mut Vec<Row>,
+) {
+    let out = dir.join("restored.img");
+    let cached = drop_caches();
+    let ((), secs) = timed(|| {
+        let file = File::create(&out).unwrap();
+        store
+            .object_reader(index)
+            .unwrap()
+            .write_to_file(&file, &Control::new())
+            .unwrap();
+        file.sync_all().unwrap();
+    });
+    rows.push(Row {
+        what: format!(
+            "{label}: restore to a new file{}",
+            if cached { " (cold cache)" } else { "" }
+        ),
+        secs,
+        logical_bytes: DATA_BYTES,
+        store_bytes_added: 0,
+        peak_rss_mib: peak_rss_mib(),
+    });
+    assert_eq!(
+        blake3_file(&out),
+        blake3_file(expected),
+        "restored image differs"
+    );
+    fs::remove_file(&out).unwrap();
+    let ((), secs) = timed(|| {
+        let mut reader = store.object_reader(index).unwrap();
+        for i in 0..reader.chunk_count() {
+            std::hint::black_box(reader.read(i).unwrap());
+        }
+    });
+    rows.push(Row {
+        what: format!("{label}: restore-read only (decode + verify hash)"),
+        secs,
+        logical_bytes: DATA_BYTES,
+        store_bytes_added: 0,
+        peak_rss_mib: peak_rss_mib(),
+    });
+}
+
 /// Restores the first checkpoint to a new file (checked against the image), then reads it
 /// back without writing.
 fn restore(store: &Store, first: &ObjectIndex, dir: &Path, label: &str, rows: &mut Vec<Row>) {
@@ -390,10 +521,18 @@ fn main() {
                 .collect()
         },
     );
+    let chain_rounds: u32 = std::env::var("REWIND_BENCH_CHAIN")
+        .ok()
+        .map_or(0, |v| v.parse().unwrap());
+    if chain_rounds > 0 {
+        chain(&dir, &image, chain_rounds, &mut rows);
+    }
     for kib in sizes {
         run_variant(&dir, &image, kib << 10, false, &mut rows);
     }
-    run_variant(&dir, &image, 1 << 20, true, &mut rows);
+    if std::env::var_os("REWIND_BENCH_NO_ENCRYPTED").is_none() {
+        run_variant(&dir, &image, 1 << 20, true, &mut rows);
+    }
 
     println!(
         "| run | seconds | logical MB/s | store bytes added | peak RSS MiB |\n|---|---|---|---|---|"

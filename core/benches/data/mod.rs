@@ -119,7 +119,12 @@ pub(crate) fn make_image(path: &Path, image_bytes: u64) {
 
 /// The 1 % change: (offset, 64 KiB of new random data), 320 of them.
 pub(crate) fn one_percent_change() -> Vec<(u64, Vec<u8>)> {
-    let mut rng = Rng(0xC4A_4E5);
+    one_percent_change_seeded(0xC4A_4E5)
+}
+
+/// A 1 % change like [`one_percent_change`], at places and with data that `seed` picks.
+pub(crate) fn one_percent_change_seeded(seed: u64) -> Vec<(u64, Vec<u8>)> {
+    let mut rng = Rng(seed);
     let piece_bytes = 64usize << 10;
     let regions = [RANDOM, TEXT, REPEATS];
     (0..(DATA_BYTES / 100) / piece_bytes as u64)

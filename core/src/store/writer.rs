@@ -228,8 +228,12 @@ impl ObjectWriter<'_> {
         if data.iter().all(|&b| b == 0) {
             return self.set_entry(i, HOLE, HOLE);
         }
-        let (id, added) = self.store.put_chunk(ChunkKind::Data, data)?;
-        self.put_stored(i, id, HOLE, added)
+        // Over what the slot held in the index this one started from, as a patch where
+        // little changed.
+        let (parent, _) = self.parent_entries(&[i])?[0];
+        let known = self.store.known(&parent)?;
+        let stored = self.store.put_data_over(known.as_ref(), data)?;
+        self.put_stored(i, stored.id, stored.base, stored.added)
     }
 
     /// Sets chunk slot `i` to a chunk already in the store (a patch over `base`, or whole
