@@ -9,7 +9,9 @@
 //! cargo bench -p rewind-tests --bench checkpoint
 //! ```
 //!
-//! as root, like the integration tests (it starts libvirt itself). Needs ~10 GiB under the
+//! as root, like the integration tests (it starts libvirt itself). `REWIND_BENCH_GENTLE`
+//! takes each full checkpoint at more than one priority in the same rounds (see
+//! [`gentle_modes`]) and reports the guest's record gaps during each. Needs ~10 GiB under the
 //! test scratch root (`REWIND_TEST_SCRATCH`, default `/var/tmp/rewind-tests`). Prints a
 //! Markdown table; `core/BENCHMARKS.md` keeps the results with their conditions. Nothing
 //! here passes or fails on timing.
@@ -36,6 +38,7 @@ use common::{cpu_secs, drop_caches, qemu_img_convert};
 use data::{DATA_BYTES, GIB, MIB, make_image, one_percent_change};
 use rewind_core::checkpoint;
 use rewind_core::libvirt::Hypervisor;
+use rewind_core::priority::{self, Priority};
 use rewind_core::progress::{Control, Phase};
 use rewind_core::store::{InitOptions, Manifest, Store};
 use rewind_tests::scratch::{ScratchDir, create_open_dir};
@@ -64,7 +67,52 @@ struct Timed {
     phases: String,
 }
 
+/// The priorities the full checkpoints run at, each one in every round, by
+/// `REWIND_BENCH_GENTLE`: `0` (the default) the caller's, as "Checkpoint now"; `1` the
+/// scheduler's ([`Priority::BACKGROUND`], as a scheduled checkpoint); `both` the two;
+/// `idle` `SCHED_IDLE` with the idle I/O class ([`Priority::IDLE`]); `all` the three.
+fn gentle_modes() -> Vec<(&'static str, Option<Priority>)> {
+    let off = ("normal priority", None);
+    let on = ("background priority", Some(Priority::BACKGROUND));
+    let idle = ("SCHED_IDLE", Some(Priority::IDLE));
+    match std::env::var("REWIND_BENCH_GENTLE").as_deref() {
+        Err(_) | Ok("0") => vec![off],
+        Ok("1") => vec![on],
+        Ok("both") => vec![off, on],
+        Ok("idle") => vec![idle],
+        Ok("all") => vec![off, on, idle],
+        Ok(other) => panic!("REWIND_BENCH_GENTLE={other}: use 0, 1, both, idle or all"),
+    }
+}
+
+/// The largest, 90th-percentile and median gap (in hundredths of a second) between the
+/// guest's records `from..=to`.
+fn gap_stats(gaps_cs: &[(u64, u64)], from: u64, to: u64) -> (u64, u64, u64) {
+    let mut g: Vec<u64> = gaps_cs
+        .iter()
+        .filter(|(i, _)| (from..=to).contains(i))
+        .map(|g| g.1)
+        .collect();
+    if g.is_empty() {
+        return (0, 0, 0);
+    }
+    g.sort_unstable();
+    let at = |q: f64| g[((g.len() - 1) as f64 * q).round() as usize];
+    (g[g.len() - 1], at(0.9), at(0.5))
+}
+
 fn take(hv: &Hypervisor, store: &Store, vm: &TestVm, work: &Path) -> Timed {
+    take_at(None, hv, store, vm, work)
+}
+
+/// [`take`] at `priority` (on a thread of its own, as the scheduler's jobs run).
+fn take_at(
+    priority: Option<Priority>,
+    hv: &Hypervisor,
+    store: &Store,
+    vm: &TestVm,
+    work: &Path,
+) -> Timed {
     let control = Arc::new(Control::new());
     let finished = Arc::new(AtomicBool::new(false));
     let before = vm.last_flushed_record();
@@ -90,8 +138,10 @@ fn take(hv: &Hypervisor, store: &Store, vm: &TestVm, work: &Path) -> Timed {
             }
             (at_capture.unwrap_or_else(|| vm.last_flushed_record()), seen)
         });
-        let manifest = checkpoint::take(hv, store, &vm.name, work, &control)
-            .unwrap_or_else(|e| panic!("checkpoint failed: {e}"));
+        let manifest = priority::run_at(priority, "rewind-job", || {
+            checkpoint::take(hv, store, &vm.name, work, &control)
+        })
+        .unwrap_or_else(|e| panic!("checkpoint failed: {e}"));
         let secs = t.elapsed().as_secs_f64();
         finished.store(true, Ordering::Relaxed);
         let (at_capture, mut seen) = watch.join().unwrap();
@@ -153,6 +203,9 @@ fn main() {
         .and_then(|r| r.parse().ok())
         .unwrap_or(3);
     let mut timed_full: Vec<(&str, f64, Timed)> = Vec::new();
+    let modes = gentle_modes();
+    // Which priority each full checkpoint ran at (by its place in `timed_full`).
+    let mut mode_of: Vec<&str> = Vec::new();
     let mut store_a = None;
     for round in 1..=rounds {
         for cold in [true, false] {
@@ -160,13 +213,6 @@ fn main() {
                 drop_caches();
             }
             let (convert, convert_cpu) = qemu_img_convert(&disk, &out);
-            if cold {
-                drop_caches();
-            }
-            let path = dir.join(format!("store-{round}-{cold}"));
-            let store = Store::init(&path, &InitOptions::default()).unwrap();
-            let t = take(&hv, &store, &vm, &work);
-            assert!(t.manifest.parent.is_none());
             let label = if cold {
                 "cold cache"
             } else {
@@ -177,8 +223,24 @@ fn main() {
                 convert,
                 format!("CPU: qemu-img {convert_cpu:.1} s"),
             ));
-            rows.push((
-                format!("round {round}, {label}: full checkpoint"),
+            // The priorities take turns going first.
+            let mut order = modes.clone();
+            order.rotate_left((round - 1) % modes.len());
+            for (mode, priority) in order {
+                if cold {
+                    drop_caches();
+                }
+                let path = dir.join(format!("store-{round}-{cold}-{}", mode_of.len()));
+                let store = Store::init(&path, &InitOptions::default()).unwrap();
+                let t = take_at(priority, &hv, &store, &vm, &work);
+                assert!(t.manifest.parent.is_none());
+                let at = if modes.len() > 1 || priority.is_some() {
+                    format!(" at {mode}")
+                } else {
+                    String::new()
+                };
+                rows.push((
+                format!("round {round}, {label}: full checkpoint{at}"),
                 t.secs,
                 format!(
                     "{:.2}× qemu-img; read {} MB, {:.0} MB/s; {} MB new in the store; CPU: Rewind {:.1} s, QEMU {:.1} s; {}",
@@ -191,26 +253,43 @@ fn main() {
                     t.phases
                 ),
             ));
-            if round == 1 && cold {
-                store_a = Some(store);
-            } else {
-                drop(store);
-                fs::remove_dir_all(&path).unwrap();
+                if store_a.is_none() {
+                    store_a = Some(store);
+                } else {
+                    drop(store);
+                    fs::remove_dir_all(&path).unwrap();
+                }
+                timed_full.push((label, convert, t));
+                mode_of.push(mode);
             }
-            timed_full.push((label, convert, t));
         }
     }
-    for label in ["cold cache", "disk in page cache"] {
+    for (label, (mode, _)) in ["cold cache", "disk in page cache"]
+        .into_iter()
+        .flat_map(|l| modes.iter().map(move |m| (l, *m)))
+    {
         let median = |mut v: Vec<f64>| {
             v.sort_by(f64::total_cmp);
             v[v.len() / 2]
         };
         let of = |f: &dyn Fn(&(&str, f64, Timed)) -> f64| {
-            median(timed_full.iter().filter(|t| t.0 == label).map(f).collect())
+            median(
+                timed_full
+                    .iter()
+                    .zip(&mode_of)
+                    .filter(|(t, m)| t.0 == label && **m == mode)
+                    .map(|(t, _)| f(t))
+                    .collect(),
+            )
         };
         let (convert, full) = (of(&|t| t.1), of(&|t| t.2.secs));
+        let at = if modes.len() > 1 {
+            format!(" at {mode}")
+        } else {
+            String::new()
+        };
         rows.push((
-            format!("**median of {rounds}, {label}: full checkpoint**"),
+            format!("**median of {rounds}, {label}: full checkpoint{at}**"),
             full,
             format!("qemu-img median {convert:.2} s: **{:.2}×**", full / convert),
         ));
@@ -308,6 +387,59 @@ fn main() {
                 worst_cs.saturating_sub(median_cs) * 10,
             ),
         ));
+    }
+
+    // The guest's record gaps while each full checkpoint ran (from the record flushed
+    // before it began to the one flushed after it ended), by the priority it ran at.
+    if modes.len() > 1 || modes[0].1.is_some() {
+        let mut summary: Vec<(&str, Vec<[f64; 6]>)> = modes.iter().map(|m| (m.0, vec![])).collect();
+        for ((label, _, t), mode) in timed_full.iter().zip(&mode_of) {
+            let (largest, p90, median) = gap_stats(&gaps_cs, t.records.0 + 1, t.records.2);
+            rows.push((
+                format!("guest: largest record gap during the full checkpoint ({label}) at {mode}"),
+                largest as f64 / 100.0,
+                format!(
+                    "records {}..{}: 90th percentile {} ms, median {} ms; checkpoint {:.2} s, CPU Rewind {:.1} s, QEMU {:.1} s",
+                    t.records.0 + 1,
+                    t.records.2,
+                    p90 * 10,
+                    median * 10,
+                    t.secs,
+                    t.cpu.0,
+                    t.cpu.1
+                ),
+            ));
+            if let Some((_, v)) = summary.iter_mut().find(|(m, _)| m == mode) {
+                v.push([
+                    largest as f64 * 10.0,
+                    p90 as f64 * 10.0,
+                    median as f64 * 10.0,
+                    t.secs,
+                    t.cpu.0,
+                    t.cpu.1,
+                ]);
+            }
+        }
+        for (mode, v) in summary {
+            let median = |k: usize| {
+                let mut x: Vec<f64> = v.iter().map(|r| r[k]).collect();
+                x.sort_by(f64::total_cmp);
+                x[x.len() / 2]
+            };
+            rows.push((
+                format!("**median of {} full checkpoints at {mode}: largest guest record gap**", v.len()),
+                median(0) / 1000.0,
+                format!(
+                    "90th percentile {:.0} ms, median gap {:.0} ms; checkpoint {:.2} s, CPU Rewind {:.1} s, QEMU {:.1} s (median gap over the whole run {} ms)",
+                    median(1),
+                    median(2),
+                    median(3),
+                    median(4),
+                    median(5),
+                    median_cs * 10
+                ),
+            ));
+        }
     }
 
     println!("| run | seconds | notes |");
