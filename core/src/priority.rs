@@ -27,7 +27,7 @@
 //!
 //! What the I/O priority does depends on the drive's I/O scheduler: BFQ honours the
 //! best-effort levels; mq-deadline only the classes (real-time, best-effort, idle); `none`
-//! (most NVMe drives) none of it. Best-effort 7 rather than the idle class: the idle class
+//! (most `NVMe` drives) none of it. Best-effort 7 rather than the idle class: the idle class
 //! only gets a disk nobody else uses, and a VM that writes all the time would hold a
 //! checkpoint back for as long as it does.
 //!
