@@ -205,6 +205,20 @@ impl DiskSession {
         ))
     }
 
+    /// Reads and hashes every allocated chunk slot: the content's chunk id of each slot
+    /// (holes for the others), as [`DiskSession::hash_slots`].
+    fn hash_allocated(
+        &mut self,
+        store: &Store,
+        index: &ObjectIndex,
+        control: &Control,
+    ) -> Result<Vec<ChunkId>, RestoreError> {
+        let mut ids = vec![HOLE; usize::try_from(index.chunk_count()).expect("slots fit memory")];
+        let allocated = self.allocated_slots(u64::from(index.chunk_size_bytes))?;
+        self.hash_slots(store, index, &allocated, &mut ids, control)?;
+        Ok(ids)
+    }
+
     /// Reads and hashes the chunks in `slots` (all-zero ones count as holes, as in the
     /// store), setting them in `ids`.
     fn hash_slots(
@@ -508,10 +522,9 @@ pub(crate) fn make_equal(
             (slots, ComparedBy::DirtyBitmap)
         }
         (Current::Unknown, None) => {
-            let mut ids = vec![HOLE; wanted.len()];
-            let allocated = session.allocated_slots(chunk)?;
-            session.hash_slots(store, index, &allocated, &mut ids, control)?;
-            (differing(&ids, &wanted), ComparedBy::Hashing)
+            let ids = session.hash_allocated(store, index, control)?;
+            let contents = store.content_ids(index, &wanted)?; // patches are named otherwise
+            (differing(&ids, &contents), ComparedBy::Hashing)
         }
     };
     // Where the restored chunk is the one the bitmap counts from, only its dirty extents
@@ -558,7 +571,8 @@ pub(crate) fn verify_image(
     work_dir: &Path,
     control: &Control,
 ) -> Result<u64, RestoreError> {
-    let wanted = entries(store, index)?;
+    // Compared with what is read and hashed: patches by the content they name.
+    let wanted = store.content_ids(index, &entries(store, index)?)?;
     let access = Access::ReadOnly { bitmap: None };
     let mut session = DiskSession::open(file, format, access, work_dir)?;
     let chunk = u64::from(index.chunk_size_bytes);

@@ -69,12 +69,12 @@ impl Store {
                             store: self.root().to_path_buf(),
                         }
                     })?;
-                    // A patch's base is kept as long as the patch.
+                    // A patch's chain of bases is kept as long as the patch.
                     marked.extend(
                         entries
                             .ids
                             .into_iter()
-                            .chain(entries.bases)
+                            .chain(entries.chains.into_iter().flatten())
                             .filter(|e| *e != HOLE),
                     );
                 }

@@ -143,8 +143,8 @@ pub enum IndexError {
         /// The entries it must hold.
         entries: u64,
     },
-    /// A base given for a hole, or a chunk named as its own base.
-    #[error("a page names a base for a hole, or a chunk as its own base")]
+    /// Bases given for a hole, or a chunk in a chain twice.
+    #[error("a page names bases for a hole, or a chunk twice in a chain of bases")]
     BadBase,
     /// More data bytes than bytes.
     #[error("{data} data bytes in an object of {size}")]
@@ -156,14 +156,19 @@ pub enum IndexError {
     },
 }
 
-/// One page's entries, and for each the base of the patch it names ([`HOLE`] for a
-/// chunk that is not a patch, and for a hole).
+/// The longest chain of patches a page may give an entry: a patch over a patch over …
+/// over a whole chunk, at most this many patches (`FORMAT.md`, "Patches").
+pub const MAX_CHAIN: usize = 16;
+
+/// One page's entries, and for each its chain of bases: for a patch, the chunk it is over,
+/// then that one's base, and so on to the whole chunk at the end (empty for a whole chunk
+/// and for a hole).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Page {
     /// The chunk ids.
     pub ids: Vec<ChunkId>,
-    /// The patches' bases, one per entry.
-    pub bases: Vec<ChunkId>,
+    /// The chains of bases, one per entry, nearest first.
+    pub chains: Vec<Vec<ChunkId>>,
 }
 
 impl Page {
@@ -172,7 +177,7 @@ impl Page {
     pub fn holes(entries: usize) -> Self {
         Self {
             ids: vec![HOLE; entries],
-            bases: vec![HOLE; entries],
+            chains: vec![Vec::new(); entries],
         }
     }
 }
@@ -183,13 +188,18 @@ pub fn encode_page(entries: &[ChunkId]) -> Vec<u8> {
     entries.iter().flat_map(|id| id.0).collect()
 }
 
-/// Encodes a page: its ids and, if any entry is a patch (store format 3), the bases after
-/// them.
+/// Encodes a page: its ids and, if any entry is a patch (store format 3), the length of
+/// each entry's chain of bases (one byte each), then the chains' ids in entry order.
 #[must_use]
 pub fn encode_page_with_bases(page: &Page) -> Vec<u8> {
     let mut bytes = encode_page(&page.ids);
-    if page.bases.iter().any(|b| *b != HOLE) {
-        bytes.extend(page.bases.iter().flat_map(|b| b.0));
+    if page.chains.iter().any(|c| !c.is_empty()) {
+        bytes.extend(
+            page.chains
+                .iter()
+                .map(|c| u8::try_from(c.len()).expect("chains are short")),
+        );
+        bytes.extend(page.chains.iter().flatten().flat_map(|b| b.0));
     }
     bytes
 }
@@ -200,40 +210,56 @@ pub fn decode_page(bytes: &[u8], expected_entries: u64) -> Result<Vec<ChunkId>, 
 }
 
 /// Decodes a page that must hold exactly `expected_entries`: ids, then (store format 3,
-/// when any entry is a patch) as many bases. A hole has no base, and no chunk is its own.
+/// when any entry is a patch) each entry's chain of bases. A hole has none, a chain is at
+/// most [`MAX_CHAIN`] long, and no chunk is in a chain twice or in its own.
 pub fn decode_page_with_bases(bytes: &[u8], expected_entries: u64) -> Result<Page, IndexError> {
-    let ids_len = expected_entries.saturating_mul(32);
     let bad = || IndexError::PageBytes {
         bytes: bytes.len(),
         entries: expected_entries,
     };
-    let with_bases = if bytes.len() as u64 == ids_len {
-        false
-    } else if bytes.len() as u64 == ids_len.saturating_mul(2) && expected_entries > 0 {
-        true
-    } else {
+    let n = usize::try_from(expected_entries).map_err(|_| bad())?;
+    let ids_len = n.checked_mul(32).ok_or_else(bad)?;
+    if bytes.len() < ids_len {
         return Err(bad());
-    };
+    }
     let decode = |part: &[u8]| -> Vec<ChunkId> {
         part.chunks_exact(32)
             .map(|c| ChunkId(c.try_into().expect("32 bytes")))
             .collect()
     };
-    let split = usize::try_from(ids_len).map_err(|_| bad())?;
-    let ids = decode(&bytes[..split]);
-    let bases = if with_bases {
-        decode(&bytes[split..])
-    } else {
-        vec![HOLE; ids.len()]
-    };
-    if ids
-        .iter()
-        .zip(&bases)
-        .any(|(id, base)| *base != HOLE && (*id == HOLE || id == base))
-    {
-        return Err(IndexError::BadBase);
+    let ids = decode(&bytes[..ids_len]);
+    let rest = &bytes[ids_len..];
+    if rest.is_empty() {
+        return Ok(Page {
+            ids,
+            chains: vec![Vec::new(); n],
+        });
     }
-    Ok(Page { ids, bases })
+    if rest.len() < n || n == 0 {
+        return Err(bad());
+    }
+    let (lens, mut links) = rest.split_at(n);
+    if lens.iter().any(|&l| usize::from(l) > MAX_CHAIN)
+        || links.len() != lens.iter().map(|&l| usize::from(l) * 32).sum::<usize>()
+    {
+        return Err(bad());
+    }
+    let mut chains = Vec::with_capacity(n);
+    for (&len, id) in lens.iter().zip(&ids) {
+        let (chain, more) = links.split_at(usize::from(len) * 32);
+        links = more;
+        let chain = decode(chain);
+        let mut seen: Vec<&ChunkId> = chain.iter().chain([id]).collect();
+        seen.sort();
+        seen.dedup();
+        if !chain.is_empty()
+            && (*id == HOLE || seen.len() != chain.len() + 1 || chain.contains(&HOLE))
+        {
+            return Err(IndexError::BadBase);
+        }
+        chains.push(chain);
+    }
+    Ok(Page { ids, chains })
 }
 
 #[cfg(test)]
@@ -291,32 +317,35 @@ mod tests {
     }
 
     #[test]
-    fn pages_with_bases_round_trip_and_reject_bases_of_holes() {
+    fn pages_with_chains_round_trip_and_reject_chains_of_holes_and_loops() {
         let page = Page {
             ids: vec![HOLE, ChunkId([7; 32]), ChunkId([8; 32])],
-            bases: vec![HOLE, ChunkId([9; 32]), HOLE],
+            chains: vec![vec![], vec![ChunkId([9; 32]), ChunkId([10; 32])], vec![]],
         };
         let bytes = encode_page_with_bases(&page);
-        assert_eq!(bytes.len(), 3 * 64);
+        assert_eq!(bytes.len(), 3 * 32 + 3 + 2 * 32);
         assert_eq!(decode_page_with_bases(&bytes, 3).unwrap(), page);
         assert_eq!(decode_page(&bytes, 3).unwrap(), page.ids);
+        assert!(decode_page_with_bases(&bytes[..bytes.len() - 1], 3).is_err());
         // Without any patch, a page is what format 2 wrote.
-        let plain = Page {
-            ids: page.ids.clone(),
-            bases: vec![HOLE; 3],
-        };
+        let plain = Page::holes(3);
         assert_eq!(encode_page_with_bases(&plain), encode_page(&plain.ids));
         let mut bad = page.clone();
-        bad.bases[0] = ChunkId([1; 32]);
+        bad.chains[0] = vec![ChunkId([1; 32])];
         assert_eq!(
             decode_page_with_bases(&encode_page_with_bases(&bad), 3),
             Err(IndexError::BadBase)
         );
-        let mut own = page;
-        own.bases[2] = own.ids[2];
+        let mut own = page.clone();
+        own.chains[1][1] = own.ids[1];
         assert_eq!(
             decode_page_with_bases(&encode_page_with_bases(&own), 3),
             Err(IndexError::BadBase)
         );
+        let mut long = page;
+        long.chains[1] = (0..=u8::try_from(MAX_CHAIN).unwrap())
+            .map(|b| ChunkId([b + 20; 32]))
+            .collect();
+        assert!(decode_page_with_bases(&encode_page_with_bases(&long), 3).is_err());
     }
 }

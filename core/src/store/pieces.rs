@@ -70,8 +70,8 @@ impl ChunkFile {
 pub(crate) struct Known {
     /// The entry: a whole chunk's name, or a patch's.
     pub entry: ChunkId,
-    /// The patch's base ([`HOLE`] for a whole chunk).
-    pub base: ChunkId,
+    /// Its chain of bases, nearest first (empty for a whole chunk).
+    pub chain: Vec<ChunkId>,
     /// The name of the content.
     pub content: ChunkId,
     /// The content's piece tree.
@@ -79,33 +79,43 @@ pub(crate) struct Known {
 }
 
 /// Where a slot's content was stored, and what that added.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Stored {
     /// The entry ([`HOLE`] for zeros).
     pub id: ChunkId,
-    /// Its base if it is a patch, else [`HOLE`].
-    pub base: ChunkId,
+    /// Its chain of bases if it is a patch, nearest first; empty otherwise.
+    pub chain: Vec<ChunkId>,
     /// Bytes added to the store (0 when it was there).
     pub added: u64,
 }
 
 impl Stored {
     pub(crate) fn hole() -> Self {
+        Self::whole(HOLE, 0)
+    }
+
+    fn whole(id: ChunkId, added: u64) -> Self {
         Self {
-            id: HOLE,
-            base: HOLE,
-            added: 0,
+            id,
+            chain: Vec::new(),
+            added,
         }
     }
 
     fn kept(known: &Known) -> Self {
         Self {
             id: known.entry,
-            base: known.base,
+            chain: known.chain.clone(),
             added: 0,
         }
     }
 }
+
+/// The longest chain of patches the writer makes: a patch over a patch over … over a whole
+/// chunk, at most this many patches; the next change to the slot stores it whole. A read
+/// of a slot opens at most this many patches and one whole chunk (measured in
+/// `core/BENCHMARKS.md`, "Patches").
+pub const WRITE_CHAIN: usize = 8;
 
 impl Store {
     /// Opens chunk `id` for reading. The inner error is the chunk's problem (missing,
@@ -141,9 +151,9 @@ impl Store {
 
     /// Reads the pieces `wanted` (sorted; all when `None`) of the content of patch `id`
     /// (its whole `file`) into `out`, set to the content's length: those the patch holds
-    /// from it, the others from its base, each checked against the content's tree. The
-    /// inner error is the patch's problem; a problem of its base is the outer error, which
-    /// names the base.
+    /// from it, the others from its base (a patch in turn, or a whole chunk), each checked
+    /// against the content's tree. The inner error is the patch's problem; a problem of a
+    /// base is the outer error, which names the base.
     pub(crate) fn read_patch(
         &self,
         file: &[u8],
@@ -151,10 +161,27 @@ impl Store {
         wanted: Option<&[usize]>,
         out: &mut Vec<u8>,
     ) -> Result<Result<Patch, ChunkProblem>, StoreError> {
+        self.read_patch_at(file, id, wanted, out, 0)
+    }
+
+    fn read_patch_at(
+        &self,
+        file: &[u8],
+        id: &ChunkId,
+        wanted: Option<&[usize]>,
+        out: &mut Vec<u8>,
+        depth: usize,
+    ) -> Result<Result<Patch, ChunkProblem>, StoreError> {
         let patch = match Patch::parse(file, id) {
             Ok(patch) => patch,
             Err(problem) => return Ok(Err(problem)),
         };
+        if depth >= super::index::MAX_CHAIN {
+            return Ok(Err(ChunkProblem::BadHeader(format!(
+                "it is over a chain of more than {} patches",
+                super::index::MAX_CHAIN
+            ))));
+        }
         out.resize(patch.content_len(), 0);
         let all: Vec<usize> = (0..patch.tree.len()).collect();
         let wanted = wanted.unwrap_or(&all);
@@ -177,18 +204,30 @@ impl Store {
             store: self.root.clone(),
         };
         let base = self.open_chunk(&patch.base)?.map_err(base_problem)?;
-        let mut head = [0; chunk::HEADER_BYTES];
-        base.read_exact_at(&mut head, 0)
-            .map_err(|e| base_problem(ChunkProblem::Truncated(e.to_string())))?;
-        let header = chunk::Header::parse(&head, base.len()).map_err(base_problem)?;
-        if header.plain_len as usize != patch.content_len() || header.kind != ChunkKind::Data {
-            return Err(base_problem(ChunkProblem::BadHeader(
-                "it is not a whole data chunk of its patch's length".into(),
-            )));
-        }
-        let base_tree = chunk::read_tree_pieces(&base, header, &patch.base, &missing, out)
-            .map_err(base_problem)?;
-        // The pieces the patch does not hold must be the base's: otherwise the patch is
+        let base_tree = if base.is_patch() {
+            let bytes = base.into_bytes().map_err(base_problem)?;
+            let inner = self.read_patch_at(&bytes, &patch.base, Some(&missing), out, depth + 1)?;
+            let inner = inner.map_err(base_problem)?;
+            if inner.content_len() != patch.content_len() {
+                return Err(base_problem(ChunkProblem::BadHeader(
+                    "it is not as long as the patch over it".into(),
+                )));
+            }
+            inner.tree
+        } else {
+            let mut head = [0; chunk::HEADER_BYTES];
+            base.read_exact_at(&mut head, 0)
+                .map_err(|e| base_problem(ChunkProblem::Truncated(e.to_string())))?;
+            let header = chunk::Header::parse(&head, base.len()).map_err(base_problem)?;
+            if header.plain_len as usize != patch.content_len() || header.kind != ChunkKind::Data {
+                return Err(base_problem(ChunkProblem::BadHeader(
+                    "it is not a data chunk of its patch's length".into(),
+                )));
+            }
+            chunk::read_tree_pieces(&base, header, &patch.base, &missing, out)
+                .map_err(base_problem)?
+        };
+        // The pieces the patch does not hold must be its base's: otherwise the patch is
         // wrong about them.
         if missing.iter().any(|&k| base_tree[k] != patch.tree[k]) {
             return Ok(Err(ChunkProblem::HashMismatch));
@@ -217,11 +256,16 @@ impl Store {
         }))
     }
 
-    /// What the writer needs of entry `id` to store a slot's next content over it: its
-    /// content's name and tree, and its base if it is a patch. `None` for a chunk without
-    /// a tree (of an older format, encrypted, or shorter than two pieces), or one that
-    /// cannot be read as it should: the writer then stores the next content whole.
-    pub(crate) fn known(&self, id: &ChunkId) -> Result<Option<Known>, StoreError> {
+    /// What the writer needs of entry `id` (with its chain of bases `chain`, from its
+    /// index page) to store a slot's next content over it: its content's name and tree.
+    /// `None` for a hole, a chunk without a tree (of an older format, encrypted, or shorter
+    /// than two pieces), or one that cannot be read as it should, or whose base is not the
+    /// one its page says: the writer then stores the next content whole.
+    pub(crate) fn known(
+        &self,
+        id: &ChunkId,
+        chain: &[ChunkId],
+    ) -> Result<Option<Known>, StoreError> {
         if *id == HOLE || !self.takes_patches() {
             return Ok(None);
         }
@@ -232,12 +276,18 @@ impl Store {
             let Ok(bytes) = file.into_bytes() else {
                 return Ok(None);
             };
-            return Ok(Patch::parse(&bytes, id).ok().map(|patch| Known {
-                entry: *id,
-                base: patch.base,
-                content: patch.content,
-                tree: patch.tree,
-            }));
+            return Ok(Patch::parse(&bytes, id)
+                .ok()
+                .filter(|patch| chain.first() == Some(&patch.base))
+                .map(|patch| Known {
+                    entry: *id,
+                    chain: chain.to_vec(),
+                    content: patch.content,
+                    tree: patch.tree,
+                }));
+        }
+        if !chain.is_empty() {
+            return Ok(None);
         }
         let mut head = [0; chunk::HEADER_BYTES];
         if file.read_exact_at(&mut head, 0).is_err() {
@@ -248,22 +298,52 @@ impl Store {
         };
         Ok(chunk::read_tree(&file, header, id).ok().map(|tree| Known {
             entry: *id,
-            base: HOLE,
+            chain: Vec::new(),
             content: *id,
             tree,
         }))
     }
 
-    /// The whole chunk a patch over `known` would be based on, and its tree: `known`
-    /// itself when it is whole, else its base.
-    fn base_for(&self, known: &Known) -> Result<Option<(ChunkId, Vec<Cv>)>, StoreError> {
-        if known.base == HOLE {
-            return Ok(Some((known.entry, known.tree.clone())));
+    /// The name of the content of each of `entries` (index `index`'s, in slot order): the
+    /// entry itself for a whole chunk or a hole, the content id a patch names (checked
+    /// against the patch's own name) for a patch. What a disk read and hashed is compared
+    /// with.
+    pub(crate) fn content_ids(
+        &self,
+        index: &super::ObjectIndex,
+        entries: &[ChunkId],
+    ) -> Result<Vec<ChunkId>, StoreError> {
+        let mut out = entries.to_vec();
+        for page_no in 0..index.page_count() {
+            let page = self.read_page_with_bases(index, page_no)?;
+            for (e, chain) in page.chains.iter().enumerate() {
+                let slot = usize::try_from(page_no * super::index::ENTRIES_PER_PAGE)
+                    .expect("slots fit memory")
+                    + e;
+                let Some(base) = chain.first() else { continue };
+                if slot >= out.len() {
+                    continue;
+                }
+                let id = out[slot];
+                let Ok((head, _)) = self
+                    .fs
+                    .read_prefix(&Self::chunk_rel(&id), chunk::HEADER_BYTES + 64)
+                else {
+                    continue; // unreadable: it is written, and its read fails then
+                };
+                if head.len() == chunk::HEADER_BYTES + 64 && chunk::is_patch(&head) {
+                    let content = ChunkId(
+                        head[chunk::HEADER_BYTES..chunk::HEADER_BYTES + 32]
+                            .try_into()
+                            .expect("32 bytes"),
+                    );
+                    if patch::name(&content, base) == id {
+                        out[slot] = content;
+                    }
+                }
+            }
         }
-        Ok(self
-            .known(&known.base)?
-            .filter(|base| base.base == HOLE && base.tree.len() == known.tree.len())
-            .map(|base| (base.entry, base.tree)))
+        Ok(out)
     }
 
     /// The name of an all-zero chunk of the store's chunk size.
@@ -278,28 +358,58 @@ impl Store {
         })
     }
 
-    /// Stores a patch of `content` (tree `tree`) over `base`, holding `held`.
-    fn put_patch(
+    /// What storing a slot's new content (tree `tree`) over `parent` comes to without
+    /// storing anything: the parent's entry when the content is the same, a hole when it
+    /// is all zeros, the whole chunk the store has when it has one; `None` otherwise.
+    pub(crate) fn settled(&self, parent: &Known, tree: &[Cv]) -> Option<Stored> {
+        let id = chunk::tree_root(tree);
+        if id == parent.content {
+            Some(Stored::kept(parent))
+        } else if id == self.zero_id() {
+            Some(Stored::hole())
+        } else if self.has_chunk(&id) {
+            Some(Stored::whole(id, 0))
+        } else {
+            None
+        }
+    }
+
+    /// Stores the new content of a slot (its tree `tree`; in `data`, at least the pieces
+    /// in which it differs from `parent`'s) as a patch over `parent`, if that is worth it:
+    /// at most half its pieces differ, and the chain stays at most [`WRITE_CHAIN`] long.
+    /// `None` when it is not (the content is then stored whole).
+    pub(crate) fn put_patch_over(
         &self,
-        content: &ChunkId,
-        base: &ChunkId,
+        parent: &Known,
         tree: &[Cv],
-        held: &[(usize, &[u8])],
-    ) -> Result<Stored, StoreError> {
-        let id = patch::name(content, base);
-        let added = self.put_encoded(&id, || patch::encode(content, base, tree, held))?;
-        Ok(Stored {
-            id,
-            base: *base,
-            added,
-        })
+        data: &[u8],
+    ) -> Result<Option<Stored>, StoreError> {
+        let differ = patch::differing(tree, &parent.tree);
+        if !self.takes_patches()
+            || parent.chain.len() >= WRITE_CHAIN
+            || !patch::worth_it(differ.len(), tree.len())
+        {
+            return Ok(None);
+        }
+        let content = chunk::tree_root(tree);
+        let held: Vec<(usize, &[u8])> = differ
+            .iter()
+            .map(|&k| (k, &data[k * PIECE_BYTES..(k + 1) * PIECE_BYTES]))
+            .collect();
+        let id = patch::name(&content, &parent.entry);
+        let added =
+            self.put_encoded(&id, || patch::encode(&content, &parent.entry, tree, &held))?;
+        let mut chain = Vec::with_capacity(parent.chain.len() + 1);
+        chain.push(parent.entry);
+        chain.extend_from_slice(&parent.chain);
+        Ok(Some(Stored { id, chain, added }))
     }
 
     /// Stores `data`, the whole new content of a slot whose previous content was `parent`
     /// (`None`: none known, a full capture, or a hole): unchanged, it keeps the parent's
     /// entry; a content the store has whole is shared; one that differs in at most half
-    /// its pieces from the parent's base (or from the parent, when that is whole) is kept
-    /// as a patch; anything else is stored whole. All-zero data is a hole.
+    /// its pieces from the parent is kept as a patch over it (see
+    /// [`Store::put_patch_over`]); anything else is stored whole. All-zero data is a hole.
     pub(crate) fn put_data_over(
         &self,
         parent: Option<&Known>,
@@ -312,85 +422,19 @@ impl Store {
             parent.filter(|p| self.takes_patches() && p.tree.len() * PIECE_BYTES == data.len())
         else {
             let (id, added) = self.put_chunk(ChunkKind::Data, data)?;
-            return Ok(Stored {
-                id,
-                base: HOLE,
-                added,
-            });
+            return Ok(Stored::whole(id, added));
         };
         let tree = chunk::piece_tree(data);
+        if let Some(done) = self.settled(parent, &tree) {
+            return Ok(done);
+        }
+        if let Some(done) = self.put_patch_over(parent, &tree, data)? {
+            return Ok(done);
+        }
         let id = chunk::tree_root(&tree);
-        if id == parent.content {
-            return Ok(Stored::kept(parent));
-        }
-        if !self.has_chunk(&id)
-            && let Some((base, base_tree)) = self.base_for(parent)?
-        {
-            let differ = patch::differing(&tree, &base_tree);
-            if patch::worth_it(differ.len(), tree.len()) {
-                let held: Vec<(usize, &[u8])> = differ
-                    .iter()
-                    .map(|&k| (k, &data[k * PIECE_BYTES..(k + 1) * PIECE_BYTES]))
-                    .collect();
-                return self.put_patch(&id, &base, &tree, &held);
-            }
-        }
-        self.put_whole(&id, data, &tree)
-    }
-
-    fn put_whole(&self, id: &ChunkId, data: &[u8], tree: &[Cv]) -> Result<Stored, StoreError> {
-        let added = self.put_encoded(id, || {
-            chunk::encode(ChunkKind::Data, id, data, None, Some(tree))
+        let added = self.put_encoded(&id, || {
+            chunk::encode(ChunkKind::Data, &id, data, None, Some(&tree))
         })?;
-        Ok(Stored {
-            id: *id,
-            base: HOLE,
-            added,
-        })
-    }
-
-    /// What storing a slot's new content (tree `tree`) over `parent` comes to without
-    /// storing anything: the parent's entry when the content is the same, a hole when it
-    /// is all zeros, the whole chunk the store has when it has one; `None` otherwise.
-    pub(crate) fn settled(&self, parent: &Known, tree: &[Cv]) -> Option<Stored> {
-        let id = chunk::tree_root(tree);
-        if id == parent.content {
-            Some(Stored::kept(parent))
-        } else if id == self.zero_id() {
-            Some(Stored::hole())
-        } else if self.has_chunk(&id) {
-            Some(Stored {
-                id,
-                base: HOLE,
-                added: 0,
-            })
-        } else {
-            None
-        }
-    }
-
-    /// The whole chunk (and its tree) a patch of a slot's next content would be over,
-    /// where the slot held `parent`.
-    pub(crate) fn patch_base(
-        &self,
-        parent: &Known,
-    ) -> Result<Option<(ChunkId, Vec<Cv>)>, StoreError> {
-        self.base_for(parent)
-    }
-
-    /// Stores the patch of the content `data` (its tree `tree`) over `base` (tree
-    /// `base_tree`), holding the pieces in which they differ.
-    pub(crate) fn put_patch_of(
-        &self,
-        data: &[u8],
-        tree: &[Cv],
-        base: &ChunkId,
-        base_tree: &[Cv],
-    ) -> Result<Stored, StoreError> {
-        let held: Vec<(usize, &[u8])> = patch::differing(tree, base_tree)
-            .into_iter()
-            .map(|k| (k, &data[k * PIECE_BYTES..(k + 1) * PIECE_BYTES]))
-            .collect();
-        self.put_patch(&chunk::tree_root(tree), base, tree, &held)
+        Ok(Stored::whole(id, added))
     }
 }

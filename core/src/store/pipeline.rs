@@ -17,7 +17,6 @@ use std::sync::mpsc;
 use super::chunk::{self, ChunkId, PIECE_BYTES};
 use super::error::StoreError;
 use super::index::HOLE;
-use super::patch;
 use super::pieces::{Known, Stored};
 use super::writer::ObjectWriter;
 use crate::progress::Control;
@@ -181,8 +180,10 @@ impl ObjectWriter<'_> {
         // What each slot held in the index this one started from (an incremental's
         // parent): a changed slot is stored over it, as a patch where little changed.
         let parents = self.parent_entries(slots)?;
-        let parent_of =
-            |i: u64| -> ChunkId { slots.binary_search(&i).map_or(HOLE, |seq| parents[seq].0) };
+        let parents = &parents;
+        let parent_of = |i: u64| -> Option<&(ChunkId, Vec<ChunkId>)> {
+            slots.binary_search(&i).ok().map(|seq| &parents[seq])
+        };
         let workers: Vec<_> = readers
             .into_iter()
             .map(|mut read| {
@@ -190,11 +191,11 @@ impl ObjectWriter<'_> {
                     if !read(i, buf)? {
                         return Ok(Stored::hole());
                     }
-                    let parent = parent_of(i);
-                    let known = if parent == HOLE || buf.iter().all(|&b| b == 0) {
-                        None
-                    } else {
-                        store.known(&parent)?
+                    let known = match parent_of(i) {
+                        Some((parent, chain)) if buf.iter().any(|&b| b != 0) => {
+                            store.known(parent, chain)?
+                        }
+                        _ => None,
                     };
                     Ok(store.put_data_over(known.as_ref(), buf)?)
                 }
@@ -210,7 +211,7 @@ impl ObjectWriter<'_> {
         if stored.id == HOLE {
             self.put_hole(i)
         } else {
-            self.put_stored(i, stored.id, stored.base, stored.added)
+            self.put_stored(i, stored.id, stored.chain, stored.added)
         }
     }
 
@@ -265,12 +266,8 @@ impl ObjectWriter<'_> {
                     let seq = slots.binary_search(&i).expect("a slot of the list");
                     let len = slot_lens[seq];
                     let pieces = &changes[seq].1;
-                    let parent = parents[seq].0;
-                    let known = if parent == HOLE {
-                        None
-                    } else {
-                        store.known(&parent)?
-                    };
+                    let (parent, chain) = &parents[seq];
+                    let known = store.known(parent, chain)?;
                     buf.resize(len, 0);
                     let Some(known) = known.filter(|k| {
                         k.tree.len() * PIECE_BYTES == len
@@ -299,7 +296,7 @@ impl ObjectWriter<'_> {
 
 /// Stores the new content of a slot that held `known`, of which only `pieces` may have
 /// changed: `fetch` reads pieces of the slot from the source into the buffer. Reads the
-/// changed pieces, then only what a patch needs, or everything if it is stored whole.
+/// changed pieces and, unless the content is kept as a patch over `known`, the rest.
 fn store_changed<E: From<StoreError>>(
     store: &super::Store,
     known: &Known,
@@ -308,40 +305,24 @@ fn store_changed<E: From<StoreError>>(
     mut fetch: impl FnMut(&[usize], &mut Vec<u8>) -> Result<(), E>,
 ) -> Result<Stored, E> {
     let n = known.tree.len();
-    let mut have = vec![false; n];
-    // The new content's tree: the parent's, with the hashes of the pieces read.
-    let mut tree = known.tree.clone();
-    let hash = |tree: &mut [chunk::Cv], have: &mut [bool], wanted: &[usize], buf: &[u8]| {
-        for &k in wanted {
-            tree[k] = chunk::piece_cv(k, &buf[k * PIECE_BYTES..(k + 1) * PIECE_BYTES]);
-            have[k] = true;
-        }
-    };
     fetch(pieces, buf)?;
-    hash(&mut tree, &mut have, pieces, buf);
+    // The new content's tree: the parent's, with the hashes of the pieces read (the others
+    // did not change: the dirty bitmap says so).
+    let mut tree = known.tree.clone();
+    for &k in pieces {
+        tree[k] = chunk::piece_cv(k, &buf[k * PIECE_BYTES..(k + 1) * PIECE_BYTES]);
+    }
     if let Some(done) = store.settled(known, &tree) {
         return Ok(done);
     }
-    // A patch needs the pieces in which the content differs from the base; those not
-    // read yet are read too (from the source, never from the store: a checkpoint does not
-    // depend on its parent's chunks being sound), their hashes taken from what was read.
-    if let Some((base, base_tree)) = store.patch_base(known)? {
-        let differ = patch::differing(&tree, &base_tree);
-        if patch::worth_it(differ.len(), n) {
-            let extra: Vec<usize> = differ.into_iter().filter(|&k| !have[k]).collect();
-            fetch(&extra, buf)?;
-            hash(&mut tree, &mut have, &extra, buf);
-            let differ = patch::differing(&tree, &base_tree);
-            if patch::worth_it(differ.len(), n) && differ.iter().all(|&k| have[k]) {
-                if let Some(done) = store.settled(known, &tree) {
-                    return Ok(done);
-                }
-                return Ok(store.put_patch_of(buf, &tree, &base, &base_tree)?);
-            }
-        }
+    if let Some(done) = store.put_patch_over(known, &tree, buf)? {
+        return Ok(done);
     }
-    // Stored whole: the rest is read as well.
-    let rest: Vec<usize> = (0..n).filter(|&k| !have[k]).collect();
+    // Stored whole: the rest is read as well (from the source, never from the store: a
+    // checkpoint does not depend on its parent's chunks being sound).
+    let rest: Vec<usize> = (0..n)
+        .filter(|k| pieces.binary_search(k).is_err())
+        .collect();
     fetch(&rest, buf)?;
     Ok(store.put_data_over(Some(known), buf)?)
 }

@@ -138,7 +138,7 @@ type DataUse = HashMap<ChunkId, (u64, Vec<ChunkId>, ChunkId)>;
 type Problem = (ChunkId, ChunkKind, ChunkProblem, Vec<u32>);
 
 /// Notes the data chunks index page `page_id` (`page`, with slots of `lens`) needs, and a
-/// patch's base with it: a patch's base is checked as a chunk of the same checkpoints. Two
+/// patch's chain of bases with it: each is checked as a chunk of the same checkpoints. Two
 /// pages that disagree on a patch's base are a problem of the page.
 fn note_data(
     data: &mut DataUse,
@@ -149,12 +149,14 @@ fn note_data(
     users: &[u32],
 ) {
     let mut needed = Vec::new();
-    for ((id, base), len) in page.ids.iter().zip(&page.bases).zip(lens) {
-        if *id != HOLE {
-            needed.push((*id, *base, *len));
+    for ((id, chain), len) in page.ids.iter().zip(&page.chains).zip(lens) {
+        if *id == HOLE {
+            continue;
         }
-        if *base != HOLE {
-            needed.push((*base, HOLE, *len));
+        // Each link of the chain is over the next; the last is whole.
+        let links: Vec<&ChunkId> = std::iter::once(id).chain(chain).collect();
+        for (n, link) in links.iter().enumerate() {
+            needed.push((**link, links.get(n + 1).map_or(HOLE, |b| **b), *len));
         }
     }
     for (id, base, len) in needed {
@@ -358,7 +360,7 @@ impl Store {
                     Ok(page) => found.extend(
                         page.ids
                             .into_iter()
-                            .chain(page.bases)
+                            .chain(page.chains.into_iter().flatten())
                             .filter(|id| unhealed.contains(id)),
                     ),
                     // A page that cannot be read is damage of its own.

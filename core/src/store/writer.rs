@@ -226,41 +226,42 @@ impl ObjectWriter<'_> {
             )));
         }
         if data.iter().all(|&b| b == 0) {
-            return self.set_entry(i, HOLE, HOLE);
+            return self.set_entry(i, HOLE, Vec::new());
         }
         // Over what the slot held in the index this one started from, as a patch where
         // little changed.
-        let (parent, _) = self.parent_entries(&[i])?[0];
-        let known = self.store.known(&parent)?;
+        let (parent, chain) = self.parent_entries(&[i])?.remove(0);
+        let known = self.store.known(&parent, &chain)?;
         let stored = self.store.put_data_over(known.as_ref(), data)?;
-        self.put_stored(i, stored.id, stored.base, stored.added)
+        self.put_stored(i, stored.id, stored.chain, stored.added)
     }
 
-    /// Sets chunk slot `i` to a chunk already in the store (a patch over `base`, or whole
-    /// when `base` is [`HOLE`]); `added` is what storing it added (0 when it was there
-    /// before).
+    /// Sets chunk slot `i` to a chunk already in the store (a patch over the chain of
+    /// bases `chain`, nearest first, or whole when `chain` is empty); `added` is what
+    /// storing it added (0 when it was there before).
     pub(crate) fn put_stored(
         &mut self,
         i: u64,
         id: ChunkId,
-        base: ChunkId,
+        chain: Vec<ChunkId>,
         added: u64,
     ) -> Result<(), StoreError> {
         if added > 0 {
             self.new_bytes += added;
             self.new_chunks += 1;
         }
-        self.set_entry(i, id, base)
+        self.set_entry(i, id, chain)
     }
 
-    /// The entries (and bases) of the index this one started from at `slots` (ascending),
-    /// holes where it has none: what each slot's new content is stored over.
+    /// The entries (and their chains of bases) of the index this one started from at
+    /// `slots` (ascending), holes where it has none: what each slot's new content is
+    /// stored over.
     pub(crate) fn parent_entries(
         &self,
         slots: &[u64],
-    ) -> Result<Vec<(ChunkId, ChunkId)>, StoreError> {
+    ) -> Result<Vec<(ChunkId, Vec<ChunkId>)>, StoreError> {
         let Some(base) = &self.base else {
-            return Ok(vec![(HOLE, HOLE); slots.len()]);
+            return Ok(vec![(HOLE, Vec::new()); slots.len()]);
         };
         let mut page: Option<(u64, Page)> = None;
         let mut out = Vec::with_capacity(slots.len());
@@ -271,7 +272,7 @@ impl ObjectWriter<'_> {
             }
             let (_, entries) = page.as_ref().expect("loaded above");
             let e = usize::try_from(i % ENTRIES_PER_PAGE).expect("small");
-            out.push((entries.ids[e], entries.bases[e]));
+            out.push((entries.ids[e], entries.chains[e].clone()));
         }
         Ok(out)
     }
@@ -283,10 +284,10 @@ impl ObjectWriter<'_> {
                 "chunk {i} is beyond the end of the object"
             )));
         }
-        self.set_entry(i, HOLE, HOLE)
+        self.set_entry(i, HOLE, Vec::new())
     }
 
-    fn set_entry(&mut self, i: u64, id: ChunkId, base: ChunkId) -> Result<(), StoreError> {
+    fn set_entry(&mut self, i: u64, id: ChunkId, chain: Vec<ChunkId>) -> Result<(), StoreError> {
         let page_no = i / ENTRIES_PER_PAGE;
         if self.page.as_ref().is_none_or(|(p, _, _)| *p != page_no) {
             self.flush_page()?;
@@ -306,8 +307,8 @@ impl ObjectWriter<'_> {
             *slot = id;
             *dirty = true;
         }
-        if entries.bases[e] != base {
-            entries.bases[e] = base;
+        if entries.chains[e] != chain {
+            entries.chains[e] = chain;
             *dirty = true;
         }
         Ok(())

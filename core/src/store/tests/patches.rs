@@ -115,7 +115,7 @@ fn an_incremental_stores_only_the_changed_pieces_and_everything_reads_back() {
 }
 
 #[test]
-fn a_long_chain_keeps_every_patch_one_step_from_a_whole_chunk() {
+fn a_long_chain_keeps_every_patch_a_few_steps_from_a_whole_chunk() {
     let tmp = tempfile::tempdir().unwrap();
     let store = Store::init(&tmp.path().join("s"), &mib_options()).unwrap();
     let mut content = first_content();
@@ -134,16 +134,28 @@ fn a_long_chain_keeps_every_patch_one_step_from_a_whole_chunk() {
         let m = checkpoint_content(&store, tmp.path(), n, &content, Some(parent));
         chain.push((m, content.clone()));
     }
+    // Every patch is over a chain of at most WRITE_CHAIN patches ending in a whole chunk.
     let files = kinds(&store);
-    let whole: std::collections::HashSet<ChunkId> =
-        files.iter().filter(|k| k.1 == 1).map(|k| k.0).collect();
-    assert!(files.iter().any(|k| k.1 == 3), "some patches");
-    for (name, _, base) in files.iter().filter(|k| k.1 == 3) {
-        assert!(
-            whole.contains(&base.unwrap()),
-            "patch {name:?} is over a whole chunk"
+    let by_name: std::collections::HashMap<ChunkId, (u8, Option<ChunkId>)> =
+        files.iter().map(|(n, k, b)| (*n, (*k, *b))).collect();
+    let mut deepest = 0;
+    for (name, _, _) in files.iter().filter(|k| k.1 == 3) {
+        let (mut at, mut depth) = (*name, 0);
+        while let Some((3, Some(base))) = by_name.get(&at).copied() {
+            at = base;
+            depth += 1;
+        }
+        assert_eq!(
+            by_name[&at].0, 1,
+            "the chain of {name:?} ends in a whole chunk"
         );
+        assert!(
+            depth <= super::super::pieces::WRITE_CHAIN,
+            "{depth} patches"
+        );
+        deepest = deepest.max(depth);
     }
+    assert!(deepest > 1, "patches over patches");
     for (m, content) in &chain {
         assert_eq!(&read_back(&store, &m.disks[0].index, tmp.path()), content);
     }
