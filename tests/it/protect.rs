@@ -722,3 +722,126 @@ fn the_daemon_re_hashes_a_share_of_each_store_by_itself_and_finds_damage_there()
         },
     );
 }
+
+/// The priority of every thread of process `pid` that can be read now: (thread id, name,
+/// priority).
+fn thread_priorities(pid: u32) -> Vec<(i32, String, rewind_core::priority::ThreadPriority)> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|t| {
+            let tid: i32 = t.ok()?.file_name().to_str()?.parse().ok()?;
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).ok()?;
+            // A thread that ended meanwhile is skipped.
+            let p = rewind_core::priority::of_thread(Some(tid)).ok()?;
+            Some((tid, comm.trim().to_owned(), p))
+        })
+        .collect()
+}
+
+/// Issue 20: a checkpoint the daemon takes by itself runs its job thread and the store's
+/// chunk workers at the background priority (nice 19, best-effort I/O level 7); the
+/// daemon's other threads and the VM's QEMU (whose NBD export Rewind reads) keep theirs.
+#[test]
+fn a_scheduled_checkpoint_works_at_a_low_priority_and_the_vm_keeps_its_own() {
+    use rewind_core::priority::{Priority, ThreadPriority};
+    // 128 MiB that does not compress on a second disk: a copy long enough for its workers
+    // to be seen by a look every millisecond.
+    let home = Home::new("protect-gentle-home");
+    let raw = home.dir.path().join("noise.raw");
+    std::fs::write(&raw, rewind_tests::noise(20, 128 << 20)).unwrap();
+    let mut vm = TestVm::builder("protect-gentle")
+        .workload("sequence")
+        .disks(vec![
+            DiskSpec::new("vda", Format::Qcow2, 32 << 20),
+            DiskSpec::new("vdb", Format::Qcow2, 128 << 20),
+        ])
+        .define()
+        .expect("define the test VM");
+    vm.fill_disk("vdb", &raw).unwrap();
+    std::fs::remove_file(&raw).unwrap();
+    vm.start_and_wait_ready(BOOT_TIMEOUT).expect("boot");
+    vm.wait_flushed(3, BOOT_TIMEOUT).unwrap();
+    let qemu: u32 = std::fs::read_to_string(format!("/run/libvirt/qemu/{}.pid", vm.name))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let store = home.dir.path().join("store");
+    home.run_ok(&[
+        "protect",
+        &vm.name,
+        "--to",
+        store.to_str().unwrap(),
+        "--every",
+        "1h",
+    ]);
+
+    // The first checkpoint is due at once: watch the daemon's threads until it is done.
+    let mut daemon = home.daemon();
+    let pid = daemon.child.as_ref().unwrap().id();
+    let mut seen: std::collections::HashMap<i32, (String, ThreadPriority)> =
+        std::collections::HashMap::new();
+    let start = Instant::now();
+    let mut last_look = Instant::now();
+    loop {
+        for (tid, name, p) in thread_priorities(pid) {
+            if name.starts_with("rewind-chunks") || name == "rewind-job" {
+                // The latest look: the job thread lowers itself just after it starts.
+                seen.insert(tid, (name, p));
+            }
+        }
+        if last_look.elapsed() > Duration::from_millis(500) {
+            last_look = Instant::now();
+            if !home.ok_checkpoints().is_empty() {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_mins(2),
+                "no checkpoint within 2 minutes; daemon log:\n{}",
+                home.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let background = ThreadPriority {
+        nice: 19,
+        sched_idle: false,
+        io_class: 2,
+        io_level: 7,
+    };
+    let workers = seen
+        .values()
+        .filter(|(name, _)| name.starts_with("rewind-chunks"))
+        .count();
+    assert!(workers > 0, "no chunk worker seen: {seen:?}");
+    assert!(
+        seen.values().any(|(name, _)| name == "rewind-job"),
+        "{seen:?}"
+    );
+    for (name, p) in seen.values() {
+        assert_eq!(*p, background, "{name}");
+        assert!(p.at_most(Priority::BACKGROUND));
+    }
+    // The daemon itself (its main thread, the scheduler) and the VM were not lowered.
+    let daemon_threads = thread_priorities(pid);
+    let main = daemon_threads
+        .iter()
+        .find(|t| t.0 == i32::try_from(pid).unwrap());
+    assert_eq!(main.map(|t| t.2.nice), Some(0), "{daemon_threads:?}");
+    let qemu_threads = thread_priorities(qemu);
+    assert!(!qemu_threads.is_empty());
+    for (_, name, p) in &qemu_threads {
+        assert!(
+            p.nice == 0 && !p.sched_idle && p.io_class != 3,
+            "QEMU's {name}: {p:?}"
+        );
+    }
+    eprintln!(
+        "{workers} chunk workers seen at {background:?}, QEMU's {} threads at nice 0",
+        qemu_threads.len()
+    );
+    assert!(daemon.terminate().success());
+    vm.destroy().unwrap();
+}
