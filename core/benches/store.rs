@@ -9,7 +9,7 @@
 //! `REWIND_BENCH_DIR` chooses where the ~8 GiB of scratch files go (default: target/bench).
 //! `REWIND_BENCH_CHAIN=100` first takes a chain of 100 incrementals (a new 1 % change
 //! each) and restores the latest against a full checkpoint of the same image.
-//! `REWIND_BENCH_CHUNK_KIB=1024` limits the chunk sizes tried; `REWIND_BENCH_NO_ENCRYPTED`
+//! `REWIND_BENCH_CHUNK_KIB=1024` limits the chunk sizes tried (`none`: none); `REWIND_BENCH_NO_ENCRYPTED`
 //! skips the encrypted store.
 //! Results go to stdout as a Markdown table; `core/BENCHMARKS.md` keeps them with the
 //! conditions. This is a benchmark, not a test: nothing here passes or fails on timing.
@@ -312,6 +312,32 @@ fn chain(dir: &Path, image: &Path, rounds: u32, rows: &mut Vec<Row>) {
                 &full,
             ),
         ] {
+            // As a restore writes a new disk: every core, chunk files fetched ahead.
+            let out = dir.join("exported.qcow2");
+            let cached = drop_caches();
+            let ((), secs) = timed(|| {
+                rewind_core::restore::export_disk(
+                    store,
+                    m,
+                    "vda",
+                    &out,
+                    rewind_core::restore::ImageFormat::Qcow2,
+                    &Control::new(),
+                )
+                .unwrap();
+                File::open(&out).unwrap().sync_all().unwrap();
+            });
+            rows.push(Row {
+                what: format!(
+                    "round {round}: {what}: export as a new qcow2 image, synced{}",
+                    if cached { " (cold cache)" } else { "" }
+                ),
+                secs,
+                logical_bytes: DATA_BYTES,
+                store_bytes_added: 0,
+                peak_rss_mib: peak_rss_mib(),
+            });
+            fs::remove_file(&out).unwrap();
             restore_to_file(
                 store,
                 &m.disks[0].index,
@@ -517,6 +543,7 @@ fn main() {
         |_| vec![256, 1024, 4096],
         |v| {
             v.split(',')
+                .filter(|s| !s.trim().is_empty() && s.trim() != "none")
                 .map(|s| s.trim().parse::<u32>().unwrap())
                 .collect()
         },

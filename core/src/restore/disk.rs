@@ -93,6 +93,15 @@ pub(crate) fn entries(store: &Store, index: &ObjectIndex) -> Result<Vec<ChunkId>
     Ok(out)
 }
 
+/// Every slot's chain of bases of `index` (empty but for patches, see `FORMAT.md`).
+pub(crate) fn chains(store: &Store, index: &ObjectIndex) -> Result<Vec<Vec<ChunkId>>, StoreError> {
+    let mut out = Vec::with_capacity(usize::try_from(index.chunk_count()).unwrap_or(0));
+    for page in 0..index.page_count() {
+        out.extend(store.read_page_with_bases(index, page)?.chains);
+    }
+    Ok(out)
+}
+
 /// An image file served by a writable `qemu-nbd`, with one connection per worker.
 pub(crate) struct DiskSession {
     path: PathBuf,
@@ -431,6 +440,60 @@ pub(crate) fn differing(current: &[ChunkId], wanted: &[ChunkId]) -> Vec<u64> {
         .collect()
 }
 
+/// Byte ranges inside chunk slots, by slot.
+type SlotRanges = BTreeMap<u64, Vec<(u64, u64)>>;
+
+/// For each slot in `slots` that need not be written whole, the byte ranges that can
+/// differ from `wanted` (sorted, apart). What the image holds is known as `known` (each
+/// slot's entry), or as `dirty`: the entries of the checkpoint a dirty bitmap counts from,
+/// and the ranges the bitmap marks since. Where the image's entry is a patch whose chain
+/// of bases leads to the wanted one, only the pieces those patches hold can differ (plus
+/// what the bitmap marks); where it is the wanted one, only what the bitmap marks.
+fn partial_writes(
+    store: &Store,
+    slots: &[u64],
+    wanted: &[ChunkId],
+    known: Option<&[ChunkId]>,
+    dirty: Option<(&[ChunkId], &SlotRanges)>,
+) -> Result<SlotRanges, StoreError> {
+    let piece = crate::store::PIECE_BYTES as u64;
+    let mut out = BTreeMap::new();
+    for &i in slots {
+        let s = usize::try_from(i).expect("slot fits");
+        let (current, since) = match (known, dirty) {
+            (Some(ids), _) => (ids[s], None),
+            (None, Some((base, ranges))) => (base[s], ranges.get(&i)),
+            (None, None) => break,
+        };
+        if wanted[s] == HOLE || current == HOLE {
+            continue;
+        }
+        let mut ranges: Vec<(u64, u64)> = since.cloned().unwrap_or_default();
+        if current != wanted[s] {
+            let Some(pieces) = store.pieces_above(&current, &wanted[s])? else {
+                continue;
+            };
+            ranges.extend(
+                pieces
+                    .iter()
+                    .map(|&k| (k as u64 * piece, (k as u64 + 1) * piece)),
+            );
+        }
+        ranges.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+        for (from, to) in ranges {
+            match merged.last_mut() {
+                Some(last) if from <= last.1 => last.1 = last.1.max(to),
+                _ => merged.push((from, to)),
+            }
+        }
+        if !merged.is_empty() {
+            out.insert(i, merged);
+        }
+    }
+    Ok(out)
+}
+
 /// Makes `file` (format `format`, the checkpoint's size) hold exactly `index`: works out
 /// what differs from `current` (reading what it must, with `since`'s dirty bitmap if the
 /// image has it), writes that and reads it back. `written` collects the slots written, for
@@ -500,6 +563,7 @@ pub(crate) fn make_equal(
             extents,
         ));
     }
+    let mut known = None;
     let (slots, compared_by) = match (current, &dirty) {
         (Current::Known(ids, how), _) => {
             if ids.len() != wanted.len() {
@@ -509,7 +573,9 @@ pub(crate) fn make_equal(
                     wanted.len()
                 )));
             }
-            (differing(&ids, &wanted), how)
+            let slots = differing(&ids, &wanted);
+            known = Some(ids);
+            (slots, how)
         }
         // Nothing needs reading: a chunk the bitmap does not mark holds the bitmap's
         // checkpoint's content, so it is written if that differs from the restored one; a
@@ -527,19 +593,10 @@ pub(crate) fn make_equal(
             (differing(&ids, &contents), ComparedBy::Hashing)
         }
     };
-    // Where the restored chunk is the one the bitmap counts from, only its dirty extents
-    // differ from it.
-    let partial: BTreeMap<u64, Vec<(u64, u64)>> = match &dirty {
-        Some((base, ranges, _)) => slots
-            .iter()
-            .filter(|&&i| {
-                base[usize::try_from(i).expect("slot fits")]
-                    == wanted[usize::try_from(i).expect("slot fits")]
-            })
-            .filter_map(|i| ranges.get(i).map(|r| (*i, r.clone())))
-            .collect(),
-        None => BTreeMap::new(),
-    };
+    let dirty = dirty
+        .as_ref()
+        .map(|(base, ranges, _)| (base.as_slice(), ranges));
+    let partial = partial_writes(store, &slots, &wanted, known.as_deref(), dirty)?;
     let plan = WritePlan {
         wanted: &wanted,
         slots: &slots,

@@ -567,6 +567,67 @@ mod tests {
         );
     }
 
+    /// Where the image holds a patch over the chunk a restore wants (a safety checkpoint
+    /// taken just after a small change says so), only the pieces the patch holds are
+    /// written back (store format 3).
+    #[test]
+    fn over_a_known_patch_only_the_pieces_it_holds_are_written() {
+        const BIG: usize = 256 << 10;
+        let dir = tempfile::tempdir().unwrap();
+        let content: Vec<u8> = (0..16 * BIG)
+            .map(|i| u8::try_from(((i * 2_654_435_761usize) >> 11) % 253).unwrap())
+            .collect();
+        let (store, index) = checkpointed_in_chunks(dir.path(), &content, BIG);
+        let first = store.catalog().unwrap().checkpoints.pop().unwrap();
+        // 4 KiB changed in chunk 2, 100 bytes in chunk 9: an incremental of patches.
+        let mut changed = content.clone();
+        changed[2 * BIG + 8192..2 * BIG + 12288].fill(0x33);
+        changed[9 * BIG + 70_000..9 * BIG + 70_100].fill(0x44);
+        let raw = dir.path().join("disk.raw");
+        std::fs::write(&raw, &changed).unwrap();
+        let control = Control::new();
+        let new = NewCheckpoint {
+            vm: first.vm.clone(),
+            time: first.time + chrono::Duration::seconds(1),
+            kind: CheckpointKind::Disk,
+            consistency: Consistency::Crash,
+            domain_xml: "<domain/>".into(),
+            parent: Some(first.id.clone()),
+            full_reason: None,
+            consistency_note: None,
+            labels: vec![],
+            libvirt_checkpoint: None,
+        };
+        let mut writer = store.begin_checkpoint(new, &control).unwrap();
+        let object = writer
+            .ingest_file(
+                &File::open(&raw).unwrap(),
+                changed.len() as u64,
+                Some(&index),
+                &control,
+            )
+            .unwrap();
+        writer.add_disk("vda", None, None, object).unwrap();
+        let second = writer.commit(&control).unwrap();
+        let now = disk::entries(&store, &second.disks[0].index).unwrap();
+        let report = disk::make_equal(
+            &store,
+            "vda",
+            &raw,
+            "raw",
+            &index,
+            disk::Current::Known(now, ComparedBy::SafetyCheckpoint),
+            None,
+            dir.path(),
+            &control,
+            &mut Vec::new(),
+        )
+        .unwrap();
+        assert_eq!(report.chunks_written, 2, "{report:?}");
+        assert_eq!(report.bytes_written, 2 * 64 << 10, "one piece each: {report:?}");
+        assert!(std::fs::read(&raw).unwrap() == content, "restored disk differs");
+    }
+
     /// Copies of one chunk at several places are decoded once and written to each.
     #[test]
     fn an_export_writes_every_copy_of_a_repeated_chunk() {

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::RestoreError;
-use super::disk::{ComparedBy, DiskRestore, entries};
+use super::disk::{ComparedBy, DiskRestore, chains, entries};
 use crate::progress::Control;
 use crate::qcow2::write::{self as qcow2_write, CLUSTER_BYTES};
 use crate::store::index::HOLE;
@@ -196,6 +196,15 @@ impl<'a> NewImage<'a> {
     }
 }
 
+/// Has the kernel fetch the chunk file of slot `i`, and, for a patch, those of its chain of
+/// bases (read with it).
+fn prefetch_slot(store: &Store, wanted: &[ChunkId], chains: &[Vec<ChunkId>], i: u64) {
+    let i = usize::try_from(i).expect("slot fits");
+    for id in std::iter::once(&wanted[i]).chain(&chains[i]) {
+        store.prefetch_chunk(id);
+    }
+}
+
 /// Writes disk `target` (`index`) into a new file `path` of `format` (`raw` or `qcow2`);
 /// the file must not exist. On failure the caller removes it.
 pub(crate) fn write_new_image(
@@ -215,6 +224,7 @@ pub(crate) fn write_new_image(
     let chunk = u64::from(index.chunk_size_bytes);
     let image = NewImage::create(path, format, index.size_bytes, chunk)?;
     let wanted = entries(store, index)?;
+    let chains = chains(store, index)?;
     let slots: Vec<u64> = (0..index.chunk_count())
         .filter(|&i| wanted[usize::try_from(i).expect("slot fits")] != HOLE)
         .collect();
@@ -280,7 +290,7 @@ pub(crate) fn write_new_image(
                     }
                     std::thread::sleep(std::time::Duration::from_millis(1));
                 }
-                store.prefetch_chunk(&wanted[usize::try_from(i).expect("slot fits")]);
+                prefetch_slot(store, &wanted, &chains, i);
             }
         });
         // The workers count progress themselves (a chunk may fill many slots), and take no

@@ -624,6 +624,26 @@ pub(super) fn read_tree_pieces<F: ReadAt + ?Sized>(
     let tree_len = header.tree_bytes();
     let body_at = (HEADER_BYTES + tree_len) as u64;
     let body_len = header.payload_len as usize - tree_len;
+    // Many pieces (a patch's base, read for all the pieces its patches do not hold): one
+    // read of the whole body instead of one per piece.
+    let body = if pieces.len() * 4 > tree.len() {
+        let mut body = vec![0; body_len];
+        file.read_exact_at(&mut body, body_at).map_err(unreadable)?;
+        Some(body)
+    } else {
+        None
+    };
+    let read = |buf: &mut [u8], at: usize| -> Result<(), ChunkProblem> {
+        match &body {
+            Some(body) => {
+                buf.copy_from_slice(&body[at..at + buf.len()]);
+                Ok(())
+            }
+            None => file
+                .read_exact_at(buf, body_at + at as u64)
+                .map_err(unreadable),
+        }
+    };
     if header.compressed {
         let mut table = vec![0; plain_len / PIECE_BYTES * FRAME_LEN_BYTES];
         if table.len() > body_len {
@@ -631,15 +651,13 @@ pub(super) fn read_tree_pieces<F: ReadAt + ?Sized>(
                 "its frame table is cut short".into(),
             ));
         }
-        file.read_exact_at(&mut table, body_at)
-            .map_err(unreadable)?;
+        read(&mut table, 0)?;
         let frames = frame_ranges(&table, body_len)?;
         let mut frame = Vec::new();
         for &k in pieces {
             let (from, to) = frames[k];
             frame.resize(to - from, 0);
-            file.read_exact_at(&mut frame, body_at + from as u64)
-                .map_err(unreadable)?;
+            read(&mut frame, from)?;
             decompress_into(&frame, &mut out[k * PIECE_BYTES..(k + 1) * PIECE_BYTES])?;
         }
     } else {
@@ -649,9 +667,10 @@ pub(super) fn read_tree_pieces<F: ReadAt + ?Sized>(
             ));
         }
         for &k in pieces {
-            let piece = &mut out[k * PIECE_BYTES..(k + 1) * PIECE_BYTES];
-            file.read_exact_at(piece, body_at + (k * PIECE_BYTES) as u64)
-                .map_err(unreadable)?;
+            read(
+                &mut out[k * PIECE_BYTES..(k + 1) * PIECE_BYTES],
+                k * PIECE_BYTES,
+            )?;
         }
     }
     for &k in pieces {

@@ -346,6 +346,41 @@ impl Store {
         Ok(out)
     }
 
+    /// When `to` is on the chain of bases of patch `from`: the pieces (sorted) that the
+    /// patches of the chain above `to` hold, the only ones in which the contents of `from`
+    /// and `to` can differ. `None` when `from` is not a patch, `to` is not on its chain, or
+    /// a patch on the way cannot be read (the caller then treats the whole chunk).
+    pub(crate) fn pieces_above(
+        &self,
+        from: &ChunkId,
+        to: &ChunkId,
+    ) -> Result<Option<Vec<usize>>, StoreError> {
+        let mut at = *from;
+        let mut pieces: Vec<usize> = Vec::new();
+        for _ in 0..super::index::MAX_CHAIN {
+            let Ok(file) = self.open_chunk(&at)? else {
+                return Ok(None);
+            };
+            if !file.is_patch() {
+                return Ok(None);
+            }
+            let Ok(bytes) = file.into_bytes() else {
+                return Ok(None);
+            };
+            let Ok(patch) = Patch::parse(&bytes, &at) else {
+                return Ok(None);
+            };
+            pieces.extend(&patch.held);
+            if patch.base == *to {
+                pieces.sort_unstable();
+                pieces.dedup();
+                return Ok(Some(pieces));
+            }
+            at = patch.base;
+        }
+        Ok(None)
+    }
+
     /// The name of an all-zero chunk of the store's chunk size.
     fn zero_id(&self) -> ChunkId {
         *self.zero_id.get_or_init(|| {
