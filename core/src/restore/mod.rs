@@ -624,8 +624,15 @@ mod tests {
         )
         .unwrap();
         assert_eq!(report.chunks_written, 2, "{report:?}");
-        assert_eq!(report.bytes_written, 2 * 64 << 10, "one piece each: {report:?}");
-        assert!(std::fs::read(&raw).unwrap() == content, "restored disk differs");
+        assert_eq!(
+            report.bytes_written,
+            2 * (64 << 10),
+            "one piece each: {report:?}"
+        );
+        assert!(
+            std::fs::read(&raw).unwrap() == content,
+            "restored disk differs"
+        );
     }
 
     /// Copies of one chunk at several places are decoded once and written to each.
