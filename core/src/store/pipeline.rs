@@ -269,19 +269,26 @@ impl ObjectWriter<'_> {
                     let (parent, chain) = &parents[seq];
                     let known = store.known(parent, chain)?;
                     buf.resize(len, 0);
+                    let mut fetch = |wanted: &[usize], buf: &mut Vec<u8>| -> Result<(), E> {
+                        for (first, end) in runs(wanted) {
+                            let (from, to) = (first * PIECE_BYTES, (end * PIECE_BYTES).min(len));
+                            read(i * chunk + from as u64, &mut buf[from..to])?;
+                        }
+                        Ok(())
+                    };
+                    let whole_pieces = len.is_multiple_of(PIECE_BYTES);
+                    if *parent == HOLE && whole_pieces {
+                        // Zeros before: only what was written since is read.
+                        buf.fill(0);
+                        fetch(pieces, buf)?;
+                        return Ok(store.put_data_over(None, buf)?);
+                    }
                     let Some(known) = known.filter(|k| {
                         k.tree.len() * PIECE_BYTES == len
                             && pieces.iter().all(|&p| p < k.tree.len())
                     }) else {
                         read(i * chunk, buf)?;
                         return Ok(store.put_data_over(None, buf)?);
-                    };
-                    let fetch = |wanted: &[usize], buf: &mut Vec<u8>| -> Result<(), E> {
-                        for (first, end) in runs(wanted) {
-                            let (from, to) = (first * PIECE_BYTES, end * PIECE_BYTES);
-                            read(i * chunk + from as u64, &mut buf[from..to])?;
-                        }
-                        Ok(())
                     };
                     store_changed(store, &known, pieces, buf, fetch)
                 }

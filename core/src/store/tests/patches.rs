@@ -181,7 +181,7 @@ fn changed_pieces_alone_are_read_and_stored() {
     let first = checkpoint_content(&store, tmp.path(), 0, &content, None);
     write_at(&mut content, 2 * MIB + 3 * PIECE, 9);
     write_at(&mut content, 2 * MIB + 4 * PIECE, 9);
-    write_at(&mut content, 6 * MIB + 7 * PIECE, 9); // the hole: read whole
+    write_at(&mut content, 6 * MIB + 7 * PIECE, 9); // in the hole
     let changes = vec![(2, vec![3, 4]), (6, vec![7])];
     let control = Control::new();
     let mut new = new_checkpoint(vm("a", 1), 1);
@@ -208,9 +208,9 @@ fn changed_pieces_alone_are_read_and_stored() {
         reads,
         vec![
             ((2 * MIB + 3 * PIECE) as u64, 2 * PIECE),
-            ((6 * MIB) as u64, MIB)
+            ((6 * MIB + 7 * PIECE) as u64, PIECE)
         ],
-        "two adjacent pieces in one read; the slot that was a hole whole"
+        "two adjacent pieces in one read; of the slot that was a hole, the written piece"
     );
     let object = object.finish().unwrap();
     writer.add_disk("vda", None, None, object).unwrap();
