@@ -408,47 +408,7 @@ fn restore_to_file(
 /// Restores the first checkpoint to a new file (checked against the image), then reads it
 /// back without writing.
 fn restore(store: &Store, first: &ObjectIndex, dir: &Path, label: &str, rows: &mut Vec<Row>) {
-    let pristine = dir.join("pristine.img");
-    let out = dir.join("restored.img");
-    let cached = drop_caches();
-    let ((), secs) = timed(|| {
-        let file = File::create(&out).unwrap();
-        store
-            .object_reader(first)
-            .unwrap()
-            .write_to_file(&file, &Control::new())
-            .unwrap();
-        file.sync_all().unwrap();
-    });
-    rows.push(Row {
-        what: format!(
-            "{label}: restore to a new file{}",
-            if cached { " (cold cache)" } else { "" }
-        ),
-        secs,
-        logical_bytes: DATA_BYTES,
-        store_bytes_added: 0,
-        peak_rss_mib: peak_rss_mib(),
-    });
-    assert_eq!(
-        blake3_file(&out),
-        blake3_file(&pristine),
-        "restored image differs"
-    );
-    fs::remove_file(&out).unwrap();
-    let ((), secs) = timed(|| {
-        let mut reader = store.object_reader(first).unwrap();
-        for i in 0..reader.chunk_count() {
-            std::hint::black_box(reader.read(i).unwrap());
-        }
-    });
-    rows.push(Row {
-        what: format!("{label}: restore-read only (decode + verify hash)"),
-        secs,
-        logical_bytes: DATA_BYTES,
-        store_bytes_added: 0,
-        peak_rss_mib: peak_rss_mib(),
-    });
+    restore_to_file(store, first, dir, &dir.join("pristine.img"), label, rows);
 }
 
 fn blake3_file(path: &Path) -> String {

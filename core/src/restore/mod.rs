@@ -351,6 +351,25 @@ mod tests {
         checkpointed_in_chunks(dir, content, CHUNK)
     }
 
+    /// A disk-only checkpoint of test VM `t`, incremental from `parent` if given.
+    fn new_checkpoint(parent: Option<&crate::store::Manifest>) -> NewCheckpoint {
+        NewCheckpoint {
+            vm: VmRef {
+                name: "t".into(),
+                uuid: uuid::Uuid::from_bytes([3; 16]),
+            },
+            time: parent.map_or_else(chrono::Utc::now, |p| p.time + chrono::Duration::seconds(1)),
+            kind: CheckpointKind::Disk,
+            consistency: Consistency::Crash,
+            domain_xml: "<domain/>".into(),
+            parent: parent.map(|p| p.id.clone()),
+            full_reason: None,
+            consistency_note: None,
+            labels: vec![],
+            libvirt_checkpoint: None,
+        }
+    }
+
     fn checkpointed_in_chunks(dir: &Path, content: &[u8], chunk: usize) -> (Store, ObjectIndex) {
         let options = InitOptions {
             chunk_size_bytes: u32::try_from(chunk).unwrap(),
@@ -361,22 +380,9 @@ mod tests {
         let image = dir.join("original.raw");
         std::fs::write(&image, content).unwrap();
         let control = Control::new();
-        let new = NewCheckpoint {
-            vm: VmRef {
-                name: "t".into(),
-                uuid: uuid::Uuid::from_bytes([3; 16]),
-            },
-            time: chrono::Utc::now(),
-            kind: CheckpointKind::Disk,
-            consistency: Consistency::Crash,
-            domain_xml: "<domain/>".into(),
-            parent: None,
-            full_reason: None,
-            consistency_note: None,
-            labels: vec![],
-            libvirt_checkpoint: None,
-        };
-        let mut writer = store.begin_checkpoint(new, &control).unwrap();
+        let mut writer = store
+            .begin_checkpoint(new_checkpoint(None), &control)
+            .unwrap();
         let object = writer
             .ingest_file(
                 &File::open(&image).unwrap(),
@@ -586,19 +592,9 @@ mod tests {
         let raw = dir.path().join("disk.raw");
         std::fs::write(&raw, &changed).unwrap();
         let control = Control::new();
-        let new = NewCheckpoint {
-            vm: first.vm.clone(),
-            time: first.time + chrono::Duration::seconds(1),
-            kind: CheckpointKind::Disk,
-            consistency: Consistency::Crash,
-            domain_xml: "<domain/>".into(),
-            parent: Some(first.id.clone()),
-            full_reason: None,
-            consistency_note: None,
-            labels: vec![],
-            libvirt_checkpoint: None,
-        };
-        let mut writer = store.begin_checkpoint(new, &control).unwrap();
+        let mut writer = store
+            .begin_checkpoint(new_checkpoint(Some(&first)), &control)
+            .unwrap();
         let object = writer
             .ingest_file(
                 &File::open(&raw).unwrap(),

@@ -162,16 +162,7 @@ impl ObjectWriter<'_> {
         E: From<StoreError> + Send,
         R: FnMut(u64, &mut [u8]) -> Result<bool, E> + Send,
     {
-        if let Some(&bad) = slots.iter().find(|&&i| i >= self.chunk_count()) {
-            return Err(StoreError::Invalid(format!(
-                "chunk {bad} is beyond the end of an object of {} chunks",
-                self.chunk_count()
-            ))
-            .into());
-        }
-        if readers.is_empty() {
-            return Err(StoreError::Invalid("no reader to fill the object with".into()).into());
-        }
+        self.check_slots(slots, readers.len())?;
         let store = self.store;
         let lens: Vec<usize> = slots
             .iter()
@@ -207,6 +198,22 @@ impl ObjectWriter<'_> {
         })
     }
 
+    /// That every slot is in the object, and there is a reader.
+    fn check_slots(&self, slots: &[u64], readers: usize) -> Result<(), StoreError> {
+        if let Some(&bad) = slots.iter().find(|&&i| i >= self.chunk_count()) {
+            return Err(StoreError::Invalid(format!(
+                "chunk {bad} is beyond the end of an object of {} chunks",
+                self.chunk_count()
+            )));
+        }
+        if readers == 0 {
+            return Err(StoreError::Invalid(
+                "no reader to fill the object with".into(),
+            ));
+        }
+        Ok(())
+    }
+
     fn apply(&mut self, i: u64, stored: Stored) -> Result<(), StoreError> {
         if stored.id == HOLE {
             self.put_hole(i)
@@ -236,16 +243,7 @@ impl ObjectWriter<'_> {
         if slots.windows(2).any(|w| w[0] >= w[1]) {
             return Err(StoreError::Invalid("the changed slots are not in order".into()).into());
         }
-        if let Some(&bad) = slots.iter().find(|&&i| i >= self.chunk_count()) {
-            return Err(StoreError::Invalid(format!(
-                "chunk {bad} is beyond the end of an object of {} chunks",
-                self.chunk_count()
-            ))
-            .into());
-        }
-        if readers.is_empty() {
-            return Err(StoreError::Invalid("no reader to fill the object with".into()).into());
-        }
+        self.check_slots(&slots, readers.len())?;
         let store = self.store;
         let chunk = u64::from(store.chunk_size_bytes());
         let slot_lens: Vec<usize> = slots

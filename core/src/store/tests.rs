@@ -81,6 +81,20 @@ fn make_image(dir: &Path, name: &str, seed: u64) -> (PathBuf, Vec<u8>) {
     (path, content)
 }
 
+/// Edits the format version in the header of the (unencrypted) store at `root`.
+fn set_version(root: &Path, version: u32) {
+    let path = root.join(config::CONFIG_FILE);
+    let text = fs::read_to_string(&path).unwrap();
+    fs::write(
+        &path,
+        text.replace(
+            &format!("\"version\": {}", config::FORMAT_VERSION),
+            &format!("\"version\": {version}"),
+        ),
+    )
+    .unwrap();
+}
+
 /// Writes `content` leaving all-zero chunks as holes.
 fn write_sparse(path: &Path, content: &[u8]) {
     let file = OpenOptions::new()
@@ -193,14 +207,7 @@ fn newer_or_damaged_config_is_refused_with_a_clear_message() {
     Store::init(&root, &options()).unwrap();
     let path = root.join(config::CONFIG_FILE);
     let text = fs::read_to_string(&path).unwrap();
-    fs::write(
-        &path,
-        text.replace(
-            &format!("\"version\": {}", config::FORMAT_VERSION),
-            "\"version\": 7",
-        ),
-    )
-    .unwrap();
+    set_version(&root, 7);
     let err = Store::open(&root, None).unwrap_err();
     assert!(
         matches!(

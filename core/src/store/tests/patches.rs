@@ -245,16 +245,8 @@ fn a_format_2_store_is_upgraded_when_first_written_and_its_checkpoints_still_rea
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("s");
     Store::init(&root, &mib_options()).unwrap();
+    set_version(&root, 2);
     let path = root.join(config::CONFIG_FILE);
-    let text = fs::read_to_string(&path).unwrap();
-    fs::write(
-        &path,
-        text.replace(
-            &format!("\"version\": {}", config::FORMAT_VERSION),
-            "\"version\": 2",
-        ),
-    )
-    .unwrap();
     let store = Store::open(&root, None).unwrap();
     assert_eq!(store.format_version(), 2);
     let mut content = first_content();
