@@ -307,7 +307,9 @@ pub fn index_page(data: &[u8]) -> bool {
 /// - `2`: [`chunk::decode`] of an index page, then its entries as [`Store::read_page`]
 ///   decodes them;
 /// - `3`: [`chunk::Header::parse`] of the file's start with `a | b << 32` as the file's
-///   length (a quick verify, and dedup's check of an existing chunk).
+///   length (a quick verify, and dedup's check of an existing chunk); and the file read as
+///   a patch (store format 3), every piece it holds decoded (with bit 3: named after the
+///   content and base it names).
 #[must_use]
 pub fn chunk(data: &[u8]) -> bool {
     let Some((head, file)) = data.split_at_checked(CHUNK_HEAD) else {
@@ -348,7 +350,23 @@ pub fn chunk(data: &[u8]) -> bool {
         }
         2 => chunk::decode(file.to_vec(), ChunkKind::IndexPage, &id, keys)
             .is_ok_and(|page| index::decode_page(&page, page.len() as u64 / 32).is_ok()),
-        _ => chunk::Header::parse(file, word(0) | word(1) << 32).is_ok(),
+        _ => {
+            // A patch (store format 3), named after what it says it holds over what base
+            // when asked, as whoever wrote the store could: parsed and every piece it
+            // holds decoded and checked.
+            if flags & CHUNK_ID_FROM_TREE != 0 && file.len() >= chunk::HEADER_BYTES + 64 {
+                let at = chunk::HEADER_BYTES;
+                id = crate::store::patch::name(
+                    &ChunkId(file[at..at + 32].try_into().expect("32 bytes")),
+                    &ChunkId(file[at + 32..at + 64].try_into().expect("32 bytes")),
+                );
+            }
+            let patch = crate::store::patch::Patch::parse(file, &id).and_then(|patch| {
+                let mut out = vec![0; patch.content_len()];
+                patch.read_pieces(file, &patch.held, &mut out).map(|_| ())
+            });
+            chunk::Header::parse(file, word(0) | word(1) << 32).is_ok() || patch.is_ok()
+        }
     }
 }
 
