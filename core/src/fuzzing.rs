@@ -359,11 +359,12 @@ pub fn chunk(data: &[u8]) -> bool {
                 id = crate::store::patch::name(
                     &ChunkId(file[at..at + 32].try_into().expect("32 bytes")),
                     &ChunkId(file[at + 32..at + 64].try_into().expect("32 bytes")),
+                    keys,
                 );
             }
-            let patch = crate::store::patch::Patch::parse(file, &id).and_then(|patch| {
+            let patch = crate::store::patch::Patch::parse(file, &id, keys).and_then(|patch| {
                 let mut out = vec![0; patch.content_len()];
-                patch.read_pieces(file, &patch.held, &mut out).map(|_| ())
+                patch.read_pieces(&patch.held, &mut out).map(|_| ())
             });
             chunk::Header::parse(file, word(0) | word(1) << 32).is_ok() || patch.is_ok()
         }
@@ -384,7 +385,7 @@ fn tree_root_of(file: &[u8]) -> Option<ChunkId> {
         .chunks_exact(32)
         .map(|cv| cv.try_into().expect("exact chunks"))
         .collect();
-    Some(chunk::tree_root(&tree))
+    Some(chunk::tree_root(&tree, None))
 }
 
 /// `config.ron`: the input is the whole file. It is parsed and checked as Rewind loads it;

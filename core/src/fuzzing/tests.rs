@@ -436,7 +436,7 @@ fn chunk_seeds(stores: &StoreSeeds, out: &mut Vec<(&'static str, String, Vec<u8>
                 format!("{what}-header-{short}"),
                 seed(3 | sealed, [len, 0, 0, 0], &file[..chunk::HEADER_BYTES]),
             ));
-            if tree {
+            if tree && !*encrypted {
                 let mut named_by_tree = seed(1 | CHUNK_ID_FROM_TREE, [a, 1, 0, 0], &file);
                 named_by_tree[1..33].fill(0);
                 out.push(("chunk", format!("tree-named-{short}"), named_by_tree));

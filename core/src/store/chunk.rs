@@ -30,41 +30,52 @@ pub fn takes_tree(plain_len: usize) -> bool {
     plain_len.is_power_of_two() && plain_len >= 2 * PIECE_BYTES
 }
 
-/// The BLAKE3 chaining value of every [`PIECE_BYTES`] piece of `data` (whose length passes
-/// [`takes_tree`]).
+/// The key of a store's chunk names, and so of its piece trees: `None` in an unencrypted
+/// store (plain BLAKE3), the chunk-id key in an encrypted one (keyed BLAKE3).
+pub type TreeKey<'a> = Option<&'a [u8; 32]>;
+
+/// The tree key of a store with `keys`.
 #[must_use]
-pub fn piece_tree(data: &[u8]) -> Vec<[u8; CV_BYTES]> {
+pub fn tree_key(keys: Option<&Keys>) -> TreeKey<'_> {
+    keys.map(Keys::chunk_id_key)
+}
+
+/// The BLAKE3 chaining value of every [`PIECE_BYTES`] piece of `data` (whose length passes
+/// [`takes_tree`]), keyed with `key` in an encrypted store.
+#[must_use]
+pub fn piece_tree(data: &[u8], key: TreeKey<'_>) -> Vec<[u8; CV_BYTES]> {
     debug_assert!(takes_tree(data.len()));
     data.chunks(PIECE_BYTES)
         .enumerate()
-        .map(|(k, piece)| piece_cv(k, piece))
+        .map(|(k, piece)| piece_cv(k, piece, key))
         .collect()
 }
 
-/// The BLAKE3 chaining value of piece number `k` of a chunk.
+/// The BLAKE3 chaining value of piece number `k` of a chunk (keyed with `key`).
 #[must_use]
-pub fn piece_cv(k: usize, piece: &[u8]) -> [u8; CV_BYTES] {
+pub fn piece_cv(k: usize, piece: &[u8], key: TreeKey<'_>) -> [u8; CV_BYTES] {
     use blake3::hazmat::HasherExt;
-    blake3::Hasher::new()
+    key.map_or_else(blake3::Hasher::new, blake3::Hasher::new_keyed)
         .set_input_offset((k * PIECE_BYTES) as u64)
         .update(piece)
         .finalize_non_root()
 }
 
-/// The chunk id (plain BLAKE3 of the whole content) that a tree of two or more pieces, a
-/// power of two of them, adds up to.
+/// The chunk id (BLAKE3 of the whole content, keyed with `key`) that a tree of two or more
+/// pieces, a power of two of them, adds up to.
 #[must_use]
-pub fn tree_root(tree: &[[u8; CV_BYTES]]) -> ChunkId {
+pub fn tree_root(tree: &[[u8; CV_BYTES]], key: TreeKey<'_>) -> ChunkId {
     use blake3::hazmat::{Mode, merge_subtrees_non_root, merge_subtrees_root};
     debug_assert!(tree.len() >= 2 && tree.len().is_power_of_two());
+    let mode = key.map_or(Mode::Hash, Mode::KeyedHash);
     let mut level = tree.to_vec();
     while level.len() > 2 {
         level = level
             .chunks_exact(2)
-            .map(|pair| merge_subtrees_non_root(&pair[0], &pair[1], Mode::Hash))
+            .map(|pair| merge_subtrees_non_root(&pair[0], &pair[1], mode))
             .collect();
     }
-    ChunkId(*merge_subtrees_root(&level[0], &level[1], Mode::Hash).as_bytes())
+    ChunkId(*merge_subtrees_root(&level[0], &level[1], mode).as_bytes())
 }
 
 /// The name of a chunk: BLAKE3 of its content (keyed in encrypted stores).
@@ -222,13 +233,13 @@ impl Header {
                 "claims {plain_len} bytes, more than any chunk"
             )));
         }
-        if kind == ChunkKind::Patch && (!tree || encrypted) {
+        if kind == ChunkKind::Patch && !tree {
             return Err(ChunkProblem::BadHeader(
-                "a patch without a tree, or encrypted, is not of this format".into(),
+                "a patch without a tree is not of this format".into(),
             ));
         }
         if tree {
-            if kind == ChunkKind::IndexPage || encrypted || !takes_tree(plain_len as usize) {
+            if kind == ChunkKind::IndexPage || !takes_tree(plain_len as usize) {
                 return Err(ChunkProblem::BadHeader(
                     "it has a tree where none can be".into(),
                 ));
@@ -260,12 +271,12 @@ impl Header {
         })
     }
 
-    /// Bytes of the tree at the start of the payload.
-    fn tree_bytes(self) -> usize {
-        if self.tree {
-            self.plain_len as usize / PIECE_BYTES * CV_BYTES
-        } else {
-            0
+    /// Bytes of the tree at the start of the payload (sealed apart in an encrypted chunk).
+    pub(super) fn tree_bytes(self) -> usize {
+        match (self.tree, self.encrypted) {
+            (false, _) => 0,
+            (true, false) => self.plain_len as usize / PIECE_BYTES * CV_BYTES,
+            (true, true) => self.plain_len as usize / PIECE_BYTES * CV_BYTES + SEAL_OVERHEAD_BYTES,
         }
     }
 }
@@ -388,16 +399,22 @@ pub fn encode(
             super::StoreError::Invalid(format!("a chunk of {} bytes is too large", data.len()))
         })?;
     if tree.is_some_and(|t| {
-        kind != ChunkKind::Data
-            || keys.is_some()
-            || !takes_tree(data.len())
-            || t.len() * PIECE_BYTES != data.len()
+        kind != ChunkKind::Data || !takes_tree(data.len()) || t.len() * PIECE_BYTES != data.len()
     }) {
         return Err(super::StoreError::Invalid(
-            "a tree only goes with a plain data chunk of whole pieces".into(),
+            "a tree only goes with a data chunk of whole pieces".into(),
         ));
     }
-    let tree_bytes = tree.map_or(0, |t| t.len() * CV_BYTES);
+    // In an encrypted chunk the tree is sealed by itself, so that it can be read without
+    // the body.
+    let tree_bytes = tree.map_or(0, |t| {
+        t.len() * CV_BYTES
+            + if keys.is_some() {
+                SEAL_OVERHEAD_BYTES
+            } else {
+                0
+            }
+    });
     let compressed = compress(data, tree.is_some()).filter(|c| c.len() < data.len());
     let (body, is_compressed) = match &compressed {
         Some(c) => (c.as_slice(), true),
@@ -421,20 +438,34 @@ pub fn encode(
     .to_bytes();
     let mut out = Vec::with_capacity(HEADER_BYTES + payload_len);
     out.extend_from_slice(&header);
-    for cv in tree.unwrap_or_default() {
-        out.extend_from_slice(cv);
+    let tree_plain: Vec<u8> = tree.unwrap_or_default().concat();
+    match (keys, tree) {
+        (Some(keys), Some(_)) => out.extend_from_slice(
+            &keys
+                .seal(&tree_plain, &tree_aad(&header, id))
+                .map_err(|e| super::StoreError::Random(e.to_string()))?,
+        ),
+        _ => out.extend_from_slice(&tree_plain),
     }
     match keys {
         Some(keys) => {
             let sealed = keys
                 .seal(body, &aad(&header, id))
                 .map_err(|e| super::StoreError::Random(e.to_string()))?;
-            debug_assert_eq!(sealed.len(), payload_len);
+            debug_assert_eq!(sealed.len() + tree_bytes, payload_len);
             out.extend_from_slice(&sealed);
         }
         None => out.extend_from_slice(body),
     }
     Ok(out)
+}
+
+/// The associated data of the sealed tree of an encrypted chunk: as [`aad`], and a mark
+/// that it is the tree (a tree cannot pass for a body, or the reverse).
+fn tree_aad(header: &[u8; HEADER_BYTES], id: &ChunkId) -> Vec<u8> {
+    let mut a = aad(header, id);
+    a.extend_from_slice(b" tree");
+    a
 }
 
 /// The associated data of a sealed chunk: its header and its name, so that a chunk cannot
@@ -469,12 +500,21 @@ pub(super) fn check_header(
 }
 
 /// The tree stored at the start of a payload, checked against the chunk's name.
-pub(super) fn stored_tree(bytes: &[u8], id: &ChunkId) -> Result<Vec<[u8; CV_BYTES]>, ChunkProblem> {
+pub(super) fn stored_tree(
+    bytes: &[u8],
+    id: &ChunkId,
+    key: TreeKey<'_>,
+) -> Result<Vec<[u8; CV_BYTES]>, ChunkProblem> {
     let tree: Vec<[u8; CV_BYTES]> = bytes
         .chunks_exact(CV_BYTES)
         .map(|cv| cv.try_into().expect("exact chunks"))
         .collect();
-    if tree_root(&tree) != *id {
+    if !bytes.len().is_multiple_of(CV_BYTES) || tree.len() < 2 || !tree.len().is_power_of_two() {
+        return Err(ChunkProblem::BadHeader(
+            "its tree is not one of whole pieces".into(),
+        ));
+    }
+    if tree_root(&tree, key) != *id {
         return Err(ChunkProblem::HashMismatch);
     }
     Ok(tree)
@@ -492,18 +532,25 @@ pub fn decode(
 ) -> Result<Vec<u8>, ChunkProblem> {
     let header = Header::parse(&file, file.len() as u64)?;
     check_header(header, expected_kind, keys)?;
+    let body_at = HEADER_BYTES + header.tree_bytes();
+    let header_bytes: [u8; HEADER_BYTES] = file[..HEADER_BYTES].try_into().expect("parsed");
     let opened = match keys {
-        Some(keys) => {
-            let header_bytes: &[u8; HEADER_BYTES] =
-                file[..HEADER_BYTES].try_into().expect("parsed");
-            Some(
-                keys.open(&file[HEADER_BYTES..], &aad(header_bytes, id))
-                    .map_err(|_| ChunkProblem::Tampered)?,
-            )
-        }
+        Some(keys) => Some(
+            keys.open(&file[body_at..], &aad(&header_bytes, id))
+                .map_err(|_| ChunkProblem::Tampered)?,
+        ),
         None => None,
     };
-    let body_at = HEADER_BYTES + header.tree_bytes();
+    let tree = if header.tree {
+        Some(open_tree(
+            &file[HEADER_BYTES..body_at],
+            &header_bytes,
+            id,
+            keys,
+        )?)
+    } else {
+        None
+    };
     let body = opened.as_deref().unwrap_or(&file[body_at..]);
     let decompressed = if header.compressed {
         let mut out = vec![0; header.plain_len as usize];
@@ -530,10 +577,10 @@ pub fn decode(
         None
     };
     let plain = decompressed.as_deref().unwrap_or(body);
-    if header.tree {
+    if let Some(tree) = tree {
         // The content must match its tree piece by piece, and the tree the name: a damaged
         // tree is found now, not only by a later partial read.
-        if piece_tree(plain) != stored_tree(&file[HEADER_BYTES..body_at], id)? {
+        if piece_tree(plain, tree_key(keys)) != tree {
             return Err(ChunkProblem::HashMismatch);
         }
     } else {
@@ -591,14 +638,35 @@ pub(super) fn read_tree<F: ReadAt + ?Sized>(
     file: &F,
     header: Header,
     id: &ChunkId,
+    keys: Option<&Keys>,
 ) -> Result<Vec<Cv>, ChunkProblem> {
     if !header.tree || header.kind != ChunkKind::Data {
         return Err(ChunkProblem::BadHeader("it has no tree".into()));
     }
+    check_header(header, ChunkKind::Data, keys)?;
     let mut tree_bytes = vec![0; header.tree_bytes()];
     file.read_exact_at(&mut tree_bytes, HEADER_BYTES as u64)
         .map_err(unreadable)?;
-    stored_tree(&tree_bytes, id)
+    open_tree(&tree_bytes, &header.to_bytes(), id, keys)
+}
+
+/// The tree as stored after the header (`stored`: sealed in an encrypted chunk), opened
+/// and checked against the chunk's name.
+fn open_tree(
+    stored: &[u8],
+    header: &[u8; HEADER_BYTES],
+    id: &ChunkId,
+    keys: Option<&Keys>,
+) -> Result<Vec<Cv>, ChunkProblem> {
+    match keys {
+        Some(keys) => {
+            let plain = keys
+                .open(stored, &tree_aad(header, id))
+                .map_err(|_| ChunkProblem::Tampered)?;
+            stored_tree(&plain, id, Some(keys.chunk_id_key()))
+        }
+        None => stored_tree(stored, id, None),
+    }
 }
 
 /// For a data chunk file with a tree (`header`, already parsed from it): reads its tree,
@@ -610,10 +678,11 @@ pub(super) fn read_tree_pieces<F: ReadAt + ?Sized>(
     file: &F,
     header: Header,
     id: &ChunkId,
+    keys: Option<&Keys>,
     pieces: &[usize],
     out: &mut Vec<u8>,
 ) -> Result<Vec<Cv>, ChunkProblem> {
-    let tree = read_tree(file, header, id)?;
+    let tree = read_tree(file, header, id, keys)?;
     let plain_len = header.plain_len as usize;
     if pieces.iter().any(|&k| k >= tree.len()) {
         return Err(ChunkProblem::BadHeader(format!(
@@ -625,13 +694,19 @@ pub(super) fn read_tree_pieces<F: ReadAt + ?Sized>(
     let body_at = (HEADER_BYTES + tree_len) as u64;
     let body_len = header.payload_len as usize - tree_len;
     // Many pieces (a patch's base, read for all the pieces its patches do not hold): one
-    // read of the whole body instead of one per piece.
-    let body = if pieces.len() * 4 > tree.len() {
+    // read of the whole body instead of one per piece. An encrypted body is opened whole.
+    let (body, body_len) = if pieces.len() * 4 > tree.len() || keys.is_some() {
         let mut body = vec![0; body_len];
         file.read_exact_at(&mut body, body_at).map_err(unreadable)?;
-        Some(body)
+        if let Some(keys) = keys {
+            body = keys
+                .open(&body, &aad(&header.to_bytes(), id))
+                .map_err(|_| ChunkProblem::Tampered)?;
+        }
+        let len = body.len();
+        (Some(body), len)
     } else {
-        None
+        (None, body_len)
     };
     let read = |buf: &mut [u8], at: usize| -> Result<(), ChunkProblem> {
         match &body {
@@ -674,7 +749,12 @@ pub(super) fn read_tree_pieces<F: ReadAt + ?Sized>(
         }
     }
     for &k in pieces {
-        if piece_cv(k, &out[k * PIECE_BYTES..(k + 1) * PIECE_BYTES]) != tree[k] {
+        if piece_cv(
+            k,
+            &out[k * PIECE_BYTES..(k + 1) * PIECE_BYTES],
+            tree_key(keys),
+        ) != tree[k]
+        {
             return Err(ChunkProblem::HashMismatch);
         }
     }
@@ -746,7 +826,7 @@ pub fn decode_ranges<F: ReadAt + ?Sized>(
         return whole(out);
     }
     let pieces = pieces_of(ranges);
-    read_tree_pieces(file, header, id, &pieces, out)?;
+    read_tree_pieces(file, header, id, keys, &pieces, out)?;
     Ok(true)
 }
 
@@ -821,12 +901,56 @@ mod tests {
     }
 
     fn with_tree(data: &[u8]) -> (ChunkId, Vec<u8>) {
-        let tree = piece_tree(data);
-        let id = tree_root(&tree);
+        let tree = piece_tree(data, None);
+        let id = tree_root(&tree, None);
         (
             id,
             encode(ChunkKind::Data, &id, data, None, Some(&tree)).unwrap(),
         )
+    }
+
+    #[test]
+    fn a_keyed_tree_adds_up_to_the_keyed_blake3_and_an_encrypted_chunk_reads_in_pieces() {
+        let keys = Keys::generate().unwrap();
+        let key = Some(keys.chunk_id_key());
+        for data in samples(1 << 20) {
+            let tree = piece_tree(&data, key);
+            let id = tree_root(&tree, key);
+            assert_eq!(id.0, keys.chunk_id(&data));
+            assert_ne!(tree, piece_tree(&data, None), "keyed differs from plain");
+            let file = encode(ChunkKind::Data, &id, &data, Some(&keys), Some(&tree)).unwrap();
+            assert_eq!(file[7], 1, "it has a tree");
+            assert_eq!(
+                decode(file.clone(), ChunkKind::Data, &id, Some(&keys)).unwrap(),
+                data
+            );
+            let mut out = Vec::new();
+            let ranges = [(70_000, 70_100), (900_000, 900_020)];
+            decode_ranges(
+                &file[..],
+                file.len() as u64,
+                &id,
+                Some(&keys),
+                &ranges,
+                &mut out,
+            )
+            .unwrap();
+            assert_eq!(out[70_000..70_100], data[70_000..70_100]);
+            let header = Header::parse(&file, file.len() as u64).unwrap();
+            assert_eq!(
+                read_tree(&file[..], header, &id, Some(&keys)).unwrap(),
+                tree
+            );
+            // Without the keys, or with a flipped bit in the sealed tree: refused.
+            assert!(decode(file.clone(), ChunkKind::Data, &id, None).is_err());
+            let mut bad = file.clone();
+            bad[HEADER_BYTES + 30] ^= 1;
+            assert_eq!(
+                read_tree(&bad[..], header, &id, Some(&keys)).unwrap_err(),
+                ChunkProblem::Tampered
+            );
+            assert!(decode(bad, ChunkKind::Data, &id, Some(&keys)).is_err());
+        }
     }
 
     #[test]
@@ -837,7 +961,7 @@ mod tests {
             assert!(takes_tree(len));
             for data in samples(len) {
                 assert_eq!(
-                    tree_root(&piece_tree(&data)),
+                    tree_root(&piece_tree(&data, None), None),
                     plain_id(&data),
                     "{len} bytes"
                 );
@@ -970,7 +1094,7 @@ mod tests {
             Err(ChunkProblem::BadHeader(_))
         ));
         let small = &random[..PIECE_BYTES];
-        let tree = [piece_cv(0, small)];
+        let tree = [piece_cv(0, small, None)];
         assert!(encode(ChunkKind::Data, &plain_id(small), small, None, Some(&tree)).is_err());
     }
 

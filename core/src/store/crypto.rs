@@ -270,6 +270,13 @@ impl Keys {
         Err(CryptoError::WrongPassphrase)
     }
 
+    /// The chunk-id key: chunk names and the piece trees that add up to them are keyed
+    /// BLAKE3 with it.
+    #[must_use]
+    pub fn chunk_id_key(&self) -> &[u8; 32] {
+        &self.master[CHUNK_ID]
+    }
+
     /// Keyed BLAKE3 (with the chunk-id key) of a chunk's plaintext: chunk names reveal nothing
     /// of content, not even whether two stores hold the same data.
     #[must_use]

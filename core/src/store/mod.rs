@@ -403,14 +403,25 @@ impl Store {
         self.version.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Whether data chunks get a tree of their pieces (unencrypted stores of format 2 on).
+    /// Whether data chunks get a tree of their pieces (unencrypted stores of format 2 on,
+    /// encrypted ones of format 3 on).
     fn takes_trees(&self) -> bool {
-        self.keys.is_none() && self.format_version() >= config::TREES_SINCE_VERSION
+        let since = if self.keys.is_some() {
+            config::PATCHES_SINCE_VERSION
+        } else {
+            config::TREES_SINCE_VERSION
+        };
+        self.format_version() >= since
     }
 
-    /// Whether the writer may keep data as patches (unencrypted stores of format 3 on).
+    /// Whether the writer may keep data as patches (stores of format 3 on).
     pub(crate) fn takes_patches(&self) -> bool {
-        self.keys.is_none() && self.format_version() >= config::PATCHES_SINCE_VERSION
+        self.format_version() >= config::PATCHES_SINCE_VERSION
+    }
+
+    /// The key of this store's chunk names and piece trees (`None`: unencrypted).
+    pub(crate) fn tree_key(&self) -> chunk::TreeKey<'_> {
+        chunk::tree_key(self.keys.as_ref())
     }
 
     /// Whether the store has chunk `id`: written by this handle for the coming commit, or
@@ -429,9 +440,9 @@ impl Store {
         // A data chunk gets a tree where the store's format has them: the id then comes
         // from the pieces' hashes (the same BLAKE3, computed piece by piece).
         let tree = (kind == ChunkKind::Data && self.takes_trees() && chunk::takes_tree(data.len()))
-            .then(|| chunk::piece_tree(data));
+            .then(|| chunk::piece_tree(data, self.tree_key()));
         let id = match &tree {
-            Some(tree) => chunk::tree_root(tree),
+            Some(tree) => chunk::tree_root(tree, self.tree_key()),
             None => self.chunk_id(data),
         };
         let added = self.put_encoded(&id, || {
@@ -890,18 +901,26 @@ impl Store {
 }
 
 impl Store {
-    /// Upgrades an unencrypted store of an older format to the current one before it is
-    /// first written to: only the header's version changes (written atomically), since
-    /// everything the older format holds is read as it is. From then on an older Rewind
-    /// refuses the store (asking to be updated) instead of misreading a patch. Encrypted
-    /// stores keep their format: patches are not yet written there.
+    /// Upgrades a store of an older format to the current one before it is first written
+    /// to: only the header's version changes (written atomically; an encrypted header gets
+    /// its MAC again), since everything the older format holds is read as it is. From then
+    /// on an older Rewind refuses the store (asking to be updated) instead of misreading a
+    /// patch.
     fn upgrade_format(&self) -> Result<(), StoreError> {
-        if self.keys.is_some() || self.format_version() >= config::FORMAT_VERSION {
+        if self.format_version() >= config::FORMAT_VERSION {
             return Ok(());
         }
         let mut config = self.config.clone();
         let from = config.version;
         config.version = config::FORMAT_VERSION;
+        if let Some(keys) = &self.keys {
+            // An encrypted header keeps its MAC. One from before headers had a MAC (that
+            // could not be given one when opened) stays as it is until it has one.
+            if config.mac_hex.is_none() {
+                return Ok(());
+            }
+            config.mac_hex = Some(hex::encode(keys.header_mac(&config.authenticated_bytes())));
+        }
         self.fs.write_atomic(
             Self::tmp_dir(),
             Path::new(config::CONFIG_FILE),

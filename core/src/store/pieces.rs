@@ -172,7 +172,7 @@ impl Store {
         out: &mut Vec<u8>,
         depth: usize,
     ) -> Result<Result<Patch, ChunkProblem>, StoreError> {
-        let patch = match Patch::parse(file, id) {
+        let patch = match Patch::parse(file, id, self.keys.as_ref()) {
             Ok(patch) => patch,
             Err(problem) => return Ok(Err(problem)),
         };
@@ -191,7 +191,7 @@ impl Store {
                 patch.content_len()
             ))));
         }
-        let missing = match patch.read_pieces(file, wanted, out) {
+        let missing = match patch.read_pieces(wanted, out) {
             Ok(missing) => missing,
             Err(problem) => return Ok(Err(problem)),
         };
@@ -224,8 +224,15 @@ impl Store {
                     "it is not a data chunk of its patch's length".into(),
                 )));
             }
-            chunk::read_tree_pieces(&base, header, &patch.base, &missing, out)
-                .map_err(base_problem)?
+            chunk::read_tree_pieces(
+                &base,
+                header,
+                &patch.base,
+                self.keys.as_ref(),
+                &missing,
+                out,
+            )
+            .map_err(base_problem)?
         };
         // The pieces the patch does not hold must be its base's: otherwise the patch is
         // wrong about them.
@@ -249,11 +256,13 @@ impl Store {
         if !chunk::is_patch(&file) {
             return Ok(chunk::decode(file, ChunkKind::Data, id, self.keys.as_ref()).map(|_| HOLE));
         }
-        Ok(Patch::parse(&file, id).and_then(|patch| {
-            let mut out = vec![0; patch.content_len()];
-            patch.read_pieces(&file, &patch.held, &mut out)?;
-            Ok(patch.base)
-        }))
+        Ok(
+            Patch::parse(&file, id, self.keys.as_ref()).and_then(|patch| {
+                let mut out = vec![0; patch.content_len()];
+                patch.read_pieces(&patch.held, &mut out)?;
+                Ok(patch.base)
+            }),
+        )
     }
 
     /// What the writer needs of entry `id` (with its chain of bases `chain`, from its
@@ -276,7 +285,7 @@ impl Store {
             let Ok(bytes) = file.into_bytes() else {
                 return Ok(None);
             };
-            return Ok(Patch::parse(&bytes, id)
+            return Ok(Patch::parse(&bytes, id, self.keys.as_ref())
                 .ok()
                 .filter(|patch| chain.first() == Some(&patch.base))
                 .map(|patch| Known {
@@ -296,12 +305,14 @@ impl Store {
         let Ok(header) = chunk::Header::parse(&head, file.len()) else {
             return Ok(None);
         };
-        Ok(chunk::read_tree(&file, header, id).ok().map(|tree| Known {
-            entry: *id,
-            chain: Vec::new(),
-            content: *id,
-            tree,
-        }))
+        Ok(chunk::read_tree(&file, header, id, self.keys.as_ref())
+            .ok()
+            .map(|tree| Known {
+                entry: *id,
+                chain: Vec::new(),
+                content: *id,
+                tree,
+            }))
     }
 
     /// The name of the content of each of `entries` (index `index`'s, in slot order): the
@@ -337,7 +348,7 @@ impl Store {
                             .try_into()
                             .expect("32 bytes"),
                     );
-                    if patch::name(&content, base) == id {
+                    if patch::name(&content, base, self.keys.as_ref()) == id {
                         out[slot] = content;
                     }
                 }
@@ -367,7 +378,7 @@ impl Store {
             let Ok(bytes) = file.into_bytes() else {
                 return Ok(None);
             };
-            let Ok(patch) = Patch::parse(&bytes, &at) else {
+            let Ok(patch) = Patch::parse(&bytes, &at, self.keys.as_ref()) else {
                 return Ok(None);
             };
             pieces.extend(&patch.held);
@@ -386,7 +397,7 @@ impl Store {
         *self.zero_id.get_or_init(|| {
             let zeros = vec![0; self.chunk_size_bytes() as usize];
             if chunk::takes_tree(zeros.len()) {
-                chunk::tree_root(&chunk::piece_tree(&zeros))
+                chunk::tree_root(&chunk::piece_tree(&zeros, self.tree_key()), self.tree_key())
             } else {
                 self.chunk_id(&zeros)
             }
@@ -397,7 +408,7 @@ impl Store {
     /// storing anything: the parent's entry when the content is the same, a hole when it
     /// is all zeros, the whole chunk the store has when it has one; `None` otherwise.
     pub(crate) fn settled(&self, parent: &Known, tree: &[Cv]) -> Option<Stored> {
-        let id = chunk::tree_root(tree);
+        let id = chunk::tree_root(tree, self.tree_key());
         if id == parent.content {
             Some(Stored::kept(parent))
         } else if id == self.zero_id() {
@@ -426,14 +437,15 @@ impl Store {
         {
             return Ok(None);
         }
-        let content = chunk::tree_root(tree);
+        let content = chunk::tree_root(tree, self.tree_key());
         let held: Vec<(usize, &[u8])> = differ
             .iter()
             .map(|&k| (k, &data[k * PIECE_BYTES..(k + 1) * PIECE_BYTES]))
             .collect();
-        let id = patch::name(&content, &parent.entry);
-        let added =
-            self.put_encoded(&id, || patch::encode(&content, &parent.entry, tree, &held))?;
+        let id = patch::name(&content, &parent.entry, self.keys.as_ref());
+        let added = self.put_encoded(&id, || {
+            patch::encode(&content, &parent.entry, tree, &held, self.keys.as_ref())
+        })?;
         let mut chain = Vec::with_capacity(parent.chain.len() + 1);
         chain.push(parent.entry);
         chain.extend_from_slice(&parent.chain);
@@ -459,16 +471,16 @@ impl Store {
             let (id, added) = self.put_chunk(ChunkKind::Data, data)?;
             return Ok(Stored::whole(id, added));
         };
-        let tree = chunk::piece_tree(data);
+        let tree = chunk::piece_tree(data, self.tree_key());
         if let Some(done) = self.settled(parent, &tree) {
             return Ok(done);
         }
         if let Some(done) = self.put_patch_over(parent, &tree, data)? {
             return Ok(done);
         }
-        let id = chunk::tree_root(&tree);
+        let id = chunk::tree_root(&tree, self.tree_key());
         let added = self.put_encoded(&id, || {
-            chunk::encode(ChunkKind::Data, &id, data, None, Some(&tree))
+            chunk::encode(ChunkKind::Data, &id, data, self.keys.as_ref(), Some(&tree))
         })?;
         Ok(Stored::whole(id, added))
     }

@@ -315,7 +315,11 @@ fn store_changed<E: From<StoreError>>(
     // did not change: the dirty bitmap says so).
     let mut tree = known.tree.clone();
     for &k in pieces {
-        tree[k] = chunk::piece_cv(k, &buf[k * PIECE_BYTES..(k + 1) * PIECE_BYTES]);
+        tree[k] = chunk::piece_cv(
+            k,
+            &buf[k * PIECE_BYTES..(k + 1) * PIECE_BYTES],
+            store.tree_key(),
+        );
     }
     if let Some(done) = store.settled(known, &tree) {
         return Ok(done);

@@ -13,6 +13,19 @@ fn mib_options() -> InitOptions {
     }
 }
 
+/// A new store with 1 MiB chunks, encrypted or not.
+fn mib_store(dir: &Path, encrypted: bool) -> Store {
+    let options = if encrypted {
+        InitOptions {
+            chunk_size_bytes: MIB as u32,
+            ..encrypted_options("patches")
+        }
+    } else {
+        mib_options()
+    };
+    Store::init(&dir.join("s"), &options).unwrap()
+}
+
 /// Writes the image and checkpoints it over `parent` (reading it whole, as a shut-off VM's
 /// capture does).
 fn checkpoint_content(
@@ -71,8 +84,17 @@ fn write_at(content: &mut [u8], at: usize, value: u8) {
 
 #[test]
 fn an_incremental_stores_only_the_changed_pieces_and_everything_reads_back() {
+    only_the_changed_pieces(false);
+}
+
+#[test]
+fn an_encrypted_incremental_stores_only_the_changed_pieces_too() {
+    only_the_changed_pieces(true);
+}
+
+fn only_the_changed_pieces(encrypted: bool) {
     let tmp = tempfile::tempdir().unwrap();
-    let store = Store::init(&tmp.path().join("s"), &mib_options()).unwrap();
+    let store = mib_store(tmp.path(), encrypted);
     let mut content = first_content();
     let first = checkpoint_content(&store, tmp.path(), 0, &content, None);
     // Three slots changed in one piece each, one in two pieces, and one hole filled.
@@ -116,15 +138,26 @@ fn an_incremental_stores_only_the_changed_pieces_and_everything_reads_back() {
 
 #[test]
 fn a_long_chain_keeps_every_patch_a_few_steps_from_a_whole_chunk() {
+    long_chain(false);
+}
+
+#[test]
+fn a_long_chain_in_an_encrypted_store_too() {
+    long_chain(true);
+}
+
+fn long_chain(encrypted: bool) {
+    // Fewer in an encrypted store: sealing is slow in a debug build.
+    let rounds = if encrypted { 12 } else { 30 };
     let tmp = tempfile::tempdir().unwrap();
-    let store = Store::init(&tmp.path().join("s"), &mib_options()).unwrap();
+    let store = mib_store(tmp.path(), encrypted);
     let mut content = first_content();
     let mut chain = vec![(
         checkpoint_content(&store, tmp.path(), 0, &content, None),
         content.clone(),
     )];
     let mut x = 7u64;
-    for n in 1..=30u32 {
+    for n in 1..=rounds {
         for _ in 0..6 {
             x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
             let at = (x >> 20) as usize % (8 * MIB - 4096);
@@ -329,4 +362,62 @@ fn damage_to_a_base_or_a_patch_is_found_and_named() {
         read_back(&store, &first.disks[0].index, tmp.path()),
         first_content()
     );
+}
+
+/// An encrypted store of format 2 (no trees) is upgraded when first written, keeps a header
+/// that passes its MAC, and reads its old chunks as they are.
+#[test]
+fn an_encrypted_format_2_store_is_upgraded_with_its_mac() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("s");
+    let options = InitOptions {
+        chunk_size_bytes: MIB as u32,
+        ..encrypted_options("patches")
+    };
+    let store = Store::init(&root, &options).unwrap();
+    // Made as a format 2 store was: version 2, its MAC over that.
+    let keys = store.keys.as_ref().unwrap();
+    let mut config = store.config().clone();
+    config.version = 2;
+    config.mac_hex = Some(hex::encode(keys.header_mac(&config.authenticated_bytes())));
+    fs::write(root.join(config::CONFIG_FILE), config.to_json()).unwrap();
+    drop(store);
+    let store = Store::open(&root, Some(b"patches")).unwrap();
+    assert_eq!(store.format_version(), 2);
+    let mut content = first_content();
+    let old = {
+        let mut writer = store.object_writer(content.len() as u64, None).unwrap();
+        for (i, piece) in content.chunks(MIB).enumerate() {
+            writer.put(i as u64, piece).unwrap();
+        }
+        writer.finish().unwrap()
+    };
+    store.publish_chunks(&Control::new()).unwrap();
+    assert!(
+        kinds(&store).iter().all(|k| k.1 != 3),
+        "no patches in format 2"
+    );
+    let first = checkpoint_content(&store, tmp.path(), 0, &content, None);
+    assert_eq!((store.format_version(), first.format_version), (3, 3));
+    // The chunks format 2 wrote have no tree: a slot changed over one is stored whole (with
+    // a tree), and changes over that are patches.
+    write_at(&mut content, 7 * MIB + 5, 1);
+    let between = checkpoint_content(&store, tmp.path(), 1, &content, Some(&first));
+    assert!(kinds(&store).iter().all(|k| k.1 != 3));
+    write_at(&mut content, 7 * MIB + 5, 2);
+    let second = checkpoint_content(&store, tmp.path(), 2, &content, Some(&between));
+    assert!(
+        kinds(&store).iter().any(|k| k.1 == 3),
+        "patches from then on"
+    );
+    drop(store);
+    let store = Store::open(&root, Some(b"patches")).unwrap();
+    assert_eq!(store.config().version, 3, "the header passes its MAC");
+    assert_eq!(read_back(&store, &old.index, tmp.path()), first_content());
+    assert_eq!(
+        read_back(&store, &second.disks[0].index, tmp.path()),
+        content
+    );
+    let report = store.verify(false, &Control::new()).unwrap();
+    assert!(report.damaged.is_empty(), "{:?}", report.damaged);
 }
