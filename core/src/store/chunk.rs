@@ -244,7 +244,8 @@ impl Header {
                     "it has a tree where none can be".into(),
                 ));
             }
-            if (payload_len as usize) < plain_len as usize / PIECE_BYTES * CV_BYTES {
+            let sealed = if encrypted { SEAL_OVERHEAD_BYTES } else { 0 };
+            if (payload_len as usize) < plain_len as usize / PIECE_BYTES * CV_BYTES + sealed {
                 return Err(ChunkProblem::BadHeader(
                     "its payload is shorter than its tree".into(),
                 ));
@@ -950,6 +951,29 @@ mod tests {
                 ChunkProblem::Tampered
             );
             assert!(decode(bad, ChunkKind::Data, &id, Some(&keys)).is_err());
+        }
+    }
+
+    #[test]
+    fn an_encrypted_chunk_with_a_payload_shorter_than_its_sealed_tree_is_refused() {
+        let keys = Keys::generate().unwrap();
+        let id = ChunkId([5; 32]);
+        for payload in [16 * 32, 16 * 32 + 10, 16 * 32 + SEAL_OVERHEAD_BYTES - 1] {
+            let header = Header {
+                kind: ChunkKind::Data,
+                compressed: true,
+                encrypted: true,
+                tree: true,
+                plain_len: 1 << 20,
+                payload_len: payload as u32,
+            };
+            let mut file = header.to_bytes().to_vec();
+            file.resize(HEADER_BYTES + payload, 7);
+            assert!(decode(file.clone(), ChunkKind::Data, &id, Some(&keys)).is_err());
+            let mut out = Vec::new();
+            let ranges = [(0, 10)];
+            let len = file.len() as u64;
+            assert!(decode_ranges(&file[..], len, &id, Some(&keys), &ranges, &mut out).is_err());
         }
     }
 
