@@ -901,6 +901,19 @@ impl Store {
 }
 
 impl Store {
+    /// Writes `config` as the store's header, atomically, with its MAC (computed here) in
+    /// an encrypted store.
+    fn write_header(&self, config: &mut StoreConfig) -> Result<(), StoreError> {
+        if let Some(keys) = &self.keys {
+            config.mac_hex = Some(hex::encode(keys.header_mac(&config.authenticated_bytes())));
+        }
+        self.fs.write_atomic(
+            Self::tmp_dir(),
+            Path::new(config::CONFIG_FILE),
+            &config.to_json(),
+        )
+    }
+
     /// Upgrades a store of an older format to the current one before it is first written
     /// to: only the header's version changes (written atomically; an encrypted header gets
     /// its MAC again), since everything the older format holds is read as it is. From then
@@ -913,19 +926,12 @@ impl Store {
         let mut config = self.config.clone();
         let from = config.version;
         config.version = config::FORMAT_VERSION;
-        if let Some(keys) = &self.keys {
-            // An encrypted header keeps its MAC. One from before headers had a MAC (that
-            // could not be given one when opened) stays as it is until it has one.
-            if config.mac_hex.is_none() {
-                return Ok(());
-            }
-            config.mac_hex = Some(hex::encode(keys.header_mac(&config.authenticated_bytes())));
+        // An encrypted header keeps its MAC (recomputed). One from before headers had a MAC
+        // (that could not be given one when opened) stays as it is until it has one.
+        if self.keys.is_some() && config.mac_hex.is_none() {
+            return Ok(());
         }
-        self.fs.write_atomic(
-            Self::tmp_dir(),
-            Path::new(config::CONFIG_FILE),
-            &config.to_json(),
-        )?;
+        self.write_header(&mut config)?;
         self.version
             .store(config::FORMAT_VERSION, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(
@@ -1009,12 +1015,7 @@ impl Store {
             .and_then(|encryption| {
                 let mut config = self.config.clone();
                 config.encryption = Some(encryption);
-                config.mac_hex = Some(hex::encode(keys.header_mac(&config.authenticated_bytes())));
-                self.fs.write_atomic(
-                    Self::tmp_dir(),
-                    Path::new(config::CONFIG_FILE),
-                    &config.to_json(),
-                )?;
+                self.write_header(&mut config)?;
                 Ok(config)
             });
         match upgraded {

@@ -97,6 +97,11 @@ fn set_version(root: &Path, version: u32) {
 
 /// Writes `content` leaving all-zero chunks as holes.
 fn write_sparse(path: &Path, content: &[u8]) {
+    write_sparse_by(path, content, CHUNK as usize);
+}
+
+/// Writes `content` leaving all-zero pieces of `chunk` bytes as holes.
+fn write_sparse_by(path: &Path, content: &[u8], chunk: usize) {
     let file = OpenOptions::new()
         .create(true)
         .truncate(true)
@@ -104,10 +109,9 @@ fn write_sparse(path: &Path, content: &[u8]) {
         .open(path)
         .unwrap();
     file.set_len(content.len() as u64).unwrap();
-    for (i, piece) in content.chunks(CHUNK as usize).enumerate() {
+    for (i, piece) in content.chunks(chunk).enumerate() {
         if piece.iter().any(|&b| b != 0) {
-            file.write_all_at(piece, (i * CHUNK as usize) as u64)
-                .unwrap();
+            file.write_all_at(piece, (i * chunk) as u64).unwrap();
         }
     }
 }

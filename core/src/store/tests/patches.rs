@@ -40,21 +40,6 @@ fn checkpoint_content(
     checkpoint_file(store, vm("a", 1), minute, &image, parent)
 }
 
-fn write_sparse_by(path: &Path, content: &[u8], chunk: usize) {
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    file.set_len(content.len() as u64).unwrap();
-    for (i, piece) in content.chunks(chunk).enumerate() {
-        if piece.iter().any(|&b| b != 0) {
-            file.write_all_at(piece, (i * chunk) as u64).unwrap();
-        }
-    }
-}
-
 /// Every chunk file of the store: (name, kind byte, the base a patch names).
 fn kinds(store: &Store) -> Vec<(ChunkId, u8, Option<ChunkId>)> {
     chunk_files(store)
