@@ -93,13 +93,20 @@ pub(crate) fn entries(store: &Store, index: &ObjectIndex) -> Result<Vec<ChunkId>
     Ok(out)
 }
 
-/// Every slot's chain of bases of `index` (empty but for patches, see `FORMAT.md`).
-pub(crate) fn chains(store: &Store, index: &ObjectIndex) -> Result<Vec<Vec<ChunkId>>, StoreError> {
-    let mut out = Vec::with_capacity(usize::try_from(index.chunk_count()).unwrap_or(0));
+/// Every slot's chunk id of `index`, and its chain of bases (empty but for patches, see
+/// `FORMAT.md`).
+pub(crate) fn entries_and_chains(
+    store: &Store,
+    index: &ObjectIndex,
+) -> Result<(Vec<ChunkId>, Vec<Vec<ChunkId>>), StoreError> {
+    let slots = usize::try_from(index.chunk_count()).unwrap_or(0);
+    let (mut ids, mut chains) = (Vec::with_capacity(slots), Vec::with_capacity(slots));
     for page in 0..index.page_count() {
-        out.extend(store.read_page_with_bases(index, page)?.chains);
+        let page = store.read_page_with_bases(index, page)?;
+        ids.extend(page.ids);
+        chains.extend(page.chains);
     }
-    Ok(out)
+    Ok((ids, chains))
 }
 
 /// An image file served by a writable `qemu-nbd`, with one connection per worker.
@@ -511,7 +518,7 @@ pub(crate) fn make_equal(
     control: &Control,
     written: &mut Vec<u64>,
 ) -> Result<DiskRestore, RestoreError> {
-    let wanted = entries(store, index)?;
+    let (wanted, chains) = entries_and_chains(store, index)?;
     // Known to be equal already (a disk the safety checkpoint shows unchanged): nothing to
     // open or write.
     if let Current::Known(ids, how) = &current
@@ -589,7 +596,7 @@ pub(crate) fn make_equal(
         }
         (Current::Unknown, None) => {
             let ids = session.hash_allocated(store, index, control)?;
-            let contents = store.content_ids(index, &wanted)?; // patches are named otherwise
+            let contents = store.content_ids(&wanted, &chains); // patches are named otherwise
             (differing(&ids, &contents), ComparedBy::Hashing)
         }
     };
@@ -629,7 +636,8 @@ pub(crate) fn verify_image(
     control: &Control,
 ) -> Result<u64, RestoreError> {
     // Compared with what is read and hashed: patches by the content they name.
-    let wanted = store.content_ids(index, &entries(store, index)?)?;
+    let (ids, chains) = entries_and_chains(store, index)?;
+    let wanted = store.content_ids(&ids, &chains);
     let access = Access::ReadOnly { bitmap: None };
     let mut session = DiskSession::open(file, format, access, work_dir)?;
     let chunk = u64::from(index.chunk_size_bytes);

@@ -629,6 +629,24 @@ mod tests {
             std::fs::read(&raw).unwrap() == content,
             "restored disk differs"
         );
+        // Compared by reading and hashing, a disk that holds the patches' content is equal
+        // to them (their names are not their content's, the content they name is).
+        std::fs::write(&raw, &changed).unwrap();
+        let again = disk::make_equal(
+            &store,
+            "vda",
+            &raw,
+            "raw",
+            &second.disks[0].index,
+            disk::Current::Unknown,
+            None,
+            dir.path(),
+            &control,
+            &mut Vec::new(),
+        )
+        .unwrap();
+        assert_eq!(again.compared_by, ComparedBy::Hashing);
+        assert_eq!(again.chunks_written, 0, "{again:?}");
     }
 
     /// Copies of one chunk at several places are decoded once and written to each.

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::RestoreError;
-use super::disk::{ComparedBy, DiskRestore, chains, entries};
+use super::disk::{ComparedBy, DiskRestore, entries_and_chains};
 use crate::progress::Control;
 use crate::qcow2::write::{self as qcow2_write, CLUSTER_BYTES};
 use crate::store::index::HOLE;
@@ -223,8 +223,7 @@ pub(crate) fn write_new_image(
     }
     let chunk = u64::from(index.chunk_size_bytes);
     let image = NewImage::create(path, format, index.size_bytes, chunk)?;
-    let wanted = entries(store, index)?;
-    let chains = chains(store, index)?;
+    let (wanted, chains) = entries_and_chains(store, index)?;
     let slots: Vec<u64> = (0..index.chunk_count())
         .filter(|&i| wanted[usize::try_from(i).expect("slot fits")] != HOLE)
         .collect();

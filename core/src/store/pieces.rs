@@ -315,46 +315,34 @@ impl Store {
             }))
     }
 
-    /// The name of the content of each of `entries` (index `index`'s, in slot order): the
-    /// entry itself for a whole chunk or a hole, the content id a patch names (checked
-    /// against the patch's own name) for a patch. What a disk read and hashed is compared
-    /// with.
-    pub(crate) fn content_ids(
-        &self,
-        index: &super::ObjectIndex,
-        entries: &[ChunkId],
-    ) -> Result<Vec<ChunkId>, StoreError> {
+    /// The name of the content of each of `entries` (with their `chains` of bases, in slot
+    /// order): the entry itself for a whole chunk or a hole, the content id a patch names
+    /// (checked against the patch's own name) for a patch. What a disk read and hashed is
+    /// compared with.
+    pub(crate) fn content_ids(&self, entries: &[ChunkId], chains: &[Vec<ChunkId>]) -> Vec<ChunkId> {
         let mut out = entries.to_vec();
-        for page_no in 0..index.page_count() {
-            let page = self.read_page_with_bases(index, page_no)?;
-            for (e, chain) in page.chains.iter().enumerate() {
-                let slot = usize::try_from(page_no * super::index::ENTRIES_PER_PAGE)
-                    .expect("slots fit memory")
-                    + e;
-                let Some(base) = chain.first() else { continue };
-                if slot >= out.len() {
-                    continue;
-                }
-                let id = out[slot];
-                let Ok((head, _)) = self
-                    .fs
-                    .read_prefix(&Self::chunk_rel(&id), chunk::HEADER_BYTES + 64)
-                else {
-                    continue; // unreadable: it is written, and its read fails then
-                };
-                if head.len() == chunk::HEADER_BYTES + 64 && chunk::is_patch(&head) {
-                    let content = ChunkId(
-                        head[chunk::HEADER_BYTES..chunk::HEADER_BYTES + 32]
-                            .try_into()
-                            .expect("32 bytes"),
-                    );
-                    if patch::name(&content, base, self.keys.as_ref()) == id {
-                        out[slot] = content;
-                    }
+        for (slot, chain) in chains.iter().enumerate() {
+            let (Some(base), Some(id)) = (chain.first(), entries.get(slot)) else {
+                continue;
+            };
+            let Ok((head, _)) = self
+                .fs
+                .read_prefix(&Self::chunk_rel(id), chunk::HEADER_BYTES + 64)
+            else {
+                continue; // unreadable: it is written, and its read fails then
+            };
+            if head.len() == chunk::HEADER_BYTES + 64 && chunk::is_patch(&head) {
+                let content = ChunkId(
+                    head[chunk::HEADER_BYTES..chunk::HEADER_BYTES + 32]
+                        .try_into()
+                        .expect("32 bytes"),
+                );
+                if patch::name(&content, base, self.keys.as_ref()) == *id {
+                    out[slot] = content;
                 }
             }
         }
-        Ok(out)
+        out
     }
 
     /// When `to` is on the chain of bases of patch `from`: the pieces (sorted) that the
