@@ -226,9 +226,11 @@ impl ObjectWriter<'_> {
     /// changed since the index this one started from: sorted piece numbers) with one worker
     /// per reader in `readers`. A reader fills the buffer it is given with the object's
     /// bytes from the offset it is given. Where the slot's previous content is a chunk (or
-    /// patch) with a tree, only the changed pieces are read, and stored as a patch if at
-    /// most half of the slot differs from its base; otherwise the whole slot is read and
-    /// stored as [`ObjectWriter::put_slots`] does. Progress counts the bytes to read.
+    /// patch) with a tree, only the changed pieces are read, and kept as a patch over it if
+    /// at most half of the slot changed (see `FORMAT.md`, "Patches"); where it was a hole,
+    /// only the changed pieces are read (the rest is zeros); otherwise the whole slot is
+    /// read and stored as [`ObjectWriter::put_slots`] does. Progress counts the bytes to
+    /// read.
     pub fn put_changed<E, R>(
         &mut self,
         changes: &[(u64, Vec<usize>)],
