@@ -53,6 +53,18 @@ fn kinds(store: &Store) -> Vec<(ChunkId, u8, Option<ChunkId>)> {
         .collect()
 }
 
+/// `content` stored through a handle that has not upgraded its store yet (no checkpoint
+/// begun), as the older format wrote it; its chunks made durable.
+fn written_before_upgrade(store: &Store, content: &[u8]) -> FinishedObject {
+    let mut writer = store.object_writer(content.len() as u64, None).unwrap();
+    for (i, piece) in content.chunks(MIB).enumerate() {
+        writer.put(i as u64, piece).unwrap();
+    }
+    let object = writer.finish().unwrap();
+    store.publish_chunks(&Control::new()).unwrap();
+    object
+}
+
 /// An image of 8 chunks: noise, text and a hole.
 fn first_content() -> Vec<u8> {
     let mut content = noise(1, 8 * MIB);
@@ -269,14 +281,7 @@ fn a_format_2_store_is_upgraded_when_first_written_and_its_checkpoints_still_rea
     assert_eq!(store.format_version(), 2);
     let mut content = first_content();
     // Written as format 2 would (no patches: the handle writes format 2 until it upgrades).
-    let first = {
-        let mut writer = store.object_writer(content.len() as u64, None).unwrap();
-        for (i, piece) in content.chunks(MIB).enumerate() {
-            writer.put(i as u64, piece).unwrap();
-        }
-        writer.finish().unwrap()
-    };
-    store.publish_chunks(&Control::new()).unwrap();
+    let first = written_before_upgrade(&store, &content);
     assert!(kinds(&store).iter().all(|k| k.1 != 3));
     let mut m = checkpoint_content(&store, tmp.path(), 0, &content, None);
     assert_eq!(store.format_version(), 3);
@@ -370,14 +375,7 @@ fn an_encrypted_format_2_store_is_upgraded_with_its_mac() {
     let store = Store::open(&root, Some(b"patches")).unwrap();
     assert_eq!(store.format_version(), 2);
     let mut content = first_content();
-    let old = {
-        let mut writer = store.object_writer(content.len() as u64, None).unwrap();
-        for (i, piece) in content.chunks(MIB).enumerate() {
-            writer.put(i as u64, piece).unwrap();
-        }
-        writer.finish().unwrap()
-    };
-    store.publish_chunks(&Control::new()).unwrap();
+    let old = written_before_upgrade(&store, &content);
     assert!(
         kinds(&store).iter().all(|k| k.1 != 3),
         "no patches in format 2"
