@@ -25,7 +25,7 @@ use super::RestoreError;
 use crate::progress::Control;
 use crate::qemu_nbd::{Access, QemuNbd};
 use crate::store::index::HOLE;
-use crate::store::{ChunkId, ChunkKind, ObjectIndex, Store, StoreError, for_each_slot};
+use crate::store::{ChunkId, ObjectIndex, Store, StoreError, for_each_slot};
 use rewind_nbd::{BASE_ALLOCATION, NbdClient, NbdError, STATE_HOLE, STATE_ZERO};
 
 /// How the current content of a disk was known before writing.
@@ -288,6 +288,7 @@ impl DiskSession {
     ) -> Result<u64, RestoreError> {
         let WritePlan {
             wanted,
+            chains,
             slots,
             partial,
         } = *plan;
@@ -305,7 +306,8 @@ impl DiskSession {
                 let path = &path;
                 let mut back = Vec::new();
                 move |i: u64, buf: &mut Vec<u8>| -> Result<u64, RestoreError> {
-                    let id = wanted[usize::try_from(i).expect("slot fits")];
+                    let slot = usize::try_from(i).expect("slot fits");
+                    let (id, chain) = (wanted[slot], &chains[slot]);
                     let len = usize::try_from(index.chunk_len(i)).expect("fits");
                     let ranges = partial.get(&i);
                     // A hole is written as zeros (`buf` holds whatever its previous slot
@@ -317,10 +319,10 @@ impl DiskSession {
                             std::mem::take(buf)
                         }
                         Some(ranges) => {
-                            store.read_chunk_ranges(&id, ranges, buf)?;
+                            store.read_entry_ranges(&id, chain, ranges, buf)?;
                             std::mem::take(buf)
                         }
-                        None => store.read_chunk(&id, ChunkKind::Data)?,
+                        None => store.read_entry(&id, chain)?,
                     };
                     if data.len() != len {
                         return Err(StoreError::Damaged {
@@ -388,6 +390,8 @@ impl DiskSession {
 pub(crate) struct WritePlan<'a> {
     /// The checkpoint's chunk of every slot.
     pub wanted: &'a [ChunkId],
+    /// Their chains of bases (empty but for patches).
+    pub chains: &'a [Vec<ChunkId>],
     /// The slots to write, ascending.
     pub slots: &'a [u64],
     /// For some slots, the only byte ranges (inside the slot) to write.
@@ -606,6 +610,7 @@ pub(crate) fn make_equal(
     let partial = partial_writes(store, &slots, &wanted, known.as_deref(), dirty)?;
     let plan = WritePlan {
         wanted: &wanted,
+        chains: &chains,
         slots: &slots,
         partial: &partial,
     };

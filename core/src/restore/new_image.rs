@@ -18,7 +18,7 @@ use super::disk::{ComparedBy, DiskRestore, entries_and_chains};
 use crate::progress::Control;
 use crate::qcow2::write::{self as qcow2_write, CLUSTER_BYTES};
 use crate::store::index::HOLE;
-use crate::store::{ChunkId, ChunkKind, ObjectIndex, Store, StoreError, for_each_slot};
+use crate::store::{ChunkId, ObjectIndex, Store, StoreError, for_each_slot};
 
 /// How many chunk files ahead of the workers the kernel is asked to read.
 const PREFETCH_CHUNKS: u64 = 32;
@@ -196,13 +196,11 @@ impl<'a> NewImage<'a> {
     }
 }
 
-/// Has the kernel fetch the chunk file of slot `i`, and, for a patch, those of its chain of
-/// bases (read with it).
+/// Has the kernel fetch the files a read of slot `i` opens: its chunk file, and, for a
+/// patch, its flat copy or else those of its chain of bases.
 fn prefetch_slot(store: &Store, wanted: &[ChunkId], chains: &[Vec<ChunkId>], i: u64) {
     let i = usize::try_from(i).expect("slot fits");
-    for id in std::iter::once(&wanted[i]).chain(&chains[i]) {
-        store.prefetch_chunk(id);
-    }
+    store.prefetch_entry(&wanted[i], &chains[i]);
 }
 
 /// Writes disk `target` (`index`) into a new file `path` of `format` (`raw` or `qcow2`);
@@ -243,11 +241,13 @@ pub(crate) fn write_new_image(
     control.add_total_bytes(slots.iter().map(|&i| index.chunk_len(i)).sum());
     let workers: Vec<_> = (0..crate::store::reader_count())
         .map(|_| {
-            let (image, wanted, slots, slots_of) = (&image, &wanted, &slots, &slots_of);
+            let (image, wanted, chains) = (&image, &wanted, &chains);
+            let (slots, slots_of) = (&slots, &slots_of);
             let mut back = Vec::new();
             move |first: u64, _: &mut Vec<u8>| -> Result<(u64, Vec<(u64, u64)>), RestoreError> {
-                let id = wanted[usize::try_from(first).expect("slot fits")];
-                let data = store.read_chunk(&id, ChunkKind::Data)?;
+                let slot = usize::try_from(first).expect("slot fits");
+                let id = wanted[slot];
+                let data = store.read_entry(&id, &chains[slot])?;
                 let (mut bytes, mut mapped) = (0, Vec::new());
                 // Progress is counted here, slot by slot, and a cancel is seen between the
                 // slots of a chunk held by many.

@@ -28,7 +28,7 @@ use crate::libvirt::Hypervisor;
 use crate::progress::{Control, Phase};
 use crate::store::LockMode;
 use crate::store::index::HOLE;
-use crate::store::{ChunkKind, DiskEntry, Manifest, Store, for_each_slot};
+use crate::store::{DiskEntry, Manifest, Store, for_each_slot};
 use crate::vm::Firmware;
 
 /// Where a restored VM's disks go.
@@ -554,7 +554,7 @@ fn upload(
     format: &str,
     control: &Control,
 ) -> Result<PathBuf, RestoreError> {
-    let wanted = disk::entries(store, &d.index)?;
+    let (wanted, chains) = disk::entries_and_chains(store, &d.index)?;
     let slots: Vec<u64> = (0..d.index.chunk_count()).collect();
     let lens: Vec<usize> = slots
         .iter()
@@ -574,9 +574,10 @@ fn upload(
             let workers: Vec<_> = (0..crate::store::reader_count())
                 .map(|_| {
                     |i: u64, _: &mut Vec<u8>| -> Result<Option<Vec<u8>>, RestoreError> {
-                        match wanted[usize::try_from(i).expect("slot fits")] {
+                        let slot = usize::try_from(i).expect("slot fits");
+                        match wanted[slot] {
                             HOLE => Ok(None),
-                            id => Ok(Some(store.read_chunk(&id, ChunkKind::Data)?)),
+                            id => Ok(Some(store.read_entry(&id, &chains[slot])?)),
                         }
                     }
                 })

@@ -340,8 +340,9 @@ impl Backend {
         .map_err(|e| io_error("create the folder", self.display(rel), e))
     }
 
-    /// Asks for file `rel` to be read ahead (a hint; only a local store takes it).
-    pub(crate) fn prefetch(&self, rel: &Path) {
+    /// Asks for file `rel` to be read ahead (a hint; only a local store takes it). Whether
+    /// the file is there to be read ahead.
+    pub(crate) fn prefetch(&self, rel: &Path) -> bool {
         if let Self::Local(root) = self
             && let Ok(file) = root.open_read(rel)
         {
@@ -349,7 +350,9 @@ impl Backend {
             if let Err(e) = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::WillNeed) {
                 tracing::debug!("fadvise(WILLNEED) on {}: {e}", rel.display());
             }
+            return true;
         }
+        false
     }
 
     /// Whether the backend can still talk to the store without connecting again (always,

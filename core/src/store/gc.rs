@@ -1,4 +1,5 @@
-//! Garbage collection: remove chunks that no checkpoint references.
+//! Garbage collection: remove chunks that no checkpoint references, and flat copies of
+//! patches that none holds.
 //!
 //! GC holds the store lock exclusively for its whole run; checkpoint writers hold it
 //! shared. So GC never runs while a checkpoint is being written: a writer may reference
@@ -32,6 +33,10 @@ pub struct GcReport {
     pub bytes_removed: u64,
     /// Temporary files of killed writers removed.
     pub leftovers_removed: u64,
+    /// Flat copies removed: those of patches no checkpoint holds any more (their bytes
+    /// are in `bytes_removed`).
+    #[serde(default)]
+    pub flat_copies_removed: u64,
 }
 
 impl Store {
@@ -122,6 +127,10 @@ impl Store {
                 }
             }
         }
+        // Flat copies of patches no checkpoint holds (see `flat.rs`).
+        let (removed, bytes) = self.remove_flat_except(|id| marked.contains(id), control)?;
+        report.flat_copies_removed = removed;
+        report.bytes_removed += bytes;
         Ok(report)
     }
 }

@@ -18,6 +18,7 @@ pub mod config;
 pub(crate) mod crypto;
 pub(crate) mod dirblob;
 pub mod error;
+pub mod flat;
 pub mod gc;
 pub(crate) mod index;
 pub(crate) mod local;

@@ -125,11 +125,19 @@ impl Store {
         &self,
         id: &ChunkId,
     ) -> Result<Result<ChunkFile, ChunkProblem>, StoreError> {
-        let rel = Self::chunk_rel(id);
+        self.open_data_file(&Self::chunk_rel(id))
+    }
+
+    /// Opens data file `rel` (a chunk, or a flat copy) for reading, as
+    /// [`Store::open_chunk`] does.
+    pub(crate) fn open_data_file(
+        &self,
+        rel: &std::path::Path,
+    ) -> Result<Result<ChunkFile, ChunkProblem>, StoreError> {
         if let Some(root) = self.fs.local_root() {
-            let opened = match root.open_read(&rel) {
+            let opened = match root.open_read(rel) {
                 Err(e) if local::Refusal::of(&e).is_some() => {
-                    return Err(io_error("read", self.chunk_path(id), e));
+                    return Err(io_error("read", self.root.join(rel), e));
                 }
                 other => other,
             };
@@ -141,9 +149,9 @@ impl Store {
                 .map_err(|e| super::file_problem(&e)))
         } else {
             let max = (chunk::HEADER_BYTES + chunk::MAX_CHUNK_BYTES * 2) as u64;
-            match self.fs.read(&rel, max) {
+            match self.fs.read(rel, max) {
                 Ok(bytes) => Ok(Ok(ChunkFile::Bytes(bytes))),
-                Err(e) if is_remote_failure(&e) => Err(io_error("read", self.chunk_path(id), e)),
+                Err(e) if is_remote_failure(&e) => Err(io_error("read", self.root.join(rel), e)),
                 Err(e) => Ok(Err(super::file_problem(&e))),
             }
         }

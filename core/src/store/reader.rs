@@ -4,9 +4,9 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 
 use super::Store;
-use super::chunk::{ChunkId, ChunkKind};
+use super::chunk::ChunkId;
 use super::error::{StoreError, io_error};
-use super::index::{ENTRIES_PER_PAGE, HOLE, ObjectIndex};
+use super::index::{self, ENTRIES_PER_PAGE, HOLE, ObjectIndex};
 use crate::progress::Control;
 
 /// Reads one object chunk by chunk. Keeps one index page in memory.
@@ -14,7 +14,7 @@ use crate::progress::Control;
 pub struct ObjectReader<'s> {
     store: &'s Store,
     index: ObjectIndex,
-    page: Option<(u64, Vec<ChunkId>)>,
+    page: Option<(u64, index::Page)>,
 }
 
 impl Store {
@@ -38,28 +38,34 @@ impl ObjectReader<'_> {
 
     /// The chunk id in slot `i` ([`HOLE`] for zeros).
     pub fn entry(&mut self, i: u64) -> Result<ChunkId, StoreError> {
+        self.entry_and_chain(i).map(|(id, _)| id)
+    }
+
+    /// The entry of slot `i` and its chain of bases (empty but for a patch).
+    fn entry_and_chain(&mut self, i: u64) -> Result<(ChunkId, Vec<ChunkId>), StoreError> {
         let page_no = i / ENTRIES_PER_PAGE;
         if self.page.as_ref().is_none_or(|(p, _)| *p != page_no) {
-            let entries = self.store.read_page(&self.index, page_no)?;
+            let entries = self.store.read_page_with_bases(&self.index, page_no)?;
             self.page = Some((page_no, entries));
         }
-        let (_, entries) = self.page.as_ref().expect("loaded above");
-        entries
-            .get(usize::try_from(i % ENTRIES_PER_PAGE).expect("small"))
-            .copied()
-            .ok_or_else(|| {
-                StoreError::Invalid(format!("chunk {i} is beyond the end of the object"))
-            })
+        let (_, page) = self.page.as_ref().expect("loaded above");
+        let k = usize::try_from(i % ENTRIES_PER_PAGE).expect("small");
+        match (page.ids.get(k), page.chains.get(k)) {
+            (Some(id), Some(chain)) => Ok((*id, chain.clone())),
+            _ => Err(StoreError::Invalid(format!(
+                "chunk {i} is beyond the end of the object"
+            ))),
+        }
     }
 
     /// The content of slot `i`, zeros for a hole.
     pub fn read(&mut self, i: u64) -> Result<Vec<u8>, StoreError> {
-        let id = self.entry(i)?;
+        let (id, chain) = self.entry_and_chain(i)?;
         let len = usize::try_from(self.index.chunk_len(i)).expect("chunk fits memory");
         if id == HOLE {
             return Ok(vec![0; len]);
         }
-        let data = self.store.read_chunk(&id, ChunkKind::Data)?;
+        let data = self.store.read_entry(&id, &chain)?;
         if data.len() != len {
             return Err(StoreError::Damaged {
                 path: self.store.chunk_path(&id),

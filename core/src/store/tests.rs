@@ -1198,5 +1198,6 @@ fn a_vm_catalog_reads_one_vm_and_prune_known_reads_nothing_more() {
         .unwrap();
 }
 
+mod flat;
 mod hostile;
 mod patches;

@@ -75,6 +75,10 @@ pub struct VerifyReport {
     /// (`None`: all of them).
     #[serde(default)]
     pub share: Option<(u32, u32)>,
+    /// Flat copies of patches found damaged and removed (a cache: the next compaction
+    /// writes them again; no checkpoint needs them).
+    #[serde(default)]
+    pub flat_copies_removed: u64,
 }
 
 /// The share (of `of`) that data chunk `id` belongs to in a rotating check: chunk names are
@@ -278,6 +282,10 @@ impl Store {
                 self.check_data_chunk(id)?
                     .and_then(|found| same_base(found, *base))
             };
+            // A patch's flat copy, if it has one, is checked with it.
+            if !quick && *base != HOLE && self.check_flat(id, base)? {
+                report.flat_copies_removed += 1;
+            }
             report.chunks_checked += 1;
             report.bytes_checked += len;
             control.add_done_bytes(*len);

@@ -3,7 +3,7 @@
 
 use super::*;
 
-const MIB: usize = 1 << 20;
+pub(super) const MIB: usize = 1 << 20;
 const PIECE: usize = chunk::PIECE_BYTES;
 
 fn mib_options() -> InitOptions {
@@ -14,7 +14,7 @@ fn mib_options() -> InitOptions {
 }
 
 /// A new store with 1 MiB chunks, encrypted or not.
-fn mib_store(dir: &Path, encrypted: bool) -> Store {
+pub(super) fn mib_store(dir: &Path, encrypted: bool) -> Store {
     let options = if encrypted {
         InitOptions {
             chunk_size_bytes: MIB as u32,
@@ -28,7 +28,7 @@ fn mib_store(dir: &Path, encrypted: bool) -> Store {
 
 /// Writes the image and checkpoints it over `parent` (reading it whole, as a shut-off VM's
 /// capture does).
-fn checkpoint_content(
+pub(super) fn checkpoint_content(
     store: &Store,
     dir: &Path,
     minute: u32,
@@ -41,7 +41,7 @@ fn checkpoint_content(
 }
 
 /// Every chunk file of the store: (name, kind byte, the base a patch names).
-fn kinds(store: &Store) -> Vec<(ChunkId, u8, Option<ChunkId>)> {
+pub(super) fn kinds(store: &Store) -> Vec<(ChunkId, u8, Option<ChunkId>)> {
     chunk_files(store)
         .into_iter()
         .map(|path| {
@@ -66,7 +66,7 @@ fn written_before_upgrade(store: &Store, content: &[u8]) -> FinishedObject {
 }
 
 /// An image of 8 chunks: noise, text and a hole.
-fn first_content() -> Vec<u8> {
+pub(super) fn first_content() -> Vec<u8> {
     let mut content = noise(1, 8 * MIB);
     let text = b"Rewind keeps checkpoints of virtual machines. ".repeat(2 * MIB / 46 + 1);
     content[4 * MIB..6 * MIB].copy_from_slice(&text[..2 * MIB]);
@@ -75,7 +75,7 @@ fn first_content() -> Vec<u8> {
 }
 
 /// A 4 KiB write at `at`, of a repeated value.
-fn write_at(content: &mut [u8], at: usize, value: u8) {
+pub(super) fn write_at(content: &mut [u8], at: usize, value: u8) {
     content[at..at + 4096].fill(value);
 }
 
@@ -143,14 +143,12 @@ fn a_long_chain_in_an_encrypted_store_too() {
     long_chain(true);
 }
 
-fn long_chain(encrypted: bool) {
-    // Fewer in an encrypted store: sealing is slow in a debug build.
-    let rounds = if encrypted { 12 } else { 30 };
-    let tmp = tempfile::tempdir().unwrap();
-    let store = mib_store(tmp.path(), encrypted);
+/// A full checkpoint of [`first_content`] and `rounds` incrementals, each after six 4 KiB
+/// writes at pseudo-random places: each checkpoint with its content.
+pub(super) fn chain_of(store: &Store, dir: &Path, rounds: u32) -> Vec<(Manifest, Vec<u8>)> {
     let mut content = first_content();
     let mut chain = vec![(
-        checkpoint_content(&store, tmp.path(), 0, &content, None),
+        checkpoint_content(store, dir, 0, &content, None),
         content.clone(),
     )];
     let mut x = 7u64;
@@ -161,9 +159,18 @@ fn long_chain(encrypted: bool) {
             write_at(&mut content, at, n as u8);
         }
         let parent = &chain.last().unwrap().0;
-        let m = checkpoint_content(&store, tmp.path(), n, &content, Some(parent));
+        let m = checkpoint_content(store, dir, n, &content, Some(parent));
         chain.push((m, content.clone()));
     }
+    chain
+}
+
+fn long_chain(encrypted: bool) {
+    // Fewer in an encrypted store: sealing is slow in a debug build.
+    let rounds = if encrypted { 12 } else { 30 };
+    let tmp = tempfile::tempdir().unwrap();
+    let store = mib_store(tmp.path(), encrypted);
+    let chain = chain_of(&store, tmp.path(), rounds);
     // Every patch is over a chain of at most WRITE_CHAIN patches ending in a whole chunk.
     let files = kinds(&store);
     let by_name: std::collections::HashMap<ChunkId, (u8, Option<ChunkId>)> =
