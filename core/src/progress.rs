@@ -50,6 +50,9 @@ pub enum Phase {
     /// Reading a full-state checkpoint's saved memory back out of the store (before a
     /// restore touches the VM).
     ReadingMemory = 10,
+    /// Keeping the newest checkpoints quick to restore (flat copies of their patches,
+    /// after a scheduled checkpoint).
+    Compacting = 11,
 }
 
 impl Phase {
@@ -68,6 +71,7 @@ impl Phase {
             Self::RollingBack => "rolling back",
             Self::Starting => "starting the VM",
             Self::ReadingMemory => "reading the saved memory",
+            Self::Compacting => "keeping the newest checkpoint quick to restore",
         }
     }
 
@@ -83,6 +87,7 @@ impl Phase {
             8 => Self::RollingBack,
             9 => Self::Starting,
             10 => Self::ReadingMemory,
+            11 => Self::Compacting,
             _ => Self::Preparing,
         }
     }

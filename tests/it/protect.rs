@@ -153,6 +153,20 @@ fn booted_guest(label: &str) -> TestVm {
     vm
 }
 
+/// That after its checkpoints the daemon kept flat copies (`FORMAT.md`) of the newest
+/// one's patches in `store` (the guest's records change a few pieces of a chunk between
+/// two checkpoints).
+fn assert_flat_copies(home: &Home, store: &Path) {
+    let copies: usize = std::fs::read_dir(store.join("flat")).map_or(0, |dirs| {
+        dirs.flatten()
+            .filter_map(|d| std::fs::read_dir(d.path()).ok())
+            .map(Iterator::count)
+            .sum()
+    });
+    assert!(copies >= 1, "no flat copies; log:\n{}", home.log());
+    assert!(home.log().contains("flat copies of"), "{}", home.log());
+}
+
 #[test]
 fn the_daemon_takes_checkpoints_by_itself_thins_them_out_and_survives_a_broken_config() {
     let vm = booted_guest("protect-daemon");
@@ -264,6 +278,7 @@ fn the_daemon_takes_checkpoints_by_itself_thins_them_out_and_survives_a_broken_c
     assert_eq!(status["scheduler"]["running"], false, "{status}");
     let history = home.run_ok(&["history", &vm.name]);
     assert!(history.contains("incremental"), "{history}");
+    assert_flat_copies(&home, &store);
     crate::rewind::run_ok(&["verify", "--in", store_str]);
 }
 

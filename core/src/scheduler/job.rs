@@ -1,5 +1,5 @@
 //! One scheduled job: a checkpoint of one VM into one destination, then that destination's
-//! retention for the VM and garbage collection. Runs on a blocking thread; everything it
+//! retention for the VM, garbage collection, and flat copies of the newest checkpoints. Runs on a blocking thread; everything it
 //! does checks the job's [`Control`], so stopping Rewind stops it cleanly (the checkpoint
 //! engine leaves nothing half-done behind). An automatic job runs at a low CPU and I/O
 //! priority ([`crate::priority`]), so the user's VMs come first.
@@ -179,6 +179,7 @@ fn run_into(spec: &JobSpec, control: &Control, record: &mut Record) -> Result<Ma
     // Retention for this VM in this destination, then the data only removed ones used. A
     // destination the VM is not protected into has no keep rules: all is kept.
     if spec.protection.keep.is_empty() {
+        compact_after(&store, spec, control);
         return Ok(m);
     }
     let vm_uuid = m.vm.uuid;
@@ -200,7 +201,33 @@ fn run_into(spec: &JobSpec, control: &Control, record: &mut Record) -> Result<Ma
     if removed > 0 {
         store.gc(control)?;
     }
+    compact_after(&store, spec, control);
     Ok(m)
+}
+
+/// After an automatic job, keeps the newest checkpoints of the store quick to restore:
+/// flat copies of their patches ([`crate::store::flat`]), at the job's low priority. A
+/// job the user waits for leaves it to the next automatic one. The checkpoint is taken
+/// whatever happens here: a failure is logged, and a cancel stops it.
+fn compact_after(store: &crate::store::Store, spec: &JobSpec, control: &Control) {
+    if spec.why == Why::Manual {
+        return;
+    }
+    control.start_phase(crate::progress::Phase::Compacting);
+    match store.compact(control) {
+        Ok(report) => tracing::info!(
+            "flat copies of {} patches of the newest checkpoints ({} written, {} bytes; {} removed)",
+            report.copies,
+            report.written,
+            report.bytes_written,
+            report.removed
+        ),
+        Err(e) if control.is_cancelled() => tracing::info!("compaction stopped: {e}"),
+        Err(e) => tracing::warn!(
+            "could not keep flat copies of the newest checkpoints of {}: {e}",
+            spec.destination.name
+        ),
+    }
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ pub(super) fn phase_text(phase: Phase) -> &'static str {
         Phase::RollingBack => "Undoing what was written",
         Phase::Starting => "Starting the VM",
         Phase::ReadingMemory => "Reading back the saved memory",
+        Phase::Compacting => "Keeping the newest checkpoint quick to restore",
     }
 }
 
