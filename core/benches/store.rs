@@ -8,7 +8,9 @@
 //!
 //! `REWIND_BENCH_DIR` chooses where the ~8 GiB of scratch files go (default: target/bench).
 //! `REWIND_BENCH_CHAIN=100` first takes a chain of 100 incrementals (a new 1 % change
-//! each) and restores the latest against a full checkpoint of the same image.
+//! each) and restores the latest against a full checkpoint of the same image, before and
+//! after a compaction (`REWIND_BENCH_COMPACT_DEPTH=N`: flat copies of patches N or more
+//! deep only).
 //! `REWIND_BENCH_CHUNK_KIB=1024` limits the chunk sizes tried (`none`: none); `REWIND_BENCH_NO_ENCRYPTED`
 //! skips the encrypted store.
 //! Results go to stdout as a Markdown table; `core/BENCHMARKS.md` keeps them with the
@@ -303,9 +305,16 @@ fn chain(dir: &Path, image: &Path, rounds: u32, rows: &mut Vec<Row>) {
     drop(fs::remove_dir_all(&fresh_root));
     let fresh = Store::init(&fresh_root, &options).unwrap();
     let full = ingest(&fresh, &changing, None, 0);
+    let compacted_root = dir.join("store-chain-compacted");
+    let compacted = compacted_copy(&root, &compacted_root);
     for round in 1..=3 {
         for (what, store, m) in [
             (format!("latest of a chain of {rounds}"), &store, &latest),
+            (
+                format!("latest of a chain of {rounds}, compacted"),
+                &compacted,
+                &latest,
+            ),
             (
                 "full checkpoint of the same image".to_owned(),
                 &fresh,
@@ -351,6 +360,41 @@ fn chain(dir: &Path, image: &Path, rounds: u32, rows: &mut Vec<Row>) {
     fs::remove_file(&changing).unwrap();
     fs::remove_dir_all(&root).unwrap();
     fs::remove_dir_all(&fresh_root).unwrap();
+    fs::remove_dir_all(&compacted_root).unwrap();
+}
+
+/// A copy of the store at `root` at `to`, compacted (flat copies, at the depth
+/// `REWIND_BENCH_COMPACT_DEPTH` says), so that the chain is measured with and without in
+/// the same rounds.
+fn compacted_copy(root: &Path, to: &Path) -> Store {
+    drop(fs::remove_dir_all(to));
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg(root)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let compacted = Store::open(to, None).unwrap();
+    let depth: usize = std::env::var("REWIND_BENCH_COMPACT_DEPTH")
+        .ok()
+        .and_then(|d| d.parse().ok())
+        .unwrap_or(rewind_core::store::flat::FLAT_FROM_DEPTH);
+    let before = du_bytes(to);
+    drop_caches();
+    let (report, secs) = timed(|| {
+        compacted
+            .compact_from_depth(depth, &Control::new())
+            .unwrap()
+    });
+    eprintln!(
+        "chain: compaction (patches {depth} or more deep) took {secs:.2} s (cold cache): \
+         {} flat copies, {} bytes written; store {before} -> {} bytes",
+        report.written,
+        report.bytes_written,
+        du_bytes(to)
+    );
+    compacted
 }
 
 /// Restores an index to a new file (cold cache, synced), checks it against `expected`,
