@@ -10,7 +10,8 @@
 //! `REWIND_BENCH_CHAIN=100` first takes a chain of 100 incrementals (a new 1 % change
 //! each) and restores the latest against a full checkpoint of the same image, before and
 //! after a compaction (`REWIND_BENCH_COMPACT_DEPTH=N`: flat copies of patches N or more
-//! deep only).
+//! deep only; `REWIND_BENCH_COMPACT_EACH=1`: a compaction after each incremental too, as the
+//! scheduler does, and what each wrote).
 //! `REWIND_BENCH_CHUNK_KIB=1024` limits the chunk sizes tried (`none`: none); `REWIND_BENCH_NO_ENCRYPTED`
 //! skips the encrypted store.
 //! Results go to stdout as a Markdown table; `core/BENCHMARKS.md` keeps them with the
@@ -275,6 +276,9 @@ fn chain(dir: &Path, image: &Path, rounds: u32, rows: &mut Vec<Row>) {
     let mut latest = ingest(&store, &changing, None, 0);
     let full_bytes = du_bytes(&root);
     let (mut added, mut secs_sum) = (Vec::new(), 0.0);
+    // As the scheduler does: a compaction after each incremental (what each writes).
+    let compact_each = std::env::var_os("REWIND_BENCH_COMPACT_EACH").is_some();
+    let mut compactions: Vec<(u64, u64, f64)> = Vec::new();
     for n in 1..=rounds {
         let file = OpenOptions::new().write(true).open(&changing).unwrap();
         let change = one_percent_change_seeded(0x5EED_0000 + u64::from(n));
@@ -289,6 +293,29 @@ fn chain(dir: &Path, image: &Path, rounds: u32, rows: &mut Vec<Row>) {
         secs_sum += secs;
         latest = store.catalog().unwrap().checkpoints.pop().unwrap();
         added.push(du_bytes(&root) - before);
+        if compact_each {
+            let (report, secs) = timed(|| store.compact(&Control::new()).unwrap());
+            compactions.push((report.written, report.bytes_written, secs));
+        }
+    }
+    if !compactions.is_empty() {
+        let mut bytes: Vec<u64> = compactions.iter().map(|c| c.1).collect();
+        let mut secs: Vec<f64> = compactions.iter().map(|c| c.2).collect();
+        bytes.sort_unstable();
+        secs.sort_by(f64::total_cmp);
+        eprintln!(
+            "chain: a compaction after each incremental wrote {} flat copies, {} bytes in \
+             all; per compaction median {} bytes (min {}, max {}), {:.2} s (max {:.2} s); \
+             store {} bytes with its flat copies",
+            compactions.iter().map(|c| c.0).sum::<u64>(),
+            bytes.iter().sum::<u64>(),
+            bytes[bytes.len() / 2],
+            bytes[0],
+            bytes[bytes.len() - 1],
+            secs[secs.len() / 2],
+            secs[secs.len() - 1],
+            du_bytes(&root)
+        );
     }
     added.sort_unstable();
     eprintln!(
