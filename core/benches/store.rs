@@ -298,25 +298,7 @@ fn chain(dir: &Path, image: &Path, rounds: u32, rows: &mut Vec<Row>) {
             compactions.push((report.written, report.bytes_written, secs));
         }
     }
-    if !compactions.is_empty() {
-        let mut bytes: Vec<u64> = compactions.iter().map(|c| c.1).collect();
-        let mut secs: Vec<f64> = compactions.iter().map(|c| c.2).collect();
-        bytes.sort_unstable();
-        secs.sort_by(f64::total_cmp);
-        eprintln!(
-            "chain: a compaction after each incremental wrote {} flat copies, {} bytes in \
-             all; per compaction median {} bytes (min {}, max {}), {:.2} s (max {:.2} s); \
-             store {} bytes with its flat copies",
-            compactions.iter().map(|c| c.0).sum::<u64>(),
-            bytes.iter().sum::<u64>(),
-            bytes[bytes.len() / 2],
-            bytes[0],
-            bytes[bytes.len() - 1],
-            secs[secs.len() / 2],
-            secs[secs.len() - 1],
-            du_bytes(&root)
-        );
-    }
+    report_compactions(&compactions, &root);
     added.sort_unstable();
     eprintln!(
         "chain: full {full_bytes} bytes; {rounds} incrementals added {} bytes in all, median {}, \
@@ -388,6 +370,31 @@ fn chain(dir: &Path, image: &Path, rounds: u32, rows: &mut Vec<Row>) {
     fs::remove_dir_all(&root).unwrap();
     fs::remove_dir_all(&fresh_root).unwrap();
     fs::remove_dir_all(&compacted_root).unwrap();
+}
+
+/// What the compactions after each incremental (flat copies written, bytes, seconds)
+/// wrote, and the store (at `root`) with its flat copies.
+fn report_compactions(compactions: &[(u64, u64, f64)], root: &Path) {
+    if compactions.is_empty() {
+        return;
+    }
+    let mut bytes: Vec<u64> = compactions.iter().map(|c| c.1).collect();
+    let mut secs: Vec<f64> = compactions.iter().map(|c| c.2).collect();
+    bytes.sort_unstable();
+    secs.sort_by(f64::total_cmp);
+    eprintln!(
+        "chain: a compaction after each incremental wrote {} flat copies, {} bytes in all; \
+         per compaction median {} bytes (min {}, max {}), {:.2} s (max {:.2} s); store {} \
+         bytes with its flat copies",
+        compactions.iter().map(|c| c.0).sum::<u64>(),
+        bytes.iter().sum::<u64>(),
+        bytes[bytes.len() / 2],
+        bytes[0],
+        bytes[bytes.len() - 1],
+        secs[secs.len() / 2],
+        secs[secs.len() - 1],
+        du_bytes(root)
+    );
 }
 
 /// A copy of the store at `root` at `to`, compacted (flat copies, at the depth
