@@ -318,28 +318,47 @@ fn with_decompressor<T>(
     })
 }
 
-/// Compresses `data` as one zstd frame, or — for a chunk with a tree — each piece as a
-/// frame of its own after a table of their lengths (`u32` each), so that one piece can be
-/// decompressed without the others (text stores ~6 % larger this way, and a restore of a
-/// few dirty pieces decompresses a sixteenth of a 1 MiB chunk instead of all of it).
-fn compress(data: &[u8], pieces: bool) -> Option<Vec<u8>> {
-    with_compressor(|zstd| {
+/// Appends `data` compressed to `out`, if that takes fewer bytes than `data`: one zstd
+/// frame, or — for a chunk with a tree (`pieces`) — each piece as a frame of its own after
+/// a table of their lengths (`u32` each), so that one piece can be decompressed without the
+/// others (text stores ~6 % larger this way, and a restore of a few dirty pieces
+/// decompresses a sixteenth of a 1 MiB chunk instead of all of it). The frames are written
+/// straight into `out`'s spare room, which bounds them: no buffer per frame, no copy.
+/// Returns whether it appended; if not, `out` is as it was.
+fn compress_into(data: &[u8], pieces: bool, out: &mut Vec<u8>) -> bool {
+    let start = out.len();
+    if data.is_empty() {
+        return false;
+    }
+    // Room for a body as long as the content, which is one byte too long to be kept.
+    out.reserve_exact(data.len());
+    let done = with_compressor(|zstd| {
+        let mut append = |out: &mut Vec<u8>, src: &[u8]| {
+            let at = out.len() as u64;
+            let mut cursor = std::io::Cursor::new(out);
+            cursor.set_position(at);
+            zstd.compress_to_buffer(src, &mut cursor).ok()
+        };
         if !pieces {
-            return zstd.compress(data).ok();
+            return append(out, data).map(drop);
         }
         let count = data.len() / PIECE_BYTES;
-        let mut out = vec![0; count * FRAME_LEN_BYTES];
+        out.resize(start + count * FRAME_LEN_BYTES, 0);
         for (k, piece) in data.chunks(PIECE_BYTES).enumerate() {
-            let frame = zstd.compress(piece).ok()?;
-            let len = u32::try_from(frame.len()).ok()?;
-            out[k * FRAME_LEN_BYTES..(k + 1) * FRAME_LEN_BYTES].copy_from_slice(&len.to_le_bytes());
-            out.extend_from_slice(&frame);
-            if out.len() >= data.len() {
+            let len = u32::try_from(append(out, piece)?).ok()?;
+            let entry = start + k * FRAME_LEN_BYTES;
+            out[entry..entry + FRAME_LEN_BYTES].copy_from_slice(&len.to_le_bytes());
+            if out.len() - start >= data.len() {
                 return None;
             }
         }
-        Some(out)
-    })
+        Some(())
+    });
+    let kept = done.is_some() && out.len() - start < data.len();
+    if !kept {
+        out.truncate(start);
+    }
+    kept
 }
 
 /// Decompresses one zstd frame of exactly `out.len()` bytes into `out`.
@@ -416,48 +435,59 @@ pub fn encode(
                 0
             }
     });
-    let compressed = compress(data, tree.is_some()).filter(|c| c.len() < data.len());
-    let (body, is_compressed) = match &compressed {
-        Some(c) => (c.as_slice(), true),
-        None => (data, false),
-    };
-    let payload_len = tree_bytes
-        + body.len()
-        + if keys.is_some() {
-            SEAL_OVERHEAD_BYTES
-        } else {
-            0
+    let pieces = tree.is_some();
+    let tree_plain: Vec<u8> = tree.unwrap_or_default().concat();
+    let Some(keys) = keys else {
+        // Header, tree and body built in one buffer: the body is compressed straight into
+        // it, or (content that does not shrink) copied once.
+        let mut out = Vec::with_capacity(HEADER_BYTES + tree_bytes + data.len());
+        out.extend_from_slice(&[0; HEADER_BYTES]);
+        out.extend_from_slice(&tree_plain);
+        let compressed = compress_into(data, pieces, &mut out);
+        if !compressed {
+            out.extend_from_slice(data);
+        }
+        let header = Header {
+            kind,
+            compressed,
+            encrypted: false,
+            tree: pieces,
+            plain_len,
+            payload_len: u32::try_from(out.len() - HEADER_BYTES)
+                .expect("bounded by MAX_CHUNK_BYTES"),
         };
+        out[..HEADER_BYTES].copy_from_slice(&header.to_bytes());
+        return Ok(out);
+    };
+    let mut compressed = Vec::new();
+    let is_compressed = compress_into(data, pieces, &mut compressed);
+    let body = if is_compressed { &compressed[..] } else { data };
+    let payload_len = tree_bytes + body.len() + SEAL_OVERHEAD_BYTES;
     let header = Header {
         kind,
         compressed: is_compressed,
-        encrypted: keys.is_some(),
-        tree: tree.is_some(),
+        encrypted: true,
+        tree: pieces,
         plain_len,
         payload_len: u32::try_from(payload_len).expect("bounded by MAX_CHUNK_BYTES"),
     }
     .to_bytes();
     let mut out = Vec::with_capacity(HEADER_BYTES + payload_len);
     out.extend_from_slice(&header);
-    let tree_plain: Vec<u8> = tree.unwrap_or_default().concat();
-    match (keys, tree) {
-        (Some(keys), Some(_)) => out.extend_from_slice(
+    if pieces {
+        // In an encrypted chunk the tree is sealed by itself, so that it can be read
+        // without the body.
+        out.extend_from_slice(
             &keys
                 .seal(&tree_plain, &tree_aad(&header, id))
                 .map_err(|e| super::StoreError::Random(e.to_string()))?,
-        ),
-        _ => out.extend_from_slice(&tree_plain),
+        );
     }
-    match keys {
-        Some(keys) => {
-            let sealed = keys
-                .seal(body, &aad(&header, id))
-                .map_err(|e| super::StoreError::Random(e.to_string()))?;
-            debug_assert_eq!(sealed.len() + tree_bytes, payload_len);
-            out.extend_from_slice(&sealed);
-        }
-        None => out.extend_from_slice(body),
-    }
+    let sealed = keys
+        .seal(body, &aad(&header, id))
+        .map_err(|e| super::StoreError::Random(e.to_string()))?;
+    debug_assert_eq!(sealed.len() + tree_bytes, payload_len);
+    out.extend_from_slice(&sealed);
     Ok(out)
 }
 
@@ -855,6 +885,69 @@ mod tests {
         let id = plain_id(&random);
         let file = encode(ChunkKind::Data, &id, &random, None, None).unwrap();
         assert_eq!(decode(file, ChunkKind::Data, &id, None).unwrap(), random);
+    }
+
+    /// `n` bytes that zstd cannot shrink.
+    fn noise(seed: u32, n: usize) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn pieces_are_framed_as_a_table_of_lengths_then_one_frame_each() {
+        // Text, noise and zeros in turn: every piece its own zstd level-1 frame, as
+        // `FORMAT.md` describes, whatever buffer they are compressed into.
+        let mut data = Vec::new();
+        for k in 0..16u32 {
+            data.extend(match k % 3 {
+                0 => b"the virtual machine checkpoint ".repeat(PIECE_BYTES / 31 + 1)[..PIECE_BYTES]
+                    .to_vec(),
+                1 => noise(k, PIECE_BYTES),
+                _ => vec![0; PIECE_BYTES],
+            });
+        }
+        let tree = piece_tree(&data, None);
+        let id = tree_root(&tree, None);
+        let file = encode(ChunkKind::Data, &id, &data, None, Some(&tree)).unwrap();
+        let mut expected = tree.concat();
+        let frames: Vec<Vec<u8>> = data
+            .chunks(PIECE_BYTES)
+            .map(|p| zstd::bulk::compress(p, ZSTD_LEVEL).unwrap())
+            .collect();
+        for f in &frames {
+            expected.extend_from_slice(&(f.len() as u32).to_le_bytes());
+        }
+        expected.extend(frames.concat());
+        assert_eq!(file[HEADER_BYTES..], expected[..]);
+        let header = Header::parse(&file[..HEADER_BYTES], file.len() as u64).unwrap();
+        assert!(header.compressed && header.tree);
+        assert_eq!(decode(file, ChunkKind::Data, &id, None).unwrap(), data);
+    }
+
+    #[test]
+    fn content_that_does_not_shrink_is_stored_as_it_is() {
+        let data = noise(7, 16 * PIECE_BYTES);
+        let tree = piece_tree(&data, None);
+        let id = tree_root(&tree, None);
+        let file = encode(ChunkKind::Data, &id, &data, None, Some(&tree)).unwrap();
+        let header = Header::parse(&file[..HEADER_BYTES], file.len() as u64).unwrap();
+        assert!(!header.compressed);
+        assert_eq!(file[HEADER_BYTES + tree.len() * CV_BYTES..], data[..]);
+        assert_eq!(decode(file, ChunkKind::Data, &id, None).unwrap(), data);
+        // Without a tree, and with nothing at all.
+        for data in [noise(8, 3000), Vec::new()] {
+            let id = plain_id(&data);
+            let file = encode(ChunkKind::Data, &id, &data, None, None).unwrap();
+            assert_eq!(file.len(), HEADER_BYTES + data.len());
+            assert_eq!(decode(file, ChunkKind::Data, &id, None).unwrap(), data);
+        }
     }
 
     #[test]
