@@ -94,6 +94,12 @@ impl NbdClient {
         Ok(client)
     }
 
+    /// Sends reads and writes of at most `bytes` (at least 512) per request from now on;
+    /// the server's own maximum still applies.
+    pub fn limit_request_bytes(&mut self, bytes: usize) {
+        self.max_read_bytes = self.max_read_bytes.min(bytes.max(512));
+    }
+
     /// The size of the export in bytes.
     #[must_use]
     pub fn size_bytes(&self) -> u64 {
