@@ -34,8 +34,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{cpu_secs, drop_caches, qemu_img_convert};
-use data::{DATA_BYTES, GIB, MIB, make_image, one_percent_change};
+use common::{cpu_secs, drop_caches, mixed_data_vm, qemu_img_convert, qemu_pid};
+use data::{DATA_BYTES, GIB, make_image, one_percent_change};
 use rewind_core::checkpoint;
 use rewind_core::libvirt::Hypervisor;
 use rewind_core::priority::{self, Priority};
@@ -43,17 +43,9 @@ use rewind_core::progress::{Control, Phase};
 use rewind_core::store::{InitOptions, Manifest, Store};
 use rewind_tests::scratch::{ScratchDir, create_open_dir};
 use rewind_tests::workload::scan_sequence_file;
-use rewind_tests::{DiskSpec, Format, TestVm, daemon};
+use rewind_tests::{TestVm, daemon};
 
 const DISK_BYTES: u64 = 4 * GIB;
-
-/// The QEMU process of VM `name`.
-fn qemu_pid(name: &str) -> String {
-    fs::read_to_string(format!("/run/libvirt/qemu/{name}.pid"))
-        .unwrap_or_default()
-        .trim()
-        .to_owned()
-}
 
 /// One timed checkpoint, with the guest records flushed just before it, when its capture
 /// instant had passed (the phase turned to copying) and when it had finished.
@@ -171,22 +163,10 @@ fn main() {
     let scratch = ScratchDir::new("bench-checkpoint").unwrap();
     let dir = scratch.path();
 
-    eprintln!("generating 2 GiB of mixed data on a 4 GiB disk …");
-    let raw = dir.join("mixed.raw");
-    make_image(&raw, DISK_BYTES);
-    let mut vm = TestVm::builder("bench")
-        .workload("sequence")
-        .memory_mib(256)
-        .disks(vec![
-            DiskSpec::new("vda", Format::Qcow2, 64 * MIB),
-            DiskSpec::new("vdb", Format::Qcow2, DISK_BYTES),
-        ])
-        .define()
-        .unwrap();
+    let mut vm = mixed_data_vm("bench", Some("sequence"), dir, DISK_BYTES, |raw| {
+        make_image(raw, DISK_BYTES);
+    });
     let disk = vm.disk("vdb").path.clone();
-    vm.fill_disk("vdb", &raw).unwrap();
-    fs::remove_file(&raw).unwrap();
-    vm.start_and_wait_ready(Duration::from_mins(2)).unwrap();
     vm.wait_flushed(20, Duration::from_mins(2)).unwrap();
 
     let hv = Hypervisor::connect(daemon::URI).unwrap();

@@ -62,7 +62,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{cpu_secs, run, status_field};
+use common::{cpu_secs, mixed_data_vm, qemu_pid, run, status_field};
 use data::{GIB, MIB, RANDOM, REPEATS, Rng, TEXT, make_image};
 use rewind_core::checkpoint;
 use rewind_core::libvirt::Hypervisor;
@@ -71,7 +71,7 @@ use rewind_core::progress::{Control, Phase};
 use rewind_core::restore::{DiskStorage, NewVm, RestoreOptions, restore_as_new, restore_in_place};
 use rewind_core::store::{InitOptions, Manifest, Store};
 use rewind_tests::scratch::{ScratchDir, create_open_dir};
-use rewind_tests::{DiskSpec, Format, TestVm, daemon};
+use rewind_tests::{TestVm, daemon};
 
 const DISK_BYTES: u64 = 4 * GIB;
 const CHANGE_BYTES: u64 = 40 * MIB;
@@ -200,14 +200,6 @@ fn du(path: &Path) -> u64 {
         .next()
         .and_then(|n| n.parse().ok())
         .unwrap()
-}
-
-/// The VM's QEMU process.
-fn qemu_pid(vm: &str) -> String {
-    fs::read_to_string(format!("/run/libvirt/qemu/{vm}.pid"))
-        .unwrap_or_default()
-        .trim()
-        .to_owned()
 }
 
 /// One measured operation.
@@ -397,20 +389,9 @@ fn main() {
     let scratch = ScratchDir::new("bench-peers").unwrap();
     let dir = scratch.path();
 
-    eprintln!("generating 2 GiB of mixed data on a 4 GiB disk …");
-    let raw = dir.join("mixed.raw");
-    make_image(&raw, DISK_BYTES);
-    let mut vm = TestVm::builder("bench-peers")
-        .memory_mib(256)
-        .disks(vec![
-            DiskSpec::new("vda", Format::Qcow2, 64 * MIB),
-            DiskSpec::new("vdb", Format::Qcow2, DISK_BYTES),
-        ])
-        .define()
-        .unwrap();
-    vm.fill_disk("vdb", &raw).unwrap();
-    fs::remove_file(&raw).unwrap();
-    vm.start_and_wait_ready(Duration::from_mins(2)).unwrap();
+    let mut vm = mixed_data_vm("bench-peers", None, dir, DISK_BYTES, |raw| {
+        make_image(raw, DISK_BYTES);
+    });
     let disks: Vec<PathBuf> = TARGETS.iter().map(|t| vm.disk(t).path.clone()).collect();
     let disk_refs: Vec<&Path> = disks.iter().map(PathBuf::as_path).collect();
 

@@ -36,8 +36,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{drop_caches, qemu_img_convert};
-use data::{DATA_BYTES, GIB, MIB, make_image, one_percent_change};
+use common::{drop_caches, mixed_data_vm, qemu_img_convert};
+use data::{DATA_BYTES, GIB, make_image, one_percent_change};
 use rewind_core::checkpoint;
 use rewind_core::libvirt::Hypervisor;
 use rewind_core::libvirt::lifecycle::StopMode;
@@ -47,7 +47,7 @@ use rewind_core::restore::{
 };
 use rewind_core::store::{InitOptions, Manifest, Store};
 use rewind_tests::scratch::{ScratchDir, create_open_dir};
-use rewind_tests::{DiskSpec, Format, TestVm, daemon};
+use rewind_tests::{TestVm, daemon};
 
 const DISK_BYTES: u64 = 4 * GIB;
 
@@ -136,21 +136,10 @@ fn main() {
     let scratch = ScratchDir::new("bench-restore").unwrap();
     let dir = scratch.path();
 
-    eprintln!("generating 2 GiB of mixed data on a 4 GiB disk …");
-    let raw = dir.join("mixed.raw");
-    make_image(&raw, DISK_BYTES);
-    let mut vm = TestVm::builder("bench-restore")
-        .memory_mib(256)
-        .disks(vec![
-            DiskSpec::new("vda", Format::Qcow2, 64 * MIB),
-            DiskSpec::new("vdb", Format::Qcow2, DISK_BYTES),
-        ])
-        .define()
-        .unwrap();
+    let mut vm = mixed_data_vm("bench-restore", None, dir, DISK_BYTES, |raw| {
+        make_image(raw, DISK_BYTES);
+    });
     let disk = vm.disk("vdb").path.clone();
-    vm.fill_disk("vdb", &raw).unwrap();
-    fs::remove_file(&raw).unwrap();
-    vm.start_and_wait_ready(Duration::from_mins(2)).unwrap();
 
     let hv = Hypervisor::connect(daemon::URI).unwrap();
     let work = dir.join("work");

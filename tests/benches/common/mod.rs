@@ -6,7 +6,9 @@
 use std::fs::{self, File};
 use std::path::Path;
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use rewind_tests::{DiskSpec, Format, TestVm};
 
 /// Drops the page cache (needs root).
 pub fn drop_caches() {
@@ -98,4 +100,45 @@ pub fn status_field_of(path: &str, name: &str) -> u64 {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
+}
+
+/// The benchmarks' VM, started and ready: the tiny guest (running `workload`, if any) with
+/// 256 MiB of memory, a 64 MiB qcow2 `vda`, and a qcow2 `vdb` of `disk_bytes` filled from
+/// the raw image `make_image` writes under `dir` (removed afterwards).
+pub fn mixed_data_vm(
+    label: &str,
+    workload: Option<&str>,
+    dir: &Path,
+    disk_bytes: u64,
+    make_image: impl FnOnce(&Path),
+) -> TestVm {
+    eprintln!(
+        "generating 2 GiB of mixed data on a {} GiB disk …",
+        disk_bytes >> 30
+    );
+    let raw = dir.join("mixed.raw");
+    make_image(&raw);
+    let mut builder = TestVm::builder(label).memory_mib(256);
+    if let Some(w) = workload {
+        builder = builder.workload(w);
+    }
+    let mut vm = builder
+        .disks(vec![
+            DiskSpec::new("vda", Format::Qcow2, 64 << 20),
+            DiskSpec::new("vdb", Format::Qcow2, disk_bytes),
+        ])
+        .define()
+        .unwrap();
+    vm.fill_disk("vdb", &raw).unwrap();
+    fs::remove_file(&raw).unwrap();
+    vm.start_and_wait_ready(Duration::from_mins(2)).unwrap();
+    vm
+}
+
+/// The pid of VM `name`'s QEMU process (empty if it does not run).
+pub fn qemu_pid(name: &str) -> String {
+    fs::read_to_string(format!("/run/libvirt/qemu/{name}.pid"))
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
 }
