@@ -309,7 +309,8 @@ pub fn index_page(data: &[u8]) -> bool {
 /// - `3`: [`chunk::Header::parse`] of the file's start with `a | b << 32` as the file's
 ///   length (a quick verify, and dedup's check of an existing chunk); and the file read as
 ///   a patch (store format 3), every piece it holds decoded (with bit 3: named after the
-///   content and base it names).
+///   content and base it names); and read whole as a flat copy of a patch over base `id`
+///   (with bit 3: of the patch its prefix names).
 #[must_use]
 pub fn chunk(data: &[u8]) -> bool {
     let Some((head, file)) = data.split_at_checked(CHUNK_HEAD) else {
@@ -366,7 +367,11 @@ pub fn chunk(data: &[u8]) -> bool {
                 let mut out = vec![0; patch.content_len()];
                 patch.read_pieces(&patch.held, &mut out).map(|_| ())
             });
-            chunk::Header::parse(file, word(0) | word(1) << 32).is_ok() || patch.is_ok()
+            // And as a flat copy of a patch over base `id` (named after the content its
+            // prefix names when asked).
+            let named = flags & CHUNK_ID_FROM_TREE != 0;
+            let flat = crate::store::flat::fuzz_flat(file, (!named).then_some(&id), &id, keys);
+            chunk::Header::parse(file, word(0) | word(1) << 32).is_ok() || patch.is_ok() || flat
         }
     }
 }

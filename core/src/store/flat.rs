@@ -93,19 +93,18 @@ impl Store {
         let mut prefix = [0; PREFIX_BYTES];
         if file.len() < PREFIX_BYTES as u64
             || file.read_exact_at(&mut prefix, 0).is_err()
-            || &prefix[..MAGIC.len()] != MAGIC
+            || !prefix.starts_with(MAGIC)
         {
             tracing::warn!("flat copy {} is not one; reading the patch", rel.display());
             return None;
         }
-        let content = ChunkId(prefix[MAGIC.len()..].try_into().expect("32 bytes"));
-        if patch::name(&content, base, self.keys.as_ref()) != *id {
+        let Some(content) = flat_content(&prefix, id, base, self.keys.as_ref()) else {
             tracing::warn!(
                 "flat copy {} holds another content; reading the patch",
                 rel.display()
             );
             return None;
-        }
+        };
         Some((file, content))
     }
 
@@ -122,16 +121,8 @@ impl Store {
         let Some((file, content)) = self.open_flat(id, base) else {
             return false;
         };
-        let len = file.len() - PREFIX_BYTES as u64;
-        match chunk::decode_ranges(
-            &Inner(&file),
-            len,
-            &content,
-            self.keys.as_ref(),
-            ranges,
-            out,
-        ) {
-            Ok(_) => true,
+        match decode_flat(&file, &content, self.keys.as_ref(), ranges, out) {
+            Ok(()) => true,
             Err(problem) => {
                 tracing::warn!(
                     "flat copy {}: {problem}; reading the patch",
@@ -325,16 +316,7 @@ impl Store {
             return false;
         };
         head.len() == PREFIX_BYTES + chunk::HEADER_BYTES
-            && &head[..MAGIC.len()] == MAGIC
-            && patch::name(
-                &ChunkId(
-                    head[MAGIC.len()..PREFIX_BYTES]
-                        .try_into()
-                        .expect("32 bytes"),
-                ),
-                base,
-                self.keys.as_ref(),
-            ) == *id
+            && flat_content(&head, id, base, self.keys.as_ref()).is_some()
             && chunk::Header::parse(&head[PREFIX_BYTES..], len - PREFIX_BYTES as u64).is_ok()
     }
 
@@ -398,4 +380,63 @@ impl Store {
         }
         Ok((removed, bytes))
     }
+}
+
+/// The content id a flat copy's first bytes `prefix` name, if they are a flat copy's
+/// prefix and the content is that of patch `id` over `base` (whose name binds the two).
+fn flat_content(
+    prefix: &[u8],
+    id: &ChunkId,
+    base: &ChunkId,
+    keys: Option<&super::crypto::Keys>,
+) -> Option<ChunkId> {
+    let content = ChunkId(prefix.get(MAGIC.len()..PREFIX_BYTES)?.try_into().ok()?);
+    (prefix.starts_with(MAGIC) && patch::name(&content, base, keys) == *id).then_some(content)
+}
+
+/// Decodes what `ranges` need (all of it when empty) of flat copy `file`, whose prefix
+/// names `content` (checked by [`flat_content`]), into `out`: the chunk after the prefix,
+/// read and checked as a whole data chunk named `content` is.
+fn decode_flat(
+    file: &ChunkFile,
+    content: &ChunkId,
+    keys: Option<&super::crypto::Keys>,
+    ranges: &[(u64, u64)],
+    out: &mut Vec<u8>,
+) -> Result<(), ChunkProblem> {
+    let len = file
+        .len()
+        .checked_sub(PREFIX_BYTES as u64)
+        .ok_or_else(|| ChunkProblem::Truncated("shorter than a flat copy's prefix".into()))?;
+    chunk::decode_ranges(&Inner(file), len, content, keys, ranges, out).map(drop)
+}
+
+/// A flat copy's file as the fuzzer gives it (`fuzzing.rs`), read as the copy of patch
+/// `id` over `base` (`None`: of the patch its prefix names over `base`, as whoever wrote
+/// the store could name it). Whether it decoded.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn fuzz_flat(
+    file: &[u8],
+    id: Option<&ChunkId>,
+    base: &ChunkId,
+    keys: Option<&super::crypto::Keys>,
+) -> bool {
+    let named = file
+        .get(MAGIC.len()..PREFIX_BYTES)
+        .and_then(|c| c.try_into().ok())
+        .map(|c| patch::name(&ChunkId(c), base, keys));
+    let Some(id) = id.copied().or(named) else {
+        return false;
+    };
+    let Some(content) = flat_content(file, &id, base, keys) else {
+        return false;
+    };
+    decode_flat(
+        &ChunkFile::Bytes(file.to_vec()),
+        &content,
+        keys,
+        &[],
+        &mut Vec::new(),
+    )
+    .is_ok()
 }
