@@ -280,12 +280,7 @@ fn chain(dir: &Path, image: &Path, rounds: u32, rows: &mut Vec<Row>) {
     let compact_each = std::env::var_os("REWIND_BENCH_COMPACT_EACH").is_some();
     let mut compactions: Vec<(u64, u64, f64)> = Vec::new();
     for n in 1..=rounds {
-        let file = OpenOptions::new().write(true).open(&changing).unwrap();
-        let change = one_percent_change_seeded(0x5EED_0000 + u64::from(n));
-        for (off, piece) in &change {
-            file.write_all_at(piece, *off).unwrap();
-        }
-        let offsets: Vec<u64> = change.iter().map(|(o, _)| *o).collect();
+        let offsets = apply_change(&changing, n);
         let before = du_bytes(&root);
         let ((), secs) = timed(|| {
             ingest_changed(&store, &changing, &latest, &offsets, n);
@@ -370,6 +365,16 @@ fn chain(dir: &Path, image: &Path, rounds: u32, rows: &mut Vec<Row>) {
     fs::remove_dir_all(&root).unwrap();
     fs::remove_dir_all(&fresh_root).unwrap();
     fs::remove_dir_all(&compacted_root).unwrap();
+}
+
+/// The `n`th new 1 % change of the chain, written into `image`: where it wrote.
+fn apply_change(image: &Path, n: u32) -> Vec<u64> {
+    let file = OpenOptions::new().write(true).open(image).unwrap();
+    let change = one_percent_change_seeded(0x5EED_0000 + u64::from(n));
+    for (off, piece) in &change {
+        file.write_all_at(piece, *off).unwrap();
+    }
+    change.iter().map(|(o, _)| *o).collect()
 }
 
 /// What the compactions after each incremental (flat copies written, bytes, seconds)
