@@ -131,6 +131,17 @@ impl QemuNbd {
         }
         Ok(Self { child })
     }
+
+    /// Ends a server that no client uses (one kept only for its lock on the image) at once:
+    /// SIGTERM, which it handles by closing the image cleanly, then waits for it as
+    /// dropping it does. Without a client it would not end by itself.
+    pub(crate) fn stop(self) {
+        let pid = rustix::process::Pid::from_child(&self.child);
+        if let Err(e) = rustix::process::kill_process(pid, rustix::process::Signal::TERM) {
+            tracing::debug!("qemu-nbd did not take SIGTERM (it has ended already?): {e}");
+        }
+        drop(self);
+    }
 }
 
 impl Drop for QemuNbd {

@@ -268,7 +268,8 @@ pub(super) struct DiskFile<'a> {
 /// Reads a disk image (not written meanwhile) through `qemu-nbd --read-only`: the chunks
 /// its bitmap names, on top of `parent`'s index, or all its data when there is no bitmap
 /// or qemu-nbd refuses it (a bitmap QEMU could not store when it was killed is
-/// inconsistent).
+/// inconsistent). A full read takes the data straight from the file when it lies there as
+/// it is (see [`super::direct`]); `qemu-nbd` then only holds the image's lock.
 pub(super) fn read_disk_file(
     writer: &CheckpointWriter<'_>,
     disk: &DiskFile<'_>,
@@ -295,6 +296,16 @@ pub(super) fn read_disk_file(
         ),
         Err(e) => return Err(CheckpointError::Unsupported(e.to_string())),
     };
+    // A full read of an image whose data lies in its own file: straight from the file,
+    // while qemu-nbd's lock keeps the VM from starting on it.
+    if bitmap.is_none()
+        && let Some(map) = super::direct::map_image(disk.file, disk.format)
+    {
+        let read =
+            super::direct::read_image(writer, &map, disk.vm, disk.target, disk.file, control);
+        server.stop();
+        return read;
+    }
     let context = bitmap.map(|b| format!("qemu:dirty-bitmap:{b}"));
     let read = read_disk(
         writer,

@@ -19,6 +19,7 @@
 //! | `shut_off.rs` | a shut-off VM's disk files, and a VM a restore just saved |
 //! | `guards.rs` | what is undone on every path: frozen file systems, notes for a later run |
 
+mod direct;
 mod full_state;
 mod guards;
 mod live;
@@ -71,6 +72,19 @@ pub enum CheckpointError {
         #[source]
         source: Box<NbdError>,
     },
+    /// Reading a disk image file directly (a shut-off VM's).
+    #[error("could not read disk {target} of VM {vm:?} from its image: {source}: {}", file.display())]
+    ReadImage {
+        /// VM name.
+        vm: String,
+        /// Disk target.
+        target: String,
+        /// The image.
+        file: std::path::PathBuf,
+        /// What reading it said.
+        #[source]
+        source: std::io::Error,
+    },
     /// Not possible in the VM's state.
     #[error("{0}")]
     Unsupported(String),
@@ -89,9 +103,11 @@ impl CheckpointError {
             Self::Libvirt(e) => e.is_retryable(),
             Self::Store(e) => e.is_retryable(),
             Self::Read { .. } => true,
-            Self::Firmware(_) | Self::Staging(_) | Self::Unsupported(_) | Self::Injected(_) => {
-                false
-            }
+            Self::Firmware(_)
+            | Self::Staging(_)
+            | Self::ReadImage { .. }
+            | Self::Unsupported(_)
+            | Self::Injected(_) => false,
         }
     }
 }

@@ -124,6 +124,28 @@ pub fn virtual_size(path: &Path) -> std::io::Result<u64> {
     be_field(&header, 24, 8)
 }
 
+/// Incompatible feature bits (v3 header, bytes 72–79) under which an image's data clusters
+/// are not plain guest data in the image's own file: bit 1, the image is marked corrupt;
+/// bit 2, the data lives in an external data file.
+const INCOMPATIBLE_CORRUPT_OR_EXTERNAL: u64 = 0b110;
+
+/// Whether the data clusters of the qcow2 image `path` hold the guest's bytes as they are,
+/// in the image's own file: no encryption (`crypt_method`, bytes 32–35, is 0), no external
+/// data file, not marked corrupt. Compressed clusters are told apart per cluster
+/// (`qemu-img map` gives them no plain offset). An error of kind `InvalidData` if the file
+/// does not start with a qcow2 v2/v3 header.
+pub fn data_in_file_only(path: &Path) -> std::io::Result<bool> {
+    let mut header = Vec::with_capacity(80);
+    File::open(path)?.take(80).read_to_end(&mut header)?;
+    check_start(&header)?;
+    let incompatible = if be_field(&header, 4, 4)? >= 3 {
+        be_field(&header, 72, 8)?
+    } else {
+        0
+    };
+    Ok(be_field(&header, 32, 4)? == 0 && incompatible & INCOMPATIBLE_CORRUPT_OR_EXTERNAL == 0)
+}
+
 /// Checks the magic and version a qcow2 header starts with.
 fn check_start(header: &[u8]) -> std::io::Result<()> {
     let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
@@ -258,6 +280,51 @@ mod tests {
         assert_eq!(v9.unwrap_err().kind(), std::io::ErrorKind::InvalidData);
         assert_eq!(short.unwrap_err().kind(), std::io::ErrorKind::InvalidData);
         assert_eq!(missing.unwrap_err().kind(), std::io::ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn data_in_file_only_of_real_images() {
+        let dir = tempfile::tempdir().unwrap();
+        let create = |name: &str, args: &[&str]| {
+            let path = dir.path().join(name);
+            let ok = std::process::Command::new("qemu-img")
+                .args(["create", "-q"])
+                .args(args)
+                .arg(&path)
+                .arg("1M")
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "qemu-img create {args:?}");
+            path
+        };
+        let plain = create("plain.qcow2", &["-f", "qcow2"]);
+        let v2 = create("v2.qcow2", &["-f", "qcow2", "-o", "compat=0.10"]);
+        let external = dir.path().join("data.raw");
+        let with_data_file = create(
+            "external.qcow2",
+            &[
+                "-f",
+                "qcow2",
+                "-o",
+                &format!("data_file={}", external.display()),
+            ],
+        );
+        // An encrypted image's header, as QEMU writes it (`crypt_method` 2, LUKS): creating
+        // one with qemu-img times its key derivation, which fails on a busy machine.
+        let encrypted = dir.path().join("luks.qcow2");
+        let mut bytes = std::fs::read(&plain).unwrap();
+        bytes[32..36].copy_from_slice(&2u32.to_be_bytes());
+        std::fs::write(&encrypted, bytes).unwrap();
+        let raw = create("disk.raw", &["-f", "raw"]);
+        assert!(data_in_file_only(&plain).unwrap());
+        assert!(data_in_file_only(&v2).unwrap());
+        assert!(!data_in_file_only(&with_data_file).unwrap());
+        assert!(!data_in_file_only(&encrypted).unwrap());
+        assert_eq!(
+            data_in_file_only(&raw).unwrap_err().kind(),
+            std::io::ErrorKind::InvalidData
+        );
     }
 
     #[test]
