@@ -12,9 +12,11 @@
 //! alone is measured. Every round runs `qemu-img` once, then each build once per mode
 //! (warm, and cold when `REWIND_AB_COLD=1`), the order of the builds turning every round.
 //! Each build runs as a child process (`REWIND_AB_VM` set) that takes one full checkpoint
-//! into a new store and prints its wall time, its own CPU seconds, the CPU seconds of the
-//! VM's QEMU meanwhile, and the bytes read and stored. `REWIND_AB_PERF=DIR` records each
-//! child's run system-wide with `perf record -g` into `DIR/<build>-<round>.data`.
+//! into a new store and prints its wall time, its own CPU seconds, the CPU seconds and
+//! minor page faults of the VM's QEMU meanwhile, and the bytes read and stored. An entry may
+//! end in `?VAR=value,VAR=value`: environment for that build's runs. `REWIND_AB_PERF=DIR`
+//! records each child's run system-wide with `perf record -g` into
+//! `DIR/<build>-<round>-<cold>.data`.
 //! `REWIND_AB_SHUT_OFF=1` shuts the VM off first: the checkpoints then read its disks
 //! through `qemu-nbd` or directly, and "QEMU" is the CPU of the processes the checkpoint
 //! started (`qemu-nbd`, `qemu-img`).
