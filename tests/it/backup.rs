@@ -538,3 +538,130 @@ fn an_incremental_reads_only_what_was_written() {
     }
     eprintln!("incremental after {written} bytes written in 3 regions read {read} bytes");
 }
+
+/// Issue 20: a running VM's full checkpoint puts its disk on a short-lived overlay and
+/// reads the image under it from the file. What the guest writes meanwhile lands in the
+/// overlay, is merged back afterwards, and is in the next incremental: the libvirt
+/// checkpoint's bitmap follows the write through the overlay and the merge.
+#[test]
+fn a_running_vms_full_reads_under_an_overlay_and_the_next_incremental_holds_the_writes_made_meanwhile()
+ {
+    let mut vm = TestVm::builder("ckpt-ovl")
+        .workload("idle")
+        .disks(vec![DiskSpec::new("vda", Format::Qcow2, DISK_BYTES)])
+        .define()
+        .expect("define the test VM");
+    vm.start_and_wait_ready(BOOT_TIMEOUT).expect("boot");
+    let dir = rewind_tests::scratch::ScratchDir::new("ckpt-ovl-store").unwrap();
+    let dest = dir.path().join("store");
+    let hv = Hypervisor::connect(daemon::URI).unwrap();
+    let before: (u64, u64, u8) = ((3 << 20) + 4096, 200 << 10, 0x5a);
+    vm.host_write("vda", before.2, before.0, before.1).unwrap();
+
+    // A failure while on the overlay: merged back, and no libvirt checkpoint is left.
+    let out = crate::rewind::checkpoint_command(&vm.name, &dest)
+        .env("REWIND_FAULT", "after-live-snapshot")
+        .output()
+        .unwrap();
+    crate::rewind::assert_fault_injected(&out);
+    assert!(
+        !vm.on_live_overlay() && vm.live_overlay_files() == 0,
+        "merged and removed"
+    );
+    assert_eq!(hv.checkpoint_names(&vm.name).unwrap(), Vec::<String>::new());
+
+    // The full, held while the disk is on its overlay; the guest's disk takes writes then.
+    let meanwhile: [(u64, u64, u8); 2] = [
+        ((7 << 20) + 65536, 64 << 10, 0xa7),
+        ((16 << 20) + 12288, 1 << 20, 0xb8),
+    ];
+    let full = full_held_on_overlay(&vm, &dest, &dir.path().join("release"), || {
+        for (offset, len, byte) in meanwhile {
+            vm.host_write("vda", byte, offset, len).unwrap();
+        }
+    });
+    assert!(full["parent"].is_null(), "{}", full);
+    assert!(
+        !vm.on_live_overlay() && vm.live_overlay_files() == 0,
+        "the overlay is merged back and removed"
+    );
+
+    let after: (u64, u64, u8) = ((24 << 20) + 4096, 128 << 10, 0xc9);
+    vm.host_write("vda", after.2, after.0, after.1).unwrap();
+    let incr = checkpoint(&vm.name, &dest);
+    assert_eq!(incr["parent"], full["id"], "{incr}");
+
+    let store = rewind_core::store::Store::open(&dest, None).unwrap();
+    let catalog = store.catalog().unwrap();
+    let [first, second] = &catalog.checkpoints[..] else {
+        panic!("two checkpoints: {:?}", catalog.checkpoints.len());
+    };
+    let holds = |disk: &[u8], (offset, len, byte): (u64, u64, u8)| {
+        let range = usize::try_from(offset).unwrap()..usize::try_from(offset + len).unwrap();
+        disk[range].iter().all(|b| *b == byte)
+    };
+    let first = restore_read(&store, first);
+    assert!(holds(&first, before), "the full holds what came before it");
+    for region in meanwhile.into_iter().chain([after]) {
+        assert!(!holds(&first, region), "the full is of its instant");
+    }
+    // The idle guest writes nothing itself: the incremental is the disk as it is now.
+    let second = restore_read(&store, second);
+    vm.host_flush("vda").unwrap();
+    let now = rewind_tests::compare::image_bytes(&vm.disk("vda").path, "qcow2");
+    for region in [before].into_iter().chain(meanwhile).chain([after]) {
+        assert!(holds(&second, region), "the incremental holds {region:?}");
+    }
+    let differ: Vec<usize> = (0..now.len().max(second.len()))
+        .step_by(4096)
+        .filter(|&i| now.get(i..i + 4096) != second.get(i..i + 4096))
+        .collect();
+    assert!(
+        differ.is_empty(),
+        "the incremental differs from the disk it was taken of in the 4 KiB blocks at {:?} (of {} and {} bytes)",
+        &differ[..differ.len().min(20)],
+        second.len(),
+        now.len()
+    );
+}
+
+/// A full checkpoint of running `vm` into `dest`, held while its disk is on the live
+/// snapshot's overlay (until `release` exists) for `meanwhile` to run: the checkpoint's JSON.
+fn full_held_on_overlay(
+    vm: &TestVm,
+    dest: &Path,
+    release: &Path,
+    meanwhile: impl FnOnce(),
+) -> serde_json::Value {
+    let mut full = crate::rewind::checkpoint_command(&vm.name, dest)
+        .arg("--json")
+        .env("REWIND_FAULT", "wait-after-live-snapshot")
+        .env("REWIND_FAULT_RELEASE", release)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_mins(2);
+    while !vm.on_live_overlay() {
+        if let Some(status) = full.try_wait().unwrap() {
+            panic!("the checkpoint ended ({status}) before its disk was on an overlay");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the disk never went on an overlay"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(vm.live_overlay_files(), 1, "one overlay, beside the disk");
+    meanwhile();
+    std::fs::write(release, b"").unwrap();
+    let out = full.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list.len(), 1, "{list:?}");
+    list.remove(0)
+}

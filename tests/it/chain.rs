@@ -91,16 +91,23 @@ fn stale_bitmaps_go_and_a_replaced_or_resized_disk_gets_a_full_checkpoint_saying
     crate::rewind::run_ok(&["verify", "--in", dest.to_str().unwrap()]);
 }
 
-/// Waits until the VM has a backup job (the checkpoint is copying), failing after `limit`.
-fn wait_for_job(hv: &Hypervisor, vm: &str, child: &mut std::process::Child) {
+/// Whether VM `vm` runs on a live snapshot's overlay (a full checkpoint is copying).
+fn on_overlay(hv: &Hypervisor, vm: &str) -> bool {
+    hv.domain_xml(vm).unwrap().contains(".rewind-live-")
+}
+
+/// Waits until the checkpoint is copying: the VM has a backup job (an incremental, or a
+/// full over the export), or runs on a live snapshot's overlay (a full read from the
+/// image under it). Fails after a minute.
+fn wait_for_copy(hv: &Hypervisor, vm: &str, child: &mut std::process::Child) {
     let start = Instant::now();
-    while hv.backup_job_xml(vm).unwrap().is_none() {
+    while hv.backup_job_xml(vm).unwrap().is_none() && !on_overlay(hv, vm) {
         if let Some(status) = child.try_wait().unwrap() {
             panic!("rewind checkpoint ended ({status}) before it could be interrupted");
         }
         assert!(
             start.elapsed() < Duration::from_mins(1),
-            "no backup job appeared"
+            "the checkpoint never began copying"
         );
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -141,9 +148,9 @@ fn ctrl_c_cancels_cleanly_and_a_killed_checkpoint_is_cleaned_up_by_the_next() {
             .unwrap()
     };
 
-    // Ctrl-C while copying.
+    // Ctrl-C while copying (a first checkpoint: a full, read from under an overlay).
     let mut child = spawn();
-    wait_for_job(&hv, &vm.name, &mut child);
+    wait_for_copy(&hv, &vm.name, &mut child);
     run(Command::new("kill").args(["-INT", &child.id().to_string()]));
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -156,22 +163,34 @@ fn ctrl_c_cancels_cleanly_and_a_killed_checkpoint_is_cleaned_up_by_the_next() {
         "a job is left"
     );
     assert!(
+        !vm.on_live_overlay() && vm.live_overlay_files() == 0,
+        "an overlay is left"
+    );
+    assert!(
         hv.checkpoint_names(&vm.name).unwrap().is_empty(),
         "a libvirt checkpoint is left"
     );
 
-    // SIGKILL while copying: nothing can clean up, so the job is still there …
+    // SIGKILL while copying: nothing can clean up, so the VM still runs on its overlay …
     let mut child = spawn();
-    wait_for_job(&hv, &vm.name, &mut child);
+    wait_for_copy(&hv, &vm.name, &mut child);
     child.kill().unwrap();
     child.wait().unwrap();
-    assert!(hv.backup_job_xml(&vm.name).unwrap().is_some());
-    // … until the next checkpoint, which works and leaves only its own state.
+    assert!(
+        on_overlay(&hv, &vm.name),
+        "the kill came while on the overlay"
+    );
+    // … until the next checkpoint, which merges it back, works and leaves only its own
+    // state.
     let taken = checkpoint(&vm.name, &dest);
     assert!(taken["full_reason"].is_null(), "{taken}");
     assert!(
         hv.backup_job_xml(&vm.name).unwrap().is_none(),
         "a job is left"
+    );
+    assert!(
+        !vm.on_live_overlay() && vm.live_overlay_files() == 0,
+        "an overlay is left"
     );
     assert_eq!(hv.checkpoint_names(&vm.name).unwrap().len(), 1);
     assert_eq!(store.catalog().unwrap().checkpoints.len(), 1);

@@ -400,37 +400,25 @@ fn a_capture_failing_or_killed_mid_way_loses_nothing_either_way() {
         );
         k
     };
-    let on_overlays = || vm.domain().xml_desc(0).unwrap().contains(".rewind-live-");
-    let overlay_files = || {
-        std::fs::read_dir(vm.dir())
-            .unwrap()
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().contains(".rewind-live-"))
-            .count()
-    };
 
     // The live way. An error while the VM runs on overlays: they are merged back.
     let (n, _) = *vm.counter_lines().last().unwrap();
     let out = full_state_command("live", "after-live-snapshot");
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    crate::rewind::assert_fault_injected(&out);
     assert!(
-        !out.status.success() && stderr.contains("fault injected"),
-        "{stderr}"
-    );
-    assert!(
-        !on_overlays() && overlay_files() == 0,
+        !vm.on_live_overlay() && vm.live_overlay_files() == 0,
         "the overlays are merged and gone"
     );
     let n = counting_on_from(n);
     // Killed there: the VM runs on the overlays; the next run merges them, then works.
     let out = full_state_command("live", "abort-after-live-snapshot");
     assert!(!out.status.success());
-    assert!(on_overlays(), "the kill came while on overlays");
+    assert!(vm.on_live_overlay(), "the kill came while on overlays");
     let n = counting_on_from(n);
     let next = checkpoint(&vm, &dest, true);
     assert_eq!(next["kind"], "full", "{next}");
     assert!(
-        !on_overlays() && overlay_files() == 0,
+        !vm.on_live_overlay() && vm.live_overlay_files() == 0,
         "the next run merged them"
     );
     let n = counting_on_from(n);

@@ -46,3 +46,12 @@ pub fn checkpoint_json(vm: &str, dest: &Path) -> serde_json::Value {
     assert_eq!(list.len(), 1, "{out}");
     list.remove(0)
 }
+
+/// Asserts that a `rewind` run failed at a point `REWIND_FAULT` named.
+pub fn assert_fault_injected(out: &Output) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("fault injected"),
+        "{stderr}"
+    );
+}

@@ -321,6 +321,29 @@ impl TestVm {
         self.dir.path()
     }
 
+    /// Whether a disk of the VM runs on a live snapshot's overlay (Rewind's
+    /// `.rewind-live-` files).
+    ///
+    /// # Panics
+    /// libvirt cannot give the VM's XML.
+    #[must_use]
+    pub fn on_live_overlay(&self) -> bool {
+        self.dom.xml_desc(0).unwrap().contains(".rewind-live-")
+    }
+
+    /// How many live snapshot overlay files lie beside the VM's disks.
+    ///
+    /// # Panics
+    /// The VM's folder cannot be read.
+    #[must_use]
+    pub fn live_overlay_files(&self) -> usize {
+        std::fs::read_dir(self.dir())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().contains(".rewind-live-"))
+            .count()
+    }
+
     /// The disk with this target.
     #[must_use]
     pub fn disk(&self, target: &str) -> &TestDisk {
@@ -610,6 +633,25 @@ impl TestVm {
         len: u64,
     ) -> Result<(), HarnessError> {
         self.qemu_io_write(target, &format!("-s {}", file.display()), offset, len)
+    }
+
+    /// Makes QEMU write out what it caches of disk `target` (qcow2 metadata included), so
+    /// that the image file, read from outside, shows every write so far.
+    pub fn host_flush(&self, target: &str) -> Result<(), HarnessError> {
+        let alias = self.disk_alias(target)?;
+        let cmd = format!("qemu-io -d /machine/peripheral/{alias}/virtio-backend \"flush\"");
+        let out = self
+            .dom
+            .qemu_monitor_command(&cmd, sys::VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+            .map_err(HarnessError::libvirt)?;
+        if out.trim().is_empty() {
+            Ok(())
+        } else {
+            Err(HarnessError(format!(
+                "qemu-io flush failed: {}",
+                out.trim()
+            )))
+        }
     }
 
     fn qemu_io_write(

@@ -52,15 +52,16 @@ fn format_qualifies(path: &Path, format: Option<&str>) -> bool {
 }
 
 /// The map of image `path` (format `format`), or `None` when it is not to be read
-/// directly. The image must not change meanwhile (`qemu-nbd --read-only` holds it).
+/// directly. The image must not change meanwhile (`qemu-nbd --read-only` holds it, or the
+/// running VM's QEMU as the backing file of a live snapshot's overlay).
 pub(super) fn map_image(path: &str, format: Option<&str>) -> Option<ImageMap> {
     let path = Path::new(path);
     let file = File::open(path).ok()?;
     if !file.metadata().ok()?.is_file() || !format_qualifies(path, format) {
         return None;
     }
-    // `-U`: `qemu-nbd` holds the image's lock, which keeps writers out; sharing it
-    // with another reader is safe.
+    // `-U`: `qemu-nbd` or QEMU holds the image's lock, which keeps writers out; sharing
+    // it with another reader is safe.
     let output = std::process::Command::new("qemu-img")
         .args(["map", "-U", "--output=json", "-f"])
         .arg(format?)

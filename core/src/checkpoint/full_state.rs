@@ -5,7 +5,6 @@ use std::path::Path;
 
 use uuid::Uuid;
 
-use crate::cleanup::OrWarn as _;
 use crate::firmware::FirmwareState;
 use crate::libvirt::Hypervisor;
 use crate::notes::SAVED;
@@ -15,6 +14,7 @@ use crate::store::{CheckpointKind, Consistency};
 use super::CheckpointError;
 use super::guards::leave_note;
 use super::live::{Captured, FrozenDisks, begin_backup};
+use super::overlays::{NoLiveSnapshot, abandon, overlay_files, snapshot_onto};
 use super::plan::{LivePlan, hand_to_qemu};
 
 /// What a saved memory image holds besides the RAM (device state, the header), at most.
@@ -23,9 +23,9 @@ pub(super) const DEVICE_STATE_MARGIN_BYTES: u64 = 64 << 20;
 /// Memory, device state and disks of one instant, the live way: libvirt saves the memory
 /// while the guest runs and, at the end, pauses it only to put every protected disk on a
 /// new overlay (a live external snapshot). The images under the overlays then hold that
-/// instant; they are read through `qemu-nbd --read-only` (with the previous checkpoint's
-/// persistent bitmap, which the images keep, for an incremental), then the overlays are
-/// merged back (active block commit and pivot).
+/// instant; they are read from their files (a full) or through `qemu-nbd --read-only` with
+/// the previous checkpoint's persistent bitmap, which the images keep (an incremental), then
+/// the overlays are merged back (active block commit and pivot; see `overlays`).
 ///
 /// Measured against the managed save (`tests/benches/fullstate.rs`, `core/BENCHMARKS.md`):
 /// the guest pauses for a fraction of a second instead of seconds, because QEMU neither
@@ -35,49 +35,17 @@ pub(super) const DEVICE_STATE_MARGIN_BYTES: u64 = 64 << 20;
 /// snapshot's instant with a little to spare (an incremental from it reads those blocks
 /// again: never too little).
 ///
-/// Why a full-state checkpoint is not taken live (the managed save takes it instead).
-#[derive(Debug, thiserror::Error)]
-pub(super) enum NoLiveSnapshot {
-    /// Asked for.
-    #[error("the managed save was asked for")]
-    ManagedSaveAsked,
-    /// The overlays would be on another host.
-    #[error("the daemon is not on this machine")]
-    Remote,
-    /// A disk that is not a file cannot get an overlay beside it.
-    #[error("disk {0} is not a file")]
-    NotAFile(String),
-    /// No room for the memory beside the disks.
-    #[error(transparent)]
-    Staging(crate::staging::StagingError),
-    /// libvirt refused the checkpoint or the snapshot.
-    #[error(transparent)]
-    Libvirt(crate::Error),
-}
-
 /// `Ok(Err(why))` when the live snapshot cannot be taken (nothing was changed: the caller
 /// falls back to the managed save); `Err` for a failure after it.
 pub(super) fn capture_full_state_live(
     hv: &Hypervisor,
     plan: &LivePlan<'_>,
 ) -> Result<Result<Captured, NoLiveSnapshot>, CheckpointError> {
-    use crate::libvirt::live_snapshot::OVERLAY_MARK;
     let vm = plan.vm;
-    if !hv.is_local() {
-        return Ok(Err(NoLiveSnapshot::Remote));
-    }
-    let mut overlays = Vec::new();
-    for (target, _, source, _) in plan.disks {
-        let Some(path) = source else {
-            return Ok(Err(NoLiveSnapshot::NotAFile(target.clone())));
-        };
-        let short = &Uuid::new_v4().simple().to_string()[..8];
-        overlays.push((
-            target.clone(),
-            std::path::PathBuf::from(format!("{path}{OVERLAY_MARK}{short}.qcow2")),
-        ));
-    }
-    let targets: Vec<String> = plan.disks.iter().map(|d| d.0.clone()).collect();
+    let overlays = match overlay_files(hv, plan) {
+        Ok(o) => o,
+        Err(why) => return Ok(Err(why)),
+    };
     let domain_xml = hv.domain_xml(vm)?;
     // The memory goes beside the first disk, never into a shared /tmp (see `staging`).
     let beside = overlays[0].1.parent().unwrap_or(Path::new("/"));
@@ -92,33 +60,13 @@ pub(super) fn capture_full_state_live(
         Ok(s) => s,
         Err(e) => return Ok(Err(NoLiveSnapshot::Staging(e))),
     };
-    if let Err(e) = hv.create_checkpoint(vm, &plan.new_name, &targets) {
-        return Ok(Err(NoLiveSnapshot::Libvirt(e)));
-    }
     let memory_path = staging.path().join("memory.save");
     let started = std::time::Instant::now();
-    let drop_checkpoint = || {
-        hv.delete_checkpoint(vm, &plan.new_name)
-            .or_warn(format_args!(
-                "delete libvirt checkpoint {} of VM {vm:?}",
-                plan.new_name
-            ));
-    };
-    if let Err(e) = hv.live_external_snapshot(vm, &memory_path, &overlays) {
-        drop_checkpoint();
-        for (_, file) in &overlays {
-            crate::cleanup::remove_file(file);
-        }
-        return Ok(Err(NoLiveSnapshot::Libvirt(e)));
+    if let Err(why) = snapshot_onto(hv, plan, &overlays, Some(&memory_path)) {
+        return Ok(Err(why));
     }
     let snapshot_ms = started.elapsed().as_millis();
-    // Undoes the snapshot after a failure: the overlays merged back, the checkpoint gone.
-    let abandon = |frozen: FrozenDisks| {
-        frozen
-            .end(hv, vm)
-            .or_warn(format_args!("merge the overlays of VM {vm:?} back"));
-        drop_checkpoint();
-    };
+    let abandon = |frozen| abandon(hv, plan, frozen);
     let frozen = FrozenDisks::Overlays(overlays);
     // As close to the saved instant as can be: the memory's TPM blobs are of its end.
     let firmware = FirmwareState::read(plan.info);

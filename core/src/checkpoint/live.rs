@@ -1,5 +1,6 @@
 //! A running VM's disks captured at one instant (a pull backup's export, or the images under
-//! a live snapshot's overlays), read over NBD and streamed into the store.
+//! a live snapshot's overlays), read over NBD or from the image files, and streamed into the
+//! store.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -14,8 +15,9 @@ use crate::store::{
 };
 use rewind_nbd::{BASE_ALLOCATION, NbdClient, NbdError, STATE_DIRTY, STATE_HOLE, STATE_ZERO};
 
-use super::full_state::{NoLiveSnapshot, capture_full_state, capture_full_state_live};
+use super::full_state::{capture_full_state, capture_full_state_live};
 use super::guards::freeze;
+use super::overlays::{NoLiveSnapshot, abandon, overlay_files, snapshot_onto};
 use super::plan::LivePlan;
 use super::{CheckpointError, MEMORY_BLOB};
 
@@ -103,17 +105,41 @@ pub(super) struct Captured {
     pub(super) firmware: FirmwareState,
 }
 
-/// Disks only: freeze (when an agent answers), mark the instant, thaw at once. The export
-/// is point-in-time, so the guest is frozen only for as long as starting the job takes.
+/// Disks only: freeze (when an agent answers), mark the instant, thaw at once.
+///
+/// A full capture marks it with a live snapshot where it can (every protected disk a file
+/// on this machine): the disks switch to short-lived overlays, and the images under them
+/// are read straight from their files (see [`read_disk_file`]) instead of through QEMU's
+/// NBD export, which copies every byte twice inside QEMU. That halved the CPU a shut-off
+/// VM's full checkpoint costs, and does the same for a running one (`BENCHMARKS.md`, "Full
+/// checkpoint CPU"); the price is the guest's writes meanwhile, which go to the overlays
+/// and are merged back after. An incremental reads little, so it keeps the pull backup's
+/// export (no overlay to merge); so does a full that cannot have overlays, or whose
+/// snapshot libvirt refuses. The guest is frozen only for as long as starting the backup
+/// job or taking the snapshot takes.
 pub(super) fn capture_disks(
     hv: &Hypervisor,
     plan: &LivePlan<'_>,
     socket: &Path,
     targets: &[String],
 ) -> Result<Captured, CheckpointError> {
-    let domain_xml = hv.domain_xml(plan.vm)?;
+    let vm = plan.vm;
+    let domain_xml = hv.domain_xml(vm)?;
+    let full = match (&plan.prev, &plan.full_reason) {
+        (Some(p), None) => p.libvirt_checkpoint.is_none(),
+        _ => true,
+    };
+    let overlays = if full {
+        overlay_files(hv, plan)
+            .inspect_err(|why| {
+                tracing::info!(vm, "full checkpoint through the backup export: {why}");
+            })
+            .ok()
+    } else {
+        None
+    };
     let (frozen, consistency, consistency_note) = if plan.quiesce {
-        freeze(hv, plan.vm, &plan.uuid)?
+        freeze(hv, vm, &plan.uuid)?
     } else {
         (
             None,
@@ -122,20 +148,39 @@ pub(super) fn capture_disks(
         )
     };
     crate::fault::point("after-freeze")?;
-    let begun = begin_backup(hv, plan, socket, targets);
-    drop(frozen);
-    let (backup, incremental_from, full_reason) = begun?;
-    let firmware = match FirmwareState::read(plan.info) {
+    let overlays = overlays.and_then(|o| match snapshot_onto(hv, plan, &o, None) {
+        Ok(()) => Some(o),
+        Err(why) => {
+            tracing::info!(vm, "full checkpoint through the backup export: {why}");
+            None
+        }
+    });
+    let (source, incremental_from, full_reason) = if let Some(o) = overlays {
+        drop(frozen);
+        tracing::info!(vm, "full checkpoint read from the images under overlays");
+        (FrozenDisks::Overlays(o), None, plan.full_reason.clone())
+    } else {
+        let begun = begin_backup(hv, plan, socket, targets);
+        drop(frozen);
+        let (backup, incremental_from, full_reason) = begun?;
+        (FrozenDisks::Export(backup), incremental_from, full_reason)
+    };
+    let firmware = FirmwareState::read(plan.info)
+        .map_err(CheckpointError::from)
+        .and_then(|f| match source {
+            FrozenDisks::Overlays(_) => Ok(crate::fault::point("after-live-snapshot").map(|()| f)?),
+            FrozenDisks::Export(_) => Ok(f),
+        });
+    let firmware = match firmware {
         Ok(f) => f,
         Err(e) => {
-            backup
-                .finish()
-                .or_warn(format_args!("end the backup job of VM {:?}", plan.vm));
-            return Err(e.into());
+            // No manifest will refer to the new libvirt checkpoint.
+            abandon(hv, plan, source);
+            return Err(e);
         }
     };
     Ok(Captured {
-        source: FrozenDisks::Export(backup),
+        source,
         incremental_from,
         full_reason,
         kind: CheckpointKind::Disk,
@@ -213,6 +258,7 @@ pub(super) fn copy_captured(
                             file: disk_source.as_deref().unwrap_or_default(),
                             format: format.as_deref(),
                             bitmap,
+                            under_overlay: true,
                         },
                         parent.as_ref(),
                         job_dir,
@@ -263,6 +309,9 @@ pub(super) struct DiskFile<'a> {
     pub(super) format: Option<&'a str>,
     /// The persistent bitmap in the image whose dirty blocks are read (an incremental).
     pub(super) bitmap: Option<&'a str>,
+    /// The image lies under a live snapshot's overlay: the running VM's QEMU holds it as a
+    /// read-only backing file, and nothing writes it until Rewind merges the overlay back.
+    pub(super) under_overlay: bool,
 }
 
 /// Reads a disk image (not written meanwhile) through `qemu-nbd --read-only`: the chunks
@@ -277,6 +326,15 @@ pub(super) fn read_disk_file(
     work_dir: &Path,
     control: &Control,
 ) -> Result<(crate::store::FinishedObject, u64), CheckpointError> {
+    // Under an overlay, QEMU's hold on the image keeps writers out: a full read needs no
+    // `qemu-nbd` at all, which a Rewind killed mid-way could leave holding the image (and
+    // the overlay from being merged back).
+    if disk.under_overlay
+        && disk.bitmap.is_none()
+        && let Some(map) = super::direct::map_image(disk.file, disk.format)
+    {
+        return super::direct::read_image(writer, &map, disk.vm, disk.target, disk.file, control);
+    }
     let socket = work_dir.join(format!("rewind-{}.sock", disk.target));
     crate::cleanup::remove_file(&socket);
     let serve = |bitmap| {
@@ -297,12 +355,16 @@ pub(super) fn read_disk_file(
         Err(e) => return Err(CheckpointError::Unsupported(e.to_string())),
     };
     // A full read of an image whose data lies in its own file: straight from the file,
-    // while qemu-nbd's lock keeps the VM from starting on it.
+    // while qemu-nbd's lock keeps the VM from starting on it. One client stays connected
+    // meanwhile: qemu-nbd ends when its last client goes, so a Rewind killed during the
+    // read does not leave it holding the lock, which would keep the VM from starting.
     if bitmap.is_none()
         && let Some(map) = super::direct::map_image(disk.file, disk.format)
+        && let Ok(holder) = NbdClient::connect(&socket, disk.target, &[])
     {
         let read =
             super::direct::read_image(writer, &map, disk.vm, disk.target, disk.file, control);
+        drop(holder);
         server.stop();
         return read;
     }

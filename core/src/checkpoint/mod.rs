@@ -1,7 +1,8 @@
-//! Taking a checkpoint of a running VM into a store: a pull-mode backup frozen at one
-//! instant, read over NBD and streamed into the store — full the first time, then
-//! incremental from the dirty bitmaps of the libvirt checkpoint made by the previous
-//! checkpoint *into the same store*. A full-state checkpoint also holds the VM's memory and
+//! Taking a checkpoint of a running VM into a store: its disks frozen at one instant (the
+//! images under a live snapshot's short-lived overlays, read from their files, for a full;
+//! a pull-mode backup's export, read over NBD, for an incremental) and streamed into the
+//! store — full the first time, then incremental from the dirty bitmaps of the libvirt
+//! checkpoint made by the previous checkpoint *into the same store*. A full-state checkpoint also holds the VM's memory and
 //! device state, taken live (see `capture_full_state_live`) or by managed save.
 //!
 //! The chain cannot lie: the previous checkpoint's libvirt checkpoint must still exist,
@@ -14,7 +15,8 @@
 //! |---|---|
 //! | `mod.rs` | [`take_with`]: the VM's state decides the way; options and errors |
 //! | `plan.rs` | the store's chain, the disks, what killed runs left, the job's folder |
-//! | `live.rs` | a running VM's disks at one instant, read over NBD into the store |
+//! | `live.rs` | a running VM's disks at one instant, read over NBD or from files into the store |
+//! | `overlays.rs` | the live snapshot: disks on short-lived overlays, the images under them read |
 //! | `full_state.rs` | memory and devices too: the live snapshot, or the managed save |
 //! | `shut_off.rs` | a shut-off VM's disk files, and a VM a restore just saved |
 //! | `guards.rs` | what is undone on every path: frozen file systems, notes for a later run |
@@ -23,6 +25,7 @@ mod direct;
 mod full_state;
 mod guards;
 mod live;
+mod overlays;
 mod plan;
 mod shut_off;
 

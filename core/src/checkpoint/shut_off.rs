@@ -166,6 +166,7 @@ pub(super) fn take_shut_off(
                 file,
                 format: format.as_deref(),
                 bitmap,
+                under_overlay: false,
             },
             parent.as_ref(),
             work_dir,

@@ -1,9 +1,11 @@
-//! A live external snapshot with memory, and merging its overlays back: the live way of
-//! taking a full-state checkpoint (see `checkpoint::capture_full_state_live`).
+//! A live external snapshot, and merging its overlays back: the live way of taking a
+//! full-state checkpoint (see `checkpoint::capture_full_state_live`), and the way a running
+//! VM's full disk checkpoint reads its images directly (`checkpoint::live`).
 //!
-//! libvirt saves the memory while the guest runs, pauses it only to switch every protected
-//! disk to a new overlay, and lets it run on; the disk images under the overlays then hold
-//! the snapshot's instant, and an active block commit later merges the overlays back. The
+//! With memory, libvirt saves it while the guest runs, pauses the guest only to switch every
+//! protected disk to a new overlay, and lets it run on; without, only the disks switch. The
+//! disk images under the overlays then hold the snapshot's instant, and an active block
+//! commit later merges the overlays back. The
 //! overlays live next to their disks, named with [`OVERLAY_MARK`], never in a work folder:
 //! while they exist the VM runs on them, and a Rewind killed meanwhile leaves them for the
 //! next run to merge ([`Hypervisor::commit_left_overlays`]).
@@ -30,21 +32,26 @@ impl Hypervisor {
             .map_err(|e| self.libvirt_error(&format!("create a checkpoint of VM {vm:?}"), &e))
     }
 
-    /// Saves VM `vm`'s memory to `memory` while it runs, and puts each disk of `overlays`
-    /// (target, new overlay file) on a new qcow2 overlay at the end; the VM's other disks
-    /// are left as they are. No snapshot metadata is kept: only the files.
+    /// Puts each disk of `overlays` (target, new overlay file) of running VM `vm` on a new
+    /// qcow2 overlay at one instant; the VM's other disks are left as they are. With
+    /// `memory`, libvirt first saves the VM's memory there while it runs, and the overlays
+    /// come at the end of the save; without, only the disks switch (the guest runs on
+    /// throughout). No snapshot metadata is kept: only the files.
     pub fn live_external_snapshot(
         &self,
         vm: &str,
-        memory: &Path,
+        memory: Option<&Path>,
         overlays: &[(String, PathBuf)],
     ) -> Result<()> {
         let info = self.vm(vm)?;
         let dom = self.lookup(vm)?;
-        let mut xml = format!(
-            "<domainsnapshot><memory snapshot='external' file='{}'/><disks>",
-            xml_escape(&memory.to_string_lossy())
-        );
+        let mut xml = match memory {
+            Some(memory) => format!(
+                "<domainsnapshot><memory snapshot='external' file='{}'/><disks>",
+                xml_escape(&memory.to_string_lossy())
+            ),
+            None => "<domainsnapshot><memory snapshot='no'/><disks>".to_owned(),
+        };
         for d in &info.disks {
             match overlays.iter().find(|(t, _)| *t == d.target) {
                 Some((t, file)) => {
@@ -66,9 +73,13 @@ impl Hypervisor {
             }
         }
         xml.push_str("</disks></domainsnapshot>");
-        let flags = virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_LIVE
-            | virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
-            | virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC;
+        let flags = virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
+            | virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
+            | if memory.is_some() {
+                virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_LIVE
+            } else {
+                virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+            };
         dom.create_snapshot_xml(&xml, flags)
             .map(drop)
             .map_err(|e| self.libvirt_error(&format!("take a live snapshot of VM {vm:?}"), &e))
