@@ -665,3 +665,48 @@ fn full_held_on_overlay(
     assert_eq!(list.len(), 1, "{list:?}");
     list.remove(0)
 }
+
+/// Issue 20: a disk without room beside it for its overlay (what the guest writes meanwhile
+/// would stop the guest) is not put on one: the full goes through the backup export.
+#[test]
+fn a_full_of_a_disk_without_room_beside_it_takes_the_backup_export_instead_of_an_overlay() {
+    let mut vm = TestVm::builder("ckpt-noroom")
+        .workload("idle")
+        .disks(vec![DiskSpec::new("vda", Format::Qcow2, DISK_BYTES)])
+        .define()
+        .expect("define the test VM");
+    // The disk moved onto a file system with less free than Rewind leaves to the VM.
+    let small = rewind_tests::scratch::Tmpfs::mount("ckpt-noroom-fs", 128 << 20).unwrap();
+    let old = vm.disk("vda").path.clone();
+    let new = small.path().join("vda.qcow2");
+    std::fs::copy(&old, &new).unwrap();
+    let xml = vm
+        .domain()
+        .xml_desc(rewind_tests::virt::sys::VIR_DOMAIN_XML_INACTIVE)
+        .unwrap()
+        .replace(old.to_str().unwrap(), new.to_str().unwrap());
+    rewind_tests::domain::connect()
+        .unwrap()
+        .define_domain_xml(&xml)
+        .unwrap();
+    vm.start_and_wait_ready(BOOT_TIMEOUT).expect("boot");
+    let dir = rewind_tests::scratch::ScratchDir::new("ckpt-noroom-store").unwrap();
+    let dest = dir.path().join("store");
+    // The overlay way would stop at this point and fail; the export way never reaches it.
+    let out = crate::rewind::checkpoint_command(&vm.name, &dest)
+        .env("REWIND_FAULT", "after-live-snapshot")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!vm.on_live_overlay());
+    assert_eq!(
+        std::fs::read_dir(small.path()).unwrap().count(),
+        1,
+        "nothing beside the disk"
+    );
+    vm.destroy().unwrap();
+}

@@ -28,7 +28,7 @@ pub(super) enum NoLiveSnapshot {
     /// A disk that is not a file cannot get an overlay beside it.
     #[error("disk {0} is not a file")]
     NotAFile(String),
-    /// No room for the memory beside the disks.
+    /// No room for the memory, or for an overlay, beside the disks.
     #[error(transparent)]
     Staging(crate::staging::StagingError),
     /// libvirt refused the checkpoint or the snapshot.
@@ -36,9 +36,15 @@ pub(super) enum NoLiveSnapshot {
     Libvirt(crate::Error),
 }
 
+/// The share of a disk's size that must be free beside it for its overlay: what the guest
+/// writes while the images under the overlays are read lands there, and a guest whose
+/// writes find no room stops.
+const OVERLAY_ROOM_DIVISOR: u64 = 20;
+
 /// The overlay file each of `plan`'s disks would get (target, file): beside the disk, named
 /// with [`OVERLAY_MARK`] so that a run killed meanwhile leaves them for the next one to
-/// merge back.
+/// merge back. Each disk must be a regular file with room beside it for a twentieth of its
+/// size (plus [`crate::staging::RESERVE_BYTES`]).
 pub(super) fn overlay_files(
     hv: &Hypervisor,
     plan: &LivePlan<'_>,
@@ -48,15 +54,23 @@ pub(super) fn overlay_files(
     }
     plan.disks
         .iter()
-        .map(|(target, _, source, _)| {
-            let Some(path) = source else {
+        .map(|(target, size_bytes, source, _)| {
+            let Some(path) = source.as_deref().map(Path::new).filter(|p| p.is_file()) else {
                 return Err(NoLiveSnapshot::NotAFile(target.clone()));
             };
+            crate::staging::check_room(
+                path.parent().unwrap_or(Path::new("/")),
+                size_bytes / OVERLAY_ROOM_DIVISOR,
+                &format!(
+                    "keep what VM {:?} writes to disk {target} meanwhile",
+                    plan.vm
+                ),
+            )
+            .map_err(NoLiveSnapshot::Staging)?;
             let short = &Uuid::new_v4().simple().to_string()[..8];
-            Ok((
-                target.clone(),
-                PathBuf::from(format!("{path}{OVERLAY_MARK}{short}.qcow2")),
-            ))
+            let mut file = path.as_os_str().to_owned();
+            file.push(format!("{OVERLAY_MARK}{short}.qcow2"));
+            Ok((target.clone(), PathBuf::from(file)))
         })
         .collect()
 }
