@@ -68,11 +68,20 @@ fn given_passphrase() -> anyhow::Result<Option<Zeroizing<Vec<u8>>>> {
 
 /// Where a store is, from a `DEST` argument: a folder, or `ssh://[user@]host[:port]/path`.
 pub(crate) fn location(dest: &Path) -> anyhow::Result<Location> {
-    match dest.to_str() {
-        Some(text) => Ok(Location::parse(text)?),
+    let location = match dest.to_str() {
+        Some(text) => Location::parse(text)?,
         // Not UTF-8: surely no URL.
-        None => Ok(Location::Local(dest.to_path_buf())),
-    }
+        None => Location::Local(dest.to_path_buf()),
+    };
+    // A folder named relative to where the command runs: the same folder, named so that
+    // messages (and the service, which runs elsewhere) see where it is.
+    Ok(match location {
+        Location::Local(path) => Location::Local(
+            std::path::absolute(&path)
+                .with_context(|| format!("could not make {} an absolute path", path.display()))?,
+        ),
+        ssh @ Location::Ssh(_) => ssh,
+    })
 }
 
 /// Opens a store (a folder, or `ssh://…`), asking for its passphrase if it is encrypted.
@@ -476,7 +485,7 @@ pub fn init(out: &mut dyn Write, dest: &Path, encrypt: bool) -> anyhow::Result<(
         "Created {}store {} in {}.",
         if encrypt { "an encrypted " } else { "" },
         store.config().id,
-        dest.display()
+        location
     )?;
     if encrypt {
         say_keep_passphrase(out)?;

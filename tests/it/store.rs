@@ -173,6 +173,41 @@ fn init_list_and_verify_through_the_cli() {
     );
 }
 
+/// Issue 21: `rewind init backup` makes the store in the folder `backup` of the current
+/// folder, says where that is, and other commands find it by the same relative name.
+#[test]
+fn init_takes_a_folder_named_relative_to_the_current_one() {
+    let dir = scratch("store-relative");
+    let out = rewind::command()
+        .args(["init", "backup"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let store = dir.path().join("backup");
+    assert!(
+        stdout.contains(path_str(&store)),
+        "the message names the folder by its whole path: {stdout}"
+    );
+    Store::open(&store, None).expect("a store in ./backup");
+    let listing = rewind::command()
+        .args(["checkpoints", "--in", "backup"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        listing.status.success()
+            && String::from_utf8_lossy(&listing.stdout).contains("No checkpoints"),
+        "{}",
+        String::from_utf8_lossy(&listing.stderr)
+    );
+}
+
 #[test]
 fn prune_keeps_by_rules_and_dry_run_changes_nothing() {
     let dir = scratch("store-prune");

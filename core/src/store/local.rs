@@ -488,7 +488,13 @@ impl LocalRoot {
             if self.inner.path.is_dir() {
                 return Ok(());
             }
-            let parent = self.inner.path.parent().unwrap_or(Path::new("/"));
+            // A relative path of one name ("backup") has the empty path as its parent: the
+            // current folder.
+            let parent = match self.inner.path.parent() {
+                Some(p) if p.as_os_str().is_empty() => Path::new("."),
+                Some(p) => p,
+                None => Path::new("/"),
+            };
             std::fs::create_dir_all(parent)?;
             match std::fs::DirBuilder::new()
                 .mode(DIR_MODE)
