@@ -30,13 +30,7 @@ fn binary_for_users(dir: &Path) -> std::path::PathBuf {
 }
 
 fn json(out: &std::process::Output, what: &str) -> serde_json::Value {
-    assert!(
-        out.status.success(),
-        "{what} failed with {}:\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    rewind_tests::assert_success(what, out);
     serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("{what}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
 }

@@ -67,6 +67,17 @@ impl HarnessError {
     }
 }
 
+/// Panics with everything `what` printed unless it succeeded.
+pub fn assert_success(what: &str, out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{what} failed with {}:\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// `len` bytes that do not compress, the same for the same `seed` and different for
 /// different seeds (xorshift).
 #[must_use]

@@ -30,12 +30,6 @@ pub fn run(binary: &Path, args: &[&str]) -> Output {
 #[must_use]
 pub fn run_ok(binary: &Path, args: &[&str]) -> String {
     let out = run(binary, args);
-    assert!(
-        out.status.success(),
-        "rewind {args:?} failed with {}:\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::assert_success(&format!("rewind {args:?}"), &out);
     String::from_utf8(out.stdout).expect("rewind prints UTF-8")
 }
