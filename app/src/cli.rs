@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 use rewind_core::libvirt::{DEFAULT_URI, Hypervisor};
 use rewind_core::store::retention::KeepRules;
 use rewind_core::units::human_bytes;
@@ -301,6 +301,10 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+
+    /// Write the man pages or the shell completions the package installs (for packaging)
+    #[command(hide = true)]
+    Generate(crate::generate::GenerateArgs),
 }
 
 /// `--keep-*` of `rewind protect`.
@@ -492,6 +496,7 @@ pub fn run(args: &Args, command: &Command, out: &mut dyn Write) -> anyhow::Resul
         Command::Daemon => crate::daemon::run()?,
         Command::Tray => crate::tray_app::run()?,
         Command::Service => crate::service::run(&args.uri())?,
+        Command::Generate(generate) => crate::generate::run(out, Args::command(), generate)?,
         Command::UndoRestore { vm, store, how } => {
             let restore = crate::restore_cli::RestoreArgs {
                 dest: store,
@@ -582,7 +587,7 @@ fn through_service(
         | Command::Prune { .. }
         | Command::Gc { .. }
         | Command::Export { .. } => false,
-        Command::Daemon | Command::Tray | Command::Service => return None,
+        Command::Daemon | Command::Tray | Command::Service | Command::Generate(_) => return None,
     };
     let mut session = match remote::route(args.connect.as_deref()) {
         Ok(Route::Direct) => return None,
@@ -661,7 +666,7 @@ fn through_service(
                 json: how.json,
             },
         ),
-        Command::Daemon | Command::Tray | Command::Service => return None,
+        Command::Daemon | Command::Tray | Command::Service | Command::Generate(_) => return None,
     })
 }
 
@@ -839,7 +844,6 @@ fn disk_line(disk: &Disk) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
     #[test]
     fn cli_definition_is_consistent() {

@@ -6,6 +6,7 @@
 mod cli;
 mod daemon;
 mod error_text;
+mod generate;
 mod gui;
 mod logging;
 mod notify;
@@ -22,10 +23,11 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let args = cli::Args::parse();
-    // The daemon sets its log up itself, with its lines on stderr too.
+    // The daemon sets its log up itself, with its lines on stderr too. Generating the man
+    // pages and completions (while a package is built) logs nothing.
     if !matches!(
         args.command,
-        Some(cli::Command::Daemon | cli::Command::Service)
+        Some(cli::Command::Daemon | cli::Command::Service | cli::Command::Generate(_))
     ) {
         logging::init(false);
     }

@@ -1,0 +1,337 @@
+//! `rewind generate`: the man pages and shell completions that the package installs, made
+//! from the command-line definition itself so that they never drift from it.
+//!
+//! Where the package puts them (Debian's conventions):
+//!
+//! | written                        | installed as                                      |
+//! |--------------------------------|---------------------------------------------------|
+//! | `rewind.1`, `rewind-COMMAND.1` | `/usr/share/man/man1/` (gzipped)                  |
+//! | `rewind.bash`                  | `/usr/share/bash-completion/completions/rewind`   |
+//! | `_rewind`                      | `/usr/share/zsh/vendor-completions/_rewind`       |
+//! | `rewind.fish`                  | `/usr/share/fish/vendor_completions.d/rewind.fish`|
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use clap::Subcommand;
+use clap_complete::Shell;
+use clap_mangen::Man;
+use clap_mangen::roff::{Roff, bold, roman};
+
+/// The program's name: of the man pages, and the command the completions complete.
+const BIN: &str = "rewind";
+
+/// The shells the package ships completions for.
+const SHELLS: [Shell; 3] = [Shell::Bash, Shell::Zsh, Shell::Fish];
+
+/// DESCRIPTION of `rewind(1)`: longer than `rewind --help`'s one line.
+const DESCRIPTION: &str = "\
+Rewind takes checkpoints of the libvirt/QEMU virtual machines of a workstation \
+(their disks, UEFI variables, TPM state and definition, and with --full-state their memory \
+too) into backup stores, folders on this machine or on a removable drive, and brings a VM \
+back to any checkpoint: in place, which can be undone, or as a new VM beside it.
+
+Without a command, rewind opens the Rewind window; with --minimized it starts in the tray. \
+The commands below do the same from a terminal or a script; rewind COMMAND --help, or \
+man rewind-COMMAND, explains each.
+
+Protected VMs are checkpointed on their schedule by the protection service (rewind \
+service, run as root by systemd). The window, the tray and the command line of users in \
+the libvirt group are its clients.";
+
+/// EXIT STATUS of every page: the status and what it means (app/CLI.md says the same).
+const EXIT_STATUS: [(&str, &str); 3] = [
+    ("0", "Success."),
+    (
+        "1",
+        "Failure: one line starting with `error:` on standard error says what went wrong \
+         and what to do.",
+    ),
+    ("2", "Wrong arguments: the usage error says which."),
+];
+
+/// `rewind generate WHAT`.
+#[derive(Debug, clap::Args)]
+pub struct GenerateArgs {
+    #[command(subcommand)]
+    what: Generated,
+}
+
+/// What `rewind generate` writes.
+#[derive(Debug, Subcommand)]
+pub enum Generated {
+    /// Write the man pages: rewind.1, and rewind-COMMAND.1 for every command
+    Man {
+        /// The folder to write them into (created if missing)
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+    /// Write the shell completions: rewind.bash, _rewind (zsh) and rewind.fish
+    Completions {
+        /// The folder to write them into (created if missing)
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+}
+
+/// Why generating failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    /// The output folder could not be created.
+    #[error("could not create the output folder (choose another with --out): {}", path.display())]
+    CreateFolder {
+        /// The folder.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A file could not be written.
+    #[error("could not write {what} (choose a folder you can write to with --out): {}", path.display())]
+    Write {
+        /// "the man page" or "the bash completion".
+        what: String,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Writes what `args` asks for, made from `cli` (the whole `rewind` command line), and
+/// names each file written on `out`, one per line.
+pub fn run(out: &mut dyn Write, cli: clap::Command, args: &GenerateArgs) -> anyhow::Result<()> {
+    let written = match &args.what {
+        Generated::Man { out: dir } => write_all(dir, man_pages(cli))?,
+        Generated::Completions { out: dir } => write_all(dir, completions(&cli))?,
+    };
+    for path in written {
+        writeln!(out, "{}", path.display())?;
+    }
+    Ok(())
+}
+
+/// A file to write: its name, what it is (for errors) and its contents.
+#[derive(Debug)]
+struct File {
+    name: String,
+    what: String,
+    contents: Vec<u8>,
+}
+
+/// Creates `dir` and writes `files` into it; returns their paths.
+fn write_all(dir: &Path, files: Vec<File>) -> Result<Vec<PathBuf>, GenerateError> {
+    std::fs::create_dir_all(dir).map_err(|source| GenerateError::CreateFolder {
+        path: dir.to_owned(),
+        source,
+    })?;
+    files
+        .into_iter()
+        .map(|file| {
+            let path = dir.join(&file.name);
+            std::fs::write(&path, &file.contents).map_err(|source| GenerateError::Write {
+                what: file.what,
+                path: path.clone(),
+                source,
+            })?;
+            Ok(path)
+        })
+        .collect()
+}
+
+/// The man pages: `rewind.1`, then one per command that `--help` lists, nested ones too
+/// (`rewind-COMMAND-SUBCOMMAND.1`). Hidden commands and `help` get none.
+fn man_pages(cli: clap::Command) -> Vec<File> {
+    // NAME says "rewind - checkpoints and …", not "rewind - Rewind: checkpoints and …".
+    let about = cli.get_about().map(|about| {
+        let about = about.to_string();
+        about
+            .strip_prefix("Rewind: ")
+            .map_or_else(|| about.clone(), str::to_owned)
+    });
+    let mut top = cli
+        .name(BIN)
+        .about(about.unwrap_or_default())
+        .long_about(DESCRIPTION)
+        .subcommand_help_heading("COMMANDS")
+        .subcommand_value_name("COMMAND")
+        .disable_help_subcommand(true);
+    // Builds the subcommands too: their display names (`rewind-vms`) and the global
+    // options they inherit.
+    top.build();
+    let mut pages = Vec::new();
+    add_pages(&top, true, &mut pages);
+    pages
+}
+
+/// Adds the page of `cmd` and of its visible subcommands, recursively.
+fn add_pages(cmd: &clap::Command, top: bool, pages: &mut Vec<File>) {
+    let man = Man::new(cmd.clone())
+        .title(cmd.get_display_name().unwrap_or(BIN).to_uppercase())
+        .source(format!("{BIN} {}", env!("CARGO_PKG_VERSION")))
+        .manual("Rewind");
+    pages.push(File {
+        name: man.get_filename(),
+        what: "the man page".to_owned(),
+        contents: render_page(&man, cmd, top).into_bytes(),
+    });
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        add_pages(sub, false, pages);
+    }
+}
+
+/// A section of a page, as `clap_mangen` renders it.
+type Section = fn(&Man, &mut dyn Write) -> std::io::Result<()>;
+
+/// One page: `clap_mangen`'s sections (those `Man::render` writes, but VERSION: the footer
+/// says it), then EXIT STATUS and SEE ALSO.
+fn render_page(man: &Man, cmd: &clap::Command, top: bool) -> String {
+    let mut sections: Vec<Section> = vec![
+        Man::render_title,
+        Man::render_name_section,
+        Man::render_synopsis_section,
+        Man::render_description_section,
+    ];
+    if cmd.get_arguments().any(|a| !a.is_hide_set()) {
+        sections.push(Man::render_options_section);
+    }
+    if cmd.get_subcommands().any(|s| !s.is_hide_set()) {
+        sections.push(Man::render_subcommands_section);
+    }
+    if cmd.get_after_long_help().is_some() || cmd.get_after_help().is_some() {
+        sections.push(Man::render_extra_section);
+    }
+    // Each rendering starts with the same preamble (it defines the apostrophe); the page
+    // has it once.
+    let preamble = Roff::default().render();
+    let mut page = preamble.clone();
+    let mut add = |text: String| {
+        page.push_str(text.strip_prefix(preamble.as_str()).unwrap_or(&text));
+    };
+    for section in sections {
+        let mut text = Vec::new();
+        section(man, &mut text).expect("writing into a Vec cannot fail");
+        add(String::from_utf8(text).expect("clap_mangen writes UTF-8 from UTF-8 help"));
+    }
+    let mut roff = Roff::default();
+    roff.control("SH", ["EXIT STATUS"]);
+    for (status, meaning) in EXIT_STATUS {
+        roff.control("TP", []);
+        roff.text([bold(status)]);
+        roff.text([roman(meaning)]);
+    }
+    roff.control("SH", ["SEE ALSO"]);
+    let see_also = if top {
+        "virsh(1), qemu-img(1)"
+    } else {
+        "rewind(1)"
+    };
+    roff.text([roman(see_also)]);
+    add(roff.render());
+    page
+}
+
+/// The completion scripts of [`SHELLS`], named as each shell's generator names them.
+fn completions(cli: &clap::Command) -> Vec<File> {
+    let mut cli = without_hidden_commands(cli);
+    SHELLS
+        .into_iter()
+        .map(|shell| {
+            let mut contents = Vec::new();
+            clap_complete::generate(shell, &mut cli, BIN, &mut contents);
+            File {
+                name: clap_complete::Generator::file_name(&shell, BIN),
+                what: format!("the {shell} completion"),
+                contents,
+            }
+        })
+        .collect()
+}
+
+/// `cli` without its hidden commands, which `clap_complete`'s scripts would offer too.
+fn without_hidden_commands(cli: &clap::Command) -> clap::Command {
+    clap::Command::new(BIN)
+        .version(env!("CARGO_PKG_VERSION"))
+        .about(cli.get_about().cloned().unwrap_or_default())
+        .args(cli.get_arguments().cloned())
+        .groups(cli.get_groups().cloned())
+        .subcommands(cli.get_subcommands().filter(|s| !s.is_hide_set()).cloned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// `rewind-vms.1` and so on: what a page per visible command, nested ones too, is named.
+    fn expected_pages(cmd: &clap::Command, prefix: &str, names: &mut Vec<String>) {
+        names.push(format!("{prefix}.1"));
+        for sub in cmd
+            .get_subcommands()
+            .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+        {
+            expected_pages(sub, &format!("{prefix}-{}", sub.get_name()), names);
+        }
+    }
+
+    #[test]
+    fn a_man_page_for_rewind_and_each_visible_command() {
+        let pages = man_pages(crate::cli::Args::command());
+        let mut written: Vec<String> = pages.iter().map(|p| p.name.clone()).collect();
+        let mut expected = Vec::new();
+        expected_pages(&crate::cli::Args::command(), BIN, &mut expected);
+        written.sort();
+        expected.sort();
+        assert_eq!(written, expected);
+        assert!(written.contains(&"rewind-vms.1".to_owned()), "{written:?}");
+        assert!(
+            !written
+                .iter()
+                .any(|n| n.contains("generate") || n.contains("help")),
+            "{written:?}"
+        );
+    }
+
+    #[test]
+    fn rewind_1_describes_lists_commands_and_exit_status() {
+        let pages = man_pages(crate::cli::Args::command());
+        let top = String::from_utf8(pages[0].contents.clone()).unwrap();
+        let preamble = Roff::default().render();
+        assert!(
+            top.strip_prefix(preamble.as_str())
+                .is_some_and(|rest| rest.starts_with(".TH REWIND 1")),
+            "{top}"
+        );
+        assert_eq!(top.matches(preamble.as_str()).count(), 1, "{top}");
+        for section in ["DESCRIPTION", "COMMANDS", "\"EXIT STATUS\"", "\"SEE ALSO\""] {
+            assert!(
+                top.contains(&format!("\n.SH {section}\n")),
+                "{section}: {top}"
+            );
+        }
+        assert!(top.contains("rewind\\-restore(1)"), "{top}");
+    }
+
+    #[test]
+    fn completions_for_bash_zsh_and_fish_without_hidden_commands() {
+        let files = completions(&crate::cli::Args::command());
+        let names: Vec<&str> = files.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, ["rewind.bash", "_rewind", "rewind.fish"]);
+        for file in &files {
+            let text = String::from_utf8_lossy(&file.contents);
+            assert!(text.contains("undo-restore"), "{}: {text}", file.name);
+            assert!(!text.contains("generate"), "{}: {text}", file.name);
+        }
+    }
+
+    #[test]
+    fn an_unwritable_folder_is_a_clear_error() {
+        // No folder can be made under a file.
+        let err = write_all(
+            Path::new("/dev/null/rewind"),
+            completions(&crate::cli::Args::command()),
+        )
+        .unwrap_err();
+        assert!(matches!(err, GenerateError::CreateFolder { .. }), "{err}");
+        assert!(err.to_string().contains("--out"), "{err}");
+    }
+}
