@@ -10,6 +10,7 @@ mod chain;
 mod cli;
 mod events;
 mod fullstate;
+mod generate;
 mod gui;
 mod powercut;
 mod protect;
