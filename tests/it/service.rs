@@ -674,6 +674,13 @@ fn one_qcow2_disk(size_bytes: u64) -> Vec<rewind_tests::DiskSpec> {
     )]
 }
 
+/// Whether a checkpoint of `vm` is copying: QEMU runs a backup job for it (an incremental,
+/// or a full over the export), or its disks are on a live snapshot's overlays (a full read
+/// from the images under them).
+fn copying(hv: &rewind_core::libvirt::Hypervisor, vm: &TestVm) -> bool {
+    hv.backup_job_xml(&vm.name).unwrap().is_some() || vm.on_live_overlay()
+}
+
 fn running_with_random_data(label: &str, mib: u32) -> TestVm {
     let mut vm = TestVm::builder(label)
         .workload("idle")
@@ -741,22 +748,24 @@ fn a_service_killed_mid_checkpoint_says_so_when_it_starts_again_and_stops_the_ba
         }))
         .unwrap();
     let hv = rewind_core::libvirt::Hypervisor::connect(rewind_tests::daemon::URI).unwrap();
-    // Killed while QEMU's backup job runs, which is looked at directly: progress events
-    // come every 250 ms, and a quiet machine copies this disk in less (the copy took
-    // 0.3 s in a CI run, and the test once waited for a progress event in vain).
+    // Killed while it copies (a first checkpoint: a full, from under the disk's overlay),
+    // which is looked at directly: progress events come every 250 ms, and a quiet machine
+    // copies this disk in less (the copy took 0.3 s in a CI run, and the test once waited
+    // for a progress event in vain).
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while hv.backup_job_xml(&vm.name).unwrap().is_none() {
+    while !copying(&hv, &vm) {
         assert!(
             std::time::Instant::now() < deadline,
-            "no backup job began:\n{}",
+            "the checkpoint never began copying:\n{}",
             std::fs::read_to_string(service.log()).unwrap_or_default()
         );
         std::thread::sleep(Duration::from_millis(2));
     }
     service.kill();
-    // What a killed service leaves: QEMU's backup job, and the job on record as under way.
+    // What a killed service leaves: the VM on its overlay, and the job on record as under
+    // way.
     assert!(
-        hv.backup_job_xml(&vm.name).unwrap().is_some(),
+        copying(&hv, &vm),
         "the checkpoint ended before it could be interrupted"
     );
     assert_eq!(
@@ -776,7 +785,8 @@ fn a_service_killed_mid_checkpoint_says_so_when_it_starts_again_and_stops_the_ba
         }
     }
 
-    // Its next start stops the backup, and says what became of the job, with the reason.
+    // Its next start merges the overlay back, and says what became of the job, with the
+    // reason.
     let service = TestService::start(env!("CARGO_BIN_EXE_rewind").as_ref(), dir.path()).unwrap();
     let interrupted = interrupted_in_history(service.socket()).unwrap_or_else(|| {
         panic!(
@@ -793,10 +803,10 @@ fn a_service_killed_mid_checkpoint_says_so_when_it_starts_again_and_stops_the_ba
             .contains("stopped while this job ran")
     );
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while hv.backup_job_xml(&vm.name).unwrap().is_some() {
+    while copying(&hv, &vm) || vm.live_overlay_files() > 0 {
         assert!(
             std::time::Instant::now() < deadline,
-            "the backup job runs on:\n{}",
+            "the VM is still on its overlay (or a backup job runs on):\n{}",
             std::fs::read_to_string(service.log()).unwrap_or_default()
         );
         std::thread::sleep(Duration::from_millis(200));
@@ -840,7 +850,7 @@ fn a_client_killed_mid_job_leaves_it_running_and_the_next_window_is_shown_it_to_
         .unwrap();
     let hv = rewind_core::libvirt::Hypervisor::connect(rewind_tests::daemon::URI).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_mins(1);
-    while hv.backup_job_xml(&vm.name).unwrap().is_none() {
+    while !copying(&hv, &vm) {
         if let Some(status) = cli.try_wait().unwrap() {
             panic!(
                 "the checkpoint ended ({status}) before it could be interrupted: {}\nservice log:\n{}",
@@ -848,7 +858,10 @@ fn a_client_killed_mid_job_leaves_it_running_and_the_next_window_is_shown_it_to_
                 std::fs::read_to_string(service.log()).unwrap_or_default()
             );
         }
-        assert!(std::time::Instant::now() < deadline, "no backup job began");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the checkpoint never began copying"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     cli.kill().unwrap();
@@ -1945,12 +1958,15 @@ fn a_window_killed_mid_checkpoint_leaves_the_job_running_and_the_next_window_sho
     in_window(&log, desktop.click("Checkpoint now", wait));
     let hv = rewind_core::libvirt::Hypervisor::connect(rewind_tests::daemon::URI).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_mins(1);
-    while hv.backup_job_xml(&vm.name).unwrap().is_none() {
+    while !copying(&hv, &vm) {
         assert!(
             history_of_at_least(dir.path(), 0).is_empty(),
             "the checkpoint ended before the window could be killed"
         );
-        assert!(std::time::Instant::now() < deadline, "no backup job began");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the checkpoint never began copying"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     first.0.kill().unwrap();

@@ -168,8 +168,9 @@ pub fn take(
 }
 
 /// After a process that died during a checkpoint of `vm` (name or UUID) on `uri`: stops
-/// the backup job it left running in QEMU and thaws the guest if it left it frozen, at once
-/// rather than at the VM's next checkpoint. Its libvirt checkpoint, which no manifest
+/// the backup job it left running in QEMU, merges back the overlays of a live snapshot it
+/// left the VM running on, and thaws the guest if it left it frozen, at once rather than at
+/// the VM's next checkpoint. Its libvirt checkpoint, which no manifest
 /// refers to, goes at that next checkpoint (that needs the store). Returns whether there
 /// was anything to stop; a VM that is gone or not running has nothing.
 ///
@@ -186,7 +187,8 @@ pub fn stop_interrupted(uri: &str, vm: &str) -> Result<bool, CheckpointError> {
     let Ok(uuid) = Uuid::parse_str(&info.uuid) else {
         return Ok(false);
     };
-    stop_what_killed_runs_left(&hv, &info.name, &uuid)
+    let stopped = stop_what_killed_runs_left(&hv, &info.name, &uuid)?;
+    Ok(hv.commit_left_overlays(&info.name, &info)? || stopped)
 }
 
 /// [`take`], with options.
