@@ -656,11 +656,7 @@ fn full_held_on_overlay(
     meanwhile();
     std::fs::write(release, b"").unwrap();
     let out = full.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    rewind_tests::assert_success("the full held on its overlay", &out);
     let mut list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(list.len(), 1, "{list:?}");
     list.remove(0)
@@ -697,11 +693,7 @@ fn a_full_of_a_disk_without_room_beside_it_takes_the_backup_export_instead_of_an
         .env("REWIND_FAULT", "after-live-snapshot")
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    rewind_tests::assert_success("the full of a disk without room beside it", &out);
     assert!(!vm.on_live_overlay());
     assert_eq!(
         std::fs::read_dir(small.path()).unwrap().count(),
