@@ -44,6 +44,53 @@ pub enum ErrorKind {
     Failed,
 }
 
+impl ErrorKind {
+    /// The kind of `error` if it is one of the core's typed errors (or a [`JobError`]):
+    /// the same answer a job failing with it gets. `None` for any other error (a front
+    /// end's own message, an I/O error with no context of the core's).
+    #[must_use]
+    pub fn of(error: &(dyn std::error::Error + 'static)) -> Option<Self> {
+        use crate::scheduler::instance::InstanceError;
+        if let Some(e) = error.downcast_ref::<JobError>() {
+            return Some(e.kind);
+        }
+        if let Some(e) = error.downcast_ref::<crate::Error>() {
+            return Some(libvirt_kind(e));
+        }
+        if let Some(e) = error.downcast_ref::<StoreError>() {
+            return Some(store_kind(e));
+        }
+        if let Some(e) = error.downcast_ref::<CheckpointError>() {
+            return Some(checkpoint_kind(e));
+        }
+        if let Some(e) = error.downcast_ref::<RestoreError>() {
+            return Some(restore_kind(e));
+        }
+        if let Some(e) = error.downcast_ref::<InstanceError>() {
+            return Some(match e {
+                InstanceError::AlreadyRunning { .. } => Self::Busy,
+                InstanceError::Io { .. } => Self::Failed,
+            });
+        }
+        // The rest have a `From` that knows their kind; it needs the error itself, so
+        // these few are matched here the same way.
+        if let Some(e) = error.downcast_ref::<crate::destination::OpenError>() {
+            use crate::destination::OpenError as O;
+            return Some(match e {
+                O::Missing { .. } => Self::Unavailable,
+                O::Store(s) => store_kind(s),
+                O::PassphraseFile { .. } => Self::PermissionDenied,
+            });
+        }
+        if let Some(e) = error.downcast_ref::<crate::destination::AddError>() {
+            return Some(add_kind(e));
+        }
+        error
+            .downcast_ref::<crate::config::ConfigError>()
+            .map(config_kind)
+    }
+}
+
 /// Why a job failed.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{message}")]
@@ -304,14 +351,28 @@ fn restore_kind(e: &RestoreError) -> ErrorKind {
     }
 }
 
+/// The kind of an error adding a destination.
+fn add_kind(e: &crate::destination::AddError) -> ErrorKind {
+    use crate::destination::AddError as A;
+    match e {
+        A::Store(s) => store_kind(s),
+        A::NeedsPassphrase { .. } => ErrorKind::PermissionDenied,
+        A::NotAbsolute(_) => ErrorKind::Invalid,
+        A::PassphraseFile { .. } => ErrorKind::Failed,
+    }
+}
+
+/// The kind of a configuration error.
+fn config_kind(e: &crate::config::ConfigError) -> ErrorKind {
+    match e {
+        crate::config::ConfigError::Io { .. } => ErrorKind::Failed,
+        _ => ErrorKind::Invalid,
+    }
+}
+
 impl From<crate::destination::OpenError> for JobError {
     fn from(e: crate::destination::OpenError) -> Self {
-        use crate::destination::OpenError as O;
-        let kind = match &e {
-            O::Missing { .. } => ErrorKind::Unavailable,
-            O::Store(s) => store_kind(s),
-            O::PassphraseFile { .. } => ErrorKind::PermissionDenied,
-        };
+        let kind = ErrorKind::of(&e).unwrap_or(ErrorKind::Failed);
         Self::from_source(kind, e.is_retryable(), e)
     }
 }
@@ -319,24 +380,14 @@ impl From<crate::destination::OpenError> for JobError {
 impl From<crate::destination::AddError> for JobError {
     fn from(e: crate::destination::AddError) -> Self {
         use crate::destination::AddError as A;
-        let kind = match &e {
-            A::Store(s) => store_kind(s),
-            A::NeedsPassphrase { .. } => ErrorKind::PermissionDenied,
-            A::NotAbsolute(_) => ErrorKind::Invalid,
-            A::PassphraseFile { .. } => ErrorKind::Failed,
-        };
         let retryable = matches!(&e, A::Store(s) if s.is_retryable());
-        Self::from_source(kind, retryable, e)
+        Self::from_source(add_kind(&e), retryable, e)
     }
 }
 
 impl From<crate::config::ConfigError> for JobError {
     fn from(e: crate::config::ConfigError) -> Self {
-        let kind = match &e {
-            crate::config::ConfigError::Io { .. } => ErrorKind::Failed,
-            _ => ErrorKind::Invalid,
-        };
-        Self::from_source(kind, false, e)
+        Self::from_source(config_kind(&e), false, e)
     }
 }
 
@@ -415,6 +466,31 @@ mod tests {
             JobError::from(RestoreError::Cancelled).kind,
             ErrorKind::Cancelled
         );
+    }
+
+    #[test]
+    fn the_kind_of_a_typed_error_is_the_kind_its_job_gets() {
+        let busy = StoreError::Busy {
+            path: PathBuf::from("/media/usb/rewind"),
+            holder: "rewind gc".into(),
+        };
+        assert_eq!(ErrorKind::of(&busy), Some(ErrorKind::Busy));
+        let stopped = RestoreError::Stopped {
+            cause: Box::new(RestoreError::Store(StoreError::NoSuchCheckpoint {
+                id: "x".into(),
+                store: PathBuf::from("/s"),
+            })),
+            outcome: "the VM is as it was".into(),
+        };
+        assert_eq!(ErrorKind::of(&stopped), Some(ErrorKind::NotFound));
+        let job = JobError::new(ErrorKind::NotConfigured, "no destination");
+        assert_eq!(ErrorKind::of(&job), Some(ErrorKind::NotConfigured));
+        let held = crate::scheduler::instance::InstanceError::AlreadyRunning {
+            holder: "process 1".into(),
+        };
+        assert_eq!(ErrorKind::of(&held), Some(ErrorKind::Busy));
+        let io = std::io::Error::other("disk on fire");
+        assert_eq!(ErrorKind::of(&io), None);
     }
 
     #[test]
