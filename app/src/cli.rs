@@ -64,6 +64,9 @@ pub enum Command {
         /// Encrypt the store with a passphrase (asked for, or read from `REWIND_PASSPHRASE`)
         #[arg(long)]
         encrypt: bool,
+        /// Print JSON (documented in app/CLI.md)
+        #[arg(long)]
+        json: bool,
     },
 
     /// Take a checkpoint of a running VM now (full the first time, then incremental)
@@ -71,7 +74,8 @@ pub enum Command {
         /// The VMs (names or UUIDs), one after the other
         #[arg(required = true)]
         vm: Vec<String>,
-        /// The store's folder; a new, unencrypted store is created there if there is none
+        /// The store's folder (or `ssh://` URL, or a configured destination's name); a new,
+        /// unencrypted store is created there if there is none
         #[arg(long = "to", value_name = "DEST")]
         store: PathBuf,
         /// Print the new checkpoints as a JSON array (records as in `rewind checkpoints --json`)
@@ -87,7 +91,7 @@ pub enum Command {
     Checkpoints {
         /// Only this VM (name or UUID)
         vm: Option<String>,
-        /// The store's folder
+        /// The store's folder, `ssh://` URL, or a configured destination's name
         #[arg(long = "in", value_name = "DEST")]
         store: PathBuf,
         /// Print JSON (documented in app/CLI.md)
@@ -97,7 +101,7 @@ pub enum Command {
 
     /// Check that every checkpoint in a store is intact; exits with 1 if anything is damaged
     Verify {
-        /// The store's folder
+        /// The store's folder, `ssh://` URL, or a configured destination's name
         #[arg(long = "in", value_name = "DEST")]
         store: PathBuf,
         /// Only check that every chunk is present (much faster; no re-reading of data)
@@ -112,7 +116,7 @@ pub enum Command {
     Prune {
         /// Only this VM (name or UUID)
         vm: Option<String>,
-        /// The store's folder
+        /// The store's folder, `ssh://` URL, or a configured destination's name
         #[arg(long = "in", value_name = "DEST")]
         store: PathBuf,
         /// Keep the N newest checkpoints
@@ -147,7 +151,7 @@ pub enum Command {
         vm: String,
         /// The checkpoint's id, or `latest`
         checkpoint: String,
-        /// The store's folder
+        /// The store's folder, `ssh://` URL, or a configured destination's name
         #[arg(long = "from", value_name = "DEST")]
         store: PathBuf,
         /// The disk's target, e.g. `vda` (`rewind checkpoints --json` lists them)
@@ -159,6 +163,9 @@ pub enum Command {
         /// Image format
         #[arg(long, value_enum, default_value_t = ExportFormat::Qcow2)]
         format: ExportFormat,
+        /// Print JSON (documented in app/CLI.md)
+        #[arg(long)]
+        json: bool,
     },
 
     /// Bring a VM back to a checkpoint: in place (undoable), or as a new VM beside it
@@ -172,7 +179,7 @@ pub enum Command {
         vm: String,
         /// The checkpoint's id, or `latest`
         checkpoint: String,
-        /// The store's folder
+        /// The store's folder, `ssh://` URL, or a configured destination's name
         #[arg(long = "from", value_name = "DEST")]
         store: PathBuf,
         /// Restore as a new VM of this name (new UUID and MAC addresses) beside the original
@@ -201,7 +208,7 @@ pub enum Command {
     UndoRestore {
         /// The VM (name or UUID, as in the store)
         vm: String,
-        /// The store's folder
+        /// The store's folder, `ssh://` URL, or a configured destination's name
         #[arg(long = "from", value_name = "DEST")]
         store: PathBuf,
         #[command(flatten)]
@@ -238,12 +245,18 @@ pub enum Command {
         /// File with the passphrase of an encrypted store (for unattended checkpoints)
         #[arg(long, value_name = "FILE")]
         passphrase_file: Option<PathBuf>,
+        /// Print JSON (documented in app/CLI.md)
+        #[arg(long)]
+        json: bool,
     },
 
     /// Stop protecting a VM (its checkpoints stay)
     Unprotect {
         /// The VM (name or UUID)
         vm: String,
+        /// Print JSON (documented in app/CLI.md)
+        #[arg(long)]
+        json: bool,
     },
 
     /// Pause protection of one VM, or of all (until resumed, or for a while)
@@ -256,12 +269,18 @@ pub enum Command {
         /// Pause all protection until 06:00 tomorrow, local time (it resumes by itself)
         #[arg(long, conflicts_with = "vm")]
         until_tomorrow: bool,
+        /// Print JSON (documented in app/CLI.md)
+        #[arg(long)]
+        json: bool,
     },
 
     /// Resume protection of one VM, or of all
     Resume {
         /// The VM [default: all]
         vm: Option<String>,
+        /// Print JSON (documented in app/CLI.md)
+        #[arg(long)]
+        json: bool,
     },
 
     /// Each protected VM: its last checkpoint, the next one, whether its destinations are there
@@ -294,7 +313,7 @@ pub enum Command {
 
     /// Remove data that no checkpoint uses any more (prune does this itself)
     Gc {
-        /// The store's folder
+        /// The store's folder, `ssh://` URL, or a configured destination's name
         #[arg(long = "in", value_name = "DEST")]
         store: PathBuf,
         /// Print JSON (documented in app/CLI.md)
@@ -305,6 +324,31 @@ pub enum Command {
     /// Write the man pages or the shell completions the package installs (for packaging)
     #[command(hide = true)]
     Generate(crate::generate::GenerateArgs),
+}
+
+impl Command {
+    /// Whether `--json` was asked for: then stdout holds one JSON document, errors
+    /// included.
+    pub fn json(&self) -> bool {
+        match self {
+            Self::Vms { json }
+            | Self::Init { json, .. }
+            | Self::Checkpoint { json, .. }
+            | Self::Checkpoints { json, .. }
+            | Self::Verify { json, .. }
+            | Self::Prune { json, .. }
+            | Self::Export { json, .. }
+            | Self::Protect { json, .. }
+            | Self::Unprotect { json, .. }
+            | Self::Pause { json, .. }
+            | Self::Resume { json, .. }
+            | Self::Status { json }
+            | Self::History { json, .. }
+            | Self::Gc { json, .. } => *json,
+            Self::Restore { how, .. } | Self::UndoRestore { how, .. } => how.json,
+            Self::Daemon | Self::Tray | Self::Service | Self::Generate(_) => false,
+        }
+    }
 }
 
 /// `--keep-*` of `rewind protect`.
@@ -420,7 +464,11 @@ pub fn run(args: &Args, command: &Command, out: &mut dyn Write) -> anyhow::Resul
                 write_vm_table(out, hv.uri(), &vms)?;
             }
         }
-        Command::Init { dest, encrypt } => store_cli::init(out, dest, *encrypt)?,
+        Command::Init {
+            dest,
+            encrypt,
+            json,
+        } => store_cli::init(out, dest, *encrypt, *json)?,
         Command::Checkpoint {
             vm,
             store,
@@ -444,14 +492,11 @@ pub fn run(args: &Args, command: &Command, out: &mut dyn Write) -> anyhow::Resul
             store_cli::prune(out, store, vm.as_deref(), &rules, *dry_run, *json)?;
         }
         Command::Gc { store, json } => store_cli::gc(out, store, *json)?,
-        Command::Export {
-            vm,
-            checkpoint,
-            store,
-            disk,
-            out: file,
-            format,
-        } => store_cli::export(out, store, vm, checkpoint, disk, file, format.image())?,
+        Command::Export { .. } => {
+            if let Some(ask) = export_ask(command) {
+                store_cli::export(out, &ask)?;
+            }
+        }
         Command::Restore {
             vm,
             checkpoint,
@@ -479,16 +524,19 @@ pub fn run(args: &Args, command: &Command, out: &mut dyn Write) -> anyhow::Resul
                 crate::protect_cli::protect(out, &args.uri(), &protect)?;
             }
         }
-        Command::Unprotect { vm } => crate::protect_cli::unprotect(out, vm)?,
+        Command::Unprotect { vm, json } => crate::protect_cli::unprotect(out, vm, *json)?,
         Command::Pause {
             vm,
             for_an_hour,
             until_tomorrow,
+            json,
         } => {
             let pause = pause_asked(*for_an_hour, *until_tomorrow);
-            crate::protect_cli::set_paused(out, vm.as_deref(), Some(pause))?;
+            crate::protect_cli::set_paused(out, vm.as_deref(), Some(pause), *json)?;
         }
-        Command::Resume { vm } => crate::protect_cli::set_paused(out, vm.as_deref(), None)?,
+        Command::Resume { vm, json } => {
+            crate::protect_cli::set_paused(out, vm.as_deref(), None, *json)?;
+        }
         Command::Status { json } => crate::protect_cli::status(out, *json)?,
         Command::History { vm, json } => {
             crate::protect_cli::show_history(out, vm.as_deref(), *json)?;
@@ -529,6 +577,7 @@ fn protect_args<'a>(
         full_state,
         full_state_every,
         passphrase_file,
+        json,
     } = command
     else {
         return None;
@@ -544,6 +593,7 @@ fn protect_args<'a>(
         full_state_every: full_state_every.as_deref(),
         passphrase_file: passphrase_file.as_deref(),
         uri: args.connect.as_deref().filter(|u| !u.trim().is_empty()),
+        json: *json,
     })
 }
 
@@ -598,28 +648,22 @@ fn through_service(
     };
     let session = &mut *session;
     Some(match command {
-        Command::Init { dest, encrypt } => return remote::init(out, session, dest, *encrypt),
+        Command::Init {
+            dest,
+            encrypt,
+            json,
+        } => return remote::init(out, session, dest, *encrypt, *json),
         Command::Verify { .. }
         | Command::Checkpoints { .. }
         | Command::Prune { .. }
         | Command::Gc { .. }
         | Command::Export { .. } => return store_through_service(session, command, out),
-        Command::Pause {
-            vm,
-            for_an_hour,
-            until_tomorrow,
-        } => remote::set_paused(
-            out,
-            session,
-            vm.as_deref(),
-            Some(pause_asked(*for_an_hour, *until_tomorrow)),
-        ),
-        Command::Resume { vm } => remote::set_paused(out, session, vm.as_deref(), None),
-        Command::Status { json } => remote::status(out, session, *json),
-        Command::History { vm, json } => remote::history(out, session, vm.as_deref(), *json),
-        Command::Protect { .. } => protect_args(args, command)
-            .map_or(Ok(()), |protect| remote::protect(out, session, &protect)),
-        Command::Unprotect { vm } => remote::unprotect(out, session, vm),
+        Command::Pause { .. }
+        | Command::Resume { .. }
+        | Command::Status { .. }
+        | Command::History { .. }
+        | Command::Protect { .. }
+        | Command::Unprotect { .. } => protection_through_service(args, session, command, out),
         Command::Vms { json } => remote::vms(out, session, *json, |out, uri, vms| {
             Ok(write_vm_table(out, uri, vms)?)
         }),
@@ -670,6 +714,40 @@ fn through_service(
     })
 }
 
+/// A protection command (`protect`, `unprotect`, `pause`, `resume`, `status`, `history`)
+/// on the service's configuration and history.
+fn protection_through_service(
+    args: &Args,
+    session: &mut crate::service_cli::Session,
+    command: &Command,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    use crate::service_cli as remote;
+    match command {
+        Command::Pause {
+            vm,
+            for_an_hour,
+            until_tomorrow,
+            json,
+        } => remote::set_paused(
+            out,
+            session,
+            vm.as_deref(),
+            Some(pause_asked(*for_an_hour, *until_tomorrow)),
+            *json,
+        ),
+        Command::Resume { vm, json } => {
+            remote::set_paused(out, session, vm.as_deref(), None, *json)
+        }
+        Command::Status { json } => remote::status(out, session, *json),
+        Command::History { vm, json } => remote::history(out, session, vm.as_deref(), *json),
+        Command::Protect { .. } => protect_args(args, command)
+            .map_or(Ok(()), |protect| remote::protect(out, session, &protect)),
+        Command::Unprotect { vm, json } => remote::unprotect(out, session, vm, *json),
+        _ => Ok(()),
+    }
+}
+
 /// A store command for one of the service's destinations, by the service. `None`: the
 /// store is not one of them (it is read here).
 fn store_through_service(
@@ -677,7 +755,7 @@ fn store_through_service(
     command: &Command,
     out: &mut dyn Write,
 ) -> Option<anyhow::Result<()>> {
-    use crate::service_cli::{self as remote, ExportAsk, PruneAsk};
+    use crate::service_cli::{self as remote, PruneAsk};
     match command {
         Command::Verify { store, quick, json } => {
             remote::verify(out, session, store, *quick, *json)
@@ -702,26 +780,34 @@ fn store_through_service(
             remote::prune(out, session, &ask)
         }
         Command::Gc { store, json } => remote::gc(out, session, store, *json),
-        Command::Export {
-            vm,
-            checkpoint,
-            store,
-            disk,
-            out: file,
-            format,
-        } => {
-            let ask = ExportAsk {
-                dest: store,
-                vm,
-                checkpoint,
-                disk,
-                file,
-                format: format.image(),
-            };
-            remote::export(out, session, &ask)
-        }
+        Command::Export { .. } => remote::export(out, session, &export_ask(command)?),
         _ => None,
     }
+}
+
+/// What `rewind export` asks (`None` for another command).
+fn export_ask(command: &Command) -> Option<store_cli::ExportAsk<'_>> {
+    let Command::Export {
+        vm,
+        checkpoint,
+        store,
+        disk,
+        out,
+        format,
+        json,
+    } = command
+    else {
+        return None;
+    };
+    Some(store_cli::ExportAsk {
+        dest: store,
+        vm,
+        checkpoint,
+        disk,
+        file: out,
+        format: format.image(),
+        json: *json,
+    })
 }
 
 /// The keep rules of `rewind prune` (`None` for another command).

@@ -39,17 +39,6 @@ Protected VMs are checkpointed on their schedule by the protection service (rewi
 service, run as root by systemd). The window, the tray and the command line of users in \
 the libvirt group are its clients.";
 
-/// EXIT STATUS of every page: the status and what it means (app/CLI.md says the same).
-const EXIT_STATUS: [(&str, &str); 3] = [
-    ("0", "Success."),
-    (
-        "1",
-        "Failure: one line starting with `error:` on standard error says what went wrong \
-         and what to do.",
-    ),
-    ("2", "Wrong arguments: the usage error says which."),
-];
-
 /// `rewind generate WHAT`.
 #[derive(Debug, clap::Args)]
 pub struct GenerateArgs {
@@ -214,9 +203,10 @@ fn render_page(man: &Man, cmd: &clap::Command, top: bool) -> String {
     }
     let mut roff = Roff::default();
     roff.control("SH", ["EXIT STATUS"]);
-    for (status, meaning) in EXIT_STATUS {
+    // Every page: the status and what it means (app/CLI.md says the same).
+    for (status, meaning) in crate::exit::TABLE {
         roff.control("TP", []);
-        roff.text([bold(status)]);
+        roff.text([bold(status.to_string())]);
         roff.text([roman(meaning)]);
     }
     roff.control("SH", ["SEE ALSO"]);
@@ -309,6 +299,10 @@ mod tests {
             );
         }
         assert!(top.contains("rewind\\-restore(1)"), "{top}");
+        for (code, _) in crate::exit::TABLE {
+            assert!(top.contains(&format!("\\fB{code}\\fR")), "{code}: {top}");
+        }
+        assert!(top.contains("Needs attention"), "{top}");
     }
 
     #[test]

@@ -6,10 +6,12 @@
 mod cli;
 mod daemon;
 mod error_text;
+mod exit;
 mod generate;
 mod gui;
 mod logging;
 mod notify;
+mod progress_cli;
 mod protect_cli;
 mod restore_cli;
 mod service;
@@ -22,7 +24,10 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let args = cli::Args::parse();
+    let args = match cli::Args::try_parse() {
+        Ok(args) => args,
+        Err(e) => return ExitCode::from(exit::usage(&e)),
+    };
     // The daemon sets its log up itself, with its lines on stderr too. Generating the man
     // pages and completions (while a package is built) logs nothing.
     if !matches!(
@@ -31,20 +36,22 @@ fn main() -> ExitCode {
     ) {
         logging::init(false);
     }
+    let json = args.command.as_ref().is_some_and(cli::Command::json);
+    let mut stdout = exit::Watched::new(std::io::stdout().lock());
     let result = match &args.command {
-        Some(command) => cli::run(&args, command, &mut std::io::stdout().lock()),
+        Some(command) => cli::run(&args, command, &mut stdout),
         None => gui::run(gui::RunOptions {
             uri: args.connect.clone().filter(|u| !u.trim().is_empty()),
             minimized: args.minimized,
         }),
     };
+    let used = stdout.used();
+    drop(stdout);
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            // One line, `error:` first, the whole cause chain (what failed and what to do),
-            // each cause once.
-            eprintln!("error: {}", error_text::one_line(&e));
-            ExitCode::FAILURE
-        }
+        // One line, `error:` first, the whole cause chain (what failed and what to do),
+        // each cause once; with --json the error object on stdout too; the exit code of
+        // its kind.
+        Err(e) => ExitCode::from(exit::fail(&e, json, used)),
     }
 }

@@ -40,6 +40,8 @@ pub struct ProtectArgs<'a> {
     pub passphrase_file: Option<&'a Path>,
     /// `--connect` was given explicitly.
     pub uri: Option<&'a str>,
+    /// `--json`.
+    pub json: bool,
 }
 
 fn load() -> anyhow::Result<(Config, PathBuf)> {
@@ -82,6 +84,12 @@ fn destination_for(
     let passphrase = args
         .passphrase_file
         .map_or(destination::Passphrase::None, destination::Passphrase::File);
+    if !Path::new(args.dest).exists()
+        && let Some(d) = config.destination(args.dest)
+    {
+        // A configured destination's name (no folder of that name here).
+        return Ok((d.name.clone(), d.location.clone(), None));
+    }
     if args.dest.contains("://") {
         let location = rewind_core::store::Location::parse(args.dest)?;
         let added = destination::add_at(config, &location, passphrase)?;
@@ -121,6 +129,9 @@ pub fn protect(
     let (name, location, warning) = destination_for(&mut config, args, &info)?;
     let said = protect_in(&mut config, &info, &name, &location, args, &policy);
     config.save(&path)?;
+    if args.json {
+        return say_protected(out, &config, &info.name, &location, warning);
+    }
     writeln!(out, "{said}")?;
     if let Some(w) = warning {
         writeln!(out, "{w}")?;
@@ -238,33 +249,123 @@ fn keep_text(k: &KeepRules) -> String {
     parts.join(", ")
 }
 
-/// `rewind unprotect VM`, on this user's own configuration file.
-pub fn unprotect(out: &mut dyn Write, vm: &str) -> anyhow::Result<()> {
-    let (mut config, path) = load()?;
-    let said = unprotect_in(&mut config, vm)?;
-    config.save(&path)?;
-    writeln!(out, "{said}")?;
-    Ok(())
+/// What `rewind protect --json` prints (documented in CLI.md).
+#[derive(Serialize)]
+struct ProtectedJson<'a> {
+    vm: &'a str,
+    uuid: Option<&'a str>,
+    destination: &'a str,
+    location: &'a str,
+    interval_secs: u64,
+    keep: KeepRules,
+    activity_bytes: Option<u64>,
+    quiesce: bool,
+    full_state: bool,
+    full_state_every_secs: Option<u64>,
+    warning: Option<String>,
 }
 
-/// Stops protecting `vm` (name or UUID) in `config`; what to tell the user.
+/// Prints `rewind protect --json`: the VM's protection in `config` now.
+///
+/// # Errors
+/// The output could not be written.
+pub fn say_protected(
+    out: &mut dyn Write,
+    config: &Config,
+    vm: &str,
+    location: &str,
+    warning: Option<String>,
+) -> anyhow::Result<()> {
+    let Some(p) = config.vms.iter().find(|p| p.vm == vm) else {
+        bail!("{vm:?} is not in the configuration after protecting it");
+    };
+    let destination = p.destinations.last().map_or("", String::as_str);
+    crate::store_cli::write_json(
+        out,
+        &ProtectedJson {
+            vm: &p.vm,
+            uuid: p.uuid.as_deref(),
+            destination,
+            location,
+            interval_secs: p.interval_secs,
+            keep: p.keep,
+            activity_bytes: p.activity_bytes,
+            quiesce: p.quiesce,
+            full_state: p.kind == config::Kind::Full,
+            full_state_every_secs: p.full_state_every_secs,
+            warning,
+        },
+    )
+}
+
+/// Prints `text`, or with `json` the JSON of `value`.
+///
+/// # Errors
+/// The output could not be written.
+pub fn say_either(
+    out: &mut dyn Write,
+    json: bool,
+    text: &str,
+    value: &impl Serialize,
+) -> anyhow::Result<()> {
+    if json {
+        crate::store_cli::write_json(out, value)
+    } else {
+        writeln!(out, "{text}")?;
+        Ok(())
+    }
+}
+
+/// What `rewind unprotect --json` prints.
+#[derive(Serialize)]
+pub struct UnprotectedJson {
+    vm: String,
+    uuid: Option<String>,
+    destinations: Vec<String>,
+}
+
+/// `rewind unprotect VM`, on this user's own configuration file.
+pub fn unprotect(out: &mut dyn Write, vm: &str, json: bool) -> anyhow::Result<()> {
+    let (mut config, path) = load()?;
+    let (said, value) = unprotect_in(&mut config, vm)?;
+    config.save(&path)?;
+    say_either(out, json, &said, &value)
+}
+
+/// `vm` is not among the protected VMs.
+fn not_protected(vm: &str) -> anyhow::Error {
+    crate::exit::not_found(format!(
+        "{vm:?} is not protected; `rewind status` lists the protected VMs"
+    ))
+}
+
+/// Stops protecting `vm` (name or UUID) in `config`; what to tell the user, as text and
+/// as JSON.
 ///
 /// # Errors
 /// It is not protected.
-pub fn unprotect_in(config: &mut Config, vm: &str) -> anyhow::Result<String> {
+pub fn unprotect_in(config: &mut Config, vm: &str) -> anyhow::Result<(String, UnprotectedJson)> {
     let Some(i) = config.vms.iter().position(|p| {
         p.vm == vm
             || p.uuid
                 .as_deref()
                 .is_some_and(|u| u.eq_ignore_ascii_case(vm))
     }) else {
-        bail!("{vm:?} is not protected; `rewind status` lists the protected VMs");
+        return Err(not_protected(vm));
     };
     let p = config.vms.remove(i);
-    Ok(format!(
+    let said = format!(
         "{} is no longer protected. Its checkpoints stay in {}.",
         p.vm,
         p.destinations.join(", ")
+    );
+    Ok((
+        said,
+        UnprotectedJson {
+            vm: p.vm,
+            uuid: p.uuid,
+            destinations: p.destinations,
+        },
     ))
 }
 
@@ -274,12 +375,34 @@ pub fn set_paused(
     out: &mut dyn Write,
     vm: Option<&str>,
     pause: Option<rewind_core::pause::Pause>,
+    json: bool,
 ) -> anyhow::Result<()> {
     let (mut config, path) = load()?;
     let said = apply_pause(&mut config, vm, pause)?;
     config.save(&path)?;
-    writeln!(out, "{said}")?;
-    Ok(())
+    say_either(out, json, &said, &paused_json(&config, vm))
+}
+
+/// What `rewind pause --json` and `rewind resume --json` print (documented in CLI.md).
+#[derive(Serialize)]
+pub struct PausedJson {
+    vm: Option<String>,
+    paused: bool,
+    paused_until: Option<DateTime<Utc>>,
+}
+
+/// Whether `vm` (or all protection) is paused in `config` now, as JSON.
+pub fn paused_json(config: &Config, vm: Option<&str>) -> PausedJson {
+    let now = Utc::now();
+    let paused = match vm.and_then(|vm| config.vms.iter().find(|p| p.vm == vm)) {
+        Some(p) => config.vm_paused_at(p, now),
+        None => config.paused_at(now),
+    };
+    PausedJson {
+        vm: vm.map(str::to_owned),
+        paused,
+        paused_until: config.paused_until.filter(|t| *t > now),
+    }
 }
 
 /// Pauses or resumes in `config` as `rewind pause`/`resume` ask; what to tell the user.
@@ -313,7 +436,7 @@ pub fn apply_pause(
         );
     };
     let Some(p) = config.vms.iter_mut().find(|p| p.vm == vm) else {
-        bail!("{vm:?} is not protected; `rewind status` lists the protected VMs");
+        return Err(not_protected(vm));
     };
     p.paused = paused;
     let mut said = format!("Protection of {vm} {word}.");
@@ -519,13 +642,70 @@ pub fn status(out: &mut dyn Write, json: bool) -> anyhow::Result<()> {
     status_of(out, json, StatusInputs::local())
 }
 
+/// What needs the user's attention, if anything: a protected VM (not paused) whose
+/// checkpoints are overdue, whose last checkpoint failed (as the window's and the tray's
+/// badge say: [`overview::vm_overview`]), or one of whose destinations is missing; or a
+/// configuration that does not load.
+fn attention(inputs: &StatusInputs, now: DateTime<Utc>) -> Option<String> {
+    use rewind_core::view::overview::{self, Badge};
+    if let Some(e) = inputs
+        .error
+        .clone()
+        .or_else(|| inputs.live.as_ref().and_then(|s| s.config_error.clone()))
+    {
+        return Some(format!("the configuration does not load: {e}"));
+    }
+    let views: Vec<rewind_core::view::catalog::DestinationView> = inputs
+        .config
+        .destinations
+        .iter()
+        .map(|d| rewind_core::view::catalog::DestinationView {
+            destination: d.clone(),
+            found: (inputs.found)(d),
+            checkpoints: Vec::new(),
+            error: None,
+            fully_checked: None,
+        })
+        .collect();
+    inputs.config.vms.iter().find_map(|p| {
+        let seen = overview::vm_overview(
+            &inputs.config,
+            &p.vm,
+            p.uuid.as_deref().unwrap_or_default(),
+            &views,
+            &inputs.records,
+            now,
+        );
+        match &seen.badge {
+            Badge::Failing { why } => Some(format!("{}: {why}", p.vm)),
+            Badge::Paused => None,
+            _ => seen
+                .destinations
+                .iter()
+                .find(|d| !d.available)
+                .map(|d| format!("{}: destination {} is missing: {}", p.vm, d.name, d.detail)),
+        }
+    })
+}
+
 /// `rewind status [--json]` from `inputs`.
+///
+/// # Errors
+/// The output could not be written; or, after the output, [`crate::exit::NeedsAttention`]
+/// when something needs the user's attention (the exit code says so).
 pub fn status_of(out: &mut dyn Write, json: bool, inputs: StatusInputs) -> anyhow::Result<()> {
+    let attention = attention(&inputs, Utc::now());
     let s = status_json(inputs);
+    show_status(out, json, &s)?;
+    match attention {
+        Some(why) => Err(crate::exit::NeedsAttention { why }.into()),
+        None => Ok(()),
+    }
+}
+
+fn show_status(out: &mut dyn Write, json: bool, s: &StatusJson) -> anyhow::Result<()> {
     if json {
-        serde_json::to_writer_pretty(&mut *out, &s)?;
-        writeln!(out)?;
-        return Ok(());
+        return crate::store_cli::write_json(out, s);
     }
     match (&s.scheduler.pid, &s.scheduler.program) {
         (Some(pid), Some(program)) => writeln!(out, "Scheduler: runs ({program}, process {pid}).")?,

@@ -1,9 +1,9 @@
 //! `rewind restore` and `rewind undo-restore`.
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use rewind_core::libvirt::Hypervisor;
 use rewind_core::libvirt::lifecycle::StopMode;
 use rewind_core::restore::{
@@ -13,7 +13,8 @@ use rewind_core::restore::{
 use rewind_core::store::{Manifest, Store};
 use rewind_core::units::human_bytes;
 
-use crate::store_cli::{Interrupt, ProgressLine, find_checkpoint, local, open_store, vm_matches};
+use crate::progress_cli::Progress;
+use crate::store_cli::{Interrupt, find_checkpoint, local, open_store, vm_matches};
 
 /// What `rewind restore` was asked to do.
 #[derive(Debug)]
@@ -63,12 +64,12 @@ pub fn undo_restore(out: &mut dyn Write, uri: &str, args: &RestoreArgs<'_>) -> a
         .checkpoints
         .into_iter()
         .rfind(|m| vm_matches(m, Some(args.vm)) && m.labels.iter().any(|l| l == SAFETY_LABEL))
-        .with_context(|| {
-            format!(
+        .ok_or_else(|| {
+            crate::exit::not_found(format!(
                 "VM {:?} has no safety checkpoint in {}: nothing to undo (a restore that was asked for no safety checkpoint cannot be undone)",
                 args.vm,
                 args.dest.display()
-            )
+            ))
         })?;
     run(out, uri, &store, &safety, args)
 }
@@ -85,9 +86,7 @@ fn run(
     // Ctrl-C cancels: the VM is put back as it was.
     let control = Interrupt::install()?.next_control();
     let label = args.as_name.unwrap_or(&m.vm.name);
-    let reporter = std::io::stderr()
-        .is_terminal()
-        .then(|| ProgressLine::start(label, control.clone()));
+    let reporter = Progress::start(label, control.clone());
     let local = hv.is_local();
     if local && args.as_name.is_none() && args.pool.is_some() {
         drop(reporter);

@@ -6,7 +6,7 @@
 //!
 //! The output is the same either way: the same lines, the same JSON.
 
-use std::io::{IsTerminal as _, Write};
+use std::io::Write;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -16,13 +16,14 @@ use rewind_core::engine::jobs::Listing;
 use rewind_core::engine::jobs::{JobError, JobId, JobOutput, JobRequest};
 use rewind_core::engine::{Command, Event};
 use rewind_core::progress::Control;
-use rewind_core::restore::{DiskStorage, ImageFormat, NewVm, RestoreOptions, RestoreReport};
+use rewind_core::restore::{DiskStorage, NewVm, RestoreOptions, RestoreReport};
 use rewind_core::store::retention::KeepRules;
 use rewind_core::view::catalog::DestinationView;
 use rewind_core::vm::VmInfo;
 use rewind_service::Connection;
 
-use crate::store_cli::{CheckpointJson, ProgressLine, say_taken};
+use crate::progress_cli::Progress;
+use crate::store_cli::{CheckpointJson, ExportAsk, say_taken};
 
 /// Where a command runs.
 pub enum Route {
@@ -155,13 +156,13 @@ impl Session {
             .flat_map(|d| &d.checkpoints)
             .rfind(|c| c.vm == vm)
             .map(|c| c.vm_uuid)
-            .with_context(|| {
-                format!(
+            .ok_or_else(|| {
+                crate::exit::not_found(format!(
                     "there is no VM named {vm:?} on this host and no checkpoint of one in {}; \
                      `rewind checkpoints --in {}` lists what it holds",
                     dest.display(),
                     dest.display()
-                )
+                ))
             })
     }
 
@@ -257,6 +258,8 @@ impl Session {
     /// Ctrl-C cancelling it.
     fn run_job(&mut self, request: JobRequest, label: &str) -> anyhow::Result<JobOutput> {
         let asked = as_sent(&request)?;
+        // Reading a store's list is quick and moves no data: no progress for it.
+        let shown = !matches!(request, JobRequest::List { .. });
         self.send(Command::Start(request))?;
         let job = self.wait(|e| match e {
             Event::JobStarted { job, request, .. }
@@ -272,9 +275,7 @@ impl Session {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((job, canceller));
         let control = Arc::new(Control::new());
-        let reporter = std::io::stderr()
-            .is_terminal()
-            .then(|| ProgressLine::start(label, control.clone()));
+        let reporter = shown.then(|| Progress::start(label, control.clone()));
         let result = self.wait(|e| match e {
             Event::JobProgress {
                 job: j,
@@ -400,7 +401,8 @@ pub fn checkpoint(
             }
         }
     }
-    if json {
+    // With none taken, the error alone is the JSON (`crate::exit`).
+    if json && (failed.is_empty() || !taken.is_empty()) {
         let list: Vec<CheckpointJson<'_>> = taken.iter().map(CheckpointJson::of).collect();
         serde_json::to_writer_pretty(&mut *out, &list)?;
         writeln!(out)?;
@@ -527,24 +529,29 @@ pub fn set_paused(
     session: &mut Session,
     vm: Option<&str>,
     pause: Option<rewind_core::pause::Pause>,
+    json: bool,
 ) -> anyhow::Result<()> {
     let mut config = (*session.config()?).clone();
     let said = crate::protect_cli::apply_pause(&mut config, vm, pause)?;
     save_config(session, &config)?;
-    writeln!(out, "{said}")?;
-    Ok(())
+    let value = crate::protect_cli::paused_json(&config, vm);
+    crate::protect_cli::say_either(out, json, &said, &value)
 }
 
 /// `rewind unprotect VM` through the service.
 ///
 /// # Errors
 /// The VM is not protected, or the service refused the change.
-pub fn unprotect(out: &mut dyn Write, session: &mut Session, vm: &str) -> anyhow::Result<()> {
+pub fn unprotect(
+    out: &mut dyn Write,
+    session: &mut Session,
+    vm: &str,
+    json: bool,
+) -> anyhow::Result<()> {
     let mut config = (*session.config()?).clone();
-    let said = crate::protect_cli::unprotect_in(&mut config, vm)?;
+    let (said, value) = crate::protect_cli::unprotect_in(&mut config, vm)?;
     save_config(session, &config)?;
-    writeln!(out, "{said}")?;
-    Ok(())
+    crate::protect_cli::say_either(out, json, &said, &value)
 }
 
 /// `rewind protect VM --to DEST ...` through the service: the destination is one the
@@ -564,10 +571,10 @@ pub fn protect(
         .into_iter()
         .find(|v| v.name == args.vm || v.uuid.eq_ignore_ascii_case(args.vm))
         .ok_or_else(|| {
-            anyhow!(
+            crate::exit::not_found(format!(
                 "there is no VM called {:?}; `rewind vms` lists them",
                 args.vm
-            )
+            ))
         })?;
     let policy = crate::protect_cli::Policy::of(args)?;
     let passphrase = args
@@ -595,6 +602,9 @@ pub fn protect(
         .unwrap_or_default();
     let said = crate::protect_cli::protect_in(&mut config, &info, &name, &location, args, &policy);
     save_config(session, &config)?;
+    if args.json {
+        return crate::protect_cli::say_protected(out, &config, &info.name, &location, None);
+    }
     writeln!(out, "{said}")?;
     writeln!(
         out,
@@ -807,22 +817,6 @@ pub fn gc(
     }))
 }
 
-/// What `export` asks.
-pub struct ExportAsk<'a> {
-    /// The store's folder or URL, or a destination's name.
-    pub dest: &'a Path,
-    /// The VM (name or UUID, as in the store).
-    pub vm: &'a str,
-    /// The checkpoint's id or `latest`.
-    pub checkpoint: &'a str,
-    /// The disk's target.
-    pub disk: &'a str,
-    /// The image file to create.
-    pub file: &'a Path,
-    /// Its format.
-    pub format: ImageFormat,
-}
-
 /// `rewind export ... --from DEST` of one of the service's destinations, by the service:
 /// the image is written where this user may write, and is this user's. `None`: `dest` is
 /// not one of them.
@@ -856,12 +850,15 @@ pub fn export(
                 data_bytes,
             } => crate::store_cli::say_exported(
                 out,
-                &checkpoint,
-                &vm,
-                ask.disk,
-                &file,
-                ask.format,
-                data_bytes,
+                &crate::store_cli::Exported {
+                    checkpoint: &checkpoint,
+                    vm: &vm,
+                    disk: ask.disk,
+                    file: &file,
+                    format: ask.format,
+                    data_bytes,
+                },
+                ask.json,
             ),
             other => bail!("the service answered {other:?} to an export"),
         }
@@ -880,6 +877,7 @@ pub fn init(
     session: &mut Session,
     dest: &Path,
     encrypt: bool,
+    json: bool,
 ) -> Option<anyhow::Result<()>> {
     if dest.to_string_lossy().starts_with("ssh://") {
         return None;
@@ -918,19 +916,15 @@ pub fn init(
                 dest.display()
             );
         }
-        let name = added.name;
         let id = rewind_core::store::Store::probe(&folder)
-            .map(|c| format!(" {}", c.id))
-            .unwrap_or_default();
-        writeln!(
-            out,
-            "Created {}store{id} in {}; the protection service keeps it as destination {name:?}.",
-            if encrypt { "an encrypted " } else { "" },
-            dest.display()
-        )?;
-        if encrypt {
-            crate::store_cli::say_keep_passphrase(out)?;
-        }
-        Ok(())
+            .ok()
+            .map(|c| c.id.to_string());
+        let made = crate::store_cli::Initialised {
+            id,
+            location: folder.display().to_string(),
+            encrypted: encrypt,
+            destination: Some(added.name),
+        };
+        crate::store_cli::say_initialised(out, &made, json)
     })())
 }

@@ -1,12 +1,17 @@
 //! `rewind init`, `checkpoints`, `verify`, `prune` and `gc`: the store from the command line.
 
+use std::borrow::Cow;
 use std::io::{IsTerminal, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, anyhow, bail};
 use chrono::{DateTime, Local, Utc};
+use rewind_core::config::{self, Config, Destination};
+use rewind_core::destination::{self, Availability};
 use rewind_core::engine::jobs::{Listing, StoreFacts};
 use rewind_core::progress::Control;
+
+use crate::progress_cli::Progress;
 use rewind_core::store::retention::KeepRules;
 use rewind_core::store::verify::VerifyReport;
 use rewind_core::store::{InitOptions, Location, Manifest, Store, StoreError};
@@ -84,8 +89,80 @@ pub(crate) fn location(dest: &Path) -> anyhow::Result<Location> {
     })
 }
 
-/// Opens a store (a folder, or `ssh://…`), asking for its passphrase if it is encrypted.
+/// The configured destination that `dest` names, when `dest` is no path that exists
+/// (nor a URL), with the configuration it is in (this user's, or root's: the one in
+/// effect when the CLI works directly).
+fn named_destination(dest: &Path) -> Option<(Config, Destination)> {
+    let name = dest.to_str()?;
+    if name.contains("://") || dest.exists() {
+        return None;
+    }
+    let (config, _) = Config::load_or_last_good(&config::config_path());
+    let found = config.destination(name)?.clone();
+    Some((config, found))
+}
+
+/// Where the store of `dest` is: `dest` itself, or where the store of the configured
+/// destination of that name is now (wherever its drive is mounted).
+///
+/// # Errors
+/// `dest` names a destination whose store is not there now (its drive unplugged).
+pub(crate) fn store_path(dest: &Path) -> anyhow::Result<Cow<'_, Path>> {
+    let Some((config, d)) = named_destination(dest) else {
+        return Ok(Cow::Borrowed(dest));
+    };
+    match destination::locate(&d, &destination::watch_roots(&config)) {
+        Availability::Folder(path) => Ok(Cow::Owned(path)),
+        Availability::Remote(url) => Ok(Cow::Owned(PathBuf::from(url))),
+        Availability::Missing { reason } => Err(destination::OpenError::Missing { reason }.into()),
+    }
+}
+
+/// The names of the configured destinations, for a message: `a, b` or `none`.
+fn destination_names() -> String {
+    let (config, _) = Config::load_or_last_good(&config::config_path());
+    let names: Vec<&str> = config
+        .destinations
+        .iter()
+        .map(|d| d.name.as_str())
+        .collect();
+    if names.is_empty() {
+        "none are configured".into()
+    } else {
+        format!("the configured destinations are {}", names.join(", "))
+    }
+}
+
+/// Opens a store (a folder, `ssh://…`, or a configured destination's name), asking for its
+/// passphrase if it is encrypted (a destination's passphrase file is read instead).
+///
+/// # Errors
+/// No store there (`not found`: `dest` is neither a store nor a destination's name), or
+/// it does not open.
 pub fn open_store(dest: &Path) -> anyhow::Result<Store> {
+    if let Some((config, d)) = named_destination(dest)
+        && d.passphrase_file.is_some()
+        && std::env::var_os(PASSPHRASE_ENV).is_none()
+    {
+        let found = destination::locate(&d, &destination::watch_roots(&config));
+        return Ok(destination::open(&d, &found)?);
+    }
+    let path = store_path(dest)?;
+    // A bare word may have been meant as a destination's name: say which there are.
+    let word = !dest.as_os_str().as_encoded_bytes().contains(&b'/');
+    open_path(&path).map_err(|e| match e.downcast_ref::<StoreError>() {
+        Some(StoreError::Missing { .. }) if word => e.context(format!(
+            "{} is neither a store's folder nor a destination's name ({})",
+            dest.display(),
+            destination_names()
+        )),
+        _ => e,
+    })
+}
+
+/// Opens the store at `dest` (a folder or `ssh://…`), asking for its passphrase if it is
+/// encrypted.
+fn open_path(dest: &Path) -> anyhow::Result<Store> {
     let location = location(dest)?;
     // A passphrase in the environment is given from the start: a store whose header says
     // "not encrypted" then refuses it rather than being written in plaintext.
@@ -109,6 +186,7 @@ pub fn checkpoint(
     json: bool,
     full_state: bool,
 ) -> anyhow::Result<()> {
+    let dest = &*store_path(dest)?;
     let location = location(dest)?;
     let given = given_passphrase()?;
     let store = match Store::open_at(&location, given.as_deref().map(Vec::as_slice)) {
@@ -120,7 +198,7 @@ pub fn checkpoint(
                 created => created?,
             }
         }
-        Err(StoreError::PassphraseRequired { .. }) => open_store(dest)?,
+        Err(StoreError::PassphraseRequired { .. }) => open_path(dest)?,
         opened => opened?,
     };
     let hv = rewind_core::libvirt::Hypervisor::connect(uri)?;
@@ -151,7 +229,8 @@ pub fn checkpoint(
             }
         }
     }
-    if json {
+    // With none taken, the error alone is the JSON (`crate::exit`).
+    if json && (failed.is_empty() || !taken.is_empty()) {
         let list: Vec<CheckpointJson<'_>> = taken.iter().map(CheckpointJson::of).collect();
         serde_json::to_writer_pretty(&mut *out, &list)?;
         writeln!(out)?;
@@ -288,9 +367,7 @@ fn checkpoint_one(
     control: &std::sync::Arc<Control>,
 ) -> anyhow::Result<Manifest> {
     let work = work_dir()?;
-    let reporter = std::io::stderr()
-        .is_terminal()
-        .then(|| ProgressLine::start(vm, control.clone()));
+    let reporter = Progress::start(vm, control.clone());
     let options = rewind_core::checkpoint::TakeOptions {
         full_state,
         ..rewind_core::checkpoint::TakeOptions::default()
@@ -300,196 +377,72 @@ fn checkpoint_one(
     Ok(result?)
 }
 
-/// A progress bar on a terminal's stderr (indicatif), following a job's [`Control`] every
-/// 200 ms until dropped: the phase, then once the size is known a bar, the bytes and the
-/// rate.
-pub(crate) struct ProgressLine {
-    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-/// While the size is unknown: `win11: preparing…`.
-const WAITING: &str = "{prefix}: {msg}…";
-/// `win11: copying [#######>............]  35 %  120.00 MiB of 340.00 MiB, 88.20 MiB/s`.
-const COPYING: &str = "{prefix}: {msg} [{bar:20}] {percent:>3} %  {binary_bytes} of {binary_total_bytes}, {binary_bytes_per_sec}";
-
-fn style(template: &str) -> indicatif::ProgressStyle {
-    indicatif::ProgressStyle::with_template(template)
-        .expect("the templates are valid (tested)")
-        .progress_chars("#>.")
-}
-
-impl ProgressLine {
-    pub(crate) fn start(vm: &str, control: std::sync::Arc<Control>) -> Self {
-        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let stop = done.clone();
-        let bar = indicatif::ProgressBar::with_draw_target(
-            None,
-            indicatif::ProgressDrawTarget::stderr_with_hz(5),
-        )
-        .with_style(style(WAITING))
-        .with_prefix(vm.to_owned());
-        let thread = std::thread::spawn(move || {
-            let mut sized = false;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let (done_bytes, total_bytes) = control.progress_bytes();
-                if total_bytes > 0 && !sized {
-                    bar.set_style(style(COPYING));
-                    sized = true;
-                }
-                if total_bytes > 0 {
-                    bar.set_length(total_bytes);
-                    bar.set_position(done_bytes.min(total_bytes));
-                }
-                bar.set_message(match control.force_off_in() {
-                    Some(left) => format!(
-                        "{} (turned off in {} s; Ctrl-C leaves it running)",
-                        control.phase().label(),
-                        left.as_secs()
-                    ),
-                    None => control.phase().label().to_owned(),
-                });
-                std::thread::sleep(std::time::Duration::from_millis(200));
-            }
-            bar.finish_and_clear();
-        });
-        Self {
-            done,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for ProgressLine {
-    fn drop(&mut self) {
-        self.done.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(t) = self.thread.take()
-            && t.join().is_err()
-        {
-            tracing::warn!("the progress line's thread panicked");
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A terminal that keeps the last line drawn.
-    #[derive(Debug, Default)]
-    struct Screen(std::sync::Mutex<String>);
-
-    impl indicatif::TermLike for Screen {
-        fn width(&self) -> u16 {
-            120
-        }
-        fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
-            Ok(())
-        }
-        fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
-            Ok(())
-        }
-        fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
-            Ok(())
-        }
-        fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
-            Ok(())
-        }
-        fn write_line(&self, line: &str) -> std::io::Result<()> {
-            self.write_str(line)
-        }
-        fn write_str(&self, text: &str) -> std::io::Result<()> {
-            self.0.lock().unwrap().push_str(text);
-            Ok(())
-        }
-        fn clear_line(&self) -> std::io::Result<()> {
-            self.0.lock().unwrap().clear();
-            Ok(())
-        }
-        fn flush(&self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    /// What the bar draws on a terminal: the VM, the phase, then, once the size is known,
-    /// the bar, the percentage and the sizes.
-    #[test]
-    fn the_progress_bar_shows_phase_bar_percent_and_sizes() {
-        let screen = std::sync::Arc::new(Screen::default());
-        let target = indicatif::ProgressDrawTarget::term_like(Box::new(ArcScreen(screen.clone())));
-        let bar = indicatif::ProgressBar::with_draw_target(None, target)
-            .with_style(style(WAITING))
-            .with_prefix("win11")
-            .with_message("preparing");
-        bar.tick();
-        assert_eq!(screen.0.lock().unwrap().trim(), "win11: preparing…");
-        bar.set_style(style(COPYING));
-        bar.set_length(100 << 20);
-        bar.set_message("copying");
-        bar.set_position(50 << 20);
-        bar.tick();
-        let line = screen.0.lock().unwrap().clone();
-        assert!(
-            line.starts_with(
-                "win11: copying [##########>.........]  50 %  50.00 MiB of 100.00 MiB"
-            ),
-            "{line}"
-        );
-    }
-
-    /// The screen shared with the test that reads it.
-    #[derive(Debug)]
-    struct ArcScreen(std::sync::Arc<Screen>);
-
-    impl indicatif::TermLike for ArcScreen {
-        fn width(&self) -> u16 {
-            self.0.width()
-        }
-        fn move_cursor_up(&self, n: usize) -> std::io::Result<()> {
-            self.0.move_cursor_up(n)
-        }
-        fn move_cursor_down(&self, n: usize) -> std::io::Result<()> {
-            self.0.move_cursor_down(n)
-        }
-        fn move_cursor_right(&self, n: usize) -> std::io::Result<()> {
-            self.0.move_cursor_right(n)
-        }
-        fn move_cursor_left(&self, n: usize) -> std::io::Result<()> {
-            self.0.move_cursor_left(n)
-        }
-        fn write_line(&self, line: &str) -> std::io::Result<()> {
-            self.0.write_line(line)
-        }
-        fn write_str(&self, text: &str) -> std::io::Result<()> {
-            self.0.write_str(text)
-        }
-        fn clear_line(&self) -> std::io::Result<()> {
-            self.0.clear_line()
-        }
-        fn flush(&self) -> std::io::Result<()> {
-            self.0.flush()
-        }
-    }
-}
-
 /// `rewind init DEST [--encrypt]`.
-pub fn init(out: &mut dyn Write, dest: &Path, encrypt: bool) -> anyhow::Result<()> {
+pub fn init(out: &mut dyn Write, dest: &Path, encrypt: bool, json: bool) -> anyhow::Result<()> {
     let location = location(dest)?;
     let mut options = InitOptions::default();
     if encrypt {
         options.passphrase = Some(passphrase(dest, true)?);
     }
     let store = Store::init_at(&location, &options)?;
-    writeln!(
-        out,
-        "Created {}store {} in {}.",
-        if encrypt { "an encrypted " } else { "" },
-        store.config().id,
-        location
-    )?;
-    if encrypt {
+    let made = Initialised {
+        id: Some(store.config().id.to_string()),
+        location: location.to_string(),
+        encrypted: encrypt,
+        destination: None,
+    };
+    say_initialised(out, &made, json)
+}
+
+/// A store `rewind init` made (`--json`, documented in CLI.md).
+#[derive(Serialize)]
+pub(crate) struct Initialised {
+    /// The new store's ID (`None`: the service's store, which this user cannot read).
+    pub id: Option<String>,
+    /// Where it is: a folder or `ssh://` URL.
+    pub location: String,
+    /// Whether it is encrypted.
+    pub encrypted: bool,
+    /// The protection service's destination that keeps it, if the service made it.
+    pub destination: Option<String>,
+}
+
+/// Prints what `rewind init` made.
+pub(crate) fn say_initialised(
+    out: &mut dyn Write,
+    made: &Initialised,
+    json: bool,
+) -> anyhow::Result<()> {
+    if json {
+        return write_json(out, made);
+    }
+    let kind = if made.encrypted { "an encrypted " } else { "" };
+    let id = made
+        .id
+        .as_deref()
+        .map(|id| format!(" {id}"))
+        .unwrap_or_default();
+    match &made.destination {
+        None => writeln!(out, "Created {kind}store{id} in {}.", made.location)?,
+        Some(name) => writeln!(
+            out,
+            "Created {kind}store{id} in {}; the protection service keeps it as destination {name:?}.",
+            made.location
+        )?,
+    }
+    if made.encrypted {
         say_keep_passphrase(out)?;
     }
+    Ok(())
+}
+
+/// `value` as pretty JSON, one document on its own lines.
+///
+/// # Errors
+/// The output could not be written.
+pub(crate) fn write_json(out: &mut dyn Write, value: &impl Serialize) -> anyhow::Result<()> {
+    serde_json::to_writer_pretty(&mut *out, value).context("could not write JSON")?;
+    writeln!(out)?;
     Ok(())
 }
 
@@ -613,11 +566,11 @@ pub(crate) fn show_listing(
             .collect();
         names.sort_unstable();
         names.dedup();
-        bail!(
+        return Err(crate::exit::not_found(format!(
             "no checkpoints of a VM named {name:?} in {}; it holds checkpoints of: {}",
             dest.display(),
             names.join(", ")
-        );
+        )));
     }
     if json {
         #[derive(Serialize)]
@@ -819,13 +772,7 @@ pub(crate) fn vm_in(
         .iter()
         .find(|m| vm_matches(m, Some(filter)))
         .map(|m| m.vm.uuid)
-        .with_context(|| {
-            format!(
-                "no checkpoints of a VM named {filter:?} in {}; `rewind checkpoints --in {}` lists what it holds",
-                dest.display(),
-                dest.display()
-            )
-        })
+        .ok_or_else(|| no_checkpoints_of(filter, dest))
 }
 
 /// Prints what a prune did, as `rewind prune` does.
@@ -947,19 +894,15 @@ pub(crate) fn find_in(
         .filter(|m| vm_matches(m, Some(vm)))
         .collect();
     if of_vm.is_empty() {
-        bail!(
-            "no checkpoints of a VM named {vm:?} in {}; `rewind checkpoints --in {}` lists what it holds",
-            dest.display(),
-            dest.display()
-        );
+        return Err(no_checkpoints_of(vm, dest));
     }
     let found = if id == "latest" {
         of_vm.last().cloned()
     } else {
         of_vm.iter().find(|m| m.id == id).cloned()
     };
-    found.with_context(|| {
-        format!(
+    found.ok_or_else(|| {
+        crate::exit::not_found(format!(
             "VM {vm:?} has no checkpoint {id:?} in {}; its checkpoints are {} (or say `latest`)",
             dest.display(),
             of_vm
@@ -967,49 +910,103 @@ pub(crate) fn find_in(
                 .map(|m| m.id.as_str())
                 .collect::<Vec<_>>()
                 .join(", ")
-        )
+        ))
     })
 }
 
+/// The store at `dest` holds no checkpoint of VM `vm`.
+fn no_checkpoints_of(vm: &str, dest: &Path) -> anyhow::Error {
+    crate::exit::not_found(format!(
+        "no checkpoints of a VM named {vm:?} in {}; `rewind checkpoints --in {}` lists what it holds",
+        dest.display(),
+        dest.display()
+    ))
+}
+
+/// What `export` asks.
+pub struct ExportAsk<'a> {
+    /// The store's folder or URL, or a destination's name.
+    pub dest: &'a Path,
+    /// The VM (name or UUID, as in the store).
+    pub vm: &'a str,
+    /// The checkpoint's id or `latest`.
+    pub checkpoint: &'a str,
+    /// The disk's target.
+    pub disk: &'a str,
+    /// The image file to create.
+    pub file: &'a Path,
+    /// Its format.
+    pub format: rewind_core::restore::ImageFormat,
+    /// Print JSON.
+    pub json: bool,
+}
+
 /// `rewind export VM CHECKPOINT --from DEST --disk TARGET --out FILE [--format qcow2|raw]`.
-pub fn export(
-    out: &mut dyn Write,
-    dest: &Path,
-    vm: &str,
-    checkpoint: &str,
-    disk: &str,
-    file: &Path,
-    format: rewind_core::restore::ImageFormat,
-) -> anyhow::Result<()> {
-    let store = open_store(dest)?;
-    let m = find_checkpoint(&store, dest, vm, checkpoint)?;
+pub fn export(out: &mut dyn Write, ask: &ExportAsk<'_>) -> anyhow::Result<()> {
+    let store = open_store(ask.dest)?;
+    let m = find_checkpoint(&store, ask.dest, ask.vm, ask.checkpoint)?;
     // Ctrl-C cancels: the half-written image is removed.
     let control = Interrupt::install()?.next_control();
-    let reporter = std::io::stderr()
-        .is_terminal()
-        .then(|| ProgressLine::start(&m.vm.name, control.clone()));
-    let result = rewind_core::restore::export_disk(&store, &m, disk, file, format, &control);
+    let reporter = Progress::start(&m.vm.name, control.clone());
+    let result =
+        rewind_core::restore::export_disk(&store, &m, ask.disk, ask.file, ask.format, &control);
     drop(reporter);
     let data_bytes = result?;
-    say_exported(out, &m.id, &m.vm.name, disk, file, format, data_bytes)
+    let exported = Exported {
+        checkpoint: &m.id,
+        vm: &m.vm.name,
+        disk: ask.disk,
+        file: ask.file,
+        format: ask.format,
+        data_bytes,
+    };
+    say_exported(out, &exported, ask.json)
+}
+
+/// What an export wrote (`rewind export --json`, documented in CLI.md).
+#[derive(Serialize)]
+pub(crate) struct Exported<'a> {
+    /// The checkpoint's id.
+    pub checkpoint: &'a str,
+    /// The VM's name.
+    pub vm: &'a str,
+    /// The disk's target.
+    pub disk: &'a str,
+    /// The image written.
+    pub file: &'a Path,
+    /// Its format.
+    #[serde(serialize_with = "format_name")]
+    pub format: rewind_core::restore::ImageFormat,
+    /// The bytes of data in it.
+    pub data_bytes: u64,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's `serialize_with` passes a reference
+fn format_name<S: serde::Serializer>(
+    format: &rewind_core::restore::ImageFormat,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(format.name())
 }
 
 /// Prints what an export wrote, as `rewind export` does.
 pub(crate) fn say_exported(
     out: &mut dyn Write,
-    id: &str,
-    vm: &str,
-    disk: &str,
-    file: &Path,
-    format: rewind_core::restore::ImageFormat,
-    data_bytes: u64,
+    exported: &Exported<'_>,
+    json: bool,
 ) -> anyhow::Result<()> {
+    if json {
+        return write_json(out, exported);
+    }
     writeln!(
         out,
-        "Wrote disk {disk} of checkpoint {id} of {vm} to {} ({}, {} of data).",
-        file.display(),
-        format.name(),
-        human_bytes(data_bytes)
+        "Wrote disk {} of checkpoint {} of {} to {} ({}, {} of data).",
+        exported.disk,
+        exported.checkpoint,
+        exported.vm,
+        exported.file.display(),
+        exported.format.name(),
+        human_bytes(exported.data_bytes)
     )?;
     Ok(())
 }

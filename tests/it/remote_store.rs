@@ -83,7 +83,12 @@ impl Remote {
 
 /// Asserts that `out` failed with one `error:` line naming each of `words`; its stderr.
 fn fails(out: &Output, words: &[&str]) -> String {
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    // Progress lines (`progress: …`, on a stderr that is no terminal) may come first.
+    let stderr: String = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| !l.starts_with("progress: "))
+        .map(|l| format!("{l}\n"))
+        .collect();
     assert!(!out.status.success(), "should fail: {stderr}");
     assert!(
         stderr.starts_with("error: ") && stderr.trim_end().lines().count() == 1,

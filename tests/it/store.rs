@@ -77,7 +77,12 @@ fn content(seed: u8, len: usize) -> Vec<u8> {
 }
 
 fn fails(out: &Output, words: &[&str]) -> String {
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    // Progress lines (`progress: …`, on a stderr that is no terminal) may come first.
+    let stderr: String = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| !l.starts_with("progress: "))
+        .map(|l| format!("{l}\n"))
+        .collect();
     assert!(
         !out.status.success(),
         "should fail; stdout: {}",
