@@ -5,10 +5,11 @@
 //! | configuration | `config.ron` (what is protected where), store passphrase files | `$REWIND_CONFIG_DIR`, else `/etc/rewind` for root (the protection service's), else the XDG config folder (`~/.config/rewind`) |
 //! | state | job history, the scheduler's status and lock, notes of restores under way, verify records, the log | `$REWIND_STATE_DIR`, else `/var/lib/rewind` for root, else the XDG state folder (`~/.local/state/rewind`) |
 //! | work | one folder per job: the backup's socket and QEMU's scratch file (as large as what the guest writes during a checkpoint) | `$REWIND_WORK_DIR`, else `/var/lib/rewind/work` for root, else the XDG cache folder (`~/.cache/rewind/work`) |
-//! | runtime | notes that a VM is frozen or saved right now (gone at a reboot, as the state they describe) | `/run/rewind` for root, else `$XDG_RUNTIME_DIR/rewind`, else `<state>/run` |
+//! | runtime | notes that a VM is frozen or saved right now (gone at a reboot, as the state they describe), ssh's control sockets; for root also the service's socket | `/run/rewind` for root, else `$XDG_RUNTIME_DIR/rewind`, else `<state>/run` |
 //!
 //! The work and runtime folders are private: made by Rewind's user with no write access for
-//! anyone else, and refused (never followed) when something else is found there, such as a
+//! anyone else (root's `/run/rewind` may be passed through by the service's clients, to its
+//! socket; what is kept in it is in folders only root may enter), and refused (never followed) when something else is found there, such as a
 //! link planted in a shared folder. Nothing goes to shared names in `/tmp`.
 //!
 //! The two variables override everything (tests, and several Rewinds on one machine). The
@@ -117,19 +118,23 @@ pub fn work_dir() -> std::io::Result<PathBuf> {
     Ok(dir)
 }
 
-/// Rewind's runtime folder (see the table above), made private (0700).
+/// Rewind's runtime folder (see the table above), made private: 0700, but for root's
+/// `/run/rewind`, which also holds the protection service's socket that its clients must
+/// reach: that one is 0755, as the service's unit makes it (`RuntimeDirectoryMode`). What
+/// Rewind keeps in it goes into private folders of their own (the notes, ssh's control
+/// sockets).
 ///
 /// # Errors
 /// See [`private_dir`].
 pub fn runtime_dir() -> std::io::Result<PathBuf> {
-    let dir = if rustix::process::geteuid().is_root() && Path::new("/run").is_dir() {
-        PathBuf::from("/run/rewind")
+    let (dir, mode) = if rustix::process::geteuid().is_root() && Path::new("/run").is_dir() {
+        (PathBuf::from("/run/rewind"), 0o755)
     } else if let Some(run) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
-        PathBuf::from(run).join("rewind")
+        (PathBuf::from(run).join("rewind"), 0o700)
     } else {
-        state_dir().join("run")
+        (state_dir().join("run"), 0o700)
     };
-    private_dir(&dir, 0o700)?;
+    private_dir(&dir, mode)?;
     Ok(dir)
 }
 
@@ -202,6 +207,12 @@ mod tests {
             assert!(meta.is_dir(), "{}", dir.display());
             assert_eq!(meta.uid(), rustix::process::geteuid().as_raw());
             assert_eq!(meta.mode() & 0o022, 0, "{}", dir.display());
+            // Root's runtime folder holds the service's socket: its clients must reach it.
+            if dir == Path::new("/run/rewind") {
+                assert_eq!(meta.mode() & 0o777, 0o755);
+            } else if dir == runtime_dir().unwrap() {
+                assert_eq!(meta.mode() & 0o777, 0o700, "{}", dir.display());
+            }
             assert!(
                 !dir.starts_with(std::env::temp_dir()),
                 "{} is in the shared temporary folder",

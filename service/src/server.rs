@@ -233,8 +233,13 @@ fn bind(socket: &Path) -> Result<UnixListener, ServiceError> {
         path: socket.to_path_buf(),
         source,
     };
-    if let Some(folder) = socket.parent() {
+    if let Some(folder) = socket.parent()
+        && !folder.is_dir()
+    {
+        // World-searchable whatever the umask (the unit's is 0077): clients must reach it.
         std::fs::create_dir_all(folder).map_err(|e| err("create the folder of", e))?;
+        std::fs::set_permissions(folder, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| err("open the folder of", e))?;
     }
     if UnixStream::connect(socket).is_ok() {
         return Err(ServiceError::AlreadyRunning {

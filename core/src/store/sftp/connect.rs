@@ -6,14 +6,17 @@ use super::{
     SessionBuilder, Sftp, SftpOptions, SshLocation, StoreError, io,
 };
 
-/// Folder for the ssh control sockets: Rewind's private runtime folder
+/// Folder for the ssh control sockets: a private folder in Rewind's runtime folder
 /// ([`crate::paths::runtime_dir`]), else the temporary folder (where `openssh` makes a
 /// private folder of its own, under a random name).
 pub(super) fn control_dir() -> PathBuf {
-    crate::paths::runtime_dir().unwrap_or_else(|e| {
-        tracing::warn!("ssh's control socket goes to the temporary folder: {e}");
-        std::env::temp_dir()
-    })
+    crate::paths::runtime_dir()
+        .map(|run| run.join("ssh"))
+        .and_then(|dir| crate::paths::private_dir(&dir, 0o700).map(|()| dir))
+        .unwrap_or_else(|e| {
+            tracing::warn!("ssh's control socket goes to the temporary folder: {e}");
+            std::env::temp_dir()
+        })
 }
 
 /// ssh's message in one line, without its banners.
