@@ -81,8 +81,8 @@ fn fails(out: &Output, words: &[&str]) -> String {
     let stderr: String = String::from_utf8_lossy(&out.stderr)
         .lines()
         .filter(|l| !l.starts_with("progress: "))
-        .map(|l| format!("{l}\n"))
-        .collect();
+        .collect::<Vec<_>>()
+        .join("\n");
     assert!(
         !out.status.success(),
         "should fail; stdout: {}",
