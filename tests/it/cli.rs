@@ -634,3 +634,91 @@ fn a_checkpoint_whose_stderr_is_no_terminal_says_its_progress_in_plain_lines() {
         "at most one per tenth (from 0 %) and one every 10 s ({took_secs} s): {stderr}"
     );
 }
+
+#[test]
+fn through_the_service_errors_keep_their_kind_and_status_needs_attention() {
+    rewind_tests::setup().unwrap();
+    let home = Home::new("cli-svc");
+    let store = home.path("store");
+    crate::rewind::run_ok(&["init", store.to_str().unwrap()]);
+    // One VM protected, which the service's scheduler fails to checkpoint at once (there is
+    // no such VM).
+    let failing = "rwt-cli-svc-no-such-vm";
+    let svc_dir = home.path("svc");
+    std::fs::create_dir(&svc_dir).unwrap();
+    rewind_core::config::Config {
+        uri: daemon::URI.into(),
+        destinations: vec![rewind_core::config::Destination {
+            name: "usb".into(),
+            location: store.display().to_string(),
+            store_id: Some(rewind_core::store::Store::probe(&store).unwrap().id),
+            passphrase_file: None,
+            store_secret: None,
+        }],
+        vms: vec![rewind_core::config::Protection {
+            vm: failing.into(),
+            destinations: vec!["usb".into()],
+            ..rewind_core::config::Protection::default()
+        }],
+        ..rewind_core::config::Config::default()
+    }
+    .save(&svc_dir.join("config/config.ron"))
+    .unwrap();
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_rewind"));
+    let service = rewind_tests::service::TestService::start(binary, &svc_dir).unwrap();
+    let socket = service.socket().to_owned();
+    let run = |args: &[&str]| {
+        home.command(args)
+            .env("REWIND_SOCKET", &socket)
+            .output()
+            .unwrap()
+    };
+    let error_kind = |args: &[&str], code: i32| {
+        let v = json_exiting(&run(args), code, &format!("rewind {args:?} (service)"));
+        v["error"]["kind"].as_str().unwrap_or_default().to_owned()
+    };
+
+    // The service's job fails: its JobError comes back with its kind.
+    let args = ["checkpoint", NO_VM, "--to", "usb", "--json"];
+    assert_eq!(error_kind(&args, NOT_FOUND), "not_found");
+    let args = ["prune", NO_VM, "--in", "usb", "--keep-last", "1", "--json"];
+    assert_eq!(error_kind(&args, NOT_FOUND), "not_found");
+    let args = ["restore", NO_VM, "latest", "--from", "usb", "--json"];
+    assert_eq!(error_kind(&args, NOT_FOUND), "not_found");
+    let verified = json_exiting(&run(&["verify", "--in", "usb", "--json"]), 0, "verify");
+    assert_eq!(verified["checkpoints"], 0, "{verified}");
+
+    // Once the scheduler's checkpoint has failed, status needs attention.
+    let start = Instant::now();
+    while json_exiting(&run(&["history", "--json"]), 0, "history") == serde_json::json!([]) {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the service's scheduler ran nothing:\n{}",
+            std::fs::read_to_string(service.log()).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let status = run(&["status", "--json"]);
+    let json = json_exiting(&status, NEEDS_ATTENTION, "status (service)");
+    assert_eq!(json["vms"][0]["destinations"][0]["failures"], 1, "{json}");
+    let text = run(&["status"]);
+    assert_eq!(text.status.code(), Some(NEEDS_ATTENTION));
+    assert!(
+        String::from_utf8_lossy(&text.stdout).contains("last attempt failed"),
+        "{}",
+        String::from_utf8_lossy(&text.stdout)
+    );
+
+    // Nothing protected any more: all is well.
+    let unprotected = json_exiting(&run(&["unprotect", failing, "--json"]), 0, "unprotect");
+    assert_eq!(unprotected["vm"], failing, "{unprotected}");
+    assert_eq!(
+        error_kind(&["unprotect", failing, "--json"], NOT_FOUND),
+        "not_found"
+    );
+    json_exiting(
+        &run(&["status", "--json"]),
+        0,
+        "status (service), nothing protected",
+    );
+}
