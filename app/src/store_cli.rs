@@ -661,8 +661,11 @@ struct Unreadable<'a> {
 /// `rewind verify --in DEST [--quick] [--json]`. Fails (exit 1) when anything is damaged.
 pub fn verify(out: &mut dyn Write, dest: &Path, quick: bool, json: bool) -> anyhow::Result<()> {
     let store = open_store(dest)?;
-    let report = store.verify(quick, &Control::new())?;
-    say_verified(out, &report, dest, json)
+    let control = std::sync::Arc::new(Control::new());
+    let reporter = Progress::start(&format!("Verifying {}", dest.display()), control.clone());
+    let report = store.verify(quick, &control);
+    drop(reporter);
+    say_verified(out, &report?, dest, json)
 }
 
 /// Prints a verify's report (as JSON with `json`); an error if it found damage.
