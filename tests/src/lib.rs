@@ -20,6 +20,7 @@ pub mod compare;
 pub mod daemon;
 pub mod domain;
 pub mod guest;
+pub mod package;
 pub mod pool;
 pub mod powercut;
 pub mod rewind;
