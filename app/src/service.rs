@@ -1,5 +1,5 @@
 //! `rewind service`: the protection service (`rewind_service`), run as root by the system
-//! unit `packaging/rewind-service.service`. It logs to stderr and to the journal (else to
+//! unit `packaging/systemd/rewind.service`. It logs to stderr and to the journal (else to
 //! `/var/lib/rewind/rewind.log`). SIGTERM or Ctrl-C stops it cleanly: running jobs are
 //! cancelled (they leave nothing behind) and waited for, and the socket is removed.
 

@@ -71,7 +71,8 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
     let uri = options.uri.clone().unwrap_or(config_uri);
     let mut viewport = egui::ViewportBuilder::default()
         .with_title("Rewind")
-        .with_app_id("rewind")
+        // The desktop entry's ID (packaging/), so that the desktop matches the window to it.
+        .with_app_id("io.github.rewindvm.Rewind")
         .with_inner_size([1040.0, 680.0])
         .with_min_inner_size([640.0, 420.0]);
     match load_icon() {

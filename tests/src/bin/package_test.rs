@@ -1,0 +1,470 @@
+//! `package-test DEB`: installs Rewind's Debian package on this machine as a user would
+//! (`apt-get install ./rewind_….deb`), checks what it installed, starts the protection
+//! service as its systemd unit says (by hand where systemd does not run), and then, from
+//! the installed files alone, a normal user in the `libvirt` group lists the VMs, takes a
+//! checkpoint of a test VM and sees it listed. Last it purges the package: none of its files
+//! may stay, and the stores (the user's, and one put inside Rewind's own state folder) must
+//! be untouched.
+//!
+//! `./x test` runs it after `cargo test`, with the package `./x deb` built. It needs root,
+//! and a machine where Rewind's package is not installed yet. Whatever happens, it leaves
+//! the package purged and nothing of its own behind.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is how it fails
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use rewind_tests::package::{self, Completions, run_ok};
+use rewind_tests::scratch::ScratchDir;
+use rewind_tests::users::TestUser;
+use rewind_tests::{TestVm, assert_success};
+
+/// The package's name.
+const PACKAGE: &str = "rewind";
+/// The installed program.
+const BINARY: &str = "/usr/bin/rewind";
+/// The service's socket when started as its unit says.
+const SOCKET: &str = "/run/rewind/rewind.sock";
+/// The service's own folders (the unit's `ConfigurationDirectory` and `StateDirectory`).
+const CONFIG_DIR: &str = "/etc/rewind";
+const STATE_DIR: &str = "/var/lib/rewind";
+/// A store put inside the service's state folder, which purging must keep.
+const STORE_IN_STATE_DIR: &str = "/var/lib/rewind/a-store-kept-here";
+
+fn apt_get(args: &[&str]) -> Command {
+    let mut command = Command::new("apt-get");
+    command
+        .args(["-y", "-q", "-o", "Dpkg::Use-Pty=0"])
+        .args(args)
+        .env("DEBIAN_FRONTEND", "noninteractive");
+    command
+}
+
+fn installed() -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", PACKAGE])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+/// Whether systemd runs this machine (then the package's scripts start the service).
+fn systemd_runs() -> bool {
+    Path::new("/run/systemd/system").is_dir()
+}
+
+/// Purges the package (and stops the service started by hand) when dropped: also when a
+/// check fails.
+struct Installed {
+    service: Option<Child>,
+}
+
+impl Installed {
+    fn stop_service(&mut self) {
+        if let Some(mut child) = self.service.take() {
+            drop(
+                Command::new("kill")
+                    .args(["-TERM", &child.id().to_string()])
+                    .status(),
+            );
+            let deadline = Instant::now() + Duration::from_mins(3);
+            while Instant::now() < deadline {
+                if matches!(child.try_wait(), Ok(Some(_))) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            drop(child.kill());
+            drop(child.wait());
+        }
+    }
+}
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        self.stop_service();
+        if installed() {
+            drop(apt_get(&["purge", PACKAGE]).stdout(Stdio::null()).status());
+        }
+        drop(std::fs::remove_dir_all(STORE_IN_STATE_DIR));
+        drop(std::fs::remove_dir(STATE_DIR));
+    }
+}
+
+/// The unit's `[Service]` settings, key by key (a key given twice keeps every value).
+fn unit_settings(unit: &Path) -> BTreeMap<String, Vec<String>> {
+    let text = std::fs::read_to_string(unit).unwrap();
+    let mut settings: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut in_service = false;
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_service = line == "[Service]";
+        } else if in_service
+            && !line.starts_with('#')
+            && let Some((key, value)) = line.split_once('=')
+        {
+            settings
+                .entry(key.trim().to_owned())
+                .or_default()
+                .push(value.trim().to_owned());
+        }
+    }
+    settings
+}
+
+/// Starts the service as `unit` says, where systemd would: its folders with their modes,
+/// its environment and umask, its `ExecStart`, as root.
+fn start_as_unit_says(unit: &Path, log: &Path) -> Child {
+    let settings = unit_settings(unit);
+    let one = |key: &str| settings.get(key).and_then(|v| v.last()).cloned();
+    for (dir_key, base) in [
+        ("RuntimeDirectory", "/run"),
+        ("StateDirectory", "/var/lib"),
+        ("ConfigurationDirectory", "/etc"),
+    ] {
+        if let Some(name) = one(dir_key) {
+            let dir = Path::new(base).join(name);
+            std::fs::create_dir_all(&dir).unwrap();
+            let mode = one(&format!("{dir_key}Mode")).unwrap_or_else(|| "0755".into());
+            run_ok(
+                &format!("chmod {mode} {}", dir.display()),
+                Command::new("chmod").arg(&mode).arg(&dir),
+            );
+        }
+    }
+    let exec = one("ExecStart").expect("the unit has an ExecStart");
+    let umask = one("UMask").unwrap_or_else(|| "0022".into());
+    let mut command = Command::new("setsid");
+    command
+        .args(["sh", "-c", "umask \"$0\" && exec \"$@\"", &umask])
+        .args(exec.split_whitespace())
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("LANG", "C.UTF-8")
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap());
+    for assignments in settings.get("Environment").into_iter().flatten() {
+        for assignment in assignments.split_whitespace() {
+            let (key, value) = assignment.split_once('=').unwrap();
+            command.env(key, value);
+        }
+    }
+    command.spawn().unwrap()
+}
+
+fn wait_for_socket(log: &Path) {
+    let deadline = Instant::now() + Duration::from_mins(1);
+    while std::os::unix::net::UnixStream::connect(SOCKET).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the service did not listen on {SOCKET} within 60 s: {}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Every file below `dir` with its bytes (a store's whole contents).
+fn contents(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut files = BTreeMap::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(at) = pending.pop() {
+        for entry in std::fs::read_dir(&at).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                pending.push(path);
+            } else {
+                files.insert(
+                    path.strip_prefix(dir).unwrap().to_owned(),
+                    std::fs::read(&path).unwrap(),
+                );
+            }
+        }
+    }
+    files
+}
+
+/// The paths the package installed (`dpkg -L`), files and links only.
+fn package_files() -> Vec<PathBuf> {
+    let out = run_ok("dpkg -L", Command::new("dpkg").args(["-L", PACKAGE]));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(PathBuf::from)
+        .filter(|p| p.symlink_metadata().is_ok_and(|m| !m.is_dir()))
+        .collect()
+}
+
+fn json(what: &str, out: &std::process::Output) -> serde_json::Value {
+    assert_success(what, out);
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{what}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// What `dpkg -L` must list, beside the man pages.
+const EXPECTED: &[&str] = &[
+    BINARY,
+    "/etc/xdg/autostart/rewind-tray.desktop",
+    "/usr/share/applications/io.github.rewindvm.Rewind.desktop",
+    "/usr/share/metainfo/io.github.rewindvm.Rewind.metainfo.xml",
+    "/usr/share/icons/hicolor/scalable/apps/rewind.svg",
+    "/usr/share/icons/hicolor/16x16/apps/rewind.png",
+    "/usr/share/icons/hicolor/48x48/apps/rewind.png",
+    "/usr/share/icons/hicolor/256x256/apps/rewind.png",
+    "/usr/share/icons/hicolor/512x512/apps/rewind.png",
+    "/usr/share/icons/hicolor/64x64/status/rewind-tray-attention.png",
+    "/usr/share/bash-completion/completions/rewind",
+    "/usr/share/zsh/vendor-completions/_rewind",
+    "/usr/share/fish/vendor_completions.d/rewind.fish",
+    "/usr/share/doc/rewind/copyright",
+];
+
+fn check_installed_files(files: &[PathBuf], scratch: &Path) {
+    for expected in EXPECTED {
+        assert!(
+            files.iter().any(|f| f == Path::new(expected)),
+            "the package installs {expected}: {files:?}"
+        );
+    }
+    let unit = files
+        .iter()
+        .find(|f| f.ends_with("systemd/system/rewind.service"))
+        .unwrap_or_else(|| panic!("the package installs rewind.service: {files:?}"));
+    assert!(
+        unit_settings(unit)["ExecStart"]
+            .iter()
+            .any(|e| e == "/usr/bin/rewind service"),
+        "the unit runs the installed service"
+    );
+    // Enabled on install, as dh_installsystemd does: also where systemd does not run.
+    let wants = Path::new("/etc/systemd/system/multi-user.target.wants/rewind.service");
+    assert!(
+        wants.symlink_metadata().is_ok(),
+        "the service is enabled on install ({} is missing)",
+        wants.display()
+    );
+    let copyright = std::fs::read_to_string("/usr/share/doc/rewind/copyright").unwrap();
+    assert!(
+        copyright.contains("GNU GENERAL PUBLIC LICENSE") || copyright.contains("GPL-3.0"),
+        "the licence is installed: {copyright}"
+    );
+
+    // Man pages: one per command, and each renders.
+    let binary = Path::new(BINARY);
+    let mut pages: Vec<String> = files
+        .iter()
+        .filter(|f| f.starts_with("/usr/share/man/man1"))
+        .map(|f| {
+            f.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .trim_end_matches(".gz")
+                .to_owned()
+        })
+        .collect();
+    pages.sort();
+    assert_eq!(pages, package::expected_man_pages(binary), "man pages");
+    for page in files
+        .iter()
+        .filter(|f| f.starts_with("/usr/share/man/man1"))
+    {
+        package::check_man_page(page);
+    }
+    package::check_top_page_lists_commands(binary, Path::new("/usr/share/man/man1/rewind.1.gz"));
+    // `man rewind` finds the page by its name, as a user types it.
+    let man = run_ok(
+        "man rewind",
+        Command::new("man")
+            .arg("rewind")
+            .env("MANPAGER", "cat")
+            .env("LC_ALL", "C.UTF-8"),
+    );
+    assert!(String::from_utf8_lossy(&man.stdout).starts_with("REWIND(1)"));
+
+    package::check_completions(
+        binary,
+        &Completions {
+            bash: Path::new("/usr/share/bash-completion/completions/rewind"),
+            zsh: Path::new("/usr/share/zsh/vendor-completions/_rewind"),
+            fish: Path::new("/usr/share/fish/vendor_completions.d/rewind.fish"),
+        },
+        scratch,
+    );
+
+    // The desktop files and the AppStream metadata pass their validators.
+    let desktop: Vec<&PathBuf> = files
+        .iter()
+        .filter(|f| f.extension().is_some_and(|e| e == "desktop"))
+        .collect();
+    assert!(desktop.len() >= 2, "{desktop:?}");
+    run_ok(
+        "desktop-file-validate",
+        Command::new("desktop-file-validate").args(&desktop),
+    );
+    for metainfo in files
+        .iter()
+        .filter(|f| f.starts_with("/usr/share/metainfo"))
+    {
+        run_ok(
+            "appstreamcli validate",
+            Command::new("appstreamcli")
+                .args(["validate", "--no-net"])
+                .arg(metainfo),
+        );
+    }
+}
+
+/// Purges the package: every file of it goes, and no store.
+fn purge_and_check(mut package: Installed, files: &[PathBuf], store: &Path) {
+    package.stop_service();
+    assert!(
+        Path::new(CONFIG_DIR).join("config.ron").exists(),
+        "the service kept its configuration in {CONFIG_DIR}"
+    );
+    run_ok(
+        "cp -a the store",
+        Command::new("cp")
+            .arg("-a")
+            .arg(store)
+            .arg(STORE_IN_STATE_DIR),
+    );
+    let before = contents(store);
+    assert!(before.contains_key(Path::new("rewind-store.json")));
+    let kept_before = contents(Path::new(STORE_IN_STATE_DIR));
+    run_ok("apt-get purge", &mut apt_get(&["purge", PACKAGE]));
+    assert!(!installed(), "dpkg says the package is gone");
+    let left: Vec<&PathBuf> = files
+        .iter()
+        .filter(|f| f.symlink_metadata().is_ok())
+        .collect();
+    assert!(left.is_empty(), "purge left these files: {left:?}");
+    let wants = Path::new("/etc/systemd/system/multi-user.target.wants/rewind.service");
+    assert!(
+        wants.symlink_metadata().is_err(),
+        "purge left {}",
+        wants.display()
+    );
+    assert!(
+        !Path::new(CONFIG_DIR).exists(),
+        "purge removes the service's configuration"
+    );
+    assert!(
+        !Path::new("/run/rewind").exists(),
+        "purge removes /run/rewind"
+    );
+    let state_left: Vec<_> = std::fs::read_dir(STATE_DIR)
+        .unwrap_or_else(|e| panic!("purge removed {STATE_DIR} with the store in it: {e}"))
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(
+        state_left,
+        [PathBuf::from(STORE_IN_STATE_DIR)],
+        "purge removes the service's state but the store in it"
+    );
+    assert!(before == contents(store), "the user's store is untouched");
+    assert!(
+        kept_before == contents(Path::new(STORE_IN_STATE_DIR)),
+        "the store in {STATE_DIR} is untouched"
+    );
+    drop(package);
+}
+
+fn main() -> ExitCode {
+    let Some(deb) = std::env::args_os().nth(1).map(PathBuf::from) else {
+        eprintln!("usage: package-test PATH/rewind_VERSION_ARCH.deb");
+        return ExitCode::from(2);
+    };
+    let deb = std::fs::canonicalize(&deb).unwrap_or_else(|e| {
+        panic!("{}: {e} (build it with ./x deb)", deb.display());
+    });
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "package-test installs a package: run it as root"
+    );
+    assert!(
+        !installed(),
+        "the package {PACKAGE} is installed on this machine already; package-test installs \
+         and purges it: remove it first (apt-get purge {PACKAGE})"
+    );
+
+    // A test VM, and a normal user in the libvirt group with a folder of their own.
+    let vm = TestVm::builder("pkg").define().unwrap();
+    let scratch = ScratchDir::new("package").unwrap();
+    let user = TestUser::create(true).unwrap();
+    let home = scratch.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    user.own(&home).unwrap();
+    let store = home.join("store");
+    let service_log = scratch.path().join("service.log");
+
+    // Install, as a user would.
+    eprintln!("package-test: installing {}", deb.display());
+    let mut package = Installed { service: None };
+    run_ok(
+        "apt-get install",
+        apt_get(&["install", "--no-install-recommends"]).arg(&deb),
+    );
+    assert!(installed(), "dpkg says the package is installed");
+    let files = package_files();
+    check_installed_files(&files, scratch.path());
+
+    // The service, as its unit says.
+    if !systemd_runs() {
+        let unit = files
+            .iter()
+            .find(|f| f.ends_with("systemd/system/rewind.service"))
+            .unwrap();
+        package.service = Some(start_as_unit_says(unit, &service_log));
+    }
+    wait_for_socket(&service_log);
+
+    // The user, with the installed program only: not from the checkout, with no variable
+    // pointing anywhere else.
+    let as_user = |args: &[&str]| {
+        let mut command = user.command(Path::new(BINARY), &[("HOME", &home)]);
+        for var in [
+            "REWIND_SOCKET",
+            "REWIND_CONFIG_DIR",
+            "REWIND_STATE_DIR",
+            "REWIND_WORK_DIR",
+            "LIBVIRT_DEFAULT_URI",
+        ] {
+            command.env_remove(var);
+        }
+        command.args(args).current_dir(&home).output().unwrap()
+    };
+    let vms = json("rewind vms --json", &as_user(&["vms", "--json"]));
+    assert!(
+        vms.as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["name"] == vm.name.as_str()),
+        "rewind vms lists the test VM: {vms}"
+    );
+    let store_arg = store.to_str().unwrap();
+    let taken = json(
+        "rewind checkpoint",
+        &as_user(&["checkpoint", &vm.name, "--to", store_arg, "--json"]),
+    );
+    let id = taken[0]["id"].as_str().unwrap().to_owned();
+    let listed = json(
+        "rewind checkpoints",
+        &as_user(&["checkpoints", &vm.name, "--in", store_arg, "--json"]),
+    );
+    assert!(
+        listed["checkpoints"]
+            .as_array()
+            .unwrap_or_else(|| panic!("rewind checkpoints --json: {listed}"))
+            .iter()
+            .any(|c| c["id"] == id.as_str()),
+        "rewind checkpoints lists {id}: {listed}"
+    );
+    eprintln!("package-test: the installed rewind took checkpoint {id} as a user");
+
+    purge_and_check(package, &files, &store);
+    eprintln!("package-test: installed, used and purged {}", deb.display());
+    ExitCode::SUCCESS
+}
