@@ -130,7 +130,7 @@ pub fn protect(
     let said = protect_in(&mut config, &info, &name, &location, args, &policy);
     config.save(&path)?;
     if args.json {
-        return say_protected(out, &config, &info.name, &location, warning);
+        return say_protected(out, &config, &info.name, (&name, &location), warning);
     }
     writeln!(out, "{said}")?;
     if let Some(w) = warning {
@@ -265,7 +265,8 @@ struct ProtectedJson<'a> {
     warning: Option<String>,
 }
 
-/// Prints `rewind protect --json`: the VM's protection in `config` now.
+/// Prints `rewind protect --json`: the VM's protection in `config` now, into destination
+/// `destination` at `location`.
 ///
 /// # Errors
 /// The output could not be written.
@@ -273,13 +274,12 @@ pub fn say_protected(
     out: &mut dyn Write,
     config: &Config,
     vm: &str,
-    location: &str,
+    (destination, location): (&str, &str),
     warning: Option<String>,
 ) -> anyhow::Result<()> {
     let Some(p) = config.vms.iter().find(|p| p.vm == vm) else {
         bail!("{vm:?} is not in the configuration after protecting it");
     };
-    let destination = p.destinations.last().map_or("", String::as_str);
     crate::store_cli::write_json(
         out,
         &ProtectedJson {

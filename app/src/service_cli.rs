@@ -603,7 +603,8 @@ pub fn protect(
     let said = crate::protect_cli::protect_in(&mut config, &info, &name, &location, args, &policy);
     save_config(session, &config)?;
     if args.json {
-        return crate::protect_cli::say_protected(out, &config, &info.name, &location, None);
+        let destination = (name.as_str(), location.as_str());
+        return crate::protect_cli::say_protected(out, &config, &info.name, destination, None);
     }
     writeln!(out, "{said}")?;
     writeln!(
