@@ -248,8 +248,15 @@ fn check_installed_files(files: &[PathBuf], scratch: &Path) {
     );
     let copyright = std::fs::read_to_string("/usr/share/doc/rewind/copyright").unwrap();
     assert!(
-        copyright.contains("GNU GENERAL PUBLIC LICENSE") || copyright.contains("GPL-3.0"),
-        "the licence is installed: {copyright}"
+        copyright.contains("License: GPL-3+")
+            && copyright.contains("/usr/share/common-licenses/GPL-3"),
+        "the licence is named in Debian's copyright format: {copyright}"
+    );
+    assert!(
+        files
+            .iter()
+            .any(|f| f == Path::new("/usr/share/doc/rewind/changelog.Debian.gz")),
+        "the package has a changelog"
     );
 
     // Man pages: one per command, and each renders.
@@ -399,6 +406,22 @@ fn main() -> ExitCode {
     user.own(&home).unwrap();
     let store = home.join("store");
     let service_log = scratch.path().join("service.log");
+
+    // Debian's own checks of a package: no error and no warning (an archive's first upload
+    // that closes no bug report does not apply to a package a user installs by hand).
+    let lintian = run_ok(
+        "lintian",
+        Command::new("lintian")
+            .args([
+                "--allow-root",
+                "--fail-on",
+                "error,warning",
+                "--suppress-tags",
+                "initial-upload-closes-no-bugs",
+            ])
+            .arg(&deb),
+    );
+    eprint!("{}", String::from_utf8_lossy(&lintian.stdout));
 
     // Install, as a user would.
     eprintln!("package-test: installing {}", deb.display());
