@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 use rewind_tests::package::{self, Completions, run_ok};
 use rewind_tests::scratch::ScratchDir;
 use rewind_tests::users::TestUser;
-use rewind_tests::{TestVm, assert_success};
+use rewind_tests::xvfb::Xvfb;
+use rewind_tests::{TestVm, a11y, assert_success};
 
 /// The package's name.
 const PACKAGE: &str = "rewind";
@@ -379,6 +380,98 @@ fn purge_and_check(mut package: Installed, files: &[PathBuf], store: &Path) {
     drop(package);
 }
 
+/// The variables that would point the installed program elsewhere than a user's would.
+const OTHER_PLACES: [&str; 5] = [
+    "REWIND_SOCKET",
+    "REWIND_CONFIG_DIR",
+    "REWIND_STATE_DIR",
+    "REWIND_WORK_DIR",
+    "LIBVIRT_DEFAULT_URI",
+];
+
+/// A program of the user's, killed when dropped.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        drop(self.0.kill());
+        drop(self.0.wait());
+    }
+}
+
+/// A desktop entry's `key`.
+fn entry_value(entry: &Path, key: &str) -> String {
+    std::fs::read_to_string(entry)
+        .unwrap()
+        .lines()
+        .find_map(|line| line.strip_prefix(key)?.strip_prefix('='))
+        .unwrap_or_else(|| panic!("{} has no {key}", entry.display()))
+        .to_owned()
+}
+
+/// "Open Rewind from the menu", as the user in their desktop session: the application
+/// entry's `Exec` opens the installed program's window, the desktop can match the window to
+/// the entry (its X class is the entry's `StartupWMClass`), and it lists the test VM, which
+/// it learns from the service.
+fn check_window_from_menu(entry: &Path, user: &TestUser, vm: &str) {
+    let x = Xvfb::start(1280, 800).unwrap();
+    let home = x.home();
+    std::fs::create_dir_all(&home).unwrap();
+    user.own(&home).unwrap();
+    user.own(&x.runtime_dir()).unwrap();
+    let session = a11y::Session::start(user, &home, &x.runtime_dir()).unwrap();
+    let exec = entry_value(entry, "Exec");
+    let mut words = exec.split_whitespace().filter(|w| !w.starts_with('%'));
+    let program = words.next().expect("Exec names a program");
+    let display = PathBuf::from(x.display());
+    let mut command = user.command(
+        Path::new(program),
+        &[
+            ("PATH", Path::new("/usr/local/bin:/usr/bin:/bin")),
+            ("DISPLAY", &display),
+            ("DBUS_SESSION_BUS_ADDRESS", Path::new(session.address())),
+            ("HOME", &home),
+            ("XDG_RUNTIME_DIR", &x.runtime_dir()),
+            ("XDG_CONFIG_HOME", &home.join("config")),
+            ("XDG_DATA_HOME", &home.join("data")),
+            ("XDG_STATE_HOME", &home.join("state")),
+            ("XDG_CACHE_HOME", &home.join("cache")),
+        ],
+    );
+    for var in OTHER_PLACES {
+        command.env_remove(var);
+    }
+    let log = home.join("window.log");
+    let _window = Running(
+        command
+            .args(words)
+            .current_dir(&home)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let said = || std::fs::read_to_string(&log).unwrap_or_default();
+    x.wait_window("Rewind", Duration::from_mins(1))
+        .unwrap_or_else(|e| panic!("{e}; the window said:\n{}", said()));
+    let class = entry_value(entry, "StartupWMClass");
+    let found = run_ok(
+        "xdotool search --class",
+        Command::new("xdotool")
+            .args(["search", "--onlyvisible", "--class", &class])
+            .env("DISPLAY", x.display()),
+    );
+    assert!(
+        !found.stdout.is_empty(),
+        "the window's X class is the desktop entry's StartupWMClass {class:?}"
+    );
+    session
+        .wait_for("the test VM", Duration::from_mins(1), |n| {
+            n.name.contains(vm)
+        })
+        .unwrap_or_else(|e| panic!("{e}; the window said:\n{}", said()));
+}
+
 fn main() -> ExitCode {
     let Some(deb) = std::env::args_os().nth(1).map(PathBuf::from) else {
         eprintln!("usage: package-test PATH/rewind_VERSION_ARCH.deb");
@@ -448,13 +541,7 @@ fn main() -> ExitCode {
     // pointing anywhere else.
     let as_user = |args: &[&str]| {
         let mut command = user.command(Path::new(BINARY), &[("HOME", &home)]);
-        for var in [
-            "REWIND_SOCKET",
-            "REWIND_CONFIG_DIR",
-            "REWIND_STATE_DIR",
-            "REWIND_WORK_DIR",
-            "LIBVIRT_DEFAULT_URI",
-        ] {
+        for var in OTHER_PLACES {
             command.env_remove(var);
         }
         command.args(args).current_dir(&home).output().unwrap()
@@ -486,6 +573,12 @@ fn main() -> ExitCode {
         "rewind checkpoints lists {id}: {listed}"
     );
     eprintln!("package-test: the installed rewind took checkpoint {id} as a user");
+    check_window_from_menu(
+        Path::new("/usr/share/applications/io.github.rewindvm.Rewind.desktop"),
+        &user,
+        &vm.name,
+    );
+    eprintln!("package-test: the menu entry opened the window, which lists the VM");
 
     purge_and_check(package, &files, &store);
     eprintln!("package-test: installed, used and purged {}", deb.display());
