@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use rewind_tests::package::{self, Completions, run_ok};
 use rewind_tests::scratch::ScratchDir;
+use rewind_tests::tray_host::TrayHost;
 use rewind_tests::users::TestUser;
 use rewind_tests::xvfb::Xvfb;
 use rewind_tests::{TestVm, a11y, assert_success};
@@ -409,17 +410,17 @@ fn entry_value(entry: &Path, key: &str) -> String {
         .to_owned()
 }
 
-/// "Open Rewind from the menu", as the user in their desktop session: the application
-/// entry's `Exec` opens the installed program's window, the desktop can match the window to
-/// the entry (its X class is the entry's `StartupWMClass`), and it lists the test VM, which
-/// it learns from the service.
-fn check_window_from_menu(entry: &Path, user: &TestUser, vm: &str) {
-    let x = Xvfb::start(1280, 800).unwrap();
+/// Starts what the desktop entry `entry` runs (its `Exec`), as `user` in their desktop
+/// session on `x`, with the installed program found on the `PATH` as a desktop finds it;
+/// its stderr goes to `log`.
+fn start_entry(
+    entry: &Path,
+    user: &TestUser,
+    x: &Xvfb,
+    session: &a11y::Session,
+    log: &Path,
+) -> Running {
     let home = x.home();
-    std::fs::create_dir_all(&home).unwrap();
-    user.own(&home).unwrap();
-    user.own(&x.runtime_dir()).unwrap();
-    let session = a11y::Session::start(user, &home, &x.runtime_dir()).unwrap();
     let exec = entry_value(entry, "Exec");
     let mut words = exec.split_whitespace().filter(|w| !w.starts_with('%'));
     let program = words.next().expect("Exec names a program");
@@ -441,16 +442,34 @@ fn check_window_from_menu(entry: &Path, user: &TestUser, vm: &str) {
     for var in OTHER_PLACES {
         command.env_remove(var);
     }
-    let log = home.join("window.log");
-    let _window = Running(
+    Running(
         command
             .args(words)
             .current_dir(&home)
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(log).unwrap())
             .spawn()
             .unwrap(),
-    );
+    )
+}
+
+/// The user's desktop session with the package installed:
+/// - "Open Rewind from the menu": the application entry opens the installed program's
+///   window, the desktop can match the window to the entry (its X class is the entry's
+///   `StartupWMClass`), and it lists the test VM, which it learns from the service;
+/// - at login, the tray's autostart entry shows the tray icon (it registers with the
+///   desktop's tray host), with its menu.
+fn check_desktop_session(user: &TestUser, vm: &str) {
+    let x = Xvfb::start(1280, 800).unwrap();
+    let home = x.home();
+    std::fs::create_dir_all(&home).unwrap();
+    user.own(&home).unwrap();
+    user.own(&x.runtime_dir()).unwrap();
+    let session = a11y::Session::start(user, &home, &x.runtime_dir()).unwrap();
+
+    let entry = Path::new("/usr/share/applications/io.github.rewindvm.Rewind.desktop");
+    let log = home.join("window.log");
+    let window = start_entry(entry, user, &x, &session, &log);
     let said = || std::fs::read_to_string(&log).unwrap_or_default();
     x.wait_window("Rewind", Duration::from_mins(1))
         .unwrap_or_else(|e| panic!("{e}; the window said:\n{}", said()));
@@ -470,6 +489,44 @@ fn check_window_from_menu(entry: &Path, user: &TestUser, vm: &str) {
             n.name.contains(vm)
         })
         .unwrap_or_else(|e| panic!("{e}; the window said:\n{}", said()));
+    drop(window);
+
+    let host = TrayHost::start_on(session.address()).unwrap();
+    let autostart = Path::new("/etc/xdg/autostart/rewind-tray.desktop");
+    let log = home.join("tray.log");
+    let _tray = start_entry(autostart, user, &x, &session, &log);
+    let deadline = Instant::now() + Duration::from_mins(1);
+    let item = loop {
+        if let Some(item) = host.registered().into_iter().next() {
+            break item;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the tray registered no icon within a minute; it said:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let bus = session.session_bus().unwrap();
+    let deadline = Instant::now() + Duration::from_mins(1);
+    loop {
+        let labels: Vec<String> = rewind_tests::tray_host::menu(&bus, &item)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(_, label)| label)
+            .collect();
+        if ["Checkpoint all now", "Open Rewind"]
+            .iter()
+            .all(|want| labels.iter().any(|l| l == want))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the tray's menu lacks its entries: {labels:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 fn main() -> ExitCode {
@@ -573,12 +630,11 @@ fn main() -> ExitCode {
         "rewind checkpoints lists {id}: {listed}"
     );
     eprintln!("package-test: the installed rewind took checkpoint {id} as a user");
-    check_window_from_menu(
-        Path::new("/usr/share/applications/io.github.rewindvm.Rewind.desktop"),
-        &user,
-        &vm.name,
+    check_desktop_session(&user, &vm.name);
+    eprintln!(
+        "package-test: the menu entry opened the window, which lists the VM; the autostart \
+         entry showed the tray icon"
     );
-    eprintln!("package-test: the menu entry opened the window, which lists the VM");
 
     purge_and_check(package, &files, &store);
     eprintln!("package-test: installed, used and purged {}", deb.display());
