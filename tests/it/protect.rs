@@ -64,6 +64,28 @@ impl Home {
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
     }
 
+    /// `rewind status --json` (and with `text`, `rewind status`): its exit code (0, or 5
+    /// when something needs attention) and its output.
+    fn status(&self, text: bool) -> (Option<i32>, String) {
+        let args: &[&str] = if text {
+            &["status"]
+        } else {
+            &["status", "--json"]
+        };
+        let out = self.command(args).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+
+    /// `rewind status --json`, which exits with 5: something needs attention.
+    fn status_needing_attention(&self) -> serde_json::Value {
+        let (code, text) = self.status(false);
+        assert_eq!(code, Some(5), "{text}");
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+    }
+
     fn ok_checkpoints(&self) -> Vec<serde_json::Value> {
         self.json(&["history", "--json"])
             .as_array()
@@ -255,7 +277,7 @@ fn the_daemon_takes_checkpoints_by_itself_thins_them_out_and_survives_a_broken_c
         "the configuration error in the log",
         || home.log().contains("line 3, column"),
     );
-    let status = home.json(&["status", "--json"]);
+    let status = home.status_needing_attention();
     assert!(
         status["config_error"]
             .as_str()
@@ -349,7 +371,7 @@ fn an_unplugged_drive_is_never_written_and_is_caught_up_when_it_comes_back_elsew
         Duration::from_secs(30),
         "status saying the drive is missing",
         || {
-            let status = home.json(&["status", "--json"]);
+            let status = home.status_needing_attention();
             let d = &status["vms"][0]["destinations"][0];
             d["available"] == false
                 && d["reason"]
@@ -365,8 +387,11 @@ fn an_unplugged_drive_is_never_written_and_is_caught_up_when_it_comes_back_elsew
         "something was written to the bare mount point: {written:?}"
     );
     assert!(home.ok_checkpoints().is_empty());
-    let text = home.run_ok(&["status"]);
-    assert!(text.contains("MISSING"), "{text}");
+    let (code, text) = home.status(true);
+    assert!(
+        code == Some(5) && text.contains("MISSING"),
+        "{code:?}: {text}"
+    );
 
     // Plugged in again, under another name: found by its ID, caught up at once.
     let _again = Mount::bind(&drive, &media.join("BACKUP1"));
