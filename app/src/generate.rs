@@ -209,6 +209,16 @@ fn render_page(man: &Man, cmd: &clap::Command, top: bool) -> String {
         roff.text([bold(status.to_string())]);
         roff.text([roman(meaning)]);
     }
+    if top {
+        for (heading, entries) in [("ENVIRONMENT", &ENVIRONMENT[..]), ("FILES", &FILES[..])] {
+            roff.control("SH", [heading]);
+            for (name, meaning) in entries {
+                roff.control("TP", []);
+                roff.text([bold(*name)]);
+                roff.text([roman(*meaning)]);
+            }
+        }
+    }
     roff.control("SH", ["SEE ALSO"]);
     let see_also = if top {
         "virsh(1), qemu-img(1)"
@@ -217,8 +227,104 @@ fn render_page(man: &Man, cmd: &clap::Command, top: bool) -> String {
     };
     roff.text([roman(see_also)]);
     add(roff.render());
-    page
+    literals_in_bold(&page)
 }
+
+/// The help texts mark literal words (commands, paths, values) with backticks, as Markdown
+/// does; a man page sets them in bold instead (`man-pages(7)`). Control lines, and a line
+/// with an odd number of backticks, are left as they are.
+fn literals_in_bold(page: &str) -> String {
+    page.lines()
+        .map(|line| {
+            if line.starts_with('.') || line.matches('`').count() % 2 == 1 {
+                return line.to_owned();
+            }
+            let mut out = String::with_capacity(line.len());
+            for (i, part) in line.split('`').enumerate() {
+                if i % 2 == 1 {
+                    out.push_str("\\fB");
+                    out.push_str(part);
+                    out.push_str("\\fR");
+                } else {
+                    out.push_str(part);
+                }
+            }
+            out
+        })
+        .map(|line| line + "\n")
+        .collect()
+}
+
+/// ENVIRONMENT of `rewind(1)`.
+const ENVIRONMENT: [(&str, &str); 8] = [
+    (
+        "LIBVIRT_DEFAULT_URI",
+        "The libvirt connection when --connect is not given (default qemu:///system).",
+    ),
+    (
+        "REWIND_SOCKET",
+        "The protection service's socket (default /run/rewind/rewind.sock).",
+    ),
+    (
+        "REWIND_PASSPHRASE",
+        "The passphrase of an encrypted store, instead of asking for it on the terminal; \
+         given to the service for a store it adds.",
+    ),
+    (
+        "REWIND_SSH_CONFIG",
+        "An ssh_config file to use instead of ~/.ssh/config for stores on other hosts.",
+    ),
+    (
+        "REWIND_CONFIG_DIR",
+        "The configuration folder, instead of /etc/rewind (root) or ~/.config/rewind.",
+    ),
+    (
+        "REWIND_STATE_DIR",
+        "The folder of history, status and log, instead of /var/lib/rewind (root) or \
+         ~/.local/state/rewind.",
+    ),
+    (
+        "REWIND_LOG",
+        "How much goes into the log: info by default; debug says more (tracing's filter \
+         syntax, e.g. rewind_core::restore=debug,info).",
+    ),
+    (
+        "REWIND_FULL_STATE_WAY",
+        "save: take full-state checkpoints through libvirt's managed save (the VM stops \
+         for seconds) instead of a live snapshot.",
+    ),
+];
+
+/// FILES of `rewind(1)`.
+const FILES: [(&str, &str); 6] = [
+    (
+        "/etc/rewind/config.ron",
+        "The protection service's configuration: what is protected where, how often and \
+         for how long; its store passphrases are beside it (root only).",
+    ),
+    (
+        "/var/lib/rewind/",
+        "The service's history, status and log (rewind.log), and its work folder.",
+    ),
+    (
+        "/run/rewind/rewind.sock",
+        "The service's socket: the window, the tray and rewind of users in the libvirt \
+         group connect to it.",
+    ),
+    (
+        "~/.config/rewind/config.ron, ~/.local/state/rewind/",
+        "A user's own configuration and state, used when no service runs.",
+    ),
+    (
+        "/etc/xdg/autostart/rewind-tray.desktop",
+        "Starts rewind tray at login; a copy with Hidden=true in ~/.config/autostart/ turns \
+         it off for one user.",
+    ),
+    (
+        "/usr/share/doc/rewind/CLI.md",
+        "The command line in full, with the JSON formats of --json.",
+    ),
+];
 
 /// The completion scripts of [`SHELLS`], named as each shell's generator names them.
 fn completions(cli: &clap::Command) -> Vec<File> {
@@ -251,6 +357,15 @@ fn without_hidden_commands(cli: &clap::Command) -> clap::Command {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn literals_in_backticks_are_set_in_bold_but_not_in_control_lines() {
+        let page = ".TP\nrun `rewind vms` or `virsh list`\n.B `kept`\nan odd ` stays\n";
+        assert_eq!(
+            literals_in_bold(page),
+            ".TP\nrun \\fBrewind vms\\fR or \\fBvirsh list\\fR\n.B `kept`\nan odd ` stays\n"
+        );
+    }
 
     /// `rewind-vms.1` and so on: what a page per visible command, nested ones too, is named.
     fn expected_pages(cmd: &clap::Command, prefix: &str, names: &mut Vec<String>) {

@@ -96,11 +96,21 @@ pub fn check_man_page(path: &Path) {
         );
     }
     assert!(text.contains(name), "{file} names {name}:\n{text}");
+    assert!(
+        !text.contains('`'),
+        "{file} shows Markdown backticks instead of bold:\n{text}"
+    );
 }
 
 /// Checks that `rewind(1)` at `path` lists every command of `binary`.
 pub fn check_top_page_lists_commands(binary: &Path, path: &Path) {
     let top = String::from_utf8_lossy(&man(path, 200).stdout).into_owned();
+    for section in ["ENVIRONMENT", "FILES"] {
+        assert!(
+            top.lines().any(|line| line == section),
+            "rewind(1) has no {section} section:\n{top}"
+        );
+    }
     for command in commands_listed(binary, &[]) {
         assert!(
             top.contains(&format!("rewind-{command}(1)")),
