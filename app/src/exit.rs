@@ -39,8 +39,9 @@ pub const TABLE: [(u8, &str); 6] = [
     ),
     (
         BUSY,
-        "Busy: another process holds what the command needs (a store, the scheduler, the \
-         protection service); try again when it has finished.",
+        "Busy: another process holds what the command needs (this user's scheduler, the \
+         protection service's queue, a store's lock where the command does not wait for \
+         it); try again when it has finished.",
     ),
     (
         NEEDS_ATTENTION,
