@@ -852,6 +852,73 @@ pub fn show_records(
 mod tests {
     use super::*;
 
+    /// `win11` protected hourly into `usb`, whose drive is there when `plugged`; with
+    /// `records` as history.
+    fn inputs(records: Vec<Record>, plugged: bool, paused: bool) -> StatusInputs {
+        let config = Config {
+            destinations: vec![Destination {
+                name: "usb".into(),
+                location: "/media/me/usb/rewind".into(),
+                store_id: None,
+                passphrase_file: None,
+                store_secret: None,
+            }],
+            vms: vec![Protection {
+                vm: "win11".into(),
+                destinations: vec!["usb".into()],
+                interval_secs: 3600,
+                paused,
+                ..Protection::default()
+            }],
+            ..Config::default()
+        };
+        StatusInputs {
+            path: PathBuf::from("config.ron"),
+            config,
+            error: None,
+            records,
+            live: None,
+            found: Box::new(move |d| {
+                if plugged {
+                    Availability::Folder(PathBuf::from(&d.location))
+                } else {
+                    Availability::Missing {
+                        reason: "the drive is not plugged in".into(),
+                    }
+                }
+            }),
+        }
+    }
+
+    fn job(now: DateTime<Utc>, hours_ago: i64, outcome: Outcome) -> Record {
+        let mut r = Record::starting(
+            "win11",
+            "usb",
+            Why::Due,
+            now - chrono::Duration::hours(hours_ago),
+        );
+        r.outcome = outcome;
+        r
+    }
+
+    #[test]
+    fn attention_for_overdue_failing_missing_and_a_broken_configuration_not_when_paused() {
+        let now = Utc::now();
+        let fine = || vec![job(now, 1, Outcome::Ok)];
+        assert_eq!(attention(&inputs(fine(), true, false), now), None);
+        let overdue = attention(&inputs(vec![job(now, 48, Outcome::Ok)], true, false), now);
+        assert!(overdue.is_some_and(|w| w.starts_with("win11: in usb")));
+        let failed = vec![job(now, 2, Outcome::Ok), job(now, 1, Outcome::Failed)];
+        let failing = attention(&inputs(failed, true, false), now);
+        assert!(failing.is_some_and(|w| w.contains("failed")));
+        let missing = attention(&inputs(fine(), false, false), now);
+        assert!(missing.is_some_and(|w| w.contains("not plugged in")),);
+        assert_eq!(attention(&inputs(fine(), false, true), now), None);
+        let mut broken = inputs(fine(), true, false);
+        broken.error = Some("line 3, column 9: expected a string".into());
+        assert!(attention(&broken, now).is_some_and(|w| w.contains("line 3")));
+    }
+
     #[test]
     fn sizes_and_intervals_read_and_print_like_people_write_them() {
         assert_eq!(parse_size("2G").unwrap(), 2 << 30);

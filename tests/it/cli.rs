@@ -434,6 +434,8 @@ fn a_destination_name_finds_its_drive_and_a_missing_drive_is_unavailable() {
     .unwrap();
     let listed = json_ok(&home, &["verify", "--in", "usb", "--json"]);
     assert_eq!(listed["checkpoints"], 0, "{listed}");
+    let collected = json_ok(&home, &["gc", "--in", "usb", "--json"]);
+    assert_eq!(collected["chunks_removed"], 0, "{collected}");
     // Unplugged: the name is known, its store is away.
     std::fs::rename(&store, home.path("elsewhere")).unwrap();
     json_error(
