@@ -77,6 +77,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use rewind_core::config::Config;
 use rewind_core::history::{Outcome, Record};
 use rewind_tests::scratch::ScratchDir;
 use rewind_tests::{DiskSpec, Format, TestVm, daemon};
@@ -412,26 +413,40 @@ fn protection_contract(home: &Home, vm: &TestVm, s: &str) {
     json_error(home, &args, NOT_FOUND, "not_found");
 }
 
+/// A new store at `store`, destination `usb` of a configuration that protects each of
+/// `vms` into it, every `interval_secs`.
+fn usb_config(store: &std::path::Path, vms: &[&str], interval_secs: u64) -> Config {
+    crate::rewind::run_ok(&["init", store.to_str().unwrap()]);
+    Config {
+        uri: daemon::URI.into(),
+        destinations: vec![rewind_core::config::Destination {
+            name: "usb".into(),
+            location: store.display().to_string(),
+            store_id: Some(rewind_core::store::Store::probe(store).unwrap().id),
+            passphrase_file: None,
+            store_secret: None,
+        }],
+        vms: vms
+            .iter()
+            .map(|vm| rewind_core::config::Protection {
+                vm: (*vm).into(),
+                destinations: vec!["usb".into()],
+                interval_secs,
+                ..rewind_core::config::Protection::default()
+            })
+            .collect(),
+        ..Config::default()
+    }
+}
+
 #[test]
 fn a_destination_name_finds_its_drive_and_a_missing_drive_is_unavailable() {
     rewind_tests::setup().unwrap();
     let home = Home::new("cli-dest-name");
     let store = home.path("drive");
-    crate::rewind::run_ok(&["init", store.to_str().unwrap()]);
-    let id = rewind_core::store::Store::probe(&store).unwrap().id;
-    rewind_core::config::Config {
-        uri: daemon::URI.into(),
-        destinations: vec![rewind_core::config::Destination {
-            name: "usb".into(),
-            location: store.display().to_string(),
-            store_id: Some(id),
-            passphrase_file: None,
-            store_secret: None,
-        }],
-        ..rewind_core::config::Config::default()
-    }
-    .save(&home.config_file())
-    .unwrap();
+    usb_config(&store, &[], 3600)
+        .save(&home.config_file())
+        .unwrap();
     let listed = json_ok(&home, &["verify", "--in", "usb", "--json"]);
     assert_eq!(listed["checkpoints"], 0, "{listed}");
     let collected = json_ok(&home, &["gc", "--in", "usb", "--json"]);
@@ -507,25 +522,8 @@ fn status_needs_attention_for_an_overdue_vm_a_failed_checkpoint_and_a_missing_dr
     rewind_tests::setup().unwrap();
     let home = Home::new("cli-status");
     let store = home.path("drive");
-    crate::rewind::run_ok(&["init", store.to_str().unwrap()]);
     let vm = "rwt-status-vm";
-    let mut config = rewind_core::config::Config {
-        uri: daemon::URI.into(),
-        destinations: vec![rewind_core::config::Destination {
-            name: "usb".into(),
-            location: store.display().to_string(),
-            store_id: Some(rewind_core::store::Store::probe(&store).unwrap().id),
-            passphrase_file: None,
-            store_secret: None,
-        }],
-        vms: vec![rewind_core::config::Protection {
-            vm: vm.into(),
-            destinations: vec!["usb".into()],
-            interval_secs: 3600,
-            ..rewind_core::config::Protection::default()
-        }],
-        ..rewind_core::config::Config::default()
-    };
+    let mut config = usb_config(&store, &[vm], 3600);
     config.save(&home.config_file()).unwrap();
     let history = |records: &[Record]| {
         drop(std::fs::remove_file(home.history_file()));
@@ -641,31 +639,14 @@ fn a_checkpoint_whose_stderr_is_no_terminal_says_its_progress_in_plain_lines() {
 fn through_the_service_errors_keep_their_kind_and_status_needs_attention() {
     rewind_tests::setup().unwrap();
     let home = Home::new("cli-svc");
-    let store = home.path("store");
-    crate::rewind::run_ok(&["init", store.to_str().unwrap()]);
     // One VM protected, which the service's scheduler fails to checkpoint at once (there is
     // no such VM).
     let failing = "rwt-cli-svc-no-such-vm";
     let svc_dir = home.path("svc");
     std::fs::create_dir(&svc_dir).unwrap();
-    rewind_core::config::Config {
-        uri: daemon::URI.into(),
-        destinations: vec![rewind_core::config::Destination {
-            name: "usb".into(),
-            location: store.display().to_string(),
-            store_id: Some(rewind_core::store::Store::probe(&store).unwrap().id),
-            passphrase_file: None,
-            store_secret: None,
-        }],
-        vms: vec![rewind_core::config::Protection {
-            vm: failing.into(),
-            destinations: vec!["usb".into()],
-            ..rewind_core::config::Protection::default()
-        }],
-        ..rewind_core::config::Config::default()
-    }
-    .save(&svc_dir.join("config/config.ron"))
-    .unwrap();
+    usb_config(&home.path("store"), &[failing], 3600)
+        .save(&svc_dir.join("config/config.ron"))
+        .unwrap();
     let binary = std::path::Path::new(env!("CARGO_BIN_EXE_rewind"));
     let service = rewind_tests::service::TestService::start(binary, &svc_dir).unwrap();
     let socket = service.socket().to_owned();
