@@ -37,16 +37,19 @@ fn main() -> ExitCode {
         logging::init(false);
     }
     let json = args.command.as_ref().is_some_and(cli::Command::json);
-    let mut stdout = exit::Watched::new(std::io::stdout().lock());
+    let mut used = false;
     let result = match &args.command {
-        Some(command) => cli::run(&args, command, &mut stdout),
+        Some(command) => {
+            let mut stdout = exit::Watched::new(std::io::stdout().lock());
+            let result = cli::run(&args, command, &mut stdout);
+            used = stdout.used();
+            result
+        }
         None => gui::run(gui::RunOptions {
             uri: args.connect.clone().filter(|u| !u.trim().is_empty()),
             minimized: args.minimized,
         }),
     };
-    let used = stdout.used();
-    drop(stdout);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         // One line, `error:` first, the whole cause chain (what failed and what to do),
