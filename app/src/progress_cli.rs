@@ -96,13 +96,16 @@ fn write_lines(label: &str, control: &Control, stop: &AtomicBool) {
     let mut lines = Lines::new(label);
     while !stop.load(Ordering::Relaxed) {
         let (done_bytes, total_bytes) = control.progress_bytes();
-        if let Some(line) = lines.next(
-            &phase_text(control),
-            done_bytes,
-            total_bytes,
-            Instant::now(),
-        ) {
-            eprintln!("{line}");
+        // By the phase itself: the countdown of a shutdown is said with it, not each second.
+        let phase = control.phase().label();
+        if let Some(line) = lines.next(phase, done_bytes, total_bytes, Instant::now()) {
+            match control.force_off_in() {
+                Some(left) => eprintln!(
+                    "{line} (turned off in {} s; Ctrl-C leaves it running)",
+                    left.as_secs()
+                ),
+                None => eprintln!("{line}"),
+            }
         }
         std::thread::sleep(TICK);
     }
