@@ -10,8 +10,6 @@ use rewind_core::config::{self, Config, Destination};
 use rewind_core::destination::{self, Availability};
 use rewind_core::engine::jobs::{Listing, StoreFacts};
 use rewind_core::progress::Control;
-
-use crate::progress_cli::Progress;
 use rewind_core::store::retention::KeepRules;
 use rewind_core::store::verify::VerifyReport;
 use rewind_core::store::{InitOptions, Location, Manifest, Store, StoreError};
@@ -19,6 +17,8 @@ use rewind_core::units::human_bytes;
 use rewind_core::workdir::WorkDir;
 use serde::Serialize;
 use zeroize::Zeroizing;
+
+use crate::progress_cli::Progress;
 
 /// Environment variable that holds a store's passphrase (for scripts and tests).
 pub const PASSPHRASE_ENV: &str = "REWIND_PASSPHRASE";
@@ -118,7 +118,7 @@ pub(crate) fn store_path(dest: &Path) -> anyhow::Result<Cow<'_, Path>> {
     }
 }
 
-/// The names of the configured destinations, for a message: `a, b` or `none`.
+/// The configured destinations' names, for a message.
 fn destination_names() -> String {
     let (config, _) = Config::load_or_last_good(&config::config_path());
     let names: Vec<&str> = config
@@ -186,7 +186,8 @@ pub fn checkpoint(
     json: bool,
     full_state: bool,
 ) -> anyhow::Result<()> {
-    let dest = &*store_path(dest)?;
+    let asked = dest;
+    let dest = &*store_path(asked)?;
     let location = location(dest)?;
     let given = given_passphrase()?;
     let store = match Store::open_at(&location, given.as_deref().map(Vec::as_slice)) {
@@ -198,7 +199,8 @@ pub fn checkpoint(
                 created => created?,
             }
         }
-        Err(StoreError::PassphraseRequired { .. }) => open_path(dest)?,
+        // A destination's passphrase file, or the passphrase asked for.
+        Err(StoreError::PassphraseRequired { .. }) => open_store(asked)?,
         opened => opened?,
     };
     let hv = rewind_core::libvirt::Hypervisor::connect(uri)?;
