@@ -52,7 +52,7 @@ impl Args {
 pub enum Command {
     /// List the virtual machines with their state, disks, firmware and TPM
     Vms {
-        /// Print JSON (the format is documented in app/CLI.md) instead of a table
+        /// Print JSON (its format: /usr/share/doc/rewind/CLI.md) instead of a table
         #[arg(long)]
         json: bool,
     },
@@ -64,7 +64,7 @@ pub enum Command {
         /// Encrypt the store with a passphrase (asked for, or read from `REWIND_PASSPHRASE`)
         #[arg(long)]
         encrypt: bool,
-        /// Print JSON (documented in app/CLI.md)
+        /// Print JSON (its format: /usr/share/doc/rewind/CLI.md)
         #[arg(long)]
         json: bool,
     },
@@ -94,7 +94,7 @@ pub enum Command {
         /// The store's folder, `ssh://` URL, or a configured destination's name
         #[arg(long = "in", value_name = "DEST")]
         store: PathBuf,
-        /// Print JSON (documented in app/CLI.md)
+        /// Print JSON (its format: /usr/share/doc/rewind/CLI.md)
         #[arg(long)]
         json: bool,
     },
@@ -107,7 +107,7 @@ pub enum Command {
         /// Only check that every chunk is present (much faster; no re-reading of data)
         #[arg(long)]
         quick: bool,
-        /// Print JSON (documented in app/CLI.md)
+        /// Print JSON (its format: /usr/share/doc/rewind/CLI.md)
         #[arg(long)]
         json: bool,
     },
@@ -140,7 +140,7 @@ pub enum Command {
         /// Only say what would be removed
         #[arg(long)]
         dry_run: bool,
-        /// Print JSON (documented in app/CLI.md)
+        /// Print JSON (its format: /usr/share/doc/rewind/CLI.md)
         #[arg(long)]
         json: bool,
     },
@@ -163,7 +163,7 @@ pub enum Command {
         /// Image format
         #[arg(long, value_enum, default_value_t = ExportFormat::Qcow2)]
         format: ExportFormat,
-        /// Print JSON (documented in app/CLI.md)
+        /// Print JSON (its format: /usr/share/doc/rewind/CLI.md)
         #[arg(long)]
         json: bool,
     },
@@ -245,7 +245,7 @@ pub enum Command {
         /// File with the passphrase of an encrypted store (for unattended checkpoints)
         #[arg(long, value_name = "FILE")]
         passphrase_file: Option<PathBuf>,
-        /// Print JSON (documented in app/CLI.md)
+        /// Print JSON (its format: /usr/share/doc/rewind/CLI.md)
         #[arg(long)]
         json: bool,
     },
@@ -254,7 +254,7 @@ pub enum Command {
     Unprotect {
         /// The VM (name or UUID)
         vm: String,
-        /// Print JSON (documented in app/CLI.md)
+        /// Print JSON (its format: /usr/share/doc/rewind/CLI.md)
         #[arg(long)]
         json: bool,
     },
@@ -269,7 +269,7 @@ pub enum Command {
         /// Pause all protection until 06:00 tomorrow, local time (it resumes by itself)
         #[arg(long, conflicts_with = "vm")]
         until_tomorrow: bool,
-        /// Print JSON (documented in app/CLI.md)
+        /// Print JSON (its format: /usr/share/doc/rewind/CLI.md)
         #[arg(long)]
         json: bool,
     },
@@ -278,14 +278,14 @@ pub enum Command {
     Resume {
         /// The VM [default: all]
         vm: Option<String>,
-        /// Print JSON (documented in app/CLI.md)
+        /// Print JSON (its format: /usr/share/doc/rewind/CLI.md)
         #[arg(long)]
         json: bool,
     },
 
     /// Each protected VM: its last checkpoint, the next one, whether its destinations are there
     Status {
-        /// Print JSON (documented in app/CLI.md)
+        /// Print JSON (its format: /usr/share/doc/rewind/CLI.md)
         #[arg(long)]
         json: bool,
     },
@@ -294,12 +294,13 @@ pub enum Command {
     History {
         /// Only this VM (name or UUID)
         vm: Option<String>,
-        /// Print JSON (documented in app/CLI.md)
+        /// Print JSON (its format: /usr/share/doc/rewind/CLI.md)
         #[arg(long)]
         json: bool,
     },
 
-    /// Run the scheduler without a window (the systemd user unit in packaging/ runs this)
+    /// Run this user's own scheduler without a window (the older way: the protection service
+    /// replaces it)
     Daemon,
 
     /// Show Rewind's tray icon and send its desktop notifications, as a client of the
@@ -307,8 +308,8 @@ pub enum Command {
     Tray,
 
     /// Run the protection service, as root: it does every protection job, and the window,
-    /// the tray and the CLI of users in the `libvirt` group are its clients (the systemd
-    /// unit packaging/rewind-service.service runs this)
+    /// the tray and the CLI of users in the `libvirt` group are its clients (its systemd
+    /// unit, rewind.service, runs this)
     Service,
 
     /// Remove data that no checkpoint uses any more (prune does this itself)
@@ -316,7 +317,7 @@ pub enum Command {
         /// The store's folder, `ssh://` URL, or a configured destination's name
         #[arg(long = "in", value_name = "DEST")]
         store: PathBuf,
-        /// Print JSON (documented in app/CLI.md)
+        /// Print JSON (its format: /usr/share/doc/rewind/CLI.md)
         #[arg(long)]
         json: bool,
     },
@@ -409,7 +410,7 @@ pub struct RestoreHow {
     /// boot the VM from them, instead of resuming it where it was from its saved memory
     #[arg(long)]
     disk_only: bool,
-    /// Print what was done as JSON (documented in app/CLI.md)
+    /// Print what was done as JSON (its format: /usr/share/doc/rewind/CLI.md)
     #[arg(long)]
     json: bool,
 }

@@ -144,7 +144,7 @@ pub fn protect(
         )?,
         None => writeln!(
             out,
-            "No scheduler runs yet: start the Rewind window, or `rewind daemon` (packaging/rewind.service runs it at login). It takes the first checkpoint at once."
+            "No scheduler runs yet: start the Rewind window, or `rewind daemon`. It takes the first checkpoint at once."
         )?,
     }
     Ok(())

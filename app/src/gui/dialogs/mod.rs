@@ -277,7 +277,7 @@ fn close_without_tray_ui(ui: &mut egui::Ui, state: &mut UiState) -> bool {
     let mut close = false;
     let ((), keep) = modal(ui, "close_without_tray", "Stop protecting?", |ui| {
         ui.label(
-            "There is no tray on this desktop to keep Rewind running in. Closing the window stops automatic checkpoints until you open Rewind again (or run `rewind daemon`, see packaging/rewind.service).",
+            "There is no tray on this desktop to keep Rewind running in. Closing the window stops automatic checkpoints until you open Rewind again (or run `rewind daemon`).",
         );
         ui.add_space(8.0);
         ui.horizontal(|ui| {
