@@ -224,6 +224,45 @@ const EXPECTED: &[&str] = &[
     "/usr/share/doc/rewind/copyright",
 ];
 
+/// The licence in Debian's copyright format, the changelog, and the licences of the crates
+/// linked into the binary, each with the crates using it.
+fn check_licences(files: &[PathBuf]) {
+    let copyright = std::fs::read_to_string("/usr/share/doc/rewind/copyright").unwrap();
+    assert!(
+        copyright.contains("License: GPL-3+")
+            && copyright.contains("/usr/share/common-licenses/GPL-3"),
+        "the licence is named in Debian's copyright format: {copyright}"
+    );
+    assert!(
+        files
+            .iter()
+            .any(|f| f == Path::new("/usr/share/doc/rewind/changelog.Debian.gz")),
+        "the package has a changelog"
+    );
+    // The licences of the crates linked into the binary, each with the crates using it.
+    let third_party = run_ok(
+        "zcat third-party-licenses.txt.gz",
+        Command::new("zcat").arg("/usr/share/doc/rewind/third-party-licenses.txt.gz"),
+    );
+    let third_party = String::from_utf8_lossy(&third_party.stdout);
+    for (krate, licence) in [
+        ("eframe", "MIT License"),
+        ("virt", "GNU Lesser General Public License v2.1 only"),
+        ("tokio", "MIT License"),
+    ] {
+        assert!(
+            third_party
+                .lines()
+                .any(|l| l.trim().starts_with(&format!("{krate} "))),
+            "third-party-licenses names {krate}"
+        );
+        assert!(
+            third_party.contains(licence),
+            "third-party-licenses has {licence}"
+        );
+    }
+}
+
 fn check_installed_files(files: &[PathBuf], scratch: &Path) {
     for expected in EXPECTED {
         assert!(
@@ -248,18 +287,7 @@ fn check_installed_files(files: &[PathBuf], scratch: &Path) {
         "the service is enabled on install ({} is missing)",
         wants.display()
     );
-    let copyright = std::fs::read_to_string("/usr/share/doc/rewind/copyright").unwrap();
-    assert!(
-        copyright.contains("License: GPL-3+")
-            && copyright.contains("/usr/share/common-licenses/GPL-3"),
-        "the licence is named in Debian's copyright format: {copyright}"
-    );
-    assert!(
-        files
-            .iter()
-            .any(|f| f == Path::new("/usr/share/doc/rewind/changelog.Debian.gz")),
-        "the package has a changelog"
-    );
+    check_licences(files);
 
     // Man pages: one per command, and each renders.
     let binary = Path::new(BINARY);
