@@ -33,6 +33,11 @@ pub struct Args {
     #[arg(long)]
     pub minimized: bool,
 
+    /// When a store is busy (another Rewind process holds it, e.g. removing unused data),
+    /// fail at once with exit code 4 instead of waiting for it
+    #[arg(long, global = true)]
+    pub no_wait: bool,
+
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -451,6 +456,7 @@ impl ExportFormat {
 /// Runs a subcommand, writing its output to `out`.
 #[allow(clippy::too_many_lines)] // one short arm per command
 pub fn run(args: &Args, command: &Command, out: &mut dyn Write) -> anyhow::Result<()> {
+    store_cli::fail_when_busy(args.no_wait);
     if let Some(done) = through_service(args, command, out) {
         return done;
     }

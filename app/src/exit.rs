@@ -40,8 +40,8 @@ pub const TABLE: [(u8, &str); 6] = [
     (
         BUSY,
         "Busy: another process holds what the command needs (this user's scheduler, the \
-         protection service's queue, a store's lock where the command does not wait for \
-         it); try again when it has finished.",
+         protection service's queue, with --no-wait a store another Rewind process \
+         holds); try again when it has finished.",
     ),
     (
         NEEDS_ATTENTION,

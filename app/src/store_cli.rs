@@ -301,6 +301,23 @@ pub(crate) fn say_taken(out: &mut dyn Write, m: &Manifest) -> std::io::Result<()
     )
 }
 
+/// `--no-wait`: this command's jobs fail as busy instead of waiting for a store's lock.
+static FAIL_WHEN_BUSY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Sets `--no-wait` for the jobs this command runs here.
+pub(crate) fn fail_when_busy(yes: bool) {
+    FAIL_WHEN_BUSY.store(yes, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// A control for a job this command runs here, failing as busy with `--no-wait`.
+pub(crate) fn job_control() -> Control {
+    let control = Control::new();
+    if FAIL_WHEN_BUSY.load(std::sync::atomic::Ordering::Relaxed) {
+        control.fail_when_busy();
+    }
+    control
+}
+
 /// Ctrl-C (SIGINT) and SIGTERM cancel the checkpoint being taken: the engine stops at its
 /// next check and cleans up (no checkpoint, no libvirt job, no frozen guest). A second
 /// Ctrl-C exits at once; the next run then cleans up what is left.
@@ -311,7 +328,7 @@ pub(crate) struct Interrupt {
 impl Interrupt {
     pub(crate) fn install() -> anyhow::Result<Self> {
         let current =
-            std::sync::Arc::new(std::sync::Mutex::new(std::sync::Arc::new(Control::new())));
+            std::sync::Arc::new(std::sync::Mutex::new(std::sync::Arc::new(job_control())));
         let handler_current = current.clone();
         ctrlc::set_handler(move || {
             let control = handler_current
@@ -343,7 +360,7 @@ impl Interrupt {
             .current
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let next = std::sync::Arc::new(Control::new());
+        let next = std::sync::Arc::new(job_control());
         if current.is_cancelled() {
             next.cancel();
         }
@@ -663,7 +680,7 @@ struct Unreadable<'a> {
 /// `rewind verify --in DEST [--quick] [--json]`. Fails (exit 1) when anything is damaged.
 pub fn verify(out: &mut dyn Write, dest: &Path, quick: bool, json: bool) -> anyhow::Result<()> {
     let store = open_store(dest)?;
-    let control = std::sync::Arc::new(Control::new());
+    let control = std::sync::Arc::new(job_control());
     let reporter = Progress::start(&format!("Verifying {}", dest.display()), control.clone());
     let report = store.verify(quick, &control);
     drop(reporter);
@@ -752,7 +769,7 @@ pub fn prune(
     json: bool,
 ) -> anyhow::Result<()> {
     let store = open_store(dest)?;
-    let control = Control::new();
+    let control = job_control();
     let vm_uuid = match vm {
         None => None,
         Some(filter) => Some(vm_in(&store.catalog()?.checkpoints, dest, filter)?),
@@ -851,7 +868,7 @@ pub(crate) fn say_pruned(
 /// `rewind gc --in DEST [--json]`.
 pub fn gc(out: &mut dyn Write, dest: &Path, json: bool) -> anyhow::Result<()> {
     let store = open_store(dest)?;
-    let report = store.gc(&Control::new())?;
+    let report = store.gc(&job_control())?;
     say_collected(out, &report, json)
 }
 

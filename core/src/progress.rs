@@ -20,6 +20,8 @@ pub struct Control {
     force_off_at_ms: AtomicU64,
     /// Turning the VM off now, without waiting for the guest any longer, was asked for.
     force_off_now: AtomicBool,
+    /// A store's lock held by others fails the job as busy instead of being waited for.
+    fail_when_busy: AtomicBool,
 }
 
 /// What a job is doing, for the progress display.
@@ -103,6 +105,19 @@ impl Control {
     #[must_use]
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Makes the job fail as busy ([`crate::store::StoreError::Busy`]) instead of waiting
+    /// when another process holds a store's lock it needs: for a script that would rather
+    /// try again later.
+    pub fn fail_when_busy(&self) {
+        self.fail_when_busy.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the job waits for a store's lock that another process holds (the default).
+    #[must_use]
+    pub fn waits_when_busy(&self) -> bool {
+        !self.fail_when_busy.load(Ordering::Relaxed)
     }
 
     /// Asks the job to stop at its next check.

@@ -486,6 +486,58 @@ fn a_second_scheduler_is_busy() {
     assert!(stderr.contains("already runs"), "{stderr}");
 }
 
+#[test]
+fn a_busy_store_is_waited_for_or_with_no_wait_fails_at_once_as_busy() {
+    rewind_tests::setup().unwrap();
+    let home = Home::new("cli-busy-store");
+    let store = home.path("store");
+    let s = store.to_str().unwrap();
+    json_ok(&home, &["init", s, "--json"]);
+    // Another process holds the store as removing unused data does (exclusively).
+    let held = rewind_core::store::StoreLock::acquire(
+        &store,
+        rewind_core::store::LockMode::Exclusive,
+        "removing unused chunks",
+        None,
+    )
+    .unwrap();
+
+    let message = json_error(
+        &home,
+        &["verify", "--in", s, "--no-wait", "--json"],
+        BUSY,
+        "busy",
+    );
+    assert!(
+        message.contains("busy") && message.contains("removing unused chunks"),
+        "says who holds it: {message}"
+    );
+    let out = home.run(&["gc", "--in", s, "--no-wait"]);
+    assert_eq!(
+        out.status.code(),
+        Some(BUSY),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Without --no-wait the command waits, and goes on once the store is free.
+    let mut waiting = home
+        .command(&["verify", "--in", s, "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        waiting.try_wait().unwrap().is_none(),
+        "verify waits for the store"
+    );
+    drop(held);
+    let out = waiting.wait_with_output().unwrap();
+    let report = json_exiting(&out, 0, "rewind verify after the store was freed");
+    assert!(report.is_object(), "{report}");
+}
+
 /// A job record of VM `vm` into `usb`, begun `minutes_ago`.
 fn record(vm: &str, minutes_ago: i64, outcome: Outcome) -> Record {
     let started = chrono::Utc::now() - chrono::Duration::minutes(minutes_ago);

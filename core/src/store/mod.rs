@@ -873,13 +873,15 @@ impl Store {
         Ok((removed, bytes))
     }
 
-    /// Takes the store lock (see [`StoreLock`]; on another host, lock files).
+    /// Takes the store lock (see [`StoreLock`]; on another host, lock files). With `wait`,
+    /// a lock held by others is waited for, unless that control fails when busy.
     pub(crate) fn lock(
         &self,
         mode: LockMode,
         purpose: &str,
         wait: Option<&crate::progress::Control>,
     ) -> Result<StoreLock, StoreError> {
+        let wait = wait.filter(|control| control.waits_when_busy());
         StoreLock::acquire_in(&self.fs, &self.root, mode, purpose, wait)
     }
 

@@ -467,9 +467,20 @@ fn gc_waits_for_a_writer_and_writers_wait_for_gc() {
         store.begin_checkpoint(new_checkpoint(vm("a", 1), 0), &blocked),
         Err(StoreError::Cancelled)
     ));
+    // A job that would rather fail than wait says the store is busy, and by whom.
+    let impatient = Control::new();
+    impatient.fail_when_busy();
+    match store.begin_checkpoint(new_checkpoint(vm("a", 1), 0), &impatient) {
+        Err(StoreError::Busy { holder, .. }) => assert!(holder.contains("gc"), "{holder}"),
+        other => panic!("expected busy, got {other:?}"),
+    }
+    assert!(matches!(
+        store.verify(false, &impatient),
+        Err(StoreError::Busy { .. })
+    ));
     drop(gc_lock);
     store
-        .begin_checkpoint(new_checkpoint(vm("a", 1), 0), &Control::new())
+        .begin_checkpoint(new_checkpoint(vm("a", 1), 0), &impatient)
         .unwrap();
 }
 
