@@ -30,6 +30,7 @@ pub(crate) mod patch;
 mod pieces;
 mod pipeline;
 pub mod prune;
+pub mod random;
 pub mod reader;
 pub mod retention;
 mod sftp;

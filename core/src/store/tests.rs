@@ -270,6 +270,74 @@ fn checkpoint_reads_back_byte_exact_and_holes_cost_nothing() {
 }
 
 #[test]
+fn random_access_reads_any_range_and_fetches_each_chunk_once_while_cached() {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::init(&tmp.path().join("s"), &options()).unwrap();
+    let (image, content) = make_image(tmp.path(), "disk.img", 7);
+    let first = checkpoint_file(&store, vm("win11", 1), 0, &image, None);
+    // An incremental whose changed chunk is stored as a patch over its parent's.
+    let mut changed = content.clone();
+    changed[CHUNK as usize + 100..CHUNK as usize + 140].copy_from_slice(&[0xab; 40]);
+    write_sparse(&image, &changed);
+    let m = checkpoint_file(&store, vm("win11", 1), 1, &image, Some(&first));
+    let index = &m.disks[0].index;
+
+    let c = u64::from(CHUNK);
+    let mut cursor = store.object_cursor(index, 4 * c).unwrap();
+    assert_eq!(cursor.len(), changed.len() as u64);
+    // Ranges within a chunk, across chunk borders, in a hole, over the short tail, past
+    // the end; in no order.
+    for (at, len) in [
+        (c + 90, 60),
+        (c - 10, 30),
+        (3 * c + 5, 2 * c),
+        (9 * c + 17, c + 500),
+        (0, 10),
+        (10 * c + 990, 100),
+        (11 * c, 10),
+        (u64::MAX - 3, 10),
+    ] {
+        let mut buf = vec![0x55; len as usize];
+        let n = cursor.read_at(at, &mut buf).unwrap();
+        let from = usize::try_from(at).unwrap_or(usize::MAX).min(changed.len());
+        let to = from.saturating_add(len as usize).min(changed.len());
+        assert_eq!(n, to - from, "read at {at}");
+        assert_eq!(&buf[..n], &changed[from..to], "bytes at {at}");
+    }
+    // Chunks 0, 1 (the patch), 5 and 10 are fetched once each; 3, 4 and 9 are holes and
+    // are not fetched at all.
+    assert_eq!(cursor.chunks_fetched(), 4);
+    let mut again = vec![0; 60];
+    cursor.read_at(c + 90, &mut again).unwrap();
+    assert_eq!(
+        cursor.chunks_fetched(),
+        4,
+        "a cached chunk is not fetched again"
+    );
+
+    // Read + Seek as a file: the whole disk, byte exact.
+    let mut whole = Vec::new();
+    cursor.seek(SeekFrom::Start(0)).unwrap();
+    cursor.read_to_end(&mut whole).unwrap();
+    assert_eq!(whole, changed);
+    assert_eq!(
+        cursor.seek(SeekFrom::End(-1000)).unwrap(),
+        changed.len() as u64 - 1000
+    );
+    let mut tail = Vec::new();
+    cursor.read_to_end(&mut tail).unwrap();
+    assert_eq!(tail, changed[changed.len() - 1000..]);
+    assert!(
+        cursor
+            .seek(SeekFrom::Current(
+                -i64::try_from(changed.len()).unwrap() - 1
+            ))
+            .is_err()
+    );
+}
+
+#[test]
 fn unchanged_second_checkpoint_adds_only_its_manifest() {
     let tmp = tempfile::tempdir().unwrap();
     let store = Store::init(&tmp.path().join("s"), &options()).unwrap();
