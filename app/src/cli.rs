@@ -327,6 +327,21 @@ pub enum Command {
         json: bool,
     },
 
+    /// What a checkpoint's disks hold, read straight from the store: each disk's partitions
+    /// (volumes) with their size, file system and label
+    Files {
+        /// The VM (name or UUID, as in the store)
+        vm: String,
+        /// The checkpoint's id, or `latest`
+        checkpoint: String,
+        /// The store's folder, `ssh://` URL, or a configured destination's name
+        #[arg(long = "in", value_name = "DEST")]
+        store: PathBuf,
+        /// Print JSON (its format: /usr/share/doc/rewind/CLI.md)
+        #[arg(long)]
+        json: bool,
+    },
+
     /// Write the man pages or the shell completions the package installs (for packaging)
     #[command(hide = true)]
     Generate(crate::generate::GenerateArgs),
@@ -350,7 +365,8 @@ impl Command {
             | Self::Resume { json, .. }
             | Self::Status { json }
             | Self::History { json, .. }
-            | Self::Gc { json, .. } => *json,
+            | Self::Gc { json, .. }
+            | Self::Files { json, .. } => *json,
             Self::Restore { how, .. } | Self::UndoRestore { how, .. } => how.json,
             Self::Daemon | Self::Tray | Self::Service | Self::Generate(_) => false,
         }
@@ -499,6 +515,12 @@ pub fn run(args: &Args, command: &Command, out: &mut dyn Write) -> anyhow::Resul
             store_cli::prune(out, store, vm.as_deref(), &rules, *dry_run, *json)?;
         }
         Command::Gc { store, json } => store_cli::gc(out, store, *json)?,
+        Command::Files {
+            vm,
+            checkpoint,
+            store,
+            json,
+        } => store_cli::files(out, store, vm, checkpoint, *json)?,
         Command::Export { .. } => {
             if let Some(ask) = export_ask(command) {
                 store_cli::export(out, &ask)?;
@@ -644,7 +666,13 @@ fn through_service(
         | Command::Prune { .. }
         | Command::Gc { .. }
         | Command::Export { .. } => false,
-        Command::Daemon | Command::Tray | Command::Service | Command::Generate(_) => return None,
+        // Not for the service (`files` reads here, as this user: the service does not
+        // serve it yet).
+        Command::Daemon
+        | Command::Tray
+        | Command::Service
+        | Command::Generate(_)
+        | Command::Files { .. } => return None,
     };
     let mut session = match remote::route(args.connect.as_deref()) {
         Ok(Route::Direct) => return None,
@@ -717,7 +745,11 @@ fn through_service(
                 json: how.json,
             },
         ),
-        Command::Daemon | Command::Tray | Command::Service | Command::Generate(_) => return None,
+        Command::Daemon
+        | Command::Tray
+        | Command::Service
+        | Command::Generate(_)
+        | Command::Files { .. } => return None,
     })
 }
 

@@ -1032,3 +1032,98 @@ pub(crate) fn say_exported(
     )?;
     Ok(())
 }
+
+/// `rewind files VM CHECKPOINT --in DEST`: each disk's partition table and volumes, read in
+/// place from the store.
+pub fn files(
+    out: &mut dyn Write,
+    dest: &Path,
+    vm: &str,
+    checkpoint: &str,
+    json: bool,
+) -> anyhow::Result<()> {
+    use rewind_core::files::{FileSystem, PartitionTable};
+    let store = open_store(dest)?;
+    let m = find_checkpoint(&store, dest, vm, checkpoint)?;
+    let mut disks = Vec::new();
+    for disk in &m.disks {
+        let mut cursor =
+            store.object_cursor(&disk.index, rewind_core::store::random::DEFAULT_CACHE_BYTES)?;
+        let (table, volumes) =
+            rewind_core::files::volumes(&mut cursor, disk.index.size_bytes, &disk.target)?;
+        disks.push((disk, table, volumes));
+    }
+    if json {
+        let disks: Vec<serde_json::Value> = disks
+            .iter()
+            .map(|(disk, table, volumes)| {
+                serde_json::json!({
+                    "target": disk.target,
+                    "size_bytes": disk.index.size_bytes,
+                    "partition_table": table,
+                    "volumes": volumes,
+                })
+            })
+            .collect();
+        let doc = serde_json::json!({ "vm": m.vm.name, "checkpoint": m.id, "disks": disks });
+        serde_json::to_writer_pretty(&mut *out, &doc).context("could not write JSON")?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    let mut rows = vec![[
+        "VOLUME".to_owned(),
+        "SIZE".to_owned(),
+        "FILE SYSTEM".to_owned(),
+        "LABEL".to_owned(),
+        "PARTITION".to_owned(),
+    ]];
+    for (disk, table, volumes) in &disks {
+        if volumes.is_empty() {
+            rows.push([
+                disk.target.clone(),
+                human_bytes(disk.index.size_bytes),
+                "-".into(),
+                String::new(),
+                match table {
+                    PartitionTable::None => "no partition table or file system Rewind knows",
+                    _ => "no partitions",
+                }
+                .into(),
+            ]);
+        }
+        for v in volumes {
+            let name = if v.number == 0 {
+                disk.target.clone()
+            } else {
+                format!("{}/p{}", disk.target, v.number)
+            };
+            let kind = match &v.partition_name {
+                Some(n) => format!("{} ({n})", v.partition_type),
+                None => v.partition_type.clone(),
+            };
+            let fs = match v.file_system {
+                FileSystem::Bitlocker => "BitLocker (locked: restore the VM to use it)".into(),
+                other => other.name().to_owned(),
+            };
+            rows.push([
+                name,
+                human_bytes(v.size_bytes),
+                fs,
+                v.label.clone().unwrap_or_default(),
+                kind,
+            ]);
+        }
+    }
+    let widths: Vec<usize> = (0..5)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        writeln!(out, "{}", line.join("  ").trim_end())?;
+    }
+    Ok(())
+}

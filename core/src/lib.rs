@@ -14,6 +14,7 @@ pub mod config;
 pub mod destination;
 pub mod engine;
 pub mod error;
+pub mod files;
 mod fault;
 pub mod firmware;
 #[cfg(any(test, feature = "fuzzing"))]

@@ -9,6 +9,7 @@ mod backup;
 mod chain;
 mod cli;
 mod events;
+mod files;
 mod fullstate;
 mod generate;
 mod gui;
