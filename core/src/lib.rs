@@ -14,8 +14,8 @@ pub mod config;
 pub mod destination;
 pub mod engine;
 pub mod error;
-pub mod files;
 mod fault;
+pub mod files;
 pub mod firmware;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
