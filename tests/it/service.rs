@@ -311,21 +311,16 @@ fn window_of(
     log: &Path,
 ) -> Window {
     let home = x.home();
-    let display = std::path::PathBuf::from(x.display());
     let mut cmd = user.command(
         rewind,
         &[
             ("REWIND_SOCKET", socket),
-            ("DISPLAY", &display),
             ("DBUS_SESSION_BUS_ADDRESS", Path::new(bus)),
             ("HOME", &home),
-            ("XDG_RUNTIME_DIR", &x.runtime_dir()),
-            ("XDG_CONFIG_HOME", &home.join("config")),
-            ("XDG_DATA_HOME", &home.join("data")),
-            ("XDG_STATE_HOME", &home.join("state")),
-            ("XDG_CACHE_HOME", &home.join("cache")),
         ],
     );
+    // The display and the XDG folders (setpriv and env hand them on).
+    x.configure(&mut cmd);
     Window(
         cmd.stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(log).unwrap())

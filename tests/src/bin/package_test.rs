@@ -452,21 +452,16 @@ fn start_entry(
     let exec = entry_value(entry, "Exec");
     let mut words = exec.split_whitespace().filter(|w| !w.starts_with('%'));
     let program = words.next().expect("Exec names a program");
-    let display = PathBuf::from(x.display());
     let mut command = user.command(
         Path::new(program),
         &[
             ("PATH", Path::new("/usr/local/bin:/usr/bin:/bin")),
-            ("DISPLAY", &display),
             ("DBUS_SESSION_BUS_ADDRESS", Path::new(session.address())),
             ("HOME", &home),
-            ("XDG_RUNTIME_DIR", &x.runtime_dir()),
-            ("XDG_CONFIG_HOME", &home.join("config")),
-            ("XDG_DATA_HOME", &home.join("data")),
-            ("XDG_STATE_HOME", &home.join("state")),
-            ("XDG_CACHE_HOME", &home.join("cache")),
         ],
     );
+    // The display and the XDG folders (setpriv and env hand them on).
+    x.configure(&mut command);
     for var in OTHER_PLACES {
         command.env_remove(var);
     }
