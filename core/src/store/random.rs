@@ -13,7 +13,7 @@ use std::sync::Arc;
 use super::Store;
 use super::error::StoreError;
 use super::index::{HOLE, ObjectIndex};
-use super::reader::ObjectReader;
+use super::reader::{ObjectReader, StoreRef};
 
 /// The cache's size when the caller does not say: 64 MiB (16 chunks of 4 MiB).
 pub const DEFAULT_CACHE_BYTES: u64 = 64 << 20;
@@ -48,7 +48,23 @@ impl Store {
         index: &ObjectIndex,
         cache_bytes: u64,
     ) -> Result<ObjectCursor<'_>, StoreError> {
-        let reader = self.object_reader(index)?;
+        ObjectCursor::new(StoreRef::Borrowed(self), index, cache_bytes)
+    }
+
+    /// [`Store::object_cursor`] on a shared store: a reader that owns its share, so that it
+    /// can be kept (`'static`) by what reads a file system on the disk.
+    pub fn object_cursor_shared(
+        self: &Arc<Self>,
+        index: &ObjectIndex,
+        cache_bytes: u64,
+    ) -> Result<ObjectCursor<'static>, StoreError> {
+        ObjectCursor::new(StoreRef::Shared(self.clone()), index, cache_bytes)
+    }
+}
+
+impl<'s> ObjectCursor<'s> {
+    fn new(store: StoreRef<'s>, index: &ObjectIndex, cache_bytes: u64) -> Result<Self, StoreError> {
+        let reader = ObjectReader::new(store, index)?;
         let chunk_size = u64::from(index.chunk_size_bytes).max(1);
         let capacity = usize::try_from((cache_bytes / chunk_size).max(1)).unwrap_or(usize::MAX);
         Ok(ObjectCursor {

@@ -9,10 +9,30 @@ use super::error::{StoreError, io_error};
 use super::index::{self, ENTRIES_PER_PAGE, HOLE, ObjectIndex};
 use crate::progress::Control;
 
+/// The store a reader reads from: borrowed, or shared so that the reader can outlive the
+/// caller's borrow (a file system reader that keeps its disk, see
+/// [`Store::object_cursor_shared`](super::Store::object_cursor_shared)).
+#[derive(Debug, Clone)]
+pub(crate) enum StoreRef<'s> {
+    Borrowed(&'s Store),
+    Shared(std::sync::Arc<Store>),
+}
+
+impl std::ops::Deref for StoreRef<'_> {
+    type Target = Store;
+
+    fn deref(&self) -> &Store {
+        match self {
+            Self::Borrowed(store) => store,
+            Self::Shared(store) => store,
+        }
+    }
+}
+
 /// Reads one object chunk by chunk. Keeps one index page in memory.
 #[derive(Debug)]
 pub struct ObjectReader<'s> {
-    store: &'s Store,
+    store: StoreRef<'s>,
     index: ObjectIndex,
     page: Option<(u64, index::Page)>,
 }
@@ -20,9 +40,15 @@ pub struct ObjectReader<'s> {
 impl Store {
     /// A reader for `index`, which must belong to this store.
     pub fn object_reader(&self, index: &ObjectIndex) -> Result<ObjectReader<'_>, StoreError> {
-        index.validate(self.chunk_size_bytes())?;
+        ObjectReader::new(StoreRef::Borrowed(self), index)
+    }
+}
+
+impl<'s> ObjectReader<'s> {
+    pub(crate) fn new(store: StoreRef<'s>, index: &ObjectIndex) -> Result<Self, StoreError> {
+        index.validate(store.chunk_size_bytes())?;
         Ok(ObjectReader {
-            store: self,
+            store,
             index: index.clone(),
             page: None,
         })

@@ -1,0 +1,14 @@
+//! Reading FAT volumes.
+
+use super::{FileTree, TreeError, VolumeDisk};
+
+/// Opens the FAT file system on `disk`.
+///
+/// # Errors
+/// Not read yet.
+pub fn open(disk: VolumeDisk) -> Result<Box<dyn FileTree>, TreeError> {
+    let _ = disk;
+    Err(TreeError::Damaged {
+        detail: "FAT is not read yet".into(),
+    })
+}
