@@ -7,10 +7,15 @@
 //! a drive): every offset and count it holds is checked before it is used, and a damaged
 //! table or file system is reported, never followed out of the disk.
 
+pub mod browse;
+pub mod changes;
 pub mod exfat;
 pub mod ext4;
 pub mod fat;
 pub mod ntfs;
+mod restore;
+#[cfg(test)]
+mod tests;
 pub mod volumes;
 
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -30,6 +35,53 @@ pub enum FilesError {
         /// What failed.
         #[source]
         source: std::io::Error,
+    },
+    /// The store could not give the disk.
+    #[error(transparent)]
+    Store(Box<crate::store::StoreError>),
+    /// A path's first part names no volume.
+    #[error("this checkpoint has no volume named \"{name}\"; a path starts with a volume: {known}")]
+    NoVolume {
+        /// The name given.
+        name: String,
+        /// The volumes there are.
+        known: String,
+    },
+    /// A label names several volumes.
+    #[error("several volumes are named \"{name}\" ({volumes}); use one of those names instead")]
+    Ambiguous {
+        /// The label given.
+        name: String,
+        /// The volumes it names.
+        volumes: String,
+    },
+    /// Something inside a volume could not be listed or read.
+    #[error("{path}: {source}")]
+    Tree {
+        /// The path, volume first.
+        path: String,
+        /// What failed.
+        #[source]
+        source: TreeError,
+    },
+    /// A restore would write over something.
+    #[error(
+        "{} already exists; Rewind never writes over files: choose another folder, or move it \
+         away first",
+        path.display()
+    )]
+    Exists {
+        /// What exists.
+        path: std::path::PathBuf,
+    },
+    /// Writing a restored file or folder failed.
+    #[error("could not write {}: {source}", path.display())]
+    Output {
+        /// What was being written.
+        path: std::path::PathBuf,
+        /// What failed.
+        #[source]
+        source: io::Error,
     },
     /// The partition table is damaged or not one Rewind understands.
     #[error(

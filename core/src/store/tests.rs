@@ -16,7 +16,7 @@ use crate::progress::Control;
 
 const CHUNK: u32 = 64 << 10;
 
-fn options() -> InitOptions {
+pub(crate) fn options() -> InitOptions {
     InitOptions {
         chunk_size_bytes: CHUNK,
         passphrase: None,
@@ -31,7 +31,7 @@ fn encrypted_options(pass: &str) -> InitOptions {
     }
 }
 
-fn vm(name: &str, n: u8) -> VmRef {
+pub(crate) fn vm(name: &str, n: u8) -> VmRef {
     VmRef {
         name: name.into(),
         uuid: Uuid::from_bytes([n; 16]),
@@ -116,7 +116,7 @@ fn write_sparse_by(path: &Path, content: &[u8], chunk: usize) {
     }
 }
 
-fn checkpoint_file(
+pub(crate) fn checkpoint_file(
     store: &Store,
     vm: VmRef,
     minute: u32,
