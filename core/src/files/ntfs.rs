@@ -1594,32 +1594,110 @@ mod tests {
         ));
     }
 
-    /// Lists and reads everything under `folder`, ignoring errors: what a damaged volume
-    /// must survive.
-    fn walk(tree: &mut NtfsTree, folder: &[String], depth: usize) {
+    /// Whether record `number` has an attribute list (its attributes do not fit in it).
+    fn has_attribute_list(tree: &mut NtfsTree, number: u64) -> bool {
+        tree.with_file(number, |_, _, file| {
+            Ok(file.attributes_raw().any(|attribute| {
+                attribute.is_ok_and(|a| a.ty().ok() == Some(NtfsAttributeType::AttributeList))
+            }))
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn fragmented_files_through_ntfs_3g() {
+        let Some((mkntfs, _)) = tools() else { return };
+        let dir = tempfile::tempdir().unwrap();
+        let image = image(&mkntfs, dir.path(), 64);
+        let point = dir.path().join("mnt");
+        let big = random(5, 20 << 20);
+        let kept;
+        let mut text = Vec::new();
+        for i in 0..200 {
+            text.extend(format!("paragraph {i}: ").bytes().cycle().take(20_000));
+            text.extend_from_slice(&random(i, 20_000));
+        }
+        {
+            let mount = match Mount::new(&image, &point) {
+                Ok(mount) => mount,
+                Err(why) => {
+                    eprintln!("skipped: the image could not be mounted ({why})");
+                    return;
+                }
+            };
+            // Compressed, in runs of data and holes.
+            let packed = mount.point.join("packed");
+            std::fs::create_dir(&packed).unwrap();
+            setxattr(
+                &packed,
+                "system.ntfs_attrib_be",
+                &0x0000_0800u32.to_be_bytes(),
+            );
+            std::fs::write(packed.join("text.txt"), &text).unwrap();
+            // Free space in small pieces only, so that the next files have many runs: fill
+            // the volume, then free every other file.
+            let fill = mount.point.join("fill");
+            std::fs::create_dir(&fill).unwrap();
+            let mut written = 0;
+            while written < 4000
+                && std::fs::write(fill.join(written.to_string()), random(written, 20_000)).is_ok()
+            {
+                written += 1;
+            }
+            std::fs::remove_file(fill.join(written.to_string())).ok();
+            // New records may run out before the clusters do: fill those too.
+            let mut rest = std::fs::File::create(fill.join("rest")).unwrap();
+            while rest.write_all(&random(1, 64 << 10)).is_ok() {}
+            drop(rest);
+            for i in (0..written).step_by(2) {
+                std::fs::remove_file(fill.join(i.to_string())).unwrap();
+            }
+            kept = written / 2;
+            std::fs::write(mount.point.join("big.bin"), &big).unwrap();
+            drop(mount);
+        }
+        let mut tree = open_image(&image);
+        for (at, content) in [("big.bin", &big), ("packed/text.txt", &text)] {
+            let number = tree.resolve(&path(at)).unwrap();
+            assert!(has_attribute_list(&mut tree, number), "{at} has extents");
+            let entry = tree.entry(&path(at)).unwrap();
+            assert_eq!(entry.size_bytes, content.len() as u64, "{at}");
+            assert!(read(&mut tree, at, None) == *content, "{at} reads back");
+        }
+        assert_eq!(
+            tree.list(&path("fill")).unwrap().len(),
+            usize::try_from(kept).unwrap() + 1
+        );
+    }
+
+    /// Lists and reads everything under `folder`, counting the errors: what a damaged
+    /// volume must survive.
+    fn walk(tree: &mut NtfsTree, folder: &[String], depth: usize) -> usize {
         let Ok(entries) = tree.list(folder) else {
-            return;
+            return 1;
         };
+        let mut errors = 0;
         for entry in entries.into_iter().take(500) {
             let mut at = folder.to_vec();
             at.push(entry.name.clone());
-            tree.entry(&at).ok();
-            let mut sink = Budget(8 << 20);
+            errors += usize::from(tree.entry(&at).is_err());
             let control = Control::new();
-            match entry.kind {
+            errors += match entry.kind {
                 EntryKind::Folder if depth < 6 => walk(tree, &at, depth + 1),
-                EntryKind::Symlink => {
-                    tree.read_link(&at).ok();
-                }
-                _ => {
-                    tree.read(&at, None, &mut sink, &control).ok();
-                }
-            }
+                EntryKind::Symlink => usize::from(tree.read_link(&at).is_err()),
+                _ => usize::from(
+                    tree.read(&at, None, &mut Budget(8 << 20), &control)
+                        .is_err(),
+                ),
+            };
             for stream in &entry.streams {
-                tree.read(&at, Some(&stream.name), &mut Budget(1 << 20), &control)
-                    .ok();
+                errors += usize::from(
+                    tree.read(&at, Some(&stream.name), &mut Budget(1 << 20), &control)
+                        .is_err(),
+                );
             }
         }
+        errors
     }
 
     /// A sink that refuses more than its budget (a damaged size must not run the test
@@ -1666,7 +1744,7 @@ mod tests {
             );
         }
         let pristine = std::fs::read(&image).unwrap();
-        walk(&mut open_bytes(pristine.clone()).unwrap(), &[], 0);
+        assert_eq!(walk(&mut open_bytes(pristine.clone()).unwrap(), &[], 0), 0);
 
         let sector = u64::from(u16::from_le_bytes([pristine[0x0b], pristine[0x0c]]));
         let cluster = sector * u64::from(pristine[0x0d]);
@@ -1679,25 +1757,32 @@ mod tests {
             state ^= state << 17;
             state
         };
-        let mut opened = 0;
-        for round in 0..200 {
+        // The folders' index records.
+        let indexes: Vec<usize> = (0..pristine.len())
+            .step_by(512)
+            .filter(|&at| pristine[at..].starts_with(b"INDX"))
+            .collect();
+        assert!(!indexes.is_empty(), "the root folder has index records");
+        let (mut opened, mut errors) = (0, 0);
+        for round in 0..300 {
             let mut bytes = pristine.clone();
             // The boot sector, the first records of the MFT (the volume's own, the root
-            // folder, the files above), or both.
+            // folder, the files above), or an index record.
             let flips = 1 + next() % 12;
+            let index = indexes[usize::try_from(next()).unwrap() % indexes.len()];
             for _ in 0..flips {
-                let at = if round % 5 == 0 {
-                    usize::try_from(next() % 512).unwrap()
-                } else {
-                    mft + usize::try_from(next() % (90 * 1024)).unwrap()
+                let at = match round % 5 {
+                    0 => usize::try_from(next() % 512).unwrap(),
+                    1 => index + usize::try_from(next() % 4096).unwrap(),
+                    _ => mft + usize::try_from(next() % (90 * 1024)).unwrap(),
                 };
                 bytes[at] = next().to_le_bytes()[0];
             }
             if let Ok(mut tree) = open_bytes(bytes) {
                 opened += 1;
-                walk(&mut tree, &[], 0);
+                errors += walk(&mut tree, &[], 0);
             }
         }
-        eprintln!("{opened} of 200 damaged volumes opened");
+        eprintln!("{opened} of 300 damaged volumes opened; {errors} errors in them");
     }
 }
