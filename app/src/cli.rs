@@ -327,9 +327,57 @@ pub enum Command {
         json: bool,
     },
 
-    /// What a checkpoint's disks hold, read straight from the store: each disk's partitions
-    /// (volumes) with their size, file system and label
+    /// What a checkpoint's disks hold, read straight from the store: without PATH, each
+    /// disk's volumes with their size, file system and label; with PATH, a folder's entries
+    /// or a file
+    ///
+    /// A PATH starts with its volume: its partition number (`p2/Users/me`), its label
+    /// (`Windows/Users/me`), and for a disk other than the first its target (`vdb/p1/home`).
     Files {
+        /// The VM (name or UUID, as in the store)
+        vm: String,
+        /// The checkpoint's id, or `latest`
+        checkpoint: String,
+        /// A folder or file, volume first (`p2/Users/me`, `Windows/Users/me`, `vdb/p1`)
+        path: Option<String>,
+        /// The store's folder, `ssh://` URL, or a configured destination's name
+        #[arg(long = "in", value_name = "DEST")]
+        store: PathBuf,
+        /// Search below PATH (or every volume) for names holding NAME, ignoring case; `*`
+        /// and `?` work as in a shell
+        #[arg(long, value_name = "NAME")]
+        find: Option<String>,
+        /// Print JSON (its format: /usr/share/doc/rewind/CLI.md)
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Restore files and folders from a checkpoint into a folder, read straight from the
+    /// store: their content, links and modification times; nothing is written over, and a
+    /// cancel (Ctrl-C) leaves the folder as it was
+    RestoreFiles {
+        /// The VM (name or UUID, as in the store)
+        vm: String,
+        /// The checkpoint's id, or `latest`
+        checkpoint: String,
+        /// Files or folders, volume first (`p2/Users/me/thesis.docx`), as `rewind files`
+        /// shows them
+        #[arg(required = true)]
+        paths: Vec<String>,
+        /// The store's folder, `ssh://` URL, or a configured destination's name
+        #[arg(long = "from", value_name = "DEST")]
+        store: PathBuf,
+        /// The folder to restore into (each PATH goes in under its own name)
+        #[arg(long, value_name = "DIR")]
+        to: PathBuf,
+        /// Print JSON (its format: /usr/share/doc/rewind/CLI.md)
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// The files that changed in a checkpoint since the one before it (or since another),
+    /// by the file systems' own records: added, modified, deleted
+    Changes {
         /// The VM (name or UUID, as in the store)
         vm: String,
         /// The checkpoint's id, or `latest`
@@ -337,6 +385,9 @@ pub enum Command {
         /// The store's folder, `ssh://` URL, or a configured destination's name
         #[arg(long = "in", value_name = "DEST")]
         store: PathBuf,
+        /// Compare with this checkpoint (id or `latest`) instead of the one before
+        #[arg(long, value_name = "CHECKPOINT")]
+        since: Option<String>,
         /// Print JSON (its format: /usr/share/doc/rewind/CLI.md)
         #[arg(long)]
         json: bool,
@@ -348,6 +399,37 @@ pub enum Command {
 }
 
 impl Command {
+    /// Whether it always runs in this process, never through the protection service: the
+    /// processes themselves, and the file commands, which read the store as this user (the
+    /// service does not serve them yet).
+    fn runs_here(&self) -> bool {
+        match self {
+            Self::Daemon
+            | Self::Tray
+            | Self::Service
+            | Self::Generate(_)
+            | Self::Files { .. }
+            | Self::RestoreFiles { .. }
+            | Self::Changes { .. } => true,
+            Self::Vms { .. }
+            | Self::Init { .. }
+            | Self::Checkpoint { .. }
+            | Self::Checkpoints { .. }
+            | Self::Verify { .. }
+            | Self::Prune { .. }
+            | Self::Export { .. }
+            | Self::Restore { .. }
+            | Self::UndoRestore { .. }
+            | Self::Protect { .. }
+            | Self::Unprotect { .. }
+            | Self::Pause { .. }
+            | Self::Resume { .. }
+            | Self::Status { .. }
+            | Self::History { .. }
+            | Self::Gc { .. } => false,
+        }
+    }
+
     /// Whether `--json` was asked for: then stdout holds one JSON document, errors
     /// included.
     pub fn json(&self) -> bool {
@@ -366,7 +448,9 @@ impl Command {
             | Self::Status { json }
             | Self::History { json, .. }
             | Self::Gc { json, .. }
-            | Self::Files { json, .. } => *json,
+            | Self::Files { json, .. }
+            | Self::RestoreFiles { json, .. }
+            | Self::Changes { json, .. } => *json,
             Self::Restore { how, .. } | Self::UndoRestore { how, .. } => how.json,
             Self::Daemon | Self::Tray | Self::Service | Self::Generate(_) => false,
         }
@@ -518,9 +602,36 @@ pub fn run(args: &Args, command: &Command, out: &mut dyn Write) -> anyhow::Resul
         Command::Files {
             vm,
             checkpoint,
+            path,
             store,
+            find,
             json,
-        } => store_cli::files(out, store, vm, checkpoint, *json)?,
+        } => crate::files_cli::files(
+            out,
+            &crate::files_cli::FilesAsk {
+                dest: store,
+                vm,
+                checkpoint,
+                path: path.as_deref(),
+                find: find.as_deref(),
+                json: *json,
+            },
+        )?,
+        Command::RestoreFiles {
+            vm,
+            checkpoint,
+            paths,
+            store,
+            to,
+            json,
+        } => crate::files_cli::restore_files(out, store, vm, checkpoint, paths, to, *json)?,
+        Command::Changes {
+            vm,
+            checkpoint,
+            store,
+            since,
+            json,
+        } => crate::files_cli::changes(out, store, vm, checkpoint, since.as_deref(), *json)?,
         Command::Export { .. } => {
             if let Some(ask) = export_ask(command) {
                 store_cli::export(out, &ask)?;
@@ -649,31 +760,19 @@ fn through_service(
     out: &mut dyn Write,
 ) -> Option<anyhow::Result<()>> {
     use crate::service_cli::{self as remote, RestoreAsk, Route};
-    let goes = match command {
-        Command::Vms { .. }
-        | Command::Checkpoint { .. }
-        | Command::Restore { .. }
-        | Command::UndoRestore { .. }
-        | Command::Pause { .. }
-        | Command::Resume { .. }
-        | Command::Status { .. }
-        | Command::History { .. }
-        | Command::Protect { .. }
-        | Command::Unprotect { .. } => true,
+    if command.runs_here() {
+        return None;
+    }
+    // Store commands read any other store here: only the service's own ones need it.
+    let goes = !matches!(
+        command,
         Command::Init { .. }
-        | Command::Verify { .. }
-        | Command::Checkpoints { .. }
-        | Command::Prune { .. }
-        | Command::Gc { .. }
-        | Command::Export { .. } => false,
-        // Not for the service (`files` reads here, as this user: the service does not
-        // serve it yet).
-        Command::Daemon
-        | Command::Tray
-        | Command::Service
-        | Command::Generate(_)
-        | Command::Files { .. } => return None,
-    };
+            | Command::Verify { .. }
+            | Command::Checkpoints { .. }
+            | Command::Prune { .. }
+            | Command::Gc { .. }
+            | Command::Export { .. }
+    );
     let mut session = match remote::route(args.connect.as_deref()) {
         Ok(Route::Direct) => return None,
         Ok(Route::Service(session)) => session,
@@ -749,7 +848,9 @@ fn through_service(
         | Command::Tray
         | Command::Service
         | Command::Generate(_)
-        | Command::Files { .. } => return None,
+        | Command::Files { .. }
+        | Command::RestoreFiles { .. }
+        | Command::Changes { .. } => return None,
     })
 }
 

@@ -7,6 +7,7 @@ mod cli;
 mod daemon;
 mod error_text;
 mod exit;
+mod files_cli;
 mod generate;
 mod gui;
 mod logging;

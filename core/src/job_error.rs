@@ -85,6 +85,9 @@ impl ErrorKind {
         if let Some(e) = error.downcast_ref::<crate::destination::AddError>() {
             return Some(add_kind(e));
         }
+        if let Some(e) = error.downcast_ref::<crate::files::FilesError>() {
+            return Some(files_kind(e));
+        }
         error
             .downcast_ref::<crate::config::ConfigError>()
             .map(config_kind)
@@ -274,6 +277,49 @@ fn libvirt_kind(e: &crate::Error) -> ErrorKind {
 }
 
 /// The kind of a store error.
+fn files_kind(e: &crate::files::FilesError) -> ErrorKind {
+    use crate::files::{FilesError as F, TreeError as T};
+    match e {
+        F::Store(s) => store_kind(s),
+        F::NoVolume { .. }
+        | F::Tree {
+            source: T::NotFound { .. },
+            ..
+        } => ErrorKind::NotFound,
+        F::Tree {
+            source: T::Cancelled(_),
+            ..
+        } => ErrorKind::Cancelled,
+        F::Tree {
+            source: T::Damaged { .. },
+            ..
+        }
+        | F::BadTable { .. } => ErrorKind::Damaged,
+        F::Ambiguous { .. }
+        | F::Exists { .. }
+        | F::Tree {
+            source:
+                T::NotAFolder { .. }
+                | T::NotAFile { .. }
+                | T::Locked
+                | T::NoFileSystem
+                | T::Unsupported { .. },
+            ..
+        } => ErrorKind::Invalid,
+        F::Output { source, .. }
+        | F::Tree {
+            source: T::Write { source, .. },
+            ..
+        } if source.kind() == std::io::ErrorKind::StorageFull => ErrorKind::NoSpace,
+        F::Output { .. }
+        | F::Read { .. }
+        | F::Tree {
+            source: T::Read(_) | T::Write { .. },
+            ..
+        } => ErrorKind::Failed,
+    }
+}
+
 fn store_kind(e: &StoreError) -> ErrorKind {
     use StoreError as S;
     match e {

@@ -200,3 +200,396 @@ fn files_lists_the_volumes_of_a_windows_like_disk_from_the_store() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Sets the modification time of `path` (a file or a folder) to `seconds` since 1970.
+fn set_mtime(path: &Path, seconds: u64) {
+    let file = std::fs::File::options()
+        .write(true)
+        .open(path)
+        .or_else(|_| std::fs::File::open(path))
+        .unwrap();
+    file.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds))
+        .unwrap();
+}
+
+/// Every path below `root`, children before their folder.
+fn walk(root: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(root).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() && !p.is_symlink() {
+            out.extend(walk(&p));
+        }
+        out.push(p);
+    }
+    out
+}
+
+/// The long, non-ASCII name the tests use (200 bytes of UTF-8, as ext4 allows up to 255).
+fn long_name() -> String {
+    let mut name = "Größe – ünïcødé ✓ Übersetzung ".to_owned();
+    while name.len() < 196 {
+        name.push('ß');
+    }
+    name.push_str(".txt");
+    name
+}
+
+/// A Linux guest's files: a deep tree, a long non-ASCII name, a sparse file of 1 GiB, a
+/// 200 MiB file of random bytes, a link; every time set.
+fn linux_tree(dir: &Path) -> std::path::PathBuf {
+    let src = dir.join("linux-src");
+    let me = src.join("home/me");
+    let mut deep = me.join("deep");
+    for level in 1..=24 {
+        deep.push(format!("level {level}"));
+    }
+    std::fs::create_dir_all(&deep).unwrap();
+    std::fs::create_dir_all(me.join("Documents")).unwrap();
+    std::fs::create_dir_all(me.join("Videos")).unwrap();
+    std::fs::create_dir_all(src.join("var/lib")).unwrap();
+    std::fs::write(deep.join("leaf.txt"), b"at the bottom").unwrap();
+    std::fs::write(me.join(long_name()), "ünïcødé".repeat(1000)).unwrap();
+    tool(
+        "head",
+        Command::new("sh").arg("-c").arg(format!(
+            "head -c 1000000 /dev/urandom > '{}' && head -c 209715200 /dev/urandom > '{}'",
+            me.join("Documents/thesis.docx").display(),
+            me.join("Videos/big.bin").display()
+        )),
+    );
+    let sparse = std::fs::File::create(src.join("var/lib/sparse.img")).unwrap();
+    sparse.set_len(1 << 30).unwrap();
+    for at in [0u64, 300 << 20, (1 << 30) - 5] {
+        std::os::unix::fs::FileExt::write_all_at(&sparse, b"hello", at).unwrap();
+    }
+    drop(sparse);
+    std::os::unix::fs::symlink("Documents/thesis.docx", me.join("latest-thesis")).unwrap();
+    for (i, path) in walk(&src).iter().enumerate() {
+        if !path.is_symlink() {
+            set_mtime(path, 1_650_000_000 + i as u64 * 3600);
+        }
+    }
+    src
+}
+
+/// A GPT disk of `mib` MiB whose one partition ("linux", ext4, from sector 2048) holds
+/// `src`, made by sgdisk and mkfs.ext4 -d.
+fn linux_disk(dir: &Path, src: &Path, mib: u64) -> std::path::PathBuf {
+    let disk = dir.join("linux.raw");
+    if disk.exists() {
+        std::fs::remove_file(&disk).unwrap();
+    }
+    sized(&disk, mib);
+    tool(
+        "sgdisk",
+        Command::new("sgdisk")
+            .args([
+                "--new=1:2048:0",
+                "--typecode=1:8300",
+                "--change-name=1:Linux",
+            ])
+            .arg(&disk),
+    );
+    tool(
+        "mkfs.ext4",
+        Command::new("mkfs.ext4")
+            .args(["-F", "-q", "-L", "linux", "-E", "offset=1048576", "-d"])
+            .arg(src)
+            .arg(&disk)
+            .arg(format!("{}M", mib - 2)),
+    );
+    disk
+}
+
+/// Asserts that `restored` holds what `original` holds: the same names and kinds, bytes,
+/// link targets and modification times.
+fn assert_same_tree(original: &Path, restored: &Path) {
+    let rel = |root: &Path| {
+        let mut v: Vec<std::path::PathBuf> = walk(root)
+            .iter()
+            .map(|p| p.strip_prefix(root).unwrap().to_path_buf())
+            .collect();
+        v.sort();
+        v
+    };
+    let names = rel(original);
+    assert_eq!(names, rel(restored), "the restored tree has other names");
+    for name in names {
+        let (o, r) = (original.join(&name), restored.join(&name));
+        let (om, rm) = (
+            std::fs::symlink_metadata(&o).unwrap(),
+            std::fs::symlink_metadata(&r).unwrap(),
+        );
+        assert_eq!(om.file_type(), rm.file_type(), "{}", name.display());
+        if om.is_symlink() {
+            assert_eq!(
+                std::fs::read_link(&o).unwrap(),
+                std::fs::read_link(&r).unwrap()
+            );
+            continue;
+        }
+        assert_eq!(
+            om.modified().unwrap(),
+            rm.modified().unwrap(),
+            "the modification time of {}",
+            name.display()
+        );
+        if om.is_file() {
+            assert_eq!(om.len(), rm.len(), "{}", name.display());
+            assert!(
+                same_bytes(&o, &r),
+                "the content of {} differs from the original",
+                name.display()
+            );
+        }
+    }
+}
+
+/// Whether two files hold the same bytes, read in pieces.
+fn same_bytes(first: &Path, second: &Path) -> bool {
+    use std::io::Read as _;
+    let (mut one, mut other) = (
+        std::fs::File::open(first).unwrap(),
+        std::fs::File::open(second).unwrap(),
+    );
+    let (mut mine, mut theirs) = (vec![0; 1 << 20], vec![0; 1 << 20]);
+    loop {
+        let got = one.read(&mut mine).unwrap();
+        if got == 0 {
+            return other.read(&mut theirs).unwrap() == 0;
+        }
+        if other.read_exact(&mut theirs[..got]).is_err() || mine[..got] != theirs[..got] {
+            return false;
+        }
+    }
+}
+
+#[test]
+fn files_of_an_ext4_disk_are_listed_found_restored_and_compared() {
+    let dir = ScratchDir::new("files-ext4").unwrap();
+    let src = linux_tree(dir.path());
+    let raw = linux_disk(dir.path(), &src, 320);
+    let vm = TestVm::builder("files-ext4")
+        .disks(vec![
+            DiskSpec::new("vda", Format::Qcow2, 32 << 20),
+            DiskSpec::new("vdb", Format::Qcow2, 320 * MIB),
+        ])
+        .define()
+        .expect("define the test VM");
+    vm.fill_disk("vdb", &raw).unwrap();
+    let store = dir.path().join("store");
+    rewind::checkpoint_json(&vm.name, &store);
+    let s = store.to_str().unwrap();
+
+    let leaf = deep_leaf();
+    listed_and_found(&vm.name, s, &leaf);
+    restored(&vm.name, s, &src, dir.path());
+    changes_named(&vm, &store, &src, dir.path(), &leaf);
+}
+
+/// The path of the deepest file of [`linux_tree`], as `rewind files` names it.
+fn deep_leaf() -> String {
+    let levels: Vec<String> = (1..=24).map(|l| format!("level {l}")).collect();
+    format!("vdb/p1/home/me/deep/{}/leaf.txt", levels.join("/"))
+}
+
+/// Listing a folder by label and by number, and searching by piece and pattern.
+fn listed_and_found(vm: &str, s: &str, leaf: &str) {
+    // A folder, by the volume's label; its entries with sizes, kinds and times.
+    let listed: serde_json::Value = serde_json::from_str(&rewind::run_ok(&[
+        "files",
+        vm,
+        "latest",
+        "linux/home/me",
+        "--in",
+        s,
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(listed["path"], "vdb/p1/home/me", "{listed}");
+    let entries = listed["entries"].as_array().unwrap();
+    let kinds: Vec<(&str, &str)> = entries
+        .iter()
+        .map(|e| (e["name"].as_str().unwrap(), e["kind"].as_str().unwrap()))
+        .collect();
+    let long = long_name();
+    assert_eq!(
+        kinds,
+        [
+            ("deep", "folder"),
+            ("Documents", "folder"),
+            ("Videos", "folder"),
+            (long.as_str(), "file"),
+            ("latest-thesis", "symlink"),
+        ],
+        "{listed}"
+    );
+    // The same folder by partition number, and a file by itself, for people.
+    let table = rewind::run_ok(&["files", vm, "latest", "vdb/p1/home/me/Videos", "--in", s]);
+    assert!(
+        table.contains("big.bin") && table.contains("200 MiB"),
+        "{table}"
+    );
+
+    // Search, by a piece of a name and by a pattern, below a folder and everywhere.
+    let found: serde_json::Value = serde_json::from_str(&rewind::run_ok(&[
+        "files", vm, "latest", "--find", "LEAF", "--in", s, "--json",
+    ]))
+    .unwrap();
+    let paths: Vec<&str> = found["found"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths, [leaf], "{found}");
+    let found: serde_json::Value = serde_json::from_str(&rewind::run_ok(&[
+        "files",
+        vm,
+        "latest",
+        "linux/home",
+        "--find",
+        "*.bin",
+        "--in",
+        s,
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(
+        found["found"][0]["path"], "vdb/p1/home/me/Videos/big.bin",
+        "{found}"
+    );
+}
+
+/// Restoring a folder and a sparse file, and what is refused.
+fn restored(vm: &str, s: &str, src: &Path, dir: &Path) {
+    // Restore a folder (with its deep tree, big file and link) and the sparse file.
+    let out = dir.join("restored");
+    std::fs::create_dir(&out).unwrap();
+    let o = out.to_str().unwrap();
+    let restored: serde_json::Value = serde_json::from_str(&rewind::run_ok(&[
+        "restore-files",
+        vm,
+        "latest",
+        "linux/home/me",
+        "vdb/p1/var/lib/sparse.img",
+        "--from",
+        s,
+        "--to",
+        o,
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(restored["links"], 1, "{restored}");
+    assert_same_tree(&src.join("home/me"), &out.join("me"));
+    assert!(same_bytes(
+        &src.join("var/lib/sparse.img"),
+        &out.join("sparse.img")
+    ));
+    let sparse = std::fs::metadata(out.join("sparse.img")).unwrap();
+    assert_eq!(
+        sparse.modified().unwrap(),
+        std::fs::metadata(src.join("var/lib/sparse.img"))
+            .unwrap()
+            .modified()
+            .unwrap()
+    );
+    assert!(
+        std::os::unix::fs::MetadataExt::blocks(&sparse) * 512 < 4 * MIB,
+        "the restored 1 GiB sparse file takes {} bytes on disk",
+        std::os::unix::fs::MetadataExt::blocks(&sparse) * 512
+    );
+
+    // Nothing is written over: the second time is refused, and changes nothing.
+    let again = rewind::run(&[
+        "restore-files",
+        vm,
+        "latest",
+        "linux/home/me/Documents",
+        "linux/home/me",
+        "--from",
+        s,
+        "--to",
+        o,
+    ]);
+    assert_eq!(again.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        said.contains("already exists") && said.contains("never writes over"),
+        "{said}"
+    );
+    assert!(
+        !out.join("Documents").exists(),
+        "a refused restore wrote Documents"
+    );
+
+    // A path that names nothing is "not found", with what to do.
+    let missing = rewind::run(&[
+        "restore-files",
+        vm,
+        "latest",
+        "linux/home/nobody",
+        "--from",
+        s,
+        "--to",
+        o,
+    ]);
+    assert_eq!(missing.status.code(), Some(3));
+    let missing = rewind::run(&["files", vm, "latest", "nowhere/x", "--in", s]);
+    assert_eq!(missing.status.code(), Some(3));
+    let said = String::from_utf8_lossy(&missing.stderr);
+    assert!(said.contains("vdb/p1 (linux)"), "{said}");
+}
+
+/// Changing files in the disk, a second checkpoint, and `rewind changes`.
+fn changes_named(vm: &TestVm, store: &Path, src: &Path, dir: &Path, leaf: &str) {
+    let s = store.to_str().unwrap();
+    // Changes: one file changed, one deleted with its folder, one added; then a second
+    // checkpoint, and exactly those are named.
+    let me = src.join("home/me");
+    std::fs::write(me.join("Documents/thesis.docx"), b"rewritten").unwrap();
+    let level24 = leaf
+        .trim_start_matches("vdb/p1/")
+        .trim_end_matches("/leaf.txt");
+    std::fs::remove_dir_all(src.join(level24)).unwrap();
+    std::fs::write(me.join("Documents/new notes.txt"), b"new").unwrap();
+    let raw = linux_disk(dir, src, 320);
+    vm.fill_disk("vdb", &raw).unwrap();
+    rewind::checkpoint_json(&vm.name, store);
+    let changed: serde_json::Value = serde_json::from_str(&rewind::run_ok(&[
+        "changes", &vm.name, "latest", "--in", s, "--json",
+    ]))
+    .unwrap();
+    let mut got: Vec<(String, String)> = changed["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["path"].as_str().unwrap().to_owned(),
+                c["change"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    got.sort();
+    let level24 = format!("vdb/p1/{level24}");
+    let want = [
+        ("vdb/p1/home/me/Documents/new notes.txt", "added"),
+        ("vdb/p1/home/me/Documents/thesis.docx", "modified"),
+        (level24.as_str(), "deleted"),
+        (leaf, "deleted"),
+    ];
+    let mut want: Vec<(String, String)> = want
+        .iter()
+        .map(|(p, c)| ((*p).to_owned(), (*c).to_owned()))
+        .collect();
+    want.sort();
+    assert_eq!(got, want, "{changed}");
+    // For people, one line each.
+    let lines = rewind::run_ok(&["changes", &vm.name, "latest", "--in", s]);
+    assert!(
+        lines.contains("modified  vdb/p1/home/me/Documents/thesis.docx"),
+        "{lines}"
+    );
+}
