@@ -83,6 +83,7 @@ pub struct Browser {
     disks: Vec<DiskVolumes>,
     trees: HashMap<VolumeRef, Box<dyn FileTree>>,
     cache_bytes: u64,
+    fetched: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for Browser {
@@ -131,6 +132,7 @@ impl Browser {
             disks,
             trees: HashMap::new(),
             cache_bytes,
+            fetched: Arc::default(),
         })
     }
 
@@ -138,6 +140,13 @@ impl Browser {
     #[must_use]
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
+    }
+
+    /// How many chunks the volumes opened so far fetched from the store (cache hits and
+    /// holes not counted; the partition tables' reads neither).
+    #[must_use]
+    pub fn chunks_fetched(&self) -> u64 {
+        self.fetched.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Its disks and their volumes.
@@ -302,7 +311,8 @@ impl Browser {
             let cursor = self
                 .store
                 .object_cursor_shared(index, self.cache_bytes)
-                .map_err(|e| FilesError::Store(Box::new(e)))?;
+                .map_err(|e| FilesError::Store(Box::new(e)))?
+                .counting_into(self.fetched.clone());
             let disk: Box<dyn Disk + Send> = Box::new(cursor);
             let tree = open_tree(disk, &volume).map_err(|source| FilesError::Tree {
                 path: self.volume_name(at),

@@ -9,6 +9,7 @@
 
 use std::io::{self, Read, Seek, SeekFrom};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::Store;
 use super::error::StoreError;
@@ -38,6 +39,8 @@ pub struct ObjectCursor<'s> {
     capacity: usize,
     clock: u64,
     fetched: u64,
+    /// Also counts fetches, shared with whoever reads through several cursors.
+    shared_count: Option<Arc<AtomicU64>>,
 }
 
 impl Store {
@@ -76,6 +79,7 @@ impl<'s> ObjectCursor<'s> {
             capacity,
             clock: 0,
             fetched: 0,
+            shared_count: None,
         })
     }
 }
@@ -91,6 +95,14 @@ impl ObjectCursor<'_> {
     #[must_use]
     pub fn is_empty(&self) -> bool {
         self.size == 0
+    }
+
+    /// Adds each chunk fetched from now on to `counter` too (for a count over several
+    /// cursors, as a file-system browser has one per volume).
+    #[must_use]
+    pub fn counting_into(mut self, counter: Arc<AtomicU64>) -> Self {
+        self.shared_count = Some(counter);
+        self
     }
 
     /// How many chunks were fetched from the store so far (holes and cache hits not
@@ -144,6 +156,9 @@ impl ObjectCursor<'_> {
         }
         let data = Arc::new(self.reader.read(slot)?);
         self.fetched += 1;
+        if let Some(count) = &self.shared_count {
+            count.fetch_add(1, Ordering::Relaxed);
+        }
         if self.cache.len() >= self.capacity
             && let Some(oldest) = self
                 .cache
