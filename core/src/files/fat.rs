@@ -37,6 +37,9 @@ const BLOCK: usize = 1 << 20;
 /// How much of the disk [`ReadOnly`] reads at once for `fatfs`'s small reads.
 const CACHE_BLOCK: u64 = 64 << 10;
 
+/// How many such blocks [`ReadOnly`] keeps.
+const CACHE_BLOCKS: usize = 4;
+
 /// Opens the FAT file system on `disk`.
 ///
 /// # Errors
@@ -348,9 +351,9 @@ struct ReadOnly {
     disk: VolumeDisk,
     budget: Arc<AtomicU64>,
     position: u64,
-    /// The cached bytes, and where they start.
-    cache: Vec<u8>,
-    cache_start: u64,
+    /// Blocks of the disk read lately (where each starts, its bytes), the latest last: the
+    /// FAT, a folder and a file's clusters are read in turns.
+    cache: Vec<(u64, Vec<u8>)>,
 }
 
 impl ReadOnly {
@@ -360,7 +363,6 @@ impl ReadOnly {
             budget,
             position: 0,
             cache: Vec::new(),
-            cache_start: 0,
         }
     }
 
@@ -398,19 +400,25 @@ impl Read for ReadOnly {
             self.position += want as u64;
             return Ok(want);
         }
-        let cached = self.position >= self.cache_start
-            && self.position < self.cache_start + self.cache.len() as u64;
-        if !cached {
-            let start = self.position - self.position % CACHE_BLOCK;
-            let size = CACHE_BLOCK.min(len - start);
-            let mut block = vec![0; usize::try_from(size).unwrap_or(0)];
-            self.read_disk(start, &mut block)?;
-            self.cache = block;
-            self.cache_start = start;
-        }
-        let from = usize::try_from(self.position - self.cache_start).unwrap_or(0);
-        let n = want.min(self.cache.len() - from);
-        buf[..n].copy_from_slice(&self.cache[from..from + n]);
+        let start = self.position - self.position % CACHE_BLOCK;
+        let slot = match self.cache.iter().position(|(at, _)| *at == start) {
+            Some(slot) => slot,
+            None => {
+                let size = CACHE_BLOCK.min(len - start);
+                let mut block = vec![0; usize::try_from(size).unwrap_or(0)];
+                self.read_disk(start, &mut block)?;
+                if self.cache.len() == CACHE_BLOCKS {
+                    self.cache.remove(0);
+                }
+                self.cache.push((start, block));
+                self.cache.len() - 1
+            }
+        };
+        let (_, block) = self.cache.remove(slot);
+        let from = usize::try_from(self.position - start).unwrap_or(0);
+        let n = want.min(block.len() - from);
+        buf[..n].copy_from_slice(&block[from..from + n]);
+        self.cache.push((start, block));
         self.position += n as u64;
         Ok(n)
     }

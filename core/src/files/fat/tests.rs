@@ -6,6 +6,7 @@ use std::io::{self, Cursor, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use super::*;
@@ -183,6 +184,25 @@ fn fat32_lists_looks_up_and_reads_what_mtools_wrote() {
     assert!(read == big, "big.bin differs");
     assert_eq!(done, big.len() as u64);
 
+    // The FAT, the folders and the clusters are read in turns: each is read once, not
+    // once per cluster.
+    let counted = Arc::new(AtomicU64::new(0));
+    let file = std::fs::File::open(&img).unwrap();
+    let len = file.metadata().unwrap().len();
+    let disk = Counting {
+        inner: file,
+        read: Arc::clone(&counted),
+    };
+    let mut tree2 = open(Slice::new(Box::new(disk), 0, len)).unwrap();
+    counted.store(0, Ordering::Relaxed);
+    assert!(content(&mut *tree2, "Données/big.bin").0 == big);
+    let from_disk = counted.load(Ordering::Relaxed);
+    assert!(
+        from_disk < big.len() as u64 * 3 / 2,
+        "{from_disk} bytes read from the disk for a file of {}",
+        big.len()
+    );
+
     let deep: Vec<String> = (1..=DEPTH).map(|level| format!("Level {level}")).collect();
     let listed = tree.list(&deep).unwrap();
     assert_eq!(listed.len(), 1);
@@ -265,6 +285,26 @@ fn fat16_and_fat12_are_read_too() {
         let (read, done) = content(&mut *tree, "Ordner/EIN LÄNGERER NAME.BIN");
         assert!(read == data, "FAT{bits}: content differs");
         assert_eq!(done, data.len() as u64);
+    }
+}
+
+/// A disk that counts the bytes read from it.
+struct Counting {
+    inner: std::fs::File,
+    read: Arc<AtomicU64>,
+}
+
+impl Read for Counting {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+impl Seek for Counting {
+    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        self.inner.seek(to)
     }
 }
 
