@@ -141,6 +141,8 @@ enum Content {
     Runs {
         runs: Vec<(Option<u64>, u64)>,
         size: u64,
+        /// What was written: past it, the content reads as zeros.
+        initialized: u64,
         compressed: bool,
     },
 }
@@ -265,12 +267,16 @@ fn parse_node(
     Ok(())
 }
 
-/// Applies an index record's update sequence (the last two bytes of each sector were
-/// saved in its header and replaced by a check value).
-fn fixup(record: &mut [u8]) -> Result<(), TreeError> {
-    let bad = || damaged("an index record's update sequence is damaged");
-    if record.get(0..4) != Some(b"INDX".as_slice()) {
-        return Err(damaged("an index record in use has no INDX signature"));
+/// Checks a record's `signature` (`FILE`, `INDX`) and applies its update sequence (the
+/// last two bytes of each 512-byte sector were saved in its header and replaced by a check
+/// value).
+fn fixup(record: &mut [u8], signature: [u8; 4]) -> Result<(), TreeError> {
+    let bad = || damaged("a record's update sequence is damaged");
+    if record.len() < 8 || record[0..4] != signature[..] {
+        return Err(damaged(format!(
+            "a record in use has no {} signature",
+            String::from_utf8_lossy(&signature)
+        )));
     }
     let offset = usize::from(u16::from_le_bytes([record[4], record[5]]));
     let count = usize::from(u16::from_le_bytes([record[6], record[7]]));
@@ -456,7 +462,7 @@ impl NtfsTree {
                 });
             }
             let mut root = None;
-            let mut allocation = None;
+            let mut allocation = 0;
             let mut bitmap = None;
             let mut attributes = file.attributes();
             let mut seen = 0;
@@ -484,34 +490,28 @@ impl NtfsTree {
                         let cap = usize::try_from(volume / 512 / 8 + 8).unwrap_or(usize::MAX);
                         bitmap = Some(read_value(&attribute, disk, cap)?);
                     }
-                    NtfsAttributeType::IndexAllocation if allocation.is_none() => {
-                        allocation = Some(item.clone());
+                    NtfsAttributeType::IndexAllocation => {
+                        // Only the first extent holds the size.
+                        allocation = attribute.value_length().max(allocation);
                     }
                     _ => {}
                 }
             }
             let root =
                 root.ok_or_else(|| damaged(format!("folder record {number} has no index root")))?;
-            let mut names = Vec::new();
             let record_size = root
                 .get(8..12)
                 .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                 .and_then(|size| usize::try_from(size).ok())
                 .ok_or_else(|| damaged(format!("folder record {number} has a short index root")))?;
-            parse_node(root.get(16..).unwrap_or_default(), number, &mut names)?;
-            let Some(allocation) = allocation else {
-                return Ok(names);
-            };
-            if !(512..=MAX_INDEX_RECORD).contains(&record_size) || !record_size.is_power_of_two() {
-                return Err(damaged(format!(
-                    "folder record {number} has index records of {record_size} bytes"
-                )));
-            }
-            let bitmap = bitmap.unwrap_or_default();
-            let attribute = allocation.to_attribute().map_err(from_ntfs)?;
-            index_records(&attribute, disk, record_size, &bitmap, number, &mut names)?;
-            Ok(names)
+            Ok((root, record_size, allocation, bitmap.unwrap_or_default()))
         })?;
+        let (root, record_size, allocation, bitmap) = names;
+        let mut names = Vec::new();
+        parse_node(root.get(16..).unwrap_or_default(), number, &mut names)?;
+        if allocation > 0 {
+            self.index_records(number, record_size, allocation, &bitmap, &mut names)?;
+        }
         let mut children: Vec<Child> = names
             .into_iter()
             .map(|(name, record)| Child {
@@ -527,6 +527,92 @@ impl NtfsTree {
         }
         self.folders.push((number, children.clone()));
         Ok(children)
+    }
+
+    /// Parses the index records in use (by `bitmap`) of the index allocation of folder
+    /// record `number` (`allocation` bytes), adding the names they hold to `names`.
+    fn index_records(
+        &mut self,
+        number: u64,
+        record_size: usize,
+        allocation: u64,
+        bitmap: &[u8],
+        names: &mut Vec<(Vec<u16>, u64)>,
+    ) -> Result<(), TreeError> {
+        if !(512..=MAX_INDEX_RECORD).contains(&record_size) || !record_size.is_power_of_two() {
+            return Err(damaged(format!(
+                "folder record {number} has index records of {record_size} bytes"
+            )));
+        }
+        if allocation > self.disk.len() {
+            return Err(damaged(format!(
+                "the index of folder record {number} is larger than the volume"
+            )));
+        }
+        let info = DataInfo {
+            name: "$I30".into(),
+            size: allocation,
+            flags: NtfsAttributeFlags::empty(),
+        };
+        let Content::Runs { runs, .. } =
+            self.content(number, NtfsAttributeType::IndexAllocation, &info)?
+        else {
+            return Err(damaged(format!(
+                "the index allocation of folder record {number} is resident"
+            )));
+        };
+        let mut buffer = vec![0; record_size];
+        // Records past the bitmap are not in use.
+        let count = (allocation / record_size as u64).min(bitmap.len() as u64 * 8);
+        for index in 0..count {
+            let in_use = usize::try_from(index / 8)
+                .ok()
+                .and_then(|byte| bitmap.get(byte))
+                .is_some_and(|byte| byte & (1 << (index % 8)) != 0);
+            if !in_use {
+                continue;
+            }
+            self.read_runs_at(&runs, index * record_size as u64, &mut buffer)?;
+            fixup(&mut buffer, *b"INDX")?;
+            parse_node(&buffer[24..], number, names)?;
+        }
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes at `offset` of content in `runs`.
+    fn read_runs_at(
+        &mut self,
+        runs: &[(Option<u64>, u64)],
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), TreeError> {
+        let mut run_start = 0u64;
+        let mut done = 0;
+        for &(start, len) in runs {
+            let at = offset + done as u64;
+            let run_end = run_start.saturating_add(len);
+            if at < run_end {
+                let within = at - run_start;
+                let n = usize::try_from((run_end - at).min((buf.len() - done) as u64))
+                    .unwrap_or(buf.len() - done);
+                let part = &mut buf[done..done + n];
+                match start {
+                    Some(start) => self
+                        .disk
+                        .read_exact_at(start + within, part)
+                        .map_err(TreeError::Read)?,
+                    None => part.fill(0),
+                }
+                done += n;
+                if done == buf.len() {
+                    return Ok(());
+                }
+            }
+            run_start = run_end;
+        }
+        Err(damaged(
+            "an index record lies past its attribute's data runs",
+        ))
     }
 
     /// The MFT record at `path`.
@@ -595,7 +681,12 @@ impl NtfsTree {
     }
 
     /// Where the content of `$DATA` attribute `name` of record `number` lies.
-    fn content(&mut self, number: u64, info: &DataInfo) -> Result<Content, TreeError> {
+    fn content(
+        &mut self,
+        number: u64,
+        ty: NtfsAttributeType,
+        info: &DataInfo,
+    ) -> Result<Content, TreeError> {
         let volume = self.disk.len();
         let name = info.name.as_str();
         let size = info.size;
@@ -615,7 +706,7 @@ impl NtfsTree {
                 }
                 let item = item.map_err(from_ntfs)?;
                 let attribute = item.to_attribute().map_err(from_ntfs)?;
-                if attribute.ty().ok() != Some(NtfsAttributeType::Data)
+                if attribute.ty().ok() != Some(ty)
                     || String::from_utf16_lossy(&units(attribute.name().map_err(from_ntfs)?.0))
                         != name
                 {
@@ -623,7 +714,7 @@ impl NtfsTree {
                 }
                 let value = attribute.value(disk).map_err(from_ntfs)?;
                 let mut runs = Vec::new();
-                match value {
+                let initialized = match value {
                     NtfsAttributeValue::Resident(value) => {
                         return Ok(Content::Resident(value.data().to_vec()));
                     }
@@ -631,13 +722,15 @@ impl NtfsTree {
                         for run in value.data_runs() {
                             push_run(&mut runs, &run.map_err(from_ntfs)?, volume)?;
                         }
+                        initialized_size(ntfs, disk, file, &attribute)
                     }
                     // In extents, maybe in several records: read them all from the list.
-                    _ => extents(ntfs, disk, file, name, &mut runs, volume)?,
-                }
+                    _ => extents(ntfs, disk, file, ty, name, &mut runs, volume)?,
+                };
                 return Ok(Content::Runs {
                     runs,
                     size,
+                    initialized: initialized.unwrap_or(size).min(size),
                     compressed,
                 });
             }
@@ -661,7 +754,7 @@ impl NtfsTree {
                 source,
             })
         };
-        let (runs, size, compressed) = match content {
+        let (runs, size, initialized, compressed) = match content {
             Content::Resident(bytes) => {
                 control.check()?;
                 write(out, &bytes)?;
@@ -671,8 +764,9 @@ impl NtfsTree {
             Content::Runs {
                 runs,
                 size,
+                initialized,
                 compressed,
-            } => (runs, size, compressed),
+            } => (runs, size, initialized, compressed),
         };
         let allocated: u64 = runs.iter().map(|(_, len)| len).sum();
         if allocated < size && !compressed {
@@ -681,7 +775,7 @@ impl NtfsTree {
             )));
         }
         if compressed {
-            return self.copy_compressed(&runs, size, path, out, control);
+            return self.copy_compressed(&runs, (size, initialized), path, out, control);
         }
         let mut buffer = vec![0; BLOCK];
         let mut left = size;
@@ -691,12 +785,17 @@ impl NtfsTree {
                 control.check()?;
                 let n = (len - at).min(left).min(BLOCK as u64);
                 let chunk = &mut buffer[..usize::try_from(n).unwrap_or(BLOCK)];
+                // What lies past the initialized size was never written: zeros.
+                let written = usize::try_from(initialized.saturating_sub(size - left))
+                    .unwrap_or(usize::MAX)
+                    .min(chunk.len());
+                chunk[written..].fill(0);
                 match start {
                     Some(start) => self
                         .disk
-                        .read_exact_at(start + at, chunk)
+                        .read_exact_at(start + at, &mut chunk[..written])
                         .map_err(TreeError::Read)?,
-                    None => chunk.fill(0),
+                    None => chunk[..written].fill(0),
                 }
                 write(out, chunk)?;
                 control.add_done_bytes(n);
@@ -711,7 +810,7 @@ impl NtfsTree {
     fn copy_compressed(
         &mut self,
         runs: &[(Option<u64>, u64)],
-        size: u64,
+        (size, initialized): (u64, u64),
         path: &str,
         out: &mut dyn Write,
         control: &Control,
@@ -767,6 +866,10 @@ impl NtfsTree {
                     damaged(format!("{path}: its compressed data is damaged ({why})"))
                 })?;
             }
+            let written = usize::try_from(initialized.saturating_sub(size - left))
+                .unwrap_or(usize::MAX)
+                .min(plain.len());
+            plain[written..].fill(0);
             let n = left.min(unit);
             pending.extend_from_slice(&plain[..usize::try_from(n).unwrap_or(unit_len)]);
             left -= n;
@@ -783,52 +886,24 @@ impl NtfsTree {
     }
 }
 
-/// Parses the index records in use (by `bitmap`) of folder record `number`'s index
-/// allocation `attribute`, adding the names they hold to `names`.
-fn index_records(
-    attribute: &NtfsAttribute<'_, '_>,
+/// The initialized size of non-resident `attribute` of `file` (past it, the content reads
+/// as zeros), which the crate does not give: read from the record as stored. `None` if it
+/// cannot be read.
+fn initialized_size(
+    ntfs: &::ntfs::Ntfs,
     disk: &mut VolumeDisk,
-    record_size: usize,
-    bitmap: &[u8],
-    number: u64,
-    names: &mut Vec<(Vec<u16>, u64)>,
-) -> Result<(), TreeError> {
-    let volume = disk.len();
-    let length = attribute.value_length();
-    if length > volume {
-        return Err(damaged(format!(
-            "the index of folder record {number} is larger than the volume"
-        )));
-    }
-    let mut value = attribute.value(disk).map_err(from_ntfs)?;
-    let mut buffer = vec![0; record_size];
-    // Records past the bitmap are not in use.
-    let count = (length / record_size as u64).min(bitmap.len() as u64 * 8);
-    for index in 0..count {
-        let in_use = usize::try_from(index / 8)
-            .ok()
-            .and_then(|byte| bitmap.get(byte))
-            .is_some_and(|byte| byte & (1 << (index % 8)) != 0);
-        if !in_use {
-            continue;
-        }
-        value
-            .seek(disk, std::io::SeekFrom::Start(index * record_size as u64))
-            .map_err(from_ntfs)?;
-        let mut done = 0;
-        while done < record_size {
-            let n = value.read(disk, &mut buffer[done..]).map_err(from_ntfs)?;
-            if n == 0 {
-                return Err(damaged(format!(
-                    "the index of folder record {number} is cut short"
-                )));
-            }
-            done += n;
-        }
-        fixup(&mut buffer)?;
-        parse_node(&buffer[24..], number, names)?;
-    }
-    Ok(())
+    file: &NtfsFile<'_>,
+    attribute: &NtfsAttribute<'_, '_>,
+) -> Option<u64> {
+    let record_at = file.position().value()?.get();
+    let offset = attribute.position().value()?.get().checked_sub(record_at)?;
+    let offset = usize::try_from(offset).ok()?;
+    let mut raw = vec![0; usize::try_from(ntfs.file_record_size()).ok()?];
+    disk.read_exact_at(record_at, &mut raw).ok()?;
+    fixup(&mut raw, *b"FILE").ok()?;
+    // In a non-resident attribute's header: allocated, data, then initialized size.
+    let bytes = raw.get(offset.checked_add(0x38)?..offset.checked_add(0x40)?)?;
+    Some(u64::from_le_bytes(bytes.try_into().ok()?))
 }
 
 /// Adds a data run to `runs`, checking it against the volume.
@@ -859,10 +934,11 @@ fn extents(
     ntfs: &::ntfs::Ntfs,
     disk: &mut VolumeDisk,
     file: &NtfsFile<'_>,
+    ty: NtfsAttributeType,
     name: &str,
     runs: &mut Vec<(Option<u64>, u64)>,
     volume: u64,
-) -> Result<(), TreeError> {
+) -> Result<Option<u64>, TreeError> {
     let cluster = u64::from(ntfs.cluster_size());
     for attribute in file.attributes_raw() {
         let attribute = attribute.map_err(from_ntfs)?;
@@ -875,13 +951,14 @@ fn extents(
         let mut entries = list.entries();
         let mut seen = 0;
         let mut vcn = 0u64;
+        let mut initialized = None;
         while let Some(entry) = entries.next(disk) {
             seen += 1;
             if seen > MAX_ATTRIBUTES {
                 return Err(damaged("an attribute list has too many entries"));
             }
             let entry = entry.map_err(from_ntfs)?;
-            if entry.ty().ok() != Some(NtfsAttributeType::Data)
+            if entry.ty().ok() != Some(ty)
                 || String::from_utf16_lossy(&units(entry.name().0)) != name
             {
                 continue;
@@ -898,13 +975,16 @@ fn extents(
             else {
                 return Err(damaged("an extent of a file's data is not a run list"));
             };
+            if vcn == 0 {
+                initialized = initialized_size(ntfs, disk, &record, &extent);
+            }
             for run in value.data_runs() {
                 let run = run.map_err(from_ntfs)?;
                 vcn += run.allocated_size() / cluster;
                 push_run(runs, &run, volume)?;
             }
         }
-        return Ok(());
+        return Ok(initialized);
     }
     Err(damaged(
         "a file's data lies in extents, and it has no attribute list",
@@ -1036,12 +1116,14 @@ impl FileTree for NtfsTree {
             // A file without content (Windows always gives one; be lenient).
             return Ok(0);
         };
-        let content = self.content(number, &info).map_err(|e| match e {
-            TreeError::NotFound { .. } => TreeError::NotFound {
-                path: shown.clone(),
-            },
-            other => other,
-        })?;
+        let content = self
+            .content(number, NtfsAttributeType::Data, &info)
+            .map_err(|e| match e {
+                TreeError::NotFound { .. } => TreeError::NotFound {
+                    path: shown.clone(),
+                },
+                other => other,
+            })?;
         self.copy(content, &shown, out, control)
     }
 
@@ -1329,6 +1411,54 @@ mod tests {
             tree.read(&path("random.bin"), None, &mut Vec::new(), &control),
             Err(TreeError::Cancelled(_))
         ));
+    }
+
+    #[test]
+    fn what_was_never_written_reads_as_zeros() {
+        let Some((mkntfs, cp)) = tools() else { return };
+        let Some(fallocate) = tool("ntfsfallocate") else {
+            eprintln!("skipped: ntfsfallocate is not installed");
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let image = image(&mkntfs, dir.path(), 16);
+        let content = random(9, 10_000);
+        ntfscp(&cp, &image, dir.path(), "prealloc.bin", &content, None);
+        // 1 000 000 bytes long, of which only the first 10 000 are initialized.
+        run(Command::new(fallocate)
+            .args(["-l", "1000000", "-o", "0"])
+            .arg(&image)
+            .arg("/prealloc.bin"));
+        let mut tree = open_image(&image);
+        let number = tree.resolve(&path("prealloc.bin")).unwrap();
+        let info = tree.record(number).unwrap().data[0].clone();
+        let Content::Runs {
+            runs, initialized, ..
+        } = tree
+            .content(number, NtfsAttributeType::Data, &info)
+            .unwrap()
+        else {
+            panic!("prealloc.bin is not resident");
+        };
+        assert_eq!((info.size, initialized), (1_000_000, 10_000));
+        // Old data in the clusters past what was written must not show.
+        let mut disk = std::fs::File::options().write(true).open(&image).unwrap();
+        let mut logical = 0;
+        for (start, len) in runs {
+            if let Some(start) = start {
+                let skip = 12_288u64.saturating_sub(logical).min(len);
+                std::io::Seek::seek(&mut disk, std::io::SeekFrom::Start(start + skip)).unwrap();
+                disk.write_all(&vec![0xaa; usize::try_from(len - skip).unwrap()])
+                    .unwrap();
+            }
+            logical += len;
+        }
+        drop(disk);
+        let mut tree = open_image(&image);
+        let read = read(&mut tree, "prealloc.bin", None);
+        assert_eq!(read.len(), 1_000_000);
+        assert_eq!(&read[..10_000], &content[..]);
+        assert!(read[10_000..].iter().all(|&b| b == 0));
     }
 
     /// An ntfs-3g mount of an image, unmounted when dropped.
