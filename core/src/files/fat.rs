@@ -401,18 +401,18 @@ impl Read for ReadOnly {
             return Ok(want);
         }
         let start = self.position - self.position % CACHE_BLOCK;
-        let slot = match self.cache.iter().position(|(at, _)| *at == start) {
-            Some(slot) => slot,
-            None => {
-                let size = CACHE_BLOCK.min(len - start);
-                let mut block = vec![0; usize::try_from(size).unwrap_or(0)];
-                self.read_disk(start, &mut block)?;
-                if self.cache.len() == CACHE_BLOCKS {
-                    self.cache.remove(0);
-                }
-                self.cache.push((start, block));
-                self.cache.len() - 1
+        let found = self.cache.iter().position(|(at, _)| *at == start);
+        let slot = if let Some(slot) = found {
+            slot
+        } else {
+            let size = CACHE_BLOCK.min(len - start);
+            let mut block = vec![0; usize::try_from(size).unwrap_or(0)];
+            self.read_disk(start, &mut block)?;
+            if self.cache.len() == CACHE_BLOCKS {
+                self.cache.remove(0);
             }
+            self.cache.push((start, block));
+            self.cache.len() - 1
         };
         let (_, block) = self.cache.remove(slot);
         let from = usize::try_from(self.position - start).unwrap_or(0);
