@@ -769,7 +769,7 @@ impl NtfsTree {
             } => (runs, size, initialized, compressed),
         };
         let allocated: u64 = runs.iter().map(|(_, len)| len).sum();
-        if allocated < size && !compressed {
+        if allocated < size {
             return Err(damaged(format!(
                 "{path}: its data runs hold {allocated} bytes of its {size}"
             )));
