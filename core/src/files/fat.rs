@@ -1,18 +1,19 @@
 //! Reading FAT12, FAT16 and FAT32 volumes (EFI system partitions, USB sticks' images) with
 //! the `fatfs` crate, read-only.
 //!
-//! `fatfs` wants a disk it can write to: it gets [`ReadOnly`], whose writes fail, and is
-//! opened with options that never write (no accessed dates). It writes nothing when it
-//! only reads: its dirty flag and `FSInfo` sector are written back only after a change, and
-//! a failed write on unmount is only logged by it.
+//! `fatfs` wants a disk it can write to: it gets `ReadOnly`, whose writes and flushes
+//! fail, and is opened with options that never write (no accessed dates). It writes nothing
+//! when it only reads: its dirty flag and `FSInfo` sector are written back only after a
+//! change. It flushes the disk when a file it read is dropped, and on unmount; that flush
+//! fails, and `fatfs` only logs it (through `log`, which Rewind does not route).
 //!
 //! The volume is hostile input. Every call into `fatfs` runs under `catch_unwind`, and
-//! every folder walk has a budget of bytes it may read ([`ReadOnly`] counts them): a
+//! every folder walk has a budget of bytes it may read (`ReadOnly` counts them): a
 //! folder whose cluster chain loops, which `fatfs` would follow forever, ends in an error.
 //!
 //! FAT stores local times with no zone: they are read as if they were UTC (what mtools and
-//! Linux write by default). A volume written by Windows in another time zone shows its
-//! times shifted by that zone's offset.
+//! Linux write when the system's zone is UTC). A volume written by Windows in another time
+//! zone shows its times shifted by that zone's offset.
 
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::panic::AssertUnwindSafe;
