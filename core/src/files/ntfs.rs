@@ -9,16 +9,25 @@
 //!   the tree's own order.
 //! - File content is read from the attribute's data runs, so that the reads are bounded,
 //!   large, and checked against the volume; NTFS-compressed content (LZNT1, which the crate
-//!   does not read) is decompressed one compression unit at a time ([`lznt1`]).
+//!   does not read) is decompressed one compression unit at a time (`lznt1`). What
+//!   lies past an attribute's initialized size reads as zeros.
+//! - Names are looked up by a binary search of the sorted names of the folder, and the
+//!   last few folders' names are kept, so that restoring a large folder file by file does
+//!   not read its index again for each file.
+//!
+//! Not read: EFS-encrypted files ([`TreeError::Unsupported`]), and files behind reparse
+//! points other than links (Windows' `CompactOS` compression, cloud placeholders), which are
+//! listed as [`EntryKind::Other`]. Links and junctions are listed as
+//! [`EntryKind::Symlink`], their targets as Windows wrote them (`C:\Users`, `..\x`).
 //!
 //! Every call into the crate runs under [`std::panic::catch_unwind`]: a panic on a damaged
 //! record becomes [`TreeError::Damaged`].
 
 mod lznt1;
 
-use std::cmp::Ordering;
 use std::io::Write;
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 
 use ::ntfs::attribute_value::{NtfsAttributeValue, NtfsDataRun};
 use ::ntfs::structured_values::{
@@ -93,7 +102,7 @@ struct NtfsTree {
     /// The volume's upcase table (65 536 entries), for comparing names.
     upcase: Vec<u16>,
     /// The last folders listed (record number, children), newest last.
-    folders: Vec<(u64, Vec<Child>)>,
+    folders: Vec<(u64, Arc<[Child]>)>,
 }
 
 impl std::fmt::Debug for NtfsTree {
@@ -447,10 +456,10 @@ impl NtfsTree {
     }
 
     /// The names in folder record `number`, sorted as the folder's index sorts them.
-    fn children(&mut self, number: u64) -> Result<Vec<Child>, TreeError> {
+    fn children(&mut self, number: u64) -> Result<Arc<[Child]>, TreeError> {
         if let Some(at) = self.folders.iter().position(|(n, _)| *n == number) {
             let cached = self.folders.remove(at);
-            let children = cached.1.clone();
+            let children = Arc::clone(&cached.1);
             self.folders.push(cached);
             return Ok(children);
         }
@@ -522,10 +531,11 @@ impl NtfsTree {
             .collect();
         children.sort_by(|a, b| a.key.cmp(&b.key).then_with(|| a.name.cmp(&b.name)));
         children.dedup_by(|a, b| a.record == b.record && a.name == b.name);
+        let children: Arc<[Child]> = children.into();
         if self.folders.len() >= CACHED_FOLDERS {
             self.folders.remove(0);
         }
-        self.folders.push((number, children.clone()));
+        self.folders.push((number, Arc::clone(&children)));
         Ok(children)
     }
 
@@ -625,19 +635,25 @@ impl NtfsTree {
                 },
                 other => other,
             })?;
-            let wanted: Vec<u16> = name.encode_utf16().collect();
-            let key = self.key(&wanted);
-            let found = children
-                .iter()
-                .filter(|child| number != ROOT || child.record >= FIRST_USER_RECORD)
-                .find(|child| child.key.cmp(&key) == Ordering::Equal);
-            number = found
+            number = self
+                .find_child(number, &children, name)
                 .ok_or_else(|| TreeError::NotFound {
                     path: path[..=depth].join("/"),
                 })?
                 .record;
         }
         Ok(number)
+    }
+
+    /// The child of folder record `folder` named `name` (without case), by a binary search
+    /// of `children` (sorted by key).
+    fn find_child<'c>(&self, folder: u64, children: &'c [Child], name: &str) -> Option<&'c Child> {
+        let key = self.key(&name.encode_utf16().collect::<Vec<_>>());
+        let first = children.partition_point(|child| child.key < key);
+        children[first..]
+            .iter()
+            .take_while(|child| child.key == key)
+            .find(|child| folder != ROOT || child.record >= FIRST_USER_RECORD)
     }
 
     /// The entry for `record`, named `name`.
@@ -1001,7 +1017,7 @@ impl FileTree for NtfsTree {
             other => other,
         })?;
         let mut entries = Vec::with_capacity(children.len());
-        for child in children {
+        for child in children.iter().cloned() {
             if child.name == "." || child.name == ".." {
                 continue;
             }
@@ -1036,12 +1052,10 @@ impl FileTree for NtfsTree {
         } else {
             // The name as the folder spells it.
             let parent = self.resolve(&path[..path.len() - 1])?;
-            let wanted: Vec<u16> = path[path.len() - 1].encode_utf16().collect();
-            let key = self.key(&wanted);
-            self.children(parent)?
-                .into_iter()
-                .find(|child| child.record == number && child.key == key)
-                .map_or_else(|| path[path.len() - 1].clone(), |child| child.name)
+            let children = self.children(parent)?;
+            let name = &path[path.len() - 1];
+            self.find_child(parent, &children, name)
+                .map_or_else(|| name.clone(), |child| child.name.clone())
         };
         let mut entry = Self::entry_of(name, number, &record);
         if path.is_empty() {
