@@ -19,7 +19,8 @@
 //! the store's whole-disk restore (`ObjectReader::write_to_file`) of the same checkpoint.
 //!
 //! `REWIND_BENCH_DIR` chooses the scratch folder (default: target/bench-files; about 4 GiB).
-//! `REWIND_BENCH_NO_ENCRYPTED` skips the encrypted store. `REWIND_BENCH_CACHE_MIB` sets
+//! `REWIND_BENCH_NO_ENCRYPTED` skips the encrypted store; `REWIND_BENCH_ONLY=list` or
+//! `=restore` runs only those figures. `REWIND_BENCH_CACHE_MIB` sets
 //! the browser's chunk cache (default: the browser's own). Results go to stdout as a
 //! Markdown table; `core/BENCHMARKS.md` keeps them with the conditions. This is a
 //! benchmark, not a test: nothing here passes or fails on timing.
@@ -277,8 +278,9 @@ fn run_store(
     let big_cp = checkpoint(&store, big, 1);
     let store = Arc::new(store);
 
+    let only = std::env::var("REWIND_BENCH_ONLY").unwrap_or_default();
     // Listing the folder of 10,000 files.
-    for attempt in 1..=3 {
+    for attempt in (1..=3).filter(|_| only.is_empty() || only == "list") {
         let cold = drop_caches();
         let t = Instant::now();
         let mut b = browser(&store, &many_cp, cache);
@@ -311,6 +313,9 @@ fn run_store(
         }
     }
 
+    if only == "list" {
+        return;
+    }
     // Reading the 1 GiB file with no output (what the reader costs alone).
     let cold = drop_caches();
     let mut b = browser(&store, &big_cp, cache);

@@ -150,7 +150,9 @@ impl FileTree for Ext4Tree {
                 if name == "." || name == ".." {
                     continue;
                 }
-                let metadata = fs.symlink_metadata(item.path().as_path())?;
+                // The entry's own inode: a lookup by path would scan the folder again
+                // for each entry (quadratic in its size).
+                let metadata = item.metadata()?;
                 entries.push(entry(name, &metadata, None));
             }
             Ok(entries)
