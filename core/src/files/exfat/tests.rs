@@ -584,6 +584,23 @@ fn damaged_exfat_images_give_errors_or_listings_never_panics_or_hangs() {
         "{err}"
     );
 
+    // An entry set whose checksum does not match is skipped, the rest still listed.
+    let zeit: Vec<u8> = "Zeit".encode_utf16().flat_map(u16::to_le_bytes).collect();
+    let root_at = b.at(b.root);
+    let at = base[root_at..root_at + b.cluster]
+        .windows(zeit.len())
+        .position(|w| w == zeit.as_slice())
+        .unwrap()
+        + root_at;
+    let mut tree = open(Patched::volume(&base, BTreeMap::from([(at as u64, b'z')]))).unwrap();
+    let names: Vec<String> = tree
+        .list(&[])
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert_eq!(names, ["Ordner Äpfel", "Ebene 1"]);
+
     // A file's chain looping back to its start.
     let mut patches = BTreeMap::new();
     for (i, byte) in first.to_le_bytes().into_iter().enumerate() {
