@@ -163,9 +163,13 @@ fn damaged(detail: impl Into<String>) -> TreeError {
     }
 }
 
-/// An error of the crate as a [`TreeError`]: a failed read stays one.
+/// An error of the crate as a [`TreeError`]: a failed read stays one, but a read past the
+/// end of the volume is a damaged record that points there.
 fn from_ntfs(error: NtfsError) -> TreeError {
     match error {
+        NtfsError::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            damaged(format!("a record points past the end of the volume ({io})"))
+        }
         NtfsError::Io(io) => TreeError::Read(io),
         other => damaged(format!("NTFS: {other}")),
     }
@@ -1473,6 +1477,87 @@ mod tests {
         assert_eq!(read.len(), 1_000_000);
         assert_eq!(&read[..10_000], &content[..]);
         assert!(read[10_000..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn a_volume_in_the_middle_of_a_disk() {
+        let Some((mkntfs, cp)) = tools() else { return };
+        let dir = tempfile::tempdir().unwrap();
+        let image = image(&mkntfs, dir.path(), 8);
+        ntfscp(&cp, &image, dir.path(), "file.txt", b"inside", None);
+        // 1 MiB of something else before the volume, and after it.
+        let mut disk = random(1, 1 << 20);
+        disk.extend(std::fs::read(&image).unwrap());
+        let volume = disk.len() as u64 - (1 << 20);
+        disk.extend(random(2, 1 << 20));
+        let disk: Box<dyn Disk + Send> = Box::new(Cursor::new(disk));
+        let mut tree = open(Slice::new(disk, 1 << 20, volume)).unwrap();
+        assert_eq!(names(&tree.list(&[]).unwrap()), ["file.txt"]);
+        let mut out = Vec::new();
+        tree.read(&path("FILE.TXT"), None, &mut out, &Control::new())
+            .unwrap();
+        assert_eq!(out, b"inside");
+        // Not a volume at all.
+        let disk: Box<dyn Disk + Send> = Box::new(Cursor::new(random(3, 1 << 20)));
+        assert!(matches!(
+            open(Slice::new(disk, 0, 1 << 20)),
+            Err(TreeError::Damaged { .. })
+        ));
+    }
+
+    /// A disk whose reads fail from `from` on (a store with a missing chunk).
+    struct Failing {
+        inner: Cursor<Vec<u8>>,
+        from: u64,
+    }
+
+    impl std::io::Read for Failing {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.inner.position() + buf.len() as u64 > self.from {
+                return Err(std::io::Error::other("chunk missing"));
+            }
+            self.inner.read(buf)
+        }
+    }
+
+    impl std::io::Seek for Failing {
+        fn seek(&mut self, to: std::io::SeekFrom) -> std::io::Result<u64> {
+            self.inner.seek(to)
+        }
+    }
+
+    #[test]
+    fn read_errors_are_read_errors() {
+        let Some((mkntfs, cp)) = tools() else { return };
+        let dir = tempfile::tempdir().unwrap();
+        let image = image(&mkntfs, dir.path(), 8);
+        ntfscp(
+            &cp,
+            &image,
+            dir.path(),
+            "file.bin",
+            &random(4, 100_000),
+            None,
+        );
+        let bytes = std::fs::read(&image).unwrap();
+        let mut tree = open_bytes(bytes.clone()).unwrap();
+        let number = tree.resolve(&path("file.bin")).unwrap();
+        let info = tree.record(number).unwrap().data[0].clone();
+        let Ok(Content::Runs { runs, .. }) = tree.content(number, NtfsAttributeType::Data, &info)
+        else {
+            panic!("file.bin is in clusters");
+        };
+        let from = runs[0].0.unwrap() + 50_000;
+        let len = bytes.len() as u64;
+        let disk: Box<dyn Disk + Send> = Box::new(Failing {
+            inner: Cursor::new(bytes),
+            from,
+        });
+        let mut tree = open(Slice::new(disk, 0, len)).unwrap();
+        let error = tree
+            .read(&path("file.bin"), None, &mut Vec::new(), &Control::new())
+            .unwrap_err();
+        assert!(matches!(error, TreeError::Read(_)), "{error:?}");
     }
 
     /// An ntfs-3g mount of an image, unmounted when dropped.
