@@ -416,6 +416,13 @@ fn config_kind(e: &crate::config::ConfigError) -> ErrorKind {
     }
 }
 
+impl From<crate::files::FilesError> for JobError {
+    fn from(e: crate::files::FilesError) -> Self {
+        let retryable = matches!(&e, crate::files::FilesError::Store(s) if s.is_retryable());
+        Self::from_source(files_kind(&e), retryable, e)
+    }
+}
+
 impl From<crate::destination::OpenError> for JobError {
     fn from(e: crate::destination::OpenError) -> Self {
         let kind = ErrorKind::of(&e).unwrap_or(ErrorKind::Failed);

@@ -562,6 +562,7 @@ fn written_path(command: &Command) -> Option<&Path> {
     match command {
         Command::AddFolderDestination { folder, .. } => Some(folder),
         Command::Start(JobRequest::Export { out, .. }) => Some(out),
+        Command::Start(JobRequest::RestoreFiles { to, .. }) => Some(to),
         Command::Start(JobRequest::Restore {
             as_new: Some(new), ..
         }) => match &new.storage {
@@ -609,7 +610,10 @@ fn dispatch(hub: &Hub, peer: &Peer, mut command: Command) -> Option<Event> {
             _ => Event::Failed { error: refusal },
         });
     }
-    if let Command::Start(JobRequest::Export { owner, .. }) = &mut command {
+    if let Command::Start(
+        JobRequest::Export { owner, .. } | JobRequest::RestoreFiles { owner, .. },
+    ) = &mut command
+    {
         // What the service writes for a user is that user's, whatever the client said.
         *owner = (peer.uid != 0).then_some(Owner {
             uid: peer.uid,

@@ -115,6 +115,14 @@ pub(super) fn checkpoint_details_ui(
                 });
             }
             if ui
+                .add_enabled(!c.damaged, egui::Button::new("Browse files…"))
+                .on_hover_text("Look through the files of its disks as they were then, and restore some")
+                .clicked()
+            {
+                let title = format!("{} at {}", c.vm, c.time.with_timezone(&Local).format("%Y-%m-%d %H:%M"));
+                state.files = Some(super::files::FilesView::open(key.clone(), title, commands));
+            }
+            if ui
                 .add_enabled(!c.damaged, egui::Button::new("Export disk…"))
                 .on_hover_text("Write one disk as it was then to an image file")
                 .clicked()

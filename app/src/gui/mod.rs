@@ -14,6 +14,7 @@ mod activity;
 mod bench;
 mod details;
 pub mod dialogs;
+pub mod files;
 pub mod instance;
 pub mod settings;
 pub mod setup;

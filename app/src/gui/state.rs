@@ -213,6 +213,8 @@ pub struct UiState {
     pub resume_checks: std::collections::HashMap<CheckpointKey, ResumeCheck>,
     /// The settings window, when open.
     pub settings: Option<SettingsState>,
+    /// The Files window, while it is open.
+    pub files: Option<super::files::FilesView>,
     /// The user closed the first-run guide.
     pub setup_dismissed: bool,
     /// The first-run guide's state.
@@ -251,6 +253,7 @@ impl Default for UiState {
             autostart_note: None,
             drives: None,
             settings: None,
+            files: None,
             setup_dismissed: false,
             setup: super::setup::SetupState::default(),
             now: Utc::now(),
@@ -359,6 +362,11 @@ impl UiState {
                         Ok(()) => "Rewind no longer starts at login.".to_owned(),
                         Err(e) => e.message,
                     });
+                }
+            }
+            Event::Browsed { key, ask, result } => {
+                if let Some(files) = &mut self.files {
+                    files.apply(&key, ask, result);
                 }
             }
             Event::ResumeChecked { key, result } => {

@@ -934,3 +934,190 @@ fn every_symbol_the_window_uses_has_a_glyph() {
         missing.lock().unwrap()
     );
 }
+
+/// A GPT disk image of 40 MiB whose partition 1 (ext4, labelled "linux") holds `src`,
+/// made by sgdisk and mkfs.ext4 -d, without mounting.
+fn ext4_disk(dir: &Path, src: &Path) -> std::path::PathBuf {
+    let disk = dir.join("linux.raw");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(40 << 20)
+        .unwrap();
+    rewind_tests::package::run_ok(
+        "sgdisk",
+        std::process::Command::new("sgdisk")
+            .args(["--new=1:2048:0", "--typecode=1:8300"])
+            .arg(&disk),
+    );
+    rewind_tests::package::run_ok(
+        "mkfs.ext4",
+        std::process::Command::new("mkfs.ext4")
+            .args(["-F", "-q", "-L", "linux", "-E", "offset=1048576", "-d"])
+            .arg(src)
+            .arg(&disk)
+            .arg("38M"),
+    );
+    disk
+}
+
+#[test]
+#[allow(clippy::too_many_lines)] // one user story, step by step
+fn a_file_is_found_previewed_and_restored_from_the_files_window_with_the_real_engine() {
+    use rewind_tests::{DiskSpec, Format, TestVm, daemon};
+    rewind_tests::setup().unwrap();
+    let dir = rewind_tests::scratch::ScratchDir::new("gui-files").unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(src.join("docs/old")).unwrap();
+    std::fs::write(
+        src.join("docs/thesis.txt"),
+        "Chapter 1\nIt was a dark night.\n",
+    )
+    .unwrap();
+    std::fs::write(src.join("docs/old/draft.txt"), "first draft").unwrap();
+    let thesis_time = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    std::fs::File::options()
+        .write(true)
+        .open(src.join("docs/thesis.txt"))
+        .unwrap()
+        .set_modified(thesis_time)
+        .unwrap();
+    let raw = ext4_disk(dir.path(), &src);
+    let vm = TestVm::builder("gui-files")
+        .disks(vec![
+            DiskSpec::new("vda", Format::Qcow2, 32 << 20),
+            DiskSpec::new("vdb", Format::Qcow2, 40 << 20),
+        ])
+        .define()
+        .expect("define the test VM");
+    vm.fill_disk("vdb", &raw).unwrap();
+    let store_dir = dir.path().join("store");
+    let store = Store::init(&store_dir, &InitOptions::default()).unwrap();
+    let config = Config {
+        uri: daemon::URI.into(),
+        destinations: vec![Destination {
+            name: "usb".into(),
+            location: store_dir.display().to_string(),
+            store_id: Some(store.config().id),
+            passphrase_file: None,
+            store_secret: None,
+        }],
+        vms: vec![Protection {
+            vm: vm.name.clone(),
+            uuid: Some(vm.uuid.clone()),
+            destinations: vec!["usb".into()],
+            ..Protection::default()
+        }],
+        ..Config::default()
+    };
+    config.save(&dir.path().join("config.ron")).unwrap();
+
+    let mut h = app_harness(daemon::URI, dir.path());
+    wait_for(&mut h, "the VM in the list", Duration::from_secs(30), |h| {
+        h.query_all_by_label(&vm.name).next().is_some()
+    });
+    h.query_all_by_label(&vm.name).next().unwrap().click();
+    wait_for(&mut h, "Checkpoint now", Duration::from_secs(10), |h| {
+        h.query_by_label("Checkpoint now").is_some()
+    });
+    h.get_by_label("Checkpoint now").click();
+    wait_for(
+        &mut h,
+        "a checkpoint on the timeline",
+        Duration::from_mins(3),
+        |h| {
+            h.query_all_by_label_contains("Checkpoint 20")
+                .next()
+                .is_some()
+        },
+    );
+    h.get_all_by_label_contains("Checkpoint 20")
+        .next()
+        .unwrap()
+        .click();
+    wait_for(&mut h, "Browse files…", Duration::from_secs(10), |h| {
+        h.query_by_label("Browse files…").is_some()
+    });
+    h.get_by_label("Browse files…").click();
+
+    // The volumes, then the folder, read by the engine from the store.
+    wait_for(&mut h, "the volumes", Duration::from_secs(30), |h| {
+        h.query_by_label_contains("linux — ").is_some()
+    });
+    settle(&mut h);
+    h.get_by_label_contains("linux — ").click();
+    wait_for(
+        &mut h,
+        "the volume's folders",
+        Duration::from_secs(30),
+        |h| h.query_all_by_label("📁 docs").next().is_some(),
+    );
+    settle(&mut h);
+    h.get_all_by_label("📁 docs").last().unwrap().click();
+    wait_for(&mut h, "the folder's files", Duration::from_secs(30), |h| {
+        h.query_all_by_label("thesis.txt").next().is_some()
+    });
+
+    // A search finds the draft below.
+    settle(&mut h);
+    h.get_by_label("Search").focus();
+    let field = h.get_by(|n| n.role() == Role::TextInput);
+    field.focus();
+    field.type_text("DRAFT");
+    h.step();
+    h.get_by_label("Search").click();
+    wait_for(
+        &mut h,
+        "the search's result",
+        Duration::from_secs(30),
+        |h| h.query_by_label_contains("1 found for").is_some(),
+    );
+    h.get_by_label("vdb/p1/docs/old/draft.txt");
+    settle(&mut h);
+    h.get_all_by_label("📁 docs").next().unwrap().click();
+    wait_for(&mut h, "the folder again", Duration::from_secs(10), |h| {
+        h.query_all_by_label("thesis.txt").next().is_some()
+    });
+
+    // The preview shows the text.
+    settle(&mut h);
+    h.get_by_label("thesis.txt").click();
+    wait_for(&mut h, "the preview", Duration::from_secs(30), |h| {
+        h.query_by_label_contains("It was a dark night.").is_some()
+    });
+
+    // Tick it and restore it into a folder (given as the folder dialog gives it).
+    settle(&mut h);
+    h.get_by_label("Restore thesis.txt").click();
+    wait_for(&mut h, "the file ticked", Duration::from_secs(5), |h| {
+        h.query_by_label("1 item ticked").is_some()
+    });
+    let out = dir.path().join("restored");
+    std::fs::create_dir(&out).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    tx.send(Some(out.clone())).unwrap();
+    h.state_mut().state.files.as_mut().unwrap().picking = Some(rx);
+    wait_for(&mut h, "the restored file", Duration::from_mins(1), |h| {
+        h.state()
+            .state
+            .jobs
+            .iter()
+            .any(|j| !j.running() && matches!(j.result, Some(Ok(JobOutput::FilesRestored(_)))))
+            || h.state()
+                .state
+                .jobs
+                .iter()
+                .any(|j| matches!(j.result, Some(Err(_))))
+    });
+    assert_eq!(
+        std::fs::read_to_string(out.join("thesis.txt")).unwrap(),
+        "Chapter 1\nIt was a dark night.\n"
+    );
+    assert_eq!(
+        std::fs::metadata(out.join("thesis.txt"))
+            .unwrap()
+            .modified()
+            .unwrap(),
+        thesis_time
+    );
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 1, "only the file");
+}

@@ -78,6 +78,7 @@ pub fn main_ui(ui: &mut egui::Ui, state: &mut UiState) -> Commands {
         settings_ui(ui, state, &mut commands);
     }
     dialogs_ui(ui, state, &mut commands);
+    super::files::files_ui(ui, state, &mut commands);
     commands
 }
 

@@ -101,7 +101,41 @@ impl Engine {
                     }
                 }
             }
+            Command::Browse { key, ask } => self.browse(p, key, ask, inner).await,
             Command::RefreshVms | Command::Shutdown => {}
+        }
+    }
+}
+
+impl Engine {
+    /// Passes a question about a checkpoint's files to the files thread (started the first
+    /// time).
+    async fn browse(
+        &self,
+        p: &mut Protection,
+        key: super::ResumeKey,
+        ask: super::files::BrowseAsk,
+        inner: &mpsc::Sender<Inner>,
+    ) {
+        if p.files.is_none() {
+            match super::files::FilesWorker::start(inner.clone()) {
+                Ok(worker) => p.files = Some(worker),
+                Err(e) => {
+                    self.emit(Event::Browsed {
+                        key,
+                        ask,
+                        result: Err(JobError::new(
+                            ErrorKind::Failed,
+                            format!("could not start reading files: {e}"),
+                        )),
+                    })
+                    .await;
+                    return;
+                }
+            }
+        }
+        if let Some(worker) = &p.files {
+            worker.ask(key, ask, p.config.clone());
         }
     }
 }

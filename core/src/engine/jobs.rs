@@ -99,6 +99,21 @@ pub enum JobRequest {
         #[serde(default)]
         owner: Option<Owner>,
     },
+    /// Restore files and folders of a checkpoint into a folder (file-level restore).
+    RestoreFiles {
+        /// The destination.
+        destination: String,
+        /// The VM.
+        vm_uuid: Uuid,
+        /// The checkpoint.
+        checkpoint: String,
+        /// The files and folders, volume first (`p2/Users/me/thesis.docx`).
+        paths: Vec<String>,
+        /// The folder to restore into.
+        to: PathBuf,
+        /// Who gets what is written, as for [`JobRequest::Export`]; the service sets it.
+        owner: Option<Owner>,
+    },
     /// Remove old checkpoints of a destination's store by keep rules, then the data only
     /// they used.
     Prune {
@@ -208,6 +223,13 @@ impl JobRequest {
             Self::Verify { destination, .. } => format!("Verify {destination}"),
             Self::Delete { checkpoint, .. } => format!("Delete {checkpoint}"),
             Self::Export { disk, .. } => format!("Export of {disk}"),
+            Self::RestoreFiles { paths, .. } => match paths.as_slice() {
+                [one] => format!(
+                    "Restore of {}",
+                    one.rsplit('/').find(|n| !n.is_empty()).unwrap_or(one)
+                ),
+                many => format!("Restore of {} items", many.len()),
+            },
             Self::Prune { destination, .. } => format!("Removing old checkpoints in {destination}"),
             Self::Gc { destination } => format!("Removing unused data in {destination}"),
             Self::List { destination } => format!("Reading the checkpoints in {destination}"),
@@ -249,6 +271,8 @@ pub enum JobOutput {
     Collected(GcReport),
     /// A store's checkpoints.
     Listed(Box<Listing>),
+    /// Files restored into a folder.
+    FilesRestored(Box<crate::files::browse::Restored>),
 }
 
 fn no_destination(name: &str) -> JobError {
@@ -258,7 +282,7 @@ fn no_destination(name: &str) -> JobError {
     )
 }
 
-fn store_of(config: &Config, name: &str) -> Result<Store, JobError> {
+pub(super) fn store_of(config: &Config, name: &str) -> Result<Store, JobError> {
     let dest = config
         .destination(name)
         .ok_or_else(|| no_destination(name))?;
@@ -268,7 +292,7 @@ fn store_of(config: &Config, name: &str) -> Result<Store, JobError> {
 
 /// Checkpoint `id` of the VM, or its newest if `id` is `latest` (found when the job runs,
 /// so that a checkpoint taken a moment ago counts).
-fn manifest(store: &Store, vm: &Uuid, id: &str) -> Result<Manifest, JobError> {
+pub(super) fn manifest(store: &Store, vm: &Uuid, id: &str) -> Result<Manifest, JobError> {
     if id != "latest" {
         return Ok(store.manifest(vm, id)?);
     }
@@ -354,6 +378,28 @@ pub fn run(
             Ok(JobOutput::Deleted)
         }
         JobRequest::Export { .. } | JobRequest::Prune { .. } => store_job(config, request, control),
+        JobRequest::RestoreFiles {
+            destination,
+            vm_uuid,
+            checkpoint,
+            paths,
+            to,
+            owner,
+        } => {
+            let store = Arc::new(store_of(config, destination)?);
+            let m = manifest(&store, vm_uuid, checkpoint)?;
+            let mut browser = crate::files::browse::Browser::open(store, m)?;
+            let paths = paths
+                .iter()
+                .map(|p| browser.resolve(p))
+                .collect::<Result<Vec<_>, _>>()?;
+            control.start_phase(crate::progress::Phase::Copying);
+            let done = match owner {
+                Some(o) => browser.restore_for(&paths, to, (o.uid, o.gid), control)?,
+                None => browser.restore(&paths, to, control)?,
+            };
+            Ok(JobOutput::FilesRestored(Box::new(done)))
+        }
         JobRequest::Gc { destination } => {
             let store = store_of(config, destination)?;
             Ok(JobOutput::Collected(store.gc(control)?))

@@ -34,6 +34,7 @@ use jobs::{ErrorKind, JobError, JobId, JobOutput, JobRequest};
 
 mod commands;
 mod destinations;
+pub mod files;
 mod protection;
 mod protocol;
 

@@ -14,6 +14,8 @@ pub(super) struct Protection {
     pub(super) scanning: bool,
     pub(super) rescan: bool,
     pub(super) _watchers: Vec<Box<dyn std::any::Any + Send>>,
+    /// The thread that answers questions about checkpoints' files, once asked one.
+    pub(super) files: Option<super::files::FilesWorker>,
 }
 
 impl Protection {
@@ -155,6 +157,7 @@ impl Engine {
             scanning: false,
             rescan: false,
             _watchers: watchers,
+            files: None,
         };
         if let Some(program) = options.scheduler {
             let lock = crate::scheduler::instance::lock_path_in(&options.paths.state_dir());

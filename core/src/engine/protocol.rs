@@ -79,6 +79,14 @@ pub enum Command {
         /// The VM; `None` for every protected VM.
         vm: Option<String>,
     },
+    /// A question about a checkpoint's files (file-level restore), answered by
+    /// [`Event::Browsed`].
+    Browse {
+        /// The checkpoint.
+        key: ResumeKey,
+        /// What is asked.
+        ask: super::files::BrowseAsk,
+    },
     /// Stop the engine (and its scheduler: running jobs are cancelled and waited for).
     Shutdown,
 }
@@ -221,6 +229,15 @@ pub enum Event {
         enabled: bool,
         /// The answer to a [`Command::SetAutostart`]: `Err` says why the change was not made.
         changed: Option<Result<(), JobError>>,
+    },
+    /// The answer to [`Command::Browse`].
+    Browsed {
+        /// The checkpoint asked about.
+        key: ResumeKey,
+        /// What was asked.
+        ask: super::files::BrowseAsk,
+        /// The answer, or why there is none.
+        result: Result<super::files::BrowseAnswer, JobError>,
     },
     /// The answer to [`Command::CheckResume`].
     ResumeChecked {

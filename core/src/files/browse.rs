@@ -19,7 +19,7 @@ use crate::store::random::DEFAULT_CACHE_BYTES;
 pub const MAX_DEPTH: usize = 256;
 
 /// One disk of a checkpoint and its volumes.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskVolumes {
     /// The disk's target (`vda`).
     pub target: String,
@@ -50,7 +50,7 @@ pub struct FilePath {
 }
 
 /// What was found by [`Browser::find`].
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Found {
     /// Its full path, volume first, as [`Browser::resolve`] takes it.
     pub path: String,
@@ -59,7 +59,7 @@ pub struct Found {
 }
 
 /// What [`Browser::restore`] did.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Restored {
     /// Where each path given was restored to.
     pub written: Vec<PathBuf>,
@@ -418,7 +418,22 @@ impl Browser {
         to: &Path,
         control: &Control,
     ) -> Result<Restored, FilesError> {
-        super::restore::restore(self, paths, to, control)
+        super::restore::restore(self, paths, to, None, control)
+    }
+
+    /// [`Browser::restore`], giving everything written to `owner` (user and group ids)
+    /// before it is moved in place: what a service running as root restores for a user.
+    ///
+    /// # Errors
+    /// As [`Browser::restore`].
+    pub fn restore_for(
+        &mut self,
+        paths: &[FilePath],
+        to: &Path,
+        owner: (u32, u32),
+        control: &Control,
+    ) -> Result<Restored, FilesError> {
+        super::restore::restore(self, paths, to, Some(owner), control)
     }
 }
 

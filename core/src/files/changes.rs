@@ -9,7 +9,7 @@ use super::{Entry, EntryKind, FilesError};
 use crate::progress::Control;
 
 /// How an entry changed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ChangeKind {
     /// It is new.
@@ -21,7 +21,7 @@ pub enum ChangeKind {
 }
 
 /// One changed entry.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Change {
     /// Its path, volume first.
     pub path: String,
@@ -209,6 +209,22 @@ fn compare_volume(
         pending.extend(deeper.into_iter().rev());
     }
     Ok(())
+}
+
+/// The checkpoint of the same VM just before `m` in `store`, if there is one.
+///
+/// # Errors
+/// The store's catalog could not be read.
+pub fn previous_checkpoint(
+    store: &crate::store::Store,
+    m: &crate::store::manifest::Manifest,
+) -> Result<Option<crate::store::manifest::Manifest>, crate::store::StoreError> {
+    Ok(store
+        .vm_catalog(&m.vm.uuid)?
+        .checkpoints
+        .into_iter()
+        .filter(|c| c.time < m.time)
+        .max_by_key(|c| c.time))
 }
 
 fn cancelled(

@@ -22,6 +22,7 @@ pub(super) fn restore(
     browser: &mut Browser,
     paths: &[FilePath],
     to: &Path,
+    owner: Option<(u32, u32)>,
     control: &Control,
 ) -> Result<Restored, FilesError> {
     let output = |source: io::Error, path: &Path| FilesError::Output {
@@ -34,38 +35,7 @@ pub(super) fn restore(
             to,
         ));
     }
-    // What each path is, and the name it gets in `to`.
-    let mut plan = Vec::new();
-    for path in paths {
-        let entry = browser.entry(path)?;
-        let name = match path.names.last() {
-            Some(name) => name.clone(),
-            None => browser
-                .volume(path.volume)
-                .and_then(|v| v.label.clone())
-                .filter(|l| usable_name(l))
-                .unwrap_or_else(|| browser.volume_name(path.volume).replace('/', "-")),
-        };
-        if !usable_name(&name) {
-            return Err(FilesError::Output {
-                path: to.join(&name),
-                source: io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    "the name cannot be used on this computer",
-                ),
-            });
-        }
-        if plan
-            .iter()
-            .any(|(_, n, _): &(FilePath, String, _)| *n == name)
-            || fs::symlink_metadata(to.join(&name)).is_ok()
-        {
-            return Err(FilesError::Exists {
-                path: to.join(&name),
-            });
-        }
-        plan.push((path.clone(), name, entry));
-    }
+    let plan = plan(browser, paths, to)?;
     // The bytes to write, for progress.
     let mut total = 0;
     for (path, _, entry) in &plan {
@@ -98,6 +68,11 @@ pub(super) fn restore(
                 0,
             )?;
         }
+        if let Some(owner) = owner {
+            for (_, name, _) in &plan {
+                hand_over(&staging.join(name), owner).map_err(|e| output(e, &to.join(name)))?;
+            }
+        }
         for (_, name, _) in &plan {
             let target = to.join(name);
             rename_no_replace(&staging.join(name), &target).map_err(|e| {
@@ -126,6 +101,46 @@ pub(super) fn restore(
         tracing::warn!("could not remove {}: {e}", staging.display());
     }
     result
+}
+
+/// What each path is, and the name it gets in `to`: an error if a name is taken there.
+fn plan(
+    browser: &mut Browser,
+    paths: &[FilePath],
+    to: &Path,
+) -> Result<Vec<(FilePath, String, super::Entry)>, FilesError> {
+    let mut plan = Vec::new();
+    for path in paths {
+        let entry = browser.entry(path)?;
+        let name = match path.names.last() {
+            Some(name) => name.clone(),
+            None => browser
+                .volume(path.volume)
+                .and_then(|v| v.label.clone())
+                .filter(|l| usable_name(l))
+                .unwrap_or_else(|| browser.volume_name(path.volume).replace('/', "-")),
+        };
+        if !usable_name(&name) {
+            return Err(FilesError::Output {
+                path: to.join(&name),
+                source: io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "the name cannot be used on this computer",
+                ),
+            });
+        }
+        if plan
+            .iter()
+            .any(|(_, n, _): &(FilePath, String, _)| *n == name)
+            || fs::symlink_metadata(to.join(&name)).is_ok()
+        {
+            return Err(FilesError::Exists {
+                path: to.join(&name),
+            });
+        }
+        plan.push((path.clone(), name, entry));
+    }
+    Ok(plan)
 }
 
 /// The bytes of the files below `path`.
@@ -175,6 +190,32 @@ fn staging_folder(to: &Path) -> io::Result<PathBuf> {
         io::ErrorKind::AlreadyExists,
         "no free name for a temporary folder",
     ))
+}
+
+/// Gives `path` and everything below it to `owner`, links themselves never followed.
+/// `path` is in the private staging folder, which only its writer can enter.
+fn hand_over(path: &Path, owner: (u32, u32)) -> io::Result<()> {
+    let (uid, gid) = (
+        rustix::fs::Uid::from_raw(owner.0),
+        rustix::fs::Gid::from_raw(owner.1),
+    );
+    let mut pending = vec![path.to_path_buf()];
+    while let Some(p) = pending.pop() {
+        let meta = fs::symlink_metadata(&p)?;
+        rustix::fs::chownat(
+            rustix::fs::CWD,
+            &p,
+            Some(uid),
+            Some(gid),
+            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+        )?;
+        if meta.is_dir() {
+            for e in fs::read_dir(&p)? {
+                pending.push(e?.path());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Moves `from` to `to`, failing if `to` exists.

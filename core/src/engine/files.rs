@@ -1,0 +1,248 @@
+//! Browsing checkpoints' files for a front end ([`Command::Browse`]): one thread keeps the
+//! checkpoints being browsed open (their partition tables read, their volumes' chunk
+//! caches warm), answers each question with an [`Event::Browsed`], and a new search or
+//! comparison cancels the one before.
+//!
+//! [`Command::Browse`]: super::Command::Browse
+//! [`Event::Browsed`]: super::Event::Browsed
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tokio::sync::mpsc;
+
+use super::jobs::{self, JobError};
+use super::{Event, Inner, ResumeKey};
+use crate::config::Config;
+use crate::files::browse::{Browser, DiskVolumes, Found};
+use crate::files::changes::{Change, changes, previous_checkpoint};
+use crate::files::{Entry, EntryKind};
+use crate::progress::Control;
+
+/// At most this many checkpoints stay open.
+const OPEN: usize = 3;
+/// A preview holds at most this many bytes of the file's start.
+pub const PREVIEW_BYTES: u64 = 256 << 10;
+
+/// A question about a checkpoint's files.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum BrowseAsk {
+    /// Its disks and volumes.
+    Volumes,
+    /// The entries of a folder (volume first: `p2/Users`).
+    List {
+        /// The folder.
+        path: String,
+    },
+    /// The entries below a folder whose names match a pattern.
+    Find {
+        /// The folder (volume first).
+        path: String,
+        /// A piece of a name, or a pattern with `*` and `?`.
+        pattern: String,
+    },
+    /// The start of a file, to show it.
+    Preview {
+        /// The file (volume first).
+        path: String,
+    },
+    /// What changed since the checkpoint before it.
+    Changes,
+}
+
+/// The answer to a [`BrowseAsk`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum BrowseAnswer {
+    /// Its disks and their volumes.
+    Volumes(Vec<DiskVolumes>),
+    /// A folder's entries, sorted as a file manager shows them.
+    Listing(Vec<Entry>),
+    /// What a search found, and the folders it could not read.
+    Found {
+        /// The matches.
+        found: Vec<Found>,
+        /// What could not be searched, and why.
+        skipped: Vec<String>,
+    },
+    /// The first bytes of a file (at most [`PREVIEW_BYTES`]) and its size.
+    Preview {
+        /// Its first bytes.
+        bytes: Vec<u8>,
+        /// Its whole size.
+        size_bytes: u64,
+    },
+    /// The changes since the checkpoint before (`None`: it is the first one).
+    Changes {
+        /// The checkpoint compared with.
+        since: Option<String>,
+        /// What changed.
+        changes: Vec<Change>,
+    },
+}
+
+/// The thread that answers [`BrowseAsk`]s.
+pub(super) struct FilesWorker {
+    tx: std::sync::mpsc::Sender<(ResumeKey, BrowseAsk, Config)>,
+    /// The search or comparison under way, which a new one cancels.
+    current: Arc<Mutex<Arc<Control>>>,
+}
+
+impl FilesWorker {
+    /// Starts the thread; its answers go to `out`.
+    pub(super) fn start(out: mpsc::Sender<Inner>) -> std::io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel::<(ResumeKey, BrowseAsk, Config)>();
+        let current = Arc::new(Mutex::new(Arc::new(Control::new())));
+        let shared = current.clone();
+        std::thread::Builder::new()
+            .name("rewind-files".into())
+            .spawn(move || {
+                let mut open: Vec<(ResumeKey, Browser)> = Vec::new();
+                while let Ok((key, ask, config)) = rx.recv() {
+                    let control = shared
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .clone();
+                    let result = answer(&mut open, &key, &ask, &config, &control);
+                    let event = Event::Browsed { key, ask, result };
+                    // A closed channel: the engine is stopping.
+                    if out.blocking_send(Inner::Emit(event)).is_err() {
+                        break;
+                    }
+                }
+            })?;
+        Ok(Self { tx, current })
+    }
+
+    /// Asks `ask` about checkpoint `key`.
+    pub(super) fn ask(&self, key: ResumeKey, ask: BrowseAsk, config: Config) {
+        if matches!(ask, BrowseAsk::Find { .. } | BrowseAsk::Changes) {
+            let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+            current.cancel();
+            *current = Arc::new(Control::new());
+        }
+        // A stopped thread: the engine is stopping.
+        drop(self.tx.send((key, ask, config)));
+    }
+}
+
+/// The browser of `key`, opened if needed (the oldest one closed past [`OPEN`]).
+fn browser<'a>(
+    open: &'a mut Vec<(ResumeKey, Browser)>,
+    key: &ResumeKey,
+    config: &Config,
+) -> Result<&'a mut Browser, JobError> {
+    if let Some(at) = open.iter().position(|(k, _)| k == key) {
+        let found = open.remove(at);
+        open.push(found);
+    } else {
+        let store = Arc::new(jobs::store_of(config, &key.destination)?);
+        let m = jobs::manifest(&store, &key.vm_uuid, &key.checkpoint)?;
+        let b = Browser::open(store, m)?;
+        if open.len() >= OPEN {
+            open.remove(0);
+        }
+        open.push((key.clone(), b));
+    }
+    Ok(&mut open.last_mut().expect("pushed above").1)
+}
+
+fn answer(
+    open: &mut Vec<(ResumeKey, Browser)>,
+    key: &ResumeKey,
+    ask: &BrowseAsk,
+    config: &Config,
+    control: &Control,
+) -> Result<BrowseAnswer, JobError> {
+    let b = browser(open, key, config)?;
+    Ok(match ask {
+        BrowseAsk::Volumes => BrowseAnswer::Volumes(b.disks().to_vec()),
+        BrowseAsk::List { path } => {
+            let at = b.resolve(path)?;
+            BrowseAnswer::Listing(b.list(&at)?)
+        }
+        BrowseAsk::Find { path, pattern } => {
+            let at = b.resolve(path)?;
+            let (found, skipped) = b.find(&at, pattern, control)?;
+            BrowseAnswer::Found {
+                found,
+                skipped: skipped.iter().map(ToString::to_string).collect(),
+            }
+        }
+        BrowseAsk::Preview { path } => {
+            let at = b.resolve(path)?;
+            let entry = b.entry(&at)?;
+            if entry.kind != EntryKind::File {
+                return Err(JobError::new(
+                    jobs::ErrorKind::Invalid,
+                    format!("{path} is not a file"),
+                ));
+            }
+            let mut bytes = Vec::new();
+            let mut limited = Limited {
+                out: &mut bytes,
+                left: PREVIEW_BYTES,
+            };
+            let shown = b.display(at.volume, &at.names);
+            let read = b
+                .tree(at.volume)?
+                .read(&at.names, None, &mut limited, &Control::new());
+            match read {
+                Ok(_) => {}
+                // The preview is full: it stopped reading there.
+                Err(crate::files::TreeError::Write { .. }) if limited.left == 0 => {}
+                Err(source) => {
+                    return Err(crate::files::FilesError::Tree {
+                        path: shown,
+                        source,
+                    }
+                    .into());
+                }
+            }
+            BrowseAnswer::Preview {
+                bytes,
+                size_bytes: entry.size_bytes,
+            }
+        }
+        BrowseAsk::Changes => {
+            let newer = b.manifest().clone();
+            let store = Arc::new(jobs::store_of(config, &key.destination)?);
+            let Some(older) = previous_checkpoint(&store, &newer)? else {
+                return Ok(BrowseAnswer::Changes {
+                    since: None,
+                    changes: Vec::new(),
+                });
+            };
+            let since = older.id.clone();
+            let mut old = Browser::open(store.clone(), older)?;
+            let b = browser(open, key, config)?;
+            let (changes, _skipped) = changes(&mut old, b, control)?;
+            BrowseAnswer::Changes {
+                since: Some(since),
+                changes,
+            }
+        }
+    })
+}
+
+/// A writer that takes `left` bytes more, then fails (to stop a read there).
+struct Limited<'a> {
+    out: &'a mut Vec<u8>,
+    left: u64,
+}
+
+impl std::io::Write for Limited<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.left == 0 {
+            return Err(std::io::Error::other("the preview is full"));
+        }
+        let n = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        self.out.extend_from_slice(&buf[..n]);
+        self.left -= n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
