@@ -130,17 +130,26 @@ fn browser<'a>(
     key: &ResumeKey,
     config: &Config,
 ) -> Result<&'a mut Browser, JobError> {
-    if let Some(at) = open.iter().position(|(k, _)| k == key) {
+    // `latest` is looked up each time: it moves on with every checkpoint.
+    let cached = (key.checkpoint != "latest")
+        .then(|| open.iter().position(|(k, _)| k == key))
+        .flatten();
+    if let Some(at) = cached {
         let found = open.remove(at);
         open.push(found);
     } else {
         let store = Arc::new(jobs::store_of(config, &key.destination)?);
         let m = jobs::manifest(&store, &key.vm_uuid, &key.checkpoint)?;
+        let key = ResumeKey {
+            checkpoint: m.id.clone(),
+            ..key.clone()
+        };
+        open.retain(|(k, _)| *k != key);
         let b = Browser::open(store, m)?;
         if open.len() >= OPEN {
             open.remove(0);
         }
-        open.push((key.clone(), b));
+        open.push((key, b));
     }
     Ok(&mut open.last_mut().expect("pushed above").1)
 }
