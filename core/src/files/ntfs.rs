@@ -491,6 +491,15 @@ impl NtfsTree {
                 let Ok(ty) = attribute.ty() else {
                     continue;
                 };
+                // A link or junction is not followed: what it holds is elsewhere.
+                if ty == NtfsAttributeType::ReparsePoint {
+                    let reparse = read_value(&attribute, disk, MAX_REPARSE)?;
+                    if link_target(&reparse).is_some() {
+                        return Err(TreeError::NotAFolder {
+                            path: String::new(),
+                        });
+                    }
+                }
                 if attribute.name().map_err(from_ntfs)? != "$I30" {
                     continue;
                 }
@@ -1811,12 +1820,31 @@ mod tests {
         sparse[700_000..].copy_from_slice(b"end");
         assert_eq!(read(&mut tree, "packed/sparse.bin", None), sparse);
 
+        links(&mut tree);
+    }
+
+    /// Links and junctions are listed, not followed.
+    fn links(tree: &mut NtfsTree) {
         let link = tree.entry(&path("link")).unwrap();
         assert_eq!(link.kind, EntryKind::Symlink, "{link:?}");
+        assert_eq!(tree.read_link(&path("link")).unwrap(), "Users\\Me");
         assert_eq!(
-            tree.read_link(&path("link")).unwrap().replace('\\', "/"),
-            "Users/Me"
+            tree.entry(&path("junction")).unwrap().kind,
+            EntryKind::Symlink
         );
+        assert_eq!(tree.read_link(&path("junction")).unwrap(), "C:\\Users");
+        assert!(matches!(
+            tree.list(&path("junction")),
+            Err(TreeError::NotAFolder { .. })
+        ));
+        assert!(matches!(
+            tree.entry(&path("junction/x")),
+            Err(TreeError::NotAFolder { .. })
+        ));
+        assert!(matches!(
+            tree.read_link(&path("packed/text.txt")),
+            Err(TreeError::NotFound { .. })
+        ));
         assert!(matches!(
             tree.read(&path("link"), None, &mut Vec::new(), &Control::new()),
             Err(TreeError::NotAFile { .. })
