@@ -64,6 +64,7 @@ fn windows_like_disk(dir: &Path) -> (std::path::PathBuf, [u64; 4]) {
             .args(["-F", "32", "-s", "1", "-n", "SYSTEM"])
             .arg(&efi),
     );
+    fill_efi(dir, &efi);
     place(&disk, &efi, lbas[0]);
     let ntfs = dir.join("ntfs.img");
     sized(&ntfs, 48);
@@ -73,6 +74,7 @@ fn windows_like_disk(dir: &Path) -> (std::path::PathBuf, [u64; 4]) {
             .args(["--force", "--quick", "--label", "Windows"])
             .arg(&ntfs),
     );
+    fill_ntfs(dir, &ntfs);
     place(&disk, &ntfs, lbas[1]);
     // BitLocker: what its volume header starts with.
     let locked = dir.join("bitlocker.img");
@@ -91,6 +93,127 @@ fn windows_like_disk(dir: &Path) -> (std::path::PathBuf, [u64; 4]) {
     );
     place(&disk, &ext4, lbas[3]);
     (disk, lbas)
+}
+
+/// The files put into the EFI system partition: (path, content, modification time), made
+/// with mtools (`mmd`, `mcopy -m`) without mounting.
+fn efi_files() -> Vec<(String, Vec<u8>, u64)> {
+    vec![
+        (
+            "EFI/Microsoft/Boot/bootmgfw.efi".into(),
+            pseudo_random(3, 1_500_000),
+            1_700_000_000,
+        ),
+        (
+            "EFI/Microsoft/Boot/de-DE/Größe – Übersetzung ünïcødé.txt".into(),
+            "Grüße".repeat(200).into_bytes(),
+            1_700_003_600,
+        ),
+        (
+            "EFI/Boot/bootx64.efi".into(),
+            pseudo_random(4, 70_000),
+            1_690_000_000,
+        ),
+    ]
+}
+
+/// The files put into the NTFS partition's root with ntfscp (which makes no folders):
+/// (name, content, modification time).
+fn ntfs_files() -> Vec<(String, Vec<u8>, u64)> {
+    vec![
+        (
+            "Thesis – Entwurf ünïcødé, a long name that goes on.docx".into(),
+            pseudo_random(5, 2_500_000),
+            1_701_000_000,
+        ),
+        ("notes.txt".into(), b"buy milk".to_vec(), 1_702_000_000),
+    ]
+}
+
+/// Deterministic bytes that do not compress.
+fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()[0]
+        })
+        .collect()
+}
+
+/// Writes `content` to `path` with `seconds` as its modification time.
+fn source_file(path: &Path, content: &[u8], seconds: u64) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, content).unwrap();
+    set_mtime(path, seconds);
+}
+
+/// The EFI partition's files, put in with mtools.
+fn fill_efi(dir: &Path, efi: &Path) {
+    let src = dir.join("efi-src");
+    for (path, content, t) in efi_files() {
+        source_file(&src.join(&path), content.as_slice(), t);
+    }
+    let mut folders = vec![
+        "EFI",
+        "EFI/Microsoft",
+        "EFI/Microsoft/Boot",
+        "EFI/Microsoft/Boot/de-DE",
+        "EFI/Boot",
+    ];
+    folders.dedup();
+    for folder in folders {
+        tool(
+            "mmd",
+            Command::new("mmd")
+                .env("MTOOLS_SKIP_CHECK", "1")
+                .arg("-i")
+                .arg(efi)
+                .arg(format!("::/{folder}")),
+        );
+    }
+    for (path, _, _) in efi_files() {
+        tool(
+            "mcopy",
+            Command::new("mcopy")
+                // FAT keeps local time: UTC here, as Rewind reads it.
+                .env("TZ", "UTC")
+                .env("MTOOLS_SKIP_CHECK", "1")
+                .args(["-m", "-i"])
+                .arg(efi)
+                .arg(src.join(&path))
+                .arg(format!("::/{path}")),
+        );
+    }
+}
+
+/// The NTFS partition's files, put in with ntfscp (with their times).
+fn fill_ntfs(dir: &Path, ntfs: &Path) {
+    let src = dir.join("ntfs-src");
+    for (name, content, t) in ntfs_files() {
+        source_file(&src.join(&name), &content, t);
+        tool(
+            "ntfscp",
+            Command::new("ntfscp")
+                .args(["-q", "-t"])
+                .arg(ntfs)
+                .arg(src.join(&name))
+                .arg(&name),
+        );
+    }
+    // An alternate data stream on the thesis, as a browser's download mark is.
+    let mark = dir.join("zone");
+    std::fs::write(&mark, b"[ZoneTransfer]\r\nZoneId=3\r\n").unwrap();
+    tool(
+        "ntfscp",
+        Command::new("ntfscp")
+            .args(["-q", "-N", "Zone.Identifier"])
+            .arg(ntfs)
+            .arg(&mark)
+            .arg(&ntfs_files()[0].0),
+    );
 }
 
 #[test]
@@ -184,6 +307,8 @@ fn files_lists_the_volumes_of_a_windows_like_disk_from_the_store() {
         assert!(table.contains(words), "{words}:\n{table}");
     }
 
+    windows_files_round_trip(&vm.name, s, dir.path());
+
     // An unknown checkpoint is "not found".
     let out = rewind::run(&[
         "files",
@@ -198,6 +323,88 @@ fn files_lists_the_volumes_of_a_windows_like_disk_from_the_store() {
         Some(3),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The EFI and NTFS files of the Windows-like disk: listed, found, restored, compared.
+fn windows_files_round_trip(vm: &str, s: &str, dir: &Path) {
+    // The EFI partition by its label, the Windows one by its label too.
+    let listed: serde_json::Value = serde_json::from_str(&rewind::run_ok(&[
+        "files",
+        vm,
+        "latest",
+        "SYSTEM/efi/microsoft/BOOT",
+        "--in",
+        s,
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(listed["path"], "vdb/p1/efi/microsoft/BOOT", "{listed}");
+    let names: Vec<&str> = listed["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["de-DE", "bootmgfw.efi"], "{listed}");
+    let windows: serde_json::Value = serde_json::from_str(&rewind::run_ok(&[
+        "files", vm, "latest", "vdb/p2", "--in", s, "--json",
+    ]))
+    .unwrap();
+    let entries = windows["entries"].as_array().unwrap();
+    let thesis = &ntfs_files()[0];
+    let shown = entries
+        .iter()
+        .find(|e| e["name"] == thesis.0.as_str())
+        .unwrap_or_else(|| panic!("{windows}"));
+    assert_eq!(shown["size_bytes"], thesis.1.len(), "{shown}");
+    assert_eq!(shown["streams"][0]["name"], "Zone.Identifier", "{shown}");
+    assert!(
+        entries
+            .iter()
+            .all(|e| !e["name"].as_str().unwrap().starts_with('$')),
+        "NTFS's own files are not listed: {windows}"
+    );
+    // Search every volume by pattern.
+    let found: serde_json::Value = serde_json::from_str(&rewind::run_ok(&[
+        "files", vm, "latest", "--find", "*.EFI", "--in", s, "--json",
+    ]))
+    .unwrap();
+    let mut paths: Vec<&str> = found["found"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    paths.sort_unstable();
+    assert_eq!(
+        paths,
+        [
+            "vdb/p1/EFI/Boot/bootx64.efi",
+            "vdb/p1/EFI/Microsoft/Boot/bootmgfw.efi"
+        ],
+        "{found}"
+    );
+    // Restore the EFI folder and the thesis; compare bytes and times with the sources.
+    let out = dir.join("windows-restored");
+    std::fs::create_dir(&out).unwrap();
+    rewind::run_ok(&[
+        "restore-files",
+        vm,
+        "latest",
+        "vdb/p1/EFI",
+        &format!("vdb/p2/{}", thesis.0),
+        "--from",
+        s,
+        "--to",
+        out.to_str().unwrap(),
+    ]);
+    assert_same_tree(&dir.join("efi-src/EFI"), &out.join("EFI"), false);
+    let restored = out.join(&thesis.0);
+    assert!(same_bytes(&dir.join("ntfs-src").join(&thesis.0), &restored));
+    assert_eq!(
+        std::fs::metadata(&restored).unwrap().modified().unwrap(),
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(thesis.2)
     );
 }
 
@@ -303,8 +510,9 @@ fn linux_disk(dir: &Path, src: &Path, mib: u64) -> std::path::PathBuf {
 }
 
 /// Asserts that `restored` holds what `original` holds: the same names and kinds, bytes,
-/// link targets and modification times.
-fn assert_same_tree(original: &Path, restored: &Path) {
+/// link targets and modification times (of folders too when `folder_times`: mtools makes
+/// folders with the time it runs at, mkfs.ext4 -d copies theirs).
+fn assert_same_tree(original: &Path, restored: &Path, folder_times: bool) {
     let rel = |root: &Path| {
         let mut v: Vec<std::path::PathBuf> = walk(root)
             .iter()
@@ -327,6 +535,9 @@ fn assert_same_tree(original: &Path, restored: &Path) {
                 std::fs::read_link(&o).unwrap(),
                 std::fs::read_link(&r).unwrap()
             );
+            continue;
+        }
+        if om.is_dir() && !folder_times {
             continue;
         }
         assert_eq!(
@@ -482,7 +693,7 @@ fn restored(vm: &str, s: &str, src: &Path, dir: &Path) {
     ]))
     .unwrap();
     assert_eq!(restored["links"], 1, "{restored}");
-    assert_same_tree(&src.join("home/me"), &out.join("me"));
+    assert_same_tree(&src.join("home/me"), &out.join("me"), true);
     assert!(same_bytes(
         &src.join("var/lib/sparse.img"),
         &out.join("sparse.img")
