@@ -1569,6 +1569,41 @@ mod tests {
         assert!(matches!(error, TreeError::Read(_)), "{error:?}");
     }
 
+    #[test]
+    fn efs_encrypted_files_are_refused() {
+        let Some((mkntfs, cp)) = tools() else { return };
+        let dir = tempfile::tempdir().unwrap();
+        let image = image(&mkntfs, dir.path(), 8);
+        ntfscp(&cp, &image, dir.path(), "secret.txt", b"ciphertext", None);
+        // No tool here encrypts: mark the file as Windows does, in its
+        // $STANDARD_INFORMATION (in the record's first sector, clear of the fixups).
+        let mut tree = open_image(&image);
+        let number = tree.resolve(&path("secret.txt")).unwrap();
+        let record = tree
+            .with_file(number, |_, _, file| {
+                Ok(file.position().value().unwrap().get())
+            })
+            .unwrap();
+        let mut bytes = std::fs::read(&image).unwrap();
+        let record = usize::try_from(record).unwrap();
+        let u16_at = |at: usize| usize::from(u16::from_le_bytes([bytes[at], bytes[at + 1]]));
+        let attribute = record + u16_at(record + 0x14);
+        assert_eq!(bytes[attribute], 0x10, "$STANDARD_INFORMATION comes first");
+        let flags = attribute + u16_at(attribute + 0x14) + 0x20;
+        assert!(flags < record + 510);
+        bytes[flags + 1] |= 0x40; // FILE_ATTRIBUTE_ENCRYPTED, 0x4000
+        let mut tree = open_bytes(bytes).unwrap();
+        let entry = tree.entry(&path("secret.txt")).unwrap();
+        assert_eq!((entry.kind, entry.size_bytes), (EntryKind::File, 10));
+        let error = tree
+            .read(&path("secret.txt"), None, &mut Vec::new(), &Control::new())
+            .unwrap_err();
+        assert!(
+            matches!(&error, TreeError::Unsupported { detail, .. } if detail.contains("EFS")),
+            "{error:?}"
+        );
+    }
+
     /// An ntfs-3g mount of an image, unmounted when dropped.
     struct Mount {
         point: PathBuf,
