@@ -120,6 +120,8 @@ struct Child {
     /// The name through the upcase table: what names are compared by.
     key: Vec<u16>,
     record: u64,
+    /// A DOS 8.3 name, beside the long one: found, but not listed.
+    dos: bool,
 }
 
 /// What this module needs of one MFT record.
@@ -234,7 +236,7 @@ fn read_value<T: std::io::Read + std::io::Seek>(
 fn parse_node(
     node: &[u8],
     folder: u64,
-    children: &mut Vec<(Vec<u16>, u64)>,
+    children: &mut Vec<(Vec<u16>, u64, bool)>,
 ) -> Result<(), TreeError> {
     let field = |at: usize| -> Option<u32> {
         node.get(at..at + 4)
@@ -266,14 +268,14 @@ fn parse_node(
         let namespace = key[65];
         let name = key.get(66..66 + 2 * name_units).ok_or_else(bad)?;
         let record = reference & 0x0000_ffff_ffff_ffff;
-        // The DOS 8.3 name duplicates a long one.
-        if namespace != 2 && record != folder {
+        if record != folder {
             if children.len() >= MAX_CHILDREN {
                 return Err(damaged(format!(
                     "folder record {folder} holds more than {MAX_CHILDREN} names"
                 )));
             }
-            children.push((units(name), record));
+            // Namespace 2: a DOS 8.3 name, which duplicates a long one.
+            children.push((units(name), record, namespace == 2));
         }
         at += length;
     }
@@ -536,10 +538,11 @@ impl NtfsTree {
         }
         let mut children: Vec<Child> = names
             .into_iter()
-            .map(|(name, record)| Child {
+            .map(|(name, record, dos)| Child {
                 key: self.key(&name),
                 name: String::from_utf16_lossy(&name),
                 record,
+                dos,
             })
             .collect();
         children.sort_by(|a, b| a.key.cmp(&b.key).then_with(|| a.name.cmp(&b.name)));
@@ -560,7 +563,7 @@ impl NtfsTree {
         record_size: usize,
         allocation: u64,
         bitmap: &[u8],
-        names: &mut Vec<(Vec<u16>, u64)>,
+        names: &mut Vec<(Vec<u16>, u64, bool)>,
     ) -> Result<(), TreeError> {
         if !(512..=MAX_INDEX_RECORD).contains(&record_size) || !record_size.is_power_of_two() {
             return Err(damaged(format!(
@@ -659,14 +662,25 @@ impl NtfsTree {
     }
 
     /// The child of folder record `folder` named `name` (without case), by a binary search
-    /// of `children` (sorted by key).
+    /// of `children` (sorted by key). A DOS 8.3 name finds its file by its long name.
     fn find_child<'c>(&self, folder: u64, children: &'c [Child], name: &str) -> Option<&'c Child> {
         let key = self.key(&name.encode_utf16().collect::<Vec<_>>());
         let first = children.partition_point(|child| child.key < key);
-        children[first..]
+        let mut found = children[first..]
             .iter()
             .take_while(|child| child.key == key)
-            .find(|child| folder != ROOT || child.record >= FIRST_USER_RECORD)
+            .filter(|child| folder != ROOT || child.record >= FIRST_USER_RECORD);
+        let child = found
+            .clone()
+            .find(|child| !child.dos)
+            .or_else(|| found.next())?;
+        if !child.dos {
+            return Some(child);
+        }
+        children
+            .iter()
+            .find(|long| long.record == child.record && !long.dos)
+            .or(Some(child))
     }
 
     /// The entry for `record`, named `name`.
@@ -1031,7 +1045,7 @@ impl FileTree for NtfsTree {
         })?;
         let mut entries = Vec::with_capacity(children.len());
         for child in children.iter().cloned() {
-            if child.name == "." || child.name == ".." {
+            if child.dos || child.name == "." || child.name == ".." {
                 continue;
             }
             if number == ROOT && child.record < FIRST_USER_RECORD {
@@ -1856,6 +1870,12 @@ mod tests {
         assert_eq!(read(&mut tree, "packed/sparse.bin", None), sparse);
 
         links(&mut tree);
+        // A DOS name finds its file, by its long name.
+        assert_eq!(
+            tree.entry(&path("alongf~1.txt")).unwrap().name,
+            "A long file name.txt"
+        );
+        assert_eq!(read(&mut tree, "ALONGF~1.TXT", None), b"long");
     }
 
     /// Links and junctions are listed, not followed.
