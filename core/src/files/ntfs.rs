@@ -735,9 +735,7 @@ impl NtfsTree {
         let size = info.size;
         let compressed = info.flags.contains(NtfsAttributeFlags::COMPRESSED);
         self.with_file(number, |ntfs, disk, file| {
-            let listed = file.attributes_raw().any(|attribute| {
-                attribute.is_ok_and(|a| a.ty().ok() == Some(NtfsAttributeType::AttributeList))
-            });
+            let listed = has_attribute_list(file)?;
             let mut attributes = file.attributes();
             let mut seen = 0;
             while let Some(item) = attributes.next(disk) {
@@ -947,6 +945,17 @@ fn initialized_size(
     // In a non-resident attribute's header: allocated, data, then initialized size.
     let bytes = raw.get(offset.checked_add(0x38)?..offset.checked_add(0x40)?)?;
     Some(u64::from_le_bytes(bytes.try_into().ok()?))
+}
+
+/// Whether `file` has an attribute list (its attributes did not fit in its record).
+fn has_attribute_list(file: &NtfsFile<'_>) -> Result<bool, TreeError> {
+    // The crate's iterator yields the same error again and again: stop at the first.
+    for attribute in file.attributes_raw() {
+        if attribute.map_err(from_ntfs)?.ty().ok() == Some(NtfsAttributeType::AttributeList) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Adds a data run to `runs`, checking it against the volume.
@@ -1908,12 +1917,8 @@ mod tests {
 
     /// Whether record `number` has an attribute list (its attributes do not fit in it).
     fn has_attribute_list(tree: &mut NtfsTree, number: u64) -> bool {
-        tree.with_file(number, |_, _, file| {
-            Ok(file.attributes_raw().any(|attribute| {
-                attribute.is_ok_and(|a| a.ty().ok() == Some(NtfsAttributeType::AttributeList))
-            }))
-        })
-        .unwrap()
+        tree.with_file(number, |_, _, file| super::has_attribute_list(file))
+            .unwrap()
     }
 
     #[test]
