@@ -271,7 +271,7 @@ fn files_lists_the_volumes_of_a_windows_like_disk_from_the_store() {
                 2,
                 lbas[1] * 512,
                 "ntfs",
-                "",
+                "Windows",
                 "Microsoft basic data",
                 "Basic data partition"
             ),
@@ -348,7 +348,7 @@ fn windows_files_round_trip(vm: &str, s: &str, dir: &Path) {
         .collect();
     assert_eq!(names, ["de-DE", "bootmgfw.efi"], "{listed}");
     let windows: serde_json::Value = serde_json::from_str(&rewind::run_ok(&[
-        "files", vm, "latest", "vdb/p2", "--in", s, "--json",
+        "files", vm, "latest", "Windows", "--in", s, "--json",
     ]))
     .unwrap();
     let entries = windows["entries"].as_array().unwrap();
@@ -393,7 +393,7 @@ fn windows_files_round_trip(vm: &str, s: &str, dir: &Path) {
         vm,
         "latest",
         "vdb/p1/EFI",
-        &format!("vdb/p2/{}", thesis.0),
+        &format!("Windows/{}", thesis.0),
         "--from",
         s,
         "--to",

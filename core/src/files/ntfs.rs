@@ -77,6 +77,16 @@ pub fn open(disk: VolumeDisk) -> Result<Box<dyn FileTree>, TreeError> {
     Ok(Box::new(open_volume(disk)?))
 }
 
+/// The volume's label (its name in Windows' Explorer), if it has one and it can be read.
+pub(crate) fn label(disk: &mut dyn super::Disk, start: u64, length: u64) -> Option<String> {
+    let mut volume = super::Slice::new(disk, start, length);
+    let ntfs = guarded(|| ::ntfs::Ntfs::new(&mut volume)).ok()?;
+    let name = guarded(|| ntfs.volume_name(&mut volume).transpose()).ok()??;
+    let name = name.name().to_string_lossy();
+    let name = name.trim();
+    (!name.is_empty()).then(|| name.to_owned())
+}
+
 /// Opens the NTFS file system on `disk`, as this module's own type.
 fn open_volume(disk: VolumeDisk) -> Result<NtfsTree, TreeError> {
     let mut disk = disk;

@@ -274,7 +274,7 @@ fn probe(
             .filter(|l| !l.is_empty() && l != "NO NAME")
     };
     let found = match at(3, 11) {
-        Some(b"NTFS    ") => Some((FileSystem::Ntfs, None)),
+        Some(b"NTFS    ") => Some((FileSystem::Ntfs, super::ntfs::label(disk, start, length))),
         Some(b"-FVE-FS-") => Some((FileSystem::Bitlocker, None)),
         Some(b"EXFAT   ") => Some((FileSystem::Exfat, None)),
         _ => None,
