@@ -718,6 +718,19 @@ pub fn connect() -> Result<Connect, HarnessError> {
     Connect::open(Some(URI)).map_err(HarnessError::libvirt)
 }
 
+/// Removes the domain called `name`, if there is one, as [`remove_domain`] does (for a VM
+/// a test made through Rewind, such as a restore as a new VM). Whether there was one.
+///
+/// # Errors
+/// libvirt could not be reached, or the domain could not be removed.
+pub fn remove_named(name: &str) -> Result<bool, HarnessError> {
+    let conn = connect()?;
+    match conn.lookup_domain_by_name(name) {
+        Ok(dom) => remove_domain(&dom).map(|()| true),
+        Err(_) => Ok(false),
+    }
+}
+
 /// Destroys and undefines a domain with everything libvirt keeps for it.
 pub fn remove_domain(dom: &Domain) -> Result<(), HarnessError> {
     if dom.is_active().unwrap_or(false) {

@@ -87,6 +87,13 @@ pub struct SettingsState {
 }
 
 impl SettingsState {
+    /// Opens the folder dialog of "Add a destination" (its answer is taken in by the
+    /// settings window).
+    pub fn start_picking_folder(&mut self, ctx: egui::Context) {
+        self.remote = false;
+        self.picker = Some(pick_folder(ctx));
+    }
+
     /// Opens on `tab`, editing the configuration in use.
     pub fn open(state: &UiState, tab: SettingsTab) -> Self {
         let config = state.config.as_deref().cloned().unwrap_or_default();

@@ -442,6 +442,44 @@ impl UiState {
         summary_in(self.destinations.as_deref()?, key)
     }
 
+    /// The VMs that have checkpoints in a destination but are not on this host (deleted,
+    /// or from another host whose drive is plugged in here): each one's UUID and its name in
+    /// its newest checkpoint, by name.
+    pub fn backup_only_vms(&self) -> Vec<(Uuid, String)> {
+        let Some(destinations) = self.destinations.as_deref() else {
+            return Vec::new();
+        };
+        let here: std::collections::HashSet<&str> =
+            self.vms.iter().flatten().map(|v| v.uuid.as_str()).collect();
+        let mut newest: std::collections::HashMap<Uuid, (DateTime<Utc>, String)> =
+            std::collections::HashMap::new();
+        for c in destinations.iter().flat_map(|d| &d.checkpoints) {
+            if here.contains(c.vm_uuid.to_string().as_str()) {
+                continue;
+            }
+            let slot = newest
+                .entry(c.vm_uuid)
+                .or_insert_with(|| (c.time, c.vm.clone()));
+            if c.time >= slot.0 {
+                *slot = (c.time, c.vm.clone());
+            }
+        }
+        let mut vms: Vec<(Uuid, String)> = newest
+            .into_iter()
+            .map(|(uuid, (_, name))| (uuid, name))
+            .collect();
+        vms.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(&b.0)));
+        vms
+    }
+
+    /// The selected VM when it is one only in backups: its UUID and name.
+    pub fn selected_backup_vm(&self) -> Option<(Uuid, String)> {
+        let sel = self.selected.as_ref()?;
+        self.backup_only_vms()
+            .into_iter()
+            .find(|(uuid, _)| uuid.to_string() == *sel)
+    }
+
     /// The selected VM.
     pub fn selected_vm(&self) -> Option<&VmInfo> {
         let sel = self.selected.as_ref()?;

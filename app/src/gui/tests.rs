@@ -1121,3 +1121,215 @@ fn a_file_is_found_previewed_and_restored_from_the_files_window_with_the_real_en
     );
     assert_eq!(std::fs::read_dir(&out).unwrap().count(), 1, "only the file");
 }
+
+/// Removes the libvirt domain called `name` (and what libvirt keeps for it) when dropped.
+struct DomainGuard(String);
+
+impl Drop for DomainGuard {
+    fn drop(&mut self) {
+        if let Err(e) = rewind_tests::domain::remove_named(&self.0) {
+            eprintln!("warning: could not remove VM {:?}: {e}", self.0);
+        }
+    }
+}
+
+#[test]
+#[allow(clippy::too_many_lines)] // one user story, step by step
+fn a_vm_gone_from_this_host_is_restored_as_new_from_a_backup_opened_in_the_window() {
+    use rewind_tests::{DiskSpec, Format, TestVm, daemon};
+    rewind_tests::setup().unwrap();
+    let dir = rewind_tests::scratch::ScratchDir::new("gui-drive-only").unwrap();
+    // A VM whose disk holds known bytes; its checkpoint in a store; then the VM is gone.
+    let vm = TestVm::builder("gui-gone")
+        .disks(vec![DiskSpec::new("vda", Format::Qcow2, 8 << 20)])
+        .define()
+        .expect("define the test VM");
+    let content: Vec<u8> = (0..8u32 << 20)
+        .map(|i| (i / 4096).to_le_bytes()[0] ^ (i % 251).to_le_bytes()[0])
+        .collect();
+    let raw = dir.path().join("content.raw");
+    std::fs::write(&raw, &content).unwrap();
+    vm.fill_disk("vda", &raw).unwrap();
+    let old_host = dir.path().join("old-host");
+    std::fs::create_dir(&old_host).unwrap();
+    let store_dir = dir.path().join("BACKUP/rewind");
+    let store = Store::init(&store_dir, &InitOptions::default()).unwrap();
+    Config {
+        uri: daemon::URI.into(),
+        destinations: vec![Destination {
+            name: "old".into(),
+            location: store_dir.display().to_string(),
+            store_id: Some(store.config().id),
+            passphrase_file: None,
+            store_secret: None,
+        }],
+        vms: vec![Protection {
+            vm: vm.name.clone(),
+            uuid: Some(vm.uuid.clone()),
+            destinations: vec!["old".into()],
+            ..Protection::default()
+        }],
+        ..Config::default()
+    }
+    .save(&old_host.join("config.ron"))
+    .unwrap();
+    {
+        let mut h = app_harness(daemon::URI, &old_host);
+        wait_for(&mut h, "the VM in the list", Duration::from_secs(30), |h| {
+            h.query_all_by_label(&vm.name).next().is_some()
+        });
+        h.query_all_by_label(&vm.name).next().unwrap().click();
+        wait_for(&mut h, "Checkpoint now", Duration::from_secs(10), |h| {
+            h.query_by_label("Checkpoint now").is_some()
+        });
+        h.get_by_label("Checkpoint now").click();
+        wait_for(&mut h, "the checkpoint", Duration::from_mins(3), |h| {
+            h.query_all_by_label_contains("Checkpoint 20")
+                .next()
+                .is_some()
+        });
+    }
+    rewind_tests::domain::remove_domain(vm.domain()).unwrap();
+    let name = vm.name.clone();
+    let copy_name = format!("{name} again");
+    let _copy = DomainGuard(copy_name.clone());
+
+    // This host's window: no destination yet. The backup is opened from the settings (what
+    // "Open a backup…" leads to once its folder dialog answers).
+    let new_host = dir.path().join("new-host");
+    std::fs::create_dir(&new_host).unwrap();
+    Config {
+        uri: daemon::URI.into(),
+        ..Config::default()
+    }
+    .save(&new_host.join("config.ron"))
+    .unwrap();
+    let mut h = app_harness(daemon::URI, &new_host);
+    wait_for(&mut h, "the window", Duration::from_secs(30), |h| {
+        h.query_by_label("Open a backup…").is_some()
+    });
+    h.state_mut().state.setup_dismissed = true;
+    assert!(
+        h.query_all_by_label(&name).next().is_none(),
+        "the VM is gone from this host"
+    );
+    let settings = super::settings::SettingsState::open(
+        &h.state().state,
+        super::settings::SettingsTab::Destinations,
+    );
+    h.state_mut().state.settings = Some(settings);
+    settle(&mut h);
+    h.get_by_label("Folder").focus();
+    h.get_by_label("Folder")
+        .type_text(&store_dir.display().to_string());
+    h.step();
+    h.get_by_label("Add destination").click();
+    wait_for(
+        &mut h,
+        "the destination added",
+        Duration::from_secs(30),
+        |h| {
+            h.state()
+                .state
+                .config
+                .as_ref()
+                .is_some_and(|c| c.destinations.len() == 1)
+        },
+    );
+    h.state_mut().state.settings = None;
+
+    // The VM shows among those only in backups, with its checkpoint.
+    wait_for(
+        &mut h,
+        "the VM only in backups",
+        Duration::from_secs(30),
+        |h| {
+            h.query_by_label("Only in backups").is_some()
+                && h.query_all_by_label(&name).next().is_some()
+        },
+    );
+    settle(&mut h);
+    h.query_all_by_label(&name).next().unwrap().click();
+    wait_for(&mut h, "its checkpoint", Duration::from_secs(10), |h| {
+        h.query_all_by_label_contains("Checkpoint 20")
+            .next()
+            .is_some()
+    });
+    h.get_by_label_contains("not on this computer");
+    h.get_all_by_label_contains("Checkpoint 20")
+        .next()
+        .unwrap()
+        .click();
+    wait_for(
+        &mut h,
+        "Restore as new VM…",
+        Duration::from_secs(10),
+        |h| h.query_by_label("Restore as new VM…").is_some(),
+    );
+    h.get_by_label("Restore as new VM…").click();
+    h.step();
+    // The test guest boots a kernel from its own folder: a restore may read it there only
+    // when that folder is where the copy goes (a checkpoint's paths are only hints).
+    let disks = vm.dir().to_path_buf();
+    if let Some(Dialog::RestoreAsNew {
+        name: new_name,
+        folder,
+        ..
+    }) = &mut h.state_mut().state.dialog
+    {
+        new_name.clone_from(&copy_name);
+        *folder = disks.display().to_string();
+    } else {
+        panic!("the restore-as-new dialog is not open");
+    }
+    settle(&mut h);
+    h.get_by_label("Restore as new VM").click();
+    wait_for(&mut h, "the restore", Duration::from_mins(3), |h| {
+        h.state()
+            .state
+            .jobs
+            .iter()
+            .any(|j| j.is_restore() && !j.running())
+    });
+    let result = h
+        .state()
+        .state
+        .jobs
+        .iter()
+        .find(|j| j.is_restore())
+        .and_then(|j| j.result.clone());
+    assert!(
+        matches!(result, Some(Ok(JobOutput::Restored(_)))),
+        "{result:?}"
+    );
+
+    // The copy is defined here, and its disk holds what the VM's held.
+    let hv = Hypervisor::connect(daemon::URI).unwrap();
+    let copy = hv
+        .list_vms()
+        .unwrap()
+        .into_iter()
+        .find(|v| v.name == copy_name)
+        .expect("the restored VM is defined");
+    let disk = copy
+        .disks
+        .iter()
+        .find_map(|d| d.path())
+        .unwrap()
+        .clone();
+    assert!(disk.starts_with(&disks), "{}", disk.display());
+    // The copy was started: stop it (and drop its definition) before reading its disk.
+    assert!(rewind_tests::domain::remove_named(&copy_name).unwrap());
+    let out = dir.path().join("check.raw");
+    rewind_tests::package::run_ok(
+        "qemu-img",
+        std::process::Command::new("qemu-img")
+            .args(["convert", "-O", "raw"])
+            .arg(&disk)
+            .arg(&out),
+    );
+    assert!(
+        std::fs::read(&out).unwrap() == content,
+        "the restored disk differs"
+    );
+}

@@ -53,8 +53,13 @@ pub fn main_ui(ui: &mut egui::Ui, state: &mut UiState) -> Commands {
                 });
             });
         }
-        (_, Some(vms)) if vms.is_empty() => {
-            egui::CentralPanel::default().show(ui, |ui| no_vms_ui(ui, &state.uri));
+        (_, Some(vms)) if vms.is_empty() && state.backup_only_vms().is_empty() => {
+            egui::CentralPanel::default().show(ui, |ui| {
+                no_vms_ui(ui, &state.uri);
+                ui.add_space(8.0);
+                ui.label("Lost a computer? Open the backup of its VMs to bring them back here.");
+                open_backup_button(ui, state);
+            });
         }
         (_, Some(_)) => {
             egui::Panel::left("vm_list")
@@ -67,6 +72,8 @@ pub fn main_ui(ui: &mut egui::Ui, state: &mut UiState) -> Commands {
                         setup::setup_ui(ui, state, &mut commands);
                     } else if let Some(vm) = state.selected_vm().cloned() {
                         vm_ui(ui, state, &vm, &mut commands);
+                    } else if let Some((uuid, name)) = state.selected_backup_vm() {
+                        backup_vm_ui(ui, state, uuid, &name, &mut commands);
                     } else {
                         ui.label("Select a virtual machine on the left.");
                     }
@@ -325,7 +332,54 @@ fn vm_list_ui(ui: &mut egui::Ui, state: &mut UiState) {
             }
             ui.add_space(2.0);
         }
+        backup_only_list_ui(ui, state);
     });
+}
+
+/// The VMs only in backups, under the host's, and the way to open a backup drive.
+fn backup_only_list_ui(ui: &mut egui::Ui, state: &mut UiState) {
+    let gone = state.backup_only_vms();
+    if !gone.is_empty() {
+        ui.add_space(8.0);
+        ui.label(RichText::new("Only in backups").strong())
+            .on_hover_text("VMs that are not on this computer, with checkpoints in a destination");
+        for (uuid, name) in gone {
+            let id = uuid.to_string();
+            let selected = state.selected.as_ref() == Some(&id);
+            ui.horizontal(|ui| {
+                ui.label(RichText::new("○").weak())
+                    .on_hover_text("Not on this computer");
+                if ui
+                    .selectable_label(selected, &name)
+                    .on_hover_text(format!("{name} — only in backups"))
+                    .clicked()
+                    && !selected
+                {
+                    state.selected = Some(id.clone());
+                    state.checkpoint = None;
+                }
+            });
+        }
+    }
+    ui.add_space(8.0);
+    open_backup_button(ui, state);
+}
+
+/// "Open a backup…": a drive's or a folder's store, added as a destination so that its
+/// VMs show here (the settings' own dialog, with its passphrase for an encrypted store).
+fn open_backup_button(ui: &mut egui::Ui, state: &mut UiState) {
+    if ui
+        .button("Open a backup…")
+        .on_hover_text(
+            "Use the checkpoints on a drive or in a folder (from this computer or another): \
+             its VMs appear here, to restore or to look through",
+        )
+        .clicked()
+    {
+        let mut settings = SettingsState::open(state, SettingsTab::Destinations);
+        settings.start_picking_folder(ui.ctx().clone());
+        state.settings = Some(settings);
+    }
 }
 
 /// The lanes of `vm`'s timeline: its destinations, then any other destination that holds
@@ -414,6 +468,67 @@ fn vm_ui(ui: &mut egui::Ui, state: &mut UiState, vm: &VmInfo, commands: &mut Com
     egui::CollapsingHeader::new("About this VM")
         .default_open(false)
         .show(ui, |ui| vm_facts_ui(ui, vm));
+}
+
+/// A VM that is only in backups: its checkpoints on the timeline, to restore (in place
+/// makes it again, with its name) or to look through.
+fn backup_vm_ui(
+    ui: &mut egui::Ui,
+    state: &mut UiState,
+    uuid: uuid::Uuid,
+    name: &str,
+    commands: &mut Commands,
+) {
+    ui.horizontal(|ui| {
+        ui.heading(name);
+        ui.label(RichText::new("not on this computer").weak());
+    });
+    ui.label(
+        "Its checkpoints are in the destinations below. Restore one to make the VM again on \
+         this computer (with its name, or as a new VM), export a disk, or browse its files.",
+    );
+    ui.add_space(6.0);
+    let lanes = backup_lanes(state, uuid);
+    let marks = Marks {
+        now: state.now,
+        next_run: None,
+        selected: state.checkpoint.as_ref(),
+    };
+    let mut view = state.timeline.clone();
+    let chosen = timeline_ui(ui, &mut view, &lanes, marks);
+    drop(lanes);
+    state.timeline = view;
+    if let Some(key) = chosen {
+        state.checkpoint = Some(key);
+    }
+    ui.add_space(8.0);
+    if let Some(key) = state.checkpoint.clone()
+        && let Some(c) = state.summary(&key).cloned()
+    {
+        checkpoint_details_ui(ui, state, &key, &c, commands);
+    } else {
+        ui.label(RichText::new("Select a checkpoint on the timeline.").weak());
+    }
+}
+
+/// The lanes of a VM only in backups: every destination with its checkpoints.
+fn backup_lanes(state: &UiState, uuid: uuid::Uuid) -> Vec<Lane<'_>> {
+    state
+        .destinations
+        .as_deref()
+        .into_iter()
+        .flatten()
+        .filter(|d| d.checkpoints.iter().any(|c| c.vm_uuid == uuid))
+        .map(|d| Lane {
+            name: &d.destination.name,
+            available: d.error.is_none()
+                && !matches!(
+                    d.found,
+                    rewind_core::destination::Availability::Missing { .. }
+                ),
+            checkpoints: d.checkpoints.iter().filter(|c| c.vm_uuid == uuid).collect(),
+        })
+        .collect()
 }
 
 fn protection_summary_ui(
