@@ -400,18 +400,14 @@ pub enum Command {
 
 impl Command {
     /// Whether it always runs in this process, never through the protection service: the
-    /// processes themselves, and the file commands, which read the store as this user (the
-    /// service does not serve them yet).
+    /// processes themselves.
     fn runs_here(&self) -> bool {
         match self {
-            Self::Daemon
-            | Self::Tray
-            | Self::Service
-            | Self::Generate(_)
-            | Self::Files { .. }
+            Self::Daemon | Self::Tray | Self::Service | Self::Generate(_) => true,
+            Self::Files { .. }
             | Self::RestoreFiles { .. }
-            | Self::Changes { .. } => true,
-            Self::Vms { .. }
+            | Self::Changes { .. }
+            | Self::Vms { .. }
             | Self::Init { .. }
             | Self::Checkpoint { .. }
             | Self::Checkpoints { .. }
@@ -599,39 +595,9 @@ pub fn run(args: &Args, command: &Command, out: &mut dyn Write) -> anyhow::Resul
             store_cli::prune(out, store, vm.as_deref(), &rules, *dry_run, *json)?;
         }
         Command::Gc { store, json } => store_cli::gc(out, store, *json)?,
-        Command::Files {
-            vm,
-            checkpoint,
-            path,
-            store,
-            find,
-            json,
-        } => crate::files_cli::files(
-            out,
-            &crate::files_cli::FilesAsk {
-                dest: store,
-                vm,
-                checkpoint,
-                path: path.as_deref(),
-                find: find.as_deref(),
-                json: *json,
-            },
-        )?,
-        Command::RestoreFiles {
-            vm,
-            checkpoint,
-            paths,
-            store,
-            to,
-            json,
-        } => crate::files_cli::restore_files(out, store, vm, checkpoint, paths, to, *json)?,
-        Command::Changes {
-            vm,
-            checkpoint,
-            store,
-            since,
-            json,
-        } => crate::files_cli::changes(out, store, vm, checkpoint, since.as_deref(), *json)?,
+        Command::Files { .. } | Command::RestoreFiles { .. } | Command::Changes { .. } => {
+            files_command(out, None, command)?;
+        }
         Command::Export { .. } => {
             if let Some(ask) = export_ask(command) {
                 store_cli::export(out, &ask)?;
@@ -772,6 +738,9 @@ fn through_service(
             | Command::Prune { .. }
             | Command::Gc { .. }
             | Command::Export { .. }
+            | Command::Files { .. }
+            | Command::RestoreFiles { .. }
+            | Command::Changes { .. }
     );
     let mut session = match remote::route(args.connect.as_deref()) {
         Ok(Route::Direct) => return None,
@@ -791,7 +760,10 @@ fn through_service(
         | Command::Checkpoints { .. }
         | Command::Prune { .. }
         | Command::Gc { .. }
-        | Command::Export { .. } => return store_through_service(session, command, out),
+        | Command::Export { .. }
+        | Command::Files { .. }
+        | Command::RestoreFiles { .. }
+        | Command::Changes { .. } => return store_through_service(session, command, out),
         Command::Pause { .. }
         | Command::Resume { .. }
         | Command::Status { .. }
@@ -844,13 +816,9 @@ fn through_service(
                 json: how.json,
             },
         ),
-        Command::Daemon
-        | Command::Tray
-        | Command::Service
-        | Command::Generate(_)
-        | Command::Files { .. }
-        | Command::RestoreFiles { .. }
-        | Command::Changes { .. } => return None,
+        Command::Daemon | Command::Tray | Command::Service | Command::Generate(_) => {
+            return None;
+        }
     })
 }
 
@@ -921,7 +889,79 @@ fn store_through_service(
         }
         Command::Gc { store, json } => remote::gc(out, session, store, *json),
         Command::Export { .. } => remote::export(out, session, &export_ask(command)?),
+        // The service reads its own destinations; any other store is read here.
+        Command::Files { .. } | Command::RestoreFiles { .. } | Command::Changes { .. } => {
+            Some(files_command(out, Some(session), command))
+        }
         _ => None,
+    }
+}
+
+/// `rewind files`, `restore-files` or `changes`: through the service's `session` for its
+/// own destinations, else here.
+fn files_command(
+    out: &mut dyn Write,
+    session: Option<&mut crate::service_cli::Session>,
+    command: &Command,
+) -> anyhow::Result<()> {
+    use crate::files_cli::{self as files, CheckpointAsk, FilesAsk};
+    match command {
+        Command::Files {
+            vm,
+            checkpoint,
+            path,
+            store,
+            find,
+            json,
+        } => files::files(
+            out,
+            session,
+            &FilesAsk {
+                dest: store,
+                vm,
+                checkpoint,
+                path: path.as_deref(),
+                find: find.as_deref(),
+                json: *json,
+            },
+        ),
+        Command::RestoreFiles {
+            vm,
+            checkpoint,
+            paths,
+            store,
+            to,
+            json,
+        } => files::restore_files(
+            out,
+            session,
+            &CheckpointAsk {
+                dest: store,
+                vm,
+                checkpoint,
+                json: *json,
+            },
+            paths,
+            to,
+        ),
+        Command::Changes {
+            vm,
+            checkpoint,
+            store,
+            since,
+            json,
+        } => files::changes(
+            out,
+            session,
+            &CheckpointAsk {
+                dest: store,
+                vm,
+                checkpoint,
+                json: *json,
+            },
+            since.as_deref(),
+        ),
+        _ => Ok(()),
     }
 }
 

@@ -5,17 +5,217 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 use chrono::{DateTime, Local, Utc};
-use rewind_core::files::browse::{Browser, FilePath};
-use rewind_core::files::changes::{ChangeKind, changes as find_changes};
+use rewind_core::engine::ResumeKey;
+use rewind_core::engine::files::{BrowseAnswer, BrowseAsk};
+use rewind_core::engine::jobs::{JobOutput, JobRequest};
+use rewind_core::files::browse::{Browser, DiskVolumes, Found, Restored};
+use rewind_core::files::changes::{
+    Change, ChangeKind, changes as find_changes, previous_checkpoint,
+};
 use rewind_core::files::{Entry, EntryKind, FileSystem, PartitionTable, Timestamp};
 use rewind_core::progress::Phase;
-use rewind_core::store::Manifest;
+use rewind_core::store::{Manifest, Store};
 use rewind_core::units::human_bytes;
 
 use crate::progress_cli::Progress;
-use crate::store_cli::{Interrupt, find_checkpoint, open_store, vm_matches, write_json};
+use crate::service_cli::Session;
+use crate::store_cli::{Interrupt, find_checkpoint, open_store, write_json};
+
+/// Where a checkpoint's files are read: here, as this user, or by the protection service
+/// (for its own destinations, whose stores only it may read).
+trait Source {
+    /// The checkpoint.
+    fn manifest(&self) -> &Manifest;
+    /// Its disks and volumes.
+    fn disks(&mut self) -> anyhow::Result<Vec<DiskVolumes>>;
+    /// What `path` shows (a folder's entries or a file's), and the path as resolved.
+    fn show(&mut self, path: &str) -> anyhow::Result<(String, Vec<Entry>)>;
+    /// What a search below `path` (every volume if empty) finds, and what it skipped.
+    fn find(&mut self, path: &str, pattern: &str) -> anyhow::Result<(Vec<Found>, Vec<String>)>;
+    /// The changes since `since` (else the checkpoint before): with which, and what was
+    /// skipped.
+    fn changes(&mut self, since: Option<&str>) -> anyhow::Result<Changed>;
+    /// Restores `paths` into `to`.
+    fn restore(&mut self, paths: &[String], to: &Path) -> anyhow::Result<Restored>;
+}
+
+/// What `changes` found: the checkpoint compared with (`None`: there was none before), the
+/// changes, and what could not be compared.
+type Changed = (Option<String>, Vec<Change>, Vec<String>);
+
+/// The checkpoint read here, as this user.
+struct Here {
+    store: Arc<Store>,
+    browser: Browser,
+    dest: std::path::PathBuf,
+}
+
+impl Source for Here {
+    fn manifest(&self) -> &Manifest {
+        self.browser.manifest()
+    }
+
+    fn disks(&mut self) -> anyhow::Result<Vec<DiskVolumes>> {
+        Ok(self.browser.disks().to_vec())
+    }
+
+    fn show(&mut self, path: &str) -> anyhow::Result<(String, Vec<Entry>)> {
+        Ok(self.browser.show(path)?)
+    }
+
+    fn find(&mut self, path: &str, pattern: &str) -> anyhow::Result<(Vec<Found>, Vec<String>)> {
+        let control = Interrupt::install()?.next_control();
+        let (found, skipped) = self.browser.find_in(path, pattern, &control)?;
+        Ok((found, skipped.iter().map(ToString::to_string).collect()))
+    }
+
+    fn changes(&mut self, since: Option<&str>) -> anyhow::Result<Changed> {
+        let new = self.browser.manifest().clone();
+        let old = match since {
+            Some(id) => Some(find_checkpoint(
+                &self.store,
+                &self.dest,
+                &new.vm.uuid.to_string(),
+                id,
+            )?),
+            None => previous_checkpoint(&self.store, &new)?,
+        };
+        let Some(old) = old else {
+            return Ok((None, Vec::new(), Vec::new()));
+        };
+        let since = old.id.clone();
+        let mut old_browser = Browser::open(self.store.clone(), old)?;
+        let control = Interrupt::install()?.next_control();
+        let (found, skipped) = find_changes(&mut old_browser, &mut self.browser, &control)?;
+        Ok((
+            Some(since),
+            found,
+            skipped.iter().map(ToString::to_string).collect(),
+        ))
+    }
+
+    fn restore(&mut self, paths: &[String], to: &Path) -> anyhow::Result<Restored> {
+        let resolved = paths
+            .iter()
+            .map(|p| self.browser.resolve(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        // Ctrl-C cancels: nothing is left in the target folder.
+        let control = Interrupt::install()?.next_control();
+        control.start_phase(Phase::Copying);
+        let reporter = Progress::start(&self.browser.manifest().vm.name, control.clone());
+        let result = self.browser.restore(&resolved, to, &control);
+        drop(reporter);
+        Ok(result?)
+    }
+}
+
+/// The checkpoint read by the protection service.
+struct Served<'s> {
+    session: &'s mut Session,
+    key: ResumeKey,
+    manifest: Manifest,
+}
+
+impl Source for Served<'_> {
+    fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    fn disks(&mut self) -> anyhow::Result<Vec<DiskVolumes>> {
+        match self.session.browse(&self.key, BrowseAsk::Volumes)? {
+            BrowseAnswer::Volumes(disks) => Ok(disks),
+            other => bail!("the service answered {other:?} to a question about volumes"),
+        }
+    }
+
+    fn show(&mut self, path: &str) -> anyhow::Result<(String, Vec<Entry>)> {
+        let ask = BrowseAsk::List {
+            path: path.to_owned(),
+        };
+        match self.session.browse(&self.key, ask)? {
+            BrowseAnswer::Listing { path, entries } => Ok((path, entries)),
+            other => bail!("the service answered {other:?} to a listing"),
+        }
+    }
+
+    fn find(&mut self, path: &str, pattern: &str) -> anyhow::Result<(Vec<Found>, Vec<String>)> {
+        let ask = BrowseAsk::Find {
+            path: path.to_owned(),
+            pattern: pattern.to_owned(),
+        };
+        match self.session.browse(&self.key, ask)? {
+            BrowseAnswer::Found { found, skipped } => Ok((found, skipped)),
+            other => bail!("the service answered {other:?} to a search"),
+        }
+    }
+
+    fn changes(&mut self, since: Option<&str>) -> anyhow::Result<Changed> {
+        let ask = BrowseAsk::Changes {
+            since: since.map(str::to_owned),
+        };
+        match self.session.browse(&self.key, ask)? {
+            BrowseAnswer::Changes {
+                since,
+                changes,
+                skipped,
+            } => Ok((since, changes, skipped)),
+            other => bail!("the service answered {other:?} to a comparison"),
+        }
+    }
+
+    fn restore(&mut self, paths: &[String], to: &Path) -> anyhow::Result<Restored> {
+        let to = std::path::absolute(to)
+            .with_context(|| format!("could not make {} an absolute path", to.display()))?;
+        let request = JobRequest::RestoreFiles {
+            destination: self.key.destination.clone(),
+            vm_uuid: self.key.vm_uuid,
+            checkpoint: self.key.checkpoint.clone(),
+            paths: paths.to_vec(),
+            to,
+            owner: None,
+        };
+        match self.session.job(request, &self.manifest.vm.name)? {
+            JobOutput::FilesRestored(done) => Ok(*done),
+            other => bail!("the service answered {other:?} to a restore of files"),
+        }
+    }
+}
+
+/// Runs `work` on the checkpoint: through the service when `session` is one and `dest` is
+/// one of its destinations, else here.
+fn with_source(
+    session: Option<&mut Session>,
+    dest: &Path,
+    vm: &str,
+    checkpoint: &str,
+    work: impl FnOnce(&mut dyn Source) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    if let Some(session) = session
+        && let Some(found) = session.served_checkpoint(dest, vm, checkpoint)
+    {
+        let (destination, manifest) = found?;
+        let key = ResumeKey {
+            destination,
+            vm_uuid: manifest.vm.uuid,
+            checkpoint: manifest.id.clone(),
+        };
+        return work(&mut Served {
+            session,
+            key,
+            manifest,
+        });
+    }
+    let store = Arc::new(open_store(dest)?);
+    let m = find_checkpoint(&store, dest, vm, checkpoint)?;
+    let browser = Browser::open(store.clone(), m)?;
+    work(&mut Here {
+        store,
+        browser,
+        dest: dest.to_path_buf(),
+    })
+}
 
 /// What `rewind files` is asked.
 #[derive(Debug)]
@@ -34,40 +234,28 @@ pub struct FilesAsk<'a> {
     pub json: bool,
 }
 
-/// Opens the checkpoint for browsing.
-fn browser(dest: &Path, vm: &str, checkpoint: &str) -> anyhow::Result<Browser> {
-    let store = Arc::new(open_store(dest)?);
-    let m = find_checkpoint(&store, dest, vm, checkpoint)?;
-    Ok(Browser::open(store, m)?)
+/// `rewind files VM CHECKPOINT [PATH] [--find NAME] --in DEST`.
+pub fn files(
+    out: &mut dyn Write,
+    session: Option<&mut Session>,
+    ask: &FilesAsk<'_>,
+) -> anyhow::Result<()> {
+    with_source(session, ask.dest, ask.vm, ask.checkpoint, |source| {
+        files_of(out, source, ask)
+    })
 }
 
-/// `rewind files VM CHECKPOINT [PATH] [--find NAME] --in DEST`.
-pub fn files(out: &mut dyn Write, ask: &FilesAsk<'_>) -> anyhow::Result<()> {
-    let mut browser = browser(ask.dest, ask.vm, ask.checkpoint)?;
-    let Some(path) = ask.path.or(ask.find.map(|_| "")) else {
-        return volumes(out, &browser, ask.json);
-    };
+fn files_of(
+    out: &mut dyn Write,
+    source: &mut dyn Source,
+    ask: &FilesAsk<'_>,
+) -> anyhow::Result<()> {
+    let (vm, checkpoint) = (
+        source.manifest().vm.name.clone(),
+        source.manifest().id.clone(),
+    );
     if let Some(pattern) = ask.find {
-        // Without a path, every readable volume is searched.
-        let roots: Vec<FilePath> = if path.trim_matches('/').is_empty() {
-            readable_roots(&browser)
-        } else {
-            vec![browser.resolve(path)?]
-        };
-        let control = Interrupt::install()?.next_control();
-        let mut found = Vec::new();
-        let mut problems = Vec::new();
-        for root in &roots {
-            match browser.find(root, pattern, &control) {
-                Ok((f, e)) => {
-                    found.extend(f);
-                    problems.extend(e);
-                }
-                // A volume that cannot be read is a problem when it was not asked for.
-                Err(e) if roots.len() > 1 => problems.push(e),
-                Err(e) => return Err(e.into()),
-            }
-        }
+        let (found, problems) = source.find(ask.path.unwrap_or(""), pattern)?;
         for p in &problems {
             eprintln!("warning: skipped {p}");
         }
@@ -76,12 +264,11 @@ pub fn files(out: &mut dyn Write, ask: &FilesAsk<'_>) -> anyhow::Result<()> {
                 .iter()
                 .map(|f| entry_json(&f.entry, Some(&f.path)))
                 .collect();
-            let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
             return write_json(
                 out,
                 &serde_json::json!({
-                    "vm": browser.manifest().vm.name,
-                    "checkpoint": browser.manifest().id,
+                    "vm": vm,
+                    "checkpoint": checkpoint,
                     "found": found,
                     "skipped": problems,
                 }),
@@ -93,22 +280,19 @@ pub fn files(out: &mut dyn Write, ask: &FilesAsk<'_>) -> anyhow::Result<()> {
             .collect();
         return table(out, &rows);
     }
-    let at = browser.resolve(path)?;
-    let entry = browser.entry(&at)?;
-    let entries = if entry.kind == EntryKind::Folder {
-        browser.list(&at)?
-    } else {
-        vec![entry]
+    let Some(path) = ask.path else {
+        let disks = source.disks()?;
+        return volumes(out, &vm, &checkpoint, &disks, ask.json);
     };
+    let (path, entries) = source.show(path)?;
     if ask.json {
-        let entries: Vec<serde_json::Value> =
-            entries.iter().map(|e| entry_json(e, None)).collect();
+        let entries: Vec<serde_json::Value> = entries.iter().map(|e| entry_json(e, None)).collect();
         return write_json(
             out,
             &serde_json::json!({
-                "vm": browser.manifest().vm.name,
-                "checkpoint": browser.manifest().id,
-                "path": browser.display(at.volume, &at.names),
+                "vm": vm,
+                "checkpoint": checkpoint,
+                "path": path,
                 "entries": entries,
             }),
         );
@@ -124,25 +308,6 @@ pub fn files(out: &mut dyn Write, ask: &FilesAsk<'_>) -> anyhow::Result<()> {
         })
         .collect();
     table(out, &rows)
-}
-
-/// The root of every volume with files Rewind reads.
-fn readable_roots(browser: &Browser) -> Vec<FilePath> {
-    let mut roots = Vec::new();
-    for (d, disk) in browser.disks().iter().enumerate() {
-        for v in &disk.volumes {
-            if rewind_core::files::browse::readable(v.file_system) {
-                roots.push(FilePath {
-                    volume: rewind_core::files::browse::VolumeRef {
-                        disk: d,
-                        number: v.number,
-                    },
-                    names: Vec::new(),
-                });
-            }
-        }
-    }
-    roots
 }
 
 fn row(e: &Entry, name: String) -> [String; 4] {
@@ -209,11 +374,15 @@ fn entry_json(e: &Entry, path: Option<&str>) -> serde_json::Value {
 }
 
 /// `rewind files VM CHECKPOINT --in DEST`: each disk's partition table and volumes.
-fn volumes(out: &mut dyn Write, browser: &Browser, json: bool) -> anyhow::Result<()> {
-    let m = browser.manifest();
+fn volumes(
+    out: &mut dyn Write,
+    vm: &str,
+    checkpoint: &str,
+    disks: &[DiskVolumes],
+    json: bool,
+) -> anyhow::Result<()> {
     if json {
-        let disks: Vec<serde_json::Value> = browser
-            .disks()
+        let disks: Vec<serde_json::Value> = disks
             .iter()
             .map(|d| {
                 serde_json::json!({
@@ -224,7 +393,7 @@ fn volumes(out: &mut dyn Write, browser: &Browser, json: bool) -> anyhow::Result
                 })
             })
             .collect();
-        let doc = serde_json::json!({ "vm": m.vm.name, "checkpoint": m.id, "disks": disks });
+        let doc = serde_json::json!({ "vm": vm, "checkpoint": checkpoint, "disks": disks });
         serde_json::to_writer_pretty(&mut *out, &doc).context("could not write JSON")?;
         writeln!(out)?;
         return Ok(());
@@ -236,7 +405,7 @@ fn volumes(out: &mut dyn Write, browser: &Browser, json: bool) -> anyhow::Result
         "LABEL".to_owned(),
         "PARTITION".to_owned(),
     ]];
-    for (d, disk) in browser.disks().iter().enumerate() {
+    for disk in disks {
         if disk.volumes.is_empty() {
             rows.push([
                 disk.target.clone(),
@@ -251,14 +420,11 @@ fn volumes(out: &mut dyn Write, browser: &Browser, json: bool) -> anyhow::Result
             ]);
         }
         for v in &disk.volumes {
-            let name = browser.volume_name(rewind_core::files::browse::VolumeRef {
-                disk: d,
-                number: v.number,
-            });
-            let name = if d == 0 && v.number != 0 {
-                format!("{}/{name}", disk.target)
+            // The first disk's volumes are named with their disk here too.
+            let name = if v.number == 0 {
+                disk.target.clone()
             } else {
-                name
+                format!("{}/p{}", disk.target, v.number)
             };
             let kind = match &v.partition_name {
                 Some(n) => format!("{} ({n})", v.partition_type),
@@ -291,133 +457,116 @@ fn volumes(out: &mut dyn Write, browser: &Browser, json: bool) -> anyhow::Result
     Ok(())
 }
 
+/// What `rewind restore-files` and `rewind changes` are asked.
+#[derive(Debug)]
+pub struct CheckpointAsk<'a> {
+    /// The store.
+    pub dest: &'a Path,
+    /// The VM (name or UUID).
+    pub vm: &'a str,
+    /// The checkpoint's id, or `latest`.
+    pub checkpoint: &'a str,
+    /// Print JSON.
+    pub json: bool,
+}
+
 /// `rewind restore-files VM CHECKPOINT PATH… --from DEST --to DIR`.
 pub fn restore_files(
     out: &mut dyn Write,
-    dest: &Path,
-    vm: &str,
-    checkpoint: &str,
+    session: Option<&mut Session>,
+    ask: &CheckpointAsk<'_>,
     paths: &[String],
     to: &Path,
-    json: bool,
 ) -> anyhow::Result<()> {
-    let mut browser = browser(dest, vm, checkpoint)?;
-    let resolved = paths
-        .iter()
-        .map(|p| browser.resolve(p))
-        .collect::<Result<Vec<_>, _>>()?;
-    // Ctrl-C cancels: nothing is left in the target folder.
-    let control = Interrupt::install()?.next_control();
-    control.start_phase(Phase::Copying);
-    let reporter = Progress::start(&browser.manifest().vm.name, control.clone());
-    let result = browser.restore(&resolved, to, &control);
-    drop(reporter);
-    let done = result?;
-    for (path, why) in &done.skipped {
-        eprintln!("warning: left out {path}: {why}");
-    }
-    if json {
-        return write_json(out, &done);
-    }
-    let mut what = Vec::new();
-    for (n, one, many) in [
-        (done.files, "file", "files"),
-        (done.folders, "folder", "folders"),
-        (done.links, "link", "links"),
-    ] {
-        if n > 0 {
-            what.push(format!("{n} {}", if n == 1 { one } else { many }));
+    with_source(session, ask.dest, ask.vm, ask.checkpoint, |source| {
+        let done = source.restore(paths, to)?;
+        for (path, why) in &done.skipped {
+            eprintln!("warning: left out {path}: {why}");
         }
-    }
-    writeln!(
-        out,
-        "Restored {} ({}) from checkpoint {} of {}:",
-        what.join(", "),
-        human_bytes(done.bytes),
-        browser.manifest().id,
-        browser.manifest().vm.name
-    )?;
-    for path in &done.written {
-        writeln!(out, "  {}", path.display())?;
-    }
-    Ok(())
+        if ask.json {
+            return write_json(out, &done);
+        }
+        let mut what = Vec::new();
+        for (n, one, many) in [
+            (done.files, "file", "files"),
+            (done.folders, "folder", "folders"),
+            (done.links, "link", "links"),
+        ] {
+            if n > 0 {
+                what.push(format!("{n} {}", if n == 1 { one } else { many }));
+            }
+        }
+        let m = source.manifest();
+        writeln!(
+            out,
+            "Restored {} ({}) from checkpoint {} of {}:",
+            what.join(", "),
+            human_bytes(done.bytes),
+            m.id,
+            m.vm.name
+        )?;
+        for path in &done.written {
+            writeln!(out, "  {}", path.display())?;
+        }
+        Ok(())
+    })
 }
 
 /// `rewind changes VM CHECKPOINT --in DEST [--since CHECKPOINT]`.
 pub fn changes(
     out: &mut dyn Write,
-    dest: &Path,
-    vm: &str,
-    checkpoint: &str,
+    session: Option<&mut Session>,
+    ask: &CheckpointAsk<'_>,
     since: Option<&str>,
-    json: bool,
 ) -> anyhow::Result<()> {
-    let store = Arc::new(open_store(dest)?);
-    let new = find_checkpoint(&store, dest, vm, checkpoint)?;
-    let old = match since {
-        Some(id) => find_checkpoint(&store, dest, vm, id)?,
-        None => previous(&store, &new)?,
-    };
-    let mut old_browser = Browser::open(store.clone(), old)?;
-    let mut new_browser = Browser::open(store, new)?;
-    let control = Interrupt::install()?.next_control();
-    let (found, problems) = find_changes(&mut old_browser, &mut new_browser, &control)?;
-    for p in &problems {
-        eprintln!("warning: skipped {p}");
-    }
-    let (o, n) = (old_browser.manifest(), new_browser.manifest());
-    if json {
-        let changes: Vec<serde_json::Value> = found
-            .iter()
-            .map(|c| {
-                let mut v = entry_json(&c.entry, Some(&c.path));
-                v["change"] = serde_json::to_value(c.change).unwrap_or_default();
-                v
-            })
-            .collect();
-        let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
-        return write_json(
-            out,
-            &serde_json::json!({
-                "vm": n.vm.name,
-                "checkpoint": n.id,
-                "since": o.id,
-                "changes": changes,
-                "skipped": problems,
-            }),
-        );
-    }
-    if found.is_empty() {
-        writeln!(out, "No file changed between {} and {}.", o.id, n.id)?;
-    }
-    for c in &found {
-        let mut path = c.path.clone();
-        if c.entry.kind == EntryKind::Folder {
-            path.push('/');
-        }
-        let what = match c.change {
-            ChangeKind::Added => "added   ",
-            ChangeKind::Modified => "modified",
-            ChangeKind::Deleted => "deleted ",
+    with_source(session, ask.dest, ask.vm, ask.checkpoint, |source| {
+        let (older, found, problems) = source.changes(since)?;
+        let n = source.manifest();
+        let Some(older) = older else {
+            return Err(crate::exit::not_found(format!(
+                "checkpoint {} is the first of {} in this store, so there is nothing to \
+                 compare it with; name a later checkpoint, or an earlier one with --since",
+                n.id, n.vm.name
+            )));
         };
-        writeln!(out, "{what}  {path}")?;
-    }
-    Ok(())
-}
-
-/// The checkpoint of the same VM just before `m`.
-fn previous(store: &rewind_core::store::Store, m: &Manifest) -> anyhow::Result<Manifest> {
-    let earlier: Vec<Manifest> = store
-        .catalog()?
-        .checkpoints
-        .into_iter()
-        .filter(|c| vm_matches(c, Some(&m.vm.uuid.to_string())) && c.time < m.time)
-        .collect();
-    earlier.into_iter().max_by_key(|c| c.time).ok_or_else(|| {
-        crate::exit::not_found(format!(
-            "checkpoint {} is the first of {} in this store, so there is nothing to compare \
-             it with; name a later checkpoint, or an earlier one with --since",
-            m.id, m.vm.name
-        ))
+        for p in &problems {
+            eprintln!("warning: skipped {p}");
+        }
+        if ask.json {
+            let changes: Vec<serde_json::Value> = found
+                .iter()
+                .map(|c| {
+                    let mut v = entry_json(&c.entry, Some(&c.path));
+                    v["change"] = serde_json::to_value(c.change).unwrap_or_default();
+                    v
+                })
+                .collect();
+            return write_json(
+                out,
+                &serde_json::json!({
+                    "vm": n.vm.name,
+                    "checkpoint": n.id,
+                    "since": older,
+                    "changes": changes,
+                    "skipped": problems,
+                }),
+            );
+        }
+        if found.is_empty() {
+            writeln!(out, "No file changed between {older} and {}.", n.id)?;
+        }
+        for c in &found {
+            let mut path = c.path.clone();
+            if c.entry.kind == EntryKind::Folder {
+                path.push('/');
+            }
+            let what = match c.change {
+                ChangeKind::Added => "added   ",
+                ChangeKind::Modified => "modified",
+                ChangeKind::Deleted => "deleted ",
+            };
+            writeln!(out, "{what}  {path}")?;
+        }
+        Ok(())
     })
 }

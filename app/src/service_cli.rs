@@ -17,6 +17,7 @@ use rewind_core::engine::jobs::{JobError, JobId, JobOutput, JobRequest};
 use rewind_core::engine::{Command, Event};
 use rewind_core::progress::Control;
 use rewind_core::restore::{DiskStorage, NewVm, RestoreOptions, RestoreReport};
+use rewind_core::store::Manifest;
 use rewind_core::store::retention::KeepRules;
 use rewind_core::view::catalog::DestinationView;
 use rewind_core::vm::VmInfo;
@@ -240,6 +241,55 @@ impl Session {
         Ok(added?)
     }
 
+    /// Asks the service `ask` about checkpoint `key`'s files and waits for its answer.
+    pub(crate) fn browse(
+        &mut self,
+        key: &rewind_core::engine::ResumeKey,
+        ask: rewind_core::engine::files::BrowseAsk,
+    ) -> anyhow::Result<rewind_core::engine::files::BrowseAnswer> {
+        let asked = ask.clone();
+        self.send(Command::Browse {
+            key: key.clone(),
+            ask,
+        })?;
+        Ok(self.wait(|e| match e {
+            Event::Browsed {
+                key: k,
+                ask: a,
+                result,
+            } if k == key && *a == asked => Some(result.clone()),
+            _ => None,
+        })??)
+    }
+
+    /// A job of the service, followed to its end (progress on stderr, Ctrl-C cancels).
+    pub(crate) fn job(&mut self, request: JobRequest, label: &str) -> anyhow::Result<JobOutput> {
+        install_interrupt()?;
+        self.run_job(request, label)
+    }
+
+    /// The service's destination for `dest`, if it is one of its own; and the checkpoint
+    /// `checkpoint` (an id or `latest`) of VM `vm` in it.
+    pub(crate) fn served_checkpoint(
+        &mut self,
+        dest: &Path,
+        vm: &str,
+        checkpoint: &str,
+    ) -> Option<anyhow::Result<(String, Manifest)>> {
+        let destination = served(self, dest)?;
+        Some(destination.and_then(|destination| {
+            let vm_uuid = self.vm_uuid(vm, &destination, dest)?;
+            let listing = self.listing(&destination)?;
+            let of_vm: Vec<Manifest> = listing
+                .checkpoints
+                .into_iter()
+                .filter(|m| m.vm.uuid == vm_uuid)
+                .collect();
+            let m = crate::store_cli::find_in(of_vm, dest, &vm_uuid.to_string(), checkpoint)?;
+            Ok((destination, m))
+        }))
+    }
+
     /// The checkpoints in the service's destination `destination`.
     fn listing(&mut self, destination: &str) -> anyhow::Result<Listing> {
         let label = format!("Reading {destination}");
@@ -303,7 +353,8 @@ impl Session {
 /// service fills in who owns what it writes.
 fn as_sent(request: &JobRequest) -> serde_json::Result<serde_json::Value> {
     let mut request = request.clone();
-    if let JobRequest::Export { owner, .. } = &mut request {
+    if let JobRequest::Export { owner, .. } | JobRequest::RestoreFiles { owner, .. } = &mut request
+    {
         *owner = None;
     }
     serde_json::to_value(&request)

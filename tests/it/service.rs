@@ -1995,3 +1995,170 @@ fn a_window_killed_mid_checkpoint_leaves_the_job_running_and_the_next_window_sho
     );
     still_clean(&mut again, &log);
 }
+
+/// A 40 MiB GPT disk whose partition 1 (ext4, labelled "linux") holds `src`, made by sgdisk
+/// and mkfs.ext4 -d.
+fn small_linux_disk(dir: &Path, src: &Path) -> std::path::PathBuf {
+    let disk = dir.join("linux.raw");
+    if disk.exists() {
+        std::fs::remove_file(&disk).unwrap();
+    }
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(40 << 20)
+        .unwrap();
+    rewind_tests::package::run_ok(
+        "sgdisk",
+        std::process::Command::new("sgdisk")
+            .args(["--new=1:2048:0", "--typecode=1:8300"])
+            .arg(&disk),
+    );
+    rewind_tests::package::run_ok(
+        "mkfs.ext4",
+        std::process::Command::new("mkfs.ext4")
+            .args(["-F", "-q", "-L", "linux", "-E", "offset=1048576", "-d"])
+            .arg(src)
+            .arg(&disk)
+            .arg("38M"),
+    );
+    disk
+}
+
+#[test]
+#[allow(clippy::too_many_lines)] // one user story, step by step
+fn a_user_lists_restores_and_compares_files_of_a_store_only_the_service_can_read() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let dir = ScratchDir::new("svc-files").unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(src.join("docs")).unwrap();
+    std::fs::write(src.join("docs/thesis.txt"), "chapter one").unwrap();
+    std::fs::write(src.join("docs/old.txt"), "to be deleted").unwrap();
+    let vm = TestVm::builder("svc-files")
+        .disks(vec![
+            rewind_tests::DiskSpec::new("vda", rewind_tests::Format::Qcow2, 8 << 20),
+            rewind_tests::DiskSpec::new("vdb", rewind_tests::Format::Qcow2, 40 << 20),
+        ])
+        .define()
+        .expect("define the test VM");
+    vm.fill_disk("vdb", &small_linux_disk(dir.path(), &src))
+        .unwrap();
+
+    let rewind = binary_for_users(dir.path());
+    let service = TestService::start(&rewind, dir.path()).unwrap();
+    let (user, home) = user_with_home(dir.path());
+    let uid = std::fs::metadata(&home).unwrap().uid();
+    let store_dir = home.join("store");
+    let s = store_dir.to_str().unwrap();
+    let env = [("REWIND_SOCKET", service.socket())];
+    let as_user = |args: &[&str]| user.run(&rewind, args, &env);
+    json(
+        &as_user(&["checkpoint", &vm.name, "--to", s, "--json"]),
+        "rewind checkpoint",
+    );
+    // The store is the service's to read: the user cannot open it directly.
+    std::fs::set_permissions(&store_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    assert_ne!(std::fs::metadata(&store_dir).unwrap().uid(), uid);
+
+    let listed = json(
+        &as_user(&[
+            "files",
+            &vm.name,
+            "latest",
+            "linux/docs",
+            "--in",
+            s,
+            "--json",
+        ]),
+        "rewind files",
+    );
+    let names: Vec<&str> = listed["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["old.txt", "thesis.txt"], "{listed}");
+    assert_eq!(listed["path"], "vdb/p1/docs", "{listed}");
+    let found = json(
+        &as_user(&[
+            "files", &vm.name, "latest", "--find", "THESIS", "--in", s, "--json",
+        ]),
+        "rewind files --find",
+    );
+    assert_eq!(
+        found["found"][0]["path"], "vdb/p1/docs/thesis.txt",
+        "{found}"
+    );
+
+    // Restored into the user's folder, and the user's.
+    let made = as_user(&[
+        "restore-files",
+        &vm.name,
+        "latest",
+        "linux/docs",
+        "--from",
+        s,
+        "--to",
+        home.to_str().unwrap(),
+    ]);
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let restored = home.join("docs/thesis.txt");
+    assert_eq!(std::fs::read_to_string(&restored).unwrap(), "chapter one");
+    for path in [home.join("docs"), restored] {
+        assert_eq!(
+            std::fs::symlink_metadata(&path).unwrap().uid(),
+            uid,
+            "{}",
+            path.display()
+        );
+    }
+    // Not where the user may not write.
+    let refused = as_user(&[
+        "restore-files",
+        &vm.name,
+        "latest",
+        "linux/docs",
+        "--from",
+        s,
+        "--to",
+        "/root",
+    ]);
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("may not write in /root"), "{said}");
+    assert!(!Path::new("/root/docs").exists());
+
+    // A second checkpoint after a change and a deletion: the changes are those.
+    std::fs::write(src.join("docs/thesis.txt"), "chapter one and two").unwrap();
+    std::fs::remove_file(src.join("docs/old.txt")).unwrap();
+    vm.fill_disk("vdb", &small_linux_disk(dir.path(), &src))
+        .unwrap();
+    json(
+        &as_user(&["checkpoint", &vm.name, "--to", s, "--json"]),
+        "rewind checkpoint (second)",
+    );
+    let changed = json(
+        &as_user(&["changes", &vm.name, "latest", "--in", s, "--json"]),
+        "rewind changes",
+    );
+    let mut got: Vec<(&str, &str)> = changed["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["path"].as_str().unwrap(), c["change"].as_str().unwrap()))
+        .collect();
+    got.sort_unstable();
+    assert_eq!(
+        got,
+        [
+            ("vdb/p1/docs/old.txt", "deleted"),
+            ("vdb/p1/docs/thesis.txt", "modified")
+        ],
+        "{changed}"
+    );
+    drop(service);
+}

@@ -95,7 +95,7 @@ impl FilesView {
             }
             BrowseAsk::List { path } => {
                 let listing = result.and_then(|a| match a {
-                    BrowseAnswer::Listing(v) => Ok(v),
+                    BrowseAnswer::Listing { entries, .. } => Ok(entries),
                     _ => Err("an unexpected answer".into()),
                 });
                 self.listings.insert(path, listing);
@@ -121,9 +121,9 @@ impl FilesView {
                     }));
                 }
             }
-            BrowseAsk::Changes => {
+            BrowseAsk::Changes { .. } => {
                 self.changes = Some(result.and_then(|a| match a {
-                    BrowseAnswer::Changes { since, changes } => Ok((since, changes)),
+                    BrowseAnswer::Changes { since, changes, .. } => Ok((since, changes)),
                     _ => Err("an unexpected answer".into()),
                 }));
             }
@@ -252,7 +252,7 @@ fn window_ui(ui: &mut egui::Ui, view: &mut FilesView, commands: &mut Commands) {
         {
             commands.push(Command::Browse {
                 key: resume_key(key),
-                ask: BrowseAsk::Changes,
+                ask: BrowseAsk::Changes { since: None },
             });
         }
     });

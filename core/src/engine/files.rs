@@ -45,8 +45,12 @@ pub enum BrowseAsk {
         /// The file (volume first).
         path: String,
     },
-    /// What changed since the checkpoint before it.
-    Changes,
+    /// What changed since the checkpoint before it (or since the one named: an id or
+    /// `latest`).
+    Changes {
+        /// The checkpoint to compare with; `None`: the one before.
+        since: Option<String>,
+    },
 }
 
 /// The answer to a [`BrowseAsk`].
@@ -54,8 +58,13 @@ pub enum BrowseAsk {
 pub enum BrowseAnswer {
     /// Its disks and their volumes.
     Volumes(Vec<DiskVolumes>),
-    /// A folder's entries, sorted as a file manager shows them.
-    Listing(Vec<Entry>),
+    /// A folder's entries, sorted as a file manager shows them (or a file's own entry).
+    Listing {
+        /// The path as resolved (`vdb/p1/home`).
+        path: String,
+        /// The entries.
+        entries: Vec<Entry>,
+    },
     /// What a search found, and the folders it could not read.
     Found {
         /// The matches.
@@ -76,6 +85,8 @@ pub enum BrowseAnswer {
         since: Option<String>,
         /// What changed.
         changes: Vec<Change>,
+        /// What could not be compared, and why.
+        skipped: Vec<String>,
     },
 }
 
@@ -114,7 +125,7 @@ impl FilesWorker {
 
     /// Asks `ask` about checkpoint `key`.
     pub(super) fn ask(&self, key: ResumeKey, ask: BrowseAsk, config: Config) {
-        if matches!(ask, BrowseAsk::Find { .. } | BrowseAsk::Changes) {
+        if matches!(ask, BrowseAsk::Find { .. } | BrowseAsk::Changes { .. }) {
             let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
             current.cancel();
             *current = Arc::new(Control::new());
@@ -165,12 +176,11 @@ fn answer(
     Ok(match ask {
         BrowseAsk::Volumes => BrowseAnswer::Volumes(b.disks().to_vec()),
         BrowseAsk::List { path } => {
-            let at = b.resolve(path)?;
-            BrowseAnswer::Listing(b.list(&at)?)
+            let (path, entries) = b.show(path)?;
+            BrowseAnswer::Listing { path, entries }
         }
         BrowseAsk::Find { path, pattern } => {
-            let at = b.resolve(path)?;
-            let (found, skipped) = b.find(&at, pattern, control)?;
+            let (found, skipped) = b.find_in(path, pattern, control)?;
             BrowseAnswer::Found {
                 found,
                 skipped: skipped.iter().map(ToString::to_string).collect(),
@@ -211,22 +221,28 @@ fn answer(
                 size_bytes: entry.size_bytes,
             }
         }
-        BrowseAsk::Changes => {
+        BrowseAsk::Changes { since } => {
             let newer = b.manifest().clone();
             let store = Arc::new(jobs::store_of(config, &key.destination)?);
-            let Some(older) = previous_checkpoint(&store, &newer)? else {
+            let older = match since {
+                Some(id) => Some(jobs::manifest(&store, &key.vm_uuid, id)?),
+                None => previous_checkpoint(&store, &newer)?,
+            };
+            let Some(older) = older else {
                 return Ok(BrowseAnswer::Changes {
                     since: None,
                     changes: Vec::new(),
+                    skipped: Vec::new(),
                 });
             };
             let since = older.id.clone();
             let mut old = Browser::open(store.clone(), older)?;
             let b = browser(open, key, config)?;
-            let (changes, _skipped) = changes(&mut old, b, control)?;
+            let (changes, skipped) = changes(&mut old, b, control)?;
             BrowseAnswer::Changes {
                 since: Some(since),
                 changes,
+                skipped: skipped.iter().map(ToString::to_string).collect(),
             }
         }
     })

@@ -282,6 +282,78 @@ impl Browser {
         }
     }
 
+    /// The root of every volume whose files Rewind reads.
+    #[must_use]
+    pub fn readable_roots(&self) -> Vec<FilePath> {
+        let mut roots = Vec::new();
+        for (d, disk) in self.disks.iter().enumerate() {
+            for v in disk.volumes.iter().filter(|v| readable(v.file_system)) {
+                roots.push(FilePath {
+                    volume: VolumeRef {
+                        disk: d,
+                        number: v.number,
+                    },
+                    names: Vec::new(),
+                });
+            }
+        }
+        roots
+    }
+
+    /// [`Browser::find`] below the folder `path`, or in every readable volume when `path`
+    /// is empty (or `/`); a volume that cannot be read is then skipped with its error.
+    ///
+    /// # Errors
+    /// The folder cannot be listed, or cancelled.
+    pub fn find_in(
+        &mut self,
+        path: &str,
+        pattern: &str,
+        control: &Control,
+    ) -> Result<(Vec<Found>, Vec<FilesError>), FilesError> {
+        if !path.trim_matches('/').is_empty() {
+            let at = self.resolve(path)?;
+            return self.find(&at, pattern, control);
+        }
+        let mut found = Vec::new();
+        let mut skipped = Vec::new();
+        for root in self.readable_roots() {
+            match self.find(&root, pattern, control) {
+                Ok((f, e)) => {
+                    found.extend(f);
+                    skipped.extend(e);
+                }
+                Err(FilesError::Tree {
+                    source: super::TreeError::Cancelled(c),
+                    path,
+                }) => {
+                    return Err(FilesError::Tree {
+                        source: super::TreeError::Cancelled(c),
+                        path,
+                    });
+                }
+                Err(e) => skipped.push(e),
+            }
+        }
+        Ok((found, skipped))
+    }
+
+    /// What `path` shows: a folder's entries, or the one entry of a file; and the path as
+    /// [`Browser::display`] writes it.
+    ///
+    /// # Errors
+    /// As [`Browser::resolve`] and [`Browser::list`].
+    pub fn show(&mut self, path: &str) -> Result<(String, Vec<Entry>), FilesError> {
+        let at = self.resolve(path)?;
+        let entry = self.entry(&at)?;
+        let entries = if entry.kind == EntryKind::Folder {
+            self.list(&at)?
+        } else {
+            vec![entry]
+        };
+        Ok((self.display(at.volume, &at.names), entries))
+    }
+
     /// The full path of `names` in `volume`, as [`Browser::resolve`] takes it.
     #[must_use]
     pub fn display(&self, volume: VolumeRef, names: &[String]) -> String {
