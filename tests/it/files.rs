@@ -480,35 +480,6 @@ fn linux_tree(dir: &Path) -> std::path::PathBuf {
     src
 }
 
-/// A GPT disk of `mib` MiB whose one partition ("linux", ext4, from sector 2048) holds
-/// `src`, made by sgdisk and mkfs.ext4 -d.
-fn linux_disk(dir: &Path, src: &Path, mib: u64) -> std::path::PathBuf {
-    let disk = dir.join("linux.raw");
-    if disk.exists() {
-        std::fs::remove_file(&disk).unwrap();
-    }
-    sized(&disk, mib);
-    tool(
-        "sgdisk",
-        Command::new("sgdisk")
-            .args([
-                "--new=1:2048:0",
-                "--typecode=1:8300",
-                "--change-name=1:Linux",
-            ])
-            .arg(&disk),
-    );
-    tool(
-        "mkfs.ext4",
-        Command::new("mkfs.ext4")
-            .args(["-F", "-q", "-L", "linux", "-E", "offset=1048576", "-d"])
-            .arg(src)
-            .arg(&disk)
-            .arg(format!("{}M", mib - 2)),
-    );
-    disk
-}
-
 /// Asserts that `restored` holds what `original` holds: the same names and kinds, bytes,
 /// link targets and modification times (of folders too when `folder_times`: mtools makes
 /// folders with the time it runs at, mkfs.ext4 -d copies theirs).
@@ -580,7 +551,7 @@ fn same_bytes(first: &Path, second: &Path) -> bool {
 fn files_of_an_ext4_disk_are_listed_found_restored_and_compared() {
     let dir = ScratchDir::new("files-ext4").unwrap();
     let src = linux_tree(dir.path());
-    let raw = linux_disk(dir.path(), &src, 320);
+    let raw = rewind_tests::disks::ext4_gpt(dir.path(), &src, 320);
     let vm = TestVm::builder("files-ext4")
         .disks(vec![
             DiskSpec::new("vda", Format::Qcow2, 32 << 20),
@@ -765,7 +736,7 @@ fn changes_named(vm: &TestVm, store: &Path, src: &Path, dir: &Path, leaf: &str) 
         .trim_end_matches("/leaf.txt");
     std::fs::remove_dir_all(src.join(level24)).unwrap();
     std::fs::write(me.join("Documents/new notes.txt"), b"new").unwrap();
-    let raw = linux_disk(dir, src, 320);
+    let raw = rewind_tests::disks::ext4_gpt(dir, src, 320);
     vm.fill_disk("vdb", &raw).unwrap();
     rewind::checkpoint_json(&vm.name, store);
     let changed: serde_json::Value = serde_json::from_str(&rewind::run_ok(&[

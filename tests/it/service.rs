@@ -1996,34 +1996,6 @@ fn a_window_killed_mid_checkpoint_leaves_the_job_running_and_the_next_window_sho
     still_clean(&mut again, &log);
 }
 
-/// A 40 MiB GPT disk whose partition 1 (ext4, labelled "linux") holds `src`, made by sgdisk
-/// and mkfs.ext4 -d.
-fn small_linux_disk(dir: &Path, src: &Path) -> std::path::PathBuf {
-    let disk = dir.join("linux.raw");
-    if disk.exists() {
-        std::fs::remove_file(&disk).unwrap();
-    }
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(40 << 20)
-        .unwrap();
-    rewind_tests::package::run_ok(
-        "sgdisk",
-        std::process::Command::new("sgdisk")
-            .args(["--new=1:2048:0", "--typecode=1:8300"])
-            .arg(&disk),
-    );
-    rewind_tests::package::run_ok(
-        "mkfs.ext4",
-        std::process::Command::new("mkfs.ext4")
-            .args(["-F", "-q", "-L", "linux", "-E", "offset=1048576", "-d"])
-            .arg(src)
-            .arg(&disk)
-            .arg("38M"),
-    );
-    disk
-}
-
 #[test]
 #[allow(clippy::too_many_lines)] // one user story, step by step
 fn a_user_lists_restores_and_compares_files_of_a_store_only_the_service_can_read() {
@@ -2040,7 +2012,7 @@ fn a_user_lists_restores_and_compares_files_of_a_store_only_the_service_can_read
         ])
         .define()
         .expect("define the test VM");
-    vm.fill_disk("vdb", &small_linux_disk(dir.path(), &src))
+    vm.fill_disk("vdb", &rewind_tests::disks::ext4_gpt(dir.path(), &src, 40))
         .unwrap();
 
     let rewind = binary_for_users(dir.path());
@@ -2135,7 +2107,7 @@ fn a_user_lists_restores_and_compares_files_of_a_store_only_the_service_can_read
     // A second checkpoint after a change and a deletion: the changes are those.
     std::fs::write(src.join("docs/thesis.txt"), "chapter one and two").unwrap();
     std::fs::remove_file(src.join("docs/old.txt")).unwrap();
-    vm.fill_disk("vdb", &small_linux_disk(dir.path(), &src))
+    vm.fill_disk("vdb", &rewind_tests::disks::ext4_gpt(dir.path(), &src, 40))
         .unwrap();
     json(
         &as_user(&["checkpoint", &vm.name, "--to", s, "--json"]),

@@ -18,6 +18,7 @@
 pub mod a11y;
 pub mod compare;
 pub mod daemon;
+pub mod disks;
 pub mod domain;
 pub mod guest;
 pub mod package;

@@ -604,6 +604,53 @@ fn add_drive_in_the_guide(h: &mut Harness<'_, RewindApp>, drive: &Path) {
     });
 }
 
+/// A new store in `store_dir`, and a configuration protecting `vm` into it as the
+/// destination `name`.
+fn protecting(store_dir: &Path, name: &str, vm: &rewind_tests::TestVm) -> (Store, Config) {
+    let store = Store::init(store_dir, &InitOptions::default()).unwrap();
+    let config = Config {
+        uri: rewind_tests::daemon::URI.into(),
+        destinations: vec![Destination {
+            name: name.into(),
+            location: store_dir.display().to_string(),
+            store_id: Some(store.config().id),
+            passphrase_file: None,
+            store_secret: None,
+        }],
+        vms: vec![Protection {
+            vm: vm.name.clone(),
+            uuid: Some(vm.uuid.clone()),
+            destinations: vec![name.into()],
+            ..Protection::default()
+        }],
+        ..Config::default()
+    };
+    (store, config)
+}
+
+/// Selects VM `name` in the window and takes a checkpoint with "Checkpoint now"; returns
+/// once it is on the timeline.
+fn checkpoint_from_the_window(h: &mut Harness<'_, RewindApp>, name: &str) {
+    wait_for(h, "the VM in the list", Duration::from_secs(30), |h| {
+        h.query_all_by_label(name).next().is_some()
+    });
+    h.query_all_by_label(name).next().unwrap().click();
+    wait_for(h, "Checkpoint now", Duration::from_secs(10), |h| {
+        h.query_by_label("Checkpoint now").is_some()
+    });
+    h.get_by_label("Checkpoint now").click();
+    wait_for(
+        h,
+        "a checkpoint on the timeline",
+        Duration::from_mins(3),
+        |h| {
+            h.query_all_by_label_contains("Checkpoint 20")
+                .next()
+                .is_some()
+        },
+    );
+}
+
 #[test]
 fn first_run_adds_a_drive_and_protects_a_vm_with_the_real_engine() {
     let dir = rewind_tests::scratch::ScratchDir::new("gui-first-run").unwrap();
@@ -738,48 +785,17 @@ fn checkpoint_restore_and_undo_from_the_window_with_a_real_guest() {
     vm.wait_flushed(3, Duration::from_mins(2)).unwrap();
     let dir = rewind_tests::scratch::ScratchDir::new("gui-restore-state").unwrap();
     let store_dir = dir.path().join("store");
-    let store = Store::init(&store_dir, &InitOptions::default()).unwrap();
+    let (store, config) = protecting(&store_dir, "usb", &vm);
     let config = Config {
-        uri: daemon::URI.into(),
-        destinations: vec![Destination {
-            name: "usb".into(),
-            location: store_dir.display().to_string(),
-            store_id: Some(store.config().id),
-            passphrase_file: None,
-            store_secret: None,
-        }],
-        vms: vec![Protection {
-            vm: vm.name.clone(),
-            uuid: Some(vm.uuid.clone()),
-            destinations: vec!["usb".into()],
-            ..Protection::default()
-        }],
         // The tiny guest ignores the power button: turn it off after 2 s.
         shutdown_timeout_secs: 2,
-        ..Config::default()
+        ..config
     };
     config.save(&dir.path().join("config.ron")).unwrap();
     let vm_uuid: uuid::Uuid = vm.uuid.parse().unwrap();
 
     let mut h = app_harness(daemon::URI, dir.path());
-    wait_for(&mut h, "the VM in the list", Duration::from_secs(30), |h| {
-        h.query_all_by_label(&vm.name).next().is_some()
-    });
-    h.query_all_by_label(&vm.name).next().unwrap().click();
-    wait_for(&mut h, "Checkpoint now", Duration::from_secs(10), |h| {
-        h.query_by_label("Checkpoint now").is_some()
-    });
-    h.get_by_label("Checkpoint now").click();
-    wait_for(
-        &mut h,
-        "a checkpoint on the timeline",
-        Duration::from_mins(3),
-        |h| {
-            h.query_all_by_label_contains("Checkpoint 20")
-                .next()
-                .is_some()
-        },
-    );
+    checkpoint_from_the_window(&mut h, &vm.name);
     let first = store.catalog().unwrap().checkpoints;
     assert_eq!(first.len(), 1);
     let k = last_record(&store, &vm_uuid, &first[0].id);
@@ -935,31 +951,6 @@ fn every_symbol_the_window_uses_has_a_glyph() {
     );
 }
 
-/// A GPT disk image of 40 MiB whose partition 1 (ext4, labelled "linux") holds `src`,
-/// made by sgdisk and mkfs.ext4 -d, without mounting.
-fn ext4_disk(dir: &Path, src: &Path) -> std::path::PathBuf {
-    let disk = dir.join("linux.raw");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(40 << 20)
-        .unwrap();
-    rewind_tests::package::run_ok(
-        "sgdisk",
-        std::process::Command::new("sgdisk")
-            .args(["--new=1:2048:0", "--typecode=1:8300"])
-            .arg(&disk),
-    );
-    rewind_tests::package::run_ok(
-        "mkfs.ext4",
-        std::process::Command::new("mkfs.ext4")
-            .args(["-F", "-q", "-L", "linux", "-E", "offset=1048576", "-d"])
-            .arg(src)
-            .arg(&disk)
-            .arg("38M"),
-    );
-    disk
-}
-
 #[test]
 #[allow(clippy::too_many_lines)] // one user story, step by step
 fn a_file_is_found_previewed_and_restored_from_the_files_window_with_the_real_engine() {
@@ -981,7 +972,7 @@ fn a_file_is_found_previewed_and_restored_from_the_files_window_with_the_real_en
         .unwrap()
         .set_modified(thesis_time)
         .unwrap();
-    let raw = ext4_disk(dir.path(), &src);
+    let raw = rewind_tests::disks::ext4_gpt(dir.path(), &src, 40);
     let vm = TestVm::builder("gui-files")
         .disks(vec![
             DiskSpec::new("vda", Format::Qcow2, 32 << 20),
@@ -991,45 +982,11 @@ fn a_file_is_found_previewed_and_restored_from_the_files_window_with_the_real_en
         .expect("define the test VM");
     vm.fill_disk("vdb", &raw).unwrap();
     let store_dir = dir.path().join("store");
-    let store = Store::init(&store_dir, &InitOptions::default()).unwrap();
-    let config = Config {
-        uri: daemon::URI.into(),
-        destinations: vec![Destination {
-            name: "usb".into(),
-            location: store_dir.display().to_string(),
-            store_id: Some(store.config().id),
-            passphrase_file: None,
-            store_secret: None,
-        }],
-        vms: vec![Protection {
-            vm: vm.name.clone(),
-            uuid: Some(vm.uuid.clone()),
-            destinations: vec!["usb".into()],
-            ..Protection::default()
-        }],
-        ..Config::default()
-    };
+    let (_store, config) = protecting(&store_dir, "usb", &vm);
     config.save(&dir.path().join("config.ron")).unwrap();
 
     let mut h = app_harness(daemon::URI, dir.path());
-    wait_for(&mut h, "the VM in the list", Duration::from_secs(30), |h| {
-        h.query_all_by_label(&vm.name).next().is_some()
-    });
-    h.query_all_by_label(&vm.name).next().unwrap().click();
-    wait_for(&mut h, "Checkpoint now", Duration::from_secs(10), |h| {
-        h.query_by_label("Checkpoint now").is_some()
-    });
-    h.get_by_label("Checkpoint now").click();
-    wait_for(
-        &mut h,
-        "a checkpoint on the timeline",
-        Duration::from_mins(3),
-        |h| {
-            h.query_all_by_label_contains("Checkpoint 20")
-                .next()
-                .is_some()
-        },
-    );
+    checkpoint_from_the_window(&mut h, &vm.name);
     h.get_all_by_label_contains("Checkpoint 20")
         .next()
         .unwrap()
@@ -1153,42 +1110,11 @@ fn a_vm_gone_from_this_host_is_restored_as_new_from_a_backup_opened_in_the_windo
     let old_host = dir.path().join("old-host");
     std::fs::create_dir(&old_host).unwrap();
     let store_dir = dir.path().join("BACKUP/rewind");
-    let store = Store::init(&store_dir, &InitOptions::default()).unwrap();
-    Config {
-        uri: daemon::URI.into(),
-        destinations: vec![Destination {
-            name: "old".into(),
-            location: store_dir.display().to_string(),
-            store_id: Some(store.config().id),
-            passphrase_file: None,
-            store_secret: None,
-        }],
-        vms: vec![Protection {
-            vm: vm.name.clone(),
-            uuid: Some(vm.uuid.clone()),
-            destinations: vec!["old".into()],
-            ..Protection::default()
-        }],
-        ..Config::default()
-    }
-    .save(&old_host.join("config.ron"))
-    .unwrap();
-    {
-        let mut h = app_harness(daemon::URI, &old_host);
-        wait_for(&mut h, "the VM in the list", Duration::from_secs(30), |h| {
-            h.query_all_by_label(&vm.name).next().is_some()
-        });
-        h.query_all_by_label(&vm.name).next().unwrap().click();
-        wait_for(&mut h, "Checkpoint now", Duration::from_secs(10), |h| {
-            h.query_by_label("Checkpoint now").is_some()
-        });
-        h.get_by_label("Checkpoint now").click();
-        wait_for(&mut h, "the checkpoint", Duration::from_mins(3), |h| {
-            h.query_all_by_label_contains("Checkpoint 20")
-                .next()
-                .is_some()
-        });
-    }
+    protecting(&store_dir, "old", &vm)
+        .1
+        .save(&old_host.join("config.ron"))
+        .unwrap();
+    checkpoint_from_the_window(&mut app_harness(daemon::URI, &old_host), &vm.name);
     rewind_tests::domain::remove_domain(vm.domain()).unwrap();
     let name = vm.name.clone();
     let copy_name = format!("{name} again");
@@ -1311,12 +1237,7 @@ fn a_vm_gone_from_this_host_is_restored_as_new_from_a_backup_opened_in_the_windo
         .into_iter()
         .find(|v| v.name == copy_name)
         .expect("the restored VM is defined");
-    let disk = copy
-        .disks
-        .iter()
-        .find_map(|d| d.path())
-        .unwrap()
-        .clone();
+    let disk = copy.disks.iter().find_map(|d| d.path()).unwrap().clone();
     assert!(disk.starts_with(&disks), "{}", disk.display());
     // The copy was started: stop it (and drop its definition) before reading its disk.
     assert!(rewind_tests::domain::remove_named(&copy_name).unwrap());

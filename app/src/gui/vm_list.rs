@@ -384,13 +384,14 @@ fn open_backup_button(ui: &mut egui::Ui, state: &mut UiState) {
 
 /// The lanes of `vm`'s timeline: its destinations, then any other destination that holds
 /// checkpoints of it.
-fn lanes_of<'a>(state: &'a UiState, vm: &VmInfo, overview: Option<&VmOverview>) -> Vec<Lane<'a>> {
+/// The timeline's lanes of the VM `uuid`: the destinations it is protected into (from
+/// `overview`), then any other holding its checkpoints.
+fn lanes_of<'a>(
+    state: &'a UiState,
+    uuid: uuid::Uuid,
+    overview: Option<&VmOverview>,
+) -> Vec<Lane<'a>> {
     let Some(destinations) = state.destinations.as_deref() else {
-        return Vec::new();
-    };
-    // Parsed once: formatting every checkpoint's UUID each frame costs milliseconds with
-    // thousands of checkpoints.
-    let Ok(uuid) = vm.uuid.parse::<uuid::Uuid>() else {
         return Vec::new();
     };
     let mut names: Vec<&str> = overview
@@ -433,7 +434,13 @@ fn vm_ui(ui: &mut egui::Ui, state: &mut UiState, vm: &VmInfo, commands: &mut Com
     });
     protection_summary_ui(ui, state, vm, overview.as_ref(), commands);
     ui.add_space(6.0);
-    let lanes = lanes_of(state, vm, overview.as_ref());
+    // Parsed once: formatting every checkpoint's UUID each frame costs milliseconds with
+    // thousands of checkpoints.
+    let lanes = vm
+        .uuid
+        .parse::<uuid::Uuid>()
+        .map(|uuid| lanes_of(state, uuid, overview.as_ref()))
+        .unwrap_or_default();
     let marks = Marks {
         now: state.now,
         next_run: overview.as_ref().and_then(|o| o.next_run),
@@ -488,7 +495,7 @@ fn backup_vm_ui(
          this computer (with its name, or as a new VM), export a disk, or browse its files.",
     );
     ui.add_space(6.0);
-    let lanes = backup_lanes(state, uuid);
+    let lanes = lanes_of(state, uuid, None);
     let marks = Marks {
         now: state.now,
         next_run: None,
@@ -509,26 +516,6 @@ fn backup_vm_ui(
     } else {
         ui.label(RichText::new("Select a checkpoint on the timeline.").weak());
     }
-}
-
-/// The lanes of a VM only in backups: every destination with its checkpoints.
-fn backup_lanes(state: &UiState, uuid: uuid::Uuid) -> Vec<Lane<'_>> {
-    state
-        .destinations
-        .as_deref()
-        .into_iter()
-        .flatten()
-        .filter(|d| d.checkpoints.iter().any(|c| c.vm_uuid == uuid))
-        .map(|d| Lane {
-            name: &d.destination.name,
-            available: d.error.is_none()
-                && !matches!(
-                    d.found,
-                    rewind_core::destination::Availability::Missing { .. }
-                ),
-            checkpoints: d.checkpoints.iter().filter(|c| c.vm_uuid == uuid).collect(),
-        })
-        .collect()
 }
 
 fn protection_summary_ui(
