@@ -560,7 +560,7 @@ impl Volume {
         let (items, _) = self.folder(data)?;
         Ok(items
             .iter()
-            .filter(|item| usable_name(&item.name))
+            .filter(|item| super::usable_name(&item.name))
             .map(Item::entry)
             .collect())
     }
@@ -604,22 +604,10 @@ impl Volume {
                 filled += n;
             }
             buf[written..want].fill(0);
-            out.write_all(&buf[..want])
-                .map_err(|source| TreeError::Write {
-                    path: shown.clone(),
-                    source,
-                })?;
-            done += want as u64;
-            control.add_done_bytes(want as u64);
+            done += super::deliver(out, &buf[..want], &shown, control)?;
         }
         Ok(done)
     }
-}
-
-/// Whether `name` can be a path's component: not empty, `.`, `..`, nor holding a `/` or
-/// a NUL (which a damaged or hostile folder may hold).
-fn usable_name(name: &str) -> bool {
-    !(name.is_empty() || name == "." || name == ".." || name.contains(['/', '\0']))
 }
 
 /// The checksum of an entry set: every byte of its entries but the checksum's own.

@@ -206,13 +206,7 @@ impl FileTree for Ext4Tree {
             if filled == 0 {
                 break;
             }
-            out.write_all(&buf[..filled])
-                .map_err(|source| TreeError::Write {
-                    path: shown_path.clone(),
-                    source,
-                })?;
-            written += filled as u64;
-            control.add_done_bytes(filled as u64);
+            written += super::deliver(out, &buf[..filled], &shown_path, control)?;
         }
         Ok(written)
     }

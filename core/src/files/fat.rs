@@ -128,7 +128,7 @@ impl FatTree {
                     )));
                 }
                 let entry = entry?;
-                if !usable_name(&entry.file_name()) {
+                if !super::usable_name(&entry.file_name()) {
                     continue;
                 }
                 if !visit(entry) {
@@ -138,12 +138,6 @@ impl FatTree {
             Ok(())
         })
     }
-}
-
-/// Whether `name` can be a path's component: not empty, `.`, `..`, nor holding a `/` or
-/// a NUL (which a damaged or hostile folder may hold).
-fn usable_name(name: &str) -> bool {
-    !(name.is_empty() || name == "." || name == ".." || name.contains(['/', '\0']))
 }
 
 /// Whether `entry` is called `name`, as FAT compares names: its long or its short name,
@@ -272,13 +266,7 @@ impl FileTree for FatTree {
                     detail: format!("the clusters of {shown} end after {done} of its {size} bytes"),
                 });
             }
-            out.write_all(&buf[..filled])
-                .map_err(|source| TreeError::Write {
-                    path: shown.clone(),
-                    source,
-                })?;
-            done += filled as u64;
-            control.add_done_bytes(filled as u64);
+            done += super::deliver(out, &buf[..filled], &shown, control)?;
         }
         Ok(done)
     }

@@ -224,6 +224,27 @@ pub enum TreeError {
     Cancelled(#[from] Cancelled),
 }
 
+/// Whether `name` can be a path's component here and on the host: not empty, `.` or `..`,
+/// and without a `/` or a NUL (which a damaged or hostile folder may hold).
+pub(crate) fn usable_name(name: &str) -> bool {
+    !(name.is_empty() || name == "." || name == ".." || name.contains(['/', '\0']))
+}
+
+/// Hands `bytes` of the file at `path` to `out`, counting them as done in `control`.
+pub(crate) fn deliver(
+    out: &mut dyn Write,
+    bytes: &[u8],
+    path: &str,
+    control: &Control,
+) -> Result<u64, TreeError> {
+    out.write_all(bytes).map_err(|source| TreeError::Write {
+        path: path.to_owned(),
+        source,
+    })?;
+    control.add_done_bytes(bytes.len() as u64);
+    Ok(bytes.len() as u64)
+}
+
 /// A volume to read a file system from: a window of a disk that the reader owns.
 pub type VolumeDisk = Slice<Box<dyn Disk + Send>>;
 

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::browse::{Browser, FilePath, MAX_DEPTH, Restored};
-use super::{EntryKind, FileTree, FilesError, Timestamp, TreeError};
+use super::{EntryKind, FileTree, FilesError, Timestamp, TreeError, usable_name};
 use crate::progress::Control;
 
 /// Runs of zeros at least this long (and aligned to it) are left as holes.
@@ -228,11 +228,6 @@ fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
         rustix::fs::RenameFlags::NOREPLACE,
     )
     .map_err(io::Error::from)
-}
-
-/// Whether the host can hold a file of this name in a folder.
-pub(crate) fn usable_name(name: &str) -> bool {
-    !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\0'])
 }
 
 fn system_time(t: Timestamp) -> Option<SystemTime> {
