@@ -27,8 +27,27 @@ pub type Search = (String, String, Answer<Vec<Found>>);
 /// The changes since the previous checkpoint: its id (`None`: there is none), and them.
 pub type Changes = (Option<String>, Vec<Change>);
 
-/// A preview: the file, and its first bytes and size.
-pub type Preview = (String, Answer<(Vec<u8>, u64)>);
+/// A preview: the file, and its first bytes, size and thumbnail (a PNG), once read.
+pub type Preview = (String, Answer<(Vec<u8>, u64, Option<Vec<u8>>)>);
+
+/// A picture's thumbnail on the GPU, and the path of its file.
+pub struct Thumbnail(String, egui::TextureHandle);
+
+#[cfg(test)]
+impl Thumbnail {
+    /// Its size in pixels.
+    pub fn size(&self) -> [usize; 2] {
+        self.1.size()
+    }
+}
+
+impl std::fmt::Debug for Thumbnail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Thumbnail")
+            .field(&self.0)
+            .finish_non_exhaustive()
+    }
+}
 
 /// What the Files window shows.
 #[derive(Debug, Default)]
@@ -55,6 +74,8 @@ pub struct FilesView {
     pub selected: BTreeSet<String>,
     /// The file previewed, and its preview once read.
     pub preview: Option<Preview>,
+    /// The thumbnail shown, made from the preview's PNG once.
+    pub thumbnail: Option<Thumbnail>,
     /// The folder dialog of "Restore to…", while it is open.
     pub picking: Option<Receiver<Option<PathBuf>>>,
     /// Where the last restore went, to say so.
@@ -116,7 +137,11 @@ impl FilesView {
                     && *p == path
                 {
                     *slot = Some(result.and_then(|a| match a {
-                        BrowseAnswer::Preview { bytes, size_bytes } => Ok((bytes, size_bytes)),
+                        BrowseAnswer::Preview {
+                            bytes,
+                            size_bytes,
+                            thumbnail_png,
+                        } => Ok((bytes, size_bytes, thumbnail_png)),
                         _ => Err("an unexpected answer".into()),
                     }));
                 }
@@ -635,6 +660,21 @@ fn changed_rows(folder: &str, rows: Vec<Row>, changes: &[Change], search: bool) 
     out
 }
 
+/// The pixels of a thumbnail's PNG.
+fn decoded(png: &[u8]) -> Option<egui::ColorImage> {
+    let image = image::load_from_memory_with_format(png, image::ImageFormat::Png)
+        .ok()?
+        .to_rgba8();
+    let size = [
+        usize::try_from(image.width()).ok()?,
+        usize::try_from(image.height()).ok()?,
+    ];
+    Some(egui::ColorImage::from_rgba_unmultiplied(
+        size,
+        image.as_raw(),
+    ))
+}
+
 fn preview_ui(ui: &mut egui::Ui, view: &mut FilesView) {
     let Some((path, _)) = &view.preview else {
         return;
@@ -661,7 +701,34 @@ fn preview_ui(ui: &mut egui::Ui, view: &mut FilesView) {
         Some(Err(e)) => {
             ui.colored_label(ui.visuals().error_fg_color, e);
         }
-        Some(Ok((bytes, size))) => {
+        Some(Ok((_, size, Some(png)))) => {
+            let (size, png) = (*size, png.clone());
+            let path = view
+                .preview
+                .as_ref()
+                .map(|(p, _)| p.clone())
+                .unwrap_or_default();
+            if view.thumbnail.as_ref().is_none_or(|t| t.0 != path)
+                && let Some(image) = decoded(&png)
+            {
+                let texture = ui.ctx().load_texture(
+                    format!("rewind-thumbnail-{path}"),
+                    image,
+                    egui::TextureOptions::LINEAR,
+                );
+                view.thumbnail = Some(Thumbnail(path.clone(), texture));
+            }
+            match &view.thumbnail {
+                Some(Thumbnail(p, texture)) if *p == path => {
+                    ui.add(egui::Image::new(texture).max_width(ui.available_width()))
+                        .on_hover_text(format!("A picture of {}", human_bytes(size)));
+                }
+                _ => {
+                    ui.label(format!("{} picture: no preview", human_bytes(size)));
+                }
+            }
+        }
+        Some(Ok((bytes, size, None))) => {
             let text = std::str::from_utf8(bytes).ok().or_else(|| {
                 // A preview cut in the middle of a character is still text.
                 (0..4).find_map(|cut| {

@@ -965,6 +965,11 @@ fn a_file_is_found_previewed_and_restored_from_the_files_window_with_the_real_en
     )
     .unwrap();
     std::fs::write(src.join("docs/old/draft.txt"), "first draft").unwrap();
+    image::RgbImage::from_fn(800, 600, |x, y| {
+        image::Rgb([x.to_le_bytes()[0], y.to_le_bytes()[0], 128])
+    })
+    .save(src.join("docs/photo.png"))
+    .unwrap();
     let thesis_time = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
     std::fs::File::options()
         .write(true)
@@ -1039,6 +1044,33 @@ fn a_file_is_found_previewed_and_restored_from_the_files_window_with_the_real_en
     settle(&mut h);
     h.get_by_label("thesis.txt").click();
     wait_for(&mut h, "the preview", Duration::from_secs(30), |h| {
+        h.query_by_label_contains("It was a dark night.").is_some()
+    });
+
+    // A picture shows as a thumbnail, made by the engine (at most 320 pixels a side).
+    settle(&mut h);
+    h.get_by_label("photo.png").click();
+    wait_for(&mut h, "the thumbnail", Duration::from_secs(30), |h| {
+        h.state()
+            .state
+            .files
+            .as_ref()
+            .is_some_and(|f| f.thumbnail.is_some())
+    });
+    let size = h
+        .state()
+        .state
+        .files
+        .as_ref()
+        .unwrap()
+        .thumbnail
+        .as_ref()
+        .unwrap()
+        .size();
+    assert_eq!(size, [320, 240]);
+    settle(&mut h);
+    h.get_by_label("thesis.txt").click();
+    wait_for(&mut h, "the text again", Duration::from_secs(30), |h| {
         h.query_by_label_contains("It was a dark night.").is_some()
     });
 

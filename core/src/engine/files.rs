@@ -22,6 +22,10 @@ use crate::progress::Control;
 const OPEN: usize = 3;
 /// A preview holds at most this many bytes of the file's start.
 pub const PREVIEW_BYTES: u64 = 256 << 10;
+/// Pictures up to this size get a thumbnail.
+pub const PICTURE_BYTES: u64 = 32 << 20;
+/// A thumbnail fits in a square of this many pixels.
+pub const THUMBNAIL_PIXELS: u32 = 320;
 
 /// A question about a checkpoint's files.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -72,12 +76,15 @@ pub enum BrowseAnswer {
         /// What could not be searched, and why.
         skipped: Vec<String>,
     },
-    /// The first bytes of a file (at most [`PREVIEW_BYTES`]) and its size.
+    /// The first bytes of a file (at most [`PREVIEW_BYTES`]) and its size; for a picture
+    /// (PNG, JPEG) a thumbnail instead.
     Preview {
-        /// Its first bytes.
+        /// Its first bytes (none for a picture with a thumbnail).
         bytes: Vec<u8>,
         /// Its whole size.
         size_bytes: u64,
+        /// A thumbnail of a picture, as a PNG of at most [`THUMBNAIL_PIXELS`] a side.
+        thumbnail_png: Option<Vec<u8>>,
     },
     /// The changes since the checkpoint before (`None`: it is the first one).
     Changes {
@@ -125,7 +132,10 @@ impl FilesWorker {
 
     /// Asks `ask` about checkpoint `key`.
     pub(super) fn ask(&self, key: ResumeKey, ask: BrowseAsk, config: Config) {
-        if matches!(ask, BrowseAsk::Find { .. } | BrowseAsk::Changes { .. }) {
+        if matches!(
+            ask,
+            BrowseAsk::Find { .. } | BrowseAsk::Changes { .. } | BrowseAsk::Preview { .. }
+        ) {
             let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
             current.cancel();
             *current = Arc::new(Control::new());
@@ -195,15 +205,21 @@ fn answer(
                     format!("{path} is not a file"),
                 ));
             }
+            let picture = picture(&entry.name).filter(|_| entry.size_bytes <= PICTURE_BYTES);
+            let limit = if picture.is_some() {
+                PICTURE_BYTES
+            } else {
+                PREVIEW_BYTES
+            };
             let mut bytes = Vec::new();
             let mut limited = Limited {
                 out: &mut bytes,
-                left: PREVIEW_BYTES,
+                left: limit,
             };
             let shown = b.display(at.volume, &at.names);
             let read = b
                 .tree(at.volume)?
-                .read(&at.names, None, &mut limited, &Control::new());
+                .read(&at.names, None, &mut limited, control);
             match read {
                 Ok(_) => {}
                 // The preview is full: it stopped reading there.
@@ -216,9 +232,16 @@ fn answer(
                     .into());
                 }
             }
+            let thumbnail_png = picture.and_then(|format| thumbnail(&bytes, format));
+            if thumbnail_png.is_some() {
+                bytes.clear();
+            } else {
+                bytes.truncate(usize::try_from(PREVIEW_BYTES).unwrap_or(usize::MAX));
+            }
             BrowseAnswer::Preview {
                 bytes,
                 size_bytes: entry.size_bytes,
+                thumbnail_png,
             }
         }
         BrowseAsk::Changes { since } => {
@@ -246,6 +269,34 @@ fn answer(
             }
         }
     })
+}
+
+/// The picture format a file's name says, for those Rewind makes thumbnails of.
+fn picture(name: &str) -> Option<image::ImageFormat> {
+    let extension = name.rsplit_once('.')?.1.to_ascii_lowercase();
+    match extension.as_str() {
+        "png" => Some(image::ImageFormat::Png),
+        "jpg" | "jpeg" => Some(image::ImageFormat::Jpeg),
+        _ => None,
+    }
+}
+
+/// A PNG thumbnail of the picture in `bytes`, if it decodes (a file of a guest is input
+/// anyone may have written: the decoder's limits bound what it allocates).
+fn thumbnail(bytes: &[u8], format: image::ImageFormat) -> Option<Vec<u8>> {
+    let mut reader = image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(256 << 20);
+    limits.max_image_width = Some(20_000);
+    limits.max_image_height = Some(20_000);
+    reader.limits(limits);
+    let picture = reader.decode().ok()?;
+    let small = picture.thumbnail(THUMBNAIL_PIXELS, THUMBNAIL_PIXELS);
+    let mut png = Vec::new();
+    small
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .ok()?;
+    Some(png)
 }
 
 /// A writer that takes `left` bytes more, then fails (to stop a read there).
