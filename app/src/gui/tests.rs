@@ -1109,6 +1109,75 @@ fn a_file_is_found_previewed_and_restored_from_the_files_window_with_the_real_en
         thesis_time
     );
     assert_eq!(std::fs::read_dir(&out).unwrap().count(), 1, "only the file");
+
+    // A second checkpoint after the thesis changed and the old drafts went: "Changed since
+    // the previous checkpoint" shows those, and not the picture.
+    std::fs::write(
+        src.join("docs/thesis.txt"),
+        "Chapter 1\nIt was a bright day.\n",
+    )
+    .unwrap();
+    std::fs::remove_dir_all(src.join("docs/old")).unwrap();
+    vm.fill_disk("vdb", &rewind_tests::disks::ext4_gpt(dir.path(), &src, 40))
+        .unwrap();
+    h.state_mut().state.files = None;
+    settle(&mut h);
+    h.get_by_label("Checkpoint now").click();
+    let vm_uuid: uuid::Uuid = vm.uuid.parse().unwrap();
+    let newest = |h: &Harness<'_, RewindApp>| {
+        h.state()
+            .state
+            .destinations
+            .as_ref()
+            .and_then(|d| {
+                let of_vm: Vec<_> = d[0]
+                    .checkpoints
+                    .iter()
+                    .filter(|c| c.vm_uuid == vm_uuid)
+                    .collect();
+                (of_vm.len() == 2).then(|| {
+                    of_vm
+                        .iter()
+                        .map(|c| CheckpointKey::of("usb", c))
+                        .max_by(|a, b| a.id.cmp(&b.id))
+                })
+            })
+            .flatten()
+    };
+    wait_for(
+        &mut h,
+        "the second checkpoint",
+        Duration::from_mins(3),
+        |h| newest(h).is_some(),
+    );
+    let key = newest(&h).unwrap();
+    h.state_mut().state.checkpoint = Some(key);
+    settle(&mut h);
+    h.get_by_label("Browse files…").click();
+    wait_for(&mut h, "the volumes again", Duration::from_secs(30), |h| {
+        h.query_by_label_contains("linux — ").is_some()
+    });
+    settle(&mut h);
+    h.get_by_label_contains("linux — ").click();
+    wait_for(&mut h, "the folders again", Duration::from_secs(30), |h| {
+        h.query_all_by_label("📁 docs").next().is_some()
+    });
+    settle(&mut h);
+    h.get_all_by_label("📁 docs").last().unwrap().click();
+    wait_for(&mut h, "the files again", Duration::from_secs(30), |h| {
+        h.query_all_by_label("photo.png").next().is_some()
+    });
+    settle(&mut h);
+    h.get_by_label("Changed since the previous checkpoint")
+        .click();
+    wait_for(&mut h, "the changes", Duration::from_secs(30), |h| {
+        h.query_by_label("thesis.txt (changed)").is_some()
+    });
+    h.get_by_label("📁 old (deleted since)");
+    assert!(
+        h.query_all_by_label("photo.png").next().is_none(),
+        "an unchanged file is shown among the changes"
+    );
 }
 
 /// Removes the libvirt domain called `name` (and what libvirt keeps for it) when dropped.
