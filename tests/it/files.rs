@@ -394,12 +394,18 @@ fn windows_files_round_trip(vm: &str, s: &str, dir: &Path) {
         "latest",
         "vdb/p1/EFI",
         &format!("Windows/{}", thesis.0),
+        // Its alternate data stream, named as ntfs-3g names it.
+        &format!("Windows/{}:zone.identifier", thesis.0),
         "--from",
         s,
         "--to",
         out.to_str().unwrap(),
     ]);
     assert_same_tree(&dir.join("efi-src/EFI"), &out.join("EFI"), false);
+    assert_eq!(
+        std::fs::read(out.join(format!("{}:Zone.Identifier", thesis.0))).unwrap(),
+        b"[ZoneTransfer]\r\nZoneId=3\r\n"
+    );
     let restored = out.join(&thesis.0);
     assert!(same_bytes(&dir.join("ntfs-src").join(&thesis.0), &restored));
     assert_eq!(

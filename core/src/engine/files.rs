@@ -217,9 +217,9 @@ fn answer(
                 left: limit,
             };
             let shown = b.display(at.volume, &at.names);
-            let read = b
-                .tree(at.volume)?
-                .read(&at.names, None, &mut limited, control);
+            let read =
+                b.tree(at.volume)?
+                    .read(&at.names, at.stream.as_deref(), &mut limited, control);
             match read {
                 Ok(_) => {}
                 // The preview is full: it stopped reading there.

@@ -47,6 +47,8 @@ pub struct FilePath {
     pub volume: VolumeRef,
     /// The names from the volume's root (empty for the root).
     pub names: Vec<String>,
+    /// A named data stream of the file (an NTFS alternate data stream, `file:stream`).
+    pub stream: Option<String>,
 }
 
 /// What was found by [`Browser::find`].
@@ -206,6 +208,24 @@ impl Browser {
     /// # Errors
     /// No volume has that name, or a label names several.
     pub fn resolve(&self, path: &str) -> Result<FilePath, FilesError> {
+        let mut at = self.resolve_names(path)?;
+        // On NTFS (whose names cannot hold a `:`), `file:stream` names a file's data stream.
+        if self
+            .volume(at.volume)
+            .is_some_and(|v| v.file_system == FileSystem::Ntfs)
+            && let Some(last) = at.names.last_mut()
+            && let Some((file, stream)) = last.split_once(':')
+            && !file.is_empty()
+            && !stream.is_empty()
+        {
+            at.stream = Some(stream.to_owned());
+            *last = file.to_owned();
+        }
+        Ok(at)
+    }
+
+    /// [`Browser::resolve`] without looking for a data stream.
+    fn resolve_names(&self, path: &str) -> Result<FilePath, FilesError> {
         let mut names: Vec<String> = path
             .split('/')
             .filter(|n| !n.is_empty() && *n != ".")
@@ -230,6 +250,7 @@ impl Browser {
                     return Ok(FilePath {
                         volume: VolumeRef { disk: d, number: 0 },
                         names,
+                        stream: None,
                     });
                 }
                 (Some(d), names)
@@ -269,6 +290,7 @@ impl Browser {
             [one] => Ok(FilePath {
                 volume: *one,
                 names: rest[1..].to_vec(),
+                stream: None,
             }),
             [] => Err(no_volume()),
             several => Err(FilesError::Ambiguous {
@@ -294,6 +316,7 @@ impl Browser {
                         number: v.number,
                     },
                     names: Vec::new(),
+                    stream: None,
                 });
             }
         }
@@ -416,14 +439,40 @@ impl Browser {
     ///
     /// # Errors
     /// As [`FileTree::entry`].
+    /// For a data stream (`file:stream`), an entry for the stream alone: a file of that
+    /// name and size.
     pub fn entry(&mut self, path: &FilePath) -> Result<Entry, FilesError> {
-        let shown = self.display(path.volume, &path.names);
-        self.tree(path.volume)?
+        let mut shown = self.display(path.volume, &path.names);
+        let entry = self
+            .tree(path.volume)?
             .entry(&path.names)
             .map_err(|source| FilesError::Tree {
-                path: shown,
+                path: shown.clone(),
                 source,
-            })
+            })?;
+        let Some(stream) = &path.stream else {
+            return Ok(entry);
+        };
+        shown.push(':');
+        shown.push_str(stream);
+        let found = entry
+            .streams
+            .iter()
+            .find(|s| s.name.eq_ignore_ascii_case(stream));
+        match found {
+            Some(s) if entry.kind == EntryKind::File => Ok(Entry {
+                name: format!("{}:{}", entry.name, s.name),
+                size_bytes: s.size_bytes,
+                streams: Vec::new(),
+                ..entry
+            }),
+            _ => Err(FilesError::Tree {
+                path: shown,
+                source: super::TreeError::NotFound {
+                    path: format!("{}:{stream}", path.names.join("/")),
+                },
+            }),
+        }
     }
 
     /// Everything below the folder `path` whose name contains `pattern` (ignoring case;
@@ -465,6 +514,7 @@ impl Browser {
                 let at = FilePath {
                     volume: path.volume,
                     names,
+                    stream: None,
                 };
                 match self.list(&at) {
                     Ok(entries) => pending.push((at.names, entries)),

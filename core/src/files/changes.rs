@@ -73,6 +73,7 @@ pub fn changes(
                 &FilePath {
                     volume: at,
                     names: Vec::new(),
+                    stream: None,
                 },
                 ChangeKind::Added,
                 control,
@@ -103,10 +104,12 @@ fn compare_volume(
             old.list(&FilePath {
                 volume: before,
                 names: names.clone(),
+                stream: None,
             }),
             new.list(&FilePath {
                 volume: at,
                 names: names.clone(),
+                stream: None,
             }),
         );
         let (o, n) = match (o, n) {
@@ -125,6 +128,7 @@ fn compare_volume(
             let path = FilePath {
                 volume: at,
                 names: child.clone(),
+                stream: None,
             };
             match o.get(name) {
                 None => {
@@ -143,6 +147,7 @@ fn compare_volume(
                     let old_path = FilePath {
                         volume: before,
                         names: child.clone(),
+                        stream: None,
                     };
                     everything_below(
                         old,
@@ -193,6 +198,7 @@ fn compare_volume(
                 let old_path = FilePath {
                     volume: before,
                     names: child,
+                    stream: None,
                 };
                 everything_below(
                     old,
@@ -277,6 +283,7 @@ fn everything(
         let at = FilePath {
             volume: path.volume,
             names,
+            stream: None,
         };
         let entries = match browser.list(&at) {
             Ok(entries) => entries,

@@ -59,6 +59,7 @@ pub(super) fn restore(
                 shown: &shown,
                 control,
                 done: &mut done,
+                stream: path.stream.as_deref(),
             };
             job.copy(
                 &path.names,
@@ -113,6 +114,8 @@ fn plan(
     for path in paths {
         let entry = browser.entry(path)?;
         let name = match path.names.last() {
+            // A data stream is restored as `file:stream`, as ntfs-3g names it.
+            Some(_) if path.stream.is_some() => entry.name.clone(),
             Some(name) => name.clone(),
             None => browser
                 .volume(path.volume)
@@ -159,6 +162,7 @@ fn folder_bytes(
         let at = FilePath {
             volume: path.volume,
             names,
+            stream: None,
         };
         for entry in browser.list(&at)? {
             match entry.kind {
@@ -247,6 +251,8 @@ struct Job<'a> {
     shown: &'a str,
     control: &'a Control,
     done: &'a mut Restored,
+    /// The data stream to restore of the file at the top, if one was named.
+    stream: Option<&'a str>,
 }
 
 impl Job<'_> {
@@ -285,7 +291,12 @@ impl Job<'_> {
                 let mut sparse = SparseFile { file, at: 0 };
                 let n = self
                     .tree
-                    .read(names, None, &mut sparse, self.control)
+                    .read(
+                        names,
+                        self.stream.filter(|_| depth == 0),
+                        &mut sparse,
+                        self.control,
+                    )
                     .map_err(|e| self.tree_error(names, base, e))?;
                 sparse.finish(modified).map_err(|e| output(e, dest))?;
                 self.done.files += 1;
