@@ -16,7 +16,7 @@ use rewind_core::files::changes::{
 };
 use rewind_core::files::{Entry, EntryKind, FileSystem, PartitionTable, Timestamp};
 use rewind_core::progress::Phase;
-use rewind_core::store::{Manifest, Store};
+use rewind_core::store::Manifest;
 use rewind_core::units::human_bytes;
 
 use crate::progress_cli::Progress;
@@ -47,7 +47,6 @@ type Changed = (Option<String>, Vec<Change>, Vec<String>);
 
 /// The checkpoint read here, as this user.
 struct Here {
-    store: Arc<Store>,
     browser: Browser,
     dest: std::path::PathBuf,
 }
@@ -73,20 +72,21 @@ impl Source for Here {
 
     fn changes(&mut self, since: Option<&str>) -> anyhow::Result<Changed> {
         let new = self.browser.manifest().clone();
+        let store = self.browser.store().clone();
         let old = match since {
             Some(id) => Some(find_checkpoint(
-                &self.store,
+                &store,
                 &self.dest,
                 &new.vm.uuid.to_string(),
                 id,
             )?),
-            None => previous_checkpoint(&self.store, &new)?,
+            None => previous_checkpoint(&store, &new)?,
         };
         let Some(old) = old else {
             return Ok((None, Vec::new(), Vec::new()));
         };
         let since = old.id.clone();
-        let mut old_browser = Browser::open(self.store.clone(), old)?;
+        let mut old_browser = Browser::open(store, old)?;
         let control = Interrupt::install()?.next_control();
         let (found, skipped) = find_changes(&mut old_browser, &mut self.browser, &control)?;
         Ok((
@@ -209,9 +209,8 @@ fn with_source(
     }
     let store = Arc::new(open_store(dest)?);
     let m = find_checkpoint(&store, dest, vm, checkpoint)?;
-    let browser = Browser::open(store.clone(), m)?;
+    let browser = Browser::open(store, m)?;
     work(&mut Here {
-        store,
         browser,
         dest: dest.to_path_buf(),
     })

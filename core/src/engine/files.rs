@@ -246,7 +246,8 @@ fn answer(
         }
         BrowseAsk::Changes { since } => {
             let newer = b.manifest().clone();
-            let store = Arc::new(jobs::store_of(config, &key.destination)?);
+            // The store this browser has open: not opened (and its key derived) again.
+            let store = b.store().clone();
             let older = match since {
                 Some(id) => Some(jobs::manifest(&store, &key.vm_uuid, id)?),
                 None => previous_checkpoint(&store, &newer)?,

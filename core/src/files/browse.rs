@@ -138,6 +138,12 @@ impl Browser {
         })
     }
 
+    /// The store it reads.
+    #[must_use]
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
     /// The checkpoint.
     #[must_use]
     pub fn manifest(&self) -> &Manifest {
