@@ -18,6 +18,7 @@ mod restore_cli;
 mod service;
 mod service_cli;
 mod store_cli;
+mod thumbnail;
 mod tray_app;
 
 use std::process::ExitCode;
@@ -25,6 +26,8 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // The engine (in the window or the protection service) makes pictures' thumbnails here.
+    thumbnail::install();
     let args = match cli::Args::try_parse() {
         Ok(args) => args,
         Err(e) => return ExitCode::from(exit::usage(&e)),

@@ -573,6 +573,8 @@ fn paths(dir: &Path) -> Paths {
 }
 
 fn app_harness(uri: &str, dir: &Path) -> Harness<'static, RewindApp> {
+    // As main() does: the engine makes pictures' thumbnails with this binary's codecs.
+    crate::thumbnail::install();
     let engine = engine::spawn_with(
         EngineOptions {
             uri: uri.into(),

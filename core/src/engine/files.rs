@@ -272,32 +272,37 @@ fn answer(
     })
 }
 
-/// The picture format a file's name says, for those Rewind makes thumbnails of.
-fn picture(name: &str) -> Option<image::ImageFormat> {
+/// Makes a thumbnail of a picture: its bytes and its kind (`png`, `jpeg`) in, a PNG of at
+/// most [`THUMBNAIL_PIXELS`] a side out (`None` if it does not decode). The core has no
+/// image codecs: the process that runs the engine (the `rewind` binary) provides one with
+/// [`set_thumbnailer`].
+pub type Thumbnailer = fn(&[u8], &str) -> Option<Vec<u8>>;
+
+static THUMBNAILER: std::sync::OnceLock<Thumbnailer> = std::sync::OnceLock::new();
+
+/// Sets how pictures' thumbnails are made, once per process; without it, pictures get
+/// no preview.
+pub fn set_thumbnailer(thumbnailer: Thumbnailer) {
+    // Set once: a second call (a test's) changes nothing.
+    if THUMBNAILER.set(thumbnailer).is_err() {
+        tracing::debug!("the thumbnailer was set already");
+    }
+}
+
+/// The picture kind a file's name says, for those Rewind makes thumbnails of.
+fn picture(name: &str) -> Option<&'static str> {
+    THUMBNAILER.get()?;
     let extension = name.rsplit_once('.')?.1.to_ascii_lowercase();
     match extension.as_str() {
-        "png" => Some(image::ImageFormat::Png),
-        "jpg" | "jpeg" => Some(image::ImageFormat::Jpeg),
+        "png" => Some("png"),
+        "jpg" | "jpeg" => Some("jpeg"),
         _ => None,
     }
 }
 
-/// A PNG thumbnail of the picture in `bytes`, if it decodes (a file of a guest is input
-/// anyone may have written: the decoder's limits bound what it allocates).
-fn thumbnail(bytes: &[u8], format: image::ImageFormat) -> Option<Vec<u8>> {
-    let mut reader = image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
-    let mut limits = image::Limits::default();
-    limits.max_alloc = Some(256 << 20);
-    limits.max_image_width = Some(20_000);
-    limits.max_image_height = Some(20_000);
-    reader.limits(limits);
-    let picture = reader.decode().ok()?;
-    let small = picture.thumbnail(THUMBNAIL_PIXELS, THUMBNAIL_PIXELS);
-    let mut png = Vec::new();
-    small
-        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-        .ok()?;
-    Some(png)
+/// The thumbnail of the picture in `bytes`, if it decodes.
+fn thumbnail(bytes: &[u8], kind: &str) -> Option<Vec<u8>> {
+    THUMBNAILER.get().and_then(|make| make(bytes, kind))
 }
 
 /// A writer that takes `left` bytes more, then fails (to stop a read there).
