@@ -1641,6 +1641,8 @@ mod tests {
     struct Mount {
         point: PathBuf,
         process: Process,
+        /// Tests that must see no change in the mount table wait while this one is there.
+        _quiet: std::sync::MutexGuard<'static, ()>,
     }
 
     impl Mount {
@@ -1651,6 +1653,9 @@ mod tests {
                 return Err("there is no /dev/fuse".into());
             }
             std::fs::create_dir_all(point).unwrap();
+            let quiet = crate::mounts::MOUNT_TABLE
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             let process = Command::new(ntfs_3g)
                 .args(["-o", "compression,no_detach,streams_interface=xattr"])
                 .arg(image)
@@ -1662,6 +1667,7 @@ mod tests {
             let mut mount = Self {
                 point: point.to_owned(),
                 process,
+                _quiet: quiet,
             };
             let wanted = format!(" {} ", point.display());
             for _ in 0..200 {

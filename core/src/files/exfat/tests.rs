@@ -413,6 +413,8 @@ struct Mounted {
     /// after `umount` returns.
     daemon: Option<std::process::Child>,
     active: bool,
+    /// Tests that must see no change in the mount table wait while this one is there.
+    _quiet: std::sync::MutexGuard<'static, ()>,
 }
 
 /// Whether `dir` is a mount point now.
@@ -432,6 +434,9 @@ impl Mounted {
             loop_device: None,
             daemon: None,
             active: false,
+            _quiet: crate::mounts::MOUNT_TABLE
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
         };
         let (img_s, dir_s) = (img.to_str()?, dir.to_str()?);
         let kernel = tool("mount").is_some_and(|mount| {
