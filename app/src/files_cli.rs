@@ -477,6 +477,9 @@ pub fn restore_files(
     paths: &[String],
     to: &Path,
 ) -> anyhow::Result<()> {
+    // A restore never goes through a link at the target folder's end (the service's could
+    // be redirected), so a link the user names is followed here, as the user.
+    let to = &std::fs::canonicalize(to).unwrap_or_else(|_| to.to_path_buf());
     with_source(session, ask.dest, ask.vm, ask.checkpoint, |source| {
         let done = source.restore(paths, to)?;
         for (path, why) in &done.skipped {

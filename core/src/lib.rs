@@ -21,6 +21,7 @@ pub mod firmware;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod history;
+pub mod identity;
 pub mod job_error;
 pub mod libvirt;
 pub mod mounts;

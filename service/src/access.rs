@@ -10,7 +10,6 @@
 //! could write there themselves: [`may_write`] asks the kernel as that user, on a thread of
 //! its own that takes the user's identity and ends.
 
-use std::ffi::CString;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
@@ -63,13 +62,7 @@ impl Peer {
 
     /// The user's groups, as the user database has them (primary group included).
     fn groups(&self) -> Vec<u32> {
-        let Some(name) = self.name.as_deref().and_then(|n| CString::new(n).ok()) else {
-            return vec![self.gid];
-        };
-        nix::unistd::getgrouplist(&name, nix::unistd::Gid::from_raw(self.gid)).map_or_else(
-            |_| vec![self.gid],
-            |groups| groups.into_iter().map(nix::unistd::Gid::as_raw).collect(),
-        )
+        rewind_core::identity::groups_of_name(self.name.as_deref(), self.gid)
     }
 }
 
@@ -173,45 +166,29 @@ pub fn may_write(peer: &Peer, path: &Path) -> Result<(), JobError> {
     } else {
         folder.clone()
     };
-    let (uid, gid, groups) = (peer.uid, peer.gid, peer.groups());
-    let probe = target.clone();
-    let answer = std::thread::Builder::new()
-        .name("rewind-access".into())
-        .spawn(move || -> std::io::Result<()> {
-            use rustix::thread::{set_thread_groups, set_thread_res_gid, set_thread_res_uid};
-            let groups: Vec<_> = groups
-                .into_iter()
-                .map(rustix::process::Gid::from_raw)
-                .collect();
-            set_thread_groups(&groups)?;
-            let gid = rustix::process::Gid::from_raw(gid);
-            set_thread_res_gid(gid, gid, gid)?;
-            let uid = rustix::process::Uid::from_raw(uid);
-            set_thread_res_uid(uid, uid, uid)?;
-            rustix::fs::accessat(
-                rustix::fs::CWD,
-                &probe,
-                rustix::fs::Access::WRITE_OK | rustix::fs::Access::EXEC_OK,
-                rustix::fs::AtFlags::EACCESS,
-            )
-            .or_else(|e| {
-                // A file (an export's target) needs no search permission, only writing.
-                if e == rustix::io::Errno::ACCESS && !probe.is_dir() {
-                    rustix::fs::accessat(
-                        rustix::fs::CWD,
-                        &probe,
-                        rustix::fs::Access::WRITE_OK,
-                        rustix::fs::AtFlags::EACCESS,
-                    )
-                } else {
-                    Err(e)
-                }
-            })
-            .map_err(std::io::Error::from)
+    let probe = &target;
+    let answer = rewind_core::identity::as_user(peer.uid, peer.gid, &peer.groups(), || {
+        rustix::fs::accessat(
+            rustix::fs::CWD,
+            probe,
+            rustix::fs::Access::WRITE_OK | rustix::fs::Access::EXEC_OK,
+            rustix::fs::AtFlags::EACCESS,
+        )
+        .or_else(|e| {
+            // A file (an export's target) needs no search permission, only writing.
+            if e == rustix::io::Errno::ACCESS && !probe.is_dir() {
+                rustix::fs::accessat(
+                    rustix::fs::CWD,
+                    probe,
+                    rustix::fs::Access::WRITE_OK,
+                    rustix::fs::AtFlags::EACCESS,
+                )
+            } else {
+                Err(e)
+            }
         })
-        .map_err(|e| JobError::new(ErrorKind::Failed, format!("could not check access: {e}")))?
-        .join()
-        .map_err(|_| JobError::internal(&"the access check panicked"))?;
+        .map_err(std::io::Error::from)
+    });
     answer.map_err(|e| {
         JobError::new(
             ErrorKind::PermissionDenied,

@@ -4,12 +4,27 @@
 //! (`..`, a `/`) are skipped, never joined to a path; links are made as links and never
 //! followed; nothing that exists is written over; and folders deeper than
 //! [`MAX_DEPTH`](super::browse::MAX_DEPTH) are not followed.
+//!
+//! The host's folders are not to be trusted either: a service running as root restores
+//! into a folder of the user who asked, and that user could swap the folder, or anything
+//! in it, for a link while the restore runs. So the target folder is opened once (never
+//! through a link at its end; for a user, as that user, and only if they may write in it),
+//! and everything after is done relative to folders held open: the staging folder is made
+//! in the target's, each new folder is opened in its parent, files are created there and
+//! never through a link, owners and times are set on what is held open, and the finished
+//! items are moved from the staging folder's handle to the target's.
 
-use std::fs::{self, File};
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
 use std::io::{self, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustix::fs::{AtFlags, Mode, OFlags};
+use rustix::io::Errno;
 
 use super::browse::{Browser, FilePath, MAX_DEPTH, Restored};
 use super::{EntryKind, FileTree, FilesError, Timestamp, TreeError, usable_name};
@@ -17,6 +32,12 @@ use crate::progress::Control;
 
 /// Runs of zeros at least this long (and aligned to it) are left as holes.
 const HOLE_BLOCK: usize = 64 << 10;
+
+/// How a folder is opened: for reading its entries, never through a link.
+const FOLDER: OFlags = OFlags::RDONLY
+    .union(OFlags::DIRECTORY)
+    .union(OFlags::NOFOLLOW)
+    .union(OFlags::CLOEXEC);
 
 pub(super) fn restore(
     browser: &mut Browser,
@@ -29,13 +50,8 @@ pub(super) fn restore(
         path: path.to_path_buf(),
         source,
     };
-    if !to.is_dir() {
-        return Err(output(
-            io::Error::new(io::ErrorKind::NotFound, "no such folder"),
-            to,
-        ));
-    }
-    let plan = plan(browser, paths, to)?;
+    let target = open_target(to, owner).map_err(|e| output(e, to))?;
+    let plan = plan(browser, paths, to, target.as_fd())?;
     // The bytes to write, for progress.
     let mut total = 0;
     for (path, _, entry) in &plan {
@@ -47,8 +63,9 @@ pub(super) fn restore(
     }
     control.add_total_bytes(total);
 
-    let staging = staging_folder(to).map_err(|e| output(e, to))?;
-    let mut moved: Vec<PathBuf> = Vec::new();
+    let (staging_name, staging) = staging_folder(target.as_fd()).map_err(|e| output(e, to))?;
+    let staging_path = to.join(&staging_name);
+    let mut moved: Vec<&str> = Vec::new();
     let result = (|| {
         let mut done = Restored::default();
         for (path, name, entry) in &plan {
@@ -60,55 +77,102 @@ pub(super) fn restore(
                 control,
                 done: &mut done,
                 stream: path.stream.as_deref(),
+                owner,
             };
             job.copy(
                 &path.names,
                 entry.kind,
                 entry.modified,
-                &staging.join(name),
+                Dest {
+                    parent: staging.as_fd(),
+                    name,
+                    path: &staging_path.join(name),
+                },
                 0,
             )?;
         }
-        if let Some(owner) = owner {
-            for (_, name, _) in &plan {
-                hand_over(&staging.join(name), owner).map_err(|e| output(e, &to.join(name)))?;
-            }
-        }
         for (_, name, _) in &plan {
-            let target = to.join(name);
-            rename_no_replace(&staging.join(name), &target).map_err(|e| {
-                if e.kind() == io::ErrorKind::AlreadyExists {
-                    FilesError::Exists {
-                        path: target.clone(),
-                    }
-                } else {
-                    output(e, &target)
-                }
+            let path = to.join(name);
+            rustix::fs::renameat_with(
+                &staging,
+                name.as_str(),
+                &target,
+                name.as_str(),
+                rustix::fs::RenameFlags::NOREPLACE,
+            )
+            .map_err(|e| match e {
+                Errno::EXIST => FilesError::Exists { path: path.clone() },
+                e => output(e.into(), &path),
             })?;
-            moved.push(target);
+            moved.push(name);
+            done.written.push(path);
         }
-        done.written.clone_from(&moved);
         Ok(done)
     })();
     if result.is_err() {
         // All or nothing: what was already moved in place goes too.
-        for path in &moved {
-            if let Err(e) = fs::remove_dir_all(path).or_else(|_| fs::remove_file(path)) {
-                tracing::warn!("could not remove {}: {e}", path.display());
+        for name in &moved {
+            if let Err(e) = remove_tree(target.as_fd(), OsStr::new(name), 0) {
+                tracing::warn!("could not remove {}: {e}", to.join(name).display());
             }
         }
     }
-    if let Err(e) = fs::remove_dir_all(&staging) {
-        tracing::warn!("could not remove {}: {e}", staging.display());
+    drop(staging);
+    if let Err(e) = remove_tree(target.as_fd(), OsStr::new(&staging_name), 0) {
+        tracing::warn!("could not remove {}: {e}", staging_path.display());
     }
     result
 }
 
-/// What each path is, and the name it gets in `to`: an error if a name is taken there.
+/// Opens the folder `to`, never through a link at its end. For a service restoring for a
+/// user (`owner`, when this process is root), it is opened as that user, and only if that
+/// user may write in it: the folder checked is the folder written in.
+fn open_target(to: &Path, owner: Option<(u32, u32)>) -> io::Result<OwnedFd> {
+    let open = || {
+        rustix::fs::openat(rustix::fs::CWD, to, FOLDER, Mode::empty()).map_err(|e| match e {
+            Errno::NOENT => io::Error::new(io::ErrorKind::NotFound, "no such folder"),
+            // O_NOFOLLOW with O_DIRECTORY says ENOTDIR for a link.
+            Errno::LOOP | Errno::NOTDIR
+                if rustix::fs::statat(rustix::fs::CWD, to, AtFlags::SYMLINK_NOFOLLOW)
+                    .is_ok_and(|s| rustix::fs::FileType::from_raw_mode(s.st_mode).is_symlink()) =>
+            {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "it is a symbolic link: choose the folder it points to",
+                )
+            }
+            Errno::NOTDIR => io::Error::new(
+                io::ErrorKind::NotADirectory,
+                "it is not a folder: choose a folder to restore into",
+            ),
+            e => e.into(),
+        })
+    };
+    match owner {
+        Some((uid, gid)) if uid != 0 && rustix::process::geteuid().is_root() => {
+            let groups = crate::identity::groups_of(uid, gid);
+            crate::identity::as_user(uid, gid, &groups, || {
+                let folder = open()?;
+                rustix::fs::accessat(
+                    &folder,
+                    ".",
+                    rustix::fs::Access::WRITE_OK | rustix::fs::Access::EXEC_OK,
+                    AtFlags::EACCESS,
+                )?;
+                Ok(folder)
+            })
+        }
+        _ => open(),
+    }
+}
+
+/// What each path is, and the name it gets in `to` (held open as `target`): an error if a
+/// name is taken there.
 fn plan(
     browser: &mut Browser,
     paths: &[FilePath],
     to: &Path,
+    target: BorrowedFd<'_>,
 ) -> Result<Vec<(FilePath, String, super::Entry)>, FilesError> {
     let mut plan = Vec::new();
     for path in paths {
@@ -135,7 +199,7 @@ fn plan(
         if plan
             .iter()
             .any(|(_, n, _): &(FilePath, String, _)| *n == name)
-            || fs::symlink_metadata(to.join(&name)).is_ok()
+            || rustix::fs::statat(target, name.as_str(), AtFlags::SYMLINK_NOFOLLOW).is_ok()
         {
             return Err(FilesError::Exists {
                 path: to.join(&name),
@@ -179,16 +243,27 @@ fn folder_bytes(
     Ok(total)
 }
 
-/// A hidden, private folder in `to` to write into before moving in place.
-fn staging_folder(to: &Path) -> io::Result<PathBuf> {
-    use std::os::unix::fs::DirBuilderExt;
+/// A hidden, private folder in `target` to write into before moving in place: its name,
+/// and the folder held open.
+fn staging_folder(target: BorrowedFd<'_>) -> io::Result<(String, OwnedFd)> {
     for n in 0..1000 {
-        let path = to.join(format!(".rewind-restore-{}-{n}", std::process::id()));
-        match fs::DirBuilder::new().mode(0o700).create(&path) {
-            Ok(()) => return Ok(path),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e),
+        let name = format!(".rewind-restore-{}-{n}", std::process::id());
+        match rustix::fs::mkdirat(target, name.as_str(), Mode::from_raw_mode(0o700)) {
+            Ok(()) => {}
+            Err(Errno::EXIST) => continue,
+            Err(e) => return Err(e.into()),
         }
+        let folder = rustix::fs::openat(target, name.as_str(), FOLDER, Mode::empty())?;
+        // Whoever may write in the target folder could have put a folder of theirs in the
+        // new one's place; one this process made is its own and private.
+        let stat = rustix::fs::fstat(&folder)?;
+        if stat.st_uid != rustix::process::geteuid().as_raw() || stat.st_mode & 0o077 != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("the temporary folder {name} was replaced while in use"),
+            ));
+        }
+        return Ok((name, folder));
     }
     Err(io::Error::new(
         io::ErrorKind::AlreadyExists,
@@ -196,42 +271,28 @@ fn staging_folder(to: &Path) -> io::Result<PathBuf> {
     ))
 }
 
-/// Gives `path` and everything below it to `owner`, links themselves never followed.
-/// `path` is in the private staging folder, which only its writer can enter.
-fn hand_over(path: &Path, owner: (u32, u32)) -> io::Result<()> {
-    let (uid, gid) = (
-        rustix::fs::Uid::from_raw(owner.0),
-        rustix::fs::Gid::from_raw(owner.1),
-    );
-    let mut pending = vec![path.to_path_buf()];
-    while let Some(p) = pending.pop() {
-        let meta = fs::symlink_metadata(&p)?;
-        rustix::fs::chownat(
-            rustix::fs::CWD,
-            &p,
-            Some(uid),
-            Some(gid),
-            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
-        )?;
-        if meta.is_dir() {
-            for e in fs::read_dir(&p)? {
-                pending.push(e?.path());
-            }
+/// Removes `name` in `parent` and, if it is a folder, everything in it, relative to
+/// folders held open: links are removed, never followed.
+fn remove_tree(parent: BorrowedFd<'_>, name: &OsStr, depth: usize) -> io::Result<()> {
+    match rustix::fs::unlinkat(parent, name, AtFlags::empty()) {
+        Err(Errno::ISDIR) => {}
+        other => return other.map_err(io::Error::from),
+    }
+    if depth > MAX_DEPTH {
+        return Err(io::Error::other("the folder is too deep to remove"));
+    }
+    let folder = rustix::fs::openat(parent, name, FOLDER, Mode::empty())?;
+    let mut names = Vec::new();
+    for entry in rustix::fs::Dir::read_from(&folder)? {
+        let child = entry?.file_name().to_bytes().to_vec();
+        if child != b"." && child != b".." {
+            names.push(OsString::from_vec(child));
         }
     }
-    Ok(())
-}
-
-/// Moves `from` to `to`, failing if `to` exists.
-fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
-    rustix::fs::renameat_with(
-        rustix::fs::CWD,
-        from,
-        rustix::fs::CWD,
-        to,
-        rustix::fs::RenameFlags::NOREPLACE,
-    )
-    .map_err(io::Error::from)
+    for child in names {
+        remove_tree(folder.as_fd(), &child, depth + 1)?;
+    }
+    rustix::fs::unlinkat(parent, name, AtFlags::REMOVEDIR).map_err(io::Error::from)
 }
 
 fn system_time(t: Timestamp) -> Option<SystemTime> {
@@ -253,6 +314,16 @@ struct Job<'a> {
     done: &'a mut Restored,
     /// The data stream to restore of the file at the top, if one was named.
     stream: Option<&'a str>,
+    /// Who gets everything written (user and group), if not this process's user.
+    owner: Option<(u32, u32)>,
+}
+
+/// Where one item is written: a name in a folder held open (its path, for messages).
+#[derive(Clone, Copy)]
+struct Dest<'a> {
+    parent: BorrowedFd<'a>,
+    name: &'a str,
+    path: &'a Path,
 }
 
 impl Job<'_> {
@@ -265,99 +336,51 @@ impl Job<'_> {
         FilesError::Tree { path, source }
     }
 
+    fn owner_ids(&self) -> Option<(rustix::fs::Uid, rustix::fs::Gid)> {
+        self.owner.map(|(uid, gid)| {
+            (
+                rustix::fs::Uid::from_raw(uid),
+                rustix::fs::Gid::from_raw(gid),
+            )
+        })
+    }
+
     fn copy(
         &mut self,
         names: &[String],
         kind: EntryKind,
         modified: Option<Timestamp>,
-        dest: &Path,
+        dest: Dest<'_>,
         depth: usize,
     ) -> Result<(), FilesError> {
         let base = names.len() - depth.min(names.len());
-        let output = |source, path: &Path| FilesError::Output {
-            path: path.to_path_buf(),
+        let output = |source: io::Error| FilesError::Output {
+            path: dest.path.to_path_buf(),
             source,
         };
         self.control
             .check()
             .map_err(|e| self.tree_error(names, base, e.into()))?;
         match kind {
-            EntryKind::File => {
-                let file = File::options()
-                    .write(true)
-                    .create_new(true)
-                    .open(dest)
-                    .map_err(|e| output(e, dest))?;
-                let mut sparse = SparseFile { file, at: 0 };
-                let n = self
-                    .tree
-                    .read(
-                        names,
-                        self.stream.filter(|_| depth == 0),
-                        &mut sparse,
-                        self.control,
-                    )
-                    .map_err(|e| self.tree_error(names, base, e))?;
-                sparse.finish(modified).map_err(|e| output(e, dest))?;
-                self.done.files += 1;
-                self.done.bytes += n;
-            }
-            EntryKind::Folder => {
-                fs::create_dir(dest).map_err(|e| output(e, dest))?;
-                self.done.folders += 1;
-                let entries = self
-                    .tree
-                    .list(names)
-                    .map_err(|e| self.tree_error(names, base, e))?;
-                for entry in entries {
-                    let mut child = names.to_vec();
-                    child.push(entry.name.clone());
-                    let shown = || {
-                        let mut p = self.shown.to_owned();
-                        for n in &child[base..] {
-                            p.push('/');
-                            p.push_str(n);
-                        }
-                        p
-                    };
-                    if !usable_name(&entry.name) {
-                        self.done
-                            .skipped
-                            .push((shown(), "its name cannot be used on this computer".into()));
-                        continue;
-                    }
-                    if entry.kind == EntryKind::Folder && depth + 1 >= MAX_DEPTH {
-                        self.done
-                            .skipped
-                            .push((shown(), format!("it is more than {MAX_DEPTH} folders deep")));
-                        continue;
-                    }
-                    if entry.kind == EntryKind::Other {
-                        self.done
-                            .skipped
-                            .push((shown(), "it is not a file, a folder or a link".into()));
-                        continue;
-                    }
-                    self.copy(
-                        &child,
-                        entry.kind,
-                        entry.modified,
-                        &dest.join(&entry.name),
-                        depth + 1,
-                    )?;
-                }
-                if let Some(t) = modified.and_then(system_time) {
-                    File::open(dest)
-                        .and_then(|f| f.set_modified(t))
-                        .map_err(|e| output(e, dest))?;
-                }
-            }
+            EntryKind::File => self.copy_file(names, modified, dest, depth, base)?,
+            EntryKind::Folder => self.copy_folder(names, modified, dest, depth, base)?,
             EntryKind::Symlink => {
                 let target = self
                     .tree
                     .read_link(names)
                     .map_err(|e| self.tree_error(names, base, e))?;
-                std::os::unix::fs::symlink(&target, dest).map_err(|e| output(e, dest))?;
+                rustix::fs::symlinkat(target.as_str(), dest.parent, dest.name)
+                    .map_err(|e| output(e.into()))?;
+                if let Some((uid, gid)) = self.owner_ids() {
+                    rustix::fs::chownat(
+                        dest.parent,
+                        dest.name,
+                        Some(uid),
+                        Some(gid),
+                        AtFlags::SYMLINK_NOFOLLOW,
+                    )
+                    .map_err(|e| output(e.into()))?;
+                }
                 self.done.links += 1;
             }
             EntryKind::Other => {
@@ -369,6 +392,122 @@ impl Job<'_> {
                     },
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// Writes the file at `names` (or its stream) as `dest`.
+    fn copy_file(
+        &mut self,
+        names: &[String],
+        modified: Option<Timestamp>,
+        dest: Dest<'_>,
+        depth: usize,
+        base: usize,
+    ) -> Result<(), FilesError> {
+        let output = |source: io::Error| FilesError::Output {
+            path: dest.path.to_path_buf(),
+            source,
+        };
+        let file = rustix::fs::openat(
+            dest.parent,
+            dest.name,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o666),
+        )
+        .map_err(|e| output(e.into()))?;
+        let mut sparse = SparseFile {
+            file: File::from(file),
+            at: 0,
+        };
+        let n = self
+            .tree
+            .read(
+                names,
+                self.stream.filter(|_| depth == 0),
+                &mut sparse,
+                self.control,
+            )
+            .map_err(|e| self.tree_error(names, base, e))?;
+        if let Some((uid, gid)) = self.owner_ids() {
+            rustix::fs::fchown(&sparse.file, Some(uid), Some(gid)).map_err(|e| output(e.into()))?;
+        }
+        sparse.finish(modified).map_err(output)?;
+        self.done.files += 1;
+        self.done.bytes += n;
+        Ok(())
+    }
+
+    /// Makes the folder `dest` and copies what the folder at `names` holds into it.
+    fn copy_folder(
+        &mut self,
+        names: &[String],
+        modified: Option<Timestamp>,
+        dest: Dest<'_>,
+        depth: usize,
+        base: usize,
+    ) -> Result<(), FilesError> {
+        let output = |source: io::Error| FilesError::Output {
+            path: dest.path.to_path_buf(),
+            source,
+        };
+        rustix::fs::mkdirat(dest.parent, dest.name, Mode::from_raw_mode(0o777))
+            .map_err(|e| output(e.into()))?;
+        let folder = File::from(
+            rustix::fs::openat(dest.parent, dest.name, FOLDER, Mode::empty())
+                .map_err(|e| output(e.into()))?,
+        );
+        self.done.folders += 1;
+        let entries = self
+            .tree
+            .list(names)
+            .map_err(|e| self.tree_error(names, base, e))?;
+        for entry in entries {
+            let mut child = names.to_vec();
+            child.push(entry.name.clone());
+            let shown = || {
+                let mut p = self.shown.to_owned();
+                for n in &child[base..] {
+                    p.push('/');
+                    p.push_str(n);
+                }
+                p
+            };
+            if !usable_name(&entry.name) {
+                self.done
+                    .skipped
+                    .push((shown(), "its name cannot be used on this computer".into()));
+                continue;
+            }
+            if entry.kind == EntryKind::Folder && depth + 1 >= MAX_DEPTH {
+                self.done
+                    .skipped
+                    .push((shown(), format!("it is more than {MAX_DEPTH} folders deep")));
+                continue;
+            }
+            if entry.kind == EntryKind::Other {
+                self.done
+                    .skipped
+                    .push((shown(), "it is not a file, a folder or a link".into()));
+                continue;
+            }
+            self.copy(
+                &child,
+                entry.kind,
+                entry.modified,
+                Dest {
+                    parent: folder.as_fd(),
+                    name: &entry.name,
+                    path: &dest.path.join(&entry.name),
+                },
+                depth + 1,
+            )?;
+        }
+        if let Some((uid, gid)) = self.owner_ids() {
+            rustix::fs::fchown(&folder, Some(uid), Some(gid)).map_err(|e| output(e.into()))?;
+        }
+        if let Some(t) = modified.and_then(system_time) {
+            folder.set_modified(t).map_err(output)?;
         }
         Ok(())
     }

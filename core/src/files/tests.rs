@@ -309,3 +309,110 @@ fn changes_name_exactly_the_files_added_changed_and_deleted() {
     let want: Vec<(String, ChangeKind)> = want.iter().map(|(p, c)| ((*p).to_owned(), *c)).collect();
     assert_eq!(got, want);
 }
+
+/// A disk whose volume holds `Users/me` of [`source_tree`], checkpointed, and a browser
+/// on it.
+fn restorable(tmp: &Path) -> (PathBuf, Browser) {
+    let src = source_tree(tmp);
+    let image = gpt_ext4_disk(tmp, &src);
+    let store = Arc::new(Store::init(&tmp.join("store"), &options()).unwrap());
+    let m = checkpoint_file(&store, vm("linux", 1), 0, &image, None);
+    (src, Browser::open(store, m).unwrap())
+}
+
+#[test]
+fn a_restore_never_follows_a_link_in_place_of_the_target_or_its_temporary_folder() {
+    if !tools() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, mut browser) = restorable(tmp.path());
+    let me = [browser.resolve("p1/Users/me").unwrap()];
+    let elsewhere = tmp.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+
+    // A target folder that is a link is refused, and nothing is written where it points.
+    let link = tmp.path().join("link");
+    symlink(&elsewhere, &link).unwrap();
+    let err = browser.restore(&me, &link, &Control::new()).unwrap_err();
+    assert!(
+        matches!(&err, FilesError::Output { path, .. } if *path == link),
+        "{err}"
+    );
+    assert!(err.to_string().contains("symbolic link"), "{err}");
+    assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+
+    // A link where the temporary folder's name would be is left alone, not written
+    // through; so is a link where the restored folder's name would be.
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let staging = out.join(format!(".rewind-restore-{}-0", std::process::id()));
+    symlink(&elsewhere, &staging).unwrap();
+    symlink(&elsewhere, out.join("taken")).unwrap();
+    let done = browser.restore(&me, &out, &Control::new()).unwrap();
+    assert_eq!(done.written, [out.join("me")]);
+    assert_same_tree(&src.join("Users/me"), &out.join("me"));
+    assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+    assert_eq!(std::fs::read_link(&staging).unwrap(), elsewhere);
+    let mut left: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    left.sort();
+    assert_eq!(left.len(), 3, "{left:?}");
+    std::fs::remove_dir_all(out.join("me")).unwrap();
+    std::fs::remove_file(out.join("taken")).unwrap();
+    std::fs::rename(out.join(&staging), out.join("me")).unwrap();
+    let err = browser.restore(&me, &out, &Control::new()).unwrap_err();
+    assert!(matches!(err, FilesError::Exists { .. }), "{err}");
+    assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+}
+
+#[test]
+fn a_restore_for_a_user_gives_them_everything_and_goes_only_where_they_may_write() {
+    if !tools() || !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: needs root (and the tools)");
+        return;
+    }
+    let (uid, gid) = (65534, 65534); // nobody, nogroup
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, mut browser) = restorable(tmp.path());
+    let me = [browser.resolve("p1/Users/me").unwrap()];
+    std::fs::set_permissions(
+        tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o711),
+    )
+    .unwrap();
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    std::os::unix::fs::chown(&out, Some(uid), Some(gid)).unwrap();
+
+    let done = browser
+        .restore_for(&me, &out, (uid, gid), &Control::new())
+        .unwrap();
+    assert_eq!(done.written, [out.join("me")]);
+    assert_same_tree(&src.join("Users/me"), &out.join("me"));
+    let mut owned = walk(&out.join("me"));
+    owned.push(out.join("me"));
+    for path in &owned {
+        let meta = std::fs::symlink_metadata(path).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (uid, gid), "{path:?}");
+    }
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 1);
+
+    // A folder of root's, even when reached through a link in a folder of the user's, is
+    // refused: the folder checked is the folder written in.
+    let roots = tmp.path().join("roots");
+    std::fs::create_dir(&roots).unwrap();
+    symlink(tmp.path(), out.join("up")).unwrap();
+    let through = out.join("up/roots");
+    let err = browser
+        .restore_for(&me, &through, (uid, gid), &Control::new())
+        .unwrap_err();
+    assert!(
+        matches!(&err, FilesError::Output { source, .. }
+            if source.kind() == std::io::ErrorKind::PermissionDenied),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_dir(&roots).unwrap().count(), 0);
+}
