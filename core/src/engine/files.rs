@@ -202,7 +202,9 @@ fn answer(
             if entry.kind != EntryKind::File {
                 return Err(JobError::new(
                     jobs::ErrorKind::Invalid,
-                    format!("{path} is not a file"),
+                    format!(
+                        "{path} is not a file, so it has no preview: open it to see what it holds"
+                    ),
                 ));
             }
             let picture = picture(&entry.name).filter(|_| entry.size_bytes <= PICTURE_BYTES);

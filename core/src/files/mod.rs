@@ -166,13 +166,20 @@ pub enum TreeError {
         path: String,
     },
     /// A folder was asked for, and the path names something else.
-    #[error("{path} is not a folder")]
+    #[error(
+        "{path} is not a folder, so it has nothing to list: list the folder it is in, or \
+         restore it with `rewind restore-files`"
+    )]
     NotAFolder {
         /// The path, from the volume's root.
         path: String,
     },
     /// A file's content was asked for, and the path names something else.
-    #[error("{path} is not a file")]
+    #[error(
+        "{path} is not a file, so it has no content to read: list it if it is a folder, or \
+         restore it whole with `rewind restore-files` (devices and other special files are \
+         not restored)"
+    )]
     NotAFile {
         /// The path, from the volume's root.
         path: String,

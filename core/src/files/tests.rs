@@ -416,3 +416,36 @@ fn a_restore_for_a_user_gives_them_everything_and_goes_only_where_they_may_write
     );
     assert_eq!(std::fs::read_dir(&roots).unwrap().count(), 0);
 }
+
+#[test]
+fn listing_a_file_or_reading_a_folder_says_what_to_do_instead() {
+    if !tools() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, mut browser) = restorable(tmp.path());
+    let file = browser.resolve("p1/Users/me/sparse.img").unwrap();
+    let err = browser.list(&file).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            FilesError::Tree {
+                source: TreeError::NotAFolder { .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("list the folder it is in"),
+        "{err}"
+    );
+    let folder = browser.resolve("p1/Users/me").unwrap();
+    let err = browser
+        .tree(folder.volume)
+        .unwrap()
+        .read(&folder.names, None, &mut std::io::sink(), &Control::new())
+        .unwrap_err();
+    assert!(matches!(err, TreeError::NotAFile { .. }), "{err}");
+    assert!(err.to_string().contains("restore it whole"), "{err}");
+}
