@@ -1,5 +1,6 @@
-//! Fake servers: scripted bytes on one end of a socket pair, to feed the client replies
-//! no real server would send. Test support for this crate's tests and the fuzz target.
+//! Fake servers and clients: scripted bytes on one end of a socket pair, to feed the
+//! client replies no real server would send, and the server requests no real client
+//! would. Test support for this crate's tests and the fuzz targets.
 
 #![allow(
     missing_docs,
@@ -15,11 +16,11 @@ use std::path::Path;
 use std::thread;
 
 use crate::wire::{
-    FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO_EXPORT, NBDMAGIC, OPT_GO,
-    OPT_SET_META_CONTEXT, OPT_STRUCTURED_REPLY, OPTION_REPLY_MAGIC, REP_ACK, REP_INFO,
-    REP_META_CONTEXT, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, REPLY_TYPE_ERROR_BIT,
-    REPLY_TYPE_NONE, REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_OFFSET_HOLE, SIMPLE_REPLY_MAGIC,
-    STRUCTURED_REPLY_MAGIC,
+    FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT,
+    INFO_BLOCK_SIZE, INFO_EXPORT, NBDMAGIC, OPT_GO, OPT_SET_META_CONTEXT, OPT_STRUCTURED_REPLY,
+    REP_ACK, REP_INFO, REP_META_CONTEXT, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS,
+    REPLY_TYPE_ERROR_BIT, REPLY_TYPE_NONE, REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_OFFSET_HOLE,
+    chunk_header, option_reply_header, request_header, simple_reply_header,
 };
 use crate::{NbdClient, NbdError};
 
@@ -34,11 +35,7 @@ pub fn greeting() -> Vec<u8> {
 }
 
 pub fn option_reply(option: u32, kind: u32, data: &[u8]) -> Vec<u8> {
-    let mut s = Vec::new();
-    s.extend_from_slice(&OPTION_REPLY_MAGIC.to_be_bytes());
-    s.extend_from_slice(&option.to_be_bytes());
-    s.extend_from_slice(&kind.to_be_bytes());
-    s.extend_from_slice(&u32::try_from(data.len()).unwrap().to_be_bytes());
+    let mut s = option_reply_header(option, kind, u32::try_from(data.len()).unwrap()).to_vec();
     s.extend_from_slice(data);
     s
 }
@@ -89,12 +86,7 @@ pub fn chunk_with_length(
     length: u32,
     payload: &[u8],
 ) -> Vec<u8> {
-    let mut s = Vec::new();
-    s.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
-    s.extend_from_slice(&flags.to_be_bytes());
-    s.extend_from_slice(&kind.to_be_bytes());
-    s.extend_from_slice(&cookie.to_be_bytes());
-    s.extend_from_slice(&length.to_be_bytes());
+    let mut s = chunk_header(flags, kind, cookie, length).to_vec();
     s.extend_from_slice(payload);
     s
 }
@@ -132,10 +124,7 @@ pub fn none(cookie: u64) -> Vec<u8> {
 }
 
 pub fn simple(error: u32, cookie: u64) -> Vec<u8> {
-    let mut s = SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
-    s.extend_from_slice(&error.to_be_bytes());
-    s.extend_from_slice(&cookie.to_be_bytes());
-    s
+    simple_reply_header(error, cookie).to_vec()
 }
 
 /// Runs the handshake against a server that sends `script` and then nothing more
@@ -214,5 +203,152 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         ("structured-replies", structured),
         ("error-replies", errors),
         ("greeting-only", greeting()),
+    ]
+}
+
+// ---- The other way round: scripted clients, for the server ----
+
+/// The client's answer to the greeting: fixed newstyle, no zeroes.
+pub fn client_flags() -> Vec<u8> {
+    (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES)
+        .to_be_bytes()
+        .to_vec()
+}
+
+/// An option as a client sends it.
+pub fn option(option: u32, data: &[u8]) -> Vec<u8> {
+    let mut s = IHAVEOPT.to_be_bytes().to_vec();
+    s.extend_from_slice(&option.to_be_bytes());
+    s.extend_from_slice(&u32::try_from(data.len()).unwrap().to_be_bytes());
+    s.extend_from_slice(data);
+    s
+}
+
+/// The data of `NBD_OPT_GO`/`NBD_OPT_INFO`: an export name and information requests.
+pub fn go_data(name: &str, requests: &[u16]) -> Vec<u8> {
+    let mut data = u32::try_from(name.len()).unwrap().to_be_bytes().to_vec();
+    data.extend_from_slice(name.as_bytes());
+    data.extend_from_slice(&u16::try_from(requests.len()).unwrap().to_be_bytes());
+    for request in requests {
+        data.extend_from_slice(&request.to_be_bytes());
+    }
+    data
+}
+
+/// The data of `NBD_OPT_SET_META_CONTEXT`/`NBD_OPT_LIST_META_CONTEXT`.
+pub fn meta_context_data(name: &str, queries: &[&str]) -> Vec<u8> {
+    let mut data = u32::try_from(name.len()).unwrap().to_be_bytes().to_vec();
+    data.extend_from_slice(name.as_bytes());
+    data.extend_from_slice(&u32::try_from(queries.len()).unwrap().to_be_bytes());
+    for query in queries {
+        data.extend_from_slice(&u32::try_from(query.len()).unwrap().to_be_bytes());
+        data.extend_from_slice(query.as_bytes());
+    }
+    data
+}
+
+/// A request in the transmission phase.
+pub fn request(flags: u16, command: u16, cookie: u64, offset: u64, length: u32) -> Vec<u8> {
+    request_header(flags, command, cookie, offset, length).to_vec()
+}
+
+/// What a client like QEMU's says up to the transmission phase: flags, structured
+/// replies, `base:allocation`, then `NBD_OPT_GO` for `name`.
+pub fn client_handshake(name: &str) -> Vec<u8> {
+    let mut s = client_flags();
+    s.extend(option(OPT_STRUCTURED_REPLY, &[]));
+    s.extend(option(
+        OPT_SET_META_CONTEXT,
+        &meta_context_data(name, &[crate::BASE_ALLOCATION]),
+    ));
+    s.extend(option(OPT_GO, &go_data(name, &[INFO_BLOCK_SIZE])));
+    s
+}
+
+/// The export that [`serve_script`] serves: 256 KiB of a pattern, with holes.
+pub fn fuzz_export() -> crate::MemoryExport {
+    let mut data: Vec<u8> = (0..256u32 << 10).map(|i| (i % 251) as u8 | 1).collect();
+    data[16 << 10..48 << 10].fill(0);
+    data[200 << 10..].fill(0);
+    crate::MemoryExport::new(data)
+}
+
+/// One whole connection in which a client says `script` (then hangs up) to
+/// [`serve_connection`](crate::serve_connection) serving [`fuzz_export`] as `vda`;
+/// returns its result. What the server sends back is read and thrown away. The fuzz
+/// target's body, and what the corpus replay test runs: nothing may panic, hang or
+/// allocate what a length in `script` claims.
+pub fn serve_script(script: &[u8]) -> Result<(), crate::ServerError> {
+    let (client, server) = UnixStream::pair().unwrap();
+    let mut writer = client.try_clone().unwrap();
+    let script = script.to_vec();
+    let writing = thread::spawn(move || {
+        // The server may stop reading early; the script ends there.
+        drop(writer.write_all(&script));
+        drop(writer.shutdown(Shutdown::Write));
+    });
+    let mut reader = client;
+    let draining = thread::spawn(move || drop(io::copy(&mut reader, &mut io::sink())));
+    let mut export = fuzz_export();
+    // The server gets a clone: this end stays open until the writer is done, so that no
+    // write meets a closed socket (a fuzzer's process does not ignore SIGPIPE).
+    let result = crate::serve_connection(
+        server.try_clone().unwrap(),
+        "vda",
+        &mut export,
+        &crate::StopFlag::new(),
+    );
+    drop(server.shutdown(Shutdown::Write));
+    drop(io::copy(&mut &server, &mut io::sink()));
+    writing.join().expect("the script's writer does not panic");
+    draining.join().expect("the reply drain does not panic");
+    result
+}
+
+/// Well-formed client conversations, the server fuzz corpus's seeds.
+#[must_use]
+pub fn client_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    use crate::wire::{
+        CMD_BLOCK_STATUS, CMD_CACHE, CMD_DISC, CMD_FLAG_DF, CMD_FLAG_REQ_ONE, CMD_FLUSH, CMD_READ,
+        CMD_TRIM, CMD_WRITE, OPT_ABORT, OPT_EXPORT_NAME, OPT_INFO, OPT_LIST, OPT_LIST_META_CONTEXT,
+    };
+    let mut qemu_like = client_handshake("vda");
+    qemu_like.extend(request(0, CMD_BLOCK_STATUS, 1, 0, 256 << 10));
+    qemu_like.extend(request(0, CMD_READ, 2, 0, 64 << 10));
+    qemu_like.extend(request(CMD_FLAG_DF, CMD_READ, 3, 4096, 8192));
+    qemu_like.extend(request(
+        CMD_FLAG_REQ_ONE,
+        CMD_BLOCK_STATUS,
+        4,
+        20 << 10,
+        4096,
+    ));
+    qemu_like.extend(request(0, CMD_WRITE, 5, 0, 16));
+    qemu_like.extend_from_slice(&[0x55; 16]);
+    qemu_like.extend(request(0, CMD_TRIM, 6, 0, 4096));
+    qemu_like.extend(request(0, CMD_FLUSH, 7, 0, 0));
+    qemu_like.extend(request(0, CMD_CACHE, 8, 0, 4096));
+    qemu_like.extend(request(0, CMD_READ, 9, 255 << 10, 2048));
+    qemu_like.extend(request(0, CMD_DISC, 10, 0, 0));
+    let mut old_style = client_flags();
+    old_style.extend(option(OPT_EXPORT_NAME, b"vda"));
+    old_style.extend(request(0, CMD_READ, 1, 1000, 5000));
+    old_style.extend(request(0, CMD_BLOCK_STATUS, 2, 0, 4096));
+    old_style.extend(request(0, CMD_DISC, 3, 0, 0));
+    let mut haggling = client_flags();
+    haggling.extend(option(OPT_LIST, &[]));
+    haggling.extend(option(OPT_INFO, &go_data("vda", &[0, 1, 2, 3])));
+    haggling.extend(option(
+        OPT_LIST_META_CONTEXT,
+        &meta_context_data("vda", &["base:"]),
+    ));
+    haggling.extend(option(OPT_GO, &go_data("other", &[])));
+    haggling.extend(option(99, b"what"));
+    haggling.extend(option(OPT_ABORT, &[]));
+    vec![
+        ("qemu-like", qemu_like),
+        ("export-name", old_style),
+        ("haggling", haggling),
+        ("flags-only", client_flags()),
     ]
 }

@@ -1,4 +1,7 @@
-//! A small synchronous NBD client, for reading the disks that QEMU exports.
+//! A small synchronous NBD client, for reading the disks that QEMU exports, and a small
+//! read-only NBD server, for serving a checkpoint's disk to QEMU.
+//!
+//! # The client
 //!
 //! Rewind reads a VM's disks over NBD (the Network Block Device protocol) in two cases:
 //!
@@ -40,12 +43,51 @@
 //! or a lost connection, makes the client unusable ([`NbdError::Unusable`] from then on),
 //! because where the next reply starts can no longer be known; an error the server reports
 //! for one request ([`NbdError::CommandFailed`]) does not.
+//!
+//! # The server
+//!
+//! Rewind serves a checkpoint's disk straight from its store, read-only, on a private Unix
+//! socket (issue 23): QEMU uses the export as the backing file of a throwaway qcow2
+//! overlay, and `qemu-img` and `qemu-io` read it with their own NBD client. What is served
+//! is an [`Export`]: a size, `read_at`, and optionally `allocation_at`, which reports runs
+//! that read as zeros without costing anything (a store's holes) as [`Allocation::Hole`].
+//!
+//! - [`serve_connection`] serves one connection; [`serve_listener`] accepts connections on
+//!   a [`UnixListener`](std::os::unix::net::UnixListener), each on its own thread with its
+//!   own export, until a [`StopFlag`] is set; [`ListenerHandle`] runs that on a thread and
+//!   removes the socket when stopped or dropped. A stop shuts down every connection's
+//!   socket, so it takes effect at once even while a client is idle.
+//! - The handshake is fixed newstyle only, with `NBD_FLAG_NO_ZEROES`. Options:
+//!   `NBD_OPT_GO` and `NBD_OPT_INFO` (`NBD_INFO_EXPORT` with the flags `HAS_FLAGS`,
+//!   `READ_ONLY`, `CAN_MULTI_CONN`, `SEND_CACHE` and, with structured replies, `SEND_DF`;
+//!   `NBD_INFO_BLOCK_SIZE` 1 / 64 KiB / 32 MiB; `NBD_INFO_NAME` when asked),
+//!   `NBD_OPT_EXPORT_NAME`, `NBD_OPT_LIST`, `NBD_OPT_ABORT`, `NBD_OPT_STRUCTURED_REPLY`, and
+//!   `NBD_OPT_SET_META_CONTEXT` / `NBD_OPT_LIST_META_CONTEXT` for `base:allocation`. Other
+//!   options get `NBD_REP_ERR_UNSUP`, another export name `NBD_REP_ERR_UNKNOWN`. The
+//!   empty name is the default export, which is the one export.
+//! - Commands: `NBD_CMD_READ` (a simple reply, or structured `OFFSET_DATA` and
+//!   `OFFSET_HOLE` chunks, one data chunk with `NBD_CMD_FLAG_DF`), `NBD_CMD_BLOCK_STATUS`
+//!   in `base:allocation` (with `NBD_CMD_FLAG_REQ_ONE`), `NBD_CMD_DISC`, `NBD_CMD_FLUSH`
+//!   and `NBD_CMD_CACHE` (nothing to do: success). `WRITE`, `TRIM` and `WRITE_ZEROES` get
+//!   `NBD_EPERM`; requests past the end `NBD_EINVAL`; reads over 32 MiB `NBD_EOVERFLOW`
+//!   (`NBD_EINVAL` without structured replies); an error of the export `NBD_EIO` for that
+//!   request, and the connection goes on.
+//! - Not implemented: TCP and TLS, the oldstyle and non-fixed newstyle handshakes,
+//!   extended headers, more than one export, other metadata contexts, requests in
+//!   parallel on one connection (they are answered in order).
+//!
+//! Everything a client sends is hostile input. No length it sends is trusted for an
+//! allocation: options are at most 64 KiB (longer ones end the connection), reads at most
+//! 32 MiB, and structured reads are streamed from the export in pieces of 1 MiB; a write's
+//! payload is skipped without being held, and one over 32 MiB ends the connection. Nothing
+//! a client sends can make the server panic.
 
 mod client;
 mod error;
 #[cfg(any(test, feature = "fake-server"))]
 pub mod fake;
 mod handshake;
+mod server;
 #[cfg(test)]
 mod tests;
 mod transmission;
@@ -53,6 +95,10 @@ mod wire;
 
 pub use client::NbdClient;
 pub use error::NbdError;
+pub use server::{
+    Allocation, Export, ListenerHandle, MAX_CONNECTIONS, MemoryExport, Run, ServerError, StopFlag,
+    serve_connection, serve_listener,
+};
 
 /// The standard metadata context that reports allocation, with [`STATE_HOLE`] and
 /// [`STATE_ZERO`].

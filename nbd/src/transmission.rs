@@ -7,7 +7,7 @@ use crate::wire::{
     CMD_BLOCK_STATUS, CMD_DISC, CMD_READ, Fields, MAX_ERROR_CHUNK, MAX_EXTENTS_PER_CHUNK,
     MAX_READ_FRAGMENTS, NBD_ESHUTDOWN, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS,
     REPLY_TYPE_ERROR_BIT, REPLY_TYPE_ERROR_OFFSET, REPLY_TYPE_NONE, REPLY_TYPE_OFFSET_DATA,
-    REPLY_TYPE_OFFSET_HOLE, REQUEST_MAGIC, Reply, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC,
+    REPLY_TYPE_OFFSET_HOLE, Reply, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC, request_header,
     server_text,
 };
 use crate::{Extent, NbdError};
@@ -400,14 +400,8 @@ impl NbdClient {
     ) -> Result<u64, NbdError> {
         let cookie = self.next_cookie;
         self.next_cookie = self.next_cookie.wrapping_add(1);
-        let mut request = Vec::with_capacity(28);
-        request.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        request.extend_from_slice(&0u16.to_be_bytes()); // command flags
-        request.extend_from_slice(&command.to_be_bytes());
-        request.extend_from_slice(&cookie.to_be_bytes());
-        request.extend_from_slice(&offset.to_be_bytes());
-        request.extend_from_slice(&length.to_be_bytes());
-        self.send(&request)?;
+        // No command flags.
+        self.send(&request_header(0, command, cookie, offset, length))?;
         Ok(cookie)
     }
 

@@ -18,28 +18,54 @@ pub(crate) const FLAG_NO_ZEROES: u16 = 1 << 1;
 pub(crate) const FLAG_C_FIXED_NEWSTYLE: u32 = 1 << 0;
 pub(crate) const FLAG_C_NO_ZEROES: u32 = 1 << 1;
 
+pub(crate) const OPT_EXPORT_NAME: u32 = 1;
 pub(crate) const OPT_ABORT: u32 = 2;
+pub(crate) const OPT_LIST: u32 = 3;
+pub(crate) const OPT_INFO: u32 = 6;
 pub(crate) const OPT_GO: u32 = 7;
 pub(crate) const OPT_STRUCTURED_REPLY: u32 = 8;
+pub(crate) const OPT_LIST_META_CONTEXT: u32 = 9;
 pub(crate) const OPT_SET_META_CONTEXT: u32 = 10;
 
 pub(crate) const REP_ACK: u32 = 1;
+pub(crate) const REP_SERVER: u32 = 2;
 pub(crate) const REP_INFO: u32 = 3;
 pub(crate) const REP_META_CONTEXT: u32 = 4;
 pub(crate) const REP_ERR: u32 = 1 << 31;
 pub(crate) const REP_ERR_UNSUP: u32 = REP_ERR | 1;
+pub(crate) const REP_ERR_INVALID: u32 = REP_ERR | 3;
 pub(crate) const REP_ERR_UNKNOWN: u32 = REP_ERR | 6;
+pub(crate) const REP_ERR_SHUTDOWN: u32 = REP_ERR | 7;
+pub(crate) const REP_ERR_TOO_BIG: u32 = REP_ERR | 9;
 
 pub(crate) const INFO_EXPORT: u16 = 0;
+pub(crate) const INFO_NAME: u16 = 1;
 pub(crate) const INFO_BLOCK_SIZE: u16 = 3;
 
 pub(crate) const CMD_READ: u16 = 0;
 pub(crate) const CMD_WRITE: u16 = 1;
 pub(crate) const CMD_DISC: u16 = 2;
 pub(crate) const CMD_FLUSH: u16 = 3;
+pub(crate) const CMD_TRIM: u16 = 4;
+pub(crate) const CMD_CACHE: u16 = 5;
+pub(crate) const CMD_WRITE_ZEROES: u16 = 6;
+pub(crate) const CMD_BLOCK_STATUS: u16 = 7;
+
+/// Command flag of `NBD_CMD_READ`: the reply must not be split (one data chunk).
+pub(crate) const CMD_FLAG_DF: u16 = 1 << 2;
+/// Command flag of `NBD_CMD_BLOCK_STATUS`: describe one extent only.
+pub(crate) const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+
+/// Transmission flag: the other flags mean something.
+pub(crate) const TRANSMISSION_HAS_FLAGS: u16 = 1 << 0;
 /// Transmission flag: the export cannot be written.
 pub(crate) const TRANSMISSION_READ_ONLY: u16 = 1 << 1;
-pub(crate) const CMD_BLOCK_STATUS: u16 = 7;
+/// Transmission flag: `NBD_CMD_FLAG_DF` is understood (only with structured replies).
+pub(crate) const TRANSMISSION_SEND_DF: u16 = 1 << 7;
+/// Transmission flag: several connections to the export see the same data.
+pub(crate) const TRANSMISSION_CAN_MULTI_CONN: u16 = 1 << 8;
+/// Transmission flag: `NBD_CMD_CACHE` is understood.
+pub(crate) const TRANSMISSION_SEND_CACHE: u16 = 1 << 10;
 
 pub(crate) const REPLY_FLAG_DONE: u16 = 1 << 0;
 pub(crate) const REPLY_TYPE_NONE: u16 = 0;
@@ -50,7 +76,14 @@ pub(crate) const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
 pub(crate) const REPLY_TYPE_ERROR_BIT: u16 = 1 << 15;
 pub(crate) const REPLY_TYPE_ERROR_OFFSET: u16 = REPLY_TYPE_ERROR_BIT | 2;
 
+pub(crate) const NBD_EPERM: u32 = 1;
+pub(crate) const NBD_EIO: u32 = 5;
+pub(crate) const NBD_EINVAL: u32 = 22;
+pub(crate) const NBD_EOVERFLOW: u32 = 75;
 pub(crate) const NBD_ESHUTDOWN: u32 = 108;
+
+/// Size of a request header in the transmission phase (without extended headers).
+pub(crate) const REQUEST_HEADER_BYTES: usize = 28;
 
 // Limits.
 /// Names and messages are at most 4096 bytes long in NBD.
@@ -70,6 +103,54 @@ pub(crate) const MAX_READ_FRAGMENTS: usize = 4096;
 pub(crate) const MAX_EXTENTS_PER_CHUNK: u64 = 1 << 20;
 /// The length of one `NBD_CMD_BLOCK_STATUS` request; longer ranges take several.
 pub(crate) const STATUS_WINDOW_BYTES: u32 = 1 << 31;
+
+/// The header of an option reply: magic, option, reply type, length of what follows.
+pub(crate) fn option_reply_header(option: u32, kind: u32, length: u32) -> [u8; 20] {
+    let mut header = [0; 20];
+    header[..8].copy_from_slice(&OPTION_REPLY_MAGIC.to_be_bytes());
+    header[8..12].copy_from_slice(&option.to_be_bytes());
+    header[12..16].copy_from_slice(&kind.to_be_bytes());
+    header[16..].copy_from_slice(&length.to_be_bytes());
+    header
+}
+
+/// A simple reply's header (on success the read data follows it).
+pub(crate) fn simple_reply_header(error: u32, cookie: u64) -> [u8; 16] {
+    let mut header = [0; 16];
+    header[..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+    header[4..8].copy_from_slice(&error.to_be_bytes());
+    header[8..].copy_from_slice(&cookie.to_be_bytes());
+    header
+}
+
+/// The header of one structured reply chunk; `length` bytes of payload follow it.
+pub(crate) fn chunk_header(flags: u16, kind: u16, cookie: u64, length: u32) -> [u8; 20] {
+    let mut header = [0; 20];
+    header[..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    header[4..6].copy_from_slice(&flags.to_be_bytes());
+    header[6..8].copy_from_slice(&kind.to_be_bytes());
+    header[8..16].copy_from_slice(&cookie.to_be_bytes());
+    header[16..].copy_from_slice(&length.to_be_bytes());
+    header
+}
+
+/// A request header in the transmission phase.
+pub(crate) fn request_header(
+    flags: u16,
+    command: u16,
+    cookie: u64,
+    offset: u64,
+    length: u32,
+) -> [u8; REQUEST_HEADER_BYTES] {
+    let mut header = [0; REQUEST_HEADER_BYTES];
+    header[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+    header[4..6].copy_from_slice(&flags.to_be_bytes());
+    header[6..8].copy_from_slice(&command.to_be_bytes());
+    header[8..16].copy_from_slice(&cookie.to_be_bytes());
+    header[16..24].copy_from_slice(&offset.to_be_bytes());
+    header[24..].copy_from_slice(&length.to_be_bytes());
+    header
+}
 
 /// One reply during option haggling.
 pub(crate) struct OptionReply {

@@ -1,4 +1,5 @@
-//! The client against scripted servers, a real qemu-nbd, and arbitrary replies.
+//! The client against scripted servers, a real qemu-nbd, and arbitrary replies; the
+//! server against the client, scripted clients, and QEMU's tools.
 
 #![allow(clippy::wildcard_imports)] // the tests reach into every part of the client
 
@@ -14,6 +15,7 @@ use crate::*;
 
 mod arbitrary_replies;
 mod qemu;
+mod server;
 
 fn is_protocol(error: &NbdError) -> bool {
     matches!(error, NbdError::Protocol { .. })
