@@ -16,6 +16,7 @@ use crate::*;
 mod arbitrary_replies;
 mod qemu;
 mod server;
+mod server_qemu;
 
 fn is_protocol(error: &NbdError) -> bool {
     matches!(error, NbdError::Protocol { .. })
