@@ -49,8 +49,8 @@ pub(crate) enum Phase {
 
 impl NbdClient {
     /// Connects to the server listening on the Unix socket `socket`, selects the metadata
-    /// contexts `meta_contexts` (e.g. [`BASE_ALLOCATION`] and a
-    /// [`dirty_bitmap_context`]) and opens `export`.
+    /// contexts `meta_contexts` (e.g. [`BASE_ALLOCATION`](crate::BASE_ALLOCATION) and a
+    /// [`dirty_bitmap_context`](crate::dirty_bitmap_context)) and opens `export`.
     ///
     /// A context the server does not offer is not an error here, only when
     /// [`NbdClient::block_status`] asks for it.

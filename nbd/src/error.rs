@@ -111,8 +111,8 @@ pub enum NbdError {
         message: String,
     },
 
-    /// [`NbdClient::block_status`] asked for a context that was not passed to
-    /// [`NbdClient::connect`].
+    /// [`NbdClient::block_status`](crate::NbdClient::block_status) asked for a context that
+    /// was not passed to [`NbdClient::connect`](crate::NbdClient::connect).
     #[error(
         "metadata context {context:?} was not requested when connecting to export {export:?} \
          of the NBD server at {socket}; pass it to NbdClient::connect",
@@ -196,7 +196,7 @@ pub enum NbdError {
         export: String,
     },
 
-    /// A name given to [`NbdClient::connect`] cannot be sent.
+    /// A name given to [`NbdClient::connect`](crate::NbdClient::connect) cannot be sent.
     #[error("cannot ask the NBD server at {socket}: {detail}", socket = socket.display())]
     InvalidArgument {
         /// The server's socket.
