@@ -21,7 +21,10 @@
 //! `REWIND_BENCH_DIR` chooses the scratch folder (default: target/bench-files; about 4 GiB).
 //! `REWIND_BENCH_NO_ENCRYPTED` skips the encrypted store; `REWIND_BENCH_ONLY=list` or
 //! `=restore` runs only those figures; `REWIND_BENCH_WARM` keeps the page cache;
-//! `REWIND_BENCH_CACHE_MIB` sets the browser's chunk cache (default: the browser's own).
+//! `REWIND_BENCH_CACHE_MIB` sets the browser's chunk cache (default: the browser's own);
+//! `REWIND_BENCH_NO_PLAIN` skips the unencrypted store; `REWIND_BENCH_RESTORES=N` sets
+//! the restore tries (default 4), with and without read-ahead in turns;
+//! `REWIND_BENCH_READ_AHEAD_MIB` the read-ahead of those with it (default: the browser's).
 //! Results go to stdout as a Markdown table; `core/BENCHMARKS.md` keeps them with the conditions. This is a
 //! benchmark, not a test: nothing here passes or fails on timing.
 
@@ -43,6 +46,7 @@ use std::time::Instant;
 use chrono::Utc;
 use rewind_core::files::browse::Browser;
 use rewind_core::progress::Control;
+use rewind_core::store::random::DEFAULT_READ_AHEAD_BYTES;
 use rewind_core::store::{
     CheckpointKind, Consistency, InitOptions, KdfCost, Manifest, NewCheckpoint, Store, VmRef,
 };
@@ -345,14 +349,26 @@ fn run_store(
     });
     drop(b);
 
-    // Restoring it into a new folder.
-    for attempt in 1..=2 {
+    // Restoring it into a new folder: with the default read-ahead and without it, in
+    // turns (`REWIND_BENCH_RESTORES` tries in all, default 4), so that both see the same
+    // disk at about the same time.
+    let tries: usize = std::env::var("REWIND_BENCH_RESTORES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(4);
+    let read_ahead_mib: u64 = std::env::var("REWIND_BENCH_READ_AHEAD_MIB")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(DEFAULT_READ_AHEAD_BYTES >> 20);
+    for attempt in 1..=tries {
+        let read_ahead = attempt % 2 == 1;
         let out = dir.join("restored");
         drop(fs::remove_dir_all(&out));
         fs::create_dir_all(&out).unwrap();
         let cold = drop_caches();
         let t = Instant::now();
         let mut b = browser(&store, &big_cp, cache);
+        b.set_read_ahead(if read_ahead { read_ahead_mib << 20 } else { 0 });
         let path = b.resolve("p1/big.bin").unwrap();
         let restored = b.restore(&[path], &out, &Control::new()).unwrap();
         let secs = t.elapsed().as_secs_f64();
@@ -361,7 +377,14 @@ fn run_store(
         run(&mut Command::new("sync"));
         let sync_secs = synced.elapsed().as_secs_f64();
         rows.push(Row {
-            what: format!("{label}: restore 1 GiB file to a new folder (try {attempt})"),
+            what: format!(
+                "{label}: restore 1 GiB file to a new folder (try {attempt}, {})",
+                if read_ahead {
+                    format!("read-ahead {read_ahead_mib} MiB")
+                } else {
+                    "no read-ahead".to_owned()
+                }
+            ),
             secs,
             mb_per_s: Some(mbs(BIG_BYTES, secs)),
             chunks: Some(b.chunks_fetched()),
@@ -447,7 +470,9 @@ fn main() {
         ),
     });
 
-    run_store(&dir, &many, &big, false, cache, covered, &mut rows);
+    if std::env::var_os("REWIND_BENCH_NO_PLAIN").is_none() {
+        run_store(&dir, &many, &big, false, cache, covered, &mut rows);
+    }
     if std::env::var_os("REWIND_BENCH_NO_ENCRYPTED").is_none() {
         run_store(&dir, &many, &big, true, cache, covered, &mut rows);
     }

@@ -13,7 +13,7 @@ use super::{
 use crate::progress::Control;
 use crate::store::Store;
 use crate::store::manifest::Manifest;
-use crate::store::random::DEFAULT_CACHE_BYTES;
+use crate::store::random::{DEFAULT_CACHE_BYTES, DEFAULT_READ_AHEAD_BYTES};
 
 /// Folders deeper than this are not followed (a damaged file system can loop).
 pub const MAX_DEPTH: usize = 256;
@@ -85,6 +85,7 @@ pub struct Browser {
     disks: Vec<DiskVolumes>,
     trees: HashMap<VolumeRef, Box<dyn FileTree>>,
     cache_bytes: u64,
+    read_ahead_bytes: u64,
     fetched: Arc<std::sync::atomic::AtomicU64>,
 }
 
@@ -134,6 +135,7 @@ impl Browser {
             disks,
             trees: HashMap::new(),
             cache_bytes,
+            read_ahead_bytes: DEFAULT_READ_AHEAD_BYTES,
             fetched: Arc::default(),
         })
     }
@@ -397,6 +399,14 @@ impl Browser {
     /// The file system of `at`, opened on first use.
     ///
     /// # Errors
+    /// How far ahead of a sequential read the volumes opened from now on hint the chunk
+    /// files ([`ObjectCursor::with_read_ahead`](crate::store::random::ObjectCursor::with_read_ahead)):
+    /// the benchmark's lever.
+    #[doc(hidden)]
+    pub fn set_read_ahead(&mut self, bytes: u64) {
+        self.read_ahead_bytes = bytes;
+    }
+
     /// No such volume, a volume Rewind cannot read (BitLocker, unknown), or a damaged file
     /// system.
     pub fn tree(&mut self, at: VolumeRef) -> Result<&mut dyn FileTree, FilesError> {
@@ -413,6 +423,7 @@ impl Browser {
                 .store
                 .object_cursor_shared(index, self.cache_bytes)
                 .map_err(|e| FilesError::Store(Box::new(e)))?
+                .with_read_ahead(self.read_ahead_bytes)
                 .counting_into(self.fetched.clone());
             let disk: Box<dyn Disk + Send> = Box::new(cursor);
             let tree = open_tree(disk, &volume).map_err(|source| FilesError::Tree {

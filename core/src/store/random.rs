@@ -19,6 +19,11 @@ use super::reader::{ObjectReader, StoreRef};
 /// The cache's size when the caller does not say: 64 MiB (16 chunks of 4 MiB).
 pub const DEFAULT_CACHE_BYTES: u64 = 64 << 20;
 
+/// How far ahead of a sequential read the kernel is asked to fetch chunk files, at most,
+/// when the caller does not say: 64 MiB. The window starts at two chunks and doubles with
+/// each chunk the read goes on to, so that a short read (a small file) asks for little.
+pub const DEFAULT_READ_AHEAD_BYTES: u64 = 64 << 20;
+
 /// A chunk in the cache, and when it was last used.
 #[derive(Debug)]
 struct Cached {
@@ -41,6 +46,14 @@ pub struct ObjectCursor<'s> {
     fetched: u64,
     /// Also counts fetches, shared with whoever reads through several cursors.
     shared_count: Option<Arc<AtomicU64>>,
+    /// Chunks to hint ahead of a sequential read, at most (0: none).
+    read_ahead: u64,
+    /// Chunks hinted ahead now: grows while the read stays sequential.
+    window: u64,
+    /// The slot fetched last, to tell a sequential read.
+    last_fetched: Option<u64>,
+    /// Slots below this were already hinted.
+    hinted_to: u64,
 }
 
 impl Store {
@@ -80,6 +93,10 @@ impl<'s> ObjectCursor<'s> {
             clock: 0,
             fetched: 0,
             shared_count: None,
+            read_ahead: DEFAULT_READ_AHEAD_BYTES.div_ceil(chunk_size),
+            window: 0,
+            last_fetched: None,
+            hinted_to: 0,
         })
     }
 }
@@ -102,6 +119,16 @@ impl ObjectCursor<'_> {
     #[must_use]
     pub fn counting_into(mut self, counter: Arc<AtomicU64>) -> Self {
         self.shared_count = Some(counter);
+        self
+    }
+
+    /// Asks the kernel for the chunk files up to `bytes` ahead of a sequential read (0:
+    /// never), so that reading them from the drive overlaps with decrypting, checking and
+    /// using the chunks before them. Only a hint, for a store on a local or mounted
+    /// folder; nothing more is fetched or counted.
+    #[must_use]
+    pub fn with_read_ahead(mut self, bytes: u64) -> Self {
+        self.read_ahead = bytes.div_ceil(self.chunk_size);
         self
     }
 
@@ -154,6 +181,13 @@ impl ObjectCursor<'_> {
         if self.reader.entry(slot)? == HOLE {
             return Ok(None);
         }
+        if self.read_ahead > 0 && slot > 0 && self.last_fetched == Some(slot - 1) {
+            self.window = self.window.saturating_mul(2).max(2).min(self.read_ahead);
+            self.hint_after(slot);
+        } else {
+            self.window = 0;
+        }
+        self.last_fetched = Some(slot);
         let data = Arc::new(self.reader.read(slot)?);
         self.fetched += 1;
         if let Some(count) = &self.shared_count {
@@ -175,6 +209,28 @@ impl ObjectCursor<'_> {
             used: self.clock,
         });
         Ok(Some(data))
+    }
+}
+
+impl ObjectCursor<'_> {
+    /// Hints the chunks after `slot` that a sequential read will want next (each once).
+    fn hint_after(&mut self, slot: u64) {
+        let end = slot
+            .saturating_add(1)
+            .saturating_add(self.window)
+            .min(self.reader.chunk_count());
+        // Going on from what was hinted, unless the read jumped away from it.
+        let start = if (slot + 1..=end).contains(&self.hinted_to) {
+            self.hinted_to
+        } else {
+            slot + 1
+        };
+        for next in start..end {
+            if !self.cache.iter().any(|c| c.slot == next) {
+                self.reader.prefetch(next);
+            }
+        }
+        self.hinted_to = end;
     }
 }
 

@@ -29,12 +29,15 @@ impl std::ops::Deref for StoreRef<'_> {
     }
 }
 
-/// Reads one object chunk by chunk. Keeps one index page in memory.
+/// Reads one object chunk by chunk. Keeps two index pages in memory: the one in use, and
+/// the one before it (a read-ahead that looks into the next page does not make the reader
+/// load its own page again).
 #[derive(Debug)]
 pub struct ObjectReader<'s> {
     store: StoreRef<'s>,
     index: ObjectIndex,
     page: Option<(u64, index::Page)>,
+    previous: Option<(u64, index::Page)>,
 }
 
 impl Store {
@@ -51,6 +54,7 @@ impl<'s> ObjectReader<'s> {
             store,
             index: index.clone(),
             page: None,
+            previous: None,
         })
     }
 }
@@ -71,8 +75,12 @@ impl ObjectReader<'_> {
     fn entry_and_chain(&mut self, i: u64) -> Result<(ChunkId, Vec<ChunkId>), StoreError> {
         let page_no = i / ENTRIES_PER_PAGE;
         if self.page.as_ref().is_none_or(|(p, _)| *p != page_no) {
-            let entries = self.store.read_page_with_bases(&self.index, page_no)?;
-            self.page = Some((page_no, entries));
+            if self.previous.as_ref().is_some_and(|(p, _)| *p == page_no) {
+                std::mem::swap(&mut self.page, &mut self.previous);
+            } else {
+                let entries = self.store.read_page_with_bases(&self.index, page_no)?;
+                self.previous = self.page.replace((page_no, entries));
+            }
         }
         let (_, page) = self.page.as_ref().expect("loaded above");
         let k = usize::try_from(i % ENTRIES_PER_PAGE).expect("small");
@@ -81,6 +89,16 @@ impl ObjectReader<'_> {
             _ => Err(StoreError::Invalid(format!(
                 "chunk {i} is beyond the end of the object"
             ))),
+        }
+    }
+
+    /// Asks the kernel to fetch the files that reading slot `i` will open (only a hint;
+    /// nothing for a hole, or a slot that cannot be looked up).
+    pub(crate) fn prefetch(&mut self, i: u64) {
+        if let Ok((id, chain)) = self.entry_and_chain(i)
+            && id != HOLE
+        {
+            self.store.prefetch_entry(&id, &chain);
         }
     }
 

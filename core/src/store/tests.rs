@@ -1280,3 +1280,46 @@ fn a_vm_catalog_reads_one_vm_and_prune_known_reads_nothing_more() {
 mod flat;
 mod hostile;
 mod patches;
+
+#[test]
+fn read_ahead_reads_the_same_bytes_and_fetches_no_chunk_more() {
+    use std::io::Read as _;
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::init(&tmp.path().join("s"), &options()).unwrap();
+    // 200 chunks: more than one index page (128 entries), with holes between data.
+    let c = CHUNK as usize;
+    let mut content = noise(11, 200 * c);
+    for hole in [3, 4, 127, 128, 190] {
+        content[hole * c..(hole + 1) * c].fill(0);
+    }
+    let image = tmp.path().join("disk.img");
+    write_sparse(&image, &content);
+    let m = checkpoint_file(&store, vm("win11", 1), 0, &image, None);
+    let index = &m.disks[0].index;
+
+    let mut fetched = Vec::new();
+    for read_ahead in [0, 16 * u64::from(CHUNK), u64::MAX] {
+        let mut cursor = store
+            .object_cursor(index, 4 * u64::from(CHUNK))
+            .unwrap()
+            .with_read_ahead(read_ahead);
+        // Sequential, in pieces that straddle chunks; then a jump back and on again.
+        let mut whole = Vec::new();
+        let mut piece = vec![0; 100_000];
+        loop {
+            let n = cursor.read(&mut piece).unwrap();
+            if n == 0 {
+                break;
+            }
+            whole.extend_from_slice(&piece[..n]);
+        }
+        assert!(whole == content, "read-ahead {read_ahead}: bytes differ");
+        let mut again = vec![0; 3 * c];
+        assert_eq!(cursor.read_at(120 * c as u64, &mut again).unwrap(), 3 * c);
+        assert!(again == content[120 * c..123 * c]);
+        fetched.push(cursor.chunks_fetched());
+    }
+    // The 195 data chunks once, and chunks 120, 121 and 122 again (long evicted from the
+    // 4-chunk cache): the same with read-ahead as without.
+    assert_eq!(fetched, vec![195 + 3, 195 + 3, 195 + 3]);
+}
