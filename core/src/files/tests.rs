@@ -449,3 +449,79 @@ fn listing_a_file_or_reading_a_folder_says_what_to_do_instead() {
     assert!(matches!(err, TreeError::NotAFile { .. }), "{err}");
     assert!(err.to_string().contains("restore it whole"), "{err}");
 }
+
+/// How long restoring a folder of 10,000 small files in 100 folders takes (the listing
+/// walk for the progress total included): `cargo test --release -p rewind-core --lib --
+/// --ignored restoring_ten_thousand --nocapture`.
+#[test]
+#[ignore = "a measurement, not a check"]
+fn restoring_ten_thousand_files_timing() {
+    if !tools() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    for d in 0..100 {
+        let folder = src.join(format!("many/folder {d}"));
+        std::fs::create_dir_all(&folder).unwrap();
+        for f in 0..100 {
+            std::fs::write(folder.join(format!("file {f}.txt")), format!("{d} {f}")).unwrap();
+        }
+    }
+    let image = tmp.path().join("disk.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(96 << 20)
+        .unwrap();
+    run(Command::new("sgdisk")
+        .args(["-n", "1:2048:+88M", "-t", "1:8300"])
+        .arg(&image));
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-N", "12000", "-E", "offset=1048576", "-d"])
+        .arg(&src)
+        .arg(&image)
+        .arg("88M"));
+    let store = Arc::new(Store::init(&tmp.path().join("store"), &options()).unwrap());
+    let m = checkpoint_file(&store, vm("linux", 1), 0, &image, None);
+    let mut browser = Browser::open(store, m).unwrap();
+    let many = [browser.resolve("p1/many").unwrap()];
+    let mut times = Vec::new();
+    for run in 0..5 {
+        let out = tmp.path().join(format!("out{run}"));
+        std::fs::create_dir(&out).unwrap();
+        let start = std::time::Instant::now();
+        let done = browser.restore(&many, &out, &Control::new()).unwrap();
+        times.push(start.elapsed());
+        assert_eq!(done.files, 10_000);
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+    times.sort();
+    eprintln!(
+        "restoring 10,000 files: min {:?}, median {:?}, max {:?}",
+        times[0], times[2], times[4]
+    );
+    // One listing walk of the same folders (what a second walk costs, its chunks cached).
+    let mut walks = Vec::new();
+    for _ in 0..5 {
+        let start = std::time::Instant::now();
+        let mut pending = vec![many[0].clone()];
+        let mut entries = 0;
+        while let Some(at) = pending.pop() {
+            for e in browser.list(&at).unwrap() {
+                entries += 1;
+                if e.kind == EntryKind::Folder {
+                    let mut child = at.clone();
+                    child.names.push(e.name);
+                    pending.push(child);
+                }
+            }
+        }
+        walks.push(start.elapsed());
+        assert_eq!(entries, 10_100);
+    }
+    walks.sort();
+    eprintln!(
+        "listing them: min {:?}, median {:?}, max {:?}",
+        walks[0], walks[2], walks[4]
+    );
+}
