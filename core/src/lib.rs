@@ -25,6 +25,7 @@ pub mod identity;
 pub mod job_error;
 pub mod libvirt;
 pub mod mounts;
+pub mod nbd_export;
 pub mod notes;
 pub mod paths;
 pub mod pause;

@@ -171,6 +171,25 @@ impl ObjectCursor<'_> {
         Ok(done)
     }
 
+    /// Whether the bytes from `offset` on are a hole (zeros the store never wrote, which
+    /// cost nothing to read), and how far that goes: at least 1 byte and at most `len`
+    /// (`offset` must lie inside the object, `len` be at least 1). Looks only at the index.
+    pub fn run_at(&mut self, offset: u64, len: u64) -> Result<(bool, u64), StoreError> {
+        let end = offset.saturating_add(len.max(1)).min(self.size);
+        let mut slot = offset / self.chunk_size;
+        let hole = self.reader.entry(slot)? == HOLE;
+        loop {
+            let slot_end = (slot + 1).saturating_mul(self.chunk_size);
+            if slot_end >= end {
+                return Ok((hole, end.saturating_sub(offset).max(1)));
+            }
+            slot += 1;
+            if (self.reader.entry(slot)? == HOLE) != hole {
+                return Ok((hole, slot_end - offset));
+            }
+        }
+    }
+
     /// The content of chunk `slot`: `None` for a hole.
     fn chunk(&mut self, slot: u64) -> Result<Option<Arc<Vec<u8>>>, StoreError> {
         self.clock += 1;
