@@ -47,7 +47,8 @@ pub(crate) const BASE_ALLOCATION_ID: u32 = 1;
 /// during the handshake, and when `stop` ended it: [`StopFlag::stop`] shuts the socket
 /// down, so a connection waiting for its client ends at once.
 ///
-/// The stream is left open on return (dropping it closes it).
+/// The socket is not shut down on return, only this handle to it closed: a caller that
+/// kept a clone of the stream can still use it.
 pub fn serve_connection<E: Export + ?Sized>(
     stream: UnixStream,
     name: &str,

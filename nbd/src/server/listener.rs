@@ -243,8 +243,11 @@ pub struct ListenerHandle {
 }
 
 impl ListenerHandle {
-    /// Binds a Unix socket at `socket` and serves export `name` on it from a new thread,
-    /// with an export from `open_export` for each connection.
+    /// Binds a Unix socket at `socket` (which must not exist yet) and serves export `name`
+    /// on it from a new thread, with an export from `open_export` for each connection.
+    ///
+    /// Anyone who can reach the socket can read the export: put it in a folder that only
+    /// the intended client (QEMU's user) can enter.
     pub fn spawn<E, F>(
         socket: impl Into<PathBuf>,
         name: &str,

@@ -193,6 +193,42 @@ fn stopping_ends_idle_connections_at_once_and_removes_the_socket() {
 }
 
 #[test]
+fn connections_beyond_the_limit_are_closed() {
+    let (_dir, server) = listen(vec![1; 4096]);
+    let greeted = |stream: &mut UnixStream| {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut greeting = [0; 18];
+        stream.read_exact(&mut greeting).is_ok()
+    };
+    let mut open: Vec<UnixStream> = (0..MAX_CONNECTIONS)
+        .map(|_| UnixStream::connect(server.socket()).unwrap())
+        .collect();
+    for stream in &mut open {
+        assert!(greeted(stream));
+    }
+    let mut one_more = UnixStream::connect(server.socket()).unwrap();
+    assert!(
+        !greeted(&mut one_more),
+        "connection {} was served",
+        MAX_CONNECTIONS + 1
+    );
+    // Once one leaves, another is served again.
+    drop(open.pop());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut again = UnixStream::connect(server.socket()).unwrap();
+        if greeted(&mut again) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no connection was served again");
+        thread::sleep(Duration::from_millis(20));
+    }
+    server.stop().unwrap();
+}
+
+#[test]
 fn dropping_the_handle_stops_it_too() {
     let (_dir, server) = listen(vec![1; 4096]);
     let socket = server.socket().to_owned();
