@@ -266,3 +266,29 @@ fn a_qcow2_overlay_on_the_export_takes_writes_and_leaves_the_export_alone() {
     ]));
     assert!(!orphan.status.success());
 }
+
+/// How fast QEMU reads a served export (`cargo test --release -p rewind-nbd -- --ignored
+/// --nocapture qemu_reads_the_export_at`): 256 MiB of data, read in 1 MiB requests.
+#[test]
+#[ignore = "a measurement, not a check"]
+fn qemu_reads_the_export_at() {
+    if !qemu_tools_present("qemu_reads_the_export_at") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..256u32 << 20)
+        .map(|i| u8::try_from(i % 251).unwrap() | 1)
+        .collect();
+    let (server, uri) = serve(dir.path(), &data);
+    let started = Instant::now();
+    let bench = run(Command::new("qemu-img").args([
+        "bench", "-f", "raw", "-c", "256", "-s", "1M", "-d", "4", &uri,
+    ]));
+    let elapsed = started.elapsed();
+    eprintln!(
+        "qemu-img bench read 256 MiB in {elapsed:?} ({:.0} MiB/s): {}",
+        256.0 / elapsed.as_secs_f64(),
+        String::from_utf8_lossy(&bench.stdout).trim()
+    );
+    server.stop().unwrap();
+}
