@@ -1,6 +1,8 @@
 //! The Files window: a checkpoint's volumes, folders and files, read straight from the
 //! store by the engine ([`Command::Browse`]), with search, a "changed since the previous
 //! checkpoint" filter, a preview of text files, and "Restore to…" a folder of the user's.
+//! A file's named data streams (NTFS) have rows of their own below it, ticked and
+//! previewed like files (`file:stream`).
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -445,11 +447,43 @@ struct Row {
     path: String,
     entry: Entry,
     change: Option<ChangeKind>,
+    /// It is a named data stream of the file in the row above (`file:stream`).
+    stream: bool,
+}
+
+/// `rows` with, after each file, a row for each of its named data streams (NTFS alternate
+/// data streams): `file:stream`, which is previewed and restored like a file (restored as a
+/// file of that name, as ntfs-3g names it).
+fn with_streams(rows: Vec<Row>) -> Vec<Row> {
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let streams: Vec<Row> = row
+            .entry
+            .streams
+            .iter()
+            .map(|s| Row {
+                path: format!("{}:{}", row.path, s.name),
+                entry: Entry {
+                    name: format!("{}:{}", row.entry.name, s.name),
+                    kind: EntryKind::File,
+                    size_bytes: s.size_bytes,
+                    modified: row.entry.modified,
+                    id: row.entry.id,
+                    streams: Vec::new(),
+                },
+                change: row.change,
+                stream: true,
+            })
+            .collect();
+        out.push(row);
+        out.extend(streams);
+    }
+    out
 }
 
 fn entries_ui(ui: &mut egui::Ui, view: &mut FilesView, commands: &mut Commands) {
     if let Some(rows) = rows_ui(ui, view, commands) {
-        list_ui(ui, view, rows, commands);
+        list_ui(ui, view, with_streams(rows), commands);
     }
 }
 
@@ -490,6 +524,7 @@ fn rows_ui(ui: &mut egui::Ui, view: &mut FilesView, commands: &mut Commands) -> 
                         path: f.path.clone(),
                         entry: f.entry.clone(),
                         change: None,
+                        stream: false,
                     })
                     .collect()
             }
@@ -511,6 +546,7 @@ fn rows_ui(ui: &mut egui::Ui, view: &mut FilesView, commands: &mut Commands) -> 
                     path: format!("{folder}/{}", e.name),
                     entry: e.clone(),
                     change: None,
+                    stream: false,
                 })
                 .collect(),
         }
@@ -587,32 +623,7 @@ fn list_ui(ui: &mut egui::Ui, view: &mut FilesView, rows: Vec<Row>, commands: &m
                     } else {
                         row.entry.name.clone()
                     };
-                    match row.entry.kind {
-                        EntryKind::Folder => {
-                            if ui.link(format!("📁 {shown}{mark}")).clicked() {
-                                view.go(row.path.clone(), commands);
-                            }
-                        }
-                        _ => {
-                            if ui
-                                .selectable_label(
-                                    view.preview.as_ref().is_some_and(|(p, _)| *p == row.path),
-                                    format!("{shown}{mark}"),
-                                )
-                                .clicked()
-                                && row.entry.kind == EntryKind::File
-                                && let Some(key) = &view.key
-                            {
-                                commands.push(Command::Browse {
-                                    key: resume_key(key),
-                                    ask: BrowseAsk::Preview {
-                                        path: row.path.clone(),
-                                    },
-                                });
-                                view.preview = Some((row.path.clone(), None));
-                            }
-                        }
-                    }
+                    name_ui(ui, view, &row, format!("{shown}{mark}"), commands);
                     ui.label(if row.entry.kind == EntryKind::Folder {
                         String::new()
                     } else {
@@ -623,6 +634,45 @@ fn list_ui(ui: &mut egui::Ui, view: &mut FilesView, rows: Vec<Row>, commands: &m
                 }
             });
     });
+}
+
+/// The name cell of `row`: a folder opens when clicked, a file (or a file's data stream)
+/// is previewed.
+fn name_ui(
+    ui: &mut egui::Ui,
+    view: &mut FilesView,
+    row: &Row,
+    text: String,
+    commands: &mut Commands,
+) {
+    if row.entry.kind == EntryKind::Folder {
+        if ui.link(format!("📁 {text}")).clicked() {
+            view.go(row.path.clone(), commands);
+        }
+        return;
+    }
+    let mut name = ui.selectable_label(
+        view.preview.as_ref().is_some_and(|(p, _)| *p == row.path),
+        text,
+    );
+    if row.stream {
+        name = name.on_hover_text(
+            "A named data stream of the file above (an NTFS alternate data stream); restored \
+             as a file of this name",
+        );
+    }
+    if name.clicked()
+        && row.entry.kind == EntryKind::File
+        && let Some(key) = &view.key
+    {
+        commands.push(Command::Browse {
+            key: resume_key(key),
+            ask: BrowseAsk::Preview {
+                path: row.path.clone(),
+            },
+        });
+        view.preview = Some((row.path.clone(), None));
+    }
 }
 
 /// The rows that changed: those of `rows` that did, and in a folder (not a search) the
@@ -653,6 +703,7 @@ fn changed_rows(folder: &str, rows: Vec<Row>, changes: &[Change], search: bool) 
                     path: c.path.clone(),
                     entry: c.entry.clone(),
                     change: Some(ChangeKind::Deleted),
+                    stream: false,
                 });
             }
         }

@@ -1182,6 +1182,82 @@ fn a_file_is_found_previewed_and_restored_from_the_files_window_with_the_real_en
     );
 }
 
+#[test]
+fn a_files_data_streams_are_listed_below_it_and_ticked_previewed_and_restored_like_files() {
+    use rewind_core::engine::Command;
+    use rewind_core::engine::files::BrowseAsk;
+    use rewind_core::engine::jobs::JobRequest;
+    use rewind_core::files::{Entry, EntryKind, Stream};
+    let mut state = fixture();
+    let key = state.checkpoint.clone().unwrap();
+    let folder = "p2/Users/me/Downloads";
+    let report = Entry {
+        name: "report.docx".into(),
+        kind: EntryKind::File,
+        size_bytes: 48_000,
+        modified: None,
+        id: Some(70),
+        streams: vec![Stream {
+            name: "Zone.Identifier".into(),
+            size_bytes: 26,
+        }],
+    };
+    let mut view = super::files::FilesView {
+        key: Some(key.clone()),
+        title: "win11".into(),
+        volumes: Some(Ok(Vec::new())),
+        folder: Some(folder.into()),
+        ..super::files::FilesView::default()
+    };
+    view.listings.insert(folder.into(), Ok(vec![report]));
+    state.files = Some(view);
+    let mut h = commanding_harness(state);
+    h.run();
+
+    // The stream has its own row, below its file, with its own size.
+    h.get_by_label("report.docx");
+    h.get_by_label("26 B");
+    h.get_by_label("report.docx:Zone.Identifier").click();
+    // The preview's spinner turns until the engine answers: steps, not run().
+    h.run_steps(3);
+    let stream = format!("{folder}/report.docx:Zone.Identifier");
+    assert!(
+        h.state().1.iter().any(|c| matches!(c,
+            Command::Browse { ask: BrowseAsk::Preview { path }, .. } if *path == stream)),
+        "no preview asked of the stream: {:?}",
+        h.state().1
+    );
+
+    // Ticked alone, it is what the restore asks for.
+    h.get_by_label("Restore report.docx:Zone.Identifier")
+        .click();
+    h.run_steps(3);
+    h.get_by_label("1 item ticked");
+    let to = std::path::PathBuf::from("/home/me/Restored");
+    let (tx, rx) = std::sync::mpsc::channel();
+    tx.send(Some(to.clone())).unwrap();
+    h.state_mut().0.files.as_mut().unwrap().picking = Some(rx);
+    h.run_steps(3);
+    let asked: Vec<(&str, &[String], &Path)> = h
+        .state()
+        .1
+        .iter()
+        .filter_map(|c| match c {
+            Command::Start(JobRequest::RestoreFiles {
+                checkpoint,
+                paths,
+                to,
+                ..
+            }) => Some((checkpoint.as_str(), paths.as_slice(), to.as_path())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        asked,
+        [(key.id.as_str(), [stream].as_slice(), to.as_path())]
+    );
+}
+
 /// Removes the libvirt domain called `name` (and what libvirt keeps for it) when dropped.
 struct DomainGuard(String);
 
