@@ -4,6 +4,7 @@ use chrono::Local;
 use egui::{Color32, RichText};
 use rewind_core::engine::Command;
 use rewind_core::history::Outcome;
+use rewind_core::job_error::ErrorKind;
 use rewind_core::units::human_bytes;
 
 use super::Commands;
@@ -43,7 +44,15 @@ pub(super) fn activity_ui(ui: &mut egui::Ui, state: &mut UiState, commands: &mut
                             }
                         }
                         Some(Err(e)) => {
-                            ui.colored_label(ui.visuals().error_fg_color, format!("failed: {e}"));
+                            if e.kind == ErrorKind::Cancelled {
+                                // As the history shows it: what the user asked for, no failure.
+                                ui.label(RichText::new("cancelled").weak());
+                            } else {
+                                ui.colored_label(
+                                    ui.visuals().error_fg_color,
+                                    format!("failed: {e}"),
+                                );
+                            }
                             if ui.small_button("✖").on_hover_text("Dismiss").clicked() {
                                 dismiss = Some(job.id);
                             }

@@ -1183,6 +1183,117 @@ fn a_file_is_found_previewed_and_restored_from_the_files_window_with_the_real_en
 }
 
 #[test]
+#[allow(clippy::too_many_lines)] // one user story, step by step
+fn a_file_restore_cancelled_in_the_activity_panel_leaves_the_folder_as_it_was() {
+    use rewind_core::engine::jobs::JobRequest;
+    use rewind_tests::{DiskSpec, Format, TestVm, daemon};
+    rewind_tests::setup().unwrap();
+    let dir = rewind_tests::scratch::ScratchDir::new("gui-files-cancel").unwrap();
+    // A folder that takes a while to restore: 6,400 files of 24 KiB of noise in 64 folders
+    // (150 MiB), every chunk of it fetched from the store, decrypted, decompressed and
+    // written, and every file made, filled and dated; noise, so that it neither compresses
+    // nor repeats.
+    let src = dir.path().join("src");
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+    for d in 0..64 {
+        let folder = src.join(format!("big/part {d}"));
+        std::fs::create_dir_all(&folder).unwrap();
+        for f in 0..100 {
+            let bytes: Vec<u8> = (0..24 * 1024 / 8)
+                .flat_map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    seed.to_le_bytes()
+                })
+                .collect();
+            std::fs::write(folder.join(format!("{f}.bin")), bytes).unwrap();
+        }
+    }
+    let raw = rewind_tests::disks::ext4_gpt(dir.path(), &src, 200);
+    let vm = TestVm::builder("gui-files-cancel")
+        .disks(vec![
+            DiskSpec::new("vda", Format::Qcow2, 8 << 20),
+            DiskSpec::new("vdb", Format::Qcow2, 200 << 20),
+        ])
+        .define()
+        .expect("define the test VM");
+    vm.fill_disk("vdb", &raw).unwrap();
+    let (_store, config) = protecting(&dir.path().join("store"), "usb", &vm);
+    config.save(&dir.path().join("config.ron")).unwrap();
+
+    let mut h = app_harness(daemon::URI, dir.path());
+    checkpoint_from_the_window(&mut h, &vm.name);
+    h.get_all_by_label_contains("Checkpoint 20")
+        .next()
+        .unwrap()
+        .click();
+    wait_for(&mut h, "Browse files…", Duration::from_secs(10), |h| {
+        h.query_by_label("Browse files…").is_some()
+    });
+    h.get_by_label("Browse files…").click();
+    wait_for(&mut h, "the volumes", Duration::from_secs(30), |h| {
+        h.query_by_label_contains("linux — ").is_some()
+    });
+    settle(&mut h);
+    h.get_by_label_contains("linux — ").click();
+    wait_for(&mut h, "the big folder", Duration::from_secs(30), |h| {
+        h.query_by_label("Restore big").is_some()
+    });
+    settle(&mut h);
+    h.get_by_label("Restore big").click();
+    wait_for(&mut h, "the folder ticked", Duration::from_secs(5), |h| {
+        h.query_by_label("1 item ticked").is_some()
+    });
+    let out = dir.path().join("restored");
+    std::fs::create_dir(&out).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    tx.send(Some(out.clone())).unwrap();
+    h.state_mut().state.files.as_mut().unwrap().picking = Some(rx);
+    h.step();
+    // The Files window closes, so that it covers nothing of the activity panel.
+    h.state_mut().state.files = None;
+
+    // Cancelled mid-copy: bytes written, into the temporary folder in the target.
+    let restoring = |h: &Harness<'_, RewindApp>| {
+        h.state()
+            .state
+            .jobs
+            .iter()
+            .find(|j| matches!(*j.request, JobRequest::RestoreFiles { .. }))
+            .cloned()
+    };
+    wait_for(&mut h, "the restore to copy", Duration::from_mins(2), |h| {
+        restoring(h).is_some_and(|j| {
+            !j.running() || (j.done_bytes > 0 && std::fs::read_dir(&out).unwrap().count() > 0)
+        })
+    });
+    let job = restoring(&h).unwrap();
+    assert!(
+        job.running() && job.done_bytes < job.total_bytes,
+        "the restore ended before it could be cancelled: {:?}",
+        job.result
+    );
+    h.get_by_label("Cancel").click();
+    wait_for(&mut h, "the restore to end", Duration::from_mins(1), |h| {
+        restoring(h).is_some_and(|j| !j.running())
+    });
+    let job = restoring(&h).unwrap();
+    assert!(
+        matches!(&job.result, Some(Err(e)) if e.kind == ErrorKind::Cancelled),
+        "{:?}",
+        job.result
+    );
+    settle(&mut h);
+    h.get_by_label("cancelled");
+    let left: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "left in the target folder: {left:?}");
+}
+
+#[test]
 fn a_files_data_streams_are_listed_below_it_and_ticked_previewed_and_restored_like_files() {
     use rewind_core::engine::Command;
     use rewind_core::engine::files::BrowseAsk;
