@@ -331,6 +331,16 @@ struct Dest<'a> {
     path: &'a Path,
 }
 
+impl Dest<'_> {
+    /// Writing it failed.
+    fn error(&self, source: impl Into<io::Error>) -> FilesError {
+        FilesError::Output {
+            path: self.path.to_path_buf(),
+            source: source.into(),
+        }
+    }
+}
+
 impl Job<'_> {
     fn tree_error(&self, names: &[String], base: usize, source: TreeError) -> FilesError {
         let mut path = self.shown.to_owned();
@@ -359,10 +369,6 @@ impl Job<'_> {
         depth: usize,
     ) -> Result<(), FilesError> {
         let base = names.len() - depth.min(names.len());
-        let output = |source: io::Error| FilesError::Output {
-            path: dest.path.to_path_buf(),
-            source,
-        };
         self.control
             .check()
             .map_err(|e| self.tree_error(names, base, e.into()))?;
@@ -375,7 +381,7 @@ impl Job<'_> {
                     .read_link(names)
                     .map_err(|e| self.tree_error(names, base, e))?;
                 rustix::fs::symlinkat(target.as_str(), dest.parent, dest.name)
-                    .map_err(|e| output(e.into()))?;
+                    .map_err(|e| dest.error(e))?;
                 if let Some((uid, gid)) = self.owner_ids() {
                     rustix::fs::chownat(
                         dest.parent,
@@ -384,7 +390,7 @@ impl Job<'_> {
                         Some(gid),
                         AtFlags::SYMLINK_NOFOLLOW,
                     )
-                    .map_err(|e| output(e.into()))?;
+                    .map_err(|e| dest.error(e))?;
                 }
                 self.done.links += 1;
             }
@@ -410,17 +416,13 @@ impl Job<'_> {
         depth: usize,
         base: usize,
     ) -> Result<(), FilesError> {
-        let output = |source: io::Error| FilesError::Output {
-            path: dest.path.to_path_buf(),
-            source,
-        };
         let file = rustix::fs::openat(
             dest.parent,
             dest.name,
             OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::from_raw_mode(0o666),
         )
-        .map_err(|e| output(e.into()))?;
+        .map_err(|e| dest.error(e))?;
         let mut sparse = SparseFile {
             file: File::from(file),
             at: 0,
@@ -435,9 +437,9 @@ impl Job<'_> {
             )
             .map_err(|e| self.tree_error(names, base, e))?;
         if let Some((uid, gid)) = self.owner_ids() {
-            rustix::fs::fchown(&sparse.file, Some(uid), Some(gid)).map_err(|e| output(e.into()))?;
+            rustix::fs::fchown(&sparse.file, Some(uid), Some(gid)).map_err(|e| dest.error(e))?;
         }
-        sparse.finish(modified).map_err(output)?;
+        sparse.finish(modified).map_err(|e| dest.error(e))?;
         self.done.files += 1;
         self.done.bytes += n;
         Ok(())
@@ -452,15 +454,11 @@ impl Job<'_> {
         depth: usize,
         base: usize,
     ) -> Result<(), FilesError> {
-        let output = |source: io::Error| FilesError::Output {
-            path: dest.path.to_path_buf(),
-            source,
-        };
         rustix::fs::mkdirat(dest.parent, dest.name, Mode::from_raw_mode(0o777))
-            .map_err(|e| output(e.into()))?;
+            .map_err(|e| dest.error(e))?;
         let folder = File::from(
             rustix::fs::openat(dest.parent, dest.name, FOLDER, Mode::empty())
-                .map_err(|e| output(e.into()))?,
+                .map_err(|e| dest.error(e))?,
         );
         self.done.folders += 1;
         let entries = self
@@ -509,10 +507,10 @@ impl Job<'_> {
             )?;
         }
         if let Some((uid, gid)) = self.owner_ids() {
-            rustix::fs::fchown(&folder, Some(uid), Some(gid)).map_err(|e| output(e.into()))?;
+            rustix::fs::fchown(&folder, Some(uid), Some(gid)).map_err(|e| dest.error(e))?;
         }
         if let Some(t) = modified.and_then(system_time) {
-            folder.set_modified(t).map_err(output)?;
+            folder.set_modified(t).map_err(|e| dest.error(e))?;
         }
         Ok(())
     }
