@@ -953,10 +953,49 @@ fn every_symbol_the_window_uses_has_a_glyph() {
     );
 }
 
+/// A VM `name` whose second disk (of `mib` MiB) holds the disk image `raw`, protected into
+/// a new store "usb" in `dir`; the window on the real engine; a checkpoint taken from it;
+/// and the Files window of that checkpoint open on its volume "linux".
+fn files_window_of_a_new_checkpoint(
+    name: &str,
+    dir: &Path,
+    raw: &Path,
+    mib: u64,
+) -> (rewind_tests::TestVm, Store, Harness<'static, RewindApp>) {
+    use rewind_tests::{DiskSpec, Format, TestVm, daemon};
+    let vm = TestVm::builder(name)
+        .disks(vec![
+            DiskSpec::new("vda", Format::Qcow2, 32 << 20),
+            DiskSpec::new("vdb", Format::Qcow2, mib << 20),
+        ])
+        .define()
+        .expect("define the test VM");
+    vm.fill_disk("vdb", raw).unwrap();
+    let (store, config) = protecting(&dir.join("store"), "usb", &vm);
+    config.save(&dir.join("config.ron")).unwrap();
+
+    let mut h = app_harness(daemon::URI, dir);
+    checkpoint_from_the_window(&mut h, &vm.name);
+    h.get_all_by_label_contains("Checkpoint 20")
+        .next()
+        .unwrap()
+        .click();
+    wait_for(&mut h, "Browse files…", Duration::from_secs(10), |h| {
+        h.query_by_label("Browse files…").is_some()
+    });
+    h.get_by_label("Browse files…").click();
+    // The volumes, read by the engine from the store.
+    wait_for(&mut h, "the volumes", Duration::from_secs(30), |h| {
+        h.query_by_label_contains("linux — ").is_some()
+    });
+    settle(&mut h);
+    h.get_by_label_contains("linux — ").click();
+    (vm, store, h)
+}
+
 #[test]
 #[allow(clippy::too_many_lines)] // one user story, step by step
 fn a_file_is_found_previewed_and_restored_from_the_files_window_with_the_real_engine() {
-    use rewind_tests::{DiskSpec, Format, TestVm, daemon};
     rewind_tests::setup().unwrap();
     let dir = rewind_tests::scratch::ScratchDir::new("gui-files").unwrap();
     let src = dir.path().join("src");
@@ -980,35 +1019,7 @@ fn a_file_is_found_previewed_and_restored_from_the_files_window_with_the_real_en
         .set_modified(thesis_time)
         .unwrap();
     let raw = rewind_tests::disks::ext4_gpt(dir.path(), &src, 40);
-    let vm = TestVm::builder("gui-files")
-        .disks(vec![
-            DiskSpec::new("vda", Format::Qcow2, 32 << 20),
-            DiskSpec::new("vdb", Format::Qcow2, 40 << 20),
-        ])
-        .define()
-        .expect("define the test VM");
-    vm.fill_disk("vdb", &raw).unwrap();
-    let store_dir = dir.path().join("store");
-    let (_store, config) = protecting(&store_dir, "usb", &vm);
-    config.save(&dir.path().join("config.ron")).unwrap();
-
-    let mut h = app_harness(daemon::URI, dir.path());
-    checkpoint_from_the_window(&mut h, &vm.name);
-    h.get_all_by_label_contains("Checkpoint 20")
-        .next()
-        .unwrap()
-        .click();
-    wait_for(&mut h, "Browse files…", Duration::from_secs(10), |h| {
-        h.query_by_label("Browse files…").is_some()
-    });
-    h.get_by_label("Browse files…").click();
-
-    // The volumes, then the folder, read by the engine from the store.
-    wait_for(&mut h, "the volumes", Duration::from_secs(30), |h| {
-        h.query_by_label_contains("linux — ").is_some()
-    });
-    settle(&mut h);
-    h.get_by_label_contains("linux — ").click();
+    let (vm, _store, mut h) = files_window_of_a_new_checkpoint("gui-files", dir.path(), &raw, 40);
     wait_for(
         &mut h,
         "the volume's folders",
@@ -1186,7 +1197,6 @@ fn a_file_is_found_previewed_and_restored_from_the_files_window_with_the_real_en
 #[allow(clippy::too_many_lines)] // one user story, step by step
 fn a_file_restore_cancelled_in_the_activity_panel_leaves_the_folder_as_it_was() {
     use rewind_core::engine::jobs::JobRequest;
-    use rewind_tests::{DiskSpec, Format, TestVm, daemon};
     rewind_tests::setup().unwrap();
     let dir = rewind_tests::scratch::ScratchDir::new("gui-files-cancel").unwrap();
     // A folder that takes a while to restore: 6,400 files of 24 KiB of noise in 64 folders
@@ -1211,32 +1221,8 @@ fn a_file_restore_cancelled_in_the_activity_panel_leaves_the_folder_as_it_was() 
         }
     }
     let raw = rewind_tests::disks::ext4_gpt(dir.path(), &src, 200);
-    let vm = TestVm::builder("gui-files-cancel")
-        .disks(vec![
-            DiskSpec::new("vda", Format::Qcow2, 8 << 20),
-            DiskSpec::new("vdb", Format::Qcow2, 200 << 20),
-        ])
-        .define()
-        .expect("define the test VM");
-    vm.fill_disk("vdb", &raw).unwrap();
-    let (_store, config) = protecting(&dir.path().join("store"), "usb", &vm);
-    config.save(&dir.path().join("config.ron")).unwrap();
-
-    let mut h = app_harness(daemon::URI, dir.path());
-    checkpoint_from_the_window(&mut h, &vm.name);
-    h.get_all_by_label_contains("Checkpoint 20")
-        .next()
-        .unwrap()
-        .click();
-    wait_for(&mut h, "Browse files…", Duration::from_secs(10), |h| {
-        h.query_by_label("Browse files…").is_some()
-    });
-    h.get_by_label("Browse files…").click();
-    wait_for(&mut h, "the volumes", Duration::from_secs(30), |h| {
-        h.query_by_label_contains("linux — ").is_some()
-    });
-    settle(&mut h);
-    h.get_by_label_contains("linux — ").click();
+    let (_vm, _store, mut h) =
+        files_window_of_a_new_checkpoint("gui-files-cancel", dir.path(), &raw, 200);
     wait_for(&mut h, "the big folder", Duration::from_secs(30), |h| {
         h.query_by_label("Restore big").is_some()
     });
