@@ -106,6 +106,16 @@ pub struct TestVmBuilder {
     memory_mib: u32,
     workload: String,
     disks: Vec<DiskSpec>,
+    boot_from: BootFrom,
+}
+
+/// Where a test VM's kernel comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BootFrom {
+    /// libvirt's direct kernel boot.
+    Kernel,
+    /// The VM's first disk ([`TestVmBuilder::boot_from_disk`]).
+    Disk,
 }
 
 impl TestVmBuilder {
@@ -168,7 +178,8 @@ impl TestVmBuilder {
         self
     }
 
-    /// The workload the guest runs on its first disk (see `guest.rs`).
+    /// The workload the guest runs on its first disk (see `guest.rs`), or on its second
+    /// with [`TestVmBuilder::boot_from_disk`].
     #[must_use]
     pub fn workload(mut self, workload: &str) -> Self {
         workload.clone_into(&mut self.workload);
@@ -182,8 +193,88 @@ impl TestVmBuilder {
         self
     }
 
+    /// Boot from the first disk (`vda`), like an installed system, instead of direct
+    /// kernel boot: the first disk holds an MBR with syslinux's boot code and a FAT boot
+    /// partition with syslinux, the kernel and the initramfs (see [`crate::bootdisk`]), and
+    /// the firmware (`SeaBIOS`) prints to the serial console too (`<bios useserial='yes'/>`),
+    /// so a disk that does not boot shows its `Boot failed: not a bootable disk` in
+    /// [`TestVm::console`].
+    ///
+    /// The workload runs on the **second** disk, so its writes never touch the boot
+    /// partition and the `sequence` helpers keep their meaning there (`wait_flushed`,
+    /// `last_flushed_record`, and [`crate::workload::scan_sequence`] of the second disk,
+    /// e.g. a checkpoint's `vdb`; the first disk holds no records). If the VM has only one
+    /// disk, a second one, `vdb`, of the same format and size, is added. The first disk is
+    /// made at least as large as the boot image (about 30 MiB). BIOS only for now.
+    #[must_use]
+    pub fn boot_from_disk(mut self) -> Self {
+        self.boot_from = BootFrom::Disk;
+        self
+    }
+
+    /// The disk the workload uses: the first one, or the second when booting from disk.
+    fn workload_disk(&self) -> Option<&DiskSpec> {
+        self.disks
+            .get(usize::from(self.boot_from == BootFrom::Disk))
+    }
+
+    /// The kernel command line: console, workload and its options (see `guest.rs`).
+    fn kernel_cmdline(&self) -> String {
+        let disk = self.workload_disk().map_or("vda", |d| d.target.as_str());
+        let mut cmdline = format!(
+            "console=ttyS0 panic=-1 rw.workload={} rw.disk={disk}",
+            self.workload
+        );
+        if self.agent == Agent::Running {
+            cmdline.push_str(" rw.agent=1");
+        }
+        if let Some(fs) = &self.filesystem {
+            write!(cmdline, " rw.fs={fs}").expect("writing to a String cannot fail");
+        }
+        cmdline
+    }
+
+    /// With [`TestVmBuilder::boot_from_disk`]: adds the second disk if missing and grows
+    /// the first to hold the boot image.
+    fn plan_boot_disk(&mut self, image_bytes: u64) -> Result<(), HarnessError> {
+        if self.uefi {
+            return Err(HarnessError(
+                "boot_from_disk() is BIOS only for now: the boot disk has no EFI system \
+                 partition"
+                    .into(),
+            ));
+        }
+        let Some(first) = self.disks.first().cloned() else {
+            return Err(HarnessError(
+                "boot_from_disk(): the test VM has no disk to boot from".into(),
+            ));
+        };
+        if self.filesystem.as_deref() == Some(first.target.as_str()) {
+            return Err(HarnessError(format!(
+                "filesystem({:?}) with boot_from_disk(): that disk holds the boot partition; \
+                 use the second disk",
+                first.target
+            )));
+        }
+        if self.disks.len() == 1 {
+            let target = if first.target == "vdb" { "vdc" } else { "vdb" };
+            self.disks
+                .push(DiskSpec::new(target, first.format, first.size_bytes));
+        }
+        let boot = &mut self.disks[0];
+        boot.size_bytes = boot.size_bytes.max(image_bytes);
+        Ok(())
+    }
+
     /// Creates the disks and defines the domain (not started).
-    pub fn define(self) -> Result<TestVm, HarnessError> {
+    pub fn define(mut self) -> Result<TestVm, HarnessError> {
+        let boot_image = if self.boot_from == BootFrom::Disk {
+            let image = crate::bootdisk::boot_image()?;
+            self.plan_boot_disk(image.size_bytes)?;
+            Some(image)
+        } else {
+            None
+        };
         if let Some(fs) = &self.filesystem
             && !self.disks.iter().any(|d| &d.target == fs)
         {
@@ -211,22 +302,36 @@ impl TestVmBuilder {
         }
         crate::setup()?;
         let dir = ScratchDir::new(&self.label)?;
-        let image = guest_image()?;
-        let kernel = dir.path().join("vmlinuz");
-        let initrd = dir.path().join("initrd.img");
-        // Per-VM copies: libvirt relabels kernel and initrd while a VM runs.
-        copy(&image.kernel, &kernel)?;
-        copy(&image.initrd, &initrd)?;
         let mut disks = Vec::new();
         for spec in &self.disks {
             disks.push(create_disk(dir.path(), spec)?);
         }
+        let boot = if let Some(boot_image) = boot_image {
+            let vda = &disks[0];
+            crate::bootdisk::install_boot_disk(
+                boot_image,
+                &self.kernel_cmdline(),
+                dir.path(),
+                &vda.path,
+                vda.format.name(),
+            )
+            .map_err(|e| HarnessError(format!("could not make the boot disk: {e}")))?;
+            Boot::Disk
+        } else {
+            let image = guest_image()?;
+            let kernel = dir.path().join("vmlinuz");
+            let initrd = dir.path().join("initrd.img");
+            // Per-VM copies: libvirt relabels kernel and initrd while a VM runs.
+            copy(&image.kernel, &kernel)?;
+            copy(&image.initrd, &initrd)?;
+            Boot::Kernel { kernel, initrd }
+        };
         let console = dir.path().join("console.log");
         let name = self.name.clone().unwrap_or_else(|| {
             let slug = dir.path().file_name().unwrap_or_default().to_string_lossy();
             format!("rwt-{slug}")
         });
-        let xml = domain_xml(&self, &name, &kernel, &initrd, &console, &disks);
+        let xml = domain_xml(&self, &name, &boot, &console, &disks);
         let conn = connect()?;
         let dom = conn
             .define_domain_xml(&xml)
@@ -293,6 +398,7 @@ impl TestVm {
             memory_mib: 192,
             workload: "idle".into(),
             disks: vec![DiskSpec::new("vda", Format::Raw, 64 << 20)],
+            boot_from: BootFrom::Kernel,
         }
     }
 
@@ -850,11 +956,18 @@ pub fn xml_escape(s: &str) -> String {
         .replace('\'', "&apos;")
 }
 
+/// How a test VM boots.
+enum Boot {
+    /// Direct kernel boot of these per-VM copies.
+    Kernel { kernel: PathBuf, initrd: PathBuf },
+    /// From its first disk.
+    Disk,
+}
+
 fn domain_xml(
     b: &TestVmBuilder,
     name: &str,
-    kernel: &Path,
-    initrd: &Path,
+    boot: &Boot,
     console: &Path,
     disks: &[TestDisk],
 ) -> String {
@@ -864,14 +977,16 @@ fn domain_xml(
     } else {
         ("", "pc", "<acpi/>")
     };
-    let first_disk = disks.first().map_or("vda", |d| d.target.as_str());
-    let mut options = String::new();
-    if b.agent == Agent::Running {
-        options.push_str(" rw.agent=1");
-    }
-    if let Some(fs) = &b.filesystem {
-        write!(options, " rw.fs={}", xml_escape(fs)).expect("writing to a String cannot fail");
-    }
+    let boot = match boot {
+        Boot::Kernel { kernel, initrd } => format!(
+            "<kernel>{}</kernel>\n    <initrd>{}</initrd>\n    <cmdline>{}</cmdline>",
+            e(kernel),
+            e(initrd),
+            xml_escape(&b.kernel_cmdline())
+        ),
+        // SeaBIOS on the serial console, so a disk that does not boot says so there.
+        Boot::Disk => "<boot dev='hd'/>\n    <bios useserial='yes'/>".to_owned(),
+    };
     let mut devices = String::new();
     for d in disks {
         writeln!(
@@ -909,9 +1024,7 @@ fn domain_xml(
   <vcpu>1</vcpu>
   <os{os_attr}>
     <type arch='x86_64' machine='{machine}'>hvm</type>
-    <kernel>{kernel}</kernel>
-    <initrd>{initrd}</initrd>
-    <cmdline>console=ttyS0 panic=-1 rw.workload={workload} rw.disk={first_disk}{options}</cmdline>
+    {boot}
   </os>
   <features>{features}</features>
   <on_poweroff>destroy</on_poweroff>
@@ -926,9 +1039,6 @@ fn domain_xml(
         name = xml_escape(name),
         pid = std::process::id(),
         mem = b.memory_mib,
-        kernel = e(kernel),
-        initrd = e(initrd),
-        workload = xml_escape(&b.workload),
     )
 }
 

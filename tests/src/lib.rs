@@ -3,7 +3,8 @@
 //!
 //! - [`setup`] starts `virtlogd`/`libvirtd` if needed, removes what killed test runs left
 //!   behind, and builds (or reuses) the tiny guest.
-//! - [`domain::TestVm`] defines a guest from the tiny image and removes it on drop.
+//! - [`domain::TestVm`] defines a guest from the tiny image and removes it on drop;
+//!   [`bootdisk`] makes a disk it boots from, for tests that need a real boot sector.
 //! - [`guest`] builds the guest from Debian packages; [`workload`] reads what it wrote.
 //! - [`rewind`] runs the `rewind` binary; [`xvfb`] starts an X server for the window.
 //! - [`sshd::Sshd`] is an OpenSSH server on loopback: the local daemon as a remote host;
@@ -16,6 +17,7 @@
 #![allow(clippy::missing_panics_doc)]
 
 pub mod a11y;
+pub mod bootdisk;
 pub mod compare;
 pub mod daemon;
 pub mod disks;
