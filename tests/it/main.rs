@@ -6,6 +6,8 @@
 
 mod agent;
 mod backup;
+mod bootcheck;
+mod bootdisk;
 mod chain;
 mod cli;
 mod events;

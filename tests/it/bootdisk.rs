@@ -1,0 +1,173 @@
+//! A test guest that boots from its own disk, as an installed system does (`SeaBIOS`, then
+//! syslinux from the MBR and the boot partition, then the kernel), and that no longer
+//! boots once its boot sector is zeroed: what a boot-check (issue 23) has to tell apart.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use rewind_tests::domain::TestDisk;
+use rewind_tests::guest::READY_MARKER;
+use rewind_tests::workload::scan_sequence_file;
+use rewind_tests::{DiskSpec, Format, TestVm, assert_success};
+
+const BOOT_TIMEOUT: Duration = Duration::from_mins(2);
+/// How long a guest with a zeroed boot sector must show no sign of a kernel (TCG boots the
+/// good disk's kernel in well under this).
+const NO_BOOT_FOR: Duration = Duration::from_mins(1);
+/// Console lines that only a booting syslinux or kernel print.
+const BOOT_SIGNS: &[&str] = &[
+    "SYSLINUX",
+    "Loading /vmlinuz",
+    "Linux version",
+    READY_MARKER,
+];
+/// What `SeaBIOS` prints on the serial console when the disk has no boot sector.
+const SEABIOS_FAILED: &str = "Boot failed: not a bootable disk";
+
+/// The first 512 bytes of a disk image (`qemu-img dd`, any format), read through a file in
+/// `work`.
+fn first_sector(disk: &TestDisk, work: &Path) -> Vec<u8> {
+    let out_path = work.join("sector0.raw");
+    let out = Command::new("qemu-img")
+        .args([
+            "dd",
+            "-f",
+            disk.format.name(),
+            "-O",
+            "raw",
+            "bs=512",
+            "count=1",
+        ])
+        .arg(format!("if={}", disk.path.display()))
+        .arg(format!("of={}", out_path.display()))
+        .output()
+        .unwrap();
+    assert_success("qemu-img dd of the first sector", &out);
+    let bytes = std::fs::read(&out_path).unwrap();
+    std::fs::remove_file(&out_path).unwrap();
+    bytes
+}
+
+/// Zeroes the first 512 bytes of a disk image of a VM that is shut off: `qemu-io` for
+/// qcow2 (the change goes through QEMU's block layer, as a guest's would), `dd` for raw.
+fn zero_boot_sector(disk: &TestDisk) {
+    let out = match disk.format {
+        Format::Qcow2 => Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", "write -z 0 512"])
+            .arg(&disk.path)
+            .output(),
+        Format::Raw => Command::new("dd")
+            .args([
+                "if=/dev/zero",
+                "bs=512",
+                "count=1",
+                "conv=notrunc",
+                "status=none",
+            ])
+            .arg(format!("of={}", disk.path.display()))
+            .output(),
+    }
+    .unwrap();
+    assert_success("zeroing the boot sector", &out);
+}
+
+fn console_path(vm: &TestVm) -> PathBuf {
+    vm.dir().join("console.log")
+}
+
+#[test]
+fn boots_from_its_disk_and_not_once_its_boot_sector_is_zeroed() {
+    let mut vm = TestVm::builder("bootdisk")
+        .boot_from_disk()
+        .workload("sequence")
+        .guest_agent()
+        .disks(vec![
+            DiskSpec::new("vda", Format::Qcow2, 64 << 20),
+            DiskSpec::new("vdb", Format::Qcow2, 32 << 20),
+        ])
+        .define()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let xml = vm.domain().xml_desc(0).unwrap();
+    assert!(
+        !xml.contains("<kernel>") && !xml.contains("<initrd>"),
+        "a VM that boots from its disk must not be given a kernel:\n{xml}"
+    );
+    let vda = vm.disk("vda").clone();
+    let vdb = vm.disk("vdb").clone();
+    let mbr = first_sector(&vda, vm.dir());
+    assert_eq!(&mbr[510..], &[0x55, 0xaa], "vda has no MBR signature");
+
+    // It boots from vda: SeaBIOS, syslinux, the kernel, the workload on vdb, the agent.
+    let started = Instant::now();
+    vm.start_and_wait_ready(BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let ready_after = started.elapsed();
+    let console = vm.console();
+    for sign in ["Booting from Hard Disk", "SYSLINUX", "Loading /vmlinuz"] {
+        assert!(
+            console.contains(sign),
+            "the console does not show {sign:?}: did the VM boot from its disk?\n{console}"
+        );
+    }
+    vm.wait_flushed(5, BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    vm.wait_agent_ready(BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!(
+        "booted from vda: ready {:.1} s after start, 5 records and the agent after {:.1} s",
+        ready_after.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+    vm.destroy().unwrap_or_else(|e| panic!("{e}"));
+
+    // The records are on vdb, and the boot sector is untouched by them.
+    let scan = scan_sequence_file(&vdb.path, vdb.format.name()).unwrap();
+    assert!(
+        scan.is_consistent_prefix() && scan.last_valid >= 5,
+        "vdb should hold records 1..=k, k >= 5: {scan:?}"
+    );
+    assert_eq!(
+        first_sector(&vda, vm.dir()),
+        mbr,
+        "the workload changed vda's MBR"
+    );
+
+    // Zeroed boot sector: SeaBIOS finds nothing to boot, and no kernel ever starts.
+    zero_boot_sector(&vda);
+    assert_eq!(first_sector(&vda, vm.dir()), vec![0u8; 512]);
+    // Only what the second start prints.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(console_path(&vm))
+        .and_then(|f| f.set_len(0))
+        .unwrap();
+    let started = Instant::now();
+    vm.start().unwrap_or_else(|e| panic!("{e}"));
+    vm.wait_console(SEABIOS_FAILED, NO_BOOT_FOR)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let failed_after = started.elapsed();
+    while started.elapsed() < NO_BOOT_FOR {
+        let console = vm.console();
+        if let Some(sign) = BOOT_SIGNS.iter().find(|s| console.contains(*s)) {
+            panic!(
+                "a VM with a zeroed boot sector booted (the console shows {sign:?}):\n{console}"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        vm.domain().is_active().unwrap(),
+        "the VM should still be running, stuck in the firmware"
+    );
+    let console = vm.console();
+    assert!(
+        console.contains("No bootable device"),
+        "SeaBIOS should say it found nothing to boot:\n{console}"
+    );
+    eprintln!(
+        "zeroed boot sector: SeaBIOS reported {SEABIOS_FAILED:?} {:.1} s after start; \
+         no kernel within {NO_BOOT_FOR:?}",
+        failed_after.as_secs_f64()
+    );
+}
