@@ -993,6 +993,20 @@ fn files_window_of_a_new_checkpoint(
     (vm, store, h)
 }
 
+/// Ticks `name` in the Files window, the only item ticked, and restores it into the new
+/// folder `out`, given as the folder dialog gives it; returns `out`.
+fn restore_alone(h: &mut Harness<'_, RewindApp>, name: &str, out: &Path) -> std::path::PathBuf {
+    h.get_by_label(&format!("Restore {name}")).click();
+    wait_for(h, "the item ticked", Duration::from_secs(5), |h| {
+        h.query_by_label("1 item ticked").is_some()
+    });
+    std::fs::create_dir(out).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    tx.send(Some(out.to_path_buf())).unwrap();
+    h.state_mut().state.files.as_mut().unwrap().picking = Some(rx);
+    out.to_path_buf()
+}
+
 #[test]
 #[allow(clippy::too_many_lines)] // one user story, step by step
 fn a_file_is_found_previewed_and_restored_from_the_files_window_with_the_real_engine() {
@@ -1089,15 +1103,7 @@ fn a_file_is_found_previewed_and_restored_from_the_files_window_with_the_real_en
 
     // Tick it and restore it into a folder (given as the folder dialog gives it).
     settle(&mut h);
-    h.get_by_label("Restore thesis.txt").click();
-    wait_for(&mut h, "the file ticked", Duration::from_secs(5), |h| {
-        h.query_by_label("1 item ticked").is_some()
-    });
-    let out = dir.path().join("restored");
-    std::fs::create_dir(&out).unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    tx.send(Some(out.clone())).unwrap();
-    h.state_mut().state.files.as_mut().unwrap().picking = Some(rx);
+    let out = restore_alone(&mut h, "thesis.txt", &dir.path().join("restored"));
     wait_for(&mut h, "the restored file", Duration::from_mins(1), |h| {
         h.state()
             .state
@@ -1227,15 +1233,7 @@ fn a_file_restore_cancelled_in_the_activity_panel_leaves_the_folder_as_it_was() 
         h.query_by_label("Restore big").is_some()
     });
     settle(&mut h);
-    h.get_by_label("Restore big").click();
-    wait_for(&mut h, "the folder ticked", Duration::from_secs(5), |h| {
-        h.query_by_label("1 item ticked").is_some()
-    });
-    let out = dir.path().join("restored");
-    std::fs::create_dir(&out).unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    tx.send(Some(out.clone())).unwrap();
-    h.state_mut().state.files.as_mut().unwrap().picking = Some(rx);
+    let out = restore_alone(&mut h, "big", &dir.path().join("restored"));
     h.step();
     // The Files window closes, so that it covers nothing of the activity panel.
     h.state_mut().state.files = None;
