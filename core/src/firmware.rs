@@ -241,13 +241,28 @@ impl SavedFirmware {
 /// `/etc/libvirt/qemu.conf`, `tss` where it does not say; `None` if this machine has no
 /// such user (then the files keep Rewind's own).
 fn swtpm_owner() -> Option<(u32, u32)> {
+    libvirt_daemon_user(("swtpm_user", "tss"), ("swtpm_group", "tss"))
+}
+
+/// The user and group the system libvirt daemon runs QEMU as: `user` and `group` of
+/// `/etc/libvirt/qemu.conf`, `libvirt-qemu` (Debian's) where it does not say; `None` if
+/// this machine has no such user.
+#[must_use]
+pub fn qemu_owner() -> Option<(u32, u32)> {
+    libvirt_daemon_user(("user", "libvirt-qemu"), ("group", "libvirt-qemu"))
+}
+
+/// The ids of the user and group that `/etc/libvirt/qemu.conf` sets with the keys of
+/// `user` and `group`, or their defaults (names, or `+ID`).
+fn libvirt_daemon_user(user: (&str, &str), group: (&str, &str)) -> Option<(u32, u32)> {
     let conf = std::fs::read_to_string("/etc/libvirt/qemu.conf").unwrap_or_default();
-    let setting = |key: &str| {
+    let setting = |(key, default): (&str, &str)| {
         conf.lines()
+            .filter(|l| !l.trim_start().starts_with('#'))
             .filter_map(|l| l.split_once('='))
             .find(|(k, _)| k.trim() == key)
             .map_or_else(
-                || "tss".to_owned(),
+                || default.to_owned(),
                 |(_, v)| v.trim().trim_matches('"').to_owned(),
             )
     };
@@ -260,7 +275,7 @@ fn swtpm_owner() -> Option<(u32, u32)> {
                 .flatten()
         })
     };
-    let (user, group) = (setting("swtpm_user"), setting("swtpm_group"));
+    let (user, group) = (setting(user), setting(group));
     let uid = user
         .strip_prefix('+')
         .map_or_else(|| id_of("/etc/passwd", &user), |n| n.parse().ok())?;

@@ -8,6 +8,7 @@
 
 pub mod atomic_file;
 pub mod autostart;
+pub mod bootcheck;
 pub mod checkpoint;
 mod cleanup;
 pub mod config;

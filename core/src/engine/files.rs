@@ -303,7 +303,7 @@ fn picture(name: &str) -> Option<&'static str> {
 }
 
 /// The thumbnail of the picture in `bytes`, if it decodes.
-fn thumbnail(bytes: &[u8], kind: &str) -> Option<Vec<u8>> {
+pub(crate) fn thumbnail(bytes: &[u8], kind: &str) -> Option<Vec<u8>> {
     THUMBNAILER.get().and_then(|make| make(bytes, kind))
 }
 

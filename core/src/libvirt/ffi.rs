@@ -384,3 +384,30 @@ pub(super) fn stream_send_hole(stream: &Stream, len_bytes: i64) -> Result<(), vi
     }
     Ok(())
 }
+
+// ---- Transient domains (virDomainCreateXML) --------------------------------------------
+
+/// virDomainCreateXML with `VIR_DOMAIN_START_AUTODESTROY`: starts a transient domain from
+/// `xml` that libvirt destroys when `conn` closes (also when this process dies), so that a
+/// throwaway clone never outlives the one who started it.
+pub(super) fn create_transient_autodestroy(
+    conn: &Connect,
+    xml: &str,
+) -> Result<Domain, virt::error::Error> {
+    let xml = c_string(xml)?;
+    // SAFETY: the connection pointer is valid while `conn` lives; `xml` is NUL-terminated
+    // and outlives the call. A non-null result is a new reference we own, which `Domain`
+    // frees when dropped.
+    let ptr = unsafe {
+        sys::virDomainCreateXML(
+            conn.as_ptr(),
+            xml.as_ptr(),
+            sys::VIR_DOMAIN_START_AUTODESTROY,
+        )
+    };
+    if ptr.is_null() {
+        return Err(virt::error::Error::last_error());
+    }
+    // SAFETY: as above.
+    Ok(unsafe { Domain::from_ptr(ptr) })
+}

@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod backup;
 pub mod bitmaps;
+pub mod clone_vm;
 mod events;
 mod ffi;
 pub mod lifecycle;

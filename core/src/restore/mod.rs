@@ -29,9 +29,11 @@
 //! dirty bitmaps of every store's chain saw the writes (they go through QEMU's block layer),
 //! so the next checkpoint into any store is still a true incremental.
 
+pub mod clone;
 pub mod confine;
 mod disk;
 pub mod domain_xml;
+pub mod isolate;
 mod new_image;
 mod new_vm;
 pub mod resume;
