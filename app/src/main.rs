@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+mod bootcheck_cli;
 mod cli;
 mod daemon;
 mod error_text;

@@ -8,12 +8,15 @@ pub fn install() {
     rewind_core::engine::files::set_thumbnailer(make);
 }
 
-/// A PNG thumbnail of the picture in `bytes` (`png` or `jpeg`), if it decodes. A guest's
+/// A PNG thumbnail of the picture in `bytes` (`png`, `jpeg`, or a screenshot's `ppm`), if
+/// it decodes. A guest's
 /// file is input anyone may have written: the decoder's limits bound what it allocates.
 fn make(bytes: &[u8], kind: &str) -> Option<Vec<u8>> {
     let format = match kind {
         "png" => image::ImageFormat::Png,
         "jpeg" => image::ImageFormat::Jpeg,
+        // A VM's screenshot, as QEMU takes it (a boot-check's).
+        "ppm" => image::ImageFormat::Pnm,
         _ => return None,
     };
     let mut reader = image::ImageReader::with_format(std::io::Cursor::new(bytes), format);

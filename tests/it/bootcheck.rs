@@ -1,0 +1,109 @@
+//! Boot-checks (issue 23): a throwaway, isolated copy of a checkpoint started straight from
+//! the store, judged, and removed without a trace while the original VM runs on.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use rewind_tests::scratch::ScratchDir;
+use rewind_tests::{DiskSpec, Format, TestVm, daemon};
+
+const BOOT_TIMEOUT: Duration = Duration::from_mins(2);
+
+/// `rewind boot-check VM latest --from DEST --json` with its state and work folders in
+/// `dir`: its output.
+fn boot_check(vm: &str, dest: &Path, dir: &Path, timeout_secs: u64) -> std::process::Output {
+    let mut cmd: Command = crate::rewind::command();
+    cmd.args(["boot-check", vm, "latest", "--from"])
+        .arg(dest)
+        .args([
+            "--timeout",
+            &timeout_secs.to_string(),
+            "--json",
+            "--connect",
+            daemon::URI,
+        ])
+        .env("REWIND_STATE_DIR", dir.join("state"))
+        .env("REWIND_WORK_DIR", dir.join("work"));
+    cmd.output().unwrap()
+}
+
+/// The names of the VMs libvirt knows that are boot-check copies of `vm`.
+fn clones_of(vm: &str) -> Vec<String> {
+    let hv = rewind_core::libvirt::Hypervisor::connect(daemon::URI).unwrap();
+    hv.list_vms()
+        .unwrap()
+        .into_iter()
+        .map(|v| v.name)
+        .filter(|n| n.starts_with(vm) && n.contains("boot-check"))
+        .collect()
+}
+
+/// What is left in the work folder (the clones' folders, sockets, overlays, NVRAM copies).
+fn left_in(work: &Path) -> Vec<String> {
+    std::fs::read_dir(work)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_boot_check_boots_a_copy_from_the_store_keeps_its_screen_and_leaves_nothing_behind() {
+    let mut vm = TestVm::builder("bootcheck")
+        .workload("sequence")
+        .guest_agent()
+        .disks(vec![DiskSpec::new("vda", Format::Qcow2, 32 << 20)])
+        .define()
+        .expect("define the test VM");
+    vm.start_and_wait_ready(BOOT_TIMEOUT).expect("boot");
+    vm.wait_agent_ready(BOOT_TIMEOUT).unwrap();
+    vm.wait_flushed(5, BOOT_TIMEOUT).unwrap();
+    let dir = ScratchDir::new("bootcheck").unwrap();
+    let dest = dir.path().join("store");
+    let taken = crate::rewind::checkpoint_json(&vm.name, &dest);
+    let id = taken["id"].as_str().unwrap().to_owned();
+    let before = vm.last_flushed_record();
+
+    let out = boot_check(&vm.name, &dest, dir.path(), 300);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "boot-check failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["booted"], true, "{report}");
+    assert_eq!(report["checkpoint"], id.as_str());
+    assert_eq!(report["outcome"]["outcome"], "booted", "{report}");
+    assert_eq!(report["outcome"]["signal"], "agent", "{report}");
+
+    // Its screen is kept as a small picture that is not blank.
+    let png = Path::new(
+        report["thumbnail_path"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no thumbnail: {report}")),
+    );
+    assert!(
+        png.starts_with(dir.path().join("state")),
+        "{}",
+        png.display()
+    );
+    let picture = image::open(png).unwrap().to_rgb8();
+    assert!(picture.width() <= 320 && picture.height() <= 320);
+    let first = picture.get_pixel(0, 0);
+    assert!(
+        picture.pixels().any(|p| p != first),
+        "the thumbnail is one colour"
+    );
+
+    // Nothing is left: no domain, no folder (overlays, sockets, NVRAM copy), no process
+    // holding the store.
+    assert_eq!(clones_of(&vm.name), Vec::<String>::new());
+    assert_eq!(left_in(&dir.path().join("work")), Vec::<String>::new());
+    // The original ran on throughout, untouched.
+    assert!(vm.domain().is_active().unwrap());
+    vm.wait_flushed(before + 3, BOOT_TIMEOUT).unwrap();
+}
