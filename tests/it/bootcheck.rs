@@ -107,3 +107,115 @@ fn a_boot_check_boots_a_copy_from_the_store_keeps_its_screen_and_leaves_nothing_
     assert!(vm.domain().is_active().unwrap());
     vm.wait_flushed(before + 3, BOOT_TIMEOUT).unwrap();
 }
+
+/// The sequence workload's last record in checkpoint `id`'s disk `target`.
+fn last_record(dest: &Path, id: &str, target: &str) -> u64 {
+    let store = rewind_core::store::Store::open(dest, None).unwrap();
+    let m = store
+        .catalog()
+        .unwrap()
+        .checkpoints
+        .into_iter()
+        .find(|m| m.id == id)
+        .unwrap();
+    let scan = rewind_tests::workload::scan_sequence(&rewind_tests::compare::checkpoint_bytes(
+        &store, &m, target,
+    ));
+    assert!(scan.is_consistent_prefix(), "{:?}", scan.problems);
+    scan.last_valid
+}
+
+#[test]
+fn a_clone_boots_from_its_disk_through_the_export_with_the_checkpoints_records_and_a_zeroed_boot_sector_fails()
+ {
+    let mut vm = TestVm::builder("bootcheck-disk")
+        .boot_from_disk()
+        .workload("sequence")
+        .guest_agent()
+        .disks(vec![
+            DiskSpec::new("vda", Format::Qcow2, 64 << 20),
+            DiskSpec::new("vdb", Format::Qcow2, 32 << 20),
+        ])
+        .define()
+        .expect("define the test VM");
+    vm.start_and_wait_ready(BOOT_TIMEOUT).expect("boot");
+    vm.wait_flushed(5, BOOT_TIMEOUT).unwrap();
+    let dir = ScratchDir::new("bootcheck-disk").unwrap();
+    let dest = dir.path().join("store");
+    let taken = crate::rewind::checkpoint_json(&vm.name, &dest);
+    let id = taken["id"].as_str().unwrap().to_owned();
+    let k = last_record(&dest, &id, "vdb");
+
+    // The clone boots from the checkpoint's vda (SeaBIOS, syslinux, its kernel) read
+    // through the export, and its workload carries on from the checkpoint's last record.
+    let hv = rewind_core::libvirt::Hypervisor::connect(daemon::URI).unwrap();
+    let store = std::sync::Arc::new(rewind_core::store::Store::open(&dest, None).unwrap());
+    let m = store
+        .catalog()
+        .unwrap()
+        .checkpoints
+        .into_iter()
+        .find(|m| m.id == id)
+        .unwrap();
+    let clone = rewind_core::restore::clone::ThrowawayClone::start(&hv, &store, &m).unwrap();
+    let (folder, console) = (
+        clone.folder().to_path_buf(),
+        clone.console_log().unwrap().to_path_buf(),
+    );
+    let resumed = format!("RWSEQ resume after {k}");
+    let deadline = std::time::Instant::now() + BOOT_TIMEOUT;
+    loop {
+        let text = std::fs::read_to_string(&console).unwrap_or_default();
+        if text.lines().any(|l| l.trim() == resumed) {
+            assert!(text.contains("Booting from Hard Disk"), "{text}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the clone did not print {resumed:?}: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(clones_of(&vm.name).len(), 1);
+    clone.finish().unwrap();
+    assert_eq!(clones_of(&vm.name), Vec::<String>::new());
+    assert!(!folder.exists(), "{} is left", folder.display());
+    // The original's disks are its own: it ran on.
+    let before = vm.last_flushed_record();
+    vm.wait_flushed(before + 2, BOOT_TIMEOUT).unwrap();
+
+    // A checkpoint of the disk with its boot sector zeroed fails the check: SeaBIOS finds
+    // nothing to boot, the agent never answers, and the check says what the screen showed.
+    vm.destroy().unwrap();
+    let vda = vm.disk("vda").clone();
+    let out = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -z 0 512"])
+        .arg(&vda.path)
+        .output()
+        .unwrap();
+    rewind_tests::assert_success("zeroing the boot sector", &out);
+    crate::rewind::checkpoint_json(&vm.name, &dest);
+    let out = boot_check(&vm.name, &dest, dir.path(), 45);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stderr.contains("did not boot: no sign of a started system after")
+            && stderr.contains("a text screen"),
+        "{stderr}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(stdout.split("\n{\"error\"").next().unwrap()).unwrap();
+    assert_eq!(report["booted"], false, "{report}");
+    assert_eq!(
+        report["outcome"]["failure"]["reason"], "timeout",
+        "{report}"
+    );
+    assert_eq!(
+        report["outcome"]["failure"]["screen"], "text_mode",
+        "{report}"
+    );
+    assert!(Path::new(report["thumbnail_path"].as_str().unwrap()).exists());
+    assert_eq!(clones_of(&vm.name), Vec::<String>::new());
+    assert_eq!(left_in(&dir.path().join("work")), Vec::<String>::new());
+}
