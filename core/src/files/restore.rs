@@ -12,7 +12,9 @@
 //! and everything after is done relative to folders held open: the staging folder is made
 //! in the target's, each new folder is opened in its parent, files are created there and
 //! never through a link, owners and times are set on what is held open, and the finished
-//! items are moved from the staging folder's handle to the target's.
+//! items are moved from the staging folder's handle to the target's. What is removed after
+//! a failure or a cancel is removed only if it is still what the restore made (its device
+//! and inode numbers), through folders held open, links never followed.
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
@@ -70,7 +72,7 @@ pub(super) fn restore(
 
     let (staging_name, staging) = staging_folder(target.as_fd()).map_err(|e| output(e, to))?;
     let staging_path = to.join(&staging_name);
-    let mut moved: Vec<&str> = Vec::new();
+    let mut moved: Vec<(&str, Made)> = Vec::new();
     let result = (|| {
         let mut done = Restored::default();
         for (path, name, entry) in &plan {
@@ -98,6 +100,8 @@ pub(super) fn restore(
         }
         for (_, name, _) in &plan {
             let path = to.join(name);
+            let made = rustix::fs::statat(&staging, name.as_str(), AtFlags::SYMLINK_NOFOLLOW)
+                .map_err(|e| output(e.into(), &staging_path.join(name)))?;
             rustix::fs::renameat_with(
                 &staging,
                 name.as_str(),
@@ -109,24 +113,46 @@ pub(super) fn restore(
                 Errno::EXIST => FilesError::Exists { path: path.clone() },
                 e => output(e.into(), &path),
             })?;
-            moved.push(name);
+            moved.push((name, Made::of(&made)));
             done.written.push(path);
         }
         Ok(done)
     })();
     if result.is_err() {
         // All or nothing: what was already moved in place goes too.
-        for name in &moved {
-            if let Err(e) = remove_tree(target.as_fd(), OsStr::new(name), 0) {
+        for (name, made) in &moved {
+            if let Err(e) = remove_made(target.as_fd(), OsStr::new(name), *made) {
                 tracing::warn!("could not remove {}: {e}", to.join(name).display());
             }
         }
     }
-    drop(staging);
-    if let Err(e) = remove_tree(target.as_fd(), OsStr::new(&staging_name), 0) {
+    let removed = rustix::fs::fstat(&staging)
+        .map_err(io::Error::from)
+        .and_then(|made| {
+            remove_contents(staging.as_fd(), 0)?;
+            drop(staging);
+            remove_made(target.as_fd(), OsStr::new(&staging_name), Made::of(&made))
+        });
+    if let Err(e) = removed {
         tracing::warn!("could not remove {}: {e}", staging_path.display());
     }
     result
+}
+
+/// What tells one file from another, whatever its name: its device and inode numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Made {
+    dev: u64,
+    ino: u64,
+}
+
+impl Made {
+    fn of(stat: &rustix::fs::Stat) -> Self {
+        Self {
+            dev: stat.st_dev,
+            ino: stat.st_ino,
+        }
+    }
 }
 
 /// Opens the folder `to`, never through a link at its end. For a service restoring for a
@@ -259,10 +285,13 @@ fn staging_folder(target: BorrowedFd<'_>) -> io::Result<(String, OwnedFd)> {
             Err(e) => return Err(e.into()),
         }
         let folder = rustix::fs::openat(target, name.as_str(), FOLDER, Mode::empty())?;
-        // Whoever may write in the target folder could have put a folder of theirs in the
-        // new one's place; one this process made is its own and private.
-        let stat = rustix::fs::fstat(&folder)?;
-        if stat.st_uid != rustix::process::geteuid().as_raw() || stat.st_mode & 0o077 != 0 {
+        // Whoever may write in the target folder could have put a folder of someone else's
+        // in the new one's place (renamed within the target folder; into it from elsewhere
+        // needs write permission on the folder itself). The one made here is empty; so the
+        // worst a swap can do is have the restore write into, and remove, an empty folder,
+        // which that user could remove themselves. (Its owner is no test: on FAT, exFAT and
+        // NTFS a mount option gives every file one owner.)
+        if !entries(folder.as_fd())?.is_empty() {
             return Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
                 format!("the temporary folder {name} was replaced while in use"),
@@ -276,28 +305,58 @@ fn staging_folder(target: BorrowedFd<'_>) -> io::Result<(String, OwnedFd)> {
     ))
 }
 
-/// Removes `name` in `parent` and, if it is a folder, everything in it, relative to
-/// folders held open: links are removed, never followed.
-fn remove_tree(parent: BorrowedFd<'_>, name: &OsStr, depth: usize) -> io::Result<()> {
-    match rustix::fs::unlinkat(parent, name, AtFlags::empty()) {
-        Err(Errno::ISDIR) => {}
-        other => return other.map_err(io::Error::from),
+/// The names in `folder`, without `.` and `..`.
+fn entries(folder: BorrowedFd<'_>) -> io::Result<Vec<OsString>> {
+    let mut names = Vec::new();
+    for entry in rustix::fs::Dir::read_from(folder)? {
+        let name = entry?.file_name().to_bytes().to_vec();
+        if name != b"." && name != b".." {
+            names.push(OsString::from_vec(name));
+        }
     }
+    Ok(names)
+}
+
+/// Removes `name` in `parent`, which this restore made as `made` (and, if it is a folder,
+/// everything in it), unless it is no longer that: a user who swapped something else in
+/// under its name does not have it removed.
+fn remove_made(parent: BorrowedFd<'_>, name: &OsStr, made: Made) -> io::Result<()> {
+    let replaced = || io::Error::other("it was replaced by something else, which is left alone");
+    let stat = rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW)?;
+    if Made::of(&stat) != made {
+        return Err(replaced());
+    }
+    if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::Directory {
+        return rustix::fs::unlinkat(parent, name, AtFlags::empty()).map_err(io::Error::from);
+    }
+    let folder = rustix::fs::openat(parent, name, FOLDER, Mode::empty())?;
+    if Made::of(&rustix::fs::fstat(&folder)?) != made {
+        return Err(replaced());
+    }
+    remove_contents(folder.as_fd(), 0)?;
+    // Were it swapped again now, for a folder that is not empty, this fails.
+    rustix::fs::unlinkat(parent, name, AtFlags::REMOVEDIR).map_err(io::Error::from)
+}
+
+/// Removes everything in `folder`, relative to folders held open: links are removed,
+/// never followed.
+fn remove_contents(folder: BorrowedFd<'_>, depth: usize) -> io::Result<()> {
     if depth > MAX_DEPTH {
         return Err(io::Error::other("the folder is too deep to remove"));
     }
-    let folder = rustix::fs::openat(parent, name, FOLDER, Mode::empty())?;
-    let mut names = Vec::new();
-    for entry in rustix::fs::Dir::read_from(&folder)? {
-        let child = entry?.file_name().to_bytes().to_vec();
-        if child != b"." && child != b".." {
-            names.push(OsString::from_vec(child));
+    for name in entries(folder)? {
+        match rustix::fs::unlinkat(folder, &name, AtFlags::empty()) {
+            Err(Errno::ISDIR) => {}
+            other => {
+                other?;
+                continue;
+            }
         }
+        let child = rustix::fs::openat(folder, &name, FOLDER, Mode::empty())?;
+        remove_contents(child.as_fd(), depth + 1)?;
+        rustix::fs::unlinkat(folder, &name, AtFlags::REMOVEDIR)?;
     }
-    for child in names {
-        remove_tree(folder.as_fd(), &child, depth + 1)?;
-    }
-    rustix::fs::unlinkat(parent, name, AtFlags::REMOVEDIR).map_err(io::Error::from)
+    Ok(())
 }
 
 fn system_time(t: Timestamp) -> Option<SystemTime> {
@@ -552,5 +611,53 @@ impl Write for SparseFile {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::symlink;
+
+    use super::*;
+
+    fn open(path: &Path) -> OwnedFd {
+        rustix::fs::openat(rustix::fs::CWD, path, FOLDER, Mode::empty()).unwrap()
+    }
+
+    #[test]
+    fn what_a_restore_made_is_removed_without_following_links_and_a_swapped_in_folder_is_left() {
+        let tmp = tempfile::tempdir().unwrap();
+        let to = tmp.path().join("to");
+        let elsewhere = tmp.path().join("elsewhere");
+        std::fs::create_dir_all(to.join("made/inner")).unwrap();
+        std::fs::create_dir(&elsewhere).unwrap();
+        std::fs::write(elsewhere.join("keep.txt"), b"keep").unwrap();
+        std::fs::write(to.join("made/inner/file"), b"x").unwrap();
+        symlink(&elsewhere, to.join("made/inner/link")).unwrap();
+        let target = open(&to);
+        let made =
+            Made::of(&rustix::fs::statat(&target, "made", AtFlags::SYMLINK_NOFOLLOW).unwrap());
+
+        // Swapped for another folder: that one stays, with what it holds.
+        std::fs::rename(to.join("made"), to.join("moved away")).unwrap();
+        std::fs::create_dir(to.join("made")).unwrap();
+        std::fs::write(to.join("made/theirs.txt"), b"theirs").unwrap();
+        remove_made(target.as_fd(), OsStr::new("made"), made).unwrap_err();
+        assert_eq!(
+            std::fs::read(to.join("made/theirs.txt")).unwrap(),
+            b"theirs"
+        );
+        // So does a link put in its place.
+        std::fs::remove_dir_all(to.join("made")).unwrap();
+        symlink(&elsewhere, to.join("made")).unwrap();
+        remove_made(target.as_fd(), OsStr::new("made"), made).unwrap_err();
+        assert!(elsewhere.join("keep.txt").exists());
+
+        // The folder it made goes, with everything in it; a link in it is not followed.
+        std::fs::remove_file(to.join("made")).unwrap();
+        std::fs::rename(to.join("moved away"), to.join("made")).unwrap();
+        remove_made(target.as_fd(), OsStr::new("made"), made).unwrap();
+        assert!(!to.join("made").exists());
+        assert_eq!(std::fs::read(elsewhere.join("keep.txt")).unwrap(), b"keep");
     }
 }
