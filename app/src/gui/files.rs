@@ -217,6 +217,9 @@ pub fn files_ui(ui: &mut egui::Ui, state: &mut UiState, commands: &mut Commands)
     {
         view.picking = None;
         if let (Some(to), Some(key)) = (picked, &view.key) {
+            // A restore never goes through a link at the folder's end: one the user picked
+            // is followed here, as the user.
+            let to = std::fs::canonicalize(&to).unwrap_or(to);
             commands.push(Command::Start(JobRequest::RestoreFiles {
                 destination: key.destination.clone(),
                 vm_uuid: key.vm_uuid,
