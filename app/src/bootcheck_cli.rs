@@ -6,9 +6,11 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::Context as _;
-use rewind_core::bootcheck::{self, BootCheckOptions, Outcome};
+use anyhow::bail;
+use rewind_core::bootcheck::{self, BootCheckOptions, Checked, Outcome};
+use rewind_core::engine::jobs::{JobOutput, JobRequest};
 use rewind_core::libvirt::Hypervisor;
+use rewind_core::store::Manifest;
 
 use crate::store_cli::{find_checkpoint, open_store};
 
@@ -46,8 +48,41 @@ pub struct BootCheckAsk<'a> {
     pub json: bool,
 }
 
-/// Runs a boot-check here and prints its result.
-pub fn boot_check(out: &mut dyn Write, ask: &BootCheckAsk<'_>) -> anyhow::Result<()> {
+/// Runs a boot-check and prints its result: through the protection service when
+/// `session` is one and `dest` is one of its destinations (its stores are root's), else
+/// here, as this user.
+pub fn boot_check(
+    out: &mut dyn Write,
+    session: Option<&mut crate::service_cli::Session>,
+    ask: &BootCheckAsk<'_>,
+) -> anyhow::Result<()> {
+    if let Some(session) = session
+        && let Some(found) = session.served_checkpoint(ask.dest, ask.vm, ask.checkpoint)
+    {
+        let (destination, m) = found?;
+        let request = JobRequest::BootCheck {
+            destination,
+            vm_uuid: m.vm.uuid,
+            checkpoint: m.id.clone(),
+            timeout_secs: ask.timeout_secs,
+        };
+        say_starting(out, ask, &m)?;
+        return match session.job(request, &format!("Boot-check of {}", m.id))? {
+            JobOutput::BootChecked {
+                check,
+                thumbnail_png,
+                ..
+            } => {
+                // The service keeps its own copy; this user gets one to look at.
+                let checked = Checked {
+                    check: *check,
+                    thumbnail_png,
+                };
+                report(out, ask, &m, &checked)
+            }
+            other => bail!("the service answered {other:?} to a boot-check"),
+        };
+    }
     let store = Arc::new(open_store(ask.dest)?);
     let m = find_checkpoint(&store, ask.dest, ask.vm, ask.checkpoint)?;
     let hv = Hypervisor::connect(ask.uri)?;
@@ -58,6 +93,12 @@ pub fn boot_check(out: &mut dyn Write, ask: &BootCheckAsk<'_>) -> anyhow::Result
     if let Some(secs) = ask.timeout_secs {
         options.timeout = std::time::Duration::from_secs(secs);
     }
+    say_starting(out, ask, &m)?;
+    let checked = bootcheck::boot_check(&hv, &store, &m, options, &control)?;
+    report(out, ask, &m, &checked)
+}
+
+fn say_starting(out: &mut dyn Write, ask: &BootCheckAsk<'_>, m: &Manifest) -> anyhow::Result<()> {
     if !ask.json {
         writeln!(
             out,
@@ -65,11 +106,26 @@ pub fn boot_check(out: &mut dyn Write, ask: &BootCheckAsk<'_>) -> anyhow::Result
             m.id, m.vm.name
         )?;
     }
-    let checked = bootcheck::boot_check(&hv, &store, &m, options, &control)?;
-    checked
-        .save()
-        .context("could not keep the boot-check's result")?;
-    let thumbnail = bootcheck::thumbnail_path(&m.vm.uuid, &m.id);
+    Ok(())
+}
+
+/// Keeps the result in this user's state folder and prints it; a checkpoint that did not
+/// boot is the error [`DidNotBoot`].
+fn report(
+    out: &mut dyn Write,
+    ask: &BootCheckAsk<'_>,
+    m: &Manifest,
+    checked: &Checked,
+) -> anyhow::Result<()> {
+    let state_dir = rewind_core::paths::state_dir();
+    if let Err(e) = checked.save_in(&state_dir) {
+        // The check itself is done: say so, and go on to its result.
+        eprintln!(
+            "warning: could not keep the boot-check's result in {}: {e}",
+            state_dir.display()
+        );
+    }
+    let thumbnail = bootcheck::thumbnail_path(&state_dir, &m.vm.uuid, &m.id);
     if ask.json {
         let mut value = serde_json::to_value(&checked.check)?;
         value["booted"] = checked.check.booted().into();

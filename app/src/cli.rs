@@ -424,16 +424,11 @@ impl Command {
     /// processes themselves.
     fn runs_here(&self) -> bool {
         match self {
-            // A boot-check runs here for now: its route through the service is not built
-            // yet (it needs this machine's libvirt and the store, as the caller).
-            Self::Daemon
-            | Self::Tray
-            | Self::Service
-            | Self::Generate(_)
-            | Self::BootCheck { .. } => true,
+            Self::Daemon | Self::Tray | Self::Service | Self::Generate(_) => true,
             Self::Files { .. }
             | Self::RestoreFiles { .. }
             | Self::Changes { .. }
+            | Self::BootCheck { .. }
             | Self::Vms { .. }
             | Self::Init { .. }
             | Self::Checkpoint { .. }
@@ -626,23 +621,11 @@ pub fn run(args: &Args, command: &Command, out: &mut dyn Write) -> anyhow::Resul
         Command::Files { .. } | Command::RestoreFiles { .. } | Command::Changes { .. } => {
             files_command(out, None, command)?;
         }
-        Command::BootCheck {
-            vm,
-            checkpoint,
-            store,
-            timeout,
-            json,
-        } => crate::bootcheck_cli::boot_check(
-            out,
-            &crate::bootcheck_cli::BootCheckAsk {
-                dest: store,
-                vm,
-                checkpoint,
-                uri: &args.uri(),
-                timeout_secs: *timeout,
-                json: *json,
-            },
-        )?,
+        Command::BootCheck { .. } => {
+            if let Some(done) = boot_check_command(args, out, None, command) {
+                done?;
+            }
+        }
         Command::Export { .. } => {
             if let Some(ask) = export_ask(command) {
                 store_cli::export(out, &ask)?;
@@ -786,6 +769,7 @@ fn through_service(
             | Command::Files { .. }
             | Command::RestoreFiles { .. }
             | Command::Changes { .. }
+            | Command::BootCheck { .. }
     );
     let mut session = match remote::route(args.connect.as_deref()) {
         Ok(Route::Direct) => return None,
@@ -861,14 +845,43 @@ fn through_service(
                 json: how.json,
             },
         ),
-        Command::Daemon
-        | Command::Tray
-        | Command::Service
-        | Command::Generate(_)
-        | Command::BootCheck { .. } => {
+        Command::BootCheck { .. } => boot_check_command(args, out, Some(session), command)?,
+        Command::Daemon | Command::Tray | Command::Service | Command::Generate(_) => {
             return None;
         }
     })
+}
+
+/// `rewind boot-check`, through the service's `session` when there is one; `None` for any
+/// other command.
+fn boot_check_command(
+    args: &Args,
+    out: &mut dyn Write,
+    session: Option<&mut crate::service_cli::Session>,
+    command: &Command,
+) -> Option<anyhow::Result<()>> {
+    let Command::BootCheck {
+        vm,
+        checkpoint,
+        store,
+        timeout,
+        json,
+    } = command
+    else {
+        return None;
+    };
+    Some(crate::bootcheck_cli::boot_check(
+        out,
+        session,
+        &crate::bootcheck_cli::BootCheckAsk {
+            dest: store,
+            vm,
+            checkpoint,
+            uri: &args.uri(),
+            timeout_secs: *timeout,
+            json: *json,
+        },
+    ))
 }
 
 /// A protection command (`protect`, `unprotect`, `pause`, `resume`, `status`, `history`)

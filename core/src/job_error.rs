@@ -462,6 +462,16 @@ impl From<RestoreError> for JobError {
     }
 }
 
+impl From<crate::bootcheck::BootCheckError> for JobError {
+    fn from(e: crate::bootcheck::BootCheckError) -> Self {
+        use crate::bootcheck::BootCheckError as B;
+        match e {
+            B::Clone(e) => e.into(),
+            B::Cancelled => Self::from_source(ErrorKind::Cancelled, false, e),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -55,6 +55,8 @@ pub enum Phase {
     /// Keeping the newest checkpoints quick to restore (flat copies of their patches,
     /// after a scheduled checkpoint).
     Compacting = 11,
+    /// Starting a throwaway copy of a checkpoint and waiting for it to boot.
+    BootChecking = 12,
 }
 
 impl Phase {
@@ -74,6 +76,7 @@ impl Phase {
             Self::Starting => "starting the VM",
             Self::ReadingMemory => "reading the saved memory",
             Self::Compacting => "keeping the newest checkpoint quick to restore",
+            Self::BootChecking => "waiting for a throwaway copy to boot",
         }
     }
 
@@ -90,6 +93,7 @@ impl Phase {
             9 => Self::Starting,
             10 => Self::ReadingMemory,
             11 => Self::Compacting,
+            12 => Self::BootChecking,
             _ => Self::Preparing,
         }
     }

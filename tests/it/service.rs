@@ -2006,6 +2006,7 @@ fn a_user_lists_restores_and_compares_files_of_a_store_only_the_service_can_read
     std::fs::write(src.join("docs/thesis.txt"), "chapter one").unwrap();
     std::fs::write(src.join("docs/old.txt"), "to be deleted").unwrap();
     let vm = TestVm::builder("svc-files")
+        .guest_agent()
         .disks(vec![
             rewind_tests::DiskSpec::new("vda", rewind_tests::Format::Qcow2, 8 << 20),
             rewind_tests::DiskSpec::new("vdb", rewind_tests::Format::Qcow2, 40 << 20),
@@ -2131,6 +2132,30 @@ fn a_user_lists_restores_and_compares_files_of_a_store_only_the_service_can_read
             ("vdb/p1/docs/thesis.txt", "modified")
         ],
         "{changed}"
+    );
+
+    // A boot-check of it, through the service (the store is the service's): a throwaway
+    // copy boots from the store, and the user gets the result and the screen's thumbnail.
+    let checked = json(
+        &user.run(
+            &rewind,
+            &["boot-check", &vm.name, "latest", "--from", s, "--json"],
+            &[("REWIND_SOCKET", service.socket()), ("HOME", &home)],
+        ),
+        "rewind boot-check",
+    );
+    assert_eq!(checked["booted"], true, "{checked}");
+    assert_eq!(checked["outcome"]["signal"], "agent", "{checked}");
+    let thumbnail = Path::new(checked["thumbnail_path"].as_str().unwrap());
+    assert!(thumbnail.starts_with(&home), "{}", thumbnail.display());
+    assert_eq!(std::fs::metadata(thumbnail).unwrap().uid(), uid);
+    let hv = rewind_core::libvirt::Hypervisor::connect(rewind_tests::daemon::URI).unwrap();
+    assert!(
+        !hv.list_vms()
+            .unwrap()
+            .iter()
+            .any(|v| v.name.contains("boot-check")),
+        "the throwaway copy is left"
     );
     drop(service);
 }

@@ -23,7 +23,7 @@
 
 pub mod screen;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -272,11 +272,9 @@ fn take_picture(hv: &Hypervisor, vm: &str) -> Option<Picture> {
     screen::decode(&shot.mime, &shot.bytes)
 }
 
-/// The folder of boot-check results of VM `vm`.
-fn records_dir(vm: &Uuid) -> PathBuf {
-    crate::paths::state_dir()
-        .join("boot-checks")
-        .join(vm.to_string())
+/// The folder of boot-check results of VM `vm` in the state folder `state_dir`.
+fn records_dir(state_dir: &Path, vm: &Uuid) -> PathBuf {
+    state_dir.join("boot-checks").join(vm.to_string())
 }
 
 /// A checkpoint id as a file name, if it is a plain one (ids come from a store).
@@ -291,18 +289,27 @@ fn file_stem(checkpoint: &str) -> Option<&str> {
 }
 
 impl Checked {
-    /// Keeps the result (and thumbnail) for the checkpoint on this machine, durably.
+    /// Keeps the result (and thumbnail) for the checkpoint on this machine, durably, in
+    /// this process's state folder.
     ///
     /// # Errors
     /// The state folder cannot be written, or the checkpoint's id cannot name a file.
     pub fn save(&self) -> std::io::Result<()> {
+        self.save_in(&crate::paths::state_dir())
+    }
+
+    /// [`Checked::save`] into the state folder `state_dir`.
+    ///
+    /// # Errors
+    /// As [`Checked::save`].
+    pub fn save_in(&self, state_dir: &Path) -> std::io::Result<()> {
         let stem = file_stem(&self.check.checkpoint).ok_or_else(|| {
             std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 "the checkpoint's id cannot name a file",
             )
         })?;
-        let dir = records_dir(&self.check.vm_uuid);
+        let dir = records_dir(state_dir, &self.check.vm_uuid);
         std::fs::create_dir_all(&dir)?;
         let png = dir.join(format!("{stem}.png"));
         match &self.thumbnail_png {
@@ -314,17 +321,19 @@ impl Checked {
     }
 }
 
-/// The kept result of the last boot-check of `checkpoint` of VM `vm`, if any.
+/// The kept result of the last boot-check of `checkpoint` of VM `vm` in the state folder
+/// `state_dir`, if any.
 #[must_use]
-pub fn last_check(vm: &Uuid, checkpoint: &str) -> Option<BootCheck> {
+pub fn last_check(state_dir: &Path, vm: &Uuid, checkpoint: &str) -> Option<BootCheck> {
     let stem = file_stem(checkpoint)?;
-    let bytes = std::fs::read(records_dir(vm).join(format!("{stem}.json"))).ok()?;
+    let bytes = std::fs::read(records_dir(state_dir, vm).join(format!("{stem}.json"))).ok()?;
     serde_json::from_slice(&bytes).ok()
 }
 
-/// The path of the kept thumbnail of `checkpoint` of VM `vm`, if there is one.
+/// The path of the kept thumbnail of `checkpoint` of VM `vm` in the state folder
+/// `state_dir`, if there is one.
 #[must_use]
-pub fn thumbnail_path(vm: &Uuid, checkpoint: &str) -> Option<PathBuf> {
-    let path = records_dir(vm).join(format!("{}.png", file_stem(checkpoint)?));
+pub fn thumbnail_path(state_dir: &Path, vm: &Uuid, checkpoint: &str) -> Option<PathBuf> {
+    let path = records_dir(state_dir, vm).join(format!("{}.png", file_stem(checkpoint)?));
     path.exists().then_some(path)
 }

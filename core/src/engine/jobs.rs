@@ -137,6 +137,19 @@ pub enum JobRequest {
         /// The destination.
         destination: String,
     },
+    /// Prove that a checkpoint boots: start a throwaway, isolated copy of it from the store
+    /// and judge it ([`crate::bootcheck`]). Its result is kept for the checkpoint.
+    BootCheck {
+        /// The destination.
+        destination: String,
+        /// The VM.
+        vm_uuid: Uuid,
+        /// The checkpoint, or `latest`.
+        checkpoint: String,
+        /// The longest wait for a boot signal, in seconds (default: 10 minutes).
+        #[serde(default)]
+        timeout_secs: Option<u64>,
+    },
 }
 
 /// A user and group that a written file is handed to.
@@ -233,6 +246,7 @@ impl JobRequest {
             Self::Prune { destination, .. } => format!("Removing old checkpoints in {destination}"),
             Self::Gc { destination } => format!("Removing unused data in {destination}"),
             Self::List { destination } => format!("Reading the checkpoints in {destination}"),
+            Self::BootCheck { checkpoint, .. } => format!("Boot-check of {checkpoint}"),
         }
     }
 }
@@ -273,6 +287,15 @@ pub enum JobOutput {
     Listed(Box<Listing>),
     /// Files restored into a folder.
     FilesRestored(Box<crate::files::browse::Restored>),
+    /// A checkpoint boot-checked (booted or not: see its outcome).
+    BootChecked {
+        /// The result, as kept.
+        check: Box<crate::bootcheck::BootCheck>,
+        /// The VM's name in the checkpoint.
+        vm: String,
+        /// Its last screen, small, as PNG.
+        thumbnail_png: Option<Vec<u8>>,
+    },
 }
 
 fn no_destination(name: &str) -> JobError {
@@ -408,7 +431,43 @@ pub fn run(
             let store = store_of(config, destination)?;
             Ok(JobOutput::Listed(Box::new(Listing::of(&store)?)))
         }
+        JobRequest::BootCheck { .. } => boot_check(config, state_dir, request, control),
     }
+}
+
+/// The boot-check job (`request`): the result is kept in `state_dir` too.
+fn boot_check(
+    config: &Config,
+    state_dir: &std::path::Path,
+    request: &JobRequest,
+    control: &Arc<Control>,
+) -> Result<JobOutput, JobError> {
+    let JobRequest::BootCheck {
+        destination,
+        vm_uuid,
+        checkpoint,
+        timeout_secs,
+    } = request
+    else {
+        return Err(JobError::new(ErrorKind::Failed, "not a boot-check"));
+    };
+    let store = Arc::new(store_of(config, destination)?);
+    let m = manifest(&store, vm_uuid, checkpoint)?;
+    let hv = Hypervisor::connect(&config.uri)?;
+    control.start_phase(crate::progress::Phase::BootChecking);
+    let mut options = crate::bootcheck::BootCheckOptions::default();
+    if let Some(secs) = timeout_secs {
+        options.timeout = std::time::Duration::from_secs(*secs);
+    }
+    let checked = crate::bootcheck::boot_check(&hv, &store, &m, options, control)?;
+    if let Err(e) = checked.save_in(state_dir) {
+        tracing::warn!("could not keep the boot-check of {}: {e}", m.id);
+    }
+    Ok(JobOutput::BootChecked {
+        check: Box::new(checked.check),
+        vm: m.vm.name,
+        thumbnail_png: checked.thumbnail_png,
+    })
 }
 
 /// The export and prune jobs.

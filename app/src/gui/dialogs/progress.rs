@@ -16,6 +16,7 @@ pub(super) fn phase_text(phase: Phase) -> &'static str {
         Phase::Starting => "Starting the VM",
         Phase::ReadingMemory => "Reading back the saved memory",
         Phase::Compacting => "Keeping the newest checkpoint quick to restore",
+        Phase::BootChecking => "Waiting for a throwaway copy to boot",
     }
 }
 
