@@ -2,25 +2,43 @@
 //! firmware to read the disk's boot sector (a boot-check must fail on a checkpoint whose
 //! boot sector was zeroed, which a direct-kernel-boot guest never reads).
 //!
-//! [`build_boot_image`] makes, without mounting anything, a raw image of:
+//! [`build_boot_image`] makes, without mounting anything, a raw image that boots both with
+//! a BIOS and with UEFI (Secure Boot included):
 //! - an MBR: syslinux's `mbr.bin` in the first 440 bytes, then one active partition of type
 //!   `0x0E` (FAT16, LBA) from [`PARTITION_START_BYTES`] to the end of the image;
-//! - in that partition, a FAT16 file system (`mkfs.fat --offset`) holding syslinux
-//!   (`syslinux --install --offset`, which works on the image through mtools) and the
-//!   harness's `vmlinuz` and `initrd.img` (copied with `mcopy`).
+//! - in that partition, a FAT16 file system (`mkfs.fat --offset`) holding the harness's
+//!   `vmlinuz` and `initrd.img` (copied with `mcopy`) and two ways to load them:
+//!   - BIOS: syslinux (`syslinux --install --offset`, which works on the image through
+//!     mtools), started by `mbr.bin` from the active partition;
+//!   - UEFI: the removable-media path `\EFI\BOOT\BOOTX64.EFI`, which is Debian's shim
+//!     (signed by Microsoft's UEFI CA), with Debian's signed GRUB beside it as
+//!     `grubx64.efi`. OVMF with Microsoft's keys enrolled (what libvirt picks for a
+//!     Secure Boot VM) starts shim, shim checks GRUB against Debian's key, and GRUB checks
+//!     the (Debian-signed) kernel through shim: the chain of an installed Debian. OVMF finds
+//!     the FAT file system on an MBR partition as well as on a GPT one. Both come from
+//!     [`EFI_PACKAGES`], fetched with `apt-get download` like the guest's kernel.
 //!
 //! It is cached under `<cache_root>/<key>/boot.img`; the key names the guest build (its
-//! cache folder) and a hash of this builder and the syslinux files, so a new guest or
-//! another syslinux makes a new image.
+//! cache folder) and a hash of this builder, the syslinux files and the versions of the
+//! [`EFI_PACKAGES`], so a new guest, syslinux, shim or GRUB makes a new image.
 //!
-//! [`install_boot_disk`] puts a copy on a test VM's disk, with a `syslinux.cfg` whose
-//! `APPEND` line is the kernel command line the direct-kernel-boot domain would get: the
-//! image itself has no configuration, so one cached image serves every workload.
+//! [`install_boot_disk`] puts a copy on a test VM's disk, with a `syslinux.cfg` and an
+//! `\EFI\BOOT\grub.cfg` that boot the kernel with the command line the direct-kernel-boot
+//! domain would get: the image itself has no configuration, so one cached image serves
+//! every workload.
 //!
 //! Under TCG, the firmware (`SeaBIOS`), syslinux and the kernel are ready about 6 s after
 //! the start (syslinux reads the 24 MB through the BIOS), a few seconds more than direct
-//! kernel boot. A guest with a zeroed boot sector stops in the firmware, which prints `Boot failed: not a bootable disk` and `No bootable device.` on the
-//! serial console when the domain has `<bios useserial='yes'/>`.
+//! kernel boot. A guest with a zeroed boot sector stops in the firmware, which prints
+//! `Boot failed: not a bootable disk` and `No bootable device.` on the
+//! serial console when the domain has `<bios useserial='yes'/>`. With UEFI, zeroing the
+//! first sector takes the partition table with it, so OVMF finds no file system: it prints
+//! `BdsDxe: failed to load Boot0001 "UEFI Misc Device" ...: Not Found` and, once nothing
+//! is left to try, `BdsDxe: No bootable option or device was found.`
+//!
+//! UEFI needs more guest memory than direct kernel boot: with 256 MiB the kernel that GRUB
+//! started hangs right after `EFI stub: UEFI Secure Boot is enabled.`; with 512 MiB it
+//! boots (see [`UEFI_MIN_MEMORY_MIB`]).
 
 use std::fs::{self, File};
 use std::io::{self, Seek, SeekFrom, Write};
@@ -44,8 +62,24 @@ const LDLINUX_C32: &str = "/usr/lib/syslinux/modules/bios/ldlinux.c32";
 /// The Debian packages the build needs: `syslinux` (the installer that works through
 /// mtools), `syslinux-common` (the boot code), `mtools` and `dosfstools` (`mkfs.fat`).
 pub const PACKAGES: &[&str] = &["syslinux", "syslinux-common", "mtools", "dosfstools"];
-/// Room in the partition beyond the kernel and initramfs: syslinux's files, the
-/// configuration and the file system's own tables.
+/// Debian packages fetched (`apt-get download`, not installed) for the UEFI boot chain:
+/// shim, signed by Microsoft's UEFI CA, and GRUB, signed by Debian.
+pub const EFI_PACKAGES: &[&str] = &["shim-signed", "grub-efi-amd64-signed"];
+/// Where the unpacked [`EFI_PACKAGES`] keep shim and GRUB, and their names on the disk.
+const EFI_FILES: &[(&str, &str)] = &[
+    ("usr/lib/shim/shimx64.efi.signed", "::/EFI/BOOT/BOOTX64.EFI"),
+    (
+        "usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed",
+        "::/EFI/BOOT/grubx64.efi",
+    ),
+];
+/// The folder of the removable-media boot path, where shim looks for GRUB and GRUB for
+/// `grub.cfg`.
+const EFI_BOOT_DIR: &str = "::/EFI/BOOT";
+/// Guest memory a UEFI guest needs to boot from this disk.
+pub const UEFI_MIN_MEMORY_MIB: u32 = 512;
+/// Room in the partition beyond the files copied: syslinux's files, the configuration and
+/// the file system's own tables.
 const SLACK_BYTES: u64 = 4 << 20;
 /// The FAT volume id and label (fixed, so builds do not differ by chance).
 const VOLUME_ID: &str = "52574254";
@@ -54,7 +88,7 @@ const VOLUME_LABEL: &str = "RWBOOT";
 const DISK_SIGNATURE: u32 = 0x5257_4254;
 const SECTOR_BYTES: u64 = 512;
 /// Bumped whenever the image's layout changes, to invalidate old caches.
-const BUILDER_REVISION: &str = "rewind-bootdisk-builder-1";
+const BUILDER_REVISION: &str = "rewind-bootdisk-builder-2";
 
 /// The cached boot image.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,7 +114,9 @@ pub fn boot_image() -> Result<&'static BootImage, HarnessError> {
 }
 
 /// Builds (once per cache key) or reuses the boot image for `guest`; safe when several
-/// test processes call it at once. Needs the [`PACKAGES`].
+/// test processes call it at once. Needs the [`PACKAGES`], and `apt-get`, `apt-cache` and
+/// `dpkg` with current package lists for the [`EFI_PACKAGES`]; without package lists, an
+/// image already cached for this guest is used.
 pub fn build_boot_image(cache_root: &Path, guest: &GuestImage) -> io::Result<BootImage> {
     for tool in [MBR_CODE, LDLINUX_C32] {
         if !Path::new(tool).is_file() {
@@ -96,6 +132,12 @@ pub fn build_boot_image(cache_root: &Path, guest: &GuestImage) -> io::Result<Boo
         .and_then(Path::file_name)
         .map(|n| n.to_string_lossy().into_owned())
         .ok_or_else(|| io::Error::other("the guest kernel has no cache folder"))?;
+    let efi_packages = match efi_package_versions() {
+        Ok(p) => p,
+        Err(e) => {
+            return newest_cached(cache_root, &format!("{guest_key}_boot-"))?.ok_or(e);
+        }
+    };
     let mut h = FNV_OFFSET_BASIS;
     h = fnv1a64(BUILDER_REVISION.as_bytes(), h);
     for tool in [MBR_CODE, LDLINUX_C32] {
@@ -103,6 +145,9 @@ pub fn build_boot_image(cache_root: &Path, guest: &GuestImage) -> io::Result<Boo
             &fs::read(tool).map_err(|e| with_path(&e, "read", Path::new(tool)))?,
             h,
         );
+    }
+    for (name, version) in &efi_packages {
+        h = fnv1a64(format!("{name}={version}\n").as_bytes(), h);
     }
     let entry = cache_root.join(format!("{guest_key}_boot-{h:016x}"));
     if let Some(image) = cached(&entry)? {
@@ -123,12 +168,14 @@ pub fn build_boot_image(cache_root: &Path, guest: &GuestImage) -> io::Result<Boo
     if let Some(image) = cached(&entry)? {
         return Ok(image);
     }
+    // Left by a build that was killed (this process holds the lock: no build runs).
+    crate::guest::remove_stale_temp_dirs(cache_root)?;
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
     let tmp = cache_root.join(format!(".tmp-{}-{nanos}", std::process::id()));
     fs::create_dir(&tmp).map_err(|e| with_path(&e, "create", &tmp))?;
-    let built = build_into(&tmp.join("boot.img"), guest)
+    let built = build_into(&tmp, guest, &efi_packages)
         .and_then(|()| fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)))
         .and_then(|()| {
             fs::rename(&tmp, &entry).map_err(|e| with_path(&e, "rename into place", &entry))
@@ -158,16 +205,97 @@ fn cached(entry: &Path) -> io::Result<Option<BootImage>> {
     }
 }
 
-fn build_into(out: &Path, guest: &GuestImage) -> io::Result<()> {
-    let files = [&guest.kernel, &guest.initrd]
+/// The newest image cached under `cache_root` in a folder whose name starts with `prefix`.
+fn newest_cached(cache_root: &Path, prefix: &str) -> io::Result<Option<BootImage>> {
+    let Ok(entries) = fs::read_dir(cache_root) else {
+        return Ok(None);
+    };
+    let mut best: Option<(SystemTime, BootImage)> = None;
+    for entry in entries.flatten() {
+        if !entry.file_name().to_string_lossy().starts_with(prefix) {
+            continue;
+        }
+        if let Some(image) = cached(&entry.path())? {
+            let modified = fs::metadata(&image.path)?.modified()?;
+            if best.as_ref().is_none_or(|(t, _)| modified > *t) {
+                best = Some((modified, image));
+            }
+        }
+    }
+    Ok(best.map(|(_, image)| image))
+}
+
+/// Each of the [`EFI_PACKAGES`] with its candidate version.
+fn efi_package_versions() -> io::Result<Vec<(String, String)>> {
+    let policy = crate::guest::run_apt(
+        Command::new("apt-cache").arg("policy").args(EFI_PACKAGES),
+        &format!(
+            "looking up the versions of {} (apt-cache policy)",
+            EFI_PACKAGES.join(", ")
+        ),
+    )?;
+    EFI_PACKAGES
         .iter()
-        .map(|p| {
+        .map(|&name| {
+            Ok((
+                name.to_owned(),
+                crate::guest::candidate_version(&policy, name)?,
+            ))
+        })
+        .collect()
+}
+
+/// Fetches and unpacks the [`EFI_PACKAGES`] in `dir`, then writes `dir/boot.img` and
+/// removes everything else from `dir`.
+fn build_into(dir: &Path, guest: &GuestImage, efi_packages: &[(String, String)]) -> io::Result<()> {
+    let debs = dir.join("debs");
+    let root = dir.join("root");
+    fs::create_dir(&debs)?;
+    fs::create_dir(&root)?;
+    let specs: Vec<String> = efi_packages
+        .iter()
+        .map(|(name, version)| format!("{name}={version}"))
+        .collect();
+    crate::guest::run_apt(
+        Command::new("apt-get")
+            .current_dir(&debs)
+            .args(["-q", "-o", "APT::Sandbox::User=root", "download"])
+            .args(&specs),
+        &format!("apt-get download {}", specs.join(" ")),
+    )?;
+    for item in fs::read_dir(&debs)? {
+        let deb = item?.path();
+        if deb.extension().is_some_and(|e| e == "deb") {
+            run(
+                Command::new("dpkg").arg("-x").arg(&deb).arg(&root),
+                &format!("dpkg -x {}", deb.display()),
+            )?;
+        }
+    }
+    let mut files = vec![
+        (guest.kernel.clone(), "::/vmlinuz"),
+        (guest.initrd.clone(), "::/initrd.img"),
+    ];
+    for (from, to) in EFI_FILES {
+        files.push((root.join(from), to));
+    }
+    write_image(&dir.join("boot.img"), &files)?;
+    fs::remove_dir_all(&debs)?;
+    fs::remove_dir_all(&root)
+}
+
+/// Writes the image: MBR, FAT file system, `files` (`(host path, mtools path)`) copied
+/// onto it, syslinux installed.
+fn write_image(out: &Path, files: &[(PathBuf, &str)]) -> io::Result<()> {
+    let files_bytes = files
+        .iter()
+        .map(|(p, _)| {
             fs::metadata(p)
                 .map(|m| m.len())
                 .map_err(|e| with_path(&e, "inspect", p))
         })
         .sum::<io::Result<u64>>()?;
-    let partition_bytes = (files + SLACK_BYTES).div_ceil(1 << 20) << 20;
+    let partition_bytes = (files_bytes + SLACK_BYTES).div_ceil(1 << 20) << 20;
     let file = File::create(out).map_err(|e| with_path(&e, "create", out))?;
     file.set_len(PARTITION_START_BYTES + partition_bytes)?;
     write_mbr(&file, partition_bytes)?;
@@ -185,21 +313,21 @@ fn build_into(out: &Path, guest: &GuestImage) -> io::Result<()> {
     )?;
     let fat = fat_path(out);
     run(
-        mtools("mcopy")
+        mtools("mmd")
             .arg("-i")
             .arg(&fat)
-            .arg(&guest.kernel)
-            .arg("::/vmlinuz"),
-        "copying the kernel onto the boot partition (mcopy, package mtools)",
+            .args(["::/EFI", EFI_BOOT_DIR]),
+        "making the EFI folders on the boot partition (mmd, package mtools)",
     )?;
-    run(
-        mtools("mcopy")
-            .arg("-i")
-            .arg(&fat)
-            .arg(&guest.initrd)
-            .arg("::/initrd.img"),
-        "copying the initramfs onto the boot partition (mcopy, package mtools)",
-    )?;
+    for (from, to) in files {
+        run(
+            mtools("mcopy").arg("-i").arg(&fat).arg(from).arg(to),
+            &format!(
+                "copying {} onto the boot partition (mcopy, package mtools)",
+                from.display()
+            ),
+        )?;
+    }
     run(
         Command::new("syslinux")
             .args(["--install", "--offset", &PARTITION_START_BYTES.to_string()])
@@ -250,7 +378,16 @@ pub fn syslinux_cfg(cmdline: &str) -> String {
     )
 }
 
-/// Writes `image`, with a `syslinux.cfg` that boots the kernel with `cmdline`, to the start
+/// The GRUB configuration that boots the guest with `cmdline` at once. Debian's signed
+/// GRUB reads it from the folder it was started from (`$cmdpath/grub.cfg`) when its own
+/// prefix (`/EFI/debian`) does not exist.
+#[must_use]
+pub fn grub_cfg(cmdline: &str) -> String {
+    format!("set timeout=0\nlinux /vmlinuz {cmdline}\ninitrd /initrd.img\nboot\n")
+}
+
+/// Writes `image`, with a `syslinux.cfg` and a `grub.cfg` that boot the kernel with
+/// `cmdline`, to the start
 /// of the disk image `disk` (format `format`, at least `image.size_bytes` large, VM not
 /// running); the rest of the disk keeps what it holds. `work` is a folder for the
 /// temporary copy.
@@ -262,19 +399,24 @@ pub fn install_boot_disk(
     format: &str,
 ) -> io::Result<()> {
     let copy = work.join(".boot-disk.img");
-    let cfg = work.join(".syslinux.cfg");
+    let cfg = work.join(".boot.cfg");
     let result = (|| {
         fs::copy(&image.path, &copy).map_err(|e| with_path(&e, "copy", &image.path))?;
-        fs::write(&cfg, syslinux_cfg(cmdline)).map_err(|e| with_path(&e, "write", &cfg))?;
-        run(
-            mtools("mcopy")
-                .arg("-o")
-                .arg("-i")
-                .arg(fat_path(&copy))
-                .arg(&cfg)
-                .arg("::/syslinux.cfg"),
-            "copying syslinux.cfg onto the boot partition (mcopy, package mtools)",
-        )?;
+        for (text, to) in [
+            (syslinux_cfg(cmdline), "::/syslinux.cfg".to_owned()),
+            (grub_cfg(cmdline), format!("{EFI_BOOT_DIR}/grub.cfg")),
+        ] {
+            fs::write(&cfg, text).map_err(|e| with_path(&e, "write", &cfg))?;
+            run(
+                mtools("mcopy")
+                    .arg("-o")
+                    .arg("-i")
+                    .arg(fat_path(&copy))
+                    .arg(&cfg)
+                    .arg(&to),
+                &format!("copying {to} onto the boot partition (mcopy, package mtools)"),
+            )?;
+        }
         run(
             Command::new("qemu-img")
                 .args(["convert", "-n", "-f", "raw", "-O", format])
@@ -349,6 +491,15 @@ mod tests {
         assert!(cfg.contains("\n  APPEND console=ttyS0 rw.workload=sequence rw.disk=vdb\n"));
         assert!(cfg.contains("TIMEOUT 0\n"));
         assert!(cfg.contains("LINUX /vmlinuz\n") && cfg.contains("INITRD /initrd.img\n"));
+    }
+
+    #[test]
+    fn grub_config_boots_at_once_with_the_command_line() {
+        assert_eq!(
+            grub_cfg("console=ttyS0 rw.workload=idle rw.disk=vdb"),
+            "set timeout=0\nlinux /vmlinuz console=ttyS0 rw.workload=idle rw.disk=vdb\n\
+             initrd /initrd.img\nboot\n"
+        );
     }
 
     #[test]

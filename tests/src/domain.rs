@@ -195,17 +195,23 @@ impl TestVmBuilder {
 
     /// Boot from the first disk (`vda`), like an installed system, instead of direct
     /// kernel boot: the first disk holds an MBR with syslinux's boot code and a FAT boot
-    /// partition with syslinux, the kernel and the initramfs (see [`crate::bootdisk`]), and
-    /// the firmware (`SeaBIOS`) prints to the serial console too (`<bios useserial='yes'/>`),
-    /// so a disk that does not boot shows its `Boot failed: not a bootable disk` in
-    /// [`TestVm::console`].
+    /// partition with syslinux, shim and GRUB, the kernel and the initramfs (see
+    /// [`crate::bootdisk`]).
+    ///
+    /// With a BIOS, the firmware (`SeaBIOS`) prints to the serial console too
+    /// (`<bios useserial='yes'/>`), so a disk that does not boot shows its `Boot failed: not
+    /// a bootable disk` in [`TestVm::console`]. With UEFI ([`TestVm::uefi_tpm_builder`]),
+    /// OVMF with Secure Boot starts shim, GRUB and the kernel from
+    /// `\EFI\BOOT\BOOTX64.EFI`, and prints its own `BdsDxe:` lines on the console; the
+    /// VM gets at least [`crate::bootdisk::UEFI_MIN_MEMORY_MIB`] of memory, which GRUB
+    /// needs to start the kernel.
     ///
     /// The workload runs on the **second** disk, so its writes never touch the boot
     /// partition and the `sequence` helpers keep their meaning there (`wait_flushed`,
     /// `last_flushed_record`, and [`crate::workload::scan_sequence`] of the second disk,
     /// e.g. a checkpoint's `vdb`; the first disk holds no records). If the VM has only one
     /// disk, a second one, `vdb`, of the same format and size, is added. The first disk is
-    /// made at least as large as the boot image (about 30 MiB). BIOS only for now.
+    /// made at least as large as the boot image (about 35 MiB).
     #[must_use]
     pub fn boot_from_disk(mut self) -> Self {
         self.boot_from = BootFrom::Disk;
@@ -238,11 +244,7 @@ impl TestVmBuilder {
     /// the first to hold the boot image.
     fn plan_boot_disk(&mut self, image_bytes: u64) -> Result<(), HarnessError> {
         if self.uefi {
-            return Err(HarnessError(
-                "boot_from_disk() is BIOS only for now: the boot disk has no EFI system \
-                 partition"
-                    .into(),
-            ));
+            self.memory_mib = self.memory_mib.max(crate::bootdisk::UEFI_MIN_MEMORY_MIB);
         }
         let Some(first) = self.disks.first().cloned() else {
             return Err(HarnessError(
@@ -984,7 +986,9 @@ fn domain_xml(
             e(initrd),
             xml_escape(&b.kernel_cmdline())
         ),
-        // SeaBIOS on the serial console, so a disk that does not boot says so there.
+        // OVMF prints to the serial console anyway; SeaBIOS is told to, so that a disk that
+        // does not boot says so there.
+        Boot::Disk if b.uefi => "<boot dev='hd'/>".to_owned(),
         Boot::Disk => "<boot dev='hd'/>\n    <bios useserial='yes'/>".to_owned(),
     };
     let mut devices = String::new();

@@ -572,7 +572,7 @@ fn resolve_packages() -> io::Result<Packages> {
 }
 
 /// The `Candidate:` version in `package`'s section of `apt-cache policy` output.
-fn candidate_version(policy: &str, package: &str) -> io::Result<String> {
+pub(crate) fn candidate_version(policy: &str, package: &str) -> io::Result<String> {
     let header = format!("{package}:");
     policy
         .lines()
@@ -591,7 +591,7 @@ fn candidate_version(policy: &str, package: &str) -> io::Result<String> {
 }
 
 /// Runs an apt command in the C locale; failures carry stderr and the `apt-get update` hint.
-fn run_apt(cmd: &mut Command, what: &str) -> io::Result<String> {
+pub(crate) fn run_apt(cmd: &mut Command, what: &str) -> io::Result<String> {
     cmd.env("LC_ALL", "C").env("LANG", "C");
     let out = cmd
         .output()
@@ -738,7 +738,7 @@ fn find_cached_by_hash(cache_root: &Path, contents_hash: u64) -> io::Result<Opti
 }
 
 /// Removes the temporary folders of builds that died (only called with the lock held).
-fn remove_stale_temp_dirs(cache_root: &Path) -> io::Result<()> {
+pub(crate) fn remove_stale_temp_dirs(cache_root: &Path) -> io::Result<()> {
     for item in fs::read_dir(cache_root)? {
         let item = item?;
         if item.file_name().to_string_lossy().starts_with(".tmp-") {
