@@ -1,6 +1,7 @@
-//! A test guest that boots from its own disk, as an installed system does (`SeaBIOS`, then
-//! syslinux from the MBR and the boot partition, then the kernel), and that no longer
-//! boots once its boot sector is zeroed: what a boot-check (issue 23) has to tell apart.
+//! A test guest that boots from its own disk, as an installed system does (with a BIOS:
+//! `SeaBIOS`, then syslinux from the MBR and the boot partition; with UEFI and Secure Boot:
+//! OVMF, then shim and GRUB; then the kernel), and that no longer boots once its boot
+//! sector is zeroed: what a boot-check (issue 23) has to tell apart.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -11,19 +12,19 @@ use rewind_tests::guest::READY_MARKER;
 use rewind_tests::workload::scan_sequence_file;
 use rewind_tests::{DiskSpec, Format, TestVm, assert_success};
 
-const BOOT_TIMEOUT: Duration = Duration::from_mins(2);
+const BOOT_TIMEOUT: Duration = Duration::from_mins(3);
 /// How long a guest with a zeroed boot sector must show no sign of a kernel (TCG boots the
 /// good disk's kernel in well under this).
 const NO_BOOT_FOR: Duration = Duration::from_mins(1);
-/// Console lines that only a booting syslinux or kernel print.
+/// Console lines that only a booting boot loader or kernel print.
 const BOOT_SIGNS: &[&str] = &[
     "SYSLINUX",
     "Loading /vmlinuz",
+    "Welcome to GRUB",
+    "EFI stub",
     "Linux version",
     READY_MARKER,
 ];
-/// What `SeaBIOS` prints on the serial console when the disk has no boot sector.
-const SEABIOS_FAILED: &str = "Boot failed: not a bootable disk";
 
 /// The first 512 bytes of a disk image (`qemu-img dd`, any format), read through a file in
 /// `work`.
@@ -76,9 +77,30 @@ fn console_path(vm: &TestVm) -> PathBuf {
     vm.dir().join("console.log")
 }
 
+/// What one firmware prints.
+struct Firmware {
+    /// On the console of a VM that booted from its disk.
+    booted: &'static [&'static str],
+    /// On the console of a VM whose disk has no boot sector.
+    failed: &'static [&'static str],
+}
+
+const SEABIOS: Firmware = Firmware {
+    booted: &["Booting from Hard Disk", "SYSLINUX", "Loading /vmlinuz"],
+    failed: &["Boot failed: not a bootable disk", "No bootable device"],
+};
+
+const OVMF_SECURE_BOOT: Firmware = Firmware {
+    booted: &["Welcome to GRUB!", "EFI stub: UEFI Secure Boot is enabled."],
+    failed: &[
+        "BdsDxe: failed to load",
+        "No bootable option or device was found",
+    ],
+};
+
 #[test]
 fn boots_from_its_disk_and_not_once_its_boot_sector_is_zeroed() {
-    let mut vm = TestVm::builder("bootdisk")
+    let vm = TestVm::builder("bootdisk")
         .boot_from_disk()
         .workload("sequence")
         .guest_agent()
@@ -88,6 +110,24 @@ fn boots_from_its_disk_and_not_once_its_boot_sector_is_zeroed() {
         ])
         .define()
         .unwrap_or_else(|e| panic!("{e}"));
+    boots_then_not_once_zeroed(vm, &SEABIOS, "BIOS");
+}
+
+#[test]
+fn uefi_secure_boot_vm_boots_from_its_disk_and_not_once_its_boot_sector_is_zeroed() {
+    // vda a 32 MiB qcow2 (grown to hold the boot image), vdb added beside it.
+    let vm = TestVm::uefi_tpm_builder("bootdisk-uefi")
+        .boot_from_disk()
+        .guest_agent()
+        .define()
+        .unwrap_or_else(|e| panic!("{e}"));
+    boots_then_not_once_zeroed(vm, &OVMF_SECURE_BOOT, "UEFI");
+}
+
+/// Boots `vm` (workload `sequence`, guest agent) from its disk `vda` and checks what
+/// `firmware` and the guest print, the agent and the records on `vdb`; then shuts it off,
+/// zeroes `vda`'s first 512 bytes and checks that it no longer boots.
+fn boots_then_not_once_zeroed(mut vm: TestVm, firmware: &Firmware, what: &str) {
     let xml = vm.domain().xml_desc(0).unwrap();
     assert!(
         !xml.contains("<kernel>") && !xml.contains("<initrd>"),
@@ -98,13 +138,13 @@ fn boots_from_its_disk_and_not_once_its_boot_sector_is_zeroed() {
     let mbr = first_sector(&vda, vm.dir());
     assert_eq!(&mbr[510..], &[0x55, 0xaa], "vda has no MBR signature");
 
-    // It boots from vda: SeaBIOS, syslinux, the kernel, the workload on vdb, the agent.
+    // It boots from vda, runs the workload on vdb, and its agent answers.
     let started = Instant::now();
     vm.start_and_wait_ready(BOOT_TIMEOUT)
         .unwrap_or_else(|e| panic!("{e}"));
     let ready_after = started.elapsed();
     let console = vm.console();
-    for sign in ["Booting from Hard Disk", "SYSLINUX", "Loading /vmlinuz"] {
+    for sign in firmware.booted {
         assert!(
             console.contains(sign),
             "the console does not show {sign:?}: did the VM boot from its disk?\n{console}"
@@ -115,7 +155,8 @@ fn boots_from_its_disk_and_not_once_its_boot_sector_is_zeroed() {
     vm.wait_agent_ready(BOOT_TIMEOUT)
         .unwrap_or_else(|e| panic!("{e}"));
     eprintln!(
-        "booted from vda: ready {:.1} s after start, 5 records and the agent after {:.1} s",
+        "{what}: booted from vda, ready {:.1} s after the start; 5 records and the agent after \
+         {:.1} s",
         ready_after.as_secs_f64(),
         started.elapsed().as_secs_f64()
     );
@@ -133,7 +174,7 @@ fn boots_from_its_disk_and_not_once_its_boot_sector_is_zeroed() {
         "the workload changed vda's MBR"
     );
 
-    // Zeroed boot sector: SeaBIOS finds nothing to boot, and no kernel ever starts.
+    // Zeroed boot sector: the firmware finds nothing to boot, and no kernel ever starts.
     zero_boot_sector(&vda);
     assert_eq!(first_sector(&vda, vm.dir()), vec![0u8; 512]);
     // Only what the second start prints.
@@ -144,15 +185,17 @@ fn boots_from_its_disk_and_not_once_its_boot_sector_is_zeroed() {
         .unwrap();
     let started = Instant::now();
     vm.start().unwrap_or_else(|e| panic!("{e}"));
-    vm.wait_console(SEABIOS_FAILED, NO_BOOT_FOR)
-        .unwrap_or_else(|e| panic!("{e}"));
-    let failed_after = started.elapsed();
+    let mut failed_after = None;
     while started.elapsed() < NO_BOOT_FOR {
         let console = vm.console();
         if let Some(sign) = BOOT_SIGNS.iter().find(|s| console.contains(*s)) {
             panic!(
-                "a VM with a zeroed boot sector booted (the console shows {sign:?}):\n{console}"
+                "{what}: a VM with a zeroed boot sector booted (the console shows \
+                 {sign:?}):\n{console}"
             );
+        }
+        if failed_after.is_none() && firmware.failed.iter().all(|s| console.contains(s)) {
+            failed_after = Some(started.elapsed());
         }
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -161,13 +204,16 @@ fn boots_from_its_disk_and_not_once_its_boot_sector_is_zeroed() {
         "the VM should still be running, stuck in the firmware"
     );
     let console = vm.console();
-    assert!(
-        console.contains("No bootable device"),
-        "SeaBIOS should say it found nothing to boot:\n{console}"
-    );
+    let failed_after = failed_after.unwrap_or_else(|| {
+        panic!(
+            "{what}: the firmware should say it found nothing to boot ({:?}):\n{console}",
+            firmware.failed
+        )
+    });
     eprintln!(
-        "zeroed boot sector: SeaBIOS reported {SEABIOS_FAILED:?} {:.1} s after start; \
-         no kernel within {NO_BOOT_FOR:?}",
+        "{what}: zeroed boot sector, the firmware said {:?} {:.1} s after the start; no \
+         kernel within {NO_BOOT_FOR:?}",
+        firmware.failed,
         failed_after.as_secs_f64()
     );
 }
