@@ -108,6 +108,7 @@ fn checkpoints(n: usize, vm_uuid: uuid::Uuid, now: DateTime<Utc>) -> Vec<Checkpo
                 disks: vec!["vda".into()],
                 damaged: i % 2500 == 1234,
                 verified: (i < n / 2).then(|| now - chrono::Duration::days(1)),
+                boot_check: None,
             }
         })
         .collect()

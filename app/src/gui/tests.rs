@@ -52,6 +52,7 @@ fn summary(vm_uuid: uuid::Uuid, t: DateTime<Utc>, new_mib: u64) -> CheckpointSum
         disks: vec!["vda".into()],
         damaged: false,
         verified: None,
+        boot_check: None,
     }
 }
 

@@ -838,6 +838,7 @@ pub(crate) mod tests {
             disks: vec!["vda".into()],
             damaged: false,
             verified: None,
+            boot_check: None,
         }
     }
 }

@@ -31,6 +31,14 @@ use crate::vm::{DiskSource, Firmware, Tpm, VmInfo, VmState};
 /// The URI used when neither the configuration nor `--connect` names one.
 pub const DEFAULT_URI: &str = "qemu:///system";
 
+/// Whether libvirt URI `uri` names a daemon on this machine (`qemu:///system`), so that
+/// its files are this machine's files; `qemu+ssh://host/system` is another host's.
+#[must_use]
+pub fn is_local_uri(uri: &str) -> bool {
+    uri.split_once("://")
+        .is_some_and(|(_, rest)| rest.starts_with('/'))
+}
+
 /// A connection to one libvirt daemon.
 #[derive(Debug)]
 pub struct Hypervisor {
@@ -77,9 +85,7 @@ impl Hypervisor {
     /// this machine's files; `qemu+ssh://host/system` is another host's.
     #[must_use]
     pub fn is_local(&self) -> bool {
-        self.uri
-            .split_once("://")
-            .is_some_and(|(_, rest)| rest.starts_with('/'))
+        is_local_uri(&self.uri)
     }
 
     /// Where libvirt keeps the UEFI variables of VM `name` when its definition names no

@@ -47,6 +47,96 @@ pub struct CheckpointSummary {
     pub damaged: bool,
     /// When a verify last found it whole (read back every chunk it needs).
     pub verified: Option<DateTime<Utc>>,
+    /// Its last boot-check on the engine's machine, if it had one (absent from the
+    /// summaries of Rewind before boot-checks: none).
+    #[serde(default)]
+    pub boot_check: Option<BootCheckSummary>,
+}
+
+/// The last boot-check of a checkpoint, as the timeline shows it: whether it booted, why
+/// not, and a small picture of its last screen. It travels with the checkpoint to the
+/// service's clients, which cannot read the service's state folder.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BootCheckSummary {
+    /// When it was checked.
+    pub checked_at: DateTime<Utc>,
+    /// Whether a throwaway copy of it booted.
+    pub booted: bool,
+    /// Why it did not boot.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// The last screen, at most [`crate::engine::files::THUMBNAIL_PIXELS`] pixels wide or
+    /// high, as PNG (hexadecimal on the wire).
+    #[serde(default, with = "png_hex")]
+    pub thumbnail_png: Option<Vec<u8>>,
+}
+
+/// The largest thumbnail taken into a summary: a 320-pixel PNG is far smaller; a bigger
+/// file in the state folder is not one Rewind wrote.
+pub const MAX_THUMBNAIL_BYTES: u64 = 512 << 10;
+
+impl BootCheckSummary {
+    /// From a kept boot-check and its thumbnail.
+    #[must_use]
+    pub fn of(check: &crate::bootcheck::BootCheck, thumbnail_png: Option<Vec<u8>>) -> Self {
+        let reason = match &check.outcome {
+            crate::bootcheck::Outcome::Booted { .. } => None,
+            crate::bootcheck::Outcome::Failed { failure } => Some(failure.to_string()),
+        };
+        Self {
+            checked_at: check.checked_at,
+            booted: check.booted(),
+            reason,
+            thumbnail_png: thumbnail_png
+                .filter(|p| u64::try_from(p.len()).is_ok_and(|n| n <= MAX_THUMBNAIL_BYTES)),
+        }
+    }
+
+    /// The last boot-check of checkpoint `id` of VM `vm` kept in the state folder
+    /// `state_dir`, with its thumbnail, if it had one.
+    #[must_use]
+    pub fn read(state_dir: &Path, vm: &Uuid, id: &str) -> Option<Self> {
+        let check = crate::bootcheck::last_check(state_dir, vm, id)?;
+        let png = check
+            .thumbnail
+            .then(|| crate::bootcheck::thumbnail_path(state_dir, vm, id))
+            .flatten()
+            .and_then(|path| read_small(&path));
+        Some(Self::of(&check, png))
+    }
+}
+
+/// The file at `path` if it is at most [`MAX_THUMBNAIL_BYTES`] long.
+fn read_small(path: &Path) -> Option<Vec<u8>> {
+    use std::io::Read as _;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .ok()?
+        .take(MAX_THUMBNAIL_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .ok()?;
+    (u64::try_from(bytes.len()).ok()? <= MAX_THUMBNAIL_BYTES).then_some(bytes)
+}
+
+/// A PNG as a hexadecimal string: the service's JSON would spell each byte as a number.
+mod png_hex {
+    use serde::{Deserialize as _, Deserializer, Serializer};
+
+    #[allow(clippy::ref_option)] // serde's `with` hands the field by reference
+    pub(super) fn serialize<S: Serializer>(png: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        match png {
+            Some(bytes) => s.serialize_some(&hex::encode(bytes)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Vec<u8>>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|text| hex::decode(text).map_err(serde::de::Error::custom))
+            .transpose()
+    }
 }
 
 impl CheckpointSummary {
@@ -70,6 +160,7 @@ impl CheckpointSummary {
             disks: m.disks.iter().map(|d| d.target.clone()).collect(),
             damaged: false,
             verified: None,
+            boot_check: None,
         }
     }
 
@@ -220,7 +311,8 @@ pub fn verify_record(state_dir: &Path, store_id: Uuid) -> Option<VerifyRecord> {
     serde_json::from_slice(&std::fs::read(verify_record_path(state_dir, store_id)).ok()?).ok()
 }
 
-/// Looks at every destination of `config` now; `state_dir` holds the verify records.
+/// Looks at every destination of `config` now; `state_dir` holds the verify records and
+/// the boot-checks' results.
 #[must_use]
 pub fn scan(config: &Config, state_dir: &Path) -> Vec<DestinationView> {
     let roots = destination::watch_roots(config);
@@ -248,6 +340,8 @@ pub fn scan(config: &Config, state_dir: &Path) -> Vec<DestinationView> {
                                 .map(|m| {
                                     let mut c = CheckpointSummary::of(m);
                                     c.apply(record.as_ref());
+                                    c.boot_check =
+                                        BootCheckSummary::read(state_dir, &c.vm_uuid, &c.id);
                                     c
                                 })
                                 .collect(),
@@ -355,5 +449,123 @@ mod tests {
             shares: Vec::new(),
         };
         assert_eq!(legacy.fully_checked(), Some(day(5)));
+    }
+
+    fn kept(
+        dir: &Path,
+        id: &str,
+        outcome: crate::bootcheck::Outcome,
+        png: Option<Vec<u8>>,
+    ) -> crate::bootcheck::BootCheck {
+        let check = crate::bootcheck::BootCheck {
+            vm_uuid: Uuid::from_bytes([1; 16]),
+            checkpoint: id.into(),
+            checked_at: Utc.with_ymd_and_hms(2026, 12, 5, 3, 0, 0).unwrap(),
+            took_ms: 21_000,
+            outcome,
+            thumbnail: png.is_some(),
+        };
+        crate::bootcheck::Checked {
+            check: check.clone(),
+            thumbnail_png: png,
+        }
+        .save_in(dir)
+        .unwrap();
+        check
+    }
+
+    /// The summary carries what the state folder keeps of a checkpoint's last boot-check:
+    /// booted with its picture, or not and why; nothing for one never checked; and no
+    /// picture bigger than a thumbnail can be.
+    #[test]
+    fn a_checkpoints_last_boot_check_is_read_from_the_state_folder() {
+        use crate::bootcheck::{BootFailure, BootSignal, Outcome};
+        let dir = tempfile::tempdir().unwrap();
+        let vm = Uuid::from_bytes([1; 16]);
+        let png = b"\x89PNG not really, but bytes".to_vec();
+        let good = kept(
+            dir.path(),
+            "20261205T010000Z",
+            Outcome::Booted {
+                signal: BootSignal::Agent,
+            },
+            Some(png.clone()),
+        );
+        let read = BootCheckSummary::read(dir.path(), &vm, "20261205T010000Z").unwrap();
+        assert_eq!(
+            read,
+            BootCheckSummary {
+                checked_at: good.checked_at,
+                booted: true,
+                reason: None,
+                thumbnail_png: Some(png),
+            }
+        );
+        kept(
+            dir.path(),
+            "20261205T020000Z",
+            Outcome::Failed {
+                failure: BootFailure::Timeout {
+                    seconds: 600,
+                    screen: Some(crate::bootcheck::screen::ScreenKind::TextMode),
+                },
+            },
+            None,
+        );
+        let bad = BootCheckSummary::read(dir.path(), &vm, "20261205T020000Z").unwrap();
+        assert!(!bad.booted);
+        assert_eq!(bad.thumbnail_png, None);
+        let reason = bad.reason.unwrap();
+        assert!(
+            reason.contains("600 s") && reason.contains("text screen"),
+            "{reason}"
+        );
+        assert_eq!(BootCheckSummary::read(dir.path(), &vm, "never"), None);
+        assert_eq!(
+            BootCheckSummary::read(dir.path(), &Uuid::nil(), "20261205T010000Z"),
+            None
+        );
+        // A huge "thumbnail" (not one Rewind wrote) is left out, the result kept.
+        let huge = vec![0_u8; usize::try_from(MAX_THUMBNAIL_BYTES).unwrap() + 1];
+        kept(
+            dir.path(),
+            "20261205T030000Z",
+            Outcome::Booted {
+                signal: BootSignal::Screen,
+            },
+            Some(huge),
+        );
+        let read = BootCheckSummary::read(dir.path(), &vm, "20261205T030000Z").unwrap();
+        assert!(read.booted && read.thumbnail_png.is_none());
+    }
+
+    /// The thumbnail crosses the service's socket as hexadecimal and comes back the same,
+    /// and a summary from a Rewind before boot-checks (no field) reads as never checked.
+    #[test]
+    fn a_summarys_boot_check_crosses_the_wire_and_old_summaries_still_read() {
+        let mut c = summary(Utc.with_ymd_and_hms(2026, 12, 5, 1, 0, 0).unwrap(), "a");
+        c.boot_check = Some(BootCheckSummary {
+            checked_at: Utc.with_ymd_and_hms(2026, 12, 5, 3, 0, 0).unwrap(),
+            booted: false,
+            reason: Some("the screen showed a blue screen".into()),
+            thumbnail_png: Some(vec![0x89, b'P', b'N', b'G', 0, 255]),
+        });
+        let json = serde_json::to_string(&c).unwrap();
+        assert!(
+            json.contains("\"thumbnail_png\":\"89504e4700ff\""),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<CheckpointSummary>(&json).unwrap(), c);
+        let mut old: serde_json::Value = serde_json::to_value(&c).unwrap();
+        old.as_object_mut().unwrap().remove("boot_check");
+        let old: CheckpointSummary = serde_json::from_value(old).unwrap();
+        assert_eq!(old.boot_check, None);
+        let mut bare = c.boot_check.clone().unwrap();
+        bare.thumbnail_png = None;
+        let json = serde_json::to_value(&bare).unwrap();
+        assert_eq!(
+            serde_json::from_value::<BootCheckSummary>(json).unwrap(),
+            bare
+        );
     }
 }

@@ -284,6 +284,7 @@ mod tests {
             disks: vec!["vda".into()],
             damaged: false,
             verified: None,
+            boot_check: None,
         }
     }
 
