@@ -217,3 +217,89 @@ fn boots_then_not_once_zeroed(mut vm: TestVm, firmware: &Firmware, what: &str) {
         failed_after.as_secs_f64()
     );
 }
+
+/// A file of the boot partition of a raw disk image (`mtype`, the partition at 1 MiB).
+fn boot_file(raw: &Path, name: &str) -> String {
+    let out = Command::new("mtype")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .arg("-i")
+        .arg(format!(
+            "{}@@{}",
+            raw.display(),
+            rewind_tests::bootdisk::PARTITION_START_BYTES
+        ))
+        .arg(format!("::/{name}"))
+        .output()
+        .unwrap();
+    assert_success(&format!("mtype {name}"), &out);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The virtual size of a disk image (`qemu-img info`).
+fn virtual_size(disk: &TestDisk) -> u64 {
+    let out = Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(&disk.path)
+        .output()
+        .unwrap();
+    assert_success("qemu-img info", &out);
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    info["virtual-size"].as_u64().unwrap()
+}
+
+#[test]
+fn a_boot_disk_carries_the_kernel_command_line_and_the_workload_gets_its_own_disk() {
+    let image = rewind_tests::bootdisk::boot_image().unwrap_or_else(|e| panic!("{e}"));
+    // One raw disk: the boot disk keeps it, the workload gets a second one like it.
+    let vm = TestVm::builder("bootdisk-raw")
+        .boot_from_disk()
+        .workload("sequence")
+        .define()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let targets: Vec<&str> = vm.disks.iter().map(|d| d.target.as_str()).collect();
+    assert_eq!(targets, ["vda", "vdb"]);
+    let (vda, vdb) = (vm.disk("vda"), vm.disk("vdb"));
+    assert_eq!((vda.format, vdb.format), (Format::Raw, Format::Raw));
+    assert_eq!((vda.size_bytes, vdb.size_bytes), (64 << 20, 64 << 20));
+    for cfg in [
+        boot_file(&vda.path, "syslinux.cfg"),
+        boot_file(&vda.path, "EFI/BOOT/grub.cfg"),
+    ] {
+        assert!(
+            cfg.contains("console=ttyS0 panic=-1 rw.workload=sequence rw.disk=vdb\n"),
+            "the boot configuration should run the workload on vdb:\n{cfg}"
+        );
+    }
+    let xml = vm.domain().xml_desc(0).unwrap();
+    assert!(xml.contains("<bios useserial='yes'/>"), "{xml}");
+    // dd zeroes a raw disk's boot sector and nothing else.
+    let before = std::fs::read(&vda.path).unwrap();
+    zero_boot_sector(vda);
+    let after = std::fs::read(&vda.path).unwrap();
+    assert_eq!(&after[..512], &[0u8; 512]);
+    assert_eq!(after[512..], before[512..]);
+
+    // A UEFI VM's small first disk grows to hold the image, and the VM gets the memory
+    // GRUB needs; the boot partition cannot hold a file system for the guest.
+    let vm = TestVm::uefi_tpm_builder("bootdisk-grow")
+        .boot_from_disk()
+        .define()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let vda = vm.disk("vda");
+    assert_eq!(vda.size_bytes, image.size_bytes.max(32 << 20));
+    assert_eq!(virtual_size(vda), vda.size_bytes);
+    assert_eq!(virtual_size(vm.disk("vdb")), 32 << 20);
+    let xml = vm.domain().xml_desc(0).unwrap();
+    assert!(!xml.contains("<bios"), "{xml}");
+    let memory_kib = rewind_tests::bootdisk::UEFI_MIN_MEMORY_MIB * 1024;
+    assert!(
+        xml.contains(&format!("<memory unit='KiB'>{memory_kib}</memory>")),
+        "{xml}"
+    );
+    let refused = TestVm::builder("bootdisk-fs")
+        .boot_from_disk()
+        .filesystem("vda")
+        .define()
+        .unwrap_err();
+    assert!(refused.0.contains("holds the boot partition"), "{refused}");
+}
