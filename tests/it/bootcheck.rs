@@ -219,3 +219,108 @@ fn a_clone_boots_from_its_disk_through_the_export_with_the_checkpoints_records_a
     assert_eq!(clones_of(&vm.name), Vec::<String>::new());
     assert_eq!(left_in(&dir.path().join("work")), Vec::<String>::new());
 }
+
+/// The entries of folder `dir` (sorted), none if it is not there.
+fn entries(dir: &Path) -> Vec<String> {
+    let mut names = left_in(dir);
+    names.sort();
+    names
+}
+
+/// What is in folder `dir` now that was not in `before` (other tests' VMs may come and
+/// go meanwhile: only what is new is this test's leak).
+fn new_in(dir: &Path, before: &[String]) -> Vec<String> {
+    entries(dir)
+        .into_iter()
+        .filter(|n| !before.contains(n))
+        .collect()
+}
+
+#[test]
+fn a_uefi_tpm_vm_is_boot_checked_with_copies_of_its_firmware_state_that_go_even_when_rewind_is_killed()
+ {
+    let mut vm = TestVm::uefi_tpm_builder("bootcheck-uefi")
+        .guest_agent()
+        .define()
+        .expect("define the test VM");
+    vm.start_and_wait_ready(Duration::from_mins(4))
+        .expect("boot with OVMF");
+    vm.wait_agent_ready(BOOT_TIMEOUT).unwrap();
+    let dir = ScratchDir::new("bootcheck-uefi").unwrap();
+    let dest = dir.path().join("store");
+    crate::rewind::checkpoint_json(&vm.name, &dest);
+    let (swtpm, nvram) = (
+        Path::new("/var/lib/libvirt/swtpm"),
+        Path::new("/var/lib/libvirt/qemu/nvram"),
+    );
+    let (tpm_before, nvram_before) = (entries(swtpm), entries(nvram));
+    let original_vars = std::fs::read(nvram.join(format!("{}_VARS.fd", vm.name))).unwrap();
+
+    // Booted with OVMF from the copied variables, its TPM state copied for its own UUID.
+    let out = boot_check(&vm.name, &dest, dir.path(), 300);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["outcome"]["signal"], "agent", "{report}");
+    assert_eq!(
+        new_in(swtpm, &tpm_before),
+        Vec::<String>::new(),
+        "a TPM state copy is left"
+    );
+    assert_eq!(
+        new_in(nvram, &nvram_before),
+        Vec::<String>::new(),
+        "an NVRAM copy is left"
+    );
+    assert_eq!(left_in(&dir.path().join("work")), Vec::<String>::new());
+    assert!(
+        std::fs::read(nvram.join(format!("{}_VARS.fd", vm.name))).unwrap() == original_vars
+            || vm.domain().is_active().unwrap(),
+        "the original's UEFI variables were touched"
+    );
+
+    // Killed while its copy boots: libvirt removes the copy with Rewind's connection, and
+    // the next boot-check removes the folder and the TPM state it left.
+    let mut cmd: Command = crate::rewind::command();
+    cmd.args(["boot-check", &vm.name, "latest", "--from"])
+        .arg(&dest)
+        .args(["--json", "--connect", daemon::URI])
+        .env("REWIND_STATE_DIR", dir.path().join("state"))
+        .env("REWIND_WORK_DIR", dir.path().join("work"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    let deadline = std::time::Instant::now() + BOOT_TIMEOUT;
+    while clones_of(&vm.name).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no copy started");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !clones_of(&vm.name).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the copy outlived the killed rewind"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = boot_check(&vm.name, &dest, dir.path(), 300);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        entries(swtpm),
+        tpm_before,
+        "the killed run's TPM state is left"
+    );
+    assert_eq!(entries(nvram), nvram_before);
+    assert_eq!(left_in(&dir.path().join("work")), Vec::<String>::new());
+    assert!(vm.domain().is_active().unwrap());
+}

@@ -84,7 +84,7 @@ impl<'h> ThrowawayClone<'h> {
         let short = &Uuid::new_v4().simple().to_string()[..8];
         let name = format!("{} (boot-check {short})", m.vm.name);
         let uuid = Uuid::new_v4().to_string();
-        let folder = new_folder()?;
+        let folder = new_folder(hv, &uuid)?;
         let mut clone = Self {
             hv,
             name,
@@ -126,6 +126,12 @@ impl<'h> ThrowawayClone<'h> {
                 rename_logs: Some((m.vm.name.clone(), clone.name.clone())),
                 logs_dir: Some(clone.folder.clone()),
                 eject_removable: true,
+                // Where a VM of the clone's name would keep them: checked here as any new
+                // VM's, then moved into the clone's folder (isolate).
+                nvram: match checkpoint_xml.firmware {
+                    crate::vm::Firmware::Uefi { .. } => hv.default_nvram_path(&clone.name),
+                    crate::vm::Firmware::Bios => None,
+                },
                 ..Rewrite::default()
             },
         )?;
@@ -280,15 +286,17 @@ impl Drop for ThrowawayClone<'_> {
     }
 }
 
-/// A new private folder for a clone in the work folder (0711: QEMU passes through it to
-/// the files libvirt gives it), first removing those of dead runs.
-fn new_folder() -> Result<PathBuf, RestoreError> {
+/// A new private folder for the clone `uuid` in the work folder (0711: QEMU passes through
+/// it to the files libvirt gives it), holding the clone's UUID (`clone.uuid`), so that a
+/// later run can remove what a killed one left: the folders of dead runs, and the TPM
+/// state libvirt kept for their clones.
+fn new_folder(hv: &Hypervisor, uuid: &str) -> Result<PathBuf, RestoreError> {
     let failed = |path: &Path, e: std::io::Error| RestoreError::Write {
         path: path.to_path_buf(),
         detail: e.to_string(),
     };
     let base = crate::paths::work_dir().map_err(|e| failed(Path::new("work folder"), e))?;
-    crate::workdir::remove_dead_runs(&base, PREFIX);
+    remove_dead_clones(hv, &base);
     // Short: a socket's whole path must fit 107 bytes.
     let folder = base.join(format!(
         "{PREFIX}{}-{}",
@@ -296,9 +304,52 @@ fn new_folder() -> Result<PathBuf, RestoreError> {
         &Uuid::new_v4().simple().to_string()[..8]
     ));
     std::fs::create_dir(&folder).map_err(|e| failed(&folder, e))?;
-    std::fs::set_permissions(&folder, std::os::unix::fs::PermissionsExt::from_mode(0o711))
-        .map_err(|e| failed(&folder, e))?;
+    std::fs::set_permissions(
+        &folder,
+        std::os::unix::fs::PermissionsExt::from_mode(0o711),
+    )
+    .map_err(|e| failed(&folder, e))?;
+    let note = folder.join(UUID_NOTE);
+    std::fs::write(&note, uuid).map_err(|e| failed(&note, e))?;
     Ok(folder)
+}
+
+/// The file in a clone's folder that holds the clone's UUID.
+const UUID_NOTE: &str = "clone.uuid";
+
+/// Removes what clones of runs that no longer run left in `base`: the TPM state libvirt
+/// keeps under their UUIDs (unless a VM with that UUID exists), then their folders.
+fn remove_dead_clones(hv: &Hypervisor, base: &Path) {
+    if let Ok(entries) = std::fs::read_dir(base) {
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix(PREFIX))
+                .and_then(|rest| rest.split('-').next())
+                .and_then(|pid| pid.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if pid == std::process::id() || Path::new("/proc").join(pid.to_string()).exists() {
+                continue;
+            }
+            let Some(uuid) = std::fs::read_to_string(entry.path().join(UUID_NOTE))
+                .ok()
+                .and_then(|u| Uuid::parse_str(u.trim()).ok())
+                .map(|u| u.to_string())
+            else {
+                continue;
+            };
+            if let Some(dir) = hv.tpm_state_dir(&uuid).filter(|d| d.exists())
+                && !hv.has_vm(&uuid)
+            {
+                tracing::info!("removing the TPM state of a killed boot-check's copy");
+                crate::cleanup::remove_dir_all(&dir);
+            }
+        }
+    }
+    crate::workdir::remove_dead_runs(base, PREFIX);
 }
 
 /// A qcow2 file over the NBD export `uri` of `size` bytes (`qemu-img create -u`: the export
