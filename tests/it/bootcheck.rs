@@ -28,6 +28,18 @@ fn boot_check(vm: &str, dest: &Path, dir: &Path, timeout_secs: u64) -> std::proc
     cmd.output().unwrap()
 }
 
+/// [`boot_check`], which must succeed: its JSON report.
+fn boot_check_ok(vm: &str, dest: &Path, dir: &Path) -> serde_json::Value {
+    let out = boot_check(vm, dest, dir, 300);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "boot-check failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&stdout).unwrap()
+}
+
 /// The names of the VMs libvirt knows that are boot-check copies of `vm`.
 fn clones_of(vm: &str) -> Vec<String> {
     let hv = rewind_core::libvirt::Hypervisor::connect(daemon::URI).unwrap();
@@ -67,14 +79,7 @@ fn a_boot_check_boots_a_copy_from_the_store_keeps_its_screen_and_leaves_nothing_
     let id = taken["id"].as_str().unwrap().to_owned();
     let before = vm.last_flushed_record();
 
-    let out = boot_check(&vm.name, &dest, dir.path(), 300);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "boot-check failed: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let report = boot_check_ok(&vm.name, &dest, dir.path());
     assert_eq!(report["booted"], true, "{report}");
     assert_eq!(report["checkpoint"], id.as_str());
     assert_eq!(report["outcome"]["outcome"], "booted", "{report}");
@@ -257,14 +262,7 @@ fn a_uefi_tpm_vm_is_boot_checked_with_copies_of_its_firmware_state_that_go_even_
     let original_vars = std::fs::read(nvram.join(format!("{}_VARS.fd", vm.name))).unwrap();
 
     // Booted with OVMF from the copied variables, its TPM state copied for its own UUID.
-    let out = boot_check(&vm.name, &dest, dir.path(), 300);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let report = boot_check_ok(&vm.name, &dest, dir.path());
     assert_eq!(report["outcome"]["signal"], "agent", "{report}");
     assert_eq!(
         new_in(swtpm, &tpm_before),
@@ -309,18 +307,18 @@ fn a_uefi_tpm_vm_is_boot_checked_with_copies_of_its_firmware_state_that_go_even_
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let out = boot_check(&vm.name, &dest, dir.path(), 300);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    eprintln!(
+        "after the kill: TPM state left {:?}, folders left {:?}",
+        new_in(swtpm, &tpm_before),
+        left_in(&dir.path().join("work"))
     );
+    boot_check_ok(&vm.name, &dest, dir.path());
     assert_eq!(
-        entries(swtpm),
-        tpm_before,
+        new_in(swtpm, &tpm_before),
+        Vec::<String>::new(),
         "the killed run's TPM state is left"
     );
-    assert_eq!(entries(nvram), nvram_before);
+    assert_eq!(new_in(nvram, &nvram_before), Vec::<String>::new());
     assert_eq!(left_in(&dir.path().join("work")), Vec::<String>::new());
     assert!(vm.domain().is_active().unwrap());
 }
