@@ -11,10 +11,20 @@
 //!     ],
 //!     vms: [
 //!         (vm: "win11", destinations: ["usb"], interval_secs: 900,
-//!          keep: (last: 4, hourly: 24, daily: 7, weekly: 4, monthly: 6, yearly: 0)),
+//!          keep: (last: 4, hourly: 24, daily: 7, weekly: 4, monthly: 6, yearly: 0),
+//!          boot_check: true),
 //!     ],
+//!     boot_checks: (enabled: true, interval_secs: 86400, max_load_percent: 50),
 //! )
 //! ```
+//!
+//! `boot_checks` (added with issue 23; a file without it gets these defaults): once per
+//! `interval_secs`, when the scheduler runs no other job and the one-minute load average
+//! is below `max_load_percent` of the CPUs, the newest checkpoint of one protected VM is
+//! started in a throwaway clone to prove that it boots ([`crate::bootcheck`],
+//! [`crate::policy::next_boot_check`]). `enabled: false` turns them off for every VM, a
+//! VM's `boot_check: false` for that VM; `timeout_secs` bounds the wait for a boot signal
+//! (10 minutes when absent).
 //!
 //! Every field has a default, so a short file is a valid one. Loading reports the file,
 //! line and column of a syntax error and what was expected; a file that does not load
@@ -68,6 +78,41 @@ pub struct Config {
     /// Before a restore, how long a running VM gets to shut down when asked before it is
     /// turned off.
     pub shutdown_timeout_secs: u64,
+    /// The scheduled boot-checks (added with issue 23: older files get the defaults, on and
+    /// daily).
+    pub boot_checks: BootChecks,
+}
+
+/// The scheduled boot-checks of the protected VMs' newest checkpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BootChecks {
+    /// Whether the scheduler boot-checks at all (each VM's `boot_check` may turn its own
+    /// off).
+    pub enabled: bool,
+    /// How often each VM's newest checkpoint is boot-checked (and a failed or impossible
+    /// check tried again), in seconds.
+    pub interval_secs: u64,
+    /// The machine counts as idle while its one-minute load average is below this share of
+    /// its CPUs, in percent.
+    pub max_load_percent: u32,
+    /// The longest wait for a boot signal, in seconds (10 minutes when absent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
+}
+
+/// The default of [`BootChecks::interval_secs`]: a day.
+pub const DEFAULT_BOOT_CHECK_INTERVAL_SECS: u64 = 24 * 3600;
+
+impl Default for BootChecks {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval_secs: DEFAULT_BOOT_CHECK_INTERVAL_SECS,
+            max_load_percent: 50,
+            timeout_secs: None,
+        }
+    }
 }
 
 /// The default of [`Config::shutdown_timeout_secs`].
@@ -135,6 +180,7 @@ impl Default for Config {
             watch_paths: Vec::new(),
             notifications: Notifications::default(),
             shutdown_timeout_secs: DEFAULT_SHUTDOWN_TIMEOUT_SECS,
+            boot_checks: BootChecks::default(),
         }
     }
 }
@@ -210,6 +256,9 @@ pub struct Protection {
     pub stale_after_secs: Option<u64>,
     /// This VM's protection paused.
     pub paused: bool,
+    /// Whether the scheduler boot-checks this VM's newest checkpoint (see
+    /// [`Config::boot_checks`]; added with issue 23, on when absent).
+    pub boot_check: bool,
 }
 
 impl Default for Protection {
@@ -226,6 +275,7 @@ impl Default for Protection {
             quiesce: true,
             stale_after_secs: None,
             paused: false,
+            boot_check: true,
         }
     }
 }
@@ -437,6 +487,9 @@ pub enum ConfigProblem {
     /// A VM that keeps nothing.
     #[error("VM {0:?} keeps nothing (every keep rule is 0); keep at least the last one")]
     KeepsNothing(String),
+    /// `boot_checks.interval_secs`.
+    #[error("boot_checks: interval_secs: {0}")]
+    BootCheckInterval(IntervalError),
 }
 
 impl Config {
@@ -461,6 +514,7 @@ impl Config {
         if self.max_concurrent_jobs == 0 {
             return Err(P::NoJobs);
         }
+        check_interval(self.boot_checks.interval_secs).map_err(P::BootCheckInterval)?;
         let mut names = Vec::new();
         for d in &self.destinations {
             if d.name.trim().is_empty() {
@@ -743,6 +797,33 @@ mod tests {
             Config::load(&dir.path().join("none.ron")).unwrap(),
             Config::default()
         );
+    }
+
+    /// A file written before boot-checks (issue 23) loads with them on and daily; turned
+    /// off, for all or one VM, they stay off through a save; a nonsense interval is refused.
+    #[test]
+    fn boot_checks_are_on_and_daily_unless_turned_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.ron");
+        let old = r#"(vms: [(vm: "a", destinations: ["d"], paused: false)], destinations: [(name: "d", location: "/x")], shutdown_timeout_secs: 60)"#;
+        let config = Config::parse(old, &path).unwrap();
+        assert_eq!(config.boot_checks, BootChecks::default());
+        assert!(config.boot_checks.enabled);
+        assert_eq!(config.boot_checks.interval_secs, 86_400);
+        assert!(config.vms[0].boot_check);
+
+        let mut off = sample();
+        off.boot_checks.enabled = false;
+        off.boot_checks.timeout_secs = Some(120);
+        off.vms[0].boot_check = false;
+        off.save(&path).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("boot_check: false"), "{text}");
+        assert_eq!(Config::load(&path).unwrap(), off);
+
+        let bad = "(boot_checks: (interval_secs: 3))";
+        let err = Config::parse(bad, &path).unwrap_err().to_string();
+        assert!(err.contains("boot_checks: interval_secs"), "{err}");
     }
 
     #[test]
