@@ -121,6 +121,14 @@ pub fn read(path: &Path) -> Vec<Record> {
 }
 
 impl Record {
+    /// Whether this is the record of a scheduled boot-check (trigger
+    /// [`Why::BootCheck`]: `checkpoint` is the one checked, `outcome` `ok` when it booted,
+    /// `error` why not), not of a checkpoint.
+    #[must_use]
+    pub fn is_boot_check(&self) -> bool {
+        self.trigger == Why::BootCheck
+    }
+
     /// The record of a job of `vm` into `destination` that begins at `started` (finished
     /// then too, `Ok`, nothing counted yet: the job fills it in).
     #[must_use]
@@ -255,12 +263,14 @@ pub fn recover_interrupted(history: &Path) -> Vec<Record> {
     recovered
 }
 
-/// What the history says about VM `vm` (name or UUID) and destination `destination`.
+/// What the history says about the checkpoints of VM `vm` (name or UUID) into destination
+/// `destination` (boot-checks are not checkpoints and do not count).
 #[must_use]
 pub fn track(records: &[Record], vm: &str, uuid: Option<&str>, destination: &str) -> Track {
     let mut track = Track::default();
     for r in records.iter().filter(|r| {
         r.destination == destination
+            && !r.is_boot_check()
             && (r.vm == vm || (uuid.is_some() && r.vm_uuid.as_deref() == uuid))
     }) {
         if r.outcome == Outcome::Cancelled {
@@ -346,5 +356,12 @@ mod tests {
         assert_eq!(t.last_success, Some(record(0, Outcome::Ok).started));
         assert_eq!(t.last_attempt, Some(record(16, Outcome::Ok).started));
         assert_eq!(track(&all, "win11", None, "nas"), Track::default());
+        // A boot-check that failed is no failed checkpoint.
+        let mut check = record(20, Outcome::Failed);
+        check.trigger = Why::BootCheck;
+        let mut all = all;
+        all.push(check);
+        assert!(all[3].is_boot_check());
+        assert_eq!(track(&all, "win11", None, "usb").failures, 2);
     }
 }

@@ -52,6 +52,10 @@ pub enum Why {
     Retry,
     /// Asked for ("Checkpoint now").
     Manual,
+    /// Not a checkpoint: the scheduled boot-check of the VM's newest checkpoint
+    /// ([`next_boot_check`]). A history with such records is not read by a Rewind older
+    /// than issue 23, which skips those lines.
+    BootCheck,
 }
 
 impl Why {
@@ -65,6 +69,7 @@ impl Why {
             Self::Activity => "the VM wrote a lot",
             Self::Retry => "retry after a failure",
             Self::Manual => "asked for",
+            Self::BootCheck => "boot-check",
         }
     }
 }
@@ -177,6 +182,143 @@ pub fn next_verify_share(shares: &[Option<DateTime<Utc>>], now: DateTime<Utc>) -
     let overdue = at(oldest).is_some_and(|t| now - t > VERIFY_SHARE_OVERDUE);
     let paced = latest.is_none_or(|t| now - t >= VERIFY_SHARE_EVERY);
     (paced || overdue).then_some(oldest)
+}
+
+/// The newest checkpoint of a VM in one destination, as the history knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Newest {
+    /// The destination.
+    pub destination: String,
+    /// The checkpoint's id.
+    pub checkpoint: String,
+    /// When it was taken.
+    pub taken: DateTime<Utc>,
+    /// Whether the destination's store is here now (a drive may be unplugged).
+    pub here: bool,
+}
+
+/// A boot-check of one of a VM's checkpoints that ran, or was tried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckSeen {
+    /// The checkpoint.
+    pub checkpoint: String,
+    /// When.
+    pub at: DateTime<Utc>,
+    /// Whether it booted; `None` when the check could not be done at all.
+    pub booted: Option<bool>,
+}
+
+/// What the boot-check policy knows of one protected VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootCheckCandidate {
+    /// The VM's name.
+    pub vm: String,
+    /// Whether its boot-checks are on (its own setting, and that it is not paused).
+    pub enabled: bool,
+    /// Its newest checkpoint in each destination.
+    pub newest: Vec<Newest>,
+    /// The boot-checks of any of its checkpoints.
+    pub checks: Vec<CheckSeen>,
+}
+
+/// How busy the machine is, measured outside the policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Busy {
+    /// The scheduler runs a job (a checkpoint, the rotating check, a boot-check).
+    pub jobs_running: bool,
+    /// The one-minute load average per CPU, in percent (`/proc/loadavg`; 0 when unknown).
+    pub load_percent: u32,
+}
+
+/// Why a boot-check runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BootCheckWhy {
+    /// None of the VM's checkpoints was boot-checked yet.
+    First,
+    /// Its last boot-check is an interval old, and its newest checkpoint is not proven yet.
+    Due,
+    /// Its last boot-check failed or could not be done, an interval ago.
+    Retry,
+}
+
+/// The boot-check to start now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootCheckDue {
+    /// The VM.
+    pub vm: String,
+    /// The destination the checkpoint is read from.
+    pub destination: String,
+    /// The checkpoint.
+    pub checkpoint: String,
+    /// Why.
+    pub why: BootCheckWhy,
+}
+
+/// Which boot-check, if any, starts now (at most one at a time: the caller starts none
+/// while one runs, which `busy.jobs_running` says).
+///
+/// - Never while the scheduler runs a job or the machine is busy (`load_percent` at or
+///   above `settings.max_load_percent`), nor when `settings.enabled` is off or the VM's
+///   own check is (`enabled`).
+/// - For a VM, the newest checkpoint in a destination that is here.
+/// - Due when the VM's last boot-check of any of its checkpoints (passed, failed or not
+///   possible) is at least `settings.interval_secs` old, or it has none: so a failure is
+///   tried again an interval later, not sooner, and a new checkpoint every 15 minutes does
+///   not bring a check every 15 minutes.
+/// - Not when that newest checkpoint already booted in a check: nothing new to prove (a VM
+///   left shut off for a week is not started again every day).
+/// - Of several VMs due, the one whose last check is oldest (never checked first), so that
+///   no VM waits for the others.
+#[must_use]
+pub fn next_boot_check(
+    settings: &crate::config::BootChecks,
+    vms: &[BootCheckCandidate],
+    busy: Busy,
+    now: DateTime<Utc>,
+) -> Option<BootCheckDue> {
+    if !settings.enabled || busy.jobs_running || busy.load_percent >= settings.max_load_percent {
+        return None;
+    }
+    let interval = Duration::seconds(i64::try_from(settings.interval_secs).unwrap_or(i64::MAX));
+    let mut best: Option<(Option<DateTime<Utc>>, BootCheckDue)> = None;
+    for vm in vms.iter().filter(|v| v.enabled) {
+        let Some(newest) = vm.newest.iter().filter(|n| n.here).max_by_key(|n| n.taken) else {
+            continue;
+        };
+        let last = vm.checks.iter().max_by_key(|c| c.at);
+        // A check "in the future" (the clock was set back) counts as recent only within
+        // an interval of now.
+        if let Some(last) = last
+            && (now - last.at < interval && last.at - now < interval)
+        {
+            continue;
+        }
+        if vm
+            .checks
+            .iter()
+            .any(|c| c.checkpoint == newest.checkpoint && c.booted == Some(true))
+        {
+            continue;
+        }
+        let why = match last {
+            None => BootCheckWhy::First,
+            Some(c) if c.booted != Some(true) => BootCheckWhy::Retry,
+            Some(_) => BootCheckWhy::Due,
+        };
+        let at = last.map(|c| c.at);
+        if best.as_ref().is_none_or(|(b, _)| at < *b) {
+            best = Some((
+                at,
+                BootCheckDue {
+                    vm: vm.vm.clone(),
+                    destination: newest.destination.clone(),
+                    checkpoint: newest.checkpoint.clone(),
+                    why,
+                },
+            ));
+        }
+    }
+    best.map(|(_, due)| due)
 }
 
 #[cfg(test)]
@@ -352,5 +494,197 @@ mod tests {
         let weekly = every(7 * 24 * 60);
         assert_eq!(weekly.stale_after().as_secs(), 21 * 86_400);
         assert_eq!(every(15).stale_after().as_secs(), 86_400);
+    }
+
+    mod boot_checks {
+        use super::super::*;
+        use crate::config::BootChecks;
+        use chrono::TimeZone as _;
+
+        fn day(d: u32, h: u32) -> DateTime<Utc> {
+            Utc.with_ymd_and_hms(2026, 12, d, h, 0, 0).unwrap()
+        }
+
+        const IDLE: Busy = Busy {
+            jobs_running: false,
+            load_percent: 10,
+        };
+
+        fn newest(dest: &str, taken: DateTime<Utc>) -> Newest {
+            Newest {
+                destination: dest.into(),
+                checkpoint: crate::store::manifest::checkpoint_id(taken),
+                taken,
+                here: true,
+            }
+        }
+
+        fn seen(taken: DateTime<Utc>, at: DateTime<Utc>, booted: Option<bool>) -> CheckSeen {
+            CheckSeen {
+                checkpoint: crate::store::manifest::checkpoint_id(taken),
+                at,
+                booted,
+            }
+        }
+
+        fn vm(name: &str, newest: Vec<Newest>, checks: Vec<CheckSeen>) -> BootCheckCandidate {
+            BootCheckCandidate {
+                vm: name.into(),
+                enabled: true,
+                newest,
+                checks,
+            }
+        }
+
+        fn due(vms: &[BootCheckCandidate], busy: Busy, now: DateTime<Utc>) -> Option<BootCheckDue> {
+            next_boot_check(&BootChecks::default(), vms, busy, now)
+        }
+
+        #[test]
+        fn the_newest_checkpoint_here_is_checked_at_once_the_first_time() {
+            let vms = [vm(
+                "win11",
+                vec![newest("usb", day(1, 9)), newest("nas", day(1, 10))],
+                vec![],
+            )];
+            let d = due(&vms, IDLE, day(1, 11)).unwrap();
+            assert_eq!(
+                (d.vm.as_str(), d.destination.as_str(), d.why),
+                ("win11", "nas", BootCheckWhy::First)
+            );
+            assert_eq!(
+                d.checkpoint,
+                crate::store::manifest::checkpoint_id(day(1, 10))
+            );
+            // The NAS is away: the newest one in a destination that is here.
+            let mut away = vms.clone();
+            away[0].newest[1].here = false;
+            assert_eq!(due(&away, IDLE, day(1, 11)).unwrap().destination, "usb");
+            // No checkpoint anywhere here: nothing to check.
+            away[0].newest[0].here = false;
+            assert_eq!(due(&away, IDLE, day(1, 11)), None);
+            assert_eq!(due(&[vm("new", vec![], vec![])], IDLE, day(1, 11)), None);
+        }
+
+        #[test]
+        fn never_while_a_job_runs_or_the_machine_is_busy() {
+            let vms = [vm("win11", vec![newest("usb", day(1, 9))], vec![])];
+            let running = Busy {
+                jobs_running: true,
+                load_percent: 0,
+            };
+            assert_eq!(due(&vms, running, day(1, 10)), None);
+            let loaded = Busy {
+                jobs_running: false,
+                load_percent: 50,
+            };
+            assert_eq!(due(&vms, loaded, day(1, 10)), None);
+            let calm = Busy {
+                jobs_running: false,
+                load_percent: 49,
+            };
+            assert!(due(&vms, calm, day(1, 10)).is_some());
+        }
+
+        #[test]
+        fn turned_off_for_one_vm_or_for_all() {
+            let mut vms = [
+                vm("win11", vec![newest("usb", day(1, 9))], vec![]),
+                vm("linux", vec![newest("usb", day(1, 8))], vec![]),
+            ];
+            vms[0].enabled = false;
+            assert_eq!(due(&vms, IDLE, day(1, 10)).unwrap().vm, "linux");
+            vms[1].enabled = false;
+            assert_eq!(due(&vms, IDLE, day(1, 10)), None);
+            vms[1].enabled = true;
+            let off = BootChecks {
+                enabled: false,
+                ..BootChecks::default()
+            };
+            assert_eq!(next_boot_check(&off, &vms, IDLE, day(1, 10)), None);
+        }
+
+        /// A day of checkpoints every 15 minutes, hour by hour with a fake clock: one check
+        /// a day, of the checkpoint that is newest then.
+        #[test]
+        fn after_a_success_once_a_day_of_the_newest_checkpoint() {
+            let mut checks = vec![seen(day(1, 9), day(1, 9), Some(true))];
+            let mut ran = Vec::new();
+            for hour in 10..24 * 4 {
+                let now = day(1, 9) + Duration::hours(hour);
+                let vms = [vm(
+                    "win11",
+                    vec![newest("usb", now - Duration::minutes(7))],
+                    checks.clone(),
+                )];
+                if let Some(d) = due(&vms, IDLE, now) {
+                    assert_eq!(d.why, BootCheckWhy::Due);
+                    assert_eq!(d.checkpoint, vms[0].newest[0].checkpoint);
+                    checks.push(CheckSeen {
+                        checkpoint: d.checkpoint,
+                        at: now,
+                        booted: Some(true),
+                    });
+                    ran.push(now);
+                }
+            }
+            assert_eq!(ran, vec![day(2, 9), day(3, 9), day(4, 9)]);
+        }
+
+        #[test]
+        fn a_newer_checkpoint_waits_for_the_interval_and_a_proven_one_is_not_checked_again() {
+            let checks = vec![seen(day(1, 9), day(1, 10), Some(true))];
+            // A newer checkpoint an hour later: the last check is only an hour old.
+            let vms = [vm("win11", vec![newest("usb", day(1, 11))], checks.clone())];
+            assert_eq!(due(&vms, IDLE, day(1, 12)), None);
+            assert_eq!(due(&vms, IDLE, day(2, 9)), None);
+            assert_eq!(due(&vms, IDLE, day(2, 10)).unwrap().why, BootCheckWhy::Due);
+            // The VM was off for a week: its newest checkpoint booted already.
+            let same = [vm("win11", vec![newest("usb", day(1, 9))], checks)];
+            assert_eq!(due(&same, IDLE, day(8, 10)), None);
+        }
+
+        #[test]
+        fn after_a_failure_tried_again_an_interval_later_not_sooner() {
+            for booted in [Some(false), None] {
+                let checks = vec![seen(day(1, 9), day(1, 10), booted)];
+                let vms = [vm("win11", vec![newest("usb", day(1, 9))], checks)];
+                assert_eq!(due(&vms, IDLE, day(1, 11)), None);
+                assert_eq!(due(&vms, IDLE, day(2, 9)), None);
+                let d = due(&vms, IDLE, day(2, 10)).unwrap();
+                assert_eq!(d.why, BootCheckWhy::Retry);
+                assert_eq!(
+                    d.checkpoint,
+                    crate::store::manifest::checkpoint_id(day(1, 9))
+                );
+            }
+        }
+
+        #[test]
+        fn the_vm_checked_longest_ago_goes_first() {
+            let vms = [
+                vm(
+                    "a",
+                    vec![newest("usb", day(3, 9))],
+                    vec![seen(day(1, 9), day(1, 12), Some(true))],
+                ),
+                vm(
+                    "b",
+                    vec![newest("usb", day(3, 9))],
+                    vec![seen(day(1, 9), day(1, 10), Some(true))],
+                ),
+                vm(
+                    "c",
+                    vec![newest("usb", day(3, 9))],
+                    vec![seen(day(3, 9), day(3, 9), Some(true))],
+                ),
+            ];
+            assert_eq!(due(&vms, IDLE, day(3, 10)).unwrap().vm, "b");
+            let with_new = [
+                vms[0].clone(),
+                vm("d", vec![newest("usb", day(3, 9))], vec![]),
+            ];
+            assert_eq!(due(&with_new, IDLE, day(3, 10)).unwrap().vm, "d");
+        }
     }
 }
