@@ -16,11 +16,19 @@
 //!
 //! Only one scheduler may run per user: callers hold an [`instance::SchedulerLock`].
 //!
+//! Boot-checks ([`boot_checks`], issue 23): after the checkpoint work of a pass, when no
+//! job runs and the machine is idle, [`policy::next_boot_check`] may name one VM whose
+//! newest checkpoint is to be started in a throwaway clone. It runs like a checkpoint job
+//! (in flight on record, at low priority, its phase in the status, cancelled on
+//! shutdown), one at a time and beside the checkpoints, which never wait for it; its
+//! record goes into the history and out as [`Event::Finished`].
+//!
 //! Activity trigger: libvirt reports the bytes a running VM has written to each disk since
 //! QEMU started (`virDomainBlockStats`); the loop reads them every minute for VMs whose
 //! policy has `activity_bytes`, and a checkpoint comes early once the VM wrote that much
 //! since the last one began (a restart of the VM starts the count again).
 
+pub mod boot_checks;
 pub mod instance;
 pub mod job;
 pub mod status;
@@ -165,6 +173,15 @@ fn check_share(
     }
 }
 
+/// Where a store was found, for the status.
+fn location_of(found: &Availability) -> String {
+    match found {
+        Availability::Folder(path) => path.display().to_string(),
+        Availability::Remote(l) => l.clone(),
+        Availability::Missing { .. } => String::new(),
+    }
+}
+
 /// Receives the scheduler's events (on its thread: return quickly).
 pub type EventSink = Arc<dyn Fn(Event) + Send + Sync>;
 
@@ -180,6 +197,11 @@ enum Msg {
     Written(HashMap<String, u64>),
     /// The rotating check of a destination ended.
     Checked(Box<Event>),
+    /// A boot-check ended.
+    BootChecked {
+        record: Box<Record>,
+        in_flight: Option<history::InFlight>,
+    },
 }
 
 /// Who watches the configuration file and the mounts for the scheduler.
@@ -377,6 +399,8 @@ struct State {
     started: DateTime<Utc>,
     /// The rotating check running now: its destination and control.
     checking: Option<(String, Arc<Control>)>,
+    /// The boot-check running now, and its control.
+    boot_checking: Option<(RunningJob, Arc<Control>)>,
 }
 
 async fn run(
@@ -409,12 +433,14 @@ async fn run(
         manual: Vec::new(),
         started: Utc::now(),
         checking: None,
+        boot_checking: None,
     };
     let mut last_activity_poll: Option<std::time::Instant> = None;
     let mut stopping = false;
     loop {
         if stopping {
-            if state.running.is_empty() && state.checking.is_none() {
+            if state.running.is_empty() && state.checking.is_none() && state.boot_checking.is_none()
+            {
                 break;
             }
             let Some(msg) = rx.recv().await else { break };
@@ -424,7 +450,7 @@ async fn run(
             continue;
         }
         let mut wait = state.start_due_jobs(&events, &tx);
-        if !state.running.is_empty() {
+        if !state.running.is_empty() || state.boot_checking.is_some() {
             // Keep status.json's progress of the running jobs current.
             wait = wait.min(Duration::from_secs(1));
         }
@@ -529,13 +555,116 @@ impl State {
             }
         }
         self.start_due_check(now, &roots, tx);
+        self.start_due_boot_check(now, &roots, events, tx);
         wait
+    }
+
+    /// Starts the boot-check that is due, if one is ([`policy::next_boot_check`]): never
+    /// while a job of this scheduler runs, nor while the machine is busy or protection is
+    /// paused.
+    fn start_due_boot_check(
+        &mut self,
+        now: DateTime<Utc>,
+        roots: &[PathBuf],
+        events: &EventSink,
+        tx: &mpsc::Sender<Msg>,
+    ) {
+        let settings = self.config.boot_checks;
+        if !settings.enabled || self.config.paused_at(now) {
+            return;
+        }
+        let jobs_running =
+            !self.running.is_empty() || self.checking.is_some() || self.boot_checking.is_some();
+        if jobs_running {
+            return;
+        }
+        let busy = policy::Busy {
+            jobs_running,
+            load_percent: boot_checks::load_percent(),
+        };
+        let state_dir = self.paths.state_dir();
+        let (mut vms, uuids) =
+            boot_checks::candidates(&self.config, &self.records, &state_dir, now);
+        // Where the chosen checkpoint's store is not here, the next newest one is asked for.
+        let (due, found) = loop {
+            let Some(due) = policy::next_boot_check(&settings, &vms, busy, now) else {
+                return;
+            };
+            let Some(dest) = self.config.destination(&due.destination).cloned() else {
+                return;
+            };
+            let found = destination::locate(&dest, roots);
+            self.note_found(&dest.name, &found, events);
+            if !matches!(found, Availability::Missing { .. }) {
+                break (due, found);
+            }
+            for n in vms.iter_mut().flat_map(|v| &mut v.newest) {
+                if n.destination == due.destination {
+                    n.here = false;
+                }
+            }
+        };
+        let Some(&uuid) = uuids.get(&due.vm) else {
+            return;
+        };
+        tracing::info!(
+            "boot-check of {}'s checkpoint {} in {} ({:?})",
+            due.vm,
+            due.checkpoint,
+            due.destination,
+            due.why
+        );
+        let record = boot_checks::record(&due.vm, uuid, &due.destination, &due.checkpoint);
+        let control = Arc::new(Control::new());
+        self.boot_checking = Some((
+            RunningJob {
+                vm: due.vm.clone(),
+                destination: due.destination.clone(),
+                location: location_of(&found),
+                since: record.started,
+                why: Why::BootCheck,
+                phase: String::new(),
+                done_bytes: 0,
+                total_bytes: 0,
+            },
+            control.clone(),
+        ));
+        events(Event::Started {
+            vm: due.vm.clone(),
+            destination: due.destination.clone(),
+            why: Why::BootCheck,
+        });
+        let in_flight = history::begin(&self.paths.history, &record)
+            .inspect_err(|e| {
+                tracing::warn!(
+                    "the boot-check of {} is not on record as it runs: {e}",
+                    due.vm
+                );
+            })
+            .ok();
+        let (config, paths, tx) = (self.config.clone(), self.paths.clone(), tx.clone());
+        tokio::task::spawn_blocking(move || {
+            let record = crate::priority::run_at(
+                Some(crate::priority::Priority::BACKGROUND),
+                "rewind-bootcheck",
+                || boot_checks::run(&config, &paths, record, &control),
+            );
+            // A closed channel: the loop is gone, which it is only after waiting for this.
+            drop(tx.blocking_send(Msg::BootChecked {
+                record: Box::new(record),
+                in_flight,
+            }));
+        });
     }
 
     /// Starts the rotating check of a destination whose store is here and has a share due,
     /// when no checkpoint runs (one check at a time, never during a pause).
     fn start_due_check(&mut self, now: DateTime<Utc>, roots: &[PathBuf], tx: &mpsc::Sender<Msg>) {
-        if !self.running.is_empty() || self.checking.is_some() || self.config.paused_at(now) {
+        if !self.running.is_empty()
+            || self.checking.is_some()
+            || self.boot_checking.is_some()
+            || self.config.paused_at(now)
+        {
             return;
         }
         let state_dir = self.paths.state_dir();
@@ -611,11 +740,7 @@ impl State {
             RunningJob {
                 vm: p.vm.clone(),
                 destination: dest.name.clone(),
-                location: match found {
-                    Availability::Folder(path) => path.display().to_string(),
-                    Availability::Remote(l) => l.clone(),
-                    Availability::Missing { .. } => String::new(),
-                },
+                location: location_of(found),
                 since: Utc::now(),
                 why,
                 phase: String::new(),
@@ -662,6 +787,9 @@ impl State {
                 if let Some((_, control)) = &self.checking {
                     control.cancel();
                 }
+                if let Some((_, control)) = &self.boot_checking {
+                    control.cancel();
+                }
                 return true;
             }
             Msg::Command(Command::RunNow { vm }) => match vm {
@@ -685,26 +813,15 @@ impl State {
             } => {
                 self.running.remove(&vm);
                 self.controls.remove(&vm);
-                let appended = history::append(&self.paths.history, &record);
-                if let Some(job) = in_flight {
-                    job.end();
-                }
-                if let Err(e) = appended {
-                    events(Event::ConfigError(
-                        ConfigError::Io {
-                            action: "append to the history next to",
-                            path: self.paths.history.clone(),
-                            detail: e.to_string(),
-                        }
-                        .into(),
-                    ));
-                }
                 if record.outcome == Outcome::Ok {
                     self.warned_stale
                         .remove(&(record.vm.clone(), record.destination.clone()));
                 }
-                self.records.push((*record).clone());
-                events(Event::Finished(record));
+                self.finish(record, in_flight, events);
+            }
+            Msg::BootChecked { record, in_flight } => {
+                self.boot_checking = None;
+                self.finish(record, in_flight, events);
             }
             Msg::Checked(event) => {
                 self.checking = None;
@@ -733,6 +850,32 @@ impl State {
             }
         }
         false
+    }
+
+    /// A job's `record` goes into the history (and its in-flight note away), then out as
+    /// [`Event::Finished`].
+    fn finish(
+        &mut self,
+        record: Box<Record>,
+        in_flight: Option<history::InFlight>,
+        events: &EventSink,
+    ) {
+        let appended = history::append(&self.paths.history, &record);
+        if let Some(job) = in_flight {
+            job.end();
+        }
+        if let Err(e) = appended {
+            events(Event::ConfigError(
+                ConfigError::Io {
+                    action: "append to the history next to",
+                    path: self.paths.history.clone(),
+                    detail: e.to_string(),
+                }
+                .into(),
+            ));
+        }
+        self.records.push((*record).clone());
+        events(Event::Finished(record));
     }
 
     /// Reads how much the VMs with an activity trigger have written (off the loop).
@@ -814,6 +957,12 @@ impl State {
                 c.phase().label().clone_into(&mut job.phase);
             }
         }
+        if let Some((job, c)) = &mut self.boot_checking {
+            let (done, total) = c.progress_bytes();
+            job.done_bytes = done;
+            job.total_bytes = total;
+            c.phase().label().clone_into(&mut job.phase);
+        }
         let now = Utc::now();
         let mut next = Vec::new();
         for p in &self.config.vms {
@@ -837,7 +986,12 @@ impl State {
             updated: now,
             paused: self.config.paused_at(now),
             config_error: self.config_error.clone(),
-            running: self.running.values().cloned().collect(),
+            running: self
+                .running
+                .values()
+                .chain(self.boot_checking.as_ref().map(|(job, _)| job))
+                .cloned()
+                .collect(),
             destinations: self
                 .found
                 .iter()
