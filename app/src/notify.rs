@@ -5,8 +5,9 @@
 use std::collections::HashMap;
 
 use rewind_core::config::Notifications;
-use rewind_core::history::Outcome;
-use rewind_core::scheduler::Event;
+use rewind_core::history::{Outcome, Record};
+use rewind_core::policy::Why;
+use rewind_core::scheduler::{Event, boot_checks};
 use rewind_core::units::human_bytes;
 
 /// Sends notifications; connects to the session bus on first use.
@@ -60,6 +61,15 @@ impl Notifier {
 /// What an event means for the user: a log line, and a notification if one is due.
 pub fn describe(event: &Event, wants: Notifications) -> (String, Option<(String, String)>) {
     match event {
+        Event::Started {
+            vm,
+            destination,
+            why: Why::BootCheck,
+        } => (
+            format!("boot-check of {vm}'s newest checkpoint in {destination} begins"),
+            None,
+        ),
+        Event::Finished(r) if r.is_boot_check() => describe_boot_check(r, wants),
         Event::Started {
             vm,
             destination,
@@ -146,6 +156,62 @@ pub fn describe(event: &Event, wants: Notifications) -> (String, Option<(String,
         Event::Stopped => ("scheduler stopped".into(), None),
         _ => (format!("{event:?}"), None),
     }
+}
+
+/// What a scheduled boot-check's record `r` means for the user: one notification when the
+/// checkpoint did not boot; none when it booted, was cancelled or could not be done (that
+/// one is logged and tried again a day later).
+fn describe_boot_check(r: &Record, wants: Notifications) -> (String, Option<(String, String)>) {
+    let id = r.checkpoint.as_deref().unwrap_or("?");
+    let error = r.error.as_deref().unwrap_or("unknown error");
+    match r.outcome {
+        Outcome::Ok => (
+            format!(
+                "boot-check of {}'s checkpoint {id} in {}: it booted",
+                r.vm, r.destination
+            ),
+            None,
+        ),
+        Outcome::Cancelled => (
+            format!("boot-check of {}'s checkpoint {id} cancelled", r.vm),
+            None,
+        ),
+        Outcome::Failed if error.starts_with(boot_checks::NOT_DONE) => (
+            format!("{}'s checkpoint {id} in {}: {error}", r.vm, r.destination),
+            None,
+        ),
+        Outcome::Failed => {
+            let when = checkpoint_time(id);
+            let line = format!(
+                "boot-check of {}'s checkpoint {id} in {} FAILED: {error}",
+                r.vm, r.destination
+            );
+            let note = wants.on_failure.then(|| {
+                (
+                    format!("{}'s checkpoint of {when} did not boot", r.vm),
+                    format!(
+                        "{error}. Checkpoint {id} in {}; `rewind boot-check` tries it again.",
+                        r.destination
+                    ),
+                )
+            });
+            (line, note)
+        }
+    }
+}
+
+/// When checkpoint `id` was taken, in local time ("Sat 5 Dec 14:30"), or the id itself if
+/// it does not name a time.
+fn checkpoint_time(id: &str) -> String {
+    chrono::NaiveDateTime::parse_from_str(id, "%Y%m%dT%H%M%S%.3fZ").map_or_else(
+        |_| id.to_owned(),
+        |t| {
+            t.and_utc()
+                .with_timezone(&chrono::Local)
+                .format("%a %-d %b %H:%M")
+                .to_string()
+        },
+    )
 }
 
 /// What the daily check of `destination` (share `k` of `of`) means for the user.

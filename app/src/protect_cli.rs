@@ -579,14 +579,15 @@ fn destination_json(
     now: DateTime<Utc>,
 ) -> DestinationJson {
     let track = history::track(records, &p.vm, p.uuid.as_deref(), &d.name);
-    let last_ok = records
-        .iter()
-        .rev()
-        .find(|r| r.destination == d.name && r.vm == p.vm && r.outcome == Outcome::Ok);
-    let last = records
-        .iter()
-        .rev()
-        .find(|r| r.destination == d.name && r.vm == p.vm);
+    // Checkpoints only: a boot-check's record is not one.
+    let checkpoints = || {
+        records
+            .iter()
+            .rev()
+            .filter(|r| r.destination == d.name && r.vm == p.vm && !r.is_boot_check())
+    };
+    let last_ok = checkpoints().find(|r| r.outcome == Outcome::Ok);
+    let last = checkpoints().next();
     let (available, found_at, reason) = match found {
         Availability::Folder(path) => (true, Some(path.display().to_string()), None),
         Availability::Remote(l) => (true, Some(l), None),
@@ -818,6 +819,11 @@ pub fn show_records(
     }
     for r in &records {
         let what = match (r.outcome, &r.checkpoint) {
+            (Outcome::Ok, Some(id)) if r.is_boot_check() => format!("checkpoint {id} booted"),
+            (Outcome::Failed, Some(id)) if r.is_boot_check() => format!(
+                "checkpoint {id} FAILED its boot-check: {}",
+                r.error.as_deref().unwrap_or("?")
+            ),
             (Outcome::Ok, Some(id)) => format!(
                 "checkpoint {id} ({}, {} new{})",
                 if r.incremental == Some(true) {

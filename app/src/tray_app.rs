@@ -297,6 +297,54 @@ mod tests {
         assert_eq!(note_for(&ok, &state), None);
     }
 
+    /// A scheduled boot-check that failed is one notification that names the VM, when its
+    /// checkpoint was taken and why; one that booted, or could not be done, is none.
+    #[test]
+    fn a_failed_boot_check_is_one_note_a_passed_one_none() {
+        let state = UiState::default();
+        let check = |outcome, error: Option<&str>| {
+            let mut r = Record::starting(
+                "win11",
+                "usb",
+                rewind_core::policy::Why::BootCheck,
+                chrono::Utc::now(),
+            );
+            r.checkpoint = Some("20261205T143000.000Z".into());
+            r.outcome = outcome;
+            r.error = error.map(str::to_owned);
+            Event::Scheduled(Arc::new(SchedEvent::Finished(Box::new(r))))
+        };
+        let failed = check(
+            Outcome::Failed,
+            Some("no sign of a started system after 600 s; the screen showed a blue screen"),
+        );
+        let (summary, body) = note_for(&failed, &state).unwrap();
+        assert!(
+            summary.starts_with("win11's checkpoint of ")
+                && summary.contains(" Dec ")
+                && summary.ends_with(" did not boot"),
+            "{summary}"
+        );
+        assert!(body.starts_with("no sign of a started system"), "{body}");
+        assert!(body.contains("20261205T143000.000Z in usb"), "{body}");
+        assert_eq!(note_for(&check(Outcome::Ok, None), &state), None);
+        let not_done = format!(
+            "{}libvirt is not running",
+            rewind_core::scheduler::boot_checks::NOT_DONE
+        );
+        assert_eq!(
+            note_for(&check(Outcome::Failed, Some(&not_done)), &state),
+            None
+        );
+        assert_eq!(note_for(&check(Outcome::Cancelled, None), &state), None);
+        let started = Event::Scheduled(Arc::new(SchedEvent::Started {
+            vm: "win11".into(),
+            destination: "usb".into(),
+            why: rewind_core::policy::Why::BootCheck,
+        }));
+        assert_eq!(note_for(&started, &state), None);
+    }
+
     #[test]
     fn a_failed_job_is_named_a_cancelled_one_and_turned_off_notes_are_not_sent() {
         let mut state = UiState::default();
