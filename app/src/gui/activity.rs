@@ -3,6 +3,7 @@
 use chrono::Local;
 use egui::{Color32, RichText};
 use rewind_core::engine::Command;
+use rewind_core::engine::jobs::JobOutput;
 use rewind_core::history::Outcome;
 use rewind_core::job_error::ErrorKind;
 use rewind_core::units::human_bytes;
@@ -35,6 +36,13 @@ pub(super) fn activity_ui(ui: &mut egui::Ui, state: &mut UiState, commands: &mut
                                 .clicked()
                             {
                                 cancel = Some(job.id);
+                            }
+                        }
+                        Some(Ok(JobOutput::BootChecked { check, .. })) if !check.booted() => {
+                            // Done, but what it found is a failure.
+                            ui.colored_label(ui.visuals().error_fg_color, "did not boot");
+                            if ui.small_button("✖").on_hover_text("Dismiss").clicked() {
+                                dismiss = Some(job.id);
                             }
                         }
                         Some(Ok(_)) => {

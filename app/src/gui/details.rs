@@ -33,52 +33,59 @@ pub(super) fn checkpoint_details_ui(
             ))
             .strong(),
         );
-        egui::Grid::new("checkpoint_facts")
-            .num_columns(2)
-            .spacing([16.0, 3.0])
-            .show(ui, |ui| {
-                let fact = |ui: &mut egui::Ui, name: &str, value: String| {
-                    ui.label(RichText::new(name).weak());
-                    ui.label(value);
+        ui.horizontal_top(|ui| {
+            egui::Grid::new("checkpoint_facts")
+                .num_columns(2)
+                .spacing([16.0, 3.0])
+                .show(ui, |ui| {
+                    let fact = |ui: &mut egui::Ui, name: &str, value: String| {
+                        ui.label(RichText::new(name).weak());
+                        ui.label(value);
+                        ui.end_row();
+                    };
+                    fact(ui, "Kind", kind_text(c).to_owned());
+                    if let Some(note) = &c.consistency_note {
+                        fact(ui, "Consistency", note.clone());
+                    }
+                    fact(ui, "Data", human_bytes(c.logical_bytes));
+                    fact(
+                        ui,
+                        "New in the store",
+                        format!(
+                            "{}{}",
+                            human_bytes(c.new_bytes),
+                            if c.incremental { " (incremental)" } else { " (full)" }
+                        ),
+                    );
+                    if let Some(why) = &c.full_reason {
+                        fact(ui, "Why full", why.clone());
+                    }
+                    #[allow(clippy::cast_precision_loss)]
+                    fact(ui, "Took", format!("{:.1} s", c.duration_ms as f64 / 1000.0));
+                    fact(ui, "Destination", key.destination.clone());
+                    fact(ui, "Disks", c.disks.join(", "));
+                    fact(
+                        ui,
+                        "Verification",
+                        if c.damaged {
+                            "damaged: the last verify found missing or bad data".to_owned()
+                        } else if let Some(t) = c.verified {
+                            format!("verified {}", t.with_timezone(&Local).format("%Y-%m-%d %H:%M"))
+                        } else {
+                            "not verified yet".to_owned()
+                        },
+                    );
+                    ui.label(RichText::new("Boot-check").weak());
+                    ui.vertical(|ui| super::bootcheck::details_ui(ui, state, key, c));
                     ui.end_row();
-                };
-                fact(ui, "Kind", kind_text(c).to_owned());
-                if let Some(note) = &c.consistency_note {
-                    fact(ui, "Consistency", note.clone());
-                }
-                fact(ui, "Data", human_bytes(c.logical_bytes));
-                fact(
-                    ui,
-                    "New in the store",
-                    format!(
-                        "{}{}",
-                        human_bytes(c.new_bytes),
-                        if c.incremental { " (incremental)" } else { " (full)" }
-                    ),
-                );
-                if let Some(why) = &c.full_reason {
-                    fact(ui, "Why full", why.clone());
-                }
-                #[allow(clippy::cast_precision_loss)]
-                fact(ui, "Took", format!("{:.1} s", c.duration_ms as f64 / 1000.0));
-                fact(ui, "Destination", key.destination.clone());
-                fact(ui, "Disks", c.disks.join(", "));
-                fact(
-                    ui,
-                    "Verification",
-                    if c.damaged {
-                        "damaged: the last verify found missing or bad data".to_owned()
-                    } else if let Some(t) = c.verified {
-                        format!("verified {}", t.with_timezone(&Local).format("%Y-%m-%d %H:%M"))
-                    } else {
-                        "not verified yet".to_owned()
-                    },
-                );
-                if c.is_safety() {
-                    fact(ui, "Label", "safety checkpoint (taken before a restore)".to_owned());
-                }
-                fact(ui, "ID", c.id.clone());
-            });
+                    if c.is_safety() {
+                        fact(ui, "Label", "safety checkpoint (taken before a restore)".to_owned());
+                    }
+                    fact(ui, "ID", c.id.clone());
+                });
+            ui.add_space(24.0);
+            super::bootcheck::details_picture_ui(ui, c);
+        });
         ui.add_space(6.0);
         let restoring = state.restore_running();
         ui.horizontal_wrapped(|ui| {
@@ -122,6 +129,7 @@ pub(super) fn checkpoint_details_ui(
                 let title = format!("{} at {}", c.vm, c.time.with_timezone(&Local).format("%Y-%m-%d %H:%M"));
                 state.files = Some(super::files::FilesView::open(key.clone(), title, commands));
             }
+            super::bootcheck::button_ui(ui, state, key, c, commands);
             if ui
                 .add_enabled(!c.damaged, egui::Button::new("Export disk…"))
                 .on_hover_text("Write one disk as it was then to an image file")

@@ -12,6 +12,7 @@
 mod activity;
 #[cfg(test)]
 mod bench;
+mod bootcheck;
 mod details;
 pub mod dialogs;
 pub mod files;

@@ -11,7 +11,7 @@ use rewind_core::engine::{Event, SchedulerView};
 use rewind_core::history::Record;
 use rewind_core::progress::Phase;
 use rewind_core::scheduler::status::{RunningJob, Status};
-use rewind_core::view::catalog::{CheckpointSummary, DestinationView};
+use rewind_core::view::catalog::{BootCheckSummary, CheckpointSummary, DestinationView};
 use rewind_core::view::overview::{self, VmOverview};
 use rewind_core::vm::VmInfo;
 use uuid::Uuid;
@@ -384,8 +384,24 @@ impl UiState {
                 }
             }
             Event::JobFinished { job, result } => {
+                if let Ok(JobOutput::BootChecked {
+                    check,
+                    thumbnail_png,
+                    ..
+                }) = &result
+                {
+                    self.boot_checked(check, thumbnail_png.clone());
+                }
                 if let Some(j) = self.jobs.iter_mut().find(|j| j.id == job) {
                     self.notice = Some(match &result {
+                        Ok(JobOutput::BootChecked { check, vm, .. }) => {
+                            match BootCheckSummary::of(check, None).reason {
+                                None => format!("{}: a copy of {vm} booted", j.label),
+                                Some(why) => {
+                                    format!("{}: a copy of {vm} did not boot: {why}", j.label)
+                                }
+                            }
+                        }
                         Ok(_) => format!("{}: done", j.label),
                         Err(e) => format!("{} failed: {e}", j.label),
                     });
@@ -434,6 +450,22 @@ impl UiState {
             }
             // The refreshed list follows; nothing to show for the event itself yet.
             _ => {}
+        }
+    }
+
+    /// Shows the boot-check `check` just done on its checkpoint wherever it is, at once:
+    /// the engine's next look at the destinations brings the same from its state folder.
+    fn boot_checked(&mut self, check: &rewind_core::bootcheck::BootCheck, png: Option<Vec<u8>>) {
+        let Some(destinations) = &mut self.destinations else {
+            return;
+        };
+        let summary = BootCheckSummary::of(check, png);
+        for c in Arc::make_mut(destinations)
+            .iter_mut()
+            .flat_map(|d| &mut d.checkpoints)
+            .filter(|c| c.vm_uuid == check.vm_uuid && c.id == check.checkpoint)
+        {
+            c.boot_check = Some(summary.clone());
         }
     }
 

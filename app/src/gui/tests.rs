@@ -21,7 +21,7 @@ use rewind_core::libvirt::Hypervisor;
 use rewind_core::policy::Why;
 use rewind_core::scheduler::Paths;
 use rewind_core::store::{CheckpointKind, Consistency, InitOptions, Store};
-use rewind_core::view::catalog::{CheckpointSummary, DestinationView};
+use rewind_core::view::catalog::{BootCheckSummary, CheckpointSummary, DestinationView};
 
 use super::dialogs::Dialog;
 use super::state::{CheckpointKey, Connection, UiState};
@@ -56,6 +56,22 @@ fn summary(vm_uuid: uuid::Uuid, t: DateTime<Utc>, new_mib: u64) -> CheckpointSum
     }
 }
 
+/// A small picture of a login screen, as a boot-check keeps it.
+fn screen_png() -> Vec<u8> {
+    let picture = image::RgbImage::from_fn(160, 100, |x, y| {
+        if (50..110).contains(&x) && (40..60).contains(&y) {
+            image::Rgb([240, 240, 240])
+        } else {
+            image::Rgb([20, 60, u8::try_from(100 + y).unwrap_or(255)])
+        }
+    });
+    let mut png = Vec::new();
+    picture
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    png
+}
+
 /// The window as it looks with the test driver's VM protected into a drive that holds a
 /// few days of checkpoints (one crash-consistent, one damaged, one safety checkpoint).
 fn fixture() -> UiState {
@@ -80,6 +96,20 @@ fn fixture() -> UiState {
         c.verified = Some(now - chrono::Duration::hours(30));
     }
     checkpoints[60].labels = vec!["safety".into()];
+    checkpoints[50].boot_check = Some(BootCheckSummary {
+        checked_at: now - chrono::Duration::hours(20),
+        booted: false,
+        reason: Some(
+            "the screen showed a blue screen (a Windows stop error or recovery screen)".into(),
+        ),
+        thumbnail_png: None,
+    });
+    checkpoints[66].boot_check = Some(BootCheckSummary {
+        checked_at: now - chrono::Duration::hours(2),
+        booted: true,
+        reason: None,
+        thumbnail_png: Some(screen_png()),
+    });
     checkpoints[0].incremental = false;
     checkpoints[0].new_bytes = 12 << 30;
     let destination = Destination {
@@ -163,7 +193,13 @@ fn main_screen_snapshot() {
     h.get_by_label("Checkpoint now");
     assert!(h.query_all_by_label_contains("Checkpoint 2026-").count() > 20);
     h.get_by_label_contains("(damaged)");
+    h.get_by_label_contains("(did not boot)");
+    h.get_by_label_contains("(boots)");
     h.get_by_label_contains("Next checkpoint");
+    // The selected checkpoint booted: the details say when, with its screen.
+    h.get_by_label("Booted — checked 2026-12-01 10:00");
+    h.get_by_label("The last screen of the boot-check's throwaway copy");
+    h.get_by_label("Check that it boots");
     h.snapshot("main_screen");
 }
 
@@ -909,10 +945,11 @@ fn checkpoint_restore_and_undo_from_the_window_with_a_real_guest() {
 
 /// The window's sources: every symbol they draw needs a glyph in the built-in fonts (a
 /// missing one draws as a box).
-const SOURCES: [&str; 11] = [
+const SOURCES: [&str; 12] = [
     include_str!("mod.rs"),
     include_str!("vm_list.rs"),
     include_str!("details.rs"),
+    include_str!("bootcheck.rs"),
     include_str!("activity.rs"),
     include_str!("timeline.rs"),
     include_str!("dialogs/mod.rs"),

@@ -1,7 +1,8 @@
 //! A VM's checkpoints on a time axis: one lane per destination, zoomed from hours to
 //! months and panned by dragging. Markers are coloured by kind and consistency, sized by how
-//! much they added, and marked when verified or damaged; a "now" line and the next
-//! scheduled checkpoint show where protection stands.
+//! much they added, and marked when verified or damaged, and when boot-checked (a small
+//! screen under them, crossed out in red when the copy did not boot); a "now" line and the
+//! next scheduled checkpoint show where protection stands.
 //!
 //! Drawing is bounded by the width, not the number of checkpoints: only the visible range
 //! is looked at (binary search in time order) and markers closer than a few pixels are
@@ -304,6 +305,7 @@ pub fn marker_label(c: &CheckpointSummary) -> String {
     if c.damaged {
         s.push_str(" (damaged)");
     }
+    s.push_str(super::bootcheck::label_suffix(c));
     s
 }
 
@@ -434,7 +436,7 @@ pub fn timeline_ui(
             let selected = marks.selected == Some(&key);
             let x = x_of(c.time);
             // Of markers closer than a few pixels, the first stands for them all.
-            if !selected && !c.damaged && x - last_x < MERGE_PX {
+            if !selected && !c.damaged && !super::bootcheck::failed(c) && x - last_x < MERGE_PX {
                 continue;
             }
             last_x = x;
@@ -527,7 +529,8 @@ fn axis(
 }
 
 /// Draws one marker: filled by kind and consistency, a ring for safety checkpoints, a
-/// red ring and "!" when damaged, a tick when verified.
+/// red ring and "!" when damaged, a tick when verified, a small screen under it when
+/// boot-checked.
 fn paint_marker(
     painter: &egui::Painter,
     visuals: &egui::Visuals,
@@ -562,6 +565,7 @@ fn paint_marker(
             color,
         );
     }
+    super::bootcheck::paint_mark(painter, visuals, c, center, r);
     if selected {
         painter.circle_stroke(
             center,
@@ -685,7 +689,11 @@ fn legend_ui(ui: &mut egui::Ui) {
         ui.label(egui::RichText::new("○").weak());
         ui.label(egui::RichText::new("safety (before a restore)").small());
         ui.label(
-            egui::RichText::new("✔ verified · ! damaged · outlined diamond: the next one").small(),
+            egui::RichText::new(
+                "✔ verified · ! damaged · screen below: it boots (red, crossed: it did not) · \
+                 outlined diamond: the next one",
+            )
+            .small(),
         );
         ui.label(egui::RichText::new("bigger = more changed").small().weak());
     });
@@ -725,6 +733,7 @@ pub fn checkpoint_tooltip_ui(ui: &mut egui::Ui, c: &CheckpointSummary, destinati
             t.with_timezone(&Local).format("%Y-%m-%d %H:%M")
         ));
     }
+    super::bootcheck::hover_ui(ui, c);
 }
 
 #[cfg(test)]
