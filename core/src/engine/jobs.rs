@@ -488,19 +488,17 @@ fn store_job(
         } => {
             let store = store_of(config, destination)?;
             let m = manifest(&store, vm_uuid, checkpoint)?;
-            let data_bytes = crate::restore::export_disk(&store, &m, disk, out, *format, control)?;
-            if let Some(owner) = owner
-                && let Err(e) = hand_over(out, *owner)
-            {
-                crate::cleanup::remove_file(out);
-                return Err(JobError::new(
-                    ErrorKind::Failed,
-                    format!(
-                        "could not give the exported image {} to its user: {e}; it was removed",
-                        out.display()
-                    ),
-                ));
-            }
+            // The image is made as `owner`'s, in the folder they may write in, held open:
+            // nothing is written or given away by path.
+            let data_bytes = crate::restore::export_disk_for(
+                &store,
+                &m,
+                disk,
+                out,
+                *format,
+                owner.map(|o| (o.uid, o.gid)),
+                control,
+            )?;
             Ok(JobOutput::Exported {
                 checkpoint: m.id,
                 vm: m.vm.name,
@@ -525,23 +523,6 @@ fn store_job(
         }
         _ => Err(JobError::internal(&"not an export or prune")),
     }
-}
-
-/// Gives the file just written at `path` to `owner`: only a regular file with no other
-/// name (never what a link put in its place meanwhile points to).
-fn hand_over(path: &std::path::Path, owner: Owner) -> std::io::Result<()> {
-    use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
-    let file = std::fs::File::options()
-        .read(true)
-        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits().cast_signed())
-        .open(path)?;
-    let meta = file.metadata()?;
-    if !meta.is_file() || meta.nlink() != 1 {
-        return Err(std::io::Error::other(
-            "it is no longer the file that was written (replaced meanwhile)",
-        ));
-    }
-    std::os::unix::fs::fchown(&file, Some(owner.uid), Some(owner.gid))
 }
 
 /// A checkpoint of `vm` now into each of its destinations.

@@ -13,7 +13,7 @@ pub mod exfat;
 pub mod ext4;
 pub mod fat;
 pub mod ntfs;
-mod restore;
+pub(crate) mod restore;
 #[cfg(test)]
 mod tests;
 pub mod volumes;

@@ -36,7 +36,7 @@ use crate::progress::Control;
 const HOLE_BLOCK: usize = 64 << 10;
 
 /// How a folder is opened: for reading its entries, never through a link.
-const FOLDER: OFlags = OFlags::RDONLY
+pub(crate) const FOLDER: OFlags = OFlags::RDONLY
     .union(OFlags::DIRECTORY)
     .union(OFlags::NOFOLLOW)
     .union(OFlags::CLOEXEC);
@@ -52,7 +52,7 @@ pub(super) fn restore(
         path: path.to_path_buf(),
         source,
     };
-    let target = open_target(to, owner).map_err(|e| output(e, to))?;
+    let target = open_target(to, owner, false, "to restore into").map_err(|e| output(e, to))?;
     let plan = plan(browser, paths, to, target.as_fd())?;
     // The bytes to write, for progress. This walks each folder's listings once more than
     // the copy needs; the copy's walk is not given them because it costs little: the chunks
@@ -70,7 +70,8 @@ pub(super) fn restore(
     }
     control.add_total_bytes(total);
 
-    let (staging_name, staging) = staging_folder(target.as_fd()).map_err(|e| output(e, to))?;
+    let (staging_name, staging) =
+        staging_folder(target.as_fd(), ".rewind-restore-").map_err(|e| output(e, to))?;
     let staging_path = to.join(&staging_name);
     let mut moved: Vec<(&str, Made)> = Vec::new();
     let result = (|| {
@@ -141,13 +142,13 @@ pub(super) fn restore(
 
 /// What tells one file from another, whatever its name: its device and inode numbers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Made {
+pub(crate) struct Made {
     dev: u64,
     ino: u64,
 }
 
 impl Made {
-    fn of(stat: &rustix::fs::Stat) -> Self {
+    pub(crate) fn of(stat: &rustix::fs::Stat) -> Self {
         Self {
             dev: stat.st_dev,
             ino: stat.st_ino,
@@ -155,11 +156,21 @@ impl Made {
     }
 }
 
-/// Opens the folder `to`, never through a link at its end. For a service restoring for a
-/// user (`owner`, when this process is root), it is opened as that user, and only if that
-/// user may write in it: the folder checked is the folder written in.
-fn open_target(to: &Path, owner: Option<(u32, u32)>) -> io::Result<OwnedFd> {
+/// Opens the folder `to` (first made with the folders above it if `make`), never through a
+/// link at its end. For a service writing for a user (`owner`, when this process is root),
+/// it is made and opened as that user, and only if that user may write in it: the folder
+/// checked is the folder written in. `purpose` ends the message for a file that is not a
+/// folder ("to restore into").
+pub(crate) fn open_target(
+    to: &Path,
+    owner: Option<(u32, u32)>,
+    make: bool,
+    purpose: &str,
+) -> io::Result<OwnedFd> {
     let open = || {
+        if make {
+            std::fs::create_dir_all(to)?;
+        }
         rustix::fs::openat(rustix::fs::CWD, to, FOLDER, Mode::empty()).map_err(|e| match e {
             Errno::NOENT => io::Error::new(io::ErrorKind::NotFound, "no such folder"),
             // O_NOFOLLOW with O_DIRECTORY says ENOTDIR for a link.
@@ -174,7 +185,7 @@ fn open_target(to: &Path, owner: Option<(u32, u32)>) -> io::Result<OwnedFd> {
             }
             Errno::NOTDIR => io::Error::new(
                 io::ErrorKind::NotADirectory,
-                "it is not a folder: choose a folder to restore into",
+                format!("it is not a folder: choose a folder {purpose}"),
             ),
             e => e.into(),
         })
@@ -274,11 +285,14 @@ fn folder_bytes(
     Ok(total)
 }
 
-/// A hidden, private folder in `target` to write into before moving in place: its name,
-/// and the folder held open.
-fn staging_folder(target: BorrowedFd<'_>) -> io::Result<(String, OwnedFd)> {
+/// A hidden, private folder in `target` to write into before moving in place (named
+/// `prefix`, this process's id and a number): its name, and the folder held open.
+pub(crate) fn staging_folder(
+    target: BorrowedFd<'_>,
+    prefix: &str,
+) -> io::Result<(String, OwnedFd)> {
     for n in 0..1000 {
-        let name = format!(".rewind-restore-{}-{n}", std::process::id());
+        let name = format!("{prefix}{}-{n}", std::process::id());
         match rustix::fs::mkdirat(target, name.as_str(), Mode::from_raw_mode(0o700)) {
             Ok(()) => {}
             Err(Errno::EXIST) => continue,
@@ -320,7 +334,7 @@ fn entries(folder: BorrowedFd<'_>) -> io::Result<Vec<OsString>> {
 /// Removes `name` in `parent`, which this restore made as `made` (and, if it is a folder,
 /// everything in it), unless it is no longer that: a user who swapped something else in
 /// under its name does not have it removed.
-fn remove_made(parent: BorrowedFd<'_>, name: &OsStr, made: Made) -> io::Result<()> {
+pub(crate) fn remove_made(parent: BorrowedFd<'_>, name: &OsStr, made: Made) -> io::Result<()> {
     let replaced = || io::Error::other("it was replaced by something else, which is left alone");
     let stat = rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW)?;
     if Made::of(&stat) != made {
@@ -340,7 +354,7 @@ fn remove_made(parent: BorrowedFd<'_>, name: &OsStr, made: Made) -> io::Result<(
 
 /// Removes everything in `folder`, relative to folders held open: links are removed,
 /// never followed.
-fn remove_contents(folder: BorrowedFd<'_>, depth: usize) -> io::Result<()> {
+pub(crate) fn remove_contents(folder: BorrowedFd<'_>, depth: usize) -> io::Result<()> {
     if depth > MAX_DEPTH {
         return Err(io::Error::other("the folder is too deep to remove"));
     }

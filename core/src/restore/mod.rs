@@ -39,6 +39,7 @@ mod new_vm;
 pub mod resume;
 mod vm;
 
+use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -289,13 +290,45 @@ pub struct RestoreReport {
 
 /// Writes disk `target` of checkpoint `m` to a new file `out` in `format`, reading every
 /// written chunk back; returns the bytes of data written (holes are not written). Nothing
-/// is left at `out` if it fails or is cancelled.
+/// is left at `out` if it fails or is cancelled. The file is this process's user's; see
+/// [`export_disk_for`].
+///
+/// # Errors
+/// As [`export_disk_for`].
 pub fn export_disk(
     store: &Store,
     m: &Manifest,
     target: &str,
     out: &Path,
     format: ImageFormat,
+    control: &Control,
+) -> Result<u64, RestoreError> {
+    export_disk_for(store, m, target, out, format, None, control)
+}
+
+/// [`export_disk`] for the user `owner` (user and group), who gets the file: what a service
+/// running as root does for a user who asked.
+///
+/// That user owns the folder written in and could swap it, or anything in it, for a link
+/// while the export runs; so nothing is written or given away by path. `out`'s folder is
+/// made if needed and opened once, as that user (when this process is root), never through
+/// a link at its end, and only if they may write in it. The image is written into a new
+/// file in a private folder made in that folder (`.rewind-export-…`, root's, 0700), given
+/// to `owner` through its handle, and moved to `out`'s name from the private folder's
+/// handle to the folder's, never replacing anything there; the private folder is then
+/// removed through the handles, links never followed. qemu-img is given the file itself,
+/// not a path.
+///
+/// # Errors
+/// No such disk, `out` exists, its folder cannot be opened or written by the user, the
+/// store, or writing or checking the image failed.
+pub fn export_disk_for(
+    store: &Store,
+    m: &Manifest,
+    target: &str,
+    out: &Path,
+    format: ImageFormat,
+    owner: Option<(u32, u32)>,
     control: &Control,
 ) -> Result<u64, RestoreError> {
     let Some(disk) = m.disks.iter().find(|d| d.target == target) else {
@@ -311,19 +344,133 @@ pub fn export_disk(
                 .join(", "),
         });
     };
-    if out.exists() {
+    new_image::check_writable(format.name(), &disk.index)?;
+    let Some(name) = out.file_name() else {
+        return Err(RestoreError::Invalid(format!(
+            "{} does not name a file: give the path of the image to create",
+            out.display()
+        )));
+    };
+    let folder_path = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let folder = crate::files::restore::open_target(folder_path, owner, true, "to export into")
+        .map_err(|e| RestoreError::Write {
+            path: out.to_path_buf(),
+            detail: format!("could not open its folder {}: {e}", folder_path.display()),
+        })?;
+    export_into(
+        store,
+        &disk.index,
+        target,
+        folder.as_fd(),
+        name,
+        out,
+        format,
+        owner,
+        control,
+    )
+}
+
+/// [`export_disk_for`] once `out`'s folder is held open as `folder`: the image is written
+/// there as `name`.
+#[allow(clippy::too_many_arguments)]
+fn export_into(
+    store: &Store,
+    index: &crate::store::ObjectIndex,
+    target: &str,
+    folder: std::os::fd::BorrowedFd<'_>,
+    name: &std::ffi::OsStr,
+    out: &Path,
+    format: ImageFormat,
+    owner: Option<(u32, u32)>,
+    control: &Control,
+) -> Result<u64, RestoreError> {
+    use crate::files::restore::{Made, remove_contents, remove_made, staging_folder};
+    use rustix::fs::{AtFlags, Mode, OFlags};
+    use rustix::io::Errno;
+
+    let write_error = |detail: String| RestoreError::Write {
+        path: out.to_path_buf(),
+        detail,
+    };
+    if rustix::fs::statat(folder, name, AtFlags::SYMLINK_NOFOLLOW).is_ok() {
         return Err(RestoreError::Exists(out.to_path_buf()));
     }
     // Garbage collection must not remove what is being read.
     let _lock = store.lock(LockMode::Shared, "exporting a disk", Some(control))?;
-    let result =
-        new_image::write_new_image(store, target, out, format.name(), &disk.index, control);
-    match result {
-        Ok(_) => Ok(disk.index.data_bytes),
-        Err(e) => {
-            crate::cleanup::remove_file(out);
-            Err(e)
+    let (staging_name, staging) = staging_folder(folder, ".rewind-export-")
+        .map_err(|e| write_error(format!("could not make a temporary folder beside it: {e}")))?;
+    let mut moved = None;
+    let result = (|| {
+        let file = rustix::fs::openat(
+            &staging,
+            name,
+            OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o666),
+        )
+        .map_err(|e| write_error(format!("could not create it: {e}")))?;
+        let file = std::fs::File::from(file);
+        new_image::write_new_image_into(store, target, &file, out, format.name(), index, control)?;
+        if let Some((uid, gid)) = owner {
+            rustix::fs::fchown(
+                &file,
+                Some(rustix::fs::Uid::from_raw(uid)),
+                Some(rustix::fs::Gid::from_raw(gid)),
+            )
+            .map_err(|e| write_error(format!("could not give it to its user: {e}")))?;
         }
+        let made = Made::of(&rustix::fs::fstat(&file).map_err(|e| write_error(e.to_string()))?);
+        control.check().map_err(StoreError::from)?;
+        move_in(staging.as_fd(), folder, name).map_err(|e| match e {
+            Errno::EXIST => RestoreError::Exists(out.to_path_buf()),
+            e => write_error(format!("could not move it in place: {e}")),
+        })?;
+        moved = Some(made);
+        rustix::fs::fsync(folder)
+            .map_err(|e| write_error(format!("could not flush its folder: {e}")))
+    })();
+    if result.is_err()
+        && let Some(made) = moved
+        && let Err(e) = remove_made(folder, name, made)
+    {
+        tracing::warn!("could not remove {}: {e}", out.display());
+    }
+    let removed = rustix::fs::fstat(&staging)
+        .map_err(std::io::Error::from)
+        .and_then(|made| {
+            remove_contents(staging.as_fd(), 0)?;
+            drop(staging);
+            remove_made(folder, std::ffi::OsStr::new(&staging_name), Made::of(&made))
+        });
+    if let Err(e) = removed {
+        tracing::warn!(
+            "could not remove the temporary folder {staging_name} beside {}: {e}",
+            out.display()
+        );
+    }
+    result.map(|()| index.data_bytes)
+}
+
+/// Moves `name` from the folder `from` to the folder `to`, never replacing anything there
+/// (`EEXIST` if something is). Where the file system cannot rename without replacing (NFS,
+/// some FUSE file systems), the name is looked up first: what a race could replace then is
+/// only a name in the folder, never what a link there points to.
+fn move_in(
+    from: std::os::fd::BorrowedFd<'_>,
+    to: std::os::fd::BorrowedFd<'_>,
+    name: &std::ffi::OsStr,
+) -> Result<(), rustix::io::Errno> {
+    use rustix::fs::{AtFlags, RenameFlags};
+    match rustix::fs::renameat_with(from, name, to, name, RenameFlags::NOREPLACE) {
+        Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {
+            if rustix::fs::statat(to, name, AtFlags::SYMLINK_NOFOLLOW).is_ok() {
+                return Err(rustix::io::Errno::EXIST);
+            }
+            rustix::fs::renameat(from, name, to, name)
+        }
+        other => other,
     }
 }
 
@@ -738,5 +885,120 @@ mod tests {
             export_disk(&store, &m, "vda", &out, ImageFormat::Qcow2, &Control::new()).unwrap_err();
         assert!(err.to_string().contains(&bad.to_hex()), "{err}");
         assert!(!out.exists(), "the half-written image is removed");
+    }
+
+    /// The names in `folder`.
+    fn names_in(folder: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(folder)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// An export for a user, by root, goes only into a new file in the folder that user was
+    /// checked for, whatever links they put in the way, before or while it runs.
+    #[test]
+    fn an_export_for_a_user_writes_only_into_the_folder_checked_whatever_links_they_make() {
+        use std::os::unix::fs::{MetadataExt as _, symlink};
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let user = (65534, 65534); // nobody, nogroup
+        let dir = tempfile::tempdir().unwrap();
+        let content: Vec<u8> = (0..8 * CHUNK)
+            .map(|i| u8::try_from(i % 239).unwrap())
+            .collect();
+        let (store, index) = checkpointed(dir.path(), &content);
+        let m = store.catalog().unwrap().checkpoints.pop().unwrap();
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o711),
+        )
+        .unwrap();
+        let theirs = dir.path().join("theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        std::os::unix::fs::chown(&theirs, Some(user.0), Some(user.1)).unwrap();
+        // Root's: where a link would have root write.
+        let roots = dir.path().join("roots");
+        std::fs::create_dir(&roots).unwrap();
+        let victim = roots.join("victim");
+        std::fs::write(&victim, b"root's").unwrap();
+        let export = |out: &Path| {
+            export_disk_for(
+                &store,
+                &m,
+                "vda",
+                out,
+                ImageFormat::Qcow2,
+                Some(user),
+                &Control::new(),
+            )
+        };
+
+        // A link at `out`: refused, and not followed.
+        symlink(&victim, theirs.join("link.qcow2")).unwrap();
+        let err = export(&theirs.join("link.qcow2")).unwrap_err();
+        assert!(matches!(err, RestoreError::Exists(_)), "{err}");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"root's");
+        assert_eq!(names_in(&theirs), ["link.qcow2"]);
+
+        // `out`'s folder a link (to root's folder): refused, with what to do.
+        symlink(&roots, theirs.join("up")).unwrap();
+        let err = export(&theirs.join("up/new.qcow2")).unwrap_err();
+        assert!(
+            err.to_string().contains("choose the folder it points to"),
+            "{err}"
+        );
+        // Through a link above it, root's folder is still root's: refused as the user.
+        let err = export(&theirs.join("up/../roots/new.qcow2")).unwrap_err();
+        assert!(err.to_string().contains("ermission denied"), "{err}");
+        assert_eq!(names_in(&roots), ["victim"]);
+
+        // The folder swapped for a link to root's folder once it is open: the image lands in
+        // the folder opened (where the user moved it), as theirs, and nothing where the
+        // link points.
+        let folder = crate::files::restore::open_target(&theirs, Some(user), true, "").unwrap();
+        let moved = dir.path().join("moved");
+        std::fs::rename(&theirs, &moved).unwrap();
+        symlink(&roots, &theirs).unwrap();
+        let out = theirs.join("swapped.qcow2");
+        let written = export_into(
+            &store,
+            &index,
+            "vda",
+            folder.as_fd(),
+            std::ffi::OsStr::new("swapped.qcow2"),
+            &out,
+            ImageFormat::Qcow2,
+            Some(user),
+            &Control::new(),
+        )
+        .unwrap();
+        assert_eq!(written, index.data_bytes);
+        assert_eq!(names_in(&roots), ["victim"]);
+        assert_eq!(names_in(&moved), ["link.qcow2", "swapped.qcow2", "up"]);
+        let meta = std::fs::metadata(moved.join("swapped.qcow2")).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), user);
+        assert!(qcow2_bytes(&moved.join("swapped.qcow2"), dir.path()) == content);
+
+        // A cancelled export leaves nothing, not even its temporary folder.
+        let cancelled = Control::new();
+        cancelled.cancel();
+        export_into(
+            &store,
+            &index,
+            "vda",
+            folder.as_fd(),
+            std::ffi::OsStr::new("cancelled.qcow2"),
+            &out,
+            ImageFormat::Raw,
+            Some(user),
+            &cancelled,
+        )
+        .unwrap_err();
+        assert_eq!(names_in(&moved), ["link.qcow2", "swapped.qcow2", "up"]);
     }
 }

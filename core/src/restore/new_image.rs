@@ -36,9 +36,21 @@ fn write_error(path: &Path, e: &std::io::Error) -> RestoreError {
     }
 }
 
+/// Whether `format` is qcow2 (else raw); an error for a format Rewind does not write.
+fn is_qcow2(format: &str) -> Result<bool, RestoreError> {
+    match format {
+        "qcow2" => Ok(true),
+        "raw" => Ok(false),
+        other => Err(RestoreError::Invalid(format!(
+            "Rewind writes new images as raw or qcow2, not {other}"
+        ))),
+    }
+}
+
 /// A new image being written.
 struct NewImage<'a> {
-    file: File,
+    file: &'a File,
+    /// Its path, for messages.
     path: &'a Path,
     qcow2: bool,
     /// qcow2: host clusters reserved per chunk slot (the slot of rank `r` among those
@@ -47,39 +59,15 @@ struct NewImage<'a> {
 }
 
 impl<'a> NewImage<'a> {
-    fn create(
+    /// The image `file` (new and empty, open for reading and writing) becomes.
+    fn new(
+        file: &'a File,
         path: &'a Path,
         format: &str,
         size_bytes: u64,
         chunk_bytes: u64,
     ) -> Result<Self, RestoreError> {
-        let qcow2 = match format {
-            "qcow2" => true,
-            "raw" => false,
-            other => {
-                return Err(RestoreError::Invalid(format!(
-                    "Rewind writes new images as raw or qcow2, not {other}"
-                )));
-            }
-        };
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| RestoreError::Write {
-                path: path.to_path_buf(),
-                detail: format!("could not create its folder: {e}"),
-            })?;
-        }
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(path)
-            .map_err(|e| {
-                if e.kind() == std::io::ErrorKind::AlreadyExists {
-                    RestoreError::Exists(path.to_path_buf())
-                } else {
-                    write_error(path, &e)
-                }
-            })?;
+        let qcow2 = is_qcow2(format)?;
         if !qcow2 {
             file.set_len(size_bytes)
                 .map_err(|e| write_error(path, &e))?;
@@ -166,7 +154,8 @@ impl<'a> NewImage<'a> {
         Ok((bytes, mapped))
     }
 
-    /// The qcow2 metadata, then everything durable; `qemu-img check` of a qcow2 image.
+    /// The qcow2 metadata, then the file durable; `qemu-img check` of a qcow2 image. (Its
+    /// folder is the caller's to make durable.)
     fn finish(
         self,
         size_bytes: u64,
@@ -184,13 +173,8 @@ impl<'a> NewImage<'a> {
         self.file
             .sync_all()
             .map_err(|e| write_error(self.path, &e))?;
-        if let Some(dir) = self.path.parent() {
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| write_error(dir, &e))?;
-        }
         if self.qcow2 {
-            check_qcow2(self.path)?;
+            check_qcow2(self.file, self.path)?;
         }
         Ok(())
     }
@@ -203,8 +187,20 @@ fn prefetch_slot(store: &Store, wanted: &[ChunkId], chains: &[Vec<ChunkId>], i: 
     store.prefetch_entry(&wanted[i], &chains[i]);
 }
 
-/// Writes disk `target` (`index`) into a new file `path` of `format` (`raw` or `qcow2`);
-/// the file must not exist. On failure the caller removes it.
+/// Whether disk `index` can be written as a new image of `format`: an error saying why not.
+pub(crate) fn check_writable(format: &str, index: &ObjectIndex) -> Result<(), RestoreError> {
+    is_qcow2(format)?;
+    if !u64::from(index.chunk_size_bytes).is_multiple_of(CLUSTER_BYTES) {
+        return Err(RestoreError::Invalid(format!(
+            "chunks of {} bytes are not whole 64 KiB pieces",
+            index.chunk_size_bytes
+        )));
+    }
+    Ok(())
+}
+
+/// Writes disk `target` (`index`) into a new file `path` of `format` (`raw` or `qcow2`),
+/// making its folder if needed; the file must not exist. On failure the caller removes it.
 pub(crate) fn write_new_image(
     store: &Store,
     target: &str,
@@ -213,14 +209,55 @@ pub(crate) fn write_new_image(
     index: &ObjectIndex,
     control: &Control,
 ) -> Result<DiskRestore, RestoreError> {
-    if !u64::from(index.chunk_size_bytes).is_multiple_of(CLUSTER_BYTES) {
-        return Err(RestoreError::Invalid(format!(
-            "chunks of {} bytes are not whole 64 KiB pieces",
-            index.chunk_size_bytes
-        )));
+    check_writable(format, index)?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| RestoreError::Write {
+            path: path.to_path_buf(),
+            detail: format!("could not create its folder: {e}"),
+        })?;
     }
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                RestoreError::Exists(path.to_path_buf())
+            } else {
+                write_error(path, &e)
+            }
+        })?;
+    let report = write_new_image_into(store, target, &file, path, format, index, control)?;
+    if let Some(dir) = path.parent() {
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| write_error(dir, &e))?;
+    }
+    Ok(report)
+}
+
+/// Writes disk `target` (`index`) into `file`, new and empty and open for reading and
+/// writing, as an image of `format` (`raw` or `qcow2`); `path` names it in messages and
+/// the report. The file is durable when this returns; its folder is the caller's to make
+/// durable.
+pub(crate) fn write_new_image_into(
+    store: &Store,
+    target: &str,
+    file: &File,
+    path: &Path,
+    format: &str,
+    index: &ObjectIndex,
+    control: &Control,
+) -> Result<DiskRestore, RestoreError> {
+    check_writable(format, index)?;
     let chunk = u64::from(index.chunk_size_bytes);
-    let image = NewImage::create(path, format, index.size_bytes, chunk)?;
+    let image = NewImage::new(file, path, format, index.size_bytes, chunk)?;
     let (wanted, chains) = entries_and_chains(store, index)?;
     let slots: Vec<u64> = (0..index.chunk_count())
         .filter(|&i| wanted[usize::try_from(i).expect("slot fits")] != HOLE)
@@ -340,14 +377,34 @@ fn two_cursors(slots: &[u64]) -> Vec<u64> {
     order
 }
 
-/// `qemu-img check`: QEMU agrees with the image's structure.
-fn check_qcow2(path: &Path) -> Result<(), RestoreError> {
-    super::disk::qemu_img(&["check", "-q", "-f", "qcow2"], path, &[])?
-        .map(drop)
-        .map_err(|said| RestoreError::Verify {
-            path: path.to_path_buf(),
-            detail: format!("qemu-img check finds it unsound: {said}"),
-        })
+/// `qemu-img check`: QEMU agrees with the structure of the image `file` (`path`, for
+/// messages). qemu-img is given the file itself, as its standard input, and opens it as
+/// `/dev/stdin`: it reads the file held open, whatever has been put at `path` meanwhile.
+fn check_qcow2(file: &File, path: &Path) -> Result<(), RestoreError> {
+    let run_error = |e: std::io::Error| RestoreError::Write {
+        path: path.to_path_buf(),
+        detail: format!("could not run qemu-img: {e}; install qemu-utils"),
+    };
+    let out = std::process::Command::new("qemu-img")
+        .args(["check", "-q", "-f", "qcow2", "/dev/stdin"])
+        .stdin(file.try_clone().map_err(run_error)?)
+        .output()
+        .map_err(run_error)?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let said = if out.stderr.is_empty() {
+        &out.stdout
+    } else {
+        &out.stderr
+    };
+    Err(RestoreError::Verify {
+        path: path.to_path_buf(),
+        detail: format!(
+            "qemu-img check finds it unsound: {}",
+            String::from_utf8_lossy(said).trim()
+        ),
+    })
 }
 
 #[cfg(test)]
