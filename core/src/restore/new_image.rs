@@ -132,7 +132,7 @@ impl<'a> NewImage<'a> {
             // Start writing it to the drive now (only a hint): the final flush then has
             // little left to do, and the page cache does not fill with the whole disk.
             if let Err(e) = rustix::fs::fadvise(
-                &self.file,
+                self.file,
                 at,
                 std::num::NonZeroU64::new(run.len() as u64),
                 rustix::fs::Advice::DontNeed,
