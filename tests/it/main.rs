@@ -22,6 +22,7 @@ mod remote_store;
 mod restore;
 mod resume;
 mod rewind;
+mod run;
 mod service;
 mod store;
 mod vms;

@@ -31,6 +31,86 @@ impl Hypervisor {
             .map_err(|e| self.libvirt_error("read the name of the VM just started", &e))
     }
 
+    /// Starts the shut-off VM defined with `xml`'s name and UUID with `xml` as its live
+    /// definition; its persistent definition stays as it is (and is what it has again once
+    /// it stops).
+    pub fn start_with_live_xml(&self, xml: &str) -> Result<String> {
+        let dom = ffi::create_live(&self.conn, xml)
+            .map_err(|e| self.libvirt_error("start the VM from its checkpoint", &e))?;
+        dom.name()
+            .map_err(|e| self.libvirt_error("read the name of the VM just started", &e))
+    }
+
+    /// Copies disk `target` of running VM `vm` (its whole chain) into the new image file
+    /// `dest` (`format`), then switches the disk over to it (pivot); `control` cancels
+    /// (the copy is abandoned and `dest` removed) and gets the progress in bytes.
+    pub fn copy_disk_and_switch(
+        &self,
+        vm: &str,
+        target: &str,
+        dest: &std::path::Path,
+        format: &str,
+        control: &crate::progress::Control,
+    ) -> Result<()> {
+        let dom = self.lookup(vm)?;
+        let failed = |what: &str, e: &virt::error::Error| {
+            self.libvirt_error(&format!("{what} disk {target} of VM {vm:?}"), e)
+        };
+        let xml = format!(
+            "<disk type='file'><source file='{}'/><driver type='{}'/></disk>",
+            crate::libvirt::backup::xml_escape(&dest.display().to_string()),
+            crate::libvirt::backup::xml_escape(format)
+        );
+        ffi::block_copy(&dom, target, &xml).map_err(|e| failed("start copying", &e))?;
+        let mut last = 0;
+        loop {
+            if control.check().is_err() {
+                drop(ffi::block_job_abort(&dom, target, false));
+                crate::cleanup::remove_file(dest);
+                return Err(crate::error::Error::Invalid(format!(
+                    "the copy of disk {target} of VM {vm:?} was cancelled; the VM still runs from its checkpoint"
+                )));
+            }
+            match ffi::block_job_progress(&dom, target)
+                .map_err(|e| failed("follow the copy of", &e))?
+            {
+                Some((cur, end)) => {
+                    if last == 0 {
+                        control.add_total_bytes(end);
+                    }
+                    control.add_done_bytes(cur.saturating_sub(last));
+                    last = cur;
+                    if cur == end && end > 0 && ffi::block_job_abort(&dom, target, true).is_ok() {
+                        break;
+                    }
+                }
+                None => {
+                    return Err(crate::error::Error::Invalid(format!(
+                        "the copy of disk {target} of VM {vm:?} ended before it could be switched over; look at libvirtd's log"
+                    )));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // Switched once the disk names the copy.
+        let deadline = std::time::Instant::now() + Duration::from_mins(1);
+        while !self
+            .vm(vm)?
+            .disks
+            .iter()
+            .any(|d| d.target == target && d.path().is_some_and(|p| p.as_path() == dest))
+        {
+            if std::time::Instant::now() > deadline {
+                return Err(crate::error::Error::Invalid(format!(
+                    "disk {target} of VM {vm:?} did not switch over to {}",
+                    dest.display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
     /// Turns VM `vm` off at once (a transient one is then gone).
     pub fn destroy_vm(&self, vm: &str) -> Result<()> {
         let dom = self.lookup(vm)?;

@@ -411,3 +411,45 @@ pub(super) fn create_transient_autodestroy(
     // SAFETY: as above.
     Ok(unsafe { Domain::from_ptr(ptr) })
 }
+
+/// virDomainBlockCopy of disk `target` (with everything below it: not shallow) into the
+/// new image that `dest_xml` describes, as a job that does not survive the domain (required
+/// for a persistent domain by libvirt 9).
+pub(super) fn block_copy(
+    dom: &Domain,
+    target: &str,
+    dest_xml: &str,
+) -> Result<(), virt::error::Error> {
+    let disk = c_string(target)?;
+    let xml = c_string(dest_xml)?;
+    // SAFETY: `dom` is live; `disk` and `xml` are NUL-terminated and outlive the call; no
+    // typed parameters are passed (null, 0).
+    let rc = unsafe {
+        sys::virDomainBlockCopy(
+            dom.as_ptr(),
+            disk.as_ptr(),
+            xml.as_ptr(),
+            std::ptr::null_mut(),
+            0,
+            sys::VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB,
+        )
+    };
+    if rc < 0 {
+        return Err(virt::error::Error::last_error());
+    }
+    Ok(())
+}
+
+/// virDomainCreateXML without flags: for a domain defined (persistently) with the same name
+/// and UUID and shut off, it runs with `xml` as its live definition while its persistent
+/// one stays as it is.
+pub(super) fn create_live(conn: &Connect, xml: &str) -> Result<Domain, virt::error::Error> {
+    let xml = c_string(xml)?;
+    // SAFETY: as in `create_transient_autodestroy`.
+    let ptr = unsafe { sys::virDomainCreateXML(conn.as_ptr(), xml.as_ptr(), 0) };
+    if ptr.is_null() {
+        return Err(virt::error::Error::last_error());
+    }
+    // SAFETY: a new reference we own.
+    Ok(unsafe { Domain::from_ptr(ptr) })
+}

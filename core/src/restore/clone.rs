@@ -354,7 +354,7 @@ fn remove_dead_clones(hv: &Hypervisor, base: &Path) {
 
 /// A qcow2 file over the NBD export `uri` of `size` bytes (`qemu-img create -u`: the export
 /// is not opened now).
-fn make_overlay(path: &Path, uri: &str, size: u64) -> Result<(), RestoreError> {
+pub(super) fn make_overlay(path: &Path, uri: &str, size: u64) -> Result<(), RestoreError> {
     let out = Command::new("qemu-img")
         .args(["create", "-q", "-u", "-f", "qcow2", "-F", "raw", "-b", uri])
         .arg(path)

@@ -171,6 +171,43 @@ pub fn isolate(xml: &str, isolation: &Isolation) -> Result<String, XmlError> {
     Ok(out)
 }
 
+/// Only the disks of [`isolate`]: each of `disks` (whose overlay file is already its
+/// `<source file>`, qcow2) gets the export as its backing store; nothing else changes (a
+/// VM run from its checkpoint keeps its network and devices).
+///
+/// # Errors
+/// The XML is not a domain, or one of `disks` is not in it.
+pub fn back_overlays(xml: &str, disks: &[OverlayDisk]) -> Result<String, XmlError> {
+    let doc = Document::parse(xml)?;
+    let root = doc.root_element();
+    if !root.has_tag_name("domain") {
+        return Err(XmlError::NotADomain(root.tag_name().name().to_owned()));
+    }
+    let mut edits: Vec<(Range<usize>, String)> = Vec::new();
+    let mut placed = 0;
+    for device in child(root, "devices")
+        .into_iter()
+        .flat_map(|d| d.children().filter(|n| n.has_tag_name("disk")))
+    {
+        let target = child(device, "target").and_then(|t| t.attribute("dev"));
+        if let Some(disk) = disks.iter().find(|d| Some(d.target.as_str()) == target) {
+            overlay_disk(&mut edits, device, disk)?;
+            placed += 1;
+        }
+    }
+    if placed != disks.len() {
+        return Err(XmlError::Missing(
+            "a disk of the checkpoint is not in the VM's definition",
+        ));
+    }
+    edits.sort_by_key(|(r, _)| (r.start, r.end));
+    let mut out = xml.to_owned();
+    for (range, text) in edits.into_iter().rev() {
+        out.replace_range(range, &text);
+    }
+    Ok(out)
+}
+
 /// The overlay (already the disk's `<source file>`, qcow2) gets the export as its backing
 /// store; any other backing store goes.
 fn overlay_disk(

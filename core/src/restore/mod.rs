@@ -37,6 +37,7 @@ pub mod isolate;
 mod new_image;
 mod new_vm;
 pub mod resume;
+pub mod run;
 mod vm;
 
 use std::os::fd::AsFd as _;
