@@ -943,6 +943,119 @@ fn checkpoint_restore_and_undo_from_the_window_with_a_real_guest() {
     assert!(h.state().state.restore_job.is_none());
 }
 
+/// A checkpoint is boot-checked from its details against the real engine: the job shows in
+/// the activity panel, then the timeline marks the checkpoint as booting, its hover says so
+/// with the copy's screen, whose texture was made, and the result is kept in the engine's
+/// state folder.
+#[test]
+#[allow(clippy::too_many_lines)] // one user story, step by step
+fn a_checkpoint_is_boot_checked_from_its_details_and_marked_on_the_timeline() {
+    use rewind_tests::{DiskSpec, Format, TestVm, daemon};
+    rewind_tests::setup().unwrap();
+    let dir = rewind_tests::scratch::ScratchDir::new("gui-bootcheck").unwrap();
+    let vm = TestVm::builder("gui-bootcheck")
+        .guest_agent()
+        .disks(vec![DiskSpec::new("vda", Format::Qcow2, 32 << 20)])
+        .define()
+        .expect("define the test VM");
+    let (_store, config) = protecting(&dir.path().join("store"), "usb", &vm);
+    config.save(&dir.path().join("config.ron")).unwrap();
+    let mut h = app_harness(daemon::URI, dir.path());
+    checkpoint_from_the_window(&mut h, &vm.name);
+    h.get_all_by_label_contains("Checkpoint 20")
+        .next()
+        .unwrap()
+        .click();
+    wait_for(
+        &mut h,
+        "the checkpoint's details",
+        Duration::from_secs(10),
+        |h| h.query_by_label("Check that it boots").is_some(),
+    );
+    h.get_by_label("not checked yet");
+    settle(&mut h);
+    h.get_by_label("Check that it boots").click();
+    // Its progress and Cancel are in the activity panel.
+    wait_for(
+        &mut h,
+        "the boot-check running",
+        Duration::from_secs(20),
+        |h| {
+            h.query_by_label("being checked now (see Activity)")
+                .is_some()
+                && h.query_by_label_contains("Boot-check of ").is_some()
+        },
+    );
+    h.get_by_label("Cancel");
+    wait_for(
+        &mut h,
+        "the checkpoint marked as booting",
+        Duration::from_mins(5),
+        |h| {
+            h.query_by_label_contains("(boots)").is_some()
+                || h.query_by_label_contains("(did not boot)").is_some()
+                || h.query_by_label_contains("Boot-check of ")
+                    .is_some_and(|_| {
+                        h.state()
+                            .state
+                            .jobs
+                            .iter()
+                            .any(|j| matches!(j.result, Some(Err(_))))
+                    })
+        },
+    );
+    let (key, summary) = {
+        let state = &h.state().state;
+        let key = state
+            .checkpoint
+            .clone()
+            .expect("the checkpoint stays selected");
+        let c = state.summary(&key).unwrap().clone();
+        (key, c)
+    };
+    let job = h.state().state.jobs.last().unwrap();
+    assert!(
+        matches!(job.result, Some(Ok(JobOutput::BootChecked { .. }))),
+        "{:?}",
+        job.result
+    );
+    let b = summary
+        .boot_check
+        .clone()
+        .unwrap_or_else(|| panic!("no boot-check in {summary:?}"));
+    assert!(b.booted, "{b:?}");
+    assert!(b.thumbnail_png.is_some(), "no thumbnail");
+    h.get_by_label_contains("(boots)");
+    // The details say so, with the copy's screen.
+    let said = super::bootcheck::outcome_text(&b);
+    assert!(said.starts_with("Booted — checked 20"), "{said}");
+    h.get_by_label(&said);
+    h.get_by_label("The last screen of the boot-check's throwaway copy");
+    // Hovering the marker says the same, with the screen again.
+    h.get_by_label_contains("(boots)").hover();
+    wait_for(&mut h, "the marker's hover", Duration::from_secs(20), |h| {
+        h.query_all_by_label(&said).count() >= 2
+    });
+    assert!(
+        h.query_all_by_label("The last screen of the boot-check's throwaway copy")
+            .count()
+            >= 2
+    );
+    let name = super::bootcheck::texture_name(&key.vm_uuid, &key.id);
+    assert!(
+        h.ctx
+            .tex_manager()
+            .read()
+            .allocated()
+            .any(|(_, meta)| meta.name == name && meta.size[0] <= 320 && meta.size[1] <= 320),
+        "no texture {name}"
+    );
+    // Kept in the engine's state folder, where its next look at the store reads it again.
+    let kept = rewind_core::bootcheck::last_check(dir.path(), &key.vm_uuid, &key.id).unwrap();
+    assert!(kept.booted() && kept.thumbnail);
+    assert!(rewind_core::bootcheck::thumbnail_path(dir.path(), &key.vm_uuid, &key.id).is_some());
+}
+
 /// The window's sources: every symbol they draw needs a glyph in the built-in fonts (a
 /// missing one draws as a box).
 const SOURCES: [&str; 12] = [
