@@ -4,8 +4,10 @@ use chrono::Local;
 use egui::{Color32, RichText};
 use rewind_core::engine::Command;
 use rewind_core::engine::jobs::JobOutput;
-use rewind_core::history::Outcome;
+use rewind_core::history::{Outcome, Record};
 use rewind_core::job_error::ErrorKind;
+use rewind_core::policy::Why;
+use rewind_core::scheduler::boot_checks::NOT_DONE;
 use rewind_core::units::human_bytes;
 
 use super::Commands;
@@ -127,6 +129,11 @@ pub(super) fn activity_ui(ui: &mut egui::Ui, state: &mut UiState, commands: &mut
                         RichText::new(&r.vm)
                     };
                     ui.label(name);
+                    if r.trigger == Why::BootCheck {
+                        // Not a checkpoint: the scheduled boot-check of one in the destination.
+                        boot_check_record_ui(ui, r);
+                        return;
+                    }
                     ui.label(format!("into {}", r.destination));
                     match r.outcome {
                         Outcome::Ok => {
@@ -162,4 +169,30 @@ pub(super) fn activity_ui(ui: &mut egui::Ui, state: &mut UiState, commands: &mut
                 ui.label(RichText::new("Nothing yet.").weak());
             }
         });
+}
+
+/// A scheduled boot-check in the recent history: whether the copy of the checkpoint booted.
+fn boot_check_record_ui(ui: &mut egui::Ui, r: &Record) {
+    let what = format!(
+        "boot-check of {} in {}",
+        r.checkpoint.as_deref().unwrap_or("its newest checkpoint"),
+        r.destination
+    );
+    match r.outcome {
+        Outcome::Ok => {
+            ui.colored_label(Color32::from_rgb(60, 170, 90), format!("{what}: booted"));
+        }
+        Outcome::Failed => {
+            let error = r.error.as_deref().unwrap_or("no reason given");
+            let text = match error.strip_prefix(NOT_DONE) {
+                // Not a finding about the checkpoint: tried again later.
+                Some(why) => format!("{what} could not be done: {why}"),
+                None => format!("{what}: did not boot: {error}"),
+            };
+            ui.colored_label(ui.visuals().error_fg_color, text);
+        }
+        Outcome::Cancelled => {
+            ui.label(RichText::new(format!("{what}: cancelled")).weak());
+        }
+    }
 }

@@ -943,6 +943,44 @@ fn checkpoint_restore_and_undo_from_the_window_with_a_real_guest() {
     assert!(h.state().state.restore_job.is_none());
 }
 
+/// A scheduled boot-check in the history reads as one in the activity panel (not as a
+/// checkpoint taken): whether the copy booted, or why the check could not be done.
+#[test]
+fn scheduled_boot_checks_read_as_such_in_the_activity_panel() {
+    let mut state = fixture();
+    let mut history = (*state.history).clone();
+    let mut failed = history[0].clone();
+    failed.trigger = Why::BootCheck;
+    failed.outcome = Outcome::Failed;
+    failed.new_bytes = 0;
+    failed.checkpoint = Some("20261201T060300Z".into());
+    failed.error = Some("the screen showed a blue screen".into());
+    let mut not_done = failed.clone();
+    not_done.error = Some(format!(
+        "{}the store is not there",
+        rewind_core::scheduler::boot_checks::NOT_DONE
+    ));
+    let mut booted = failed.clone();
+    booted.outcome = Outcome::Ok;
+    booted.error = None;
+    history.extend([failed, not_done, booted]);
+    state.history = Arc::new(history);
+    let mut h = harness(state);
+    h.run();
+    h.get_by_label(
+        "boot-check of 20261201T060300Z in BACKUP: did not boot: the screen showed a blue screen",
+    );
+    h.get_by_label(
+        "boot-check of 20261201T060300Z in BACKUP could not be done: the store is not there",
+    );
+    h.get_by_label("boot-check of 20261201T060300Z in BACKUP: booted");
+    assert_eq!(
+        h.query_all_by_label_contains("checkpoint taken").count(),
+        1,
+        "only the checkpoint's record says a checkpoint was taken"
+    );
+}
+
 /// A checkpoint is boot-checked from its details against the real engine: the job shows in
 /// the activity panel, then the timeline marks the checkpoint as booting, its hover says so
 /// with the copy's screen, whose texture was made, and the result is kept in the engine's
