@@ -1092,6 +1092,32 @@ fn a_checkpoint_is_boot_checked_from_its_details_and_marked_on_the_timeline() {
     let kept = rewind_core::bootcheck::last_check(dir.path(), &key.vm_uuid, &key.id).unwrap();
     assert!(kept.booted() && kept.thumbnail);
     assert!(rewind_core::bootcheck::thumbnail_path(dir.path(), &key.vm_uuid, &key.id).is_some());
+    // The engine's own look at the destinations brings the same from there.
+    {
+        let state = &mut h.state_mut().state;
+        for c in Arc::make_mut(state.destinations.as_mut().unwrap())
+            .iter_mut()
+            .flat_map(|d| &mut d.checkpoints)
+        {
+            c.boot_check = None;
+        }
+    }
+    assert!(
+        h.state()
+            .engine
+            .send(rewind_core::engine::Command::RefreshCheckpoints)
+    );
+    wait_for(
+        &mut h,
+        "the engine's look at the store",
+        Duration::from_secs(30),
+        |h| {
+            h.state()
+                .state
+                .summary(&key)
+                .is_some_and(|c| c.boot_check.as_ref() == Some(&b))
+        },
+    );
 }
 
 /// The window's sources: every symbol they draw needs a glyph in the built-in fonts (a
