@@ -359,7 +359,14 @@ pub fn export_disk_for(
     let folder = crate::files::restore::open_target(folder_path, owner, true, "to export into")
         .map_err(|e| RestoreError::Write {
             path: out.to_path_buf(),
-            detail: format!("could not open its folder {}: {e}", folder_path.display()),
+            detail: if e.kind() == std::io::ErrorKind::PermissionDenied {
+                format!(
+                    "you may not write in its folder {} ({e}): choose a folder of yours",
+                    folder_path.display()
+                )
+            } else {
+                format!("could not open its folder {}: {e}", folder_path.display())
+            },
         })?;
     export_into(
         store,
@@ -955,7 +962,10 @@ mod tests {
         );
         // Through a link above it, root's folder is still root's: refused as the user.
         let err = export(&theirs.join("up/../roots/new.qcow2")).unwrap_err();
-        assert!(err.to_string().contains("ermission denied"), "{err}");
+        assert!(
+            err.to_string().contains("choose a folder of yours"),
+            "{err}"
+        );
         assert_eq!(names_in(&roots), ["victim"]);
 
         // The folder swapped for a link to root's folder once it is open: the image lands in
