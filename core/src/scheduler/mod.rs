@@ -582,6 +582,10 @@ impl State {
             jobs_running,
             load_percent: boot_checks::load_percent(),
         };
+        if busy.load_percent >= settings.max_load_percent {
+            // Busy: not worth reading the history and the kept results for.
+            return;
+        }
         let state_dir = self.paths.state_dir();
         let (mut vms, uuids) =
             boot_checks::candidates(&self.config, &self.records, &state_dir, now);
