@@ -356,6 +356,20 @@ pub fn export_disk_for(
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
+    // For this process's own user, a link to a folder is as good as the folder (as
+    // before): it is resolved first. For another user it is refused (`open_target`).
+    let resolved = match owner {
+        None => Some(
+            std::fs::create_dir_all(folder_path)
+                .and_then(|()| folder_path.canonicalize())
+                .map_err(|e| RestoreError::Write {
+                    path: out.to_path_buf(),
+                    detail: format!("could not create its folder: {e}"),
+                })?,
+        ),
+        Some(_) => None,
+    };
+    let folder_path = resolved.as_deref().unwrap_or(folder_path);
     let folder = crate::files::restore::open_target(folder_path, owner, true, "to export into")
         .map_err(|e| RestoreError::Write {
             path: out.to_path_buf(),
@@ -1011,5 +1025,24 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(names_in(&moved), ["link.qcow2", "swapped.qcow2", "up"]);
+    }
+
+    /// Exporting as oneself (no service) through a link to a folder lands where it points,
+    /// as before; nothing else is left there.
+    #[test]
+    fn an_export_as_oneself_goes_through_a_link_to_a_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let content: Vec<u8> = (0..4 * CHUNK)
+            .map(|i| u8::try_from(i % 233).unwrap())
+            .collect();
+        let (store, _) = checkpointed(dir.path(), &content);
+        let m = store.catalog().unwrap().checkpoints.pop().unwrap();
+        let real = dir.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        std::os::unix::fs::symlink(&real, dir.path().join("link")).unwrap();
+        let out = dir.path().join("link/new/disk.raw");
+        export_disk(&store, &m, "vda", &out, ImageFormat::Raw, &Control::new()).unwrap();
+        assert_eq!(names_in(&real.join("new")), ["disk.raw"]);
+        assert!(std::fs::read(real.join("new/disk.raw")).unwrap() == content);
     }
 }
