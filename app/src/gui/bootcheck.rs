@@ -212,6 +212,8 @@ pub fn why_not(state: &UiState, key: &CheckpointKey, c: &CheckpointSummary) -> O
     };
     if c.damaged {
         Some("This checkpoint is damaged: it cannot be started".into())
+    } else if uri.is_empty() {
+        Some("Not connected to libvirt yet".into())
     } else if running(state, key) {
         Some("It is being checked now".into())
     } else if !rewind_core::libvirt::is_local_uri(uri) {
@@ -308,5 +310,47 @@ mod tests {
         assert!(thumbnail(&ctx, &c).is_none());
         assert!(thumbnail(&ctx, &c).is_none());
         assert_eq!(ctx.tex_manager().read().num_allocated(), before + 1);
+    }
+
+    /// A boot-check runs where the window's libvirt is this machine's; elsewhere, on a
+    /// damaged checkpoint, or while one runs, the button says why not.
+    #[test]
+    fn the_button_says_why_a_checkpoint_cannot_be_checked() {
+        let c = super::super::timeline::tests::sample(Utc::now());
+        let key = CheckpointKey::of("usb", &c);
+        let mut state = UiState {
+            uri: "qemu:///system".into(),
+            ..UiState::default()
+        };
+        assert_eq!(why_not(&state, &key, &c), None);
+        state.uri = "qemu+ssh://me@host/system".into();
+        let why = why_not(&state, &key, &c).unwrap();
+        assert!(
+            why.contains("this machine") && why.contains("host"),
+            "{why}"
+        );
+        state.uri = String::new();
+        assert_eq!(
+            why_not(&state, &key, &c).as_deref(),
+            Some("Not connected to libvirt yet")
+        );
+        state.uri = "qemu:///system".into();
+        let mut damaged = c.clone();
+        damaged.damaged = true;
+        assert!(why_not(&state, &key, &damaged).unwrap().contains("damaged"));
+        state.apply(rewind_core::engine::Event::JobStarted {
+            job: 1,
+            label: "Boot-check".into(),
+            request: std::sync::Arc::new(JobRequest::BootCheck {
+                destination: "usb".into(),
+                vm_uuid: c.vm_uuid,
+                checkpoint: c.id.clone(),
+                timeout_secs: None,
+            }),
+        });
+        assert_eq!(
+            why_not(&state, &key, &c).as_deref(),
+            Some("It is being checked now")
+        );
     }
 }
