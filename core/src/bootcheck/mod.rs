@@ -45,8 +45,10 @@ pub struct BootCheckOptions {
     pub timeout: Duration,
     /// How long the screen must stay the same to count as settled.
     pub settle: Duration,
-    /// How often it looks.
+    /// How often it asks the guest agent (which fails at once while none listens).
     pub poll: Duration,
+    /// How often it takes a screenshot.
+    pub screenshot_every: Duration,
 }
 
 impl Default for BootCheckOptions {
@@ -54,7 +56,8 @@ impl Default for BootCheckOptions {
         Self {
             timeout: Duration::from_mins(10),
             settle: Duration::from_secs(30),
-            poll: Duration::from_secs(2),
+            poll: Duration::from_millis(500),
+            screenshot_every: Duration::from_secs(2),
         }
     }
 }
@@ -182,6 +185,8 @@ pub fn boot_check(
     let clone = ThrowawayClone::start(hv, store, m)?;
     let has_agent = m.domain_xml.contains("org.qemu.guest_agent.0");
     let started = Instant::now();
+    let mut took = None;
+    let mut last_shot: Option<Instant> = None;
     let mut last_picture: Option<Picture> = None;
     let mut settled_since: Option<(Instant, Vec<u8>)> = None;
     let mut blue_in_a_row = 0;
@@ -196,14 +201,17 @@ pub fn boot_check(
             };
         }
         if has_agent && hv.agent_answers(clone.name(), Duration::from_secs(1)) {
-            // A moment for the screen to show what the system shows.
-            std::thread::sleep(options.poll);
+            took = Some(started.elapsed());
+            // A moment for the screen to show what the system shows (not counted).
+            std::thread::sleep(options.screenshot_every);
             last_picture = take_picture(hv, clone.name()).or(last_picture);
             break Outcome::Booted {
                 signal: BootSignal::Agent,
             };
         }
-        if let Some(picture) = take_picture(hv, clone.name()) {
+        let shoot = last_shot.is_none_or(|at| at.elapsed() >= options.screenshot_every);
+        if let Some(picture) = shoot.then(|| take_picture(hv, clone.name())).flatten() {
+            last_shot = Some(Instant::now());
             let kind = picture.kind();
             blue_in_a_row = if kind == ScreenKind::BlueScreen {
                 blue_in_a_row + 1
@@ -244,7 +252,7 @@ pub fn boot_check(
         }
         std::thread::sleep(options.poll);
     };
-    let took = started.elapsed();
+    let took = took.unwrap_or_else(|| started.elapsed());
     if let Err(e) = clone.finish() {
         tracing::warn!("after the boot-check: {e}");
     }
