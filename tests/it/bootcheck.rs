@@ -299,7 +299,7 @@ fn a_uefi_tpm_vm_is_boot_checked_with_copies_of_its_firmware_state_that_go_even_
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let deadline = std::time::Instant::now() + Duration::from_mins(1);
     while !clones_of(&vm.name).is_empty() {
         assert!(
             std::time::Instant::now() < deadline,
