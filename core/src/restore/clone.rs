@@ -304,11 +304,8 @@ fn new_folder(hv: &Hypervisor, uuid: &str) -> Result<PathBuf, RestoreError> {
         &Uuid::new_v4().simple().to_string()[..8]
     ));
     std::fs::create_dir(&folder).map_err(|e| failed(&folder, e))?;
-    std::fs::set_permissions(
-        &folder,
-        std::os::unix::fs::PermissionsExt::from_mode(0o711),
-    )
-    .map_err(|e| failed(&folder, e))?;
+    std::fs::set_permissions(&folder, std::os::unix::fs::PermissionsExt::from_mode(0o711))
+        .map_err(|e| failed(&folder, e))?;
     let note = folder.join(UUID_NOTE);
     std::fs::write(&note, uuid).map_err(|e| failed(&note, e))?;
     Ok(folder)
