@@ -393,6 +393,30 @@ pub enum Command {
         json: bool,
     },
 
+    /// Run a shut-off VM straight from a checkpoint: it starts within seconds, its disks
+    /// read from the store through the protection service and its writes kept aside, while
+    /// its own disks stay as they are. Then keep it (`--keep`: its disks are copied to new
+    /// files while it runs, and it is defined on them) or discard it (`--discard`: it is
+    /// turned off and is as before)
+    Run {
+        /// The VM (name or UUID)
+        vm: String,
+        /// The checkpoint's id, or `latest` (to start a run)
+        checkpoint: Option<String>,
+        /// The store's folder or a configured destination's name (to start a run)
+        #[arg(long = "from", value_name = "DEST")]
+        store: Option<PathBuf>,
+        /// Keep the VM that runs from a checkpoint
+        #[arg(long, conflicts_with_all = ["discard", "checkpoint", "store"])]
+        keep: bool,
+        /// Discard the run: turn the VM off and drop what it wrote
+        #[arg(long, conflicts_with_all = ["checkpoint", "store"])]
+        discard: bool,
+        /// Print JSON (its format: /usr/share/doc/rewind/CLI.md)
+        #[arg(long)]
+        json: bool,
+    },
+
     /// Prove that a checkpoint boots: start a throwaway copy of it straight from the store
     /// (its own name, no network, no host devices, its disks read-only from the store with
     /// writes going to temporary overlays), wait for its guest agent to answer or its
@@ -429,6 +453,7 @@ impl Command {
             | Self::RestoreFiles { .. }
             | Self::Changes { .. }
             | Self::BootCheck { .. }
+            | Self::Run { .. }
             | Self::Vms { .. }
             | Self::Init { .. }
             | Self::Checkpoint { .. }
@@ -469,6 +494,7 @@ impl Command {
             | Self::Files { json, .. }
             | Self::RestoreFiles { json, .. }
             | Self::Changes { json, .. }
+            | Self::Run { json, .. }
             | Self::BootCheck { json, .. } => *json,
             Self::Restore { how, .. } | Self::UndoRestore { how, .. } => how.json,
             Self::Daemon | Self::Tray | Self::Service | Self::Generate(_) => false,
@@ -626,6 +652,11 @@ pub fn run(args: &Args, command: &Command, out: &mut dyn Write) -> anyhow::Resul
                 done?;
             }
         }
+        Command::Run { .. } => anyhow::bail!(
+            "rewind run needs the protection service, which serves the checkpoint to the VM \
+             for as long as it runs from it: start it (`systemctl start rewind`, or \
+             `rewind service` as root)"
+        ),
         Command::Export { .. } => {
             if let Some(ask) = export_ask(command) {
                 store_cli::export(out, &ask)?;
@@ -846,10 +877,42 @@ fn through_service(
             },
         ),
         Command::BootCheck { .. } => boot_check_command(args, out, Some(session), command)?,
+        Command::Run { .. } => run_command(out, session, command)?,
         Command::Daemon | Command::Tray | Command::Service | Command::Generate(_) => {
             return None;
         }
     })
+}
+
+/// `rewind run` through the service's `session`; `None` for any other command.
+fn run_command(
+    out: &mut dyn Write,
+    session: &mut crate::service_cli::Session,
+    command: &Command,
+) -> Option<anyhow::Result<()>> {
+    let Command::Run {
+        vm,
+        checkpoint,
+        store,
+        keep,
+        discard,
+        json,
+    } = command
+    else {
+        return None;
+    };
+    Some(crate::service_cli::run(
+        out,
+        session,
+        &crate::service_cli::RunAsk {
+            vm,
+            checkpoint: checkpoint.as_deref(),
+            dest: store.as_deref(),
+            keep: *keep,
+            discard: *discard,
+            json: *json,
+        },
+    ))
 }
 
 /// `rewind boot-check`, through the service's `session` when there is one; `None` for any

@@ -558,6 +558,128 @@ pub fn restore(
     Ok(())
 }
 
+/// What `rewind run` is asked.
+#[derive(Debug)]
+pub struct RunAsk<'a> {
+    /// The VM (name or UUID).
+    pub vm: &'a str,
+    /// The checkpoint to run from (or `latest`); `None` with `keep` or `discard`.
+    pub checkpoint: Option<&'a str>,
+    /// The store.
+    pub dest: Option<&'a Path>,
+    /// Keep the run.
+    pub keep: bool,
+    /// Discard the run.
+    pub discard: bool,
+    /// Print JSON.
+    pub json: bool,
+}
+
+/// `rewind run` through the service, which serves the checkpoint while the VM runs from it.
+///
+/// # Errors
+/// The VM or checkpoint is not there, the VM runs already, or the service refused.
+pub fn run(out: &mut dyn Write, session: &mut Session, ask: &RunAsk<'_>) -> anyhow::Result<()> {
+    let vm_uuid = |session: &mut Session| -> anyhow::Result<uuid::Uuid> {
+        if let Ok(uuid) = uuid::Uuid::parse_str(ask.vm) {
+            return Ok(uuid);
+        }
+        let vms = session.vms()?;
+        let found = vms.iter().find(|v| v.name == ask.vm).ok_or_else(|| {
+            crate::exit::not_found(format!(
+                "there is no VM called {:?} on this machine; `rewind vms` lists them",
+                ask.vm
+            ))
+        })?;
+        Ok(uuid::Uuid::parse_str(&found.uuid)?)
+    };
+    install_interrupt()?;
+    if ask.keep || ask.discard {
+        let vm_uuid = vm_uuid(session)?;
+        let request = if ask.keep {
+            JobRequest::KeepRun { vm_uuid }
+        } else {
+            JobRequest::DiscardRun { vm_uuid }
+        };
+        let output = session.run_job(request, ask.vm)?;
+        match output {
+            JobOutput::RunKept(files) => {
+                if ask.json {
+                    serde_json::to_writer_pretty(
+                        &mut *out,
+                        &serde_json::json!({ "vm": ask.vm, "kept": true, "disks": files }),
+                    )?;
+                    writeln!(out)?;
+                } else {
+                    writeln!(
+                        out,
+                        "{} keeps running, now on its own disks: {}",
+                        ask.vm,
+                        files
+                            .iter()
+                            .map(|f| f.display().to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )?;
+                    writeln!(
+                        out,
+                        "Its disk files from before are left as they were; delete them once you no longer need them."
+                    )?;
+                }
+            }
+            JobOutput::RunDiscarded => {
+                if ask.json {
+                    serde_json::to_writer_pretty(
+                        &mut *out,
+                        &serde_json::json!({ "vm": ask.vm, "discarded": true }),
+                    )?;
+                    writeln!(out)?;
+                } else {
+                    writeln!(
+                        out,
+                        "{} is turned off and is as it was before the run: what it wrote since is gone.",
+                        ask.vm
+                    )?;
+                }
+            }
+            other => bail!("the service answered {other:?} to a run from a checkpoint"),
+        }
+        return Ok(());
+    }
+    let (Some(dest), Some(checkpoint)) = (ask.dest, ask.checkpoint) else {
+        bail!("say which checkpoint to run from: rewind run VM CHECKPOINT --from DEST");
+    };
+    let destination = session.destination(dest)?;
+    let vm_uuid = session.vm_uuid(ask.vm, &destination, dest)?;
+    let request = JobRequest::RunFromCheckpoint {
+        destination,
+        vm_uuid,
+        checkpoint: checkpoint.to_owned(),
+    };
+    match session.run_job(request, ask.vm)? {
+        JobOutput::Running { vm, checkpoint } => {
+            if ask.json {
+                serde_json::to_writer_pretty(
+                    &mut *out,
+                    &serde_json::json!({ "vm": vm, "checkpoint": checkpoint, "running": true }),
+                )?;
+                writeln!(out)?;
+            } else {
+                writeln!(
+                    out,
+                    "{vm} runs from checkpoint {checkpoint}, its disks read from the store; its own disks are untouched."
+                )?;
+                writeln!(
+                    out,
+                    "Keep it (its disks copied while it runs): rewind run --keep {vm:?}\nDiscard it (back to before): rewind run --discard {vm:?}"
+                )?;
+            }
+            Ok(())
+        }
+        other => bail!("the service answered {other:?} to a run from a checkpoint"),
+    }
+}
+
 /// Has the service save `config`, and waits until it uses it.
 fn save_config(session: &mut Session, config: &Config) -> anyhow::Result<()> {
     session.send(Command::SaveConfig(Box::new(config.clone())))?;

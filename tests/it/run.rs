@@ -16,7 +16,7 @@ use rewind_tests::{DiskSpec, Format, TestVm, daemon};
 const BOOT_TIMEOUT: Duration = Duration::from_mins(2);
 
 /// Empties the VM's console log (shut off), so that what follows is the next start's.
-fn clear_console(vm: &TestVm) {
+pub fn clear_console(vm: &TestVm) {
     std::fs::OpenOptions::new()
         .write(true)
         .open(vm.dir().join("console.log"))
@@ -24,7 +24,7 @@ fn clear_console(vm: &TestVm) {
         .unwrap();
 }
 
-fn wait_resumed_after(vm: &TestVm, k: u64) {
+pub fn wait_resumed_after(vm: &TestVm, k: u64) {
     let resumed = format!("RWSEQ resume after {k}");
     vm.wait_console_until(BOOT_TIMEOUT, |c| c.lines().any(|l| l.trim() == resumed))
         .unwrap_or_else(|tail| panic!("the VM did not print {resumed:?}:\n{tail}"));
@@ -67,7 +67,8 @@ fn a_vm_runs_from_its_checkpoint_and_is_discarded_byte_exact_or_kept_with_its_wr
 
     // Run and discard: it carries on from the checkpoint, then is as it was.
     clear_console(&vm);
-    let run = RunFromBackup::start(&hv, &store, &m).unwrap();
+    let connect = || rewind_core::libvirt::Hypervisor::connect(daemon::URI).unwrap();
+    let run = RunFromBackup::start(connect(), &store, &m).unwrap();
     wait_resumed_after(&vm, k);
     vm.wait_flushed(k + 3, BOOT_TIMEOUT).unwrap();
     run.discard().unwrap();
@@ -80,7 +81,7 @@ fn a_vm_runs_from_its_checkpoint_and_is_discarded_byte_exact_or_kept_with_its_wr
 
     // Run and keep: copied while it runs, switched over, defined on the new file.
     clear_console(&vm);
-    let mut run = RunFromBackup::start(&hv, &store, &m).unwrap();
+    let mut run = RunFromBackup::start(connect(), &store, &m).unwrap();
     wait_resumed_after(&vm, k);
     vm.wait_flushed(k + 3, BOOT_TIMEOUT).unwrap();
     let kept = run.keep(&Control::new()).unwrap();

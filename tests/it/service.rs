@@ -2159,3 +2159,105 @@ fn a_user_lists_restores_and_compares_files_of_a_store_only_the_service_can_read
     );
     drop(service);
 }
+
+#[test]
+fn a_user_runs_a_vm_from_its_checkpoint_through_the_service_then_discards_or_keeps_it() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = ScratchDir::new("svc-run").unwrap();
+    let mut vm = TestVm::builder("svc-run")
+        .workload("sequence")
+        .disks(one_qcow2_disk(32 << 20))
+        .define()
+        .expect("define the test VM");
+    vm.start_and_wait_ready(Duration::from_mins(2)).unwrap();
+    vm.wait_flushed(5, Duration::from_mins(2)).unwrap();
+    let rewind = binary_for_users(dir.path());
+    let service = TestService::start(&rewind, dir.path()).unwrap();
+    let (user, home) = user_with_home(dir.path());
+    let store_dir = home.join("store");
+    let s = store_dir.to_str().unwrap();
+    let env = [("REWIND_SOCKET", service.socket())];
+    let as_user = |args: &[&str]| user.run(&rewind, args, &env);
+    let taken = json(
+        &as_user(&["checkpoint", &vm.name, "--to", s, "--json"]),
+        "rewind checkpoint",
+    );
+    let id = taken[0]["id"]
+        .as_str()
+        .or(taken["id"].as_str())
+        .unwrap()
+        .to_owned();
+    std::fs::set_permissions(&store_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let store = Store::open(&store_dir, None).unwrap();
+    let m = store
+        .catalog()
+        .unwrap()
+        .checkpoints
+        .into_iter()
+        .find(|m| m.id == id)
+        .unwrap();
+    let k = rewind_tests::workload::scan_sequence(&rewind_tests::compare::checkpoint_bytes(
+        &store, &m, "vda",
+    ))
+    .last_valid;
+    vm.wait_flushed(k + 5, Duration::from_mins(2)).unwrap();
+    vm.destroy().unwrap();
+    let disk = vm.disk("vda").path.clone();
+    let before = std::fs::read(&disk).unwrap();
+
+    // Run, then discard: the VM and its disk are as before.
+    crate::run::clear_console(&vm);
+    let running = json(
+        &as_user(&["run", &vm.name, "latest", "--from", s, "--json"]),
+        "rewind run",
+    );
+    assert_eq!(running["running"], true, "{running}");
+    assert!(vm.domain().is_active().unwrap());
+    crate::run::wait_resumed_after(&vm, k);
+    vm.wait_flushed(k + 3, Duration::from_mins(2)).unwrap();
+    json(
+        &as_user(&["run", "--discard", &vm.name, "--json"]),
+        "rewind run --discard",
+    );
+    assert!(!vm.domain().is_active().unwrap());
+    assert!(std::fs::read(&disk).unwrap() == before, "the disk changed");
+
+    // Run, then keep: it goes on, on new disk files, with what it wrote.
+    crate::run::clear_console(&vm);
+    json(
+        &as_user(&["run", &vm.name, "latest", "--from", s, "--json"]),
+        "rewind run (again)",
+    );
+    crate::run::wait_resumed_after(&vm, k);
+    vm.wait_flushed(k + 3, Duration::from_mins(2)).unwrap();
+    let kept = json(
+        &as_user(&["run", "--keep", &vm.name, "--json"]),
+        "rewind run --keep",
+    );
+    let new_file = std::path::PathBuf::from(kept["disks"][0].as_str().unwrap());
+    assert!(
+        vm.domain().is_active().unwrap(),
+        "the VM stopped while kept"
+    );
+    let n = vm.last_flushed_record();
+    vm.wait_flushed(n + 2, Duration::from_mins(2)).unwrap();
+    vm.destroy().unwrap();
+    let scan = rewind_tests::workload::scan_sequence_file(&new_file, "qcow2").unwrap();
+    assert!(
+        scan.is_consistent_prefix() && scan.last_valid >= n + 2,
+        "{scan:?}"
+    );
+    assert!(
+        std::fs::read(&disk).unwrap() == before,
+        "the old disk changed"
+    );
+    // Nothing to keep or discard any more.
+    let none = as_user(&["run", "--discard", &vm.name]);
+    assert!(!none.status.success());
+    assert!(
+        String::from_utf8_lossy(&none.stderr).contains("is not running from a checkpoint"),
+        "{}",
+        String::from_utf8_lossy(&none.stderr)
+    );
+    drop(service);
+}

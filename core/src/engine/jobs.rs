@@ -150,6 +150,27 @@ pub enum JobRequest {
         #[serde(default)]
         timeout_secs: Option<u64>,
     },
+    /// Run the (shut-off) VM straight from a checkpoint, its disks served from the store
+    /// by this process ([`crate::restore::run`]) until it is kept or discarded.
+    RunFromCheckpoint {
+        /// The destination.
+        destination: String,
+        /// The VM.
+        vm_uuid: Uuid,
+        /// The checkpoint, or `latest`.
+        checkpoint: String,
+    },
+    /// Keep the VM that runs from a checkpoint: its disks copied to new files beside its
+    /// own while it runs, then it is defined on them.
+    KeepRun {
+        /// The VM.
+        vm_uuid: Uuid,
+    },
+    /// Turn off the VM that runs from a checkpoint and drop what it wrote: it is as before.
+    DiscardRun {
+        /// The VM.
+        vm_uuid: Uuid,
+    },
 }
 
 /// A user and group that a written file is handed to.
@@ -247,6 +268,9 @@ impl JobRequest {
             Self::Gc { destination } => format!("Removing unused data in {destination}"),
             Self::List { destination } => format!("Reading the checkpoints in {destination}"),
             Self::BootCheck { checkpoint, .. } => format!("Boot-check of {checkpoint}"),
+            Self::RunFromCheckpoint { checkpoint, .. } => format!("Run from {checkpoint}"),
+            Self::KeepRun { .. } => "Keeping the VM run from its checkpoint".into(),
+            Self::DiscardRun { .. } => "Discarding the run from the checkpoint".into(),
         }
     }
 }
@@ -287,6 +311,17 @@ pub enum JobOutput {
     Listed(Box<Listing>),
     /// Files restored into a folder.
     FilesRestored(Box<crate::files::browse::Restored>),
+    /// A VM runs from a checkpoint.
+    Running {
+        /// The VM's name.
+        vm: String,
+        /// The checkpoint.
+        checkpoint: String,
+    },
+    /// A run from a checkpoint kept: the VM's new disk files.
+    RunKept(Vec<PathBuf>),
+    /// A run from a checkpoint discarded.
+    RunDiscarded,
     /// A checkpoint boot-checked (booted or not: see its outcome).
     BootChecked {
         /// The result, as kept.
@@ -432,6 +467,46 @@ pub fn run(
             Ok(JobOutput::Listed(Box::new(Listing::of(&store)?)))
         }
         JobRequest::BootCheck { .. } => boot_check(config, state_dir, request, control),
+        JobRequest::RunFromCheckpoint { .. }
+        | JobRequest::KeepRun { .. }
+        | JobRequest::DiscardRun { .. } => run_from_checkpoint(config, request, control),
+    }
+}
+
+/// Running a VM from a checkpoint, keeping or discarding that run.
+fn run_from_checkpoint(
+    config: &Config,
+    request: &JobRequest,
+    control: &Arc<Control>,
+) -> Result<JobOutput, JobError> {
+    use crate::restore::run;
+    match request {
+        JobRequest::RunFromCheckpoint {
+            destination,
+            vm_uuid,
+            checkpoint,
+        } => {
+            let store = Arc::new(store_of(config, destination)?);
+            let m = manifest(&store, vm_uuid, checkpoint)?;
+            control.start_phase(crate::progress::Phase::Starting);
+            run::start_served(Hypervisor::connect(&config.uri)?, &store, &m)?;
+            Ok(JobOutput::Running {
+                vm: m.vm.name,
+                checkpoint: m.id,
+            })
+        }
+        JobRequest::KeepRun { vm_uuid } => {
+            control.start_phase(crate::progress::Phase::Copying);
+            Ok(JobOutput::RunKept(run::keep_served(vm_uuid, control)?))
+        }
+        JobRequest::DiscardRun { vm_uuid } => {
+            run::discard_served(vm_uuid)?;
+            Ok(JobOutput::RunDiscarded)
+        }
+        _ => Err(JobError::new(
+            ErrorKind::Failed,
+            "not a run from a checkpoint",
+        )),
     }
 }
 

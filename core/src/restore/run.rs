@@ -45,8 +45,8 @@ struct RunDisk {
 }
 
 /// A VM running from a checkpoint; see the module documentation.
-pub struct RunFromBackup<'h> {
-    hv: &'h Hypervisor,
+pub struct RunFromBackup {
+    hv: Hypervisor,
     vm: String,
     checkpoint: String,
     persistent_xml: String,
@@ -56,7 +56,7 @@ pub struct RunFromBackup<'h> {
     running: bool,
 }
 
-impl std::fmt::Debug for RunFromBackup<'_> {
+impl std::fmt::Debug for RunFromBackup {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RunFromBackup")
             .field("vm", &self.vm)
@@ -65,7 +65,7 @@ impl std::fmt::Debug for RunFromBackup<'_> {
     }
 }
 
-impl<'h> RunFromBackup<'h> {
+impl RunFromBackup {
     /// Starts VM `m.vm` (defined on `hv`, this machine's libvirt, and shut off) from
     /// checkpoint `m` of `store`.
     ///
@@ -73,11 +73,7 @@ impl<'h> RunFromBackup<'h> {
     /// The VM is not here or runs, a disk of the checkpoint is not one of its file disks,
     /// the export or the overlays cannot be made, or libvirt does not start it. Nothing of
     /// the VM was changed.
-    pub fn start(
-        hv: &'h Hypervisor,
-        store: &Arc<Store>,
-        m: &Manifest,
-    ) -> Result<Self, RestoreError> {
+    pub fn start(hv: Hypervisor, store: &Arc<Store>, m: &Manifest) -> Result<Self, RestoreError> {
         if !hv.is_local() {
             return Err(RestoreError::Invalid(format!(
                 "a VM runs from its checkpoint on this machine's libvirt, not on {}",
@@ -162,7 +158,7 @@ impl<'h> RunFromBackup<'h> {
         )?;
         let xml = isolate::back_overlays(&xml, &overlays)?;
         tracing::info!(vm = %run.vm, checkpoint = %m.id, "running the VM from its checkpoint");
-        hv.start_with_live_xml(&xml)?;
+        run.hv.start_with_live_xml(&xml)?;
         run.running = true;
         Ok(run)
     }
@@ -253,7 +249,7 @@ impl<'h> RunFromBackup<'h> {
     }
 }
 
-impl Drop for RunFromBackup<'_> {
+impl Drop for RunFromBackup {
     fn drop(&mut self) {
         if (self.running || self.export.is_some())
             && let Err(e) = self.stop_and_clean()
@@ -280,4 +276,73 @@ fn new_folder() -> Result<PathBuf, RestoreError> {
     std::fs::set_permissions(&folder, std::os::unix::fs::PermissionsExt::from_mode(0o711))
         .map_err(|e| failed(&folder, e))?;
     Ok(folder)
+}
+
+/// The runs this process serves, by VM: the protection service's (or a window's engine's)
+/// own, kept while the process lives.
+static SERVED: std::sync::Mutex<std::collections::BTreeMap<Uuid, RunFromBackup>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+fn served_runs() -> std::sync::MutexGuard<'static, std::collections::BTreeMap<Uuid, RunFromBackup>>
+{
+    SERVED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn not_running(vm: &Uuid) -> RestoreError {
+    RestoreError::Invalid(format!(
+        "VM {vm} is not running from a checkpoint here; start one with `rewind run VM CHECKPOINT --from DEST`"
+    ))
+}
+
+/// Starts VM `m.vm` from checkpoint `m` ([`RunFromBackup::start`]) and keeps serving it in
+/// this process until [`keep_served`] or [`discard_served`].
+///
+/// # Errors
+/// As [`RunFromBackup::start`]; or the VM runs from a checkpoint already.
+pub fn start_served(hv: Hypervisor, store: &Arc<Store>, m: &Manifest) -> Result<(), RestoreError> {
+    if served_runs().contains_key(&m.vm.uuid) {
+        return Err(RestoreError::Invalid(format!(
+            "VM {:?} runs from a checkpoint already: keep it or discard it first",
+            m.vm.name
+        )));
+    }
+    let run = RunFromBackup::start(hv, store, m)?;
+    served_runs().insert(m.vm.uuid, run);
+    Ok(())
+}
+
+/// [`RunFromBackup::keep`] of the run of VM `vm` that this process serves: the new disk
+/// files. On an error the run goes on.
+///
+/// # Errors
+/// No such run here, or as [`RunFromBackup::keep`].
+pub fn keep_served(vm: &Uuid, control: &Control) -> Result<Vec<PathBuf>, RestoreError> {
+    let mut run = served_runs().remove(vm).ok_or_else(|| not_running(vm))?;
+    match run.keep(control) {
+        Ok(files) => Ok(files),
+        Err(e) => {
+            served_runs().insert(*vm, run);
+            Err(e)
+        }
+    }
+}
+
+/// [`RunFromBackup::discard`] of the run of VM `vm` that this process serves.
+///
+/// # Errors
+/// No such run here, or as [`RunFromBackup::discard`].
+pub fn discard_served(vm: &Uuid) -> Result<(), RestoreError> {
+    let run = served_runs().remove(vm).ok_or_else(|| not_running(vm))?;
+    run.discard()
+}
+
+/// The runs this process serves: VM, its name, the checkpoint.
+#[must_use]
+pub fn served() -> Vec<(Uuid, String, String)> {
+    served_runs()
+        .iter()
+        .map(|(uuid, run)| (*uuid, run.vm.clone(), run.checkpoint.clone()))
+        .collect()
 }
