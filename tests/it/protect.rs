@@ -91,7 +91,8 @@ impl Home {
             .as_array()
             .unwrap()
             .iter()
-            .filter(|r| r["outcome"] == "ok")
+            // Checkpoints, not the boot-checks the daemon may run when the machine is idle.
+            .filter(|r| r["outcome"] == "ok" && r["trigger"] != "boot_check")
             .cloned()
             .collect()
     }
@@ -883,5 +884,107 @@ fn a_scheduled_checkpoint_works_at_a_low_priority_and_the_vm_keeps_its_own() {
         qemu_threads.len()
     );
     assert!(daemon.terminate().success());
+    vm.destroy().unwrap();
+}
+
+/// Issue 23: the daemon boot-checks a protected guest's newest checkpoint by itself, once,
+/// after its first checkpoint: a history record that it booted, the result kept for the
+/// checkpoint, and no copy of the VM left behind. (The load limit is lifted: the test
+/// machine is never idle.)
+#[test]
+fn the_daemon_boot_checks_the_newest_checkpoint_by_itself() {
+    let mut vm = TestVm::builder("schedcheck")
+        .workload("sequence")
+        .guest_agent()
+        .disks(vec![DiskSpec::new("vda", Format::Qcow2, 32 << 20)])
+        .define()
+        .expect("define the test VM");
+    vm.start_and_wait_ready(BOOT_TIMEOUT).expect("boot");
+    vm.wait_agent_ready(BOOT_TIMEOUT).unwrap();
+    vm.wait_flushed(3, BOOT_TIMEOUT).unwrap();
+    let home = Home::new("schedcheck");
+    let store = home.dir.path().join("store");
+    home.run_ok(&[
+        "protect",
+        &vm.name,
+        "--to",
+        store.to_str().unwrap(),
+        "--every",
+        "1d",
+    ]);
+    let mut config = rewind_core::config::Config::load(&home.config_file()).unwrap();
+    assert!(config.boot_checks.enabled && config.vms[0].boot_check);
+    config.boot_checks.max_load_percent = 100_000;
+    config.boot_checks.timeout_secs = Some(300);
+    config.save(&home.config_file()).unwrap();
+
+    // Short: the backup's socket lives in it.
+    let work_dir = ScratchDir::new("w").unwrap();
+    let work = work_dir.path().join("w");
+    let stderr = std::fs::File::create(home.dir.path().join("daemon.stderr")).unwrap();
+    let child = home
+        .command(&["daemon"])
+        .env("REWIND_WORK_DIR", &work)
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let mut daemon = Daemon { child: Some(child) };
+    let checks = || -> Vec<serde_json::Value> {
+        home.json(&["history", "--json"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["trigger"] == "boot_check" && r["outcome"] != "cancelled")
+            .cloned()
+            .collect()
+    };
+    wait_for(
+        &home,
+        Duration::from_mins(8),
+        "a scheduled boot-check",
+        || !checks().is_empty(),
+    );
+    // A day must pass before the next: none follows at once.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(daemon.terminate().success());
+
+    let checks = checks();
+    assert_eq!(checks.len(), 1, "{checks:?}");
+    let check = &checks[0];
+    assert_eq!(check["outcome"], "ok", "{check}; log:\n{}", home.log());
+    let taken = home.ok_checkpoints();
+    let first = taken
+        .iter()
+        .find(|r| r["trigger"] == "first")
+        .unwrap_or_else(|| panic!("no first checkpoint: {taken:?}"));
+    assert_eq!(check["checkpoint"], first["checkpoint"], "{check}");
+    let uuid = check["vm_uuid"].as_str().unwrap();
+    let kept = home
+        .state_dir()
+        .join("boot-checks")
+        .join(uuid)
+        .join(format!("{}.json", check["checkpoint"].as_str().unwrap()));
+    assert!(kept.exists(), "{}", kept.display());
+    // A boot-check is no checkpoint: the status still counts one checkpoint, ok.
+    let status = home.json(&["status", "--json"]);
+    let dest = &status["vms"][0]["destinations"][0];
+    assert_eq!(dest["failures"], 0, "{status}");
+    assert_eq!(dest["last_checkpoint"], first["checkpoint"], "{status}");
+
+    let hv = rewind_core::libvirt::Hypervisor::connect(daemon::URI).unwrap();
+    let clones: Vec<String> = hv
+        .list_vms()
+        .unwrap()
+        .into_iter()
+        .map(|v| v.name)
+        .filter(|n| n.starts_with(&vm.name) && n.contains("boot-check"))
+        .collect();
+    assert_eq!(clones, Vec::<String>::new());
+    let left: Vec<_> = std::fs::read_dir(&work)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left in the work folder: {left:?}");
+    assert!(vm.domain().is_active().unwrap());
     vm.destroy().unwrap();
 }
