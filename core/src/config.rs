@@ -14,13 +14,14 @@
 //!          keep: (last: 4, hourly: 24, daily: 7, weekly: 4, monthly: 6, yearly: 0),
 //!          boot_check: true),
 //!     ],
-//!     boot_checks: (enabled: true, interval_secs: 86400, max_load_percent: 50),
+//!     boot_checks: (enabled: true, interval_secs: 86400, max_load_percent: 50, quiet_secs: 900),
 //! )
 //! ```
 //!
 //! `boot_checks` (added with issue 23; a file without it gets these defaults): once per
-//! `interval_secs`, when the scheduler runs no other job and the one-minute load average
-//! is below `max_load_percent` of the CPUs, the newest checkpoint of one protected VM is
+//! `interval_secs`, when the scheduler has run no other job for `quiet_secs` (and has run
+//! that long) and the one-minute load average is below `max_load_percent` of the CPUs,
+//! the newest checkpoint of one protected VM is
 //! started in a throwaway clone to prove that it boots ([`crate::bootcheck`],
 //! [`crate::policy::next_boot_check`]). `enabled: false` turns them off for every VM, a
 //! VM's `boot_check: false` for that VM; `timeout_secs` bounds the wait for a boot signal
@@ -99,7 +100,13 @@ pub struct BootChecks {
     /// The longest wait for a boot signal, in seconds (10 minutes when absent).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timeout_secs: Option<u64>,
+    /// The scheduler must have run nothing (and have been running) for this long, in
+    /// seconds, before a boot-check starts: not right after a checkpoint or a login.
+    pub quiet_secs: u64,
 }
+
+/// The default of [`BootChecks::quiet_secs`]: 15 minutes.
+pub const DEFAULT_BOOT_CHECK_QUIET_SECS: u64 = 15 * 60;
 
 /// The default of [`BootChecks::interval_secs`]: a day.
 pub const DEFAULT_BOOT_CHECK_INTERVAL_SECS: u64 = 24 * 3600;
@@ -111,6 +118,7 @@ impl Default for BootChecks {
             interval_secs: DEFAULT_BOOT_CHECK_INTERVAL_SECS,
             max_load_percent: 50,
             timeout_secs: None,
+            quiet_secs: DEFAULT_BOOT_CHECK_QUIET_SECS,
         }
     }
 }

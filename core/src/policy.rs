@@ -228,6 +228,8 @@ pub struct Busy {
     pub jobs_running: bool,
     /// The one-minute load average per CPU, in percent (`/proc/loadavg`; 0 when unknown).
     pub load_percent: u32,
+    /// How long the scheduler has run no job (or has run at all), in seconds.
+    pub quiet_secs: u64,
 }
 
 /// Why a boot-check runs.
@@ -276,7 +278,11 @@ pub fn next_boot_check(
     busy: Busy,
     now: DateTime<Utc>,
 ) -> Option<BootCheckDue> {
-    if !settings.enabled || busy.jobs_running || busy.load_percent >= settings.max_load_percent {
+    if !settings.enabled
+        || busy.jobs_running
+        || busy.load_percent >= settings.max_load_percent
+        || busy.quiet_secs < settings.quiet_secs
+    {
         return None;
     }
     let interval = Duration::seconds(i64::try_from(settings.interval_secs).unwrap_or(i64::MAX));
@@ -508,6 +514,7 @@ mod tests {
         const IDLE: Busy = Busy {
             jobs_running: false,
             load_percent: 10,
+            quiet_secs: 3600,
         };
 
         fn newest(dest: &str, taken: DateTime<Utc>) -> Newest {
@@ -571,19 +578,30 @@ mod tests {
             let vms = [vm("win11", vec![newest("usb", day(1, 9))], vec![])];
             let running = Busy {
                 jobs_running: true,
-                load_percent: 0,
+                ..IDLE
             };
             assert_eq!(due(&vms, running, day(1, 10)), None);
             let loaded = Busy {
-                jobs_running: false,
                 load_percent: 50,
+                ..IDLE
             };
             assert_eq!(due(&vms, loaded, day(1, 10)), None);
             let calm = Busy {
-                jobs_running: false,
                 load_percent: 49,
+                ..IDLE
             };
             assert!(due(&vms, calm, day(1, 10)).is_some());
+            // Not right after a job (or the scheduler's start): 15 minutes of quiet first.
+            let just_after = Busy {
+                quiet_secs: 14 * 60,
+                ..IDLE
+            };
+            assert_eq!(due(&vms, just_after, day(1, 10)), None);
+            let quiet = Busy {
+                quiet_secs: 15 * 60,
+                ..IDLE
+            };
+            assert!(due(&vms, quiet, day(1, 10)).is_some());
         }
 
         #[test]

@@ -915,6 +915,7 @@ fn the_daemon_boot_checks_the_newest_checkpoint_by_itself() {
     let mut config = rewind_core::config::Config::load(&home.config_file()).unwrap();
     assert!(config.boot_checks.enabled && config.vms[0].boot_check);
     config.boot_checks.max_load_percent = 100_000;
+    config.boot_checks.quiet_secs = 0;
     config.boot_checks.timeout_secs = Some(300);
     config.save(&home.config_file()).unwrap();
 

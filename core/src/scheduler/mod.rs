@@ -401,6 +401,8 @@ struct State {
     checking: Option<(String, Arc<Control>)>,
     /// The boot-check running now, and its control.
     boot_checking: Option<(RunningJob, Arc<Control>)>,
+    /// Since when no job of this scheduler was seen running (or it started).
+    quiet_since: std::time::Instant,
 }
 
 async fn run(
@@ -434,6 +436,7 @@ async fn run(
         started: Utc::now(),
         checking: None,
         boot_checking: None,
+        quiet_since: std::time::Instant::now(),
     };
     let mut last_activity_poll: Option<std::time::Instant> = None;
     let mut stopping = false;
@@ -576,11 +579,13 @@ impl State {
         let jobs_running =
             !self.running.is_empty() || self.checking.is_some() || self.boot_checking.is_some();
         if jobs_running {
+            self.quiet_since = std::time::Instant::now();
             return;
         }
         let busy = policy::Busy {
             jobs_running,
             load_percent: boot_checks::load_percent(),
+            quiet_secs: self.quiet_since.elapsed().as_secs(),
         };
         if busy.load_percent >= settings.max_load_percent {
             // Busy: not worth reading the history and the kept results for.
