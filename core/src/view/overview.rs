@@ -193,6 +193,7 @@ fn failing(
                 .find(|r| {
                     &r.destination == dest
                         && r.outcome == Outcome::Failed
+                        && !r.is_boot_check()
                         && (r.vm_uuid.as_deref() == Some(uuid) || r.vm == name)
                 })
                 .and_then(|r| r.error.clone())
