@@ -130,6 +130,7 @@ pub(super) fn checkpoint_details_ui(
                 state.files = Some(super::files::FilesView::open(key.clone(), title, commands));
             }
             super::bootcheck::button_ui(ui, state, key, c, commands);
+            super::runfrom::button_ui(ui, state, key, c, commands);
             if ui
                 .add_enabled(!c.damaged, egui::Button::new("Export disk…"))
                 .on_hover_text("Write one disk as it was then to an image file")

@@ -17,6 +17,7 @@ mod details;
 pub mod dialogs;
 pub mod files;
 pub mod instance;
+mod runfrom;
 pub mod settings;
 pub mod setup;
 pub mod state;

@@ -225,6 +225,9 @@ pub struct UiState {
     pub tray_shown: bool,
     /// The user asked to quit (from the tray or the close dialog).
     pub quit: bool,
+    /// The VMs that run from a checkpoint (started from this window), by UUID: from a
+    /// run's `Running` output until it is kept or discarded.
+    pub runs: std::collections::HashMap<Uuid, super::runfrom::RunView>,
 }
 
 impl Default for UiState {
@@ -258,6 +261,7 @@ impl Default for UiState {
             setup: super::setup::SetupState::default(),
             now: Utc::now(),
             tray_shown: false,
+            runs: std::collections::HashMap::new(),
             quit: false,
         }
     }
@@ -392,6 +396,9 @@ impl UiState {
                 {
                     self.boot_checked(check, thumbnail_png.clone());
                 }
+                if let Ok(output) = &result {
+                    self.run_changed(job, output);
+                }
                 if let Some(j) = self.jobs.iter_mut().find(|j| j.id == job) {
                     self.notice = Some(match &result {
                         Ok(JobOutput::BootChecked { check, vm, .. }) => {
@@ -449,6 +456,49 @@ impl UiState {
                 }
             }
             // The refreshed list follows; nothing to show for the event itself yet.
+            _ => {}
+        }
+    }
+
+    /// Follows a VM run from a checkpoint: `output` of job `job` may start or end one.
+    fn run_changed(&mut self, job: JobId, output: &JobOutput) {
+        let Some(request) = self
+            .jobs
+            .iter()
+            .find(|j| j.id == job)
+            .map(|j| j.request.clone())
+        else {
+            return;
+        };
+        match (&*request, output) {
+            (
+                JobRequest::RunFromCheckpoint {
+                    destination,
+                    vm_uuid,
+                    ..
+                },
+                JobOutput::Running { vm, checkpoint },
+            ) => {
+                let key = CheckpointKey {
+                    destination: destination.clone(),
+                    vm_uuid: *vm_uuid,
+                    id: checkpoint.clone(),
+                };
+                let time = self.summary(&key).map(|c| c.time);
+                self.runs.insert(
+                    *vm_uuid,
+                    super::runfrom::RunView {
+                        vm: vm.clone(),
+                        destination: destination.clone(),
+                        checkpoint: checkpoint.clone(),
+                        time,
+                    },
+                );
+            }
+            (JobRequest::KeepRun { vm_uuid }, JobOutput::RunKept(_))
+            | (JobRequest::DiscardRun { vm_uuid }, JobOutput::RunDiscarded) => {
+                self.runs.remove(vm_uuid);
+            }
             _ => {}
         }
     }

@@ -432,6 +432,9 @@ fn vm_ui(ui: &mut egui::Ui, state: &mut UiState, vm: &VmInfo, commands: &mut Com
             );
         }
     });
+    if let Ok(uuid) = vm.uuid.parse::<uuid::Uuid>() {
+        super::runfrom::banner_ui(ui, state, uuid, commands);
+    }
     protection_summary_ui(ui, state, vm, overview.as_ref(), commands);
     ui.add_space(6.0);
     // Parsed once: formatting every checkpoint's UUID each frame costs milliseconds with

@@ -69,6 +69,11 @@ pub enum Dialog {
     },
     /// Closing without a tray: stop protecting?
     CloseWithoutTray,
+    /// "Discard the run from the checkpoint?"
+    ConfirmDiscardRun {
+        /// The VM that runs from a checkpoint.
+        vm_uuid: uuid::Uuid,
+    },
 }
 
 fn when(c: &CheckpointSummary) -> String {
@@ -113,6 +118,9 @@ pub fn dialogs_ui(ui: &mut egui::Ui, state: &mut UiState, commands: &mut Command
             } => export_ui(ui, state, key, disk, path, *qcow2, commands),
             Dialog::ConfirmDelete { key } => confirm_delete_ui(ui, state, key, commands),
             Dialog::CloseWithoutTray => close_without_tray_ui(ui, state),
+            Dialog::ConfirmDiscardRun { vm_uuid } => {
+                super::runfrom::confirm_discard_ui(ui, state, *vm_uuid, commands)
+            }
         };
         if !keep {
             state.dialog = None;
