@@ -1122,11 +1122,231 @@ fn a_checkpoint_is_boot_checked_from_its_details_and_marked_on_the_timeline() {
 
 /// The window's sources: every symbol they draw needs a glyph in the built-in fonts (a
 /// missing one draws as a box).
-const SOURCES: [&str; 12] = [
+/// Empties a (shut-off) test VM's console log, so that what follows is its next start's.
+fn clear_console(vm: &rewind_tests::TestVm) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(vm.dir().join("console.log"))
+        .and_then(|f| f.set_len(0))
+        .unwrap();
+}
+
+/// Presses "Run from this checkpoint" (once the window sees the VM shut off) and waits
+/// until the VM runs from the checkpoint and the banner says so; returns the banner's words.
+fn run_from_the_window(h: &mut Harness<'_, RewindApp>, vm_uuid: uuid::Uuid) -> String {
+    wait_for(
+        h,
+        "Run from this checkpoint enabled (the VM seen shut off)",
+        Duration::from_secs(30),
+        |h| {
+            h.query_by_label(super::runfrom::RUN_BUTTON)
+                .is_some_and(|b| !b.accesskit_node().is_disabled())
+        },
+    );
+    settle(h);
+    h.get_by_label(super::runfrom::RUN_BUTTON).click();
+    // Its progress and Cancel are in the activity panel, as any job's.
+    wait_for(
+        h,
+        "the run in the activity panel",
+        Duration::from_secs(20),
+        |h| {
+            // The button's words and the job's.
+            h.query_all_by_label_contains("Run from ").count() >= 2
+                || h.state().state.runs.contains_key(&vm_uuid)
+        },
+    );
+    wait_for(
+        h,
+        "the VM running from its checkpoint",
+        Duration::from_mins(2),
+        |h| {
+            h.state().state.runs.contains_key(&vm_uuid)
+                || h.state()
+                    .state
+                    .jobs
+                    .iter()
+                    .any(|j| matches!(j.result, Some(Err(_))))
+        },
+    );
+    let run = h
+        .state()
+        .state
+        .runs
+        .get(&vm_uuid)
+        .cloned()
+        .unwrap_or_else(|| {
+            panic!(
+                "the run failed: {:?}",
+                h.state().state.jobs.last().unwrap().result
+            )
+        });
+    let said = super::runfrom::banner_text(&run);
+    assert!(
+        said.starts_with("Running from checkpoint 20")
+            && said.ends_with("— its own disks are untouched"),
+        "{said}"
+    );
+    wait_for(h, "the banner", Duration::from_secs(10), |h| {
+        h.query_by_label(&said).is_some()
+    });
+    h.get_by_label(super::runfrom::KEEP_BUTTON);
+    h.get_by_label(super::runfrom::DISCARD_BUTTON);
+    // While it runs so, it cannot be started from a checkpoint again.
+    assert!(
+        h.get_by_label(super::runfrom::RUN_BUTTON)
+            .accesskit_node()
+            .is_disabled()
+    );
+    said
+}
+
+/// A VM runs from its checkpoint from the window against the real engine and a real guest:
+/// the banner says so, Discard (confirmed) turns it off with its disk file byte for byte as
+/// before; run again and kept, it goes on running on a new disk file holding its writes.
+#[test]
+#[allow(clippy::too_many_lines)] // one user story, step by step
+fn a_vm_runs_from_its_checkpoint_from_the_window_and_is_discarded_or_kept() {
+    use rewind_tests::{DiskSpec, Format, TestVm, daemon};
+    rewind_tests::setup().unwrap();
+    let mut vm = TestVm::builder("gui-run")
+        .workload("sequence")
+        .disks(vec![DiskSpec::new("vda", Format::Qcow2, 32 << 20)])
+        .define()
+        .expect("define the test VM");
+    vm.start_and_wait_ready(Duration::from_mins(3))
+        .expect("boot");
+    vm.wait_flushed(3, Duration::from_mins(2)).unwrap();
+    let dir = rewind_tests::scratch::ScratchDir::new("gui-run-state").unwrap();
+    let (store, config) = protecting(&dir.path().join("store"), "usb", &vm);
+    config.save(&dir.path().join("config.ron")).unwrap();
+    let vm_uuid: uuid::Uuid = vm.uuid.parse().unwrap();
+
+    let mut h = app_harness(daemon::URI, dir.path());
+    checkpoint_from_the_window(&mut h, &vm.name);
+    let first = store.catalog().unwrap().checkpoints;
+    assert_eq!(first.len(), 1);
+    let k = last_record(&store, &vm_uuid, &first[0].id);
+    // The VM goes on past the checkpoint, then stops: its disk is what a run must not touch.
+    vm.wait_flushed(k + 5, Duration::from_mins(2)).unwrap();
+    vm.destroy().unwrap();
+    let disk = vm.disk("vda").path.clone();
+    let before = std::fs::read(&disk).unwrap();
+    h.get_all_by_label_contains("Checkpoint 20")
+        .next()
+        .unwrap()
+        .click();
+    h.step();
+
+    // Run, then discard: it carries on from the checkpoint, then is as it was.
+    clear_console(&vm);
+    let said = run_from_the_window(&mut h, vm_uuid);
+    wait_resumed_after(&vm, k);
+    vm.wait_flushed(k + 3, Duration::from_mins(2)).unwrap();
+    h.get_by_label(super::runfrom::DISCARD_BUTTON).click();
+    wait_for(
+        &mut h,
+        "the question before discarding",
+        Duration::from_secs(5),
+        |h| {
+            h.query_by_label("Discard the run from the checkpoint?")
+                .is_some()
+        },
+    );
+    settle(&mut h);
+    h.get_by_label(super::runfrom::CONFIRM_DISCARD_BUTTON)
+        .click();
+    wait_for(&mut h, "the run discarded", Duration::from_mins(2), |h| {
+        h.state().state.jobs.iter().any(|j| {
+            matches!(
+                (&*j.request, &j.result),
+                (
+                    rewind_core::engine::jobs::JobRequest::DiscardRun { .. },
+                    Some(_)
+                )
+            )
+        })
+    });
+    h.step();
+    assert!(
+        h.state()
+            .state
+            .jobs
+            .iter()
+            .any(|j| matches!(j.result, Some(Ok(JobOutput::RunDiscarded)))),
+        "{:?}",
+        h.state().state.jobs.last().unwrap().result
+    );
+    assert!(h.query_by_label(&said).is_none(), "the banner stays");
+    assert!(!vm.domain().is_active().unwrap());
+    assert!(
+        std::fs::read(&disk).unwrap() == before,
+        "a discarded run changed the VM's disk file"
+    );
+
+    // Run again, then keep: copied while it runs (in the activity panel), then on a new file.
+    clear_console(&vm);
+    let said = run_from_the_window(&mut h, vm_uuid);
+    wait_resumed_after(&vm, k);
+    vm.wait_flushed(k + 3, Duration::from_mins(2)).unwrap();
+    settle(&mut h);
+    h.get_by_label(super::runfrom::KEEP_BUTTON).click();
+    wait_for(&mut h, "the run kept", Duration::from_mins(3), |h| {
+        h.state().state.jobs.iter().any(|j| {
+            matches!(
+                (&*j.request, &j.result),
+                (
+                    rewind_core::engine::jobs::JobRequest::KeepRun { .. },
+                    Some(_)
+                )
+            )
+        })
+    });
+    h.step();
+    let kept = h
+        .state()
+        .state
+        .jobs
+        .iter()
+        .find_map(|j| match &j.result {
+            Some(Ok(JobOutput::RunKept(files))) => Some(files.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("{:?}", h.state().state.jobs.last().unwrap().result));
+    assert!(h.query_by_label(&said).is_none(), "the banner stays");
+    assert_eq!(kept.len(), 1);
+    let new_file = &kept[0];
+    assert_ne!(new_file, &disk);
+    assert!(
+        vm.domain().is_active().unwrap(),
+        "the VM stopped while kept"
+    );
+    let defined = Hypervisor::connect(daemon::URI)
+        .unwrap()
+        .persistent_xml(&vm.name)
+        .unwrap();
+    assert!(
+        defined.contains(&*new_file.to_string_lossy()) && !defined.contains("nbd"),
+        "{defined}"
+    );
+    let n = vm.last_flushed_record();
+    vm.wait_flushed(n + 3, Duration::from_mins(2)).unwrap();
+    vm.destroy().unwrap();
+    assert!(
+        std::fs::read(&disk).unwrap() == before,
+        "keeping the run changed the old disk file"
+    );
+    let scan = rewind_tests::workload::scan_sequence_file(new_file, "qcow2").unwrap();
+    assert!(scan.is_consistent_prefix(), "{:?}", scan.problems);
+    assert!(scan.last_valid >= n + 3, "{} < {}", scan.last_valid, n + 3);
+}
+
+const SOURCES: [&str; 13] = [
     include_str!("mod.rs"),
     include_str!("vm_list.rs"),
     include_str!("details.rs"),
     include_str!("bootcheck.rs"),
+    include_str!("runfrom.rs"),
     include_str!("activity.rs"),
     include_str!("timeline.rs"),
     include_str!("dialogs/mod.rs"),
