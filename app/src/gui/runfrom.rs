@@ -23,6 +23,8 @@ pub const RUN_BUTTON: &str = "Run from this checkpoint";
 pub const KEEP_BUTTON: &str = "Keep";
 /// The banner's Discard button.
 pub const DISCARD_BUTTON: &str = "Discard…";
+/// What the VM list says under a VM that runs from a checkpoint.
+pub const LIST_NOTE: &str = "running from a checkpoint";
 /// The confirmation's Discard button.
 pub const CONFIRM_DISCARD_BUTTON: &str = "Discard the run";
 

@@ -203,6 +203,38 @@ fn main_screen_snapshot() {
     h.snapshot("main_screen");
 }
 
+/// A VM that runs from a checkpoint: the banner says from when, and that its own disks are
+/// untouched, with Keep and Discard; Discard asks first.
+#[test]
+fn run_from_checkpoint_banner_snapshot() {
+    let mut state = fixture();
+    let vm_uuid: uuid::Uuid = state.selected.clone().unwrap().parse().unwrap();
+    let key = state.checkpoint.clone().unwrap();
+    let time = state.summary(&key).unwrap().time;
+    state.runs.insert(
+        vm_uuid,
+        super::runfrom::RunView {
+            vm: "test".into(),
+            destination: key.destination.clone(),
+            checkpoint: key.id.clone(),
+            time: Some(time),
+        },
+    );
+    let mut h = harness(state);
+    h.run();
+    h.get_by_label("Running from checkpoint 2026-12-01 06:03 — its own disks are untouched");
+    h.get_by_label(super::runfrom::LIST_NOTE);
+    h.get_by_label(super::runfrom::KEEP_BUTTON);
+    h.snapshot("run_from_checkpoint_banner");
+    h.get_by_label(super::runfrom::DISCARD_BUTTON).click();
+    h.run();
+    assert_eq!(
+        h.state().dialog,
+        Some(Dialog::ConfirmDiscardRun { vm_uuid }),
+        "Discard asks first"
+    );
+}
+
 #[test]
 fn restore_confirmation_snapshot_says_what_happens() {
     let mut state = fixture();
@@ -1192,6 +1224,8 @@ fn run_from_the_window(h: &mut Harness<'_, RewindApp>, vm_uuid: uuid::Uuid) -> S
     });
     h.get_by_label(super::runfrom::KEEP_BUTTON);
     h.get_by_label(super::runfrom::DISCARD_BUTTON);
+    // The VM list says so under the VM too.
+    h.get_by_label(super::runfrom::LIST_NOTE);
     // While it runs so, it cannot be started from a checkpoint again.
     assert!(
         h.get_by_label(super::runfrom::RUN_BUTTON)
@@ -1278,6 +1312,7 @@ fn a_vm_runs_from_its_checkpoint_from_the_window_and_is_discarded_or_kept() {
         h.state().state.jobs.last().unwrap().result
     );
     assert!(h.query_by_label(&said).is_none(), "the banner stays");
+    assert!(h.query_by_label(super::runfrom::LIST_NOTE).is_none());
     assert!(!vm.domain().is_active().unwrap());
     assert!(
         std::fs::read(&disk).unwrap() == before,

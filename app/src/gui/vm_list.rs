@@ -297,6 +297,22 @@ fn vm_list_ui(ui: &mut egui::Ui, state: &mut UiState) {
                     ui.spinner().on_hover_text("A checkpoint is being taken");
                 }
             });
+            if let Some(run) = vm
+                .uuid
+                .parse::<uuid::Uuid>()
+                .ok()
+                .and_then(|u| state.runs.get(&u))
+            {
+                ui.horizontal(|ui| {
+                    ui.add_space(18.0);
+                    ui.label(
+                        RichText::new(super::runfrom::LIST_NOTE)
+                            .small()
+                            .color(ui.visuals().warn_fg_color),
+                    )
+                    .on_hover_text(super::runfrom::banner_text(run));
+                });
+            }
             if let Some(o) = &overview {
                 ui.horizontal_wrapped(|ui| {
                     ui.add_space(18.0);
