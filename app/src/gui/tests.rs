@@ -1675,13 +1675,14 @@ fn a_file_restore_cancelled_in_the_activity_panel_leaves_the_folder_as_it_was() 
     use rewind_core::engine::jobs::JobRequest;
     rewind_tests::setup().unwrap();
     let dir = rewind_tests::scratch::ScratchDir::new("gui-files-cancel").unwrap();
-    // A folder that takes a while to restore: 6,400 files of 24 KiB of noise in 64 folders
-    // (150 MiB), every chunk of it fetched from the store, decrypted, decompressed and
-    // written, and every file made, filled and dated; noise, so that it neither compresses
-    // nor repeats.
+    // A folder that takes a while to restore: 16,000 files of 24 KiB of noise in 160
+    // folders (375 MiB), every chunk of it fetched from the store, decrypted, decompressed
+    // and written, and every file made, filled and dated; noise, so that it neither
+    // compresses nor repeats. (With 6,400 files the restore once ended before the Cancel
+    // click landed on a loaded machine, after the read-ahead made it faster.)
     let src = dir.path().join("src");
     let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
-    for d in 0..64 {
+    for d in 0..160 {
         let folder = src.join(format!("big/part {d}"));
         std::fs::create_dir_all(&folder).unwrap();
         for f in 0..100 {
@@ -1696,9 +1697,9 @@ fn a_file_restore_cancelled_in_the_activity_panel_leaves_the_folder_as_it_was() 
             std::fs::write(folder.join(format!("{f}.bin")), bytes).unwrap();
         }
     }
-    let raw = rewind_tests::disks::ext4_gpt(dir.path(), &src, 200);
+    let raw = rewind_tests::disks::ext4_gpt(dir.path(), &src, 480);
     let (_vm, _store, mut h) =
-        files_window_of_a_new_checkpoint("gui-files-cancel", dir.path(), &raw, 200);
+        files_window_of_a_new_checkpoint("gui-files-cancel", dir.path(), &raw, 480);
     wait_for(&mut h, "the big folder", Duration::from_secs(30), |h| {
         h.query_by_label("Restore big").is_some()
     });
