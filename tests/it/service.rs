@@ -625,15 +625,18 @@ fn the_tray_of_a_user_in_the_group_sends_one_notification_per_failure_and_per_mi
 
 /// The service's history record of the interrupted job, as a client gets it on connecting
 /// (the history a new client is sent first), within 30 s.
-fn interrupted_in_history(socket: &Path) -> Option<rewind_core::history::Record> {
+fn interrupted_in_history(service: &TestService) -> Option<rewind_core::history::Record> {
+    let log = || std::fs::read_to_string(service.log()).unwrap_or_default();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while std::time::Instant::now() < deadline {
-        let mut client = rewind_service::connect_to(socket, "test").unwrap();
+        let mut client = rewind_service::connect_to(service.socket(), "test")
+            .unwrap_or_else(|e| panic!("could not connect: {e}\n{}", log()));
         let records = loop {
-            match client.next_event().unwrap() {
-                Some(rewind_core::engine::Event::History(records)) => break records,
-                Some(_) => {}
-                None => panic!("the service closed the connection"),
+            match client.next_event() {
+                Ok(Some(rewind_core::engine::Event::History(records))) => break records,
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("the service closed the connection:\n{}", log()),
+                Err(e) => panic!("the connection failed: {e}\n{}", log()),
             }
         };
         let found = records.iter().find(|r| {
@@ -783,7 +786,7 @@ fn a_service_killed_mid_checkpoint_says_so_when_it_starts_again_and_stops_the_ba
     // Its next start merges the overlay back, and says what became of the job, with the
     // reason.
     let service = TestService::start(env!("CARGO_BIN_EXE_rewind").as_ref(), dir.path()).unwrap();
-    let interrupted = interrupted_in_history(service.socket()).unwrap_or_else(|| {
+    let interrupted = interrupted_in_history(&service).unwrap_or_else(|| {
         panic!(
             "no interrupted job in the history:\n{}",
             std::fs::read_to_string(service.log()).unwrap_or_default()

@@ -96,10 +96,20 @@ impl TestService {
     }
 
     /// Kills it with SIGKILL, as a crash or the OOM killer would (nothing of it runs on:
-    /// no cleanup, no goodbye to clients), and reaps it.
+    /// no cleanup, no goodbye to clients), and reaps it. Then waits (up to 10 s) until its
+    /// socket no longer answers: a process it was starting at that moment (between `fork`
+    /// and `exec`) holds a copy of the listening socket until it runs its program, and on a
+    /// busy machine that lasted long enough for the next service to find the socket taken
+    /// (systemd kills the whole unit, those too).
     pub fn kill(&mut self) {
         drop(self.child.kill());
         drop(self.child.wait());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_ok()
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn stop(&mut self) {
