@@ -129,6 +129,46 @@ impl Hypervisor {
             .unwrap_or(false)
     }
 
+    /// Whether VM `vm` is paused because a disk read or write failed (a disk whose policy
+    /// is to stop on errors, as a run's disks over a lost export are).
+    #[must_use]
+    pub fn paused_by_disk_error(&self, vm: &str) -> bool {
+        use virt::domain::{DomainPausedReason, DomainStateReason};
+        use virt::enumutil::Enum;
+        self.lookup(vm)
+            .ok()
+            .and_then(|d| d.state().ok())
+            .is_some_and(|(_, reason)| {
+                matches!(
+                    reason,
+                    Enum::Known(DomainStateReason::Paused(Enum::Known(
+                        DomainPausedReason::IOError
+                    )))
+                )
+            })
+    }
+
+    /// Whether a block job (a copy) runs on disk `target` of VM `vm`.
+    #[must_use]
+    pub fn has_block_job(&self, vm: &str, target: &str) -> bool {
+        self.lookup(vm)
+            .ok()
+            .and_then(|d| ffi::block_job_progress(&d, target).ok())
+            .is_some_and(|p| p.is_some())
+    }
+
+    /// Abandons the block job on disk `target` of VM `vm`, if there is one (the disk stays
+    /// as it is; the copy's file is the caller's to remove).
+    pub fn abandon_block_job(&self, vm: &str, target: &str) -> Result<()> {
+        let dom = self.lookup(vm)?;
+        if matches!(ffi::block_job_progress(&dom, target), Ok(Some(_))) {
+            ffi::block_job_abort(&dom, target, false).map_err(|e| {
+                self.libvirt_error(&format!("stop the copy of disk {target} of VM {vm:?}"), &e)
+            })?;
+        }
+        Ok(())
+    }
+
     /// Whether VM `vm`'s guest agent answers a `guest-ping` within `timeout`.
     #[must_use]
     pub fn agent_answers(&self, vm: &str, timeout: Duration) -> bool {

@@ -231,6 +231,21 @@ fn overlay_disk(
             xml_escape(&overlay.socket.display().to_string())
         ),
     ));
+    // A read or write that fails (the export's process stopped) pauses the VM instead of
+    // failing in the guest: once the export is served again, resuming retries it.
+    if let Some(driver) = child(disk, "driver")
+        && !driver.has_children()
+    {
+        let mut text = String::from("<driver");
+        for a in driver
+            .attributes()
+            .filter(|a| !matches!(a.name(), "error_policy" | "rerror_policy"))
+        {
+            write!(text, " {}='{}'", a.name(), xml_escape(a.value())).ok();
+        }
+        text.push_str(" error_policy='stop' rerror_policy='stop'/>");
+        edits.push((driver.range(), text));
+    }
     // Read-only or shareable flags of the original would make QEMU refuse or share the
     // overlay; the clone owns it alone.
     for flag in ["readonly", "shareable", "transient"] {
@@ -305,6 +320,14 @@ mod tests {
              </source></backingStore>"
         ));
         assert!(!xml.contains("<shareable/>"));
+        // A failed read of the export pauses the VM rather than failing in the guest.
+        assert!(
+            xml.contains(
+                "<driver name='qemu' type='qcow2' error_policy='stop' rerror_policy='stop'/>\
+                 <source file='/c/vda.qcow2'/>"
+            ),
+            "{xml}"
+        );
         // The host's block device is gone, the CD is empty.
         assert!(!xml.contains("/dev/sdb") && !xml.contains("win.iso"));
         // No network, host device, host folder, TCP serial, SPICE, passthrough input.
