@@ -2181,28 +2181,8 @@ fn a_user_runs_a_vm_from_its_checkpoint_through_the_service_then_discards_or_kee
     let s = store_dir.to_str().unwrap();
     let env = [("REWIND_SOCKET", service.socket())];
     let as_user = |args: &[&str]| user.run(&rewind, args, &env);
-    let taken = json(
-        &as_user(&["checkpoint", &vm.name, "--to", s, "--json"]),
-        "rewind checkpoint",
-    );
-    let id = taken[0]["id"]
-        .as_str()
-        .or(taken["id"].as_str())
-        .unwrap()
-        .to_owned();
+    let (_, k) = checkpoint_as(&as_user, &vm, &store_dir);
     std::fs::set_permissions(&store_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
-    let store = Store::open(&store_dir, None).unwrap();
-    let m = store
-        .catalog()
-        .unwrap()
-        .checkpoints
-        .into_iter()
-        .find(|m| m.id == id)
-        .unwrap();
-    let k = rewind_tests::workload::scan_sequence(&rewind_tests::compare::checkpoint_bytes(
-        &store, &m, "vda",
-    ))
-    .last_valid;
     vm.wait_flushed(k + 5, Duration::from_mins(2)).unwrap();
     vm.destroy().unwrap();
     let disk = vm.disk("vda").path.clone();
@@ -2262,5 +2242,175 @@ fn a_user_runs_a_vm_from_its_checkpoint_through_the_service_then_discards_or_kee
         "{}",
         String::from_utf8_lossy(&none.stderr)
     );
+    drop(service);
+}
+
+/// Waits up to `timeout` (looking every `every_ms`) until `done`; fails with `why` if not.
+fn wait_for(timeout: Duration, every_ms: u64, done: &dyn Fn() -> bool, why: &dyn Fn() -> String) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "{}", why());
+        std::thread::sleep(Duration::from_millis(every_ms));
+    }
+}
+
+fn read_log(service: &TestService) -> String {
+    std::fs::read_to_string(service.log()).unwrap_or_default()
+}
+
+/// A checkpoint of `vm` into the store at `store_dir`, taken with `rewind checkpoint` run by
+/// `as_user`: its id, and the last record of the `sequence` workload in it.
+fn checkpoint_as(
+    as_user: &dyn Fn(&[&str]) -> std::process::Output,
+    vm: &TestVm,
+    store_dir: &Path,
+) -> (String, u64) {
+    let s = store_dir.to_str().unwrap();
+    let taken = json(
+        &as_user(&["checkpoint", &vm.name, "--to", s, "--json"]),
+        "rewind checkpoint",
+    );
+    let id = taken[0]["id"]
+        .as_str()
+        .or(taken["id"].as_str())
+        .unwrap()
+        .to_owned();
+    let store = Store::open(store_dir, None).unwrap();
+    let m = store
+        .catalog()
+        .unwrap()
+        .checkpoints
+        .into_iter()
+        .find(|m| m.id == id)
+        .unwrap();
+    let k = rewind_tests::workload::scan_sequence(&checkpoint_bytes(&store, &m, "vda")).last_valid;
+    (id, k)
+}
+
+/// A running VM of the `sequence` workload whose disk also holds `mib` MiB that do not
+/// compress (after its records), so that copying it takes a while.
+fn sequence_vm_with_random_data(label: &str, dir: &Path, mib: u32) -> TestVm {
+    let mut vm = TestVm::builder(label)
+        .workload("sequence")
+        .disks(one_qcow2_disk(512 << 20))
+        .define()
+        .expect("define the test VM");
+    let raw = dir.join("random.raw");
+    let dd = std::process::Command::new("dd")
+        .args([
+            "if=/dev/urandom",
+            "bs=1M",
+            &format!("count={mib}"),
+            "status=none",
+        ])
+        .arg(format!("of={}", raw.display()))
+        .status()
+        .unwrap();
+    assert!(dd.success());
+    vm.fill_disk("vda", &raw).unwrap();
+    std::fs::remove_file(&raw).unwrap();
+    vm.start_and_wait_ready(BOOT_TIMEOUT).unwrap();
+    vm.wait_flushed(5, Duration::from_mins(2)).unwrap();
+    vm
+}
+
+#[test]
+fn a_run_goes_on_when_the_service_is_killed_mid_keep_and_the_copy_starts_again() {
+    use rewind_core::engine::{Command, jobs::JobRequest};
+    let dir = ScratchDir::new("svc-runkill").unwrap();
+    let mut vm = sequence_vm_with_random_data("svc-runkill", dir.path(), 256);
+    let rewind = binary_for_users(dir.path());
+    let mut service = TestService::start(&rewind, dir.path()).unwrap();
+    let (user, home) = user_with_home(dir.path());
+    let store_dir = home.join("store");
+    let s = store_dir.to_str().unwrap();
+    let env = [("REWIND_SOCKET", service.socket())];
+    let as_user = |args: &[&str]| user.run(&rewind, args, &env);
+    let (id, k) = checkpoint_as(&as_user, &vm, &store_dir);
+    vm.wait_flushed(k + 5, Duration::from_mins(2)).unwrap();
+    vm.destroy().unwrap();
+    let disk = vm.disk("vda").path.clone();
+    let before = std::fs::read(&disk).unwrap();
+    let uuid = vm.domain().uuid_string().unwrap();
+
+    crate::run::clear_console(&vm);
+    let running = json(
+        &as_user(&["run", &vm.name, "latest", "--from", s, "--json"]),
+        "rewind run",
+    );
+    assert_eq!(running["running"], true, "{running}");
+    crate::run::wait_resumed_after(&vm, k);
+    vm.wait_flushed(k + 3, Duration::from_mins(2)).unwrap();
+
+    // Keep, and the service is killed as soon as the copy runs.
+    let mut client = rewind_service::connect_to(service.socket(), "test").unwrap();
+    client
+        .send(Command::Start(JobRequest::KeepRun {
+            vm_uuid: uuid.parse().unwrap(),
+        }))
+        .unwrap();
+    let hv = rewind_core::libvirt::Hypervisor::connect(rewind_tests::daemon::URI).unwrap();
+    wait_for(
+        Duration::from_mins(1),
+        2,
+        &|| hv.has_block_job(&vm.name, "vda"),
+        &|| format!("the copy never began:\n{}", read_log(&service)),
+    );
+    service.kill();
+    drop(client);
+    let defined_on = |file: &Path| {
+        hv.persistent_xml(&uuid)
+            .unwrap()
+            .contains(&format!("'{}'", file.display()))
+    };
+    assert!(
+        defined_on(&disk),
+        "the keep ended before it could be interrupted"
+    );
+    assert!(vm.domain().is_active().unwrap(), "the VM stopped");
+    assert!(std::fs::read(&disk).unwrap() == before, "the disk changed");
+
+    // The next service serves the run again and copies it from the beginning.
+    let service = TestService::start(&rewind, dir.path()).unwrap();
+    let log = || std::fs::read_to_string(service.log()).unwrap_or_default();
+    let kept = disk.with_file_name(format!(
+        "{}-run-{id}.qcow2",
+        disk.file_stem().unwrap().to_string_lossy()
+    ));
+    wait_for(Duration::from_mins(3), 200, &|| defined_on(&kept), &|| {
+        format!("the copy did not start again and end:\n{}", log())
+    });
+    // It runs on, on the new file, and writes on.
+    let n = vm.last_flushed_record();
+    vm.wait_flushed(n + 3, Duration::from_mins(2))
+        .unwrap_or_else(|e| panic!("{e}:\n{}", log()));
+    assert_eq!(
+        hv.vm(&vm.name).unwrap().state,
+        rewind_core::vm::VmState::Running
+    );
+    vm.destroy().unwrap();
+    // Its records: the checkpoint's, then the run's, in one boot from the checkpoint to
+    // now (the random data after them is not a record).
+    let scan = rewind_tests::workload::scan_sequence_file(&kept, "qcow2").unwrap();
+    assert!(
+        scan.last_valid >= n + 3 && scan.boots == 2,
+        "{:?}",
+        (scan.last_valid, scan.boots, scan.problems.first())
+    );
+    assert!(
+        std::fs::read(&disk).unwrap() == before,
+        "the old disk changed"
+    );
+    assert!(log().contains("serving again the run"), "{}", log());
+    // Nothing of the run is left in the work folder.
+    let left: Vec<_> = std::fs::read_dir("/var/lib/rewind/work")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("run.json")).is_ok_and(|t| t.contains(&uuid))
+        })
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
     drop(service);
 }

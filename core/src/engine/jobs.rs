@@ -489,7 +489,7 @@ fn run_from_checkpoint(
             let store = Arc::new(store_of(config, destination)?);
             let m = manifest(&store, vm_uuid, checkpoint)?;
             control.start_phase(crate::progress::Phase::Starting);
-            run::start_served(Hypervisor::connect(&config.uri)?, &store, &m)?;
+            run::start_served(Hypervisor::connect(&config.uri)?, &store, &m, destination)?;
             Ok(JobOutput::Running {
                 vm: m.vm.name,
                 checkpoint: m.id,

@@ -207,6 +207,8 @@ enum Inner {
     JobDone(JobId, Result<JobOutput, JobError>),
     /// An event made off the loop, to send on.
     Emit(Event),
+    /// A job the engine starts by itself (a keep that a stopped Rewind left unfinished).
+    Start(JobRequest),
     Scanned(Vec<DestinationView>),
 }
 
@@ -277,6 +279,8 @@ impl Engine {
             };
             match wake {
                 Wake::Command(None | Some(Command::Shutdown)) => {
+                    // A copy of a run cancelled now is asked again of the next process.
+                    crate::restore::run::process_stopping();
                     for control in protection.jobs.values() {
                         control.cancel();
                     }

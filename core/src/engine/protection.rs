@@ -214,6 +214,10 @@ impl Engine {
         ))))
         .await;
         protection.scan(inner);
+        if protection.scheduler.is_some() {
+            // One process serves runs: the one that holds the scheduler.
+            adopt_left_runs(&self.uri, &protection.config, inner);
+        }
         protection
     }
 
@@ -247,6 +251,10 @@ impl Engine {
         inner: &mpsc::Sender<Inner>,
     ) {
         match msg {
+            Inner::Start(request) => {
+                let started = p.start_job(request, inner);
+                self.emit(started).await;
+            }
             Inner::Config(r) => {
                 // The one watcher of the file: the hosted scheduler hears of it from here.
                 if let Some(s) = &p.scheduler {
@@ -298,6 +306,9 @@ impl Engine {
             }
             Inner::JobDone(job, result) => {
                 p.jobs.remove(&job);
+                if let Err(e) = &result {
+                    tracing::warn!("job {job} failed: {}", e.message);
+                }
                 let took = matches!(result, Ok(JobOutput::Checkpoints(_)));
                 let changed_nothing = matches!(result, Ok(JobOutput::Listed(_)));
                 self.emit(Event::JobFinished { job, result }).await;
@@ -343,6 +354,40 @@ fn add_missing_proof(path: std::path::PathBuf, name: String) {
             }
             Ok(false) => {}
             Err(e) => tracing::warn!("destination {name:?} keeps no proof yet: {e}"),
+        }
+    });
+}
+
+/// Serves again, off the loop, the runs from checkpoints that a stopped Rewind left
+/// ([`crate::restore::run::adopt_left_runs`]); a keep that was under way is started again as
+/// a job, and a run that cannot be served is reported.
+fn adopt_left_runs(uri: &str, config: &Config, inner: &mpsc::Sender<Inner>) {
+    let (uri, config, tx) = (uri.to_owned(), config.clone(), inner.clone());
+    tokio::task::spawn_blocking(move || {
+        let open = |destination: &str| {
+            super::jobs::store_of(&config, destination)
+                .map(Arc::new)
+                .map_err(|e| e.message)
+        };
+        let (adopted, problems) = crate::restore::run::adopt_left_runs(&uri, &open);
+        for run in adopted {
+            tracing::info!(
+                "VM {:?} runs from checkpoint {} again, served by this process",
+                run.vm,
+                run.checkpoint
+            );
+            if run.keep_asked {
+                tracing::info!("its copy to its own disks starts again");
+                drop(tx.blocking_send(Inner::Start(JobRequest::KeepRun {
+                    vm_uuid: run.vm_uuid,
+                })));
+            }
+        }
+        for problem in problems {
+            tracing::warn!("{problem}");
+            drop(tx.blocking_send(Inner::Emit(Event::Failed {
+                error: JobError::new(ErrorKind::Failed, problem),
+            })));
         }
     });
 }
