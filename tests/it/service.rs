@@ -2369,6 +2369,14 @@ fn a_run_goes_on_when_the_service_is_killed_mid_keep_and_the_copy_starts_again()
     );
     assert!(vm.domain().is_active().unwrap(), "the VM stopped");
     assert!(std::fs::read(&disk).unwrap() == before, "the disk changed");
+    // Its next record in a new cluster of the overlay reads the rest of the cluster from
+    // the export, which is gone: the VM pauses (rather than failing in the guest).
+    wait_for(
+        Duration::from_mins(1),
+        100,
+        &|| hv.paused_by_disk_error(&vm.name),
+        &|| "the VM did not pause on a read from its lost export".into(),
+    );
 
     // The next service serves the run again and copies it from the beginning.
     let service = TestService::start(&rewind, dir.path()).unwrap();
@@ -2402,6 +2410,11 @@ fn a_run_goes_on_when_the_service_is_killed_mid_keep_and_the_copy_starts_again()
         "the old disk changed"
     );
     assert!(log().contains("serving again the run"), "{}", log());
+    assert!(
+        log().contains("paused by a read from its export"),
+        "{}",
+        log()
+    );
     // Nothing of the run is left in the work folder.
     let left: Vec<_> = std::fs::read_dir("/var/lib/rewind/work")
         .unwrap()
