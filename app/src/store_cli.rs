@@ -778,6 +778,7 @@ pub fn prune(
     let gc = if dry_run {
         None
     } else {
+        rewind_core::bootcheck::forget_pruned(&rewind_core::paths::state_dir(), &decisions);
         Some(store.gc(&control)?)
     };
     say_pruned(out, &decisions, gc, dry_run, json)

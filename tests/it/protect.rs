@@ -987,5 +987,10 @@ fn the_daemon_boot_checks_the_newest_checkpoint_by_itself() {
         .unwrap_or_default();
     assert!(left.is_empty(), "left in the work folder: {left:?}");
     assert!(vm.domain().is_active().unwrap());
+    // Once the checked checkpoint is pruned, its kept result goes with it.
+    let s = store.to_str().unwrap();
+    home.run_ok(&["checkpoint", &vm.name, "--to", s]);
+    home.run_ok(&["prune", &vm.name, "--in", s, "--keep-last", "1"]);
+    assert!(!kept.exists(), "{}", kept.display());
     vm.destroy().unwrap();
 }

@@ -338,10 +338,87 @@ pub fn last_check(state_dir: &Path, vm: &Uuid, checkpoint: &str) -> Option<BootC
     serde_json::from_slice(&bytes).ok()
 }
 
+/// Forgets the kept result (and thumbnail) of `checkpoint` of VM `vm` in the state folder
+/// `state_dir`: the checkpoint was removed from its store. The VM's folder goes once empty.
+pub fn forget(state_dir: &Path, vm: &Uuid, checkpoint: &str) {
+    let Some(stem) = file_stem(checkpoint) else {
+        return;
+    };
+    let dir = records_dir(state_dir, vm);
+    for ext in ["json", "png"] {
+        crate::cleanup::remove_file(&dir.join(format!("{stem}.{ext}")));
+    }
+    // Fails while other results are kept: left then.
+    std::fs::remove_dir(&dir).ok();
+}
+
+/// [`forget`] for each checkpoint that `decisions` (of a prune that was done, not a dry
+/// run) removed. Checkpoint ids are times: the same id in another store would be a copy of
+/// the store, whose result is forgotten too.
+pub fn forget_pruned(state_dir: &Path, decisions: &[crate::store::prune::PruneDecision]) {
+    for d in decisions.iter().filter(|d| !d.keep) {
+        forget(state_dir, &d.vm_uuid, &d.id);
+    }
+}
+
 /// The path of the kept thumbnail of `checkpoint` of VM `vm` in the state folder
 /// `state_dir`, if there is one.
 #[must_use]
 pub fn thumbnail_path(state_dir: &Path, vm: &Uuid, checkpoint: &str) -> Option<PathBuf> {
     let path = records_dir(state_dir, vm).join(format!("{}.png", file_stem(checkpoint)?));
     path.exists().then_some(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kept(state_dir: &Path, vm: Uuid, checkpoint: &str) {
+        Checked {
+            check: BootCheck {
+                vm_uuid: vm,
+                checkpoint: checkpoint.into(),
+                checked_at: Utc::now(),
+                took_ms: 1,
+                outcome: Outcome::Booted {
+                    signal: BootSignal::Agent,
+                },
+                thumbnail: true,
+            },
+            thumbnail_png: Some(vec![1, 2, 3]),
+        }
+        .save_in(state_dir)
+        .unwrap();
+    }
+
+    #[test]
+    fn the_results_of_pruned_checkpoints_are_forgotten_and_the_others_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let vm = Uuid::new_v4();
+        kept(dir.path(), vm, "20261201T000000.000Z");
+        kept(dir.path(), vm, "20261202T000000.000Z");
+        let decision = |id: &str, keep: bool| crate::store::prune::PruneDecision {
+            vm: "win11".into(),
+            vm_uuid: vm,
+            id: id.into(),
+            time: Utc::now(),
+            keep,
+            reasons: Vec::new(),
+        };
+        forget_pruned(
+            dir.path(),
+            &[
+                decision("20261201T000000.000Z", false),
+                decision("20261202T000000.000Z", true),
+            ],
+        );
+        assert!(last_check(dir.path(), &vm, "20261201T000000.000Z").is_none());
+        assert!(thumbnail_path(dir.path(), &vm, "20261201T000000.000Z").is_none());
+        assert!(last_check(dir.path(), &vm, "20261202T000000.000Z").is_some());
+        assert!(thumbnail_path(dir.path(), &vm, "20261202T000000.000Z").is_some());
+        // The last one goes with its VM's folder; a name that is not an id does nothing.
+        forget(dir.path(), &vm, "../../etc");
+        forget(dir.path(), &vm, "20261202T000000.000Z");
+        assert!(!records_dir(dir.path(), &vm).exists());
+    }
 }

@@ -433,9 +433,12 @@ pub fn run(
         } => {
             let store = store_of(config, destination)?;
             store.delete_checkpoint(vm_uuid, checkpoint)?;
+            crate::bootcheck::forget(state_dir, vm_uuid, checkpoint);
             Ok(JobOutput::Deleted)
         }
-        JobRequest::Export { .. } | JobRequest::Prune { .. } => store_job(config, request, control),
+        JobRequest::Export { .. } | JobRequest::Prune { .. } => {
+            store_job(config, state_dir, request, control)
+        }
         JobRequest::RestoreFiles {
             destination,
             vm_uuid,
@@ -545,9 +548,11 @@ fn boot_check(
     })
 }
 
-/// The export and prune jobs.
+/// The export and prune jobs (a prune forgets the boot-checks, kept in `state_dir`, of the
+/// checkpoints it removed).
 fn store_job(
     config: &Config,
+    state_dir: &std::path::Path,
     request: &JobRequest,
     control: &Arc<Control>,
 ) -> Result<JobOutput, JobError> {
@@ -592,6 +597,7 @@ fn store_job(
             let gc = if *dry_run {
                 None
             } else {
+                crate::bootcheck::forget_pruned(state_dir, &decisions);
                 Some(store.gc(control)?)
             };
             Ok(JobOutput::Pruned { decisions, gc })

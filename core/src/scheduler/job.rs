@@ -194,6 +194,7 @@ fn run_into(spec: &JobSpec, control: &Control, record: &mut Record) -> Result<Ma
         }
         _ => store.prune(&spec.protection.keep, Some(vm_uuid), false, control)?,
     };
+    crate::bootcheck::forget_pruned(&crate::paths::state_dir(), &decisions);
     let removed = decisions.iter().filter(|d| !d.keep).count();
     record.pruned = record
         .pruned
