@@ -20,15 +20,28 @@
 //!    start) for a checkpoint whose second disk is a 4 GiB, then a 32 GiB sparse qcow2
 //!    (64 MiB written), and its parts: the export's start alone and one overlay's
 //!    `qemu-img create`; then libvirt's destroy of the clone and the rest of its removal.
+//! 4. **Run from backup, click to "VM running"**, for a VM like part 3's whose `vdb` is the
+//!    checkpoint and restore benchmarks' disk (4 GiB, 2 GiB of mixed data), checkpointed,
+//!    then grown to 32 GiB and checkpointed again; page cache dropped before each, in
+//!    turns: [`RunFromBackup::start`] in this process (store opened, libvirt connected, run
+//!    started; then its discard timed apart); the same through the protection service
+//!    (`rewind service`, [`TestService`]) as the window's click: `Start(RunFromCheckpoint)`
+//!    sent through a connected `rewind_service::client::engine` (the window's link) until
+//!    its `JobFinished` (then `DiscardRun` timed apart, then once more warm); and for
+//!    comparison the checkpoint through a full restore as a new VM that is started
+//!    ([`restore_as_new`], `start`), until it returns. Each checks that libvirt reports the
+//!    VM running.
 //!
 //! ```sh
+//! cargo build --release -p rewind   # part 4's service: target/release/rewind or REWIND_BIN
 //! cargo bench -p rewind-tests --bench bootcheck
 //! ```
 //!
-//! as root (it starts libvirt itself); ~2.2 GiB under the scratch root at most.
-//! `REWIND_BENCH_ROUNDS=N` (default 3) sets the rounds, `REWIND_BENCH_ONLY=boot|export|clone`
-//! runs one part. Prints a Markdown table; `core/BENCHMARKS.md` keeps the results. Nothing
-//! here passes or fails on timing; it fails if a boot-check or clone leaves anything behind.
+//! as root (it starts libvirt itself); ~2.2 GiB under the scratch root at most for parts
+//! 1–3, ~7 GiB for part 4. `REWIND_BENCH_ROUNDS=N` (default 3) sets the rounds,
+//! `REWIND_BENCH_ONLY=boot|export|clone|run` runs one part. Prints a Markdown table;
+//! `core/BENCHMARKS.md` keeps the results. Nothing here passes or fails on timing; it fails
+//! if a boot-check, clone or run leaves anything behind.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is how it fails
 #![allow(
@@ -48,16 +61,22 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{drop_caches, run};
-use data::{GIB, MIB, Rng};
+use common::{binary, drop_caches, run};
+use data::{GIB, MIB, Rng, make_image};
 use rewind_core::bootcheck::{BootCheckOptions, Outcome, boot_check};
 use rewind_core::checkpoint;
+use rewind_core::config::{Config, Destination};
+use rewind_core::engine::jobs::{JobOutput, JobRequest};
+use rewind_core::engine::{Command as EngineCommand, EngineHandle, Event};
 use rewind_core::libvirt::Hypervisor;
 use rewind_core::nbd_export::CheckpointExport;
 use rewind_core::progress::Control;
 use rewind_core::restore::clone::ThrowawayClone;
+use rewind_core::restore::run::RunFromBackup;
+use rewind_core::restore::{DiskStorage, NewVm, RestoreOptions, restore_as_new};
 use rewind_core::store::{InitOptions, Manifest, Store};
 use rewind_tests::scratch::{ScratchDir, create_open_dir};
+use rewind_tests::service::TestService;
 use rewind_tests::{DiskSpec, Format, TestVm, daemon};
 use zeroize::Zeroizing;
 
@@ -111,6 +130,9 @@ fn main() {
     }
     if only.is_empty() || only == "clone" {
         clone_starts(&hv, dir, rounds, &mut rows);
+    }
+    if only.is_empty() || only == "run" {
+        run_starts(&hv, dir, rounds, &mut rows);
     }
     println!("| run | seconds | figure | notes |");
     println!("|---|---|---|---|");
@@ -275,13 +297,17 @@ fn assert_nothing_left(hv: &Hypervisor, vm: &str) {
         .filter(|n| n.starts_with(vm) && n.contains("boot-check"))
         .collect();
     assert!(clones.is_empty(), "left behind: {clones:?}");
-    let prefix = format!("rewind-clone-{}-", std::process::id());
+    assert_no_folders(&format!("rewind-clone-{}-", std::process::id()));
+}
+
+/// Fails if a folder whose name starts with `prefix` is in Rewind's work folder.
+fn assert_no_folders(prefix: &str) {
     let work = rewind_core::paths::work_dir().unwrap();
     let left: Vec<String> = fs::read_dir(&work)
         .unwrap()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(&prefix))
+        .filter(|n| n.starts_with(prefix))
         .collect();
     assert!(left.is_empty(), "left in {}: {left:?}", work.display());
 }
@@ -517,39 +543,90 @@ fn export_reads(hv: &Hypervisor, dir: &Path, rounds: usize, rows: &mut Vec<Row>)
     );
 }
 
-/// Part 3: starting a throwaway clone of a checkpoint with a 4 GiB and a 32 GiB sparse
-/// disk.
-fn clone_starts(hv: &Hypervisor, dir: &Path, rounds: usize, rows: &mut Vec<Row>) {
-    let vm = TestVm::builder("bench-bc-clone")
+/// The sizes of the second disk of parts 3 and 4, in GiB, in the order they are grown to.
+const SIZES_GIB: [u64; 2] = [4, 32];
+
+/// What the `vdb` of [`sized_vm`] holds.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Written {
+    /// 64 MiB of one byte at its start.
+    Little,
+    /// The 2 GiB of mixed data (random, text, repeats) that the checkpoint and restore
+    /// benchmarks' 4 GiB disk holds.
+    Mixed,
+}
+
+/// The shut-off VM of parts 3 and 4: a 64 MiB raw `vda` and a qcow2 `vdb` of
+/// `SIZES_GIB[0]` GiB holding `written`; `dir` for the mixed data's raw image.
+fn sized_vm(name: &str, written: Written, dir: &Path) -> TestVm {
+    let vm = TestVm::builder(name)
         .disks(vec![
             DiskSpec::new("vda", Format::Raw, 64 << 20),
-            DiskSpec::new("vdb", Format::Qcow2, 4 * GIB),
+            DiskSpec::new("vdb", Format::Qcow2, SIZES_GIB[0] * GIB),
         ])
         .define()
         .unwrap();
-    let vdb = vm.disk("vdb").path.clone();
-    run(Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", "write -P 0x5a 0 64M"])
-        .arg(&vdb));
+    match written {
+        Written::Little => {
+            run(Command::new("qemu-io")
+                .args(["-f", "qcow2", "-c", "write -P 0x5a 0 64M"])
+                .arg(&vm.disk("vdb").path));
+        }
+        Written::Mixed => {
+            eprintln!("generating 2 GiB of mixed data on the 4 GiB vdb …");
+            let raw = dir.join("mixed.raw");
+            make_image(&raw, SIZES_GIB[0] * GIB);
+            vm.fill_disk("vdb", &raw).unwrap();
+            fs::remove_file(&raw).unwrap();
+        }
+    }
+    vm
+}
+
+/// Grows `vm`'s `vdb` (of [`sized_vm`]) to `size_gib` GiB if it is smaller, and
+/// checkpoints the shut-off VM into `store`.
+fn sized_checkpoint(
+    hv: &Hypervisor,
+    store: &Store,
+    vm: &TestVm,
+    dir: &Path,
+    size_gib: u64,
+) -> Manifest {
+    if size_gib != SIZES_GIB[0] {
+        run(Command::new("qemu-img")
+            .args(["resize", "-q", "-f", "qcow2"])
+            .arg(&vm.disk("vdb").path)
+            .arg(format!("{size_gib}G")));
+    }
+    let t = Instant::now();
+    let m = checkpoint::take(hv, store, &vm.name, &work_dir(dir), &Control::new())
+        .unwrap_or_else(|e| panic!("checkpoint failed: {e}"));
+    eprintln!(
+        "{size_gib} GiB: checkpoint of the shut-off VM in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    m
+}
+
+/// How the rows of parts 3 and 4 name the disks of a size.
+fn sized_label(size_gib: u64, written: Written) -> String {
+    match written {
+        Written::Little => format!("{size_gib} GiB sparse vdb (64 MiB written) + 64 MiB vda"),
+        Written::Mixed => format!("{size_gib} GiB vdb (2 GiB mixed data) + 64 MiB vda"),
+    }
+}
+
+/// Part 3: starting a throwaway clone of a checkpoint with a 4 GiB and a 32 GiB sparse
+/// disk.
+fn clone_starts(hv: &Hypervisor, dir: &Path, rounds: usize, rows: &mut Vec<Row>) {
+    let vm = sized_vm("bench-bc-clone", Written::Little, dir);
     let dest = dir.join("store-clone");
     let store = Arc::new(Store::init(&dest, &InitOptions::default()).unwrap());
     let sockets = dir.join("sockets-clone");
     create_open_dir(&sockets).unwrap();
-    for size_gib in [4u64, 32] {
-        if size_gib != 4 {
-            run(Command::new("qemu-img")
-                .args(["resize", "-q", "-f", "qcow2"])
-                .arg(&vdb)
-                .arg(format!("{size_gib}G")));
-        }
-        let t = Instant::now();
-        let m: Manifest = checkpoint::take(hv, &store, &vm.name, &work_dir(dir), &Control::new())
-            .unwrap_or_else(|e| panic!("checkpoint failed: {e}"));
-        eprintln!(
-            "{size_gib} GiB: checkpoint of the shut-off VM in {:.1} s",
-            t.elapsed().as_secs_f64()
-        );
-        let label = format!("{size_gib} GiB sparse vdb (64 MiB written) + 64 MiB vda");
+    for size_gib in SIZES_GIB {
+        let m = sized_checkpoint(hv, &store, &vm, dir, size_gib);
+        let label = sized_label(size_gib, Written::Little);
         let mut starts = Vec::new();
         for round in 1..=rounds {
             // Its parts, alone: the export, and one overlay over it.
@@ -610,4 +687,302 @@ fn clone_starts(hv: &Hypervisor, dir: &Path, rounds: usize, rows: &mut Vec<Row>)
     }
     drop(store);
     fs::remove_dir_all(&dest).unwrap();
+}
+
+/// The destination's name in the service's configuration of part 4.
+const RUN_DESTINATION: &str = "bench";
+
+/// Part 4: the VM of part 3 run from its checkpoint, for a 4 GiB and a 32 GiB `vdb`, in
+/// turns: [`RunFromBackup::start`] in this process, the same through the protection
+/// service as the window's click does, and a full restore as a new VM that is started.
+fn run_starts(hv: &Hypervisor, dir: &Path, rounds: usize, rows: &mut Vec<Row>) {
+    let bin = binary();
+    let vm = sized_vm("bench-bc-run", Written::Mixed, dir);
+    let dest = dir.join("store-run");
+    let store_id = Store::init(&dest, &InitOptions::default())
+        .unwrap()
+        .config()
+        .id;
+    // The service has the store as its destination and protects nothing: no job of its
+    // own runs beside the measured ones.
+    let service_dir = dir.join("service");
+    create_open_dir(&service_dir.join("config")).unwrap();
+    Config {
+        uri: daemon::URI.into(),
+        destinations: vec![Destination {
+            name: RUN_DESTINATION.into(),
+            location: dest.display().to_string(),
+            store_id: Some(store_id),
+            passphrase_file: None,
+            store_secret: None,
+        }],
+        ..Config::default()
+    }
+    .save(&service_dir.join("config/config.ron"))
+    .unwrap();
+    let service = TestService::start(&bin, &service_dir).unwrap();
+    let mut client =
+        rewind_service::client::engine("bench", service.socket().to_path_buf(), Arc::new(|| {}))
+            .unwrap();
+    // Connected, and the service's first lists and status sent.
+    let t = Instant::now();
+    while !matches!(client.try_recv(), Some(Event::Vms(_))) {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "no VM list from the service"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let copies = dir.join("copies-run");
+    create_open_dir(&copies).unwrap();
+    let copy_name = format!("{}-restored", vm.name);
+    let running = |running: bool| {
+        if running {
+            "running".to_owned()
+        } else {
+            "**not running**".to_owned()
+        }
+    };
+    for size_gib in SIZES_GIB {
+        let m = sized_checkpoint(hv, &Store::open(&dest, None).unwrap(), &vm, dir, size_gib);
+        let label = sized_label(size_gib, Written::Mixed);
+        let (mut direct, mut served, mut restored) = (Vec::new(), Vec::new(), Vec::new());
+        for round in 1..=rounds {
+            // 1. In this process, as a window's own engine does: the store opened, libvirt
+            // connected, the run started.
+            drop_caches();
+            let t = Instant::now();
+            let store = Arc::new(Store::open(&dest, None).unwrap());
+            let open = t.elapsed().as_secs_f64();
+            let run_hv = Hypervisor::connect(daemon::URI).unwrap();
+            let connect = t.elapsed().as_secs_f64() - open;
+            let t_start = Instant::now();
+            let run = RunFromBackup::start(run_hv, &store, &m)
+                .unwrap_or_else(|e| panic!("the run did not start: {e}"));
+            let start = t_start.elapsed().as_secs_f64();
+            let secs = t.elapsed().as_secs_f64();
+            let is_running = hv.is_running(&vm.name);
+            let t = Instant::now();
+            run.discard().unwrap();
+            let discard = t.elapsed().as_secs_f64();
+            drop(store);
+            assert!(!hv.is_running(&vm.name), "the VM runs after the discard");
+            assert_no_folders(&format!("rewind-run-{}-", std::process::id()));
+            row(
+                rows,
+                format!("{label}, round {round}: run from the checkpoint, RunFromBackup::start"),
+                secs,
+                running(is_running),
+                format!(
+                    "cold page cache; store opened {:.1} ms, libvirt connected {:.1} ms, \
+                     RunFromBackup::start {start:.2} s; then discard (VM destroyed, export \
+                     stopped, overlays removed) {discard:.2} s",
+                    open * 1000.0,
+                    connect * 1000.0
+                ),
+            );
+            direct.push(secs);
+
+            // 2. Through the service, as the window's click: the command sent on a
+            // connection made before, until its job's end (the service opens the store
+            // and starts the run).
+            drop_caches();
+            let first = service_job(&mut client, run_request(&m));
+            assert!(
+                matches!(first.output, JobOutput::Running { .. }),
+                "the service answered {:?}",
+                first.output
+            );
+            let is_running = hv.is_running(&vm.name);
+            let discard = service_job(&mut client, JobRequest::DiscardRun { vm_uuid: m.vm.uuid });
+            assert!(
+                matches!(discard.output, JobOutput::RunDiscarded),
+                "the service answered {:?}",
+                discard.output
+            );
+            assert!(!hv.is_running(&vm.name), "the VM runs after the discard");
+            // Once more at once, the page cache as the first left it (the service's own
+            // code included, which dropping the cache evicts too).
+            let warm = service_job(&mut client, run_request(&m));
+            assert!(hv.is_running(&vm.name), "the VM does not run");
+            service_job(&mut client, JobRequest::DiscardRun { vm_uuid: m.vm.uuid });
+            assert_no_folders(&format!("rewind-run-{}-", service.pid()));
+            let secs = first.finished;
+            row(
+                rows,
+                format!(
+                    "{label}, round {round}: run from the checkpoint through the service \
+                     (Start(RunFromCheckpoint) → JobFinished)"
+                ),
+                secs,
+                running(is_running),
+                format!(
+                    "cold page cache; JobStarted after {:.1} ms (VM lists before it: {}); then \
+                     DiscardRun → JobFinished {:.2} s; at once again, warm: {:.2} s \
+                     (JobStarted after {:.1} ms)",
+                    first.started * 1000.0,
+                    first.lists_before,
+                    discard.finished,
+                    warm.finished,
+                    warm.started * 1000.0
+                ),
+            );
+            served.push(secs);
+
+            // 3. A full restore as a new VM (every chunk read, written, read back and
+            // compared), started: the other way to have the VM of this checkpoint running.
+            drop_caches();
+            let copy = Removed(copy_name.clone());
+            let new = NewVm {
+                name: Some(copy_name.clone()),
+                storage: DiskStorage::Folder(copies.clone()),
+            };
+            let options = RestoreOptions {
+                start: Some(true),
+                ..RestoreOptions::default()
+            };
+            let t = Instant::now();
+            let report = restore_as_new(
+                hv,
+                &Store::open(&dest, None).unwrap(),
+                &m,
+                &new,
+                &options,
+                &work_dir(dir),
+                &Control::new(),
+            )
+            .unwrap_or_else(|e| panic!("the full restore failed: {e}"));
+            let secs = t.elapsed().as_secs_f64();
+            let is_running = report.started && hv.is_running(&copy_name);
+            let t = Instant::now();
+            hv.destroy_vm(&copy_name).unwrap();
+            let destroy = t.elapsed().as_secs_f64();
+            drop(copy);
+            for d in &report.disks {
+                fs::remove_file(&d.path).unwrap();
+            }
+            // Its serial console's file, which the restore put beside its disks.
+            drop(fs::remove_file(
+                copies.join(format!("{copy_name}-console.log")),
+            ));
+            let written: u64 = report.disks.iter().map(|d| d.bytes_written).sum();
+            row(
+                rows,
+                format!(
+                    "{label}, round {round}: full restore as a new VM, started \
+                     (restore_as_new)"
+                ),
+                secs,
+                running(is_running),
+                format!(
+                    "cold page cache; {} MB written; then libvirt's destroy {destroy:.2} s",
+                    written / 1_000_000
+                ),
+            );
+            restored.push(secs);
+        }
+        let (direct, served, restored) = (median(direct), median(served), median(restored));
+        row(
+            rows,
+            format!("**{label}: median of {rounds}, click to VM running**"),
+            direct,
+            format!("through the service {served:.2} s"),
+            format!(
+                "full restore as a new VM, started: {restored:.2} s (**{:.1}×** the run \
+                 through the service)",
+                restored / served
+            ),
+        );
+    }
+    drop(client);
+    drop(service);
+    let left: Vec<String> = hv
+        .list_vms()
+        .unwrap()
+        .into_iter()
+        .map(|v| v.name)
+        .filter(|n| n.starts_with(&vm.name) && *n != vm.name)
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    let files: Vec<String> = fs::read_dir(&copies)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(files.is_empty(), "left in {}: {files:?}", copies.display());
+    fs::remove_dir_all(&dest).unwrap();
+}
+
+/// The window's click on "Run from this checkpoint" for checkpoint `m`.
+fn run_request(m: &Manifest) -> JobRequest {
+    JobRequest::RunFromCheckpoint {
+        destination: RUN_DESTINATION.into(),
+        vm_uuid: m.vm.uuid,
+        checkpoint: m.id.clone(),
+    }
+}
+
+/// Removes the libvirt domain of this name (and its disks' metadata) when dropped, also
+/// when the benchmark panics.
+struct Removed(String);
+
+impl Drop for Removed {
+    fn drop(&mut self) {
+        if let Err(e) = rewind_tests::domain::remove_named(&self.0) {
+            eprintln!("warning: removing {}: {e}", self.0);
+        }
+    }
+}
+
+/// What [`service_job`] saw.
+struct ServiceJob {
+    /// Seconds from sending the command to its job's `JobStarted`.
+    started: f64,
+    /// Seconds from sending the command to its job's `JobFinished`.
+    finished: f64,
+    /// What the job did.
+    output: JobOutput,
+    /// VM lists (`Vms`) the service sent between the command and its `JobStarted`: it was
+    /// listing the VMs after a libvirt event when the command came.
+    lists_before: usize,
+}
+
+/// Sends `request` to the service through `engine` (as the window's engine does), the
+/// events that came before it drained, and waits for its job to end (a failure panics).
+/// Events are polled every millisecond.
+fn service_job(engine: &mut EngineHandle, request: JobRequest) -> ServiceJob {
+    while engine.try_recv().is_some() {}
+    let asked = serde_json::to_value(&request).unwrap();
+    let t = Instant::now();
+    assert!(engine.send(EngineCommand::Start(request)), "not sent");
+    let (mut job, mut started, mut lists_before) = (None, 0.0, 0);
+    loop {
+        let Some(event) = engine.try_recv() else {
+            assert!(t.elapsed() < BOOT_TIMEOUT, "the service's job did not end");
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        };
+        match event {
+            Event::JobStarted {
+                job: j, request, ..
+            } if job.is_none() && serde_json::to_value(&*request).unwrap() == asked => {
+                job = Some(j);
+                started = t.elapsed().as_secs_f64();
+            }
+            Event::Vms(_) if job.is_none() => lists_before += 1,
+            Event::JobFinished { job: j, result } if Some(j) == job => {
+                return ServiceJob {
+                    started,
+                    finished: t.elapsed().as_secs_f64(),
+                    output: result.unwrap_or_else(|e| panic!("the service's job failed: {e}")),
+                    lists_before,
+                };
+            }
+            Event::Failed { error } | Event::ConnectionFailed { error, .. } => {
+                panic!("the service: {error}")
+            }
+            _ => {}
+        }
+    }
 }
