@@ -50,17 +50,24 @@ pub(crate) fn remove_dead_runs(dir: &Path, prefix: &str) {
         return;
     };
     for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix(prefix))
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|pid| pid.parse::<u32>().ok())
-        else {
+        let Some(pid) = pid_in_name(&entry.file_name(), prefix) else {
             continue;
         };
-        if pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists() {
+        if !is_alive(pid) {
             crate::cleanup::remove_dir_all(&entry.path());
         }
     }
+}
+
+/// The process id in a folder name `<prefix><pid>-…`.
+pub(crate) fn pid_in_name(name: &std::ffi::OsStr, prefix: &str) -> Option<u32> {
+    name.to_str()
+        .and_then(|n| n.strip_prefix(prefix))
+        .and_then(|rest| rest.split('-').next())
+        .and_then(|pid| pid.parse::<u32>().ok())
+}
+
+/// Whether process `pid` is this one or still runs.
+pub(crate) fn is_alive(pid: u32) -> bool {
+    pid == std::process::id() || Path::new("/proc").join(pid.to_string()).exists()
 }

@@ -116,13 +116,7 @@ fn a_boot_check_boots_a_copy_from_the_store_keeps_its_screen_and_leaves_nothing_
 /// The sequence workload's last record in checkpoint `id`'s disk `target`.
 fn last_record(dest: &Path, id: &str, target: &str) -> u64 {
     let store = rewind_core::store::Store::open(dest, None).unwrap();
-    let m = store
-        .catalog()
-        .unwrap()
-        .checkpoints
-        .into_iter()
-        .find(|m| m.id == id)
-        .unwrap();
+    let m = rewind_tests::compare::manifest(&store, id);
     let scan = rewind_tests::workload::scan_sequence(&rewind_tests::compare::checkpoint_bytes(
         &store, &m, target,
     ));
@@ -155,13 +149,7 @@ fn a_clone_boots_from_its_disk_through_the_export_with_the_checkpoints_records_a
     // through the export, and its workload carries on from the checkpoint's last record.
     let hv = rewind_core::libvirt::Hypervisor::connect(daemon::URI).unwrap();
     let store = std::sync::Arc::new(rewind_core::store::Store::open(&dest, None).unwrap());
-    let m = store
-        .catalog()
-        .unwrap()
-        .checkpoints
-        .into_iter()
-        .find(|m| m.id == id)
-        .unwrap();
+    let m = rewind_tests::compare::manifest(&store, &id);
     let clone = rewind_core::restore::clone::ThrowawayClone::start(&hv, &store, &m).unwrap();
     let (folder, console) = (
         clone.folder().to_path_buf(),

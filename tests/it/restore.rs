@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use rewind_core::store::{Manifest, Store};
-use rewind_tests::compare::{checkpoint_bytes, image_bytes};
+use rewind_tests::compare::{checkpoint_bytes, image_bytes, manifest};
 use rewind_tests::scratch::ScratchDir;
 use rewind_tests::workload::scan_sequence;
 use rewind_tests::{DiskSpec, Format, TestVm, daemon};
@@ -71,16 +71,6 @@ fn booted_uefi_tpm_guest(label: &str) -> TestVm {
 
 fn open(dest: &Path) -> Store {
     Store::open(dest, None).unwrap()
-}
-
-fn manifest(store: &Store, id: &str) -> Manifest {
-    store
-        .catalog()
-        .unwrap()
-        .checkpoints
-        .into_iter()
-        .find(|m| m.id == id)
-        .unwrap_or_else(|| panic!("no checkpoint {id}"))
 }
 
 /// `rewind ARGS... --json --connect <test URI>`, which must succeed: its JSON.

@@ -46,13 +46,7 @@ fn a_vm_runs_from_its_checkpoint_and_is_discarded_byte_exact_or_kept_with_its_wr
         .unwrap()
         .to_owned();
     let store = Arc::new(Store::open(&dest, None).unwrap());
-    let m = store
-        .catalog()
-        .unwrap()
-        .checkpoints
-        .into_iter()
-        .find(|m| m.id == id)
-        .unwrap();
+    let m = rewind_tests::compare::manifest(&store, &id);
     let scan = scan_sequence(&rewind_tests::compare::checkpoint_bytes(&store, &m, "vda"));
     assert!(scan.is_consistent_prefix(), "{:?}", scan.problems);
     let k = scan.last_valid;

@@ -680,8 +680,14 @@ fn copying(hv: &rewind_core::libvirt::Hypervisor, vm: &TestVm) -> bool {
 }
 
 fn running_with_random_data(label: &str, mib: u32) -> TestVm {
+    with_random_data(label, "idle", mib)
+}
+
+/// A running VM of `workload` whose 512 MiB disk holds `mib` MiB that do not compress
+/// (the `sequence` workload's records go over their start).
+fn with_random_data(label: &str, workload: &str, mib: u32) -> TestVm {
     let mut vm = TestVm::builder(label)
-        .workload("idle")
+        .workload(workload)
         .disks(one_qcow2_disk(512 << 20))
         .define()
         .expect("define the test VM");
@@ -2276,49 +2282,17 @@ fn checkpoint_as(
         .unwrap()
         .to_owned();
     let store = Store::open(store_dir, None).unwrap();
-    let m = store
-        .catalog()
-        .unwrap()
-        .checkpoints
-        .into_iter()
-        .find(|m| m.id == id)
-        .unwrap();
+    let m = rewind_tests::compare::manifest(&store, &id);
     let k = rewind_tests::workload::scan_sequence(&checkpoint_bytes(&store, &m, "vda")).last_valid;
     (id, k)
-}
-
-/// A running VM of the `sequence` workload whose disk also holds `mib` MiB that do not
-/// compress (after its records), so that copying it takes a while.
-fn sequence_vm_with_random_data(label: &str, dir: &Path, mib: u32) -> TestVm {
-    let mut vm = TestVm::builder(label)
-        .workload("sequence")
-        .disks(one_qcow2_disk(512 << 20))
-        .define()
-        .expect("define the test VM");
-    let raw = dir.join("random.raw");
-    let dd = std::process::Command::new("dd")
-        .args([
-            "if=/dev/urandom",
-            "bs=1M",
-            &format!("count={mib}"),
-            "status=none",
-        ])
-        .arg(format!("of={}", raw.display()))
-        .status()
-        .unwrap();
-    assert!(dd.success());
-    vm.fill_disk("vda", &raw).unwrap();
-    std::fs::remove_file(&raw).unwrap();
-    vm.start_and_wait_ready(BOOT_TIMEOUT).unwrap();
-    vm.wait_flushed(5, Duration::from_mins(2)).unwrap();
-    vm
 }
 
 #[test]
 fn a_run_goes_on_when_the_service_is_killed_mid_keep_and_the_copy_starts_again() {
     use rewind_core::engine::{Command, jobs::JobRequest};
     let dir = ScratchDir::new("svc-runkill").unwrap();
-    let mut vm = sequence_vm_with_random_data("svc-runkill", dir.path(), 256);
+    let mut vm = with_random_data("svc-runkill", "sequence", 256);
+    vm.wait_flushed(5, Duration::from_mins(2)).unwrap();
     let rewind = binary_for_users(dir.path());
     let mut service = TestService::start(&rewind, dir.path()).unwrap();
     let (user, home) = user_with_home(dir.path());

@@ -33,6 +33,21 @@ pub fn image_bytes(path: &Path, format: &str) -> Vec<u8> {
 
 /// Disk `target` of checkpoint `m`, read back out of the store.
 ///
+/// Checkpoint `id` of `store` (of any VM).
+///
+/// # Panics
+/// The store cannot be read, or holds no such checkpoint.
+#[must_use]
+pub fn manifest(store: &Store, id: &str) -> Manifest {
+    store
+        .catalog()
+        .unwrap()
+        .checkpoints
+        .into_iter()
+        .find(|m| m.id == id)
+        .unwrap_or_else(|| panic!("no checkpoint {id} in {}", store.root().display()))
+}
+
 /// # Panics
 /// The checkpoint has no such disk, or the store cannot give it back.
 #[must_use]

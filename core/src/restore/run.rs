@@ -459,13 +459,7 @@ fn left_runs(base: &Path) -> Vec<(PathBuf, Option<RunNote>)> {
     };
     let mut left = Vec::new();
     for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(named_pid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix(PREFIX))
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|pid| pid.parse::<u32>().ok())
-        else {
+        let Some(named_pid) = crate::workdir::pid_in_name(&entry.file_name(), PREFIX) else {
             continue;
         };
         let folder = entry.path();
@@ -473,7 +467,7 @@ fn left_runs(base: &Path) -> Vec<(PathBuf, Option<RunNote>)> {
             .ok()
             .and_then(|t| t.trim().parse::<u32>().ok())
             .unwrap_or(named_pid);
-        if pid == std::process::id() || Path::new("/proc").join(pid.to_string()).exists() {
+        if crate::workdir::is_alive(pid) {
             continue;
         }
         let note = std::fs::read(folder.join(NOTE))
