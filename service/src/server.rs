@@ -89,6 +89,8 @@ struct Snapshot {
     history: Option<Event>,
     scheduler: Option<Event>,
     ssh_identity: Option<Event>,
+    /// The VMs that run from a checkpoint the service serves.
+    runs: Option<Event>,
     /// Running jobs: how each began, and its newest progress.
     jobs: BTreeMap<JobId, (Event, Option<Event>)>,
 }
@@ -103,6 +105,7 @@ impl Snapshot {
             Event::History(_) => &mut self.history,
             Event::Scheduler(_) => &mut self.scheduler,
             Event::SshIdentity { .. } => &mut self.ssh_identity,
+            Event::Runs(_) => &mut self.runs,
             Event::JobStarted { job, .. } => {
                 self.jobs.insert(*job, (event.clone(), None));
                 return;
@@ -148,6 +151,7 @@ impl Snapshot {
             &self.history,
             &self.scheduler,
             &self.ssh_identity,
+            &self.runs,
         ];
         let mut events: Vec<Event> = state.into_iter().flatten().cloned().collect();
         for (started, progress) in self.jobs.values() {
@@ -718,5 +722,29 @@ mod tests {
         // Progress of a job that never began for this service is not kept.
         s.apply(&progress(7, 1));
         assert_eq!(describe(&s.replay()).len(), 4);
+        // The runs from checkpoints that the service serves: only the newest list, with the
+        // state, before the running jobs.
+        let run = |vm: &str| engine::RunInfo {
+            vm_uuid: uuid::Uuid::new_v4(),
+            vm: vm.into(),
+            checkpoint: "20261205-030400".into(),
+        };
+        s.apply(&Event::Runs(vec![run("web"), run("db")]));
+        let web = run("web");
+        s.apply(&Event::Runs(vec![web.clone()]));
+        let replayed = s.replay();
+        let runs: Vec<_> = replayed
+            .iter()
+            .filter_map(|e| match e {
+                Event::Runs(runs) => Some(runs.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(runs, [vec![web]]);
+        assert!(
+            matches!(&replayed[replayed.len() - 3], Event::Runs(_)),
+            "{:?}",
+            describe(&replayed)
+        );
     }
 }

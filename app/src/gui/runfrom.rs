@@ -3,7 +3,10 @@
 //!
 //! The engine's jobs do the work ([`JobRequest::RunFromCheckpoint`], `KeepRun`,
 //! `DiscardRun`); their progress and Cancel are in the activity panel. The window learns
-//! that a VM runs from a checkpoint from the `Running` output of the job it started.
+//! that a VM runs from a checkpoint from the engine's list of the runs it serves
+//! (`Event::Runs`, whoever started them: another window, the CLI, a protection service that
+//! took them over after a restart), and at once from the `Running` output of a job it
+//! started.
 
 use chrono::{DateTime, Local, Utc};
 use egui::RichText;
@@ -28,13 +31,13 @@ pub const LIST_NOTE: &str = "running from a checkpoint";
 /// The confirmation's Discard button.
 pub const CONFIRM_DISCARD_BUTTON: &str = "Discard the run";
 
-/// A VM that runs from a checkpoint (started from this window).
+/// A VM that runs from a checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunView {
     /// The VM's name.
     pub vm: String,
-    /// The destination the checkpoint is in.
-    pub destination: String,
+    /// The destination the checkpoint is in, when the window knew it.
+    pub destination: Option<String>,
     /// The checkpoint's id.
     pub checkpoint: String,
     /// The checkpoint's time, when the window knew it.
@@ -53,7 +56,7 @@ pub fn banner_text(run: &RunView) -> String {
 
 /// Whether a job about running VM `vm_uuid` from a checkpoint (start, keep or discard)
 /// runs now.
-fn job_running(state: &UiState, vm_uuid: &Uuid) -> bool {
+pub fn job_running(state: &UiState, vm_uuid: &Uuid) -> bool {
     state.jobs.iter().any(|j| {
         j.running()
             && match &*j.request {
@@ -309,12 +312,71 @@ mod tests {
         assert_eq!(why_not(&state, &key, &c), None);
     }
 
+    /// The engine's list of the runs it serves is the window's, whoever started them: a
+    /// run it lists has its banner (with the checkpoint's id when the window does not know
+    /// its time), one it no longer lists has none; a run started here keeps the time the
+    /// window knew, and one being kept stays until its job ends.
+    #[test]
+    fn the_engine_s_list_of_runs_is_the_window_s() {
+        use rewind_core::engine::jobs::JobOutput;
+        use rewind_core::engine::{Event, RunInfo};
+        let web = Uuid::new_v4();
+        let db = Uuid::new_v4();
+        let info = |vm_uuid, vm: &str, checkpoint: &str| RunInfo {
+            vm_uuid,
+            vm: vm.into(),
+            checkpoint: checkpoint.into(),
+        };
+        let mut state = UiState::default();
+        state.apply(Event::Runs(vec![info(web, "web", "20261205-030400")]));
+        let run = &state.runs[&web];
+        assert_eq!(run.vm, "web");
+        assert_eq!(
+            banner_text(run),
+            "Running from checkpoint 20261205-030400 — its own disks are untouched"
+        );
+        state.apply(Event::Runs(Vec::new()));
+        assert!(state.runs.is_empty());
+
+        // Started here: the window knew when its checkpoint was.
+        let time = Utc.with_ymd_and_hms(2026, 12, 5, 3, 4, 0).unwrap();
+        state.runs.insert(
+            web,
+            RunView {
+                vm: "web".into(),
+                destination: Some("usb".into()),
+                checkpoint: "20261205-030400".into(),
+                time: Some(time),
+            },
+        );
+        state.apply(Event::Runs(vec![
+            info(web, "web", "20261205-030400"),
+            info(db, "db", "20261201-120000"),
+        ]));
+        assert_eq!(state.runs[&web].time, Some(time));
+        assert_eq!(state.runs[&db].checkpoint, "20261201-120000");
+        // While the window's Keep of web runs, the engine does not list web.
+        state.apply(Event::JobStarted {
+            job: 1,
+            label: "Keep".into(),
+            request: std::sync::Arc::new(JobRequest::KeepRun { vm_uuid: web }),
+        });
+        state.apply(Event::Runs(vec![info(db, "db", "20261201-120000")]));
+        assert_eq!(state.runs[&web].time, Some(time));
+        state.apply(Event::JobFinished {
+            job: 1,
+            result: Ok(JobOutput::RunKept(Vec::new())),
+        });
+        state.apply(Event::Runs(vec![info(db, "db", "20261201-120000")]));
+        assert_eq!(state.runs.keys().collect::<Vec<_>>(), [&db]);
+    }
+
     #[test]
     fn the_banner_says_when_the_checkpoint_was() {
         // The tests run with TZ=UTC.
         let run = RunView {
             vm: "web".into(),
-            destination: "usb".into(),
+            destination: Some("usb".into()),
             checkpoint: "20261205-030400".into(),
             time: Some(Utc.with_ymd_and_hms(2026, 12, 5, 3, 4, 0).unwrap()),
         };

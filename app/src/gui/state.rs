@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use rewind_core::config::Config;
 use rewind_core::engine::jobs::{JobError, JobId, JobOutput, JobRequest};
-use rewind_core::engine::{Event, SchedulerView};
+use rewind_core::engine::{Event, RunInfo, SchedulerView};
 use rewind_core::history::Record;
 use rewind_core::progress::Phase;
 use rewind_core::scheduler::status::{RunningJob, Status};
@@ -225,8 +225,9 @@ pub struct UiState {
     pub tray_shown: bool,
     /// The user asked to quit (from the tray or the close dialog).
     pub quit: bool,
-    /// The VMs that run from a checkpoint (started from this window), by UUID: from a
-    /// run's `Running` output until it is kept or discarded.
+    /// The VMs that run from a checkpoint, by UUID: as the engine's newest list of the runs
+    /// it serves says, and one started from this window from its job's `Running` output
+    /// until it is kept or discarded.
     pub runs: std::collections::HashMap<Uuid, super::runfrom::RunView>,
 }
 
@@ -310,7 +311,9 @@ impl UiState {
                     self.checkpoint = None;
                 }
                 self.destinations = Some(d);
+                self.date_runs();
             }
+            Event::Runs(runs) => self.runs_served(runs),
             Event::History(h) => self.history = h,
             Event::Scheduler(view) => {
                 if view != SchedulerView::Here {
@@ -489,7 +492,7 @@ impl UiState {
                     *vm_uuid,
                     super::runfrom::RunView {
                         vm: vm.clone(),
-                        destination: destination.clone(),
+                        destination: Some(destination.clone()),
                         checkpoint: checkpoint.clone(),
                         time,
                     },
@@ -500,6 +503,53 @@ impl UiState {
                 self.runs.remove(vm_uuid);
             }
             _ => {}
+        }
+    }
+
+    /// Takes the engine's list of the runs it serves: it replaces what the window knew. A
+    /// run the window knew keeps the destination and time it knew, and one it is keeping
+    /// or discarding now stays until that job ends (the engine does not list a run while it
+    /// keeps it).
+    fn runs_served(&mut self, runs: Vec<RunInfo>) {
+        let mut known = std::mem::take(&mut self.runs);
+        let mut served: std::collections::HashMap<_, _> = runs
+            .into_iter()
+            .map(|run| {
+                let view = match known.remove(&run.vm_uuid) {
+                    Some(view) if view.checkpoint == run.checkpoint => view,
+                    _ => super::runfrom::RunView {
+                        vm: run.vm,
+                        destination: None,
+                        checkpoint: run.checkpoint,
+                        time: None,
+                    },
+                };
+                (run.vm_uuid, view)
+            })
+            .collect();
+        known.retain(|vm_uuid, _| super::runfrom::job_running(self, vm_uuid));
+        served.extend(known);
+        self.runs = served;
+        self.date_runs();
+    }
+
+    /// Finds, for each run whose checkpoint's time the window does not know yet, its
+    /// checkpoint among the destinations'.
+    fn date_runs(&mut self) {
+        let Some(destinations) = self.destinations.as_deref() else {
+            return;
+        };
+        for (vm_uuid, run) in self.runs.iter_mut().filter(|(_, r)| r.time.is_none()) {
+            let found = destinations.iter().find_map(|d| {
+                d.checkpoints
+                    .iter()
+                    .find(|c| c.vm_uuid == *vm_uuid && c.id == run.checkpoint)
+                    .map(|c| (&d.destination.name, c.time))
+            });
+            if let Some((destination, time)) = found {
+                run.destination = Some(destination.clone());
+                run.time = Some(time);
+            }
         }
     }
 

@@ -203,6 +203,37 @@ fn main_screen_snapshot() {
     h.snapshot("main_screen");
 }
 
+/// A VM that runs from a checkpoint started elsewhere (another window, the CLI, a protection
+/// service that took the run over at its start): the engine's list of the runs it serves
+/// brings the banner, with the checkpoint's time found in the destinations, and a list
+/// without it takes the banner away.
+#[test]
+fn the_engine_s_list_of_runs_brings_and_takes_the_banner() {
+    use rewind_core::engine::{Event, RunInfo};
+    let state = fixture();
+    let vm_uuid: uuid::Uuid = state.selected.clone().unwrap().parse().unwrap();
+    let key = state.checkpoint.clone().unwrap();
+    let mut h = harness(state);
+    h.run();
+    let banner = "Running from checkpoint 2026-12-01 06:03 — its own disks are untouched";
+    assert!(h.query_by_label(banner).is_none());
+    h.state_mut().apply(Event::Runs(vec![RunInfo {
+        vm_uuid,
+        vm: "test".into(),
+        checkpoint: key.id.clone(),
+    }]));
+    h.run();
+    h.get_by_label(banner);
+    h.get_by_label(super::runfrom::KEEP_BUTTON);
+    h.get_by_label(super::runfrom::DISCARD_BUTTON);
+    h.get_by_label(super::runfrom::LIST_NOTE);
+    h.state_mut().apply(Event::Runs(Vec::new()));
+    h.run();
+    assert!(h.query_by_label(banner).is_none(), "the banner stays");
+    assert!(h.query_by_label(super::runfrom::KEEP_BUTTON).is_none());
+    assert!(h.query_by_label(super::runfrom::LIST_NOTE).is_none());
+}
+
 /// A VM that runs from a checkpoint: the banner says from when, and that its own disks are
 /// untouched, with Keep and Discard; Discard asks first.
 #[test]
@@ -215,7 +246,7 @@ fn run_from_checkpoint_banner_snapshot() {
         vm_uuid,
         super::runfrom::RunView {
             vm: "test".into(),
-            destination: key.destination.clone(),
+            destination: Some(key.destination.clone()),
             checkpoint: key.id.clone(),
             time: Some(time),
         },
@@ -1275,6 +1306,20 @@ fn a_vm_runs_from_its_checkpoint_from_the_window_and_is_discarded_or_kept() {
     // Run, then discard: it carries on from the checkpoint, then is as it was.
     clear_console(&vm);
     let said = run_from_the_window(&mut h, vm_uuid);
+    // A window opened after the run started (its engine is in the process that serves the
+    // run, as the service's clients are) is told of it: the same banner, Keep and Discard.
+    {
+        let mut later = app_harness(daemon::URI, dir.path());
+        later.state_mut().state.selected = Some(vm.uuid.clone());
+        wait_for(
+            &mut later,
+            "the banner in a window opened later",
+            Duration::from_mins(1),
+            |h| h.query_by_label(&said).is_some(),
+        );
+        later.get_by_label(super::runfrom::KEEP_BUTTON);
+        later.get_by_label(super::runfrom::DISCARD_BUTTON);
+    }
     wait_resumed_after(&vm, k);
     vm.wait_flushed(k + 3, Duration::from_mins(2)).unwrap();
     h.get_by_label(super::runfrom::DISCARD_BUTTON).click();

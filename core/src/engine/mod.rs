@@ -41,7 +41,7 @@ mod protocol;
 pub use commands::answer_for_this_user;
 use destinations::AddTarget;
 use protection::Protection;
-pub use protocol::{Command, Event, ResumeKey, SchedulerView, Waker};
+pub use protocol::{Command, Event, ResumeKey, RunInfo, SchedulerView, Waker};
 
 /// Capacity of the event channel: enough for bursts, small enough to bound memory.
 const EVENT_CAPACITY: usize = 256;
@@ -493,6 +493,33 @@ mod tests {
                 "the hosted scheduler never heard of the edit"
             );
             let _ = engine.recv_timeout(Duration::from_millis(100));
+        }
+    }
+
+    /// The engine says at start which runs from checkpoints its process serves, and again
+    /// after each job that starts, keeps or discards one, even a failed one.
+    #[test]
+    fn the_engine_lists_the_runs_it_serves_at_start_and_after_a_run_s_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut engine = engine("test:///default", dir.path(), Arc::new(|| {}));
+        let next_runs_or_end = |engine: &mut EngineHandle| {
+            while let Some(ev) = engine.recv_timeout(Duration::from_secs(10)) {
+                if matches!(ev, Event::Runs(_) | Event::JobFinished { .. }) {
+                    return ev;
+                }
+            }
+            panic!("no list of runs, no job's end");
+        };
+        assert!(matches!(next_runs_or_end(&mut engine), Event::Runs(_)));
+        let vm_uuid = uuid::Uuid::new_v4();
+        assert!(engine.send(Command::Start(JobRequest::DiscardRun { vm_uuid })));
+        assert!(matches!(
+            next_runs_or_end(&mut engine),
+            Event::JobFinished { result: Err(_), .. }
+        ));
+        match next_runs_or_end(&mut engine) {
+            Event::Runs(runs) => assert!(runs.iter().all(|r| r.vm_uuid != vm_uuid)),
+            other => panic!("{other:?}"),
         }
     }
 

@@ -50,6 +50,15 @@ impl Protection {
             let result = jobs::run(&config, &paths, &run, &control);
             // A closed channel: the engine is stopping; the job was cancelled with it.
             drop(tx.blocking_send(Inner::JobDone(job, result)));
+            if matches!(
+                *run,
+                JobRequest::RunFromCheckpoint { .. }
+                    | JobRequest::KeepRun { .. }
+                    | JobRequest::DiscardRun { .. }
+            ) {
+                // Done or failed, the runs may have changed; sent after the job's end.
+                drop(tx.blocking_send(Inner::Emit(runs_served())));
+            }
         });
         Event::JobStarted {
             job,
@@ -215,8 +224,11 @@ impl Engine {
         .await;
         protection.scan(inner);
         if protection.scheduler.is_some() {
-            // One process serves runs: the one that holds the scheduler.
+            // One process serves runs: the one that holds the scheduler. Their list follows
+            // the adoption.
             adopt_left_runs(&self.uri, &protection.config, inner);
+        } else {
+            self.emit(runs_served()).await;
         }
         protection
     }
@@ -389,5 +401,20 @@ fn adopt_left_runs(uri: &str, config: &Config, inner: &mpsc::Sender<Inner>) {
                 error: JobError::new(ErrorKind::Failed, problem),
             })));
         }
+        drop(tx.blocking_send(Inner::Emit(runs_served())));
     });
+}
+
+/// [`Event::Runs`]: the runs from checkpoints that this process serves now.
+fn runs_served() -> Event {
+    Event::Runs(
+        crate::restore::run::served()
+            .into_iter()
+            .map(|(vm_uuid, vm, checkpoint)| RunInfo {
+                vm_uuid,
+                vm,
+                checkpoint,
+            })
+            .collect(),
+    )
 }

@@ -102,6 +102,17 @@ pub struct ResumeKey {
     pub checkpoint: String,
 }
 
+/// A VM that runs from a checkpoint, served by the engine's process ([`Event::Runs`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RunInfo {
+    /// The VM.
+    pub vm_uuid: uuid::Uuid,
+    /// Its name.
+    pub vm: String,
+    /// The id of the checkpoint it runs from.
+    pub checkpoint: String,
+}
+
 /// Who runs the scheduler.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum SchedulerView {
@@ -239,6 +250,11 @@ pub enum Event {
         /// The answer, or why there is none.
         result: Result<super::files::BrowseAnswer, JobError>,
     },
+    /// Every VM that runs from a checkpoint served by the engine's process, whoever
+    /// started it: sent when the engine starts (after it took over the runs a stopped
+    /// Rewind left) and whenever a job that starts, keeps or discards a run ends. Each list
+    /// replaces the one before.
+    Runs(Vec<RunInfo>),
     /// The answer to [`Command::CheckResume`].
     ResumeChecked {
         /// The checkpoint asked about.
