@@ -529,7 +529,22 @@ fn served_runs() -> std::sync::MutexGuard<'static, std::collections::BTreeMap<Uu
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// The runs of this process being kept now: VM → its name and the checkpoint.
+static KEEPING: std::sync::Mutex<std::collections::BTreeMap<Uuid, (String, String)>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+fn keeping() -> std::sync::MutexGuard<'static, std::collections::BTreeMap<Uuid, (String, String)>> {
+    KEEPING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn not_running(vm: &Uuid) -> RestoreError {
+    if let Some((name, _)) = keeping().get(vm) {
+        return RestoreError::Invalid(format!(
+            "VM {name:?} is being kept: its disks are being copied; wait until that is done"
+        ));
+    }
     RestoreError::Invalid(format!(
         "VM {vm} is not running from a checkpoint here; start one with `rewind run VM CHECKPOINT --from DEST`"
     ))
@@ -564,7 +579,11 @@ pub fn start_served(
 /// No such run here, or as [`RunFromBackup::keep`].
 pub fn keep_served(vm: &Uuid, control: &Control) -> Result<Vec<PathBuf>, RestoreError> {
     let mut run = served_runs().remove(vm).ok_or_else(|| not_running(vm))?;
-    match run.keep(control) {
+    // Listed as served while it is copied (the registry is not held for the copy).
+    keeping().insert(*vm, (run.vm.clone(), run.checkpoint.clone()));
+    let kept = run.keep(control);
+    keeping().remove(vm);
+    match kept {
         Ok(files) => Ok(files),
         Err(e) => {
             served_runs().insert(*vm, run);
@@ -582,13 +601,20 @@ pub fn discard_served(vm: &Uuid) -> Result<(), RestoreError> {
     run.discard()
 }
 
-/// The runs this process serves: VM, its name, the checkpoint.
+/// The runs this process serves (those being kept included): VM, its name, the checkpoint.
 #[must_use]
 pub fn served() -> Vec<(Uuid, String, String)> {
-    served_runs()
+    let mut all: Vec<_> = served_runs()
         .iter()
         .map(|(uuid, run)| (*uuid, run.vm.clone(), run.checkpoint.clone()))
-        .collect()
+        .collect();
+    all.extend(
+        keeping()
+            .iter()
+            .map(|(uuid, (vm, checkpoint))| (*uuid, vm.clone(), checkpoint.clone())),
+    );
+    all.sort_by_key(|(uuid, ..)| *uuid);
+    all
 }
 
 /// A run that a dead process left and this one serves now ([`adopt_left_runs`]).
