@@ -1132,6 +1132,22 @@ fn a_checkpoint_is_boot_checked_from_its_details_and_marked_on_the_timeline() {
     assert!(said.starts_with("Booted — checked 20"), "{said}");
     h.get_by_label(&said);
     h.get_by_label("The last screen of the boot-check's throwaway copy");
+    // The throwaway copy is gone from the VM list too (which may come after the job's end:
+    // the engine lists the VMs off its loop), so the list keeps its place.
+    wait_for(
+        &mut h,
+        "the copy gone from the VM list",
+        Duration::from_secs(20),
+        |h| {
+            h.state()
+                .state
+                .vms
+                .iter()
+                .flatten()
+                .all(|v| !v.name.contains("(boot-check"))
+        },
+    );
+    settle(&mut h);
     // Hovering the marker says the same, with the screen again.
     h.get_by_label_contains("(boots)").hover();
     wait_for(&mut h, "the marker's hover", Duration::from_secs(20), |h| {

@@ -196,6 +196,8 @@ enum Wake {
     Inner(Inner),
     Tick,
     Retry,
+    /// Time to list the VMs after a burst of libvirt events.
+    Refresh,
 }
 
 /// Messages from the engine's own helpers (watchers, jobs, the scheduler).
@@ -209,6 +211,8 @@ enum Inner {
     Emit(Event),
     /// A job the engine starts by itself (a keep that a stopped Rewind left unfinished).
     Start(JobRequest),
+    /// The VMs listed off the loop after libvirt events (handled by the loop itself).
+    Listed(Result<Vec<crate::vm::VmInfo>, Error>),
     Scanned(Vec<DestinationView>),
 }
 
@@ -242,6 +246,7 @@ impl Engine {
         let overflowed = Arc::new(AtomicBool::new(false));
         let mut session: Option<(Arc<Hypervisor>, Subscription)> = None;
         let mut retry = RETRY_FIRST;
+        let mut listing = Listing::default();
         loop {
             if session.as_ref().is_none_or(|(hv, _)| !hv.is_alive()) {
                 session = None;
@@ -271,10 +276,12 @@ impl Engine {
             } else {
                 PROGRESS_EVERY
             };
+            let refresh = listing.timer();
             let wake = tokio::select! {
                 cmd = commands.recv() => Wake::Command(cmd),
                 Some(ev) = lifecycle_rx.recv() => Wake::Lifecycle(ev),
                 Some(msg) = inner_rx.recv() => Wake::Inner(msg),
+                () = refresh => Wake::Refresh,
                 () = tokio::time::sleep(tick) => if tick < wait { Wake::Tick } else { Wake::Retry },
             };
             match wake {
@@ -300,19 +307,19 @@ impl Engine {
                     self.handle_command(&mut protection, command, &inner_tx)
                         .await;
                 }
+                Wake::Inner(Inner::Listed(listed)) => {
+                    self.emit_listed(listed).await;
+                    listing.done(session.as_ref().map(|s| &s.0), &inner_tx);
+                }
                 Wake::Inner(msg) => self.handle_inner(&mut protection, msg, &inner_tx).await,
                 Wake::Tick => self.progress(&protection).await,
                 Wake::Lifecycle(ev) => {
                     self.emit(Event::VmChanged(ev)).await;
-                    // Let a burst (define + start + resume) settle, then list once.
-                    tokio::time::sleep(REFRESH_DEBOUNCE).await;
-                    while let Ok(ev) = lifecycle_rx.try_recv() {
-                        self.emit(Event::VmChanged(ev)).await;
-                    }
+                    listing.due();
+                }
+                Wake::Refresh => {
                     overflowed.store(false, Ordering::Relaxed);
-                    if let Some((hv, _)) = &session {
-                        self.refresh(hv).await;
-                    }
+                    listing.fire(session.as_ref().map(|s| &s.0), &inner_tx);
                 }
                 Wake::Retry => {
                     if session.is_none() {
@@ -352,6 +359,10 @@ impl Engine {
         let listed = tokio::task::spawn_blocking(move || hv.list_vms())
             .await
             .unwrap_or_else(|join| Err(panicked("list the VMs", &join)));
+        self.emit_listed(listed).await;
+    }
+
+    async fn emit_listed(&self, listed: Result<Vec<crate::vm::VmInfo>, Error>) {
         match listed {
             Ok(vms) => self.emit(Event::Vms(vms)).await,
             Err(error) => {
@@ -361,6 +372,66 @@ impl Engine {
                 .await;
             }
         }
+    }
+}
+
+/// Listing the VMs after libvirt events: a burst (define + start + resume) settles for
+/// [`REFRESH_DEBOUNCE`], then the VMs are listed once, on a blocking thread, so that a
+/// command sent meanwhile (the window's "Run from this checkpoint" just after the VM
+/// stopped) is not held up by the listing. One listing at a time, so that an older list
+/// never comes after a newer one; the list comes back to the loop as [`Inner::Listed`].
+#[derive(Default)]
+struct Listing {
+    /// When to list.
+    at: Option<tokio::time::Instant>,
+    /// A listing is under way.
+    busy: bool,
+    /// Another is due once it is done.
+    again: bool,
+}
+
+impl Listing {
+    /// A libvirt event came.
+    fn due(&mut self) {
+        self.at
+            .get_or_insert_with(|| tokio::time::Instant::now() + REFRESH_DEBOUNCE);
+    }
+
+    /// Ends when it is time to list.
+    async fn timer(&self) {
+        match self.at {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// The time came: list on `hv`, or after the listing under way.
+    fn fire(&mut self, hv: Option<&Arc<Hypervisor>>, inner: &mpsc::Sender<Inner>) {
+        self.at = None;
+        if self.busy {
+            self.again = true;
+        } else if let Some(hv) = hv {
+            self.start(hv, inner);
+        }
+    }
+
+    /// A listing came back.
+    fn done(&mut self, hv: Option<&Arc<Hypervisor>>, inner: &mpsc::Sender<Inner>) {
+        self.busy = false;
+        if std::mem::take(&mut self.again)
+            && let Some(hv) = hv
+        {
+            self.start(hv, inner);
+        }
+    }
+
+    fn start(&mut self, hv: &Arc<Hypervisor>, inner: &mpsc::Sender<Inner>) {
+        self.busy = true;
+        let (hv, tx) = (hv.clone(), inner.clone());
+        tokio::task::spawn_blocking(move || {
+            // A closed channel: the engine is stopping.
+            drop(tx.blocking_send(Inner::Listed(hv.list_vms())));
+        });
     }
 }
 

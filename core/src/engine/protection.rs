@@ -336,6 +336,8 @@ impl Engine {
                 }
             }
             Inner::Emit(event) => self.emit(event).await,
+            // The loop takes these itself; one that reaches here is simply shown.
+            Inner::Listed(listed) => self.emit_listed(listed).await,
             Inner::Scanned(views) => {
                 p.scanning = false;
                 self.emit(Event::Destinations(Arc::new(views))).await;
