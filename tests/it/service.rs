@@ -2294,7 +2294,13 @@ fn a_run_goes_on_when_the_service_is_killed_mid_keep_and_the_copy_starts_again()
     let mut vm = with_random_data("svc-runkill", "sequence", 256);
     vm.wait_flushed(5, Duration::from_mins(2)).unwrap();
     let rewind = binary_for_users(dir.path());
-    let mut service = TestService::start(&rewind, dir.path()).unwrap();
+    // A work folder of its own: the services of other tests running meanwhile must not
+    // take over this run when this one's service is killed (they could not open its store).
+    // Short: sockets live in it.
+    let work_dir = ScratchDir::new("w").unwrap();
+    let work = work_dir.path().join("w");
+    let work_env = [("REWIND_WORK_DIR", work.to_str().unwrap())];
+    let mut service = TestService::start_with(&rewind, dir.path(), &work_env).unwrap();
     let (user, home) = user_with_home(dir.path());
     let store_dir = home.join("store");
     let s = store_dir.to_str().unwrap();
@@ -2353,7 +2359,7 @@ fn a_run_goes_on_when_the_service_is_killed_mid_keep_and_the_copy_starts_again()
     );
 
     // The next service serves the run again and copies it from the beginning.
-    let service = TestService::start(&rewind, dir.path()).unwrap();
+    let service = TestService::start_with(&rewind, dir.path(), &work_env).unwrap();
     let log = || std::fs::read_to_string(service.log()).unwrap_or_default();
     let kept = disk.with_file_name(format!(
         "{}-run-{id}.qcow2",
@@ -2390,7 +2396,7 @@ fn a_run_goes_on_when_the_service_is_killed_mid_keep_and_the_copy_starts_again()
         log()
     );
     // Nothing of the run is left in the work folder.
-    let left: Vec<_> = std::fs::read_dir("/var/lib/rewind/work")
+    let left: Vec<_> = std::fs::read_dir(&work)
         .unwrap()
         .flatten()
         .filter(|e| {
