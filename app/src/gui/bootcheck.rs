@@ -205,24 +205,12 @@ fn running(state: &UiState, key: &CheckpointKey) -> bool {
 
 /// Why `c` cannot be boot-checked from here now, if it cannot.
 pub fn why_not(state: &UiState, key: &CheckpointKey, c: &CheckpointSummary) -> Option<String> {
-    let uri = if state.uri.is_empty() {
-        state.config.as_ref().map_or("", |c| c.uri.as_str())
-    } else {
-        state.uri.as_str()
-    };
-    if c.damaged {
-        Some("This checkpoint is damaged: it cannot be started".into())
-    } else if uri.is_empty() {
-        Some("Not connected to libvirt yet".into())
-    } else if running(state, key) {
-        Some("It is being checked now".into())
-    } else if !rewind_core::libvirt::is_local_uri(uri) {
-        Some(format!(
-            "A boot-check starts a copy on this machine's libvirt; Rewind is connected to {uri}"
-        ))
-    } else {
-        None
-    }
+    super::runfrom::why_not_started_here(
+        state,
+        c,
+        "A boot-check starts a copy on this machine's libvirt",
+    )
+    .or_else(|| running(state, key).then(|| "It is being checked now".to_owned()))
 }
 
 /// "Check that it boots": starts the boot-check job (its progress and Cancel are in the

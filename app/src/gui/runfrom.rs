@@ -68,23 +68,37 @@ pub fn job_running(state: &UiState, vm_uuid: &Uuid) -> bool {
     })
 }
 
-/// Why the VM cannot be run from `c` now, if it cannot.
-pub fn why_not(state: &UiState, key: &CheckpointKey, c: &CheckpointSummary) -> Option<String> {
+/// Why checkpoint `c` cannot be started on this machine's libvirt now, if it cannot: it is
+/// damaged, libvirt is not connected, or the connection is to another host (`what` says
+/// what needs this machine). Shared by "Run from this checkpoint" and "Check that it
+/// boots".
+pub fn why_not_started_here(state: &UiState, c: &CheckpointSummary, what: &str) -> Option<String> {
     let uri = if state.uri.is_empty() {
         state.config.as_ref().map_or("", |c| c.uri.as_str())
     } else {
         state.uri.as_str()
     };
-    let uuid = key.vm_uuid.to_string();
-    let vm = state.vms.iter().flatten().find(|v| v.uuid == uuid);
     if c.damaged {
         Some("This checkpoint is damaged: it cannot be started".into())
     } else if uri.is_empty() {
         Some("Not connected to libvirt yet".into())
     } else if !rewind_core::libvirt::is_local_uri(uri) {
-        Some(format!(
-            "A VM runs from a checkpoint served by this machine; Rewind is connected to {uri}"
-        ))
+        Some(format!("{what}; Rewind is connected to {uri}"))
+    } else {
+        None
+    }
+}
+
+/// Why the VM cannot be run from `c` now, if it cannot.
+pub fn why_not(state: &UiState, key: &CheckpointKey, c: &CheckpointSummary) -> Option<String> {
+    let uuid = key.vm_uuid.to_string();
+    let vm = state.vms.iter().flatten().find(|v| v.uuid == uuid);
+    if let Some(why) = why_not_started_here(
+        state,
+        c,
+        "A VM runs from a checkpoint served by this machine",
+    ) {
+        Some(why)
     } else if state.runs.contains_key(&key.vm_uuid) {
         Some("It runs from a checkpoint now: keep or discard that run first".into())
     } else if job_running(state, &key.vm_uuid) {
