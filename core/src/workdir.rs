@@ -20,14 +20,7 @@ impl WorkDir {
     pub fn new() -> std::io::Result<Self> {
         let base = crate::paths::work_dir()?;
         remove_dead_runs(&base, PREFIX);
-        let work = base.join(format!(
-            "{PREFIX}{}-{}",
-            std::process::id(),
-            &uuid::Uuid::new_v4().simple().to_string()[..12]
-        ));
-        std::fs::create_dir(&work)?;
-        std::fs::set_permissions(&work, std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
-        Ok(Self(work))
+        Ok(Self(new_folder_in(&base, PREFIX, 12)?))
     }
 
     /// Its path.
@@ -57,6 +50,19 @@ pub(crate) fn remove_dead_runs(dir: &Path, prefix: &str) {
             crate::cleanup::remove_dir_all(&entry.path());
         }
     }
+}
+
+/// Makes a new folder `<prefix><pid>-<id_len hex digits>` in `base`, mode 0711 (QEMU only
+/// needs to pass through it). Short: a socket's whole path in it must fit 107 bytes.
+pub(crate) fn new_folder_in(base: &Path, prefix: &str, id_len: usize) -> std::io::Result<PathBuf> {
+    let folder = base.join(format!(
+        "{prefix}{}-{}",
+        std::process::id(),
+        &uuid::Uuid::new_v4().simple().to_string()[..id_len]
+    ));
+    std::fs::create_dir(&folder)?;
+    std::fs::set_permissions(&folder, std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
+    Ok(folder)
 }
 
 /// The process id in a folder name `<prefix><pid>-…`.

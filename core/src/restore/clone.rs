@@ -297,15 +297,7 @@ fn new_folder(hv: &Hypervisor, uuid: &str) -> Result<PathBuf, RestoreError> {
     };
     let base = crate::paths::work_dir().map_err(|e| failed(Path::new("work folder"), e))?;
     remove_dead_clones(hv, &base);
-    // Short: a socket's whole path must fit 107 bytes.
-    let folder = base.join(format!(
-        "{PREFIX}{}-{}",
-        std::process::id(),
-        &Uuid::new_v4().simple().to_string()[..8]
-    ));
-    std::fs::create_dir(&folder).map_err(|e| failed(&folder, e))?;
-    std::fs::set_permissions(&folder, std::os::unix::fs::PermissionsExt::from_mode(0o711))
-        .map_err(|e| failed(&folder, e))?;
+    let folder = crate::workdir::new_folder_in(&base, PREFIX, 8).map_err(|e| failed(&base, e))?;
     let note = folder.join(UUID_NOTE);
     std::fs::write(&note, uuid).map_err(|e| failed(&note, e))?;
     Ok(folder)

@@ -506,15 +506,7 @@ fn new_folder(hv: &Hypervisor) -> Result<PathBuf, RestoreError> {
             crate::cleanup::remove_dir_all(&folder);
         }
     }
-    let folder = base.join(format!(
-        "{PREFIX}{}-{}",
-        std::process::id(),
-        &Uuid::new_v4().simple().to_string()[..8]
-    ));
-    std::fs::create_dir(&folder).map_err(|e| failed(&folder, e))?;
-    std::fs::set_permissions(&folder, std::os::unix::fs::PermissionsExt::from_mode(0o711))
-        .map_err(|e| failed(&folder, e))?;
-    Ok(folder)
+    crate::workdir::new_folder_in(&base, PREFIX, 8).map_err(|e| failed(&base, e))
 }
 
 /// The runs this process serves, by VM: the protection service's (or a window's engine's)
