@@ -151,6 +151,67 @@ impl FirmwareState {
     }
 }
 
+/// The names of a VM's own firmware state kept in a folder ([`FirmwareState::keep_in`]).
+const KEPT_NVRAM: &str = "own-nvram";
+const KEPT_TPM: &str = "own-tpm";
+
+impl FirmwareState {
+    /// Keeps it in `folder` (a private folder of Rewind's), to be put back later
+    /// ([`FirmwareState::kept_in`], [`FirmwareState::put_back`]): a run from a checkpoint keeps
+    /// the VM's own state while the VM runs on it.
+    pub fn keep_in(&self, folder: &Path) -> io::Result<()> {
+        for (name, bytes) in [(KEPT_NVRAM, &self.nvram), (KEPT_TPM, &self.tpm)] {
+            if let Some(bytes) = bytes {
+                crate::atomic_file::write(&folder.join(name), bytes, 0o600)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// What [`FirmwareState::keep_in`] kept in `folder`.
+    pub fn kept_in(folder: &Path) -> io::Result<Self> {
+        let read = |name| match std::fs::read(folder.join(name)) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        };
+        Ok(Self {
+            nvram: read(KEPT_NVRAM)?,
+            tpm: read(KEPT_TPM)?,
+        })
+    }
+
+    /// Puts it back as VM `info`'s own (shut off), where its definition on this host keeps
+    /// them: what it holds is written, and what it does not hold (the VM had none) is
+    /// removed, so that the VM's UEFI variables and TPM state are as they were when it was
+    /// read. The places come from the VM's definition here, never from a store.
+    pub fn put_back(&self, info: &VmInfo) -> Result<(), FirmwareError> {
+        let failed = |path: &Path, source| FirmwareError::Write {
+            path: path.to_path_buf(),
+            source,
+        };
+        if let Some(path) = info.firmware.nvram_path() {
+            match &self.nvram {
+                Some(bytes) => {
+                    crate::atomic_file::write(path, bytes, 0o600).map_err(|e| failed(path, e))?;
+                }
+                None => crate::cleanup::remove_file(path),
+            }
+        }
+        if let Some(dir) = info.tpm.as_ref().and_then(|t| t.state_path.as_ref()) {
+            match &self.tpm {
+                Some(bytes) => {
+                    let files = dirblob::unpack(bytes)
+                        .map_err(|e| failed(dir, io::Error::other(e.to_string())))?;
+                    replace_tpm_state(dir, &files, swtpm_owner())?;
+                }
+                None => crate::cleanup::remove_dir_all(dir),
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The content of blob `name` of checkpoint `m`, if it has one (every chunk checked).
 pub fn blob(store: &Store, m: &Manifest, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
     match m.blobs.iter().find(|b| b.name == name) {

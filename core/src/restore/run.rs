@@ -7,8 +7,12 @@
 //!   over the checkpoint's read-only NBD export ([`crate::nbd_export`]): libvirt keeps the
 //!   persistent definition as it is, so once the VM stops — or Rewind dies — it is the VM
 //!   it was, with its own disks, which nothing opened.
-//! - **Discard.** The VM is turned off, the export stops and the overlays go: the VM and its
-//!   disks are byte for byte as before.
+//! - **Firmware state.** The run boots with the VM's own UEFI variables and TPM state
+//!   (the VM's definition is kept), which the guest and its firmware write as they boot
+//!   (boot entries, counters). They are kept in the run's folder when it starts.
+//! - **Discard.** The VM is turned off, the export stops and the overlays go, and the UEFI
+//!   variables and TPM state kept at the start are put back: the VM, its disks and its
+//!   firmware state are byte for byte as before.
 //! - **Keep.** Each disk is copied by QEMU (libvirt's block copy, the whole chain: the
 //!   checkpoint's data and the writes since) into a new file beside the disk's own file
 //!   (`<name>-run-<checkpoint>.qcow2`) while the VM runs, then switched over to it. Then the
@@ -38,6 +42,7 @@ use uuid::Uuid;
 use super::RestoreError;
 use super::domain_xml::{self, DiskPlace, Rewrite};
 use super::isolate::{self, OverlayDisk};
+use crate::firmware::FirmwareState;
 use crate::libvirt::Hypervisor;
 use crate::nbd_export::CheckpointExport;
 use crate::progress::Control;
@@ -69,6 +74,10 @@ struct RunNote {
     keep_asked: bool,
     /// The copies' files made by keeping (each removed unless its disk switched over).
     copies: Vec<PathBuf>,
+    /// The VM's own UEFI variables and TPM state as they were before the run are kept in
+    /// the folder, to be put back when the run ends without being kept.
+    #[serde(default)]
+    own_firmware: bool,
 }
 
 const NOTE_VERSION: u32 = 1;
@@ -105,6 +114,8 @@ pub struct RunFromBackup {
     running: bool,
     keep_asked: bool,
     copies: Vec<PathBuf>,
+    /// The VM's own firmware state is kept in the folder ([`RunNote::own_firmware`]).
+    own_firmware: bool,
     /// Set to stop the thread that resumes the VM after failed reads (adopted runs).
     unwatch: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
@@ -161,31 +172,7 @@ impl RunFromBackup {
                 info.name
             )));
         }
-        let mut disks = Vec::new();
-        for d in &m.disks {
-            let original = info
-                .disks
-                .iter()
-                .find(|x| x.target == d.target)
-                .and_then(|x| x.path())
-                .cloned()
-                .ok_or_else(|| RestoreError::NoSuchDisk {
-                    id: m.id.clone(),
-                    vm: info.name.clone(),
-                    target: d.target.clone(),
-                    available: info
-                        .disks
-                        .iter()
-                        .filter(|x| x.path().is_some())
-                        .map(|x| x.target.clone())
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                })?;
-            disks.push(RunDisk {
-                target: d.target.clone(),
-                original,
-            });
-        }
+        let disks = run_disks(m, &info)?;
         let persistent_xml = hv.persistent_xml(&uuid)?;
         let folder = new_folder(&hv)?;
         let mut run = Self {
@@ -201,8 +188,18 @@ impl RunFromBackup {
             running: false,
             keep_asked: false,
             copies: Vec::new(),
+            own_firmware: false,
             unwatch: None,
         };
+        // The guest may write its UEFI variables and TPM state while it runs (firmware
+        // counters, boot entries): a discarded run puts them back as they were.
+        FirmwareState::read(&info)?
+            .keep_in(&run.folder)
+            .map_err(|e| RestoreError::Write {
+                path: run.folder.clone(),
+                detail: e.to_string(),
+            })?;
+        run.own_firmware = true;
         let export = CheckpointExport::start(store, m, &run.folder, crate::firmware::qemu_owner())
             .map_err(|e| RestoreError::Invalid(e.to_string()))?;
         let mut places = Vec::new();
@@ -259,6 +256,7 @@ impl RunFromBackup {
                 .collect(),
             keep_asked: self.keep_asked,
             copies: self.copies.clone(),
+            own_firmware: self.own_firmware,
         };
         let path = self.folder.join(NOTE);
         let bytes = serde_json::to_vec_pretty(&note).map_err(|e| RestoreError::Write {
@@ -269,6 +267,11 @@ impl RunFromBackup {
             path,
             detail: e.to_string(),
         })
+    }
+
+    /// Whether the VM runs (or is paused) on the run's overlays.
+    fn runs_on_its_disks(&self) -> bool {
+        runs_in(&self.hv, &self.vm_uuid, &self.folder)
     }
 
     /// The disk files the VM runs on now, by target.
@@ -338,8 +341,15 @@ impl RunFromBackup {
     }
 
     fn stop_and_clean(&mut self) -> Result<(), RestoreError> {
-        if std::mem::take(&mut self.running) && self.hv.is_running(&self.vm) {
+        // Only the instance on the run's disks: a VM that stopped by itself and was
+        // started again on its own disks is not the run's.
+        if std::mem::take(&mut self.running) && self.runs_on_its_disks() {
             self.hv.destroy_vm(&self.vm)?;
+        }
+        if self.own_firmware {
+            let info = self.hv.vm(&self.vm_uuid.to_string())?;
+            put_back_firmware(&self.folder, &info)?;
+            self.own_firmware = false;
         }
         self.clean()
     }
@@ -441,6 +451,36 @@ impl Drop for RunFromBackup {
     }
 }
 
+/// The disks of checkpoint `m` that a run of VM `info` swaps: each one's own file.
+fn run_disks(m: &Manifest, info: &crate::vm::VmInfo) -> Result<Vec<RunDisk>, RestoreError> {
+    let mut disks = Vec::new();
+    for d in &m.disks {
+        let original = info
+            .disks
+            .iter()
+            .find(|x| x.target == d.target)
+            .and_then(|x| x.path())
+            .cloned()
+            .ok_or_else(|| RestoreError::NoSuchDisk {
+                id: m.id.clone(),
+                vm: info.name.clone(),
+                target: d.target.clone(),
+                available: info
+                    .disks
+                    .iter()
+                    .filter(|x| x.path().is_some())
+                    .map(|x| x.target.clone())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })?;
+        disks.push(RunDisk {
+            target: d.target.clone(),
+            original,
+        });
+    }
+    Ok(disks)
+}
+
 /// The file that keeping makes for `disk`: beside its own file.
 fn copy_file(disk: &RunDisk, checkpoint: &str) -> PathBuf {
     let stem = disk
@@ -479,12 +519,56 @@ fn left_runs(base: &Path) -> Vec<(PathBuf, Option<RunNote>)> {
     left
 }
 
+/// Puts back the VM's own UEFI variables and TPM state that a run kept in its `folder`
+/// ([`RunNote::own_firmware`]), unless the VM runs (on its own disks, started by someone
+/// else since: its state is then in use, and left as it is).
+fn put_back_firmware(folder: &Path, info: &crate::vm::VmInfo) -> Result<(), RestoreError> {
+    if info.state.is_active() {
+        tracing::warn!(
+            "VM {:?} was started again before its UEFI variables and TPM state could be put back as they were before its run from a checkpoint; they are left as the run left them",
+            info.name
+        );
+        return Ok(());
+    }
+    FirmwareState::kept_in(folder)
+        .map_err(|e| RestoreError::Write {
+            path: folder.to_path_buf(),
+            detail: format!("the VM's own UEFI variables and TPM state kept there: {e}"),
+        })?
+        .put_back(info)?;
+    Ok(())
+}
+
+/// Ends the run a dead process left in `folder`, whose VM does not run on it any more: the
+/// VM's own firmware state is put back (unless the run was kept), then the folder goes. A
+/// folder whose state could not be put back stays, to be tried again by the next process.
+fn end_left_run(hv: &Hypervisor, folder: &Path, note: Option<&RunNote>) {
+    if let Some(note) = note
+        && note.own_firmware
+        // Not a run being kept (whose disks may have switched over to their copies).
+        && (!note.keep_asked || note.copies.is_empty())
+        && let Ok(info) = hv.vm(&note.vm_uuid.to_string())
+        && let Err(e) = put_back_firmware(folder, &info)
+    {
+        tracing::warn!(
+            "the run of VM {:?} from checkpoint {}: {e}; its folder {} is left, and tried again when Rewind next starts",
+            note.vm,
+            note.checkpoint,
+            folder.display()
+        );
+        return;
+    }
+    crate::cleanup::remove_dir_all(folder);
+}
+
 /// Whether a VM runs (or is paused) on a disk in `folder`.
 fn vm_runs_in(hv: &Hypervisor, folder: &Path, note: Option<&RunNote>) -> bool {
-    let Some(note) = note else {
-        return false;
-    };
-    hv.vm(&note.vm_uuid.to_string()).is_ok_and(|info| {
+    note.is_some_and(|note| runs_in(hv, &note.vm_uuid, folder))
+}
+
+/// Whether VM `vm_uuid` runs (or is paused) on a disk in `folder`.
+fn runs_in(hv: &Hypervisor, vm_uuid: &Uuid, folder: &Path) -> bool {
+    hv.vm(&vm_uuid.to_string()).is_ok_and(|info| {
         info.state.is_active()
             && info
                 .disks
@@ -503,7 +587,7 @@ fn new_folder(hv: &Hypervisor) -> Result<PathBuf, RestoreError> {
     let base = crate::paths::work_dir().map_err(|e| failed(Path::new("work folder"), e))?;
     for (folder, note) in left_runs(&base) {
         if !vm_runs_in(hv, &folder, note.as_ref()) {
-            crate::cleanup::remove_dir_all(&folder);
+            end_left_run(hv, &folder, note.as_ref());
         }
     }
     crate::workdir::new_folder_in(&base, PREFIX, 8).map_err(|e| failed(&base, e))
@@ -663,7 +747,7 @@ pub fn adopt_left_runs(
                     note.copies
                 );
             }
-            crate::cleanup::remove_dir_all(&folder);
+            end_left_run(&hv, &folder, note.as_ref());
             continue;
         }
         let Some(note) = note else { continue };
@@ -735,6 +819,7 @@ fn adopt(
         running: true,
         keep_asked: note.keep_asked,
         copies: note.copies.clone(),
+        own_firmware: note.own_firmware,
         unwatch: None,
     };
     run.drop_unfinished_copies();
