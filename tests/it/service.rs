@@ -2295,24 +2295,89 @@ fn checkpoint_as(
     (id, k)
 }
 
+/// For a test that kills the service under a run: a service with a work folder of its own
+/// (the services of other tests running meanwhile must not take over its runs when it is
+/// killed: they could not open its store), a user in the libvirt group, and a checkpoint of
+/// a VM taken by them through it into a store in their home.
+struct RunAfterKill {
+    dir: ScratchDir,
+    rewind: std::path::PathBuf,
+    _work_dir: ScratchDir,
+    work: std::path::PathBuf,
+    service: TestService,
+    user: TestUser,
+    store_dir: std::path::PathBuf,
+    /// The checkpoint, and the last record of the `sequence` workload in it.
+    id: String,
+    k: u64,
+}
+
+impl RunAfterKill {
+    fn new(label: &str, vm: &TestVm) -> Self {
+        let dir = ScratchDir::new(label).unwrap();
+        let rewind = binary_for_users(dir.path());
+        let (work_dir, work) = short_work_dir();
+        let (user, home) = user_with_home(dir.path());
+        let mut setup = Self {
+            service: TestService::start_with(
+                &rewind,
+                dir.path(),
+                &[("REWIND_WORK_DIR", work.to_str().unwrap())],
+            )
+            .unwrap(),
+            dir,
+            rewind,
+            _work_dir: work_dir,
+            work,
+            user,
+            store_dir: home.join("store"),
+            id: String::new(),
+            k: 0,
+        };
+        (setup.id, setup.k) = checkpoint_as(&|a| setup.as_user(a), vm, &setup.store_dir);
+        setup
+    }
+
+    /// `rewind ARGS` run by the user, through the service.
+    fn as_user(&self, args: &[&str]) -> std::process::Output {
+        self.user.run(
+            &self.rewind,
+            args,
+            &[("REWIND_SOCKET", self.service.socket())],
+        )
+    }
+
+    /// Starts the next service (the one before was killed), with the same work folder.
+    fn start_again(&mut self) {
+        let env = [("REWIND_WORK_DIR", self.work.to_str().unwrap())];
+        self.service = TestService::start_with(&self.rewind, self.dir.path(), &env).unwrap();
+    }
+
+    fn log(&self) -> String {
+        read_log(&self.service)
+    }
+
+    /// The runs' folders left in the work folder.
+    fn run_folders(&self) -> usize {
+        std::fs::read_dir(&self.work).map_or(0, |d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("rewind-run-"))
+                .count()
+        })
+    }
+}
+
 #[test]
 fn a_run_goes_on_when_the_service_is_killed_mid_keep_and_the_copy_starts_again() {
     use rewind_core::engine::{Command, jobs::JobRequest};
-    let dir = ScratchDir::new("svc-runkill").unwrap();
     let mut vm = with_random_data("svc-runkill", "sequence", 256);
     vm.wait_flushed(5, Duration::from_mins(2)).unwrap();
-    let rewind = binary_for_users(dir.path());
-    // A work folder of its own: the services of other tests running meanwhile must not
-    // take over this run when this one's service is killed (they could not open its store).
-    let (_work_dir, work) = short_work_dir();
-    let work_env = [("REWIND_WORK_DIR", work.to_str().unwrap())];
-    let mut service = TestService::start_with(&rewind, dir.path(), &work_env).unwrap();
-    let (user, home) = user_with_home(dir.path());
-    let store_dir = home.join("store");
-    let s = store_dir.to_str().unwrap();
-    let env = [("REWIND_SOCKET", service.socket())];
-    let as_user = |args: &[&str]| user.run(&rewind, args, &env);
-    let (id, k) = checkpoint_as(&as_user, &vm, &store_dir);
+    let mut setup = RunAfterKill::new("svc-runkill", &vm);
+    let (id, k, s) = (
+        setup.id.clone(),
+        setup.k,
+        setup.store_dir.to_str().unwrap().to_owned(),
+    );
     vm.wait_flushed(k + 5, Duration::from_mins(2)).unwrap();
     vm.destroy().unwrap();
     let disk = vm.disk("vda").path.clone();
@@ -2321,7 +2386,7 @@ fn a_run_goes_on_when_the_service_is_killed_mid_keep_and_the_copy_starts_again()
 
     crate::run::clear_console(&vm);
     let running = json(
-        &as_user(&["run", &vm.name, "latest", "--from", s, "--json"]),
+        &setup.as_user(&["run", &vm.name, "latest", "--from", &s, "--json"]),
         "rewind run",
     );
     assert_eq!(running["running"], true, "{running}");
@@ -2329,7 +2394,7 @@ fn a_run_goes_on_when_the_service_is_killed_mid_keep_and_the_copy_starts_again()
     vm.wait_flushed(k + 3, Duration::from_mins(2)).unwrap();
 
     // Keep, and the service is killed as soon as the copy runs.
-    let mut client = rewind_service::connect_to(service.socket(), "test").unwrap();
+    let mut client = rewind_service::connect_to(setup.service.socket(), "test").unwrap();
     client
         .send(Command::Start(JobRequest::KeepRun {
             vm_uuid: uuid.parse().unwrap(),
@@ -2340,9 +2405,9 @@ fn a_run_goes_on_when_the_service_is_killed_mid_keep_and_the_copy_starts_again()
         Duration::from_mins(1),
         2,
         &|| hv.has_block_job(&vm.name, "vda"),
-        &|| format!("the copy never began:\n{}", read_log(&service)),
+        &|| format!("the copy never began:\n{}", setup.log()),
     );
-    service.kill();
+    setup.service.kill();
     drop(client);
     let defined_on = |file: &Path| {
         hv.persistent_xml(&uuid)
@@ -2365,8 +2430,8 @@ fn a_run_goes_on_when_the_service_is_killed_mid_keep_and_the_copy_starts_again()
     );
 
     // The next service serves the run again and copies it from the beginning.
-    let service = TestService::start_with(&rewind, dir.path(), &work_env).unwrap();
-    let log = || std::fs::read_to_string(service.log()).unwrap_or_default();
+    setup.start_again();
+    let log = || setup.log();
     let kept = disk.with_file_name(format!(
         "{}-run-{id}.qcow2",
         disk.file_stem().unwrap().to_string_lossy()
@@ -2401,12 +2466,57 @@ fn a_run_goes_on_when_the_service_is_killed_mid_keep_and_the_copy_starts_again()
         "{}",
         log()
     );
-    // Nothing of the run is left in the work folder.
-    let left: Vec<_> = std::fs::read_dir(&work).unwrap().flatten().collect();
-    assert!(
-        left.iter()
-            .all(|e| !e.file_name().to_string_lossy().starts_with("rewind-run-")),
-        "{left:?}"
+    assert_eq!(setup.run_folders(), 0, "the run's folder is left");
+}
+
+#[test]
+fn a_run_whose_service_was_killed_and_whose_vm_stopped_is_ended_by_the_next_service_with_the_vms_own_firmware_state()
+ {
+    let mut vm = TestVm::uefi_tpm_builder("svc-runfw")
+        .define()
+        .expect("define the test VM");
+    vm.start_and_wait_ready(BOOT_TIMEOUT)
+        .expect("boot with OVMF");
+    vm.wait_flushed(5, BOOT_TIMEOUT).unwrap();
+    let mut setup = RunAfterKill::new("svc-runfw", &vm);
+    let (k, s) = (setup.k, setup.store_dir.to_str().unwrap().to_owned());
+    vm.wait_flushed(k + 3, BOOT_TIMEOUT).unwrap();
+    vm.destroy().unwrap();
+    let disk = vm.disk("vda").path.clone();
+    let (disk_before, firmware_before) = (
+        std::fs::read(&disk).unwrap(),
+        crate::run::firmware_files(&vm),
     );
-    drop(service);
+
+    crate::run::clear_console(&vm);
+    json(
+        &setup.as_user(&["run", &vm.name, "latest", "--from", &s, "--json"]),
+        "rewind run",
+    );
+    crate::run::wait_resumed_after(&vm, k);
+    vm.wait_flushed(k + 3, BOOT_TIMEOUT).unwrap();
+    assert!(
+        crate::run::firmware_files(&vm) != firmware_before,
+        "the run wrote neither UEFI variables nor TPM state, so this test shows nothing"
+    );
+    // The service dies, then the VM stops (a power cut would do both).
+    setup.service.kill();
+    vm.destroy().unwrap();
+
+    // The next service ends the run: the VM's own UEFI variables and TPM state are back.
+    setup.start_again();
+    wait_for(
+        Duration::from_mins(1),
+        200,
+        &|| setup.run_folders() == 0,
+        &|| format!("the run's folder is left:\n{}", setup.log()),
+    );
+    assert!(
+        std::fs::read(&disk).unwrap() == disk_before,
+        "the disk changed"
+    );
+    assert!(
+        crate::run::firmware_files(&vm) == firmware_before,
+        "the VM's UEFI variables or TPM state are not as before the run"
+    );
 }
