@@ -17,7 +17,12 @@ use rewind_core::job_error::JobError;
 use serde::{Deserialize, Serialize};
 
 /// The protocol's number: raised when a message changes in a way an older peer misreads.
-pub const PROTOCOL: u32 = 1;
+///
+/// - 1: the first.
+/// - 2: the engine's list of runs from checkpoints (`Event::Runs`, sent to every client as
+///   it connects), the jobs of boot-checks and runs, and their outputs (issue 23). A
+///   client of protocol 1 could not read the list, so it is refused with both numbers.
+pub const PROTOCOL: u32 = 2;
 
 /// The longest line either side accepts (a destination list with thousands of checkpoints
 /// fits many times over; a peer that sends more is cut off).

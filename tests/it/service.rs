@@ -218,6 +218,35 @@ fn a_user_is_told_how_to_start_the_service_when_it_is_not_running() {
     );
 }
 
+#[test]
+fn a_client_of_the_protocol_before_is_refused_with_both_numbers_and_what_to_do() {
+    use std::io::{BufRead as _, Write as _};
+    let dir = ScratchDir::new("svc-proto").unwrap();
+    let rewind = binary_for_users(dir.path());
+    let service = TestService::start(&rewind, dir.path()).unwrap();
+    let mut stream = std::os::unix::net::UnixStream::connect(service.socket()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    // What a client of protocol 1 (before the list of runs) says first.
+    stream
+        .write_all(b"{\"hello\":{\"protocol\":1,\"client\":\"window\"}}\n")
+        .unwrap();
+    let mut answer = String::new();
+    std::io::BufReader::new(&stream)
+        .read_line(&mut answer)
+        .unwrap();
+    let wanted = format!(
+        "protocol 1 and the service {}",
+        rewind_service::wire::PROTOCOL
+    );
+    assert!(
+        answer.contains("refused") && answer.contains(&wanted) && answer.contains("same version"),
+        "{answer}"
+    );
+    drop(service);
+}
+
 /// Kills the window when dropped, also when the test panics.
 struct Window(std::process::Child);
 
