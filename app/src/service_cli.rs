@@ -345,8 +345,42 @@ impl Session {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
         drop(reporter);
-        Ok(result??)
+        let finished = result.map_err(|lost| {
+            anyhow::Error::new(JobCutOff {
+                label: label.to_owned(),
+                lost: format!("{lost:#}"),
+            })
+        })?;
+        Ok(finished?)
     }
+}
+
+/// What `rewind run --keep` says when the service stopped during the copy (`e` is a
+/// [`JobCutOff`]; any other error is returned as it is).
+fn keep_cut_off(vm: &str, e: anyhow::Error) -> anyhow::Error {
+    let Some(cut) = e.downcast_ref::<JobCutOff>() else {
+        return e;
+    };
+    tracing::debug!("{}", cut.lost);
+    anyhow!(
+        "Rewind's protection service stopped while it copied the disks of {vm:?}. {vm} \
+         runs on from its checkpoint, and its own disks are as they were: when the service \
+         starts again, it copies them again from the beginning by itself (`rewind run --keep \
+         {vm}` then says that it is being kept)"
+    )
+}
+
+/// The connection to the service was lost while a job of this client ran (the service
+/// stopped, was killed or restarted): what the job did is not known here.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{lost}, while it ran {label:?}; whether it finished is not known here: Rewind's window shows it once the service runs again"
+)]
+pub struct JobCutOff {
+    /// The job, as shown.
+    label: String,
+    /// What happened to the connection.
+    lost: String,
 }
 
 /// `request` as a client sends it, to know the job the service started for it: the
@@ -601,7 +635,9 @@ pub fn run(out: &mut dyn Write, session: &mut Session, ask: &RunAsk<'_>) -> anyh
         } else {
             JobRequest::DiscardRun { vm_uuid }
         };
-        let output = session.run_job(request, ask.vm)?;
+        let output = session
+            .run_job(request, ask.vm)
+            .map_err(|e| if ask.keep { keep_cut_off(ask.vm, e) } else { e })?;
         match output {
             JobOutput::RunKept(files) => {
                 if ask.json {

@@ -2398,7 +2398,6 @@ impl RunAfterKill {
 
 #[test]
 fn a_run_goes_on_when_the_service_is_killed_mid_keep_and_the_copy_starts_again() {
-    use rewind_core::engine::{Command, jobs::JobRequest};
     let mut vm = with_random_data("svc-runkill", "sequence", 256);
     vm.wait_flushed(5, Duration::from_mins(2)).unwrap();
     let mut setup = RunAfterKill::new("svc-runkill", &vm);
@@ -2422,12 +2421,14 @@ fn a_run_goes_on_when_the_service_is_killed_mid_keep_and_the_copy_starts_again()
     crate::run::wait_resumed_after(&vm, k);
     vm.wait_flushed(k + 3, Duration::from_mins(2)).unwrap();
 
-    // Keep, and the service is killed as soon as the copy runs.
-    let mut client = rewind_service::connect_to(setup.service.socket(), "test").unwrap();
-    client
-        .send(Command::Start(JobRequest::KeepRun {
-            vm_uuid: uuid.parse().unwrap(),
-        }))
+    // The user keeps it, and the service is killed as soon as the copy runs.
+    let keeping = setup
+        .user
+        .command(&setup.rewind, &[("REWIND_SOCKET", setup.service.socket())])
+        .args(["run", "--keep", &vm.name])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
     let hv = rewind_core::libvirt::Hypervisor::connect(rewind_tests::daemon::URI).unwrap();
     wait_for(
@@ -2437,7 +2438,14 @@ fn a_run_goes_on_when_the_service_is_killed_mid_keep_and_the_copy_starts_again()
         &|| format!("the copy never began:\n{}", setup.log()),
     );
     setup.service.kill();
-    drop(client);
+    // `rewind run --keep` says what became of it and what comes next.
+    let said = keeping.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&said.stderr);
+    assert!(
+        said.contains("stopped while it copied the disks")
+            && said.contains("copies them again from the beginning by itself"),
+        "{said}"
+    );
     let defined_on = |file: &Path| {
         hv.persistent_xml(&uuid)
             .unwrap()
