@@ -71,7 +71,7 @@ pub(super) fn restore(
     control.add_total_bytes(total);
 
     let (staging_name, staging) =
-        staging_folder(target.as_fd(), ".rewind-restore-").map_err(|e| output(e, to))?;
+        staging_folder(target.as_fd(), ".rewind-restore-", owner).map_err(|e| output(e, to))?;
     let staging_path = to.join(&staging_name);
     let mut moved: Vec<(&str, Made)> = Vec::new();
     let result = (|| {
@@ -286,10 +286,15 @@ fn folder_bytes(
 }
 
 /// A hidden, private folder in `target` to write into before moving in place (named
-/// `prefix`, this process's id and a number): its name, and the folder held open.
+/// `prefix`, this process's id and a number): its name, and the folder held open. For a
+/// service writing for a user, the folder is given to `owner` at once (as everything made
+/// in it is), so that what a killed service leaves in the user's folder is theirs to
+/// remove: everything after is done relative to folders held open, so the user gains
+/// nothing over the restore by owning it.
 pub(crate) fn staging_folder(
     target: BorrowedFd<'_>,
     prefix: &str,
+    owner: Option<(u32, u32)>,
 ) -> io::Result<(String, OwnedFd)> {
     for n in 0..1000 {
         let name = format!("{prefix}{}-{n}", std::process::id());
@@ -310,6 +315,13 @@ pub(crate) fn staging_folder(
                 io::ErrorKind::PermissionDenied,
                 format!("the temporary folder {name} was replaced while in use"),
             ));
+        }
+        if let Some((uid, gid)) = owner {
+            rustix::fs::fchown(
+                &folder,
+                Some(rustix::fs::Uid::from_raw(uid)),
+                Some(rustix::fs::Gid::from_raw(gid)),
+            )?;
         }
         return Ok((name, folder));
     }
@@ -636,6 +648,26 @@ mod tests {
 
     fn open(path: &Path) -> OwnedFd {
         rustix::fs::openat(rustix::fs::CWD, path, FOLDER, Mode::empty()).unwrap()
+    }
+
+    #[test]
+    fn a_staging_folder_for_a_user_is_theirs_from_the_start() {
+        use std::os::unix::fs::MetadataExt as _;
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipped: giving a folder to another user needs root");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let target = open(tmp.path());
+        let (name, _held) =
+            staging_folder(target.as_fd(), ".rewind-test-", Some((65534, 65533))).unwrap();
+        let made = std::fs::metadata(tmp.path().join(&name)).unwrap();
+        assert_eq!((made.uid(), made.gid()), (65534, 65533));
+        assert_eq!(made.mode() & 0o777, 0o700);
+        // Without a user, it stays this process's.
+        let (mine, _held) = staging_folder(target.as_fd(), ".rewind-test-", None).unwrap();
+        let made = std::fs::metadata(tmp.path().join(mine)).unwrap();
+        assert_eq!(made.uid(), rustix::process::geteuid().as_raw());
     }
 
     #[test]

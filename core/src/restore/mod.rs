@@ -422,7 +422,7 @@ fn export_into(
     }
     // Garbage collection must not remove what is being read.
     let _lock = store.lock(LockMode::Shared, "exporting a disk", Some(control))?;
-    let (staging_name, staging) = staging_folder(folder, ".rewind-export-")
+    let (staging_name, staging) = staging_folder(folder, ".rewind-export-", owner)
         .map_err(|e| write_error(format!("could not make a temporary folder beside it: {e}")))?;
     let mut moved = None;
     let result = (|| {
