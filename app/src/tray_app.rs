@@ -1,6 +1,7 @@
 //! `rewind tray`: the tray icon as a small process of its own, started at login (XDG
 //! autostart). It is a client of the protection service like the window: it shows the
-//! service's state in the icon and its tooltip, sends the desktop notifications (a failed
+//! service's state in the icon and its tooltip (which job runs, and each VM that runs
+//! from a checkpoint until it is kept or discarded), sends the desktop notifications (a failed
 //! job, a drive that a due checkpoint waits for, a VM whose checkpoints are overdue), and
 //! offers "Checkpoint all now", the three ways to pause, "Resume" and "Open Rewind" (which
 //! starts the window, or brings the open one to the front).

@@ -411,8 +411,8 @@ pub(crate) fn tray_look(state: &UiState) -> (TrayState, bool, String) {
     } else {
         TrayState::Protected
     };
-    let tooltip = match icon {
-        TrayState::Running => "Rewind — taking a checkpoint".to_owned(),
+    let mut tooltip = match icon {
+        TrayState::Running => format!("Rewind — {}", running_text(state)),
         TrayState::Attention => "Rewind — needs attention: open it to see why".to_owned(),
         TrayState::Idle => "Rewind — no VM protected yet".to_owned(),
         TrayState::Protected if state.paused() => format!(
@@ -421,7 +421,41 @@ pub(crate) fn tray_look(state: &UiState) -> (TrayState, bool, String) {
         ),
         TrayState::Protected => format!("Rewind — {protected} VM(s) protected"),
     };
+    // A run from a checkpoint waits for the user's choice, whatever else goes on.
+    let mut runs: Vec<&str> = state.runs.values().map(|r| r.vm.as_str()).collect();
+    runs.sort_unstable();
+    let waiting = match runs.as_slice() {
+        [] => None,
+        [vm] => Some(format!(
+            "{vm} runs from a checkpoint: open Rewind to keep or discard it"
+        )),
+        many => Some(format!(
+            "{} VMs run from checkpoints: open Rewind to keep or discard them",
+            many.len()
+        )),
+    };
+    if let Some(waiting) = waiting {
+        tooltip = format!("{tooltip}; {waiting}");
+    }
     (icon, state.paused(), tooltip)
+}
+
+/// What the tray says runs: the first job of a client ("Keeping the VM run from its
+/// checkpoint"), else the scheduler's (a checkpoint, or a boot-check).
+fn running_text(state: &UiState) -> String {
+    if let Some(job) = state.jobs.iter().find(|j| j.running()) {
+        let mut chars = job.label.chars();
+        return chars.next().map_or_else(String::new, |first| {
+            first.to_lowercase().chain(chars).collect()
+        });
+    }
+    match state.scheduled_running().first() {
+        Some(r) if r.why == rewind_core::policy::Why::BootCheck => {
+            format!("checking that a checkpoint of {} boots", r.vm)
+        }
+        Some(r) => format!("taking a checkpoint of {}", r.vm),
+        None => "working".to_owned(),
+    }
 }
 
 impl eframe::App for RewindApp {
@@ -455,5 +489,60 @@ impl eframe::App for RewindApp {
         if !self.engine.send(Command::Shutdown) {
             tracing::warn!("the engine had stopped already");
         }
+    }
+}
+
+#[cfg(test)]
+mod tray_look_tests {
+    use super::*;
+    use rewind_core::engine::jobs::JobRequest;
+    use rewind_core::engine::{Event, RunInfo};
+
+    /// The tooltip names what runs (a keep is not "a checkpoint"), and a VM that runs from a
+    /// checkpoint is said until it is kept or discarded, whatever else goes on.
+    #[test]
+    fn the_tooltip_says_which_job_runs_and_which_vm_waits_to_be_kept_or_discarded() {
+        let mut state = UiState::default();
+        assert_eq!(tray_look(&state).2, "Rewind — no VM protected yet");
+        let vm_uuid = uuid::Uuid::new_v4();
+        state.apply(Event::Runs(vec![RunInfo {
+            vm_uuid,
+            vm: "win11".into(),
+            checkpoint: "20261205T143000.000Z".into(),
+        }]));
+        assert_eq!(
+            tray_look(&state).2,
+            "Rewind — no VM protected yet; win11 runs from a checkpoint: open Rewind to keep or discard it"
+        );
+        state.apply(Event::JobStarted {
+            job: 3,
+            label: "Keeping the VM run from its checkpoint".into(),
+            request: Arc::new(JobRequest::KeepRun { vm_uuid }),
+        });
+        let (icon, _, tooltip) = tray_look(&state);
+        assert_eq!(icon, TrayState::Running);
+        assert!(
+            tooltip.starts_with("Rewind — keeping the VM run from its checkpoint; win11 runs"),
+            "{tooltip}"
+        );
+        state.apply(Event::Runs(vec![
+            RunInfo {
+                vm_uuid,
+                vm: "win11".into(),
+                checkpoint: "20261205T143000.000Z".into(),
+            },
+            RunInfo {
+                vm_uuid: uuid::Uuid::new_v4(),
+                vm: "debian".into(),
+                checkpoint: "20261205T150000.000Z".into(),
+            },
+        ]));
+        assert!(
+            tray_look(&state)
+                .2
+                .ends_with("; 2 VMs run from checkpoints: open Rewind to keep or discard them"),
+            "{}",
+            tray_look(&state).2
+        );
     }
 }
