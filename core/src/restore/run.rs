@@ -432,8 +432,10 @@ impl RunFromBackup {
             },
         )?;
         self.hv.define_vm(&kept)?;
-        // The VM runs on its new files: the export and overlays are not used any more.
+        // The VM runs on its new files: the export and overlays are not used any more, and
+        // its firmware state is the run's from now on.
         self.running = false;
+        self.own_firmware = false;
         if let Err(e) = self.clean() {
             tracing::warn!("after keeping the run of {}: {e}", self.vm);
         }
@@ -443,7 +445,8 @@ impl RunFromBackup {
 
 impl Drop for RunFromBackup {
     fn drop(&mut self) {
-        if (self.running || self.export.is_some())
+        // Also a run whose start failed before its export served: its folder goes too.
+        if (self.running || self.export.is_some() || self.folder.exists())
             && let Err(e) = self.stop_and_clean()
         {
             tracing::warn!("ending the run of {} from its checkpoint: {e}", self.vm);
