@@ -3,8 +3,9 @@
 //! service's state in the icon and its tooltip (which job runs, and each VM that runs
 //! from a checkpoint until it is kept or discarded), sends the desktop notifications (a failed
 //! job, a drive that a due checkpoint waits for, a VM whose checkpoints are overdue), and
-//! offers "Checkpoint all now", the three ways to pause, "Resume" and "Open Rewind" (which
-//! starts the window, or brings the open one to the front).
+//! offers "Checkpoint all now", the three ways to pause, "Resume", "Keep <VM> as it runs
+//! now" for each VM that runs from a checkpoint, and "Open Rewind" (which starts the window,
+//! or brings the open one to the front).
 //!
 //! It draws nothing itself (no window, no GPU context), so it stays small while it waits.
 //! Without a tray host in the session (plain GNOME) it still sends the notifications, and
@@ -21,7 +22,7 @@ use rewind_core::job_error::ErrorKind;
 
 use crate::gui::instance::{self, Instance, Role};
 use crate::gui::state::UiState;
-use crate::gui::tray::{Tray, TrayAction, TrayState};
+use crate::gui::tray::{Tray, TrayAction, TrayLook};
 use crate::notify::Notifier;
 
 /// How often the tray looks at the clock when nothing happens (a timed pause that ends,
@@ -119,7 +120,7 @@ struct TrayLoop {
     state: UiState,
     tray: Option<Tray>,
     tray_tried: Option<std::time::Instant>,
-    look: Option<(TrayState, bool, String)>,
+    look: Option<TrayLook>,
     actions: mpsc::Sender<Wake>,
     notifier: Notifier,
     windows: HashMap<u32, std::thread::JoinHandle<()>>,
@@ -192,7 +193,7 @@ impl TrayLoop {
         let Some(tray) = &self.tray else { return };
         let look = crate::gui::tray_look(&self.state);
         if self.look.as_ref() != Some(&look) {
-            tray.set(look.0, look.1, &look.2);
+            tray.set(look.clone());
             self.look = Some(look);
         }
     }
@@ -215,6 +216,9 @@ impl TrayLoop {
                 None
             }
             TrayAction::Quit => None,
+            TrayAction::KeepRun(vm_uuid) => Some(Command::Start(
+                rewind_core::engine::jobs::JobRequest::KeepRun { vm_uuid },
+            )),
         };
         if let Some(command) = command
             && !self.engine.send(command)

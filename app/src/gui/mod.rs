@@ -35,7 +35,7 @@ use rewind_core::engine::{self, Command, EngineHandle, EngineOptions, SchedulerV
 use rewind_core::scheduler::Paths;
 
 pub use state::{Connection, UiState};
-pub use tray::{Tray, TrayAction, TrayState};
+pub use tray::{Tray, TrayAction, TrayLook, TrayState};
 pub use vm_list::main_ui;
 
 /// How long one frame may spend applying engine events.
@@ -227,7 +227,7 @@ pub struct RewindApp {
     uri_pinned: bool,
     tray: Option<Tray>,
     tray_actions: Arc<Mutex<Vec<TrayAction>>>,
-    tray_look: Option<(TrayState, bool, String)>,
+    tray_look: Option<TrayLook>,
     hidden: bool,
 }
 
@@ -333,13 +333,18 @@ impl RewindApp {
                     ctx.send_viewport_cmd(egui::ViewportCommand::Focus);
                 }
                 TrayAction::Quit => self.state.quit = true,
+                TrayAction::KeepRun(vm_uuid) => {
+                    self.send(vec![Command::Start(
+                        rewind_core::engine::jobs::JobRequest::KeepRun { vm_uuid },
+                    )]);
+                }
             }
         }
         let Some(tray) = &self.tray else { return };
         self.state.tray_shown = tray.is_shown();
         let look = tray_look(&self.state);
         if self.tray_look.as_ref() != Some(&look) {
-            tray.set(look.0, look.1, &look.2);
+            tray.set(look.clone());
             self.tray_look = Some(look);
         }
     }
@@ -400,7 +405,7 @@ impl RewindApp {
 }
 
 /// The tray's icon, pause state and tooltip for `state`.
-pub(crate) fn tray_look(state: &UiState) -> (TrayState, bool, String) {
+pub(crate) fn tray_look(state: &UiState) -> TrayLook {
     let protected = state.config.as_ref().map_or(0, |c| c.vms.len());
     let icon = if state.busy() {
         TrayState::Running
@@ -437,7 +442,18 @@ pub(crate) fn tray_look(state: &UiState) -> (TrayState, bool, String) {
     if let Some(waiting) = waiting {
         tooltip = format!("{tooltip}; {waiting}");
     }
-    (icon, state.paused(), tooltip)
+    let mut runs: Vec<_> = state
+        .runs
+        .iter()
+        .map(|(vm_uuid, run)| (*vm_uuid, run.vm.clone()))
+        .collect();
+    runs.sort_by(|a, b| a.1.cmp(&b.1));
+    TrayLook {
+        state: icon,
+        paused: state.paused(),
+        tooltip,
+        runs,
+    }
 }
 
 /// What the tray says runs: the first job of a client ("Keeping the VM run from its
@@ -503,7 +519,7 @@ mod tray_look_tests {
     #[test]
     fn the_tooltip_says_which_job_runs_and_which_vm_waits_to_be_kept_or_discarded() {
         let mut state = UiState::default();
-        assert_eq!(tray_look(&state).2, "Rewind — no VM protected yet");
+        assert_eq!(tray_look(&state).tooltip, "Rewind — no VM protected yet");
         let vm_uuid = uuid::Uuid::new_v4();
         state.apply(Event::Runs(vec![RunInfo {
             vm_uuid,
@@ -511,7 +527,7 @@ mod tray_look_tests {
             checkpoint: "20261205T143000.000Z".into(),
         }]));
         assert_eq!(
-            tray_look(&state).2,
+            tray_look(&state).tooltip,
             "Rewind — no VM protected yet; win11 runs from a checkpoint: open Rewind to keep or discard it"
         );
         state.apply(Event::JobStarted {
@@ -519,8 +535,14 @@ mod tray_look_tests {
             label: "Keeping the VM run from its checkpoint".into(),
             request: Arc::new(JobRequest::KeepRun { vm_uuid }),
         });
-        let (icon, _, tooltip) = tray_look(&state);
+        let TrayLook {
+            state: icon,
+            tooltip,
+            runs,
+            ..
+        } = tray_look(&state);
         assert_eq!(icon, TrayState::Running);
+        assert_eq!(runs, [(vm_uuid, "win11".to_owned())]);
         assert!(
             tooltip.starts_with("Rewind — keeping the VM run from its checkpoint; win11 runs"),
             "{tooltip}"
@@ -539,10 +561,10 @@ mod tray_look_tests {
         ]));
         assert!(
             tray_look(&state)
-                .2
+                .tooltip
                 .ends_with("; 2 VMs run from checkpoints: open Rewind to keep or discard them"),
             "{}",
-            tray_look(&state).2
+            tray_look(&state).tooltip
         );
     }
 }

@@ -42,6 +42,9 @@ pub enum TrayAction {
     Resume,
     /// "Open Rewind", or a left click on the icon.
     Open,
+    /// "Keep <VM> as it runs now": keep the VM that runs from a checkpoint (its disks are
+    /// copied to its own files while it runs).
+    KeepRun(uuid::Uuid),
     /// "Quit".
     Quit,
 }
@@ -92,10 +95,11 @@ impl Tray {
             shown: Arc::new(AtomicBool::new(false)),
         });
         let item = Item {
-            view: View {
+            view: TrayLook {
                 state: TrayState::Idle,
                 paused: false,
                 tooltip: DEFAULT_TOOLTIP.to_owned(),
+                runs: Vec::new(),
             },
             icons,
             on_action,
@@ -133,15 +137,11 @@ impl Tray {
         }
     }
 
-    /// Updates icon, the Pause/Resume menu entry and the tooltip. Never blocks (the UI thread
-    /// calls it).
-    pub fn set(&self, state: TrayState, paused: bool, tooltip: &str) {
+    /// Updates icon, the menu (Pause or Resume, a Keep per run) and the tooltip. Never
+    /// blocks (the UI thread calls it).
+    pub fn set(&self, look: TrayLook) {
         let mut pending = self.shared.lock();
-        pending.view = Some(View {
-            state,
-            paused,
-            tooltip: tooltip.to_owned(),
-        });
+        pending.view = Some(look);
         drop(pending);
         self.shared.wake.notify_one();
     }
@@ -190,7 +190,7 @@ impl Shared {
 #[derive(Default)]
 struct Pending {
     /// The latest look asked for and not yet applied; older ones are skipped.
-    view: Option<View>,
+    view: Option<TrayLook>,
     stop: bool,
 }
 
@@ -273,17 +273,22 @@ fn explain_spawn_error(e: ksni::Error) -> anyhow::Error {
     anyhow::Error::new(e).context(what)
 }
 
-/// The look the UI asked for.
+/// The look the UI asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct View {
-    state: TrayState,
-    paused: bool,
-    tooltip: String,
+pub struct TrayLook {
+    /// The icon.
+    pub state: TrayState,
+    /// Protection is paused: the menu offers Resume.
+    pub paused: bool,
+    /// The tooltip's text.
+    pub tooltip: String,
+    /// The VMs that run from a checkpoint (UUID, name): the menu offers to keep each.
+    pub runs: Vec<(uuid::Uuid, String)>,
 }
 
 /// The `StatusNotifierItem` that ksni serves.
 struct Item {
-    view: View,
+    view: TrayLook,
     icons: Icons,
     on_action: Arc<dyn Fn(TrayAction) + Send + Sync>,
     shown: Arc<AtomicBool>,
@@ -327,12 +332,12 @@ impl ksni::Tray for Item {
     }
 
     fn menu(&self) -> Vec<ksni::MenuItem<Self>> {
-        menu_model(self.view.paused)
+        menu_model(self.view.paused, &self.view.runs)
             .into_iter()
             .map(|entry| match entry {
                 MenuEntry::Separator => ksni::MenuItem::Separator,
                 MenuEntry::Item { label, action } => ksni::menu::StandardItem {
-                    label: label.into(),
+                    label,
                     activate: Box::new(move |item: &mut Self| (item.on_action)(action)),
                     ..ksni::menu::StandardItem::default()
                 }
@@ -361,42 +366,48 @@ fn sni_status(state: TrayState) -> ksni::Status {
 }
 
 /// One line of the tray menu.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum MenuEntry {
-    Item {
-        label: &'static str,
-        action: TrayAction,
-    },
+    Item { label: String, action: TrayAction },
     Separator,
 }
 
-/// The tray menu: "Resume" while paused, else the three ways to pause.
-fn menu_model(paused: bool) -> Vec<MenuEntry> {
-    let mut menu = vec![MenuEntry::Item {
-        label: "Checkpoint all now",
-        action: TrayAction::CheckpointAll,
-    }];
+impl MenuEntry {
+    fn item(label: impl Into<String>, action: TrayAction) -> Self {
+        Self::Item {
+            label: label.into(),
+            action,
+        }
+    }
+}
+
+/// The tray menu: "Resume" while paused, else the three ways to pause; then a "Keep" for
+/// each VM that runs from a checkpoint (discarding one asks first, in the window).
+fn menu_model(paused: bool, runs: &[(uuid::Uuid, String)]) -> Vec<MenuEntry> {
+    let mut menu = vec![MenuEntry::item(
+        "Checkpoint all now",
+        TrayAction::CheckpointAll,
+    )];
     if paused {
-        menu.push(MenuEntry::Item {
-            label: "Resume protection",
-            action: TrayAction::Resume,
-        });
+        menu.push(MenuEntry::item("Resume protection", TrayAction::Resume));
     } else {
-        menu.extend(Pause::ALL.map(|pause| MenuEntry::Item {
-            label: pause.label(),
-            action: TrayAction::Pause(pause),
+        menu.extend(
+            Pause::ALL.map(|pause| MenuEntry::item(pause.label(), TrayAction::Pause(pause))),
+        );
+    }
+    if !runs.is_empty() {
+        menu.push(MenuEntry::Separator);
+        menu.extend(runs.iter().map(|(vm_uuid, vm)| {
+            MenuEntry::item(
+                format!("Keep {vm} as it runs now"),
+                TrayAction::KeepRun(*vm_uuid),
+            )
         }));
     }
     menu.extend([
         MenuEntry::Separator,
-        MenuEntry::Item {
-            label: "Open Rewind",
-            action: TrayAction::Open,
-        },
-        MenuEntry::Item {
-            label: "Quit",
-            action: TrayAction::Quit,
-        },
+        MenuEntry::item("Open Rewind", TrayAction::Open),
+        MenuEntry::item("Quit", TrayAction::Quit),
     ]);
     menu
 }
@@ -530,11 +541,11 @@ mod tests {
         }
     }
 
-    fn labels(entries: &[MenuEntry]) -> Vec<&'static str> {
+    fn labels(entries: &[MenuEntry]) -> Vec<&str> {
         entries
             .iter()
             .map(|e| match e {
-                MenuEntry::Item { label, .. } => label,
+                MenuEntry::Item { label, .. } => label.as_str(),
                 MenuEntry::Separator => "---",
             })
             .collect()
@@ -542,7 +553,7 @@ mod tests {
 
     #[test]
     fn the_menu_offers_pause_while_protection_runs() {
-        let menu = menu_model(false);
+        let menu = menu_model(false, &[]);
         assert_eq!(
             labels(&menu),
             [
@@ -577,7 +588,7 @@ mod tests {
 
     #[test]
     fn the_menu_offers_resume_while_paused() {
-        let menu = menu_model(true);
+        let menu = menu_model(true, &[]);
         assert_eq!(
             labels(&menu),
             [
@@ -590,20 +601,44 @@ mod tests {
         );
         assert_eq!(
             menu[1],
-            MenuEntry::Item {
-                label: "Resume protection",
-                action: TrayAction::Resume
-            }
+            MenuEntry::item("Resume protection", TrayAction::Resume)
+        );
+    }
+
+    /// Each VM that runs from a checkpoint can be kept from the menu; discarding asks first,
+    /// so it is the window's.
+    #[test]
+    fn the_menu_offers_to_keep_each_vm_that_runs_from_a_checkpoint() {
+        let (web, win) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+        let menu = menu_model(true, &[(web, "web".into()), (win, "win11".into())]);
+        assert_eq!(
+            labels(&menu),
+            [
+                "Checkpoint all now",
+                "Resume protection",
+                "---",
+                "Keep web as it runs now",
+                "Keep win11 as it runs now",
+                "---",
+                "Open Rewind",
+                "Quit"
+            ]
+        );
+        assert_eq!(
+            menu[4],
+            MenuEntry::item("Keep win11 as it runs now", TrayAction::KeepRun(win))
         );
     }
 
     #[test]
     fn ksni_menu_follows_the_model() {
+        let run = (uuid::Uuid::new_v4(), "win11".to_owned());
         let item = Item {
-            view: View {
+            view: TrayLook {
                 state: TrayState::Idle,
                 paused: true,
                 tooltip: String::new(),
+                runs: vec![run.clone()],
             },
             icons: Icons::load().unwrap(),
             on_action: Arc::new(|_| {}),
@@ -617,7 +652,7 @@ mod tests {
                 other => format!("unexpected {other:?}"),
             })
             .collect();
-        assert_eq!(got, labels(&menu_model(true)));
+        assert_eq!(got, labels(&menu_model(true, &[run])));
     }
 
     /// Tests against a real, private `dbus-daemon` with a minimal tray host written here.
@@ -986,6 +1021,35 @@ mod tests {
                 .collect()
         }
 
+        /// A look without runs.
+        fn look(state: TrayState, paused: bool, tooltip: &str) -> TrayLook {
+            TrayLook {
+                state,
+                paused,
+                tooltip: tooltip.into(),
+                runs: Vec::new(),
+            }
+        }
+
+        /// A VM that runs from a checkpoint can be kept from the menu.
+        fn keep_from_the_menu(tray: &Tray, item: &Remote, actions: &mpsc::Receiver<TrayAction>) {
+            let win11 = uuid::Uuid::new_v4();
+            tray.set(TrayLook {
+                runs: vec![(win11, "win11".into())],
+                ..look(TrayState::Protected, false, "win11 runs from a checkpoint")
+            });
+            wait_for("the menu to offer the keep", || {
+                labels(&item.menu())
+                    .contains(&"Keep win11 as it runs now")
+                    .then_some(())
+            });
+            item.click("Keep win11 as it runs now");
+            assert_eq!(
+                actions.recv_timeout(PATIENCE),
+                Ok(TrayAction::KeepRun(win11))
+            );
+        }
+
         fn with_a_tray_host() {
             let host = TrayHost::start().unwrap();
             let (actions_tx, actions) = mpsc::sync_channel(16);
@@ -1030,11 +1094,11 @@ mod tests {
 
             // A new state reaches the host: signals, then the new properties.
             let signals = watch_signals(&item.service);
-            tray.set(
+            tray.set(look(
                 TrayState::Attention,
                 true,
                 "web: the last checkpoint failed",
-            );
+            ));
             expect_signal(&signals, "NewStatus");
             expect_signal(&signals, "NewIcon");
             wait_for("the status to change", || {
@@ -1050,7 +1114,7 @@ mod tests {
 
             // Several quick updates: the last one wins.
             for state in [TrayState::Running, TrayState::Idle, TrayState::Protected] {
-                tray.set(state, false, "all protected");
+                tray.set(look(state, false, "all protected"));
             }
             wait_for("the last update", || {
                 (item.string("Status") == "Active" && item.icon() != attention_icon).then_some(())
@@ -1071,6 +1135,7 @@ mod tests {
             );
             item.click("Open Rewind");
             assert_eq!(actions.recv_timeout(PATIENCE), Ok(TrayAction::Open));
+            keep_from_the_menu(&tray, &item, &actions);
             item.click("Quit");
             assert_eq!(actions.recv_timeout(PATIENCE), Ok(TrayAction::Quit));
             item.activate();
