@@ -486,10 +486,22 @@ impl Mounted {
 impl Drop for Mounted {
     fn drop(&mut self) {
         if self.active {
-            drop(Command::new("umount").arg(&self.dir).status());
+            // Tried again while it fails (busy for a moment): exfat-fuse writes its folders'
+            // records only as it unmounts, so killing it below while it is still mounted
+            // would lose what the test wrote.
+            for _ in 0..100 {
+                let done = Command::new("umount")
+                    .arg(&self.dir)
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if done || !is_mount_point(&self.dir) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
         }
         if let Some(daemon) = &mut self.daemon {
-            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            let deadline = std::time::Instant::now() + Duration::from_mins(1);
             while matches!(daemon.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -497,6 +509,12 @@ impl Drop for Mounted {
             drop(daemon.wait());
         }
         if let Some(device) = &self.loop_device {
+            // What exfat-fuse wrote may still sit in the loop device's cache (its last
+            // close flushes it only if nobody else has the device open, a probing tool
+            // for one): written through to the image before it is read.
+            if let Err(e) = std::fs::File::open(device).and_then(|d| d.sync_all()) {
+                eprintln!("could not flush {device}: {e}");
+            }
             drop(Command::new("losetup").args(["-d", device]).status());
         }
     }
