@@ -656,6 +656,28 @@ fn wait_for<S>(
     }
 }
 
+/// Clicks the widget `label` once it is enabled and has stayed in the same place for a few
+/// frames. Against the real engine, events arrive between frames (a job ends, the VM's state
+/// changes) and move or enable widgets; a click goes to where a widget was last drawn.
+fn click_when_ready<S>(h: &mut Harness<'_, S>, label: &str, timeout: Duration) {
+    let mut last = None;
+    let mut still = 0;
+    wait_for(h, &format!("{label} enabled and still"), timeout, |h| {
+        let now = h
+            .query_by_label(label)
+            .filter(|b| !b.accesskit_node().is_disabled())
+            .map(|b| b.rect());
+        still = if now.is_some() && now == last {
+            still + 1
+        } else {
+            0
+        };
+        last = now;
+        still >= 3
+    });
+    h.get_by_label(label).click();
+}
+
 /// A few frames, so windows that just opened have their final size and place before the
 /// test clicks into them (clicks go to where a widget was last drawn).
 fn settle<S>(h: &mut Harness<'_, S>) {
@@ -1222,8 +1244,7 @@ fn run_from_the_window(h: &mut Harness<'_, RewindApp>, vm_uuid: uuid::Uuid) -> S
                 .is_some_and(|b| !b.accesskit_node().is_disabled())
         },
     );
-    settle(h);
-    h.get_by_label(super::runfrom::RUN_BUTTON).click();
+    click_when_ready(h, super::runfrom::RUN_BUTTON, Duration::from_secs(5));
     // Its progress and Cancel are in the activity panel, as any job's.
     wait_for(
         h,
@@ -1338,7 +1359,11 @@ fn a_vm_runs_from_its_checkpoint_from_the_window_and_is_discarded_or_kept() {
     }
     wait_resumed_after(&vm, k);
     vm.wait_flushed(k + 3, Duration::from_mins(2)).unwrap();
-    h.get_by_label(super::runfrom::DISCARD_BUTTON).click();
+    click_when_ready(
+        &mut h,
+        super::runfrom::DISCARD_BUTTON,
+        Duration::from_secs(30),
+    );
     wait_for(
         &mut h,
         "the question before discarding",
@@ -1348,9 +1373,11 @@ fn a_vm_runs_from_its_checkpoint_from_the_window_and_is_discarded_or_kept() {
                 .is_some()
         },
     );
-    settle(&mut h);
-    h.get_by_label(super::runfrom::CONFIRM_DISCARD_BUTTON)
-        .click();
+    click_when_ready(
+        &mut h,
+        super::runfrom::CONFIRM_DISCARD_BUTTON,
+        Duration::from_secs(5),
+    );
     wait_for(&mut h, "the run discarded", Duration::from_mins(2), |h| {
         h.state().state.jobs.iter().any(|j| {
             matches!(
@@ -1385,8 +1412,7 @@ fn a_vm_runs_from_its_checkpoint_from_the_window_and_is_discarded_or_kept() {
     let said = run_from_the_window(&mut h, vm_uuid);
     wait_resumed_after(&vm, k);
     vm.wait_flushed(k + 3, Duration::from_mins(2)).unwrap();
-    settle(&mut h);
-    h.get_by_label(super::runfrom::KEEP_BUTTON).click();
+    click_when_ready(&mut h, super::runfrom::KEEP_BUTTON, Duration::from_secs(30));
     wait_for(&mut h, "the run kept", Duration::from_mins(3), |h| {
         h.state().state.jobs.iter().any(|j| {
             matches!(
