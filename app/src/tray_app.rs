@@ -67,15 +67,11 @@ pub fn note_for(event: &Event, state: &UiState) -> Option<Note> {
 }
 
 fn job_label(state: &UiState, job: JobId) -> String {
-    let label = state
+    state
         .jobs
         .iter()
         .find(|j| j.id == job)
-        .map_or_else(|| "A job".to_owned(), |j| j.label.clone());
-    let mut chars = label.chars();
-    chars.next().map_or_else(String::new, |first| {
-        first.to_uppercase().chain(chars).collect()
-    })
+        .map_or_else(|| "A job".to_owned(), |j| j.label_cased(true))
 }
 
 /// `rewind tray`.

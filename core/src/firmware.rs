@@ -102,6 +102,10 @@ pub enum FirmwareError {
     Store(#[from] StoreError),
 }
 
+/// The names of a VM's own firmware state kept in a folder ([`FirmwareState::keep_in`]).
+const KEPT_NVRAM: &str = "own-nvram";
+const KEPT_TPM: &str = "own-tpm";
+
 /// The UEFI variables and TPM state of a VM at one instant, as the store keeps them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FirmwareState {
@@ -149,13 +153,7 @@ impl FirmwareState {
         }
         Ok(())
     }
-}
 
-/// The names of a VM's own firmware state kept in a folder ([`FirmwareState::keep_in`]).
-const KEPT_NVRAM: &str = "own-nvram";
-const KEPT_TPM: &str = "own-tpm";
-
-impl FirmwareState {
     /// Keeps it in `folder` (a private folder of Rewind's), to be put back later
     /// ([`FirmwareState::kept_in`], [`FirmwareState::put_back`]): a run from a checkpoint keeps
     /// the VM's own state while the VM runs on it.

@@ -427,11 +427,15 @@ pub(crate) fn tray_look(state: &UiState) -> TrayLook {
         TrayState::Protected => format!("Rewind — {protected} VM(s) protected"),
     };
     // A run from a checkpoint waits for the user's choice, whatever else goes on.
-    let mut runs: Vec<&str> = state.runs.values().map(|r| r.vm.as_str()).collect();
-    runs.sort_unstable();
+    let mut runs: Vec<_> = state
+        .runs
+        .iter()
+        .map(|(vm_uuid, run)| (*vm_uuid, run.vm.clone()))
+        .collect();
+    runs.sort_by(|a, b| a.1.cmp(&b.1));
     let waiting = match runs.as_slice() {
         [] => None,
-        [vm] => Some(format!(
+        [(_, vm)] => Some(format!(
             "{vm} runs from a checkpoint: open Rewind to keep or discard it"
         )),
         many => Some(format!(
@@ -442,12 +446,6 @@ pub(crate) fn tray_look(state: &UiState) -> TrayLook {
     if let Some(waiting) = waiting {
         tooltip = format!("{tooltip}; {waiting}");
     }
-    let mut runs: Vec<_> = state
-        .runs
-        .iter()
-        .map(|(vm_uuid, run)| (*vm_uuid, run.vm.clone()))
-        .collect();
-    runs.sort_by(|a, b| a.1.cmp(&b.1));
     TrayLook {
         state: icon,
         paused: state.paused(),
@@ -460,10 +458,7 @@ pub(crate) fn tray_look(state: &UiState) -> TrayLook {
 /// checkpoint"), else the scheduler's (a checkpoint, or a boot-check).
 fn running_text(state: &UiState) -> String {
     if let Some(job) = state.jobs.iter().find(|j| j.running()) {
-        let mut chars = job.label.chars();
-        return chars.next().map_or_else(String::new, |first| {
-            first.to_lowercase().chain(chars).collect()
-        });
+        return job.label_cased(false);
     }
     match state.scheduled_running().first() {
         Some(r) if r.why == rewind_core::policy::Why::BootCheck => {
@@ -566,5 +561,8 @@ mod tray_look_tests {
             "{}",
             tray_look(&state).tooltip
         );
+        // The tray's menu offers to keep each, by name.
+        let names: Vec<_> = tray_look(&state).runs.into_iter().map(|r| r.1).collect();
+        assert_eq!(names, ["debian", "win11"]);
     }
 }

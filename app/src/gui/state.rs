@@ -161,6 +161,19 @@ impl JobView {
     pub fn running(&self) -> bool {
         self.result.is_none()
     }
+
+    /// Its label with the first letter in upper case (to start a sentence) or lower case
+    /// (to go on one).
+    pub fn label_cased(&self, upper: bool) -> String {
+        let mut chars = self.label.chars();
+        chars.next().map_or_else(String::new, |first| {
+            if upper {
+                first.to_uppercase().chain(chars).collect()
+            } else {
+                first.to_lowercase().chain(chars).collect()
+            }
+        })
+    }
 }
 
 /// Everything the window draws, filled from engine events.
