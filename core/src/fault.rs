@@ -5,8 +5,9 @@
 //! act in between. Points: `after-freeze` (the guest's file systems are frozen, the capture
 //! not begun yet), `after-save` (a full-state capture saved the VM, which is shut off with
 //! its state in libvirt's managed save image), `after-live-snapshot` (a live full-state
-//! capture, or a running VM's full disk capture, put the VM's disks on overlays). Without
-//! the variable nothing happens.
+//! capture, or a running VM's full disk capture, put the VM's disks on overlays),
+//! `files-staged` (a file restore copied everything into its temporary folder, and moved
+//! nothing in place yet). Without the variable nothing happens.
 
 /// A failure injected on purpose.
 #[derive(Debug, thiserror::Error)]

@@ -14,6 +14,7 @@ pub mod ext4;
 pub mod fat;
 pub mod ntfs;
 pub(crate) mod restore;
+pub mod staging;
 #[cfg(test)]
 mod tests;
 pub mod volumes;

@@ -29,6 +29,7 @@ use rustix::fs::{AtFlags, Mode, OFlags};
 use rustix::io::Errno;
 
 use super::browse::{Browser, FilePath, MAX_DEPTH, Restored};
+use super::staging::Staging;
 use super::{EntryKind, FileTree, FilesError, Timestamp, TreeError, usable_name};
 use crate::progress::Control;
 
@@ -70,9 +71,15 @@ pub(super) fn restore(
     }
     control.add_total_bytes(total);
 
-    let (staging_name, staging) =
-        staging_folder(target.as_fd(), ".rewind-restore-", owner).map_err(|e| output(e, to))?;
-    let staging_path = to.join(&staging_name);
+    let staging = Staging::make(
+        &crate::paths::state_dir(),
+        target.as_fd(),
+        to,
+        ".rewind-restore-",
+        owner,
+    )
+    .map_err(|e| output(e, to))?;
+    let staging_path = to.join(staging.name());
     let mut moved: Vec<(&str, Made)> = Vec::new();
     let result = (|| {
         let mut done = Restored::default();
@@ -92,19 +99,21 @@ pub(super) fn restore(
                 entry.kind,
                 entry.modified,
                 Dest {
-                    parent: staging.as_fd(),
+                    parent: staging.folder(),
                     name,
                     path: &staging_path.join(name),
                 },
                 0,
             )?;
         }
+        crate::fault::point("files-staged").map_err(|e| output(io::Error::other(e), to))?;
         for (_, name, _) in &plan {
             let path = to.join(name);
-            let made = rustix::fs::statat(&staging, name.as_str(), AtFlags::SYMLINK_NOFOLLOW)
-                .map_err(|e| output(e.into(), &staging_path.join(name)))?;
+            let made =
+                rustix::fs::statat(staging.folder(), name.as_str(), AtFlags::SYMLINK_NOFOLLOW)
+                    .map_err(|e| output(e.into(), &staging_path.join(name)))?;
             rustix::fs::renameat_with(
-                &staging,
+                staging.folder(),
                 name.as_str(),
                 &target,
                 name.as_str(),
@@ -127,14 +136,7 @@ pub(super) fn restore(
             }
         }
     }
-    let removed = rustix::fs::fstat(&staging)
-        .map_err(io::Error::from)
-        .and_then(|made| {
-            remove_contents(staging.as_fd(), 0)?;
-            drop(staging);
-            remove_made(target.as_fd(), OsStr::new(&staging_name), Made::of(&made))
-        });
-    if let Err(e) = removed {
+    if let Err(e) = staging.remove(target.as_fd()) {
         tracing::warn!("could not remove {}: {e}", staging_path.display());
     }
     result
@@ -143,16 +145,17 @@ pub(super) fn restore(
 /// What tells one file from another, whatever its name: its device and inode numbers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Made {
-    dev: u64,
-    ino: u64,
+    pub(crate) dev: u64,
+    pub(crate) ino: u64,
 }
 
 impl Made {
     pub(crate) fn of(stat: &rustix::fs::Stat) -> Self {
-        Self {
-            dev: stat.st_dev,
-            ino: stat.st_ino,
-        }
+        Self::of_numbers(stat.st_dev, stat.st_ino)
+    }
+
+    pub(crate) fn of_numbers(dev: u64, ino: u64) -> Self {
+        Self { dev, ino }
     }
 }
 

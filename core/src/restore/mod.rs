@@ -409,7 +409,8 @@ fn export_into(
     owner: Option<(u32, u32)>,
     control: &Control,
 ) -> Result<u64, RestoreError> {
-    use crate::files::restore::{Made, remove_contents, remove_made, staging_folder};
+    use crate::files::restore::{Made, remove_made};
+    use crate::files::staging::Staging;
     use rustix::fs::{AtFlags, Mode, OFlags};
     use rustix::io::Errno;
 
@@ -422,12 +423,23 @@ fn export_into(
     }
     // Garbage collection must not remove what is being read.
     let _lock = store.lock(LockMode::Shared, "exporting a disk", Some(control))?;
-    let (staging_name, staging) = staging_folder(folder, ".rewind-export-", owner)
-        .map_err(|e| write_error(format!("could not make a temporary folder beside it: {e}")))?;
+    let in_folder = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let staging = Staging::make(
+        &crate::paths::state_dir(),
+        folder,
+        in_folder,
+        ".rewind-export-",
+        owner,
+    )
+    .map_err(|e| write_error(format!("could not make a temporary folder beside it: {e}")))?;
+    let staging_name = staging.name().to_owned();
     let mut moved = None;
     let result = (|| {
         let file = rustix::fs::openat(
-            &staging,
+            staging.folder(),
             name,
             OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::from_raw_mode(0o666),
@@ -445,7 +457,7 @@ fn export_into(
         }
         let made = Made::of(&rustix::fs::fstat(&file).map_err(|e| write_error(e.to_string()))?);
         control.check().map_err(StoreError::from)?;
-        move_in(staging.as_fd(), folder, name).map_err(|e| match e {
+        move_in(staging.folder(), folder, name).map_err(|e| match e {
             Errno::EXIST => RestoreError::Exists(out.to_path_buf()),
             e => write_error(format!("could not move it in place: {e}")),
         })?;
@@ -459,14 +471,7 @@ fn export_into(
     {
         tracing::warn!("could not remove {}: {e}", out.display());
     }
-    let removed = rustix::fs::fstat(&staging)
-        .map_err(std::io::Error::from)
-        .and_then(|made| {
-            remove_contents(staging.as_fd(), 0)?;
-            drop(staging);
-            remove_made(folder, std::ffi::OsStr::new(&staging_name), Made::of(&made))
-        });
-    if let Err(e) = removed {
+    if let Err(e) = staging.remove(folder) {
         tracing::warn!(
             "could not remove the temporary folder {staging_name} beside {}: {e}",
             out.display()
