@@ -173,14 +173,34 @@ impl Source for Served<'_> {
             vm_uuid: self.key.vm_uuid,
             checkpoint: self.key.checkpoint.clone(),
             paths: paths.to_vec(),
-            to,
+            to: to.clone(),
             owner: None,
         };
-        match self.session.job(request, &self.manifest.vm.name)? {
+        let done = self
+            .session
+            .job(request, &self.manifest.vm.name)
+            .map_err(|e| restore_cut_off(&to, e))?;
+        match done {
             JobOutput::FilesRestored(done) => Ok(*done),
             other => bail!("the service answered {other:?} to a restore of files"),
         }
     }
+}
+
+/// What `rewind restore-files` says when the service stopped during the restore (`e` is a
+/// [`JobCutOff`](crate::service_cli::JobCutOff); any other error is returned as it is).
+fn restore_cut_off(to: &Path, e: anyhow::Error) -> anyhow::Error {
+    let Some(cut) = e.downcast_ref::<crate::service_cli::JobCutOff>() else {
+        return e;
+    };
+    tracing::debug!("{cut}");
+    anyhow::anyhow!(
+        "Rewind's protection service stopped while it restored files into {}. What is there \
+         under a restored name is whole; what is missing was not restored: run the command \
+         again once the service runs. Its hidden temporary folder there (.rewind-restore-…) \
+         is removed when the service starts again",
+        to.display()
+    )
 }
 
 /// Runs `work` on the checkpoint: through the service when `session` is one and `dest` is

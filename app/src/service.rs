@@ -28,6 +28,14 @@ pub fn run(uri: &str) -> anyhow::Result<()> {
         log.destination
     );
     adopt_older_configuration(&options.paths);
+    // What a restore or export killed with an earlier service left in a user's folder. On
+    // a thread of its own: a folder on a network file system that is gone could hang.
+    std::thread::Builder::new()
+        .name("remove-left-staging".into())
+        .spawn(|| {
+            rewind_core::files::staging::remove_left(&rewind_core::paths::state_dir());
+        })
+        .ok();
     // Its own key for stores on other hosts, unless the environment names an ssh_config.
     if std::env::var_os(rewind_core::store::SSH_CONFIG_ENV).is_none() {
         let dir = rewind_core::paths::config_dir().join("ssh");

@@ -2034,6 +2034,20 @@ fn a_window_killed_mid_checkpoint_leaves_the_job_running_and_the_next_window_sho
     still_clean(&mut again, &log);
 }
 
+/// `rewind restore-files VM latest linux/docs --from STORE --to TO`.
+fn restore_docs<'a>(vm: &'a str, store: &'a str, to: &'a str) -> [&'a str; 8] {
+    [
+        "restore-files",
+        vm,
+        "latest",
+        "linux/docs",
+        "--from",
+        store,
+        "--to",
+        to,
+    ]
+}
+
 #[test]
 #[allow(clippy::too_many_lines)] // one user story, step by step
 fn a_user_lists_restores_and_compares_files_of_a_store_only_the_service_can_read() {
@@ -2102,16 +2116,7 @@ fn a_user_lists_restores_and_compares_files_of_a_store_only_the_service_can_read
     );
 
     // Restored into the user's folder, and the user's.
-    let made = as_user(&[
-        "restore-files",
-        &vm.name,
-        "latest",
-        "linux/docs",
-        "--from",
-        s,
-        "--to",
-        home.to_str().unwrap(),
-    ]);
+    let made = as_user(&restore_docs(&vm.name, s, home.to_str().unwrap()));
     assert!(
         made.status.success(),
         "{}",
@@ -2128,20 +2133,63 @@ fn a_user_lists_restores_and_compares_files_of_a_store_only_the_service_can_read
         );
     }
     // Not where the user may not write.
-    let refused = as_user(&[
-        "restore-files",
-        &vm.name,
-        "latest",
-        "linux/docs",
-        "--from",
-        s,
-        "--to",
-        "/root",
-    ]);
+    let refused = as_user(&restore_docs(&vm.name, s, "/root"));
     assert!(!refused.status.success());
     let said = String::from_utf8_lossy(&refused.stderr);
     assert!(said.contains("may not write in /root"), "{said}");
     assert!(!Path::new("/root/docs").exists());
+
+    // The service killed mid-restore (after the copy, before the move): its hidden temporary
+    // folder stays in the user's folder, and the next service removes it, nothing else.
+    drop(service);
+    let service = TestService::start_with(
+        &rewind,
+        dir.path(),
+        &[("REWIND_FAULT", "abort-files-staged")],
+    )
+    .unwrap();
+    let env = [("REWIND_SOCKET", service.socket())];
+    let as_user = |args: &[&str]| user.run(&rewind, args, &env);
+    let again = home.join("again");
+    std::fs::create_dir(&again).unwrap();
+    std::os::unix::fs::chown(&again, Some(uid), None).unwrap();
+    std::fs::write(again.join("mine.txt"), "the user's").unwrap();
+    let cut = as_user(&restore_docs(&vm.name, s, again.to_str().unwrap()));
+    assert!(!cut.status.success(), "the service was to abort");
+    let said = String::from_utf8_lossy(&cut.stderr);
+    assert!(
+        said.contains("stopped while it restored files into")
+            && said.contains("removed when the service starts again"),
+        "{said}"
+    );
+    let staging_left = || -> Vec<_> {
+        std::fs::read_dir(&again)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".rewind-restore-"))
+            .collect()
+    };
+    let left = staging_left();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(again.join(&left[0]).join("docs/thesis.txt").exists());
+    drop(service);
+    let service = TestService::start(&rewind, dir.path()).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !staging_left().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        staging_left(),
+        Vec::<String>::new(),
+        "the next service removes it"
+    );
+    assert_eq!(
+        std::fs::read_to_string(again.join("mine.txt")).unwrap(),
+        "the user's"
+    );
+    assert_eq!(std::fs::read_dir(&again).unwrap().count(), 1);
+    let env = [("REWIND_SOCKET", service.socket())];
+    let as_user = |args: &[&str]| user.run(&rewind, args, &env);
 
     // A second checkpoint after a change and a deletion: the changes are those.
     std::fs::write(src.join("docs/thesis.txt"), "chapter one and two").unwrap();
