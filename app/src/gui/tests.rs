@@ -759,10 +759,7 @@ fn checkpoint_from_the_window(h: &mut Harness<'_, RewindApp>, name: &str) {
         h.query_all_by_label(name).next().is_some()
     });
     h.query_all_by_label(name).next().unwrap().click();
-    wait_for(h, "Checkpoint now", Duration::from_secs(10), |h| {
-        h.query_by_label("Checkpoint now").is_some()
-    });
-    h.get_by_label("Checkpoint now").click();
+    click_when_ready(h, "Checkpoint now", Duration::from_secs(10));
     wait_for(
         h,
         "a checkpoint on the timeline",
@@ -930,8 +927,7 @@ fn checkpoint_restore_and_undo_from_the_window_with_a_real_guest() {
         .next()
         .unwrap()
         .click();
-    h.step();
-    h.get_by_label("⟲ Restore…").click();
+    click_when_ready(&mut h, "⟲ Restore…", Duration::from_secs(10));
     let question = format!("Restore {}?", vm.name);
     wait_for(
         &mut h,
@@ -940,8 +936,7 @@ fn checkpoint_restore_and_undo_from_the_window_with_a_real_guest() {
         |h| h.query_by_label(&question).is_some(),
     );
     h.get_by_label_contains("safety checkpoint in usb");
-    settle(&mut h);
-    h.get_by_label("Restore").click();
+    click_when_ready(&mut h, "Restore", Duration::from_secs(10));
     let mut saw_progress = false;
     wait_for(
         &mut h,
@@ -1096,8 +1091,7 @@ fn a_checkpoint_is_boot_checked_from_its_details_and_marked_on_the_timeline() {
         |h| h.query_by_label("Check that it boots").is_some(),
     );
     h.get_by_label("not checked yet");
-    settle(&mut h);
-    h.get_by_label("Check that it boots").click();
+    click_when_ready(&mut h, "Check that it boots", Duration::from_secs(10));
     // Its progress and Cancel are in the activity panel.
     wait_for(
         &mut h,
@@ -1537,10 +1531,7 @@ fn files_window_of_a_new_checkpoint(
         .next()
         .unwrap()
         .click();
-    wait_for(&mut h, "Browse files…", Duration::from_secs(10), |h| {
-        h.query_by_label("Browse files…").is_some()
-    });
-    h.get_by_label("Browse files…").click();
+    click_when_ready(&mut h, "Browse files…", Duration::from_secs(10));
     // The volumes, read by the engine from the store.
     wait_for(&mut h, "the volumes", Duration::from_secs(30), |h| {
         h.query_by_label_contains("linux — ").is_some()
@@ -1697,8 +1688,7 @@ fn a_file_is_found_previewed_and_restored_from_the_files_window_with_the_real_en
     vm.fill_disk("vdb", &rewind_tests::disks::ext4_gpt(dir.path(), &src, 40))
         .unwrap();
     h.state_mut().state.files = None;
-    settle(&mut h);
-    h.get_by_label("Checkpoint now").click();
+    click_when_ready(&mut h, "Checkpoint now", Duration::from_secs(30));
     let vm_uuid: uuid::Uuid = vm.uuid.parse().unwrap();
     let newest = |h: &Harness<'_, RewindApp>| {
         h.state()
@@ -1728,8 +1718,7 @@ fn a_file_is_found_previewed_and_restored_from_the_files_window_with_the_real_en
     );
     let key = newest(&h).unwrap();
     h.state_mut().state.checkpoint = Some(key);
-    settle(&mut h);
-    h.get_by_label("Browse files…").click();
+    click_when_ready(&mut h, "Browse files…", Duration::from_secs(10));
     wait_for(&mut h, "the volumes again", Duration::from_secs(30), |h| {
         h.query_by_label_contains("linux — ").is_some()
     });
@@ -2018,13 +2007,7 @@ fn a_vm_gone_from_this_host_is_restored_as_new_from_a_backup_opened_in_the_windo
         .next()
         .unwrap()
         .click();
-    wait_for(
-        &mut h,
-        "Restore as new VM…",
-        Duration::from_secs(10),
-        |h| h.query_by_label("Restore as new VM…").is_some(),
-    );
-    h.get_by_label("Restore as new VM…").click();
+    click_when_ready(&mut h, "Restore as new VM…", Duration::from_secs(10));
     h.step();
     // The test guest boots a kernel from its own folder: a restore may read it there only
     // when that folder is where the copy goes (a checkpoint's paths are only hints).
@@ -2040,8 +2023,7 @@ fn a_vm_gone_from_this_host_is_restored_as_new_from_a_backup_opened_in_the_windo
     } else {
         panic!("the restore-as-new dialog is not open");
     }
-    settle(&mut h);
-    h.get_by_label("Restore as new VM").click();
+    click_when_ready(&mut h, "Restore as new VM", Duration::from_secs(10));
     wait_for(&mut h, "the restore", Duration::from_mins(3), |h| {
         h.state()
             .state
