@@ -8,13 +8,16 @@ pub fn install() {
     rewind_core::engine::files::set_thumbnailer(make);
 }
 
-/// A PNG thumbnail of the picture in `bytes` (`png`, `jpeg`, or a screenshot's `ppm`), if
-/// it decodes. A guest's
-/// file is input anyone may have written: the decoder's limits bound what it allocates.
+/// A PNG thumbnail of the picture in `bytes` (`png`, `jpeg`, `gif`, `webp`, `bmp`, or a
+/// screenshot's `ppm`), if it decodes. A guest's file is input anyone may have written: the
+/// decoder's limits bound what it allocates.
 fn make(bytes: &[u8], kind: &str) -> Option<Vec<u8>> {
     let format = match kind {
         "png" => image::ImageFormat::Png,
         "jpeg" => image::ImageFormat::Jpeg,
+        "gif" => image::ImageFormat::Gif,
+        "webp" => image::ImageFormat::WebP,
+        "bmp" => image::ImageFormat::Bmp,
         // A VM's screenshot, as QEMU takes it (a boot-check's).
         "ppm" => image::ImageFormat::Pnm,
         _ => return None,
@@ -49,5 +52,28 @@ mod tests {
         assert_eq!((back.width(), back.height()), (320, 160));
         assert!(make(b"not a picture at all", "jpeg").is_none());
         assert!(make(&png[..png.len() / 2], "png").is_none());
+    }
+
+    /// GIF (its first frame), WebP and BMP, as the Files view previews them.
+    #[test]
+    fn gif_webp_and_bmp_pictures_become_small_pngs() {
+        let picture = image::RgbaImage::from_fn(640, 480, |x, y| {
+            image::Rgba([x.to_le_bytes()[0], y.to_le_bytes()[0], 90, 255])
+        });
+        for (kind, format) in [
+            ("gif", image::ImageFormat::Gif),
+            ("webp", image::ImageFormat::WebP),
+            ("bmp", image::ImageFormat::Bmp),
+        ] {
+            let mut bytes = Vec::new();
+            picture
+                .write_to(&mut std::io::Cursor::new(&mut bytes), format)
+                .unwrap();
+            let small = make(&bytes, kind).unwrap_or_else(|| panic!("no thumbnail of a {kind}"));
+            let back =
+                image::load_from_memory_with_format(&small, image::ImageFormat::Png).unwrap();
+            assert_eq!((back.width(), back.height()), (320, 240), "{kind}");
+            assert!(make(&bytes[..bytes.len() / 3], kind).is_none(), "{kind}");
+        }
     }
 }

@@ -298,6 +298,9 @@ fn picture(name: &str) -> Option<&'static str> {
     match extension.as_str() {
         "png" => Some("png"),
         "jpg" | "jpeg" => Some("jpeg"),
+        "gif" => Some("gif"),
+        "webp" => Some("webp"),
+        "bmp" => Some("bmp"),
         _ => None,
     }
 }
