@@ -83,11 +83,15 @@ struct Firmware {
     booted: &'static [&'static str],
     /// On the console of a VM whose disk has no boot sector.
     failed: &'static [&'static str],
+    /// Files of the boot partition's `EFI/BOOT` that Rewind must list from a checkpoint of
+    /// the disk (none: not checked).
+    efi_boot_files: &'static [&'static str],
 }
 
 const SEABIOS: Firmware = Firmware {
     booted: &["Booting from Hard Disk", "SYSLINUX", "Loading /vmlinuz"],
     failed: &["Boot failed: not a bootable disk", "No bootable device"],
+    efi_boot_files: &[],
 };
 
 const OVMF_SECURE_BOOT: Firmware = Firmware {
@@ -96,6 +100,7 @@ const OVMF_SECURE_BOOT: Firmware = Firmware {
         "BdsDxe: failed to load",
         "No bootable option or device was found",
     ],
+    efi_boot_files: &["BOOTX64.EFI", "grubx64.efi"],
 };
 
 #[test]
@@ -174,6 +179,10 @@ fn boots_then_not_once_zeroed(mut vm: TestVm, firmware: &Firmware, what: &str) {
         "the workload changed vda's MBR"
     );
 
+    if !firmware.efi_boot_files.is_empty() {
+        boot_files_are_read_from_a_checkpoint(&vm, firmware.efi_boot_files);
+    }
+
     // Zeroed boot sector: the firmware finds nothing to boot, and no kernel ever starts.
     zero_boot_sector(&vda);
     assert_eq!(first_sector(&vda, vm.dir()), vec![0u8; 512]);
@@ -215,6 +224,63 @@ fn boots_then_not_once_zeroed(mut vm: TestVm, firmware: &Firmware, what: &str) {
          kernel within {NO_BOOT_FOR:?}",
         firmware.failed,
         failed_after.as_secs_f64()
+    );
+}
+
+/// The boot partition of `vm`'s own disk, as the VM booted from it, is read from a
+/// checkpoint: listed by its label, its `EFI/BOOT` folder holds `efi_boot_files`, and the
+/// kernel restored from it is the one the disk was made with.
+fn boot_files_are_read_from_a_checkpoint(vm: &TestVm, efi_boot_files: &[&str]) {
+    let store = vm.dir().join("files-store");
+    crate::rewind::checkpoint_json(&vm.name, &store);
+    let s = store.to_str().unwrap();
+    let json = |args: &[&str]| -> serde_json::Value {
+        serde_json::from_str(&crate::rewind::run_ok(args)).unwrap()
+    };
+    let listed = json(&["files", &vm.name, "latest", "--in", s, "--json"]);
+    let vda = listed["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["target"] == "vda")
+        .unwrap_or_else(|| panic!("{listed}"));
+    assert_eq!(vda["partition_table"], "mbr", "{vda}");
+    assert_eq!(vda["volumes"][0]["label"], "RWBOOT", "{vda}");
+    let efi = json(&[
+        "files",
+        &vm.name,
+        "latest",
+        "RWBOOT/EFI/BOOT",
+        "--in",
+        s,
+        "--json",
+    ]);
+    let names: Vec<&str> = efi["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    for name in efi_boot_files {
+        assert!(names.contains(name), "{name} not in {names:?}");
+    }
+    let out = vm.dir().join("restored");
+    std::fs::create_dir(&out).unwrap();
+    crate::rewind::run_ok(&[
+        "restore-files",
+        &vm.name,
+        "latest",
+        "RWBOOT/vmlinuz",
+        "--from",
+        s,
+        "--to",
+        out.to_str().unwrap(),
+    ]);
+    let kernel = &rewind_tests::guest_image().unwrap().kernel;
+    assert!(
+        std::fs::read(out.join("vmlinuz")).unwrap() == std::fs::read(kernel).unwrap(),
+        "the kernel restored from the boot partition differs from {}",
+        kernel.display()
     );
 }
 
