@@ -199,7 +199,12 @@ pub fn remove_left(state_dir: &Path) -> usize {
         let Some(file) = lock_if_free(&path) else {
             continue;
         };
-        match read_note(file).and_then(|note| remove_noted(&note)) {
+        let note = read_note(&file);
+        // The note goes first (while locked): should its folder's file system hang (a
+        // network share that is gone), only this sweep waits, not every restore after it.
+        crate::cleanup::remove_file(&path);
+        drop(file);
+        match note.and_then(|note| remove_noted(&note)) {
             Ok(true) => removed += 1,
             Ok(false) => {}
             Err(e) => tracing::warn!(
@@ -208,7 +213,6 @@ pub fn remove_left(state_dir: &Path) -> usize {
                 path.display()
             ),
         }
-        crate::cleanup::remove_file(&path);
     }
     if removed > 0 {
         tracing::info!(
@@ -230,10 +234,10 @@ fn lock_if_free(path: &Path) -> Option<File> {
     Some(File::from(fd))
 }
 
-fn read_note(mut file: File) -> io::Result<Note> {
+fn read_note(file: &File) -> io::Result<Note> {
     use std::io::Read as _;
     let mut bytes = Vec::new();
-    (&mut file).take(64 << 10).read_to_end(&mut bytes)?;
+    file.take(64 << 10).read_to_end(&mut bytes)?;
     let note: Note = serde_json::from_slice(&bytes).map_err(io::Error::other)?;
     if note.version != VERSION {
         return Err(io::Error::other(format!(
